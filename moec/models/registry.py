@@ -1,0 +1,26 @@
+"""Registry of family adapters keyed by HF ``architectures[0]`` (explicit imports, no package walking)."""
+
+from __future__ import annotations
+
+from moec.errors import MoecError
+from moec.models.adapter import FamilyAdapter
+from moec.models.mixtral import MixtralAdapter
+from moec.models.olmoe import OlmoeAdapter
+from moec.models.qwen_moe import Qwen2MoeAdapter, Qwen3MoeAdapter
+
+_ADAPTERS: dict[str, FamilyAdapter] = {}
+for _adapter in (MixtralAdapter(), Qwen2MoeAdapter(), Qwen3MoeAdapter(), OlmoeAdapter()):
+    for _arch in _adapter.architectures:
+        _ADAPTERS[_arch] = _adapter
+
+
+def supported_architectures() -> list[str]:
+    return sorted(_ADAPTERS)
+
+
+def get_adapter(architecture: str) -> FamilyAdapter:
+    try:
+        return _ADAPTERS[architecture]
+    except KeyError:
+        raise MoecError(f"unknown architecture '{architecture}'; supported: "
+                        f"{', '.join(supported_architectures())}") from None
