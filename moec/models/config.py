@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
 from dataclasses import asdict, dataclass, field
 
 from moec.errors import MoecError
@@ -61,3 +63,8 @@ class MoEConfig:
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+    def fingerprint(self) -> str:
+        """Short hash of the architecture/shape: plans and profiles are tied to it."""
+        blob = json.dumps(self.to_dict(), sort_keys=True).encode()
+        return hashlib.sha256(blob).hexdigest()[:16]

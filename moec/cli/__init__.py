@@ -1,0 +1,1 @@
+"""Command-line interface (click): thin commands that call moec.api."""

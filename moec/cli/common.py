@@ -1,0 +1,27 @@
+"""Options and output helpers shared by several commands."""
+
+from __future__ import annotations
+
+import json
+
+import click
+
+from moec.api import DataConfig
+
+
+def data_options(f):
+    """--data / --seq-len / --max-tokens / --batch."""
+    f = click.option("--batch", default=8, show_default=True, help="Windows per forward pass.")(f)
+    f = click.option("--max-tokens", type=int, default=None, help="Use at most this many tokens of the data.")(f)
+    f = click.option("--seq-len", default=256, show_default=True, help="Tokens per window.")(f)
+    f = click.option("--data", "data", required=True, type=click.Path(dir_okay=False),
+                     help="UTF-8 text file (calibration or held-out text).")(f)
+    return f
+
+
+def data_config(data: str, seq_len: int, max_tokens: int | None, batch: int) -> DataConfig:
+    return DataConfig(path=data, seq_len=seq_len, max_tokens=max_tokens, batch=batch)
+
+
+def echo_json(obj) -> None:
+    click.echo(json.dumps(obj, indent=2))

@@ -1,0 +1,75 @@
+"""`moec` command group: registers every stage command and turns MoecError into one-line errors."""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+
+import click
+
+from moec.cli.eval_cmd import eval_cmd
+from moec.cli.profile_cmd import profile_cmd
+from moec.errors import MoecError
+
+PENDING = {
+    "search": "Search a per-expert bit plan under a memory budget.",
+    "export": "Export a checkpoint to ONNX with per-expert bit-widths.",
+    "build": "Lower an exported ONNX model through TVM into a bundle.",
+    "compile": "Profile, search, export and build in one go.",
+    "run": "Generate text from a compiled bundle.",
+    "inspect": "Show the plan and metadata of an ONNX model or bundle.",
+    "targets": "List or show target presets.",
+    "farm": "Start or query a local TVM RPC device farm.",
+}
+
+
+class MoecGroup(click.Group):
+    """Group that prints user errors as one line and exits non-zero (no traceback)."""
+
+    def invoke(self, ctx: click.Context):
+        try:
+            return super().invoke(ctx)
+        except MoecError as exc:
+            click.echo(f"error: {exc}", err=True)
+            sys.exit(2)
+        except KeyboardInterrupt:
+            click.echo("interrupted", err=True)
+            sys.exit(130)
+        except (click.ClickException, click.exceptions.Exit, click.exceptions.Abort, SystemExit):
+            raise
+        except Exception as exc:  # a bug: keep it to one line unless asked for the traceback
+            if os.environ.get("MOEC_DEBUG"):
+                raise
+            click.echo(f"internal error: {type(exc).__name__}: {exc} (set MOEC_DEBUG=1 for a traceback)", err=True)
+            sys.exit(1)
+
+
+def _pending(name: str, summary: str) -> click.Command:
+    @click.command(name, help=f"{summary} (not available yet)", context_settings={"ignore_unknown_options": True})
+    @click.argument("args", nargs=-1, type=click.UNPROCESSED)
+    def cmd(args):
+        raise MoecError(f"'moec {name}' is not available yet")
+    return cmd
+
+
+@click.group(cls=MoecGroup, context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("-v", "--verbose", is_flag=True, help="Log progress details.")
+@click.version_option(package_name="moec")
+def cli(verbose: bool) -> None:
+    """moec: compile Mixture-of-Experts models with a bit-width per expert for edge devices.
+
+    Stages: profile → search → export → build (compile runs them all); run and inspect
+    use the result; targets and farm describe and reach the hardware.
+    """
+    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="%(levelname)s %(message)s")
+
+
+cli.add_command(profile_cmd)
+cli.add_command(eval_cmd)
+for _name, _summary in PENDING.items():
+    cli.add_command(_pending(_name, _summary))
+
+
+def main() -> None:
+    cli(prog_name="moec")

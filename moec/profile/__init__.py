@@ -1,0 +1,1 @@
+"""Calibration data, routing statistics, evaluation and sensitivity of MoE experts."""
