@@ -16,6 +16,9 @@ from moec.profile.data import read_text, token_windows
 from moec.profile.evaluate import EvalResult, evaluate_windows
 from moec.profile.routing import collect_stats
 from moec.profile.stats import ExpertStats
+from moec.quant.accounting import MemoryReport, float32_memory, plan_memory
+from moec.quant.packed_model import apply_plan
+from moec.search.plan import BitPlan, resolve_plan
 
 log = logging.getLogger("moec")
 
@@ -51,10 +54,30 @@ def profile(checkpoint: str | os.PathLike, data: DataConfig, out: str | os.PathL
     return stats
 
 
+@dataclass
+class PlanEval:
+    """Accuracy of a model under a plan, with the plan's exact memory."""
+
+    result: EvalResult
+    plan: BitPlan | None
+    memory: MemoryReport | None
+    float32_bytes: int
+
+
 def evaluate(checkpoint: str | os.PathLike, data: DataConfig, plan: str | os.PathLike | None = None,
-             progress: bool = True) -> EvalResult:
-    """Perplexity and next-token top-1 accuracy, optionally under a bit plan (fake quantization)."""
-    model, windows = load_model_and_windows(checkpoint, data)
-    if plan is not None:
-        raise MoecError("--plan needs the quantization core, which is not available yet")
-    return evaluate_windows(model, windows, batch=data.batch, progress=progress)
+             progress: bool = True) -> PlanEval:
+    """Perplexity and top-1 accuracy, under a bit plan (file or ``uniform:B``) if one is given.
+
+    The plan is applied as fake quantization with the same quantizers every back end uses.
+    """
+    text = read_text(data.path)
+    model = load_checkpoint(checkpoint)
+    bit_plan = resolve_plan(plan, model.cfg) if plan is not None else None
+    windows = token_windows(load_tokenizer(checkpoint), text, data.seq_len, data.max_tokens)
+    fp32 = float32_memory(model)
+    memory = None
+    if bit_plan is not None:
+        memory = plan_memory(model, bit_plan)
+        apply_plan(model, bit_plan)
+    res = evaluate_windows(model, windows, batch=data.batch, progress=progress)
+    return PlanEval(res, bit_plan, memory, fp32)

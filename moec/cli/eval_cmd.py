@@ -6,6 +6,7 @@ import click
 
 from moec import api
 from moec.cli.common import data_config, data_options, echo_json
+from moec.cli.table import format_table
 
 
 @click.command("eval")
@@ -16,9 +17,21 @@ from moec.cli.common import data_config, data_options, echo_json
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
 def eval_cmd(checkpoint, data, seq_len, max_tokens, batch, plan, as_json):
     """Perplexity and next-token top-1 accuracy on a text file (moec's accuracy metric)."""
-    res = api.evaluate(checkpoint, data_config(data, seq_len, max_tokens, batch), plan=plan,
-                       progress=not as_json)
+    ev = api.evaluate(checkpoint, data_config(data, seq_len, max_tokens, batch), plan=plan,
+                      progress=not as_json)
+    res, mem = ev.result, ev.memory
     if as_json:
-        echo_json(res.to_dict())
+        d = res.to_dict()
+        d["weight_bytes"] = mem.total if mem else ev.float32_bytes
+        if ev.plan is not None:
+            d["average_expert_bits"] = ev.plan.average_expert_bits(None)
+            d["memory"] = mem.rows
+        echo_json(d)
+        return
+    if mem is not None:
+        click.echo(format_table(*mem.table()))
+        click.echo(f"\naverage expert bits {ev.plan.average_expert_bits(None):.2f}; "
+                   f"{mem.total:,} bytes ({mem.megabytes:.3f} MB) vs float32 {ev.float32_bytes / 1e6:.3f} MB\n")
     else:
-        click.echo(f"tokens      {res.tokens}\nperplexity  {res.perplexity:.3f}\ntop-1       {res.top1:.4f}")
+        click.echo(f"weights     {ev.float32_bytes / 1e6:.3f} MB (float32)")
+    click.echo(f"tokens      {res.tokens}\nperplexity  {res.perplexity:.3f}\ntop-1       {res.top1:.4f}")

@@ -1,0 +1,96 @@
+"""Quantize and pack every weight of a model under a BitPlan (the tensors every back end consumes)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from moec.models.model import MoEModel
+from moec.quant.pack import pack, pack_zeros, unpack
+from moec.quant.quantize import QuantizedTensor, dequantize, quantize
+from moec.search.plan import BitPlan, non_expert_weights
+
+FLOAT_BITS = 16
+
+
+@dataclass
+class PackedWeight:
+    """One [N, K] weight as stored: packed codes + fp16 scales + packed zeros, or fp16 when bits == 16."""
+
+    shape: tuple[int, int]
+    bits: int
+    group_size: int
+    packed: np.ndarray               # uint8 [N, ceil(K*bits/8)] (or float16 [N, K] when bits == 16)
+    scale: np.ndarray | None = None  # float16 [N, K/group]
+    zero: np.ndarray | None = None   # uint8 [N, ceil(G*bits/8)]
+
+    @property
+    def nbytes(self) -> int:
+        return sum(a.nbytes for a in (self.packed, self.scale, self.zero) if a is not None)
+
+    def dequantize(self) -> np.ndarray:
+        if self.bits == FLOAT_BITS:
+            return self.packed.astype(np.float32)
+        n, k = self.shape
+        q = unpack(self.packed, self.bits, k)
+        zero = unpack(self.zero, self.bits, k // self.group_size)
+        return dequantize(QuantizedTensor(q, self.scale, zero, self.bits, self.group_size))
+
+
+def pack_weight(w: torch.Tensor | np.ndarray, bits: int, group_size: int, method: str = "rtn",
+                importance: np.ndarray | None = None) -> PackedWeight:
+    arr = w.detach().float().numpy() if isinstance(w, torch.Tensor) else np.asarray(w, np.float32)
+    if bits == FLOAT_BITS:
+        return PackedWeight(arr.shape, bits, group_size, arr.astype(np.float16))
+    qt = quantize(arr, bits, group_size, method=method, importance=importance)
+    return PackedWeight(arr.shape, bits, group_size, pack(qt.q, bits), qt.scale, pack_zeros(qt.zero, bits))
+
+
+def expert_key(layer: int, expert: int, proj: str) -> str:
+    return f"layers.{layer}.mlp.experts.{expert}.{proj}"
+
+
+def pack_model(model: MoEModel, plan: BitPlan, progress=None) -> dict[str, PackedWeight]:
+    """Every 2-D weight of ``model`` packed at its plan bits, keyed by canonical name.
+
+    Expert weights are keyed ``layers.L.mlp.experts.E.{w1,w3,w2}``; other weights by their
+    state-dict name. 1-D tensors (norms, biases) are not included: they stay float32.
+    """
+    state = model.state_dict()
+    out: dict[str, PackedWeight] = {}
+    items = [(name, plan.tensor_bits(name)) for name, _ in non_expert_weights(model.cfg)]
+    for layer, experts in plan.experts.items():
+        for e, bits in experts.items():
+            items += [(expert_key(layer, e, p), bits) for p in ("w1", "w3", "w2")]
+    for name, bits in items:
+        if ".experts." in name:
+            layer, e, proj = _parse_expert_key(name)
+            w = state[f"layers.{layer}.mlp.{proj}"][e]
+        else:
+            w = state[name]
+        out[name] = pack_weight(w, bits, plan.group_size, plan.method)
+        if progress is not None:
+            progress.update(1)
+    return out
+
+
+def _parse_expert_key(name: str) -> tuple[int, int, str]:
+    parts = name.split(".")
+    return int(parts[1]), int(parts[4]), parts[5]
+
+
+@torch.no_grad()
+def apply_plan(model: MoEModel, plan: BitPlan) -> MoEModel:
+    """Fake-quantize ``model`` in place to ``plan`` (weights become their dequantized values)."""
+    packed = pack_model(model, plan)
+    params = dict(model.named_parameters())
+    for name, pw in packed.items():
+        deq = torch.from_numpy(pw.dequantize())
+        if ".experts." in name:
+            layer, e, proj = _parse_expert_key(name)
+            params[f"layers.{layer}.mlp.{proj}"][e].copy_(deq)
+        else:
+            params[name].copy_(deq)
+    return model
