@@ -40,12 +40,44 @@ def load_model_and_windows(checkpoint: str | os.PathLike, data: DataConfig) -> t
     return model, token_windows(tok, text, data.seq_len, data.max_tokens)
 
 
+@dataclass
+class SensitivityConfig:
+    """Which sensitivity measurements ``profile`` adds (``kind``: none, proxy, exact or both)."""
+
+    kind: str = "none"
+    bits: tuple[int, ...] = (2, 3, 4, 8)
+    group_size: int = 64
+    method: str = "rtn"
+    heldout: DataConfig | None = None
+
+
 def profile(checkpoint: str | os.PathLike, data: DataConfig, out: str | os.PathLike | None = None,
-            plot: str | os.PathLike | None = None, progress: bool = True) -> ExpertStats:
-    """Routing statistics of ``checkpoint`` on ``data``; saved to ``out`` (JSON) and ``plot`` (PNG)."""
+            plot: str | os.PathLike | None = None, progress: bool = True,
+            sensitivity: SensitivityConfig | None = None) -> ExpertStats:
+    """Routing statistics of ``checkpoint`` on ``data`` (+ optional sensitivity), saved to ``out``/``plot``.
+
+    Exact sensitivity runs on ``sensitivity.heldout`` (default: the calibration data).
+    """
+    sens = sensitivity or SensitivityConfig()
+    if sens.kind not in ("none", "proxy", "exact", "both"):
+        raise MoecError(f"unknown sensitivity kind '{sens.kind}'; choices: none, proxy, exact, both")
     model, windows = load_model_and_windows(checkpoint, data)
     stats = collect_stats(model, windows, batch=data.batch, progress=progress)
     stats.data_sha256 = hashlib.sha256(Path(data.path).read_bytes()).hexdigest()
+    if sens.kind != "none":
+        from moec.profile.sensitivity import Sensitivity, exact_sensitivity, proxy_sensitivity
+        result = Sensitivity(list(sens.bits), sens.group_size, sens.method)
+        if sens.kind in ("proxy", "both"):
+            result.proxy = proxy_sensitivity(model, windows, result.bits, sens.group_size, sens.method,
+                                             batch=data.batch, progress=progress)
+        if sens.kind in ("exact", "both"):
+            held = windows
+            if sens.heldout is not None:
+                held = token_windows(load_tokenizer(checkpoint), read_text(sens.heldout.path),
+                                     sens.heldout.seq_len, sens.heldout.max_tokens)
+            result.exact = exact_sensitivity(model, held, result.bits, sens.group_size, sens.method,
+                                             progress=progress)
+        stats.sensitivity = result.to_json()
     if out is not None:
         stats.save(out)
     if plot is not None:

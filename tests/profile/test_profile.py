@@ -62,7 +62,7 @@ def test_never_activated_experts_are_kept_and_marked(text_file, tmp_path):
 
 
 def test_eval_matches_direct_cross_entropy(tiny_checkpoint, text_file):
-    res = evaluate(tiny_checkpoint, DataConfig(text_file, seq_len=16), progress=False)
+    res = evaluate(tiny_checkpoint, DataConfig(text_file, seq_len=16), progress=False).result
     model = load_checkpoint(tiny_checkpoint)
     w = token_windows(load_tokenizer(tiny_checkpoint), text_file.read_text(), 16)
     with torch.no_grad():
