@@ -1,0 +1,56 @@
+"""How the decode graph computes linear layers: the reference emitter (TE dequantize + matmul).
+
+A ``LinearEmitter`` emits three things into a Relax block: a plain linear layer, a routed
+call on one bit class' expert stack (rows with id -1 give zeros and read no weights of
+their own), and the embedding lookup. The reference emitter here is target-neutral and
+unscheduled; a kernel emitter with scheduled fused GEMVs can replace it per target.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from tvm import relax
+
+from moec.lower import te_ops
+from moec.lower.params import WeightEntry
+
+
+class LinearEmitter:
+    """Reference: dequantize with TE, then ``relax.op.matmul``."""
+
+    def _weight(self, bb, entry: WeightEntry, vars_, name, lead=None):
+        n, k = entry.shape
+        if "weight" in entry.arrays:
+            w = vars_[f"{name}.weight"]
+            if lead is not None:
+                w = bb.emit(relax.op.take(w, lead, axis=0))
+            return bb.emit(relax.op.astype(w, "float32"))
+        packed, scale, zero = (vars_[f"{name}.{a}"] for a in ("packed", "scale", "zero"))
+        if lead is not None:
+            packed, scale, zero = (bb.emit(relax.op.take(t, lead, axis=0)) for t in (packed, scale, zero))
+        group = k // entry.arrays["scale"].shape[-1]
+        return bb.emit_te(te_ops.dequantize, packed, scale, zero, entry.bits, n, k, group)
+
+    def dense(self, bb, x, entry: WeightEntry, vars_, name):
+        w = self._weight(bb, entry, vars_, name)
+        return bb.emit(relax.op.matmul(x, relax.op.permute_dims(w)))
+
+    def experts(self, bb, x, entry: WeightEntry, vars_, name, ids):
+        safe = bb.emit(relax.op.maximum(ids, relax.const(np.int32(0))))
+        w = self._weight(bb, entry, vars_, name, lead=safe)              # [k, N, K]
+        k_rows = int(ids.ty.shape[0])
+        x3 = bb.emit(relax.op.reshape(x, (-1, 1, entry.shape[1])))       # [1 or k, 1, K]
+        y = bb.emit(relax.op.matmul(x3, relax.op.permute_dims(w, [0, 2, 1])))
+        y = bb.emit(relax.op.reshape(y, (k_rows, entry.shape[0])))
+        mask = bb.emit(relax.op.astype(relax.op.greater_equal(ids, relax.const(np.int32(0))), "float32"))
+        return bb.emit(relax.op.multiply(y, relax.op.reshape(mask, (k_rows, 1))))
+
+    def embed(self, bb, token, entry: WeightEntry, vars_):
+        n, k = entry.shape
+        if "weight" in entry.arrays:
+            row = bb.emit(relax.op.take(vars_["embed.weight.weight"], token, axis=0))
+            return bb.emit(relax.op.astype(row, "float32"))
+        packed, scale, zero = (bb.emit(relax.op.take(vars_[f"embed.weight.{a}"], token, axis=0))
+                               for a in ("packed", "scale", "zero"))
+        group = k // entry.arrays["scale"].shape[-1]
+        return bb.emit_te(te_ops.dequantize, packed, scale, zero, entry.bits, 1, k, group)

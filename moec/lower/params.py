@@ -1,0 +1,85 @@
+"""Parameter set of a compiled model: packed weights in kernel form, experts stacked per bit class.
+
+Experts of one MoE layer are grouped by bit-width: class ``c`` holds the experts with
+``bits == c`` in one stacked tensor, and ``remap[l]`` ([E] int32) gives each expert's
+index inside its class (``class_of[l]`` its class). A decode step therefore reads the
+weights of its routed experts only: each class' kernel receives the routed ids remapped
+into its stack, with -1 for routed experts that belong to another class.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from moec.models.model import MoEModel
+from moec.quant.packed_model import FLOAT_BITS, PackedWeight, expert_key, pack_model
+from moec.search.plan import BitPlan
+
+
+@dataclass
+class WeightEntry:
+    """One logical weight: its arrays (names → numpy) and how to read them."""
+
+    bits: int
+    shape: tuple[int, int]          # [N, K] of one matrix (per expert for stacks)
+    arrays: dict[str, np.ndarray]   # "packed", "scale", "zero" (quantized) or "weight" (float)
+    stacked: int = 0                # number of experts stacked on axis 0 (0 = a plain weight)
+
+
+@dataclass
+class ModelParams:
+    """All tensors the compiled functions take, in a fixed order."""
+
+    entries: dict[str, WeightEntry] = field(default_factory=dict)
+    floats: dict[str, np.ndarray] = field(default_factory=dict)   # norms, biases (float32)
+    class_of: dict[int, np.ndarray] = field(default_factory=dict)  # layer -> [E] bits
+    remap: dict[int, np.ndarray] = field(default_factory=dict)     # layer -> [E] index in class
+
+    def flat(self) -> list[tuple[str, np.ndarray]]:
+        """(name, array) in the order the compiled functions declare them."""
+        out = []
+        for name, entry in self.entries.items():
+            out += [(f"{name}.{k}", v) for k, v in entry.arrays.items()]
+        out += list(self.floats.items())
+        return out
+
+    @property
+    def nbytes(self) -> int:
+        return sum(a.nbytes for _, a in self.flat())
+
+
+def _arrays(pw: PackedWeight) -> dict[str, np.ndarray]:
+    if pw.bits == FLOAT_BITS:
+        return {"weight": pw.packed}
+    return {"packed": pw.packed, "scale": pw.scale, "zero": pw.zero}
+
+
+def _stack(pws: list[PackedWeight]) -> dict[str, np.ndarray]:
+    per = [_arrays(p) for p in pws]
+    return {k: np.stack([a[k] for a in per]) for k in per[0]}
+
+
+def build_params(model: MoEModel, plan: BitPlan, packed: dict[str, PackedWeight] | None = None) -> ModelParams:
+    """Quantize/pack ``model`` under ``plan`` and arrange the tensors for the compiled graph."""
+    packed = packed if packed is not None else pack_model(model, plan)
+    params = ModelParams()
+    for name, pw in packed.items():
+        if ".experts." not in name:
+            params.entries[name] = WeightEntry(pw.bits, pw.shape, _arrays(pw))
+    for layer, experts in sorted(plan.experts.items()):
+        bits = np.array([experts[e] for e in range(model.cfg.num_experts)], dtype=np.int32)
+        remap = np.zeros_like(bits)
+        for c in sorted(set(bits.tolist())):
+            members = np.flatnonzero(bits == c)
+            remap[members] = np.arange(len(members))
+            for proj in ("w1", "w3", "w2"):
+                pws = [packed[expert_key(layer, int(e), proj)] for e in members]
+                params.entries[f"layers.{layer}.experts.b{c}.{proj}"] = WeightEntry(
+                    c, pws[0].shape, _stack(pws), stacked=len(members))
+        params.class_of[layer], params.remap[layer] = bits, remap
+    for name, t in model.state_dict().items():
+        if t.dim() == 1:
+            params.floats[name] = t.detach().float().numpy().copy()
+    return params

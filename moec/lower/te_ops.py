@@ -1,0 +1,74 @@
+"""Tensor-expression pieces of the decode graph: LSB-first dequantization, RoPE, cached attention.
+
+These are the reference (unscheduled) forms; the per-target kernels replace the linear
+layers, while RoPE and attention stay small elementwise/reduction ops.
+"""
+
+from __future__ import annotations
+
+from tvm import te, tirx
+
+
+def _code(p: te.Tensor, lead: tuple, row, i, bits: int, row_bytes: int):
+    """Value ``i`` of ``row`` in the LSB-first bit stream (may straddle two bytes)."""
+    bit = i * bits
+    byte = tirx.floordiv(bit, 8)
+    shift = tirx.floormod(bit, 8)
+    lo = p[lead + (row, byte)].astype("uint32")
+    if bits in (2, 4, 8):  # never straddles
+        return tirx.bitwise_and(tirx.shift_right(lo, shift.astype("uint32")), tirx.const((1 << bits) - 1, "uint32"))
+    nxt = tirx.min(byte + 1, row_bytes - 1)
+    hi = p[lead + (row, nxt)].astype("uint32")
+    word = tirx.bitwise_or(lo, tirx.shift_left(hi, tirx.const(8, "uint32")))
+    return tirx.bitwise_and(tirx.shift_right(word, shift.astype("uint32")), tirx.const((1 << bits) - 1, "uint32"))
+
+
+def dequantize(packed: te.Tensor, scale: te.Tensor, zero: te.Tensor, bits: int, n: int, k: int,
+               group: int) -> te.Tensor:
+    """Float32 ``[..., N, K]`` weights from packed codes ``[..., N, bytes]``, fp16 scales, packed zeros."""
+    lead_n = len(packed.shape) - 2
+    row_bytes = int(packed.shape[-1])
+    zero_bytes = int(zero.shape[-1])
+
+    def f(*idx):
+        lead, row, i = tuple(idx[:lead_n]), idx[lead_n], idx[lead_n + 1]
+        g = tirx.floordiv(i, group)
+        q = _code(packed, lead, row, i, bits, row_bytes).astype("float32")
+        z = _code(zero, lead, row, g, bits, zero_bytes).astype("float32")
+        return (q - z) * scale[lead + (row, g)].astype("float32")
+
+    return te.compute(tuple(packed.shape[:-2]) + (n, k), f, name="dequant")
+
+
+def rope(x: te.Tensor, pos, theta: float) -> te.Tensor:
+    """Half-rotation RoPE of ``x [heads, head_dim]`` at integer position ``pos``."""
+    hd = int(x.shape[-1])
+    half = hd // 2
+
+    def f(h, d):
+        j = tirx.floormod(d, half).astype("float32")
+        inv = tirx.exp(j * (-2.0 / hd) * tirx.log(tirx.const(theta, "float32")))
+        ang = pos.astype("float32") * inv
+        rot = tirx.if_then_else(d < half, -x[h, tirx.min(d + half, hd - 1)], x[h, tirx.max(d - half, 0)])
+        return x[h, d] * tirx.cos(ang) + rot * tirx.sin(ang)
+
+    return te.compute(x.shape, f, name="rope")
+
+
+def attention_scores(q: te.Tensor, keys: te.Tensor) -> te.Tensor:
+    """``q [H, hd]`` · ``keys [KVH, P, hd]`` → ``[H, P]`` (grouped KV heads; q pre-scaled)."""
+    h_, hd = q.shape
+    kvh, p, _ = keys.shape
+    rep = int(h_) // int(kvh)
+    r = te.reduce_axis((0, hd), name="d")
+    return te.compute((h_, p), lambda h, t: te.sum(q[h, r] * keys[h // rep, t, r], axis=r),
+                      name="scores")
+
+
+def attention_values(probs: te.Tensor, values: te.Tensor) -> te.Tensor:
+    """``probs [H, P]`` · ``values [KVH, P, hd]`` → ``[H, hd]``."""
+    h_, p = probs.shape
+    kvh, _, hd = values.shape
+    rep = int(h_) // int(kvh)
+    r = te.reduce_axis((0, p), name="t")
+    return te.compute((h_, hd), lambda h, d: te.sum(probs[h, r] * values[h // rep, r, d], axis=r), name="attn")
