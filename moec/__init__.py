@@ -1,0 +1,3 @@
+"""moec: a Mixture-of-Experts compiler with a bit-width per expert, for edge devices."""
+
+__version__ = "0.1.0"

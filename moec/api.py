@@ -113,3 +113,81 @@ def evaluate(checkpoint: str | os.PathLike, data: DataConfig, plan: str | os.Pat
         apply_plan(model, bit_plan)
     res = evaluate_windows(model, windows, batch=data.batch, progress=progress)
     return PlanEval(res, bit_plan, memory, fp32)
+
+
+def export_onnx(checkpoint: str | os.PathLike, plan: str | os.PathLike, out: str | os.PathLike,
+                group_size: int = 64, method: str = "rtn", verify: bool = False, accuracy_level: int = 0):
+    """Export ``checkpoint`` under ``plan`` (file or ``uniform:B``) to ONNX in directory ``out``.
+
+    Writes ``prefill.onnx``, ``decode.onnx``, ``weights.bin``, ``tokenizer.json`` and ``export.json``
+    atomically. ``group_size``/``method`` apply to ``uniform:B`` plans. Returns
+    ``moec.export.exporter.ExportResult`` (with ``max_abs_diff`` against the fake-quantized torch
+    model when ``verify``).
+    """
+    from moec.export.exporter import export_model
+    from moec.export.writer import check_export_target
+
+    check_export_target(out)  # fail before the (slow) quantization
+    model = load_checkpoint(checkpoint)
+    bit_plan = resolve_plan(plan, model.cfg, group_size, method)
+    return export_model(model, bit_plan, out, tokenizer=Path(checkpoint) / "tokenizer.json",
+                        source=str(checkpoint), verify=verify, accuracy_level=accuracy_level)
+
+
+def inspect_file(path: str | os.PathLike):
+    """Inspect an artifact by file type: ``.onnx`` -> ``moec.export.inspect_onnx.OnnxInspection``."""
+    from moec.export.inspect_onnx import inspect_onnx
+
+    if Path(path).suffix.lower() == ".onnx":
+        return inspect_onnx(path)
+    raise MoecError(f"unsupported file '{path}'; expected .onnx")
+
+
+@dataclass
+class CompileConfig:
+    """Inputs of ``moec compile``: checkpoint, target, plan (file / ``uniform:B`` / None) and output."""
+
+    checkpoint: str | os.PathLike
+    out: str | os.PathLike
+    target: str = "host"
+    plan: str | os.PathLike | None = None
+    data: DataConfig | None = None
+    group_size: int = 64
+    method: str = "mse"
+    debug_dump: str | os.PathLike | None = None
+
+
+def compile_bundle(cfg: CompileConfig, on_stage=None) -> Path:
+    """profile (if calibration data is given) → plan → pack → build → bundle.
+
+    Without a plan, the uniform 4-bit plan is used (the bit-width search is a later stage).
+    ``on_stage(name, seconds)`` is called as each stage finishes.
+    """
+    import tempfile
+    import time
+
+    from moec.hardware.targets import load_target
+    from moec.lower.bundle_build import build_bundle
+
+    preset = load_target(cfg.target)
+    t0 = time.time()
+    model = load_checkpoint(cfg.checkpoint)
+    tok_path = Path(cfg.checkpoint) / "tokenizer.json"
+    load_tokenizer(cfg.checkpoint)
+    extra_files = {}
+    with tempfile.TemporaryDirectory(prefix="moec-compile-") as tmp:
+        if cfg.data is not None:
+            stats = collect_stats(model, token_windows(load_tokenizer(cfg.checkpoint), read_text(cfg.data.path),
+                                                       cfg.data.seq_len, cfg.data.max_tokens), batch=cfg.data.batch)
+            stats.save(Path(tmp) / "profile.json")
+            extra_files["profile.json"] = Path(tmp) / "profile.json"
+            if on_stage:
+                on_stage("profile", time.time() - t0)
+        t0 = time.time()
+        plan_spec = cfg.plan if cfg.plan is not None else "uniform:4"
+        plan = resolve_plan(plan_spec, model.cfg, cfg.group_size, cfg.method)
+        if on_stage:
+            on_stage(f"plan ({plan.provenance.get('policy', Path(str(plan_spec)).name)})", time.time() - t0)
+        apply_target = plan.validate(model.cfg, tuple(preset.allowed_bits))
+        return build_bundle(model, apply_target, preset, cfg.out, tok_path, debug_dump=cfg.debug_dump,
+                            on_stage=on_stage, extra_files=extra_files)

@@ -55,6 +55,7 @@ def write_bundle(out: str | os.PathLike, files: dict[str, str | os.PathLike], ma
         (tmp / "manifest.json").write_text(json.dumps(full, indent=2) + "\n")
         if out.exists():
             shutil.rmtree(out)
+        tmp.chmod(0o755)
         os.replace(tmp, out)
     except OSError as exc:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -8,17 +8,17 @@ import sys
 
 import click
 
+from moec.cli.compile_cmd import compile_cmd
 from moec.cli.eval_cmd import eval_cmd
+from moec.cli.export_cmd import export_cmd
+from moec.cli.inspect_cmd import inspect_cmd
 from moec.cli.profile_cmd import profile_cmd
+from moec.cli.run_cmd import run_cmd
 from moec.errors import MoecError
 
 PENDING = {
     "search": "Search a per-expert bit plan under a memory budget.",
-    "export": "Export a checkpoint to ONNX with per-expert bit-widths.",
     "build": "Lower an exported ONNX model through TVM into a bundle.",
-    "compile": "Profile, search, export and build in one go.",
-    "run": "Generate text from a compiled bundle.",
-    "inspect": "Show the plan and metadata of an ONNX model or bundle.",
     "targets": "List or show target presets.",
     "farm": "Start or query a local TVM RPC device farm.",
 }
@@ -67,6 +67,10 @@ def cli(verbose: bool) -> None:
 
 cli.add_command(profile_cmd)
 cli.add_command(eval_cmd)
+cli.add_command(compile_cmd)
+cli.add_command(run_cmd)
+cli.add_command(export_cmd)
+cli.add_command(inspect_cmd)
 for _name, _summary in PENDING.items():
     cli.add_command(_pending(_name, _summary))
 

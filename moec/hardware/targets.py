@@ -1,0 +1,88 @@
+"""Target presets: YAML files validated strictly (an unknown or bad field names itself)."""
+
+from __future__ import annotations
+
+import os
+from importlib import resources
+from pathlib import Path
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from moec.errors import MoecError
+
+
+class EnergyModel(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    pj_per_byte: float = Field(gt=0)
+    pj_per_op: float = Field(gt=0)
+    source: str
+
+
+class PowerSensor(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    kind: str
+    path: str
+    rail: str | None = None
+
+
+class TargetPreset(BaseModel):
+    """One deployment target: TVM target, toolchain, device-farm key, bits and budgets."""
+
+    model_config = ConfigDict(extra="forbid")
+    name: str
+    description: str = ""
+    family: str
+    tvm_target: dict
+    tvm_host: dict | None = None
+    cross_compiler: str | None = None
+    rpc_key: str
+    allowed_bits: list[int]
+    memory_budget_mb: float = Field(gt=0)
+    power_sensors: list[PowerSensor] = []
+    energy_model: EnergyModel
+
+    @field_validator("allowed_bits")
+    @classmethod
+    def _bits(cls, v: list[int]) -> list[int]:
+        bad = [b for b in v if b not in (2, 3, 4, 5, 6, 8, 16)]
+        if bad:
+            raise ValueError(f"unsupported bits {bad}; choose from 2, 3, 4, 5, 6, 8, 16")
+        return v
+
+    def tvm(self):
+        """The ``tvm.target.Target`` (``mcpu: native`` resolves to this machine's CPU)."""
+        import tvm
+        spec = dict(self.tvm_target)
+        if spec.get("mcpu") == "native":
+            spec["mcpu"] = tvm.target.codegen.llvm_get_system_cpu()
+        if self.tvm_host:
+            return tvm.target.Target(spec, host=dict(self.tvm_host))
+        return tvm.target.Target(spec)
+
+
+def _builtin_dir() -> Path:
+    return Path(str(resources.files("moec") / "targets"))
+
+
+def builtin_names() -> list[str]:
+    return sorted(p.stem for p in _builtin_dir().glob("*.yaml"))
+
+
+def load_target(name_or_path: str | os.PathLike) -> TargetPreset:
+    """A built-in preset by name, or a user preset file by path."""
+    s = str(name_or_path)
+    path = Path(s) if (s.endswith((".yaml", ".yml")) or os.sep in s) else _builtin_dir() / f"{s}.yaml"
+    if not path.is_file():
+        if path.parent == _builtin_dir():
+            raise MoecError(f"unknown target '{s}'; choices: {', '.join(builtin_names())}")
+        raise MoecError(f"target preset file '{s}' does not exist")
+    try:
+        data = yaml.safe_load(path.read_text())
+        return TargetPreset.model_validate(data)
+    except yaml.YAMLError as exc:
+        raise MoecError(f"target preset '{path}' is not valid YAML: {exc}") from None
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        where = ".".join(str(p) for p in err["loc"]) or "(top level)"
+        raise MoecError(f"target preset '{path}': field '{where}': {err['msg']}") from None

@@ -1,0 +1,79 @@
+"""Per-target-family Relax phase lists, run with an optional IR dump after each phase.
+
+A family (``cpu`` for x86 and generic LLVM CPUs; ARM and CUDA families add their own
+entries) is an ordered list of named phases. ``build`` runs them through
+``tvm.compile(relax_pipeline=...)``; ``--debug-dump DIR`` writes ``NN-<phase>.py`` after each.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from pathlib import Path
+
+import tvm
+from tvm import relax
+
+from moec.errors import MoecError
+
+Phase = tuple[str, Callable[[tvm.target.Target], list]]
+
+
+def _dispatch(target) -> list:
+    return [relax.backend.DispatchSampling(), relax.backend.DispatchSortScan()]
+
+
+def _legalize(target) -> list:
+    return [relax.transform.LegalizeOps(), relax.transform.AnnotateTIROpPattern(),
+            relax.transform.FoldConstant(), relax.transform.FuseOps(), relax.transform.FuseTIR()]
+
+
+def _cpu_schedule(target) -> list:
+    from tvm.s_tir import dlight as dl
+    return [dl.ApplyDefaultSchedule(dl.cpu.GEMV(), dl.cpu.Reduction())]
+
+
+def _dataflow_lower(target) -> list:
+    return [relax.transform.RewriteDataflowReshape(), relax.transform.ToNonDataflow(),
+            relax.transform.RemovePurityChecking(), relax.transform.CallTIRRewrite()]
+
+
+def _finalize(target) -> list:
+    return [relax.transform.StaticPlanBlockMemory(), relax.transform.LowerAllocTensor(),
+            relax.transform.KillAfterLastUse(), relax.transform.LowerRuntimeBuiltin(),
+            relax.transform.ComputePrimValue(), relax.transform.VMShapeLower(),
+            relax.transform.AttachGlobalSymbol()]
+
+
+FAMILIES: dict[str, list[Phase]] = {
+    "cpu": [("dispatch", _dispatch), ("legalize", _legalize), ("schedule", _cpu_schedule), ("dataflow_lower", _dataflow_lower),
+            ("finalize", _finalize)],
+}
+
+
+def get_phases(family: str) -> list[Phase]:
+    try:
+        return FAMILIES[family]
+    except KeyError:
+        raise MoecError(f"unknown target family '{family}'; choices: {', '.join(FAMILIES)}") from None
+
+
+def make_pipeline(family: str, debug_dump: str | os.PathLike | None = None):
+    """A module pass that runs the family's phases in order, dumping IR after each if asked."""
+    phases = get_phases(family)
+    dump = Path(debug_dump) if debug_dump else None
+    if dump is not None:
+        dump.mkdir(parents=True, exist_ok=True)
+
+    @tvm.transform.module_pass(opt_level=0, name=f"moec_{family}_pipeline")
+    def _pipeline(mod: tvm.ir.IRModule, _ctx) -> tvm.ir.IRModule:
+        target = tvm.target.Target.current()
+        if dump is not None:
+            (dump / "00-input.py").write_text(mod.script(show_meta=False))
+        for n, (name, passes) in enumerate(phases, start=1):
+            mod = tvm.transform.Sequential(passes(target), name=name)(mod)
+            if dump is not None:
+                (dump / f"{n:02d}-{name}.py").write_text(mod.script(show_meta=False))
+        return mod
+
+    return _pipeline

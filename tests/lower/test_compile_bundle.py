@@ -1,0 +1,90 @@
+"""moec compile → bundle → runtime: greedy output equals the torch fake-quant model's."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+from moec.cli.main import cli
+from moec.errors import MoecError
+from moec.models.checkpoint import load_checkpoint
+from moec.quant.packed_model import apply_plan
+from moec.search.plan import BitPlan, resolve_plan
+
+pytestmark = pytest.mark.tvm
+
+
+def _mixed(cfg) -> BitPlan:
+    bits = [2, 3, 4, 8, 16]
+    experts = {l: {e: bits[(l + e) % 5] for e in range(cfg.num_experts)} for l in cfg.moe_layers}
+    return BitPlan(experts, {"attention": 8, "lm_head": 4, "embeddings": 3}, group_size=32, method="mse",
+                   model_fingerprint=cfg.fingerprint())
+
+
+@pytest.fixture(scope="module")
+def compiled(tmp_path_factory):
+    from tests.conftest import make_tiny_checkpoint
+    root = tmp_path_factory.mktemp("compile")
+    ckpt = root / "ckpt"
+    cfg = make_tiny_checkpoint(ckpt, seed=3)
+    plan_file = root / "mixed.json"
+    plan_file.write_text(json.dumps(_mixed(cfg).to_json()))
+    res = CliRunner().invoke(cli, ["compile", str(ckpt), "--plan", str(plan_file), "--out", str(root / "bundle"),
+                                   "--debug-dump", str(root / "dump")])
+    assert res.exit_code == 0, res.output
+    return ckpt, plan_file, root / "bundle", root / "dump"
+
+
+def test_greedy_matches_torch_fake_quant(compiled):
+    from moec.runtime.session import BundleSession
+    ckpt, plan_file, bundle, _ = compiled
+    model = load_checkpoint(ckpt)
+    apply_plan(model, resolve_plan(plan_file, model.cfg))
+    sess = BundleSession(bundle)
+    prompt = sess.tokenizer.encode("Experts in a mixture").ids
+    got, stats = sess.generate(prompt, 32)
+    assert got == model.generate_greedy(prompt, 32)
+    assert stats.new_tokens == 32
+
+
+def test_manifest_and_debug_dump(compiled):
+    _, plan_file, bundle, dump = compiled
+    manifest = json.loads((bundle / "manifest.json").read_text())
+    assert manifest["plan"]["experts"] == json.loads(plan_file.read_text())["experts"]
+    assert manifest["weight_bytes"]["plan"] == manifest["weight_bytes"]["stored"]
+    assert set(manifest["files"]) >= {"lib.so", "weights.npz", "tokenizer.json"}
+    assert manifest["tvm_version"] and manifest["target"]["name"] == "host"
+    phases = sorted(p.name for p in dump.iterdir())
+    assert phases[0] == "00-input.py" and any("legalize" in p for p in phases)
+
+
+def test_tampered_bundle_is_refused(compiled, tmp_path):
+    import shutil
+
+    from moec.runtime.session import BundleSession
+    _, _, bundle, _ = compiled
+    copy = tmp_path / "b"
+    shutil.copytree(bundle, copy)
+    w = np.load(copy / "weights.npz")
+    arrays = {k: w[k] for k in w.files}
+    name = next(iter(arrays))
+    arrays[name] = arrays[name].copy()
+    arrays[name].flat[0] ^= 1 if arrays[name].dtype == np.uint8 else 0
+    if arrays[name].dtype != np.uint8:
+        arrays[name].flat[0] += 1
+    np.savez(copy / "weights.npz", **arrays)
+    with pytest.raises(MoecError, match="weights.npz.*sha256"):
+        BundleSession(copy)
+    res = CliRunner().invoke(cli, ["run", str(copy), "--prompt", "hi"])
+    assert res.exit_code != 0 and "tampered" in res.output
+
+
+def test_compile_errors_are_one_line(compiled, tmp_path):
+    ckpt, _, _, _ = compiled
+    for args, needle in ((["--target", "jetson-oring"], "unknown target"), (["--plan", "uniform:7"], "not allowed")):
+        res = CliRunner().invoke(cli, ["compile", str(ckpt), "--out", str(tmp_path / "o"), *args])
+        assert res.exit_code != 0 and needle in res.output and len(res.output.strip().splitlines()) == 1
+        assert not (tmp_path / "o").exists()
