@@ -83,6 +83,7 @@ def load_target(name_or_path: str | os.PathLike) -> TargetPreset:
     except yaml.YAMLError as exc:
         raise MoecError(f"target preset '{path}' is not valid YAML: {exc}") from None
     except ValidationError as exc:
-        err = exc.errors()[0]
+        errs = sorted(exc.errors(), key=lambda e: e["type"] != "extra_forbidden")  # typos first
+        err = errs[0]
         where = ".".join(str(p) for p in err["loc"]) or "(top level)"
         raise MoecError(f"target preset '{path}': field '{where}': {err['msg']}") from None

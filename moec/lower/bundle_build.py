@@ -16,7 +16,7 @@ import moec
 from moec.artifact.bundle import write_bundle
 from moec.hardware.targets import TargetPreset
 from moec.lower.build import build_module
-from moec.lower.params import build_params
+from moec.lower.params import params_from_model
 from moec.models.model import MoEModel
 from moec.quant.accounting import plan_memory
 from moec.search.plan import BitPlan
@@ -37,7 +37,7 @@ def build_bundle(model: MoEModel, plan: BitPlan, preset: TargetPreset, out: str 
 
     plan.validate(model.cfg, tuple(preset.allowed_bits))
     t0 = time.time()
-    params = build_params(model, plan)
+    params = params_from_model(model, plan)
     stage("pack", t0)
     with tempfile.TemporaryDirectory(prefix="moec-build-") as tmp:
         t0 = time.time()

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from moec.models.config import MoEConfig
 from moec.models.model import MoEModel
 from moec.quant.packed_model import FLOAT_BITS, PackedWeight, expert_key, pack_model
 from moec.search.plan import BitPlan
@@ -61,15 +62,21 @@ def _stack(pws: list[PackedWeight]) -> dict[str, np.ndarray]:
     return {k: np.stack([a[k] for a in per]) for k in per[0]}
 
 
-def build_params(model: MoEModel, plan: BitPlan, packed: dict[str, PackedWeight] | None = None) -> ModelParams:
+def params_from_model(model: MoEModel, plan: BitPlan) -> ModelParams:
     """Quantize/pack ``model`` under ``plan`` and arrange the tensors for the compiled graph."""
-    packed = packed if packed is not None else pack_model(model, plan)
+    floats = {k: t.detach().float().numpy().copy() for k, t in model.state_dict().items() if t.dim() == 1}
+    return build_params(model.cfg, plan, pack_model(model, plan), floats)
+
+
+def build_params(cfg: MoEConfig, plan: BitPlan, packed: dict[str, PackedWeight],
+                 floats: dict[str, np.ndarray]) -> ModelParams:
+    """Arrange already packed weights (e.g. read back from an exported ONNX file) for the graph."""
     params = ModelParams()
     for name, pw in packed.items():
         if ".experts." not in name:
             params.entries[name] = WeightEntry(pw.bits, pw.shape, _arrays(pw))
     for layer, experts in sorted(plan.experts.items()):
-        bits = np.array([experts[e] for e in range(model.cfg.num_experts)], dtype=np.int32)
+        bits = np.array([experts[e] for e in range(cfg.num_experts)], dtype=np.int32)
         remap = np.zeros_like(bits)
         for c in sorted(set(bits.tolist())):
             members = np.flatnonzero(bits == c)
@@ -79,7 +86,5 @@ def build_params(model: MoEModel, plan: BitPlan, packed: dict[str, PackedWeight]
                 params.entries[f"layers.{layer}.experts.b{c}.{proj}"] = WeightEntry(
                     c, pws[0].shape, _stack(pws), stacked=len(members))
         params.class_of[layer], params.remap[layer] = bits, remap
-    for name, t in model.state_dict().items():
-        if t.dim() == 1:
-            params.floats[name] = t.detach().float().numpy().copy()
+    params.floats = {k: np.ascontiguousarray(v, dtype=np.float32) for k, v in sorted(floats.items())}
     return params
