@@ -16,45 +16,55 @@ import moec
 from moec.artifact.bundle import write_bundle
 from moec.hardware.targets import TargetPreset
 from moec.lower.build import build_module
-from moec.lower.params import params_from_model
+from moec.lower.params import ModelParams, params_from_model
+from moec.models.config import MoEConfig
 from moec.models.model import MoEModel
-from moec.quant.accounting import plan_memory
 from moec.search.plan import BitPlan
 
 StageCallback = Callable[[str, float], None]
 
 
 def build_bundle(model: MoEModel, plan: BitPlan, preset: TargetPreset, out: str | os.PathLike,
-                 tokenizer_path: str | os.PathLike, extra_manifest: dict | None = None,
+                 tokenizer_path: str | os.PathLike | None, extra_manifest: dict | None = None,
                  debug_dump: str | os.PathLike | None = None, on_stage: StageCallback | None = None,
                  extra_files: dict[str, str | os.PathLike] | None = None) -> Path:
     """Pack ``model`` under ``plan``, compile for ``preset`` and write the bundle directory ``out``."""
+    plan.validate(model.cfg, tuple(preset.allowed_bits))
+    t0 = time.time()
+    params = params_from_model(model, plan)
+    if on_stage is not None:
+        on_stage("pack", time.time() - t0)
+    return build_bundle_from_params(model.cfg, plan, params, preset, out, tokenizer_path, extra_manifest,
+                                    debug_dump, on_stage, extra_files)
+
+
+def build_bundle_from_params(cfg: MoEConfig, plan: BitPlan, params: ModelParams, preset: TargetPreset,
+                             out: str | os.PathLike, tokenizer_path: str | os.PathLike | None,
+                             extra_manifest: dict | None = None, debug_dump: str | os.PathLike | None = None,
+                             on_stage: StageCallback | None = None,
+                             extra_files: dict[str, str | os.PathLike] | None = None) -> Path:
+    """Compile already packed ``params`` for ``preset`` and write the bundle directory ``out``."""
     import tvm
 
     def stage(name: str, t0: float) -> None:
         if on_stage is not None:
             on_stage(name, time.time() - t0)
-
-    plan.validate(model.cfg, tuple(preset.allowed_bits))
-    t0 = time.time()
-    params = params_from_model(model, plan)
-    stage("pack", t0)
     with tempfile.TemporaryDirectory(prefix="moec-build-") as tmp:
         t0 = time.time()
         lib = Path(tmp) / "lib.so"
-        res = build_module(model.cfg, params, preset.tvm(), preset.family, lib, preset.cross_compiler, debug_dump)
+        res = build_module(cfg, params, preset.tvm(), preset.family, lib, preset.cross_compiler, debug_dump)
         stage("build", t0)
         t0 = time.time()
         weights = Path(tmp) / "weights.npz"
         flat = params.flat()
         np.savez(weights, **dict(flat))
         eos = None
-        from moec.models.tokenizer import eos_id, load_tokenizer
-        eos = eos_id(load_tokenizer(Path(tokenizer_path).parent))
-        mem = plan_memory(model, plan)
+        if tokenizer_path is not None:
+            from moec.models.tokenizer import eos_id, load_tokenizer
+            eos = eos_id(load_tokenizer(Path(tokenizer_path).parent))
         manifest = {
-            "model": {"architecture": model.cfg.architecture, "fingerprint": model.cfg.fingerprint(),
-                      "config": model.cfg.to_dict()},
+            "model": {"architecture": cfg.architecture, "fingerprint": cfg.fingerprint(),
+                      "config": cfg.to_dict()},
             "plan": plan.to_json(),
             "target": preset.model_dump(),
             "tvm_target": res.target,
@@ -65,10 +75,12 @@ def build_bundle(model: MoEModel, plan: BitPlan, preset: TargetPreset, out: str 
             "entry": {"decode": "decode"},
             "params": [name for name, _ in flat],
             "eos_token_id": eos,
-            "weight_bytes": {"plan": mem.total, "stored": params.nbytes},
+            "weight_bytes": params.nbytes,
             **(extra_manifest or {}),
         }
-        files = {"lib.so": lib, "weights.npz": weights, "tokenizer.json": tokenizer_path, **(extra_files or {})}
+        files = {"lib.so": lib, "weights.npz": weights, **(extra_files or {})}
+        if tokenizer_path is not None:
+            files["tokenizer.json"] = tokenizer_path
         path = write_bundle(out, files, manifest)
         stage("bundle", t0)
     return path

@@ -54,7 +54,10 @@ def test_manifest_and_debug_dump(compiled):
     _, plan_file, bundle, dump = compiled
     manifest = json.loads((bundle / "manifest.json").read_text())
     assert manifest["plan"]["experts"] == json.loads(plan_file.read_text())["experts"]
-    assert manifest["weight_bytes"]["plan"] == manifest["weight_bytes"]["stored"]
+    ckpt = compiled[0]
+    from moec.quant.accounting import plan_memory
+    model = load_checkpoint(ckpt)
+    assert manifest["weight_bytes"] == plan_memory(model, resolve_plan(plan_file, model.cfg)).total
     assert set(manifest["files"]) >= {"lib.so", "weights.npz", "tokenizer.json"}
     assert manifest["tvm_version"] and manifest["target"]["name"] == "host"
     phases = sorted(p.name for p in dump.iterdir())
