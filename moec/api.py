@@ -126,10 +126,11 @@ def export_onnx(checkpoint: str | os.PathLike, plan: str | os.PathLike, out: str
     """
     from moec.export.exporter import export_model
     from moec.export.writer import check_export_target
+    from moec.models.checkpoint import load_config
 
-    check_export_target(out)  # fail before the (slow) quantization
+    bit_plan = resolve_plan(plan, load_config(checkpoint), group_size, method)
+    check_export_target(out)  # fail before the (slow) load and quantization
     model = load_checkpoint(checkpoint)
-    bit_plan = resolve_plan(plan, model.cfg, group_size, method)
     return export_model(model, bit_plan, out, tokenizer=Path(checkpoint) / "tokenizer.json",
                         source=str(checkpoint), verify=verify, accuracy_level=accuracy_level)
 

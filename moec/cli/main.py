@@ -14,12 +14,12 @@ from moec.cli.export_cmd import export_cmd
 from moec.cli.inspect_cmd import inspect_cmd
 from moec.cli.profile_cmd import profile_cmd
 from moec.cli.run_cmd import run_cmd
+from moec.cli.targets_cmd import targets_cmd
 from moec.errors import MoecError
 
 PENDING = {
     "search": "Search a per-expert bit plan under a memory budget.",
     "build": "Lower an exported ONNX model through TVM into a bundle.",
-    "targets": "List or show target presets.",
     "farm": "Start or query a local TVM RPC device farm.",
 }
 
@@ -69,6 +69,7 @@ cli.add_command(profile_cmd)
 cli.add_command(eval_cmd)
 cli.add_command(compile_cmd)
 cli.add_command(run_cmd)
+cli.add_command(targets_cmd)
 cli.add_command(export_cmd)
 cli.add_command(inspect_cmd)
 for _name, _summary in PENDING.items():

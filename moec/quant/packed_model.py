@@ -52,7 +52,8 @@ def expert_key(layer: int, expert: int, proj: str) -> str:
     return f"layers.{layer}.mlp.experts.{expert}.{proj}"
 
 
-def pack_model(model: MoEModel, plan: BitPlan, progress=None) -> dict[str, PackedWeight]:
+def pack_model(model: MoEModel, plan: BitPlan, progress=None,
+               importance: dict[str, np.ndarray] | None = None) -> dict[str, PackedWeight]:
     """Every 2-D weight of ``model`` packed at its plan bits, keyed by canonical name.
 
     Expert weights are keyed ``layers.L.mlp.experts.E.{w1,w3,w2}``; other weights by their
@@ -70,7 +71,8 @@ def pack_model(model: MoEModel, plan: BitPlan, progress=None) -> dict[str, Packe
             w = state[f"layers.{layer}.mlp.{proj}"][e]
         else:
             w = state[name]
-        out[name] = pack_weight(w, bits, plan.group_size, plan.method)
+        imp = importance.get(name) if importance and plan.method != "rtn" else None
+        out[name] = pack_weight(w, bits, plan.group_size, plan.method, imp)
         if progress is not None:
             progress.update(1)
     return out
@@ -82,9 +84,9 @@ def _parse_expert_key(name: str) -> tuple[int, int, str]:
 
 
 @torch.no_grad()
-def apply_plan(model: MoEModel, plan: BitPlan) -> MoEModel:
+def apply_plan(model: MoEModel, plan: BitPlan, importance: dict[str, np.ndarray] | None = None) -> MoEModel:
     """Fake-quantize ``model`` in place to ``plan`` (weights become their dequantized values)."""
-    packed = pack_model(model, plan)
+    packed = pack_model(model, plan, importance=importance)
     params = dict(model.named_parameters())
     for name, pw in packed.items():
         deq = torch.from_numpy(pw.dequantize())

@@ -1,0 +1,42 @@
+"""`moec export`: write prefill/decode ONNX graphs of a checkpoint with per-expert bit-widths."""
+
+from __future__ import annotations
+
+import click
+
+from moec import api
+from moec.cli.common import echo_json
+
+
+@click.command("export")
+@click.argument("checkpoint", type=click.Path())
+@click.option("--plan", required=True, help="Bit plan JSON file, or uniform:<bits>.")
+@click.option("--out", required=True, type=click.Path(), help="Output directory (replaced atomically).")
+@click.option("--group-size", default=64, show_default=True, help="Group size for uniform:<bits> plans.")
+@click.option("--method", default="rtn", show_default=True, help="Quantizer for uniform:<bits> plans.")
+@click.option("--accuracy-level", type=click.IntRange(0, 4), default=0, show_default=True,
+              help="MatMulNBits accuracy_level: 0 = float32 compute (exact), 4 = int8 activations (faster on CPU).")
+@click.option("--verify", is_flag=True,
+              help="Run a prompt in onnxruntime and compare with the fake-quantized torch model.")
+@click.option("--json", "as_json", is_flag=True, help="Print the export summary as JSON.")
+def export_cmd(checkpoint, plan, out, group_size, method, accuracy_level, verify, as_json):
+    """Export CHECKPOINT to ONNX (prefill.onnx + decode.onnx) that runs in stock onnxruntime.
+
+    Experts use MatMulNBits (2/4/8 bits), packed bytes unpacked in-graph (3/5/6 bits) or
+    float16 (16); a decode step runs only the routed experts.
+    """
+    res = api.export_onnx(checkpoint, plan, out, group_size=group_size, method=method, verify=verify,
+                          accuracy_level=accuracy_level)
+    s = res.summary
+    if as_json:
+        echo_json({**{k: s[k] for k in ("average_expert_bits", "experts_per_bits", "forms", "bytes")},
+                   "out": str(res.out_dir), "files": res.files, "max_abs_diff": res.max_abs_diff})
+        return
+    click.echo(f"exported to {res.out_dir}")
+    for name, size in res.files.items():
+        click.echo(f"  {name:<16} {size / 1e6:10.3f} MB")
+    per_bits = ", ".join(f"{b}-bit {n}" for b, n in s["experts_per_bits"].items())
+    click.echo(f"average expert bits {s['average_expert_bits']:.3f} ({per_bits}); forms: "
+               + ", ".join(f"{b}-bit {f}" for b, f in s["forms"].items()))
+    if res.max_abs_diff is not None:
+        click.echo(f"verify: max |logit difference| vs fake-quantized torch = {res.max_abs_diff:.3g}")

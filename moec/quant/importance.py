@@ -1,0 +1,56 @@
+"""Activation statistics for activation-aware quantization: mean x² per input channel of each weight.
+
+For the experts the statistics come from the calibration tokens the router actually sent
+to each expert (inputs of w1/w3) and from their SwiGLU activations (inputs of w2). An
+expert that calibration never reached has no statistics and falls back to plain
+(unweighted) squared error.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from moec.models.model import MoEModel
+from moec.quant.packed_model import expert_key
+
+
+class _ExpertInputs:
+    def __init__(self, model: MoEModel) -> None:
+        self.model = model
+        self.sums: dict[str, np.ndarray] = {}
+        self.counts: dict[str, int] = {}
+
+    def _add(self, name: str, x: torch.Tensor) -> None:
+        sq = x.double().pow(2).sum(0).numpy()
+        self.sums[name] = self.sums.get(name, 0) + sq
+        self.counts[name] = self.counts.get(name, 0) + x.shape[0]
+
+    def on_moe(self, layer, x, probs, topk_idx, topk_w, contrib_norm, y_norm) -> None:
+        block = self.model.moe_blocks()[layer]
+        for e in topk_idx.unique().tolist():
+            tok = (topk_idx == e).any(-1).nonzero(as_tuple=True)[0]
+            xe = x[tok]
+            h = F.silu(xe @ block.w1[e].T) * (xe @ block.w3[e].T)
+            self._add(expert_key(layer, e, "w1"), xe)
+            self._add(expert_key(layer, e, "w2"), h)
+
+
+@torch.no_grad()
+def expert_importance(model: MoEModel, windows: torch.Tensor, batch: int = 8) -> dict[str, np.ndarray]:
+    """Mean x² per input channel for every expert weight that calibration reached."""
+    tap = _ExpertInputs(model)
+    model.set_observer(tap)
+    try:
+        for i in range(0, len(windows), batch):
+            model(windows[i:i + batch, :-1])
+    finally:
+        model.set_observer(None)
+    out = {}
+    for name, s in tap.sums.items():
+        mean = (s / tap.counts[name]).astype(np.float32)
+        out[name] = mean
+        if name.endswith(".w1"):
+            out[name[:-2] + "w3"] = mean
+    return out
