@@ -159,7 +159,7 @@ class CompileConfig:
 
 
 def compile_bundle(cfg: CompileConfig, on_stage=None) -> Path:
-    """profile (if calibration data is given) → plan → pack → build → bundle.
+    """profile (if calibration data is given) → plan → export (ONNX) → build (TVM) → bundle.
 
     Without a plan, the uniform 4-bit plan is used (the bit-width search is a later stage).
     ``on_stage(name, seconds)`` is called as each stage finishes.
@@ -167,19 +167,19 @@ def compile_bundle(cfg: CompileConfig, on_stage=None) -> Path:
     import tempfile
     import time
 
+    from moec.export.exporter import export_model
     from moec.hardware.targets import load_target
-    from moec.lower.bundle_build import build_bundle
 
     preset = load_target(cfg.target)
     t0 = time.time()
     model = load_checkpoint(cfg.checkpoint)
     tok_path = Path(cfg.checkpoint) / "tokenizer.json"
-    load_tokenizer(cfg.checkpoint)
-    extra_files = {}
+    tok = load_tokenizer(cfg.checkpoint)
     with tempfile.TemporaryDirectory(prefix="moec-compile-") as tmp:
+        extra_files = {}
         if cfg.data is not None:
-            stats = collect_stats(model, token_windows(load_tokenizer(cfg.checkpoint), read_text(cfg.data.path),
-                                                       cfg.data.seq_len, cfg.data.max_tokens), batch=cfg.data.batch)
+            windows = token_windows(tok, read_text(cfg.data.path), cfg.data.seq_len, cfg.data.max_tokens)
+            stats = collect_stats(model, windows, batch=cfg.data.batch)
             stats.save(Path(tmp) / "profile.json")
             extra_files["profile.json"] = Path(tmp) / "profile.json"
             if on_stage:
@@ -187,8 +187,38 @@ def compile_bundle(cfg: CompileConfig, on_stage=None) -> Path:
         t0 = time.time()
         plan_spec = cfg.plan if cfg.plan is not None else "uniform:4"
         plan = resolve_plan(plan_spec, model.cfg, cfg.group_size, cfg.method)
+        plan.validate(model.cfg, tuple(preset.allowed_bits))
         if on_stage:
             on_stage(f"plan ({plan.provenance.get('policy', Path(str(plan_spec)).name)})", time.time() - t0)
-        apply_target = plan.validate(model.cfg, tuple(preset.allowed_bits))
-        return build_bundle(model, apply_target, preset, cfg.out, tok_path, debug_dump=cfg.debug_dump,
-                            on_stage=on_stage, extra_files=extra_files)
+        t0 = time.time()
+        export_dir = Path(tmp) / "onnx"
+        export_model(model, plan, export_dir, tokenizer=tok_path, source=str(cfg.checkpoint))
+        if on_stage:
+            on_stage("export (ONNX)", time.time() - t0)
+        return build_from_onnx(export_dir, cfg.out, cfg.target, cfg.debug_dump, on_stage=on_stage,
+                               extra_files=extra_files)
+
+
+def build_from_onnx(onnx_path: str | os.PathLike, out: str | os.PathLike, target: str = "host",
+                    debug_dump: str | os.PathLike | None = None, on_stage=None,
+                    extra_files: dict | None = None) -> Path:
+    """``moec build``: the last stage alone — a moec ONNX export (file or directory) → bundle."""
+    import time
+
+    from moec.hardware.targets import load_target
+    from moec.lower.bundle_build import build_bundle_from_params
+    from moec.lower.onnx_import import import_onnx
+    from moec.lower.params import build_params
+
+    preset = load_target(target)
+    t0 = time.time()
+    cfg, plan, packed, floats = import_onnx(onnx_path)
+    plan.validate(cfg, tuple(preset.allowed_bits))
+    params = build_params(cfg, plan, packed, floats)
+    if on_stage:
+        on_stage("import (ONNX → params)", time.time() - t0)
+    src = Path(onnx_path)
+    tok = (src if src.is_dir() else src.parent) / "tokenizer.json"
+    return build_bundle_from_params(cfg, plan, params, preset, out, tok if tok.is_file() else None,
+                                    extra_manifest={"source": str(src)}, debug_dump=debug_dump, on_stage=on_stage,
+                                    extra_files=extra_files)

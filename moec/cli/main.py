@@ -8,6 +8,7 @@ import sys
 
 import click
 
+from moec.cli.build_cmd import build_cmd
 from moec.cli.compile_cmd import compile_cmd
 from moec.cli.eval_cmd import eval_cmd
 from moec.cli.export_cmd import export_cmd
@@ -19,7 +20,6 @@ from moec.errors import MoecError
 
 PENDING = {
     "search": "Search a per-expert bit plan under a memory budget.",
-    "build": "Lower an exported ONNX model through TVM into a bundle.",
     "farm": "Start or query a local TVM RPC device farm.",
 }
 
@@ -68,6 +68,7 @@ def cli(verbose: bool) -> None:
 cli.add_command(profile_cmd)
 cli.add_command(eval_cmd)
 cli.add_command(compile_cmd)
+cli.add_command(build_cmd)
 cli.add_command(run_cmd)
 cli.add_command(targets_cmd)
 cli.add_command(export_cmd)
