@@ -18,8 +18,11 @@ $(VENV)/.installed: pyproject.toml
 
 demo: setup
 	mkdir -p $(OUT)
-	$(BIN)/moec profile reference/checkpoint --data reference/data/calib.txt --out $(OUT)/profile.json --plot $(OUT)/profile.png
-	$(BIN)/moec eval reference/checkpoint --data reference/data/heldout.txt
+	$(BIN)/moec profile reference/checkpoint --data reference/data/calib.txt --max-tokens 16384 --out $(OUT)/profile.json --plot $(OUT)/profile.png
+	$(BIN)/moec eval reference/checkpoint --data reference/data/heldout.txt --max-tokens 16384
+	$(BIN)/moec eval reference/checkpoint --data reference/data/heldout.txt --max-tokens 16384 --plan uniform:4
+	$(BIN)/moec compile reference/checkpoint --target host --plan uniform:4 --out $(OUT)/reference-host
+	$(BIN)/moec run $(OUT)/reference-host --prompt "The list type is" --max-new-tokens 32
 
 test: setup
 	$(BIN)/pytest -q
