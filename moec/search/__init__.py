@@ -1,0 +1,1 @@
+"""Bit-width search: the BitPlan format, cost function and policies."""
