@@ -25,10 +25,14 @@ class BuildResult:
 
 def build_module(cfg: MoEConfig, params: ModelParams, target: tvm.target.Target, family: str,
                  lib_path: str | os.PathLike, cross_compiler: str | None = None,
-                 debug_dump: str | os.PathLike | None = None) -> BuildResult:
-    """Relax decode graph → per-family phases → ``lib_path`` (cross-compiled if asked)."""
+                 debug_dump: str | os.PathLike | None = None, emitter: LinearEmitter | None = None) -> BuildResult:
+    """Relax decode graph → per-family phases → ``lib_path`` (cross-compiled if asked).
+
+    ``emitter`` decides how linear layers are computed (default: the reference emitter); a
+    kernel emitter needs ``params`` already in its layout (``apply_kernel_layout``).
+    """
     t0 = time.time()
-    func = DecodeBuilder(cfg, params, LinearEmitter()).build()
+    func = DecodeBuilder(cfg, params, emitter or LinearEmitter()).build()
     mod = tvm.IRModule({"decode": func}) if not isinstance(func, tvm.IRModule) else func
     with target:
         ex = tvm.compile(mod, target=target, relax_pipeline=make_pipeline(family, debug_dump))

@@ -15,13 +15,26 @@ import numpy as np
 import moec
 from moec.artifact.bundle import write_bundle
 from moec.hardware.targets import TargetPreset
+from moec.errors import MoecError
 from moec.lower.build import build_module
+from moec.lower.kernel_linear import apply_kernel_layout
 from moec.lower.params import ModelParams, params_from_model
 from moec.models.config import MoEConfig
 from moec.models.model import MoEModel
 from moec.search.plan import BitPlan
 
 StageCallback = Callable[[str, float], None]
+
+
+def kernel_emitter(target, family: str, use_kernels: bool):
+    """The scheduled-kernel emitter for CPU families that have kernel schedules, else None."""
+    if not use_kernels or family != "cpu":
+        return None
+    from moec.lower.kernel_linear import KernelEmitter
+    try:
+        return KernelEmitter(target)
+    except MoecError:
+        return None
 
 
 def build_bundle(model: MoEModel, plan: BitPlan, preset: TargetPreset, out: str | os.PathLike,
@@ -42,17 +55,26 @@ def build_bundle_from_params(cfg: MoEConfig, plan: BitPlan, params: ModelParams,
                              out: str | os.PathLike, tokenizer_path: str | os.PathLike | None,
                              extra_manifest: dict | None = None, debug_dump: str | os.PathLike | None = None,
                              on_stage: StageCallback | None = None,
-                             extra_files: dict[str, str | os.PathLike] | None = None) -> Path:
+                             extra_files: dict[str, str | os.PathLike] | None = None,
+                             use_kernels: bool = True) -> Path:
     """Compile already packed ``params`` for ``preset`` and write the bundle directory ``out``."""
     import tvm
 
     def stage(name: str, t0: float) -> None:
         if on_stage is not None:
             on_stage(name, time.time() - t0)
+
+    target = preset.tvm()
+    plan_bytes = params.nbytes  # moec's packed layout, before any kernel re-layout
+    emitter = kernel_emitter(target, preset.family, use_kernels)
+    if emitter is not None:
+        t0 = time.time()
+        n = apply_kernel_layout(params, emitter)
+        stage(f"kernel layout ({n} weights)", t0)
     with tempfile.TemporaryDirectory(prefix="moec-build-") as tmp:
         t0 = time.time()
         lib = Path(tmp) / "lib.so"
-        res = build_module(cfg, params, preset.tvm(), preset.family, lib, preset.cross_compiler, debug_dump)
+        res = build_module(cfg, params, target, preset.family, lib, preset.cross_compiler, debug_dump, emitter)
         stage("build", t0)
         t0 = time.time()
         weights = Path(tmp) / "weights.npz"
@@ -75,7 +97,9 @@ def build_bundle_from_params(cfg: MoEConfig, plan: BitPlan, params: ModelParams,
             "entry": {"decode": "decode"},
             "params": [name for name, _ in flat],
             "eos_token_id": eos,
-            "weight_bytes": params.nbytes,
+            "weight_bytes": plan_bytes,
+            "stored_weight_bytes": params.nbytes,
+            "kernels": "scheduled" if emitter is not None else "reference",
             **(extra_manifest or {}),
         }
         files = {"lib.so": lib, "weights.npz": weights, **(extra_files or {})}

@@ -27,6 +27,23 @@ class WeightEntry:
     shape: tuple[int, int]          # [N, K] of one matrix (per expert for stacks)
     arrays: dict[str, np.ndarray]   # "packed", "scale", "zero" (quantized) or "weight" (float)
     stacked: int = 0                # number of experts stacked on axis 0 (0 = a plain weight)
+    group_size: int = 0
+    kernel: bool = False            # arrays are in the kernel layout ("kweight", "kscale", "kzero")
+
+    def packed_weights(self) -> list[PackedWeight]:
+        """The entry's weights as PackedWeights in moec's packed layout (one per stacked expert)."""
+        if self.kernel:
+            raise ValueError("entry is already in the kernel layout")
+        count = self.stacked or 1
+
+        def part(key, i):
+            a = self.arrays.get(key)
+            return None if a is None else (a[i] if self.stacked else a)
+
+        if "weight" in self.arrays:
+            return [PackedWeight(self.shape, self.bits, self.group_size, part("weight", i)) for i in range(count)]
+        return [PackedWeight(self.shape, self.bits, self.group_size, part("packed", i), part("scale", i),
+                             part("zero", i)) for i in range(count)]
 
 
 @dataclass
@@ -74,7 +91,7 @@ def build_params(cfg: MoEConfig, plan: BitPlan, packed: dict[str, PackedWeight],
     params = ModelParams()
     for name, pw in packed.items():
         if ".experts." not in name:
-            params.entries[name] = WeightEntry(pw.bits, pw.shape, _arrays(pw))
+            params.entries[name] = WeightEntry(pw.bits, pw.shape, _arrays(pw), group_size=pw.group_size)
     for layer, experts in sorted(plan.experts.items()):
         bits = np.array([experts[e] for e in range(cfg.num_experts)], dtype=np.int32)
         remap = np.zeros_like(bits)
@@ -84,7 +101,7 @@ def build_params(cfg: MoEConfig, plan: BitPlan, packed: dict[str, PackedWeight],
             for proj in ("w1", "w3", "w2"):
                 pws = [packed[expert_key(layer, int(e), proj)] for e in members]
                 params.entries[f"layers.{layer}.experts.b{c}.{proj}"] = WeightEntry(
-                    c, pws[0].shape, _stack(pws), stacked=len(members))
+                    c, pws[0].shape, _stack(pws), stacked=len(members), group_size=pws[0].group_size)
         params.class_of[layer], params.remap[layer] = bits, remap
     params.floats = {k: np.ascontiguousarray(v, dtype=np.float32) for k, v in sorted(floats.items())}
     return params

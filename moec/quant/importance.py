@@ -1,9 +1,9 @@
-"""Activation statistics for activation-aware quantization: mean x² per input channel of each weight.
+"""Activation statistics of each expert's routed inputs: mean x² per channel and GPTQ Hessians.
 
 For the experts the statistics come from the calibration tokens the router actually sent
 to each expert (inputs of w1/w3) and from their SwiGLU activations (inputs of w2). An
 expert that calibration never reached has no statistics and falls back to plain
-(unweighted) squared error.
+(unweighted) squared error, or for GPTQ to round-to-nearest.
 """
 
 from __future__ import annotations
@@ -37,16 +37,76 @@ class _ExpertInputs:
             self._add(expert_key(layer, e, "w2"), h)
 
 
-@torch.no_grad()
-def expert_importance(model: MoEModel, windows: torch.Tensor, batch: int = 8) -> dict[str, np.ndarray]:
-    """Mean x² per input channel for every expert weight that calibration reached."""
-    tap = _ExpertInputs(model)
+class _ExpertHessians:
+    """Accumulates ``sum(x x^T)`` (float64) of each expert weight's routed inputs."""
+
+    def __init__(self, model: MoEModel) -> None:
+        self.model = model
+        self.sums: dict[str, np.ndarray] = {}
+        self.counts: dict[str, int] = {}
+
+    def _add(self, name: str, x: torch.Tensor) -> None:
+        xd = x.double()
+        xtx = (xd.T @ xd).numpy()
+        self.sums[name] = self.sums.get(name, 0) + xtx
+        self.counts[name] = self.counts.get(name, 0) + x.shape[0]
+
+    def on_moe(self, layer, x, probs, topk_idx, topk_w, contrib_norm, y_norm) -> None:
+        block = self.model.moe_blocks()[layer]
+        for e in topk_idx.unique().tolist():
+            tok = (topk_idx == e).any(-1).nonzero(as_tuple=True)[0]
+            xe = x[tok]
+            h = F.silu(xe @ block.w1[e].T) * (xe @ block.w3[e].T)
+            self._add(expert_key(layer, e, "w1"), xe)
+            self._add(expert_key(layer, e, "w2"), h)
+
+
+def _run(model: MoEModel, tap, windows: torch.Tensor, batch: int) -> None:
     model.set_observer(tap)
     try:
         for i in range(0, len(windows), batch):
             model(windows[i:i + batch, :-1])
     finally:
         model.set_observer(None)
+
+
+@torch.no_grad()
+def expert_hessians(model: MoEModel, windows: torch.Tensor, batch: int = 8) -> dict[str, np.ndarray]:
+    """GPTQ Hessians ``H = mean(x x^T)`` over the tokens each expert actually receives.
+
+    Parameters
+    ----------
+    model : MoEModel
+        The float model (statistics are taken on its unquantized activations).
+    windows : torch.Tensor
+        int64 ``[B, T + 1]`` calibration token windows (the last position is only a target).
+    batch : int
+        Windows per forward pass.
+
+    Returns
+    -------
+    dict[str, np.ndarray]
+        float64 ``[K, K]`` symmetric PSD matrices keyed ``layers.L.mlp.experts.E.{w1,w3,w2}``
+        (see :func:`~moec.quant.packed_model.expert_key`): w1 and w3 share the routed inputs
+        ``x [H]`` (the same array), w2 gets the SwiGLU activations
+        ``silu(x w1^T) * (x w3^T)`` ``[I]``. Experts the calibration never reached get no entry.
+    """
+    tap = _ExpertHessians(model)
+    _run(model, tap, windows, batch)
+    out: dict[str, np.ndarray] = {}
+    for name, s in tap.sums.items():
+        h = s / tap.counts[name]
+        out[name] = 0.5 * (h + h.T)
+        if name.endswith(".w1"):
+            out[name[:-2] + "w3"] = out[name]
+    return out
+
+
+@torch.no_grad()
+def expert_importance(model: MoEModel, windows: torch.Tensor, batch: int = 8) -> dict[str, np.ndarray]:
+    """Mean x² per input channel for every expert weight that calibration reached."""
+    tap = _ExpertInputs(model)
+    _run(model, tap, windows, batch)
     out = {}
     for name, s in tap.sums.items():
         mean = (s / tap.counts[name]).astype(np.float32)

@@ -8,11 +8,15 @@ import numpy as np
 import torch
 
 from moec.models.model import MoEModel
+from moec.quant.gptq import gptq_quantize
 from moec.quant.pack import pack, pack_zeros, unpack
 from moec.quant.quantize import QuantizedTensor, dequantize, quantize
 from moec.search.plan import BitPlan, non_expert_weights
 
 FLOAT_BITS = 16
+
+#: Plan method quantizing with GPTQ where a calibration Hessian exists (RTN elsewhere).
+GPTQ = "gptq"
 
 
 @dataclass
@@ -40,11 +44,25 @@ class PackedWeight:
 
 
 def pack_weight(w: torch.Tensor | np.ndarray, bits: int, group_size: int, method: str = "rtn",
-                importance: np.ndarray | None = None) -> PackedWeight:
+                importance: np.ndarray | None = None, hessian: np.ndarray | None = None,
+                gptq_options: dict | None = None) -> PackedWeight:
+    """Quantize and pack one ``[N, K]`` weight (fp16 when ``bits == 16``).
+
+    With ``method == "gptq"`` the weight is quantized by
+    :func:`~moec.quant.gptq.gptq_quantize` with ``hessian`` (and ``gptq_options``: ``damp``,
+    ``group_method``, ``static_groups``); without a Hessian (no calibration data reached the
+    weight) it falls back to round-to-nearest.
+    """
     arr = w.detach().float().numpy() if isinstance(w, torch.Tensor) else np.asarray(w, np.float32)
     if bits == FLOAT_BITS:
         return PackedWeight(arr.shape, bits, group_size, arr.astype(np.float16))
-    qt = quantize(arr, bits, group_size, method=method, importance=importance)
+    if method == GPTQ:
+        if hessian is not None:
+            qt = gptq_quantize(arr, bits, group_size, hessian, **(gptq_options or {}))
+        else:
+            qt = quantize(arr, bits, group_size, method="rtn")
+    else:
+        qt = quantize(arr, bits, group_size, method=method, importance=importance)
     return PackedWeight(arr.shape, bits, group_size, pack(qt.q, bits), qt.scale, pack_zeros(qt.zero, bits))
 
 
@@ -53,11 +71,19 @@ def expert_key(layer: int, expert: int, proj: str) -> str:
 
 
 def pack_model(model: MoEModel, plan: BitPlan, progress=None,
-               importance: dict[str, np.ndarray] | None = None) -> dict[str, PackedWeight]:
+               importance: dict[str, np.ndarray] | None = None,
+               hessians: dict[str, np.ndarray] | None = None,
+               gptq_options: dict | None = None) -> dict[str, PackedWeight]:
     """Every 2-D weight of ``model`` packed at its plan bits, keyed by canonical name.
 
     Expert weights are keyed ``layers.L.mlp.experts.E.{w1,w3,w2}``; other weights by their
     state-dict name. 1-D tensors (norms, biases) are not included: they stay float32.
+
+    With ``plan.method == "gptq"``, a weight with an entry in ``hessians`` (see
+    :func:`~moec.quant.importance.expert_hessians`) is quantized by GPTQ with
+    ``gptq_options``; every other weight (no calibration data for it: non-expert weights,
+    experts calibration never reached, or ``hessians=None``) falls back to round-to-nearest.
+    ``importance`` is used by the other non-RTN methods only.
     """
     state = model.state_dict()
     out: dict[str, PackedWeight] = {}
@@ -71,8 +97,9 @@ def pack_model(model: MoEModel, plan: BitPlan, progress=None,
             w = state[f"layers.{layer}.mlp.{proj}"][e]
         else:
             w = state[name]
-        imp = importance.get(name) if importance and plan.method != "rtn" else None
-        out[name] = pack_weight(w, bits, plan.group_size, plan.method, imp)
+        imp = importance.get(name) if importance and plan.method not in ("rtn", GPTQ) else None
+        hess = hessians.get(name) if hessians and plan.method == GPTQ else None
+        out[name] = pack_weight(w, bits, plan.group_size, plan.method, imp, hess, gptq_options)
         if progress is not None:
             progress.update(1)
     return out
@@ -84,9 +111,16 @@ def _parse_expert_key(name: str) -> tuple[int, int, str]:
 
 
 @torch.no_grad()
-def apply_plan(model: MoEModel, plan: BitPlan, importance: dict[str, np.ndarray] | None = None) -> MoEModel:
-    """Fake-quantize ``model`` in place to ``plan`` (weights become their dequantized values)."""
-    packed = pack_model(model, plan, importance=importance)
+def apply_plan(model: MoEModel, plan: BitPlan, importance: dict[str, np.ndarray] | None = None,
+               hessians: dict[str, np.ndarray] | None = None,
+               gptq_options: dict | None = None) -> MoEModel:
+    """Fake-quantize ``model`` in place to ``plan`` (weights become their dequantized values).
+
+    ``hessians`` / ``gptq_options`` are used when ``plan.method == "gptq"`` (see
+    :func:`pack_model`).
+    """
+    packed = pack_model(model, plan, importance=importance, hessians=hessians,
+                        gptq_options=gptq_options)
     params = dict(model.named_parameters())
     for name, pw in packed.items():
         deq = torch.from_numpy(pw.dequantize())

@@ -92,6 +92,12 @@ def check_group_size(group_size: int, k: int) -> None:
 
 
 def _check_method(method: str) -> QuantMethod:
+    if method == "gptq":
+        # GPTQ needs a Hessian per weight; it is not a QuantMethod (no silent RTN fallback here).
+        raise MoecError("method 'gptq' needs calibration Hessians: call moec.quant.gptq.gptq_quantize("
+                        "w, bits, group_size, hessian), or pack a plan with method 'gptq' and "
+                        "hessians=moec.quant.importance.expert_hessians(...); quantize() method "
+                        f"choices: {', '.join(sorted(QUANT_METHODS))}")
     try:
         return QUANT_METHODS[method]
     except (KeyError, TypeError):

@@ -1,0 +1,279 @@
+"""Decode-GEMV effective bandwidth per bit class vs. the machine's read bandwidth and onnxruntime MatMulNBits.
+
+Effective bandwidth = bytes of the *selected* experts' canonical packed weights + fp16 scales +
+packed zeros (``packed_nbytes``) per call / time per call. "Hot": the same experts every call
+(they stay in cache). "Cold": a stack of experts totalling more than ``--cold-gb`` GB, the
+selected experts rotating so each call reads weights evicted since their last use.
+onnxruntime runs one ``MatMulNBits`` node per expert (accuracy_level 0 = float32 activations,
+4 = int8 activations) on the same shapes: hot = one node run repeatedly, cold = a graph of one
+node per expert of a > ``--cold-gb`` GB stack, timed per node. Ratio = ORT time / moec time
+(> 1: moec faster).
+
+Usage: ``python benchmarks/kernel_bandwidth.py [--threads 2] [--bits 2,3,4,8,16,32]``
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+
+log = logging.getLogger("kernel_bandwidth")
+
+
+def best_time(fn, repeat: int, number: int = 1) -> float:
+    """Best of ``repeat`` timings of ``number`` calls of ``fn``, in seconds per call."""
+    best = float("inf")
+    for _ in range(repeat):
+        t0 = time.perf_counter()
+        for _ in range(number):
+            fn()
+        best = min(best, (time.perf_counter() - t0) / number)
+    return best
+
+
+# ---------------------------------------------------------------------------------------------
+# Machine read bandwidth
+# ---------------------------------------------------------------------------------------------
+
+def _tvm_sum_kernel(rows: int, cols: int, threads: int):
+    """A parallel, vectorised float32 sum (the read-bandwidth probe at its most efficient)."""
+    import tvm
+    from tvm.script import tirx as T
+
+    from moec.lower.kernels import host_target
+
+    @T.prim_func
+    def rsum(a: T.Buffer((rows, cols), "float32"), out: T.Buffer((rows, 16), "float32")):
+        T.func_attr({"global_symbol": "rsum", "tirx.noalias": True})
+        for r in T.parallel(rows):
+            acc = T.alloc_buffer((8, 16), "float32", scope="local")
+            for u in T.unroll(8):
+                for lane in T.vectorized(16):
+                    acc[u, lane] = T.float32(0)
+            for i in range(cols // 128):
+                for u in T.unroll(8):
+                    for lane in T.vectorized(16):
+                        acc[u, lane] = acc[u, lane] + a[r, i * 128 + u * 16 + lane]
+            for lane in T.vectorized(16):
+                out[r, lane] = acc[0, lane] + acc[1, lane] + acc[2, lane] + acc[3, lane] + \
+                    acc[4, lane] + acc[5, lane] + acc[6, lane] + acc[7, lane]
+
+    target = host_target()
+    return tvm.compile(tvm.IRModule({"rsum": rsum}), target=target)["rsum"]
+
+
+def read_bandwidth(nbytes: int, threads: int, repeat: int) -> dict[str, float]:
+    """GB/s of reading an ``nbytes`` float32 array: numpy sum (1 and ``threads`` threads), TVM sum."""
+    import tvm
+
+    n = nbytes // 4
+    rows = threads * 8
+    cols = (n // rows) // 128 * 128
+    a = np.random.default_rng(0).random(rows * cols, dtype=np.float32).reshape(rows, cols)
+    size = a.nbytes
+    out = {"numpy 1 thread": size / best_time(lambda: a.sum(), repeat) / 1e9}
+    parts = np.array_split(a, threads)
+    with ThreadPoolExecutor(threads) as pool:  # numpy reductions release the GIL
+        out[f"numpy {threads} threads"] = size / best_time(
+            lambda: list(pool.map(np.sum, parts)), repeat) / 1e9
+    fn = _tvm_sum_kernel(rows, cols, threads)
+    ta, tout = tvm.runtime.tensor(a), tvm.runtime.empty((rows, 16), "float32", tvm.cpu())
+    fn(ta, tout)
+    out[f"tvm sum {threads} threads"] = size / best_time(lambda: fn(ta, tout), repeat) / 1e9
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# moec GEMV
+# ---------------------------------------------------------------------------------------------
+
+def expert_nbytes(bits: int, n: int, k: int, gs: int) -> int:
+    """Canonical bytes of one expert weight (what a call must read)."""
+    from moec.quant.pack import packed_nbytes
+    if bits == 32:
+        return n * k * 4
+    return packed_nbytes(n, k, bits, gs)["total"]
+
+
+def random_stack(bits: int, n: int, k: int, gs: int, experts: int, lanes: int, seed: int = 0):
+    """Random kernel-layout arrays of ``experts`` experts (bandwidth does not depend on values)."""
+    from moec.lower.kernels.layout import zero_words
+    rng = np.random.default_rng(seed)
+    nb = n // lanes
+    if bits in (16, 32):
+        dtype = np.float16 if bits == 16 else np.float32
+        return [rng.standard_normal((experts, nb, k, lanes), dtype=np.float32).astype(dtype)]
+    groups = k // gs
+    words = rng.integers(0, 2**32, (experts, nb, k * bits // 32, lanes), dtype=np.uint32)
+    scale = (rng.random((experts, nb, groups, lanes), dtype=np.float32) * 0.01 + 1e-3).astype(np.float16)
+    zero = rng.integers(0, 2**32, (experts, nb, zero_words(groups, bits), lanes), dtype=np.uint32)
+    return [words, scale, zero]
+
+
+def time_gemv(bits: int, n: int, k: int, gs: int, experts: int, top_k: int, rotate: bool,
+              repeat: int, activations: str = "float32") -> float:
+    """Seconds per GEMV call over ``top_k`` experts of an ``experts`` stack."""
+    import tvm
+
+    from moec.lower.kernels import compile_kernel, host_target, make_gemv
+    from moec.lower.schedules import kernel_lanes
+
+    target = host_target()
+    fn = compile_kernel(make_gemv(bits, n, k, gs, experts, top_k, target, activations=activations),
+                        target)["gemv"]
+    dev = tvm.cpu()
+    weights = [tvm.runtime.tensor(a, dev) for a in random_stack(bits, n, k, gs, experts,
+                                                                kernel_lanes(target))]
+    x = tvm.runtime.tensor(np.random.default_rng(1).standard_normal((1, k)).astype(np.float32), dev)
+    y = tvm.runtime.empty((top_k, n), "float32", dev)
+    calls = max(1, experts // top_k) if rotate else 1
+    ids = [tvm.runtime.tensor((np.arange(top_k) + c * top_k).astype(np.int32) % experts, dev)
+           for c in range(calls)]
+    state = {"c": 0}
+
+    def one():
+        fn(x, *weights, ids[state["c"]], y)
+        state["c"] = (state["c"] + 1) % calls
+
+    for _ in range(3):
+        one()
+    if rotate:  # one pass over the whole stack per timing: every expert is cold when read
+        return best_time(lambda: [one() for _ in range(calls)], repeat) / calls
+    return best_time(one, repeat, number=50)
+
+
+# ---------------------------------------------------------------------------------------------
+# onnxruntime MatMulNBits
+# ---------------------------------------------------------------------------------------------
+
+def ort_session(bits: int, n: int, k: int, gs: int, nodes: int, accuracy: int, threads: int):
+    """A session with ``nodes`` MatMulNBits nodes (one expert each) sharing input ``A [1, K]``."""
+    import onnxruntime as ort
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(2)
+    blocks = k // gs
+    inits, outs, graph_nodes = [], [], []
+    for e in range(nodes):
+        b = rng.integers(0, 256, (n, blocks, gs * bits // 8), dtype=np.uint8)
+        scales = (rng.random((n, blocks), dtype=np.float32) * 0.01 + 1e-3)
+        zp = rng.integers(0, 256, (n * -(-blocks * bits // 8),), dtype=np.uint8)
+        inits += [numpy_helper.from_array(b, f"B{e}"), numpy_helper.from_array(scales, f"S{e}"),
+                  numpy_helper.from_array(zp, f"Z{e}")]
+        graph_nodes.append(helper.make_node(
+            "MatMulNBits", ["A", f"B{e}", f"S{e}", f"Z{e}"], [f"Y{e}"], domain="com.microsoft",
+            K=k, N=n, bits=bits, block_size=gs, accuracy_level=accuracy))
+        outs.append(helper.make_tensor_value_info(f"Y{e}", TensorProto.FLOAT, [1, n]))
+    graph = helper.make_graph(graph_nodes, "experts",
+                              [helper.make_tensor_value_info("A", TensorProto.FLOAT, [1, k])],
+                              outs, initializer=inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21),
+                                                    helper.make_opsetid("com.microsoft", 1)])
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = threads
+    opts.inter_op_num_threads = 1
+    opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    return ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
+
+
+def time_ort(bits: int, n: int, k: int, gs: int, nodes: int, accuracy: int, threads: int,
+             repeat: int) -> float:
+    """Seconds per MatMulNBits node (one expert GEMV)."""
+    sess = ort_session(bits, n, k, gs, nodes, accuracy, threads)
+    feed = {"A": np.random.default_rng(1).standard_normal((1, k)).astype(np.float32)}
+    t0 = time.perf_counter()
+    sess.run(None, feed)
+    first = time.perf_counter() - t0
+    if first > 5.0:  # a compute-bound fallback path (e.g. 2 bits at level 0): one more run is plenty
+        return min(first, best_time(lambda: sess.run(None, feed), 1)) / nodes
+    number = 1 if nodes > 1 else 20
+    return best_time(lambda: sess.run(None, feed), repeat, number) / nodes
+
+
+# ---------------------------------------------------------------------------------------------
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--bits", default="2,3,4,8,16,32")
+    ap.add_argument("--n", type=int, default=2048, help="out_features of the cold experts")
+    ap.add_argument("--k", type=int, default=2048, help="in_features of the cold experts")
+    ap.add_argument("--hot-n", type=int, default=1024)
+    ap.add_argument("--hot-k", type=int, default=1024)
+    ap.add_argument("--group-size", type=int, default=64)
+    ap.add_argument("--top-k", type=int, default=2)
+    ap.add_argument("--cold-gb", type=float, default=1.0)
+    ap.add_argument("--repeat", type=int, default=5)
+    ap.add_argument("--no-ort", action="store_true")
+    args = ap.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    os.environ["TVM_NUM_THREADS"] = str(args.threads)  # read when TVM's thread pool starts
+    load_before = os.getloadavg()[0]
+    if load_before > 0.5:
+        log.warning("load average %.1f: other processes are running, timings will be low", load_before)
+
+    dram = read_bandwidth(int(args.cold_gb * 1e9), args.threads, args.repeat)
+    cache = read_bandwidth(1 << 20, args.threads, args.repeat * 20)
+    dram_bw, cache_bw = max(dram.values()), max(cache.values())
+    for name, d in (("DRAM (%.1f GB)" % args.cold_gb, dram), ("cache (1 MiB)", cache)):
+        log.info("read bandwidth %s: %s", name, ", ".join(f"{m} {v:.1f} GB/s" for m, v in d.items()))
+
+    gs, top_k = args.group_size, args.top_k
+    shapes = {"hot": (args.hot_n, args.hot_k), "cold": (args.n, args.k)}
+    results: dict[tuple[int, str, str], float] = {}  # (bits, impl, mode) -> seconds per expert
+    for bits in (int(b) for b in args.bits.split(",")):
+        for mode, (n, k) in shapes.items():
+            per_expert = expert_nbytes(bits, n, k, gs)
+            experts = top_k if mode == "hot" else max(2 * top_k, int(args.cold_gb * 1e9 / per_expert) + 1)
+            impls = ["f32"] + (["i8"] if bits in (2, 4, 8) else [])
+            for impl in impls:
+                t = time_gemv(bits, n, k, gs, experts, top_k, rotate=mode == "cold", repeat=args.repeat,
+                              activations="int8" if impl == "i8" else "float32")
+                results[bits, impl, mode] = t / top_k
+            if bits in (2, 4, 8) and not args.no_ort:
+                for acc in (0, 4):
+                    results[bits, f"ort{acc}", mode] = time_ort(
+                        bits, n, k, gs, 1 if mode == "hot" else experts, acc, args.threads, args.repeat)
+            log.info("bits %d %s: %s", bits, mode, {i: f"{t * 1e6:.1f} us" for (b, i, m), t in
+                                                      results.items() if b == bits and m == mode})
+    print_table(results, shapes, gs, top_k, dram_bw, cache_bw, args)
+    print(f"\nload average (1 min) before/after: {load_before:.2f} / {os.getloadavg()[0]:.2f} "
+          f"(this benchmark itself adds about {args.threads})")
+
+
+def print_table(results, shapes, gs, top_k, dram_bw, cache_bw, args) -> None:
+    """Effective GB/s (canonical bytes of the expert / time), % of DRAM read bandwidth, ratios."""
+    print(f"\nread bandwidth ({args.threads} threads, best of numpy/TVM sums): DRAM {dram_bw:.1f} GB/s, "
+          f"cache {cache_bw:.1f} GB/s; group {gs}, top-k {top_k}; hot {args.hot_n}x{args.hot_k} "
+          f"(same experts every call), cold {args.n}x{args.k} (rotating over a > {args.cold_gb} GB stack)")
+    print("f32/i8 = moec GEMV with float32/int8 activations; ORT0/ORT4 = MatMulNBits accuracy_level 0/4; "
+          "GB/s = canonical packed bytes per expert / time; ratio = ORT time / moec time (> 1: moec faster)")
+    impls = ["f32", "i8", "ort0", "ort4"]
+    for mode, (n, k) in shapes.items():
+        head = (f"{mode:>4} bits | " + " | ".join(f"{i:>4} GB/s  %DRAM  us/exp" for i in impls)
+                + " | f32/ORT0 i8/ORT4 best/ORT4")
+        print("\n" + head + "\n" + "-" * len(head))
+        for bits in sorted({b for b, _, m in results if m == mode}):
+            nbytes = expert_nbytes(bits, n, k, gs)
+            cells = []
+            for impl in impls:
+                t = results.get((bits, impl, mode))
+                cells.append(f"{'-':>9} {'-':>6} {'-':>7}" if t is None else
+                             f"{nbytes / t / 1e9:9.1f} {100 * nbytes / t / 1e9 / dram_bw:5.0f}% {t * 1e6:7.1f}")
+            ratios = []
+            for a, b in (("ort0", "f32"), ("ort4", "i8")):
+                ta, tb = results.get((bits, a, mode)), results.get((bits, b, mode))
+                ratios.append(f"{ta / tb:8.2f}" if ta and tb else f"{'-':>8}")
+            best = min(results[bits, i, mode] for i in ("f32", "i8") if (bits, i, mode) in results)
+            t4 = results.get((bits, "ort4", mode))
+            ratios.append(f"{t4 / best:9.2f}" if t4 else f"{'-':>9}")
+            print(f"{bits:>9} | " + " | ".join(cells) + " | " + " ".join(ratios))
+
+
+if __name__ == "__main__":
+    main()

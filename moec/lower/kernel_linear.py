@@ -1,0 +1,101 @@
+"""Kernel emitter: linear layers of the decode graph as scheduled fused dequantize-GEMV kernels.
+
+Weights the kernels support (2/3/4/8-bit or float16, shapes accepted by
+``check_kernel_shape``) are re-laid out once at build time by ``to_kernel_layout`` and
+called through ``call_tir``; anything else (tiny routers, odd shapes, embedding
+lookups) falls back to the reference emitter.
+
+A routed-expert kernel has ``top_k`` rows; a row whose id is -1 (a routed expert of
+another bit class) is pointed at the first routed member of this class instead, so it
+re-reads weights the call reads anyway (from cache), and ``where`` zeroes its output. Only
+when no routed expert falls in a class does its call read one unrouted expert (the
+class' first); a row guard inside the kernel would remove that remaining read.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import tvm
+from tvm import relax
+
+from moec.errors import MoecError
+from moec.lower.kernels.build import make_gemv
+from moec.lower.kernels.layout import check_kernel_shape, stack_kernel_layouts, to_kernel_layout
+from moec.lower.linear import LinearEmitter
+from moec.lower.params import ModelParams, WeightEntry
+from moec.lower.schedules import kernel_lanes
+from moec.quant.packed_model import PackedWeight
+
+
+class KernelEmitter(LinearEmitter):
+    """Scheduled kernels for ``target`` where supported, reference emitter elsewhere."""
+
+    def __init__(self, target: tvm.target.Target) -> None:
+        self.target = target
+        self.lanes = kernel_lanes(target)
+
+    # -- build-time layout ---------------------------------------------------------
+    def supports(self, pw: PackedWeight) -> bool:
+        try:
+            check_kernel_shape(pw.bits, pw.shape[0], pw.shape[1], pw.group_size, self.lanes)
+        except MoecError:
+            return False
+        return pw.bits == 16 or (pw.group_size * pw.bits) % 32 == 0
+
+    def layout(self, pws: list[PackedWeight]) -> dict[str, np.ndarray] | None:
+        """Kernel-layout arrays for one weight (or a stack), or None to keep moec's packed layout."""
+        if not all(self.supports(p) for p in pws):
+            return None
+        layouts = [to_kernel_layout(p, self.lanes) for p in pws]
+        return {f"k{k}": v for k, v in stack_kernel_layouts(layouts).items()}
+
+    # -- graph ---------------------------------------------------------------------
+    def _call(self, bb, x, entry: WeightEntry, vars_, name, ids, top_k, per_expert):
+        n, k = entry.shape
+        stacked = entry.stacked or 1
+        bits = entry.bits
+        func = make_gemv(bits, n, k, entry.group_size, stacked, top_k, self.target, x_per_expert=per_expert)
+        # opaque: scheduled kernels are called as they are, never fused with neighbouring ops
+        func = func.with_attr("op_pattern", 8).with_attr("global_symbol", f"gemv_{name}".replace(".", "_"))
+        gv = bb.add_func(func, f"gemv_{name}".replace(".", "_"))
+        args = [x, vars_[f"{name}.kweight"]]
+        if bits != 16:
+            args += [vars_[f"{name}.kscale"], vars_[f"{name}.kzero"]]
+        args.append(ids)
+        return bb.emit(relax.call_tir(gv, args, relax.TensorType((top_k, n), "float32")))
+
+    def dense(self, bb, x, entry: WeightEntry, vars_, name):
+        if not entry.kernel:
+            return super().dense(bb, x, entry, vars_, name)
+        ids = relax.const(np.zeros(1, np.int32))
+        return self._call(bb, x, entry, vars_, name, ids, 1, False)
+
+    def experts(self, bb, x, entry: WeightEntry, vars_, name, ids):
+        if not entry.kernel:
+            return super().experts(bb, x, entry, vars_, name, ids)
+        top_k = int(ids.ty.shape[0])
+        per_expert = int(x.ty.shape[0]) != 1
+        is_member = bb.emit(relax.op.greater_equal(ids, relax.const(np.int32(0))))
+        big = relax.const(np.int32(1 << 30))
+        first = bb.emit(relax.op.min(relax.op.where(is_member, ids, big), axis=0, keepdims=True))
+        first = bb.emit(relax.op.where(relax.op.equal(first, big), relax.const(np.int32(0)), first))
+        safe = bb.emit(relax.op.where(is_member, ids, first))
+        y = self._call(bb, x, entry, vars_, name, safe, top_k, per_expert)
+        member = bb.emit(relax.op.reshape(is_member, (top_k, 1)))
+        return bb.emit(relax.op.where(member, y, relax.const(np.float32(0.0))))
+
+
+def apply_kernel_layout(params: ModelParams, emitter: KernelEmitter) -> int:
+    """Re-lay out every supported weight of ``params`` for the kernels (in place); returns how many.
+
+    The embedding stays in moec's packed layout: it is read by row lookups, not GEMVs.
+    """
+    count = 0
+    for name, entry in params.entries.items():
+        if name == "embed.weight" or entry.kernel:
+            continue
+        arrays = emitter.layout(entry.packed_weights())
+        if arrays is not None:
+            entry.arrays, entry.kernel = arrays, True
+            count += 1
+    return count

@@ -1,0 +1,103 @@
+"""Public kernel API: scheduled GEMV / grouped-GEMM PrimFuncs for a target, and their compilation."""
+
+from __future__ import annotations
+
+import tvm
+from tvm.target import codegen
+
+from moec.errors import MoecError
+from moec.lower.kernels.activations import ACTIVATIONS, INT8_ACTIVATION_BITS
+from moec.lower.kernels.gemv import GemvSpec, gemv_definition
+from moec.lower.kernels.grouped_gemm import GroupedGemmSpec, grouped_gemm_definition
+from moec.lower.schedules import family_module, kernel_lanes, target_family
+
+
+def host_target() -> tvm.target.Target:
+    """An LLVM target for this machine's CPU (its ISA extensions enabled)."""
+    return tvm.target.Target({"kind": "llvm", "mcpu": codegen.llvm_get_system_cpu()})
+
+
+def make_gemv(bits: int, n: int, k: int, group_size: int, num_stacked: int, top_k: int,
+              target: tvm.target.Target, *, x_per_expert: bool = False,
+              activations: str = "float32", swiglu: bool = False) -> tvm.tirx.PrimFunc:
+    """Decode GEMV for one bit class, scheduled for ``target``'s family.
+
+    Parameters
+    ----------
+    bits : int
+        2, 3, 4, 8 (quantized), 16 (float16 weights) or 32 (float32 weights).
+    n, k : int
+        ``out_features``, ``in_features`` of each expert weight.
+    group_size : int
+        Quantization group size: divides ``k``, ``group_size * bits % 32 == 0`` (ignored for
+        float weights).
+    num_stacked : int
+        Experts in the bit class' stack.
+    top_k : int
+        Routed experts per call (length of ``expert_ids``, rows of ``y``).
+    target : tvm.target.Target
+        An LLVM CPU target; its family picks the schedule and the layout's lane count.
+    x_per_expert : bool
+        Take ``x [top_k, K]`` (one input per routed expert) instead of ``x [1, K]``.
+    activations : str
+        ``"float32"`` (exact; every bit width) or ``"int8"``: ``x`` quantized per group to int8
+        inside the kernel (like onnxruntime's accuracy_level 4; 2/3/4/8 bits; families that have
+        an int8 kernel, x86 with AVX-512 VNNI). See
+        :func:`moec.lower.kernels.activations.quantize_activations`.
+    swiglu : bool
+        Fused gate/up projection: the stack holds ``[w1; w3]`` (``2n`` rows, from
+        :func:`moec.lower.kernels.layout.swiglu_weight`) and the output is
+        ``silu(w1 @ x) * (w3 @ x)`` ``[top_k, n]`` (float32 activations only).
+
+    Returns
+    -------
+    tvm.tirx.PrimFunc
+        ``gemv(x, weight, scale, zero, expert_ids, y)`` (quantized) or
+        ``gemv(x, weight, expert_ids, y)`` (float); arrays in the kernel layout of
+        :func:`moec.lower.kernels.layout.to_kernel_layout` with ``lanes=kernel_lanes(target)``.
+    """
+    target = tvm.target.Target(target)
+    spec = GemvSpec(bits, n, k, group_size, num_stacked, top_k, kernel_lanes(target), x_per_expert,
+                    swiglu)
+    family = family_module(target)
+    if activations == "int8":
+        if swiglu:
+            raise MoecError("the SwiGLU GEMV takes float32 activations only")
+        if bits not in INT8_ACTIVATION_BITS:
+            raise MoecError(f"int8 activations need quantized weights: bits "
+                            f"{', '.join(map(str, INT8_ACTIVATION_BITS))}, not {bits}")
+        if not hasattr(family, "int8_gemv"):
+            raise MoecError(f"no int8-activation GEMV for target family {target_family(target)!r}")
+        return family.int8_gemv(spec, target)
+    if activations != "float32":
+        raise MoecError(f"unknown activations {activations!r}; choices: {', '.join(ACTIVATIONS)}")
+    group_size = spec.group_size if spec.quantized else None
+    return family.schedule_gemv(gemv_definition(spec), group_size)
+
+
+def make_grouped_gemm(bits: int, n: int, k: int, group_size: int, num_stacked: int,
+                      target: tvm.target.Target) -> tvm.tirx.PrimFunc:
+    """Prefill grouped GEMM for one bit class, scheduled for ``target``'s family.
+
+    Parameters
+    ----------
+    bits, n, k, group_size, num_stacked, target
+        As for :func:`make_gemv`.
+
+    Returns
+    -------
+    tvm.tirx.PrimFunc
+        ``grouped_gemm(x, weight, scale, zero, offsets, y)`` (quantized) or
+        ``grouped_gemm(x, weight, offsets, y)`` (float): ``x`` float32 ``[T, K]`` holds the routed
+        tokens sorted by stacked expert, rows ``offsets[e]:offsets[e+1]`` (int32
+        ``[num_stacked + 1]``) going to expert ``e``; ``y`` float32 ``[T, N]`` row ``t`` is
+        ``x[t] @ W[e].T``. ``T`` is a symbolic dimension (any number of tokens).
+    """
+    family = family_module(target)
+    spec = GroupedGemmSpec(bits, n, k, group_size, num_stacked, family.PARAMS.lanes)
+    return grouped_gemm_definition(spec, family.grouped_gemm_params())
+
+
+def compile_kernel(func: tvm.tirx.PrimFunc, target: tvm.target.Target) -> tvm.runtime.Module:
+    """Compile one kernel PrimFunc to a runnable module (call it as ``mod[name](*tensors)``)."""
+    return tvm.compile(tvm.IRModule({func.attrs["global_symbol"]: func}), target=target)

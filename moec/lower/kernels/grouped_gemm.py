@@ -1,0 +1,136 @@
+"""TIR definition of the prefill grouped GEMM: tokens sorted by expert, one bit class per kernel."""
+
+# No `from __future__ import annotations`: TVMScript needs the evaluated buffer annotations.
+
+
+from dataclasses import dataclass
+from math import gcd
+
+from tvm import tirx
+from tvm.script import tirx as T
+
+from moec.lower.kernels.decode import code_at, extract
+from moec.lower.kernels.layout import KERNEL_BITS, check_kernel_shape, zero_words
+from moec.errors import MoecError
+
+
+@dataclass(frozen=True)
+class GroupedGemmSpec:
+    """Shape of one grouped GEMM (one bit class); fields as in :class:`~moec.lower.kernels.gemv.GemvSpec`."""
+
+    bits: int
+    n: int
+    k: int
+    group_size: int
+    num_stacked: int
+    lanes: int
+
+    def __post_init__(self) -> None:
+        check_kernel_shape(self.bits, self.n, self.k, self.group_size, self.lanes)
+        if self.num_stacked < 1:
+            raise MoecError(f"num_stacked must be >= 1, got {self.num_stacked}")
+
+    @property
+    def quantized(self) -> bool:
+        return self.bits in KERNEL_BITS
+
+
+@dataclass(frozen=True)
+class GemmLoopParams:
+    """Loop structure the target family asks of the grouped GEMM.
+
+    Attributes
+    ----------
+    tokens : int
+        Tokens per register block (rows of accumulators sharing each weight vector).
+    k_tile : int
+        K values per dequantized weight tile for float weights (quantized weights use a group).
+    unroll : int
+        Codes decoded per unrolled step (gcd with the group size is used).
+    """
+
+    tokens: int
+    k_tile: int = 32
+    unroll: int = 32
+
+
+def grouped_gemm_definition(spec: GroupedGemmSpec, params: GemmLoopParams) -> tirx.PrimFunc:
+    """``y[t] = x[t] @ W[e].T`` for ``offsets[e] <= t < offsets[e+1]``, in explicit TIR loops.
+
+    Parallel over (expert, tile of ``lanes`` rows); per K tile (a quantization group) the
+    tile's weights are dequantized once into a local ``[tile, lanes]`` float buffer, then reused
+    by every token of the expert, ``params.tokens`` tokens at a time. Experts with no tokens
+    cost nothing. The parameters are those of :func:`moec.lower.kernels.build.make_grouped_gemm`.
+    """
+    bits, lanes, n, k = spec.bits, spec.lanes, spec.n, spec.k
+    nb, experts, tb = n // lanes, spec.num_stacked, params.tokens
+    if spec.quantized:
+        kt, groups, unroll = spec.group_size, k // spec.group_size, gcd(params.unroll, spec.group_size)
+        words_per_group, w_cols = kt * bits // 32, k * bits // 32
+        zw = zero_words(groups, bits)
+    else:
+        kt = params.k_tile if k % params.k_tile == 0 else k
+        groups, unroll, w_cols = k // kt, 1, k
+    w_dtype = "uint32" if spec.quantized else ("float16" if bits == 16 else "float32")
+
+    def dequant(weight, scale, zero, e, b, g, i, lane):
+        if not spec.quantized:
+            return weight[e, b, g * kt + i, lane].astype("float32")
+        shift = (i * bits) % 32
+        code = extract(lambda word: weight[e, b, word, lane], g * words_per_group + (i * bits) // 32,
+                       shift, bits, straddle=shift > 32 - bits)
+        zq = code_at(lambda word: zero[e, b, word, lane], g, bits)
+        return (code.astype("float32") - zq.astype("float32")) * scale[e, b, g, lane].astype("float32")
+
+    @T.macro
+    def body(x, y, weight, scale, zero, offsets):
+        for task in T.parallel(experts * nb):
+            wd = T.alloc_buffer((kt, lanes), "float32", scope="local")
+            acc = T.alloc_buffer((tb, lanes), "float32", scope="local")
+            start: T.int32 = offsets[task // nb]
+            count: T.int32 = offsets[task // nb + 1] - start
+            if count > 0:
+                for g in range(groups):
+                    for i0 in range(kt // unroll):
+                        for i1 in T.unroll(unroll):
+                            for lane in T.vectorized(lanes):
+                                wd[i0 * unroll + i1, lane] = dequant(
+                                    weight, scale, zero, task // nb, task % nb, g, i0 * unroll + i1, lane)
+                    for blk in range((count + tb - 1) // tb):
+                        for r in T.unroll(tb):
+                            for lane in T.vectorized(lanes):
+                                acc[r, lane] = T.float32(0)
+                        for i in range(kt):
+                            for r in T.unroll(tb):
+                                for lane in T.vectorized(lanes):
+                                    # Tail rows of a block recompute the last token (never stored).
+                                    acc[r, lane] = acc[r, lane] + wd[i, lane] * x[
+                                        start + T.min(blk * tb + r, count - 1), g * kt + i]
+                        for r in T.unroll(tb):
+                            if blk * tb + r < count:
+                                for lane in T.vectorized(lanes):
+                                    y[start + blk * tb + r, task % nb * lanes + lane] = T.if_then_else(
+                                        g == 0, T.float32(0),
+                                        y[start + blk * tb + r, task % nb * lanes + lane]) + acc[r, lane]
+
+    if spec.quantized:
+        @T.prim_func
+        def grouped_gemm(x_h: T.handle, weight: T.Buffer((experts, nb, w_cols, lanes), "uint32"),
+                         scale: T.Buffer((experts, nb, groups, lanes), "float16"),
+                         zero: T.Buffer((experts, nb, zw, lanes), "uint32"),
+                         offsets: T.Buffer((experts + 1,), "int32"), y_h: T.handle):
+            T.func_attr({"global_symbol": "grouped_gemm", "tirx.noalias": True})
+            tokens = T.int32()
+            x = T.match_buffer(x_h, (tokens, k), "float32")
+            y = T.match_buffer(y_h, (tokens, n), "float32")
+            body(x, y, weight, scale, zero, offsets)
+    else:
+        @T.prim_func
+        def grouped_gemm(x_h: T.handle, weight: T.Buffer((experts, nb, w_cols, lanes), w_dtype),
+                         offsets: T.Buffer((experts + 1,), "int32"), y_h: T.handle):
+            T.func_attr({"global_symbol": "grouped_gemm", "tirx.noalias": True})
+            tokens = T.int32()
+            x = T.match_buffer(x_h, (tokens, k), "float32")
+            y = T.match_buffer(y_h, (tokens, n), "float32")
+            body(x, y, weight, None, None, offsets)
+    return grouped_gemm

@@ -1,0 +1,211 @@
+"""Kernel layout: the packed LSB-first weights re-tiled as row-interleaved uint32 words for vector code.
+
+One function, :func:`to_kernel_layout`, derives it from a :class:`PackedWeight`; nothing else in
+the bits changes. For a quantized ``[N, K]`` weight at ``b`` bits with group size ``gs`` and a
+lane count ``L`` (the vector width in rows; 16 float32 lanes on AVX-512):
+
+- ``weight`` uint32 ``[N/L, K*b/32, L]``: each row's packed byte stream (``pack``'s layout, value
+  ``i`` at stream bits ``[i*b, (i+1)*b)``) read as little-endian uint32 words, so value ``i`` sits
+  in word ``(i*b)//32`` at bit ``(i*b)%32``; a 3-bit value can straddle two words (low bits at
+  the top of word ``w``, the rest at the bottom of word ``w+1``). Word ``w`` of rows
+  ``nb*L .. nb*L+L-1`` is stored contiguously, so one vector load fetches the same word of ``L``
+  rows and every lane of a vector register computes one output row (no horizontal sums).
+- ``scale`` float16 ``[N/L, G, L]`` (``G = K/gs``): the fp16 scales, rows interleaved the same way.
+- ``zero`` uint32 ``[N/L, ZW, L]``: each row's packed zero-point stream (``pack_zeros``) as
+  uint32 words, ``ZW = ceil(G*b/32)`` plus one zero word when ``b`` does not divide 32, so the
+  two-word read of a straddling zero point stays in bounds.
+
+Float weights (``bits == 16``, or a float32 ndarray) become ``weight`` ``[N/L, K, L]`` in their
+own dtype. Requirements (checked): ``N % L == 0``; for quantized weights ``gs * b % 32 == 0`` so
+every group is a whole number of words (any multiple of 32; 16 also works at 2/4/8 bits). Bytes are unchanged except the optional zero pad word.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from moec.errors import MoecError
+from moec.quant.pack import packed_row_bytes, unpack
+from moec.quant.packed_model import FLOAT_BITS, PackedWeight
+
+#: Default lane count: rows per vector (16 float32 lanes of an AVX-512 register).
+DEFAULT_LANES = 16
+
+#: Bit widths the quantized kernels decode.
+KERNEL_BITS: tuple[int, ...] = (2, 3, 4, 8)
+
+
+def zero_words(groups: int, bits: int) -> int:
+    """uint32 words per row of the kernel-layout zero points (with the straddle pad word)."""
+    return -(-groups * bits // 32) + (0 if 32 % bits == 0 else 1)
+
+
+def check_kernel_shape(bits: int, n: int, k: int, group_size: int, lanes: int) -> None:
+    """Raise :class:`MoecError` unless the kernels support this weight shape.
+
+    Parameters
+    ----------
+    bits : int
+        One of :data:`KERNEL_BITS`, 16 (float16) or 32 (float32).
+    n, k : int
+        ``out_features`` and ``in_features``.
+    group_size : int
+        Quantization group size along K (ignored for float weights).
+    lanes : int
+        Rows per vector of the kernel layout.
+    """
+    if bits not in KERNEL_BITS + (16, 32):
+        raise MoecError(f"no kernel for {bits}-bit weights; choices: "
+                        f"{', '.join(map(str, KERNEL_BITS + (16, 32)))}")
+    if lanes < 1 or n < 1 or k < 1:
+        raise MoecError(f"bad kernel shape n={n} k={k} lanes={lanes}")
+    if n % lanes:
+        raise MoecError(f"kernel layout needs N ({n}) to be a multiple of the lane count {lanes}")
+    if bits in KERNEL_BITS:
+        if group_size < 1 or k % group_size or (group_size * bits) % 32:
+            raise MoecError(f"{bits}-bit kernels need group_size ({group_size}) to divide K ({k}) "
+                            f"and hold whole uint32 words (group_size * bits % 32 == 0)")
+
+
+def _row_words(packed: np.ndarray, words: int) -> np.ndarray:
+    """uint8 ``[N, B]`` rows -> little-endian uint32 ``[N, words]`` (zero-padded)."""
+    n, nbytes = packed.shape
+    buf = np.zeros((n, words * 4), dtype=np.uint8)
+    buf[:, :nbytes] = packed
+    return buf.view("<u4").astype(np.uint32)
+
+
+def _interleave(a: np.ndarray, lanes: int) -> np.ndarray:
+    """``[N, C]`` -> ``[N/L, C, L]``: element ``[nb, c, l]`` is row ``nb*L + l``, column ``c``."""
+    n, c = a.shape
+    return np.ascontiguousarray(a.reshape(n // lanes, lanes, c).transpose(0, 2, 1))
+
+
+def _deinterleave(a: np.ndarray) -> np.ndarray:
+    nb, c, lanes = a.shape
+    return np.ascontiguousarray(a.transpose(0, 2, 1).reshape(nb * lanes, c))
+
+
+def to_kernel_layout(pw: PackedWeight | np.ndarray, lanes: int = DEFAULT_LANES) -> dict[str, np.ndarray]:
+    """The kernel layout (module docstring) of one weight.
+
+    Parameters
+    ----------
+    pw : PackedWeight | np.ndarray
+        A packed weight (2/3/4/8 bits or 16 = float16), or a float32 ``[N, K]`` array for the
+        float32 kernel.
+    lanes : int
+        Rows per vector; the target family's schedule says which (see ``schedules``).
+
+    Returns
+    -------
+    dict[str, np.ndarray]
+        ``{"weight", "scale", "zero"}`` for quantized weights, ``{"weight"}`` for float ones.
+
+    Raises
+    ------
+    MoecError
+        On a shape or bit width the kernels do not support.
+    """
+    if isinstance(pw, np.ndarray):
+        if pw.ndim != 2 or pw.dtype != np.float32:
+            raise MoecError(f"float32 kernel layout needs a 2-D float32 array, got {pw.dtype} {pw.shape}")
+        check_kernel_shape(32, *pw.shape, 1, lanes)
+        return {"weight": _interleave(pw, lanes)}
+    n, k = pw.shape
+    if pw.bits == FLOAT_BITS:
+        check_kernel_shape(16, n, k, pw.group_size, lanes)
+        return {"weight": _interleave(np.asarray(pw.packed, dtype=np.float16), lanes)}
+    check_kernel_shape(pw.bits, n, k, pw.group_size, lanes)
+    groups = k // pw.group_size
+    return {
+        "weight": _interleave(_row_words(pw.packed, k * pw.bits // 32), lanes),
+        "scale": _interleave(np.asarray(pw.scale, dtype=np.float16), lanes),
+        "zero": _interleave(_row_words(pw.zero, zero_words(groups, pw.bits)), lanes),
+    }
+
+
+def swiglu_weight(w1: PackedWeight | np.ndarray, w3: PackedWeight | np.ndarray) -> PackedWeight | np.ndarray:
+    """``[w1; w3]`` (``2N`` rows) for the fused SwiGLU GEMV: packed rows, scales and zeros concatenated.
+
+    Rows are packed independently, so the concatenation is still in ``pack``'s layout.
+    """
+    if isinstance(w1, np.ndarray):
+        return np.concatenate([w1, w3]).astype(np.float32)
+    if (w1.shape, w1.bits, w1.group_size) != (w3.shape, w3.bits, w3.group_size):
+        raise MoecError("w1 and w3 must share shape, bits and group size")
+
+    def cat(a, b):
+        return None if a is None else np.concatenate([a, b])
+
+    n, k = w1.shape
+    return PackedWeight((2 * n, k), w1.bits, w1.group_size, cat(w1.packed, w3.packed),
+                        cat(w1.scale, w3.scale), cat(w1.zero, w3.zero))
+
+
+def stack_kernel_layouts(layouts: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
+    """Stack per-expert kernel layouts of one bit class along a new leading expert axis ``E``."""
+    if not layouts:
+        raise MoecError("cannot stack an empty list of expert weights")
+    keys = layouts[0].keys()
+    for lay in layouts[1:]:
+        if lay.keys() != keys or any(lay[key].shape != layouts[0][key].shape for key in keys):
+            raise MoecError("stacked experts must share bit width, shape, group size and lanes")
+    return {key: np.stack([lay[key] for lay in layouts]) for key in keys}
+
+
+def from_kernel_layout(layout: dict[str, np.ndarray], bits: int, shape: tuple[int, int],
+                       group_size: int) -> PackedWeight:
+    """Inverse of :func:`to_kernel_layout` for one (unstacked) weight.
+
+    Parameters
+    ----------
+    layout : dict[str, np.ndarray]
+        What :func:`to_kernel_layout` returned.
+    bits : int
+        2, 3, 4, 8 or 16 (float32 arrays are their own inverse: use ``_deinterleave``).
+    shape : tuple[int, int]
+        ``(N, K)``.
+    group_size : int
+        Quantization group size.
+
+    Returns
+    -------
+    PackedWeight
+        Byte-identical to the original.
+    """
+    n, k = shape
+    if bits == FLOAT_BITS:
+        return PackedWeight(shape, bits, group_size, _deinterleave(layout["weight"]))
+    groups = k // group_size
+
+    def rows(a: np.ndarray, nbytes: int) -> np.ndarray:
+        return np.ascontiguousarray(_deinterleave(a).astype("<u4").view(np.uint8)[:, :nbytes])
+
+    return PackedWeight(shape, bits, group_size, rows(layout["weight"], packed_row_bytes(k, bits)),
+                        _deinterleave(layout["scale"]),
+                        rows(layout["zero"], packed_row_bytes(groups, bits)))
+
+
+def kernel_codes(words: np.ndarray, bits: int, count: int) -> np.ndarray:
+    """Decode ``count`` codes per row from kernel-layout words ``[N/L, W, L]`` the way the kernels do.
+
+    A numpy model of the kernels' bit extraction (word ``(i*b)//32``, shift ``(i*b)%32``, the
+    next word's low bits for a straddling value), used to test the layout against ``unpack``.
+
+    Returns
+    -------
+    np.ndarray
+        uint8 ``[N, count]``.
+    """
+    w = _deinterleave(words).astype(np.uint64)
+    w = np.concatenate([w, np.zeros((w.shape[0], 1), np.uint64)], axis=1)
+    idx = np.arange(count) * bits
+    word, shift = idx // 32, (idx % 32).astype(np.uint64)
+    window = w[:, word] | (w[:, word + 1] << np.uint64(32))
+    return ((window >> shift) & np.uint64((1 << bits) - 1)).astype(np.uint8)
+
+
+def unpacked_codes(pw: PackedWeight) -> np.ndarray:
+    """``unpack`` of a packed weight's codes (the reference the layout is tested against)."""
+    return unpack(pw.packed, pw.bits, pw.shape[1])

@@ -1,0 +1,44 @@
+"""Per-target-family kernel schedules: one module per family, looked up from a TVM target."""
+
+from __future__ import annotations
+
+from types import ModuleType
+
+import tvm
+from tvm.target import codegen
+
+from moec.errors import MoecError
+from moec.lower.schedules import x86
+
+#: Family name -> schedule module (with ``PARAMS``, ``schedule_gemv``, ``grouped_gemm_params``).
+FAMILIES: dict[str, ModuleType] = {"x86": x86}
+
+_TRIPLE_PREFIXES = {"x86_64": "x86", "i686": "x86", "i386": "x86", "aarch64": "arm",
+                    "arm": "arm", "riscv64": "riscv"}
+
+
+def target_family(target: tvm.target.Target) -> str:
+    """The schedule family of an LLVM CPU target (``x86``, ...), from its ``mtriple`` or the host's."""
+    target = tvm.target.Target(target)
+    if target.kind.name != "llvm":
+        raise MoecError(f"no CPU kernel schedules for target kind {target.kind.name!r}; choices: llvm")
+    triple = str(target.attrs.get("mtriple", "") or codegen.llvm_get_system_triple())
+    for prefix, family in _TRIPLE_PREFIXES.items():
+        if triple.startswith(prefix):
+            return family
+    return triple
+
+
+def family_module(target: tvm.target.Target) -> ModuleType:
+    """The schedule module for ``target``; a clear error lists the families that exist."""
+    family = target_family(target)
+    try:
+        return FAMILIES[family]
+    except KeyError:
+        raise MoecError(f"no kernel schedules for target family {family!r}; choices: "
+                        f"{', '.join(sorted(FAMILIES))}") from None
+
+
+def kernel_lanes(target: tvm.target.Target) -> int:
+    """Rows per vector of the kernel layout that ``target``'s schedules expect."""
+    return family_module(target).PARAMS.lanes

@@ -1,0 +1,168 @@
+"""x86 AVX-512 VNNI decode GEMV with int8 activations, written as explicit TIR (vpdpbusd dot products).
+
+TVM's ``tensorize`` crashes in apache-tvm 0.27.0.post1 (a segfault in ``ToJSONGraph`` for any
+tensor intrinsic, including TVM's own ``dot_16x4_vnni``), so this kernel is written directly
+with vector loads and the ``llvm.x86.avx512.vpdpbusd.512`` intrinsic instead of scheduling a
+target-neutral definition. Numerics: :func:`moec.lower.kernels.activations.quantize_activations`.
+"""
+
+# No `from __future__ import annotations`: TVMScript needs the evaluated buffer annotations.
+
+from tvm import tirx
+from tvm.script import tirx as T
+
+from moec.errors import MoecError
+from moec.lower.kernels.decode import code_at
+from moec.lower.kernels.layout import zero_words
+
+
+#: Per bit width, the uint32 mask keeping one code per byte after shifting plane ``t`` down.
+_BYTE_MASK = {2: 0x03030303, 4: 0x0F0F0F0F, 8: 0xFFFFFFFF}
+
+
+def _dpbusd(acc, codes, x4):
+    return T.call_llvm_pure_intrin("int32x16", "llvm.x86.avx512.vpdpbusd.512", acc, codes, x4)
+
+
+def _splat(value: int, dtype: str, lanes: int):
+    return T.Broadcast(tirx.const(value, dtype), lanes)
+
+
+def _step_dots(bits: int, words):
+    """(int8x64 codes, activation slot) pairs covering one step of a row tile.
+
+    A step is one word (2/4/8 bits: 32/b codes; plane ``t`` puts code ``m*P + t`` in byte ``m``)
+    or three words (3 bits: 32 codes). For 3 bits, four 32-bit windows at bits 0, 24, 48, 72 of
+    the 96-bit chunk (funnel shifts) each hold 8 whole codes; ``vpmultishiftqb`` copies the bytes
+    at bit offsets 0,3,6,9 (then 12..21) of each row's window into that row's four bytes, and a
+    ``& 7`` leaves one code per byte, in code order.
+    """
+    if bits != 3:
+        planes = 8 // bits
+        return [(T.reinterpret("int8x64", (words(0) >> _splat(t * bits, "uint32", 16))
+                               & _splat(_BYTE_MASK[bits], "uint32", 16)), 4 * t)
+                for t in range(planes)]
+    w0, w1, w2 = words(0), words(1), words(2)
+    windows = [w0, (w0 >> _splat(24, "uint32", 16)) | (w1 << _splat(8, "uint32", 16)),
+               (w1 >> _splat(16, "uint32", 16)) | (w2 << _splat(16, "uint32", 16)),
+               w2 >> _splat(8, "uint32", 16)]
+    dots = []
+    for k, window in enumerate(windows):
+        for half in range(2):
+            offsets = [3 * (4 * half + m) for m in range(4)]
+            ctrl = sum(o << (8 * m) for m, o in enumerate(offsets + [32 + o for o in offsets]))
+            picked = T.call_llvm_pure_intrin(
+                "int8x64", "llvm.x86.avx512.pmultishift.qb.512",
+                T.reinterpret("int8x64", _splat(ctrl, "uint64", 8)), T.reinterpret("int8x64", window))
+            codes = T.reinterpret("int8x64", T.reinterpret("uint32x16", picked) & _splat(0x07070707, "uint32", 16))
+            dots.append((codes, 8 * k + 4 * half))
+    return dots
+
+
+def vnni_gemv(spec, params) -> tirx.PrimFunc:
+    """The int8-activation GEMV for ``spec`` (a :class:`~moec.lower.kernels.gemv.GemvSpec`).
+
+    Per step of 32/b codes (one word; 32 codes = 3 words at 3 bits) and vector of 16 rows,
+    ``vpdpbusd`` multiplies the rows' codes, four per row and instruction, by four int8
+    activations broadcast to all rows (see :func:`_step_dots` for how codes reach bytes; ``x8``
+    is stored in the order the dots consume it, permuted within each step once per call).
+    Group sums are scaled once per group. Same parameters as the float32-activation GEMV.
+    ``params`` is an :class:`~moec.lower.schedules.x86.X86Params` (lanes, tile_vectors,
+    int8_chains).
+    """
+    bits, n, k, gs, lanes = spec.bits, spec.n, spec.k, spec.group_size, params.lanes
+    step_words = 3 if bits == 3 else 1
+    step_codes = 32 * step_words // bits
+    steps_per_group = gs // step_codes
+    experts, top_k, vecs = spec.num_stacked, spec.top_k, params.tile_vectors
+    nb, groups = n // lanes, k // gs
+    tiles = -(-nb // vecs)
+    xr = top_k if spec.x_per_expert else 1
+    xstride = 1 if spec.x_per_expert else 0
+    chains = max(1, min(params.int8_chains, len(_step_dots(bits, lambda i: T.Broadcast(T.uint32(0), 16)))))
+    if lanes != 16:
+        raise MoecError(f"the VNNI kernel works on 16 int32 lanes, not {lanes}")
+    if gs % step_codes:
+        raise MoecError(f"{bits}-bit int8-activation GEMV needs group_size a multiple of {step_codes}")
+
+    def zero_code(zero, e, b, g, lane):
+        return code_at(lambda word: zero[e, b, word, lane], g, bits)
+
+    def slot_source(c):
+        """Code index (within its step) whose activation sits in slot ``c`` of the step."""
+        if bits == 3:
+            return c
+        planes = 8 // bits
+        return c % 4 * planes + c // 4
+
+    def accumulate(acc, v, c, weight, x8, e, b, step, r):
+        """New value of accumulator ``c`` of vector ``v`` after one step (``c`` is unrolled)."""
+        def words(i):
+            return weight[e, b, step * step_words + i, T.ramp(0, 1, lanes)]
+        sums = [acc[v * chains + c, T.ramp(0, 1, lanes)] for c in range(chains)]
+        for d, (codes, slot) in enumerate(_step_dots(bits, words)):
+            x4 = T.reinterpret("int8x64", T.Broadcast(
+                T.reinterpret("int32", x8[r, T.ramp(step * step_codes + slot, 1, 4)]), lanes))
+            sums[d % chains] = _dpbusd(sums[d % chains], codes, x4)
+        value = sums[-1]
+        for i in range(chains - 2, -1, -1):  # folds to one chain once c is a constant
+            value = T.if_then_else(c == i, sums[i], value)
+        return value
+
+    @T.prim_func
+    def gemv(x: T.Buffer((xr, k), "float32"),
+             weight: T.Buffer((experts, nb, k * bits // 32, lanes), "uint32"),
+             scale: T.Buffer((experts, nb, groups, lanes), "float16"),
+             zero: T.Buffer((experts, nb, zero_words(groups, bits), lanes), "uint32"),
+             expert_ids: T.Buffer((top_k,), "int32"), y: T.Buffer((top_k, n), "float32")):
+        T.func_attr({"global_symbol": "gemv", "tirx.noalias": True})
+        sx = T.alloc_buffer((xr, groups), "float32")
+        xsum = T.alloc_buffer((xr, groups), "int32")
+        x8 = T.alloc_buffer((xr, k), "int8")
+        for r, g in T.grid(xr, groups):
+            amax = T.alloc_buffer((1,), "float32", scope="local")
+            amax[0] = T.float32(0)
+            for i in range(gs):
+                amax[0] = T.max(amax[0], T.abs(x[r, g * gs + i]))
+            sx[r, g] = T.max(amax[0], T.float32(1e-30)) / T.float32(127)
+            xsum[r, g] = 0
+            for c in range(gs):
+                x8[r, g * gs + c] = T.Cast("int8", T.round(
+                    x[r, g * gs + c // step_codes * step_codes + slot_source(c % step_codes)] / sx[r, g]))
+                xsum[r, g] = xsum[r, g] + T.Cast("int32", x8[r, g * gs + c])
+        for task in T.parallel(top_k * tiles):
+            acc = T.alloc_buffer((vecs * chains, lanes), "int32", scope="local")
+            yacc = T.alloc_buffer((vecs, lanes), "float32", scope="local")
+            e: T.int32 = expert_ids[task // tiles]
+            for v in T.unroll(vecs):
+                for lane in T.vectorized(lanes):
+                    yacc[v, lane] = T.float32(0)
+            for g in range(groups):
+                for a in T.unroll(vecs * chains):
+                    for lane in T.vectorized(lanes):
+                        acc[a, lane] = 0
+                for st in range(steps_per_group):
+                    for v in T.unroll(vecs):
+                        if task % tiles * vecs + v < nb:
+                            for c in T.unroll(chains):
+                                acc[v * chains + c, T.ramp(0, 1, lanes)] = accumulate(
+                                    acc, v, c, weight, x8, e, task % tiles * vecs + v,
+                                    g * steps_per_group + st, task // tiles * xstride)
+                for v in T.unroll(vecs):
+                    for c in T.unroll(1, chains):
+                        for lane in T.vectorized(lanes):
+                            acc[v * chains, lane] = acc[v * chains, lane] + acc[v * chains + c, lane]
+                for v in T.unroll(vecs):
+                    if task % tiles * vecs + v < nb:
+                        for lane in T.vectorized(lanes):
+                            yacc[v, lane] = yacc[v, lane] + T.Cast(
+                                "float32", scale[e, task % tiles * vecs + v, g, lane]) * sx[
+                                task // tiles * xstride, g] * T.Cast("float32", acc[v * chains, lane] - T.Cast(
+                                    "int32", zero_code(zero, e, task % tiles * vecs + v, g, lane))
+                                    * xsum[task // tiles * xstride, g])
+            for v in T.unroll(vecs):
+                if task % tiles * vecs + v < nb:
+                    for lane in T.vectorized(lanes):
+                        y[task // tiles, (task % tiles * vecs + v) * lanes + lane] = yacc[v, lane]
+
+    return gemv

@@ -1,0 +1,152 @@
+"""Decode GEMV kernels (every bit class, float, int8 activations) against ``x @ W.dequantize().T`` of the routed experts."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import tvm
+from tvm.target import codegen
+
+from moec.errors import MoecError
+from moec.lower.kernels import host_target, make_gemv
+from moec.lower.kernels import stack_kernel_layouts, to_kernel_layout
+from moec.lower.kernels.activations import dequantized_activations
+from moec.lower.kernels.layout import swiglu_weight
+from moec.quant.packed_model import pack_weight
+from moec.lower.schedules import kernel_lanes, target_family
+
+from kernel_helpers import KernelCache, assert_close, call, expert_stack, weight_args
+
+pytestmark = pytest.mark.tvm
+
+BITS = [2, 3, 4, 8, 16, 32]
+
+# (n, k, group_size, experts, top_k, x_per_expert): a partial row tile (80 = 5 vectors of 16,
+# tiles of 4), several groups, per-expert inputs, a K that is not a multiple of the unroll.
+SHAPES = [
+    (80, 256, 64, 5, 3, False),
+    (48, 96, 32, 3, 2, True),
+    (128, 512, 128, 8, 2, False),
+]
+
+
+@pytest.fixture(scope="module")
+def kernels():
+    return KernelCache(host_target())
+
+
+def _check(kernels, bits, n, k, gs, experts, top_k, x_per_expert, ids=None, seed=0,
+           activations="float32"):
+    mod = kernels.get(make_gemv, bits, n, k, gs, experts, top_k, x_per_expert=x_per_expert,
+                      activations=activations)
+    stack, deq = expert_stack(bits, n, k, gs, experts, seed=seed)
+    rng = np.random.default_rng(seed + 1)
+    x = rng.standard_normal((top_k if x_per_expert else 1, k)).astype(np.float32)
+    if ids is None:
+        ids = rng.choice(experts, top_k, replace=False)
+    ids = np.asarray(ids, dtype=np.int32)
+    out = call(mod, "gemv", [x] + weight_args(stack) + [ids, np.zeros((top_k, n), np.float32)])
+    ref = np.stack([x[j if x_per_expert else 0] @ deq[e].T for j, e in enumerate(ids)])
+    if activations == "int8":
+        # Exact up to float rounding against the int8-rounded input; ~0.5% off the float result.
+        np.testing.assert_allclose(out, ref, atol=3e-2 * float(np.abs(ref).max()))
+        xq = dequantized_activations(x, gs)
+        ref = np.stack([xq[j if x_per_expert else 0] @ deq[e].T for j, e in enumerate(ids)])
+    assert_close(out, ref)
+
+
+@pytest.mark.parametrize("bits", BITS)
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "n{}k{}g{}e{}top{}{}".format(*s[:5], "x" if s[5] else ""))
+def test_gemv_matches_reference(kernels, bits, shape):
+    _check(kernels, bits, *shape)
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "n{}k{}g{}e{}top{}{}".format(*s[:5], "x" if s[5] else ""))
+def test_int8_activation_gemv_matches_reference(kernels, bits, shape):
+    if not codegen.target_has_features("avx512vnni", host_target()):
+        pytest.skip("host CPU lacks AVX-512 VNNI")
+    _check(kernels, bits, *shape, activations="int8")
+
+
+@pytest.mark.parametrize("bits", [3, 32])
+def test_gemv_k_tail_and_repeated_expert(kernels, bits):
+    k = 160 if bits == 3 else 100  # 3-bit: 5 groups of 32; float: 100 is not a multiple of 8
+    _check(kernels, bits, 32, k, 32, 4, 3, False, ids=[2, 2, 0])
+
+
+@pytest.mark.parametrize("bits,gs", [(2, 16), (4, 16), (8, 16), (4, 8), (8, 8)])
+def test_gemv_small_groups(kernels, bits, gs):
+    """Groups smaller than one 32-value step (the tiny test models use 16)."""
+    _check(kernels, bits, 48, 64, gs, 3, 2, True)
+    if codegen.target_has_features("avx512vnni", host_target()):
+        _check(kernels, bits, 48, 64, gs, 3, 2, True, activations="int8")
+
+
+@pytest.mark.parametrize("bits", [2, 16])
+def test_gemv_reads_only_selected_experts(kernels, bits):
+    """Unselected experts hold NaN/garbage: any read of them would poison the output."""
+    n, k, gs, experts, top_k = 80, 256, 64, 5, 3
+    mod = kernels.get(make_gemv, bits, n, k, gs, experts, top_k, x_per_expert=False)
+    stack, deq = expert_stack(bits, n, k, gs, experts)
+    ids = np.array([4, 1, 3], np.int32)
+    for e in set(range(experts)) - set(ids.tolist()):
+        if bits == 16:
+            stack["weight"][e] = np.nan
+        else:
+            stack["scale"][e] = np.nan
+    x = np.random.default_rng(3).standard_normal((1, k)).astype(np.float32)
+    out = call(mod, "gemv", [x] + weight_args(stack) + [ids, np.zeros((top_k, n), np.float32)])
+    assert_close(out, np.stack([x[0] @ deq[e].T for e in ids]))
+
+
+@pytest.mark.parametrize("bits", [3, 4, 16, 32])
+def test_swiglu_gemv(kernels, bits):
+    """Gate and up projections in one pass: silu(w1 x) * (w3 x)."""
+    n, k, gs, experts, top_k = 48, 128, 32, 3, 2
+    mod = kernels.get(make_gemv, bits, n, k, gs, experts, top_k, swiglu=True)
+    rng = np.random.default_rng(bits)
+    w1s, w3s = ([rng.standard_normal((n, k)).astype(np.float32) for _ in range(experts)] for _ in range(2))
+    if bits == 32:
+        fused, g_deq, u_deq = [swiglu_weight(a, b) for a, b in zip(w1s, w3s)], w1s, w3s
+    else:
+        p1 = [pack_weight(w, bits, gs) for w in w1s]
+        p3 = [pack_weight(w, bits, gs) for w in w3s]
+        fused = [swiglu_weight(a, b) for a, b in zip(p1, p3)]
+        g_deq, u_deq = [p.dequantize() for p in p1], [p.dequantize() for p in p3]
+    stack = stack_kernel_layouts([to_kernel_layout(w) for w in fused])
+    x = rng.standard_normal((1, k)).astype(np.float32)
+    ids = np.array([2, 0], np.int32)
+    out = call(mod, "gemv", [x] + weight_args(stack) + [ids, np.zeros((top_k, n), np.float32)])
+    gate = np.stack([x[0] @ g_deq[e].T for e in ids])
+    up = np.stack([x[0] @ u_deq[e].T for e in ids])
+    assert_close(out, gate / (1 + np.exp(-gate)) * up)
+
+
+def test_unsupported_shapes_raise_clear_errors():
+    target = host_target()
+    with pytest.raises(MoecError, match="multiple of the lane count"):
+        make_gemv(4, 40, 64, 32, 2, 1, target)
+    with pytest.raises(MoecError, match="group_size"):
+        make_gemv(3, 64, 64, 16, 2, 1, target)
+    with pytest.raises(MoecError, match="no kernel for 6-bit"):
+        make_gemv(6, 64, 64, 32, 2, 1, target)
+    with pytest.raises(MoecError, match="top_k"):
+        make_gemv(4, 64, 64, 32, 2, 0, target)
+    with pytest.raises(MoecError, match="int8 activations need quantized weights"):
+        make_gemv(16, 64, 64, 32, 2, 1, target, activations="int8")
+    with pytest.raises(MoecError, match="SwiGLU GEMV takes float32"):
+        make_gemv(4, 64, 64, 32, 2, 1, target, activations="int8", swiglu=True)
+    with pytest.raises(MoecError, match="unknown activations 'fp8'"):
+        make_gemv(4, 64, 64, 32, 2, 1, target, activations="fp8")
+    no_vnni = tvm.target.Target({"kind": "llvm", "mcpu": "skylake-avx512", "mtriple": "x86_64-linux-gnu"})
+    with pytest.raises(MoecError, match="lacks avx512vnni"):
+        make_gemv(4, 64, 64, 32, 2, 1, no_vnni, activations="int8")
+
+
+def test_target_family_registry():
+    assert target_family(host_target()) == "x86"
+    assert kernel_lanes(tvm.target.Target({"kind": "llvm", "mtriple": "x86_64-linux-gnu"})) == 16
+    arm = tvm.target.Target({"kind": "llvm", "mtriple": "aarch64-linux-gnu"})
+    with pytest.raises(MoecError, match="family 'arm'; choices: x86"):
+        make_gemv(4, 64, 64, 32, 2, 1, arm)
