@@ -136,12 +136,15 @@ def export_onnx(checkpoint: str | os.PathLike, plan: str | os.PathLike, out: str
 
 
 def inspect_file(path: str | os.PathLike):
-    """Inspect an artifact by file type: ``.onnx`` -> ``moec.export.inspect_onnx.OnnxInspection``."""
+    """Inspect an artifact by type: ``.onnx`` -> ``OnnxInspection``; a bundle directory -> its manifest."""
     from moec.export.inspect_onnx import inspect_onnx
 
     if Path(path).suffix.lower() == ".onnx":
         return inspect_onnx(path)
-    raise MoecError(f"unsupported file '{path}'; expected .onnx")
+    if Path(path).is_dir() and (Path(path) / "manifest.json").is_file():
+        from moec.artifact.inspect_bundle import inspect_bundle
+        return inspect_bundle(path)
+    raise MoecError(f"unsupported file '{path}'; expected a .onnx model or a bundle directory")
 
 
 @dataclass

@@ -91,3 +91,12 @@ def test_compile_errors_are_one_line(compiled, tmp_path):
         res = CliRunner().invoke(cli, ["compile", str(ckpt), "--out", str(tmp_path / "o"), *args])
         assert res.exit_code != 0 and needle in res.output and len(res.output.strip().splitlines()) == 1
         assert not (tmp_path / "o").exists()
+
+
+def test_inspect_bundle(compiled):
+    _, _, bundle, _ = compiled
+    res = CliRunner().invoke(cli, ["inspect", str(bundle)])
+    assert res.exit_code == 0, res.output
+    assert "sha256 verified" in res.output and "expert bits:" in res.output
+    res = CliRunner().invoke(cli, ["inspect", str(bundle), "--json"])
+    assert json.loads(res.output)["format"] == "moec-bundle"

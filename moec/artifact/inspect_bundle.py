@@ -1,0 +1,39 @@
+"""Readable summary of a bundle: model, target, versions, plan table and verified file hashes."""
+
+from __future__ import annotations
+
+import os
+from collections import Counter
+from pathlib import Path
+
+from moec.artifact.bundle import read_manifest
+
+
+def inspect_bundle(path: str | os.PathLike) -> dict:
+    """The manifest of a bundle after verifying every file's sha256 (raises on mismatch)."""
+    return read_manifest(Path(path), verify=True)
+
+
+def format_bundle(manifest: dict) -> str:
+    cfg = manifest["model"]["config"]
+    plan = manifest["plan"]
+    lines = [f"bundle for {manifest['model']['architecture']} (fingerprint {manifest['model']['fingerprint']}): "
+             f"{cfg['num_layers']} layers, {cfg['num_experts']} experts, top-{cfg['top_k']}",
+             f"target {manifest['target']['name']} ({manifest['tvm_target']}), TVM {manifest['tvm_version']}, "
+             f"moec {manifest['moec_version']}, kernels: {manifest.get('kernels', '?')}",
+             f"created {manifest['created_at']} by: {manifest['created_by']}",
+             f"weights: {manifest['weight_bytes'] / 1e6:.3f} MB under the plan "
+             f"({manifest.get('stored_weight_bytes', manifest['weight_bytes']) / 1e6:.3f} MB stored)", ""]
+    experts = plan["experts"]
+    e_count = cfg["num_experts"]
+    lines.append("layer  " + " ".join(f"e{e:<3d}" for e in range(e_count)))
+    for layer in sorted(experts, key=int):
+        lines.append(f"{int(layer):>5}  " + " ".join(f"{experts[layer][str(e)]:<4d}" for e in range(e_count)))
+    hist = Counter(b for row in experts.values() for b in row.values())
+    lines.append("expert bits: " + ", ".join(f"{b}-bit × {n}" for b, n in sorted(hist.items())))
+    lines.append(f"other tensors: {plan.get('tensors', {})}; group size {plan['group_size']}, method {plan['method']}")
+    lines.append("")
+    lines.append("files (sha256 verified):")
+    for name, entry in manifest["files"].items():
+        lines.append(f"  {name:<16} {entry['bytes']:>12,} B  {entry['sha256'][:16]}…")
+    return "\n".join(lines)
