@@ -16,6 +16,8 @@ def run_cmd(bundle, prompt, max_new_tokens):
     from moec.runtime.session import BundleSession
 
     sess = BundleSession(bundle)
+    if sess.tokenizer is None:
+        raise MoecError(f"bundle '{bundle}' has no tokenizer.json; cannot encode a text prompt")
     ids = sess.tokenizer.encode(prompt).ids
     if not ids:
         raise MoecError("prompt encodes to no tokens")

@@ -51,7 +51,8 @@ class BundleSession:
         self.vm = tvm.runtime.vm.VirtualMachine(lib, self.dev)
         weights = np.load(root / "weights.npz", allow_pickle=False)
         self.params = [tvm.runtime.tensor(weights[name], self.dev) for name in self.manifest["params"]]
-        self.tokenizer = Tokenizer.from_file(str(root / "tokenizer.json"))
+        tok = root / "tokenizer.json"
+        self.tokenizer = Tokenizer.from_file(str(tok)) if "tokenizer.json" in self.manifest["files"] else None
         self.eos = self.manifest.get("eos_token_id")
         self._empty = np.zeros((self.cfg["num_kv_heads"], 0, self.cfg["head_dim"]), np.float32)
         self.reset()
