@@ -13,9 +13,11 @@ keys are matched in order: a tensor group name (``attention``, ``shared_experts`
 or ``re:<regex>`` (full match). Unmatched tensors keep float (16). The router is float
 unless a key names it. Bits are 2, 3, 4, 5, 6, 8 (quantized) or 16 (kept as float16).
 
-Fallback for experts never activated in calibration: a plan built from a profile gives
-them the lowest allowed bit-width (they carried no calibration token, so no measured
-loss argues for more); they are never silently left in float.
+Experts never activated in calibration: every plan must still give them bits (validation
+refuses a plan that omits any expert), and they are quantized at those bits. Methods that
+need calibration data (``gptq`` Hessians, activation-aware ``mse``/``hqq``) have none for
+them and fall back to round-to-nearest; their sensitivity proxy is 0. They are never
+silently left in float.
 """
 
 from __future__ import annotations
