@@ -113,6 +113,7 @@ def main() -> None:
     ap.add_argument("--mixed", default=None, help="Mixed plan JSON for the checkpoint (default: a frequency-free "
                     "example: half the experts 2-bit, half 4-bit, attention 8-bit)")
     ap.add_argument("--large", action="store_true", help="Also benchmark the OLMoE-shaped random model.")
+    ap.add_argument("--large-only", action="store_true", help="Skip the checkpoint; only the large random model.")
     ap.add_argument("--steps", type=int, default=32)
     ap.add_argument("--group-size", type=int, default=64)
     args = ap.parse_args()
@@ -123,9 +124,10 @@ def main() -> None:
     mixed = resolve_plan(args.mixed, cfg) if args.mixed else example_mixed(cfg, g)
     plans = {"float16": uniform_plan(cfg, 16, g), "uniform INT8": uniform_plan(cfg, 8, g),
              "uniform INT4": uniform_plan(cfg, 4, g), "mixed": mixed}
-    run(f"{args.checkpoint} ({cfg.num_layers} layers, {cfg.num_experts} experts, top-{cfg.top_k})", cfg, plans,
-        lambda p: ModelWeights.from_model(model, p), model, args.steps)
-    if args.large:
+    if not args.large_only:
+        run(f"{args.checkpoint} ({cfg.num_layers} layers, {cfg.num_experts} experts, top-{cfg.top_k})", cfg, plans,
+            lambda p: ModelWeights.from_model(model, p), model, args.steps)
+    if args.large or args.large_only:
         big = MoEConfig(vocab_size=4096, hidden_size=2048, num_layers=4, num_heads=16, num_kv_heads=16,
                         num_experts=64, top_k=8, expert_intermediate=1024, norm_topk_prob=False)
         plans = {"uniform INT8": uniform_plan(big, 8, g), "uniform INT4": uniform_plan(big, 4, g),
