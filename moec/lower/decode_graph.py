@@ -29,7 +29,10 @@ class DecodeBuilder:
 
     # -- small helpers ---------------------------------------------------------------
     def _rms(self, bb, x, name):
-        return bb.emit(relax.op.nn.rms_norm(x, self.vars[name], axes=-1, epsilon=self.cfg.rms_eps))
+        # marked scheduled + opaque: dlight's CPU reduction rule would recompute the sum of
+        # squares once per output element; the plain loop nest is already right for a vector
+        return bb.emit_te(te_ops.rms_norm, x, self.vars[name], self.cfg.rms_eps,
+                          primfunc_attrs={"tirx.is_scheduled": True, "op_pattern": 8})
 
     def _lin(self, bb, x, name):
         y = self.linear.dense(bb, x, self.params.entries[name], self.vars, name)

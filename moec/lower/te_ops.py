@@ -72,3 +72,12 @@ def attention_values(probs: te.Tensor, values: te.Tensor) -> te.Tensor:
     rep = int(h_) // int(kvh)
     r = te.reduce_axis((0, p), name="t")
     return te.compute((h_, hd), lambda h, d: te.sum(probs[h, r] * values[h // rep, r, d], axis=r), name="attn")
+
+
+def rms_norm(x: te.Tensor, weight: te.Tensor, eps: float) -> te.Tensor:
+    """RMSNorm over the last axis of a 2-D ``x`` (a plain reduction + elementwise; cheap to run)."""
+    rows, dim = x.shape
+    r = te.reduce_axis((0, dim), name="d")
+    sq = te.compute((rows,), lambda i: te.sum(x[i, r] * x[i, r], axis=r), name="sumsq")
+    return te.compute(x.shape, lambda i, j: x[i, j] * weight[j] * tirx.rsqrt(sq[i] / float(int(dim)) + eps),
+                      name="rms_norm")
