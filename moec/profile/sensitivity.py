@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from moec.models.model import MoEModel, rope_tables
+from moec.profile.routing import run_observed
 from moec.quant.fake import fake_quantize
 
 
@@ -79,12 +80,7 @@ def proxy_sensitivity(model: MoEModel, windows: torch.Tensor, bits: list[int], g
                       method: str = "rtn", batch: int = 8, progress: bool = False) -> dict[int, np.ndarray]:
     """Gate-weighted output distortion per (layer, expert, bits) on calibration ``windows``."""
     tap = _InputTap()
-    model.set_observer(tap)
-    try:
-        for i in range(0, len(windows), batch):
-            model(windows[i:i + batch, :-1])
-    finally:
-        model.set_observer(None)
+    run_observed(model, tap, windows, batch)
     out: dict[int, np.ndarray] = {}
     blocks = model.moe_blocks()
     total = len(blocks) * model.cfg.num_experts

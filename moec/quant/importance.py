@@ -13,18 +13,20 @@ import torch
 import torch.nn.functional as F
 
 from moec.models.model import MoEModel
+from moec.profile.routing import run_observed
 from moec.quant.packed_model import expert_key
 
 
-class _ExpertInputs:
-    def __init__(self, model: MoEModel) -> None:
-        self.model = model
+class _ExpertInputTap:
+    """Accumulates a statistic of each expert weight's routed inputs (w1/w3: x, w2: SwiGLU of x)."""
+
+    def __init__(self, model: MoEModel, stat) -> None:
+        self.model, self.stat = model, stat
         self.sums: dict[str, np.ndarray] = {}
         self.counts: dict[str, int] = {}
 
     def _add(self, name: str, x: torch.Tensor) -> None:
-        sq = x.double().pow(2).sum(0).numpy()
-        self.sums[name] = self.sums.get(name, 0) + sq
+        self.sums[name] = self.sums.get(name, 0) + self.stat(x.double())
         self.counts[name] = self.counts.get(name, 0) + x.shape[0]
 
     def on_moe(self, layer, x, probs, topk_idx, topk_w, contrib_norm, y_norm) -> None:
@@ -37,37 +39,12 @@ class _ExpertInputs:
             self._add(expert_key(layer, e, "w2"), h)
 
 
-class _ExpertHessians:
-    """Accumulates ``sum(x x^T)`` (float64) of each expert weight's routed inputs."""
-
-    def __init__(self, model: MoEModel) -> None:
-        self.model = model
-        self.sums: dict[str, np.ndarray] = {}
-        self.counts: dict[str, int] = {}
-
-    def _add(self, name: str, x: torch.Tensor) -> None:
-        xd = x.double()
-        xtx = (xd.T @ xd).numpy()
-        self.sums[name] = self.sums.get(name, 0) + xtx
-        self.counts[name] = self.counts.get(name, 0) + x.shape[0]
-
-    def on_moe(self, layer, x, probs, topk_idx, topk_w, contrib_norm, y_norm) -> None:
-        block = self.model.moe_blocks()[layer]
-        for e in topk_idx.unique().tolist():
-            tok = (topk_idx == e).any(-1).nonzero(as_tuple=True)[0]
-            xe = x[tok]
-            h = F.silu(xe @ block.w1[e].T) * (xe @ block.w3[e].T)
-            self._add(expert_key(layer, e, "w1"), xe)
-            self._add(expert_key(layer, e, "w2"), h)
+def _sum_sq(x: torch.Tensor) -> np.ndarray:
+    return x.pow(2).sum(0).numpy()
 
 
-def _run(model: MoEModel, tap, windows: torch.Tensor, batch: int) -> None:
-    model.set_observer(tap)
-    try:
-        for i in range(0, len(windows), batch):
-            model(windows[i:i + batch, :-1])
-    finally:
-        model.set_observer(None)
+def _sum_outer(x: torch.Tensor) -> np.ndarray:
+    return (x.T @ x).numpy()
 
 
 @torch.no_grad()
@@ -91,8 +68,8 @@ def expert_hessians(model: MoEModel, windows: torch.Tensor, batch: int = 8) -> d
         ``x [H]`` (the same array), w2 gets the SwiGLU activations
         ``silu(x w1^T) * (x w3^T)`` ``[I]``. Experts the calibration never reached get no entry.
     """
-    tap = _ExpertHessians(model)
-    _run(model, tap, windows, batch)
+    tap = _ExpertInputTap(model, _sum_outer)
+    run_observed(model, tap, windows, batch)
     out: dict[str, np.ndarray] = {}
     for name, s in tap.sums.items():
         h = s / tap.counts[name]
@@ -105,8 +82,8 @@ def expert_hessians(model: MoEModel, windows: torch.Tensor, batch: int = 8) -> d
 @torch.no_grad()
 def expert_importance(model: MoEModel, windows: torch.Tensor, batch: int = 8) -> dict[str, np.ndarray]:
     """Mean x² per input channel for every expert weight that calibration reached."""
-    tap = _ExpertInputs(model)
-    _run(model, tap, windows, batch)
+    tap = _ExpertInputTap(model, _sum_sq)
+    run_observed(model, tap, windows, batch)
     out = {}
     for name, s in tap.sums.items():
         mean = (s / tap.counts[name]).astype(np.float32)

@@ -72,7 +72,7 @@ class GemvSpec:
 
 def _pow2(exponent: tirx.PrimExpr) -> tirx.PrimExpr:
     """float32 ``2**exponent`` for an integer exponent in [-126, 127], built from its bits."""
-    return tirx.reinterpret("float32", ((exponent + 127) * (1 << 23)).astype("uint32"))
+    return tirx.reinterpret("float32", ((exponent + 127) * (1 << 23)).astype("int32"))
 
 
 def _x_row(spec: GemvSpec, j):

@@ -114,7 +114,7 @@ def _schedule_quantized_gemv(sch: s_tir.Schedule, step_values: int, params: X86P
     j, n, g = sch.get_loops(y)
     tile, vec, lane = _tile_rows(sch, n, params)
     sch.reorder(j, tile, g, vec, lane)
-    sch.compute_at(qdot, g)
+    sch.compute_at(qdot, g, preserve_unit_loops=True)
     sch.set_scope(qdot, 0, "local")
     q_vec, q_lane, q_i = sch.get_loops(qdot)[-3:]
     step, value = sch.split(q_i, [None, step_values])
@@ -128,6 +128,21 @@ def _schedule_quantized_gemv(sch: s_tir.Schedule, step_values: int, params: X86P
     # Annotate before decomposing: vectorize needs the reduction blocks whole.
     sch.decompose_reduction(qdot, step)
     sch.decompose_reduction(y, g)
+    _schedule_activation_prep(sch, params)
+
+
+def _schedule_activation_prep(sch: s_tir.Schedule, params: X86Params) -> None:
+    """Vectorise the per-call O(K) work on x (``xs``, and ``xsum`` through an rfactor)."""
+    r, c = sch.get_loops(sch.get_sblock("xs"))
+    _, lane = sch.split(sch.fuse(r, c), [None, params.lanes])
+    sch.vectorize(lane)
+    xsum = sch.get_sblock("xsum")
+    i = sch.get_loops(xsum)[-1]
+    extent = sch.get(i).extent.value
+    if extent % params.lanes == 0:
+        _, lane = sch.split(i, [None, params.lanes])
+        partial = sch.rfactor(lane, 0)  # [.., lanes] partial sums, then one 16-way sum per group
+        sch.vectorize(sch.get_loops(partial)[-1])
 
 
 def _schedule_float_gemv(sch: s_tir.Schedule, params: X86Params) -> None:
