@@ -136,5 +136,5 @@ def test_inspect_foreign_onnx(tmp_path):
 def test_api_inspect_dispatch(tmp_path):
     from moec import api
 
-    with pytest.raises(MoecError, match="expected .onnx"):
+    with pytest.raises(MoecError, match="expected a .onnx model or a bundle"):
         api.inspect_file(tmp_path / "x.json")
