@@ -5,8 +5,9 @@ packed zeros (``packed_nbytes``) per call / time per call. "Hot": the same exper
 (they stay in cache). "Cold": a stack of experts totalling more than ``--cold-gb`` GB, the
 selected experts rotating so each call reads weights evicted since their last use.
 onnxruntime runs one ``MatMulNBits`` node per expert (accuracy_level 0 = float32 activations,
-4 = int8 activations) on the same shapes: hot = one node run repeatedly, cold = a graph of one
-node per expert of a > ``--cold-gb`` GB stack, timed per node. Ratio = ORT time / moec time
+4 = int8 activations) on the same shapes: hot = a graph of ``top_k`` nodes run repeatedly (the
+same per-call Python overhead as one moec call), cold = a graph of one node per expert of a
+> ``--cold-gb`` GB stack; both timed per node. Ratio = ORT time / moec time
 (> 1: moec faster).
 
 Usage: ``python benchmarks/kernel_bandwidth.py [--threads 2] [--bits 2,3,4,8,16,32]``
@@ -40,40 +41,48 @@ def best_time(fn, repeat: int, number: int = 1) -> float:
 # Machine read bandwidth
 # ---------------------------------------------------------------------------------------------
 
-def _tvm_sum_kernel(rows: int, cols: int, threads: int):
-    """A parallel, vectorised float32 sum (the read-bandwidth probe at its most efficient)."""
+def _tvm_sum_kernel(rows: int, cols: int, streams: int):
+    """A parallel, vectorised float32 sum reading ``streams`` rows at once per task.
+
+    The read-bandwidth probe at its most efficient: several concurrent sequential streams per
+    thread keep more DRAM requests in flight than one.
+    """
     import tvm
     from tvm.script import tirx as T
 
     from moec.lower.kernels import host_target
 
-    @T.prim_func
-    def rsum(a: T.Buffer((rows, cols), "float32"), out: T.Buffer((rows, 16), "float32")):
-        T.func_attr({"global_symbol": "rsum", "tirx.noalias": True})
-        for r in T.parallel(rows):
-            acc = T.alloc_buffer((8, 16), "float32", scope="local")
-            for u in T.unroll(8):
-                for lane in T.vectorized(16):
-                    acc[u, lane] = T.float32(0)
-            for i in range(cols // 128):
-                for u in T.unroll(8):
-                    for lane in T.vectorized(16):
-                        acc[u, lane] = acc[u, lane] + a[r, i * 128 + u * 16 + lane]
-            for lane in T.vectorized(16):
-                out[r, lane] = acc[0, lane] + acc[1, lane] + acc[2, lane] + acc[3, lane] + \
-                    acc[4, lane] + acc[5, lane] + acc[6, lane] + acc[7, lane]
+    tasks = rows // streams
 
-    target = host_target()
-    return tvm.compile(tvm.IRModule({"rsum": rsum}), target=target)["rsum"]
+    @T.prim_func
+    def rsum(a: T.Buffer((rows, cols), "float32"), out: T.Buffer((tasks, 16), "float32")):
+        T.func_attr({"global_symbol": "rsum", "tirx.noalias": True})
+        for p in T.parallel(tasks):
+            acc = T.alloc_buffer((streams, 4, 16), "float32", scope="local")
+            for s, u in T.grid(streams, 4):
+                for lane in T.vectorized(16):
+                    acc[s, u, lane] = T.float32(0)
+            for i in range(cols // 64):
+                for s in T.unroll(streams):
+                    for u in T.unroll(4):
+                        for lane in T.vectorized(16):
+                            acc[s, u, lane] = acc[s, u, lane] + a[p * streams + s, i * 64 + u * 16 + lane]
+            for lane in T.vectorized(16):
+                out[p, lane] = T.float32(0)
+            for s, u in T.grid(streams, 4):
+                for lane in T.vectorized(16):
+                    out[p, lane] = out[p, lane] + acc[s, u, lane]
+
+    return tvm.compile(tvm.IRModule({"rsum": rsum}), target=host_target())["rsum"]
 
 
 def read_bandwidth(nbytes: int, threads: int, repeat: int) -> dict[str, float]:
-    """GB/s of reading an ``nbytes`` float32 array: numpy sum (1 and ``threads`` threads), TVM sum."""
+    """GB/s of reading an ``nbytes`` float32 array: numpy sum (1 and ``threads`` threads), TVM sums."""
     import tvm
 
     n = nbytes // 4
     rows = threads * 8
-    cols = (n // rows) // 128 * 128
+    cols = (n // rows) // 64 * 64
     a = np.random.default_rng(0).random(rows * cols, dtype=np.float32).reshape(rows, cols)
     size = a.nbytes
     out = {"numpy 1 thread": size / best_time(lambda: a.sum(), repeat) / 1e9}
@@ -81,10 +90,13 @@ def read_bandwidth(nbytes: int, threads: int, repeat: int) -> dict[str, float]:
     with ThreadPoolExecutor(threads) as pool:  # numpy reductions release the GIL
         out[f"numpy {threads} threads"] = size / best_time(
             lambda: list(pool.map(np.sum, parts)), repeat) / 1e9
-    fn = _tvm_sum_kernel(rows, cols, threads)
-    ta, tout = tvm.runtime.tensor(a), tvm.runtime.empty((rows, 16), "float32", tvm.cpu())
-    fn(ta, tout)
-    out[f"tvm sum {threads} threads"] = size / best_time(lambda: fn(ta, tout), repeat) / 1e9
+    ta = tvm.runtime.tensor(a)
+    for streams in (1, 2, 4):
+        fn = _tvm_sum_kernel(rows, cols, streams)
+        tout = tvm.runtime.empty((rows // streams, 16), "float32", tvm.cpu())
+        fn(ta, tout)
+        out[f"tvm sum {threads} threads x {streams} streams"] = size / best_time(
+            lambda: fn(ta, tout), repeat) / 1e9
     return out
 
 
@@ -100,11 +112,11 @@ def expert_nbytes(bits: int, n: int, k: int, gs: int) -> int:
     return packed_nbytes(n, k, bits, gs)["total"]
 
 
-def random_stack(bits: int, n: int, k: int, gs: int, experts: int, lanes: int, seed: int = 0):
+def random_stack(bits: int, n: int, k: int, gs: int, experts: int, tile: int, seed: int = 0):
     """Random kernel-layout arrays of ``experts`` experts (bandwidth does not depend on values)."""
-    from moec.lower.kernels.layout import zero_words
+    from moec.lower.kernels.layout import num_tiles, zero_words
     rng = np.random.default_rng(seed)
-    nb = n // lanes
+    nb, lanes = num_tiles(n, tile), tile
     if bits in (16, 32):
         dtype = np.float16 if bits == 16 else np.float32
         return [rng.standard_normal((experts, nb, k, lanes), dtype=np.float32).astype(dtype)]
@@ -121,14 +133,14 @@ def time_gemv(bits: int, n: int, k: int, gs: int, experts: int, top_k: int, rota
     import tvm
 
     from moec.lower.kernels import compile_kernel, host_target, make_gemv
-    from moec.lower.schedules import kernel_lanes
+    from moec.lower.schedules import kernel_tile
 
     target = host_target()
     fn = compile_kernel(make_gemv(bits, n, k, gs, experts, top_k, target, activations=activations),
                         target)["gemv"]
     dev = tvm.cpu()
     weights = [tvm.runtime.tensor(a, dev) for a in random_stack(bits, n, k, gs, experts,
-                                                                kernel_lanes(target))]
+                                                                kernel_tile(target))]
     x = tvm.runtime.tensor(np.random.default_rng(1).standard_normal((1, k)).astype(np.float32), dev)
     y = tvm.runtime.empty((top_k, n), "float32", dev)
     calls = max(1, experts // top_k) if rotate else 1
@@ -182,8 +194,8 @@ def ort_session(bits: int, n: int, k: int, gs: int, nodes: int, accuracy: int, t
 
 
 def time_ort(bits: int, n: int, k: int, gs: int, nodes: int, accuracy: int, threads: int,
-             repeat: int) -> float:
-    """Seconds per MatMulNBits node (one expert GEMV)."""
+             repeat: int, hot: bool) -> float:
+    """Seconds per MatMulNBits node (one expert GEMV); ``hot``: the same nodes run repeatedly."""
     sess = ort_session(bits, n, k, gs, nodes, accuracy, threads)
     feed = {"A": np.random.default_rng(1).standard_normal((1, k)).astype(np.float32)}
     t0 = time.perf_counter()
@@ -191,8 +203,45 @@ def time_ort(bits: int, n: int, k: int, gs: int, nodes: int, accuracy: int, thre
     first = time.perf_counter() - t0
     if first > 5.0:  # a compute-bound fallback path (e.g. 2 bits at level 0): one more run is plenty
         return min(first, best_time(lambda: sess.run(None, feed), 1)) / nodes
-    number = 1 if nodes > 1 else 20
+    number = 20 if hot else 1
     return best_time(lambda: sess.run(None, feed), repeat, number) / nodes
+
+
+def check_same_numerics(bits: int = 4, n: int = 64, k: int = 256, gs: int = 64) -> float:
+    """Max |moec - ORT| / max|ORT| of one expert through both, from the same packed bytes.
+
+    Guards the comparison: moec's packed layout *is* MatMulNBits' (``moec.quant.pack``).
+    """
+    import onnxruntime as ort
+    import tvm
+    from onnx import TensorProto, helper, numpy_helper
+
+    from moec.lower.kernels import compile_kernel, host_target, make_gemv, to_kernel_layout
+    from moec.lower.schedules import kernel_tile
+    from moec.quant.packed_model import pack_weight
+
+    rng = np.random.default_rng(3)
+    pw = pack_weight(rng.standard_normal((n, k)).astype(np.float32), bits, gs)
+    x = rng.standard_normal((1, k)).astype(np.float32)
+    inits = [numpy_helper.from_array(pw.packed.reshape(n, k // gs, gs * bits // 8), "B"),
+             numpy_helper.from_array(pw.scale.astype(np.float32), "S"),
+             numpy_helper.from_array(pw.zero.reshape(-1), "Z")]
+    node = helper.make_node("MatMulNBits", ["A", "B", "S", "Z"], ["Y"], domain="com.microsoft",
+                            K=k, N=n, bits=bits, block_size=gs, accuracy_level=0)
+    graph = helper.make_graph([node], "one", [helper.make_tensor_value_info("A", TensorProto.FLOAT, [1, k])],
+                              [helper.make_tensor_value_info("Y", TensorProto.FLOAT, [1, n])],
+                              initializer=inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21),
+                                                    helper.make_opsetid("com.microsoft", 1)])
+    sess = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    (ref,) = sess.run(None, {"A": x})
+    target = host_target()
+    lay = to_kernel_layout(pw, kernel_tile(target))
+    fn = compile_kernel(make_gemv(bits, n, k, gs, 1, 1, target), target)["gemv"]
+    args = [tvm.runtime.tensor(a) for a in (x, lay["weight"][None], lay["scale"][None], lay["zero"][None],
+                                            np.zeros(1, np.int32), np.zeros((1, n), np.float32))]
+    fn(*args)
+    return float(np.abs(args[-1].numpy() - ref).max() / np.abs(ref).max())
 
 
 # ---------------------------------------------------------------------------------------------
@@ -217,6 +266,9 @@ def main() -> None:
     if load_before > 0.5:
         log.warning("load average %.1f: other processes are running, timings will be low", load_before)
 
+    if not args.no_ort:
+        log.info("moec vs ORT MatMulNBits on the same packed weight: max rel diff %.1e",
+                 check_same_numerics())
     dram = read_bandwidth(int(args.cold_gb * 1e9), args.threads, args.repeat)
     cache = read_bandwidth(1 << 20, args.threads, args.repeat * 20)
     dram_bw, cache_bw = max(dram.values()), max(cache.values())
@@ -230,7 +282,7 @@ def main() -> None:
         for mode, (n, k) in shapes.items():
             per_expert = expert_nbytes(bits, n, k, gs)
             experts = top_k if mode == "hot" else max(2 * top_k, int(args.cold_gb * 1e9 / per_expert) + 1)
-            impls = ["f32"] + (["i8"] if bits in (2, 4, 8) else [])
+            impls = ["f32"] + (["i8"] if bits in (2, 3, 4, 8) else [])
             for impl in impls:
                 t = time_gemv(bits, n, k, gs, experts, top_k, rotate=mode == "cold", repeat=args.repeat,
                               activations="int8" if impl == "i8" else "float32")
@@ -238,7 +290,8 @@ def main() -> None:
             if bits in (2, 4, 8) and not args.no_ort:
                 for acc in (0, 4):
                     results[bits, f"ort{acc}", mode] = time_ort(
-                        bits, n, k, gs, 1 if mode == "hot" else experts, acc, args.threads, args.repeat)
+                        bits, n, k, gs, top_k if mode == "hot" else experts, acc, args.threads, args.repeat,
+                        hot=mode == "hot")
             log.info("bits %d %s: %s", bits, mode, {i: f"{t * 1e6:.1f} us" for (b, i, m), t in
                                                       results.items() if b == bits and m == mode})
     print_table(results, shapes, gs, top_k, dram_bw, cache_bw, args)
@@ -263,8 +316,9 @@ def print_table(results, shapes, gs, top_k, dram_bw, cache_bw, args) -> None:
             cells = []
             for impl in impls:
                 t = results.get((bits, impl, mode))
+                gbs = nbytes / t / 1e9 if t else 0.0
                 cells.append(f"{'-':>9} {'-':>6} {'-':>7}" if t is None else
-                             f"{nbytes / t / 1e9:9.1f} {100 * nbytes / t / 1e9 / dram_bw:5.0f}% {t * 1e6:7.1f}")
+                             f"{gbs:9.1f} {100 * gbs / dram_bw:5.0f}% {t * 1e6:7.1f}")
             ratios = []
             for a, b in (("ort0", "f32"), ("ort4", "i8")):
                 ta, tb = results.get((bits, a, mode)), results.get((bits, b, mode))

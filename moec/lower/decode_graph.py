@@ -113,8 +113,8 @@ class DecodeBuilder:
             weights = bb.emit(relax.op.divide(weights, relax.op.sum(weights, axis=-1, keepdims=True)))
         weights = bb.emit(relax.op.reshape(weights, (cfg.top_k, 1)))
         classes = self.params.class_of[i]
-        cls_of = bb.emit(relax.op.take(relax.const(classes, "int32"), idx, axis=0))
-        in_cls = bb.emit(relax.op.take(relax.const(self.params.remap[i], "int32"), idx, axis=0))
+        cls_of = bb.emit(relax.op.take(relax.const(classes, "int32"), idx, axis=0, mode="clip"))
+        in_cls = bb.emit(relax.op.take(relax.const(self.params.remap[i], "int32"), idx, axis=0, mode="clip"))
         y = None
         for c in sorted(set(classes.tolist())):
             member = bb.emit(relax.op.equal(cls_of, relax.const(np.int32(c))))

@@ -23,7 +23,7 @@ from moec.lower.kernels.build import make_gemv
 from moec.lower.kernels.layout import check_kernel_shape, stack_kernel_layouts, to_kernel_layout
 from moec.lower.linear import LinearEmitter
 from moec.lower.params import ModelParams, WeightEntry
-from moec.lower.schedules import kernel_lanes
+from moec.lower.schedules import kernel_tile
 from moec.quant.packed_model import PackedWeight
 
 
@@ -32,21 +32,27 @@ class KernelEmitter(LinearEmitter):
 
     def __init__(self, target: tvm.target.Target) -> None:
         self.target = target
-        self.lanes = kernel_lanes(target)
+        self.tile = kernel_tile(target)
+        self._supported: dict[tuple, bool] = {}
 
     # -- build-time layout ---------------------------------------------------------
     def supports(self, pw: PackedWeight) -> bool:
-        try:
-            check_kernel_shape(pw.bits, pw.shape[0], pw.shape[1], pw.group_size, self.lanes)
-        except MoecError:
-            return False
-        return pw.bits == 16 or (pw.group_size * pw.bits) % 32 == 0
+        """Whether the family's kernels take this weight (asks the kernel builder itself)."""
+        key = (pw.bits, pw.shape, pw.group_size)
+        if key not in self._supported:
+            try:
+                check_kernel_shape(pw.bits, pw.shape[0], pw.shape[1], pw.group_size)
+                make_gemv(pw.bits, pw.shape[0], pw.shape[1], pw.group_size, 1, 1, self.target)
+                self._supported[key] = True
+            except MoecError:
+                self._supported[key] = False
+        return self._supported[key]
 
     def layout(self, pws: list[PackedWeight]) -> dict[str, np.ndarray] | None:
         """Kernel-layout arrays for one weight (or a stack), or None to keep moec's packed layout."""
         if not all(self.supports(p) for p in pws):
             return None
-        layouts = [to_kernel_layout(p, self.lanes) for p in pws]
+        layouts = [to_kernel_layout(p, self.tile) for p in pws]
         return {f"k{k}": v for k, v in stack_kernel_layouts(layouts).items()}
 
     # -- graph ---------------------------------------------------------------------

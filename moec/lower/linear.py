@@ -23,11 +23,11 @@ class LinearEmitter:
         if "weight" in entry.arrays:
             w = vars_[f"{name}.weight"]
             if lead is not None:
-                w = bb.emit(relax.op.take(w, lead, axis=0))
+                w = bb.emit(relax.op.take(w, lead, axis=0, mode="clip"))
             return bb.emit(relax.op.astype(w, "float32"))
         packed, scale, zero = (vars_[f"{name}.{a}"] for a in ("packed", "scale", "zero"))
         if lead is not None:
-            packed, scale, zero = (bb.emit(relax.op.take(t, lead, axis=0)) for t in (packed, scale, zero))
+            packed, scale, zero = (bb.emit(relax.op.take(t, lead, axis=0, mode="clip")) for t in (packed, scale, zero))
         group = k // entry.arrays["scale"].shape[-1]
         return bb.emit_te(te_ops.dequantize, packed, scale, zero, entry.bits, n, k, group)
 
@@ -48,9 +48,9 @@ class LinearEmitter:
     def embed(self, bb, token, entry: WeightEntry, vars_):
         n, k = entry.shape
         if "weight" in entry.arrays:
-            row = bb.emit(relax.op.take(vars_["embed.weight.weight"], token, axis=0))
+            row = bb.emit(relax.op.take(vars_["embed.weight.weight"], token, axis=0, mode="clip"))
             return bb.emit(relax.op.astype(row, "float32"))
-        packed, scale, zero = (bb.emit(relax.op.take(vars_[f"embed.weight.{a}"], token, axis=0))
+        packed, scale, zero = (bb.emit(relax.op.take(vars_[f"embed.weight.{a}"], token, axis=0, mode="clip"))
                                for a in ("packed", "scale", "zero"))
         group = k // entry.arrays["scale"].shape[-1]
         return bb.emit_te(te_ops.dequantize, packed, scale, zero, entry.bits, 1, k, group)

@@ -5,18 +5,20 @@ from __future__ import annotations
 import numpy as np
 import tvm
 
-from moec.lower.kernels import compile_kernel, stack_kernel_layouts, to_kernel_layout
+from moec.lower.kernels import compile_kernel, host_target, stack_kernel_layouts, to_kernel_layout
+from moec.lower.schedules import kernel_tile
 from moec.quant.packed_model import pack_weight
 
 
 def expert_stack(bits: int, n: int, k: int, gs: int, experts: int, seed: int = 0):
     """(kernel-layout stack, dequantized float32 reference weights) of ``experts`` random experts."""
     rng = np.random.default_rng(seed)
+    tile = kernel_tile(host_target())
     ws = [(rng.standard_normal((n, k)) * 0.1).astype(np.float32) for _ in range(experts)]
     if bits == 32:
-        return stack_kernel_layouts([to_kernel_layout(w) for w in ws]), ws
+        return stack_kernel_layouts([to_kernel_layout(w, tile) for w in ws]), ws
     pws = [pack_weight(w, bits, gs) for w in ws]
-    return stack_kernel_layouts([to_kernel_layout(p) for p in pws]), [p.dequantize() for p in pws]
+    return stack_kernel_layouts([to_kernel_layout(p, tile) for p in pws]), [p.dequantize() for p in pws]
 
 
 def weight_args(stack: dict[str, np.ndarray]) -> list[np.ndarray]:

@@ -1,6 +1,8 @@
-"""Decode GEMV kernels (every bit class, float, int8 activations) against ``x @ W.dequantize().T`` of the routed experts."""
+"""Decode GEMV kernels (bit classes, float, int8 activations) vs ``x @ W.dequantize().T`` per routed expert."""
 
 from __future__ import annotations
+
+import dataclasses
 
 import numpy as np
 import pytest
@@ -8,12 +10,13 @@ import tvm
 from tvm.target import codegen
 
 from moec.errors import MoecError
-from moec.lower.kernels import host_target, make_gemv
+from moec.lower.kernels import compile_kernel, host_target, make_gemv
+from moec.lower.schedules import x86
 from moec.lower.kernels import stack_kernel_layouts, to_kernel_layout
 from moec.lower.kernels.activations import dequantized_activations
 from moec.lower.kernels.layout import swiglu_weight
 from moec.quant.packed_model import pack_weight
-from moec.lower.schedules import kernel_lanes, target_family
+from moec.lower.schedules import kernel_tile, target_family
 
 from kernel_helpers import KernelCache, assert_close, call, expert_stack, weight_args
 
@@ -21,13 +24,19 @@ pytestmark = pytest.mark.tvm
 
 BITS = [2, 3, 4, 8, 16, 32]
 
-# (n, k, group_size, experts, top_k, x_per_expert): a partial row tile (80 = 5 vectors of 16,
-# tiles of 4), several groups, per-expert inputs, a K that is not a multiple of the unroll.
+# (n, k, group_size, experts, top_k, x_per_expert): one vector, a partial row tile (80 = 5
+# vectors of 16, tiles of 4), several groups, per-expert inputs.
 SHAPES = [
+    (16, 64, 32, 2, 1, False),  # a single vector of rows, fewer than a tile
     (80, 256, 64, 5, 3, False),
     (48, 96, 32, 3, 2, True),
     (128, 512, 128, 8, 2, False),
+    (208, 128, 32, 3, 2, True),  # 3 tiles of 64 + one of 16 rows
 ]
+
+
+def _shape_id(shape) -> str:
+    return "n{}k{}g{}e{}top{}{}".format(*shape[:5], "x" if shape[5] else "")
 
 
 @pytest.fixture(scope="module")
@@ -56,13 +65,13 @@ def _check(kernels, bits, n, k, gs, experts, top_k, x_per_expert, ids=None, seed
 
 
 @pytest.mark.parametrize("bits", BITS)
-@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "n{}k{}g{}e{}top{}{}".format(*s[:5], "x" if s[5] else ""))
+@pytest.mark.parametrize("shape", SHAPES, ids=_shape_id)
 def test_gemv_matches_reference(kernels, bits, shape):
     _check(kernels, bits, *shape)
 
 
 @pytest.mark.parametrize("bits", [2, 3, 4, 8])
-@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "n{}k{}g{}e{}top{}{}".format(*s[:5], "x" if s[5] else ""))
+@pytest.mark.parametrize("shape", SHAPES, ids=_shape_id)
 def test_int8_activation_gemv_matches_reference(kernels, bits, shape):
     if not codegen.target_has_features("avx512vnni", host_target()):
         pytest.skip("host CPU lacks AVX-512 VNNI")
@@ -103,7 +112,7 @@ def test_gemv_reads_only_selected_experts(kernels, bits):
 @pytest.mark.parametrize("bits", [3, 4, 16, 32])
 def test_swiglu_gemv(kernels, bits):
     """Gate and up projections in one pass: silu(w1 x) * (w3 x)."""
-    n, k, gs, experts, top_k = 48, 128, 32, 3, 2
+    n, k, gs, experts, top_k = 64, 128, 32, 3, 2  # n: a whole tile, so w3 starts one
     mod = kernels.get(make_gemv, bits, n, k, gs, experts, top_k, swiglu=True)
     rng = np.random.default_rng(bits)
     w1s, w3s = ([rng.standard_normal((n, k)).astype(np.float32) for _ in range(experts)] for _ in range(2))
@@ -114,7 +123,7 @@ def test_swiglu_gemv(kernels, bits):
         p3 = [pack_weight(w, bits, gs) for w in w3s]
         fused = [swiglu_weight(a, b) for a, b in zip(p1, p3)]
         g_deq, u_deq = [p.dequantize() for p in p1], [p.dequantize() for p in p3]
-    stack = stack_kernel_layouts([to_kernel_layout(w) for w in fused])
+    stack = stack_kernel_layouts([to_kernel_layout(w, kernel_tile(host_target())) for w in fused])
     x = rng.standard_normal((1, k)).astype(np.float32)
     ids = np.array([2, 0], np.int32)
     out = call(mod, "gemv", [x] + weight_args(stack) + [ids, np.zeros((top_k, n), np.float32)])
@@ -123,9 +132,41 @@ def test_swiglu_gemv(kernels, bits):
     assert_close(out, gate / (1 + np.exp(-gate)) * up)
 
 
+@pytest.mark.parametrize("activations", ["float32", "int8"])
+def test_gemv_with_a_64_row_layout_tile(monkeypatch, activations):
+    """The kernels index any layout tile (x86 picks 16); 80 rows: a padded last 64-row tile."""
+    if activations == "int8" and not codegen.target_has_features("avx512vnni", host_target()):
+        pytest.skip("host CPU lacks AVX-512 VNNI")
+    monkeypatch.setattr(x86, "PARAMS", dataclasses.replace(x86.PARAMS, layout_tile=64))
+    target = host_target()
+    n, k, gs, experts, top_k = 80, 128, 32, 3, 2
+    mod = compile_kernel(make_gemv(4, n, k, gs, experts, top_k, target, activations=activations), target)
+    weights = np.random.default_rng(7).standard_normal((experts, n, k), dtype=np.float32)
+    pws = [pack_weight(w, 4, gs) for w in weights]
+    stack = stack_kernel_layouts([to_kernel_layout(p, tile=64) for p in pws])
+    x = np.random.default_rng(8).standard_normal((1, k)).astype(np.float32)
+    if activations == "int8":
+        x = dequantized_activations(x, gs)  # already on the int8 grid: the kernel reproduces it
+    ids = np.array([2, 0], np.int32)
+    out = call(mod, "gemv", [x] + weight_args(stack) + [ids, np.zeros((top_k, n), np.float32)])
+    assert_close(out, np.stack([x[0] @ pws[e].dequantize().T for e in ids]))
+
+
+@pytest.mark.parametrize("n", [16, 256])
+def test_x86_schedule_keeps_register_tile(n):
+    """The decode loop nest is (value: unrolled 32, vector: unrolled 4, lane: vectorised 16),
+    so 4 independent accumulators share each broadcast of x (a regression once left 1)."""
+    lines = make_gemv(2, n, 256, 64, 4, 2, host_target()).script().splitlines()
+    at = next(i for i, line in enumerate(lines) if 'T.sblock("qdot_update")' in line)
+    loops = [line.strip() for line in lines[:at] if line.strip().startswith("for ")][-3:]
+    vectors = min(4, n // 16)
+    assert "T.unroll(32)" in loops[0] and f"T.unroll({vectors})" in loops[1], loops
+    assert "T.vectorized(16)" in loops[2], loops
+
+
 def test_unsupported_shapes_raise_clear_errors():
     target = host_target()
-    with pytest.raises(MoecError, match="multiple of the lane count"):
+    with pytest.raises(MoecError, match="multiple of 16 rows"):
         make_gemv(4, 40, 64, 32, 2, 1, target)
     with pytest.raises(MoecError, match="group_size"):
         make_gemv(3, 64, 64, 16, 2, 1, target)
@@ -146,7 +187,7 @@ def test_unsupported_shapes_raise_clear_errors():
 
 def test_target_family_registry():
     assert target_family(host_target()) == "x86"
-    assert kernel_lanes(tvm.target.Target({"kind": "llvm", "mtriple": "x86_64-linux-gnu"})) == 16
+    assert kernel_tile(tvm.target.Target({"kind": "llvm", "mtriple": "x86_64-linux-gnu"})) == 16
     arm = tvm.target.Target({"kind": "llvm", "mtriple": "aarch64-linux-gnu"})
     with pytest.raises(MoecError, match="family 'arm'; choices: x86"):
         make_gemv(4, 64, 64, 32, 2, 1, arm)

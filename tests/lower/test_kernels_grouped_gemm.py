@@ -44,3 +44,8 @@ def test_grouped_gemm_other_token_counts(kernels, bits):
 @pytest.mark.parametrize("bits", [2, 4])
 def test_grouped_gemm_small_groups(kernels, bits):
     _check(kernels, bits, 32, 64, 16, [2, 5])
+
+
+@pytest.mark.parametrize("bits", [3, 32])
+def test_grouped_gemm_single_vector_of_rows(kernels, bits):
+    _check(kernels, bits, 16, 64, 32, [1, 6])

@@ -9,7 +9,7 @@ from moec.errors import MoecError
 from moec.lower.kernels.activations import ACTIVATIONS, INT8_ACTIVATION_BITS
 from moec.lower.kernels.gemv import GemvSpec, gemv_definition
 from moec.lower.kernels.grouped_gemm import GroupedGemmSpec, grouped_gemm_definition
-from moec.lower.schedules import family_module, kernel_lanes, target_family
+from moec.lower.schedules import family_module, kernel_tile, target_family
 
 
 def host_target() -> tvm.target.Target:
@@ -36,7 +36,7 @@ def make_gemv(bits: int, n: int, k: int, group_size: int, num_stacked: int, top_
     top_k : int
         Routed experts per call (length of ``expert_ids``, rows of ``y``).
     target : tvm.target.Target
-        An LLVM CPU target; its family picks the schedule and the layout's lane count.
+        An LLVM CPU target; its family picks the schedule and the layout's row tile.
     x_per_expert : bool
         Take ``x [top_k, K]`` (one input per routed expert) instead of ``x [1, K]``.
     activations : str
@@ -54,10 +54,10 @@ def make_gemv(bits: int, n: int, k: int, group_size: int, num_stacked: int, top_
     tvm.tirx.PrimFunc
         ``gemv(x, weight, scale, zero, expert_ids, y)`` (quantized) or
         ``gemv(x, weight, expert_ids, y)`` (float); arrays in the kernel layout of
-        :func:`moec.lower.kernels.layout.to_kernel_layout` with ``lanes=kernel_lanes(target)``.
+        :func:`moec.lower.kernels.layout.to_kernel_layout` with ``tile=kernel_tile(target)``.
     """
     target = tvm.target.Target(target)
-    spec = GemvSpec(bits, n, k, group_size, num_stacked, top_k, kernel_lanes(target), x_per_expert,
+    spec = GemvSpec(bits, n, k, group_size, num_stacked, top_k, kernel_tile(target), x_per_expert,
                     swiglu)
     family = family_module(target)
     if activations == "int8":
@@ -71,8 +71,7 @@ def make_gemv(bits: int, n: int, k: int, group_size: int, num_stacked: int, top_
         return family.int8_gemv(spec, target)
     if activations != "float32":
         raise MoecError(f"unknown activations {activations!r}; choices: {', '.join(ACTIVATIONS)}")
-    group_size = spec.group_size if spec.quantized else None
-    return family.schedule_gemv(gemv_definition(spec), group_size)
+    return family.schedule_gemv(gemv_definition(spec), spec)
 
 
 def make_grouped_gemm(bits: int, n: int, k: int, group_size: int, num_stacked: int,
@@ -94,7 +93,7 @@ def make_grouped_gemm(bits: int, n: int, k: int, group_size: int, num_stacked: i
         ``x[t] @ W[e].T``. ``T`` is a symbolic dimension (any number of tokens).
     """
     family = family_module(target)
-    spec = GroupedGemmSpec(bits, n, k, group_size, num_stacked, family.PARAMS.lanes)
+    spec = GroupedGemmSpec(bits, n, k, group_size, num_stacked, family.PARAMS.tile_rows)
     return grouped_gemm_definition(spec, family.grouped_gemm_params())
 
 

@@ -8,7 +8,7 @@ from tvm import te, tirx, topi
 
 from moec.errors import MoecError
 from moec.lower.kernels.decode import code_at, extract
-from moec.lower.kernels.layout import KERNEL_BITS, check_kernel_shape, zero_words
+from moec.lower.kernels.layout import KERNEL_BITS, check_kernel_shape, num_tiles, zero_words
 
 #: Bit widths with a float kernel: 16 = float16 weights, 32 = float32 weights.
 FLOAT_KERNEL_BITS: tuple[int, ...] = (16, 32)
@@ -30,8 +30,8 @@ class GemvSpec:
         Experts in this bit class' stack (``E_b``).
     top_k : int
         Routed experts computed per call (rows of ``expert_ids`` and of the output).
-    lanes : int
-        Rows per vector of the kernel layout (the target family's choice).
+    tile : int
+        Rows per tile of the kernel layout (the target family's choice, ``kernel_tile``).
     x_per_expert : bool
         ``x`` is ``[top_k, K]`` (one input per routed expert, e.g. the down projection) instead
         of one shared ``[1, K]`` vector.
@@ -47,12 +47,15 @@ class GemvSpec:
     group_size: int
     num_stacked: int
     top_k: int
-    lanes: int
+    tile: int
     x_per_expert: bool = False
     swiglu: bool = False
 
     def __post_init__(self) -> None:
-        check_kernel_shape(self.bits, self.rows, self.k, self.group_size, self.lanes)
+        check_kernel_shape(self.bits, self.rows, self.k, self.group_size)
+        if self.tile < 1 or (self.swiglu and self.n % self.tile):
+            raise MoecError(f"bad tile {self.tile} (the SwiGLU GEMV needs n ({self.n}) to be a "
+                            f"multiple of it, so w3's rows start a tile)")
         if self.num_stacked < 1 or self.top_k < 1:
             raise MoecError(f"num_stacked ({self.num_stacked}) and top_k ({self.top_k}) must be >= 1")
 
@@ -83,10 +86,11 @@ def gemv_definition(spec: GemvSpec) -> tirx.PrimFunc:
     """Unscheduled, target-neutral GEMV ``y[j, :] = W[expert_ids[j]] @ x[j or 0]``.
 
     Quantized parameters, in order: ``x`` float32 ``[XR, K]`` (``XR`` = top_k or 1), ``weight``
-    uint32 ``[E, N/L, K*b/32, L]``, ``scale`` float16 ``[E, N/L, G, L]``, ``zero`` uint32
-    ``[E, N/L, ZW, L]``, ``expert_ids`` int32 ``[top_k]``, ``y`` float32 ``[top_k, N]``.
-    Float parameters: ``x``, ``weight`` ``[E, N/L, K, L]`` (float16 or float32), ``expert_ids``,
-    ``y``. Only the experts named by ``expert_ids`` are read.
+    uint32 ``[E, NT, K*b/32, T]``, ``scale`` float16 ``[E, NT, G, T]``, ``zero`` uint32
+    ``[E, NT, ZW, T]``, ``expert_ids`` int32 ``[top_k]``, ``y`` float32 ``[top_k, N]``.
+    Float parameters: ``x``, ``weight`` ``[E, NT, K, T]`` (float16 or float32), ``expert_ids``,
+    ``y``. (``T`` = ``spec.tile``, ``NT = ceil(N/T)``.) Only the experts named by
+    ``expert_ids`` are read.
 
     The quantized form hoists dequantization out of the inner product (blocks ``xsum``, ``xs``,
     ``qdot``, ``y``)::
@@ -116,27 +120,27 @@ def _common(spec: GemvSpec):
 
 
 def _float(spec: GemvSpec) -> tirx.PrimFunc:
-    lanes, nb = spec.lanes, spec.rows // spec.lanes
+    tile, nt = spec.tile, num_tiles(spec.rows, spec.tile)
     dtype = "float16" if spec.bits == 16 else "float32"
     x, ids = _common(spec)
-    w = te.placeholder((spec.num_stacked, nb, spec.k, lanes), dtype, "weight")
+    w = te.placeholder((spec.num_stacked, nt, spec.k, tile), dtype, "weight")
     kk = te.reduce_axis((0, spec.k), "kk")
     y = te.compute(
         (spec.top_k, spec.rows),
-        lambda j, n: te.sum(w[ids[j], n // lanes, kk, n % lanes].astype("float32")
+        lambda j, n: te.sum(w[ids[j], n // tile, kk, n % tile].astype("float32")
                             * x[_x_row(spec, j), kk], axis=kk),
         name="y")
     return _finish(spec, [x, w, ids], y)
 
 
 def _quantized(spec: GemvSpec) -> tirx.PrimFunc:
-    bits, gs, lanes = spec.bits, spec.group_size, spec.lanes
-    nb, groups = spec.rows // lanes, spec.groups
+    bits, gs, tile = spec.bits, spec.group_size, spec.tile
+    nt, groups = num_tiles(spec.rows, tile), spec.groups
     words_per_group = gs * bits // 32
     x, ids = _common(spec)
-    w = te.placeholder((spec.num_stacked, nb, spec.k * bits // 32, lanes), "uint32", "weight")
-    scale = te.placeholder((spec.num_stacked, nb, groups, lanes), "float16", "scale")
-    zero = te.placeholder((spec.num_stacked, nb, zero_words(groups, bits), lanes), "uint32", "zero")
+    w = te.placeholder((spec.num_stacked, nt, spec.k * bits // 32, tile), "uint32", "weight")
+    scale = te.placeholder((spec.num_stacked, nt, groups, tile), "float16", "scale")
+    zero = te.placeholder((spec.num_stacked, nt, zero_words(groups, bits), tile), "uint32", "zero")
 
     i = te.reduce_axis((0, gs), "i")
     xsum = te.compute((x.shape[0], groups),
@@ -157,14 +161,15 @@ def _quantized(spec: GemvSpec) -> tirx.PrimFunc:
         term = inplace.astype("float32") * xs[_x_row(spec, j), col]
         if 32 % bits:  # a code straddling two words is shifted into place the usual way
             code = extract(load, word, shift, bits, straddle=True)
-            term = tirx.if_then_else(shift > 32 - bits, code.astype("float32") * x[_x_row(spec, j), col], term)
+            shifted = code.astype("float32") * x[_x_row(spec, j), col]
+            term = tirx.if_then_else(shift > 32 - bits, shifted, term)
         return te.sum(term, axis=ii)
 
     ii = te.reduce_axis((0, gs), "ii")
-    qdot = te.compute((spec.top_k, nb, groups, lanes), qdot_fn, name="qdot")
+    qdot = te.compute((spec.top_k, nt, groups, tile), qdot_fn, name="qdot")
 
     def y_fn(j, n):
-        b, lane = n // lanes, n % lanes
+        b, lane = n // tile, n % tile
         zq = code_at(lambda word: zero[ids[j], b, word, lane], g, bits).astype("float32")
         return te.sum(scale[ids[j], b, g, lane].astype("float32")
                       * (qdot[j, b, g, lane] - zq * xsum[_x_row(spec, j), g]), axis=g)

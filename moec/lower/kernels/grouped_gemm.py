@@ -10,7 +10,7 @@ from tvm import tirx
 from tvm.script import tirx as T
 
 from moec.lower.kernels.decode import code_at, extract
-from moec.lower.kernels.layout import KERNEL_BITS, check_kernel_shape, zero_words
+from moec.lower.kernels.layout import KERNEL_BITS, check_kernel_shape, num_tiles, zero_words
 from moec.errors import MoecError
 
 
@@ -23,10 +23,10 @@ class GroupedGemmSpec:
     k: int
     group_size: int
     num_stacked: int
-    lanes: int
+    tile: int
 
     def __post_init__(self) -> None:
-        check_kernel_shape(self.bits, self.n, self.k, self.group_size, self.lanes)
+        check_kernel_shape(self.bits, self.n, self.k, self.group_size)
         if self.num_stacked < 1:
             raise MoecError(f"num_stacked must be >= 1, got {self.num_stacked}")
 
@@ -41,6 +41,8 @@ class GemmLoopParams:
 
     Attributes
     ----------
+    lanes : int
+        Rows per vector (and per parallel task); divides the tile, and ``n`` must be a multiple.
     tokens : int
         Tokens per register block (rows of accumulators sharing each weight vector).
     k_tile : int
@@ -49,6 +51,7 @@ class GemmLoopParams:
         Codes decoded per unrolled step (gcd with the group size is used).
     """
 
+    lanes: int
     tokens: int
     k_tile: int = 32
     unroll: int = 32
@@ -57,13 +60,17 @@ class GemmLoopParams:
 def grouped_gemm_definition(spec: GroupedGemmSpec, params: GemmLoopParams) -> tirx.PrimFunc:
     """``y[t] = x[t] @ W[e].T`` for ``offsets[e] <= t < offsets[e+1]``, in explicit TIR loops.
 
-    Parallel over (expert, tile of ``lanes`` rows); per K tile (a quantization group) the
-    tile's weights are dequantized once into a local ``[tile, lanes]`` float buffer, then reused
+    Parallel over (expert, vector of ``lanes`` rows); per K tile (a quantization group) the
+    vector's weights are dequantized once into a local ``[k_tile, lanes]`` float buffer, reused
     by every token of the expert, ``params.tokens`` tokens at a time. Experts with no tokens
     cost nothing. The parameters are those of :func:`moec.lower.kernels.build.make_grouped_gemm`.
     """
-    bits, lanes, n, k = spec.bits, spec.lanes, spec.n, spec.k
-    nb, experts, tb = n // lanes, spec.num_stacked, params.tokens
+    bits, lanes, n, k, tile = spec.bits, params.lanes, spec.n, spec.k, spec.tile
+    if tile % lanes or n % lanes:
+        raise MoecError(f"the grouped GEMM needs N ({n}) and the tile ({tile}) to be multiples "
+                        f"of {lanes} rows")
+    nb, nt, per_tile = n // lanes, num_tiles(n, tile), tile // lanes
+    experts, tb = spec.num_stacked, params.tokens
     if spec.quantized:
         kt, groups, unroll = spec.group_size, k // spec.group_size, gcd(params.unroll, spec.group_size)
         words_per_group, w_cols = kt * bits // 32, k * bits // 32
@@ -74,13 +81,15 @@ def grouped_gemm_definition(spec: GroupedGemmSpec, params: GemmLoopParams) -> ti
     w_dtype = "uint32" if spec.quantized else ("float16" if bits == 16 else "float32")
 
     def dequant(weight, scale, zero, e, b, g, i, lane):
+        """Weight of row ``b*lanes + lane``, column ``g*kt + i`` (tile and column in the tile)."""
+        t, r = b // per_tile, b % per_tile * lanes + lane
         if not spec.quantized:
-            return weight[e, b, g * kt + i, lane].astype("float32")
+            return weight[e, t, g * kt + i, r].astype("float32")
         shift = (i * bits) % 32
-        code = extract(lambda word: weight[e, b, word, lane], g * words_per_group + (i * bits) // 32,
+        code = extract(lambda word: weight[e, t, word, r], g * words_per_group + (i * bits) // 32,
                        shift, bits, straddle=shift > 32 - bits)
-        zq = code_at(lambda word: zero[e, b, word, lane], g, bits)
-        return (code.astype("float32") - zq.astype("float32")) * scale[e, b, g, lane].astype("float32")
+        zq = code_at(lambda word: zero[e, t, word, r], g, bits)
+        return (code.astype("float32") - zq.astype("float32")) * scale[e, t, g, r].astype("float32")
 
     @T.macro
     def body(x, y, weight, scale, zero, offsets):
@@ -115,9 +124,9 @@ def grouped_gemm_definition(spec: GroupedGemmSpec, params: GemmLoopParams) -> ti
 
     if spec.quantized:
         @T.prim_func
-        def grouped_gemm(x_h: T.handle, weight: T.Buffer((experts, nb, w_cols, lanes), "uint32"),
-                         scale: T.Buffer((experts, nb, groups, lanes), "float16"),
-                         zero: T.Buffer((experts, nb, zw, lanes), "uint32"),
+        def grouped_gemm(x_h: T.handle, weight: T.Buffer((experts, nt, w_cols, tile), "uint32"),
+                         scale: T.Buffer((experts, nt, groups, tile), "float16"),
+                         zero: T.Buffer((experts, nt, zw, tile), "uint32"),
                          offsets: T.Buffer((experts + 1,), "int32"), y_h: T.handle):
             T.func_attr({"global_symbol": "grouped_gemm", "tirx.noalias": True})
             tokens = T.int32()
@@ -126,7 +135,7 @@ def grouped_gemm_definition(spec: GroupedGemmSpec, params: GemmLoopParams) -> ti
             body(x, y, weight, scale, zero, offsets)
     else:
         @T.prim_func
-        def grouped_gemm(x_h: T.handle, weight: T.Buffer((experts, nb, w_cols, lanes), w_dtype),
+        def grouped_gemm(x_h: T.handle, weight: T.Buffer((experts, nt, w_cols, tile), w_dtype),
                          offsets: T.Buffer((experts + 1,), "int32"), y_h: T.handle):
             T.func_attr({"global_symbol": "grouped_gemm", "tirx.noalias": True})
             tokens = T.int32()

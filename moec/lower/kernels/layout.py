@@ -2,22 +2,25 @@
 
 One function, :func:`to_kernel_layout`, derives it from a :class:`PackedWeight`; nothing else in
 the bits changes. For a quantized ``[N, K]`` weight at ``b`` bits with group size ``gs`` and a
-lane count ``L`` (the vector width in rows; 16 float32 lanes on AVX-512):
+row tile of ``T`` rows (the target family's choice, ``kernel_tile(target)``: 16 on x86):
 
-- ``weight`` uint32 ``[N/L, K*b/32, L]``: each row's packed byte stream (``pack``'s layout, value
-  ``i`` at stream bits ``[i*b, (i+1)*b)``) read as little-endian uint32 words, so value ``i`` sits
-  in word ``(i*b)//32`` at bit ``(i*b)%32``; a 3-bit value can straddle two words (low bits at
-  the top of word ``w``, the rest at the bottom of word ``w+1``). Word ``w`` of rows
-  ``nb*L .. nb*L+L-1`` is stored contiguously, so one vector load fetches the same word of ``L``
-  rows and every lane of a vector register computes one output row (no horizontal sums).
-- ``scale`` float16 ``[N/L, G, L]`` (``G = K/gs``): the fp16 scales, rows interleaved the same way.
-- ``zero`` uint32 ``[N/L, ZW, L]``: each row's packed zero-point stream (``pack_zeros``) as
+- ``weight`` uint32 ``[NT, K*b/32, T]`` (``NT = ceil(N/T)``): each row's packed byte stream
+  (``pack``'s layout, value ``i`` at stream bits ``[i*b, (i+1)*b)``) read as little-endian
+  uint32 words, so value ``i`` sits in word ``(i*b)//32`` at bit ``(i*b)%32``; a 3-bit value can
+  straddle two words (low bits at the top of word ``w``, the rest at the bottom of word
+  ``w+1``). Word ``w`` of the tile's rows ``t*T .. t*T+T-1`` is stored contiguously: a vector
+  load fetches the same word of consecutive rows (every lane computes one output row, no
+  horizontal sums), and each tile is one sequential stream of ``K*b/32`` words.
+- ``scale`` float16 ``[NT, G, T]`` (``G = K/gs``): the fp16 scales, rows interleaved the same way.
+- ``zero`` uint32 ``[NT, ZW, T]``: each row's packed zero-point stream (``pack_zeros``) as
   uint32 words, ``ZW = ceil(G*b/32)`` plus one zero word when ``b`` does not divide 32, so the
   two-word read of a straddling zero point stays in bounds.
 
-Float weights (``bits == 16``, or a float32 ndarray) become ``weight`` ``[N/L, K, L]`` in their
-own dtype. Requirements (checked): ``N % L == 0``; for quantized weights ``gs * b % 32 == 0`` so
-every group is a whole number of words (any multiple of 32; 16 also works at 2/4/8 bits). Bytes are unchanged except the optional zero pad word.
+Float weights (``bits == 16``, or a float32 ndarray) become ``weight`` ``[NT, K, T]`` in their
+own dtype. Rows past ``N`` in the last tile are zeros (scale 0): only when ``T`` does not divide
+``N``. Requirement (checked): for quantized weights ``gs * b % 32 == 0``, so every group is a
+whole number of words (any multiple of 32; 16 also works at 2/4/8 bits). Otherwise the bytes
+are the packed ones, plus the optional zero pad word.
 """
 
 from __future__ import annotations
@@ -28,8 +31,8 @@ from moec.errors import MoecError
 from moec.quant.pack import packed_row_bytes, unpack
 from moec.quant.packed_model import FLOAT_BITS, PackedWeight
 
-#: Default lane count: rows per vector (16 float32 lanes of an AVX-512 register).
-DEFAULT_LANES = 16
+#: Default row tile (x86's: one 16-lane AVX-512 vector); use ``kernel_tile(target)``.
+DEFAULT_TILE = 16
 
 #: Bit widths the quantized kernels decode.
 KERNEL_BITS: tuple[int, ...] = (2, 3, 4, 8)
@@ -40,7 +43,7 @@ def zero_words(groups: int, bits: int) -> int:
     return -(-groups * bits // 32) + (0 if 32 % bits == 0 else 1)
 
 
-def check_kernel_shape(bits: int, n: int, k: int, group_size: int, lanes: int) -> None:
+def check_kernel_shape(bits: int, n: int, k: int, group_size: int) -> None:
     """Raise :class:`MoecError` unless the kernels support this weight shape.
 
     Parameters
@@ -51,20 +54,21 @@ def check_kernel_shape(bits: int, n: int, k: int, group_size: int, lanes: int) -
         ``out_features`` and ``in_features``.
     group_size : int
         Quantization group size along K (ignored for float weights).
-    lanes : int
-        Rows per vector of the kernel layout.
     """
     if bits not in KERNEL_BITS + (16, 32):
         raise MoecError(f"no kernel for {bits}-bit weights; choices: "
                         f"{', '.join(map(str, KERNEL_BITS + (16, 32)))}")
-    if lanes < 1 or n < 1 or k < 1:
-        raise MoecError(f"bad kernel shape n={n} k={k} lanes={lanes}")
-    if n % lanes:
-        raise MoecError(f"kernel layout needs N ({n}) to be a multiple of the lane count {lanes}")
+    if n < 1 or k < 1:
+        raise MoecError(f"bad kernel shape n={n} k={k}")
     if bits in KERNEL_BITS:
         if group_size < 1 or k % group_size or (group_size * bits) % 32:
             raise MoecError(f"{bits}-bit kernels need group_size ({group_size}) to divide K ({k}) "
                             f"and hold whole uint32 words (group_size * bits % 32 == 0)")
+
+
+def num_tiles(n: int, tile: int) -> int:
+    """Row tiles of an ``n``-row weight: ``ceil(n / tile)``."""
+    return -(-n // tile)
 
 
 def _row_words(packed: np.ndarray, words: int) -> np.ndarray:
@@ -75,18 +79,20 @@ def _row_words(packed: np.ndarray, words: int) -> np.ndarray:
     return buf.view("<u4").astype(np.uint32)
 
 
-def _interleave(a: np.ndarray, lanes: int) -> np.ndarray:
-    """``[N, C]`` -> ``[N/L, C, L]``: element ``[nb, c, l]`` is row ``nb*L + l``, column ``c``."""
+def _interleave(a: np.ndarray, tile: int) -> np.ndarray:
+    """``[N, C]`` -> ``[NT, C, T]``: element ``[t, c, r]`` is row ``t*T + r`` (zeros past ``N``)."""
     n, c = a.shape
-    return np.ascontiguousarray(a.reshape(n // lanes, lanes, c).transpose(0, 2, 1))
+    padded = np.zeros((num_tiles(n, tile) * tile, c), dtype=a.dtype)
+    padded[:n] = a
+    return np.ascontiguousarray(padded.reshape(-1, tile, c).transpose(0, 2, 1))
 
 
-def _deinterleave(a: np.ndarray) -> np.ndarray:
-    nb, c, lanes = a.shape
-    return np.ascontiguousarray(a.transpose(0, 2, 1).reshape(nb * lanes, c))
+def _deinterleave(a: np.ndarray, n: int) -> np.ndarray:
+    nt, c, tile = a.shape
+    return np.ascontiguousarray(a.transpose(0, 2, 1).reshape(nt * tile, c)[:n])
 
 
-def to_kernel_layout(pw: PackedWeight | np.ndarray, lanes: int = DEFAULT_LANES) -> dict[str, np.ndarray]:
+def to_kernel_layout(pw: PackedWeight | np.ndarray, tile: int = DEFAULT_TILE) -> dict[str, np.ndarray]:
     """The kernel layout (module docstring) of one weight.
 
     Parameters
@@ -94,8 +100,8 @@ def to_kernel_layout(pw: PackedWeight | np.ndarray, lanes: int = DEFAULT_LANES) 
     pw : PackedWeight | np.ndarray
         A packed weight (2/3/4/8 bits or 16 = float16), or a float32 ``[N, K]`` array for the
         float32 kernel.
-    lanes : int
-        Rows per vector; the target family's schedule says which (see ``schedules``).
+    tile : int
+        Rows per tile; the target family's schedules say which (``kernel_tile(target)``).
 
     Returns
     -------
@@ -105,23 +111,25 @@ def to_kernel_layout(pw: PackedWeight | np.ndarray, lanes: int = DEFAULT_LANES) 
     Raises
     ------
     MoecError
-        On a shape or bit width the kernels do not support.
+        On a bit width or group size the kernels do not support.
     """
+    if tile < 1:
+        raise MoecError(f"tile must be >= 1, got {tile}")
     if isinstance(pw, np.ndarray):
         if pw.ndim != 2 or pw.dtype != np.float32:
             raise MoecError(f"float32 kernel layout needs a 2-D float32 array, got {pw.dtype} {pw.shape}")
-        check_kernel_shape(32, *pw.shape, 1, lanes)
-        return {"weight": _interleave(pw, lanes)}
+        check_kernel_shape(32, *pw.shape, 1)
+        return {"weight": _interleave(pw, tile)}
     n, k = pw.shape
     if pw.bits == FLOAT_BITS:
-        check_kernel_shape(16, n, k, pw.group_size, lanes)
-        return {"weight": _interleave(np.asarray(pw.packed, dtype=np.float16), lanes)}
-    check_kernel_shape(pw.bits, n, k, pw.group_size, lanes)
+        check_kernel_shape(16, n, k, pw.group_size)
+        return {"weight": _interleave(np.asarray(pw.packed, dtype=np.float16), tile)}
+    check_kernel_shape(pw.bits, n, k, pw.group_size)
     groups = k // pw.group_size
     return {
-        "weight": _interleave(_row_words(pw.packed, k * pw.bits // 32), lanes),
-        "scale": _interleave(np.asarray(pw.scale, dtype=np.float16), lanes),
-        "zero": _interleave(_row_words(pw.zero, zero_words(groups, pw.bits)), lanes),
+        "weight": _interleave(_row_words(pw.packed, k * pw.bits // 32), tile),
+        "scale": _interleave(np.asarray(pw.scale, dtype=np.float16), tile),
+        "zero": _interleave(_row_words(pw.zero, zero_words(groups, pw.bits)), tile),
     }
 
 
@@ -163,7 +171,7 @@ def from_kernel_layout(layout: dict[str, np.ndarray], bits: int, shape: tuple[in
     layout : dict[str, np.ndarray]
         What :func:`to_kernel_layout` returned.
     bits : int
-        2, 3, 4, 8 or 16 (float32 arrays are their own inverse: use ``_deinterleave``).
+        2, 3, 4, 8 or 16.
     shape : tuple[int, int]
         ``(N, K)``.
     group_size : int
@@ -176,19 +184,19 @@ def from_kernel_layout(layout: dict[str, np.ndarray], bits: int, shape: tuple[in
     """
     n, k = shape
     if bits == FLOAT_BITS:
-        return PackedWeight(shape, bits, group_size, _deinterleave(layout["weight"]))
+        return PackedWeight(shape, bits, group_size, _deinterleave(layout["weight"], n))
     groups = k // group_size
 
     def rows(a: np.ndarray, nbytes: int) -> np.ndarray:
-        return np.ascontiguousarray(_deinterleave(a).astype("<u4").view(np.uint8)[:, :nbytes])
+        return np.ascontiguousarray(_deinterleave(a, n).astype("<u4").view(np.uint8)[:, :nbytes])
 
     return PackedWeight(shape, bits, group_size, rows(layout["weight"], packed_row_bytes(k, bits)),
-                        _deinterleave(layout["scale"]),
+                        _deinterleave(layout["scale"], n),
                         rows(layout["zero"], packed_row_bytes(groups, bits)))
 
 
-def kernel_codes(words: np.ndarray, bits: int, count: int) -> np.ndarray:
-    """Decode ``count`` codes per row from kernel-layout words ``[N/L, W, L]`` the way the kernels do.
+def kernel_codes(words: np.ndarray, bits: int, count: int, n: int) -> np.ndarray:
+    """Decode ``count`` codes of the ``n`` rows of kernel-layout words ``[NT, W, T]`` as the kernels do.
 
     A numpy model of the kernels' bit extraction (word ``(i*b)//32``, shift ``(i*b)%32``, the
     next word's low bits for a straddling value), used to test the layout against ``unpack``.
@@ -198,7 +206,7 @@ def kernel_codes(words: np.ndarray, bits: int, count: int) -> np.ndarray:
     np.ndarray
         uint8 ``[N, count]``.
     """
-    w = _deinterleave(words).astype(np.uint64)
+    w = _deinterleave(words, n).astype(np.uint64)
     w = np.concatenate([w, np.zeros((w.shape[0], 1), np.uint64)], axis=1)
     idx = np.arange(count) * bits
     word, shift = idx // 32, (idx % 32).astype(np.uint64)

@@ -10,7 +10,8 @@ from tvm.target import codegen
 from moec.errors import MoecError
 from moec.lower.schedules import x86
 
-#: Family name -> schedule module (with ``PARAMS``, ``schedule_gemv``, ``grouped_gemm_params``).
+#: Family name -> schedule module: ``PARAMS`` (with ``tile_rows``), ``schedule_gemv``,
+#: ``grouped_gemm_params`` and optionally ``int8_gemv``.
 FAMILIES: dict[str, ModuleType] = {"x86": x86}
 
 _TRIPLE_PREFIXES = {"x86_64": "x86", "i686": "x86", "i386": "x86", "aarch64": "arm",
@@ -39,6 +40,6 @@ def family_module(target: tvm.target.Target) -> ModuleType:
                         f"{', '.join(sorted(FAMILIES))}") from None
 
 
-def kernel_lanes(target: tvm.target.Target) -> int:
-    """Rows per vector of the kernel layout that ``target``'s schedules expect."""
-    return family_module(target).PARAMS.lanes
+def kernel_tile(target: tvm.target.Target) -> int:
+    """Rows per tile of the kernel layout that ``target``'s schedules expect (``to_kernel_layout``)."""
+    return family_module(target).PARAMS.tile_rows

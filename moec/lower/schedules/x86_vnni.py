@@ -8,12 +8,14 @@ target-neutral definition. Numerics: :func:`moec.lower.kernels.activations.quant
 
 # No `from __future__ import annotations`: TVMScript needs the evaluated buffer annotations.
 
+from math import gcd
+
 from tvm import tirx
 from tvm.script import tirx as T
 
 from moec.errors import MoecError
 from moec.lower.kernels.decode import code_at
-from moec.lower.kernels.layout import zero_words
+from moec.lower.kernels.layout import num_tiles, zero_words
 
 
 #: Per bit width, the uint32 mask keeping one code per byte after shifting plane ``t`` down.
@@ -54,7 +56,8 @@ def _step_dots(bits: int, words):
             picked = T.call_llvm_pure_intrin(
                 "int8x64", "llvm.x86.avx512.pmultishift.qb.512",
                 T.reinterpret("int8x64", _splat(ctrl, "uint64", 8)), T.reinterpret("int8x64", window))
-            codes = T.reinterpret("int8x64", T.reinterpret("uint32x16", picked) & _splat(0x07070707, "uint32", 16))
+            codes = T.reinterpret("int8x64", T.reinterpret("uint32x16", picked)
+                                  & _splat(0x07070707, "uint32", 16))
             dots.append((codes, 8 * k + 4 * half))
     return dots
 
@@ -67,16 +70,23 @@ def vnni_gemv(spec, params) -> tirx.PrimFunc:
     activations broadcast to all rows (see :func:`_step_dots` for how codes reach bytes; ``x8``
     is stored in the order the dots consume it, permuted within each step once per call).
     Group sums are scaled once per group. Same parameters as the float32-activation GEMV.
-    ``params`` is an :class:`~moec.lower.schedules.x86.X86Params` (lanes, tile_vectors,
-    int8_chains).
+    ``params`` is an :class:`~moec.lower.schedules.x86.X86Params` (lanes, int8_tile_vectors,
+    int8_chains, prefetch_words, prefetch_locality).
     """
     bits, n, k, gs, lanes = spec.bits, spec.n, spec.k, spec.group_size, params.lanes
     step_words = 3 if bits == 3 else 1
     step_codes = 32 * step_words // bits
     steps_per_group = gs // step_codes
-    experts, top_k, vecs = spec.num_stacked, spec.top_k, params.tile_vectors
+    experts, top_k, vecs, tile = spec.num_stacked, spec.top_k, params.int8_tile_vectors, spec.tile
     nb, groups = n // lanes, k // gs
-    tiles = -(-nb // vecs)
+    tiles = -(-nb // vecs)  # parallel tasks per routed expert
+    if tile % lanes:
+        raise MoecError(f"layout tile {tile} is not a whole number of {lanes}-row vectors")
+    prefetch, locality = params.prefetch_words, params.prefetch_locality
+    vl = gcd(gs, lanes)  # vector width of the activation quantization
+    prefetch_lines = step_words if prefetch > 0 else 0
+    scale_ahead = params.scale_prefetch_groups
+    scale_prefetch_vectors = vecs if scale_ahead > 0 else 0
     xr = top_k if spec.x_per_expert else 1
     xstride = 1 if spec.x_per_expert else 0
     chains = max(1, min(params.int8_chains, len(_step_dots(bits, lambda i: T.Broadcast(T.uint32(0), 16)))))
@@ -95,10 +105,11 @@ def vnni_gemv(spec, params) -> tirx.PrimFunc:
         planes = 8 // bits
         return c % 4 * planes + c // 4
 
-    def accumulate(acc, v, c, weight, x8, e, b, step, r):
-        """New value of accumulator ``c`` of vector ``v`` after one step (``c`` is unrolled)."""
+    def accumulate(acc, v, c, weight, x8, e, gv, step, r):
+        """New value of accumulator ``c`` of vector ``v`` (global vector ``gv``) after one step."""
         def words(i):
-            return weight[e, b, step * step_words + i, T.ramp(0, 1, lanes)]
+            return weight[e, gv * lanes // tile, step * step_words + i,
+                          T.ramp(gv * lanes % tile, 1, lanes)]
         sums = [acc[v * chains + c, T.ramp(0, 1, lanes)] for c in range(chains)]
         for d, (codes, slot) in enumerate(_step_dots(bits, words)):
             x4 = T.reinterpret("int8x64", T.Broadcast(
@@ -109,27 +120,48 @@ def vnni_gemv(spec, params) -> tirx.PrimFunc:
             value = T.if_then_else(c == i, sums[i], value)
         return value
 
+    def group_term(dot, scale, zero, sx, xsum, e, gv, g, lane, r):
+        """``scale * sx * (sum q*x8 - zero * sum x8)`` of group ``g``, row ``gv*lanes + lane``."""
+        t, col = gv * lanes // tile, gv * lanes % tile + lane
+        zq = T.Cast("int32", zero_code(zero, e, t, g, col))
+        return (T.Cast("float32", scale[e, t, g, col]) * sx[r, g]
+                * T.Cast("float32", dot - zq * xsum[r, g]))
+
     @T.prim_func
     def gemv(x: T.Buffer((xr, k), "float32"),
-             weight: T.Buffer((experts, nb, k * bits // 32, lanes), "uint32"),
-             scale: T.Buffer((experts, nb, groups, lanes), "float16"),
-             zero: T.Buffer((experts, nb, zero_words(groups, bits), lanes), "uint32"),
+             weight: T.Buffer((experts, num_tiles(n, tile), k * bits // 32, tile), "uint32"),
+             scale: T.Buffer((experts, num_tiles(n, tile), groups, tile), "float16"),
+             zero: T.Buffer((experts, num_tiles(n, tile), zero_words(groups, bits), tile), "uint32"),
              expert_ids: T.Buffer((top_k,), "int32"), y: T.Buffer((top_k, n), "float32")):
         T.func_attr({"global_symbol": "gemv", "tirx.noalias": True})
         sx = T.alloc_buffer((xr, groups), "float32")
         xsum = T.alloc_buffer((xr, groups), "int32")
-        x8 = T.alloc_buffer((xr, k), "int8")
+        xq = T.alloc_buffer((xr, k), "int8")  # natural order
+        x8 = T.alloc_buffer((xr, k), "int8")  # the order the dot products consume
         for r, g in T.grid(xr, groups):
-            amax = T.alloc_buffer((1,), "float32", scope="local")
-            amax[0] = T.float32(0)
-            for i in range(gs):
-                amax[0] = T.max(amax[0], T.abs(x[r, g * gs + i]))
+            # Vectorised over vl lanes: this O(K) work runs on one thread before the parallel part.
+            amax = T.alloc_buffer((vl,), "float32", scope="local")
+            isum = T.alloc_buffer((vl,), "int32", scope="local")
+            for lane in T.vectorized(vl):
+                amax[lane] = T.float32(0)
+                isum[lane] = 0
+            for i in range(gs // vl):
+                for lane in T.vectorized(vl):
+                    amax[lane] = T.max(amax[lane], T.abs(x[r, g * gs + i * vl + lane]))
+            for lane in range(1, vl):
+                amax[0] = T.max(amax[0], amax[lane])
             sx[r, g] = T.max(amax[0], T.float32(1e-30)) / T.float32(127)
-            xsum[r, g] = 0
-            for c in range(gs):
-                x8[r, g * gs + c] = T.Cast("int8", T.round(
-                    x[r, g * gs + c // step_codes * step_codes + slot_source(c % step_codes)] / sx[r, g]))
-                xsum[r, g] = xsum[r, g] + T.Cast("int32", x8[r, g * gs + c])
+            for i in range(gs // vl):
+                for lane in T.vectorized(vl):
+                    xq[r, g * gs + i * vl + lane] = T.Cast(
+                        "int8", T.round(x[r, g * gs + i * vl + lane] / sx[r, g]))
+                    isum[lane] = isum[lane] + T.Cast("int32", xq[r, g * gs + i * vl + lane])
+            for lane in range(1, vl):
+                isum[0] = isum[0] + isum[lane]
+            xsum[r, g] = isum[0]
+        for r, c in T.grid(xr, k // step_codes):
+            for slot in T.unroll(step_codes):
+                x8[r, c * step_codes + slot] = xq[r, c * step_codes + slot_source(slot)]
         for task in T.parallel(top_k * tiles):
             acc = T.alloc_buffer((vecs * chains, lanes), "int32", scope="local")
             yacc = T.alloc_buffer((vecs, lanes), "float32", scope="local")
@@ -141,9 +173,26 @@ def vnni_gemv(spec, params) -> tirx.PrimFunc:
                 for a in T.unroll(vecs * chains):
                     for lane in T.vectorized(lanes):
                         acc[a, lane] = 0
+                # The scale stream is sparse (one 32-byte row of scales per group and vector), so
+                # hardware prefetchers miss it; fetch a few groups ahead.
+                for v in T.unroll(scale_prefetch_vectors):
+                    if task % tiles * vecs + v < nb:
+                        T.evaluate(T.call_llvm_intrin(
+                            "void", "llvm.prefetch", T.address_of(scale[
+                                e, (task % tiles * vecs + v) * lanes // tile,
+                                T.min(g + scale_ahead, groups - 1),
+                                (task % tiles * vecs + v) * lanes % tile]),
+                            T.int32(0), T.int32(locality), T.int32(1)))
                 for st in range(steps_per_group):
                     for v in T.unroll(vecs):
                         if task % tiles * vecs + v < nb:
+                            for i in T.unroll(prefetch_lines):
+                                T.evaluate(T.call_llvm_intrin(
+                                    "void", "llvm.prefetch", T.address_of(weight[
+                                        e, (task % tiles * vecs + v) * lanes // tile,
+                                        (g * steps_per_group + st) * step_words + prefetch + i,
+                                        (task % tiles * vecs + v) * lanes % tile]),
+                                    T.int32(0), T.int32(locality), T.int32(1)))
                             for c in T.unroll(chains):
                                 acc[v * chains + c, T.ramp(0, 1, lanes)] = accumulate(
                                     acc, v, c, weight, x8, e, task % tiles * vecs + v,
@@ -155,11 +204,9 @@ def vnni_gemv(spec, params) -> tirx.PrimFunc:
                 for v in T.unroll(vecs):
                     if task % tiles * vecs + v < nb:
                         for lane in T.vectorized(lanes):
-                            yacc[v, lane] = yacc[v, lane] + T.Cast(
-                                "float32", scale[e, task % tiles * vecs + v, g, lane]) * sx[
-                                task // tiles * xstride, g] * T.Cast("float32", acc[v * chains, lane] - T.Cast(
-                                    "int32", zero_code(zero, e, task % tiles * vecs + v, g, lane))
-                                    * xsum[task // tiles * xstride, g])
+                            yacc[v, lane] = yacc[v, lane] + group_term(
+                                acc[v * chains, lane], scale, zero, sx, xsum, e,
+                                task % tiles * vecs + v, g, lane, task // tiles * xstride)
             for v in T.unroll(vecs):
                 if task % tiles * vecs + v < nb:
                     for lane in T.vectorized(lanes):
