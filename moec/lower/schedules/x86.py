@@ -45,11 +45,11 @@ class X86Params:
         do not wait on each other's latency.
     prefetch_words : int
         Software prefetch distance of the VNNI GEMV in words of each row stream (0: none); 8
-        measured ~5-10% more cold bandwidth than none, farther or non-temporal did not help.
+        measured ~5-10% more cold bandwidth than none; farther, non-temporal, or also
+        prefetching the scale stream did not help.
     prefetch_locality : int
         ``llvm.prefetch`` locality (3 = prefetcht0, 0 = prefetchnta).
-    scale_prefetch_groups : int
-        How many groups ahead the VNNI GEMV prefetches each vector's scales (0: none).
+
     """
 
     lanes: int = 16
@@ -62,7 +62,6 @@ class X86Params:
     int8_chains: int = 2
     prefetch_words: int = 8
     prefetch_locality: int = 3
-    scale_prefetch_groups: int = 0
 
     @property
     def tile_rows(self) -> int:

@@ -15,6 +15,7 @@ from tvm.script import tirx as T
 
 from moec.errors import MoecError
 from moec.lower.kernels.decode import code_at
+from moec.lower.kernels.gemv import GemvSpec
 from moec.lower.kernels.layout import num_tiles, zero_words
 
 
@@ -62,7 +63,7 @@ def _step_dots(bits: int, words):
     return dots
 
 
-def vnni_gemv(spec, params) -> tirx.PrimFunc:
+def vnni_gemv(spec: GemvSpec, params) -> tirx.PrimFunc:
     """The int8-activation GEMV for ``spec`` (a :class:`~moec.lower.kernels.gemv.GemvSpec`).
 
     Per step of 32/b codes (one word; 32 codes = 3 words at 3 bits) and vector of 16 rows,
@@ -85,11 +86,10 @@ def vnni_gemv(spec, params) -> tirx.PrimFunc:
     prefetch, locality = params.prefetch_words, params.prefetch_locality
     vl = gcd(gs, lanes)  # vector width of the activation quantization
     prefetch_lines = step_words if prefetch > 0 else 0
-    scale_ahead = params.scale_prefetch_groups
-    scale_prefetch_vectors = vecs if scale_ahead > 0 else 0
     xr = top_k if spec.x_per_expert else 1
     xstride = 1 if spec.x_per_expert else 0
-    chains = max(1, min(params.int8_chains, len(_step_dots(bits, lambda i: T.Broadcast(T.uint32(0), 16)))))
+    dots_per_step = 8 if bits == 3 else 8 // bits
+    chains = max(1, min(params.int8_chains, dots_per_step))
     if lanes != 16:
         raise MoecError(f"the VNNI kernel works on 16 int32 lanes, not {lanes}")
     if gs % step_codes:
@@ -173,16 +173,6 @@ def vnni_gemv(spec, params) -> tirx.PrimFunc:
                 for a in T.unroll(vecs * chains):
                     for lane in T.vectorized(lanes):
                         acc[a, lane] = 0
-                # The scale stream is sparse (one 32-byte row of scales per group and vector), so
-                # hardware prefetchers miss it; fetch a few groups ahead.
-                for v in T.unroll(scale_prefetch_vectors):
-                    if task % tiles * vecs + v < nb:
-                        T.evaluate(T.call_llvm_intrin(
-                            "void", "llvm.prefetch", T.address_of(scale[
-                                e, (task % tiles * vecs + v) * lanes // tile,
-                                T.min(g + scale_ahead, groups - 1),
-                                (task % tiles * vecs + v) * lanes % tile]),
-                            T.int32(0), T.int32(locality), T.int32(1)))
                 for st in range(steps_per_group):
                     for v in T.unroll(vecs):
                         if task % tiles * vecs + v < nb:
