@@ -1,4 +1,4 @@
-"""Assemble a bundle from a model and a plan: pack weights, build the library, write manifest + files."""
+"""Assemble a bundle from packed weights and a plan: build the library, write manifest + files."""
 
 from __future__ import annotations
 
@@ -18,9 +18,8 @@ from moec.hardware.targets import TargetPreset
 from moec.errors import MoecError
 from moec.lower.build import build_module
 from moec.lower.kernel_linear import apply_kernel_layout
-from moec.lower.params import ModelParams, params_from_model
+from moec.lower.params import ModelParams
 from moec.models.config import MoEConfig
-from moec.models.model import MoEModel
 from moec.search.plan import BitPlan
 
 StageCallback = Callable[[str, float], None]
@@ -35,20 +34,6 @@ def kernel_emitter(target, family: str, use_kernels: bool):
         return KernelEmitter(target)
     except MoecError:
         return None
-
-
-def build_bundle(model: MoEModel, plan: BitPlan, preset: TargetPreset, out: str | os.PathLike,
-                 tokenizer_path: str | os.PathLike | None, extra_manifest: dict | None = None,
-                 debug_dump: str | os.PathLike | None = None, on_stage: StageCallback | None = None,
-                 extra_files: dict[str, str | os.PathLike] | None = None) -> Path:
-    """Pack ``model`` under ``plan``, compile for ``preset`` and write the bundle directory ``out``."""
-    plan.validate(model.cfg, tuple(preset.allowed_bits))
-    t0 = time.time()
-    params = params_from_model(model, plan)
-    if on_stage is not None:
-        on_stage("pack", time.time() - t0)
-    return build_bundle_from_params(model.cfg, plan, params, preset, out, tokenizer_path, extra_manifest,
-                                    debug_dump, on_stage, extra_files)
 
 
 def build_bundle_from_params(cfg: MoEConfig, plan: BitPlan, params: ModelParams, preset: TargetPreset,

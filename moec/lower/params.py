@@ -14,8 +14,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from moec.models.config import MoEConfig
-from moec.models.model import MoEModel
-from moec.quant.packed_model import FLOAT_BITS, PackedWeight, expert_key, pack_model
+from moec.quant.packed_model import FLOAT_BITS, PackedWeight, expert_key
 from moec.search.plan import BitPlan
 
 
@@ -77,12 +76,6 @@ def _arrays(pw: PackedWeight) -> dict[str, np.ndarray]:
 def _stack(pws: list[PackedWeight]) -> dict[str, np.ndarray]:
     per = [_arrays(p) for p in pws]
     return {k: np.stack([a[k] for a in per]) for k in per[0]}
-
-
-def params_from_model(model: MoEModel, plan: BitPlan) -> ModelParams:
-    """Quantize/pack ``model`` under ``plan`` and arrange the tensors for the compiled graph."""
-    floats = {k: t.detach().float().numpy().copy() for k, t in model.state_dict().items() if t.dim() == 1}
-    return build_params(model.cfg, plan, pack_model(model, plan), floats)
 
 
 def build_params(cfg: MoEConfig, plan: BitPlan, packed: dict[str, PackedWeight],
