@@ -6,10 +6,12 @@ called through ``call_tir``; anything else (tiny routers, odd shapes, embedding
 lookups) falls back to the reference emitter.
 
 A routed-expert kernel has ``top_k`` rows; a row whose id is -1 (a routed expert of
-another bit class) is pointed at the first routed member of this class instead, so it
-re-reads weights the call reads anyway (from cache), and ``where`` zeroes its output. Only
-when no routed expert falls in a class does its call read one unrouted expert (the
-class' first); a row guard inside the kernel would remove that remaining read.
+another bit class) does no work when the kernel has a row guard
+(:mod:`moec.lower.kernels.row_guard`), so a decode step reads only its routed experts and a bit
+class with no routed expert costs one call's activation preparation; ``where`` zeroes those
+rows. For a schedule without a guard such rows are pointed at the first routed member of the
+class instead (re-reading weights the call reads anyway) and only a class with no routed
+member reads one unrouted expert.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from tvm import relax
 
 from moec.errors import MoecError
 from moec.lower.kernels.build import make_gemv
+from moec.lower.kernels.row_guard import has_row_guard
 from moec.lower.kernels.layout import check_kernel_shape, stack_kernel_layouts, to_kernel_layout
 from moec.lower.linear import LinearEmitter
 from moec.lower.params import ModelParams, WeightEntry
@@ -34,6 +37,7 @@ class KernelEmitter(LinearEmitter):
         self.target = target
         self.tile = kernel_tile(target)
         self._supported: dict[tuple, bool] = {}
+        self._kernels: dict[tuple, tvm.tirx.PrimFunc] = {}
 
     # -- build-time layout ---------------------------------------------------------
     def supports(self, pw: PackedWeight) -> bool:
@@ -56,11 +60,17 @@ class KernelEmitter(LinearEmitter):
         return {f"k{k}": v for k, v in stack_kernel_layouts(layouts).items()}
 
     # -- graph ---------------------------------------------------------------------
-    def _call(self, bb, x, entry: WeightEntry, vars_, name, ids, top_k, per_expert):
+    def _kernel(self, entry: WeightEntry, top_k: int, per_expert: bool):
         n, k = entry.shape
-        stacked = entry.stacked or 1
+        key = (entry.bits, n, k, entry.group_size, entry.stacked or 1, top_k, per_expert)
+        if key not in self._kernels:
+            self._kernels[key] = make_gemv(*key[:6], self.target, x_per_expert=per_expert)
+        return self._kernels[key]
+
+    def _call(self, bb, x, entry: WeightEntry, vars_, name, ids, top_k, per_expert):
+        n = entry.shape[0]
         bits = entry.bits
-        func = make_gemv(bits, n, k, entry.group_size, stacked, top_k, self.target, x_per_expert=per_expert)
+        func = self._kernel(entry, top_k, per_expert)
         # opaque: scheduled kernels are called as they are, never fused with neighbouring ops
         func = func.with_attr("op_pattern", 8).with_attr("global_symbol", f"gemv_{name}".replace(".", "_"))
         gv = bb.add_func(func, f"gemv_{name}".replace(".", "_"))
@@ -82,12 +92,15 @@ class KernelEmitter(LinearEmitter):
         top_k = int(ids.ty.shape[0])
         per_expert = int(x.ty.shape[0]) != 1
         is_member = bb.emit(relax.op.greater_equal(ids, relax.const(np.int32(0))))
+        member = bb.emit(relax.op.reshape(is_member, (top_k, 1)))
+        if has_row_guard(self._kernel(entry, top_k, per_expert)):
+            y = self._call(bb, x, entry, vars_, name, ids, top_k, per_expert)
+            return bb.emit(relax.op.where(member, y, relax.const(np.float32(0.0))))
         big = relax.const(np.int32(1 << 30))
         first = bb.emit(relax.op.min(relax.op.where(is_member, ids, big), axis=0, keepdims=True))
         first = bb.emit(relax.op.where(relax.op.equal(first, big), relax.const(np.int32(0)), first))
         safe = bb.emit(relax.op.where(is_member, ids, first))
         y = self._call(bb, x, entry, vars_, name, safe, top_k, per_expert)
-        member = bb.emit(relax.op.reshape(is_member, (top_k, 1)))
         return bb.emit(relax.op.where(member, y, relax.const(np.float32(0.0))))
 
 

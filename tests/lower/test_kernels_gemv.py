@@ -191,3 +191,26 @@ def test_target_family_registry():
     arm = tvm.target.Target({"kind": "llvm", "mtriple": "aarch64-linux-gnu"})
     with pytest.raises(MoecError, match="family 'arm'; choices: x86"):
         make_gemv(4, 64, 64, 32, 2, 1, arm)
+
+
+@pytest.mark.parametrize("activations", ["float32", "int8"])
+@pytest.mark.parametrize("bits", [2, 3, 4, 8, 16])
+def test_rows_with_negative_id_do_no_work(kernels, bits, activations):
+    """A -1 row (routed to another bit class) leaves its output row untouched; others are exact."""
+    if activations == "int8" and (bits == 16 or not codegen.target_has_features("avx512vnni", host_target())):
+        pytest.skip("int8 activations need quantized weights and AVX-512 VNNI")
+    n, k, gs, experts, top_k = 80, 256, 64, 5, 3
+    func = make_gemv(bits, n, k, gs, experts, top_k, host_target(), activations=activations)
+    assert func.attrs["moec.row_guard"]
+    mod = kernels.get(make_gemv, bits, n, k, gs, experts, top_k, activations=activations)
+    stack, deq = expert_stack(bits, n, k, gs, experts)
+    x = np.random.default_rng(5).standard_normal((1, k)).astype(np.float32)
+    ids = np.array([-1, 3, -1], np.int32)
+    sentinel = np.full((top_k, n), 1234.5, np.float32)
+    out = call(mod, "gemv", [x] + weight_args(stack) + [ids, sentinel])
+    assert (out[[0, 2]] == 1234.5).all()
+    xr = dequantized_activations(x, gs) if activations == "int8" else x
+    ref = xr[0] @ deq[3].T
+    np.testing.assert_allclose(out[1], ref, rtol=1e-4, atol=1e-4 * float(np.abs(ref).max()))
+    out = call(mod, "gemv", [x] + weight_args(stack) + [np.full(top_k, -1, np.int32), sentinel.copy()])
+    assert (out == 1234.5).all()

@@ -9,6 +9,7 @@ from moec.errors import MoecError
 from moec.lower.kernels.activations import ACTIVATIONS, INT8_ACTIVATION_BITS
 from moec.lower.kernels.gemv import GemvSpec, gemv_definition
 from moec.lower.kernels.grouped_gemm import GroupedGemmSpec, grouped_gemm_definition
+from moec.lower.kernels.row_guard import guard_routed_rows
 from moec.lower.schedules import family_module, kernel_tile, target_family
 
 
@@ -55,6 +56,9 @@ def make_gemv(bits: int, n: int, k: int, group_size: int, num_stacked: int, top_
         ``gemv(x, weight, scale, zero, expert_ids, y)`` (quantized) or
         ``gemv(x, weight, expert_ids, y)`` (float); arrays in the kernel layout of
         :func:`moec.lower.kernels.layout.to_kernel_layout` with ``tile=kernel_tile(target)``.
+        When the family's schedule allows it (attribute ``moec.row_guard``, see
+        :mod:`moec.lower.kernels.row_guard`) a row whose expert id is -1 is skipped: no weight is
+        read and its output row is left unwritten.
     """
     target = tvm.target.Target(target)
     spec = GemvSpec(bits, n, k, group_size, num_stacked, top_k, kernel_tile(target), x_per_expert,
@@ -71,7 +75,7 @@ def make_gemv(bits: int, n: int, k: int, group_size: int, num_stacked: int, top_
         return family.int8_gemv(spec, target)
     if activations != "float32":
         raise MoecError(f"unknown activations {activations!r}; choices: {', '.join(ACTIVATIONS)}")
-    return family.schedule_gemv(gemv_definition(spec), spec)
+    return guard_routed_rows(family.schedule_gemv(gemv_definition(spec), spec), top_k)
 
 
 def make_grouped_gemm(bits: int, n: int, k: int, group_size: int, num_stacked: int,

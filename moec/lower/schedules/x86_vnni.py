@@ -133,7 +133,7 @@ def vnni_gemv(spec: GemvSpec, params) -> tirx.PrimFunc:
              scale: T.Buffer((experts, num_tiles(n, tile), groups, tile), "float16"),
              zero: T.Buffer((experts, num_tiles(n, tile), zero_words(groups, bits), tile), "uint32"),
              expert_ids: T.Buffer((top_k,), "int32"), y: T.Buffer((top_k, n), "float32")):
-        T.func_attr({"global_symbol": "gemv", "tirx.noalias": True})
+        T.func_attr({"global_symbol": "gemv", "tirx.noalias": True, "moec.row_guard": True})
         sx = T.alloc_buffer((xr, groups), "float32")
         xsum = T.alloc_buffer((xr, groups), "int32")
         xq = T.alloc_buffer((xr, k), "int8")  # natural order
@@ -166,40 +166,41 @@ def vnni_gemv(spec: GemvSpec, params) -> tirx.PrimFunc:
             acc = T.alloc_buffer((vecs * chains, lanes), "int32", scope="local")
             yacc = T.alloc_buffer((vecs, lanes), "float32", scope="local")
             e: T.int32 = expert_ids[task // tiles]
-            for v in T.unroll(vecs):
-                for lane in T.vectorized(lanes):
-                    yacc[v, lane] = T.float32(0)
-            for g in range(groups):
-                for a in T.unroll(vecs * chains):
+            if e >= 0:  # a row routed to another bit class (id -1) does no work
+                for v in T.unroll(vecs):
                     for lane in T.vectorized(lanes):
-                        acc[a, lane] = 0
-                for st in range(steps_per_group):
+                        yacc[v, lane] = T.float32(0)
+                for g in range(groups):
+                    for a in T.unroll(vecs * chains):
+                        for lane in T.vectorized(lanes):
+                            acc[a, lane] = 0
+                    for st in range(steps_per_group):
+                        for v in T.unroll(vecs):
+                            if task % tiles * vecs + v < nb:
+                                for i in T.unroll(prefetch_lines):
+                                    T.evaluate(T.call_llvm_intrin(
+                                        "void", "llvm.prefetch", T.address_of(weight[
+                                            e, (task % tiles * vecs + v) * lanes // tile,
+                                            (g * steps_per_group + st) * step_words + prefetch + i,
+                                            (task % tiles * vecs + v) * lanes % tile]),
+                                        T.int32(0), T.int32(locality), T.int32(1)))
+                                for c in T.unroll(chains):
+                                    acc[v * chains + c, T.ramp(0, 1, lanes)] = accumulate(
+                                        acc, v, c, weight, x8, e, task % tiles * vecs + v,
+                                        g * steps_per_group + st, task // tiles * xstride)
+                    for v in T.unroll(vecs):
+                        for c in T.unroll(1, chains):
+                            for lane in T.vectorized(lanes):
+                                acc[v * chains, lane] = acc[v * chains, lane] + acc[v * chains + c, lane]
                     for v in T.unroll(vecs):
                         if task % tiles * vecs + v < nb:
-                            for i in T.unroll(prefetch_lines):
-                                T.evaluate(T.call_llvm_intrin(
-                                    "void", "llvm.prefetch", T.address_of(weight[
-                                        e, (task % tiles * vecs + v) * lanes // tile,
-                                        (g * steps_per_group + st) * step_words + prefetch + i,
-                                        (task % tiles * vecs + v) * lanes % tile]),
-                                    T.int32(0), T.int32(locality), T.int32(1)))
-                            for c in T.unroll(chains):
-                                acc[v * chains + c, T.ramp(0, 1, lanes)] = accumulate(
-                                    acc, v, c, weight, x8, e, task % tiles * vecs + v,
-                                    g * steps_per_group + st, task // tiles * xstride)
-                for v in T.unroll(vecs):
-                    for c in T.unroll(1, chains):
-                        for lane in T.vectorized(lanes):
-                            acc[v * chains, lane] = acc[v * chains, lane] + acc[v * chains + c, lane]
+                            for lane in T.vectorized(lanes):
+                                yacc[v, lane] = yacc[v, lane] + group_term(
+                                    acc[v * chains, lane], scale, zero, sx, xsum, e,
+                                    task % tiles * vecs + v, g, lane, task // tiles * xstride)
                 for v in T.unroll(vecs):
                     if task % tiles * vecs + v < nb:
                         for lane in T.vectorized(lanes):
-                            yacc[v, lane] = yacc[v, lane] + group_term(
-                                acc[v * chains, lane], scale, zero, sx, xsum, e,
-                                task % tiles * vecs + v, g, lane, task // tiles * xstride)
-            for v in T.unroll(vecs):
-                if task % tiles * vecs + v < nb:
-                    for lane in T.vectorized(lanes):
-                        y[task // tiles, (task % tiles * vecs + v) * lanes + lane] = yacc[v, lane]
+                            y[task // tiles, (task % tiles * vecs + v) * lanes + lane] = yacc[v, lane]
 
     return gemv
