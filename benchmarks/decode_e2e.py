@@ -50,13 +50,21 @@ def _median_step(step, steps: int) -> float:
     return statistics.median(times[2:] or times)
 
 
-def time_tvm(cfg, plan, weights: ModelWeights, tmp: Path, steps: int) -> float:
+def time_tvm(cfg, plan, weights: ModelWeights, tmp: Path, steps: int) -> tuple[float, float]:
+    """(median decode step seconds, prefill seconds per prompt token for a 64-token prompt)."""
     params = build_params(cfg, plan, weights.packed, weights.floats)
     bundle = build_bundle_from_params(cfg, plan, params, load_target("host"), tmp / "bundle", None)
     sess = BundleSession(bundle)
+    prompt = [3 + i % 97 for i in range(64)]
+
+    def prefill():
+        sess.reset()
+        sess.prefill(prompt)
+    prefill_s = _median_step(prefill, 5) / len(prompt)
+    sess.reset()
     for t in PROMPT:
         sess.step(t)
-    return _median_step(lambda: sess.step(5), steps)
+    return _median_step(lambda: sess.step(5), steps), prefill_s
 
 
 def time_ort(weights: ModelWeights, tmp: Path, steps: int) -> tuple[float, int]:
@@ -90,21 +98,21 @@ def time_torch(model, plan, steps: int) -> float:
 def run(label: str, cfg: MoEConfig, plans: dict[str, BitPlan], weights_for, model, steps: int) -> None:
     print(f"\n## {label}\n")
     print("| plan | weight MB | moec-TVM tok/s | onnxruntime tok/s (level) | torch eager tok/s | "
-          "TVM / ORT | TVM vs TVM-INT8 |")
-    print("|---|---|---|---|---|---|---|")
+          "TVM / ORT | TVM vs TVM-INT8 | moec-TVM prefill tok/s (64-token prompt) |")
+    print("|---|---|---|---|---|---|---|---|")
     rows = {}
     for name, plan in plans.items():
         weights = weights_for(plan)
         mb = (sum(p.nbytes for p in weights.packed.values()) + sum(a.nbytes for a in weights.floats.values())) / 1e6
         with tempfile.TemporaryDirectory(prefix="moec-bench-") as d:
-            tvm_s = time_tvm(cfg, plan, weights, Path(d), steps)
+            tvm_s, prefill_s = time_tvm(cfg, plan, weights, Path(d), steps)
             ort_s, level = time_ort(weights, Path(d), steps)
         torch_s = time_torch(model, plan, steps) if model is not None else float("nan")
-        rows[name] = (mb, tvm_s, ort_s, level, torch_s)
+        rows[name] = (mb, tvm_s, ort_s, level, torch_s, prefill_s)
     int8 = rows.get("uniform INT8", (0, float("nan")))[1]
-    for name, (mb, tvm_s, ort_s, level, torch_s) in rows.items():
+    for name, (mb, tvm_s, ort_s, level, torch_s, prefill_s) in rows.items():
         print(f"| {name} | {mb:.1f} | {1 / tvm_s:.1f} | {1 / ort_s:.1f} ({level}) | {1 / torch_s:.1f} | "
-              f"{ort_s / tvm_s:.2f}x | {int8 / tvm_s:.2f}x |")
+              f"{ort_s / tvm_s:.2f}x | {int8 / tvm_s:.2f}x | {1 / prefill_s:.1f} |")
 
 
 def main() -> None:

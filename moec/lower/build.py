@@ -7,9 +7,11 @@ import time
 from dataclasses import dataclass
 
 import tvm
+from tvm import relax
 
 from moec.errors import MoecError
 from moec.lower.decode_graph import DecodeBuilder
+from moec.lower.prefill_graph import PrefillBuilder
 from moec.lower.linear import LinearEmitter
 from moec.lower.params import ModelParams
 from moec.lower.pipeline import make_pipeline
@@ -21,6 +23,7 @@ class BuildResult:
     lib_path: str
     seconds: float
     target: str
+    entries: list[str]
 
 
 def build_module(cfg: MoEConfig, params: ModelParams, target: tvm.target.Target, family: str,
@@ -32,8 +35,13 @@ def build_module(cfg: MoEConfig, params: ModelParams, target: tvm.target.Target,
     kernel emitter needs ``params`` already in its layout (``apply_kernel_layout``).
     """
     t0 = time.time()
-    func = DecodeBuilder(cfg, params, emitter or LinearEmitter()).build()
-    mod = tvm.IRModule({"decode": func}) if not isinstance(func, tvm.IRModule) else func
+    linear = emitter or LinearEmitter()
+    bb = relax.BlockBuilder()
+    DecodeBuilder(cfg, params, linear).build(bb)
+    prefill = PrefillBuilder(cfg, params, linear)
+    if prefill.supported():
+        prefill.build(bb)
+    mod = bb.get()
     with target:
         ex = tvm.compile(mod, target=target, relax_pipeline=make_pipeline(family, debug_dump))
     try:
@@ -44,4 +52,5 @@ def build_module(cfg: MoEConfig, params: ModelParams, target: tvm.target.Target,
             ex.export_library(str(lib_path))
     except Exception as exc:  # compiler/linker failures surface as RuntimeError/TVMError
         raise MoecError(f"linking {lib_path} failed: {str(exc).strip().splitlines()[-1]}") from None
-    return BuildResult(str(lib_path), time.time() - t0, str(target))
+    entries = [gv.name_hint for gv, f in mod.functions.items() if isinstance(f, relax.Function)]
+    return BuildResult(str(lib_path), time.time() - t0, str(target), sorted(entries))

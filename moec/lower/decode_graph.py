@@ -41,9 +41,10 @@ class DecodeBuilder:
             y = bb.emit(relax.op.add(y, self.vars[bias]))
         return y
 
-    def build(self) -> relax.Function:
+    def build(self, bb: relax.BlockBuilder | None = None):
+        """Emit ``decode`` into ``bb`` (a new builder if None); returns the builder's module."""
         cfg = self.cfg
-        bb = relax.BlockBuilder()
+        bb = bb or relax.BlockBuilder()
         p = tirx.Var("P", "int64")
         kv = (cfg.num_kv_heads, p, cfg.head_dim)
         token = relax.Var("token", relax.TensorType((1,), "int32"))

@@ -18,10 +18,10 @@ from __future__ import annotations
 
 import numpy as np
 import tvm
-from tvm import relax
+from tvm import relax, te, tirx
 
 from moec.errors import MoecError
-from moec.lower.kernels.build import make_gemv
+from moec.lower.kernels.build import make_gemv, make_grouped_gemm
 from moec.lower.kernels.row_guard import has_row_guard
 from moec.lower.kernels.layout import check_kernel_shape, stack_kernel_layouts, to_kernel_layout
 from moec.lower.linear import LinearEmitter
@@ -69,16 +69,40 @@ class KernelEmitter(LinearEmitter):
 
     def _call(self, bb, x, entry: WeightEntry, vars_, name, ids, top_k, per_expert):
         n = entry.shape[0]
-        bits = entry.bits
         func = self._kernel(entry, top_k, per_expert)
         # opaque: scheduled kernels are called as they are, never fused with neighbouring ops
         func = func.with_attr("op_pattern", 8).with_attr("global_symbol", f"gemv_{name}".replace(".", "_"))
         gv = bb.add_func(func, f"gemv_{name}".replace(".", "_"))
-        args = [x, vars_[f"{name}.kweight"]]
-        if bits != 16:
-            args += [vars_[f"{name}.kscale"], vars_[f"{name}.kzero"]]
-        args.append(ids)
+        args = [x] + self._weight_args(entry, vars_, name) + [ids]
         return bb.emit(relax.call_tir(gv, args, relax.TensorType((top_k, n), "float32")))
+
+    def _weight_args(self, entry: WeightEntry, vars_, name) -> list:
+        args = [vars_[f"{name}.kweight"]]
+        if entry.bits != 16:
+            args += [vars_[f"{name}.kscale"], vars_[f"{name}.kzero"]]
+        return args
+
+    def grouped(self, bb, x, entry: WeightEntry, vars_, name, offsets):
+        if not entry.kernel:
+            return None
+        n, k = entry.shape
+        key = ("gemm", entry.bits, n, k, entry.group_size, entry.stacked or 1)
+        if key not in self._kernels:
+            self._kernels[key] = make_grouped_gemm(*key[1:], self.target)
+        sym = f"gemm_{name}".replace(".", "_")
+        func = self._kernels[key].with_attr("op_pattern", 8).with_attr("global_symbol", sym)
+        gv = bb.add_func(func, sym)
+        rows = x.ty.shape[0]
+        args = [x] + self._weight_args(entry, vars_, name) + [offsets]
+        return bb.emit(relax.call_tir(gv, args, relax.TensorType((rows, n), "float32")))
+
+    def dense_rows(self, bb, x, entry: WeightEntry, vars_, name):
+        if not entry.kernel:
+            return super().dense_rows(bb, x, entry, vars_, name)
+        # one "expert" holding every row: offsets [0, T]
+        offsets = bb.emit_te(lambda t: te.compute(
+            (2,), lambda i: tirx.if_then_else(i == 0, 0, t.shape[0]).astype("int32"), name="offsets"), x)
+        return self.grouped(bb, x, entry, vars_, name, offsets)
 
     def dense(self, bb, x, entry: WeightEntry, vars_, name):
         if not entry.kernel:

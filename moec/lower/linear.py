@@ -35,6 +35,14 @@ class LinearEmitter:
         w = self._weight(bb, entry, vars_, name)
         return bb.emit(relax.op.matmul(x, relax.op.permute_dims(w)))
 
+    def dense_rows(self, bb, x, entry: WeightEntry, vars_, name):
+        """``dense`` for ``x [T, K]`` with many rows (prefill); the reference matmul takes any T."""
+        return self.dense(bb, x, entry, vars_, name)
+
+    def grouped(self, bb, x, entry: WeightEntry, vars_, name, offsets):
+        """Rows of ``x`` sorted by stacked expert (``offsets``) times their expert: needs kernels."""
+        return None
+
     def experts(self, bb, x, entry: WeightEntry, vars_, name, ids):
         safe = bb.emit(relax.op.maximum(ids, relax.const(np.int32(0))))
         w = self._weight(bb, entry, vars_, name, lead=safe)              # [k, N, K]
@@ -53,4 +61,5 @@ class LinearEmitter:
         packed, scale, zero = (bb.emit(relax.op.take(vars_[f"embed.weight.{a}"], token, axis=0, mode="clip"))
                                for a in ("packed", "scale", "zero"))
         group = k // entry.arrays["scale"].shape[-1]
-        return bb.emit_te(te_ops.dequantize, packed, scale, zero, entry.bits, 1, k, group)
+        rows = token.ty.shape[0]  # 1 in decode, T (symbolic) in prefill
+        return bb.emit_te(te_ops.dequantize, packed, scale, zero, entry.bits, rows, k, group)

@@ -81,3 +81,49 @@ def rms_norm(x: te.Tensor, weight: te.Tensor, eps: float) -> te.Tensor:
     sq = te.compute((rows,), lambda i: te.sum(x[i, r] * x[i, r], axis=r), name="sumsq")
     return te.compute(x.shape, lambda i, j: x[i, j] * weight[j] * tirx.rsqrt(sq[i] / float(int(dim)) + eps),
                       name="rms_norm")
+
+
+def rope_rows(x: te.Tensor, start, theta: float) -> te.Tensor:
+    """RoPE of ``x [T, heads, head_dim]``, row ``t`` at position ``start + t`` (prefill)."""
+    hd = int(x.shape[-1])
+    half = hd // 2
+
+    def f(t, h, d):
+        j = tirx.floormod(d, half).astype("float32")
+        inv = tirx.exp(j * (-2.0 / hd) * tirx.log(tirx.const(theta, "float32")))
+        ang = (start + t).astype("float32") * inv
+        rot = tirx.if_then_else(d < half, -x[t, h, tirx.min(d + half, hd - 1)], x[t, h, tirx.max(d - half, 0)])
+        return x[t, h, d] * tirx.cos(ang) + rot * tirx.sin(ang)
+
+    return te.compute(x.shape, f, name="rope_rows")
+
+
+def causal_scores(q: te.Tensor, keys: te.Tensor) -> te.Tensor:
+    """``q [T, H, hd]`` · ``keys [KVH, P+T, hd]`` → ``[H, T, P+T]``; future positions get -1e30.
+
+    Row ``t`` sits at position ``P + t`` and sees keys ``0..P+t`` (``q`` pre-scaled).
+    """
+    t_, h_, hd = q.shape
+    kvh, s_, _ = keys.shape
+    rep = int(h_) // int(kvh)
+    past = s_ - t_
+    r = te.reduce_axis((0, hd), name="d")
+    dot = te.compute((h_, t_, s_), lambda h, t, s: te.sum(q[t, h, r] * keys[h // rep, s, r], axis=r),
+                     name="dot")
+    return te.compute((h_, t_, s_), lambda h, t, s: tirx.if_then_else(
+        s <= past + t, dot[h, t, s], tirx.const(-1e30, "float32")), name="causal_scores")
+
+
+def causal_values(probs: te.Tensor, values: te.Tensor) -> te.Tensor:
+    """``probs [H, T, S]`` · ``values [KVH, S, hd]`` → ``[T, H, hd]``."""
+    h_, t_, s_ = probs.shape
+    kvh, _, hd = values.shape
+    rep = int(h_) // int(kvh)
+    r = te.reduce_axis((0, s_), name="s")
+    return te.compute((t_, h_, hd), lambda t, h, d: te.sum(probs[h, t, r] * values[h // rep, r, d], axis=r),
+                      name="causal_attn")
+
+
+def last_row(x: te.Tensor) -> te.Tensor:
+    """``x [T, D]`` → ``[1, D]``, its last row."""
+    return te.compute((1, x.shape[1]), lambda _, j: x[x.shape[0] - 1, j], name="last_row")

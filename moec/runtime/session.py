@@ -60,6 +60,23 @@ class BundleSession:
     def reset(self) -> None:
         self.past = [tvm.runtime.tensor(self._empty, self.dev) for _ in range(2 * self.cfg["num_layers"])]
 
+    @property
+    def has_prefill(self) -> bool:
+        """Whether the bundle has a ``prefill`` function (a whole prompt in one call)."""
+        return "prefill" in self.manifest.get("entry", {})
+
+    def prefill(self, tokens: list[int]) -> np.ndarray:
+        """Feed ``tokens`` at the next positions in one call (decode steps if the bundle has no
+        ``prefill``); returns the logits [V] after the last one."""
+        if not self.has_prefill:
+            for t in tokens:
+                logits = self.step(t)
+            return logits
+        ids = tvm.runtime.tensor(np.asarray(tokens, np.int32), self.dev)
+        out = self.vm["prefill"](ids, *self.past, *self.params)
+        self.past = [out[i] for i in range(1, len(out))]
+        return out[0].numpy()[0]
+
     def step(self, token: int) -> np.ndarray:
         """Run one decode step for ``token`` at the next position; returns logits [V]."""
         out = self.vm["decode"](tvm.runtime.tensor(np.array([token], np.int32), self.dev), *self.past, *self.params)
@@ -68,13 +85,12 @@ class BundleSession:
 
     def generate(self, prompt_ids: list[int], max_new_tokens: int,
                  on_token: Callable[[int], None] | None = None) -> tuple[list[int], GenerationStats]:
-        """Greedy generation. The prompt is fed through decode steps (filling the KV cache)."""
+        """Greedy generation: the prompt in one ``prefill`` call (filling the KV cache), then decode steps."""
         if not prompt_ids:
             raise MoecError("prompt is empty")
         self.reset()
         t0 = time.perf_counter()
-        for t in prompt_ids:
-            logits = self.step(t)
+        logits = self.prefill(list(prompt_ids))
         t1 = time.perf_counter()
         out: list[int] = []
         for _ in range(max_new_tokens):
