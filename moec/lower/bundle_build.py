@@ -25,15 +25,24 @@ from moec.search.plan import BitPlan
 StageCallback = Callable[[str, float], None]
 
 
-def kernel_emitter(target, family: str, use_kernels: bool):
-    """The scheduled-kernel emitter for CPU families that have kernel schedules, else None."""
-    if not use_kernels or family != "cpu":
-        return None
+def kernel_emitter(target, family: str, use_kernels: bool, activations: str = "float32"):
+    """The scheduled-kernel emitter for CPU families that have kernel schedules, else None.
+
+    int8 activations need the kernels: asking for them where there are none is an error.
+    """
     from moec.lower.kernel_linear import KernelEmitter
-    try:
-        return KernelEmitter(target)
-    except MoecError:
+    from moec.lower.schedules import family_module
+    if not use_kernels or family != "cpu":
+        if activations != "float32":
+            raise MoecError(f"activations={activations} needs moec's CPU kernels (target family {family!r})")
         return None
+    try:
+        family_module(target)
+    except MoecError:
+        if activations != "float32":
+            raise
+        return None
+    return KernelEmitter(target, activations)
 
 
 def build_bundle_from_params(cfg: MoEConfig, plan: BitPlan, params: ModelParams, preset: TargetPreset,
@@ -41,7 +50,7 @@ def build_bundle_from_params(cfg: MoEConfig, plan: BitPlan, params: ModelParams,
                              extra_manifest: dict | None = None, debug_dump: str | os.PathLike | None = None,
                              on_stage: StageCallback | None = None,
                              extra_files: dict[str, str | os.PathLike] | None = None,
-                             use_kernels: bool = True) -> Path:
+                             use_kernels: bool = True, activations: str = "float32") -> Path:
     """Compile already packed ``params`` for ``preset`` and write the bundle directory ``out``."""
     import tvm
 
@@ -51,7 +60,7 @@ def build_bundle_from_params(cfg: MoEConfig, plan: BitPlan, params: ModelParams,
 
     target = preset.tvm()
     plan_bytes = params.nbytes  # moec's packed layout, before any kernel re-layout
-    emitter = kernel_emitter(target, preset.family, use_kernels)
+    emitter = kernel_emitter(target, preset.family, use_kernels, activations)
     if emitter is not None:
         t0 = time.time()
         n = apply_kernel_layout(params, emitter)
@@ -85,6 +94,7 @@ def build_bundle_from_params(cfg: MoEConfig, plan: BitPlan, params: ModelParams,
             "weight_bytes": plan_bytes,
             "stored_weight_bytes": params.nbytes,
             "kernels": "scheduled" if emitter is not None else "reference",
+            "activations": activations,
             **(extra_manifest or {}),
         }
         files = {"lib.so": lib, "weights.npz": weights, **(extra_files or {})}

@@ -21,6 +21,7 @@ import tvm
 from tvm import relax, te, tirx
 
 from moec.errors import MoecError
+from moec.lower.kernels.activations import INT8_ACTIVATION_BITS
 from moec.lower.kernels.build import make_gemv, make_grouped_gemm
 from moec.lower.kernels.row_guard import has_row_guard
 from moec.lower.kernels.layout import check_kernel_shape, stack_kernel_layouts, to_kernel_layout
@@ -31,11 +32,19 @@ from moec.quant.packed_model import PackedWeight
 
 
 class KernelEmitter(LinearEmitter):
-    """Scheduled kernels for ``target`` where supported, reference emitter elsewhere."""
+    """Scheduled kernels for ``target`` where supported, reference emitter elsewhere.
 
-    def __init__(self, target: tvm.target.Target) -> None:
+    ``activations="int8"`` runs the decode GEMVs of quantized weights on int8-quantized
+    activations (per group, like onnxruntime's accuracy_level 4; families with an int8 kernel);
+    prefill's grouped GEMMs and float weights keep float32 activations.
+    """
+
+    def __init__(self, target: tvm.target.Target, activations: str = "float32") -> None:
         self.target = target
         self.tile = kernel_tile(target)
+        self.activations = activations
+        if activations != "float32":  # fail now, with the kernel builder's reason, not per layer
+            make_gemv(4, 16, 64, 32, 1, 1, target, activations=activations)
         self._supported: dict[tuple, bool] = {}
         self._kernels: dict[tuple, tvm.tirx.PrimFunc] = {}
 
@@ -62,9 +71,10 @@ class KernelEmitter(LinearEmitter):
     # -- graph ---------------------------------------------------------------------
     def _kernel(self, entry: WeightEntry, top_k: int, per_expert: bool):
         n, k = entry.shape
-        key = (entry.bits, n, k, entry.group_size, entry.stacked or 1, top_k, per_expert)
+        acts = self.activations if entry.bits in INT8_ACTIVATION_BITS else "float32"
+        key = (entry.bits, n, k, entry.group_size, entry.stacked or 1, top_k, per_expert, acts)
         if key not in self._kernels:
-            self._kernels[key] = make_gemv(*key[:6], self.target, x_per_expert=per_expert)
+            self._kernels[key] = make_gemv(*key[:6], self.target, x_per_expert=per_expert, activations=acts)
         return self._kernels[key]
 
     def _call(self, bb, x, entry: WeightEntry, vars_, name, ids, top_k, per_expert):

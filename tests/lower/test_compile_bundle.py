@@ -119,3 +119,34 @@ def test_prefill_equals_decode_steps(compiled):
     sess.reset()
     sess.prefill(prompt[:7])  # a second chunk on top of a filled cache attends to it
     np.testing.assert_allclose(sess.prefill(prompt[7:]), ref, rtol=1e-4, atol=1e-4)
+
+
+def test_int8_activations_bundle(compiled, tmp_path):
+    """--activations int8: decode GEMVs on int8 activations stay close to the exact bundle."""
+    from tvm.target import codegen
+
+    from moec.lower.kernels import host_target
+    from moec.runtime.session import BundleSession
+    if not codegen.target_has_features("avx512vnni", host_target()):
+        pytest.skip("int8-activation kernels need AVX-512 VNNI")
+    ckpt, plan_file, bundle, _ = compiled
+    res = CliRunner().invoke(cli, ["compile", str(ckpt), "--plan", str(plan_file), "--out", str(tmp_path / "b8"),
+                                   "--activations", "int8"])
+    assert res.exit_code == 0, res.output
+    exact, fast = BundleSession(bundle), BundleSession(tmp_path / "b8")
+    assert fast.manifest["activations"] == "int8" and exact.manifest["activations"] == "float32"
+    for t in [5, 9, 13, 21]:
+        a, b = exact.step(t), fast.step(t)
+        assert np.abs(a - b).max() <= 0.05 * np.abs(a).max()
+        assert np.abs(a - b).max() > 0  # really a different (quantized-activation) kernel
+
+
+def test_int8_activations_need_vnni(compiled, tmp_path):
+    preset = tmp_path / "novnni.yaml"
+    preset.write_text("name: novnni\nfamily: cpu\ntvm_target: {kind: llvm, mcpu: haswell}\nrpc_key: x\n"
+                      "allowed_bits: [2, 3, 4, 8, 16]\nmemory_budget_mb: 100\n"
+                      "energy_model: {pj_per_byte: 1, pj_per_op: 1, source: test}\n")
+    ckpt, plan_file, _, _ = compiled
+    res = CliRunner().invoke(cli, ["compile", str(ckpt), "--plan", str(plan_file), "--target", str(preset),
+                                   "--out", str(tmp_path / "b"), "--activations", "int8"])
+    assert res.exit_code == 2 and "avx512vnni" in res.output and not (tmp_path / "b").exists()
