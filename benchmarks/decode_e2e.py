@@ -50,10 +50,14 @@ def _median_step(step, steps: int) -> float:
     return statistics.median(times[2:] or times)
 
 
+ACTIVATIONS = "float32"  # moec's decode GEMV activations (--activations)
+
+
 def time_tvm(cfg, plan, weights: ModelWeights, tmp: Path, steps: int) -> tuple[float, float]:
     """(median decode step seconds, prefill seconds per prompt token for a 64-token prompt)."""
     params = build_params(cfg, plan, weights.packed, weights.floats)
-    bundle = build_bundle_from_params(cfg, plan, params, load_target("host"), tmp / "bundle", None)
+    bundle = build_bundle_from_params(cfg, plan, params, load_target("host"), tmp / "bundle", None,
+                                      activations=ACTIVATIONS if plan_is_quantized(plan) else "float32")
     sess = BundleSession(bundle)
     prompt = [3 + i % 97 for i in range(64)]
 
@@ -65,6 +69,11 @@ def time_tvm(cfg, plan, weights: ModelWeights, tmp: Path, steps: int) -> tuple[f
     for t in PROMPT:
         sess.step(t)
     return _median_step(lambda: sess.step(5), steps), prefill_s
+
+
+def plan_is_quantized(plan: BitPlan) -> bool:
+    """False for the all-float plan (int8 activations apply to quantized weights only)."""
+    return any(b != 16 for layer in plan.experts.values() for b in layer.values())
 
 
 def time_ort(weights: ModelWeights, tmp: Path, steps: int) -> tuple[float, int]:
@@ -96,7 +105,7 @@ def time_torch(model, plan, steps: int) -> float:
 
 
 def run(label: str, cfg: MoEConfig, plans: dict[str, BitPlan], weights_for, model, steps: int) -> None:
-    print(f"\n## {label}\n")
+    print(f"\n## {label} (moec activations: {ACTIVATIONS})\n")
     print("| plan | weight MB | moec-TVM tok/s | onnxruntime tok/s (level) | torch eager tok/s | "
           "TVM / ORT | TVM vs TVM-INT8 | moec-TVM prefill tok/s (64-token prompt) |")
     print("|---|---|---|---|---|---|---|---|")
@@ -124,7 +133,11 @@ def main() -> None:
     ap.add_argument("--large-only", action="store_true", help="Skip the checkpoint; only the large random model.")
     ap.add_argument("--steps", type=int, default=32)
     ap.add_argument("--group-size", type=int, default=64)
+    ap.add_argument("--activations", choices=["float32", "int8"], default="float32",
+                    help="moec decode GEMV activations (int8 = like onnxruntime accuracy_level 4).")
     args = ap.parse_args()
+    global ACTIVATIONS
+    ACTIVATIONS = args.activations
     torch.set_num_threads(2)
     model = load_checkpoint(args.checkpoint)
     cfg = model.cfg
