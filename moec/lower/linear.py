@@ -1,9 +1,11 @@
-"""How the decode graph computes linear layers: the reference emitter (TE dequantize + matmul).
+"""How the graphs compute linear layers: the reference emitter (TE dequantize + matmul).
 
-A ``LinearEmitter`` emits three things into a Relax block: a plain linear layer, a routed
-call on one bit class' expert stack (rows with id -1 give zeros and read no weights of
-their own), and the embedding lookup. The reference emitter here is target-neutral and
-unscheduled; a kernel emitter with scheduled fused GEMVs can replace it per target.
+A ``LinearEmitter`` emits into a Relax block: a plain linear layer (one row in decode,
+``dense_rows`` for a prefill chunk), a routed call on one bit class' expert stack (rows with
+id -1 give zeros and read no weights of their own), the grouped call of prefill (rows sorted by
+expert; only kernel emitters have one, so prefill is emitted only with kernels), and the
+embedding lookup. The reference emitter here is target-neutral and unscheduled; a kernel
+emitter with scheduled fused GEMVs and grouped GEMMs replaces it per target.
 """
 
 from __future__ import annotations
