@@ -49,6 +49,7 @@ def build_bundle_from_params(cfg: MoEConfig, plan: BitPlan, params: ModelParams,
         if on_stage is not None:
             on_stage(name, time.time() - t0)
 
+    preset.require_toolchain()
     target = preset.tvm()
     plan_bytes = params.nbytes  # moec's packed layout, before any kernel re-layout
     emitter = kernel_emitter(target, preset.family, use_kernels)
