@@ -36,6 +36,7 @@ def test_raspberry_pi_5_bundle_is_aarch64(tmp_path):
     assert elf_machine(out / "lib.so") == EM_AARCH64
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["target"]["name"] == "raspberry-pi-5" and "cortex-a76" in manifest["tvm_target"]
+    assert manifest["kernels"] == "scheduled"  # the ARM family's GEMV schedules, not reference TE
 
 
 def test_missing_cross_compiler_is_one_line(tmp_path, monkeypatch):
