@@ -105,3 +105,36 @@ def test_arm_family_is_picked_and_emits_neon(preset):
 def test_arm_rejects_rows_not_a_multiple_of_a_vector():
     with pytest.raises(MoecError, match="multiple of 4 rows"):
         make_gemv(4, 30, 64, 32, 1, 1, load_target("aarch64-generic").tvm())
+
+
+@pytest.mark.parametrize("bits", [2, 4, 8])
+@pytest.mark.parametrize("shape", [(36, 128, 32, 3, 2, True), (64, 256, 64, 4, 3, False)],
+                         ids=lambda s: "n{}k{}g{}e{}top{}".format(*s[:5]))
+def test_dotprod_gemv_indexing_on_host(bits, shape):
+    """The sdot kernel with sdot swapped for the same dot in plain TIR: exact vs the int8 reference."""
+    from moec.lower.kernels.activations import dequantized_activations
+    from moec.lower.schedules.arm_dotprod import dotprod_gemv, portable_dot
+    n, k, gs, experts, top_k, per_expert = shape
+    spec = GemvSpec(bits, n, k, gs, experts, top_k, TILE, per_expert)
+    mod = compile_kernel(dotprod_gemv(spec, arm.PARAMS, dot=portable_dot), host_target())
+    stack, deq = _stack(bits, n, k, gs, experts, seed=bits)
+    rng = np.random.default_rng(11)
+    x = rng.standard_normal((top_k if per_expert else 1, k)).astype(np.float32)
+    ids = rng.choice(experts, top_k, replace=False).astype(np.int32)
+    out = call(mod, "gemv", [x] + weight_args(stack) + [ids, np.zeros((top_k, n), np.float32)])
+    xq = dequantized_activations(x, gs)
+    assert_close(out, np.stack([xq[j if per_expert else 0] @ deq[e].T for j, e in enumerate(ids)]))
+
+
+def test_dotprod_gemv_emits_sdot_for_raspberry_pi_5():
+    target = load_target("raspberry-pi-5").tvm()
+    asm = _asm(make_gemv(4, 64, 128, 32, 3, 2, target, activations="int8"), target)
+    # 128 K values x 64 rows at 4 bits: 2 planes per word, 16 words of 4 rows per K pass.
+    assert len(re.findall(r"^\s+sdot\s+v\d+\.4s", asm, re.M)) >= 16
+
+
+def test_int8_activations_need_dotprod_and_supported_bits():
+    with pytest.raises(MoecError, match="need the dotprod extension.*target aarch64-linux-gnu lacks it"):
+        make_gemv(4, 64, 128, 32, 3, 2, load_target("aarch64-generic").tvm(), activations="int8")
+    with pytest.raises(MoecError, match="no ARM int8-activation GEMV for 3-bit weights"):
+        make_gemv(3, 64, 128, 32, 3, 2, load_target("raspberry-pi-5").tvm(), activations="int8")

@@ -191,8 +191,9 @@ def int8_gemv(spec: GemvSpec, target: tvm.target.Target, params: ArmParams | Non
     params = params or PARAMS
     check_spec(spec, params)
     if not codegen.target_has_features("dotprod", target):
+        cpu = target.attrs.get("mcpu") or target.attrs.get("mtriple") or target.kind.name
         raise MoecError(f"int8 activations on ARM need the dotprod extension (mattr +dotprod, ARMv8.2-A "
-                        f"and later); target {target} lacks it (use activations='float32')")
+                        f"and later); target {cpu} lacks it (use activations='float32')")
     if spec.bits not in DOTPROD_BITS:
         raise MoecError(f"no ARM int8-activation GEMV for {spec.bits}-bit weights; choices: "
                         f"{', '.join(map(str, DOTPROD_BITS))} (use activations='float32')")
