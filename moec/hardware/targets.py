@@ -69,10 +69,19 @@ class TargetPreset(BaseModel):
             raise MoecError(f"target preset '{self.name}': field 'tvm_host': {_first_line(exc)}") from None
 
     def require_toolchain(self) -> None:
-        """Raise a one-line :class:`MoecError` if the preset's cross compiler is not on PATH."""
+        """Raise a one-line :class:`MoecError` if a compiler the preset needs is missing.
+
+        That is the cross compiler (on PATH) and, for CUDA targets, nvcc.
+        """
         if self.cross_compiler and shutil.which(self.cross_compiler) is None:
             raise MoecError(f"target '{self.name}' needs the cross compiler '{self.cross_compiler}', which is "
                             f"not on PATH; {install_hint(self.cross_compiler)}")
+        if self.tvm_target.get("kind") == "cuda":
+            from moec.lower.cuda_build import require_nvcc
+            try:
+                require_nvcc(str(self.tvm_target.get("arch", "the GPU")))
+            except MoecError as exc:
+                raise MoecError(f"target '{self.name}': {exc}") from None
 
 
 def install_hint(compiler: str) -> str:
