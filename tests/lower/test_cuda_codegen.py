@@ -85,6 +85,7 @@ def test_jetson_agx_orin_bundle(tmp_path):
     assert elf_machine(out / "lib.so") == EM_AARCH64
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["cuda"]["arch"] == "sm_87" and manifest["cuda"]["kernels"] > 10
+    assert manifest["kernels"] == "gpu-fused"  # fused dequantize-GEMVs, not dequantize-then-matmul
     src = (out / "kernels.cu").read_text()
     assert "<lambda>" not in src and count_kernels(src) == manifest["cuda"]["kernels"]
     assert elf_cuda_sm((out / manifest["cuda"]["fatbin"]).read_bytes()) == [87]
