@@ -17,8 +17,9 @@ from moec.artifact.bundle import write_bundle
 from moec.hardware.targets import TargetPreset
 from moec.errors import MoecError
 from moec.lower.build import build_module
-from moec.lower.kernel_linear import apply_kernel_layout
+from moec.lower.kernel_linear import KernelEmitter, apply_kernel_layout
 from moec.lower.params import ModelParams
+from moec.lower.schedules import family_module
 from moec.models.config import MoEConfig
 from moec.search.plan import BitPlan
 
@@ -26,15 +27,19 @@ StageCallback = Callable[[str, float], None]
 
 
 def kernel_emitter(target, family: str, use_kernels: bool, activations: str = "float32"):
-    """The scheduled-kernel emitter for CPU families that have kernel schedules, else None.
+    """The kernel emitter of ``family``: scheduled CPU kernels where the CPU has schedules, fused
+    dequantize-GEMVs for the GPU rules on ``cuda``; None for the reference emitter.
 
-    int8 activations need the kernels: asking for them where there are none is an error.
+    int8 activations need moec's CPU kernels: asking for them where there are none is an error.
     """
-    from moec.lower.kernel_linear import KernelEmitter
-    from moec.lower.schedules import family_module
-    if not use_kernels or family != "cpu":
-        if activations != "float32":
-            raise MoecError(f"activations={activations} needs moec's CPU kernels (target family {family!r})")
+    if activations != "float32" and (not use_kernels or family != "cpu"):
+        raise MoecError(f"activations={activations} needs moec's CPU kernels (target family {family!r})")
+    if not use_kernels:
+        return None
+    if family == "cuda":
+        from moec.lower.gpu_linear import GpuLinearEmitter
+        return GpuLinearEmitter()
+    if family != "cpu":
         return None
     try:
         family_module(target)
@@ -43,6 +48,13 @@ def kernel_emitter(target, family: str, use_kernels: bool, activations: str = "f
             raise
         return None
     return KernelEmitter(target, activations)
+
+
+def _kernels_kind(emitter) -> str:
+    """Manifest ``kernels``: scheduled CPU kernels, fused GPU dequantize-GEMVs, or the reference."""
+    if isinstance(emitter, KernelEmitter):
+        return "scheduled"
+    return "reference" if emitter is None else "gpu-fused"
 
 
 def build_bundle_from_params(cfg: MoEConfig, plan: BitPlan, params: ModelParams, preset: TargetPreset,
@@ -58,10 +70,11 @@ def build_bundle_from_params(cfg: MoEConfig, plan: BitPlan, params: ModelParams,
         if on_stage is not None:
             on_stage(name, time.time() - t0)
 
+    preset.require_toolchain()
     target = preset.tvm()
     plan_bytes = params.nbytes  # moec's packed layout, before any kernel re-layout
     emitter = kernel_emitter(target, preset.family, use_kernels, activations)
-    if emitter is not None:
+    if isinstance(emitter, KernelEmitter):
         t0 = time.time()
         n = apply_kernel_layout(params, emitter)
         stage(f"kernel layout ({n} weights)", t0)
@@ -93,11 +106,12 @@ def build_bundle_from_params(cfg: MoEConfig, plan: BitPlan, params: ModelParams,
             "eos_token_id": eos,
             "weight_bytes": plan_bytes,
             "stored_weight_bytes": params.nbytes,
-            "kernels": "scheduled" if emitter is not None else "reference",
+            "kernels": _kernels_kind(emitter),
             "activations": activations,
+            **({"cuda": res.cuda} if res.cuda else {}),
             **(extra_manifest or {}),
         }
-        files = {"lib.so": lib, "weights.npz": weights, **(extra_files or {})}
+        files = {"lib.so": lib, "weights.npz": weights, **res.extra_files, **(extra_files or {})}
         if tokenizer_path is not None:
             files["tokenizer.json"] = tokenizer_path
         path = write_bundle(out, files, manifest)
