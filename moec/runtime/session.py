@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import platform
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -14,6 +15,7 @@ from tokenizers import Tokenizer
 
 from moec.artifact.bundle import read_manifest
 from moec.errors import MoecError
+from moec.runtime.remote import elf_machine
 
 
 @dataclass
@@ -31,13 +33,25 @@ class GenerationStats:
 
 
 class BundleSession:
-    """Load ``bundle`` (every file's sha256 checked first) on ``device`` ("cpu" or an RPC session)."""
+    """Load ``bundle`` (every file's sha256 checked first) on this CPU, or on ``remote`` (an RPC session).
+
+    On a remote device the library is uploaded and loaded there, the weights are copied into its
+    memory once, and each decode step runs the Relax VM there (only the token goes in and the
+    logits come back; the KV cache stays on the device).
+    """
 
     def __init__(self, bundle: str | os.PathLike, remote=None) -> None:
         root = Path(bundle)
         self.manifest = read_manifest(root, verify=True)
         self.cfg = self.manifest["model"]["config"]
+        self.remote = remote
         lib_path = root / "lib.so"
+        lib_arch = elf_machine(lib_path) or "unknown"
+        triple = self.manifest.get("target", {}).get("tvm_target", {}).get("mtriple", "")
+        built_for = f"{lib_arch}" + (f" ({triple})" if triple else "")
+        if remote is None and lib_arch != "unknown" and lib_arch != platform.machine():
+            raise MoecError(f"{lib_path} is built for {built_for} but this machine is {platform.machine()}; "
+                            "run it on a matching device (moec run --rpc HOST:PORT --key KEY)")
         try:
             if remote is None:
                 lib = tvm.runtime.load_module(str(lib_path))
@@ -47,7 +61,9 @@ class BundleSession:
                 lib = remote.load_module("moec_lib.so")
                 self.dev = remote.cpu()
         except Exception as exc:
-            raise MoecError(f"cannot load {lib_path} on this device: {str(exc).strip().splitlines()[-1]}") from None
+            where = "this machine" if remote is None else "the remote device"
+            reason = _last_line(exc)
+            raise MoecError(f"cannot load {lib_path} (built for {built_for}) on {where}: {reason}") from None
         self.vm = tvm.runtime.vm.VirtualMachine(lib, self.dev)
         weights = np.load(root / "weights.npz", allow_pickle=False)
         self.params = [tvm.runtime.tensor(weights[name], self.dev) for name in self.manifest["params"]]
@@ -62,7 +78,13 @@ class BundleSession:
 
     def step(self, token: int) -> np.ndarray:
         """Run one decode step for ``token`` at the next position; returns logits [V]."""
-        out = self.vm["decode"](tvm.runtime.tensor(np.array([token], np.int32), self.dev), *self.past, *self.params)
+        tok = tvm.runtime.tensor(np.array([token], np.int32), self.dev)
+        if self.remote is None:
+            out = self.vm["decode"](tok, *self.past, *self.params)
+        else:  # calling a VM function directly does not work over RPC; the stateful interface does
+            self.vm.set_input("decode", tok, *self.past, *self.params)
+            self.vm.invoke_stateful("decode")
+            out = self.vm.get_outputs("decode")
         self.past = [out[i] for i in range(1, len(out))]
         return out[0].numpy()[0]
 
@@ -88,3 +110,8 @@ class BundleSession:
                 logits = self.step(nxt)
         t2 = time.perf_counter()
         return out, GenerationStats(len(prompt_ids), len(out), t1 - t0, t2 - t1)
+
+
+def _last_line(exc: BaseException) -> str:
+    lines = [ln.strip() for ln in str(exc).strip().splitlines() if ln.strip()]
+    return lines[-1] if lines else type(exc).__name__

@@ -1,0 +1,263 @@
+"""An emulated 64-bit ARM device: an aarch64 Debian userland + TVM runtime run under qemu-user.
+
+``setup_device()`` builds it (idempotently) in a cache folder (``$MOEC_EMU_DIR``, default
+``~/.cache/moec/arm64-emu``):
+
+- ``rootfs/``: ``debootstrap --foreign --arch=arm64 --variant=minbase --include=python3`` (download
+  only, no emulated dpkg), every downloaded .deb unpacked with ``dpkg-deb -x``, docs and locales trimmed;
+- ``site/``: the aarch64 ``apache-tvm`` wheel and its dependencies, ``pip install --target`` from the
+  host, with the compiler library and CUDA runtime removed (the device only needs the runtime);
+- ``bin/python3``: a host script that runs the aarch64 ``python3.11`` under ``qemu-aarch64-static``.
+  ``boot/sitecustomize.py`` points ``sys.executable`` at that script, so the RPC server's worker
+  processes (started with ``sys.executable``) run under qemu too, without binfmt_misc;
+- ``ready.json``: written last, after the device imported TVM and reported ``aarch64``.
+
+Timings under emulation say nothing about real ARM speed: use the device for correctness and for
+the device-farm path.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import logging
+import os
+import shutil
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from moec.errors import MoecError
+from moec.io import atomic_write_json, atomic_write_text
+
+log = logging.getLogger("moec")
+
+TVM_WHEEL = "apache-tvm==0.27.0.post1"
+DEVICE_PACKAGES = [TVM_WHEEL, "cloudpickle", "psutil"]
+SUITE = "bookworm"  # its python3 is 3.11, one of the versions the aarch64 TVM wheel supports
+DEVICE_PYTHON = "python3.11"
+LAYOUT_VERSION = 1
+# Debian packages the host needs: the emulator, debootstrap, and the cross compiler for aarch64 bundles.
+HOST_TOOLS = {"qemu-aarch64-static": "qemu-user-static", "debootstrap": "debootstrap",
+              "dpkg-deb": "dpkg", "aarch64-linux-gnu-g++": "g++-aarch64-linux-gnu"}
+_SBIN = "/usr/sbin:/sbin"
+# Inside site/: what the device never needs (the compiler library is most of the wheel's size).
+_SITE_TRIM = ["tvm/lib/libtvm_compiler.so", "tvm/lib/libtvm_runtime_cuda.so", "tvm/3rdparty", "tvm/include",
+              "tvm/src", "tvm/web", "tvm/cmake", "bin"]
+_ROOTFS_TRIM = ["usr/share/doc", "usr/share/man", "usr/share/info", "usr/share/locale", "usr/share/lintian",
+                "var/cache/apt/archives", "debootstrap"]
+
+StepCallback = Callable[[str, float], None]
+
+
+def default_dir() -> Path:
+    env = os.environ.get("MOEC_EMU_DIR")
+    return Path(env).expanduser() if env else Path.home() / ".cache" / "moec" / "arm64-emu"
+
+
+@dataclass(frozen=True)
+class EmulatedDevice:
+    """Paths of a set-up device folder."""
+
+    root: Path
+
+    @property
+    def rootfs(self) -> Path:
+        return self.root / "rootfs"
+
+    @property
+    def site(self) -> Path:
+        return self.root / "site"
+
+    @property
+    def python(self) -> Path:
+        """Host wrapper that runs the device's Python under qemu (use it as an executable)."""
+        return self.root / "bin" / "python3"
+
+    @property
+    def stamp(self) -> Path:
+        return self.root / "ready.json"
+
+    def is_ready(self) -> bool:
+        if not self.stamp.is_file():
+            return False
+        try:
+            info = json.loads(self.stamp.read_text())
+        except (OSError, json.JSONDecodeError):
+            return False
+        return (info.get("layout") == LAYOUT_VERSION and info.get("tvm") == TVM_WHEEL
+                and self.python.is_file() and (self.rootfs / "usr/bin" / DEVICE_PYTHON).exists())
+
+    def info(self) -> dict:
+        return json.loads(self.stamp.read_text())
+
+    def run_python(self, args: list[str], timeout: float) -> subprocess.CompletedProcess:
+        """Run the device's Python with ``args`` (captured output; MoecError on timeout)."""
+        try:
+            return subprocess.run([str(self.python), *args], capture_output=True, text=True, timeout=timeout)
+        except subprocess.TimeoutExpired:
+            raise MoecError(f"the emulated device's python did not finish within {timeout:.0f} s") from None
+
+
+def _which(tool: str) -> str | None:
+    return shutil.which(tool, path=os.environ.get("PATH", "") + os.pathsep + _SBIN)
+
+
+def missing_host_tools() -> list[str]:
+    return [t for t in HOST_TOOLS if _which(t) is None]
+
+
+def ensure_host_tools(install: bool = True) -> None:
+    """Install the missing Debian packages (as root, with apt-get), or say which to install."""
+    missing = missing_host_tools()
+    if not missing:
+        return
+    pkgs = sorted({HOST_TOOLS[t] for t in missing})
+    cmd = "apt-get install -y --no-install-recommends " + " ".join(pkgs)
+    if not install or os.geteuid() != 0 or shutil.which("apt-get") is None:
+        raise MoecError(f"missing {', '.join(missing)}; install them with: sudo {cmd}")
+    apt = ["apt-get", "-o", "DPkg::Lock::Timeout=300", "install", "-y", "--no-install-recommends", *pkgs]
+    env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
+    log.info("installing %s", " ".join(pkgs))
+    if subprocess.run(apt, capture_output=True, text=True, env=env).returncode != 0:
+        subprocess.run(["apt-get", "-o", "DPkg::Lock::Timeout=300", "update"], capture_output=True, env=env)
+        res = subprocess.run(apt, capture_output=True, text=True, env=env)
+        if res.returncode != 0:
+            tail = (res.stderr or res.stdout).strip().splitlines()[-1:] or ["?"]
+            raise MoecError(f"'{cmd}' failed: {tail[0]}")
+    still = missing_host_tools()
+    if still:
+        raise MoecError(f"still missing after apt-get: {', '.join(still)}")
+
+
+def _run(cmd: list[str], what: str, timeout: float, cwd: Path | None = None, quiet: bool = False) -> None:
+    log.log(logging.DEBUG if quiet else logging.INFO, "%s: %s", what, " ".join(cmd))
+    try:
+        res = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=cwd,
+                             env={**os.environ, "PATH": os.environ.get("PATH", "") + os.pathsep + _SBIN})
+    except subprocess.TimeoutExpired:
+        raise MoecError(f"{what} did not finish within {timeout:.0f} s") from None
+    if res.returncode != 0:
+        lines = [ln for ln in (res.stderr + "\n" + res.stdout).strip().splitlines() if ln.strip()]
+        raise MoecError(f"{what} failed (exit {res.returncode}): {lines[-1] if lines else 'no output'}")
+
+
+def _remove(path: Path) -> None:
+    if path.is_symlink() or path.is_file():
+        path.unlink()
+    elif path.is_dir():
+        shutil.rmtree(path)
+
+
+def _build_rootfs(dest: Path, mirror: str) -> None:
+    part = dest.with_name(dest.name + ".partial")
+    _remove(part)
+    _run(["debootstrap", "--foreign", "--arch=arm64", "--variant=minbase", "--include=python3", SUITE,
+          str(part), mirror], "debootstrap (arm64, download only)", timeout=900)
+    debs = sorted((part / "var/cache/apt/archives").glob("*.deb"))
+    if not debs:
+        raise MoecError(f"debootstrap downloaded no packages into {part}")
+    for deb in debs:
+        _run(["dpkg-deb", "-x", str(deb), str(part)], f"unpacking {deb.name}", timeout=300, quiet=True)
+    for rel in _ROOTFS_TRIM:
+        _remove(part / rel)
+    if not (part / "usr/bin" / DEVICE_PYTHON).exists():
+        raise MoecError(f"the arm64 userland has no /usr/bin/{DEVICE_PYTHON} after unpacking")
+    _remove(dest)
+    part.rename(dest)
+
+
+def _install_site(dest: Path) -> None:
+    part = dest.with_name(dest.name + ".partial")
+    _remove(part)
+    _run([sys.executable, "-m", "pip", "install", "--quiet", "--disable-pip-version-check", "--target", str(part),
+          "--only-binary=:all:", "--platform", "manylinux_2_28_aarch64", "--python-version", "3.11",
+          "--implementation", "cp", "--abi", "cp311", "--abi", "abi3", "--abi", "none", *DEVICE_PACKAGES],
+         "pip install (aarch64 wheels)", timeout=1200)
+    for rel in _SITE_TRIM:
+        _remove(part / rel)
+    for cache in part.rglob("__pycache__"):
+        shutil.rmtree(cache, ignore_errors=True)
+    _remove(dest)
+    part.rename(dest)
+
+
+def _write_launcher(dev: EmulatedDevice) -> None:
+    qemu = _which("qemu-aarch64-static")
+    boot = dev.root / "boot"
+    boot.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(boot / "sitecustomize.py",
+                      '"""moec emulated device: child processes start through the qemu wrapper."""\n'
+                      "import os\nimport sys\n\n"
+                      "if os.environ.get('MOEC_EMU_EXECUTABLE'):\n"
+                      "    sys.executable = os.environ['MOEC_EMU_EXECUTABLE']\n")
+    script = ("#!/bin/sh\n"
+              "# moec emulated arm64 device: the aarch64 Python of rootfs/ under qemu-user (no binfmt needed).\n"
+              f"export PYTHONPATH='{boot}:{dev.site}'\n"
+              "export TVM_USE_RUNTIME_LIB=1 PYTHONDONTWRITEBYTECODE=1\n"
+              f"export MOEC_EMU_EXECUTABLE='{dev.python}'\n"
+              f"exec '{qemu}' -L '{dev.rootfs}' '{dev.rootfs}/usr/bin/{DEVICE_PYTHON}' \"$@\"\n")
+    dev.python.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(dev.python, script)
+    dev.python.chmod(0o755)
+
+
+def _du_mb(path: Path) -> float:
+    total = sum(p.lstat().st_size for p in path.rglob("*") if not p.is_symlink() and p.is_file())
+    return total / 2**20
+
+
+def setup_device(root: str | os.PathLike | None = None, force: bool = False, install_tools: bool = True,
+                 on_step: StepCallback | None = None) -> EmulatedDevice:
+    """Set up (or reuse) the emulated arm64 device in ``root``; returns its paths.
+
+    Steps already done are skipped (each lands by an atomic rename); ``force`` redoes them all.
+    """
+    if sys.platform != "linux":
+        raise MoecError("the emulated arm64 device needs Linux (qemu-user)")
+    dev = EmulatedDevice(Path(root).expanduser().resolve() if root else default_dir())
+    try:
+        dev.root.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise MoecError(f"cannot create the device folder '{dev.root}': {exc.strerror}") from None
+
+    def step(name: str, t0: float) -> None:
+        if on_step is not None:
+            on_step(name, time.time() - t0)
+
+    with open(dev.root / ".lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # a second set-up of the same folder waits for the first
+        if force:
+            for p in (dev.stamp, dev.rootfs, dev.site):
+                _remove(p)
+        if dev.is_ready():
+            return dev
+        t_all = time.time()
+        t0 = time.time()
+        ensure_host_tools(install_tools)
+        step("host tools", t0)
+        if not (dev.rootfs / "usr/bin" / DEVICE_PYTHON).exists():
+            t0 = time.time()
+            _build_rootfs(dev.rootfs, os.environ.get("MOEC_EMU_MIRROR", "http://deb.debian.org/debian"))
+            step("arm64 userland", t0)
+        if not (dev.site / "tvm").is_dir():
+            t0 = time.time()
+            _install_site(dev.site)
+            step("aarch64 TVM runtime", t0)
+        _write_launcher(dev)
+        t0 = time.time()
+        res = dev.run_python(["-c", "import platform, tvm; print(platform.machine(), tvm.__version__)"], 600)
+        words = res.stdout.split()
+        if res.returncode != 0 or not words or words[0] != "aarch64":
+            err = (res.stderr.strip().splitlines() or ["no output"])[-1]
+            raise MoecError(f"the emulated device does not start: {err}")
+        step("device check (import tvm)", t0)
+        atomic_write_json(dev.stamp, {"layout": LAYOUT_VERSION, "tvm": TVM_WHEEL, "suite": SUITE,
+                                      "machine": words[0], "device_tvm": words[1] if len(words) > 1 else "?",
+                                      "setup_seconds": round(time.time() - t_all, 1),
+                                      "size_mb": round(_du_mb(dev.root), 1),
+                                      "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())})
+    return dev
