@@ -91,6 +91,15 @@ class EmulatedDevice:
         return (info.get("layout") == LAYOUT_VERSION and info.get("tvm") == TVM_WHEEL
                 and self.python.is_file() and (self.rootfs / "usr/bin" / DEVICE_PYTHON).exists())
 
+    @property
+    def extra_runtime(self) -> Path:
+        """TVM's extra runtime (sort/top-k, random, ...); runtime-only mode does not load it by itself."""
+        return self.site / "tvm" / "lib" / "libtvm_runtime_extra.so"
+
+    def server_args(self) -> list[str]:
+        """Extra ``tvm.exec.rpc_server`` arguments this device needs."""
+        return ["--load-library", str(self.extra_runtime)]
+
     def info(self) -> dict:
         return json.loads(self.stamp.read_text())
 
@@ -261,3 +270,60 @@ def setup_device(root: str | os.PathLike | None = None, force: bool = False, ins
                                       "size_mb": round(_du_mb(dev.root), 1),
                                       "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())})
     return dev
+
+
+@dataclass
+class RunningDevice:
+    """A started emulated device: its RPC server, and the tracker if this call started one."""
+
+    device: EmulatedDevice
+    tracker_address: "TrackerAddress"
+    key: str
+    server: "ManagedProcess"
+    tracker: "ManagedProcess | None" = None
+
+    def stop(self) -> None:
+        self.server.stop()
+        if self.tracker is not None:
+            self.tracker.stop()
+
+    def __enter__(self) -> "RunningDevice":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+
+def start_device(tracker: str | None = None, key: str = "arm64-emu", root: str | os.PathLike | None = None,
+                 timeout: float = 300.0, log_dir: str | os.PathLike | None = None,
+                 on_step: StepCallback | None = None) -> RunningDevice:
+    """Set up the device if needed, then start its RPC server registered under ``key``.
+
+    ``tracker`` is ``HOST:PORT`` of a running tracker; None starts a stock tracker on a free
+    loopback port (stopped with the device). Returns once the tracker lists the server.
+    """
+    from moec.hardware.loopback import start_rpc_server, start_tracker
+    from moec.runtime.remote import TrackerAddress, tracker_summary
+
+    dev = setup_device(root, on_step=on_step)
+    logs = Path(log_dir) if log_dir else dev.root / "logs"
+    tracker_proc = None
+    if tracker is None:
+        t0 = time.time()
+        tracker_proc, addr = start_tracker(log_dir=logs)
+        if on_step is not None:
+            on_step(f"tracker on {addr}", time.time() - t0)
+    else:
+        addr = TrackerAddress.parse(tracker)
+        tracker_summary(addr)  # unreachable → one-line error before the slow server start
+    try:
+        t0 = time.time()
+        server = start_rpc_server(addr, key, python=dev.python, timeout=timeout, log_dir=logs,
+                                  extra_args=dev.server_args())
+        if on_step is not None:
+            on_step(f"device '{key}' registered", time.time() - t0)
+    except BaseException:
+        if tracker_proc is not None:
+            tracker_proc.stop()
+        raise
+    return RunningDevice(dev, addr, key, server, tracker_proc)

@@ -113,7 +113,7 @@ def start_tracker(host: str = "127.0.0.1", port: int | None = None, timeout: flo
 
 def start_rpc_server(tracker: TrackerAddress, key: str, python: str | os.PathLike = sys.executable,
                      timeout: float = 180.0, log_dir: Path | None = None, env: dict | None = None,
-                     host: str = "127.0.0.1") -> ManagedProcess:
+                     host: str = "127.0.0.1", extra_args: list[str] | None = None) -> ManagedProcess:
     """``PYTHON -m tvm.exec.rpc_server --tracker ... --key KEY``; returns once the tracker lists it.
 
     ``python`` may be the emulated device's wrapper (``EmulatedDevice.python``).
@@ -121,7 +121,7 @@ def start_rpc_server(tracker: TrackerAddress, key: str, python: str | os.PathLik
     before = registered_keys(tracker_summary(tracker)).get(key, 0)
     t0 = time.time()
     proc = _spawn(f"rpc-server-{key}", [str(python), "-m", "tvm.exec.rpc_server", "--tracker", str(tracker),
-                                         "--key", key, "--host", host], log_dir, env)
+                                         "--key", key, "--host", host, *(extra_args or [])], log_dir, env)
     while time.time() - t0 < timeout:
         if not proc.alive():
             tail = proc.log_tail()

@@ -89,10 +89,18 @@ def registered_keys(summary: dict) -> dict[str, int]:
 
 def request_device(addr: TrackerAddress, key: str, timeout: float = 60.0, session_timeout: float = 0.0,
                    priority: int = 1):
-    """An RPC session on a device registered under ``key``; MoecError if none is granted in ``timeout`` s."""
+    """An RPC session on a device registered under ``key``.
+
+    A key no server has registered fails at once (typo, device down); a registered but busy key
+    waits up to ``timeout`` s for a free server.
+    """
     import tvm.rpc
 
     base = _base()
+    keys = registered_keys(tracker_summary(addr, timeout=min(timeout, 10.0)))
+    if key not in keys:
+        listed = ", ".join(f"{k} ({n})" for k, n in sorted(keys.items())) or "none"
+        raise MoecError(f"no device with key '{key}' is registered at tracker {addr} (registered: {listed})")
     sock = _open(addr, min(timeout, 10.0))
     try:
         sock.settimeout(timeout)
@@ -100,9 +108,8 @@ def request_device(addr: TrackerAddress, key: str, timeout: float = 60.0, sessio
         value = base.recvjson(sock)
     except (TimeoutError, socket.timeout):
         sock.close()  # the tracker drops a closed client's request when it next schedules it
-        keys = _keys_text(addr)
         raise MoecError(f"no device with key '{key}' became free at tracker {addr} within {timeout:.0f} s "
-                        f"(registered: {keys})") from None
+                        f"(registered: {_keys_text(addr)})") from None
     except (OSError, RuntimeError) as exc:
         sock.close()
         raise MoecError(f"the RPC tracker at {addr} dropped the request for '{key}': {exc}") from None

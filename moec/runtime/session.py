@@ -63,7 +63,8 @@ class BundleSession:
         except Exception as exc:
             where = "this machine" if remote is None else "the remote device"
             reason = _last_line(exc)
-            raise MoecError(f"cannot load {lib_path} (built for {built_for}) on {where}: {reason}") from None
+            hint = f" (is the device {lib_arch}?)" if remote is not None and lib_arch != "unknown" else ""
+            raise MoecError(f"cannot load {lib_path} (built for {built_for}) on {where}{hint}: {reason}") from None
         self.vm = tvm.runtime.vm.VirtualMachine(lib, self.dev)
         weights = np.load(root / "weights.npz", allow_pickle=False)
         self.params = [tvm.runtime.tensor(weights[name], self.dev) for name in self.manifest["params"]]

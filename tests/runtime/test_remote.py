@@ -1,0 +1,78 @@
+"""Remote runs: tracker address parsing, unreachable trackers fail fast, ELF machine detection."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+from click.testing import CliRunner
+
+from moec.cli.main import cli
+from moec.errors import MoecError
+from moec.runtime.remote import TrackerAddress, elf_machine, request_device
+
+pytestmark = pytest.mark.tvm
+
+
+def _closed_port() -> int:
+    from moec.hardware.loopback import free_port
+    return free_port()  # bound then released: nothing listens there
+
+
+@pytest.mark.parametrize("text", ["127.0.0.1", "host:", ":9190", "h:99999", "h:port"])
+def test_bad_tracker_address(text):
+    with pytest.raises(MoecError, match="bad tracker address"):
+        TrackerAddress.parse(text)
+
+
+def test_unreachable_tracker_fails_fast(tmp_path):
+    port = _closed_port()
+    t0 = time.time()
+    with pytest.raises(MoecError, match=f"cannot reach the RPC tracker at 127.0.0.1:{port}"):
+        request_device(TrackerAddress("127.0.0.1", port), "arm64-emu", timeout=30)
+    assert time.time() - t0 < 5
+
+
+def test_cli_unreachable_tracker_is_one_line(tmp_path):
+    from tests.conftest import make_tiny_checkpoint
+    from moec import api
+    # the tracker is contacted before the bundle is loaded, but the bundle must still be a bundle
+    make_tiny_checkpoint(tmp_path / "ckpt", hidden_size=32, num_layers=1, expert_intermediate=32)
+    bundle = api.compile_bundle(api.CompileConfig(tmp_path / "ckpt", tmp_path / "b", plan="uniform:8",
+                                                  group_size=32))
+    port = _closed_port()
+    t0 = time.time()
+    res = CliRunner().invoke(cli, ["run", str(bundle), "--rpc", f"127.0.0.1:{port}", "--prompt", "hi"])
+    assert res.exit_code == 2 and time.time() - t0 < 10
+    assert res.output.strip() == f"error: cannot reach the RPC tracker at 127.0.0.1:{port}: Connection refused"
+    res = CliRunner().invoke(cli, ["run", str(bundle), "--key", "arm64-emu", "--prompt", "hi"])
+    assert res.exit_code == 2 and "--key needs --rpc" in res.output
+
+
+def test_not_a_tracker(tmp_path):
+    import socket
+    import threading
+    srv = socket.socket()
+    srv.bind(("127.0.0.1", 0))
+    srv.listen(1)
+
+    def answer():
+        conn, _ = srv.accept()
+        conn.recv(4)
+        conn.sendall(b"HTTP")
+        conn.close()
+
+    th = threading.Thread(target=answer, daemon=True)
+    th.start()
+    with pytest.raises(MoecError, match="is not an RPC tracker"):
+        request_device(TrackerAddress("127.0.0.1", srv.getsockname()[1]), "k", timeout=5)
+    th.join(5)
+    srv.close()
+
+
+def test_elf_machine(tmp_path):
+    import sys
+    assert elf_machine(sys.executable) in ("x86_64", "aarch64")
+    (tmp_path / "x").write_bytes(b"not an elf file at all")
+    assert elf_machine(tmp_path / "x") is None
+    assert elf_machine(tmp_path / "missing") is None
