@@ -26,6 +26,17 @@ def run_cmd(bundle, prompt, max_new_tokens, tracker, key, timeout):
     else:
         from moec.runtime.remote import open_remote_bundle
         sess = open_remote_bundle(bundle, tracker, key, timeout=timeout)
+    try:
+        stats = _generate(sess, bundle, prompt, max_new_tokens)
+    finally:
+        sess.close()  # on a remote device: end the RPC session so the server is free again
+    where = "" if tracker is None else f" on remote device via tracker {tracker}"
+    click.echo(f"[{stats.prompt_tokens} prompt tokens in {stats.prefill_seconds:.2f} s; {stats.new_tokens} new tokens, "
+               f"decode {stats.decode_tokens_per_s:.1f} tokens/s{where}]", err=True)
+
+
+def _generate(sess, bundle, prompt: str, max_new_tokens: int):
+    """Stream the continuation of ``prompt`` to stdout; returns the generation stats."""
     if sess.tokenizer is None:
         raise MoecError(f"bundle '{bundle}' has no tokenizer.json; cannot encode a text prompt")
     ids = sess.tokenizer.encode(prompt).ids
@@ -44,6 +55,4 @@ def run_cmd(bundle, prompt, max_new_tokens, tracker, key, timeout):
 
     _, stats = sess.generate(ids, max_new_tokens, on_token=on_token)
     click.echo("")
-    where = "" if tracker is None else f" on remote device via tracker {tracker}"
-    click.echo(f"[{stats.prompt_tokens} prompt tokens in {stats.prefill_seconds:.2f} s; {stats.new_tokens} new tokens, "
-               f"decode {stats.decode_tokens_per_s:.1f} tokens/s{where}]", err=True)
+    return stats

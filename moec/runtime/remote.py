@@ -8,6 +8,7 @@ connection to the granted server goes through ``tvm.rpc.connect``.
 
 from __future__ import annotations
 
+import gc
 import logging
 import socket
 import struct
@@ -161,4 +162,9 @@ def open_remote_bundle(bundle: str | Path, tracker: str, key: str | None = None,
             raise MoecError(f"bundle '{bundle}' names no rpc_key; pass --key")
     log.info("requesting a '%s' device from tracker %s", key, addr)
     remote = request_device(addr, key, timeout=timeout, session_timeout=session_timeout)
-    return BundleSession(bundle, remote=remote)
+    try:
+        return BundleSession(bundle, remote=remote)
+    except BaseException:
+        remote = None  # end the RPC session now (the traceback keeps this frame), freeing the device
+        gc.collect()
+        raise

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import os
 import platform
 import time
@@ -52,6 +53,7 @@ class BundleSession:
         if remote is None and lib_arch != "unknown" and lib_arch != platform.machine():
             raise MoecError(f"{lib_path} is built for {built_for} but this machine is {platform.machine()}; "
                             "run it on a matching device (moec run --rpc HOST:PORT --key KEY)")
+        lib, failure = None, None
         try:
             if remote is None:
                 lib = tvm.runtime.load_module(str(lib_path))
@@ -61,10 +63,12 @@ class BundleSession:
                 lib = remote.load_module("moec_lib.so")
                 self.dev = remote.cpu()
         except Exception as exc:
+            failure = _last_line(exc)
+        if failure is not None:  # raised outside the except block: the TVM error's frames hold the session
             where = "this machine" if remote is None else "the remote device"
-            reason = _last_line(exc)
             hint = f" (is the device {lib_arch}?)" if remote is not None and lib_arch != "unknown" else ""
-            raise MoecError(f"cannot load {lib_path} (built for {built_for}) on {where}{hint}: {reason}") from None
+            self.remote = remote = None
+            raise MoecError(f"cannot load {lib_path} (built for {built_for}) on {where}{hint}: {failure}")
         self.vm = tvm.runtime.vm.VirtualMachine(lib, self.dev)
         weights = np.load(root / "weights.npz", allow_pickle=False)
         self.params = [tvm.runtime.tensor(weights[name], self.dev) for name in self.manifest["params"]]
@@ -73,6 +77,26 @@ class BundleSession:
         self.eos = self.manifest.get("eos_token_id")
         self._empty = np.zeros((self.cfg["num_kv_heads"], 0, self.cfg["head_dim"]), np.float32)
         self.reset()
+
+    def close(self) -> None:
+        """Release the device: on a remote device this ends the RPC session, freeing the server.
+
+        Remote tensors, the module and the VM all hold the session, and TVM objects form
+        reference cycles, so everything is dropped and collected here rather than left to the GC.
+        """
+        remote = self.remote
+        for name in ("past", "params", "vm", "dev", "remote"):
+            if hasattr(self, name):
+                delattr(self, name)
+        if remote is not None:
+            del remote
+            gc.collect()
+
+    def __enter__(self) -> "BundleSession":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
     def reset(self) -> None:
         self.past = [tvm.runtime.tensor(self._empty, self.dev) for _ in range(2 * self.cfg["num_layers"])]

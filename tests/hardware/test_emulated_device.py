@@ -97,15 +97,15 @@ def test_aarch64_bundle_matches_host(device, bundles):
     from moec.runtime.session import BundleSession
     assert elf_machine(bundles["arm"] / "lib.so") == "aarch64"
     host = BundleSession(bundles["host"])
-    remote = open_remote_bundle(bundles["arm"], str(device.tracker_address), KEY, timeout=60)
     prompt = host.tokenizer.encode(PROMPT).ids
     want_ids, want_logits = _trace(host, prompt, NEW_TOKENS)
-    got_ids, got_logits = _trace(remote, prompt, NEW_TOKENS)
+    with open_remote_bundle(bundles["arm"], str(device.tracker_address), KEY, timeout=60) as remote:
+        got_ids, got_logits = _trace(remote, prompt, NEW_TOKENS)
+        assert remote.generate(prompt, NEW_TOKENS)[0] == want_ids
     assert got_ids == want_ids
     assert len(got_logits) == len(want_logits) == len(prompt) + NEW_TOKENS - 1
     for got, want in zip(got_logits, want_logits):
         np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
-    assert remote.generate(prompt, NEW_TOKENS)[0] == want_ids
 
 
 def test_cli_run_remote_prints_host_text(device, bundles):
@@ -129,7 +129,8 @@ def test_x86_bundle_on_arm_device_is_a_clear_error(device, bundles):
     assert len(res.output.strip().splitlines()) == 1
     # the device is still usable afterwards
     from moec.runtime.remote import open_remote_bundle
-    assert open_remote_bundle(bundles["arm"], str(device.tracker_address), KEY, timeout=60).step(1).shape
+    with open_remote_bundle(bundles["arm"], str(device.tracker_address), KEY, timeout=20) as sess:
+        assert sess.step(1).shape == (sess.cfg["vocab_size"],)
 
 
 def test_unknown_key_fails_at_once(device, bundles):
