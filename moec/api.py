@@ -174,6 +174,7 @@ def compile_bundle(cfg: CompileConfig, on_stage=None) -> Path:
     from moec.hardware.targets import load_target
 
     preset = load_target(cfg.target)
+    preset.require_toolchain()  # before the slow stages, not after them
     t0 = time.time()
     model = load_checkpoint(cfg.checkpoint)
     tok_path = Path(cfg.checkpoint) / "tokenizer.json"
@@ -214,6 +215,7 @@ def build_from_onnx(onnx_path: str | os.PathLike, out: str | os.PathLike, target
     from moec.lower.params import build_params
 
     preset = load_target(target)
+    preset.require_toolchain()
     t0 = time.time()
     cfg, plan, packed, floats = import_onnx(onnx_path)
     plan.validate(cfg, tuple(preset.allowed_bits))

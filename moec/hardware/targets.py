@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 from importlib import resources
 from pathlib import Path
 
@@ -56,9 +57,44 @@ class TargetPreset(BaseModel):
         spec = dict(self.tvm_target)
         if spec.get("mcpu") == "native":
             spec["mcpu"] = tvm.target.codegen.llvm_get_system_cpu()
-        if self.tvm_host:
+        try:
+            target = tvm.target.Target(spec)
+        except Exception as exc:  # noqa: BLE001 - TVM raises TVMError/ValueError for bad target dicts
+            raise MoecError(f"target preset '{self.name}': field 'tvm_target': {_first_line(exc)}") from None
+        if not self.tvm_host:
+            return target
+        try:
             return tvm.target.Target(spec, host=dict(self.tvm_host))
-        return tvm.target.Target(spec)
+        except Exception as exc:  # noqa: BLE001
+            raise MoecError(f"target preset '{self.name}': field 'tvm_host': {_first_line(exc)}") from None
+
+    def require_toolchain(self) -> None:
+        """Raise a one-line :class:`MoecError` if a compiler the preset needs is missing.
+
+        That is the cross compiler (on PATH) and, for CUDA targets, nvcc.
+        """
+        if self.cross_compiler and shutil.which(self.cross_compiler) is None:
+            raise MoecError(f"target '{self.name}' needs the cross compiler '{self.cross_compiler}', which is "
+                            f"not on PATH; {install_hint(self.cross_compiler)}")
+        if self.tvm_target.get("kind") == "cuda":
+            from moec.lower.cuda_build import require_nvcc
+            try:
+                require_nvcc(str(self.tvm_target.get("arch", "the GPU")))
+            except MoecError as exc:
+                raise MoecError(f"target '{self.name}': {exc}") from None
+
+
+def install_hint(compiler: str) -> str:
+    """How to get ``compiler``: Debian names GNU cross compilers ``g++-TRIPLE`` / ``gcc-TRIPLE``."""
+    for tool in ("g++", "gcc"):
+        if compiler.endswith(f"-{tool}"):
+            return f"install it with: apt-get install {tool}-{compiler[:-len(tool) - 1]}"
+    return "install it or set cross_compiler in the preset"
+
+
+def _first_line(exc: Exception) -> str:
+    lines = [ln.strip() for ln in str(exc).strip().splitlines() if ln.strip()]
+    return lines[-1] if lines else type(exc).__name__
 
 
 def _builtin_dir() -> Path:

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import os
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from pathlib import Path
 
 import tvm
 
@@ -21,6 +22,10 @@ class BuildResult:
     lib_path: str
     seconds: float
     target: str
+    #: Bundle name -> path of files the build made besides the library (CUDA source and fatbin).
+    extra_files: dict[str, Path] = field(default_factory=dict)
+    #: Manifest entry of the CUDA kernels (arch, source sha256, fatbin name), or None.
+    cuda: dict | None = None
 
 
 def build_module(cfg: MoEConfig, params: ModelParams, target: tvm.target.Target, family: str,
@@ -36,6 +41,11 @@ def build_module(cfg: MoEConfig, params: ModelParams, target: tvm.target.Target,
     mod = tvm.IRModule({"decode": func}) if not isinstance(func, tvm.IRModule) else func
     with target:
         ex = tvm.compile(mod, target=target, relax_pipeline=make_pipeline(family, debug_dump))
+    extra, cuda = {}, None
+    if target.kind.name == "cuda":
+        from moec.lower.cuda_build import compile_cuda
+        kernels = compile_cuda(ex.mod, target)
+        extra, cuda = kernels.write(Path(lib_path).parent), kernels.manifest()
     try:
         if cross_compiler:
             from tvm.support import cc
@@ -44,4 +54,4 @@ def build_module(cfg: MoEConfig, params: ModelParams, target: tvm.target.Target,
             ex.export_library(str(lib_path))
     except Exception as exc:  # compiler/linker failures surface as RuntimeError/TVMError
         raise MoecError(f"linking {lib_path} failed: {str(exc).strip().splitlines()[-1]}") from None
-    return BuildResult(str(lib_path), time.time() - t0, str(target))
+    return BuildResult(str(lib_path), time.time() - t0, str(target), extra, cuda)

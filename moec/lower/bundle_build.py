@@ -49,6 +49,7 @@ def build_bundle_from_params(cfg: MoEConfig, plan: BitPlan, params: ModelParams,
         if on_stage is not None:
             on_stage(name, time.time() - t0)
 
+    preset.require_toolchain()
     target = preset.tvm()
     plan_bytes = params.nbytes  # moec's packed layout, before any kernel re-layout
     emitter = kernel_emitter(target, preset.family, use_kernels)
@@ -85,9 +86,10 @@ def build_bundle_from_params(cfg: MoEConfig, plan: BitPlan, params: ModelParams,
             "weight_bytes": plan_bytes,
             "stored_weight_bytes": params.nbytes,
             "kernels": "scheduled" if emitter is not None else "reference",
+            **({"cuda": res.cuda} if res.cuda else {}),
             **(extra_manifest or {}),
         }
-        files = {"lib.so": lib, "weights.npz": weights, **(extra_files or {})}
+        files = {"lib.so": lib, "weights.npz": weights, **res.extra_files, **(extra_files or {})}
         if tokenizer_path is not None:
             files["tokenizer.json"] = tokenizer_path
         path = write_bundle(out, files, manifest)

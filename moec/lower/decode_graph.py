@@ -77,8 +77,8 @@ class DecodeBuilder:
         k = bb.emit(relax.op.reshape(k, (cfg.num_kv_heads, cfg.head_dim)))
         if cfg.qk_norm == "head":
             q, k = self._rms(bb, q, f"{pre}.attn.q_norm.weight"), self._rms(bb, k, f"{pre}.attn.k_norm.weight")
-        q = bb.emit_te(lambda t, c: te_ops.rope(t, c.shape[1], cfg.rope_theta), q, past_k)
-        k = bb.emit_te(lambda t, c: te_ops.rope(t, c.shape[1], cfg.rope_theta), k, past_k)
+        q = bb.emit_te(lambda t, c: te_ops.rope(t, c.shape[1], cfg.rope_theta), q, past_k, primfunc_name_hint="rope")
+        k = bb.emit_te(lambda t, c: te_ops.rope(t, c.shape[1], cfg.rope_theta), k, past_k, primfunc_name_hint="rope")
         v = bb.emit(relax.op.reshape(v, (cfg.num_kv_heads, 1, cfg.head_dim)))
         k = bb.emit(relax.op.reshape(k, (cfg.num_kv_heads, 1, cfg.head_dim)))
         keys = bb.emit(relax.op.concat([past_k, k], axis=1))

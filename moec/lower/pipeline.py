@@ -33,6 +33,14 @@ def _cpu_schedule(target) -> list:
     return [dl.ApplyDefaultSchedule(dl.cpu.GEMV(), dl.cpu.Reduction())]
 
 
+def _gpu_schedule(target) -> list:
+    """dlight GPU rules: (dequantize-fused) GEMV/GEMM, reductions, and a thread-binding fallback."""
+    from tvm.s_tir import dlight as dl
+
+    from moec.lower.schedules.gpu_rules import gpu_rules
+    return [dl.ApplyDefaultSchedule(*gpu_rules())]
+
+
 def _dataflow_lower(target) -> list:
     return [relax.transform.RewriteDataflowReshape(), relax.transform.ToNonDataflow(),
             relax.transform.RemovePurityChecking(), relax.transform.CallTIRRewrite()]
@@ -48,6 +56,8 @@ def _finalize(target) -> list:
 FAMILIES: dict[str, list[Phase]] = {
     "cpu": [("dispatch", _dispatch), ("legalize", _legalize), ("schedule", _cpu_schedule), ("dataflow_lower", _dataflow_lower),
             ("finalize", _finalize)],
+    "cuda": [("dispatch", _dispatch), ("legalize", _legalize), ("schedule", _gpu_schedule),
+             ("dataflow_lower", _dataflow_lower), ("finalize", _finalize)],
 }
 
 

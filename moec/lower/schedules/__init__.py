@@ -8,11 +8,11 @@ import tvm
 from tvm.target import codegen
 
 from moec.errors import MoecError
-from moec.lower.schedules import x86
+from moec.lower.schedules import arm, x86
 
 #: Family name -> schedule module: ``PARAMS`` (with ``tile_rows``), ``schedule_gemv``,
 #: ``grouped_gemm_params`` and optionally ``int8_gemv``.
-FAMILIES: dict[str, ModuleType] = {"x86": x86}
+FAMILIES: dict[str, ModuleType] = {"x86": x86, "arm": arm}
 
 _TRIPLE_PREFIXES = {"x86_64": "x86", "i686": "x86", "i386": "x86", "aarch64": "arm",
                     "arm": "arm", "riscv64": "riscv"}

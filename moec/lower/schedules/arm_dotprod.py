@@ -1,0 +1,165 @@
+"""ARM dotprod (ARMv8.2-A ``sdot``) decode GEMV with int8 activations, written as explicit TIR.
+
+Like the x86 VNNI kernel it is written with vector loads and an LLVM intrinsic
+(``llvm.aarch64.neon.sdot.v4i32.v16i8``) rather than by ``tensorize`` (which crashes in
+apache-tvm 0.27.0.post1). ``sdot`` multiplies signed bytes, so 8-bit codes (0..255) are
+recentred to -128..127 (``^ 0x80``) and the zero point is shifted by 128 to match; 2- and 4-bit
+codes fit a signed byte as they are. 3-bit codes would need a byte shuffle per step and are not
+offered (the float32-activation kernel serves them). Numerics:
+:func:`moec.lower.kernels.activations.quantize_activations`.
+"""
+
+# No `from __future__ import annotations`: TVMScript needs the evaluated buffer annotations.
+
+from collections.abc import Callable
+from math import gcd
+
+from tvm import tirx
+from tvm.script import tirx as T
+
+from moec.errors import MoecError
+from moec.lower.kernels.decode import code_at
+from moec.lower.kernels.gemv import GemvSpec
+from moec.lower.kernels.layout import num_tiles, zero_words
+
+#: Bit widths with an ARM int8-activation kernel.
+DOTPROD_BITS: tuple[int, ...] = (2, 4, 8)
+
+#: Per bit width, the uint32 mask keeping one code per byte after shifting plane ``t`` down.
+_BYTE_MASK = {2: 0x03030303, 4: 0x0F0F0F0F, 8: 0xFFFFFFFF}
+
+LANES = 4  # int32 rows per 128-bit vector
+
+
+def _splat(value: int, dtype: str, lanes: int = LANES):
+    return T.Broadcast(tirx.const(value, dtype), lanes)
+
+
+def sdot(acc, a, b):
+    """``acc[i] + sum_j a[4i+j] * b[4i+j]`` (int32x4, int8x16, int8x16): one ``sdot`` instruction."""
+    return T.call_llvm_pure_intrin("int32x4", "llvm.aarch64.neon.sdot.v4i32.v16i8", acc, a, b)
+
+
+def portable_dot(acc, a, b):
+    """What :func:`sdot` computes, in plain vector TIR that any LLVM target compiles (for tests)."""
+    ai, bi = T.reinterpret("int32x4", a), T.reinterpret("int32x4", b)
+    for j in range(4):
+        up = _splat(24 - 8 * j, "int32")
+        acc = acc + ((ai << up) >> _splat(24, "int32")) * ((bi << up) >> _splat(24, "int32"))
+    return acc
+
+
+def dotprod_gemv(spec: GemvSpec, params, dot: Callable = sdot) -> tirx.PrimFunc:
+    """The int8-activation GEMV for ``spec`` on 4-lane int32 vectors (one output row per lane).
+
+    Per word of a row (``32/b`` codes) and vector of 4 rows, plane ``t`` (codes ``m*P + t`` in
+    byte ``m``, ``P = 8/b``) is one ``dot`` against four int8 activations broadcast to all rows
+    (``x8`` is stored in the order the dots consume it). Group sums are scaled once per group.
+    ``params`` is an :class:`~moec.lower.schedules.arm.ArmParams`; ``dot`` is :func:`sdot` (or
+    :func:`portable_dot` to check the kernel's indexing on a host without dotprod).
+    Parameters of the PrimFunc: as the float32-activation GEMV's.
+    """
+    bits, n, k, gs, tile = spec.bits, spec.n, spec.k, spec.group_size, spec.tile
+    if spec.swiglu:
+        raise MoecError("the SwiGLU GEMV takes float32 activations only")
+    if bits not in DOTPROD_BITS:
+        raise MoecError(f"no ARM int8-activation GEMV for {bits}-bit weights; choices: "
+                        f"{', '.join(map(str, DOTPROD_BITS))}")
+    planes, step_codes = 8 // bits, 32 // bits
+    if gs % step_codes:
+        raise MoecError(f"{bits}-bit int8-activation GEMV needs group_size a multiple of {step_codes}")
+    if n % LANES or tile % LANES:
+        raise MoecError(f"the ARM int8 GEMV needs N ({n}) and the tile ({tile}) to be multiples of {LANES}")
+    experts, top_k, vecs = spec.num_stacked, spec.top_k, params.int8_tile_vectors
+    nb, groups, steps_per_group = n // LANES, k // gs, gs // step_codes
+    tiles = -(-nb // vecs)
+    vl = gcd(gs, LANES)
+    xr = top_k if spec.x_per_expert else 1
+    xstride = 1 if spec.x_per_expert else 0
+    recentre = 128 if bits == 8 else 0
+
+    def slot_source(c):
+        """Code index (within its word) whose activation sits in slot ``c`` of the word."""
+        return c % 4 * planes + c // 4
+
+    def accumulate(acc, v, weight, x8, e, gv, step, r):
+        word = weight[e, gv * LANES // tile, step, T.ramp(gv * LANES % tile, 1, LANES)]
+        total = acc[v, T.ramp(0, 1, LANES)]
+        for t in range(planes):
+            codes = (word >> _splat(t * bits, "uint32")) & _splat(_BYTE_MASK[bits], "uint32")
+            if recentre:
+                codes = codes ^ _splat(0x80808080, "uint32")
+            x4 = T.reinterpret("int8x16", T.Broadcast(
+                T.reinterpret("int32", x8[r, T.ramp(step * step_codes + 4 * t, 1, 4)]), LANES))
+            total = dot(total, T.reinterpret("int8x16", codes), x4)
+        return total
+
+    def group_term(dot_sum, scale, zero, sx, xsum, e, gv, g, lane, r):
+        """``scale * sx * (sum q*x8 - zero * sum x8)`` (codes and zero both recentred for 8 bits)."""
+        t, col = gv * LANES // tile, gv * LANES % tile + lane
+        zq = T.Cast("int32", code_at(lambda w: zero[e, t, w, col], g, bits)) - recentre
+        return (T.Cast("float32", scale[e, t, g, col]) * sx[r, g]
+                * T.Cast("float32", dot_sum - zq * xsum[r, g]))
+
+    @T.prim_func
+    def gemv(x: T.Buffer((xr, k), "float32"),
+             weight: T.Buffer((experts, num_tiles(n, tile), k * bits // 32, tile), "uint32"),
+             scale: T.Buffer((experts, num_tiles(n, tile), groups, tile), "float16"),
+             zero: T.Buffer((experts, num_tiles(n, tile), zero_words(groups, bits), tile), "uint32"),
+             expert_ids: T.Buffer((top_k,), "int32"), y: T.Buffer((top_k, n), "float32")):
+        T.func_attr({"global_symbol": "gemv", "tirx.noalias": True})
+        sx = T.alloc_buffer((xr, groups), "float32")
+        xsum = T.alloc_buffer((xr, groups), "int32")
+        xq = T.alloc_buffer((xr, k), "int8")
+        x8 = T.alloc_buffer((xr, k), "int8")
+        for r, g in T.grid(xr, groups):
+            amax = T.alloc_buffer((vl,), "float32", scope="local")
+            isum = T.alloc_buffer((vl,), "int32", scope="local")
+            for lane in T.vectorized(vl):
+                amax[lane] = T.float32(0)
+                isum[lane] = 0
+            for i in range(gs // vl):
+                for lane in T.vectorized(vl):
+                    amax[lane] = T.max(amax[lane], T.abs(x[r, g * gs + i * vl + lane]))
+            for lane in range(1, vl):
+                amax[0] = T.max(amax[0], amax[lane])
+            sx[r, g] = T.max(amax[0], T.float32(1e-30)) / T.float32(127)
+            for i in range(gs // vl):
+                for lane in T.vectorized(vl):
+                    xq[r, g * gs + i * vl + lane] = T.Cast("int8", T.round(x[r, g * gs + i * vl + lane] / sx[r, g]))
+                    isum[lane] = isum[lane] + T.Cast("int32", xq[r, g * gs + i * vl + lane])
+            for lane in range(1, vl):
+                isum[0] = isum[0] + isum[lane]
+            xsum[r, g] = isum[0]
+        for r, c in T.grid(xr, k // step_codes):
+            for slot in T.unroll(step_codes):
+                x8[r, c * step_codes + slot] = xq[r, c * step_codes + slot_source(slot)]
+        for task in T.parallel(top_k * tiles):
+            acc = T.alloc_buffer((vecs, LANES), "int32", scope="local")
+            yacc = T.alloc_buffer((vecs, LANES), "float32", scope="local")
+            e: T.int32 = expert_ids[task // tiles]
+            for v in T.unroll(vecs):
+                for lane in T.vectorized(LANES):
+                    yacc[v, lane] = T.float32(0)
+            for g in range(groups):
+                for v in T.unroll(vecs):
+                    for lane in T.vectorized(LANES):
+                        acc[v, lane] = 0
+                for st in range(steps_per_group):
+                    for v in T.unroll(vecs):
+                        if task % tiles * vecs + v < nb:
+                            acc[v, T.ramp(0, 1, LANES)] = accumulate(
+                                acc, v, weight, x8, e, task % tiles * vecs + v,
+                                g * steps_per_group + st, task // tiles * xstride)
+                for v in T.unroll(vecs):
+                    if task % tiles * vecs + v < nb:
+                        for lane in T.vectorized(LANES):
+                            yacc[v, lane] = yacc[v, lane] + group_term(
+                                acc[v, lane], scale, zero, sx, xsum, e, task % tiles * vecs + v, g, lane,
+                                task // tiles * xstride)
+            for v in T.unroll(vecs):
+                if task % tiles * vecs + v < nb:
+                    for lane in T.vectorized(LANES):
+                        y[task // tiles, (task % tiles * vecs + v) * LANES + lane] = yacc[v, lane]
+
+    return gemv

@@ -1,0 +1,110 @@
+"""Jetson (CUDA sm_87 + aarch64 host): CUDA source generation, the nvcc fatbin, and the bundle."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import struct
+
+import pytest
+import tvm
+from click.testing import CliRunner
+from tvm import relax
+
+from moec.cli.main import cli
+from moec.errors import MoecError
+from moec.hardware.targets import load_target
+from moec.lower.cuda_build import count_kernels, cuda_source, find_nvcc
+from moec.lower.pipeline import make_pipeline
+
+pytestmark = pytest.mark.tvm
+
+needs_nvcc = pytest.mark.skipif(find_nvcc() is None, reason="needs nvcc (CUDA toolkit)")
+needs_cross = pytest.mark.skipif(shutil.which("aarch64-linux-gnu-g++") is None,
+                                 reason="needs g++-aarch64-linux-gnu (installed by .ci/run)")
+
+
+def _gemv_and_softmax() -> tvm.IRModule:
+    """A float GEMV followed by a softmax: dlight's GEMV and reduction rules both apply."""
+    bb = relax.BlockBuilder()
+    x = relax.Var("x", relax.TensorType((1, 256), "float32"))
+    w = relax.Var("w", relax.TensorType((128, 256), "float32"))
+    with bb.function("main", [x, w]):
+        with bb.dataflow():
+            y = bb.emit(relax.op.matmul(x, relax.op.permute_dims(w)))
+            out = bb.emit_output(bb.emit(relax.op.nn.softmax(y)))
+        bb.emit_func_output(out)
+    return bb.get()
+
+
+def _compile(mod, preset="jetson-agx-orin"):
+    target = load_target(preset).tvm()
+    with target:
+        return tvm.compile(mod, target=target, relax_pipeline=make_pipeline("cuda"))
+
+
+def test_cuda_source_is_generated_with_an_aarch64_host():
+    ex = _compile(_gemv_and_softmax())
+    src = cuda_source(ex.mod)
+    assert src is not None and count_kernels(src) >= 2
+    assert "threadIdx.x" in src and "blockIdx.x" in src  # scheduled onto threads, not one serial loop
+    host = ex.mod.imports[0]
+    assert host.kind == "llvm" and 'target triple = "aarch64' in host.inspect_source("ll")
+
+
+def elf_cuda_sm(fatbin: bytes) -> list[int]:
+    """SM numbers of the CUDA ELF (e_machine 190) cubins inside a fatbin."""
+    sms, i = [], fatbin.find(b"\x7fELF")
+    while i >= 0:
+        machine = struct.unpack("<H", fatbin[i + 18:i + 20])[0]
+        flags = struct.unpack("<I", fatbin[i + 48:i + 52])[0]
+        if machine == 190:  # EI_ABIVERSION 8 (CUDA 12.8+): SM in bits 8-15; before: bits 0-7
+            sms.append((flags >> 8) & 0xFF if fatbin[i + 8] >= 8 else flags & 0xFF)
+        i = fatbin.find(b"\x7fELF", i + 1)
+    return sms
+
+
+@needs_nvcc
+def test_nvcc_compiles_the_kernels_for_sm_87():
+    from moec.lower.cuda_build import compile_cuda
+    target = load_target("jetson-orin-nano").tvm()
+    kernels = compile_cuda(_compile(_gemv_and_softmax(), "jetson-orin-nano").mod, target)
+    assert kernels.arch == "sm_87" and elf_cuda_sm(kernels.fatbin) == [87]
+
+
+@needs_nvcc
+@needs_cross
+def test_jetson_agx_orin_bundle(tmp_path):
+    from tests.conftest import make_tiny_checkpoint
+    from tests.lower.test_cross_compile import EM_AARCH64, elf_machine
+    make_tiny_checkpoint(tmp_path / "ckpt", seed=2)
+    out = tmp_path / "bundle"
+    res = CliRunner().invoke(cli, ["compile", str(tmp_path / "ckpt"), "--target", "jetson-agx-orin",
+                                   "--plan", "uniform:3", "--out", str(out)])
+    assert res.exit_code == 0, res.output
+    assert elf_machine(out / "lib.so") == EM_AARCH64
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["cuda"]["arch"] == "sm_87" and manifest["cuda"]["kernels"] > 10
+    src = (out / "kernels.cu").read_text()
+    assert "<lambda>" not in src and count_kernels(src) == manifest["cuda"]["kernels"]
+    assert elf_cuda_sm((out / manifest["cuda"]["fatbin"]).read_bytes()) == [87]
+    assert src.encode() in (out / "lib.so").read_bytes()  # the device compiles it at load time
+
+
+@needs_cross
+def test_missing_nvcc_is_one_line(monkeypatch):
+    monkeypatch.setattr("moec.lower.cuda_build.find_nvcc", lambda: None)
+    with pytest.raises(MoecError, match="target 'jetson-agx-orin': compiling CUDA kernels for sm_87 needs nvcc"):
+        load_target("jetson-agx-orin").require_toolchain()
+
+
+def test_cuda_pipeline_has_gpu_schedules():
+    """Every PrimFunc is scheduled (bound to threads) by the cuda family's schedule phase."""
+    from moec.lower.pipeline import get_phases
+    mod = _gemv_and_softmax()
+    target = load_target("jetson-agx-orin").tvm()
+    with target:
+        for _, passes in get_phases("cuda")[:3]:
+            mod = tvm.transform.Sequential(passes(target))(mod)
+    funcs = [f for f in mod.functions.values() if isinstance(f, tvm.tirx.PrimFunc)]
+    assert len(funcs) >= 2 and all(f.attrs and f.attrs.get("tirx.is_scheduled") for f in funcs)
