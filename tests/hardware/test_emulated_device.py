@@ -1,6 +1,7 @@
 """An aarch64 bundle on the emulated arm64 device (qemu-user TVM RPC server) through a stock tracker.
 
-The device is set up once and cached ($MOEC_EMU_DIR or ~/.cache/moec/arm64-emu): the first run
+Bundles come from the real presets (aarch64-generic, raspberry-pi-5) and the host preset, under
+one plan; the device is set up once and cached ($MOEC_EMU_DIR or ~/.cache/moec/arm64-emu): the first run
 downloads an arm64 Debian userland and the aarch64 TVM wheel (about 2.5 minutes), later runs
 reuse it. As root the missing Debian packages are installed with apt-get.
 """
@@ -12,6 +13,7 @@ import os
 import platform
 import shutil
 import sys
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pytest
@@ -26,17 +28,7 @@ pytestmark = [pytest.mark.tvm, pytest.mark.farm]
 KEY = "arm64-emu"
 PROMPT = "Experts in a mixture"
 NEW_TOKENS = 8
-AARCH64_PRESET = """\
-name: aarch64-test
-description: generic aarch64 with NEON (test preset)
-family: cpu
-tvm_target: {kind: llvm, mtriple: aarch64-linux-gnu, mattr: ["+neon"]}
-cross_compiler: aarch64-linux-gnu-g++
-rpc_key: arm64-emu
-allowed_bits: [2, 3, 4, 8, 16]
-memory_budget_mb: 1024
-energy_model: {pj_per_byte: 160.0, pj_per_op: 4.6, source: test preset}
-"""
+ARM_PRESETS = ("aarch64-generic", "raspberry-pi-5")  # NEON; NEON + dotprod (qemu's default CPU has both)
 
 
 def _skip_reason() -> str | None:
@@ -49,35 +41,48 @@ def _skip_reason() -> str | None:
     return None
 
 
-@pytest.fixture(scope="module")
-def device(tmp_path_factory):
-    reason = _skip_reason()
-    if reason:
-        pytest.skip(reason)
-    from moec.hardware.emulated import start_device
-    run = start_device(key=KEY, timeout=300, log_dir=tmp_path_factory.mktemp("emu-logs"))
-    yield run
-    run.stop()
-    assert not run.server.alive() and not run.tracker.alive()
-
-
-@pytest.fixture(scope="module")
-def bundles(tmp_path_factory):
-    """Host and aarch64 bundles of one tiny MoE under one mixed-precision plan."""
+def _build_bundles(root) -> dict:
+    """Host and aarch64 bundles of one tiny MoE under one mixed-precision plan (2/3/4/8/16 bits)."""
     from moec import api
     from tests.conftest import make_tiny_checkpoint
-    root = tmp_path_factory.mktemp("emu-bundles")
     cfg = make_tiny_checkpoint(root / "ckpt", seed=5)
     bits = [2, 3, 4, 8, 16]
     plan = BitPlan({l: {e: bits[(l + e) % 5] for e in range(cfg.num_experts)} for l in cfg.moe_layers},
                    {"attention": 8, "lm_head": 4, "embeddings": 8}, group_size=32, method="mse",
                    model_fingerprint=cfg.fingerprint())
     (root / "plan.json").write_text(json.dumps(plan.to_json()))
-    (root / "aarch64.yaml").write_text(AARCH64_PRESET)
-    out = {}
-    for name, target in (("host", "host"), ("arm", str(root / "aarch64.yaml"))):
-        out[name] = api.compile_bundle(api.CompileConfig(root / "ckpt", root / name, target, root / "plan.json"))
-    return out
+    return {target: api.compile_bundle(api.CompileConfig(root / "ckpt", root / target, target, root / "plan.json"))
+            for target in ("host", *ARM_PRESETS)}
+
+
+@pytest.fixture(scope="module")
+def farm(tmp_path_factory):
+    """(running emulated device, bundles): the device boots under qemu while the bundles compile."""
+    reason = _skip_reason()
+    if reason:
+        pytest.skip(reason)
+    from moec.hardware.emulated import start_device
+    with ThreadPoolExecutor(1) as pool:
+        started = pool.submit(start_device, key=KEY, timeout=300, log_dir=tmp_path_factory.mktemp("emu-logs"))
+        try:
+            bundles = _build_bundles(tmp_path_factory.mktemp("emu-bundles"))
+        except BaseException:
+            started.result().stop()
+            raise
+        run = started.result()
+    yield run, bundles
+    run.stop()
+    assert not run.server.alive() and not run.tracker.alive()
+
+
+@pytest.fixture(scope="module")
+def device(farm):
+    return farm[0]
+
+
+@pytest.fixture(scope="module")
+def bundles(farm):
+    return farm[1]
 
 
 def _trace(sess, prompt_ids: list[int], n: int) -> tuple[list[int], list[np.ndarray]]:
@@ -92,14 +97,15 @@ def _trace(sess, prompt_ids: list[int], n: int) -> tuple[list[int], list[np.ndar
     return ids, logits
 
 
-def test_aarch64_bundle_matches_host(device, bundles):
+@pytest.mark.parametrize("preset", ARM_PRESETS)
+def test_aarch64_bundle_matches_host(device, bundles, preset):
     from moec.runtime.remote import elf_machine, open_remote_bundle
     from moec.runtime.session import BundleSession
-    assert elf_machine(bundles["arm"] / "lib.so") == "aarch64"
+    assert elf_machine(bundles[preset] / "lib.so") == "aarch64"
     host = BundleSession(bundles["host"])
     prompt = host.tokenizer.encode(PROMPT).ids
     want_ids, want_logits = _trace(host, prompt, NEW_TOKENS)
-    with open_remote_bundle(bundles["arm"], str(device.tracker_address), KEY, timeout=60) as remote:
+    with open_remote_bundle(bundles[preset], str(device.tracker_address), KEY, timeout=60) as remote:
         got_ids, got_logits = _trace(remote, prompt, NEW_TOKENS)
         assert remote.generate(prompt, NEW_TOKENS)[0] == want_ids
     assert got_ids == want_ids
@@ -112,7 +118,7 @@ def test_cli_run_remote_prints_host_text(device, bundles):
     args = ["--prompt", PROMPT, "--max-new-tokens", str(NEW_TOKENS)]
     local = CliRunner().invoke(cli, ["run", str(bundles["host"]), *args])
     assert local.exit_code == 0, local.output
-    res = CliRunner().invoke(cli, ["run", str(bundles["arm"]), "--rpc", str(device.tracker_address),
+    res = CliRunner().invoke(cli, ["run", str(bundles["aarch64-generic"]), "--rpc", str(device.tracker_address),
                                    "--key", KEY, "--timeout", "60", *args])
     assert res.exit_code == 0, res.output
     assert res.stdout.splitlines()[0] == local.stdout.splitlines()[0]
@@ -129,12 +135,12 @@ def test_x86_bundle_on_arm_device_is_a_clear_error(device, bundles):
     assert len(res.output.strip().splitlines()) == 1
     # the device is still usable afterwards
     from moec.runtime.remote import open_remote_bundle
-    with open_remote_bundle(bundles["arm"], str(device.tracker_address), KEY, timeout=20) as sess:
+    with open_remote_bundle(bundles["aarch64-generic"], str(device.tracker_address), KEY, timeout=20) as sess:
         assert sess.step(1).shape == (sess.cfg["vocab_size"],)
 
 
 def test_unknown_key_fails_at_once(device, bundles):
-    res = CliRunner().invoke(cli, ["run", str(bundles["arm"]), "--rpc", str(device.tracker_address),
+    res = CliRunner().invoke(cli, ["run", str(bundles["aarch64-generic"]), "--rpc", str(device.tracker_address),
                                    "--key", "jetson-nowhere", "--prompt", PROMPT])
     assert res.exit_code == 2
     assert "no device with key 'jetson-nowhere'" in res.output and f"{KEY} (1)" in res.output
@@ -145,4 +151,4 @@ def test_aarch64_bundle_on_this_host_is_a_clear_error(bundles):
         pytest.skip("this host is aarch64")
     from moec.runtime.session import BundleSession
     with pytest.raises(MoecError, match="built for aarch64.*--rpc"):
-        BundleSession(bundles["arm"])
+        BundleSession(bundles["aarch64-generic"])
