@@ -305,6 +305,9 @@ def start_device(tracker: str | None = None, key: str = "arm64-emu", root: str |
     from moec.hardware.loopback import start_rpc_server, start_tracker
     from moec.runtime.remote import TrackerAddress, tracker_summary
 
+    if tracker is not None:
+        addr = TrackerAddress.parse(tracker)
+        tracker_summary(addr)  # unreachable → one-line error before the slow set-up and server start
     dev = setup_device(root, on_step=on_step)
     logs = Path(log_dir) if log_dir else dev.root / "logs"
     tracker_proc = None
@@ -313,9 +316,6 @@ def start_device(tracker: str | None = None, key: str = "arm64-emu", root: str |
         tracker_proc, addr = start_tracker(log_dir=logs)
         if on_step is not None:
             on_step(f"tracker on {addr}", time.time() - t0)
-    else:
-        addr = TrackerAddress.parse(tracker)
-        tracker_summary(addr)  # unreachable → one-line error before the slow server start
     try:
         t0 = time.time()
         server = start_rpc_server(addr, key, python=dev.python, timeout=timeout, log_dir=logs,

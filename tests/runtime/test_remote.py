@@ -76,3 +76,16 @@ def test_elf_machine(tmp_path):
     (tmp_path / "x").write_bytes(b"not an elf file at all")
     assert elf_machine(tmp_path / "x") is None
     assert elf_machine(tmp_path / "missing") is None
+
+
+def test_emu_tool_unreachable_tracker_is_one_line(tmp_path):
+    import subprocess
+    import sys
+
+    from tests.conftest import REPO
+    port = _closed_port()
+    res = subprocess.run([sys.executable, str(REPO / "tools" / "arm64_emu.py"), "start", "--dir", str(tmp_path / "d"),
+                          "--tracker", f"127.0.0.1:{port}"], capture_output=True, text=True, timeout=60)
+    assert res.returncode == 2
+    assert res.stderr.strip() == f"error: cannot reach the RPC tracker at 127.0.0.1:{port}: Connection refused"
+    assert not (tmp_path / "d").exists()  # nothing set up for a tracker that is not there
