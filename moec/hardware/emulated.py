@@ -29,9 +29,14 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from moec.errors import MoecError
 from moec.io import atomic_write_json, atomic_write_text
+
+if TYPE_CHECKING:
+    from moec.hardware.loopback import ManagedProcess
+    from moec.runtime.remote import TrackerAddress
 
 log = logging.getLogger("moec")
 
@@ -277,10 +282,10 @@ class RunningDevice:
     """A started emulated device: its RPC server, and the tracker if this call started one."""
 
     device: EmulatedDevice
-    tracker_address: "TrackerAddress"
+    tracker_address: TrackerAddress
     key: str
-    server: "ManagedProcess"
-    tracker: "ManagedProcess | None" = None
+    server: ManagedProcess
+    tracker: ManagedProcess | None = None
 
     def stop(self) -> None:
         self.server.stop()

@@ -103,15 +103,27 @@ class BundleSession:
 
     def step(self, token: int) -> np.ndarray:
         """Run one decode step for ``token`` at the next position; returns logits [V]."""
-        tok = tvm.runtime.tensor(np.array([token], np.int32), self.dev)
-        if self.remote is None:
-            out = self.vm["decode"](tok, *self.past, *self.params)
-        else:  # calling a VM function directly does not work over RPC; the stateful interface does
-            self.vm.set_input("decode", tok, *self.past, *self.params)
-            self.vm.invoke_stateful("decode")
-            out = self.vm.get_outputs("decode")
+        if self.remote is not None:
+            return self._remote_step(token)
+        out = self.vm["decode"](tvm.runtime.tensor(np.array([token], np.int32), self.dev), *self.past, *self.params)
         self.past = [out[i] for i in range(1, len(out))]
         return out[0].numpy()[0]
+
+    def _remote_step(self, token: int) -> np.ndarray:
+        """``step`` over RPC: calling a VM function directly does not work there; the stateful interface does."""
+        failure = None
+        try:
+            self.vm.set_input("decode", tvm.runtime.tensor(np.array([token], np.int32), self.dev),
+                              *self.past, *self.params)
+            self.vm.invoke_stateful("decode")
+            out = self.vm.get_outputs("decode")
+            logits = out[0].numpy()[0]
+        except Exception as exc:  # TVM RPC errors: the server died or the session expired
+            failure = _last_line(exc)
+        if failure is not None:  # raised outside the except block, which would keep the session alive
+            raise MoecError(f"the remote device failed during a decode step: {failure}")
+        self.past = [out[i] for i in range(1, len(out))]
+        return logits
 
     def generate(self, prompt_ids: list[int], max_new_tokens: int,
                  on_token: Callable[[int], None] | None = None) -> tuple[list[int], GenerationStats]:

@@ -89,3 +89,33 @@ def test_emu_tool_unreachable_tracker_is_one_line(tmp_path):
     assert res.returncode == 2
     assert res.stderr.strip() == f"error: cannot reach the RPC tracker at 127.0.0.1:{port}: Connection refused"
     assert not (tmp_path / "d").exists()  # nothing set up for a tracker that is not there
+
+
+@pytest.mark.farm
+def test_host_rpc_server_run_and_server_death(tmp_path):
+    """The remote path on a native RPC server (no emulation): same tokens as local; a dead server is one line."""
+    import numpy as np
+
+    from moec import api
+    from moec.hardware.loopback import start_rpc_server, start_tracker
+    from moec.runtime.remote import open_remote_bundle
+    from moec.runtime.session import BundleSession
+    from tests.conftest import make_tiny_checkpoint
+    make_tiny_checkpoint(tmp_path / "ckpt", hidden_size=32, num_layers=1, expert_intermediate=32)
+    bundle = api.compile_bundle(api.CompileConfig(tmp_path / "ckpt", tmp_path / "b", plan="uniform:4",
+                                                  group_size=32))
+    local = BundleSession(bundle)
+    prompt = local.tokenizer.encode("The quick brown").ids
+    want, _ = local.generate(prompt, 6)
+    tracker, addr = start_tracker(log_dir=tmp_path)
+    with tracker:
+        server = start_rpc_server(addr, "host-test", timeout=120, log_dir=tmp_path)
+        with server:
+            with open_remote_bundle(bundle, str(addr), "host-test", timeout=30) as sess:
+                got, _ = sess.generate(prompt, 6)
+                assert got == want
+                np.testing.assert_allclose(sess.step(prompt[0]), local.step(prompt[0]), rtol=1e-5, atol=1e-5)
+                server.stop()
+                with pytest.raises(MoecError, match="remote device failed during a decode step"):
+                    sess.step(prompt[0])
+        assert not server.alive()
