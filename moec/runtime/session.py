@@ -46,9 +46,13 @@ class BundleSession:
         self.manifest = read_manifest(root, verify=True)
         self.cfg = self.manifest["model"]["config"]
         self.remote = remote
+        target = self.manifest.get("target", {})
+        if target.get("family", "cpu") != "cpu":
+            raise MoecError(f"bundle '{root}' is for target '{target.get('name')}' (family {target.get('family')}); "
+                            "this runtime runs CPU bundles only")
         lib_path = root / "lib.so"
         lib_arch = elf_machine(lib_path) or "unknown"
-        triple = self.manifest.get("target", {}).get("tvm_target", {}).get("mtriple", "")
+        triple = target.get("tvm_target", {}).get("mtriple", "")
         built_for = f"{lib_arch}" + (f" ({triple})" if triple else "")
         if remote is None and lib_arch != "unknown" and lib_arch != platform.machine():
             raise MoecError(f"{lib_path} is built for {built_for} but this machine is {platform.machine()}; "

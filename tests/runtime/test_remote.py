@@ -33,13 +33,16 @@ def test_unreachable_tracker_fails_fast(tmp_path):
     assert time.time() - t0 < 5
 
 
-def test_cli_unreachable_tracker_is_one_line(tmp_path):
-    from tests.conftest import make_tiny_checkpoint
+@pytest.fixture(scope="module")
+def bundle(tmp_path_factory):
     from moec import api
-    # the tracker is contacted before the bundle is loaded, but the bundle must still be a bundle
-    make_tiny_checkpoint(tmp_path / "ckpt", hidden_size=32, num_layers=1, expert_intermediate=32)
-    bundle = api.compile_bundle(api.CompileConfig(tmp_path / "ckpt", tmp_path / "b", plan="uniform:8",
-                                                  group_size=32))
+    from tests.conftest import make_tiny_checkpoint
+    root = tmp_path_factory.mktemp("remote")
+    make_tiny_checkpoint(root / "ckpt", hidden_size=32, num_layers=1, expert_intermediate=32)
+    return api.compile_bundle(api.CompileConfig(root / "ckpt", root / "b", plan="uniform:4", group_size=32))
+
+
+def test_cli_unreachable_tracker_is_one_line(bundle):
     port = _closed_port()
     t0 = time.time()
     res = CliRunner().invoke(cli, ["run", str(bundle), "--rpc", f"127.0.0.1:{port}", "--prompt", "hi"])
@@ -91,19 +94,28 @@ def test_emu_tool_unreachable_tracker_is_one_line(tmp_path):
     assert not (tmp_path / "d").exists()  # nothing set up for a tracker that is not there
 
 
+def test_non_cpu_bundle_is_refused(bundle, tmp_path):
+    import json
+    import shutil
+
+    from moec.runtime.session import BundleSession
+    copy = tmp_path / "b"
+    shutil.copytree(bundle, copy)
+    manifest = json.loads((copy / "manifest.json").read_text())
+    manifest["target"].update(name="jetson-agx-orin", family="cuda")
+    (copy / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(MoecError, match="family cuda.*CPU bundles only"):
+        BundleSession(copy)
+
+
 @pytest.mark.farm
-def test_host_rpc_server_run_and_server_death(tmp_path):
+def test_host_rpc_server_run_and_server_death(bundle, tmp_path):
     """The remote path on a native RPC server (no emulation): same tokens as local; a dead server is one line."""
     import numpy as np
 
-    from moec import api
     from moec.hardware.loopback import start_rpc_server, start_tracker
     from moec.runtime.remote import open_remote_bundle
     from moec.runtime.session import BundleSession
-    from tests.conftest import make_tiny_checkpoint
-    make_tiny_checkpoint(tmp_path / "ckpt", hidden_size=32, num_layers=1, expert_intermediate=32)
-    bundle = api.compile_bundle(api.CompileConfig(tmp_path / "ckpt", tmp_path / "b", plan="uniform:4",
-                                                  group_size=32))
     local = BundleSession(bundle)
     prompt = local.tokenizer.encode("The quick brown").ids
     want, _ = local.generate(prompt, 6)
