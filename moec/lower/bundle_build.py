@@ -17,7 +17,7 @@ from moec.artifact.bundle import write_bundle
 from moec.hardware.targets import TargetPreset
 from moec.errors import MoecError
 from moec.lower.build import build_module
-from moec.lower.kernel_linear import apply_kernel_layout
+from moec.lower.kernel_linear import KernelEmitter, apply_kernel_layout
 from moec.lower.params import ModelParams
 from moec.models.config import MoEConfig
 from moec.search.plan import BitPlan
@@ -26,14 +26,26 @@ StageCallback = Callable[[str, float], None]
 
 
 def kernel_emitter(target, family: str, use_kernels: bool):
-    """The scheduled-kernel emitter for CPU families that have kernel schedules, else None."""
-    if not use_kernels or family != "cpu":
+    """The kernel emitter of ``family``: scheduled CPU kernels where the CPU has schedules, fused
+    dequantize-GEMVs for the GPU rules on ``cuda``; None for the reference emitter."""
+    if not use_kernels:
         return None
-    from moec.lower.kernel_linear import KernelEmitter
+    if family == "cuda":
+        from moec.lower.gpu_linear import GpuLinearEmitter
+        return GpuLinearEmitter()
+    if family != "cpu":
+        return None
     try:
         return KernelEmitter(target)
     except MoecError:
         return None
+
+
+def _kernels_kind(emitter) -> str:
+    """Manifest ``kernels``: scheduled CPU kernels, fused GPU dequantize-GEMVs, or the reference."""
+    if isinstance(emitter, KernelEmitter):
+        return "scheduled"
+    return "reference" if emitter is None else "gpu-fused"
 
 
 def build_bundle_from_params(cfg: MoEConfig, plan: BitPlan, params: ModelParams, preset: TargetPreset,
@@ -53,7 +65,7 @@ def build_bundle_from_params(cfg: MoEConfig, plan: BitPlan, params: ModelParams,
     target = preset.tvm()
     plan_bytes = params.nbytes  # moec's packed layout, before any kernel re-layout
     emitter = kernel_emitter(target, preset.family, use_kernels)
-    if emitter is not None:
+    if isinstance(emitter, KernelEmitter):
         t0 = time.time()
         n = apply_kernel_layout(params, emitter)
         stage(f"kernel layout ({n} weights)", t0)
@@ -85,7 +97,7 @@ def build_bundle_from_params(cfg: MoEConfig, plan: BitPlan, params: ModelParams,
             "eos_token_id": eos,
             "weight_bytes": plan_bytes,
             "stored_weight_bytes": params.nbytes,
-            "kernels": "scheduled" if emitter is not None else "reference",
+            "kernels": _kernels_kind(emitter),
             **({"cuda": res.cuda} if res.cuda else {}),
             **(extra_manifest or {}),
         }

@@ -37,8 +37,8 @@ def _gpu_schedule(target) -> list:
     """dlight GPU rules: (dequantize-fused) GEMV/GEMM, reductions, and a thread-binding fallback."""
     from tvm.s_tir import dlight as dl
 
-    from moec.lower.schedules.gpu_rules import gpu_rules
-    return [dl.ApplyDefaultSchedule(*gpu_rules())]
+    from moec.lower.schedules.gpu_rules import check_gpu_bound, gpu_rules, reset_cpu_schedules
+    return [reset_cpu_schedules, dl.ApplyDefaultSchedule(*gpu_rules()), check_gpu_bound]
 
 
 def _dataflow_lower(target) -> list:

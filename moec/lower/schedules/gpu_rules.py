@@ -3,7 +3,8 @@
 dlight's GPU ``Reduction`` rule in apache-tvm 0.27 can return a schedule that later fails to
 lower (e.g. for the attention-scores reduction with a fused elementwise producer: "Cross-thread
 reduction requires all the reduction-related loops to be the deepest"). ``Checked`` runs the
-cross-thread-reduction lowering on each candidate and, if it fails, lets the next rule (finally
+cross-thread-reduction lowering on each candidate and, if it fails (or the rule itself raises, as
+dlight's GEMV analysis does on indirectly indexed buffers), lets the next rule (finally
 ``Fallback``, which only binds threads) schedule the function instead.
 """
 
@@ -25,7 +26,11 @@ class Checked(dl.ScheduleRule):
         self.rule = rule
 
     def apply(self, func: tvm.tirx.PrimFunc, target: tvm.target.Target, tunable: bool):
-        space = self.rule.apply(func, target, tunable)
+        try:
+            space = self.rule.apply(func, target, tunable)
+        except Exception as exc:  # noqa: BLE001 - e.g. dlight's GEMV analysis asserts on indirect indexing
+            log.debug("%s failed: %s", type(self.rule).__name__, exc)
+            return None
         if space is None:
             return None
         for sch in space if isinstance(space, list) else [space]:
@@ -39,7 +44,81 @@ class Checked(dl.ScheduleRule):
         return space
 
 
+class FusedGemv(dl.ScheduleRule):
+    """moec's fused dequantize-GEMVs (``gpu_linear``: a ``gemv`` block over (row j, output n, k),
+    optionally fed by a ``dequant`` block): one warp per output row, each thread a run of
+    ``vector`` consecutive k, ``rows`` rows per thread block.
+
+    dlight's rules miss the routed-expert form (the expert index is read from ``expert_ids``,
+    which makes it opaque to their pattern analysis) and would leave it to ``Fallback`` (one
+    thread per output, a serial loop over K). Nothing here was measured on a GPU.
+    """
+
+    def __init__(self, threads: int = 32, vector: int = 4, rows: int = 4) -> None:
+        self.threads, self.vector, self.rows = threads, vector, rows
+
+    def apply(self, func: tvm.tirx.PrimFunc, target: tvm.target.Target, tunable: bool):
+        if not isinstance(func, tvm.tirx.PrimFunc):
+            return None
+        sch = s_tir.Schedule(func)
+        try:
+            gemv = sch.get_sblock("gemv")
+        except Exception:  # noqa: BLE001 - not one of moec's GEMVs
+            return None
+        try:
+            sch.compute_inline(sch.get_sblock("dequant"))
+        except Exception:  # noqa: BLE001 - float weights have no dequant block
+            pass
+        loops = sch.get_loops(gemv)
+        if len(loops) != 3 or sch.get_producers(gemv) or sch.get_consumers(gemv):
+            return None  # e.g. a fused bias add: left to dlight's rules, which handle epilogues
+        j, row, k = loops
+        ko, kt, kv = sch.split(k, [None, self.threads, self.vector])
+        ro, ri = sch.split(row, [None, self.rows])
+        sch.reorder(j, ro, ri, ko, kt, kv)
+        sch.bind(sch.fuse(j, ro), "blockIdx.x")
+        sch.bind(ri, "threadIdx.y")
+        sch.bind(kt, "threadIdx.x")
+        sch.unroll(kv)
+        return sch
+
+
 def gpu_rules() -> list[dl.ScheduleRule]:
-    """The rules in the order they are tried: GEMM, (dequantize-fused) GEMV, reductions, fallback."""
-    return [Checked(rule) for rule in (dl.gpu.Matmul(), dl.gpu.GEMV(), dl.gpu.LowBatchGEMV(),
+    """The rules in the order they are tried: moec's GEMVs, GEMM, GEMV, reductions, fallback."""
+    return [Checked(rule) for rule in (FusedGemv(), dl.gpu.Matmul(), dl.gpu.GEMV(), dl.gpu.LowBatchGEMV(),
                                        dl.gpu.Reduction(), dl.gpu.GeneralReduction())] + [dl.gpu.Fallback()]
+
+
+def binds_threads(func: tvm.tirx.PrimFunc) -> bool:
+    """Whether ``func`` has a loop bound to a GPU thread or block index.
+
+    (apache-tvm 0.27 exposes no TIR statement visitor to Python, so this reads the printed script.)
+    """
+    return "T.thread_binding(" in func.script()
+
+
+@tvm.transform.module_pass(opt_level=0, name="moec.ResetCpuSchedules")
+def reset_cpu_schedules(mod: tvm.IRModule, _ctx) -> tvm.IRModule:
+    """Drop ``tirx.is_scheduled`` from PrimFuncs that bind no GPU threads, so the GPU rules schedule them.
+
+    The decode graph marks some functions (RMSNorm) as already scheduled for CPUs; on a GPU such a
+    function would otherwise stay a host loop reading device memory.
+    """
+    for gv, func in list(mod.functions.items()):
+        if (isinstance(func, tvm.tirx.PrimFunc) and func.attrs is not None
+                and func.attrs.get("tirx.is_scheduled") and not binds_threads(func)):
+            mod[gv] = func.without_attr("tirx.is_scheduled")
+    return mod
+
+
+@tvm.transform.module_pass(opt_level=0, name="moec.CheckGpuBound")
+def check_gpu_bound(mod: tvm.IRModule, _ctx) -> tvm.IRModule:
+    """Fail the build if a PrimFunc binds no GPU threads (it would run as a host loop on device memory).
+
+    A compiler bug, not bad input: raised as RuntimeError (the CLI reports it as an internal error).
+    """
+    unbound = [gv.name_hint for gv, func in mod.functions.items()
+               if isinstance(func, tvm.tirx.PrimFunc) and not binds_threads(func)]
+    if unbound:
+        raise RuntimeError(f"no GPU schedule for {', '.join(sorted(unbound))}")
+    return mod
