@@ -76,7 +76,8 @@ def check(root):
 def start(root, tracker, key, timeout):
     """Start the device's RPC server (and a tracker unless --tracker); runs until Ctrl-C or SIGTERM."""
     run = emulated.start_device(tracker, key, root, timeout, on_step=_step)
-    signal.signal(signal.SIGTERM, _interrupt)
+    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):  # SIGINT too: a background job ignores it
+        signal.signal(sig, _interrupt)
     try:
         click.echo(f"device '{key}' is registered at tracker {run.tracker_address} "
                    f"(server pid {run.server.pid}, logs {run.server.log_path.parent}); Ctrl-C stops it")

@@ -99,15 +99,21 @@ def start_tracker(host: str = "127.0.0.1", port: int | None = None, timeout: flo
                                   "--port-end", str(p + 1)], log_dir)
         addr = TrackerAddress(host, p)
         deadline = time.time() + timeout
-        while time.time() < deadline and proc.alive():
-            try:
-                tracker_summary(addr, timeout=2.0)
-                proc.info["address"] = str(addr)
-                return proc, addr
-            except MoecError:
-                time.sleep(0.2)
-        last = proc.log_tail() or "no output"
-        proc.stop()
+        try:
+            while time.time() < deadline and proc.alive():
+                try:  # its own log says it bound the port: a tracker answering there could be another one
+                    if f"bind to {host}:{p}" not in proc.log_path.read_text(errors="replace"):
+                        raise MoecError("not bound yet")
+                    tracker_summary(addr, timeout=2.0)
+                    proc.info["address"] = str(addr)
+                    return proc, addr
+                except MoecError:
+                    time.sleep(0.2)
+            text = proc.log_path.read_text(errors="replace")
+            last = f"port {p} is in use" if "cannot bind" in text else (proc.log_tail() or "no output")
+        finally:
+            if "address" not in proc.info:  # not started (or interrupted): never leave it behind
+                proc.stop()
     raise MoecError(f"the RPC tracker did not start on {host}:{port or 'a free port'}: {last}")
 
 
@@ -122,19 +128,21 @@ def start_rpc_server(tracker: TrackerAddress, key: str, python: str | os.PathLik
     t0 = time.time()
     proc = _spawn(f"rpc-server-{key}", [str(python), "-m", "tvm.exec.rpc_server", "--tracker", str(tracker),
                                          "--key", key, "--host", host, *(extra_args or [])], log_dir, env)
-    while time.time() - t0 < timeout:
-        if not proc.alive():
-            tail = proc.log_tail()
-            proc.stop()
-            raise MoecError(f"the RPC server for '{key}' exited (code {proc.proc.returncode}): {tail or 'no output'}")
-        try:
-            if registered_keys(tracker_summary(tracker)).get(key, 0) > before:
-                proc.info["registration_seconds"] = time.time() - t0
-                return proc
-        except MoecError:
-            pass
-        time.sleep(0.5)
-    tail = proc.log_tail()
-    proc.stop()
-    raise MoecError(f"the RPC server for '{key}' did not register with tracker {tracker} within {timeout:.0f} s"
-                    + (f": {tail}" if tail else ""))
+    try:
+        while time.time() - t0 < timeout:
+            if not proc.alive():
+                raise MoecError(f"the RPC server for '{key}' exited (code {proc.proc.returncode}): "
+                                f"{proc.log_tail() or 'no output'}")
+            try:
+                if registered_keys(tracker_summary(tracker)).get(key, 0) > before:
+                    proc.info["registration_seconds"] = time.time() - t0
+                    return proc
+            except MoecError:
+                pass
+            time.sleep(0.5)
+        tail = proc.log_tail()
+        raise MoecError(f"the RPC server for '{key}' did not register with tracker {tracker} within {timeout:.0f} s"
+                        + (f": {tail}" if tail else ""))
+    except BaseException:  # also Ctrl-C while waiting: never leave the server behind
+        proc.stop()
+        raise

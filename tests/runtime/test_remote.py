@@ -131,3 +131,13 @@ def test_host_rpc_server_run_and_server_death(bundle, tmp_path):
                 with pytest.raises(MoecError, match="remote device failed during a decode step"):
                     sess.step(prompt[0])
         assert not server.alive()
+
+
+@pytest.mark.farm
+def test_tracker_on_a_taken_port_is_a_clear_error(tmp_path):
+    from moec.hardware.loopback import start_tracker
+    first, addr = start_tracker(log_dir=tmp_path)
+    with first:
+        with pytest.raises(MoecError, match=f"did not start on 127.0.0.1:{addr.port}: port {addr.port} is in use"):
+            start_tracker(port=addr.port, timeout=30, log_dir=tmp_path)
+    assert not first.alive()
