@@ -258,7 +258,11 @@ def setup_device(root: str | os.PathLike | None = None, force: bool = False, ins
         if on_step is not None:
             on_step(name, time.time() - t0)
 
-    with open(dev.root / ".lock", "w") as lock:
+    try:
+        lock = open(dev.root / ".lock", "w")
+    except OSError as exc:
+        raise MoecError(f"the device folder '{dev.root}' is not writable: {exc.strerror}") from None
+    with lock:
         fcntl.flock(lock, fcntl.LOCK_EX)  # a second set-up of the same folder waits for the first
         if force:
             for p in (dev.stamp, dev.rootfs, dev.site):
