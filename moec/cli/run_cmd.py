@@ -11,11 +11,32 @@ from moec.errors import MoecError
 @click.argument("bundle", type=click.Path())
 @click.option("--prompt", required=True, help="Text to continue.")
 @click.option("--max-new-tokens", default=32, show_default=True, help="Tokens to generate (greedy).")
-def run_cmd(bundle, prompt, max_new_tokens):
-    """Generate text from a compiled BUNDLE (hashes verified before loading)."""
+@click.option("--rpc", "tracker", default=None, metavar="HOST:PORT",
+              help="Run on a device requested from this TVM RPC tracker instead of this machine.")
+@click.option("--key", default=None, help="Device key at the tracker (default: the bundle target's rpc_key).")
+@click.option("--timeout", default=60.0, show_default=True, help="Seconds to wait for a free device (--rpc).")
+def run_cmd(bundle, prompt, max_new_tokens, tracker, key, timeout):
+    """Generate text from a compiled BUNDLE (hashes verified before loading), here or on a remote device."""
     from moec.runtime.session import BundleSession
 
-    sess = BundleSession(bundle)
+    if tracker is None:
+        if key is not None:
+            raise MoecError("--key needs --rpc HOST:PORT (the tracker to ask)")
+        sess = BundleSession(bundle)
+    else:
+        from moec.runtime.remote import open_remote_bundle
+        sess = open_remote_bundle(bundle, tracker, key, timeout=timeout)
+    try:
+        stats = _generate(sess, bundle, prompt, max_new_tokens)
+    finally:
+        sess.close()  # on a remote device: end the RPC session so the server is free again
+    where = "" if tracker is None else f" on remote device via tracker {tracker}"
+    click.echo(f"[{stats.prompt_tokens} prompt tokens in {stats.prefill_seconds:.2f} s; {stats.new_tokens} new tokens, "
+               f"decode {stats.decode_tokens_per_s:.1f} tokens/s{where}]", err=True)
+
+
+def _generate(sess, bundle, prompt: str, max_new_tokens: int):
+    """Stream the continuation of ``prompt`` to stdout; returns the generation stats."""
     if sess.tokenizer is None:
         raise MoecError(f"bundle '{bundle}' has no tokenizer.json; cannot encode a text prompt")
     ids = sess.tokenizer.encode(prompt).ids
@@ -34,5 +55,4 @@ def run_cmd(bundle, prompt, max_new_tokens):
 
     _, stats = sess.generate(ids, max_new_tokens, on_token=on_token)
     click.echo("")
-    click.echo(f"[{stats.prompt_tokens} prompt tokens in {stats.prefill_seconds:.2f} s; {stats.new_tokens} new tokens, "
-               f"decode {stats.decode_tokens_per_s:.1f} tokens/s]", err=True)
+    return stats

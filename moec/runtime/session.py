@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import gc
 import os
+import platform
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -14,6 +16,7 @@ from tokenizers import Tokenizer
 
 from moec.artifact.bundle import read_manifest
 from moec.errors import MoecError
+from moec.runtime.remote import elf_machine
 
 
 @dataclass
@@ -31,13 +34,30 @@ class GenerationStats:
 
 
 class BundleSession:
-    """Load ``bundle`` (every file's sha256 checked first) on ``device`` ("cpu" or an RPC session)."""
+    """Load ``bundle`` (every file's sha256 checked first) on this CPU, or on ``remote`` (an RPC session).
+
+    On a remote device the library is uploaded and loaded there, the weights are copied into its
+    memory once, and each decode step runs the Relax VM there (only the token goes in and the
+    logits come back; the KV cache stays on the device).
+    """
 
     def __init__(self, bundle: str | os.PathLike, remote=None) -> None:
         root = Path(bundle)
         self.manifest = read_manifest(root, verify=True)
         self.cfg = self.manifest["model"]["config"]
+        self.remote = remote
+        target = self.manifest.get("target", {})
+        if target.get("family", "cpu") != "cpu":
+            raise MoecError(f"bundle '{root}' is for target '{target.get('name')}' (family {target.get('family')}); "
+                            "this runtime runs CPU bundles only")
         lib_path = root / "lib.so"
+        lib_arch = elf_machine(lib_path) or "unknown"
+        triple = target.get("tvm_target", {}).get("mtriple", "")
+        built_for = f"{lib_arch}" + (f" ({triple})" if triple else "")
+        if remote is None and lib_arch != "unknown" and lib_arch != platform.machine():
+            raise MoecError(f"{lib_path} is built for {built_for} but this machine is {platform.machine()}; "
+                            "run it on a matching device (moec run --rpc HOST:PORT --key KEY)")
+        lib, failure = None, None
         try:
             if remote is None:
                 lib = tvm.runtime.load_module(str(lib_path))
@@ -47,7 +67,12 @@ class BundleSession:
                 lib = remote.load_module("moec_lib.so")
                 self.dev = remote.cpu()
         except Exception as exc:
-            raise MoecError(f"cannot load {lib_path} on this device: {str(exc).strip().splitlines()[-1]}") from None
+            failure = _last_line(exc)
+        if failure is not None:  # raised outside the except block: the TVM error's frames hold the session
+            where = "this machine" if remote is None else "the remote device"
+            hint = f" (is the device {lib_arch}?)" if remote is not None and lib_arch != "unknown" else ""
+            self.remote = remote = None
+            raise MoecError(f"cannot load {lib_path} (built for {built_for}) on {where}{hint}: {failure}")
         self.vm = tvm.runtime.vm.VirtualMachine(lib, self.dev)
         weights = np.load(root / "weights.npz", allow_pickle=False)
         self.params = [tvm.runtime.tensor(weights[name], self.dev) for name in self.manifest["params"]]
@@ -56,6 +81,26 @@ class BundleSession:
         self.eos = self.manifest.get("eos_token_id")
         self._empty = np.zeros((self.cfg["num_kv_heads"], 0, self.cfg["head_dim"]), np.float32)
         self.reset()
+
+    def close(self) -> None:
+        """Release the device: on a remote device this ends the RPC session, freeing the server.
+
+        Remote tensors, the module and the VM all hold the session, and TVM objects form
+        reference cycles, so everything is dropped and collected here rather than left to the GC.
+        """
+        remote = self.remote
+        for name in ("past", "params", "vm", "dev", "remote"):
+            if hasattr(self, name):
+                delattr(self, name)
+        if remote is not None:
+            del remote
+            gc.collect()
+
+    def __enter__(self) -> "BundleSession":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
     def reset(self) -> None:
         self.past = [tvm.runtime.tensor(self._empty, self.dev) for _ in range(2 * self.cfg["num_layers"])]
@@ -79,9 +124,27 @@ class BundleSession:
 
     def step(self, token: int) -> np.ndarray:
         """Run one decode step for ``token`` at the next position; returns logits [V]."""
+        if self.remote is not None:
+            return self._remote_step(token)
         out = self.vm["decode"](tvm.runtime.tensor(np.array([token], np.int32), self.dev), *self.past, *self.params)
         self.past = [out[i] for i in range(1, len(out))]
         return out[0].numpy()[0]
+
+    def _remote_step(self, token: int) -> np.ndarray:
+        """``step`` over RPC: calling a VM function directly does not work there; the stateful interface does."""
+        failure = None
+        try:
+            self.vm.set_input("decode", tvm.runtime.tensor(np.array([token], np.int32), self.dev),
+                              *self.past, *self.params)
+            self.vm.invoke_stateful("decode")
+            out = self.vm.get_outputs("decode")
+            logits = out[0].numpy()[0]
+        except Exception as exc:  # TVM RPC errors: the server died or the session expired
+            failure = _last_line(exc)
+        if failure is not None:  # raised outside the except block, which would keep the session alive
+            raise MoecError(f"the remote device failed during a decode step: {failure}")
+        self.past = [out[i] for i in range(1, len(out))]
+        return logits
 
     def generate(self, prompt_ids: list[int], max_new_tokens: int,
                  on_token: Callable[[int], None] | None = None) -> tuple[list[int], GenerationStats]:
@@ -104,3 +167,8 @@ class BundleSession:
                 logits = self.step(nxt)
         t2 = time.perf_counter()
         return out, GenerationStats(len(prompt_ids), len(out), t1 - t0, t2 - t1)
+
+
+def _last_line(exc: BaseException) -> str:
+    lines = [ln.strip() for ln in str(exc).strip().splitlines() if ln.strip()]
+    return lines[-1] if lines else type(exc).__name__

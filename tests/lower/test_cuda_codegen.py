@@ -109,3 +109,10 @@ def test_cuda_pipeline_has_gpu_schedules():
             mod = tvm.transform.Sequential(passes(target))(mod)
     funcs = [f for f in mod.functions.values() if isinstance(f, tvm.tirx.PrimFunc)]
     assert len(funcs) >= 2 and all(f.attrs and f.attrs.get("tirx.is_scheduled") for f in funcs)
+
+
+def test_an_unscheduled_gpu_function_fails_the_build(monkeypatch):
+    """The safety net: a PrimFunc left without thread bindings would run on the host, so it is refused."""
+    monkeypatch.setattr("moec.lower.schedules.gpu_rules.binds_threads", lambda func: False)
+    with pytest.raises(RuntimeError, match="no GPU schedule for .*matmul"):
+        _compile(_gemv_and_softmax())

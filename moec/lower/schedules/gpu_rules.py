@@ -113,10 +113,12 @@ def reset_cpu_schedules(mod: tvm.IRModule, _ctx) -> tvm.IRModule:
 
 @tvm.transform.module_pass(opt_level=0, name="moec.CheckGpuBound")
 def check_gpu_bound(mod: tvm.IRModule, _ctx) -> tvm.IRModule:
-    """Fail the build if a PrimFunc binds no GPU threads (it would run as a host loop on device memory)."""
+    """Fail the build if a PrimFunc binds no GPU threads (it would run as a host loop on device memory).
+
+    A compiler bug, not bad input: raised as RuntimeError (the CLI reports it as an internal error).
+    """
     unbound = [gv.name_hint for gv, func in mod.functions.items()
                if isinstance(func, tvm.tirx.PrimFunc) and not binds_threads(func)]
     if unbound:
-        from moec.errors import MoecError
-        raise MoecError(f"no GPU schedule for {', '.join(sorted(unbound))}")
+        raise RuntimeError(f"no GPU schedule for {', '.join(sorted(unbound))}")
     return mod

@@ -1,0 +1,154 @@
+"""An aarch64 bundle on the emulated arm64 device (qemu-user TVM RPC server) through a stock tracker.
+
+Bundles come from the real presets (aarch64-generic, raspberry-pi-5) and the host preset, under
+one plan; the device is set up once and cached ($MOEC_EMU_DIR or ~/.cache/moec/arm64-emu): the first run
+downloads an arm64 Debian userland and the aarch64 TVM wheel (about 2.5 minutes), later runs
+reuse it. As root the missing Debian packages are installed with apt-get.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import shutil
+import sys
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+from moec.cli.main import cli
+from moec.errors import MoecError
+from moec.search.plan import BitPlan
+
+pytestmark = [pytest.mark.tvm, pytest.mark.farm]
+
+KEY = "arm64-emu"
+PROMPT = "Experts in a mixture"
+NEW_TOKENS = 8
+ARM_PRESETS = ("aarch64-generic", "raspberry-pi-5")  # NEON; NEON + dotprod (qemu's default CPU has both)
+
+
+def _skip_reason() -> str | None:
+    from moec.hardware.emulated import missing_host_tools
+    if sys.platform != "linux":
+        return "the emulated arm64 device needs Linux (qemu-user)"
+    missing = missing_host_tools()
+    if missing and (os.geteuid() != 0 or shutil.which("apt-get") is None):
+        return f"missing {', '.join(missing)} and not root with apt-get to install them"
+    return None
+
+
+def _build_bundles(root) -> dict:
+    """Host and aarch64 bundles of one tiny MoE under one mixed-precision plan (2/3/4/8/16 bits)."""
+    from moec import api
+    from tests.conftest import make_tiny_checkpoint
+    cfg = make_tiny_checkpoint(root / "ckpt", seed=5)
+    bits = [2, 3, 4, 8, 16]
+    plan = BitPlan({l: {e: bits[(l + e) % 5] for e in range(cfg.num_experts)} for l in cfg.moe_layers},
+                   {"attention": 8, "lm_head": 4, "embeddings": 8}, group_size=32, method="mse",
+                   model_fingerprint=cfg.fingerprint())
+    (root / "plan.json").write_text(json.dumps(plan.to_json()))
+    return {target: api.compile_bundle(api.CompileConfig(root / "ckpt", root / target, target, root / "plan.json"))
+            for target in ("host", *ARM_PRESETS)}
+
+
+@pytest.fixture(scope="module")
+def farm(tmp_path_factory):
+    """(running emulated device, bundles): the device boots under qemu while the bundles compile."""
+    reason = _skip_reason()
+    if reason:
+        pytest.skip(reason)
+    from moec.hardware.emulated import start_device
+    with ThreadPoolExecutor(1) as pool:
+        started = pool.submit(start_device, key=KEY, timeout=300, log_dir=tmp_path_factory.mktemp("emu-logs"))
+        try:
+            bundles = _build_bundles(tmp_path_factory.mktemp("emu-bundles"))
+        except BaseException:
+            started.result().stop()
+            raise
+        run = started.result()
+    yield run, bundles
+    run.stop()
+    assert not run.server.alive() and not run.tracker.alive()
+
+
+@pytest.fixture(scope="module")
+def device(farm):
+    return farm[0]
+
+
+@pytest.fixture(scope="module")
+def bundles(farm):
+    return farm[1]
+
+
+def _trace(sess, prompt_ids: list[int], n: int) -> tuple[list[int], list[np.ndarray]]:
+    """Greedy decoding that also keeps every step's logits."""
+    sess.reset()
+    logits = [sess.step(t) for t in prompt_ids]
+    ids: list[int] = []
+    while len(ids) < n:
+        ids.append(int(np.argmax(logits[-1])))
+        if len(ids) < n:
+            logits.append(sess.step(ids[-1]))
+    return ids, logits
+
+
+@pytest.mark.parametrize("preset", ARM_PRESETS)
+def test_aarch64_bundle_matches_host(device, bundles, preset):
+    from moec.runtime.remote import elf_machine, open_remote_bundle
+    from moec.runtime.session import BundleSession
+    assert elf_machine(bundles[preset] / "lib.so") == "aarch64"
+    host = BundleSession(bundles["host"])
+    prompt = host.tokenizer.encode(PROMPT).ids
+    want_ids, want_logits = _trace(host, prompt, NEW_TOKENS)
+    with open_remote_bundle(bundles[preset], str(device.tracker_address), KEY, timeout=60) as remote:
+        got_ids, got_logits = _trace(remote, prompt, NEW_TOKENS)
+        assert remote.generate(prompt, NEW_TOKENS)[0] == want_ids
+    assert got_ids == want_ids
+    assert len(got_logits) == len(want_logits) == len(prompt) + NEW_TOKENS - 1
+    for got, want in zip(got_logits, want_logits):
+        np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
+
+
+def test_cli_run_remote_prints_host_text(device, bundles):
+    args = ["--prompt", PROMPT, "--max-new-tokens", str(NEW_TOKENS)]
+    local = CliRunner().invoke(cli, ["run", str(bundles["host"]), *args])
+    assert local.exit_code == 0, local.output
+    res = CliRunner().invoke(cli, ["run", str(bundles["aarch64-generic"]), "--rpc", str(device.tracker_address),
+                                   "--key", KEY, "--timeout", "60", *args])
+    assert res.exit_code == 0, res.output
+    assert res.stdout.splitlines()[0] == local.stdout.splitlines()[0]
+    assert "on remote device via tracker" in res.stderr
+
+
+def test_x86_bundle_on_arm_device_is_a_clear_error(device, bundles):
+    if platform.machine() != "x86_64":
+        pytest.skip("the host bundle is only a foreign library for the device on an x86_64 host")
+    res = CliRunner().invoke(cli, ["run", str(bundles["host"]), "--rpc", str(device.tracker_address),
+                                   "--key", KEY, "--prompt", PROMPT])
+    assert res.exit_code == 2
+    assert "built for x86_64" in res.output and "remote device" in res.output
+    assert len(res.output.strip().splitlines()) == 1
+    # the device is still usable afterwards
+    from moec.runtime.remote import open_remote_bundle
+    with open_remote_bundle(bundles["aarch64-generic"], str(device.tracker_address), KEY, timeout=20) as sess:
+        assert sess.step(1).shape == (sess.cfg["vocab_size"],)
+
+
+def test_unknown_key_fails_at_once(device, bundles):
+    res = CliRunner().invoke(cli, ["run", str(bundles["aarch64-generic"]), "--rpc", str(device.tracker_address),
+                                   "--key", "jetson-nowhere", "--prompt", PROMPT])
+    assert res.exit_code == 2
+    assert "no device with key 'jetson-nowhere'" in res.output and f"{KEY} (1)" in res.output
+
+
+def test_aarch64_bundle_on_this_host_is_a_clear_error(bundles):
+    if platform.machine() == "aarch64":
+        pytest.skip("this host is aarch64")
+    from moec.runtime.session import BundleSession
+    with pytest.raises(MoecError, match="built for aarch64.*--rpc"):
+        BundleSession(bundles["aarch64-generic"])

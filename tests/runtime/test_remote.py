@@ -1,0 +1,143 @@
+"""Remote runs: tracker address parsing, unreachable trackers fail fast, ELF machine detection."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+from click.testing import CliRunner
+
+from moec.cli.main import cli
+from moec.errors import MoecError
+from moec.runtime.remote import TrackerAddress, elf_machine, request_device
+
+pytestmark = pytest.mark.tvm
+
+
+def _closed_port() -> int:
+    from moec.hardware.loopback import free_port
+    return free_port()  # bound then released: nothing listens there
+
+
+@pytest.mark.parametrize("text", ["127.0.0.1", "host:", ":9190", "h:99999", "h:port"])
+def test_bad_tracker_address(text):
+    with pytest.raises(MoecError, match="bad tracker address"):
+        TrackerAddress.parse(text)
+
+
+def test_unreachable_tracker_fails_fast(tmp_path):
+    port = _closed_port()
+    t0 = time.time()
+    with pytest.raises(MoecError, match=f"cannot reach the RPC tracker at 127.0.0.1:{port}"):
+        request_device(TrackerAddress("127.0.0.1", port), "arm64-emu", timeout=30)
+    assert time.time() - t0 < 5
+
+
+@pytest.fixture(scope="module")
+def bundle(tmp_path_factory):
+    from moec import api
+    from tests.conftest import make_tiny_checkpoint
+    root = tmp_path_factory.mktemp("remote")
+    make_tiny_checkpoint(root / "ckpt", hidden_size=32, num_layers=1, expert_intermediate=32)
+    return api.compile_bundle(api.CompileConfig(root / "ckpt", root / "b", plan="uniform:4", group_size=32))
+
+
+def test_cli_unreachable_tracker_is_one_line(bundle):
+    port = _closed_port()
+    t0 = time.time()
+    res = CliRunner().invoke(cli, ["run", str(bundle), "--rpc", f"127.0.0.1:{port}", "--prompt", "hi"])
+    assert res.exit_code == 2 and time.time() - t0 < 10
+    assert res.output.strip() == f"error: cannot reach the RPC tracker at 127.0.0.1:{port}: Connection refused"
+    res = CliRunner().invoke(cli, ["run", str(bundle), "--key", "arm64-emu", "--prompt", "hi"])
+    assert res.exit_code == 2 and "--key needs --rpc" in res.output
+
+
+def test_not_a_tracker(tmp_path):
+    import socket
+    import threading
+    srv = socket.socket()
+    srv.bind(("127.0.0.1", 0))
+    srv.listen(1)
+
+    def answer():
+        conn, _ = srv.accept()
+        conn.recv(4)
+        conn.sendall(b"HTTP")
+        conn.close()
+
+    th = threading.Thread(target=answer, daemon=True)
+    th.start()
+    with pytest.raises(MoecError, match="is not an RPC tracker"):
+        request_device(TrackerAddress("127.0.0.1", srv.getsockname()[1]), "k", timeout=5)
+    th.join(5)
+    srv.close()
+
+
+def test_elf_machine(tmp_path):
+    import sys
+    assert elf_machine(sys.executable) in ("x86_64", "aarch64")
+    (tmp_path / "x").write_bytes(b"not an elf file at all")
+    assert elf_machine(tmp_path / "x") is None
+    assert elf_machine(tmp_path / "missing") is None
+
+
+def test_emu_tool_unreachable_tracker_is_one_line(tmp_path):
+    import subprocess
+    import sys
+
+    from tests.conftest import REPO
+    port = _closed_port()
+    res = subprocess.run([sys.executable, str(REPO / "tools" / "arm64_emu.py"), "start", "--dir", str(tmp_path / "d"),
+                          "--tracker", f"127.0.0.1:{port}"], capture_output=True, text=True, timeout=60)
+    assert res.returncode == 2
+    assert res.stderr.strip() == f"error: cannot reach the RPC tracker at 127.0.0.1:{port}: Connection refused"
+    assert not (tmp_path / "d").exists()  # nothing set up for a tracker that is not there
+
+
+def test_non_cpu_bundle_is_refused(bundle, tmp_path):
+    import json
+    import shutil
+
+    from moec.runtime.session import BundleSession
+    copy = tmp_path / "b"
+    shutil.copytree(bundle, copy)
+    manifest = json.loads((copy / "manifest.json").read_text())
+    manifest["target"].update(name="jetson-agx-orin", family="cuda")
+    (copy / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(MoecError, match="family cuda.*CPU bundles only"):
+        BundleSession(copy)
+
+
+@pytest.mark.farm
+def test_host_rpc_server_run_and_server_death(bundle, tmp_path):
+    """The remote path on a native RPC server (no emulation): same tokens as local; a dead server is one line."""
+    import numpy as np
+
+    from moec.hardware.loopback import start_rpc_server, start_tracker
+    from moec.runtime.remote import open_remote_bundle
+    from moec.runtime.session import BundleSession
+    local = BundleSession(bundle)
+    prompt = local.tokenizer.encode("The quick brown").ids
+    want, _ = local.generate(prompt, 6)
+    tracker, addr = start_tracker(log_dir=tmp_path)
+    with tracker:
+        server = start_rpc_server(addr, "host-test", timeout=120, log_dir=tmp_path)
+        with server:
+            with open_remote_bundle(bundle, str(addr), "host-test", timeout=30) as sess:
+                got, _ = sess.generate(prompt, 6)
+                assert got == want
+                np.testing.assert_allclose(sess.step(prompt[0]), local.step(prompt[0]), rtol=1e-5, atol=1e-5)
+                server.stop()
+                with pytest.raises(MoecError, match="remote device failed during a decode step"):
+                    sess.step(prompt[0])
+        assert not server.alive()
+
+
+@pytest.mark.farm
+def test_tracker_on_a_taken_port_is_a_clear_error(tmp_path):
+    from moec.hardware.loopback import start_tracker
+    first, addr = start_tracker(log_dir=tmp_path)
+    with first:
+        with pytest.raises(MoecError, match=f"did not start on 127.0.0.1:{addr.port}: port {addr.port} is in use"):
+            start_tracker(port=addr.port, timeout=30, log_dir=tmp_path)
+    assert not first.alive()
