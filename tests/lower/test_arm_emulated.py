@@ -1,8 +1,9 @@
 """ARM kernels run as aarch64 code: cross-compiled for the Raspberry Pi 5 and executed under qemu-user.
 
 Uses the emulated arm64 device folder (``$MOEC_EMU_DIR``, default ``~/.cache/moec/arm64-emu``: an
-aarch64 Python with the aarch64 TVM runtime, set up by ``tools/arm64_emu.py``); skipped when it has
-not been set up. NEON float kernels and the dotprod (``sdot``) int8 kernels are both checked.
+aarch64 Python with the aarch64 TVM runtime), set up on first use like ``tools/arm64_emu.py setup``;
+skipped only where it cannot exist (not Linux, or tools missing without root + apt-get). NEON float
+kernels and the dotprod (``sdot``) int8 kernels are both checked.
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -25,11 +27,16 @@ from test_arm_schedules import _stack
 
 pytestmark = pytest.mark.tvm
 
-EMU = Path(os.environ.get("MOEC_EMU_DIR") or Path.home() / ".cache" / "moec" / "arm64-emu").expanduser()
-needs_emu = pytest.mark.skipif(
-    not ((EMU / "bin" / "python3").is_file() and (EMU / "ready.json").is_file()
-         and shutil.which("aarch64-linux-gnu-g++")),
-    reason="emulated arm64 device not set up (tools/arm64_emu.py) or no aarch64 cross compiler")
+
+
+@pytest.fixture(scope="module")
+def emu_python() -> Path:
+    """The device's Python (a host wrapper running it under qemu), set up if needed."""
+    from moec.hardware.emulated import missing_host_tools, setup_device
+    missing = missing_host_tools()
+    if sys.platform != "linux" or (missing and (os.geteuid() != 0 or shutil.which("apt-get") is None)):
+        pytest.skip(f"the emulated arm64 device cannot be set up here (missing: {', '.join(missing)})")
+    return setup_device().python
 
 DEVICE_SCRIPT = """
 import sys, numpy as np, tvm
@@ -45,8 +52,7 @@ np.savez(sys.argv[3], **out)
 """
 
 
-@needs_emu
-def test_raspberry_pi_5_kernels_on_emulated_aarch64(tmp_path):
+def test_raspberry_pi_5_kernels_on_emulated_aarch64(tmp_path, emu_python):
     from tvm.support import cc
     target = load_target("raspberry-pi-5").tvm()
     n, k, gs, experts, top_k = 36, 128, 32, 3, 2
@@ -68,7 +74,7 @@ def test_raspberry_pi_5_kernels_on_emulated_aarch64(tmp_path):
         str(lib), fcompile=cc.cross_compiler("aarch64-linux-gnu-g++"))
     np.savez(tmp_path / "in.npz", **inputs)
     (tmp_path / "device.py").write_text(DEVICE_SCRIPT)
-    res = subprocess.run([str(EMU / "bin" / "python3"), str(tmp_path / "device.py"), str(lib),
+    res = subprocess.run([str(emu_python), str(tmp_path / "device.py"), str(lib),
                           str(tmp_path / "in.npz"), str(tmp_path / "out.npz")],
                          capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stderr[-2000:]
