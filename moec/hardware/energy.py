@@ -122,10 +122,8 @@ def discover_meters(root: str | os.PathLike = "/") -> list:
 def meters_for(sensors: list[dict], root: str | os.PathLike = "/") -> list:
     """Meters of a preset's ``power_sensors`` (kind ``rapl`` / ``ina3221`` / ``ina3221x``) that exist.
 
-    Falls back to :func:`discover_meters` when the preset lists none.
+    Falls back to :func:`discover_meters` when the preset lists none or none of them exists.
     """
-    if not sensors:
-        return discover_meters(root)
     out = []
     for s in sensors:
         path = _under(root, s["path"])
@@ -137,7 +135,7 @@ def meters_for(sensors: list[dict], root: str | os.PathLike = "/") -> list:
                     out.append(RailPowerMeter(d, s.get("rail")))
         except FileNotFoundError:
             continue
-    return out
+    return out or discover_meters(root)
 
 
 @dataclass

@@ -49,20 +49,23 @@ class LocalFarm:
     """A tracker and ``servers`` RPC servers with ``key`` on ``host``.
 
     ``sampler``: servers are :mod:`moec.hardware.rpc_device` (stock server + on-device energy
-    sampler); otherwise plain ``python -m tvm.exec.rpc_server``.
+    sampler); otherwise plain ``python -m tvm.exec.rpc_server``. ``threads`` sets the servers'
+    ``TVM_NUM_THREADS`` (default: TVM's, one per core); one farm of several servers on one host
+    shares its cores, so timings there are for tests, not for figures.
     """
 
     def __init__(self, servers: int = 2, key: str = "host", port: int | None = None, host: str = "127.0.0.1",
-                 sampler: bool = True, log_dir: str | os.PathLike | None = None) -> None:
+                 sampler: bool = True, log_dir: str | os.PathLike | None = None, threads: int | None = None) -> None:
         if servers < 1:
             raise MoecError("a farm needs at least one server (--servers >= 1)")
         if not key or ":" in key or " " in key:
             raise MoecError(f"bad device key '{key}'; use letters, digits, '-' or '_'")
         self.n, self.key, self.host, self.sampler = servers, key, host, sampler
-        self.port = port
+        self.port, self.threads = port, threads
         self.log_dir = Path(log_dir) if log_dir else Path(tempfile.mkdtemp(prefix="moec-farm-"))
         self.tracker_proc: subprocess.Popen | None = None
         self.servers: list[subprocess.Popen] = []
+        self.server_ports: list[int] = []
 
     @property
     def address(self) -> str:
@@ -70,6 +73,8 @@ class LocalFarm:
 
     def _spawn(self, args: list[str], log_name: str) -> subprocess.Popen:
         env = dict(os.environ)
+        if self.threads:
+            env["TVM_NUM_THREADS"] = str(self.threads)
         root = str(Path(__file__).resolve().parents[2])  # the moec this process runs, for the servers too
         env["PYTHONPATH"] = root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
         logf = open(self.log_dir / log_name, "ab")
@@ -87,6 +92,7 @@ class LocalFarm:
                 "--tracker", self.address, "--key", self.key]
         proc = self._spawn(args, f"server-{len(self.servers)}.log")
         self.servers.append(proc)
+        self.server_ports.append(port)
         return proc
 
     def start(self, wait_s: float = 60.0) -> str:

@@ -13,6 +13,7 @@ recorded as ``timeout`` (final, never retried); no free device within ``wait_s``
 
 from __future__ import annotations
 
+import gc
 import logging
 import queue
 import tempfile
@@ -70,19 +71,22 @@ class Profiler:
     """Measures candidates on ``key`` devices of the tracker at ``tracker`` (``HOST:PORT``).
 
     ``energy_root`` is where the device-side sampler looks for ``/sys`` (``/`` on a real device;
-    a fixture directory in tests). ``device_requests`` counts sessions asked of the tracker.
+    a fixture directory in tests). ``device_requests`` counts sessions asked of the tracker;
+    ``in_flight`` maps worker thread names to the server each is measuring on right now.
     """
 
     def __init__(self, tracker: str, key: str, store: MeasurementStore, protocol: Protocol | None = None,
                  timeout_s: float = 120.0, wait_s: float = 120.0, max_attempts: int = 3,
                  energy_root: str = "/", on_result: Callable[[Measurement], None] | None = None,
-                 progress: bool = False) -> None:
+                 progress: bool = False, connect_wait_s: float = 10.0) -> None:
         self.tracker, self.key, self.store = tracker, key, store
+        self.connect_wait_s = connect_wait_s
         self.protocol = protocol or Protocol()
         self.timeout_s, self.wait_s, self.max_attempts = timeout_s, wait_s, max_attempts
         self.energy_root, self.on_result, self.progress = energy_root, on_result, progress
         self.device_requests = 0
         self.retries = 0
+        self.in_flight: dict[str, str] = {}
         self._lock = threading.Lock()
 
     # -- public --------------------------------------------------------------------
@@ -98,7 +102,7 @@ class Profiler:
             else:
                 todo.append(_Item(i, c, fp))
         if todo:
-            devices = tracker_status(self.tracker).get(self.key)
+            devices = tracker_status(self.tracker, self.connect_wait_s).get(self.key)
             if devices is None or devices.total == 0:
                 raise MoecError(f"no device with key '{self.key}' is registered at tracker {self.tracker}")
             with tempfile.TemporaryDirectory(prefix="moec-profile-") as work:
@@ -144,7 +148,7 @@ class Profiler:
 
         def worker() -> None:
             try:
-                tracker = connect(self.tracker)
+                tracker = connect(self.tracker, self.connect_wait_s)
             except MoecError as exc:
                 errors.append(exc)
                 return
@@ -181,6 +185,8 @@ class Profiler:
         spec = {"sensors": [s.model_dump() for s in preset.power_sensors], "root": self.energy_root,
                 "period_s": 0.02}
         t0 = time.monotonic()
+        me = threading.current_thread().name
+        self.in_flight[me] = addr
         try:
             timing = c.run(remote, self.protocol, spec)
         except Exception as exc:  # a dead or expired session surfaces as TVMError/RPCError/OSError
@@ -191,7 +197,9 @@ class Profiler:
                 return self._failed(item, preset, "timeout", f"no result within {self.timeout_s:g} s", addr)
             return self._retry_or_fail(item, preset, [msg], addr)
         finally:
+            self.in_flight.pop(me, None)
             del remote
+            gc.collect()  # the VM and remote tensors hold the session in reference cycles: end it now
         return self._ok(item, preset, timing, addr)
 
     def _retry_or_fail(self, item: _Item, preset, msg: list[str], addr: str) -> Measurement | None:
