@@ -55,6 +55,28 @@ def kernel_candidates(cfg: MoEConfig, bits: tuple[int, ...], group_size: int, ta
     return experts, dense, unsupported
 
 
+def plan_kernel_candidates(cfg: MoEConfig, plan: BitPlan, target: str = "host") -> list[KernelCandidate]:
+    """The GEMV kernel classes (bit class x shape, m = 1..top_k routed) a bundle of ``plan`` calls."""
+    from moec.hardware.simulator import _dense_weights, _expert_kernels
+    from moec.hardware.targets import load_target
+
+    tvm_target = load_target(target).tvm()
+    g, seen, out = plan.group_size, set(), []
+    for layer in cfg.moe_layers:
+        for b in sorted(set(plan.experts[layer].values())):
+            for n, k, pe in _expert_kernels(cfg):
+                if (b, n, k, pe) not in seen and _supported(b, n, k, g, tvm_target):
+                    seen.add((b, n, k, pe))
+                    out += [KernelCandidate(b, n, k, g, cfg.num_experts, cfg.top_k, m, pe, target)
+                            for m in range(1, cfg.top_k + 1)]
+    for name, (n, k) in _dense_weights(cfg):
+        b = plan.tensor_bits(name)
+        if (b, n, k) not in seen and _supported(b, n, k, g, tvm_target):
+            seen.add((b, n, k))
+            out.append(KernelCandidate(b, n, k, g, 1, 1, 1, False, target))
+    return out
+
+
 def plan_id(plan: BitPlan) -> str:
     return hashlib.sha256(json.dumps(plan.to_json(), sort_keys=True).encode()).hexdigest()[:12]
 

@@ -159,8 +159,10 @@ def _kill_group(pid: int, sig: int) -> None:
 def _is_ours(pid: int) -> bool:
     """Whether ``pid`` is still a tracker/server process (not a reused pid)."""
     try:
+        if Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] in ("Z", "X"):
+            return False  # exited (a zombie until its parent reaps it)
         cmd = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-    except OSError:
+    except (OSError, IndexError):
         return False
     return "rpc_tracker" in cmd or "rpc_server" in cmd or "rpc_device" in cmd
 
@@ -185,14 +187,15 @@ def farm_down(path: str | os.PathLike = DEFAULT_STATE) -> FarmState:
         state = FarmState(**json.loads(p.read_text()))
     except (TypeError, ValueError) as exc:
         raise MoecError(f"farm state file '{p}' is malformed: {exc}") from None
-    for pid in [*state.server_pids, state.tracker_pid]:
-        if _is_ours(pid):
-            _kill_group(pid, signal.SIGTERM)
-    deadline = time.monotonic() + 5
-    while time.monotonic() < deadline and any(_is_ours(pid) for pid in [*state.server_pids, state.tracker_pid]):
-        time.sleep(0.1)
-    for pid in [*state.server_pids, state.tracker_pid]:
-        if _is_ours(pid):
-            _kill_group(pid, signal.SIGKILL)
+    pids = [*state.server_pids, state.tracker_pid]
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        for pid in pids:
+            if _is_ours(pid):
+                _kill_group(pid, sig)
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline and any(_is_ours(pid) for pid in pids):
+            time.sleep(0.1)
+    if any(_is_ours(pid) for pid in pids):
+        raise MoecError(f"farm processes {[pid for pid in pids if _is_ours(pid)]} did not stop")
     p.unlink(missing_ok=True)
     return state

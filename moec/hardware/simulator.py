@@ -71,6 +71,7 @@ class LatencySimulator:
     unsupported: list[str] = field(default_factory=list)             # dense "bits,N,K" run by reference code
     base_s: float = 0.0
     per_class_s: float = 0.0
+    watts: float | None = None      # mean device power while decoding, when the farm measured it
     calibration: dict = field(default_factory=dict)
 
     # -- prediction ----------------------------------------------------------------
@@ -114,6 +115,18 @@ class LatencySimulator:
     def predict(self, cfg: MoEConfig, plan: BitPlan, frequencies: np.ndarray | None) -> float:
         """Seconds per decode step of ``plan`` with routing ``frequencies`` ([L, E], P(routed) per token)."""
         return self.breakdown(cfg, plan, frequencies)["total"]
+
+    def energy(self, cfg: MoEConfig, plan: BitPlan, frequencies: np.ndarray | None) -> tuple[float, str]:
+        """(joules per decode step, "measured" | "modelled").
+
+        With device power measured during calibration: that power x the predicted step time;
+        otherwise the target preset's energy model (bytes x pJ/byte + ops x pJ/op).
+        """
+        if self.watts is not None:
+            return self.watts * self.predict(cfg, plan, frequencies), "measured"
+        from moec.hardware.energy_model import decode_energy_j
+        from moec.hardware.targets import load_target
+        return decode_energy_j(cfg, plan, load_target(self.target).energy_model, frequencies), "modelled"
 
     def _check(self, cfg: MoEConfig, plan: BitPlan) -> None:
         if cfg.fingerprint() != self.model_fingerprint:
@@ -199,6 +212,8 @@ class LatencySimulator:
                 raise MoecError(f"calibration bundle {m.label} could not be measured ({m.status}: {m.detail})")
             rows.append((plan, routing_frequencies(checkpoint, plan, stream), m.median_s))
         sim.fit_overheads(cfg, rows)
+        powers = [m.energy_j_per_token / m.median_s for m in bres if m.energy_source == "measured"]
+        sim.watts = float(np.median(powers)) if powers else None
         sim.calibration = {"plans": [p.provenance.get("policy", "") for p in plans], "tokens": stream,
                            "measured_s": [r[2] for r in rows],
                            "fitted_s": [sim.predict(cfg, p, f) for p, f, _ in rows]}
