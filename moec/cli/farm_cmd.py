@@ -38,7 +38,7 @@ def up(servers, key, port, host, threads, stock, detach, state, wait_s):
         click.echo(f"tracker {addr}  ({servers} server(s), key '{key}'; state {path}; logs {farm.log_dir})")
         return
     click.echo(f"tracker {addr}  ({servers} server(s), key '{key}'; logs {farm.log_dir}); Ctrl-C stops")
-    signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
+    signal.signal(signal.SIGTERM, _interrupt)
     try:
         while all(p.poll() is None for p in [farm.tracker_proc, *farm.servers]):
             time.sleep(0.5)
@@ -47,6 +47,10 @@ def up(servers, key, port, host, threads, stock, detach, state, wait_s):
         pass
     finally:
         farm.stop()
+
+
+def _interrupt(signum, frame):
+    raise KeyboardInterrupt
 
 
 @farm_cmd.command("down")

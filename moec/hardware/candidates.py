@@ -156,7 +156,7 @@ class KernelCandidate:
     def prepare(self, workdir: Path) -> None:
         """Compile the kernel to a shared library in ``workdir`` (once)."""
         with self._lock:
-            if self._lib is not None:
+            if self._lib is not None and self._lib.is_file():
                 return
             from moec.lower.kernels import compile_kernel
 

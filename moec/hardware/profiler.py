@@ -154,9 +154,11 @@ class Profiler:
                 return
             try:
                 while (item := take()) is not None:
-                    finish(item, self._attempt(tracker, item))
-            except BaseException as exc:  # keep the others going; re-raised below
-                errors.append(exc)
+                    try:
+                        m = self._attempt(tracker, item)
+                    except Exception as exc:  # a bug or a bad candidate: record it, keep the batch going
+                        m = self._failed(item, "error", f"{type(exc).__name__}: {exc}", "")
+                    finish(item, m)
             finally:
                 tracker.close()
 
@@ -179,9 +181,9 @@ class Profiler:
         try:
             remote, addr = request_device(tracker, self.key, self.wait_s, self.timeout_s)
         except MoecError as exc:
-            return self._failed(item, preset, "error", str(exc), "")
+            return self._failed(item, "error", str(exc), "")
         except Exception as exc:  # the tracker handed out a server that died before it noticed
-            return self._retry_or_fail(item, preset, str(exc).strip().splitlines()[-1:] or ["?"], "")
+            return self._retry_or_fail(item, (str(exc).strip().splitlines() or ["?"])[-1], "")
         spec = {"sensors": [s.model_dump() for s in preset.power_sensors], "root": self.energy_root,
                 "period_s": 0.02}
         t0 = time.monotonic()
@@ -194,21 +196,21 @@ class Profiler:
             msg = str(exc).strip().splitlines()[-1] if str(exc).strip() else type(exc).__name__
             if "RPCSessionTimeoutError" in str(exc) or (self.timeout_s and elapsed >= 0.95 * self.timeout_s):
                 log.warning("%s timed out after %.1f s on %s", c.label, elapsed, addr)
-                return self._failed(item, preset, "timeout", f"no result within {self.timeout_s:g} s", addr)
-            return self._retry_or_fail(item, preset, [msg], addr)
+                return self._failed(item, "timeout", f"no result within {self.timeout_s:g} s", addr)
+            return self._retry_or_fail(item, msg, addr)
         finally:
             self.in_flight.pop(me, None)
             del remote
             gc.collect()  # the VM and remote tensors hold the session in reference cycles: end it now
         return self._ok(item, preset, timing, addr)
 
-    def _retry_or_fail(self, item: _Item, preset, msg: list[str], addr: str) -> Measurement | None:
+    def _retry_or_fail(self, item: _Item, msg: str, addr: str) -> Measurement | None:
         if item.attempts < self.max_attempts:
-            log.warning("%s failed on %s (%s); retrying on another device", item.cand.label, addr or "?", msg[0])
+            log.warning("%s failed on %s (%s); retrying on another device", item.cand.label, addr or "?", msg)
             with self._lock:
                 self.retries += 1
             return None
-        return self._failed(item, preset, "error", msg[0], addr)
+        return self._failed(item, "error", msg, addr)
 
     def _ok(self, item: _Item, preset, timing: Timing, addr: str) -> Measurement:
         med, iqr = spread(timing.samples)
@@ -222,7 +224,7 @@ class Profiler:
                            list(timing.samples), energy, source, item.attempts, addr, detail, item.cand.label,
                            created_at=time.time())
 
-    def _failed(self, item: _Item, preset, status: str, detail: str, addr: str) -> Measurement:
+    def _failed(self, item: _Item, status: str, detail: str, addr: str) -> Measurement:
         return Measurement(item.cand.target, self.key, item.fingerprint, item.cand.kind, status, None, None, [],
                            None, "modelled", item.attempts, addr, detail, item.cand.label, created_at=time.time())
 

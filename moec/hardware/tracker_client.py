@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import socket
+import struct
 import time
 from dataclasses import dataclass
 
@@ -49,10 +50,16 @@ def connect(addr: str, wait_s: float = DEFAULT_CONNECT_WAIT_S):
 
     host, port = parse_address(addr)
     wait_reachable(host, port, wait_s)
+    from tvm.rpc import base
+    try:  # the handshake, bounded (the stock client would block on a port that never answers)
+        with socket.create_connection((host, port), timeout=wait_s) as sock:
+            sock.sendall(struct.pack("<i", base.RPC_TRACKER_MAGIC))
+            magic = struct.unpack("<i", base.recvall(sock, 4))[0]
+    except (OSError, RuntimeError, struct.error) as exc:
+        raise MoecError(f"{host}:{port} does not answer as an RPC tracker: {exc}") from None
+    if magic != base.RPC_TRACKER_MAGIC:
+        raise MoecError(f"{host}:{port} is not an RPC tracker")
     try:
-        from tvm.rpc import base
-        sock = base.connect_with_retry((host, port), timeout=wait_s, retry_period=0.5)
-        sock.close()
         return tvm.rpc.connect_tracker(host, port)
     except (OSError, RuntimeError) as exc:
         raise MoecError(f"{host}:{port} does not answer as an RPC tracker: {str(exc).splitlines()[0]}") from None
