@@ -81,7 +81,8 @@ def status(tracker, wait_s):
 @click.option("--repeats", default=7, show_default=True)
 @click.option("--steps", default=8, show_default=True, help="Decode steps per timing.")
 @click.option("--timeout", "timeout_s", default=300.0, show_default=True, help="Seconds per measurement.")
-def profile(bundles, tracker, key, store_path, repeats, steps, timeout_s):
+@click.option("--kernels", is_flag=True, help="Also time each bundle's GEMV kernel classes (bits x shape).")
+def profile(bundles, tracker, key, store_path, repeats, steps, timeout_s, kernels):
     """Decode-step latency and energy of BUNDLES on KEY devices (stored; stored ones cost no device time)."""
     from moec.hardware.profiler import measure_bundles
     from moec.hardware.store import MeasurementStore
@@ -94,6 +95,28 @@ def profile(bundles, tracker, key, store_path, repeats, steps, timeout_s):
              "store" if m.from_store else m.device] for m in res]
     click.echo(format_table(["bundle", "status", "median ms", "IQR ms", "mJ/token", "energy", "from"], rows,
                             align="llrrrll"))
+    if kernels:
+        _profile_kernels(bundles, tracker, key, store, repeats, timeout_s)
+
+
+def _profile_kernels(bundles, tracker, key, store, repeats, timeout_s):
+    from moec.artifact.bundle import read_manifest
+    from moec.hardware.calibration import plan_kernel_candidates
+    from moec.hardware.profiler import measure_kernels
+    from moec.models.config import MoEConfig
+    from moec.search.plan import BitPlan
+
+    for b in bundles:
+        man = read_manifest(b, verify=False)
+        cands = plan_kernel_candidates(MoEConfig(**man["model"]["config"]), BitPlan.from_json(man["plan"]),
+                                       man["target"]["name"])
+        res = measure_kernels(tracker, key, cands, store, repeats=repeats, timeout_s=timeout_s, progress=True)
+        rows = [[c.bits, f"{c.n}x{c.k}", "expert" if c.stacked > 1 else "dense", c.routed, m.status,
+                 f"{m.median_s * 1e6:.3g}" if m.median_s else "-", f"{m.spread_s * 1e6:.3g}" if m.spread_s else "-"]
+                for c, m in zip(cands, res)]
+        click.echo(f"\nkernel classes of {b}:")
+        click.echo(format_table(["bits", "N x K", "kind", "routed", "status", "median us", "IQR us"], rows,
+                                align="rllrlrr"))
 
 
 def _ms(s: float | None) -> str:

@@ -27,6 +27,7 @@ class Protocol:
     number: int = 5
     repeat: int = 7
     steps: int = 8            # decode steps of a bundle's token stream (the KV cache grows across them)
+    flush_bytes: int = 0      # kernels: flush this much cache before each (single-call) timing; 0 = hot loop
 
     def key(self) -> dict:
         return asdict(self)
@@ -203,7 +204,12 @@ class KernelCandidate:
         lib = remote.load_module(name)
         dev = remote.cpu()
         args = [tvm.runtime.tensor(a, dev) for a in self.arrays()]
-        timer = lib.time_evaluator("gemv", dev, number=protocol.number, repeat=protocol.repeat, min_repeat_ms=10)
+        if protocol.flush_bytes:  # weights evicted from the private caches, as between decode steps
+            timer = lib.time_evaluator("gemv", dev, number=1, repeat=protocol.repeat * protocol.number,
+                                       cache_flush_bytes=protocol.flush_bytes)
+        else:
+            timer = lib.time_evaluator("gemv", dev, number=protocol.number, repeat=protocol.repeat,
+                                       min_repeat_ms=10)
         with _DeviceEnergy(remote, energy_spec) as energy:
             samples = list(timer(*args).results)
         return Timing(samples, energy.reading)

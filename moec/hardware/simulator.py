@@ -175,11 +175,13 @@ class LatencySimulator:
                   target: str = "host", bits: tuple[int, ...] | None = None, group_size: int = 64,
                   method: str = "rtn", plans: list[BitPlan] | None = None, tokens: list[int] | None = None,
                   steps: int = 16, repeats: int = 7, workdir: str | os.PathLike | None = None,
-                  progress: bool = False) -> "LatencySimulator":
+                  flush_bytes: int = 16 << 20, progress: bool = False) -> "LatencySimulator":
         """Measure kernel tables and calibration bundles of ``checkpoint`` on ``key`` devices; fit.
 
         ``plans`` default to :func:`calibration_plans`; ``tokens`` (the decode stream timed) default
-        to a fixed pseudo-random stream of ``steps`` ids.
+        to a fixed pseudo-random stream of ``steps`` ids. Kernels are timed one call at a time after
+        flushing ``flush_bytes`` of cache: within a decode step each weight is read once, after the
+        rest of the model went through the cache, not from a hot loop.
         """
         from moec.hardware.calibration import build_bundles, kernel_candidates, routing_frequencies
         from moec.hardware.candidates import BundleCandidate, Protocol
@@ -190,7 +192,7 @@ class LatencySimulator:
         bits = tuple(bits or [b for b in preset.allowed_bits if b in (2, 3, 4, 8, 16)])
         sim = cls(target, key, cfg.fingerprint(), group_size, cfg.top_k)
         expert_c, dense_c, sim.unsupported = kernel_candidates(cfg, bits, group_size, target)
-        kprof = Profiler(tracker, key, store, Protocol(5, repeats), progress=progress)
+        kprof = Profiler(tracker, key, store, Protocol(5, repeats, flush_bytes=flush_bytes), progress=progress)
         kres = kprof.measure([c for c, _ in expert_c] + [c for c, _ in dense_c])
         for (cand, table_key), m in zip(expert_c + dense_c, kres):
             if m.status != "ok":

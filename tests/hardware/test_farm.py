@@ -136,8 +136,9 @@ def test_device_side_sampler_measures_energy(farm, bundles, tmp_path):
 def test_cli_profile_uses_the_store(farm, bundles, tmp_path):
     args = ["farm", "profile", str(bundles[0]), "--tracker", farm.address, "--key", KEY,
             "--store", str(tmp_path / "m.db"), "--repeats", "3", "--steps", "2"]
-    first = CliRunner().invoke(cli, args)
+    first = CliRunner().invoke(cli, args + ["--kernels"])
     assert first.exit_code == 0, first.output
+    assert "kernel classes of" in first.output and "expert" in first.output and "dense" in first.output
     second = CliRunner().invoke(cli, args)
     assert second.exit_code == 0 and "store" in second.output.splitlines()[-1]
 
