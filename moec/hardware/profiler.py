@@ -220,12 +220,12 @@ class Profiler:
             detail = f"{e['samples']} power samples from {', '.join(e['meters'])}"
         else:
             energy, source, detail = _modelled_energy(item.cand, preset), "modelled", ""
-        return Measurement(item.cand.target, self.key, item.fingerprint, item.cand.kind, "ok", med, iqr,
+        return Measurement(item.cand.target, self.key, item.fingerprint, item.cand.kind, "ok", med, iqr, timing.best,
                            list(timing.samples), energy, source, item.attempts, addr, detail, item.cand.label,
                            created_at=time.time())
 
     def _failed(self, item: _Item, status: str, detail: str, addr: str) -> Measurement:
-        return Measurement(item.cand.target, self.key, item.fingerprint, item.cand.kind, status, None, None, [],
+        return Measurement(item.cand.target, self.key, item.fingerprint, item.cand.kind, status, None, None, None, [],
                            None, "modelled", item.attempts, addr, detail, item.cand.label, created_at=time.time())
 
 

@@ -27,6 +27,7 @@ CREATE TABLE IF NOT EXISTS measurements (
     status TEXT NOT NULL CHECK (status IN ('ok', 'timeout', 'error')),
     median_s REAL,
     spread_s REAL,
+    best_s REAL,
     samples_json TEXT NOT NULL,
     energy_j_per_token REAL,
     energy_source TEXT NOT NULL,
@@ -38,6 +39,10 @@ CREATE TABLE IF NOT EXISTS measurements (
     PRIMARY KEY (target, device_key, fingerprint, moec_version, tvm_version)
 )
 """
+
+COLUMNS = ("target", "device_key", "fingerprint", "moec_version", "tvm_version", "kind", "status", "median_s",
+           "spread_s", "best_s", "samples_json", "energy_j_per_token", "energy_source", "attempts", "device",
+           "detail", "label", "created_at")
 
 
 @dataclass
@@ -51,6 +56,7 @@ class Measurement:
     status: str                     # "ok", "timeout" or "error"
     median_s: float | None
     spread_s: float | None          # interquartile range over repeats
+    best_s: float | None = None     # fastest estimate (bundles: mean over steps of each step's fastest repeat)
     samples: list[float] = field(default_factory=list)
     energy_j_per_token: float | None = None
     energy_source: str = "modelled"  # "measured" (device sensors) or "modelled" (preset energy model)
@@ -81,6 +87,9 @@ class MeasurementStore:
             self._db = sqlite3.connect(str(self.path), check_same_thread=False, timeout=30)
             self._db.execute("PRAGMA journal_mode=WAL")
             self._db.execute(SCHEMA)
+            have = {row[1] for row in self._db.execute("PRAGMA table_info(measurements)")}
+            if "best_s" not in have:  # a store written before best_s existed
+                self._db.execute("ALTER TABLE measurements ADD COLUMN best_s REAL")
             self._db.commit()
         except sqlite3.DatabaseError as exc:
             raise MoecError(f"measurement store '{path}' cannot be opened: {exc}") from None
@@ -93,14 +102,14 @@ class MeasurementStore:
         """The stored final measurement for this key under the running moec/TVM versions, if any."""
         with self._lock:
             row = self._db.execute(
-                "SELECT kind, status, median_s, spread_s, samples_json, energy_j_per_token, energy_source, attempts,"
+                "SELECT kind, status, median_s, spread_s, best_s, samples_json, energy_j_per_token, energy_source, attempts,"
                 " device, detail, label, created_at FROM measurements WHERE target=? AND device_key=? AND"
                 " fingerprint=? AND moec_version=? AND tvm_version=?",
                 (target, device_key, fingerprint, self.moec_version, self.tvm_version)).fetchone()
         if row is None or (row[1] == "error" and not include_errors):
             return None
-        kind, status, med, spread, samples, energy, source, attempts, device, detail, label, created = row
-        return Measurement(target, device_key, fingerprint, kind, status, med, spread, json.loads(samples), energy,
+        kind, status, med, spread, best, samples, energy, source, attempts, device, detail, label, created = row
+        return Measurement(target, device_key, fingerprint, kind, status, med, spread, best, json.loads(samples), energy,
                            source, attempts, device or "", detail or "", label or "", self.moec_version,
                            self.tvm_version, created, from_store=True)
 
@@ -109,9 +118,9 @@ class MeasurementStore:
         m.moec_version, m.tvm_version = self.moec_version, self.tvm_version
         with self._lock:
             self._db.execute(
-                "INSERT OR REPLACE INTO measurements VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
+                f"INSERT OR REPLACE INTO measurements ({', '.join(COLUMNS)}) VALUES ({', '.join('?' * len(COLUMNS))})",
                 (m.target, m.device_key, m.fingerprint, m.moec_version, m.tvm_version, m.kind, m.status, m.median_s,
-                 m.spread_s, json.dumps(m.samples), m.energy_j_per_token, m.energy_source, m.attempts, m.device,
+                 m.spread_s, m.best_s, json.dumps(m.samples), m.energy_j_per_token, m.energy_source, m.attempts, m.device,
                  m.detail, m.label, m.created_at))
             self._db.commit()
 

@@ -14,7 +14,7 @@ from moec.hardware.store import Measurement, MeasurementStore
 
 
 def _m(fp: str, status: str = "ok", med: float | None = 1e-3, key: str = "host") -> Measurement:
-    return Measurement("host", key, fp, "kernel", status, med, 1e-4 if med else None, [med] * 3 if med else [],
+    return Measurement("host", key, fp, "kernel", status, med, 1e-4 if med else None, med, [med] * 3 if med else [],
                        2e-6, "modelled", 1, "127.0.0.1:9000", "", "k", created_at=time.time())
 
 
