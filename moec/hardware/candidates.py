@@ -28,6 +28,7 @@ class Protocol:
     repeat: int = 7
     steps: int = 8            # decode steps of a bundle's token stream (the KV cache grows across them)
     flush_bytes: int = 0      # kernels: flush this much cache before each (single-call) timing; 0 = hot loop
+    round: int = 0            # repeated measurement rounds of the same candidates are stored apart
 
     def key(self) -> dict:
         return asdict(self)

@@ -229,6 +229,16 @@ class Profiler:
                            None, "modelled", item.attempts, addr, detail, item.cand.label, created_at=time.time())
 
 
+def measure_rounds(tracker: str, key: str, candidates: Sequence[Candidate], store: MeasurementStore,
+                   protocol: Protocol, rounds: int, progress: bool = False, **kwargs) -> list[list[Measurement]]:
+    """``rounds`` interleaved passes over ``candidates`` (round r is stored under ``Protocol(round=r)``);
+    per candidate, its measurement of every round."""
+    from dataclasses import replace
+    per_round = [Profiler(tracker, key, store, replace(protocol, round=r), progress=progress, **kwargs)
+                 .measure(candidates) for r in range(rounds)]
+    return [list(ms) for ms in zip(*per_round)]
+
+
 def measure_bundles(tracker: str, key: str, bundles: list[Path], store: MeasurementStore, repeats: int = 7,
                     number: int = 5, steps: int = 8, tokens: list[int] | None = None, **kwargs) -> list[Measurement]:
     """Decode-step latency (and energy) of each bundle on ``key`` devices; see :class:`Profiler`."""

@@ -175,7 +175,7 @@ class LatencySimulator:
                   target: str = "host", bits: tuple[int, ...] | None = None, group_size: int = 64,
                   method: str = "rtn", plans: list[BitPlan] | None = None, tokens: list[int] | None = None,
                   steps: int = 16, repeats: int = 7, workdir: str | os.PathLike | None = None,
-                  flush_bytes: int = 16 << 20, statistic: str = "best",
+                  flush_bytes: int = 16 << 20, statistic: str = "best", rounds: int = 3,
                   progress: bool = False) -> "LatencySimulator":
         """Measure kernel tables and calibration bundles of ``checkpoint`` on ``key`` devices; fit.
 
@@ -184,14 +184,16 @@ class LatencySimulator:
         flushing ``flush_bytes`` of cache: within a decode step each weight is read once, after the
         rest of the model went through the cache, not from a hot loop. ``statistic`` is the
         measurement statistic fitted: ``"best"`` (fastest repeats; robust on a shared machine,
-        where other processes only add time) or ``"median"``.
+        where other processes only add time) or ``"median"``. Bundles are measured in ``rounds``
+        interleaved rounds and the smallest per bundle is kept (a burst of load on a shared
+        machine then has to hit every round of a bundle to bias it).
         """
         if statistic not in ("best", "median"):
             raise MoecError(f"unknown statistic '{statistic}'; choices: best, median")
         stat = f"{statistic}_s"
         from moec.hardware.calibration import build_bundles, kernel_candidates, routing_frequencies
         from moec.hardware.candidates import BundleCandidate, Protocol
-        from moec.hardware.profiler import Profiler
+        from moec.hardware.profiler import Profiler, measure_rounds
         from moec.hardware.targets import load_target
 
         preset = load_target(target)
@@ -212,15 +214,18 @@ class LatencySimulator:
         with tempfile.TemporaryDirectory(prefix="moec-calib-") as tmp:
             root = Path(workdir) if workdir else Path(tmp)
             bundles = build_bundles(checkpoint, plans, root, target, progress)
-            bprof = Profiler(tracker, key, store, Protocol(5, repeats, len(stream)), progress=progress)
-            bres = bprof.measure([BundleCandidate(b, stream) for b in bundles])
+            # single-step timings, many of them: the fastest of each step is then rarely disturbed
+            bres = measure_rounds(tracker, key, [BundleCandidate(b, stream) for b in bundles], store,
+                                  Protocol(1, 5 * repeats, len(stream)), rounds, progress)
         rows = []
-        for plan, m in zip(plans, bres):
-            if m.status != "ok":
-                raise MoecError(f"calibration bundle {m.label} could not be measured ({m.status}: {m.detail})")
-            rows.append((plan, routing_frequencies(checkpoint, plan, stream), getattr(m, stat)))
+        for plan, ms in zip(plans, bres):
+            bad = [m for m in ms if m.status != "ok"]
+            if bad:
+                raise MoecError(f"calibration bundle {bad[0].label} could not be measured "
+                                f"({bad[0].status}: {bad[0].detail})")
+            rows.append((plan, routing_frequencies(checkpoint, plan, stream), min(getattr(m, stat) for m in ms)))
         sim.fit_overheads(cfg, rows)
-        powers = [m.energy_j_per_token / m.median_s for m in bres if m.energy_source == "measured"]
+        powers = [m.energy_j_per_token / m.median_s for ms in bres for m in ms if m.energy_source == "measured"]
         sim.watts = float(np.median(powers)) if powers else None
         sim.calibration = {"plans": [p.provenance.get("policy", "") for p in plans], "tokens": stream,
                            "statistic": statistic, "flush_bytes": flush_bytes,

@@ -102,15 +102,15 @@ class MeasurementStore:
         """The stored final measurement for this key under the running moec/TVM versions, if any."""
         with self._lock:
             row = self._db.execute(
-                "SELECT kind, status, median_s, spread_s, best_s, samples_json, energy_j_per_token, energy_source, attempts,"
-                " device, detail, label, created_at FROM measurements WHERE target=? AND device_key=? AND"
-                " fingerprint=? AND moec_version=? AND tvm_version=?",
+                "SELECT kind, status, median_s, spread_s, best_s, samples_json, energy_j_per_token, energy_source,"
+                " attempts, device, detail, label, created_at FROM measurements WHERE target=? AND device_key=?"
+                " AND fingerprint=? AND moec_version=? AND tvm_version=?",
                 (target, device_key, fingerprint, self.moec_version, self.tvm_version)).fetchone()
         if row is None or (row[1] == "error" and not include_errors):
             return None
         kind, status, med, spread, best, samples, energy, source, attempts, device, detail, label, created = row
-        return Measurement(target, device_key, fingerprint, kind, status, med, spread, best, json.loads(samples), energy,
-                           source, attempts, device or "", detail or "", label or "", self.moec_version,
+        return Measurement(target, device_key, fingerprint, kind, status, med, spread, best, json.loads(samples),
+                           energy, source, attempts, device or "", detail or "", label or "", self.moec_version,
                            self.tvm_version, created, from_store=True)
 
     def put(self, m: Measurement) -> None:
@@ -120,8 +120,8 @@ class MeasurementStore:
             self._db.execute(
                 f"INSERT OR REPLACE INTO measurements ({', '.join(COLUMNS)}) VALUES ({', '.join('?' * len(COLUMNS))})",
                 (m.target, m.device_key, m.fingerprint, m.moec_version, m.tvm_version, m.kind, m.status, m.median_s,
-                 m.spread_s, m.best_s, json.dumps(m.samples), m.energy_j_per_token, m.energy_source, m.attempts, m.device,
-                 m.detail, m.label, m.created_at))
+                 m.spread_s, m.best_s, json.dumps(m.samples), m.energy_j_per_token, m.energy_source, m.attempts,
+                 m.device, m.detail, m.label, m.created_at))
             self._db.commit()
 
     def count(self) -> int:
