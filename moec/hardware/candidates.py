@@ -90,7 +90,7 @@ class BundleCandidate:
 
         remote.upload(str(self.path / "lib.so"), "moec_lib.so")
         lib = remote.load_module("moec_lib.so")
-        dev = remote.cpu()
+        dev = _remote_device(remote, self.manifest["target"]["tvm_target"].get("kind", "llvm"))
         vm = tvm.runtime.vm.VirtualMachine(lib, dev)
         weights = np.load(self.path / "weights.npz", allow_pickle=False)
         params = [tvm.runtime.tensor(weights[name], dev) for name in self.manifest["params"]]
@@ -221,6 +221,15 @@ class KernelCandidate:
         with _DeviceEnergy(remote, energy_spec) as energy:
             samples = list(timer(*args).results)
         return Timing(samples, energy.reading)
+
+
+def _remote_device(remote, kind: str):
+    """The session's device for a TVM target kind (LLVM targets run on the CPU)."""
+    devices = {"llvm": remote.cpu, "c": remote.cpu, "cuda": remote.cuda, "opencl": remote.cl,
+               "vulkan": remote.vulkan, "metal": remote.metal, "rocm": remote.rocm}
+    if kind not in devices:
+        raise MoecError(f"no RPC device for target kind '{kind}'; choices: {', '.join(devices)}")
+    return devices[kind]()
 
 
 class _DeviceEnergy:
