@@ -58,7 +58,7 @@ class Measurement:
     spread_s: float | None          # interquartile range over repeats
     best_s: float | None = None     # fastest estimate (bundles: mean over steps of each step's fastest repeat)
     samples: list[float] = field(default_factory=list)
-    energy_j_per_token: float | None = None
+    energy_j_per_token: float | None = None  # bundles: per decode step (token); kernels: per call
     energy_source: str = "modelled"  # "measured" (device sensors) or "modelled" (preset energy model)
     attempts: int = 1
     device: str = ""                # address of the server that produced it

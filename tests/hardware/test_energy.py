@@ -91,8 +91,8 @@ def test_sampler_integrates_power_and_counters(tmp_path):
     finally:
         stop.set()
         th.join()
-    assert r.samples > 20
-    assert r.watts == pytest.approx(13.0, rel=0.1)
+    assert r.samples > 10
+    assert r.watts == pytest.approx(13.0, rel=0.15)
 
 
 def test_modelled_energy_counts_routed_expert_bytes():
