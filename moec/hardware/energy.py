@@ -62,6 +62,9 @@ class RailPowerMeter:
                 out[int(k)] = (label, [power])
         return out
 
+    def rails(self) -> list[str]:
+        return [label for label, _ in self.channels.values()]
+
     def read(self) -> float:
         total = 0.0
         for _, files in self.channels.values():
@@ -135,7 +138,15 @@ def meters_for(sensors: list[dict], root: str | os.PathLike = "/") -> list:
                     out.append(RailPowerMeter(d, s.get("rail")))
         except FileNotFoundError:
             continue
-    return out or discover_meters(root)
+    return _without_double_counts(out) or discover_meters(root)
+
+
+def _without_double_counts(meters: list) -> list:
+    """Drop rails of a device whose ``VDD_IN`` (the module's input, Orin NX/Nano) is also metered:
+    the other rails are parts of it."""
+    total_dirs = {m.dir for m in meters if isinstance(m, RailPowerMeter) and m.rails() == ["VDD_IN"]}
+    return [m for m in meters if not (isinstance(m, RailPowerMeter) and m.dir in total_dirs
+                                      and m.rails() != ["VDD_IN"])]
 
 
 @dataclass

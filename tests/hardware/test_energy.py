@@ -105,3 +105,16 @@ def test_modelled_energy_counts_routed_expert_bytes():
     plan8 = uniform_plan(cfg, 8, 32)
     em = load_target("host").energy_model
     assert decode_energy_j(cfg, plan8, em) > decode_energy_j(cfg, plan, em) > 0
+
+
+def test_preset_rails_of_one_ina3221(tmp_path):
+    glob_path = "/sys/bus/i2c/devices/1-0040/hwmon/hwmon*"
+    nano = [{"kind": "ina3221", "path": glob_path, "rail": r} for r in ("VDD_IN", "VDD_CPU_GPU_CV", "VDD_SOC")]
+    write_hwmon(tmp_path / "nano", ORIN_NX_RAILS)
+    meters = meters_for(nano, tmp_path / "nano")
+    assert sum(m.read() for m in meters) == pytest.approx(5.072 * 1.420)  # VDD_IN only: the rest is inside it
+    agx = [{"kind": "ina3221", "path": glob_path, "rail": r} for r in ("VDD_GPU_SOC", "VDD_CPU_CV", "VIN_SYS_5V0")]
+    write_hwmon(tmp_path / "agx", AGX_ORIN_RAILS)
+    meters = meters_for(agx, tmp_path / "agx")
+    assert len(meters) == 3
+    assert sum(m.read() for m in meters) == pytest.approx(sum(mv * ma for _, mv, ma in AGX_ORIN_RAILS) * 1e-6)
