@@ -12,6 +12,7 @@ from moec.cli.build_cmd import build_cmd
 from moec.cli.compile_cmd import compile_cmd
 from moec.cli.eval_cmd import eval_cmd
 from moec.cli.export_cmd import export_cmd
+from moec.cli.farm_cmd import farm_cmd
 from moec.cli.inspect_cmd import inspect_cmd
 from moec.cli.profile_cmd import profile_cmd
 from moec.cli.run_cmd import run_cmd
@@ -20,7 +21,6 @@ from moec.errors import MoecError
 
 PENDING = {
     "search": "Search a per-expert bit plan under a memory budget.",
-    "farm": "Start or query a local TVM RPC device farm.",
 }
 
 
@@ -73,6 +73,7 @@ cli.add_command(run_cmd)
 cli.add_command(targets_cmd)
 cli.add_command(export_cmd)
 cli.add_command(inspect_cmd)
+cli.add_command(farm_cmd)
 for _name, _summary in PENDING.items():
     cli.add_command(_pending(_name, _summary))
 
