@@ -31,7 +31,7 @@ def _supported(bits: int, n: int, k: int, group_size: int, target) -> bool:
 def kernel_candidates(cfg: MoEConfig, bits: tuple[int, ...], group_size: int, target: str):
     """(expert kernels, dense kernels, unsupported dense keys) to measure for the simulator's tables.
 
-    Expert entries are ``(candidate, "bits,N,K,per_expert")`` for ``m = 1..top_k`` routed experts;
+    Expert entries are ``(candidate, "bits,N,K,per_expert")`` for ``m = 0..top_k`` routed experts;
     dense entries ``(candidate, "bits,N,K")``; unsupported dense weights run on reference code.
     """
     from moec.hardware.simulator import _dense_weights, _expert_kernels
@@ -43,7 +43,7 @@ def kernel_candidates(cfg: MoEConfig, bits: tuple[int, ...], group_size: int, ta
         for n, k, pe in sorted(set(_expert_kernels(cfg))):
             if not _supported(b, n, k, group_size, tvm_target):
                 continue
-            for m in range(1, cfg.top_k + 1):
+            for m in range(cfg.top_k + 1):
                 experts.append((KernelCandidate(b, n, k, group_size, cfg.num_experts, cfg.top_k, m, pe, target),
                                 f"{b},{n},{k},{int(pe)}"))
     for b in sorted(set(bits) | {16}):
@@ -56,7 +56,7 @@ def kernel_candidates(cfg: MoEConfig, bits: tuple[int, ...], group_size: int, ta
 
 
 def plan_kernel_candidates(cfg: MoEConfig, plan: BitPlan, target: str = "host") -> list[KernelCandidate]:
-    """The GEMV kernel classes (bit class x shape, m = 1..top_k routed) a bundle of ``plan`` calls."""
+    """The GEMV kernel classes (bit class x shape, m = 0..top_k routed) a bundle of ``plan`` calls."""
     from moec.hardware.simulator import _dense_weights, _expert_kernels
     from moec.hardware.targets import load_target
 
@@ -68,7 +68,7 @@ def plan_kernel_candidates(cfg: MoEConfig, plan: BitPlan, target: str = "host") 
                 if (b, n, k, pe) not in seen and _supported(b, n, k, g, tvm_target):
                     seen.add((b, n, k, pe))
                     out += [KernelCandidate(b, n, k, g, cfg.num_experts, cfg.top_k, m, pe, target)
-                            for m in range(1, cfg.top_k + 1)]
+                            for m in range(cfg.top_k + 1)]
     for name, (n, k) in _dense_weights(cfg):
         b = plan.tensor_bits(name)
         if (b, n, k) not in seen and _supported(b, n, k, g, tvm_target):

@@ -123,7 +123,8 @@ class BundleCandidate:
 @dataclass
 class KernelCandidate:
     """One decode GEMV kernel class: ``bits`` x [n, k], a stack of ``stacked`` experts, ``top_k`` rows,
-    of which ``routed`` read distinct experts (the rest repeat the first, as the decode graph does)."""
+    of which ``routed`` read distinct experts; the other rows have id -1 (routed to another bit class),
+    as in the decode graph, and do no work in a row-guarded kernel."""
 
     bits: int
     n: int
@@ -141,8 +142,8 @@ class KernelCandidate:
     _lock: threading.Lock = field(default_factory=threading.Lock, init=False, repr=False)
 
     def __post_init__(self) -> None:
-        if not 1 <= self.routed <= min(self.top_k, self.stacked):
-            raise MoecError(f"routed must be in [1, min(top_k, stacked)], got {self.routed}")
+        if not 0 <= self.routed <= min(self.top_k, self.stacked):
+            raise MoecError(f"routed must be in [0, min(top_k, stacked)], got {self.routed}")
         self.label = self.label or f"b{self.bits} {self.n}x{self.k} m{self.routed}"
 
     def _func(self):
@@ -191,7 +192,7 @@ class KernelCandidate:
         nb, e, k = num_tiles(self.n, tile), self.stacked, self.k
         rows = self.top_k if self.per_expert else 1
         x = rng.standard_normal((rows, k)).astype(np.float32)
-        ids = np.zeros(self.top_k, np.int32)
+        ids = np.full(self.top_k, -1, np.int32)
         ids[:self.routed] = np.arange(self.routed)
         y = np.zeros((self.top_k, self.n), np.float32)
         if self.bits == 16:

@@ -2,11 +2,12 @@
 
 The decode graph (``moec.lower.decode_graph``) calls, per MoE layer and per bit class present
 in the layer, three GEMV kernels (w1, w3, w2) with ``top_k`` rows. ``m`` routed experts of the
-class are read once each; when none is routed the call still reads one expert (see
-``moec.lower.kernel_linear``). So a step costs
+class are read once each; rows routed to other classes do no work (the kernels' row guard,
+``moec.lower.kernels.row_guard``), so a call with ``m = 0`` costs only its launch and activation
+preparation. So a step costs
 
     base + Σ_non-expert GEMV(bits, N, K)
-         + Σ_layers Σ_classes [per_class + Σ_proj E_m[ GEMV_c(bits, N, K, max(m, 1)) ]]
+         + Σ_layers Σ_classes [per_class + Σ_proj E_m[ GEMV_c(bits, N, K, m) ]]
 
 where ``m`` (routed experts of the class) is Poisson-binomial over the class' members'
 routing frequencies (capped at ``top_k``). The GEMV tables are measured per bit class and
@@ -32,7 +33,7 @@ from moec.models.config import MoEConfig
 from moec.search.plan import BitPlan, expert_shapes, non_expert_weights
 
 log = logging.getLogger("moec.farm")
-SIM_VERSION = 1
+SIM_VERSION = 2  # 2: expert tables cover m = 0..top_k (row-guarded kernels)
 
 
 def routed_count_dist(p: np.ndarray, top_k: int) -> np.ndarray:
@@ -66,7 +67,7 @@ class LatencySimulator:
     model_fingerprint: str
     group_size: int
     top_k: int
-    expert_s: dict[str, list[float]] = field(default_factory=dict)   # "bits,N,K,pe" -> [t(m=1..top_k)]
+    expert_s: dict[str, list[float]] = field(default_factory=dict)   # "bits,N,K,pe" -> [t(m=0..top_k)]
     dense_s: dict[str, float] = field(default_factory=dict)          # "bits,N,K" -> t (one row)
     unsupported: list[str] = field(default_factory=list)             # dense "bits,N,K" run by reference code
     base_s: float = 0.0
@@ -100,7 +101,7 @@ class LatencySimulator:
                         raise MoecError(f"the simulator has no kernel time for {c}-bit experts ({n}x{k}); "
                                         f"calibrate it with those bits")
                     t = self.expert_s[key]
-                    total += dist[0] * t[0] + sum(dist[m] * t[m - 1] for m in range(1, self.top_k + 1))
+                    total += sum(dist[m] * t[m] for m in range(self.top_k + 1))
         return total, classes
 
     def breakdown(self, cfg: MoEConfig, plan: BitPlan, frequencies: np.ndarray | None) -> dict[str, float]:
@@ -206,7 +207,7 @@ class LatencySimulator:
             if m.status != "ok":
                 raise MoecError(f"kernel {cand.label} could not be measured ({m.status}: {m.detail})")
             if table_key.count(",") == 3:
-                sim.expert_s.setdefault(table_key, [0.0] * cfg.top_k)[cand.routed - 1] = getattr(m, stat)
+                sim.expert_s.setdefault(table_key, [0.0] * (cfg.top_k + 1))[cand.routed] = getattr(m, stat)
             else:
                 sim.dense_s[table_key] = getattr(m, stat)
         plans = plans or calibration_plans(cfg, bits, group_size, method)

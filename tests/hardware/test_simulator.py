@@ -15,11 +15,11 @@ CFG = MoEConfig(vocab_size=96, hidden_size=64, num_layers=2, num_heads=4, num_kv
 BITS = (2, 4, 8)
 
 
-def _sim(t_expert=lambda b, m: 1e-6 * b * m, t_dense=lambda b: 1e-6 * b) -> LatencySimulator:
+def _sim(t_expert=lambda b, m: 1e-7 + 1e-6 * b * m, t_dense=lambda b: 1e-6 * b) -> LatencySimulator:
     sim = LatencySimulator("host", "host", CFG.fingerprint(), 32, CFG.top_k, base_s=1e-4, per_class_s=2e-5)
     for b in BITS:
         for n, k, pe in [(32, 64, 0), (64, 32, 1)]:
-            sim.expert_s[f"{b},{n},{k},{pe}"] = [t_expert(b, m) for m in (1, 2)]
+            sim.expert_s[f"{b},{n},{k},{pe}"] = [t_expert(b, m) for m in (0, 1, 2)]
     for b in BITS + (16,):
         for n, k in [(64, 64), (32, 64), (96, 64)]:
             sim.dense_s[f"{b},{n},{k}"] = t_dense(b)
@@ -33,16 +33,16 @@ def test_routed_count_distribution():
     np.testing.assert_allclose(routed_count_dist([], 2), [1, 0, 0])
 
 
-def test_unrouted_class_still_reads_one_expert():
+def test_unrouted_class_costs_only_its_calls():
     sim = _sim()
     plan = uniform_plan(CFG, 4, 32)
     plan.experts = {l: {0: 2, 1: 2, 2: 8, 3: 8} for l in CFG.moe_layers}
     only_2bit = np.array([[0.9, 0.9, 0, 0], [0.9, 0.9, 0, 0]])
     parts = sim.breakdown(CFG, plan, only_2bit)
-    # 8-bit class: nobody routed -> one expert read per call (t(m=1)), 3 calls per layer
+    # 8-bit class: nobody routed -> rows guarded off, each of its 3 calls costs t(m=0) only
     p = routed_count_dist([0.9, 0.9], 2)
-    two_bit = 3 * (p[0] * sim.expert_s["2,32,64,0"][0] + p[1] * 2e-6 + p[2] * 4e-6)
-    assert parts["experts"] == pytest.approx(2 * (two_bit + 3 * 8e-6))
+    two_bit = 3 * (p[0] * 1e-7 + p[1] * (1e-7 + 2e-6) + p[2] * (1e-7 + 4e-6))
+    assert parts["experts"] == pytest.approx(2 * (two_bit + 3 * 1e-7))
     assert parts["classes"] == 4 and parts["dispatch"] == pytest.approx(4 * 2e-5)
     assert parts["total"] == pytest.approx(parts["base"] + parts["dense"] + parts["experts"] + parts["dispatch"])
 
@@ -76,7 +76,7 @@ def test_save_load_round_trip(tmp_path):
     back = LatencySimulator.load(tmp_path / "sim.json")
     plan, f = uniform_plan(CFG, 4, 32), np.full((2, 4), 0.5)
     assert back.predict(CFG, plan, f) == sim.predict(CFG, plan, f)
-    (tmp_path / "bad.json").write_text('{"version": 1, "nonsense": 3}')
+    (tmp_path / "bad.json").write_text('{"version": 2, "nonsense": 3}')
     with pytest.raises(MoecError, match="malformed"):
         LatencySimulator.load(tmp_path / "bad.json")
 
@@ -112,5 +112,5 @@ def test_plan_kernel_set():
     kernels = plan_kernel_candidates(CFG, plan)
     expert = {(k.bits, k.n, k.k, k.per_expert, k.routed) for k in kernels if k.stacked == 4}
     assert expert == {(b, n, k, pe, m) for b in (2, 4) for n, k, pe in [(32, 64, False), (64, 32, True)]
-                      for m in (1, 2)}
+                      for m in (0, 1, 2)}
     assert all(k.bits == 4 for k in kernels if k.stacked == 1)  # attention / lm_head at 4 bits
