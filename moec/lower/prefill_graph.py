@@ -32,45 +32,24 @@ class PrefillBuilder(DecodeBuilder):
         """Whether the emitter has grouped-GEMM kernels for every expert stack."""
         return all(e.kernel for n, e in self.params.entries.items() if ".experts." in n)
 
-    def _lin(self, bb, x, name):
-        y = self.linear.dense_rows(bb, x, self.params.entries[name], self.vars, name)
-        bias = name.replace(".weight", ".bias")
-        if bias in self.vars:
-            y = bb.emit(relax.op.add(y, self.vars[bias]))
-        return y
-
-    def build(self, bb: relax.BlockBuilder | None = None):
-        cfg = self.cfg
-        bb = bb or relax.BlockBuilder()
-        t, p = tirx.Var("T", "int64"), tirx.Var("P", "int64")
-        tokens = relax.Var("tokens", relax.TensorType((t,), "int32"))
-        past = [relax.Var(f"past_{kind}_{i}", relax.TensorType((cfg.num_kv_heads, p, cfg.head_dim), "float32"))
-                for i in range(cfg.num_layers) for kind in ("k", "v")]
-        with bb.function("prefill", [tokens] + past + list(self.vars.values())):
-            with bb.dataflow():
-                x = self.linear.embed(bb, tokens, self.params.entries["embed.weight"], self.vars)
-                presents = []
-                for i in range(cfg.num_layers):
-                    x, pk, pv = self._layer(bb, i, x, past[2 * i], past[2 * i + 1], p)
-                    presents += [pk, pv]
-                last = bb.emit_te(te_ops.last_row, x)
-                h = self._rms(bb, last, "norm.weight")
-                head = "embed.weight" if cfg.tie_embeddings else "lm_head.weight"
-                logits = DecodeBuilder._lin(self, bb, h, head)
-                out = bb.emit_output(relax.Tuple([logits] + presents))
-            bb.emit_func_output(out)
-        return bb.get()
-
-    def _layer(self, bb, i, x, past_k, past_v, p):
-        cfg = self.cfg
-        pre = f"layers.{i}"
+    def _dense(self, bb, x, name):
         rows = x.ty.shape[0]
-        h = self._rms(bb, x, f"{pre}.attn_norm.weight")
-        q = self._lin(bb, h, f"{pre}.attn.q_proj.weight")
-        k = self._lin(bb, h, f"{pre}.attn.k_proj.weight")
-        v = self._lin(bb, h, f"{pre}.attn.v_proj.weight")
-        if cfg.qk_norm == "full":
-            q, k = self._rms(bb, q, f"{pre}.attn.q_norm.weight"), self._rms(bb, k, f"{pre}.attn.k_norm.weight")
+        if isinstance(rows, tirx.IntImm) and rows.value == 1:  # the last row's logits: a GEMV
+            return super()._dense(bb, x, name)
+        return self.linear.dense_rows(bb, x, self.params.entries[name], self.vars, name)
+
+    function_name, tokens_name = "prefill", "tokens"
+
+    def _token_count(self):
+        return tirx.Var("T", "int64")
+
+    def _last(self, bb, x):
+        return bb.emit_te(te_ops.last_row, x)
+
+    def _attention(self, bb, pre, q, k, v, past_k, past_v, p):
+        """Causal attention of ``T`` rows at positions ``P..P+T-1`` over the cache and themselves."""
+        cfg = self.cfg
+        rows = q.ty.shape[0]
         if cfg.qk_norm == "head":
             q = bb.emit(relax.op.reshape(q, (rows * cfg.num_heads, cfg.head_dim)))
             k = bb.emit(relax.op.reshape(k, (rows * cfg.num_kv_heads, cfg.head_dim)))
@@ -87,25 +66,14 @@ class PrefillBuilder(DecodeBuilder):
         probs = bb.emit(relax.op.nn.softmax(scores, axis=-1))
         attn = bb.emit_te(te_ops.causal_values, probs, values)
         attn = bb.emit(relax.op.reshape(attn, (rows, cfg.num_heads * cfg.head_dim)))
-        x = bb.emit(relax.op.add(x, self._lin(bb, attn, f"{pre}.attn.o_proj.weight")))
-        h = self._rms(bb, x, f"{pre}.mlp_norm.weight")
-        y = self._swiglu(bb, h, f"{pre}.mlp") if i in cfg.dense_layers else self._moe(bb, i, h)
-        return bb.emit(relax.op.add(x, y)), keys, values
+        return attn, keys, values
 
     def _moe(self, bb, i, h):
         cfg = self.cfg
-        pre = f"layers.{i}.mlp"
         rows, top_k = h.ty.shape[0], cfg.top_k
-        pairs = rows * top_k
-        probs = bb.emit(relax.op.nn.softmax(self._lin(bb, h, f"{pre}.router.weight"), axis=-1))
-        topk = bb.emit(relax.op.topk(probs, top_k, axis=-1, ret_type="both", dtype="int32"))
-        weights = bb.emit(relax.TupleGetItem(topk, 0))                                   # [T, k]
-        if cfg.norm_topk_prob:
-            weights = bb.emit(relax.op.divide(weights, relax.op.sum(weights, axis=-1, keepdims=True)))
-        idx = bb.emit(relax.op.reshape(relax.TupleGetItem(topk, 1), (pairs,)))         # pair = t*k + slot
+        pairs = rows * top_k                                                             # pair = t*k + slot
+        weights, cls_of, in_cls = self._route(bb, i, h)                                  # weights [T, k]
         classes = self.params.class_of[i]
-        cls_of = bb.emit(relax.op.take(relax.const(classes, "int32"), idx, axis=0, mode="clip"))
-        in_cls = bb.emit(relax.op.take(relax.const(self.params.remap[i], "int32"), idx, axis=0, mode="clip"))
         token_of = bb.emit(relax.op.floor_divide(relax.op.arange(0, pairs, 1, "int32"),
                                                  relax.const(np.int32(top_k))))
         y = None
@@ -132,9 +100,4 @@ class PrefillBuilder(DecodeBuilder):
             y = out if y is None else bb.emit(relax.op.add(y, out))
         y = bb.emit(relax.op.reshape(y, (rows, top_k, cfg.hidden_size)))
         y = bb.emit(relax.op.sum(relax.op.multiply(y, relax.op.reshape(weights, (rows, top_k, 1))), axis=1))
-        if cfg.shared_intermediate:
-            s = self._swiglu(bb, h, f"{pre}.shared")
-            if cfg.shared_gate:
-                s = bb.emit(relax.op.multiply(relax.op.sigmoid(self._lin(bb, h, f"{pre}.shared_gate.weight")), s))
-            y = bb.emit(relax.op.add(y, s))
-        return y
+        return self._shared(bb, h, f"layers.{i}.mlp", y)
