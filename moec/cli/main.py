@@ -15,11 +15,11 @@ from moec.cli.export_cmd import export_cmd
 from moec.cli.inspect_cmd import inspect_cmd
 from moec.cli.profile_cmd import profile_cmd
 from moec.cli.run_cmd import run_cmd
+from moec.cli.search_cmd import search_cmd
 from moec.cli.targets_cmd import targets_cmd
 from moec.errors import MoecError
 
 PENDING = {
-    "search": "Search a per-expert bit plan under a memory budget.",
     "farm": "Start or query a local TVM RPC device farm.",
 }
 
@@ -67,6 +67,7 @@ def cli(verbose: bool) -> None:
 
 cli.add_command(profile_cmd)
 cli.add_command(eval_cmd)
+cli.add_command(search_cmd)
 cli.add_command(compile_cmd)
 cli.add_command(build_cmd)
 cli.add_command(run_cmd)
