@@ -28,7 +28,7 @@ from moec.search.problem import build_problem  # noqa: E402
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--profile", type=Path, default=Path("out/reference-profile.json"))
-    ap.add_argument("--budgets", default="0.45,0.6", help="Budgets as fractions of uniform INT8 weight MB.")
+    ap.add_argument("--budgets", default="0.55,0.6", help="Budgets as fractions of uniform INT8 weight MB.")
     ap.add_argument("--sensitivity", default="auto", choices=["auto", "exact", "proxy"])
     ap.add_argument("--tensor-bits", type=int, default=8, help="Bits of every non-expert weight (router float).")
     ap.add_argument("--heldout-tokens", type=int, default=16384)

@@ -17,11 +17,14 @@ from moec.search.problem import SearchProblem
 
 log = logging.getLogger("moec")
 
-#: Defaults of the analytic model when the target preset gives no figures. The bandwidth is the
-#: float32-activation GEMV's effective read rate on the development host (README kernel figures:
-#: ~50 % of 27.6 GB/s DRAM); the launch overhead is one kernel call per (layer, bit class).
+#: Defaults of the analytic model when the target preset gives no figures, from the development
+#: host's README measurements: the float32-activation GEMV's effective read rate (~50 % of 27.6 GB/s
+#: DRAM); the cost of one more (layer, bit class) kernel group (mixed 2/4 decodes ~0.25 ms/step
+#: slower than uniform INT4 with 4 more groups: ~60 us each); a fixed per-step cost (VM calls,
+#: attention, sampling) that brings uniform INT8/INT4 near their measured ~0.8 ms/step.
 DEFAULT_BANDWIDTH_GBPS = 14.0
-DEFAULT_KERNEL_OVERHEAD_S = 4e-6
+DEFAULT_KERNEL_OVERHEAD_S = 6e-5
+DEFAULT_STEP_OVERHEAD_S = 4.5e-4
 DEFAULT_PJ_PER_BYTE = 160.0
 DEFAULT_PJ_PER_OP = 4.6
 
@@ -76,11 +79,13 @@ class AnalyticEstimator:
 
     Bytes read per step = non-expert weights (one embedding row) + Σ_e f_e · packed bytes(e, b_e);
     ops = 2 × weight elements used. Every (layer, bit class) with a routed expert costs one
-    kernel call (``kernel_overhead_s``); a class no token reaches costs nothing.
+    kernel call (``kernel_overhead_s``); a class no token reaches costs nothing. ``step_overhead_s``
+    is a plan-independent cost per step (0 unless set; :meth:`for_target` sets the host default).
     """
 
     bandwidth_gbps: float = DEFAULT_BANDWIDTH_GBPS
     kernel_overhead_s: float = DEFAULT_KERNEL_OVERHEAD_S
+    step_overhead_s: float = 0.0
     pj_per_byte: float = DEFAULT_PJ_PER_BYTE
     pj_per_op: float = DEFAULT_PJ_PER_OP
     label: str = "modelled"
@@ -88,8 +93,9 @@ class AnalyticEstimator:
     @classmethod
     def for_target(cls, preset, **overrides) -> "AnalyticEstimator":
         """Constants from a target preset (energy model; bandwidth/overhead where the preset has them)."""
-        kw = {"pj_per_byte": preset.energy_model.pj_per_byte, "pj_per_op": preset.energy_model.pj_per_op}
-        for name in ("bandwidth_gbps", "kernel_overhead_s"):
+        kw = {"pj_per_byte": preset.energy_model.pj_per_byte, "pj_per_op": preset.energy_model.pj_per_op,
+              "step_overhead_s": DEFAULT_STEP_OVERHEAD_S}
+        for name in ("bandwidth_gbps", "kernel_overhead_s", "step_overhead_s"):
             value = getattr(preset, name, None)
             if value:
                 kw[name] = float(value)
@@ -108,8 +114,8 @@ class AnalyticEstimator:
         t_bytes = nbytes / (self.bandwidth_gbps * 1e9)
         t_kern = kernels * self.kernel_overhead_s
         energy = (nbytes * self.pj_per_byte + ops * self.pj_per_op) * 1e-12
-        return Estimate(t_bytes + t_kern, energy, self.label,
-                        {"bytes": t_bytes, "kernels": t_kern, "kernel_count": kernels})
+        return Estimate(t_bytes + t_kern + self.step_overhead_s, energy, self.label,
+                        {"bytes": t_bytes, "kernels": t_kern, "kernel_count": kernels, "step": self.step_overhead_s})
 
     def additive(self, problem: SearchProblem) -> Additive:
         per = problem.frequency[:, None] * problem.nbytes
@@ -119,7 +125,7 @@ class AnalyticEstimator:
         # the launch term is not additive; its additive stand-in charges every layer's
         # classes once at the plan-independent minimum (one class per layer)
         const_t = problem.step_fixed_bytes / (self.bandwidth_gbps * 1e9) + \
-            len(problem.layers) * self.kernel_overhead_s
+            len(problem.layers) * self.kernel_overhead_s + self.step_overhead_s
         const_e = (problem.step_fixed_bytes * self.pj_per_byte + ops * self.pj_per_op) * 1e-12
         return Additive(lat, en, const_t, const_e, exact=self.kernel_overhead_s == 0)
 
@@ -134,13 +140,18 @@ class Measurement:
     energy_source: str = "measured"
 
 
+#: Weight of the pull toward the base model's coefficients in the correction fit (per measurement).
+RIDGE = 0.1
+
+
 class CorrectedEstimator:
     """An estimator corrected by device measurements of visited plans (hardware in the loop).
 
-    With one measurement the whole prediction is scaled by measured/predicted; with two or
-    more, measured latency is fitted as a non-negative combination of the base model's parts
-    (bytes time, kernel launches), so measurements can re-weight bandwidth against launch
-    overhead, which changes which plans are best, not only the scale.
+    With fewer measurements than fitted parts the whole prediction is scaled by the geometric
+    mean of measured/predicted; with enough (three distinct plans), measured latency is fitted
+    as a non-negative combination of the base model's parts (bytes time, expected kernel-group
+    count, a constant), so measurements can re-weight bandwidth against launch overhead, which
+    changes which plans are best, not only the scale.
     """
 
     def __init__(self, base: Estimator) -> None:
@@ -157,12 +168,15 @@ class CorrectedEstimator:
 
     def _features(self, est: Estimate) -> np.ndarray:
         if "bytes" in est.parts and "kernel_count" in est.parts:
-            return np.array([est.parts["bytes"], est.parts["kernel_count"]])
+            return np.array([est.parts["bytes"], est.parts["kernel_count"], 1.0])
         return np.array([est.latency_s])
 
     def add(self, problem: SearchProblem, assign: np.ndarray, m: Measurement) -> None:
         est = self.base.estimate(problem, assign)
+        count = est.parts.get("kernel_count", 0.0)
+        prior = [1.0, est.parts.get("kernels", 0.0) / count if count else 0.0, est.parts.get("step", 0.0)]
         self.records.append({"assign": [int(a) for a in assign], "features": self._features(est).tolist(),
+                             "prior": prior,
                              "predicted_s": est.latency_s, "measured_s": m.latency_s,
                              "predicted_j": est.energy_j, "measured_j": m.energy_j, "label": m.label})
         self._fit()
@@ -171,15 +185,21 @@ class CorrectedEstimator:
         from scipy.optimize import nnls
 
         recs = self.records
-        if not recs:
-            self._coef = None
-            return
-        x = np.array([r["features"] for r in recs])
-        y = np.array([r["measured_s"] for r in recs])
-        if len(recs) >= x.shape[1] and np.linalg.matrix_rank(x) == x.shape[1]:
-            self._coef, _ = nnls(x, y)
-        else:
-            self._coef = None
+        self._coef = None
+        if recs:
+            x = np.array([r["features"] for r in recs])
+            y = np.array([r["measured_s"] for r in recs])
+            distinct = len({tuple(r["assign"]) for r in recs})
+            if x.shape[1] > 1 and distinct >= x.shape[1]:
+                # ridge toward the base model's own coefficients (features scaled to mean 1): where the
+                # measured plans are too alike to separate the parts, the fit stays near the model
+                prior = np.array(recs[-1]["prior"])
+                scale = np.abs(x).mean(axis=0)
+                scale[scale == 0] = 1.0
+                k = x.shape[1]
+                a = np.vstack([x / scale, RIDGE * np.sqrt(len(recs)) * np.eye(k)])
+                b = np.concatenate([y, RIDGE * np.sqrt(len(recs)) * prior * scale])
+                self._coef = nnls(a, b)[0] / scale
         energies = [(r["measured_j"], r["predicted_j"]) for r in recs if r["measured_j"] is not None]
         self._energy_scale = float(np.exp(np.mean([np.log(m / p) for m, p in energies]))) if energies else 1.0
 

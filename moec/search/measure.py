@@ -81,11 +81,13 @@ class FarmMeasurer:
             raise MoecError("device-farm measurements need moec.hardware.profiler, which this moec lacks; "
                             "use --measure local or none") from None
         self.checkpoint, self.target, self.tracker = checkpoint, target, tracker
-        self.store, self.workdir, self.repeats = store, Path(workdir), repeats
+        self.store, self.workdir, self.repeats = Path(store), Path(workdir), repeats
+        self.workdir.mkdir(parents=True, exist_ok=True)
 
     def __call__(self, plan: BitPlan) -> Measurement:
         from moec import api
         from moec.hardware.profiler import measure_bundles
+        from moec.hardware.store import MeasurementStore
         from moec.hardware.targets import load_target
 
         bundle = self.workdir / f"bundle-{_plan_key(plan)}"
@@ -93,8 +95,12 @@ class FarmMeasurer:
             api.compile_bundle(api.CompileConfig(self.checkpoint, bundle, self.target, plan=plan,
                                                  group_size=plan.group_size, method=plan.method))
         key = load_target(self.target).rpc_key
-        (m,) = measure_bundles(self.tracker, key, [bundle], self.store, self.repeats)
-        if getattr(m, "status", "ok") not in ("ok", "cached"):
-            raise MoecError(f"farm measurement of plan failed: {m.status}")
+        store = MeasurementStore(self.store)  # every measurement is stored before it is used
+        try:
+            (m,) = measure_bundles(self.tracker, key, [bundle], store, self.repeats)
+        finally:
+            store.close()
+        if m.status != "ok" or m.median_s is None:
+            raise MoecError(f"farm measurement of the plan failed ({m.status}): {getattr(m, 'detail', '')}")
         return Measurement(float(m.median_s), getattr(m, "energy_j_per_token", None), "measured",
                            getattr(m, "energy_source", "modelled"))

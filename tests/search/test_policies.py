@@ -94,9 +94,10 @@ def test_hardware_in_the_loop_corrects_the_model_and_beats_ilp_on_measured_cost(
                                                   measure_every=10))
     assert device.calls >= 3 and len(hil.measured) == device.calls
     assert "corrected" in hil.cost.label
-    true_cost = CostFunction(p, cfg, device.model, refs=None)
+    # the search's objective (its normalisation) with the device's latency in place of the model's
+    true_cost = CostFunction(p, cfg, device.model, refs=CostFunction(p, cfg, naive).refs)
     assert true_cost(blind.assign) == pytest.approx(true_cost(ilp.assign), rel=0.01)  # same model, same optimum
-    assert true_cost(hil.assign) < true_cost(ilp.assign) * 0.98  # measurements taught it the launch cost
+    assert true_cost(hil.assign) < true_cost(ilp.assign) * 0.95  # measurements taught it the launch cost
     assert hil.plan.provenance["device_measurements"] == device.calls
 
 
