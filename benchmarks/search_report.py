@@ -23,11 +23,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from search_common import Bench, ensure_profile, markdown  # noqa: E402
 
+from moec.cli.search_cmd import parse_tensor_bits  # noqa: E402
 from moec.search.cost import CostConfig  # noqa: E402
 from moec.search.driver import SearchOptions, run_search  # noqa: E402
 from moec.search.pipeline import uniform_memory_mb  # noqa: E402
 from moec.search.policies import POLICIES  # noqa: E402
-from moec.search.problem import build_problem  # noqa: E402
+from moec.search.problem import DEFAULT_TENSORS, build_problem  # noqa: E402
 
 
 def main() -> None:
@@ -38,7 +39,7 @@ def main() -> None:
     ap.add_argument("--beta", type=float, default=0.1)
     ap.add_argument("--gamma", type=float, default=0.05)
     ap.add_argument("--weighting", default=None, help="Default: the search's default weighting.")
-    ap.add_argument("--tensor-bits", type=int, default=8, help="Bits of every non-expert weight (router float).")
+    ap.add_argument("--tensor-bits", default=None, help="Non-expert bits, e.g. 're:.*=8' [the search default].")
     ap.add_argument("--method", default="rtn", help="Quantizer of the searched plans (sensitivity is rtn).")
     ap.add_argument("--episodes", type=int, default=300)
     ap.add_argument("--heldout-tokens", type=int, default=16384)
@@ -49,7 +50,7 @@ def main() -> None:
     int8_mb = uniform_memory_mb(bench.model, 8)
     cost = CostConfig(args.alpha, args.beta, args.gamma, **({"weighting": args.weighting} if args.weighting else {}))
     prob = build_problem(bench.model.cfg, bench.stats, args.budget_frac * int8_mb, bench.preset.allowed_bits,
-                         bench.norms, {"router": 16, "re:.*": args.tensor_bits}, method=args.method)
+                         bench.norms, parse_tensor_bits(args.tensor_bits) or DEFAULT_TENSORS, method=args.method)
     fp32 = bench.evaluate("FP32", None)
     rows = [fp32, bench.evaluate("uniform INT8", "uniform:8"), bench.evaluate("uniform INT4", "uniform:4")]
     int8 = rows[1]
@@ -66,9 +67,9 @@ def main() -> None:
         for r in rows[1:]:
             r.measured_ms = bench.measure(r.plan)
     print(f"Reference model, budget {args.budget_frac:.0%} of uniform INT8 = {prob.budget_bytes / 1e6:.3f} MB; "
-          f"non-expert weights {args.tensor_bits}-bit (router float); cost α={cost.alpha} β={cost.beta} "
+          f"non-expert weights {prob.tensors}; cost α={cost.alpha} β={cost.beta} "
           f"γ={cost.gamma}, weighting {cost.weighting}, {prob.loss_source}; latency/energy modelled "
-          f"(analytic, {bench.preset.name} preset); held-out tokens {fp32.plan and 0 or args.heldout_tokens}.\n")
+          f"(analytic, {bench.preset.name} preset); held-out tokens {args.heldout_tokens}.\n")
     print(markdown(rows, fp32, int8))
     rl = rows[-1]
     drop = (fp32.top1 - rl.top1) / fp32.top1 * 100
