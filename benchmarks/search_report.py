@@ -36,7 +36,7 @@ def main() -> None:
     ap.add_argument("--profile", type=Path, default=Path("out/reference-profile.json"))
     ap.add_argument("--budget-frac", type=float, default=0.6, help="Budget as a fraction of uniform INT8 MB.")
     ap.add_argument("--alpha", type=float, default=1.0)
-    ap.add_argument("--beta", type=float, default=0.1)
+    ap.add_argument("--beta", type=float, default=0.5)
     ap.add_argument("--gamma", type=float, default=0.05)
     ap.add_argument("--weighting", default=None, help="Default: the search's default weighting.")
     ap.add_argument("--tensor-bits", default=None, help="Non-expert bits, e.g. 're:.*=8' [the search default].")

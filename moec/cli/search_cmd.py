@@ -32,7 +32,7 @@ def search_options(f):
                      help="Weight memory budget in MB (default: 60% of the uniform INT8 plan)."),
         click.option("--policy", type=click.Choice(list(POLICIES)), default=None, help="Search policy [default: rl]."),
         click.option("--alpha", type=float, default=None, help="Weight of the accuracy-loss term [1.0]."),
-        click.option("--beta", type=float, default=None, help="Weight of the latency term [0.1]."),
+        click.option("--beta", type=float, default=None, help="Weight of the latency term [0.5]."),
         click.option("--gamma", type=float, default=None, help="Weight of the energy term [0.05]."),
         click.option("--weighting", type=click.Choice(list(WEIGHTINGS)), default=None,
                      help=f"Per-expert loss weights w_e [default: {DEFAULT_WEIGHTING}]."),

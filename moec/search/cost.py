@@ -64,7 +64,7 @@ def expert_weights(problem: SearchProblem, weighting: str) -> np.ndarray:
 @dataclass
 class CostConfig:
     alpha: float = 1.0
-    beta: float = 0.1
+    beta: float = 0.5
     gamma: float = 0.05
     weighting: str = DEFAULT_WEIGHTING
 

@@ -31,7 +31,7 @@ class SearchConfig:
     data: "object | None" = None                 # moec.api.DataConfig: profile here when no profile file
     policy: str = "rl"
     alpha: float = 1.0
-    beta: float = 0.1
+    beta: float = 0.5
     gamma: float = 0.05
     weighting: str = DEFAULT_WEIGHTING
     sensitivity: str = "auto"

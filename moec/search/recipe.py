@@ -38,7 +38,7 @@ class Recipe(BaseModel):
     budget_mb: float | None = Field(default=None, gt=0)
     policy: str = "rl"
     alpha: float = Field(default=1.0, ge=0)
-    beta: float = Field(default=0.1, ge=0)
+    beta: float = Field(default=0.5, ge=0)
     gamma: float = Field(default=0.05, ge=0)
     weighting: str = DEFAULT_WEIGHTING
     sensitivity: str = "auto"
