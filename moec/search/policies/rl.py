@@ -1,5 +1,6 @@
 """RL policy: REINFORCE over per-expert features that proposes whole plans, rewarded by -cost,
-with hardware in the loop (the best plan is measured every K episodes and corrects the estimator).
+with hardware in the loop (every K episodes the best plan — or, once that is measured, the episode's
+best sample — is measured on the device and corrects the estimator).
 
 Policy: for expert ``i`` the logits over bit-widths are ``φ_i · W + θ_i`` — a linear map of
 the expert's features ``φ_i`` (frequency, contribution, weighted sensitivity per bit-width,
@@ -151,7 +152,10 @@ class RLPolicy:
             s["rng"] = rng.bit_generator.state
             measured = False
             if ctx.measurer is not None and s["episode"] % ctx.measure_every == 0 and s["best"] is not None:
-                measured = ctx.measure(s["best"]) is not None
+                # the best plan; once it is measured, this episode's best sample instead, so the
+                # correction sees distinct plans and can separate the model's parts
+                pick = s["best"] if tuple(int(x) for x in s["best"]) not in ctx.measured else plans[k]
+                measured = ctx.measure(pick) is not None
                 s["best_cost"] = ctx.evaluate(s["best"], "rl").total  # rescored under the corrected estimator
                 coef, _, _ = ctx.cost.additive()
             if measured or s["episode"] % ctx.checkpoint_every == 0 or s["episode"] == ctx.episodes:
