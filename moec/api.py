@@ -149,23 +149,51 @@ def inspect_file(path: str | os.PathLike):
 
 @dataclass
 class CompileConfig:
-    """Inputs of ``moec compile``: checkpoint, target, plan (file / ``uniform:B`` / None) and output."""
+    """Inputs of ``moec compile``: checkpoint, target, plan (file / ``uniform:B`` / BitPlan / None) and output.
+
+    Without a plan the bit-width search runs (``search`` holds its settings; it needs ``data``
+    or ``search.profile``). ``recipe`` (the resolved recipe, if any) is recorded in the manifest.
+    """
 
     checkpoint: str | os.PathLike
     out: str | os.PathLike
     target: str = "host"
-    plan: str | os.PathLike | None = None
+    plan: "str | os.PathLike | BitPlan | None" = None
     data: DataConfig | None = None
     group_size: int = 64
     method: str = "mse"
     debug_dump: str | os.PathLike | None = None
     activations: str = "float32"
+    search: "object | None" = None   # moec.search.pipeline.SearchConfig
+    recipe: dict | None = None
+
+
+def search(cfg) -> "object":
+    """``moec search``: a per-expert BitPlan under a memory budget (``moec.search.pipeline.SearchConfig``).
+
+    Returns ``SearchOutcome`` (plan, cost breakdown, visited plans, plots); the caller saves the plan.
+    """
+    from moec.search.pipeline import search as run
+    return run(cfg)
+
+
+def _search_plan(cfg: CompileConfig, profile_path: Path | None) -> BitPlan:
+    from dataclasses import replace
+
+    from moec.search.pipeline import SearchConfig
+
+    scfg = cfg.search or SearchConfig(cfg.checkpoint, cfg.target)
+    scfg = replace(scfg, checkpoint=cfg.checkpoint, target=cfg.target,
+                   profile=scfg.profile or profile_path, data=scfg.data or cfg.data)
+    if scfg.profile is None and scfg.data is None:
+        raise MoecError("compile without --plan searches a plan and needs calibration text (--data), a profile "
+                        "with sensitivity (--profile) or a recipe; or pass --plan uniform:4")
+    return search(scfg).result.plan
 
 
 def compile_bundle(cfg: CompileConfig, on_stage=None) -> Path:
-    """profile (if calibration data is given) → plan → export (ONNX) → build (TVM) → bundle.
+    """profile (if calibration data is given) → plan (searched when none is given) → export (ONNX) → build (TVM) → bundle.
 
-    Without a plan, the uniform 4-bit plan is used (the bit-width search is a later stage).
     ``on_stage(name, seconds)`` is called as each stage finishes.
     """
     import tempfile
@@ -180,33 +208,52 @@ def compile_bundle(cfg: CompileConfig, on_stage=None) -> Path:
     model = load_checkpoint(cfg.checkpoint)
     tok_path = Path(cfg.checkpoint) / "tokenizer.json"
     tok = load_tokenizer(cfg.checkpoint)
+    searching = cfg.plan is None
     with tempfile.TemporaryDirectory(prefix="moec-compile-") as tmp:
         extra_files = {}
-        if cfg.data is not None:
-            windows = token_windows(tok, read_text(cfg.data.path), cfg.data.seq_len, cfg.data.max_tokens)
-            stats = collect_stats(model, windows, batch=cfg.data.batch)
-            stats.save(Path(tmp) / "profile.json")
-            extra_files["profile.json"] = Path(tmp) / "profile.json"
+        profile_path = None
+        if cfg.data is not None and not (searching and cfg.search is not None and cfg.search.profile):
+            if searching:  # one profiling pass gives the routing stats and the search's proxy sensitivity
+                bits = tuple(b for b in preset.allowed_bits if b != 16)
+                gs = cfg.search.group_size if cfg.search else cfg.group_size
+                meth = cfg.search.method if cfg.search else "rtn"
+                stats = profile(cfg.checkpoint, cfg.data, progress=False,
+                                sensitivity=SensitivityConfig("proxy", bits, gs, meth))
+            else:
+                windows = token_windows(tok, read_text(cfg.data.path), cfg.data.seq_len, cfg.data.max_tokens)
+                stats = collect_stats(model, windows, batch=cfg.data.batch)
+                stats.data_sha256 = hashlib.sha256(Path(cfg.data.path).read_bytes()).hexdigest()
+            profile_path = Path(tmp) / "profile.json"
+            stats.save(profile_path)
+            extra_files["profile.json"] = profile_path
             if on_stage:
                 on_stage("profile", time.time() - t0)
         t0 = time.time()
-        plan_spec = cfg.plan if cfg.plan is not None else "uniform:4"
-        plan = resolve_plan(plan_spec, model.cfg, cfg.group_size, cfg.method)
+        if searching:
+            plan = _search_plan(cfg, profile_path)
+            name = f"search {plan.provenance.get('policy')}"
+        elif isinstance(cfg.plan, BitPlan):
+            plan, name = cfg.plan.copy().validate(model.cfg), str(cfg.plan.provenance.get("policy", "given"))
+        else:
+            plan = resolve_plan(cfg.plan, model.cfg, cfg.group_size, cfg.method)
+            name = str(plan.provenance.get("policy", Path(str(cfg.plan)).name))
         plan.validate(model.cfg, tuple(preset.allowed_bits))
         if on_stage:
-            on_stage(f"plan ({plan.provenance.get('policy', Path(str(plan_spec)).name)})", time.time() - t0)
+            on_stage(f"plan ({name})", time.time() - t0)
         t0 = time.time()
         export_dir = Path(tmp) / "onnx"
         export_model(model, plan, export_dir, tokenizer=tok_path, source=str(cfg.checkpoint))
         if on_stage:
             on_stage("export (ONNX)", time.time() - t0)
+        extra = {"recipe": cfg.recipe} if cfg.recipe is not None else None
         return build_from_onnx(export_dir, cfg.out, cfg.target, cfg.debug_dump, on_stage=on_stage,
-                               extra_files=extra_files, activations=cfg.activations)
+                               extra_files=extra_files, extra_manifest=extra, activations=cfg.activations)
 
 
 def build_from_onnx(onnx_path: str | os.PathLike, out: str | os.PathLike, target: str = "host",
                     debug_dump: str | os.PathLike | None = None, on_stage=None,
-                    extra_files: dict | None = None, activations: str = "float32") -> Path:
+                    extra_files: dict | None = None, extra_manifest: dict | None = None,
+                    activations: str = "float32") -> Path:
     """``moec build``: the last stage alone — a moec ONNX export (file or directory) → bundle.
 
     ``activations="int8"`` quantizes the activations of quantized decode GEMVs per group to int8
@@ -231,5 +278,6 @@ def build_from_onnx(onnx_path: str | os.PathLike, out: str | os.PathLike, target
     src = Path(onnx_path)
     tok = (src if src.is_dir() else src.parent) / "tokenizer.json"
     return build_bundle_from_params(cfg, plan, params, preset, out, tok if tok.is_file() else None,
-                                    extra_manifest={"source": str(src)}, debug_dump=debug_dump, on_stage=on_stage,
-                                    extra_files=extra_files, activations=activations)
+                                    extra_manifest={"source": str(src), **(extra_manifest or {})},
+                                    debug_dump=debug_dump, on_stage=on_stage, extra_files=extra_files,
+                                    activations=activations)

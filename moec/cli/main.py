@@ -16,13 +16,9 @@ from moec.cli.farm_cmd import farm_cmd
 from moec.cli.inspect_cmd import inspect_cmd
 from moec.cli.profile_cmd import profile_cmd
 from moec.cli.run_cmd import run_cmd
+from moec.cli.search_cmd import search_cmd
 from moec.cli.targets_cmd import targets_cmd
 from moec.errors import MoecError
-
-PENDING = {
-    "search": "Search a per-expert bit plan under a memory budget.",
-}
-
 
 class MoecGroup(click.Group):
     """Group that prints user errors as one line and exits non-zero (no traceback)."""
@@ -45,14 +41,6 @@ class MoecGroup(click.Group):
             sys.exit(1)
 
 
-def _pending(name: str, summary: str) -> click.Command:
-    @click.command(name, help=f"{summary} (not available yet)", context_settings={"ignore_unknown_options": True})
-    @click.argument("args", nargs=-1, type=click.UNPROCESSED)
-    def cmd(args):
-        raise MoecError(f"'moec {name}' is not available yet")
-    return cmd
-
-
 @click.group(cls=MoecGroup, context_settings={"help_option_names": ["-h", "--help"]})
 @click.option("-v", "--verbose", is_flag=True, help="Log progress details.")
 @click.version_option(package_name="moec")
@@ -67,6 +55,7 @@ def cli(verbose: bool) -> None:
 
 cli.add_command(profile_cmd)
 cli.add_command(eval_cmd)
+cli.add_command(search_cmd)
 cli.add_command(compile_cmd)
 cli.add_command(build_cmd)
 cli.add_command(run_cmd)
@@ -74,8 +63,6 @@ cli.add_command(targets_cmd)
 cli.add_command(export_cmd)
 cli.add_command(inspect_cmd)
 cli.add_command(farm_cmd)
-for _name, _summary in PENDING.items():
-    cli.add_command(_pending(_name, _summary))
 
 
 def main() -> None:

@@ -7,7 +7,7 @@ import json
 import pytest
 from click.testing import CliRunner
 
-from moec.cli.main import PENDING, cli
+from moec.cli.main import cli
 
 
 def run(*args):
@@ -27,12 +27,6 @@ def test_help_lists_every_stage():
     assert code == 0
     for name in ["profile", "eval", "search", "export", "build", "compile", "run", "inspect", "targets", "farm"]:
         assert name in out
-
-
-@pytest.mark.parametrize("name", sorted(PENDING))
-def test_pending_commands_say_not_available(name):
-    code, out = run(name, "x")
-    assert_one_line_error(code, out, "not available yet")
 
 
 def test_missing_directory(tmp_path, text_file):
