@@ -117,32 +117,30 @@ class BundleSession:
             for t in tokens:
                 logits = self.step(t)
             return logits
-        ids = tvm.runtime.tensor(np.asarray(tokens, np.int32), self.dev)
-        out = self.vm["prefill"](ids, *self.past, *self.params)
-        self.past = [out[i] for i in range(1, len(out))]
-        return out[0].numpy()[0]
+        return self._run("prefill", tokens)
 
     def step(self, token: int) -> np.ndarray:
         """Run one decode step for ``token`` at the next position; returns logits [V]."""
-        if self.remote is not None:
-            return self._remote_step(token)
-        out = self.vm["decode"](tvm.runtime.tensor(np.array([token], np.int32), self.dev), *self.past, *self.params)
-        self.past = [out[i] for i in range(1, len(out))]
-        return out[0].numpy()[0]
+        return self._run("decode", [token])
 
-    def _remote_step(self, token: int) -> np.ndarray:
-        """``step`` over RPC: calling a VM function directly does not work there; the stateful interface does."""
+    def _run(self, entry: str, tokens: list[int]) -> np.ndarray:
+        """Call ``entry`` (decode or prefill) on ``tokens`` with the cache; keep the new cache."""
+        tokens = np.asarray(tokens, np.int32)
+        if self.remote is None:
+            out = self.vm[entry](tvm.runtime.tensor(tokens, self.dev), *self.past, *self.params)
+            self.past = [out[i] for i in range(1, len(out))]
+            return out[0].numpy()[0]
+        # over RPC calling a VM function directly does not work; the stateful interface does
         failure = None
         try:
-            self.vm.set_input("decode", tvm.runtime.tensor(np.array([token], np.int32), self.dev),
-                              *self.past, *self.params)
-            self.vm.invoke_stateful("decode")
-            out = self.vm.get_outputs("decode")
+            self.vm.set_input(entry, tvm.runtime.tensor(tokens, self.dev), *self.past, *self.params)
+            self.vm.invoke_stateful(entry)
+            out = self.vm.get_outputs(entry)
             logits = out[0].numpy()[0]
         except Exception as exc:  # TVM RPC errors: the server died or the session expired
             failure = _last_line(exc)
         if failure is not None:  # raised outside the except block, which would keep the session alive
-            raise MoecError(f"the remote device failed during a decode step: {failure}")
+            raise MoecError(f"the remote device failed during a {entry} call: {failure}")
         self.past = [out[i] for i in range(1, len(out))]
         return logits
 

@@ -128,7 +128,7 @@ def test_host_rpc_server_run_and_server_death(bundle, tmp_path):
                 assert got == want
                 np.testing.assert_allclose(sess.step(prompt[0]), local.step(prompt[0]), rtol=1e-5, atol=1e-5)
                 server.stop()
-                with pytest.raises(MoecError, match="remote device failed during a decode step"):
+                with pytest.raises(MoecError, match="remote device failed during a decode call"):
                     sess.step(prompt[0])
         assert not server.alive()
 
