@@ -11,7 +11,6 @@ import json
 import logging
 import os
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -21,18 +20,15 @@ from pathlib import Path
 
 from moec.errors import MoecError
 from moec.io import atomic_write_json, read_json
+from moec.hardware.loopback import kill_group, spawn_group
 from moec.hardware.tracker_client import wait_for_devices
+from moec.runtime.remote import free_port
+
+__all__ = ["DEFAULT_STATE", "FarmState", "LocalFarm", "farm_down", "free_port", "write_state"]
 
 log = logging.getLogger("moec.farm")
 
 DEFAULT_STATE = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "moec" / "farm.json"
-
-
-def free_port(host: str = "127.0.0.1") -> int:
-    """A TCP port that is free on ``host`` right now."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind((host, 0))
-        return s.getsockname()[1]
 
 
 @dataclass
@@ -77,12 +73,7 @@ class LocalFarm:
             env["TVM_NUM_THREADS"] = str(self.threads)
         root = str(Path(__file__).resolve().parents[2])  # the moec this process runs, for the servers too
         env["PYTHONPATH"] = root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
-        logf = open(self.log_dir / log_name, "ab")
-        try:
-            return subprocess.Popen([sys.executable, *args], stdout=logf, stderr=subprocess.STDOUT,
-                                    stdin=subprocess.DEVNULL, start_new_session=True, env=env)
-        finally:
-            logf.close()
+        return spawn_group([sys.executable, *args], self.log_dir / log_name, env)
 
     def start_server(self) -> subprocess.Popen:
         """Start one more RPC server with this farm's key."""
@@ -119,23 +110,23 @@ class LocalFarm:
 
     def kill_server(self, index: int, sig: int = signal.SIGKILL) -> None:
         """Kill server ``index`` and everything it forked (its process group)."""
-        _kill_group(self.servers[index].pid, sig)
+        kill_group(self.servers[index].pid, sig)
         self.servers[index].wait(timeout=10)
 
     def stop(self) -> None:
         """Stop every process this farm started (servers first, then the tracker)."""
         for proc in [*self.servers, self.tracker_proc]:
             if proc is not None and proc.poll() is None:
-                _kill_group(proc.pid, signal.SIGTERM)
+                kill_group(proc.pid, signal.SIGTERM)
         for proc in [*self.servers, self.tracker_proc]:
             if proc is None:
                 continue
             try:
                 proc.wait(timeout=5)
             except subprocess.TimeoutExpired:
-                _kill_group(proc.pid, signal.SIGKILL)
+                kill_group(proc.pid, signal.SIGKILL)
                 proc.wait(timeout=5)
-            _kill_group(proc.pid, signal.SIGKILL)  # children left in the group
+            kill_group(proc.pid, signal.SIGKILL)  # children left in the group
 
     def state(self) -> FarmState:
         return FarmState(self.address, self.key, self.tracker_proc.pid, [p.pid for p in self.servers],
@@ -147,13 +138,6 @@ class LocalFarm:
 
     def __exit__(self, *exc) -> None:
         self.stop()
-
-
-def _kill_group(pid: int, sig: int) -> None:
-    try:
-        os.killpg(pid, sig)
-    except (ProcessLookupError, PermissionError):
-        pass
 
 
 def _is_ours(pid: int) -> bool:
@@ -191,7 +175,7 @@ def farm_down(path: str | os.PathLike = DEFAULT_STATE) -> FarmState:
     for sig in (signal.SIGTERM, signal.SIGKILL):
         for pid in pids:
             if _is_ours(pid):
-                _kill_group(pid, sig)
+                kill_group(pid, sig)
         deadline = time.monotonic() + 10
         while time.monotonic() < deadline and any(_is_ours(pid) for pid in pids):
             time.sleep(0.1)

@@ -9,7 +9,6 @@ from __future__ import annotations
 import logging
 import os
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -18,7 +17,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from moec.errors import MoecError
-from moec.runtime.remote import TrackerAddress, registered_keys, tracker_summary
+from moec.runtime.remote import TrackerAddress, free_port, registered_keys, tracker_summary
+
+__all__ = ["ManagedProcess", "free_port", "kill_group", "spawn_group", "start_rpc_server", "start_tracker",
+           "stop_group"]
 
 log = logging.getLogger("moec")
 
@@ -47,21 +49,7 @@ class ManagedProcess:
         return " | ".join(text[-lines:])
 
     def stop(self, grace: float = 5.0) -> None:
-        try:
-            os.killpg(self.proc.pid, signal.SIGTERM)
-        except ProcessLookupError:
-            pass
-        try:
-            self.proc.wait(grace)
-        except subprocess.TimeoutExpired:
-            pass
-        try:  # the group may outlive its leader (popen workers)
-            os.killpg(self.proc.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-        try:
-            self.proc.wait(grace)
-        except subprocess.TimeoutExpired:
+        if not stop_group(self.proc, grace):
             log.warning("%s (pid %d) did not exit", self.name, self.proc.pid)
 
     def __enter__(self) -> "ManagedProcess":
@@ -71,19 +59,42 @@ class ManagedProcess:
         self.stop()
 
 
-def free_port(host: str = "127.0.0.1") -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind((host, 0))
-        return s.getsockname()[1]
+def kill_group(pid: int, sig: int) -> None:
+    """Send ``sig`` to the process group led by ``pid`` (gone already: nothing to do)."""
+    try:
+        os.killpg(pid, sig)
+    except (ProcessLookupError, PermissionError):
+        pass
+
+
+def stop_group(proc: subprocess.Popen, grace: float = 5.0) -> bool:
+    """SIGTERM ``proc``'s process group, then SIGKILL what is left of it; whether ``proc`` exited."""
+    kill_group(proc.pid, signal.SIGTERM)
+    try:
+        proc.wait(grace)
+    except subprocess.TimeoutExpired:
+        pass
+    kill_group(proc.pid, signal.SIGKILL)  # the group may outlive its leader (popen workers)
+    try:
+        proc.wait(grace)
+    except subprocess.TimeoutExpired:
+        return False
+    return True
+
+
+def spawn_group(cmd: list[str], log_path: Path, env: dict | None = None) -> subprocess.Popen:
+    """``cmd`` in its own session (process group), stdout and stderr appended to ``log_path``."""
+    with open(log_path, "ab") as out:
+        return subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                start_new_session=True, env=env)
 
 
 def _spawn(name: str, cmd: list[str], log_dir: Path | None, env: dict | None = None) -> ManagedProcess:
     folder = Path(log_dir) if log_dir else Path(tempfile.gettempdir())
     folder.mkdir(parents=True, exist_ok=True)
     fd, path = tempfile.mkstemp(dir=folder, prefix=f"moec-{name}-", suffix=".log")
-    with os.fdopen(fd, "w") as out:
-        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                start_new_session=True, env=env)
+    os.close(fd)
+    proc = spawn_group(cmd, Path(path), env)
     log.info("started %s (pid %d): %s", name, proc.pid, " ".join(cmd))
     return ManagedProcess(name, proc, Path(path))
 

@@ -1,7 +1,7 @@
 """Hardware-in-the-loop profiler: measure candidates on the devices of one tracker key, in parallel.
 
-One worker thread per device of the key; each holds its own tracker connection and asks the
-tracker for a device per candidate (the stock tracker schedules; moec never does). Every
+One worker thread per device of the key; each asks the tracker (a fresh, bounded connection per
+request) for a device per candidate (the stock tracker schedules; moec never does). Every
 result is committed to the :class:`MeasurementStore` before anyone sees it, and a candidate
 already in the store costs no device time.
 
@@ -152,15 +152,12 @@ class Profiler:
             except MoecError as exc:
                 errors.append(exc)
                 return
-            try:
-                while (item := take()) is not None:
-                    try:
-                        m = self._attempt(tracker, item)
-                    except Exception as exc:  # a bug or a bad candidate: record it, keep the batch going
-                        m = self._failed(item, "error", f"{type(exc).__name__}: {exc}", "")
-                    finish(item, m)
-            finally:
-                tracker.close()
+            while (item := take()) is not None:
+                try:
+                    m = self._attempt(tracker, item)
+                except Exception as exc:  # a bug or a bad candidate: record it, keep the batch going
+                    m = self._failed(item, "error", f"{type(exc).__name__}: {exc}", "")
+                finish(item, m)
 
         threads = [threading.Thread(target=worker, name=f"moec-profile-{i}", daemon=True) for i in range(workers)]
         for t in threads:

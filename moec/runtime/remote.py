@@ -12,6 +12,7 @@ import gc
 import logging
 import socket
 import struct
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -29,8 +30,11 @@ class TrackerAddress:
     port: int
 
     @classmethod
-    def parse(cls, text: str) -> "TrackerAddress":
-        host, sep, port = text.rpartition(":")
+    def parse(cls, text: "str | TrackerAddress") -> "TrackerAddress":
+        """``HOST:PORT`` (or a :class:`TrackerAddress`), with a one-line error for anything else."""
+        if isinstance(text, TrackerAddress):
+            return text
+        host, sep, port = str(text).rpartition(":")
         if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
             raise MoecError(f"bad tracker address '{text}'; expected HOST:PORT, e.g. 127.0.0.1:9190")
         return cls(host, int(port))
@@ -39,22 +43,43 @@ class TrackerAddress:
         return f"{self.host}:{self.port}"
 
 
+def free_port(host: str = "127.0.0.1") -> int:
+    """A TCP port that is free on ``host`` right now."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
 def _base():
     from tvm.rpc import base
     return base
 
 
-def _open(addr: TrackerAddress, timeout: float) -> socket.socket:
+def open_tracker(addr: TrackerAddress, timeout: float, wait_s: float = 0.0, hint: str = "") -> socket.socket:
+    """A socket to the tracker at ``addr`` after the tracker handshake (every step bounded).
+
+    ``wait_s`` > 0 retries a refused or unreachable port for that long (a tracker that is still
+    starting); 0 fails at once. ``hint`` is appended to the "cannot reach" error.
+    """
     base = _base()
+    deadline = time.monotonic() + wait_s
+    while True:
+        try:
+            sock = socket.create_connection((addr.host, addr.port),
+                                            timeout=min(2.0, max(wait_s, 0.1)) if wait_s > 0 else timeout)
+            break
+        except OSError as exc:
+            if time.monotonic() < deadline:
+                time.sleep(0.2)
+                continue
+            reason = "timed out" if isinstance(exc, TimeoutError) else (exc.strerror or str(exc))
+            where = f"at {addr} after {wait_s:g} s ({reason})" if wait_s > 0 else f"at {addr}: {reason}"
+            raise MoecError(f"cannot reach the RPC tracker {where}{hint}") from None
     try:
-        sock = socket.create_connection((addr.host, addr.port), timeout=timeout)
-    except OSError as exc:
-        reason = "timed out" if isinstance(exc, TimeoutError) else (exc.strerror or str(exc))
-        raise MoecError(f"cannot reach the RPC tracker at {addr}: {reason}") from None
-    try:
+        sock.settimeout(timeout)
         sock.sendall(struct.pack("<i", base.RPC_TRACKER_MAGIC))
         magic = struct.unpack("<i", base.recvall(sock, 4))[0]
-    except (OSError, RuntimeError):
+    except (OSError, RuntimeError, struct.error):
         sock.close()
         raise MoecError(f"{addr} does not answer as an RPC tracker") from None
     if magic != base.RPC_TRACKER_MAGIC:
@@ -63,10 +88,13 @@ def _open(addr: TrackerAddress, timeout: float) -> socket.socket:
     return sock
 
 
-def tracker_summary(addr: TrackerAddress, timeout: float = 5.0) -> dict:
-    """The tracker's summary: ``server_info`` (``key`` is ``server:KEY``) and ``queue_info``."""
+def tracker_summary(addr: TrackerAddress, timeout: float = 5.0, wait_s: float = 0.0, hint: str = "") -> dict:
+    """The tracker's summary: ``server_info`` (``key`` is ``server:KEY``) and ``queue_info``.
+
+    ``wait_s`` and ``hint``: as for :func:`open_tracker`.
+    """
     base = _base()
-    sock = _open(addr, timeout)
+    sock = open_tracker(addr, timeout, wait_s, hint)
     try:
         base.sendjson(sock, [base.TrackerCode.SUMMARY])
         value = base.recvjson(sock)
@@ -95,14 +123,27 @@ def request_device(addr: TrackerAddress, key: str, timeout: float = 60.0, sessio
     A key no server has registered fails at once (typo, device down); a registered but busy key
     waits up to ``timeout`` s for a free server.
     """
+    return request_device_at(addr, key, timeout, session_timeout, priority)[0]
+
+
+def request_device_at(addr: TrackerAddress, key: str, timeout: float = 60.0, session_timeout: float = 0.0,
+                      priority: int = 1, check_registered: bool = True, connect_wait_s: float = 0.0):
+    """(RPC session, ``"host:port"`` of the granted server) of a free device of ``key``.
+
+    Same protocol as ``TrackerSession.request``, with a fresh tracker socket per request and a
+    bounded wait: ``timeout`` s for a free server. ``check_registered`` fails at once for a key
+    no server has registered; ``connect_wait_s`` retries an unreachable tracker that long.
+    ``session_timeout`` (s, 0 = none) lets the server end a session that runs longer.
+    """
     import tvm.rpc
 
     base = _base()
-    keys = registered_keys(tracker_summary(addr, timeout=min(timeout, 10.0)))
-    if key not in keys:
-        listed = ", ".join(f"{k} ({n})" for k, n in sorted(keys.items())) or "none"
-        raise MoecError(f"no device with key '{key}' is registered at tracker {addr} (registered: {listed})")
-    sock = _open(addr, min(timeout, 10.0))
+    if check_registered:
+        keys = registered_keys(tracker_summary(addr, min(timeout, 10.0), connect_wait_s))
+        if key not in keys:
+            raise MoecError(f"no device with key '{key}' is registered at tracker {addr} "
+                            f"(registered: {_keys_listed(keys)})")
+    sock = open_tracker(addr, min(timeout, 10.0), connect_wait_s)
     try:
         sock.settimeout(timeout)
         base.sendjson(sock, [base.TrackerCode.REQUEST, key, "", priority])
@@ -119,18 +160,21 @@ def request_device(addr: TrackerAddress, key: str, timeout: float = 60.0, sessio
         raise MoecError(f"the RPC tracker at {addr} refused the request for '{key}': {value}")
     host, port, matchkey = value[1]
     try:
-        return tvm.rpc.connect(host, port, matchkey, session_timeout)
+        return tvm.rpc.connect(host, port, matchkey, session_timeout), f"{host}:{port}"
     except Exception as exc:  # TVMError/RuntimeError from the FFI connect
         raise MoecError(f"device '{key}' at {host}:{port} (from tracker {addr}) refused the connection: "
                         f"{str(exc).strip().splitlines()[-1]}") from None
 
 
+def _keys_listed(keys: dict[str, int]) -> str:
+    return ", ".join(f"{k} ({n})" for k, n in sorted(keys.items())) or "none"
+
+
 def _keys_text(addr: TrackerAddress) -> str:
     try:
-        keys = registered_keys(tracker_summary(addr, timeout=5.0))
+        return _keys_listed(registered_keys(tracker_summary(addr, timeout=5.0)))
     except MoecError:
         return "unknown"
-    return ", ".join(f"{k} ({n})" for k, n in sorted(keys.items())) or "none"
 
 
 def elf_machine(path: str | Path) -> str | None:

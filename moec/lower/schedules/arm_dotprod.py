@@ -18,15 +18,13 @@ from tvm import tirx
 from tvm.script import tirx as T
 
 from moec.errors import MoecError
-from moec.lower.kernels.decode import code_at
 from moec.lower.kernels.gemv import GemvSpec
 from moec.lower.kernels.layout import num_tiles, zero_words
+from moec.lower.schedules.int8_common import (BYTE_MASK, plane_slot_source, quantize_activations_prep,
+                                              scaled_group_sum)
 
 #: Bit widths with an ARM int8-activation kernel.
 DOTPROD_BITS: tuple[int, ...] = (2, 4, 8)
-
-#: Per bit width, the uint32 mask keeping one code per byte after shifting plane ``t`` down.
-_BYTE_MASK = {2: 0x03030303, 4: 0x0F0F0F0F, 8: 0xFFFFFFFF}
 
 LANES = 4  # int32 rows per 128-bit vector
 
@@ -78,15 +76,13 @@ def dotprod_gemv(spec: GemvSpec, params, dot: Callable = sdot) -> tirx.PrimFunc:
     xstride = 1 if spec.x_per_expert else 0
     recentre = 128 if bits == 8 else 0
 
-    def slot_source(c):
-        """Code index (within its word) whose activation sits in slot ``c`` of the word."""
-        return c % 4 * planes + c // 4
+    prep = quantize_activations_prep(xr, k, gs, vl, step_codes, plane_slot_source(bits))
 
     def accumulate(acc, v, weight, x8, e, gv, step, r):
         word = weight[e, gv * LANES // tile, step, T.ramp(gv * LANES % tile, 1, LANES)]
         total = acc[v, T.ramp(0, 1, LANES)]
         for t in range(planes):
-            codes = (word >> _splat(t * bits, "uint32")) & _splat(_BYTE_MASK[bits], "uint32")
+            codes = (word >> _splat(t * bits, "uint32")) & _splat(BYTE_MASK[bits], "uint32")
             if recentre:
                 codes = codes ^ _splat(0x80808080, "uint32")
             x4 = T.reinterpret("int8x16", T.Broadcast(
@@ -97,9 +93,7 @@ def dotprod_gemv(spec: GemvSpec, params, dot: Callable = sdot) -> tirx.PrimFunc:
     def group_term(dot_sum, scale, zero, sx, xsum, e, gv, g, lane, r):
         """``scale * sx * (sum q*x8 - zero * sum x8)`` (codes and zero both recentred for 8 bits)."""
         t, col = gv * LANES // tile, gv * LANES % tile + lane
-        zq = T.Cast("int32", code_at(lambda w: zero[e, t, w, col], g, bits)) - recentre
-        return (T.Cast("float32", scale[e, t, g, col]) * sx[r, g]
-                * T.Cast("float32", dot_sum - zq * xsum[r, g]))
+        return scaled_group_sum(dot_sum, scale, zero, sx, xsum, e, t, col, g, r, bits, recentre)
 
     @T.prim_func
     def gemv(x: T.Buffer((xr, k), "float32"),
@@ -112,28 +106,7 @@ def dotprod_gemv(spec: GemvSpec, params, dot: Callable = sdot) -> tirx.PrimFunc:
         xsum = T.alloc_buffer((xr, groups), "int32")
         xq = T.alloc_buffer((xr, k), "int8")
         x8 = T.alloc_buffer((xr, k), "int8")
-        for r, g in T.grid(xr, groups):
-            amax = T.alloc_buffer((vl,), "float32", scope="local")
-            isum = T.alloc_buffer((vl,), "int32", scope="local")
-            for lane in T.vectorized(vl):
-                amax[lane] = T.float32(0)
-                isum[lane] = 0
-            for i in range(gs // vl):
-                for lane in T.vectorized(vl):
-                    amax[lane] = T.max(amax[lane], T.abs(x[r, g * gs + i * vl + lane]))
-            for lane in range(1, vl):
-                amax[0] = T.max(amax[0], amax[lane])
-            sx[r, g] = T.max(amax[0], T.float32(1e-30)) / T.float32(127)
-            for i in range(gs // vl):
-                for lane in T.vectorized(vl):
-                    xq[r, g * gs + i * vl + lane] = T.Cast("int8", T.round(x[r, g * gs + i * vl + lane] / sx[r, g]))
-                    isum[lane] = isum[lane] + T.Cast("int32", xq[r, g * gs + i * vl + lane])
-            for lane in range(1, vl):
-                isum[0] = isum[0] + isum[lane]
-            xsum[r, g] = isum[0]
-        for r, c in T.grid(xr, k // step_codes):
-            for slot in T.unroll(step_codes):
-                x8[r, c * step_codes + slot] = xq[r, c * step_codes + slot_source(slot)]
+        prep(x, sx, xsum, xq, x8)
         for task in T.parallel(top_k * tiles):
             acc = T.alloc_buffer((vecs, LANES), "int32", scope="local")
             yacc = T.alloc_buffer((vecs, LANES), "float32", scope="local")

@@ -14,13 +14,10 @@ from tvm import tirx
 from tvm.script import tirx as T
 
 from moec.errors import MoecError
-from moec.lower.kernels.decode import code_at
 from moec.lower.kernels.gemv import GemvSpec
 from moec.lower.kernels.layout import num_tiles, zero_words
-
-
-#: Per bit width, the uint32 mask keeping one code per byte after shifting plane ``t`` down.
-_BYTE_MASK = {2: 0x03030303, 4: 0x0F0F0F0F, 8: 0xFFFFFFFF}
+from moec.lower.schedules.int8_common import (BYTE_MASK, plane_slot_source, quantize_activations_prep,
+                                              scaled_group_sum)
 
 
 def _dpbusd(acc, codes, x4):
@@ -43,7 +40,7 @@ def _step_dots(bits: int, words):
     if bits != 3:
         planes = 8 // bits
         return [(T.reinterpret("int8x64", (words(0) >> _splat(t * bits, "uint32", 16))
-                               & _splat(_BYTE_MASK[bits], "uint32", 16)), 4 * t)
+                               & _splat(BYTE_MASK[bits], "uint32", 16)), 4 * t)
                 for t in range(planes)]
     w0, w1, w2 = words(0), words(1), words(2)
     windows = [w0, (w0 >> _splat(24, "uint32", 16)) | (w1 << _splat(8, "uint32", 16)),
@@ -95,15 +92,9 @@ def vnni_gemv(spec: GemvSpec, params) -> tirx.PrimFunc:
     if gs % step_codes:
         raise MoecError(f"{bits}-bit int8-activation GEMV needs group_size a multiple of {step_codes}")
 
-    def zero_code(zero, e, b, g, lane):
-        return code_at(lambda word: zero[e, b, word, lane], g, bits)
-
-    def slot_source(c):
-        """Code index (within its step) whose activation sits in slot ``c`` of the step."""
-        if bits == 3:
-            return c
-        planes = 8 // bits
-        return c % 4 * planes + c // 4
+    # 3 bits: the dots consume a step's activations in code order (see _step_dots).
+    prep = quantize_activations_prep(xr, k, gs, vl, step_codes,
+                                     (lambda c: c) if bits == 3 else plane_slot_source(bits))
 
     def accumulate(acc, v, c, weight, x8, e, gv, step, r):
         """New value of accumulator ``c`` of vector ``v`` (global vector ``gv``) after one step."""
@@ -123,9 +114,7 @@ def vnni_gemv(spec: GemvSpec, params) -> tirx.PrimFunc:
     def group_term(dot, scale, zero, sx, xsum, e, gv, g, lane, r):
         """``scale * sx * (sum q*x8 - zero * sum x8)`` of group ``g``, row ``gv*lanes + lane``."""
         t, col = gv * lanes // tile, gv * lanes % tile + lane
-        zq = T.Cast("int32", zero_code(zero, e, t, g, col))
-        return (T.Cast("float32", scale[e, t, g, col]) * sx[r, g]
-                * T.Cast("float32", dot - zq * xsum[r, g]))
+        return scaled_group_sum(dot, scale, zero, sx, xsum, e, t, col, g, r, bits)
 
     @T.prim_func
     def gemv(x: T.Buffer((xr, k), "float32"),
@@ -138,30 +127,7 @@ def vnni_gemv(spec: GemvSpec, params) -> tirx.PrimFunc:
         xsum = T.alloc_buffer((xr, groups), "int32")
         xq = T.alloc_buffer((xr, k), "int8")  # natural order
         x8 = T.alloc_buffer((xr, k), "int8")  # the order the dot products consume
-        for r, g in T.grid(xr, groups):
-            # Vectorised over vl lanes: this O(K) work runs on one thread before the parallel part.
-            amax = T.alloc_buffer((vl,), "float32", scope="local")
-            isum = T.alloc_buffer((vl,), "int32", scope="local")
-            for lane in T.vectorized(vl):
-                amax[lane] = T.float32(0)
-                isum[lane] = 0
-            for i in range(gs // vl):
-                for lane in T.vectorized(vl):
-                    amax[lane] = T.max(amax[lane], T.abs(x[r, g * gs + i * vl + lane]))
-            for lane in range(1, vl):
-                amax[0] = T.max(amax[0], amax[lane])
-            sx[r, g] = T.max(amax[0], T.float32(1e-30)) / T.float32(127)
-            for i in range(gs // vl):
-                for lane in T.vectorized(vl):
-                    xq[r, g * gs + i * vl + lane] = T.Cast(
-                        "int8", T.round(x[r, g * gs + i * vl + lane] / sx[r, g]))
-                    isum[lane] = isum[lane] + T.Cast("int32", xq[r, g * gs + i * vl + lane])
-            for lane in range(1, vl):
-                isum[0] = isum[0] + isum[lane]
-            xsum[r, g] = isum[0]
-        for r, c in T.grid(xr, k // step_codes):
-            for slot in T.unroll(step_codes):
-                x8[r, c * step_codes + slot] = xq[r, c * step_codes + slot_source(slot)]
+        prep(x, sx, xsum, xq, x8)
         for task in T.parallel(top_k * tiles):
             acc = T.alloc_buffer((vecs * chains, lanes), "int32", scope="local")
             yacc = T.alloc_buffer((vecs, lanes), "float32", scope="local")

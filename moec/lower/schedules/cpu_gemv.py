@@ -1,0 +1,190 @@
+"""The target-neutral CPU schedule of the decode GEMV, shared by the x86 and ARM families.
+
+A family module (``x86``, ``arm``) owns its tuning choices in a subclass of
+:class:`CpuScheduleParams` and calls :func:`schedule_gemv` with them; the recipe below is the
+same on every SIMD CPU: parallel over (routed expert, task of ``lanes * tile_vectors`` rows),
+``j`` major (the row guard of :mod:`moec.lower.kernels.row_guard` relies on it); within a task,
+per group, steps of codes are decoded with constant shifts (unrolled) into ``tile_vectors``
+vector accumulators (one output row per lane, x broadcast), and the group's scale and zero point
+are applied once to the group sums.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from math import gcd
+from typing import ClassVar
+
+from tvm import s_tir, tirx
+
+from moec.errors import MoecError
+from moec.lower.kernels.gemv import GemvSpec
+from moec.lower.kernels.grouped_gemm import GemmLoopParams
+
+
+@dataclass(frozen=True)
+class CpuScheduleParams:
+    """The parameters every CPU family's schedule takes (a family subclass gives the values).
+
+    Attributes
+    ----------
+    lanes : int
+        float32 rows per vector register.
+    tile_vectors : int
+        Vectors of rows per parallel task.
+    layout_tile : int
+        Rows per tile of the kernel layout (``kernel_tile``).
+    unroll_values : int
+        Codes decoded per fully unrolled step; a smaller group size uses gcd(unroll_values, gs).
+    float_unroll : int
+        K steps unrolled in the float-weight GEMV.
+    gemm_tokens : int
+        Tokens per register block in the grouped GEMM.
+    int8_tile_vectors : int
+        ``tile_vectors`` of the family's int8-activation GEMV.
+    """
+
+    #: Name of the family in error messages (``x86``, ``ARM``).
+    family: ClassVar[str] = "CPU"
+
+    lanes: int
+    tile_vectors: int
+    layout_tile: int
+    unroll_values: int
+    float_unroll: int
+    gemm_tokens: int
+    int8_tile_vectors: int
+
+    @property
+    def tile_rows(self) -> int:
+        """Rows per tile of the kernel layout (``to_kernel_layout(..., tile=...)``)."""
+        return self.layout_tile
+
+
+def check_spec(spec: GemvSpec, params: CpuScheduleParams) -> None:
+    """Raise :class:`MoecError` unless ``spec`` fits the schedule's layout tile and vector."""
+    if spec.tile != params.tile_rows:
+        raise MoecError(f"kernel layout tile {spec.tile} does not match the {params.family} schedule's "
+                        f"{params.tile_rows} rows (use kernel_tile(target))")
+    if params.layout_tile % params.lanes and params.lanes % params.layout_tile:
+        raise MoecError(f"layout tile {params.layout_tile} and vector {params.lanes} do not nest")
+    if spec.rows % params.lanes:
+        raise MoecError(f"{params.family} kernels need N ({spec.rows}) to be a multiple of "
+                        f"{params.lanes} rows")
+
+
+def schedule_gemv(func: tirx.PrimFunc, spec: GemvSpec, params: CpuScheduleParams) -> tirx.PrimFunc:
+    """Schedule a ``gemv_definition`` for a SIMD CPU with ``params``.
+
+    Parameters
+    ----------
+    func : tvm.tirx.PrimFunc
+        From :func:`moec.lower.kernels.gemv.gemv_definition`.
+    spec : GemvSpec
+        What ``func`` was defined from (quantized or float form, group size, rows, tile).
+    params : CpuScheduleParams
+        The family's tuning parameters.
+
+    Returns
+    -------
+    tvm.tirx.PrimFunc
+    """
+    check_spec(spec, params)
+    sch = s_tir.Schedule(func)
+    if _has_block(sch, "h"):
+        _schedule_swiglu_epilogue(sch, params)
+    if spec.quantized:
+        _schedule_quantized_gemv(sch, gcd(params.unroll_values, spec.group_size), params)
+    else:
+        _schedule_float_gemv(sch, params)
+    return sch.mod["main"]
+
+
+def grouped_gemm_params(params: CpuScheduleParams) -> GemmLoopParams:
+    """Loop parameters of the grouped GEMM (vector, token block, unroll step) from ``params``."""
+    return GemmLoopParams(lanes=params.lanes, tokens=params.gemm_tokens, k_tile=32,
+                          unroll=params.unroll_values)
+
+
+def _has_block(sch: s_tir.Schedule, name: str) -> bool:
+    try:
+        sch.get_sblock(name)
+    except Exception:  # noqa: BLE001 - TVM raises a generic error for a missing block
+        return False
+    return True
+
+
+def _schedule_swiglu_epilogue(sch: s_tir.Schedule, params: CpuScheduleParams) -> None:
+    """``h = silu(gate) * up``: the exp stages inlined, one vectorised parallel pass."""
+    h = sch.get_sblock("h")
+    for block in sch.get_producers(h):
+        if sch.get(block).name_hint != "y":
+            for inner in sch.get_producers(block):
+                if sch.get(inner).name_hint != "y":
+                    sch.compute_inline(inner)
+            sch.compute_inline(block)
+    j, c = sch.get_loops(h)
+    outer, lane = sch.split(sch.fuse(j, c), [None, params.lanes])
+    sch.parallel(outer)
+    sch.vectorize(lane)
+
+
+def _tile_rows(sch: s_tir.Schedule, loop, params: CpuScheduleParams):
+    """Split output rows into (task, vector, lane); a partial last task is cut at vectors."""
+    vectors, lane = sch.split(loop, [None, params.lanes])
+    tile, vec = sch.split(vectors, [None, params.tile_vectors])
+    return tile, vec, lane
+
+
+def _schedule_quantized_gemv(sch: s_tir.Schedule, step_values: int, params: CpuScheduleParams) -> None:
+    y, qdot = sch.get_sblock("y"), sch.get_sblock("qdot")
+    j, n, g = sch.get_loops(y)
+    tile, vec, lane = _tile_rows(sch, n, params)
+    sch.reorder(j, tile, g, vec, lane)
+    # Unit loops kept, so the regenerated nest is always (expert, vector, group, lane, value).
+    sch.compute_at(qdot, g, preserve_unit_loops=True)
+    sch.set_scope(qdot, 0, "local")
+    _, q_vec, _, q_lane, q_i = sch.get_loops(qdot)[-5:]
+    step, value = sch.split(q_i, [None, step_values])
+    sch.reorder(step, value, q_vec, q_lane)
+    sch.vectorize(q_lane)
+    sch.unroll(q_vec)
+    sch.unroll(value)
+    sch.parallel(sch.fuse(j, tile))  # j major: the row guard wraps this loop
+    sch.vectorize(lane)
+    sch.unroll(vec)
+    # Annotate before decomposing: vectorize needs the reduction blocks whole.
+    sch.decompose_reduction(qdot, step)
+    sch.decompose_reduction(y, g)
+    _schedule_activation_prep(sch, params)
+
+
+def _schedule_activation_prep(sch: s_tir.Schedule, params: CpuScheduleParams) -> None:
+    """Vectorise the per-call O(K) work on x (``xs``, and ``xsum`` through an rfactor)."""
+    r, c = sch.get_loops(sch.get_sblock("xs"))
+    _, lane = sch.split(sch.fuse(r, c), [None, params.lanes])
+    sch.vectorize(lane)
+    xsum = sch.get_sblock("xsum")
+    i = sch.get_loops(xsum)[-1]
+    if sch.get(i).extent.value % params.lanes == 0:
+        _, lane = sch.split(i, [None, params.lanes])
+        partial = sch.rfactor(lane, 0)  # [.., lanes] partial sums, then one sum per group
+        sch.vectorize(sch.get_loops(partial)[-1])
+
+
+def _schedule_float_gemv(sch: s_tir.Schedule, params: CpuScheduleParams) -> None:
+    y = sch.get_sblock("y")
+    j, n, kk = sch.get_loops(y)
+    tile, vec, lane = _tile_rows(sch, n, params)
+    ko, ki = sch.split(kk, [None, params.float_unroll])
+    sch.reorder(j, tile, ko, ki, vec, lane)
+    write_back = sch.cache_write(y, 0, "local")
+    sch.reverse_compute_at(write_back, tile)
+    sch.vectorize(lane)
+    sch.unroll(vec)
+    sch.unroll(ki)
+    wb = sch.fuse(*sch.get_loops(write_back)[2:])
+    _, wb_lane = sch.split(wb, [None, params.lanes])
+    sch.vectorize(wb_lane)
+    sch.parallel(sch.fuse(j, tile))  # j major: the row guard wraps this loop
+    sch.decompose_reduction(y, ko)

@@ -1,0 +1,79 @@
+"""What the explicit int8-activation GEMVs (x86 VNNI, ARM dotprod) share: activation prep, code masks, group scaling.
+
+Both kernels quantize ``x`` per group to int8 (:func:`moec.lower.kernels.activations.quantize_activations`:
+scale ``max|x| / 127``, round, per-group code sum), store the codes in the order their
+dot-product instruction consumes them, and scale each group's integer sum once; only that order,
+the vector width and the dot instruction differ per ISA (they stay in ``x86_vnni`` / ``arm_dotprod``).
+"""
+
+# No `from __future__ import annotations`: TVMScript needs the evaluated buffer annotations.
+
+from collections.abc import Callable
+
+from tvm.script import tirx as T
+
+from moec.lower.kernels.decode import code_at
+
+#: Per bit width, the uint32 mask keeping one code per byte after shifting plane ``t`` down.
+BYTE_MASK = {2: 0x03030303, 4: 0x0F0F0F0F, 8: 0xFFFFFFFF}
+
+
+def plane_slot_source(bits: int) -> Callable[[int], int]:
+    """For a word of ``32/bits`` plane-packed codes, the code index whose activation sits in slot ``c``.
+
+    Plane ``t`` holds codes ``m*P + t`` (``P = 8/bits``) in byte ``m``, and its dot product
+    takes the four activations of slots ``4t .. 4t+3``.
+    """
+    planes = 8 // bits
+    return lambda c: c % 4 * planes + c // 4
+
+
+def quantize_activations_prep(xr: int, k: int, gs: int, vl: int, step_codes: int,
+                              slot_source: Callable[[int], int]):
+    """A TVMScript macro ``prep(x, sx, xsum, xq, x8)`` filling the int8 activations of one call.
+
+    Per row ``r < xr`` and group of ``gs`` values (vectorised over ``vl`` lanes; this O(K) work
+    runs on one thread before the parallel part): ``sx`` the group scale, ``xq`` the codes in
+    natural order, ``xsum`` their sum; then ``x8`` holds, per step of ``step_codes`` codes, slot
+    ``c`` = ``xq`` of code ``slot_source(c)``.
+    """
+    @T.macro
+    def prep(x, sx, xsum, xq, x8):
+        for r, g in T.grid(xr, k // gs):
+            amax = T.alloc_buffer((vl,), "float32", scope="local")
+            isum = T.alloc_buffer((vl,), "int32", scope="local")
+            for lane in T.vectorized(vl):
+                amax[lane] = T.float32(0)
+                isum[lane] = 0
+            for i in range(gs // vl):
+                for lane in T.vectorized(vl):
+                    amax[lane] = T.max(amax[lane], T.abs(x[r, g * gs + i * vl + lane]))
+            for lane in range(1, vl):
+                amax[0] = T.max(amax[0], amax[lane])
+            sx[r, g] = T.max(amax[0], T.float32(1e-30)) / T.float32(127)
+            for i in range(gs // vl):
+                for lane in T.vectorized(vl):
+                    xq[r, g * gs + i * vl + lane] = T.Cast(
+                        "int8", T.round(x[r, g * gs + i * vl + lane] / sx[r, g]))
+                    isum[lane] = isum[lane] + T.Cast("int32", xq[r, g * gs + i * vl + lane])
+            for lane in range(1, vl):
+                isum[0] = isum[0] + isum[lane]
+            xsum[r, g] = isum[0]
+        for r, c in T.grid(xr, k // step_codes):
+            for slot in T.unroll(step_codes):
+                x8[r, c * step_codes + slot] = xq[r, c * step_codes + slot_source(slot)]
+
+    return prep
+
+
+def scaled_group_sum(dot, scale, zero, sx, xsum, e, t, col, g, r, bits: int, recentre: int = 0):
+    """``scale * sx * (sum q*x8 - zero * sum x8)`` of group ``g`` for column ``col`` of tile ``t``.
+
+    ``dot`` is the group's int32 sum of codes times int8 activations of row ``r``; ``recentre``
+    is subtracted from the zero point when the kernel recentred its codes (signed-byte dots).
+    """
+    zq = T.Cast("int32", code_at(lambda word: zero[e, t, word, col], g, bits))
+    if recentre:
+        zq = zq - recentre
+    return (T.Cast("float32", scale[e, t, g, col]) * sx[r, g]
+            * T.Cast("float32", dot - zq * xsum[r, g]))
