@@ -102,25 +102,6 @@ def test_inspect_bundle(compiled):
     assert json.loads(res.output)["format"] == "moec-bundle"
 
 
-def test_prefill_equals_decode_steps(compiled):
-    """One ``prefill`` call (grouped GEMMs) gives the logits and KV cache of token-by-token decode."""
-    from moec.runtime.session import BundleSession
-    sess = BundleSession(compiled[2])
-    assert sess.has_prefill and sess.manifest["entry"] == {"decode": "decode", "prefill": "prefill"}
-    prompt = list(range(5, 24))
-    logits = sess.prefill(prompt)
-    cache = [t.numpy() for t in sess.past]
-    sess.reset()
-    for t in prompt:
-        ref = sess.step(t)
-    np.testing.assert_allclose(logits, ref, rtol=1e-4, atol=1e-4)
-    for got, want in zip(cache, (t.numpy() for t in sess.past)):
-        np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
-    sess.reset()
-    sess.prefill(prompt[:7])  # a second chunk on top of a filled cache attends to it
-    np.testing.assert_allclose(sess.prefill(prompt[7:]), ref, rtol=1e-4, atol=1e-4)
-
-
 def test_int8_activations_bundle(compiled, tmp_path):
     """--activations int8: decode GEMVs on int8 activations stay close to the exact bundle."""
     from tvm.target import codegen

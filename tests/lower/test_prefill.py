@@ -40,6 +40,9 @@ def test_prefill_matches_decode_steps(name, tmp_path):
     np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
     for a, b in zip(cache, (t.numpy() for t in sess.past)):
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
+    sess.reset()
+    sess.prefill(prompt[:5])  # a second chunk on top of a filled cache attends to it
+    np.testing.assert_allclose(sess.prefill(prompt[5:]), want, rtol=1e-4, atol=1e-4)
 
 
 def test_no_prefill_without_kernels(tmp_path):
