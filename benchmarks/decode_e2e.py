@@ -158,7 +158,7 @@ def main() -> None:
 
 
 def example_mixed(cfg: MoEConfig, group: int) -> BitPlan:
-    """Stand-in mixed plan (until the search lands): experts alternate 2/4-bit, the rest 8-bit."""
+    """Example mixed plan for models without a profile (random weights): experts alternate 2/4-bit, rest 8-bit."""
     experts = {l: {e: (2 if e % 2 else 4) for e in range(cfg.num_experts)} for l in cfg.moe_layers}
     return BitPlan(experts, {"router": 16, "re:.*": 8}, group, "mse", cfg.fingerprint(),
                    {"policy": "example-mixed-2/4"})
