@@ -5,21 +5,10 @@ from __future__ import annotations
 import json
 
 import pytest
-from click.testing import CliRunner
 
-from moec.cli.main import cli
-
-
-def run(*args):
-    res = CliRunner().invoke(cli, [str(a) for a in args])
-    return res.exit_code, res.output.strip()
+from tests.cli_helpers import assert_one_line_error, run
 
 
-def assert_one_line_error(code, out, needle):
-    assert code != 0
-    lines = out.splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error:"), out
-    assert needle in lines[0]
 
 
 def test_help_lists_every_stage():

@@ -5,25 +5,14 @@ from __future__ import annotations
 import json
 
 import pytest
-from click.testing import CliRunner
 from export_fixtures import GROUP, mixed_plan
 
-from moec.cli.main import cli
 from moec.errors import MoecError
 from moec.export import exporter
 from moec.models.checkpoint import load_config
+from tests.cli_helpers import assert_one_line_error, run
 
 
-def run(*args):
-    res = CliRunner().invoke(cli, [str(a) for a in args])
-    return res.exit_code, res.output.strip()
-
-
-def assert_one_line_error(code, out, needle):
-    assert code != 0
-    lines = out.splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error:"), out
-    assert needle in lines[0], out
 
 
 def leftovers(parent, name="out"):

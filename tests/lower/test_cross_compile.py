@@ -4,25 +4,17 @@ from __future__ import annotations
 
 import json
 import shutil
-import struct
 
 import pytest
 from click.testing import CliRunner
 
 from moec.cli.main import cli
+from moec.runtime.remote import elf_machine
 
 pytestmark = pytest.mark.tvm
 
-EM_AARCH64 = 183  # ELF e_machine of 64-bit ARM
 needs_cross = pytest.mark.skipif(shutil.which("aarch64-linux-gnu-g++") is None,
                                  reason="needs g++-aarch64-linux-gnu (installed by .ci/run)")
-
-
-def elf_machine(path) -> int:
-    """``e_machine`` of an ELF file (little-endian ELF64 header: magic, then the field at byte 18)."""
-    head = path.read_bytes()[:20]
-    assert head[:4] == b"\x7fELF", f"{path} is not ELF"
-    return struct.unpack("<H", head[18:20])[0]
 
 
 @needs_cross
@@ -33,7 +25,7 @@ def test_raspberry_pi_5_bundle_is_aarch64(tmp_path):
     res = CliRunner().invoke(cli, ["compile", str(tmp_path / "ckpt"), "--target", "raspberry-pi-5",
                                    "--plan", "uniform:4", "--out", str(out)])
     assert res.exit_code == 0, res.output
-    assert elf_machine(out / "lib.so") == EM_AARCH64
+    assert elf_machine(out / "lib.so") == "aarch64"  # ELF e_machine 183
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["target"]["name"] == "raspberry-pi-5" and "cortex-a76" in manifest["tvm_target"]
     assert manifest["kernels"] == "scheduled"  # the ARM family's GEMV schedules, not reference TE
