@@ -50,14 +50,11 @@ def _median_step(step, steps: int) -> float:
     return statistics.median(times[2:] or times)
 
 
-ACTIVATIONS = "float32"  # moec's decode GEMV activations (--activations)
-
-
-def time_tvm(cfg, plan, weights: ModelWeights, tmp: Path, steps: int) -> tuple[float, float]:
+def time_tvm(cfg, plan, weights: ModelWeights, tmp: Path, steps: int, activations: str) -> tuple[float, float]:
     """(median decode step seconds, prefill seconds per prompt token for a 64-token prompt)."""
     params = build_params(cfg, plan, weights.packed, weights.floats)
     bundle = build_bundle_from_params(cfg, plan, params, load_target("host"), tmp / "bundle", None,
-                                      activations=ACTIVATIONS if plan_is_quantized(plan) else "float32")
+                                      activations=activations if plan_is_quantized(plan) else "float32")
     sess = BundleSession(bundle)
     prompt = [3 + i % 97 for i in range(64)]
 
@@ -104,8 +101,9 @@ def time_torch(model, plan, steps: int) -> float:
         return _median_step(step, steps)
 
 
-def run(label: str, cfg: MoEConfig, plans: dict[str, BitPlan], weights_for, model, steps: int) -> None:
-    print(f"\n## {label} (moec activations: {ACTIVATIONS})\n")
+def run(label: str, cfg: MoEConfig, plans: dict[str, BitPlan], weights_for, model, steps: int,
+        activations: str) -> None:
+    print(f"\n## {label} (moec activations: {activations})\n")
     print("| plan | weight MB | moec-TVM tok/s | onnxruntime tok/s (level) | torch eager tok/s | "
           "TVM / ORT | TVM vs TVM-INT8 | moec-TVM prefill tok/s (64-token prompt) |")
     print("|---|---|---|---|---|---|---|---|")
@@ -114,7 +112,7 @@ def run(label: str, cfg: MoEConfig, plans: dict[str, BitPlan], weights_for, mode
         weights = weights_for(plan)
         mb = (sum(p.nbytes for p in weights.packed.values()) + sum(a.nbytes for a in weights.floats.values())) / 1e6
         with tempfile.TemporaryDirectory(prefix="moec-bench-") as d:
-            tvm_s, prefill_s = time_tvm(cfg, plan, weights, Path(d), steps)
+            tvm_s, prefill_s = time_tvm(cfg, plan, weights, Path(d), steps, activations)
             ort_s, level = time_ort(weights, Path(d), steps)
         torch_s = time_torch(model, plan, steps) if model is not None else float("nan")
         rows[name] = (mb, tvm_s, ort_s, level, torch_s, prefill_s)
@@ -136,8 +134,6 @@ def main() -> None:
     ap.add_argument("--activations", choices=["float32", "int8"], default="float32",
                     help="moec decode GEMV activations (int8 = like onnxruntime accuracy_level 4).")
     args = ap.parse_args()
-    global ACTIVATIONS
-    ACTIVATIONS = args.activations
     torch.set_num_threads(2)
     model = load_checkpoint(args.checkpoint)
     cfg = model.cfg
@@ -147,14 +143,14 @@ def main() -> None:
              "uniform INT4": uniform_plan(cfg, 4, g), "mixed": mixed}
     if not args.large_only:
         run(f"{args.checkpoint} ({cfg.num_layers} layers, {cfg.num_experts} experts, top-{cfg.top_k})", cfg, plans,
-            lambda p: ModelWeights.from_model(model, p), model, args.steps)
+            lambda p: ModelWeights.from_model(model, p), model, args.steps, args.activations)
     if args.large or args.large_only:
         big = MoEConfig(vocab_size=4096, hidden_size=2048, num_layers=4, num_heads=16, num_kv_heads=16,
                         num_experts=64, top_k=8, expert_intermediate=1024, norm_topk_prob=False)
         plans = {"uniform INT8": uniform_plan(big, 8, g), "uniform INT4": uniform_plan(big, 4, g),
                  "mixed": example_mixed(big, g)}
         run("OLMoE-shaped random model (hidden 2048, 64 experts × 1024, top-8, 4 layers)", big, plans,
-            lambda p: random_weights(big, p), None, args.steps)
+            lambda p: random_weights(big, p), None, args.steps, args.activations)
 
 
 def example_mixed(cfg: MoEConfig, group: int) -> BitPlan:

@@ -74,8 +74,8 @@ class PrefillBuilder(DecodeBuilder):
         pairs = rows * top_k                                                             # pair = t*k + slot
         weights, cls_of, in_cls = self._route(bb, i, h)                                  # weights [T, k]
         classes = self.params.class_of[i]
-        token_of = bb.emit(relax.op.floor_divide(relax.op.arange(0, pairs, 1, "int32"),
-                                                 relax.const(np.int32(top_k))))
+        position = bb.emit(relax.op.arange(0, pairs, 1, "int32"))                      # pair index
+        token_of = bb.emit(relax.op.floor_divide(position, relax.const(np.int32(top_k))))
         y = None
         for c in sorted(set(classes.tolist())):
             count = int((classes == c).sum())
@@ -92,7 +92,7 @@ class PrefillBuilder(DecodeBuilder):
             act = bb.emit(relax.op.multiply(relax.op.nn.silu(g1), g3))
             out = self.linear.grouped(bb, act, self.params.entries[f"{name}.w2"], self.vars, f"{name}.w2", offsets)
             # rows past offsets[count] belong to other classes: never written by the kernel
-            valid = relax.op.less(relax.op.arange(0, pairs, 1, "int32"),
+            valid = relax.op.less(position,
                                   relax.op.take(offsets, relax.const(np.array([count], np.int32)), axis=0, mode="clip"))
             out = bb.emit(relax.op.where(relax.op.reshape(valid, (pairs, 1)), out, relax.const(np.float32(0))))
             back = bb.emit(relax.op.argsort(order, axis=0, dtype="int32"))              # pair -> sorted

@@ -52,23 +52,24 @@ class Recipe(BaseModel):
     @classmethod
     def _policy(cls, v: str) -> str:
         from moec.search.policies import POLICIES
-        if v not in POLICIES:
-            raise ValueError(f"unknown policy '{v}'; choices: {', '.join(POLICIES)}")
-        return v
+        return _choice(v, POLICIES, "policy")
 
     @field_validator("weighting")
     @classmethod
     def _weighting(cls, v: str) -> str:
-        if v not in WEIGHTINGS:
-            raise ValueError(f"unknown weighting '{v}'; choices: {', '.join(WEIGHTINGS)}")
-        return v
+        return _choice(v, WEIGHTINGS, "weighting")
 
     @field_validator("sensitivity")
     @classmethod
     def _sensitivity(cls, v: str) -> str:
-        if v not in ("auto", "exact", "proxy"):
-            raise ValueError(f"unknown sensitivity source '{v}'; choices: auto, exact, proxy")
-        return v
+        return _choice(v, ("auto", "exact", "proxy"), "sensitivity source")
+
+
+def _choice(value: str, choices, what: str) -> str:
+    """``value`` if it is one of ``choices``, else a ValueError that lists them."""
+    if value not in choices:
+        raise ValueError(f"unknown {what} '{value}'; choices: {', '.join(choices)}")
+    return value
 
 
 def load_recipe(path: str | os.PathLike) -> Recipe:
