@@ -30,9 +30,9 @@ from moec.models.tokenizer import load_tokenizer
 from moec.profile.data import read_text, token_windows
 from moec.profile.evaluate import evaluate_windows
 from moec.quant.accounting import float32_memory, plan_memory
-from moec.quant.importance import expert_hessians, expert_importance
-from moec.quant.packed_model import apply_plan
-from moec.search.plan import BitPlan, uniform_plan
+from moec.profile.importance import expert_hessians, expert_importance
+from moec.quant.packed_model import fake_quantize_model
+from moec.core.plan import BitPlan, uniform_plan
 
 
 #: Quantizer-table rows: name -> (plan method, uses importance, gptq options).
@@ -53,7 +53,7 @@ METHODS: dict[str, tuple[str, bool, dict]] = {
 def _eval(model, plan, windows, importance=None, hessians=None, gptq_options=None):
     m = copy.deepcopy(model)
     if plan is not None:
-        apply_plan(m, plan, importance=importance, hessians=hessians, gptq_options=gptq_options)
+        fake_quantize_model(m, plan, importance=importance, hessians=hessians, gptq_options=gptq_options)
     return evaluate_windows(m, windows)
 
 

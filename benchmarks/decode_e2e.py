@@ -28,15 +28,15 @@ import torch
 
 from moec.export.exporter import export_weights
 from moec.export.ort_runner import OrtModel
-from moec.export.weights import ModelWeights, random_weights
-from moec.hardware.targets import load_target
+from moec.quant.weights import ModelWeights, random_weights
+from moec.core.targets import load_target
 from moec.lower.bundle_build import build_bundle_from_params
 from moec.lower.params import build_params
 from moec.models.checkpoint import load_checkpoint
-from moec.models.config import MoEConfig
-from moec.quant.packed_model import apply_plan
+from moec.core.config import MoEConfig
+from moec.quant.packed_model import fake_quantize_model
 from moec.runtime.session import BundleSession
-from moec.search.plan import BitPlan, resolve_plan, uniform_plan
+from moec.core.plan import BitPlan, resolve_plan, uniform_plan
 
 PROMPT = list(range(3, 19))
 
@@ -87,7 +87,7 @@ def time_ort(weights: ModelWeights, tmp: Path, steps: int) -> tuple[float, int]:
 
 def time_torch(model, plan, steps: int) -> float:
     m = copy.deepcopy(model)
-    apply_plan(m, plan)
+    fake_quantize_model(m, plan)
     cache = m.new_cache()
     with torch.no_grad():
         m(torch.tensor([PROMPT]), cache)

@@ -24,7 +24,7 @@ import numpy as np
 
 from moec import api
 from moec.hardware.emulated import start_device
-from moec.runtime.remote import open_remote_bundle
+from moec.runtime.session import open_remote_bundle
 from moec.runtime.session import BundleSession
 
 

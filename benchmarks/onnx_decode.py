@@ -38,10 +38,10 @@ import onnxruntime as ort
 from moec.cli.table import format_table
 from moec.export.exporter import export_weights
 from moec.export.ort_runner import OrtModel
-from moec.export.weights import ModelWeights, random_weights
+from moec.quant.weights import ModelWeights, random_weights
 from moec.models.checkpoint import load_checkpoint
-from moec.models.config import MoEConfig
-from moec.search.plan import BitPlan, uniform_plan
+from moec.core.config import MoEConfig
+from moec.core.plan import BitPlan, uniform_plan
 
 REPO = Path(__file__).resolve().parents[1]
 

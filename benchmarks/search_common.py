@@ -7,12 +7,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from moec import api
-from moec.hardware.targets import load_target
+from moec.core.targets import load_target
 from moec.models.checkpoint import load_checkpoint
 from moec.profile.stats import ExpertStats
 from moec.quant.accounting import plan_memory
 from moec.search.estimator import AnalyticEstimator
-from moec.search.plan import BitPlan
+from moec.core.plan import BitPlan
 from moec.search.problem import build_problem
 
 REPO = Path(__file__).resolve().parents[1]

@@ -26,7 +26,7 @@ from search_common import Bench, ensure_profile, markdown  # noqa: E402
 from moec.cli.search_cmd import parse_tensor_bits  # noqa: E402
 from moec.search.cost import CostConfig  # noqa: E402
 from moec.search.driver import SearchOptions, run_search  # noqa: E402
-from moec.search.pipeline import uniform_memory_mb  # noqa: E402
+from moec.pipeline.search import uniform_memory_mb  # noqa: E402
 from moec.search.policies import POLICIES  # noqa: E402
 from moec.search.problem import DEFAULT_TENSORS, build_problem  # noqa: E402
 

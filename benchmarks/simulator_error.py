@@ -21,7 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
-from moec.hardware.calibration import build_bundles, routing_frequencies
+from moec.hardware.simulator_fit import build_bundles, routing_frequencies
 from moec.hardware.farm import LocalFarm
 from moec.hardware.candidates import BundleCandidate, Protocol
 from moec.hardware.profiler import measure_rounds
@@ -29,7 +29,7 @@ from moec.hardware.simulator import LatencySimulator, relative_error
 from moec.hardware.store import MeasurementStore
 from moec.models.checkpoint import load_config
 from moec.models.tokenizer import load_tokenizer
-from moec.search.plan import BitPlan, uniform_plan
+from moec.core.plan import BitPlan, uniform_plan
 
 REPO = Path(__file__).resolve().parents[1]
 

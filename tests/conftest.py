@@ -9,7 +9,7 @@ import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
 from moec.models.checkpoint import save_checkpoint
-from moec.models.config import MoEConfig
+from moec.core.config import MoEConfig
 from moec.models.model import MoEModel
 
 REPO = Path(__file__).resolve().parents[1]

@@ -22,7 +22,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import click  # noqa: E402
 
-from moec.errors import MoecError  # noqa: E402
+from moec.core.errors import MoecError  # noqa: E402
 from moec.hardware import emulated  # noqa: E402
 
 

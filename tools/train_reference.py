@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
 from moec.models.checkpoint import save_checkpoint
-from moec.models.config import MoEConfig
+from moec.core.config import MoEConfig
 from moec.models.model import MoEModel
 
 log = logging.getLogger("train_reference")

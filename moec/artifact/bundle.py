@@ -20,7 +20,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from moec.errors import MoecError
+from moec.core.errors import MoecError
 
 FORMAT = "moec-bundle"
 FORMAT_VERSION = 1

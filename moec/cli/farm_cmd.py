@@ -101,10 +101,10 @@ def profile(bundles, tracker, key, store_path, repeats, steps, timeout_s, kernel
 
 def _profile_kernels(bundles, tracker, key, store, repeats, timeout_s):
     from moec.artifact.bundle import read_manifest
-    from moec.hardware.calibration import plan_kernel_candidates
+    from moec.hardware.kernel_classes import plan_kernel_candidates
     from moec.hardware.profiler import measure_kernels
-    from moec.models.config import MoEConfig
-    from moec.search.plan import BitPlan
+    from moec.core.config import MoEConfig
+    from moec.core.plan import BitPlan
 
     for b in bundles:
         man = read_manifest(b, verify=False)

@@ -18,7 +18,7 @@ from moec.cli.profile_cmd import profile_cmd
 from moec.cli.run_cmd import run_cmd
 from moec.cli.search_cmd import search_cmd
 from moec.cli.targets_cmd import targets_cmd
-from moec.errors import MoecError
+from moec.core.errors import MoecError
 
 class MoecGroup(click.Group):
     """Group that prints user errors as one line and exits non-zero (no traceback)."""

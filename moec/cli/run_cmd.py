@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from moec.errors import MoecError
+from moec.core.errors import MoecError
 
 
 @click.command("run")
@@ -24,7 +24,7 @@ def run_cmd(bundle, prompt, max_new_tokens, tracker, key, timeout):
             raise MoecError("--key needs --rpc HOST:PORT (the tracker to ask)")
         sess = BundleSession(bundle)
     else:
-        from moec.runtime.remote import open_remote_bundle
+        from moec.runtime.session import open_remote_bundle
         sess = open_remote_bundle(bundle, tracker, key, timeout=timeout)
     try:
         stats = _generate(sess, bundle, prompt, max_new_tokens)

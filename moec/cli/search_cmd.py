@@ -6,9 +6,9 @@ import click
 
 from moec.cli.common import data_config
 from moec.cli.table import format_table
-from moec.errors import MoecError
+from moec.core.errors import MoecError
 from moec.search.cost import DEFAULT_WEIGHTING, WEIGHTINGS
-from moec.search.pipeline import ESTIMATORS, MEASURES, SearchConfig, search
+from moec.pipeline.search import ESTIMATORS, MEASURES, SearchConfig, search
 from moec.search.policies import POLICIES
 
 

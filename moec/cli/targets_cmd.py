@@ -6,7 +6,7 @@ import click
 import yaml
 
 from moec.cli.table import format_table
-from moec.hardware.targets import TargetPreset, builtin_names, load_target
+from moec.core.targets import TargetPreset, builtin_names, load_target
 
 
 def _device(t: TargetPreset) -> str:

@@ -11,14 +11,15 @@ from pathlib import Path
 
 import numpy as np
 
-from moec.errors import MoecError
+from moec.core.errors import MoecError
+from moec.core.plan import BitPlan
 from moec.export.graph_builder import GRAPHS, IR_VERSION, build_graphs
 from moec.export.onnx_graph import OPSET
 from moec.export.quantized_matmul import choose_form
-from moec.export.weights import ModelWeights
 from moec.export.writer import SUMMARY_FILE, WEIGHTS_FILE, attach_weights, write_export_dir, write_json, write_weights
 from moec.models.model import MoEModel
-from moec.search.plan import BitPlan
+from moec.quant.packed_model import fake_quantize_model
+from moec.quant.weights import ModelWeights
 
 log = logging.getLogger("moec.export")
 FORMAT = "moec-onnx"
@@ -83,12 +84,11 @@ def export_model(model: MoEModel, plan: BitPlan, out: str | os.PathLike, tokeniz
 def verify_export(model: MoEModel, plan: BitPlan, out_dir: Path, prompt_len: int = 16) -> float:
     import torch
 
-    from moec.export.ort_runner import OrtModel
-    from moec.quant.packed_model import apply_plan
+    from moec.export.ort_runner import OrtModel  # local: onnxruntime loads only when verifying
 
     ids = [(7 * i + 3) % model.cfg.vocab_size for i in range(prompt_len)]
     onnx_logits, _ = OrtModel(out_dir, graphs=("prefill",)).prefill(ids)
-    apply_plan(model, plan)
+    fake_quantize_model(model, plan)
     with torch.no_grad():
         ref = model(torch.tensor([ids])).numpy()
     return float(np.abs(onnx_logits - ref).max())

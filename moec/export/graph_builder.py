@@ -27,7 +27,7 @@ from moec.export.layers import attention, positions, rms_norm, swiglu
 from moec.export.moe_dispatch import moe_block
 from moec.export.onnx_graph import FLOAT, INT64, MS_DOMAIN, MS_OPSET, OPSET, GraphBuilder, WeightStore, tensor_info
 from moec.export.quantized_matmul import StoredWeight, embedding, linear, store_weight
-from moec.export.weights import ModelWeights
+from moec.quant.weights import ModelWeights
 
 IR_VERSION = 10  # first IR with NodeProto.metadata_props
 GRAPHS = ("prefill", "decode")

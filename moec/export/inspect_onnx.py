@@ -13,9 +13,10 @@ import onnx
 from google.protobuf.message import DecodeError
 from onnx import GraphProto, TensorProto
 
-from moec.errors import MoecError
-from moec.models.config import MoEConfig
-from moec.search.plan import TENSOR_GROUPS, BitPlan, non_expert_weights
+from moec.core.errors import MoecError
+from moec.core.config import MoEConfig
+from moec.core.inventory import TENSOR_GROUPS, non_expert_weights
+from moec.core.plan import BitPlan
 
 _COLUMNS = 16  # experts per table row block, so 64-expert models stay readable
 

@@ -14,7 +14,7 @@ import torch
 
 from moec.export.onnx_graph import GraphBuilder
 from moec.export.quantized_matmul import StoredWeight, linear
-from moec.models.config import MoEConfig
+from moec.core.config import MoEConfig
 
 
 @dataclass

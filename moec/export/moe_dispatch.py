@@ -30,8 +30,8 @@ from onnx import helper
 from moec.export.layers import swiglu
 from moec.export.onnx_graph import FLOAT, GraphBuilder, tensor_info
 from moec.export.quantized_matmul import StoredWeight, linear
-from moec.models.config import MoEConfig
-from moec.quant.packed_model import expert_key
+from moec.core.config import MoEConfig
+from moec.core.inventory import expert_key
 
 
 def moe_block(gb: GraphBuilder, cfg: MoEConfig, layer: int, x: str, w: dict[str, StoredWeight]) -> str:

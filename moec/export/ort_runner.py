@@ -8,7 +8,7 @@ from pathlib import Path
 
 import numpy as np
 
-from moec.errors import MoecError
+from moec.core.errors import MoecError
 
 
 class OrtModel:

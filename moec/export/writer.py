@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 from onnx import ModelProto, TensorProto, helper
 
-from moec.errors import MoecError
+from moec.core.errors import MoecError
 from moec.export.onnx_graph import WeightStore
 
 WEIGHTS_FILE = "weights.bin"

@@ -17,7 +17,15 @@ from pathlib import Path
 
 import numpy as np
 
-from moec.errors import MoecError
+from moec.artifact.bundle import read_manifest
+from moec.core.config import MoEConfig
+from moec.core.errors import MoecError
+from moec.core.plan import BitPlan
+from moec.core.targets import load_target
+from moec.hardware.energy_model import decode_energy_j
+from moec.lower.kernels import compile_kernel, make_gemv
+from moec.lower.kernels.layout import num_tiles, zero_words
+from moec.lower.schedules import kernel_tile
 
 
 @dataclass(frozen=True)
@@ -57,8 +65,6 @@ class BundleCandidate:
     kind = "bundle"
 
     def __init__(self, path: str | os.PathLike, tokens: list[int] | None = None, label: str | None = None) -> None:
-        from moec.artifact.bundle import read_manifest
-
         self.path = Path(path)
         self.manifest = read_manifest(self.path, verify=True)
         self.cfg = self.manifest["model"]["config"]
@@ -112,10 +118,6 @@ class BundleCandidate:
         return Timing(times.mean(axis=0).tolist(), energy.reading, float(times.min(axis=1).mean()))
 
     def modelled_energy_j(self, preset, frequencies: np.ndarray | None = None) -> float:
-        from moec.hardware.energy_model import decode_energy_j
-        from moec.models.config import MoEConfig
-        from moec.search.plan import BitPlan
-
         cfg = MoEConfig(**self.cfg)
         return decode_energy_j(cfg, BitPlan.from_json(self.manifest["plan"]), preset.energy_model, frequencies)
 
@@ -147,9 +149,6 @@ class KernelCandidate:
         self.label = self.label or f"b{self.bits} {self.n}x{self.k} m{self.routed}"
 
     def _func(self):
-        from moec.hardware.targets import load_target
-        from moec.lower.kernels import make_gemv
-
         preset = load_target(self.target)
         tvm_target = preset.tvm()
         return preset, tvm_target, make_gemv(self.bits, self.n, self.k, self.group_size, self.stacked, self.top_k,
@@ -168,8 +167,6 @@ class KernelCandidate:
         with self._lock:
             if self._lib is not None and self._lib.is_file():
                 return
-            from moec.lower.kernels import compile_kernel
-
             preset, tvm_target, func = self._func()
             mod = compile_kernel(func, tvm_target)
             fd, name = tempfile.mkstemp(suffix=".so", dir=workdir, prefix="gemv-")
@@ -183,10 +180,6 @@ class KernelCandidate:
 
     def arrays(self) -> list[np.ndarray]:
         """Random inputs in the kernel layout (timing does not depend on the values)."""
-        from moec.hardware.targets import load_target
-        from moec.lower.kernels.layout import num_tiles, zero_words
-        from moec.lower.schedules import kernel_tile
-
         tile = kernel_tile(load_target(self.target).tvm())
         rng = np.random.default_rng(0)
         nb, e, k = num_tiles(self.n, tile), self.stacked, self.k

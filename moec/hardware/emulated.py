@@ -29,14 +29,11 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
 
-from moec.errors import MoecError
-from moec.io import atomic_write_json, atomic_write_text
-
-if TYPE_CHECKING:
-    from moec.hardware.loopback import ManagedProcess
-    from moec.runtime.remote import TrackerAddress
+from moec.core.errors import MoecError
+from moec.core.io import atomic_write_json, atomic_write_text
+from moec.hardware.loopback import ManagedProcess, start_rpc_server, start_tracker
+from moec.runtime.remote import TrackerAddress, tracker_summary
 
 log = logging.getLogger("moec")
 
@@ -330,9 +327,6 @@ def start_device(tracker: str | None = None, key: str = "arm64-emu", root: str |
     ``tracker`` is ``HOST:PORT`` of a running tracker; None starts a stock tracker on a free
     loopback port (stopped with the device). Returns once the tracker lists the server.
     """
-    from moec.hardware.loopback import start_rpc_server, start_tracker
-    from moec.runtime.remote import TrackerAddress, tracker_summary
-
     if tracker is not None:
         addr = TrackerAddress.parse(tracker)
         tracker_summary(addr)  # unreachable → one-line error before the slow set-up and server start

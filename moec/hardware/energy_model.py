@@ -11,10 +11,11 @@ from __future__ import annotations
 
 import numpy as np
 
-from moec.errors import MoecError
-from moec.models.config import MoEConfig
+from moec.core.errors import MoecError
+from moec.core.config import MoEConfig
 from moec.quant.pack import packed_nbytes
-from moec.search.plan import BitPlan, expert_shapes, non_expert_weights
+from moec.core.inventory import expert_shapes, non_expert_weights
+from moec.core.plan import BitPlan
 
 
 def frequency_rows(cfg: MoEConfig, frequencies: np.ndarray | None) -> dict[int, np.ndarray]:

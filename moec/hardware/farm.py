@@ -18,8 +18,8 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from moec.errors import MoecError
-from moec.io import atomic_write_json, read_json
+from moec.core.errors import MoecError
+from moec.core.io import atomic_write_json, read_json
 from moec.hardware.loopback import kill_group, spawn_group
 from moec.hardware.tracker_client import wait_for_devices
 from moec.runtime.remote import free_port

@@ -16,7 +16,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from moec.errors import MoecError
+from moec.core.errors import MoecError
 from moec.runtime.remote import TrackerAddress, free_port, registered_keys, tracker_summary
 
 __all__ = ["ManagedProcess", "free_port", "kill_group", "spawn_group", "start_rpc_server", "start_tracker",

@@ -26,10 +26,12 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from moec.errors import MoecError
+from moec.core.errors import MoecError
+from moec.core.targets import TargetPreset, load_target
 from moec.hardware.candidates import BundleCandidate, KernelCandidate, Protocol, Timing
 from moec.hardware.store import Measurement, MeasurementStore
 from moec.hardware.tracker_client import connect, request_device, tracker_status
+from moec.quant.pack import packed_nbytes
 
 log = logging.getLogger("moec.farm")
 
@@ -44,7 +46,6 @@ def spread(samples: Sequence[float]) -> tuple[float, float]:
 
 
 def _preset_of(c: Candidate):
-    from moec.hardware.targets import TargetPreset, load_target
     if isinstance(c, BundleCandidate):
         return TargetPreset.model_validate(c.manifest["target"])
     return load_target(c.target)
@@ -53,7 +54,6 @@ def _preset_of(c: Candidate):
 def _modelled_energy(c: Candidate, preset) -> float:
     if isinstance(c, BundleCandidate):
         return c.modelled_energy_j(preset)
-    from moec.quant.pack import packed_nbytes
     nbytes = c.routed * packed_nbytes(c.n, c.k, c.bits, c.group_size)["total"]
     ops = 2.0 * c.top_k * c.n * c.k
     return (nbytes * preset.energy_model.pj_per_byte + ops * preset.energy_model.pj_per_op) * 1e-12

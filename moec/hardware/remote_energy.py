@@ -17,12 +17,12 @@ import subprocess
 import sys
 from dataclasses import asdict
 
+from moec.hardware.energy import Sampler, meters_for
+
 _RUNNING: dict[str, subprocess.Popen] = {}
 
 
 def _start(spec_json: str) -> str:
-    from moec.hardware.energy import meters_for
-
     spec = json.loads(spec_json)
     if not meters_for(spec.get("sensors", []), spec.get("root", "/")):
         return ""
@@ -54,8 +54,6 @@ def register() -> None:
 
 
 def _sampler_main(spec_json: str) -> None:
-    from moec.hardware.energy import Sampler, meters_for
-
     spec = json.loads(spec_json)
     sampler = Sampler(meters_for(spec.get("sensors", []), spec.get("root", "/")),
                       float(spec.get("period_s", 0.02))).start()

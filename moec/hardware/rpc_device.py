@@ -18,7 +18,7 @@ import logging
 
 
 def _init_callback() -> None:
-    from moec.hardware.remote_energy import register
+    from moec.hardware.remote_energy import register  # local: runs in the RPC server process (server_init_callback)
     register()
 
 

@@ -26,11 +26,16 @@ from pathlib import Path
 
 import numpy as np
 
-from moec.errors import MoecError
-from moec.hardware.energy_model import frequency_rows
-from moec.io import atomic_write_json, read_json
-from moec.models.config import MoEConfig
-from moec.search.plan import BitPlan, expert_shapes, non_expert_weights
+from moec.core.errors import MoecError
+from moec.core.config import MoEConfig
+from moec.core.io import atomic_write_json, read_json
+from moec.core.plan import BitPlan, uniform_plan
+from moec.core.targets import load_target
+from moec.hardware.candidates import BundleCandidate, Protocol
+from moec.hardware.energy_model import decode_energy_j, frequency_rows
+from moec.hardware.kernel_classes import dense_weights, expert_kernels, kernel_candidates
+from moec.hardware.profiler import Profiler, measure_rounds
+from moec.hardware.simulator_fit import build_bundles, routing_frequencies
 
 log = logging.getLogger("moec.farm")
 SIM_VERSION = 2  # 2: expert tables cover m = 0..top_k (row-guarded kernels)
@@ -45,17 +50,6 @@ def routed_count_dist(p: np.ndarray, top_k: int) -> np.ndarray:
     out[:min(len(dist), top_k + 1)] = dist[:top_k + 1]
     out[top_k] += dist[top_k + 1:].sum()
     return out
-
-
-def _expert_kernels(cfg: MoEConfig) -> list[tuple[int, int, bool]]:
-    """(N, K, per_expert input) of the w1, w3 and w2 calls of an expert class."""
-    s = expert_shapes(cfg)
-    return [(*s["w1"], False), (*s["w3"], False), (*s["w2"], True)]
-
-
-def _dense_weights(cfg: MoEConfig) -> list[tuple[str, tuple[int, int]]]:
-    """Non-expert weights read by GEMVs (the embedding is a row lookup; tied heads stay packed)."""
-    return [(n, s) for n, s in non_expert_weights(cfg) if n != "embed.weight"]
 
 
 @dataclass
@@ -78,7 +72,7 @@ class LatencySimulator:
     # -- prediction ----------------------------------------------------------------
     def _dense_part(self, cfg: MoEConfig, plan: BitPlan) -> float:
         total = 0.0
-        for name, (n, k) in _dense_weights(cfg):
+        for name, (n, k) in dense_weights(cfg):
             key = f"{plan.tensor_bits(name)},{n},{k}"
             if key in self.dense_s:
                 total += self.dense_s[key]
@@ -95,7 +89,7 @@ class LatencySimulator:
             for c in sorted(set(bits.tolist())):
                 dist = routed_count_dist(f[bits == c], self.top_k)
                 classes += 1
-                for n, k, pe in _expert_kernels(cfg):
+                for n, k, pe in expert_kernels(cfg):
                     key = f"{c},{n},{k},{int(pe)}"
                     if key not in self.expert_s:
                         raise MoecError(f"the simulator has no kernel time for {c}-bit experts ({n}x{k}); "
@@ -125,8 +119,6 @@ class LatencySimulator:
         """
         if self.watts is not None:
             return self.watts * self.predict(cfg, plan, frequencies), "measured"
-        from moec.hardware.energy_model import decode_energy_j
-        from moec.hardware.targets import load_target
         return decode_energy_j(cfg, plan, load_target(self.target).energy_model, frequencies), "modelled"
 
     def _check(self, cfg: MoEConfig, plan: BitPlan) -> None:
@@ -192,11 +184,6 @@ class LatencySimulator:
         if statistic not in ("best", "median"):
             raise MoecError(f"unknown statistic '{statistic}'; choices: best, median")
         stat = f"{statistic}_s"
-        from moec.hardware.calibration import build_bundles, kernel_candidates, routing_frequencies
-        from moec.hardware.candidates import BundleCandidate, Protocol
-        from moec.hardware.profiler import Profiler, measure_rounds
-        from moec.hardware.targets import load_target
-
         preset = load_target(target)
         bits = tuple(bits or [b for b in preset.allowed_bits if b in (2, 3, 4, 8, 16)])
         sim = cls(target, key, cfg.fingerprint(), group_size, cfg.top_k)
@@ -238,8 +225,6 @@ class LatencySimulator:
 
 def calibration_plans(cfg: MoEConfig, bits: tuple[int, ...], group_size: int, method: str) -> list[BitPlan]:
     """Plans spanning 1 to len(bits) classes per layer (uniform, and experts cycling through bits)."""
-    from moec.search.plan import uniform_plan
-
     plans = [uniform_plan(cfg, 4 if 4 in bits else bits[0], group_size, method)]
     for width in sorted({2, min(4, len(bits)), len(bits)} - {1}):
         if width > len(bits):

@@ -14,7 +14,7 @@ import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from moec.errors import MoecError
+from moec.core.errors import MoecError
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS measurements (

@@ -13,7 +13,7 @@ import logging
 import time
 from dataclasses import dataclass
 
-from moec.errors import MoecError
+from moec.core.errors import MoecError
 from moec.runtime.remote import TrackerAddress, request_device_at, tracker_summary
 
 log = logging.getLogger("moec.farm")

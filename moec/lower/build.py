@@ -9,14 +9,16 @@ from pathlib import Path
 
 import tvm
 from tvm import relax
+from tvm.support import cc
 
-from moec.errors import MoecError
+from moec.core.errors import MoecError
+from moec.lower.backends.base import Backend
 from moec.lower.decode_graph import DecodeBuilder
 from moec.lower.prefill_graph import PrefillBuilder
 from moec.lower.linear import LinearEmitter
 from moec.lower.params import ModelParams
 from moec.lower.pipeline import make_pipeline
-from moec.models.config import MoEConfig
+from moec.core.config import MoEConfig
 
 
 @dataclass
@@ -31,10 +33,10 @@ class BuildResult:
     cuda: dict | None = None
 
 
-def build_module(cfg: MoEConfig, params: ModelParams, target: tvm.target.Target, family: str,
+def build_module(cfg: MoEConfig, params: ModelParams, target: tvm.target.Target, backend: Backend,
                  lib_path: str | os.PathLike, cross_compiler: str | None = None,
                  debug_dump: str | os.PathLike | None = None, emitter: LinearEmitter | None = None) -> BuildResult:
-    """Relax decode graph → per-family phases → ``lib_path`` (cross-compiled if asked).
+    """Relax decode graph → the backend's phases → ``lib_path`` (cross-compiled if asked) + post-build files.
 
     ``emitter`` decides how linear layers are computed (default: the reference emitter); a
     kernel emitter needs ``params`` already in its layout (``apply_kernel_layout``).
@@ -48,15 +50,10 @@ def build_module(cfg: MoEConfig, params: ModelParams, target: tvm.target.Target,
         prefill.build(bb)
     mod = bb.get()
     with target:
-        ex = tvm.compile(mod, target=target, relax_pipeline=make_pipeline(family, debug_dump))
-    extra, cuda = {}, None
-    if target.kind.name == "cuda":
-        from moec.lower.cuda_build import compile_cuda
-        kernels = compile_cuda(ex.mod, target)
-        extra, cuda = kernels.write(Path(lib_path).parent), kernels.manifest()
+        ex = tvm.compile(mod, target=target, relax_pipeline=make_pipeline(backend.phases, debug_dump))
+    extra, cuda = backend.post_build(ex, target, Path(lib_path).parent)
     try:
         if cross_compiler:
-            from tvm.support import cc
             ex.export_library(str(lib_path), fcompile=cc.cross_compiler(cross_compiler))
         else:
             ex.export_library(str(lib_path))

@@ -11,50 +11,33 @@ from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
+import tvm
 
 import moec
 from moec.artifact.bundle import write_bundle
-from moec.hardware.targets import TargetPreset
-from moec.errors import MoecError
+from moec.core.targets import TargetPreset, load_target
+from moec.core.errors import MoecError
 from moec.lower.build import build_module
+from moec.lower.backends import backend_for
+from moec.lower.gpu_linear import GpuLinearEmitter
 from moec.lower.kernel_linear import KernelEmitter, apply_kernel_layout
-from moec.lower.params import ModelParams
-from moec.lower.schedules import family_module
-from moec.models.config import MoEConfig
-from moec.search.plan import BitPlan
+from moec.lower.linear import LinearEmitter
+from moec.lower.params import ModelParams, build_params
+from moec.core.config import MoEConfig
+from moec.core.plan import BitPlan
+from moec.models.checkpoint import load_checkpoint
+from moec.models.model import MoEModel
+from moec.models.tokenizer import eos_id, load_tokenizer
+from moec.quant.weights import ModelWeights
 
 StageCallback = Callable[[str, float], None]
 
 
-def kernel_emitter(target, family: str, use_kernels: bool, activations: str = "float32"):
-    """The kernel emitter of ``family``: scheduled CPU kernels where the CPU has schedules, fused
-    dequantize-GEMVs for the GPU rules on ``cuda``; None for the reference emitter.
-
-    int8 activations need moec's CPU kernels: asking for them where there are none is an error.
-    """
-    if activations != "float32" and (not use_kernels or family != "cpu"):
-        raise MoecError(f"activations={activations} needs moec's CPU kernels (target family {family!r})")
-    if not use_kernels:
-        return None
-    if family == "cuda":
-        from moec.lower.gpu_linear import GpuLinearEmitter
-        return GpuLinearEmitter()
-    if family != "cpu":
-        return None
-    try:
-        family_module(target)
-    except MoecError:
-        if activations != "float32":
-            raise
-        return None
-    return KernelEmitter(target, activations)
-
-
-def _kernels_kind(emitter) -> str:
+def _kernels_kind(emitter: LinearEmitter) -> str:
     """Manifest ``kernels``: scheduled CPU kernels, fused GPU dequantize-GEMVs, or the reference."""
     if isinstance(emitter, KernelEmitter):
         return "scheduled"
-    return "reference" if emitter is None else "gpu-fused"
+    return "gpu-fused" if isinstance(emitter, GpuLinearEmitter) else "reference"
 
 
 def build_bundle_from_params(cfg: MoEConfig, plan: BitPlan, params: ModelParams, preset: TargetPreset,
@@ -63,17 +46,26 @@ def build_bundle_from_params(cfg: MoEConfig, plan: BitPlan, params: ModelParams,
                              on_stage: StageCallback | None = None,
                              extra_files: dict[str, str | os.PathLike] | None = None,
                              use_kernels: bool = True, activations: str = "float32") -> Path:
-    """Compile already packed ``params`` for ``preset`` and write the bundle directory ``out``."""
-    import tvm
+    """Compile already packed ``params`` for ``preset`` and write the bundle directory ``out``.
+
+    ``use_kernels=False`` builds on the reference emitter (plain TE, for tests and comparisons);
+    otherwise the preset's backend (``moec.lower.backends``) gives the kernels.
+    """
 
     def stage(name: str, t0: float) -> None:
         if on_stage is not None:
             on_stage(name, time.time() - t0)
 
-    preset.require_toolchain()
+    backend = backend_for(preset, reference_kernels=not use_kernels)
+    backend.require_toolchain(preset)
     target = preset.tvm()
     plan_bytes = params.nbytes  # moec's packed layout, before any kernel re-layout
-    emitter = kernel_emitter(target, preset.family, use_kernels, activations)
+    if use_kernels:
+        emitter = backend.emitter(target, activations)
+    elif activations != "float32":
+        raise MoecError(f"activations={activations} needs moec's CPU kernels, not the reference emitter")
+    else:
+        emitter = LinearEmitter()
     if isinstance(emitter, KernelEmitter):
         t0 = time.time()
         n = apply_kernel_layout(params, emitter)
@@ -81,7 +73,7 @@ def build_bundle_from_params(cfg: MoEConfig, plan: BitPlan, params: ModelParams,
     with tempfile.TemporaryDirectory(prefix="moec-build-") as tmp:
         t0 = time.time()
         lib = Path(tmp) / "lib.so"
-        res = build_module(cfg, params, target, preset.family, lib, preset.cross_compiler, debug_dump, emitter)
+        res = build_module(cfg, params, target, backend, lib, preset.cross_compiler, debug_dump, emitter)
         stage("build", t0)
         t0 = time.time()
         weights = Path(tmp) / "weights.npz"
@@ -89,7 +81,6 @@ def build_bundle_from_params(cfg: MoEConfig, plan: BitPlan, params: ModelParams,
         np.savez(weights, **dict(flat))
         eos = None
         if tokenizer_path is not None:
-            from moec.models.tokenizer import eos_id, load_tokenizer
             eos = eos_id(load_tokenizer(Path(tokenizer_path).parent))
         manifest = {
             "model": {"architecture": cfg.architecture, "fingerprint": cfg.fingerprint(),
@@ -107,6 +98,7 @@ def build_bundle_from_params(cfg: MoEConfig, plan: BitPlan, params: ModelParams,
             "weight_bytes": plan_bytes,
             "stored_weight_bytes": params.nbytes,
             "kernels": _kernels_kind(emitter),
+            "backend": backend.manifest(),
             "activations": activations,
             **({"cuda": res.cuda} if res.cuda else {}),
             **(extra_manifest or {}),
@@ -117,3 +109,34 @@ def build_bundle_from_params(cfg: MoEConfig, plan: BitPlan, params: ModelParams,
         path = write_bundle(out, files, manifest)
         stage("bundle", t0)
     return path
+
+
+def build_bundle(model: MoEModel, plan: BitPlan, preset: TargetPreset, out: str | os.PathLike,
+                 tokenizer_path: str | os.PathLike | None, weights: ModelWeights | None = None,
+                 **kwargs) -> Path:
+    """Quantize and pack ``model`` under ``plan`` in memory (or take its packed ``weights``) and write
+    the bundle for ``preset``: the same parameters an ONNX export of ``weights`` imports back to.
+
+    ``kwargs`` are those of :func:`build_bundle_from_params`.
+    """
+    weights = weights or ModelWeights.from_model(model, plan)
+    params = build_params(weights.cfg, plan, weights.packed, weights.floats)
+    return build_bundle_from_params(weights.cfg, plan, params, preset, out, tokenizer_path, **kwargs)
+
+
+class PlanBundler:
+    """Bundles of one checkpoint under many plans for one target; the checkpoint is loaded once, lazily."""
+
+    def __init__(self, checkpoint: str | os.PathLike, target: str | os.PathLike | TargetPreset = "host") -> None:
+        self.checkpoint = Path(checkpoint)
+        self.preset = target if isinstance(target, TargetPreset) else load_target(target)
+        self._model: MoEModel | None = None
+
+    def __call__(self, plan: BitPlan, out: str | os.PathLike) -> Path:
+        """Write the bundle of ``plan`` (validated against the model and the target's bits) to ``out``."""
+        if self._model is None:
+            self._model = load_checkpoint(self.checkpoint)
+        plan = plan.copy().validate(self._model.cfg, tuple(self.preset.allowed_bits))
+        tok = self.checkpoint / "tokenizer.json"
+        return build_bundle(self._model, plan, self.preset, out, tok if tok.is_file() else None,
+                            extra_manifest={"source": str(self.checkpoint)})

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import tvm
 
-from moec.errors import MoecError
+from moec.core.errors import MoecError
 
 
 @dataclass

@@ -17,7 +17,7 @@ from tvm import relax, tirx
 from moec.lower import te_ops
 from moec.lower.linear import LinearEmitter
 from moec.lower.params import ModelParams
-from moec.models.config import MoEConfig
+from moec.core.config import MoEConfig
 
 
 class DecodeBuilder:

@@ -20,7 +20,7 @@ import numpy as np
 import tvm
 from tvm import relax, te, tirx
 
-from moec.errors import MoecError
+from moec.core.errors import MoecError
 from moec.lower.kernels.activations import INT8_ACTIVATION_BITS
 from moec.lower.kernels.build import make_gemv, make_grouped_gemm
 from moec.lower.kernels.row_guard import has_row_guard

@@ -18,11 +18,12 @@ from pathlib import Path
 
 import numpy as np
 
-from moec.errors import MoecError
-from moec.models.config import MoEConfig
+from moec.core.errors import MoecError
+from moec.core.config import MoEConfig
 from moec.quant.pack import packed_row_bytes
-from moec.quant.packed_model import PackedWeight, expert_key
-from moec.search.plan import BitPlan, expert_shapes, non_expert_weights
+from moec.core.inventory import expert_key, expert_shapes, non_expert_weights
+from moec.quant.packed_model import PackedWeight
+from moec.core.plan import BitPlan
 
 
 def _resolve(path: str | os.PathLike) -> Path:

@@ -13,9 +13,10 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from moec.models.config import MoEConfig
-from moec.quant.packed_model import FLOAT_BITS, PackedWeight, expert_key
-from moec.search.plan import BitPlan
+from moec.core.config import MoEConfig
+from moec.core.inventory import expert_key
+from moec.quant.packed_model import FLOAT_BITS, PackedWeight
+from moec.core.plan import BitPlan
 
 
 @dataclass

@@ -1,20 +1,20 @@
-"""Per-target-family Relax phase lists, run with an optional IR dump after each phase.
+"""Relax phase lists (CPU, CUDA), run with an optional IR dump after each phase.
 
-A family (``cpu`` for x86 and generic LLVM CPUs; ARM and CUDA families add their own
-entries) is an ordered list of named phases. ``build`` runs them through
-``tvm.compile(relax_pipeline=...)``; ``--debug-dump DIR`` writes ``NN-<phase>.py`` after each.
+A backend (``moec.lower.backends``) holds one ordered list of named phases. ``build`` runs it
+through ``tvm.compile(relax_pipeline=...)``; ``--debug-dump DIR`` writes ``NN-<phase>.py`` after each.
 """
 
 from __future__ import annotations
 
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import tvm
 from tvm import relax
 
-from moec.errors import MoecError
+from moec.lower.schedules.gpu_rules import check_gpu_bound, gpu_rules, reset_cpu_schedules
+
 
 Phase = tuple[str, Callable[[tvm.target.Target], list]]
 
@@ -37,7 +37,6 @@ def _gpu_schedule(target) -> list:
     """dlight GPU rules: (dequantize-fused) GEMV/GEMM, reductions, and a thread-binding fallback."""
     from tvm.s_tir import dlight as dl
 
-    from moec.lower.schedules.gpu_rules import check_gpu_bound, gpu_rules, reset_cpu_schedules
     return [reset_cpu_schedules, dl.ApplyDefaultSchedule(*gpu_rules()), check_gpu_bound]
 
 
@@ -53,29 +52,21 @@ def _finalize(target) -> list:
             relax.transform.AttachGlobalSymbol()]
 
 
-FAMILIES: dict[str, list[Phase]] = {
-    "cpu": [("dispatch", _dispatch), ("legalize", _legalize), ("schedule", _cpu_schedule), ("dataflow_lower", _dataflow_lower),
-            ("finalize", _finalize)],
-    "cuda": [("dispatch", _dispatch), ("legalize", _legalize), ("schedule", _gpu_schedule),
-             ("dataflow_lower", _dataflow_lower), ("finalize", _finalize)],
-}
+CPU_PHASES: tuple[Phase, ...] = (
+    ("dispatch", _dispatch), ("legalize", _legalize), ("schedule", _cpu_schedule),
+    ("dataflow_lower", _dataflow_lower), ("finalize", _finalize))
+CUDA_PHASES: tuple[Phase, ...] = (
+    ("dispatch", _dispatch), ("legalize", _legalize), ("schedule", _gpu_schedule),
+    ("dataflow_lower", _dataflow_lower), ("finalize", _finalize))
 
 
-def get_phases(family: str) -> list[Phase]:
-    try:
-        return FAMILIES[family]
-    except KeyError:
-        raise MoecError(f"unknown target family '{family}'; choices: {', '.join(FAMILIES)}") from None
-
-
-def make_pipeline(family: str, debug_dump: str | os.PathLike | None = None):
-    """A module pass that runs the family's phases in order, dumping IR after each if asked."""
-    phases = get_phases(family)
+def make_pipeline(phases: Sequence[Phase], debug_dump: str | os.PathLike | None = None):
+    """A module pass that runs ``phases`` (a backend's list) in order, dumping IR after each if asked."""
     dump = Path(debug_dump) if debug_dump else None
     if dump is not None:
         dump.mkdir(parents=True, exist_ok=True)
 
-    @tvm.transform.module_pass(opt_level=0, name=f"moec_{family}_pipeline")
+    @tvm.transform.module_pass(opt_level=0, name="moec_pipeline")
     def _pipeline(mod: tvm.ir.IRModule, _ctx) -> tvm.ir.IRModule:
         target = tvm.target.Target.current()
         if dump is not None:

@@ -6,8 +6,8 @@ from dataclasses import dataclass
 
 import torch
 
-from moec.errors import MoecError
-from moec.models.config import MoEConfig
+from moec.core.errors import MoecError
+from moec.core.config import MoEConfig
 
 
 def require(hf: dict, *keys: str) -> None:

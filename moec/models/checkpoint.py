@@ -10,8 +10,8 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from moec.errors import MoecError
-from moec.models.config import MoEConfig
+from moec.core.errors import MoecError
+from moec.core.config import MoEConfig
 from moec.models.model import MoEModel
 from moec.models.registry import get_adapter
 

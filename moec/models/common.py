@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from moec.errors import MoecError
+from moec.core.errors import MoecError
 from moec.models.adapter import require
 
 

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from moec.errors import MoecError
+from moec.core.errors import MoecError
 from moec.models.adapter import FamilyAdapter, require
 from moec.models.common import base_fields, base_hf_config
-from moec.models.config import MoEConfig
+from moec.core.config import MoEConfig
 
 
 @dataclass(frozen=True)

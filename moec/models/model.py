@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from moec.models.config import MoEConfig
+from moec.core.config import MoEConfig
 
 
 class RoutingObserver(Protocol):

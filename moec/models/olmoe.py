@@ -4,10 +4,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from moec.errors import MoecError
+from moec.core.errors import MoecError
 from moec.models.adapter import FamilyAdapter, pick, require
 from moec.models.common import base_fields
-from moec.models.config import MoEConfig
+from moec.core.config import MoEConfig
 
 
 @dataclass(frozen=True)

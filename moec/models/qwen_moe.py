@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 from moec.models.adapter import FamilyAdapter, dense_layers_from_hf, pick, require
 from moec.models.common import base_fields
-from moec.models.config import MoEConfig
+from moec.core.config import MoEConfig
 
 EXPERTS = "num_experts|num_local_experts"
 

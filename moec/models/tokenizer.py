@@ -7,7 +7,7 @@ from pathlib import Path
 
 from tokenizers import Tokenizer
 
-from moec.errors import MoecError
+from moec.core.errors import MoecError
 
 
 def load_tokenizer(path: str | os.PathLike) -> Tokenizer:

@@ -8,7 +8,7 @@ from pathlib import Path
 import torch
 from tokenizers import Tokenizer
 
-from moec.errors import MoecError
+from moec.core.errors import MoecError
 
 
 def read_text(path: str | os.PathLike) -> str:

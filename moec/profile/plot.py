@@ -6,6 +6,7 @@ import os
 
 import numpy as np
 
+from moec.core.io import ensure_writable_dir
 from moec.profile.stats import ExpertStats
 
 
@@ -14,8 +15,6 @@ def frequency_heatmap(stats: ExpertStats, path: str | os.PathLike) -> None:
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-
-    from moec.io import ensure_writable_dir
 
     ensure_writable_dir(path)
     layers = sorted(stats.layers)

@@ -8,8 +8,8 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from moec.errors import MoecError
-from moec.io import atomic_write_json, read_json
+from moec.core.errors import MoecError
+from moec.core.io import atomic_write_json, read_json
 
 STATS_VERSION = 1
 

@@ -6,7 +6,8 @@ from dataclasses import dataclass, field
 
 from moec.models.model import MoEModel
 from moec.quant.pack import packed_nbytes
-from moec.search.plan import BitPlan, expert_shapes, non_expert_weights
+from moec.core.inventory import expert_shapes, non_expert_weights
+from moec.core.plan import BitPlan
 
 
 @dataclass

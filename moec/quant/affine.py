@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from moec.errors import MoecError
+from moec.core.errors import MoecError
 
 _FP16_MAX = float(np.finfo(np.float16).max)
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from moec.errors import MoecError
+from moec.core.errors import MoecError
 from moec.quant.quantize import dequantize, quantize
 
 #: Bit width meaning "keep the weight in floating point".

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from moec.errors import MoecError
+from moec.core.errors import MoecError
 from moec.quant.affine import max_level
 from moec.quant.methods import mse_params, rtn_params
 from moec.quant.quantize import QuantizedTensor, _as_weight, check_bits, check_group_size

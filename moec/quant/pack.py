@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from moec.errors import MoecError
+from moec.core.errors import MoecError
 from moec.quant.quantize import check_bits, check_group_size
 
 _LANE = 8  # values per chunk: 8 values of b <= 8 bits fill exactly b bytes (<= one uint64)

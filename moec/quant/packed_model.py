@@ -11,7 +11,8 @@ from moec.models.model import MoEModel
 from moec.quant.gptq import gptq_quantize
 from moec.quant.pack import pack, pack_zeros, unpack
 from moec.quant.quantize import QuantizedTensor, dequantize, quantize
-from moec.search.plan import BitPlan, non_expert_weights
+from moec.core.inventory import expert_key, non_expert_weights, parse_expert_key
+from moec.core.plan import BitPlan
 
 FLOAT_BITS = 16
 
@@ -66,10 +67,6 @@ def pack_weight(w: torch.Tensor | np.ndarray, bits: int, group_size: int, method
     return PackedWeight(arr.shape, bits, group_size, pack(qt.q, bits), qt.scale, pack_zeros(qt.zero, bits))
 
 
-def expert_key(layer: int, expert: int, proj: str) -> str:
-    return f"layers.{layer}.mlp.experts.{expert}.{proj}"
-
-
 def pack_model(model: MoEModel, plan: BitPlan, progress=None,
                importance: dict[str, np.ndarray] | None = None,
                hessians: dict[str, np.ndarray] | None = None,
@@ -80,7 +77,7 @@ def pack_model(model: MoEModel, plan: BitPlan, progress=None,
     state-dict name. 1-D tensors (norms, biases) are not included: they stay float32.
 
     With ``plan.method == "gptq"``, a weight with an entry in ``hessians`` (see
-    :func:`~moec.quant.importance.expert_hessians`) is quantized by GPTQ with
+    :func:`~moec.profile.importance.expert_hessians`) is quantized by GPTQ with
     ``gptq_options``; every other weight (no calibration data for it: non-expert weights,
     experts calibration never reached, or ``hessians=None``) falls back to round-to-nearest.
     ``importance`` is used by the other non-RTN methods only.
@@ -93,7 +90,7 @@ def pack_model(model: MoEModel, plan: BitPlan, progress=None,
             items += [(expert_key(layer, e, p), bits) for p in ("w1", "w3", "w2")]
     for name, bits in items:
         if ".experts." in name:
-            layer, e, proj = _parse_expert_key(name)
+            layer, e, proj = parse_expert_key(name)
             w = state[f"layers.{layer}.mlp.{proj}"][e]
         else:
             w = state[name]
@@ -105,13 +102,8 @@ def pack_model(model: MoEModel, plan: BitPlan, progress=None,
     return out
 
 
-def _parse_expert_key(name: str) -> tuple[int, int, str]:
-    parts = name.split(".")
-    return int(parts[1]), int(parts[4]), parts[5]
-
-
 @torch.no_grad()
-def apply_plan(model: MoEModel, plan: BitPlan, importance: dict[str, np.ndarray] | None = None,
+def fake_quantize_model(model: MoEModel, plan: BitPlan, importance: dict[str, np.ndarray] | None = None,
                hessians: dict[str, np.ndarray] | None = None,
                gptq_options: dict | None = None) -> MoEModel:
     """Fake-quantize ``model`` in place to ``plan`` (weights become their dequantized values).
@@ -125,7 +117,7 @@ def apply_plan(model: MoEModel, plan: BitPlan, importance: dict[str, np.ndarray]
     for name, pw in packed.items():
         deq = torch.from_numpy(pw.dequantize())
         if ".experts." in name:
-            layer, e, proj = _parse_expert_key(name)
+            layer, e, proj = parse_expert_key(name)
             params[f"layers.{layer}.mlp.{proj}"][e].copy_(deq)
         else:
             params[name].copy_(deq)

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from moec.errors import MoecError
+from moec.core.errors import MoecError
 from moec.quant.affine import affine_dequantize, affine_quantize, group_view, max_level
 from moec.quant.hqq import hqq_params
 from moec.quant.methods import mse_params, rtn_params
@@ -96,7 +96,7 @@ def _check_method(method: str) -> QuantMethod:
         # GPTQ needs a Hessian per weight; it is not a QuantMethod (no silent RTN fallback here).
         raise MoecError("method 'gptq' needs calibration Hessians: call moec.quant.gptq.gptq_quantize("
                         "w, bits, group_size, hessian), or pack a plan with method 'gptq' and "
-                        "hessians=moec.quant.importance.expert_hessians(...); quantize() method "
+                        "hessians=moec.profile.importance.expert_hessians(...); quantize() method "
                         f"choices: {', '.join(sorted(QUANT_METHODS))}")
     try:
         return QUANT_METHODS[method]

@@ -8,7 +8,6 @@ connection to the granted server goes through ``tvm.rpc.connect``.
 
 from __future__ import annotations
 
-import gc
 import logging
 import socket
 import struct
@@ -16,7 +15,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from moec.errors import MoecError
+from moec.core.errors import MoecError
 
 log = logging.getLogger("moec")
 
@@ -188,27 +187,3 @@ def elf_machine(path: str | Path) -> str | None:
         return None
     order = "<" if head[5] == 1 else ">"
     return _ELF_MACHINES.get(struct.unpack(order + "H", head[18:20])[0], f"elf-machine-{head[18]:#x}")
-
-
-def open_remote_bundle(bundle: str | Path, tracker: str, key: str | None = None, timeout: float = 60.0,
-                       session_timeout: float = 0.0):
-    """A ``BundleSession`` of ``bundle`` on a device requested from ``tracker`` (``HOST:PORT``).
-
-    ``key`` defaults to the bundle's target preset ``rpc_key``.
-    """
-    from moec.artifact.bundle import read_manifest
-    from moec.runtime.session import BundleSession
-
-    addr = TrackerAddress.parse(tracker)
-    if key is None:
-        key = read_manifest(Path(bundle), verify=False).get("target", {}).get("rpc_key")
-        if not key:
-            raise MoecError(f"bundle '{bundle}' names no rpc_key; pass --key")
-    log.info("requesting a '%s' device from tracker %s", key, addr)
-    remote = request_device(addr, key, timeout=timeout, session_timeout=session_timeout)
-    try:
-        return BundleSession(bundle, remote=remote)
-    except BaseException:
-        remote = None  # end the RPC session now (the traceback keeps this frame), freeing the device
-        gc.collect()
-        raise

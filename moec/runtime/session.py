@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gc
+import logging
 import os
 import platform
 import time
@@ -15,8 +16,8 @@ import tvm.runtime
 from tokenizers import Tokenizer
 
 from moec.artifact.bundle import read_manifest
-from moec.errors import MoecError
-from moec.runtime.remote import elf_machine
+from moec.core.errors import MoecError
+from moec.runtime.remote import TrackerAddress, elf_machine, request_device
 
 
 @dataclass
@@ -31,6 +32,8 @@ class GenerationStats:
         """Decode steps per second (the first new token comes from the prompt's last step)."""
         steps = self.new_tokens - 1
         return steps / self.decode_seconds if steps > 0 and self.decode_seconds > 0 else float("nan")
+
+log = logging.getLogger("moec")
 
 
 class BundleSession:
@@ -47,8 +50,9 @@ class BundleSession:
         self.cfg = self.manifest["model"]["config"]
         self.remote = remote
         target = self.manifest.get("target", {})
-        if target.get("family", "cpu") != "cpu":
-            raise MoecError(f"bundle '{root}' is for target '{target.get('name')}' (family {target.get('family')}); "
+        device = self.manifest.get("backend", {}).get("runtime_device", target.get("family", "cpu"))
+        if device != "cpu":
+            raise MoecError(f"bundle '{root}' is for target '{target.get('name')}' (runs on {device}); "
                             "this runtime runs CPU bundles only")
         lib_path = root / "lib.so"
         lib_arch = elf_machine(lib_path) or "unknown"
@@ -170,3 +174,24 @@ class BundleSession:
 def _last_line(exc: BaseException) -> str:
     lines = [ln.strip() for ln in str(exc).strip().splitlines() if ln.strip()]
     return lines[-1] if lines else type(exc).__name__
+
+
+def open_remote_bundle(bundle: str | Path, tracker: str, key: str | None = None, timeout: float = 60.0,
+                       session_timeout: float = 0.0):
+    """A ``BundleSession`` of ``bundle`` on a device requested from ``tracker`` (``HOST:PORT``).
+
+    ``key`` defaults to the bundle's target preset ``rpc_key``.
+    """
+    addr = TrackerAddress.parse(tracker)
+    if key is None:
+        key = read_manifest(Path(bundle), verify=False).get("target", {}).get("rpc_key")
+        if not key:
+            raise MoecError(f"bundle '{bundle}' names no rpc_key; pass --key")
+    log.info("requesting a '%s' device from tracker %s", key, addr)
+    remote = request_device(addr, key, timeout=timeout, session_timeout=session_timeout)
+    try:
+        return BundleSession(bundle, remote=remote)
+    except BaseException:
+        remote = None  # end the RPC session now (the traceback keeps this frame), freeing the device
+        gc.collect()
+        raise

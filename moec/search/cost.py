@@ -20,7 +20,7 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
-from moec.errors import MoecError
+from moec.core.errors import MoecError
 from moec.search.estimator import Additive, Estimator
 from moec.search.problem import SearchProblem
 

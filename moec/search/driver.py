@@ -10,7 +10,7 @@ import numpy as np
 
 from moec.search.cost import CostBreakdown, CostConfig, CostFunction
 from moec.search.estimator import CorrectedEstimator, Estimator
-from moec.search.plan import BitPlan
+from moec.core.plan import BitPlan
 from moec.search.policies import get_policy
 from moec.search.policies.base import Measurer, SearchContext
 from moec.search.problem import SearchProblem

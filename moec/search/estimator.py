@@ -13,6 +13,7 @@ from typing import Protocol
 
 import numpy as np
 
+from moec.hardware.simulator import LatencySimulator
 from moec.search.problem import SearchProblem
 
 log = logging.getLogger("moec")
@@ -243,12 +244,6 @@ class SimulatorEstimator:
 
     @classmethod
     def load(cls, path, cfg, energy: AnalyticEstimator) -> "SimulatorEstimator":
-        from moec.errors import MoecError
-        try:
-            from moec.hardware.simulator import LatencySimulator
-        except ImportError:
-            raise MoecError("the latency simulator (moec.hardware.simulator) is not available in this "
-                            "moec; use --estimator analytic") from None
         return cls(LatencySimulator.load(path), cfg, energy)
 
     def estimate(self, problem: SearchProblem, assign: np.ndarray) -> Estimate:

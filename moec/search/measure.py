@@ -18,9 +18,13 @@ import statistics
 import tempfile
 from pathlib import Path
 
-from moec.errors import MoecError
+from moec.core.errors import MoecError
+from moec.hardware.profiler import measure_bundles
+from moec.hardware.store import MeasurementStore
+from moec.lower.bundle_build import PlanBundler
+from moec.runtime.session import BundleSession
 from moec.search.estimator import Measurement
-from moec.search.plan import BitPlan
+from moec.core.plan import BitPlan
 
 log = logging.getLogger("moec")
 
@@ -34,8 +38,6 @@ def _plan_key(plan: BitPlan) -> str:
 def time_decode(bundle: str | os.PathLike, steps: int = 32, repeats: int = 3, prompt: list[int] | None = None
                 ) -> tuple[float, float]:
     """Median and spread (max - min) of seconds per decode step of ``bundle`` on this machine."""
-    from moec.runtime.session import BundleSession
-
     sess = BundleSession(bundle)
     ids = prompt or [1, 2, 3, 4]
     sess.generate(ids, 4)  # warm-up
@@ -55,16 +57,14 @@ class LocalBundleMeasurer:
     def __init__(self, checkpoint: str | os.PathLike, target: str = "host", workdir: str | os.PathLike | None = None,
                  steps: int = 32, repeats: int = 3) -> None:
         self.checkpoint, self.target, self.steps, self.repeats = checkpoint, target, steps, repeats
+        self.bundler = PlanBundler(checkpoint, target)
         self._tmp = None if workdir else tempfile.TemporaryDirectory(prefix="moec-measure-")
         self.workdir = Path(workdir or self._tmp.name)
 
     def __call__(self, plan: BitPlan) -> Measurement:
-        from moec import api
-
         bundle = self.workdir / f"bundle-{_plan_key(plan)}"
         if not (bundle / "manifest.json").is_file():
-            api.compile_bundle(api.CompileConfig(self.checkpoint, bundle, self.target, plan=plan,
-                                                 group_size=plan.group_size, method=plan.method))
+            self.bundler(plan, bundle)
         median, spread = time_decode(bundle, self.steps, self.repeats)
         log.info("local measurement: %.3f ms/step (spread %.3f ms)", median * 1e3, spread * 1e3)
         return Measurement(median, None, "measured", "modelled")
@@ -75,26 +75,16 @@ class FarmMeasurer:
 
     def __init__(self, checkpoint: str | os.PathLike, target: str, tracker: str, store: str | os.PathLike,
                  workdir: str | os.PathLike, repeats: int = 5) -> None:
-        try:
-            from moec.hardware import profiler  # noqa: F401
-        except ImportError:
-            raise MoecError("device-farm measurements need moec.hardware.profiler, which this moec lacks; "
-                            "use --measure local or none") from None
+        self.bundler = PlanBundler(checkpoint, target)
         self.checkpoint, self.target, self.tracker = checkpoint, target, tracker
         self.store, self.workdir, self.repeats = Path(store), Path(workdir), repeats
         self.workdir.mkdir(parents=True, exist_ok=True)
 
     def __call__(self, plan: BitPlan) -> Measurement:
-        from moec import api
-        from moec.hardware.profiler import measure_bundles
-        from moec.hardware.store import MeasurementStore
-        from moec.hardware.targets import load_target
-
         bundle = self.workdir / f"bundle-{_plan_key(plan)}"
         if not (bundle / "manifest.json").is_file():
-            api.compile_bundle(api.CompileConfig(self.checkpoint, bundle, self.target, plan=plan,
-                                                 group_size=plan.group_size, method=plan.method))
-        key = load_target(self.target).rpc_key
+            self.bundler(plan, bundle)
+        key = self.bundler.preset.rpc_key
         store = MeasurementStore(self.store)  # every measurement is stored before it is used
         try:
             (m,) = measure_bundles(self.tracker, key, [bundle], store, self.repeats)

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import numpy as np
 
-from moec.io import atomic_write_bytes
+from moec.core.io import atomic_write_bytes
 from moec.search.problem import SearchProblem
 
 

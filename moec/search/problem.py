@@ -15,10 +15,12 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from moec.errors import MoecError
-from moec.models.config import MoEConfig
+from moec.core.config import MoEConfig
+from moec.core.errors import MoecError
+from moec.core.inventory import expert_shapes, non_expert_weights
+from moec.core.plan import BitPlan
+from moec.profile.sensitivity import Sensitivity
 from moec.quant.pack import packed_nbytes
-from moec.search.plan import BitPlan, expert_shapes, non_expert_weights
 
 log = logging.getLogger("moec")
 
@@ -125,8 +127,6 @@ def build_problem(cfg: MoEConfig, stats, budget_mb: float, allowed_bits: list[in
     target's allowed bits that the profile measured, plus 16 (loss 0). Negative measured losses
     (quantization noise that happened to help) are clipped to 0.
     """
-    from moec.profile.sensitivity import Sensitivity
-
     if stats.model_fingerprint != cfg.fingerprint():
         raise MoecError(f"profile is for another model (fingerprint {stats.model_fingerprint}, "
                         f"this model is {cfg.fingerprint()})")

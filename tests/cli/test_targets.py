@@ -6,8 +6,8 @@ import pytest
 from click.testing import CliRunner
 
 from moec.cli.main import cli
-from moec.errors import MoecError
-from moec.hardware.targets import builtin_names, load_target
+from moec.core.errors import MoecError
+from moec.core.targets import builtin_names, load_target
 
 
 def test_every_builtin_preset_loads():

@@ -5,9 +5,9 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from moec.models.config import MoEConfig
+from moec.core.config import MoEConfig
 from moec.models.model import MoEModel
-from moec.search.plan import BitPlan
+from moec.core.plan import BitPlan
 
 #: Largest |logit difference| accepted between onnxruntime and the fake-quantized torch model.
 #: Measured differences are ~1e-6 (float32 rounding of different summation orders).

@@ -7,7 +7,7 @@ import json
 import pytest
 from export_fixtures import GROUP, mixed_plan
 
-from moec.errors import MoecError
+from moec.core.errors import MoecError
 from moec.export import exporter
 from moec.models.checkpoint import load_config
 from tests.cli_helpers import assert_one_line_error, run

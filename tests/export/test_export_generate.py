@@ -11,7 +11,7 @@ from moec import api
 from moec.export.exporter import export_model
 from moec.export.ort_runner import OrtModel
 from moec.models.checkpoint import load_checkpoint
-from moec.quant.packed_model import apply_plan
+from moec.quant.packed_model import fake_quantize_model
 
 NEW_TOKENS = 32
 
@@ -21,7 +21,7 @@ def test_greedy_32_tokens_tiny(tiny_checkpoint, tmp_path, spec):
     model = load_checkpoint(tiny_checkpoint)
     plan = mixed_plan(model.cfg).validate(model.cfg) if spec == "mixed" else api.resolve_plan(spec, model.cfg, GROUP)
     export_model(model, plan, tmp_path / "out")
-    apply_plan(model, plan)
+    fake_quantize_model(model, plan)
     ours = OrtModel(tmp_path / "out").generate_greedy(PROMPT, NEW_TOKENS)
     assert ours == model.generate_greedy(PROMPT, NEW_TOKENS)
     assert len(ours) == NEW_TOKENS
@@ -31,7 +31,7 @@ def test_greedy_feature_model(tmp_path):
     model = feature_model("shared_gate_bias_dense_fullnorm")
     plan = mixed_plan(model.cfg).validate(model.cfg)
     export_model(model, plan, tmp_path / "out")
-    apply_plan(model, plan)
+    fake_quantize_model(model, plan)
     assert OrtModel(tmp_path / "out").generate_greedy(PROMPT, NEW_TOKENS) == model.generate_greedy(PROMPT, NEW_TOKENS)
 
 
@@ -41,6 +41,6 @@ def test_greedy_reference_model(tmp_path):
     res = api.export_onnx(ref, "uniform:4", tmp_path / "out", verify=True)
     assert res.max_abs_diff < 1e-3
     model = load_checkpoint(ref)
-    apply_plan(model, api.resolve_plan("uniform:4", model.cfg))
+    fake_quantize_model(model, api.resolve_plan("uniform:4", model.cfg))
     prompt = [int(t) for t in range(1, 17)]
     assert OrtModel(res.out_dir).generate_greedy(prompt, NEW_TOKENS) == model.generate_greedy(prompt, NEW_TOKENS)

@@ -15,8 +15,8 @@ from moec.export.onnx_graph import MS_DOMAIN, MS_OPSET, OPSET, GraphBuilder, Wei
 from moec.export.ort_runner import OrtModel
 from moec.export.quantized_matmul import choose_form, embedding, linear, store_weight
 from moec.models.checkpoint import load_checkpoint
-from moec.quant.packed_model import apply_plan, pack_weight
-from moec.search.plan import resolve_plan
+from moec.quant.packed_model import fake_quantize_model, pack_weight
+from moec.core.plan import resolve_plan
 
 
 def _check_and_compare(out_dir, model, ids=PROMPT) -> float:
@@ -46,7 +46,7 @@ def test_checkpoint_export_matches_fake_quant(tiny_checkpoint, tmp_path, spec):
     res = api.export_onnx(tiny_checkpoint, plan, tmp_path / "out", group_size=group)
     assert {"prefill.onnx", "decode.onnx", "weights.bin", "tokenizer.json", "export.json"} <= set(res.files)
     bit_plan = resolve_plan(plan, model.cfg, group)
-    apply_plan(model, bit_plan)
+    fake_quantize_model(model, bit_plan)
     _check_and_compare(res.out_dir, model)
     assert res.summary["average_expert_bits"] == pytest.approx(bit_plan.average_expert_bits())
 
@@ -57,7 +57,7 @@ def test_feature_models_match(tmp_path, name):
     model = feature_model(name)
     plan = mixed_plan(model.cfg).validate(model.cfg)
     export_model(model, plan, tmp_path / "out")
-    apply_plan(model, plan)
+    fake_quantize_model(model, plan)
     _check_and_compare(tmp_path / "out", model)
 
 
@@ -113,7 +113,7 @@ def test_accuracy_level_4_is_recorded_and_close(tiny_checkpoint, tmp_path):
 
     assert inspect_onnx(res.out_dir / "decode.onnx").accuracy_level == 4
     model = load_checkpoint(tiny_checkpoint)
-    apply_plan(model, resolve_plan("uniform:8", model.cfg, GROUP))
+    fake_quantize_model(model, resolve_plan("uniform:8", model.cfg, GROUP))
     logits, _ = OrtModel(res.out_dir).prefill(PROMPT)
     ref = torch_logits(model, PROMPT)
     assert np.abs(logits - ref).max() < 0.1 * np.abs(ref).max()
@@ -124,7 +124,7 @@ def test_accuracy_level_4_is_recorded_and_close(tiny_checkpoint, tmp_path):
 def test_random_packed_weights_export_and_run(tmp_path):
     """Benchmark path: packed weights generated directly (no float model) export and run."""
     from moec.export.exporter import export_weights
-    from moec.export.weights import random_weights
+    from moec.quant.weights import random_weights
 
     model = feature_model("shared_gate_bias_dense_fullnorm")
     weights = random_weights(model.cfg, mixed_plan(model.cfg))

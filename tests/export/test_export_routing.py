@@ -13,8 +13,8 @@ from moec import api
 from moec.export.inspect_onnx import inspect_onnx
 from moec.export.ort_runner import OrtModel
 from moec.models.checkpoint import load_checkpoint
-from moec.quant.packed_model import apply_plan
-from moec.search.plan import BitPlan
+from moec.quant.packed_model import fake_quantize_model
+from moec.core.plan import BitPlan
 
 
 @pytest.fixture
@@ -76,7 +76,7 @@ def test_expert_weights_are_read_only_inside_routing_guarded_ifs(mixed_export):
 def test_decode_step_executes_only_routed_experts(mixed_export):
     """onnxruntime's profile of one decode step shows expert nodes only for torch's top-k experts."""
     model, plan, out = mixed_export
-    apply_plan(model, plan)
+    fake_quantize_model(model, plan)
     routed: dict[int, set[int]] = {}
 
     class Observer:

@@ -20,8 +20,8 @@ import pytest
 from click.testing import CliRunner
 
 from moec.cli.main import cli
-from moec.errors import MoecError
-from moec.search.plan import BitPlan
+from moec.core.errors import MoecError
+from moec.core.plan import BitPlan
 
 pytestmark = [pytest.mark.tvm, pytest.mark.farm]
 
@@ -99,7 +99,8 @@ def _trace(sess, prompt_ids: list[int], n: int) -> tuple[list[int], list[np.ndar
 
 @pytest.mark.parametrize("preset", ARM_PRESETS)
 def test_aarch64_bundle_matches_host(device, bundles, preset):
-    from moec.runtime.remote import elf_machine, open_remote_bundle
+    from moec.runtime.remote import elf_machine
+    from moec.runtime.session import open_remote_bundle
     from moec.runtime.session import BundleSession
     assert elf_machine(bundles[preset] / "lib.so") == "aarch64"
     host = BundleSession(bundles["host"])
@@ -134,7 +135,7 @@ def test_x86_bundle_on_arm_device_is_a_clear_error(device, bundles):
     assert "built for x86_64" in res.output and "remote device" in res.output
     assert len(res.output.strip().splitlines()) == 1
     # the device is still usable afterwards
-    from moec.runtime.remote import open_remote_bundle
+    from moec.runtime.session import open_remote_bundle
     with open_remote_bundle(bundles["aarch64-generic"], str(device.tracker_address), KEY, timeout=20) as sess:
         assert sess.step(1).shape == (sess.cfg["vocab_size"],)
 

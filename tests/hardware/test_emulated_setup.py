@@ -7,7 +7,7 @@ import os
 
 import pytest
 
-from moec.errors import MoecError
+from moec.core.errors import MoecError
 from moec.hardware import emulated
 
 

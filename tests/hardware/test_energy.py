@@ -11,10 +11,10 @@ import pytest
 
 from moec.hardware.energy import RailPowerMeter, RaplMeter, Sampler, discover_meters, meters_for
 from moec.hardware.energy_model import decode_energy_j, decode_traffic
-from moec.hardware.targets import load_target
-from moec.models.config import MoEConfig
+from moec.core.targets import load_target
+from moec.core.config import MoEConfig
 from moec.quant.pack import packed_nbytes
-from moec.search.plan import uniform_plan
+from moec.core.plan import uniform_plan
 from tests.hardware.sensor_fixtures import (AGX_ORIN_RAILS, ORIN_NX_RAILS, write_hwmon, write_ina3221x,
                                             write_rapl)
 

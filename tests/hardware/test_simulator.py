@@ -5,10 +5,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from moec.errors import MoecError
+from moec.core.errors import MoecError
 from moec.hardware.simulator import LatencySimulator, calibration_plans, routed_count_dist
-from moec.models.config import MoEConfig
-from moec.search.plan import uniform_plan
+from moec.core.config import MoEConfig
+from moec.core.plan import uniform_plan
 
 CFG = MoEConfig(vocab_size=96, hidden_size=64, num_layers=2, num_heads=4, num_kv_heads=2, num_experts=4, top_k=2,
                 expert_intermediate=32)
@@ -106,7 +106,7 @@ def test_energy_is_labelled():
 
 @pytest.mark.tvm
 def test_plan_kernel_set():
-    from moec.hardware.calibration import plan_kernel_candidates
+    from moec.hardware.kernel_classes import plan_kernel_candidates
     plan = uniform_plan(CFG, 4, 32)
     plan.experts = {0: {0: 2, 1: 2, 2: 4, 3: 4}, 1: {0: 4, 1: 4, 2: 4, 3: 4}}
     kernels = plan_kernel_candidates(CFG, plan)

@@ -7,7 +7,7 @@ import time
 
 import pytest
 
-from moec.errors import MoecError
+from moec.core.errors import MoecError
 from moec.hardware.candidates import Protocol
 from moec.hardware.profiler import Profiler, spread
 from moec.hardware.store import Measurement, MeasurementStore

@@ -7,8 +7,9 @@ import yaml
 from click.testing import CliRunner
 
 from moec.cli.main import cli
-from moec.errors import MoecError
-from moec.hardware.targets import builtin_names, install_hint, load_target
+from moec.core.errors import MoecError
+from moec.core.targets import builtin_names, install_hint, load_target
+from moec.lower.backends import backend_for
 
 EDGE = ["aarch64-generic", "raspberry-pi-5", "jetson-orin-nano", "jetson-agx-orin"]
 
@@ -96,5 +97,5 @@ def test_bad_tvm_target_is_named(tmp_path, field):
 def test_missing_cross_compiler_names_the_package(tmp_path):
     preset = load_target(_user_preset(tmp_path, cross_compiler="riscv64-nowhere-linux-gnu-g++"))
     with pytest.raises(MoecError, match="apt-get install g\\+\\+-riscv64-nowhere-linux-gnu"):
-        preset.require_toolchain()
+        backend_for(preset).require_toolchain(preset)
     assert install_hint("aarch64-linux-gnu-g++") == "install it with: apt-get install g++-aarch64-linux-gnu"

@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 import tvm
 
-from moec.hardware.targets import load_target
+from moec.core.targets import load_target
 from moec.lower.kernels import make_gemv
 from moec.lower.kernels.activations import dequantized_activations
 

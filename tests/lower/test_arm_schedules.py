@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 import tvm
 
-from moec.errors import MoecError
-from moec.hardware.targets import load_target
+from moec.core.errors import MoecError
+from moec.core.targets import load_target
 from moec.lower.kernels import compile_kernel, host_target, make_gemv, stack_kernel_layouts, to_kernel_layout
 from moec.lower.kernels.gemv import GemvSpec, gemv_definition
 from moec.lower.kernels.grouped_gemm import GroupedGemmSpec, grouped_gemm_definition

@@ -12,10 +12,11 @@ from click.testing import CliRunner
 from tvm import relax
 
 from moec.cli.main import cli
-from moec.errors import MoecError
-from moec.hardware.targets import load_target
+from moec.core.errors import MoecError
+from moec.core.targets import load_target
+from moec.lower.backends import backend_for
 from moec.lower.cuda_build import count_kernels, cuda_source, find_nvcc
-from moec.lower.pipeline import make_pipeline
+from moec.lower.pipeline import CUDA_PHASES, make_pipeline
 
 pytestmark = pytest.mark.tvm
 
@@ -40,7 +41,7 @@ def _gemv_and_softmax() -> tvm.IRModule:
 def _compile(mod, preset="jetson-agx-orin"):
     target = load_target(preset).tvm()
     with target:
-        return tvm.compile(mod, target=target, relax_pipeline=make_pipeline("cuda"))
+        return tvm.compile(mod, target=target, relax_pipeline=make_pipeline(CUDA_PHASES))
 
 
 def test_cuda_source_is_generated_with_an_aarch64_host():
@@ -96,16 +97,16 @@ def test_jetson_agx_orin_bundle(tmp_path):
 def test_missing_nvcc_is_one_line(monkeypatch):
     monkeypatch.setattr("moec.lower.cuda_build.find_nvcc", lambda: None)
     with pytest.raises(MoecError, match="target 'jetson-agx-orin': compiling CUDA kernels for sm_87 needs nvcc"):
-        load_target("jetson-agx-orin").require_toolchain()
+        preset = load_target("jetson-agx-orin")
+        backend_for(preset).require_toolchain(preset)
 
 
 def test_cuda_pipeline_has_gpu_schedules():
     """Every PrimFunc is scheduled (bound to threads) by the cuda family's schedule phase."""
-    from moec.lower.pipeline import get_phases
     mod = _gemv_and_softmax()
     target = load_target("jetson-agx-orin").tvm()
     with target:
-        for _, passes in get_phases("cuda")[:3]:
+        for _, passes in CUDA_PHASES[:3]:
             mod = tvm.transform.Sequential(passes(target))(mod)
     funcs = [f for f in mod.functions.values() if isinstance(f, tvm.tirx.PrimFunc)]
     assert len(funcs) >= 2 and all(f.attrs and f.attrs.get("tirx.is_scheduled") for f in funcs)

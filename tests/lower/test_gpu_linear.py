@@ -8,9 +8,11 @@ import numpy as np
 import pytest
 import tvm
 
+from moec.lower.backends.base import Backend
 from moec.lower.build import build_module
 from moec.lower.gpu_linear import GpuLinearEmitter
 from moec.lower.linear import LinearEmitter
+from moec.lower.pipeline import CPU_PHASES, CUDA_PHASES
 from moec.lower.schedules.gpu_rules import FusedGemv, binds_threads
 
 pytestmark = pytest.mark.tvm
@@ -35,7 +37,8 @@ def tiny_params(tmp_path_factory):
 def _logits(cfg, params, emitter, lib, tokens) -> np.ndarray:
     """Decode ``tokens`` with the plain CPU phases (no scheduling: the TE alone is under test)."""
     target = tvm.target.Target({"kind": "llvm"})
-    build_module(cfg, copy.deepcopy(params), target, "unscheduled", lib, emitter=emitter)
+    unscheduled = Backend("unscheduled", tuple(p for p in CPU_PHASES if p[0] != "schedule"))
+    build_module(cfg, copy.deepcopy(params), target, unscheduled, lib, emitter=emitter)
     vm = tvm.runtime.vm.VirtualMachine(tvm.runtime.load_module(str(lib)), tvm.cpu())
     dev_params = [tvm.runtime.tensor(a, tvm.cpu()) for _, a in params.flat()]
     past = [tvm.runtime.tensor(np.zeros((cfg.num_kv_heads, 0, cfg.head_dim), np.float32))
@@ -48,10 +51,7 @@ def _logits(cfg, params, emitter, lib, tokens) -> np.ndarray:
     return np.stack(out)
 
 
-def test_fused_gemvs_match_the_reference_emitter(tiny_params, monkeypatch):
-    from moec.lower import pipeline
-    monkeypatch.setitem(pipeline.FAMILIES, "unscheduled",
-                        [p for p in pipeline.FAMILIES["cpu"] if p[0] != "schedule"])
+def test_fused_gemvs_match_the_reference_emitter(tiny_params):
     cfg, params, root = tiny_params
     tokens = [5, 17, 42, 7]
     ref = _logits(cfg, params, LinearEmitter(), root / "ref.so", tokens)
@@ -61,14 +61,13 @@ def test_fused_gemvs_match_the_reference_emitter(tiny_params, monkeypatch):
 
 def test_fused_gemv_rule_binds_the_routed_expert_gemv(tiny_params):
     """The routed-expert GEMV (which dlight's rules leave to Fallback) gets a warp-per-row schedule."""
-    from moec.hardware.targets import load_target
+    from moec.core.targets import load_target
     from moec.lower.decode_graph import DecodeBuilder
-    from moec.lower.pipeline import get_phases
     cfg, params, _ = tiny_params
     target = load_target("jetson-orin-nano").tvm()
     mod = DecodeBuilder(cfg, copy.deepcopy(params), GpuLinearEmitter()).build()
     with target:
-        for _, passes in get_phases("cuda")[:2]:
+        for _, passes in CUDA_PHASES[:2]:
             mod = tvm.transform.Sequential(passes(target))(mod)
     experts = [(gv.name_hint, f) for gv, f in mod.functions.items() if gv.name_hint.startswith("expert_dequant_gemv")]
     assert experts

@@ -9,14 +9,12 @@ import pytest
 import tvm
 from tvm.target import codegen
 
-from moec.errors import MoecError
-from moec.lower.kernels import compile_kernel, host_target, make_gemv
-from moec.lower.schedules import x86
-from moec.lower.kernels import stack_kernel_layouts, to_kernel_layout
+from moec.core.errors import MoecError
+from moec.lower.kernels import compile_kernel, host_target, make_gemv, stack_kernel_layouts, to_kernel_layout
+from moec.lower.schedules import kernel_tile, target_family, x86
 from moec.lower.kernels.activations import dequantized_activations
 from moec.lower.kernels.layout import swiglu_weight
 from moec.quant.packed_model import pack_weight
-from moec.lower.schedules import kernel_tile, target_family
 
 from kernel_helpers import KernelCache, assert_close, call, expert_stack, weight_args
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from moec.errors import MoecError
+from moec.core.errors import MoecError
 from moec.lower.kernels.layout import (from_kernel_layout, kernel_codes, stack_kernel_layouts,
                                        to_kernel_layout, zero_words)
 from moec.quant.pack import unpack

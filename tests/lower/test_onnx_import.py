@@ -10,11 +10,11 @@ import pytest
 from click.testing import CliRunner
 
 from moec.cli.main import cli
-from moec.errors import MoecError
+from moec.core.errors import MoecError
 from moec.lower.onnx_import import import_onnx
 from moec.models.checkpoint import load_checkpoint
-from moec.quant.packed_model import apply_plan, pack_model
-from moec.search.plan import BitPlan, resolve_plan
+from moec.quant.packed_model import fake_quantize_model, pack_model
+from moec.core.plan import BitPlan, resolve_plan
 
 
 def _mixed(cfg) -> BitPlan:
@@ -57,7 +57,7 @@ def test_build_cli_greedy_matches_torch(exported, tmp_path):
     res = CliRunner().invoke(cli, ["build", str(onnx_dir), "--target", "host", "--out", str(tmp_path / "bundle")])
     assert res.exit_code == 0, res.output
     model = load_checkpoint(ckpt)
-    apply_plan(model, resolve_plan(plan_file, model.cfg))
+    fake_quantize_model(model, resolve_plan(plan_file, model.cfg))
     sess = BundleSession(tmp_path / "bundle")
     prompt = [3, 14, 15, 92, 6]
     assert sess.generate(prompt, 16)[0] == model.generate_greedy(prompt, 16)

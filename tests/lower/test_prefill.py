@@ -5,12 +5,12 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from moec.export.weights import ModelWeights
-from moec.hardware.targets import load_target
+from moec.quant.weights import ModelWeights
+from moec.core.targets import load_target
 from moec.lower.bundle_build import build_bundle_from_params
 from moec.lower.params import build_params
 from moec.runtime.session import BundleSession
-from moec.search.plan import BitPlan
+from moec.core.plan import BitPlan
 from tests.export.export_fixtures import FEATURE_CONFIGS, feature_model
 
 pytestmark = pytest.mark.tvm

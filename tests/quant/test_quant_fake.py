@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from moec.errors import MoecError
+from moec.core.errors import MoecError
 from moec.quant import dequantize, fake_quantize, quantize
 
 

@@ -6,15 +6,16 @@ import numpy as np
 import pytest
 import torch
 
-from moec.errors import MoecError
+from moec.core.errors import MoecError
 from moec.models.checkpoint import load_checkpoint
 from moec.models.tokenizer import load_tokenizer
 from moec.profile.data import read_text, token_windows
 from moec.quant.gptq import gptq_quantize
-from moec.quant.importance import expert_hessians
-from moec.quant.packed_model import apply_plan, expert_key, pack_model
+from moec.profile.importance import expert_hessians
+from moec.core.inventory import expert_key
+from moec.quant.packed_model import fake_quantize_model, pack_model
 from moec.quant.quantize import dequantize, quantize
-from moec.search.plan import uniform_plan
+from moec.core.plan import uniform_plan
 
 
 def reference_gptq(w: np.ndarray, bits: int, gs: int, h: np.ndarray, damp: float = 0.01):
@@ -172,7 +173,7 @@ def test_expert_hessians_and_gptq_plan(tiny_checkpoint, text_file):
     assert not np.array_equal(packed[name].packed, rtn[name].packed)
     other = "lm_head.weight"
     np.testing.assert_array_equal(packed[other].packed, rtn[other].packed)  # no Hessian: RTN fallback
-    apply_plan(model, plan, hessians=hess)
+    fake_quantize_model(model, plan, hessians=hess)
     e_layer, e = int(name.split(".")[1]), int(name.split(".")[4])
     np.testing.assert_array_equal(model.moe_blocks()[e_layer].__getattr__(name.split(".")[5])[e].detach().numpy(),
                                   packed[name].dequantize())

@@ -12,8 +12,8 @@ from moec.cli.main import cli
 from moec.models.checkpoint import load_checkpoint
 from moec.quant.accounting import float32_memory, plan_memory
 from moec.quant.fake import fake_quantize
-from moec.quant.packed_model import apply_plan, pack_model
-from moec.search.plan import BitPlan, uniform_plan
+from moec.quant.packed_model import fake_quantize_model, pack_model
+from moec.core.plan import BitPlan, uniform_plan
 
 
 def _mixed(cfg) -> BitPlan:
@@ -36,7 +36,7 @@ def test_apply_plan_quantizes_each_expert_at_its_bits(tiny_checkpoint):
     model = load_checkpoint(tiny_checkpoint)
     ref = {k: v.clone() for k, v in model.state_dict().items()}
     plan = _mixed(model.cfg)
-    apply_plan(model, plan)
+    fake_quantize_model(model, plan)
     st = model.state_dict()
     for l, experts in plan.experts.items():
         for e, bits in experts.items():

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from moec.errors import MoecError
+from moec.core.errors import MoecError
 from moec.quant import SUPPORTED_BITS, QuantizedTensor, dequantize, quantize
 
 

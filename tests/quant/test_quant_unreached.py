@@ -10,9 +10,9 @@ from moec.models.tokenizer import load_tokenizer
 from moec.profile.data import token_windows
 from moec.profile.routing import collect_stats
 from moec.quant.fake import fake_quantize
-from moec.quant.importance import expert_hessians
-from moec.quant.packed_model import apply_plan
-from moec.search.plan import uniform_plan
+from moec.profile.importance import expert_hessians
+from moec.quant.packed_model import fake_quantize_model
+from moec.core.plan import uniform_plan
 from tests.conftest import make_tiny_checkpoint
 
 
@@ -31,7 +31,7 @@ def test_unreached_expert_is_quantized_with_rtn_fallback(tmp_path, text_file):
     assert "layers.1.mlp.experts.3.w1" not in hessians
     original = model.layers[1].mlp.w1[3].detach().clone()
     plan = uniform_plan(model.cfg, 2, group_size=32, method="gptq")
-    apply_plan(model, plan, hessians=hessians)
+    fake_quantize_model(model, plan, hessians=hessians)
     got = model.layers[1].mlp.w1[3].detach()
     assert not torch.equal(got, original)                        # not left in float
     assert torch.equal(got, fake_quantize(original, 2, 32, "rtn"))  # documented fallback: RTN

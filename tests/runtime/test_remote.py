@@ -8,7 +8,7 @@ import pytest
 from click.testing import CliRunner
 
 from moec.cli.main import cli
-from moec.errors import MoecError
+from moec.core.errors import MoecError
 from moec.runtime.remote import TrackerAddress, elf_machine, request_device
 
 pytestmark = pytest.mark.tvm
@@ -114,7 +114,7 @@ def test_host_rpc_server_run_and_server_death(bundle, tmp_path):
     import numpy as np
 
     from moec.hardware.loopback import start_rpc_server, start_tracker
-    from moec.runtime.remote import open_remote_bundle
+    from moec.runtime.session import open_remote_bundle
     from moec.runtime.session import BundleSession
     local = BundleSession(bundle)
     prompt = local.tokenizer.encode("The quick brown").ids

@@ -7,7 +7,7 @@ import itertools
 import numpy as np
 import pytest
 
-from moec.errors import MoecError
+from moec.core.errors import MoecError
 from moec.search.cost import WEIGHTINGS, CostConfig, CostFunction, expert_weights
 from moec.search.estimator import AnalyticEstimator, CorrectedEstimator, Measurement, class_presence
 from tests.search.problems import synthetic_problem

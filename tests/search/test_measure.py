@@ -53,15 +53,16 @@ def test_search_with_farm_measurements(tiny_profiled, tmp_path):
 
 def test_search_with_the_farm_simulator(tiny_profiled, tmp_path):
     """--estimator simulator: latencies come from a LatencySimulator file and are labelled simulated."""
-    from moec.hardware.simulator import LatencySimulator, _dense_weights, _expert_kernels
+    from moec.hardware.kernel_classes import dense_weights, expert_kernels
+    from moec.hardware.simulator import LatencySimulator
     from moec.models.checkpoint import load_checkpoint
     ckpt, _, prof = tiny_profiled
     cfg = load_checkpoint(ckpt).cfg
     sim = LatencySimulator("host", "host", cfg.fingerprint(), 64, cfg.top_k, base_s=2e-4, per_class_s=1e-5)
     for b in (2, 3, 4, 8, 16):
-        for n, k, pe in _expert_kernels(cfg):
+        for n, k, pe in expert_kernels(cfg):
             sim.expert_s[f"{b},{n},{k},{int(pe)}"] = [1e-6 + 1e-6 * b * m for m in range(cfg.top_k + 1)]
-        for _, (n, k) in _dense_weights(cfg):
+        for _, (n, k) in dense_weights(cfg):
             sim.dense_s[f"{b},{n},{k}"] = 1e-6 * b
     sim.save(tmp_path / "sim.json")
     out = tmp_path / "plan.json"

@@ -6,9 +6,9 @@ import json
 
 import pytest
 
-from moec.errors import MoecError
-from moec.models.config import MoEConfig
-from moec.search.plan import BitPlan, resolve_plan, uniform_plan
+from moec.core.errors import MoecError
+from moec.core.config import MoEConfig
+from moec.core.plan import BitPlan, resolve_plan, uniform_plan
 
 CFG = MoEConfig(vocab_size=128, hidden_size=64, num_layers=2, num_heads=4, num_kv_heads=2, num_experts=4,
                 top_k=2, expert_intermediate=64)

@@ -8,7 +8,7 @@ import itertools
 import numpy as np
 import pytest
 
-from moec.errors import MoecError
+from moec.core.errors import MoecError
 from moec.search.cost import CostConfig, CostFunction
 from moec.search.driver import SearchOptions, run_search
 from moec.search.estimator import AnalyticEstimator, Measurement

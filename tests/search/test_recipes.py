@@ -9,9 +9,9 @@ import pytest
 from click.testing import CliRunner
 
 from moec.cli.main import cli
-from moec.errors import MoecError
-from moec.hardware.targets import builtin_names
-from moec.search.recipe import check_target, compile_config, load_recipe, resolve
+from moec.core.errors import MoecError
+from moec.core.targets import builtin_names
+from moec.pipeline.recipe import check_target, compile_config, load_recipe, resolve
 
 RECIPES = sorted((Path(__file__).resolve().parents[2] / "recipes").glob("*.yaml"))
 

@@ -15,7 +15,7 @@ import pytest
 from click.testing import CliRunner
 
 from moec.cli.main import cli
-from moec.errors import MoecError
+from moec.core.errors import MoecError
 from moec.search.cost import CostConfig
 from moec.search.driver import SearchOptions, run_search
 from moec.search.estimator import AnalyticEstimator, Measurement

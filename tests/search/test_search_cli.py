@@ -10,7 +10,7 @@ from click.testing import CliRunner
 from moec.cli.main import cli
 from moec.models.checkpoint import load_checkpoint
 from moec.quant.accounting import plan_memory
-from moec.search.plan import resolve_plan
+from moec.core.plan import resolve_plan
 
 
 def run(*args):

@@ -5,7 +5,7 @@ from __future__ import annotations
 import tvm
 from tvm.target import codegen
 
-from moec.errors import MoecError
+from moec.core.errors import MoecError
 from moec.lower.kernels.activations import ACTIVATIONS, INT8_ACTIVATION_BITS
 from moec.lower.kernels.gemv import GemvSpec, gemv_definition
 from moec.lower.kernels.grouped_gemm import GroupedGemmSpec, grouped_gemm_definition

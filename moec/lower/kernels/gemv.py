@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 from tvm import te, tirx, topi
 
-from moec.errors import MoecError
+from moec.core.errors import MoecError
 from moec.lower.kernels.decode import code_at, extract
 from moec.lower.kernels.layout import KERNEL_BITS, check_kernel_shape, num_tiles, zero_words
 

@@ -11,7 +11,7 @@ from tvm.script import tirx as T
 
 from moec.lower.kernels.decode import code_at, extract
 from moec.lower.kernels.layout import KERNEL_BITS, check_kernel_shape, num_tiles, zero_words
-from moec.errors import MoecError
+from moec.core.errors import MoecError
 
 
 @dataclass(frozen=True)

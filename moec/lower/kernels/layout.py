@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from moec.errors import MoecError
+from moec.core.errors import MoecError
 from moec.quant.pack import packed_row_bytes, unpack
 from moec.quant.packed_model import FLOAT_BITS, PackedWeight
 

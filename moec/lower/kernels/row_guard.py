@@ -20,7 +20,7 @@ from __future__ import annotations
 from tvm import s_tir, tirx
 from tvm.tirx import stmt as ts
 
-from moec.errors import MoecError
+from moec.core.errors import MoecError
 
 #: PrimFunc attribute set on kernels that skip rows whose expert id is negative.
 GUARD_ATTR = "moec.row_guard"

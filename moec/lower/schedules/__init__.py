@@ -7,7 +7,7 @@ from types import ModuleType
 import tvm
 from tvm.target import codegen
 
-from moec.errors import MoecError
+from moec.core.errors import MoecError
 from moec.lower.schedules import arm, x86
 
 #: Family name -> schedule module: ``PARAMS`` (with ``tile_rows``), ``schedule_gemv``,

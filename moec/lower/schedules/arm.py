@@ -16,10 +16,11 @@ import tvm
 from tvm import tirx
 from tvm.target import codegen
 
-from moec.errors import MoecError
+from moec.core.errors import MoecError
 from moec.lower.kernels.gemv import GemvSpec
 from moec.lower.kernels.grouped_gemm import GemmLoopParams
 from moec.lower.schedules import cpu_gemv
+from moec.lower.schedules.arm_dotprod import DOTPROD_BITS, dotprod_gemv
 from moec.lower.schedules.cpu_gemv import CpuScheduleParams
 
 
@@ -77,7 +78,6 @@ def grouped_gemm_params(params: ArmParams | None = None) -> GemmLoopParams:
 
 def int8_gemv(spec: GemvSpec, target: tvm.target.Target, params: ArmParams | None = None) -> tirx.PrimFunc:
     """The int8-activation GEMV (``sdot``, see ``arm_dotprod``); a clear error without dotprod."""
-    from moec.lower.schedules.arm_dotprod import DOTPROD_BITS, dotprod_gemv
     params = params or PARAMS
     cpu_gemv.check_spec(spec, params)
     if not codegen.target_has_features("dotprod", target):

@@ -17,7 +17,7 @@ from typing import ClassVar
 
 from tvm import s_tir, tirx
 
-from moec.errors import MoecError
+from moec.core.errors import MoecError
 from moec.lower.kernels.gemv import GemvSpec
 from moec.lower.kernels.grouped_gemm import GemmLoopParams
 

@@ -9,7 +9,7 @@ import tvm
 from tvm import tirx
 from tvm.target import codegen
 
-from moec.errors import MoecError
+from moec.core.errors import MoecError
 from moec.lower.kernels.gemv import GemvSpec
 from moec.lower.kernels.grouped_gemm import GemmLoopParams
 from moec.lower.schedules import cpu_gemv

@@ -13,7 +13,7 @@ from math import gcd
 from tvm import tirx
 from tvm.script import tirx as T
 
-from moec.errors import MoecError
+from moec.core.errors import MoecError
 from moec.lower.kernels.gemv import GemvSpec
 from moec.lower.kernels.layout import num_tiles, zero_words
 from moec.lower.schedules.int8_common import (BYTE_MASK, plane_slot_source, quantize_activations_prep,

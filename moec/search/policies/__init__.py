@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from moec.errors import MoecError
+from moec.core.errors import MoecError
 from moec.search.policies.base import Policy
 from moec.search.policies.greedy import GreedyPolicy
 from moec.search.policies.ilp import ILPPolicy

@@ -14,7 +14,7 @@ import numpy as np
 from scipy.optimize import Bounds, LinearConstraint, milp
 from scipy.sparse import csr_matrix
 
-from moec.errors import MoecError
+from moec.core.errors import MoecError
 from moec.search.policies.base import SearchContext
 
 log = logging.getLogger("moec")

@@ -24,8 +24,8 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from moec.errors import MoecError
-from moec.io import atomic_write_json
+from moec.core.errors import MoecError
+from moec.core.io import atomic_write_json
 from moec.search.estimator import CorrectedEstimator
 from moec.search.policies.base import SearchContext, improve, repair
 

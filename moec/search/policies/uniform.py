@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from moec.errors import MoecError
+from moec.core.errors import MoecError
 from moec.search.policies.base import SearchContext
 
 

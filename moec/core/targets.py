@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import os
-import shutil
 from importlib import resources
 from pathlib import Path
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from moec.errors import MoecError
+from moec.core.errors import MoecError
 
 
 class EnergyModel(BaseModel):
@@ -53,7 +52,7 @@ class TargetPreset(BaseModel):
 
     def tvm(self):
         """The ``tvm.target.Target`` (``mcpu: native`` resolves to this machine's CPU)."""
-        import tvm
+        import tvm  # local: reading presets (``moec targets``, recipes) must not load TVM
         spec = dict(self.tvm_target)
         if spec.get("mcpu") == "native":
             spec["mcpu"] = tvm.target.codegen.llvm_get_system_cpu()
@@ -67,21 +66,6 @@ class TargetPreset(BaseModel):
             return tvm.target.Target(spec, host=dict(self.tvm_host))
         except Exception as exc:  # noqa: BLE001
             raise MoecError(f"target preset '{self.name}': field 'tvm_host': {_first_line(exc)}") from None
-
-    def require_toolchain(self) -> None:
-        """Raise a one-line :class:`MoecError` if a compiler the preset needs is missing.
-
-        That is the cross compiler (on PATH) and, for CUDA targets, nvcc.
-        """
-        if self.cross_compiler and shutil.which(self.cross_compiler) is None:
-            raise MoecError(f"target '{self.name}' needs the cross compiler '{self.cross_compiler}', which is "
-                            f"not on PATH; {install_hint(self.cross_compiler)}")
-        if self.tvm_target.get("kind") == "cuda":
-            from moec.lower.cuda_build import require_nvcc
-            try:
-                require_nvcc(str(self.tvm_target.get("arch", "the GPU")))
-            except MoecError as exc:
-                raise MoecError(f"target '{self.name}': {exc}") from None
 
 
 def install_hint(compiler: str) -> str:

@@ -12,8 +12,13 @@ from pathlib import Path
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from moec.errors import MoecError
+from moec.core.errors import MoecError
+from moec.core.targets import load_target
+from moec.pipeline.compile import CompileConfig
+from moec.pipeline.profile import DataConfig
+from moec.pipeline.search import SearchConfig
 from moec.search.cost import DEFAULT_WEIGHTING, WEIGHTINGS
+from moec.search.policies import POLICIES
 from moec.search.problem import DEFAULT_TENSORS
 
 
@@ -51,7 +56,6 @@ class Recipe(BaseModel):
     @field_validator("policy")
     @classmethod
     def _policy(cls, v: str) -> str:
-        from moec.search.policies import POLICIES
         return _choice(v, POLICIES, "policy")
 
     @field_validator("weighting")
@@ -107,7 +111,6 @@ def load_recipe(path: str | os.PathLike) -> Recipe:
 
 def check_target(recipe: Recipe) -> None:
     """Resolve the recipe's target preset now (unknown names fail listing the choices)."""
-    from moec.hardware.targets import load_target
     load_target(recipe.target)
 
 
@@ -130,10 +133,7 @@ def resolve(recipe: Recipe | None, overrides: dict) -> Recipe:
 
 
 def compile_config(recipe: Recipe, out: str | os.PathLike, plan=None, debug_dump=None, progress: bool = True):
-    """The ``moec.api.CompileConfig`` (with its search settings) a resolved recipe describes."""
-    from moec.api import CompileConfig, DataConfig
-    from moec.search.pipeline import SearchConfig
-
+    """The ``CompileConfig`` (with its search settings) a resolved recipe describes."""
     data = None
     if recipe.data is not None:
         data = DataConfig(recipe.data.calibration, recipe.data.seq_len, recipe.data.max_tokens, recipe.data.batch)

@@ -7,7 +7,7 @@ import os
 import tempfile
 from pathlib import Path
 
-from moec.errors import MoecError
+from moec.core.errors import MoecError
 
 
 def ensure_writable_dir(path: str | os.PathLike) -> Path:

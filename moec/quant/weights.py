@@ -6,11 +6,12 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from moec.models.config import MoEConfig
+from moec.core.config import MoEConfig
 from moec.models.model import MoEModel
 from moec.quant.pack import pack, packed_row_bytes
-from moec.quant.packed_model import PackedWeight, expert_key, pack_model
-from moec.search.plan import BitPlan, expert_shapes, non_expert_weights
+from moec.core.inventory import expert_key, expert_shapes, non_expert_weights
+from moec.quant.packed_model import PackedWeight, pack_model
+from moec.core.plan import BitPlan
 
 
 @dataclass
@@ -24,7 +25,7 @@ class ModelWeights:
 
     @classmethod
     def from_model(cls, model: MoEModel, plan: BitPlan) -> "ModelWeights":
-        """Quantize and pack ``model`` under ``plan`` (the same arrays ``apply_plan`` dequantizes)."""
+        """Quantize and pack ``model`` under ``plan`` (the same arrays ``fake_quantize_model`` dequantizes)."""
         return cls(model.cfg, plan, pack_model(model, plan), _floats(model))
 
     @classmethod

@@ -4,12 +4,23 @@ from __future__ import annotations
 
 import logging
 import os
+import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from moec.errors import MoecError
+from moec.core.errors import MoecError
+from moec.core.plan import BitPlan, uniform_plan
+from moec.core.targets import load_target
+from moec.models.checkpoint import load_checkpoint
+from moec.models.model import MoEModel
+from moec.pipeline.profile import DataConfig, SensitivityConfig, profile
+from moec.profile.stats import ExpertStats
+from moec.quant.accounting import plan_memory
 from moec.search.cost import DEFAULT_WEIGHTING, CostConfig
 from moec.search.driver import SearchOptions, SearchResult, run_search
+from moec.search.estimator import AnalyticEstimator, SimulatorEstimator
+from moec.search.measure import FarmMeasurer, LocalBundleMeasurer
+from moec.search.plot import bits_frequency_plot, pareto_plot
 from moec.search.problem import DEFAULT_TENSORS, SearchProblem, build_problem
 
 log = logging.getLogger("moec")
@@ -28,7 +39,7 @@ class SearchConfig:
     target: str = "host"
     budget_mb: float | None = None
     profile: str | os.PathLike | None = None
-    data: "object | None" = None                 # moec.api.DataConfig: profile here when no profile file
+    data: DataConfig | None = None               # profile here when no profile file
     policy: str = "rl"
     alpha: float = 1.0
     beta: float = 0.5
@@ -58,23 +69,18 @@ class SearchOutcome:
     plots: list[Path] = field(default_factory=list)
 
 
-def _stats(cfg: SearchConfig, allowed: list[int]):
-    from moec.profile.stats import ExpertStats
-
+def _stats(cfg: SearchConfig, allowed: list[int], model: MoEModel) -> ExpertStats:
     if cfg.profile is not None:
         return ExpertStats.load(cfg.profile)
     if cfg.data is None:
         raise MoecError("search needs a profile with sensitivity (--profile) or calibration text (--data)")
-    from moec import api
     log.info("no profile given: profiling routing and proxy sensitivity on '%s'", cfg.data.path)
     bits = tuple(b for b in allowed if b != 16)
-    return api.profile(cfg.checkpoint, cfg.data, progress=cfg.progress,
-                       sensitivity=api.SensitivityConfig("proxy", bits, cfg.group_size, cfg.method))
+    return profile(cfg.checkpoint, cfg.data, progress=cfg.progress, model=model,
+                   sensitivity=SensitivityConfig("proxy", bits, cfg.group_size, cfg.method))
 
 
 def _estimator(cfg: SearchConfig, preset, model_cfg):
-    from moec.search.estimator import AnalyticEstimator, SimulatorEstimator
-
     analytic = AnalyticEstimator.for_target(preset)
     if cfg.estimator == "analytic":
         return analytic
@@ -86,10 +92,6 @@ def _estimator(cfg: SearchConfig, preset, model_cfg):
 
 
 def _measurer(cfg: SearchConfig, workdir: Path | None):
-    import tempfile
-
-    from moec.search.measure import FarmMeasurer, LocalBundleMeasurer
-
     if cfg.measure == "none":
         return None
     if cfg.measure == "local":
@@ -103,24 +105,20 @@ def _measurer(cfg: SearchConfig, workdir: Path | None):
 
 
 def uniform_memory_mb(model, bits: int, group_size: int = 64) -> float:
-    from moec.quant.accounting import plan_memory
-    from moec.search.plan import uniform_plan
     return plan_memory(model, uniform_plan(model.cfg, bits, group_size)).total / 1e6
 
 
-def search(cfg: SearchConfig) -> SearchOutcome:
-    """Build the problem, run the policy, write plots; the plan is returned, not saved."""
-    from moec.hardware.targets import load_target
-    from moec.models.checkpoint import load_checkpoint
-    from moec.quant.accounting import plan_memory
-    from moec.search.plan import BitPlan
+def search(cfg: SearchConfig, model: MoEModel | None = None) -> SearchOutcome:
+    """Build the problem, run the policy, write plots; the plan is returned, not saved.
 
+    ``model``, if given, is ``cfg.checkpoint`` already loaded (it is not modified).
+    """
     preset = load_target(cfg.target)
     cost_cfg = CostConfig(cfg.alpha, cfg.beta, cfg.gamma, cfg.weighting)  # validate before the slow parts
     if cfg.budget_mb is not None and cfg.budget_mb <= 0:
         raise MoecError(f"--budget-mb must be positive (got {cfg.budget_mb})")
-    model = load_checkpoint(cfg.checkpoint)
-    stats = _stats(cfg, preset.allowed_bits)
+    model = model or load_checkpoint(cfg.checkpoint)
+    stats = _stats(cfg, preset.allowed_bits, model)
     norms = plan_memory(model, BitPlan({}, {}, cfg.group_size)).kind_total("norms/bias")
     budget = cfg.budget_mb if cfg.budget_mb is not None else \
         DEFAULT_BUDGET_FRACTION * uniform_memory_mb(model, 8, cfg.group_size)
@@ -137,7 +135,6 @@ def search(cfg: SearchConfig) -> SearchOutcome:
     assert plan_memory(model, result.plan).total == result.cost.memory_bytes, "memory accounting disagrees"
     plots = []
     if cfg.plot_dir is not None:
-        from moec.search.plot import bits_frequency_plot, pareto_plot
         d = Path(cfg.plot_dir)
         plots.append(pareto_plot(result.visited, result.cost.to_json(), d / "pareto.png",
                                  f"{cfg.policy}: {len(result.visited)} plans visited"))

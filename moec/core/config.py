@@ -6,7 +6,7 @@ import hashlib
 import json
 from dataclasses import asdict, dataclass, field
 
-from moec.errors import MoecError
+from moec.core.errors import MoecError
 
 QK_NORM_MODES = ("none", "full", "head")
 

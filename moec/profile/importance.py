@@ -14,7 +14,7 @@ import torch.nn.functional as F
 
 from moec.models.model import MoEModel
 from moec.profile.routing import run_observed
-from moec.quant.packed_model import expert_key
+from moec.core.inventory import expert_key
 
 
 class _ExpertInputTap:

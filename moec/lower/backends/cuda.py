@@ -1,0 +1,40 @@
+"""CUDA backend (Jetson Orin): dlight GPU rules on fused dequantize-GEMVs, nvcc fatbin shipped in the bundle."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import tvm
+
+from moec.core.errors import MoecError
+from moec.core.targets import TargetPreset
+from moec.lower.backends.base import Backend
+from moec.lower.cuda_build import compile_cuda, require_nvcc
+from moec.lower.gpu_linear import GpuLinearEmitter
+from moec.lower.linear import LinearEmitter
+from moec.lower.pipeline import CUDA_PHASES
+
+
+class CudaBackend(Backend):
+    """Host code for the preset's CPU (cross-compiled), device code as CUDA C plus an sm_XX fatbin."""
+
+    def require_toolchain(self, preset: TargetPreset) -> None:
+        super().require_toolchain(preset)
+        try:
+            require_nvcc(str(preset.tvm_target.get("arch", "the GPU")))
+        except MoecError as exc:
+            raise MoecError(f"target '{preset.name}': {exc}") from None
+
+    def emitter(self, target: tvm.target.Target, activations: str = "float32") -> LinearEmitter:
+        if activations != "float32":
+            raise MoecError(f"activations={activations} needs moec's CPU kernels (backend 'cuda')")
+        return GpuLinearEmitter()
+
+    def post_build(self, executable, target: tvm.target.Target, folder: str | os.PathLike
+                   ) -> tuple[dict[str, Path], dict | None]:
+        kernels = compile_cuda(executable.mod, target)
+        return kernels.write(folder), kernels.manifest()
+
+
+BACKEND = CudaBackend("cuda", CUDA_PHASES, runtime_device="cuda")

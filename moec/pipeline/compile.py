@@ -1,0 +1,147 @@
+"""The compile and build stages: checkpoint → (profile) → plan → packed weights → TVM bundle, in memory.
+
+``compile_bundle`` loads the checkpoint once and packs it once; the Relax graph is built from
+those packed weights directly. ``CompileConfig.onnx`` also writes the ONNX export of the same
+packed weights (``moec build`` on it gives the same bundle: tests/lower/test_compile_bundle.py).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import tempfile
+import time
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+from moec.core.errors import MoecError
+from moec.core.plan import BitPlan, resolve_plan
+from moec.core.targets import load_target
+from moec.export.exporter import export_weights
+from moec.lower.backends import backend_for
+from moec.lower.bundle_build import build_bundle, build_bundle_from_params
+from moec.lower.onnx_import import import_onnx
+from moec.lower.params import build_params
+from moec.models.checkpoint import load_checkpoint
+from moec.pipeline.profile import DataConfig, SensitivityConfig, profile
+from moec.pipeline.search import SearchConfig, search
+from moec.profile.routing import collect_stats
+from moec.quant.weights import ModelWeights
+
+
+@dataclass
+class CompileConfig:
+    """Inputs of ``moec compile``: checkpoint, target, plan (file / ``uniform:B`` / BitPlan / None) and output.
+
+    Without a plan the bit-width search runs (``search`` holds its settings; it needs ``data``
+    or ``search.profile``). ``recipe`` (the resolved recipe, if any) is recorded in the manifest.
+    ``onnx``: also write the ONNX export of the packed weights into this directory.
+    """
+
+    checkpoint: str | os.PathLike
+    out: str | os.PathLike
+    target: str = "host"
+    plan: "str | os.PathLike | BitPlan | None" = None
+    data: DataConfig | None = None
+    group_size: int = 64
+    method: str = "mse"
+    debug_dump: str | os.PathLike | None = None
+    activations: str = "float32"
+    search: SearchConfig | None = None
+    recipe: dict | None = None
+    onnx: str | os.PathLike | None = None
+
+
+def _search_plan(cfg: CompileConfig, profile_path: Path | None, model) -> BitPlan:
+    scfg = cfg.search or SearchConfig(cfg.checkpoint, cfg.target)
+    scfg = replace(scfg, checkpoint=cfg.checkpoint, target=cfg.target,
+                   profile=scfg.profile or profile_path, data=scfg.data or cfg.data)
+    if scfg.profile is None and scfg.data is None:
+        raise MoecError("compile without --plan searches a plan and needs calibration text (--data), a profile "
+                        "with sensitivity (--profile) or a recipe; or pass --plan uniform:4")
+    return search(scfg, model=model).result.plan
+
+
+def compile_bundle(cfg: CompileConfig, on_stage=None) -> Path:
+    """profile (if calibration data is given) → plan (searched when none is given) → pack → build (TVM) → bundle.
+
+    ``on_stage(name, seconds)`` is called as each stage finishes.
+    """
+    preset = load_target(cfg.target)
+    backend_for(preset).require_toolchain(preset)  # before the slow stages, not after them
+    t0 = time.time()
+    model = load_checkpoint(cfg.checkpoint)
+    tok_path = Path(cfg.checkpoint) / "tokenizer.json"
+    searching = cfg.plan is None
+    with tempfile.TemporaryDirectory(prefix="moec-compile-") as tmp:
+        extra_files = {}
+        profile_path = None
+        if cfg.data is not None and not (searching and cfg.search is not None and cfg.search.profile):
+            if searching:  # one profiling pass gives the routing stats and the search's proxy sensitivity
+                bits = tuple(b for b in preset.allowed_bits if b != 16)
+                gs = cfg.search.group_size if cfg.search else cfg.group_size
+                meth = cfg.search.method if cfg.search else "rtn"
+                stats = profile(cfg.checkpoint, cfg.data, progress=False, model=model,
+                                sensitivity=SensitivityConfig("proxy", bits, gs, meth))
+            else:
+                stats = collect_stats(model, cfg.data.windows(cfg.checkpoint), batch=cfg.data.batch)
+                stats.data_sha256 = hashlib.sha256(Path(cfg.data.path).read_bytes()).hexdigest()
+            profile_path = Path(tmp) / "profile.json"
+            stats.save(profile_path)
+            extra_files["profile.json"] = profile_path
+            if on_stage:
+                on_stage("profile", time.time() - t0)
+        t0 = time.time()
+        if searching:
+            plan = _search_plan(cfg, profile_path, model)
+            name = f"search {plan.provenance.get('policy')}"
+        elif isinstance(cfg.plan, BitPlan):
+            plan, name = cfg.plan.copy().validate(model.cfg), str(cfg.plan.provenance.get("policy", "given"))
+        else:
+            plan = resolve_plan(cfg.plan, model.cfg, cfg.group_size, cfg.method)
+            name = str(plan.provenance.get("policy", Path(str(cfg.plan)).name))
+        plan.validate(model.cfg, tuple(preset.allowed_bits))
+        if on_stage:
+            on_stage(f"plan ({name})", time.time() - t0)
+        t0 = time.time()
+        weights = ModelWeights.from_model(model, plan)
+        if on_stage:
+            on_stage("quantize + pack", time.time() - t0)
+        manifest = {"source": str(cfg.checkpoint)}
+        if cfg.onnx is not None:
+            t0 = time.time()
+            export_weights(weights, cfg.onnx, tok_path, source=str(cfg.checkpoint))
+            manifest["onnx"] = str(cfg.onnx)
+            if on_stage:
+                on_stage("export (ONNX)", time.time() - t0)
+        if cfg.recipe is not None:
+            manifest["recipe"] = cfg.recipe
+        return build_bundle(model, plan, preset, cfg.out, tok_path if tok_path.is_file() else None, weights,
+                            extra_manifest=manifest, debug_dump=cfg.debug_dump, on_stage=on_stage,
+                            extra_files=extra_files, activations=cfg.activations)
+
+
+def build_from_onnx(onnx_path: str | os.PathLike, out: str | os.PathLike, target: str = "host",
+                    debug_dump: str | os.PathLike | None = None, on_stage=None,
+                    extra_files: dict | None = None, extra_manifest: dict | None = None,
+                    activations: str = "float32") -> Path:
+    """``moec build``: the last stage alone — a moec ONNX export (file or directory) → bundle.
+
+    ``activations="int8"`` quantizes the activations of quantized decode GEMVs per group to int8
+    (faster on CPUs with int8 dot products, ~1e-2 relative error, like onnxruntime's
+    accuracy_level 4); the default keeps them float32 (exact against the fake-quant model).
+    """
+    preset = load_target(target)
+    backend_for(preset).require_toolchain(preset)
+    t0 = time.time()
+    cfg, plan, packed, floats = import_onnx(onnx_path)
+    plan.validate(cfg, tuple(preset.allowed_bits))
+    params = build_params(cfg, plan, packed, floats)
+    if on_stage:
+        on_stage("import (ONNX → params)", time.time() - t0)
+    src = Path(onnx_path)
+    tok = (src if src.is_dir() else src.parent) / "tokenizer.json"
+    return build_bundle_from_params(cfg, plan, params, preset, out, tok if tok.is_file() else None,
+                                    extra_manifest={"source": str(src), **(extra_manifest or {})},
+                                    debug_dump=debug_dump, on_stage=on_stage, extra_files=extra_files,
+                                    activations=activations)

@@ -1,0 +1,39 @@
+"""The export and inspect stages from files: checkpoint + plan → ONNX directory; an artifact → its summary."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from moec.artifact.inspect_bundle import inspect_bundle
+from moec.core.errors import MoecError
+from moec.core.plan import resolve_plan
+from moec.export.exporter import ExportResult, export_model
+from moec.export.inspect_onnx import inspect_onnx
+from moec.export.writer import check_export_target
+from moec.models.checkpoint import load_checkpoint, load_config
+
+
+def export_onnx(checkpoint: str | os.PathLike, plan: str | os.PathLike, out: str | os.PathLike,
+                group_size: int = 64, method: str = "rtn", verify: bool = False,
+                accuracy_level: int = 0) -> ExportResult:
+    """Export ``checkpoint`` under ``plan`` (file or ``uniform:B``) to ONNX in directory ``out``.
+
+    Writes ``prefill.onnx``, ``decode.onnx``, ``weights.bin``, ``tokenizer.json`` and ``export.json``
+    atomically. ``group_size``/``method`` apply to ``uniform:B`` plans. Returns an
+    ``ExportResult`` (with ``max_abs_diff`` against the fake-quantized torch model when ``verify``).
+    """
+    bit_plan = resolve_plan(plan, load_config(checkpoint), group_size, method)
+    check_export_target(out)  # fail before the (slow) load and quantization
+    model = load_checkpoint(checkpoint)
+    return export_model(model, bit_plan, out, tokenizer=Path(checkpoint) / "tokenizer.json",
+                        source=str(checkpoint), verify=verify, accuracy_level=accuracy_level)
+
+
+def inspect_file(path: str | os.PathLike):
+    """Inspect an artifact by type: ``.onnx`` -> ``OnnxInspection``; a bundle directory -> its manifest."""
+    if Path(path).suffix.lower() == ".onnx":
+        return inspect_onnx(path)
+    if Path(path).is_dir() and (Path(path) / "manifest.json").is_file():
+        return inspect_bundle(path)
+    raise MoecError(f"unsupported file '{path}'; expected a .onnx model or a bundle directory")

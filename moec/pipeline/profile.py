@@ -1,0 +1,116 @@
+"""The profile and eval stages from files: checkpoint + text → routing statistics (+ sensitivity) or accuracy."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from moec.core.errors import MoecError
+from moec.core.plan import BitPlan, resolve_plan
+from moec.models.checkpoint import load_checkpoint
+from moec.models.model import MoEModel
+from moec.models.tokenizer import load_tokenizer
+from moec.profile.data import read_text, token_windows
+from moec.profile.evaluate import EvalResult, evaluate_windows
+from moec.profile.plot import frequency_heatmap
+from moec.profile.routing import collect_stats
+from moec.profile.sensitivity import Sensitivity, exact_sensitivity, proxy_sensitivity
+from moec.profile.stats import ExpertStats
+from moec.quant.accounting import MemoryReport, float32_memory, plan_memory
+from moec.quant.packed_model import fake_quantize_model
+
+
+@dataclass
+class DataConfig:
+    """Which text to run and how to cut it."""
+
+    path: str | os.PathLike
+    seq_len: int = 256
+    max_tokens: int | None = None
+    batch: int = 8
+
+    def windows(self, checkpoint: str | os.PathLike):
+        """The text cut into token windows with ``checkpoint``'s tokenizer."""
+        return token_windows(load_tokenizer(checkpoint), read_text(self.path), self.seq_len, self.max_tokens)
+
+
+def load_model_and_windows(checkpoint: str | os.PathLike, data: DataConfig) -> tuple[MoEModel, "object"]:
+    read_text(data.path)  # check the cheap input first
+    model = load_checkpoint(checkpoint)
+    return model, data.windows(checkpoint)
+
+
+@dataclass
+class SensitivityConfig:
+    """Which sensitivity measurements ``profile`` adds (``kind``: none, proxy, exact or both)."""
+
+    kind: str = "none"
+    bits: tuple[int, ...] = (2, 3, 4, 8)
+    group_size: int = 64
+    method: str = "rtn"
+    heldout: DataConfig | None = None
+
+
+def profile(checkpoint: str | os.PathLike, data: DataConfig, out: str | os.PathLike | None = None,
+            plot: str | os.PathLike | None = None, progress: bool = True,
+            sensitivity: SensitivityConfig | None = None, model: MoEModel | None = None) -> ExpertStats:
+    """Routing statistics of ``checkpoint`` on ``data`` (+ optional sensitivity), saved to ``out``/``plot``.
+
+    Exact sensitivity runs on ``sensitivity.heldout`` (default: the calibration data). ``model``,
+    if given, is ``checkpoint`` already loaded (it is not modified).
+    """
+    sens = sensitivity or SensitivityConfig()
+    if sens.kind not in ("none", "proxy", "exact", "both"):
+        raise MoecError(f"unknown sensitivity kind '{sens.kind}'; choices: none, proxy, exact, both")
+    if model is None:
+        model, windows = load_model_and_windows(checkpoint, data)
+    else:
+        windows = data.windows(checkpoint)
+    stats = collect_stats(model, windows, batch=data.batch, progress=progress)
+    stats.data_sha256 = hashlib.sha256(Path(data.path).read_bytes()).hexdigest()
+    if sens.kind != "none":
+        result = Sensitivity(list(sens.bits), sens.group_size, sens.method)
+        if sens.kind in ("proxy", "both"):
+            result.proxy = proxy_sensitivity(model, windows, result.bits, sens.group_size, sens.method,
+                                             batch=data.batch, progress=progress)
+        if sens.kind in ("exact", "both"):
+            held = windows if sens.heldout is None else sens.heldout.windows(checkpoint)
+            result.exact = exact_sensitivity(model, held, result.bits, sens.group_size, sens.method,
+                                             progress=progress)
+        stats.sensitivity = result.to_json()
+    if out is not None:
+        stats.save(out)
+    if plot is not None:
+        frequency_heatmap(stats, plot)
+    return stats
+
+
+@dataclass
+class PlanEval:
+    """Accuracy of a model under a plan, with the plan's exact memory."""
+
+    result: EvalResult
+    plan: BitPlan | None
+    memory: MemoryReport | None
+    float32_bytes: int
+
+
+def evaluate(checkpoint: str | os.PathLike, data: DataConfig, plan: str | os.PathLike | None = None,
+             progress: bool = True) -> PlanEval:
+    """Perplexity and top-1 accuracy, under a bit plan (file or ``uniform:B``) if one is given.
+
+    The plan is applied as fake quantization with the same quantizers every back end uses.
+    """
+    read_text(data.path)
+    model = load_checkpoint(checkpoint)
+    bit_plan = resolve_plan(plan, model.cfg) if plan is not None else None
+    windows = data.windows(checkpoint)
+    fp32 = float32_memory(model)
+    memory = None
+    if bit_plan is not None:
+        memory = plan_memory(model, bit_plan)
+        fake_quantize_model(model, bit_plan)
+    res = evaluate_windows(model, windows, batch=data.batch, progress=progress)
+    return PlanEval(res, bit_plan, memory, fp32)
