@@ -29,12 +29,11 @@ from dataclasses import dataclass, field
 
 from moec.core.errors import MoecError
 from moec.core.config import MoEConfig
+from moec.core.formats import ALL_BITS
 from moec.core.inventory import TENSOR_GROUPS, expert_shapes, non_expert_weights
 from moec.core.io import atomic_write_json, read_json
 
 PLAN_VERSION = 1
-ALL_BITS = (2, 3, 4, 5, 6, 8, 16)
-DEFAULT_ALLOWED = (2, 3, 4, 8, 16)
 @dataclass
 class BitPlan:
     experts: dict[int, dict[int, int]]

@@ -10,6 +10,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from moec.core.errors import MoecError
+from moec.core.formats import ALL_BITS
 
 
 class EnergyModel(BaseModel):
@@ -45,9 +46,9 @@ class TargetPreset(BaseModel):
     @field_validator("allowed_bits")
     @classmethod
     def _bits(cls, v: list[int]) -> list[int]:
-        bad = [b for b in v if b not in (2, 3, 4, 5, 6, 8, 16)]
+        bad = [b for b in v if b not in ALL_BITS]
         if bad:
-            raise ValueError(f"unsupported bits {bad}; choose from 2, 3, 4, 5, 6, 8, 16")
+            raise ValueError(f"unsupported bits {bad}; choose from {', '.join(map(str, ALL_BITS))}")
         return v
 
     def tvm(self):

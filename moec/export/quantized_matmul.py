@@ -45,12 +45,10 @@ from dataclasses import dataclass
 import numpy as np
 from onnx import TensorProto
 
+from moec.core.formats import FLOAT_BITS, MATMULNBITS_BITS
 from moec.export.onnx_graph import MS_DOMAIN, GraphBuilder, WeightStore
 from moec.quant.pack import packed_row_bytes
 from moec.quant.packed_model import PackedWeight
-
-MATMULNBITS_BITS = (2, 4, 8)
-
 
 @dataclass(frozen=True)
 class StoredWeight:
@@ -73,7 +71,7 @@ class StoredWeight:
 
 
 def choose_form(pw: PackedWeight) -> str:
-    if pw.bits == 16:
+    if pw.bits == FLOAT_BITS:
         return "float32" if pw.packed.dtype == np.float32 else "float16"
     gs = pw.group_size
     if pw.bits in MATMULNBITS_BITS and gs >= 16 and gs & (gs - 1) == 0:

@@ -27,6 +27,7 @@ from pathlib import Path
 import numpy as np
 
 from moec.core.errors import MoecError
+from moec.core.formats import DEFAULT_ALLOWED
 from moec.core.config import MoEConfig
 from moec.core.io import atomic_write_json, read_json
 from moec.core.plan import BitPlan, uniform_plan
@@ -185,7 +186,7 @@ class LatencySimulator:
             raise MoecError(f"unknown statistic '{statistic}'; choices: best, median")
         stat = f"{statistic}_s"
         preset = load_target(target)
-        bits = tuple(bits or [b for b in preset.allowed_bits if b in (2, 3, 4, 8, 16)])
+        bits = tuple(bits or [b for b in preset.allowed_bits if b in DEFAULT_ALLOWED])
         sim = cls(target, key, cfg.fingerprint(), group_size, cfg.top_k)
         expert_c, dense_c, sim.unsupported = kernel_candidates(cfg, bits, group_size, target)
         kprof = Profiler(tracker, key, store, Protocol(5, repeats, flush_bytes=flush_bytes), progress=progress)

@@ -15,7 +15,8 @@ import numpy as np
 
 from moec.core.config import MoEConfig
 from moec.core.inventory import expert_key
-from moec.quant.packed_model import FLOAT_BITS, PackedWeight
+from moec.core.formats import FLOAT_BITS
+from moec.quant.packed_model import PackedWeight
 from moec.core.plan import BitPlan
 
 

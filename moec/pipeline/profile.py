@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from moec.core.errors import MoecError
+from moec.core.formats import DEFAULT_ALLOWED, FLOAT_BITS
 from moec.core.plan import BitPlan, resolve_plan
 from moec.models.checkpoint import load_checkpoint
 from moec.models.model import MoEModel
@@ -47,7 +48,7 @@ class SensitivityConfig:
     """Which sensitivity measurements ``profile`` adds (``kind``: none, proxy, exact or both)."""
 
     kind: str = "none"
-    bits: tuple[int, ...] = (2, 3, 4, 8)
+    bits: tuple[int, ...] = tuple(b for b in DEFAULT_ALLOWED if b != FLOAT_BITS)
     group_size: int = 64
     method: str = "rtn"
     heldout: DataConfig | None = None

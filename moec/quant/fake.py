@@ -5,11 +5,11 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from moec.core.formats import FLOAT_BITS
 from moec.core.errors import MoecError
 from moec.quant.quantize import dequantize, quantize
 
 #: Bit width meaning "keep the weight in floating point".
-FLOAT_BITS = 16
 
 
 def fake_quantize(w: torch.Tensor, bits: int, group_size: int, method: str = "rtn",

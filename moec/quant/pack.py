@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from moec.core.formats import FORMATS
 from moec.core.errors import MoecError
 from moec.quant.quantize import check_bits, check_group_size
 
@@ -148,14 +149,15 @@ def packed_nbytes(n: int, k: int, bits: int, group_size: int) -> dict[str, int]:
         ``weight`` (packed values, ``n * ceil(k*bits/8)``), ``scales`` (fp16, 2 bytes per group),
         ``zeros`` (packed, ``n * ceil(G*bits/8)``) and ``total``, all in bytes.
     """
-    if isinstance(bits, (int, np.integer)) and not isinstance(bits, bool) and bits == 16:
-        weight, scales, zeros = n * k * 2, 0, 0
+    fmt = FORMATS.get(int(bits)) if isinstance(bits, (int, np.integer)) and not isinstance(bits, bool) else None
+    if fmt is not None and not fmt.quantized:
+        weight, scales, zeros = n * k * np.dtype(np.float16).itemsize, 0, 0
     else:
         check_bits(bits)
         check_group_size(group_size, k)
         groups = k // group_size
         weight = n * packed_row_bytes(k, bits)
-        scales = n * groups * np.dtype(np.float16).itemsize
+        scales = n * groups * np.dtype(fmt.scale_dtype).itemsize
         zeros = n * packed_row_bytes(groups, bits)
     return {"weight": weight, "scales": scales, "zeros": zeros, "total": weight + scales + zeros}
 

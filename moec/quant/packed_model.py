@@ -7,6 +7,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from moec.core.formats import FLOAT_BITS
 from moec.models.model import MoEModel
 from moec.quant.gptq import gptq_quantize
 from moec.quant.pack import pack, pack_zeros, unpack
@@ -14,7 +15,6 @@ from moec.quant.quantize import QuantizedTensor, dequantize, quantize
 from moec.core.inventory import expert_key, non_expert_weights, parse_expert_key
 from moec.core.plan import BitPlan
 
-FLOAT_BITS = 16
 
 #: Plan method quantizing with GPTQ where a calibration Hessian exists (RTN elsewhere).
 GPTQ = "gptq"

@@ -8,12 +8,13 @@ from dataclasses import dataclass
 import numpy as np
 
 from moec.core.errors import MoecError
+from moec.core.formats import QUANT_BITS
 from moec.quant.affine import affine_dequantize, affine_quantize, group_view, max_level
 from moec.quant.hqq import hqq_params
 from moec.quant.methods import mse_params, rtn_params
 
 #: Bit widths handled by :func:`quantize` (16 means "keep float" and is handled by callers).
-SUPPORTED_BITS: tuple[int, ...] = (2, 3, 4, 5, 6, 8)
+SUPPORTED_BITS: tuple[int, ...] = QUANT_BITS  # the integer formats of moec.core.formats
 
 #: Smallest accepted group size (tiny test models); real models use 32, 64 or 128.
 MIN_GROUP_SIZE = 8

@@ -4,11 +4,10 @@ from __future__ import annotations
 
 import numpy as np
 
+
 #: Activation types of the decode GEMV: float32 (exact) or int8 (onnxruntime accuracy_level 4).
 ACTIVATIONS: tuple[str, ...] = ("float32", "int8")
 
-#: Bit widths with an int8-activation kernel.
-INT8_ACTIVATION_BITS: tuple[int, ...] = (2, 3, 4, 8)
 
 
 def quantize_activations(x: np.ndarray, group_size: int) -> tuple[np.ndarray, np.ndarray]:

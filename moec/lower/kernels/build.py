@@ -6,7 +6,8 @@ import tvm
 from tvm.target import codegen
 
 from moec.core.errors import MoecError
-from moec.lower.kernels.activations import ACTIVATIONS, INT8_ACTIVATION_BITS
+from moec.core.formats import INT8_ACTIVATION_BITS
+from moec.lower.kernels.activations import ACTIVATIONS
 from moec.lower.kernels.gemv import GemvSpec, gemv_definition
 from moec.lower.kernels.grouped_gemm import GroupedGemmSpec, grouped_gemm_definition
 from moec.lower.kernels.row_guard import guard_routed_rows

@@ -29,13 +29,14 @@ import numpy as np
 
 from moec.core.errors import MoecError
 from moec.quant.pack import packed_row_bytes, unpack
-from moec.quant.packed_model import FLOAT_BITS, PackedWeight
+from moec.core.formats import FLOAT_BITS, kernel_bits
+from moec.quant.packed_model import PackedWeight
 
 #: Default row tile (x86's: one 16-lane AVX-512 vector); use ``kernel_tile(target)``.
 DEFAULT_TILE = 16
 
-#: Bit widths the quantized kernels decode.
-KERNEL_BITS: tuple[int, ...] = (2, 3, 4, 8)
+#: Bit widths the quantized CPU kernels decode (x86 and arm share the layout and the formats).
+KERNEL_BITS: tuple[int, ...] = kernel_bits("x86")
 
 
 def zero_words(groups: int, bits: int) -> int:

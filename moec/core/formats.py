@@ -1,0 +1,117 @@
+"""Weight formats: one registry of named formats (scheme, bits, scale/zero types, packing, kernels per backend).
+
+A plan's integer bits *name* a format (``4`` is ``int4``; ``16`` is ``fp16``, the weight kept
+in float), so existing plan JSON stays valid. Every list of allowed widths in moec derives
+from this table: the quantizers (``QUANT_BITS``), plans and presets (``ALL_BITS``), the
+default search space (``DEFAULT_ALLOWED``), the kernels each backend has (``kernel_bits``),
+the int8-activation GEMVs and the ONNX operator each format exports to.
+
+Adding a format (NF4, MXFP4, ...) is one entry here plus its numerics in ``moec.quant``; the
+places that need new code then fail with this registry's one-line error.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from moec.core.errors import MoecError
+
+#: Scheme of a quantized format: ``w ≈ (q − zero) · scale`` per group along K (unsigned codes).
+AFFINE = "affine"
+#: The weight kept in floating point (no scale, no zero).
+FLOAT = "float"
+
+
+@dataclass(frozen=True)
+class WeightFormat:
+    """One storage format of a 2-D weight.
+
+    Attributes
+    ----------
+    name : str
+        ``int2`` … ``int8``, ``fp16``.
+    bits : int
+        Bits per weight code; the number a plan uses for this format.
+    scheme : str
+        ``affine`` (asymmetric integer with a zero point) or ``float``.
+    scale_dtype, zero_dtype : str | None
+        Per-group scale type and zero-point storage (``packed``: ``bits``-wide codes, packed like
+        the weights); None for float formats.
+    packing : str
+        ``lsb-stream``: value *i* of a row occupies bits ``[i·b, (i+1)·b)`` (``moec.quant.pack``);
+        ``none`` for float formats (stored as float16).
+    kernels : frozenset[str]
+        Backends (``moec.lower.backends``) with a mixed-precision kernel for the format; on others
+        the weight runs on the reference emitter.
+    int8_activations : bool
+        The CPU backends have an int8-activation GEMV for it (``--activations int8``).
+    onnx_op : str
+        How the ONNX export stores it: ``MatMulNBits`` (com.microsoft; 2/4/8 bits), ``packed``
+        (moec's packed codes + a DequantizeLinear chain) or ``float16``.
+    """
+
+    name: str
+    bits: int
+    scheme: str
+    scale_dtype: str | None
+    zero_dtype: str | None
+    packing: str
+    kernels: frozenset[str]
+    int8_activations: bool
+    onnx_op: str
+
+    @property
+    def quantized(self) -> bool:
+        return self.scheme != FLOAT
+
+
+_ALL_BACKENDS = frozenset({"x86", "arm", "cuda"})
+
+
+def _int(bits: int, kernels: frozenset[str], onnx_op: str) -> WeightFormat:
+    return WeightFormat(f"int{bits}", bits, AFFINE, "float16", "packed", "lsb-stream", kernels, bool(kernels),
+                        onnx_op)
+
+
+#: Every format, keyed by the bits a plan uses to name it.
+FORMATS: dict[int, WeightFormat] = {f.bits: f for f in (
+    _int(2, _ALL_BACKENDS, "MatMulNBits"),
+    _int(3, _ALL_BACKENDS, "packed"),
+    _int(4, _ALL_BACKENDS, "MatMulNBits"),
+    _int(5, frozenset(), "packed"),
+    _int(6, frozenset(), "packed"),
+    _int(8, _ALL_BACKENDS, "MatMulNBits"),
+    WeightFormat("fp16", 16, FLOAT, None, None, "none", _ALL_BACKENDS, False, "float16"),
+)}
+
+#: Bits of the weight kept in float (the ``fp16`` format).
+FLOAT_BITS = 16
+#: Every width a plan or a target preset may name.
+ALL_BITS: tuple[int, ...] = tuple(sorted(FORMATS))
+#: Widths the quantizers produce (integer formats).
+QUANT_BITS: tuple[int, ...] = tuple(b for b in ALL_BITS if FORMATS[b].quantized)
+#: The search space when nothing narrower is given: formats every backend has kernels for.
+DEFAULT_ALLOWED: tuple[int, ...] = tuple(b for b in ALL_BITS if FORMATS[b].kernels == _ALL_BACKENDS)
+#: Integer widths with an int8-activation GEMV.
+INT8_ACTIVATION_BITS: tuple[int, ...] = tuple(b for b in QUANT_BITS if FORMATS[b].int8_activations)
+#: Integer widths the ONNX export writes as ``MatMulNBits``.
+MATMULNBITS_BITS: tuple[int, ...] = tuple(b for b in QUANT_BITS if FORMATS[b].onnx_op == "MatMulNBits")
+
+
+def kernel_bits(backend: str) -> tuple[int, ...]:
+    """Integer widths ``backend`` has mixed-precision kernels for."""
+    return tuple(b for b in QUANT_BITS if backend in FORMATS[b].kernels)
+
+
+def get_format(spec: int | str) -> WeightFormat:
+    """The format named by plan bits (``4``) or by name (``"int4"``); a one-line error lists the choices."""
+    if isinstance(spec, str) and not spec.isdigit():
+        for fmt in FORMATS.values():
+            if fmt.name == spec:
+                return fmt
+    elif not isinstance(spec, bool):
+        fmt = FORMATS.get(int(spec))
+        if fmt is not None:
+            return fmt
+    raise MoecError(f"unknown weight format {spec!r}; choices: "
+                    f"{', '.join(f'{f.name} ({b})' for b, f in FORMATS.items())}")
