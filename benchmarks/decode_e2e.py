@@ -30,7 +30,7 @@ from moec.export.exporter import export_weights
 from moec.export.ort_runner import OrtModel
 from moec.quant.weights import ModelWeights, random_weights
 from moec.core.targets import load_target
-from moec.lower.bundle_build import build_bundle_from_params
+from moec.lower.bundler import build_bundle_from_params
 from moec.lower.params import build_params
 from moec.models.checkpoint import load_checkpoint
 from moec.core.config import MoEConfig

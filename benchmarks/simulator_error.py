@@ -24,7 +24,7 @@ import numpy as np
 from moec.hardware.simulator_fit import build_bundles, routing_frequencies
 from moec.hardware.farm import LocalFarm
 from moec.hardware.candidates import BundleCandidate, Protocol
-from moec.hardware.profiler import measure_rounds
+from moec.hardware.device_timing import measure_rounds
 from moec.hardware.simulator import LatencySimulator, relative_error
 from moec.hardware.store import MeasurementStore
 from moec.models.checkpoint import load_config

@@ -84,7 +84,7 @@ def status(tracker, wait_s):
 @click.option("--kernels", is_flag=True, help="Also time each bundle's GEMV kernel classes (bits x shape).")
 def profile(bundles, tracker, key, store_path, repeats, steps, timeout_s, kernels):
     """Decode-step latency and energy of BUNDLES on KEY devices (stored; stored ones cost no device time)."""
-    from moec.hardware.profiler import measure_bundles
+    from moec.hardware.device_timing import measure_bundles
     from moec.hardware.store import MeasurementStore
 
     store = MeasurementStore(store_path)
@@ -102,7 +102,7 @@ def profile(bundles, tracker, key, store_path, repeats, steps, timeout_s, kernel
 def _profile_kernels(bundles, tracker, key, store, repeats, timeout_s):
     from moec.artifact.bundle import read_manifest
     from moec.hardware.kernel_classes import plan_kernel_candidates
-    from moec.hardware.profiler import measure_kernels
+    from moec.hardware.device_timing import measure_kernels
     from moec.core.config import MoEConfig
     from moec.core.plan import BitPlan
 

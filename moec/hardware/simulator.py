@@ -35,7 +35,7 @@ from moec.core.targets import load_target
 from moec.hardware.candidates import BundleCandidate, Protocol
 from moec.hardware.energy_model import decode_energy_j, frequency_rows
 from moec.hardware.kernel_classes import dense_weights, expert_kernels, kernel_candidates
-from moec.hardware.profiler import Profiler, measure_rounds
+from moec.hardware.device_timing import DeviceTimer, measure_rounds
 from moec.hardware.simulator_fit import build_bundles, routing_frequencies
 
 log = logging.getLogger("moec.farm")
@@ -189,7 +189,7 @@ class LatencySimulator:
         bits = tuple(bits or [b for b in preset.allowed_bits if b in DEFAULT_ALLOWED])
         sim = cls(target, key, cfg.fingerprint(), group_size, cfg.top_k)
         expert_c, dense_c, sim.unsupported = kernel_candidates(cfg, bits, group_size, target)
-        kprof = Profiler(tracker, key, store, Protocol(5, repeats, flush_bytes=flush_bytes), progress=progress)
+        kprof = DeviceTimer(tracker, key, store, Protocol(5, repeats, flush_bytes=flush_bytes), progress=progress)
         kres = kprof.measure([c for c, _ in expert_c] + [c for c, _ in dense_c])
         for (cand, table_key), m in zip(expert_c + dense_c, kres):
             if m.status != "ok":

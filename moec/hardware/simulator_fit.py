@@ -12,7 +12,7 @@ import torch
 from tqdm import tqdm
 
 from moec.core.plan import BitPlan
-from moec.lower.bundle_build import PlanBundler
+from moec.lower.bundler import PlanBundler
 from moec.models.checkpoint import load_checkpoint
 from moec.profile.routing import collect_stats
 from moec.quant.packed_model import fake_quantize_model

@@ -22,7 +22,7 @@ from tvm import relax, te, tirx
 
 from moec.core.errors import MoecError
 from moec.core.formats import INT8_ACTIVATION_BITS
-from moec.lower.kernels.build import make_gemv, make_grouped_gemm
+from moec.lower.kernels.factory import make_gemv, make_grouped_gemm
 from moec.lower.kernels.row_guard import has_row_guard
 from moec.lower.kernels.layout import check_kernel_shape, stack_kernel_layouts, to_kernel_layout
 from moec.lower.linear import LinearEmitter

@@ -19,7 +19,7 @@ from moec.core.plan import BitPlan, resolve_plan
 from moec.core.targets import load_target
 from moec.export.exporter import export_weights
 from moec.lower.backends import backend_for
-from moec.lower.bundle_build import build_bundle, build_bundle_from_params
+from moec.lower.bundler import build_bundle, build_bundle_from_params
 from moec.lower.onnx_import import import_onnx
 from moec.lower.params import build_params
 from moec.models.checkpoint import load_checkpoint

@@ -132,7 +132,7 @@ class AnalyticEstimator:
 
 
 @dataclass
-class Measurement:
+class PlanMeasurement:
     """One device measurement of a plan (seconds and joules per decode step)."""
 
     latency_s: float
@@ -172,7 +172,7 @@ class CorrectedEstimator:
             return np.array([est.parts["bytes"], est.parts["kernel_count"], 1.0])
         return np.array([est.latency_s])
 
-    def add(self, problem: SearchProblem, assign: np.ndarray, m: Measurement) -> None:
+    def add(self, problem: SearchProblem, assign: np.ndarray, m: PlanMeasurement) -> None:
         est = self.base.estimate(problem, assign)
         count = est.parts.get("kernel_count", 0.0)
         prior = [1.0, est.parts.get("kernels", 0.0) / count if count else 0.0, est.parts.get("step", 0.0)]

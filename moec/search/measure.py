@@ -3,9 +3,9 @@
 * ``LocalBundleMeasurer`` — builds a host bundle with TVM and times greedy decode steps here
   (median over repeats). Energy is not measured (``energy_source`` = ``modelled``).
 * ``FarmMeasurer`` — builds a bundle for the target and times it on a farm device through
-  ``moec.hardware.profiler.measure_bundles`` (the device-farm stage).
+  ``moec.hardware.device_timing.measure_bundles`` (the device-farm stage).
 
-Both return :class:`moec.search.estimator.Measurement` in seconds/joules per decode step.
+Both return :class:`moec.search.estimator.PlanMeasurement` in seconds/joules per decode step.
 """
 
 from __future__ import annotations
@@ -19,11 +19,11 @@ import tempfile
 from pathlib import Path
 
 from moec.core.errors import MoecError
-from moec.hardware.profiler import measure_bundles
+from moec.hardware.device_timing import measure_bundles
 from moec.hardware.store import MeasurementStore
-from moec.lower.bundle_build import PlanBundler
+from moec.lower.bundler import PlanBundler
 from moec.runtime.session import BundleSession
-from moec.search.estimator import Measurement
+from moec.search.estimator import PlanMeasurement
 from moec.core.plan import BitPlan
 
 log = logging.getLogger("moec")
@@ -61,13 +61,13 @@ class LocalBundleMeasurer:
         self._tmp = None if workdir else tempfile.TemporaryDirectory(prefix="moec-measure-")
         self.workdir = Path(workdir or self._tmp.name)
 
-    def __call__(self, plan: BitPlan) -> Measurement:
+    def __call__(self, plan: BitPlan) -> PlanMeasurement:
         bundle = self.workdir / f"bundle-{_plan_key(plan)}"
         if not (bundle / "manifest.json").is_file():
             self.bundler(plan, bundle)
         median, spread = time_decode(bundle, self.steps, self.repeats)
         log.info("local measurement: %.3f ms/step (spread %.3f ms)", median * 1e3, spread * 1e3)
-        return Measurement(median, None, "measured", "modelled")
+        return PlanMeasurement(median, None, "measured", "modelled")
 
 
 class FarmMeasurer:
@@ -80,7 +80,7 @@ class FarmMeasurer:
         self.store, self.workdir, self.repeats = Path(store), Path(workdir), repeats
         self.workdir.mkdir(parents=True, exist_ok=True)
 
-    def __call__(self, plan: BitPlan) -> Measurement:
+    def __call__(self, plan: BitPlan) -> PlanMeasurement:
         bundle = self.workdir / f"bundle-{_plan_key(plan)}"
         if not (bundle / "manifest.json").is_file():
             self.bundler(plan, bundle)
@@ -92,5 +92,5 @@ class FarmMeasurer:
             store.close()
         if m.status != "ok" or m.median_s is None:
             raise MoecError(f"farm measurement of the plan failed ({m.status}): {getattr(m, 'detail', '')}")
-        return Measurement(float(m.median_s), getattr(m, "energy_j_per_token", None), "measured",
+        return PlanMeasurement(float(m.median_s), getattr(m, "energy_j_per_token", None), "measured",
                            getattr(m, "energy_source", "modelled"))

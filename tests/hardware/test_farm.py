@@ -17,7 +17,7 @@ from click.testing import CliRunner
 from moec.cli.main import cli
 from moec.hardware.candidates import BundleCandidate, KernelCandidate, Protocol
 from moec.hardware.farm import LocalFarm, free_port
-from moec.hardware.profiler import Profiler
+from moec.hardware.device_timing import DeviceTimer
 from moec.hardware.store import MeasurementStore
 from tests.hardware.sensor_fixtures import write_hwmon
 
@@ -75,7 +75,7 @@ def test_killed_server_mid_batch_loses_nothing(farm, bundles, tmp_path):
     store = MeasurementStore(tmp_path / "m.db")
     cands = [BundleCandidate(b) for b in bundles] + _kernels(6)
     committed: list[str] = []
-    prof = Profiler(farm.address, KEY, store, Protocol(number=5, repeat=40, steps=6), timeout_s=60, wait_s=60,
+    prof = DeviceTimer(farm.address, KEY, store, Protocol(number=5, repeat=40, steps=6), timeout_s=60, wait_s=60,
                     on_result=lambda m: committed.append(m.fingerprint))
     killed: dict = {}
 
@@ -105,7 +105,7 @@ def test_killed_server_mid_batch_loses_nothing(farm, bundles, tmp_path):
         assert store.get("host", KEY, fp) is not None
     assert all(m.energy_source == "modelled" and m.energy_j_per_token > 0 for m in res)  # no sensors here
 
-    again = Profiler(farm.address, KEY, store, Protocol(number=5, repeat=40, steps=6))
+    again = DeviceTimer(farm.address, KEY, store, Protocol(number=5, repeat=40, steps=6))
     res2 = again.measure(cands)
     assert again.device_requests == 0 and all(m.from_store for m in res2)
     assert [m.median_s for m in res2] == [m.median_s for m in res]
@@ -114,11 +114,11 @@ def test_killed_server_mid_batch_loses_nothing(farm, bundles, tmp_path):
 def test_timeout_is_recorded_not_retried(farm, tmp_path):
     store = MeasurementStore(tmp_path / "m.db")
     slow = KernelCandidate(16, 64, 64, 32, 4, 2, 2, label="slow")
-    prof = Profiler(farm.address, KEY, store, Protocol(number=5, repeat=2000), timeout_s=3, wait_s=60)
+    prof = DeviceTimer(farm.address, KEY, store, Protocol(number=5, repeat=2000), timeout_s=3, wait_s=60)
     (m,) = prof.measure([slow])
     assert m.status == "timeout" and m.attempts == 1 and m.median_s is None
     assert store.get("host", KEY, m.fingerprint).status == "timeout"
-    again = Profiler(farm.address, KEY, store, Protocol(number=5, repeat=2000), timeout_s=3)
+    again = DeviceTimer(farm.address, KEY, store, Protocol(number=5, repeat=2000), timeout_s=3)
     assert again.measure([slow])[0].status == "timeout" and again.device_requests == 0
 
 
@@ -126,7 +126,7 @@ def test_device_side_sampler_measures_energy(farm, bundles, tmp_path):
     sysroot = tmp_path / "sysroot"
     write_hwmon(sysroot, [("VDD_IN", 5000, 2000)])  # the device's sensor reads 10 W
     store = MeasurementStore(tmp_path / "m.db")
-    prof = Profiler(farm.address, KEY, store, Protocol(number=5, repeat=20, steps=4), energy_root=str(sysroot))
+    prof = DeviceTimer(farm.address, KEY, store, Protocol(number=5, repeat=20, steps=4), energy_root=str(sysroot))
     (m,) = prof.measure([BundleCandidate(bundles[0])])
     assert m.status == "ok" and m.energy_source == "measured", m.detail
     assert m.energy_j_per_token == pytest.approx(10.0 * m.median_s, rel=0.05)

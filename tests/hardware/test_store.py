@@ -9,7 +9,7 @@ import pytest
 
 from moec.core.errors import MoecError
 from moec.hardware.candidates import Protocol
-from moec.hardware.profiler import Profiler, spread
+from moec.hardware.device_timing import DeviceTimer, spread
 from moec.hardware.store import Measurement, MeasurementStore
 
 
@@ -75,12 +75,12 @@ def test_stored_candidates_need_no_tracker(tmp_path):
     s = MeasurementStore(tmp_path / "m.db")
     for fp in "xyz":
         s.put(_m(fp))
-    prof = Profiler("127.0.0.1:1", "host", s)  # nothing listens there
+    prof = DeviceTimer("127.0.0.1:1", "host", s)  # nothing listens there
     res = prof.measure([_FakeCandidate(fp) for fp in "xyz"])
     assert [r.fingerprint for r in res] == list("xyz") and all(r.from_store for r in res)
     assert prof.device_requests == 0
     with pytest.raises(MoecError, match="cannot reach the RPC tracker"):
-        Profiler("127.0.0.1:1", "host", s, connect_wait_s=1).measure([_FakeCandidate("new")])
+        DeviceTimer("127.0.0.1:1", "host", s, connect_wait_s=1).measure([_FakeCandidate("new")])
 
 
 def test_spread_is_median_and_iqr():

@@ -15,7 +15,7 @@ from moec.cli.main import cli
 from moec.core.errors import MoecError
 from moec.core.targets import load_target
 from moec.lower.backends import backend_for
-from moec.lower.cuda_build import count_kernels, cuda_source, find_nvcc
+from moec.lower.cuda_kernels import count_kernels, cuda_source, find_nvcc
 from moec.lower.pipeline import CUDA_PHASES, make_pipeline
 
 pytestmark = pytest.mark.tvm
@@ -67,7 +67,7 @@ def elf_cuda_sm(fatbin: bytes) -> list[int]:
 
 @needs_nvcc
 def test_nvcc_compiles_the_kernels_for_sm_87():
-    from moec.lower.cuda_build import compile_cuda
+    from moec.lower.cuda_kernels import compile_cuda
     target = load_target("jetson-orin-nano").tvm()
     kernels = compile_cuda(_compile(_gemv_and_softmax(), "jetson-orin-nano").mod, target)
     assert kernels.arch == "sm_87" and elf_cuda_sm(kernels.fatbin) == [87]
@@ -95,7 +95,7 @@ def test_jetson_agx_orin_bundle(tmp_path):
 
 @needs_cross
 def test_missing_nvcc_is_one_line(monkeypatch):
-    monkeypatch.setattr("moec.lower.cuda_build.find_nvcc", lambda: None)
+    monkeypatch.setattr("moec.lower.cuda_kernels.find_nvcc", lambda: None)
     with pytest.raises(MoecError, match="target 'jetson-agx-orin': compiling CUDA kernels for sm_87 needs nvcc"):
         preset = load_target("jetson-agx-orin")
         backend_for(preset).require_toolchain(preset)

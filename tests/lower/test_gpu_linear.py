@@ -9,7 +9,7 @@ import pytest
 import tvm
 
 from moec.lower.backends.base import Backend
-from moec.lower.build import build_module
+from moec.lower.library import build_module
 from moec.lower.gpu_linear import GpuLinearEmitter
 from moec.lower.linear import LinearEmitter
 from moec.lower.pipeline import CPU_PHASES, CUDA_PHASES

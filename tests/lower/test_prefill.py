@@ -7,7 +7,7 @@ import pytest
 
 from moec.quant.weights import ModelWeights
 from moec.core.targets import load_target
-from moec.lower.bundle_build import build_bundle_from_params
+from moec.lower.bundler import build_bundle_from_params
 from moec.lower.params import build_params
 from moec.runtime.session import BundleSession
 from moec.core.plan import BitPlan

@@ -32,7 +32,7 @@ def test_reported_bytes_equal_packed_tensor_bytes(tiny_checkpoint):
     assert float32_memory(model) == sum(p.numel() * 4 for p in model.parameters())
 
 
-def test_apply_plan_quantizes_each_expert_at_its_bits(tiny_checkpoint):
+def test_fake_quantize_model_quantizes_each_expert_at_its_bits(tiny_checkpoint):
     model = load_checkpoint(tiny_checkpoint)
     ref = {k: v.clone() for k, v in model.state_dict().items()}
     plan = _mixed(model.cfg)

@@ -9,7 +9,7 @@ import pytest
 
 from moec.core.errors import MoecError
 from moec.search.cost import WEIGHTINGS, CostConfig, CostFunction, expert_weights
-from moec.search.estimator import AnalyticEstimator, CorrectedEstimator, Measurement, class_presence
+from moec.search.estimator import AnalyticEstimator, CorrectedEstimator, PlanMeasurement, class_presence
 from tests.search.problems import synthetic_problem
 
 
@@ -81,10 +81,10 @@ def test_correction_refits_bandwidth_against_launch_overhead():
         return 2 * e.parts["bytes"] + 1e-5 * e.parts["kernel_count"]
 
     plans = [p.uniform(2), p.uniform(8), np.array([0, 4, 1, 3, 2, 2, 0, 4])]
-    corr.add(p, plans[0], Measurement(truth(plans[0]), None))
+    corr.add(p, plans[0], PlanMeasurement(truth(plans[0]), None))
     assert corr.estimate(p, plans[0]).latency_s == pytest.approx(truth(plans[0]))  # one: a scale
     for a in plans[1:]:
-        corr.add(p, a, Measurement(truth(a), None))
+        corr.add(p, a, PlanMeasurement(truth(a), None))
     probe = np.array([1, 1, 1, 1, 3, 3, 3, 3])
     assert corr.estimate(p, probe).latency_s == pytest.approx(truth(probe), rel=0.05)
     assert corr._coef[1] > 5e-6  # the launch cost moved from the model's 1 us toward the device's 10 us

@@ -11,7 +11,7 @@ import pytest
 from moec.core.errors import MoecError
 from moec.search.cost import CostConfig, CostFunction
 from moec.search.driver import SearchOptions, run_search
-from moec.search.estimator import AnalyticEstimator, Measurement
+from moec.search.estimator import AnalyticEstimator, PlanMeasurement
 from moec.search.policies import get_policy
 from moec.search.policies.ilp import solve_additive
 from tests.search.problems import synthetic_problem
@@ -80,7 +80,7 @@ class GroupingDevice:
 
     def __call__(self, plan):
         self.calls += 1
-        return Measurement(self.latency(self.p.from_plan(plan)), None)
+        return PlanMeasurement(self.latency(self.p.from_plan(plan)), None)
 
 
 def test_hardware_in_the_loop_corrects_the_model_and_beats_ilp_on_measured_cost():

@@ -18,7 +18,7 @@ from moec.cli.main import cli
 from moec.core.errors import MoecError
 from moec.search.cost import CostConfig
 from moec.search.driver import SearchOptions, run_search
-from moec.search.estimator import AnalyticEstimator, Measurement
+from moec.search.estimator import AnalyticEstimator, PlanMeasurement
 from tests.search.problems import synthetic_problem
 
 REPO = Path(__file__).resolve().parents[2]
@@ -43,7 +43,7 @@ def test_resume_after_exception_gives_the_same_plan(tmp_path):
 
     def device(plan):  # deterministic test double, logged to count repeats
         calls.append(1)
-        return Measurement(1e-4 + 1e-6 * sum(b for l in plan.experts.values() for b in l.values()), None)
+        return PlanMeasurement(1e-4 + 1e-6 * sum(b for l in plan.experts.values() for b in l.values()), None)
 
     whole = run_search(p, cfg, est, SearchOptions(policy="rl", episodes=60, seed=3, state_path=str(tmp_path / "a.json"),
                                                   measurer=device, measure_every=15))

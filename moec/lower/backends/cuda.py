@@ -10,7 +10,7 @@ import tvm
 from moec.core.errors import MoecError
 from moec.core.targets import TargetPreset
 from moec.lower.backends.base import Backend
-from moec.lower.cuda_build import compile_cuda, require_nvcc
+from moec.lower.cuda_kernels import compile_cuda, require_nvcc
 from moec.lower.gpu_linear import GpuLinearEmitter
 from moec.lower.linear import LinearEmitter
 from moec.lower.pipeline import CUDA_PHASES

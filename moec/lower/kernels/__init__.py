@@ -5,10 +5,10 @@ from __future__ import annotations
 import importlib
 
 # Re-exported lazily (PEP 562): the schedule modules import kernels.decode/layout, and an eager
-# import of ``build`` here (which imports the schedule registry) would make that a cycle.
+# import of ``factory`` here (which imports the schedule registry) would make that a cycle.
 _EXPORTS = {
-    "compile_kernel": "build", "host_target": "build", "make_gemv": "build",
-    "make_grouped_gemm": "build", "from_kernel_layout": "layout",
+    "compile_kernel": "factory", "host_target": "factory", "make_gemv": "factory",
+    "make_grouped_gemm": "factory", "from_kernel_layout": "layout",
     "stack_kernel_layouts": "layout", "swiglu_weight": "layout", "to_kernel_layout": "layout",
 }
 

@@ -63,7 +63,7 @@ def grouped_gemm_definition(spec: GroupedGemmSpec, params: GemmLoopParams) -> ti
     Parallel over (expert, vector of ``lanes`` rows); per K tile (a quantization group) the
     vector's weights are dequantized once into a local ``[k_tile, lanes]`` float buffer, reused
     by every token of the expert, ``params.tokens`` tokens at a time. Experts with no tokens
-    cost nothing. The parameters are those of :func:`moec.lower.kernels.build.make_grouped_gemm`.
+    cost nothing. The parameters are those of :func:`moec.lower.kernels.factory.make_grouped_gemm`.
     """
     bits, lanes, n, k, tile = spec.bits, params.lanes, spec.n, spec.k, spec.tile
     if tile % lanes or n % lanes:

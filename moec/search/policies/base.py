@@ -10,13 +10,13 @@ from typing import Protocol
 import numpy as np
 
 from moec.search.cost import CostBreakdown, CostFunction
-from moec.search.estimator import CorrectedEstimator, Measurement
+from moec.search.estimator import CorrectedEstimator, PlanMeasurement
 from moec.search.problem import SearchProblem
 
 log = logging.getLogger("moec")
 
-#: A device measurement of a plan (BitPlan -> Measurement): local bundle timing or the farm.
-Measurer = Callable[["object"], Measurement]
+#: A device measurement of a plan (BitPlan -> PlanMeasurement): local bundle timing or the farm.
+Measurer = Callable[["object"], PlanMeasurement]
 
 MAX_VISITED = 4000
 

@@ -1,4 +1,4 @@
-"""Hardware-in-the-loop profiler: measure candidates on the devices of one tracker key, in parallel.
+"""Device timing on the farm: measure candidates (bundles, GEMV kernels) on the devices of one tracker key, in parallel.
 
 One worker thread per device of the key; each asks the tracker (a fresh, bounded connection per
 request) for a device per candidate (the stock tracker schedules; moec never does). Every
@@ -67,7 +67,7 @@ class _Item:
     attempts: int = 0
 
 
-class Profiler:
+class DeviceTimer:
     """Measures candidates on ``key`` devices of the tracker at ``tracker`` (``HOST:PORT``).
 
     ``energy_root`` is where the device-side sampler looks for ``/sys`` (``/`` on a real device;
@@ -231,21 +231,21 @@ def measure_rounds(tracker: str, key: str, candidates: Sequence[Candidate], stor
     """``rounds`` interleaved passes over ``candidates`` (round r is stored under ``Protocol(round=r)``);
     per candidate, its measurement of every round."""
     from dataclasses import replace
-    per_round = [Profiler(tracker, key, store, replace(protocol, round=r), progress=progress, **kwargs)
+    per_round = [DeviceTimer(tracker, key, store, replace(protocol, round=r), progress=progress, **kwargs)
                  .measure(candidates) for r in range(rounds)]
     return [list(ms) for ms in zip(*per_round)]
 
 
 def measure_bundles(tracker: str, key: str, bundles: list[Path], store: MeasurementStore, repeats: int = 7,
                     number: int = 5, steps: int = 8, tokens: list[int] | None = None, **kwargs) -> list[Measurement]:
-    """Decode-step latency (and energy) of each bundle on ``key`` devices; see :class:`Profiler`."""
+    """Decode-step latency (and energy) of each bundle on ``key`` devices; see :class:`DeviceTimer`."""
     cands = [BundleCandidate(b, tokens) for b in bundles]
-    prof = Profiler(tracker, key, store, Protocol(number, repeats, steps), **kwargs)
+    prof = DeviceTimer(tracker, key, store, Protocol(number, repeats, steps), **kwargs)
     return prof.measure(cands)
 
 
 def measure_kernels(tracker: str, key: str, kernels: list[KernelCandidate], store: MeasurementStore,
                     repeats: int = 7, number: int = 5, **kwargs) -> list[Measurement]:
-    """Per-call latency of GEMV kernel classes on ``key`` devices; see :class:`Profiler`."""
-    prof = Profiler(tracker, key, store, Protocol(number, repeats), **kwargs)
+    """Per-call latency of GEMV kernel classes on ``key`` devices; see :class:`DeviceTimer`."""
+    prof = DeviceTimer(tracker, key, store, Protocol(number, repeats), **kwargs)
     return prof.measure(kernels)

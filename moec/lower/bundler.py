@@ -17,7 +17,7 @@ import moec
 from moec.artifact.bundle import write_bundle
 from moec.core.targets import TargetPreset, load_target
 from moec.core.errors import MoecError
-from moec.lower.build import build_module
+from moec.lower.library import build_module
 from moec.lower.backends import backend_for
 from moec.lower.gpu_linear import GpuLinearEmitter
 from moec.lower.kernel_linear import KernelEmitter, apply_kernel_layout
