@@ -5,7 +5,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 OUT ?= out
 
-.PHONY: setup demo test test-all clean
+.PHONY: setup demo test test-fast clean
 
 setup: $(VENV)/.installed
 
@@ -27,8 +27,8 @@ demo: setup
 test: setup
 	$(BIN)/pytest -q
 
-test-all: setup
-	$(BIN)/pytest -q -m ''
+test-fast: setup
+	$(BIN)/pytest -q -m 'not slow'
 
 clean:
 	rm -rf $(OUT) .pytest_cache

@@ -12,16 +12,10 @@ from moec.cli.main import cli
 from moec.core.errors import MoecError
 from moec.models.checkpoint import load_checkpoint
 from moec.quant.packed_model import fake_quantize_model
-from moec.core.plan import BitPlan, resolve_plan
+from moec.core.plan import resolve_plan
+from tests.lower.plan_fixtures import mixed_plan
 
 pytestmark = pytest.mark.tvm
-
-
-def _mixed(cfg) -> BitPlan:
-    bits = [2, 3, 4, 8, 16]
-    experts = {l: {e: bits[(l + e) % 5] for e in range(cfg.num_experts)} for l in cfg.moe_layers}
-    return BitPlan(experts, {"attention": 8, "lm_head": 4, "embeddings": 3}, group_size=32, method="mse",
-                   model_fingerprint=cfg.fingerprint())
 
 
 @pytest.fixture(scope="module")
@@ -31,7 +25,7 @@ def compiled(tmp_path_factory):
     ckpt = root / "ckpt"
     cfg = make_tiny_checkpoint(ckpt, seed=3)
     plan_file = root / "mixed.json"
-    plan_file.write_text(json.dumps(_mixed(cfg).to_json()))
+    plan_file.write_text(json.dumps(mixed_plan(cfg).to_json()))
     res = CliRunner().invoke(cli, ["compile", str(ckpt), "--plan", str(plan_file), "--out", str(root / "bundle"),
                                    "--debug-dump", str(root / "dump")])
     assert res.exit_code == 0, res.output

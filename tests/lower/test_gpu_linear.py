@@ -25,11 +25,11 @@ def tiny_params(tmp_path_factory):
     from moec.lower.params import build_params
     from moec.models.checkpoint import load_checkpoint
     from tests.conftest import make_tiny_checkpoint
-    from tests.lower.test_compile_bundle import _mixed
+    from tests.lower.plan_fixtures import mixed_plan
     root = tmp_path_factory.mktemp("gpu-linear")
     make_tiny_checkpoint(root / "ckpt", seed=4)
     model = load_checkpoint(root / "ckpt")
-    export_model(model, _mixed(model.cfg), root / "onnx")  # experts at 2, 3, 4, 8 and 16 bits
+    export_model(model, mixed_plan(model.cfg), root / "onnx")  # experts at 2, 3, 4, 8 and 16 bits
     cfg, plan, packed, floats = import_onnx(root / "onnx")
     return cfg, build_params(cfg, plan, packed, floats), root
 

@@ -78,4 +78,6 @@ def test_eval_cli_json(tiny_checkpoint, text_file):
                                    "--seq-len", "16"])
     assert res.exit_code == 0, res.output
     d = json.loads(res.output)
-    assert d["perplexity"] > 1 and 0 <= d["top1"] <= 1
+    direct = evaluate(tiny_checkpoint, DataConfig(text_file, seq_len=16), progress=False).result
+    assert math.isclose(d["perplexity"], direct.perplexity, rel_tol=1e-6)
+    assert math.isclose(d["top1"], direct.top1, rel_tol=1e-6)

@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import math
+
+import numpy as np
 import torch
 import torch.nn.functional as F
+from scipy.stats import spearmanr
 
 from moec.api import DataConfig, SensitivityConfig, profile
 from moec.models.checkpoint import load_checkpoint
@@ -54,4 +58,7 @@ def test_sensitivity_saved_with_profile(tiny_checkpoint, text_file, tmp_path):
     stats = ExpertStats.load(out)
     sens = Sensitivity.from_json(stats.sensitivity)
     assert sens.bits == [2, 4] and set(sens.proxy) == set(sens.exact) == {0, 1}
-    assert -1.0 <= stats.sensitivity["spearman"] <= 1.0
+    # the saved correlation is that of the saved tables, entry for entry (on a random tiny model its sign
+    # means nothing; the reference model's 0.67 is in the README)
+    flat = [np.concatenate([t[l].ravel() for l in sorted(t)]) for t in (sens.proxy, sens.exact)]
+    assert math.isclose(stats.sensitivity["spearman"], spearmanr(*flat).statistic, abs_tol=1e-12)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
 from click.testing import CliRunner
@@ -21,9 +22,10 @@ def test_search_with_local_measurements(tiny_profiled, tmp_path):
     assert res.exit_code == 0, res.output
     prov = json.loads(out.read_text())["provenance"]
     assert prov["device_measurements"] >= 1
-    assert 0 < prov["measured_latency_ms"] < 1000
     assert "corrected" in prov["latency_source"]
     saved = json.loads(state.read_text())
+    # the reported latency is the device measurement of the chosen plan, one of those the search took
+    assert any(math.isclose(prov["measured_latency_ms"], m["latency_s"] * 1e3) for _, m in saved["measured"])
     assert saved["measured"] and saved["corrections"][0]["measured_s"] > 0
     bundles = list((tmp_path / "state.d" / "bundles").iterdir())
     assert bundles and all((b / "manifest.json").is_file() for b in bundles)
@@ -43,7 +45,9 @@ def test_search_with_farm_measurements(tiny_profiled, tmp_path):
                                        "--out", str(out)])
     assert res.exit_code == 0, res.output
     prov = json.loads(out.read_text())["provenance"]
-    assert prov["device_measurements"] >= 1 and 0 < prov["measured_latency_ms"] < 1000
+    assert prov["device_measurements"] >= 1
+    saved = json.loads(state.read_text())
+    assert any(math.isclose(prov["measured_latency_ms"], m["latency_s"] * 1e3) for _, m in saved["measured"])
     store = MeasurementStore(tmp_path / "state.d" / "measurements.db")
     try:
         assert store.count() >= 1
