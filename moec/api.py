@@ -6,12 +6,13 @@ module only gathers their configs and functions under one name.
 
 from __future__ import annotations
 
+from moec.core.errors import MoecError
 from moec.core.plan import BitPlan, resolve_plan
 from moec.pipeline.compile import CompileConfig, build_from_onnx, compile_bundle
 from moec.pipeline.export import export_onnx, inspect_file
 from moec.pipeline.profile import DataConfig, PlanEval, SensitivityConfig, evaluate, profile
 from moec.pipeline.search import SearchConfig, SearchOutcome, search
 
-__all__ = ["BitPlan", "CompileConfig", "DataConfig", "PlanEval", "SearchConfig", "SearchOutcome",
+__all__ = ["BitPlan", "CompileConfig", "DataConfig", "MoecError", "PlanEval", "SearchConfig", "SearchOutcome",
            "SensitivityConfig", "build_from_onnx", "compile_bundle", "evaluate", "export_onnx", "inspect_file",
            "profile", "resolve_plan", "search"]
