@@ -102,9 +102,15 @@ def test_non_cpu_bundle_is_refused(bundle, tmp_path):
     copy = tmp_path / "b"
     shutil.copytree(bundle, copy)
     manifest = json.loads((copy / "manifest.json").read_text())
+    assert manifest["backend"]["runtime_device"] == "cpu"
     manifest["target"].update(name="jetson-agx-orin", family="cuda")
+    manifest["backend"] = {"name": "cuda", "runtime_device": "cuda"}
     (copy / "manifest.json").write_text(json.dumps(manifest))
-    with pytest.raises(MoecError, match="family cuda.*CPU bundles only"):
+    with pytest.raises(MoecError, match="runs on cuda.*CPU bundles only"):
+        BundleSession(copy)
+    del manifest["backend"]  # a bundle from before backends: its target family decides
+    (copy / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(MoecError, match="runs on cuda.*CPU bundles only"):
         BundleSession(copy)
 
 
