@@ -50,7 +50,7 @@ def _tvm_sum_kernel(rows: int, cols: int, streams: int):
     import tvm
     from tvm.script import tirx as T
 
-    from moec.lower.kernels import host_target
+    from moec.lower.kernels.factory import host_target
 
     tasks = rows // streams
 
@@ -132,7 +132,7 @@ def time_gemv(bits: int, n: int, k: int, gs: int, experts: int, top_k: int, rota
     """Seconds per GEMV call over ``top_k`` experts of an ``experts`` stack."""
     import tvm
 
-    from moec.lower.kernels import compile_kernel, host_target, make_gemv
+    from moec.lower.kernels.factory import compile_kernel, host_target, make_gemv
     from moec.lower.schedules import kernel_tile
 
     target = host_target()
@@ -216,7 +216,8 @@ def check_same_numerics(bits: int = 4, n: int = 64, k: int = 256, gs: int = 64) 
     import tvm
     from onnx import TensorProto, helper, numpy_helper
 
-    from moec.lower.kernels import compile_kernel, host_target, make_gemv, to_kernel_layout
+    from moec.lower.kernels.factory import compile_kernel, host_target, make_gemv
+    from moec.lower.kernels.layout import to_kernel_layout
     from moec.lower.schedules import kernel_tile
     from moec.quant.packed_model import pack_weight
 

@@ -23,7 +23,7 @@ from moec.core.errors import MoecError
 from moec.core.plan import BitPlan
 from moec.core.targets import load_target
 from moec.hardware.energy_model import decode_energy_j
-from moec.lower.kernels import compile_kernel, make_gemv
+from moec.lower.kernels.factory import compile_kernel, make_gemv
 from moec.lower.kernels.layout import num_tiles, zero_words
 from moec.lower.schedules import kernel_tile
 

@@ -8,7 +8,7 @@ from moec.core.inventory import expert_shapes, non_expert_weights
 from moec.core.plan import BitPlan
 from moec.core.targets import load_target
 from moec.hardware.candidates import KernelCandidate
-from moec.lower.kernels import make_gemv
+from moec.lower.kernels.factory import make_gemv
 from moec.lower.kernels.layout import check_kernel_shape
 
 

@@ -5,7 +5,8 @@ from __future__ import annotations
 import numpy as np
 import tvm
 
-from moec.lower.kernels import compile_kernel, host_target, stack_kernel_layouts, to_kernel_layout
+from moec.lower.kernels.factory import compile_kernel, host_target
+from moec.lower.kernels.layout import stack_kernel_layouts, to_kernel_layout
 from moec.lower.schedules import kernel_tile
 from moec.quant.packed_model import pack_weight
 

@@ -19,7 +19,7 @@ import pytest
 import tvm
 
 from moec.core.targets import load_target
-from moec.lower.kernels import make_gemv
+from moec.lower.kernels.factory import make_gemv
 from moec.lower.kernels.activations import dequantized_activations
 
 from kernel_helpers import assert_close, weight_args

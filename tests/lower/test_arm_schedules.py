@@ -10,7 +10,8 @@ import tvm
 
 from moec.core.errors import MoecError
 from moec.core.targets import load_target
-from moec.lower.kernels import compile_kernel, host_target, make_gemv, stack_kernel_layouts, to_kernel_layout
+from moec.lower.kernels.factory import compile_kernel, host_target, make_gemv
+from moec.lower.kernels.layout import stack_kernel_layouts, to_kernel_layout
 from moec.lower.kernels.gemv import GemvSpec, gemv_definition
 from moec.lower.kernels.grouped_gemm import GroupedGemmSpec, grouped_gemm_definition
 from moec.lower.kernels.layout import swiglu_weight

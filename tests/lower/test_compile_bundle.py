@@ -100,7 +100,7 @@ def test_int8_activations_bundle(compiled, tmp_path):
     """--activations int8: decode GEMVs on int8 activations stay close to the exact bundle."""
     from tvm.target import codegen
 
-    from moec.lower.kernels import host_target
+    from moec.lower.kernels.factory import host_target
     from moec.runtime.session import BundleSession
     if not codegen.target_has_features("avx512vnni", host_target()):
         pytest.skip("int8-activation kernels need AVX-512 VNNI")

@@ -10,7 +10,8 @@ import tvm
 from tvm.target import codegen
 
 from moec.core.errors import MoecError
-from moec.lower.kernels import compile_kernel, host_target, make_gemv, stack_kernel_layouts, to_kernel_layout
+from moec.lower.kernels.factory import compile_kernel, host_target, make_gemv
+from moec.lower.kernels.layout import stack_kernel_layouts, to_kernel_layout
 from moec.lower.schedules import kernel_tile, target_family, x86
 from moec.lower.kernels.activations import dequantized_activations
 from moec.lower.kernels.layout import swiglu_weight

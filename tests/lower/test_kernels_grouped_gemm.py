@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from moec.lower.kernels import host_target, make_grouped_gemm
+from moec.lower.kernels.factory import host_target, make_grouped_gemm
 
 from kernel_helpers import KernelCache, assert_close, call, expert_stack, weight_args
 
