@@ -62,7 +62,7 @@ class Attention(nn.Module):
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                 cache: KVCache | None, layer: int) -> torch.Tensor:
-        return blocks.attention(TorchOps(self, Positions(cos, sin, cache)), self.cfg, layer, x)
+        return self.block_fn(TorchOps(self, Positions(cos, sin, cache)), self.cfg, layer, x)
 
 
 class SwiGLU(nn.Module):
@@ -77,7 +77,7 @@ class SwiGLU(nn.Module):
         self.w2 = nn.Linear(inter, hidden, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return blocks.swiglu(TorchOps(self), None, None, x)
+        return self.block_fn(TorchOps(self), None, None, x)
 
 
 class MoEBlock(nn.Module):
@@ -130,7 +130,7 @@ class MoEBlock(nn.Module):
         shape = hidden.shape
         x = hidden.reshape(-1, shape[-1])
         ops = TorchOps(self)
-        y = blocks.moe(ops, self.cfg, self.layer, x)
+        y = self.block_fn(ops, self.cfg, self.layer, x)
         if self.observer is not None:
             routing, contrib = ops.observed
             self.observer.on_moe(self.layer, x, routing.probs, routing.ids, routing.weights.to(x.dtype),
@@ -153,7 +153,7 @@ class DecoderLayer(nn.Module):
         self.mlp = MoEBlock(cfg, layer) if self.is_moe else SwiGLU(cfg.hidden_size, cfg.dense_intermediate)
 
     def forward(self, x, cos, sin, cache, layer):
-        return blocks.decoder_layer(TorchOps(self, Positions(cos, sin, cache)), self.cfg, layer, x)
+        return self.block_fn(TorchOps(self, Positions(cos, sin, cache)), self.cfg, layer, x)
 
 
 class MoEModel(nn.Module):
