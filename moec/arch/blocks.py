@@ -27,8 +27,11 @@ def attention(ops: Ops, cfg: MoEConfig, layer: int, x: Value) -> Value:
     return ops.linear(out, "o_proj")
 
 
-def swiglu(ops: Ops, cfg: MoEConfig, layer: int, x: Value) -> Value:
-    """``w2(silu(w1 x) * w3 x)``: dense MLP layers and the shared expert."""
+def swiglu(ops: Ops, cfg: MoEConfig | None, layer: int | None, x: Value) -> Value:
+    """``w2(silu(w1 x) * w3 x)``: dense MLP layers, the shared expert, an ONNX routed expert.
+
+    ``cfg`` and ``layer`` are unused (the signature every MLP block shares).
+    """
     return ops.linear(ops.mul(ops.silu(ops.linear(x, "w1")), ops.linear(x, "w3")), "w2")
 
 
