@@ -8,11 +8,13 @@
   ``com.microsoft.MatMulNBits`` (moec's packed layout is its B layout), 3/5/6 bits as moec's packed
   bytes unpacked in-graph (BitShift/BitwiseAnd) then ``(q - zero) * scale``, 16 bits as float16 +
   Cast; embeddings gather packed rows and dequantize only those.
-* ``moe_dispatch.py`` -- routing: TopK, then one ``If`` per expert guarded by "some token chose
-  this expert", whose branch gathers the routed tokens, runs the expert and scatter-adds the gated
-  result; a decode step therefore reads only the top-k experts' weights.
-* ``layers.py`` (RMSNorm, RoPE, GQA attention with KV cache, SwiGLU), ``graph_builder.py`` (graph
-  interfaces and model metadata ``moec.plan`` / ``moec.config``), ``writer.py`` (external data,
+* ``onnx_ops.py`` -- the ONNX ops that ``moec.arch.blocks`` (the layers, written once) are emitted
+  through: RMSNorm, RoPE, GQA attention with KV cache, and routing: TopK, then one ``If`` per
+  expert guarded by "some token chose this expert", whose branch gathers the routed tokens, runs
+  the expert and scatter-adds the gated result; a decode step therefore reads only the top-k
+  experts' weights.
+* ``graph_builder.py`` (graph interfaces and model metadata ``moec.plan`` / ``moec.config``),
+  ``writer.py`` (external data,
   atomic directory), ``exporter.py`` (orchestration, ``export.json``), ``inspect_onnx.py``
   (``moec inspect``), ``ort_runner.py`` (prefill/decode/greedy in onnxruntime), ``weights.py``
   (packed weights from a model, or random packed weights for benchmarks).

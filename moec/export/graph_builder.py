@@ -1,5 +1,7 @@
 """Whole-model ONNX graphs: the prefill graph and the single-token decode graph of an MoEModel under a plan.
 
+The layers are ``moec.arch.blocks`` emitted through :class:`~moec.export.onnx_ops.OnnxOps`.
+
 Graph interfaces (batch 1, float32 activations):
 
 prefill
@@ -23,10 +25,10 @@ from dataclasses import dataclass
 
 from onnx import ModelProto, helper
 
-from moec.export.layers import attention, positions, rms_norm, swiglu
-from moec.export.moe_dispatch import moe_block
+from moec.arch import blocks
 from moec.export.onnx_graph import FLOAT, INT64, MS_DOMAIN, MS_OPSET, OPSET, GraphBuilder, WeightStore, tensor_info
-from moec.export.quantized_matmul import StoredWeight, embedding, linear, store_weight
+from moec.export.onnx_ops import OnnxOps, positions
+from moec.export.quantized_matmul import StoredWeight, store_weight
 from moec.quant.weights import ModelWeights
 
 IR_VERSION = 10  # first IR with NodeProto.metadata_props
@@ -69,22 +71,7 @@ def build_model(weights: ModelWeights, w: dict[str, StoredWeight], floats: dict[
     seq_len = gb.op("Gather", [gb.op("Shape", [ids]), gb.scalar_i64(0)], axis=0)
     past = gb.op("Gather", [gb.op("Shape", ["past.0.key"]), gb.scalar_i64(2)], axis=0) if decode else None
     pos = positions(gb, cfg, seq_len, past, causal=not decode)
-    x = embedding(gb, ids, w["embed.weight"])
-    for i in range(cfg.num_layers):
-        with gb.name_scope(f"L{i}"):
-            p = f"layers.{i}"
-            h = rms_norm(gb, x, floats[f"{p}.attn_norm.weight"], cfg.rms_eps)
-            past_kv = (f"past.{i}.key", f"past.{i}.value") if decode else None
-            a = attention(gb, cfg, i, h, w, floats, pos, past_kv, (f"present.{i}.key", f"present.{i}.value"))
-            x = gb.op("Add", [x, a])
-            h = rms_norm(gb, x, floats[f"{p}.mlp_norm.weight"], cfg.rms_eps)
-            if i in cfg.dense_layers:
-                m = swiglu(gb, h, *(w[f"{p}.mlp.{n}.weight"] for n in ("w1", "w3", "w2")))
-            else:
-                m = moe_block(gb, cfg, i, h, w)
-            x = gb.op("Add", [x, m])
-    head = w["embed.weight"] if cfg.tie_embeddings else w["lm_head.weight"]
-    logits = linear(gb, rms_norm(gb, x, floats["norm.weight"], cfg.rms_eps), head)
+    logits = blocks.causal_lm(OnnxOps(gb, cfg, w, floats, pos, decode), cfg, ids)
     gb.op("Unsqueeze", [logits, gb.i64(0)], outputs=["logits"])
     seq = 1 if decode else "seq_len"
     total = "total_len" if decode else "seq_len"

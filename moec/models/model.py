@@ -1,15 +1,23 @@
-"""MoEModel: moec's canonical torch MoE decoder that every family adapter loads into."""
+"""MoEModel: moec's canonical torch MoE decoder that every family adapter loads into.
+
+The modules hold the parameters; their ``forward`` runs the shared block definitions of
+``moec.arch.blocks`` through the torch ops (``torch_ops.py``).
+"""
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
 from typing import Protocol
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from moec.arch import blocks
 from moec.core.config import MoEConfig
+from moec.models.torch_ops import KVCache, Positions, TorchOps, apply_rope, rope_tables
+
+__all__ = ["Attention", "DecoderLayer", "KVCache", "MoEBlock", "MoEModel", "RMSNorm", "RoutingObserver",
+           "SwiGLU", "apply_rope", "rope_tables"]
 
 
 class RoutingObserver(Protocol):
@@ -33,33 +41,11 @@ class RMSNorm(nn.Module):
         return self.weight * x.to(dtype)
 
 
-def rope_tables(head_dim: int, theta: float, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos/sin tables [T, head_dim] for the half-rotation RoPE used by all supported families."""
-    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim))
-    freqs = positions.float()[:, None] * inv_freq[None, :]
-    emb = torch.cat([freqs, freqs], dim=-1)
-    return emb.cos(), emb.sin()
-
-
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    half = x.shape[-1] // 2
-    rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
-    return x * cos + rotated * sin
-
-
-@dataclass
-class KVCache:
-    """Per-layer key/value tensors [B, kv_heads, T, head_dim] grown by each forward call."""
-
-    keys: list[torch.Tensor | None] = field(default_factory=list)
-    values: list[torch.Tensor | None] = field(default_factory=list)
-
-    @property
-    def length(self) -> int:
-        return 0 if not self.keys or self.keys[0] is None else self.keys[0].shape[2]
-
-
 class Attention(nn.Module):
+    """Parameters of :func:`moec.arch.blocks.attention`."""
+
+    block_fn, uses_positions = staticmethod(blocks.attention), True
+
     def __init__(self, cfg: MoEConfig) -> None:
         super().__init__()
         self.cfg = cfg
@@ -76,35 +62,14 @@ class Attention(nn.Module):
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                 cache: KVCache | None, layer: int) -> torch.Tensor:
-        cfg = self.cfg
-        b, t, _ = x.shape
-        q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
-        if cfg.qk_norm == "full":
-            q, k = self.q_norm(q), self.k_norm(k)
-        q = q.view(b, t, cfg.num_heads, cfg.head_dim)
-        k = k.view(b, t, cfg.num_kv_heads, cfg.head_dim)
-        v = v.view(b, t, cfg.num_kv_heads, cfg.head_dim).transpose(1, 2)
-        if cfg.qk_norm == "head":
-            q, k = self.q_norm(q), self.k_norm(k)
-        q = apply_rope(q.transpose(1, 2), cos, sin)
-        k = apply_rope(k.transpose(1, 2), cos, sin)
-        past = 0
-        if cache is not None:
-            if cache.keys[layer] is not None:
-                past = cache.keys[layer].shape[2]
-                k = torch.cat([cache.keys[layer], k], dim=2)
-                v = torch.cat([cache.values[layer], v], dim=2)
-            cache.keys[layer], cache.values[layer] = k, v
-        rep = cfg.num_heads // cfg.num_kv_heads
-        k = k.repeat_interleave(rep, dim=1)
-        v = v.repeat_interleave(rep, dim=1)
-        # causal mask offset by the cached length: query i sees keys <= past + i
-        mask = torch.ones(t, past + t, dtype=torch.bool).tril(diagonal=past)
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
-        return self.o_proj(out.transpose(1, 2).reshape(b, t, -1))
+        return self.block_fn(TorchOps(self, Positions(cos, sin, cache)), self.cfg, layer, x)
 
 
 class SwiGLU(nn.Module):
+    """Parameters of :func:`moec.arch.blocks.swiglu` (dense MLP layers, the shared expert)."""
+
+    block_fn, uses_positions = staticmethod(blocks.swiglu), False
+
     def __init__(self, hidden: int, inter: int) -> None:
         super().__init__()
         self.w1 = nn.Linear(hidden, inter, bias=False)
@@ -112,15 +77,18 @@ class SwiGLU(nn.Module):
         self.w2 = nn.Linear(inter, hidden, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+        return self.block_fn(TorchOps(self), None, None, x)
 
 
 class MoEBlock(nn.Module):
-    """Router + top-k experts (stacked weights) + optional gated shared expert.
+    """Parameters of :func:`moec.arch.blocks.moe`: router, top-k experts (stacked weights), optional
+    gated shared expert.
 
     Expert weights are stacked: ``w1``/``w3`` are [E, I, H] and ``w2`` is [E, H, I],
     so a per-expert plan (quantization, export) indexes the first dimension.
     """
+
+    block_fn, uses_positions = staticmethod(blocks.moe), False
 
     def __init__(self, cfg: MoEConfig, layer: int) -> None:
         super().__init__()
@@ -138,42 +106,46 @@ class MoEBlock(nn.Module):
 
     def route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Softmax router probabilities, top-k indices and (optionally renormalised) weights."""
-        probs = F.softmax(self.router(x).float(), dim=-1)
-        topk_w, topk_idx = probs.topk(self.cfg.top_k, dim=-1)
-        if self.cfg.norm_topk_prob:
-            topk_w = topk_w / topk_w.sum(-1, keepdim=True)
-        return probs, topk_idx, topk_w.to(x.dtype)
+        r = blocks.router(TorchOps(self), self.cfg, x)
+        return r.probs, r.ids, r.weights.to(x.dtype)
 
     def expert(self, e: int, x: torch.Tensor) -> torch.Tensor:
         return (F.silu(x @ self.w1[e].T) * (x @ self.w3[e].T)) @ self.w2[e].T
 
-    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
-        shape = hidden.shape
-        x = hidden.reshape(-1, shape[-1])
-        probs, topk_idx, topk_w = self.route(x)
+    def dispatch(self, x: torch.Tensor, topk_idx: torch.Tensor,
+                 topk_w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Routed experts on ``x [N, H]``: the gated sum and, with an observer, each pair's output norm."""
         y = torch.zeros_like(x)
-        observe = self.observer is not None
-        contrib = torch.zeros(topk_idx.shape, dtype=x.dtype) if observe else None
+        contrib = torch.zeros(topk_idx.shape, dtype=x.dtype) if self.observer is not None else None
         # Real routing: each expert runs only on the tokens the router sent to it.
         for e in topk_idx.unique().tolist():
             tok, slot = (topk_idx == e).nonzero(as_tuple=True)
             out = self.expert(e, x[tok]) * topk_w[tok, slot, None]
             y.index_add_(0, tok, out)
-            if observe:
+            if contrib is not None:
                 contrib[tok, slot] = out.norm(dim=-1)
-        if self.shared is not None:
-            s = self.shared(x)
-            if self.shared_gate is not None:
-                s = torch.sigmoid(self.shared_gate(x)) * s
-            y = y + s
-        if observe:
-            self.observer.on_moe(self.layer, x, probs, topk_idx, topk_w, contrib, y.norm(dim=-1))
+        return y, contrib
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        shape = hidden.shape
+        x = hidden.reshape(-1, shape[-1])
+        ops = TorchOps(self)
+        y = self.block_fn(ops, self.cfg, self.layer, x)
+        if self.observer is not None:
+            routing, contrib = ops.observed
+            self.observer.on_moe(self.layer, x, routing.probs, routing.ids, routing.weights.to(x.dtype),
+                                 contrib, y.norm(dim=-1))
         return y.view(shape)
 
 
 class DecoderLayer(nn.Module):
+    """Parameters of :func:`moec.arch.blocks.decoder_layer`."""
+
+    block_fn, uses_positions = staticmethod(blocks.decoder_layer), True
+
     def __init__(self, cfg: MoEConfig, layer: int) -> None:
         super().__init__()
+        self.cfg = cfg
         self.attn_norm = RMSNorm(cfg.hidden_size, cfg.rms_eps)
         self.attn = Attention(cfg)
         self.mlp_norm = RMSNorm(cfg.hidden_size, cfg.rms_eps)
@@ -181,8 +153,7 @@ class DecoderLayer(nn.Module):
         self.mlp = MoEBlock(cfg, layer) if self.is_moe else SwiGLU(cfg.hidden_size, cfg.dense_intermediate)
 
     def forward(self, x, cos, sin, cache, layer):
-        x = x + self.attn(self.attn_norm(x), cos, sin, cache, layer)
-        return x + self.mlp(self.mlp_norm(x))
+        return self.block_fn(TorchOps(self, Positions(cos, sin, cache)), self.cfg, layer, x)
 
 
 class MoEModel(nn.Module):
@@ -214,10 +185,7 @@ class MoEModel(nn.Module):
         start = cache.length if cache is not None else 0
         t = input_ids.shape[1]
         cos, sin = rope_tables(self.cfg.head_dim, self.cfg.rope_theta, torch.arange(start, start + t))
-        x = self.embed(input_ids)
-        for i, layer in enumerate(self.layers):
-            x = layer(x, cos, sin, cache, i)
-        return self.lm_head(self.norm(x))
+        return blocks.causal_lm(TorchOps(self, Positions(cos, sin, cache)), self.cfg, input_ids)
 
     @torch.no_grad()
     def generate_greedy(self, prompt_ids: list[int], max_new_tokens: int,

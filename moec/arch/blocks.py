@@ -1,0 +1,71 @@
+"""Every layer kind of the canonical MoE decoder, written once against :class:`moec.arch.ops.Ops`.
+
+Weight names follow the canonical state dict (``layers.L.attn.q_proj.weight``,
+``layers.L.mlp.router.weight`` ...): each block names its weights relative to itself and
+enters its sub-blocks with ``ops.block``. A family with a new attention or routing kind adds
+one function here and selects it from :func:`decoder_layer` by a config field.
+"""
+
+from __future__ import annotations
+
+import math
+
+from moec.arch.ops import Ops, Routing, Value
+from moec.core.config import MoEConfig
+
+
+def attention(ops: Ops, cfg: MoEConfig, layer: int, x: Value) -> Value:
+    """GQA self-attention with optional q/k bias and q/k RMSNorm (over the projection or per head)."""
+    nh, nkv, hd = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+    q, k, v = (ops.linear(x, f"{n}_proj") for n in "qkv")
+    if cfg.qk_norm == "full":
+        q, k = ops.rms_norm(q, "q_norm"), ops.rms_norm(k, "k_norm")
+    q, k, v = ops.split_heads(q, nh, hd), ops.split_heads(k, nkv, hd), ops.split_heads(v, nkv, hd)
+    if cfg.qk_norm == "head":
+        q, k = ops.rms_norm(q, "q_norm"), ops.rms_norm(k, "k_norm")
+    out = ops.attend(ops.rope(q), ops.rope(k), v, layer, 1.0 / math.sqrt(hd))
+    return ops.linear(out, "o_proj")
+
+
+def swiglu(ops: Ops, cfg: MoEConfig | None, layer: int | None, x: Value) -> Value:
+    """``w2(silu(w1 x) * w3 x)``: dense MLP layers, the shared expert, an ONNX routed expert.
+
+    ``cfg`` and ``layer`` are unused (the signature every MLP block shares).
+    """
+    return ops.linear(ops.mul(ops.silu(ops.linear(x, "w1")), ops.linear(x, "w3")), "w2")
+
+
+def router(ops: Ops, cfg: MoEConfig, x: Value) -> Routing:
+    """Softmax router, top-k, gate weights renormalised to sum 1 if the family does."""
+    probs = ops.softmax(ops.linear(x, "router"))
+    weights, ids = ops.topk(probs, cfg.top_k)
+    if cfg.norm_topk_prob:
+        weights = ops.div(weights, ops.sum_last(weights))
+    return Routing(probs, weights, ids)
+
+
+def moe(ops: Ops, cfg: MoEConfig, layer: int, x: Value) -> Value:
+    """Routed experts plus the optional shared expert (with its sigmoid gate)."""
+    y = ops.routed_experts(x, router(ops, cfg, x), layer)
+    if cfg.shared_intermediate:
+        s = ops.block("shared", swiglu, cfg, layer, x)
+        if cfg.shared_gate:
+            s = ops.mul(ops.sigmoid(ops.linear(x, "shared_gate")), s)
+        y = ops.add(y, s)
+    return y
+
+
+def decoder_layer(ops: Ops, cfg: MoEConfig, layer: int, x: Value) -> Value:
+    """Pre-norm residual layer: attention, then the MoE block (or a dense SwiGLU layer)."""
+    x = ops.add(x, ops.block("attn", attention, cfg, layer, ops.rms_norm(x, "attn_norm")))
+    mlp = swiglu if layer in cfg.dense_layers else moe
+    return ops.add(x, ops.block("mlp", mlp, cfg, layer, ops.rms_norm(x, "mlp_norm")))
+
+
+def causal_lm(ops: Ops, cfg: MoEConfig, ids: Value) -> Value:
+    """Embedding, the decoder layers, final norm and the (possibly tied) LM head: the logits."""
+    x = ops.embed(ids, "embed")
+    for i in range(cfg.num_layers):
+        x = ops.block(f"layers.{i}", decoder_layer, cfg, i, x)
+    h = ops.rms_norm(ops.output_rows(x), "norm")
+    return ops.linear(h, "embed" if cfg.tie_embeddings else "lm_head")

@@ -1,0 +1,221 @@
+"""ONNX implementation of :class:`moec.arch.ops.Ops`: emits a decoder block's nodes into a GraphBuilder.
+
+Activations are float32 ``[T, H]`` (batch 1 flattened), heads ``[T, heads, head_dim]``; the KV
+cache is ``[1, kv_heads, P, head_dim]``. Each op mirrors the torch op of ``moec.models.torch_ops``
+operation for operation, so onnxruntime and torch differ only by float32 rounding.
+
+Routed experts (:meth:`OnnxOps.routed_experts`), identical in the prefill and decode graphs::
+
+    gates  = ScatterElements(0[T,E], ids, weights)   gate of expert e for token t, 0 if not routed
+    hits   = ScatterElements(0[T,E], ids, 1)         1 where token t routed to expert e
+    routed = ReduceMax(hits, axis 0) > 0             [E] bool: expert e chosen by some token
+    cond_0..cond_E-1 = Split(routed)                 one [1] bool per expert
+    acc_0  = 0[T, H]
+    acc_e+1 = If(cond_e,
+                 then: tok = NonZero(hits[:, e]);                      tokens routed to e (grouped)
+                       y  = expert_e(Gather(x, tok)) * Gather(gates[:, e], tok)
+                       ScatterND(acc_e, tok, y, reduction="add"),
+                 else: Identity(acc_e))
+
+An expert's weights are read only inside its then-branch, so a decode step touches exactly the
+top-k experts' packed weights (onnxruntime never evaluates the branch not taken), and prefill
+runs each expert once on the group of tokens routed to it; the branch body is
+``moec.arch.blocks.swiglu``. Contributions are accumulated in expert order per token, as the
+torch model does. Every node of expert ``e``'s branch, and its ``If``, carries
+``metadata_props`` ``layer``, ``expert``, ``bits``, ``group_size``.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from onnx import helper
+
+from moec.arch import blocks
+from moec.arch.ops import Routing
+from moec.export.onnx_graph import FLOAT, GraphBuilder, tensor_info
+from moec.export.quantized_matmul import StoredWeight, embedding, linear
+from moec.core.config import MoEConfig
+from moec.core.inventory import expert_key
+
+
+@dataclass
+class Positions:
+    """Per-graph position values shared by every layer."""
+
+    past: str            # int64 scalar: cached length P
+    total: str           # int64 scalar: P + T
+    cos: str             # float [T, 1, head_dim]
+    sin: str
+    mask: str | None     # float [T, P + T] additive causal mask, None for single-token decode
+
+
+def positions(gb: GraphBuilder, cfg: MoEConfig, seq_len: str, past: str | None, causal: bool) -> Positions:
+    """RoPE tables for positions ``P .. P+T-1`` and (if ``causal``) the additive attention mask.
+
+    ``seq_len`` and ``past`` are int64 scalars (``past`` None means 0). The inverse frequencies
+    are computed with torch exactly as ``moec.models.torch_ops.rope_tables`` does.
+    """
+    past = past or gb.scalar_i64(0)
+    total = gb.op("Add", [past, seq_len])
+    inv_freq = 1.0 / (cfg.rope_theta ** (torch.arange(0, cfg.head_dim, 2, dtype=torch.float32) / cfg.head_dim))
+    pos = gb.op("Cast", [gb.op("Range", [past, total, gb.scalar_i64(1)])], to=1)
+    freqs = gb.op("Mul", [gb.op("Unsqueeze", [pos, gb.i64(1)]), gb.const(inv_freq.numpy()[None, :])])
+    emb = gb.op("Concat", [freqs, freqs], axis=-1)
+    cos = gb.op("Unsqueeze", [gb.op("Cos", [emb]), gb.i64(1)])
+    sin = gb.op("Unsqueeze", [gb.op("Sin", [emb]), gb.i64(1)])
+    mask = None
+    if causal:  # query i (absolute P+i) sees keys j <= P+i
+        keys = gb.op("Unsqueeze", [gb.op("Range", [gb.scalar_i64(0), total, gb.scalar_i64(1)]), gb.i64(0)])
+        queries = gb.op("Unsqueeze", [gb.op("Range", [past, total, gb.scalar_i64(1)]), gb.i64(1)])
+        mask = gb.op("Where", [gb.op("LessOrEqual", [keys, queries]), gb.f32(0.0), gb.f32(-np.inf)])
+    return Positions(past, total, cos, sin, mask)
+
+
+class OnnxOps:
+    """Ops on ONNX value names; ``decode`` graphs read the cache from ``past.L.key``/``past.L.value``.
+
+    ``w`` and ``floats`` map canonical weight names to stored weights and float initializers.
+    """
+
+    def __init__(self, gb: GraphBuilder, cfg: MoEConfig, w: dict[str, StoredWeight], floats: dict[str, str],
+                 pos: Positions | None, decode: bool) -> None:
+        self.gb, self.cfg, self.w, self.floats, self.pos, self.decode = gb, cfg, w, floats, pos, decode
+        self.prefix = ""
+        self.heads: dict[str, tuple[int, int]] = {}  # value name -> (heads, head_dim) of head-shaped values
+
+    def block(self, name, fn, *args):
+        sub = copy.copy(self)
+        sub.prefix = f"{self.prefix}{name}."
+        if not name.startswith("layers."):
+            return fn(sub, *args)
+        with self.gb.name_scope(f"L{name.split('.')[1]}"):  # node names L<i>.… (profiles key on them)
+            return fn(sub, *args)
+
+    def output_rows(self, x):
+        return x
+
+    def embed(self, ids, name):
+        return embedding(self.gb, ids, self.w[f"{self.prefix}{name}.weight"])
+
+    def linear(self, x, name):
+        return linear(self.gb, x, self.w[f"{self.prefix}{name}.weight"], self.floats.get(f"{self.prefix}{name}.bias"))
+
+    def rms_norm(self, x, name):
+        """``weight * (x / sqrt(mean(x**2, -1) + eps))`` over the last axis."""
+        gb = self.gb
+        ms = gb.op("ReduceMean", [gb.op("Mul", [x, x]), gb.i64(-1)], keepdims=1)
+        inv = gb.op("Reciprocal", [gb.op("Sqrt", [gb.op("Add", [ms, gb.f32(self.cfg.rms_eps)])])])
+        return self._like(x, gb.op("Mul", [self.floats[f"{self.prefix}{name}.weight"], gb.op("Mul", [x, inv])]))
+
+    def _like(self, x, y):
+        """``y`` has ``x``'s head shape (if ``x`` is head-shaped)."""
+        if x in self.heads:
+            self.heads[y] = self.heads[x]
+        return y
+
+    def split_heads(self, x, heads, head_dim):
+        y = self.gb.op("Reshape", [x, self.gb.i64(-1, heads, head_dim)])
+        self.heads[y] = (heads, head_dim)
+        return y
+
+    def rope(self, x):
+        """``x * cos + rotate_half(x) * sin`` on heads ``x [T, heads, head_dim]``."""
+        gb, hd = self.gb, self.heads[x][1]
+        half = hd // 2
+        lo = gb.op("Slice", [x, gb.i64(0), gb.i64(half), gb.i64(-1)])
+        hi = gb.op("Slice", [x, gb.i64(half), gb.i64(hd), gb.i64(-1)])
+        rotated = gb.op("Concat", [gb.op("Neg", [hi]), lo], axis=-1)
+        return self._like(x, gb.op("Add", [gb.op("Mul", [x, self.pos.cos]), gb.op("Mul", [rotated, self.pos.sin])]))
+
+    def attend(self, q, k, v, layer, scale):
+        """Writes ``present.L.key``/``value`` ([1, kv, P+T, hd]); GQA by grouping query heads per kv head."""
+        gb = self.gb
+        (nh, hd), (nkv, _), (_, vd) = self.heads[q], self.heads[k], self.heads[v]
+        # [T, heads, hd] -> [1, heads, T, hd]: the cache layout
+        k = gb.op("Unsqueeze", [gb.op("Transpose", [k], perm=[1, 0, 2]), gb.i64(0)])
+        v = gb.op("Unsqueeze", [gb.op("Transpose", [v], perm=[1, 0, 2]), gb.i64(0)])
+        if self.decode:
+            k = gb.op("Concat", [f"past.{layer}.key", k], axis=2)
+            v = gb.op("Concat", [f"past.{layer}.value", v], axis=2)
+        gb.op("Identity", [k], outputs=[f"present.{layer}.key"])
+        gb.op("Identity", [v], outputs=[f"present.{layer}.value"])
+        # GQA without copies: query head h = kv * rep + r uses kv head h // rep (repeat_interleave)
+        rep = nh // nkv
+        qh = gb.op("Reshape", [gb.op("Transpose", [q], perm=[1, 0, 2]), gb.i64(nkv, rep, -1, hd)])
+        kh = gb.op("Reshape", [k, gb.i64(nkv, 1, -1, hd)])
+        vh = gb.op("Reshape", [v, gb.i64(nkv, 1, -1, vd)])
+        scores = gb.op("MatMul", [qh, gb.op("Transpose", [kh], perm=[0, 1, 3, 2])])
+        scores = gb.op("Mul", [scores, gb.f32(scale)])
+        if self.pos.mask is not None:
+            scores = gb.op("Add", [scores, self.pos.mask])
+        ctx = gb.op("MatMul", [gb.op("Softmax", [scores], axis=-1), vh])        # [nkv, rep, T, vd]
+        ctx = gb.op("Transpose", [gb.op("Reshape", [ctx, gb.i64(nh, -1, vd)])], perm=[1, 0, 2])
+        return gb.op("Reshape", [ctx, gb.i64(-1, nh * vd)])
+
+    def add(self, a, b):
+        return self.gb.op("Add", [a, b])
+
+    def mul(self, a, b):
+        return self.gb.op("Mul", [a, b])
+
+    def div(self, a, b):
+        return self.gb.op("Div", [a, b])
+
+    def silu(self, x):
+        return self.gb.op("Mul", [x, self.gb.op("Sigmoid", [x])])
+
+    def sigmoid(self, x):
+        return self.gb.op("Sigmoid", [x])
+
+    def softmax(self, x):
+        return self.gb.op("Softmax", [x], axis=-1)
+
+    def topk(self, x, k):
+        values, indices = self.gb.op("TopK", [x, self.gb.i64(k)], n_out=2, axis=-1, largest=1, sorted=1)
+        return values, indices
+
+    def sum_last(self, x):
+        return self.gb.op("ReduceSum", [x, self.gb.i64(-1)], keepdims=1)
+
+    def routed_experts(self, x, routing: Routing, layer):
+        """One ``If`` per expert, run when some token chose it (see the module docstring)."""
+        gb, n = self.gb, self.cfg.num_experts
+        zeros = gb.op("ConstantOfShape", [gb.op("Shape", [routing.probs])])  # float32 0 [T, E]
+        ones = gb.op("ConstantOfShape", [gb.op("Shape", [routing.weights])],
+                     value=helper.make_tensor("one", FLOAT, [1], [1.0]))
+        gates = gb.op("ScatterElements", [zeros, routing.ids, routing.weights], axis=1)
+        hits = gb.op("ScatterElements", [zeros, routing.ids, ones], axis=1)
+        routed = gb.op("Greater", [gb.op("ReduceMax", [hits, gb.i64(0)], keepdims=0), gb.f32(0.0)])
+        # one Split into E one-element conditions (cheaper than a Gather per expert)
+        conds = gb.op("Split", [routed], n_out=n, axis=0, num_outputs=n)
+        conds = [conds] if isinstance(conds, str) else conds
+        acc = gb.op("ConstantOfShape", [gb.op("Shape", [x])])  # float32 zeros [T, H]
+        for e in range(n):
+            w1 = self.w[expert_key(layer, e, "w1")]
+            with gb.meta(layer=layer, expert=e, bits=w1.bits, group_size=w1.group_size), gb.name_scope(f"E{e}"):
+                acc = self._expert_if(layer, e, x, gates, hits, conds[e], acc)
+        return acc
+
+    def _expert_if(self, layer, e, x, gates, hits, cond, acc):
+        gb = self.gb
+        col = gb.scalar_i64(e)
+        then = gb.branch()
+        tok = then.op("NonZero", [then.op("Gather", [hits, col], axis=1)])            # [1, n]
+        tok_col = then.op("Transpose", [tok], perm=[1, 0])                               # [n, 1] ScatterND indices
+        tok_flat = then.op("Reshape", [tok, then.i64(-1)])                               # [n]
+        xe = then.op("Gather", [x, tok_flat], axis=0)                                    # [n, H]
+        ge = then.op("Unsqueeze", [then.op("Gather", [then.op("Gather", [gates, col], axis=1), tok_flat], axis=0),
+                                   then.i64(-1)])                                        # [n, 1]
+        expert = {f"{p}.weight": self.w[expert_key(layer, e, p)] for p in ("w1", "w3", "w2")}
+        ye = then.op("Mul", [blocks.swiglu(OnnxOps(then, self.cfg, expert, {}, None, False), self.cfg, layer, xe), ge])
+        out_then = then.op("ScatterND", [acc, tok_col, ye], reduction="add")
+        other = gb.branch()
+        out_else = other.op("Identity", [acc])
+        shape = [None, self.cfg.hidden_size]
+        then_graph = then.to_graph(f"L{layer}_E{e}_routed", [], [tensor_info(out_then, FLOAT, shape)])
+        else_graph = other.to_graph(f"L{layer}_E{e}_skip", [], [tensor_info(out_else, FLOAT, shape)])
+        return gb.op("If", [cond], then_branch=then_graph, else_branch=else_graph)
