@@ -12,6 +12,7 @@ from moec.errors import MoecError
 from moec.models.checkpoint import load_checkpoint
 from moec.models.model import MoEModel
 from moec.models.tokenizer import load_tokenizer
+from moec.outputs import work_dir
 from moec.profile.data import read_text, token_windows
 from moec.profile.evaluate import EvalResult, evaluate_windows
 from moec.profile.routing import collect_stats
@@ -166,6 +167,8 @@ class CompileConfig:
     activations: str = "float32"
     search: "object | None" = None   # moec.search.pipeline.SearchConfig
     recipe: dict | None = None
+    force: bool = False              # replace an --out directory moec did not write
+    sign_key: str | os.PathLike | None = None  # Ed25519 private key: sign the bundle's manifest
 
 
 def search(cfg) -> "object":
@@ -196,7 +199,6 @@ def compile_bundle(cfg: CompileConfig, on_stage=None) -> Path:
 
     ``on_stage(name, seconds)`` is called as each stage finishes.
     """
-    import tempfile
     import time
 
     from moec.export.exporter import export_model
@@ -204,12 +206,13 @@ def compile_bundle(cfg: CompileConfig, on_stage=None) -> Path:
 
     preset = load_target(cfg.target)
     preset.require_toolchain()  # before the slow stages, not after them
+    _check_outputs(cfg.out, cfg.force, cfg.sign_key)
     t0 = time.time()
     model = load_checkpoint(cfg.checkpoint)
     tok_path = Path(cfg.checkpoint) / "tokenizer.json"
     tok = load_tokenizer(cfg.checkpoint)
     searching = cfg.plan is None
-    with tempfile.TemporaryDirectory(prefix="moec-compile-") as tmp:
+    with work_dir("moec-compile-") as tmp:
         extra_files = {}
         profile_path = None
         if cfg.data is not None and not (searching and cfg.search is not None and cfg.search.profile):
@@ -247,13 +250,26 @@ def compile_bundle(cfg: CompileConfig, on_stage=None) -> Path:
             on_stage("export (ONNX)", time.time() - t0)
         extra = {"recipe": cfg.recipe} if cfg.recipe is not None else None
         return build_from_onnx(export_dir, cfg.out, cfg.target, cfg.debug_dump, on_stage=on_stage,
-                               extra_files=extra_files, extra_manifest=extra, activations=cfg.activations)
+                               extra_files=extra_files, extra_manifest=extra, activations=cfg.activations,
+                               force=cfg.force, sign_key=cfg.sign_key)
+
+
+def _check_outputs(out, force: bool, sign_key) -> None:
+    """Fail before any slow stage: ``out`` must be writable by moec and ``sign_key`` a usable key."""
+    from moec.outputs import check_output_dir, install_signal_cleanup
+
+    install_signal_cleanup()
+    check_output_dir(out, force)
+    if sign_key is not None:
+        from moec.artifact.signing import load_private_key
+        load_private_key(sign_key)
 
 
 def build_from_onnx(onnx_path: str | os.PathLike, out: str | os.PathLike, target: str = "host",
                     debug_dump: str | os.PathLike | None = None, on_stage=None,
                     extra_files: dict | None = None, extra_manifest: dict | None = None,
-                    activations: str = "float32") -> Path:
+                    activations: str = "float32", force: bool = False,
+                    sign_key: str | os.PathLike | None = None) -> Path:
     """``moec build``: the last stage alone — a moec ONNX export (file or directory) → bundle.
 
     ``activations="int8"`` quantizes the activations of quantized decode GEMVs per group to int8
@@ -269,6 +285,7 @@ def build_from_onnx(onnx_path: str | os.PathLike, out: str | os.PathLike, target
 
     preset = load_target(target)
     preset.require_toolchain()
+    _check_outputs(out, force, sign_key)
     t0 = time.time()
     cfg, plan, packed, floats = import_onnx(onnx_path)
     plan.validate(cfg, tuple(preset.allowed_bits))
@@ -280,4 +297,4 @@ def build_from_onnx(onnx_path: str | os.PathLike, out: str | os.PathLike, target
     return build_bundle_from_params(cfg, plan, params, preset, out, tok if tok.is_file() else None,
                                     extra_manifest={"source": str(src), **(extra_manifest or {})},
                                     debug_dump=debug_dump, on_stage=on_stage, extra_files=extra_files,
-                                    activations=activations)
+                                    activations=activations, force=force, sign_key=sign_key)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import click
 
 from moec import api
+from moec.cli.common import output_options
 from moec.cli.search_cmd import parse_tensor_bits, search_options
 from moec.search.recipe import compile_config, load_recipe, resolve
 
@@ -22,14 +23,15 @@ from moec.search.recipe import compile_config, load_recipe, resolve
 @click.option("--group-size", type=int, default=None, help="Quantization group size [64].")
 @click.option("--method", default=None, help="Quantizer: rtn, mse, hqq [mse for uniform:B, rtn for searched plans].")
 @search_options
+@output_options
 @click.option("--debug-dump", type=click.Path(file_okay=False), default=None,
               help="Write the IR after each lowering phase into this directory.")
 @click.option("--activations", type=click.Choice(["float32", "int8"]), default="float32", show_default=True,
               help="Activations of the quantized decode GEMVs: float32 (exact) or int8 per group "
                    "(faster with int8 dot products, ~1e-2 relative error; like onnxruntime accuracy_level 4).")
 def compile_cmd(checkpoint, recipe, target, plan, out, data, max_tokens, group_size, method, budget_mb, policy,
-                alpha, beta, gamma, weighting, profile_path, episodes, seed, tensor_bits, debug_dump,
-                activations):
+                alpha, beta, gamma, weighting, profile_path, episodes, seed, tensor_bits, force, sign_key,
+                debug_dump, activations):
     """Compile CHECKPOINT (or a recipe's model) into a bundle for a target (library + packed weights + manifest)."""
     overrides = {"model": checkpoint, "target": target, "calibration": data, "max_tokens": max_tokens,
                  "group_size": group_size, "budget_mb": budget_mb, "policy": policy, "alpha": alpha,
@@ -40,6 +42,7 @@ def compile_cmd(checkpoint, recipe, target, plan, out, data, max_tokens, group_s
     resolved = resolve(load_recipe(recipe) if recipe else None, overrides)
     cfg = compile_config(resolved, out, plan, debug_dump)
     cfg.activations = activations
+    cfg.force, cfg.sign_key = force, sign_key
 
     def on_stage(name: str, seconds: float) -> None:
         click.echo(f"  ✓ {name:<24} {seconds:6.1f} s")

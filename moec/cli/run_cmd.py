@@ -14,18 +14,20 @@ from moec.errors import MoecError
 @click.option("--rpc", "tracker", default=None, metavar="HOST:PORT",
               help="Run on a device requested from this TVM RPC tracker instead of this machine.")
 @click.option("--key", default=None, help="Device key at the tracker (default: the bundle target's rpc_key).")
+@click.option("--trust", type=click.Path(dir_okay=False), default=None,
+              help="Ed25519 public key (.pub from moec keygen): run only bundles signed by its private key.")
 @click.option("--timeout", default=60.0, show_default=True, help="Seconds to wait for a free device (--rpc).")
-def run_cmd(bundle, prompt, max_new_tokens, tracker, key, timeout):
+def run_cmd(bundle, prompt, max_new_tokens, tracker, key, trust, timeout):
     """Generate text from a compiled BUNDLE (hashes verified before loading), here or on a remote device."""
     from moec.runtime.session import BundleSession
 
     if tracker is None:
         if key is not None:
             raise MoecError("--key needs --rpc HOST:PORT (the tracker to ask)")
-        sess = BundleSession(bundle)
+        sess = BundleSession(bundle, trust=trust)
     else:
         from moec.runtime.remote import open_remote_bundle
-        sess = open_remote_bundle(bundle, tracker, key, timeout=timeout)
+        sess = open_remote_bundle(bundle, tracker, key, timeout=timeout, trust=trust)
     try:
         stats = _generate(sess, bundle, prompt, max_new_tokens)
     finally:

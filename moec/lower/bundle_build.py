@@ -5,7 +5,6 @@ from __future__ import annotations
 import os
 import shlex
 import sys
-import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -14,6 +13,7 @@ import numpy as np
 
 import moec
 from moec.artifact.bundle import write_bundle
+from moec.outputs import work_dir
 from moec.hardware.targets import TargetPreset
 from moec.errors import MoecError
 from moec.lower.build import build_module
@@ -62,8 +62,12 @@ def build_bundle_from_params(cfg: MoEConfig, plan: BitPlan, params: ModelParams,
                              extra_manifest: dict | None = None, debug_dump: str | os.PathLike | None = None,
                              on_stage: StageCallback | None = None,
                              extra_files: dict[str, str | os.PathLike] | None = None,
-                             use_kernels: bool = True, activations: str = "float32") -> Path:
-    """Compile already packed ``params`` for ``preset`` and write the bundle directory ``out``."""
+                             use_kernels: bool = True, activations: str = "float32", force: bool = False,
+                             sign_key: str | os.PathLike | None = None) -> Path:
+    """Compile already packed ``params`` for ``preset`` and write the bundle directory ``out``.
+
+    ``force`` replaces an ``out`` moec did not write; ``sign_key`` signs the manifest (Ed25519).
+    """
     import tvm
 
     def stage(name: str, t0: float) -> None:
@@ -78,7 +82,7 @@ def build_bundle_from_params(cfg: MoEConfig, plan: BitPlan, params: ModelParams,
         t0 = time.time()
         n = apply_kernel_layout(params, emitter)
         stage(f"kernel layout ({n} weights)", t0)
-    with tempfile.TemporaryDirectory(prefix="moec-build-") as tmp:
+    with work_dir("moec-build-") as tmp:
         t0 = time.time()
         lib = Path(tmp) / "lib.so"
         res = build_module(cfg, params, target, preset.family, lib, preset.cross_compiler, debug_dump, emitter)
@@ -114,6 +118,6 @@ def build_bundle_from_params(cfg: MoEConfig, plan: BitPlan, params: ModelParams,
         files = {"lib.so": lib, "weights.npz": weights, **res.extra_files, **(extra_files or {})}
         if tokenizer_path is not None:
             files["tokenizer.json"] = tokenizer_path
-        path = write_bundle(out, files, manifest)
+        path = write_bundle(out, files, manifest, force=force, sign_key=sign_key)
         stage("bundle", t0)
     return path

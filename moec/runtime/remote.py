@@ -191,23 +191,24 @@ def elf_machine(path: str | Path) -> str | None:
 
 
 def open_remote_bundle(bundle: str | Path, tracker: str, key: str | None = None, timeout: float = 60.0,
-                       session_timeout: float = 0.0):
+                       session_timeout: float = 0.0, trust: str | Path | None = None):
     """A ``BundleSession`` of ``bundle`` on a device requested from ``tracker`` (``HOST:PORT``).
 
     ``key`` defaults to the bundle's target preset ``rpc_key``.
     """
-    from moec.artifact.bundle import read_manifest
+    from moec.artifact.bundle import verify_bundle
     from moec.runtime.session import BundleSession
 
     addr = TrackerAddress.parse(tracker)
+    manifest = verify_bundle(Path(bundle), trust)  # before asking for a device
     if key is None:
-        key = read_manifest(Path(bundle), verify=False).get("target", {}).get("rpc_key")
+        key = manifest["target"].get("rpc_key")
         if not key:
             raise MoecError(f"bundle '{bundle}' names no rpc_key; pass --key")
     log.info("requesting a '%s' device from tracker %s", key, addr)
     remote = request_device(addr, key, timeout=timeout, session_timeout=session_timeout)
     try:
-        return BundleSession(bundle, remote=remote)
+        return BundleSession(bundle, remote=remote, trust=trust)
     except BaseException:
         remote = None  # end the RPC session now (the traceback keeps this frame), freeing the device
         gc.collect()

@@ -14,8 +14,9 @@ import numpy as np
 import tvm.runtime
 from tokenizers import Tokenizer
 
-from moec.artifact.bundle import read_manifest
+from moec.artifact.bundle import verified_copy, verify_bundle
 from moec.errors import MoecError
+from moec.outputs import work_dir
 from moec.runtime.remote import elf_machine
 
 
@@ -41,9 +42,10 @@ class BundleSession:
     logits come back; the KV cache stays on the device).
     """
 
-    def __init__(self, bundle: str | os.PathLike, remote=None) -> None:
+    def __init__(self, bundle: str | os.PathLike, remote=None, trust: str | os.PathLike | None = None) -> None:
         root = Path(bundle)
-        self.manifest = read_manifest(root, verify=True)
+        # the whole bundle verifies (and, with ``trust``, its signature) before lib.so is touched
+        self.manifest = verify_bundle(root, trust)
         self.cfg = self.manifest["model"]["config"]
         self.remote = remote
         target = self.manifest.get("target", {})
@@ -58,16 +60,18 @@ class BundleSession:
             raise MoecError(f"{lib_path} is built for {built_for} but this machine is {platform.machine()}; "
                             "run it on a matching device (moec run --rpc HOST:PORT --key KEY)")
         lib, failure = None, None
-        try:
-            if remote is None:
-                lib = tvm.runtime.load_module(str(lib_path))
-                self.dev = tvm.runtime.cpu()
-            else:
-                remote.upload(str(lib_path), "moec_lib.so")
-                lib = remote.load_module("moec_lib.so")
-                self.dev = remote.cpu()
-        except Exception as exc:
-            failure = _last_line(exc)
+        with work_dir("moec-run-") as private:
+            checked = verified_copy(root, "lib.so", self.manifest, private)  # never the path an attacker can swap
+            try:
+                if remote is None:
+                    lib = tvm.runtime.load_module(str(checked))
+                    self.dev = tvm.runtime.cpu()
+                else:
+                    remote.upload(str(checked), "moec_lib.so")
+                    lib = remote.load_module("moec_lib.so")
+                    self.dev = remote.cpu()
+            except Exception as exc:
+                failure = _last_line(exc)
         if failure is not None:  # raised outside the except block: the TVM error's frames hold the session
             where = "this machine" if remote is None else "the remote device"
             hint = f" (is the device {lib_arch}?)" if remote is not None and lib_arch != "unknown" else ""
