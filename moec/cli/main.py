@@ -32,18 +32,28 @@ class MoecGroup(click.Group):
             click.echo(f"error: {exc}", err=True)
             sys.exit(2)
         except KeyboardInterrupt:
-            click.echo("interrupted", err=True)
-            sys.exit(130)
+            _exit_interrupted()
         except (click.ClickException, click.exceptions.Exit, click.exceptions.Abort, SystemExit):
             raise
         except Exception as exc:  # a bug: keep it to one line unless asked for the traceback
             if interrupted():  # e.g. TVM re-raises a KeyboardInterrupt as RuntimeError
-                click.echo("interrupted", err=True)
-                sys.exit(130)
+                _exit_interrupted()
             if os.environ.get("MOEC_DEBUG"):
                 raise
             click.echo(f"internal error: {type(exc).__name__}: {exc} (set MOEC_DEBUG=1 for a traceback)", err=True)
             sys.exit(1)
+
+
+def _exit_interrupted() -> None:
+    """One line and exit 130; temp dirs are already gone (``finally`` blocks ran). Native libraries
+    (TVM) warn about half-built objects on their way down: that noise is not for the user."""
+    click.echo("interrupted", err=True)
+    sys.stderr.flush()
+    try:
+        os.dup2(os.open(os.devnull, os.O_WRONLY), 2)
+    except OSError:
+        pass
+    sys.exit(130)
 
 
 @click.group(cls=MoecGroup, context_settings={"help_option_names": ["-h", "--help"]})
