@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
 from dataclasses import dataclass
@@ -13,7 +12,7 @@ from moec.models.checkpoint import load_checkpoint
 from moec.models.model import MoEModel
 from moec.models.tokenizer import load_tokenizer
 from moec.outputs import work_dir
-from moec.profile.data import read_text, token_windows
+from moec.profile.data import file_windows
 from moec.profile.evaluate import EvalResult, evaluate_windows
 from moec.profile.routing import collect_stats
 from moec.profile.stats import ExpertStats
@@ -34,11 +33,29 @@ class DataConfig:
     batch: int = 8
 
 
+def _check_data(data: DataConfig) -> None:
+    """The cheap checks of a data file (exists, readable, not a directory) before the slow model load."""
+    from moec.profile.data import _open_data
+    _open_data(data.path, data.max_tokens).close()
+
+
+def data_windows(checkpoint: str | os.PathLike, data: DataConfig, max_position: int) -> tuple["object", str]:
+    """(token windows, data sha256) of ``data``, streamed and stopped at ``data.max_tokens``.
+
+    The sha256 is of the whole file for a regular file, of the bytes read for a stream.
+    """
+    windows, digest = file_windows(load_tokenizer(checkpoint), data.path, data.seq_len, data.max_tokens,
+                                   max_position)
+    if Path(data.path).is_file():
+        from moec.artifact.bundle import sha256_file
+        digest = sha256_file(data.path)
+    return windows, digest
+
+
 def load_model_and_windows(checkpoint: str | os.PathLike, data: DataConfig) -> tuple[MoEModel, "object"]:
-    text = read_text(data.path)  # check the cheap input first
+    _check_data(data)  # check the cheap input first
     model = load_checkpoint(checkpoint)
-    tok = load_tokenizer(checkpoint)
-    return model, token_windows(tok, text, data.seq_len, data.max_tokens)
+    return model, data_windows(checkpoint, data, model.cfg.max_position)[0]
 
 
 @dataclass
@@ -64,7 +81,9 @@ def profile(checkpoint: str | os.PathLike, data: DataConfig, out: str | os.PathL
         raise MoecError(f"unknown sensitivity kind '{sens.kind}'; choices: none, proxy, exact, both")
     model, windows = load_model_and_windows(checkpoint, data)
     stats = collect_stats(model, windows, batch=data.batch, progress=progress)
-    stats.data_sha256 = hashlib.sha256(Path(data.path).read_bytes()).hexdigest()
+    if Path(data.path).is_file():
+        from moec.artifact.bundle import sha256_file
+        stats.data_sha256 = sha256_file(data.path)
     if sens.kind != "none":
         from moec.profile.sensitivity import Sensitivity, exact_sensitivity, proxy_sensitivity
         result = Sensitivity(list(sens.bits), sens.group_size, sens.method)
@@ -74,8 +93,7 @@ def profile(checkpoint: str | os.PathLike, data: DataConfig, out: str | os.PathL
         if sens.kind in ("exact", "both"):
             held = windows
             if sens.heldout is not None:
-                held = token_windows(load_tokenizer(checkpoint), read_text(sens.heldout.path),
-                                     sens.heldout.seq_len, sens.heldout.max_tokens)
+                held = data_windows(checkpoint, sens.heldout, model.cfg.max_position)[0]
             result.exact = exact_sensitivity(model, held, result.bits, sens.group_size, sens.method,
                                              progress=progress)
         stats.sensitivity = result.to_json()
@@ -103,10 +121,10 @@ def evaluate(checkpoint: str | os.PathLike, data: DataConfig, plan: str | os.Pat
 
     The plan is applied as fake quantization with the same quantizers every back end uses.
     """
-    text = read_text(data.path)
+    _check_data(data)
     model = load_checkpoint(checkpoint)
     bit_plan = resolve_plan(plan, model.cfg) if plan is not None else None
-    windows = token_windows(load_tokenizer(checkpoint), text, data.seq_len, data.max_tokens)
+    windows = data_windows(checkpoint, data, model.cfg.max_position)[0]
     fp32 = float32_memory(model)
     memory = None
     if bit_plan is not None:
@@ -210,7 +228,7 @@ def compile_bundle(cfg: CompileConfig, on_stage=None) -> Path:
     t0 = time.time()
     model = load_checkpoint(cfg.checkpoint)
     tok_path = Path(cfg.checkpoint) / "tokenizer.json"
-    tok = load_tokenizer(cfg.checkpoint)
+    load_tokenizer(cfg.checkpoint)  # a missing tokenizer fails before the slow stages
     searching = cfg.plan is None
     with work_dir("moec-compile-") as tmp:
         extra_files = {}
@@ -223,9 +241,9 @@ def compile_bundle(cfg: CompileConfig, on_stage=None) -> Path:
                 stats = profile(cfg.checkpoint, cfg.data, progress=False,
                                 sensitivity=SensitivityConfig("proxy", bits, gs, meth))
             else:
-                windows = token_windows(tok, read_text(cfg.data.path), cfg.data.seq_len, cfg.data.max_tokens)
+                windows, digest = data_windows(cfg.checkpoint, cfg.data, model.cfg.max_position)
                 stats = collect_stats(model, windows, batch=cfg.data.batch)
-                stats.data_sha256 = hashlib.sha256(Path(cfg.data.path).read_bytes()).hexdigest()
+                stats.data_sha256 = digest
             profile_path = Path(tmp) / "profile.json"
             stats.save(profile_path)
             extra_files["profile.json"] = profile_path

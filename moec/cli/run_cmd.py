@@ -10,7 +10,8 @@ from moec.errors import MoecError
 @click.command("run")
 @click.argument("bundle", type=click.Path())
 @click.option("--prompt", required=True, help="Text to continue.")
-@click.option("--max-new-tokens", default=32, show_default=True, help="Tokens to generate (greedy).")
+@click.option("--max-new-tokens", type=click.IntRange(1, 1 << 20), default=32, show_default=True,
+              help="Tokens to generate (greedy); prompt + these must fit max_position_embeddings.")
 @click.option("--rpc", "tracker", default=None, metavar="HOST:PORT",
               help="Run on a device requested from this TVM RPC tracker instead of this machine.")
 @click.option("--key", default=None, help="Device key at the tracker (default: the bundle target's rpc_key).")

@@ -153,9 +153,15 @@ class BundleSession:
         """Greedy generation: the prompt in one ``prefill`` call (filling the KV cache), then decode steps."""
         if not prompt_ids:
             raise MoecError("prompt is empty")
+        if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+            raise MoecError(f"max_new_tokens must be a positive integer, got {max_new_tokens!r}")
+        limit = self.cfg["max_position"]
+        if len(prompt_ids) + max_new_tokens - 1 > limit:  # the last new token is never fed back
+            raise MoecError(f"prompt ({len(prompt_ids)} tokens) + max_new_tokens ({max_new_tokens}) exceeds the "
+                            f"model's max_position_embeddings ({limit}); shorten the prompt or generate fewer tokens")
         self.reset()
         t0 = time.perf_counter()
-        logits = self.prefill(list(prompt_ids))
+        logits = _finite(self.prefill(list(prompt_ids)), len(prompt_ids))
         t1 = time.perf_counter()
         out: list[int] = []
         for _ in range(max_new_tokens):
@@ -166,9 +172,16 @@ class BundleSession:
             if self.eos is not None and nxt == self.eos:
                 break
             if len(out) < max_new_tokens:
-                logits = self.step(nxt)
+                logits = _finite(self.step(nxt), len(prompt_ids) + len(out))
         t2 = time.perf_counter()
         return out, GenerationStats(len(prompt_ids), len(out), t1 - t0, t2 - t1)
+
+
+def _finite(logits: np.ndarray, position: int) -> np.ndarray:
+    if not np.isfinite(logits).all():
+        raise MoecError(f"the bundle produced non-finite logits (NaN/Inf) at position {position}; "
+                        "its weights are corrupt or overflow")
+    return logits
 
 
 def _last_line(exc: BaseException) -> str:
