@@ -45,6 +45,7 @@ def _generate(sess, bundle, prompt: str, max_new_tokens: int):
     ids = sess.tokenizer.encode(prompt).ids
     if not ids:
         raise MoecError("prompt encodes to no tokens")
+    sess.check_positions(len(ids), max_new_tokens)
     click.echo(prompt, nl=False)
     shown = ""
     generated: list[int] = []

@@ -148,17 +148,21 @@ class BundleSession:
         self.past = [out[i] for i in range(1, len(out))]
         return logits
 
+    def check_positions(self, prompt_tokens: int, max_new_tokens: int) -> None:
+        """Raise MoecError unless the prompt and ``max_new_tokens`` fit the model's position limit."""
+        if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+            raise MoecError(f"max_new_tokens must be a positive integer, got {max_new_tokens!r}")
+        limit = self.cfg["max_position"]
+        if prompt_tokens + max_new_tokens - 1 > limit:  # the last new token is never fed back
+            raise MoecError(f"prompt ({prompt_tokens} tokens) + max_new_tokens ({max_new_tokens}) exceeds the "
+                            f"model's max_position_embeddings ({limit}); shorten the prompt or generate fewer tokens")
+
     def generate(self, prompt_ids: list[int], max_new_tokens: int,
                  on_token: Callable[[int], None] | None = None) -> tuple[list[int], GenerationStats]:
         """Greedy generation: the prompt in one ``prefill`` call (filling the KV cache), then decode steps."""
         if not prompt_ids:
             raise MoecError("prompt is empty")
-        if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
-            raise MoecError(f"max_new_tokens must be a positive integer, got {max_new_tokens!r}")
-        limit = self.cfg["max_position"]
-        if len(prompt_ids) + max_new_tokens - 1 > limit:  # the last new token is never fed back
-            raise MoecError(f"prompt ({len(prompt_ids)} tokens) + max_new_tokens ({max_new_tokens}) exceeds the "
-                            f"model's max_position_embeddings ({limit}); shorten the prompt or generate fewer tokens")
+        self.check_positions(len(prompt_ids), max_new_tokens)
         self.reset()
         t0 = time.perf_counter()
         logits = _finite(self.prefill(list(prompt_ids)), len(prompt_ids))
