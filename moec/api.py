@@ -18,7 +18,7 @@ from moec.profile.routing import collect_stats
 from moec.profile.stats import ExpertStats
 from moec.quant.accounting import MemoryReport, float32_memory, plan_memory
 from moec.quant.packed_model import apply_plan
-from moec.search.plan import BitPlan, resolve_plan
+from moec.search.plan import UNIFORM_METHOD, BitPlan, resolve_plan
 
 log = logging.getLogger("moec")
 
@@ -116,14 +116,15 @@ class PlanEval:
 
 
 def evaluate(checkpoint: str | os.PathLike, data: DataConfig, plan: str | os.PathLike | None = None,
-             progress: bool = True) -> PlanEval:
+             progress: bool = True, group_size: int = 64, method: str | None = None) -> PlanEval:
     """Perplexity and top-1 accuracy, under a bit plan (file or ``uniform:B``) if one is given.
 
     The plan is applied as fake quantization with the same quantizers every back end uses.
     """
     _check_data(data)
     model = load_checkpoint(checkpoint)
-    bit_plan = resolve_plan(plan, model.cfg) if plan is not None else None
+    bit_plan = (resolve_plan(plan, model.cfg, group_size, method or UNIFORM_METHOD)
+                if plan is not None else None)
     windows = data_windows(checkpoint, data, model.cfg.max_position)[0]
     fp32 = float32_memory(model)
     memory = None
@@ -135,7 +136,7 @@ def evaluate(checkpoint: str | os.PathLike, data: DataConfig, plan: str | os.Pat
 
 
 def export_onnx(checkpoint: str | os.PathLike, plan: str | os.PathLike, out: str | os.PathLike,
-                group_size: int = 64, method: str = "rtn", verify: bool = False, accuracy_level: int = 0):
+                group_size: int = 64, method: str | None = None, verify: bool = False, accuracy_level: int = 0):
     """Export ``checkpoint`` under ``plan`` (file or ``uniform:B``) to ONNX in directory ``out``.
 
     Writes ``prefill.onnx``, ``decode.onnx``, ``weights.bin``, ``tokenizer.json`` and ``export.json``
@@ -147,7 +148,7 @@ def export_onnx(checkpoint: str | os.PathLike, plan: str | os.PathLike, out: str
     from moec.export.writer import check_export_target
     from moec.models.checkpoint import load_config
 
-    bit_plan = resolve_plan(plan, load_config(checkpoint), group_size, method)
+    bit_plan = resolve_plan(plan, load_config(checkpoint), group_size, method or UNIFORM_METHOD)
     check_export_target(out)  # fail before the (slow) load and quantization
     model = load_checkpoint(checkpoint)
     return export_model(model, bit_plan, out, tokenizer=Path(checkpoint) / "tokenizer.json",

@@ -21,7 +21,7 @@ from moec.search.recipe import compile_config, load_recipe, resolve
               help="Calibration text: profile routing (and the search's sensitivity) into the bundle.")
 @click.option("--max-tokens", type=int, default=None, help="Calibration tokens to use [16384].")
 @click.option("--group-size", type=int, default=None, help="Quantization group size [64].")
-@click.option("--method", default=None, help="Quantizer: rtn, mse, hqq [mse for uniform:B, rtn for searched plans].")
+@click.option("--method", default=None, help="Quantizer: rtn, mse, hqq [mse for uniform:B as everywhere, rtn for searched plans].")
 @search_options
 @output_options
 @click.option("--debug-dump", type=click.Path(file_okay=False), default=None,

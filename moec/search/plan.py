@@ -34,6 +34,8 @@ from moec.io import atomic_write_json, read_json_strict
 from moec.models.config import MoEConfig
 
 PLAN_VERSION = 1
+#: The quantizer ``uniform:B`` means everywhere (compile, eval, export, search baselines).
+UNIFORM_METHOD = "mse"
 PLAN_METHODS = ("rtn", "mse", "hqq", "gptq")
 MAX_GROUP = 1 << 16
 MAX_PLAN_BYTES = 16 << 20
@@ -132,11 +134,23 @@ class BitPlan:
             if key not in names:
                 raise MoecError(f"plan names unknown tensor '{key}'; use a canonical weight name, a group "
                                 f"({', '.join(TENSOR_GROUPS)}) or re:<pattern>")
-        shapes = list(expert_shapes(cfg).values()) + [s for _, s in non_expert_weights(cfg)]
-        for _, k in shapes:
-            if k % self.group_size:
-                raise MoecError(f"group size {self.group_size} does not divide a weight's input dim {k}")
+        for name, k, bits in self._weights(cfg):
+            if bits != 16 and k % self.group_size:  # float weights have no groups
+                divisors = [g for g in (128, 64, 32, 16, 8) if k % g == 0]
+                hint = f" (e.g. --group-size {divisors[0]})" if divisors else ""
+                raise MoecError(f"group size {self.group_size} does not divide the input width {k} of '{name}' "
+                                f"({bits}-bit); pass --group-size with a divisor of {k}{hint}")
         return self
+
+    def _weights(self, cfg: MoEConfig) -> list[tuple[str, int, int]]:
+        """(name, input width K, bits) of every 2-D weight; experts by their widest bits across the model."""
+        out = []
+        for layer, experts in sorted(self.experts.items()):
+            for e, bits in sorted(experts.items()):
+                for w, (_, k) in expert_shapes(cfg).items():
+                    out.append((f"layers.{layer}.mlp.experts.{e}.{w}", k, bits))
+        out += [(n, s[1], self.tensor_bits(n)) for n, s in non_expert_weights(cfg)]
+        return out
 
     # -- JSON ----------------------------------------------------------------------
     def to_json(self) -> dict:
@@ -213,8 +227,10 @@ def uniform_plan(cfg: MoEConfig, bits: int, group_size: int = 64, method: str = 
     return BitPlan(experts, tensors, group_size, method, cfg.fingerprint(), {"policy": f"uniform-{bits}"})
 
 
-def resolve_plan(spec: str | os.PathLike, cfg: MoEConfig, group_size: int = 64, method: str = "rtn") -> BitPlan:
-    """A plan file, or ``uniform:B`` for the static B-bit baseline; validated against ``cfg``."""
+def resolve_plan(spec: str | os.PathLike, cfg: MoEConfig, group_size: int = 64,
+                 method: str = UNIFORM_METHOD) -> BitPlan:
+    """A plan file, or ``uniform:B`` (every weight at B bits with ``method``, default
+    :data:`UNIFORM_METHOD` everywhere); validated against ``cfg``."""
     s = str(spec)
     if s.startswith("uniform:"):
         m = re.fullmatch(r"uniform:([0-9]{1,2})", s, re.ASCII)

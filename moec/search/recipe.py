@@ -205,7 +205,8 @@ def compile_config(recipe: Recipe, out: str | os.PathLike, plan=None, debug_dump
                         recipe.alpha, recipe.beta, recipe.gamma, recipe.weighting, recipe.sensitivity,
                         dict(recipe.tensor_bits), recipe.group_size, recipe.method, recipe.episodes, seed=recipe.seed,
                         progress=progress)
-    # uniform:B plans keep compile's historical default quantizer (mse) unless the method is given
-    method = recipe.method if "method" in recipe.model_fields_set or plan is None else "mse"
+    # uniform:B means the same quantizer everywhere (UNIFORM_METHOD) unless the method is given
+    from moec.search.plan import UNIFORM_METHOD
+    method = recipe.method if "method" in recipe.model_fields_set or plan is None else UNIFORM_METHOD
     return CompileConfig(recipe.model, out, recipe.target, plan, data, recipe.group_size, method,
                          debug_dump, search=scfg, recipe=recipe.model_dump())
