@@ -143,6 +143,8 @@ def load_recipe(path: str | os.PathLike) -> Recipe:
         raise MoecError(f"recipe '{p}' is not valid YAML: {line[:200]}") from None
     except RecursionError:
         raise MoecError(f"recipe '{p}' is nested too deeply") from None
+    except (ValueError, OverflowError) as exc:  # e.g. a 5000-digit integer
+        raise MoecError(f"recipe '{p}' has a value moec cannot read: {str(exc)[:100]}") from None
     if _depth(data) > MAX_RECIPE_DEPTH:
         raise MoecError(f"recipe '{p}' is nested deeper than {MAX_RECIPE_DEPTH} levels")
     if not isinstance(data, dict):
