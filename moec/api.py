@@ -18,6 +18,7 @@ from moec.profile.routing import collect_stats
 from moec.profile.stats import ExpertStats
 from moec.quant.accounting import MemoryReport, float32_memory, plan_memory
 from moec.quant.packed_model import apply_plan
+from moec.quant.padding import pad_for_groups
 from moec.search.plan import UNIFORM_METHOD, BitPlan, resolve_plan
 
 log = logging.getLogger("moec")
@@ -123,12 +124,13 @@ def evaluate(checkpoint: str | os.PathLike, data: DataConfig, plan: str | os.Pat
     """
     _check_data(data)
     model = load_checkpoint(checkpoint)
-    bit_plan = (resolve_plan(plan, model.cfg, group_size, method or UNIFORM_METHOD)
+    bit_plan = (resolve_plan(plan, model.cfg, group_size, method or UNIFORM_METHOD, pad_ok=True)
                 if plan is not None else None)
     windows = data_windows(checkpoint, data, model.cfg.max_position)[0]
     fp32 = float32_memory(model)
     memory = None
     if bit_plan is not None:
+        model, bit_plan = pad_for_groups(model, bit_plan)
         memory = plan_memory(model, bit_plan)
         apply_plan(model, bit_plan)
     res = evaluate_windows(model, windows, batch=data.batch, progress=progress)
@@ -148,9 +150,9 @@ def export_onnx(checkpoint: str | os.PathLike, plan: str | os.PathLike, out: str
     from moec.export.writer import check_export_target
     from moec.models.checkpoint import load_config
 
-    bit_plan = resolve_plan(plan, load_config(checkpoint), group_size, method or UNIFORM_METHOD)
+    bit_plan = resolve_plan(plan, load_config(checkpoint), group_size, method or UNIFORM_METHOD, pad_ok=True)
     check_export_target(out)  # fail before the (slow) load and quantization
-    model = load_checkpoint(checkpoint)
+    model, bit_plan = pad_for_groups(load_checkpoint(checkpoint), bit_plan)
     return export_model(model, bit_plan, out, tokenizer=Path(checkpoint) / "tokenizer.json",
                         source=str(checkpoint), verify=verify, accuracy_level=accuracy_level)
 
@@ -255,10 +257,12 @@ def compile_bundle(cfg: CompileConfig, on_stage=None) -> Path:
             plan = _search_plan(cfg, profile_path)
             name = f"search {plan.provenance.get('policy')}"
         elif isinstance(cfg.plan, BitPlan):
-            plan, name = cfg.plan.copy().validate(model.cfg), str(cfg.plan.provenance.get("policy", "given"))
+            plan = cfg.plan.copy().validate(model.cfg, pad_ok=True)
+            name = str(cfg.plan.provenance.get("policy", "given"))
         else:
-            plan = resolve_plan(cfg.plan, model.cfg, cfg.group_size, cfg.method)
+            plan = resolve_plan(cfg.plan, model.cfg, cfg.group_size, cfg.method, pad_ok=True)
             name = str(plan.provenance.get("policy", Path(str(cfg.plan)).name))
+        model, plan = pad_for_groups(model, plan)
         plan.validate(model.cfg, tuple(preset.allowed_bits))
         if on_stage:
             on_stage(f"plan ({name})", time.time() - t0)

@@ -105,8 +105,12 @@ class BitPlan:
         return sum(vals) / len(vals)
 
     # -- validation ----------------------------------------------------------------
-    def validate(self, cfg: MoEConfig, allowed: tuple[int, ...] = ALL_BITS) -> "BitPlan":
-        """Check the plan fits ``cfg`` and ``allowed`` bits; raise MoecError naming the problem."""
+    def validate(self, cfg: MoEConfig, allowed: tuple[int, ...] = ALL_BITS, pad_ok: bool = False) -> "BitPlan":
+        """Check the plan fits ``cfg`` and ``allowed`` bits; raise MoecError naming the problem.
+
+        ``pad_ok``: the caller pads MLP intermediate widths to whole groups
+        (``moec.quant.padding``), so only hidden-dimension widths must be divisible.
+        """
         if self.model_fingerprint and self.model_fingerprint != cfg.fingerprint():
             raise MoecError(f"plan is for another model (fingerprint {self.model_fingerprint}, "
                             f"this model is {cfg.fingerprint()})")
@@ -135,6 +139,8 @@ class BitPlan:
                 raise MoecError(f"plan names unknown tensor '{key}'; use a canonical weight name, a group "
                                 f"({', '.join(TENSOR_GROUPS)}) or re:<pattern>")
         for name, k, bits in self._weights(cfg):
+            if pad_ok and (name.endswith(".w2") or name.endswith("w2.weight")):
+                continue  # the MLP intermediate width: padded to whole groups by the caller
             if bits != 16 and k % self.group_size:  # float weights have no groups
                 divisors = [g for g in (128, 64, 32, 16, 8) if k % g == 0]
                 hint = f" (e.g. --group-size {divisors[0]})" if divisors else ""
@@ -228,7 +234,7 @@ def uniform_plan(cfg: MoEConfig, bits: int, group_size: int = 64, method: str = 
 
 
 def resolve_plan(spec: str | os.PathLike, cfg: MoEConfig, group_size: int = 64,
-                 method: str = UNIFORM_METHOD) -> BitPlan:
+                 method: str = UNIFORM_METHOD, pad_ok: bool = False) -> BitPlan:
     """A plan file, or ``uniform:B`` (every weight at B bits with ``method``, default
     :data:`UNIFORM_METHOD` everywhere); validated against ``cfg``."""
     s = str(spec)
@@ -237,8 +243,8 @@ def resolve_plan(spec: str | os.PathLike, cfg: MoEConfig, group_size: int = 64,
         if not m:
             raise MoecError(f"bad plan spec '{s[:40]}'; expected uniform:<bits>")
         bits = int(m.group(1))
-        return uniform_plan(cfg, bits, group_size, method).validate(cfg)
-    return BitPlan.load(s).validate(cfg)
+        return uniform_plan(cfg, bits, group_size, method).validate(cfg, pad_ok=pad_ok)
+    return BitPlan.load(s).validate(cfg, pad_ok=pad_ok)
 
 
 def _is_int(v) -> bool:
