@@ -98,7 +98,7 @@ def build_bundle_from_params(cfg: MoEConfig, plan: BitPlan, params: ModelParams,
         manifest = {
             "model": {"architecture": cfg.architecture, "fingerprint": cfg.fingerprint(),
                       "config": cfg.to_dict()},
-            "plan": plan.to_json(),
+            "plan": {**plan.to_json(), "model_fingerprint": cfg.fingerprint()},  # a bundle's plan is its model's
             "target": preset.model_dump(),
             "tvm_target": res.target,
             "tvm_version": tvm.__version__,
