@@ -113,13 +113,15 @@ def search(cfg: SearchConfig) -> SearchOutcome:
     from moec.hardware.targets import load_target
     from moec.models.checkpoint import load_checkpoint
     from moec.quant.accounting import plan_memory
-    from moec.search.plan import BitPlan
+    from moec.search.plan import BitPlan, uniform_plan
 
     preset = load_target(cfg.target)
     cost_cfg = CostConfig(cfg.alpha, cfg.beta, cfg.gamma, cfg.weighting)  # validate before the slow parts
     if cfg.budget_mb is not None and cfg.budget_mb <= 0:
         raise MoecError(f"--budget-mb must be positive (got {cfg.budget_mb})")
     model = load_checkpoint(cfg.checkpoint)
+    # every candidate quantizes every weight: the group size must divide them all (search does not pad)
+    uniform_plan(model.cfg, 4, cfg.group_size, cfg.method).validate(model.cfg)
     stats = _stats(cfg, preset.allowed_bits)
     norms = plan_memory(model, BitPlan({}, {}, cfg.group_size)).kind_total("norms/bias")
     budget = cfg.budget_mb if cfg.budget_mb is not None else \
