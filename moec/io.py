@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import tempfile
 from pathlib import Path
@@ -102,7 +103,6 @@ def loads_strict(text: str | bytes, what: str, max_depth: int = MAX_JSON_DEPTH) 
 
 
 def _finite_float(s: str) -> float:
-    import math
     v = float(s)
     if not math.isfinite(v):
         raise ValueError(f"number {s[:20]} overflows")

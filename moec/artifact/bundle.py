@@ -23,7 +23,7 @@ import os
 import shutil
 import stat
 import tempfile
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 from moec.artifact.manifest_schema import FORMAT, FORMAT_VERSION, check_manifest, check_name
 from moec.artifact.signing import SIGNATURE_FILE, sign, verify
@@ -160,8 +160,7 @@ def verify_bundle(bundle: str | os.PathLike, trust: str | os.PathLike | None = N
     missing = sorted(listed - found)
     if missing:
         raise MoecError(f"{where}: bundle file '{missing[0]}' is missing")
-    needed = {str(Path(n).parent.as_posix()) for n in listed} | {str(p.as_posix()) for n in listed
-                                                                   for p in Path(n).parents}
+    needed = {p.as_posix() for n in listed for p in PurePosixPath(n).parents}  # folders of listed files
     stray = sorted(d for d in dirs if d not in needed)
     if stray:
         raise MoecError(f"{where}: directory '{stray[0]}' is not part of the bundle; refusing to load")
