@@ -33,7 +33,9 @@ def format_bundle(manifest: dict) -> str:
     lines.append("expert bits: " + ", ".join(f"{b}-bit × {n}" for b, n in sorted(hist.items())))
     lines.append(f"other tensors: {plan.get('tensors', {})}; group size {plan['group_size']}, method {plan['method']}")
     lines.append("")
-    lines.append("files (sha256 verified):")
+    sig = ("signature verified" if manifest.get("_signature_checked") else
+           "signed, signature not checked (--trust PUBKEY)" if manifest.get("_signed") else "unsigned")
+    lines.append(f"files (sha256 verified, nothing unlisted; {sig}):")
     for name, entry in manifest["files"].items():
         lines.append(f"  {name:<16} {entry['bytes']:>12,} B  {entry['sha256'][:16]}…")
     return "\n".join(lines)

@@ -25,3 +25,12 @@ def data_config(data: str, seq_len: int, max_tokens: int | None, batch: int) -> 
 
 def echo_json(obj) -> None:
     click.echo(json.dumps(obj, indent=2))
+
+
+def output_options(f):
+    """--force / --sign KEY of the commands that write a bundle."""
+    f = click.option("--sign", "sign_key", type=click.Path(dir_okay=False), default=None,
+                     help="Sign the bundle's manifest with this Ed25519 private key (moec keygen).")(f)
+    f = click.option("--force", is_flag=True,
+                     help="Replace --out even if it is a directory moec did not write.")(f)
+    return f

@@ -5,6 +5,7 @@ from __future__ import annotations
 import click
 
 from moec import api
+from moec.cli.common import output_options
 from moec.cli.search_cmd import parse_tensor_bits, search_options
 from moec.pipeline.recipe import compile_config, load_recipe, resolve
 
@@ -20,8 +21,9 @@ from moec.pipeline.recipe import compile_config, load_recipe, resolve
               help="Calibration text: profile routing (and the search's sensitivity) into the bundle.")
 @click.option("--max-tokens", type=int, default=None, help="Calibration tokens to use [16384].")
 @click.option("--group-size", type=int, default=None, help="Quantization group size [64].")
-@click.option("--method", default=None, help="Quantizer: rtn, mse, hqq [mse for uniform:B, rtn for searched plans].")
+@click.option("--method", default=None, help="Quantizer: rtn, mse, hqq [mse for uniform:B as everywhere, rtn for searched plans].")
 @search_options
+@output_options
 @click.option("--debug-dump", type=click.Path(file_okay=False), default=None,
               help="Write the IR after each lowering phase into this directory.")
 @click.option("--activations", type=click.Choice(["float32", "int8"]), default="float32", show_default=True,
@@ -30,8 +32,8 @@ from moec.pipeline.recipe import compile_config, load_recipe, resolve
 @click.option("--onnx", "onnx_dir", type=click.Path(file_okay=False), default=None,
               help="Also write the ONNX export of the same packed weights here (`moec build` on it gives this bundle).")
 def compile_cmd(checkpoint, recipe, target, plan, out, data, max_tokens, group_size, method, budget_mb, policy,
-                alpha, beta, gamma, weighting, profile_path, episodes, seed, tensor_bits, debug_dump,
-                activations, onnx_dir):
+                alpha, beta, gamma, weighting, profile_path, episodes, seed, tensor_bits, force, sign_key,
+                debug_dump, activations, onnx_dir):
     """Compile CHECKPOINT (or a recipe's model) into a bundle for a target (library + packed weights + manifest)."""
     overrides = {"model": checkpoint, "target": target, "calibration": data, "max_tokens": max_tokens,
                  "group_size": group_size, "budget_mb": budget_mb, "policy": policy, "alpha": alpha,
@@ -43,6 +45,7 @@ def compile_cmd(checkpoint, recipe, target, plan, out, data, max_tokens, group_s
     cfg = compile_config(resolved, out, plan, debug_dump)
     cfg.activations = activations
     cfg.onnx = onnx_dir
+    cfg.force, cfg.sign_key = force, sign_key
 
     def on_stage(name: str, seconds: float) -> None:
         click.echo(f"  ✓ {name:<24} {seconds:6.1f} s")

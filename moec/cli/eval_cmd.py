@@ -7,18 +7,23 @@ import click
 from moec import api
 from moec.cli.common import data_config, data_options, echo_json
 from moec.cli.table import format_table
+from moec.core.plan import UNIFORM_METHOD
 
 
 @click.command("eval")
 @click.argument("checkpoint", type=click.Path())
 @data_options
-@click.option("--plan", type=click.Path(dir_okay=False), default=None,
-              help="Bit plan JSON: evaluate the model fake-quantized to this plan.")
+@click.option("--plan", default=None,
+              help="Bit plan JSON or uniform:B: evaluate the model fake-quantized to this plan.")
+@click.option("--group-size", type=click.IntRange(1, 1 << 16), default=64, show_default=True,
+              help="Group size for uniform:B plans.")
+@click.option("--method", type=click.Choice(["rtn", "mse", "hqq"]), default=UNIFORM_METHOD, show_default=True,
+              help="Quantizer for uniform:B plans (the same default as compile and export).")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
-def eval_cmd(checkpoint, data, seq_len, max_tokens, batch, plan, as_json):
+def eval_cmd(checkpoint, data, seq_len, max_tokens, batch, plan, group_size, method, as_json):
     """Perplexity and next-token top-1 accuracy on a text file (moec's accuracy metric)."""
     ev = api.evaluate(checkpoint, data_config(data, seq_len, max_tokens, batch), plan=plan,
-                      progress=not as_json)
+                      progress=not as_json, group_size=group_size, method=method)
     res, mem = ev.result, ev.memory
     if as_json:
         d = res.to_dict()

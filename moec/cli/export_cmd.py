@@ -6,6 +6,7 @@ import click
 
 from moec import api
 from moec.cli.common import echo_json
+from moec.core.plan import UNIFORM_METHOD
 
 
 @click.command("export")
@@ -13,7 +14,7 @@ from moec.cli.common import echo_json
 @click.option("--plan", required=True, help="Bit plan JSON file, or uniform:<bits>.")
 @click.option("--out", required=True, type=click.Path(), help="Output directory (replaced atomically).")
 @click.option("--group-size", default=64, show_default=True, help="Group size for uniform:<bits> plans.")
-@click.option("--method", default="rtn", show_default=True, help="Quantizer for uniform:<bits> plans.")
+@click.option("--method", default=UNIFORM_METHOD, show_default=True, help="Quantizer for uniform:<bits> plans.")
 @click.option("--accuracy-level", type=click.IntRange(0, 4), default=0, show_default=True,
               help="MatMulNBits accuracy_level: 0 = float32 compute (exact), 4 = int8 activations (faster on CPU).")
 @click.option("--verify", is_flag=True,

@@ -9,7 +9,8 @@ from pathlib import Path
 import click
 
 from moec.cli.table import format_table
-from moec.hardware.farm import DEFAULT_STATE, LocalFarm, farm_down, write_state
+from moec.core.errors import MoecError
+from moec.hardware.farm import DEFAULT_STATE, LocalFarm, check_bind, farm_down, is_loopback, write_state
 from moec.hardware.tracker_client import tracker_status
 
 
@@ -22,15 +23,22 @@ def farm_cmd():
 @click.option("--servers", default=2, show_default=True, help="RPC servers to start.")
 @click.option("--key", default="host", show_default=True, help="Device key the servers register with.")
 @click.option("--port", type=int, default=None, help="Tracker port (default: a free one).")
-@click.option("--host", default="127.0.0.1", show_default=True, help="Address to bind.")
+@click.option("--host", default="127.0.0.1", show_default=True,
+              help="Address to bind (loopback unless --insecure-bind).")
+@click.option("--insecure-bind", is_flag=True,
+              help="Allow a non-loopback --host: anyone who reaches that address can load code on the servers.")
 @click.option("--threads", type=int, default=None, help="TVM_NUM_THREADS of the servers (default: all cores).")
 @click.option("--stock", is_flag=True, help="Plain tvm.exec.rpc_server (no on-device energy sampler).")
 @click.option("--detach", is_flag=True, help="Return at once; stop later with 'moec farm down'.")
 @click.option("--state", type=click.Path(dir_okay=False), default=str(DEFAULT_STATE), show_default=True,
               help="State file written by --detach.")
 @click.option("--wait", "wait_s", default=120.0, show_default=True, help="Seconds to wait for the servers.")
-def up(servers, key, port, host, threads, stock, detach, state, wait_s):
+def up(servers, key, port, host, threads, stock, detach, state, wait_s, insecure_bind):
     """Start a tracker and SERVERS RPC servers; prints the tracker address."""
+    check_bind(host, insecure_bind)
+    if insecure_bind and not is_loopback(host):
+        click.echo(f"warning: binding {host}: the TVM RPC protocol has no authentication; anyone who reaches "
+                   "it can load and run code on these servers", err=True)
     farm = LocalFarm(servers, key, port, host, sampler=not stock, threads=threads)
     addr = farm.start(wait_s)
     if detach:
@@ -47,6 +55,7 @@ def up(servers, key, port, host, threads, stock, detach, state, wait_s):
         pass
     finally:
         farm.stop()
+        farm.remove_logs()
 
 
 def _interrupt(signum, frame):
@@ -95,20 +104,26 @@ def profile(bundles, tracker, key, store_path, repeats, steps, timeout_s, kernel
              "store" if m.from_store else m.device] for m in res]
     click.echo(format_table(["bundle", "status", "median ms", "IQR ms", "mJ/token", "energy", "from"], rows,
                             align="llrrrll"))
+    failed = [m for m in res if m.status != "ok"]
     if kernels:
-        _profile_kernels(bundles, tracker, key, store, repeats, timeout_s)
+        failed += _profile_kernels(bundles, tracker, key, store, repeats, timeout_s)
+    if failed:
+        raise MoecError(f"{len(failed)} measurement(s) failed (first: {failed[0].label or failed[0].fingerprint[:12]} "
+                        f"{failed[0].status}: {(failed[0].detail or '?')[:120]})")
 
 
-def _profile_kernels(bundles, tracker, key, store, repeats, timeout_s):
+def _profile_kernels(bundles, tracker, key, store, repeats, timeout_s) -> list:
+    """Time each bundle's kernel classes; returns the failed measurements."""
     from moec.artifact.bundle import read_manifest
     from moec.hardware.kernel_classes import plan_kernel_candidates
     from moec.hardware.device_timing import measure_kernels
-    from moec.core.config import MoEConfig
+    from moec.core.config import MoEConfig, config_from_dict
     from moec.core.plan import BitPlan
 
+    failed = []
     for b in bundles:
         man = read_manifest(b, verify=False)
-        cands = plan_kernel_candidates(MoEConfig(**man["model"]["config"]), BitPlan.from_json(man["plan"]),
+        cands = plan_kernel_candidates(config_from_dict(man["model"]["config"]), BitPlan.from_json(man["plan"]),
                                        man["target"]["name"])
         res = measure_kernels(tracker, key, cands, store, repeats=repeats, timeout_s=timeout_s, progress=True)
         rows = [[c.bits, f"{c.n}x{c.k}", "expert" if c.stacked > 1 else "dense", c.routed, m.status,
@@ -117,6 +132,8 @@ def _profile_kernels(bundles, tracker, key, store, repeats, timeout_s):
         click.echo(f"\nkernel classes of {b}:")
         click.echo(format_table(["bits", "N x K", "kind", "routed", "status", "median us", "IQR us"], rows,
                                 align="rllrlrr"))
+        failed += [m for m in res if m.status != "ok"]
+    return failed
 
 
 def _ms(s: float | None) -> str:

@@ -10,22 +10,25 @@ from moec.core.errors import MoecError
 @click.command("run")
 @click.argument("bundle", type=click.Path())
 @click.option("--prompt", required=True, help="Text to continue.")
-@click.option("--max-new-tokens", default=32, show_default=True, help="Tokens to generate (greedy).")
+@click.option("--max-new-tokens", type=click.IntRange(1, 1 << 20), default=32, show_default=True,
+              help="Tokens to generate (greedy); prompt + these must fit max_position_embeddings.")
 @click.option("--rpc", "tracker", default=None, metavar="HOST:PORT",
               help="Run on a device requested from this TVM RPC tracker instead of this machine.")
 @click.option("--key", default=None, help="Device key at the tracker (default: the bundle target's rpc_key).")
+@click.option("--trust", type=click.Path(dir_okay=False), default=None,
+              help="Ed25519 public key (.pub from moec keygen): run only bundles signed by its private key.")
 @click.option("--timeout", default=60.0, show_default=True, help="Seconds to wait for a free device (--rpc).")
-def run_cmd(bundle, prompt, max_new_tokens, tracker, key, timeout):
+def run_cmd(bundle, prompt, max_new_tokens, tracker, key, trust, timeout):
     """Generate text from a compiled BUNDLE (hashes verified before loading), here or on a remote device."""
     from moec.runtime.session import BundleSession
 
     if tracker is None:
         if key is not None:
             raise MoecError("--key needs --rpc HOST:PORT (the tracker to ask)")
-        sess = BundleSession(bundle)
+        sess = BundleSession(bundle, trust=trust)
     else:
         from moec.runtime.session import open_remote_bundle
-        sess = open_remote_bundle(bundle, tracker, key, timeout=timeout)
+        sess = open_remote_bundle(bundle, tracker, key, timeout=timeout, trust=trust)
     try:
         stats = _generate(sess, bundle, prompt, max_new_tokens)
     finally:
@@ -42,6 +45,7 @@ def _generate(sess, bundle, prompt: str, max_new_tokens: int):
     ids = sess.tokenizer.encode(prompt).ids
     if not ids:
         raise MoecError("prompt encodes to no tokens")
+    sess.check_positions(len(ids), max_new_tokens)
     click.echo(prompt, nl=False)
     shown = ""
     generated: list[int] = []

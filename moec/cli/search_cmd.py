@@ -10,6 +10,7 @@ from moec.core.errors import MoecError
 from moec.search.cost import DEFAULT_WEIGHTING, WEIGHTINGS
 from moec.pipeline.search import ESTIMATORS, MEASURES, SearchConfig, search
 from moec.search.policies import POLICIES
+from moec.search.problem import DEFAULT_TENSORS
 
 
 def parse_tensor_bits(spec: str | None) -> dict[str, int] | None:
@@ -40,7 +41,8 @@ def search_options(f):
                      help="Profile JSON with sensitivity (from `moec profile --sensitivity ...`)."),
         click.option("--episodes", type=int, default=None, help="RL episodes [300]."),
         click.option("--seed", type=int, default=None, help="Random seed [0]."),
-        click.option("--tensor-bits", default=None, help="Non-expert bits, e.g. 're:.*=8' [router=16,re:.*=8]."),
+        click.option("--tensor-bits", default=None, help="Non-expert bits, e.g. 're:.*=8' "
+                     f"[{','.join(f'{k}={v}' for k, v in DEFAULT_TENSORS.items())}]."),
     ]
     for o in reversed(opts):
         f = o(f)
@@ -51,6 +53,8 @@ def search_options(f):
 @click.argument("checkpoint", type=click.Path())
 @click.option("--target", default="host", show_default=True, help="Target preset name or YAML path.")
 @search_options
+@click.option("--group-size", type=click.IntRange(1, 1 << 16), default=64, show_default=True,
+              help="Quantization group size (must divide every quantized weight's input width).")
 @click.option("--data", default=None, type=click.Path(dir_okay=False),
               help="Calibration text: profile (proxy sensitivity) when no --profile is given.")
 @click.option("--max-tokens", type=int, default=16384, show_default=True, help="Calibration tokens with --data.")
@@ -68,14 +72,14 @@ def search_options(f):
 @click.option("--tracker", default=None, help="Device-farm tracker HOST:PORT for --measure farm.")
 def search_cmd(checkpoint, target, budget_mb, policy, alpha, beta, gamma, weighting, profile_path, episodes, seed,
                tensor_bits, data, max_tokens, out, state, plot_dir, estimator, simulator, measure, measure_every,
-               tracker):
+               tracker, group_size):
     """Search a bit-width per expert of CHECKPOINT under a memory budget and write the plan."""
     cfg = SearchConfig(checkpoint, target, budget_mb, profile_path, data_config(data, 256, max_tokens, 8) if data
                        else None, state=state, plot_dir=plot_dir, estimator=estimator, simulator=simulator,
                        measure=measure, measure_every=measure_every, tracker=tracker)
     for name, val in (("policy", policy), ("alpha", alpha), ("beta", beta), ("gamma", gamma),
                       ("weighting", weighting), ("episodes", episodes), ("seed", seed),
-                      ("tensor_bits", parse_tensor_bits(tensor_bits))):
+                      ("tensor_bits", parse_tensor_bits(tensor_bits)), ("group_size", group_size)):
         if val is not None:
             setattr(cfg, name, val)
     outcome = search(cfg)

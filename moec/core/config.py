@@ -4,11 +4,17 @@ from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import asdict, dataclass, field
+import math
+from dataclasses import asdict, dataclass, field, fields
 
 from moec.core.errors import MoecError
 
 QK_NORM_MODES = ("none", "full", "head")
+_MAX_DIM = 1 << 24
+
+
+def _is_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
 
 
 @dataclass
@@ -43,6 +49,7 @@ class MoEConfig:
     architecture: str = "MixtralForCausalLM"
 
     def __post_init__(self) -> None:
+        self._check_types()
         if self.head_dim is None:
             self.head_dim = self.hidden_size // self.num_heads
         checks = [
@@ -57,6 +64,38 @@ class MoEConfig:
             if not ok:
                 raise MoecError(f"invalid MoE config: {msg}")
 
+    def _check_types(self) -> None:
+        """Exact types and sane ranges (config.json values are never coerced: 256.5 or "256" is refused)."""
+        def bad(name: str, what: str):
+            raise MoecError(f"invalid MoE config: {name} must be {what}, got {str(getattr(self, name))[:40]!r}")
+
+        for name in ("vocab_size", "hidden_size", "num_layers", "num_heads", "num_kv_heads", "num_experts",
+                     "top_k", "expert_intermediate", "max_position"):
+            v = getattr(self, name)
+            if not _is_int(v) or not 1 <= v <= _MAX_DIM:
+                bad(name, f"an integer in [1, {_MAX_DIM}]")
+        for name in ("shared_intermediate", "dense_intermediate"):
+            v = getattr(self, name)
+            if not _is_int(v) or not 0 <= v <= _MAX_DIM:
+                bad(name, f"an integer in [0, {_MAX_DIM}]")
+        if self.head_dim is not None and (not _is_int(self.head_dim) or not 1 <= self.head_dim <= _MAX_DIM):
+            bad("head_dim", "a positive integer")
+        for name in ("rms_eps", "rope_theta"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v <= 0:
+                bad(name, "a positive finite number")
+        for name in ("norm_topk_prob", "shared_gate", "attention_bias", "tie_embeddings"):
+            if not isinstance(getattr(self, name), bool):
+                bad(name, "true or false")
+        if not isinstance(self.qk_norm, str):
+            bad("qk_norm", "a string")
+        if not isinstance(self.architecture, str):
+            bad("architecture", "a string")
+        if not isinstance(self.dense_layers, list) or not all(_is_int(i) for i in self.dense_layers):
+            bad("dense_layers", "a list of layer indices")
+        if self.head_dim is None and self.hidden_size % self.num_heads:
+            bad("hidden_size", f"a multiple of num_heads ({self.num_heads})")
+
     @property
     def moe_layers(self) -> list[int]:
         return [i for i in range(self.num_layers) if i not in self.dense_layers]
@@ -68,3 +107,17 @@ class MoEConfig:
         """Short hash of the architecture/shape: plans and profiles are tied to it."""
         blob = json.dumps(self.to_dict(), sort_keys=True).encode()
         return hashlib.sha256(blob).hexdigest()[:16]
+
+
+def config_from_dict(d, where: str = "model config") -> "MoEConfig":
+    """A MoEConfig from its ``to_dict`` form, refusing unknown or missing fields (one-line MoecError)."""
+    if not isinstance(d, dict):
+        raise MoecError(f"{where} is not a JSON object")
+    names = {f.name for f in fields(MoEConfig)}
+    unknown = sorted(set(d) - names)
+    if unknown:
+        raise MoecError(f"{where} has unknown field '{str(unknown[0])[:40]}'")
+    try:
+        return MoEConfig(**d)
+    except TypeError as exc:
+        raise MoecError(f"{where} is incomplete: {exc}") from None

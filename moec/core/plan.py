@@ -31,9 +31,16 @@ from moec.core.errors import MoecError
 from moec.core.config import MoEConfig
 from moec.core.formats import ALL_BITS
 from moec.core.inventory import TENSOR_GROUPS, expert_shapes, non_expert_weights
-from moec.core.io import atomic_write_json, read_json
+from functools import lru_cache
+
+from moec.core.io import atomic_write_json, read_json_strict
 
 PLAN_VERSION = 1
+#: The quantizer ``uniform:B`` means everywhere (compile, eval, export, search baselines).
+UNIFORM_METHOD = "mse"
+PLAN_METHODS = ("rtn", "mse", "hqq", "gptq")
+MAX_GROUP = 1 << 16
+MAX_PLAN_BYTES = 16 << 20
 @dataclass
 class BitPlan:
     experts: dict[int, dict[int, int]]
@@ -48,7 +55,7 @@ class BitPlan:
         """Bits of a non-expert weight by the first matching key (float if none)."""
         for key, bits in self.tensors.items():
             pattern = TENSOR_GROUPS.get(key) or (key[3:] if key.startswith("re:") else re.escape(key))
-            if re.fullmatch(pattern, name):
+            if _compile(pattern, "plan", key).fullmatch(name):
                 return bits
         return 16
 
@@ -57,8 +64,12 @@ class BitPlan:
         return sum(vals) / len(vals)
 
     # -- validation ----------------------------------------------------------------
-    def validate(self, cfg: MoEConfig, allowed: tuple[int, ...] = ALL_BITS) -> "BitPlan":
-        """Check the plan fits ``cfg`` and ``allowed`` bits; raise MoecError naming the problem."""
+    def validate(self, cfg: MoEConfig, allowed: tuple[int, ...] = ALL_BITS, pad_ok: bool = False) -> "BitPlan":
+        """Check the plan fits ``cfg`` and ``allowed`` bits; raise MoecError naming the problem.
+
+        ``pad_ok``: the caller pads MLP intermediate widths to whole groups
+        (``moec.quant.padding``), so only hidden-dimension widths must be divisible.
+        """
         if self.model_fingerprint and self.model_fingerprint != cfg.fingerprint():
             raise MoecError(f"plan is for another model (fingerprint {self.model_fingerprint}, "
                             f"this model is {cfg.fingerprint()})")
@@ -79,16 +90,32 @@ class BitPlan:
         names = {n for n, _ in non_expert_weights(cfg)}
         for key, bits in self.tensors.items():
             _check_bits(bits, allowed, f"tensor key '{key}'")
+            if key.startswith("re:"):
+                _compile(key, "plan")
             if key in TENSOR_GROUPS or key.startswith("re:"):
                 continue
             if key not in names:
                 raise MoecError(f"plan names unknown tensor '{key}'; use a canonical weight name, a group "
                                 f"({', '.join(TENSOR_GROUPS)}) or re:<pattern>")
-        shapes = list(expert_shapes(cfg).values()) + [s for _, s in non_expert_weights(cfg)]
-        for _, k in shapes:
-            if k % self.group_size:
-                raise MoecError(f"group size {self.group_size} does not divide a weight's input dim {k}")
+        for name, k, bits in self._weights(cfg):
+            if pad_ok and (name.endswith(".w2") or name.endswith("w2.weight")):
+                continue  # the MLP intermediate width: padded to whole groups by the caller
+            if bits != 16 and k % self.group_size:  # float weights have no groups
+                divisors = [g for g in (128, 64, 32, 16, 8) if k % g == 0]
+                hint = f" (e.g. --group-size {divisors[0]})" if divisors else ""
+                raise MoecError(f"group size {self.group_size} does not divide the input width {k} of '{name}' "
+                                f"({bits}-bit); pass --group-size with a divisor of {k}{hint}")
         return self
+
+    def _weights(self, cfg: MoEConfig) -> list[tuple[str, int, int]]:
+        """(name, input width K, bits) of every 2-D weight; experts by their widest bits across the model."""
+        out = []
+        for layer, experts in sorted(self.experts.items()):
+            for e, bits in sorted(experts.items()):
+                for w, (_, k) in expert_shapes(cfg).items():
+                    out.append((f"layers.{layer}.mlp.experts.{e}.{w}", k, bits))
+        out += [(n, s[1], self.tensor_bits(n)) for n, s in non_expert_weights(cfg)]
+        return out
 
     # -- JSON ----------------------------------------------------------------------
     def to_json(self) -> dict:
@@ -99,32 +126,58 @@ class BitPlan:
 
     @classmethod
     def from_json(cls, d: dict, source: str = "plan") -> "BitPlan":
+        """A plan from its JSON form, strictly: exact types (no coercion), canonical ASCII layer/expert
+        numbers, a model fingerprint, known method, regexes compiled now. Raises one-line MoecError."""
         if not isinstance(d, dict):
             raise MoecError(f"{source} is not a JSON object")
-        if d.get("version") != PLAN_VERSION:
-            raise MoecError(f"{source} has version {d.get('version')!r}; this moec reads version {PLAN_VERSION}")
+        version = d.get("version")
+        if isinstance(version, bool) or version != PLAN_VERSION:
+            raise MoecError(f"{source} has version {str(version)[:20]}; this moec reads version {PLAN_VERSION}")
         unknown = set(d) - {"version", "model_fingerprint", "group_size", "method", "experts", "tensors", "provenance"}
         if unknown:
-            raise MoecError(f"{source} has unknown field(s): {', '.join(sorted(unknown))}")
-        try:
-            experts = {int(l): {int(e): _as_bits(b) for e, b in ex.items()} for l, ex in d["experts"].items()}
-            tensors = {str(k): _as_bits(v) for k, v in (d.get("tensors") or {}).items()}
-            group = int(d.get("group_size", 64))
-        except KeyError as exc:
-            raise MoecError(f"{source} lacks field {exc}") from None
-        except (TypeError, ValueError, AttributeError):
-            raise MoecError(f"{source} is malformed: 'experts' must map layer -> expert -> bits") from None
-        if group < 1:
-            raise MoecError(f"{source}: group_size must be positive")
-        return cls(experts, tensors, group, str(d.get("method", "rtn")), str(d.get("model_fingerprint", "")),
-                   dict(d.get("provenance") or {}))
+            raise MoecError(f"{source} has unknown field(s): {', '.join(sorted(str(u)[:40] for u in unknown))}")
+        for key in ("experts", "model_fingerprint"):
+            if key not in d:
+                raise MoecError(f"{source} lacks field '{key}'")
+        fp = d["model_fingerprint"]
+        if not isinstance(fp, str) or not re.fullmatch(r"[0-9a-f]{16}", fp):
+            raise MoecError(f"{source}: model_fingerprint must be the 16-hex-digit fingerprint of the model "
+                            "it was made for")
+        group = d.get("group_size", 64)
+        if not _is_int(group) or not 1 <= group <= MAX_GROUP:
+            raise MoecError(f"{source}: group_size must be an integer in [1, {MAX_GROUP}], got {str(group)[:20]!r}")
+        method = d.get("method", "rtn")
+        if method not in PLAN_METHODS:
+            raise MoecError(f"{source}: unknown method {str(method)[:20]!r}; choices: {', '.join(PLAN_METHODS)}")
+        provenance = d.get("provenance", {})
+        if not isinstance(provenance, dict):
+            raise MoecError(f"{source}: provenance must be a JSON object")
+        experts_in = d["experts"]
+        if not isinstance(experts_in, dict):
+            raise MoecError(f"{source} is malformed: 'experts' must map layer -> expert -> bits")
+        experts: dict[int, dict[int, int]] = {}
+        for l, ex in experts_in.items():
+            layer = _index(l, source, "layer")
+            if not isinstance(ex, dict):
+                raise MoecError(f"{source} is malformed: 'experts' must map layer -> expert -> bits")
+            experts[layer] = {_index(e, source, f"expert in layer {layer}"): _bits(b, source, f"layer {layer} expert {e}")
+                              for e, b in ex.items()}
+        tensors_in = d.get("tensors", {})
+        if not isinstance(tensors_in, dict):
+            raise MoecError(f"{source}: 'tensors' must map a weight name, group or re:<regex> to bits")
+        tensors = {}
+        for k, v in tensors_in.items():
+            if k.startswith("re:"):
+                _compile(k, source)
+            tensors[k] = _bits(v, source, f"tensor key '{k[:60]}'")
+        return cls(experts, tensors, group, method, fp, provenance)
 
     def save(self, path: str | os.PathLike) -> None:
         atomic_write_json(path, self.to_json())
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> "BitPlan":
-        return cls.from_json(read_json(path, "plan"), source=f"plan '{path}'")
+        return cls.from_json(read_json_strict(path, "plan", max_bytes=MAX_PLAN_BYTES), source=f"plan '{path}'")
 
     def copy(self) -> "BitPlan":
         return copy.deepcopy(self)
@@ -139,22 +192,51 @@ def uniform_plan(cfg: MoEConfig, bits: int, group_size: int = 64, method: str = 
     return BitPlan(experts, tensors, group_size, method, cfg.fingerprint(), {"policy": f"uniform-{bits}"})
 
 
-def resolve_plan(spec: str | os.PathLike, cfg: MoEConfig, group_size: int = 64, method: str = "rtn") -> BitPlan:
-    """A plan file, or ``uniform:B`` for the static B-bit baseline; validated against ``cfg``."""
+def resolve_plan(spec: str | os.PathLike, cfg: MoEConfig, group_size: int = 64,
+                 method: str = UNIFORM_METHOD, pad_ok: bool = False) -> BitPlan:
+    """A plan file, or ``uniform:B`` (every weight at B bits with ``method``, default
+    :data:`UNIFORM_METHOD` everywhere); validated against ``cfg``."""
     s = str(spec)
     if s.startswith("uniform:"):
-        try:
-            bits = int(s.split(":", 1)[1])
-        except ValueError:
-            raise MoecError(f"bad plan spec '{s}'; expected uniform:<bits>") from None
-        return uniform_plan(cfg, bits, group_size, method).validate(cfg)
-    return BitPlan.load(s).validate(cfg)
+        m = re.fullmatch(r"uniform:([0-9]{1,2})", s, re.ASCII)
+        if not m:
+            raise MoecError(f"bad plan spec '{s[:40]}'; expected uniform:<bits>")
+        bits = int(m.group(1))
+        return uniform_plan(cfg, bits, group_size, method).validate(cfg, pad_ok=pad_ok)
+    return BitPlan.load(s).validate(cfg, pad_ok=pad_ok)
 
 
-def _as_bits(b) -> int:
-    if isinstance(b, bool) or not isinstance(b, int):
-        raise ValueError(b)
+def _is_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _index(key, source: str, what: str) -> int:
+    """A layer/expert key: canonical ASCII decimal ("1", not "01", " 1" or full-width digits)."""
+    if not isinstance(key, str) or not re.fullmatch(r"0|[1-9][0-9]{0,6}", key, re.ASCII):
+        raise MoecError(f"{source}: {what} key {str(key)[:20]!r} is not a plain decimal number")
+    return int(key)
+
+
+def _bits(b, source: str, where: str) -> int:
+    if not _is_int(b):
+        raise MoecError(f"{source}: {where}: bits must be an integer, got {str(b)[:20]!r}")
     return b
+
+
+@lru_cache(maxsize=256)
+def _compiled(pattern: str):
+    return re.compile(pattern)
+
+
+def _compile(key: str, source: str, shown: str | None = None):
+    """The compiled regex of a tensor key (``re:<regex>`` or a group's pattern); bad ones fail here."""
+    pattern = key[3:] if key.startswith("re:") else key
+    if len(pattern) > 1000:
+        raise MoecError(f"{source}: tensor key '{(shown or key)[:40]}…' is longer than 1000 characters")
+    try:
+        return _compiled(pattern)
+    except (re.error, RecursionError, OverflowError) as exc:
+        raise MoecError(f"{source}: tensor key '{(shown or key)[:60]}' is not a valid regex ({exc})") from None
 
 
 def _check_bits(bits: int, allowed: tuple[int, ...], where: str) -> None:

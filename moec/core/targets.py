@@ -86,17 +86,23 @@ def _builtin_dir() -> Path:
     return Path(str(resources.files("moec") / "targets"))
 
 
+#: Names users type for a preset: ``jetson-orin`` is the Orin Nano (its bundles also run on an AGX Orin:
+#: same sm_87 GPU and Cortex-A78AE cores).
+ALIASES = {"jetson-orin": "jetson-orin-nano"}
+
+
 def builtin_names() -> list[str]:
     return sorted(p.stem for p in _builtin_dir().glob("*.yaml"))
 
 
 def load_target(name_or_path: str | os.PathLike) -> TargetPreset:
     """A built-in preset by name, or a user preset file by path."""
-    s = str(name_or_path)
+    s = ALIASES.get(str(name_or_path), str(name_or_path))
     path = Path(s) if (s.endswith((".yaml", ".yml")) or os.sep in s) else _builtin_dir() / f"{s}.yaml"
     if not path.is_file():
         if path.parent == _builtin_dir():
-            raise MoecError(f"unknown target '{s}'; choices: {', '.join(builtin_names())}")
+            raise MoecError(f"unknown target '{s}'; choices: {', '.join(builtin_names())} "
+                            f"(aliases: {', '.join(f'{a} = {b}' for a, b in ALIASES.items())})")
         raise MoecError(f"target preset file '{s}' does not exist")
     try:
         data = yaml.safe_load(path.read_text())

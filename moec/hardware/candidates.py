@@ -94,7 +94,12 @@ class BundleCandidate:
     def run(self, remote, protocol: Protocol, energy_spec: dict | None) -> Timing:
         import tvm
 
-        remote.upload(str(self.path / "lib.so"), "moec_lib.so")
+        from moec.artifact.bundle import verified_copy, verify_bundle
+        from moec.core.outputs import work_dir
+
+        self.manifest = verify_bundle(self.path)  # again: the bundle may have changed since it was queued
+        with work_dir("moec-upload-") as private:
+            remote.upload(str(verified_copy(self.path, "lib.so", self.manifest, private)), "moec_lib.so")
         lib = remote.load_module("moec_lib.so")
         dev = _remote_device(remote, self.manifest["target"]["tvm_target"].get("kind", "llvm"))
         vm = tvm.runtime.vm.VirtualMachine(lib, dev)

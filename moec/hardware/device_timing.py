@@ -29,7 +29,7 @@ from tqdm import tqdm
 from moec.core.errors import MoecError
 from moec.core.targets import TargetPreset, load_target
 from moec.hardware.candidates import BundleCandidate, KernelCandidate, Protocol, Timing
-from moec.hardware.store import Measurement, MeasurementStore
+from moec.hardware.store import Measurement, MeasurementStore, claim_owner
 from moec.hardware.tracker_client import connect, request_device, tracker_status
 from moec.quant.pack import packed_nbytes
 
@@ -88,19 +88,40 @@ class DeviceTimer:
         self.retries = 0
         self.in_flight: dict[str, str] = {}
         self._lock = threading.Lock()
+        self._owner = claim_owner()
+        self.claim_poll_s = 1.0
 
     # -- public --------------------------------------------------------------------
     def measure(self, candidates: Sequence[Candidate]) -> list[Measurement]:
         """Measurements of ``candidates`` (in order): from the store where present, else on devices."""
         results: list[Measurement | None] = [None] * len(candidates)
-        todo: list[_Item] = []
-        for i, c in enumerate(candidates):
-            fp = c.fingerprint(self.protocol)
-            stored = self.store.get(c.target, self.key, fp)
+        waiting = [_Item(i, c, c.fingerprint(self.protocol)) for i, c in enumerate(candidates)]
+        while waiting:
+            todo, waiting = self._claim(waiting, results)
+            try:
+                self._measure_claimed(todo, results)
+            finally:
+                for item in todo:
+                    self.store.release(item.cand.target, self.key, item.fingerprint, self._owner)
+            if waiting:  # another profiler on this store is measuring these: take its numbers
+                time.sleep(self.claim_poll_s)
+        return [r for r in results if r is not None]
+
+    def _claim(self, items: list[_Item], results: list) -> tuple[list[_Item], list[_Item]]:
+        """(items this profiler claimed, items another live profiler holds); stored ones fill ``results``."""
+        mine, others = [], []
+        ttl = (self.timeout_s + self.wait_s) * self.max_attempts + 60
+        for item in items:
+            stored = self.store.get(item.cand.target, self.key, item.fingerprint)
             if stored is not None:
-                results[i] = stored
+                results[item.index] = stored
+            elif self.store.claim(item.cand.target, self.key, item.fingerprint, self._owner, ttl):
+                mine.append(item)
             else:
-                todo.append(_Item(i, c, fp))
+                others.append(item)
+        return mine, others
+
+    def _measure_claimed(self, todo: list[_Item], results: list) -> None:
         if todo:
             devices = tracker_status(self.tracker, self.connect_wait_s).get(self.key)
             if devices is None or devices.total == 0:
@@ -109,7 +130,6 @@ class DeviceTimer:
                 for item in tqdm(todo, desc="build", disable=not self.progress or len(todo) < 2):
                     item.cand.prepare(Path(work))
                 self._run_workers(todo, results, min(devices.total, len(todo)))
-        return [r for r in results if r is not None]
 
     # -- workers -------------------------------------------------------------------
     def _run_workers(self, todo: list[_Item], results: list, workers: int) -> None:

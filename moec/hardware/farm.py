@@ -7,9 +7,10 @@ state file that ``moec farm down`` reads to stop exactly those process groups.
 
 from __future__ import annotations
 
-import json
+import ipaddress
 import logging
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -39,6 +40,7 @@ class FarmState:
     server_pids: list[int]
     log_dir: str
     started_at: float = field(default_factory=time.time)
+    log_dir_owned: bool = False  # moec made the log folder (removed on down)
 
 
 class LocalFarm:
@@ -58,6 +60,8 @@ class LocalFarm:
             raise MoecError(f"bad device key '{key}'; use letters, digits, '-' or '_'")
         self.n, self.key, self.host, self.sampler = servers, key, host, sampler
         self.port, self.threads = port, threads
+        check_bind(host, insecure=True)  # the CLI refuses non-loopback without --insecure-bind; this checks the form
+        self.log_dir_owned = not log_dir
         self.log_dir = Path(log_dir) if log_dir else Path(tempfile.mkdtemp(prefix="moec-farm-"))
         self.tracker_proc: subprocess.Popen | None = None
         self.servers: list[subprocess.Popen] = []
@@ -127,10 +131,18 @@ class LocalFarm:
                 kill_group(proc.pid, signal.SIGKILL)
                 proc.wait(timeout=5)
             kill_group(proc.pid, signal.SIGKILL)  # children left in the group
+        for proc in [*self.servers, self.tracker_proc]:
+            if proc is not None:
+                _stop_groups([proc.pid])  # members whose leader exited early (popen_worker)
+
+    def remove_logs(self) -> None:
+        """Remove the log folder if moec made it."""
+        if self.log_dir_owned:
+            shutil.rmtree(self.log_dir, ignore_errors=True)
 
     def state(self) -> FarmState:
         return FarmState(self.address, self.key, self.tracker_proc.pid, [p.pid for p in self.servers],
-                         str(self.log_dir))
+                         str(self.log_dir), log_dir_owned=self.log_dir_owned)
 
     def __enter__(self) -> "LocalFarm":
         self.start()
@@ -162,24 +174,71 @@ def write_state(farm: LocalFarm, path: str | os.PathLike = DEFAULT_STATE) -> Pat
     return p
 
 
+def is_loopback(host: str) -> bool:
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return host == "localhost"
+
+
+def check_bind(host: str, insecure: bool = False) -> None:
+    """Refuse a non-loopback bind address unless ``insecure`` (TVM RPC has no authentication)."""
+    if not isinstance(host, str) or not host:
+        raise MoecError("--host must be an address")
+    if not is_loopback(host) and not insecure:
+        raise MoecError(f"refusing to bind the farm to {host}: TVM RPC has no authentication, so anyone who "
+                        "reaches it can run code on the servers; use a loopback address or pass --insecure-bind")
+
+
+def _group_members(pgid: int) -> list[int]:
+    """Live (non-zombie) processes whose process group is ``pgid`` and that run TVM RPC code."""
+    out = []
+    for d in Path("/proc").iterdir():
+        if not d.name.isdigit():
+            continue
+        try:
+            fields = (d / "stat").read_text().rsplit(")", 1)[1].split()
+            if int(fields[2]) != pgid or fields[0] in ("Z", "X"):
+                continue
+            cmd = (d / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        except (OSError, IndexError, ValueError):
+            continue
+        if any(t in cmd for t in ("rpc_tracker", "rpc_server", "rpc_device", "popen_worker", "tvm")):
+            out.append(int(d.name))
+    return out
+
+
+def _stop_groups(pgids: list[int], grace: float = 10.0) -> list[int]:
+    """SIGTERM then SIGKILL every group in ``pgids`` that still has RPC members, leader alive or not;
+    returns the pids still alive afterwards."""
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        for g in pgids:
+            if _group_members(g):
+                kill_group(g, sig)
+        deadline = time.monotonic() + grace
+        while time.monotonic() < deadline and any(_group_members(g) for g in pgids):
+            time.sleep(0.1)
+    return [pid for g in pgids for pid in _group_members(g)]
+
+
 def farm_down(path: str | os.PathLike = DEFAULT_STATE) -> FarmState:
-    """Stop the detached farm recorded in ``path`` and remove the file."""
+    """Stop the detached farm recorded in ``path``: every process group it started, even one whose
+    leader is already dead (its forked ``popen_worker`` still serves); remove its logs and the file."""
     p = Path(path)
     if not p.is_file():
         raise MoecError(f"no detached farm: state file '{p}' does not exist")
     try:
-        state = FarmState(**json.loads(p.read_text()))
+        raw = read_json(p, "farm state file")
+        state = FarmState(**raw)
+        pgids = [int(x) for x in [*state.server_pids, state.tracker_pid]]
     except (TypeError, ValueError) as exc:
         raise MoecError(f"farm state file '{p}' is malformed: {exc}") from None
-    pids = [*state.server_pids, state.tracker_pid]
-    for sig in (signal.SIGTERM, signal.SIGKILL):
-        for pid in pids:
-            if _is_ours(pid):
-                kill_group(pid, sig)
-        deadline = time.monotonic() + 10
-        while time.monotonic() < deadline and any(_is_ours(pid) for pid in pids):
-            time.sleep(0.1)
-    if any(_is_ours(pid) for pid in pids):
-        raise MoecError(f"farm processes {[pid for pid in pids if _is_ours(pid)]} did not stop")
+    if any(g <= 1 for g in pgids):
+        raise MoecError(f"farm state file '{p}' is malformed: bad process id")
+    left = _stop_groups(pgids)
+    if left:
+        raise MoecError(f"farm processes {left} did not stop")
+    if state.log_dir_owned:
+        shutil.rmtree(state.log_dir, ignore_errors=True)
     p.unlink(missing_ok=True)
     return state

@@ -9,8 +9,11 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import sqlite3
 import threading
+import time
+import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -36,6 +39,19 @@ CREATE TABLE IF NOT EXISTS measurements (
     detail TEXT,
     label TEXT,
     created_at REAL NOT NULL,
+    PRIMARY KEY (target, device_key, fingerprint, moec_version, tvm_version)
+)
+"""
+
+CLAIMS = """
+CREATE TABLE IF NOT EXISTS claims (
+    target TEXT NOT NULL,
+    device_key TEXT NOT NULL,
+    fingerprint TEXT NOT NULL,
+    moec_version TEXT NOT NULL,
+    tvm_version TEXT NOT NULL,
+    owner TEXT NOT NULL,
+    expires_at REAL NOT NULL,
     PRIMARY KEY (target, device_key, fingerprint, moec_version, tvm_version)
 )
 """
@@ -70,6 +86,25 @@ class Measurement:
     from_store: bool = False
 
 
+def claim_owner() -> str:
+    """This process as a claim owner: ``host:pid:random``."""
+    return f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+
+
+def _owner_alive(owner: str) -> bool:
+    host, _, rest = owner.partition(":")
+    pid = rest.partition(":")[0]
+    if host != socket.gethostname() or not pid.isdigit():
+        return True  # another machine: trust the expiry time
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
 def versions() -> tuple[str, str]:
     import tvm
 
@@ -87,6 +122,7 @@ class MeasurementStore:
             self._db = sqlite3.connect(str(self.path), check_same_thread=False, timeout=30)
             self._db.execute("PRAGMA journal_mode=WAL")
             self._db.execute(SCHEMA)
+            self._db.execute(CLAIMS)
             have = {row[1] for row in self._db.execute("PRAGMA table_info(measurements)")}
             if "best_s" not in have:  # a store written before best_s existed
                 self._db.execute("ALTER TABLE measurements ADD COLUMN best_s REAL")
@@ -122,6 +158,35 @@ class MeasurementStore:
                 (m.target, m.device_key, m.fingerprint, m.moec_version, m.tvm_version, m.kind, m.status, m.median_s,
                  m.spread_s, m.best_s, json.dumps(m.samples), m.energy_j_per_token, m.energy_source, m.attempts,
                  m.device, m.detail, m.label, m.created_at))
+            self._db.commit()
+
+    # -- claims: two profilers on one store never measure the same candidate twice ----------
+    def claim(self, target: str, device_key: str, fingerprint: str, owner: str, ttl_s: float) -> bool:
+        """Claim the measurement of this key for ``owner`` for ``ttl_s`` seconds; False if another
+        live owner holds an unexpired claim (its process, when on this host, must still exist)."""
+        key = (target, device_key, fingerprint, self.moec_version, self.tvm_version)
+        now = time.time()
+        with self._lock:
+            try:
+                self._db.commit()
+                self._db.execute("BEGIN IMMEDIATE")
+                row = self._db.execute("SELECT owner, expires_at FROM claims WHERE target=? AND device_key=? AND "
+                                       "fingerprint=? AND moec_version=? AND tvm_version=?", key).fetchone()
+                if row is not None and row[0] != owner and row[1] > now and _owner_alive(row[0]):
+                    self._db.rollback()
+                    return False
+                self._db.execute("INSERT OR REPLACE INTO claims VALUES (?, ?, ?, ?, ?, ?, ?)", (*key, owner, now + ttl_s))
+                self._db.commit()
+                return True
+            except sqlite3.DatabaseError as exc:
+                self._db.rollback()
+                raise MoecError(f"measurement store '{self.path}': cannot claim a measurement: {exc}") from None
+
+    def release(self, target: str, device_key: str, fingerprint: str, owner: str) -> None:
+        with self._lock:
+            self._db.execute("DELETE FROM claims WHERE target=? AND device_key=? AND fingerprint=? AND moec_version=?"
+                             " AND tvm_version=? AND owner=?",
+                             (target, device_key, fingerprint, self.moec_version, self.tvm_version, owner))
             self._db.commit()
 
     def count(self) -> int:

@@ -5,7 +5,6 @@ from __future__ import annotations
 import os
 import shlex
 import sys
-import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -15,6 +14,7 @@ import tvm
 
 import moec
 from moec.artifact.bundle import write_bundle
+from moec.core.outputs import work_dir
 from moec.core.targets import TargetPreset, load_target
 from moec.core.errors import MoecError
 from moec.lower.library import build_module
@@ -45,11 +45,13 @@ def build_bundle_from_params(cfg: MoEConfig, plan: BitPlan, params: ModelParams,
                              extra_manifest: dict | None = None, debug_dump: str | os.PathLike | None = None,
                              on_stage: StageCallback | None = None,
                              extra_files: dict[str, str | os.PathLike] | None = None,
-                             use_kernels: bool = True, activations: str = "float32") -> Path:
+                             use_kernels: bool = True, activations: str = "float32", force: bool = False,
+                             sign_key: str | os.PathLike | None = None) -> Path:
     """Compile already packed ``params`` for ``preset`` and write the bundle directory ``out``.
 
     ``use_kernels=False`` builds on the reference emitter (plain TE, for tests and comparisons);
-    otherwise the preset's backend (``moec.lower.backends``) gives the kernels.
+    otherwise the preset's backend (``moec.lower.backends``) gives the kernels. ``force`` replaces
+    an ``out`` moec did not write; ``sign_key`` signs the manifest (Ed25519).
     """
 
     def stage(name: str, t0: float) -> None:
@@ -70,7 +72,7 @@ def build_bundle_from_params(cfg: MoEConfig, plan: BitPlan, params: ModelParams,
         t0 = time.time()
         n = apply_kernel_layout(params, emitter)
         stage(f"kernel layout ({n} weights)", t0)
-    with tempfile.TemporaryDirectory(prefix="moec-build-") as tmp:
+    with work_dir("moec-build-") as tmp:
         t0 = time.time()
         lib = Path(tmp) / "lib.so"
         res = build_module(cfg, params, target, backend, lib, preset.cross_compiler, debug_dump, emitter)
@@ -85,7 +87,7 @@ def build_bundle_from_params(cfg: MoEConfig, plan: BitPlan, params: ModelParams,
         manifest = {
             "model": {"architecture": cfg.architecture, "fingerprint": cfg.fingerprint(),
                       "config": cfg.to_dict()},
-            "plan": plan.to_json(),
+            "plan": {**plan.to_json(), "model_fingerprint": cfg.fingerprint()},  # a bundle's plan is its model's
             "target": preset.model_dump(),
             "tvm_target": res.target,
             "tvm_version": tvm.__version__,
@@ -106,7 +108,7 @@ def build_bundle_from_params(cfg: MoEConfig, plan: BitPlan, params: ModelParams,
         files = {"lib.so": lib, "weights.npz": weights, **res.extra_files, **(extra_files or {})}
         if tokenizer_path is not None:
             files["tokenizer.json"] = tokenizer_path
-        path = write_bundle(out, files, manifest)
+        path = write_bundle(out, files, manifest, force=force, sign_key=sign_key)
         stage("bundle", t0)
     return path
 

@@ -90,8 +90,12 @@ class FamilyAdapter:
                 state[f"layers.{i}.mlp.w2"] = _take(tensors, f"{m}.down_proj")
                 continue
             for ours, theirs in zip(("w1", "w3", "w2"), (g, u, d)):
-                state[f"layers.{i}.mlp.{ours}"] = torch.stack(
-                    [_take(tensors, f"{m}.{e}.{theirs}.weight") for e in range(cfg.num_experts)])
+                parts = [_take(tensors, f"{m}.{e}.{theirs}.weight") for e in range(cfg.num_experts)]
+                for e, t in enumerate(parts):
+                    if t.shape != parts[0].shape:
+                        raise MoecError(f"checkpoint tensor '{m}.{e}.{theirs}.weight' has shape {list(t.shape)}, "
+                                        f"expert 0's has {list(parts[0].shape)}; it disagrees with config.json")
+                state[f"layers.{i}.mlp.{ours}"] = torch.stack(parts)
         if tensors:
             extra = sorted(tensors)[:3]
             raise MoecError(f"checkpoint has {len(tensors)} tensor(s) the {self.architectures[0]} "

@@ -26,28 +26,38 @@ def read_hf_config(path: str | os.PathLike) -> dict:
     cfg_file = root / "config.json"
     if not cfg_file.is_file():
         raise MoecError(f"'{root}' has no config.json")
-    try:
-        hf = json.loads(cfg_file.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise MoecError(f"{cfg_file} is not valid JSON: {exc}") from None
+    from moec.core.io import read_json_strict
+    hf = read_json_strict(cfg_file, "config.json", max_bytes=4 << 20)
     if not isinstance(hf, dict) or not hf.get("architectures"):
         raise MoecError(f"{cfg_file} has no 'architectures' field")
+    if not isinstance(hf["architectures"], list) or not isinstance(hf["architectures"][0], str):
+        raise MoecError(f"{cfg_file}: 'architectures' must be a list of names")
     return hf
 
 
 def load_config(path: str | os.PathLike) -> MoEConfig:
     hf = read_hf_config(path)
-    return get_adapter(hf["architectures"][0]).config(hf)
+    return _adapter_config(get_adapter(hf["architectures"][0]), hf, path)
+
+
+def _adapter_config(adapter, hf: dict, path) -> MoEConfig:
+    """The adapter's MoEConfig; a field of the wrong kind (a list where a number belongs, ...) is one line."""
+    try:
+        return adapter.config(hf)
+    except (TypeError, ValueError, AttributeError, KeyError, ZeroDivisionError, OverflowError) as exc:
+        raise MoecError(f"{Path(path) / 'config.json'} has a malformed field ({type(exc).__name__}: "
+                        f"{str(exc)[:120]})") from None
 
 
 def _safetensor_files(root: Path) -> list[Path]:
     index = root / "model.safetensors.index.json"
     if index.is_file():
-        try:
-            weight_map = json.loads(index.read_text())["weight_map"]
-        except (json.JSONDecodeError, KeyError, TypeError):
-            raise MoecError(f"{index} is not a valid safetensors index") from None
-        files = sorted({root / f for f in weight_map.values()})
+        from moec.core.io import read_json_strict
+        data = read_json_strict(index, "safetensors index")
+        weight_map = data.get("weight_map") if isinstance(data, dict) else None
+        if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+            raise MoecError(f"{index} is not a valid safetensors index (no 'weight_map' of file names)")
+        files = sorted({_shard_path(root, f, index) for f in weight_map.values()})
         missing = [f.name for f in files if not f.is_file()]
         if missing:
             raise MoecError(f"shard(s) listed in {index.name} are missing: {', '.join(missing)}")
@@ -60,15 +70,40 @@ def _safetensor_files(root: Path) -> list[Path]:
     return files
 
 
+def _shard_path(root: Path, name: str, index: Path) -> Path:
+    """A shard named by the index: a plain file name inside the checkpoint directory, nothing else."""
+    p = root / name
+    if not name or "/" in name or "\\" in name or name in (".", "..") or Path(name).is_absolute():
+        raise MoecError(f"{index.name} names shard {name[:80]!r} outside the checkpoint directory; refusing it")
+    if p.is_symlink() and not p.resolve().is_relative_to(root.resolve()):
+        raise MoecError(f"{index.name}: shard '{name}' is a link outside the checkpoint directory; refusing it")
+    return p
+
+
+FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+
+
+def check_tensor(name: str, t: torch.Tensor, source: str) -> None:
+    """A weight must be floating point and finite: an int or NaN/Inf weight silently corrupts every result."""
+    if t.dtype not in FLOAT_DTYPES:
+        raise MoecError(f"{source}: tensor '{name}' has dtype {str(t.dtype).removeprefix('torch.')}; "
+                        "weights must be float32, float16, bfloat16 or float64")
+    if t.numel() and not bool(torch.isfinite(t).all()):
+        bad = int((~torch.isfinite(t)).sum())
+        raise MoecError(f"{source}: tensor '{name}' has {bad} non-finite value(s) (NaN or Inf)")
+
+
 def read_tensors(path: str | os.PathLike) -> dict[str, torch.Tensor]:
-    """Every tensor of the checkpoint, as float32."""
+    """Every tensor of the checkpoint, as float32 (each checked: floating dtype, finite values)."""
     tensors: dict[str, torch.Tensor] = {}
     for f in _safetensor_files(Path(path)):
         try:
             part = load_file(str(f))
         except (SafetensorError, OSError, ValueError) as exc:
             raise MoecError(f"cannot read {f.name}: corrupt or truncated safetensors ({exc})") from None
-        tensors.update({k: v.float() for k, v in part.items()})
+        for k, v in part.items():
+            check_tensor(k, v, f.name)
+            tensors[k] = v.float()
     return tensors
 
 
@@ -76,7 +111,7 @@ def load_checkpoint(path: str | os.PathLike) -> MoEModel:
     """Load a local HF MoE checkpoint directory into a canonical :class:`MoEModel` (eval mode)."""
     hf = read_hf_config(path)
     adapter = get_adapter(hf["architectures"][0])
-    cfg = adapter.config(hf)
+    cfg = _adapter_config(adapter, hf, path)
     state = adapter.to_canonical(cfg, read_tensors(path))
     model = MoEModel(cfg)
     try:

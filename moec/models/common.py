@@ -22,8 +22,8 @@ def base_fields(hf: dict) -> dict:
         num_kv_heads=hf.get("num_key_value_heads") or hf["num_attention_heads"],
         head_dim=hf.get("head_dim"),
         rms_eps=hf.get("rms_norm_eps", 1e-6),
-        rope_theta=float(theta),
-        tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
+        rope_theta=float(theta) if isinstance(theta, (int, float)) and not isinstance(theta, bool) else theta,
+        tie_embeddings=hf.get("tie_word_embeddings", False),  # a bool, checked by MoEConfig (no coercion)
         max_position=hf.get("max_position_embeddings", 4096),
         architecture=hf["architectures"][0],
     )

@@ -7,14 +7,14 @@ packed weights (``moec build`` on it gives the same bundle: tests/lower/test_com
 
 from __future__ import annotations
 
-import hashlib
 import os
-import tempfile
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
 
+from moec.artifact.signing import load_private_key
 from moec.core.errors import MoecError
+from moec.core.outputs import check_output_dir, install_signal_cleanup, work_dir
 from moec.core.plan import BitPlan, resolve_plan
 from moec.core.targets import load_target
 from moec.export.exporter import export_weights
@@ -23,9 +23,11 @@ from moec.lower.bundler import build_bundle, build_bundle_from_params
 from moec.lower.onnx_import import import_onnx
 from moec.lower.params import build_params
 from moec.models.checkpoint import load_checkpoint
+from moec.models.tokenizer import load_tokenizer
 from moec.pipeline.profile import DataConfig, SensitivityConfig, profile
 from moec.pipeline.search import SearchConfig, search
 from moec.profile.routing import collect_stats
+from moec.quant.padding import pad_for_groups
 from moec.quant.weights import ModelWeights
 
 
@@ -50,6 +52,8 @@ class CompileConfig:
     search: SearchConfig | None = None
     recipe: dict | None = None
     onnx: str | os.PathLike | None = None
+    force: bool = False              # replace an --out directory moec did not write
+    sign_key: str | os.PathLike | None = None  # Ed25519 private key: sign the bundle's manifest
 
 
 def _search_plan(cfg: CompileConfig, profile_path: Path | None, model) -> BitPlan:
@@ -69,11 +73,13 @@ def compile_bundle(cfg: CompileConfig, on_stage=None) -> Path:
     """
     preset = load_target(cfg.target)
     backend_for(preset).require_toolchain(preset)  # before the slow stages, not after them
+    _check_outputs(cfg.out, cfg.force, cfg.sign_key)
     t0 = time.time()
     model = load_checkpoint(cfg.checkpoint)
     tok_path = Path(cfg.checkpoint) / "tokenizer.json"
+    load_tokenizer(cfg.checkpoint)  # a missing tokenizer fails before the slow stages
     searching = cfg.plan is None
-    with tempfile.TemporaryDirectory(prefix="moec-compile-") as tmp:
+    with work_dir("moec-compile-") as tmp:
         extra_files = {}
         profile_path = None
         if cfg.data is not None and not (searching and cfg.search is not None and cfg.search.profile):
@@ -84,8 +90,9 @@ def compile_bundle(cfg: CompileConfig, on_stage=None) -> Path:
                 stats = profile(cfg.checkpoint, cfg.data, progress=False, model=model,
                                 sensitivity=SensitivityConfig("proxy", bits, gs, meth))
             else:
-                stats = collect_stats(model, cfg.data.windows(cfg.checkpoint), batch=cfg.data.batch)
-                stats.data_sha256 = hashlib.sha256(Path(cfg.data.path).read_bytes()).hexdigest()
+                windows, digest = cfg.data.windows_and_digest(cfg.checkpoint, model.cfg.max_position)
+                stats = collect_stats(model, windows, batch=cfg.data.batch)
+                stats.data_sha256 = digest
             profile_path = Path(tmp) / "profile.json"
             stats.save(profile_path)
             extra_files["profile.json"] = profile_path
@@ -96,10 +103,12 @@ def compile_bundle(cfg: CompileConfig, on_stage=None) -> Path:
             plan = _search_plan(cfg, profile_path, model)
             name = f"search {plan.provenance.get('policy')}"
         elif isinstance(cfg.plan, BitPlan):
-            plan, name = cfg.plan.copy().validate(model.cfg), str(cfg.plan.provenance.get("policy", "given"))
+            plan = cfg.plan.copy().validate(model.cfg, pad_ok=True)
+            name = str(cfg.plan.provenance.get("policy", "given"))
         else:
-            plan = resolve_plan(cfg.plan, model.cfg, cfg.group_size, cfg.method)
+            plan = resolve_plan(cfg.plan, model.cfg, cfg.group_size, cfg.method, pad_ok=True)
             name = str(plan.provenance.get("policy", Path(str(cfg.plan)).name))
+        model, plan = pad_for_groups(model, plan)
         plan.validate(model.cfg, tuple(preset.allowed_bits))
         if on_stage:
             on_stage(f"plan ({name})", time.time() - t0)
@@ -118,13 +127,23 @@ def compile_bundle(cfg: CompileConfig, on_stage=None) -> Path:
             manifest["recipe"] = cfg.recipe
         return build_bundle(model, plan, preset, cfg.out, tok_path if tok_path.is_file() else None, weights,
                             extra_manifest=manifest, debug_dump=cfg.debug_dump, on_stage=on_stage,
-                            extra_files=extra_files, activations=cfg.activations)
+                            extra_files=extra_files, activations=cfg.activations, force=cfg.force,
+                            sign_key=cfg.sign_key)
+
+
+def _check_outputs(out, force: bool, sign_key) -> None:
+    """Fail before any slow stage: ``out`` must be writable by moec and ``sign_key`` a usable key."""
+    install_signal_cleanup()
+    check_output_dir(out, force)
+    if sign_key is not None:
+        load_private_key(sign_key)
 
 
 def build_from_onnx(onnx_path: str | os.PathLike, out: str | os.PathLike, target: str = "host",
                     debug_dump: str | os.PathLike | None = None, on_stage=None,
                     extra_files: dict | None = None, extra_manifest: dict | None = None,
-                    activations: str = "float32") -> Path:
+                    activations: str = "float32", force: bool = False,
+                    sign_key: str | os.PathLike | None = None) -> Path:
     """``moec build``: the last stage alone — a moec ONNX export (file or directory) → bundle.
 
     ``activations="int8"`` quantizes the activations of quantized decode GEMVs per group to int8
@@ -133,6 +152,7 @@ def build_from_onnx(onnx_path: str | os.PathLike, out: str | os.PathLike, target
     """
     preset = load_target(target)
     backend_for(preset).require_toolchain(preset)
+    _check_outputs(out, force, sign_key)
     t0 = time.time()
     cfg, plan, packed, floats = import_onnx(onnx_path)
     plan.validate(cfg, tuple(preset.allowed_bits))
@@ -144,4 +164,4 @@ def build_from_onnx(onnx_path: str | os.PathLike, out: str | os.PathLike, target
     return build_bundle_from_params(cfg, plan, params, preset, out, tok if tok.is_file() else None,
                                     extra_manifest={"source": str(src), **(extra_manifest or {})},
                                     debug_dump=debug_dump, on_stage=on_stage, extra_files=extra_files,
-                                    activations=activations)
+                                    activations=activations, force=force, sign_key=sign_key)

@@ -7,15 +7,16 @@ from pathlib import Path
 
 from moec.artifact.inspect_bundle import inspect_bundle
 from moec.core.errors import MoecError
-from moec.core.plan import resolve_plan
+from moec.core.plan import UNIFORM_METHOD, resolve_plan
 from moec.export.exporter import ExportResult, export_model
 from moec.export.inspect_onnx import inspect_onnx
 from moec.export.writer import check_export_target
 from moec.models.checkpoint import load_checkpoint, load_config
+from moec.quant.padding import pad_for_groups
 
 
 def export_onnx(checkpoint: str | os.PathLike, plan: str | os.PathLike, out: str | os.PathLike,
-                group_size: int = 64, method: str = "rtn", verify: bool = False,
+                group_size: int = 64, method: str | None = None, verify: bool = False,
                 accuracy_level: int = 0) -> ExportResult:
     """Export ``checkpoint`` under ``plan`` (file or ``uniform:B``) to ONNX in directory ``out``.
 
@@ -23,9 +24,9 @@ def export_onnx(checkpoint: str | os.PathLike, plan: str | os.PathLike, out: str
     atomically. ``group_size``/``method`` apply to ``uniform:B`` plans. Returns an
     ``ExportResult`` (with ``max_abs_diff`` against the fake-quantized torch model when ``verify``).
     """
-    bit_plan = resolve_plan(plan, load_config(checkpoint), group_size, method)
+    bit_plan = resolve_plan(plan, load_config(checkpoint), group_size, method or UNIFORM_METHOD, pad_ok=True)
     check_export_target(out)  # fail before the (slow) load and quantization
-    model = load_checkpoint(checkpoint)
+    model, bit_plan = pad_for_groups(load_checkpoint(checkpoint), bit_plan)
     return export_model(model, bit_plan, out, tokenizer=Path(checkpoint) / "tokenizer.json",
                         source=str(checkpoint), verify=verify, accuracy_level=accuracy_level)
 

@@ -2,18 +2,18 @@
 
 from __future__ import annotations
 
-import hashlib
 import os
 from dataclasses import dataclass
 from pathlib import Path
 
+from moec.artifact.bundle import sha256_file
 from moec.core.errors import MoecError
 from moec.core.formats import DEFAULT_ALLOWED, FLOAT_BITS
-from moec.core.plan import BitPlan, resolve_plan
+from moec.core.plan import UNIFORM_METHOD, BitPlan, resolve_plan
 from moec.models.checkpoint import load_checkpoint
 from moec.models.model import MoEModel
 from moec.models.tokenizer import load_tokenizer
-from moec.profile.data import read_text, token_windows
+from moec.profile.data import check_data_file, file_windows
 from moec.profile.evaluate import EvalResult, evaluate_windows
 from moec.profile.plot import frequency_heatmap
 from moec.profile.routing import collect_stats
@@ -21,6 +21,7 @@ from moec.profile.sensitivity import Sensitivity, exact_sensitivity, proxy_sensi
 from moec.profile.stats import ExpertStats
 from moec.quant.accounting import MemoryReport, float32_memory, plan_memory
 from moec.quant.packed_model import fake_quantize_model
+from moec.quant.padding import pad_for_groups
 
 
 @dataclass
@@ -32,15 +33,29 @@ class DataConfig:
     max_tokens: int | None = None
     batch: int = 8
 
-    def windows(self, checkpoint: str | os.PathLike):
-        """The text cut into token windows with ``checkpoint``'s tokenizer."""
-        return token_windows(load_tokenizer(checkpoint), read_text(self.path), self.seq_len, self.max_tokens)
+    def check(self) -> None:
+        """The cheap checks of the data file (exists, readable, not a directory) before a slow model load."""
+        check_data_file(self.path, self.max_tokens)
+
+    def windows_and_digest(self, checkpoint: str | os.PathLike, max_position: int) -> tuple["object", str]:
+        """(token windows, sha256) of the text with ``checkpoint``'s tokenizer, streamed and stopped at
+        ``max_tokens``; windows never exceed ``max_position``. The sha256 is of the whole file for a
+        regular file, of the bytes read for a stream."""
+        windows, digest = file_windows(load_tokenizer(checkpoint), self.path, self.seq_len, self.max_tokens,
+                                       max_position)
+        if Path(self.path).is_file():
+            digest = sha256_file(self.path)
+        return windows, digest
+
+    def windows(self, checkpoint: str | os.PathLike, max_position: int):
+        """The token windows of :meth:`windows_and_digest`."""
+        return self.windows_and_digest(checkpoint, max_position)[0]
 
 
 def load_model_and_windows(checkpoint: str | os.PathLike, data: DataConfig) -> tuple[MoEModel, "object"]:
-    read_text(data.path)  # check the cheap input first
+    data.check()  # the cheap input first
     model = load_checkpoint(checkpoint)
-    return model, data.windows(checkpoint)
+    return model, data.windows(checkpoint, model.cfg.max_position)
 
 
 @dataclass
@@ -66,18 +81,18 @@ def profile(checkpoint: str | os.PathLike, data: DataConfig, out: str | os.PathL
     if sens.kind not in ("none", "proxy", "exact", "both"):
         raise MoecError(f"unknown sensitivity kind '{sens.kind}'; choices: none, proxy, exact, both")
     if model is None:
-        model, windows = load_model_and_windows(checkpoint, data)
-    else:
-        windows = data.windows(checkpoint)
+        data.check()  # the cheap input first
+        model = load_checkpoint(checkpoint)
+    windows, digest = data.windows_and_digest(checkpoint, model.cfg.max_position)
     stats = collect_stats(model, windows, batch=data.batch, progress=progress)
-    stats.data_sha256 = hashlib.sha256(Path(data.path).read_bytes()).hexdigest()
+    stats.data_sha256 = digest
     if sens.kind != "none":
         result = Sensitivity(list(sens.bits), sens.group_size, sens.method)
         if sens.kind in ("proxy", "both"):
             result.proxy = proxy_sensitivity(model, windows, result.bits, sens.group_size, sens.method,
                                              batch=data.batch, progress=progress)
         if sens.kind in ("exact", "both"):
-            held = windows if sens.heldout is None else sens.heldout.windows(checkpoint)
+            held = windows if sens.heldout is None else sens.heldout.windows(checkpoint, model.cfg.max_position)
             result.exact = exact_sensitivity(model, held, result.bits, sens.group_size, sens.method,
                                              progress=progress)
         stats.sensitivity = result.to_json()
@@ -99,18 +114,20 @@ class PlanEval:
 
 
 def evaluate(checkpoint: str | os.PathLike, data: DataConfig, plan: str | os.PathLike | None = None,
-             progress: bool = True) -> PlanEval:
+             progress: bool = True, group_size: int = 64, method: str | None = None) -> PlanEval:
     """Perplexity and top-1 accuracy, under a bit plan (file or ``uniform:B``) if one is given.
 
     The plan is applied as fake quantization with the same quantizers every back end uses.
     """
-    read_text(data.path)
+    data.check()
     model = load_checkpoint(checkpoint)
-    bit_plan = resolve_plan(plan, model.cfg) if plan is not None else None
-    windows = data.windows(checkpoint)
+    bit_plan = (resolve_plan(plan, model.cfg, group_size, method or UNIFORM_METHOD, pad_ok=True)
+                if plan is not None else None)
+    windows = data.windows(checkpoint, model.cfg.max_position)
     fp32 = float32_memory(model)
     memory = None
     if bit_plan is not None:
+        model, bit_plan = pad_for_groups(model, bit_plan)
         memory = plan_memory(model, bit_plan)
         fake_quantize_model(model, bit_plan)
     res = evaluate_windows(model, windows, batch=data.batch, progress=progress)

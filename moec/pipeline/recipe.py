@@ -23,7 +23,7 @@ from moec.search.problem import DEFAULT_TENSORS
 
 
 class DataSpec(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)
     calibration: str
     max_tokens: int | None = Field(default=16384, gt=0)
     seq_len: int = Field(default=256, gt=1)
@@ -33,7 +33,7 @@ class DataSpec(BaseModel):
 class Recipe(BaseModel):
     """One end-to-end compile: what to compile, for which target, under which budget and search."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)  # strict: "64" is not an int, no coercion
     name: str = ""
     description: str = ""
     model: str
@@ -52,6 +52,18 @@ class Recipe(BaseModel):
     method: str = "rtn"
     episodes: int = Field(default=300, gt=0)
     seed: int = 0
+
+    @field_validator("tensor_bits")
+    @classmethod
+    def _tensor_keys(cls, v: dict[str, int]) -> dict[str, int]:
+        import re
+        for key in v:
+            if key.startswith("re:"):
+                try:
+                    re.compile(key[3:])
+                except (re.error, RecursionError, OverflowError) as exc:
+                    raise ValueError(f"tensor key '{key[:60]}' is not a valid regex ({exc})") from None
+        return v
 
     @field_validator("policy")
     @classmethod
@@ -76,15 +88,69 @@ def _choice(value: str, choices, what: str) -> str:
     return value
 
 
+MAX_RECIPE_BYTES = 1 << 20
+MAX_RECIPE_DEPTH = 16
+
+
+class _StrictLoader(yaml.SafeLoader):
+    """SafeLoader that refuses duplicate keys and anchors/aliases (no silent overrides, no alias bombs)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            try:
+                dup = key in seen
+            except TypeError:
+                raise yaml.constructor.ConstructorError(None, None, f"unhashable key {str(key)[:40]}",
+                                                        key_node.start_mark) from None
+            if dup:
+                raise yaml.constructor.ConstructorError(None, None, f"duplicate key '{str(key)[:40]}'",
+                                                        key_node.start_mark)
+            seen.add(key)
+        return super().construct_mapping(node, deep=deep)
+
+    def compose_node(self, parent, index):
+        if self.check_event(yaml.events.AliasEvent):
+            event = self.peek_event()
+            raise yaml.composer.ComposerError(None, None, "aliases (*name) are not allowed in recipes",
+                                              event.start_mark)
+        return super().compose_node(parent, index)
+
+
+def _depth(obj) -> int:
+    deepest, stack = 0, [(obj, 0)]
+    while stack:
+        o, d = stack.pop()
+        deepest = max(deepest, d)
+        if isinstance(o, dict):
+            stack.extend((v, d + 1) for v in o.values())
+        elif isinstance(o, list):
+            stack.extend((v, d + 1) for v in o)
+    return deepest
+
+
 def load_recipe(path: str | os.PathLike) -> Recipe:
     """Read and validate a recipe; relative paths become paths relative to the recipe's directory."""
     p = Path(path)
     if not p.is_file():
         raise MoecError(f"recipe '{p}' does not exist")
+    raw = p.read_bytes()[:MAX_RECIPE_BYTES + 1]
+    if len(raw) > MAX_RECIPE_BYTES:
+        raise MoecError(f"recipe '{p}' is larger than {MAX_RECIPE_BYTES >> 10} KiB")
     try:
-        data = yaml.safe_load(p.read_text())
+        data = yaml.load(raw.decode("utf-8"), Loader=_StrictLoader)  # noqa: S506 (a SafeLoader subclass)
+    except UnicodeDecodeError:
+        raise MoecError(f"recipe '{p}' is not UTF-8 text") from None
     except yaml.YAMLError as exc:
-        raise MoecError(f"recipe '{p}' is not valid YAML: {exc}") from None
+        line = " ".join(str(exc).split())
+        raise MoecError(f"recipe '{p}' is not valid YAML: {line[:200]}") from None
+    except RecursionError:
+        raise MoecError(f"recipe '{p}' is nested too deeply") from None
+    except (ValueError, OverflowError) as exc:  # e.g. a 5000-digit integer
+        raise MoecError(f"recipe '{p}' has a value moec cannot read: {str(exc)[:100]}") from None
+    if _depth(data) > MAX_RECIPE_DEPTH:
+        raise MoecError(f"recipe '{p}' is nested deeper than {MAX_RECIPE_DEPTH} levels")
     if not isinstance(data, dict):
         raise MoecError(f"recipe '{p}' must be a YAML mapping")
     try:
@@ -141,7 +207,8 @@ def compile_config(recipe: Recipe, out: str | os.PathLike, plan=None, debug_dump
                         recipe.alpha, recipe.beta, recipe.gamma, recipe.weighting, recipe.sensitivity,
                         dict(recipe.tensor_bits), recipe.group_size, recipe.method, recipe.episodes, seed=recipe.seed,
                         progress=progress)
-    # uniform:B plans keep compile's historical default quantizer (mse) unless the method is given
-    method = recipe.method if "method" in recipe.model_fields_set or plan is None else "mse"
+    # uniform:B means the same quantizer everywhere (UNIFORM_METHOD) unless the method is given
+    from moec.core.plan import UNIFORM_METHOD
+    method = recipe.method if "method" in recipe.model_fields_set or plan is None else UNIFORM_METHOD
     return CompileConfig(recipe.model, out, recipe.target, plan, data, recipe.group_size, method,
                          debug_dump, search=scfg, recipe=recipe.model_dump())

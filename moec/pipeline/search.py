@@ -118,6 +118,8 @@ def search(cfg: SearchConfig, model: MoEModel | None = None) -> SearchOutcome:
     if cfg.budget_mb is not None and cfg.budget_mb <= 0:
         raise MoecError(f"--budget-mb must be positive (got {cfg.budget_mb})")
     model = model or load_checkpoint(cfg.checkpoint)
+    # every candidate quantizes every weight: the group size must divide them all (search does not pad)
+    uniform_plan(model.cfg, 4, cfg.group_size, cfg.method).validate(model.cfg)
     stats = _stats(cfg, preset.allowed_bits, model)
     norms = plan_memory(model, BitPlan({}, {}, cfg.group_size)).kind_total("norms/bias")
     budget = cfg.budget_mb if cfg.budget_mb is not None else \

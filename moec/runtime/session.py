@@ -15,8 +15,9 @@ import numpy as np
 import tvm.runtime
 from tokenizers import Tokenizer
 
-from moec.artifact.bundle import read_manifest
+from moec.artifact.bundle import verified_copy, verify_bundle
 from moec.core.errors import MoecError
+from moec.core.outputs import work_dir
 from moec.runtime.remote import TrackerAddress, elf_machine, request_device
 
 
@@ -44,9 +45,10 @@ class BundleSession:
     logits come back; the KV cache stays on the device).
     """
 
-    def __init__(self, bundle: str | os.PathLike, remote=None) -> None:
+    def __init__(self, bundle: str | os.PathLike, remote=None, trust: str | os.PathLike | None = None) -> None:
         root = Path(bundle)
-        self.manifest = read_manifest(root, verify=True)
+        # the whole bundle verifies (and, with ``trust``, its signature) before lib.so is touched
+        self.manifest = verify_bundle(root, trust)
         self.cfg = self.manifest["model"]["config"]
         self.remote = remote
         target = self.manifest.get("target", {})
@@ -62,16 +64,18 @@ class BundleSession:
             raise MoecError(f"{lib_path} is built for {built_for} but this machine is {platform.machine()}; "
                             "run it on a matching device (moec run --rpc HOST:PORT --key KEY)")
         lib, failure = None, None
-        try:
-            if remote is None:
-                lib = tvm.runtime.load_module(str(lib_path))
-                self.dev = tvm.runtime.cpu()
-            else:
-                remote.upload(str(lib_path), "moec_lib.so")
-                lib = remote.load_module("moec_lib.so")
-                self.dev = remote.cpu()
-        except Exception as exc:
-            failure = _last_line(exc)
+        with work_dir("moec-run-") as private:
+            checked = verified_copy(root, "lib.so", self.manifest, private)  # never the path an attacker can swap
+            try:
+                if remote is None:
+                    lib = tvm.runtime.load_module(str(checked))
+                    self.dev = tvm.runtime.cpu()
+                else:
+                    remote.upload(str(checked), "moec_lib.so")
+                    lib = remote.load_module("moec_lib.so")
+                    self.dev = remote.cpu()
+            except Exception as exc:
+                failure = _last_line(exc)
         if failure is not None:  # raised outside the except block: the TVM error's frames hold the session
             where = "this machine" if remote is None else "the remote device"
             hint = f" (is the device {lib_arch}?)" if remote is not None and lib_arch != "unknown" else ""
@@ -148,14 +152,24 @@ class BundleSession:
         self.past = [out[i] for i in range(1, len(out))]
         return logits
 
+    def check_positions(self, prompt_tokens: int, max_new_tokens: int) -> None:
+        """Raise MoecError unless the prompt and ``max_new_tokens`` fit the model's position limit."""
+        if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+            raise MoecError(f"max_new_tokens must be a positive integer, got {max_new_tokens!r}")
+        limit = self.cfg["max_position"]
+        if prompt_tokens + max_new_tokens - 1 > limit:  # the last new token is never fed back
+            raise MoecError(f"prompt ({prompt_tokens} tokens) + max_new_tokens ({max_new_tokens}) exceeds the "
+                            f"model's max_position_embeddings ({limit}); shorten the prompt or generate fewer tokens")
+
     def generate(self, prompt_ids: list[int], max_new_tokens: int,
                  on_token: Callable[[int], None] | None = None) -> tuple[list[int], GenerationStats]:
         """Greedy generation: the prompt in one ``prefill`` call (filling the KV cache), then decode steps."""
         if not prompt_ids:
             raise MoecError("prompt is empty")
+        self.check_positions(len(prompt_ids), max_new_tokens)
         self.reset()
         t0 = time.perf_counter()
-        logits = self.prefill(list(prompt_ids))
+        logits = _finite(self.prefill(list(prompt_ids)), len(prompt_ids))
         t1 = time.perf_counter()
         out: list[int] = []
         for _ in range(max_new_tokens):
@@ -166,9 +180,16 @@ class BundleSession:
             if self.eos is not None and nxt == self.eos:
                 break
             if len(out) < max_new_tokens:
-                logits = self.step(nxt)
+                logits = _finite(self.step(nxt), len(prompt_ids) + len(out))
         t2 = time.perf_counter()
         return out, GenerationStats(len(prompt_ids), len(out), t1 - t0, t2 - t1)
+
+
+def _finite(logits: np.ndarray, position: int) -> np.ndarray:
+    if not np.isfinite(logits).all():
+        raise MoecError(f"the bundle produced non-finite logits (NaN/Inf) at position {position}; "
+                        "its weights are corrupt or overflow")
+    return logits
 
 
 def _last_line(exc: BaseException) -> str:
@@ -177,20 +198,21 @@ def _last_line(exc: BaseException) -> str:
 
 
 def open_remote_bundle(bundle: str | Path, tracker: str, key: str | None = None, timeout: float = 60.0,
-                       session_timeout: float = 0.0):
+                       session_timeout: float = 0.0, trust: str | Path | None = None):
     """A ``BundleSession`` of ``bundle`` on a device requested from ``tracker`` (``HOST:PORT``).
 
     ``key`` defaults to the bundle's target preset ``rpc_key``.
     """
     addr = TrackerAddress.parse(tracker)
+    manifest = verify_bundle(Path(bundle), trust)  # before asking for a device
     if key is None:
-        key = read_manifest(Path(bundle), verify=False).get("target", {}).get("rpc_key")
+        key = manifest["target"].get("rpc_key")
         if not key:
             raise MoecError(f"bundle '{bundle}' names no rpc_key; pass --key")
     log.info("requesting a '%s' device from tracker %s", key, addr)
     remote = request_device(addr, key, timeout=timeout, session_timeout=session_timeout)
     try:
-        return BundleSession(bundle, remote=remote)
+        return BundleSession(bundle, remote=remote, trust=trust)
     except BaseException:
         remote = None  # end the RPC session now (the traceback keeps this frame), freeing the device
         gc.collect()

@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from moec.core.errors import MoecError
 from moec.search.cost import CostBreakdown, CostConfig, CostFunction
 from moec.search.estimator import CorrectedEstimator, Estimator
 from moec.core.plan import BitPlan
@@ -61,7 +62,9 @@ def run_search(problem: SearchProblem, config: CostConfig, estimator: Estimator,
     final = ctx.evaluate(assign, policy.name)
     if options.measurer is not None:
         ctx.measure(assign)
-    assert final.feasible, "policy returned a plan over the budget"
+    if not final.feasible:  # only reachable through a tampered or foreign search state
+        raise MoecError(f"the {policy.name} search ended with a plan over the budget ({final.memory_bytes / 1e6:.3f} MB "
+                        f"> {problem.budget_bytes / 1e6:.3f} MB); if it resumed from a search state, delete that file")
     visited = [{"assign": list(k), **v} for k, v in ctx.visited.items()]
     measured = [{"assign": list(k), **v} for k, v in ctx.measured.items()]
     prov = {"policy": policy.name, "alpha": config.alpha, "beta": config.beta, "gamma": config.gamma,

@@ -88,38 +88,81 @@ class RLPolicy:
                 "visited": [[list(k), v] for k, v in ctx.visited.items()]}
         atomic_write_json(ctx.state_path, blob)
 
-    def _load(self, ctx: SearchContext) -> dict | None:
+    def _load(self, ctx: SearchContext, d: int) -> dict | None:
         path = Path(ctx.state_path) if ctx.state_path else None
         if path is None or not path.is_file():
             return None
         try:
             blob = json.loads(path.read_text())
-        except (json.JSONDecodeError, UnicodeDecodeError):
+        except (json.JSONDecodeError, UnicodeDecodeError, RecursionError):
             raise MoecError(f"search state '{path}' is corrupt; delete it to start over") from None
+        if not isinstance(blob, dict):
+            raise MoecError(f"search state '{path}' is corrupt (not a JSON object); delete it to start over")
         if blob.get("version") != STATE_VERSION:
-            raise MoecError(f"search state '{path}' has version {blob.get('version')}; expected {STATE_VERSION}")
-        if blob["signature"] != self._signature(ctx):
-            diff = sorted(k for k in blob["signature"] if blob["signature"][k] != self._signature(ctx).get(k))
+            raise MoecError(f"search state '{path}' has version {str(blob.get('version'))[:20]}; "
+                            f"expected {STATE_VERSION}")
+        sig = blob.get("signature")
+        if not isinstance(sig, dict) or sig != self._signature(ctx):
+            diff = sorted(k for k in sig if sig[k] != self._signature(ctx).get(k)) if isinstance(sig, dict) else ["all"]
             raise MoecError(f"search state '{path}' belongs to a different search (differs in: "
-                            f"{', '.join(diff)}); delete it or pass another state path")
+                            f"{', '.join(map(str, diff))[:200]}); delete it or pass another state path")
+        try:
+            state = self._parse_state(ctx, blob, d)
+        except (TypeError, ValueError, KeyError, IndexError, AttributeError, OverflowError) as exc:
+            raise MoecError(f"search state '{path}' is malformed ({type(exc).__name__}: {str(exc)[:100]}); "
+                            "delete it to start over") from None
+        log.info("resuming search from '%s' at episode %d", path, state["episode"])
+        return state
+
+    def _parse_state(self, ctx: SearchContext, blob: dict, d: int) -> dict:
+        """The state in ``blob`` after checking every field against a fresh state's shapes and ranges."""
+        p, fresh = ctx.problem, self._fresh(ctx, d)
+        missing = sorted(set(fresh) - set(blob))
+        if missing:
+            raise KeyError(missing[0])
+        episode, t = blob["episode"], blob["t"]
+        for name, v in (("episode", episode), ("t", t), ("evaluations", blob["evaluations"])):
+            if isinstance(v, bool) or not isinstance(v, int) or v < 0:
+                raise ValueError(f"{name} must be a non-negative integer, got {str(v)[:20]}")
+        if episode > ctx.episodes:
+            raise ValueError(f"episode {episode} is beyond the search's {ctx.episodes} episodes")
+
+        def arr(x, like):
+            a = np.array(x, dtype=np.float64)
+            if a.shape != like.shape or not np.isfinite(a).all():
+                raise ValueError(f"an array has shape {a.shape}, expected {like.shape} (finite values)")
+            return a
+
+        out = {"episode": episode, "t": t, "W": arr(blob["W"], fresh["W"]), "theta": arr(blob["theta"], fresh["theta"]),
+               "m": [arr(x, f) for x, f in zip(blob["m"], fresh["m"], strict=True)],
+               "v": [arr(x, f) for x, f in zip(blob["v"], fresh["v"], strict=True)]}
+        np.random.default_rng().bit_generator.state = blob["rng"]  # raises on a malformed state
+        out["rng"] = blob["rng"]
+        best = blob["best"]
+        if best is not None:
+            best = np.array(best, dtype=np.int64)
+            if best.shape != (p.n,) or (best < 0).any() or (best >= p.m).any():
+                raise ValueError("best is not an assignment of this problem")
+        out["best"], out["best_cost"] = best, float(blob["best_cost"])
+        if best is None and out["best_cost"] != float("inf"):
+            raise ValueError("best_cost without a best plan")
+        refs = {str(k): float(v) for k, v in dict(blob["refs"]).items()}
+        measured = {tuple(int(i) for i in k): dict(v) for k, v in blob["measured"]}
+        visited = {tuple(int(i) for i in k): dict(v) for k, v in blob["visited"]}
         est = ctx.cost.estimator
         if isinstance(est, CorrectedEstimator):
             est.load_state(blob["corrections"])
-        ctx.cost.refs = {k: float(v) for k, v in blob["refs"].items()}
-        ctx.cost.evaluations = int(blob["evaluations"])
-        ctx.measured.update({tuple(k): v for k, v in blob["measured"]})
-        ctx.visited.update({tuple(k): v for k, v in blob["visited"]})
-        log.info("resuming search from '%s' at episode %d", path, blob["episode"])
-        return {"episode": blob["episode"], "W": np.array(blob["W"]), "theta": np.array(blob["theta"]),
-                "m": [np.array(a) for a in blob["m"]], "v": [np.array(a) for a in blob["v"]], "t": blob["t"],
-                "rng": blob["rng"], "best": None if blob["best"] is None else np.array(blob["best"], dtype=np.int64),
-                "best_cost": float(blob["best_cost"])}
+        ctx.cost.refs = refs
+        ctx.cost.evaluations = blob["evaluations"]
+        ctx.measured.update(measured)
+        ctx.visited.update(visited)
+        return out
 
     # -- search --------------------------------------------------------------------
     def run(self, ctx: SearchContext) -> np.ndarray:
         p = ctx.problem
         phi = features(ctx)
-        s = self._load(ctx) or self._fresh(ctx, phi.shape[1])
+        s = self._load(ctx, phi.shape[1]) or self._fresh(ctx, phi.shape[1])
         rng = np.random.default_rng()
         rng.bit_generator.state = s["rng"]
         coef, _, _ = ctx.cost.additive()
