@@ -35,7 +35,6 @@ class DecodeBuilder:
         for name, arr in params.flat():
             self.vars[name] = relax.Var(name, relax.TensorType(arr.shape, str(arr.dtype)))
         self.prefix = ""
-        self._views: dict[relax.Var, relax.Var] = {}  # reshape result -> the tensor it views
 
     def _token_count(self):
         """Tokens per call: 1 in decode (prefill: a symbolic ``T``)."""
@@ -51,6 +50,7 @@ class DecodeBuilder:
         self.past = [relax.Var(f"past_{kind}_{i}", relax.TensorType(kv, "float32"))
                      for i in range(cfg.num_layers) for kind in ("k", "v")]
         self.presents: list[relax.Var] = []
+        self._views: dict[relax.Var, relax.Var] = {}  # reshape result -> the tensor it views
         with bb.function(self.function_name, [tokens] + self.past + list(self.vars.values())):
             with bb.dataflow():
                 logits = blocks.causal_lm(self, cfg, tokens)
