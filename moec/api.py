@@ -31,6 +31,16 @@ class DataConfig:
     seq_len: int = 256
     max_tokens: int | None = None
     batch: int = 8
+    max_memory_gb: float | None = None   # host-memory budget: above it, run layer by layer (or fail early)
+
+
+def _memory(checkpoint, max_memory_gb: float | None, stage: str):
+    """(LazyCheckpoint with headers checked, MemoryPlan) of ``checkpoint`` for ``stage``."""
+    from moec.memory_budget import memory_plan
+    from moec.models.lazy import LazyCheckpoint
+
+    ckpt = LazyCheckpoint(checkpoint)
+    return ckpt, memory_plan(ckpt, max_memory_gb, stage)
 
 
 def load_model_and_windows(checkpoint: str | os.PathLike, data: DataConfig) -> tuple[MoEModel, "object"]:
@@ -61,10 +71,16 @@ def profile(checkpoint: str | os.PathLike, data: DataConfig, out: str | os.PathL
     sens = sensitivity or SensitivityConfig()
     if sens.kind not in ("none", "proxy", "exact", "both"):
         raise MoecError(f"unknown sensitivity kind '{sens.kind}'; choices: none, proxy, exact, both")
-    model, windows = load_model_and_windows(checkpoint, data)
-    stats = collect_stats(model, windows, batch=data.batch, progress=progress)
+    text = read_text(data.path)
+    ckpt, mem = _memory(checkpoint, data.max_memory_gb, "profile")
+    if mem.sequential:
+        stats = _profile_sequential(ckpt, checkpoint, text, data, sens, mem.hidden_budget, progress)
+    else:
+        model = load_checkpoint(checkpoint)
+        windows = token_windows(load_tokenizer(checkpoint), text, data.seq_len, data.max_tokens)
+        stats = collect_stats(model, windows, batch=data.batch, progress=progress)
     stats.data_sha256 = hashlib.sha256(Path(data.path).read_bytes()).hexdigest()
-    if sens.kind != "none":
+    if sens.kind != "none" and not mem.sequential:
         from moec.profile.sensitivity import Sensitivity, exact_sensitivity, proxy_sensitivity
         result = Sensitivity(list(sens.bits), sens.group_size, sens.method)
         if sens.kind in ("proxy", "both"):
@@ -86,6 +102,28 @@ def profile(checkpoint: str | os.PathLike, data: DataConfig, out: str | os.PathL
     return stats
 
 
+def _profile_sequential(ckpt, checkpoint, text: str, data: DataConfig, sens: SensitivityConfig,
+                        hidden_budget: int, progress: bool) -> ExpertStats:
+    """``profile`` one decoder layer at a time; the exact sensitivity takes its layer-local form."""
+    from moec.profile.sensitivity import Sensitivity
+    from moec.profile.sequential import profile_sequential
+
+    tok = load_tokenizer(checkpoint)
+    windows = token_windows(tok, text, data.seq_len, data.max_tokens)
+    proxy = (tuple(sens.bits), sens.group_size, sens.method) if sens.kind in ("proxy", "both") else None
+    stats, proxies = profile_sequential(ckpt, windows, data.batch, proxy, hidden_budget, progress)
+    if sens.kind != "none":
+        result = Sensitivity(list(sens.bits), sens.group_size, sens.method, proxy=proxies)
+        if sens.kind in ("exact", "both"):
+            held = windows
+            if sens.heldout is not None:
+                held = token_windows(tok, read_text(sens.heldout.path), sens.heldout.seq_len, sens.heldout.max_tokens)
+            _, result.exact = profile_sequential(ckpt, held, data.batch, (tuple(sens.bits), sens.group_size, sens.method),
+                                                 hidden_budget, progress, record=False)
+        stats.sensitivity = {**result.to_json(), "exact_form": "layer-local" if result.exact else None}
+    return stats
+
+
 @dataclass
 class PlanEval:
     """Accuracy of a model under a plan, with the plan's exact memory."""
@@ -103,6 +141,15 @@ def evaluate(checkpoint: str | os.PathLike, data: DataConfig, plan: str | os.Pat
     The plan is applied as fake quantization with the same quantizers every back end uses.
     """
     text = read_text(data.path)
+    ckpt, mem = _memory(checkpoint, data.max_memory_gb, "eval")
+    if mem.sequential:
+        from moec.profile.sequential import evaluate_sequential
+        from moec.quant.accounting import shape_model
+        model = shape_model(ckpt.cfg)
+        bit_plan = resolve_plan(plan, ckpt.cfg) if plan is not None else None
+        windows = token_windows(load_tokenizer(checkpoint), text, data.seq_len, data.max_tokens)
+        res = evaluate_sequential(ckpt, windows, bit_plan, data.batch, mem.hidden_budget, progress)
+        return PlanEval(res, bit_plan, plan_memory(model, bit_plan) if bit_plan else None, float32_memory(model))
     model = load_checkpoint(checkpoint)
     bit_plan = resolve_plan(plan, model.cfg) if plan is not None else None
     windows = token_windows(load_tokenizer(checkpoint), text, data.seq_len, data.max_tokens)
@@ -166,6 +213,7 @@ class CompileConfig:
     activations: str = "float32"
     search: "object | None" = None   # moec.search.pipeline.SearchConfig
     recipe: dict | None = None
+    max_memory_gb: float | None = None   # above it the checkpoint streams layer by layer (or fails early)
 
 
 def search(cfg) -> "object":
@@ -204,6 +252,9 @@ def compile_bundle(cfg: CompileConfig, on_stage=None) -> Path:
 
     preset = load_target(cfg.target)
     preset.require_toolchain()  # before the slow stages, not after them
+    ckpt, mem = _memory(cfg.checkpoint, cfg.max_memory_gb, "compile")
+    if mem.sequential:
+        return _compile_sequential(cfg, ckpt, preset, on_stage)
     t0 = time.time()
     model = load_checkpoint(cfg.checkpoint)
     tok_path = Path(cfg.checkpoint) / "tokenizer.json"
@@ -248,6 +299,55 @@ def compile_bundle(cfg: CompileConfig, on_stage=None) -> Path:
         extra = {"recipe": cfg.recipe} if cfg.recipe is not None else None
         return build_from_onnx(export_dir, cfg.out, cfg.target, cfg.debug_dump, on_stage=on_stage,
                                extra_files=extra_files, extra_manifest=extra, activations=cfg.activations)
+
+
+def _compile_sequential(cfg: CompileConfig, ckpt, preset, on_stage=None) -> Path:
+    """``compile_bundle`` for checkpoints over the memory budget: profile, search and pack layer by layer.
+
+    No ONNX round trip: packed weights stream straight into the bundle's ``weights.bin``.
+    """
+    import tempfile
+    import time
+    from dataclasses import replace
+
+    from moec.lower.stream_build import compile_streaming
+
+    t0 = time.time()
+    searching = cfg.plan is None
+    data = replace(cfg.data, max_memory_gb=cfg.max_memory_gb) if cfg.data is not None else None
+    if cfg.search is not None and cfg.search.data is not None:
+        cfg.search.data = replace(cfg.search.data, max_memory_gb=cfg.max_memory_gb)
+    with tempfile.TemporaryDirectory(prefix="moec-compile-") as tmp:
+        extra_files, profile_path = {}, None
+        if data is not None and not (searching and cfg.search is not None and cfg.search.profile):
+            sens = None
+            if searching:
+                sens = SensitivityConfig("proxy", tuple(b for b in preset.allowed_bits if b != 16),
+                                         cfg.search.group_size if cfg.search else cfg.group_size,
+                                         cfg.search.method if cfg.search else "rtn")
+            stats = profile(cfg.checkpoint, data, sensitivity=sens)
+            profile_path = Path(tmp) / "profile.json"
+            stats.save(profile_path)
+            extra_files["profile.json"] = profile_path
+            if on_stage:
+                on_stage("profile (by layer)", time.time() - t0)
+        t0 = time.time()
+        if searching:
+            plan = _search_plan(replace(cfg, data=data), profile_path)
+            name = f"search {plan.provenance.get('policy')}"
+        elif isinstance(cfg.plan, BitPlan):
+            plan, name = cfg.plan.copy().validate(ckpt.cfg), str(cfg.plan.provenance.get("policy", "given"))
+        else:
+            plan = resolve_plan(cfg.plan, ckpt.cfg, cfg.group_size, cfg.method)
+            name = str(plan.provenance.get("policy", Path(str(cfg.plan)).name))
+        plan.validate(ckpt.cfg, tuple(preset.allowed_bits))
+        if on_stage:
+            on_stage(f"plan ({name})", time.time() - t0)
+        tok = Path(cfg.checkpoint) / "tokenizer.json"
+        extra = {"source": str(cfg.checkpoint), "streamed": True,
+                 **({"recipe": cfg.recipe} if cfg.recipe is not None else {})}
+        return compile_streaming(ckpt, plan, preset, cfg.out, tok if tok.is_file() else None, extra,
+                                 cfg.debug_dump, on_stage, extra_files, cfg.activations)
 
 
 def build_from_onnx(onnx_path: str | os.PathLike, out: str | os.PathLike, target: str = "host",

@@ -5,7 +5,8 @@ A bundle is a directory::
     manifest.json   format, model config + fingerprint, plan, target, versions, creation
                     command, entry points, parameter order, and {file: sha256, bytes}
     lib.so          compiled module (cross-compiled for the target)
-    weights.npz     packed weights, scales, zeros and float tensors (uncompressed, no pickle)
+    weights.bin     packed weights, scales, zeros and float tensors, 64-byte aligned, memory-mappable
+    weights.json    their index: offset, dtype, shape and sha256 per tensor (``weights_file.py``)
     tokenizer.json
 
 The reader recomputes every file's sha256 and refuses the bundle on any mismatch.
@@ -23,7 +24,7 @@ from pathlib import Path
 from moec.errors import MoecError
 
 FORMAT = "moec-bundle"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: weights.bin + weights.json replace weights.npz
 
 
 def sha256_file(path: str | os.PathLike) -> str:
@@ -81,8 +82,9 @@ def read_manifest(bundle: str | os.PathLike, verify: bool = True) -> dict:
     if manifest.get("format") != FORMAT:
         raise MoecError(f"'{root}' is not a moec bundle (format {manifest.get('format')!r})")
     if manifest.get("format_version") != FORMAT_VERSION:
-        raise MoecError(f"bundle format version {manifest.get('format_version')} is not supported "
-                        f"(this moec reads {FORMAT_VERSION})")
+        old = " (weights.npz)" if manifest.get("format_version") == 1 else ""
+        raise MoecError(f"bundle format version {manifest.get('format_version')}{old} is not supported "
+                        f"(this moec reads {FORMAT_VERSION}); rebuild it with moec compile or moec build")
     if verify:
         for name, entry in manifest.get("files", {}).items():
             f = root / name

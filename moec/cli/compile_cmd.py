@@ -5,6 +5,7 @@ from __future__ import annotations
 import click
 
 from moec import api
+from moec.cli.common import max_memory_option
 from moec.cli.search_cmd import parse_tensor_bits, search_options
 from moec.search.recipe import compile_config, load_recipe, resolve
 
@@ -27,9 +28,10 @@ from moec.search.recipe import compile_config, load_recipe, resolve
 @click.option("--activations", type=click.Choice(["float32", "int8"]), default="float32", show_default=True,
               help="Activations of the quantized decode GEMVs: float32 (exact) or int8 per group "
                    "(faster with int8 dot products, ~1e-2 relative error; like onnxruntime accuracy_level 4).")
+@max_memory_option
 def compile_cmd(checkpoint, recipe, target, plan, out, data, max_tokens, group_size, method, budget_mb, policy,
                 alpha, beta, gamma, weighting, profile_path, episodes, seed, tensor_bits, debug_dump,
-                activations):
+                activations, max_memory_gb):
     """Compile CHECKPOINT (or a recipe's model) into a bundle for a target (library + packed weights + manifest)."""
     overrides = {"model": checkpoint, "target": target, "calibration": data, "max_tokens": max_tokens,
                  "group_size": group_size, "budget_mb": budget_mb, "policy": policy, "alpha": alpha,
@@ -40,6 +42,7 @@ def compile_cmd(checkpoint, recipe, target, plan, out, data, max_tokens, group_s
     resolved = resolve(load_recipe(recipe) if recipe else None, overrides)
     cfg = compile_config(resolved, out, plan, debug_dump)
     cfg.activations = activations
+    cfg.max_memory_gb = max_memory_gb
 
     def on_stage(name: str, seconds: float) -> None:
         click.echo(f"  ✓ {name:<24} {seconds:6.1f} s")

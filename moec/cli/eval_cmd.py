@@ -5,7 +5,7 @@ from __future__ import annotations
 import click
 
 from moec import api
-from moec.cli.common import data_config, data_options, echo_json
+from moec.cli.common import data_config, data_options, echo_json, max_memory_option
 from moec.cli.table import format_table
 
 
@@ -15,9 +15,10 @@ from moec.cli.table import format_table
 @click.option("--plan", type=click.Path(dir_okay=False), default=None,
               help="Bit plan JSON: evaluate the model fake-quantized to this plan.")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
-def eval_cmd(checkpoint, data, seq_len, max_tokens, batch, plan, as_json):
+@max_memory_option
+def eval_cmd(checkpoint, data, seq_len, max_tokens, batch, plan, as_json, max_memory_gb):
     """Perplexity and next-token top-1 accuracy on a text file (moec's accuracy metric)."""
-    ev = api.evaluate(checkpoint, data_config(data, seq_len, max_tokens, batch), plan=plan,
+    ev = api.evaluate(checkpoint, data_config(data, seq_len, max_tokens, batch, max_memory_gb), plan=plan,
                       progress=not as_json)
     res, mem = ev.result, ev.memory
     if as_json:

@@ -10,10 +10,9 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-import numpy as np
-
 import moec
 from moec.artifact.bundle import write_bundle
+from moec.artifact.weights_file import write_arrays
 from moec.hardware.targets import TargetPreset
 from moec.errors import MoecError
 from moec.lower.build import build_module
@@ -62,8 +61,15 @@ def build_bundle_from_params(cfg: MoEConfig, plan: BitPlan, params: ModelParams,
                              extra_manifest: dict | None = None, debug_dump: str | os.PathLike | None = None,
                              on_stage: StageCallback | None = None,
                              extra_files: dict[str, str | os.PathLike] | None = None,
-                             use_kernels: bool = True, activations: str = "float32") -> Path:
-    """Compile already packed ``params`` for ``preset`` and write the bundle directory ``out``."""
+                             use_kernels: bool = True, activations: str = "float32",
+                             weight_files: dict[str, Path] | None = None, plan_bytes: int | None = None) -> Path:
+    """Compile already packed ``params`` for ``preset`` and write the bundle directory ``out``.
+
+    ``weight_files`` (``weights.bin``/``weights.json`` already streamed by
+    :mod:`moec.lower.stream_build`) means ``params`` hold placeholders in the final (kernel)
+    layout and ``plan_bytes`` is the packed size; otherwise the arrays of ``params`` are laid
+    out and written here.
+    """
     import tvm
 
     def stage(name: str, t0: float) -> None:
@@ -72,9 +78,9 @@ def build_bundle_from_params(cfg: MoEConfig, plan: BitPlan, params: ModelParams,
 
     preset.require_toolchain()
     target = preset.tvm()
-    plan_bytes = params.nbytes  # moec's packed layout, before any kernel re-layout
+    plan_bytes = params.nbytes if plan_bytes is None else plan_bytes  # moec's layout, before kernel re-layout
     emitter = kernel_emitter(target, preset.family, use_kernels, activations)
-    if isinstance(emitter, KernelEmitter):
+    if isinstance(emitter, KernelEmitter) and weight_files is None:
         t0 = time.time()
         n = apply_kernel_layout(params, emitter)
         stage(f"kernel layout ({n} weights)", t0)
@@ -84,9 +90,9 @@ def build_bundle_from_params(cfg: MoEConfig, plan: BitPlan, params: ModelParams,
         res = build_module(cfg, params, target, preset.family, lib, preset.cross_compiler, debug_dump, emitter)
         stage("build", t0)
         t0 = time.time()
-        weights = Path(tmp) / "weights.npz"
         flat = params.flat()
-        np.savez(weights, **dict(flat))
+        if weight_files is None:
+            weight_files = write_arrays(tmp, flat)
         eos = None
         if tokenizer_path is not None:
             from moec.models.tokenizer import eos_id, load_tokenizer
@@ -111,7 +117,7 @@ def build_bundle_from_params(cfg: MoEConfig, plan: BitPlan, params: ModelParams,
             **({"cuda": res.cuda} if res.cuda else {}),
             **(extra_manifest or {}),
         }
-        files = {"lib.so": lib, "weights.npz": weights, **res.extra_files, **(extra_files or {})}
+        files = {"lib.so": lib, **weight_files, **res.extra_files, **(extra_files or {})}
         if tokenizer_path is not None:
             files["tokenizer.json"] = tokenizer_path
         path = write_bundle(out, files, manifest)

@@ -111,15 +111,15 @@ def uniform_memory_mb(model, bits: int, group_size: int = 64) -> float:
 def search(cfg: SearchConfig) -> SearchOutcome:
     """Build the problem, run the policy, write plots; the plan is returned, not saved."""
     from moec.hardware.targets import load_target
-    from moec.models.checkpoint import load_checkpoint
-    from moec.quant.accounting import plan_memory
+    from moec.models.lazy import LazyCheckpoint
+    from moec.quant.accounting import plan_memory, shape_model
     from moec.search.plan import BitPlan
 
     preset = load_target(cfg.target)
     cost_cfg = CostConfig(cfg.alpha, cfg.beta, cfg.gamma, cfg.weighting)  # validate before the slow parts
     if cfg.budget_mb is not None and cfg.budget_mb <= 0:
         raise MoecError(f"--budget-mb must be positive (got {cfg.budget_mb})")
-    model = load_checkpoint(cfg.checkpoint)
+    model = shape_model(LazyCheckpoint(cfg.checkpoint).cfg)  # accounting needs shapes only, never weights
     stats = _stats(cfg, preset.allowed_bits)
     norms = plan_memory(model, BitPlan({}, {}, cfg.group_size)).kind_total("norms/bias")
     budget = cfg.budget_mb if cfg.budget_mb is not None else \

@@ -58,7 +58,7 @@ def test_manifest_and_debug_dump(compiled):
     from moec.quant.accounting import plan_memory
     model = load_checkpoint(ckpt)
     assert manifest["weight_bytes"] == plan_memory(model, resolve_plan(plan_file, model.cfg)).total
-    assert set(manifest["files"]) >= {"lib.so", "weights.npz", "tokenizer.json"}
+    assert set(manifest["files"]) >= {"lib.so", "weights.bin", "weights.json", "tokenizer.json"}
     assert manifest["tvm_version"] and manifest["target"]["name"] == "host"
     phases = sorted(p.name for p in dump.iterdir())
     assert phases[0] == "00-input.py" and any("legalize" in p for p in phases)
@@ -71,15 +71,10 @@ def test_tampered_bundle_is_refused(compiled, tmp_path):
     _, _, bundle, _ = compiled
     copy = tmp_path / "b"
     shutil.copytree(bundle, copy)
-    w = np.load(copy / "weights.npz")
-    arrays = {k: w[k] for k in w.files}
-    name = next(iter(arrays))
-    arrays[name] = arrays[name].copy()
-    arrays[name].flat[0] ^= 1 if arrays[name].dtype == np.uint8 else 0
-    if arrays[name].dtype != np.uint8:
-        arrays[name].flat[0] += 1
-    np.savez(copy / "weights.npz", **arrays)
-    with pytest.raises(MoecError, match="weights.npz.*sha256"):
+    data = bytearray((copy / "weights.bin").read_bytes())
+    data[len(data) // 2] ^= 1
+    (copy / "weights.bin").write_bytes(bytes(data))
+    with pytest.raises(MoecError, match="weights.bin.*sha256"):
         BundleSession(copy)
     res = CliRunner().invoke(cli, ["run", str(copy), "--prompt", "hi"])
     assert res.exit_code != 0 and "tampered" in res.output
