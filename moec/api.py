@@ -163,7 +163,8 @@ def evaluate(checkpoint: str | os.PathLike, data: DataConfig, plan: str | os.Pat
 
 
 def export_onnx(checkpoint: str | os.PathLike, plan: str | os.PathLike, out: str | os.PathLike,
-                group_size: int = 64, method: str = "rtn", verify: bool = False, accuracy_level: int = 0):
+                group_size: int = 64, method: str = "rtn", verify: bool = False, accuracy_level: int = 0,
+                max_memory_gb: float | None = None):
     """Export ``checkpoint`` under ``plan`` (file or ``uniform:B``) to ONNX in directory ``out``.
 
     Writes ``prefill.onnx``, ``decode.onnx``, ``weights.bin``, ``tokenizer.json`` and ``export.json``
@@ -177,6 +178,14 @@ def export_onnx(checkpoint: str | os.PathLike, plan: str | os.PathLike, out: str
 
     bit_plan = resolve_plan(plan, load_config(checkpoint), group_size, method)
     check_export_target(out)  # fail before the (slow) load and quantization
+    ckpt, mem = _memory(checkpoint, max_memory_gb, "export")
+    if mem.sequential:
+        if verify:
+            raise MoecError("--verify compares against the whole torch model, which exceeds the memory budget; "
+                            "drop --verify (the streamed export is checked by onnx.checker)")
+        from moec.export.stream_export import export_streaming
+        return export_streaming(ckpt, bit_plan, out, Path(checkpoint) / "tokenizer.json", str(checkpoint),
+                                accuracy_level)
     model = load_checkpoint(checkpoint)
     return export_model(model, bit_plan, out, tokenizer=Path(checkpoint) / "tokenizer.json",
                         source=str(checkpoint), verify=verify, accuracy_level=accuracy_level)

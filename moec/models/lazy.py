@@ -113,7 +113,7 @@ class LazyCheckpoint:
                                     f"but {shard} does not contain it")
         self._check_shapes()
         self._maps: dict[Path, mmap.mmap] = {}
-        self._live: weakref.WeakSet = weakref.WeakSet()
+        self._live = 0
         self.bytes_read = 0
 
     def _check_shapes(self) -> None:
@@ -158,7 +158,7 @@ class LazyCheckpoint:
         t = torch.from_numpy(arr.reshape(info.shape))
         self.bytes_read += info.end - info.start
         if out is None:
-            self._live.add(t)
+            self._track(arr if arr.base is None else arr.base)  # the numpy buffer lives as long as any tensor or Parameter on it
             return t
         out.copy_(t)
         return out
@@ -168,9 +168,17 @@ class LazyCheckpoint:
         for mm in self._maps.values():
             mm.madvise(mmap.MADV_DONTNEED)
 
+    def _track(self, buf: np.ndarray) -> None:
+        self._live += 1
+        weakref.finalize(buf, self._freed)
+
+    def _freed(self) -> None:
+        self._live -= 1
+
     def live_tensors(self) -> int:
-        """How many tensors this reader produced are still referenced (tests check layers are freed)."""
-        return len(self._live)
+        """How many float32 buffers this reader produced are still referenced by any tensor (tests check
+        that a layer's weights are freed before the next layer is read)."""
+        return self._live
 
     def close(self) -> None:
         self._maps.clear()
@@ -192,7 +200,9 @@ class LazyCheckpoint:
         cfg, a = self.cfg, self.adapter
         e, i, h = cfg.num_experts, cfg.expert_intermediate, cfg.hidden_size
         m = f"model.layers.{layer}.{a.moe_prefix}.experts"
-        out = {"w1": torch.empty(e, i, h), "w3": torch.empty(e, i, h), "w2": torch.empty(e, h, i)}
+        bufs = {"w1": np.empty((e, i, h), np.float32), "w3": np.empty((e, i, h), np.float32),
+                "w2": np.empty((e, h, i), np.float32)}
+        out = {k: torch.from_numpy(v) for k, v in bufs.items()}
         if f"{m}.gate_up_proj" in self.index:
             for x in range(e):  # one expert's slice at a time: never the fused tensor in float32
                 gu = self._slice(f"{m}.gate_up_proj", x)
@@ -203,8 +213,8 @@ class LazyCheckpoint:
             for x in range(e):
                 for proj, theirs in zip(_PROJ, a.expert_names):
                     self.read_into(f"{m}.{x}.{theirs}.weight", out[proj][x])
-        for t in out.values():
-            self._live.add(t)
+        for b in bufs.values():
+            self._track(b)
         return out
 
     def _slice(self, name: str, x: int) -> torch.Tensor:
