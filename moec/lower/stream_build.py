@@ -71,7 +71,7 @@ def stream_params(ckpt: LazyCheckpoint, plan: BitPlan, writer: WeightsWriter, em
         sp.add(name, WeightEntry(pw.bits, pw.shape, _arrays(pw), group_size=pw.group_size))
 
     dense("embed.weight", ckpt.tensor("embed.weight"))
-    floats["norm.weight"] = ckpt.tensor("norm.weight").numpy()
+    floats["norm.weight"] = ckpt.tensor("norm.weight").numpy().copy()  # small; the mapped read is freed
     ckpt.release()
     for i in tqdm(range(cfg.num_layers), desc="pack", unit="layer", disable=not progress):
         state = ckpt.layer_state(i)
@@ -80,7 +80,7 @@ def stream_params(ckpt: LazyCheckpoint, plan: BitPlan, writer: WeightsWriter, em
             if name in shapes:
                 dense(name, state.pop(key))
             elif state[key].dim() == 1:
-                floats[name] = state.pop(key).numpy()
+                floats[name] = state.pop(key).numpy().copy()
         if i in cfg.moe_layers:
             bits = np.array([plan.experts[i][e] for e in range(cfg.num_experts)], dtype=np.int32)
             remap = np.zeros_like(bits)
@@ -88,8 +88,7 @@ def stream_params(ckpt: LazyCheckpoint, plan: BitPlan, writer: WeightsWriter, em
                 members = np.flatnonzero(bits == c)
                 remap[members] = np.arange(len(members))
                 for proj in ("w1", "w3", "w2"):
-                    stack = state[f"mlp.{proj}"]
-                    pws = [_pack(stack[int(e)], int(c), plan) for e in members]
+                    pws = [_pack(state[f"mlp.{proj}"][int(e)], int(c), plan) for e in members]
                     sp.add(f"layers.{i}.experts.b{c}.{proj}", WeightEntry(
                         int(c), pws[0].shape, _stack(pws), stacked=len(members), group_size=pws[0].group_size))
                     del pws
