@@ -35,8 +35,11 @@ def sha256_file(path: str | os.PathLike) -> str:
     return h.hexdigest()
 
 
-def write_bundle(out: str | os.PathLike, files: dict[str, str | os.PathLike], manifest: dict) -> Path:
+def write_bundle(out: str | os.PathLike, files: dict[str, str | os.PathLike], manifest: dict,
+                 move: tuple[str, ...] = ()) -> Path:
     """Copy ``files`` (bundle name → source path) into ``out`` with a manifest, atomically.
+
+    Names in ``move`` are moved instead of copied (large temporary files on the same file system).
 
     The bundle is assembled in a temporary sibling directory and renamed into place, so a
     failure never leaves a half-written bundle; an existing bundle at ``out`` is replaced.
@@ -50,7 +53,10 @@ def write_bundle(out: str | os.PathLike, files: dict[str, str | os.PathLike], ma
     try:
         entries = {}
         for name, src in files.items():
-            shutil.copyfile(src, tmp / name)
+            if name in move:
+                shutil.move(src, tmp / name)
+            else:
+                shutil.copyfile(src, tmp / name)
             entries[name] = {"sha256": sha256_file(tmp / name), "bytes": (tmp / name).stat().st_size}
         full = {"format": FORMAT, "format_version": FORMAT_VERSION, **manifest, "files": entries}
         (tmp / "manifest.json").write_text(json.dumps(full, indent=2) + "\n")

@@ -120,6 +120,7 @@ def build_bundle_from_params(cfg: MoEConfig, plan: BitPlan, params: ModelParams,
         files = {"lib.so": lib, **weight_files, **res.extra_files, **(extra_files or {})}
         if tokenizer_path is not None:
             files["tokenizer.json"] = tokenizer_path
-        path = write_bundle(out, files, manifest)
+        # the weight files are temporaries of this build or of the streaming packer: moved, not copied
+        path = write_bundle(out, files, manifest, move=tuple(weight_files))
         stage("bundle", t0)
     return path
