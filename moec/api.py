@@ -353,10 +353,14 @@ def _compile_sequential(cfg: CompileConfig, ckpt, preset, on_stage=None) -> Path
         if on_stage:
             on_stage(f"plan ({name})", time.time() - t0)
         tok = Path(cfg.checkpoint) / "tokenizer.json"
+        calib = None
+        if plan.method == "gptq" and data is not None:  # layer-sequential GPTQ needs the calibration windows
+            calib = token_windows(load_tokenizer(cfg.checkpoint), read_text(data.path), data.seq_len, data.max_tokens)
         extra = {"source": str(cfg.checkpoint), "streamed": True,
                  **({"recipe": cfg.recipe} if cfg.recipe is not None else {})}
         return compile_streaming(ckpt, plan, preset, cfg.out, tok if tok.is_file() else None, extra,
-                                 cfg.debug_dump, on_stage, extra_files, cfg.activations)
+                                 cfg.debug_dump, on_stage, extra_files, cfg.activations, calib=calib,
+                                 batch=data.batch if data is not None else 8)
 
 
 def build_from_onnx(onnx_path: str | os.PathLike, out: str | os.PathLike, target: str = "host",

@@ -16,6 +16,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import torch
 from tqdm import tqdm
 
 from moec.artifact.weights_file import WEIGHTS_BIN, WEIGHTS_INDEX, WeightsWriter, placeholder
@@ -25,7 +26,7 @@ from moec.lower.bundle_build import build_bundle_from_params, kernel_emitter
 from moec.lower.kernel_linear import KernelEmitter
 from moec.lower.params import ModelParams, WeightEntry, _arrays, _stack
 from moec.models.lazy import LazyCheckpoint
-from moec.quant.packed_model import GPTQ, pack_weight
+from moec.quant.packed_model import GPTQ, expert_key, pack_weight
 from moec.search.plan import BitPlan, non_expert_weights
 
 log = logging.getLogger("moec.compile")
@@ -51,36 +52,46 @@ class StreamingParams:
         self.params.entries[name] = entry
 
 
-def _pack(w, bits: int, plan: BitPlan):
-    if plan.method == GPTQ:
-        raise MoecError("method gptq needs calibration Hessians, which the layer-streaming compile does not "
-                        "collect yet; use rtn, mse or hqq for checkpoints compiled layer by layer")
-    return pack_weight(w, bits, plan.group_size, plan.method)
+class _Blocks:
+    """The one MoE block a Hessian tap looks up (``moe_blocks()`` of a one-layer model)."""
+
+    def __init__(self, layer: int, block) -> None:
+        self.blocks = {layer: block}
+
+    def moe_blocks(self) -> dict:
+        return self.blocks
 
 
-def stream_params(ckpt: LazyCheckpoint, plan: BitPlan, writer: WeightsWriter, emitter,
-                  progress: bool = True) -> StreamingParams:
-    """Pack every weight of ``ckpt`` under ``plan`` layer by layer into ``writer``."""
+def stream_params(ckpt: LazyCheckpoint, plan: BitPlan, writer: WeightsWriter, emitter, progress: bool = True,
+                  calib: torch.Tensor | None = None, batch: int = 8) -> StreamingParams:
+    """Pack every weight of ``ckpt`` under ``plan`` layer by layer into ``writer``.
+
+    With ``plan.method == "gptq"``, ``calib`` (token windows ``[n, T+1]``) runs through the float
+    layers one at a time (hidden states carried between layers) and each expert is quantized by
+    GPTQ with the Hessian of the tokens routed to it, as soon as its layer has seen every batch;
+    weights without a Hessian (non-expert, never-routed experts) use round-to-nearest.
+    """
     cfg = ckpt.cfg
+    if plan.method == GPTQ and calib is None:
+        raise MoecError("method gptq needs calibration text (--data) for its Hessians")
     sp = StreamingParams(writer, emitter)
     shapes = dict(non_expert_weights(cfg))
     floats: dict[str, np.ndarray] = {}
 
+    def pack(name: str, w, bits: int, hessian=None):
+        return pack_weight(w, bits, plan.group_size, plan.method, hessian=hessian)
+
     def dense(name: str, w) -> None:
-        pw = _pack(w, plan.tensor_bits(name), plan)
+        pw = pack(name, w, plan.tensor_bits(name))
         sp.add(name, WeightEntry(pw.bits, pw.shape, _arrays(pw), group_size=pw.group_size))
 
-    dense("embed.weight", ckpt.tensor("embed.weight"))
-    floats["norm.weight"] = ckpt.tensor("norm.weight").numpy().copy()  # small; the mapped read is freed
-    ckpt.release()
-    for i in tqdm(range(cfg.num_layers), desc="pack", unit="layer", disable=not progress):
-        state = ckpt.layer_state(i)
+    def pack_layer(i: int, state: dict, hessians: dict) -> None:
         for key in sorted(state):
             name = f"layers.{i}.{key}"
             if name in shapes:
                 dense(name, state.pop(key))
             elif state[key].dim() == 1:
-                floats[name] = state.pop(key).numpy().copy()
+                floats[name] = state.pop(key).numpy().copy()  # small; the mapped read is freed
         if i in cfg.moe_layers:
             bits = np.array([plan.experts[i][e] for e in range(cfg.num_experts)], dtype=np.int32)
             remap = np.zeros_like(bits)
@@ -88,13 +99,40 @@ def stream_params(ckpt: LazyCheckpoint, plan: BitPlan, writer: WeightsWriter, em
                 members = np.flatnonzero(bits == c)
                 remap[members] = np.arange(len(members))
                 for proj in ("w1", "w3", "w2"):
-                    pws = [_pack(state[f"mlp.{proj}"][int(e)], int(c), plan) for e in members]
+                    pws = [pack(expert_key(i, int(e), proj), state[f"mlp.{proj}"][int(e)], int(c),
+                                hessians.get(expert_key(i, int(e), proj))) for e in members]
                     sp.add(f"layers.{i}.experts.b{c}.{proj}", WeightEntry(
                         int(c), pws[0].shape, _stack(pws), stacked=len(members), group_size=pws[0].group_size))
                     del pws
             sp.params.class_of[i], sp.params.remap[i] = bits, remap
-        del state
-        ckpt.release()
+
+    dense("embed.weight", ckpt.tensor("embed.weight"))
+    floats["norm.weight"] = ckpt.tensor("norm.weight").numpy().copy()
+    ckpt.release()
+    if plan.method == GPTQ:
+        from moec.profile.sequential import run_sequential
+        from moec.quant.importance import _ExpertInputTap, _sum_outer, finish_hessians
+
+        taps = {}
+
+        def before(i: int, layer) -> None:
+            if layer.is_moe:
+                taps[i] = layer.mlp.observer = _ExpertInputTap(_Blocks(i, layer.mlp), _sum_outer)
+
+        def after(i: int, layer) -> None:
+            tap = taps.pop(i, None)
+            if tap is not None:
+                layer.mlp.observer = None
+            state = {k: v.detach() for k, v in layer.state_dict().items()}
+            pack_layer(i, state, finish_hessians(tap) if tap is not None else {})
+
+        run_sequential(ckpt, calib[:, :-1], batch, before, after, progress=progress, desc="calibrate+pack").close()
+    else:
+        for i in tqdm(range(cfg.num_layers), desc="pack", unit="layer", disable=not progress):
+            state = ckpt.layer_state(i)
+            pack_layer(i, state, {})
+            del state
+            ckpt.release()
     if not cfg.tie_embeddings:
         dense("lm_head.weight", ckpt.tensor("lm_head.weight"))
         ckpt.release()
@@ -108,14 +146,18 @@ def stream_params(ckpt: LazyCheckpoint, plan: BitPlan, writer: WeightsWriter, em
 def compile_streaming(ckpt: LazyCheckpoint, plan: BitPlan, preset: TargetPreset, out: str | os.PathLike,
                       tokenizer_path: str | os.PathLike | None, extra_manifest: dict | None = None,
                       debug_dump: str | os.PathLike | None = None, on_stage=None,
-                      extra_files: dict | None = None, activations: str = "float32", progress: bool = True) -> Path:
-    """Pack ``ckpt`` under ``plan`` (validated by the caller) layer by layer and build the bundle ``out``."""
+                      extra_files: dict | None = None, activations: str = "float32", progress: bool = True,
+                      calib: torch.Tensor | None = None, batch: int = 8) -> Path:
+    """Pack ``ckpt`` under ``plan`` (validated by the caller) layer by layer and build the bundle ``out``.
+
+    ``calib`` (token windows) is used by GPTQ plans only (see :func:`stream_params`).
+    """
     preset.require_toolchain()
     emitter = kernel_emitter(preset.tvm(), preset.family, True, activations)
     with tempfile.TemporaryDirectory(prefix="moec-stream-", dir=Path(out).absolute().parent) as tmp:
         t0 = time.time()
         with WeightsWriter(tmp) as writer:
-            sp = stream_params(ckpt, plan, writer, emitter, progress)
+            sp = stream_params(ckpt, plan, writer, emitter, progress, calib, batch)
             writer.close([n for n, _ in sp.params.flat()])
         if on_stage:
             on_stage(f"pack ({writer.pos / 1e9:.2f} GB, streamed)", time.time() - t0)

@@ -73,3 +73,33 @@ def test_budget_error_leaves_no_bundle(tiny_checkpoint, tmp_path):
                                    "--max-memory-gb", "0.2"])
     assert res.exit_code != 0 and "too small for compile" in res.output
     assert len(res.output.strip().splitlines()) == 1 and not out.exists()
+
+
+def test_layer_sequential_gptq(tiny_checkpoint, text_file, tmp_path, monkeypatch):
+    """GPTQ on the streaming path: Hessians of each layer's routed float inputs, as expert_hessians computes."""
+    from moec.models.tokenizer import load_tokenizer
+    from moec.profile.data import token_windows
+    from moec.quant.importance import expert_hessians
+    from moec.search.plan import resolve_plan
+
+    model = load_checkpoint(tiny_checkpoint)
+    plan = resolve_plan("uniform:3", model.cfg, 32, "gptq")
+    data = api.DataConfig(text_file, seq_len=32, batch=4)
+    windows = token_windows(load_tokenizer(tiny_checkpoint), text_file.read_text(), 32, None)
+    monkeypatch.setattr(budget, "WHOLE_MODEL_LIMIT", 0)
+    with pytest.raises(Exception, match="gptq needs calibration text"):
+        api.compile_bundle(api.CompileConfig(tiny_checkpoint, tmp_path / "x", plan=plan))
+    bundle = api.compile_bundle(api.CompileConfig(tiny_checkpoint, tmp_path / "g", plan=plan, data=data))
+    hess = expert_hessians(model, windows, batch=4)
+    gptq = apply_plan(load_checkpoint(tiny_checkpoint), plan, hessians=hess).generate_greedy([3, 1, 4, 1, 5], 10)
+    rtn_plan = resolve_plan("uniform:3", model.cfg, 32, "rtn")
+    with BundleSession(bundle) as s:
+        s.eos = None
+        got = s.generate([3, 1, 4, 1, 5], 10)[0]
+    assert got == gptq
+    from moec.artifact.weights_file import WeightsReader
+    r = WeightsReader(bundle)
+    name = next(n for n in r.order if ".experts." in n)
+    rtn_bundle = api.compile_bundle(api.CompileConfig(tiny_checkpoint, tmp_path / "r", plan=rtn_plan))
+    assert not np.array_equal(r.array(name), WeightsReader(rtn_bundle).array(name))
+    assert json.loads((bundle / "manifest.json").read_text())["plan"]["method"] == "gptq"
