@@ -104,12 +104,13 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--max-memory-gb", type=float, default=6.0)
     ap.add_argument("--calib-tokens", type=int, default=2048)
     ap.add_argument("--bits", default="2,4", help="Bit-widths the profile's proxy sensitivity measures [2,4].")
-    ap.add_argument("--skip", default="", help="Comma-separated stages to skip: profile,search,mixed,export.")
+    ap.add_argument("--skip", default="", help="Comma-separated stages to skip: profile,search,compile,mixed,run,export.")
+    ap.add_argument("--tag", default="", help="Suffix of the result file (scale{TAG}.json) for runs in parallel.")
     args = ap.parse_args(argv)
     skip = set(filter(None, args.skip.split(",")))
     work = args.work
     work.mkdir(parents=True, exist_ok=True)
-    log = work / "scale.log"
+    log = work / f"scale{args.tag}.log"
     mem = ["--max-memory-gb", str(args.max_memory_gb)]
     print(f"load average before: {os.getloadavg()}; available memory {psutil.virtual_memory().available / GB:.1f} GB")
     rows: list[dict] = []
@@ -124,13 +125,15 @@ def main(argv: list[str] | None = None) -> None:
         run_stage(f"search L={args.layers}", moec("search", str(ck), "--profile", str(out / "profile.json"),
                   "--target", "host", "--budget-mb", str(budget_mb(ck, 0.9)), "--policy", "greedy",
                   "--out", str(out / "plan.json")), rows, log)
-    run_stage(f"compile uniform:4 rtn L={args.layers}", moec("compile", str(ck), "--target", "host", "--plan",
-              "uniform:4", "--method", "rtn", "--out", str(out / "bundle-u4"), *mem), rows, log)
+    if "compile" not in skip:
+        run_stage(f"compile uniform:4 rtn L={args.layers}", moec("compile", str(ck), "--target", "host", "--plan",
+                  "uniform:4", "--method", "rtn", "--out", str(out / "bundle-u4"), *mem), rows, log)
     if "mixed" not in skip and (out / "plan.json").is_file():
         run_stage(f"compile searched plan L={args.layers}", moec("compile", str(ck), "--target", "host", "--plan",
                   str(out / "plan.json"), "--out", str(out / "bundle-mixed"), *mem), rows, log)
-    run_stage(f"run uniform:4 L={args.layers}", moec("run", str(out / "bundle-u4"), "--prompt", PROMPT,
-              "--max-new-tokens", "16"), rows, log)
+    if "run" not in skip:
+        run_stage(f"run uniform:4 L={args.layers}", moec("run", str(out / "bundle-u4"), "--prompt", PROMPT,
+                  "--max-new-tokens", "16"), rows, log)
     if "export" not in skip:
         run_stage(f"export uniform:4 L={args.layers}", moec("export", str(ck), "--plan", "uniform:4", "--method", "rtn",
                   "--out", str(out / "onnx-u4"), *mem), rows, log)
@@ -156,7 +159,7 @@ def main(argv: list[str] | None = None) -> None:
     if tokens:
         same = tokens.get("ort") == tokens.get("tvm")
         print(f"greedy tokens onnxruntime == TVM for {len(tokens.get('ort', []))} tokens: {same}")
-    (out / "scale.json").write_text(json.dumps({"rows": rows, "packed_bytes": packed, "tokens": tokens}, indent=2))
+    (out / f"scale{args.tag}.json").write_text(json.dumps({"rows": rows, "packed_bytes": packed, "tokens": tokens}, indent=2))
 
 
 if __name__ == "__main__":

@@ -324,8 +324,9 @@ def _compile_sequential(cfg: CompileConfig, ckpt, preset, on_stage=None) -> Path
     t0 = time.time()
     searching = cfg.plan is None
     data = replace(cfg.data, max_memory_gb=cfg.max_memory_gb) if cfg.data is not None else None
-    if cfg.search is not None and cfg.search.data is not None:
-        cfg.search.data = replace(cfg.search.data, max_memory_gb=cfg.max_memory_gb)
+    scfg = cfg.search
+    if scfg is not None and scfg.data is not None:
+        scfg = replace(scfg, data=replace(scfg.data, max_memory_gb=cfg.max_memory_gb))
     with tempfile.TemporaryDirectory(prefix="moec-compile-") as tmp:
         extra_files, profile_path = {}, None
         if data is not None and not (searching and cfg.search is not None and cfg.search.profile):
@@ -342,7 +343,7 @@ def _compile_sequential(cfg: CompileConfig, ckpt, preset, on_stage=None) -> Path
                 on_stage("profile (by layer)", time.time() - t0)
         t0 = time.time()
         if searching:
-            plan = _search_plan(replace(cfg, data=data), profile_path)
+            plan = _search_plan(replace(cfg, data=data, search=scfg), profile_path)
             name = f"search {plan.provenance.get('policy')}"
         elif isinstance(cfg.plan, BitPlan):
             plan, name = cfg.plan.copy().validate(ckpt.cfg), str(cfg.plan.provenance.get("policy", "given"))
