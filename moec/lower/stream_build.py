@@ -154,7 +154,12 @@ def compile_streaming(ckpt: LazyCheckpoint, plan: BitPlan, preset: TargetPreset,
     """
     preset.require_toolchain()
     emitter = kernel_emitter(preset.tvm(), preset.family, True, activations)
-    with tempfile.TemporaryDirectory(prefix="moec-stream-", dir=Path(out).absolute().parent) as tmp:
+    parent = Path(out).absolute().parent
+    try:
+        parent.mkdir(parents=True, exist_ok=True)  # the weights stream next to the bundle, not into /tmp
+    except OSError as exc:
+        raise MoecError(f"cannot create bundle directory '{parent}': {exc.strerror}") from None
+    with tempfile.TemporaryDirectory(prefix="moec-stream-", dir=parent) as tmp:
         t0 = time.time()
         with WeightsWriter(tmp) as writer:
             sp = stream_params(ckpt, plan, writer, emitter, progress, calib, batch)

@@ -38,7 +38,7 @@ def test_streamed_bundle_matches_whole_model(tiny_checkpoint, tmp_path, monkeypa
 
     monkeypatch.setattr(LazyCheckpoint, "release", release)
     monkeypatch.setattr(budget, "WHOLE_MODEL_LIMIT", 0)
-    streamed = api.compile_bundle(api.CompileConfig(tiny_checkpoint, tmp_path / "s", plan=plan))
+    streamed = api.compile_bundle(api.CompileConfig(tiny_checkpoint, tmp_path / "new" / "s", plan=plan))
     assert live and max(live) == 0  # every layer's float tensors were freed before the next was read
     monkeypatch.setattr(budget, "WHOLE_MODEL_LIMIT", 1 << 40)
     whole = api.compile_bundle(api.CompileConfig(tiny_checkpoint, tmp_path / "w", plan=plan))
