@@ -46,7 +46,7 @@ def test_affine_formats_store_what_accounting_counts():
 
 def test_plans_and_presets_accept_exactly_the_registry():
     cfg_bits = {0: {0: 5}}
-    assert BitPlan.from_json({"version": 1, "experts": {"0": {"0": 5}}}).experts == cfg_bits
+    assert BitPlan.from_json({"version": 1, "model_fingerprint": "f" * 16, "experts": {"0": {"0": 5}}}).experts == cfg_bits
     fields = dict(name="t", family="cpu", tvm_target={"kind": "llvm"}, rpc_key="k", memory_budget_mb=1,
                   energy_model={"pj_per_byte": 1, "pj_per_op": 1, "source": "s"})
     assert TargetPreset(**fields, allowed_bits=list(formats.ALL_BITS)).allowed_bits == list(formats.ALL_BITS)

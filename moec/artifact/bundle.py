@@ -6,7 +6,9 @@ A bundle is a directory::
                     command, entry points, parameter order, and {file: sha256, bytes}
     manifest.sig    optional Ed25519 signature of manifest.json (moec compile/build --sign KEY)
     lib.so          compiled module (cross-compiled for the target)
-    weights + tokenizer.json and any other files the manifest lists
+    weights.bin     packed weights, scales, zeros and float tensors, 64-byte aligned, memory-mappable
+    weights.json    their index: offset, dtype, shape and sha256 per tensor (``weights_file.py``)
+    tokenizer.json
 
 Verification (``verify_bundle``) is all-or-nothing and happens before any file is used: the
 manifest must match a strict schema, every regular file in the directory must be listed
@@ -46,8 +48,11 @@ def sha256_file(path: str | os.PathLike) -> str:
 
 
 def write_bundle(out: str | os.PathLike, files: dict[str, str | os.PathLike], manifest: dict,
-                 force: bool = False, sign_key: str | os.PathLike | None = None) -> Path:
+                 force: bool = False, sign_key: str | os.PathLike | None = None,
+                 move: tuple[str, ...] = ()) -> Path:
     """Copy ``files`` (bundle name → source path) into ``out`` with a manifest, atomically.
+
+    Names in ``move`` are moved instead of copied (large temporary files on the same file system).
 
     The bundle is assembled in a temporary sibling directory and renamed into place, so a
     failure never leaves a half-written bundle. An existing ``out`` is replaced only if it is
@@ -67,7 +72,10 @@ def write_bundle(out: str | os.PathLike, files: dict[str, str | os.PathLike], ma
         for name, src in files.items():
             dst = tmp / name
             dst.parent.mkdir(parents=True, exist_ok=True)
-            shutil.copyfile(src, dst)
+            if name in move:  # large temporaries of this build on the same file system
+                shutil.move(src, dst)
+            else:
+                shutil.copyfile(src, dst)
             entries[name] = {"sha256": sha256_file(dst), "bytes": dst.stat().st_size}
         full = {"format": FORMAT, "format_version": FORMAT_VERSION, **manifest, "files": entries}
         data = (json.dumps(full, indent=2) + "\n").encode()

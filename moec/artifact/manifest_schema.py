@@ -8,7 +8,7 @@ from pathlib import PurePosixPath
 from moec.core.errors import MoecError
 
 FORMAT = "moec-bundle"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: weights.bin + weights.json replace weights.npz
 RESERVED = ("manifest.json", "manifest.sig")
 _SHA = re.compile(r"[0-9a-f]{64}")
 _NAME = re.compile(r"[A-Za-z0-9._\-]+")
@@ -22,7 +22,7 @@ _FIELDS: dict[str, tuple[tuple[type, ...], bool]] = {
     "eos_token_id": ((int, type(None)), True), "weight_bytes": ((int,), True),
     "stored_weight_bytes": ((int,), False), "kernels": ((str,), False), "activations": ((str,), False),
     "cuda": ((dict,), False), "recipe": ((dict,), False), "source": ((str,), False), "files": ((dict,), True),
-    "backend": ((dict,), False), "onnx": ((str,), False),
+    "backend": ((dict,), False), "onnx": ((str,), False), "streamed": ((bool,), False),
 }
 
 
@@ -52,8 +52,9 @@ def check_manifest(m, where: str) -> None:
     if m.get("format") != FORMAT:
         raise MoecError(f"{where} is not a moec bundle (format {str(m.get('format'))[:40]!r})")
     if m.get("format_version") != FORMAT_VERSION or isinstance(m.get("format_version"), bool):
-        raise MoecError(f"{where}: bundle format version {str(m.get('format_version'))[:20]} is not supported "
-                        f"(this moec reads {FORMAT_VERSION})")
+        old = " (weights.npz)" if m.get("format_version") == 1 else ""
+        raise MoecError(f"{where}: bundle format version {str(m.get('format_version'))[:20]}{old} is not supported "
+                        f"(this moec reads {FORMAT_VERSION}); rebuild it with moec compile or moec build")
     unknown = sorted(set(m) - set(_FIELDS))
     if unknown:
         raise MoecError(f"{where}: manifest has unknown field '{unknown[0][:40]}'")

@@ -19,8 +19,16 @@ def data_options(f):
     return f
 
 
-def data_config(data: str, seq_len: int, max_tokens: int | None, batch: int) -> DataConfig:
-    return DataConfig(path=data, seq_len=seq_len, max_tokens=max_tokens, batch=batch)
+def data_config(data: str, seq_len: int, max_tokens: int | None, batch: int,
+                max_memory_gb: float | None = None) -> DataConfig:
+    return DataConfig(path=data, seq_len=seq_len, max_tokens=max_tokens, batch=batch, max_memory_gb=max_memory_gb)
+
+
+def max_memory_option(f):
+    """--max-memory-gb: the host-memory budget a stage keeps to (layer by layer above it)."""
+    return click.option("--max-memory-gb", type=float, default=None,
+                        help="Host memory budget in GB: larger checkpoints are processed one decoder layer at a "
+                             "time; fails at once if one layer does not fit [auto: layer by layer above 2 GB].")(f)
 
 
 def echo_json(obj) -> None:

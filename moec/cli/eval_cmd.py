@@ -5,7 +5,7 @@ from __future__ import annotations
 import click
 
 from moec import api
-from moec.cli.common import data_config, data_options, echo_json
+from moec.cli.common import data_config, data_options, echo_json, max_memory_option
 from moec.cli.table import format_table
 from moec.core.plan import UNIFORM_METHOD
 
@@ -20,9 +20,10 @@ from moec.core.plan import UNIFORM_METHOD
 @click.option("--method", type=click.Choice(["rtn", "mse", "hqq"]), default=UNIFORM_METHOD, show_default=True,
               help="Quantizer for uniform:B plans (the same default as compile and export).")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
-def eval_cmd(checkpoint, data, seq_len, max_tokens, batch, plan, group_size, method, as_json):
+@max_memory_option
+def eval_cmd(checkpoint, data, seq_len, max_tokens, batch, plan, group_size, method, as_json, max_memory_gb):
     """Perplexity and next-token top-1 accuracy on a text file (moec's accuracy metric)."""
-    ev = api.evaluate(checkpoint, data_config(data, seq_len, max_tokens, batch), plan=plan,
+    ev = api.evaluate(checkpoint, data_config(data, seq_len, max_tokens, batch, max_memory_gb), plan=plan,
                       progress=not as_json, group_size=group_size, method=method)
     res, mem = ev.result, ev.memory
     if as_json:

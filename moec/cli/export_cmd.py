@@ -5,7 +5,7 @@ from __future__ import annotations
 import click
 
 from moec import api
-from moec.cli.common import echo_json
+from moec.cli.common import echo_json, max_memory_option
 from moec.core.plan import UNIFORM_METHOD
 
 
@@ -20,14 +20,15 @@ from moec.core.plan import UNIFORM_METHOD
 @click.option("--verify", is_flag=True,
               help="Run a prompt in onnxruntime and compare with the fake-quantized torch model.")
 @click.option("--json", "as_json", is_flag=True, help="Print the export summary as JSON.")
-def export_cmd(checkpoint, plan, out, group_size, method, accuracy_level, verify, as_json):
+@max_memory_option
+def export_cmd(checkpoint, plan, out, group_size, method, accuracy_level, verify, as_json, max_memory_gb):
     """Export CHECKPOINT to ONNX (prefill.onnx + decode.onnx) that runs in stock onnxruntime.
 
     Experts use MatMulNBits (2/4/8 bits), packed bytes unpacked in-graph (3/5/6 bits) or
     float16 (16); a decode step runs only the routed experts.
     """
     res = api.export_onnx(checkpoint, plan, out, group_size=group_size, method=method, verify=verify,
-                          accuracy_level=accuracy_level)
+                          accuracy_level=accuracy_level, max_memory_gb=max_memory_gb)
     s = res.summary
     if as_json:
         echo_json({**{k: s[k] for k in ("average_expert_bits", "experts_per_bits", "forms", "bytes")},

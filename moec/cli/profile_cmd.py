@@ -5,7 +5,7 @@ from __future__ import annotations
 import click
 
 from moec import api
-from moec.cli.common import data_config, data_options
+from moec.cli.common import data_config, data_options, max_memory_option
 from moec.cli.table import format_table
 
 
@@ -23,8 +23,9 @@ from moec.cli.table import format_table
 @click.option("--bits", default="2,3,4,8", show_default=True, help="Bit-widths to measure sensitivity at.")
 @click.option("--group-size", default=64, show_default=True, help="Quantization group size.")
 @click.option("--method", default="rtn", show_default=True, help="Quantizer: rtn, mse or hqq.")
+@max_memory_option
 def profile_cmd(checkpoint, data, seq_len, max_tokens, batch, out, plot, sensitivity, heldout, heldout_tokens,
-                bits, group_size, method):
+                bits, group_size, method, max_memory_gb):
     """Measure each expert's activation frequency, gate mass and output contribution.
 
     Calibration text runs through the model with its real routing (tokens are never
@@ -36,7 +37,7 @@ def profile_cmd(checkpoint, data, seq_len, max_tokens, batch, out, plot, sensiti
         raise click.BadParameter(f"expected comma-separated integers, got '{bits}'", param_hint="--bits") from None
     held = data_config(heldout, seq_len, heldout_tokens, batch) if heldout else None
     sens = api.SensitivityConfig(sensitivity, bit_list, group_size, method, held)
-    stats = api.profile(checkpoint, data_config(data, seq_len, max_tokens, batch), out=out, plot=plot,
+    stats = api.profile(checkpoint, data_config(data, seq_len, max_tokens, batch, max_memory_gb), out=out, plot=plot,
                         sensitivity=sens)
     click.echo(f"{stats.tokens} calibration tokens, {stats.num_experts} experts, top-{stats.top_k}\n")
     for layer in sorted(stats.layers):

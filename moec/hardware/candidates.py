@@ -83,7 +83,7 @@ class BundleCandidate:
 
     def fingerprint(self, protocol: Protocol) -> str:
         files = {name: meta["sha256"] for name, meta in sorted(self.manifest["files"].items())
-                 if name in ("lib.so", "weights.npz")}
+                 if name in ("lib.so", "weights.bin")}
         return _sha({"kind": self.kind, "files": files, "plan": self.manifest["plan"],
                      "model": self.manifest["model"]["fingerprint"], "protocol": protocol.key(),
                      "tokens": self.token_stream(protocol)})
@@ -103,8 +103,8 @@ class BundleCandidate:
         lib = remote.load_module("moec_lib.so")
         dev = _remote_device(remote, self.manifest["target"]["tvm_target"].get("kind", "llvm"))
         vm = tvm.runtime.vm.VirtualMachine(lib, dev)
-        weights = np.load(self.path / "weights.npz", allow_pickle=False)
-        params = [tvm.runtime.tensor(weights[name], dev) for name in self.manifest["params"]]
+        from moec.artifact.weights_file import device_params
+        params = device_params(self.path, self.manifest["params"], dev, zero_copy=False)
         c = self.cfg
         empty = np.zeros((c["num_kv_heads"], 0, c["head_dim"]), np.float32)
         past = [tvm.runtime.tensor(empty, dev) for _ in range(2 * c["num_layers"])]

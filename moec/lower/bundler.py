@@ -14,6 +14,7 @@ import tvm
 
 import moec
 from moec.artifact.bundle import write_bundle
+from moec.artifact.weights_file import write_arrays
 from moec.core.outputs import work_dir
 from moec.core.targets import TargetPreset, load_target
 from moec.core.errors import MoecError
@@ -46,12 +47,16 @@ def build_bundle_from_params(cfg: MoEConfig, plan: BitPlan, params: ModelParams,
                              on_stage: StageCallback | None = None,
                              extra_files: dict[str, str | os.PathLike] | None = None,
                              use_kernels: bool = True, activations: str = "float32", force: bool = False,
-                             sign_key: str | os.PathLike | None = None) -> Path:
+                             sign_key: str | os.PathLike | None = None,
+                             weight_files: dict[str, Path] | None = None, plan_bytes: int | None = None) -> Path:
     """Compile already packed ``params`` for ``preset`` and write the bundle directory ``out``.
 
     ``use_kernels=False`` builds on the reference emitter (plain TE, for tests and comparisons);
     otherwise the preset's backend (``moec.lower.backends``) gives the kernels. ``force`` replaces
-    an ``out`` moec did not write; ``sign_key`` signs the manifest (Ed25519).
+    an ``out`` moec did not write; ``sign_key`` signs the manifest (Ed25519). ``weight_files``
+    (``weights.bin``/``weights.json`` already streamed by :mod:`moec.lower.stream_build`) means
+    ``params`` hold placeholders in the final (kernel) layout and ``plan_bytes`` is the packed
+    size; otherwise the arrays of ``params`` are laid out and written here.
     """
 
     def stage(name: str, t0: float) -> None:
@@ -61,14 +66,14 @@ def build_bundle_from_params(cfg: MoEConfig, plan: BitPlan, params: ModelParams,
     backend = backend_for(preset, reference_kernels=not use_kernels)
     backend.require_toolchain(preset)
     target = preset.tvm()
-    plan_bytes = params.nbytes  # moec's packed layout, before any kernel re-layout
+    plan_bytes = params.nbytes if plan_bytes is None else plan_bytes  # moec's layout, before kernel re-layout
     if use_kernels:
         emitter = backend.emitter(target, activations)
     elif activations != "float32":
         raise MoecError(f"activations={activations} needs moec's CPU kernels, not the reference emitter")
     else:
         emitter = LinearEmitter()
-    if isinstance(emitter, KernelEmitter):
+    if isinstance(emitter, KernelEmitter) and weight_files is None:
         t0 = time.time()
         n = apply_kernel_layout(params, emitter)
         stage(f"kernel layout ({n} weights)", t0)
@@ -78,9 +83,9 @@ def build_bundle_from_params(cfg: MoEConfig, plan: BitPlan, params: ModelParams,
         res = build_module(cfg, params, target, backend, lib, preset.cross_compiler, debug_dump, emitter)
         stage("build", t0)
         t0 = time.time()
-        weights = Path(tmp) / "weights.npz"
         flat = params.flat()
-        np.savez(weights, **dict(flat))
+        if weight_files is None:
+            weight_files = write_arrays(tmp, flat)
         eos = None
         if tokenizer_path is not None:
             eos = eos_id(load_tokenizer(Path(tokenizer_path).parent))
@@ -105,10 +110,11 @@ def build_bundle_from_params(cfg: MoEConfig, plan: BitPlan, params: ModelParams,
             **({"cuda": res.cuda} if res.cuda else {}),
             **(extra_manifest or {}),
         }
-        files = {"lib.so": lib, "weights.npz": weights, **res.extra_files, **(extra_files or {})}
+        files = {"lib.so": lib, **weight_files, **res.extra_files, **(extra_files or {})}
         if tokenizer_path is not None:
             files["tokenizer.json"] = tokenizer_path
-        path = write_bundle(out, files, manifest, force=force, sign_key=sign_key)
+        # the weight files are temporaries of this build or of the streaming packer: moved, not copied
+        path = write_bundle(out, files, manifest, force=force, sign_key=sign_key, move=tuple(weight_files))
         stage("bundle", t0)
     return path
 

@@ -22,11 +22,14 @@ from moec.lower.backends import backend_for
 from moec.lower.bundler import build_bundle, build_bundle_from_params
 from moec.lower.onnx_import import import_onnx
 from moec.lower.params import build_params
+from moec.lower.stream_build import compile_streaming
 from moec.models.checkpoint import load_checkpoint
+from moec.models.lazy import LazyCheckpoint
 from moec.models.tokenizer import load_tokenizer
-from moec.pipeline.profile import DataConfig, SensitivityConfig, profile
+from moec.pipeline.profile import DataConfig, SensitivityConfig, memory_plan_of, profile
 from moec.pipeline.search import SearchConfig, search
 from moec.profile.routing import collect_stats
+from moec.quant.packed_model import GPTQ
 from moec.quant.padding import pad_for_groups
 from moec.quant.weights import ModelWeights
 
@@ -54,6 +57,7 @@ class CompileConfig:
     onnx: str | os.PathLike | None = None
     force: bool = False              # replace an --out directory moec did not write
     sign_key: str | os.PathLike | None = None  # Ed25519 private key: sign the bundle's manifest
+    max_memory_gb: float | None = None   # above it the checkpoint streams layer by layer (or fails early)
 
 
 def _search_plan(cfg: CompileConfig, profile_path: Path | None, model) -> BitPlan:
@@ -74,6 +78,9 @@ def compile_bundle(cfg: CompileConfig, on_stage=None) -> Path:
     preset = load_target(cfg.target)
     backend_for(preset).require_toolchain(preset)  # before the slow stages, not after them
     _check_outputs(cfg.out, cfg.force, cfg.sign_key)
+    ckpt, mem = memory_plan_of(cfg.checkpoint, cfg.max_memory_gb, "compile")
+    if mem.sequential:
+        return _compile_sequential(cfg, ckpt, preset, on_stage)
     t0 = time.time()
     model = load_checkpoint(cfg.checkpoint)
     tok_path = Path(cfg.checkpoint) / "tokenizer.json"
@@ -129,6 +136,55 @@ def compile_bundle(cfg: CompileConfig, on_stage=None) -> Path:
                             extra_manifest=manifest, debug_dump=cfg.debug_dump, on_stage=on_stage,
                             extra_files=extra_files, activations=cfg.activations, force=cfg.force,
                             sign_key=cfg.sign_key)
+
+
+def _compile_sequential(cfg: CompileConfig, ckpt: LazyCheckpoint, preset, on_stage=None) -> Path:
+    """``compile_bundle`` for checkpoints over the memory budget: profile, search and pack layer by layer.
+
+    Packed weights stream straight into the bundle's ``weights.bin``; the checkpoint is never whole in memory.
+    """
+    t0 = time.time()
+    searching = cfg.plan is None
+    data = replace(cfg.data, max_memory_gb=cfg.max_memory_gb) if cfg.data is not None else None
+    scfg = cfg.search
+    if scfg is not None and scfg.data is not None:
+        scfg = replace(scfg, data=replace(scfg.data, max_memory_gb=cfg.max_memory_gb))
+    with work_dir("moec-compile-") as tmp:
+        extra_files, profile_path = {}, None
+        if data is not None and not (searching and cfg.search is not None and cfg.search.profile):
+            sens = None
+            if searching:
+                sens = SensitivityConfig("proxy", tuple(b for b in preset.allowed_bits if b != 16),
+                                         cfg.search.group_size if cfg.search else cfg.group_size,
+                                         cfg.search.method if cfg.search else "rtn")
+            stats = profile(cfg.checkpoint, data, sensitivity=sens)
+            profile_path = Path(tmp) / "profile.json"
+            stats.save(profile_path)
+            extra_files["profile.json"] = profile_path
+            if on_stage:
+                on_stage("profile (by layer)", time.time() - t0)
+        t0 = time.time()
+        if searching:
+            plan = _search_plan(replace(cfg, data=data, search=scfg), profile_path, None)
+            name = f"search {plan.provenance.get('policy')}"
+        elif isinstance(cfg.plan, BitPlan):
+            plan, name = cfg.plan.copy().validate(ckpt.cfg), str(cfg.plan.provenance.get("policy", "given"))
+        else:
+            plan = resolve_plan(cfg.plan, ckpt.cfg, cfg.group_size, cfg.method)
+            name = str(plan.provenance.get("policy", Path(str(cfg.plan)).name))
+        plan.validate(ckpt.cfg, tuple(preset.allowed_bits))
+        if on_stage:
+            on_stage(f"plan ({name})", time.time() - t0)
+        tok = Path(cfg.checkpoint) / "tokenizer.json"
+        calib = None
+        if plan.method == GPTQ and data is not None:  # layer-sequential GPTQ needs the calibration windows
+            calib = data.windows(cfg.checkpoint, ckpt.cfg.max_position)
+        extra = {"source": str(cfg.checkpoint), "streamed": True,
+                 **({"recipe": cfg.recipe} if cfg.recipe is not None else {})}
+        return compile_streaming(ckpt, plan, preset, cfg.out, tok if tok.is_file() else None, extra,
+                                 cfg.debug_dump, on_stage, extra_files, cfg.activations, calib=calib,
+                                 batch=data.batch if data is not None else 8, force=cfg.force,
+                                 sign_key=cfg.sign_key)
 
 
 def _check_outputs(out, force: bool, sign_key) -> None:

@@ -11,6 +11,8 @@ from moec.core.errors import MoecError
 from moec.core.formats import DEFAULT_ALLOWED, FLOAT_BITS
 from moec.core.plan import UNIFORM_METHOD, BitPlan, resolve_plan
 from moec.models.checkpoint import load_checkpoint
+from moec.models.lazy import LazyCheckpoint
+from moec.models.memory_budget import MemoryPlan, memory_plan
 from moec.models.model import MoEModel
 from moec.models.tokenizer import load_tokenizer
 from moec.profile.data import check_data_file, file_windows
@@ -18,8 +20,9 @@ from moec.profile.evaluate import EvalResult, evaluate_windows
 from moec.profile.plot import frequency_heatmap
 from moec.profile.routing import collect_stats
 from moec.profile.sensitivity import Sensitivity, exact_sensitivity, proxy_sensitivity
+from moec.profile.sequential import evaluate_sequential, profile_sequential
 from moec.profile.stats import ExpertStats
-from moec.quant.accounting import MemoryReport, float32_memory, plan_memory
+from moec.quant.accounting import MemoryReport, float32_memory, plan_memory, shape_model
 from moec.quant.packed_model import fake_quantize_model
 from moec.quant.padding import pad_for_groups
 
@@ -32,6 +35,7 @@ class DataConfig:
     seq_len: int = 256
     max_tokens: int | None = None
     batch: int = 8
+    max_memory_gb: float | None = None   # host-memory budget: above it, run layer by layer (or fail early)
 
     def check(self) -> None:
         """The cheap checks of the data file (exists, readable, not a directory) before a slow model load."""
@@ -50,6 +54,14 @@ class DataConfig:
     def windows(self, checkpoint: str | os.PathLike, max_position: int):
         """The token windows of :meth:`windows_and_digest`."""
         return self.windows_and_digest(checkpoint, max_position)[0]
+
+
+def memory_plan_of(checkpoint: str | os.PathLike, max_memory_gb: float | None,
+                   stage: str) -> tuple[LazyCheckpoint, MemoryPlan]:
+    """(lazy checkpoint with every header checked, how ``stage`` fits ``max_memory_gb``): whole model
+    or one decoder layer at a time; a one-line error when not even one layer fits."""
+    ckpt = LazyCheckpoint(checkpoint)
+    return ckpt, memory_plan(ckpt, max_memory_gb, stage)
 
 
 def load_model_and_windows(checkpoint: str | os.PathLike, data: DataConfig) -> tuple[MoEModel, "object"]:
@@ -82,6 +94,10 @@ def profile(checkpoint: str | os.PathLike, data: DataConfig, out: str | os.PathL
         raise MoecError(f"unknown sensitivity kind '{sens.kind}'; choices: none, proxy, exact, both")
     if model is None:
         data.check()  # the cheap input first
+        ckpt, mem = memory_plan_of(checkpoint, data.max_memory_gb, "profile")
+        if mem.sequential:
+            stats = _profile_sequential(ckpt, checkpoint, data, sens, mem.hidden_budget, progress)
+            return _save(stats, out, plot)
         model = load_checkpoint(checkpoint)
     windows, digest = data.windows_and_digest(checkpoint, model.cfg.max_position)
     stats = collect_stats(model, windows, batch=data.batch, progress=progress)
@@ -96,10 +112,33 @@ def profile(checkpoint: str | os.PathLike, data: DataConfig, out: str | os.PathL
             result.exact = exact_sensitivity(model, held, result.bits, sens.group_size, sens.method,
                                              progress=progress)
         stats.sensitivity = result.to_json()
+    return _save(stats, out, plot)
+
+
+def _save(stats: ExpertStats, out, plot) -> ExpertStats:
     if out is not None:
         stats.save(out)
     if plot is not None:
         frequency_heatmap(stats, plot)
+    return stats
+
+
+def _profile_sequential(ckpt: LazyCheckpoint, checkpoint, data: DataConfig, sens: SensitivityConfig,
+                        hidden_budget: int, progress: bool) -> ExpertStats:
+    """``profile`` one decoder layer at a time; the exact sensitivity takes its layer-local form
+    (relative squared change of that layer's MoE output on held-out tokens, only that expert quantized)."""
+    windows, digest = data.windows_and_digest(checkpoint, ckpt.cfg.max_position)
+    proxy = (tuple(sens.bits), sens.group_size, sens.method) if sens.kind in ("proxy", "both") else None
+    stats, proxies = profile_sequential(ckpt, windows, data.batch, proxy, hidden_budget, progress)
+    stats.data_sha256 = digest
+    if sens.kind != "none":
+        result = Sensitivity(list(sens.bits), sens.group_size, sens.method, proxy=proxies)
+        if sens.kind in ("exact", "both"):
+            held = windows if sens.heldout is None else sens.heldout.windows(checkpoint, ckpt.cfg.max_position)
+            _, result.exact = profile_sequential(ckpt, held, data.batch, (tuple(sens.bits), sens.group_size,
+                                                                          sens.method),
+                                                 hidden_budget, progress, record=False)
+        stats.sensitivity = {**result.to_json(), "exact_form": "layer-local" if result.exact else None}
     return stats
 
 
@@ -120,6 +159,14 @@ def evaluate(checkpoint: str | os.PathLike, data: DataConfig, plan: str | os.Pat
     The plan is applied as fake quantization with the same quantizers every back end uses.
     """
     data.check()
+    ckpt, mem = memory_plan_of(checkpoint, data.max_memory_gb, "eval")
+    if mem.sequential:
+        shapes = shape_model(ckpt.cfg)
+        bit_plan = (resolve_plan(plan, ckpt.cfg, group_size, method or UNIFORM_METHOD)
+                    if plan is not None else None)
+        windows = data.windows(checkpoint, ckpt.cfg.max_position)
+        res = evaluate_sequential(ckpt, windows, bit_plan, data.batch, mem.hidden_budget, progress)
+        return PlanEval(res, bit_plan, plan_memory(shapes, bit_plan) if bit_plan else None, float32_memory(shapes))
     model = load_checkpoint(checkpoint)
     bit_plan = (resolve_plan(plan, model.cfg, group_size, method or UNIFORM_METHOD, pad_ok=True)
                 if plan is not None else None)

@@ -11,11 +11,11 @@ from pathlib import Path
 from moec.core.errors import MoecError
 from moec.core.plan import BitPlan, uniform_plan
 from moec.core.targets import load_target
-from moec.models.checkpoint import load_checkpoint
+from moec.models.lazy import LazyCheckpoint
 from moec.models.model import MoEModel
 from moec.pipeline.profile import DataConfig, SensitivityConfig, profile
 from moec.profile.stats import ExpertStats
-from moec.quant.accounting import plan_memory
+from moec.quant.accounting import plan_memory, shape_model
 from moec.search.cost import DEFAULT_WEIGHTING, CostConfig
 from moec.search.driver import SearchOptions, SearchResult, run_search
 from moec.search.estimator import AnalyticEstimator, SimulatorEstimator
@@ -69,7 +69,7 @@ class SearchOutcome:
     plots: list[Path] = field(default_factory=list)
 
 
-def _stats(cfg: SearchConfig, allowed: list[int], model: MoEModel) -> ExpertStats:
+def _stats(cfg: SearchConfig, allowed: list[int], model: MoEModel | None) -> ExpertStats:
     if cfg.profile is not None:
         return ExpertStats.load(cfg.profile)
     if cfg.data is None:
@@ -117,10 +117,12 @@ def search(cfg: SearchConfig, model: MoEModel | None = None) -> SearchOutcome:
     cost_cfg = CostConfig(cfg.alpha, cfg.beta, cfg.gamma, cfg.weighting)  # validate before the slow parts
     if cfg.budget_mb is not None and cfg.budget_mb <= 0:
         raise MoecError(f"--budget-mb must be positive (got {cfg.budget_mb})")
-    model = model or load_checkpoint(cfg.checkpoint)
+    # accounting needs shapes only: without a loaded model, the search never reads weights
+    shapes = model if model is not None else shape_model(LazyCheckpoint(cfg.checkpoint).cfg)
     # every candidate quantizes every weight: the group size must divide them all (search does not pad)
-    uniform_plan(model.cfg, 4, cfg.group_size, cfg.method).validate(model.cfg)
-    stats = _stats(cfg, preset.allowed_bits, model)
+    uniform_plan(shapes.cfg, 4, cfg.group_size, cfg.method).validate(shapes.cfg)
+    stats = _stats(cfg, preset.allowed_bits, model)  # profiling (no --profile) loads what it needs
+    model = shapes
     norms = plan_memory(model, BitPlan({}, {}, cfg.group_size)).kind_total("norms/bias")
     budget = cfg.budget_mb if cfg.budget_mb is not None else \
         DEFAULT_BUDGET_FRACTION * uniform_memory_mb(model, 8, cfg.group_size)

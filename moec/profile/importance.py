@@ -70,6 +70,11 @@ def expert_hessians(model: MoEModel, windows: torch.Tensor, batch: int = 8) -> d
     """
     tap = _ExpertInputTap(model, _sum_outer)
     run_observed(model, tap, windows, batch)
+    return finish_hessians(tap)
+
+
+def finish_hessians(tap: _ExpertInputTap) -> dict[str, np.ndarray]:
+    """Symmetrised mean outer products of a Hessian tap (w3 shares w1's inputs)."""
     out: dict[str, np.ndarray] = {}
     for name, s in tap.sums.items():
         h = s / tap.counts[name]

@@ -76,6 +76,28 @@ def _run_expert(x, w1, w3, w2):
 
 
 @torch.no_grad()
+def layer_proxy(block, chunks: list, bits: list[int], group_size: int, method: str, bar=None) -> np.ndarray:
+    """Proxy [E, len(bits)] of one MoE block from its tapped (x, topk_idx, topk_w, y_norm) chunks."""
+    x = torch.cat([c[0] for c in chunks])
+    idx = torch.cat([c[1] for c in chunks])
+    gate = torch.cat([c[2] for c in chunks])
+    energy = torch.cat([c[3] for c in chunks]).pow(2).sum().item()
+    res = np.zeros((block.cfg.num_experts, len(bits)))
+    for e in range(block.cfg.num_experts):
+        tok, slot = (idx == e).nonzero(as_tuple=True)
+        if len(tok):
+            xe, g = x[tok], gate[tok, slot]
+            ref = _run_expert(xe, block.w1[e], block.w3[e], block.w2[e])
+            for j, b in enumerate(bits):
+                weights = (block.w1[e], block.w3[e], block.w2[e])
+                q = _run_expert(xe, *_quantized_expert(weights, b, group_size, method))
+                res[e, j] = ((g[:, None] * (q - ref)).pow(2).sum() / max(energy, 1e-30)).item()
+        if bar is not None:
+            bar.update(1)
+    return res
+
+
+@torch.no_grad()
 def proxy_sensitivity(model: MoEModel, windows: torch.Tensor, bits: list[int], group_size: int = 64,
                       method: str = "rtn", batch: int = 8, progress: bool = False) -> dict[int, np.ndarray]:
     """Gate-weighted output distortion per (layer, expert, bits) on calibration ``windows``."""
@@ -86,23 +108,7 @@ def proxy_sensitivity(model: MoEModel, windows: torch.Tensor, bits: list[int], g
     total = len(blocks) * model.cfg.num_experts
     bar = tqdm(total=total, desc="proxy sensitivity", unit="expert", disable=not progress, leave=False)
     for layer, chunks in tap.data.items():
-        block = blocks[layer]
-        x = torch.cat([c[0] for c in chunks])
-        idx = torch.cat([c[1] for c in chunks])
-        gate = torch.cat([c[2] for c in chunks])
-        energy = torch.cat([c[3] for c in chunks]).pow(2).sum().item()
-        res = np.zeros((model.cfg.num_experts, len(bits)))
-        for e in range(model.cfg.num_experts):
-            tok, slot = (idx == e).nonzero(as_tuple=True)
-            if len(tok):
-                xe, g = x[tok], gate[tok, slot]
-                ref = _run_expert(xe, block.w1[e], block.w3[e], block.w2[e])
-                for j, b in enumerate(bits):
-                    weights = (block.w1[e], block.w3[e], block.w2[e])
-                    q = _run_expert(xe, *_quantized_expert(weights, b, group_size, method))
-                    res[e, j] = ((g[:, None] * (q - ref)).pow(2).sum() / max(energy, 1e-30)).item()
-            bar.update(1)
-        out[layer] = res
+        out[layer] = layer_proxy(blocks[layer], chunks, bits, group_size, method, bar)
     bar.close()
     return out
 

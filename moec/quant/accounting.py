@@ -80,3 +80,11 @@ def float32_memory(model: MoEModel) -> int:
             seen.add(id(p))
             total += p.numel() * 4
     return total
+
+
+def shape_model(cfg) -> MoEModel:
+    """An :class:`MoEModel` of ``cfg`` on the meta device: shapes for accounting, no weight memory."""
+    import torch
+
+    with torch.device("meta"):
+        return MoEModel(cfg)

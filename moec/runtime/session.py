@@ -16,6 +16,7 @@ import tvm.runtime
 from tokenizers import Tokenizer
 
 from moec.artifact.bundle import verified_copy, verify_bundle
+from moec.artifact.weights_file import device_params
 from moec.core.errors import MoecError
 from moec.core.outputs import work_dir
 from moec.runtime.remote import TrackerAddress, elf_machine, request_device
@@ -82,8 +83,7 @@ class BundleSession:
             self.remote = remote = None
             raise MoecError(f"cannot load {lib_path} (built for {built_for}) on {where}{hint}: {failure}")
         self.vm = tvm.runtime.vm.VirtualMachine(lib, self.dev)
-        weights = np.load(root / "weights.npz", allow_pickle=False)
-        self.params = [tvm.runtime.tensor(weights[name], self.dev) for name in self.manifest["params"]]
+        self.params = device_params(root, self.manifest["params"], self.dev, zero_copy=remote is None)
         tok = root / "tokenizer.json"
         self.tokenizer = Tokenizer.from_file(str(tok)) if "tokenizer.json" in self.manifest["files"] else None
         self.eos = self.manifest.get("eos_token_id")

@@ -33,6 +33,7 @@ def compiled(tmp_path_factory):
 
 
 def test_greedy_matches_torch_fake_quant(compiled):
+    from moec.artifact.weights_file import WeightsReader
     from moec.runtime.session import BundleSession
     ckpt, plan_file, bundle, _ = compiled
     model = load_checkpoint(ckpt)
@@ -52,7 +53,7 @@ def test_manifest_and_debug_dump(compiled):
     from moec.quant.accounting import plan_memory
     model = load_checkpoint(ckpt)
     assert manifest["weight_bytes"] == plan_memory(model, resolve_plan(plan_file, model.cfg)).total
-    assert set(manifest["files"]) >= {"lib.so", "weights.npz", "tokenizer.json"}
+    assert set(manifest["files"]) >= {"lib.so", "weights.bin", "weights.json", "tokenizer.json"}
     assert manifest["tvm_version"] and manifest["target"]["name"] == "host"
     phases = sorted(p.name for p in dump.iterdir())
     assert phases[0] == "00-input.py" and any("legalize" in p for p in phases)
@@ -65,15 +66,10 @@ def test_tampered_bundle_is_refused(compiled, tmp_path):
     _, _, bundle, _ = compiled
     copy = tmp_path / "b"
     shutil.copytree(bundle, copy)
-    w = np.load(copy / "weights.npz")
-    arrays = {k: w[k] for k in w.files}
-    name = next(iter(arrays))
-    arrays[name] = arrays[name].copy()
-    arrays[name].flat[0] ^= 1 if arrays[name].dtype == np.uint8 else 0
-    if arrays[name].dtype != np.uint8:
-        arrays[name].flat[0] += 1
-    np.savez(copy / "weights.npz", **arrays)
-    with pytest.raises(MoecError, match="weights.npz.*sha256"):
+    data = bytearray((copy / "weights.bin").read_bytes())
+    data[len(data) // 2] ^= 1
+    (copy / "weights.bin").write_bytes(bytes(data))
+    with pytest.raises(MoecError, match="weights.bin.*sha256"):
         BundleSession(copy)
     res = CliRunner().invoke(cli, ["run", str(copy), "--prompt", "hi"])
     assert res.exit_code != 0 and "tampered" in res.output
@@ -130,6 +126,7 @@ def test_int8_activations_need_vnni(compiled, tmp_path):
 def test_onnx_export_and_in_memory_compile_give_the_same_bundle(compiled, tmp_path):
     """The design promise: the exported ONNX (per-expert annotations) lowers to exactly what compile builds
     in memory — same weights, same logits, same greedy tokens."""
+    from moec.artifact.weights_file import WeightsReader
     from moec.runtime.session import BundleSession
     ckpt, plan_file, bundle, _ = compiled
     res = CliRunner().invoke(cli, ["compile", str(ckpt), "--plan", str(plan_file), "--out", str(tmp_path / "m"),
@@ -137,10 +134,10 @@ def test_onnx_export_and_in_memory_compile_give_the_same_bundle(compiled, tmp_pa
     assert res.exit_code == 0 and "export (ONNX)" in res.output, res.output
     res = CliRunner().invoke(cli, ["build", str(tmp_path / "onnx"), "--out", str(tmp_path / "b")])
     assert res.exit_code == 0, res.output
-    mem, onnx = np.load(bundle / "weights.npz"), np.load(tmp_path / "b" / "weights.npz")
-    assert sorted(mem.files) == sorted(onnx.files)
-    for name in mem.files:
-        np.testing.assert_array_equal(mem[name], onnx[name], err_msg=name)
+    mem, onnx = WeightsReader(bundle), WeightsReader(tmp_path / "b")
+    assert sorted(mem.order) == sorted(onnx.order)
+    for name in mem.order:
+        np.testing.assert_array_equal(mem.array(name), onnx.array(name), err_msg=name)
     a, b = BundleSession(bundle), BundleSession(tmp_path / "b")
     prompt = a.tokenizer.encode("Experts in a mixture").ids
     assert a.generate(prompt, 24)[0] == b.generate(prompt, 24)[0]
