@@ -31,6 +31,7 @@ if __package__ in (None, ""):
 import yaml  # noqa: E402
 
 from moec.core.errors import MoecError  # noqa: E402
+from moec.artifact.manifest_schema import FORMAT_VERSION  # noqa: E402
 from moec.core.config import MoEConfig  # noqa: E402
 
 LIMIT_S = 5.0
@@ -63,7 +64,7 @@ def base_recipe() -> dict:
 
 def base_manifest(cfg: MoEConfig, files: dict[str, bytes]) -> dict:
     from moec.core.plan import uniform_plan
-    return {"format": "moec-bundle", "format_version": 1,
+    return {"format": "moec-bundle", "format_version": FORMAT_VERSION,
             "model": {"architecture": cfg.architecture, "fingerprint": cfg.fingerprint(), "config": cfg.to_dict()},
             "plan": uniform_plan(cfg, 4, group_size=16).to_json(),
             "target": {"name": "host", "family": "cpu", "rpc_key": "host"}, "tvm_target": "llvm",
