@@ -62,12 +62,33 @@ class Ops(Protocol):
         kv_heads)`` (GQA); returns the merged heads ``[.., q_heads * v_head_dim]``.
         """
 
+    def slice_last(self, x: Value, start: int, stop: int) -> Value:
+        """``x[..., start:stop]`` (heads stay heads)."""
+
+    def concat_last(self, a: Value, b: Value) -> Value:
+        """``a`` and ``b`` joined along the last axis (same leading shape)."""
+
+    def head_linear(self, x: Value, name: str) -> Value:
+        """Per-head projection: heads ``x [.., heads, in]`` times float ``name.weight [heads, out, in]``."""
+
+    def merge_heads(self, x: Value) -> Value:
+        """Heads ``[.., heads, head_dim]`` -> ``[.., heads * head_dim]``."""
+
     # -- elementwise and reductions --------------------------------------------------------
     def add(self, a: Value, b: Value) -> Value: ...
     def mul(self, a: Value, b: Value) -> Value: ...
     def div(self, a: Value, b: Value) -> Value: ...
     def silu(self, x: Value) -> Value: ...
     def sigmoid(self, x: Value) -> Value: ...
+
+    def scale(self, x: Value, factor: float) -> Value:
+        """``x * factor`` for a constant ``factor``."""
+
+    def add_bias(self, x: Value, name: str) -> Value:
+        """``x + <block>.name`` (a float vector over the last axis)."""
+
+    def gather_last(self, x: Value, ids: Value) -> Value:
+        """``x[..., ids[..., j]]``: values of ``x`` at indices ``ids`` along the last axis."""
 
     def softmax(self, x: Value) -> Value:
         """Softmax over the last axis."""

@@ -107,6 +107,27 @@ class TorchOps:
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
         return out.transpose(1, 2).reshape(b, t, -1)
 
+    def slice_last(self, x, start, stop):
+        return x[..., start:stop]
+
+    def concat_last(self, a, b):
+        return torch.cat([a, b], dim=-1)
+
+    def head_linear(self, x, name):
+        return torch.einsum("...hi,hoi->...ho", x, self.module.get_submodule(name).weight)
+
+    def merge_heads(self, x):
+        return x.flatten(-2)
+
+    def scale(self, x, factor):
+        return x * factor
+
+    def add_bias(self, x, name):
+        return x + self.module.get_parameter(name)
+
+    def gather_last(self, x, ids):
+        return x.gather(-1, ids)
+
     def add(self, a, b):
         return a + b
 

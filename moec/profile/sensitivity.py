@@ -113,7 +113,7 @@ def exact_sensitivity(model: MoEModel, windows: torch.Tensor, bits: list[int], g
     """Held-out NLL increase when only (layer, expert) is quantized to each bit-width."""
     cfg = model.cfg
     x_in, target = windows[:, :-1], windows[:, 1:]
-    cos, sin = rope_tables(cfg.head_dim, cfg.rope_theta, torch.arange(x_in.shape[1]))
+    cos, sin = rope_tables(cfg.rope_dim, cfg.rope_theta, torch.arange(x_in.shape[1]))
 
     def tail_nll(h: torch.Tensor, start: int) -> float:
         for i in range(start, cfg.num_layers):

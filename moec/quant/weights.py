@@ -9,7 +9,7 @@ import numpy as np
 from moec.core.config import MoEConfig
 from moec.models.model import MoEModel
 from moec.quant.pack import pack, packed_row_bytes
-from moec.core.inventory import expert_key, expert_shapes, non_expert_weights
+from moec.core.inventory import HEAD_WEIGHTS, expert_key, expert_shapes, non_expert_weights
 from moec.quant.packed_model import PackedWeight, pack_model
 from moec.core.plan import BitPlan
 
@@ -45,7 +45,8 @@ def _float32(w: np.ndarray) -> PackedWeight:
 
 
 def _floats(model: MoEModel) -> dict[str, np.ndarray]:
-    return {k: v.detach().float().numpy() for k, v in model.state_dict().items() if v.dim() == 1}
+    return {k: v.detach().float().numpy() for k, v in model.state_dict().items()
+            if v.dim() == 1 or k.endswith(HEAD_WEIGHTS)}
 
 
 def random_weights(cfg: MoEConfig, plan: BitPlan, seed: int = 0, float32: bool = False) -> ModelWeights:
