@@ -61,7 +61,8 @@ def positions(gb: GraphBuilder, cfg: MoEConfig, seq_len: str, past: str | None, 
     """
     past = past or gb.scalar_i64(0)
     total = gb.op("Add", [past, seq_len])
-    inv_freq = 1.0 / (cfg.rope_theta ** (torch.arange(0, cfg.head_dim, 2, dtype=torch.float32) / cfg.head_dim))
+    rd = cfg.rope_dim
+    inv_freq = 1.0 / (cfg.rope_theta ** (torch.arange(0, rd, 2, dtype=torch.float32) / rd))
     pos = gb.op("Cast", [gb.op("Range", [past, total, gb.scalar_i64(1)])], to=1)
     freqs = gb.op("Mul", [gb.op("Unsqueeze", [pos, gb.i64(1)]), gb.const(inv_freq.numpy()[None, :])])
     emb = gb.op("Concat", [freqs, freqs], axis=-1)
@@ -155,6 +156,39 @@ class OnnxOps:
         ctx = gb.op("MatMul", [gb.op("Softmax", [scores], axis=-1), vh])        # [nkv, rep, T, vd]
         ctx = gb.op("Transpose", [gb.op("Reshape", [ctx, gb.i64(nh, -1, vd)])], perm=[1, 0, 2])
         return gb.op("Reshape", [ctx, gb.i64(-1, nh * vd)])
+
+    def slice_last(self, x, start, stop):
+        y = self.gb.op("Slice", [x, self.gb.i64(start), self.gb.i64(stop), self.gb.i64(-1)])
+        if x in self.heads:
+            self.heads[y] = (self.heads[x][0], stop - start)
+        return y
+
+    def concat_last(self, a, b):
+        y = self.gb.op("Concat", [a, b], axis=-1)
+        if a in self.heads:
+            self.heads[y] = (self.heads[a][0], self.heads[a][1] + self.heads[b][1])
+        return y
+
+    def head_linear(self, x, name):
+        """``[T, h, in]`` -> ``[h, T, in]`` @ ``[h, in, out]`` -> ``[T, h, out]``."""
+        gb, weight = self.gb, self.floats[f"{self.prefix}{name}.weight"]
+        w = gb.op("Transpose", [weight], perm=[0, 2, 1])
+        y = gb.op("Transpose", [gb.op("MatMul", [gb.op("Transpose", [x], perm=[1, 0, 2]), w])], perm=[1, 0, 2])
+        heads, out, _ = gb.store.arrays[weight].shape
+        self.heads[y] = (heads, out)
+        return y
+
+    def merge_heads(self, x):
+        return self.gb.op("Reshape", [x, self.gb.i64(0, -1)])
+
+    def scale(self, x, factor):
+        return self.gb.op("Mul", [x, self.gb.f32(factor)])
+
+    def add_bias(self, x, name):
+        return self.gb.op("Add", [x, self.floats[f"{self.prefix}{name}"]])
+
+    def gather_last(self, x, ids):
+        return self.gb.op("GatherElements", [x, ids], axis=-1)
 
     def add(self, a, b):
         return self.gb.op("Add", [a, b])
