@@ -45,9 +45,10 @@ class DecodeBuilder:
         cfg = self.cfg
         self.bb = bb = bb or relax.BlockBuilder()
         self.p = tirx.Var("P", "int64")
-        kv = (cfg.num_kv_heads, self.p, cfg.head_dim)
+        shapes = dict(zip("kv", cfg.kv_cache_shapes()))  # MLA: one latent "head" (see MoEConfig)
         tokens = relax.Var(self.tokens_name, relax.TensorType((self._token_count(),), "int32"))
-        self.past = [relax.Var(f"past_{kind}_{i}", relax.TensorType(kv, "float32"))
+        self.past = [relax.Var(f"past_{kind}_{i}", relax.TensorType((shapes[kind][0], self.p, shapes[kind][1]),
+                                                                     "float32"))
                      for i in range(cfg.num_layers) for kind in ("k", "v")]
         self.presents: list[relax.Var] = []
         self._views: dict[relax.Var, relax.Var] = {}  # reshape result -> the tensor it views
@@ -124,7 +125,30 @@ class DecodeBuilder:
         attn = bb.emit_te(te_ops.attention_values, probs, values)
         return bb.emit(relax.op.reshape(attn, (1, heads * vd)))
 
+    def slice_last(self, x, start, stop):
+        axis = x.ty.ndim - 1
+        return self.bb.emit(relax.op.strided_slice(x, axes=[axis], begin=[start], end=[stop]))
+
+    def concat_last(self, a, b):
+        return self.bb.emit(relax.op.concat([a, b], axis=a.ty.ndim - 1))
+
+    def head_linear(self, x, name):
+        return self.bb.emit_te(te_ops.head_linear, x, self.vars[f"{self.prefix}{name}.weight"])
+
+    def merge_heads(self, x):
+        heads, width = x.ty.shape[-2], x.ty.shape[-1]
+        return self._reshape(x, (1, heads * width))
+
     # -- elementwise and reductions -------------------------------------------------------
+    def scale(self, x, factor):
+        return self.bb.emit(relax.op.multiply(x, relax.const(np.float32(factor))))
+
+    def add_bias(self, x, name):
+        return self.bb.emit(relax.op.add(x, self.vars[f"{self.prefix}{name}"]))
+
+    def gather_last(self, x, ids):
+        return self.bb.emit(relax.op.gather_elements(x, ids, axis=x.ty.ndim - 1))
+
     def add(self, a, b):
         return self.bb.emit(relax.op.add(a, b))
 

@@ -47,6 +47,10 @@ class PrefillBuilder(DecodeBuilder):
     def split_heads(self, x, heads, head_dim):
         return self._reshape(x, (x.ty.shape[0], heads, head_dim))
 
+    def merge_heads(self, x):
+        rows, heads, width = x.ty.shape
+        return self._reshape(x, (rows, heads * width))
+
     def rope(self, x):
         return self.bb.emit_te(te_ops.rope_rows, x, self.p, self.cfg.rope_theta)
 

@@ -74,6 +74,16 @@ def attention_values(probs: te.Tensor, values: te.Tensor) -> te.Tensor:
     return te.compute((h_, hd), lambda h, d: te.sum(probs[h, r] * values[h // rep, r, d], axis=r), name="attn")
 
 
+def head_linear(x: te.Tensor, weight: te.Tensor) -> te.Tensor:
+    """Per-head projection: ``x [(T,) heads, in]`` · ``weight [heads, out, in]`` → ``[(T,) heads, out]``."""
+    heads, out, k = weight.shape
+    r = te.reduce_axis((0, k), name="i")
+    if len(x.shape) == 2:
+        return te.compute((heads, out), lambda h, o: te.sum(x[h, r] * weight[h, o, r], axis=r), name="head_linear")
+    return te.compute((x.shape[0], heads, out), lambda t, h, o: te.sum(x[t, h, r] * weight[h, o, r], axis=r),
+                      name="head_linear_rows")
+
+
 def rms_norm(x: te.Tensor, weight: te.Tensor, eps: float) -> te.Tensor:
     """RMSNorm over the last axis of a 2-D ``x`` (a plain reduction + elementwise; cheap to run)."""
     rows, dim = x.shape
