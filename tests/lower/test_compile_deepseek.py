@@ -15,7 +15,8 @@ from moec.cli.main import cli
 from moec.core.plan import resolve_plan
 from moec.models.checkpoint import load_checkpoint
 from moec.quant.packed_model import fake_quantize_model
-from tests.export.export_fixtures import mixed_plan
+from tests.conftest import tiny_tokenizer
+from tests.lower.plan_fixtures import mixed_plan
 
 transformers = pytest.importorskip("transformers")
 from tests.models.test_adapters import CASES, _randomise  # noqa: E402
@@ -29,9 +30,12 @@ def test_deepseek_bundle_tokens_match_torch_fake_quant(tmp_path, family):
     from moec.runtime.session import BundleSession
     make_cfg, cls = CASES[family]
     torch.manual_seed(0)
-    ref = cls(make_cfg()).eval()
+    hf_cfg = make_cfg()
+    hf_cfg.vocab_size = 300  # the test tokenizer's
+    ref = cls(hf_cfg).eval()
     _randomise(ref)
     ref.save_pretrained(tmp_path / "ckpt")
+    tiny_tokenizer(300).save(str(tmp_path / "ckpt" / "tokenizer.json"))
     model = load_checkpoint(tmp_path / "ckpt")
     plan_file = tmp_path / "plan.json"
     mixed_plan(model.cfg).save(plan_file)
