@@ -47,7 +47,7 @@ def latent_attention(ops: Ops, cfg: MoEConfig, layer: int, x: Value) -> Value:
     latent = ops.split_heads(ops.rms_norm(ops.slice_last(kv, 0, r), "kv_norm"), 1, r)
     k = ops.concat_last(latent, ops.rope(ops.split_heads(ops.slice_last(kv, r, r + dr), 1, dr)))
     q = ops.concat_last(ops.head_linear(ops.slice_last(q, 0, dn), "k_up"), ops.rope(ops.slice_last(q, dn, dn + dr)))
-    ctx = ops.split_heads(ops.attend(q, k, latent, layer, 1.0 / math.sqrt(dn + dr)), nh, r)
+    ctx = ops.split_heads(ops.attend(q, k, latent, layer, cfg.attention_scale or 1.0 / math.sqrt(dn + dr)), nh, r)
     return ops.linear(ops.merge_heads(ops.head_linear(ctx, "v_up")), "o_proj")
 
 

@@ -31,7 +31,9 @@ class MoEConfig:
     (0: a plain q projection), ``kv_lora_rank``, ``qk_nope_dim``, ``qk_rope_dim``, ``v_head_dim``).
     The router scores with ``router_scoring`` (softmax or sigmoid), chooses experts on the scores
     plus a per-expert bias if ``router_bias`` (the gate weights stay the unbiased scores) and
-    multiplies the gate weights by ``routed_scale``. Fields added after v1 are left out of
+    multiplies the gate weights by ``routed_scale``. ``rope_factor`` > 1 selects YaRN RoPE
+    (``rope_original_max``, ``rope_beta_fast``/``rope_beta_slow``: see :func:`rope_inv_freq`);
+    ``attention_scale`` (0: ``1/sqrt(query head width)``) is the softmax scale. Fields added after v1 are left out of
     :meth:`to_dict` while at their defaults, so older fingerprints and plans stay valid.
     """
 
@@ -65,6 +67,11 @@ class MoEConfig:
     router_scoring: str = "softmax"
     router_bias: bool = False
     routed_scale: float = 1.0
+    rope_factor: float = 1.0
+    rope_original_max: int = 0
+    rope_beta_fast: float = 32.0
+    rope_beta_slow: float = 1.0
+    attention_scale: float = 0.0
 
     def __post_init__(self) -> None:
         self._check_types()
@@ -104,10 +111,17 @@ class MoEConfig:
                 bad(name, f"an integer in [0, {_MAX_DIM}]")
         if self.head_dim is not None and (not _is_int(self.head_dim) or not 1 <= self.head_dim <= _MAX_DIM):
             bad("head_dim", "a positive integer")
-        for name in ("rms_eps", "rope_theta", "routed_scale"):
+        for name in ("rms_eps", "rope_theta", "routed_scale", "rope_factor", "rope_beta_fast", "rope_beta_slow"):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v <= 0:
                 bad(name, "a positive finite number")
+        for name in ("rope_original_max",):
+            v = getattr(self, name)
+            if not _is_int(v) or not 0 <= v <= _MAX_DIM:
+                bad(name, f"an integer in [0, {_MAX_DIM}]")
+        v = self.attention_scale
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0:
+            bad("attention_scale", "a finite number >= 0")
         for name in ("norm_topk_prob", "shared_gate", "attention_bias", "tie_embeddings", "router_bias"):
             if not isinstance(getattr(self, name), bool):
                 bad(name, "true or false")
@@ -156,7 +170,34 @@ class MoEConfig:
 
 
 _LATER_FIELDS = ("attention", "q_lora_rank", "kv_lora_rank", "qk_nope_dim", "qk_rope_dim", "v_head_dim",
-                 "router_scoring", "router_bias", "routed_scale")
+                 "router_scoring", "router_bias", "routed_scale", "rope_factor", "rope_original_max",
+                 "rope_beta_fast", "rope_beta_slow", "attention_scale")
+
+
+def rope_inv_freq(cfg: MoEConfig) -> list[float]:
+    """Inverse frequencies of the ``rope_dim / 2`` rotation pairs (every backend builds its tables from these).
+
+    Plain RoPE: ``theta ** (-2j / d)``. YaRN (``rope_factor`` > 1): pairs rotating fewer than
+    ``rope_beta_slow`` times over ``rope_original_max`` positions are interpolated (divided by
+    the factor), those rotating more than ``rope_beta_fast`` times kept, with a linear ramp in
+    between (bounds floored/ceiled to whole dimensions).
+    """
+    d, theta = cfg.rope_dim, cfg.rope_theta
+    plain = [theta ** (-(2 * j) / d) for j in range(d // 2)]
+    if cfg.rope_factor == 1.0:
+        return plain
+
+    def dim_of(rotations: float) -> float:  # the dimension that turns `rotations` times over the original span
+        return d * math.log(cfg.rope_original_max / (rotations * 2 * math.pi)) / (2 * math.log(theta))
+
+    low = max(math.floor(dim_of(cfg.rope_beta_fast)), 0)
+    high = min(math.ceil(dim_of(cfg.rope_beta_slow)), d - 1)
+    high = high + 0.001 if high == low else high
+    out = []
+    for j, f in enumerate(plain):
+        keep = 1.0 - min(max((j - low) / (high - low), 0.0), 1.0)  # 1: extrapolate (keep), 0: interpolate
+        out.append(f / cfg.rope_factor * (1.0 - keep) + f * keep)
+    return out
 
 
 def config_from_dict(d, where: str = "model config") -> "MoEConfig":

@@ -38,7 +38,7 @@ from moec.arch import blocks
 from moec.arch.ops import Routing
 from moec.export.onnx_graph import FLOAT, GraphBuilder, tensor_info
 from moec.export.quantized_matmul import StoredWeight, embedding, linear
-from moec.core.config import MoEConfig
+from moec.core.config import MoEConfig, rope_inv_freq
 from moec.core.inventory import expert_key
 
 
@@ -57,12 +57,11 @@ def positions(gb: GraphBuilder, cfg: MoEConfig, seq_len: str, past: str | None, 
     """RoPE tables for positions ``P .. P+T-1`` and (if ``causal``) the additive attention mask.
 
     ``seq_len`` and ``past`` are int64 scalars (``past`` None means 0). The inverse frequencies
-    are computed with torch exactly as ``moec.models.torch_ops.rope_tables`` does.
+    are ``moec.core.config.rope_inv_freq``, as in ``moec.models.torch_ops.rope_tables``.
     """
     past = past or gb.scalar_i64(0)
     total = gb.op("Add", [past, seq_len])
-    rd = cfg.rope_dim
-    inv_freq = 1.0 / (cfg.rope_theta ** (torch.arange(0, rd, 2, dtype=torch.float32) / rd))
+    inv_freq = torch.tensor(rope_inv_freq(cfg), dtype=torch.float32)
     pos = gb.op("Cast", [gb.op("Range", [past, total, gb.scalar_i64(1)])], to=1)
     freqs = gb.op("Mul", [gb.op("Unsqueeze", [pos, gb.i64(1)]), gb.const(inv_freq.numpy()[None, :])])
     emb = gb.op("Concat", [freqs, freqs], axis=-1)

@@ -20,7 +20,7 @@ from moec.arch.ops import Routing
 from moec.lower import te_ops
 from moec.lower.linear import LinearEmitter
 from moec.lower.params import ModelParams
-from moec.core.config import MoEConfig
+from moec.core.config import MoEConfig, rope_inv_freq
 
 
 class DecodeBuilder:
@@ -106,9 +106,12 @@ class DecodeBuilder:
         return self._reshape(x, (heads, head_dim))
 
     def rope(self, x):
-        theta = self.cfg.rope_theta  # the position is the cached length, P of any past tensor
-        return self.bb.emit_te(lambda t, c: te_ops.rope(t, c.shape[1], theta), x, self.past[0],
+        # the position is the cached length, P of any past tensor
+        return self.bb.emit_te(lambda t, c, f: te_ops.rope(t, c.shape[1], f), x, self.past[0], self._inv_freq(),
                                primfunc_name_hint="rope")
+
+    def _inv_freq(self):
+        return relax.const(np.array(rope_inv_freq(self.cfg), np.float32))
 
     def attend(self, q, k, v, layer, scale):
         """One token's attention over the cache: ``[1, heads * v_head_dim]``."""

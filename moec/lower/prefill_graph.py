@@ -52,7 +52,7 @@ class PrefillBuilder(DecodeBuilder):
         return self._reshape(x, (rows, heads * width))
 
     def rope(self, x):
-        return self.bb.emit_te(te_ops.rope_rows, x, self.p, self.cfg.rope_theta)
+        return self.bb.emit_te(te_ops.rope_rows, x, self.p, self._inv_freq())
 
     def attend(self, q, k, v, layer, scale):
         """Causal attention of ``T`` rows at positions ``P..P+T-1`` over the cache and themselves."""

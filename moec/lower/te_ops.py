@@ -40,15 +40,13 @@ def dequantize(packed: te.Tensor, scale: te.Tensor, zero: te.Tensor, bits: int, 
     return te.compute(tuple(packed.shape[:-2]) + (n, k), f, name="dequant")
 
 
-def rope(x: te.Tensor, pos, theta: float) -> te.Tensor:
-    """Half-rotation RoPE of ``x [heads, head_dim]`` at integer position ``pos``."""
+def rope(x: te.Tensor, pos, inv_freq: te.Tensor) -> te.Tensor:
+    """Half-rotation RoPE of ``x [heads, head_dim]`` at integer position ``pos`` (``inv_freq [head_dim / 2]``)."""
     hd = int(x.shape[-1])
     half = hd // 2
 
     def f(h, d):
-        j = tirx.floormod(d, half).astype("float32")
-        inv = tirx.exp(j * (-2.0 / hd) * tirx.log(tirx.const(theta, "float32")))
-        ang = pos.astype("float32") * inv
+        ang = pos.astype("float32") * inv_freq[tirx.floormod(d, half)]
         rot = tirx.if_then_else(d < half, -x[h, tirx.min(d + half, hd - 1)], x[h, tirx.max(d - half, 0)])
         return x[h, d] * tirx.cos(ang) + rot * tirx.sin(ang)
 
@@ -93,15 +91,13 @@ def rms_norm(x: te.Tensor, weight: te.Tensor, eps: float) -> te.Tensor:
                       name="rms_norm")
 
 
-def rope_rows(x: te.Tensor, start, theta: float) -> te.Tensor:
+def rope_rows(x: te.Tensor, start, inv_freq: te.Tensor) -> te.Tensor:
     """RoPE of ``x [T, heads, head_dim]``, row ``t`` at position ``start + t`` (prefill)."""
     hd = int(x.shape[-1])
     half = hd // 2
 
     def f(t, h, d):
-        j = tirx.floormod(d, half).astype("float32")
-        inv = tirx.exp(j * (-2.0 / hd) * tirx.log(tirx.const(theta, "float32")))
-        ang = (start + t).astype("float32") * inv
+        ang = (start + t).astype("float32") * inv_freq[tirx.floormod(d, half)]
         rot = tirx.if_then_else(d < half, -x[t, h, tirx.min(d + half, hd - 1)], x[t, h, tirx.max(d - half, 0)])
         return x[t, h, d] * tirx.cos(ang) + rot * tirx.sin(ang)
 

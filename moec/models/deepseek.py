@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -19,6 +20,39 @@ def _refuse(arch: str, field: str, value, why: str) -> None:
 def _rope_order(dr: int) -> torch.Tensor:
     """Row order turning DeepSeek's interleaved RoPE pairs (x0, x1), (x2, x3)… into half rotation."""
     return torch.cat([torch.arange(0, dr, 2), torch.arange(1, dr, 2)])
+
+
+def _theta(hf: dict):
+    rope = hf.get("rope_parameters") or hf.get("rope_scaling") or {}
+    return hf.get("rope_theta") or rope.get("rope_theta") or 10000.0
+
+
+def _yarn_fields(arch: str, hf: dict, query_dim: int) -> dict:
+    """MoEConfig fields of YaRN RoPE (the released V2-Lite/V3 configs), {} for plain RoPE."""
+    rope = hf.get("rope_parameters") or hf.get("rope_scaling") or {}
+    kind = rope.get("rope_type", rope.get("type", "default"))
+    if kind in ("default", None):
+        return {}
+    if kind != "yarn":
+        _refuse(arch, "rope_parameters.rope_type", kind, "plain RoPE or YaRN only")
+    factor = rope.get("factor")
+    original = rope.get("original_max_position_embeddings")
+    if not isinstance(factor, (int, float)) or isinstance(factor, bool) or factor <= 1 or not isinstance(original, int):
+        _refuse(arch, "rope_parameters.factor", factor, "YaRN needs factor > 1 and original_max_position_embeddings")
+    if rope.get("truncate", True) is not True:
+        _refuse(arch, "rope_parameters.truncate", rope.get("truncate"), "truncated YaRN ranges only")
+
+    def m(scale_of_log):  # YaRN's magnitude correction 0.1 * s * ln(factor) + 1
+        return 0.1 * scale_of_log * math.log(factor) + 1.0
+
+    mscale, mscale_all = rope.get("mscale"), rope.get("mscale_all_dim")
+    cos_sin = rope.get("attention_factor") or (m(mscale) / m(mscale_all) if mscale and mscale_all else m(1.0))
+    if abs(cos_sin - 1.0) > 1e-12:  # scales only the RoPE'd part of q and k: not a softmax scale
+        _refuse(arch, "rope_parameters.mscale", mscale, "YaRN with mscale == mscale_all_dim only")
+    scale = query_dim ** -0.5 * (m(mscale_all) ** 2 if mscale_all else 1.0)
+    return dict(rope_factor=float(factor), rope_original_max=original,
+                rope_beta_fast=float(rope.get("beta_fast") or 32), rope_beta_slow=float(rope.get("beta_slow") or 1),
+                attention_scale=scale)
 
 
 @dataclass(frozen=True)
@@ -56,8 +90,9 @@ class DeepseekAdapter(FamilyAdapter):
             _refuse(arch, "norm_topk_prob", True, "the reference implementations disagree on it")
         if not v3 and method not in ("greedy", "group_limited_greedy"):
             _refuse(arch, "topk_method", method, "greedy or group_limited_greedy")
-        base = base_fields(hf)
         nope, rope = hf["qk_nope_head_dim"], hf["qk_rope_head_dim"]
+        yarn = _yarn_fields(arch, hf, nope + rope)
+        base = base_fields({**hf, "rope_parameters": None, "rope_scaling": None, "rope_theta": _theta(hf)})
         dense = hf.get("first_k_dense_replace") or 0
         shared = hf.get("n_shared_experts") or 0
         scale = hf.get("routed_scaling_factor", 1.0)
@@ -70,7 +105,8 @@ class DeepseekAdapter(FamilyAdapter):
                          attention="mla", q_lora_rank=hf.get("q_lora_rank") or 0, kv_lora_rank=hf["kv_lora_rank"],
                          qk_nope_dim=nope, qk_rope_dim=rope, v_head_dim=hf["v_head_dim"],
                          router_scoring="sigmoid" if v3 else "softmax", router_bias=v3,
-                         routed_scale=float(scale) if isinstance(scale, int) and not isinstance(scale, bool) else scale)
+                         routed_scale=float(scale) if isinstance(scale, int) and not isinstance(scale, bool) else scale,
+                         **yarn)
 
     def _pairs(self, cfg: MoEConfig) -> list[tuple[str, str]]:
         pairs = [(ours, theirs) for ours, theirs in super()._pairs(cfg) if ".attn." not in ours]

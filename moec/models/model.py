@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from moec.arch import blocks
-from moec.core.config import MoEConfig
+from moec.core.config import MoEConfig, rope_inv_freq
 from moec.models.torch_ops import KVCache, Positions, TorchOps, apply_rope, rope_tables
 
 __all__ = ["Attention", "DecoderLayer", "HeadLinear", "KVCache", "LatentAttention", "MoEBlock", "MoEModel", "RMSNorm", "RoutingObserver",
@@ -222,7 +222,8 @@ class MoEModel(nn.Module):
         """Logits [B, T, V]; with a cache, positions continue after the cached length."""
         start = cache.length if cache is not None else 0
         t = input_ids.shape[1]
-        cos, sin = rope_tables(self.cfg.rope_dim, self.cfg.rope_theta, torch.arange(start, start + t))
+        cos, sin = rope_tables(self.cfg.rope_dim, self.cfg.rope_theta, torch.arange(start, start + t),
+                               rope_inv_freq(self.cfg))
         return blocks.causal_lm(TorchOps(self, Positions(cos, sin, cache)), self.cfg, input_ids)
 
     @torch.no_grad()

@@ -20,9 +20,16 @@ from moec.arch.ops import Routing
 from moec.core.errors import MoecError
 
 
-def rope_tables(head_dim: int, theta: float, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos/sin tables [T, head_dim] for the half-rotation RoPE used by all supported families."""
-    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim))
+def rope_tables(head_dim: int, theta: float, positions: torch.Tensor,
+                inv_freq: list[float] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos/sin tables [T, head_dim] for the half-rotation RoPE used by all supported families.
+
+    ``inv_freq`` (``moec.core.config.rope_inv_freq``) overrides the plain ``theta`` frequencies.
+    """
+    if inv_freq is not None:
+        inv_freq = torch.tensor(inv_freq, dtype=torch.float32)
+    else:
+        inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim))
     freqs = positions.float()[:, None] * inv_freq[None, :]
     emb = torch.cat([freqs, freqs], dim=-1)
     return emb.cos(), emb.sin()

@@ -57,6 +57,15 @@ def _deepseek_v2_grouped():  # q LoRA, group-limited routing over every group
                                          n_group=2, topk_group=2)
 
 
+def _deepseek_v2_lite_yarn():  # the released V2-Lite's RoPE: YaRN, factor 40, mscale = mscale_all_dim
+    return transformers.DeepseekV2Config(**{**COMMON, "num_key_value_heads": 4}, **MLA, q_lora_rank=None,
+                                         routed_scaling_factor=1.0, topk_method="greedy", norm_topk_prob=False,
+                                         rope_parameters={"rope_type": "yarn", "rope_theta": 10000.0, "factor": 40.0,
+                                                          "original_max_position_embeddings": 4,
+                                                          "beta_fast": 32, "beta_slow": 1, "mscale": 0.707,
+                                                          "mscale_all_dim": 0.707})
+
+
 def _deepseek_v3():
     return transformers.DeepseekV3Config(**{**COMMON, "num_key_value_heads": 4, "num_hidden_layers": 3}, **MLA,
                                          q_lora_rank=32, routed_scaling_factor=2.5, n_group=2, topk_group=2,
@@ -71,6 +80,7 @@ CASES = {
     "qwen3_moe": (_qwen3_moe, transformers.Qwen3MoeForCausalLM),
     "deepseek_v2_lite": (_deepseek_v2_lite, transformers.DeepseekV2ForCausalLM),
     "deepseek_v2_grouped": (_deepseek_v2_grouped, transformers.DeepseekV2ForCausalLM),
+    "deepseek_v2_lite_yarn": (_deepseek_v2_lite_yarn, transformers.DeepseekV2ForCausalLM),
     "deepseek_v3": (_deepseek_v3, transformers.DeepseekV3ForCausalLM),
 }
 
