@@ -61,12 +61,16 @@ def swiglu(ops: Ops, cfg: MoEConfig | None, layer: int | None, x: Value) -> Valu
 
 def router(ops: Ops, cfg: MoEConfig, x: Value) -> Routing:
     """Softmax or sigmoid scores, top-k (on the scores plus ``score_bias`` if the family biases the
-    choice; the gates stay the unbiased scores), renormalised to sum 1 if the family does, times
+    choice, within the best expert groups if routing is group-limited; the gates stay the scores), renormalised to sum 1 if the family does, times
     ``routed_scale``."""
     logits = ops.linear(x, "router")
     probs = ops.sigmoid(logits) if cfg.router_scoring == "sigmoid" else ops.softmax(logits)
-    if cfg.router_bias:
-        _, ids = ops.topk(ops.add_bias(probs, "score_bias"), cfg.top_k)
+    grouped = cfg.kept_groups < cfg.expert_groups
+    if cfg.router_bias or grouped:
+        choice = ops.add_bias(probs, "score_bias") if cfg.router_bias else probs
+        if grouped:
+            choice = ops.keep_top_groups(choice, cfg.expert_groups, cfg.kept_groups, cfg.group_score_top)
+        _, ids = ops.topk(choice, cfg.top_k)
         weights = ops.gather_last(probs, ids)
     else:
         weights, ids = ops.topk(probs, cfg.top_k)

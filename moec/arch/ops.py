@@ -96,6 +96,10 @@ class Ops(Protocol):
     def topk(self, x: Value, k: int) -> tuple[Value, Value]:
         """Largest ``k`` values along the last axis (descending) and their indices."""
 
+    def keep_top_groups(self, x: Value, groups: int, keep: int, top: int) -> Value:
+        """Rows ``[N, E]`` with every expert outside the ``keep`` best of ``groups`` equal groups set to
+        ``-inf``; a group's score is the sum of its ``top`` largest values."""
+
     def sum_last(self, x: Value) -> Value:
         """Sum over the last axis, keeping it (size 1)."""
 

@@ -31,7 +31,10 @@ class MoEConfig:
     (0: a plain q projection), ``kv_lora_rank``, ``qk_nope_dim``, ``qk_rope_dim``, ``v_head_dim``).
     The router scores with ``router_scoring`` (softmax or sigmoid), chooses experts on the scores
     plus a per-expert bias if ``router_bias`` (the gate weights stay the unbiased scores) and
-    multiplies the gate weights by ``routed_scale``. ``rope_factor`` > 1 selects YaRN RoPE
+    multiplies the gate weights by ``routed_scale``. With ``kept_groups < expert_groups`` the
+    choice is group-limited: experts fall into ``expert_groups`` equal groups, each scored by the
+    sum of its ``group_score_top`` best choice scores, and only the ``kept_groups`` best groups
+    may be chosen. ``rope_factor`` > 1 selects YaRN RoPE
     (``rope_original_max``, ``rope_beta_fast``/``rope_beta_slow``: see :func:`rope_inv_freq`);
     ``attention_scale`` (0: ``1/sqrt(query head width)``) is the softmax scale. Fields added after v1 are left out of
     :meth:`to_dict` while at their defaults, so older fingerprints and plans stay valid.
@@ -67,6 +70,9 @@ class MoEConfig:
     router_scoring: str = "softmax"
     router_bias: bool = False
     routed_scale: float = 1.0
+    expert_groups: int = 1
+    kept_groups: int = 1
+    group_score_top: int = 1
     rope_factor: float = 1.0
     rope_original_max: int = 0
     rope_beta_fast: float = 32.0
@@ -89,6 +95,11 @@ class MoEConfig:
             (self.attention != "mla" or min(self.kv_lora_rank, self.qk_rope_dim, self.v_head_dim) > 0,
              "mla needs kv_lora_rank, qk_rope_dim and v_head_dim"),
             (self.qk_rope_dim % 2 == 0, "qk_rope_dim must be even"),
+            (self.num_experts % self.expert_groups == 0, "num_experts must be a multiple of expert_groups"),
+            (self.kept_groups <= self.expert_groups, "kept_groups must be <= expert_groups"),
+            (self.group_score_top <= self.num_experts // self.expert_groups, "group_score_top exceeds a group"),
+            (self.kept_groups >= self.expert_groups or
+             self.top_k <= self.kept_groups * (self.num_experts // self.expert_groups), "top_k exceeds the kept groups"),
         ]
         for ok, msg in checks:
             if not ok:
@@ -115,10 +126,10 @@ class MoEConfig:
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v <= 0:
                 bad(name, "a positive finite number")
-        for name in ("rope_original_max",):
+        for name in ("rope_original_max", "expert_groups", "kept_groups", "group_score_top"):
             v = getattr(self, name)
-            if not _is_int(v) or not 0 <= v <= _MAX_DIM:
-                bad(name, f"an integer in [0, {_MAX_DIM}]")
+            if not _is_int(v) or not (name == "rope_original_max" or v >= 1) or not 0 <= v <= _MAX_DIM:
+                bad(name, f"an integer in [{0 if name == 'rope_original_max' else 1}, {_MAX_DIM}]")
         v = self.attention_scale
         if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0:
             bad("attention_scale", "a finite number >= 0")
@@ -170,7 +181,8 @@ class MoEConfig:
 
 
 _LATER_FIELDS = ("attention", "q_lora_rank", "kv_lora_rank", "qk_nope_dim", "qk_rope_dim", "v_head_dim",
-                 "router_scoring", "router_bias", "routed_scale", "rope_factor", "rope_original_max",
+                 "router_scoring", "router_bias", "routed_scale", "expert_groups", "kept_groups", "group_score_top",
+                 "rope_factor", "rope_original_max",
                  "rope_beta_fast", "rope_beta_slow", "attention_scale")
 
 

@@ -211,6 +211,19 @@ class OnnxOps:
         values, indices = self.gb.op("TopK", [x, self.gb.i64(k)], n_out=2, axis=-1, largest=1, sorted=1)
         return values, indices
 
+    def keep_top_groups(self, x, groups, keep, top):
+        """``[T, E]`` -> ``[T, G, E/G]``; group scores, the best groups scattered into a ``[T, G]`` mask."""
+        gb, n = self.gb, self.cfg.num_experts
+        g = gb.op("Reshape", [x, gb.i64(-1, groups, n // groups)])
+        best, _ = gb.op("TopK", [g, gb.i64(top)], n_out=2, axis=-1, largest=1, sorted=1)
+        scores = gb.op("ReduceSum", [best, gb.i64(-1)], keepdims=0)                    # [T, G]
+        _, kept = gb.op("TopK", [scores, gb.i64(keep)], n_out=2, axis=-1, largest=1, sorted=1)
+        zeros = gb.op("ConstantOfShape", [gb.op("Shape", [scores])])
+        ones = gb.op("ConstantOfShape", [gb.op("Shape", [kept])], value=helper.make_tensor("one", FLOAT, [1], [1.0]))
+        mask = gb.op("ScatterElements", [zeros, kept, ones], axis=1)
+        mask = gb.op("Greater", [gb.op("Unsqueeze", [mask, gb.i64(-1)]), gb.f32(0.0)])   # [T, G, 1]
+        return gb.op("Reshape", [gb.op("Where", [mask, g, gb.f32(-np.inf)]), gb.i64(-1, n)])
+
     def sum_last(self, x):
         return self.gb.op("ReduceSum", [x, self.gb.i64(-1)], keepdims=1)
 

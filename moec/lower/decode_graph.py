@@ -174,6 +174,19 @@ class DecodeBuilder:
         both = self.bb.emit(relax.op.topk(x, k, axis=-1, ret_type="both", dtype="int32"))
         return self.bb.emit(relax.TupleGetItem(both, 0)), self.bb.emit(relax.TupleGetItem(both, 1))
 
+    def keep_top_groups(self, x, groups, keep, top):
+        bb, rows, n = self.bb, x.ty.shape[0], self.cfg.num_experts
+        g = bb.emit(relax.op.reshape(x, (rows, groups, n // groups)))
+        best = bb.emit(relax.op.topk(g, top, axis=-1, ret_type="values"))
+        scores = bb.emit(relax.op.sum(best, axis=-1))                                               # [R, G]
+        kept = bb.emit(relax.op.topk(scores, keep, axis=-1, ret_type="indices", dtype="int32"))     # [R, keep]
+        hit = relax.op.equal(relax.op.reshape(kept, (rows, keep, 1)),
+                             relax.const(np.arange(groups, dtype=np.int32).reshape(1, 1, groups)))
+        mask = bb.emit(relax.op.max(relax.op.astype(hit, "float32"), axis=1))                    # [R, G]
+        masked = relax.op.where(relax.op.greater(relax.op.reshape(mask, (rows, groups, 1)), relax.const(np.float32(0))),
+                                g, relax.const(np.float32(-np.inf)))
+        return bb.emit(relax.op.reshape(masked, (rows, n)))
+
     def sum_last(self, x):
         return self.bb.emit(relax.op.sum(x, axis=-1, keepdims=True))
 

@@ -83,9 +83,7 @@ class DeepseekAdapter(FamilyAdapter):
             _refuse(arch, "rope_interleave", hf.get("rope_interleave"), "interleaved RoPE only")
         method = hf.get("topk_method", "noaux_tc" if v3 else "greedy")
         groups, topk_group = hf.get("n_group") or 1, hf.get("topk_group") or 1
-        if (v3 or method == "group_limited_greedy") and groups > 1 and topk_group < groups:
-            _refuse(arch, "topk_group", topk_group, f"group-limited routing keeping fewer than all n_group={groups} "
-                    "groups is not implemented yet")
+        grouped = (v3 or method == "group_limited_greedy") and topk_group < groups
         if not v3 and hf.get("norm_topk_prob"):  # transformers' V2 never renormalises, DeepSeek's code does
             _refuse(arch, "norm_topk_prob", True, "the reference implementations disagree on it")
         if not v3 and method not in ("greedy", "group_limited_greedy"):
@@ -106,7 +104,8 @@ class DeepseekAdapter(FamilyAdapter):
                          qk_nope_dim=nope, qk_rope_dim=rope, v_head_dim=hf["v_head_dim"],
                          router_scoring="sigmoid" if v3 else "softmax", router_bias=v3,
                          routed_scale=float(scale) if isinstance(scale, int) and not isinstance(scale, bool) else scale,
-                         **yarn)
+                         expert_groups=groups if grouped else 1, kept_groups=topk_group if grouped else 1,
+                         group_score_top=2 if v3 else 1, **yarn)
 
     def _pairs(self, cfg: MoEConfig) -> list[tuple[str, str]]:
         pairs = [(ours, theirs) for ours, theirs in super()._pairs(cfg) if ".attn." not in ours]

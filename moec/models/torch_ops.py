@@ -157,6 +157,12 @@ class TorchOps:
         values, indices = x.topk(k, dim=-1)
         return values, indices
 
+    def keep_top_groups(self, x, groups, keep, top):
+        g = x.view(*x.shape[:-1], groups, -1)
+        best = g.topk(top, dim=-1).values.sum(-1).topk(keep, dim=-1).indices
+        kept = torch.zeros(g.shape[:-1], dtype=torch.bool).scatter(-1, best, True)
+        return g.masked_fill(~kept[..., None], float("-inf")).view(x.shape)
+
     def sum_last(self, x: torch.Tensor) -> torch.Tensor:
         return x.sum(-1, keepdim=True)
 

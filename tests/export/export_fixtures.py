@@ -43,7 +43,8 @@ FEATURE_CONFIGS = {
     # and scaled gates, a shared expert and a leading dense layer
     "mla_qlora_sigmoid_bias": dict(
         attention="mla", q_lora_rank=32, kv_lora_rank=32, qk_nope_dim=16, qk_rope_dim=8, v_head_dim=16,
-        router_scoring="sigmoid", router_bias=True, routed_scale=2.5, shared_intermediate=32,
+        router_scoring="sigmoid", router_bias=True, routed_scale=2.5, shared_intermediate=32, num_experts=8,
+        expert_groups=4, kept_groups=2, group_score_top=2,
         dense_layers=[0], dense_intermediate=48, num_layers=3, architecture="DeepseekV3ForCausalLM"),
     # DeepSeek-V2-Lite-like: latent attention without q LoRA, softmax scores scaled, not renormalised, YaRN
     "mla_softmax_scaled": dict(

@@ -51,10 +51,10 @@ def _deepseek_v2_lite():  # no q LoRA, softmax scores scaled, leading dense laye
                                          routed_scaling_factor=2.5, topk_method="greedy", norm_topk_prob=False)
 
 
-def _deepseek_v2_grouped():  # q LoRA, group-limited routing over every group
+def _deepseek_v2_grouped():  # q LoRA, group-limited routing: the best 1 of 2 groups (by its best expert)
     return transformers.DeepseekV2Config(**{**COMMON, "num_key_value_heads": 4}, **MLA, q_lora_rank=32,
                                          routed_scaling_factor=1.5, topk_method="group_limited_greedy",
-                                         n_group=2, topk_group=2)
+                                         n_group=2, topk_group=1)
 
 
 def _deepseek_v2_lite_yarn():  # the released V2-Lite's RoPE: YaRN, factor 40, mscale = mscale_all_dim
@@ -68,8 +68,8 @@ def _deepseek_v2_lite_yarn():  # the released V2-Lite's RoPE: YaRN, factor 40, m
 
 def _deepseek_v3():
     return transformers.DeepseekV3Config(**{**COMMON, "num_key_value_heads": 4, "num_hidden_layers": 3}, **MLA,
-                                         q_lora_rank=32, routed_scaling_factor=2.5, n_group=2, topk_group=2,
-                                         norm_topk_prob=True)
+                                         q_lora_rank=32, routed_scaling_factor=2.5, n_group=4, topk_group=2,
+                                         norm_topk_prob=True)  # the best 2 of 4 groups (by their top-2 sum)
 
 
 CASES = {
