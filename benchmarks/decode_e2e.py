@@ -9,6 +9,7 @@ as tokens/s, with ratios against uniform INT8 of the same engine and against onn
 Usage::
 
     python benchmarks/decode_e2e.py reference/checkpoint [--mixed plan.json] [--large] [--steps 32]
+    python benchmarks/decode_e2e.py --deepseek-v2-lite 3     # only the DeepSeek-V2-Lite-shaped model
 
 ``--large`` adds a random model with OLMoE-like shapes (hidden 2048, 64 experts of width
 1024, top-8, 4 layers) whose packed weights are generated directly (they exceed the L3).
@@ -124,33 +125,56 @@ def run(label: str, cfg: MoEConfig, plans: dict[str, BitPlan], weights_for, mode
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("checkpoint")
+    ap.add_argument("checkpoint", nargs="?", help="omit to run only the random models")
     ap.add_argument("--mixed", default=None, help="Mixed plan JSON for the checkpoint (default: a frequency-free "
                     "example: half the experts 2-bit, half 4-bit, attention 8-bit)")
     ap.add_argument("--large", action="store_true", help="Also benchmark the OLMoE-shaped random model.")
     ap.add_argument("--large-only", action="store_true", help="Skip the checkpoint; only the large random model.")
+    ap.add_argument("--deepseek-v2-lite", type=int, default=0, metavar="LAYERS",
+                    help="Also benchmark a random model with DeepSeek-V2-Lite's shapes (MLA, 64 experts × 1408, "
+                         "top-6, 2 shared, layer 0 dense) and this many layers.")
     ap.add_argument("--steps", type=int, default=32)
     ap.add_argument("--group-size", type=int, default=64)
     ap.add_argument("--activations", choices=["float32", "int8"], default="float32",
                     help="moec decode GEMV activations (int8 = like onnxruntime accuracy_level 4).")
     args = ap.parse_args()
     torch.set_num_threads(2)
-    model = load_checkpoint(args.checkpoint)
-    cfg = model.cfg
     g = args.group_size
-    mixed = resolve_plan(args.mixed, cfg) if args.mixed else example_mixed(cfg, g)
-    plans = {"float16": uniform_plan(cfg, 16, g), "uniform INT8": uniform_plan(cfg, 8, g),
-             "uniform INT4": uniform_plan(cfg, 4, g), "mixed": mixed}
+    if args.checkpoint is None:
+        args.large_only = True
+        model = None
+    else:
+        model = load_checkpoint(args.checkpoint)
+        cfg = model.cfg
     if not args.large_only:
+        mixed = resolve_plan(args.mixed, cfg) if args.mixed else example_mixed(cfg, g)
+        plans = {"float16": uniform_plan(cfg, 16, g), "uniform INT8": uniform_plan(cfg, 8, g),
+                 "uniform INT4": uniform_plan(cfg, 4, g), "mixed": mixed}
         run(f"{args.checkpoint} ({cfg.num_layers} layers, {cfg.num_experts} experts, top-{cfg.top_k})", cfg, plans,
             lambda p: ModelWeights.from_model(model, p), model, args.steps, args.activations)
-    if args.large or args.large_only:
+    if args.large or (args.large_only and args.checkpoint is not None):
         big = MoEConfig(vocab_size=4096, hidden_size=2048, num_layers=4, num_heads=16, num_kv_heads=16,
                         num_experts=64, top_k=8, expert_intermediate=1024, norm_topk_prob=False)
         plans = {"uniform INT8": uniform_plan(big, 8, g), "uniform INT4": uniform_plan(big, 4, g),
                  "mixed": example_mixed(big, g)}
         run("OLMoE-shaped random model (hidden 2048, 64 experts × 1024, top-8, 4 layers)", big, plans,
             lambda p: random_weights(big, p), None, args.steps, args.activations)
+
+    if args.deepseek_v2_lite:
+        ds = deepseek_v2_lite_shaped(args.deepseek_v2_lite)
+        plans = {"uniform INT8": uniform_plan(ds, 8, g), "uniform INT4": uniform_plan(ds, 4, g),
+                 "mixed": example_mixed(ds, g)}
+        run(f"DeepSeek-V2-Lite-shaped random model (MLA latent cache 512+64, 64 experts × 1408, top-6, "
+            f"{ds.num_layers} layers)", ds, plans, lambda p: random_weights(ds, p), None, args.steps, args.activations)
+
+
+def deepseek_v2_lite_shaped(layers: int) -> MoEConfig:
+    """DeepSeek-V2-Lite's real layer shapes (vocab cut to 4096), YaRN RoPE as released."""
+    return MoEConfig(vocab_size=4096, hidden_size=2048, num_layers=layers, num_heads=16, num_kv_heads=16,
+                     num_experts=64, top_k=6, expert_intermediate=1408, norm_topk_prob=False, head_dim=192,
+                     shared_intermediate=2816, dense_layers=[0], dense_intermediate=10944, attention="mla",
+                     kv_lora_rank=512, qk_nope_dim=128, qk_rope_dim=64, v_head_dim=128, rope_factor=40.0,
+                     rope_original_max=4096, architecture="DeepseekV2ForCausalLM")
 
 
 def example_mixed(cfg: MoEConfig, group: int) -> BitPlan:

@@ -27,6 +27,30 @@ def attention(ops: Ops, cfg: MoEConfig, layer: int, x: Value) -> Value:
     return ops.linear(out, "o_proj")
 
 
+def latent_attention(ops: Ops, cfg: MoEConfig, layer: int, x: Value) -> Value:
+    """DeepSeek multi-head latent attention in its absorbed form: the cache holds the latent.
+
+    The keys/values of all heads are up-projections of one normalised latent ``c``
+    (``kv_lora_rank`` wide) plus a RoPE'd key part shared by every head. Folding the key
+    up-projection into the query (``q_nope · (W_k c) = (W_kᵀ q_nope) · c``) and the value
+    up-projection behind the attention makes it single-kv-head attention over ``[c, k_rope]``
+    with values ``c``: the cache stores those, and ``k_up``/``v_up`` hold the per-head
+    ``W_kᵀ``/``W_v``.
+    """
+    nh, dn, dr, r = cfg.num_heads, cfg.qk_nope_dim, cfg.qk_rope_dim, cfg.kv_lora_rank
+    if cfg.q_lora_rank:
+        q = ops.linear(ops.rms_norm(ops.linear(x, "q_a_proj"), "q_a_norm"), "q_b_proj")
+    else:
+        q = ops.linear(x, "q_proj")
+    q = ops.split_heads(q, nh, dn + dr)
+    kv = ops.linear(x, "kv_a_proj")
+    latent = ops.split_heads(ops.rms_norm(ops.slice_last(kv, 0, r), "kv_norm"), 1, r)
+    k = ops.concat_last(latent, ops.rope(ops.split_heads(ops.slice_last(kv, r, r + dr), 1, dr)))
+    q = ops.concat_last(ops.head_linear(ops.slice_last(q, 0, dn), "k_up"), ops.rope(ops.slice_last(q, dn, dn + dr)))
+    ctx = ops.split_heads(ops.attend(q, k, latent, layer, cfg.attention_scale or 1.0 / math.sqrt(dn + dr)), nh, r)
+    return ops.linear(ops.merge_heads(ops.head_linear(ctx, "v_up")), "o_proj")
+
+
 def swiglu(ops: Ops, cfg: MoEConfig | None, layer: int | None, x: Value) -> Value:
     """``w2(silu(w1 x) * w3 x)``: dense MLP layers, the shared expert, an ONNX routed expert.
 
@@ -36,11 +60,24 @@ def swiglu(ops: Ops, cfg: MoEConfig | None, layer: int | None, x: Value) -> Valu
 
 
 def router(ops: Ops, cfg: MoEConfig, x: Value) -> Routing:
-    """Softmax router, top-k, gate weights renormalised to sum 1 if the family does."""
-    probs = ops.softmax(ops.linear(x, "router"))
-    weights, ids = ops.topk(probs, cfg.top_k)
+    """Softmax or sigmoid scores, top-k (on the scores plus ``score_bias`` if the family biases the
+    choice, within the best expert groups if routing is group-limited; the gates stay the scores), renormalised to sum 1 if the family does, times
+    ``routed_scale``."""
+    logits = ops.linear(x, "router")
+    probs = ops.sigmoid(logits) if cfg.router_scoring == "sigmoid" else ops.softmax(logits)
+    grouped = cfg.kept_groups < cfg.expert_groups
+    if cfg.router_bias or grouped:
+        choice = ops.add_bias(probs, "score_bias") if cfg.router_bias else probs
+        if grouped:
+            choice = ops.keep_top_groups(choice, cfg.expert_groups, cfg.kept_groups, cfg.group_score_top)
+        _, ids = ops.topk(choice, cfg.top_k)
+        weights = ops.gather_last(probs, ids)
+    else:
+        weights, ids = ops.topk(probs, cfg.top_k)
     if cfg.norm_topk_prob:
         weights = ops.div(weights, ops.sum_last(weights))
+    if cfg.routed_scale != 1.0:
+        weights = ops.scale(weights, cfg.routed_scale)
     return Routing(probs, weights, ids)
 
 
@@ -57,7 +94,8 @@ def moe(ops: Ops, cfg: MoEConfig, layer: int, x: Value) -> Value:
 
 def decoder_layer(ops: Ops, cfg: MoEConfig, layer: int, x: Value) -> Value:
     """Pre-norm residual layer: attention, then the MoE block (or a dense SwiGLU layer)."""
-    x = ops.add(x, ops.block("attn", attention, cfg, layer, ops.rms_norm(x, "attn_norm")))
+    attn = latent_attention if cfg.attention == "mla" else attention
+    x = ops.add(x, ops.block("attn", attn, cfg, layer, ops.rms_norm(x, "attn_norm")))
     mlp = swiglu if layer in cfg.dense_layers else moe
     return ops.add(x, ops.block("mlp", mlp, cfg, layer, ops.rms_norm(x, "mlp_norm")))
 

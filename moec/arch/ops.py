@@ -62,6 +62,18 @@ class Ops(Protocol):
         kv_heads)`` (GQA); returns the merged heads ``[.., q_heads * v_head_dim]``.
         """
 
+    def slice_last(self, x: Value, start: int, stop: int) -> Value:
+        """``x[..., start:stop]`` (heads stay heads)."""
+
+    def concat_last(self, a: Value, b: Value) -> Value:
+        """``a`` and ``b`` joined along the last axis (same leading shape)."""
+
+    def head_linear(self, x: Value, name: str) -> Value:
+        """Per-head projection: heads ``x [.., heads, in]`` times float ``name.weight [heads, out, in]``."""
+
+    def merge_heads(self, x: Value) -> Value:
+        """Heads ``[.., heads, head_dim]`` -> ``[.., heads * head_dim]``."""
+
     # -- elementwise and reductions --------------------------------------------------------
     def add(self, a: Value, b: Value) -> Value: ...
     def mul(self, a: Value, b: Value) -> Value: ...
@@ -69,11 +81,24 @@ class Ops(Protocol):
     def silu(self, x: Value) -> Value: ...
     def sigmoid(self, x: Value) -> Value: ...
 
+    def scale(self, x: Value, factor: float) -> Value:
+        """``x * factor`` for a constant ``factor``."""
+
+    def add_bias(self, x: Value, name: str) -> Value:
+        """``x + <block>.name`` (a float vector over the last axis)."""
+
+    def gather_last(self, x: Value, ids: Value) -> Value:
+        """``x[..., ids[..., j]]``: values of ``x`` at indices ``ids`` along the last axis."""
+
     def softmax(self, x: Value) -> Value:
         """Softmax over the last axis."""
 
     def topk(self, x: Value, k: int) -> tuple[Value, Value]:
         """Largest ``k`` values along the last axis (descending) and their indices."""
+
+    def keep_top_groups(self, x: Value, groups: int, keep: int, top: int) -> Value:
+        """Rows ``[N, E]`` with every expert outside the ``keep`` best of ``groups`` equal groups set to
+        ``-inf``; a group's score is the sum of its ``top`` largest values."""
 
     def sum_last(self, x: Value) -> Value:
         """Sum over the last axis, keeping it (size 1)."""

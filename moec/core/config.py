@@ -10,6 +10,8 @@ from dataclasses import asdict, dataclass, field, fields
 from moec.core.errors import MoecError
 
 QK_NORM_MODES = ("none", "full", "head")
+ATTENTION_KINDS = ("gqa", "mla")
+ROUTER_SCORINGS = ("softmax", "sigmoid")
 _MAX_DIM = 1 << 24
 
 
@@ -24,6 +26,18 @@ class MoEConfig:
     ``qk_norm`` is ``"none"``, ``"full"`` (RMSNorm over the whole q/k projection,
     OLMoE) or ``"head"`` (RMSNorm per head, Qwen3-MoE). ``dense_layers`` lists
     layers whose MLP is a plain SwiGLU instead of an MoE block.
+
+    ``attention`` is ``"gqa"`` or ``"mla"`` (DeepSeek multi-head latent attention: ``q_lora_rank``
+    (0: a plain q projection), ``kv_lora_rank``, ``qk_nope_dim``, ``qk_rope_dim``, ``v_head_dim``).
+    The router scores with ``router_scoring`` (softmax or sigmoid), chooses experts on the scores
+    plus a per-expert bias if ``router_bias`` (the gate weights stay the unbiased scores) and
+    multiplies the gate weights by ``routed_scale``. With ``kept_groups < expert_groups`` the
+    choice is group-limited: experts fall into ``expert_groups`` equal groups, each scored by the
+    sum of its ``group_score_top`` best choice scores, and only the ``kept_groups`` best groups
+    may be chosen. ``rope_factor`` > 1 selects YaRN RoPE
+    (``rope_original_max``, ``rope_beta_fast``/``rope_beta_slow``: see :func:`rope_inv_freq`);
+    ``attention_scale`` (0: ``1/sqrt(query head width)``) is the softmax scale. Fields added after v1 are left out of
+    :meth:`to_dict` while at their defaults, so older fingerprints and plans stay valid.
     """
 
     vocab_size: int
@@ -47,6 +61,23 @@ class MoEConfig:
     dense_layers: list[int] = field(default_factory=list)
     dense_intermediate: int = 0
     architecture: str = "MixtralForCausalLM"
+    attention: str = "gqa"
+    q_lora_rank: int = 0
+    kv_lora_rank: int = 0
+    qk_nope_dim: int = 0
+    qk_rope_dim: int = 0
+    v_head_dim: int = 0
+    router_scoring: str = "softmax"
+    router_bias: bool = False
+    routed_scale: float = 1.0
+    expert_groups: int = 1
+    kept_groups: int = 1
+    group_score_top: int = 1
+    rope_factor: float = 1.0
+    rope_original_max: int = 0
+    rope_beta_fast: float = 32.0
+    rope_beta_slow: float = 1.0
+    attention_scale: float = 0.0
 
     def __post_init__(self) -> None:
         self._check_types()
@@ -59,6 +90,16 @@ class MoEConfig:
             (self.qk_norm in QK_NORM_MODES, f"qk_norm must be one of {QK_NORM_MODES}"),
             (all(0 <= i < self.num_layers for i in self.dense_layers), "dense_layers out of range"),
             (not self.dense_layers or self.dense_intermediate > 0, "dense layers need dense_intermediate"),
+            (self.attention in ATTENTION_KINDS, f"attention must be one of {ATTENTION_KINDS}"),
+            (self.router_scoring in ROUTER_SCORINGS, f"router_scoring must be one of {ROUTER_SCORINGS}"),
+            (self.attention != "mla" or min(self.kv_lora_rank, self.qk_rope_dim, self.v_head_dim) > 0,
+             "mla needs kv_lora_rank, qk_rope_dim and v_head_dim"),
+            (self.qk_rope_dim % 2 == 0, "qk_rope_dim must be even"),
+            (self.num_experts % self.expert_groups == 0, "num_experts must be a multiple of expert_groups"),
+            (self.kept_groups <= self.expert_groups, "kept_groups must be <= expert_groups"),
+            (self.group_score_top <= self.num_experts // self.expert_groups, "group_score_top exceeds a group"),
+            (self.kept_groups >= self.expert_groups or
+             self.top_k <= self.kept_groups * (self.num_experts // self.expert_groups), "top_k exceeds the kept groups"),
         ]
         for ok, msg in checks:
             if not ok:
@@ -74,21 +115,30 @@ class MoEConfig:
             v = getattr(self, name)
             if not _is_int(v) or not 1 <= v <= _MAX_DIM:
                 bad(name, f"an integer in [1, {_MAX_DIM}]")
-        for name in ("shared_intermediate", "dense_intermediate"):
+        for name in ("shared_intermediate", "dense_intermediate", "q_lora_rank", "kv_lora_rank", "qk_nope_dim",
+                     "qk_rope_dim", "v_head_dim"):
             v = getattr(self, name)
             if not _is_int(v) or not 0 <= v <= _MAX_DIM:
                 bad(name, f"an integer in [0, {_MAX_DIM}]")
         if self.head_dim is not None and (not _is_int(self.head_dim) or not 1 <= self.head_dim <= _MAX_DIM):
             bad("head_dim", "a positive integer")
-        for name in ("rms_eps", "rope_theta"):
+        for name in ("rms_eps", "rope_theta", "routed_scale", "rope_factor", "rope_beta_fast", "rope_beta_slow"):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v <= 0:
                 bad(name, "a positive finite number")
-        for name in ("norm_topk_prob", "shared_gate", "attention_bias", "tie_embeddings"):
+        for name in ("rope_original_max", "expert_groups", "kept_groups", "group_score_top"):
+            v = getattr(self, name)
+            if not _is_int(v) or not (name == "rope_original_max" or v >= 1) or not 0 <= v <= _MAX_DIM:
+                bad(name, f"an integer in [{0 if name == 'rope_original_max' else 1}, {_MAX_DIM}]")
+        v = self.attention_scale
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0:
+            bad("attention_scale", "a finite number >= 0")
+        for name in ("norm_topk_prob", "shared_gate", "attention_bias", "tie_embeddings", "router_bias"):
             if not isinstance(getattr(self, name), bool):
                 bad(name, "true or false")
-        if not isinstance(self.qk_norm, str):
-            bad("qk_norm", "a string")
+        for name in ("qk_norm", "attention", "router_scoring"):
+            if not isinstance(getattr(self, name), str):
+                bad(name, "a string")
         if not isinstance(self.architecture, str):
             bad("architecture", "a string")
         if not isinstance(self.dense_layers, list) or not all(_is_int(i) for i in self.dense_layers):
@@ -100,13 +150,66 @@ class MoEConfig:
     def moe_layers(self) -> list[int]:
         return [i for i in range(self.num_layers) if i not in self.dense_layers]
 
+    @property
+    def rope_dim(self) -> int:
+        """Width of the rotated part of each query/key head (all of it, except in MLA)."""
+        return self.qk_rope_dim if self.attention == "mla" else self.head_dim
+
+    def kv_cache_shapes(self) -> tuple[tuple[int, int], tuple[int, int]]:
+        """(heads, width) of one cached position's key and value, every layer alike.
+
+        GQA caches ``num_kv_heads`` keys and values of ``head_dim``. MLA caches one "head": the
+        key is the normalised compressed latent followed by the RoPE'd shared key part
+        (``kv_lora_rank + qk_rope_dim``), the value is the latent alone (``kv_lora_rank``); the
+        per-head up-projections are absorbed into the query and the output.
+        """
+        if self.attention == "mla":
+            return (1, self.kv_lora_rank + self.qk_rope_dim), (1, self.kv_lora_rank)
+        return (self.num_kv_heads, self.head_dim), (self.num_kv_heads, self.head_dim)
+
     def to_dict(self) -> dict:
-        return asdict(self)
+        d = asdict(self)
+        for f in fields(self):
+            if f.name in _LATER_FIELDS and d[f.name] == f.default:
+                del d[f.name]
+        return d
 
     def fingerprint(self) -> str:
         """Short hash of the architecture/shape: plans and profiles are tied to it."""
         blob = json.dumps(self.to_dict(), sort_keys=True).encode()
         return hashlib.sha256(blob).hexdigest()[:16]
+
+
+_LATER_FIELDS = ("attention", "q_lora_rank", "kv_lora_rank", "qk_nope_dim", "qk_rope_dim", "v_head_dim",
+                 "router_scoring", "router_bias", "routed_scale", "expert_groups", "kept_groups", "group_score_top",
+                 "rope_factor", "rope_original_max",
+                 "rope_beta_fast", "rope_beta_slow", "attention_scale")
+
+
+def rope_inv_freq(cfg: MoEConfig) -> list[float]:
+    """Inverse frequencies of the ``rope_dim / 2`` rotation pairs (every backend builds its tables from these).
+
+    Plain RoPE: ``theta ** (-2j / d)``. YaRN (``rope_factor`` > 1): pairs rotating fewer than
+    ``rope_beta_slow`` times over ``rope_original_max`` positions are interpolated (divided by
+    the factor), those rotating more than ``rope_beta_fast`` times kept, with a linear ramp in
+    between (bounds floored/ceiled to whole dimensions).
+    """
+    d, theta = cfg.rope_dim, cfg.rope_theta
+    plain = [theta ** (-(2 * j) / d) for j in range(d // 2)]
+    if cfg.rope_factor == 1.0:
+        return plain
+
+    def dim_of(rotations: float) -> float:  # the dimension that turns `rotations` times over the original span
+        return d * math.log(cfg.rope_original_max / (rotations * 2 * math.pi)) / (2 * math.log(theta))
+
+    low = max(math.floor(dim_of(cfg.rope_beta_fast)), 0)
+    high = min(math.ceil(dim_of(cfg.rope_beta_slow)), d - 1)
+    high = high + 0.001 if high == low else high
+    out = []
+    for j, f in enumerate(plain):
+        keep = 1.0 - min(max((j - low) / (high - low), 0.0), 1.0)  # 1: extrapolate (keep), 0: interpolate
+        out.append(f / cfg.rope_factor * (1.0 - keep) + f * keep)
+    return out
 
 
 def config_from_dict(d, where: str = "model config") -> "MoEConfig":

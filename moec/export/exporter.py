@@ -100,15 +100,18 @@ def _summary(weights: ModelWeights, source: str) -> dict:
     forms = {str(pw.bits): choose_form(pw) for pw in weights.packed.values()}
     expert_bytes = sum(pw.nbytes for n, pw in weights.packed.items() if ".experts." in n)
     other_bytes = sum(pw.nbytes for n, pw in weights.packed.items() if ".experts." not in n)
-    kv, hd = cfg.num_kv_heads, cfg.head_dim
+    (kv, hd), (vh, vd) = cfg.kv_cache_shapes()
     return {
         "format": FORMAT, "format_version": FORMAT_VERSION, "source": source,
         "opset": OPSET, "ir_version": IR_VERSION, "weights_file": WEIGHTS_FILE,
         "graphs": {
             "prefill": {"file": "prefill.onnx", "inputs": {"input_ids": [1, "T"]},
-                        "outputs": {"logits": [1, "T", cfg.vocab_size], "present.{i}.key|value": [1, kv, "T", hd]}},
-            "decode": {"file": "decode.onnx", "inputs": {"input_ids": [1, 1], "past.{i}.key|value": [1, kv, "P", hd]},
-                       "outputs": {"logits": [1, 1, cfg.vocab_size], "present.{i}.key|value": [1, kv, "P+1", hd]},
+                        "outputs": {"logits": [1, "T", cfg.vocab_size], "present.{i}.key": [1, kv, "T", hd],
+                                    "present.{i}.value": [1, vh, "T", vd]}},
+            "decode": {"file": "decode.onnx", "inputs": {"input_ids": [1, 1], "past.{i}.key": [1, kv, "P", hd],
+                                                         "past.{i}.value": [1, vh, "P", vd]},
+                       "outputs": {"logits": [1, 1, cfg.vocab_size], "present.{i}.key": [1, kv, "P+1", hd],
+                                   "present.{i}.value": [1, vh, "P+1", vd]},
                        "position": "P, the past length (shape of past.0.key)"},
         },
         "config": cfg.to_dict(), "fingerprint": cfg.fingerprint(), "plan": plan.to_json(),

@@ -6,7 +6,8 @@ Graph interfaces (batch 1, float32 activations):
 
 prefill
     inputs ``input_ids`` int64 ``[1, T]``; outputs ``logits`` float ``[1, T, V]`` and, per layer ``i``,
-    ``present.i.key`` / ``present.i.value`` float ``[1, kv_heads, T, head_dim]``.
+    ``present.i.key`` / ``present.i.value`` float ``[1, kv_heads, T, head_dim]`` (the widths of
+    ``MoEConfig.kv_cache_shapes``: MLA caches one latent "head", key ``[c, k_rope]``, value ``c``).
 decode
     inputs ``input_ids`` int64 ``[1, 1]`` and ``past.i.key`` / ``past.i.value``
     ``[1, kv_heads, P, head_dim]``; the token's position is the past length ``P``, read from the
@@ -62,11 +63,12 @@ def build_model(weights: ModelWeights, w: dict[str, StoredWeight], floats: dict[
     cfg = weights.cfg
     decode = mode == "decode"
     gb = GraphBuilder(store)
-    kv_shape = [1, cfg.num_kv_heads, "past_len", cfg.head_dim]
+    (kh, kd), (vh, vd) = cfg.kv_cache_shapes()  # MLA: the latent (+ RoPE key part), one "head"
     inputs = [tensor_info("input_ids", INT64, [1, 1] if decode else [1, "seq_len"])]
     if decode:
         for i in range(cfg.num_layers):
-            inputs += [tensor_info(f"past.{i}.key", FLOAT, kv_shape), tensor_info(f"past.{i}.value", FLOAT, kv_shape)]
+            inputs += [tensor_info(f"past.{i}.key", FLOAT, [1, kh, "past_len", kd]),
+                       tensor_info(f"past.{i}.value", FLOAT, [1, vh, "past_len", vd])]
     ids = gb.op("Reshape", ["input_ids", gb.i64(-1)])
     seq_len = gb.op("Gather", [gb.op("Shape", [ids]), gb.scalar_i64(0)], axis=0)
     past = gb.op("Gather", [gb.op("Shape", ["past.0.key"]), gb.scalar_i64(2)], axis=0) if decode else None
@@ -77,8 +79,8 @@ def build_model(weights: ModelWeights, w: dict[str, StoredWeight], floats: dict[
     total = "total_len" if decode else "seq_len"
     outputs = [tensor_info("logits", FLOAT, [1, seq, cfg.vocab_size])]
     for i in range(cfg.num_layers):
-        for kv in ("key", "value"):
-            outputs.append(tensor_info(f"present.{i}.{kv}", FLOAT, [1, cfg.num_kv_heads, total, cfg.head_dim]))
+        for kv, (heads, width) in (("key", (kh, kd)), ("value", (vh, vd))):
+            outputs.append(tensor_info(f"present.{i}.{kv}", FLOAT, [1, heads, total, width]))
     graph = gb.to_graph(f"moec_{mode}", inputs, outputs, initializers=gb.const_tensors)
     model = helper.make_model(graph, producer_name="moec", ir_version=IR_VERSION,
                               opset_imports=[helper.make_opsetid("", OPSET), helper.make_opsetid(MS_DOMAIN, MS_OPSET)])

@@ -38,7 +38,7 @@ from moec.arch import blocks
 from moec.arch.ops import Routing
 from moec.export.onnx_graph import FLOAT, GraphBuilder, tensor_info
 from moec.export.quantized_matmul import StoredWeight, embedding, linear
-from moec.core.config import MoEConfig
+from moec.core.config import MoEConfig, rope_inv_freq
 from moec.core.inventory import expert_key
 
 
@@ -57,11 +57,11 @@ def positions(gb: GraphBuilder, cfg: MoEConfig, seq_len: str, past: str | None, 
     """RoPE tables for positions ``P .. P+T-1`` and (if ``causal``) the additive attention mask.
 
     ``seq_len`` and ``past`` are int64 scalars (``past`` None means 0). The inverse frequencies
-    are computed with torch exactly as ``moec.models.torch_ops.rope_tables`` does.
+    are ``moec.core.config.rope_inv_freq``, as in ``moec.models.torch_ops.rope_tables``.
     """
     past = past or gb.scalar_i64(0)
     total = gb.op("Add", [past, seq_len])
-    inv_freq = 1.0 / (cfg.rope_theta ** (torch.arange(0, cfg.head_dim, 2, dtype=torch.float32) / cfg.head_dim))
+    inv_freq = torch.tensor(rope_inv_freq(cfg), dtype=torch.float32)
     pos = gb.op("Cast", [gb.op("Range", [past, total, gb.scalar_i64(1)])], to=1)
     freqs = gb.op("Mul", [gb.op("Unsqueeze", [pos, gb.i64(1)]), gb.const(inv_freq.numpy()[None, :])])
     emb = gb.op("Concat", [freqs, freqs], axis=-1)
@@ -156,6 +156,39 @@ class OnnxOps:
         ctx = gb.op("Transpose", [gb.op("Reshape", [ctx, gb.i64(nh, -1, vd)])], perm=[1, 0, 2])
         return gb.op("Reshape", [ctx, gb.i64(-1, nh * vd)])
 
+    def slice_last(self, x, start, stop):
+        y = self.gb.op("Slice", [x, self.gb.i64(start), self.gb.i64(stop), self.gb.i64(-1)])
+        if x in self.heads:
+            self.heads[y] = (self.heads[x][0], stop - start)
+        return y
+
+    def concat_last(self, a, b):
+        y = self.gb.op("Concat", [a, b], axis=-1)
+        if a in self.heads:
+            self.heads[y] = (self.heads[a][0], self.heads[a][1] + self.heads[b][1])
+        return y
+
+    def head_linear(self, x, name):
+        """``[T, h, in]`` -> ``[h, T, in]`` @ ``[h, in, out]`` -> ``[T, h, out]``."""
+        gb, weight = self.gb, self.floats[f"{self.prefix}{name}.weight"]
+        w = gb.op("Transpose", [weight], perm=[0, 2, 1])
+        y = gb.op("Transpose", [gb.op("MatMul", [gb.op("Transpose", [x], perm=[1, 0, 2]), w])], perm=[1, 0, 2])
+        heads, out, _ = gb.store.arrays[weight].shape
+        self.heads[y] = (heads, out)
+        return y
+
+    def merge_heads(self, x):
+        return self.gb.op("Reshape", [x, self.gb.i64(0, -1)])
+
+    def scale(self, x, factor):
+        return self.gb.op("Mul", [x, self.gb.f32(factor)])
+
+    def add_bias(self, x, name):
+        return self.gb.op("Add", [x, self.floats[f"{self.prefix}{name}"]])
+
+    def gather_last(self, x, ids):
+        return self.gb.op("GatherElements", [x, ids], axis=-1)
+
     def add(self, a, b):
         return self.gb.op("Add", [a, b])
 
@@ -177,6 +210,19 @@ class OnnxOps:
     def topk(self, x, k):
         values, indices = self.gb.op("TopK", [x, self.gb.i64(k)], n_out=2, axis=-1, largest=1, sorted=1)
         return values, indices
+
+    def keep_top_groups(self, x, groups, keep, top):
+        """``[T, E]`` -> ``[T, G, E/G]``; group scores, the best groups scattered into a ``[T, G]`` mask."""
+        gb, n = self.gb, self.cfg.num_experts
+        g = gb.op("Reshape", [x, gb.i64(-1, groups, n // groups)])
+        best, _ = gb.op("TopK", [g, gb.i64(top)], n_out=2, axis=-1, largest=1, sorted=1)
+        scores = gb.op("ReduceSum", [best, gb.i64(-1)], keepdims=0)                    # [T, G]
+        _, kept = gb.op("TopK", [scores, gb.i64(keep)], n_out=2, axis=-1, largest=1, sorted=1)
+        zeros = gb.op("ConstantOfShape", [gb.op("Shape", [scores])])
+        ones = gb.op("ConstantOfShape", [gb.op("Shape", [kept])], value=helper.make_tensor("one", FLOAT, [1], [1.0]))
+        mask = gb.op("ScatterElements", [zeros, kept, ones], axis=1)
+        mask = gb.op("Greater", [gb.op("Unsqueeze", [mask, gb.i64(-1)]), gb.f32(0.0)])   # [T, G, 1]
+        return gb.op("Reshape", [gb.op("Where", [mask, g, gb.f32(-np.inf)]), gb.i64(-1, n)])
 
     def sum_last(self, x):
         return self.gb.op("ReduceSum", [x, self.gb.i64(-1)], keepdims=1)

@@ -96,6 +96,7 @@ class BundleCandidate:
 
         from moec.artifact.bundle import verified_copy, verify_bundle
         from moec.core.outputs import work_dir
+        from moec.runtime.session import empty_cache
 
         self.manifest = verify_bundle(self.path)  # again: the bundle may have changed since it was queued
         with work_dir("moec-upload-") as private:
@@ -106,8 +107,7 @@ class BundleCandidate:
         from moec.artifact.weights_file import device_params
         params = device_params(self.path, self.manifest["params"], dev, zero_copy=False)
         c = self.cfg
-        empty = np.zeros((c["num_kv_heads"], 0, c["head_dim"]), np.float32)
-        past = [tvm.runtime.tensor(empty, dev) for _ in range(2 * c["num_layers"])]
+        past = [tvm.runtime.tensor(e, dev) for _ in range(c["num_layers"]) for e in empty_cache(c)]
         per_step = []
         with _DeviceEnergy(remote, energy_spec) as energy:
             for tok in self.token_stream(protocol):

@@ -20,7 +20,7 @@ from moec.arch.ops import Routing
 from moec.lower import te_ops
 from moec.lower.linear import LinearEmitter
 from moec.lower.params import ModelParams
-from moec.core.config import MoEConfig
+from moec.core.config import MoEConfig, rope_inv_freq
 
 
 class DecodeBuilder:
@@ -45,9 +45,10 @@ class DecodeBuilder:
         cfg = self.cfg
         self.bb = bb = bb or relax.BlockBuilder()
         self.p = tirx.Var("P", "int64")
-        kv = (cfg.num_kv_heads, self.p, cfg.head_dim)
+        shapes = dict(zip("kv", cfg.kv_cache_shapes()))  # MLA: one latent "head" (see MoEConfig)
         tokens = relax.Var(self.tokens_name, relax.TensorType((self._token_count(),), "int32"))
-        self.past = [relax.Var(f"past_{kind}_{i}", relax.TensorType(kv, "float32"))
+        self.past = [relax.Var(f"past_{kind}_{i}", relax.TensorType((shapes[kind][0], self.p, shapes[kind][1]),
+                                                                     "float32"))
                      for i in range(cfg.num_layers) for kind in ("k", "v")]
         self.presents: list[relax.Var] = []
         self._views: dict[relax.Var, relax.Var] = {}  # reshape result -> the tensor it views
@@ -105,9 +106,12 @@ class DecodeBuilder:
         return self._reshape(x, (heads, head_dim))
 
     def rope(self, x):
-        theta = self.cfg.rope_theta  # the position is the cached length, P of any past tensor
-        return self.bb.emit_te(lambda t, c: te_ops.rope(t, c.shape[1], theta), x, self.past[0],
+        # the position is the cached length, P of any past tensor
+        return self.bb.emit_te(lambda t, c, f: te_ops.rope(t, c.shape[1], f), x, self.past[0], self._inv_freq(),
                                primfunc_name_hint="rope")
+
+    def _inv_freq(self):
+        return relax.const(np.array(rope_inv_freq(self.cfg), np.float32))
 
     def attend(self, q, k, v, layer, scale):
         """One token's attention over the cache: ``[1, heads * v_head_dim]``."""
@@ -124,7 +128,30 @@ class DecodeBuilder:
         attn = bb.emit_te(te_ops.attention_values, probs, values)
         return bb.emit(relax.op.reshape(attn, (1, heads * vd)))
 
+    def slice_last(self, x, start, stop):
+        axis = x.ty.ndim - 1
+        return self.bb.emit(relax.op.strided_slice(x, axes=[axis], begin=[start], end=[stop]))
+
+    def concat_last(self, a, b):
+        return self.bb.emit(relax.op.concat([a, b], axis=a.ty.ndim - 1))
+
+    def head_linear(self, x, name):
+        return self.bb.emit_te(te_ops.head_linear, x, self.vars[f"{self.prefix}{name}.weight"])
+
+    def merge_heads(self, x):
+        heads, width = x.ty.shape[-2], x.ty.shape[-1]
+        return self._reshape(x, (1, heads * width))
+
     # -- elementwise and reductions -------------------------------------------------------
+    def scale(self, x, factor):
+        return self.bb.emit(relax.op.multiply(x, relax.const(np.float32(factor))))
+
+    def add_bias(self, x, name):
+        return self.bb.emit(relax.op.add(x, self.vars[f"{self.prefix}{name}"]))
+
+    def gather_last(self, x, ids):
+        return self.bb.emit(relax.op.gather_elements(x, ids, axis=x.ty.ndim - 1))
+
     def add(self, a, b):
         return self.bb.emit(relax.op.add(a, b))
 
@@ -146,6 +173,19 @@ class DecodeBuilder:
     def topk(self, x, k):
         both = self.bb.emit(relax.op.topk(x, k, axis=-1, ret_type="both", dtype="int32"))
         return self.bb.emit(relax.TupleGetItem(both, 0)), self.bb.emit(relax.TupleGetItem(both, 1))
+
+    def keep_top_groups(self, x, groups, keep, top):
+        bb, rows, n = self.bb, x.ty.shape[0], self.cfg.num_experts
+        g = bb.emit(relax.op.reshape(x, (rows, groups, n // groups)))
+        best = bb.emit(relax.op.topk(g, top, axis=-1, ret_type="values"))
+        scores = bb.emit(relax.op.sum(best, axis=-1))                                               # [R, G]
+        kept = bb.emit(relax.op.topk(scores, keep, axis=-1, ret_type="indices", dtype="int32"))     # [R, keep]
+        hit = relax.op.equal(relax.op.reshape(kept, (rows, keep, 1)),
+                             relax.const(np.arange(groups, dtype=np.int32).reshape(1, 1, groups)))
+        mask = bb.emit(relax.op.max(relax.op.astype(hit, "float32"), axis=1))                    # [R, G]
+        masked = relax.op.where(relax.op.greater(relax.op.reshape(mask, (rows, groups, 1)), relax.const(np.float32(0))),
+                                g, relax.const(np.float32(-np.inf)))
+        return bb.emit(relax.op.reshape(masked, (rows, n)))
 
     def sum_last(self, x):
         return self.bb.emit(relax.op.sum(x, axis=-1, keepdims=True))

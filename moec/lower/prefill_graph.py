@@ -47,8 +47,12 @@ class PrefillBuilder(DecodeBuilder):
     def split_heads(self, x, heads, head_dim):
         return self._reshape(x, (x.ty.shape[0], heads, head_dim))
 
+    def merge_heads(self, x):
+        rows, heads, width = x.ty.shape
+        return self._reshape(x, (rows, heads * width))
+
     def rope(self, x):
-        return self.bb.emit_te(te_ops.rope_rows, x, self.p, self.cfg.rope_theta)
+        return self.bb.emit_te(te_ops.rope_rows, x, self.p, self._inv_freq())
 
     def attend(self, q, k, v, layer, scale):
         """Causal attention of ``T`` rows at positions ``P..P+T-1`` over the cache and themselves."""

@@ -40,15 +40,13 @@ def dequantize(packed: te.Tensor, scale: te.Tensor, zero: te.Tensor, bits: int, 
     return te.compute(tuple(packed.shape[:-2]) + (n, k), f, name="dequant")
 
 
-def rope(x: te.Tensor, pos, theta: float) -> te.Tensor:
-    """Half-rotation RoPE of ``x [heads, head_dim]`` at integer position ``pos``."""
+def rope(x: te.Tensor, pos, inv_freq: te.Tensor) -> te.Tensor:
+    """Half-rotation RoPE of ``x [heads, head_dim]`` at integer position ``pos`` (``inv_freq [head_dim / 2]``)."""
     hd = int(x.shape[-1])
     half = hd // 2
 
     def f(h, d):
-        j = tirx.floormod(d, half).astype("float32")
-        inv = tirx.exp(j * (-2.0 / hd) * tirx.log(tirx.const(theta, "float32")))
-        ang = pos.astype("float32") * inv
+        ang = pos.astype("float32") * inv_freq[tirx.floormod(d, half)]
         rot = tirx.if_then_else(d < half, -x[h, tirx.min(d + half, hd - 1)], x[h, tirx.max(d - half, 0)])
         return x[h, d] * tirx.cos(ang) + rot * tirx.sin(ang)
 
@@ -74,6 +72,16 @@ def attention_values(probs: te.Tensor, values: te.Tensor) -> te.Tensor:
     return te.compute((h_, hd), lambda h, d: te.sum(probs[h, r] * values[h // rep, r, d], axis=r), name="attn")
 
 
+def head_linear(x: te.Tensor, weight: te.Tensor) -> te.Tensor:
+    """Per-head projection: ``x [(T,) heads, in]`` · ``weight [heads, out, in]`` → ``[(T,) heads, out]``."""
+    heads, out, k = weight.shape
+    r = te.reduce_axis((0, k), name="i")
+    if len(x.shape) == 2:
+        return te.compute((heads, out), lambda h, o: te.sum(x[h, r] * weight[h, o, r], axis=r), name="head_linear")
+    return te.compute((x.shape[0], heads, out), lambda t, h, o: te.sum(x[t, h, r] * weight[h, o, r], axis=r),
+                      name="head_linear_rows")
+
+
 def rms_norm(x: te.Tensor, weight: te.Tensor, eps: float) -> te.Tensor:
     """RMSNorm over the last axis of a 2-D ``x`` (a plain reduction + elementwise; cheap to run)."""
     rows, dim = x.shape
@@ -83,15 +91,13 @@ def rms_norm(x: te.Tensor, weight: te.Tensor, eps: float) -> te.Tensor:
                       name="rms_norm")
 
 
-def rope_rows(x: te.Tensor, start, theta: float) -> te.Tensor:
+def rope_rows(x: te.Tensor, start, inv_freq: te.Tensor) -> te.Tensor:
     """RoPE of ``x [T, heads, head_dim]``, row ``t`` at position ``start + t`` (prefill)."""
     hd = int(x.shape[-1])
     half = hd // 2
 
     def f(t, h, d):
-        j = tirx.floormod(d, half).astype("float32")
-        inv = tirx.exp(j * (-2.0 / hd) * tirx.log(tirx.const(theta, "float32")))
-        ang = (start + t).astype("float32") * inv
+        ang = (start + t).astype("float32") * inv_freq[tirx.floormod(d, half)]
         rot = tirx.if_then_else(d < half, -x[t, h, tirx.min(d + half, hd - 1)], x[t, h, tirx.max(d - half, 0)])
         return x[t, h, d] * tirx.cos(ang) + rot * tirx.sin(ang)
 

@@ -13,10 +13,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from moec.arch import blocks
-from moec.core.config import MoEConfig
+from moec.core.config import MoEConfig, rope_inv_freq
 from moec.models.torch_ops import KVCache, Positions, TorchOps, apply_rope, rope_tables
 
-__all__ = ["Attention", "DecoderLayer", "KVCache", "MoEBlock", "MoEModel", "RMSNorm", "RoutingObserver",
+__all__ = ["Attention", "DecoderLayer", "HeadLinear", "KVCache", "LatentAttention", "MoEBlock", "MoEModel", "RMSNorm", "RoutingObserver",
            "SwiGLU", "apply_rope", "rope_tables"]
 
 
@@ -65,6 +65,42 @@ class Attention(nn.Module):
         return self.block_fn(TorchOps(self, Positions(cos, sin, cache)), self.cfg, layer, x)
 
 
+class HeadLinear(nn.Module):
+    """A per-head projection weight ``[heads, out, in]`` (read by ``Ops.head_linear``)."""
+
+    def __init__(self, heads: int, out: int, inp: int) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(heads, out, inp))
+        nn.init.normal_(self.weight, std=0.02)
+
+
+class LatentAttention(nn.Module):
+    """Parameters of :func:`moec.arch.blocks.latent_attention` (DeepSeek MLA, absorbed form)."""
+
+    block_fn, uses_positions = staticmethod(blocks.latent_attention), True
+
+    def __init__(self, cfg: MoEConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        h, nh, r = cfg.hidden_size, cfg.num_heads, cfg.kv_lora_rank
+        qd = cfg.qk_nope_dim + cfg.qk_rope_dim
+        if cfg.q_lora_rank:
+            self.q_a_proj = nn.Linear(h, cfg.q_lora_rank, bias=False)
+            self.q_a_norm = RMSNorm(cfg.q_lora_rank, cfg.rms_eps)
+            self.q_b_proj = nn.Linear(cfg.q_lora_rank, nh * qd, bias=False)
+        else:
+            self.q_proj = nn.Linear(h, nh * qd, bias=False)
+        self.kv_a_proj = nn.Linear(h, r + cfg.qk_rope_dim, bias=False)
+        self.kv_norm = RMSNorm(r, cfg.rms_eps)
+        self.k_up = HeadLinear(nh, r, cfg.qk_nope_dim)
+        self.v_up = HeadLinear(nh, cfg.v_head_dim, r)
+        self.o_proj = nn.Linear(nh * cfg.v_head_dim, h, bias=False)
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                cache: KVCache | None, layer: int) -> torch.Tensor:
+        return self.block_fn(TorchOps(self, Positions(cos, sin, cache)), self.cfg, layer, x)
+
+
 class SwiGLU(nn.Module):
     """Parameters of :func:`moec.arch.blocks.swiglu` (dense MLP layers, the shared expert)."""
 
@@ -100,6 +136,8 @@ class MoEBlock(nn.Module):
         self.w2 = nn.Parameter(torch.empty(e, h, i))
         for w in (self.w1, self.w3, self.w2):
             nn.init.normal_(w, std=0.02)
+        if cfg.router_bias:  # added to the scores for the choice only (DeepSeek-V3's correction bias)
+            self.score_bias = nn.Parameter(torch.zeros(e))
         self.shared = SwiGLU(h, cfg.shared_intermediate) if cfg.shared_intermediate else None
         self.shared_gate = nn.Linear(h, 1, bias=False) if (self.shared is not None and cfg.shared_gate) else None
         self.observer: RoutingObserver | None = None
@@ -147,7 +185,7 @@ class DecoderLayer(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.attn_norm = RMSNorm(cfg.hidden_size, cfg.rms_eps)
-        self.attn = Attention(cfg)
+        self.attn = LatentAttention(cfg) if cfg.attention == "mla" else Attention(cfg)
         self.mlp_norm = RMSNorm(cfg.hidden_size, cfg.rms_eps)
         self.is_moe = layer not in cfg.dense_layers
         self.mlp = MoEBlock(cfg, layer) if self.is_moe else SwiGLU(cfg.hidden_size, cfg.dense_intermediate)
@@ -184,7 +222,8 @@ class MoEModel(nn.Module):
         """Logits [B, T, V]; with a cache, positions continue after the cached length."""
         start = cache.length if cache is not None else 0
         t = input_ids.shape[1]
-        cos, sin = rope_tables(self.cfg.head_dim, self.cfg.rope_theta, torch.arange(start, start + t))
+        cos, sin = rope_tables(self.cfg.rope_dim, self.cfg.rope_theta, torch.arange(start, start + t),
+                               rope_inv_freq(self.cfg))
         return blocks.causal_lm(TorchOps(self, Positions(cos, sin, cache)), self.cfg, input_ids)
 
     @torch.no_grad()

@@ -20,9 +20,16 @@ from moec.arch.ops import Routing
 from moec.core.errors import MoecError
 
 
-def rope_tables(head_dim: int, theta: float, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos/sin tables [T, head_dim] for the half-rotation RoPE used by all supported families."""
-    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim))
+def rope_tables(head_dim: int, theta: float, positions: torch.Tensor,
+                inv_freq: list[float] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos/sin tables [T, head_dim] for the half-rotation RoPE used by all supported families.
+
+    ``inv_freq`` (``moec.core.config.rope_inv_freq``) overrides the plain ``theta`` frequencies.
+    """
+    if inv_freq is not None:
+        inv_freq = torch.tensor(inv_freq, dtype=torch.float32)
+    else:
+        inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim))
     freqs = positions.float()[:, None] * inv_freq[None, :]
     emb = torch.cat([freqs, freqs], dim=-1)
     return emb.cos(), emb.sin()
@@ -107,6 +114,27 @@ class TorchOps:
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
         return out.transpose(1, 2).reshape(b, t, -1)
 
+    def slice_last(self, x, start, stop):
+        return x[..., start:stop]
+
+    def concat_last(self, a, b):
+        return torch.cat([a, b], dim=-1)
+
+    def head_linear(self, x, name):
+        return torch.einsum("...hi,hoi->...ho", x, self.module.get_submodule(name).weight)
+
+    def merge_heads(self, x):
+        return x.flatten(-2)
+
+    def scale(self, x, factor):
+        return x * factor
+
+    def add_bias(self, x, name):
+        return x + self.module.get_parameter(name)
+
+    def gather_last(self, x, ids):
+        return x.gather(-1, ids)
+
     def add(self, a, b):
         return a + b
 
@@ -128,6 +156,12 @@ class TorchOps:
     def topk(self, x: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
         values, indices = x.topk(k, dim=-1)
         return values, indices
+
+    def keep_top_groups(self, x, groups, keep, top):
+        g = x.view(*x.shape[:-1], groups, -1)
+        best = g.topk(top, dim=-1).values.sum(-1).topk(keep, dim=-1).indices
+        kept = torch.zeros(g.shape[:-1], dtype=torch.bool).scatter(-1, best, True)
+        return g.masked_fill(~kept[..., None], float("-inf")).view(x.shape)
 
     def sum_last(self, x: torch.Tensor) -> torch.Tensor:
         return x.sum(-1, keepdim=True)

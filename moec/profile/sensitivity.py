@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
+from moec.core.config import rope_inv_freq
 from moec.models.model import MoEModel, rope_tables
 from moec.profile.routing import run_observed
 from moec.quant.fake import fake_quantize
@@ -119,7 +120,7 @@ def exact_sensitivity(model: MoEModel, windows: torch.Tensor, bits: list[int], g
     """Held-out NLL increase when only (layer, expert) is quantized to each bit-width."""
     cfg = model.cfg
     x_in, target = windows[:, :-1], windows[:, 1:]
-    cos, sin = rope_tables(cfg.head_dim, cfg.rope_theta, torch.arange(x_in.shape[1]))
+    cos, sin = rope_tables(cfg.rope_dim, cfg.rope_theta, torch.arange(x_in.shape[1]), rope_inv_freq(cfg))
 
     def tail_nll(h: torch.Tensor, start: int) -> float:
         for i in range(start, cfg.num_layers):

@@ -9,7 +9,7 @@ import numpy as np
 from moec.core.config import MoEConfig
 from moec.models.model import MoEModel
 from moec.quant.pack import pack, packed_row_bytes
-from moec.core.inventory import expert_key, expert_shapes, non_expert_weights
+from moec.core.inventory import HEAD_WEIGHTS, expert_key, expert_shapes, non_expert_weights
 from moec.quant.packed_model import PackedWeight, pack_model
 from moec.core.plan import BitPlan
 
@@ -45,7 +45,8 @@ def _float32(w: np.ndarray) -> PackedWeight:
 
 
 def _floats(model: MoEModel) -> dict[str, np.ndarray]:
-    return {k: v.detach().float().numpy() for k, v in model.state_dict().items() if v.dim() == 1}
+    return {k: v.detach().float().numpy() for k, v in model.state_dict().items()
+            if v.dim() == 1 or k.endswith(HEAD_WEIGHTS)}
 
 
 def random_weights(cfg: MoEConfig, plan: BitPlan, seed: int = 0, float32: bool = False) -> ModelWeights:
@@ -102,4 +103,19 @@ def random_weights(cfg: MoEConfig, plan: BitPlan, seed: int = 0, float32: bool =
         if cfg.attention_bias:
             for p, width in (("q", cfg.num_heads * hd), ("k", cfg.num_kv_heads * hd), ("v", cfg.num_kv_heads * hd)):
                 floats[f"layers.{i}.attn.{p}_proj.bias"] = np.zeros(width, np.float32)
+        if cfg.attention == "mla":
+            floats.update(_mla_floats(cfg, i, rng))
+        if cfg.router_bias and i not in cfg.dense_layers:
+            floats[f"layers.{i}.mlp.score_bias"] = (rng.standard_normal(cfg.num_experts) * 0.01).astype(np.float32)
     return ModelWeights(cfg, plan, packed, floats)
+
+
+def _mla_floats(cfg: MoEConfig, layer: int, rng) -> dict[str, np.ndarray]:
+    """Latent attention's norms and absorbed per-head up-projections (float32) for random weights."""
+    p, nh, r = f"layers.{layer}.attn", cfg.num_heads, cfg.kv_lora_rank
+    out = {f"{p}.kv_norm.weight": np.ones(r, np.float32),
+           f"{p}.k_up.weight": (rng.standard_normal((nh, r, cfg.qk_nope_dim)) * 0.02).astype(np.float32),
+           f"{p}.v_up.weight": (rng.standard_normal((nh, cfg.v_head_dim, r)) * 0.02).astype(np.float32)}
+    if cfg.q_lora_rank:
+        out[f"{p}.q_a_norm.weight"] = np.ones(cfg.q_lora_rank, np.float32)
+    return out

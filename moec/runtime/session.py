@@ -17,9 +17,16 @@ from tokenizers import Tokenizer
 
 from moec.artifact.bundle import verified_copy, verify_bundle
 from moec.artifact.weights_file import device_params
+from moec.core.config import config_from_dict
 from moec.core.errors import MoecError
 from moec.core.outputs import work_dir
 from moec.runtime.remote import TrackerAddress, elf_machine, request_device
+
+
+def empty_cache(cfg: dict) -> tuple[np.ndarray, np.ndarray]:
+    """One layer's empty key and value cache (``[heads, 0, width]``; MLA: the latent, see ``MoEConfig``)."""
+    (kh, kd), (vh, vd) = config_from_dict(cfg, "bundle model config").kv_cache_shapes()
+    return np.zeros((kh, 0, kd), np.float32), np.zeros((vh, 0, vd), np.float32)
 
 
 @dataclass
@@ -87,7 +94,7 @@ class BundleSession:
         tok = root / "tokenizer.json"
         self.tokenizer = Tokenizer.from_file(str(tok)) if "tokenizer.json" in self.manifest["files"] else None
         self.eos = self.manifest.get("eos_token_id")
-        self._empty = np.zeros((self.cfg["num_kv_heads"], 0, self.cfg["head_dim"]), np.float32)
+        self._empty = empty_cache(self.cfg)
         self.reset()
 
     def close(self) -> None:
@@ -111,7 +118,7 @@ class BundleSession:
         self.close()
 
     def reset(self) -> None:
-        self.past = [tvm.runtime.tensor(self._empty, self.dev) for _ in range(2 * self.cfg["num_layers"])]
+        self.past = [tvm.runtime.tensor(e, self.dev) for _ in range(self.cfg["num_layers"]) for e in self._empty]
 
     @property
     def has_prefill(self) -> bool:

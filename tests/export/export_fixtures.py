@@ -39,6 +39,18 @@ FEATURE_CONFIGS = {
     "headnorm_tied_mqa": dict(
         qk_norm="head", head_dim=32, num_kv_heads=1, tie_embeddings=True, shared_intermediate=16,
         top_k=3),
+    # DeepSeek-V3-like: latent attention with q LoRA, sigmoid scores with a choice bias, renormalised
+    # and scaled gates, a shared expert and a leading dense layer
+    "mla_qlora_sigmoid_bias": dict(
+        attention="mla", q_lora_rank=32, kv_lora_rank=32, qk_nope_dim=16, qk_rope_dim=8, v_head_dim=16,
+        router_scoring="sigmoid", router_bias=True, routed_scale=2.5, shared_intermediate=32, num_experts=8,
+        expert_groups=4, kept_groups=2, group_score_top=2,
+        dense_layers=[0], dense_intermediate=48, num_layers=3, architecture="DeepseekV3ForCausalLM"),
+    # DeepSeek-V2-Lite-like: latent attention without q LoRA, softmax scores scaled, not renormalised, YaRN
+    "mla_softmax_scaled": dict(
+        attention="mla", kv_lora_rank=16, qk_nope_dim=16, qk_rope_dim=16, v_head_dim=16, num_kv_heads=4,
+        rope_factor=40.0, rope_original_max=64, attention_scale=0.3,
+        routed_scale=1.5, norm_topk_prob=False, shared_intermediate=16, architecture="DeepseekV2ForCausalLM"),
 }
 
 

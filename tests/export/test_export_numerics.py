@@ -121,12 +121,13 @@ def test_accuracy_level_4_is_recorded_and_close(tiny_checkpoint, tmp_path):
         api.export_onnx(tiny_checkpoint, "uniform:8", tmp_path / "bad", group_size=GROUP, accuracy_level=7)
 
 
-def test_random_packed_weights_export_and_run(tmp_path):
+@pytest.mark.parametrize("name", ["shared_gate_bias_dense_fullnorm", "mla_qlora_sigmoid_bias"])
+def test_random_packed_weights_export_and_run(tmp_path, name):
     """Benchmark path: packed weights generated directly (no float model) export and run."""
     from moec.export.exporter import export_weights
     from moec.quant.weights import random_weights
 
-    model = feature_model("shared_gate_bias_dense_fullnorm")
+    model = feature_model(name)
     weights = random_weights(model.cfg, mixed_plan(model.cfg))
     for name, pw in weights.packed.items():
         assert pw.dequantize().shape == pw.shape, name

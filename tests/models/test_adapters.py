@@ -41,12 +41,47 @@ def _qwen3_moe():
                                        decoder_sparse_step=1)
 
 
+MLA = dict(kv_lora_rank=32, qk_nope_head_dim=8, qk_rope_head_dim=4, v_head_dim=8, n_routed_experts=8,
+           num_experts_per_tok=2, moe_intermediate_size=32, n_shared_experts=1, first_k_dense_replace=1,
+           intermediate_size=64)
+
+
+def _deepseek_v2_lite():  # no q LoRA, softmax scores scaled, leading dense layer
+    return transformers.DeepseekV2Config(**{**COMMON, "num_key_value_heads": 4}, **MLA, q_lora_rank=None,
+                                         routed_scaling_factor=2.5, topk_method="greedy", norm_topk_prob=False)
+
+
+def _deepseek_v2_grouped():  # q LoRA, group-limited routing: the best 1 of 2 groups (by its best expert)
+    return transformers.DeepseekV2Config(**{**COMMON, "num_key_value_heads": 4}, **MLA, q_lora_rank=32,
+                                         routed_scaling_factor=1.5, topk_method="group_limited_greedy",
+                                         n_group=2, topk_group=1)
+
+
+def _deepseek_v2_lite_yarn():  # the released V2-Lite's RoPE: YaRN, factor 40, mscale = mscale_all_dim
+    return transformers.DeepseekV2Config(**{**COMMON, "num_key_value_heads": 4}, **MLA, q_lora_rank=None,
+                                         routed_scaling_factor=1.0, topk_method="greedy", norm_topk_prob=False,
+                                         rope_parameters={"rope_type": "yarn", "rope_theta": 10000.0, "factor": 40.0,
+                                                          "original_max_position_embeddings": 4,
+                                                          "beta_fast": 32, "beta_slow": 1, "mscale": 0.707,
+                                                          "mscale_all_dim": 0.707})
+
+
+def _deepseek_v3():
+    return transformers.DeepseekV3Config(**{**COMMON, "num_key_value_heads": 4, "num_hidden_layers": 3}, **MLA,
+                                         q_lora_rank=32, routed_scaling_factor=2.5, n_group=4, topk_group=2,
+                                         norm_topk_prob=True)  # the best 2 of 4 groups (by their top-2 sum)
+
+
 CASES = {
     "mixtral": (_mixtral, transformers.MixtralForCausalLM),
     "qwen2_moe": (_qwen2_moe, transformers.Qwen2MoeForCausalLM),
     "qwen2_moe_dense_layer": (_qwen2_moe_dense_layer, transformers.Qwen2MoeForCausalLM),
     "olmoe": (_olmoe, transformers.OlmoeForCausalLM),
     "qwen3_moe": (_qwen3_moe, transformers.Qwen3MoeForCausalLM),
+    "deepseek_v2_lite": (_deepseek_v2_lite, transformers.DeepseekV2ForCausalLM),
+    "deepseek_v2_grouped": (_deepseek_v2_grouped, transformers.DeepseekV2ForCausalLM),
+    "deepseek_v2_lite_yarn": (_deepseek_v2_lite_yarn, transformers.DeepseekV2ForCausalLM),
+    "deepseek_v3": (_deepseek_v3, transformers.DeepseekV3ForCausalLM),
 }
 
 
@@ -55,6 +90,9 @@ def _randomise(model: torch.nn.Module) -> None:
     with torch.no_grad():
         for p in model.parameters():
             p.add_(torch.randn_like(p) * 0.05)
+        for name, b in model.named_buffers():  # DeepSeek-V3's choice bias: large enough to change the choice
+            if name.endswith("e_score_correction_bias"):
+                b.copy_(torch.randn_like(b) * 0.3)
 
 
 @pytest.mark.parametrize("name", sorted(CASES))
@@ -72,7 +110,7 @@ def test_adapter_matches_transformers(name, tmp_path):
     assert (expected - got).abs().max().item() < 1e-4
 
 
-@pytest.mark.parametrize("name", ["mixtral", "qwen3_moe"])
+@pytest.mark.parametrize("name", ["mixtral", "qwen3_moe", "deepseek_v3"])
 def test_kv_cache_decode_matches_full_forward(name, tmp_path):
     make_cfg, cls = CASES[name]
     torch.manual_seed(1)

@@ -1,0 +1,39 @@
+"""DeepSeek-V2/V3 checkpoints (tiny, built with transformers) export to ONNX that matches torch fake-quant."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from export_fixtures import GROUP, mixed_plan
+from test_export_numerics import _check_and_compare
+
+from moec import api
+from moec.core.plan import resolve_plan
+from moec.models.checkpoint import load_checkpoint
+from moec.quant.packed_model import fake_quantize_model
+
+transformers = pytest.importorskip("transformers")
+from tests.models.test_adapters import CASES, _randomise  # noqa: E402
+
+FAMILIES = ["deepseek_v2_lite", "deepseek_v3"]
+
+
+@pytest.mark.parametrize("spec", ["uniform:4", "mixed"])
+@pytest.mark.parametrize("family", FAMILIES)
+def test_deepseek_export_matches_fake_quant(tmp_path, family, spec):
+    make_cfg, cls = CASES[family]
+    torch.manual_seed(0)
+    ref = cls(make_cfg()).eval()
+    _randomise(ref)
+    ref.save_pretrained(tmp_path / "ckpt")
+    model = load_checkpoint(tmp_path / "ckpt")
+    plan = spec
+    if spec == "mixed":
+        plan = tmp_path / "plan.json"
+        mixed_plan(model.cfg).save(plan)
+    res = api.export_onnx(tmp_path / "ckpt", plan, tmp_path / "out", group_size=GROUP)
+    fake_quantize_model(model, resolve_plan(plan, model.cfg, GROUP))
+    _check_and_compare(res.out_dir, model, ids=[5, 17, 42, 9, 60, 7, 63, 2, 88, 31, 12, 50])
+    # the cache holds the latent: one "head" of kv_lora_rank + qk_rope_dim (key) and kv_lora_rank (value)
+    summary = res.summary["graphs"]["decode"]["inputs"]
+    assert summary["past.{i}.key"] == [1, 1, "P", 32 + 4] and summary["past.{i}.value"] == [1, 1, "P", 32]

@@ -1,0 +1,67 @@
+"""A DeepSeek-V3 (MLA) aarch64 bundle on the emulated arm64 device through the tracker: host tokens and logits."""
+
+from __future__ import annotations
+
+import json
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import pytest
+import torch
+
+from moec.core.plan import BitPlan
+from tests.hardware.test_emulated_device import KEY, _skip_reason, _trace
+
+transformers = pytest.importorskip("transformers")
+from tests.models.test_adapters import CASES, _randomise  # noqa: E402
+
+pytestmark = [pytest.mark.tvm, pytest.mark.farm]
+PROMPT = [5, 17, 42, 9, 60, 7, 63, 2]
+NEW_TOKENS = 8
+
+
+def _build(root) -> dict:
+    from moec import api
+    from moec.models.checkpoint import load_checkpoint
+    from tests.conftest import tiny_tokenizer
+    make_cfg, cls = CASES["deepseek_v3"]
+    torch.manual_seed(0)
+    hf_cfg = make_cfg()
+    hf_cfg.vocab_size = 300
+    ref = cls(hf_cfg).eval()
+    _randomise(ref)
+    ref.save_pretrained(root / "ckpt")
+    tiny_tokenizer(300).save(str(root / "ckpt" / "tokenizer.json"))
+    cfg = load_checkpoint(root / "ckpt").cfg
+    bits = [2, 3, 4, 8, 16]
+    plan = BitPlan({l: {e: bits[(l + e) % 5] for e in range(cfg.num_experts)} for l in cfg.moe_layers},
+                   {"attention": 8, "lm_head": 4, "embeddings": 8}, group_size=32, method="mse",
+                   model_fingerprint=cfg.fingerprint())
+    (root / "plan.json").write_text(json.dumps(plan.to_json()))
+    return {t: api.compile_bundle(api.CompileConfig(root / "ckpt", root / t, t, root / "plan.json"))
+            for t in ("host", "aarch64-generic")}
+
+
+def test_mla_bundle_on_emulated_device_matches_host(tmp_path_factory):
+    reason = _skip_reason()
+    if reason:
+        pytest.skip(reason)
+    from moec.hardware.emulated import start_device
+    from moec.runtime.session import BundleSession, open_remote_bundle
+    with ThreadPoolExecutor(1) as pool:
+        started = pool.submit(start_device, key=KEY, timeout=300, log_dir=tmp_path_factory.mktemp("emu-logs"))
+        try:
+            bundles = _build(tmp_path_factory.mktemp("emu-mla"))
+        finally:
+            run = started.result()
+    try:
+        want_ids, want_logits = _trace(BundleSession(bundles["host"]), PROMPT, NEW_TOKENS)
+        with open_remote_bundle(bundles["aarch64-generic"], str(run.tracker_address), KEY, timeout=60) as remote:
+            got_ids, got_logits = _trace(remote, PROMPT, NEW_TOKENS)
+            assert remote.generate(PROMPT, NEW_TOKENS)[0] == want_ids
+            assert remote.past[0].shape[0] == 1  # the latent cache: one "head"
+        assert got_ids == want_ids
+        for got, want in zip(got_logits, want_logits):
+            np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
+    finally:
+        run.stop()
