@@ -78,6 +78,7 @@ def expected_shapes(adapter, cfg: MoEConfig, present: set[str]) -> dict[str, tup
     with torch.device("meta"):
         meta = MoEModel(cfg).state_dict()
     out = {theirs: tuple(meta[ours].shape) for ours, theirs in adapter._pairs(cfg)}
+    out.update(adapter.converted_hf_shapes(cfg))
     g, u, d = adapter.expert_names
     e, i, h = cfg.num_experts, cfg.expert_intermediate, cfg.hidden_size
     for layer in cfg.moe_layers:
@@ -227,8 +228,16 @@ class LazyCheckpoint:
         self.bytes_read += per * width
         return torch.from_numpy(arr.reshape(info.shape[1:]))
 
+    @property
+    def reads_by_layer(self) -> bool:
+        """Whether layers can be read one at a time: tensors are renamed only, none converted on load."""
+        return not self.adapter.converted_hf_shapes(self.cfg)
+
     def layer_state(self, layer: int) -> dict[str, torch.Tensor]:
         """State dict of decoder layer ``layer`` (keys relative to the layer, e.g. ``attn.q_proj.weight``)."""
+        if not self.reads_by_layer:
+            raise MoecError(f"{self.cfg.architecture} checkpoints cannot be read layer by layer yet (their "
+                            "attention weights are converted on load)")
         prefix = f"layers.{layer}."
         state = {k[len(prefix):]: self.read_into(v) for k, v in self._pairs().items() if k.startswith(prefix)}
         if layer in self.cfg.moe_layers:

@@ -55,11 +55,22 @@ def memory_plan(ckpt: LazyCheckpoint, max_memory_gb: float | None, stage: str = 
     resident = BASELINE + max(2 * layer, 2 * other)
     whole = BASELINE + 2 * ckpt.float32_bytes
     if max_memory_gb is None:
-        return MemoryPlan(ckpt.float32_bytes > WHOLE_MODEL_LIMIT, GB, layer, whole)
+        plan = MemoryPlan(ckpt.float32_bytes > WHOLE_MODEL_LIMIT, GB, layer, whole)
+        return _whole_if_not_by_layer(ckpt, plan, stage)
     if max_memory_gb <= 0:
         raise MoecError(f"--max-memory-gb must be positive (got {max_memory_gb})")
     budget = int(max_memory_gb * GB)
     if resident > budget:
         raise MoecError(f"--max-memory-gb {max_memory_gb:g} is too small for {stage} of '{ckpt.root}': one decoder "
                         f"layer is {layer / GB:.2f} GB in float32 and needs about {resident / GB:.1f} GB resident")
-    return MemoryPlan(whole > budget, max((budget - resident) // 2, 64 << 20), layer, whole)
+    return _whole_if_not_by_layer(ckpt, MemoryPlan(whole > budget, max((budget - resident) // 2, 64 << 20),
+                                                   layer, whole), stage)
+
+
+def _whole_if_not_by_layer(ckpt: LazyCheckpoint, plan: MemoryPlan, stage: str) -> MemoryPlan:
+    """``plan``, unless it is layer by layer for a checkpoint that cannot be read that way: a one-line error."""
+    if plan.sequential and not ckpt.reads_by_layer:
+        raise MoecError(f"{stage} of '{ckpt.root}' ({ckpt.cfg.architecture}) needs about {plan.whole_bytes / GB:.1f} GB "
+                        "for the whole model, and this family cannot be processed layer by layer yet; "
+                        "pass a larger --max-memory-gb on a machine that has it")
+    return plan

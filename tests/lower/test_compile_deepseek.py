@@ -12,6 +12,7 @@ import torch
 from click.testing import CliRunner
 
 from moec.cli.main import cli
+from moec.artifact.weights_file import WeightsReader
 from moec.core.plan import resolve_plan
 from moec.models.checkpoint import load_checkpoint
 from moec.quant.packed_model import fake_quantize_model
@@ -44,10 +45,10 @@ def test_deepseek_bundle_tokens_match_torch_fake_quant(tmp_path, family):
     assert res.exit_code == 0, res.output
     res = CliRunner().invoke(cli, ["build", str(tmp_path / "onnx"), "--out", str(tmp_path / "b")])
     assert res.exit_code == 0, res.output
-    mem, onnx = np.load(tmp_path / "m" / "weights.npz"), np.load(tmp_path / "b" / "weights.npz")
-    assert sorted(mem.files) == sorted(onnx.files)
-    for name in mem.files:
-        np.testing.assert_array_equal(mem[name], onnx[name], err_msg=name)
+    mem, onnx = WeightsReader(tmp_path / "m"), WeightsReader(tmp_path / "b")
+    assert sorted(mem.order) == sorted(onnx.order)
+    for name in mem.order:
+        np.testing.assert_array_equal(mem.array(name), onnx.array(name), err_msg=name)
 
     fake_quantize_model(model, resolve_plan(plan_file, model.cfg))
     want = model.generate_greedy(PROMPT, 16)
