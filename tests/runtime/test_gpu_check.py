@@ -1,0 +1,75 @@
+"""tools/gpu_check: the shell script parses and dry-runs, the driver refuses to run without a GPU, and its
+per-plan check (build, token comparison, timed decode with NVML) works end to end with a CPU bundle standing
+in for the GPU one."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+
+import pytest
+
+from moec.runtime.session import cuda_available
+from tests.conftest import REPO
+from tests.hardware.nvml_fixture import nvml  # noqa: F401 - fixture
+
+pytestmark = pytest.mark.tvm
+SCRIPT = REPO / "tools" / "gpu_check.sh"
+sys.path.insert(0, str(REPO / "tools"))
+import gpu_check  # noqa: E402
+
+
+def test_script_parses_and_dry_runs(tmp_path):
+    assert subprocess.run(["bash", "-n", str(SCRIPT)]).returncode == 0
+    env = {**os.environ, "PYTHON": sys.executable, "MOEC_CUDA_ARCH": "sm_86"}
+    res = subprocess.run(["bash", str(SCRIPT), "--dry-run", "--out", str(tmp_path / "o")], capture_output=True,
+                         text=True, timeout=120, env=env)
+    assert res.returncode == 0, res.stderr
+    assert "(arch sm_86 from $MOEC_CUDA_ARCH)" in res.stdout
+    assert [ln.split(":", 1)[0] for ln in res.stdout.splitlines() if ln.startswith("plan ")] == \
+        ["plan uniform", "plan uniform", "plan mixed"]
+    assert "cuda:sm_86 bundles" in res.stdout and not (tmp_path / "o").exists()  # nothing built
+
+
+@pytest.mark.skipif(cuda_available(), reason="this machine has a CUDA GPU")
+def test_driver_without_a_gpu_is_one_line(capsys, tmp_path):
+    assert gpu_check.main(["--out", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: no CUDA GPU visible to TVM") and "\n" not in err
+    assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize("plans, needle", [("uniform:7", "7 bits not allowed"), ("fp8", "unknown plan 'fp8'")])
+def test_driver_bad_plan_is_one_line(capsys, plans, needle):
+    assert gpu_check.main(["--plans", plans, "--dry-run"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error:") and needle in err and "\n" not in err
+
+
+def test_mixed_plan_mixes_bits():
+    from moec.models.checkpoint import load_config
+    cfg = load_config(REPO / "reference" / "checkpoint")
+    plan = gpu_check.plans_for(cfg, ["mixed"])["mixed"]
+    bits = {b for row in plan.experts.values() for b in row.values()}
+    assert bits == {2, 4, 8}
+
+
+def test_plan_check_with_a_cpu_bundle_standing_in(tmp_path, nvml):
+    """The GPU stage's logic on the CPU: the same build twice must give equal tokens, and the NVML
+    reading (a fake 300 W GPU) must come out as J/token = 300 W / tokens per second."""
+    from tests.conftest import make_tiny_checkpoint
+    nvml(watts=300.0)
+    make_tiny_checkpoint(tmp_path / "ckpt", max_position=64)
+    from moec.models.checkpoint import load_config
+    cfg = load_config(tmp_path / "ckpt")
+    args = argparse.Namespace(checkpoint=tmp_path / "ckpt", out=tmp_path / "out", tokens=6, prompt="The quick brown",
+                              gpu_target="host", copy_gbs=100.0)
+    row = {"plan": "uniform:8"}
+    gpu_check.check_plan("uniform:8", gpu_check.plans_for(cfg, ["uniform:8"])["uniform:8"], args, row)
+    assert row["tokens = CPU"] == "yes"
+    tok_s, j_tok = float(row["GPU tok/s"]), float(row["J/token"])
+    assert j_tok * tok_s == pytest.approx(300.0, rel=0.1) and row["W"] in {"297", "298", "299", "300", "301", "302"}
+    assert row["eff. GB/s"].endswith("%)")
+    assert "uniform:8" in gpu_check.table([row]) and "tokens = CPU" in gpu_check.table([row])
