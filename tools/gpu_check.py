@@ -212,6 +212,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--tokens", type=int, default=24, help="greedy tokens compared with the CPU bundle")
     ap.add_argument("--prompt", default=PROMPT)
     ap.add_argument("--no-torch", action="store_true", help="skip the torch eager fp16 baseline")
+    ap.add_argument("--budget-s", type=float, default=400.0,
+                    help="start no new stage after this many seconds (the table is printed either way)")
     ap.add_argument("--json", type=Path, default=None, help="also write the rows as JSON here")
     ap.add_argument("--dry-run", action="store_true", help="resolve everything, print the steps, run nothing")
     args = ap.parse_args(argv)
@@ -248,9 +250,19 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as exc:  # noqa: BLE001 - fail soft, report
         args.copy_gbs = None
         rows.append({"plan": "D2D copy", "note": f"failed: {_line(exc)}"})
+    started = time.monotonic()
+
+    def over_budget(row: dict) -> bool:
+        if time.monotonic() - started > args.budget_s:
+            row["note"] = f"skipped: past the {args.budget_s:g} s budget"
+            return True
+        return False
+
     for name, plan in plans.items():
         row = {"plan": name}
         rows.append(row)
+        if over_budget(row):
+            continue
         try:
             check_plan(name, plan, args, row)
         except Exception as exc:  # noqa: BLE001
@@ -260,7 +272,8 @@ def main(argv: list[str] | None = None) -> int:
         row = {"plan": "torch eager fp16"}
         rows.append(row)
         try:
-            torch_fp16(args, row)
+            if not over_budget(row):
+                torch_fp16(args, row)
         except Exception as exc:  # noqa: BLE001
             row["note"] = f"failed: {_line(exc)}"
     date = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
@@ -268,7 +281,7 @@ def main(argv: list[str] | None = None) -> int:
     print(table(rows))
     if args.json:
         args.json.write_text(json.dumps({"date": date, "gpu": info, "arch": args.arch, "rows": rows}, indent=1))
-    bad = [r["plan"] for r in rows if "failed" in r.get("note", "") or r.get("tokens = CPU", "yes") != "yes"]
+    bad = [r["plan"] for r in rows if r.get("note", "").startswith(("failed", "skipped")) or r.get("tokens = CPU", "yes") != "yes"]
     return 1 if bad else 0
 
 
