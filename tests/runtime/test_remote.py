@@ -203,3 +203,16 @@ def test_tracker_on_a_taken_port_is_a_clear_error(tmp_path):
         with pytest.raises(MoecError, match=f"did not start on 127.0.0.1:{addr.port}: port {addr.port} is in use"):
             start_tracker(port=addr.port, timeout=30, log_dir=tmp_path)
     assert not first.alive()
+
+
+@pytest.mark.skipif(not cuda_available(), reason="needs a CUDA GPU (run by tools/gpu_check.sh machines)")
+def test_cuda_bundle_tokens_equal_the_cpu_bundle(bundle, tmp_path):
+    """On a GPU: a cuda bundle of the same checkpoint and plan decodes (prefill + steps) to the CPU tokens."""
+    from moec import api
+    from moec.runtime.session import BundleSession
+    gpu_bundle = api.compile_bundle(api.CompileConfig(bundle.parent / "ckpt", tmp_path / "gpu", target="cuda",
+                                                      plan="uniform:4", group_size=32))
+    with BundleSession(bundle) as cpu, BundleSession(gpu_bundle) as gpu:
+        assert gpu.dev.dlpack_device_type() == 2 == gpu.params[0].device.dlpack_device_type()  # kDLCUDA: weights on GPU
+        prompt = cpu.tokenizer.encode("The quick brown").ids
+        assert gpu.generate(prompt, 8)[0] == cpu.generate(prompt, 8)[0]
