@@ -160,18 +160,20 @@ def check_plan(name: str, plan, args, row: dict) -> None:
         row["J/token"] = "no NVML"
 
 
-def torch_fp16(args, row: dict) -> None:
-    """Greedy decode of the checkpoint in torch eager fp16 on the GPU (tok/s)."""
+def torch_fp16(args, row: dict, device: str = "cuda", dtype: str = "float16") -> None:
+    """Decode steps of the checkpoint in torch eager (fp16 on the GPU; tests use the CPU) -> tok/s, J/token."""
     import torch
 
     import moec.models.model as model_mod
     from moec.models.checkpoint import load_checkpoint
-    if not torch.cuda.is_available():
+    if device == "cuda" and not torch.cuda.is_available():
         raise RuntimeError(f"torch {torch.__version__} has no CUDA")
-    rope = model_mod.rope_tables  # moec computes RoPE tables on the CPU in float32: move them to the GPU
-    model_mod.rope_tables = lambda *a, **k: tuple(t.to("cuda", torch.float16) for t in rope(*a, **k))
+    dt = getattr(torch, dtype)
+    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+    rope = model_mod.rope_tables  # moec computes RoPE tables on the CPU in float32: move them over
+    model_mod.rope_tables = lambda *a, **k: tuple(t.to(device, dt) for t in rope(*a, **k))
     try:
-        m = load_checkpoint(args.checkpoint).half().cuda()
+        m = load_checkpoint(args.checkpoint).to(device=device, dtype=dt)
         from tokenizers import Tokenizer
         ids = Tokenizer.from_file(str(args.checkpoint / "tokenizer.json")).encode(args.prompt).ids
         cache = None
@@ -180,26 +182,33 @@ def torch_fp16(args, row: dict) -> None:
         def reset():
             nonlocal cache
             cache = m.new_cache()
-            m(torch.tensor([ids], device="cuda"), cache)
+            m(torch.tensor([ids], device=device), cache)
 
         def step():
-            m(torch.tensor([[7]], device="cuda"), cache)
-            torch.cuda.synchronize()
+            logits = m(torch.tensor([[7]], device=device), cache)
+            sync()
+            if not torch.isfinite(logits).all():
+                raise RuntimeError(f"torch {dtype} decode gave non-finite logits")
         with torch.no_grad():
             done, secs, energy = timed_decode(step, reset, steps)
     finally:
         model_mod.rope_tables = rope
-    row["GPU tok/s"] = f"{done / secs:.1f}"
+    row["GPU tok/s" if device == "cuda" else "CPU tok/s"] = f"{done / secs:.1f}"
     if energy and energy["joules"] > 0:
         row["J/token"] = f"{energy['joules'] / done:.4f}"
         row["W"] = f"{energy['joules'] / energy['seconds']:.0f}"
 
 
-COLUMNS = ["plan", "tokens = CPU", "GPU tok/s", "CPU tok/s", "eff. GB/s", "J/token", "W", "build s", "note"]
+COLUMNS = ["plan", "tokens = CPU", "GPU tok/s", "vs torch fp16", "CPU tok/s", "eff. GB/s", "J/token", "W", "build s", "note"]
 
 
 def table(rows: list[dict]) -> str:
+    """The rows as one text table; GPU tok/s also as a ratio to the torch eager fp16 row when both exist."""
     from moec.cli.table import format_table
+    base = next((r.get("GPU tok/s") for r in rows if r.get("plan") == "torch eager fp16"), None)
+    for r in rows:
+        if base and r.get("GPU tok/s") and r.get("plan") != "torch eager fp16":
+            r["vs torch fp16"] = f"{float(r['GPU tok/s']) / float(base):.2f}x"
     return format_table(COLUMNS, [[r.get(c, "-") for c in COLUMNS] for r in rows])
 
 

@@ -73,3 +73,24 @@ def test_plan_check_with_a_cpu_bundle_standing_in(tmp_path, nvml):
     assert j_tok * tok_s == pytest.approx(300.0, rel=0.1) and row["W"] in {"297", "298", "299", "300", "301", "302"}
     assert row["eff. GB/s"].endswith("%)")
     assert "uniform:8" in gpu_check.table([row]) and "tokens = CPU" in gpu_check.table([row])
+
+
+def test_torch_baseline_decode_loop_on_the_cpu(tmp_path, nvml):
+    """The torch eager baseline's loop (cache reset per pass, RoPE tables moved to the device) on the CPU."""
+    from tests.conftest import make_tiny_checkpoint
+    nvml(watts=100.0)
+    make_tiny_checkpoint(tmp_path / "ckpt", max_position=64)
+    args = argparse.Namespace(checkpoint=tmp_path / "ckpt", prompt="The quick brown")
+    row = {}
+    gpu_check.torch_fp16(args, row, device="cpu", dtype="float32")
+    assert float(row["CPU tok/s"]) > 0 and float(row["J/token"]) * float(row["CPU tok/s"]) == pytest.approx(100, rel=0.1)
+    import moec.models.model as model_mod
+    from moec.models.torch_ops import rope_tables
+    assert model_mod.rope_tables is rope_tables  # restored
+
+
+def test_table_compares_with_torch():
+    rows = [{"plan": "uniform:4", "GPU tok/s": "300.0"}, {"plan": "mixed", "note": "failed: x"},
+            {"plan": "torch eager fp16", "GPU tok/s": "200.0"}]
+    text = gpu_check.table(rows)
+    assert rows[0]["vs torch fp16"] == "1.50x" and "vs torch fp16" not in rows[1] and "failed: x" in text
