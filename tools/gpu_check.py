@@ -5,7 +5,8 @@ a mixed 2/4/8-bit plan) it builds a ``host`` bundle and a ``cuda`` bundle (arch 
 checks that greedy tokens on the GPU equal the CPU bundle's, times GPU decode steps (tokens/s,
 effective weight bandwidth = modelled bytes per step x steps/s, against the GPU's measured
 device-to-device copy bandwidth) with NVML energy sampled during the timed loop, and times torch
-eager fp16 decode of the same checkpoint on the GPU. Every stage fails soft: a failure becomes a
+eager fp16 decode of the same checkpoint on the GPU; before them, the backend's routed-expert GEMV
+on OLMoE-shaped experts gives GB/s per bit width (``tools/gpu_kernels.py``). Every stage fails soft: a failure becomes a
 row note and the table is printed with whatever was measured.
 
 Without a GPU it stops with a one-line error (exit 2); ``--dry-run`` prints what it would do.
@@ -24,6 +25,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "tools"))
 
 PROMPT = "The list type is"
 
@@ -199,6 +201,26 @@ def torch_fp16(args, row: dict, device: str = "cuda", dtype: str = "float16") ->
         row["W"] = f"{energy['joules'] / energy['seconds']:.0f}"
 
 
+def kernel_rows(args, rows: list[dict], over_budget) -> None:
+    """One row per bit width: the routed-expert GEMV (OLMoE expert shape, top-8 of 64) GB/s vs the copy."""
+    import gpu_kernels
+    from moec.core.targets import load_target
+    sh = gpu_kernels.SHAPE
+    target = load_target(args.gpu_target).tvm()
+    for bits in args.kernel_bits:
+        row = {"plan": f"GEMV {bits}-bit {sh['top_k']}x{sh['n']}x{sh['k']}"}
+        rows.append(row)
+        if over_budget(row):
+            continue
+        try:
+            secs, gbs = gpu_kernels.measure(bits, target)
+            row["eff. GB/s"] = f"{gbs:.1f}" + (f" ({100 * gbs / args.copy_gbs:.1f} %)" if args.copy_gbs else "")
+            row["note"] = f"{secs * 1e6:.1f} us/call"
+        except Exception as exc:  # noqa: BLE001
+            row["note"] = f"failed: {_line(exc)}"
+        print(f"[{row['plan']}] " + json.dumps(row), flush=True)
+
+
 COLUMNS = ["plan", "tokens = CPU", "GPU tok/s", "vs torch fp16", "CPU tok/s", "eff. GB/s", "J/token", "W", "build s", "note"]
 
 
@@ -221,6 +243,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--tokens", type=int, default=24, help="greedy tokens compared with the CPU bundle")
     ap.add_argument("--prompt", default=PROMPT)
     ap.add_argument("--no-torch", action="store_true", help="skip the torch eager fp16 baseline")
+    ap.add_argument("--kernel-bits", default="2,3,4,8", help="bit widths of the GEMV bandwidth rows ('' for none)")
     ap.add_argument("--budget-s", type=float, default=400.0,
                     help="start no new stage after this many seconds (the table is printed either way)")
     ap.add_argument("--json", type=Path, default=None, help="also write the rows as JSON here")
@@ -234,6 +257,11 @@ def main(argv: list[str] | None = None) -> int:
         names = [p.strip() for p in args.plans.split(",") if p.strip()]
         plans = plans_for(cfg, names)
         args.arch, source = resolve_cuda_arch(args.arch)
+        parts = [b.strip() for b in args.kernel_bits.split(",") if b.strip()]
+        bad = [b for b in parts if b not in ("2", "3", "4", "8")]
+        if bad:
+            raise MoecError(f"--kernel-bits: {', '.join(bad)} not in 2, 3, 4, 8")
+        args.kernel_bits = [int(b) for b in parts]
     except (MoecError, OSError) as exc:
         print(f"error: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}", file=sys.stderr)
         return 2
@@ -243,6 +271,7 @@ def main(argv: list[str] | None = None) -> int:
         for name in plans:
             print(f"plan {name}: build host + cuda:{args.arch} bundles under {args.out}, compare "
                   f"{args.tokens} greedy tokens, time decode with NVML")
+        print(f"routed-expert GEMV GB/s at bits {args.kernel_bits or 'none'}")
         print("torch eager fp16 decode: " + ("skipped" if args.no_torch else "yes"))
         return 0
     from moec.runtime.session import cuda_available
@@ -267,6 +296,7 @@ def main(argv: list[str] | None = None) -> int:
             return True
         return False
 
+    kernel_rows(args, rows, over_budget)
     for name, plan in plans.items():
         row = {"plan": name}
         rows.append(row)

@@ -41,9 +41,11 @@ def test_driver_without_a_gpu_is_one_line(capsys, tmp_path):
     assert not (tmp_path / "o").exists()
 
 
-@pytest.mark.parametrize("plans, needle", [("uniform:7", "7 bits not allowed"), ("fp8", "unknown plan 'fp8'")])
-def test_driver_bad_plan_is_one_line(capsys, plans, needle):
-    assert gpu_check.main(["--plans", plans, "--dry-run"]) == 2
+@pytest.mark.parametrize("opts, needle", [(["--plans", "uniform:7"], "7 bits not allowed"),
+                                          (["--plans", "fp8"], "unknown plan 'fp8'"),
+                                          (["--kernel-bits", "4,x,5"], "--kernel-bits: x, 5 not in")])
+def test_driver_bad_option_is_one_line(capsys, opts, needle):
+    assert gpu_check.main([*opts, "--dry-run"]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("error:") and needle in err and "\n" not in err
 
@@ -94,3 +96,16 @@ def test_table_compares_with_torch():
             {"plan": "torch eager fp16", "GPU tok/s": "200.0"}]
     text = gpu_check.table(rows)
     assert rows[0]["vs torch fp16"] == "1.50x" and "vs torch fp16" not in rows[1] and "failed: x" in text
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+def test_kernel_benchmark_compiles_for_cuda(bits):
+    """The benchmarked kernel is the backend's fused GEMV, scheduled onto threads for the GPU (codegen only here)."""
+    import gpu_kernels
+    from moec.core.targets import load_target
+    from moec.lower.cuda_kernels import count_kernels, cuda_source
+    small = {"n": 64, "k": 256, "experts": 4, "top_k": 2, "group": 64}
+    src = cuda_source(gpu_kernels.build(bits, load_target("cuda:sm_80").tvm(), small).mod)
+    assert "expert_dequant_gemv" in src and count_kernels(src) >= 1 and "threadIdx.x" in src
+    per_expert = 64 * 256 * bits // 8 + 64 * 4 * 2 + 64 * -(-4 * bits // 8)  # codes + fp16 scales + zeros
+    assert gpu_kernels.routed_bytes(bits, **small) == 2 * per_expert
