@@ -21,26 +21,31 @@ else
   log "no nvidia-smi on PATH"
 fi
 
+PIP_OPTS=(--quiet --retries 1 --timeout 15)   # a machine without network fails fast, then uses what it has
 if [ "${SKIP_INSTALL:-0}" = 1 ] || [ "$DRY" = 1 ]; then
   PY=${PYTHON:-python3}
 else
   VENV=${VENV:-.venv-gpu}
   if [ ! -x "$VENV/bin/python" ]; then
-    log "creating $VENV"
-    "${PYTHON:-python3}" -m venv "$VENV" || { echo "error: cannot create $VENV" >&2; exit 2; }
+    log "creating $VENV (with the system's site-packages: a preinstalled torch/TVM is reused)"
+    "${PYTHON:-python3}" -m venv --system-site-packages "$VENV" || { echo "error: cannot create $VENV" >&2; exit 2; }
   fi
   PY="$VENV/bin/python"
-  "$PY" -m pip install --quiet --upgrade pip >&2 || log "pip upgrade failed (continuing)"
-  # torch with CUDA first (the fp16 baseline and the copy bandwidth); the CPU build if that fails
+  # torch with CUDA first (the fp16 baseline and the copy bandwidth); without it that row says so
   if ! "$PY" -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)" 2>/dev/null; then
     log "installing torch (CUDA build)"
-    "$PY" -m pip install --quiet torch --index-url "${TORCH_INDEX:-https://download.pytorch.org/whl/cu128}" >&2 \
-      || { log "no CUDA torch: the torch fp16 row will say so"; "$PY" -m pip install --quiet torch >&2; }
+    "$PY" -m pip install "${PIP_OPTS[@]}" torch --index-url "${TORCH_INDEX:-https://download.pytorch.org/whl/cu128}" >&2 \
+      || log "no CUDA torch installed: the torch fp16 row will say so"
   fi
   log "installing moec[dev], nvidia-ml-py, cuda-bindings (NVRTC for TVM's CUDA runtime)"
-  "$PY" -m pip install --quiet -e '.[dev]' >&2 || { echo "error: pip install -e .[dev] failed" >&2; exit 2; }
-  "$PY" -m pip install --quiet nvidia-ml-py >&2 || log "nvidia-ml-py did not install: no J/token"
-  "$PY" -m pip install --quiet cuda-bindings >&2 || log "cuda-bindings did not install: TVM compiles with nvcc"
+  "$PY" -m pip install "${PIP_OPTS[@]}" -e '.[dev]' >&2 || log "pip install -e .[dev] failed (offline?): using what is installed"
+  "$PY" -m pip install "${PIP_OPTS[@]}" nvidia-ml-py >&2 || log "nvidia-ml-py did not install: no J/token"
+  "$PY" -m pip install "${PIP_OPTS[@]}" cuda-bindings >&2 || log "cuda-bindings did not install: TVM compiles with nvcc"
+fi
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+if ! "$PY" -c "import tvm, torch, onnx, click, tokenizers, pydantic, yaml, safetensors" 2>/dev/null; then
+  echo "error: $PY lacks moec's dependencies (tvm, torch, onnx, click, tokenizers, pydantic, pyyaml, safetensors) and pip could not install them" >&2
+  exit 2
 fi
 # TVM compiles the bundle's embedded CUDA source at load time: NVRTC (cuda-bindings) or nvcc
 if ! "$PY" -c "import cuda.bindings" 2>/dev/null; then export TVM_CUDA_COMPILE_MODE=nvcc; fi

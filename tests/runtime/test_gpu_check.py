@@ -109,3 +109,14 @@ def test_kernel_benchmark_compiles_for_cuda(bits):
     assert "expert_dequant_gemv" in src and count_kernels(src) >= 1 and "threadIdx.x" in src
     per_expert = 64 * 256 * bits // 8 + 64 * 4 * 2 + 64 * -(-4 * bits // 8)  # codes + fp16 scales + zeros
     assert gpu_kernels.routed_bytes(bits, **small) == 2 * per_expert
+
+
+def test_script_without_dependencies_is_one_line(tmp_path):
+    """An interpreter without moec's dependencies (pip offline or skipped) stops with one error line."""
+    bare = tmp_path / "bare"
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(bare)], check=True)
+    env = {**os.environ, "PYTHON": str(bare / "bin" / "python"), "SKIP_INSTALL": "1", "PYTHONPATH": ""}
+    res = subprocess.run(["bash", str(SCRIPT)], capture_output=True, text=True, timeout=120, env=env)
+    assert res.returncode == 2
+    errors = [ln for ln in res.stderr.splitlines() if ln.startswith("error:")]
+    assert len(errors) == 1 and "lacks moec's dependencies" in errors[0] and not res.stdout
