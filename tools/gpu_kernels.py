@@ -59,7 +59,11 @@ def inputs(bits: int, n: int, k: int, experts: int, top_k: int, group: int) -> l
 
 
 def measure(bits: int, target, shape: dict = SHAPE, repeat: int = 20) -> tuple[float, float]:
-    """(seconds per call, GB/s of routed weight bytes) on ``tvm.cuda(0)``."""
+    """(seconds per call, GB/s of routed weight bytes) on ``tvm.cuda(0)``.
+
+    The same ``top_k`` experts are read every call (a few MB): on GPUs whose L2 holds them this is
+    an L2-hot upper bound, not DRAM bandwidth.
+    """
     import tvm
     dev = tvm.runtime.cuda(0)
     vm = tvm.runtime.vm.VirtualMachine(build(bits, target, shape), dev)
