@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import os
+import re
+import shutil
+import subprocess
 from importlib import resources
 from pathlib import Path
 
@@ -95,9 +98,57 @@ def builtin_names() -> list[str]:
     return sorted(p.stem for p in _builtin_dir().glob("*.yaml"))
 
 
+#: The CUDA arch a ``cuda`` preset builds for when none is named or detected (Ampere A100).
+DEFAULT_CUDA_ARCH = "sm_80"
+_SM = re.compile(r"sm_\d{2,3}[a-z]?")
+
+
+def detect_cuda_arch() -> str | None:
+    """``sm_XX`` of this machine's first GPU from ``nvidia-smi --query-gpu=compute_cap`` (None: no GPU/tool)."""
+    smi = shutil.which("nvidia-smi")
+    if smi is None:
+        return None
+    try:
+        res = subprocess.run([smi, "--query-gpu=compute_cap", "--format=csv,noheader"], capture_output=True,
+                             text=True, timeout=20)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    first = res.stdout.strip().splitlines()[:1] if res.returncode == 0 else []
+    m = re.fullmatch(r"(\d+)\.(\d+)", first[0].strip()) if first else None
+    return f"sm_{m.group(1)}{m.group(2)}" if m else None
+
+
+def resolve_cuda_arch(given: str | None = None) -> tuple[str, str]:
+    """(arch, where it came from): ``given`` (``cuda:sm_XX``), $MOEC_CUDA_ARCH, nvidia-smi, or the default."""
+    for arch, source in ((given, "target name"), (os.environ.get("MOEC_CUDA_ARCH"), "$MOEC_CUDA_ARCH")):
+        if arch:
+            if not _SM.fullmatch(arch):
+                raise MoecError(f"bad CUDA arch '{arch}' (from {source}); expected e.g. sm_86 or sm_90")
+            return arch, source
+    detected = detect_cuda_arch()
+    return (detected, "nvidia-smi") if detected else (DEFAULT_CUDA_ARCH, "default")
+
+
 def load_target(name_or_path: str | os.PathLike) -> TargetPreset:
-    """A built-in preset by name, or a user preset file by path."""
+    """A built-in preset by name, or a user preset file by path.
+
+    A preset whose ``tvm_target.arch`` is ``auto`` (the ``cuda`` preset) gets its arch here:
+    ``cuda:sm_90`` names it, else :func:`resolve_cuda_arch` finds it.
+    """
     s = ALIASES.get(str(name_or_path), str(name_or_path))
+    arch = None
+    if ":" in s and os.sep not in s and not s.endswith((".yaml", ".yml")):
+        s, arch = s.split(":", 1)
+    preset = _load_preset(s)
+    if preset.tvm_target.get("arch") == "auto":
+        resolved, _ = resolve_cuda_arch(arch)
+        preset = preset.model_copy(update={"tvm_target": {**preset.tvm_target, "arch": resolved}})
+    elif arch is not None:
+        raise MoecError(f"target '{s}' takes no ':{arch}' (only presets with arch 'auto', e.g. cuda:sm_86)")
+    return preset
+
+
+def _load_preset(s: str) -> TargetPreset:
     path = Path(s) if (s.endswith((".yaml", ".yml")) or os.sep in s) else _builtin_dir() / f"{s}.yaml"
     if not path.is_file():
         if path.parent == _builtin_dir():

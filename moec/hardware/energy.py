@@ -1,4 +1,4 @@
-"""Power meters from real sensor files (INA3221 hwmon, JetPack 4 ina3221x, RAPL) and their integration.
+"""Power meters (INA3221 hwmon, JetPack 4 ina3221x, RAPL, NVML) and their integration.
 
 Layouts read (``root`` replaces ``/`` so fixture directories can stand in for ``/sys``):
 
@@ -7,8 +7,10 @@ Layouts read (``root`` replaces ``/`` so fixture directories can stand in for ``
 - INA3221 via the ``ina3221x`` IIO driver (JetPack 4): ``…/iio:deviceN/{rail_nameK, in_powerK_input (mW)}``.
 - Linux RAPL: ``/sys/class/powercap/intel-rapl:N/{name, energy_uj, max_energy_range_uj}``, a
   cumulative counter that wraps at ``max_energy_range_uj``.
+- NVIDIA GPUs through NVML (preset sensor ``{kind: nvml, path: "nvml:INDEX"}``), see
+  :mod:`moec.hardware.nvml_energy`; ``pynvml`` is optional and imported only when such a meter is made.
 
-Only the standard library is used: the device-side sampler process imports this module alone.
+Only the standard library is required: the device-side sampler process imports these modules alone.
 """
 
 from __future__ import annotations
@@ -19,6 +21,8 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from moec.hardware.nvml_energy import NvmlMeter, parse_index
 
 
 def _read_num(path: Path) -> float:
@@ -119,11 +123,16 @@ def discover_meters(root: str | os.PathLike = "/") -> list:
     for f in sorted(glob.glob(_under(root, "/sys/class/powercap/intel-rapl:*/energy_uj"))):
         if Path(f).parent.name.count(":") == 1:  # packages, not their sub-domains (counted inside)
             meters.append(RaplMeter(f))
+    if str(root) == "/":  # NVML reads the real driver: never under a fixture root
+        try:
+            meters.append(NvmlMeter(0))
+        except FileNotFoundError:
+            pass
     return meters
 
 
 def meters_for(sensors: list[dict], root: str | os.PathLike = "/") -> list:
-    """Meters of a preset's ``power_sensors`` (kind ``rapl`` / ``ina3221`` / ``ina3221x``) that exist.
+    """Meters of a preset's ``power_sensors`` (kind ``rapl`` / ``ina3221`` / ``ina3221x`` / ``nvml``) that exist.
 
     Falls back to :func:`discover_meters` when the preset lists none or none of them exists.
     """
@@ -131,7 +140,9 @@ def meters_for(sensors: list[dict], root: str | os.PathLike = "/") -> list:
     for s in sensors:
         path = _under(root, s["path"])
         try:
-            if s["kind"] == "rapl":
+            if s["kind"] == "nvml":
+                out.append(NvmlMeter(parse_index(s["path"])))
+            elif s["kind"] == "rapl":
                 out.append(RaplMeter(path))
             elif s["kind"] in ("ina3221", "ina3221x"):
                 for d in sorted(glob.glob(path)) or [path]:

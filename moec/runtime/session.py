@@ -61,12 +61,16 @@ class BundleSession:
         self.remote = remote
         target = self.manifest.get("target", {})
         device = self.manifest.get("backend", {}).get("runtime_device", target.get("family", "cpu"))
-        if device != "cpu":
+        if device not in RUNTIME_DEVICES:
             raise MoecError(f"bundle '{root}' is for target '{target.get('name')}' (runs on {device}); "
-                            "this runtime runs CPU bundles only")
+                            f"this runtime runs {' and '.join(RUNTIME_DEVICES)} bundles only")
+        self.device_kind = device
+        if device == "cuda" and remote is None:
+            require_local_cuda(root)  # before lib.so is touched: one line, not a CUDA driver traceback
         lib_path = root / "lib.so"
         lib_arch = elf_machine(lib_path) or "unknown"
-        triple = target.get("tvm_target", {}).get("mtriple", "")
+        host = target.get("tvm_host") if device == "cuda" else None
+        triple = (host or target.get("tvm_target", {})).get("mtriple", "")
         built_for = f"{lib_arch}" + (f" ({triple})" if triple else "")
         if remote is None and lib_arch != "unknown" and lib_arch != platform.machine():
             raise MoecError(f"{lib_path} is built for {built_for} but this machine is {platform.machine()}; "
@@ -77,11 +81,13 @@ class BundleSession:
             try:
                 if remote is None:
                     lib = tvm.runtime.load_module(str(checked))
-                    self.dev = tvm.runtime.cpu()
+                    self.dev = tvm.runtime.cuda(0) if device == "cuda" else tvm.runtime.cpu()
                 else:
                     remote.upload(str(checked), "moec_lib.so")
                     lib = remote.load_module("moec_lib.so")
-                    self.dev = remote.cpu()
+                    self.dev = remote.cuda(0) if device == "cuda" else remote.cpu()
+                    if device == "cuda" and not self.dev.exist:
+                        failure = "the remote device has no CUDA GPU (or TVM there is built without CUDA)"
             except Exception as exc:
                 failure = _last_line(exc)
         if failure is not None:  # raised outside the except block: the TVM error's frames hold the session
@@ -90,7 +96,9 @@ class BundleSession:
             self.remote = remote = None
             raise MoecError(f"cannot load {lib_path} (built for {built_for}) on {where}{hint}: {failure}")
         self.vm = tvm.runtime.vm.VirtualMachine(lib, self.dev)
-        self.params = device_params(root, self.manifest["params"], self.dev, zero_copy=remote is None)
+        # zero-copy views of the mapped weights.bin only for the local CPU; a GPU gets device copies
+        self.params = device_params(root, self.manifest["params"], self.dev,
+                                    zero_copy=remote is None and device == "cpu")
         tok = root / "tokenizer.json"
         self.tokenizer = Tokenizer.from_file(str(tok)) if "tokenizer.json" in self.manifest["files"] else None
         self.eos = self.manifest.get("eos_token_id")
@@ -190,6 +198,25 @@ class BundleSession:
                 logits = _finite(self.step(nxt), len(prompt_ids) + len(out))
         t2 = time.perf_counter()
         return out, GenerationStats(len(prompt_ids), len(out), t1 - t0, t2 - t1)
+
+
+#: Devices ``BundleSession`` runs bundles on (a backend's ``runtime_device``).
+RUNTIME_DEVICES = ("cpu", "cuda")
+
+
+def cuda_available() -> bool:
+    """Whether this process sees a CUDA GPU through TVM's CUDA runtime."""
+    try:
+        return bool(tvm.runtime.cuda(0).exist)
+    except Exception:  # noqa: BLE001 - a TVM built without CUDA raises rather than answering False
+        return False
+
+
+def require_local_cuda(bundle: str | os.PathLike) -> None:
+    """Raise a one-line :class:`MoecError` unless a CUDA GPU is usable here."""
+    if not cuda_available():
+        raise MoecError(f"bundle '{bundle}' is a CUDA bundle but this machine has no usable CUDA GPU (no driver "
+                        "or device seen by TVM); run it on a GPU machine or a Jetson (moec run --rpc HOST:PORT)")
 
 
 def _finite(logits: np.ndarray, position: int) -> np.ndarray:

@@ -1,4 +1,4 @@
-"""Jetson (CUDA sm_87 + aarch64 host): CUDA source generation, the nvcc fatbin, and the bundle."""
+"""CUDA targets (Jetson: sm_87 + aarch64 host; cuda: any sm_XX + x86_64 host): source, nvcc fatbin, bundle."""
 
 from __future__ import annotations
 
@@ -117,3 +117,35 @@ def test_an_unscheduled_gpu_function_fails_the_build(monkeypatch):
     monkeypatch.setattr("moec.lower.schedules.gpu_rules.binds_threads", lambda func: False)
     with pytest.raises(RuntimeError, match="no GPU schedule for .*matmul"):
         _compile(_gemv_and_softmax())
+
+
+def test_cuda_preset_has_an_x86_64_host_and_the_shared_backend():
+    preset = load_target("cuda:sm_86")
+    assert backend_for(preset) is backend_for(load_target("jetson-agx-orin"))
+    ex = _compile(_gemv_and_softmax(), "cuda:sm_86")
+    assert count_kernels(cuda_source(ex.mod)) >= 2
+    assert 'target triple = "x86_64' in ex.mod.imports[0].inspect_source("ll")
+
+
+@needs_nvcc
+def test_nvcc_compiles_the_cuda_preset_for_the_given_arch():
+    from moec.lower.cuda_kernels import compile_cuda
+    target = load_target("cuda:sm_89").tvm()
+    kernels = compile_cuda(_compile(_gemv_and_softmax(), "cuda:sm_89").mod, target)
+    assert kernels.arch == "sm_89" and elf_cuda_sm(kernels.fatbin) == [89]
+
+
+@needs_nvcc
+def test_cuda_preset_bundle(tmp_path):
+    from tests.conftest import make_tiny_checkpoint
+    from moec.runtime.remote import elf_machine
+    make_tiny_checkpoint(tmp_path / "ckpt", seed=3)
+    out = tmp_path / "bundle"
+    res = CliRunner().invoke(cli, ["compile", str(tmp_path / "ckpt"), "--target", "cuda:sm_86",
+                                   "--plan", "uniform:4", "--out", str(out)])
+    assert res.exit_code == 0, res.output
+    assert elf_machine(out / "lib.so") == "x86_64"
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["target"]["tvm_target"]["arch"] == "sm_86" and manifest["cuda"]["arch"] == "sm_86"
+    assert manifest["backend"]["runtime_device"] == "cuda" and manifest["kernels"] == "gpu-fused"
+    assert elf_cuda_sm((out / manifest["cuda"]["fatbin"]).read_bytes()) == [86]

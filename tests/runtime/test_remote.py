@@ -10,6 +10,8 @@ from click.testing import CliRunner
 from moec.cli.main import cli
 from moec.core.errors import MoecError
 from moec.runtime.remote import TrackerAddress, elf_machine, request_device
+from moec.runtime.session import cuda_available
+from tests.cli_helpers import assert_one_line_error, run
 
 pytestmark = pytest.mark.tvm
 
@@ -94,24 +96,78 @@ def test_emu_tool_unreachable_tracker_is_one_line(tmp_path):
     assert not (tmp_path / "d").exists()  # nothing set up for a tracker that is not there
 
 
-def test_non_cpu_bundle_is_refused(bundle, tmp_path):
+def _as_device_bundle(bundle, tmp_path, device: str, legacy: bool = False):
+    """A copy of ``bundle`` whose manifest says it runs on ``device`` (``legacy``: no backend entry)."""
     import json
     import shutil
-
-    from moec.runtime.session import BundleSession
-    copy = tmp_path / "b"
+    copy = tmp_path / f"b-{device}"
     shutil.copytree(bundle, copy)
     manifest = json.loads((copy / "manifest.json").read_text())
     assert manifest["backend"]["runtime_device"] == "cpu"
-    manifest["target"].update(name="jetson-agx-orin", family="cuda")
-    manifest["backend"] = {"name": "cuda", "runtime_device": "cuda"}
+    manifest["target"].update(name="jetson-agx-orin", family=device)
+    manifest["backend"] = {"name": device, "runtime_device": device}
+    if legacy:
+        del manifest["backend"]  # a bundle from before backends: its target family decides
     (copy / "manifest.json").write_text(json.dumps(manifest))
-    with pytest.raises(MoecError, match="runs on cuda.*CPU bundles only"):
+    return copy
+
+
+@pytest.mark.parametrize("legacy", [False, True])
+def test_unknown_device_bundle_is_refused(bundle, tmp_path, legacy):
+    from moec.runtime.session import BundleSession
+    with pytest.raises(MoecError, match="runs on vulkan.*runs cpu and cuda bundles only"):
+        BundleSession(_as_device_bundle(bundle, tmp_path, "vulkan", legacy))
+
+
+@pytest.mark.skipif(cuda_available(), reason="this machine has a CUDA GPU")
+def test_cuda_bundle_without_a_gpu_is_one_line(bundle, tmp_path, monkeypatch):
+    from moec.runtime.session import BundleSession
+    copy = _as_device_bundle(bundle, tmp_path, "cuda")
+    loads = []
+    monkeypatch.setattr("tvm.runtime.load_module", lambda *a, **k: loads.append(a))
+    with pytest.raises(MoecError, match=r"is a CUDA bundle but this machine has no usable CUDA GPU") as err:
         BundleSession(copy)
-    del manifest["backend"]  # a bundle from before backends: its target family decides
-    (copy / "manifest.json").write_text(json.dumps(manifest))
-    with pytest.raises(MoecError, match="runs on cuda.*CPU bundles only"):
+    assert "\n" not in str(err.value) and loads == []  # refused before lib.so is loaded
+    code, out = run("run", copy, "--prompt", "The quick")
+    assert_one_line_error(code, out, "no usable CUDA GPU")
+
+
+def test_cuda_bundle_verifies_before_the_gpu_check(bundle, tmp_path, monkeypatch):
+    from moec.runtime.session import BundleSession
+    copy = _as_device_bundle(bundle, tmp_path, "cuda")
+    with open(copy / "lib.so", "ab") as f:
+        f.write(b"x")
+    checked = []
+    monkeypatch.setattr("moec.runtime.session.require_local_cuda", lambda root: checked.append(root))
+    with pytest.raises(MoecError, match="lib.so"):
         BundleSession(copy)
+    assert checked == []  # a tampered bundle never reaches the device check
+
+
+class _NoCudaRemote:
+    """An RPC session stand-in whose device has no CUDA GPU (as an rpc_server on a CPU-only host)."""
+
+    def __init__(self):
+        self.calls = []
+
+    def upload(self, path, name):
+        self.calls.append(("upload", name))
+
+    def load_module(self, name):
+        self.calls.append(("load", name))
+        return object()
+
+    def cuda(self, index=0):
+        import types
+        return types.SimpleNamespace(exist=False)
+
+
+def test_cuda_bundle_on_a_remote_without_a_gpu_is_one_line(bundle, tmp_path):
+    from moec.runtime.session import BundleSession
+    remote = _NoCudaRemote()
+    with pytest.raises(MoecError, match="on the remote device.*has no CUDA GPU"):
+        BundleSession(_as_device_bundle(bundle, tmp_path, "cuda"), remote=remote)
+    assert remote.calls == [("upload", "moec_lib.so"), ("load", "moec_lib.so")]
 
 
 @pytest.mark.farm
@@ -147,3 +203,16 @@ def test_tracker_on_a_taken_port_is_a_clear_error(tmp_path):
         with pytest.raises(MoecError, match=f"did not start on 127.0.0.1:{addr.port}: port {addr.port} is in use"):
             start_tracker(port=addr.port, timeout=30, log_dir=tmp_path)
     assert not first.alive()
+
+
+@pytest.mark.skipif(not cuda_available(), reason="needs a CUDA GPU (run by tools/gpu_check.sh machines)")
+def test_cuda_bundle_tokens_equal_the_cpu_bundle(bundle, tmp_path):
+    """On a GPU: a cuda bundle of the same checkpoint and plan decodes (prefill + steps) to the CPU tokens."""
+    from moec import api
+    from moec.runtime.session import BundleSession
+    gpu_bundle = api.compile_bundle(api.CompileConfig(bundle.parent / "ckpt", tmp_path / "gpu", target="cuda",
+                                                      plan="uniform:4", group_size=32))
+    with BundleSession(bundle) as cpu, BundleSession(gpu_bundle) as gpu:
+        assert gpu.dev.dlpack_device_type() == 2 == gpu.params[0].device.dlpack_device_type()  # kDLCUDA: weights on GPU
+        prompt = cpu.tokenizer.encode("The quick brown").ids
+        assert gpu.generate(prompt, 8)[0] == cpu.generate(prompt, 8)[0]

@@ -1,0 +1,122 @@
+"""tools/gpu_check: the shell script parses and dry-runs, the driver refuses to run without a GPU, and its
+per-plan check (build, token comparison, timed decode with NVML) works end to end with a CPU bundle standing
+in for the GPU one."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+
+import pytest
+
+from moec.runtime.session import cuda_available
+from tests.conftest import REPO
+from tests.hardware.nvml_fixture import nvml  # noqa: F401 - fixture
+
+pytestmark = pytest.mark.tvm
+SCRIPT = REPO / "tools" / "gpu_check.sh"
+sys.path.insert(0, str(REPO / "tools"))
+import gpu_check  # noqa: E402
+
+
+def test_script_parses_and_dry_runs(tmp_path):
+    assert subprocess.run(["bash", "-n", str(SCRIPT)]).returncode == 0
+    env = {**os.environ, "PYTHON": sys.executable, "MOEC_CUDA_ARCH": "sm_86"}
+    res = subprocess.run(["bash", str(SCRIPT), "--dry-run", "--out", str(tmp_path / "o")], capture_output=True,
+                         text=True, timeout=120, env=env)
+    assert res.returncode == 0, res.stderr
+    assert "(arch sm_86 from $MOEC_CUDA_ARCH)" in res.stdout
+    assert [ln.split(":", 1)[0] for ln in res.stdout.splitlines() if ln.startswith("plan ")] == \
+        ["plan uniform", "plan uniform", "plan mixed"]
+    assert "cuda:sm_86 bundles" in res.stdout and not (tmp_path / "o").exists()  # nothing built
+
+
+@pytest.mark.skipif(cuda_available(), reason="this machine has a CUDA GPU")
+def test_driver_without_a_gpu_is_one_line(capsys, tmp_path):
+    assert gpu_check.main(["--out", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: no CUDA GPU visible to TVM") and "\n" not in err
+    assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize("opts, needle", [(["--plans", "uniform:7"], "7 bits not allowed"),
+                                          (["--plans", "fp8"], "unknown plan 'fp8'"),
+                                          (["--kernel-bits", "4,x,5"], "--kernel-bits: x, 5 not in")])
+def test_driver_bad_option_is_one_line(capsys, opts, needle):
+    assert gpu_check.main([*opts, "--dry-run"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error:") and needle in err and "\n" not in err
+
+
+def test_mixed_plan_mixes_bits():
+    from moec.models.checkpoint import load_config
+    cfg = load_config(REPO / "reference" / "checkpoint")
+    plan = gpu_check.plans_for(cfg, ["mixed"])["mixed"]
+    bits = {b for row in plan.experts.values() for b in row.values()}
+    assert bits == {2, 4, 8}
+
+
+def test_plan_check_with_a_cpu_bundle_standing_in(tmp_path, nvml):
+    """The GPU stage's logic on the CPU: the same build twice must give equal tokens, and the NVML
+    reading (a fake 300 W GPU) must come out as J/token = 300 W / tokens per second."""
+    from tests.conftest import make_tiny_checkpoint
+    nvml(watts=300.0)
+    make_tiny_checkpoint(tmp_path / "ckpt", max_position=64)
+    from moec.models.checkpoint import load_config
+    cfg = load_config(tmp_path / "ckpt")
+    args = argparse.Namespace(checkpoint=tmp_path / "ckpt", out=tmp_path / "out", tokens=6, prompt="The quick brown",
+                              gpu_target="host", copy_gbs=100.0)
+    row = {"plan": "uniform:8"}
+    gpu_check.check_plan("uniform:8", gpu_check.plans_for(cfg, ["uniform:8"])["uniform:8"], args, row)
+    assert row["tokens = CPU"] == "yes"
+    tok_s, j_tok = float(row["GPU tok/s"]), float(row["J/token"])
+    assert j_tok * tok_s == pytest.approx(300.0, rel=0.1) and row["W"] in {"297", "298", "299", "300", "301", "302"}
+    assert row["eff. GB/s"].endswith("%)")
+    assert "uniform:8" in gpu_check.table([row]) and "tokens = CPU" in gpu_check.table([row])
+
+
+def test_torch_baseline_decode_loop_on_the_cpu(tmp_path, nvml):
+    """The torch eager baseline's loop (cache reset per pass, RoPE tables moved to the device) on the CPU."""
+    from tests.conftest import make_tiny_checkpoint
+    nvml(watts=100.0)
+    make_tiny_checkpoint(tmp_path / "ckpt", max_position=64)
+    args = argparse.Namespace(checkpoint=tmp_path / "ckpt", prompt="The quick brown")
+    row = {}
+    gpu_check.torch_fp16(args, row, device="cpu", dtype="float32")
+    assert float(row["CPU tok/s"]) > 0 and float(row["J/token"]) * float(row["CPU tok/s"]) == pytest.approx(100, rel=0.1)
+    import moec.models.model as model_mod
+    from moec.models.torch_ops import rope_tables
+    assert model_mod.rope_tables is rope_tables  # restored
+
+
+def test_table_compares_with_torch():
+    rows = [{"plan": "uniform:4", "GPU tok/s": "300.0"}, {"plan": "mixed", "note": "failed: x"},
+            {"plan": "torch eager fp16", "GPU tok/s": "200.0"}]
+    text = gpu_check.table(rows)
+    assert rows[0]["vs torch fp16"] == "1.50x" and "vs torch fp16" not in rows[1] and "failed: x" in text
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+def test_kernel_benchmark_compiles_for_cuda(bits):
+    """The benchmarked kernel is the backend's fused GEMV, scheduled onto threads for the GPU (codegen only here)."""
+    import gpu_kernels
+    from moec.core.targets import load_target
+    from moec.lower.cuda_kernels import count_kernels, cuda_source
+    small = {"n": 64, "k": 256, "experts": 4, "top_k": 2, "group": 64}
+    src = cuda_source(gpu_kernels.build(bits, load_target("cuda:sm_80").tvm(), small).mod)
+    assert "expert_dequant_gemv" in src and count_kernels(src) >= 1 and "threadIdx.x" in src
+    per_expert = 64 * 256 * bits // 8 + 64 * 4 * 2 + 64 * -(-4 * bits // 8)  # codes + fp16 scales + zeros
+    assert gpu_kernels.routed_bytes(bits, **small) == 2 * per_expert
+
+
+def test_script_without_dependencies_is_one_line(tmp_path):
+    """An interpreter without moec's dependencies (pip offline or skipped) stops with one error line."""
+    bare = tmp_path / "bare"
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(bare)], check=True)
+    env = {**os.environ, "PYTHON": str(bare / "bin" / "python"), "SKIP_INSTALL": "1", "PYTHONPATH": ""}
+    res = subprocess.run(["bash", str(SCRIPT)], capture_output=True, text=True, timeout=120, env=env)
+    assert res.returncode == 2
+    errors = [ln for ln in res.stderr.splitlines() if ln.startswith("error:")]
+    assert len(errors) == 1 and "lacks moec's dependencies" in errors[0] and not res.stdout

@@ -1,0 +1,333 @@
+"""GPU check (issue 17): CUDA bundles of the reference model vs the CPU bundle, decode speed, bandwidth, NVML J/token.
+
+Run by ``tools/gpu_check.sh`` on a machine with an NVIDIA GPU. For each plan (uniform:8, uniform:4,
+a mixed 2/4/8-bit plan) it builds a ``host`` bundle and a ``cuda`` bundle (arch from nvidia-smi),
+checks that greedy tokens on the GPU equal the CPU bundle's, times GPU decode steps (tokens/s,
+effective weight bandwidth = modelled bytes per step x steps/s, against the GPU's measured
+device-to-device copy bandwidth) with NVML energy sampled during the timed loop, and times torch
+eager fp16 decode of the same checkpoint on the GPU; before them, the backend's routed-expert GEMV
+on OLMoE-shaped experts gives GB/s per bit width (``tools/gpu_kernels.py``). Every stage fails soft: a failure becomes a
+row note and the table is printed with whatever was measured.
+
+Without a GPU it stops with a one-line error (exit 2); ``--dry-run`` prints what it would do.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "tools"))
+
+PROMPT = "The list type is"
+
+
+def gpu_info() -> dict:
+    """Name, compute capability and driver of GPU 0 from nvidia-smi ({} without it)."""
+    smi = shutil.which("nvidia-smi")
+    if smi is None:
+        return {}
+    res = subprocess.run([smi, "--query-gpu=name,compute_cap,driver_version,memory.total", "--format=csv,noheader"],
+                         capture_output=True, text=True, timeout=30)
+    if res.returncode != 0 or not res.stdout.strip():
+        return {}
+    name, cap, driver, mem = [s.strip() for s in res.stdout.strip().splitlines()[0].split(",")][:4]
+    return {"name": name, "compute_cap": cap, "driver": driver, "memory": mem}
+
+
+def mixed_plan(cfg, group: int):
+    """A mixed plan without a profile: experts alternate 2/4 bits (every third at 8), everything else 8."""
+    from moec.core.plan import BitPlan
+    experts = {l: {e: (8 if e % 3 == 2 else 2 if e % 2 else 4) for e in range(cfg.num_experts)}
+               for l in cfg.moe_layers}
+    return BitPlan(experts, {"router": 16, "re:.*": 8}, group, "mse", cfg.fingerprint(),
+                   {"policy": "gpu-check-mixed-2/4/8"})
+
+
+def plans_for(cfg, names: list[str], group: int = 64) -> dict:
+    from moec.core.errors import MoecError
+    from moec.core.plan import resolve_plan
+    out = {}
+    for name in names:
+        if name == "mixed":
+            out[name] = mixed_plan(cfg, group).validate(cfg)
+        elif name.startswith("uniform:"):
+            out[name] = resolve_plan(name, cfg, group)
+        else:
+            raise MoecError(f"unknown plan '{name}'; expected uniform:B or mixed")
+    return out
+
+
+def build(checkpoint: Path, plan, target: str, out: Path) -> Path:
+    from moec.pipeline.compile import CompileConfig, compile_bundle
+    return compile_bundle(CompileConfig(checkpoint=checkpoint, out=out, target=target, plan=plan, force=True))
+
+
+def copy_bandwidth_gbs(nbytes: int = 1 << 30) -> tuple[float, str]:
+    """Device-to-device copy bandwidth (read + write bytes / s) of GPU 0: torch if it has CUDA, else TVM."""
+    try:
+        import torch
+        if torch.cuda.is_available():
+            a = torch.empty(nbytes // 4, dtype=torch.float32, device="cuda")
+            b = torch.empty_like(a)
+            b.copy_(a)
+            torch.cuda.synchronize()
+            best = float("inf")
+            for _ in range(10):
+                t0 = time.perf_counter()
+                b.copy_(a)
+                torch.cuda.synchronize()
+                best = min(best, time.perf_counter() - t0)
+            return 2 * nbytes / best / 1e9, "torch copy_"
+    except ImportError:
+        pass
+    import tvm
+    dev = tvm.runtime.cuda(0)
+    a = tvm.runtime.empty((nbytes // 4,), "float32", dev)
+    b = tvm.runtime.empty((nbytes // 4,), "float32", dev)
+    best = float("inf")
+    for _ in range(10):
+        t0 = time.perf_counter()
+        a.copyto(b)
+        dev.sync()
+        best = min(best, time.perf_counter() - t0)
+    return 2 * nbytes / best / 1e9, "tvm copyto"
+
+
+def timed_decode(step, reset, steps: int, min_seconds: float = 2.0) -> tuple[int, float, dict | None]:
+    """Run decode steps (passes of ``steps`` after ``reset()``) for at least ``min_seconds`` with NVML sampled;
+    (steps run, seconds, energy reading or None)."""
+    from dataclasses import asdict
+
+    from moec.hardware.energy import Sampler
+    from moec.hardware.nvml_energy import NvmlMeter
+    try:
+        sampler = Sampler([NvmlMeter(0)], period_s=0.02)
+    except FileNotFoundError:
+        sampler = None
+    reset()
+    step()  # warm-up (kernel load, first-call allocation)
+    done, elapsed = 0, 0.0
+    if sampler is not None:
+        sampler.start()
+    t0 = time.perf_counter()
+    while elapsed < min_seconds:
+        reset()
+        for _ in range(steps):
+            step()
+        done += steps
+        elapsed = time.perf_counter() - t0
+    reading = asdict(sampler.stop()) if sampler is not None else None
+    return done, elapsed, reading
+
+
+def check_plan(name: str, plan, args, row: dict) -> None:
+    """Build, compare and time one plan; fills ``row`` as it goes (a failure leaves what was measured)."""
+    from moec.hardware.energy_model import decode_traffic
+    from moec.models.checkpoint import load_config
+    from moec.runtime.session import BundleSession
+    tag = name.replace(":", "")
+    t0 = time.time()
+    host = build(args.checkpoint, plan, "host", args.out / f"host-{tag}")
+    gpu = build(args.checkpoint, plan, args.gpu_target, args.out / f"cuda-{tag}")
+    row["build s"] = f"{time.time() - t0:.0f}"
+    with BundleSession(host) as cpu:
+        ids = cpu.tokenizer.encode(args.prompt).ids
+        want, cpu_stats = cpu.generate(ids, args.tokens)
+        row["CPU tok/s"] = f"{cpu_stats.decode_tokens_per_s:.1f}"
+    with BundleSession(gpu) as sess:
+        got, _ = sess.generate(ids, args.tokens)
+        same = sum(a == b for a, b in zip(got, want))
+        row["tokens = CPU"] = "yes" if got == want else f"NO ({same}/{len(want)})"
+        cfg = load_config(args.checkpoint)
+        steps = min(64, cfg.max_position - len(ids) - 2)
+        done, secs, energy = timed_decode(lambda: sess.step(7), lambda: (sess.reset(), sess.prefill(ids)), steps)
+    # prefill (in reset) runs inside the timed loop: its share is one call per ``steps`` decode steps
+    row["GPU tok/s"] = f"{done / secs:.1f}"
+    nbytes, _ = decode_traffic(cfg, plan)
+    gbs = nbytes * done / secs / 1e9
+    row["eff. GB/s"] = f"{gbs:.1f}" + (f" ({100 * gbs / args.copy_gbs:.1f} %)" if args.copy_gbs else "")
+    if energy and energy["joules"] > 0:
+        row["J/token"] = f"{energy['joules'] / done:.4f}"
+        row["W"] = f"{energy['joules'] / energy['seconds']:.0f}"
+    else:
+        row["J/token"] = "no NVML"
+
+
+def torch_fp16(args, row: dict, device: str = "cuda", dtype: str = "float16") -> None:
+    """Decode steps of the checkpoint in torch eager (fp16 on the GPU; tests use the CPU) -> tok/s, J/token."""
+    import torch
+
+    import moec.models.model as model_mod
+    from moec.models.checkpoint import load_checkpoint
+    if device == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError(f"torch {torch.__version__} has no CUDA")
+    dt = getattr(torch, dtype)
+    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+    rope = model_mod.rope_tables  # moec computes RoPE tables on the CPU in float32: move them over
+    model_mod.rope_tables = lambda *a, **k: tuple(t.to(device, dt) for t in rope(*a, **k))
+    try:
+        m = load_checkpoint(args.checkpoint).to(device=device, dtype=dt)
+        from tokenizers import Tokenizer
+        ids = Tokenizer.from_file(str(args.checkpoint / "tokenizer.json")).encode(args.prompt).ids
+        cache = None
+        steps = min(64, m.cfg.max_position - len(ids) - 2)
+
+        def reset():
+            nonlocal cache
+            cache = m.new_cache()
+            m(torch.tensor([ids], device=device), cache)
+
+        def step():
+            logits = m(torch.tensor([[7]], device=device), cache)
+            sync()
+            if not torch.isfinite(logits).all():
+                raise RuntimeError(f"torch {dtype} decode gave non-finite logits")
+        with torch.no_grad():
+            done, secs, energy = timed_decode(step, reset, steps)
+    finally:
+        model_mod.rope_tables = rope
+    row["GPU tok/s" if device == "cuda" else "CPU tok/s"] = f"{done / secs:.1f}"
+    if energy and energy["joules"] > 0:
+        row["J/token"] = f"{energy['joules'] / done:.4f}"
+        row["W"] = f"{energy['joules'] / energy['seconds']:.0f}"
+
+
+def kernel_rows(args, rows: list[dict], over_budget) -> None:
+    """One row per bit width: the routed-expert GEMV (OLMoE expert shape, top-8 of 64) GB/s vs the copy."""
+    import gpu_kernels
+    from moec.core.targets import load_target
+    sh = gpu_kernels.SHAPE
+    target = load_target(args.gpu_target).tvm()
+    for bits in args.kernel_bits:
+        row = {"plan": f"GEMV {bits}-bit {sh['top_k']}x{sh['n']}x{sh['k']}"}
+        rows.append(row)
+        if over_budget(row):
+            continue
+        try:
+            secs, gbs = gpu_kernels.measure(bits, target)
+            row["eff. GB/s"] = f"{gbs:.1f}" + (f" ({100 * gbs / args.copy_gbs:.1f} %)" if args.copy_gbs else "")
+            row["note"] = f"{secs * 1e6:.1f} us/call"
+        except Exception as exc:  # noqa: BLE001
+            row["note"] = f"failed: {_line(exc)}"
+        print(f"[{row['plan']}] " + json.dumps(row), flush=True)
+
+
+COLUMNS = ["plan", "tokens = CPU", "GPU tok/s", "vs torch fp16", "CPU tok/s", "eff. GB/s", "J/token", "W", "build s", "note"]
+
+
+def table(rows: list[dict]) -> str:
+    """The rows as one text table; GPU tok/s also as a ratio to the torch eager fp16 row when both exist."""
+    from moec.cli.table import format_table
+    base = next((r.get("GPU tok/s") for r in rows if r.get("plan") == "torch eager fp16"), None)
+    for r in rows:
+        if base and r.get("GPU tok/s") and r.get("plan") != "torch eager fp16":
+            r["vs torch fp16"] = f"{float(r['GPU tok/s']) / float(base):.2f}x"
+    return format_table(COLUMNS, [[r.get(c, "-") for c in COLUMNS] for r in rows])
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--checkpoint", type=Path, default=REPO / "reference" / "checkpoint")
+    ap.add_argument("--out", type=Path, default=REPO / "out" / "gpu-check")
+    ap.add_argument("--plans", default="uniform:8,uniform:4,mixed")
+    ap.add_argument("--arch", default=None, help="sm_XX (default: detected by nvidia-smi)")
+    ap.add_argument("--tokens", type=int, default=24, help="greedy tokens compared with the CPU bundle")
+    ap.add_argument("--prompt", default=PROMPT)
+    ap.add_argument("--no-torch", action="store_true", help="skip the torch eager fp16 baseline")
+    ap.add_argument("--kernel-bits", default="2,3,4,8", help="bit widths of the GEMV bandwidth rows ('' for none)")
+    ap.add_argument("--budget-s", type=float, default=400.0,
+                    help="start no new stage after this many seconds (the table is printed either way)")
+    ap.add_argument("--json", type=Path, default=None, help="also write the rows as JSON here")
+    ap.add_argument("--dry-run", action="store_true", help="resolve everything, print the steps, run nothing")
+    args = ap.parse_args(argv)
+    from moec.core.errors import MoecError
+    from moec.core.targets import resolve_cuda_arch
+    from moec.models.checkpoint import load_config
+    try:
+        cfg = load_config(args.checkpoint)
+        names = [p.strip() for p in args.plans.split(",") if p.strip()]
+        plans = plans_for(cfg, names)
+        args.arch, source = resolve_cuda_arch(args.arch)
+        parts = [b.strip() for b in args.kernel_bits.split(",") if b.strip()]
+        bad = [b for b in parts if b not in ("2", "3", "4", "8")]
+        if bad:
+            raise MoecError(f"--kernel-bits: {', '.join(bad)} not in 2, 3, 4, 8")
+        args.kernel_bits = [int(b) for b in parts]
+    except (MoecError, OSError) as exc:
+        print(f"error: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}", file=sys.stderr)
+        return 2
+    info = gpu_info()
+    if args.dry_run:
+        print(f"gpu: {info.get('name', 'none')} (arch {args.arch} from {source})")
+        for name in plans:
+            print(f"plan {name}: build host + cuda:{args.arch} bundles under {args.out}, compare "
+                  f"{args.tokens} greedy tokens, time decode with NVML")
+        print(f"routed-expert GEMV GB/s at bits {args.kernel_bits or 'none'}")
+        print("torch eager fp16 decode: " + ("skipped" if args.no_torch else "yes"))
+        return 0
+    from moec.runtime.session import cuda_available
+    if not cuda_available():
+        print("error: no CUDA GPU visible to TVM here (no driver or device); run tools/gpu_check.sh on a GPU "
+              "machine, or --dry-run", file=sys.stderr)
+        return 2
+    args.out.mkdir(parents=True, exist_ok=True)
+    args.gpu_target = f"cuda:{args.arch}"
+    rows: list[dict] = []
+    try:
+        args.copy_gbs, how = copy_bandwidth_gbs()
+        rows.append({"plan": "D2D copy", "eff. GB/s": f"{args.copy_gbs:.0f}", "note": how})
+    except Exception as exc:  # noqa: BLE001 - fail soft, report
+        args.copy_gbs = None
+        rows.append({"plan": "D2D copy", "note": f"failed: {_line(exc)}"})
+    started = time.monotonic()
+
+    def over_budget(row: dict) -> bool:
+        if time.monotonic() - started > args.budget_s:
+            row["note"] = f"skipped: past the {args.budget_s:g} s budget"
+            return True
+        return False
+
+    kernel_rows(args, rows, over_budget)
+    for name, plan in plans.items():
+        row = {"plan": name}
+        rows.append(row)
+        if over_budget(row):
+            continue
+        try:
+            check_plan(name, plan, args, row)
+        except Exception as exc:  # noqa: BLE001
+            row["note"] = f"failed: {_line(exc)}"
+        print(f"[{name}] " + json.dumps(row), flush=True)
+    if not args.no_torch:
+        row = {"plan": "torch eager fp16"}
+        rows.append(row)
+        try:
+            if not over_budget(row):
+                torch_fp16(args, row)
+        except Exception as exc:  # noqa: BLE001
+            row["note"] = f"failed: {_line(exc)}"
+    date = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    print(f"\n## moec GPU check, {date}: {info.get('name', '?')} ({args.arch}, driver {info.get('driver', '?')})\n")
+    print(table(rows))
+    if args.json:
+        args.json.write_text(json.dumps({"date": date, "gpu": info, "arch": args.arch, "rows": rows}, indent=1))
+    bad = [r["plan"] for r in rows if r.get("note", "").startswith(("failed", "skipped")) or r.get("tokens = CPU", "yes") != "yes"]
+    return 1 if bad else 0
+
+
+def _line(exc: BaseException) -> str:
+    lines = [ln.strip() for ln in str(exc).strip().splitlines() if ln.strip()]
+    return (lines[-1] if lines else type(exc).__name__)[:160]
+
+
+if __name__ == "__main__":
+    sys.exit(main())
