@@ -195,7 +195,7 @@ class BundleSession:
 
 
 SMALL_BUNDLE_BYTES = 32 << 20
-_POOL_AT_START: int | None = None
+_POOL_SET: int | None = None  # the size configure_threads last gave the pool
 
 
 def configure_threads(manifest: dict, threads: int | None = None) -> int:
@@ -208,18 +208,18 @@ def configure_threads(manifest: dict, threads: int | None = None) -> int:
     instead of under 1 ms with two threads, and the stalls went away with one.
     The pool is process-wide: the last session opened sets it.
     """
-    global _POOL_AT_START
-    if _POOL_AT_START is None:
-        _POOL_AT_START = tvm.runtime.num_threads()  # TVM_NUM_THREADS or the core count
-    pool = _POOL_AT_START
+    global _POOL_SET
+    # TVM's own default, read without asking TVM (which would start its pool here)
+    pool = int(os.environ.get("TVM_NUM_THREADS") or os.environ.get("OMP_NUM_THREADS") or os.cpu_count() or 1)
     if threads is None and os.environ.get("MOEC_NUM_THREADS"):
         threads = int(os.environ["MOEC_NUM_THREADS"])
     if threads is None:
         threads = 1 if manifest.get("weight_bytes", SMALL_BUNDLE_BYTES) < SMALL_BUNDLE_BYTES else pool
     if threads < 1:
         raise MoecError(f"threads must be >= 1, got {threads}")
-    if threads != tvm.runtime.num_threads():
+    if threads != (_POOL_SET or pool):
         tvm.get_global_func("runtime.config_threadpool")(1, threads)
+        _POOL_SET = threads
     return threads
 
 
