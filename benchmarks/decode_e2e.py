@@ -4,7 +4,7 @@ For each plan (float, uniform INT8, uniform INT4, a mixed plan) the same packed 
 compiled by moec (TVM bundle), exported to ONNX (onnxruntime, best of accuracy_level 0 and 4)
 and, for real checkpoints, run in torch eager on the fake-quantized float model. Each
 engine decodes ``--steps`` tokens after a 16-token prompt; the median step time is reported
-as tokens/s, with ratios against uniform INT8 of the same engine and against onnxruntime.
+as tokens/s (and moec's p50/p99 step time in ms), with ratios against uniform INT8 of the same engine and against onnxruntime.
 
 Usage::
 
@@ -42,17 +42,27 @@ from moec.core.plan import BitPlan, resolve_plan, uniform_plan
 PROMPT = list(range(3, 19))
 
 
-def _median_step(step, steps: int) -> float:
+def _step_times(step, steps: int) -> list[float]:
     times = []
     for _ in range(steps):
         t0 = time.perf_counter()
         step()
         times.append(time.perf_counter() - t0)
-    return statistics.median(times[2:] or times)
+    return times[2:] or times
 
 
-def time_tvm(cfg, plan, weights: ModelWeights, tmp: Path, steps: int, activations: str) -> tuple[float, float]:
-    """(median decode step seconds, prefill seconds per prompt token for a 64-token prompt)."""
+def _median_step(step, steps: int) -> float:
+    return statistics.median(_step_times(step, steps))
+
+
+def _p99(times: list[float]) -> float:
+    return float(np.percentile(times, 99))
+
+
+def time_tvm(cfg, plan, weights: ModelWeights, tmp: Path, steps: int,
+             activations: str) -> tuple[float, float, float]:
+    """(median decode step seconds, p99 decode step seconds, prefill seconds per prompt token
+    for a 64-token prompt)."""
     params = build_params(cfg, plan, weights.packed, weights.floats)
     bundle = build_bundle_from_params(cfg, plan, params, load_target("host"), tmp / "bundle", None,
                                       activations=activations if plan_is_quantized(plan) else "float32")
@@ -66,7 +76,8 @@ def time_tvm(cfg, plan, weights: ModelWeights, tmp: Path, steps: int, activation
     sess.reset()
     for t in PROMPT:
         sess.step(t)
-    return _median_step(lambda: sess.step(5), steps), prefill_s
+    times = _step_times(lambda: sess.step(5), steps)
+    return statistics.median(times), _p99(times), prefill_s
 
 
 def plan_is_quantized(plan: BitPlan) -> bool:
@@ -106,21 +117,23 @@ def run(label: str, cfg: MoEConfig, plans: dict[str, BitPlan], weights_for, mode
         activations: str) -> None:
     print(f"\n## {label} (moec activations: {activations})\n")
     print("| plan | weight MB | moec-TVM tok/s | onnxruntime tok/s (level) | torch eager tok/s | "
-          "TVM / ORT | TVM vs TVM-INT8 | moec-TVM prefill tok/s (64-token prompt) |")
-    print("|---|---|---|---|---|---|---|---|")
+          "TVM / ORT | TVM vs TVM-INT8 | moec-TVM prefill tok/s (64-token prompt) | "
+          "moec step p50 ms | moec step p99 ms |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     rows = {}
     for name, plan in plans.items():
         weights = weights_for(plan)
         mb = (sum(p.nbytes for p in weights.packed.values()) + sum(a.nbytes for a in weights.floats.values())) / 1e6
         with tempfile.TemporaryDirectory(prefix="moec-bench-") as d:
-            tvm_s, prefill_s = time_tvm(cfg, plan, weights, Path(d), steps, activations)
+            tvm_s, tvm_p99, prefill_s = time_tvm(cfg, plan, weights, Path(d), steps, activations)
             ort_s, level = time_ort(weights, Path(d), steps)
         torch_s = time_torch(model, plan, steps) if model is not None else float("nan")
-        rows[name] = (mb, tvm_s, ort_s, level, torch_s, prefill_s)
+        rows[name] = (mb, tvm_s, ort_s, level, torch_s, prefill_s, tvm_p99)
     int8 = rows.get("uniform INT8", (0, float("nan")))[1]
-    for name, (mb, tvm_s, ort_s, level, torch_s, prefill_s) in rows.items():
+    for name, (mb, tvm_s, ort_s, level, torch_s, prefill_s, tvm_p99) in rows.items():
         print(f"| {name} | {mb:.1f} | {1 / tvm_s:.1f} | {1 / ort_s:.1f} ({level}) | {1 / torch_s:.1f} | "
-              f"{ort_s / tvm_s:.2f}x | {int8 / tvm_s:.2f}x | {1 / prefill_s:.1f} |")
+              f"{ort_s / tvm_s:.2f}x | {int8 / tvm_s:.2f}x | {1 / prefill_s:.1f} | "
+              f"{tvm_s * 1e3:.3f} | {tvm_p99 * 1e3:.3f} |")
 
 
 def main() -> None:

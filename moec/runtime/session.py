@@ -53,7 +53,8 @@ class BundleSession:
     logits come back; the KV cache stays on the device).
     """
 
-    def __init__(self, bundle: str | os.PathLike, remote=None, trust: str | os.PathLike | None = None) -> None:
+    def __init__(self, bundle: str | os.PathLike, remote=None, trust: str | os.PathLike | None = None,
+                 threads: int | None = None) -> None:
         root = Path(bundle)
         # the whole bundle verifies (and, with ``trust``, its signature) before lib.so is touched
         self.manifest = verify_bundle(root, trust)
@@ -95,6 +96,8 @@ class BundleSession:
             hint = f" (is the device {lib_arch}?)" if remote is not None and lib_arch != "unknown" else ""
             self.remote = remote = None
             raise MoecError(f"cannot load {lib_path} (built for {built_for}) on {where}{hint}: {failure}")
+        if remote is None:
+            self.threads = configure_threads(self.manifest, threads)
         self.vm = tvm.runtime.vm.VirtualMachine(lib, self.dev)
         # zero-copy views of the mapped weights.bin only for the local CPU; a GPU gets device copies
         self.params = device_params(root, self.manifest["params"], self.dev,
@@ -102,6 +105,7 @@ class BundleSession:
         tok = root / "tokenizer.json"
         self.tokenizer = Tokenizer.from_file(str(tok)) if "tokenizer.json" in self.manifest["files"] else None
         self.eos = self.manifest.get("eos_token_id")
+        self._token = {}  # decode/prefill input tensors, reused while the length matches
         self._empty = empty_cache(self.cfg)
         self.reset()
 
@@ -150,8 +154,13 @@ class BundleSession:
         """Call ``entry`` (decode or prefill) on ``tokens`` with the cache; keep the new cache."""
         tokens = np.asarray(tokens, np.int32)
         if self.remote is None:
-            out = self.vm[entry](tvm.runtime.tensor(tokens, self.dev), *self.past, *self.params)
-            self.past = [out[i] for i in range(1, len(out))]
+            inp = self._token.get(entry)
+            if inp is None or inp.shape[0] != tokens.shape[0]:
+                inp = self._token[entry] = tvm.runtime.tensor(tokens, self.dev)
+            else:
+                inp.copyfrom(tokens)  # no allocation per decode step
+            out = self.vm[entry](inp, *self.past, *self.params)
+            self.past = list(out)[1:]
             return out[0].numpy()[0]
         # over RPC calling a VM function directly does not work; the stateful interface does
         failure = None
@@ -217,6 +226,39 @@ def require_local_cuda(bundle: str | os.PathLike) -> None:
     if not cuda_available():
         raise MoecError(f"bundle '{bundle}' is a CUDA bundle but this machine has no usable CUDA GPU (no driver "
                         "or device seen by TVM); run it on a GPU machine or a Jetson (moec run --rpc HOST:PORT)")
+
+
+SMALL_BUNDLE_BYTES = 32 << 20
+_POOL_SET: int | None = None  # the size configure_threads last gave the pool
+
+
+def configure_threads(manifest: dict, threads: int | None = None) -> int:
+    """Set TVM's CPU thread pool for this process and return its size.
+
+    ``threads`` (or ``MOEC_NUM_THREADS``) wins; otherwise a bundle whose weights are under
+    ``SMALL_BUNDLE_BYTES`` runs on one thread. Its kernels take microseconds, so a fork-join over
+    two threads per kernel gains little, and on a loaded machine every join waits for a worker that
+    the scheduler has preempted: on the reference model one decode step in six took 25-40 ms
+    instead of under 1 ms with two threads, and the stalls went away with one.
+    The pool is process-wide: the last session opened sets it.
+    """
+    global _POOL_SET
+    # TVM's own default, read without asking TVM (which would start its pool here)
+    pool = int(os.environ.get("TVM_NUM_THREADS") or os.environ.get("OMP_NUM_THREADS") or os.cpu_count() or 1)
+    if threads is None and os.environ.get("MOEC_NUM_THREADS"):
+        try:
+            threads = int(os.environ["MOEC_NUM_THREADS"])
+        except ValueError:
+            raise MoecError(f"MOEC_NUM_THREADS must be a whole number, got {os.environ['MOEC_NUM_THREADS']!r}") \
+                from None
+    if threads is None:
+        threads = 1 if manifest.get("weight_bytes", SMALL_BUNDLE_BYTES) < SMALL_BUNDLE_BYTES else pool
+    if threads < 1:
+        raise MoecError(f"threads must be >= 1, got {threads}")
+    if threads != (_POOL_SET or pool):
+        tvm.get_global_func("runtime.config_threadpool")(1, threads)
+        _POOL_SET = threads
+    return threads
 
 
 def _finite(logits: np.ndarray, position: int) -> np.ndarray:

@@ -1,0 +1,63 @@
+"""Decode step-time distribution (p50/p90/p99) of a bundle at given TVM thread counts, interleaved round by round.
+
+Each round starts a fresh process per thread count (the TVM pool is process-wide), feeds a
+16-token prompt and times ``--steps`` decode steps. ``--threads 2`` reproduces the pool that
+small bundles used before they were given one thread.
+
+Usage::
+
+    python benchmarks/step_times.py BUNDLE [--threads 1,2] [--rounds 4] [--steps 300]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+
+CHILD = r'''
+import json, sys, time
+from moec.runtime.session import BundleSession
+s = BundleSession(sys.argv[1], threads=int(sys.argv[2]))
+s.prefill(list(range(3, 19)))
+ts = []
+for i in range(int(sys.argv[3])):
+    t0 = time.perf_counter(); s.step(5 + i % 50); ts.append(time.perf_counter() - t0)
+print(json.dumps(ts))
+'''
+
+
+def summary(ms: np.ndarray) -> str:
+    p50, p90, p99 = np.percentile(ms, [50, 90, 99])
+    return (f"p50 {p50:.3f} p90 {p90:.3f} p99 {p99:.3f} ms, p99/p50 {p99 / p50:.2f}, "
+            f"{1e3 / ms.mean():.0f} tok/s (mean step), {1e3 / p50:.0f} tok/s (p50 step)")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("bundle")
+    ap.add_argument("--threads", default="1,2")
+    ap.add_argument("--rounds", type=int, default=4)
+    ap.add_argument("--steps", type=int, default=300)
+    args = ap.parse_args()
+    counts = [int(t) for t in args.threads.split(",")]
+    print(f"load average before: {os.getloadavg()}", flush=True)
+    res: dict[int, list[np.ndarray]] = {t: [] for t in counts}
+    for r in range(args.rounds):
+        for t in counts:
+            out = subprocess.run([sys.executable, "-c", CHILD, args.bundle, str(t), str(args.steps)],
+                                 check=True, capture_output=True, text=True).stdout
+            ms = np.array(json.loads(out.strip().splitlines()[-1])) * 1e3
+            res[t].append(ms)
+            print(f"round {r} threads={t}: {summary(ms)}", flush=True)
+    print(f"load average after: {os.getloadavg()}")
+    for t in counts:
+        print(f"all rounds threads={t}: {summary(np.concatenate(res[t]))}")
+
+
+if __name__ == "__main__":
+    main()
