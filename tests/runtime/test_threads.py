@@ -8,11 +8,24 @@ from moec.runtime.session import SMALL_BUNDLE_BYTES, configure_threads
 
 
 def test_small_bundle_one_thread_large_keeps_pool(monkeypatch):
-    monkeypatch.delenv("MOEC_NUM_THREADS", raising=False)
-    assert configure_threads({"weight_bytes": 1 << 20}) == 1
-    assert tvm.runtime.num_threads() == 1
-    big = configure_threads({"weight_bytes": SMALL_BUNDLE_BYTES * 4})
-    assert big >= 1 and tvm.runtime.num_threads() == big
+    """In a fresh process (TVM's pool is process-wide and other tests reconfigure it)."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    code = ("import tvm.runtime\n"
+            "from moec.runtime.session import SMALL_BUNDLE_BYTES, configure_threads\n"
+            "small = configure_threads({'weight_bytes': 1 << 20}); a = tvm.runtime.num_threads()\n"
+            "big = configure_threads({'weight_bytes': SMALL_BUNDLE_BYTES * 4}); b = tvm.runtime.num_threads()\n"
+            "print(small, a, big, b)")
+    env = {k: v for k, v in os.environ.items() if k != "MOEC_NUM_THREADS"}
+    env.update(TVM_NUM_THREADS="2", PYTHONPATH=str(Path(__file__).resolve().parents[2]))
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    small, a, big, b = map(int, out.stdout.split())
+    assert (small, a) == (1, 1)
+    assert (big, b) == (2, 2)
 
 
 def test_explicit_threads_win(monkeypatch):
