@@ -70,6 +70,22 @@ def _search_plan(cfg: CompileConfig, profile_path: Path | None, model) -> BitPla
     return search(scfg, model=model).result.plan
 
 
+def _choose_plan(cfg: CompileConfig, model_cfg, profile_path: Path | None, model,
+                 pad_ok: bool) -> tuple[BitPlan, str]:
+    """(plan, its name for the stage line): searched when ``cfg.plan`` is None, else given or resolved.
+
+    ``pad_ok``: weights whose width the group size does not divide are allowed (the whole-model
+    path pads them; the layer-by-layer path does not).
+    """
+    if cfg.plan is None:
+        plan = _search_plan(cfg, profile_path, model)
+        return plan, f"search {plan.provenance.get('policy')}"
+    if isinstance(cfg.plan, BitPlan):
+        return cfg.plan.copy().validate(model_cfg, pad_ok=pad_ok), str(cfg.plan.provenance.get("policy", "given"))
+    plan = resolve_plan(cfg.plan, model_cfg, cfg.group_size, cfg.method, pad_ok=pad_ok)
+    return plan, str(plan.provenance.get("policy", Path(str(cfg.plan)).name))
+
+
 def compile_bundle(cfg: CompileConfig, on_stage=None) -> Path:
     """profile (if calibration data is given) → plan (searched when none is given) → pack → build (TVM) → bundle.
 
@@ -106,15 +122,7 @@ def compile_bundle(cfg: CompileConfig, on_stage=None) -> Path:
             if on_stage:
                 on_stage("profile", time.time() - t0)
         t0 = time.time()
-        if searching:
-            plan = _search_plan(cfg, profile_path, model)
-            name = f"search {plan.provenance.get('policy')}"
-        elif isinstance(cfg.plan, BitPlan):
-            plan = cfg.plan.copy().validate(model.cfg, pad_ok=True)
-            name = str(cfg.plan.provenance.get("policy", "given"))
-        else:
-            plan = resolve_plan(cfg.plan, model.cfg, cfg.group_size, cfg.method, pad_ok=True)
-            name = str(plan.provenance.get("policy", Path(str(cfg.plan)).name))
+        plan, name = _choose_plan(cfg, model.cfg, profile_path, model, pad_ok=True)
         model, plan = pad_for_groups(model, plan)
         plan.validate(model.cfg, tuple(preset.allowed_bits))
         if on_stage:
@@ -164,14 +172,7 @@ def _compile_sequential(cfg: CompileConfig, ckpt: LazyCheckpoint, preset, on_sta
             if on_stage:
                 on_stage("profile (by layer)", time.time() - t0)
         t0 = time.time()
-        if searching:
-            plan = _search_plan(replace(cfg, data=data, search=scfg), profile_path, None)
-            name = f"search {plan.provenance.get('policy')}"
-        elif isinstance(cfg.plan, BitPlan):
-            plan, name = cfg.plan.copy().validate(ckpt.cfg), str(cfg.plan.provenance.get("policy", "given"))
-        else:
-            plan = resolve_plan(cfg.plan, ckpt.cfg, cfg.group_size, cfg.method)
-            name = str(plan.provenance.get("policy", Path(str(cfg.plan)).name))
+        plan, name = _choose_plan(replace(cfg, data=data, search=scfg), ckpt.cfg, profile_path, None, pad_ok=False)
         plan.validate(ckpt.cfg, tuple(preset.allowed_bits))
         if on_stage:
             on_stage(f"plan ({name})", time.time() - t0)
