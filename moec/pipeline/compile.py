@@ -70,6 +70,13 @@ def _search_plan(cfg: CompileConfig, profile_path: Path | None, model) -> BitPla
     return search(scfg, model=model).result.plan
 
 
+def _search_sensitivity(cfg: CompileConfig, preset) -> SensitivityConfig:
+    """The proxy sensitivity a searched plan needs, measured in the same pass as the routing statistics."""
+    return SensitivityConfig("proxy", tuple(b for b in preset.allowed_bits if b != 16),
+                             cfg.search.group_size if cfg.search else cfg.group_size,
+                             cfg.search.method if cfg.search else "rtn")
+
+
 def _choose_plan(cfg: CompileConfig, model_cfg, profile_path: Path | None, model,
                  pad_ok: bool) -> tuple[BitPlan, str]:
     """(plan, its name for the stage line): searched when ``cfg.plan`` is None, else given or resolved.
@@ -107,11 +114,8 @@ def compile_bundle(cfg: CompileConfig, on_stage=None) -> Path:
         profile_path = None
         if cfg.data is not None and not (searching and cfg.search is not None and cfg.search.profile):
             if searching:  # one profiling pass gives the routing stats and the search's proxy sensitivity
-                bits = tuple(b for b in preset.allowed_bits if b != 16)
-                gs = cfg.search.group_size if cfg.search else cfg.group_size
-                meth = cfg.search.method if cfg.search else "rtn"
                 stats = profile(cfg.checkpoint, cfg.data, progress=False, model=model,
-                                sensitivity=SensitivityConfig("proxy", bits, gs, meth))
+                                sensitivity=_search_sensitivity(cfg, preset))
             else:
                 windows, digest = cfg.data.windows_and_digest(cfg.checkpoint, model.cfg.max_position)
                 stats = collect_stats(model, windows, batch=cfg.data.batch)
@@ -160,12 +164,7 @@ def _compile_sequential(cfg: CompileConfig, ckpt: LazyCheckpoint, preset, on_sta
     with work_dir("moec-compile-") as tmp:
         extra_files, profile_path = {}, None
         if data is not None and not (searching and cfg.search is not None and cfg.search.profile):
-            sens = None
-            if searching:
-                sens = SensitivityConfig("proxy", tuple(b for b in preset.allowed_bits if b != 16),
-                                         cfg.search.group_size if cfg.search else cfg.group_size,
-                                         cfg.search.method if cfg.search else "rtn")
-            stats = profile(cfg.checkpoint, data, sensitivity=sens)
+            stats = profile(cfg.checkpoint, data, sensitivity=_search_sensitivity(cfg, preset) if searching else None)
             profile_path = Path(tmp) / "profile.json"
             stats.save(profile_path)
             extra_files["profile.json"] = profile_path
