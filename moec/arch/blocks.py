@@ -14,8 +14,22 @@ from moec.arch.ops import Ops, Routing, Value
 from moec.core.config import MoEConfig
 
 
+def norm(ops: Ops, cfg: MoEConfig, x: Value, name: str) -> Value:
+    """The layer and final norm: RMSNorm, or LayerNorm with bias (``cfg.norm == "layer"``, Phi-MoE)."""
+    return ops.layer_norm(x, name) if cfg.norm == "layer" else ops.rms_norm(x, name)
+
+
+def partial_rope(ops: Ops, cfg: MoEConfig, x: Value) -> Value:
+    """RoPE of the first ``rotary_dim`` dims of each head, the rest passed through (GLM-4.5)."""
+    rd, hd = cfg.rope_dim, cfg.head_dim
+    if rd == hd:
+        return ops.rope(x)
+    return ops.concat_last(ops.rope(ops.slice_last(x, 0, rd)), ops.slice_last(x, rd, hd))
+
+
 def attention(ops: Ops, cfg: MoEConfig, layer: int, x: Value) -> Value:
-    """GQA self-attention with optional q/k bias and q/k RMSNorm (over the projection or per head)."""
+    """GQA self-attention with optional q/k bias and q/k RMSNorm (over the projection or per head),
+    partial rotary and an explicit softmax scale (Granite's ``attention_multiplier``)."""
     nh, nkv, hd = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
     q, k, v = (ops.linear(x, f"{n}_proj") for n in "qkv")
     if cfg.qk_norm == "full":
@@ -23,7 +37,8 @@ def attention(ops: Ops, cfg: MoEConfig, layer: int, x: Value) -> Value:
     q, k, v = ops.split_heads(q, nh, hd), ops.split_heads(k, nkv, hd), ops.split_heads(v, nkv, hd)
     if cfg.qk_norm == "head":
         q, k = ops.rms_norm(q, "q_norm"), ops.rms_norm(k, "k_norm")
-    out = ops.attend(ops.rope(q), ops.rope(k), v, layer, 1.0 / math.sqrt(hd))
+    out = ops.attend(partial_rope(ops, cfg, q), partial_rope(ops, cfg, k), v, layer,
+                     cfg.attention_scale or 1.0 / math.sqrt(hd))
     return ops.linear(out, "o_proj")
 
 
@@ -64,6 +79,8 @@ def router(ops: Ops, cfg: MoEConfig, x: Value) -> Routing:
     choice, within the best expert groups if routing is group-limited; the gates stay the scores), renormalised to sum 1 if the family does, times
     ``routed_scale``."""
     logits = ops.linear(x, "router")
+    if cfg.router_scoring == "sparsemixer":
+        return sparsemixer(ops, cfg, logits)
     probs = ops.sigmoid(logits) if cfg.router_scoring == "sigmoid" else ops.softmax(logits)
     grouped = cfg.kept_groups < cfg.expert_groups
     if cfg.router_bias or grouped:
@@ -81,6 +98,23 @@ def router(ops: Ops, cfg: MoEConfig, x: Value) -> Routing:
     return Routing(probs, weights, ids)
 
 
+def sparsemixer(ops: Ops, cfg: MoEConfig, logits: Value) -> Routing:
+    """Phi-MoE's sparsemixer top-2 at inference, as transformers computes it.
+
+    Slot 1 is the best expert; its gate is its softmax weight among the experts whose logit is
+    within ``2 * eps`` (relative: ``(max - l) / max(|l|, max)``) of the best. Slot 2 is the second
+    best; its gate is its softmax weight among the experts within ``2 * eps`` of it, the first
+    excluded. The gates are not renormalised.
+    """
+    eps = cfg.sparsemixer_eps
+    best, ids = ops.topk(logits, 2)
+    first, second = ops.slice_last(ids, 0, 1), ops.slice_last(ids, 1, 2)
+    g1 = ops.gather_last(ops.softmax(ops.jitter_mask(logits, ops.slice_last(best, 0, 1), eps)), first)
+    near = ops.mask_ids(ops.jitter_mask(logits, ops.slice_last(best, 1, 2), eps), first)
+    g2 = ops.gather_last(ops.softmax(near), second)
+    return Routing(ops.softmax(logits), ops.concat_last(g1, g2), ids)
+
+
 def moe(ops: Ops, cfg: MoEConfig, layer: int, x: Value) -> Value:
     """Routed experts plus the optional shared expert (with its sigmoid gate)."""
     y = ops.routed_experts(x, router(ops, cfg, x), layer)
@@ -93,17 +127,23 @@ def moe(ops: Ops, cfg: MoEConfig, layer: int, x: Value) -> Value:
 
 
 def decoder_layer(ops: Ops, cfg: MoEConfig, layer: int, x: Value) -> Value:
-    """Pre-norm residual layer: attention, then the MoE block (or a dense SwiGLU layer)."""
+    """Pre-norm residual layer: attention, then the MoE block (or a dense SwiGLU layer); each block's
+    output times ``residual_scale`` (Granite) before its residual add."""
     attn = latent_attention if cfg.attention == "mla" else attention
-    x = ops.add(x, ops.block("attn", attn, cfg, layer, ops.rms_norm(x, "attn_norm")))
+    x = ops.add(x, _scaled(ops, ops.block("attn", attn, cfg, layer, norm(ops, cfg, x, "attn_norm")), cfg.residual_scale))
     mlp = swiglu if layer in cfg.dense_layers else moe
-    return ops.add(x, ops.block("mlp", mlp, cfg, layer, ops.rms_norm(x, "mlp_norm")))
+    return ops.add(x, _scaled(ops, ops.block("mlp", mlp, cfg, layer, norm(ops, cfg, x, "mlp_norm")), cfg.residual_scale))
+
+
+def _scaled(ops: Ops, x: Value, factor: float) -> Value:
+    return x if factor == 1.0 else ops.scale(x, factor)
 
 
 def causal_lm(ops: Ops, cfg: MoEConfig, ids: Value) -> Value:
-    """Embedding, the decoder layers, final norm and the (possibly tied) LM head: the logits."""
-    x = ops.embed(ids, "embed")
+    """Embedding, the decoder layers, final norm and the (possibly tied) LM head: the logits
+    (embeddings and logits scaled by ``embedding_scale`` / ``logits_scale``, Granite)."""
+    x = _scaled(ops, ops.embed(ids, "embed"), cfg.embedding_scale)
     for i in range(cfg.num_layers):
         x = ops.block(f"layers.{i}", decoder_layer, cfg, i, x)
-    h = ops.rms_norm(ops.output_rows(x), "norm")
-    return ops.linear(h, "embed" if cfg.tie_embeddings else "lm_head")
+    h = norm(ops, cfg, ops.output_rows(x), "norm")
+    return _scaled(ops, ops.linear(h, "embed" if cfg.tie_embeddings else "lm_head"), cfg.logits_scale)

@@ -48,6 +48,9 @@ class Ops(Protocol):
     def rms_norm(self, x: Value, name: str) -> Value:
         """RMSNorm over the last axis with weight ``name`` (the model's epsilon)."""
 
+    def layer_norm(self, x: Value, name: str) -> Value:
+        """LayerNorm over the last axis with weight and bias ``name`` (the model's epsilon)."""
+
     # -- attention -----------------------------------------------------------------------
     def split_heads(self, x: Value, heads: int, head_dim: int) -> Value:
         """``[.., heads * head_dim]`` -> heads ``[.., heads, head_dim]``."""
@@ -99,6 +102,13 @@ class Ops(Protocol):
     def keep_top_groups(self, x: Value, groups: int, keep: int, top: int) -> Value:
         """Rows ``[N, E]`` with every expert outside the ``keep`` best of ``groups`` equal groups set to
         ``-inf``; a group's score is the sum of its ``top`` largest values."""
+
+    def jitter_mask(self, x: Value, ref: Value, eps: float) -> Value:
+        """``x`` with ``-inf`` wherever ``(ref - x) / max(|x|, ref) > 2 * eps`` (``ref [.., 1]``;
+        sparsemixer's "too far below the reference" mask)."""
+
+    def mask_ids(self, x: Value, ids: Value) -> Value:
+        """``x`` with ``-inf`` at indices ``ids`` along the last axis."""
 
     def sum_last(self, x: Value) -> Value:
         """Sum over the last axis, keeping it (size 1)."""

@@ -11,7 +11,8 @@ from moec.core.errors import MoecError
 
 QK_NORM_MODES = ("none", "full", "head")
 ATTENTION_KINDS = ("gqa", "mla")
-ROUTER_SCORINGS = ("softmax", "sigmoid")
+ROUTER_SCORINGS = ("softmax", "sigmoid", "sparsemixer")
+NORM_KINDS = ("rms", "layer")
 _MAX_DIM = 1 << 24
 
 
@@ -36,7 +37,14 @@ class MoEConfig:
     sum of its ``group_score_top`` best choice scores, and only the ``kept_groups`` best groups
     may be chosen. ``rope_factor`` > 1 selects YaRN RoPE
     (``rope_original_max``, ``rope_beta_fast``/``rope_beta_slow``: see :func:`rope_inv_freq`);
-    ``attention_scale`` (0: ``1/sqrt(query head width)``) is the softmax scale. Fields added after v1 are left out of
+    ``attention_scale`` (0: ``1/sqrt(query head width)``) is the softmax scale. ``rotary_dim`` (0: the
+    whole head) is how many leading dims of each GQA q/k head RoPE rotates (GLM-4.5's partial
+    rotary). ``norm`` is ``"rms"`` or ``"layer"`` (LayerNorm with bias for the layer and final norms,
+    Phi-MoE); ``attention_out_bias``/``lm_head_bias`` give ``o_proj``/``lm_head`` a bias. Granite's
+    multipliers: the embeddings are scaled by ``embedding_scale``, each block's output by
+    ``residual_scale`` before its residual add, the logits by ``logits_scale``. ``router_scoring``
+    ``"sparsemixer"`` is Phi-MoE's top-2 at inference (:func:`moec.arch.blocks.sparsemixer`, with
+    ``sparsemixer_eps``, the config's ``router_jitter_noise``). Fields added after v1 are left out of
     :meth:`to_dict` while at their defaults, so older fingerprints and plans stay valid.
     """
 
@@ -78,6 +86,14 @@ class MoEConfig:
     rope_beta_fast: float = 32.0
     rope_beta_slow: float = 1.0
     attention_scale: float = 0.0
+    rotary_dim: int = 0
+    norm: str = "rms"
+    attention_out_bias: bool = False
+    lm_head_bias: bool = False
+    embedding_scale: float = 1.0
+    residual_scale: float = 1.0
+    logits_scale: float = 1.0
+    sparsemixer_eps: float = 0.01
 
     def __post_init__(self) -> None:
         self._check_types()
@@ -95,6 +111,9 @@ class MoEConfig:
             (self.attention != "mla" or min(self.kv_lora_rank, self.qk_rope_dim, self.v_head_dim) > 0,
              "mla needs kv_lora_rank, qk_rope_dim and v_head_dim"),
             (self.qk_rope_dim % 2 == 0, "qk_rope_dim must be even"),
+            (self.rotary_dim % 2 == 0 and self.rotary_dim <= self.head_dim, "rotary_dim must be even and <= head_dim"),
+            (self.norm in NORM_KINDS, f"norm must be one of {NORM_KINDS}"),
+            (self.router_scoring != "sparsemixer" or self.top_k == 2, "sparsemixer routing chooses exactly 2 experts"),
             (self.num_experts % self.expert_groups == 0, "num_experts must be a multiple of expert_groups"),
             (self.kept_groups <= self.expert_groups, "kept_groups must be <= expert_groups"),
             (self.group_score_top <= self.num_experts // self.expert_groups, "group_score_top exceeds a group"),
@@ -116,13 +135,14 @@ class MoEConfig:
             if not _is_int(v) or not 1 <= v <= _MAX_DIM:
                 bad(name, f"an integer in [1, {_MAX_DIM}]")
         for name in ("shared_intermediate", "dense_intermediate", "q_lora_rank", "kv_lora_rank", "qk_nope_dim",
-                     "qk_rope_dim", "v_head_dim"):
+                     "qk_rope_dim", "v_head_dim", "rotary_dim"):
             v = getattr(self, name)
             if not _is_int(v) or not 0 <= v <= _MAX_DIM:
                 bad(name, f"an integer in [0, {_MAX_DIM}]")
         if self.head_dim is not None and (not _is_int(self.head_dim) or not 1 <= self.head_dim <= _MAX_DIM):
             bad("head_dim", "a positive integer")
-        for name in ("rms_eps", "rope_theta", "routed_scale", "rope_factor", "rope_beta_fast", "rope_beta_slow"):
+        for name in ("rms_eps", "rope_theta", "routed_scale", "rope_factor", "rope_beta_fast", "rope_beta_slow",
+                     "embedding_scale", "residual_scale", "logits_scale"):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v <= 0:
                 bad(name, "a positive finite number")
@@ -130,13 +150,15 @@ class MoEConfig:
             v = getattr(self, name)
             if not _is_int(v) or not (name == "rope_original_max" or v >= 1) or not 0 <= v <= _MAX_DIM:
                 bad(name, f"an integer in [{0 if name == 'rope_original_max' else 1}, {_MAX_DIM}]")
-        v = self.attention_scale
-        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0:
-            bad("attention_scale", "a finite number >= 0")
-        for name in ("norm_topk_prob", "shared_gate", "attention_bias", "tie_embeddings", "router_bias"):
+        for name in ("attention_scale", "sparsemixer_eps"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0:
+                bad(name, "a finite number >= 0")
+        for name in ("norm_topk_prob", "shared_gate", "attention_bias", "tie_embeddings", "router_bias",
+                     "attention_out_bias", "lm_head_bias"):
             if not isinstance(getattr(self, name), bool):
                 bad(name, "true or false")
-        for name in ("qk_norm", "attention", "router_scoring"):
+        for name in ("qk_norm", "attention", "router_scoring", "norm"):
             if not isinstance(getattr(self, name), str):
                 bad(name, "a string")
         if not isinstance(self.architecture, str):
@@ -152,8 +174,8 @@ class MoEConfig:
 
     @property
     def rope_dim(self) -> int:
-        """Width of the rotated part of each query/key head (all of it, except in MLA)."""
-        return self.qk_rope_dim if self.attention == "mla" else self.head_dim
+        """Width of the rotated part of each query/key head (all of it, except in MLA or with ``rotary_dim``)."""
+        return self.qk_rope_dim if self.attention == "mla" else (self.rotary_dim or self.head_dim)
 
     def kv_cache_shapes(self) -> tuple[tuple[int, int], tuple[int, int]]:
         """(heads, width) of one cached position's key and value, every layer alike.
@@ -183,7 +205,8 @@ class MoEConfig:
 _LATER_FIELDS = ("attention", "q_lora_rank", "kv_lora_rank", "qk_nope_dim", "qk_rope_dim", "v_head_dim",
                  "router_scoring", "router_bias", "routed_scale", "expert_groups", "kept_groups", "group_score_top",
                  "rope_factor", "rope_original_max",
-                 "rope_beta_fast", "rope_beta_slow", "attention_scale")
+                 "rope_beta_fast", "rope_beta_slow", "attention_scale", "rotary_dim", "norm", "attention_out_bias",
+                 "lm_head_bias", "embedding_scale", "residual_scale", "logits_scale", "sparsemixer_eps")
 
 
 def rope_inv_freq(cfg: MoEConfig) -> list[float]:

@@ -111,6 +111,15 @@ class OnnxOps:
         inv = gb.op("Reciprocal", [gb.op("Sqrt", [gb.op("Add", [ms, gb.f32(self.cfg.rms_eps)])])])
         return self._like(x, gb.op("Mul", [self.floats[f"{self.prefix}{name}.weight"], gb.op("Mul", [x, inv])]))
 
+    def layer_norm(self, x, name):
+        """``(x - mean) / sqrt(var + eps) * weight + bias`` over the last axis (as torch's LayerNorm)."""
+        gb, p = self.gb, f"{self.prefix}{name}"
+        centred = gb.op("Sub", [x, gb.op("ReduceMean", [x, gb.i64(-1)], keepdims=1)])
+        var = gb.op("ReduceMean", [gb.op("Mul", [centred, centred]), gb.i64(-1)], keepdims=1)
+        inv = gb.op("Reciprocal", [gb.op("Sqrt", [gb.op("Add", [var, gb.f32(self.cfg.rms_eps)])])])
+        return gb.op("Add", [gb.op("Mul", [gb.op("Mul", [centred, inv]), self.floats[f"{p}.weight"]]),
+                             self.floats[f"{p}.bias"]])
+
     def _like(self, x, y):
         """``y`` has ``x``'s head shape (if ``x`` is head-shaped)."""
         if x in self.heads:
@@ -223,6 +232,17 @@ class OnnxOps:
         mask = gb.op("ScatterElements", [zeros, kept, ones], axis=1)
         mask = gb.op("Greater", [gb.op("Unsqueeze", [mask, gb.i64(-1)]), gb.f32(0.0)])   # [T, G, 1]
         return gb.op("Reshape", [gb.op("Where", [mask, g, gb.f32(-np.inf)]), gb.i64(-1, n)])
+
+    def jitter_mask(self, x, ref, eps):
+        gb = self.gb
+        far = gb.op("Div", [gb.op("Sub", [ref, x]), gb.op("Max", [gb.op("Abs", [x]), ref])])
+        return gb.op("Where", [gb.op("Greater", [far, gb.f32(2 * eps)]), gb.f32(-np.inf), x])
+
+    def mask_ids(self, x, ids):
+        gb = self.gb
+        inf = gb.op("ConstantOfShape", [gb.op("Shape", [ids])],
+                    value=helper.make_tensor("minus_inf", FLOAT, [1], [-np.inf]))
+        return gb.op("ScatterElements", [x, ids, inf], axis=-1)
 
     def sum_last(self, x):
         return self.gb.op("ReduceSum", [x, self.gb.i64(-1)], keepdims=1)

@@ -94,6 +94,11 @@ class DecodeBuilder:
                             primfunc_attrs={"tirx.is_scheduled": True, "op_pattern": 8})
         return self._reshape(y, shape) if heads else y
 
+    def layer_norm(self, x, name):
+        p = f"{self.prefix}{name}"
+        return self.bb.emit_te(te_ops.layer_norm, x, self.vars[f"{p}.weight"], self.vars[f"{p}.bias"], self.cfg.rms_eps,
+                               primfunc_attrs={"tirx.is_scheduled": True, "op_pattern": 8})
+
     def _reshape(self, x, shape):
         """``x`` reshaped; a reshape of a reshape views the original tensor (no chained copies)."""
         src = self._views.get(x, x)
@@ -186,6 +191,20 @@ class DecodeBuilder:
         masked = relax.op.where(relax.op.greater(relax.op.reshape(mask, (rows, groups, 1)), relax.const(np.float32(0))),
                                 g, relax.const(np.float32(-np.inf)))
         return bb.emit(relax.op.reshape(masked, (rows, n)))
+
+    def jitter_mask(self, x, ref, eps):
+        op = relax.op
+        far = op.divide(op.subtract(ref, x), op.maximum(op.abs(x), ref))
+        return self.bb.emit(op.where(op.greater(far, relax.const(np.float32(2 * eps))),
+                                     relax.const(np.float32(-np.inf)), x))
+
+    def mask_ids(self, x, ids):
+        bb, (rows, n), k = self.bb, x.ty.shape, ids.ty.shape[-1]
+        hit = relax.op.equal(relax.op.reshape(ids, (rows, k, 1)),
+                             relax.const(np.arange(int(n), dtype=np.int32).reshape(1, 1, -1)))
+        hit = bb.emit(relax.op.max(relax.op.astype(hit, "float32"), axis=1))                    # [R, E]
+        return bb.emit(relax.op.where(relax.op.greater(hit, relax.const(np.float32(0))),
+                                      relax.const(np.float32(-np.inf)), x))
 
     def sum_last(self, x):
         return self.bb.emit(relax.op.sum(x, axis=-1, keepdims=True))

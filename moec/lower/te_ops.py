@@ -91,6 +91,18 @@ def rms_norm(x: te.Tensor, weight: te.Tensor, eps: float) -> te.Tensor:
                       name="rms_norm")
 
 
+def layer_norm(x: te.Tensor, weight: te.Tensor, bias: te.Tensor, eps: float) -> te.Tensor:
+    """LayerNorm over the last axis of a 2-D ``x``: mean, then the variance of the centred rows."""
+    rows, dim = x.shape
+    n = float(int(dim))
+    r = te.reduce_axis((0, dim), name="d")
+    mean = te.compute((rows,), lambda i: te.sum(x[i, r], axis=r) / n, name="mean")
+    r2 = te.reduce_axis((0, dim), name="d2")
+    var = te.compute((rows,), lambda i: te.sum((x[i, r2] - mean[i]) * (x[i, r2] - mean[i]), axis=r2) / n, name="var")
+    return te.compute(x.shape, lambda i, j: (x[i, j] - mean[i]) * tirx.rsqrt(var[i] + eps) * weight[j] + bias[j],
+                      name="layer_norm")
+
+
 def rope_rows(x: te.Tensor, start, inv_freq: te.Tensor) -> te.Tensor:
     """RoPE of ``x [T, heads, head_dim]``, row ``t`` at position ``start + t`` (prefill)."""
     hd = int(x.shape[-1])

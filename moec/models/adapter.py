@@ -22,6 +22,16 @@ def require(hf: dict, *keys: str) -> None:
                         "is this a Mixture-of-Experts checkpoint?")
 
 
+def refuse(arch: str, field: str, value, why: str) -> None:
+    """One-line error for a config option moec does not handle, naming the field."""
+    raise MoecError(f"{arch}: config field {field}={value!r} is not supported ({why})")
+
+
+def silu_only(hf: dict) -> None:
+    if hf.get("hidden_act", "silu") != "silu":
+        refuse(hf["architectures"][0], "hidden_act", hf.get("hidden_act"), "SwiGLU with silu only")
+
+
 @dataclass(frozen=True)
 class FamilyAdapter:
     """Names of one family's tensors. Subclasses implement :meth:`config`.
@@ -51,6 +61,7 @@ class FamilyAdapter:
         pairs = [("embed.weight", "model.embed_tokens.weight"), ("norm.weight", "model.norm.weight")]
         if not cfg.tie_embeddings:
             pairs.append(("lm_head.weight", "lm_head.weight"))
+        pairs += _bias_pairs(cfg)
         g, u, d = self.expert_names
         for i in range(cfg.num_layers):
             c, h = f"layers.{i}", f"model.layers.{i}"
@@ -117,6 +128,19 @@ class FamilyAdapter:
                 for e in range(cfg.num_experts):
                     out[f"{m}.{e}.{theirs}.weight"] = state[f"layers.{i}.mlp.{ours}"][e]
         return {k: v.contiguous() for k, v in out.items()}
+
+
+def _bias_pairs(cfg: MoEConfig) -> list[tuple[str, str]]:
+    """(canonical, HF) names of LayerNorm, ``o_proj`` and ``lm_head`` biases (Phi-MoE, Granite)."""
+    pairs = [("lm_head.bias", "lm_head.bias")] if cfg.lm_head_bias else []
+    norms = [("norm", "model.norm")] if cfg.norm == "layer" else []
+    for i in range(cfg.num_layers):
+        c, h = f"layers.{i}", f"model.layers.{i}"
+        if cfg.norm == "layer":
+            norms += [(f"{c}.attn_norm", f"{h}.input_layernorm"), (f"{c}.mlp_norm", f"{h}.post_attention_layernorm")]
+        if cfg.attention_out_bias:
+            pairs.append((f"{c}.attn.o_proj.bias", f"{h}.self_attn.o_proj.bias"))
+    return pairs + [(f"{ours}.bias", f"{theirs}.bias") for ours, theirs in norms]
 
 
 def pick(hf: dict, key: str):

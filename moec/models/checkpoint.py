@@ -113,6 +113,8 @@ def load_checkpoint(path: str | os.PathLike) -> MoEModel:
     adapter = get_adapter(hf["architectures"][0])
     cfg = _adapter_config(adapter, hf, path)
     state = adapter.to_canonical(cfg, read_tensors(path))
+    if cfg.tie_embeddings:  # the head is the embedding (one parameter, two state-dict names)
+        state["lm_head.weight"] = state["embed.weight"]
     model = MoEModel(cfg)
     try:
         model.load_state_dict(state, strict=True)

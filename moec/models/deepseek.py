@@ -10,11 +10,8 @@ import torch
 from moec.core.config import MoEConfig
 from moec.core.errors import MoecError
 from moec.models.adapter import FamilyAdapter, _take, require
+from moec.models.adapter import refuse as _refuse
 from moec.models.common import base_fields
-
-
-def _refuse(arch: str, field: str, value, why: str) -> None:
-    raise MoecError(f"{arch}: config field {field}={value!r} is not supported ({why})")
 
 
 def _rope_order(dr: int) -> torch.Tensor:

@@ -78,11 +78,15 @@ def expected_shapes(adapter, cfg: MoEConfig, present: set[str]) -> dict[str, tup
     with torch.device("meta"):
         meta = MoEModel(cfg).state_dict()
     out = {theirs: tuple(meta[ours].shape) for ours, theirs in adapter._pairs(cfg)}
-    out.update(adapter.converted_hf_shapes(cfg))
+    converted = adapter.converted_hf_shapes(cfg)
+    out.update(converted)
     g, u, d = adapter.expert_names
     e, i, h = cfg.num_experts, cfg.expert_intermediate, cfg.hidden_size
     for layer in cfg.moe_layers:
         m = f"model.layers.{layer}.{adapter.moe_prefix}.experts"
+        if any(n.startswith(f"model.layers.{layer}.{adapter.moe_prefix}.") and n.endswith("_linear.weight")
+               for n in converted):
+            continue  # the adapter converts this block's fused experts (Granite's input/output_linear)
         if f"{m}.gate_up_proj" in present:
             out[f"{m}.gate_up_proj"], out[f"{m}.down_proj"] = (e, 2 * i, h), (e, h, i)
             continue
@@ -230,14 +234,18 @@ class LazyCheckpoint:
 
     @property
     def reads_by_layer(self) -> bool:
-        """Whether layers can be read one at a time: tensors are renamed only, none converted on load."""
-        return not self.adapter.converted_hf_shapes(self.cfg)
+        """Whether layers can be read one at a time: tensors are renamed only, none converted on load, and
+        the embedding, final norm and head are the plain ones the per-layer stages run (no Granite
+        multipliers, no LayerNorm or head bias)."""
+        c = self.cfg
+        plain_ends = c.norm == "rms" and not c.lm_head_bias and c.embedding_scale == c.logits_scale == 1.0
+        return plain_ends and not self.adapter.converted_hf_shapes(c)
 
     def layer_state(self, layer: int) -> dict[str, torch.Tensor]:
         """State dict of decoder layer ``layer`` (keys relative to the layer, e.g. ``attn.q_proj.weight``)."""
         if not self.reads_by_layer:
-            raise MoecError(f"{self.cfg.architecture} checkpoints cannot be read layer by layer yet (their "
-                            "attention weights are converted on load)")
+            raise MoecError(f"{self.cfg.architecture} checkpoints cannot be read layer by layer yet (weights "
+                            "converted on load, or an embedding/head the per-layer stages do not run)")
         prefix = f"layers.{layer}."
         state = {k[len(prefix):]: self.read_into(v) for k, v in self._pairs().items() if k.startswith(prefix)}
         if layer in self.cfg.moe_layers:

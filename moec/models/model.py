@@ -41,6 +41,11 @@ class RMSNorm(nn.Module):
         return self.weight * x.to(dtype)
 
 
+def layer_norm(cfg: MoEConfig, dim: int) -> nn.Module:
+    """The layer and final norm of :func:`moec.arch.blocks.norm`: RMSNorm, or LayerNorm with bias."""
+    return nn.LayerNorm(dim, eps=cfg.rms_eps) if cfg.norm == "layer" else RMSNorm(dim, cfg.rms_eps)
+
+
 class Attention(nn.Module):
     """Parameters of :func:`moec.arch.blocks.attention`."""
 
@@ -54,7 +59,7 @@ class Attention(nn.Module):
         self.q_proj = nn.Linear(cfg.hidden_size, nh * hd, bias=bias)
         self.k_proj = nn.Linear(cfg.hidden_size, nkv * hd, bias=bias)
         self.v_proj = nn.Linear(cfg.hidden_size, nkv * hd, bias=bias)
-        self.o_proj = nn.Linear(nh * hd, cfg.hidden_size, bias=False)
+        self.o_proj = nn.Linear(nh * hd, cfg.hidden_size, bias=cfg.attention_out_bias)
         if cfg.qk_norm == "full":
             self.q_norm, self.k_norm = RMSNorm(nh * hd, cfg.rms_eps), RMSNorm(nkv * hd, cfg.rms_eps)
         elif cfg.qk_norm == "head":
@@ -184,9 +189,9 @@ class DecoderLayer(nn.Module):
     def __init__(self, cfg: MoEConfig, layer: int) -> None:
         super().__init__()
         self.cfg = cfg
-        self.attn_norm = RMSNorm(cfg.hidden_size, cfg.rms_eps)
+        self.attn_norm = layer_norm(cfg, cfg.hidden_size)
         self.attn = LatentAttention(cfg) if cfg.attention == "mla" else Attention(cfg)
-        self.mlp_norm = RMSNorm(cfg.hidden_size, cfg.rms_eps)
+        self.mlp_norm = layer_norm(cfg, cfg.hidden_size)
         self.is_moe = layer not in cfg.dense_layers
         self.mlp = MoEBlock(cfg, layer) if self.is_moe else SwiGLU(cfg.hidden_size, cfg.dense_intermediate)
 
@@ -202,8 +207,8 @@ class MoEModel(nn.Module):
         self.cfg = cfg
         self.embed = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
         self.layers = nn.ModuleList(DecoderLayer(cfg, i) for i in range(cfg.num_layers))
-        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_eps)
-        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        self.norm = layer_norm(cfg, cfg.hidden_size)
+        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=cfg.lm_head_bias)
         if cfg.tie_embeddings:
             self.lm_head.weight = self.embed.weight
 

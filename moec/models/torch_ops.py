@@ -91,6 +91,9 @@ class TorchOps:
     def rms_norm(self, x: torch.Tensor, name: str) -> torch.Tensor:
         return self.module.get_submodule(name)(x)
 
+    def layer_norm(self, x: torch.Tensor, name: str) -> torch.Tensor:
+        return self.module.get_submodule(name)(x)
+
     def split_heads(self, x: torch.Tensor, heads: int, head_dim: int) -> torch.Tensor:
         return x.view(*x.shape[:-1], heads, head_dim)
 
@@ -162,6 +165,12 @@ class TorchOps:
         best = g.topk(top, dim=-1).values.sum(-1).topk(keep, dim=-1).indices
         kept = torch.zeros(g.shape[:-1], dtype=torch.bool).scatter(-1, best, True)
         return g.masked_fill(~kept[..., None], float("-inf")).view(x.shape)
+
+    def jitter_mask(self, x, ref, eps):
+        return x.masked_fill((ref - x) / x.abs().clamp(min=ref) > 2 * eps, float("-inf"))
+
+    def mask_ids(self, x, ids):
+        return x.scatter(-1, ids, float("-inf"))
 
     def sum_last(self, x: torch.Tensor) -> torch.Tensor:
         return x.sum(-1, keepdim=True)

@@ -125,14 +125,14 @@ def exact_sensitivity(model: MoEModel, windows: torch.Tensor, bits: list[int], g
     def tail_nll(h: torch.Tensor, start: int) -> float:
         for i in range(start, cfg.num_layers):
             h = model.layers[i](h, cos, sin, None, i)
-        logits = model.lm_head(model.norm(h))
+        logits = model.lm_head(model.norm(h)) * cfg.logits_scale
         return F.cross_entropy(logits.flatten(0, 1), target.flatten()).item()
 
     blocks = model.moe_blocks()
     bar = tqdm(total=len(blocks) * cfg.num_experts * len(bits), desc="exact sensitivity", unit="eval",
                disable=not progress, leave=False)
     out: dict[int, np.ndarray] = {}
-    h = model.embed(x_in)
+    h = model.embed(x_in) * cfg.embedding_scale
     base = tail_nll(h, 0)
     for layer in range(cfg.num_layers):
         if layer in blocks:

@@ -107,6 +107,13 @@ def random_weights(cfg: MoEConfig, plan: BitPlan, seed: int = 0, float32: bool =
             floats.update(_mla_floats(cfg, i, rng))
         if cfg.router_bias and i not in cfg.dense_layers:
             floats[f"layers.{i}.mlp.score_bias"] = (rng.standard_normal(cfg.num_experts) * 0.01).astype(np.float32)
+        if cfg.attention_out_bias:
+            floats[f"layers.{i}.attn.o_proj.bias"] = np.zeros(h, np.float32)
+    if cfg.norm == "layer":  # LayerNorm biases
+        floats.update({n.replace(".weight", ".bias"): np.zeros(h, np.float32) for n in list(floats) if n.endswith("norm.weight")
+                       and floats[n].shape == (h,) and ".attn." not in n})
+    if cfg.lm_head_bias:
+        floats["lm_head.bias"] = np.zeros(cfg.vocab_size, np.float32)
     return ModelWeights(cfg, plan, packed, floats)
 
 

@@ -72,6 +72,35 @@ def _deepseek_v3():
                                          norm_topk_prob=True)  # the best 2 of 4 groups (by their top-2 sum)
 
 
+def _glm4_moe():  # partial rotary, q/k/v bias, per-head q/k norm, V3 routing in 2 of 4 groups, dense layer 0
+    return transformers.Glm4MoeConfig(**COMMON, head_dim=16, intermediate_size=64, moe_intermediate_size=24,
+                                      n_routed_experts=8, num_experts_per_tok=2, n_shared_experts=1, n_group=4,
+                                      topk_group=2, routed_scaling_factor=2.5, first_k_dense_replace=1,
+                                      attention_bias=True, use_qk_norm=True, num_nextn_predict_layers=0)
+
+
+GRANITE = dict(intermediate_size=24, num_local_experts=4, num_experts_per_tok=2, embedding_multiplier=6.0,
+               residual_multiplier=0.3, attention_multiplier=0.07, logits_scaling=4.0, attention_bias=True)
+
+
+def _granite_moe():
+    return transformers.GraniteMoeConfig(**COMMON, **GRANITE)
+
+
+def _granite_moe_shared():
+    return transformers.GraniteMoeSharedConfig(**COMMON, **GRANITE, shared_intermediate_size=16)
+
+
+def _phimoe():  # sparsemixer, LayerNorm with bias, q/k/v/o and lm_head biases
+    return transformers.PhimoeConfig(**COMMON, intermediate_size=24, num_local_experts=6, num_experts_per_tok=2,
+                                     attention_bias=True, lm_head_bias=True, router_jitter_noise=0.3)
+
+
+def _ernie45_moe():  # interleaved RoPE, biased choice, shared expert, dense layer 0 (moe_layer_start_index)
+    return transformers.Ernie4_5_MoeConfig(**COMMON, intermediate_size=48, moe_intermediate_size=24, moe_num_experts=6,
+                                           moe_k=2, moe_num_shared_experts=1, moe_layer_start_index=1)
+
+
 CASES = {
     "mixtral": (_mixtral, transformers.MixtralForCausalLM),
     "qwen2_moe": (_qwen2_moe, transformers.Qwen2MoeForCausalLM),
@@ -82,6 +111,11 @@ CASES = {
     "deepseek_v2_grouped": (_deepseek_v2_grouped, transformers.DeepseekV2ForCausalLM),
     "deepseek_v2_lite_yarn": (_deepseek_v2_lite_yarn, transformers.DeepseekV2ForCausalLM),
     "deepseek_v3": (_deepseek_v3, transformers.DeepseekV3ForCausalLM),
+    "glm4_moe": (_glm4_moe, transformers.Glm4MoeForCausalLM),
+    "granite_moe": (_granite_moe, transformers.GraniteMoeForCausalLM),
+    "granite_moe_shared": (_granite_moe_shared, transformers.GraniteMoeSharedForCausalLM),
+    "phimoe": (_phimoe, transformers.PhimoeForCausalLM),
+    "ernie45_moe": (_ernie45_moe, transformers.Ernie4_5_MoeForCausalLM),
 }
 
 
@@ -93,6 +127,9 @@ def _randomise(model: torch.nn.Module) -> None:
         for name, b in model.named_buffers():  # DeepSeek-V3's choice bias: large enough to change the choice
             if name.endswith("e_score_correction_bias"):
                 b.copy_(torch.randn_like(b) * 0.3)
+        for name, p in model.named_parameters():  # ERNIE keeps its choice bias as a parameter
+            if name.endswith("e_score_correction_bias"):
+                p.copy_(torch.randn_like(p) * 0.3)
 
 
 @pytest.mark.parametrize("name", sorted(CASES))
