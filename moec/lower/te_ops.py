@@ -96,11 +96,12 @@ def layer_norm(x: te.Tensor, weight: te.Tensor, bias: te.Tensor, eps: float) -> 
     rows, dim = x.shape
     n = float(int(dim))
     r = te.reduce_axis((0, dim), name="d")
-    mean = te.compute((rows,), lambda i: te.sum(x[i, r], axis=r) / n, name="mean")
+    total = te.compute((rows,), lambda i: te.sum(x[i, r], axis=r), name="total")
     r2 = te.reduce_axis((0, dim), name="d2")
-    var = te.compute((rows,), lambda i: te.sum((x[i, r2] - mean[i]) * (x[i, r2] - mean[i]), axis=r2) / n, name="var")
-    return te.compute(x.shape, lambda i, j: (x[i, j] - mean[i]) * tirx.rsqrt(var[i] + eps) * weight[j] + bias[j],
-                      name="layer_norm")
+    sq = te.compute((rows,), lambda i: te.sum((x[i, r2] - total[i] / n) * (x[i, r2] - total[i] / n), axis=r2),
+                    name="centred_sumsq")
+    return te.compute(x.shape, lambda i, j: (x[i, j] - total[i] / n) * tirx.rsqrt(sq[i] / n + eps) * weight[j]
+                      + bias[j], name="layer_norm")
 
 
 def rope_rows(x: te.Tensor, start, inv_freq: te.Tensor) -> te.Tensor:

@@ -73,13 +73,13 @@ def _deepseek_v3():
 
 
 def _glm4_moe():  # partial rotary, q/k/v bias, per-head q/k norm, V3 routing in 2 of 4 groups, dense layer 0
-    return transformers.Glm4MoeConfig(**COMMON, head_dim=16, intermediate_size=64, moe_intermediate_size=24,
+    return transformers.Glm4MoeConfig(**COMMON, head_dim=16, intermediate_size=64, moe_intermediate_size=32,
                                       n_routed_experts=8, num_experts_per_tok=2, n_shared_experts=1, n_group=4,
                                       topk_group=2, routed_scaling_factor=2.5, first_k_dense_replace=1,
                                       attention_bias=True, use_qk_norm=True, num_nextn_predict_layers=0)
 
 
-GRANITE = dict(intermediate_size=24, num_local_experts=4, num_experts_per_tok=2, embedding_multiplier=6.0,
+GRANITE = dict(intermediate_size=32, num_local_experts=4, num_experts_per_tok=2, embedding_multiplier=6.0,
                residual_multiplier=0.3, attention_multiplier=0.07, logits_scaling=4.0, attention_bias=True)
 
 
@@ -92,12 +92,12 @@ def _granite_moe_shared():
 
 
 def _phimoe():  # sparsemixer, LayerNorm with bias, q/k/v/o and lm_head biases
-    return transformers.PhimoeConfig(**COMMON, intermediate_size=24, num_local_experts=6, num_experts_per_tok=2,
+    return transformers.PhimoeConfig(**COMMON, intermediate_size=32, num_local_experts=6, num_experts_per_tok=2,
                                      attention_bias=True, lm_head_bias=True, router_jitter_noise=0.3)
 
 
 def _ernie45_moe():  # interleaved RoPE, biased choice, shared expert, dense layer 0 (moe_layer_start_index)
-    return transformers.Ernie4_5_MoeConfig(**COMMON, intermediate_size=48, moe_intermediate_size=24, moe_num_experts=6,
+    return transformers.Ernie4_5_MoeConfig(**COMMON, intermediate_size=48, moe_intermediate_size=32, moe_num_experts=6,
                                            moe_k=2, moe_num_shared_experts=1, moe_layer_start_index=1)
 
 
