@@ -159,3 +159,44 @@ def test_kv_cache_decode_matches_full_forward(name, tmp_path):
         cache = model.new_cache()
         steps = [model(ids[:, :4], cache)] + [model(ids[:, i:i + 1], cache) for i in range(4, 10)]
     assert (torch.cat(steps, dim=1) - full).abs().max().item() < 1e-5
+
+
+@pytest.mark.parametrize("name, edit, field", [
+    ("glm4_moe", {"rope_parameters": {"rope_type": "default", "rope_theta": 1e4, "partial_rotary_factor": 0.1875}},
+     "partial_rotary_factor"),
+    ("granite_moe", {"hidden_act": "gelu"}, "hidden_act"),
+    ("phimoe", {"rope_parameters": {"rope_type": "longrope", "rope_theta": 1e4}}, "rope_parameters.rope_type"),
+    ("phimoe", {"sliding_window": 16}, "sliding_window"),
+    ("phimoe", {"num_experts_per_tok": 3}, "num_experts_per_tok"),
+    ("ernie45_moe", {"use_bias": True}, "use_bias"),
+])
+def test_unsupported_options_name_the_field(name, edit, field):
+    from moec.core.errors import MoecError
+    from moec.models.registry import get_adapter
+    make_cfg, cls = CASES[name]
+    hf = {**make_cfg().to_dict(), "architectures": [cls.__name__], **edit}
+    with pytest.raises(MoecError, match=f"config field {field}=") as ei:
+        get_adapter(hf["architectures"][0]).config(hf)
+    assert "\n" not in str(ei.value)
+
+
+@pytest.mark.parametrize("name", ["glm4_moe", "granite_moe_shared", "phimoe", "ernie45_moe"])
+def test_lazy_reader_checks_headers_and_reads_by_layer_only_when_exact(name, tmp_path):
+    """Headers of every new family check out; only GLM (renamed tensors, plain embedding and head) is read
+    layer by layer, and its layers equal the whole model's; the others are refused in one line."""
+    from moec.core.errors import MoecError
+    from moec.models.lazy import LazyCheckpoint
+    make_cfg, cls = CASES[name]
+    torch.manual_seed(0)
+    cls(make_cfg()).save_pretrained(tmp_path)
+    lazy = LazyCheckpoint(tmp_path)
+    assert lazy.reads_by_layer == (name == "glm4_moe")
+    if not lazy.reads_by_layer:
+        with pytest.raises(MoecError, match="cannot be read layer by layer"):
+            lazy.layer(1)
+        return
+    whole = load_checkpoint(tmp_path)
+    for i in range(whole.cfg.num_layers):
+        want = whole.layers[i].state_dict()
+        got = lazy.layer(i).state_dict()
+        assert sorted(got) == sorted(want) and all(torch.equal(got[k], want[k]) for k in want)
