@@ -149,3 +149,30 @@ def test_cuda_preset_bundle(tmp_path):
     assert manifest["target"]["tvm_target"]["arch"] == "sm_86" and manifest["cuda"]["arch"] == "sm_86"
     assert manifest["backend"]["runtime_device"] == "cuda" and manifest["kernels"] == "gpu-fused"
     assert elf_cuda_sm((out / manifest["cuda"]["fatbin"]).read_bytes()) == [86]
+
+
+@pytest.mark.parametrize("name", ["headnorm_tied_mqa", "mla_softmax_scaled"])
+def test_model_decode_and_prefill_compile_for_jetson(name):
+    """A Qwen3-like model (per-head q/k norm, MQA) and a DeepSeek-V2-like one (latent attention) compile
+    to CUDA (the functions the bundler builds): the decode attention scores over the symbolic cache length used to get a dlight schedule
+    with thread-local buffers of cache-dependent size ("Can only handle constant size stack allocation");
+    ``Checked`` now refuses such a schedule. Code generation only: no GPU, no nvcc."""
+    from moec.core.plan import resolve_plan
+    from moec.lower.decode_graph import DecodeBuilder
+    from moec.lower.params import build_params
+    from moec.lower.prefill_graph import PrefillBuilder
+    from moec.quant.weights import ModelWeights
+    from tests.export.export_fixtures import feature_model
+    model = feature_model(name)
+    plan = resolve_plan("uniform:4", model.cfg, 16)
+    weights = ModelWeights.from_model(model, plan)
+    params = build_params(model.cfg, plan, weights.packed, weights.floats)
+    preset = load_target("jetson-agx-orin")
+    emitter = backend_for(preset).emitter(preset.tvm(), "float32")
+    bb = relax.BlockBuilder()
+    DecodeBuilder(model.cfg, params, emitter).build(bb)
+    prefill = PrefillBuilder(model.cfg, params, emitter)
+    if prefill.supported():  # the GPU emitter has no grouped GEMM yet: decode only, as the bundler does
+        prefill.build(bb)
+    src = cuda_source(_compile(bb.get()).mod)
+    assert src is not None and count_kernels(src) > 10

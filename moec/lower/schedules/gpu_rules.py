@@ -2,10 +2,14 @@
 
 dlight's GPU ``Reduction`` rule in apache-tvm 0.27 can return a schedule that later fails to
 lower (e.g. for the attention-scores reduction with a fused elementwise producer: "Cross-thread
-reduction requires all the reduction-related loops to be the deepest"). ``Checked`` runs the
-cross-thread-reduction lowering on each candidate and, if it fails (or the rule itself raises, as
-dlight's GEMV analysis does on indirectly indexed buffers), lets the next rule (finally
-``Fallback``, which only binds threads) schedule the function instead.
+reduction requires all the reduction-related loops to be the deepest"), and its ``LowBatchGEMV``
+rule, given the decode attention scores over a cache of symbolic length ``P`` (a one-token
+"GEMV" with ``P`` output rows), caches whole output rows in thread-local buffers of ``P``-dependent
+size, which CUDA code generation refuses ("Can only handle constant size stack allocation").
+``Checked`` runs the cross-thread-reduction lowering on each candidate and checks that every
+thread-local buffer has a constant size; if either fails (or the rule itself raises, as dlight's
+GEMV analysis does on indirectly indexed buffers), the next rule (finally ``Fallback``, which
+only binds threads) schedules the function instead.
 """
 
 from __future__ import annotations
@@ -34,6 +38,11 @@ class Checked(dl.ScheduleRule):
         if space is None:
             return None
         for sch in space if isinstance(space, list) else [space]:
+            dynamic = dynamic_local_buffers(sch)
+            if dynamic:
+                log.debug("%s rejected: thread-local buffer(s) of runtime size %s", type(self.rule).__name__,
+                          ", ".join(dynamic))
+                return None
             try:
                 s_tir.transform.LowerCrossThreadReduction()(tvm.IRModule({"main": sch.mod["main"]}))
             except Exception as exc:  # noqa: BLE001 - TVM raises a generic error
@@ -42,6 +51,20 @@ class Checked(dl.ScheduleRule):
                           str(exc).strip().splitlines()[0])
                 return None
         return space
+
+
+def dynamic_local_buffers(sch: s_tir.Schedule) -> list[str]:
+    """Names of the thread-local (``local`` scope) buffers of ``sch``'s function whose shape is not constant."""
+    out, todo = [], [sch.mod["main"].body.block]
+    while todo:
+        block = todo.pop()
+        out += [b.name for b in block.alloc_buffers
+                if b.scope() == "local" and not all(isinstance(d, tvm.tirx.IntImm) for d in b.shape)]
+        try:
+            todo += [sch.get(child) for child in sch.get_child_blocks(sch.get_sblock(block.name_hint))]
+        except Exception:  # noqa: BLE001 - a block name that is not unique: its children are not reachable by name
+            pass
+    return out
 
 
 class FusedGemv(dl.ScheduleRule):
