@@ -14,7 +14,7 @@ from moec.models.checkpoint import load_checkpoint
 from moec.quant.packed_model import fake_quantize_model
 
 transformers = pytest.importorskip("transformers")
-from tests.models.test_adapters import CASES, _randomise  # noqa: E402
+from tests.models.test_adapters import CASES, save_tiny_checkpoint  # noqa: E402
 
 FAMILIES = ["deepseek_v2_lite", "deepseek_v3", "glm4_moe", "granite_moe_shared", "phimoe", "ernie45_moe"]
 
@@ -22,11 +22,7 @@ FAMILIES = ["deepseek_v2_lite", "deepseek_v3", "glm4_moe", "granite_moe_shared",
 @pytest.mark.parametrize("spec", ["uniform:4", "mixed"])
 @pytest.mark.parametrize("family", FAMILIES)
 def test_deepseek_export_matches_fake_quant(tmp_path, family, spec):
-    make_cfg, cls = CASES[family]
-    torch.manual_seed(0)
-    ref = cls(make_cfg()).eval()
-    _randomise(ref)
-    ref.save_pretrained(tmp_path / "ckpt")
+    save_tiny_checkpoint(tmp_path / "ckpt", family)
     model = load_checkpoint(tmp_path / "ckpt")
     plan = spec
     if spec == "mixed":

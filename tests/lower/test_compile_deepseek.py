@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-import torch
 from click.testing import CliRunner
 
 from moec.cli.main import cli
@@ -17,11 +16,10 @@ from moec.artifact.weights_file import WeightsReader
 from moec.core.plan import BitPlan, resolve_plan
 from moec.models.checkpoint import load_checkpoint
 from moec.quant.packed_model import fake_quantize_model
-from tests.conftest import tiny_tokenizer
 from tests.lower.plan_fixtures import mixed_plan
 
 transformers = pytest.importorskip("transformers")
-from tests.models.test_adapters import CASES, _randomise  # noqa: E402
+from tests.models.test_adapters import save_tiny_checkpoint  # noqa: E402
 
 pytestmark = pytest.mark.tvm
 PROMPT = [5, 17, 42, 9, 60, 7, 63, 2]
@@ -30,14 +28,7 @@ PROMPT = [5, 17, 42, 9, 60, 7, 63, 2]
 @pytest.mark.parametrize("family", ["deepseek_v2_lite", "deepseek_v3"])
 def test_deepseek_bundle_tokens_match_torch_fake_quant(tmp_path, family):
     from moec.runtime.session import BundleSession
-    make_cfg, cls = CASES[family]
-    torch.manual_seed(0)
-    hf_cfg = make_cfg()
-    hf_cfg.vocab_size = 300  # the test tokenizer's
-    ref = cls(hf_cfg).eval()
-    _randomise(ref)
-    ref.save_pretrained(tmp_path / "ckpt")
-    tiny_tokenizer(300).save(str(tmp_path / "ckpt" / "tokenizer.json"))
+    save_tiny_checkpoint(tmp_path / "ckpt", family, tokenizer_vocab=300)
     model = load_checkpoint(tmp_path / "ckpt")
     plan_file = tmp_path / "plan.json"
     mixed_plan(model.cfg).save(plan_file)
@@ -84,16 +75,7 @@ def test_family_bundle_tokens_and_prefill(tmp_path, family):
     Phi-MoE (sparsemixer, LayerNorm, biases) and ERNIE-4.5 (biased softmax choice, interleaved RoPE):
     one in-memory compile each; greedy tokens equal torch fake-quant and prefill equals decode steps."""
     from moec.runtime.session import BundleSession
-    make_cfg, cls = CASES[family]
-    torch.manual_seed(0)
-    hf_cfg = make_cfg()
-    for key, value in {**ONE_MOE_LAYER, "vocab_size": 300}.items():
-        if hasattr(hf_cfg, key):
-            setattr(hf_cfg, key, value)
-    ref = cls(hf_cfg).eval()
-    _randomise(ref)
-    ref.save_pretrained(tmp_path / "ckpt")
-    tiny_tokenizer(300).save(str(tmp_path / "ckpt" / "tokenizer.json"))
+    save_tiny_checkpoint(tmp_path / "ckpt", family, tokenizer_vocab=300, **ONE_MOE_LAYER)
     model = load_checkpoint(tmp_path / "ckpt")
     assert model.cfg.moe_layers == [0]
     plan_file = tmp_path / "plan.json"

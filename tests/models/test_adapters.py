@@ -132,6 +132,27 @@ def _randomise(model: torch.nn.Module) -> None:
                 p.copy_(torch.randn_like(p) * 0.3)
 
 
+def save_tiny_checkpoint(root, name: str, tokenizer_vocab: int | None = None, **overrides):
+    """Save family ``name``'s tiny random transformers model (seed 0, perturbed) to ``root``; with
+    ``tokenizer_vocab``, the vocabulary is the test tokenizer's, saved alongside. ``overrides`` set HF
+    config fields the family has (others are ignored). Returns the transformers model."""
+    from tests.conftest import tiny_tokenizer
+    make_cfg, cls = CASES[name]
+    torch.manual_seed(0)
+    hf_cfg = make_cfg()
+    if tokenizer_vocab:
+        overrides["vocab_size"] = tokenizer_vocab
+    for key, value in overrides.items():
+        if hasattr(hf_cfg, key):
+            setattr(hf_cfg, key, value)
+    ref = cls(hf_cfg).eval()
+    _randomise(ref)
+    ref.save_pretrained(root)
+    if tokenizer_vocab:
+        tiny_tokenizer(tokenizer_vocab).save(str(root / "tokenizer.json"))
+    return ref
+
+
 @pytest.mark.parametrize("name", sorted(CASES))
 def test_adapter_matches_transformers(name, tmp_path):
     make_cfg, cls = CASES[name]
