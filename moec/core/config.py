@@ -5,7 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import MISSING, asdict, dataclass, field, fields
 
 from moec.core.errors import MoecError
 
@@ -44,7 +44,8 @@ class MoEConfig:
     multipliers: the embeddings are scaled by ``embedding_scale``, each block's output by
     ``residual_scale`` before its residual add, the logits by ``logits_scale``. ``router_scoring``
     ``"sparsemixer"`` is Phi-MoE's top-2 at inference (:func:`moec.arch.blocks.sparsemixer`, with
-    ``sparsemixer_eps``, the config's ``router_jitter_noise``). Fields added after v1 are left out of
+    ``sparsemixer_eps``, the config's ``router_jitter_noise``). ``rope_ext_factors`` (empty: none)
+    divide the plain RoPE inverse frequencies pair by pair (LongRoPE's short factors, Phi-3.5-MoE). Fields added after v1 are left out of
     :meth:`to_dict` while at their defaults, so older fingerprints and plans stay valid.
     """
 
@@ -94,6 +95,7 @@ class MoEConfig:
     residual_scale: float = 1.0
     logits_scale: float = 1.0
     sparsemixer_eps: float = 0.01
+    rope_ext_factors: list[float] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         self._check_types()
@@ -113,6 +115,8 @@ class MoEConfig:
             (self.qk_rope_dim % 2 == 0, "qk_rope_dim must be even"),
             (self.rotary_dim % 2 == 0 and self.rotary_dim <= self.head_dim, "rotary_dim must be even and <= head_dim"),
             (self.norm in NORM_KINDS, f"norm must be one of {NORM_KINDS}"),
+            (not self.rope_ext_factors or len(self.rope_ext_factors) * 2 == self.rope_dim,
+             "rope_ext_factors needs one factor per rotated pair"),
             (self.router_scoring != "sparsemixer" or self.top_k == 2, "sparsemixer routing chooses exactly 2 experts"),
             (self.num_experts % self.expert_groups == 0, "num_experts must be a multiple of expert_groups"),
             (self.kept_groups <= self.expert_groups, "kept_groups must be <= expert_groups"),
@@ -163,6 +167,10 @@ class MoEConfig:
                 bad(name, "a string")
         if not isinstance(self.architecture, str):
             bad("architecture", "a string")
+        f = self.rope_ext_factors
+        if not isinstance(f, list) or not all(isinstance(v, (int, float)) and not isinstance(v, bool) and
+                                              math.isfinite(v) and v > 0 for v in f):
+            bad("rope_ext_factors", "a list of positive numbers")
         if not isinstance(self.dense_layers, list) or not all(_is_int(i) for i in self.dense_layers):
             bad("dense_layers", "a list of layer indices")
         if self.head_dim is None and self.hidden_size % self.num_heads:
@@ -192,7 +200,7 @@ class MoEConfig:
     def to_dict(self) -> dict:
         d = asdict(self)
         for f in fields(self):
-            if f.name in _LATER_FIELDS and d[f.name] == f.default:
+            if f.name in _LATER_FIELDS and d[f.name] == (f.default_factory() if f.default is MISSING else f.default):
                 del d[f.name]
         return d
 
@@ -206,19 +214,22 @@ _LATER_FIELDS = ("attention", "q_lora_rank", "kv_lora_rank", "qk_nope_dim", "qk_
                  "router_scoring", "router_bias", "routed_scale", "expert_groups", "kept_groups", "group_score_top",
                  "rope_factor", "rope_original_max",
                  "rope_beta_fast", "rope_beta_slow", "attention_scale", "rotary_dim", "norm", "attention_out_bias",
-                 "lm_head_bias", "embedding_scale", "residual_scale", "logits_scale", "sparsemixer_eps")
+                 "lm_head_bias", "embedding_scale", "residual_scale", "logits_scale", "sparsemixer_eps", "rope_ext_factors")
 
 
 def rope_inv_freq(cfg: MoEConfig) -> list[float]:
     """Inverse frequencies of the ``rope_dim / 2`` rotation pairs (every backend builds its tables from these).
 
-    Plain RoPE: ``theta ** (-2j / d)``. YaRN (``rope_factor`` > 1): pairs rotating fewer than
+    Plain RoPE: ``theta ** (-2j / d)``, divided by ``rope_ext_factors[j]`` if given. YaRN
+    (``rope_factor`` > 1): pairs rotating fewer than
     ``rope_beta_slow`` times over ``rope_original_max`` positions are interpolated (divided by
     the factor), those rotating more than ``rope_beta_fast`` times kept, with a linear ramp in
     between (bounds floored/ceiled to whole dimensions).
     """
     d, theta = cfg.rope_dim, cfg.rope_theta
     plain = [theta ** (-(2 * j) / d) for j in range(d // 2)]
+    if cfg.rope_ext_factors:
+        plain = [f / x for f, x in zip(plain, cfg.rope_ext_factors)]
     if cfg.rope_factor == 1.0:
         return plain
 

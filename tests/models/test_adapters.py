@@ -96,6 +96,14 @@ def _phimoe():  # sparsemixer, LayerNorm with bias, q/k/v/o and lm_head biases
                                      attention_bias=True, lm_head_bias=True, router_jitter_noise=0.3)
 
 
+def _phimoe_longrope():  # Phi-3.5-MoE's LongRoPE, short regime (the prompt is within original_max_position_embeddings)
+    return transformers.PhimoeConfig(**COMMON, intermediate_size=32, num_local_experts=4, num_experts_per_tok=2,
+                                     rope_parameters={"rope_type": "longrope", "rope_theta": 1e4,
+                                                      "short_factor": [1.0, 1.3, 2.0, 3.5], "long_factor": [2.0] * 4,
+                                                      "short_mscale": 1.2, "long_mscale": 1.5,
+                                                      "original_max_position_embeddings": 64})
+
+
 def _ernie45_moe():  # interleaved RoPE, biased choice, shared expert, dense layer 0 (moe_layer_start_index)
     return transformers.Ernie4_5_MoeConfig(**COMMON, intermediate_size=48, moe_intermediate_size=32, moe_num_experts=6,
                                            moe_k=2, moe_num_shared_experts=1, moe_layer_start_index=1)
@@ -115,6 +123,7 @@ CASES = {
     "granite_moe": (_granite_moe, transformers.GraniteMoeForCausalLM),
     "granite_moe_shared": (_granite_moe_shared, transformers.GraniteMoeSharedForCausalLM),
     "phimoe": (_phimoe, transformers.PhimoeForCausalLM),
+    "phimoe_longrope": (_phimoe_longrope, transformers.PhimoeForCausalLM),
     "ernie45_moe": (_ernie45_moe, transformers.Ernie4_5_MoeForCausalLM),
 }
 
@@ -186,7 +195,10 @@ def test_kv_cache_decode_matches_full_forward(name, tmp_path):
     ("glm4_moe", {"rope_parameters": {"rope_type": "default", "rope_theta": 1e4, "partial_rotary_factor": 0.1875}},
      "partial_rotary_factor"),
     ("granite_moe", {"hidden_act": "gelu"}, "hidden_act"),
-    ("phimoe", {"rope_parameters": {"rope_type": "longrope", "rope_theta": 1e4}}, "rope_parameters.rope_type"),
+    ("phimoe", {"rope_parameters": {"rope_type": "dynamic", "rope_theta": 1e4}}, "rope_parameters.rope_type"),
+    ("phimoe", {"rope_parameters": {"rope_type": "longrope", "rope_theta": 1e4, "short_factor": [1.0] * 3,
+                                    "short_mscale": 1.0, "original_max_position_embeddings": 64}},
+     "rope_parameters.short_factor"),
     ("phimoe", {"sliding_window": 16}, "sliding_window"),
     ("phimoe", {"num_experts_per_tok": 3}, "num_experts_per_tok"),
     ("ernie45_moe", {"use_bias": True}, "use_bias"),
