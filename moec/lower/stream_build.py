@@ -103,12 +103,16 @@ def stream_params(ckpt: LazyCheckpoint, plan: BitPlan, writer: WeightsWriter, em
             for c in sorted(set(bits.tolist())):
                 members = np.flatnonzero(bits == c)
                 remap[members] = np.arange(len(members))
-                for proj in ("w1", "w3", "w2"):
-                    pws = [pack(expert_key(i, int(e), proj), state[f"mlp.{proj}"][int(e)], int(c),
-                                hessians.get(expert_key(i, int(e), proj))) for e in members]
+                # expert by expert, so w1 and w3 (one Hessian) are quantized back to back
+                pws = {proj: [] for proj in ("w1", "w3", "w2")}
+                for e in members:
+                    for proj in pws:
+                        pws[proj].append(pack(expert_key(i, int(e), proj), state[f"mlp.{proj}"][int(e)], int(c),
+                                              hessians.get(expert_key(i, int(e), proj))))
+                for proj, ws in pws.items():
                     sp.add(f"layers.{i}.experts.b{c}.{proj}", WeightEntry(
-                        int(c), pws[0].shape, _stack(pws), stacked=len(members), group_size=pws[0].group_size))
-                    del pws
+                        int(c), ws[0].shape, _stack(ws), stacked=len(members), group_size=ws[0].group_size))
+                del pws
             sp.params.class_of[i], sp.params.remap[i] = bits, remap
 
     dense("embed.weight", ckpt.tensor("embed.weight"))

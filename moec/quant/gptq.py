@@ -94,6 +94,25 @@ def hessian_inverse_factor(hessian: np.ndarray, damp: float = 0.01) -> np.ndarra
                     "statistics")
 
 
+_last_factor: tuple | None = None  # (hessian array, damp, factor) of the previous call
+
+
+def _factor_of(hessian: np.ndarray, damp: float) -> np.ndarray:
+    """``hessian_inverse_factor``, reused when called again with the same array object and damp.
+
+    w1 and w3 of an expert see the same inputs and get the same Hessian object
+    (``finish_hessians``); packing them one after the other factors it once. Hessians are never
+    modified in place, so the identity of the array is its value.
+    """
+    global _last_factor
+    last = _last_factor
+    if last is not None and last[0] is hessian and last[1] == damp:
+        return last[2]
+    u = hessian_inverse_factor(hessian, damp)
+    _last_factor = (hessian, damp, u)
+    return u
+
+
 def _group_params(wg: np.ndarray, bits: int, method: str,
                   importance: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
     """``(scale fp16 [N], zero uint8 [N])`` of one group ``wg [N, gs]`` (float64 in)."""
@@ -166,7 +185,7 @@ def gptq_quantize(w: np.ndarray, bits: int, group_size: int, hessian: np.ndarray
     if np.shape(hessian) != (k, k):
         raise MoecError(f"hessian must be [K, K] = [{k}, {k}] for a weight of shape {w32.shape}, "
                         f"got {np.shape(hessian)}")
-    u = hessian_inverse_factor(hessian, damp)
+    u = _factor_of(hessian, damp)
     hdiag = np.clip(np.diag(np.asarray(hessian, dtype=np.float64)), 0, None)
     maxq = max_level(bits)
     groups = k // gs

@@ -55,7 +55,10 @@ def test_gptq_factor_and_codes_equal_original(monkeypatch):
     assert np.array_equal(u, np.triu(u))
     w = (rng.standard_normal((48, k)) * 0.02).astype(np.float32)
     new = gptq.gptq_quantize(w, 3, 64, h)
+    again = gptq.gptq_quantize(w, 3, 64, h)  # the same Hessian object: its factor is reused
     monkeypatch.setattr(gptq, "hessian_inverse_factor", ref.hessian_inverse_factor)
+    monkeypatch.setattr(gptq, "_last_factor", None)
     old = gptq.gptq_quantize(w, 3, 64, h)
+    assert gptq._last_factor[2] is not u and np.array_equal(again.q, new.q)
     assert np.array_equal(new.q, old.q) and np.array_equal(new.scale, old.scale)
     assert np.array_equal(new.zero, old.zero)
