@@ -10,8 +10,9 @@ compiled again hits everything (the "search compiles many plans" case). CPU seco
 (user + system of the process tree) are printed next to wall seconds because the machine may be
 shared: they do not grow with other processes' load the way wall time does.
 
-Bundle load: ``BundleSession(bundle)`` seconds per GB of bundle (every file hashed), and with
-``trust_verified=True`` once a stamp exists (after tree only).
+Bundle load: ``BundleSession(bundle)`` seconds per GB of the after tree's first bundle, loaded
+by each tree's runtime (every file hashed), and with ``trust_verified=True`` once a stamp exists
+(after tree only).
 
     python benchmarks/compile_cost.py /work/bench-data/olmoe-l4 --before /work/wt/main-ref --work /work/bench-data/cc
 """
@@ -93,6 +94,37 @@ def write_mixed_plan(ckpt: Path, path: Path) -> Path:
     return path
 
 
+MICRO = """
+import json, sys, time
+import numpy as np
+from moec.quant.quantize import quantize
+from moec.quant.gptq import gptq_quantize
+rng = np.random.default_rng(0)
+w = (rng.standard_normal((1024, 2048)) * 0.02).astype(np.float32)
+x = rng.standard_normal((4096, 2048)).astype(np.float32)
+h = (x.T.astype(np.float64) @ x) / len(x)
+out = {}
+for name, fn in (("rtn", lambda: quantize(w, 4, 64, "rtn")), ("mse", lambda: quantize(w, 4, 64, "mse")),
+                 ("hqq", lambda: quantize(w, 4, 64, "hqq")), ("gptq", lambda: gptq_quantize(w, 4, 64, h))):
+    best = None
+    for _ in range(int(sys.argv[1])):
+        c0, t0 = time.process_time(), time.perf_counter()
+        fn()
+        r = (time.perf_counter() - t0, time.process_time() - c0)
+        best = r if best is None or r[0] < best[0] else best
+    out[name] = best
+print(json.dumps(out))
+"""
+
+
+def micro(repo: Path, threads: str, reps: int) -> dict:
+    """Best-of-``reps`` (wall, CPU) seconds per 1024x2048 matrix at 4 bits, group 64, per method."""
+    env = {**os.environ, "PYTHONPATH": str(repo), "MOEC_QUANT_THREADS": threads, "OMP_NUM_THREADS": threads,
+           "OPENBLAS_NUM_THREADS": threads}
+    out = subprocess.run([sys.executable, "-c", MICRO, str(reps)], env=env, cwd=repo, capture_output=True, text=True)
+    return json.loads(out.stdout.strip().splitlines()[-1]) if out.returncode == 0 else {}
+
+
 LOAD = """
 import json, resource, sys, time
 from pathlib import Path
@@ -126,6 +158,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--work", type=Path, default=Path("/work/bench-data/cc"))
     ap.add_argument("--plans", default="uniform:4,mixed", help="Plans to compile [uniform:4,mixed].")
     ap.add_argument("--skip-before", default="", help="Plans not to compile with the before tree (slow runs).")
+    ap.add_argument("--micro-only", action="store_true", help="Only the per-matrix quantizer timings.")
+    ap.add_argument("--reps", type=int, default=3, help="Repetitions of each per-matrix timing (best kept) [3].")
     args = ap.parse_args(argv)
     work = args.work
     work.mkdir(parents=True, exist_ok=True)
@@ -135,11 +169,22 @@ def main(argv: list[str] | None = None) -> None:
     if cache.exists():
         subprocess.run(["rm", "-rf", str(cache)], check=True)
     print(f"load average before: {os.getloadavg()}", flush=True)
+    trees_micro = [("after", REPO)] + ([("before", args.before.resolve())] if args.before is not None else [])
+    print("\n| quantizer, 1024x2048, 4 bits | " + " | ".join(
+        f"{t} {th} thr wall / CPU s" for t, _ in trees_micro for th in ("1", "2")) + " |")
+    print("|---" * (1 + 2 * len(trees_micro)) + "|")
+    res = {(t, th): micro(r, th, args.reps) for t, r in trees_micro for th in ("1", "2")}
+    for m in ("rtn", "mse", "hqq", "gptq"):
+        cells = [f"{res[(t, th)][m][0]:.3f} / {res[(t, th)][m][1]:.3f}" if m in res[(t, th)] else "–"
+                 for t, _ in trees_micro for th in ("1", "2")]
+        print(f"| {m} | " + " | ".join(cells) + " |", flush=True)
+    if args.micro_only:
+        return
     plans = args.plans.split(",")
     rows = []
     trees = [("after", REPO, ["--quant-cache", str(cache)])]
-    if args.before is not None:
-        trees.insert(0, ("before", args.before.resolve(), []))
+    if args.before is not None:  # after first: its bundle is the one both loaders load
+        trees.append(("before", args.before.resolve(), []))
     runs = [(tree, repo, extra, plan, tag) for tree, repo, extra in trees for plan in plans
             for tag in (("cold", "warm") if tree == "after" and plan == "mixed" else ("",))
             if not (tree == "before" and plan in args.skip_before.split(","))]
@@ -161,8 +206,8 @@ def main(argv: list[str] | None = None) -> None:
         print(f"| {r['run']} | {r['wall_s']} | {r['cpu_s']} | {r['pack_s']} | {r['build_s']} | {r['peak_rss_gib']} |")
     print("\n| bundle load | GB | wall s/GB | CPU s/GB |\n|---|---|---|---|")
     stamps = work / "stamps"
+    bundle = work / f"bundle-after-{plans[0].replace(':', '')}"  # the same bundle through each tree's loader
     for tree, repo, _ in trees:
-        bundle = work / f"bundle-{tree}-{plans[0].replace(':', '')}"
         if not bundle.is_dir():
             continue
         modes = [(False, "every file hashed")] + ([(True, "--trust-verified, stamped")] if tree == "after" else [])
