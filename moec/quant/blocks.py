@@ -27,6 +27,16 @@ _pool_size = 0
 _lock = threading.Lock()
 
 
+def _forget_pool() -> None:
+    """In a forked child the pool's threads do not exist: start a new pool there when needed."""
+    global _pool, _pool_size, _lock
+    _pool, _pool_size, _lock = None, 0, threading.Lock()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_forget_pool)
+
+
 def quant_threads() -> int:
     """Threads for quantizer searches: ``MOEC_QUANT_THREADS`` or the CPU count (at most 8)."""
     env = os.environ.get("MOEC_QUANT_THREADS")

@@ -62,3 +62,15 @@ def test_gptq_factor_and_codes_equal_original(monkeypatch):
     assert gptq._last_factor[2] is not u and np.array_equal(again.q, new.q)
     assert np.array_equal(new.q, old.q) and np.array_equal(new.scale, old.scale)
     assert np.array_equal(new.zero, old.zero)
+
+
+@pytest.mark.skipif(not hasattr(__import__("os"), "fork"), reason="needs fork")
+def test_threaded_search_works_in_a_forked_child(weight, monkeypatch):
+    import multiprocessing
+
+    monkeypatch.setenv("MOEC_QUANT_THREADS", "2")
+    monkeypatch.setattr(blocks, "BLOCK_ELEMS", 7 * 256)
+    parent = quantize(weight, 4, 64, "mse")  # the pool now exists in this process
+    with multiprocessing.get_context("fork").Pool(1) as pool:
+        child = pool.apply_async(quantize, (weight, 4, 64, "mse")).get(timeout=60)
+    assert np.array_equal(child.q, parent.q) and np.array_equal(child.scale, parent.scale)
