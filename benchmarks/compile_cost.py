@@ -194,7 +194,7 @@ def main(argv: list[str] | None = None) -> None:
         method = ["--method", "mse"] if plan == "mixed" else []
         res = run_measured(moec("compile", str(args.checkpoint), "--target", "host", "--plan", spec, *method,
                                 "--out", str(out), "--force", *extra), repo, log)
-        label = f"{tree} {plan}" + (f" (cache {tag})" if extra else "")
+        label = f"{tree} {plan}" + (f" (cache {tag or 'cold'})" if extra else "")
         pack = next((v for k, v in res["stages"].items() if k.startswith(("pack", "quantize"))), float("nan"))
         build = res["stages"].get("build", float("nan"))
         rows.append({"run": label, **res, "pack_s": pack, "build_s": build, "bundle": str(out)})
