@@ -29,6 +29,7 @@ from pathlib import Path, PurePosixPath
 
 from moec.artifact.manifest_schema import FORMAT, FORMAT_VERSION, check_manifest, check_name
 from moec.artifact.signing import SIGNATURE_FILE, sign, verify
+from moec.artifact.verified_stamp import identity, read_stamp, write_stamp
 from moec.core.errors import MoecError
 from moec.core.io import loads_strict
 from moec.core.outputs import check_output_dir, reclaim_stale, replace_dir, staging_prefix
@@ -123,13 +124,22 @@ def _read_nofollow(path: Path, limit: int | None = None) -> bytes:
         return f.read() if limit is None else f.read(limit + 1)
 
 
+#: Bytes read per step while hashing: one reused buffer, so verifying a file of any size holds 4 MiB.
+HASH_CHUNK = 4 << 20
+
+
 def _hash_nofollow(path: Path) -> tuple[str, int]:
     fd = os.open(path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0))
     h, n = hashlib.sha256(), 0
-    with os.fdopen(fd, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-            n += len(chunk)
+    buf = bytearray(HASH_CHUNK)
+    view = memoryview(buf)
+    with os.fdopen(fd, "rb", buffering=0) as f:
+        while True:
+            got = f.readinto(buf)
+            if not got:
+                break
+            h.update(view[:got])  # hashlib drops the GIL for large updates
+            n += got
     return h.hexdigest(), n
 
 
@@ -150,12 +160,16 @@ def _load_manifest(root: Path) -> tuple[dict, bytes]:
 
 
 def verify_bundle(bundle: str | os.PathLike, trust: str | os.PathLike | None = None,
-                  where: str | None = None) -> dict:
+                  where: str | None = None, trust_verified: bool = False) -> dict:
     """The manifest of ``bundle`` after the whole bundle verifies; raises MoecError otherwise.
 
     Checks the schema, that the directory holds exactly the listed files (plus the manifest
     and an optional signature) with no links, special files or escaping names, each file's
     size and sha256, and, with ``trust`` (an Ed25519 public key file), the signature.
+
+    ``trust_verified`` (opt-in) skips the sha256 of files unchanged since this user's last full
+    verification with ``trust_verified`` (``verified_stamp.py``: same size, mtime, ctime, inode and
+    device); every other check still runs, and files that verified are stamped for next time.
     """
     root = Path(bundle)
     where = where or f"bundle '{root}'"
@@ -172,22 +186,28 @@ def verify_bundle(bundle: str | os.PathLike, trust: str | os.PathLike | None = N
     stray = sorted(d for d in dirs if d not in needed)
     if stray:
         raise MoecError(f"{where}: directory '{stray[0]}' is not part of the bundle; refusing to load")
+    stamped = read_stamp(root, data) if trust_verified else {}
+    verified: dict[str, list[int]] = {}
     for name in sorted(listed):
         entry = manifest["files"][name]
-        size = os.lstat(root / name).st_size
-        if size != entry["bytes"]:
-            raise MoecError(f"{where}: bundle file '{name}' has {size} bytes, {MANIFEST} says {entry['bytes']} "
+        ident = identity(root / name)
+        if ident[0] != entry["bytes"]:
+            raise MoecError(f"{where}: bundle file '{name}' has {ident[0]} bytes, {MANIFEST} says {entry['bytes']} "
                             "(tampered or corrupt); refusing to load")
-        digest, _ = _hash_nofollow(root / name)
-        if digest != entry["sha256"]:
-            raise MoecError(f"{where}: bundle file '{name}' does not match its sha256 in {MANIFEST} "
-                            "(tampered or corrupt); refusing to load")
+        if stamped.get(name) != ident:
+            digest, _ = _hash_nofollow(root / name)
+            if digest != entry["sha256"]:
+                raise MoecError(f"{where}: bundle file '{name}' does not match its sha256 in {MANIFEST} "
+                                "(tampered or corrupt); refusing to load")
+        verified[name] = ident
     sig = root / SIGNATURE_FILE
     if trust is not None:
         if SIGNATURE_FILE not in found:
             raise MoecError(f"{where} is not signed ({SIGNATURE_FILE} missing) but --trust asks for a signature; "
                             "refusing to load")
         verify(data, _read_nofollow(sig, 4096), trust, where)
+    if trust_verified and verified != stamped:
+        write_stamp(root, data, verified)
     manifest["_signed"] = SIGNATURE_FILE in found
     manifest["_signature_checked"] = trust is not None
     return manifest

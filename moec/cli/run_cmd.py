@@ -17,15 +17,19 @@ from moec.core.errors import MoecError
 @click.option("--key", default=None, help="Device key at the tracker (default: the bundle target's rpc_key).")
 @click.option("--trust", type=click.Path(dir_okay=False), default=None,
               help="Ed25519 public key (.pub from moec keygen): run only bundles signed by its private key.")
+@click.option("--trust-verified", is_flag=True, default=False,
+              help="Skip re-hashing bundle files unchanged (size, mtime, ctime, inode) since you last loaded "
+                   "them with this flag after a full check; everything else is still checked. Opt-in: "
+                   "see README 'Bundle load' for what it does not protect against.")
 @click.option("--timeout", default=60.0, show_default=True, help="Seconds to wait for a free device (--rpc).")
-def run_cmd(bundle, prompt, max_new_tokens, tracker, key, trust, timeout):
+def run_cmd(bundle, prompt, max_new_tokens, tracker, key, trust, trust_verified, timeout):
     """Generate text from a compiled BUNDLE (hashes verified before loading), here or on a remote device."""
     from moec.runtime.session import BundleSession
 
     if tracker is None:
         if key is not None:
             raise MoecError("--key needs --rpc HOST:PORT (the tracker to ask)")
-        sess = BundleSession(bundle, trust=trust)
+        sess = BundleSession(bundle, trust=trust, trust_verified=trust_verified)
     else:
         from moec.runtime.session import open_remote_bundle
         sess = open_remote_bundle(bundle, tracker, key, timeout=timeout, trust=trust)

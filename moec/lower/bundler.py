@@ -29,6 +29,7 @@ from moec.core.plan import BitPlan
 from moec.models.checkpoint import load_checkpoint
 from moec.models.model import MoEModel
 from moec.models.tokenizer import eos_id, load_tokenizer
+from moec.quant.cache import QuantCache, cache_from_env
 from moec.quant.weights import ModelWeights
 
 StageCallback = Callable[[str, float], None]
@@ -133,10 +134,16 @@ def build_bundle(model: MoEModel, plan: BitPlan, preset: TargetPreset, out: str 
 
 
 class PlanBundler:
-    """Bundles of one checkpoint under many plans for one target; the checkpoint is loaded once, lazily."""
+    """Bundles of one checkpoint under many plans for one target; the checkpoint is loaded once, lazily.
 
-    def __init__(self, checkpoint: str | os.PathLike, target: str | os.PathLike | TargetPreset = "host") -> None:
+    ``cache`` (default: ``MOEC_QUANT_CACHE``, if set) keeps every quantized weight, so a plan
+    re-quantizes only the (expert, bits) pairs no earlier plan had.
+    """
+
+    def __init__(self, checkpoint: str | os.PathLike, target: str | os.PathLike | TargetPreset = "host",
+                 cache: QuantCache | None = None) -> None:
         self.checkpoint = Path(checkpoint)
+        self.cache = cache if cache is not None else cache_from_env()
         self.preset = target if isinstance(target, TargetPreset) else load_target(target)
         self._model: MoEModel | None = None
 
@@ -147,4 +154,5 @@ class PlanBundler:
         plan = plan.copy().validate(self._model.cfg, tuple(self.preset.allowed_bits))
         tok = self.checkpoint / "tokenizer.json"
         return build_bundle(self._model, plan, self.preset, out, tok if tok.is_file() else None,
+                            ModelWeights.from_model(self._model, plan, cache=self.cache),
                             extra_manifest={"source": str(self.checkpoint)})

@@ -30,6 +30,7 @@ from moec.lower.params import ModelParams, WeightEntry, _arrays, _stack
 from moec.models.lazy import LazyCheckpoint
 from moec.core.inventory import expert_key, non_expert_weights
 from moec.core.plan import BitPlan
+from moec.quant.cache import QuantCache
 from moec.quant.packed_model import GPTQ, pack_weight
 
 log = logging.getLogger("moec.compile")
@@ -66,13 +67,14 @@ class _Blocks:
 
 
 def stream_params(ckpt: LazyCheckpoint, plan: BitPlan, writer: WeightsWriter, emitter, progress: bool = True,
-                  calib: torch.Tensor | None = None, batch: int = 8) -> StreamingParams:
+                  calib: torch.Tensor | None = None, batch: int = 8, cache: QuantCache | None = None) -> StreamingParams:
     """Pack every weight of ``ckpt`` under ``plan`` layer by layer into ``writer``.
 
     With ``plan.method == "gptq"``, ``calib`` (token windows ``[n, T+1]``) runs through the float
     layers one at a time (hidden states carried between layers) and each expert is quantized by
     GPTQ with the Hessian of the tokens routed to it, as soon as its layer has seen every batch;
-    weights without a Hessian (non-expert, never-routed experts) use round-to-nearest.
+    weights without a Hessian (non-expert, never-routed experts) use round-to-nearest. ``cache`` (a
+    :class:`~moec.quant.cache.QuantCache`) skips weights quantized the same way before.
     """
     cfg = ckpt.cfg
     if plan.method == GPTQ and calib is None:
@@ -82,7 +84,7 @@ def stream_params(ckpt: LazyCheckpoint, plan: BitPlan, writer: WeightsWriter, em
     floats: dict[str, np.ndarray] = {}
 
     def pack(name: str, w, bits: int, hessian=None):
-        return pack_weight(w, bits, plan.group_size, plan.method, hessian=hessian)
+        return pack_weight(w, bits, plan.group_size, plan.method, hessian=hessian, cache=cache)
 
     def dense(name: str, w) -> None:
         pw = pack(name, w, plan.tensor_bits(name))
@@ -101,12 +103,16 @@ def stream_params(ckpt: LazyCheckpoint, plan: BitPlan, writer: WeightsWriter, em
             for c in sorted(set(bits.tolist())):
                 members = np.flatnonzero(bits == c)
                 remap[members] = np.arange(len(members))
-                for proj in ("w1", "w3", "w2"):
-                    pws = [pack(expert_key(i, int(e), proj), state[f"mlp.{proj}"][int(e)], int(c),
-                                hessians.get(expert_key(i, int(e), proj))) for e in members]
+                # expert by expert, so w1 and w3 (one Hessian) are quantized back to back
+                pws = {proj: [] for proj in ("w1", "w3", "w2")}
+                for e in members:
+                    for proj in pws:
+                        pws[proj].append(pack(expert_key(i, int(e), proj), state[f"mlp.{proj}"][int(e)], int(c),
+                                              hessians.get(expert_key(i, int(e), proj))))
+                for proj, ws in pws.items():
                     sp.add(f"layers.{i}.experts.b{c}.{proj}", WeightEntry(
-                        int(c), pws[0].shape, _stack(pws), stacked=len(members), group_size=pws[0].group_size))
-                    del pws
+                        int(c), ws[0].shape, _stack(ws), stacked=len(members), group_size=ws[0].group_size))
+                del pws
             sp.params.class_of[i], sp.params.remap[i] = bits, remap
 
     dense("embed.weight", ckpt.tensor("embed.weight"))
@@ -151,7 +157,7 @@ def compile_streaming(ckpt: LazyCheckpoint, plan: BitPlan, preset: TargetPreset,
                       debug_dump: str | os.PathLike | None = None, on_stage=None,
                       extra_files: dict | None = None, activations: str = "float32", progress: bool = True,
                       calib: torch.Tensor | None = None, batch: int = 8, force: bool = False,
-                      sign_key: str | os.PathLike | None = None) -> Path:
+                      sign_key: str | os.PathLike | None = None, cache: QuantCache | None = None) -> Path:
     """Pack ``ckpt`` under ``plan`` (validated by the caller) layer by layer and build the bundle ``out``.
 
     ``calib`` (token windows) is used by GPTQ plans only (see :func:`stream_params`).
@@ -167,10 +173,11 @@ def compile_streaming(ckpt: LazyCheckpoint, plan: BitPlan, preset: TargetPreset,
     with work_dir("moec-stream-", parent) as tmp:
         t0 = time.time()
         with WeightsWriter(tmp) as writer:
-            sp = stream_params(ckpt, plan, writer, emitter, progress, calib, batch)
+            sp = stream_params(ckpt, plan, writer, emitter, progress, calib, batch, cache)
             writer.close([n for n, _ in sp.params.flat()])
         if on_stage:
-            on_stage(f"pack ({writer.pos / 1e9:.2f} GB, streamed)", time.time() - t0)
+            note = f", cache {cache.hits} hit / {cache.misses} miss" if cache is not None else ""
+            on_stage(f"pack ({writer.pos / 1e9:.2f} GB, streamed{note})", time.time() - t0)
         files = {WEIGHTS_BIN: Path(tmp) / WEIGHTS_BIN, WEIGHTS_INDEX: Path(tmp) / WEIGHTS_INDEX}
         return build_bundle_from_params(ckpt.cfg, plan, sp.params, preset, out, tokenizer_path,
                                         extra_manifest=extra_manifest, debug_dump=debug_dump, on_stage=on_stage,

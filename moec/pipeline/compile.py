@@ -29,6 +29,7 @@ from moec.models.tokenizer import load_tokenizer
 from moec.pipeline.profile import DataConfig, SensitivityConfig, memory_plan_of, profile
 from moec.pipeline.search import SearchConfig, search
 from moec.profile.routing import collect_stats
+from moec.quant.cache import QuantCache
 from moec.quant.packed_model import GPTQ
 from moec.quant.padding import pad_for_groups
 from moec.quant.weights import ModelWeights
@@ -58,6 +59,7 @@ class CompileConfig:
     force: bool = False              # replace an --out directory moec did not write
     sign_key: str | os.PathLike | None = None  # Ed25519 private key: sign the bundle's manifest
     max_memory_gb: float | None = None   # above it the checkpoint streams layer by layer (or fails early)
+    quant_cache: str | os.PathLike | None = None  # directory of quantized weights reused across compiles
 
 
 def _search_plan(cfg: CompileConfig, profile_path: Path | None, model) -> BitPlan:
@@ -132,9 +134,10 @@ def compile_bundle(cfg: CompileConfig, on_stage=None) -> Path:
         if on_stage:
             on_stage(f"plan ({name})", time.time() - t0)
         t0 = time.time()
-        weights = ModelWeights.from_model(model, plan)
+        cache = _quant_cache(cfg)
+        weights = ModelWeights.from_model(model, plan, cache=cache)
         if on_stage:
-            on_stage("quantize + pack", time.time() - t0)
+            on_stage("quantize + pack" + _cache_note(cache), time.time() - t0)
         manifest = {"source": str(cfg.checkpoint)}
         if cfg.onnx is not None:
             t0 = time.time()
@@ -184,7 +187,15 @@ def _compile_sequential(cfg: CompileConfig, ckpt: LazyCheckpoint, preset, on_sta
         return compile_streaming(ckpt, plan, preset, cfg.out, tok if tok.is_file() else None, extra,
                                  cfg.debug_dump, on_stage, extra_files, cfg.activations, calib=calib,
                                  batch=data.batch if data is not None else 8, force=cfg.force,
-                                 sign_key=cfg.sign_key)
+                                 sign_key=cfg.sign_key, cache=_quant_cache(cfg))
+
+
+def _quant_cache(cfg: CompileConfig) -> QuantCache | None:
+    return QuantCache(cfg.quant_cache) if cfg.quant_cache is not None else None
+
+
+def _cache_note(cache: QuantCache | None) -> str:
+    return f", cache {cache.hits} hit / {cache.misses} miss" if cache is not None else ""
 
 
 def _check_outputs(out, force: bool, sign_key) -> None:

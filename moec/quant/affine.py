@@ -94,10 +94,20 @@ def group_sq_error(wg: np.ndarray, scale: np.ndarray, zero: np.ndarray, bits: in
                    importance: np.ndarray | None = None) -> np.ndarray:
     """Per-group (importance-weighted) squared reconstruction error, float32 ``[N, G]``.
 
-    ``importance`` is ``None`` or broadcastable to ``wg`` (``[1, G, gs]``).
+    ``importance`` is ``None`` or broadcastable to ``wg`` (``[1, G, gs]``). The same float32
+    operations as :func:`affine_quantize` followed by :func:`affine_dequantize` (the codes are
+    whole numbers in ``[0, 2**bits - 1]``, so keeping them in float32 instead of uint8 changes
+    no value), computed in one scratch buffer: the search methods call this once per candidate.
     """
-    deq = affine_dequantize(affine_quantize(wg, scale, zero, bits), scale, zero)
-    d2 = np.square(wg - deq)
+    s = scale.astype(np.float32)[..., None]
+    z = zero.astype(np.float32)[..., None]
+    t = np.divide(wg, s)
+    np.rint(t, out=t)  # np.round's half-to-even
+    # clamp(r + z, 0, maxq) - z == clamp(r, -z, maxq - z): every operand is a small whole number
+    np.clip(t, -z, np.float32(max_level(bits)) - z, out=t)
+    t *= s
+    np.subtract(wg, t, out=t)
+    np.square(t, out=t)
     if importance is not None:
-        d2 *= importance
-    return d2.sum(axis=-1)
+        t *= importance
+    return t.sum(axis=-1)

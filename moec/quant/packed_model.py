@@ -9,6 +9,7 @@ import torch
 
 from moec.core.formats import FLOAT_BITS
 from moec.models.model import MoEModel
+from moec.quant.cache import QuantCache, cache_key
 from moec.quant.gptq import gptq_quantize
 from moec.quant.pack import pack, pack_zeros, unpack
 from moec.quant.quantize import QuantizedTensor, dequantize, quantize
@@ -46,31 +47,42 @@ class PackedWeight:
 
 def pack_weight(w: torch.Tensor | np.ndarray, bits: int, group_size: int, method: str = "rtn",
                 importance: np.ndarray | None = None, hessian: np.ndarray | None = None,
-                gptq_options: dict | None = None) -> PackedWeight:
+                gptq_options: dict | None = None, cache: QuantCache | None = None) -> PackedWeight:
     """Quantize and pack one ``[N, K]`` weight (fp16 when ``bits == 16``).
 
     With ``method == "gptq"`` the weight is quantized by
     :func:`~moec.quant.gptq.gptq_quantize` with ``hessian`` (and ``gptq_options``: ``damp``,
     ``group_method``, ``static_groups``); without a Hessian (no calibration data reached the
-    weight) it falls back to round-to-nearest.
+    weight) it falls back to round-to-nearest. With a ``cache`` (:class:`~moec.quant.cache.QuantCache`)
+    a weight quantized the same way before (same bytes, method, bits, group, calibration) is read
+    back instead of quantized again.
     """
     arr = w.detach().float().numpy() if isinstance(w, torch.Tensor) else np.asarray(w, np.float32)
     if bits == FLOAT_BITS:
         return PackedWeight(arr.shape, bits, group_size, arr.astype(np.float16))
+    if method == GPTQ and hessian is None:
+        method = "rtn"
+    key = None
+    if cache is not None:
+        key = cache_key(arr, bits, group_size, method, importance if method in ("mse", "hqq") else None,
+                        hessian if method == GPTQ else None, gptq_options if method == GPTQ else None)
+        hit = cache.get(key, arr.shape, bits, group_size)
+        if hit is not None:
+            return PackedWeight(arr.shape, bits, group_size, hit["packed"], hit["scale"], hit["zero"])
     if method == GPTQ:
-        if hessian is not None:
-            qt = gptq_quantize(arr, bits, group_size, hessian, **(gptq_options or {}))
-        else:
-            qt = quantize(arr, bits, group_size, method="rtn")
+        qt = gptq_quantize(arr, bits, group_size, hessian, **(gptq_options or {}))
     else:
         qt = quantize(arr, bits, group_size, method=method, importance=importance)
-    return PackedWeight(arr.shape, bits, group_size, pack(qt.q, bits), qt.scale, pack_zeros(qt.zero, bits))
+    pw = PackedWeight(arr.shape, bits, group_size, pack(qt.q, bits), qt.scale, pack_zeros(qt.zero, bits))
+    if key is not None:
+        cache.put(key, arr.shape, bits, group_size, {"packed": pw.packed, "scale": pw.scale, "zero": pw.zero})
+    return pw
 
 
 def pack_model(model: MoEModel, plan: BitPlan, progress=None,
                importance: dict[str, np.ndarray] | None = None,
                hessians: dict[str, np.ndarray] | None = None,
-               gptq_options: dict | None = None) -> dict[str, PackedWeight]:
+               gptq_options: dict | None = None, cache: QuantCache | None = None) -> dict[str, PackedWeight]:
     """Every 2-D weight of ``model`` packed at its plan bits, keyed by canonical name.
 
     Expert weights are keyed ``layers.L.mlp.experts.E.{w1,w3,w2}``; other weights by their
@@ -80,7 +92,7 @@ def pack_model(model: MoEModel, plan: BitPlan, progress=None,
     :func:`~moec.profile.importance.expert_hessians`) is quantized by GPTQ with
     ``gptq_options``; every other weight (no calibration data for it: non-expert weights,
     experts calibration never reached, or ``hessians=None``) falls back to round-to-nearest.
-    ``importance`` is used by the other non-RTN methods only.
+    ``importance`` is used by the other non-RTN methods only. ``cache``: see :func:`pack_weight`.
     """
     state = model.state_dict()
     out: dict[str, PackedWeight] = {}
@@ -96,7 +108,7 @@ def pack_model(model: MoEModel, plan: BitPlan, progress=None,
             w = state[name]
         imp = importance.get(name) if importance and plan.method not in ("rtn", GPTQ) else None
         hess = hessians.get(name) if hessians and plan.method == GPTQ else None
-        out[name] = pack_weight(w, bits, plan.group_size, plan.method, imp, hess, gptq_options)
+        out[name] = pack_weight(w, bits, plan.group_size, plan.method, imp, hess, gptq_options, cache)
         if progress is not None:
             progress.update(1)
     return out

@@ -10,6 +10,7 @@ import numpy as np
 from moec.core.errors import MoecError
 from moec.core.formats import QUANT_BITS
 from moec.quant.affine import affine_dequantize, affine_quantize, group_view, max_level
+from moec.quant.blocks import by_row_blocks
 from moec.quant.hqq import hqq_params
 from moec.quant.methods import mse_params, rtn_params
 
@@ -172,7 +173,7 @@ def quantize(w: np.ndarray, bits: int, group_size: int, method: str = "rtn",
     imp = _as_importance(importance, w.shape[1], group_size)
     bits, group_size = int(bits), int(group_size)
     wg = group_view(w, group_size)
-    scale, zero = fn(wg, bits, imp)
+    scale, zero = fn(wg, bits, imp) if fn is rtn_params else by_row_blocks(fn, wg, bits, imp)
     q = affine_quantize(wg, scale, zero, bits).reshape(w.shape)
     return QuantizedTensor(q=q, scale=np.ascontiguousarray(scale, dtype=np.float16),
                            zero=np.ascontiguousarray(zero, dtype=np.uint8), bits=bits,

@@ -10,6 +10,7 @@ from moec.core.config import MoEConfig
 from moec.models.model import MoEModel
 from moec.quant.pack import pack, packed_row_bytes
 from moec.core.inventory import HEAD_WEIGHTS, expert_key, expert_shapes, non_expert_weights
+from moec.quant.cache import QuantCache
 from moec.quant.packed_model import PackedWeight, pack_model
 from moec.core.plan import BitPlan
 
@@ -24,9 +25,10 @@ class ModelWeights:
     floats: dict[str, np.ndarray]
 
     @classmethod
-    def from_model(cls, model: MoEModel, plan: BitPlan) -> "ModelWeights":
-        """Quantize and pack ``model`` under ``plan`` (the same arrays ``fake_quantize_model`` dequantizes)."""
-        return cls(model.cfg, plan, pack_model(model, plan), _floats(model))
+    def from_model(cls, model: MoEModel, plan: BitPlan, cache: QuantCache | None = None) -> "ModelWeights":
+        """Quantize and pack ``model`` under ``plan`` (the same arrays ``fake_quantize_model`` dequantizes);
+        ``cache`` (a :class:`~moec.quant.cache.QuantCache`) skips weights quantized the same way before."""
+        return cls(model.cfg, plan, pack_model(model, plan, cache=cache), _floats(model))
 
     @classmethod
     def float32_from_model(cls, model: MoEModel, plan: BitPlan) -> "ModelWeights":

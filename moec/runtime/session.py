@@ -54,10 +54,11 @@ class BundleSession:
     """
 
     def __init__(self, bundle: str | os.PathLike, remote=None, trust: str | os.PathLike | None = None,
-                 threads: int | None = None) -> None:
+                 threads: int | None = None, trust_verified: bool = False) -> None:
         root = Path(bundle)
-        # the whole bundle verifies (and, with ``trust``, its signature) before lib.so is touched
-        self.manifest = verify_bundle(root, trust)
+        # the whole bundle verifies (and, with ``trust``, its signature) before lib.so is touched;
+        # ``trust_verified`` (opt-in) skips re-hashing files unchanged since their last full check
+        self.manifest = verify_bundle(root, trust, trust_verified=trust_verified)
         self.cfg = self.manifest["model"]["config"]
         self.remote = remote
         target = self.manifest.get("target", {})

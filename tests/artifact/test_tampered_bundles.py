@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 
+from moec.artifact.bundle import verify_bundle
 from moec.artifact.signing import generate_keypair
 from tests.artifact.bundle_fixtures import make_marker_bundle, marker_lib, rewrite_manifest
 from tests.cli_helpers import assert_one_line_error, run
@@ -104,8 +105,8 @@ def keys(tmp_path_factory):
 
 def _check_refused(bundle: Path, marker: Path, needle: str, trust: Path | None = None) -> None:
     extra = ["--trust", trust] if trust else []
-    for args in (["run", bundle, "--prompt", "hi", *extra], ["inspect", bundle, *extra],
-                 ["inspect", "--verify", bundle, *extra]):
+    for args in (["run", bundle, "--prompt", "hi", *extra], ["run", bundle, "--prompt", "hi", "--trust-verified", *extra],
+                 ["inspect", bundle, *extra], ["inspect", "--verify", bundle, *extra]):
         code, out = run(*args)
         assert_one_line_error(code, out, needle)
     assert not marker.exists(), "a tampered lib.so was loaded"
@@ -115,7 +116,9 @@ def _check_refused(bundle: Path, marker: Path, needle: str, trust: Path | None =
 def test_tampered_bundle_runs_no_code(variant, tmp_path, monkeypatch):
     marker = tmp_path / "marker"
     monkeypatch.setenv("MOEC_TEST_MARKER", str(marker))
+    monkeypatch.setenv("MOEC_VERIFIED_DIR", str(tmp_path / "stamps"))
     bundle = make_marker_bundle(tmp_path)
+    verify_bundle(bundle, trust_verified=True)  # stamped while intact: the stamp must not excuse the tampering
     edit, needle = VARIANTS[variant]
     edit(bundle, tmp_path)
     _check_refused(bundle, marker, needle)
