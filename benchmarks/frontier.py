@@ -4,7 +4,8 @@ For every llama.cpp type: its tensor bytes and perplexity (``llama-perplexity -c
 to the best moec plan with no more bytes, scored by moec on llama.cpp's own token ids, chunks and
 positions (``peer_common.py``), and whether moec dominates (no more bytes, no higher perplexity).
 
-moec plans are built from four parts — routed experts, attention, token embeddings, LM head — each
+moec plans are built from five parts — routed experts, attention q/k/o, attention v, token embeddings,
+LM head — each
 at 2/3/4/8 bits (formats every backend has kernels for), one group size per plan (``--groups``),
 router float, quantizer ``--method`` (the default: ``mse``, as ``uniform:B``). The search:
 
@@ -12,7 +13,8 @@ router float, quantizer ``--method`` (the default: ``mse``, as ``uniform:B``). T
    chunks: its perplexity increase over FP32 on those chunks;
 2. for each llama.cpp point, every combination of part widths and group sizes whose exact bytes
    (``plan_memory``) fit is ranked by the summed increase (additive model); the ``--top`` best are
-   scored on all chunks and the best measured one is reported (with the predicted rank it came from).
+   scored on all chunks, with the fitting combination that spends the most bytes (the additive model
+   is noisy where a part's increase is within noise), and the best measured one is reported.
 
 Bits per weight for both = tensor bytes × 8 / checkpoint parameters (GGUF: every tensor incl. norms
 and the f32 router; moec: packed weights, scales, zeros, float router and norms).
@@ -38,7 +40,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from peer_common import (PAIRS, convert, gguf_tensor_bytes, llama_perplexity, moec_perplexity,  # noqa: E402
                          param_count, quantize, same_tokens)
 
-PARTS = ("experts", "attention", "embeddings", "lm_head")
+PARTS = ("experts", "attn_qko", "attn_v", "embeddings", "lm_head")
+#: Plan ``tensors`` keys of the non-expert parts (matched in order: v_proj before the attention group).
+KEYS = {"attn_v": r"re:layers\.[0-9]+\.attn\.v_proj\.weight", "attn_qko": "attention", "embeddings": "embeddings",
+        "lm_head": "lm_head"}
 BITS = (2, 3, 4, 8)
 
 
@@ -49,14 +54,14 @@ def part_plan(cfg, bits: dict[str, int], group: int, method: str):
     e = bits.get("experts", 16)
     experts = {layer: {x: e for x in range(cfg.num_experts)} for layer in cfg.moe_layers}
     tensors = {"router": 16}
-    tensors.update({p: bits.get(p, 16) for p in PARTS[1:]})
+    tensors.update({KEYS[p]: bits.get(p, 16) for p in ("attn_v", "attn_qko", "embeddings", "lm_head")})
     name = " ".join(f"{p}:{bits.get(p, 16)}" for p in PARTS)
     return BitPlan(experts, tensors, group, method, cfg.fingerprint(), {"policy": f"frontier {name}"}).validate(cfg)
 
 
 def describe(bits: dict[str, int], group: int) -> str:
-    return f"experts {bits['experts']}, attn {bits['attention']}, embed {bits['embeddings']}, " \
-           f"head {bits['lm_head']}, g{group}"
+    return f"experts {bits['experts']}, attn q/k/o {bits['attn_qko']} v {bits['attn_v']}, " \
+           f"embed {bits['embeddings']}, head {bits['lm_head']}, g{group}"
 
 
 class Cache:
@@ -137,18 +142,26 @@ def main() -> None:
 
     combos = []
     for group in groups:
+        # bytes are additive over tensors: all-8-bit bytes plus each part's change from 8 bits (exact)
+        ref = {p: 8 for p in PARTS}
+        base_bytes = plan_memory(model, part_plan(cfg, ref, group, args.method)).total
+        delta = {(p, b): plan_memory(model, part_plan(cfg, {**ref, p: b}, group, args.method)).total - base_bytes
+                 for p in PARTS for b in BITS}
         for widths in itertools.product(BITS, repeat=len(PARTS)):
             bits = dict(zip(PARTS, widths))
-            nbytes = plan_memory(model, part_plan(cfg, bits, group, args.method)).total
+            nbytes = base_bytes + sum(delta[(p, bits[p])] for p in PARTS)
             combos.append((sum(sens[(p, bits[p], group)] for p in PARTS), nbytes, bits, group))
     combos.sort(key=lambda c: c[0])
 
     rows = []
     for t, (lbytes, lppl) in sorted(llama.items(), key=lambda kv: kv[1][0]):
-        fits = [c for c in combos if c[1] <= lbytes][:args.top]
+        fits = [c for c in combos if c[1] <= lbytes]
+        biggest = max(fits, key=lambda c: c[1])  # also try the plan that spends the most of the budget
+        fits = fits[:args.top] + ([biggest] if biggest not in fits[:args.top] else [])
         best = None
         for rank, (_, nbytes, bits, group) in enumerate(fits):
             plan = part_plan(cfg, bits, group, args.method)
+            assert plan_memory(model, plan).total == nbytes
             ppl = cache.get(f"{tag} {args.method} g{group} {describe(bits, group)}",
                             lambda plan=plan: moec_perplexity(model, plan, chunks, n_ctx))
             if best is None or ppl < best[0]:

@@ -82,7 +82,8 @@ def perplexity_rows(args, f32: Path, ggufs: dict[str, Path], n_params: int) -> l
     from moec.quant.accounting import float32_memory, plan_memory
 
     root, n_ctx = args.llamacpp, args.ctx
-    base, llama_ids = llama_perplexity(root, f32, args.data, n_ctx, args.threads, want_tokens=True)
+    base, llama_ids = llama_perplexity(root, f32, args.data, n_ctx, args.threads, want_tokens=True,
+                                       chunks=args.chunks)
     ids, bos = same_tokens(args.checkpoint, args.data, llama_ids)
     chunks = context_chunks(ids, n_ctx, bos)
     model = load_checkpoint(args.checkpoint)
@@ -95,7 +96,7 @@ def perplexity_rows(args, f32: Path, ggufs: dict[str, Path], n_params: int) -> l
             f"| {mbase:.4f} | – |"]
     moec = {}
     for t, gguf in ggufs.items():
-        ppl, _ = llama_perplexity(root, gguf, args.data, n_ctx, args.threads)
+        ppl, _ = llama_perplexity(root, gguf, args.data, n_ctx, args.threads, chunks=args.chunks)
         bits = PAIRS[t]
         if bits not in moec:
             plan = resolve_plan(f"uniform:{bits}", model.cfg)
@@ -123,6 +124,8 @@ def main() -> None:
                     help="held-out text both engines are scored on")
     ap.add_argument("--ctx", type=int, default=256, help="llama-perplexity context (-c, -b); moec scores the "
                     "same chunks and positions")
+    ap.add_argument("--chunks", type=int, default=-1, help="score only the first N chunks in both engines "
+                    "(llama-perplexity --chunks N); -1: all")
     ap.add_argument("--skip", default="", help="comma-separated parts to skip: speed, ppl")
     args = ap.parse_args()
     skip = set(args.skip.split(",")) - {""}
@@ -134,7 +137,8 @@ def main() -> None:
     ggufs = {t: quantize(args.llamacpp, f32, t) for t in types}
     if "ppl" not in skip:
         rows = perplexity_rows(args, f32, ggufs, n_params)
-        print(f"\nperplexity, {args.data.name}, llama-perplexity -c {args.ctx} -b {args.ctx} positions; bpw = "
+        print(f"\nperplexity, {args.data.name}, llama-perplexity -c {args.ctx} -b {args.ctx} --chunks {args.chunks} "
+              f"positions; bpw = "
               f"tensor bytes x 8 / {n_params} checkpoint parameters\n")
         print("| llama.cpp type | tensor MB (bpw) | llama.cpp PPL (vs f32) | moec plan | weight MB (bpw) | "
               "moec PPL (vs FP32) | moec no larger and no worse |")
