@@ -7,9 +7,17 @@ quantized to each type; moec compiles the matching uniform plan for the host. Ea
 every pair (moec decode 64 steps / prefill 64 tokens, ``llama-bench -t THREADS -p 0 -n 64`` and
 ``-p 64 -n 0``, ``OMP_WAIT_POLICY=PASSIVE``); the table gives medians and medians of per-round ratios.
 
+Perplexity (before the speed rounds; ``--skip ppl`` leaves it out): ``llama-perplexity -c CTX -b CTX``
+on ``--data`` for f32 and each type; moec scores its FP32 model and the matching ``uniform:B`` plan
+(the compile default quantizer, fake-quantized in torch: the numerics the bundle reproduces) on
+llama.cpp's own token ids, chunks and positions (see ``peer_common.py``), after checking that its
+tokenizer gives the same ids. Bits per weight for both = tensor bytes (GGUF tensors incl. norms and
+router; moec packed weights incl. norms) × 8 / checkpoint parameters.
+
 Usage::
 
     python benchmarks/peer_llamacpp.py reference/checkpoint --llamacpp /work/llamacpp [--rounds 3]
+    python benchmarks/peer_llamacpp.py reference/checkpoint --skip speed   # the perplexity table only
 """
 
 from __future__ import annotations
@@ -24,49 +32,15 @@ import tempfile
 import time
 from pathlib import Path
 
-PAIRS = {"Q8_0": 8, "Q4_0": 4, "Q4_K_M": 4, "Q3_K_S": 3, "Q2_K": 2}
-CONVERT = r'''
-import runpy, sys
-lc = sys.argv[1]
-sys.path.insert(0, lc)
-import conversion.base as base
-orig = base.TextModel.get_vocab_base_pre
-def pre(self, tokenizer):
-    try:
-        return orig(self, tokenizer)
-    except NotImplementedError:
-        return "gpt-2"
-base.TextModel.get_vocab_base_pre = pre
-sys.argv = [lc + "/convert_hf_to_gguf.py"] + sys.argv[2:]
-runpy.run_path(sys.argv[0], run_name="__main__")
-'''
-
-
-def convert(ckpt: Path, root: Path, out: Path) -> Path:
-    """HF checkpoint -> f32 GGUF with llama.cpp's converter (cached in ``out``)."""
-    gguf = out / f"{ckpt.resolve().name}-f32.gguf"
-    if not gguf.exists():
-        lc = root / "src/vendor/llama.cpp"
-        env = dict(os.environ, PYTHONPATH=f"{root / 'pydeps'}")
-        subprocess.run([sys.executable, "-c", CONVERT, str(lc), str(ckpt), "--outtype", "f32",
-                        "--outfile", str(gguf)], env=env, check=True)
-    return gguf
-
-
-def quantize(root: Path, f32: Path, qtype: str) -> Path:
-    q = f32.with_name(f32.name.replace("-f32", f"-{qtype}"))
-    if not q.exists():
-        subprocess.run([str(root / "build/bin/llama-quantize"), str(f32), str(q), qtype], check=True,
-                       capture_output=True)
-    return q
-
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from peer_common import (LLAMA_ENV, PAIRS, convert, gguf_tensor_bytes, llama_perplexity,  # noqa: E402
+                         moec_perplexity, param_count, quantize, same_tokens)
 
 def llama_bench(root: Path, gguf: Path, threads: int, prompt: int, gen: int) -> float:
     """tok/s from one llama-bench run (its mean over its own repetitions)."""
-    env = dict(os.environ, OMP_WAIT_POLICY="PASSIVE")
     out = subprocess.run([str(root / "build/bin/llama-bench"), "-m", str(gguf), "-t", str(threads),
                           "-p", str(prompt), "-n", str(gen), "-r", "3", "-o", "jsonl"],
-                         env=env, check=True, capture_output=True, text=True).stdout
+                         env=LLAMA_ENV, check=True, capture_output=True, text=True).stdout
     rows = [json.loads(ln) for ln in out.splitlines() if ln.startswith("{")]
     return float(rows[-1]["avg_ts"])
 
@@ -100,17 +74,40 @@ def moec_times(bundle: Path, threads: int, n: int = 64) -> tuple[float, float]:
         sess.close()
 
 
-def param_count(ckpt: Path) -> int:
-    from safetensors import safe_open
-    with safe_open(str(ckpt / "model.safetensors"), "np") as f:
-        total = 0
-        for k in f.keys():
-            shape = f.get_slice(k).get_shape()
-            n = 1
-            for d in shape:
-                n *= d
-            total += n
-    return total
+def perplexity_rows(args, f32: Path, ggufs: dict[str, Path], n_params: int) -> list[str]:
+    """Markdown rows: each llama.cpp type and its moec uniform plan scored on the same tokens and positions."""
+    from moec.core.plan import resolve_plan
+    from moec.models.checkpoint import load_checkpoint
+    from moec.profile.data import context_chunks
+    from moec.quant.accounting import float32_memory, plan_memory
+
+    root, n_ctx = args.llamacpp, args.ctx
+    base, llama_ids = llama_perplexity(root, f32, args.data, n_ctx, args.threads, want_tokens=True,
+                                       chunks=args.chunks)
+    ids, bos = same_tokens(args.checkpoint, args.data, llama_ids)
+    chunks = context_chunks(ids, n_ctx, bos)
+    model = load_checkpoint(args.checkpoint)
+    mbase = moec_perplexity(model, None, chunks, n_ctx)
+    print(f"token ids identical in both engines: {len(ids)} tokens, {len(chunks)} chunks of {n_ctx}, "
+          f"{len(chunks) * (n_ctx - 1 - n_ctx // 2)} scored positions (second half of each chunk), "
+          f"BOS {'replaces each chunk start' if bos is not None else 'not used'}", flush=True)
+    rows = [f"| f32 | {gguf_tensor_bytes(root, f32) / 1e6:.2f} ({gguf_tensor_bytes(root, f32) * 8 / n_params:.2f}) "
+            f"| {base:.4f} | FP32 | {float32_memory(model) / 1e6:.2f} ({float32_memory(model) * 8 / n_params:.2f}) "
+            f"| {mbase:.4f} | – |"]
+    moec = {}
+    for t, gguf in ggufs.items():
+        ppl, _ = llama_perplexity(root, gguf, args.data, n_ctx, args.threads, chunks=args.chunks)
+        bits = PAIRS[t]
+        if bits not in moec:
+            plan = resolve_plan(f"uniform:{bits}", model.cfg)
+            moec[bits] = (plan_memory(model, plan).total, moec_perplexity(model, plan, chunks, n_ctx))
+        mb, mppl = moec[bits]
+        gb = gguf_tensor_bytes(root, gguf)
+        rows.append(f"| {t} | {gb / 1e6:.2f} ({gb * 8 / n_params:.2f}) | {ppl:.4f} ({(ppl / base - 1) * 100:+.2f} %) "
+                    f"| uniform:{bits} | {mb / 1e6:.2f} ({mb * 8 / n_params:.2f}) | {mppl:.4f} "
+                    f"({(mppl / mbase - 1) * 100:+.2f} %) | {'yes' if mb <= gb and mppl <= ppl else 'no'} |")
+        print(rows[-1], flush=True)
+    return rows
 
 
 def main() -> None:
@@ -123,13 +120,32 @@ def main() -> None:
     ap.add_argument("--moec-threads", type=int, default=None)
     ap.add_argument("--types", default=",".join(PAIRS))
     ap.add_argument("--work", type=Path, default=None, help="where GGUF files and bundles are kept (reused)")
+    ap.add_argument("--data", type=Path, default=Path(__file__).resolve().parents[1] / "reference/data/heldout.txt",
+                    help="held-out text both engines are scored on")
+    ap.add_argument("--ctx", type=int, default=256, help="llama-perplexity context (-c, -b); moec scores the "
+                    "same chunks and positions")
+    ap.add_argument("--chunks", type=int, default=-1, help="score only the first N chunks in both engines "
+                    "(llama-perplexity --chunks N); -1: all")
+    ap.add_argument("--skip", default="", help="comma-separated parts to skip: speed, ppl")
     args = ap.parse_args()
+    skip = set(args.skip.split(",")) - {""}
     work = args.work or Path(tempfile.mkdtemp(prefix="moec-peer-"))
     work.mkdir(parents=True, exist_ok=True)
     types = args.types.split(",")
     f32 = convert(args.checkpoint, args.llamacpp, work)
     n_params = param_count(args.checkpoint)
     ggufs = {t: quantize(args.llamacpp, f32, t) for t in types}
+    if "ppl" not in skip:
+        rows = perplexity_rows(args, f32, ggufs, n_params)
+        print(f"\nperplexity, {args.data.name}, llama-perplexity -c {args.ctx} -b {args.ctx} --chunks {args.chunks} "
+              f"positions; bpw = "
+              f"tensor bytes x 8 / {n_params} checkpoint parameters\n")
+        print("| llama.cpp type | tensor MB (bpw) | llama.cpp PPL (vs f32) | moec plan | weight MB (bpw) | "
+              "moec PPL (vs FP32) | moec no larger and no worse |")
+        print("|---|---|---|---|---|---|---|")
+        print("\n".join(rows) + "\n", flush=True)
+    if "speed" in skip:
+        return
     bundles = {b: moec_compile(args.checkpoint, b, work) for b in sorted({PAIRS[t] for t in types})}
     print(f"load average before: {os.getloadavg()}", flush=True)
     res: dict[str, list[tuple[float, float, float, float]]] = {t: [] for t in types}
@@ -149,7 +165,7 @@ def main() -> None:
     for t in types:
         bundle = bundles[PAIRS[t]]
         mbytes = json.loads((bundle / "manifest.json").read_text())["weight_bytes"]
-        gbytes = ggufs[t].stat().st_size
+        gbytes = ggufs[t].stat().st_size  # the whole file (tensors + tokenizer and other metadata)
         rows = res[t]
         print(f"| {t} | uniform:{PAIRS[t]} | {gbytes / 1e6:.2f} ({gbytes * 8 / n_params:.2f}) | "
               f"{mbytes / 1e6:.2f} ({mbytes * 8 / n_params:.2f}) | {med(x[2] for x in rows):.0f} / "

@@ -132,6 +132,25 @@ def windows_from_ids(ids: list[int], seq_len: int, max_tokens: int | None = None
     return torch.stack([ids_t[i * seq_len: i * seq_len + seq_len + 1] for i in range(n)])
 
 
+def context_chunks(ids: list[int], n_ctx: int, bos: int | None = None) -> torch.Tensor:
+    """The windows llama.cpp's ``llama-perplexity -c n_ctx`` evaluates: ``[len(ids) // n_ctx, n_ctx]``.
+
+    Consecutive non-overlapping chunks of ``n_ctx`` ids, the tail that does not fill a chunk dropped;
+    with ``bos`` (a vocabulary that adds a BOS token) the first id of every chunk is replaced by it,
+    as llama.cpp does. Score them with ``evaluate_windows(..., score_from=n_ctx // 2)`` to score the
+    same positions as llama.cpp.
+    """
+    if isinstance(n_ctx, bool) or not isinstance(n_ctx, int) or n_ctx < 2:
+        raise MoecError("context length must be an integer >= 2")
+    n = len(ids) // n_ctx
+    if n == 0:
+        raise MoecError(f"{len(ids)} tokens do not fill one context window of {n_ctx}")
+    chunks = torch.tensor(ids[:n * n_ctx], dtype=torch.long).reshape(n, n_ctx)
+    if bos is not None:
+        chunks[:, 0] = bos
+    return chunks
+
+
 def token_windows(tok: Tokenizer, text: str, seq_len: int, max_tokens: int | None = None) -> torch.Tensor:
     """Windows (see ``windows_from_ids``) of an in-memory text, using at most ``max_tokens`` tokens."""
     if seq_len < 1:

@@ -1,0 +1,185 @@
+"""Size–perplexity frontier of moec against llama.cpp (Q2_K … Q8_0) on the same tokens and positions.
+
+For every llama.cpp type: its tensor bytes and perplexity (``llama-perplexity -c CTX -b CTX``) next
+to the best moec plan with no more bytes, scored by moec on llama.cpp's own token ids, chunks and
+positions (``peer_common.py``), and whether moec dominates (no more bytes, no higher perplexity).
+
+moec plans are built from five parts — routed experts, attention q/k/o, attention v, token embeddings,
+LM head — each
+at 2/3/4/8 bits (formats every backend has kernels for), one group size per plan (``--groups``),
+router float, quantizer ``--method`` (the default: ``mse``, as ``uniform:B``). The search:
+
+1. sensitivity: each part alone at each width (the rest float) on the first ``--search-chunks``
+   chunks: its perplexity increase over FP32 on those chunks;
+2. for each llama.cpp point, every combination of part widths and group sizes whose exact bytes
+   (``plan_memory``) fit is ranked by the summed increase (additive model); the ``--top`` best are
+   scored on all chunks, with the fitting combination that spends the most bytes (the additive model
+   is noisy where a part's increase is within noise), and the best measured one is reported.
+
+Bits per weight for both = tensor bytes × 8 / checkpoint parameters (GGUF: every tensor incl. norms
+and the f32 router; moec: packed weights, scales, zeros, float router and norms).
+
+Usage::
+
+    python benchmarks/frontier.py reference/checkpoint --llamacpp /work/llamacpp --work /tmp/frontier
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import math
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from peer_common import (PAIRS, convert, gguf_tensor_bytes, llama_perplexity, moec_perplexity,  # noqa: E402
+                         param_count, quantize, same_tokens)
+
+PARTS = ("experts", "attn_qko", "attn_v", "embeddings", "lm_head")
+#: Plan ``tensors`` keys of the non-expert parts (matched in order: v_proj before the attention group).
+KEYS = {"attn_v": r"re:layers\.[0-9]+\.attn\.v_proj\.weight", "attn_qko": "attention", "embeddings": "embeddings",
+        "lm_head": "lm_head"}
+BITS = (2, 3, 4, 8)
+
+
+def part_plan(cfg, bits: dict[str, int], group: int, method: str):
+    """A plan with each part of ``PARTS`` at ``bits[part]`` (16 = float; missing parts float), router float."""
+    from moec.core.plan import BitPlan
+
+    e = bits.get("experts", 16)
+    experts = {layer: {x: e for x in range(cfg.num_experts)} for layer in cfg.moe_layers}
+    tensors = {"router": 16}
+    tensors.update({KEYS[p]: bits.get(p, 16) for p in ("attn_v", "attn_qko", "embeddings", "lm_head")})
+    name = " ".join(f"{p}:{bits.get(p, 16)}" for p in PARTS)
+    return BitPlan(experts, tensors, group, method, cfg.fingerprint(), {"policy": f"frontier {name}"}).validate(cfg)
+
+
+def describe(bits: dict[str, int], group: int) -> str:
+    return f"experts {bits['experts']}, attn q/k/o {bits['attn_qko']} v {bits['attn_v']}, " \
+           f"embed {bits['embeddings']}, head {bits['lm_head']}, g{group}"
+
+
+class Cache:
+    """Measured perplexities kept in ``work/frontier-cache.json`` (keyed by what was measured)."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self.data = json.loads(path.read_text()) if path.exists() else {}
+
+    def get(self, key: str, fn):
+        if key not in self.data:
+            t0 = time.perf_counter()
+            self.data[key] = fn()
+            print(f"  {key}: {self.data[key]:.4f} ({time.perf_counter() - t0:.0f} s)", flush=True)
+            self.path.write_text(json.dumps(self.data, indent=1))
+        return self.data[key]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("checkpoint", type=Path)
+    ap.add_argument("--llamacpp", type=Path, default=Path("/work/llamacpp"))
+    ap.add_argument("--data", type=Path, default=Path(__file__).resolve().parents[1] / "reference/data/heldout.txt")
+    ap.add_argument("--ctx", type=int, default=256)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--types", default=",".join(PAIRS))
+    ap.add_argument("--groups", default="32,64")
+    ap.add_argument("--method", default="mse")
+    ap.add_argument("--chunks", type=int, default=-1, help="score only the first N chunks (both engines; "
+                    "llama-perplexity --chunks N); -1: all")
+    ap.add_argument("--search-chunks", type=int, default=16)
+    ap.add_argument("--top", type=int, default=3)
+    ap.add_argument("--work", type=Path, default=None, help="GGUF files and the perplexity cache (reused)")
+    args = ap.parse_args()
+    work = args.work or Path(tempfile.mkdtemp(prefix="moec-frontier-"))
+    work.mkdir(parents=True, exist_ok=True)
+    import torch
+
+    torch.set_num_threads(args.threads)
+    from moec.models.checkpoint import load_checkpoint
+    from moec.profile.data import context_chunks
+    from moec.quant.accounting import plan_memory
+
+    root, n_ctx = args.llamacpp, args.ctx
+    cache = Cache(work / "frontier-cache.json")
+    print(f"load average before: {os.getloadavg()}", flush=True)
+    f32 = convert(args.checkpoint, root, work)
+    base, llama_ids = llama_perplexity(root, f32, args.data, n_ctx, args.threads, want_tokens=True,
+                                       chunks=args.chunks)
+    ids, bos = same_tokens(args.checkpoint, args.data, llama_ids)
+    chunks = context_chunks(ids, n_ctx, bos)
+    search = chunks[:args.search_chunks]
+    n_params = param_count(args.checkpoint)
+    model = load_checkpoint(args.checkpoint)
+    cfg = model.cfg
+    tag = f"{args.data.name}:{n_ctx}:{len(chunks)}"
+    print(f"same token ids in both engines: {len(ids)} tokens, {len(chunks)} chunks; llama.cpp f32 {base:.4f}",
+          flush=True)
+    mbase = cache.get(f"{tag} FP32", lambda: moec_perplexity(model, None, chunks, n_ctx))
+    sbase = cache.get(f"{tag}[:{len(search)}] FP32", lambda: moec_perplexity(model, None, search, n_ctx))
+
+    llama = {}
+    for t in args.types.split(","):
+        g = quantize(root, f32, t)
+        ppl = cache.get(f"{tag} llama.cpp {t}", lambda g=g: llama_perplexity(root, g, args.data, n_ctx, args.threads,
+                                                                    chunks=args.chunks)[0])
+        llama[t] = (gguf_tensor_bytes(root, g), ppl)
+
+    groups = [int(x) for x in args.groups.split(",")]
+    sens: dict[tuple[str, int, int], float] = {}
+    for group in groups:
+        for part in PARTS:
+            for b in BITS:
+                plan = part_plan(cfg, {part: b}, group, args.method)
+                key = f"{tag}[:{len(search)}] {args.method} g{group} {part}:{b}"
+                ppl = cache.get(key, lambda plan=plan: moec_perplexity(model, plan, search, n_ctx))
+                sens[(part, b, group)] = math.log(ppl / sbase)
+
+    combos = []
+    for group in groups:
+        # bytes are additive over tensors: all-8-bit bytes plus each part's change from 8 bits (exact)
+        ref = {p: 8 for p in PARTS}
+        base_bytes = plan_memory(model, part_plan(cfg, ref, group, args.method)).total
+        delta = {(p, b): plan_memory(model, part_plan(cfg, {**ref, p: b}, group, args.method)).total - base_bytes
+                 for p in PARTS for b in BITS}
+        for widths in itertools.product(BITS, repeat=len(PARTS)):
+            bits = dict(zip(PARTS, widths))
+            nbytes = base_bytes + sum(delta[(p, bits[p])] for p in PARTS)
+            combos.append((sum(sens[(p, bits[p], group)] for p in PARTS), nbytes, bits, group))
+    combos.sort(key=lambda c: c[0])
+
+    rows = []
+    for t, (lbytes, lppl) in sorted(llama.items(), key=lambda kv: kv[1][0]):
+        fits = [c for c in combos if c[1] <= lbytes]
+        biggest = max(fits, key=lambda c: c[1])  # also try the plan that spends the most of the budget
+        fits = fits[:args.top] + ([biggest] if biggest not in fits[:args.top] else [])
+        best = None
+        for rank, (_, nbytes, bits, group) in enumerate(fits):
+            plan = part_plan(cfg, bits, group, args.method)
+            assert plan_memory(model, plan).total == nbytes
+            ppl = cache.get(f"{tag} {args.method} g{group} {describe(bits, group)}",
+                            lambda plan=plan: moec_perplexity(model, plan, chunks, n_ctx))
+            if best is None or ppl < best[0]:
+                best = (ppl, nbytes, bits, group, rank)
+        ppl, nbytes, bits, group, rank = best
+        dom = nbytes <= lbytes and ppl <= lppl
+        rows.append(f"| {t} | {lbytes / 1e6:.3f} ({lbytes * 8 / n_params:.2f}) | {lppl:.4f} "
+                    f"({(lppl / base - 1) * 100:+.2f} %) | {describe(bits, group)} | {nbytes / 1e6:.3f} "
+                    f"({nbytes * 8 / n_params:.2f}) | {ppl:.4f} ({(ppl / mbase - 1) * 100:+.2f} %) | "
+                    f"{'**yes**' if dom else f'no ({(ppl / lppl - 1) * 100:+.2f} % perplexity)'} |")
+    print(f"load average after: {os.getloadavg()}\n")
+    print(f"{len(chunks)} chunks of {n_ctx} ({len(chunks) * (n_ctx - 1 - n_ctx // 2)} scored positions); "
+          f"float baselines: llama.cpp f32 {base:.4f}, moec FP32 {mbase:.4f}; method {args.method}\n")
+    print("| llama.cpp type | tensor MB (bpw) | llama.cpp PPL (vs f32) | best moec plan with no more bytes | "
+          "moec MB (bpw) | moec PPL (vs FP32) | moec dominates |")
+    print("|---|---|---|---|---|---|---|")
+    print("\n".join(rows))
+
+
+if __name__ == "__main__":
+    main()
