@@ -158,3 +158,19 @@ def test_set_plan_over_rpc(bundles, tmp_path):
                     sess.set_plan("uniform:5")
                 sess.set_plan(plan_file)
                 assert sess.generate(prompt, 3)[0] == want
+
+
+def test_nested_compile_errors_are_one_line(bundles, tmp_path):
+    ckpt = bundles[0]
+    for extra, message in [(["--plan", "uniform:8", "--onnx", str(tmp_path / "onnx")],
+                            "error: --onnx cannot export a nested bundle's storage"),
+                           (["--plan", "uniform:16"], "error: layer 0 expert 0: 16 bits cannot be served from nested8"),
+                           (["--plan", "uniform:8", "--nested", "4"], "error: layer 0 expert 0: 8 bits cannot be served "
+                                                                      "from nested4 storage (it serves 2, 3, 4)")]:
+        args = ["compile", str(ckpt), "--out", str(tmp_path / "b"), "--group-size", str(GS), *extra]
+        if "--nested" not in extra:
+            args += ["--nested", "8"]
+        res = CliRunner().invoke(cli, args)
+        assert res.exit_code != 0
+        assert res.output.strip().splitlines()[-1].startswith(message), res.output
+        assert not (tmp_path / "b").exists()
