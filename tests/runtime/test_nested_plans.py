@@ -134,6 +134,8 @@ def test_moec_run_shows_the_plan_and_its_switches(bundles):
     assert res.exit_code == 0, res.output
     assert "plan in force: mean 4.25 bits" in res.output
     assert "switch at step 3: 6 expert(s) changed, mean 2.00 bits" in res.output
+    res = CliRunner().invoke(cli, ["inspect", str(nested)])
+    assert "nested: routed experts stored once at 8 bits, each served at 2/3/4/8 bits" in res.output
     res = CliRunner().invoke(cli, ["run", str(direct), "--prompt", "Experts", "--plan", "uniform:2"])
     assert res.exit_code != 0
     assert res.output.strip().splitlines()[-1] == ("error: this bundle's plan is fixed at compile time; compile it "
