@@ -19,36 +19,9 @@ from moec.core.plan import BitPlan, uniform_plan
 from moec.core.targets import load_target
 from moec.lower.bundler import build_bundle
 from moec.models.checkpoint import load_checkpoint
-from moec.quant.nested import dequantize_nested, nest
-from moec.quant.packed_model import fake_quantize_model, pack_weight
+from tests.runtime.nested_fixtures import GS, derived_model as _derived_model, mixed_plan as _mixed
 
 pytestmark = pytest.mark.tvm
-
-GS = 32
-
-
-def _mixed(cfg) -> BitPlan:
-    plan = uniform_plan(cfg, 8, GS)
-    widths = (2, 3, 4, 8)
-    plan.experts = {layer: {e: widths[(e + layer) % 4] for e in range(cfg.num_experts)} for layer in plan.experts}
-    return plan
-
-
-def _derived_model(ckpt, plan: BitPlan):
-    """The torch model a nested bundle under ``plan`` computes: non-experts fake-quantized at their compiled
-    width, each expert replaced by its derived width of the 8-bit nested storage (float32)."""
-    model = load_checkpoint(ckpt)
-    state = {k: v.clone() for k, v in model.state_dict().items()}
-    fake_quantize_model(model, uniform_plan(model.cfg, 8, GS))
-    with torch.no_grad():
-        for layer, experts in plan.experts.items():
-            for proj in ("w1", "w3", "w2"):
-                stack = dict(model.named_parameters())[f"layers.{layer}.mlp.{proj}"]
-                for e, bits in experts.items():
-                    w = state[f"layers.{layer}.mlp.{proj}"][e].numpy()
-                    stack[e].copy_(torch.from_numpy(dequantize_nested(nest(pack_weight(w, 8, GS)), bits)))
-    return model
-
 
 @pytest.fixture(scope="module")
 def bundles(tmp_path_factory):
@@ -140,26 +113,6 @@ def test_moec_run_shows_the_plan_and_its_switches(bundles):
     assert res.exit_code != 0
     assert res.output.strip().splitlines()[-1] == ("error: this bundle's plan is fixed at compile time; compile it "
                                                    "with --nested 8 to switch expert widths at run time")
-
-
-@pytest.mark.farm
-def test_set_plan_over_rpc(bundles, tmp_path):
-    """The remote path (a native RPC server): the tables are replaced on the device, the tokens equal local."""
-    from moec.hardware.loopback import start_rpc_server, start_tracker
-    from moec.runtime.session import BundleSession, open_remote_bundle
-    _, plan_file, nested, _ = bundles
-    with BundleSession(nested) as local:
-        prompt = local.tokenizer.encode("Experts").ids
-        local.set_plan(plan_file)
-        want = local.generate(prompt, 3)[0]
-    tracker, addr = start_tracker(log_dir=tmp_path)
-    with tracker:
-        with start_rpc_server(addr, "nested-test", timeout=120, log_dir=tmp_path):
-            with open_remote_bundle(nested, str(addr), "nested-test", timeout=30) as sess:
-                with pytest.raises(MoecError, match="cannot be served"):
-                    sess.set_plan("uniform:5")
-                sess.set_plan(plan_file)
-                assert sess.generate(prompt, 3)[0] == want
 
 
 def test_nested_compile_errors_are_one_line(bundles, tmp_path):
