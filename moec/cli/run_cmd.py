@@ -25,12 +25,21 @@ from moec.core.errors import MoecError
               help="Nested bundles: switch to PLAN after STEP new tokens, without reloading (repeatable). "
                    "A plan the bundle cannot serve is refused in one line and generation goes on under the "
                    "plan in force.")
+@click.option("--adapt", default=None, metavar="memory:MB",
+              help="Nested bundles: serve the plan whose routed experts read at most MB megabytes, the coldest "
+                   "experts (bundle profile) evicted to the narrowest width first. latency/energy: not yet.")
 @click.option("--verbose", is_flag=True, help="Print the plan in force and every plan switch (stderr).")
-def run_cmd(bundle, prompt, max_new_tokens, tracker, key, trust, timeout, plan, switches, verbose):
+def run_cmd(bundle, prompt, max_new_tokens, tracker, key, trust, timeout, plan, switches, adapt, verbose):
     """Generate text from a compiled BUNDLE (hashes verified before loading), here or on a remote device."""
     from moec.runtime.session import BundleSession
 
     schedule = _parse_switches(switches)
+    budget = None
+    if adapt is not None:
+        from moec.runtime.adapt import parse_adapt
+        if plan is not None:
+            raise MoecError("--adapt picks the plan itself; drop --plan")
+        budget = parse_adapt(adapt)
 
     if tracker is None:
         if key is not None:
@@ -42,6 +51,8 @@ def run_cmd(bundle, prompt, max_new_tokens, tracker, key, trust, timeout, plan, 
     try:
         if plan is not None:
             sess.set_plan(plan)
+        if budget is not None:
+            sess.set_plan(sess.memory_plan(budget))
         if verbose:
             _show_plan(sess)
         stats = _generate(sess, bundle, prompt, max_new_tokens, schedule, verbose)

@@ -22,6 +22,7 @@ from moec.core.errors import MoecError
 from moec.core.outputs import work_dir
 from moec.core.plan import BitPlan
 from moec.core.run_plan import plan_widths
+from moec.runtime.adapt import memory_plan, profile_frequencies
 from moec.runtime.plan_switch import PlanSwitch, as_plan, expert_bytes
 from moec.runtime.remote import TrackerAddress, elf_machine, request_device
 
@@ -62,7 +63,7 @@ class BundleSession:
 
     def __init__(self, bundle: str | os.PathLike, remote=None, trust: str | os.PathLike | None = None,
                  threads: int | None = None) -> None:
-        root = Path(bundle)
+        root = self._root = Path(bundle)
         # the whole bundle verifies (and, with ``trust``, its signature) before lib.so is touched
         self.manifest = verify_bundle(root, trust)
         self.cfg = self.manifest["model"]["config"]
@@ -146,6 +147,15 @@ class BundleSession:
     def plan(self) -> BitPlan:
         """The plan in force (for a nested bundle: its routed-expert widths are the ones being served)."""
         return self._plan
+
+    def memory_plan(self, budget_bytes: float) -> BitPlan:
+        """The plan whose routed experts read at most ``budget_bytes``, coldest experts narrowest first
+        (``moec.runtime.adapt``; frequencies from the bundle's ``profile.json`` when it has one)."""
+        if not self.nested:
+            raise MoecError("this bundle's plan is fixed at compile time; compile it with --nested 8 to adapt "
+                            "expert widths at run time")
+        freq = profile_frequencies(self._root / "profile.json") if "profile.json" in self.manifest["files"] else None
+        return memory_plan(self._model_cfg, self._plan, self._storage, self._per_expert, budget_bytes, freq)
 
     def expert_bytes(self) -> int | None:
         """Routed-expert bytes the plan in force reads when every expert is used (nested bundles)."""

@@ -129,3 +129,32 @@ def test_nested_compile_errors_are_one_line(bundles, tmp_path):
         assert res.exit_code != 0
         assert res.output.strip().splitlines()[-1].startswith(message), res.output
         assert not (tmp_path / "b").exists()
+
+
+def test_memory_budget_evicts_the_coldest_experts_first(bundles):
+    from moec.runtime.adapt import memory_plan, parse_adapt
+    from moec.runtime.session import BundleSession
+    _, _, nested, _ = bundles
+    with BundleSession(nested) as sess:
+        sess.set_plan("uniform:8")
+        full = sess.expert_bytes()
+        sess.set_plan("uniform:2")
+        narrow = sess.expert_bytes()
+        budget = (full + narrow) / 2
+        freq = {0: np.array([0.1, 0.9, 0.5, 0.3]), 1: np.array([0.7, 0.2, 0.6, 0.4])}
+        plan = memory_plan(sess._model_cfg, sess.plan, 8, sess._per_expert, budget, freq)
+        sess.set_plan(plan)
+        assert sess.expert_bytes() <= budget
+        widths = {(l, e): b for l, row in plan.experts.items() for e, b in row.items()}
+        order = sorted(widths, key=lambda x: freq[x[0]][x[1]])
+        assert [widths[x] for x in order] == sorted(widths[x] for x in order)  # colder never wider
+        assert widths[order[0]] == 2 and widths[order[-1]] == 8
+        with pytest.raises(MoecError, match="below the narrowest plan's"):
+            sess.memory_plan(narrow - 1)
+    assert parse_adapt("memory:1.5") == 1.5e6
+    with pytest.raises(MoecError, match="not implemented yet"):
+        parse_adapt("latency:30")
+    res = CliRunner().invoke(cli, ["run", str(nested), "--prompt", "Experts", "--max-new-tokens", "3", "--verbose",
+                                   "--adapt", f"memory:{budget / 1e6}"])
+    assert res.exit_code == 0, res.output
+    assert "plan in force: mean" in res.output
