@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+
 import click
 
 from moec.core.errors import MoecError
@@ -25,21 +27,22 @@ from moec.core.errors import MoecError
               help="Nested bundles: switch to PLAN after STEP new tokens, without reloading (repeatable). "
                    "A plan the bundle cannot serve is refused in one line and generation goes on under the "
                    "plan in force.")
-@click.option("--adapt", default=None, metavar="memory:MB",
-              help="Nested bundles: serve the plan whose routed experts read at most MB megabytes, the coldest "
-                   "experts (bundle profile) evicted to the narrowest width first. latency/energy: not yet.")
+@click.option("--adapt", default=None, metavar="memory:MB|latency:MS",
+              help="Nested bundles: memory:MB serves the plan whose routed experts read at most MB megabytes "
+                   "(coldest experts, by the bundle's profile, evicted to the narrowest width first); latency:MS "
+                   "moves along a ladder of such plans to keep the median decode step under MS ms. energy: not yet.")
 @click.option("--verbose", is_flag=True, help="Print the plan in force and every plan switch (stderr).")
 def run_cmd(bundle, prompt, max_new_tokens, tracker, key, trust, timeout, plan, switches, adapt, verbose):
     """Generate text from a compiled BUNDLE (hashes verified before loading), here or on a remote device."""
     from moec.runtime.session import BundleSession
 
     schedule = _parse_switches(switches)
-    budget = None
+    policy = None
     if adapt is not None:
         from moec.runtime.adapt import parse_adapt
         if plan is not None:
             raise MoecError("--adapt picks the plan itself; drop --plan")
-        budget = parse_adapt(adapt)
+        policy = parse_adapt(adapt)
 
     if tracker is None:
         if key is not None:
@@ -51,11 +54,16 @@ def run_cmd(bundle, prompt, max_new_tokens, tracker, key, trust, timeout, plan, 
     try:
         if plan is not None:
             sess.set_plan(plan)
-        if budget is not None:
-            sess.set_plan(sess.memory_plan(budget))
+        controller = None
+        if policy is not None and policy[0] == "memory":
+            sess.set_plan(sess.memory_plan(policy[1]))
+        elif policy is not None:
+            from moec.runtime.adapt import LatencyController
+            controller = LatencyController(sess.plan_ladder(), policy[1])
+            sess.set_plan(controller.ladder[0])
         if verbose:
             _show_plan(sess)
-        stats = _generate(sess, bundle, prompt, max_new_tokens, schedule, verbose)
+        stats = _generate(sess, bundle, prompt, max_new_tokens, schedule, verbose, controller)
     finally:
         sess.close()  # on a remote device: end the RPC session so the server is free again
     where = "" if tracker is None else f" on remote device via tracker {tracker}"
@@ -85,7 +93,7 @@ def _show_plan(sess) -> None:
 
 
 def _generate(sess, bundle, prompt: str, max_new_tokens: int, schedule: dict[int, str] | None = None,
-              verbose: bool = False):
+              verbose: bool = False, controller=None):
     """Stream the continuation of ``prompt`` to stdout (switching plans per ``schedule``); returns the stats."""
     if sess.tokenizer is None:
         raise MoecError(f"bundle '{bundle}' has no tokenizer.json; cannot encode a text prompt")
@@ -96,6 +104,7 @@ def _generate(sess, bundle, prompt: str, max_new_tokens: int, schedule: dict[int
     click.echo(prompt, nl=False)
     shown = ""
     generated: list[int] = []
+    last: list[float | None] = [None]  # when the previous token came out (step times for --adapt latency)
 
     def on_token(t: int) -> None:
         nonlocal shown
@@ -104,9 +113,16 @@ def _generate(sess, bundle, prompt: str, max_new_tokens: int, schedule: dict[int
         click.echo(text[len(shown):], nl=False)
         shown = text
         step = len(generated)
+        now = time.perf_counter()
+        wanted = None
+        if controller is not None and last[0] is not None:
+            wanted = controller.observe(now - last[0])
+        last[0] = now
         if schedule and step in schedule:
+            wanted = schedule[step]
+        if wanted is not None:
             try:
-                switch = sess.set_plan(schedule[step])
+                switch = sess.set_plan(wanted)
             except MoecError as exc:  # the plan in force stays; generation goes on
                 click.echo(f"\nplan switch at step {step} refused: {exc}", err=True)
                 return

@@ -44,6 +44,7 @@ def memory_plan(cfg: MoEConfig, base: BitPlan, storage_bits: int, per_expert: di
     if smallest > budget_bytes:
         raise MoecError(f"memory budget {budget_bytes / 1e6:.3f} MB is below the narrowest plan's "
                         f"{smallest / 1e6:.3f} MB of routed experts (every expert at {widths[0]} bits)")
+    last = None
     for x in sorted(experts, key=lambda x: (freq[x], x)):  # coldest first
         if total <= budget_bytes:
             break
@@ -51,8 +52,6 @@ def memory_plan(cfg: MoEConfig, base: BitPlan, storage_bits: int, per_expert: di
         total -= sizes[layer][-1] - sizes[layer][0]
         level[x] = 0
         last = x
-    else:
-        last = None
     if total <= budget_bytes and last is not None:  # the last evicted expert takes the widest width that fits
         layer = last[0]
         for i in range(len(widths) - 1, 0, -1):
@@ -66,18 +65,18 @@ def memory_plan(cfg: MoEConfig, base: BitPlan, storage_bits: int, per_expert: di
     return plan
 
 
-def parse_adapt(spec: str) -> float:
-    """``memory:MB`` → the budget in bytes; a one-line error for anything else."""
+def parse_adapt(spec: str) -> tuple[str, float]:
+    """``memory:MB`` → ("memory", bytes); ``latency:MS`` → ("latency", seconds); one-line errors otherwise."""
     kind, _, value = spec.partition(":")
-    if kind in ("latency", "energy"):
-        raise MoecError(f"--adapt {kind}:… is not implemented yet; use memory:MB")
+    if kind == "energy":
+        raise MoecError("--adapt energy:J is not implemented yet; use memory:MB or latency:MS")
     try:
-        mb = float(value)
+        number = float(value)
     except ValueError:
-        mb = -1.0
-    if kind != "memory" or not mb > 0:
-        raise MoecError(f"--adapt expects memory:MB (a positive number of megabytes), got {spec[:40]!r}")
-    return mb * 1e6
+        number = -1.0
+    if kind not in ("memory", "latency") or not number > 0:
+        raise MoecError(f"--adapt expects memory:MB or latency:MS (a positive number), got {spec[:40]!r}")
+    return (kind, number * 1e6) if kind == "memory" else (kind, number / 1e3)
 
 
 
@@ -89,3 +88,54 @@ def profile_frequencies(path: Path) -> dict[int, np.ndarray]:
         return {int(layer): np.asarray(v["frequency"], dtype=float) for layer, v in d["derived"].items()}
     except (KeyError, TypeError, ValueError, AttributeError) as exc:
         raise MoecError(f"profile '{path}' is malformed: {exc}") from None
+
+
+class LatencyController:
+    """``--adapt latency:MS``: keep the decode step time under a target by moving along a plan ladder.
+
+    The ladder is a list of plans from the widest (most bytes) to the narrowest, each the
+    :func:`memory_plan` of an evenly spaced expert-byte budget, so every rung evicts colder experts
+    first. After each step the controller sees the step's seconds; over a window of ``window``
+    steps, a median above the target moves one rung narrower, a median under ``hysteresis`` × the
+    target moves one rung wider. At most one switch per window; the target can change at any time.
+    """
+
+    def __init__(self, ladder: list[BitPlan], target_s: float, window: int = 8, hysteresis: float = 0.7) -> None:
+        if not ladder:
+            raise MoecError("a latency controller needs at least one plan")
+        if not target_s > 0:
+            raise MoecError(f"latency target must be positive, got {target_s!r}")
+        self.ladder, self.target_s, self.window, self.hysteresis = ladder, target_s, window, hysteresis
+        self.rung = 0
+        self._times: list[float] = []
+
+    def observe(self, seconds: float) -> BitPlan | None:
+        """Record one step's time; the plan to switch to now, or None to keep the plan in force."""
+        self._times.append(seconds)
+        if len(self._times) < self.window:
+            return None
+        median = float(np.median(self._times))
+        self._times = []
+        if median > self.target_s and self.rung < len(self.ladder) - 1:
+            self.rung += 1
+        elif median < self.hysteresis * self.target_s and self.rung > 0:
+            self.rung -= 1
+        else:
+            return None
+        return self.ladder[self.rung]
+
+
+def plan_ladder(cfg: MoEConfig, base: BitPlan, storage_bits: int, per_expert: dict[str, dict[str, int]],
+                rungs: int = 8, frequencies: dict[int, np.ndarray] | None = None) -> list[BitPlan]:
+    """``rungs`` memory plans from every expert at the widest width down to every expert at the narrowest."""
+    widths = get_nested_format(storage_bits).derived_bits
+    per_width = []
+    for i in (0, len(widths) - 1):
+        total = 0
+        for entry, arrays in per_expert.items():
+            total += cfg.num_experts * (sum(arrays[f"kseg{s}"] for s in range(i + 1)) + arrays["kscale"]
+                                        + arrays["kzero"])
+        per_width.append(total)
+    low, high = per_width
+    budgets = np.linspace(high, low, max(rungs, 2))
+    return [memory_plan(cfg, base, storage_bits, per_expert, float(b), frequencies) for b in budgets]

@@ -22,7 +22,7 @@ from moec.core.errors import MoecError
 from moec.core.outputs import work_dir
 from moec.core.plan import BitPlan
 from moec.core.run_plan import plan_widths
-from moec.runtime.adapt import memory_plan, profile_frequencies
+from moec.runtime.adapt import memory_plan, plan_ladder, profile_frequencies
 from moec.runtime.plan_switch import PlanSwitch, as_plan, expert_bytes
 from moec.runtime.remote import TrackerAddress, elf_machine, request_device
 
@@ -148,14 +148,25 @@ class BundleSession:
         """The plan in force (for a nested bundle: its routed-expert widths are the ones being served)."""
         return self._plan
 
+    def _frequencies(self):
+        return profile_frequencies(self._root / "profile.json") if "profile.json" in self.manifest["files"] else None
+
+    def plan_ladder(self, rungs: int = 8) -> list[BitPlan]:
+        """Plans from every expert widest to every expert narrowest, colder experts narrowed first
+        (the rungs a :class:`moec.runtime.adapt.LatencyController` moves along)."""
+        if not self.nested:
+            raise MoecError("this bundle's plan is fixed at compile time; compile it with --nested 8 to adapt "
+                            "expert widths at run time")
+        return plan_ladder(self._model_cfg, self._plan, self._storage, self._per_expert, rungs, self._frequencies())
+
     def memory_plan(self, budget_bytes: float) -> BitPlan:
         """The plan whose routed experts read at most ``budget_bytes``, coldest experts narrowest first
         (``moec.runtime.adapt``; frequencies from the bundle's ``profile.json`` when it has one)."""
         if not self.nested:
             raise MoecError("this bundle's plan is fixed at compile time; compile it with --nested 8 to adapt "
                             "expert widths at run time")
-        freq = profile_frequencies(self._root / "profile.json") if "profile.json" in self.manifest["files"] else None
-        return memory_plan(self._model_cfg, self._plan, self._storage, self._per_expert, budget_bytes, freq)
+        return memory_plan(self._model_cfg, self._plan, self._storage, self._per_expert, budget_bytes,
+                           self._frequencies())
 
     def expert_bytes(self) -> int | None:
         """Routed-expert bytes the plan in force reads when every expert is used (nested bundles)."""

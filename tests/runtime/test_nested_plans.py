@@ -151,10 +151,28 @@ def test_memory_budget_evicts_the_coldest_experts_first(bundles):
         assert widths[order[0]] == 2 and widths[order[-1]] == 8
         with pytest.raises(MoecError, match="below the narrowest plan's"):
             sess.memory_plan(narrow - 1)
-    assert parse_adapt("memory:1.5") == 1.5e6
+    assert parse_adapt("memory:1.5") == ("memory", 1.5e6) and parse_adapt("latency:30") == ("latency", 0.03)
     with pytest.raises(MoecError, match="not implemented yet"):
-        parse_adapt("latency:30")
+        parse_adapt("energy:2")
     res = CliRunner().invoke(cli, ["run", str(nested), "--prompt", "Experts", "--max-new-tokens", "3", "--verbose",
                                    "--adapt", f"memory:{budget / 1e6}"])
     assert res.exit_code == 0, res.output
     assert "plan in force: mean" in res.output
+
+
+def test_latency_controller_moves_along_the_ladder(bundles):
+    from moec.runtime.adapt import LatencyController
+    from moec.runtime.session import BundleSession
+    _, _, nested, _ = bundles
+    with BundleSession(nested) as sess:
+        ladder = sess.plan_ladder(4)
+    bits = [p.average_expert_bits() for p in ladder]
+    assert bits[0] == 8 and bits[-1] == 2 and bits == sorted(bits, reverse=True)
+    ctl = LatencyController(ladder, target_s=0.010, window=4)
+    moves = [ctl.observe(t) for t in [0.02] * 8 + [0.009] * 4 + [0.005] * 4]
+    assert [m is not None for m in moves] == [False, False, False, True] * 2 + [False] * 4 + [False, False, False, True]
+    assert moves[3] is ladder[1] and moves[7] is ladder[2] and moves[15] is ladder[1]  # slow: narrower; fast: wider
+    res = CliRunner().invoke(cli, ["run", str(nested), "--prompt", "Experts", "--max-new-tokens", "12", "--verbose",
+                                   "--adapt", "latency:0.001"])  # a target no step meets: one rung narrower a window
+    assert res.exit_code == 0, res.output
+    assert "switch at step 9:" in res.output
