@@ -9,6 +9,10 @@ Three parts, each printed as a markdown table:
    layers; experts ≫ cache). One nested bundle (``--nested 8`` storage) serves every plan via
    ``BundleSession.set_plan``; each plan is also compiled as its own fixed bundle. Decode tok/s,
    the expert MB each plan reads, nested/fixed speed, and the plan-switch latency.
+4. ``latency``: 200 decode steps of the nested OLMoE-shaped bundle under ``--adapt latency``:
+   the target starts above the widest plan's step time and is lowered at step 100 to halfway
+   between the narrowest and the widest plan's; the table and the plot (``--plot``) show the
+   plan (mean expert bits) and the step time following it.
 3. ``accuracy``: the reference model on its held-out split: each width derived from nested 8-bit
    (and 4-bit) storage of every routed expert vs quantizing every expert directly at that width
    (same method and group size; non-expert weights float), perplexity and top-1.
@@ -117,9 +121,79 @@ def _decode_times(sess: BundleSession, steps: int) -> float:
     return statistics.median(times[2:])
 
 
+def olmoe_shaped(layers: int) -> MoEConfig:
+    return MoEConfig(vocab_size=4096, hidden_size=2048, num_layers=layers, num_heads=16, num_kv_heads=16,
+                     num_experts=64, top_k=8, expert_intermediate=1024, norm_topk_prob=False)
+
+
+def nested_bundle(big: MoEConfig, plan: BitPlan, out: Path) -> Path:
+    w8 = random_weights(big, storage_plan(plan, 8))
+    params = build_nested_params(big, plan, w8.packed, w8.floats, 8)
+    del w8
+    return build_bundle_from_params(big, plan, params, load_target("host"), out, None,
+                                    extra_manifest={"nested": {"storage_bits": 8}})
+
+
+def latency_part(layers: int, gs: int, steps: int, plot: str) -> None:
+    from moec.runtime.adapt import LatencyController
+    big = olmoe_shaped(layers)
+    print(f"\n## --adapt latency: {steps} decode steps, target lowered at step {steps // 2} (OLMoE-shaped, "
+          f"{layers} layers, one nested bundle)\n")
+    with tempfile.TemporaryDirectory(prefix="moec-dyn-") as d:
+        sess = BundleSession(nested_bundle(big, expert_plan(big, lambda l, e: 8, gs, "u8"), Path(d) / "nested"))
+        ladder = sess.plan_ladder(8)
+        sess.set_plan(ladder[0])
+        wide = _decode_times(sess, 16)
+        sess.set_plan(ladder[-1])
+        narrow = _decode_times(sess, 16)
+        first, second = 1.5 * wide, (wide + narrow) / 2
+        ctl = LatencyController(ladder, first, window=8)
+        sess.set_plan(ladder[0])
+        sess.reset()
+        for t in range(3, 11):
+            sess.step(t)
+        times, bits, targets = [], [], []
+        for i in range(steps):
+            if i == steps // 2:
+                ctl.target_s = second
+            t0 = time.perf_counter()
+            sess.step(11 + i % 50)
+            dt = time.perf_counter() - t0
+            times.append(dt)
+            bits.append(sess.plan.average_expert_bits())
+            targets.append(ctl.target_s)
+            wanted = ctl.observe(dt)
+            if wanted is not None:
+                sess.set_plan(wanted)
+        switches = [s.step for s in sess.switches[3:]]
+        sess.close()
+    print(f"widest plan {wide * 1e3:.1f} ms a step, narrowest {narrow * 1e3:.1f} ms; target {first * 1e3:.1f} ms, "
+          f"then {second * 1e3:.1f} ms from step {steps // 2}; {len(switches)} switches\n")
+    print("| steps | target ms | median step ms | mean expert bits at the end |")
+    print("|---|---|---|---|")
+    for a in range(0, steps, steps // 8):
+        b = a + steps // 8
+        print(f"| {a}–{b - 1} | {targets[a] * 1e3:.1f} | {statistics.median(times[a:b]) * 1e3:.1f} | {bits[b - 1]:.2f} |")
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(8, 4))
+    ax.plot([t * 1e3 for t in times], lw=0.8, label="step time (ms)")
+    ax.plot([t * 1e3 for t in targets], "k--", lw=1, label="target (ms)")
+    ax.set_xlabel("decode step")
+    ax.set_ylabel("ms")
+    ax2 = ax.twinx()
+    ax2.plot(bits, color="tab:red", lw=1.2, label="mean expert bits")
+    ax2.set_ylabel("mean expert bits")
+    fig.legend(loc="upper right")
+    fig.tight_layout()
+    Path(plot).parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(plot, dpi=100)
+    print(f"\nplot written to {plot}")
+
+
 def decode_part(layers: int, gs: int, steps: int) -> None:
-    big = MoEConfig(vocab_size=4096, hidden_size=2048, num_layers=layers, num_heads=16, num_kv_heads=16,
-                    num_experts=64, top_k=8, expert_intermediate=1024, norm_topk_prob=False)
+    big = olmoe_shaped(layers)
     plans = {"uniform 8": expert_plan(big, lambda l, e: 8, gs, "u8"),
              "uniform 4": expert_plan(big, lambda l, e: 4, gs, "u4"),
              "uniform 3": expert_plan(big, lambda l, e: 3, gs, "u3"),
@@ -210,6 +284,7 @@ def main() -> None:
     ap.add_argument("--checkpoint", default="reference/checkpoint")
     ap.add_argument("--data", default="reference/data/heldout.txt")
     ap.add_argument("--max-tokens", type=int, default=16384)
+    ap.add_argument("--plot", default="out/dynamic_latency.png", help="Where the latency part writes its plot.")
     args = ap.parse_args()
     torch.set_num_threads(2)
     parts = args.parts.split(",")
@@ -217,6 +292,8 @@ def main() -> None:
         kernel_part(args.group_size, args.calls)
     if "decode" in parts:
         decode_part(args.layers, args.group_size, args.steps)
+    if "latency" in parts:
+        latency_part(args.layers, args.group_size, 200, args.plot)
     if "accuracy" in parts:
         accuracy_part(args.checkpoint, args.data, args.group_size, args.max_tokens)
 
