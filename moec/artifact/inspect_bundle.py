@@ -7,6 +7,7 @@ from collections import Counter
 from pathlib import Path
 
 from moec.artifact.bundle import read_manifest
+from moec.core.formats import get_nested_format
 
 
 def inspect_bundle(path: str | os.PathLike) -> dict:
@@ -32,6 +33,11 @@ def format_bundle(manifest: dict) -> str:
     hist = Counter(b for row in experts.values() for b in row.values())
     lines.append("expert bits: " + ", ".join(f"{b}-bit × {n}" for b, n in sorted(hist.items())))
     lines.append(f"other tensors: {plan.get('tensors', {})}; group size {plan['group_size']}, method {plan['method']}")
+    if "nested" in manifest:
+        storage = manifest["nested"]["storage_bits"]
+        derived = get_nested_format(storage).derived_bits
+        lines.append(f"nested: routed experts stored once at {storage} bits, each served at "
+                     f"{'/'.join(map(str, derived))} bits chosen at run time; the table above is the plan at load")
     lines.append("")
     sig = ("signature verified" if manifest.get("_signature_checked") else
            "signed, signature not checked (--trust PUBKEY)" if manifest.get("_signed") else "unsigned")

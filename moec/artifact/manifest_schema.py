@@ -23,6 +23,7 @@ _FIELDS: dict[str, tuple[tuple[type, ...], bool]] = {
     "stored_weight_bytes": ((int,), False), "kernels": ((str,), False), "activations": ((str,), False),
     "cuda": ((dict,), False), "recipe": ((dict,), False), "source": ((str,), False), "files": ((dict,), True),
     "backend": ((dict,), False), "onnx": ((str,), False), "streamed": ((bool,), False),
+    "nested": ((dict,), False),
 }
 
 
@@ -114,4 +115,19 @@ def _check_model(m: dict, where: str) -> None:
     cfg = config_from_dict(model["config"], f"{where}: model config")
     if cfg.fingerprint() != model["fingerprint"]:
         raise MoecError(f"{where}: model fingerprint does not match its config")
-    BitPlan.from_json(m["plan"], source=f"{where}: plan").validate(cfg)
+    plan = BitPlan.from_json(m["plan"], source=f"{where}: plan").validate(cfg)
+    if "nested" in m:
+        _check_nested(m, cfg, plan, where)
+
+
+def _check_nested(m: dict, cfg, plan, where: str) -> None:
+    """A nested bundle: known storage, its plan servable from it, one width table per MoE layer in params."""
+    from moec.core.run_plan import plan_widths, prec_table_name
+
+    nested = m["nested"]
+    if set(nested) != {"storage_bits"} or not _is(nested["storage_bits"], (int,)):
+        raise MoecError(f"{where}: manifest 'nested' must be {{\"storage_bits\": int}}")
+    plan_widths(cfg, plan, nested["storage_bits"])
+    missing = [prec_table_name(layer) for layer in cfg.moe_layers if prec_table_name(layer) not in m["params"]]
+    if missing:
+        raise MoecError(f"{where}: nested bundle lacks the run-time table '{missing[0]}'")

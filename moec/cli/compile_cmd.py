@@ -35,10 +35,14 @@ from moec.pipeline.recipe import compile_config, load_recipe, resolve
               help="Directory caching quantized weights by (weight hash, method, bits, group, calibration): "
                    "compiling more plans of one checkpoint re-quantizes nothing already seen. Bounded by "
                    "MOEC_QUANT_CACHE_GB [8]; every entry is checked (sha256) when read. [$MOEC_QUANT_CACHE]")
+@click.option("--nested", type=click.Choice(["8", "4"]), default=None,
+              help="Store every routed expert once at 8 (or 4) bits as bit-planes, serving 2/3/4(/8) bits per "
+                   "expert chosen at run time (BundleSession.set_plan, moec run --plan); the plan's expert widths "
+                   "are the plan at load. x86 and arm targets.")
 @max_memory_option
 def compile_cmd(checkpoint, recipe, target, plan, out, data, max_tokens, group_size, method, budget_mb, policy,
                 alpha, beta, gamma, weighting, profile_path, episodes, seed, tensor_bits, force, sign_key,
-                debug_dump, activations, onnx_dir, quant_cache, max_memory_gb):
+                debug_dump, activations, onnx_dir, quant_cache, nested, max_memory_gb):
     """Compile CHECKPOINT (or a recipe's model) into a bundle for a target (library + packed weights + manifest)."""
     overrides = {"model": checkpoint, "target": target, "calibration": data, "max_tokens": max_tokens,
                  "group_size": group_size, "budget_mb": budget_mb, "policy": policy, "alpha": alpha,
@@ -53,6 +57,7 @@ def compile_cmd(checkpoint, recipe, target, plan, out, data, max_tokens, group_s
     cfg.force, cfg.sign_key = force, sign_key
     cfg.max_memory_gb = max_memory_gb
     cfg.quant_cache = quant_cache
+    cfg.nested = int(nested) if nested is not None else None
 
     def on_stage(name: str, seconds: float) -> None:
         click.echo(f"  ✓ {name:<24} {seconds:6.1f} s")

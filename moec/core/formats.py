@@ -115,3 +115,62 @@ def get_format(spec: int | str) -> WeightFormat:
             return fmt
     raise MoecError(f"unknown weight format {spec!r}; choices: "
                     f"{', '.join(f'{f.name} ({b})' for b, f in FORMATS.items())}")
+
+
+@dataclass(frozen=True)
+class NestedFormat:
+    """Nested (any-precision) storage of a routed expert: stored once at ``storage_bits``, served at
+    every width of ``derived_bits`` without re-quantizing.
+
+    The ``storage_bits``-bit affine codes are split into bit-plane *segments*, most significant
+    first, of ``segment_bits`` widths; segment ``s`` is needed by every width ``>= sum(widths[:s+1])``.
+    Each segment is stored as its own LSB-first stream (``lsb-stream`` packing of a
+    ``segment_bits[s]``-bit code), so a width-``k`` read touches exactly ``k / storage_bits`` of the
+    code bytes. Derivation rule (``moec.quant.nested``, truncation to the top ``k`` bits, dequantized
+    at the centre of the truncated bin): with ``s = storage_bits - k``,
+    ``w_k = scale · (2**s · floor(q / 2**s) − zero + (2**s − 1) / 2)``, i.e. scale ``scale · 2**s``
+    and the (fractional) zero ``(zero + 0.5) / 2**s − 0.5`` in k-bit units. ``k == storage_bits``
+    is the stored weight itself.
+
+    Attributes
+    ----------
+    name : str
+        ``nested8``, ``nested4``.
+    storage_bits : int
+        Width the expert is quantized and stored at.
+    segment_bits : tuple[int, ...]
+        Widths of the bit-plane segments, most significant first (they sum to ``storage_bits``).
+    kernels : frozenset[str]
+        Backends with a run-time-precision kernel for it.
+    """
+
+    name: str
+    storage_bits: int
+    segment_bits: tuple[int, ...]
+    kernels: frozenset[str]
+
+    @property
+    def derived_bits(self) -> tuple[int, ...]:
+        """Widths this storage serves (each the sum of a prefix of the segments)."""
+        out, total = [], 0
+        for w in self.segment_bits:
+            total += w
+            out.append(total)
+        return tuple(out)
+
+
+#: Nested storage formats, keyed by storage bits (``moec compile --nested B``).
+NESTED_FORMATS: dict[int, NestedFormat] = {f.storage_bits: f for f in (
+    NestedFormat("nested8", 8, (2, 1, 1, 4), frozenset({"x86", "arm"})),
+    NestedFormat("nested4", 4, (2, 1, 1), frozenset({"x86", "arm"})),
+)}
+
+
+def get_nested_format(storage_bits: int) -> NestedFormat:
+    """The nested format stored at ``storage_bits``; a one-line error lists the choices."""
+    fmt = NESTED_FORMATS.get(storage_bits) if isinstance(storage_bits, int) and not isinstance(
+        storage_bits, bool) else None
+    if fmt is None:
+        raise MoecError(f"no nested storage at {storage_bits!r} bits; choices: "
+                        f"{', '.join(str(b) for b in sorted(NESTED_FORMATS))}")
+    return fmt

@@ -18,12 +18,14 @@ from moec.artifact.weights_file import write_arrays
 from moec.core.outputs import work_dir
 from moec.core.targets import TargetPreset, load_target
 from moec.core.errors import MoecError
+from moec.core.formats import get_nested_format
 from moec.lower.library import build_module
 from moec.lower.backends import backend_for
 from moec.lower.gpu_linear import GpuLinearEmitter
 from moec.lower.kernel_linear import KernelEmitter, apply_kernel_layout
 from moec.lower.linear import LinearEmitter
-from moec.lower.params import ModelParams, build_params
+from moec.lower.params import ModelParams, build_nested_params, build_params
+from moec.core.run_plan import plan_widths, storage_plan
 from moec.core.config import MoEConfig
 from moec.core.plan import BitPlan
 from moec.models.checkpoint import load_checkpoint
@@ -120,16 +122,34 @@ def build_bundle_from_params(cfg: MoEConfig, plan: BitPlan, params: ModelParams,
     return path
 
 
+def preset_has_nested_kernels(preset: TargetPreset) -> bool:
+    """Whether ``preset``'s backend has the nested (run-time width) expert kernels."""
+    return backend_for(preset).name in get_nested_format(8).kernels
+
+
 def build_bundle(model: MoEModel, plan: BitPlan, preset: TargetPreset, out: str | os.PathLike,
                  tokenizer_path: str | os.PathLike | None, weights: ModelWeights | None = None,
-                 **kwargs) -> Path:
+                 nested: int | None = None, **kwargs) -> Path:
     """Quantize and pack ``model`` under ``plan`` in memory (or take its packed ``weights``) and write
     the bundle for ``preset``: the same parameters an ONNX export of ``weights`` imports back to.
 
+    ``nested=B``: every routed expert is packed once at ``B`` bits in nested storage
+    (``moec.quant.nested``) and ``plan``'s expert widths become the bundle's run-time plan at
+    load (``BundleSession.set_plan`` changes it); ``plan``'s other weights are compiled as usual.
     ``kwargs`` are those of :func:`build_bundle_from_params`.
     """
-    weights = weights or ModelWeights.from_model(model, plan)
-    params = build_params(weights.cfg, plan, weights.packed, weights.floats)
+    if nested is None:
+        weights = weights or ModelWeights.from_model(model, plan)
+        params = build_params(weights.cfg, plan, weights.packed, weights.floats)
+        return build_bundle_from_params(weights.cfg, plan, params, preset, out, tokenizer_path, **kwargs)
+    plan_widths(model.cfg, plan, nested)  # the plan at load must be servable: fail before packing
+    if not preset_has_nested_kernels(preset):
+        raise MoecError(f"nested expert storage has kernels for the x86 and arm backends only, not target "
+                        f"'{preset.name}'")
+    storage = storage_plan(plan, nested)
+    weights = weights or ModelWeights.from_model(model, storage)
+    params = build_nested_params(weights.cfg, plan, weights.packed, weights.floats, nested)
+    kwargs["extra_manifest"] = {**(kwargs.get("extra_manifest") or {}), "nested": {"storage_bits": nested}}
     return build_bundle_from_params(weights.cfg, plan, params, preset, out, tokenizer_path, **kwargs)
 
 

@@ -21,6 +21,7 @@ from moec.lower import te_ops
 from moec.lower.linear import LinearEmitter
 from moec.lower.params import ModelParams
 from moec.core.config import MoEConfig, rope_inv_freq
+from moec.core.run_plan import prec_table_name
 
 
 class DecodeBuilder:
@@ -221,6 +222,19 @@ class DecodeBuilder:
     def routed_experts(self, x, routing, layer):
         """Per bit class, row-guarded expert GEMVs on the routed ids (others get id -1: no reads)."""
         bb, cfg = self.bb, self.cfg
+        nested = f"layers.{layer}.experts.nested"
+        if f"{nested}.w1" in self.params.entries:  # one stack, each expert's width read at run time
+            ids = bb.emit(relax.op.reshape(routing.ids, (routing.ids.ty.shape[0] * cfg.top_k,)))
+            weights = bb.emit(relax.op.reshape(routing.weights, (cfg.top_k, 1)))
+            prec = self.vars[prec_table_name(layer)]
+
+            def call(inp, proj):
+                name = f"{nested}.{proj}"
+                return self.emitter.nested_experts(bb, inp, self.params.entries[name], self.vars, name, ids, prec)
+
+            act = bb.emit(relax.op.multiply(relax.op.nn.silu(call(x, "w1")), call(x, "w3")))
+            out = call(act, "w2")
+            return bb.emit(relax.op.sum(relax.op.multiply(out, weights), axis=0, keepdims=True))
         cls_of, in_cls = self._classes(routing, layer)
         weights = bb.emit(relax.op.reshape(routing.weights, (cfg.top_k, 1)))
         classes = self.params.class_of[layer]

@@ -22,9 +22,9 @@ from tvm import relax, te, tirx
 
 from moec.core.errors import MoecError
 from moec.core.formats import INT8_ACTIVATION_BITS
-from moec.lower.kernels.factory import make_gemv, make_grouped_gemm
+from moec.lower.kernels.factory import make_gemv, make_grouped_gemm, make_nested_gemv
 from moec.lower.kernels.row_guard import has_row_guard
-from moec.lower.kernels.layout import check_kernel_shape, stack_kernel_layouts, to_kernel_layout
+from moec.lower.kernels.layout import check_kernel_shape, nested_kernel_layout, stack_kernel_layouts, to_kernel_layout
 from moec.lower.linear import LinearEmitter
 from moec.lower.params import ModelParams, WeightEntry
 from moec.lower.schedules import kernel_tile
@@ -92,6 +92,21 @@ class KernelEmitter(LinearEmitter):
             args += [vars_[f"{name}.kscale"], vars_[f"{name}.kzero"]]
         return args
 
+    def nested_experts(self, bb, x, entry: WeightEntry, vars_, name, ids, prec):
+        """One nested-GEMV call for the routed ``ids`` (all valid) at the widths in ``prec``."""
+        n, k = entry.shape
+        top_k = int(ids.ty.shape[0])
+        per_expert = int(x.ty.shape[0]) != 1
+        key = ("nested", entry.bits, n, k, entry.group_size, entry.stacked, top_k, per_expert)
+        if key not in self._kernels:
+            self._kernels[key] = make_nested_gemv(*key[1:7], self.target, x_per_expert=per_expert)
+        sym = f"gemv_{name}".replace(".", "_")
+        func = self._kernels[key].with_attr("op_pattern", 8).with_attr("global_symbol", sym)
+        gv = bb.add_func(func, sym)
+        segs = sorted((a for a in entry.arrays if a.startswith("kseg")), key=lambda a: int(a[4:]))
+        args = [x] + [vars_[f"{name}.{a}"] for a in segs] + [vars_[f"{name}.kscale"], vars_[f"{name}.kzero"], prec, ids]
+        return bb.emit(relax.call_tir(gv, args, relax.TensorType((top_k, n), "float32")))
+
     def grouped(self, bb, x, entry: WeightEntry, vars_, name, offsets):
         if not entry.kernel:
             return None
@@ -146,6 +161,11 @@ def apply_kernel_layout(params: ModelParams, emitter: KernelEmitter) -> int:
     count = 0
     for name, entry in params.entries.items():
         if name == "embed.weight" or entry.kernel:
+            continue
+        if entry.nested:
+            layouts = [nested_kernel_layout(nw, emitter.tile) for nw in entry.nested_weights()]
+            entry.arrays, entry.kernel = {f"k{k}": v for k, v in stack_kernel_layouts(layouts).items()}, True
+            count += 1
             continue
         arrays = emitter.layout(entry.packed_weights())
         if arrays is not None:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import numpy as np
 from tvm import relax
 
+from moec.core.errors import MoecError
 from moec.lower import te_ops
 from moec.lower.params import WeightEntry
 
@@ -54,6 +55,11 @@ class LinearEmitter:
         y = bb.emit(relax.op.reshape(y, (k_rows, entry.shape[0])))
         mask = bb.emit(relax.op.astype(relax.op.greater_equal(ids, relax.const(np.int32(0))), "float32"))
         return bb.emit(relax.op.multiply(y, relax.op.reshape(mask, (k_rows, 1))))
+
+    def nested_experts(self, bb, x, entry: WeightEntry, vars_, name, ids, prec):
+        """Routed rows of a nested stack at the widths of run-time table ``prec``: needs kernels."""
+        raise MoecError("nested expert storage needs moec's CPU kernels (x86 or arm backend), not the reference "
+                        "emitter")
 
     def embed(self, bb, token, entry: WeightEntry, vars_):
         n, k = entry.shape

@@ -5,6 +5,12 @@ Experts of one MoE layer are grouped by bit-width: class ``c`` holds the experts
 index inside its class (``class_of[l]`` its class). A decode step therefore reads the
 weights of its routed experts only: each class' kernel receives the routed ids remapped
 into its stack, with -1 for routed experts that belong to another class.
+
+A *nested* parameter set (:func:`build_nested_params`) instead stacks all ``E`` experts of a layer
+once, in the nested storage of ``moec.quant.nested`` (entry ``layers.L.experts.nested.{w1,w3,w2}``,
+arrays ``seg0``… , ``scale``, ``zero``), and gives the graph a run-time table
+``layers.L.experts.prec`` (int32 ``[E]``, the width each expert is served at): a parameter like
+the weights, so a runtime changes the plan by overwriting it, with no rebuild.
 """
 
 from __future__ import annotations
@@ -16,7 +22,10 @@ import numpy as np
 from moec.core.config import MoEConfig
 from moec.core.inventory import expert_key
 from moec.core.formats import FLOAT_BITS
+from moec.quant.nested import NestedWeight, nest
 from moec.quant.packed_model import PackedWeight
+from moec.core.errors import MoecError
+from moec.core.run_plan import plan_widths
 from moec.core.plan import BitPlan
 
 
@@ -30,6 +39,13 @@ class WeightEntry:
     stacked: int = 0                # number of experts stacked on axis 0 (0 = a plain weight)
     group_size: int = 0
     kernel: bool = False            # arrays are in the kernel layout ("kweight", "kscale", "kzero")
+    nested: bool = False            # a nested stack: "seg0".., "scale", "zero" (moec.quant.nested)
+
+    def nested_weights(self) -> list[NestedWeight]:
+        """The nested stack's experts as NestedWeights (moec's packed layout)."""
+        segs = sorted(k for k in self.arrays if k.startswith("seg"))
+        return [NestedWeight(self.shape, self.bits, self.group_size, [self.arrays[s][i] for s in segs],
+                             self.arrays["scale"][i], self.arrays["zero"][i]) for i in range(self.stacked)]
 
     def packed_weights(self) -> list[PackedWeight]:
         """The entry's weights as PackedWeights in moec's packed layout (one per stacked expert)."""
@@ -55,6 +71,7 @@ class ModelParams:
     floats: dict[str, np.ndarray] = field(default_factory=dict)   # norms, biases (float32)
     class_of: dict[int, np.ndarray] = field(default_factory=dict)  # layer -> [E] bits
     remap: dict[int, np.ndarray] = field(default_factory=dict)     # layer -> [E] index in class
+    tables: dict[str, np.ndarray] = field(default_factory=dict)    # run-time int32 tables (nested widths)
 
     def flat(self) -> list[tuple[str, np.ndarray]]:
         """(name, array) in the order the compiled functions declare them."""
@@ -62,6 +79,7 @@ class ModelParams:
         for name, entry in self.entries.items():
             out += [(f"{name}.{k}", v) for k, v in entry.arrays.items()]
         out += list(self.floats.items())
+        out += list(self.tables.items())
         return out
 
     @property
@@ -99,4 +117,28 @@ def build_params(cfg: MoEConfig, plan: BitPlan, packed: dict[str, PackedWeight],
                     c, pws[0].shape, _stack(pws), stacked=len(members), group_size=pws[0].group_size)
         params.class_of[layer], params.remap[layer] = bits, remap
     params.floats = {k: np.ascontiguousarray(v, dtype=np.float32) for k, v in sorted(floats.items())}
+    return params
+
+
+def build_nested_params(cfg: MoEConfig, plan: BitPlan, packed: dict[str, PackedWeight],
+                        floats: dict[str, np.ndarray], storage_bits: int) -> ModelParams:
+    """Parameters of a nested bundle: routed experts packed at ``storage_bits`` become one nested stack
+    per layer and projection; ``plan``'s expert widths fill the run-time tables (the plan at load)."""
+    params = ModelParams()
+    for name, pw in packed.items():
+        if ".experts." not in name:
+            params.entries[name] = WeightEntry(pw.bits, pw.shape, _arrays(pw), group_size=pw.group_size)
+    for layer in cfg.moe_layers:
+        for proj in ("w1", "w3", "w2"):
+            pws = [packed[expert_key(layer, e, proj)] for e in range(cfg.num_experts)]
+            if any(p.bits != storage_bits for p in pws):
+                raise MoecError(f"nested storage needs every expert packed at {storage_bits} bits")
+            nws = [nest(p) for p in pws]
+            arrays = {f"seg{s}": np.stack([nw.segments[s] for nw in nws]) for s in range(len(nws[0].segments))}
+            arrays["scale"] = np.stack([nw.scale for nw in nws])
+            arrays["zero"] = np.stack([nw.zero for nw in nws])
+            params.entries[f"layers.{layer}.experts.nested.{proj}"] = WeightEntry(
+                storage_bits, pws[0].shape, arrays, stacked=len(nws), group_size=pws[0].group_size, nested=True)
+    params.floats = {k: np.ascontiguousarray(v, dtype=np.float32) for k, v in sorted(floats.items())}
+    params.tables = plan_widths(cfg, plan, storage_bits)
     return params

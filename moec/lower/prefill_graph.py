@@ -29,8 +29,8 @@ class PrefillBuilder(DecodeBuilder):
     function_name, tokens_name = "prefill", "tokens"
 
     def supported(self) -> bool:
-        """Whether the emitter has grouped-GEMM kernels for every expert stack."""
-        return all(e.kernel for n, e in self.params.entries.items() if ".experts." in n)
+        """Whether the emitter has grouped-GEMM kernels for every expert stack (none for nested stacks yet)."""
+        return all(e.kernel and not e.nested for n, e in self.params.entries.items() if ".experts." in n)
 
     def _token_count(self):
         return tirx.Var("T", "int64")

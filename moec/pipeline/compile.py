@@ -15,11 +15,13 @@ from pathlib import Path
 from moec.artifact.signing import load_private_key
 from moec.core.errors import MoecError
 from moec.core.outputs import check_output_dir, install_signal_cleanup, work_dir
+from moec.core.formats import get_nested_format
 from moec.core.plan import BitPlan, resolve_plan
+from moec.core.run_plan import plan_widths, storage_plan
 from moec.core.targets import load_target
 from moec.export.exporter import export_weights
 from moec.lower.backends import backend_for
-from moec.lower.bundler import build_bundle, build_bundle_from_params
+from moec.lower.bundler import build_bundle, build_bundle_from_params, preset_has_nested_kernels
 from moec.lower.onnx_import import import_onnx
 from moec.lower.params import build_params
 from moec.lower.stream_build import compile_streaming
@@ -60,6 +62,7 @@ class CompileConfig:
     sign_key: str | os.PathLike | None = None  # Ed25519 private key: sign the bundle's manifest
     max_memory_gb: float | None = None   # above it the checkpoint streams layer by layer (or fails early)
     quant_cache: str | os.PathLike | None = None  # directory of quantized weights reused across compiles
+    nested: int | None = None        # store routed experts once at this width; the plan's widths switch at run time
 
 
 def _search_plan(cfg: CompileConfig, profile_path: Path | None, model) -> BitPlan:
@@ -103,8 +106,18 @@ def compile_bundle(cfg: CompileConfig, on_stage=None) -> Path:
     preset = load_target(cfg.target)
     backend_for(preset).require_toolchain(preset)  # before the slow stages, not after them
     _check_outputs(cfg.out, cfg.force, cfg.sign_key)
+    if cfg.nested is not None:
+        get_nested_format(cfg.nested)
+        if not preset_has_nested_kernels(preset):
+            raise MoecError(f"--nested needs the x86 or arm backend; target '{preset.name}' has no nested kernels")
+        if cfg.onnx is not None:
+            raise MoecError("--onnx cannot export a nested bundle's storage (ONNX has no run-time widths); "
+                            "drop --onnx or --nested")
     ckpt, mem = memory_plan_of(cfg.checkpoint, cfg.max_memory_gb, "compile")
     if mem.sequential:
+        if cfg.nested is not None:
+            raise MoecError("--nested is not supported for checkpoints compiled layer by layer (over the memory "
+                            "budget) yet")
         return _compile_sequential(cfg, ckpt, preset, on_stage)
     t0 = time.time()
     model = load_checkpoint(cfg.checkpoint)
@@ -131,11 +144,14 @@ def compile_bundle(cfg: CompileConfig, on_stage=None) -> Path:
         plan, name = _choose_plan(cfg, model.cfg, profile_path, model, pad_ok=True)
         model, plan = pad_for_groups(model, plan)
         plan.validate(model.cfg, tuple(preset.allowed_bits))
+        if cfg.nested is not None:
+            plan_widths(model.cfg, plan, cfg.nested)  # the plan at load must be servable from the storage
         if on_stage:
             on_stage(f"plan ({name})", time.time() - t0)
         t0 = time.time()
         cache = _quant_cache(cfg)
-        weights = ModelWeights.from_model(model, plan, cache=cache)
+        weights = ModelWeights.from_model(model, plan if cfg.nested is None else storage_plan(plan, cfg.nested),
+                                          cache=cache)
         if on_stage:
             on_stage("quantize + pack" + _cache_note(cache), time.time() - t0)
         manifest = {"source": str(cfg.checkpoint)}
@@ -150,7 +166,7 @@ def compile_bundle(cfg: CompileConfig, on_stage=None) -> Path:
         return build_bundle(model, plan, preset, cfg.out, tok_path if tok_path.is_file() else None, weights,
                             extra_manifest=manifest, debug_dump=cfg.debug_dump, on_stage=on_stage,
                             extra_files=extra_files, activations=cfg.activations, force=cfg.force,
-                            sign_key=cfg.sign_key)
+                            sign_key=cfg.sign_key, nested=cfg.nested)
 
 
 def _compile_sequential(cfg: CompileConfig, ckpt: LazyCheckpoint, preset, on_stage=None) -> Path:

@@ -8,7 +8,7 @@ import os
 import platform
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -20,6 +20,10 @@ from moec.artifact.weights_file import device_params
 from moec.core.config import config_from_dict
 from moec.core.errors import MoecError
 from moec.core.outputs import work_dir
+from moec.core.plan import BitPlan
+from moec.core.run_plan import plan_widths
+from moec.runtime.adapt import memory_plan, plan_ladder, profile_frequencies
+from moec.runtime.plan_switch import PlanSwitch, as_plan, expert_bytes
 from moec.runtime.remote import TrackerAddress, elf_machine, request_device
 
 
@@ -35,6 +39,10 @@ class GenerationStats:
     new_tokens: int
     prefill_seconds: float
     decode_seconds: float
+    #: Plan switches made during the generation (nested bundles; ``set_plan`` from ``on_token``).
+    switches: list[PlanSwitch] = field(default_factory=list)
+    #: Mean routed-expert width in force at the end (nested bundles), else None.
+    average_bits: float | None = None
 
     @property
     def decode_tokens_per_s(self) -> float:
@@ -55,7 +63,7 @@ class BundleSession:
 
     def __init__(self, bundle: str | os.PathLike, remote=None, trust: str | os.PathLike | None = None,
                  threads: int | None = None, trust_verified: bool = False) -> None:
-        root = Path(bundle)
+        root = self._root = Path(bundle)
         # the whole bundle verifies (and, with ``trust``, its signature) before lib.so is touched;
         # ``trust_verified`` (opt-in) skips re-hashing files unchanged since their last full check
         self.manifest = verify_bundle(root, trust, trust_verified=trust_verified)
@@ -108,7 +116,90 @@ class BundleSession:
         self.eos = self.manifest.get("eos_token_id")
         self._token = {}  # decode/prefill input tensors, reused while the length matches
         self._empty = empty_cache(self.cfg)
+        self.calls = 0  # decode steps and prefills run since load
+        self.switches: list[PlanSwitch] = []
+        self._init_plan()
         self.reset()
+
+    # -- run-time plans (nested bundles) ------------------------------------------------
+    @property
+    def nested(self) -> bool:
+        """Whether the routed experts' widths can switch at run time (``moec compile --nested``)."""
+        return "nested" in self.manifest
+
+    def _init_plan(self) -> None:
+        self._plan = BitPlan.from_json(self.manifest["plan"], source="bundle plan")
+        if not self.nested:
+            return
+        self._model_cfg = config_from_dict(self.cfg, "bundle model config")
+        self._storage = self.manifest["nested"]["storage_bits"]
+        names = self.manifest["params"]
+        self._table_index = {n: i for i, n in enumerate(names) if n.endswith(".experts.prec")}
+        self._tables = plan_widths(self._model_cfg, self._plan, self._storage)
+        per_expert: dict[str, dict[str, int]] = {}
+        for i, n in enumerate(names):
+            if ".experts.nested." in n:
+                entry, array = n.rsplit(".", 1)
+                shape = self.params[i].shape
+                per_expert.setdefault(entry, {})[array] = int(np.prod(shape[1:])) * _itemsize(self.params[i].dtype)
+        self._per_expert = per_expert
+
+    @property
+    def plan(self) -> BitPlan:
+        """The plan in force (for a nested bundle: its routed-expert widths are the ones being served)."""
+        return self._plan
+
+    def _frequencies(self):
+        return profile_frequencies(self._root / "profile.json") if "profile.json" in self.manifest["files"] else None
+
+    def plan_ladder(self, rungs: int = 8) -> list[BitPlan]:
+        """Plans from every expert widest to every expert narrowest, colder experts narrowed first
+        (the rungs a :class:`moec.runtime.adapt.LatencyController` moves along)."""
+        if not self.nested:
+            raise MoecError("this bundle's plan is fixed at compile time; compile it with --nested 8 to adapt "
+                            "expert widths at run time")
+        return plan_ladder(self._model_cfg, self._plan, self._storage, self._per_expert, rungs, self._frequencies())
+
+    def memory_plan(self, budget_bytes: float) -> BitPlan:
+        """The plan whose routed experts read at most ``budget_bytes``, coldest experts narrowest first
+        (``moec.runtime.adapt``; frequencies from the bundle's ``profile.json`` when it has one)."""
+        if not self.nested:
+            raise MoecError("this bundle's plan is fixed at compile time; compile it with --nested 8 to adapt "
+                            "expert widths at run time")
+        return memory_plan(self._model_cfg, self._plan, self._storage, self._per_expert, budget_bytes,
+                           self._frequencies())
+
+    def expert_bytes(self) -> int | None:
+        """Routed-expert bytes the plan in force reads when every expert is used (nested bundles)."""
+        return expert_bytes(self._storage, self._per_expert, self._tables) if self.nested else None
+
+    def set_plan(self, plan: "BitPlan | dict | str | os.PathLike") -> PlanSwitch:
+        """Serve the routed experts at ``plan``'s widths from the next call on (nested bundles).
+
+        No rebuild and no reload: the width tables among the parameters are replaced; the KV cache
+        is kept. ``plan`` is a BitPlan, plan JSON, a plan file or ``uniform:B``; only its routed-expert
+        widths are used. A plan asking for a width the storage does not serve, naming an unknown
+        layer or expert, or made for another model raises a one-line :class:`MoecError` and the
+        plan in force stays.
+        """
+        t0 = time.perf_counter()
+        if not self.nested:
+            raise MoecError("this bundle's plan is fixed at compile time; compile it with --nested 8 to switch "
+                            "expert widths at run time")
+        new = as_plan(plan, self._model_cfg)
+        tables = plan_widths(self._model_cfg, new, self._storage)  # raises before anything changes
+        placed = {self._table_index[n]: tvm.runtime.tensor(a, self.dev) for n, a in tables.items()}
+        for i, tensor in placed.items():  # swapped in only once every table is on the device
+            self.params[i] = tensor
+        changed = int(sum((tables[n] != self._tables[n]).sum() for n in tables))
+        self._tables, self._plan = tables, new
+        widths = np.concatenate(list(tables.values()))
+        switch = PlanSwitch(self.calls, time.perf_counter() - t0, changed, float(widths.mean()),
+                            expert_bytes(self._storage, self._per_expert, tables))
+        self.switches.append(switch)
+        log.info("plan switch at call %d: %d expert(s) changed, mean %.2f bits, %.2f MB of experts, %.2f ms",
+                 switch.step, changed, switch.average_bits, switch.expert_bytes / 1e6, switch.seconds * 1e3)
+        return switch
 
     def close(self) -> None:
         """Release the device: on a remote device this ends the RPC session, freeing the server.
@@ -154,6 +245,7 @@ class BundleSession:
     def _run(self, entry: str, tokens: list[int]) -> np.ndarray:
         """Call ``entry`` (decode or prefill) on ``tokens`` with the cache; keep the new cache."""
         tokens = np.asarray(tokens, np.int32)
+        self.calls += 1
         if self.remote is None:
             inp = self._token.get(entry)
             if inp is None or inp.shape[0] != tokens.shape[0]:
@@ -193,6 +285,7 @@ class BundleSession:
             raise MoecError("prompt is empty")
         self.check_positions(len(prompt_ids), max_new_tokens)
         self.reset()
+        first_switch = len(self.switches)
         t0 = time.perf_counter()
         logits = _finite(self.prefill(list(prompt_ids)), len(prompt_ids))
         t1 = time.perf_counter()
@@ -207,7 +300,8 @@ class BundleSession:
             if len(out) < max_new_tokens:
                 logits = _finite(self.step(nxt), len(prompt_ids) + len(out))
         t2 = time.perf_counter()
-        return out, GenerationStats(len(prompt_ids), len(out), t1 - t0, t2 - t1)
+        bits = float(np.concatenate(list(self._tables.values())).mean()) if self.nested else None
+        return out, GenerationStats(len(prompt_ids), len(out), t1 - t0, t2 - t1, self.switches[first_switch:], bits)
 
 
 #: Devices ``BundleSession`` runs bundles on (a backend's ``runtime_device``).
@@ -260,6 +354,10 @@ def configure_threads(manifest: dict, threads: int | None = None) -> int:
         tvm.get_global_func("runtime.config_threadpool")(1, threads)
         _POOL_SET = threads
     return threads
+
+
+def _itemsize(dtype) -> int:
+    return np.dtype(str(dtype)).itemsize
 
 
 def _finite(logits: np.ndarray, position: int) -> np.ndarray:

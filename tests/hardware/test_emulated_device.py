@@ -153,3 +153,23 @@ def test_aarch64_bundle_on_this_host_is_a_clear_error(bundles):
     from moec.runtime.session import BundleSession
     with pytest.raises(MoecError, match="built for aarch64.*--rpc"):
         BundleSession(bundles["aarch64-generic"])
+
+
+def test_nested_aarch64_bundle_switches_plans_on_the_device(device, bundles, tmp_path):
+    """A nested raspberry-pi-5 bundle on the emulated device: a mixed 2/3/4/8 plan set over RPC gives the
+    greedy tokens of the torch model with the derived weights; a bad plan is refused and the plan stays."""
+    from moec import api
+    from moec.runtime.session import open_remote_bundle
+    from tests.runtime.nested_fixtures import GS, derived_model, mixed_plan
+    ckpt = bundles["host"].parent / "ckpt"
+    out = api.compile_bundle(api.CompileConfig(ckpt, tmp_path / "nested", "raspberry-pi-5", "uniform:8",
+                                               group_size=GS, method="rtn", nested=8))
+    from moec.models.checkpoint import load_checkpoint
+    plan = mixed_plan(load_checkpoint(ckpt).cfg)
+    with open_remote_bundle(out, str(device.tracker_address), KEY, timeout=60) as remote:
+        prompt = remote.tokenizer.encode(PROMPT).ids
+        remote.set_plan(plan)
+        with pytest.raises(MoecError, match="cannot be served"):
+            remote.set_plan("uniform:16")
+        got, _ = remote.generate(prompt, 6)
+    assert got == derived_model(ckpt, plan).generate_greedy(prompt, 6)

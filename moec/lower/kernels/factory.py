@@ -10,6 +10,7 @@ from moec.core.formats import INT8_ACTIVATION_BITS
 from moec.lower.kernels.activations import ACTIVATIONS
 from moec.lower.kernels.gemv import GemvSpec, gemv_definition
 from moec.lower.kernels.grouped_gemm import GroupedGemmSpec, grouped_gemm_definition
+from moec.lower.kernels.nested_gemv import NestedGemvSpec, guard_segments, nested_gemv_definition
 from moec.lower.kernels.row_guard import guard_routed_rows
 from moec.lower.schedules import family_module, kernel_tile, target_family
 
@@ -105,3 +106,18 @@ def make_grouped_gemm(bits: int, n: int, k: int, group_size: int, num_stacked: i
 def compile_kernel(func: tvm.tirx.PrimFunc, target: tvm.target.Target) -> tvm.runtime.Module:
     """Compile one kernel PrimFunc to a runnable module (call it as ``mod[name](*tensors)``)."""
     return tvm.compile(tvm.IRModule({func.attrs["global_symbol"]: func}), target=target)
+
+
+def make_nested_gemv(storage_bits: int, n: int, k: int, group_size: int, num_stacked: int, top_k: int,
+                     target: tvm.target.Target, *, x_per_expert: bool = False) -> tvm.tirx.PrimFunc:
+    """Decode GEMV over a nested expert stack whose per-expert width is a run-time argument.
+
+    Returns ``gemv(x, seg0, …, scale, zero, prec, expert_ids, y)`` scheduled for ``target``'s family
+    (see :mod:`moec.lower.kernels.nested_gemv`; arrays from
+    :func:`moec.lower.kernels.layout.nested_kernel_layout`), with the segment and row guards.
+    """
+    target = tvm.target.Target(target)
+    spec = NestedGemvSpec(storage_bits, n, k, group_size, num_stacked, top_k, kernel_tile(target), x_per_expert)
+    family = family_module(target)
+    func = family.schedule_nested_gemv(nested_gemv_definition(spec), spec)
+    return guard_routed_rows(guard_segments(func, spec), top_k)

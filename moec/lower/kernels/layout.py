@@ -30,6 +30,7 @@ import numpy as np
 from moec.core.errors import MoecError
 from moec.quant.pack import packed_row_bytes, unpack
 from moec.core.formats import FLOAT_BITS, kernel_bits
+from moec.quant.nested import NestedWeight
 from moec.quant.packed_model import PackedWeight
 
 #: Default row tile (x86's: one 16-lane AVX-512 vector); use ``kernel_tile(target)``.
@@ -218,3 +219,20 @@ def kernel_codes(words: np.ndarray, bits: int, count: int, n: int) -> np.ndarray
 def unpacked_codes(pw: PackedWeight) -> np.ndarray:
     """``unpack`` of a packed weight's codes (the reference the layout is tested against)."""
     return unpack(pw.packed, pw.bits, pw.shape[1])
+
+
+def nested_kernel_layout(nw: NestedWeight, tile: int = DEFAULT_TILE) -> dict[str, np.ndarray]:
+    """The kernel layout of a nested weight: each bit-plane segment as its own word stream.
+
+    ``seg{s}`` uint32 ``[NT, K*w_s/32, T]`` (the segment's packed ``w_s``-bit stream, laid out as a
+    quantized weight's codes), ``scale`` float16 ``[NT, G, T]`` and ``zero`` uint32 ``[NT, ZW, T]``
+    (storage-width zero codes), as :func:`to_kernel_layout` lays out one weight. Each segment is a
+    separate contiguous array, so a width that skips a segment skips its bytes.
+    """
+    n, k = nw.shape
+    groups = k // nw.group_size
+    out = {f"seg{s}": _interleave(_row_words(seg, -(-k * w // 32)), tile)
+           for s, (seg, w) in enumerate(zip(nw.segments, nw.format.segment_bits))}
+    out["scale"] = _interleave(np.asarray(nw.scale, dtype=np.float16), tile)
+    out["zero"] = _interleave(_row_words(nw.zero, zero_words(groups, nw.storage_bits)), tile)
+    return out

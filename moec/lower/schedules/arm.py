@@ -88,3 +88,8 @@ def int8_gemv(spec: GemvSpec, target: tvm.target.Target, params: ArmParams | Non
         raise MoecError(f"no ARM int8-activation GEMV for {spec.bits}-bit weights; choices: "
                         f"{', '.join(map(str, DOTPROD_BITS))} (use activations='float32')")
     return dotprod_gemv(spec, params)
+
+
+def schedule_nested_gemv(func: tirx.PrimFunc, spec, params=None) -> tirx.PrimFunc:
+    """Schedule a nested (run-time width) GEMV with this family's parameters (``cpu_gemv``)."""
+    return cpu_gemv.schedule_nested_gemv(func, spec, params or PARAMS)

@@ -188,3 +188,48 @@ def _schedule_float_gemv(sch: s_tir.Schedule, params: CpuScheduleParams) -> None
     sch.vectorize(wb_lane)
     sch.parallel(sch.fuse(j, tile))  # j major: the row guard wraps this loop
     sch.decompose_reduction(y, ko)
+
+
+def schedule_nested_gemv(func: tirx.PrimFunc, spec, params: CpuScheduleParams) -> tirx.PrimFunc:
+    """Schedule a ``nested_gemv_definition`` (``moec.lower.kernels.nested_gemv``) with ``params``.
+
+    The same recipe as the quantized GEMV, once per bit-plane segment: every ``qdot{s}`` is
+    computed per group inside the row task, its codes decoded with constant shifts into
+    ``tile_vectors`` vector accumulators; the group's scale, zero point and plane weights are
+    applied once to the group sums.
+    """
+    check_spec(spec, params)
+    sch = s_tir.Schedule(func)
+    y = sch.get_sblock("y")
+    qdots = [sch.get_sblock(f"qdot{s}") for s in range(len(spec.format.segment_bits))]
+    j, n, g = sch.get_loops(y)
+    tile, vec, lane = _tile_rows(sch, n, params)
+    sch.reorder(j, tile, g, vec, lane)
+    steps = []
+    for qdot in qdots:
+        sch.compute_at(qdot, g, preserve_unit_loops=True)
+        sch.set_scope(qdot, 0, "local")
+        _, q_vec, _, q_lane, q_i = sch.get_loops(qdot)[-5:]
+        step, value = sch.split(q_i, [None, gcd(params.unroll_values, spec.group_size)])
+        sch.reorder(step, value, q_vec, q_lane)
+        sch.vectorize(q_lane)
+        sch.unroll(q_vec)
+        sch.unroll(value)
+        steps.append(step)
+    sch.parallel(sch.fuse(j, tile))  # j major: the row and segment guards wrap this loop
+    sch.vectorize(lane)
+    sch.unroll(vec)
+    for qdot, step in zip(qdots, steps):
+        sch.decompose_reduction(qdot, step)
+    sch.decompose_reduction(y, g)
+    for w in sorted(set(spec.format.segment_bits)):
+        r, c = sch.get_loops(sch.get_sblock(f"xs{w}"))
+        _, lane = sch.split(sch.fuse(r, c), [None, params.lanes])
+        sch.vectorize(lane)
+    xsum = sch.get_sblock("xsum")
+    i = sch.get_loops(xsum)[-1]
+    if sch.get(i).extent.value % params.lanes == 0:
+        _, lane = sch.split(i, [None, params.lanes])
+        partial = sch.rfactor(lane, 0)
+        sch.vectorize(sch.get_loops(partial)[-1])
+    return sch.mod["main"]

@@ -95,3 +95,8 @@ def int8_gemv(spec: GemvSpec, target: tvm.target.Target,
         raise MoecError(f"{spec.bits}-bit int8 activations need {', '.join(needed)}; target "
                         f"{target} lacks {', '.join(missing)} (use activations='float32')")
     return vnni_gemv(spec, params or PARAMS)
+
+
+def schedule_nested_gemv(func: tirx.PrimFunc, spec, params=None) -> tirx.PrimFunc:
+    """Schedule a nested (run-time width) GEMV with this family's parameters (``cpu_gemv``)."""
+    return cpu_gemv.schedule_nested_gemv(func, spec, params or PARAMS)

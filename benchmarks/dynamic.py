@@ -1,0 +1,302 @@
+"""Dynamic precision at run time (issue 13): one nested bundle serving many plans, next to fixed-plan bundles.
+
+Three parts, each printed as a markdown table:
+
+1. ``kernel``: the routed-expert decode GEMV over a nested 8-bit stack at a run-time width of
+   2/3/4/8 bits next to the fixed-width GEMV of that width (same shape: 64 experts × 2048 → 1024
+   rows, top-8, stacks far larger than the L2/L3), in effective GB/s of the bytes each reads.
+2. ``decode``: an OLMoE-shaped random model (hidden 2048, 64 experts × 1024, top-8, ``--layers``
+   layers; experts ≫ cache). One nested bundle (``--nested 8`` storage) serves every plan via
+   ``BundleSession.set_plan``; each plan is also compiled as its own fixed bundle. Decode tok/s,
+   the expert MB each plan reads, nested/fixed speed, and the plan-switch latency.
+4. ``latency``: 200 decode steps of the nested OLMoE-shaped bundle under ``--adapt latency``:
+   the target starts above the widest plan's step time and is lowered at step 100 to halfway
+   between the narrowest and the widest plan's; the table and the plot (``--plot``) show the
+   plan (mean expert bits) and the step time following it.
+3. ``accuracy``: the reference model on its held-out split: each width derived from nested 8-bit
+   (and 4-bit) storage of every routed expert vs quantizing every expert directly at that width
+   (same method and group size; non-expert weights float), perplexity and top-1.
+
+Usage::
+
+    python benchmarks/dynamic.py [--parts kernel,decode,accuracy] [--layers 2] [--steps 48]
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import tvm
+
+from moec.core.config import MoEConfig
+from moec.core.plan import BitPlan
+from moec.core.run_plan import storage_plan
+from moec.core.targets import load_target
+from moec.lower.bundler import build_bundle_from_params
+from moec.lower.kernels.factory import compile_kernel, host_target, make_gemv, make_nested_gemv
+from moec.lower.kernels.layout import nested_kernel_layout, stack_kernel_layouts, to_kernel_layout
+from moec.lower.params import build_nested_params, build_params
+from moec.models.checkpoint import load_checkpoint
+from moec.models.tokenizer import load_tokenizer
+from moec.profile.data import file_windows
+from moec.profile.evaluate import evaluate_windows
+from moec.quant.nested import dequantize_nested, nest
+from moec.quant.packed_model import PackedWeight, pack_weight
+from moec.quant.weights import random_weights
+from moec.runtime.session import BundleSession
+
+WIDTHS = (2, 3, 4, 8)
+
+
+def expert_plan(cfg: MoEConfig, widths, group: int, name: str) -> BitPlan:
+    """Experts at ``widths(layer, expert)``; router float, every other weight 8-bit (the same in every plan)."""
+    experts = {l: {e: widths(l, e) for e in range(cfg.num_experts)} for l in cfg.moe_layers}
+    return BitPlan(experts, {"router": 16, "re:.*": 8}, group, "rtn", cfg.fingerprint(), {"policy": name})
+
+
+# -- 1. kernel ----------------------------------------------------------------------------
+def _random_packed(bits: int, n: int, k: int, gs: int, rng) -> PackedWeight:
+    codes = rng.integers(0, 256, (n, k * bits // 8), dtype=np.uint8)
+    zeros = rng.integers(0, 256, (n, -(-(k // gs) * bits // 8)), dtype=np.uint8)
+    scale = (rng.random((n, k // gs), dtype=np.float32) * 0.01 + 0.001).astype(np.float16)
+    return PackedWeight((n, k), bits, gs, codes, scale, zeros)
+
+
+def kernel_part(gs: int, calls: int) -> None:
+    n, k, experts, top_k = 1024, 2048, 64, 8
+    target, rng, dev = host_target(), np.random.default_rng(0), tvm.cpu()
+    tile = 16
+    print(f"\n## Routed-expert GEMV: nested 8-bit storage at a run-time width vs the fixed-width kernel "
+          f"({experts} experts × [{n}, {k}], top-{top_k}, group {gs}, random routing per call)\n")
+    print("| width | fixed GB/s | nested GB/s | nested / fixed time | fixed µs/call | nested µs/call |")
+    print("|---|---|---|---|---|---|")
+    nws = [nest(_random_packed(8, n, k, gs, rng)) for _ in range(experts)]
+    nested = stack_kernel_layouts([nested_kernel_layout(nw, tile) for nw in nws])
+    nmod = compile_kernel(make_nested_gemv(8, n, k, gs, experts, top_k, target), target)
+    x = tvm.runtime.tensor(rng.standard_normal((1, k)).astype(np.float32), dev)
+    y = tvm.runtime.tensor(np.zeros((top_k, n), np.float32), dev)
+    nargs = [tvm.runtime.tensor(nested[f"seg{s}"], dev) for s in range(4)] + [
+        tvm.runtime.tensor(nested["scale"], dev), tvm.runtime.tensor(nested["zero"], dev)]
+    id_sets = [tvm.runtime.tensor(rng.choice(experts, top_k, replace=False).astype(np.int32), dev) for _ in range(16)]
+    for bits in WIDTHS:
+        fixed = stack_kernel_layouts([to_kernel_layout(_random_packed(bits, n, k, gs, rng), tile)
+                                      for _ in range(experts)])
+        fmod = compile_kernel(make_gemv(bits, n, k, gs, experts, top_k, target), target)
+        fargs = [tvm.runtime.tensor(fixed[a], dev) for a in ("weight", "scale", "zero")]
+        prec = tvm.runtime.tensor(np.full(experts, bits, np.int32), dev)
+
+        def timed(fn) -> float:
+            times = []
+            for c in range(calls):
+                ids = id_sets[c % len(id_sets)]
+                t0 = time.perf_counter()
+                fn(ids)
+                times.append(time.perf_counter() - t0)
+            return statistics.median(times[3:])
+
+        tf = timed(lambda ids: fmod["gemv"](x, *fargs, ids, y))
+        tn = timed(lambda ids: nmod["gemv"](x, *nargs, prec, ids, y))
+        fixed_bytes = top_k * sum(fixed[a][0].nbytes for a in ("weight", "scale", "zero"))
+        nested_bytes = top_k * nws[0].nbytes(bits)  # planes of this width + scales + 8-bit zeros
+        print(f"| {bits} | {fixed_bytes / tf / 1e9:.2f} | {nested_bytes / tn / 1e9:.2f} | {tn / tf:.2f}x | "
+              f"{tf * 1e6:.0f} | {tn * 1e6:.0f} |")
+
+
+# -- 2. decode ----------------------------------------------------------------------------
+def _decode_times(sess: BundleSession, steps: int) -> float:
+    sess.reset()
+    for t in range(3, 11):
+        sess.step(t)
+    times = []
+    for i in range(steps):
+        t0 = time.perf_counter()
+        sess.step(11 + i % 50)
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times[2:])
+
+
+def olmoe_shaped(layers: int) -> MoEConfig:
+    return MoEConfig(vocab_size=4096, hidden_size=2048, num_layers=layers, num_heads=16, num_kv_heads=16,
+                     num_experts=64, top_k=8, expert_intermediate=1024, norm_topk_prob=False)
+
+
+def nested_bundle(big: MoEConfig, plan: BitPlan, out: Path) -> Path:
+    w8 = random_weights(big, storage_plan(plan, 8))
+    params = build_nested_params(big, plan, w8.packed, w8.floats, 8)
+    del w8
+    return build_bundle_from_params(big, plan, params, load_target("host"), out, None,
+                                    extra_manifest={"nested": {"storage_bits": 8}})
+
+
+def latency_part(layers: int, gs: int, steps: int, plot: str) -> None:
+    from moec.runtime.adapt import LatencyController
+    big = olmoe_shaped(layers)
+    print(f"\n## --adapt latency: {steps} decode steps, target lowered at step {steps // 2} (OLMoE-shaped, "
+          f"{layers} layers, one nested bundle)\n")
+    with tempfile.TemporaryDirectory(prefix="moec-dyn-") as d:
+        sess = BundleSession(nested_bundle(big, expert_plan(big, lambda l, e: 8, gs, "u8"), Path(d) / "nested"))
+        ladder = sess.plan_ladder(8)
+        sess.set_plan(ladder[0])
+        wide = _decode_times(sess, 16)
+        sess.set_plan(ladder[-1])
+        narrow = _decode_times(sess, 16)
+        first, second = 1.5 * wide, (wide + narrow) / 2
+        ctl = LatencyController(ladder, first, window=8)
+        sess.set_plan(ladder[0])
+        sess.reset()
+        for t in range(3, 11):
+            sess.step(t)
+        times, bits, targets = [], [], []
+        for i in range(steps):
+            if i == steps // 2:
+                ctl.target_s = second
+            t0 = time.perf_counter()
+            sess.step(11 + i % 50)
+            dt = time.perf_counter() - t0
+            times.append(dt)
+            bits.append(sess.plan.average_expert_bits())
+            targets.append(ctl.target_s)
+            wanted = ctl.observe(dt)
+            if wanted is not None:
+                sess.set_plan(wanted)
+        switches = [s.step for s in sess.switches[3:]]
+        sess.close()
+    print(f"widest plan {wide * 1e3:.1f} ms a step, narrowest {narrow * 1e3:.1f} ms; target {first * 1e3:.1f} ms, "
+          f"then {second * 1e3:.1f} ms from step {steps // 2}; {len(switches)} switches\n")
+    print("| steps | target ms | median step ms | mean expert bits at the end |")
+    print("|---|---|---|---|")
+    for a in range(0, steps, steps // 8):
+        b = a + steps // 8
+        print(f"| {a}–{b - 1} | {targets[a] * 1e3:.1f} | {statistics.median(times[a:b]) * 1e3:.1f} | {bits[b - 1]:.2f} |")
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(8, 4))
+    ax.plot([t * 1e3 for t in times], lw=0.8, label="step time (ms)")
+    ax.plot([t * 1e3 for t in targets], "k--", lw=1, label="target (ms)")
+    ax.set_xlabel("decode step")
+    ax.set_ylabel("ms")
+    ax2 = ax.twinx()
+    ax2.plot(bits, color="tab:red", lw=1.2, label="mean expert bits")
+    ax2.set_ylabel("mean expert bits")
+    fig.legend(loc="upper right")
+    fig.tight_layout()
+    Path(plot).parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(plot, dpi=100)
+    print(f"\nplot written to {plot}")
+
+
+def decode_part(layers: int, gs: int, steps: int) -> None:
+    big = olmoe_shaped(layers)
+    plans = {"uniform 8": expert_plan(big, lambda l, e: 8, gs, "u8"),
+             "uniform 4": expert_plan(big, lambda l, e: 4, gs, "u4"),
+             "uniform 3": expert_plan(big, lambda l, e: 3, gs, "u3"),
+             "uniform 2": expert_plan(big, lambda l, e: 2, gs, "u2"),
+             "mixed 2/4/8": expert_plan(big, lambda l, e: (2, 4, 2, 8)[e % 4], gs, "mixed")}
+    preset = load_target("host")
+    print(f"\n## Decode: one nested bundle vs a fixed bundle per plan (OLMoE-shaped random model: hidden 2048, "
+          f"64 experts × 1024, top-8, {layers} layers; group {gs}; median of {steps} steps)\n")
+    with tempfile.TemporaryDirectory(prefix="moec-dyn-") as d:
+        first = next(iter(plans.values()))
+        w8 = random_weights(big, storage_plan(first, 8))
+        params = build_nested_params(big, first, w8.packed, w8.floats, 8)
+        stored = params.nbytes
+        del w8
+        t0 = time.time()
+        path = build_bundle_from_params(big, first, params, preset, Path(d) / "nested", None,
+                                        extra_manifest={"nested": {"storage_bits": 8}})
+        del params
+        print(f"(nested bundle: {stored / 1e6:.0f} MB stored, built in {time.time() - t0:.0f} s)\n")
+        nested = BundleSession(path)
+        rows = {}
+        for name, plan in plans.items():
+            nested.set_plan(plan)
+            rows[name] = [nested.expert_bytes(), _decode_times(nested, steps)]
+        switch = []
+        names = list(plans)
+        for i in range(20):
+            switch.append(nested.set_plan(plans[names[i % len(names)]]).seconds)
+        nested.close()
+        for name, plan in plans.items():
+            w = random_weights(big, plan)
+            fparams = build_params(big, plan, w.packed, w.floats)
+            expert = sum(p.nbytes for n, p in w.packed.items() if ".experts." in n)
+            del w
+            fpath = build_bundle_from_params(big, plan, fparams, preset, Path(d) / "fixed", None, force=True)
+            del fparams
+            with BundleSession(fpath) as fixed:
+                rows[name] += [expert, _decode_times(fixed, steps)]
+        print("| plan | nested: expert MB read | nested tok/s | fixed: expert MB | fixed tok/s | nested / fixed speed |")
+        print("|---|---|---|---|---|---|")
+        for name, (nb, nt, fb, ft) in rows.items():
+            print(f"| {name} | {nb / 1e6:.0f} | {1 / nt:.2f} | {fb / 1e6:.0f} | {1 / ft:.2f} | {ft / nt:.2f} |")
+        step = statistics.median(r[1] for r in rows.values())
+        print(f"\nplan switch (set_plan: validate + replace {layers} width tables): median "
+              f"{statistics.median(switch) * 1e3:.2f} ms, max {max(switch) * 1e3:.2f} ms over 20 switches; "
+              f"median decode step {step * 1e3:.1f} ms")
+
+
+# -- 3. accuracy --------------------------------------------------------------------------
+def accuracy_part(checkpoint: str, data: str, gs: int, max_tokens: int) -> None:
+    base = load_checkpoint(checkpoint)
+    cfg = base.cfg
+    windows, _ = file_windows(load_tokenizer(checkpoint), data, 256, max_tokens, cfg.max_position)
+    float_res = evaluate_windows(base, windows)
+    state = {k: v.clone() for k, v in base.state_dict().items()}
+    print(f"\n## Accuracy of derived widths ({checkpoint}, {data}: {float_res.tokens} tokens; every routed expert "
+          f"at the width, RTN group {gs}, other weights float; float model: ppl {float_res.perplexity:.2f}, "
+          f"top-1 {100 * float_res.top1:.2f} %)\n")
+    print("| width | storage | ppl derived | ppl direct | top-1 derived % | top-1 direct % | top-1 derived − direct (points) |")
+    print("|---|---|---|---|---|---|---|")
+
+    def with_experts(fn) -> float:
+        model = load_checkpoint(checkpoint)
+        params = dict(model.named_parameters())
+        with torch.no_grad():
+            for layer in cfg.moe_layers:
+                for proj in ("w1", "w3", "w2"):
+                    stack = params[f"layers.{layer}.mlp.{proj}"]
+                    for e in range(cfg.num_experts):
+                        stack[e].copy_(torch.from_numpy(fn(state[f"layers.{layer}.mlp.{proj}"][e].numpy())))
+        return evaluate_windows(model, windows)
+
+    for storage in (8, 4):
+        for bits in (2, 3, 4):
+            derived = with_experts(lambda w: dequantize_nested(nest(pack_weight(w, storage, gs)), bits))
+            direct = with_experts(lambda w: pack_weight(w, bits, gs).dequantize())
+            print(f"| {bits} | nested {storage} | {derived.perplexity:.2f} | {direct.perplexity:.2f} | "
+                  f"{100 * derived.top1:.2f} | {100 * direct.top1:.2f} | {100 * (derived.top1 - direct.top1):+.2f} |")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--parts", default="kernel,decode,accuracy")
+    ap.add_argument("--layers", type=int, default=2, help="Layers of the OLMoE-shaped model.")
+    ap.add_argument("--steps", type=int, default=48)
+    ap.add_argument("--group-size", type=int, default=64)
+    ap.add_argument("--calls", type=int, default=200, help="GEMV calls timed per kernel.")
+    ap.add_argument("--checkpoint", default="reference/checkpoint")
+    ap.add_argument("--data", default="reference/data/heldout.txt")
+    ap.add_argument("--max-tokens", type=int, default=16384)
+    ap.add_argument("--plot", default="out/dynamic_latency.png", help="Where the latency part writes its plot.")
+    args = ap.parse_args()
+    torch.set_num_threads(2)
+    parts = args.parts.split(",")
+    if "kernel" in parts:
+        kernel_part(args.group_size, args.calls)
+    if "decode" in parts:
+        decode_part(args.layers, args.group_size, args.steps)
+    if "latency" in parts:
+        latency_part(args.layers, args.group_size, 200, args.plot)
+    if "accuracy" in parts:
+        accuracy_part(args.checkpoint, args.data, args.group_size, args.max_tokens)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,79 @@
+"""Run-time plans of a nested bundle: parsing a plan, the bytes it reads, and the record of each switch.
+
+A nested bundle (``moec compile --nested B``) reads each routed expert's width from the int32
+tables ``layers.L.experts.prec`` among its parameters (``moec.core.run_plan``). Switching plans is
+replacing those tables between two calls: no rebuild, no reload, the KV cache untouched. Only the
+routed experts' widths come from a run-time plan; every other weight keeps the width it was compiled at.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from moec.core.config import MoEConfig
+from moec.core.errors import MoecError
+from moec.core.formats import get_nested_format
+from moec.core.plan import BitPlan, uniform_plan
+
+
+@dataclass(frozen=True)
+class PlanSwitch:
+    """One plan switch of a session.
+
+    Attributes
+    ----------
+    step : int
+        Calls (decode steps and prefills) the session had run when the switch took effect.
+    seconds : float
+        Wall time of the switch (validation and the table copies).
+    changed : int
+        Experts whose width changed.
+    average_bits : float
+        Mean routed-expert width of the new plan.
+    expert_bytes : int
+        Routed-expert bytes the new plan reads when every expert is used (codes, scales, zeros).
+    """
+
+    step: int
+    seconds: float
+    changed: int
+    average_bits: float
+    expert_bytes: int
+
+
+def as_plan(spec: "BitPlan | dict | str | os.PathLike", cfg: MoEConfig) -> BitPlan:
+    """A run-time plan from a BitPlan, plan JSON (a dict), a plan file or ``uniform:B``; one-line errors."""
+    if isinstance(spec, BitPlan):
+        return spec
+    if isinstance(spec, dict):
+        return BitPlan.from_json(spec, source="plan")
+    text = str(spec)
+    if text.startswith("uniform:"):
+        m = re.fullmatch(r"uniform:([0-9]{1,2})", text, re.ASCII)
+        if not m:
+            raise MoecError(f"bad plan spec '{text[:40]}'; expected uniform:<bits>")
+        return uniform_plan(cfg, int(m.group(1)))
+    if not Path(text).is_file():
+        raise MoecError(f"plan '{text[:80]}' is neither a plan file nor uniform:<bits>")
+    return BitPlan.load(text)
+
+
+def expert_bytes(storage_bits: int, per_expert: dict[str, dict[str, int]], tables: dict[str, np.ndarray]) -> int:
+    """Routed-expert bytes a plan reads (every expert used once): its planes, scales and zeros.
+
+    ``per_expert`` maps each nested entry (``layers.L.experts.nested.w1``…) to the bytes of one
+    expert's ``kseg{s}`` / ``kscale`` / ``kzero`` arrays; ``tables`` are the plan's width tables.
+    """
+    fmt = get_nested_format(storage_bits)
+    total = 0
+    for entry, sizes in per_expert.items():
+        widths = tables[entry.rsplit(".nested.", 1)[0] + ".prec"]
+        for bits in widths.tolist():
+            used = fmt.derived_bits.index(int(bits)) + 1
+            total += sum(sizes[f"kseg{s}"] for s in range(used)) + sizes["kscale"] + sizes["kzero"]
+    return total

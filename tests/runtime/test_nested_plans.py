@@ -1,0 +1,178 @@
+"""Nested bundles: one bundle serves 2/3/4/8-bit expert plans switched at run time (issue 13).
+
+One nested bundle (``moec compile --nested 8``) and one reference bundle compiled directly for the
+derived weights (float16 experts, reference emitter) are built once for the module.
+"""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+
+from moec.cli.main import cli
+from moec.core.errors import MoecError
+from moec.core.plan import BitPlan, uniform_plan
+from moec.core.targets import load_target
+from moec.lower.bundler import build_bundle
+from moec.models.checkpoint import load_checkpoint
+from tests.runtime.nested_fixtures import GS, derived_model as _derived_model, mixed_plan as _mixed
+
+pytestmark = pytest.mark.tvm
+
+@pytest.fixture(scope="module")
+def bundles(tmp_path_factory):
+    from tests.conftest import make_tiny_checkpoint
+    root = tmp_path_factory.mktemp("nested")
+    ckpt = root / "ckpt"
+    cfg = make_tiny_checkpoint(ckpt, seed=3)
+    plan_file = root / "mixed.json"
+    plan_file.write_text(json.dumps(_mixed(cfg).to_json()))
+    res = CliRunner().invoke(cli, ["compile", str(ckpt), "--plan", "uniform:8", "--group-size", str(GS),
+                                   "--method", "rtn", "--nested", "8", "--out", str(root / "nested")])
+    assert res.exit_code == 0, res.output
+    # the same plan compiled directly: the derived expert weights kept in float (fp16), the reference emitter
+    direct = _derived_model(ckpt, _mixed(cfg))
+    fixed = uniform_plan(cfg, 8, GS)
+    fixed.experts = {layer: {e: 16 for e in experts} for layer, experts in fixed.experts.items()}
+    model = load_checkpoint(ckpt)
+    with torch.no_grad():
+        for name, p in direct.named_parameters():
+            if ".mlp.w" in name:
+                dict(model.named_parameters())[name].copy_(p)
+    build_bundle(model, fixed, load_target("host"), root / "direct", ckpt / "tokenizer.json", use_kernels=False)
+    return ckpt, plan_file, root / "nested", root / "direct"
+
+
+def test_a_plan_served_nested_equals_the_bundle_compiled_for_its_derived_weights(bundles):
+    from moec.runtime.session import BundleSession
+    ckpt, plan_file, nested, direct = bundles
+    with BundleSession(nested) as sess, BundleSession(direct) as ref:
+        prompt = sess.tokenizer.encode("Experts in a mixture").ids
+        assert sess.plan.average_expert_bits() == 8
+        switch = sess.set_plan(plan_file)
+        assert switch.changed == 6 and switch.average_bits == pytest.approx(4.25)
+        got, stats = sess.generate(prompt, 12)
+        assert got == ref.generate(prompt, 12)[0]
+        assert stats.average_bits == pytest.approx(4.25)
+        model = _derived_model(ckpt, BitPlan.load(plan_file))
+        assert got == model.generate_greedy(prompt, 12)
+        sess.reset()
+        logits = sess.prefill(prompt)
+        want = model(torch.tensor([prompt]))[0, -1].detach().numpy()
+        np.testing.assert_allclose(logits, want, atol=2e-4 * float(np.abs(want).max()))
+
+
+def test_switching_keeps_the_cache_and_bad_plans_keep_the_plan_in_force(bundles, tmp_path):
+    from moec.runtime.session import BundleSession
+    ckpt, plan_file, nested, _ = bundles
+    with BundleSession(nested) as sess, BundleSession(nested) as steady:
+        prompt = sess.tokenizer.encode("Experts in a mixture").ids
+        for s in (sess, steady):
+            s.set_plan(plan_file)
+            s.prefill(prompt)
+        full = sess.expert_bytes()
+        sess.set_plan("uniform:2")  # a switch and back between two steps: the KV cache is untouched
+        assert sess.expert_bytes() < full
+        sess.set_plan(plan_file)
+        assert np.array_equal(sess.step(7), steady.step(7))
+        other = uniform_plan(load_checkpoint(ckpt).cfg, 8, GS).to_json()
+        other["model_fingerprint"] = "0123456789abcdef"
+        bad_expert = BitPlan.load(plan_file).to_json()
+        bad_expert["experts"]["0"]["9"] = 4
+        too_wide = tmp_path / "wide.json"
+        wide = BitPlan.load(plan_file)
+        wide.experts[1][2] = 16
+        wide.save(too_wide)
+        for plan, message in [("uniform:5", "layer 0 expert 0: 5 bits cannot be served from nested8 storage "
+                                            r"\(it serves 2, 3, 4, 8\)"),
+                              (too_wide, "layer 1 expert 2: 16 bits cannot be served"),
+                              (bad_expert, "plan names expert 9 of layer 0; the model has experts 0..3"),
+                              (other, "plan is for another model")]:
+            with pytest.raises(MoecError, match=message) as err:
+                sess.set_plan(plan)
+            assert "\n" not in str(err.value)
+            assert sess.plan.average_expert_bits() == pytest.approx(4.25)
+        assert len(sess.switches) == 3
+        assert np.array_equal(sess.step(9), steady.step(9))  # still generating under the plan in force
+
+
+def test_moec_run_shows_the_plan_and_its_switches(bundles):
+    _, plan_file, nested, direct = bundles
+    res = CliRunner().invoke(cli, ["run", str(nested), "--prompt", "Experts", "--max-new-tokens", "6", "--verbose",
+                                   "--plan", str(plan_file), "--switch", "3:uniform:2"])
+    assert res.exit_code == 0, res.output
+    assert "plan in force: mean 4.25 bits" in res.output
+    assert "switch at step 3: 6 expert(s) changed, mean 2.00 bits" in res.output
+    res = CliRunner().invoke(cli, ["inspect", str(nested)])
+    assert "nested: routed experts stored once at 8 bits, each served at 2/3/4/8 bits" in res.output
+    res = CliRunner().invoke(cli, ["run", str(direct), "--prompt", "Experts", "--plan", "uniform:2"])
+    assert res.exit_code != 0
+    assert res.output.strip().splitlines()[-1] == ("error: this bundle's plan is fixed at compile time; compile it "
+                                                   "with --nested 8 to switch expert widths at run time")
+
+
+def test_nested_compile_errors_are_one_line(bundles, tmp_path):
+    ckpt = bundles[0]
+    for extra, message in [(["--plan", "uniform:8", "--onnx", str(tmp_path / "onnx")],
+                            "error: --onnx cannot export a nested bundle's storage"),
+                           (["--plan", "uniform:16"], "error: layer 0 expert 0: 16 bits cannot be served from nested8"),
+                           (["--plan", "uniform:8", "--nested", "4"], "error: layer 0 expert 0: 8 bits cannot be served "
+                                                                      "from nested4 storage (it serves 2, 3, 4)")]:
+        args = ["compile", str(ckpt), "--out", str(tmp_path / "b"), "--group-size", str(GS), *extra]
+        if "--nested" not in extra:
+            args += ["--nested", "8"]
+        res = CliRunner().invoke(cli, args)
+        assert res.exit_code != 0
+        assert res.output.strip().splitlines()[-1].startswith(message), res.output
+        assert not (tmp_path / "b").exists()
+
+
+def test_memory_budget_evicts_the_coldest_experts_first(bundles):
+    from moec.runtime.adapt import memory_plan, parse_adapt
+    from moec.runtime.session import BundleSession
+    _, _, nested, _ = bundles
+    with BundleSession(nested) as sess:
+        sess.set_plan("uniform:8")
+        full = sess.expert_bytes()
+        sess.set_plan("uniform:2")
+        narrow = sess.expert_bytes()
+        budget = (full + narrow) / 2
+        freq = {0: np.array([0.1, 0.9, 0.5, 0.3]), 1: np.array([0.7, 0.2, 0.6, 0.4])}
+        plan = memory_plan(sess._model_cfg, sess.plan, 8, sess._per_expert, budget, freq)
+        sess.set_plan(plan)
+        assert sess.expert_bytes() <= budget
+        widths = {(l, e): b for l, row in plan.experts.items() for e, b in row.items()}
+        order = sorted(widths, key=lambda x: freq[x[0]][x[1]])
+        assert [widths[x] for x in order] == sorted(widths[x] for x in order)  # colder never wider
+        assert widths[order[0]] == 2 and widths[order[-1]] == 8
+        with pytest.raises(MoecError, match="below the narrowest plan's"):
+            sess.memory_plan(narrow - 1)
+    assert parse_adapt("memory:1.5") == ("memory", 1.5e6) and parse_adapt("latency:30") == ("latency", 0.03)
+    with pytest.raises(MoecError, match="not implemented yet"):
+        parse_adapt("energy:2")
+    res = CliRunner().invoke(cli, ["run", str(nested), "--prompt", "Experts", "--max-new-tokens", "3", "--verbose",
+                                   "--adapt", f"memory:{budget / 1e6}"])
+    assert res.exit_code == 0, res.output
+    assert "plan in force: mean" in res.output
+
+
+def test_latency_controller_moves_along_the_ladder(bundles):
+    from moec.runtime.adapt import LatencyController
+    from moec.runtime.session import BundleSession
+    _, _, nested, _ = bundles
+    with BundleSession(nested) as sess:
+        ladder = sess.plan_ladder(4)
+    bits = [p.average_expert_bits() for p in ladder]
+    assert bits[0] == 8 and bits[-1] == 2 and bits == sorted(bits, reverse=True)
+    ctl = LatencyController(ladder, target_s=0.010, window=4)
+    moves = [ctl.observe(t) for t in [0.02] * 8 + [0.009] * 4 + [0.005] * 4]
+    assert [m is not None for m in moves] == [False, False, False, True] * 2 + [False] * 4 + [False, False, False, True]
+    assert moves[3] is ladder[1] and moves[7] is ladder[2] and moves[15] is ladder[1]  # slow: narrower; fast: wider
+    res = CliRunner().invoke(cli, ["run", str(nested), "--prompt", "Experts", "--max-new-tokens", "12", "--verbose",
+                                   "--adapt", "latency:0.001"])  # a target no step meets: one rung narrower a window
+    assert res.exit_code == 0, res.output
+    assert "switch at step 9:" in res.output
