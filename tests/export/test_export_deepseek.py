@@ -34,7 +34,8 @@ def test_deepseek_export_matches_fake_quant(tmp_path, family, spec):
     # MLA's cache holds the latent: one "head" of kv_lora_rank + qk_rope_dim (key) and kv_lora_rank (value)
     summary = res.summary["graphs"]["decode"]["inputs"]
     key, value = ((1, 32 + 4), (1, 32)) if model.cfg.attention == "mla" else ((2, model.cfg.head_dim),) * 2
-    assert summary["past.{i}.key"] == [1, key[0], "P", key[1]] and summary["past.{i}.value"] == [1, value[0], "P", value[1]]
+    assert summary["past.{i}.key"] == [1, key[0], "P", key[1]]
+    assert summary["past.{i}.value"] == [1, value[0], "P", value[1]]
 
 
 def test_deepseek_is_refused_layer_by_layer_not_misread(tmp_path, monkeypatch):
