@@ -93,6 +93,10 @@ class FamilyAdapter:
                     pairs.append((f"{c}.mlp.shared_gate.weight", f"{m}.{self.shared_gate}.weight"))
         return pairs
 
+    def ignores(self, cfg: MoEConfig, name: str) -> bool:
+        """Whether checkpoint tensor ``name`` is not part of the model moec runs (dropped on load)."""
+        return False
+
     def converted_hf_shapes(self, cfg: MoEConfig) -> dict[str, tuple[int, ...]]:
         """HF tensors that are not renamed but converted on load (split, reordered), with the shapes
         config.json implies; a lazy per-layer reader can check them but not convert them."""

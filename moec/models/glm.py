@@ -57,9 +57,10 @@ class Glm4MoeAdapter(FamilyAdapter):
         bias = "mlp.gate.e_score_correction_bias"
         return super()._pairs(cfg) + [(f"layers.{i}.mlp.score_bias", f"model.layers.{i}.{bias}") for i in cfg.moe_layers]
 
+    def ignores(self, cfg: MoEConfig, name: str) -> bool:
+        """The multi-token-prediction layers: ``model.layers.<num_layers + j>.*``."""
+        m = re.match(r"model\.layers\.(\d+)\.", name)
+        return bool(m) and int(m.group(1)) >= cfg.num_layers
+
     def to_canonical(self, cfg: MoEConfig, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        for name in list(tensors):  # multi-token-prediction layers: model.layers.<num_layers + j>.*
-            m = re.match(r"model\.layers\.(\d+)\.", name)
-            if m and int(m.group(1)) >= cfg.num_layers:
-                del tensors[name]
-        return super().to_canonical(cfg, tensors)
+        return super().to_canonical(cfg, {k: v for k, v in tensors.items() if not self.ignores(cfg, k)})

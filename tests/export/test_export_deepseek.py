@@ -16,7 +16,8 @@ from moec.quant.packed_model import fake_quantize_model
 transformers = pytest.importorskip("transformers")
 from tests.models.test_adapters import CASES, save_tiny_checkpoint  # noqa: E402
 
-FAMILIES = ["deepseek_v2_lite", "deepseek_v3", "glm4_moe", "granite_moe_shared", "phimoe", "ernie45_moe"]
+FAMILIES = ["deepseek_v2_lite", "deepseek_v3", "glm4_moe", "granite_moe_shared", "phimoe", "phimoe_longrope",
+            "ernie45_moe"]
 
 
 @pytest.mark.parametrize("spec", ["uniform:4", "mixed"])
