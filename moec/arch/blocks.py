@@ -130,9 +130,11 @@ def decoder_layer(ops: Ops, cfg: MoEConfig, layer: int, x: Value) -> Value:
     """Pre-norm residual layer: attention, then the MoE block (or a dense SwiGLU layer); each block's
     output times ``residual_scale`` (Granite) before its residual add."""
     attn = latent_attention if cfg.attention == "mla" else attention
-    x = ops.add(x, _scaled(ops, ops.block("attn", attn, cfg, layer, norm(ops, cfg, x, "attn_norm")), cfg.residual_scale))
+    a = ops.block("attn", attn, cfg, layer, norm(ops, cfg, x, "attn_norm"))
+    x = ops.add(x, _scaled(ops, a, cfg.residual_scale))
     mlp = swiglu if layer in cfg.dense_layers else moe
-    return ops.add(x, _scaled(ops, ops.block("mlp", mlp, cfg, layer, norm(ops, cfg, x, "mlp_norm")), cfg.residual_scale))
+    m = ops.block("mlp", mlp, cfg, layer, norm(ops, cfg, x, "mlp_norm"))
+    return ops.add(x, _scaled(ops, m, cfg.residual_scale))
 
 
 def _scaled(ops: Ops, x: Value, factor: float) -> Value:

@@ -45,7 +45,8 @@ class MoEConfig:
     ``residual_scale`` before its residual add, the logits by ``logits_scale``. ``router_scoring``
     ``"sparsemixer"`` is Phi-MoE's top-2 at inference (:func:`moec.arch.blocks.sparsemixer`, with
     ``sparsemixer_eps``, the config's ``router_jitter_noise``). ``rope_ext_factors`` (empty: none)
-    divide the plain RoPE inverse frequencies pair by pair (LongRoPE's short factors, Phi-3.5-MoE). Fields added after v1 are left out of
+    divide the plain RoPE inverse frequencies pair by pair (LongRoPE's short factors, Phi-3.5-MoE).
+    Fields added after v1 are left out of
     :meth:`to_dict` while at their defaults, so older fingerprints and plans stay valid.
     """
 
@@ -214,7 +215,8 @@ _LATER_FIELDS = ("attention", "q_lora_rank", "kv_lora_rank", "qk_nope_dim", "qk_
                  "router_scoring", "router_bias", "routed_scale", "expert_groups", "kept_groups", "group_score_top",
                  "rope_factor", "rope_original_max",
                  "rope_beta_fast", "rope_beta_slow", "attention_scale", "rotary_dim", "norm", "attention_out_bias",
-                 "lm_head_bias", "embedding_scale", "residual_scale", "logits_scale", "sparsemixer_eps", "rope_ext_factors")
+                 "lm_head_bias", "embedding_scale", "residual_scale", "logits_scale", "sparsemixer_eps",
+                 "rope_ext_factors")
 
 
 def rope_inv_freq(cfg: MoEConfig) -> list[float]:

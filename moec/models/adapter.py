@@ -27,6 +27,12 @@ def refuse(arch: str, field: str, value, why: str) -> None:
     raise MoecError(f"{arch}: config field {field}={value!r} is not supported ({why})")
 
 
+def as_float(value):
+    """An integer config value as float (``routed_scaling_factor: 1``); anything else unchanged, for
+    MoEConfig's type check to judge (no coercion of strings or booleans)."""
+    return float(value) if isinstance(value, int) and not isinstance(value, bool) else value
+
+
 def silu_only(hf: dict) -> None:
     if hf.get("hidden_act", "silu") != "silu":
         refuse(hf["architectures"][0], "hidden_act", hf.get("hidden_act"), "SwiGLU with silu only")
@@ -86,6 +92,10 @@ class FamilyAdapter:
                 if cfg.shared_gate:
                     pairs.append((f"{c}.mlp.shared_gate.weight", f"{m}.{self.shared_gate}.weight"))
         return pairs
+
+    def ignores(self, cfg: MoEConfig, name: str) -> bool:
+        """Whether checkpoint tensor ``name`` is not part of the model moec runs (dropped on load)."""
+        return False
 
     def converted_hf_shapes(self, cfg: MoEConfig) -> dict[str, tuple[int, ...]]:
         """HF tensors that are not renamed but converted on load (split, reordered), with the shapes

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 import torch
 
 from moec.core.config import MoEConfig
-from moec.models.adapter import FamilyAdapter, refuse, require, silu_only
+from moec.models.adapter import FamilyAdapter, as_float, refuse, require, silu_only
 from moec.models.common import base_fields
 
 
@@ -40,7 +40,6 @@ class Glm4MoeAdapter(FamilyAdapter):
         groups, topk_group = hf.get("n_group") or 1, hf.get("topk_group") or 1
         grouped = topk_group < groups
         dense = hf.get("first_k_dense_replace") or 0
-        scale = hf.get("routed_scaling_factor", 1.0)
         return MoEConfig(**base, num_experts=hf["n_routed_experts"], top_k=hf["num_experts_per_tok"],
                          expert_intermediate=hf["moe_intermediate_size"],
                          norm_topk_prob=bool(hf.get("norm_topk_prob", True)),
@@ -50,17 +49,18 @@ class Glm4MoeAdapter(FamilyAdapter):
                          attention_bias=bool(hf.get("attention_bias", False)),
                          qk_norm="head" if hf.get("use_qk_norm") else "none",
                          router_scoring="sigmoid", router_bias=True,
-                         routed_scale=float(scale) if isinstance(scale, int) and not isinstance(scale, bool) else scale,
+                         routed_scale=as_float(hf.get("routed_scaling_factor", 1.0)),
                          expert_groups=groups if grouped else 1, kept_groups=topk_group if grouped else 1,
                          group_score_top=2, rotary_dim=0 if rotary == head_dim else rotary)
 
     def _pairs(self, cfg: MoEConfig) -> list[tuple[str, str]]:
-        return super()._pairs(cfg) + [(f"layers.{i}.mlp.score_bias", f"model.layers.{i}.mlp.gate.e_score_correction_bias")
-                                      for i in cfg.moe_layers]
+        bias = "mlp.gate.e_score_correction_bias"
+        return super()._pairs(cfg) + [(f"layers.{i}.mlp.score_bias", f"model.layers.{i}.{bias}") for i in cfg.moe_layers]
+
+    def ignores(self, cfg: MoEConfig, name: str) -> bool:
+        """The multi-token-prediction layers: ``model.layers.<num_layers + j>.*``."""
+        m = re.match(r"model\.layers\.(\d+)\.", name)
+        return bool(m) and int(m.group(1)) >= cfg.num_layers
 
     def to_canonical(self, cfg: MoEConfig, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        for name in list(tensors):  # multi-token-prediction layers: model.layers.<num_layers + j>.*
-            m = re.match(r"model\.layers\.(\d+)\.", name)
-            if m and int(m.group(1)) >= cfg.num_layers:
-                del tensors[name]
-        return super().to_canonical(cfg, tensors)
+        return super().to_canonical(cfg, {k: v for k, v in tensors.items() if not self.ignores(cfg, k)})

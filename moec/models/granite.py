@@ -7,13 +7,15 @@ from dataclasses import dataclass
 import torch
 
 from moec.core.config import MoEConfig
-from moec.models.adapter import FamilyAdapter, _take, require, silu_only
+from moec.models.adapter import FamilyAdapter, _take, as_float, refuse, require, silu_only
 from moec.models.common import base_fields
 
 
-def _float(hf: dict, key: str) -> float:
+def _positive(hf: dict, key: str) -> float:
     v = hf.get(key, 1.0)
-    return float(v) if isinstance(v, int) and not isinstance(v, bool) else v
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or not v > 0:
+        refuse(hf["architectures"][0], key, v, "a positive number")
+    return float(v)
 
 
 @dataclass(frozen=True)
@@ -37,10 +39,10 @@ class GraniteMoeAdapter(FamilyAdapter):
                          expert_intermediate=hf["intermediate_size"], norm_topk_prob=True,
                          shared_intermediate=hf.get("shared_intermediate_size") or 0,
                          attention_bias=bias, attention_out_bias=bias,
-                         attention_scale=_float(hf, "attention_multiplier"),
-                         embedding_scale=_float(hf, "embedding_multiplier"),
-                         residual_scale=_float(hf, "residual_multiplier"),
-                         logits_scale=1.0 / _float(hf, "logits_scaling"))
+                         attention_scale=as_float(hf.get("attention_multiplier", 1.0)),
+                         embedding_scale=as_float(hf.get("embedding_multiplier", 1.0)),
+                         residual_scale=as_float(hf.get("residual_multiplier", 1.0)),
+                         logits_scale=1.0 / _positive(hf, "logits_scaling"))
 
     def _pairs(self, cfg: MoEConfig) -> list[tuple[str, str]]:
         return [(ours, theirs) for ours, theirs in super()._pairs(cfg) if ".mlp.shared." not in ours]
@@ -53,7 +55,8 @@ class GraniteMoeAdapter(FamilyAdapter):
             out[f"{m}.{self.moe_prefix}.input_linear.weight"] = (e, 2 * i, h)
             out[f"{m}.{self.moe_prefix}.output_linear.weight"] = (e, h, i)
             if s:
-                out[f"{m}.shared_mlp.input_linear.weight"], out[f"{m}.shared_mlp.output_linear.weight"] = (2 * s, h), (h, s)
+                out[f"{m}.shared_mlp.input_linear.weight"] = (2 * s, h)
+                out[f"{m}.shared_mlp.output_linear.weight"] = (h, s)
         return out
 
     def to_canonical(self, cfg: MoEConfig, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

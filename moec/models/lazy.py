@@ -116,6 +116,7 @@ class LazyCheckpoint:
                 if name not in self.index:
                     raise MoecError(f"tensor '{name}' is listed in {index_file.name} for {shard} "
                                     f"but {shard} does not contain it")
+        self.index = {n: i for n, i in self.index.items() if not self.adapter.ignores(self.cfg, n)}
         self._check_shapes()
         self._maps: dict[Path, mmap.mmap] = {}
         self._live = 0

@@ -6,7 +6,7 @@ import math
 from dataclasses import dataclass
 
 from moec.core.config import MoEConfig
-from moec.models.adapter import FamilyAdapter, refuse, require, silu_only
+from moec.models.adapter import FamilyAdapter, as_float, refuse, require, silu_only
 from moec.models.common import base_fields
 from moec.models.deepseek import _theta
 
@@ -36,21 +36,20 @@ class PhimoeAdapter(FamilyAdapter):
         if window is not None and window < hf.get("max_position_embeddings", 4096):
             refuse(arch, "sliding_window", window, "full attention only (a window >= max_position_embeddings)")
         bias = bool(hf.get("attention_bias", False))
-        eps = hf.get("router_jitter_noise", 0.01)
         base = base_fields({**hf, "rope_parameters": None, "rope_scaling": None, "rope_theta": _theta(hf)})
         if longrope:
             head_dim = base["head_dim"] or base["hidden_size"] // base["num_heads"]
             if len(longrope["short_factor"]) * 2 != head_dim:
                 refuse(arch, "rope_parameters.short_factor", f"{len(longrope['short_factor'])} factors",
                        f"one per rotated pair ({head_dim // 2})")
-            base["max_position"] = min(base["max_position"], longrope["original"])  # transformers switches to long_mscale beyond it
+            base["max_position"] = min(base["max_position"], longrope["original"])  # then long_mscale
             longrope = dict(rope_ext_factors=longrope["short_factor"],
                             attention_scale=longrope["mscale"] ** 2 / math.sqrt(head_dim))
         return MoEConfig(**base, num_experts=hf["num_local_experts"], top_k=2,
                          expert_intermediate=hf["intermediate_size"], norm="layer",
                          attention_bias=bias, attention_out_bias=bias, lm_head_bias=bool(hf.get("lm_head_bias", False)),
                          router_scoring="sparsemixer",
-                         sparsemixer_eps=float(eps) if isinstance(eps, int) and not isinstance(eps, bool) else eps,
+                         sparsemixer_eps=as_float(hf.get("router_jitter_noise", 0.01)),
                          **longrope)
 
 

@@ -112,8 +112,8 @@ def random_weights(cfg: MoEConfig, plan: BitPlan, seed: int = 0, float32: bool =
         if cfg.attention_out_bias:
             floats[f"layers.{i}.attn.o_proj.bias"] = np.zeros(h, np.float32)
     if cfg.norm == "layer":  # LayerNorm biases
-        floats.update({n.replace(".weight", ".bias"): np.zeros(h, np.float32) for n in list(floats) if n.endswith("norm.weight")
-                       and floats[n].shape == (h,) and ".attn." not in n})
+        norms = [n for n in floats if n.endswith("norm.weight") and ".attn." not in n]
+        floats.update({n.replace(".weight", ".bias"): np.zeros(h, np.float32) for n in norms})
     if cfg.lm_head_bias:
         floats["lm_head.bias"] = np.zeros(cfg.vocab_size, np.float32)
     return ModelWeights(cfg, plan, packed, floats)

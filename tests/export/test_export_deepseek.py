@@ -16,7 +16,8 @@ from moec.quant.packed_model import fake_quantize_model
 transformers = pytest.importorskip("transformers")
 from tests.models.test_adapters import CASES, save_tiny_checkpoint  # noqa: E402
 
-FAMILIES = ["deepseek_v2_lite", "deepseek_v3", "glm4_moe", "granite_moe_shared", "phimoe", "ernie45_moe"]
+FAMILIES = ["deepseek_v2_lite", "deepseek_v3", "glm4_moe", "granite_moe_shared", "phimoe", "phimoe_longrope",
+            "ernie45_moe"]
 
 
 @pytest.mark.parametrize("spec", ["uniform:4", "mixed"])
@@ -34,7 +35,8 @@ def test_deepseek_export_matches_fake_quant(tmp_path, family, spec):
     # MLA's cache holds the latent: one "head" of kv_lora_rank + qk_rope_dim (key) and kv_lora_rank (value)
     summary = res.summary["graphs"]["decode"]["inputs"]
     key, value = ((1, 32 + 4), (1, 32)) if model.cfg.attention == "mla" else ((2, model.cfg.head_dim),) * 2
-    assert summary["past.{i}.key"] == [1, key[0], "P", key[1]] and summary["past.{i}.value"] == [1, value[0], "P", value[1]]
+    assert summary["past.{i}.key"] == [1, key[0], "P", key[1]]
+    assert summary["past.{i}.value"] == [1, value[0], "P", value[1]]
 
 
 def test_deepseek_is_refused_layer_by_layer_not_misread(tmp_path, monkeypatch):
