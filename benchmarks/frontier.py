@@ -13,8 +13,9 @@ router float, quantizer ``--method`` (the default: ``mse``, as ``uniform:B``). T
    chunks: its perplexity increase over FP32 on those chunks;
 2. for each llama.cpp point, every combination of part widths and group sizes whose exact bytes
    (``plan_memory``) fit is ranked by the summed increase (additive model); the ``--top`` best are
-   scored on all chunks, with the fitting combination that spends the most bytes (the additive model
-   is noisy where a part's increase is within noise), and the best measured one is reported.
+   scored on all chunks, with the fitting combination that spends the most bytes and the widest
+   uniform one that fits (the additive model is noisy where a part's increase is within noise), and
+   the best measured one is reported.
 
 Bits per weight for both = tensor bytes × 8 / checkpoint parameters (GGUF: every tensor incl. norms
 and the f32 router; moec: packed weights, scales, zeros, float router and norms).
@@ -156,8 +157,11 @@ def main() -> None:
     rows = []
     for t, (lbytes, lppl) in sorted(llama.items(), key=lambda kv: kv[1][0]):
         fits = [c for c in combos if c[1] <= lbytes]
-        biggest = max(fits, key=lambda c: c[1])  # also try the plan that spends the most of the budget
-        fits = fits[:args.top] + ([biggest] if biggest not in fits[:args.top] else [])
+        # also try the plan that spends the most of the budget and the widest uniform plan that fits
+        extra = [max(fits, key=lambda c: c[1]),
+                 max((c for c in fits if len(set(c[2].values())) == 1), key=lambda c: c[1], default=None)]
+        fits = fits[:args.top]
+        fits += [c for c in extra if c is not None and c not in fits]
         best = None
         for rank, (_, nbytes, bits, group) in enumerate(fits):
             plan = part_plan(cfg, bits, group, args.method)

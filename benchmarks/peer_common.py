@@ -89,9 +89,12 @@ def llama_perplexity(root: Path, gguf: Path, text: Path, n_ctx: int, threads: in
                "-b", str(n_ctx), "-t", str(threads), "--chunks", str(chunks)]
         if want_tokens:
             cmd += ["--save-all-logits", str(logits)]
-        out = subprocess.run(cmd, env=LLAMA_ENV, check=True, capture_output=True, text=True)
-        m = re.search(r"Final estimate: PPL = ([0-9.]+)", out.stdout + out.stderr)
-        if not m:
+        for _ in range(3):  # on a loaded machine its asynchronous logger sometimes loses the last lines at exit
+            out = subprocess.run(cmd, env=LLAMA_ENV, check=True, capture_output=True, text=True)
+            m = re.search(r"Final estimate: PPL = ([0-9.]+)", out.stdout + out.stderr)
+            if m:
+                break
+        else:
             raise RuntimeError(f"llama-perplexity printed no final estimate:\n{out.stderr[-2000:]}")
         tokens = None
         if want_tokens:
