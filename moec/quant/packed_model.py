@@ -11,7 +11,7 @@ from moec.core.formats import FLOAT_BITS
 from moec.models.model import MoEModel
 from moec.quant.gptq import gptq_quantize
 from moec.quant.pack import pack, pack_zeros, unpack
-from moec.quant.quantize import QuantizedTensor, dequantize, quantize
+from moec.quant.quantize import QuantizedTensor, dequantize, quantize, quantize_with
 from moec.core.inventory import expert_key, non_expert_weights, parse_expert_key
 from moec.core.plan import BitPlan
 
@@ -46,18 +46,22 @@ class PackedWeight:
 
 def pack_weight(w: torch.Tensor | np.ndarray, bits: int, group_size: int, method: str = "rtn",
                 importance: np.ndarray | None = None, hessian: np.ndarray | None = None,
-                gptq_options: dict | None = None) -> PackedWeight:
+                gptq_options: dict | None = None,
+                learned: tuple[np.ndarray, np.ndarray] | None = None) -> PackedWeight:
     """Quantize and pack one ``[N, K]`` weight (fp16 when ``bits == 16``).
 
     With ``method == "gptq"`` the weight is quantized by
     :func:`~moec.quant.gptq.gptq_quantize` with ``hessian`` (and ``gptq_options``: ``damp``,
     ``group_method``, ``static_groups``); without a Hessian (no calibration data reached the
-    weight) it falls back to round-to-nearest.
+    weight) it falls back to round-to-nearest. ``learned`` (the ``(scale, zero)`` that
+    ``moec finetune`` learned for this weight at ``bits``) replaces any method.
     """
     arr = w.detach().float().numpy() if isinstance(w, torch.Tensor) else np.asarray(w, np.float32)
     if bits == FLOAT_BITS:
         return PackedWeight(arr.shape, bits, group_size, arr.astype(np.float16))
-    if method == GPTQ:
+    if learned is not None:
+        qt = quantize_with(arr, bits, group_size, *learned)
+    elif method == GPTQ:
         if hessian is not None:
             qt = gptq_quantize(arr, bits, group_size, hessian, **(gptq_options or {}))
         else:
@@ -80,9 +84,12 @@ def pack_model(model: MoEModel, plan: BitPlan, progress=None,
     :func:`~moec.profile.importance.expert_hessians`) is quantized by GPTQ with
     ``gptq_options``; every other weight (no calibration data for it: non-expert weights,
     experts calibration never reached, or ``hessians=None``) falls back to round-to-nearest.
-    ``importance`` is used by the other non-RTN methods only.
+    ``importance`` is used by the other non-RTN methods only. A fine-tuned model
+    (``model.learned_quant``, see :mod:`moec.models.learned_quant`) quantizes every (weight, bits)
+    it learned at the plan's group size with its learned scales and zeros, whatever the method.
     """
     state = model.state_dict()
+    learned = getattr(model, "learned_quant", None)
     out: dict[str, PackedWeight] = {}
     items = [(name, plan.tensor_bits(name)) for name, _ in non_expert_weights(model.cfg)]
     for layer, experts in plan.experts.items():
@@ -96,7 +103,8 @@ def pack_model(model: MoEModel, plan: BitPlan, progress=None,
             w = state[name]
         imp = importance.get(name) if importance and plan.method not in ("rtn", GPTQ) else None
         hess = hessians.get(name) if hessians and plan.method == GPTQ else None
-        out[name] = pack_weight(w, bits, plan.group_size, plan.method, imp, hess, gptq_options)
+        lq = learned.get(name, bits, plan.group_size) if learned is not None and bits != FLOAT_BITS else None
+        out[name] = pack_weight(w, bits, plan.group_size, plan.method, imp, hess, gptq_options, lq)
         if progress is not None:
             progress.update(1)
     return out
