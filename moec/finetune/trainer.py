@@ -109,7 +109,9 @@ def finetune_model(model: MoEModel, plan: BitPlan, windows: torch.Tensor, opts: 
     order: list[int] = []
     result = FinetuneResult(0, math.nan, math.nan, 0.0, 0.0, len(student.quant))
     start, last_saved = time.perf_counter(), None
-    bar = tqdm(range(1, opts.steps + 1), desc="finetune", unit="step", disable=not opts.progress, leave=False)
+    # disable=None: the bar only on a terminal (a log or a pipe gets the final summary only)
+    bar = tqdm(range(1, opts.steps + 1), desc="finetune", unit="step", disable=None if opts.progress else True,
+               leave=False)
     for step in bar:
         if len(order) < opts.batch:
             order = torch.randperm(len(windows), generator=gen).tolist()
