@@ -43,7 +43,7 @@ def trained(tmp_path_factory):
     windows = token_windows(load_tokenizer(src), TEXT, 32)[:8]
     plan = mixed_plan(cfg)
     out = root / "out"
-    opts = FinetuneOptions(steps=6, batch=2, shift="neighbours", shift_prob=0.5, lr=1e-3, scale_lr=1e-2,
+    opts = FinetuneOptions(steps=4, batch=2, shift="neighbours", shift_prob=0.5, lr=1e-3, scale_lr=1e-2,
                            progress=False)
     student, result = finetune_model(model, plan, windows, opts,
                                      lambda st, step, res: write_checkpoint(out, st, src / "tokenizer.json",
@@ -67,7 +67,7 @@ def _check_packed_equals_training(student, loaded, plan):
 
 def test_finetuned_checkpoint_packs_to_the_training_fake_quant(trained):
     src, out, student, plan, result = trained
-    assert result.steps == 6 and np.isfinite(result.last_loss)
+    assert result.steps == 4 and np.isfinite(result.last_loss)
     assert (out / LEARNED_QUANT_FILE).is_file() and (out / "config.json").is_file()
     loaded = load_checkpoint(out)
     assert loaded.learned_quant is not None
@@ -114,3 +114,22 @@ def test_sampler_moves_experts_one_step_within_allowed():
             seen[e].add(b)
     assert seen == {0: {3}, 1: {3, 8}, 2: {4}, 3: {16}}
     assert neighbours(3) == [2, 4] and BitSampler(plan, "plan").sample() == plan.experts
+
+
+def test_learned_parameters_of_another_shape_are_refused(trained, tmp_path):
+    import shutil
+    from moec.core.errors import MoecError
+    from moec.models.learned_quant import LearnedQuant
+    src, out, student, plan, _ = trained
+    bad = tmp_path / "bad"
+    shutil.copytree(out, bad)
+    lq = student.learned()
+    key = next(iter(lq.params))
+    scale, zero = lq.params[key]
+    lq.params[key] = (scale[:, :1], zero[:, :1])
+    lq.save(bad)
+    with pytest.raises(MoecError, match="expected"):
+        load_checkpoint(bad)
+    LearnedQuant(GROUP, dict(student.learned().params), "0123456789abcdef").save(bad)
+    with pytest.raises(MoecError, match="another model"):
+        load_checkpoint(bad)
