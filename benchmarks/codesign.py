@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import json
 import random
 import re
 import subprocess
@@ -57,7 +58,11 @@ def searched_plan(work: Path, calib_tokens: int) -> BitPlan:
 def run_finetune(work: Path, name: str, plan: str, args, extra: list[str]) -> dict:
     out = work / f"ft-{name}"
     if args.reuse and (out / "finetune.json").is_file():
-        return {"name": name, "seconds": float("nan"), "peak_mb": float("nan"), "kl": "reused"}
+        res = json.loads((out / "finetune.json").read_text())["result"]
+        kl = f"{res['first_loss']:.4f} -> {res['last_loss']:.4f}"
+        print(f"finetune {name} (reused {out}): {res['steps']} steps, {res['seconds']:.0f} s training, "
+              f"peak RSS {res['peak_rss_mb']:.0f} MB, KL {kl}", flush=True)
+        return {"name": name, "seconds": res["seconds"], "peak_mb": res["peak_rss_mb"], "kl": kl}
     cmd = [sys.executable, "-m", "moec", "finetune", str(CKPT), "--data", str(CALIB), "--plan", plan,
            "--out", str(out), "--steps", str(args.steps), "--batch", str(args.batch), "--lr", str(args.lr),
            "--scale-lr", str(args.scale_lr), "--force", *extra]

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from moec.core.errors import MoecError
@@ -57,7 +57,7 @@ def finetune(cfg: FinetuneConfig) -> FinetuneResult:
     windows = cfg.data.windows(cfg.checkpoint, model.cfg.max_position)
     opts = cfg.options
     if cfg.shift_robust and opts.shift == "plan":
-        opts.shift = "neighbours" if cfg.plan is not None else "all"
+        opts = replace(opts, shift="neighbours" if cfg.plan is not None else "all")
     if opts.init_method not in ("rtn", "mse", "hqq"):
         raise MoecError(f"--init-method must be rtn, mse or hqq, got {opts.init_method!r}")
     tokenizer = Path(cfg.checkpoint) / "tokenizer.json"
