@@ -44,5 +44,5 @@ def finetune_cmd(checkpoint, data, plan, shift_robust, shift_prob, out, steps, b
     res = api.finetune(api.FinetuneConfig(checkpoint, data_config(data, seq_len, max_tokens, batch, max_memory_gb),
                                           out, plan, shift_robust, group_size, opts, force))
     click.echo(f"steps       {res.steps}\nKL          {res.first_loss:.4f} -> {res.last_loss:.4f}\n"
-               f"time        {res.seconds:.1f} s\npeak memory {res.peak_rss_mb:.0f} MB (process RSS)\n"
+               f"time        {res.seconds:.1f} s (CPU {res.cpu_seconds:.1f} s)\npeak memory {res.peak_rss_mb:.0f} MB (process RSS)\n"
                f"learned     {res.trained} (weight, bits) scale/zero sets\nwrote       {out}")

@@ -54,16 +54,24 @@ class FinetuneResult:
     peak_rss_mb: float
     trained: int                # (weight, bits) pairs with learned parameters
     losses: list[float] = field(default_factory=list)
+    cpu_seconds: float = 0.0    # user + system CPU time of the training loop (wall time inflates on a shared machine)
 
     def to_json(self) -> dict:
         return {"steps": self.steps, "first_loss": self.first_loss, "last_loss": self.last_loss,
-                "seconds": round(self.seconds, 2), "peak_rss_mb": round(self.peak_rss_mb, 1),
+                "seconds": round(self.seconds, 2), "cpu_seconds": round(self.cpu_seconds, 2),
+                "peak_rss_mb": round(self.peak_rss_mb, 1),
                 "trained_weight_bits": self.trained}
 
 
 def peak_rss_mb() -> float:
     """Peak resident memory of this process so far (Linux reports kilobytes)."""
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def cpu_seconds() -> float:
+    """User + system CPU time of this process so far."""
+    r = resource.getrusage(resource.RUSAGE_SELF)
+    return r.ru_utime + r.ru_stime
 
 
 def kl_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor) -> torch.Tensor:
@@ -108,7 +116,7 @@ def finetune_model(model: MoEModel, plan: BitPlan, windows: torch.Tensor, opts: 
     gen = torch.Generator().manual_seed(opts.seed)
     order: list[int] = []
     result = FinetuneResult(0, math.nan, math.nan, 0.0, 0.0, len(student.quant))
-    start, last_saved = time.perf_counter(), None
+    start, cpu_start, last_saved = time.perf_counter(), cpu_seconds(), None
     # disable=None: the bar only on a terminal (a log or a pipe gets the final summary only)
     bar = tqdm(range(1, opts.steps + 1), desc="finetune", unit="step", disable=None if opts.progress else True,
                leave=False)
@@ -143,8 +151,10 @@ def finetune_model(model: MoEModel, plan: BitPlan, windows: torch.Tensor, opts: 
                         else "no checkpoint was written")
                 raise MoecError(f"fine-tuning stopped: weights became non-finite by step {step}; {kept}")
             result.seconds, result.peak_rss_mb = time.perf_counter() - start, peak_rss_mb()
+            result.cpu_seconds = cpu_seconds() - cpu_start
             save(student, step, result)
             last_saved = step
     result.seconds, result.peak_rss_mb = time.perf_counter() - start, peak_rss_mb()
+    result.cpu_seconds = cpu_seconds() - cpu_start
     model.eval()
     return student, result
