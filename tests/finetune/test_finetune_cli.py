@@ -36,6 +36,14 @@ def test_finetune_writes_a_checkpoint_eval_uses(ckpt):
     code, text = run("eval", out, "--data", ckpt / "data.txt", "--plan", "uniform:3", "--group-size", "16",
                      "--seq-len", "32")
     assert code == 0 and "top-1" in text, text
+    # the layer-by-layer path does not read learned parameters: it refuses rather than ignores them
+    from moec.models.lazy import LazyCheckpoint
+    from moec.models.memory_budget import BASELINE, GB, layer_float32_bytes
+    layer, other = layer_float32_bytes(LazyCheckpoint(out))
+    budget = (BASELINE + 2 * max(layer, other) + 4096) / GB
+    code, text = run("eval", out, "--data", ckpt / "data.txt", "--plan", "uniform:3", "--group-size", "16",
+                     "--seq-len", "32", "--max-memory-gb", f"{budget:.12f}")
+    assert_one_line_error(code, text, "learned quantization parameters")
     # a re-run may replace its own output; the input checkpoint is never the output
     code, text = run("finetune", ckpt / "src", "--data", ckpt / "data.txt", "--plan", "uniform:3",
                      "--out", ckpt / "src", *FAST)
