@@ -10,7 +10,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1] / "moec"
 
 #: Bottom to top. A package may import itself and any package before it, never one after it.
-ORDER = ["core", "arch", "models", "quant", "profile", "artifact", "export", "lower", "runtime", "hardware", "search",
+ORDER = ["core", "arch", "models", "quant", "profile", "finetune", "artifact", "export", "lower", "runtime", "hardware", "search",
          "pipeline", "api", "cli", "__main__"]
 
 

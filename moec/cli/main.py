@@ -13,6 +13,7 @@ from moec.cli.compile_cmd import compile_cmd
 from moec.cli.eval_cmd import eval_cmd
 from moec.cli.export_cmd import export_cmd
 from moec.cli.farm_cmd import farm_cmd
+from moec.cli.finetune_cmd import finetune_cmd
 from moec.cli.inspect_cmd import inspect_cmd
 from moec.cli.keygen_cmd import keygen_cmd
 from moec.cli.profile_cmd import profile_cmd
@@ -71,6 +72,7 @@ def cli(verbose: bool) -> None:
 
 cli.add_command(profile_cmd)
 cli.add_command(eval_cmd)
+cli.add_command(finetune_cmd)
 cli.add_command(search_cmd)
 cli.add_command(compile_cmd)
 cli.add_command(build_cmd)

@@ -12,6 +12,7 @@ from safetensors.torch import load_file, save_file
 
 from moec.core.errors import MoecError
 from moec.core.config import MoEConfig
+from moec.models.learned_quant import load_learned_quant
 from moec.models.model import MoEModel
 from moec.models.registry import get_adapter
 
@@ -121,6 +122,8 @@ def load_checkpoint(path: str | os.PathLike) -> MoEModel:
     except RuntimeError as exc:
         first = str(exc).strip().splitlines()
         raise MoecError(f"checkpoint tensors do not match config.json: {' '.join(first[:2])}") from None
+    # a fine-tuned checkpoint's learned scales / zeros (moec finetune): packing uses them
+    model.learned_quant = load_learned_quant(path, cfg)
     return model.eval()
 
 

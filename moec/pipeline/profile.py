@@ -12,6 +12,7 @@ from moec.core.formats import DEFAULT_ALLOWED, FLOAT_BITS
 from moec.core.plan import UNIFORM_METHOD, BitPlan, resolve_plan
 from moec.models.checkpoint import load_checkpoint
 from moec.models.lazy import LazyCheckpoint
+from moec.models.learned_quant import LEARNED_QUANT_FILE
 from moec.models.memory_budget import MemoryPlan, memory_plan
 from moec.models.model import MoEModel
 from moec.models.tokenizer import load_tokenizer
@@ -61,7 +62,11 @@ def memory_plan_of(checkpoint: str | os.PathLike, max_memory_gb: float | None,
     """(lazy checkpoint with every header checked, how ``stage`` fits ``max_memory_gb``): whole model
     or one decoder layer at a time; a one-line error when not even one layer fits."""
     ckpt = LazyCheckpoint(checkpoint)
-    return ckpt, memory_plan(ckpt, max_memory_gb, stage)
+    mem = memory_plan(ckpt, max_memory_gb, stage)
+    if mem.sequential and (Path(checkpoint) / LEARNED_QUANT_FILE).is_file():
+        raise MoecError(f"'{checkpoint}' carries learned quantization parameters ({LEARNED_QUANT_FILE}), which the "
+                        f"layer-by-layer {stage} does not use yet; raise --max-memory-gb to load it whole")
+    return ckpt, mem
 
 
 def load_model_and_windows(checkpoint: str | os.PathLike, data: DataConfig) -> tuple[MoEModel, "object"]:

@@ -12,7 +12,7 @@ from moec.models.model import MoEModel
 from moec.quant.cache import QuantCache, cache_key
 from moec.quant.gptq import gptq_quantize
 from moec.quant.pack import pack, pack_zeros, unpack
-from moec.quant.quantize import QuantizedTensor, dequantize, quantize
+from moec.quant.quantize import QuantizedTensor, dequantize, quantize, quantize_with
 from moec.core.inventory import expert_key, non_expert_weights, parse_expert_key
 from moec.core.plan import BitPlan
 
@@ -47,7 +47,8 @@ class PackedWeight:
 
 def pack_weight(w: torch.Tensor | np.ndarray, bits: int, group_size: int, method: str = "rtn",
                 importance: np.ndarray | None = None, hessian: np.ndarray | None = None,
-                gptq_options: dict | None = None, cache: QuantCache | None = None) -> PackedWeight:
+                gptq_options: dict | None = None, cache: QuantCache | None = None,
+                learned: tuple[np.ndarray, np.ndarray] | None = None) -> PackedWeight:
     """Quantize and pack one ``[N, K]`` weight (fp16 when ``bits == 16``).
 
     With ``method == "gptq"`` the weight is quantized by
@@ -55,11 +56,15 @@ def pack_weight(w: torch.Tensor | np.ndarray, bits: int, group_size: int, method
     ``group_method``, ``static_groups``); without a Hessian (no calibration data reached the
     weight) it falls back to round-to-nearest. With a ``cache`` (:class:`~moec.quant.cache.QuantCache`)
     a weight quantized the same way before (same bytes, method, bits, group, calibration) is read
-    back instead of quantized again.
+    back instead of quantized again. ``learned`` (the ``(scale, zero)`` that ``moec finetune``
+    learned for this weight at ``bits``) replaces any method and bypasses the cache.
     """
     arr = w.detach().float().numpy() if isinstance(w, torch.Tensor) else np.asarray(w, np.float32)
     if bits == FLOAT_BITS:
         return PackedWeight(arr.shape, bits, group_size, arr.astype(np.float16))
+    if learned is not None:
+        qt = quantize_with(arr, bits, group_size, *learned)
+        return PackedWeight(arr.shape, bits, group_size, pack(qt.q, bits), qt.scale, pack_zeros(qt.zero, bits))
     if method == GPTQ and hessian is None:
         method = "rtn"
     key = None
@@ -93,8 +98,12 @@ def pack_model(model: MoEModel, plan: BitPlan, progress=None,
     ``gptq_options``; every other weight (no calibration data for it: non-expert weights,
     experts calibration never reached, or ``hessians=None``) falls back to round-to-nearest.
     ``importance`` is used by the other non-RTN methods only. ``cache``: see :func:`pack_weight`.
+    A fine-tuned model (``model.learned_quant``, see :mod:`moec.models.learned_quant`) quantizes
+    every (weight, bits) it learned at the plan's group size with its learned scales and zeros,
+    whatever the method.
     """
     state = model.state_dict()
+    learned = getattr(model, "learned_quant", None)
     out: dict[str, PackedWeight] = {}
     items = [(name, plan.tensor_bits(name)) for name, _ in non_expert_weights(model.cfg)]
     for layer, experts in plan.experts.items():
@@ -108,7 +117,8 @@ def pack_model(model: MoEModel, plan: BitPlan, progress=None,
             w = state[name]
         imp = importance.get(name) if importance and plan.method not in ("rtn", GPTQ) else None
         hess = hessians.get(name) if hessians and plan.method == GPTQ else None
-        out[name] = pack_weight(w, bits, plan.group_size, plan.method, imp, hess, gptq_options, cache)
+        lq = learned.get(name, bits, plan.group_size) if learned is not None and bits != FLOAT_BITS else None
+        out[name] = pack_weight(w, bits, plan.group_size, plan.method, imp, hess, gptq_options, cache, lq)
         if progress is not None:
             progress.update(1)
     return out

@@ -20,6 +20,7 @@ from dataclasses import replace
 import torch
 
 from moec.core.config import MoEConfig
+from moec.core.errors import MoecError
 from moec.models.model import MoEModel
 from moec.core.plan import BitPlan
 
@@ -58,6 +59,10 @@ def pad_for_groups(model: MoEModel, plan: BitPlan) -> tuple[MoEModel, BitPlan]:
     widths = padded_widths(cfg, plan)
     if not widths:
         return model, plan
+    if getattr(model, "learned_quant", None) is not None:
+        raise MoecError(f"group size {plan.group_size} needs padded MLP widths, but this checkpoint's learned "
+                        f"quantization parameters are for group size {model.learned_quant.group_size}; use that "
+                        "group size")
     new_cfg = replace(cfg, **widths)
     sizes = {"expert": new_cfg.expert_intermediate, "shared": new_cfg.shared_intermediate,
              "dense": new_cfg.dense_intermediate}

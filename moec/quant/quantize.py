@@ -197,3 +197,19 @@ def dequantize(qt: QuantizedTensor) -> np.ndarray:
         raise MoecError(f"quantized values exceed the {qt.bits}-bit range")
     qg = qt.q.reshape(n, k // qt.group_size, qt.group_size)
     return affine_dequantize(qg, qt.scale, qt.zero).reshape(n, k)
+
+
+def quantize_with(w: np.ndarray, bits: int, group_size: int, scale: np.ndarray,
+                  zero: np.ndarray) -> QuantizedTensor:
+    """Quantize ``w [N, K]`` with given per-group ``scale`` (float16) and ``zero`` (uint8) ``[N, K / group]``.
+
+    The codes are ``clamp(round(w / scale) + zero, 0, 2**bits - 1)`` in float32, the same
+    arithmetic as :func:`quantize`; used for the scales and zeros ``moec finetune`` learned.
+    """
+    check_bits(bits)
+    w = _as_weight(w)
+    check_group_size(group_size, w.shape[1])
+    q = affine_quantize(group_view(w, int(group_size)), np.asarray(scale), np.asarray(zero), int(bits))
+    return QuantizedTensor(q=q.reshape(w.shape), scale=np.ascontiguousarray(scale, dtype=np.float16),
+                           zero=np.ascontiguousarray(zero, dtype=np.uint8), bits=int(bits),
+                           group_size=int(group_size))

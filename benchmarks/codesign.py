@@ -1,0 +1,176 @@
+"""Co-design benchmark: post-training quantization vs quantization-aware fine-tuning (``moec finetune``).
+
+On the reference model, two held-out domains (the Python-docs held-out split and Debian license
+texts, ``reference/data/licenses.txt``), at uniform 2 and 3 bits, the searched plan at 60 % of
+uniform INT8 bytes and N randomly shifted plans (every integer-width expert one width step up or
+down from the searched plan): perplexity and top-1 of PTQ (the better of ``mse`` and ``gptq`` per
+plan; the shifted plans use the method that won on the searched plan) against the fine-tuned
+checkpoints. Fine-tuning runs as ``moec finetune`` subprocesses, whose time and peak memory are
+printed; three fine-tunes: ``--plan uniform:2``, ``--plan uniform:3``, ``--plan searched --shift-robust``.
+
+    python benchmarks/codesign.py [--steps 40] [--eval-tokens 4096] [--shifted 20] [--work out/codesign]
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import random
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from moec import api
+from moec.core.plan import BitPlan, resolve_plan
+from moec.finetune.bit_sampler import shifted_plan
+from moec.models.checkpoint import load_checkpoint
+from moec.models.tokenizer import load_tokenizer
+from moec.profile.data import file_windows
+from moec.profile.evaluate import evaluate_windows
+from moec.profile.importance import expert_hessians
+from moec.quant.accounting import plan_memory
+from moec.quant.packed_model import fake_quantize_model
+
+REPO = Path(__file__).resolve().parents[1]
+CKPT = REPO / "reference" / "checkpoint"
+CALIB = REPO / "reference" / "data" / "calib.txt"
+DOMAINS = {"python-docs": REPO / "reference" / "data" / "heldout.txt",
+           "licenses": REPO / "reference" / "data" / "licenses.txt"}
+
+
+def searched_plan(work: Path, calib_tokens: int) -> BitPlan:
+    """ILP plan at 60 % of uniform INT8 bytes on the proxy sensitivity (cached in ``work``)."""
+    path = work / "searched-plan.json"
+    if path.is_file():
+        return BitPlan.load(path)
+    prof = work / "profile.json"
+    if not prof.is_file():
+        api.profile(CKPT, api.DataConfig(CALIB, 256, calib_tokens, 8), out=prof, progress=False,
+                    sensitivity=api.SensitivityConfig("proxy", (2, 3, 4, 8), 64, "rtn"))
+    plan = api.search(api.SearchConfig(CKPT, "host", profile=prof, policy="ilp", progress=False)).result.plan
+    plan.save(path)
+    return plan
+
+
+def run_finetune(work: Path, name: str, plan: str, args, extra: list[str]) -> dict:
+    out = work / f"ft-{name}"
+    if args.reuse and (out / "finetune.json").is_file():
+        res = json.loads((out / "finetune.json").read_text())["result"]
+        kl = f"{res['first_loss']:.4f} -> {res['last_loss']:.4f}"
+        print(f"finetune {name} (reused {out}): {res['steps']} steps, {res['seconds']:.0f} s training, "
+              f"peak RSS {res['peak_rss_mb']:.0f} MB, KL {kl}", flush=True)
+        return {"name": name, "seconds": res["seconds"], "peak_mb": res["peak_rss_mb"], "kl": kl}
+    cmd = [sys.executable, "-m", "moec", "finetune", str(CKPT), "--data", str(CALIB), "--plan", plan,
+           "--out", str(out), "--steps", str(args.steps), "--batch", str(args.batch), "--lr", str(args.lr),
+           "--scale-lr", str(args.scale_lr), "--force", *extra]
+    t0 = time.perf_counter()
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    wall = time.perf_counter() - t0
+    if proc.returncode:
+        raise SystemExit(f"finetune {name} failed: {proc.stderr.strip()[-400:]}")
+    txt = proc.stdout
+    secs = float(re.search(r"time\s+([\d.]+) s", txt).group(1))
+    peak = float(re.search(r"peak memory\s+([\d.]+) MB", txt).group(1))
+    kl = re.search(r"KL\s+(.*)", txt).group(1)
+    print(f"finetune {name}: {args.steps} steps, {secs:.0f} s training ({wall:.0f} s with loading), "
+          f"peak RSS {peak:.0f} MB, KL {kl}", flush=True)
+    return {"name": name, "seconds": secs, "peak_mb": peak, "kl": kl}
+
+
+def evaluate(model, plan: BitPlan, windows: dict, hessians=None) -> dict:
+    m = fake_quantize_model(copy.deepcopy(model), plan, hessians=hessians)
+    return {d: evaluate_windows(m, w, batch=8) for d, w in windows.items()}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--steps", type=int, default=40, help="fine-tuning steps of each of the three fine-tunes")
+    ap.add_argument("--batch", type=int, default=4)
+    ap.add_argument("--lr", type=float, default=1e-4)
+    ap.add_argument("--scale-lr", type=float, default=2e-3)
+    ap.add_argument("--eval-tokens", type=int, default=4096, help="held-out tokens per domain")
+    ap.add_argument("--calib-tokens", type=int, default=8192, help="profile / GPTQ Hessian tokens")
+    ap.add_argument("--shifted", type=int, default=20)
+    ap.add_argument("--work", type=Path, default=REPO / "out" / "codesign")
+    ap.add_argument("--reuse", action="store_true", help="reuse fine-tuned checkpoints already in --work")
+    args = ap.parse_args()
+    args.work.mkdir(parents=True, exist_ok=True)
+    t_start = time.perf_counter()
+
+    plan = searched_plan(args.work, args.calib_tokens)
+    plan_file = args.work / "searched-plan.json"
+    ref = load_checkpoint(CKPT)
+    int8 = plan_memory(ref, resolve_plan("uniform:8", ref.cfg)).total
+    print(f"searched plan (ilp, proxy sensitivity): {plan_memory(ref, plan).total / int8:.1%} of uniform INT8 bytes, "
+          f"expert bits {sorted(b for ex in plan.experts.values() for b in ex.values())}", flush=True)
+
+    fts = [run_finetune(args.work, "u2", "uniform:2", args, []),
+           run_finetune(args.work, "u3", "uniform:3", args, []),
+           run_finetune(args.work, "plan", str(plan_file), args, ["--shift-robust"])]
+
+    tok = load_tokenizer(CKPT)
+    windows = {d: file_windows(tok, p, 256, args.eval_tokens)[0] for d, p in DOMAINS.items()}
+    calib = file_windows(tok, CALIB, 256, args.calib_tokens)[0]
+    hessians = expert_hessians(ref, calib)
+    fp32 = {d: evaluate_windows(ref, w, batch=8) for d, w in windows.items()}
+
+    rng = random.Random(0)
+    shifted = [shifted_plan(plan, rng) for _ in range(args.shifted)]
+    cases = [("uniform 2-bit", resolve_plan("uniform:2", ref.cfg), "u2"),
+             ("uniform 3-bit", resolve_plan("uniform:3", ref.cfg), "u3"),
+             ("searched plan", plan, "plan")] + [(f"shifted {i + 1}", p, "plan") for i, p in enumerate(shifted)]
+    tuned = {n: load_checkpoint(args.work / f"ft-{n}") for n in ("u2", "u3", "plan")}
+    rows, best_method = [], "mse"
+    for label, p, ft in cases:
+        if not label.startswith("shifted"):
+            ptq = {}
+            for method in ("mse", "gptq"):
+                pm = p.copy()
+                pm.method = method
+                ptq[method] = evaluate(ref, pm, windows, hessians if method == "gptq" else None)
+            method = max(ptq, key=lambda k: sum(r.top1 for r in ptq[k].values()))
+            if label == "searched plan":
+                best_method = method
+            ptq = ptq[method]
+        else:
+            method, pm = best_method, p.copy()
+            pm.method = method
+            ptq = evaluate(ref, pm, windows, hessians if method == "gptq" else None)
+        co = evaluate(tuned[ft], p, windows)
+        rows.append((label, method, ptq, co))
+        print(f"  {label}: " + "; ".join(f"{d} PTQ {ptq[d].top1:.4f}/{ptq[d].perplexity:.2f} "
+                                          f"co {co[d].top1:.4f}/{co[d].perplexity:.2f}" for d in windows), flush=True)
+
+    print(f"\nFP32: " + "; ".join(f"{d} top-1 {r.top1:.4f} ppl {r.perplexity:.3f} ({r.tokens} tokens)"
+                                  for d, r in fp32.items()))
+    print("\n| plan | domain | PTQ method | PTQ ppl | PTQ top-1 | co-designed ppl | co-designed top-1 | "
+          "top-1 drop PTQ → co-designed (pt) | drop recovered |")
+    print("|---|---|---|---|---|---|---|---|---|")
+
+    def line(label, d, method, pp, pt, cp, ct):
+        dp, dc = (fp32[d].top1 - pt) * 100, (fp32[d].top1 - ct) * 100
+        rec = f"{(dp - dc) / dp:.0%}" if dp > 0.05 else "–"
+        print(f"| {label} | {d} | {method} | {pp:.2f} | {pt:.4f} | {cp:.2f} | {ct:.4f} | {dp:+.2f} → {dc:+.2f} | {rec} |")
+
+    for label, method, ptq, co in rows[:3]:
+        for d in windows:
+            line(label, d, method, ptq[d].perplexity, ptq[d].top1, co[d].perplexity, co[d].top1)
+    sh = rows[3:]
+    if sh:
+        for d in windows:
+            mean = lambda xs: sum(xs) / len(xs)
+            line(f"{len(sh)} shifted plans (mean)", d, best_method, mean([r[2][d].perplexity for r in sh]),
+                 mean([r[2][d].top1 for r in sh]), mean([r[3][d].perplexity for r in sh]),
+                 mean([r[3][d].top1 for r in sh]))
+            better = sum(r[3][d].top1 >= r[2][d].top1 for r in sh)
+            print(f"|  | {d} | co-designed top-1 ≥ PTQ on {better} of {len(sh)} shifted plans | | | | | | |")
+    total = sum(f["seconds"] for f in fts)
+    print(f"\nfine-tuning: " + ", ".join(f"{f['name']} {f['seconds']:.0f} s / peak {f['peak_mb']:.0f} MB" for f in fts)
+          + f"; total {total:.0f} s ({total / 60:.1f} min); benchmark wall {time.perf_counter() - t_start:.0f} s")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,86 @@
+"""The quantization-aware student: float weights + learnable scales/zeros per (weight, bits), run by functional_call."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from torch.func import functional_call
+
+from moec.core.formats import FLOAT_BITS
+from moec.core.inventory import expert_key, non_expert_weights
+from moec.core.plan import BitPlan
+from moec.finetune.fake_quant import GroupQuant, to_fp16
+from moec.models.learned_quant import LearnedQuant
+from moec.models.model import MoEModel
+
+PROJECTIONS = ("w1", "w3", "w2")
+
+
+def _qkey(name: str, bits: int) -> str:
+    # nn.ModuleDict keys may not contain "."
+    return f"{name.replace('.', ':')}@{bits}"
+
+
+class QATStudent(nn.Module):
+    """``model``'s float weights (trained in place) and a :class:`GroupQuant` per (quantized weight, bits).
+
+    ``expert_choices[layer][expert]`` lists every width that expert may be trained at; non-expert
+    weights are trained at the plan's bits only.
+    """
+
+    def __init__(self, model: MoEModel, plan: BitPlan, expert_choices: dict[int, dict[int, list[int]]],
+                 init_method: str = "mse") -> None:
+        super().__init__()
+        self.model, self.plan = model, plan
+        self.quant = nn.ModuleDict()
+        params = dict(model.named_parameters())
+        self.tensor_bits = {n: plan.tensor_bits(n) for n, _ in non_expert_weights(model.cfg)}
+        for name, bits in self.tensor_bits.items():
+            if bits != FLOAT_BITS:
+                self.quant[_qkey(name, bits)] = GroupQuant(params[name], bits, plan.group_size, init_method)
+        for layer, experts in expert_choices.items():
+            for e, choices in experts.items():
+                for p in PROJECTIONS:
+                    w = params[f"layers.{layer}.mlp.{p}"][e]
+                    for bits in choices:
+                        if bits != FLOAT_BITS:
+                            self.quant[_qkey(expert_key(layer, e, p), bits)] = GroupQuant(
+                                w, bits, plan.group_size, init_method)
+
+    def group_quant(self, name: str, bits: int) -> GroupQuant:
+        return self.quant[_qkey(name, bits)]
+
+    def fake_weights(self, expert_bits: dict[int, dict[int, int]]) -> dict[str, torch.Tensor]:
+        """Every 2-D parameter of the model replaced by its differentiable stored value: fake-quantized, or
+        rounded to float16 where the plan keeps it float (as packing stores it)."""
+        params = dict(self.model.named_parameters())
+        out: dict[str, torch.Tensor] = {}
+        for name, bits in self.tensor_bits.items():
+            out[name] = to_fp16(params[name]) if bits == FLOAT_BITS else self.group_quant(name, bits)(params[name])
+        for layer, experts in expert_bits.items():
+            for p in PROJECTIONS:
+                stacked = params[f"layers.{layer}.mlp.{p}"]
+                rows = [to_fp16(stacked[e]) if bits == FLOAT_BITS else self.group_quant(expert_key(layer, e, p), bits)(stacked[e])
+                        for e, bits in sorted(experts.items())]
+                out[f"layers.{layer}.mlp.{p}"] = torch.stack(rows)
+        return out
+
+    def forward(self, input_ids: torch.Tensor, expert_bits: dict[int, dict[int, int]]) -> torch.Tensor:
+        return functional_call(self.model, self.fake_weights(expert_bits), (input_ids,), strict=False)
+
+    def learned(self) -> LearnedQuant:
+        """The stored ``(scale, zero)`` of every trained (weight, bits)."""
+        lq = LearnedQuant(self.plan.group_size, model_fingerprint=self.model.cfg.fingerprint())
+        for key, gq in self.quant.items():
+            name, _, bits = key.rpartition("@")
+            lq.params[(name.replace(":", "."), int(bits))] = gq.export()
+        return lq
+
+    def weight_parameters(self) -> list[nn.Parameter]:
+        return list(self.model.parameters())
+
+    def scale_parameters(self) -> list[nn.Parameter]:
+        return [gq.log_scale for gq in self.quant.values()]
+
+    def zero_parameters(self) -> list[nn.Parameter]:
+        return [gq.zero for gq in self.quant.values()]

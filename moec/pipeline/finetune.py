@@ -1,0 +1,74 @@
+"""The finetune stage from files: checkpoint + calibration text + plan → fine-tuned checkpoint (+ learned quantization)."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+from moec.core.errors import MoecError
+from moec.core.plan import UNIFORM_METHOD, resolve_plan
+from moec.finetune.trainer import FinetuneOptions, FinetuneResult, finetune_model
+from moec.finetune.writer import check_finetune_out, write_checkpoint
+from moec.models.checkpoint import load_checkpoint
+from moec.models.tokenizer import load_tokenizer
+from moec.pipeline.profile import DataConfig, memory_plan_of
+from moec.quant.padding import padded_widths
+
+#: Centre plan of ``--shift-robust`` without ``--plan``: experts drawn from every allowed width around it.
+SHIFT_ROBUST_CENTRE = "uniform:4"
+
+
+@dataclass
+class FinetuneConfig:
+    """Inputs of ``moec finetune``."""
+
+    checkpoint: str | os.PathLike
+    data: DataConfig
+    out: str | os.PathLike
+    plan: str | os.PathLike | None = None
+    shift_robust: bool = False
+    group_size: int = 64
+    options: FinetuneOptions = field(default_factory=FinetuneOptions)
+    force: bool = False
+
+
+def finetune(cfg: FinetuneConfig) -> FinetuneResult:
+    """Quantization-aware fine-tuning of ``cfg.checkpoint`` written to ``cfg.out`` (see ``moec.finetune``).
+
+    ``--plan P`` trains for P (``uniform:B`` or a plan file); with ``shift_robust`` each step moves
+    experts ±1 width step around P; ``shift_robust`` without a plan draws every expert's width
+    from the allowed set around :data:`SHIFT_ROBUST_CENTRE`.
+    """
+    if cfg.plan is None and not cfg.shift_robust:
+        raise MoecError("finetune needs --plan P (uniform:B or a plan file) or --shift-robust")
+    cfg.data.check()
+    out = check_finetune_out(cfg.out, cfg.checkpoint, cfg.force)
+    _, mem = memory_plan_of(cfg.checkpoint, cfg.data.max_memory_gb, "finetune")
+    if mem.sequential:
+        raise MoecError("finetune holds the whole model (teacher, student and optimizer state); the block-wise "
+                        "mode for checkpoints over the memory budget is not implemented yet")
+    model = load_checkpoint(cfg.checkpoint)
+    load_tokenizer(cfg.checkpoint)
+    plan = resolve_plan(cfg.plan or SHIFT_ROBUST_CENTRE, model.cfg, cfg.group_size, UNIFORM_METHOD)
+    if padded_widths(model.cfg, plan):
+        raise MoecError(f"group size {plan.group_size} does not divide an MLP width of this model; finetune "
+                        "needs whole groups (choose a group size that divides every width)")
+    windows = cfg.data.windows(cfg.checkpoint, model.cfg.max_position)
+    opts = cfg.options
+    if cfg.shift_robust and opts.shift == "plan":
+        opts = replace(opts, shift="neighbours" if cfg.plan is not None else "all")
+    if opts.init_method not in ("rtn", "mse", "hqq"):
+        raise MoecError(f"--init-method must be rtn, mse or hqq, got {opts.init_method!r}")
+    tokenizer = Path(cfg.checkpoint) / "tokenizer.json"
+
+    def save(student, step, result):
+        record = {"format": "moec-finetune", "source": str(cfg.checkpoint), "step": step,
+                  "plan": plan.to_json(), "shift": opts.shift, "shift_prob": opts.shift_prob,
+                  "data": str(cfg.data.path), "seq_len": cfg.data.seq_len, "batch": opts.batch,
+                  "lr": opts.lr, "scale_lr": opts.scale_lr, "zero_lr": opts.zero_lr,
+                  "init_method": opts.init_method, "result": result.to_json()}
+        write_checkpoint(out, student, tokenizer, record)
+
+    _, result = finetune_model(model, plan, windows, opts, save)
+    return result

@@ -1,0 +1,52 @@
+"""The trainable fake quantizer: step 0 equals moec's PTQ numerics; LSQ gradients; stored parameters."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from moec.finetune.fake_quant import GroupQuant
+from moec.quant.quantize import dequantize, quantize, quantize_with
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+@pytest.mark.parametrize("method", ["rtn", "mse"])
+def test_initial_fake_quant_is_ptq_bit_for_bit(bits, method):
+    w = torch.randn(16, 64, generator=torch.Generator().manual_seed(bits)) * 0.05
+    gq = GroupQuant(w, bits, 16, method)
+    ref = dequantize(quantize(w.numpy(), bits, 16, method=method))
+    assert np.array_equal(gq(w).detach().numpy(), ref)
+
+
+def test_exported_parameters_reproduce_the_forward_exactly():
+    torch.manual_seed(0)
+    w = torch.randn(8, 32) * 0.05
+    gq = GroupQuant(w, 3, 8, "rtn")
+    with torch.no_grad():  # move the parameters off their initial grid
+        gq.log_scale.add_(torch.randn_like(gq.log_scale) * 0.3)
+        gq.zero.add_(torch.randn_like(gq.zero))
+    w2 = w + torch.randn_like(w) * 0.01
+    scale, zero = gq.export()
+    qt = quantize_with(w2.numpy(), 3, 8, scale, zero)
+    assert np.array_equal(qt.q, gq.codes(w2))
+    assert np.array_equal(dequantize(qt), gq(w2).detach().numpy())
+
+
+def test_scale_gets_the_lsq_gradient_and_clamped_weights_none():
+    w = torch.tensor([[0.10, -0.23, 0.31, 5.0, -0.02, 0.07, 0.0, -0.4]])
+    gq = GroupQuant(w, 2, 8, "rtn")
+    with torch.no_grad():
+        gq.log_scale.fill_(float(np.log(0.25)))
+        gq.zero.fill_(2.0)
+    w = w.clone().requires_grad_(True)
+    gq(w).sum().backward()
+    s, z, maxq = 0.25, 2.0, 3
+    x = w.detach() / s
+    q = torch.round(x) + z
+    inside = (q >= 0) & (q <= maxq)
+    lsq = torch.where(inside, torch.round(x) - x, q.clamp(0, maxq) - z).sum()
+    # d/d log_s = s * d/ds
+    assert torch.allclose(gq.log_scale.grad, s * lsq.reshape(1, 1), atol=1e-6)
+    assert torch.equal(w.grad, inside.float())
+    assert gq.zero.grad.item() == pytest.approx(-s * float((~inside).sum()))
