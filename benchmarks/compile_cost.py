@@ -39,7 +39,11 @@ STAGE = re.compile(r"✓ (.+?)\s+([0-9.]+) s$")
 
 def tree_rss(proc: psutil.Process) -> int:
     total = 0
-    for p in [proc, *proc.children(recursive=True)]:
+    try:
+        procs = [proc, *proc.children(recursive=True)]
+    except psutil.Error:  # the process just ended
+        return 0
+    for p in procs:
         try:
             total += p.memory_info().rss
         except psutil.Error:

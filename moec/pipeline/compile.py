@@ -113,12 +113,13 @@ def compile_bundle(cfg: CompileConfig, on_stage=None) -> Path:
         if cfg.onnx is not None:
             raise MoecError("--onnx cannot export a nested bundle's storage (ONNX has no run-time widths); "
                             "drop --onnx or --nested")
+    cache = _quant_cache(cfg)  # an unusable cache directory fails before the slow stages
     ckpt, mem = memory_plan_of(cfg.checkpoint, cfg.max_memory_gb, "compile")
     if mem.sequential:
         if cfg.nested is not None:
             raise MoecError("--nested is not supported for checkpoints compiled layer by layer (over the memory "
                             "budget) yet")
-        return _compile_sequential(cfg, ckpt, preset, on_stage)
+        return _compile_sequential(cfg, ckpt, preset, on_stage, cache)
     t0 = time.time()
     model = load_checkpoint(cfg.checkpoint)
     tok_path = Path(cfg.checkpoint) / "tokenizer.json"
@@ -149,7 +150,6 @@ def compile_bundle(cfg: CompileConfig, on_stage=None) -> Path:
         if on_stage:
             on_stage(f"plan ({name})", time.time() - t0)
         t0 = time.time()
-        cache = _quant_cache(cfg)
         weights = ModelWeights.from_model(model, plan if cfg.nested is None else storage_plan(plan, cfg.nested),
                                           cache=cache)
         if on_stage:
@@ -169,7 +169,8 @@ def compile_bundle(cfg: CompileConfig, on_stage=None) -> Path:
                             sign_key=cfg.sign_key, nested=cfg.nested)
 
 
-def _compile_sequential(cfg: CompileConfig, ckpt: LazyCheckpoint, preset, on_stage=None) -> Path:
+def _compile_sequential(cfg: CompileConfig, ckpt: LazyCheckpoint, preset, on_stage=None,
+                        cache: QuantCache | None = None) -> Path:
     """``compile_bundle`` for checkpoints over the memory budget: profile, search and pack layer by layer.
 
     Packed weights stream straight into the bundle's ``weights.bin``; the checkpoint is never whole in memory.
@@ -203,7 +204,7 @@ def _compile_sequential(cfg: CompileConfig, ckpt: LazyCheckpoint, preset, on_sta
         return compile_streaming(ckpt, plan, preset, cfg.out, tok if tok.is_file() else None, extra,
                                  cfg.debug_dump, on_stage, extra_files, cfg.activations, calib=calib,
                                  batch=data.batch if data is not None else 8, force=cfg.force,
-                                 sign_key=cfg.sign_key, cache=_quant_cache(cfg))
+                                 sign_key=cfg.sign_key, cache=cache)
 
 
 def _quant_cache(cfg: CompileConfig) -> QuantCache | None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import numpy as np
 import pytest
@@ -38,10 +39,16 @@ def test_streamed_bundle_matches_whole_model(tiny_checkpoint, tmp_path, monkeypa
 
     monkeypatch.setattr(LazyCheckpoint, "release", release)
     monkeypatch.setattr(budget, "WHOLE_MODEL_LIMIT", 0)
-    streamed = api.compile_bundle(api.CompileConfig(tiny_checkpoint, tmp_path / "new" / "s", plan=plan))
+    stages = []
+    cache = tmp_path / "quant-cache"  # the streamed compile fills it, the whole-model one reads it back
+    streamed = api.compile_bundle(api.CompileConfig(tiny_checkpoint, tmp_path / "new" / "s", plan=plan,
+                                                    quant_cache=cache), on_stage=lambda n, t: stages.append(n))
     assert live and max(live) == 0  # every layer's float tensors were freed before the next was read
     monkeypatch.setattr(budget, "WHOLE_MODEL_LIMIT", 1 << 40)
-    whole = api.compile_bundle(api.CompileConfig(tiny_checkpoint, tmp_path / "w", plan=plan))
+    whole = api.compile_bundle(api.CompileConfig(tiny_checkpoint, tmp_path / "w", plan=plan, quant_cache=cache),
+                               on_stage=lambda n, t: stages.append(n))
+    counts = [tuple(map(int, m.groups())) for m in map(re.compile(r"cache (\d+) hit / (\d+) miss").search, stages) if m]
+    assert len(counts) == 2 and counts[0][0] == 0 and counts[0][1] > 0 and counts[1] == counts[0][::-1], stages
     ms, mw = (json.loads((p / "manifest.json").read_text()) for p in (streamed, whole))
     assert ms["streamed"] and ms["weight_bytes"] == mw["weight_bytes"]
     assert ms["stored_weight_bytes"] == mw["stored_weight_bytes"]
@@ -72,6 +79,15 @@ def test_budget_error_leaves_no_bundle(tiny_checkpoint, tmp_path):
     res = CliRunner().invoke(cli, ["compile", str(tiny_checkpoint), "--plan", "uniform:4", "--out", str(out),
                                    "--max-memory-gb", "0.2"])
     assert res.exit_code != 0 and "too small for compile" in res.output
+    assert len(res.output.strip().splitlines()) == 1 and not out.exists()
+
+
+def test_unusable_quant_cache_is_one_line(tiny_checkpoint, tmp_path):
+    (tmp_path / "file").write_text("x")
+    out = tmp_path / "o"
+    res = CliRunner().invoke(cli, ["compile", str(tiny_checkpoint), "--plan", "uniform:4", "--out", str(out),
+                                   "--quant-cache", str(tmp_path / "file" / "cache")])
+    assert res.exit_code != 0 and "cannot create quantization cache" in res.output
     assert len(res.output.strip().splitlines()) == 1 and not out.exists()
 
 
