@@ -5,12 +5,14 @@ from __future__ import annotations
 from moec.core.errors import MoecError
 from moec.models.adapter import FamilyAdapter
 from moec.models.deepseek import DeepseekAdapter
+from moec.models.gptoss import GptOssAdapter
 from moec.models.mixtral import MixtralAdapter
 from moec.models.olmoe import OlmoeAdapter
 from moec.models.qwen_moe import Qwen2MoeAdapter, Qwen3MoeAdapter
 
 _ADAPTERS: dict[str, FamilyAdapter] = {}
-for _adapter in (MixtralAdapter(), Qwen2MoeAdapter(), Qwen3MoeAdapter(), OlmoeAdapter(), DeepseekAdapter()):
+for _adapter in (MixtralAdapter(), Qwen2MoeAdapter(), Qwen3MoeAdapter(), OlmoeAdapter(), DeepseekAdapter(),
+                 GptOssAdapter()):
     for _arch in _adapter.architectures:
         _ADAPTERS[_arch] = _adapter
 

@@ -72,6 +72,14 @@ def _deepseek_v3():
                                          norm_topk_prob=True)  # the best 2 of 4 groups (by their top-2 sum)
 
 
+def _gpt_oss():  # sliding (window 4) then full attention, sinks, biases, a clamp the activations reach
+    return transformers.GptOssConfig(**COMMON, head_dim=8, intermediate_size=32, num_local_experts=4,
+                                     num_experts_per_tok=2, sliding_window=4, swiglu_limit=0.3,
+                                     rope_parameters={"rope_type": "yarn", "rope_theta": 150000.0, "factor": 32.0,
+                                                      "beta_fast": 32.0, "beta_slow": 1.0, "truncate": False,
+                                                      "original_max_position_embeddings": 64})
+
+
 CASES = {
     "mixtral": (_mixtral, transformers.MixtralForCausalLM),
     "qwen2_moe": (_qwen2_moe, transformers.Qwen2MoeForCausalLM),
@@ -82,6 +90,7 @@ CASES = {
     "deepseek_v2_grouped": (_deepseek_v2_grouped, transformers.DeepseekV2ForCausalLM),
     "deepseek_v2_lite_yarn": (_deepseek_v2_lite_yarn, transformers.DeepseekV2ForCausalLM),
     "deepseek_v3": (_deepseek_v3, transformers.DeepseekV3ForCausalLM),
+    "gpt_oss": (_gpt_oss, transformers.GptOssForCausalLM),
 }
 
 
@@ -110,7 +119,7 @@ def test_adapter_matches_transformers(name, tmp_path):
     assert (expected - got).abs().max().item() < 1e-4
 
 
-@pytest.mark.parametrize("name", ["mixtral", "qwen3_moe", "deepseek_v3"])
+@pytest.mark.parametrize("name", ["mixtral", "qwen3_moe", "deepseek_v3", "gpt_oss"])
 def test_kv_cache_decode_matches_full_forward(name, tmp_path):
     make_cfg, cls = CASES[name]
     torch.manual_seed(1)
