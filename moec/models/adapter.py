@@ -76,9 +76,10 @@ class FamilyAdapter:
                     pairs.append((f"{c}.mlp.shared_gate.weight", f"{m}.{self.shared_gate}.weight"))
         return pairs
 
-    def converted_hf_shapes(self, cfg: MoEConfig) -> dict[str, tuple[int, ...]]:
+    def converted_hf_shapes(self, cfg: MoEConfig, present: frozenset[str] = frozenset()) -> dict[str, tuple[int, ...]]:
         """HF tensors that are not renamed but converted on load (split, reordered), with the shapes
-        config.json implies; a lazy per-layer reader can check them but not convert them."""
+        config.json implies (for the layout of the tensor names ``present``); a lazy per-layer reader
+        can check them but not convert them."""
         return {}
 
     def to_canonical(self, cfg: MoEConfig, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

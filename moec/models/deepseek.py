@@ -124,7 +124,7 @@ class DeepseekAdapter(FamilyAdapter):
                 pairs.append((f"layers.{i}.mlp.score_bias", f"model.layers.{i}.mlp.gate.e_score_correction_bias"))
         return pairs
 
-    def converted_hf_shapes(self, cfg: MoEConfig) -> dict[str, tuple[int, ...]]:
+    def converted_hf_shapes(self, cfg: MoEConfig, present: frozenset[str] = frozenset()) -> dict[str, tuple[int, ...]]:
         shape = (cfg.num_heads * (cfg.qk_nope_dim + cfg.v_head_dim), cfg.kv_lora_rank)
         return {f"model.layers.{i}.self_attn.kv_b_proj.weight": shape for i in range(cfg.num_layers)}
 

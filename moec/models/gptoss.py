@@ -76,13 +76,19 @@ class GptOssAdapter(FamilyAdapter):
                 pairs.append((f"{c}.attn.o_proj.bias", f"{h}.self_attn.o_proj.bias"))
         return pairs
 
-    def converted_hf_shapes(self, cfg: MoEConfig) -> dict[str, tuple[int, ...]]:
+    def converted_hf_shapes(self, cfg: MoEConfig, present: frozenset[str] = frozenset()) -> dict[str, tuple[int, ...]]:
+        """The experts of each layer, in the MXFP4 layout where ``present`` has it, else the fused one."""
         e, i, h = cfg.num_experts, cfg.expert_intermediate, cfg.hidden_size
         out = {}
         for layer in cfg.moe_layers:
             m = f"model.layers.{layer}.mlp.experts"
-            out.update({f"{m}.gate_up_proj": (e, h, 2 * i), f"{m}.down_proj": (e, i, h),
-                        f"{m}.gate_up_proj_bias": (e, 2 * i), f"{m}.down_proj_bias": (e, h)})
+            out.update({f"{m}.gate_up_proj_bias": (e, 2 * i), f"{m}.down_proj_bias": (e, h)})
+            if f"{m}.gate_up_proj_blocks" in present:
+                out.update({f"{m}.gate_up_proj_blocks": (e, 2 * i, h // 32, 16),
+                            f"{m}.gate_up_proj_scales": (e, 2 * i, h // 32),
+                            f"{m}.down_proj_blocks": (e, h, i // 32, 16), f"{m}.down_proj_scales": (e, h, i // 32)})
+            else:
+                out.update({f"{m}.gate_up_proj": (e, h, 2 * i), f"{m}.down_proj": (e, i, h)})
         return out
 
     def to_canonical(self, cfg: MoEConfig, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

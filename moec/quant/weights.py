@@ -9,7 +9,7 @@ import numpy as np
 from moec.core.config import MoEConfig
 from moec.models.model import MoEModel
 from moec.quant.pack import pack, packed_row_bytes
-from moec.core.inventory import HEAD_WEIGHTS, expert_key, expert_shapes, non_expert_weights
+from moec.core.inventory import EXPERT_BIASES, HEAD_WEIGHTS, expert_key, expert_shapes, non_expert_weights
 from moec.quant.packed_model import PackedWeight, pack_model
 from moec.core.plan import BitPlan
 
@@ -46,7 +46,7 @@ def _float32(w: np.ndarray) -> PackedWeight:
 
 def _floats(model: MoEModel) -> dict[str, np.ndarray]:
     return {k: v.detach().float().numpy() for k, v in model.state_dict().items()
-            if v.dim() == 1 or k.endswith(HEAD_WEIGHTS)}
+            if v.dim() == 1 or k.endswith(HEAD_WEIGHTS + EXPERT_BIASES)}
 
 
 def random_weights(cfg: MoEConfig, plan: BitPlan, seed: int = 0, float32: bool = False) -> ModelWeights:
@@ -107,7 +107,28 @@ def random_weights(cfg: MoEConfig, plan: BitPlan, seed: int = 0, float32: bool =
             floats.update(_mla_floats(cfg, i, rng))
         if cfg.router_bias and i not in cfg.dense_layers:
             floats[f"layers.{i}.mlp.score_bias"] = (rng.standard_normal(cfg.num_experts) * 0.01).astype(np.float32)
+        floats.update(_gptoss_floats(cfg, i, rng))
     return ModelWeights(cfg, plan, packed, floats)
+
+
+def _gptoss_floats(cfg: MoEConfig, layer: int, rng) -> dict[str, np.ndarray]:
+    """Sinks, the output projection's, router's and experts' biases (those the config has) for random weights."""
+    p, out = f"layers.{layer}", {}
+
+    def small(*shape):
+        return (rng.standard_normal(shape) * 0.01).astype(np.float32)
+
+    if cfg.attention_sinks:
+        out[f"{p}.attn.sinks"] = small(cfg.num_heads)
+    if cfg.o_proj_bias:
+        out[f"{p}.attn.o_proj.bias"] = small(cfg.hidden_size)
+    if layer in cfg.moe_layers and cfg.router_logit_bias:
+        out[f"{p}.mlp.router.bias"] = small(cfg.num_experts)
+    if layer in cfg.moe_layers and cfg.expert_bias:
+        e, i = cfg.num_experts, cfg.expert_intermediate
+        out.update({f"{p}.mlp.w1_bias": small(e, i), f"{p}.mlp.w3_bias": small(e, i),
+                    f"{p}.mlp.w2_bias": small(e, cfg.hidden_size)})
+    return out
 
 
 def _mla_floats(cfg: MoEConfig, layer: int, rng) -> dict[str, np.ndarray]:

@@ -1,4 +1,4 @@
-"""DeepSeek-V2/V3 checkpoints (tiny, built with transformers) export to ONNX that matches torch fake-quant."""
+"""DeepSeek-V2/V3 and gpt-oss checkpoints (tiny, built with transformers) export to ONNX that matches torch fake-quant."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ from moec.quant.packed_model import fake_quantize_model
 transformers = pytest.importorskip("transformers")
 from tests.models.test_adapters import CASES, _randomise  # noqa: E402
 
-FAMILIES = ["deepseek_v2_lite", "deepseek_v3"]
+FAMILIES = ["deepseek_v2_lite", "deepseek_v3", "gpt_oss"]
 
 
 @pytest.mark.parametrize("spec", ["uniform:4", "mixed"])
@@ -34,8 +34,11 @@ def test_deepseek_export_matches_fake_quant(tmp_path, family, spec):
     res = api.export_onnx(tmp_path / "ckpt", plan, tmp_path / "out", group_size=GROUP)
     fake_quantize_model(model, resolve_plan(plan, model.cfg, GROUP))
     _check_and_compare(res.out_dir, model, ids=[5, 17, 42, 9, 60, 7, 63, 2, 88, 31, 12, 50])
-    # the cache holds the latent: one "head" of kv_lora_rank + qk_rope_dim (key) and kv_lora_rank (value)
     summary = res.summary["graphs"]["decode"]["inputs"]
+    if family == "gpt_oss":  # plain GQA cache, every position kept (sliding layers mask, not drop, old keys)
+        assert summary["past.{i}.key"] == summary["past.{i}.value"] == [1, 2, "P", 8]
+        return
+    # the cache holds the latent: one "head" of kv_lora_rank + qk_rope_dim (key) and kv_lora_rank (value)
     assert summary["past.{i}.key"] == [1, 1, "P", 32 + 4] and summary["past.{i}.value"] == [1, 1, "P", 32]
 
 
