@@ -55,7 +55,7 @@ def latent_attention(ops: Ops, cfg: MoEConfig, layer: int, x: Value) -> Value:
 
 
 def swiglu(ops: Ops, cfg: MoEConfig | None, layer: int | None, x: Value) -> Value:
-    """``w2(silu(w1 x) * w3 x)``: dense MLP layers, the shared expert, an ONNX routed expert.
+    """``w2(silu(w1 x) * w3 x)``: dense MLP layers and the shared expert (routed experts: :func:`expert`).
 
     ``cfg`` and ``layer`` are unused (the signature every MLP block shares).
     """

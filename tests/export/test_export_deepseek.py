@@ -42,17 +42,18 @@ def test_deepseek_export_matches_fake_quant(tmp_path, family, spec):
     assert summary["past.{i}.key"] == [1, 1, "P", 32 + 4] and summary["past.{i}.value"] == [1, 1, "P", 32]
 
 
-def test_deepseek_is_refused_layer_by_layer_not_misread(tmp_path, monkeypatch):
-    """DeepSeek converts kv_b_proj on load, which the lazy per-layer reader cannot do: over the memory
-    budget the stage stops with one line instead of reading wrong attention weights."""
+@pytest.mark.parametrize("family", ["deepseek_v2_lite", "gpt_oss"])
+def test_deepseek_is_refused_layer_by_layer_not_misread(tmp_path, monkeypatch, family):
+    """DeepSeek converts kv_b_proj (gpt-oss its experts) on load, which the lazy per-layer reader cannot
+    do: over the memory budget the stage stops with one line instead of reading wrong weights."""
     import moec.models.memory_budget as budget
     from moec.core.errors import MoecError
     from moec.models.lazy import LazyCheckpoint
 
-    make_cfg, cls = CASES["deepseek_v2_lite"]
+    make_cfg, cls = CASES[family]
     torch.manual_seed(0)
     cls(make_cfg()).save_pretrained(tmp_path / "ckpt")
-    ckpt = LazyCheckpoint(tmp_path / "ckpt")  # headers (kv_b_proj included) check out
+    ckpt = LazyCheckpoint(tmp_path / "ckpt")  # headers (kv_b_proj, gpt-oss's fused experts included) check out
     assert not ckpt.reads_by_layer
     monkeypatch.setattr(budget, "WHOLE_MODEL_LIMIT", 0)
     with pytest.raises(MoecError, match="cannot be processed layer by layer") as ei:

@@ -166,6 +166,8 @@ def test_gpt_oss_mxfp4_experts_dequantize_like_transformers(tmp_path):
             assert theirs.abs().max() > 0
             getattr(layer.mlp.experts, proj).data.copy_(theirs)
     save_file(tensors, tmp_path / "model.safetensors", metadata={"format": "pt"})
+    from moec.models.lazy import LazyCheckpoint
+    assert not LazyCheckpoint(tmp_path).reads_by_layer  # the pipeline's header check accepts the layout
     ours = load_checkpoint(tmp_path)
     torch.testing.assert_close(ours.layers[1].mlp.w2, ref.model.layers[1].mlp.experts.down_proj.transpose(1, 2),
                                rtol=0, atol=0)
