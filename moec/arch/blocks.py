@@ -80,9 +80,10 @@ def expert(ops: Ops, cfg: MoEConfig, layer: int | None, x: Value) -> Value:
 
 
 def router(ops: Ops, cfg: MoEConfig, x: Value) -> Routing:
-    """Softmax or sigmoid scores (or gpt-oss's softmax over the top-k logits), top-k (on the scores plus ``score_bias`` if the family biases the
-    choice, within the best expert groups if routing is group-limited; the gates stay the scores), renormalised to sum 1 if the family does, times
-    ``routed_scale``."""
+    """Softmax or sigmoid scores, top-k (on the scores plus ``score_bias`` if the family biases the
+    choice, within the best expert groups if routing is group-limited; the gates stay the scores),
+    renormalised to sum 1 if the family does, times ``routed_scale``; or gpt-oss's softmax over the
+    top-k logits (``router_scoring == "topk_softmax"``)."""
     logits = ops.linear(x, "router")  # plus its bias, if the family has one
     if cfg.router_scoring == "topk_softmax":  # gpt-oss: the top-k logits, softmax over those k
         top, ids = ops.topk(logits, cfg.top_k)

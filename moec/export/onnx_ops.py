@@ -200,7 +200,8 @@ class OnnxOps:
         return self.gb.op("Reshape", [x, self.gb.i64(0, -1)])
 
     def clamp(self, x, low, high):
-        return self.gb.op("Clip", [x, "" if low is None else self.gb.f32(low), "" if high is None else self.gb.f32(high)])
+        bound = [("" if b is None else self.gb.f32(b)) for b in (low, high)]  # "": no bound on that side
+        return self.gb.op("Clip", [x, *bound])
 
     def scale(self, x, factor):
         return self.gb.op("Mul", [x, self.gb.f32(factor)])

@@ -238,7 +238,8 @@ class DecodeBuilder:
             ids = bb.emit(relax.op.where(member, in_cls, relax.const(np.int32(-1))))
             name = f"layers.{layer}.experts.b{c}"
             g1, g3 = (self._expert_bias(self.emitter.experts(bb, x, self.params.entries[f"{name}.{w}"], self.vars,
-                                                             f"{name}.{w}", ids), layer, w, slots) for w in ("w1", "w3"))
+                                                             f"{name}.{w}", ids), layer, w, slots)
+                      for w in ("w1", "w3"))
             act = blocks.glu(self, cfg, g1, g3)  # rows of other classes: w2 below writes 0 for id -1
             out = self.emitter.experts(bb, act, self.params.entries[f"{name}.w2"], self.vars, f"{name}.w2", ids)
             y = out if y is None else bb.emit(relax.op.add(y, out))

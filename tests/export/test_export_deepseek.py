@@ -1,4 +1,4 @@
-"""DeepSeek-V2/V3 and gpt-oss checkpoints (tiny, built with transformers) export to ONNX that matches torch fake-quant."""
+"""DeepSeek-V2/V3 and gpt-oss checkpoints (tiny, built with transformers) export to ONNX matching torch fake-quant."""
 
 from __future__ import annotations
 
