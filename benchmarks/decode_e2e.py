@@ -10,6 +10,7 @@ Usage::
 
     python benchmarks/decode_e2e.py reference/checkpoint [--mixed plan.json] [--large] [--steps 32]
     python benchmarks/decode_e2e.py --deepseek-v2-lite 3     # only the DeepSeek-V2-Lite-shaped model
+    python benchmarks/decode_e2e.py --gpt-oss-20b 2          # only the gpt-oss-20b-shaped model
 
 ``--large`` adds a random model with OLMoE-like shapes (hidden 2048, 64 experts of width
 1024, top-8, 4 layers) whose packed weights are generated directly (they exceed the L3).
@@ -19,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import math
 import statistics
 import tempfile
 import time
@@ -146,6 +148,10 @@ def main() -> None:
     ap.add_argument("--deepseek-v2-lite", type=int, default=0, metavar="LAYERS",
                     help="Also benchmark a random model with DeepSeek-V2-Lite's shapes (MLA, 64 experts × 1408, "
                          "top-6, 2 shared, layer 0 dense) and this many layers.")
+    ap.add_argument("--gpt-oss-20b", type=int, default=0, metavar="LAYERS",
+                    help="Also benchmark a random model with gpt-oss-20b's shapes (hidden 2880, 32 experts × 2880, "
+                         "top-4, 64 q / 8 kv heads × 64, sinks, sliding window 128 on every other layer, biases) "
+                         "and this many layers.")
     ap.add_argument("--steps", type=int, default=32)
     ap.add_argument("--group-size", type=int, default=64)
     ap.add_argument("--activations", choices=["float32", "int8"], default="float32",
@@ -168,17 +174,23 @@ def main() -> None:
     if args.large or (args.large_only and args.checkpoint is not None):
         big = MoEConfig(vocab_size=4096, hidden_size=2048, num_layers=4, num_heads=16, num_kv_heads=16,
                         num_experts=64, top_k=8, expert_intermediate=1024, norm_topk_prob=False)
-        plans = {"uniform INT8": uniform_plan(big, 8, g), "uniform INT4": uniform_plan(big, 4, g),
-                 "mixed": example_mixed(big, g)}
-        run("OLMoE-shaped random model (hidden 2048, 64 experts × 1024, top-8, 4 layers)", big, plans,
-            lambda p: random_weights(big, p), None, args.steps, args.activations)
-
+        run_random("OLMoE-shaped random model (hidden 2048, 64 experts × 1024, top-8, 4 layers)", big, args)
     if args.deepseek_v2_lite:
         ds = deepseek_v2_lite_shaped(args.deepseek_v2_lite)
-        plans = {"uniform INT8": uniform_plan(ds, 8, g), "uniform INT4": uniform_plan(ds, 4, g),
-                 "mixed": example_mixed(ds, g)}
-        run(f"DeepSeek-V2-Lite-shaped random model (MLA latent cache 512+64, 64 experts × 1408, top-6, "
-            f"{ds.num_layers} layers)", ds, plans, lambda p: random_weights(ds, p), None, args.steps, args.activations)
+        run_random(f"DeepSeek-V2-Lite-shaped random model (MLA latent cache 512+64, 64 experts × 1408, top-6, "
+                   f"{ds.num_layers} layers)", ds, args)
+    if args.gpt_oss_20b:
+        go = gpt_oss_20b_shaped(args.gpt_oss_20b)
+        run_random(f"gpt-oss-20b-shaped random model (hidden 2880, 32 experts × 2880, top-4, 64/8 heads × 64, "
+                   f"sinks, window 128, {go.num_layers} layers)", go, args)
+
+
+def run_random(label: str, cfg: MoEConfig, args) -> None:
+    """INT8, INT4 and the example mixed plan of a random-weight model (packed directly, no float copy)."""
+    g = args.group_size
+    plans = {"uniform INT8": uniform_plan(cfg, 8, g), "uniform INT4": uniform_plan(cfg, 4, g),
+             "mixed": example_mixed(cfg, g)}
+    run(label, cfg, plans, lambda p: random_weights(cfg, p), None, args.steps, args.activations)
 
 
 def deepseek_v2_lite_shaped(layers: int) -> MoEConfig:
@@ -188,6 +200,19 @@ def deepseek_v2_lite_shaped(layers: int) -> MoEConfig:
                      shared_intermediate=2816, dense_layers=[0], dense_intermediate=10944, attention="mla",
                      kv_lora_rank=512, qk_nope_dim=128, qk_rope_dim=64, v_head_dim=128, rope_factor=40.0,
                      rope_original_max=4096, architecture="DeepseekV2ForCausalLM")
+
+
+def gpt_oss_20b_shaped(layers: int) -> MoEConfig:
+    """gpt-oss-20b's real layer shapes (vocab cut to 4096): sliding window 128 on even layers, sinks, biases,
+    clamped SwiGLU, YaRN RoPE (factor 32, untruncated) as released."""
+    return MoEConfig(vocab_size=4096, hidden_size=2880, num_layers=layers, num_heads=64, num_kv_heads=8,
+                     num_experts=32, top_k=4, expert_intermediate=2880, norm_topk_prob=False, head_dim=64,
+                     attention_bias=True, attention_out_bias=True, attention_sinks=True, sliding_window=128,
+                     sliding_layers=list(range(0, layers, 2)), router_scoring="topk_softmax", router_logit_bias=True,
+                     expert_bias=True, swiglu_limit=7.0, swiglu_alpha=1.702, rope_theta=150000.0, rope_factor=32.0,
+                     rope_original_max=4096, rope_truncate=False,
+                     attention_scale=64 ** -0.5 * (0.1 * math.log(32) + 1) ** 2,
+                     max_position=131072, rms_eps=1e-5, architecture="GptOssForCausalLM")
 
 
 def example_mixed(cfg: MoEConfig, group: int) -> BitPlan:

@@ -28,8 +28,9 @@ def partial_rope(ops: Ops, cfg: MoEConfig, x: Value) -> Value:
 
 
 def attention(ops: Ops, cfg: MoEConfig, layer: int, x: Value) -> Value:
-    """GQA self-attention with optional q/k bias and q/k RMSNorm (over the projection or per head),
-    partial rotary and an explicit softmax scale (Granite's ``attention_multiplier``)."""
+    """GQA self-attention with optional q/k/v(/o) biases, q/k RMSNorm (over the projection or per head),
+    partial rotary, an explicit softmax scale (Granite's ``attention_multiplier``), per-head attention
+    sinks and a sliding window on the layers in ``cfg.sliding_layers`` (gpt-oss)."""
     nh, nkv, hd = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
     q, k, v = (ops.linear(x, f"{n}_proj") for n in "qkv")
     if cfg.qk_norm == "full":
@@ -37,8 +38,10 @@ def attention(ops: Ops, cfg: MoEConfig, layer: int, x: Value) -> Value:
     q, k, v = ops.split_heads(q, nh, hd), ops.split_heads(k, nkv, hd), ops.split_heads(v, nkv, hd)
     if cfg.qk_norm == "head":
         q, k = ops.rms_norm(q, "q_norm"), ops.rms_norm(k, "k_norm")
+    window = cfg.sliding_window if layer in cfg.sliding_layers else 0
     out = ops.attend(partial_rope(ops, cfg, q), partial_rope(ops, cfg, k), v, layer,
-                     cfg.attention_scale or 1.0 / math.sqrt(hd))
+                     cfg.attention_scale or 1.0 / math.sqrt(hd),
+                     window=window, sinks="sinks" if cfg.attention_sinks else None)
     return ops.linear(out, "o_proj")
 
 
@@ -67,20 +70,41 @@ def latent_attention(ops: Ops, cfg: MoEConfig, layer: int, x: Value) -> Value:
 
 
 def swiglu(ops: Ops, cfg: MoEConfig | None, layer: int | None, x: Value) -> Value:
-    """``w2(silu(w1 x) * w3 x)``: dense MLP layers, the shared expert, an ONNX routed expert.
+    """``w2(silu(w1 x) * w3 x)``: dense MLP layers and the shared expert (routed experts: :func:`expert`).
 
     ``cfg`` and ``layer`` are unused (the signature every MLP block shares).
     """
     return ops.linear(ops.mul(ops.silu(ops.linear(x, "w1")), ops.linear(x, "w3")), "w2")
 
 
+def glu(ops: Ops, cfg: MoEConfig | None, gate: Value, up: Value) -> Value:
+    """A routed expert's gated activation: ``silu(gate) * up``, or with ``cfg.swiglu_limit`` gpt-oss's
+    clamped form ``(clamp(up, ±limit) + 1) · g · sigmoid(alpha · g)``, ``g = min(gate, limit)``."""
+    if cfg is None or not cfg.swiglu_limit:
+        return ops.mul(ops.silu(gate), up)
+    limit = cfg.swiglu_limit
+    gate, up = ops.clamp(gate, None, limit), ops.clamp(up, -limit, limit)
+    g = ops.mul(gate, ops.sigmoid(ops.scale(gate, cfg.swiglu_alpha)))
+    return ops.add(ops.mul(g, up), g)  # g · (up + 1)
+
+
+def expert(ops: Ops, cfg: MoEConfig, layer: int | None, x: Value) -> Value:
+    """One routed expert ``w2(glu(w1 x, w3 x))`` with the projections' biases if the family has them
+    (backends whose dispatch calls expert kernels directly apply :func:`glu` between them)."""
+    return ops.linear(glu(ops, cfg, ops.linear(x, "w1"), ops.linear(x, "w3")), "w2")
+
+
 def router(ops: Ops, cfg: MoEConfig, x: Value) -> Routing:
     """Softmax or sigmoid scores, top-k (on the scores plus ``score_bias`` if the family biases the
-    choice, within the best expert groups if routing is group-limited; the gates stay the scores), renormalised to sum 1 if the family does, times
-    ``routed_scale``."""
-    logits = ops.linear(x, "router")
+    choice, within the best expert groups if routing is group-limited; the gates stay the scores),
+    renormalised to sum 1 if the family does, times ``routed_scale``; Phi-MoE's sparsemixer; or
+    gpt-oss's softmax over the top-k logits (``router_scoring == "topk_softmax"``)."""
+    logits = ops.linear(x, "router")  # plus its bias, if the family has one
     if cfg.router_scoring == "sparsemixer":
         return sparsemixer(ops, cfg, logits)
+    if cfg.router_scoring == "topk_softmax":  # gpt-oss: the top-k logits, softmax over those k
+        top, ids = ops.topk(logits, cfg.top_k)
+        return Routing(ops.softmax(logits), ops.softmax(top), ids)
     probs = ops.sigmoid(logits) if cfg.router_scoring == "sigmoid" else ops.softmax(logits)
     grouped = cfg.kept_groups < cfg.expert_groups
     if cfg.router_bias or grouped:

@@ -58,11 +58,14 @@ class Ops(Protocol):
     def rope(self, x: Value) -> Value:
         """Half-rotation RoPE of heads ``x`` at the positions of this call's tokens."""
 
-    def attend(self, q: Value, k: Value, v: Value, layer: int, scale: float) -> Value:
+    def attend(self, q: Value, k: Value, v: Value, layer: int, scale: float, window: int = 0,
+               sinks: str | None = None) -> Value:
         """Causal attention of query heads over layer ``layer``'s cache plus ``k``/``v``.
 
         Appends ``k``/``v`` to the cache; query head ``h`` reads kv head ``h // (q_heads //
-        kv_heads)`` (GQA); returns the merged heads ``[.., q_heads * v_head_dim]``.
+        kv_heads)`` (GQA); returns the merged heads ``[.., q_heads * v_head_dim]``. ``window`` > 0:
+        a query sees only itself and the ``window - 1`` keys before it. ``sinks``: name of a per-head
+        logit vector ``[q_heads]`` that joins each softmax denominator (a key with no value).
         """
 
     def slice_last(self, x: Value, start: int, stop: int) -> Value:
@@ -83,6 +86,9 @@ class Ops(Protocol):
     def div(self, a: Value, b: Value) -> Value: ...
     def silu(self, x: Value) -> Value: ...
     def sigmoid(self, x: Value) -> Value: ...
+
+    def clamp(self, x: Value, low: float | None, high: float | None) -> Value:
+        """``x`` limited to ``[low, high]`` (None: unbounded on that side)."""
 
     def scale(self, x: Value, factor: float) -> Value:
         """``x * factor`` for a constant ``factor``."""

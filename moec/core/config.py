@@ -11,7 +11,7 @@ from moec.core.errors import MoecError
 
 QK_NORM_MODES = ("none", "full", "head")
 ATTENTION_KINDS = ("gqa", "mla")
-ROUTER_SCORINGS = ("softmax", "sigmoid", "sparsemixer")
+ROUTER_SCORINGS = ("softmax", "sigmoid", "sparsemixer", "topk_softmax")
 NORM_KINDS = ("rms", "layer")
 _MAX_DIM = 1 << 24
 
@@ -36,7 +36,8 @@ class MoEConfig:
     choice is group-limited: experts fall into ``expert_groups`` equal groups, each scored by the
     sum of its ``group_score_top`` best choice scores, and only the ``kept_groups`` best groups
     may be chosen. ``rope_factor`` > 1 selects YaRN RoPE
-    (``rope_original_max``, ``rope_beta_fast``/``rope_beta_slow``: see :func:`rope_inv_freq`);
+    (``rope_original_max``, ``rope_beta_fast``/``rope_beta_slow``, ``rope_truncate``: see
+    :func:`rope_inv_freq`);
     ``attention_scale`` (0: ``1/sqrt(query head width)``) is the softmax scale. ``rotary_dim`` (0: the
     whole head) is how many leading dims of each GQA q/k head RoPE rotates (GLM-4.5's partial
     rotary). ``norm`` is ``"rms"`` or ``"layer"`` (LayerNorm with bias for the layer and final norms,
@@ -46,7 +47,14 @@ class MoEConfig:
     ``"sparsemixer"`` is Phi-MoE's top-2 at inference (:func:`moec.arch.blocks.sparsemixer`, with
     ``sparsemixer_eps``, the config's ``router_jitter_noise``). ``rope_ext_factors`` (empty: none)
     divide the plain RoPE inverse frequencies pair by pair (LongRoPE's short factors, Phi-3.5-MoE).
-    Fields added after v1 are left out of
+
+    gpt-oss: ``attention_out_bias``, ``attention_sinks`` (a learned
+    per-head logit in every softmax denominator), ``sliding_window`` keys seen by the layers in
+    ``sliding_layers`` (the query and the ``sliding_window - 1`` before it), ``router_scoring``
+    ``"topk_softmax"`` (top-k of the router logits, softmax over those k), ``router_logit_bias``
+    (the router linear has a bias), ``expert_bias`` (each routed expert's projections have biases)
+    and ``swiglu_limit`` > 0: the clamped SwiGLU ``(clamp(up, ±limit) + 1) · g · sigmoid(alpha · g)``
+    with ``g = min(gate, limit)`` and ``alpha = swiglu_alpha``. Fields added after v1 are left out of
     :meth:`to_dict` while at their defaults, so older fingerprints and plans stay valid.
     """
 
@@ -97,6 +105,14 @@ class MoEConfig:
     logits_scale: float = 1.0
     sparsemixer_eps: float = 0.01
     rope_ext_factors: list[float] = field(default_factory=list)
+    rope_truncate: bool = True
+    attention_sinks: bool = False
+    sliding_window: int = 0
+    sliding_layers: list[int] = field(default_factory=list)
+    router_logit_bias: bool = False
+    expert_bias: bool = False
+    swiglu_limit: float = 0.0
+    swiglu_alpha: float = 1.0
 
     def __post_init__(self) -> None:
         self._check_types()
@@ -151,6 +167,15 @@ class MoEConfig:
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v <= 0:
                 bad(name, "a positive finite number")
+        for name in ("swiglu_limit", "sliding_window"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0:
+                bad(name, "a finite number >= 0")
+        if not _is_int(self.sliding_window):
+            bad("sliding_window", "an integer >= 0")
+        if isinstance(self.swiglu_alpha, bool) or not isinstance(self.swiglu_alpha, (int, float)) \
+                or not math.isfinite(self.swiglu_alpha) or self.swiglu_alpha <= 0:
+            bad("swiglu_alpha", "a positive finite number")
         for name in ("rope_original_max", "expert_groups", "kept_groups", "group_score_top"):
             v = getattr(self, name)
             if not _is_int(v) or not (name == "rope_original_max" or v >= 1) or not 0 <= v <= _MAX_DIM:
@@ -160,7 +185,8 @@ class MoEConfig:
             if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0:
                 bad(name, "a finite number >= 0")
         for name in ("norm_topk_prob", "shared_gate", "attention_bias", "tie_embeddings", "router_bias",
-                     "attention_out_bias", "lm_head_bias"):
+                     "attention_out_bias", "lm_head_bias", "rope_truncate", "attention_sinks",
+                     "router_logit_bias", "expert_bias"):
             if not isinstance(getattr(self, name), bool):
                 bad(name, "true or false")
         for name in ("qk_norm", "attention", "router_scoring", "norm"):
@@ -172,8 +198,10 @@ class MoEConfig:
         if not isinstance(f, list) or not all(isinstance(v, (int, float)) and not isinstance(v, bool) and
                                               math.isfinite(v) and v > 0 for v in f):
             bad("rope_ext_factors", "a list of positive numbers")
-        if not isinstance(self.dense_layers, list) or not all(_is_int(i) for i in self.dense_layers):
-            bad("dense_layers", "a list of layer indices")
+        for name in ("dense_layers", "sliding_layers"):
+            v = getattr(self, name)
+            if not isinstance(v, list) or not all(_is_int(i) for i in v):
+                bad(name, "a list of layer indices")
         if self.head_dim is None and self.hidden_size % self.num_heads:
             bad("hidden_size", f"a multiple of num_heads ({self.num_heads})")
 
@@ -201,7 +229,8 @@ class MoEConfig:
     def to_dict(self) -> dict:
         d = asdict(self)
         for f in fields(self):
-            if f.name in _LATER_FIELDS and d[f.name] == (f.default_factory() if f.default is MISSING else f.default):
+            default = f.default_factory() if f.default_factory is not MISSING else f.default
+            if f.name in _LATER_FIELDS and d[f.name] == default:
                 del d[f.name]
         return d
 
@@ -216,7 +245,8 @@ _LATER_FIELDS = ("attention", "q_lora_rank", "kv_lora_rank", "qk_nope_dim", "qk_
                  "rope_factor", "rope_original_max",
                  "rope_beta_fast", "rope_beta_slow", "attention_scale", "rotary_dim", "norm", "attention_out_bias",
                  "lm_head_bias", "embedding_scale", "residual_scale", "logits_scale", "sparsemixer_eps",
-                 "rope_ext_factors")
+                 "rope_ext_factors", "rope_truncate", "attention_sinks", "sliding_window", "sliding_layers",
+                 "router_logit_bias", "expert_bias", "swiglu_limit", "swiglu_alpha")
 
 
 def rope_inv_freq(cfg: MoEConfig) -> list[float]:
@@ -226,7 +256,7 @@ def rope_inv_freq(cfg: MoEConfig) -> list[float]:
     (``rope_factor`` > 1): pairs rotating fewer than
     ``rope_beta_slow`` times over ``rope_original_max`` positions are interpolated (divided by
     the factor), those rotating more than ``rope_beta_fast`` times kept, with a linear ramp in
-    between (bounds floored/ceiled to whole dimensions).
+    between (bounds floored/ceiled to whole dimensions unless ``rope_truncate`` is false, as gpt-oss).
     """
     d, theta = cfg.rope_dim, cfg.rope_theta
     plain = [theta ** (-(2 * j) / d) for j in range(d // 2)]
@@ -238,8 +268,10 @@ def rope_inv_freq(cfg: MoEConfig) -> list[float]:
     def dim_of(rotations: float) -> float:  # the dimension that turns `rotations` times over the original span
         return d * math.log(cfg.rope_original_max / (rotations * 2 * math.pi)) / (2 * math.log(theta))
 
-    low = max(math.floor(dim_of(cfg.rope_beta_fast)), 0)
-    high = min(math.ceil(dim_of(cfg.rope_beta_slow)), d - 1)
+    low, high = dim_of(cfg.rope_beta_fast), dim_of(cfg.rope_beta_slow)
+    if cfg.rope_truncate:
+        low, high = math.floor(low), math.ceil(high)
+    low, high = max(low, 0), min(high, d - 1)
     high = high + 0.001 if high == low else high
     out = []
     for j, f in enumerate(plain):

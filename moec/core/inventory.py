@@ -18,6 +18,9 @@ TENSOR_GROUPS = {
 #: Per-head 3-D weights ``[heads, out, in]`` (MLA's absorbed up-projections): kept in float32 like norms.
 HEAD_WEIGHTS = ("attn.k_up.weight", "attn.v_up.weight")
 
+#: Routed experts' stacked biases ``[E, out]`` (gpt-oss): float32 like the other biases, not in the plan.
+EXPERT_BIASES = ("mlp.w1_bias", "mlp.w3_bias", "mlp.w2_bias")
+
 
 def non_expert_weights(cfg: MoEConfig) -> list[tuple[str, tuple[int, int]]]:
     """(canonical name, [N, K]) of every 2-D weight that is not a routed expert."""

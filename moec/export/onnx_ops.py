@@ -20,7 +20,7 @@ Routed experts (:meth:`OnnxOps.routed_experts`), identical in the prefill and de
 An expert's weights are read only inside its then-branch, so a decode step touches exactly the
 top-k experts' packed weights (onnxruntime never evaluates the branch not taken), and prefill
 runs each expert once on the group of tokens routed to it; the branch body is
-``moec.arch.blocks.swiglu``. Contributions are accumulated in expert order per token, as the
+``moec.arch.blocks.expert``. Contributions are accumulated in expert order per token, as the
 torch model does. Every node of expert ``e``'s branch, and its ``If``, carries
 ``metadata_props`` ``layer``, ``expert``, ``bits``, ``group_size``.
 """
@@ -51,6 +51,7 @@ class Positions:
     cos: str             # float [T, 1, head_dim]
     sin: str
     mask: str | None     # float [T, P + T] additive causal mask, None for single-token decode
+    window_mask: str | None = None  # float [T, P + T]: causal and within cfg.sliding_window (decode too)
 
 
 def positions(gb: GraphBuilder, cfg: MoEConfig, seq_len: str, past: str | None, causal: bool) -> Positions:
@@ -67,12 +68,17 @@ def positions(gb: GraphBuilder, cfg: MoEConfig, seq_len: str, past: str | None, 
     emb = gb.op("Concat", [freqs, freqs], axis=-1)
     cos = gb.op("Unsqueeze", [gb.op("Cos", [emb]), gb.i64(1)])
     sin = gb.op("Unsqueeze", [gb.op("Sin", [emb]), gb.i64(1)])
-    mask = None
-    if causal:  # query i (absolute P+i) sees keys j <= P+i
+    mask = window_mask = None
+    if causal or cfg.sliding_window:  # query i (absolute P+i) sees keys j <= P+i (and j > P+i-window)
         keys = gb.op("Unsqueeze", [gb.op("Range", [gb.scalar_i64(0), total, gb.scalar_i64(1)]), gb.i64(0)])
         queries = gb.op("Unsqueeze", [gb.op("Range", [past, total, gb.scalar_i64(1)]), gb.i64(1)])
-        mask = gb.op("Where", [gb.op("LessOrEqual", [keys, queries]), gb.f32(0.0), gb.f32(-np.inf)])
-    return Positions(past, total, cos, sin, mask)
+        seen = gb.op("LessOrEqual", [keys, queries])
+        if causal:
+            mask = gb.op("Where", [seen, gb.f32(0.0), gb.f32(-np.inf)])
+        if cfg.sliding_window:
+            near = gb.op("Greater", [keys, gb.op("Sub", [queries, gb.i64(cfg.sliding_window)])])
+            window_mask = gb.op("Where", [gb.op("And", [seen, near]), gb.f32(0.0), gb.f32(-np.inf)])
+    return Positions(past, total, cos, sin, mask, window_mask)
 
 
 class OnnxOps:
@@ -140,8 +146,11 @@ class OnnxOps:
         rotated = gb.op("Concat", [gb.op("Neg", [hi]), lo], axis=-1)
         return self._like(x, gb.op("Add", [gb.op("Mul", [x, self.pos.cos]), gb.op("Mul", [rotated, self.pos.sin])]))
 
-    def attend(self, q, k, v, layer, scale):
-        """Writes ``present.L.key``/``value`` ([1, kv, P+T, hd]); GQA by grouping query heads per kv head."""
+    def attend(self, q, k, v, layer, scale, window=0, sinks=None):
+        """Writes ``present.L.key``/``value`` ([1, kv, P+T, hd]); GQA by grouping query heads per kv head.
+
+        A sliding window uses the positions' window mask (``cfg.sliding_window``, the only window);
+        sinks join the softmax as one more column per head, dropped after it."""
         gb = self.gb
         (nh, hd), (nkv, _), (_, vd) = self.heads[q], self.heads[k], self.heads[v]
         # [T, heads, hd] -> [1, heads, T, hd]: the cache layout
@@ -159,9 +168,19 @@ class OnnxOps:
         vh = gb.op("Reshape", [v, gb.i64(nkv, 1, -1, vd)])
         scores = gb.op("MatMul", [qh, gb.op("Transpose", [kh], perm=[0, 1, 3, 2])])
         scores = gb.op("Mul", [scores, gb.f32(scale)])
-        if self.pos.mask is not None:
-            scores = gb.op("Add", [scores, self.pos.mask])
-        ctx = gb.op("MatMul", [gb.op("Softmax", [scores], axis=-1), vh])        # [nkv, rep, T, vd]
+        assert not window or window == self.cfg.sliding_window
+        mask = self.pos.window_mask if window else self.pos.mask
+        if mask is not None:
+            scores = gb.op("Add", [scores, mask])
+        if sinks is None:
+            probs = gb.op("Softmax", [scores], axis=-1)
+        else:  # [nh] -> [nkv, rep, T, 1], one more column of every row's softmax
+            first = gb.op("Slice", [scores, gb.i64(0), gb.i64(1), gb.i64(-1)])
+            sink = gb.op("Expand", [gb.op("Reshape", [self.floats[f"{self.prefix}{sinks}"], gb.i64(nkv, rep, 1, 1)]),
+                                    gb.op("Shape", [first])])
+            probs = gb.op("Softmax", [gb.op("Concat", [scores, sink], axis=-1)], axis=-1)
+            probs = gb.op("Slice", [probs, gb.i64(0), gb.i64(-1), gb.i64(-1)])
+        ctx = gb.op("MatMul", [probs, vh])                                       # [nkv, rep, T, vd]
         ctx = gb.op("Transpose", [gb.op("Reshape", [ctx, gb.i64(nh, -1, vd)])], perm=[1, 0, 2])
         return gb.op("Reshape", [ctx, gb.i64(-1, nh * vd)])
 
@@ -188,6 +207,10 @@ class OnnxOps:
 
     def merge_heads(self, x):
         return self.gb.op("Reshape", [x, self.gb.i64(0, -1)])
+
+    def clamp(self, x, low, high):
+        bound = [("" if b is None else self.gb.f32(b)) for b in (low, high)]  # "": no bound on that side
+        return self.gb.op("Clip", [x, *bound])
 
     def scale(self, x, factor):
         return self.gb.op("Mul", [x, self.gb.f32(factor)])
@@ -277,7 +300,12 @@ class OnnxOps:
         ge = then.op("Unsqueeze", [then.op("Gather", [then.op("Gather", [gates, col], axis=1), tok_flat], axis=0),
                                    then.i64(-1)])                                        # [n, 1]
         expert = {f"{p}.weight": self.w[expert_key(layer, e, p)] for p in ("w1", "w3", "w2")}
-        ye = then.op("Mul", [blocks.swiglu(OnnxOps(then, self.cfg, expert, {}, None, False), self.cfg, layer, xe), ge])
+        biases = {}
+        if self.cfg.expert_bias:  # row e of the stacked [E, out] biases
+            biases = {f"{p}.bias": then.op("Gather", [self.floats[f"{self.prefix}{p}_bias"], col], axis=0)
+                      for p in ("w1", "w3", "w2")}
+        ye = then.op("Mul", [blocks.expert(OnnxOps(then, self.cfg, expert, biases, None, False), self.cfg, layer, xe),
+                             ge])
         out_then = then.op("ScatterND", [acc, tok_col, ye], reduction="add")
         other = gb.branch()
         out_else = other.op("Identity", [acc])

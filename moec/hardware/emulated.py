@@ -335,7 +335,8 @@ def start_device(tracker: str | None = None, key: str = "arm64-emu", root: str |
     tracker_proc = None
     if tracker is None:
         t0 = time.time()
-        tracker_proc, addr = start_tracker(log_dir=logs)
+        # the tracker imports tvm before it binds: well over 30 s on a loaded machine
+        tracker_proc, addr = start_tracker(timeout=min(timeout, 120.0), log_dir=logs)
         if on_step is not None:
             on_step(f"tracker on {addr}", time.time() - t0)
     try:

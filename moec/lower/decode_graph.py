@@ -119,7 +119,7 @@ class DecodeBuilder:
     def _inv_freq(self):
         return relax.const(np.array(rope_inv_freq(self.cfg), np.float32))
 
-    def attend(self, q, k, v, layer, scale):
+    def attend(self, q, k, v, layer, scale, window=0, sinks=None):
         """One token's attention over the cache: ``[1, heads * v_head_dim]``."""
         bb = self.bb
         past_k, past_v = self.past[2 * layer], self.past[2 * layer + 1]
@@ -129,10 +129,22 @@ class DecodeBuilder:
         values = bb.emit(relax.op.concat([past_v, v], axis=1))
         self.presents += [keys, values]
         q = bb.emit(relax.op.multiply(q, relax.const(np.float32(scale))))
-        scores = bb.emit_te(te_ops.attention_scores, q, keys)
+        scores = self._softmax_input(bb.emit_te(te_ops.attention_scores, q, keys), window, sinks)
         probs = bb.emit(relax.op.nn.softmax(scores, axis=-1))
         attn = bb.emit_te(te_ops.attention_values, probs, values)
         return bb.emit(relax.op.reshape(attn, (1, heads * vd)))
+
+    def _softmax_input(self, scores, window, sinks):
+        """Scores ``[H, (T,) S]`` with keys outside a sliding window masked and the per-head sink logit
+        appended as one more column (the values kernels read only the first ``S``)."""
+        if window:
+            scores = self.bb.emit_te(te_ops.sliding_window, scores, window, primfunc_name_hint="sliding_window")
+        if sinks is None:
+            return scores
+        lead = list(scores.ty.shape)[:-1]
+        sink = relax.op.reshape(self.vars[f"{self.prefix}{sinks}"], [lead[0]] + [1] * len(lead))
+        sink = relax.op.broadcast_to(sink, lead + [1])
+        return self.bb.emit(relax.op.concat([scores, sink], axis=len(lead)))
 
     def slice_last(self, x, start, stop):
         axis = x.ty.ndim - 1
@@ -149,6 +161,13 @@ class DecodeBuilder:
         return self._reshape(x, (1, heads * width))
 
     # -- elementwise and reductions -------------------------------------------------------
+    def clamp(self, x, low, high):
+        if low is not None:
+            x = self.bb.emit(relax.op.maximum(x, relax.const(np.float32(low))))
+        if high is not None:
+            x = self.bb.emit(relax.op.minimum(x, relax.const(np.float32(high))))
+        return x
+
     def scale(self, x, factor):
         return self.bb.emit(relax.op.multiply(x, relax.const(np.float32(factor))))
 
@@ -219,6 +238,13 @@ class DecodeBuilder:
         in_cls = bb.emit(relax.op.take(relax.const(self.params.remap[layer], "int32"), idx, axis=0, mode="clip"))
         return cls_of, in_cls
 
+    def _expert_bias(self, y, layer, proj, ids):
+        """``y`` plus each row's expert bias (``ids``: the row's expert), if the family has expert biases."""
+        if not self.cfg.expert_bias:
+            return y
+        bias = self.vars[f"layers.{layer}.mlp.{proj}_bias"]
+        return self.bb.emit(relax.op.add(y, relax.op.take(bias, ids, axis=0, mode="clip")))
+
     def routed_experts(self, x, routing, layer):
         """Per bit class, row-guarded expert GEMVs on the routed ids (others get id -1: no reads)."""
         bb, cfg = self.bb, self.cfg
@@ -236,6 +262,7 @@ class DecodeBuilder:
             out = call(act, "w2")
             return bb.emit(relax.op.sum(relax.op.multiply(out, weights), axis=0, keepdims=True))
         cls_of, in_cls = self._classes(routing, layer)
+        slots = bb.emit(relax.op.reshape(routing.ids, (cfg.top_k,))) if cfg.expert_bias else None
         weights = bb.emit(relax.op.reshape(routing.weights, (cfg.top_k, 1)))
         classes = self.params.class_of[layer]
         y = None
@@ -243,9 +270,11 @@ class DecodeBuilder:
             member = bb.emit(relax.op.equal(cls_of, relax.const(np.int32(c))))
             ids = bb.emit(relax.op.where(member, in_cls, relax.const(np.int32(-1))))
             name = f"layers.{layer}.experts.b{c}"
-            g1 = self.emitter.experts(bb, x, self.params.entries[f"{name}.w1"], self.vars, f"{name}.w1", ids)
-            g3 = self.emitter.experts(bb, x, self.params.entries[f"{name}.w3"], self.vars, f"{name}.w3", ids)
-            act = bb.emit(relax.op.multiply(relax.op.nn.silu(g1), g3))
+            g1, g3 = (self._expert_bias(self.emitter.experts(bb, x, self.params.entries[f"{name}.{w}"], self.vars,
+                                                             f"{name}.{w}", ids), layer, w, slots)
+                      for w in ("w1", "w3"))
+            act = blocks.glu(self, cfg, g1, g3)  # rows of other classes: w2 below writes 0 for id -1
             out = self.emitter.experts(bb, act, self.params.entries[f"{name}.w2"], self.vars, f"{name}.w2", ids)
             y = out if y is None else bb.emit(relax.op.add(y, out))
+        y = self._expert_bias(y, layer, "w2", slots)
         return bb.emit(relax.op.sum(relax.op.multiply(y, weights), axis=0, keepdims=True))

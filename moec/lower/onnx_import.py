@@ -21,7 +21,7 @@ import numpy as np
 from moec.core.errors import MoecError
 from moec.core.config import MoEConfig
 from moec.quant.pack import packed_row_bytes
-from moec.core.inventory import HEAD_WEIGHTS, expert_key, expert_shapes, non_expert_weights
+from moec.core.inventory import EXPERT_BIASES, HEAD_WEIGHTS, expert_key, expert_shapes, non_expert_weights
 from moec.quant.packed_model import PackedWeight
 from moec.core.plan import BitPlan
 
@@ -83,5 +83,6 @@ def import_onnx(path: str | os.PathLike) -> tuple[MoEConfig, BitPlan, dict[str, 
                 key = expert_key(layer, e, proj)
                 packed[key] = _packed(key, bits, shape, plan.group_size, inits)
     floats = {n: a.astype(np.float32) for n, a in inits.items() if n not in packed and (
-              (a.ndim == 1 and n.endswith((".weight", ".bias", ".score_bias"))) or (a.ndim == 3 and n.endswith(HEAD_WEIGHTS)))}
+              (a.ndim == 1 and n.endswith((".weight", ".bias", ".score_bias", ".sinks"))) or
+              (a.ndim == 3 and n.endswith(HEAD_WEIGHTS)) or (a.ndim == 2 and n.endswith(EXPERT_BIASES)))}
     return cfg, plan, packed, floats

@@ -19,6 +19,7 @@ from __future__ import annotations
 import numpy as np
 from tvm import relax, tirx
 
+from moec.arch import blocks
 from moec.lower import te_ops
 from moec.lower.decode_graph import DecodeBuilder
 
@@ -54,7 +55,7 @@ class PrefillBuilder(DecodeBuilder):
     def rope(self, x):
         return self.bb.emit_te(te_ops.rope_rows, x, self.p, self._inv_freq())
 
-    def attend(self, q, k, v, layer, scale):
+    def attend(self, q, k, v, layer, scale, window=0, sinks=None):
         """Causal attention of ``T`` rows at positions ``P..P+T-1`` over the cache and themselves."""
         bb = self.bb
         rows, heads = q.ty.shape[0], q.ty.shape[1]
@@ -63,7 +64,7 @@ class PrefillBuilder(DecodeBuilder):
         values = bb.emit(relax.op.concat([self.past[2 * layer + 1], relax.op.permute_dims(v, [1, 0, 2])], axis=1))
         self.presents += [keys, values]
         q = bb.emit(relax.op.multiply(q, relax.const(np.float32(scale))))
-        scores = bb.emit_te(te_ops.causal_scores, q, keys)
+        scores = self._softmax_input(bb.emit_te(te_ops.causal_scores, q, keys), window, sinks)
         probs = bb.emit(relax.op.nn.softmax(scores, axis=-1))
         attn = bb.emit_te(te_ops.causal_values, probs, values)
         return bb.emit(relax.op.reshape(attn, (rows, heads * vd)))
@@ -75,6 +76,7 @@ class PrefillBuilder(DecodeBuilder):
         pairs = rows * top_k                                                             # pair = t*k + slot
         cls_of, in_cls = self._classes(routing, layer)
         classes = self.params.class_of[layer]
+        slots = bb.emit(relax.op.reshape(routing.ids, (pairs,))) if cfg.expert_bias else None  # pair -> expert
         position = bb.emit(relax.op.arange(0, pairs, 1, "int32"))                      # pair index
         token_of = bb.emit(relax.op.floor_divide(position, relax.const(np.int32(top_k))))
         y = None
@@ -88,9 +90,11 @@ class PrefillBuilder(DecodeBuilder):
             offsets = bb.emit(relax.op.sum(relax.op.astype(below, "int32"), axis=0))    # [count + 1]
             xs = bb.emit(relax.op.take(x, relax.op.take(token_of, order, axis=0, mode="clip"), axis=0, mode="clip"))
             name = f"layers.{layer}.experts.b{c}"
-            g1, g3 = (self.emitter.grouped(bb, xs, self.params.entries[f"{name}.{w}"], self.vars,
-                                          f"{name}.{w}", offsets) for w in ("w1", "w3"))
-            act = bb.emit(relax.op.multiply(relax.op.nn.silu(g1), g3))
+            sorted_slots = bb.emit(relax.op.take(slots, order, axis=0, mode="clip")) if cfg.expert_bias else None
+            g1, g3 = (self._expert_bias(self.emitter.grouped(bb, xs, self.params.entries[f"{name}.{w}"], self.vars,
+                                                             f"{name}.{w}", offsets), layer, w, sorted_slots)
+                      for w in ("w1", "w3"))
+            act = blocks.glu(self, cfg, g1, g3)
             out = self.emitter.grouped(bb, act, self.params.entries[f"{name}.w2"], self.vars, f"{name}.w2", offsets)
             # rows past offsets[count] belong to other classes: never written by the kernel
             valid = relax.op.less(position,
@@ -99,5 +103,5 @@ class PrefillBuilder(DecodeBuilder):
             back = bb.emit(relax.op.argsort(order, axis=0, dtype="int32"))              # pair -> sorted
             out = bb.emit(relax.op.take(out, back, axis=0, mode="clip"))
             y = out if y is None else bb.emit(relax.op.add(y, out))
-        y = bb.emit(relax.op.reshape(y, (rows, top_k, cfg.hidden_size)))
+        y = bb.emit(relax.op.reshape(self._expert_bias(y, layer, "w2", slots), (rows, top_k, cfg.hidden_size)))
         return bb.emit(relax.op.sum(relax.op.multiply(y, relax.op.reshape(routing.weights, (rows, top_k, 1))), axis=1))

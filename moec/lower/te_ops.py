@@ -64,9 +64,9 @@ def attention_scores(q: te.Tensor, keys: te.Tensor) -> te.Tensor:
 
 
 def attention_values(probs: te.Tensor, values: te.Tensor) -> te.Tensor:
-    """``probs [H, P]`` · ``values [KVH, P, hd]`` → ``[H, hd]``."""
-    h_, p = probs.shape
-    kvh, _, hd = values.shape
+    """``probs [H, P(+1)]`` · ``values [KVH, P, hd]`` → ``[H, hd]`` (a sink column past ``P`` is not read)."""
+    h_ = probs.shape[0]
+    kvh, p, hd = values.shape
     rep = int(h_) // int(kvh)
     r = te.reduce_axis((0, p), name="t")
     return te.compute((h_, hd), lambda h, d: te.sum(probs[h, r] * values[h // rep, r, d], axis=r), name="attn")
@@ -134,13 +134,26 @@ def causal_scores(q: te.Tensor, keys: te.Tensor) -> te.Tensor:
 
 
 def causal_values(probs: te.Tensor, values: te.Tensor) -> te.Tensor:
-    """``probs [H, T, S]`` · ``values [KVH, S, hd]`` → ``[T, H, hd]``."""
-    h_, t_, s_ = probs.shape
-    kvh, _, hd = values.shape
+    """``probs [H, T, S(+1)]`` · ``values [KVH, S, hd]`` → ``[T, H, hd]`` (a sink column past ``S`` is not read)."""
+    h_, t_ = probs.shape[:2]
+    kvh, s_, hd = values.shape
     rep = int(h_) // int(kvh)
     r = te.reduce_axis((0, s_), name="s")
     return te.compute((t_, h_, hd), lambda t, h, d: te.sum(probs[h, t, r] * values[h // rep, r, d], axis=r),
                       name="causal_attn")
+
+
+def sliding_window(scores: te.Tensor, window: int) -> te.Tensor:
+    """Scores ``[H, S]`` (one query at position ``S - 1``) or ``[H, T, S]`` (row ``t`` at ``S - T + t``)
+    with every key more than ``window - 1`` positions before its query set to -1e30."""
+    masked = tirx.const(-1e30, "float32")
+    if len(scores.shape) == 2:
+        h_, s_ = scores.shape
+        return te.compute((h_, s_), lambda h, s: tirx.if_then_else(s + window > s_ - 1, scores[h, s], masked),
+                          name="window_scores")
+    h_, t_, s_ = scores.shape
+    return te.compute((h_, t_, s_), lambda h, t, s: tirx.if_then_else(
+        s + window > s_ - t_ + t, scores[h, t, s], masked), name="window_scores")
 
 
 def last_row(x: te.Tensor) -> te.Tensor:

@@ -97,9 +97,10 @@ class FamilyAdapter:
         """Whether checkpoint tensor ``name`` is not part of the model moec runs (dropped on load)."""
         return False
 
-    def converted_hf_shapes(self, cfg: MoEConfig) -> dict[str, tuple[int, ...]]:
+    def converted_hf_shapes(self, cfg: MoEConfig, present: frozenset[str] = frozenset()) -> dict[str, tuple[int, ...]]:
         """HF tensors that are not renamed but converted on load (split, reordered), with the shapes
-        config.json implies; a lazy per-layer reader can check them but not convert them."""
+        config.json implies (for the layout of the tensor names ``present``); a lazy per-layer reader
+        can check them but not convert them."""
         return {}
 
     def to_canonical(self, cfg: MoEConfig, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

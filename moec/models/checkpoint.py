@@ -81,6 +81,8 @@ def _shard_path(root: Path, name: str, index: Path) -> Path:
     return p
 
 
+#: MXFP4 expert tensors (gpt-oss) kept as uint8 for the adapter to dequantize.
+MXFP4_SUFFIXES = ("_proj_blocks", "_proj_scales")
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 
 
@@ -103,6 +105,9 @@ def read_tensors(path: str | os.PathLike) -> dict[str, torch.Tensor]:
         except (SafetensorError, OSError, ValueError) as exc:
             raise MoecError(f"cannot read {f.name}: corrupt or truncated safetensors ({exc})") from None
         for k, v in part.items():
+            if v.dtype == torch.uint8 and k.endswith(MXFP4_SUFFIXES):  # dequantized by the adapter
+                tensors[k] = v
+                continue
             check_tensor(k, v, f.name)
             tensors[k] = v.float()
     return tensors

@@ -24,8 +24,12 @@ def _theta(hf: dict):
     return hf.get("rope_theta") or rope.get("rope_theta") or 10000.0
 
 
-def _yarn_fields(arch: str, hf: dict, query_dim: int) -> dict:
-    """MoEConfig fields of YaRN RoPE (the released V2-Lite/V3 configs), {} for plain RoPE."""
+def _yarn_fields(arch: str, hf: dict, query_dim: int, rotary_all: bool = False) -> dict:
+    """MoEConfig fields of YaRN RoPE (the released V2-Lite/V3 and gpt-oss configs), {} for plain RoPE.
+
+    YaRN multiplies cos/sin by an attention factor; when RoPE covers the whole head (``rotary_all``,
+    gpt-oss) that is the factor squared on the softmax scale, otherwise it must be 1 (DeepSeek).
+    """
     rope = hf.get("rope_parameters") or hf.get("rope_scaling") or {}
     kind = rope.get("rope_type", rope.get("type", "default"))
     if kind in ("default", None):
@@ -36,18 +40,19 @@ def _yarn_fields(arch: str, hf: dict, query_dim: int) -> dict:
     original = rope.get("original_max_position_embeddings")
     if not isinstance(factor, (int, float)) or isinstance(factor, bool) or factor <= 1 or not isinstance(original, int):
         _refuse(arch, "rope_parameters.factor", factor, "YaRN needs factor > 1 and original_max_position_embeddings")
-    if rope.get("truncate", True) is not True:
-        _refuse(arch, "rope_parameters.truncate", rope.get("truncate"), "truncated YaRN ranges only")
+    truncate = rope.get("truncate", True)
+    if not isinstance(truncate, bool):
+        _refuse(arch, "rope_parameters.truncate", truncate, "true or false")
 
     def m(scale_of_log):  # YaRN's magnitude correction 0.1 * s * ln(factor) + 1
         return 0.1 * scale_of_log * math.log(factor) + 1.0
 
     mscale, mscale_all = rope.get("mscale"), rope.get("mscale_all_dim")
     cos_sin = rope.get("attention_factor") or (m(mscale) / m(mscale_all) if mscale and mscale_all else m(1.0))
-    if abs(cos_sin - 1.0) > 1e-12:  # scales only the RoPE'd part of q and k: not a softmax scale
+    if abs(cos_sin - 1.0) > 1e-12 and not rotary_all:  # scales only the RoPE'd part of q and k
         _refuse(arch, "rope_parameters.mscale", mscale, "YaRN with mscale == mscale_all_dim only")
-    scale = query_dim ** -0.5 * (m(mscale_all) ** 2 if mscale_all else 1.0)
-    return dict(rope_factor=float(factor), rope_original_max=original,
+    scale = query_dim ** -0.5 * (cos_sin ** 2 if rotary_all else m(mscale_all) ** 2 if mscale_all else 1.0)
+    return dict(rope_factor=float(factor), rope_original_max=original, rope_truncate=truncate,
                 rope_beta_fast=float(rope.get("beta_fast") or 32), rope_beta_slow=float(rope.get("beta_slow") or 1),
                 attention_scale=scale)
 
@@ -116,7 +121,7 @@ class DeepseekAdapter(FamilyAdapter):
                 pairs.append((f"layers.{i}.mlp.score_bias", f"model.layers.{i}.mlp.gate.e_score_correction_bias"))
         return pairs
 
-    def converted_hf_shapes(self, cfg: MoEConfig) -> dict[str, tuple[int, ...]]:
+    def converted_hf_shapes(self, cfg: MoEConfig, present: frozenset[str] = frozenset()) -> dict[str, tuple[int, ...]]:
         shape = (cfg.num_heads * (cfg.qk_nope_dim + cfg.v_head_dim), cfg.kv_lora_rank)
         return {f"model.layers.{i}.self_attn.kv_b_proj.weight": shape for i in range(cfg.num_layers)}
 

@@ -22,12 +22,13 @@ import numpy as np
 import torch
 
 from moec.core.errors import MoecError
-from moec.models.checkpoint import _safetensor_files, read_hf_config
+from moec.models.checkpoint import MXFP4_SUFFIXES, _safetensor_files, read_hf_config
 from moec.core.config import MoEConfig
 from moec.models.model import DecoderLayer, MoEModel
 from moec.models.registry import get_adapter
 
-_DTYPES = {"BF16": (np.uint16, 2), "F16": (np.float16, 2), "F32": (np.float32, 4)}
+_DTYPES = {"BF16": (np.uint16, 2), "F16": (np.float16, 2), "F32": (np.float32, 4),
+           "U8": (np.uint8, 1)}  # U8: MXFP4 expert blocks/scales only (gpt-oss), see read_header
 _PROJ = ("w1", "w3", "w2")
 
 
@@ -61,7 +62,7 @@ def read_header(path: Path) -> dict[str, TensorInfo]:
         if name == "__metadata__":
             continue
         dtype, shape = entry.get("dtype"), tuple(entry.get("shape", ()))
-        if dtype not in _DTYPES:
+        if dtype not in _DTYPES or (dtype == "U8" and not name.endswith(MXFP4_SUFFIXES)):
             raise MoecError(f"tensor '{name}' in {path.name} has dtype {dtype}; moec reads BF16, F16 and F32")
         b, e = entry["data_offsets"]
         if e - b != int(np.prod(shape, dtype=np.int64)) * _DTYPES[dtype][1]:
@@ -78,15 +79,15 @@ def expected_shapes(adapter, cfg: MoEConfig, present: set[str]) -> dict[str, tup
     with torch.device("meta"):
         meta = MoEModel(cfg).state_dict()
     out = {theirs: tuple(meta[ours].shape) for ours, theirs in adapter._pairs(cfg)}
-    converted = adapter.converted_hf_shapes(cfg)
+    converted = adapter.converted_hf_shapes(cfg, present)
     out.update(converted)
     g, u, d = adapter.expert_names
     e, i, h = cfg.num_experts, cfg.expert_intermediate, cfg.hidden_size
     for layer in cfg.moe_layers:
         m = f"model.layers.{layer}.{adapter.moe_prefix}.experts"
-        if any(n.startswith(f"model.layers.{layer}.{adapter.moe_prefix}.") and n.endswith("_linear.weight")
-               for n in converted):
-            continue  # the adapter converts this block's fused experts (Granite's input/output_linear)
+        if any(n.startswith(f"{m}.") or (n.startswith(f"model.layers.{layer}.{adapter.moe_prefix}.")
+                                          and n.endswith("_linear.weight")) for n in converted):
+            continue  # the adapter converts this layer's experts itself (gpt-oss, Granite's input/output_linear)
         if f"{m}.gate_up_proj" in present:
             out[f"{m}.gate_up_proj"], out[f"{m}.down_proj"] = (e, 2 * i, h), (e, h, i)
             continue

@@ -31,7 +31,7 @@ def layer_float32_bytes(ckpt: LazyCheckpoint) -> tuple[int, int]:
     per_layer: dict[int, int] = defaultdict(int)
     other = 0
     for name, info in ckpt.index.items():
-        n = (info.end - info.start) // _DTYPES[info.dtype][1] * 4
+        n = (info.end - info.start) // _DTYPES[info.dtype][1] * (8 if info.dtype == "U8" else 4)  # U8: 2 FP4 codes
         m = re.match(r"model\.layers\.(\d+)\.", name)
         if m:
             per_layer[int(m.group(1))] += n

@@ -9,7 +9,6 @@ from __future__ import annotations
 from typing import Protocol
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from moec.arch import blocks
@@ -60,6 +59,8 @@ class Attention(nn.Module):
         self.k_proj = nn.Linear(cfg.hidden_size, nkv * hd, bias=bias)
         self.v_proj = nn.Linear(cfg.hidden_size, nkv * hd, bias=bias)
         self.o_proj = nn.Linear(nh * hd, cfg.hidden_size, bias=cfg.attention_out_bias)
+        if cfg.attention_sinks:  # one logit per query head in every softmax denominator (gpt-oss)
+            self.sinks = nn.Parameter(torch.zeros(nh))
         if cfg.qk_norm == "full":
             self.q_norm, self.k_norm = RMSNorm(nh * hd, cfg.rms_eps), RMSNorm(nkv * hd, cfg.rms_eps)
         elif cfg.qk_norm == "head":
@@ -126,7 +127,8 @@ class MoEBlock(nn.Module):
     gated shared expert.
 
     Expert weights are stacked: ``w1``/``w3`` are [E, I, H] and ``w2`` is [E, H, I],
-    so a per-expert plan (quantization, export) indexes the first dimension.
+    so a per-expert plan (quantization, export) indexes the first dimension. With
+    ``cfg.expert_bias`` their biases ``w1_bias``/``w3_bias`` [E, I] and ``w2_bias`` [E, H] stay float.
     """
 
     block_fn, uses_positions = staticmethod(blocks.moe), False
@@ -135,12 +137,15 @@ class MoEBlock(nn.Module):
         super().__init__()
         self.cfg, self.layer = cfg, layer
         e, h, i = cfg.num_experts, cfg.hidden_size, cfg.expert_intermediate
-        self.router = nn.Linear(h, e, bias=False)
+        self.router = nn.Linear(h, e, bias=cfg.router_logit_bias)
         self.w1 = nn.Parameter(torch.empty(e, i, h))
         self.w3 = nn.Parameter(torch.empty(e, i, h))
         self.w2 = nn.Parameter(torch.empty(e, h, i))
         for w in (self.w1, self.w3, self.w2):
             nn.init.normal_(w, std=0.02)
+        if cfg.expert_bias:
+            self.w1_bias, self.w3_bias = nn.Parameter(torch.zeros(e, i)), nn.Parameter(torch.zeros(e, i))
+            self.w2_bias = nn.Parameter(torch.zeros(e, h))
         if cfg.router_bias:  # added to the scores for the choice only (DeepSeek-V3's correction bias)
             self.score_bias = nn.Parameter(torch.zeros(e))
         self.shared = SwiGLU(h, cfg.shared_intermediate) if cfg.shared_intermediate else None
@@ -153,7 +158,12 @@ class MoEBlock(nn.Module):
         return r.probs, r.ids, r.weights.to(x.dtype)
 
     def expert(self, e: int, x: torch.Tensor) -> torch.Tensor:
-        return (F.silu(x @ self.w1[e].T) * (x @ self.w3[e].T)) @ self.w2[e].T
+        """Expert ``e`` on rows ``x`` (:func:`moec.arch.blocks.expert` on the stacked weights)."""
+        gate, up = x @ self.w1[e].T, x @ self.w3[e].T
+        if self.cfg.expert_bias:
+            gate, up = gate + self.w1_bias[e], up + self.w3_bias[e]
+        y = blocks.glu(TorchOps(self), self.cfg, gate, up) @ self.w2[e].T
+        return y + self.w2_bias[e] if self.cfg.expert_bias else y
 
     def dispatch(self, x: torch.Tensor, topk_idx: torch.Tensor,
                  topk_w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:

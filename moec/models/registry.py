@@ -7,6 +7,7 @@ from moec.models.adapter import FamilyAdapter
 from moec.models.deepseek import DeepseekAdapter
 from moec.models.ernie import Ernie45MoeAdapter
 from moec.models.glm import Glm4MoeAdapter
+from moec.models.gptoss import GptOssAdapter
 from moec.models.granite import GraniteMoeAdapter
 from moec.models.mixtral import MixtralAdapter
 from moec.models.olmoe import OlmoeAdapter
@@ -15,7 +16,7 @@ from moec.models.qwen_moe import Qwen2MoeAdapter, Qwen3MoeAdapter
 
 _ADAPTERS: dict[str, FamilyAdapter] = {}
 for _adapter in (MixtralAdapter(), Qwen2MoeAdapter(), Qwen3MoeAdapter(), OlmoeAdapter(), DeepseekAdapter(),
-                 Glm4MoeAdapter(), GraniteMoeAdapter(), PhimoeAdapter(), Ernie45MoeAdapter()):
+                 GptOssAdapter(), Glm4MoeAdapter(), GraniteMoeAdapter(), PhimoeAdapter(), Ernie45MoeAdapter()):
     for _arch in _adapter.architectures:
         _ADAPTERS[_arch] = _adapter
 

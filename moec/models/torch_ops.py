@@ -100,7 +100,8 @@ class TorchOps:
     def rope(self, x: torch.Tensor) -> torch.Tensor:
         return apply_rope(x, self.positions.cos[:, None], self.positions.sin[:, None])
 
-    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layer: int, scale: float) -> torch.Tensor:
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layer: int, scale: float,
+               window: int = 0, sinks: str | None = None) -> torch.Tensor:
         b, t = q.shape[:2]
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
         cache, past = self.positions.cache, 0
@@ -114,7 +115,14 @@ class TorchOps:
         k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
         # causal mask offset by the cached length: query i sees keys <= past + i
         mask = torch.ones(t, past + t, dtype=torch.bool).tril(diagonal=past)
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
+        if window:  # ... and keys > past + i - window
+            mask &= ~torch.ones(t, past + t, dtype=torch.bool).tril(diagonal=past - window)
+        if sinks is None:
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
+        else:  # the sink logit joins every row's softmax, then its column is dropped
+            scores = (q @ k.transpose(-1, -2) * scale).masked_fill(~mask, float("-inf"))
+            sink = self.module.get_parameter(sinks).view(1, -1, 1, 1).expand(b, -1, t, 1)
+            out = F.softmax(torch.cat([scores, sink], dim=-1), dim=-1)[..., :-1] @ v
         return out.transpose(1, 2).reshape(b, t, -1)
 
     def slice_last(self, x, start, stop):
@@ -128,6 +136,9 @@ class TorchOps:
 
     def merge_heads(self, x):
         return x.flatten(-2)
+
+    def clamp(self, x, low, high):
+        return x.clamp(min=low, max=high)
 
     def scale(self, x, factor):
         return x * factor

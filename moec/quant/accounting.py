@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 
 from moec.models.model import MoEModel
 from moec.quant.pack import packed_nbytes
-from moec.core.inventory import expert_shapes, non_expert_weights
+from moec.core.inventory import EXPERT_BIASES, expert_shapes, non_expert_weights
 from moec.core.plan import BitPlan
 
 
@@ -67,7 +67,7 @@ def plan_memory(model: MoEModel, plan: BitPlan) -> MemoryReport:
             for n, k in shapes.values():
                 rep.add(f"layer {layer}", "experts", packed_nbytes(n, k, bits, plan.group_size)["total"])
     for name, t in model.state_dict().items():
-        if t.dim() == 1:
+        if t.dim() == 1 or name.endswith(EXPERT_BIASES):  # gpt-oss's stacked expert biases stay float32 too
             rep.add(_part(name), "norms/bias", t.numel() * 4)
     return rep
 

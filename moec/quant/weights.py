@@ -9,7 +9,7 @@ import numpy as np
 from moec.core.config import MoEConfig
 from moec.models.model import MoEModel
 from moec.quant.pack import pack, packed_row_bytes
-from moec.core.inventory import HEAD_WEIGHTS, expert_key, expert_shapes, non_expert_weights
+from moec.core.inventory import EXPERT_BIASES, HEAD_WEIGHTS, expert_key, expert_shapes, non_expert_weights
 from moec.quant.cache import QuantCache
 from moec.quant.packed_model import PackedWeight, pack_model
 from moec.core.plan import BitPlan
@@ -48,7 +48,7 @@ def _float32(w: np.ndarray) -> PackedWeight:
 
 def _floats(model: MoEModel) -> dict[str, np.ndarray]:
     return {k: v.detach().float().numpy() for k, v in model.state_dict().items()
-            if v.dim() == 1 or k.endswith(HEAD_WEIGHTS)}
+            if v.dim() == 1 or k.endswith(HEAD_WEIGHTS + EXPERT_BIASES)}
 
 
 def random_weights(cfg: MoEConfig, plan: BitPlan, seed: int = 0, float32: bool = False) -> ModelWeights:
@@ -109,6 +109,7 @@ def random_weights(cfg: MoEConfig, plan: BitPlan, seed: int = 0, float32: bool =
             floats.update(_mla_floats(cfg, i, rng))
         if cfg.router_bias and i not in cfg.dense_layers:
             floats[f"layers.{i}.mlp.score_bias"] = (rng.standard_normal(cfg.num_experts) * 0.01).astype(np.float32)
+        floats.update(_gptoss_floats(cfg, i, rng))
         if cfg.attention_out_bias:
             floats[f"layers.{i}.attn.o_proj.bias"] = np.zeros(h, np.float32)
     if cfg.norm == "layer":  # LayerNorm biases
@@ -117,6 +118,24 @@ def random_weights(cfg: MoEConfig, plan: BitPlan, seed: int = 0, float32: bool =
     if cfg.lm_head_bias:
         floats["lm_head.bias"] = np.zeros(cfg.vocab_size, np.float32)
     return ModelWeights(cfg, plan, packed, floats)
+
+
+def _gptoss_floats(cfg: MoEConfig, layer: int, rng) -> dict[str, np.ndarray]:
+    """Sinks, the router's and experts' biases (those the config has) for random weights."""
+    p, out = f"layers.{layer}", {}
+
+    def small(*shape):
+        return (rng.standard_normal(shape) * 0.01).astype(np.float32)
+
+    if cfg.attention_sinks:
+        out[f"{p}.attn.sinks"] = small(cfg.num_heads)
+    if layer in cfg.moe_layers and cfg.router_logit_bias:
+        out[f"{p}.mlp.router.bias"] = small(cfg.num_experts)
+    if layer in cfg.moe_layers and cfg.expert_bias:
+        e, i = cfg.num_experts, cfg.expert_intermediate
+        out.update({f"{p}.mlp.w1_bias": small(e, i), f"{p}.mlp.w3_bias": small(e, i),
+                    f"{p}.mlp.w2_bias": small(e, cfg.hidden_size)})
+    return out
 
 
 def _mla_floats(cfg: MoEConfig, layer: int, rng) -> dict[str, np.ndarray]:

@@ -1,8 +1,9 @@
-"""DeepSeek-V2/V3 (and GLM-4.5, Granite-MoE, Phi-MoE, ERNIE-4.5) checkpoints compile to host bundles whose
-greedy tokens equal torch fake-quant.
+"""DeepSeek-V2/V3, gpt-oss (and GLM-4.5, Granite-MoE, Phi-MoE, ERNIE-4.5) checkpoints compile to host
+bundles whose greedy tokens equal torch fake-quant.
 
 The bundle is compiled in memory and again from its ONNX export (``moec build``): same weights,
-same tokens. The latent KV cache (one "head": latent + RoPE key part / latent) is checked too.
+same tokens; prefill equals step-by-step decode (gpt-oss: a prompt longer than its sliding window).
+The latent KV cache of MLA (one "head": latent + RoPE key part / latent) is checked too.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ pytestmark = pytest.mark.tvm
 PROMPT = [5, 17, 42, 9, 60, 7, 63, 2]
 
 
-@pytest.mark.parametrize("family", ["deepseek_v2_lite", "deepseek_v3"])
+@pytest.mark.parametrize("family", ["deepseek_v2_lite", "deepseek_v3", "gpt_oss"])
 def test_deepseek_bundle_tokens_match_torch_fake_quant(tmp_path, family):
     from moec.runtime.session import BundleSession
     save_tiny_checkpoint(tmp_path / "ckpt", family, tokenizer_vocab=300)
@@ -49,6 +50,17 @@ def test_deepseek_bundle_tokens_match_torch_fake_quant(tmp_path, family):
         got, _ = sess.generate(PROMPT, 16)
         assert got == want, bundle
     cfg = model.cfg
+    sess.reset()
+    prefilled = sess.prefill(PROMPT)
+    sess.reset()
+    for t in PROMPT:
+        stepped = sess.step(t)
+    np.testing.assert_allclose(prefilled, stepped, rtol=1e-4, atol=1e-4)
+    if cfg.attention != "mla":
+        assert len(PROMPT) > cfg.sliding_window and sess.past[0].shape == (cfg.num_kv_heads, len(PROMPT), cfg.head_dim)
+        return
+    sess.reset()
+    sess.generate(PROMPT, 16)
     key, value = (t.numpy() for t in sess.past[:2])
     assert key.shape == (1, len(PROMPT) + 15, cfg.kv_lora_rank + cfg.qk_rope_dim)
     assert value.shape == (1, len(PROMPT) + 15, cfg.kv_lora_rank)

@@ -107,6 +107,12 @@ def _phimoe_longrope():  # Phi-3.5-MoE's LongRoPE, short regime (the prompt is w
 def _ernie45_moe():  # interleaved RoPE, biased choice, shared expert, dense layer 0 (moe_layer_start_index)
     return transformers.Ernie4_5_MoeConfig(**COMMON, intermediate_size=48, moe_intermediate_size=32, moe_num_experts=6,
                                            moe_k=2, moe_num_shared_experts=1, moe_layer_start_index=1)
+def _gpt_oss():  # sliding (window 4) then full attention, sinks, biases, a clamp the activations reach
+    return transformers.GptOssConfig(**COMMON, head_dim=8, intermediate_size=32, num_local_experts=4,
+                                     num_experts_per_tok=2, sliding_window=4, swiglu_limit=0.3,
+                                     rope_parameters={"rope_type": "yarn", "rope_theta": 150000.0, "factor": 32.0,
+                                                      "beta_fast": 32.0, "beta_slow": 1.0, "truncate": False,
+                                                      "original_max_position_embeddings": 4})
 
 
 CASES = {
@@ -125,6 +131,7 @@ CASES = {
     "phimoe": (_phimoe, transformers.PhimoeForCausalLM),
     "phimoe_longrope": (_phimoe_longrope, transformers.PhimoeForCausalLM),
     "ernie45_moe": (_ernie45_moe, transformers.Ernie4_5_MoeForCausalLM),
+    "gpt_oss": (_gpt_oss, transformers.GptOssForCausalLM),
 }
 
 
@@ -177,7 +184,7 @@ def test_adapter_matches_transformers(name, tmp_path):
     assert (expected - got).abs().max().item() < 1e-4
 
 
-@pytest.mark.parametrize("name", ["mixtral", "qwen3_moe", "deepseek_v3"])
+@pytest.mark.parametrize("name", ["mixtral", "qwen3_moe", "deepseek_v3", "gpt_oss"])
 def test_kv_cache_decode_matches_full_forward(name, tmp_path):
     make_cfg, cls = CASES[name]
     torch.manual_seed(1)
@@ -237,3 +244,56 @@ def test_lazy_reader_checks_headers_and_reads_by_layer_only_when_exact(name, tmp
         want = whole.layers[i].state_dict()
         got = lazy.layer(i).state_dict()
         assert sorted(got) == sorted(want) and all(torch.equal(got[k], want[k]) for k in want)
+def _mxfp4_encode(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``[.., N, K]`` -> MXFP4 blocks ``[.., N, K/32, 16]`` and E8M0 scales ``[.., N, K/32]`` (nearest E2M1)."""
+    from moec.models.mxfp4 import FP4_VALUES
+    g = w.double().reshape(*w.shape[:-1], -1, 32)
+    exp = torch.ceil(torch.log2(g.abs().amax(-1, keepdim=True).clamp_min(1e-30) / 6.0)).clamp(-127, 127)
+    magnitude = torch.tensor(FP4_VALUES[:8], dtype=torch.float64)
+    idx = ((g.abs() / 2.0 ** exp)[..., None] - magnitude).abs().argmin(-1)
+    codes = idx | (g < 0).long() << 3
+    blocks = codes[..., 0::2] | codes[..., 1::2] << 4
+    return blocks.to(torch.uint8), (exp[..., 0] + 127).to(torch.uint8)
+
+
+def test_gpt_oss_mxfp4_experts_dequantize_like_transformers(tmp_path):
+    """The released layout (``*_blocks``/``*_scales``, uint8) loads: moec's dequantization equals
+    transformers' bit for bit, and the logits equal transformers' on the dequantized weights."""
+    from safetensors.torch import load_file, save_file
+    from transformers.integrations.mxfp4 import convert_moe_packed_tensors
+
+    make_cfg, cls = CASES["gpt_oss"]
+    torch.manual_seed(0)
+    ref = cls(make_cfg()).eval()
+    _randomise(ref)
+    ref.save_pretrained(tmp_path)
+    tensors = load_file(tmp_path / "model.safetensors")
+    for i, layer in enumerate(ref.model.layers):
+        m = f"model.layers.{i}.mlp.experts"
+        for proj in ("gate_up_proj", "down_proj"):
+            blocks, scales = _mxfp4_encode(tensors.pop(f"{m}.{proj}").transpose(1, 2))  # [E, out, in]
+            tensors[f"{m}.{proj}_blocks"], tensors[f"{m}.{proj}_scales"] = blocks, scales
+            theirs = convert_moe_packed_tensors(blocks, scales, dtype=torch.float32)  # [E, in, out]: x @ W
+            assert theirs.abs().max() > 0
+            getattr(layer.mlp.experts, proj).data.copy_(theirs)
+    save_file(tensors, tmp_path / "model.safetensors", metadata={"format": "pt"})
+    from moec.models.lazy import LazyCheckpoint
+    assert not LazyCheckpoint(tmp_path).reads_by_layer  # the pipeline's header check accepts the layout
+    ours = load_checkpoint(tmp_path)
+    torch.testing.assert_close(ours.layers[1].mlp.w2, ref.model.layers[1].mlp.experts.down_proj.transpose(1, 2),
+                               rtol=0, atol=0)
+    ids = torch.randint(0, COMMON["vocab_size"], (2, 12))
+    with torch.no_grad():
+        assert (ref(ids).logits - ours(ids)).abs().max().item() < 1e-4
+
+
+@pytest.mark.parametrize("field, value", [("layer_types", ["sliding_attention", "chunked_attention"]),
+                                          ("sliding_window", None), ("swiglu_limit", 0),
+                                          ("rope_parameters", {"rope_type": "linear", "factor": 2.0})])
+def test_gpt_oss_unsupported_option_is_one_line_naming_the_field(field, value):
+    from moec.core.errors import MoecError
+    from moec.models.registry import get_adapter
+    hf = {**_gpt_oss().to_dict(), "architectures": ["GptOssForCausalLM"], field: value}
+    with pytest.raises(MoecError) as ei:
+        get_adapter("GptOssForCausalLM").config(hf)
+    assert field in str(ei.value) and "\n" not in str(ei.value)
