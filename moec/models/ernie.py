@@ -52,7 +52,7 @@ class Ernie45MoeAdapter(FamilyAdapter):
     def _bias(layer: int) -> str:
         return f"model.layers.{layer}.mlp.moe_statics.e_score_correction_bias"
 
-    def converted_hf_shapes(self, cfg: MoEConfig) -> dict[str, tuple[int, ...]]:
+    def converted_hf_shapes(self, cfg: MoEConfig, present: frozenset[str] = frozenset()) -> dict[str, tuple[int, ...]]:
         h, hd = cfg.hidden_size, cfg.head_dim
         out = {}
         for i in range(cfg.num_layers):

@@ -47,7 +47,7 @@ class GraniteMoeAdapter(FamilyAdapter):
     def _pairs(self, cfg: MoEConfig) -> list[tuple[str, str]]:
         return [(ours, theirs) for ours, theirs in super()._pairs(cfg) if ".mlp.shared." not in ours]
 
-    def converted_hf_shapes(self, cfg: MoEConfig) -> dict[str, tuple[int, ...]]:
+    def converted_hf_shapes(self, cfg: MoEConfig, present: frozenset[str] = frozenset()) -> dict[str, tuple[int, ...]]:
         e, i, h, s = cfg.num_experts, cfg.expert_intermediate, cfg.hidden_size, cfg.shared_intermediate
         out = {}
         for layer in cfg.moe_layers:
