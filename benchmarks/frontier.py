@@ -6,7 +6,8 @@ positions (``peer_common.py``), and whether moec dominates (no more bytes, no hi
 
 moec plans are built from five parts — routed experts, attention q/k/o, attention v, token embeddings,
 LM head — each
-at 2/3/4/8 bits (formats every backend has kernels for), one group size per plan (``--groups``),
+at 2/3/4/8 bits (formats every backend has kernels for; the LM head also at 6 bits, which has
+kernels on x86 and ARM), one group size per plan (``--groups``),
 router float, quantizer ``--method`` (the default: ``mse``, as ``uniform:B``). The search:
 
 1. sensitivity: each part alone at each width (the rest float) on the first ``--search-chunks``
@@ -46,6 +47,8 @@ PARTS = ("experts", "attn_qko", "attn_v", "embeddings", "lm_head")
 KEYS = {"attn_v": r"re:layers\.[0-9]+\.attn\.v_proj\.weight", "attn_qko": "attention", "embeddings": "embeddings",
         "lm_head": "lm_head"}
 BITS = (2, 3, 4, 8)
+#: Widths tried per part: the LM head also at 6 bits (llama.cpp keeps it at Q6_K).
+PART_BITS = {p: BITS for p in PARTS} | {"lm_head": (2, 3, 4, 6, 8)}
 
 
 def part_plan(cfg, bits: dict[str, int], group: int, method: str):
@@ -135,7 +138,7 @@ def main() -> None:
     sens: dict[tuple[str, int, int], float] = {}
     for group in groups:
         for part in PARTS:
-            for b in BITS:
+            for b in PART_BITS[part]:
                 plan = part_plan(cfg, {part: b}, group, args.method)
                 key = f"{tag}[:{len(search)}] {args.method} g{group} {part}:{b}"
                 ppl = cache.get(key, lambda plan=plan: moec_perplexity(model, plan, search, n_ctx))
@@ -147,8 +150,8 @@ def main() -> None:
         ref = {p: 8 for p in PARTS}
         base_bytes = plan_memory(model, part_plan(cfg, ref, group, args.method)).total
         delta = {(p, b): plan_memory(model, part_plan(cfg, {**ref, p: b}, group, args.method)).total - base_bytes
-                 for p in PARTS for b in BITS}
-        for widths in itertools.product(BITS, repeat=len(PARTS)):
+                 for p in PARTS for b in PART_BITS[p]}
+        for widths in itertools.product(*(PART_BITS[p] for p in PARTS)):
             bits = dict(zip(PARTS, widths))
             nbytes = base_bytes + sum(delta[(p, bits[p])] for p in PARTS)
             combos.append((sum(sens[(p, bits[p], group)] for p in PARTS), nbytes, bits, group))
