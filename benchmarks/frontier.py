@@ -6,15 +6,17 @@ positions (``peer_common.py``), and whether moec dominates (no more bytes, no hi
 
 moec plans are built from five parts — routed experts, attention q/k/o, attention v, token embeddings,
 LM head — each
-at 2/3/4/8 bits (formats every backend has kernels for), one group size per plan (``--groups``),
+at 2/3/4/8 bits (formats every backend has kernels for; the LM head also at 6 bits and the
+experts also at 5, which have kernels on x86 and ARM), one group size per plan (``--groups``),
 router float, quantizer ``--method`` (the default: ``mse``, as ``uniform:B``). The search:
 
 1. sensitivity: each part alone at each width (the rest float) on the first ``--search-chunks``
    chunks: its perplexity increase over FP32 on those chunks;
 2. for each llama.cpp point, every combination of part widths and group sizes whose exact bytes
    (``plan_memory``) fit is ranked by the summed increase (additive model); the ``--top`` best are
-   scored on all chunks, with the fitting combination that spends the most bytes and the widest
-   uniform one that fits (the additive model is noisy where a part's increase is within noise), and
+   scored on all chunks, with the fitting combination that spends the most bytes, the one with
+   the widest experts (the best ranked of those) and the widest uniform one that fits (the additive
+   model is noisy where a part's increase is within noise), and
    the best measured one is reported.
 
 Bits per weight for both = tensor bytes × 8 / checkpoint parameters (GGUF: every tensor incl. norms
@@ -46,6 +48,9 @@ PARTS = ("experts", "attn_qko", "attn_v", "embeddings", "lm_head")
 KEYS = {"attn_v": r"re:layers\.[0-9]+\.attn\.v_proj\.weight", "attn_qko": "attention", "embeddings": "embeddings",
         "lm_head": "lm_head"}
 BITS = (2, 3, 4, 8)
+#: Widths tried per part: the LM head also at 6 bits (llama.cpp keeps it at Q6_K), the experts
+#: also at 5 (int5 and int6 have kernels on x86 and ARM, not CUDA).
+PART_BITS = {p: BITS for p in PARTS} | {"lm_head": (2, 3, 4, 6, 8), "experts": (2, 3, 4, 5, 8)}
 
 
 def part_plan(cfg, bits: dict[str, int], group: int, method: str):
@@ -135,7 +140,7 @@ def main() -> None:
     sens: dict[tuple[str, int, int], float] = {}
     for group in groups:
         for part in PARTS:
-            for b in BITS:
+            for b in PART_BITS[part]:
                 plan = part_plan(cfg, {part: b}, group, args.method)
                 key = f"{tag}[:{len(search)}] {args.method} g{group} {part}:{b}"
                 ppl = cache.get(key, lambda plan=plan: moec_perplexity(model, plan, search, n_ctx))
@@ -147,8 +152,8 @@ def main() -> None:
         ref = {p: 8 for p in PARTS}
         base_bytes = plan_memory(model, part_plan(cfg, ref, group, args.method)).total
         delta = {(p, b): plan_memory(model, part_plan(cfg, {**ref, p: b}, group, args.method)).total - base_bytes
-                 for p in PARTS for b in BITS}
-        for widths in itertools.product(BITS, repeat=len(PARTS)):
+                 for p in PARTS for b in PART_BITS[p]}
+        for widths in itertools.product(*(PART_BITS[p] for p in PARTS)):
             bits = dict(zip(PARTS, widths))
             nbytes = base_bytes + sum(delta[(p, bits[p])] for p in PARTS)
             combos.append((sum(sens[(p, bits[p], group)] for p in PARTS), nbytes, bits, group))
@@ -157,8 +162,11 @@ def main() -> None:
     rows = []
     for t, (lbytes, lppl) in sorted(llama.items(), key=lambda kv: kv[1][0]):
         fits = [c for c in combos if c[1] <= lbytes]
-        # also try the plan that spends the most of the budget and the widest uniform plan that fits
-        extra = [max(fits, key=lambda c: c[1]),
+        # also try the plan that spends the most of the budget, the best-ranked one with the widest
+        # experts (their 4/5/8-bit sensitivities differ by less than their noise) and the widest
+        # uniform plan that fits
+        widest = max(c[2]["experts"] for c in fits)
+        extra = [max(fits, key=lambda c: c[1]), next(c for c in fits if c[2]["experts"] == widest),
                  max((c for c in fits if len(set(c[2].values())) == 1), key=lambda c: c[1], default=None)]
         fits = fits[:args.top]
         fits += [c for c in extra if c is not None and c not in fits]

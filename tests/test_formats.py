@@ -29,7 +29,8 @@ def test_every_width_list_derives_from_the_registry():
     assert formats.ALL_BITS == (2, 3, 4, 5, 6, 8, 16)
     assert SUPPORTED_BITS == formats.QUANT_BITS == (2, 3, 4, 5, 6, 8)
     assert formats.DEFAULT_ALLOWED == (2, 3, 4, 8, 16)
-    assert KERNEL_BITS == kernel_bits("x86") == kernel_bits("arm") == (2, 3, 4, 8)
+    assert KERNEL_BITS == kernel_bits("x86") == kernel_bits("arm") == (2, 3, 4, 5, 6, 8)
+    assert kernel_bits("cuda") == (2, 3, 4, 8)  # int5/int6: CPU kernels only, so not in DEFAULT_ALLOWED
     assert MATMULNBITS_BITS == (2, 4, 8) and formats.INT8_ACTIVATION_BITS == (2, 3, 4, 8)
 
 

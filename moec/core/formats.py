@@ -66,11 +66,12 @@ class WeightFormat:
 
 
 _ALL_BACKENDS = frozenset({"x86", "arm", "cuda"})
+_CPU_BACKENDS = frozenset({"x86", "arm"})
 
 
-def _int(bits: int, kernels: frozenset[str], onnx_op: str) -> WeightFormat:
-    return WeightFormat(f"int{bits}", bits, AFFINE, "float16", "packed", "lsb-stream", kernels, bool(kernels),
-                        onnx_op)
+def _int(bits: int, kernels: frozenset[str], onnx_op: str, int8_activations: bool = True) -> WeightFormat:
+    return WeightFormat(f"int{bits}", bits, AFFINE, "float16", "packed", "lsb-stream", kernels,
+                        int8_activations and bool(kernels), onnx_op)
 
 
 #: Every format, keyed by the bits a plan uses to name it.
@@ -78,8 +79,9 @@ FORMATS: dict[int, WeightFormat] = {f.bits: f for f in (
     _int(2, _ALL_BACKENDS, "MatMulNBits"),
     _int(3, _ALL_BACKENDS, "packed"),
     _int(4, _ALL_BACKENDS, "MatMulNBits"),
-    _int(5, frozenset(), "packed"),
-    _int(6, frozenset(), "packed"),
+    # float-activation kernels on CPU only (the generic straddling-code path, as at 3 bits)
+    _int(5, _CPU_BACKENDS, "packed", int8_activations=False),
+    _int(6, _CPU_BACKENDS, "packed", int8_activations=False),
     _int(8, _ALL_BACKENDS, "MatMulNBits"),
     WeightFormat("fp16", 16, FLOAT, None, None, "none", _ALL_BACKENDS, False, "float16"),
 )}

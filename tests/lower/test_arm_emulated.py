@@ -57,7 +57,7 @@ def test_raspberry_pi_5_kernels_on_emulated_aarch64(tmp_path, emu_python):
     target = load_target("raspberry-pi-5").tvm()
     n, k, gs, experts, top_k = 36, 128, 32, 3, 2
     funcs, inputs, refs = {}, {}, {}
-    cases = [(b, "float32") for b in (2, 3, 4, 8, 16)] + [(b, "int8") for b in (2, 4, 8)]
+    cases = [(b, "float32") for b in (2, 3, 4, 5, 6, 8, 16)] + [(b, "int8") for b in (2, 4, 8)]
     for bits, act in cases:
         name = f"gemv_{bits}_{act}"
         funcs[name] = make_gemv(bits, n, k, gs, experts, top_k, target, x_per_expert=True,

@@ -63,6 +63,11 @@ def test_arm_gemv_schedule_matches_numpy_on_host(bits, shape):
     assert_close(out, np.stack([x[j if per_expert else 0] @ deq[e].T for j, e in enumerate(ids)]))
 
 
+def test_arm_6_bit_gemv_on_host():
+    """6-bit codes straddle words (group 16: 3 words per group) through the same NEON schedule."""
+    test_arm_gemv_schedule_matches_numpy_on_host(6, SHAPES[2])
+
+
 @pytest.mark.parametrize("bits", [4, 16])
 def test_arm_swiglu_gemv_on_host(bits):
     n, k, gs, experts, top_k = 32, 64, 32, 3, 2

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+from importlib import resources
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -23,11 +25,16 @@ def compiled(tmp_path_factory):
     from tests.conftest import make_tiny_checkpoint
     root = tmp_path_factory.mktemp("compile")
     ckpt = root / "ckpt"
-    cfg = make_tiny_checkpoint(ckpt, seed=3)
+    cfg = make_tiny_checkpoint(ckpt, seed=3, vocab_size=304)  # 19 row vectors: the LM head on the kernels
     plan_file = root / "mixed.json"
-    plan_file.write_text(json.dumps(mixed_plan(cfg).to_json()))
+    # 5-bit attention and a 6-bit LM head: codes straddling words, on the CPU kernels (prefill and
+    # decode). The built-in presets keep 5/6 out of their search space; a user preset allows them.
+    plan_file.write_text(json.dumps(mixed_plan(cfg, attention=5, lm_head=6).to_json()))
+    preset = root / "host56.yaml"
+    host = (Path(str(resources.files("moec") / "targets")) / "host.yaml").read_text()
+    preset.write_text(host.replace("allowed_bits: [2, 3, 4, 8, 16]", "allowed_bits: [2, 3, 4, 5, 6, 8, 16]"))
     res = CliRunner().invoke(cli, ["compile", str(ckpt), "--plan", str(plan_file), "--out", str(root / "bundle"),
-                                   "--debug-dump", str(root / "dump")])
+                                   "--target", str(preset), "--debug-dump", str(root / "dump")])
     assert res.exit_code == 0, res.output
     return ckpt, plan_file, root / "bundle", root / "dump"
 
@@ -55,6 +62,10 @@ def test_manifest_and_debug_dump(compiled):
     assert manifest["weight_bytes"] == plan_memory(model, resolve_plan(plan_file, model.cfg)).total
     assert set(manifest["files"]) >= {"lib.so", "weights.bin", "weights.json", "tokenizer.json"}
     assert manifest["tvm_version"] and manifest["target"]["name"] == "host"
+    # the 5-bit attention and the 6-bit LM head are in the kernel layout (words of 64 codes * b bits / 32)
+    shapes = {k: v["shape"] for k, v in json.loads((bundle / "weights.json").read_text())["tensors"].items()}
+    assert shapes["layers.0.attn.q_proj.weight.kweight"][-2] == 64 * 5 // 32
+    assert shapes["lm_head.weight.kweight"][-2] == 64 * 6 // 32
     phases = sorted(p.name for p in dump.iterdir())
     assert phases[0] == "00-input.py" and any("legalize" in p for p in phases)
 
@@ -102,7 +113,7 @@ def test_int8_activations_bundle(compiled, tmp_path):
         pytest.skip("int8-activation kernels need AVX-512 VNNI")
     ckpt, plan_file, bundle, _ = compiled
     res = CliRunner().invoke(cli, ["compile", str(ckpt), "--plan", str(plan_file), "--out", str(tmp_path / "b8"),
-                                   "--activations", "int8"])
+                                   "--target", str(plan_file.parent / "host56.yaml"), "--activations", "int8"])
     assert res.exit_code == 0, res.output
     exact, fast = BundleSession(bundle), BundleSession(tmp_path / "b8")
     assert fast.manifest["activations"] == "int8" and exact.manifest["activations"] == "float32"
@@ -115,7 +126,7 @@ def test_int8_activations_bundle(compiled, tmp_path):
 def test_int8_activations_need_vnni(compiled, tmp_path):
     preset = tmp_path / "novnni.yaml"
     preset.write_text("name: novnni\nfamily: cpu\ntvm_target: {kind: llvm, mcpu: haswell}\nrpc_key: x\n"
-                      "allowed_bits: [2, 3, 4, 8, 16]\nmemory_budget_mb: 100\n"
+                      "allowed_bits: [2, 3, 4, 5, 6, 8, 16]\nmemory_budget_mb: 100\n"
                       "energy_model: {pj_per_byte: 1, pj_per_op: 1, source: test}\n")
     ckpt, plan_file, _, _ = compiled
     res = CliRunner().invoke(cli, ["compile", str(ckpt), "--plan", str(plan_file), "--target", str(preset),
@@ -130,9 +141,10 @@ def test_onnx_export_and_in_memory_compile_give_the_same_bundle(compiled, tmp_pa
     from moec.runtime.session import BundleSession
     ckpt, plan_file, bundle, _ = compiled
     res = CliRunner().invoke(cli, ["compile", str(ckpt), "--plan", str(plan_file), "--out", str(tmp_path / "m"),
-                                   "--onnx", str(tmp_path / "onnx")])
+                                   "--target", str(plan_file.parent / "host56.yaml"), "--onnx", str(tmp_path / "onnx")])
     assert res.exit_code == 0 and "export (ONNX)" in res.output, res.output
-    res = CliRunner().invoke(cli, ["build", str(tmp_path / "onnx"), "--out", str(tmp_path / "b")])
+    res = CliRunner().invoke(cli, ["build", str(tmp_path / "onnx"), "--out", str(tmp_path / "b"),
+                                   "--target", str(plan_file.parent / "host56.yaml")])
     assert res.exit_code == 0, res.output
     mem, onnx = WeightsReader(bundle), WeightsReader(tmp_path / "b")
     assert sorted(mem.order) == sorted(onnx.order)

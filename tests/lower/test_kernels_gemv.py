@@ -77,6 +77,13 @@ def test_int8_activation_gemv_matches_reference(kernels, bits, shape):
     _check(kernels, bits, *shape, activations="int8")
 
 
+@pytest.mark.parametrize("bits,shape", [(6, SHAPES[1]), (6, (48, 64, 16, 3, 2, True)), (5, SHAPES[2])],
+                         ids=["6-" + _shape_id(SHAPES[1]), "6-g16", "5-" + _shape_id(SHAPES[2])])
+def test_5_and_6_bit_gemv_matches_reference(kernels, bits, shape):
+    """Codes straddling words (as at 3 bits); group 16 at 6 bits is 3 words per group."""
+    _check(kernels, bits, *shape)
+
+
 @pytest.mark.parametrize("bits", [3, 32])
 def test_gemv_k_tail_and_repeated_expert(kernels, bits):
     k = 160 if bits == 3 else 100  # 3-bit: 5 groups of 32; float: 100 is not a multiple of 8
@@ -169,8 +176,10 @@ def test_unsupported_shapes_raise_clear_errors():
         make_gemv(4, 40, 64, 32, 2, 1, target)
     with pytest.raises(MoecError, match="group_size"):
         make_gemv(3, 64, 64, 16, 2, 1, target)
-    with pytest.raises(MoecError, match="no kernel for 6-bit"):
-        make_gemv(6, 64, 64, 32, 2, 1, target)
+    with pytest.raises(MoecError, match="no kernel for 7-bit"):
+        make_gemv(7, 64, 64, 32, 2, 1, target)
+    with pytest.raises(MoecError, match="int8 activations need quantized weights: bits 2, 3, 4, 8, not 6"):
+        make_gemv(6, 64, 64, 32, 2, 1, target, activations="int8")
     with pytest.raises(MoecError, match="top_k"):
         make_gemv(4, 64, 64, 32, 2, 0, target)
     with pytest.raises(MoecError, match="int8 activations need quantized weights"):

@@ -28,7 +28,7 @@ def _check(kernels, bits, n, k, gs, counts, seed=0):
     assert_close(out, ref)
 
 
-@pytest.mark.parametrize("bits", [2, 3, 4, 8, 16, 32])
+@pytest.mark.parametrize("bits", [2, 3, 4, 5, 6, 8, 16, 32])
 def test_grouped_gemm_matches_reference(kernels, bits):
     # Token counts: an empty expert, a single token, and blocks with tails (tokens per block 4).
     _check(kernels, bits, 80, 256, 64, [3, 0, 9, 1])

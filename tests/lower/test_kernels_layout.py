@@ -16,7 +16,7 @@ def _weight(n: int, k: int, seed: int = 0) -> np.ndarray:
     return np.random.default_rng(seed).standard_normal((n, k)).astype(np.float32)
 
 
-@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+@pytest.mark.parametrize("bits", [2, 3, 4, 5, 6, 8])
 @pytest.mark.parametrize("n,k,gs,tile", [(32, 64, 32, 16), (48, 384, 128, 16), (8, 96, 32, 4),
                                          (16, 64, 16, 16), (80, 64, 32, 64)])
 def test_codes_and_zeros_match_unpack(bits, n, k, gs, tile):
@@ -40,7 +40,7 @@ def test_codes_and_zeros_match_unpack(bits, n, k, gs, tile):
         assert 0 <= extra <= n * 4 + n * 3  # pad word + rounding of the zero stream to words
 
 
-@pytest.mark.parametrize("bits", [2, 3, 4, 8, 16])
+@pytest.mark.parametrize("bits", [2, 3, 4, 5, 6, 8, 16])
 def test_round_trip_is_byte_identical(bits):
     pw = pack_weight(_weight(80, 128, seed=bits), bits, 64)  # 80 rows: a padded last tile
     back = from_kernel_layout(to_kernel_layout(pw), bits, pw.shape, pw.group_size)
@@ -72,7 +72,7 @@ def test_stack_checks_shapes():
 
 @pytest.mark.parametrize("n,k,gs,bits,match", [
     (16, 64, 16, 3, "group_size"),
-    (16, 64, 32, 5, "no kernel for 5-bit"),
+    (16, 64, 8, 6, "group_size"),
 ])
 def test_unsupported_shapes_raise(n, k, gs, bits, match):
     with pytest.raises(MoecError, match=match):

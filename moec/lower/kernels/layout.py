@@ -6,8 +6,8 @@ row tile of ``T`` rows (the target family's choice, ``kernel_tile(target)``: 16 
 
 - ``weight`` uint32 ``[NT, K*b/32, T]`` (``NT = ceil(N/T)``): each row's packed byte stream
   (``pack``'s layout, value ``i`` at stream bits ``[i*b, (i+1)*b)``) read as little-endian
-  uint32 words, so value ``i`` sits in word ``(i*b)//32`` at bit ``(i*b)%32``; a 3-bit value can
-  straddle two words (low bits at the top of word ``w``, the rest at the bottom of word
+  uint32 words, so value ``i`` sits in word ``(i*b)//32`` at bit ``(i*b)%32``; a 3-, 5- or
+  6-bit value can straddle two words (low bits at the top of word ``w``, the rest at the bottom of word
   ``w+1``). Word ``w`` of the tile's rows ``t*T .. t*T+T-1`` is stored contiguously: a vector
   load fetches the same word of consecutive rows (every lane computes one output row, no
   horizontal sums), and each tile is one sequential stream of ``K*b/32`` words.
@@ -100,7 +100,7 @@ def to_kernel_layout(pw: PackedWeight | np.ndarray, tile: int = DEFAULT_TILE) ->
     Parameters
     ----------
     pw : PackedWeight | np.ndarray
-        A packed weight (2/3/4/8 bits or 16 = float16), or a float32 ``[N, K]`` array for the
+        A packed weight (2, 3, 4, 5, 6, 8 bits or 16 = float16), or a float32 ``[N, K]`` array for the
         float32 kernel.
     tile : int
         Rows per tile; the target family's schedules say which (``kernel_tile(target)``).
@@ -173,7 +173,7 @@ def from_kernel_layout(layout: dict[str, np.ndarray], bits: int, shape: tuple[in
     layout : dict[str, np.ndarray]
         What :func:`to_kernel_layout` returned.
     bits : int
-        2, 3, 4, 8 or 16.
+        2, 3, 4, 5, 6, 8 or 16.
     shape : tuple[int, int]
         ``(N, K)``.
     group_size : int
