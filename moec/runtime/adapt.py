@@ -66,17 +66,16 @@ def memory_plan(cfg: MoEConfig, base: BitPlan, storage_bits: int, per_expert: di
 
 
 def parse_adapt(spec: str) -> tuple[str, float]:
-    """``memory:MB`` → ("memory", bytes); ``latency:MS`` → ("latency", seconds); one-line errors otherwise."""
+    """``memory:MB`` → ("memory", bytes); ``latency:MS`` → ("latency", seconds); ``energy:J`` →
+    ("energy", joules per token); one-line errors otherwise."""
     kind, _, value = spec.partition(":")
-    if kind == "energy":
-        raise MoecError("--adapt energy:J is not implemented yet; use memory:MB or latency:MS")
     try:
         number = float(value)
     except ValueError:
         number = -1.0
-    if kind not in ("memory", "latency") or not number > 0:
-        raise MoecError(f"--adapt expects memory:MB or latency:MS (a positive number), got {spec[:40]!r}")
-    return (kind, number * 1e6) if kind == "memory" else (kind, number / 1e3)
+    if kind not in ("memory", "latency", "energy") or not number > 0:
+        raise MoecError(f"--adapt expects memory:MB, latency:MS or energy:J (a positive number), got {spec[:40]!r}")
+    return {"memory": (kind, number * 1e6), "latency": (kind, number / 1e3), "energy": (kind, number)}[kind]
 
 
 

@@ -151,12 +151,40 @@ class BundleSession:
     def _frequencies(self):
         return profile_frequencies(self._root / "profile.json") if "profile.json" in self.manifest["files"] else None
 
-    def plan_ladder(self, rungs: int = 8) -> list[BitPlan]:
-        """Plans from every expert widest to every expert narrowest, colder experts narrowed first
-        (the rungs a :class:`moec.runtime.adapt.LatencyController` moves along)."""
+    def plan_front(self) -> list[tuple[BitPlan, dict]]:
+        """The manifest's ``plan_front`` (``moec.search.nested_front``, computed at compile time): each
+        plan, widest first, with its modelled ``bytes_per_token``, ``latency_s``, ``energy_j``; [] for a
+        nested bundle compiled before the front existed."""
         if not self.nested:
             raise MoecError("this bundle's plan is fixed at compile time; compile it with --nested 8 to adapt "
                             "expert widths at run time")
+        out = []
+        for entry in self.manifest.get("plan_front", []):
+            plan = self._plan.copy()
+            plan.experts = {int(l): dict(enumerate(row)) for l, row in entry["experts"].items()}
+            plan.provenance = {"policy": f"plan-front-{entry['mean_bits']:.2f}bits"}
+            out.append((plan, {k: v for k, v in entry.items() if k != "experts"}))
+        return out
+
+    def energy_plan(self, joules: float) -> BitPlan:
+        """The widest front plan whose modelled energy per decode step is at most ``joules`` (the search's
+        estimator: bytes · pJ/byte + ops · pJ/op of the bundle's target)."""
+        front = self.plan_front()
+        if not front:
+            raise MoecError("this bundle has no plan front (compile it again with --nested to adapt to energy)")
+        for plan, cost in front:
+            if cost["energy_j"] <= joules:
+                return plan
+        raise MoecError(f"energy budget {joules:.4g} J/token is below the narrowest plan's modelled "
+                        f"{front[-1][1]['energy_j']:.4g} J/token")
+
+    def plan_ladder(self, rungs: int = 8) -> list[BitPlan]:
+        """Plans from every expert widest to every expert narrowest, colder experts narrowed first
+        (the rungs a :class:`moec.runtime.adapt.LatencyController` moves along): the bundle's plan
+        front when it has one, else ``rungs`` memory plans computed here."""
+        front = [plan for plan, _ in self.plan_front()]
+        if front:
+            return front
         return plan_ladder(self._model_cfg, self._plan, self._storage, self._per_expert, rungs, self._frequencies())
 
     def memory_plan(self, budget_bytes: float) -> BitPlan:

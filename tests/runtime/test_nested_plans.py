@@ -152,8 +152,9 @@ def test_memory_budget_evicts_the_coldest_experts_first(bundles):
         with pytest.raises(MoecError, match="below the narrowest plan's"):
             sess.memory_plan(narrow - 1)
     assert parse_adapt("memory:1.5") == ("memory", 1.5e6) and parse_adapt("latency:30") == ("latency", 0.03)
-    with pytest.raises(MoecError, match="not implemented yet"):
-        parse_adapt("energy:2")
+    assert parse_adapt("energy:0.02") == ("energy", 0.02)
+    with pytest.raises(MoecError, match="energy:J"):
+        parse_adapt("power:2")
     res = CliRunner().invoke(cli, ["run", str(nested), "--prompt", "Experts", "--max-new-tokens", "3", "--verbose",
                                    "--adapt", f"memory:{budget / 1e6}"])
     assert res.exit_code == 0, res.output
@@ -176,3 +177,36 @@ def test_latency_controller_moves_along_the_ladder(bundles):
                                    "--adapt", "latency:0.001"])  # a target no step meets: one rung narrower a window
     assert res.exit_code == 0, res.output
     assert "switch at step 9:" in res.output
+
+
+def test_the_plan_front_is_in_the_manifest_and_energy_picks_from_it(bundles):
+    """``plan_front``: computed at compile time with the search's energy model, checked by the schema,
+    served by ``--adapt energy:J`` (the widest plan within the budget)."""
+    from moec.artifact.manifest_schema import check_manifest
+    from moec.core.config import config_from_dict
+    from moec.hardware.energy_model import decode_energy_j
+    from moec.runtime.session import BundleSession
+    _, _, nested, _ = bundles
+    with BundleSession(nested) as sess:
+        front = sess.plan_front()
+        manifest = json.loads((nested / "manifest.json").read_text())
+        cfg = config_from_dict(sess.cfg, "test")
+        preset = load_target(manifest["target"]["name"])
+        bits = [p.average_expert_bits() for p, _ in front]
+        assert len(front) >= 3 and bits[0] == 8 and bits[-1] == 2 and bits == sorted(bits, reverse=True)
+        energies = [c["energy_j"] for _, c in front]
+        assert energies == sorted(energies, reverse=True) and energies[0] > energies[-1]
+        for plan, cost in front:  # no profile in this bundle: uniform routing, as the search assumes
+            assert cost["energy_j"] == pytest.approx(decode_energy_j(cfg, plan, preset.energy_model))
+        budget = (energies[1] + energies[2]) / 2
+        assert sess.energy_plan(budget).experts == front[2][0].experts
+        with pytest.raises(MoecError, match="below the narrowest plan's modelled"):
+            sess.energy_plan(energies[-1] / 2)
+    res = CliRunner().invoke(cli, ["run", str(nested), "--prompt", "Experts", "--max-new-tokens", "2", "--verbose",
+                                   "--adapt", f"energy:{budget}"])
+    assert res.exit_code == 0, res.output
+    assert f"plan in force: mean {bits[2]:.2f}" in res.output, res.output
+    check_manifest(manifest, "ok")
+    manifest["plan_front"][0]["experts"]["0"][0] = 5
+    with pytest.raises(MoecError, match=r"plan_front\[0\]\.experts"):
+        check_manifest(manifest, "bundle")
