@@ -117,6 +117,8 @@ class BundleSession:
         self._empty = empty_cache(self.cfg)
         self.calls = 0  # decode steps and prefills run since load
         self.switches: list[PlanSwitch] = []
+        self.last_routed: np.ndarray | None = None  # nested bundles: routed ids of the last decode step
+        self.drift = None  # a moec.runtime.adapt.DriftMonitor fed every decode step, when set
         self._init_plan()
         self.reset()
 
@@ -195,6 +197,23 @@ class BundleSession:
                             "expert widths at run time")
         return memory_plan(self._model_cfg, self._plan, self._storage, self._per_expert, budget_bytes,
                            self._frequencies())
+
+    def drift_monitor(self, window: int = 64, threshold: float = 0.2):
+        """Start counting online routing against the bundle's profile (uniform without one): ``self.drift``."""
+        from moec.runtime.adapt import DriftMonitor
+        if not self.nested:
+            raise MoecError("this bundle's plan is fixed at compile time; compile it with --nested 8 to adapt "
+                            "expert widths at run time")
+        self.drift = DriftMonitor(list(self._model_cfg.moe_layers), self._model_cfg.num_experts,
+                                  self._frequencies(), window, threshold)
+        return self.drift
+
+    def drift_plan(self, online: dict) -> BitPlan:
+        """The plan reading at most the plan in force's expert bytes, widths given by ``online`` frequencies
+        (hot experts widest, coldest evicted first: :func:`moec.runtime.adapt.memory_plan`)."""
+        plan = memory_plan(self._model_cfg, self._plan, self._storage, self._per_expert, self.expert_bytes(), online)
+        plan.provenance = {"policy": "adapt-drift"}
+        return plan
 
     def expert_bytes(self) -> int | None:
         """Routed-expert bytes the plan in force reads when every expert is used (nested bundles)."""
@@ -280,7 +299,7 @@ class BundleSession:
             else:
                 inp.copyfrom(tokens)  # no allocation per decode step
             out = self.vm[entry](inp, *self.past, *self.params)
-            self.past = list(out)[1:]
+            self._keep_outputs(entry, list(out))
             return out[0].numpy()[0]
         # over RPC calling a VM function directly does not work; the stateful interface does
         failure = None
@@ -293,8 +312,17 @@ class BundleSession:
             failure = _last_line(exc)
         if failure is not None:  # raised outside the except block, which would keep the session alive
             raise MoecError(f"the remote device failed during a {entry} call: {failure}")
-        self.past = [out[i] for i in range(1, len(out))]
+        self._keep_outputs(entry, [out[i] for i in range(len(out))])
         return logits
+
+    def _keep_outputs(self, entry: str, out: list) -> None:
+        """The new cache; after a nested bundle's decode call, its routed ids (``last_routed``) and counts."""
+        n = len(self.past)
+        self.past = out[1:1 + n]
+        if entry == "decode" and len(out) > 1 + n:
+            self.last_routed = out[1 + n].numpy()  # [MoE layers, top_k] int32
+            if self.drift is not None:
+                self.drift.observe(self.last_routed)
 
     def check_positions(self, prompt_tokens: int, max_new_tokens: int) -> None:
         """Raise MoecError unless the prompt and ``max_new_tokens`` fit the model's position limit."""

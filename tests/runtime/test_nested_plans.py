@@ -210,3 +210,59 @@ def test_the_plan_front_is_in_the_manifest_and_energy_picks_from_it(bundles):
     manifest["plan_front"][0]["experts"]["0"][0] = 5
     with pytest.raises(MoecError, match=r"plan_front\[0\]\.experts"):
         check_manifest(manifest, "bundle")
+
+
+def test_drift_is_measured_from_the_decode_steps_and_replans_at_the_same_bytes(bundles, tmp_path):
+    """Forced drift: the calibration reference is the reverse of the routing the prompt really gets."""
+    from moec.runtime.adapt import DriftController, DriftMonitor
+    from moec.runtime.session import BundleSession
+    _, _, nested, _ = bundles
+    with BundleSession(nested) as sess:
+        cfg = sess._model_cfg
+        layers = list(cfg.moe_layers)
+        sess.set_plan(_mixed(cfg))
+        seen = []
+
+        class Recorder:  # what a monitor is fed: every decode call's routed ids
+            def observe(self, routed):
+                seen.append(routed.copy())
+
+        sess.drift = Recorder()
+        prompt = sess.tokenizer.encode("Experts route tokens").ids
+        sess.generate(prompt, 8)
+        routed = np.stack(seen)  # [decode calls, MoE layers, top_k]
+        n = len(routed)
+        assert n >= 7 and routed.shape == (n, len(layers), cfg.top_k)
+        assert ((routed >= 0) & (routed < cfg.num_experts)).all()
+        assert all(len(set(row)) == cfg.top_k for step in routed for row in step)  # top-k: distinct experts
+        counts = {l: np.bincount(routed[:, i].ravel(), minlength=cfg.num_experts) / n for i, l in enumerate(layers)}
+        same = DriftMonitor(layers, cfg.num_experts, counts, window=n)
+        for step in routed:
+            same.observe(step)
+        assert same.distance == pytest.approx(0.0) and not same.drifted
+        reverse = {l: counts[l].max() - counts[l] + 1e-3 for l in layers}  # the rarely routed were "hot"
+        before = sess.expert_bytes()
+        sess.drift = monitor = DriftMonitor(layers, cfg.num_experts, reverse, window=n, threshold=0.2)
+        ctl = DriftController(sess, monitor)
+        replans = []
+
+        def on_token(t):
+            plan = ctl.observe(0.0)
+            if plan is not None:
+                replans.append(plan)
+                sess.set_plan(plan)
+
+        sess.generate(prompt, 8, on_token=on_token)
+        q = {l: reverse[l] / reverse[l].sum() for l in layers}
+        tv = np.mean([0.5 * np.abs(counts[l] / cfg.top_k - q[l]).sum() for l in layers])
+        assert monitor.distance == pytest.approx(tv) and tv > 0.2 and len(replans) == 1
+        assert sess.expert_bytes() <= before  # same bytes (or fewer)
+        widths = {(l, e): b for l, row in sess.plan.experts.items() for e, b in row.items()}
+        hot = sorted(widths, key=lambda x: counts[x[0]][x[1]])
+        assert [widths[x] for x in hot] == sorted(widths[x] for x in hot)  # online-hotter never narrower
+        assert monitor.online[layers[0]] == pytest.approx(counts[layers[0]])
+    res = CliRunner().invoke(cli, ["run", str(nested), "--prompt", "Experts", "--max-new-tokens", "4",
+                                   "--adapt", "drift:0.3"])
+    assert res.exit_code == 0, res.output
+    res = CliRunner().invoke(cli, ["run", str(nested), "--prompt", "Experts", "--adapt", "drift:1.5"])
+    assert res.exit_code != 0 and "drift:TV" in res.output.strip().splitlines()[-1]
