@@ -164,6 +164,7 @@ class DriftMonitor:
         self._counts = np.zeros((len(self.layers), num_experts))
         self._tokens = 0
         self.distance: float | None = None
+        self.history: list[float] = []  # distance of every closed window
         self.online: dict[int, np.ndarray] | None = None
         self.drifted = False
 
@@ -186,6 +187,7 @@ class DriftMonitor:
         top_k = routed.shape[1]
         p = self._counts / (self._tokens * top_k)
         self.distance = float(np.mean(0.5 * np.abs(p - self._reference).sum(axis=1)))
+        self.history.append(self.distance)
         self.online = {layer: self._counts[i] / self._tokens for i, layer in enumerate(self.layers)}
         self.drifted = self.drifted or self.distance > self.threshold
         self._counts = np.zeros_like(self._counts)
