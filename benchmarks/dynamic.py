@@ -13,13 +13,22 @@ Three parts, each printed as a markdown table:
    the target starts above the widest plan's step time and is lowered at step 100 to halfway
    between the narrowest and the widest plan's; the table and the plot (``--plot``) show the
    plan (mean expert bits) and the step time following it.
+5. ``drift``: domain shift on the reference model. One nested bundle (``--nested 8``, profile on
+   ``reference/data/calib.txt``, Python docs) starts at the memory plan of a mid budget chosen
+   with the calibration frequencies; decode steps then run over the first half of another
+   domain's text, read from an installed Debian file (default
+   ``/usr/share/common-licenses/GPL-3``, package ``base-files``; nothing is fetched), with the
+   session's drift monitor (``--adapt drift`` policy, windows of ``--drift-window`` tokens). When it fires the
+   session re-plans at the same expert bytes; held-out perplexity on the second half is scored
+   through the bundle (teacher-forced decode steps) under the calibration-time plan and the
+   re-planned one.
 3. ``accuracy``: the reference model on its held-out split: each width derived from nested 8-bit
    (and 4-bit) storage of every routed expert vs quantizing every expert directly at that width
    (same method and group size; non-expert weights float), perplexity and top-1.
 
 Usage::
 
-    python benchmarks/dynamic.py [--parts kernel,decode,accuracy] [--layers 2] [--steps 48]
+    python benchmarks/dynamic.py [--parts kernel,decode,latency,accuracy,drift] [--layers 2] [--steps 48]
 """
 
 from __future__ import annotations
@@ -274,6 +283,81 @@ def accuracy_part(checkpoint: str, data: str, gs: int, max_tokens: int) -> None:
                   f"{100 * derived.top1:.2f} | {100 * direct.top1:.2f} | {100 * (derived.top1 - direct.top1):+.2f} |")
 
 
+# -- 5. drift ----------------------------------------------------------------------------
+def _bundle_nll(sess: BundleSession, ids: list[int], span: int) -> tuple[float, int]:
+    """Mean next-token NLL of ``ids`` scored by teacher-forced decode steps, the cache reset every ``span``."""
+    nll, count = 0.0, 0
+    for start in range(0, len(ids) - 1, span):
+        chunk = ids[start:start + span + 1]
+        sess.reset()
+        for a, b in zip(chunk[:-1], chunk[1:]):
+            logits = sess.step(a).astype(np.float64)
+            top = logits.max()
+            nll += float(np.log(np.exp(logits - top).sum()) + top - logits[b])
+            count += 1
+    return nll / count, count
+
+
+def drift_part(checkpoint: str, calib: str, shifted: str, gs: int, tokens: int, window: int, threshold: float) -> None:
+    from click.testing import CliRunner
+    from moec.cli.main import cli
+    from moec.runtime.adapt import DriftController
+
+    tok = load_tokenizer(checkpoint)
+    text = Path(shifted).read_text(encoding="utf-8", errors="replace")
+    ids = tok.encode(text).ids[:2 * tokens]
+    adapt_ids, held = ids[:len(ids) // 2], ids[len(ids) // 2:]
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / "nested"
+        res = CliRunner().invoke(cli, ["compile", checkpoint, "--plan", "uniform:8", "--group-size", str(gs),
+                                       "--method", "rtn", "--nested", "8", "--data", calib, "--out", str(out)])
+        if res.exit_code != 0:
+            raise SystemExit(res.output)
+        with BundleSession(out) as sess:
+            sess.set_plan("uniform:8")
+            full = sess.expert_bytes()
+            sess.set_plan("uniform:2")
+            narrow = sess.expert_bytes()
+            budget = narrow + 0.4 * (full - narrow)
+            calib_plan = sess.memory_plan(budget)
+            sess.set_plan(calib_plan)
+            monitor = sess.drift_monitor(window=window, threshold=threshold)
+            ctl = DriftController(sess, monitor)
+            new_plan, at = None, []
+            sess.reset()
+            for i, t in enumerate(adapt_ids):
+                if i and i % 512 == 0:
+                    sess.reset()
+                sess.step(t)
+                plan = ctl.observe(0.0)
+                if plan is not None:
+                    new_plan = plan
+                    at.append(i + 1)
+                    sess.set_plan(plan)
+            distances = monitor.history
+            layers = len(sess._model_cfg.moe_layers)
+            replanned_bytes = sess.expert_bytes()
+            sess.drift = None
+            sess.set_plan(calib_plan)
+            calib_bytes = sess.expert_bytes()
+            nll_calib, n = _bundle_nll(sess, held, 512)
+            nll_new = None
+            if new_plan is not None:
+                sess.set_plan(new_plan)
+                nll_new, _ = _bundle_nll(sess, held, 512)
+    print(f"\n## Domain shift: calibrated on {calib} (Python docs), served on {shifted} "
+          f"({len(adapt_ids)} tokens to adapt on, {n} held-out tokens scored)\n")
+    print(f"Drift monitor (total variation of routing vs the reference, mean over {layers} MoE layers, "
+          f"windows of {window} tokens, threshold {threshold}; the reference becomes the online routing after a re-plan): "
+          + ", ".join(f"{d:.3f}" for d in distances))
+    print(f"\nre-planned after token(s) {', '.join(map(str, at))}\n" if at else "\nno drift detected\n")
+    print("| plan | expert MB | held-out ppl (new domain) |")
+    print("|---|---|---|")
+    print(f"| calibration-time (profile of {Path(calib).name}) | {calib_bytes / 1e6:.3f} | {np.exp(nll_calib):.2f} |")
+    if nll_new is not None:
+        print(f"| re-planned on drift (online frequencies) | {replanned_bytes / 1e6:.3f} | {np.exp(nll_new):.2f} |")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--parts", default="kernel,decode,accuracy")
@@ -285,6 +369,12 @@ def main() -> None:
     ap.add_argument("--data", default="reference/data/heldout.txt")
     ap.add_argument("--max-tokens", type=int, default=16384)
     ap.add_argument("--plot", default="out/dynamic_latency.png", help="Where the latency part writes its plot.")
+    ap.add_argument("--calib", default="reference/data/calib.txt", help="Drift part: the calibration text.")
+    ap.add_argument("--shifted", default="/usr/share/common-licenses/GPL-3",
+                    help="Drift part: another domain's text, an installed file (GPL-3: Debian package base-files).")
+    ap.add_argument("--drift-window", type=int, default=64, help="Drift part: tokens per monitor window.")
+    ap.add_argument("--drift-threshold", type=float, default=0.2, help="Drift part: total-variation threshold.")
+    ap.add_argument("--drift-tokens", type=int, default=2048, help="Drift part: tokens to adapt on (and as many held out).")
     args = ap.parse_args()
     torch.set_num_threads(2)
     parts = args.parts.split(",")
@@ -296,6 +386,9 @@ def main() -> None:
         latency_part(args.layers, args.group_size, 200, args.plot)
     if "accuracy" in parts:
         accuracy_part(args.checkpoint, args.data, args.group_size, args.max_tokens)
+    if "drift" in parts:
+        drift_part(args.checkpoint, args.calib, args.shifted, args.group_size, args.drift_tokens, args.drift_window,
+                   args.drift_threshold)
 
 
 if __name__ == "__main__":

@@ -23,7 +23,7 @@ _FIELDS: dict[str, tuple[tuple[type, ...], bool]] = {
     "stored_weight_bytes": ((int,), False), "kernels": ((str,), False), "activations": ((str,), False),
     "cuda": ((dict,), False), "recipe": ((dict,), False), "source": ((str,), False), "files": ((dict,), True),
     "backend": ((dict,), False), "onnx": ((str,), False), "streamed": ((bool,), False),
-    "nested": ((dict,), False),
+    "nested": ((dict,), False), "plan_front": ((list,), False),
 }
 
 
@@ -118,6 +118,33 @@ def _check_model(m: dict, where: str) -> None:
     plan = BitPlan.from_json(m["plan"], source=f"{where}: plan").validate(cfg)
     if "nested" in m:
         _check_nested(m, cfg, plan, where)
+    if "plan_front" in m:
+        _check_front(m, cfg, where)
+
+
+_FRONT_KEYS = {"experts", "expert_bytes", "bytes_per_token", "latency_s", "energy_j", "mean_bits"}
+
+
+def _check_front(m: dict, cfg, where: str) -> None:
+    """``plan_front`` (nested bundles): entries of every MoE layer's widths, servable, with numeric costs."""
+    from moec.core.formats import get_nested_format
+
+    if "nested" not in m:
+        raise MoecError(f"{where}: manifest 'plan_front' needs a nested bundle")
+    served = get_nested_format(m["nested"]["storage_bits"]).derived_bits
+    layers = {str(layer) for layer in cfg.moe_layers}
+    for i, entry in enumerate(m["plan_front"]):
+        if not isinstance(entry, dict) or set(entry) != _FRONT_KEYS or any(
+                isinstance(entry[k], bool) or not isinstance(entry[k], (int, float)) or entry[k] < 0
+                for k in _FRONT_KEYS - {"experts"}):
+            raise MoecError(f"{where}: manifest 'plan_front[{i}]' must hold {', '.join(sorted(_FRONT_KEYS))} "
+                            f"(non-negative numbers but 'experts')")
+        experts = entry["experts"]
+        if not isinstance(experts, dict) or set(experts) != layers or any(
+                not isinstance(row, list) or len(row) != cfg.num_experts or any(
+                    isinstance(b, bool) or b not in served for b in row) for row in experts.values()):
+            raise MoecError(f"{where}: manifest 'plan_front[{i}].experts' must give every MoE layer "
+                            f"{cfg.num_experts} widths among {', '.join(map(str, served))}")
 
 
 def _check_nested(m: dict, cfg, plan, where: str) -> None:

@@ -31,10 +31,12 @@ from moec.core.errors import MoecError
               help="Nested bundles: switch to PLAN after STEP new tokens, without reloading (repeatable). "
                    "A plan the bundle cannot serve is refused in one line and generation goes on under the "
                    "plan in force.")
-@click.option("--adapt", default=None, metavar="memory:MB|latency:MS",
+@click.option("--adapt", default=None, metavar="memory:MB|latency:MS|energy:J|drift:TV",
               help="Nested bundles: memory:MB serves the plan whose routed experts read at most MB megabytes "
                    "(coldest experts, by the bundle's profile, evicted to the narrowest width first); latency:MS "
-                   "moves along a ladder of such plans to keep the median decode step under MS ms. energy: not yet.")
+                   "moves along the bundle's plan front to keep the median decode step under MS ms; energy:J serves the "
+                   "widest front plan whose modelled J/token is at most J; drift:TV re-plans at the same bytes when "
+                   "the routing of the last 16 tokens is more than TV (total variation) away from the profile's.")
 @click.option("--verbose", is_flag=True, help="Print the plan in force and every plan switch (stderr).")
 def run_cmd(bundle, prompt, max_new_tokens, tracker, key, trust, trust_verified, timeout, plan, switches, adapt, verbose):
     """Generate text from a compiled BUNDLE (hashes verified before loading), here or on a remote device."""
@@ -61,6 +63,11 @@ def run_cmd(bundle, prompt, max_new_tokens, tracker, key, trust, trust_verified,
         controller = None
         if policy is not None and policy[0] == "memory":
             sess.set_plan(sess.memory_plan(policy[1]))
+        elif policy is not None and policy[0] == "energy":
+            sess.set_plan(sess.energy_plan(policy[1]))
+        elif policy is not None and policy[0] == "drift":
+            from moec.runtime.adapt import DriftController
+            controller = DriftController(sess, sess.drift_monitor(window=16, threshold=policy[1]))
         elif policy is not None:
             from moec.runtime.adapt import LatencyController
             controller = LatencyController(sess.plan_ladder(), policy[1])

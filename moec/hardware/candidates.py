@@ -116,7 +116,7 @@ class BundleCandidate:
                 per_step.append(list(timer("decode").results))
                 vm.invoke_stateful("decode")
                 out = vm.get_outputs("decode")
-                past = [out[i] for i in range(1, len(out))]
+                past = [out[i] for i in range(1, 1 + len(past))]  # a nested bundle's routed ids follow
         times = np.asarray(per_step)  # [steps, repeats]
         # each repeat: mean step time over the stream; best: every step at its fastest repeat (on a
         # shared machine other processes only ever add time)

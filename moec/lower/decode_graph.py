@@ -52,11 +52,13 @@ class DecodeBuilder:
                                                                      "float32"))
                      for i in range(cfg.num_layers) for kind in ("k", "v")]
         self.presents: list[relax.Var] = []
+        self.routed: list[relax.Var] = []  # decode of nested stacks: each MoE layer's routed ids, an output
         self._views: dict[relax.Var, relax.Var] = {}  # reshape result -> the tensor it views
         with bb.function(self.function_name, [tokens] + self.past + list(self.vars.values())):
             with bb.dataflow():
                 logits = blocks.causal_lm(self, cfg, tokens)
-                out = bb.emit_output(relax.Tuple([logits] + self.presents))
+                routed = [bb.emit(relax.op.concat(self.routed, axis=0))] if self.routed else []
+                out = bb.emit_output(relax.Tuple([logits] + self.presents + routed))
             bb.emit_func_output(out)
         # head views superseded by a later reshape of the same tensor (see _reshape) are unused
         gv = bb.get().get_global_var(self.function_name)
@@ -251,6 +253,8 @@ class DecodeBuilder:
         nested = f"layers.{layer}.experts.nested"
         if f"{nested}.w1" in self.params.entries:  # one stack, each expert's width read at run time
             ids = bb.emit(relax.op.reshape(routing.ids, (routing.ids.ty.shape[0] * cfg.top_k,)))
+            if self.function_name == "decode":  # the last output: [MoE layers, top_k] ids (drift policy)
+                self.routed.append(bb.emit(relax.op.reshape(ids, (1, cfg.top_k))))
             weights = bb.emit(relax.op.reshape(routing.weights, (cfg.top_k, 1)))
             prec = self.vars[prec_table_name(layer)]
 

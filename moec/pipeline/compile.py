@@ -163,6 +163,11 @@ def compile_bundle(cfg: CompileConfig, on_stage=None) -> Path:
                 on_stage("export (ONNX)", time.time() - t0)
         if cfg.recipe is not None:
             manifest["recipe"] = cfg.recipe
+        if cfg.nested is not None:  # the run-time plans and their modelled cost, for moec run --adapt
+            from moec.runtime.adapt import profile_frequencies
+            from moec.search.nested_front import nested_front
+            freqs = profile_frequencies(profile_path) if profile_path is not None else None
+            manifest["plan_front"] = nested_front(model.cfg, plan, cfg.nested, preset, freqs)
         return build_bundle(model, plan, preset, cfg.out, tok_path if tok_path.is_file() else None, weights,
                             extra_manifest=manifest, debug_dump=cfg.debug_dump, on_stage=on_stage,
                             extra_files=extra_files, activations=cfg.activations, force=cfg.force,

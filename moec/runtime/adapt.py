@@ -66,17 +66,17 @@ def memory_plan(cfg: MoEConfig, base: BitPlan, storage_bits: int, per_expert: di
 
 
 def parse_adapt(spec: str) -> tuple[str, float]:
-    """``memory:MB`` → ("memory", bytes); ``latency:MS`` → ("latency", seconds); one-line errors otherwise."""
+    """``memory:MB`` → ("memory", bytes); ``latency:MS`` → ("latency", seconds); ``energy:J`` →
+    ("energy", joules per token); ``drift:TV`` → ("drift", threshold); one-line errors otherwise."""
     kind, _, value = spec.partition(":")
-    if kind == "energy":
-        raise MoecError("--adapt energy:J is not implemented yet; use memory:MB or latency:MS")
     try:
         number = float(value)
     except ValueError:
         number = -1.0
-    if kind not in ("memory", "latency") or not number > 0:
-        raise MoecError(f"--adapt expects memory:MB or latency:MS (a positive number), got {spec[:40]!r}")
-    return (kind, number * 1e6) if kind == "memory" else (kind, number / 1e3)
+    if kind not in ("memory", "latency", "energy", "drift") or not number > 0 or (kind == "drift" and number >= 1):
+        raise MoecError(f"--adapt expects memory:MB, latency:MS, energy:J (a positive number) or drift:TV "
+                        f"(a total-variation threshold in (0, 1)), got {spec[:40]!r}")
+    return {"memory": (kind, number * 1e6), "latency": (kind, number / 1e3)}.get(kind, (kind, number))
 
 
 
@@ -139,3 +139,79 @@ def plan_ladder(cfg: MoEConfig, base: BitPlan, storage_bits: int, per_expert: di
     low, high = per_width
     budgets = np.linspace(high, low, max(rungs, 2))
     return [memory_plan(cfg, base, storage_bits, per_expert, float(b), frequencies) for b in budgets]
+
+
+class DriftMonitor:
+    """Online routing frequencies of a nested bundle's decode steps against the calibration profile.
+
+    Each decode step of a nested bundle returns its routed expert ids per MoE layer
+    (``BundleSession.last_routed``, ``[MoE layers, top_k]``); the monitor counts them over a window
+    of ``window`` tokens. At the window's end, per layer, the routing distribution ``p`` (counts /
+    (window · top_k)) is compared with the calibration one ``q`` (profile frequency / its sum;
+    uniform without a profile) by total variation ``TV = ½ Σ_e |p_e − q_e|`` (0: same, 1: disjoint);
+    ``distance`` is the mean over MoE layers and ``drifted`` is set when it exceeds ``threshold``
+    (default 0.2: a fifth of the routing mass has moved to other experts). ``online`` keeps the
+    window's per-token frequencies for the re-plan; :meth:`rebase` makes them the new reference, so
+    one shift re-plans once.
+    """
+
+    def __init__(self, layers: list[int], num_experts: int, calibration: dict[int, np.ndarray] | None = None,
+                 window: int = 64, threshold: float = 0.2) -> None:
+        if window < 1 or not 0 < threshold < 1:
+            raise MoecError(f"drift window must be >= 1 token and threshold in (0, 1), got {window}, {threshold}")
+        self.layers, self.num_experts, self.window, self.threshold = list(layers), num_experts, window, threshold
+        self.rebase(calibration)
+        self._counts = np.zeros((len(self.layers), num_experts))
+        self._tokens = 0
+        self.distance: float | None = None
+        self.history: list[float] = []  # distance of every closed window
+        self.online: dict[int, np.ndarray] | None = None
+        self.drifted = False
+
+    def rebase(self, frequencies: dict[int, np.ndarray] | None) -> None:
+        """Compare the next windows with ``frequencies`` (None: uniform routing)."""
+        rows = []
+        for layer in self.layers:
+            f = np.ones(self.num_experts) if frequencies is None else np.asarray(frequencies[layer], float)
+            rows.append(f / f.sum() if f.sum() > 0 else np.full(self.num_experts, 1.0 / self.num_experts))
+        self._reference = np.stack(rows)
+
+    def observe(self, routed: np.ndarray) -> None:
+        """Count one decode step's routed ids (``[MoE layers, top_k]``); close the window when full."""
+        routed = np.asarray(routed).reshape(len(self.layers), -1)
+        for i, row in enumerate(routed):
+            np.add.at(self._counts[i], row[(row >= 0) & (row < self.num_experts)], 1.0)
+        self._tokens += 1
+        if self._tokens < self.window:
+            return
+        top_k = routed.shape[1]
+        p = self._counts / (self._tokens * top_k)
+        self.distance = float(np.mean(0.5 * np.abs(p - self._reference).sum(axis=1)))
+        self.history.append(self.distance)
+        self.online = {layer: self._counts[i] / self._tokens for i, layer in enumerate(self.layers)}
+        self.drifted = self.drifted or self.distance > self.threshold
+        self._counts = np.zeros_like(self._counts)
+        self._tokens = 0
+
+
+class DriftController:
+    """``--adapt drift:TV``: when the session's :class:`DriftMonitor` sees drift, re-plan at the same bytes.
+
+    The re-plan is :func:`memory_plan` with the window's online frequencies and the expert bytes of
+    the plan in force as the budget: hot experts (online) are promoted, cold ones demoted, and the
+    plan reads no more than before. Same ``observe(seconds)`` interface as :class:`LatencyController`.
+    """
+
+    def __init__(self, session, monitor: DriftMonitor) -> None:
+        self.session, self.monitor = session, monitor
+        self.replans = 0
+
+    def observe(self, seconds: float) -> BitPlan | None:
+        m = self.monitor
+        if not m.drifted:
+            return None
+        m.drifted = False
+        plan = self.session.drift_plan(m.online)
+        m.rebase(m.online)
+        self.replans += 1
+        return plan

@@ -118,6 +118,8 @@ class BundleSession:
         self._empty = empty_cache(self.cfg)
         self.calls = 0  # decode steps and prefills run since load
         self.switches: list[PlanSwitch] = []
+        self.last_routed: np.ndarray | None = None  # nested bundles: routed ids of the last decode step
+        self.drift = None  # a moec.runtime.adapt.DriftMonitor fed every decode step, when set
         self._init_plan()
         self.reset()
 
@@ -152,12 +154,40 @@ class BundleSession:
     def _frequencies(self):
         return profile_frequencies(self._root / "profile.json") if "profile.json" in self.manifest["files"] else None
 
-    def plan_ladder(self, rungs: int = 8) -> list[BitPlan]:
-        """Plans from every expert widest to every expert narrowest, colder experts narrowed first
-        (the rungs a :class:`moec.runtime.adapt.LatencyController` moves along)."""
+    def plan_front(self) -> list[tuple[BitPlan, dict]]:
+        """The manifest's ``plan_front`` (``moec.search.nested_front``, computed at compile time): each
+        plan, widest first, with its modelled ``bytes_per_token``, ``latency_s``, ``energy_j``; [] for a
+        nested bundle compiled before the front existed."""
         if not self.nested:
             raise MoecError("this bundle's plan is fixed at compile time; compile it with --nested 8 to adapt "
                             "expert widths at run time")
+        out = []
+        for entry in self.manifest.get("plan_front", []):
+            plan = self._plan.copy()
+            plan.experts = {int(l): dict(enumerate(row)) for l, row in entry["experts"].items()}
+            plan.provenance = {"policy": f"plan-front-{entry['mean_bits']:.2f}bits"}
+            out.append((plan, {k: v for k, v in entry.items() if k != "experts"}))
+        return out
+
+    def energy_plan(self, joules: float) -> BitPlan:
+        """The widest front plan whose modelled energy per decode step is at most ``joules`` (the search's
+        estimator: bytes · pJ/byte + ops · pJ/op of the bundle's target)."""
+        front = self.plan_front()
+        if not front:
+            raise MoecError("this bundle has no plan front (compile it again with --nested to adapt to energy)")
+        for plan, cost in front:
+            if cost["energy_j"] <= joules:
+                return plan
+        raise MoecError(f"energy budget {joules:.4g} J/token is below the narrowest plan's modelled "
+                        f"{front[-1][1]['energy_j']:.4g} J/token")
+
+    def plan_ladder(self, rungs: int = 8) -> list[BitPlan]:
+        """Plans from every expert widest to every expert narrowest, colder experts narrowed first
+        (the rungs a :class:`moec.runtime.adapt.LatencyController` moves along): the bundle's plan
+        front when it has one, else ``rungs`` memory plans computed here."""
+        front = [plan for plan, _ in self.plan_front()]
+        if front:
+            return front
         return plan_ladder(self._model_cfg, self._plan, self._storage, self._per_expert, rungs, self._frequencies())
 
     def memory_plan(self, budget_bytes: float) -> BitPlan:
@@ -168,6 +198,23 @@ class BundleSession:
                             "expert widths at run time")
         return memory_plan(self._model_cfg, self._plan, self._storage, self._per_expert, budget_bytes,
                            self._frequencies())
+
+    def drift_monitor(self, window: int = 64, threshold: float = 0.2):
+        """Start counting online routing against the bundle's profile (uniform without one): ``self.drift``."""
+        from moec.runtime.adapt import DriftMonitor
+        if not self.nested:
+            raise MoecError("this bundle's plan is fixed at compile time; compile it with --nested 8 to adapt "
+                            "expert widths at run time")
+        self.drift = DriftMonitor(list(self._model_cfg.moe_layers), self._model_cfg.num_experts,
+                                  self._frequencies(), window, threshold)
+        return self.drift
+
+    def drift_plan(self, online: dict) -> BitPlan:
+        """The plan reading at most the plan in force's expert bytes, widths given by ``online`` frequencies
+        (hot experts widest, coldest evicted first: :func:`moec.runtime.adapt.memory_plan`)."""
+        plan = memory_plan(self._model_cfg, self._plan, self._storage, self._per_expert, self.expert_bytes(), online)
+        plan.provenance = {"policy": "adapt-drift"}
+        return plan
 
     def expert_bytes(self) -> int | None:
         """Routed-expert bytes the plan in force reads when every expert is used (nested bundles)."""
@@ -253,7 +300,7 @@ class BundleSession:
             else:
                 inp.copyfrom(tokens)  # no allocation per decode step
             out = self.vm[entry](inp, *self.past, *self.params)
-            self.past = list(out)[1:]
+            self._keep_outputs(entry, list(out))
             return out[0].numpy()[0]
         # over RPC calling a VM function directly does not work; the stateful interface does
         failure = None
@@ -266,8 +313,17 @@ class BundleSession:
             failure = _last_line(exc)
         if failure is not None:  # raised outside the except block, which would keep the session alive
             raise MoecError(f"the remote device failed during a {entry} call: {failure}")
-        self.past = [out[i] for i in range(1, len(out))]
+        self._keep_outputs(entry, [out[i] for i in range(len(out))])
         return logits
+
+    def _keep_outputs(self, entry: str, out: list) -> None:
+        """The new cache; after a nested bundle's decode call, its routed ids (``last_routed``) and counts."""
+        n = len(self.past)
+        self.past = out[1:1 + n]
+        if entry == "decode" and len(out) > 1 + n:
+            self.last_routed = out[1 + n].numpy()  # [MoE layers, top_k] int32
+            if self.drift is not None:
+                self.drift.observe(self.last_routed)
 
     def check_positions(self, prompt_tokens: int, max_new_tokens: int) -> None:
         """Raise MoecError unless the prompt and ``max_new_tokens`` fit the model's position limit."""

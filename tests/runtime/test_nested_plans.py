@@ -152,8 +152,9 @@ def test_memory_budget_evicts_the_coldest_experts_first(bundles):
         with pytest.raises(MoecError, match="below the narrowest plan's"):
             sess.memory_plan(narrow - 1)
     assert parse_adapt("memory:1.5") == ("memory", 1.5e6) and parse_adapt("latency:30") == ("latency", 0.03)
-    with pytest.raises(MoecError, match="not implemented yet"):
-        parse_adapt("energy:2")
+    assert parse_adapt("energy:0.02") == ("energy", 0.02)
+    with pytest.raises(MoecError, match="energy:J"):
+        parse_adapt("power:2")
     res = CliRunner().invoke(cli, ["run", str(nested), "--prompt", "Experts", "--max-new-tokens", "3", "--verbose",
                                    "--adapt", f"memory:{budget / 1e6}"])
     assert res.exit_code == 0, res.output
@@ -176,3 +177,92 @@ def test_latency_controller_moves_along_the_ladder(bundles):
                                    "--adapt", "latency:0.001"])  # a target no step meets: one rung narrower a window
     assert res.exit_code == 0, res.output
     assert "switch at step 9:" in res.output
+
+
+def test_the_plan_front_is_in_the_manifest_and_energy_picks_from_it(bundles):
+    """``plan_front``: computed at compile time with the search's energy model, checked by the schema,
+    served by ``--adapt energy:J`` (the widest plan within the budget)."""
+    from moec.artifact.manifest_schema import check_manifest
+    from moec.core.config import config_from_dict
+    from moec.hardware.energy_model import decode_energy_j
+    from moec.runtime.session import BundleSession
+    _, _, nested, _ = bundles
+    with BundleSession(nested) as sess:
+        front = sess.plan_front()
+        manifest = json.loads((nested / "manifest.json").read_text())
+        cfg = config_from_dict(sess.cfg, "test")
+        preset = load_target(manifest["target"]["name"])
+        bits = [p.average_expert_bits() for p, _ in front]
+        assert len(front) >= 3 and bits[0] == 8 and bits[-1] == 2 and bits == sorted(bits, reverse=True)
+        energies = [c["energy_j"] for _, c in front]
+        assert energies == sorted(energies, reverse=True) and energies[0] > energies[-1]
+        for plan, cost in front:  # no profile in this bundle: uniform routing, as the search assumes
+            assert cost["energy_j"] == pytest.approx(decode_energy_j(cfg, plan, preset.energy_model))
+        budget = (energies[1] + energies[2]) / 2
+        assert sess.energy_plan(budget).experts == front[2][0].experts
+        with pytest.raises(MoecError, match="below the narrowest plan's modelled"):
+            sess.energy_plan(energies[-1] / 2)
+    res = CliRunner().invoke(cli, ["run", str(nested), "--prompt", "Experts", "--max-new-tokens", "2", "--verbose",
+                                   "--adapt", f"energy:{budget}"])
+    assert res.exit_code == 0, res.output
+    assert f"plan in force: mean {bits[2]:.2f}" in res.output, res.output
+    check_manifest(manifest, "ok")
+    manifest["plan_front"][0]["experts"]["0"][0] = 5
+    with pytest.raises(MoecError, match=r"plan_front\[0\]\.experts"):
+        check_manifest(manifest, "bundle")
+
+
+def test_drift_is_measured_from_the_decode_steps_and_replans_at_the_same_bytes(bundles, tmp_path):
+    """Forced drift: the calibration reference is the reverse of the routing the prompt really gets."""
+    from moec.runtime.adapt import DriftController, DriftMonitor
+    from moec.runtime.session import BundleSession
+    _, _, nested, _ = bundles
+    with BundleSession(nested) as sess:
+        cfg = sess._model_cfg
+        layers = list(cfg.moe_layers)
+        sess.set_plan(_mixed(cfg))
+        seen = []
+
+        class Recorder:  # what a monitor is fed: every decode call's routed ids
+            def observe(self, routed):
+                seen.append(routed.copy())
+
+        sess.drift = Recorder()
+        prompt = sess.tokenizer.encode("Experts route tokens").ids
+        sess.generate(prompt, 8)
+        routed = np.stack(seen)  # [decode calls, MoE layers, top_k]
+        n = len(routed)
+        assert n >= 7 and routed.shape == (n, len(layers), cfg.top_k)
+        assert ((routed >= 0) & (routed < cfg.num_experts)).all()
+        assert all(len(set(row)) == cfg.top_k for step in routed for row in step)  # top-k: distinct experts
+        counts = {l: np.bincount(routed[:, i].ravel(), minlength=cfg.num_experts) / n for i, l in enumerate(layers)}
+        same = DriftMonitor(layers, cfg.num_experts, counts, window=n)
+        for step in routed:
+            same.observe(step)
+        assert same.distance == pytest.approx(0.0) and not same.drifted
+        reverse = {l: counts[l].max() - counts[l] + 1e-3 for l in layers}  # the rarely routed were "hot"
+        before = sess.expert_bytes()
+        sess.drift = monitor = DriftMonitor(layers, cfg.num_experts, reverse, window=n, threshold=0.2)
+        ctl = DriftController(sess, monitor)
+        replans = []
+
+        def on_token(t):
+            plan = ctl.observe(0.0)
+            if plan is not None:
+                replans.append(plan)
+                sess.set_plan(plan)
+
+        sess.generate(prompt, 8, on_token=on_token)
+        q = {l: reverse[l] / reverse[l].sum() for l in layers}
+        tv = np.mean([0.5 * np.abs(counts[l] / cfg.top_k - q[l]).sum() for l in layers])
+        assert monitor.distance == pytest.approx(tv) and tv > 0.2 and len(replans) == 1
+        assert sess.expert_bytes() <= before  # same bytes (or fewer)
+        widths = {(l, e): b for l, row in sess.plan.experts.items() for e, b in row.items()}
+        hot = sorted(widths, key=lambda x: counts[x[0]][x[1]])
+        assert [widths[x] for x in hot] == sorted(widths[x] for x in hot)  # online-hotter never narrower
+        assert monitor.online[layers[0]] == pytest.approx(counts[layers[0]])
+    res = CliRunner().invoke(cli, ["run", str(nested), "--prompt", "Experts", "--max-new-tokens", "4",
+                                   "--adapt", "drift:0.3"])
+    assert res.exit_code == 0, res.output
+    res = CliRunner().invoke(cli, ["run", str(nested), "--prompt", "Experts", "--adapt", "drift:1.5"])
+    assert res.exit_code != 0 and "drift:TV" in res.output.strip().splitlines()[-1]

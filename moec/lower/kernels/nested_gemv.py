@@ -7,14 +7,17 @@ at now, as an ordinary argument: changing it changes what the next call reads, w
 
 For routed row ``j`` with expert ``e = expert_ids[j]`` and width ``k = prec[e]``::
 
-    y[j, n] = sum_g scale[n, g] · ( sum_{s needed by k} 2**pos_s · qdot_s[n, g]
-                                    − (zero[n, g] − (2**(B−k) − 1) / 2) · xsum[g] )
+    y[j, n] = sum_g scale[n, g] · ( qdot_k[n, g] − (zero[n, g] − (2**(B−k) − 1) / 2) · xsum[g] )
 
-with ``qdot_s[n, g] = sum_{i in g} seg_s[n, i] · x[i]`` (``B`` the storage width, ``pos_s`` the
-segment's bit position): the width-``k`` weight of ``moec.quant.nested`` exactly. The update loop
-of each ``qdot_s`` but the first sits under ``if prec[expert_ids[j]] >= need_s``
-(:func:`guard_segments`), so the planes a width does not need are never loaded; their
-accumulator keeps its initial 0.
+with ``qdot_k[n, g] = sum_{i in g} (q[n, i] >> (B−k) << (B−k)) · x[i]`` (``B`` the storage width):
+the width-``k`` weight of ``moec.quant.nested`` exactly. Block ``qdot{d}`` serves the ``d``-th
+derived width: per weight it reassembles the top ``k`` bits from the segments that width needs
+into one integer in registers (per segment a shift, a mask and a shift to the segment's bit
+position, or-ed together; all shifts constant once the step is unrolled) and converts and
+multiplies ONCE, so a width costs one float pass whatever its number of planes. Each ``qdot{d}``
+update loop sits under ``if prec[expert_ids[j]] == k_d`` (:func:`guard_segments`): exactly one
+specialised inner loop runs per routed row, the width branch is outside it, and the planes a
+width does not need are never loaded; the other accumulators keep their initial 0.
 """
 
 from __future__ import annotations
@@ -89,7 +92,7 @@ def nested_gemv_definition(spec: NestedGemvSpec) -> tirx.PrimFunc:
     Parameters, in order: ``x`` float32 ``[XR, K]``, one ``seg{s}`` uint32 ``[E, NT, K*w_s/32, T]``
     per segment, ``scale`` float16 ``[E, NT, G, T]``, ``zero`` uint32 ``[E, NT, ZW, T]`` (storage
     width codes), ``prec`` int32 ``[E]``, ``expert_ids`` int32 ``[top_k]``, ``y`` float32
-    ``[top_k, N]``. Blocks: ``xsum``, ``xs{w}`` (x pre-scaled per plane width), ``qdot{s}``, ``y``.
+    ``[top_k, N]``. Blocks: ``xsum``, ``qdot{d}`` (one per derived width), ``y``.
     """
     fmt = spec.format
     gs, tile, groups = spec.group_size, spec.tile, spec.groups
@@ -108,26 +111,25 @@ def nested_gemv_definition(spec: NestedGemvSpec) -> tirx.PrimFunc:
 
     i = te.reduce_axis((0, gs), "i")
     xsum = te.compute((xr, groups), lambda r, g: te.sum(x[r, g * gs + i], axis=i), name="xsum")
+    positions = segment_positions(fmt)
 
-    def prescaled(width):
-        return te.compute(x.shape, lambda r, c: x[r, c] * _pow2(-((c * width) % 32)), name=f"xs{width}")
-
-    xs = {w: prescaled(w) for w in sorted(set(fmt.segment_bits))}
-
-    def qdot(s, width):
-        seg, wpg = segs[s], gs * width // 32
-        ii = te.reduce_axis((0, gs), f"ii{s}")
+    def qdot(d):
+        """Width ``derived_bits[d]``: segments ``0..d`` combined into one code per weight."""
+        ii = te.reduce_axis((0, gs), f"ii{d}")
 
         def body(j, b, g, lane):
-            shift = ((ii * width) % 32).astype("uint32")
-            word = seg[ids[j], b, g * wpg + (ii * width) // 32, lane]
-            inplace = word & (tirx.const((1 << width) - 1, "uint32") << shift)
-            return te.sum(inplace.astype("float32") * xs[width][xrow(j), g * gs + ii], axis=ii)
+            code = None
+            for s in range(d + 1):
+                width, wpg = fmt.segment_bits[s], gs * fmt.segment_bits[s] // 32
+                word = segs[s][ids[j], b, g * wpg + (ii * width) // 32, lane]
+                part = ((word >> ((ii * width) % 32).astype("uint32")) & tirx.const((1 << width) - 1, "uint32")) \
+                    << tirx.const(positions[s], "uint32")
+                code = part if code is None else code | part
+            return te.sum(code.astype("float32") * x[xrow(j), g * gs + ii], axis=ii)
 
-        return te.compute((spec.top_k, nt, groups, tile), body, name=f"qdot{s}")
+        return te.compute((spec.top_k, nt, groups, tile), body, name=f"qdot{d}")
 
-    qdots = [qdot(s, w) for s, w in enumerate(fmt.segment_bits)]
-    positions = segment_positions(fmt)
+    qdots = [qdot(d) for d in range(len(fmt.derived_bits))]
     g = te.reduce_axis((0, groups), "g")
 
     def y_fn(j, n):
@@ -136,10 +138,9 @@ def nested_gemv_definition(spec: NestedGemvSpec) -> tirx.PrimFunc:
         zq = code_at(lambda word: zero[e, b, word, lane], g, spec.storage_bits).astype("float32")
         centre = (_pow2(tirx.const(spec.storage_bits, "int32") - prec[e]) - tirx.const(1.0, "float32")) \
             * tirx.const(0.5, "float32")
-        planes = None
-        for q, pos in zip(qdots, positions):
-            term = q[j, b, g, lane] * tirx.const(float(2 ** pos), "float32")
-            planes = term if planes is None else planes + term
+        planes = None  # only the routed width's accumulator is non-zero (guard_segments)
+        for q in qdots:
+            planes = q[j, b, g, lane] if planes is None else planes + q[j, b, g, lane]
         return te.sum(scale[e, b, g, lane].astype("float32") * (planes - (zq - centre) * xsum[xrow(j), g]),
                       axis=g)
 
@@ -148,12 +149,13 @@ def nested_gemv_definition(spec: NestedGemvSpec) -> tirx.PrimFunc:
 
 
 def guard_segments(func: tirx.PrimFunc, spec: NestedGemvSpec) -> tirx.PrimFunc:
-    """``func`` (scheduled) with each optional segment's update loop under ``prec[expert_ids[j]] >= need``.
+    """``func`` (scheduled) with each width's update loop under ``prec[expert_ids[j]] == width``.
 
     The routed-row loops are the top-level parallel loops named from ``j`` (``j`` major, as for
     :func:`moec.lower.kernels.row_guard.guard_routed_rows`); inside them, the first loop of a
-    sequence whose subtree holds only block ``qdot{s}_update`` (after ``decompose_reduction``) is
-    wrapped.
+    sequence whose subtree holds only block ``qdot{d}_update`` (after ``decompose_reduction``) is
+    wrapped, so one specialised inner loop runs per row (a width not served runs none: the
+    session refuses such plans before they reach the kernel).
     """
     fmt = spec.format
     need = dict(enumerate(fmt.derived_bits))
@@ -167,14 +169,13 @@ def guard_segments(func: tirx.PrimFunc, spec: NestedGemvSpec) -> tirx.PrimFunc:
             per_row = stmt.extent.value // spec.top_k
             row = stmt.loop_var if per_row == 1 else tirx.floordiv(stmt.loop_var, per_row)
             width = tirx.BufferLoad(prec, [tirx.BufferLoad(ids, [row])])
-            body, count = _wrap(stmt.body, {s: width >= tirx.const(need[s], "int32")
-                                            for s in range(1, len(fmt.segment_bits))})
+            body, count = _wrap(stmt.body, {d: width == tirx.const(need[d], "int32") for d in need})
             wrapped += count
             stmts[t] = ts.For(stmt.loop_var, stmt.min, stmt.extent, stmt.kind, body, stmt.thread_binding,
                               stmt.annotations)
-    if wrapped != (len(fmt.segment_bits) - 1) * sum(
+    if wrapped != len(need) * sum(
             1 for s in stmts if isinstance(s, ts.For) and s.loop_var.name.startswith("j_")):
-        raise MoecError(f"segment guard: found {wrapped} plane loops to guard, expected one per optional plane")
+        raise MoecError(f"segment guard: found {wrapped} plane loops to guard, expected one per derived width")
     body = ts.SeqStmt(stmts) if len(stmts) > 1 else stmts[0]
     new_block = s_tir.stmt.SBlock(block.iter_vars, block.reads, block.writes, block.name_hint, body,
                                   block.init, block.alloc_buffers, block.match_buffers, block.annotations)
@@ -203,7 +204,7 @@ def _blocks(stmt) -> set[str]:
 
 
 def _wrap(stmt, conds: dict[int, tirx.PrimExpr]):
-    """Rebuild ``stmt`` with each ``qdot{s}`` update loop (s in ``conds``) under its condition."""
+    """Rebuild ``stmt`` with each ``qdot{d}`` update loop (d in ``conds``) under its condition."""
     if isinstance(stmt, ts.SeqStmt):
         out, count = [], 0
         for child in stmt.seq:
