@@ -8,6 +8,7 @@ import numpy as np
 import torch
 
 from moec.core.formats import FLOAT_BITS
+from moec.models.knobs import apply_knobs
 from moec.models.model import MoEModel
 from moec.quant.gptq import gptq_quantize
 from moec.quant.pack import pack, pack_zeros, unpack
@@ -114,7 +115,8 @@ def pack_model(model: MoEModel, plan: BitPlan, progress=None,
 def fake_quantize_model(model: MoEModel, plan: BitPlan, importance: dict[str, np.ndarray] | None = None,
                hessians: dict[str, np.ndarray] | None = None,
                gptq_options: dict | None = None) -> MoEModel:
-    """Fake-quantize ``model`` in place to ``plan`` (weights become their dequantized values).
+    """Fake-quantize ``model`` in place to ``plan`` (weights become their dequantized values), then
+    apply the plan's architecture knobs (:func:`moec.models.knobs.apply_knobs`).
 
     ``hessians`` / ``gptq_options`` are used when ``plan.method == "gptq"`` (see
     :func:`pack_model`).
@@ -129,4 +131,4 @@ def fake_quantize_model(model: MoEModel, plan: BitPlan, importance: dict[str, np
             params[f"layers.{layer}.mlp.{proj}"][e].copy_(deq)
         else:
             params[name].copy_(deq)
-    return model
+    return apply_knobs(model, plan)

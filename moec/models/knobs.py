@@ -1,0 +1,42 @@
+"""Architecture knobs of a plan applied to a torch model: router temperature and dropped experts.
+
+``router_temperature`` T divides the router logits (softmax or sigmoid scores of ``logits / T``):
+the router weight is scaled by ``1 / T``, which is exact because the router has no bias.
+``dropped_experts`` removes experts from the router's choices (an additive ``-inf`` on their logits,
+:attr:`MoEBlock.expert_mask`, read by ``TorchOps.linear`` for the router) and zeroes their stored
+weights, so a dropped expert can never be chosen nor contribute. Only the torch back end honours
+the mask; ONNX export and TVM compilation refuse plans with knobs (:func:`require_no_knobs`).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from moec.core.errors import MoecError
+from moec.core.plan import BitPlan
+from moec.models.model import MoEModel
+
+
+@torch.no_grad()
+def apply_knobs(model: MoEModel, plan: BitPlan) -> MoEModel:
+    """Apply ``plan``'s router temperature and dropped experts to ``model`` in place."""
+    if not plan.has_knobs:
+        return model
+    for layer, block in model.moe_blocks().items():
+        if plan.router_temperature != 1.0:
+            block.router.weight.div_(plan.router_temperature)
+        dropped = plan.dropped_experts.get(layer, [])
+        if dropped:
+            mask = torch.zeros(model.cfg.num_experts)
+            mask[dropped] = float("-inf")
+            block.expert_mask = mask
+            for w in (block.w1, block.w3, block.w2):
+                w[dropped] = 0.0
+    return model
+
+
+def require_no_knobs(plan: BitPlan, what: str) -> None:
+    """One-line refusal for back ends that do not implement the knobs yet."""
+    if plan.has_knobs:
+        raise MoecError(f"{what} does not support plans with router_temperature or dropped_experts yet "
+                        "(torch evaluation does); remove those fields")
