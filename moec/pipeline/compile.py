@@ -88,11 +88,12 @@ def _choose_plan(cfg: CompileConfig, model_cfg, profile_path: Path | None, model
     if cfg.plan is None:
         plan = _search_plan(cfg, profile_path, model)
         return plan, f"search {plan.provenance.get('policy')}"
+    what = "compile" if model is not None else "streamed compile (model over the memory budget)"
     if isinstance(cfg.plan, BitPlan):
-        require_no_knobs(cfg.plan, "compile")
+        require_no_knobs(cfg.plan, what, temperature_ok=model is not None)
         return cfg.plan.copy().validate(model_cfg, pad_ok=pad_ok), str(cfg.plan.provenance.get("policy", "given"))
     plan = resolve_plan(cfg.plan, model_cfg, cfg.group_size, cfg.method, pad_ok=pad_ok)
-    require_no_knobs(plan, "compile")
+    require_no_knobs(plan, what, temperature_ok=model is not None)
     return plan, str(plan.provenance.get("policy", Path(str(cfg.plan)).name))
 
 

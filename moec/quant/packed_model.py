@@ -88,6 +88,8 @@ def pack_model(model: MoEModel, plan: BitPlan, progress=None,
     ``importance`` is used by the other non-RTN methods only. A fine-tuned model
     (``model.learned_quant``, see :mod:`moec.models.learned_quant`) quantizes every (weight, bits)
     it learned at the plan's group size with its learned scales and zeros, whatever the method.
+    A plan's ``router_temperature`` T is packed into the router weight (``W / T``; the router has no
+    bias), so every back end that reads the packed weights honours it.
     """
     state = model.state_dict()
     learned = getattr(model, "learned_quant", None)
@@ -102,6 +104,8 @@ def pack_model(model: MoEModel, plan: BitPlan, progress=None,
             w = state[f"layers.{layer}.mlp.{proj}"][e]
         else:
             w = state[name]
+            if plan.router_temperature != 1.0 and name.endswith(".mlp.router.weight"):
+                w = w / plan.router_temperature  # the plan's router temperature: scores of logits / T
         imp = importance.get(name) if importance and plan.method not in ("rtn", GPTQ) else None
         hess = hessians.get(name) if hessians and plan.method == GPTQ else None
         lq = learned.get(name, bits, plan.group_size) if learned is not None and bits != FLOAT_BITS else None
@@ -131,4 +135,4 @@ def fake_quantize_model(model: MoEModel, plan: BitPlan, importance: dict[str, np
             params[f"layers.{layer}.mlp.{proj}"][e].copy_(deq)
         else:
             params[name].copy_(deq)
-    return apply_knobs(model, plan)
+    return apply_knobs(model, plan, scale_router=False)  # the temperature is in the packed router

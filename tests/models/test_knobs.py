@@ -95,7 +95,20 @@ def test_bad_knobs_are_refused_in_one_line(change, msg):
 
 def test_back_ends_without_the_knobs_refuse_them():
     plan = uniform_plan(CFG, 3, group_size=32)
-    require_no_knobs(plan, "ONNX export")  # no knobs: accepted
+    require_no_knobs(plan, "streamed export")  # no knobs: accepted
     plan.router_temperature = 0.8
-    with pytest.raises(MoecError, match="ONNX export does not support plans with router_temperature"):
-        require_no_knobs(plan, "ONNX export")
+    require_no_knobs(plan, "export", temperature_ok=True)
+    with pytest.raises(MoecError, match="streamed export does not support plans with router_temperature"):
+        require_no_knobs(plan, "streamed export")
+    plan.dropped_experts = {0: [1]}
+    with pytest.raises(MoecError, match="export does not support plans with dropped_experts"):
+        require_no_knobs(plan, "export", temperature_ok=True)
+
+
+def test_pack_model_packs_the_temperature_into_the_router():
+    m = _model()
+    plan = uniform_plan(CFG, 4, group_size=32).validate(CFG)
+    plan.router_temperature = 2.0
+    w0 = m.moe_blocks()[0].router.weight.detach().clone()
+    fake_quantize_model(m, plan)  # router is float16 in uniform plans: W / T rounded to float16
+    torch.testing.assert_close(m.moe_blocks()[0].router.weight, (w0 / 2.0).half().float())
