@@ -112,3 +112,20 @@ def test_pack_model_packs_the_temperature_into_the_router():
     w0 = m.moe_blocks()[0].router.weight.detach().clone()
     fake_quantize_model(m, plan)  # router is float16 in uniform plans: W / T rounded to float16
     torch.testing.assert_close(m.moe_blocks()[0].router.weight, (w0 / 2.0).half().float())
+
+
+def test_rare_experts_by_routing_frequency_keeps_top_k():
+    import numpy as np
+
+    from moec.profile.stats import ExpertStats, LayerStats
+    from moec.search.knobs import rare_experts, with_knobs
+    st = ExpertStats("0" * 16, num_experts=4, top_k=2, tokens=100)
+    st.layers[0] = LayerStats.zeros(4)
+    st.layers[0].counts = np.array([0.0, 100.0, 3.0, 97.0])
+    assert rare_experts(st) == {0: [0]}
+    assert rare_experts(st, max_frequency=0.05) == {0: [0, 2]}
+    st.layers[0].counts = np.array([0.0, 0.0, 0.0, 200.0])
+    assert rare_experts(st) == {0: [0, 1]}  # never more than num_experts - top_k
+    assert rare_experts(st, per_layer=1) == {0: [0]}
+    plan = with_knobs(uniform_plan(CFG, 4, group_size=32), rare_experts(st), 1.2).validate(CFG)
+    assert plan.dropped_experts == {0: [0, 1]} and plan.router_temperature == 1.2
