@@ -5,7 +5,11 @@ Format (version 1)::
     {"version": 1, "model_fingerprint": "…", "group_size": 64, "method": "mse",
      "experts": {"<layer>": {"<expert>": bits, …}, …},
      "tensors": {"<group, canonical name or re:pattern>": bits, …},
-     "provenance": {…}}
+     "provenance": {…},
+     "router_temperature": 1.2, "dropped_experts": {"<layer>": [expert, …]}}   # optional knobs
+
+The two optional architecture knobs (``moec.models.knobs``): the router scores become those of
+``logits / router_temperature``; dropped experts leave the router's choices and the stored bytes.
 
 ``experts`` must cover every MoE layer × expert. ``tensors`` covers all other 2-D weights;
 keys are matched in order: a tensor group name (``attention``, ``shared_experts``,
