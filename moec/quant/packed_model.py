@@ -7,6 +7,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from moec.core.errors import MoecError
 from moec.core.formats import FLOAT_BITS
 from moec.models.knobs import apply_knobs
 from moec.models.model import MoEModel
@@ -109,6 +110,9 @@ def pack_model(model: MoEModel, plan: BitPlan, progress=None,
         imp = importance.get(name) if importance and plan.method not in ("rtn", GPTQ) else None
         hess = hessians.get(name) if hessians and plan.method == GPTQ else None
         lq = learned.get(name, bits, plan.group_size) if learned is not None and bits != FLOAT_BITS else None
+        if lq is not None and plan.router_temperature != 1.0 and name.endswith(".mlp.router.weight"):
+            raise MoecError("a plan's router_temperature cannot be applied to a router quantized with learned "
+                            "(fine-tuned) scales; keep the router float in the plan or drop the temperature")
         out[name] = pack_weight(w, bits, plan.group_size, plan.method, imp, hess, gptq_options, lq)
         if progress is not None:
             progress.update(1)

@@ -129,3 +129,19 @@ def test_rare_experts_by_routing_frequency_keeps_top_k():
     assert rare_experts(st, per_layer=1) == {0: [0]}
     plan = with_knobs(uniform_plan(CFG, 4, group_size=32), rare_experts(st), 1.2).validate(CFG)
     assert plan.dropped_experts == {0: [0, 1]} and plan.router_temperature == 1.2
+
+
+def test_temperature_on_a_router_with_learned_scales_is_refused():
+    from moec.finetune.fake_quant import GroupQuant
+    from moec.models.learned_quant import LearnedQuant
+    from moec.quant.packed_model import pack_model
+    m = _model()
+    name = "layers.0.mlp.router.weight"
+    lq = LearnedQuant(32, model_fingerprint=CFG.fingerprint())
+    lq.params[(name, 4)] = GroupQuant(m.moe_blocks()[0].router.weight.detach(), 4, 32, "rtn").export()
+    m.learned_quant = lq
+    plan = uniform_plan(CFG, 4, group_size=32, router_bits=4).validate(CFG)
+    pack_model(m, plan)  # no temperature: the learned router is used
+    plan.router_temperature = 2.0
+    with pytest.raises(MoecError, match="cannot be applied to a router quantized with learned"):
+        pack_model(m, plan)
