@@ -145,3 +145,25 @@ def test_temperature_on_a_router_with_learned_scales_is_refused():
     plan.router_temperature = 2.0
     with pytest.raises(MoecError, match="cannot be applied to a router quantized with learned"):
         pack_model(m, plan)
+
+
+def test_eval_cli_honours_dropped_experts(tiny_checkpoint, text_file, tmp_path):
+    import json
+
+    from click.testing import CliRunner
+
+    from moec.cli.main import cli
+    from moec.models.checkpoint import load_config
+    cfg = load_config(tiny_checkpoint)
+    plan = uniform_plan(cfg, 4, group_size=32)
+    plan.save(tmp_path / "plain.json")
+    plan.dropped_experts = {cfg.moe_layers[0]: [0]}
+    plan.save(tmp_path / "drop.json")
+    out = {}
+    for name in ("plain", "drop"):
+        res = CliRunner().invoke(cli, ["eval", str(tiny_checkpoint), "--data", str(text_file), "--plan",
+                                       str(tmp_path / f"{name}.json"), "--seq-len", "32", "--json"])
+        assert res.exit_code == 0, res.output
+        out[name] = json.loads(res.output)
+    assert out["drop"]["weight_bytes"] < out["plain"]["weight_bytes"]
+    assert out["drop"]["nll"] != out["plain"]["nll"]
