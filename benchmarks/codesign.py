@@ -139,6 +139,8 @@ def main() -> None:
     ap.add_argument("--work", type=Path, default=REPO / "out" / "codesign")
     ap.add_argument("--reuse", action="store_true", help="reuse fine-tuned checkpoints already in --work")
     ap.add_argument("--parts", choices=("finetune", "knobs"), default="finetune")
+    ap.add_argument("--weighted-shift", action="store_true",
+                    help="shift-robust fine-tune with widths weighted by routing frequency (finetune --profile)")
     ap.add_argument("--temperatures", type=float, nargs="+", default=[0.7, 0.85, 1.2, 1.5])
     ap.add_argument("--drop-frequencies", type=float, nargs="+", default=[0.0, 0.05, 0.1])
     args = ap.parse_args()
@@ -156,7 +158,9 @@ def main() -> None:
 
     fts = [run_finetune(args.work, "u2", "uniform:2", args, []),
            run_finetune(args.work, "u3", "uniform:3", args, []),
-           run_finetune(args.work, "plan", str(plan_file), args, ["--shift-robust"])]
+           run_finetune(args.work, "plan", str(plan_file), args,
+                        ["--shift-robust"] + (["--profile", str(args.work / "profile.json")] if args.weighted_shift
+                                              else []))]
 
     tok = load_tokenizer(CKPT)
     windows = {d: file_windows(tok, p, 256, args.eval_tokens)[0] for d, p in DOMAINS.items()}
