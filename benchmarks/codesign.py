@@ -156,9 +156,10 @@ def main() -> None:
     print(f"searched plan (ilp, proxy sensitivity): {plan_memory(ref, plan).total / int8:.1%} of uniform INT8 bytes, "
           f"expert bits {sorted(b for ex in plan.experts.values() for b in ex.values())}", flush=True)
 
+    pft = "plan-weighted" if args.weighted_shift else "plan"  # fine-tuned around the searched plan
     fts = [run_finetune(args.work, "u2", "uniform:2", args, []),
            run_finetune(args.work, "u3", "uniform:3", args, []),
-           run_finetune(args.work, "plan", str(plan_file), args,
+           run_finetune(args.work, pft, str(plan_file), args,
                         ["--shift-robust"] + (["--profile", str(args.work / "profile.json")] if args.weighted_shift
                                               else []))]
 
@@ -172,8 +173,8 @@ def main() -> None:
     shifted = [shifted_plan(plan, rng) for _ in range(args.shifted)]
     cases = [("uniform 2-bit", resolve_plan("uniform:2", ref.cfg), "u2"),
              ("uniform 3-bit", resolve_plan("uniform:3", ref.cfg), "u3"),
-             ("searched plan", plan, "plan")] + [(f"shifted {i + 1}", p, "plan") for i, p in enumerate(shifted)]
-    tuned = {n: load_checkpoint(args.work / f"ft-{n}") for n in ("u2", "u3", "plan")}
+             ("searched plan", plan, pft)] + [(f"shifted {i + 1}", p, pft) for i, p in enumerate(shifted)]
+    tuned = {n: load_checkpoint(args.work / f"ft-{n}") for n in ("u2", "u3", pft)}
     rows, best_method = [], "mse"
     for label, p, ft in cases:
         if not label.startswith("shifted"):
