@@ -15,6 +15,10 @@ router temperatures and with rarely-used experts dropped (by the profile's routi
 perplexity and top-1 on both domains and bytes against the plan and uniform INT8.
 
     python benchmarks/codesign.py --parts knobs [--eval-tokens 4096] [--work out/codesign]
+
+``--parts shifted`` runs only the fine-tune around the searched plan (``--weighted-shift``: widths
+weighted by routing frequency, ``moec finetune --profile``) and compares it with PTQ (``mse``) on
+the searched plan and the shifted plans.
 """
 
 from __future__ import annotations
@@ -127,6 +131,36 @@ def knobs(args) -> None:
     print(f"\nknobs benchmark wall {time.perf_counter() - t0:.0f} s ({args.eval_tokens} tokens per domain)")
 
 
+def shifted_only(args) -> None:
+    """Only the fine-tune around the searched plan and the shifted plans: PTQ (``mse``) vs co-designed."""
+    plan = searched_plan(args.work, args.calib_tokens)
+    pft = "plan-weighted" if args.weighted_shift else "plan"
+    ft = run_finetune(args.work, pft, str(args.work / "searched-plan.json"), args,
+                      ["--shift-robust"] + (["--profile", str(args.work / "profile.json")] if args.weighted_shift
+                                            else []))
+    ref, tuned = load_checkpoint(CKPT), load_checkpoint(args.work / f"ft-{pft}")
+    tok = load_tokenizer(CKPT)
+    windows = {d: file_windows(tok, p, 256, args.eval_tokens)[0] for d, p in DOMAINS.items()}
+    fp32 = {d: evaluate_windows(ref, w, batch=8) for d, w in windows.items()}
+    rng = random.Random(0)
+    rows = []
+    for p in [plan] + [shifted_plan(plan, rng) for _ in range(args.shifted)]:
+        pm = p.copy()
+        pm.method = "mse"
+        rows.append((evaluate(ref, pm, windows), evaluate(tuned, p, windows)))
+    print(f"\n{pft}: {ft['seconds']:.0f} s, peak {ft['peak_mb']:.0f} MB, KL {ft['kl']}")
+    print("| plans | domain | FP32 top-1 | PTQ (mse) ppl / top-1 | co-designed ppl / top-1 | drop recovered |")
+    print("|---|---|---|---|---|---|")
+    mean = lambda xs: sum(xs) / len(xs)
+    for label, rs in (("searched plan", rows[:1]), (f"{args.shifted} shifted plans (mean)", rows[1:])):
+        for d in windows:
+            pp, pt = mean([r[0][d].perplexity for r in rs]), mean([r[0][d].top1 for r in rs])
+            cp, ct = mean([r[1][d].perplexity for r in rs]), mean([r[1][d].top1 for r in rs])
+            dp, dc = fp32[d].top1 - pt, fp32[d].top1 - ct
+            rec = f"{(dp - dc) / dp:.0%}" if dp > 5e-4 else "–"
+            print(f"| {label} | {d} | {fp32[d].top1:.4f} | {pp:.2f} / {pt:.4f} | {cp:.2f} / {ct:.4f} | {rec} |")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--steps", type=int, default=40, help="fine-tuning steps of each of the three fine-tunes")
@@ -138,7 +172,9 @@ def main() -> None:
     ap.add_argument("--shifted", type=int, default=20)
     ap.add_argument("--work", type=Path, default=REPO / "out" / "codesign")
     ap.add_argument("--reuse", action="store_true", help="reuse fine-tuned checkpoints already in --work")
-    ap.add_argument("--parts", choices=("finetune", "knobs"), default="finetune")
+    ap.add_argument("--parts", choices=("finetune", "knobs", "shifted"), default="finetune",
+                    help="finetune: the full table; knobs: architecture knobs (no fine-tune); shifted: only the "
+                         "fine-tune around the searched plan, on the searched and shifted plans")
     ap.add_argument("--weighted-shift", action="store_true",
                     help="shift-robust fine-tune with widths weighted by routing frequency (finetune --profile)")
     ap.add_argument("--temperatures", type=float, nargs="+", default=[0.7, 0.85, 1.2, 1.5])
@@ -147,6 +183,8 @@ def main() -> None:
     args.work.mkdir(parents=True, exist_ok=True)
     if args.parts == "knobs":
         return knobs(args)
+    if args.parts == "shifted":
+        return shifted_only(args)
     t_start = time.perf_counter()
 
     plan = searched_plan(args.work, args.calib_tokens)
