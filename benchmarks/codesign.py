@@ -9,6 +9,16 @@ checkpoints. Fine-tuning runs as ``moec finetune`` subprocesses, whose time and 
 printed; three fine-tunes: ``--plan uniform:2``, ``--plan uniform:3``, ``--plan searched --shift-robust``.
 
     python benchmarks/codesign.py [--steps 40] [--eval-tokens 4096] [--shifted 20] [--work out/codesign]
+
+``--parts knobs`` measures the architecture knobs instead (no fine-tune): the searched plan with
+router temperatures and with rarely-used experts dropped (by the profile's routing frequency),
+perplexity and top-1 on both domains and bytes against the plan and uniform INT8.
+
+    python benchmarks/codesign.py --parts knobs [--eval-tokens 4096] [--work out/codesign]
+
+``--parts shifted`` runs only the fine-tune around the searched plan (``--weighted-shift``: widths
+weighted by routing frequency, ``moec finetune --profile``) and compares it with PTQ (``mse``) on
+the searched plan and the shifted plans.
 """
 
 from __future__ import annotations
@@ -33,6 +43,8 @@ from moec.profile.evaluate import evaluate_windows
 from moec.profile.importance import expert_hessians
 from moec.quant.accounting import plan_memory
 from moec.quant.packed_model import fake_quantize_model
+from moec.profile.stats import ExpertStats
+from moec.search.knobs import rare_experts, with_knobs
 
 REPO = Path(__file__).resolve().parents[1]
 CKPT = REPO / "reference" / "checkpoint"
@@ -85,6 +97,70 @@ def evaluate(model, plan: BitPlan, windows: dict, hessians=None) -> dict:
     return {d: evaluate_windows(m, w, batch=8) for d, w in windows.items()}
 
 
+def knobs(args) -> None:
+    """Router temperature and expert dropping on the searched plan: accuracy and bytes, no fine-tune."""
+    t0 = time.perf_counter()
+    plan = searched_plan(args.work, args.calib_tokens)
+    stats = ExpertStats.load(args.work / "profile.json")
+    ref = load_checkpoint(CKPT)
+    int8 = plan_memory(ref, resolve_plan("uniform:8", ref.cfg)).total
+    tok = load_tokenizer(CKPT)
+    windows = {d: file_windows(tok, p, 256, args.eval_tokens)[0] for d, p in DOMAINS.items()}
+    for layer in sorted(stats.layers):
+        f = stats.frequency(layer)
+        print(f"layer {layer} routing frequency (share of {stats.tokens} calibration tokens): "
+              + " ".join(f"{x:.3f}" for x in f), flush=True)
+    cases = [("searched plan", plan)]
+    cases += [(f"router temperature {t}", with_knobs(plan, router_temperature=t)) for t in args.temperatures]
+    for thr in args.drop_frequencies:
+        d = rare_experts(stats, thr)
+        label = "drop never-used experts" if thr == 0 else f"drop experts with frequency <= {thr}"
+        cases.append((f"{label} ({sum(map(len, d.values()))})", with_knobs(plan, dropped=d)))
+    for k in (1, 2):
+        d = rare_experts(stats, 1.0, per_layer=k)
+        cases.append((f"drop {k} rarest per layer ({sum(map(len, d.values()))})", with_knobs(plan, dropped=d)))
+    base_bytes = plan_memory(ref, plan).total
+    print("\n| plan | " + " | ".join(f"{d} ppl | {d} top-1" for d in windows) + " | bytes vs plan | vs INT8 |")
+    print("|---|" + "---|---|" * len(windows) + "---|---|")
+    for label, p in cases:
+        p.validate(ref.cfg)
+        r = evaluate(ref, p, windows)
+        b = plan_memory(ref, p).total
+        print(f"| {label} | " + " | ".join(f"{r[d].perplexity:.2f} | {r[d].top1:.4f}" for d in windows)
+              + f" | {b / base_bytes:.1%} | {b / int8:.1%} |", flush=True)
+    print(f"\nknobs benchmark wall {time.perf_counter() - t0:.0f} s ({args.eval_tokens} tokens per domain)")
+
+
+def shifted_only(args) -> None:
+    """Only the fine-tune around the searched plan and the shifted plans: PTQ (``mse``) vs co-designed."""
+    plan = searched_plan(args.work, args.calib_tokens)
+    pft = "plan-weighted" if args.weighted_shift else "plan"
+    ft = run_finetune(args.work, pft, str(args.work / "searched-plan.json"), args,
+                      ["--shift-robust"] + (["--profile", str(args.work / "profile.json")] if args.weighted_shift
+                                            else []))
+    ref, tuned = load_checkpoint(CKPT), load_checkpoint(args.work / f"ft-{pft}")
+    tok = load_tokenizer(CKPT)
+    windows = {d: file_windows(tok, p, 256, args.eval_tokens)[0] for d, p in DOMAINS.items()}
+    fp32 = {d: evaluate_windows(ref, w, batch=8) for d, w in windows.items()}
+    rng = random.Random(0)
+    rows = []
+    for p in [plan] + [shifted_plan(plan, rng) for _ in range(args.shifted)]:
+        pm = p.copy()
+        pm.method = "mse"
+        rows.append((evaluate(ref, pm, windows), evaluate(tuned, p, windows)))
+    print(f"\n{pft}: {ft['seconds']:.0f} s, peak {ft['peak_mb']:.0f} MB, KL {ft['kl']}")
+    print("| plans | domain | FP32 top-1 | PTQ (mse) ppl / top-1 | co-designed ppl / top-1 | drop recovered |")
+    print("|---|---|---|---|---|---|")
+    mean = lambda xs: sum(xs) / len(xs)
+    for label, rs in (("searched plan", rows[:1]), (f"{args.shifted} shifted plans (mean)", rows[1:])):
+        for d in windows:
+            pp, pt = mean([r[0][d].perplexity for r in rs]), mean([r[0][d].top1 for r in rs])
+            cp, ct = mean([r[1][d].perplexity for r in rs]), mean([r[1][d].top1 for r in rs])
+            dp, dc = fp32[d].top1 - pt, fp32[d].top1 - ct
+            rec = f"{(dp - dc) / dp:.0%}" if dp > 5e-4 else "–"
+            print(f"| {label} | {d} | {fp32[d].top1:.4f} | {pp:.2f} / {pt:.4f} | {cp:.2f} / {ct:.4f} | {rec} |")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--steps", type=int, default=40, help="fine-tuning steps of each of the three fine-tunes")
@@ -96,8 +172,19 @@ def main() -> None:
     ap.add_argument("--shifted", type=int, default=20)
     ap.add_argument("--work", type=Path, default=REPO / "out" / "codesign")
     ap.add_argument("--reuse", action="store_true", help="reuse fine-tuned checkpoints already in --work")
+    ap.add_argument("--parts", choices=("finetune", "knobs", "shifted"), default="finetune",
+                    help="finetune: the full table; knobs: architecture knobs (no fine-tune); shifted: only the "
+                         "fine-tune around the searched plan, on the searched and shifted plans")
+    ap.add_argument("--weighted-shift", action="store_true",
+                    help="shift-robust fine-tune with widths weighted by routing frequency (finetune --profile)")
+    ap.add_argument("--temperatures", type=float, nargs="+", default=[0.7, 0.85, 1.2, 1.5])
+    ap.add_argument("--drop-frequencies", type=float, nargs="+", default=[0.0, 0.05, 0.1])
     args = ap.parse_args()
     args.work.mkdir(parents=True, exist_ok=True)
+    if args.parts == "knobs":
+        return knobs(args)
+    if args.parts == "shifted":
+        return shifted_only(args)
     t_start = time.perf_counter()
 
     plan = searched_plan(args.work, args.calib_tokens)
@@ -107,9 +194,12 @@ def main() -> None:
     print(f"searched plan (ilp, proxy sensitivity): {plan_memory(ref, plan).total / int8:.1%} of uniform INT8 bytes, "
           f"expert bits {sorted(b for ex in plan.experts.values() for b in ex.values())}", flush=True)
 
+    pft = "plan-weighted" if args.weighted_shift else "plan"  # fine-tuned around the searched plan
     fts = [run_finetune(args.work, "u2", "uniform:2", args, []),
            run_finetune(args.work, "u3", "uniform:3", args, []),
-           run_finetune(args.work, "plan", str(plan_file), args, ["--shift-robust"])]
+           run_finetune(args.work, pft, str(plan_file), args,
+                        ["--shift-robust"] + (["--profile", str(args.work / "profile.json")] if args.weighted_shift
+                                              else []))]
 
     tok = load_tokenizer(CKPT)
     windows = {d: file_windows(tok, p, 256, args.eval_tokens)[0] for d, p in DOMAINS.items()}
@@ -121,8 +211,8 @@ def main() -> None:
     shifted = [shifted_plan(plan, rng) for _ in range(args.shifted)]
     cases = [("uniform 2-bit", resolve_plan("uniform:2", ref.cfg), "u2"),
              ("uniform 3-bit", resolve_plan("uniform:3", ref.cfg), "u3"),
-             ("searched plan", plan, "plan")] + [(f"shifted {i + 1}", p, "plan") for i, p in enumerate(shifted)]
-    tuned = {n: load_checkpoint(args.work / f"ft-{n}") for n in ("u2", "u3", "plan")}
+             ("searched plan", plan, pft)] + [(f"shifted {i + 1}", p, pft) for i, p in enumerate(shifted)]
+    tuned = {n: load_checkpoint(args.work / f"ft-{n}") for n in ("u2", "u3", pft)}
     rows, best_method = [], "mse"
     for label, p, ft in cases:
         if not label.startswith("shifted"):

@@ -17,6 +17,9 @@ from moec.cli.common import data_config, max_memory_option
                    "width around uniform:4), so shifted plans lose little.")
 @click.option("--shift-prob", type=click.FloatRange(0, 1), default=0.5, show_default=True,
               help="With --plan --shift-robust: probability that an expert is shifted in a step.")
+@click.option("--profile", "profile_path", default=None, type=click.Path(dir_okay=False),
+              help="With --shift-robust: a moec profile JSON; experts that fire more often are shifted less "
+                   "and towards wider widths.")
 @click.option("--out", required=True, type=click.Path(), help="Output checkpoint directory.")
 @click.option("--steps", type=click.IntRange(1), default=200, show_default=True)
 @click.option("--batch", type=click.IntRange(1), default=4, show_default=True, help="Windows per step.")
@@ -34,7 +37,7 @@ from moec.cli.common import data_config, max_memory_option
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--force", is_flag=True, help="Replace --out even if moec finetune did not write it.")
 @max_memory_option
-def finetune_cmd(checkpoint, data, plan, shift_robust, shift_prob, out, steps, batch, seq_len, max_tokens, lr,
+def finetune_cmd(checkpoint, data, plan, shift_robust, shift_prob, profile_path, out, steps, batch, seq_len, max_tokens, lr,
                  scale_lr, zero_lr, group_size, init_method, save_every, seed, force, max_memory_gb):
     """Quantization-aware fine-tuning of CHECKPOINT for a plan: fake quantization with straight-through
     gradients, learnable per-group scales and zeros, KL distillation from the float model. Writes an HF
@@ -42,7 +45,8 @@ def finetune_cmd(checkpoint, data, plan, shift_robust, shift_prob, out, steps, b
     opts = api.FinetuneOptions(steps=steps, batch=batch, lr=lr, scale_lr=scale_lr, zero_lr=zero_lr,
                                shift_prob=shift_prob, init_method=init_method, save_every=save_every, seed=seed)
     res = api.finetune(api.FinetuneConfig(checkpoint, data_config(data, seq_len, max_tokens, batch, max_memory_gb),
-                                          out, plan, shift_robust, group_size, opts, force))
+                                          out, plan, shift_robust, group_size, opts, force,
+                                          profile_path))
     click.echo(f"steps       {res.steps}\nKL          {res.first_loss:.4f} -> {res.last_loss:.4f}\n"
                f"time        {res.seconds:.1f} s (CPU {res.cpu_seconds:.1f} s)\npeak memory {res.peak_rss_mb:.0f} MB (process RSS)\n"
                f"learned     {res.trained} (weight, bits) scale/zero sets\nwrote       {out}")

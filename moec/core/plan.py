@@ -5,7 +5,11 @@ Format (version 1)::
     {"version": 1, "model_fingerprint": "…", "group_size": 64, "method": "mse",
      "experts": {"<layer>": {"<expert>": bits, …}, …},
      "tensors": {"<group, canonical name or re:pattern>": bits, …},
-     "provenance": {…}}
+     "provenance": {…},
+     "router_temperature": 1.2, "dropped_experts": {"<layer>": [expert, …]}}   # optional knobs
+
+The two optional architecture knobs (``moec.models.knobs``): the router scores become those of
+``logits / router_temperature``; dropped experts leave the router's choices and the stored bytes.
 
 ``experts`` must cover every MoE layer × expert. ``tensors`` covers all other 2-D weights;
 keys are matched in order: a tensor group name (``attention``, ``shared_experts``,
@@ -49,6 +53,18 @@ class BitPlan:
     method: str = "rtn"
     model_fingerprint: str = ""
     provenance: dict = field(default_factory=dict)
+    #: Architecture knobs (co-design): softmax/sigmoid temperature of the router scores (1 = unchanged)
+    #: and experts removed from the router's choices and from the stored weights, ``{layer: [expert]}``.
+    router_temperature: float = 1.0
+    dropped_experts: dict[int, list[int]] = field(default_factory=dict)
+
+    @property
+    def has_knobs(self) -> bool:
+        """The plan changes the architecture (router temperature or dropped experts)."""
+        return self.router_temperature != 1.0 or any(self.dropped_experts.values())
+
+    def is_dropped(self, layer: int, expert: int) -> bool:
+        return expert in self.dropped_experts.get(layer, ())
 
     # -- lookups -------------------------------------------------------------------
     def tensor_bits(self, name: str) -> int:
@@ -83,6 +99,7 @@ class BitPlan:
                     raise MoecError(f"plan names expert {e} in layer {layer}, but the model has "
                                     f"{cfg.num_experts} experts (0-{cfg.num_experts - 1})")
                 _check_bits(bits, allowed, f"layer {layer} expert {e}")
+        self._validate_knobs(cfg, layers)
         missing = [(l, e) for l in sorted(layers) for e in range(cfg.num_experts) if e not in self.experts.get(l, {})]
         if missing:
             raise MoecError(f"plan gives no bits to {len(missing)} expert(s), e.g. layer {missing[0][0]} "
@@ -107,6 +124,29 @@ class BitPlan:
                                 f"({bits}-bit); pass --group-size with a divisor of {k}{hint}")
         return self
 
+    def _validate_knobs(self, cfg: MoEConfig, layers: set[int]) -> None:
+        t = self.router_temperature
+        if not (isinstance(t, (int, float)) and not isinstance(t, bool) and 0.05 <= t <= 20.0):
+            raise MoecError(f"plan: router_temperature must be a number in [0.05, 20], got {str(t)[:20]!r}")
+        if t != 1.0 and cfg.router_logit_bias:
+            raise MoecError("plan: router_temperature is implemented by scaling the router weight, which needs a "
+                            "router without a logit bias (this model's router has one); remove that field")
+        if not any(self.dropped_experts.values()):
+            return
+        if cfg.router_bias or cfg.kept_groups < cfg.expert_groups:
+            raise MoecError("plan drops experts, but dropping is implemented only for plain top-k routers "
+                            "(no choice bias, no group-limited routing)")
+        for layer, dropped in self.dropped_experts.items():
+            if layer not in layers:
+                raise MoecError(f"plan drops experts in layer {layer}, which is not a MoE layer")
+            bad = [e for e in dropped if not 0 <= e < cfg.num_experts]
+            if bad:
+                raise MoecError(f"plan drops expert {bad[0]} in layer {layer}, but the model has "
+                                f"{cfg.num_experts} experts")
+            if cfg.num_experts - len(set(dropped)) < cfg.top_k:
+                raise MoecError(f"plan drops {len(set(dropped))} of {cfg.num_experts} experts in layer {layer}; "
+                                f"at least top-k = {cfg.top_k} must remain")
+
     def _weights(self, cfg: MoEConfig) -> list[tuple[str, int, int]]:
         """(name, input width K, bits) of every 2-D weight; experts by their widest bits across the model."""
         out = []
@@ -122,7 +162,10 @@ class BitPlan:
         return {"version": PLAN_VERSION, "model_fingerprint": self.model_fingerprint,
                 "group_size": self.group_size, "method": self.method,
                 "experts": {str(l): {str(e): b for e, b in sorted(ex.items())} for l, ex in sorted(self.experts.items())},
-                "tensors": dict(self.tensors), "provenance": self.provenance}
+                "tensors": dict(self.tensors), "provenance": self.provenance,
+                **({"router_temperature": self.router_temperature} if self.router_temperature != 1.0 else {}),
+                **({"dropped_experts": {str(l): sorted(ex) for l, ex in sorted(self.dropped_experts.items()) if ex}}
+                   if any(self.dropped_experts.values()) else {})}
 
     @classmethod
     def from_json(cls, d: dict, source: str = "plan") -> "BitPlan":
@@ -133,7 +176,8 @@ class BitPlan:
         version = d.get("version")
         if isinstance(version, bool) or version != PLAN_VERSION:
             raise MoecError(f"{source} has version {str(version)[:20]}; this moec reads version {PLAN_VERSION}")
-        unknown = set(d) - {"version", "model_fingerprint", "group_size", "method", "experts", "tensors", "provenance"}
+        unknown = set(d) - {"version", "model_fingerprint", "group_size", "method", "experts", "tensors", "provenance",
+                         "router_temperature", "dropped_experts"}
         if unknown:
             raise MoecError(f"{source} has unknown field(s): {', '.join(sorted(str(u)[:40] for u in unknown))}")
         for key in ("experts", "model_fingerprint"):
@@ -170,7 +214,19 @@ class BitPlan:
             if k.startswith("re:"):
                 _compile(k, source)
             tensors[k] = _bits(v, source, f"tensor key '{k[:60]}'")
-        return cls(experts, tensors, group, method, fp, provenance)
+        temperature = d.get("router_temperature", 1.0)
+        if isinstance(temperature, bool) or not isinstance(temperature, (int, float)):
+            raise MoecError(f"{source}: router_temperature must be a number, got {str(temperature)[:20]!r}")
+        dropped_in = d.get("dropped_experts", {})
+        if not isinstance(dropped_in, dict) or not all(isinstance(v, list) for v in dropped_in.values()):
+            raise MoecError(f"{source}: 'dropped_experts' must map layer -> list of experts")
+        dropped = {}
+        for l, ex in dropped_in.items():
+            layer = _index(l, source, "dropped_experts layer")
+            if not all(_is_int(e) for e in ex):
+                raise MoecError(f"{source}: dropped_experts of layer {layer} must be integers")
+            dropped[layer] = sorted(set(ex))
+        return cls(experts, tensors, group, method, fp, provenance, float(temperature), dropped)
 
     def save(self, path: str | os.PathLike) -> None:
         atomic_write_json(path, self.to_json())

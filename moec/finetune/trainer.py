@@ -43,6 +43,8 @@ class FinetuneOptions:
     save_every: int = 0         # 0: only at the end
     seed: int = 0
     progress: bool = True
+    #: ``{layer: [routing frequency per expert]}``: weight the shifted widths by it (see BitSampler)
+    frequency: dict[int, list[float]] | None = None
 
 
 @dataclass
@@ -104,7 +106,7 @@ def finetune_model(model: MoEModel, plan: BitPlan, windows: torch.Tensor, opts: 
     teacher = copy.deepcopy(model).eval()
     for p in teacher.parameters():
         p.requires_grad_(False)
-    sampler = BitSampler(plan, opts.shift, opts.shift_prob, seed=opts.seed)
+    sampler = BitSampler(plan, opts.shift, opts.shift_prob, seed=opts.seed, frequency=opts.frequency)
     choices = {l: {e: sampler.choices(b) for e, b in ex.items()} for l, ex in plan.experts.items()}
     student = QATStudent(model, plan, choices, opts.init_method)
     model.train()

@@ -151,6 +151,8 @@ class MoEBlock(nn.Module):
         self.shared = SwiGLU(h, cfg.shared_intermediate) if cfg.shared_intermediate else None
         self.shared_gate = nn.Linear(h, 1, bias=False) if (self.shared is not None and cfg.shared_gate) else None
         self.observer: RoutingObserver | None = None
+        #: Additive router-logit mask (``-inf`` for dropped experts, ``moec.models.knobs``); None: all experts.
+        self.expert_mask: torch.Tensor | None = None
 
     def route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Softmax router probabilities, top-k indices and (optionally renormalised) weights."""

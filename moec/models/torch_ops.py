@@ -86,7 +86,9 @@ class TorchOps:
 
     def linear(self, x: torch.Tensor, name: str) -> torch.Tensor:
         mod = self.module.get_submodule(name)
-        return mod(x) if isinstance(mod, nn.Linear) else F.linear(x, mod.weight)  # tied head: the embedding
+        y = mod(x) if isinstance(mod, nn.Linear) else F.linear(x, mod.weight)  # tied head: the embedding
+        mask = getattr(self.module, "expert_mask", None) if name == "router" else None
+        return y if mask is None else y + mask.to(y.dtype)  # dropped experts (moec.models.knobs)
 
     def rms_norm(self, x: torch.Tensor, name: str) -> torch.Tensor:
         return self.module.get_submodule(name)(x)

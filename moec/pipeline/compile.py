@@ -12,6 +12,7 @@ import time
 from dataclasses import dataclass, replace
 from pathlib import Path
 
+from moec.models.knobs import require_no_knobs
 from moec.artifact.signing import load_private_key
 from moec.core.errors import MoecError
 from moec.core.outputs import check_output_dir, install_signal_cleanup, work_dir
@@ -92,9 +93,12 @@ def _choose_plan(cfg: CompileConfig, model_cfg, profile_path: Path | None, model
     if cfg.plan is None:
         plan = _search_plan(cfg, profile_path, model)
         return plan, f"search {plan.provenance.get('policy')}"
+    what = "compile" if model is not None else "streamed compile (model over the memory budget)"
     if isinstance(cfg.plan, BitPlan):
+        require_no_knobs(cfg.plan, what, temperature_ok=model is not None)
         return cfg.plan.copy().validate(model_cfg, pad_ok=pad_ok), str(cfg.plan.provenance.get("policy", "given"))
     plan = resolve_plan(cfg.plan, model_cfg, cfg.group_size, cfg.method, pad_ok=pad_ok)
+    require_no_knobs(plan, what, temperature_ok=model is not None)
     return plan, str(plan.provenance.get("policy", Path(str(cfg.plan)).name))
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from moec.models.knobs import require_no_knobs
 from moec.artifact.inspect_bundle import inspect_bundle
 from moec.core.errors import MoecError
 from moec.core.plan import UNIFORM_METHOD, resolve_plan
@@ -27,9 +28,11 @@ def export_onnx(checkpoint: str | os.PathLike, plan: str | os.PathLike, out: str
     ``ExportResult`` (with ``max_abs_diff`` against the fake-quantized torch model when ``verify``).
     """
     bit_plan = resolve_plan(plan, load_config(checkpoint), group_size, method or UNIFORM_METHOD, pad_ok=True)
+    require_no_knobs(bit_plan, "ONNX export", temperature_ok=True)
     check_export_target(out)  # fail before the (slow) load and quantization
     ckpt, mem = memory_plan_of(checkpoint, max_memory_gb, "export")
     if mem.sequential:
+        require_no_knobs(bit_plan, "streamed ONNX export (model over the memory budget)")
         if verify:
             raise MoecError("--verify compares against the whole torch model, which exceeds the memory budget; "
                             "drop --verify (the streamed export is checked by onnx.checker)")

@@ -6,6 +6,7 @@ import os
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
+from moec.models.knobs import require_no_knobs
 from moec.core.errors import MoecError
 from moec.core.plan import UNIFORM_METHOD, resolve_plan
 from moec.finetune.trainer import FinetuneOptions, FinetuneResult, finetune_model
@@ -13,6 +14,7 @@ from moec.finetune.writer import check_finetune_out, write_checkpoint
 from moec.models.checkpoint import load_checkpoint
 from moec.models.tokenizer import load_tokenizer
 from moec.pipeline.profile import DataConfig, memory_plan_of
+from moec.profile.stats import ExpertStats
 from moec.quant.padding import padded_widths
 
 #: Centre plan of ``--shift-robust`` without ``--plan``: experts drawn from every allowed width around it.
@@ -31,6 +33,18 @@ class FinetuneConfig:
     group_size: int = 64
     options: FinetuneOptions = field(default_factory=FinetuneOptions)
     force: bool = False
+    #: A ``moec profile`` JSON: with ``shift_robust``, experts' widths are drawn weighted by their
+    #: routing frequency (busy experts shifted less and upwards; ``BitSampler``).
+    profile: str | os.PathLike | None = None
+
+
+def routing_frequency(profile: str | os.PathLike, model_cfg) -> dict[int, list[float]]:
+    """``{layer: [routing frequency per expert]}`` of a profile of this model (one-line error otherwise)."""
+    stats = ExpertStats.load(profile)
+    if stats.model_fingerprint != model_cfg.fingerprint():
+        raise MoecError(f"profile '{profile}' is for another model (fingerprint {str(stats.model_fingerprint)[:16]}, "
+                        f"this model is {model_cfg.fingerprint()})")
+    return {l: stats.frequency(l).tolist() for l in stats.layers}
 
 
 def finetune(cfg: FinetuneConfig) -> FinetuneResult:
@@ -42,6 +56,8 @@ def finetune(cfg: FinetuneConfig) -> FinetuneResult:
     """
     if cfg.plan is None and not cfg.shift_robust:
         raise MoecError("finetune needs --plan P (uniform:B or a plan file) or --shift-robust")
+    if cfg.profile is not None and not cfg.shift_robust:
+        raise MoecError("--profile weights the shifted widths; it needs --shift-robust")
     cfg.data.check()
     out = check_finetune_out(cfg.out, cfg.checkpoint, cfg.force)
     _, mem = memory_plan_of(cfg.checkpoint, cfg.data.max_memory_gb, "finetune")
@@ -51,6 +67,7 @@ def finetune(cfg: FinetuneConfig) -> FinetuneResult:
     model = load_checkpoint(cfg.checkpoint)
     load_tokenizer(cfg.checkpoint)
     plan = resolve_plan(cfg.plan or SHIFT_ROBUST_CENTRE, model.cfg, cfg.group_size, UNIFORM_METHOD)
+    require_no_knobs(plan, "finetune")
     if padded_widths(model.cfg, plan):
         raise MoecError(f"group size {plan.group_size} does not divide an MLP width of this model; finetune "
                         "needs whole groups (choose a group size that divides every width)")
@@ -58,6 +75,8 @@ def finetune(cfg: FinetuneConfig) -> FinetuneResult:
     opts = cfg.options
     if cfg.shift_robust and opts.shift == "plan":
         opts = replace(opts, shift="neighbours" if cfg.plan is not None else "all")
+    if cfg.profile is not None:
+        opts = replace(opts, frequency=routing_frequency(cfg.profile, model.cfg))
     if opts.init_method not in ("rtn", "mse", "hqq"):
         raise MoecError(f"--init-method must be rtn, mse or hqq, got {opts.init_method!r}")
     tokenizer = Path(cfg.checkpoint) / "tokenizer.json"
@@ -65,6 +84,7 @@ def finetune(cfg: FinetuneConfig) -> FinetuneResult:
     def save(student, step, result):
         record = {"format": "moec-finetune", "source": str(cfg.checkpoint), "step": step,
                   "plan": plan.to_json(), "shift": opts.shift, "shift_prob": opts.shift_prob,
+                  "shift_weights": "routing-frequency" if opts.frequency is not None else "uniform",
                   "data": str(cfg.data.path), "seq_len": cfg.data.seq_len, "batch": opts.batch,
                   "lr": opts.lr, "scale_lr": opts.scale_lr, "zero_lr": opts.zero_lr,
                   "init_method": opts.init_method, "result": result.to_json()}

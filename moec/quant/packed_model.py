@@ -7,7 +7,9 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from moec.core.errors import MoecError
 from moec.core.formats import FLOAT_BITS
+from moec.models.knobs import apply_knobs
 from moec.models.model import MoEModel
 from moec.quant.cache import QuantCache, cache_key
 from moec.quant.gptq import gptq_quantize
@@ -101,6 +103,9 @@ def pack_model(model: MoEModel, plan: BitPlan, progress=None,
     A fine-tuned model (``model.learned_quant``, see :mod:`moec.models.learned_quant`) quantizes
     every (weight, bits) it learned at the plan's group size with its learned scales and zeros,
     whatever the method.
+    A plan's ``router_temperature`` T is packed into the router weight (``W / T``; routers with a
+    logit bias are refused when the plan is checked), so every back end that reads the packed
+    weights honours it.
     """
     state = model.state_dict()
     learned = getattr(model, "learned_quant", None)
@@ -115,9 +120,14 @@ def pack_model(model: MoEModel, plan: BitPlan, progress=None,
             w = state[f"layers.{layer}.mlp.{proj}"][e]
         else:
             w = state[name]
+            if plan.router_temperature != 1.0 and name.endswith(".mlp.router.weight"):
+                w = w / plan.router_temperature  # the plan's router temperature: scores of logits / T
         imp = importance.get(name) if importance and plan.method not in ("rtn", GPTQ) else None
         hess = hessians.get(name) if hessians and plan.method == GPTQ else None
         lq = learned.get(name, bits, plan.group_size) if learned is not None and bits != FLOAT_BITS else None
+        if lq is not None and plan.router_temperature != 1.0 and name.endswith(".mlp.router.weight"):
+            raise MoecError("a plan's router_temperature cannot be applied to a router quantized with learned "
+                            "(fine-tuned) scales; keep the router float in the plan or drop the temperature")
         out[name] = pack_weight(w, bits, plan.group_size, plan.method, imp, hess, gptq_options, cache, lq)
         if progress is not None:
             progress.update(1)
@@ -128,7 +138,8 @@ def pack_model(model: MoEModel, plan: BitPlan, progress=None,
 def fake_quantize_model(model: MoEModel, plan: BitPlan, importance: dict[str, np.ndarray] | None = None,
                hessians: dict[str, np.ndarray] | None = None,
                gptq_options: dict | None = None) -> MoEModel:
-    """Fake-quantize ``model`` in place to ``plan`` (weights become their dequantized values).
+    """Fake-quantize ``model`` in place to ``plan`` (weights become their dequantized values), then
+    apply the plan's architecture knobs (:func:`moec.models.knobs.apply_knobs`).
 
     ``hessians`` / ``gptq_options`` are used when ``plan.method == "gptq"`` (see
     :func:`pack_model`).
@@ -143,4 +154,4 @@ def fake_quantize_model(model: MoEModel, plan: BitPlan, importance: dict[str, np
             params[f"layers.{layer}.mlp.{proj}"][e].copy_(deq)
         else:
             params[name].copy_(deq)
-    return model
+    return apply_knobs(model, plan, scale_router=False)  # the temperature is in the packed router

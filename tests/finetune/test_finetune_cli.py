@@ -89,3 +89,33 @@ def test_nan_loss_stops_in_one_line_and_keeps_the_last_good_checkpoint(ckpt, tmp
     assert_one_line_error(code, text, "loss is nan at step 3; the last good checkpoint (step 2) is kept")
     assert json.loads((out / "finetune.json").read_text())["step"] == 2
     assert (out / LEARNED_QUANT_FILE).is_file()
+
+
+def test_profile_weights_the_shifted_widths(ckpt, tmp_path):
+    import numpy as np
+
+    from moec.models.checkpoint import load_config
+    from moec.profile.stats import ExpertStats, LayerStats
+    cfg = load_config(ckpt / "src")
+
+    def profile(fingerprint, path):
+        st = ExpertStats(fingerprint, cfg.num_experts, cfg.top_k, tokens=10)
+        for layer in cfg.moe_layers:
+            st.layers[layer] = LayerStats.zeros(cfg.num_experts)
+            st.layers[layer].counts = np.arange(cfg.num_experts, dtype=float)
+        st.save(path)
+        return path
+
+    good = profile(cfg.fingerprint(), tmp_path / "p.json")
+    code, text = run("finetune", ckpt / "src", "--data", ckpt / "data.txt", "--plan", "uniform:3", "--out",
+                     tmp_path / "o", "--profile", good, *FAST)
+    assert_one_line_error(code, text, "--profile weights the shifted widths; it needs --shift-robust")
+    bad = profile("0123456789abcdef", tmp_path / "bad.json")
+    code, text = run("finetune", ckpt / "src", "--data", ckpt / "data.txt", "--plan", "uniform:3", "--shift-robust",
+                     "--out", tmp_path / "o", "--profile", bad, *FAST)
+    assert_one_line_error(code, text, "is for another model")
+    assert not (tmp_path / "o").exists()
+    code, text = run("finetune", ckpt / "src", "--data", ckpt / "data.txt", "--plan", "uniform:3", "--shift-robust",
+                     "--out", tmp_path / "o", "--profile", good, *FAST)
+    assert code == 0, text
+    assert json.loads((tmp_path / "o" / "finetune.json").read_text())["shift_weights"] == "routing-frequency"

@@ -50,3 +50,27 @@ def test_scale_gets_the_lsq_gradient_and_clamped_weights_none():
     assert torch.allclose(gq.log_scale.grad, s * lsq.reshape(1, 1), atol=1e-6)
     assert torch.equal(w.grad, inside.float())
     assert gq.zero.grad.item() == pytest.approx(-s * float((~inside).sum()))
+
+
+def test_frequency_weighted_sampling_shifts_busy_experts_less_and_upwards():
+    from moec.core.errors import MoecError
+    from moec.core.plan import BitPlan
+    from moec.finetune.bit_sampler import BitSampler
+    plan = BitPlan({0: {0: 3, 1: 3, 2: 16}}, model_fingerprint="0" * 16)
+    freq = {0: [0.0, 1.5, 0.5]}
+    counts = {e: {2: 0, 3: 0, 4: 0} for e in (0, 1)}
+    s = BitSampler(plan, "neighbours", 0.5, frequency=freq, seed=1)
+    for _ in range(4000):
+        row = s.sample()[0]
+        assert row[2] == 16  # float experts never move
+        for e in (0, 1):
+            counts[e][row[e]] += 1
+    shifted = {e: (counts[e][2] + counts[e][4]) / 4000 for e in (0, 1)}
+    assert abs(shifted[0] - 0.5) < 0.04 and abs(shifted[1] - 0.25) < 0.04  # shift_prob * (1 - w / 2)
+    assert abs(counts[0][2] - counts[0][4]) < 200  # unused expert: down and up alike
+    assert counts[1][2] == 0  # busiest (w = 1): shifted only up
+    alls = BitSampler(plan, "all", frequency=freq, seed=2)
+    draws = [alls.sample()[0] for _ in range(3000)]
+    assert sum(r[1] for r in draws) / 3000 > sum(r[0] for r in draws) / 3000 + 0.5  # tilted to wider
+    with pytest.raises(MoecError, match="do not cover layer 0's 3 experts"):
+        BitSampler(plan, "neighbours", frequency={0: [1.0]})

@@ -1,0 +1,50 @@
+"""Architecture knobs of a plan applied to a torch model: router temperature and dropped experts.
+
+``router_temperature`` T divides the router logits (softmax or sigmoid scores of ``logits / T``):
+the router weight is scaled by ``1 / T``, which is exact because the router has no logit bias (plans with
+a temperature are refused for routers that have one, gpt-oss); ``pack_model`` does this when it packs the
+router, so ONNX export and TVM bundles built from packed weights honour it.
+``dropped_experts`` removes experts from the router's choices (an additive ``-inf`` on their logits,
+:attr:`MoEBlock.expert_mask`, read by ``TorchOps.linear`` for the router) and zeroes their stored
+weights, so a dropped expert can never be chosen nor contribute. Only the torch back end honours
+the mask: ONNX export and TVM compilation refuse dropped experts, and the layer-by-layer (streamed)
+paths refuse both knobs (:func:`require_no_knobs`).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from moec.core.errors import MoecError
+from moec.core.plan import BitPlan
+from moec.models.model import MoEModel
+
+
+@torch.no_grad()
+def apply_knobs(model: MoEModel, plan: BitPlan, scale_router: bool = True) -> MoEModel:
+    """Apply ``plan``'s router temperature (unless ``scale_router`` is false: the caller already
+    packed it into the router weight) and dropped experts to ``model`` in place."""
+    if not plan.has_knobs:
+        return model
+    for layer, block in model.moe_blocks().items():
+        if scale_router and plan.router_temperature != 1.0:
+            block.router.weight.div_(plan.router_temperature)
+        dropped = plan.dropped_experts.get(layer, [])
+        if dropped:
+            mask = torch.zeros(model.cfg.num_experts)
+            mask[dropped] = float("-inf")
+            block.expert_mask = mask
+            for w in (block.w1, block.w3, block.w2):
+                w[dropped] = 0.0
+    return model
+
+
+def require_no_knobs(plan: BitPlan, what: str, temperature_ok: bool = False) -> None:
+    """One-line refusal for back ends that do not implement the knobs (``temperature_ok``: this one
+    reads the packed router, so only dropped experts are refused)."""
+    if any(plan.dropped_experts.values()):
+        raise MoecError(f"{what} does not support plans with dropped_experts yet (torch evaluation does); "
+                        "remove that field")
+    if plan.router_temperature != 1.0 and not temperature_ok:
+        raise MoecError(f"{what} does not support plans with router_temperature yet (torch evaluation, "
+                        "in-memory ONNX export and compile do); remove that field")
