@@ -1,7 +1,7 @@
 """DeepSeek-V2/V3, gpt-oss (and GLM-4.5, Granite-MoE, Phi-MoE, ERNIE-4.5) checkpoints compile to host
 bundles whose greedy tokens equal torch fake-quant.
 
-The bundle is compiled in memory and again from its ONNX export (``moec build``): same weights,
+The bundle is compiled in memory and (V2-Lite, gpt-oss) again from its ONNX export (``moec build``): same weights,
 same tokens; prefill equals step-by-step decode (gpt-oss: a prompt longer than its sliding window).
 The latent KV cache of MLA (one "head": latent + RoPE key part / latent) is checked too.
 """
@@ -33,19 +33,23 @@ def test_deepseek_bundle_tokens_match_torch_fake_quant(tmp_path, family):
     model = load_checkpoint(tmp_path / "ckpt")
     plan_file = tmp_path / "plan.json"
     mixed_plan(model.cfg).save(plan_file)
+    # the ONNX round trip (moec build) for one MLA family and gpt-oss; V3 differs from V2 only in routing
+    via_onnx = family != "deepseek_v3"
+    onnx_args = ["--onnx", str(tmp_path / "onnx")] if via_onnx else []
     res = CliRunner().invoke(cli, ["compile", str(tmp_path / "ckpt"), "--plan", str(plan_file),
-                                   "--out", str(tmp_path / "m"), "--onnx", str(tmp_path / "onnx")])
+                                   "--out", str(tmp_path / "m"), *onnx_args])
     assert res.exit_code == 0, res.output
-    res = CliRunner().invoke(cli, ["build", str(tmp_path / "onnx"), "--out", str(tmp_path / "b")])
-    assert res.exit_code == 0, res.output
-    mem, onnx = WeightsReader(tmp_path / "m"), WeightsReader(tmp_path / "b")
-    assert sorted(mem.order) == sorted(onnx.order)
-    for name in mem.order:
-        np.testing.assert_array_equal(mem.array(name), onnx.array(name), err_msg=name)
+    if via_onnx:
+        res = CliRunner().invoke(cli, ["build", str(tmp_path / "onnx"), "--out", str(tmp_path / "b")])
+        assert res.exit_code == 0, res.output
+        mem, onnx = WeightsReader(tmp_path / "m"), WeightsReader(tmp_path / "b")
+        assert sorted(mem.order) == sorted(onnx.order)
+        for name in mem.order:
+            np.testing.assert_array_equal(mem.array(name), onnx.array(name), err_msg=name)
 
     fake_quantize_model(model, resolve_plan(plan_file, model.cfg))
     want = model.generate_greedy(PROMPT, 16)
-    for bundle in ("m", "b"):
+    for bundle in ("m", "b") if via_onnx else ("m",):
         sess = BundleSession(tmp_path / bundle)
         got, _ = sess.generate(PROMPT, 16)
         assert got == want, bundle
