@@ -26,29 +26,15 @@ import re
 import resource
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
-import psutil
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from peak_rss import PeakRss  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 GB = 1 << 30
 STAGE = re.compile(r"✓ (.+?)\s+([0-9.]+) s$")
-
-
-def tree_rss(proc: psutil.Process) -> int:
-    total = 0
-    try:
-        procs = [proc, *proc.children(recursive=True)]
-    except psutil.Error:  # the process just ended
-        return 0
-    for p in procs:
-        try:
-            total += p.memory_info().rss
-        except psutil.Error:
-            pass
-    return total
 
 
 def run_measured(argv: list[str], repo: Path, log: Path, env_extra: dict | None = None) -> dict:
@@ -60,24 +46,14 @@ def run_measured(argv: list[str], repo: Path, log: Path, env_extra: dict | None 
         out.write(f"\n$ PYTHONPATH={repo} {' '.join(argv)}\n")
         out.flush()
         proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env, cwd=repo, text=True)
-        ps, peak, done = psutil.Process(proc.pid), [0], threading.Event()
-
-        def sample() -> None:
-            while not done.is_set():
-                peak[0] = max(peak[0], tree_rss(ps))
-                done.wait(0.1)
-
-        th = threading.Thread(target=sample, daemon=True)
-        th.start()
-        text = proc.stdout.read()
-        rc = proc.wait()
-        done.set()
-        th.join()
+        with PeakRss(proc.pid) as peak:
+            text = proc.stdout.read()
+            rc = proc.wait()
         out.write(text)
     after = resource.getrusage(resource.RUSAGE_CHILDREN)
     stages = {m.group(1).strip(): float(m.group(2)) for m in map(STAGE.search, text.splitlines()) if m}
     cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
-    return {"wall_s": round(time.time() - t0, 1), "cpu_s": round(cpu, 1), "peak_rss_gib": round(peak[0] / GB, 2),
+    return {"wall_s": round(time.time() - t0, 1), "cpu_s": round(cpu, 1), "peak_rss_gib": round(peak.peak / GB, 2),
             "stages": stages, "rc": rc, "tail": text.strip().splitlines()[-1:] if rc else []}
 
 

@@ -19,29 +19,19 @@ import json
 import os
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
 import psutil
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from peak_rss import PeakRss  # noqa: E402
 from scale_checkpoint import write_checkpoint  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 CALIB = REPO / "reference" / "data" / "calib.txt"
 PROMPT = "def main():"
 GB = 1 << 30
-
-
-def tree_rss(proc: psutil.Process) -> int:
-    total = 0
-    for p in [proc, *proc.children(recursive=True)]:
-        try:
-            total += p.memory_info().rss
-        except psutil.Error:
-            pass
-    return total
 
 
 def run_stage(label: str, argv: list[str], rows: list[dict], log: Path) -> subprocess.CompletedProcess:
@@ -52,19 +42,9 @@ def run_stage(label: str, argv: list[str], rows: list[dict], log: Path) -> subpr
         out.write(f"\n$ {' '.join(argv)}\n")
         out.flush()
         proc = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, env=env, cwd=REPO)
-        ps, peak, done = psutil.Process(proc.pid), [0], threading.Event()
-
-        def sample() -> None:
-            while not done.is_set():
-                peak[0] = max(peak[0], tree_rss(ps))
-                done.wait(0.1)
-
-        th = threading.Thread(target=sample, daemon=True)
-        th.start()
-        rc = proc.wait()
-        done.set()
-        th.join()
-    row = {"stage": label, "seconds": round(time.time() - t0, 1), "peak_rss_gb": round(peak[0] / GB, 2), "rc": rc}
+        with PeakRss(proc.pid) as peak:
+            rc = proc.wait()
+    row = {"stage": label, "seconds": round(time.time() - t0, 1), "peak_rss_gb": round(peak.peak / GB, 2), "rc": rc}
     rows.append(row)
     print(f"  {label:<34} {row['seconds']:8.1f} s  {row['peak_rss_gb']:6.2f} GB  rc={rc}", flush=True)
     if rc != 0:
