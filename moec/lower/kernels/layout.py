@@ -222,17 +222,39 @@ def unpacked_codes(pw: PackedWeight) -> np.ndarray:
 
 
 def nested_kernel_layout(nw: NestedWeight, tile: int = DEFAULT_TILE) -> dict[str, np.ndarray]:
-    """The kernel layout of a nested weight: each bit-plane segment as its own word stream.
+    """The kernel layout of a nested weight: each bit-plane segment as its own byte-lane word stream.
 
-    ``seg{s}`` uint32 ``[NT, K*w_s/32, T]`` (the segment's packed ``w_s``-bit stream, laid out as a
-    quantized weight's codes), ``scale`` float16 ``[NT, G, T]`` and ``zero`` uint32 ``[NT, ZW, T]``
-    (storage-width zero codes), as :func:`to_kernel_layout` lays out one weight. Each segment is a
-    separate contiguous array, so a width that skips a segment skips its bytes.
+    ``seg{s}`` uint32 ``[NT, K*w_s/32, T]``, ``scale`` float16 ``[NT, G, T]`` and ``zero`` uint32
+    ``[NT, ZW, T]`` (storage-width zero codes, as :func:`to_kernel_layout` lays out one weight).
+    Each segment is a separate contiguous array, so a width that skips a segment skips its bytes.
+
+    Segment words are in *byte-lane* order (:func:`byte_lane_words`), so the kernel rebuilds the
+    fixed 8-bit kernel's words (code ``i`` of a group in byte ``i % 4`` of word ``i // 4``) with a
+    few whole-word shifts, masks and ors per 4 codes, instead of per code.
     """
     n, k = nw.shape
     groups = k // nw.group_size
-    out = {f"seg{s}": _interleave(_row_words(seg, -(-k * w // 32)), tile)
+    out = {f"seg{s}": _interleave(byte_lane_words(unpack(seg, w, k), w, nw.group_size), tile)
            for s, (seg, w) in enumerate(zip(nw.segments, nw.format.segment_bits))}
     out["scale"] = _interleave(np.asarray(nw.scale, dtype=np.float16), tile)
     out["zero"] = _interleave(_row_words(nw.zero, zero_words(groups, nw.storage_bits)), tile)
     return out
+
+
+def byte_lane_words(parts: np.ndarray, width: int, group_size: int) -> np.ndarray:
+    """``width``-bit codes uint8 ``[N, K]`` -> uint32 ``[N, K*width/32]`` in byte-lane order.
+
+    Per group, with ``P = 8 // width`` codes of a byte lane per word: code ``i`` (``m = i // 4``
+    its 8-bit word, ``c = i % 4`` its byte) sits in word ``m // P`` at bit ``8*c + (m % P)*width``.
+    So ``(word >> (m % P)*width) & (mask * 0x01010101)`` holds the parts of codes ``4m .. 4m+3``,
+    one per byte, ready to be shifted to their bit position in the code and or-ed with the other
+    segments' (:mod:`moec.lower.kernels.nested_gemv`). ``width`` must divide 8 and
+    ``group_size * width`` be a multiple of 32.
+    """
+    if 8 % width or group_size * width % 32:
+        raise MoecError(f"byte-lane words need a width dividing 8 ({width}) and group_size * width % 32 == 0")
+    n, k = parts.shape
+    per = 8 // width
+    p = parts.astype(np.uint32).reshape(n, k // group_size, group_size * width // 32, per, 4)  # [.., t, r, c]
+    shift = (8 * np.arange(4)[None, :] + width * np.arange(per)[:, None]).astype(np.uint32)  # [r, c]
+    return np.bitwise_or.reduce((p << shift).reshape(n, k * width // 32, per * 4), axis=-1).astype(np.uint32)

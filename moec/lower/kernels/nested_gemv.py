@@ -11,13 +11,16 @@ For routed row ``j`` with expert ``e = expert_ids[j]`` and width ``k = prec[e]``
 
 with ``qdot_k[n, g] = sum_{i in g} (q[n, i] >> (B−k) << (B−k)) · x[i]`` (``B`` the storage width):
 the width-``k`` weight of ``moec.quant.nested`` exactly. Block ``qdot{d}`` serves the ``d``-th
-derived width: per weight it reassembles the top ``k`` bits from the segments that width needs
-into one integer in registers (per segment a shift, a mask and a shift to the segment's bit
-position, or-ed together; all shifts constant once the step is unrolled) and converts and
-multiplies ONCE, so a width costs one float pass whatever its number of planes. Each ``qdot{d}``
-update loop sits under ``if prec[expert_ids[j]] == k_d`` (:func:`guard_segments`): exactly one
-specialised inner loop runs per routed row, the width branch is outside it, and the planes a
-width does not need are never loaded; the other accumulators keep their initial 0.
+derived width. The segments are in byte-lane word order (``layout.byte_lane_words``), so for
+each 8-bit word ``m`` of a group (codes ``4m .. 4m+3``) the kernel rebuilds, with one shift,
+one mask and one or per needed segment, the word the fixed 8-bit kernel would read: byte ``c``
+holds code ``4m + c`` truncated to its top ``k`` bits (the planes the width skips are simply
+absent). Each code is then multiplied where it sits, as the fixed kernel does:
+``(word & 0xFF << 8c) · (x[i] · 2**-8c)`` (``xs``), so the rebuild costs a few integer ops per
+4 codes and the float work per code is the fixed kernel's. Each ``qdot{d}`` update loop sits
+under ``if prec[expert_ids[j]] == k_d`` (:func:`guard_segments`): exactly one specialised inner
+loop runs per routed row, the width branch is outside it, and the planes a width does not need
+are never loaded; the other accumulators keep their initial 0.
 """
 
 from __future__ import annotations
@@ -65,7 +68,7 @@ class NestedGemvSpec:
             raise MoecError(f"bad nested kernel shape n={self.n} k={self.k} experts={self.num_stacked} "
                             f"top_k={self.top_k} tile={self.tile}")
         if self.group_size < 1 or self.k % self.group_size or any(
-                self.group_size * w % 32 for w in fmt.segment_bits):
+                self.group_size * w % 32 or 8 % w for w in fmt.segment_bits):
             raise MoecError(f"nested kernels need group_size ({self.group_size}) to divide K ({self.k}) and "
                             f"be a multiple of 32 (every 1-bit plane of a group fills whole uint32 words)")
 
@@ -111,21 +114,33 @@ def nested_gemv_definition(spec: NestedGemvSpec) -> tirx.PrimFunc:
 
     i = te.reduce_axis((0, gs), "i")
     xsum = te.compute((xr, groups), lambda r, g: te.sum(x[r, g * gs + i], axis=i), name="xsum")
+    # x pre-scaled by 2**-8c for the code in byte c of its word (as the fixed kernel's ``xs``).
+    xs = te.compute((xr, spec.k), lambda r, c: x[r, c] * _pow2(-8 * (c % 4)), name="xs")
     positions = segment_positions(fmt)
 
     def qdot(d):
-        """Width ``derived_bits[d]``: segments ``0..d`` combined into one code per weight."""
-        ii = te.reduce_axis((0, gs), f"ii{d}")
+        """Width ``derived_bits[d]``: segments ``0..d`` or-ed into 8-bit words, one code per byte.
+
+        The reduction runs over the group's 8-bit words (4 codes each), so each word is
+        assembled once and its 4 codes update the accumulator in one step.
+        """
+        mm = te.reduce_axis((0, gs // 4), f"m{d}")
 
         def body(j, b, g, lane):
-            code = None
+            word8 = None
             for s in range(d + 1):
                 width, wpg = fmt.segment_bits[s], gs * fmt.segment_bits[s] // 32
-                word = segs[s][ids[j], b, g * wpg + (ii * width) // 32, lane]
-                part = ((word >> ((ii * width) % 32).astype("uint32")) & tirx.const((1 << width) - 1, "uint32")) \
-                    << tirx.const(positions[s], "uint32")
-                code = part if code is None else code | part
-            return te.sum(code.astype("float32") * x[xrow(j), g * gs + ii], axis=ii)
+                per = 8 // width
+                word = segs[s][ids[j], b, g * wpg + mm // per, lane]
+                lanes = tirx.const(((1 << width) - 1) * 0x01010101, "uint32")
+                part = ((word >> ((mm % per) * width).astype("uint32")) & lanes) << tirx.const(positions[s], "uint32")
+                word8 = part if word8 is None else word8 | part
+            term = None
+            for c in range(4):
+                code = (word8 & tirx.const(((1 << spec.storage_bits) - 1) << (8 * c), "uint32")).astype("float32")
+                t = code * xs[xrow(j), g * gs + mm * 4 + c]
+                term = t if term is None else term + t
+            return te.sum(term, axis=mm)
 
         return te.compute((spec.top_k, nt, groups, tile), body, name=f"qdot{d}")
 
