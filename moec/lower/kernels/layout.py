@@ -222,39 +222,41 @@ def unpacked_codes(pw: PackedWeight) -> np.ndarray:
 
 
 def nested_kernel_layout(nw: NestedWeight, tile: int = DEFAULT_TILE) -> dict[str, np.ndarray]:
-    """The kernel layout of a nested weight: each bit-plane segment as its own byte-lane word stream.
+    """The kernel layout of a nested weight: each bit-plane segment as its own nibble-lane word stream.
 
     ``seg{s}`` uint32 ``[NT, K*w_s/32, T]``, ``scale`` float16 ``[NT, G, T]`` and ``zero`` uint32
     ``[NT, ZW, T]`` (storage-width zero codes, as :func:`to_kernel_layout` lays out one weight).
     Each segment is a separate contiguous array, so a width that skips a segment skips its bytes.
-
-    Segment words are in *byte-lane* order (:func:`byte_lane_words`), so the kernel rebuilds the
-    fixed 8-bit kernel's words (code ``i`` of a group in byte ``i % 4`` of word ``i // 4``) with a
-    few whole-word shifts, masks and ors per 4 codes, instead of per code.
+    Segment words are in *nibble-lane* order (:func:`nibble_lane_words`), so the kernel rebuilds
+    8 codes' top bits with one shift, mask and or per needed segment.
     """
     n, k = nw.shape
     groups = k // nw.group_size
-    out = {f"seg{s}": _interleave(byte_lane_words(unpack(seg, w, k), w, nw.group_size), tile)
+    out = {f"seg{s}": _interleave(nibble_lane_words(unpack(seg, w, k), w, nw.group_size), tile)
            for s, (seg, w) in enumerate(zip(nw.segments, nw.format.segment_bits))}
     out["scale"] = _interleave(np.asarray(nw.scale, dtype=np.float16), tile)
     out["zero"] = _interleave(_row_words(nw.zero, zero_words(groups, nw.storage_bits)), tile)
     return out
 
 
-def byte_lane_words(parts: np.ndarray, width: int, group_size: int) -> np.ndarray:
-    """``width``-bit codes uint8 ``[N, K]`` -> uint32 ``[N, K*width/32]`` in byte-lane order.
+def nibble_lane_words(parts: np.ndarray, width: int, group_size: int) -> np.ndarray:
+    """``width``-bit codes uint8 ``[N, K]`` -> uint32 ``[N, K*width/32]`` in nibble-lane order.
 
-    Per group, with ``P = 8 // width`` codes of a byte lane per word: code ``i`` (``m = i // 4``
-    its 8-bit word, ``c = i % 4`` its byte) sits in word ``m // P`` at bit ``8*c + (m % P)*width``.
-    So ``(word >> (m % P)*width) & (mask * 0x01010101)`` holds the parts of codes ``4m .. 4m+3``,
-    one per byte, ready to be shifted to their bit position in the code and or-ed with the other
-    segments' (:mod:`moec.lower.kernels.nested_gemv`). ``width`` must divide 8 and
-    ``group_size * width`` be a multiple of 32.
+    Per group, code ``i`` belongs to *nibble word* ``a = 4*(i//32) + i%4``, lane ``l = (i%32)//4``
+    (8 codes per nibble word, one per 4-bit lane). With ``P = 4 // width`` nibble words per
+    segment word, its part sits in word ``a // P`` at bit ``4*l + width*(a % P)``. So
+    ``(word >> width*(a % P)) & (mask * 0x11111111)`` holds the parts of nibble word ``a``, one
+    per lane, ready to be shifted to their bit position in the lane and or-ed with the other
+    segments' (:mod:`moec.lower.kernels.nested_gemv`); the narrowest segment's words are also
+    read as they are, each code multiplied where it sits. ``width`` must divide 4 and
+    ``group_size`` be a multiple of 32.
     """
-    if 8 % width or group_size * width % 32:
-        raise MoecError(f"byte-lane words need a width dividing 8 ({width}) and group_size * width % 32 == 0")
+    if 4 % width or group_size % 32:
+        raise MoecError(f"nibble-lane words need a width dividing 4 ({width}) and group_size % 32 == 0")
     n, k = parts.shape
-    per = 8 // width
-    p = parts.astype(np.uint32).reshape(n, k // group_size, group_size * width // 32, per, 4)  # [.., t, r, c]
-    shift = (8 * np.arange(4)[None, :] + width * np.arange(per)[:, None]).astype(np.uint32)  # [r, c]
-    return np.bitwise_or.reduce((p << shift).reshape(n, k * width // 32, per * 4), axis=-1).astype(np.uint32)
+    per = 4 // width
+    # i = 32*W + 4*l + r, r = rq*per + rp: segment word W*width + rq, bit 4*l + width*rp.
+    p = parts.astype(np.uint32).reshape(n, k // 32, 8, width, per)  # [.., W, l, rq, rp]
+    shift = (4 * np.arange(8)[:, None, None] + width * np.arange(per)[None, None, :]).astype(np.uint32)
+    words = np.bitwise_or.reduce((p << shift).transpose(0, 1, 3, 2, 4).reshape(n, k // 32, width, 8 * per), axis=-1)
+    return words.reshape(n, k * width // 32).astype(np.uint32)

@@ -41,6 +41,17 @@ from moec.quant.nested import segment_positions
 SEGMENT_GUARD_ATTR = "moec.segment_guard"
 
 
+def check_lanes(fmt: NestedFormat) -> None:
+    """Raise unless the kernel's nibble/byte lanes fit ``fmt``: segments of 1, 2 or 4 bits, every
+    width up to 4 bits or 8 bits of 8-bit storage with the top nibble's segments apart from the low one's."""
+    positions = segment_positions(fmt)
+    ok = all(4 % w == 0 for w in fmt.segment_bits) and all(
+        k <= 4 or (k == 8 == fmt.storage_bits) for k in fmt.derived_bits) and all(
+        (p >= 4) == (p + w > 4) for p, w in zip(positions, fmt.segment_bits) if fmt.storage_bits == 8)
+    if not ok:
+        raise MoecError(f"{fmt.name}: the nested kernel needs 1-, 2- or 4-bit segments that split at the nibble")
+
+
 @dataclass(frozen=True)
 class NestedGemvSpec:
     """Shape of one nested GEMV kernel.
@@ -67,8 +78,9 @@ class NestedGemvSpec:
         if self.n < 1 or self.k < 1 or self.num_stacked < 1 or self.top_k < 1 or self.tile < 1:
             raise MoecError(f"bad nested kernel shape n={self.n} k={self.k} experts={self.num_stacked} "
                             f"top_k={self.top_k} tile={self.tile}")
+        check_lanes(fmt)
         if self.group_size < 1 or self.k % self.group_size or any(
-                self.group_size * w % 32 or 8 % w for w in fmt.segment_bits):
+                self.group_size * w % 32 for w in fmt.segment_bits):
             raise MoecError(f"nested kernels need group_size ({self.group_size}) to divide K ({self.k}) and "
                             f"be a multiple of 32 (every 1-bit plane of a group fills whole uint32 words)")
 
@@ -87,6 +99,10 @@ class NestedGemvSpec:
     @property
     def quantized(self) -> bool:
         return True
+
+
+def _u32(value: int) -> tirx.PrimExpr:
+    return tirx.const(value, "uint32")
 
 
 def nested_gemv_definition(spec: NestedGemvSpec) -> tirx.PrimFunc:
@@ -114,33 +130,75 @@ def nested_gemv_definition(spec: NestedGemvSpec) -> tirx.PrimFunc:
 
     i = te.reduce_axis((0, gs), "i")
     xsum = te.compute((xr, groups), lambda r, g: te.sum(x[r, g * gs + i], axis=i), name="xsum")
-    # x pre-scaled by 2**-8c for the code in byte c of its word (as the fixed kernel's ``xs``).
-    xs = te.compute((xr, spec.k), lambda r, c: x[r, c] * _pow2(-8 * (c % 4)), name="xs")
-    positions = segment_positions(fmt)
+    bits, positions = spec.storage_bits, segment_positions(fmt)
+    w0 = fmt.segment_bits[0]
+
+    def prescaled(name, exponent):
+        """x pre-scaled by the power of two that turns each in-place masked code into its value."""
+        return te.compute((xr, spec.k), lambda r, c: x[r, c] * _pow2(exponent(c % 32)), name=name)
+
+    # Code i of a group sits in nibble word a = 4*(i//32) + i%4, lane l = (i%32)//4 (layout.py).
+    xs_plane = prescaled("xs_plane", lambda c: bits - w0 - (4 * (c // 4) + w0 * ((c % 4) % (4 // w0))))
+    xs_nibble = prescaled("xs_nibble", lambda c: (bits - 4) - 4 * (c // 4))
+    xs_byte = prescaled("xs_byte", lambda c: -8 * (c // 8)) if bits == 8 else None
+    words = gs // 8  # nibble words per group
+
+    def code_index(a, lane):
+        return 32 * (a // 4) + 4 * lane + a % 4
+
+    def nibbles(j, b, g, lane, a, segments, offset):
+        """Segments' parts of nibble word ``a``, each at bit ``pos_s - offset`` of its 4-bit lane."""
+        word = None
+        for s in segments:
+            width, per = fmt.segment_bits[s], 4 // fmt.segment_bits[s]
+            raw = segs[s][ids[j], b, g * (gs * width // 32) + a // per, lane]
+            part = ((raw >> (width * (a % per)).astype("uint32")) & _u32(((1 << width) - 1) * 0x11111111)) \
+                << _u32(positions[s] - offset)
+            word = part if word is None else word | part
+        return word
 
     def qdot(d):
-        """Width ``derived_bits[d]``: segments ``0..d`` or-ed into 8-bit words, one code per byte.
+        """Width ``derived_bits[d]`` over the group's codes, one specialised form per kind of width.
 
-        The reduction runs over the group's 8-bit words (4 codes each), so each word is
-        assembled once and its 4 codes update the accumulator in one step.
+        - one segment (the narrowest width): each code is multiplied where it sits in the
+          segment's word, as the fixed kernel of that width does (a reduction over codes);
+        - up to 4 bits: the needed segments or-ed into nibble words (8 codes, the code's top
+          bits in each 4-bit lane), multiplied in place;
+        - 8 bits (8-bit storage): the top nibble word and the low segment's nibble word
+          interleaved into two byte words (4 codes each), multiplied in place.
         """
-        mm = te.reduce_axis((0, gs // 4), f"m{d}")
+        k = fmt.derived_bits[d]
+        unit = te.reduce_axis((0, gs if d == 0 else words), f"u{d}")  # codes, or nibble words
 
-        def body(j, b, g, lane):
-            word8 = None
-            for s in range(d + 1):
-                width, wpg = fmt.segment_bits[s], gs * fmt.segment_bits[s] // 32
-                per = 8 // width
-                word = segs[s][ids[j], b, g * wpg + mm // per, lane]
-                lanes = tirx.const(((1 << width) - 1) * 0x01010101, "uint32")
-                part = ((word >> ((mm % per) * width).astype("uint32")) & lanes) << tirx.const(positions[s], "uint32")
-                word8 = part if word8 is None else word8 | part
-            term = None
-            for c in range(4):
-                code = (word8 & tirx.const(((1 << spec.storage_bits) - 1) << (8 * c), "uint32")).astype("float32")
-                t = code * xs[xrow(j), g * gs + mm * 4 + c]
-                term = t if term is None else term + t
-            return te.sum(term, axis=mm)
+        def body(j, bb, g, lane):
+            row = xrow(j)
+            terms = []
+            if d == 0:  # code i = 32*W + 4*l + r, r = rq*per + rp: word W*w0 + rq, bit 4*l + w0*rp
+                per = 4 // w0
+                r = unit % 4
+                raw = segs[0][ids[j], bb, g * (gs * w0 // 32) + (unit // 32) * w0 + r // per, lane]
+                bit = (4 * ((unit % 32) // 4) + w0 * (r % per)).astype("uint32")
+                code = (raw & (_u32((1 << w0) - 1) << bit)).astype("float32")
+                terms.append(code * xs_plane[row, g * gs + unit])
+            elif k <= 4:
+                top = nibbles(j, bb, g, lane, unit, range(d + 1), bits - 4)
+                for ln in range(8):
+                    code = (top & _u32(0xF << (4 * ln))).astype("float32")
+                    terms.append(code * xs_nibble[row, g * gs + code_index(unit, ln)])
+            else:
+                high = [s for s in range(d + 1) if positions[s] >= 4]
+                top = nibbles(j, bb, g, lane, unit, high, 4)
+                low = nibbles(j, bb, g, lane, unit, [s for s in range(d + 1) if s not in high], 0)
+                even = ((top & _u32(0x0F0F0F0F)) << _u32(4)) | (low & _u32(0x0F0F0F0F))
+                odd = (top & _u32(0xF0F0F0F0)) | ((low >> _u32(4)) & _u32(0x0F0F0F0F))
+                for c in range(4):
+                    for half, word in ((0, even), (1, odd)):
+                        code = (word & _u32(0xFF << (8 * c))).astype("float32")
+                        terms.append(code * xs_byte[row, g * gs + code_index(unit, 2 * c + half)])
+            total = terms[0]
+            for t in terms[1:]:
+                total = total + t
+            return te.sum(total, axis=unit)
 
         return te.compute((spec.top_k, nt, groups, tile), body, name=f"qdot{d}")
 

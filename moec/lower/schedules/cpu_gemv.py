@@ -171,6 +171,10 @@ def _schedule_activation_prep(sch: s_tir.Schedule, params: CpuScheduleParams) ->
     r, c = sch.get_loops(sch.get_sblock("xs"))
     _, lane = sch.split(sch.fuse(r, c), [None, params.lanes])
     sch.vectorize(lane)
+    _schedule_xsum(sch, params)
+
+
+def _schedule_xsum(sch: s_tir.Schedule, params: CpuScheduleParams) -> None:
     xsum = sch.get_sblock("xsum")
     i = sch.get_loops(xsum)[-1]
     if sch.get(i).extent.value % params.lanes == 0:
@@ -218,8 +222,8 @@ def schedule_nested_gemv(func: tirx.PrimFunc, spec, params: CpuScheduleParams) -
         sch.compute_at(qdot, g, preserve_unit_loops=True)
         sch.set_scope(qdot, 0, "local")
         _, q_vec, _, q_lane, q_i = sch.get_loops(qdot)[-5:]
-        words = gcd(params.nested_unroll_words, spec.group_size // 4)
-        step, value = sch.split(q_i, [None, words])
+        per_step = params.unroll_values if not steps else params.nested_unroll_words  # codes, or nibble words
+        step, value = sch.split(q_i, [None, gcd(per_step, sch.get(q_i).extent.value)])
         sch.reorder(step, value, q_vec, q_lane)
         sch.vectorize(q_lane)
         sch.unroll(q_vec)
@@ -231,5 +235,10 @@ def schedule_nested_gemv(func: tirx.PrimFunc, spec, params: CpuScheduleParams) -
     for qdot, step in zip(qdots, steps):
         sch.decompose_reduction(qdot, step)
     sch.decompose_reduction(y, g)
-    _schedule_activation_prep(sch, params)
+    for name in ("xs_plane", "xs_nibble", "xs_byte"):
+        if _has_block(sch, name):
+            r, c = sch.get_loops(sch.get_sblock(name))
+            _, lane = sch.split(sch.fuse(r, c), [None, params.lanes])
+            sch.vectorize(lane)
+    _schedule_xsum(sch, params)
     return sch.mod["main"]
