@@ -100,17 +100,16 @@ def kernel_part(gs: int, calls: int) -> None:
         fargs = [tvm.runtime.tensor(fixed[a], dev) for a in ("weight", "scale", "zero")]
         prec = tvm.runtime.tensor(np.full(experts, bits, np.int32), dev)
 
-        def timed(fn) -> float:
-            times = []
-            for c in range(calls):
-                ids = id_sets[c % len(id_sets)]
-                t0 = time.perf_counter()
-                fn(ids)
-                times.append(time.perf_counter() - t0)
-            return statistics.median(times[3:])
-
-        tf = timed(lambda ids: fmod["gemv"](x, *fargs, ids, y))
-        tn = timed(lambda ids: nmod["gemv"](x, *nargs, prec, ids, y))
+        tf, tn = [], []  # fixed and nested calls interleaved, so both see the same machine load
+        for c in range(calls):
+            ids = id_sets[c % len(id_sets)]
+            t0 = time.perf_counter()
+            fmod["gemv"](x, *fargs, ids, y)
+            t1 = time.perf_counter()
+            nmod["gemv"](x, *nargs, prec, ids, y)
+            tf.append(t1 - t0)
+            tn.append(time.perf_counter() - t1)
+        tf, tn = statistics.median(tf[3:]), statistics.median(tn[3:])
         fixed_bytes = top_k * sum(fixed[a][0].nbytes for a in ("weight", "scale", "zero"))
         nested_bytes = top_k * nws[0].nbytes(bits)  # planes of this width + scales + 8-bit zeros
         print(f"| {bits} | {fixed_bytes / tf / 1e9:.2f} | {nested_bytes / tn / 1e9:.2f} | {tn / tf:.2f}x | "
@@ -201,7 +200,7 @@ def latency_part(layers: int, gs: int, steps: int, plot: str) -> None:
     print(f"\nplot written to {plot}")
 
 
-def decode_part(layers: int, gs: int, steps: int) -> None:
+def decode_part(layers: int, gs: int, steps: int, rounds: int) -> None:
     big = olmoe_shaped(layers)
     plans = {"uniform 8": expert_plan(big, lambda l, e: 8, gs, "u8"),
              "uniform 4": expert_plan(big, lambda l, e: 4, gs, "u4"),
@@ -210,7 +209,8 @@ def decode_part(layers: int, gs: int, steps: int) -> None:
              "mixed 2/4/8": expert_plan(big, lambda l, e: (2, 4, 2, 8)[e % 4], gs, "mixed")}
     preset = load_target("host")
     print(f"\n## Decode: one nested bundle vs a fixed bundle per plan (OLMoE-shaped random model: hidden 2048, "
-          f"64 experts × 1024, top-8, {layers} layers; group {gs}; median of {steps} steps)\n")
+          f"64 experts × 1024, top-8, {layers} layers; group {gs}; median over {rounds} interleaved "
+          f"rounds of each round's median of {steps} steps)\n")
     with tempfile.TemporaryDirectory(prefix="moec-dyn-") as d:
         first = next(iter(plans.values()))
         w8 = random_weights(big, storage_plan(first, 8))
@@ -222,25 +222,34 @@ def decode_part(layers: int, gs: int, steps: int) -> None:
                                         extra_manifest={"nested": {"storage_bits": 8}})
         del params
         print(f"(nested bundle: {stored / 1e6:.0f} MB stored, built in {time.time() - t0:.0f} s)\n")
-        nested = BundleSession(path)
-        rows = {}
-        for name, plan in plans.items():
-            nested.set_plan(plan)
-            rows[name] = [nested.expert_bytes(), _decode_times(nested, steps)]
-        switch = []
-        names = list(plans)
-        for i in range(20):
-            switch.append(nested.set_plan(plans[names[i % len(names)]]).seconds)
-        nested.close()
+        fixed = {}
         for name, plan in plans.items():
             w = random_weights(big, plan)
             fparams = build_params(big, plan, w.packed, w.floats)
             expert = sum(p.nbytes for n, p in w.packed.items() if ".experts." in n)
             del w
-            fpath = build_bundle_from_params(big, plan, fparams, preset, Path(d) / "fixed", None, force=True)
+            fpath = build_bundle_from_params(big, plan, fparams, preset, Path(d) / f"fixed{len(fixed)}", None)
             del fparams
-            with BundleSession(fpath) as fixed:
-                rows[name] += [expert, _decode_times(fixed, steps)]
+            fixed[name] = (expert, BundleSession(fpath))
+        nested = BundleSession(path)
+        times = {name: ([], []) for name in plans}
+        for r in range(rounds):  # nested and fixed interleaved plan by plan, so both see the same load
+            for name, plan in plans.items():
+                nested.set_plan(plan)
+                pair = [("n", nested), ("f", fixed[name][1])]
+                for kind, sess in (pair if r % 2 == 0 else pair[::-1]):
+                    times[name][kind == "f"].append(_decode_times(sess, steps))
+        rows = {}
+        for name, plan in plans.items():
+            nested.set_plan(plan)
+            rows[name] = [nested.expert_bytes(), statistics.median(times[name][0]), fixed[name][0],
+                          statistics.median(times[name][1])]
+            fixed[name][1].close()
+        switch = []
+        names = list(plans)
+        for i in range(20):
+            switch.append(nested.set_plan(plans[names[i % len(names)]]).seconds)
+        nested.close()
         print("| plan | nested: expert MB read | nested tok/s | fixed: expert MB | fixed tok/s | nested / fixed speed |")
         print("|---|---|---|---|---|---|")
         for name, (nb, nt, fb, ft) in rows.items():
@@ -365,6 +374,7 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=48)
     ap.add_argument("--group-size", type=int, default=64)
     ap.add_argument("--calls", type=int, default=200, help="GEMV calls timed per kernel.")
+    ap.add_argument("--rounds", type=int, default=3, help="Decode part: interleaved nested/fixed rounds per plan.")
     ap.add_argument("--checkpoint", default="reference/checkpoint")
     ap.add_argument("--data", default="reference/data/heldout.txt")
     ap.add_argument("--max-tokens", type=int, default=16384)
@@ -381,7 +391,7 @@ def main() -> None:
     if "kernel" in parts:
         kernel_part(args.group_size, args.calls)
     if "decode" in parts:
-        decode_part(args.layers, args.group_size, args.steps)
+        decode_part(args.layers, args.group_size, args.steps, args.rounds)
     if "latency" in parts:
         latency_part(args.layers, args.group_size, 200, args.plot)
     if "accuracy" in parts:
