@@ -261,7 +261,7 @@ def decode_part(layers: int, gs: int, steps: int, rounds: int) -> None:
 
 
 # -- 3. accuracy --------------------------------------------------------------------------
-def accuracy_part(checkpoint: str, data: str, gs: int, max_tokens: int) -> None:
+def accuracy_part(checkpoint: str, data: str, gs: int, max_tokens: int, calib: str | None = None) -> None:
     base = load_checkpoint(checkpoint)
     cfg = base.cfg
     windows, _ = file_windows(load_tokenizer(checkpoint), data, 256, max_tokens, cfg.max_position)
@@ -274,6 +274,7 @@ def accuracy_part(checkpoint: str, data: str, gs: int, max_tokens: int) -> None:
     print("|---|---|---|---|---|---|---|")
 
     def with_experts(fn) -> float:
+        """The model with routed expert ``e`` of layer ``l`` replaced by ``fn(l, e, w)``, evaluated."""
         model = load_checkpoint(checkpoint)
         params = dict(model.named_parameters())
         with torch.no_grad():
@@ -281,15 +282,47 @@ def accuracy_part(checkpoint: str, data: str, gs: int, max_tokens: int) -> None:
                 for proj in ("w1", "w3", "w2"):
                     stack = params[f"layers.{layer}.mlp.{proj}"]
                     for e in range(cfg.num_experts):
-                        stack[e].copy_(torch.from_numpy(fn(state[f"layers.{layer}.mlp.{proj}"][e].numpy())))
+                        stack[e].copy_(torch.from_numpy(fn(layer, e, state[f"layers.{layer}.mlp.{proj}"][e].numpy())))
         return evaluate_windows(model, windows)
 
     for storage in (8, 4):
         for bits in (2, 3, 4):
-            derived = with_experts(lambda w: dequantize_nested(nest(pack_weight(w, storage, gs)), bits))
-            direct = with_experts(lambda w: pack_weight(w, bits, gs).dequantize())
+            derived = with_experts(lambda l, e, w: dequantize_nested(nest(pack_weight(w, storage, gs)), bits))
+            direct = with_experts(lambda l, e, w: pack_weight(w, bits, gs).dequantize())
             print(f"| {bits} | nested {storage} | {derived.perplexity:.2f} | {direct.perplexity:.2f} | "
                   f"{100 * derived.top1:.2f} | {100 * direct.top1:.2f} | {100 * (derived.top1 - direct.top1):+.2f} |")
+    if calib is None:
+        return
+    plan, mem_frac = _searched_plan(checkpoint, cfg, calib, gs)
+    nested = with_experts(lambda l, e, w: dequantize_nested(nest(pack_weight(w, 8, gs)), plan.experts[l][e]))
+    fixed = with_experts(lambda l, e, w: pack_weight(w, plan.experts[l][e], gs).dequantize())
+    counts = {b: sum(row[e] == b for row in plan.experts.values() for e in row) for b in WIDTHS}
+    print(f"\nSearched plan (greedy on proxy sensitivity profiled on {calib}, the front plan nearest the middle "
+          f"of the all-2-bit..all-8-bit memory range: {100 * mem_frac:.0f} %; experts at 2/3/4/8 bits: "
+          f"{'/'.join(str(counts[b]) for b in WIDTHS)}, mean {plan.average_expert_bits():.2f}):\n")
+    print("| plan | served | ppl | top-1 % |")
+    print("|---|---|---|---|")
+    print(f"| searched | nested 8 (derived widths) | {nested.perplexity:.2f} | {100 * nested.top1:.2f} |")
+    print(f"| searched | fixed (quantized at each width) | {fixed.perplexity:.2f} | {100 * fixed.top1:.2f} |")
+
+
+def _searched_plan(checkpoint: str, cfg: MoEConfig, calib: str, gs: int) -> tuple[BitPlan, float]:
+    """The search's nested plan front (``searched_front_plans``) on a proxy-sensitivity profile, and its
+    plan nearest the middle of the memory range (with that plan's place in the range, 0..1)."""
+    from moec import api
+    from moec.quant.accounting import plan_memory
+    from moec.search.nested_front import searched_front_plans
+    from moec.search.problem import build_problem
+    model = load_checkpoint(checkpoint)
+    stats = api.profile(checkpoint, api.DataConfig(calib, 256, 16384, 8), progress=False, model=model,
+                        sensitivity=api.SensitivityConfig("proxy", WIDTHS, gs, "rtn"))
+    norms = plan_memory(model, BitPlan({}, {}, gs)).kind_total("norms/bias")
+    problem = build_problem(cfg, stats, 1.0, WIDTHS + (16,), norms, {"re:.*": 16}, gs, "rtn")
+    plans = searched_front_plans(problem, 8, load_target("host"), rungs=8)
+    mems = [problem.memory(problem.from_plan(p)) for p in plans]
+    lo, hi = min(mems), max(mems)
+    i = min(range(len(plans)), key=lambda k: abs(mems[k] - (lo + hi) / 2))
+    return plans[i], (mems[i] - lo) / (hi - lo)
 
 
 # -- 5. drift ----------------------------------------------------------------------------
@@ -395,7 +428,7 @@ def main() -> None:
     if "latency" in parts:
         latency_part(args.layers, args.group_size, 200, args.plot)
     if "accuracy" in parts:
-        accuracy_part(args.checkpoint, args.data, args.group_size, args.max_tokens)
+        accuracy_part(args.checkpoint, args.data, args.group_size, args.max_tokens, args.calib)
     if "drift" in parts:
         drift_part(args.checkpoint, args.calib, args.shifted, args.group_size, args.drift_tokens, args.drift_window,
                    args.drift_threshold)
