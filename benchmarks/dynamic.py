@@ -261,7 +261,8 @@ def decode_part(layers: int, gs: int, steps: int, rounds: int) -> None:
 
 
 # -- 3. accuracy --------------------------------------------------------------------------
-def accuracy_part(checkpoint: str, data: str, gs: int, max_tokens: int, calib: str | None = None) -> None:
+def accuracy_part(checkpoint: str, data: str, gs: int, max_tokens: int, calib: str | None = None,
+                  rows: str = "all") -> None:
     base = load_checkpoint(checkpoint)
     cfg = base.cfg
     windows, _ = file_windows(load_tokenizer(checkpoint), data, 256, max_tokens, cfg.max_position)
@@ -285,13 +286,13 @@ def accuracy_part(checkpoint: str, data: str, gs: int, max_tokens: int, calib: s
                         stack[e].copy_(torch.from_numpy(fn(layer, e, state[f"layers.{layer}.mlp.{proj}"][e].numpy())))
         return evaluate_windows(model, windows)
 
-    for storage in (8, 4):
+    for storage in (8, 4) if rows in ("all", "widths") else ():
         for bits in (2, 3, 4):
             derived = with_experts(lambda l, e, w: dequantize_nested(nest(pack_weight(w, storage, gs)), bits))
             direct = with_experts(lambda l, e, w: pack_weight(w, bits, gs).dequantize())
             print(f"| {bits} | nested {storage} | {derived.perplexity:.2f} | {direct.perplexity:.2f} | "
                   f"{100 * derived.top1:.2f} | {100 * direct.top1:.2f} | {100 * (derived.top1 - direct.top1):+.2f} |")
-    if calib is None:
+    if calib is None or rows == "widths":
         return
     plan, mem_frac = _searched_plan(checkpoint, cfg, calib, gs)
     nested = with_experts(lambda l, e, w: dequantize_nested(nest(pack_weight(w, 8, gs)), plan.experts[l][e]))
@@ -407,6 +408,8 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=48)
     ap.add_argument("--group-size", type=int, default=64)
     ap.add_argument("--calls", type=int, default=200, help="GEMV calls timed per kernel.")
+    ap.add_argument("--accuracy-rows", choices=("all", "widths", "searched"), default="all",
+                    help="Accuracy part: the per-width table, the searched-plan rows, or both.")
     ap.add_argument("--rounds", type=int, default=3, help="Decode part: interleaved nested/fixed rounds per plan.")
     ap.add_argument("--checkpoint", default="reference/checkpoint")
     ap.add_argument("--data", default="reference/data/heldout.txt")
@@ -428,7 +431,7 @@ def main() -> None:
     if "latency" in parts:
         latency_part(args.layers, args.group_size, 200, args.plot)
     if "accuracy" in parts:
-        accuracy_part(args.checkpoint, args.data, args.group_size, args.max_tokens, args.calib)
+        accuracy_part(args.checkpoint, args.data, args.group_size, args.max_tokens, args.calib, args.accuracy_rows)
     if "drift" in parts:
         drift_part(args.checkpoint, args.calib, args.shifted, args.group_size, args.drift_tokens, args.drift_window,
                    args.drift_threshold)
