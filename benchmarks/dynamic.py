@@ -24,11 +24,17 @@ Three parts, each printed as a markdown table:
    re-planned one.
 3. ``accuracy``: the reference model on its held-out split: each width derived from nested 8-bit
    (and 4-bit) storage of every routed expert vs quantizing every expert directly at that width
-   (same method and group size; non-expert weights float), perplexity and top-1.
+   (same method and group size; non-expert weights float), perplexity and top-1; then
+   (``--accuracy-rows all|searched``) a searched plan (the nested plan front of the greedy search on a
+   proxy-sensitivity profile of ``--calib``, its plan nearest mid-range memory) served nested
+   (derived widths) vs fixed (each expert quantized at its width).
+3b. ``holdout``: a second family, Qwen2-MoE-shaped with RANDOM weights (no trained checkpoint of
+   another family ships): derived vs direct widths scored against the float model's logits
+   (relative error, top-1 agreement), not perplexity.
 
 Usage::
 
-    python benchmarks/dynamic.py [--parts kernel,decode,latency,accuracy,drift] [--layers 2] [--steps 48]
+    python benchmarks/dynamic.py [--parts kernel,decode,latency,accuracy,holdout,drift] [--layers 2] [--steps 48]
 """
 
 from __future__ import annotations
@@ -326,6 +332,47 @@ def _searched_plan(checkpoint: str, cfg: MoEConfig, calib: str, gs: int) -> tupl
     return plans[i], (mems[i] - lo) / (hi - lo)
 
 
+# -- 3b. a second, holdout-style family (random weights) ------------------------------------
+def holdout_part(gs: int, seed: int = 0) -> None:
+    """Qwen2-MoE-shaped model with random weights (no trained checkpoint of a second family ships):
+    each width derived from nested storage vs quantized directly, scored against the float model's
+    logits (relative error, top-1 agreement), not perplexity."""
+    from moec.models.model import MoEModel
+    cfg = MoEConfig(vocab_size=4096, hidden_size=256, num_layers=4, num_heads=4, num_kv_heads=4, num_experts=16,
+                    top_k=4, expert_intermediate=256, norm_topk_prob=False, shared_intermediate=512,
+                    shared_gate=True, attention_bias=True, architecture="Qwen2MoeForCausalLM")
+    torch.manual_seed(seed)
+    model = MoEModel(cfg).eval()
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    ids = torch.randint(0, cfg.vocab_size, (8, 256), generator=torch.Generator().manual_seed(seed + 1))
+    with torch.no_grad():
+        ref = model(ids).float()
+    top = ref.argmax(-1)
+    print(f"\n## Second family: Qwen2-MoE-shaped, RANDOM weights (seed {seed}; hidden 256, 4 layers, 16 experts "
+          f"top-4, shared expert; {ids.numel()} random tokens): error against the float model's logits, "
+          f"every routed expert at the width, RTN group {gs}\n")
+    print("| width | storage | rel. logit error derived | rel. logit error direct | top-1 agreement derived % "
+          "| top-1 agreement direct % |")
+    print("|---|---|---|---|---|---|")
+
+    def scored(fn) -> tuple[float, float]:
+        with torch.no_grad():
+            for layer in cfg.moe_layers:
+                for proj in ("w1", "w3", "w2"):
+                    key = f"layers.{layer}.mlp.{proj}"
+                    stack = dict(model.named_parameters())[key]
+                    for e in range(cfg.num_experts):
+                        stack[e].copy_(torch.from_numpy(fn(state[key][e].numpy())))
+            out = model(ids).float()
+        return float((out - ref).norm() / ref.norm()), float((out.argmax(-1) == top).float().mean())
+
+    for storage in (8, 4):
+        for bits in (2, 3, 4):
+            d_err, d_top = scored(lambda w: dequantize_nested(nest(pack_weight(w, storage, gs)), bits))
+            q_err, q_top = scored(lambda w: pack_weight(w, bits, gs).dequantize())
+            print(f"| {bits} | nested {storage} | {d_err:.4f} | {q_err:.4f} | {100 * d_top:.2f} | {100 * q_top:.2f} |")
+
+
 # -- 5. drift ----------------------------------------------------------------------------
 def _bundle_nll(sess: BundleSession, ids: list[int], span: int) -> tuple[float, int]:
     """Mean next-token NLL of ``ids`` scored by teacher-forced decode steps, the cache reset every ``span``."""
@@ -432,6 +479,8 @@ def main() -> None:
         latency_part(args.layers, args.group_size, 200, args.plot)
     if "accuracy" in parts:
         accuracy_part(args.checkpoint, args.data, args.group_size, args.max_tokens, args.calib, args.accuracy_rows)
+    if "holdout" in parts:
+        holdout_part(args.group_size)
     if "drift" in parts:
         drift_part(args.checkpoint, args.calib, args.shifted, args.group_size, args.drift_tokens, args.drift_window,
                    args.drift_threshold)
