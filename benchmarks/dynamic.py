@@ -277,8 +277,9 @@ def accuracy_part(checkpoint: str, data: str, gs: int, max_tokens: int, calib: s
     print(f"\n## Accuracy of derived widths ({checkpoint}, {data}: {float_res.tokens} tokens; every routed expert "
           f"at the width, RTN group {gs}, other weights float; float model: ppl {float_res.perplexity:.2f}, "
           f"top-1 {100 * float_res.top1:.2f} %)\n")
-    print("| width | storage | ppl derived | ppl direct | top-1 derived % | top-1 direct % | top-1 derived − direct (points) |")
-    print("|---|---|---|---|---|---|---|")
+    if rows != "searched":
+        print("| width | storage | ppl derived | ppl direct | top-1 derived % | top-1 direct % | top-1 derived − direct (points) |")
+        print("|---|---|---|---|---|---|---|")
 
     def with_experts(fn) -> float:
         """The model with routed expert ``e`` of layer ``l`` replaced by ``fn(l, e, w)``, evaluated."""
