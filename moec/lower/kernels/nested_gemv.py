@@ -11,13 +11,21 @@ For routed row ``j`` with expert ``e = expert_ids[j]`` and width ``k = prec[e]``
 
 with ``qdot_k[n, g] = sum_{i in g} (q[n, i] >> (B−k) << (B−k)) · x[i]`` (``B`` the storage width):
 the width-``k`` weight of ``moec.quant.nested`` exactly. Block ``qdot{d}`` serves the ``d``-th
-derived width. The segments are in byte-lane word order (``layout.byte_lane_words``), so for
-each 8-bit word ``m`` of a group (codes ``4m .. 4m+3``) the kernel rebuilds, with one shift,
-one mask and one or per needed segment, the word the fixed 8-bit kernel would read: byte ``c``
-holds code ``4m + c`` truncated to its top ``k`` bits (the planes the width skips are simply
-absent). Each code is then multiplied where it sits, as the fixed kernel does:
-``(word & 0xFF << 8c) · (x[i] · 2**-8c)`` (``xs``), so the rebuild costs a few integer ops per
-4 codes and the float work per code is the fixed kernel's. Each ``qdot{d}`` update loop sits
+derived width with a code path specialised for it at compile time. The segments are in
+nibble-lane word order (``layout.nibble_lane_words``: code ``i`` of a group belongs to nibble word
+``a = 4(i//32) + i%4``, lane ``(i%32)//4``), so:
+
+- the narrowest width (one segment) multiplies each code where it sits in the segment's word,
+  as the fixed kernel does: ``(word & mask << b) · (x[i] · 2**(B−k−b))`` (``xs_plane``);
+- a width of up to 4 bits rebuilds nibble word ``a`` (8 codes, each code's top bits in its 4-bit
+  lane) with one shift, one mask and one or per needed segment, then multiplies each lane in
+  place (``xs_nibble``);
+- 8 bits (8-bit storage) interleaves the top nibble word and the low segment's nibble word into
+  two byte words (4 codes each) and multiplies each byte in place (``xs_byte``).
+
+The planes a width skips are simply absent from the rebuilt word, which is the truncated code;
+per code the float work is the fixed kernel's (mask, convert, FMA), the rebuild a few integer
+ops per 8 codes. Each ``qdot{d}`` update loop sits
 under ``if prec[expert_ids[j]] == k_d`` (:func:`guard_segments`): exactly one specialised inner
 loop runs per routed row, the width branch is outside it, and the planes a width does not need
 are never loaded; the other accumulators keep their initial 0.
@@ -111,7 +119,8 @@ def nested_gemv_definition(spec: NestedGemvSpec) -> tirx.PrimFunc:
     Parameters, in order: ``x`` float32 ``[XR, K]``, one ``seg{s}`` uint32 ``[E, NT, K*w_s/32, T]``
     per segment, ``scale`` float16 ``[E, NT, G, T]``, ``zero`` uint32 ``[E, NT, ZW, T]`` (storage
     width codes), ``prec`` int32 ``[E]``, ``expert_ids`` int32 ``[top_k]``, ``y`` float32
-    ``[top_k, N]``. Blocks: ``xsum``, ``qdot{d}`` (one per derived width), ``y``.
+    ``[top_k, N]``. Blocks: ``xsum``, ``xs_plane``/``xs_nibble``/``xs_byte`` (x pre-scaled per code
+    position), ``qdot{d}`` (one per derived width), ``y``.
     """
     fmt = spec.format
     gs, tile, groups = spec.group_size, spec.tile, spec.groups
