@@ -24,11 +24,17 @@ Three parts, each printed as a markdown table:
    re-planned one.
 3. ``accuracy``: the reference model on its held-out split: each width derived from nested 8-bit
    (and 4-bit) storage of every routed expert vs quantizing every expert directly at that width
-   (same method and group size; non-expert weights float), perplexity and top-1.
+   (same method and group size; non-expert weights float), perplexity and top-1; then
+   (``--accuracy-rows all|searched``) a searched plan (the nested plan front of the greedy search on a
+   proxy-sensitivity profile of ``--calib``, its plan nearest mid-range memory) served nested
+   (derived widths) vs fixed (each expert quantized at its width).
+3b. ``holdout``: a second family, Qwen2-MoE-shaped with RANDOM weights (no trained checkpoint of
+   another family ships): derived vs direct widths scored against the float model's logits
+   (relative error, top-1 agreement), not perplexity.
 
 Usage::
 
-    python benchmarks/dynamic.py [--parts kernel,decode,latency,accuracy,drift] [--layers 2] [--steps 48]
+    python benchmarks/dynamic.py [--parts kernel,decode,latency,accuracy,holdout,drift] [--layers 2] [--steps 48]
 """
 
 from __future__ import annotations
@@ -100,17 +106,16 @@ def kernel_part(gs: int, calls: int) -> None:
         fargs = [tvm.runtime.tensor(fixed[a], dev) for a in ("weight", "scale", "zero")]
         prec = tvm.runtime.tensor(np.full(experts, bits, np.int32), dev)
 
-        def timed(fn) -> float:
-            times = []
-            for c in range(calls):
-                ids = id_sets[c % len(id_sets)]
-                t0 = time.perf_counter()
-                fn(ids)
-                times.append(time.perf_counter() - t0)
-            return statistics.median(times[3:])
-
-        tf = timed(lambda ids: fmod["gemv"](x, *fargs, ids, y))
-        tn = timed(lambda ids: nmod["gemv"](x, *nargs, prec, ids, y))
+        tf, tn = [], []  # fixed and nested calls interleaved, so both see the same machine load
+        for c in range(calls):
+            ids = id_sets[c % len(id_sets)]
+            t0 = time.perf_counter()
+            fmod["gemv"](x, *fargs, ids, y)
+            t1 = time.perf_counter()
+            nmod["gemv"](x, *nargs, prec, ids, y)
+            tf.append(t1 - t0)
+            tn.append(time.perf_counter() - t1)
+        tf, tn = statistics.median(tf[3:]), statistics.median(tn[3:])
         fixed_bytes = top_k * sum(fixed[a][0].nbytes for a in ("weight", "scale", "zero"))
         nested_bytes = top_k * nws[0].nbytes(bits)  # planes of this width + scales + 8-bit zeros
         print(f"| {bits} | {fixed_bytes / tf / 1e9:.2f} | {nested_bytes / tn / 1e9:.2f} | {tn / tf:.2f}x | "
@@ -201,7 +206,7 @@ def latency_part(layers: int, gs: int, steps: int, plot: str) -> None:
     print(f"\nplot written to {plot}")
 
 
-def decode_part(layers: int, gs: int, steps: int) -> None:
+def decode_part(layers: int, gs: int, steps: int, rounds: int) -> None:
     big = olmoe_shaped(layers)
     plans = {"uniform 8": expert_plan(big, lambda l, e: 8, gs, "u8"),
              "uniform 4": expert_plan(big, lambda l, e: 4, gs, "u4"),
@@ -210,7 +215,8 @@ def decode_part(layers: int, gs: int, steps: int) -> None:
              "mixed 2/4/8": expert_plan(big, lambda l, e: (2, 4, 2, 8)[e % 4], gs, "mixed")}
     preset = load_target("host")
     print(f"\n## Decode: one nested bundle vs a fixed bundle per plan (OLMoE-shaped random model: hidden 2048, "
-          f"64 experts × 1024, top-8, {layers} layers; group {gs}; median of {steps} steps)\n")
+          f"64 experts × 1024, top-8, {layers} layers; group {gs}; median over {rounds} interleaved "
+          f"rounds of each round's median of {steps} steps)\n")
     with tempfile.TemporaryDirectory(prefix="moec-dyn-") as d:
         first = next(iter(plans.values()))
         w8 = random_weights(big, storage_plan(first, 8))
@@ -222,25 +228,34 @@ def decode_part(layers: int, gs: int, steps: int) -> None:
                                         extra_manifest={"nested": {"storage_bits": 8}})
         del params
         print(f"(nested bundle: {stored / 1e6:.0f} MB stored, built in {time.time() - t0:.0f} s)\n")
-        nested = BundleSession(path)
-        rows = {}
-        for name, plan in plans.items():
-            nested.set_plan(plan)
-            rows[name] = [nested.expert_bytes(), _decode_times(nested, steps)]
-        switch = []
-        names = list(plans)
-        for i in range(20):
-            switch.append(nested.set_plan(plans[names[i % len(names)]]).seconds)
-        nested.close()
+        fixed = {}
         for name, plan in plans.items():
             w = random_weights(big, plan)
             fparams = build_params(big, plan, w.packed, w.floats)
             expert = sum(p.nbytes for n, p in w.packed.items() if ".experts." in n)
             del w
-            fpath = build_bundle_from_params(big, plan, fparams, preset, Path(d) / "fixed", None, force=True)
+            fpath = build_bundle_from_params(big, plan, fparams, preset, Path(d) / f"fixed{len(fixed)}", None)
             del fparams
-            with BundleSession(fpath) as fixed:
-                rows[name] += [expert, _decode_times(fixed, steps)]
+            fixed[name] = (expert, BundleSession(fpath))
+        nested = BundleSession(path)
+        times = {name: ([], []) for name in plans}
+        for r in range(rounds):  # nested and fixed interleaved plan by plan, so both see the same load
+            for name, plan in plans.items():
+                nested.set_plan(plan)
+                pair = [("n", nested), ("f", fixed[name][1])]
+                for kind, sess in (pair if r % 2 == 0 else pair[::-1]):
+                    times[name][kind == "f"].append(_decode_times(sess, steps))
+        rows = {}
+        for name, plan in plans.items():
+            nested.set_plan(plan)
+            rows[name] = [nested.expert_bytes(), statistics.median(times[name][0]), fixed[name][0],
+                          statistics.median(times[name][1])]
+            fixed[name][1].close()
+        switch = []
+        names = list(plans)
+        for i in range(20):
+            switch.append(nested.set_plan(plans[names[i % len(names)]]).seconds)
+        nested.close()
         print("| plan | nested: expert MB read | nested tok/s | fixed: expert MB | fixed tok/s | nested / fixed speed |")
         print("|---|---|---|---|---|---|")
         for name, (nb, nt, fb, ft) in rows.items():
@@ -252,7 +267,8 @@ def decode_part(layers: int, gs: int, steps: int) -> None:
 
 
 # -- 3. accuracy --------------------------------------------------------------------------
-def accuracy_part(checkpoint: str, data: str, gs: int, max_tokens: int) -> None:
+def accuracy_part(checkpoint: str, data: str, gs: int, max_tokens: int, calib: str | None = None,
+                  rows: str = "all") -> None:
     base = load_checkpoint(checkpoint)
     cfg = base.cfg
     windows, _ = file_windows(load_tokenizer(checkpoint), data, 256, max_tokens, cfg.max_position)
@@ -261,10 +277,12 @@ def accuracy_part(checkpoint: str, data: str, gs: int, max_tokens: int) -> None:
     print(f"\n## Accuracy of derived widths ({checkpoint}, {data}: {float_res.tokens} tokens; every routed expert "
           f"at the width, RTN group {gs}, other weights float; float model: ppl {float_res.perplexity:.2f}, "
           f"top-1 {100 * float_res.top1:.2f} %)\n")
-    print("| width | storage | ppl derived | ppl direct | top-1 derived % | top-1 direct % | top-1 derived − direct (points) |")
-    print("|---|---|---|---|---|---|---|")
+    if rows != "searched":
+        print("| width | storage | ppl derived | ppl direct | top-1 derived % | top-1 direct % | top-1 derived − direct (points) |")
+        print("|---|---|---|---|---|---|---|")
 
     def with_experts(fn) -> float:
+        """The model with routed expert ``e`` of layer ``l`` replaced by ``fn(l, e, w)``, evaluated."""
         model = load_checkpoint(checkpoint)
         params = dict(model.named_parameters())
         with torch.no_grad():
@@ -272,15 +290,88 @@ def accuracy_part(checkpoint: str, data: str, gs: int, max_tokens: int) -> None:
                 for proj in ("w1", "w3", "w2"):
                     stack = params[f"layers.{layer}.mlp.{proj}"]
                     for e in range(cfg.num_experts):
-                        stack[e].copy_(torch.from_numpy(fn(state[f"layers.{layer}.mlp.{proj}"][e].numpy())))
+                        stack[e].copy_(torch.from_numpy(fn(layer, e, state[f"layers.{layer}.mlp.{proj}"][e].numpy())))
         return evaluate_windows(model, windows)
+
+    for storage in (8, 4) if rows in ("all", "widths") else ():
+        for bits in (2, 3, 4):
+            derived = with_experts(lambda l, e, w: dequantize_nested(nest(pack_weight(w, storage, gs)), bits))
+            direct = with_experts(lambda l, e, w: pack_weight(w, bits, gs).dequantize())
+            print(f"| {bits} | nested {storage} | {derived.perplexity:.2f} | {direct.perplexity:.2f} | "
+                  f"{100 * derived.top1:.2f} | {100 * direct.top1:.2f} | {100 * (derived.top1 - direct.top1):+.2f} |")
+    if calib is None or rows == "widths":
+        return
+    plan, mem_frac = _searched_plan(checkpoint, cfg, calib, gs)
+    nested = with_experts(lambda l, e, w: dequantize_nested(nest(pack_weight(w, 8, gs)), plan.experts[l][e]))
+    fixed = with_experts(lambda l, e, w: pack_weight(w, plan.experts[l][e], gs).dequantize())
+    counts = {b: sum(row[e] == b for row in plan.experts.values() for e in row) for b in WIDTHS}
+    print(f"\nSearched plan (greedy on proxy sensitivity profiled on {calib}, the front plan nearest the middle "
+          f"of the all-2-bit..all-8-bit memory range: {100 * mem_frac:.0f} %; experts at 2/3/4/8 bits: "
+          f"{'/'.join(str(counts[b]) for b in WIDTHS)}, mean {plan.average_expert_bits():.2f}):\n")
+    print("| plan | served | ppl | top-1 % |")
+    print("|---|---|---|---|")
+    print(f"| searched | nested 8 (derived widths) | {nested.perplexity:.2f} | {100 * nested.top1:.2f} |")
+    print(f"| searched | fixed (quantized at each width) | {fixed.perplexity:.2f} | {100 * fixed.top1:.2f} |")
+
+
+def _searched_plan(checkpoint: str, cfg: MoEConfig, calib: str, gs: int) -> tuple[BitPlan, float]:
+    """The search's nested plan front (``searched_front_plans``) on a proxy-sensitivity profile, and its
+    plan nearest the middle of the memory range (with that plan's place in the range, 0..1)."""
+    from moec import api
+    from moec.quant.accounting import plan_memory
+    from moec.search.nested_front import searched_front_plans
+    from moec.search.problem import build_problem
+    model = load_checkpoint(checkpoint)
+    stats = api.profile(checkpoint, api.DataConfig(calib, 256, 16384, 8), progress=False, model=model,
+                        sensitivity=api.SensitivityConfig("proxy", WIDTHS, gs, "rtn"))
+    norms = plan_memory(model, BitPlan({}, {}, gs)).kind_total("norms/bias")
+    problem = build_problem(cfg, stats, 1.0, WIDTHS + (16,), norms, {"re:.*": 16}, gs, "rtn")
+    plans = searched_front_plans(problem, 8, load_target("host"), rungs=8)
+    mems = [problem.memory(problem.from_plan(p)) for p in plans]
+    lo, hi = min(mems), max(mems)
+    i = min(range(len(plans)), key=lambda k: abs(mems[k] - (lo + hi) / 2))
+    return plans[i], (mems[i] - lo) / (hi - lo)
+
+
+# -- 3b. a second, holdout-style family (random weights) ------------------------------------
+def holdout_part(gs: int, seed: int = 0) -> None:
+    """Qwen2-MoE-shaped model with random weights (no trained checkpoint of a second family ships):
+    each width derived from nested storage vs quantized directly, scored against the float model's
+    logits (relative error, top-1 agreement), not perplexity."""
+    from moec.models.model import MoEModel
+    cfg = MoEConfig(vocab_size=4096, hidden_size=256, num_layers=4, num_heads=4, num_kv_heads=4, num_experts=16,
+                    top_k=4, expert_intermediate=256, norm_topk_prob=False, shared_intermediate=512,
+                    shared_gate=True, attention_bias=True, architecture="Qwen2MoeForCausalLM")
+    torch.manual_seed(seed)
+    model = MoEModel(cfg).eval()
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    ids = torch.randint(0, cfg.vocab_size, (8, 256), generator=torch.Generator().manual_seed(seed + 1))
+    with torch.no_grad():
+        ref = model(ids).float()
+    top = ref.argmax(-1)
+    print(f"\n## Second family: Qwen2-MoE-shaped, RANDOM weights (seed {seed}; hidden 256, 4 layers, 16 experts "
+          f"top-4, shared expert; {ids.numel()} random tokens): error against the float model's logits, "
+          f"every routed expert at the width, RTN group {gs}\n")
+    print("| width | storage | rel. logit error derived | rel. logit error direct | top-1 agreement derived % "
+          "| top-1 agreement direct % |")
+    print("|---|---|---|---|---|---|")
+
+    def scored(fn) -> tuple[float, float]:
+        with torch.no_grad():
+            for layer in cfg.moe_layers:
+                for proj in ("w1", "w3", "w2"):
+                    key = f"layers.{layer}.mlp.{proj}"
+                    stack = dict(model.named_parameters())[key]
+                    for e in range(cfg.num_experts):
+                        stack[e].copy_(torch.from_numpy(fn(state[key][e].numpy())))
+            out = model(ids).float()
+        return float((out - ref).norm() / ref.norm()), float((out.argmax(-1) == top).float().mean())
 
     for storage in (8, 4):
         for bits in (2, 3, 4):
-            derived = with_experts(lambda w: dequantize_nested(nest(pack_weight(w, storage, gs)), bits))
-            direct = with_experts(lambda w: pack_weight(w, bits, gs).dequantize())
-            print(f"| {bits} | nested {storage} | {derived.perplexity:.2f} | {direct.perplexity:.2f} | "
-                  f"{100 * derived.top1:.2f} | {100 * direct.top1:.2f} | {100 * (derived.top1 - direct.top1):+.2f} |")
+            d_err, d_top = scored(lambda w: dequantize_nested(nest(pack_weight(w, storage, gs)), bits))
+            q_err, q_top = scored(lambda w: pack_weight(w, bits, gs).dequantize())
+            print(f"| {bits} | nested {storage} | {d_err:.4f} | {q_err:.4f} | {100 * d_top:.2f} | {100 * q_top:.2f} |")
 
 
 # -- 5. drift ----------------------------------------------------------------------------
@@ -365,6 +456,9 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=48)
     ap.add_argument("--group-size", type=int, default=64)
     ap.add_argument("--calls", type=int, default=200, help="GEMV calls timed per kernel.")
+    ap.add_argument("--accuracy-rows", choices=("all", "widths", "searched"), default="all",
+                    help="Accuracy part: the per-width table, the searched-plan rows, or both.")
+    ap.add_argument("--rounds", type=int, default=3, help="Decode part: interleaved nested/fixed rounds per plan.")
     ap.add_argument("--checkpoint", default="reference/checkpoint")
     ap.add_argument("--data", default="reference/data/heldout.txt")
     ap.add_argument("--max-tokens", type=int, default=16384)
@@ -381,11 +475,13 @@ def main() -> None:
     if "kernel" in parts:
         kernel_part(args.group_size, args.calls)
     if "decode" in parts:
-        decode_part(args.layers, args.group_size, args.steps)
+        decode_part(args.layers, args.group_size, args.steps, args.rounds)
     if "latency" in parts:
         latency_part(args.layers, args.group_size, 200, args.plot)
     if "accuracy" in parts:
-        accuracy_part(args.checkpoint, args.data, args.group_size, args.max_tokens)
+        accuracy_part(args.checkpoint, args.data, args.group_size, args.max_tokens, args.calib, args.accuracy_rows)
+    if "holdout" in parts:
+        holdout_part(args.group_size)
     if "drift" in parts:
         drift_part(args.checkpoint, args.calib, args.shifted, args.group_size, args.drift_tokens, args.drift_window,
                    args.drift_threshold)

@@ -83,6 +83,22 @@ def _search_sensitivity(cfg: CompileConfig, preset) -> SensitivityConfig:
                              cfg.search.method if cfg.search else "rtn")
 
 
+def _front_problem(model, plan: BitPlan, preset, profile_path):
+    """The search problem the nested plan front is searched on: the profile's sensitivity, the plan's
+    non-expert bits and group size; None (the front is then the memory ladder) without a profile
+    with sensitivity, or when the profile is for the unpadded model."""
+    if profile_path is None:
+        return None
+    from moec.profile.stats import ExpertStats
+    from moec.quant.accounting import plan_memory
+    from moec.search.problem import build_problem
+    stats = ExpertStats.load(profile_path)
+    if not stats.sensitivity or stats.model_fingerprint != model.cfg.fingerprint():
+        return None
+    norms = plan_memory(model, BitPlan({}, {}, plan.group_size)).kind_total("norms/bias")
+    return build_problem(model.cfg, stats, 1.0, preset.allowed_bits, norms, plan.tensors, plan.group_size, plan.method)
+
+
 def _choose_plan(cfg: CompileConfig, model_cfg, profile_path: Path | None, model,
                  pad_ok: bool) -> tuple[BitPlan, str]:
     """(plan, its name for the stage line): searched when ``cfg.plan`` is None, else given or resolved.
@@ -171,7 +187,10 @@ def compile_bundle(cfg: CompileConfig, on_stage=None) -> Path:
             from moec.runtime.adapt import profile_frequencies
             from moec.search.nested_front import nested_front
             freqs = profile_frequencies(profile_path) if profile_path is not None else None
-            manifest["plan_front"] = nested_front(model.cfg, plan, cfg.nested, preset, freqs)
+            sens_profile = profile_path if profile_path is not None else (
+                cfg.search.profile if searching and cfg.search is not None else None)
+            manifest["plan_front"] = nested_front(model.cfg, plan, cfg.nested, preset, freqs,
+                                                  problem=_front_problem(model, plan, preset, sens_profile))
         return build_bundle(model, plan, preset, cfg.out, tok_path if tok_path.is_file() else None, weights,
                             extra_manifest=manifest, debug_dump=cfg.debug_dump, on_stage=on_stage,
                             extra_files=extra_files, activations=cfg.activations, force=cfg.force,

@@ -66,3 +66,23 @@ def test_errors_are_one_line(tiny_profiled, tmp_path, extra, needle):
     assert code == 2, text
     assert len(text.strip().splitlines()) == 1 and text.startswith("error:") and needle in text, text
     assert not (tmp_path / "o.json").exists()
+
+
+def test_compile_searches_the_front_on_the_profile_it_has(tiny_profiled):
+    """``moec compile --nested``: with a profile that has sensitivity, the front is the searched one."""
+    from moec.core.plan import uniform_plan
+    from moec.core.targets import load_target
+    from moec.models.checkpoint import load_checkpoint
+    from moec.pipeline.compile import _front_problem
+    from moec.search.nested_front import nested_front, searched_front_plans
+    ckpt, _, prof = tiny_profiled
+    model = load_checkpoint(ckpt)
+    plan = uniform_plan(model.cfg, 8, 32)
+    preset = load_target("host")
+    problem = _front_problem(model, plan, preset, prof)
+    assert problem is not None and {2, 3, 4, 8} <= set(problem.bits)
+    front = nested_front(model.cfg, plan, 8, preset, problem=problem, rungs=4)
+    assert [e["experts"] for e in front] == [
+        {str(l): [p.experts[l][x] for x in range(model.cfg.num_experts)] for l in model.cfg.moe_layers}
+        for p in searched_front_plans(problem, 8, preset, rungs=4)]
+    assert _front_problem(model, plan, preset, None) is None  # no profile: the memory ladder

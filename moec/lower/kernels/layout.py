@@ -222,17 +222,41 @@ def unpacked_codes(pw: PackedWeight) -> np.ndarray:
 
 
 def nested_kernel_layout(nw: NestedWeight, tile: int = DEFAULT_TILE) -> dict[str, np.ndarray]:
-    """The kernel layout of a nested weight: each bit-plane segment as its own word stream.
+    """The kernel layout of a nested weight: each bit-plane segment as its own nibble-lane word stream.
 
-    ``seg{s}`` uint32 ``[NT, K*w_s/32, T]`` (the segment's packed ``w_s``-bit stream, laid out as a
-    quantized weight's codes), ``scale`` float16 ``[NT, G, T]`` and ``zero`` uint32 ``[NT, ZW, T]``
-    (storage-width zero codes), as :func:`to_kernel_layout` lays out one weight. Each segment is a
-    separate contiguous array, so a width that skips a segment skips its bytes.
+    ``seg{s}`` uint32 ``[NT, K*w_s/32, T]``, ``scale`` float16 ``[NT, G, T]`` and ``zero`` uint32
+    ``[NT, ZW, T]`` (storage-width zero codes, as :func:`to_kernel_layout` lays out one weight).
+    Each segment is a separate contiguous array, so a width that skips a segment skips its bytes.
+    Segment words are in *nibble-lane* order (:func:`nibble_lane_words`), so the kernel rebuilds
+    8 codes' top bits with one shift, mask and or per needed segment.
     """
     n, k = nw.shape
     groups = k // nw.group_size
-    out = {f"seg{s}": _interleave(_row_words(seg, -(-k * w // 32)), tile)
+    out = {f"seg{s}": _interleave(nibble_lane_words(unpack(seg, w, k), w, nw.group_size), tile)
            for s, (seg, w) in enumerate(zip(nw.segments, nw.format.segment_bits))}
     out["scale"] = _interleave(np.asarray(nw.scale, dtype=np.float16), tile)
     out["zero"] = _interleave(_row_words(nw.zero, zero_words(groups, nw.storage_bits)), tile)
     return out
+
+
+def nibble_lane_words(parts: np.ndarray, width: int, group_size: int) -> np.ndarray:
+    """``width``-bit codes uint8 ``[N, K]`` -> uint32 ``[N, K*width/32]`` in nibble-lane order.
+
+    Per group, code ``i`` belongs to *nibble word* ``a = 4*(i//32) + i%4``, lane ``l = (i%32)//4``
+    (8 codes per nibble word, one per 4-bit lane). With ``P = 4 // width`` nibble words per
+    segment word, its part sits in word ``a // P`` at bit ``4*l + width*(a % P)``. So
+    ``(word >> width*(a % P)) & (mask * 0x11111111)`` holds the parts of nibble word ``a``, one
+    per lane, ready to be shifted to their bit position in the lane and or-ed with the other
+    segments' (:mod:`moec.lower.kernels.nested_gemv`); the narrowest segment's words are also
+    read as they are, each code multiplied where it sits. ``width`` must divide 4 and
+    ``group_size`` be a multiple of 32.
+    """
+    if 4 % width or group_size % 32:
+        raise MoecError(f"nibble-lane words need a width dividing 4 ({width}) and group_size % 32 == 0")
+    n, k = parts.shape
+    per = 4 // width
+    # i = 32*W + 4*l + r, r = rq*per + rp: segment word W*width + rq, bit 4*l + width*rp.
+    p = parts.astype(np.uint32).reshape(n, k // 32, 8, width, per)  # [.., W, l, rq, rp]
+    shift = (4 * np.arange(8)[:, None, None] + width * np.arange(per)[None, None, :]).astype(np.uint32)
+    words = np.bitwise_or.reduce((p << shift).transpose(0, 1, 3, 2, 4).reshape(n, k // 32, width, 8 * per), axis=-1)
+    return words.reshape(n, k * width // 32).astype(np.uint32)

@@ -11,13 +11,24 @@ For routed row ``j`` with expert ``e = expert_ids[j]`` and width ``k = prec[e]``
 
 with ``qdot_k[n, g] = sum_{i in g} (q[n, i] >> (B−k) << (B−k)) · x[i]`` (``B`` the storage width):
 the width-``k`` weight of ``moec.quant.nested`` exactly. Block ``qdot{d}`` serves the ``d``-th
-derived width: per weight it reassembles the top ``k`` bits from the segments that width needs
-into one integer in registers (per segment a shift, a mask and a shift to the segment's bit
-position, or-ed together; all shifts constant once the step is unrolled) and converts and
-multiplies ONCE, so a width costs one float pass whatever its number of planes. Each ``qdot{d}``
-update loop sits under ``if prec[expert_ids[j]] == k_d`` (:func:`guard_segments`): exactly one
-specialised inner loop runs per routed row, the width branch is outside it, and the planes a
-width does not need are never loaded; the other accumulators keep their initial 0.
+derived width with a code path specialised for it at compile time. The segments are in
+nibble-lane word order (``layout.nibble_lane_words``: code ``i`` of a group belongs to nibble word
+``a = 4(i//32) + i%4``, lane ``(i%32)//4``), so:
+
+- the narrowest width (one segment) multiplies each code where it sits in the segment's word,
+  as the fixed kernel does: ``(word & mask << b) · (x[i] · 2**(B−k−b))`` (``xs_plane``);
+- a width of up to 4 bits rebuilds nibble word ``a`` (8 codes, each code's top bits in its 4-bit
+  lane) with one shift, one mask and one or per needed segment, then multiplies each lane in
+  place (``xs_nibble``);
+- 8 bits (8-bit storage) interleaves the top nibble word and the low segment's nibble word into
+  two byte words (4 codes each) and multiplies each byte in place (``xs_byte``).
+
+The planes a width skips are simply absent from the rebuilt word, which is the truncated code;
+per code the float work is the fixed kernel's (mask, convert, FMA), the rebuild a few integer
+ops per 8 codes. Each ``qdot{d}`` update loop sits
+under ``if prec[expert_ids[j]] == k_d`` (:func:`guard_segments`): exactly one specialised inner
+loop runs per routed row, the width branch is outside it, and the planes a width does not need
+are never loaded; the other accumulators keep their initial 0.
 """
 
 from __future__ import annotations
@@ -36,6 +47,17 @@ from moec.quant.nested import segment_positions
 
 #: PrimFunc attribute set on nested kernels whose unneeded segments are skipped.
 SEGMENT_GUARD_ATTR = "moec.segment_guard"
+
+
+def check_lanes(fmt: NestedFormat) -> None:
+    """Raise unless the kernel's nibble/byte lanes fit ``fmt``: segments of 1, 2 or 4 bits, every
+    width up to 4 bits or 8 bits of 8-bit storage with the top nibble's segments apart from the low one's."""
+    positions = segment_positions(fmt)
+    ok = all(4 % w == 0 for w in fmt.segment_bits) and all(
+        k <= 4 or (k == 8 == fmt.storage_bits) for k in fmt.derived_bits) and all(
+        (p >= 4) == (p + w > 4) for p, w in zip(positions, fmt.segment_bits) if fmt.storage_bits == 8)
+    if not ok:
+        raise MoecError(f"{fmt.name}: the nested kernel needs 1-, 2- or 4-bit segments that split at the nibble")
 
 
 @dataclass(frozen=True)
@@ -64,6 +86,7 @@ class NestedGemvSpec:
         if self.n < 1 or self.k < 1 or self.num_stacked < 1 or self.top_k < 1 or self.tile < 1:
             raise MoecError(f"bad nested kernel shape n={self.n} k={self.k} experts={self.num_stacked} "
                             f"top_k={self.top_k} tile={self.tile}")
+        check_lanes(fmt)
         if self.group_size < 1 or self.k % self.group_size or any(
                 self.group_size * w % 32 for w in fmt.segment_bits):
             raise MoecError(f"nested kernels need group_size ({self.group_size}) to divide K ({self.k}) and "
@@ -86,13 +109,18 @@ class NestedGemvSpec:
         return True
 
 
+def _u32(value: int) -> tirx.PrimExpr:
+    return tirx.const(value, "uint32")
+
+
 def nested_gemv_definition(spec: NestedGemvSpec) -> tirx.PrimFunc:
     """Unscheduled nested GEMV ``y[j, :] = W_{prec[e]}[e] @ x[j or 0]``, ``e = expert_ids[j]``.
 
     Parameters, in order: ``x`` float32 ``[XR, K]``, one ``seg{s}`` uint32 ``[E, NT, K*w_s/32, T]``
     per segment, ``scale`` float16 ``[E, NT, G, T]``, ``zero`` uint32 ``[E, NT, ZW, T]`` (storage
     width codes), ``prec`` int32 ``[E]``, ``expert_ids`` int32 ``[top_k]``, ``y`` float32
-    ``[top_k, N]``. Blocks: ``xsum``, ``qdot{d}`` (one per derived width), ``y``.
+    ``[top_k, N]``. Blocks: ``xsum``, ``xs_plane``/``xs_nibble``/``xs_byte`` (x pre-scaled per code
+    position), ``qdot{d}`` (one per derived width), ``y``.
     """
     fmt = spec.format
     gs, tile, groups = spec.group_size, spec.tile, spec.groups
@@ -111,21 +139,75 @@ def nested_gemv_definition(spec: NestedGemvSpec) -> tirx.PrimFunc:
 
     i = te.reduce_axis((0, gs), "i")
     xsum = te.compute((xr, groups), lambda r, g: te.sum(x[r, g * gs + i], axis=i), name="xsum")
-    positions = segment_positions(fmt)
+    bits, positions = spec.storage_bits, segment_positions(fmt)
+    w0 = fmt.segment_bits[0]
+
+    def prescaled(name, exponent):
+        """x pre-scaled by the power of two that turns each in-place masked code into its value."""
+        return te.compute((xr, spec.k), lambda r, c: x[r, c] * _pow2(exponent(c % 32)), name=name)
+
+    # Code i of a group sits in nibble word a = 4*(i//32) + i%4, lane l = (i%32)//4 (layout.py).
+    xs_plane = prescaled("xs_plane", lambda c: bits - w0 - (4 * (c // 4) + w0 * ((c % 4) % (4 // w0))))
+    xs_nibble = prescaled("xs_nibble", lambda c: (bits - 4) - 4 * (c // 4))
+    xs_byte = prescaled("xs_byte", lambda c: -8 * (c // 8)) if bits == 8 else None
+    words = gs // 8  # nibble words per group
+
+    def code_index(a, lane):
+        return 32 * (a // 4) + 4 * lane + a % 4
+
+    def nibbles(j, b, g, lane, a, segments, offset):
+        """Segments' parts of nibble word ``a``, each at bit ``pos_s - offset`` of its 4-bit lane."""
+        word = None
+        for s in segments:
+            width, per = fmt.segment_bits[s], 4 // fmt.segment_bits[s]
+            raw = segs[s][ids[j], b, g * (gs * width // 32) + a // per, lane]
+            part = ((raw >> (width * (a % per)).astype("uint32")) & _u32(((1 << width) - 1) * 0x11111111)) \
+                << _u32(positions[s] - offset)
+            word = part if word is None else word | part
+        return word
 
     def qdot(d):
-        """Width ``derived_bits[d]``: segments ``0..d`` combined into one code per weight."""
-        ii = te.reduce_axis((0, gs), f"ii{d}")
+        """Width ``derived_bits[d]`` over the group's codes, one specialised form per kind of width.
 
-        def body(j, b, g, lane):
-            code = None
-            for s in range(d + 1):
-                width, wpg = fmt.segment_bits[s], gs * fmt.segment_bits[s] // 32
-                word = segs[s][ids[j], b, g * wpg + (ii * width) // 32, lane]
-                part = ((word >> ((ii * width) % 32).astype("uint32")) & tirx.const((1 << width) - 1, "uint32")) \
-                    << tirx.const(positions[s], "uint32")
-                code = part if code is None else code | part
-            return te.sum(code.astype("float32") * x[xrow(j), g * gs + ii], axis=ii)
+        - one segment (the narrowest width): each code is multiplied where it sits in the
+          segment's word, as the fixed kernel of that width does (a reduction over codes);
+        - up to 4 bits: the needed segments or-ed into nibble words (8 codes, the code's top
+          bits in each 4-bit lane), multiplied in place;
+        - 8 bits (8-bit storage): the top nibble word and the low segment's nibble word
+          interleaved into two byte words (4 codes each), multiplied in place.
+        """
+        k = fmt.derived_bits[d]
+        unit = te.reduce_axis((0, gs if d == 0 else words), f"u{d}")  # codes, or nibble words
+
+        def body(j, bb, g, lane):
+            row = xrow(j)
+            terms = []
+            if d == 0:  # code i = 32*W + 4*l + r, r = rq*per + rp: word W*w0 + rq, bit 4*l + w0*rp
+                per = 4 // w0
+                r = unit % 4
+                raw = segs[0][ids[j], bb, g * (gs * w0 // 32) + (unit // 32) * w0 + r // per, lane]
+                bit = (4 * ((unit % 32) // 4) + w0 * (r % per)).astype("uint32")
+                code = (raw & (_u32((1 << w0) - 1) << bit)).astype("float32")
+                terms.append(code * xs_plane[row, g * gs + unit])
+            elif k <= 4:
+                top = nibbles(j, bb, g, lane, unit, range(d + 1), bits - 4)
+                for ln in range(8):
+                    code = (top & _u32(0xF << (4 * ln))).astype("float32")
+                    terms.append(code * xs_nibble[row, g * gs + code_index(unit, ln)])
+            else:
+                high = [s for s in range(d + 1) if positions[s] >= 4]
+                top = nibbles(j, bb, g, lane, unit, high, 4)
+                low = nibbles(j, bb, g, lane, unit, [s for s in range(d + 1) if s not in high], 0)
+                even = ((top & _u32(0x0F0F0F0F)) << _u32(4)) | (low & _u32(0x0F0F0F0F))
+                odd = (top & _u32(0xF0F0F0F0)) | ((low >> _u32(4)) & _u32(0x0F0F0F0F))
+                for c in range(4):
+                    for half, word in ((0, even), (1, odd)):
+                        code = (word & _u32(0xFF << (8 * c))).astype("float32")
+                        terms.append(code * xs_byte[row, g * gs + code_index(unit, 2 * c + half)])
+            total = terms[0]
+            for t in terms[1:]:
+                total = total + t
+            return te.sum(total, axis=unit)
 
         return te.compute((spec.top_k, nt, groups, tile), body, name=f"qdot{d}")
 

@@ -42,10 +42,12 @@ class CpuScheduleParams:
         Tokens per register block in the grouped GEMM.
     int8_tile_vectors : int
         ``tile_vectors`` of the family's int8-activation GEMV.
-    nested_unroll_values : int
-        Codes per unrolled step of a nested GEMV width that combines several planes (the words
-        of every plane stay live across a step: 32 codes of 8-bit storage spilled registers and
-        ran ~6x slower than 8 on x86).
+    nested_unroll_words : int
+        8-bit words (4 codes each) per unrolled step of the nested GEMV. A 1-bit plane's word
+        feeds 8 of them at 8 different shifts, so 8 makes every shift a constant, but its
+        unrolled body (4 planes x 8 words x ``tile_vectors``) spilled registers on x86; 4
+        (variable shift for 1-bit planes, a register shift costs the same) measured the same
+        or better at every width.
     """
 
     #: Name of the family in error messages (``x86``, ``ARM``).
@@ -58,7 +60,7 @@ class CpuScheduleParams:
     float_unroll: int
     gemm_tokens: int
     int8_tile_vectors: int
-    nested_unroll_values: int = 8
+    nested_unroll_words: int = 4
 
     @property
     def tile_rows(self) -> int:
@@ -169,6 +171,10 @@ def _schedule_activation_prep(sch: s_tir.Schedule, params: CpuScheduleParams) ->
     r, c = sch.get_loops(sch.get_sblock("xs"))
     _, lane = sch.split(sch.fuse(r, c), [None, params.lanes])
     sch.vectorize(lane)
+    _schedule_xsum(sch, params)
+
+
+def _schedule_xsum(sch: s_tir.Schedule, params: CpuScheduleParams) -> None:
     xsum = sch.get_sblock("xsum")
     i = sch.get_loops(xsum)[-1]
     if sch.get(i).extent.value % params.lanes == 0:
@@ -199,9 +205,10 @@ def schedule_nested_gemv(func: tirx.PrimFunc, spec, params: CpuScheduleParams) -
     """Schedule a ``nested_gemv_definition`` (``moec.lower.kernels.nested_gemv``) with ``params``.
 
     The same recipe as the quantized GEMV, once per derived width: every ``qdot{d}`` is computed
-    per group inside the row task, its codes reassembled from their planes with constant shifts
-    (unrolled) into ``tile_vectors`` vector accumulators; the group's scale and zero point are
-    applied once to the group sums.
+    per group inside the row task, a step of ``nested_unroll_words`` 8-bit words at a time
+    (unrolled), each word rebuilt from its planes once and its 4 codes multiplied in place into
+    ``tile_vectors`` vector accumulators; the group's scale and zero point are applied once to
+    the group sums.
     """
     check_spec(spec, params)
     sch = s_tir.Schedule(func)
@@ -215,8 +222,8 @@ def schedule_nested_gemv(func: tirx.PrimFunc, spec, params: CpuScheduleParams) -
         sch.compute_at(qdot, g, preserve_unit_loops=True)
         sch.set_scope(qdot, 0, "local")
         _, q_vec, _, q_lane, q_i = sch.get_loops(qdot)[-5:]
-        unroll = params.unroll_values if not steps else params.nested_unroll_values  # one plane, or several
-        step, value = sch.split(q_i, [None, gcd(unroll, spec.group_size)])
+        per_step = params.unroll_values if not steps else params.nested_unroll_words  # codes, or nibble words
+        step, value = sch.split(q_i, [None, gcd(per_step, sch.get(q_i).extent.value)])
         sch.reorder(step, value, q_vec, q_lane)
         sch.vectorize(q_lane)
         sch.unroll(q_vec)
@@ -228,10 +235,10 @@ def schedule_nested_gemv(func: tirx.PrimFunc, spec, params: CpuScheduleParams) -
     for qdot, step in zip(qdots, steps):
         sch.decompose_reduction(qdot, step)
     sch.decompose_reduction(y, g)
-    xsum = sch.get_sblock("xsum")
-    i = sch.get_loops(xsum)[-1]
-    if sch.get(i).extent.value % params.lanes == 0:
-        _, lane = sch.split(i, [None, params.lanes])
-        partial = sch.rfactor(lane, 0)
-        sch.vectorize(sch.get_loops(partial)[-1])
+    for name in ("xs_plane", "xs_nibble", "xs_byte"):
+        if _has_block(sch, name):
+            r, c = sch.get_loops(sch.get_sblock(name))
+            _, lane = sch.split(sch.fuse(r, c), [None, params.lanes])
+            sch.vectorize(lane)
+    _schedule_xsum(sch, params)
     return sch.mod["main"]
