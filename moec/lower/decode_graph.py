@@ -130,6 +130,9 @@ class DecodeBuilder:
         keys = bb.emit(relax.op.concat([past_k, k], axis=1))
         values = bb.emit(relax.op.concat([past_v, v], axis=1))
         self.presents += [keys, values]
+        fused = None if window or sinks is not None else self.emitter.decode_attention(bb, q, keys, values, scale)
+        if fused is not None:  # scores, softmax and values in one kernel (CPU kernel emitters)
+            return bb.emit(relax.op.reshape(fused, (1, heads * vd)))
         q = bb.emit(relax.op.multiply(q, relax.const(np.float32(scale))))
         scores = self._softmax_input(bb.emit_te(te_ops.attention_scores, q, keys), window, sinks)
         probs = bb.emit(relax.op.nn.softmax(scores, axis=-1))

@@ -61,6 +61,11 @@ class LinearEmitter:
         raise MoecError("nested expert storage needs moec's CPU kernels (x86 or arm backend), not the reference "
                         "emitter")
 
+    def decode_attention(self, bb, q, keys, values, scale: float):
+        """One token's attention ``[heads, value_dim]`` over ``keys``/``values`` (the cache plus the
+        token) as one kernel, or None: the graph then emits scores, softmax and values as ops."""
+        return None
+
     def embed(self, bb, token, entry: WeightEntry, vars_):
         n, k = entry.shape
         if "weight" in entry.arrays:

@@ -381,6 +381,7 @@ def require_local_cuda(bundle: str | os.PathLike) -> None:
 
 SMALL_BUNDLE_BYTES = 32 << 20
 _POOL_SET: int | None = None  # the size configure_threads last gave the pool
+_DEFAULT_POOL: int | None = None  # TVM's own default, read before configure_threads first sets the env
 
 
 def configure_threads(manifest: dict, threads: int | None = None) -> int:
@@ -391,11 +392,18 @@ def configure_threads(manifest: dict, threads: int | None = None) -> int:
     two threads per kernel gains little, and on a loaded machine every join waits for a worker that
     the scheduler has preempted: on the reference model one decode step in six took 25-40 ms
     instead of under 1 ms with two threads, and the stalls went away with one.
+
+    ``TVM_NUM_THREADS`` is set to the same size: TVM's parallel launch reads it on every kernel
+    call and runs the tasks inline on the calling thread only when it is 1. Resizing the pool
+    alone left every parallel loop going through the pool's hand-off, 5-7 us per kernel call
+    (about 100 calls per decode step of the reference model).
     The pool is process-wide: the last session opened sets it.
     """
-    global _POOL_SET
-    # TVM's own default, read without asking TVM (which would start its pool here)
-    pool = int(os.environ.get("TVM_NUM_THREADS") or os.environ.get("OMP_NUM_THREADS") or os.cpu_count() or 1)
+    global _POOL_SET, _DEFAULT_POOL
+    if _DEFAULT_POOL is None:  # TVM's own default, read without asking TVM (which would start its pool here)
+        _DEFAULT_POOL = int(os.environ.get("TVM_NUM_THREADS") or os.environ.get("OMP_NUM_THREADS")
+                            or os.cpu_count() or 1)
+    pool = _DEFAULT_POOL
     if threads is None and os.environ.get("MOEC_NUM_THREADS"):
         try:
             threads = int(os.environ["MOEC_NUM_THREADS"])
@@ -407,8 +415,9 @@ def configure_threads(manifest: dict, threads: int | None = None) -> int:
     if threads < 1:
         raise MoecError(f"threads must be >= 1, got {threads}")
     if threads != (_POOL_SET or pool):
-        tvm.get_global_func("runtime.config_threadpool")(1, threads)
+        tvm.get_global_func("runtime.config_threadpool")(1, threads)  # starts the pool at its default size
         _POOL_SET = threads
+    os.environ["TVM_NUM_THREADS"] = str(threads)  # after the pool exists: it sizes itself from this once
     return threads
 
 
