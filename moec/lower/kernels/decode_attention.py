@@ -6,7 +6,7 @@ window and no attention sinks. Per query head ``h`` (kv head ``h // (heads / kv_
 
     s[t]   = scale * q[h] . keys[kv, t]          (a 16-lane vector dot per position)
     p[t]   = exp(s[t] - max s)                   (exp as TVM's ``fast_exp``: a degree-7 polynomial
-                                                  and an exponent built from bits, ~1 ulp)
+                                                  and an exponent built from bits, within 3 ulp)
     out[h] = sum_t p[t] * values[kv, t] / sum p  (vectorised over the value width)
 
 Heads run in parallel; the length of the cache is symbolic, so one kernel serves every step.
