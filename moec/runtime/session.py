@@ -256,7 +256,7 @@ class BundleSession:
         reference cycles, so everything is dropped and collected here rather than left to the GC.
         """
         remote = self.remote
-        for name in ("past", "params", "vm", "dev", "remote"):
+        for name in ("past", "params", "_local", "vm", "dev", "remote"):
             if hasattr(self, name):
                 delattr(self, name)
         if remote is not None:
