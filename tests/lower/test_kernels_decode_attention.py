@@ -18,17 +18,21 @@ def reference(q, keys, values, scale):
 
 
 @pytest.mark.parametrize("heads,kv_heads,head_dim,value_dim", [(4, 2, 64, 64), (3, 1, 24, 40)])
-def test_decode_attention_matches_softmax_attention(heads, kv_heads, head_dim, value_dim):
+def test_decode_attention_appends_and_matches_softmax_attention(heads, kv_heads, head_dim, value_dim):
     fn = tvm.compile(tvm.IRModule({"decode_attention": decode_attention(heads, kv_heads, head_dim, value_dim, 0.3)}),
                      target=host_target())["decode_attention"]
     rng = np.random.default_rng(0)
     q = rng.standard_normal((heads, head_dim)).astype(np.float32)
-    for length in (1, 15, 16, 37):  # one symbolic length: below, at and past a vector of positions
-        keys = (rng.standard_normal((kv_heads, length, head_dim)) * 2).astype(np.float32)
-        values = rng.standard_normal((kv_heads, length, value_dim)).astype(np.float32)
-        out = tvm.runtime.empty((heads, value_dim), "float32", tvm.cpu())
-        fn(*(tvm.runtime.tensor(a) for a in (q, keys, values)), out)
-        np.testing.assert_allclose(out.numpy(), reference(q, keys, values, 0.3), rtol=1e-5, atol=1e-5)
+    for past in (0, 14, 15, 36):  # one symbolic length: empty cache, below, at and past a vector of positions
+        keys = (rng.standard_normal((kv_heads, past + 1, head_dim)) * 2).astype(np.float32)
+        values = rng.standard_normal((kv_heads, past + 1, value_dim)).astype(np.float32)
+        ins = [q, keys[:, :past], keys[:, past:], values[:, :past], values[:, past:]]
+        outs = [tvm.runtime.empty(shape, "float32", tvm.cpu()) for shape in
+                ((heads, value_dim), keys.shape, values.shape)]
+        fn(*(tvm.runtime.tensor(np.ascontiguousarray(a)) for a in ins), *outs)
+        np.testing.assert_array_equal(outs[1].numpy(), keys)
+        np.testing.assert_array_equal(outs[2].numpy(), values)
+        np.testing.assert_allclose(outs[0].numpy(), reference(q, keys, values, 0.3), rtol=1e-5, atol=1e-5)
 
 
 def test_fast_exp_is_exp():
