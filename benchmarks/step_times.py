@@ -1,7 +1,9 @@
 """Decode step-time distribution (p50/p90/p99) of a bundle at given TVM thread counts, interleaved round by round.
 
 Each round starts a fresh process per thread count (the TVM pool is process-wide), feeds a
-16-token prompt and times ``--steps`` decode steps. ``--threads 2`` reproduces the pool that
+16-token prompt and times ``--steps`` decode steps (wall clock, and the calling thread's CPU
+time: with one TVM thread that is the step's own work, which a loaded machine does not inflate
+by preempting it). ``--threads 2`` reproduces the pool that
 small bundles used before they were given one thread.
 
 Usage::
@@ -24,10 +26,11 @@ import json, sys, time
 from moec.runtime.session import BundleSession
 s = BundleSession(sys.argv[1], threads=int(sys.argv[2]))
 s.prefill(list(range(3, 19)))
-ts = []
+ts, cpu = [], []
 for i in range(int(sys.argv[3])):
-    t0 = time.perf_counter(); s.step(5 + i % 50); ts.append(time.perf_counter() - t0)
-print(json.dumps(ts))
+    t0, c0 = time.perf_counter(), time.thread_time(); s.step(5 + i % 50)
+    ts.append(time.perf_counter() - t0); cpu.append(time.thread_time() - c0)
+print(json.dumps([ts, cpu]))
 '''
 
 
@@ -47,16 +50,21 @@ def main() -> None:
     counts = [int(t) for t in args.threads.split(",")]
     print(f"load average before: {os.getloadavg()}", flush=True)
     res: dict[int, list[np.ndarray]] = {t: [] for t in counts}
+    cpu: dict[int, list[np.ndarray]] = {t: [] for t in counts}
     for r in range(args.rounds):
         for t in counts:
             out = subprocess.run([sys.executable, "-c", CHILD, args.bundle, str(t), str(args.steps)],
                                  check=True, capture_output=True, text=True).stdout
-            ms = np.array(json.loads(out.strip().splitlines()[-1])) * 1e3
-            res[t].append(ms)
-            print(f"round {r} threads={t}: {summary(ms)}", flush=True)
+            wall, used = (np.array(a) * 1e3 for a in json.loads(out.strip().splitlines()[-1]))
+            res[t].append(wall)
+            cpu[t].append(used)
+            print(f"round {r} threads={t}: {summary(wall)}", flush=True)
     print(f"load average after: {os.getloadavg()}")
     for t in counts:
         print(f"all rounds threads={t}: {summary(np.concatenate(res[t]))}")
+    for t in counts:  # on one thread the step's CPU time is its work without the scheduler's preemptions
+        print(f"all rounds threads={t} CPU time of the calling thread: p50 "
+              f"{np.median(np.concatenate(cpu[t])):.3f} ms")
 
 
 if __name__ == "__main__":

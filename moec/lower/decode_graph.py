@@ -127,6 +127,12 @@ class DecodeBuilder:
         past_k, past_v = self.past[2 * layer], self.past[2 * layer + 1]
         kvh, hd, vd, heads = k.ty.shape[0], k.ty.shape[1], v.ty.shape[1], q.ty.shape[0]
         v, k = self._reshape(v, (kvh, 1, vd)), self._reshape(k, (kvh, 1, hd))
+        fused = None if window or sinks is not None else self.emitter.decode_attention(bb, q, past_k, k, past_v,
+                                                                                         v, scale)
+        if fused is not None:  # cache append, scores, softmax and values in one kernel (CPU kernel emitters)
+            attn, keys, values = fused
+            self.presents += [keys, values]
+            return bb.emit(relax.op.reshape(attn, (1, heads * vd)))
         keys = bb.emit(relax.op.concat([past_k, k], axis=1))
         values = bb.emit(relax.op.concat([past_v, v], axis=1))
         self.presents += [keys, values]

@@ -22,6 +22,7 @@ from tvm import relax, te, tirx
 
 from moec.core.errors import MoecError
 from moec.core.formats import INT8_ACTIVATION_BITS
+from moec.lower.kernels.decode_attention import decode_attention
 from moec.lower.kernels.factory import make_gemv, make_grouped_gemm, make_nested_gemv
 from moec.lower.kernels.row_guard import has_row_guard
 from moec.lower.kernels.layout import check_kernel_shape, nested_kernel_layout, stack_kernel_layouts, to_kernel_layout
@@ -123,6 +124,21 @@ class KernelEmitter(LinearEmitter):
         offsets = bb.emit_te(lambda t: te.compute(
             (2,), lambda i: tirx.if_then_else(i == 0, 0, t.shape[0]).astype("int32"), name="offsets"), x)
         return self.grouped(bb, x, entry, vars_, name, offsets)
+
+    def decode_attention(self, bb, q, past_k, k, past_v, v, scale: float):
+        heads, kv_heads = int(q.ty.shape[0]), int(k.ty.shape[0])
+        head_dim, value_dim = int(q.ty.shape[1]), int(v.ty.shape[2])
+        key = ("attention", heads, kv_heads, head_dim, value_dim, float(scale))
+        if key not in self._kernels:
+            self._kernels[key] = decode_attention(heads, kv_heads, head_dim, value_dim, scale).with_attr(
+                "op_pattern", 8)
+        sym = f"decode_attention_h{heads}_kv{kv_heads}_d{head_dim}_v{value_dim}"
+        gv = bb.add_func(self._kernels[key].with_attr("global_symbol", sym), sym)
+        length = past_k.ty.shape[1] + 1
+        outs = bb.emit(relax.call_tir(gv, [q, past_k, k, past_v, v], [
+            relax.TensorType((heads, value_dim), "float32"), relax.TensorType((kv_heads, length, head_dim), "float32"),
+            relax.TensorType((kv_heads, length, value_dim), "float32")]))
+        return tuple(bb.emit(relax.TupleGetItem(outs, i)) for i in range(3))
 
     def dense(self, bb, x, entry: WeightEntry, vars_, name):
         if not entry.kernel:

@@ -115,6 +115,7 @@ class BundleSession:
         self.tokenizer = Tokenizer.from_file(str(tok)) if "tokenizer.json" in self.manifest["files"] else None
         self.eos = self.manifest.get("eos_token_id")
         self._token = {}  # decode/prefill input tensors, reused while the length matches
+        self._local: dict[str, tuple] = {}  # local CPU: entry -> (VM function, token buffer, its tensor view)
         self._empty = empty_cache(self.cfg)
         self.calls = 0  # decode steps and prefills run since load
         self.switches: list[PlanSwitch] = []
@@ -255,7 +256,7 @@ class BundleSession:
         reference cycles, so everything is dropped and collected here rather than left to the GC.
         """
         remote = self.remote
-        for name in ("past", "params", "vm", "dev", "remote"):
+        for name in ("past", "params", "_local", "vm", "dev", "remote"):
             if hasattr(self, name):
                 delattr(self, name)
         if remote is not None:
@@ -291,8 +292,20 @@ class BundleSession:
 
     def _run(self, entry: str, tokens: list[int]) -> np.ndarray:
         """Call ``entry`` (decode or prefill) on ``tokens`` with the cache; keep the new cache."""
-        tokens = np.asarray(tokens, np.int32)
         self.calls += 1
+        if self.remote is None and self.device_kind == "cpu":
+            # the token buffer is a numpy array TVM reads in place (DLPack): writing it is the whole
+            # input transfer; the VM function handle is looked up once
+            fn, buf, inp = self._local.get(entry, (None, None, None))
+            if buf is None or buf.shape[0] != len(tokens):
+                buf = _aligned_int32(len(tokens))
+                fn, inp = self.vm[entry], tvm.runtime.from_dlpack(buf)
+                self._local[entry] = (fn, buf, inp)
+            buf[:] = tokens
+            out = fn(inp, *self.past, *self.params)
+            self._keep_outputs(entry, out)
+            return np.from_dlpack(out[0])[0]  # a view: the logits tensor lives as long as the array
+        tokens = np.asarray(tokens, np.int32)
         if self.remote is None:
             inp = self._token.get(entry)
             if inp is None or inp.shape[0] != tokens.shape[0]:
@@ -319,7 +332,7 @@ class BundleSession:
     def _keep_outputs(self, entry: str, out: list) -> None:
         """The new cache; after a nested bundle's decode call, its routed ids (``last_routed``) and counts."""
         n = len(self.past)
-        self.past = out[1:1 + n]
+        self.past = [out[i] for i in range(1, 1 + n)]
         if entry == "decode" and len(out) > 1 + n:
             self.last_routed = out[1 + n].numpy()  # [MoE layers, top_k] int32
             if self.drift is not None:
@@ -381,6 +394,7 @@ def require_local_cuda(bundle: str | os.PathLike) -> None:
 
 SMALL_BUNDLE_BYTES = 32 << 20
 _POOL_SET: int | None = None  # the size configure_threads last gave the pool
+_DEFAULT_POOL: int | None = None  # TVM's own default, read before configure_threads first sets the env
 
 
 def configure_threads(manifest: dict, threads: int | None = None) -> int:
@@ -391,11 +405,18 @@ def configure_threads(manifest: dict, threads: int | None = None) -> int:
     two threads per kernel gains little, and on a loaded machine every join waits for a worker that
     the scheduler has preempted: on the reference model one decode step in six took 25-40 ms
     instead of under 1 ms with two threads, and the stalls went away with one.
+
+    ``TVM_NUM_THREADS`` is set to the same size: TVM's parallel launch reads it on every kernel
+    call and runs the tasks inline on the calling thread only when it is 1. Resizing the pool
+    alone left every parallel loop going through the pool's hand-off, 5-7 us per kernel call
+    (about 100 calls per decode step of the reference model).
     The pool is process-wide: the last session opened sets it.
     """
-    global _POOL_SET
-    # TVM's own default, read without asking TVM (which would start its pool here)
-    pool = int(os.environ.get("TVM_NUM_THREADS") or os.environ.get("OMP_NUM_THREADS") or os.cpu_count() or 1)
+    global _POOL_SET, _DEFAULT_POOL
+    if _DEFAULT_POOL is None:  # TVM's own default, read without asking TVM (which would start its pool here)
+        _DEFAULT_POOL = int(os.environ.get("TVM_NUM_THREADS") or os.environ.get("OMP_NUM_THREADS")
+                            or os.cpu_count() or 1)
+    pool = _DEFAULT_POOL
     if threads is None and os.environ.get("MOEC_NUM_THREADS"):
         try:
             threads = int(os.environ["MOEC_NUM_THREADS"])
@@ -407,9 +428,17 @@ def configure_threads(manifest: dict, threads: int | None = None) -> int:
     if threads < 1:
         raise MoecError(f"threads must be >= 1, got {threads}")
     if threads != (_POOL_SET or pool):
-        tvm.get_global_func("runtime.config_threadpool")(1, threads)
+        tvm.get_global_func("runtime.config_threadpool")(1, threads)  # starts the pool at its default size
         _POOL_SET = threads
+    os.environ["TVM_NUM_THREADS"] = str(threads)  # after the pool exists: it sizes itself from this once
     return threads
+
+
+def _aligned_int32(n: int) -> np.ndarray:
+    """A zeroed int32 array of ``n`` starting on a 64-byte boundary (what TVM's DLPack import requires)."""
+    raw = np.zeros(n + 16, np.int32)
+    start = (-raw.ctypes.data % 64) // 4
+    return raw[start:start + n]
 
 
 def _itemsize(dtype) -> int:

@@ -14,18 +14,21 @@ def test_small_bundle_one_thread_large_keeps_pool(monkeypatch):
     import sys
     from pathlib import Path
 
-    code = ("import tvm.runtime\n"
+    code = ("import os, tvm.runtime\n"
             "from moec.runtime.session import SMALL_BUNDLE_BYTES, configure_threads\n"
             "small = configure_threads({'weight_bytes': 1 << 20}); a = tvm.runtime.num_threads()\n"
+            "env_small = os.environ['TVM_NUM_THREADS']\n"
             "big = configure_threads({'weight_bytes': SMALL_BUNDLE_BYTES * 4}); b = tvm.runtime.num_threads()\n"
-            "print(small, a, big, b)")
+            "print(small, a, big, b, env_small, os.environ['TVM_NUM_THREADS'])")
     env = {k: v for k, v in os.environ.items() if k != "MOEC_NUM_THREADS"}
     env.update(TVM_NUM_THREADS="2", PYTHONPATH=str(Path(__file__).resolve().parents[2]))
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
-    small, a, big, b = map(int, out.stdout.split())
+    small, a, big, b, env_small, env_big = map(int, out.stdout.split())
     assert (small, a) == (1, 1)
     assert (big, b) == (2, 2)
+    # TVM's parallel launch runs inline only when TVM_NUM_THREADS says 1 (read on every launch)
+    assert (env_small, env_big) == (1, 2)
 
 
 def test_explicit_threads_win(monkeypatch):
