@@ -18,11 +18,15 @@ if [ ! -d src ]; then
   tar -xzf dl/llama_cpp_python-$VERSION.tar.gz -C src --strip-components=1
 fi
 LC=src/vendor/llama.cpp
+# ISA extensions from this CPU's flags, not -march=native: AMX stays off (the native build dies with SIGILL
+# at tileloadd here), and AVX-VNNI (the VEX form) is on only where the CPU has it — AMD EPYC has AVX-512
+# VNNI but not AVX-VNNI, and a build with it crashes in llama-bench with an illegal instruction.
+has() { grep -m1 '^flags' /proc/cpuinfo | grep -qw "$1" && echo ON || echo OFF; }
 cmake -S "$LC" -B build -G Ninja -DCMAKE_BUILD_TYPE=Release \
-  -DGGML_NATIVE=OFF -DGGML_AVX512=ON -DGGML_AVX512_VNNI=ON -DGGML_AVX512_VBMI=ON \
-  -DGGML_AVX512_BF16=ON -DGGML_AVX_VNNI=ON -DGGML_AMX_TILE=OFF -DGGML_AMX_INT8=OFF \
-  -DGGML_AMX_BF16=OFF -DLLAMA_CURL=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF \
-  -DLLAMA_BUILD_SERVER=OFF
+  -DGGML_NATIVE=OFF -DGGML_AVX512=$(has avx512f) -DGGML_AVX512_VNNI=$(has avx512_vnni) \
+  -DGGML_AVX512_VBMI=$(has avx512vbmi) -DGGML_AVX512_BF16=$(has avx512_bf16) -DGGML_AVX_VNNI=$(has avx_vnni) \
+  -DGGML_AMX_TILE=OFF -DGGML_AMX_INT8=OFF -DGGML_AMX_BF16=OFF -DLLAMA_CURL=OFF -DLLAMA_BUILD_TESTS=OFF \
+  -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_SERVER=OFF
 nice -n 10 cmake --build build -j 2 --target llama-bench llama-quantize llama-perplexity
 # convert_hf_to_gguf.py puts its own gguf-py on sys.path; sentencepiece goes to DEST/pydeps, not the venv
 # (the converter imports it before falling back to the BPE tokenizer.json).
