@@ -13,6 +13,7 @@ from pathlib import Path
 import tvm
 from tvm import relax
 
+from moec.lower.schedules.cpu_rules import cpu_rules
 from moec.lower.schedules.gpu_rules import check_gpu_bound, gpu_rules, reset_cpu_schedules
 
 
@@ -30,7 +31,7 @@ def _legalize(target) -> list:
 
 def _cpu_schedule(target) -> list:
     from tvm.s_tir import dlight as dl
-    return [dl.ApplyDefaultSchedule(dl.cpu.GEMV(), dl.cpu.Reduction())]
+    return [dl.ApplyDefaultSchedule(*cpu_rules())]
 
 
 def _gpu_schedule(target) -> list:
