@@ -6,7 +6,8 @@ attends causally; the logits are those of the last row (the next token). Each Mo
 its ``T * top_k`` (token, slot) pairs per bit class by expert id in that class' stack
 (``argsort`` of the remapped id, pairs of other classes last), computes
 ``offsets[e] = #pairs with id < e``, runs one grouped GEMM per projection over the sorted
-rows (each expert's weights read once for all its tokens, experts without tokens skipped),
+rows (each expert's weights read once for all its tokens, experts without tokens skipped;
+an int8-activation kernel quantizes each token's row once and gathers the sorted rows itself),
 and scatters the rows back to their pairs. Dense projections are grouped GEMMs with one
 "expert" holding every row. Everything else is the decode builder's ops on ``[T, ...]`` rows.
 
@@ -88,11 +89,15 @@ class PrefillBuilder(DecodeBuilder):
             below = relax.op.less(relax.op.reshape(key, (pairs, 1)),
                                   relax.const(np.arange(count + 1, dtype=np.int32).reshape(1, -1)))
             offsets = bb.emit(relax.op.sum(relax.op.astype(below, "int32"), axis=0))    # [count + 1]
-            xs = bb.emit(relax.op.take(x, relax.op.take(token_of, order, axis=0, mode="clip"), axis=0, mode="clip"))
+            token_rows = bb.emit(relax.op.take(token_of, order, axis=0, mode="clip"))    # sorted -> token
             name = f"layers.{layer}.experts.b{c}"
+            if self.emitter.gathers_rows(self.params.entries[f"{name}.w1"]):
+                xs, xrows = x, token_rows            # the kernel reads x[token_rows[p]] itself
+            else:
+                xs, xrows = bb.emit(relax.op.take(x, token_rows, axis=0, mode="clip")), None
             sorted_slots = bb.emit(relax.op.take(slots, order, axis=0, mode="clip")) if cfg.expert_bias else None
             g1, g3 = (self._expert_bias(self.emitter.grouped(bb, xs, self.params.entries[f"{name}.{w}"], self.vars,
-                                                             f"{name}.{w}", offsets), layer, w, sorted_slots)
+                                                             f"{name}.{w}", offsets, xrows), layer, w, sorted_slots)
                       for w in ("w1", "w3"))
             act = blocks.glu(self, cfg, g1, g3)
             out = self.emitter.grouped(bb, act, self.params.entries[f"{name}.w2"], self.vars, f"{name}.w2", offsets)
