@@ -9,7 +9,8 @@ its ``T * top_k`` (token, slot) pairs per bit class by expert id in that class' 
 rows (each expert's weights read once for all its tokens, experts without tokens skipped;
 an int8-activation kernel quantizes each token's row once and gathers the sorted rows itself),
 and scatters the rows back to their pairs. Dense projections are grouped GEMMs with one
-"expert" holding every row. Everything else is the decode builder's ops on ``[T, ...]`` rows.
+"expert" holding every row. Causal attention is two parallel, vectorised CPU kernels
+(:mod:`moec.lower.kernels.attention`). Everything else is the decode builder's ops on ``[T, ...]`` rows.
 
 The function is emitted only when every expert stack has a grouped-GEMM kernel
 (:meth:`PrefillBuilder.supported`); otherwise the runtime prefills with decode steps.
@@ -23,6 +24,7 @@ from tvm import relax, tirx
 from moec.arch import blocks
 from moec.lower import te_ops
 from moec.lower.decode_graph import DecodeBuilder
+from moec.lower.kernels.attention import causal_scores_kernel, causal_values_kernel
 
 
 class PrefillBuilder(DecodeBuilder):
@@ -65,10 +67,18 @@ class PrefillBuilder(DecodeBuilder):
         values = bb.emit(relax.op.concat([self.past[2 * layer + 1], relax.op.permute_dims(v, [1, 0, 2])], axis=1))
         self.presents += [keys, values]
         q = bb.emit(relax.op.multiply(q, relax.const(np.float32(scale))))
-        scores = self._softmax_input(bb.emit_te(te_ops.causal_scores, q, keys), window, sinks)
-        probs = bb.emit(relax.op.nn.softmax(scores, axis=-1))
-        attn = bb.emit_te(te_ops.causal_values, probs, values)
+        kv_heads, keys_len = keys.ty.shape[0], keys.ty.shape[1]
+        scores = self._kernel_call(causal_scores_kernel(int(heads), int(kv_heads), int(q.ty.shape[2])),
+                                   f"causal_scores_{layer}", [q, keys], (heads, rows, keys_len))
+        probs = bb.emit(relax.op.nn.softmax(self._softmax_input(scores, window, sinks), axis=-1))
+        attn = self._kernel_call(causal_values_kernel(int(heads), int(kv_heads), int(vd)),
+                                 f"causal_values_{layer}", [probs, values], (rows, heads, vd))
         return bb.emit(relax.op.reshape(attn, (rows, heads * vd)))
+
+    def _kernel_call(self, func, name, args, shape):
+        """Call a prefill CPU kernel (opaque to fusion) on ``args``; float32 output of ``shape``."""
+        gv = self.bb.add_func(func.with_attr("op_pattern", 8).with_attr("global_symbol", name), name)
+        return self.bb.emit(relax.call_tir(gv, args, relax.TensorType(shape, "float32")))
 
     def routed_experts(self, x, routing, layer):
         """Per bit class: sort the (token, slot) pairs by expert, grouped GEMMs, scatter back."""

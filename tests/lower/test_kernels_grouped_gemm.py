@@ -87,3 +87,13 @@ def test_int8_grouped_gemm_refuses_float_weights_and_missing_vnni():
     no_vnni = tvm.target.Target({"kind": "llvm", "mcpu": "skylake-avx512", "mtriple": "x86_64-linux-gnu"})
     with pytest.raises(MoecError, match="lacks avx512vnni"):
         make_grouped_gemm(4, 64, 64, 32, 2, no_vnni, activations="int8")
+
+
+def test_int8_grouped_gemm_emits_vpdpbusd():
+    if not _vnni():
+        pytest.skip("needs AVX-512 VNNI")
+    import tvm
+    target = host_target()
+    ex = tvm.compile(tvm.IRModule({"grouped_gemm": make_grouped_gemm(4, 64, 128, 64, 2, target, activations="int8")}),
+                     target=target)
+    assert "vpdpbusd" in ex.mod.inspect_source("asm")
