@@ -83,7 +83,7 @@ def time_bundles(bundles: list[str], tokens: list[int], rounds: int, repeats: in
         print(f"| {Path(b).name} | {n} | {statistics.median(r):.1f} | {' / '.join(f'{x:.1f}' for x in r)} |")
 
 
-def profile(bundle: str, n: int) -> None:
+def profile(bundle: str, n: int, top: int = 0) -> None:
     """Time of each VM call of one prefill (an instrument around every call), grouped by kind;
     the rest of the wall time is the VM's own dispatch (and Python)."""
     import tvm
@@ -121,6 +121,14 @@ def profile(bundle: str, n: int) -> None:
     for kind, sec in sorted(rows.items(), key=lambda kv: -kv[1]):
         print(f"| {kind} | {sec * 1e3:.1f} | {100 * sec / wall:.0f} % |")
     print(f"| VM dispatch, Python | {(wall - total) * 1e3:.1f} | {100 * (wall - total) / wall:.0f} % |")
+    if top:
+        per_name: dict[str, float] = {}
+        for name, sec in calls:
+            base = name.rstrip("0123456789_")
+            per_name[base] = per_name.get(base, 0.0) + sec
+        print("\n| function (layers summed) | ms |\n|---|---|")
+        for name, sec in sorted(per_name.items(), key=lambda kv: -kv[1])[:top]:
+            print(f"| {name} | {sec * 1e3:.1f} |")
 
 
 def _kind(name: str) -> str:
@@ -155,13 +163,14 @@ def main() -> None:
     p = sub.add_parser("profile")
     p.add_argument("bundle")
     p.add_argument("--tokens", type=int, default=64)
+    p.add_argument("--top", type=int, default=0, help="Also list the N most expensive functions.")
     args = ap.parse_args()
     if args.cmd == "build":
         build(args.out, args.model, args.bits, args.activations, args.group_size)
     elif args.cmd == "time":
         time_bundles(args.bundles, [int(x) for x in args.tokens.split(",")], args.rounds, args.repeats)
     else:
-        profile(args.bundle, args.tokens)
+        profile(args.bundle, args.tokens, args.top)
 
 
 if __name__ == "__main__":

@@ -9,8 +9,8 @@ its ``T * top_k`` (token, slot) pairs per bit class by expert id in that class' 
 rows (each expert's weights read once for all its tokens, experts without tokens skipped;
 an int8-activation kernel quantizes each token's row once and gathers the sorted rows itself),
 and scatters the rows back to their pairs. Dense projections are grouped GEMMs with one
-"expert" holding every row. Causal attention is two parallel, vectorised CPU kernels
-(:mod:`moec.lower.kernels.attention`). Everything else is the decode builder's ops on ``[T, ...]`` rows.
+"expert" holding every row. Causal attention (scores, softmax, values) and SiLU are parallel, vectorised CPU kernels
+(:mod:`moec.lower.kernels.attention`, :mod:`moec.lower.kernels.rowwise`). Everything else is the decode builder's ops on ``[T, ...]`` rows.
 
 The function is emitted only when every expert stack has a grouped-GEMM kernel
 (:meth:`PrefillBuilder.supported`); otherwise the runtime prefills with decode steps.
@@ -25,6 +25,7 @@ from moec.arch import blocks
 from moec.lower import te_ops
 from moec.lower.decode_graph import DecodeBuilder
 from moec.lower.kernels.attention import causal_scores_kernel, causal_values_kernel
+from moec.lower.kernels.rowwise import silu_kernel, softmax_kernel
 
 
 class PrefillBuilder(DecodeBuilder):
@@ -58,6 +59,12 @@ class PrefillBuilder(DecodeBuilder):
     def rope(self, x):
         return self.bb.emit_te(te_ops.rope_rows, x, self.p, self._inv_freq())
 
+    def silu(self, x):
+        if x.ty.ndim != 2:
+            return super().silu(x)
+        rows, width = x.ty.shape
+        return self._kernel_call(silu_kernel(int(width)), f"row_silu_{int(width)}", [x], (rows, width))
+
     def attend(self, q, k, v, layer, scale, window=0, sinks=None):
         """Causal attention of ``T`` rows at positions ``P..P+T-1`` over the cache and themselves."""
         bb = self.bb
@@ -70,7 +77,9 @@ class PrefillBuilder(DecodeBuilder):
         kv_heads, keys_len = keys.ty.shape[0], keys.ty.shape[1]
         scores = self._kernel_call(causal_scores_kernel(int(heads), int(kv_heads), int(q.ty.shape[2])),
                                    f"causal_scores_{layer}", [q, keys], (heads, rows, keys_len))
-        probs = bb.emit(relax.op.nn.softmax(self._softmax_input(scores, window, sinks), axis=-1))
+        logits = self._softmax_input(scores, window, sinks)
+        probs = self._kernel_call(softmax_kernel(int(heads)), f"attn_softmax_{layer}", [logits],
+                                  tuple(logits.ty.shape))
         attn = self._kernel_call(causal_values_kernel(int(heads), int(kv_heads), int(vd)),
                                  f"causal_values_{layer}", [probs, values], (rows, heads, vd))
         return bb.emit(relax.op.reshape(attn, (rows, heads * vd)))
