@@ -44,3 +44,10 @@ def test_rowwise_kernels_compile_to_neon():
         name = func.attrs["global_symbol"]
         asm = tvm.compile(tvm.IRModule({name: func}), target=target).mod.inspect_source("asm")
         assert re.search(r"^\s+fmla\s+v\d+\.4s", asm, re.M), f"{name}: no 4-lane NEON fused multiply-add"
+
+
+def test_rowwise_kernels_are_not_taken_for_reshapes():
+    """One input, one output of the same size: Relax asks whether such a kernel is a reshape, which
+    needs a block body (without one the Relax build stopped with an internal error)."""
+    from tvm.relax.analysis import has_reshape_pattern
+    assert not has_reshape_pattern(softmax_kernel(2)) and not has_reshape_pattern(silu_kernel(64))

@@ -31,44 +31,45 @@ def fast_exp(x):
 def softmax_kernel(lead: int, lanes: int = 16) -> tirx.PrimFunc:
     """``out[a, t, :] = softmax(x[a, t, :])`` for float32 ``x [lead, T, C]`` (``T``, ``C`` symbolic)."""
 
-    @T.prim_func
+    @T.prim_func(check_well_formed=False)  # tirx's verifier does not know s_tir blocks
     def row_softmax(x_h: T.handle, out_h: T.handle):
         T.func_attr({"global_symbol": "row_softmax", "tirx.noalias": True})
         rows = T.int32()
         cols = T.int32()
         x = T.match_buffer(x_h, (lead, rows, cols), "float32")
         out = T.match_buffer(out_h, (lead, rows, cols), "float32")
-        for task in T.parallel(lead * rows):
-            acc = T.alloc_buffer((lanes,), "float32", scope="local")
-            a: T.int32 = task // rows
-            t: T.int32 = task % rows
-            for lane in T.vectorized(lanes):
-                acc[lane] = T.float32(-3.0e38)
-            for c in range(cols // lanes):
+        with T.sblock("root"):  # a block body: Relax's reshape-pattern check needs one
+            for task in T.parallel(lead * rows):
+                acc = T.alloc_buffer((lanes,), "float32", scope="local")
+                a: T.int32 = task // rows
+                t: T.int32 = task % rows
                 for lane in T.vectorized(lanes):
-                    acc[lane] = T.max(acc[lane], x[a, t, c * lanes + lane])
-            for c in range(cols // lanes * lanes, cols):
-                acc[0] = T.max(acc[0], x[a, t, c])
-            for lane in range(1, lanes):
-                acc[0] = T.max(acc[0], acc[lane])
-            top: T.float32 = acc[0]
-            for lane in T.vectorized(lanes):
-                acc[lane] = T.float32(0)
-            for c in range(cols // lanes):
+                    acc[lane] = T.float32(-3.0e38)
+                for c in range(cols // lanes):
+                    for lane in T.vectorized(lanes):
+                        acc[lane] = T.max(acc[lane], x[a, t, c * lanes + lane])
+                for c in range(cols // lanes * lanes, cols):
+                    acc[0] = T.max(acc[0], x[a, t, c])
+                for lane in range(1, lanes):
+                    acc[0] = T.max(acc[0], acc[lane])
+                top: T.float32 = acc[0]
                 for lane in T.vectorized(lanes):
-                    out[a, t, c * lanes + lane] = fast_exp(x[a, t, c * lanes + lane] - top)
-                    acc[lane] = acc[lane] + out[a, t, c * lanes + lane]
-            for c in range(cols // lanes * lanes, cols):
-                out[a, t, c] = fast_exp(x[a, t, c] - top)
-                acc[0] = acc[0] + out[a, t, c]
-            for lane in range(1, lanes):
-                acc[0] = acc[0] + acc[lane]
-            inv: T.float32 = T.float32(1) / acc[0]
-            for c in range(cols // lanes):
-                for lane in T.vectorized(lanes):
-                    out[a, t, c * lanes + lane] = out[a, t, c * lanes + lane] * inv
-            for c in range(cols // lanes * lanes, cols):
-                out[a, t, c] = out[a, t, c] * inv
+                    acc[lane] = T.float32(0)
+                for c in range(cols // lanes):
+                    for lane in T.vectorized(lanes):
+                        out[a, t, c * lanes + lane] = fast_exp(x[a, t, c * lanes + lane] - top)
+                        acc[lane] = acc[lane] + out[a, t, c * lanes + lane]
+                for c in range(cols // lanes * lanes, cols):
+                    out[a, t, c] = fast_exp(x[a, t, c] - top)
+                    acc[0] = acc[0] + out[a, t, c]
+                for lane in range(1, lanes):
+                    acc[0] = acc[0] + acc[lane]
+                inv: T.float32 = T.float32(1) / acc[0]
+                for c in range(cols // lanes):
+                    for lane in T.vectorized(lanes):
+                        out[a, t, c * lanes + lane] = out[a, t, c * lanes + lane] * inv
+                for c in range(cols // lanes * lanes, cols):
+                    out[a, t, c] = out[a, t, c] * inv
 
     return row_softmax
 
@@ -77,16 +78,17 @@ def silu_kernel(width: int, lanes: int = 16) -> tirx.PrimFunc:
     """``out = x / (1 + exp(-x))`` for float32 ``x [R, width]`` (``R`` symbolic), vectorised over ``width``."""
     vl = lanes if width % lanes == 0 else 1
 
-    @T.prim_func
+    @T.prim_func(check_well_formed=False)
     def row_silu(x_h: T.handle, out_h: T.handle):
         T.func_attr({"global_symbol": "row_silu", "tirx.noalias": True})
         rows = T.int32()
         x = T.match_buffer(x_h, (rows, width), "float32")
         out = T.match_buffer(out_h, (rows, width), "float32")
-        for r in T.parallel(rows):
-            for c in range(width // vl):
-                for lane in T.vectorized(vl):
-                    out[r, c * vl + lane] = x[r, c * vl + lane] / (
-                        T.float32(1) + fast_exp(T.float32(0) - x[r, c * vl + lane]))
+        with T.sblock("root"):
+            for r in T.parallel(rows):
+                for c in range(width // vl):
+                    for lane in T.vectorized(vl):
+                        out[r, c * vl + lane] = x[r, c * vl + lane] / (
+                            T.float32(1) + fast_exp(T.float32(0) - x[r, c * vl + lane]))
 
     return row_silu
