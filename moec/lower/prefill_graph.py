@@ -75,8 +75,9 @@ class PrefillBuilder(DecodeBuilder):
         self.presents += [keys, values]
         q = bb.emit(relax.op.multiply(q, relax.const(np.float32(scale))))
         kv_heads, keys_len = keys.ty.shape[0], keys.ty.shape[1]
+        keys_t = bb.emit(relax.op.permute_dims(keys, [0, 2, 1]))
         scores = self._kernel_call(causal_scores_kernel(int(heads), int(kv_heads), int(q.ty.shape[2])),
-                                   f"causal_scores_{layer}", [q, keys], (heads, rows, keys_len))
+                                   f"causal_scores_{layer}", [q, keys_t], (heads, rows, keys_len))
         logits = self._softmax_input(scores, window, sinks)
         probs = self._kernel_call(softmax_kernel(int(heads)), f"attn_softmax_{layer}", [logits],
                                   tuple(logits.ty.shape))

@@ -25,9 +25,10 @@ def _scores_ref(q, keys):
     return np.where(future[None], np.float32(-1e30), out)
 
 
-@pytest.mark.parametrize("heads,kv_heads,head_dim,rows,past", [(4, 2, 32, 5, 3), (2, 1, 24, 3, 0)])
+@pytest.mark.parametrize("heads,kv_heads,head_dim,rows,past", [(4, 2, 32, 5, 3), (2, 1, 24, 3, 0), (2, 2, 16, 20, 30)])
 def test_causal_attention_kernels_match_numpy(heads, kv_heads, head_dim, rows, past):
-    """Grouped KV heads, a filled cache or none, head dims with 16 and 8 lanes; a sink column in probs."""
+    """Grouped KV heads, a filled cache or none, head dims with 16 and 8 lanes, fewer keys than a vector
+    and whole vectors of keys both inside and past a row's position; a sink column in probs."""
     rng = np.random.default_rng(heads + past)
     keys_len = past + rows
     q = rng.standard_normal((rows, heads, head_dim)).astype(np.float32)
@@ -35,7 +36,7 @@ def test_causal_attention_kernels_match_numpy(heads, kv_heads, head_dim, rows, p
     values = rng.standard_normal((kv_heads, keys_len, head_dim)).astype(np.float32)
     target = host_target()
     scores = call(compile_kernel(causal_scores_kernel(heads, kv_heads, head_dim), target), "causal_scores",
-                  [q, keys, np.zeros((heads, rows, keys_len), np.float32)])
+                  [q, np.ascontiguousarray(keys.transpose(0, 2, 1)), np.zeros((heads, rows, keys_len), np.float32)])
     np.testing.assert_allclose(scores, _scores_ref(q, keys), rtol=1e-5, atol=1e-5)
     # probs with a sink column (never read) and exact zeros past each row's position
     logits = np.concatenate([_scores_ref(q, keys), np.zeros((heads, rows, 1), np.float32)], axis=-1)

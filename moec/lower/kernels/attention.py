@@ -4,7 +4,8 @@ The same arithmetic as :func:`moec.lower.te_ops.causal_scores` / :func:`~moec.lo
 (whose plain TE reductions ran single-threaded and unvectorised: 54 % of a 512-token prefill of
 the OLMoE-shaped model), written as explicit TIR: one parallel task per (head, query row), keys
 past the row's position never read (their score is -1e30; their probability is exactly 0, so the
-values kernel stops at the row's position).
+values kernel stops at the row's position). The scores kernel reads the keys transposed
+(``[kv_heads, head_dim, S]``) so a vector holds 16 keys' scores (no horizontal sums).
 """
 
 # No `from __future__ import annotations`: TVMScript needs the evaluated buffer annotations.
@@ -15,14 +16,18 @@ from tvm import tirx
 from tvm.script import tirx as T
 
 
-def causal_scores_kernel(heads: int, kv_heads: int, head_dim: int, lanes: int = 16) -> tirx.PrimFunc:
+def causal_scores_kernel(heads: int, kv_heads: int, head_dim: int, lanes: int = 16,
+                         chains: int = 4) -> tirx.PrimFunc:
     """``scores[h, t, s] = q[t, h] · keys[h // rep, s]`` for ``s <= S - T + t``, else -1e30.
 
-    ``q`` float32 ``[T, heads, head_dim]`` (pre-scaled), ``keys`` ``[kv_heads, S, head_dim]``
-    (``S`` = cached + ``T``), ``scores`` ``[heads, T, S]``; ``T`` and ``S`` are symbolic.
+    ``q`` float32 ``[T, heads, head_dim]`` (pre-scaled), ``keys_t`` the keys transposed,
+    ``[kv_heads, head_dim, S]`` (``S`` = cached + ``T``), ``scores`` ``[heads, T, S]``; ``T`` and
+    ``S`` are symbolic. ``lanes`` keys per vector (a broadcast query value times a key vector,
+    no horizontal sums), ``chains`` independent accumulators over the head dimension.
     """
-    rep, vl = heads // kv_heads, gcd(head_dim, lanes)
-    chunks = head_dim // vl
+    rep = heads // kv_heads
+    chains = gcd(chains, head_dim)
+    span = head_dim // chains
 
     @T.prim_func
     def causal_scores(q_h: T.handle, k_h: T.handle, out_h: T.handle):
@@ -30,24 +35,37 @@ def causal_scores_kernel(heads: int, kv_heads: int, head_dim: int, lanes: int = 
         rows = T.int32()
         keys_len = T.int32()
         q = T.match_buffer(q_h, (rows, heads, head_dim), "float32")
-        keys = T.match_buffer(k_h, (kv_heads, keys_len, head_dim), "float32")
+        keys_t = T.match_buffer(k_h, (kv_heads, head_dim, keys_len), "float32")
         out = T.match_buffer(out_h, (heads, rows, keys_len), "float32")
         for task in T.parallel(heads * rows):
-            acc = T.alloc_buffer((vl,), "float32", scope="local")
+            acc = T.alloc_buffer((chains, lanes), "float32", scope="local")
             h: T.int32 = task // rows
             t: T.int32 = task % rows
-            for s in range(keys_len):
-                if s <= keys_len - rows + t:
-                    for lane in T.vectorized(vl):
-                        acc[lane] = T.float32(0)
-                    for c in T.unroll(chunks):
-                        for lane in T.vectorized(vl):
-                            acc[lane] = acc[lane] + q[t, h, c * vl + lane] * keys[h // rep, s, c * vl + lane]
-                    for lane in range(1, vl):
-                        acc[0] = acc[0] + acc[lane]
-                    out[h, t, s] = acc[0]
+            last: T.int32 = keys_len - rows + t  # the row's own position: the last key it sees
+            for c in range(keys_len // lanes):
+                if c * lanes <= last:
+                    for j in T.unroll(chains):
+                        for lane in T.vectorized(lanes):
+                            acc[j, lane] = T.float32(0)
+                    for d in range(span):
+                        for j in T.unroll(chains):
+                            for lane in T.vectorized(lanes):
+                                acc[j, lane] = acc[j, lane] + q[t, h, j * span + d] * keys_t[
+                                    h // rep, j * span + d, c * lanes + lane]
+                    for j in T.unroll(1, chains):
+                        for lane in T.vectorized(lanes):
+                            acc[0, lane] = acc[0, lane] + acc[j, lane]
+                    for lane in T.vectorized(lanes):
+                        out[h, t, c * lanes + lane] = T.if_then_else(
+                            c * lanes + lane <= last, acc[0, lane], T.float32(-1e30))
                 else:
-                    out[h, t, s] = T.float32(-1e30)
+                    for lane in T.vectorized(lanes):
+                        out[h, t, c * lanes + lane] = T.float32(-1e30)
+            for s in range(keys_len // lanes * lanes, keys_len):  # the last partial vector of keys
+                acc[0, 0] = T.float32(0)
+                for d in range(head_dim):
+                    acc[0, 0] = acc[0, 0] + q[t, h, d] * keys_t[h // rep, d, s]
+                out[h, t, s] = T.if_then_else(s <= last, acc[0, 0], T.float32(-1e30))
 
     return causal_scores
 
