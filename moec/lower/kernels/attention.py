@@ -17,17 +17,16 @@ from tvm.script import tirx as T
 
 
 def causal_scores_kernel(heads: int, kv_heads: int, head_dim: int, lanes: int = 16,
-                         chains: int = 4) -> tirx.PrimFunc:
+                         block: int = 4) -> tirx.PrimFunc:
     """``scores[h, t, s] = q[t, h] · keys[h // rep, s]`` for ``s <= S - T + t``, else -1e30.
 
     ``q`` float32 ``[T, heads, head_dim]`` (pre-scaled), ``keys_t`` the keys transposed,
     ``[kv_heads, head_dim, S]`` (``S`` = cached + ``T``), ``scores`` ``[heads, T, S]``; ``T`` and
-    ``S`` are symbolic. ``lanes`` keys per vector (a broadcast query value times a key vector,
-    no horizontal sums), ``chains`` independent accumulators over the head dimension.
+    ``S`` are symbolic. A task is one head and ``block`` query rows: each vector of ``lanes``
+    keys (one load per head-dim value) meets every row's broadcast query value, into ``block``
+    independent accumulators (no horizontal sums).
     """
     rep = heads // kv_heads
-    chains = gcd(chains, head_dim)
-    span = head_dim // chains
 
     @T.prim_func
     def causal_scores(q_h: T.handle, k_h: T.handle, out_h: T.handle):
@@ -37,35 +36,40 @@ def causal_scores_kernel(heads: int, kv_heads: int, head_dim: int, lanes: int = 
         q = T.match_buffer(q_h, (rows, heads, head_dim), "float32")
         keys_t = T.match_buffer(k_h, (kv_heads, head_dim, keys_len), "float32")
         out = T.match_buffer(out_h, (heads, rows, keys_len), "float32")
-        for task in T.parallel(heads * rows):
-            acc = T.alloc_buffer((chains, lanes), "float32", scope="local")
-            h: T.int32 = task // rows
-            t: T.int32 = task % rows
-            last: T.int32 = keys_len - rows + t  # the row's own position: the last key it sees
+        for task in T.parallel(heads * ((rows + block - 1) // block)):
+            acc = T.alloc_buffer((block, lanes), "float32", scope="local")
+            h: T.int32 = task % heads
+            t0: T.int32 = task // heads * block
+            # the last key each row sees is its own position, keys_len - rows + t
+            last: T.int32 = keys_len - rows + T.min(t0 + block, rows) - 1
             for c in range(keys_len // lanes):
                 if c * lanes <= last:
-                    for j in T.unroll(chains):
+                    for r in T.unroll(block):
                         for lane in T.vectorized(lanes):
-                            acc[j, lane] = T.float32(0)
-                    for d in range(span):
-                        for j in T.unroll(chains):
+                            acc[r, lane] = T.float32(0)
+                    for d in range(head_dim):
+                        for r in T.unroll(block):
                             for lane in T.vectorized(lanes):
-                                acc[j, lane] = acc[j, lane] + q[t, h, j * span + d] * keys_t[
-                                    h // rep, j * span + d, c * lanes + lane]
-                    for j in T.unroll(1, chains):
-                        for lane in T.vectorized(lanes):
-                            acc[0, lane] = acc[0, lane] + acc[j, lane]
-                    for lane in T.vectorized(lanes):
-                        out[h, t, c * lanes + lane] = T.if_then_else(
-                            c * lanes + lane <= last, acc[0, lane], T.float32(-1e30))
+                                acc[r, lane] = acc[r, lane] + q[T.min(t0 + r, rows - 1), h, d] * keys_t[
+                                    h // rep, d, c * lanes + lane]
+                    for r in T.unroll(block):
+                        if t0 + r < rows:
+                            for lane in T.vectorized(lanes):
+                                out[h, t0 + r, c * lanes + lane] = T.if_then_else(
+                                    c * lanes + lane <= keys_len - rows + t0 + r, acc[r, lane], T.float32(-1e30))
                 else:
-                    for lane in T.vectorized(lanes):
-                        out[h, t, c * lanes + lane] = T.float32(-1e30)
-            for s in range(keys_len // lanes * lanes, keys_len):  # the last partial vector of keys
-                acc[0, 0] = T.float32(0)
-                for d in range(head_dim):
-                    acc[0, 0] = acc[0, 0] + q[t, h, d] * keys_t[h // rep, d, s]
-                out[h, t, s] = T.if_then_else(s <= last, acc[0, 0], T.float32(-1e30))
+                    for r in T.unroll(block):
+                        if t0 + r < rows:
+                            for lane in T.vectorized(lanes):
+                                out[h, t0 + r, c * lanes + lane] = T.float32(-1e30)
+            for r in T.unroll(block):
+                if t0 + r < rows:
+                    for s in range(keys_len // lanes * lanes, keys_len):  # the last partial vector of keys
+                        acc[0, 0] = T.float32(0)
+                        for d in range(head_dim):
+                            acc[0, 0] = acc[0, 0] + q[t0 + r, h, d] * keys_t[h // rep, d, s]
+                        out[h, t0 + r, s] = T.if_then_else(s <= keys_len - rows + t0 + r, acc[0, 0],
+                                                           T.float32(-1e30))
 
     return causal_scores
 
