@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import statistics
 import time
 from pathlib import Path
@@ -134,7 +135,8 @@ def profile(bundle: str, n: int, top: int = 0) -> None:
 def _kind(name: str) -> str:
     if "vm.builtin" in name or name.startswith("vm."):
         return "VM builtins (alloc, shape checks)"
-    if "experts" in name and "gemm" in name:
+    stack = re.search(r"^gemm_.*_s(\d+)", name)  # kernel symbols name their stack size (_s64)
+    if ("experts" in name and "gemm" in name) or (stack and int(stack.group(1)) > 1):
         return "expert grouped GEMMs"
     if "gemm" in name or "gemv" in name:
         return "dense projections (attention, router, lm head)"

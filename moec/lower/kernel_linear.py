@@ -80,10 +80,9 @@ class KernelEmitter(LinearEmitter):
 
     def _call(self, bb, x, entry: WeightEntry, vars_, name, ids, top_k, per_expert):
         n = entry.shape[0]
-        func = self._kernel(entry, top_k, per_expert)
-        # opaque: scheduled kernels are called as they are, never fused with neighbouring ops
-        func = func.with_attr("op_pattern", 8).with_attr("global_symbol", f"gemv_{name}".replace(".", "_"))
-        gv = bb.add_func(func, f"gemv_{name}".replace(".", "_"))
+        int8 = self.activations == "int8" and entry.bits in INT8_ACTIVATION_BITS
+        gv = _add_kernel(bb, self._kernel(entry, top_k, per_expert),
+                         _symbol("gemv", entry, f"t{top_k}", "xe" if per_expert else "", "i8" if int8 else ""))
         args = [x] + self._weight_args(entry, vars_, name) + [ids]
         return bb.emit(relax.call_tir(gv, args, relax.TensorType((top_k, n), "float32")))
 
@@ -101,9 +100,7 @@ class KernelEmitter(LinearEmitter):
         key = ("nested", entry.bits, n, k, entry.group_size, entry.stacked, top_k, per_expert)
         if key not in self._kernels:
             self._kernels[key] = make_nested_gemv(*key[1:7], self.target, x_per_expert=per_expert)
-        sym = f"gemv_{name}".replace(".", "_")
-        func = self._kernels[key].with_attr("op_pattern", 8).with_attr("global_symbol", sym)
-        gv = bb.add_func(func, sym)
+        gv = _add_kernel(bb, self._kernels[key], _symbol("nested", entry, f"t{top_k}", "xe" if per_expert else ""))
         segs = sorted((a for a in entry.arrays if a.startswith("kseg")), key=lambda a: int(a[4:]))
         args = [x] + [vars_[f"{name}.{a}"] for a in segs] + [vars_[f"{name}.kscale"], vars_[f"{name}.kzero"], prec, ids]
         return bb.emit(relax.call_tir(gv, args, relax.TensorType((top_k, n), "float32")))
@@ -127,9 +124,7 @@ class KernelEmitter(LinearEmitter):
         key = ("gemm", entry.bits, n, k, entry.group_size, entry.stacked or 1, "int8" if int8 else "float32")
         if key not in self._kernels:
             self._kernels[key] = make_grouped_gemm(*key[1:6], self.target, activations=key[6])
-        sym = f"gemm_{name}".replace(".", "_")
-        func = self._kernels[key].with_attr("op_pattern", 8).with_attr("global_symbol", sym)
-        gv = bb.add_func(func, sym)
+        gv = _add_kernel(bb, self._kernels[key], _symbol("gemm", entry, "i8" if int8 else ""))
         out_rows = (rows if int8 else x).ty.shape[0]
         args = [x] + ([rows] if int8 else []) + self._weight_args(entry, vars_, name) + [offsets]
         return bb.emit(relax.call_tir(gv, args, relax.TensorType((out_rows, n), "float32")))
@@ -164,6 +159,23 @@ class KernelEmitter(LinearEmitter):
         safe = bb.emit(relax.op.where(is_member, ids, first))
         y = self._call(bb, x, entry, vars_, name, safe, top_k, per_expert)
         return bb.emit(relax.op.where(member, y, relax.const(np.float32(0.0))))
+
+
+def _symbol(kind: str, entry: WeightEntry, *extra: str) -> str:
+    """One library symbol per distinct kernel (bits, shape, group, stack, call shape), shared by every weight
+    that uses it: layers of one shape compile once, not once per layer."""
+    n, k = entry.shape
+    tail = "".join(f"_{e}" for e in extra if e)
+    return f"{kind}_b{entry.bits}_n{n}_k{k}_g{entry.group_size}_s{entry.stacked or 1}{tail}"
+
+
+def _add_kernel(bb, func: tirx.PrimFunc, sym: str):
+    """Add a scheduled kernel once per module under ``sym`` (opaque: called as it is, never fused with
+    neighbouring ops); the block builder returns the existing function for a structurally equal one."""
+    gv = bb.add_func(func.with_attr("op_pattern", 8).with_attr("global_symbol", sym), sym)
+    if gv.name_hint != sym:  # two different kernels asked for one symbol: the key above misses a field
+        raise MoecError(f"internal: kernel symbol {sym} is not unique ({gv.name_hint})")
+    return gv
 
 
 def apply_kernel_layout(params: ModelParams, emitter: KernelEmitter) -> int:

@@ -4,14 +4,14 @@ and logits."""
 from __future__ import annotations
 
 import json
-from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pytest
 import torch
 
 from moec.core.plan import BitPlan
-from tests.hardware.test_emulated_device import KEY, _skip_reason, _trace
+from tests.hardware.emulated_fixtures import KEY
+from tests.hardware.test_emulated_device import _trace
 
 transformers = pytest.importorskip("transformers")
 from tests.models.test_adapters import CASES, _randomise  # noqa: E402
@@ -44,27 +44,16 @@ def _build(root, family: str) -> dict:
 
 
 @pytest.mark.parametrize("family", ["deepseek_v3", "gpt_oss"])
-def test_bundle_on_emulated_device_matches_host(tmp_path_factory, family):
-    reason = _skip_reason()
-    if reason:
-        pytest.skip(reason)
-    from moec.hardware.emulated import start_device
+def test_bundle_on_emulated_device_matches_host(emulated_boot, tmp_path_factory, family):
     from moec.runtime.session import BundleSession, open_remote_bundle
-    with ThreadPoolExecutor(1) as pool:
-        started = pool.submit(start_device, key=KEY, timeout=300, log_dir=tmp_path_factory.mktemp("emu-logs"))
-        try:
-            bundles = _build(tmp_path_factory.mktemp(f"emu-{family}"), family)
-        finally:
-            run = started.result()
-    try:
-        want_ids, want_logits = _trace(BundleSession(bundles["host"]), PROMPT, NEW_TOKENS)
-        with open_remote_bundle(bundles["aarch64-generic"], str(run.tracker_address), KEY, timeout=60) as remote:
-            got_ids, got_logits = _trace(remote, PROMPT, NEW_TOKENS)
-            assert remote.generate(PROMPT, NEW_TOKENS)[0] == want_ids
-            if family == "deepseek_v3":
-                assert remote.past[0].shape[0] == 1  # the latent cache: one "head"
-        assert got_ids == want_ids
-        for got, want in zip(got_logits, want_logits):
-            np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
-    finally:
-        run.stop()
+    bundles = _build(tmp_path_factory.mktemp(f"emu-{family}"), family)
+    run = emulated_boot.result()
+    want_ids, want_logits = _trace(BundleSession(bundles["host"]), PROMPT, NEW_TOKENS)
+    with open_remote_bundle(bundles["aarch64-generic"], str(run.tracker_address), KEY, timeout=60) as remote:
+        got_ids, got_logits = _trace(remote, PROMPT, NEW_TOKENS)
+        assert remote.generate(PROMPT, NEW_TOKENS)[0] == want_ids
+        if family == "deepseek_v3":
+            assert remote.past[0].shape[0] == 1  # the latent cache: one "head"
+    assert got_ids == want_ids
+    for got, want in zip(got_logits, want_logits):
+        np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)

@@ -9,11 +9,7 @@ reuse it. As root the missing Debian packages are installed with apt-get.
 from __future__ import annotations
 
 import json
-import os
 import platform
-import shutil
-import sys
-from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pytest
@@ -22,23 +18,13 @@ from click.testing import CliRunner
 from moec.cli.main import cli
 from moec.core.errors import MoecError
 from moec.core.plan import BitPlan
+from tests.hardware.emulated_fixtures import KEY
 
 pytestmark = [pytest.mark.tvm, pytest.mark.farm]
 
-KEY = "arm64-emu"
 PROMPT = "Experts in a mixture"
 NEW_TOKENS = 8
 ARM_PRESETS = ("aarch64-generic", "raspberry-pi-5")  # NEON; NEON + dotprod (qemu's default CPU has both)
-
-
-def _skip_reason() -> str | None:
-    from moec.hardware.emulated import missing_host_tools
-    if sys.platform != "linux":
-        return "the emulated arm64 device needs Linux (qemu-user)"
-    missing = missing_host_tools()
-    if missing and (os.geteuid() != 0 or shutil.which("apt-get") is None):
-        return f"missing {', '.join(missing)} and not root with apt-get to install them"
-    return None
 
 
 def _build_bundles(root) -> dict:
@@ -56,23 +42,10 @@ def _build_bundles(root) -> dict:
 
 
 @pytest.fixture(scope="module")
-def farm(tmp_path_factory):
+def farm(emulated_boot, tmp_path_factory):
     """(running emulated device, bundles): the device boots under qemu while the bundles compile."""
-    reason = _skip_reason()
-    if reason:
-        pytest.skip(reason)
-    from moec.hardware.emulated import start_device
-    with ThreadPoolExecutor(1) as pool:
-        started = pool.submit(start_device, key=KEY, timeout=300, log_dir=tmp_path_factory.mktemp("emu-logs"))
-        try:
-            bundles = _build_bundles(tmp_path_factory.mktemp("emu-bundles"))
-        except BaseException:
-            started.result().stop()
-            raise
-        run = started.result()
-    yield run, bundles
-    run.stop()
-    assert not run.server.alive() and not run.tracker.alive()
+    bundles = _build_bundles(tmp_path_factory.mktemp("emu-bundles"))
+    return emulated_boot.result(), bundles
 
 
 @pytest.fixture(scope="module")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 from click.testing import CliRunner
@@ -78,3 +79,43 @@ def test_bundle_manifest_names_its_backend(tmp_path):
     manifest = json.loads((tmp_path / "b" / "manifest.json").read_text())
     assert manifest["backend"] == backend_for(load_target("host")).manifest()
     assert manifest["kernels"] == "scheduled"
+
+
+def test_layers_of_one_shape_share_their_kernels():
+    """Two decoder layers with the same shapes and bit classes call the same kernel functions: the module
+    holds one GEMV (and one grouped GEMM) per distinct (bits, shape, group, call shape), not one per layer,
+    so LLVM compiles a kernel once however deep the model is."""
+    import copy
+
+    import tvm
+    from tvm import relax
+
+    from moec.core.plan import BitPlan
+    from moec.lower.decode_graph import DecodeBuilder
+    from moec.lower.kernel_linear import apply_kernel_layout
+    from moec.lower.params import build_params
+    from moec.lower.prefill_graph import PrefillBuilder
+    from moec.quant.weights import ModelWeights
+    from tests.export.export_fixtures import feature_model
+    model = feature_model("headnorm_tied_mqa")
+    cfg = model.cfg
+    plan = BitPlan({l: {e: (4 if e % 2 else 8) for e in range(cfg.num_experts)} for l in cfg.moe_layers},
+                   {"attention": 8, "lm_head": 8, "embeddings": 8}, group_size=16, method="rtn",
+                   model_fingerprint=cfg.fingerprint())
+    weights = ModelWeights.from_model(model, plan)
+    params = build_params(cfg, plan, weights.packed, weights.floats)
+    preset = load_target("host")
+    emitter = backend_for(preset).emitter(preset.tvm(), "float32")
+    apply_kernel_layout(params, emitter)
+    bb = relax.BlockBuilder()
+    DecodeBuilder(cfg, copy.deepcopy(params), emitter).build(bb)
+    PrefillBuilder(cfg, params, emitter).build(bb)
+    mod = bb.get()
+    kernels = [gv.name_hint for gv, f in mod.functions.items()
+               if isinstance(f, tvm.tirx.PrimFunc) and gv.name_hint.startswith(("gemv_", "gemm_"))]
+    assert len(kernels) == len(set(kernels))
+    assert not any("layers" in k for k in kernels)
+    decode = mod["decode"].script()
+    experts = [k for k in kernels if k.startswith("gemv_b4_")]  # only routed experts are 4-bit
+    calls = {k: len(re.findall(rf"\b{k}\b", decode)) for k in experts}
+    assert experts and all(n >= cfg.num_layers for n in calls.values()), calls
