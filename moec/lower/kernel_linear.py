@@ -35,9 +35,10 @@ from moec.quant.packed_model import PackedWeight
 class KernelEmitter(LinearEmitter):
     """Scheduled kernels for ``target`` where supported, reference emitter elsewhere.
 
-    ``activations="int8"`` runs the decode GEMVs of quantized weights on int8-quantized
-    activations (per group, like onnxruntime's accuracy_level 4; families with an int8 kernel);
-    prefill's grouped GEMMs and float weights keep float32 activations.
+    ``activations="int8"`` runs the decode GEMVs and prefill grouped GEMMs of quantized weights on
+    int8-quantized activations (per group, like onnxruntime's accuracy_level 4; families with an
+    int8 kernel), each token's row quantized as its decode step quantizes it; float weights keep
+    float32 activations.
     """
 
     def __init__(self, target: tvm.target.Target, activations: str = "float32") -> None:
@@ -105,17 +106,29 @@ class KernelEmitter(LinearEmitter):
         args = [x] + [vars_[f"{name}.{a}"] for a in segs] + [vars_[f"{name}.kscale"], vars_[f"{name}.kzero"], prec, ids]
         return bb.emit(relax.call_tir(gv, args, relax.TensorType((top_k, n), "float32")))
 
-    def grouped(self, bb, x, entry: WeightEntry, vars_, name, offsets):
+    def _grouped_int8(self, entry: WeightEntry) -> bool:
+        """Whether this weight's grouped GEMM takes int8 activations (and gathers its own rows)."""
+        return entry.kernel and self.activations == "int8" and entry.bits in INT8_ACTIVATION_BITS
+
+    def gathers_rows(self, entry: WeightEntry) -> bool:
+        return self._grouped_int8(entry)
+
+    def grouped(self, bb, x, entry: WeightEntry, vars_, name, offsets, rows=None):
         if not entry.kernel:
             return None
         n, k = entry.shape
-        key = ("gemm", entry.bits, n, k, entry.group_size, entry.stacked or 1)
+        int8 = self._grouped_int8(entry)
+        if rows is not None and not int8:
+            x, rows = bb.emit(relax.op.take(x, rows, axis=0, mode="clip")), None
+        if int8 and rows is None:
+            rows = bb.emit(relax.op.arange(0, x.ty.shape[0], 1, "int32"))
+        key = ("gemm", entry.bits, n, k, entry.group_size, entry.stacked or 1, "int8" if int8 else "float32")
         if key not in self._kernels:
-            self._kernels[key] = make_grouped_gemm(*key[1:], self.target)
-        gv = _add_kernel(bb, self._kernels[key], _symbol("gemm", entry))
-        rows = x.ty.shape[0]
-        args = [x] + self._weight_args(entry, vars_, name) + [offsets]
-        return bb.emit(relax.call_tir(gv, args, relax.TensorType((rows, n), "float32")))
+            self._kernels[key] = make_grouped_gemm(*key[1:6], self.target, activations=key[6])
+        gv = _add_kernel(bb, self._kernels[key], _symbol("gemm", entry, "i8" if int8 else ""))
+        out_rows = (rows if int8 else x).ty.shape[0]
+        args = [x] + ([rows] if int8 else []) + self._weight_args(entry, vars_, name) + [offsets]
+        return bb.emit(relax.call_tir(gv, args, relax.TensorType((out_rows, n), "float32")))
 
     def dense_rows(self, bb, x, entry: WeightEntry, vars_, name):
         if not entry.kernel:

@@ -42,9 +42,16 @@ class LinearEmitter:
         """``dense`` for ``x [T, K]`` with many rows (prefill); the reference matmul takes any T."""
         return self.dense(bb, x, entry, vars_, name)
 
-    def grouped(self, bb, x, entry: WeightEntry, vars_, name, offsets):
-        """Rows of ``x`` sorted by stacked expert (``offsets``) times their expert: needs kernels."""
+    def grouped(self, bb, x, entry: WeightEntry, vars_, name, offsets, rows=None):
+        """Rows of ``x`` sorted by stacked expert (``offsets``) times their expert: needs kernels.
+
+        With ``rows`` (int32 ``[P]``) the sorted input is ``x[rows]`` (``x`` unsorted, e.g. one row
+        per token for ``top_k`` pairs each), gathered by the emitter or inside its kernel."""
         return None
+
+    def gathers_rows(self, entry: WeightEntry) -> bool:
+        """Whether ``grouped`` on this weight gathers ``rows`` inside its kernel (no gathered copy)."""
+        return False
 
     def experts(self, bb, x, entry: WeightEntry, vars_, name, ids):
         safe = bb.emit(relax.op.maximum(ids, relax.const(np.int32(0))))

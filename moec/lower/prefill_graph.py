@@ -6,9 +6,11 @@ attends causally; the logits are those of the last row (the next token). Each Mo
 its ``T * top_k`` (token, slot) pairs per bit class by expert id in that class' stack
 (``argsort`` of the remapped id, pairs of other classes last), computes
 ``offsets[e] = #pairs with id < e``, runs one grouped GEMM per projection over the sorted
-rows (each expert's weights read once for all its tokens, experts without tokens skipped),
+rows (each expert's weights read once for all its tokens, experts without tokens skipped;
+an int8-activation kernel quantizes each token's row once and gathers the sorted rows itself),
 and scatters the rows back to their pairs. Dense projections are grouped GEMMs with one
-"expert" holding every row. Everything else is the decode builder's ops on ``[T, ...]`` rows.
+"expert" holding every row. Causal attention (scores, softmax, values) and SiLU are parallel, vectorised CPU kernels
+(:mod:`moec.lower.kernels.attention`, :mod:`moec.lower.kernels.rowwise`). Everything else is the decode builder's ops on ``[T, ...]`` rows.
 
 The function is emitted only when every expert stack has a grouped-GEMM kernel
 (:meth:`PrefillBuilder.supported`); otherwise the runtime prefills with decode steps.
@@ -22,6 +24,8 @@ from tvm import relax, tirx
 from moec.arch import blocks
 from moec.lower import te_ops
 from moec.lower.decode_graph import DecodeBuilder
+from moec.lower.kernels.attention import causal_scores_kernel, causal_values_kernel
+from moec.lower.kernels.rowwise import silu_kernel, softmax_kernel
 
 
 class PrefillBuilder(DecodeBuilder):
@@ -55,6 +59,12 @@ class PrefillBuilder(DecodeBuilder):
     def rope(self, x):
         return self.bb.emit_te(te_ops.rope_rows, x, self.p, self._inv_freq())
 
+    def silu(self, x):
+        if x.ty.ndim != 2:
+            return super().silu(x)
+        rows, width = x.ty.shape
+        return self._kernel_call(silu_kernel(int(width)), f"row_silu_{int(width)}", [x], (rows, width))
+
     def attend(self, q, k, v, layer, scale, window=0, sinks=None):
         """Causal attention of ``T`` rows at positions ``P..P+T-1`` over the cache and themselves."""
         bb = self.bb
@@ -64,10 +74,21 @@ class PrefillBuilder(DecodeBuilder):
         values = bb.emit(relax.op.concat([self.past[2 * layer + 1], relax.op.permute_dims(v, [1, 0, 2])], axis=1))
         self.presents += [keys, values]
         q = bb.emit(relax.op.multiply(q, relax.const(np.float32(scale))))
-        scores = self._softmax_input(bb.emit_te(te_ops.causal_scores, q, keys), window, sinks)
-        probs = bb.emit(relax.op.nn.softmax(scores, axis=-1))
-        attn = bb.emit_te(te_ops.causal_values, probs, values)
+        kv_heads, keys_len = keys.ty.shape[0], keys.ty.shape[1]
+        keys_t = bb.emit(relax.op.permute_dims(keys, [0, 2, 1]))
+        scores = self._kernel_call(causal_scores_kernel(int(heads), int(kv_heads), int(q.ty.shape[2])),
+                                   f"causal_scores_{layer}", [q, keys_t], (heads, rows, keys_len))
+        logits = self._softmax_input(scores, window, sinks)
+        probs = self._kernel_call(softmax_kernel(int(heads)), f"attn_softmax_{layer}", [logits],
+                                  tuple(logits.ty.shape))
+        attn = self._kernel_call(causal_values_kernel(int(heads), int(kv_heads), int(vd)),
+                                 f"causal_values_{layer}", [probs, values], (rows, heads, vd))
         return bb.emit(relax.op.reshape(attn, (rows, heads * vd)))
+
+    def _kernel_call(self, func, name, args, shape):
+        """Call a prefill CPU kernel (opaque to fusion) on ``args``; float32 output of ``shape``."""
+        gv = self.bb.add_func(func.with_attr("op_pattern", 8).with_attr("global_symbol", name), name)
+        return self.bb.emit(relax.call_tir(gv, args, relax.TensorType(shape, "float32")))
 
     def routed_experts(self, x, routing, layer):
         """Per bit class: sort the (token, slot) pairs by expert, grouped GEMMs, scatter back."""
@@ -88,11 +109,15 @@ class PrefillBuilder(DecodeBuilder):
             below = relax.op.less(relax.op.reshape(key, (pairs, 1)),
                                   relax.const(np.arange(count + 1, dtype=np.int32).reshape(1, -1)))
             offsets = bb.emit(relax.op.sum(relax.op.astype(below, "int32"), axis=0))    # [count + 1]
-            xs = bb.emit(relax.op.take(x, relax.op.take(token_of, order, axis=0, mode="clip"), axis=0, mode="clip"))
+            token_rows = bb.emit(relax.op.take(token_of, order, axis=0, mode="clip"))    # sorted -> token
             name = f"layers.{layer}.experts.b{c}"
+            if self.emitter.gathers_rows(self.params.entries[f"{name}.w1"]):
+                xs, xrows = x, token_rows            # the kernel reads x[token_rows[p]] itself
+            else:
+                xs, xrows = bb.emit(relax.op.take(x, token_rows, axis=0, mode="clip")), None
             sorted_slots = bb.emit(relax.op.take(slots, order, axis=0, mode="clip")) if cfg.expert_bias else None
             g1, g3 = (self._expert_bias(self.emitter.grouped(bb, xs, self.params.entries[f"{name}.{w}"], self.vars,
-                                                             f"{name}.{w}", offsets), layer, w, sorted_slots)
+                                                             f"{name}.{w}", offsets, xrows), layer, w, sorted_slots)
                       for w in ("w1", "w3"))
             act = blocks.glu(self, cfg, g1, g3)
             out = self.emitter.grouped(bb, act, self.params.entries[f"{name}.w2"], self.vars, f"{name}.w2", offsets)

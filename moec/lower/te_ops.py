@@ -117,32 +117,6 @@ def rope_rows(x: te.Tensor, start, inv_freq: te.Tensor) -> te.Tensor:
     return te.compute(x.shape, f, name="rope_rows")
 
 
-def causal_scores(q: te.Tensor, keys: te.Tensor) -> te.Tensor:
-    """``q [T, H, hd]`` · ``keys [KVH, P+T, hd]`` → ``[H, T, P+T]``; future positions get -1e30.
-
-    Row ``t`` sits at position ``P + t`` and sees keys ``0..P+t`` (``q`` pre-scaled).
-    """
-    t_, h_, hd = q.shape
-    kvh, s_, _ = keys.shape
-    rep = int(h_) // int(kvh)
-    past = s_ - t_
-    r = te.reduce_axis((0, hd), name="d")
-    dot = te.compute((h_, t_, s_), lambda h, t, s: te.sum(q[t, h, r] * keys[h // rep, s, r], axis=r),
-                     name="dot")
-    return te.compute((h_, t_, s_), lambda h, t, s: tirx.if_then_else(
-        s <= past + t, dot[h, t, s], tirx.const(-1e30, "float32")), name="causal_scores")
-
-
-def causal_values(probs: te.Tensor, values: te.Tensor) -> te.Tensor:
-    """``probs [H, T, S(+1)]`` · ``values [KVH, S, hd]`` → ``[T, H, hd]`` (a sink column past ``S`` is not read)."""
-    h_, t_ = probs.shape[:2]
-    kvh, s_, hd = values.shape
-    rep = int(h_) // int(kvh)
-    r = te.reduce_axis((0, s_), name="s")
-    return te.compute((t_, h_, hd), lambda t, h, d: te.sum(probs[h, t, r] * values[h // rep, r, d], axis=r),
-                      name="causal_attn")
-
-
 def sliding_window(scores: te.Tensor, window: int) -> te.Tensor:
     """Scores ``[H, S]`` (one query at position ``S - 1``) or ``[H, T, S]`` (row ``t`` at ``S - T + t``)
     with every key more than ``window - 1`` positions before its query set to -1e30."""

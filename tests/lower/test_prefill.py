@@ -45,6 +45,31 @@ def test_prefill_matches_decode_steps(name, tmp_path):
     np.testing.assert_allclose(sess.prefill(prompt[5:]), want, rtol=1e-4, atol=1e-4)
 
 
+def test_int8_prefill_matches_int8_decode_steps(tmp_path):
+    """With int8 activations the prefill grouped GEMMs (VNNI) quantize each token's row as its decode
+    GEMV does: the same logits and cache as step-by-step decode."""
+    from tvm.target import codegen
+    from moec.lower.kernels.factory import host_target
+    if not codegen.target_has_features("avx512vnni", host_target()):
+        pytest.skip("int8 activations need AVX-512 VNNI on this host")
+    model = feature_model("headnorm_tied_mqa")
+    cfg = model.cfg
+    plan = BitPlan(_plan(cfg).experts, {"router": 16, "re:.*": 4}, 16, "rtn", cfg.fingerprint())
+    weights = ModelWeights.from_model(model, plan)
+    params = build_params(cfg, plan, weights.packed, weights.floats)
+    sess = BundleSession(build_bundle_from_params(cfg, plan, params, load_target("host"), tmp_path / "b", None,
+                                                  activations="int8"))
+    prompt = [int(t) for t in np.random.default_rng(2).integers(0, cfg.vocab_size, 11)]
+    got = sess.prefill(prompt)
+    cache = [t.numpy() for t in sess.past]
+    sess.reset()
+    for t in prompt:
+        want = sess.step(t)
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
+    for a, b in zip(cache, (t.numpy() for t in sess.past)):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4)
+
+
 def test_no_prefill_without_kernels(tmp_path):
     """The reference emitter has no grouped GEMM: the bundle has decode only and still generates."""
     model = feature_model("headnorm_tied_mqa")

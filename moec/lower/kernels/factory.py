@@ -81,25 +81,39 @@ def make_gemv(bits: int, n: int, k: int, group_size: int, num_stacked: int, top_
 
 
 def make_grouped_gemm(bits: int, n: int, k: int, group_size: int, num_stacked: int,
-                      target: tvm.target.Target) -> tvm.tirx.PrimFunc:
+                      target: tvm.target.Target, activations: str = "float32") -> tvm.tirx.PrimFunc:
     """Prefill grouped GEMM for one bit class, scheduled for ``target``'s family.
 
     Parameters
     ----------
-    bits, n, k, group_size, num_stacked, target
-        As for :func:`make_gemv`.
+    bits, n, k, group_size, num_stacked, target, activations
+        As for :func:`make_gemv` (``"int8"``: quantized weights, families with an int8 grouped
+        GEMM: x86 with AVX-512 VNNI).
 
     Returns
     -------
     tvm.tirx.PrimFunc
-        ``grouped_gemm(x, weight, scale, zero, offsets, y)`` (quantized) or
+        float32 activations: ``grouped_gemm(x, weight, scale, zero, offsets, y)`` (quantized) or
         ``grouped_gemm(x, weight, offsets, y)`` (float): ``x`` float32 ``[T, K]`` holds the routed
         tokens sorted by stacked expert, rows ``offsets[e]:offsets[e+1]`` (int32
         ``[num_stacked + 1]``) going to expert ``e``; ``y`` float32 ``[T, N]`` row ``t`` is
         ``x[t] @ W[e].T``. ``T`` is a symbolic dimension (any number of tokens).
+        int8 activations: ``grouped_gemm(x, rows, weight, scale, zero, offsets, y)``: ``x``
+        float32 ``[R, K]`` unsorted (each row quantized once), ``rows`` int32 ``[P]`` the row of
+        ``x`` of each sorted pair, ``y`` ``[P, N]`` (see
+        :mod:`moec.lower.schedules.x86_vnni_gemm`).
     """
     family = family_module(target)
     spec = GroupedGemmSpec(bits, n, k, group_size, num_stacked, family.PARAMS.tile_rows)
+    if activations == "int8":
+        if bits not in INT8_ACTIVATION_BITS:
+            raise MoecError(f"int8 activations need quantized weights: bits "
+                            f"{', '.join(map(str, INT8_ACTIVATION_BITS))}, not {bits}")
+        if not hasattr(family, "int8_grouped_gemm"):
+            raise MoecError(f"no int8-activation grouped GEMM for target family {target_family(target)!r}")
+        return family.int8_grouped_gemm(spec, tvm.target.Target(target))
+    if activations != "float32":
+        raise MoecError(f"unknown activations {activations!r}; choices: {', '.join(ACTIVATIONS)}")
     return grouped_gemm_definition(spec, family.grouped_gemm_params())
 
 

@@ -77,3 +77,36 @@ def scaled_group_sum(dot, scale, zero, sx, xsum, e, t, col, g, r, bits: int, rec
         zq = zq - recentre
     return (T.Cast("float32", scale[e, t, g, col]) * sx[r, g]
             * T.Cast("float32", dot - zq * xsum[r, g]))
+
+
+def quantize_rows_prep(k: int, gs: int, vl: int, step_codes: int, slot_source: Callable[[int], int]):
+    """A TVMScript macro ``prep(x, rows, sx, xsum, x8)``: :func:`quantize_activations_prep` for a
+    symbolic number of rows, in parallel over rows (the grouped GEMM's prologue)."""
+    @T.macro
+    def prep(x, rows, sx, xsum, x8):
+        for r in T.parallel(rows):
+            xq = T.alloc_buffer((k,), "int8", scope="local")
+            amax = T.alloc_buffer((vl,), "float32", scope="local")
+            isum = T.alloc_buffer((vl,), "int32", scope="local")
+            for g in range(k // gs):
+                for lane in T.vectorized(vl):
+                    amax[lane] = T.float32(0)
+                    isum[lane] = 0
+                for i in range(gs // vl):
+                    for lane in T.vectorized(vl):
+                        amax[lane] = T.max(amax[lane], T.abs(x[r, g * gs + i * vl + lane]))
+                for lane in range(1, vl):
+                    amax[0] = T.max(amax[0], amax[lane])
+                sx[r, g] = T.max(amax[0], T.float32(1e-30)) / T.float32(127)
+                for i in range(gs // vl):
+                    for lane in T.vectorized(vl):
+                        xq[g * gs + i * vl + lane] = T.Cast("int8", T.round(x[r, g * gs + i * vl + lane] / sx[r, g]))
+                        isum[lane] = isum[lane] + T.Cast("int32", xq[g * gs + i * vl + lane])
+                for lane in range(1, vl):
+                    isum[0] = isum[0] + isum[lane]
+                xsum[r, g] = isum[0]
+            for c in range(k // step_codes):
+                for slot in T.unroll(step_codes):
+                    x8[r, c * step_codes + slot] = xq[c * step_codes + slot_source(slot)]
+
+    return prep

@@ -15,6 +15,7 @@ from moec.lower.kernels.grouped_gemm import GemmLoopParams
 from moec.lower.schedules import cpu_gemv
 from moec.lower.schedules.cpu_gemv import CpuScheduleParams
 from moec.lower.schedules.x86_vnni import vnni_gemv
+from moec.lower.schedules.x86_vnni_gemm import vnni_grouped_gemm
 
 
 @dataclass(frozen=True)
@@ -38,7 +39,10 @@ class X86Params(CpuScheduleParams):
     float_unroll : int
         K steps unrolled in the float GEMV.
     gemm_tokens : int
-        Tokens per register block in the grouped GEMM.
+        Tokens per register block in the grouped GEMMs (float32 and int8 activations).
+    gemm_vectors : int
+        16-row vectors per parallel task of the int8 (VNNI) grouped GEMM: ``gemm_vectors *
+        gemm_tokens`` int32 accumulators stay in registers and share each extracted code vector.
     int8_tile_vectors : int
         ``tile_vectors`` of the int8 (VNNI) GEMV: 8 concurrent row streams per thread measured
         ~10% more cold bandwidth at 2-3 bits than 4 (its compute leaves more room).
@@ -62,6 +66,7 @@ class X86Params(CpuScheduleParams):
     unroll_values: int = 32
     float_unroll: int = 8
     gemm_tokens: int = 4
+    gemm_vectors: int = 4
     int8_tile_vectors: int = 8
     int8_chains: int = 2
     prefetch_words: int = 8
@@ -89,12 +94,22 @@ def int8_gemv(spec: GemvSpec, target: tvm.target.Target,
               params: X86Params | None = None) -> tirx.PrimFunc:
     """The int8-activation GEMV (AVX-512 VNNI, see ``x86_vnni``); a clear error without VNNI."""
     cpu_gemv.check_spec(spec, params or PARAMS)
-    needed = ["avx512vnni"] + (["avx512vbmi"] if spec.bits == 3 else [])  # vpmultishiftqb
+    _require_vnni(spec.bits, target)
+    return vnni_gemv(spec, params or PARAMS)
+
+
+def _require_vnni(bits: int, target: tvm.target.Target) -> None:
+    needed = ["avx512vnni"] + (["avx512vbmi"] if bits == 3 else [])  # vpmultishiftqb
     missing = [f for f in needed if not codegen.target_has_features(f, target)]
     if missing:
-        raise MoecError(f"{spec.bits}-bit int8 activations need {', '.join(needed)}; target "
+        raise MoecError(f"{bits}-bit int8 activations need {', '.join(needed)}; target "
                         f"{target} lacks {', '.join(missing)} (use activations='float32')")
-    return vnni_gemv(spec, params or PARAMS)
+
+
+def int8_grouped_gemm(spec, target: tvm.target.Target, params: X86Params | None = None) -> tirx.PrimFunc:
+    """The int8-activation prefill grouped GEMM (AVX-512 VNNI, see ``x86_vnni_gemm``)."""
+    _require_vnni(spec.bits, target)
+    return vnni_grouped_gemm(spec, params or PARAMS)
 
 
 def schedule_nested_gemv(func: tirx.PrimFunc, spec, params=None) -> tirx.PrimFunc:

@@ -1,0 +1,123 @@
+"""x86 AVX-512 VNNI prefill grouped GEMM with int8 activations (``vpdpbusd``), written as explicit TIR.
+
+The prefill counterpart of :mod:`moec.lower.schedules.x86_vnni`: the same code extraction
+(:func:`~moec.lower.schedules.x86_vnni._step_dots`), activation quantization and group scaling,
+so a token's output row equals the int8-activation decode GEMV's for that token. Numerics:
+:func:`moec.lower.kernels.activations.quantize_activations`.
+"""
+
+# No `from __future__ import annotations`: TVMScript needs the evaluated buffer annotations.
+
+from tvm import tirx
+from tvm.script import tirx as T
+
+from moec.core.errors import MoecError
+from moec.lower.kernels.grouped_gemm import GroupedGemmSpec
+from moec.lower.kernels.layout import num_tiles, zero_words
+from moec.lower.schedules.int8_common import plane_slot_source, quantize_rows_prep, scaled_group_sum
+from moec.lower.schedules.x86_vnni import _dpbusd, _step_dots
+
+
+def vnni_grouped_gemm(spec: GroupedGemmSpec, params) -> tirx.PrimFunc:
+    """``y[p] = x[rows[p]] @ W[e].T`` for ``offsets[e] <= p < offsets[e+1]``, int8 activations.
+
+    Every row of ``x`` (float32 ``[R, K]``) is quantized once per call, in parallel over rows
+    (per group: ``sx = max|x| / 127``, codes in the order the dots consume them, their sum);
+    ``rows`` (int32 ``[P]``) gathers the quantized rows for the sorted pairs, so the caller
+    passes the layer's token rows, not ``top_k`` copies of them. Parallel over (expert, tile of
+    ``gemm_vectors`` 16-row vectors); per block of ``gemm_tokens`` tokens and step of codes,
+    each vector's codes are extracted into bytes once and ``vpdpbusd``-ed against every token's
+    four activations (broadcast), into ``vectors × tokens`` int32 accumulators that are scaled
+    into float32 once per group. Experts without tokens cost nothing. ``params`` is an
+    :class:`~moec.lower.schedules.x86.X86Params`.
+    """
+    bits, n, k, gs, lanes, tile = spec.bits, spec.n, spec.k, spec.group_size, params.lanes, spec.tile
+    if lanes != 16 or tile % lanes or n % lanes:
+        raise MoecError(f"the VNNI grouped GEMM needs 16-row vectors dividing N ({n}) and the tile ({tile})")
+    step_words = 3 if bits == 3 else 1
+    step_codes = 32 * step_words // bits
+    if gs % step_codes:
+        raise MoecError(f"{bits}-bit int8-activation GEMM needs group_size a multiple of {step_codes}")
+    steps_per_group, groups = gs // step_codes, k // gs
+    vecs, tb, experts = params.gemm_vectors, params.gemm_tokens, spec.num_stacked
+    nb = n // lanes
+    tiles = -(-nb // vecs)
+    nt = num_tiles(n, tile)
+    prep = quantize_rows_prep(k, gs, 16 if gs % 16 == 0 else gs, step_codes,
+                              (lambda c: c) if bits == 3 else plane_slot_source(bits))
+
+    def step_dots(value, weight, x8, row, e, gv, step):
+        def words(i):
+            return weight[e, gv * lanes // tile, step * step_words + i, T.ramp(gv * lanes % tile, 1, lanes)]
+        for codes, slot in _step_dots(bits, words):
+            x4 = T.reinterpret("int8x64", T.Broadcast(
+                T.reinterpret("int32", x8[row, T.ramp(step * step_codes + slot, 1, 4)]), lanes))
+            value = _dpbusd(value, codes, x4)
+        return value
+
+    @T.macro
+    def gemm_step(acc, weight, x8, tok, e, gv, v, step):
+        """One step of codes of vector ``gv`` against the block's tokens (accumulators ``v*tb + r``)."""
+        for r in T.unroll(tb):
+            acc[v * tb + r, T.ramp(0, 1, lanes)] = step_dots(acc[v * tb + r, T.ramp(0, 1, lanes)],
+                                                              weight, x8, tok[r], e, gv, step)
+
+    def group_term(dot, scale, zero, sx, xsum, e, gv, g, lane, row):
+        t, col = gv * lanes // tile, gv * lanes % tile + lane
+        return scaled_group_sum(dot, scale, zero, sx, xsum, e, t, col, g, row, bits)
+
+    @T.prim_func
+    def grouped_gemm(x_h: T.handle, rows_h: T.handle,
+                     weight: T.Buffer((experts, nt, k * bits // 32, tile), "uint32"),
+                     scale: T.Buffer((experts, nt, groups, tile), "float16"),
+                     zero: T.Buffer((experts, nt, zero_words(groups, bits), tile), "uint32"),
+                     offsets: T.Buffer((experts + 1,), "int32"), y_h: T.handle):
+        T.func_attr({"global_symbol": "grouped_gemm", "tirx.noalias": True})
+        xrows = T.int32()
+        pairs = T.int32()
+        x = T.match_buffer(x_h, (xrows, k), "float32")
+        rows = T.match_buffer(rows_h, (pairs,), "int32")
+        y = T.match_buffer(y_h, (pairs, n), "float32")
+        sx = T.alloc_buffer((xrows, groups), "float32")
+        xsum = T.alloc_buffer((xrows, groups), "int32")
+        x8 = T.alloc_buffer((xrows, k), "int8")  # per step, in the order the dot products consume it
+        prep(x, xrows, sx, xsum, x8)
+        for task in T.parallel(experts * tiles):
+            acc = T.alloc_buffer((vecs * tb, lanes), "int32", scope="local")
+            yacc = T.alloc_buffer((vecs * tb, lanes), "float32", scope="local")
+            tok = T.alloc_buffer((tb,), "int32", scope="local")
+            e: T.int32 = task // tiles
+            start: T.int32 = offsets[e]
+            count: T.int32 = offsets[e + 1] - start
+            for blk in range((count + tb - 1) // tb):
+                for r in T.unroll(tb):
+                    # tail slots of a block recompute the block's last token (never stored)
+                    tok[r] = rows[start + T.min(blk * tb + r, count - 1)]
+                for a in T.unroll(vecs * tb):
+                    for lane in T.vectorized(lanes):
+                        yacc[a, lane] = T.float32(0)
+                for g in range(groups):
+                    for a in T.unroll(vecs * tb):
+                        for lane in T.vectorized(lanes):
+                            acc[a, lane] = 0
+                    for st in range(steps_per_group):
+                        for v in T.unroll(vecs):
+                            if task % tiles * vecs + v < nb:
+                                gemm_step(acc, weight, x8, tok, e, task % tiles * vecs + v, v,
+                                          g * steps_per_group + st)
+                    for v in T.unroll(vecs):
+                        if task % tiles * vecs + v < nb:
+                            for r in T.unroll(tb):
+                                for lane in T.vectorized(lanes):
+                                    yacc[v * tb + r, lane] = yacc[v * tb + r, lane] + group_term(
+                                        acc[v * tb + r, lane], scale, zero, sx, xsum, e,
+                                        task % tiles * vecs + v, g, lane, tok[r])
+                for v in T.unroll(vecs):
+                    if task % tiles * vecs + v < nb:
+                        for r in T.unroll(tb):
+                            if blk * tb + r < count:
+                                for lane in T.vectorized(lanes):
+                                    y[start + blk * tb + r, (task % tiles * vecs + v) * lanes + lane] = \
+                                        yacc[v * tb + r, lane]
+
+    return grouped_gemm

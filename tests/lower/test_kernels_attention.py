@@ -1,0 +1,56 @@
+"""Prefill attention kernels (causal scores and values) against numpy, on the host and as aarch64 code."""
+
+from __future__ import annotations
+
+import re
+
+import numpy as np
+import pytest
+import tvm
+
+from moec.core.targets import load_target
+from moec.lower.kernels.attention import causal_scores_kernel, causal_values_kernel
+from moec.lower.kernels.factory import compile_kernel, host_target
+
+from kernel_helpers import call
+
+pytestmark = pytest.mark.tvm
+
+
+def _scores_ref(q, keys):
+    rows, heads, _ = q.shape
+    rep, keys_len = heads // keys.shape[0], keys.shape[1]
+    out = np.einsum("thd,hsd->hts", q, np.repeat(keys, rep, axis=0))
+    future = np.arange(keys_len)[None, :] > (keys_len - rows + np.arange(rows))[:, None]
+    return np.where(future[None], np.float32(-1e30), out)
+
+
+@pytest.mark.parametrize("heads,kv_heads,head_dim,rows,past", [(4, 2, 32, 5, 3), (2, 1, 24, 3, 0), (2, 2, 16, 20, 30)])
+def test_causal_attention_kernels_match_numpy(heads, kv_heads, head_dim, rows, past):
+    """Grouped KV heads, a filled cache or none, head dims with 16 and 8 lanes, fewer keys than a vector
+    and whole vectors of keys both inside and past a row's position; a sink column in probs."""
+    rng = np.random.default_rng(heads + past)
+    keys_len = past + rows
+    q = rng.standard_normal((rows, heads, head_dim)).astype(np.float32)
+    keys = rng.standard_normal((kv_heads, keys_len, head_dim)).astype(np.float32)
+    values = rng.standard_normal((kv_heads, keys_len, head_dim)).astype(np.float32)
+    target = host_target()
+    scores = call(compile_kernel(causal_scores_kernel(heads, kv_heads, head_dim), target), "causal_scores",
+                  [q, np.ascontiguousarray(keys.transpose(0, 2, 1)), np.zeros((heads, rows, keys_len), np.float32)])
+    np.testing.assert_allclose(scores, _scores_ref(q, keys), rtol=1e-5, atol=1e-5)
+    # probs with a sink column (never read) and exact zeros past each row's position
+    logits = np.concatenate([_scores_ref(q, keys), np.zeros((heads, rows, 1), np.float32)], axis=-1)
+    probs = np.exp(logits - logits.max(-1, keepdims=True)).astype(np.float32)
+    probs /= probs.sum(-1, keepdims=True)
+    attn = call(compile_kernel(causal_values_kernel(heads, kv_heads, head_dim), target), "causal_values",
+                [probs, values, np.zeros((rows, heads, head_dim), np.float32)])
+    ref = np.einsum("hts,hsd->thd", probs[..., :keys_len], np.repeat(values, heads // kv_heads, axis=0))
+    np.testing.assert_allclose(attn, ref, rtol=1e-5, atol=1e-5)
+
+
+def test_causal_attention_kernels_compile_to_neon():
+    target = load_target("aarch64-generic").tvm()
+    for func in (causal_scores_kernel(4, 2, 64), causal_values_kernel(4, 2, 64)):
+        name = func.attrs["global_symbol"]
+        asm = tvm.compile(tvm.IRModule({name: func}), target=target).mod.inspect_source("asm")
+        assert re.search(r"^\s+fmla\s+v\d+\.4s", asm, re.M), f"{name}: no 4-lane NEON fused multiply-add"
