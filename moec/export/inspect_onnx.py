@@ -42,7 +42,10 @@ class OnnxInspection:
         for layer, experts in sorted(self.plan.experts.items()):
             for e, bits in sorted(experts.items()):
                 got = self.annotated.get((layer, e))
-                if got != {bits}:
+                if self.plan.is_dropped(layer, e):  # not exported: no nodes expected
+                    if got:
+                        out.append(f"layer {layer} expert {e}: dropped by the plan, nodes {sorted(got)}")
+                elif got != {bits}:
                     out.append(f"layer {layer} expert {e}: plan {bits}, nodes {sorted(got) if got else 'none'}")
         return out
 

@@ -22,7 +22,8 @@ top-k experts' packed weights (onnxruntime never evaluates the branch not taken)
 runs each expert once on the group of tokens routed to it; the branch body is
 ``moec.arch.blocks.expert``. Contributions are accumulated in expert order per token, as the
 torch model does. Every node of expert ``e``'s branch, and its ``If``, carries
-``metadata_props`` ``layer``, ``expert``, ``bits``, ``group_size``.
+``metadata_props`` ``layer``, ``expert``, ``bits``, ``group_size``. An expert the plan dropped has
+no ``If`` and no weights: its router logit is ``-inf`` (:meth:`OnnxOps.mask_experts`).
 """
 
 from __future__ import annotations
@@ -88,8 +89,9 @@ class OnnxOps:
     """
 
     def __init__(self, gb: GraphBuilder, cfg: MoEConfig, w: dict[str, StoredWeight], floats: dict[str, str],
-                 pos: Positions | None, decode: bool) -> None:
+                 pos: Positions | None, decode: bool, dropped: dict[int, list[int]] | None = None) -> None:
         self.gb, self.cfg, self.w, self.floats, self.pos, self.decode = gb, cfg, w, floats, pos, decode
+        self.dropped = dropped or {}  # the plan's dropped experts: masked logits, no branch, no weights
         self.prefix = ""
         self.heads: dict[str, tuple[int, int]] = {}  # value name -> (heads, head_dim) of head-shaped values
 
@@ -270,6 +272,14 @@ class OnnxOps:
     def sum_last(self, x):
         return self.gb.op("ReduceSum", [x, self.gb.i64(-1)], keepdims=1)
 
+    def mask_experts(self, logits, layer):
+        dropped = self.dropped.get(layer)
+        if not dropped:
+            return logits
+        mask = np.zeros(self.cfg.num_experts, np.float32)
+        mask[dropped] = -np.inf
+        return self.gb.op("Add", [logits, self.gb.const(mask)])
+
     def routed_experts(self, x, routing: Routing, layer):
         """One ``If`` per expert, run when some token chose it (see the module docstring)."""
         gb, n = self.gb, self.cfg.num_experts
@@ -284,6 +294,8 @@ class OnnxOps:
         conds = [conds] if isinstance(conds, str) else conds
         acc = gb.op("ConstantOfShape", [gb.op("Shape", [x])])  # float32 zeros [T, H]
         for e in range(n):
+            if e in self.dropped.get(layer, ()):
+                continue  # never chosen (mask_experts) and not stored
             w1 = self.w[expert_key(layer, e, "w1")]
             with gb.meta(layer=layer, expert=e, bits=w1.bits, group_size=w1.group_size), gb.name_scope(f"E{e}"):
                 acc = self._expert_if(layer, e, x, gates, hits, conds[e], acc)

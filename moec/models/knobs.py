@@ -6,9 +6,10 @@ a temperature are refused for routers that have one, gpt-oss); ``pack_model`` do
 router, so ONNX export and TVM bundles built from packed weights honour it.
 ``dropped_experts`` removes experts from the router's choices (an additive ``-inf`` on their logits,
 :attr:`MoEBlock.expert_mask`, read by ``TorchOps.linear`` for the router) and zeroes their stored
-weights, so a dropped expert can never be chosen nor contribute. Only the torch back end honours
-the mask: ONNX export and TVM compilation refuse dropped experts, and the layer-by-layer (streamed)
-paths refuse both knobs (:func:`require_no_knobs`).
+weights, so a dropped expert can never be chosen nor contribute. ONNX export and TVM compilation
+honour it the same way (the ``Ops.mask_experts`` op of their graph backends) and store no weights for
+a dropped expert (``pack_model`` leaves it out); the layer-by-layer (streamed) paths and ``finetune``
+refuse both knobs (:func:`require_no_knobs`).
 """
 
 from __future__ import annotations
@@ -39,12 +40,10 @@ def apply_knobs(model: MoEModel, plan: BitPlan, scale_router: bool = True) -> Mo
     return model
 
 
-def require_no_knobs(plan: BitPlan, what: str, temperature_ok: bool = False) -> None:
-    """One-line refusal for back ends that do not implement the knobs (``temperature_ok``: this one
-    reads the packed router, so only dropped experts are refused)."""
-    if any(plan.dropped_experts.values()):
-        raise MoecError(f"{what} does not support plans with dropped_experts yet (torch evaluation does); "
-                        "remove that field")
-    if plan.router_temperature != 1.0 and not temperature_ok:
-        raise MoecError(f"{what} does not support plans with router_temperature yet (torch evaluation, "
-                        "in-memory ONNX export and compile do); remove that field")
+def require_no_knobs(plan: BitPlan, what: str) -> None:
+    """One-line refusal for the paths that do not implement the knobs (the layer-by-layer ones, finetune)."""
+    for field, present in (("dropped_experts", any(plan.dropped_experts.values())),
+                           ("router_temperature", plan.router_temperature != 1.0)):
+        if present:
+            raise MoecError(f"{what} does not support plans with {field} yet (torch evaluation, in-memory ONNX "
+                            "export and compile do); remove that field")

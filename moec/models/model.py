@@ -156,7 +156,7 @@ class MoEBlock(nn.Module):
 
     def route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Softmax router probabilities, top-k indices and (optionally renormalised) weights."""
-        r = blocks.router(TorchOps(self), self.cfg, x)
+        r = blocks.router(TorchOps(self), self.cfg, self.layer, x)
         return r.probs, r.ids, r.weights.to(x.dtype)
 
     def expert(self, e: int, x: torch.Tensor) -> torch.Tensor:

@@ -103,6 +103,7 @@ def pack_model(model: MoEModel, plan: BitPlan, progress=None,
     A fine-tuned model (``model.learned_quant``, see :mod:`moec.models.learned_quant`) quantizes
     every (weight, bits) it learned at the plan's group size with its learned scales and zeros,
     whatever the method.
+    Experts the plan drops (``dropped_experts``) are left out.
     A plan's ``router_temperature`` T is packed into the router weight (``W / T``; routers with a
     logit bias are refused when the plan is checked), so every back end that reads the packed
     weights honours it.
@@ -113,7 +114,8 @@ def pack_model(model: MoEModel, plan: BitPlan, progress=None,
     items = [(name, plan.tensor_bits(name)) for name, _ in non_expert_weights(model.cfg)]
     for layer, experts in plan.experts.items():
         for e, bits in experts.items():
-            items += [(expert_key(layer, e, p), bits) for p in ("w1", "w3", "w2")]
+            if not plan.is_dropped(layer, e):  # a dropped expert is never chosen: not stored
+                items += [(expert_key(layer, e, p), bits) for p in ("w1", "w3", "w2")]
     for name, bits in items:
         if ".experts." in name:
             layer, e, proj = parse_expert_key(name)

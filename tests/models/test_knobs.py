@@ -106,12 +106,20 @@ def test_back_ends_without_the_knobs_refuse_them():
     plan = uniform_plan(CFG, 3, group_size=32)
     require_no_knobs(plan, "streamed export")  # no knobs: accepted
     plan.router_temperature = 0.8
-    require_no_knobs(plan, "export", temperature_ok=True)
     with pytest.raises(MoecError, match="streamed export does not support plans with router_temperature"):
         require_no_knobs(plan, "streamed export")
-    plan.dropped_experts = {0: [1]}
-    with pytest.raises(MoecError, match="export does not support plans with dropped_experts"):
-        require_no_knobs(plan, "export", temperature_ok=True)
+    plan.router_temperature, plan.dropped_experts = 1.0, {0: [1]}
+    with pytest.raises(MoecError, match="finetune does not support plans with dropped_experts"):
+        require_no_knobs(plan, "finetune")
+
+
+def test_pack_model_leaves_dropped_experts_out():
+    from moec.quant.packed_model import pack_model
+    plan = uniform_plan(CFG, 4, group_size=32).validate(CFG)
+    plan.dropped_experts = {0: [1, 2]}
+    names = set(pack_model(_model(), plan.validate(CFG)))
+    assert not any(n.startswith(("layers.0.mlp.experts.1.", "layers.0.mlp.experts.2.")) for n in names)
+    assert {f"layers.0.mlp.experts.{e}.{p}" for e in (0, 3) for p in ("w1", "w3", "w2")} <= names
 
 
 def test_pack_model_packs_the_temperature_into_the_router():
