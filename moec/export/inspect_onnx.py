@@ -42,9 +42,9 @@ class OnnxInspection:
         for layer, experts in sorted(self.plan.experts.items()):
             for e, bits in sorted(experts.items()):
                 got = self.annotated.get((layer, e))
-                if self.plan.is_dropped(layer, e):  # not exported: no nodes expected
+                if not self.plan.is_stored(layer, e):  # dropped or merged away: no nodes expected
                     if got:
-                        out.append(f"layer {layer} expert {e}: dropped by the plan, nodes {sorted(got)}")
+                        out.append(f"layer {layer} expert {e}: not stored by the plan, nodes {sorted(got)}")
                 elif got != {bits}:
                     out.append(f"layer {layer} expert {e}: plan {bits}, nodes {sorted(got) if got else 'none'}")
         return out

@@ -114,7 +114,8 @@ def build_params(cfg: MoEConfig, plan: BitPlan, packed: dict[str, PackedWeight],
             params.entries[name] = WeightEntry(pw.bits, pw.shape, _arrays(pw), group_size=pw.group_size)
     for layer, experts in sorted(plan.experts.items()):
         # a dropped expert (masked out of the router's choices) has no stack: class 0, index -1
-        bits = np.array([0 if plan.is_dropped(layer, e) else experts[e] for e in range(cfg.num_experts)],
+        # an expert merged into another has no stack either: it reads the kept expert's (below)
+        bits = np.array([experts[e] if plan.is_stored(layer, e) else 0 for e in range(cfg.num_experts)],
                         dtype=np.int32)
         remap = np.full_like(bits, -1)
         for c in sorted(set(bits.tolist()) - {0}):
@@ -124,6 +125,8 @@ def build_params(cfg: MoEConfig, plan: BitPlan, packed: dict[str, PackedWeight],
                 pws = [packed[expert_key(layer, int(e), proj)] for e in members]
                 params.entries[f"layers.{layer}.experts.b{c}.{proj}"] = WeightEntry(
                     c, pws[0].shape, _stack(pws), stacked=len(members), group_size=pws[0].group_size)
+        for absorbed, kept in plan.merged_into(layer).items():
+            bits[absorbed], remap[absorbed] = bits[kept], remap[kept]
         params.class_of[layer], params.remap[layer] = bits, remap
     params.dropped = {l: sorted(ex) for l, ex in plan.dropped_experts.items() if ex}
     params.floats = {k: np.ascontiguousarray(v, dtype=np.float32) for k, v in sorted(floats.items())}

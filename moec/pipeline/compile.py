@@ -151,9 +151,9 @@ def compile_bundle(cfg: CompileConfig, on_stage=None) -> Path:
         model, plan = pad_for_groups(model, plan)
         plan.validate(model.cfg, tuple(preset.allowed_bits))
         if cfg.nested is not None:
-            if any(plan.dropped_experts.values()):
-                raise MoecError("--nested stores every expert; plans with dropped_experts are not supported "
-                                "there (compile without --nested)")
+            if any(plan.dropped_experts.values()) or any(plan.merged_experts.values()):
+                raise MoecError("--nested stores every expert; plans with dropped_experts or merged_experts are "
+                                "not supported there (compile without --nested)")
             plan_widths(model.cfg, plan, cfg.nested)  # the plan at load must be servable from the storage
         if on_stage:
             on_stage(f"plan ({name})", time.time() - t0)

@@ -1,7 +1,7 @@
 """A plan's router temperature reaches the ONNX graph through the packed router weight: onnxruntime
 matches a torch model whose router weight was divided by T by hand. Dropped experts are masked out of the
-exported router and stored nowhere: onnxruntime (prefill and cached decode) matches the fake-quantized
-torch model with the same plan."""
+exported router and stored nowhere; a merged pair stores one averaged expert that serves both experts'
+slots. onnxruntime (prefill and cached decode) matches the fake-quantized torch model with the same plan."""
 
 from __future__ import annotations
 
@@ -39,18 +39,19 @@ def test_router_temperature_is_exported(tmp_path):
     assert float(np.abs(logits - torch_logits(plain, PROMPT)).max()) > 10 * LOGIT_TOL
 
 
-def test_dropped_experts_are_masked_and_not_stored(tmp_path, tiny_checkpoint):
+def test_dropped_and_merged_experts_are_routed_as_in_torch_and_not_stored(tmp_path, tiny_checkpoint):
     cfg = load_checkpoint(tiny_checkpoint).cfg
     plan = mixed_plan(cfg)
     first, last = cfg.moe_layers[0], cfg.moe_layers[-1]
     plan.dropped_experts = {first: [1], last: [0, 2]}
+    plan.merged_experts = {first: [(2, 0, 0.3)]}  # expert 0's slots served by the average of 2 and 0
     plan.save(tmp_path / "drop.json")
     res = api.export_onnx(tiny_checkpoint, tmp_path / "drop.json", tmp_path / "drop", group_size=GROUP)
     names = {t.name for t in onnx.load(str(tmp_path / "drop" / "prefill.onnx"), load_external_data=False).graph.initializer}
-    for layer, experts in plan.dropped_experts.items():
+    for layer, experts in {first: [0, 1], last: [0, 2]}.items():  # dropped or merged away: not stored
         for e in experts:
             assert not any(n.startswith(f"layers.{layer}.mlp.experts.{e}.") for n in names)
-    assert any(n.startswith(f"layers.{first}.mlp.experts.0.") for n in names)
+    assert any(n.startswith(f"layers.{first}.mlp.experts.2.") for n in names)
     # exactly the plan's accounting, which leaves dropped experts out
     assert res.summary["bytes"]["experts"] == plan_memory(shape_model(cfg), plan.validate(cfg)).kind_total("experts")
     assert inspect_onnx(tmp_path / "drop" / "prefill.onnx").mismatches() == []

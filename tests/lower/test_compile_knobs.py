@@ -1,7 +1,7 @@
-"""A plan's dropped experts in a TVM bundle: masked out of the router's choices in the decode and prefill
-functions, stored nowhere (no stack holds them), and the bundle's logits and greedy tokens equal the
-fake-quantized torch model's with the same plan; the ONNX export of the same compile imports to the same
-weights."""
+"""A plan's dropped and merged experts in a TVM bundle: dropped ones masked out of the router's choices in the
+decode and prefill functions, a merged pair's absorbed expert remapped to the kept one's stack; neither is
+stored (no stack holds them), and the bundle's logits and greedy tokens equal the fake-quantized torch
+model's with the same plan; the ONNX export of the same compile imports to the same remap."""
 
 from __future__ import annotations
 
@@ -20,7 +20,7 @@ from tests.lower.plan_fixtures import mixed_plan
 pytestmark = pytest.mark.tvm
 
 
-def test_dropped_experts_in_the_bundle(tmp_path):
+def test_dropped_and_merged_experts_in_the_bundle(tmp_path):
     from moec.artifact.weights_file import WeightsReader
     from moec.lower.onnx_import import import_onnx
     from moec.lower.params import build_params
@@ -29,7 +29,8 @@ def test_dropped_experts_in_the_bundle(tmp_path):
     ckpt = tmp_path / "ckpt"
     cfg = make_tiny_checkpoint(ckpt, seed=5)
     plan = mixed_plan(cfg)  # layer 0: experts at 2/3/4/8 bits, layer 1: 3/4/8/16
-    plan.dropped_experts = {0: [1], 1: [0, 3]}  # whole bit classes vanish (3 in layer 0; 3 and 16 in layer 1)
+    plan.dropped_experts = {0: [1], 1: [3]}  # whole bit classes vanish (3 in layer 0; 3 and 16 in layer 1)
+    plan.merged_experts = {1: [(1, 0, 0.4)]}  # expert 0 served by the average of 1 and 0, at expert 1's 4 bits
     plan.save(tmp_path / "drop.json")
     res = CliRunner().invoke(cli, ["compile", str(ckpt), "--plan", str(tmp_path / "drop.json"), "--out",
                                    str(tmp_path / "bundle"), "--target", "host", "--onnx", str(tmp_path / "onnx")])
@@ -43,7 +44,7 @@ def test_dropped_experts_in_the_bundle(tmp_path):
     assert stacks == {0: {2: 1, 4: 1, 8: 1}, 1: {4: 1, 8: 1}}
     _, oplan, packed, floats = import_onnx(tmp_path / "onnx")
     params = build_params(cfg, oplan, packed, floats)
-    assert params.class_of[1].tolist() == [0, 4, 8, 0] and params.remap[1].tolist() == [-1, 0, 0, -1]
+    assert params.class_of[1].tolist() == [4, 4, 8, 0] and params.remap[1].tolist() == [0, 0, 0, -1]
 
     model = load_checkpoint(ckpt)
     fake_quantize_model(model, plan.validate(model.cfg))
@@ -59,4 +60,5 @@ def test_dropped_experts_in_the_bundle(tmp_path):
         logits = sess.step(t)
     np.testing.assert_allclose(logits.reshape(-1), ref, rtol=0, atol=1e-3)
     manifest = json.loads((tmp_path / "bundle" / "manifest.json").read_text())
-    assert manifest["plan"]["dropped_experts"] == {"0": [1], "1": [0, 3]}
+    assert manifest["plan"]["dropped_experts"] == {"0": [1], "1": [3]}
+    assert manifest["plan"]["merged_experts"] == {"1": [[1, 0, 0.4]]}
