@@ -11,7 +11,8 @@ printed; three fine-tunes: ``--plan uniform:2``, ``--plan uniform:3``, ``--plan 
     python benchmarks/codesign.py [--steps 40] [--eval-tokens 4096] [--shifted 20] [--work out/codesign]
 
 ``--parts knobs`` measures the architecture knobs instead (no fine-tune): the searched plan with
-router temperatures and with rarely-used experts dropped (by the profile's routing frequency),
+router temperatures, with rarely-used experts dropped (by the profile's routing frequency) and with pairs
+of them merged (frequency-weighted average; next to dropping the same absorbed experts),
 perplexity and top-1 on both domains and bytes against the plan and uniform INT8.
 
     python benchmarks/codesign.py --parts knobs [--eval-tokens 4096] [--work out/codesign]
@@ -48,7 +49,7 @@ from moec.profile.importance import expert_hessians
 from moec.quant.accounting import plan_memory
 from moec.quant.packed_model import fake_quantize_model
 from moec.profile.stats import ExpertStats
-from moec.search.knobs import rare_experts, with_knobs
+from moec.search.knobs import rare_experts, rare_pairs, with_knobs
 
 REPO = Path(__file__).resolve().parents[1]
 CKPT = REPO / "reference" / "checkpoint"
@@ -125,6 +126,16 @@ def knobs(args) -> None:
     for k in (1, 2):
         d = rare_experts(stats, 1.0, per_layer=k)
         cases.append((f"drop {k} rarest per layer ({sum(map(len, d.values()))})", with_knobs(plan, dropped=d)))
+    # merging: pairs of rare experts, frequency-weighted average; against dropping the same absorbed experts
+    for thr, per_layer in [(t, None) for t in args.drop_frequencies if t > 0] + [(1.0, 1)]:
+        m = rare_pairs(stats, thr, per_layer)
+        what = f"frequency <= {thr}" if per_layer is None else "the 2 rarest per layer"
+        n = sum(map(len, m.values()))
+        if not n:
+            continue
+        cases.append((f"merge pairs of {what} ({n} pairs)", with_knobs(plan, merged=m)))
+        absorbed = {l: [b for _, b, _ in pairs] for l, pairs in m.items()}
+        cases.append((f"drop the absorbed expert of each pair instead ({n})", with_knobs(plan, dropped=absorbed)))
     base_bytes = plan_memory(ref, plan).total
     print("\n| plan | " + " | ".join(f"{d} ppl | {d} top-1" for d in windows) + " | bytes vs plan | vs INT8 |")
     print("|---|" + "---|---|" * len(windows) + "---|---|")
@@ -213,7 +224,7 @@ def main() -> None:
                          "fine-tune around the searched plan, on the searched and shifted plans")
     ap.add_argument("--weighted-shift", action="store_true",
                     help="shift-robust fine-tune with widths weighted by routing frequency (finetune --profile)")
-    ap.add_argument("--temperatures", type=float, nargs="+", default=[0.7, 0.85, 1.2, 1.5])
+    ap.add_argument("--temperatures", type=float, nargs="*", default=[0.7, 0.85, 1.2, 1.5])
     ap.add_argument("--drop-frequencies", type=float, nargs="+", default=[0.0, 0.05, 0.1])
     args = ap.parse_args()
     args.work.mkdir(parents=True, exist_ok=True)
