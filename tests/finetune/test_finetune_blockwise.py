@@ -73,3 +73,14 @@ def test_a_budget_of_one_layer_trains_blockwise_only(ckpt, tmp_path):
     assert code == 0, text
     code, text = run(*args, "--blockwise", "--save-every", "1", "--out", tmp_path / "never")
     assert_one_line_error(code, text, "--save-every applies to whole-model")
+
+
+def test_families_converted_on_save_cannot_be_written_layer_by_layer():
+    from moec.core.config import MoEConfig
+    from moec.core.errors import MoecError
+    from moec.models.registry import get_adapter
+    cfg = MoEConfig(vocab_size=64, hidden_size=32, num_layers=1, num_heads=2, num_kv_heads=2, num_experts=4, top_k=2,
+                    expert_intermediate=32, attention="mla", kv_lora_rank=16, qk_nope_dim=8, qk_rope_dim=8,
+                    v_head_dim=8, architecture="DeepseekV2ForCausalLM")
+    with pytest.raises(MoecError, match="cannot be written one layer at a time"):
+        get_adapter(cfg.architecture).to_hf_part(cfg, {"norm.weight": torch.ones(32)})
