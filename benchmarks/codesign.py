@@ -11,10 +11,15 @@ printed; three fine-tunes: ``--plan uniform:2``, ``--plan uniform:3``, ``--plan 
     python benchmarks/codesign.py [--steps 40] [--eval-tokens 4096] [--shifted 20] [--work out/codesign]
 
 ``--parts knobs`` measures the architecture knobs instead (no fine-tune): the searched plan with
-router temperatures and with rarely-used experts dropped (by the profile's routing frequency),
+router temperatures, with rarely-used experts dropped (by the profile's routing frequency) and with pairs
+of them merged (frequency-weighted average; next to dropping the same absorbed experts),
 perplexity and top-1 on both domains and bytes against the plan and uniform INT8.
 
     python benchmarks/codesign.py --parts knobs [--eval-tokens 4096] [--work out/codesign]
+
+``--parts blockwise`` fine-tunes for uniform 2-bit twice, whole-model and ``--blockwise`` (same steps per
+block as the whole model's, ``--train-tokens`` of calibration text for both), and prints time, peak RSS and
+perplexity / top-1 against PTQ (``mse``) on both domains.
 
 ``--parts shifted`` runs only the fine-tune around the searched plan (``--weighted-shift``: widths
 weighted by routing frequency, ``moec finetune --profile``) and compares it with PTQ (``mse``) on
@@ -44,7 +49,7 @@ from moec.profile.importance import expert_hessians
 from moec.quant.accounting import plan_memory
 from moec.quant.packed_model import fake_quantize_model
 from moec.profile.stats import ExpertStats
-from moec.search.knobs import rare_experts, with_knobs
+from moec.search.knobs import rare_experts, rare_pairs, with_knobs
 
 REPO = Path(__file__).resolve().parents[1]
 CKPT = REPO / "reference" / "checkpoint"
@@ -74,7 +79,8 @@ def run_finetune(work: Path, name: str, plan: str, args, extra: list[str]) -> di
         kl = f"{res['first_loss']:.4f} -> {res['last_loss']:.4f}"
         print(f"finetune {name} (reused {out}): {res['steps']} steps, {res['seconds']:.0f} s training, "
               f"peak RSS {res['peak_rss_mb']:.0f} MB, KL {kl}", flush=True)
-        return {"name": name, "seconds": res["seconds"], "peak_mb": res["peak_rss_mb"], "kl": kl}
+        return {"name": name, "seconds": res["seconds"], "cpu": res.get("cpu_seconds", 0.0), "peak_mb": res["peak_rss_mb"],
+                "kl": kl}
     cmd = [sys.executable, "-m", "moec", "finetune", str(CKPT), "--data", str(CALIB), "--plan", plan,
            "--out", str(out), "--steps", str(args.steps), "--batch", str(args.batch), "--lr", str(args.lr),
            "--scale-lr", str(args.scale_lr), "--force", *extra]
@@ -84,12 +90,13 @@ def run_finetune(work: Path, name: str, plan: str, args, extra: list[str]) -> di
     if proc.returncode:
         raise SystemExit(f"finetune {name} failed: {proc.stderr.strip()[-400:]}")
     txt = proc.stdout
-    secs = float(re.search(r"time\s+([\d.]+) s", txt).group(1))
+    m = re.search(r"time\s+([\d.]+) s \(CPU ([\d.]+) s\)", txt)
+    secs, cpu = float(m.group(1)), float(m.group(2))
     peak = float(re.search(r"peak memory\s+([\d.]+) MB", txt).group(1))
-    kl = re.search(r"KL\s+(.*)", txt).group(1)
+    kl = re.search(r"(?:KL|rel\. error)\s+(.*)", txt).group(1)
     print(f"finetune {name}: {args.steps} steps, {secs:.0f} s training ({wall:.0f} s with loading), "
           f"peak RSS {peak:.0f} MB, KL {kl}", flush=True)
-    return {"name": name, "seconds": secs, "peak_mb": peak, "kl": kl}
+    return {"name": name, "seconds": secs, "cpu": cpu, "peak_mb": peak, "kl": kl}
 
 
 def evaluate(model, plan: BitPlan, windows: dict, hessians=None) -> dict:
@@ -119,6 +126,16 @@ def knobs(args) -> None:
     for k in (1, 2):
         d = rare_experts(stats, 1.0, per_layer=k)
         cases.append((f"drop {k} rarest per layer ({sum(map(len, d.values()))})", with_knobs(plan, dropped=d)))
+    # merging: pairs of rare experts, frequency-weighted average; against dropping the same absorbed experts
+    for thr, per_layer in [(t, None) for t in args.drop_frequencies if t > 0] + [(1.0, 1)]:
+        m = rare_pairs(stats, thr, per_layer)
+        what = f"frequency <= {thr}" if per_layer is None else "the 2 rarest per layer"
+        n = sum(map(len, m.values()))
+        if not n:
+            continue
+        cases.append((f"merge pairs of {what} ({n} pairs)", with_knobs(plan, merged=m)))
+        absorbed = {l: [b for _, b, _ in pairs] for l, pairs in m.items()}
+        cases.append((f"drop the absorbed expert of each pair instead ({n})", with_knobs(plan, dropped=absorbed)))
     base_bytes = plan_memory(ref, plan).total
     print("\n| plan | " + " | ".join(f"{d} ppl | {d} top-1" for d in windows) + " | bytes vs plan | vs INT8 |")
     print("|---|" + "---|---|" * len(windows) + "---|---|")
@@ -161,6 +178,34 @@ def shifted_only(args) -> None:
             print(f"| {label} | {d} | {fp32[d].top1:.4f} | {pp:.2f} / {pt:.4f} | {cp:.2f} / {ct:.4f} | {rec} |")
 
 
+def blockwise(args) -> None:
+    """Whole-model vs block-wise fine-tuning for uniform 2-bit: time, peak RSS and top-1 recovery (PTQ ``mse``)."""
+    extra = ["--max-tokens", str(args.train_tokens)] if args.train_tokens else []
+    fts = [run_finetune(args.work, "u2-blockwise", "uniform:2", args, extra + ["--blockwise"]),
+           run_finetune(args.work, "u2", "uniform:2", args, extra)][::-1]
+    ref = load_checkpoint(CKPT)
+    tok = load_tokenizer(CKPT)
+    windows = {d: file_windows(tok, p, 256, args.eval_tokens)[0] for d, p in DOMAINS.items()}
+    fp32 = {d: evaluate_windows(ref, w, batch=8) for d, w in windows.items()}
+    plan = resolve_plan("uniform:2", ref.cfg)
+    rows = [("PTQ (mse)", evaluate(ref, plan, windows), None)]
+    for ft, label in zip(fts, ("whole-model fine-tune (KL)", "block-wise fine-tune (MSE per layer, KL head)")):
+        rows.append((label, evaluate(load_checkpoint(args.work / f"ft-{ft['name']}"), plan, windows), ft))
+    print("\nFP32: " + "; ".join(f"{d} top-1 {r.top1:.4f} ppl {r.perplexity:.3f} ({r.tokens} tokens)"
+                                  for d, r in fp32.items()))
+    print("\n| uniform 2-bit | " + " | ".join(f"{d} ppl | {d} top-1 (recovered)" for d in windows)
+          + " | fine-tune wall / CPU | peak RSS |")
+    print("|---|" + "---|---|" * len(windows) + "---|---|")
+    for label, r, ft in rows:
+        cells = []
+        for d in windows:
+            dp, dc = fp32[d].top1 - rows[0][1][d].top1, fp32[d].top1 - r[d].top1
+            rec = f" ({(dp - dc) / dp:.0%})" if ft is not None and dp > 5e-4 else ""
+            cells.append(f"{r[d].perplexity:.2f} | {r[d].top1:.4f}{rec}")
+        cost = f"{ft['seconds']:.0f} s / {ft['cpu']:.0f} s | {ft['peak_mb']:.0f} MB" if ft else "– | –"
+        print(f"| {label} | " + " | ".join(cells) + f" | {cost} |")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--steps", type=int, default=40, help="fine-tuning steps of each of the three fine-tunes")
@@ -172,12 +217,14 @@ def main() -> None:
     ap.add_argument("--shifted", type=int, default=20)
     ap.add_argument("--work", type=Path, default=REPO / "out" / "codesign")
     ap.add_argument("--reuse", action="store_true", help="reuse fine-tuned checkpoints already in --work")
-    ap.add_argument("--parts", choices=("finetune", "knobs", "shifted"), default="finetune",
+    ap.add_argument("--train-tokens", type=int, default=0,
+                    help="--parts blockwise: calibration tokens both fine-tunes read (0: all)")
+    ap.add_argument("--parts", choices=("finetune", "knobs", "shifted", "blockwise"), default="finetune",
                     help="finetune: the full table; knobs: architecture knobs (no fine-tune); shifted: only the "
                          "fine-tune around the searched plan, on the searched and shifted plans")
     ap.add_argument("--weighted-shift", action="store_true",
                     help="shift-robust fine-tune with widths weighted by routing frequency (finetune --profile)")
-    ap.add_argument("--temperatures", type=float, nargs="+", default=[0.7, 0.85, 1.2, 1.5])
+    ap.add_argument("--temperatures", type=float, nargs="*", default=[0.7, 0.85, 1.2, 1.5])
     ap.add_argument("--drop-frequencies", type=float, nargs="+", default=[0.0, 0.05, 0.1])
     args = ap.parse_args()
     args.work.mkdir(parents=True, exist_ok=True)
@@ -185,6 +232,8 @@ def main() -> None:
         return knobs(args)
     if args.parts == "shifted":
         return shifted_only(args)
+    if args.parts == "blockwise":
+        return blockwise(args)
     t_start = time.perf_counter()
 
     plan = searched_plan(args.work, args.calib_tokens)

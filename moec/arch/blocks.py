@@ -94,12 +94,13 @@ def expert(ops: Ops, cfg: MoEConfig, layer: int | None, x: Value) -> Value:
     return ops.linear(glu(ops, cfg, ops.linear(x, "w1"), ops.linear(x, "w3")), "w2")
 
 
-def router(ops: Ops, cfg: MoEConfig, x: Value) -> Routing:
+def router(ops: Ops, cfg: MoEConfig, layer: int, x: Value) -> Routing:
     """Softmax or sigmoid scores, top-k (on the scores plus ``score_bias`` if the family biases the
     choice, within the best expert groups if routing is group-limited; the gates stay the scores),
     renormalised to sum 1 if the family does, times ``routed_scale``; Phi-MoE's sparsemixer; or
-    gpt-oss's softmax over the top-k logits (``router_scoring == "topk_softmax"``)."""
-    logits = ops.linear(x, "router")  # plus its bias, if the family has one
+    gpt-oss's softmax over the top-k logits (``router_scoring == "topk_softmax"``). Experts the plan
+    dropped from ``layer`` get ``-inf`` logits first (:meth:`Ops.mask_experts`)."""
+    logits = ops.mask_experts(ops.linear(x, "router"), layer)  # plus its bias, if the family has one
     if cfg.router_scoring == "sparsemixer":
         return sparsemixer(ops, cfg, logits)
     if cfg.router_scoring == "topk_softmax":  # gpt-oss: the top-k logits, softmax over those k
@@ -141,7 +142,7 @@ def sparsemixer(ops: Ops, cfg: MoEConfig, logits: Value) -> Routing:
 
 def moe(ops: Ops, cfg: MoEConfig, layer: int, x: Value) -> Value:
     """Routed experts plus the optional shared expert (with its sigmoid gate)."""
-    y = ops.routed_experts(x, router(ops, cfg, x), layer)
+    y = ops.routed_experts(x, router(ops, cfg, layer, x), layer)
     if cfg.shared_intermediate:
         s = ops.block("shared", swiglu, cfg, layer, x)
         if cfg.shared_gate:

@@ -119,6 +119,10 @@ class Ops(Protocol):
     def sum_last(self, x: Value) -> Value:
         """Sum over the last axis, keeping it (size 1)."""
 
+    def mask_experts(self, logits: Value, layer: int) -> Value:
+        """Router logits ``[.., E]`` of MoE layer ``layer`` with ``-inf`` at the experts the plan dropped
+        (``BitPlan.dropped_experts``), so no top-k ever picks them; ``logits`` itself when none is."""
+
     # -- mixture of experts ------------------------------------------------------------------
     def routed_experts(self, x: Value, routing: Routing, layer: int) -> Value:
         """``sum_slot weights[t, slot] * expert[ids[t, slot]](x[t])`` with this block's experts.

@@ -35,10 +35,13 @@ from moec.cli.common import data_config, max_memory_option
 @click.option("--save-every", type=click.IntRange(0), default=0, show_default=True,
               help="Also write the checkpoint every N steps (0: at the end only).")
 @click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--blockwise", is_flag=True,
+              help="Train one decoder layer at a time (read alone from the checkpoint) to reproduce the float "
+                   "layer's outputs (MSE), then the head (KL): memory bounded by one layer plus activations.")
 @click.option("--force", is_flag=True, help="Replace --out even if moec finetune did not write it.")
 @max_memory_option
 def finetune_cmd(checkpoint, data, plan, shift_robust, shift_prob, profile_path, out, steps, batch, seq_len, max_tokens, lr,
-                 scale_lr, zero_lr, group_size, init_method, save_every, seed, force, max_memory_gb):
+                 scale_lr, zero_lr, group_size, init_method, save_every, seed, blockwise, force, max_memory_gb):
     """Quantization-aware fine-tuning of CHECKPOINT for a plan: fake quantization with straight-through
     gradients, learnable per-group scales and zeros, KL distillation from the float model. Writes an HF
     checkpoint plus the learned scales/zeros, which eval, export and compile then use exactly."""
@@ -46,7 +49,8 @@ def finetune_cmd(checkpoint, data, plan, shift_robust, shift_prob, profile_path,
                                shift_prob=shift_prob, init_method=init_method, save_every=save_every, seed=seed)
     res = api.finetune(api.FinetuneConfig(checkpoint, data_config(data, seq_len, max_tokens, batch, max_memory_gb),
                                           out, plan, shift_robust, group_size, opts, force,
-                                          profile_path))
-    click.echo(f"steps       {res.steps}\nKL          {res.first_loss:.4f} -> {res.last_loss:.4f}\n"
+                                          profile_path, blockwise))
+    loss = "KL" if res.loss_name == "KL" else "rel. error"  # block-wise: mean over layers, before -> after
+    click.echo(f"steps       {res.steps}\n{loss:<11} {res.first_loss:.4f} -> {res.last_loss:.4f}\n"
                f"time        {res.seconds:.1f} s (CPU {res.cpu_seconds:.1f} s)\npeak memory {res.peak_rss_mb:.0f} MB (process RSS)\n"
                f"learned     {res.trained} (weight, bits) scale/zero sets\nwrote       {out}")

@@ -6,10 +6,13 @@ Format (version 1)::
      "experts": {"<layer>": {"<expert>": bits, …}, …},
      "tensors": {"<group, canonical name or re:pattern>": bits, …},
      "provenance": {…},
-     "router_temperature": 1.2, "dropped_experts": {"<layer>": [expert, …]}}   # optional knobs
+     "router_temperature": 1.2, "dropped_experts": {"<layer>": [expert, …]},   # optional knobs
+     "merged_experts": {"<layer>": [[kept, absorbed, share], …]}}
 
 The two optional architecture knobs (``moec.models.knobs``): the router scores become those of
-``logits / router_temperature``; dropped experts leave the router's choices and the stored bytes.
+``logits / router_temperature``; dropped experts leave the router's choices and the stored bytes; a merged
+pair ``[kept, absorbed, share]`` stores one expert, ``(1 − share) · kept + share · absorbed`` (weights
+averaged), which the router reaches through either expert's choice (``moec.models.knobs``).
 
 ``experts`` must cover every MoE layer × expert. ``tensors`` covers all other 2-D weights;
 keys are matched in order: a tensor group name (``attention``, ``shared_experts``,
@@ -57,14 +60,25 @@ class BitPlan:
     #: and experts removed from the router's choices and from the stored weights, ``{layer: [expert]}``.
     router_temperature: float = 1.0
     dropped_experts: dict[int, list[int]] = field(default_factory=dict)
+    #: Merged expert pairs ``{layer: [(kept, absorbed, share)]}``: ``kept`` stores the share-weighted
+    #: average of both experts' weights, ``absorbed`` is not stored and routes to ``kept``.
+    merged_experts: dict[int, list[tuple[int, int, float]]] = field(default_factory=dict)
 
     @property
     def has_knobs(self) -> bool:
-        """The plan changes the architecture (router temperature or dropped experts)."""
-        return self.router_temperature != 1.0 or any(self.dropped_experts.values())
+        """The plan changes the architecture (router temperature, dropped or merged experts)."""
+        return self.router_temperature != 1.0 or any(self.dropped_experts.values()) or any(self.merged_experts.values())
 
     def is_dropped(self, layer: int, expert: int) -> bool:
         return expert in self.dropped_experts.get(layer, ())
+
+    def merged_into(self, layer: int) -> dict[int, int]:
+        """``{absorbed: kept}`` of ``layer``'s merged pairs."""
+        return {b: a for a, b, _ in self.merged_experts.get(layer, ())}
+
+    def is_stored(self, layer: int, expert: int) -> bool:
+        """Whether the expert has weights of its own (neither dropped nor merged into another)."""
+        return not self.is_dropped(layer, expert) and expert not in self.merged_into(layer)
 
     # -- lookups -------------------------------------------------------------------
     def tensor_bits(self, name: str) -> int:
@@ -131,6 +145,8 @@ class BitPlan:
         if t != 1.0 and cfg.router_logit_bias:
             raise MoecError("plan: router_temperature is implemented by scaling the router weight, which needs a "
                             "router without a logit bias (this model's router has one); remove that field")
+        if any(self.merged_experts.values()):
+            self._validate_merges(cfg, layers)
         if not any(self.dropped_experts.values()):
             return
         if cfg.router_bias or cfg.kept_groups < cfg.expert_groups:
@@ -146,6 +162,28 @@ class BitPlan:
             if cfg.num_experts - len(set(dropped)) < cfg.top_k:
                 raise MoecError(f"plan drops {len(set(dropped))} of {cfg.num_experts} experts in layer {layer}; "
                                 f"at least top-k = {cfg.top_k} must remain")
+
+    def _validate_merges(self, cfg: MoEConfig, layers: set[int]) -> None:
+        if cfg.router_bias or cfg.kept_groups < cfg.expert_groups or cfg.expert_bias:
+            raise MoecError("plan merges experts, but merging is implemented only for plain top-k routers and "
+                            "experts without biases")
+        for layer, pairs in self.merged_experts.items():
+            if layer not in layers:
+                raise MoecError(f"plan merges experts in layer {layer}, which is not a MoE layer")
+            seen: set[int] = set()
+            for a, b, share in pairs:
+                if not (0 <= a < cfg.num_experts and 0 <= b < cfg.num_experts) or a == b:
+                    raise MoecError(f"plan merges experts {a} and {b} in layer {layer}: two different experts of "
+                                    f"the {cfg.num_experts} are needed")
+                if a in seen or b in seen:
+                    raise MoecError(f"plan merges expert {a if a in seen else b} of layer {layer} twice; each "
+                                    "expert may be in one merged pair")
+                if self.is_dropped(layer, a) or self.is_dropped(layer, b):
+                    raise MoecError(f"plan both drops and merges an expert of layer {layer}")
+                if not 0.0 <= share <= 1.0:
+                    raise MoecError(f"plan merges experts {a} and {b} of layer {layer} with share {share}; "
+                                    "it must be in [0, 1]")
+                seen |= {a, b}
 
     def _weights(self, cfg: MoEConfig) -> list[tuple[str, int, int]]:
         """(name, input width K, bits) of every 2-D weight; experts by their widest bits across the model."""
@@ -165,7 +203,10 @@ class BitPlan:
                 "tensors": dict(self.tensors), "provenance": self.provenance,
                 **({"router_temperature": self.router_temperature} if self.router_temperature != 1.0 else {}),
                 **({"dropped_experts": {str(l): sorted(ex) for l, ex in sorted(self.dropped_experts.items()) if ex}}
-                   if any(self.dropped_experts.values()) else {})}
+                   if any(self.dropped_experts.values()) else {}),
+                **({"merged_experts": {str(l): [[a, b, s] for a, b, s in pairs]
+                                       for l, pairs in sorted(self.merged_experts.items()) if pairs}}
+                   if any(self.merged_experts.values()) else {})}
 
     @classmethod
     def from_json(cls, d: dict, source: str = "plan") -> "BitPlan":
@@ -177,7 +218,7 @@ class BitPlan:
         if isinstance(version, bool) or version != PLAN_VERSION:
             raise MoecError(f"{source} has version {str(version)[:20]}; this moec reads version {PLAN_VERSION}")
         unknown = set(d) - {"version", "model_fingerprint", "group_size", "method", "experts", "tensors", "provenance",
-                         "router_temperature", "dropped_experts"}
+                         "router_temperature", "dropped_experts", "merged_experts"}
         if unknown:
             raise MoecError(f"{source} has unknown field(s): {', '.join(sorted(str(u)[:40] for u in unknown))}")
         for key in ("experts", "model_fingerprint"):
@@ -226,7 +267,8 @@ class BitPlan:
             if not all(_is_int(e) for e in ex):
                 raise MoecError(f"{source}: dropped_experts of layer {layer} must be integers")
             dropped[layer] = sorted(set(ex))
-        return cls(experts, tensors, group, method, fp, provenance, float(temperature), dropped)
+        return cls(experts, tensors, group, method, fp, provenance, float(temperature), dropped,
+                   _merged(d.get("merged_experts", {}), source))
 
     def save(self, path: str | os.PathLike) -> None:
         atomic_write_json(path, self.to_json())
@@ -302,3 +344,21 @@ def _check_bits(bits: int, allowed: tuple[int, ...], where: str) -> None:
 
 def _ranges(xs: list[int]) -> str:
     return f"{xs[0]}-{xs[-1]}" if xs == list(range(xs[0], xs[-1] + 1)) else ", ".join(map(str, xs))
+
+
+def _merged(d, source: str) -> dict[int, list[tuple[int, int, float]]]:
+    """``merged_experts`` from JSON: layer -> list of ``[kept, absorbed, share]``."""
+    shape = f"{source}: 'merged_experts' must map layer -> list of [kept expert, absorbed expert, share]"
+    if not isinstance(d, dict) or not all(isinstance(v, list) for v in d.values()):
+        raise MoecError(shape)
+    out = {}
+    for l, pairs in d.items():
+        layer = _index(l, source, "merged_experts layer")
+        rows = []
+        for p in pairs:
+            if not (isinstance(p, list) and len(p) == 3 and _is_int(p[0]) and _is_int(p[1])
+                    and isinstance(p[2], (int, float)) and not isinstance(p[2], bool)):
+                raise MoecError(shape)
+            rows.append((p[0], p[1], float(p[2])))
+        out[layer] = rows
+    return out

@@ -96,7 +96,8 @@ def verify_export(model: MoEModel, plan: BitPlan, out_dir: Path, prompt_len: int
 
 def _summary(weights: ModelWeights, source: str) -> dict:
     cfg, plan = weights.cfg, weights.plan
-    expert_bits = Counter(b for layer in plan.experts.values() for b in layer.values())
+    expert_bits = Counter(b for layer, experts in plan.experts.items() for e, b in experts.items()
+                          if plan.is_stored(layer, e))
     forms = {str(pw.bits): choose_form(pw) for pw in weights.packed.values()}
     expert_bytes = sum(pw.nbytes for n, pw in weights.packed.items() if ".experts." in n)
     other_bytes = sum(pw.nbytes for n, pw in weights.packed.items() if ".experts." not in n)

@@ -73,7 +73,7 @@ def build_model(weights: ModelWeights, w: dict[str, StoredWeight], floats: dict[
     seq_len = gb.op("Gather", [gb.op("Shape", [ids]), gb.scalar_i64(0)], axis=0)
     past = gb.op("Gather", [gb.op("Shape", ["past.0.key"]), gb.scalar_i64(2)], axis=0) if decode else None
     pos = positions(gb, cfg, seq_len, past, causal=not decode)
-    logits = blocks.causal_lm(OnnxOps(gb, cfg, w, floats, pos, decode), cfg, ids)
+    logits = blocks.causal_lm(OnnxOps(gb, cfg, w, floats, pos, decode, weights.plan), cfg, ids)
     gb.op("Unsqueeze", [logits, gb.i64(0)], outputs=["logits"])
     seq = 1 if decode else "seq_len"
     total = "total_len" if decode else "seq_len"

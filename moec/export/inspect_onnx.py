@@ -42,7 +42,10 @@ class OnnxInspection:
         for layer, experts in sorted(self.plan.experts.items()):
             for e, bits in sorted(experts.items()):
                 got = self.annotated.get((layer, e))
-                if got != {bits}:
+                if not self.plan.is_stored(layer, e):  # dropped or merged away: no nodes expected
+                    if got:
+                        out.append(f"layer {layer} expert {e}: not stored by the plan, nodes {sorted(got)}")
+                elif got != {bits}:
                     out.append(f"layer {layer} expert {e}: plan {bits}, nodes {sorted(got) if got else 'none'}")
         return out
 

@@ -22,7 +22,10 @@ top-k experts' packed weights (onnxruntime never evaluates the branch not taken)
 runs each expert once on the group of tokens routed to it; the branch body is
 ``moec.arch.blocks.expert``. Contributions are accumulated in expert order per token, as the
 torch model does. Every node of expert ``e``'s branch, and its ``If``, carries
-``metadata_props`` ``layer``, ``expert``, ``bits``, ``group_size``.
+``metadata_props`` ``layer``, ``expert``, ``bits``, ``group_size``. An expert the plan dropped has
+no ``If`` and no weights: its router logit is ``-inf`` (:meth:`OnnxOps.mask_experts`). The absorbed expert
+of a merged pair has none either: its slots are renamed to the kept expert before the scatters (which
+then add, as two slots of a token may name the kept expert).
 """
 
 from __future__ import annotations
@@ -39,6 +42,7 @@ from moec.arch.ops import Routing
 from moec.export.onnx_graph import FLOAT, GraphBuilder, tensor_info
 from moec.export.quantized_matmul import StoredWeight, embedding, linear
 from moec.core.config import MoEConfig, rope_inv_freq
+from moec.core.plan import BitPlan
 from moec.core.inventory import expert_key
 
 
@@ -88,8 +92,10 @@ class OnnxOps:
     """
 
     def __init__(self, gb: GraphBuilder, cfg: MoEConfig, w: dict[str, StoredWeight], floats: dict[str, str],
-                 pos: Positions | None, decode: bool) -> None:
+                 pos: Positions | None, decode: bool, plan: BitPlan | None = None) -> None:
         self.gb, self.cfg, self.w, self.floats, self.pos, self.decode = gb, cfg, w, floats, pos, decode
+        self.plan = plan  # its dropped experts: masked logits; dropped and merged-away experts: no branch
+        self.dropped = plan.dropped_experts if plan is not None else {}
         self.prefix = ""
         self.heads: dict[str, tuple[int, int]] = {}  # value name -> (heads, head_dim) of head-shaped values
 
@@ -270,20 +276,38 @@ class OnnxOps:
     def sum_last(self, x):
         return self.gb.op("ReduceSum", [x, self.gb.i64(-1)], keepdims=1)
 
+    def mask_experts(self, logits, layer):
+        dropped = self.dropped.get(layer)
+        if not dropped:
+            return logits
+        mask = np.zeros(self.cfg.num_experts, np.float32)
+        mask[dropped] = -np.inf
+        return self.gb.op("Add", [logits, self.gb.const(mask)])
+
     def routed_experts(self, x, routing: Routing, layer):
         """One ``If`` per expert, run when some token chose it (see the module docstring)."""
         gb, n = self.gb, self.cfg.num_experts
         zeros = gb.op("ConstantOfShape", [gb.op("Shape", [routing.probs])])  # float32 0 [T, E]
         ones = gb.op("ConstantOfShape", [gb.op("Shape", [routing.weights])],
                      value=helper.make_tensor("one", FLOAT, [1], [1.0]))
-        gates = gb.op("ScatterElements", [zeros, routing.ids, routing.weights], axis=1)
-        hits = gb.op("ScatterElements", [zeros, routing.ids, ones], axis=1)
+        merged = self.plan.merged_into(layer) if self.plan is not None else {}
+        if merged:  # an absorbed expert's slots go to the kept one: two slots may name it, gates add up
+            table = np.arange(n, dtype=np.int64)
+            table[list(merged)] = list(merged.values())
+            ids = gb.op("Gather", [gb.const(table), routing.ids], axis=0)
+            gates = gb.op("ScatterElements", [zeros, ids, routing.weights], axis=1, reduction="add")
+            hits = gb.op("ScatterElements", [zeros, ids, ones], axis=1, reduction="add")
+        else:
+            gates = gb.op("ScatterElements", [zeros, routing.ids, routing.weights], axis=1)
+            hits = gb.op("ScatterElements", [zeros, routing.ids, ones], axis=1)
         routed = gb.op("Greater", [gb.op("ReduceMax", [hits, gb.i64(0)], keepdims=0), gb.f32(0.0)])
         # one Split into E one-element conditions (cheaper than a Gather per expert)
         conds = gb.op("Split", [routed], n_out=n, axis=0, num_outputs=n)
         conds = [conds] if isinstance(conds, str) else conds
         acc = gb.op("ConstantOfShape", [gb.op("Shape", [x])])  # float32 zeros [T, H]
         for e in range(n):
+            if self.plan is not None and not self.plan.is_stored(layer, e):
+                continue  # dropped (never chosen, mask_experts) or served by the expert it merged into
             w1 = self.w[expert_key(layer, e, "w1")]
             with gb.meta(layer=layer, expert=e, bits=w1.bits, group_size=w1.group_size), gb.name_scope(f"E{e}"):
                 acc = self._expert_if(layer, e, x, gates, hits, conds[e], acc)

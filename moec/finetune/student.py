@@ -25,16 +25,18 @@ class QATStudent(nn.Module):
     """``model``'s float weights (trained in place) and a :class:`GroupQuant` per (quantized weight, bits).
 
     ``expert_choices[layer][expert]`` lists every width that expert may be trained at; non-expert
-    weights are trained at the plan's bits only.
+    weights are trained at the plan's bits only. ``model`` is the whole :class:`MoEModel`, or (block-wise
+    training) a part of it, e.g. one ``DecoderLayer`` with ``prefix="layers.L."``: its parameter names are
+    the canonical names less the prefix, and only the weights the module holds are quantized.
     """
 
-    def __init__(self, model: MoEModel, plan: BitPlan, expert_choices: dict[int, dict[int, list[int]]],
-                 init_method: str = "mse") -> None:
+    def __init__(self, model: nn.Module, plan: BitPlan, expert_choices: dict[int, dict[int, list[int]]],
+                 init_method: str = "mse", prefix: str = "") -> None:
         super().__init__()
-        self.model, self.plan = model, plan
+        self.model, self.plan, self.prefix = model, plan, prefix
         self.quant = nn.ModuleDict()
-        params = dict(model.named_parameters())
-        self.tensor_bits = {n: plan.tensor_bits(n) for n, _ in non_expert_weights(model.cfg)}
+        params = self._params()
+        self.tensor_bits = {n: plan.tensor_bits(n) for n, _ in non_expert_weights(model.cfg) if n in params}
         for name, bits in self.tensor_bits.items():
             if bits != FLOAT_BITS:
                 self.quant[_qkey(name, bits)] = GroupQuant(params[name], bits, plan.group_size, init_method)
@@ -50,10 +52,15 @@ class QATStudent(nn.Module):
     def group_quant(self, name: str, bits: int) -> GroupQuant:
         return self.quant[_qkey(name, bits)]
 
+    def _params(self) -> dict[str, nn.Parameter]:
+        """The module's parameters by canonical name."""
+        return {self.prefix + n: p for n, p in self.model.named_parameters()}
+
     def fake_weights(self, expert_bits: dict[int, dict[int, int]]) -> dict[str, torch.Tensor]:
         """Every 2-D parameter of the model replaced by its differentiable stored value: fake-quantized, or
-        rounded to float16 where the plan keeps it float (as packing stores it)."""
-        params = dict(self.model.named_parameters())
+        rounded to float16 where the plan keeps it float (as packing stores it). Keys are the module's own
+        parameter names (canonical names less the prefix)."""
+        params = self._params()
         out: dict[str, torch.Tensor] = {}
         for name, bits in self.tensor_bits.items():
             out[name] = to_fp16(params[name]) if bits == FLOAT_BITS else self.group_quant(name, bits)(params[name])
@@ -63,10 +70,15 @@ class QATStudent(nn.Module):
                 rows = [to_fp16(stacked[e]) if bits == FLOAT_BITS else self.group_quant(expert_key(layer, e, p), bits)(stacked[e])
                         for e, bits in sorted(experts.items())]
                 out[f"layers.{layer}.mlp.{p}"] = torch.stack(rows)
-        return out
+        n = len(self.prefix)
+        return {k[n:]: v for k, v in out.items()}
 
     def forward(self, input_ids: torch.Tensor, expert_bits: dict[int, dict[int, int]]) -> torch.Tensor:
-        return functional_call(self.model, self.fake_weights(expert_bits), (input_ids,), strict=False)
+        return self.run((input_ids,), expert_bits)
+
+    def run(self, args: tuple, expert_bits: dict[int, dict[int, int]]) -> torch.Tensor:
+        """The module's forward on ``args`` with its fake-quantized weights (experts at ``expert_bits``)."""
+        return functional_call(self.model, self.fake_weights(expert_bits), args, strict=False)
 
     def learned(self) -> LearnedQuant:
         """The stored ``(scale, zero)`` of every trained (weight, bits)."""

@@ -57,12 +57,15 @@ class FinetuneResult:
     trained: int                # (weight, bits) pairs with learned parameters
     losses: list[float] = field(default_factory=list)
     cpu_seconds: float = 0.0    # user + system CPU time of the training loop (wall time inflates on a shared machine)
+    loss_name: str = "KL"       # what first_loss / last_loss measure
+    blocks: list[dict] = field(default_factory=list)  # block-wise mode: each block's error before / after
 
     def to_json(self) -> dict:
-        return {"steps": self.steps, "first_loss": self.first_loss, "last_loss": self.last_loss,
-                "seconds": round(self.seconds, 2), "cpu_seconds": round(self.cpu_seconds, 2),
-                "peak_rss_mb": round(self.peak_rss_mb, 1),
-                "trained_weight_bits": self.trained}
+        out = {"steps": self.steps, "loss": self.loss_name, "first_loss": self.first_loss, "last_loss": self.last_loss,
+               "seconds": round(self.seconds, 2), "cpu_seconds": round(self.cpu_seconds, 2),
+               "peak_rss_mb": round(self.peak_rss_mb, 1),
+               "trained_weight_bits": self.trained}
+        return {**out, "blocks": self.blocks} if self.blocks else out
 
 
 def peak_rss_mb() -> float:

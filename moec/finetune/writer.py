@@ -6,6 +6,8 @@ import json
 import os
 import shutil
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from moec.core.errors import MoecError
@@ -39,16 +41,15 @@ def check_finetune_out(out: str | os.PathLike, source: str | os.PathLike, force:
     return out
 
 
-def write_checkpoint(out: Path, student, tokenizer: Path, record: dict) -> None:
-    """``out`` replaced by: model.safetensors (float32) + config.json + tokenizer.json + moec_quant.safetensors
-    + finetune.json. Written beside ``out`` first, so ``out`` is always a whole checkpoint."""
+@contextmanager
+def staged_checkpoint(out: Path, tokenizer: Path) -> Iterator[Path]:
+    """A staging directory beside ``out`` (with ``tokenizer.json`` copied in) that replaces ``out`` when the
+    block ends without an error and is removed otherwise, so ``out`` is always a whole checkpoint."""
     tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f"{staging_prefix(out)}{os.getpid()}-"))
     try:
         tmp.chmod(0o755)  # mkdtemp's 0700 is for the staging only
-        save_checkpoint(student.model, tmp)  # float32: the weights the learned codes were computed from
-        student.learned().save(tmp)
         shutil.copyfile(tokenizer, tmp / "tokenizer.json")
-        (tmp / RECORD).write_text(json.dumps(record, indent=2) + "\n")
+        yield tmp
         for f in tmp.rglob("*"):
             f.chmod(0o755 if f.is_dir() else 0o644)
         replace_dir(tmp, out)
@@ -57,4 +58,17 @@ def write_checkpoint(out: Path, student, tokenizer: Path, record: dict) -> None:
         raise
 
 
-__all__ = ["LEARNED_QUANT_FILE", "RECORD", "check_finetune_out", "write_checkpoint"]
+def write_record(directory: Path, record: dict) -> None:
+    (directory / RECORD).write_text(json.dumps(record, indent=2) + "\n")
+
+
+def write_checkpoint(out: Path, student, tokenizer: Path, record: dict) -> None:
+    """``out`` replaced by: model.safetensors (float32) + config.json + tokenizer.json + moec_quant/learned.safetensors
+    + finetune.json (see :func:`staged_checkpoint`)."""
+    with staged_checkpoint(out, tokenizer) as tmp:
+        save_checkpoint(student.model, tmp)  # float32: the weights the learned codes were computed from
+        student.learned().save(tmp)
+        write_record(tmp, record)
+
+
+__all__ = ["LEARNED_QUANT_FILE", "RECORD", "check_finetune_out", "staged_checkpoint", "write_checkpoint", "write_record"]

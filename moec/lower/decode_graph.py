@@ -237,6 +237,14 @@ class DecodeBuilder:
     def sum_last(self, x):
         return self.bb.emit(relax.op.sum(x, axis=-1, keepdims=True))
 
+    def mask_experts(self, logits, layer):
+        dropped = self.params.dropped.get(layer)
+        if not dropped:
+            return logits
+        mask = np.zeros(self.cfg.num_experts, np.float32)
+        mask[dropped] = -np.inf
+        return self.bb.emit(relax.op.add(logits, relax.const(mask)))
+
     # -- routed experts ----------------------------------------------------------------
     def _classes(self, routing: Routing, layer: int):
         """Per (row, slot) pair, flattened to ``[R*k]``: expert bit class, index in that class' stack."""
@@ -274,9 +282,8 @@ class DecodeBuilder:
         cls_of, in_cls = self._classes(routing, layer)
         slots = bb.emit(relax.op.reshape(routing.ids, (cfg.top_k,))) if cfg.expert_bias else None
         weights = bb.emit(relax.op.reshape(routing.weights, (cfg.top_k, 1)))
-        classes = self.params.class_of[layer]
         y = None
-        for c in sorted(set(classes.tolist())):
+        for c, _ in self.params.expert_classes(layer):
             member = bb.emit(relax.op.equal(cls_of, relax.const(np.int32(c))))
             ids = bb.emit(relax.op.where(member, in_cls, relax.const(np.int32(-1))))
             name = f"layers.{layer}.experts.b{c}"

@@ -79,6 +79,8 @@ def import_onnx(path: str | os.PathLike) -> tuple[MoEConfig, BitPlan, dict[str, 
     shapes = expert_shapes(cfg)
     for layer, experts in plan.experts.items():
         for e, bits in experts.items():
+            if not plan.is_stored(layer, e):
+                continue  # not exported (dropped, or merged into another expert)
             for proj, shape in shapes.items():
                 key = expert_key(layer, e, proj)
                 packed[key] = _packed(key, bits, shape, plan.group_size, inits)

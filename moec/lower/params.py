@@ -2,7 +2,8 @@
 
 Experts of one MoE layer are grouped by bit-width: class ``c`` holds the experts with
 ``bits == c`` in one stacked tensor, and ``remap[l]`` ([E] int32) gives each expert's
-index inside its class (``class_of[l]`` its class). A decode step therefore reads the
+index inside its class (``class_of[l]`` its class; a dropped expert has no stack: class 0, index
+-1, and its router logit is masked to ``-inf``). A decode step therefore reads the
 weights of its routed experts only: each class' kernel receives the routed ids remapped
 into its stack, with -1 for routed experts that belong to another class.
 
@@ -69,9 +70,15 @@ class ModelParams:
 
     entries: dict[str, WeightEntry] = field(default_factory=dict)
     floats: dict[str, np.ndarray] = field(default_factory=dict)   # norms, biases (float32)
-    class_of: dict[int, np.ndarray] = field(default_factory=dict)  # layer -> [E] bits
-    remap: dict[int, np.ndarray] = field(default_factory=dict)     # layer -> [E] index in class
+    class_of: dict[int, np.ndarray] = field(default_factory=dict)  # layer -> [E] bits (0: not stored)
+    remap: dict[int, np.ndarray] = field(default_factory=dict)     # layer -> [E] index in class (-1: none)
     tables: dict[str, np.ndarray] = field(default_factory=dict)    # run-time int32 tables (nested widths)
+    dropped: dict[int, list[int]] = field(default_factory=dict)    # layer -> experts the router never picks
+
+    def expert_classes(self, layer: int) -> list[tuple[int, int]]:
+        """(bits, experts stacked) of each expert stack of MoE layer ``layer``, narrowest first."""
+        return [(c, self.entries[f"layers.{layer}.experts.b{c}.w1"].stacked)
+                for c in sorted(set(self.class_of[layer].tolist()) - {0})]
 
     def flat(self) -> list[tuple[str, np.ndarray]]:
         """(name, array) in the order the compiled functions declare them."""
@@ -106,16 +113,22 @@ def build_params(cfg: MoEConfig, plan: BitPlan, packed: dict[str, PackedWeight],
         if ".experts." not in name:
             params.entries[name] = WeightEntry(pw.bits, pw.shape, _arrays(pw), group_size=pw.group_size)
     for layer, experts in sorted(plan.experts.items()):
-        bits = np.array([experts[e] for e in range(cfg.num_experts)], dtype=np.int32)
-        remap = np.zeros_like(bits)
-        for c in sorted(set(bits.tolist())):
+        # a dropped expert (masked out of the router's choices) has no stack: class 0, index -1
+        # an expert merged into another has no stack either: it reads the kept expert's (below)
+        bits = np.array([experts[e] if plan.is_stored(layer, e) else 0 for e in range(cfg.num_experts)],
+                        dtype=np.int32)
+        remap = np.full_like(bits, -1)
+        for c in sorted(set(bits.tolist()) - {0}):
             members = np.flatnonzero(bits == c)
             remap[members] = np.arange(len(members))
             for proj in ("w1", "w3", "w2"):
                 pws = [packed[expert_key(layer, int(e), proj)] for e in members]
                 params.entries[f"layers.{layer}.experts.b{c}.{proj}"] = WeightEntry(
                     c, pws[0].shape, _stack(pws), stacked=len(members), group_size=pws[0].group_size)
+        for absorbed, kept in plan.merged_into(layer).items():
+            bits[absorbed], remap[absorbed] = bits[kept], remap[kept]
         params.class_of[layer], params.remap[layer] = bits, remap
+    params.dropped = {l: sorted(ex) for l, ex in plan.dropped_experts.items() if ex}
     params.floats = {k: np.ascontiguousarray(v, dtype=np.float32) for k, v in sorted(floats.items())}
     return params
 

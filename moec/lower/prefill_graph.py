@@ -96,13 +96,11 @@ class PrefillBuilder(DecodeBuilder):
         rows, top_k = x.ty.shape[0], cfg.top_k
         pairs = rows * top_k                                                             # pair = t*k + slot
         cls_of, in_cls = self._classes(routing, layer)
-        classes = self.params.class_of[layer]
         slots = bb.emit(relax.op.reshape(routing.ids, (pairs,))) if cfg.expert_bias else None  # pair -> expert
         position = bb.emit(relax.op.arange(0, pairs, 1, "int32"))                      # pair index
         token_of = bb.emit(relax.op.floor_divide(position, relax.const(np.int32(top_k))))
         y = None
-        for c in sorted(set(classes.tolist())):
-            count = int((classes == c).sum())
+        for c, count in self.params.expert_classes(layer):
             key = bb.emit(relax.op.where(relax.op.equal(cls_of, relax.const(np.int32(c))), in_cls,
                                          relax.const(np.int32(count))))
             order = bb.emit(relax.op.argsort(key, axis=0, dtype="int32"))               # sorted -> pair

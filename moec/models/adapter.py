@@ -129,6 +129,27 @@ class FamilyAdapter:
                             f"adapter does not understand, e.g. {', '.join(extra)}")
         return state
 
+    def to_hf_part(self, cfg: MoEConfig, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Part of a MoEModel state dict (canonical names, stacked experts) → its HF tensors, for checkpoints
+        written one layer at a time. Families whose :meth:`to_hf` converts tensors refuse in one line."""
+        if type(self).to_hf is not FamilyAdapter.to_hf:
+            raise MoecError(f"{cfg.architecture} checkpoints cannot be written one layer at a time (tensors are "
+                            "converted on save)")
+        pairs = dict(self._pairs(cfg))
+        hf_expert = dict(zip(("w1", "w3", "w2"), self.expert_names))
+        out = {}
+        for name, t in state.items():
+            parts = name.split(".")
+            if len(parts) == 4 and parts[0] == "layers" and parts[2] == "mlp" and parts[3] in hf_expert \
+                    and int(parts[1]) in cfg.moe_layers:
+                m = f"model.layers.{parts[1]}.{self.moe_prefix}.experts"
+                out.update({f"{m}.{e}.{hf_expert[parts[3]]}.weight": t[e] for e in range(cfg.num_experts)})
+            elif name in pairs:
+                out[pairs[name]] = t
+            else:
+                raise MoecError(f"tensor '{name}' has no {cfg.architecture} name")
+        return {k: v.contiguous() for k, v in out.items()}
+
     def to_hf(self, cfg: MoEConfig, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """MoEModel state dict → HF tensors in the classic per-expert layout."""
         out = {theirs: state[ours] for ours, theirs in self._pairs(cfg)}

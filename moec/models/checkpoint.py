@@ -145,3 +145,34 @@ def save_checkpoint(model: MoEModel, path: str | os.PathLike, dtype: torch.dtype
     hf_cfg["torch_dtype"] = str(dtype).removeprefix("torch.")
     save_file(tensors, str(root / "model.safetensors"), metadata={"format": "pt"})
     (root / "config.json").write_text(json.dumps(hf_cfg, indent=2) + "\n")
+
+
+class ShardedWriter:
+    """Writes an HF checkpoint directory one part at a time (block-wise fine-tuning never holds the whole
+    model): each :meth:`write` of canonical tensors becomes one safetensors shard; :meth:`finish` writes
+    ``model.safetensors.index.json`` and ``config.json``. :func:`load_checkpoint` and ``LazyCheckpoint``
+    read the result like any sharded checkpoint."""
+
+    def __init__(self, root: str | os.PathLike, cfg: MoEConfig, parts: int, dtype: torch.dtype = torch.float32) -> None:
+        self.root, self.cfg, self.parts, self.dtype = Path(root), cfg, parts, dtype
+        self.adapter = get_adapter(cfg.architecture)
+        self.weight_map: dict[str, str] = {}
+        self.written = 0
+
+    def write(self, state: dict[str, torch.Tensor]) -> None:
+        if self.cfg.tie_embeddings:
+            state = {k: v for k, v in state.items() if k != "lm_head.weight"}
+        tensors = {k: v.detach().to(self.dtype).contiguous() for k, v in self.adapter.to_hf_part(self.cfg, state).items()}
+        self.written += 1
+        name = f"model-{self.written:05d}-of-{self.parts:05d}.safetensors"
+        save_file(tensors, str(self.root / name), metadata={"format": "pt"})
+        self.weight_map.update({k: name for k in tensors})
+
+    def finish(self) -> None:
+        if self.written != self.parts:
+            raise MoecError(f"sharded checkpoint has {self.written} of {self.parts} parts")
+        hf_cfg = self.adapter.to_hf_config(self.cfg)
+        hf_cfg["torch_dtype"] = str(self.dtype).removeprefix("torch.")
+        (self.root / "model.safetensors.index.json").write_text(json.dumps(
+            {"metadata": {"format": "pt"}, "weight_map": dict(sorted(self.weight_map.items()))}, indent=1) + "\n")
+        (self.root / "config.json").write_text(json.dumps(hf_cfg, indent=2) + "\n")

@@ -6,9 +6,10 @@ a temperature are refused for routers that have one, gpt-oss); ``pack_model`` do
 router, so ONNX export and TVM bundles built from packed weights honour it.
 ``dropped_experts`` removes experts from the router's choices (an additive ``-inf`` on their logits,
 :attr:`MoEBlock.expert_mask`, read by ``TorchOps.linear`` for the router) and zeroes their stored
-weights, so a dropped expert can never be chosen nor contribute. Only the torch back end honours
-the mask: ONNX export and TVM compilation refuse dropped experts, and the layer-by-layer (streamed)
-paths refuse both knobs (:func:`require_no_knobs`).
+weights, so a dropped expert can never be chosen nor contribute. ONNX export and TVM compilation
+honour it the same way (the ``Ops.mask_experts`` op of their graph backends) and store no weights for
+a dropped expert (``pack_model`` leaves it out); the layer-by-layer (streamed) paths and ``finetune``
+refuse both knobs (:func:`require_no_knobs`).
 """
 
 from __future__ import annotations
@@ -23,7 +24,8 @@ from moec.models.model import MoEModel
 @torch.no_grad()
 def apply_knobs(model: MoEModel, plan: BitPlan, scale_router: bool = True) -> MoEModel:
     """Apply ``plan``'s router temperature (unless ``scale_router`` is false: the caller already
-    packed it into the router weight) and dropped experts to ``model`` in place."""
+    packed it into the router weight), dropped experts and merged pairs' routing to ``model`` in place
+    (a merged pair's averaged weights are made where weights are packed, :func:`merged_weight`)."""
     if not plan.has_knobs:
         return model
     for layer, block in model.moe_blocks().items():
@@ -36,15 +38,30 @@ def apply_knobs(model: MoEModel, plan: BitPlan, scale_router: bool = True) -> Mo
             block.expert_mask = mask
             for w in (block.w1, block.w3, block.w2):
                 w[dropped] = 0.0
+        merged = plan.merged_into(layer)
+        if merged:
+            remap = torch.arange(model.cfg.num_experts)
+            remap[list(merged)] = torch.tensor(list(merged.values()))
+            block.expert_remap = remap
+            for w in (block.w1, block.w3, block.w2):
+                w[list(merged)] = 0.0
     return model
 
 
-def require_no_knobs(plan: BitPlan, what: str, temperature_ok: bool = False) -> None:
-    """One-line refusal for back ends that do not implement the knobs (``temperature_ok``: this one
-    reads the packed router, so only dropped experts are refused)."""
-    if any(plan.dropped_experts.values()):
-        raise MoecError(f"{what} does not support plans with dropped_experts yet (torch evaluation does); "
-                        "remove that field")
-    if plan.router_temperature != 1.0 and not temperature_ok:
-        raise MoecError(f"{what} does not support plans with router_temperature yet (torch evaluation, "
-                        "in-memory ONNX export and compile do); remove that field")
+def merged_weight(stacked: torch.Tensor, plan: BitPlan, layer: int, expert: int) -> torch.Tensor:
+    """Expert ``expert``'s weight from the stacked ``[E, ...]`` tensor: its own, or, if it keeps a merged pair,
+    ``(1 - share) * own + share * absorbed``."""
+    for kept, absorbed, share in plan.merged_experts.get(layer, ()):
+        if kept == expert:
+            return (1.0 - share) * stacked[kept] + share * stacked[absorbed]
+    return stacked[expert]
+
+
+def require_no_knobs(plan: BitPlan, what: str) -> None:
+    """One-line refusal for the paths that do not implement the knobs (the layer-by-layer ones, finetune)."""
+    for field, present in (("merged_experts", any(plan.merged_experts.values())),
+                           ("dropped_experts", any(plan.dropped_experts.values())),
+                           ("router_temperature", plan.router_temperature != 1.0)):
+        if present:
+            raise MoecError(f"{what} does not support plans with {field} yet (torch evaluation, in-memory ONNX "
+                            "export and compile do); remove that field")

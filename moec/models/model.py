@@ -153,10 +153,12 @@ class MoEBlock(nn.Module):
         self.observer: RoutingObserver | None = None
         #: Additive router-logit mask (``-inf`` for dropped experts, ``moec.models.knobs``); None: all experts.
         self.expert_mask: torch.Tensor | None = None
+        #: Expert id -> the expert that serves it (merged pairs, ``moec.models.knobs``); None: itself.
+        self.expert_remap: torch.Tensor | None = None
 
     def route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Softmax router probabilities, top-k indices and (optionally renormalised) weights."""
-        r = blocks.router(TorchOps(self), self.cfg, x)
+        r = blocks.router(TorchOps(self), self.cfg, self.layer, x)
         return r.probs, r.ids, r.weights.to(x.dtype)
 
     def expert(self, e: int, x: torch.Tensor) -> torch.Tensor:
@@ -172,6 +174,8 @@ class MoEBlock(nn.Module):
         """Routed experts on ``x [N, H]``: the gated sum and, with an observer, each pair's output norm."""
         y = torch.zeros_like(x)
         contrib = torch.zeros(topk_idx.shape, dtype=x.dtype) if self.observer is not None else None
+        if self.expert_remap is not None:  # a merged pair's absorbed expert is served by the kept one
+            topk_idx = self.expert_remap[topk_idx]
         # Real routing: each expert runs only on the tokens the router sent to it.
         for e in topk_idx.unique().tolist():
             tok, slot = (topk_idx == e).nonzero(as_tuple=True)

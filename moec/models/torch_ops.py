@@ -86,9 +86,7 @@ class TorchOps:
 
     def linear(self, x: torch.Tensor, name: str) -> torch.Tensor:
         mod = self.module.get_submodule(name)
-        y = mod(x) if isinstance(mod, nn.Linear) else F.linear(x, mod.weight)  # tied head: the embedding
-        mask = getattr(self.module, "expert_mask", None) if name == "router" else None
-        return y if mask is None else y + mask.to(y.dtype)  # dropped experts (moec.models.knobs)
+        return mod(x) if isinstance(mod, nn.Linear) else F.linear(x, mod.weight)  # tied head: the embedding
 
     def rms_norm(self, x: torch.Tensor, name: str) -> torch.Tensor:
         return self.module.get_submodule(name)(x)
@@ -187,6 +185,10 @@ class TorchOps:
 
     def sum_last(self, x: torch.Tensor) -> torch.Tensor:
         return x.sum(-1, keepdim=True)
+
+    def mask_experts(self, logits: torch.Tensor, layer: int) -> torch.Tensor:
+        mask = getattr(self.module, "expert_mask", None)  # the MoEBlock's, set by moec.models.knobs
+        return logits if mask is None else logits + mask.to(logits.dtype)
 
     def routed_experts(self, x: torch.Tensor, routing: Routing, layer: int) -> torch.Tensor:
         """Each chosen expert of the running ``MoEBlock`` on the tokens routed to it."""

@@ -109,12 +109,13 @@ def _choose_plan(cfg: CompileConfig, model_cfg, profile_path: Path | None, model
     if cfg.plan is None:
         plan = _search_plan(cfg, profile_path, model)
         return plan, f"search {plan.provenance.get('policy')}"
-    what = "compile" if model is not None else "streamed compile (model over the memory budget)"
     if isinstance(cfg.plan, BitPlan):
-        require_no_knobs(cfg.plan, what, temperature_ok=model is not None)
+        if model is None:  # the in-memory path honours the knobs (packed router, expert mask)
+            require_no_knobs(cfg.plan, "streamed compile (model over the memory budget)")
         return cfg.plan.copy().validate(model_cfg, pad_ok=pad_ok), str(cfg.plan.provenance.get("policy", "given"))
     plan = resolve_plan(cfg.plan, model_cfg, cfg.group_size, cfg.method, pad_ok=pad_ok)
-    require_no_knobs(plan, what, temperature_ok=model is not None)
+    if model is None:
+        require_no_knobs(plan, "streamed compile (model over the memory budget)")
     return plan, str(plan.provenance.get("policy", Path(str(cfg.plan)).name))
 
 
@@ -166,6 +167,9 @@ def compile_bundle(cfg: CompileConfig, on_stage=None) -> Path:
         model, plan = pad_for_groups(model, plan)
         plan.validate(model.cfg, tuple(preset.allowed_bits))
         if cfg.nested is not None:
+            if any(plan.dropped_experts.values()) or any(plan.merged_experts.values()):
+                raise MoecError("--nested stores every expert; plans with dropped_experts or merged_experts are "
+                                "not supported there (compile without --nested)")
             plan_widths(model.cfg, plan, cfg.nested)  # the plan at load must be servable from the storage
         if on_stage:
             on_stage(f"plan ({name})", time.time() - t0)

@@ -28,7 +28,6 @@ def export_onnx(checkpoint: str | os.PathLike, plan: str | os.PathLike, out: str
     ``ExportResult`` (with ``max_abs_diff`` against the fake-quantized torch model when ``verify``).
     """
     bit_plan = resolve_plan(plan, load_config(checkpoint), group_size, method or UNIFORM_METHOD, pad_ok=True)
-    require_no_knobs(bit_plan, "ONNX export", temperature_ok=True)
     check_export_target(out)  # fail before the (slow) load and quantization
     ckpt, mem = memory_plan_of(checkpoint, max_memory_gb, "export")
     if mem.sequential:

@@ -56,7 +56,7 @@ def _kind(name: str) -> str:
 
 def plan_memory(model: MoEModel, plan: BitPlan) -> MemoryReport:
     """Bytes the model occupies under ``plan``: equals the sum of :func:`pack_model` array sizes
-    plus the float32 1-D tensors (norms, biases); experts the plan drops are not counted."""
+    plus the float32 1-D tensors (norms, biases); experts the plan drops or merges away are not counted."""
     cfg = model.cfg
     rep = MemoryReport()
     for name, (n, k) in non_expert_weights(cfg):
@@ -64,8 +64,8 @@ def plan_memory(model: MoEModel, plan: BitPlan) -> MemoryReport:
     shapes = expert_shapes(cfg)
     for layer, experts in plan.experts.items():
         for e, bits in experts.items():
-            if plan.is_dropped(layer, e):
-                continue  # a dropped expert is not stored
+            if not plan.is_stored(layer, e):
+                continue  # a dropped or absorbed (merged) expert is not stored
             for n, k in shapes.values():
                 rep.add(f"layer {layer}", "experts", packed_nbytes(n, k, bits, plan.group_size)["total"])
     for name, t in model.state_dict().items():

@@ -9,7 +9,7 @@ import torch
 
 from moec.core.errors import MoecError
 from moec.core.formats import FLOAT_BITS
-from moec.models.knobs import apply_knobs
+from moec.models.knobs import apply_knobs, merged_weight
 from moec.models.model import MoEModel
 from moec.quant.cache import QuantCache, cache_key
 from moec.quant.gptq import gptq_quantize
@@ -103,6 +103,8 @@ def pack_model(model: MoEModel, plan: BitPlan, progress=None,
     A fine-tuned model (``model.learned_quant``, see :mod:`moec.models.learned_quant`) quantizes
     every (weight, bits) it learned at the plan's group size with its learned scales and zeros,
     whatever the method.
+    Experts the plan drops (``dropped_experts``) or merges into another are left out; the expert a merged
+    pair keeps is packed from the pair's averaged weights (:func:`moec.models.knobs.merged_weight`).
     A plan's ``router_temperature`` T is packed into the router weight (``W / T``; routers with a
     logit bias are refused when the plan is checked), so every back end that reads the packed
     weights honours it.
@@ -113,11 +115,12 @@ def pack_model(model: MoEModel, plan: BitPlan, progress=None,
     items = [(name, plan.tensor_bits(name)) for name, _ in non_expert_weights(model.cfg)]
     for layer, experts in plan.experts.items():
         for e, bits in experts.items():
-            items += [(expert_key(layer, e, p), bits) for p in ("w1", "w3", "w2")]
+            if plan.is_stored(layer, e):  # dropped (never chosen) and absorbed (merged) experts are not stored
+                items += [(expert_key(layer, e, p), bits) for p in ("w1", "w3", "w2")]
     for name, bits in items:
         if ".experts." in name:
             layer, e, proj = parse_expert_key(name)
-            w = state[f"layers.{layer}.mlp.{proj}"][e]
+            w = merged_weight(state[f"layers.{layer}.mlp.{proj}"], plan, layer, e)
         else:
             w = state[name]
             if plan.router_temperature != 1.0 and name.endswith(".mlp.router.weight"):

@@ -37,6 +37,8 @@ class ModelWeights:
         packed = {n: _float32(state[n]) for n, _ in non_expert_weights(model.cfg)}
         for layer in model.cfg.moe_layers:
             for e in range(model.cfg.num_experts):
+                if not plan.is_stored(layer, e):
+                    continue
                 for p in ("w1", "w3", "w2"):
                     packed[expert_key(layer, e, p)] = _float32(state[f"layers.{layer}.mlp.{p}"][e])
         return cls(model.cfg, plan, packed, _floats(model))
@@ -78,7 +80,8 @@ def random_weights(cfg: MoEConfig, plan: BitPlan, seed: int = 0, float32: bool =
     items = [(n, s, plan.tensor_bits(n)) for n, s in non_expert_weights(cfg)]
     for layer, experts in plan.experts.items():
         for e, bits in experts.items():
-            items += [(expert_key(layer, e, p), s, bits) for p, s in expert_shapes(cfg).items()]
+            if plan.is_stored(layer, e):
+                items += [(expert_key(layer, e, p), s, bits) for p, s in expert_shapes(cfg).items()]
     packed = {}
     for name, (n, k), bits in items:
         if float32 or bits == 16:

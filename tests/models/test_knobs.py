@@ -78,6 +78,38 @@ def test_plan_json_round_trip_and_old_plans_unchanged():
     plan.router_temperature, plan.dropped_experts = 1.5, {0: [3, 1]}
     back = BitPlan.from_json(plan.to_json()).validate(CFG)
     assert back.router_temperature == 1.5 and back.dropped_experts == {0: [1, 3]} and back.has_knobs
+    plan.dropped_experts, plan.merged_experts = {}, {0: [(2, 0, 0.25)]}
+    back = BitPlan.from_json(plan.to_json()).validate(CFG)
+    assert back.merged_experts == {0: [(2, 0, 0.25)]} and back.merged_into(0) == {0: 2}
+    assert [back.is_stored(0, e) for e in range(4)] == [False, True, True, True]
+
+
+def test_merged_pair_serves_both_experts_with_the_averaged_weights():
+    m = _model()
+    block = m.moe_blocks()[0]
+    w = {p: getattr(block, p).detach().clone() for p in ("w1", "w3", "w2")}
+    router = block.router.weight.detach().clone()
+    plan = uniform_plan(CFG, 16).validate(CFG)
+    plan.merged_experts = {0: [(1, 3, 0.25)]}
+    fake_quantize_model(m, plan.validate(CFG))  # float16 storage: the merged weights rounded to float16
+    x = torch.randn(64, CFG.hidden_size)
+    with torch.no_grad():
+        got = block(x[None])[0]
+    # reference: routing on the untouched logits, expert 3's slots served by the averaged expert 1
+    probs = F.softmax(x @ router.half().float().T, dim=-1)
+    gw, ids = probs.topk(CFG.top_k, dim=-1)
+    gw = gw / gw.sum(-1, keepdim=True)
+    avg = {p: (0.75 * w[p][1] + 0.25 * w[p][3]).half().float() for p in w}
+    own = {p: w[p].half().float() for p in w}
+
+    def expert(e, v):
+        ww = avg if e in (1, 3) else {p: own[p][e] for p in own}
+        return (F.silu(v @ ww["w1"].T) * (v @ ww["w3"].T)) @ ww["w2"].T
+
+    ref = torch.stack([sum(gw[t, s] * expert(int(ids[t, s]), x[t]) for s in range(CFG.top_k)) for t in range(len(x))])
+    assert (ids == 3).any() and (ids == 1).any()
+    torch.testing.assert_close(got, ref, atol=1e-5, rtol=1e-4)
+    assert plan_memory(m, plan).kind_total("experts") * 4 == plan_memory(m, uniform_plan(CFG, 16)).kind_total("experts") * 3
 
 
 @pytest.mark.parametrize("change,msg", [
@@ -87,6 +119,11 @@ def test_plan_json_round_trip_and_old_plans_unchanged():
     ({"dropped_experts": {"0": [7]}}, "the model has 4 experts"),
     ({"dropped_experts": {"5": [0]}}, "not a MoE layer"),
     ({"dropped_experts": {"0": "1"}}, "must map layer -> list of experts"),
+    ({"merged_experts": {"0": [[1, 1, 0.5]]}}, "two different experts"),
+    ({"merged_experts": {"0": [[1, 2, 0.5], [2, 3, 0.5]]}}, "expert 2 of layer 0 twice"),
+    ({"merged_experts": {"0": [[1, 2, 1.5]]}}, "must be in \\[0, 1\\]"),
+    ({"merged_experts": {"0": [[1, 2]]}}, "list of \\[kept expert, absorbed expert, share\\]"),
+    ({"merged_experts": {"0": [[1, 2, 0.5]]}, "dropped_experts": {"0": [2]}}, "both drops and merges"),
 ])
 def test_bad_knobs_are_refused_in_one_line(change, msg):
     d = {**uniform_plan(CFG, 3, group_size=32).to_json(), **change}
@@ -106,12 +143,23 @@ def test_back_ends_without_the_knobs_refuse_them():
     plan = uniform_plan(CFG, 3, group_size=32)
     require_no_knobs(plan, "streamed export")  # no knobs: accepted
     plan.router_temperature = 0.8
-    require_no_knobs(plan, "export", temperature_ok=True)
     with pytest.raises(MoecError, match="streamed export does not support plans with router_temperature"):
         require_no_knobs(plan, "streamed export")
-    plan.dropped_experts = {0: [1]}
-    with pytest.raises(MoecError, match="export does not support plans with dropped_experts"):
-        require_no_knobs(plan, "export", temperature_ok=True)
+    plan.router_temperature, plan.dropped_experts = 1.0, {0: [1]}
+    with pytest.raises(MoecError, match="finetune does not support plans with dropped_experts"):
+        require_no_knobs(plan, "finetune")
+    plan.dropped_experts, plan.merged_experts = {}, {0: [(0, 1, 0.5)]}
+    with pytest.raises(MoecError, match="finetune does not support plans with merged_experts"):
+        require_no_knobs(plan, "finetune")
+
+
+def test_pack_model_leaves_dropped_experts_out():
+    from moec.quant.packed_model import pack_model
+    plan = uniform_plan(CFG, 4, group_size=32).validate(CFG)
+    plan.dropped_experts = {0: [1, 2]}
+    names = set(pack_model(_model(), plan.validate(CFG)))
+    assert not any(n.startswith(("layers.0.mlp.experts.1.", "layers.0.mlp.experts.2.")) for n in names)
+    assert {f"layers.0.mlp.experts.{e}.{p}" for e in (0, 3) for p in ("w1", "w3", "w2")} <= names
 
 
 def test_pack_model_packs_the_temperature_into_the_router():
@@ -127,7 +175,7 @@ def test_rare_experts_by_routing_frequency_keeps_top_k():
     import numpy as np
 
     from moec.profile.stats import ExpertStats, LayerStats
-    from moec.search.knobs import rare_experts, with_knobs
+    from moec.search.knobs import rare_experts, rare_pairs, with_knobs
     st = ExpertStats("0" * 16, num_experts=4, top_k=2, tokens=100)
     st.layers[0] = LayerStats.zeros(4)
     st.layers[0].counts = np.array([0.0, 100.0, 3.0, 97.0])
@@ -138,6 +186,11 @@ def test_rare_experts_by_routing_frequency_keeps_top_k():
     assert rare_experts(st, per_layer=1) == {0: [0]}
     plan = with_knobs(uniform_plan(CFG, 4, group_size=32), rare_experts(st), 1.2).validate(CFG)
     assert plan.dropped_experts == {0: [0, 1]} and plan.router_temperature == 1.2
+    st.layers[0].counts = np.array([10.0, 100.0, 30.0, 60.0])
+    assert rare_pairs(st, 0.35) == {0: [(2, 0, 0.25)]}  # the busier of the two rarest is kept
+    assert rare_pairs(st, 0.05) == {}
+    plan = with_knobs(plan, {}, merged=rare_pairs(st, 0.35)).validate(CFG)
+    assert plan.merged_experts == {0: [(2, 0, 0.25)]} and not plan.dropped_experts
 
 
 def test_temperature_on_a_router_with_learned_scales_is_refused():
