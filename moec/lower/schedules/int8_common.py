@@ -28,6 +28,37 @@ def plane_slot_source(bits: int) -> Callable[[int], int]:
     return lambda c: c % 4 * planes + c // 4
 
 
+def quantize_group(gs: int, vl: int):
+    """A TVMScript macro ``group(x, r, g, sx, xsum, xq, qr)``: activations ``x[r, g*gs : (g+1)*gs]`` to int8.
+
+    ``sx[r, g]`` = max|x| / 127 of the group, ``xq[qr, g*gs + i]`` the rounded codes and ``xsum[r, g]``
+    their sum (vectorised over ``vl`` lanes). The one definition behind both preps below, so a
+    prefill row is quantized exactly as the decode GEMV quantizes that token.
+    """
+    @T.macro
+    def group(x, r, g, sx, xsum, xq, qr):
+        amax = T.alloc_buffer((vl,), "float32", scope="local")
+        isum = T.alloc_buffer((vl,), "int32", scope="local")
+        for lane in T.vectorized(vl):
+            amax[lane] = T.float32(0)
+            isum[lane] = 0
+        for i in range(gs // vl):
+            for lane in T.vectorized(vl):
+                amax[lane] = T.max(amax[lane], T.abs(x[r, g * gs + i * vl + lane]))
+        for lane in range(1, vl):
+            amax[0] = T.max(amax[0], amax[lane])
+        sx[r, g] = T.max(amax[0], T.float32(1e-30)) / T.float32(127)
+        for i in range(gs // vl):
+            for lane in T.vectorized(vl):
+                xq[qr, g * gs + i * vl + lane] = T.Cast("int8", T.round(x[r, g * gs + i * vl + lane] / sx[r, g]))
+                isum[lane] = isum[lane] + T.Cast("int32", xq[qr, g * gs + i * vl + lane])
+        for lane in range(1, vl):
+            isum[0] = isum[0] + isum[lane]
+        xsum[r, g] = isum[0]
+
+    return group
+
+
 def quantize_activations_prep(xr: int, k: int, gs: int, vl: int, step_codes: int,
                               slot_source: Callable[[int], int]):
     """A TVMScript macro ``prep(x, sx, xsum, xq, x8)`` filling the int8 activations of one call.
@@ -37,28 +68,12 @@ def quantize_activations_prep(xr: int, k: int, gs: int, vl: int, step_codes: int
     natural order, ``xsum`` their sum; then ``x8`` holds, per step of ``step_codes`` codes, slot
     ``c`` = ``xq`` of code ``slot_source(c)``.
     """
+    group = quantize_group(gs, vl)
+
     @T.macro
     def prep(x, sx, xsum, xq, x8):
         for r, g in T.grid(xr, k // gs):
-            amax = T.alloc_buffer((vl,), "float32", scope="local")
-            isum = T.alloc_buffer((vl,), "int32", scope="local")
-            for lane in T.vectorized(vl):
-                amax[lane] = T.float32(0)
-                isum[lane] = 0
-            for i in range(gs // vl):
-                for lane in T.vectorized(vl):
-                    amax[lane] = T.max(amax[lane], T.abs(x[r, g * gs + i * vl + lane]))
-            for lane in range(1, vl):
-                amax[0] = T.max(amax[0], amax[lane])
-            sx[r, g] = T.max(amax[0], T.float32(1e-30)) / T.float32(127)
-            for i in range(gs // vl):
-                for lane in T.vectorized(vl):
-                    xq[r, g * gs + i * vl + lane] = T.Cast(
-                        "int8", T.round(x[r, g * gs + i * vl + lane] / sx[r, g]))
-                    isum[lane] = isum[lane] + T.Cast("int32", xq[r, g * gs + i * vl + lane])
-            for lane in range(1, vl):
-                isum[0] = isum[0] + isum[lane]
-            xsum[r, g] = isum[0]
+            group(x, r, g, sx, xsum, xq, r)
         for r, c in T.grid(xr, k // step_codes):
             for slot in T.unroll(step_codes):
                 x8[r, c * step_codes + slot] = xq[r, c * step_codes + slot_source(slot)]
@@ -82,31 +97,16 @@ def scaled_group_sum(dot, scale, zero, sx, xsum, e, t, col, g, r, bits: int, rec
 def quantize_rows_prep(k: int, gs: int, vl: int, step_codes: int, slot_source: Callable[[int], int]):
     """A TVMScript macro ``prep(x, rows, sx, xsum, x8)``: :func:`quantize_activations_prep` for a
     symbolic number of rows, in parallel over rows (the grouped GEMM's prologue)."""
+    group = quantize_group(gs, vl)
+
     @T.macro
     def prep(x, rows, sx, xsum, x8):
         for r in T.parallel(rows):
-            xq = T.alloc_buffer((k,), "int8", scope="local")
-            amax = T.alloc_buffer((vl,), "float32", scope="local")
-            isum = T.alloc_buffer((vl,), "int32", scope="local")
+            xq = T.alloc_buffer((1, k), "int8", scope="local")
             for g in range(k // gs):
-                for lane in T.vectorized(vl):
-                    amax[lane] = T.float32(0)
-                    isum[lane] = 0
-                for i in range(gs // vl):
-                    for lane in T.vectorized(vl):
-                        amax[lane] = T.max(amax[lane], T.abs(x[r, g * gs + i * vl + lane]))
-                for lane in range(1, vl):
-                    amax[0] = T.max(amax[0], amax[lane])
-                sx[r, g] = T.max(amax[0], T.float32(1e-30)) / T.float32(127)
-                for i in range(gs // vl):
-                    for lane in T.vectorized(vl):
-                        xq[g * gs + i * vl + lane] = T.Cast("int8", T.round(x[r, g * gs + i * vl + lane] / sx[r, g]))
-                        isum[lane] = isum[lane] + T.Cast("int32", xq[g * gs + i * vl + lane])
-                for lane in range(1, vl):
-                    isum[0] = isum[0] + isum[lane]
-                xsum[r, g] = isum[0]
+                group(x, r, g, sx, xsum, xq, 0)
             for c in range(k // step_codes):
                 for slot in T.unroll(step_codes):
-                    x8[r, c * step_codes + slot] = xq[c * step_codes + slot_source(slot)]
+                    x8[r, c * step_codes + slot] = xq[0, c * step_codes + slot_source(slot)]
 
     return prep
