@@ -15,18 +15,9 @@ from moec.models.lazy import LazyCheckpoint
 from moec.models.memory_budget import BASELINE, GB, layer_float32_bytes
 from moec.quant.packed_model import fake_quantize_model
 from tests.cli_helpers import assert_one_line_error, run
-from tests.conftest import TEXT, make_tiny_checkpoint
 
 FAST = ["--steps", "8", "--batch", "2", "--seq-len", "32", "--max-tokens", "330", "--group-size", "16", "--lr", "1e-3",
         "--scale-lr", "1e-2"]
-
-
-@pytest.fixture(scope="module")
-def ckpt(tmp_path_factory):
-    root = tmp_path_factory.mktemp("ftblock")
-    make_tiny_checkpoint(root / "src", hidden_size=32, expert_intermediate=32)
-    (root / "data.txt").write_text(TEXT)
-    return root
 
 
 def test_blockwise_lowers_each_block_error_and_writes_a_checkpoint_eval_uses(ckpt):

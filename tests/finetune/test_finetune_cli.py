@@ -4,24 +4,15 @@ from __future__ import annotations
 
 import json
 
-import pytest
 import torch
 
 from moec.core.plan import uniform_plan
 from moec.finetune import trainer
 from moec.models.learned_quant import LEARNED_QUANT_FILE
 from tests.cli_helpers import assert_one_line_error, run
-from tests.conftest import TEXT, make_tiny_checkpoint
+from tests.conftest import make_tiny_checkpoint
 
 FAST = ["--steps", "2", "--batch", "2", "--seq-len", "32", "--group-size", "16"]
-
-
-@pytest.fixture(scope="module")
-def ckpt(tmp_path_factory):
-    root = tmp_path_factory.mktemp("ftcli")
-    make_tiny_checkpoint(root / "src", hidden_size=32, expert_intermediate=32)
-    (root / "data.txt").write_text(TEXT)
-    return root
 
 
 def test_finetune_writes_a_checkpoint_eval_uses(ckpt):
