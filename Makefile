@@ -4,6 +4,8 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 OUT ?= out
+# pytest-xdist workers for `make test` (2 on the 2-core CI machine; tests of the emulated arm64 device stay on one)
+JOBS ?= 2
 
 .PHONY: setup demo test test-fast clean
 
@@ -25,7 +27,7 @@ demo: setup
 	$(BIN)/moec run $(OUT)/reference-host --prompt "The list type is" --max-new-tokens 32
 
 test: setup
-	$(BIN)/pytest -q
+	$(BIN)/pytest -q -n $(JOBS) --dist loadgroup
 
 test-fast: setup
 	$(BIN)/pytest -q -m 'not slow'

@@ -16,7 +16,8 @@ from tests.hardware.test_emulated_device import _trace
 transformers = pytest.importorskip("transformers")
 from tests.models.test_adapters import CASES, _randomise  # noqa: E402
 
-pytestmark = [pytest.mark.tvm, pytest.mark.farm]
+# one xdist worker runs every test of the emulated device, so the session fixture boots it once
+pytestmark = [pytest.mark.tvm, pytest.mark.farm, pytest.mark.xdist_group("arm64-emu")]
 PROMPT = [5, 17, 42, 9, 60, 7, 63, 2]
 NEW_TOKENS = 8
 

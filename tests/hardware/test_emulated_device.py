@@ -20,7 +20,8 @@ from moec.core.errors import MoecError
 from moec.core.plan import BitPlan
 from tests.hardware.emulated_fixtures import KEY
 
-pytestmark = [pytest.mark.tvm, pytest.mark.farm]
+# one xdist worker runs every test of the emulated device, so the session fixture boots it once
+pytestmark = [pytest.mark.tvm, pytest.mark.farm, pytest.mark.xdist_group("arm64-emu")]
 
 PROMPT = "Experts in a mixture"
 NEW_TOKENS = 8

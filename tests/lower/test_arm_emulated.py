@@ -25,7 +25,7 @@ from moec.lower.kernels.activations import dequantized_activations
 from kernel_helpers import assert_close, weight_args
 from test_arm_schedules import _stack
 
-pytestmark = pytest.mark.tvm
+pytestmark = [pytest.mark.tvm, pytest.mark.xdist_group("arm64-emu")]  # the device folder: one worker
 
 
 
