@@ -410,7 +410,9 @@ def configure_threads(manifest: dict, threads: int | None = None) -> int:
     call and runs the tasks inline on the calling thread only when it is 1. Resizing the pool
     alone left every parallel loop going through the pool's hand-off, 5-7 us per kernel call
     (about 100 calls per decode step of the reference model).
-    The pool is process-wide: the last session opened sets it.
+    The pool is process-wide: the last session opened sets it. The calling thread keeps the CPUs it
+    had (TVM pins it to core 0 when resizing the pool: two one-thread moec processes then shared one
+    core, and so did every subprocess started after the session opened).
     """
     global _POOL_SET, _DEFAULT_POOL
     if _DEFAULT_POOL is None:  # TVM's own default, read without asking TVM (which would start its pool here)
@@ -428,7 +430,12 @@ def configure_threads(manifest: dict, threads: int | None = None) -> int:
     if threads < 1:
         raise MoecError(f"threads must be >= 1, got {threads}")
     if threads != (_POOL_SET or pool):
+        # TVM binds the calling thread to core 0 when it resizes the pool; every process (and every
+        # child it starts, which inherits the mask) would then share one core. Keep the caller's cores.
+        cores = os.sched_getaffinity(0) if hasattr(os, "sched_getaffinity") else None
         tvm.get_global_func("runtime.config_threadpool")(1, threads)  # starts the pool at its default size
+        if cores is not None:
+            os.sched_setaffinity(0, cores)
         _POOL_SET = threads
     os.environ["TVM_NUM_THREADS"] = str(threads)  # after the pool exists: it sizes itself from this once
     return threads

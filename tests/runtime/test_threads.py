@@ -31,6 +31,28 @@ def test_small_bundle_one_thread_large_keeps_pool(monkeypatch):
     assert (env_small, env_big) == (1, 2)
 
 
+def test_one_thread_session_keeps_the_callers_cpus():
+    """TVM pins the calling thread to core 0 when it shrinks its default pool; the session undoes that, or
+    two one-thread moec processes (and every subprocess started later) would share one core."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    if not hasattr(os, "sched_getaffinity") or len(os.sched_getaffinity(0)) < 2:
+        pytest.skip("needs a process allowed on two or more CPUs")
+    code = ("import os\n"
+            "from moec.runtime.session import configure_threads\n"
+            "cores = os.sched_getaffinity(0)\n"
+            "assert configure_threads({'weight_bytes': 1 << 20}) == 1\n"
+            "print(sorted(cores) == sorted(os.sched_getaffinity(0)))")
+    env = {k: v for k, v in os.environ.items() if k not in ("MOEC_NUM_THREADS", "TVM_NUM_THREADS", "OMP_NUM_THREADS")}
+    env["PYTHONPATH"] = str(Path(__file__).resolve().parents[2])
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "True"
+
+
 def test_explicit_threads_win(monkeypatch):
     monkeypatch.setenv("MOEC_NUM_THREADS", "2")
     assert configure_threads({"weight_bytes": 1}) == 2
