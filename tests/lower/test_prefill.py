@@ -32,6 +32,14 @@ def test_prefill_matches_decode_steps(name, tmp_path):
     sess = BundleSession(build_bundle_from_params(cfg, plan, params, load_target("host"), tmp_path / "b", None))
     assert sess.has_prefill
     prompt = [int(t) for t in np.random.default_rng(1).integers(0, cfg.vocab_size, 13)]
+    want = _assert_prefill_equals_steps(sess, prompt, cache_atol=1e-5)
+    sess.reset()
+    sess.prefill(prompt[:5])  # a second chunk on top of a filled cache attends to it
+    np.testing.assert_allclose(sess.prefill(prompt[5:]), want, rtol=1e-4, atol=1e-4)
+
+
+def _assert_prefill_equals_steps(sess, prompt: list[int], cache_atol: float) -> np.ndarray:
+    """One prefill of ``prompt`` gives the last logits and the cache of step-by-step decode; returns those logits."""
     got = sess.prefill(prompt)
     cache = [t.numpy() for t in sess.past]
     sess.reset()
@@ -39,10 +47,8 @@ def test_prefill_matches_decode_steps(name, tmp_path):
         want = sess.step(t)
     np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
     for a, b in zip(cache, (t.numpy() for t in sess.past)):
-        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
-    sess.reset()
-    sess.prefill(prompt[:5])  # a second chunk on top of a filled cache attends to it
-    np.testing.assert_allclose(sess.prefill(prompt[5:]), want, rtol=1e-4, atol=1e-4)
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=cache_atol)
+    return want
 
 
 def test_int8_prefill_matches_int8_decode_steps(tmp_path):
@@ -60,14 +66,7 @@ def test_int8_prefill_matches_int8_decode_steps(tmp_path):
     sess = BundleSession(build_bundle_from_params(cfg, plan, params, load_target("host"), tmp_path / "b", None,
                                                   activations="int8"))
     prompt = [int(t) for t in np.random.default_rng(2).integers(0, cfg.vocab_size, 11)]
-    got = sess.prefill(prompt)
-    cache = [t.numpy() for t in sess.past]
-    sess.reset()
-    for t in prompt:
-        want = sess.step(t)
-    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
-    for a, b in zip(cache, (t.numpy() for t in sess.past)):
-        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4)
+    _assert_prefill_equals_steps(sess, prompt, cache_atol=1e-4)
 
 
 def test_no_prefill_without_kernels(tmp_path):
