@@ -23,7 +23,7 @@ from tvm import relax, te, tirx
 from moec.core.errors import MoecError
 from moec.core.formats import INT8_ACTIVATION_BITS
 from moec.lower.kernels.decode_attention import decode_attention
-from moec.lower.kernels.factory import make_gemv, make_grouped_gemm, make_nested_gemv
+from moec.lower.kernels.factory import add_kernel, make_gemv, make_grouped_gemm, make_nested_gemv
 from moec.lower.kernels.row_guard import has_row_guard
 from moec.lower.kernels.layout import check_kernel_shape, nested_kernel_layout, stack_kernel_layouts, to_kernel_layout
 from moec.lower.linear import LinearEmitter
@@ -82,7 +82,7 @@ class KernelEmitter(LinearEmitter):
     def _call(self, bb, x, entry: WeightEntry, vars_, name, ids, top_k, per_expert):
         n = entry.shape[0]
         int8 = self.activations == "int8" and entry.bits in INT8_ACTIVATION_BITS
-        gv = _add_kernel(bb, self._kernel(entry, top_k, per_expert),
+        gv = add_kernel(bb, self._kernel(entry, top_k, per_expert),
                          _symbol("gemv", entry, f"t{top_k}", "xe" if per_expert else "", "i8" if int8 else ""))
         args = [x] + self._weight_args(entry, vars_, name) + [ids]
         return bb.emit(relax.call_tir(gv, args, relax.TensorType((top_k, n), "float32")))
@@ -101,7 +101,7 @@ class KernelEmitter(LinearEmitter):
         key = ("nested", entry.bits, n, k, entry.group_size, entry.stacked, top_k, per_expert)
         if key not in self._kernels:
             self._kernels[key] = make_nested_gemv(*key[1:7], self.target, x_per_expert=per_expert)
-        gv = _add_kernel(bb, self._kernels[key], _symbol("nested", entry, f"t{top_k}", "xe" if per_expert else ""))
+        gv = add_kernel(bb, self._kernels[key], _symbol("nested", entry, f"t{top_k}", "xe" if per_expert else ""))
         segs = sorted((a for a in entry.arrays if a.startswith("kseg")), key=lambda a: int(a[4:]))
         args = [x] + [vars_[f"{name}.{a}"] for a in segs] + [vars_[f"{name}.kscale"], vars_[f"{name}.kzero"], prec, ids]
         return bb.emit(relax.call_tir(gv, args, relax.TensorType((top_k, n), "float32")))
@@ -125,7 +125,7 @@ class KernelEmitter(LinearEmitter):
         key = ("gemm", entry.bits, n, k, entry.group_size, entry.stacked or 1, "int8" if int8 else "float32")
         if key not in self._kernels:
             self._kernels[key] = make_grouped_gemm(*key[1:6], self.target, activations=key[6])
-        gv = _add_kernel(bb, self._kernels[key], _symbol("gemm", entry, "i8" if int8 else ""))
+        gv = add_kernel(bb, self._kernels[key], _symbol("gemm", entry, "i8" if int8 else ""))
         out_rows = (rows if int8 else x).ty.shape[0]
         args = [x] + ([rows] if int8 else []) + self._weight_args(entry, vars_, name) + [offsets]
         return bb.emit(relax.call_tir(gv, args, relax.TensorType((out_rows, n), "float32")))
@@ -143,10 +143,9 @@ class KernelEmitter(LinearEmitter):
         head_dim, value_dim = int(q.ty.shape[1]), int(v.ty.shape[2])
         key = ("attention", heads, kv_heads, head_dim, value_dim, float(scale))
         if key not in self._kernels:
-            self._kernels[key] = decode_attention(heads, kv_heads, head_dim, value_dim, scale).with_attr(
-                "op_pattern", 8)
-        sym = f"decode_attention_h{heads}_kv{kv_heads}_d{head_dim}_v{value_dim}"
-        gv = bb.add_func(self._kernels[key].with_attr("global_symbol", sym), sym)
+            self._kernels[key] = decode_attention(heads, kv_heads, head_dim, value_dim, scale)
+        # one softmax scale per model: a second one would be a different kernel, refused by add_kernel
+        gv = add_kernel(bb, self._kernels[key], f"decode_attention_h{heads}_kv{kv_heads}_d{head_dim}_v{value_dim}")
         length = past_k.ty.shape[1] + 1
         outs = bb.emit(relax.call_tir(gv, [q, past_k, k, past_v, v], [
             relax.TensorType((heads, value_dim), "float32"), relax.TensorType((kv_heads, length, head_dim), "float32"),
@@ -183,15 +182,6 @@ def _symbol(kind: str, entry: WeightEntry, *extra: str) -> str:
     n, k = entry.shape
     tail = "".join(f"_{e}" for e in extra if e)
     return f"{kind}_b{entry.bits}_n{n}_k{k}_g{entry.group_size}_s{entry.stacked or 1}{tail}"
-
-
-def _add_kernel(bb, func: tirx.PrimFunc, sym: str):
-    """Add a scheduled kernel once per module under ``sym`` (opaque: called as it is, never fused with
-    neighbouring ops); the block builder returns the existing function for a structurally equal one."""
-    gv = bb.add_func(func.with_attr("op_pattern", 8).with_attr("global_symbol", sym), sym)
-    if gv.name_hint != sym:  # two different kernels asked for one symbol: the key above misses a field
-        raise MoecError(f"internal: kernel symbol {sym} is not unique ({gv.name_hint})")
-    return gv
 
 
 def apply_kernel_layout(params: ModelParams, emitter: KernelEmitter) -> int:

@@ -25,6 +25,7 @@ from moec.arch import blocks
 from moec.lower import te_ops
 from moec.lower.decode_graph import DecodeBuilder
 from moec.lower.kernels.attention import causal_scores_kernel, causal_values_kernel
+from moec.lower.kernels.factory import add_kernel
 from moec.lower.kernels.rowwise import silu_kernel, softmax_kernel
 
 
@@ -77,17 +78,19 @@ class PrefillBuilder(DecodeBuilder):
         kv_heads, keys_len = keys.ty.shape[0], keys.ty.shape[1]
         keys_t = bb.emit(relax.op.permute_dims(keys, [0, 2, 1]))
         scores = self._kernel_call(causal_scores_kernel(int(heads), int(kv_heads), int(q.ty.shape[2])),
-                                   f"causal_scores_{layer}", [q, keys_t], (heads, rows, keys_len))
+                                   f"causal_scores_h{int(heads)}_kv{int(kv_heads)}_d{int(q.ty.shape[2])}", [q, keys_t],
+                                   (heads, rows, keys_len))
         logits = self._softmax_input(scores, window, sinks)
-        probs = self._kernel_call(softmax_kernel(int(heads)), f"attn_softmax_{layer}", [logits],
+        probs = self._kernel_call(softmax_kernel(int(heads)), f"attn_softmax_h{int(heads)}", [logits],
                                   tuple(logits.ty.shape))
         attn = self._kernel_call(causal_values_kernel(int(heads), int(kv_heads), int(vd)),
-                                 f"causal_values_{layer}", [probs, values], (rows, heads, vd))
+                                 f"causal_values_h{int(heads)}_kv{int(kv_heads)}_v{int(vd)}", [probs, values], (rows, heads, vd))
         return bb.emit(relax.op.reshape(attn, (rows, heads * vd)))
 
     def _kernel_call(self, func, name, args, shape):
-        """Call a prefill CPU kernel (opaque to fusion) on ``args``; float32 output of ``shape``."""
-        gv = self.bb.add_func(func.with_attr("op_pattern", 8).with_attr("global_symbol", name), name)
+        """Call a prefill CPU kernel (opaque to fusion, one per distinct ``name``: layers of one shape share
+        it) on ``args``; float32 output of ``shape``."""
+        gv = add_kernel(self.bb, func, name)
         return self.bb.emit(relax.call_tir(gv, args, relax.TensorType(shape, "float32")))
 
     def routed_experts(self, x, routing, layer):

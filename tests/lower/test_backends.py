@@ -115,6 +115,8 @@ def test_layers_of_one_shape_share_their_kernels():
                if isinstance(f, tvm.tirx.PrimFunc) and gv.name_hint.startswith(("gemv_", "gemm_"))]
     assert len(kernels) == len(set(kernels))
     assert not any("layers" in k for k in kernels)
+    attention = [gv.name_hint for gv in mod.functions if gv.name_hint.startswith(("causal_", "attn_softmax"))]
+    assert sorted(attention) == sorted(set(attention)) and len(attention) == 3, attention  # not one set per layer
     decode = mod["decode"].script()
     experts = [k for k in kernels if k.startswith("gemv_b4_")]  # only routed experts are 4-bit
     calls = {k: len(re.findall(rf"\b{k}\b", decode)) for k in experts}

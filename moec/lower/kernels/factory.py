@@ -135,3 +135,14 @@ def make_nested_gemv(storage_bits: int, n: int, k: int, group_size: int, num_sta
     family = family_module(target)
     func = family.schedule_nested_gemv(nested_gemv_definition(spec), spec)
     return guard_routed_rows(guard_segments(func, spec), top_k)
+
+
+def add_kernel(bb, func: tvm.tirx.PrimFunc, sym: str):
+    """Add a scheduled kernel to the module ``bb`` builds, once, under ``sym`` (opaque: called as it is,
+    never fused with neighbouring ops); a structurally equal kernel added again returns the existing
+    function, so layers of one shape share one compiled kernel. ``sym`` must name everything that makes
+    two kernels differ: a different kernel under a taken symbol is an internal error, not a rename."""
+    gv = bb.add_func(func.with_attr("op_pattern", 8).with_attr("global_symbol", sym), sym)
+    if gv.name_hint != sym:
+        raise MoecError(f"internal: kernel symbol {sym} is not unique ({gv.name_hint})")
+    return gv
