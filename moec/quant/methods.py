@@ -9,6 +9,9 @@ from moec.quant.affine import affine_params, group_range, group_sq_error
 #: Shrink factors tried by :func:`mse_params`; the first (1.0) is plain RTN.
 MSE_SHRINKS: tuple[float, ...] = tuple(float(s) for s in np.linspace(1.0, 0.5, 20))
 
+#: Largest group :func:`mse_params` searches with the compiled kernel (numpy's pairwise block).
+MSE_KERNEL_MAX_GROUP = 128
+
 
 def rtn_params(wg: np.ndarray, bits: int,
                importance: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
@@ -32,13 +35,26 @@ def rtn_params(wg: np.ndarray, bits: int,
     return affine_params(lo, hi, bits)
 
 
+def kernel_searches(group_size: int, shrinks: tuple[float, ...] = MSE_SHRINKS) -> bool:
+    """Whether :func:`mse_params` runs as the compiled kernel of :mod:`moec.quant.mse_kernel`.
+
+    It does for group sizes up to 128 (numpy's pairwise-summation block, whose order the kernel
+    reproduces) and shrink factors in ``[2**-10, 1]``; otherwise the numpy loop below runs. Both
+    give the same bits (``tests/quant/test_mse_kernel.py``).
+    """
+    return 1 <= group_size <= MSE_KERNEL_MAX_GROUP and all(2.0 ** -10 <= p <= 1.0 for p in shrinks)
+
+
 def mse_params(wg: np.ndarray, bits: int, importance: np.ndarray | None = None,
                shrinks: tuple[float, ...] = MSE_SHRINKS) -> tuple[np.ndarray, np.ndarray]:
     """Per-group clipping search minimising the (importance-weighted) squared error.
 
     Each shrink factor ``p`` quantizes with the range ``[p * lo, p * hi]`` (both ends shrunk);
     each group keeps the factor with the smallest error, ties going to the earlier factor. As the
-    first factor is 1.0 (exactly RTN), no group ends up worse than RTN.
+    first factor is 1.0 (exactly RTN), no group ends up worse than RTN. Where
+    :func:`kernel_searches` holds, a compiled kernel does the same float32 arithmetic group by
+    group (several times less CPU than the numpy loop, identical bits; it releases the GIL, so
+    :func:`moec.quant.blocks.by_row_blocks` runs it on several threads as it did the loop).
 
     Parameters
     ----------
@@ -57,6 +73,9 @@ def mse_params(wg: np.ndarray, bits: int, importance: np.ndarray | None = None,
     tuple[np.ndarray, np.ndarray]
         ``scale`` float16 ``[N, G]`` and ``zero`` uint8 ``[N, G]``.
     """
+    if kernel_searches(wg.shape[-1], shrinks):
+        from moec.quant import mse_kernel  # loads TVM (seconds): only when a search runs
+        return mse_kernel.mse_search(wg, bits, importance, shrinks)
     lo, hi = group_range(wg)
     best_scale = best_zero = best_err = None
     for p in shrinks:
