@@ -70,8 +70,8 @@ def _error(w, scale, zero, maxq: float, importance, mg):
 def _pairwise_sum(acc, e, gs: int):
     """numpy's pairwise float32 sum of a group (gs <= 128) as a TIR expression.
 
-    ``e`` holds the group's per-weight errors and ``acc[j]`` the running sum of ``e[j], e[j + 8], …``
-    over its whole strides of 8 (when gs >= 8).
+    ``acc[j]`` holds the running sum of errors ``j, j + 8, …`` over the group's whole strides of 8
+    and ``e`` the errors after them, in order (the whole group when gs < 8).
     """
     if gs < 8:
         total = tirx.const(0.0, "float32")
@@ -79,7 +79,7 @@ def _pairwise_sum(acc, e, gs: int):
             total = total + e[k]
         return total
     total = ((acc[0] + acc[1]) + (acc[2] + acc[3])) + ((acc[4] + acc[5]) + (acc[6] + acc[7]))
-    for k in range(gs - gs % 8, gs):
+    for k in range(gs % 8):
         total = total + e[k]
     return total
 
@@ -105,7 +105,8 @@ def _kernel(bits: int, gs: int) -> tirx.PrimFunc:
         for r in range(rows):
             acc = T.alloc_buffer((8,), "float32", scope="local")  # numpy's eight running sums
             e = T.alloc_buffer((8,), "float32", scope="local")
-            st = T.alloc_buffer((5,), "float32", scope="local")  # lo, hi, best err, best scale, best zero
+            # lo, hi, best err, best scale, best zero, and the candidate's p·lo, p·hi (see below)
+            st = T.alloc_buffer((7,), "float32", scope="local")
             g: T.int32 = r % groups
             st[0] = T.float32(0)
             st[1] = T.float32(0)
@@ -114,16 +115,18 @@ def _kernel(bits: int, gs: int) -> tirx.PrimFunc:
                 st[0] = T.min(st[0], w[r, k])
                 st[1] = T.max(st[1], w[r, k])
             for s in range(shrinks):
-                lo: T.float32 = st[0] * shr[s]
-                hi: T.float32 = st[1] * shr[s]
-                raw: T.float32 = (hi - lo) / T.float32(maxq)
+                # p·lo and p·hi go through a buffer: TVM's simplifier would factor p·hi − p·lo
+                # into p·(hi − lo), which rounds differently
+                st[5] = st[0] * shr[s]
+                st[6] = st[1] * shr[s]
+                raw: T.float32 = (st[6] - st[5]) / T.float32(maxq)
                 x: T.float32 = T.Select(raw > T.float32(0), raw, T.float32(1))
                 h16: T.float16 = T.Cast("float16", x)
                 up: T.float16 = T.Select(
                     T.Cast(f32, h16) < x,
                     T.reinterpret("float16", T.reinterpret("uint16", h16) + T.uint16(1)), h16)
                 sc: T.float32 = T.Cast(f32, up)
-                z: T.float32 = T.min(T.max(T.nearbyint((T.float32(0) - lo) / sc), T.float32(0)),
+                z: T.float32 = T.min(T.max(T.nearbyint((T.float32(0) - st[5]) / sc), T.float32(0)),
                                      T.float32(maxq))
                 if blocks > 0:  # numpy's eight running sums over strides of 8 (a build-time constant)
                     for j in T.vectorized(8):

@@ -24,7 +24,7 @@ def _weights(rng, rows, groups, gs):
     return w
 
 
-@pytest.mark.parametrize("bits, gs", [(2, 5), (3, 40), (4, 128), (8, 16), (4, 32), (6, 64), (2, 8)])
+@pytest.mark.parametrize("bits, gs", [(2, 5), (3, 40), (4, 128), (8, 16), (4, 20), (6, 64), (2, 8), (3, 127)])
 def test_kernel_equals_the_original_search(bits, gs):
     rng = np.random.default_rng(bits * 1000 + gs)
     wg = _weights(rng, 64, 3, gs)
@@ -57,3 +57,17 @@ def test_scale_beyond_float16_is_one_line():
     wg[1, 0, 0] = 3.0e6
     with pytest.raises(MoecError, match="exceeds the float16 range"):
         mse_kernel.mse_search(wg, 4, None, MSE_SHRINKS)
+
+
+def test_kernel_on_many_bf16_weights():
+    """Checkpoint-like weights (bf16 values, ~1e5 groups): where one rounding step differs, some group shows it."""
+    import torch
+
+    rng = np.random.default_rng(11)
+    w = torch.from_numpy(rng.standard_normal((2048, 2048)).astype(np.float32) * 0.02)
+    wg = w.bfloat16().float().numpy().reshape(2048, 32, 64)
+    for bits in (3, 4):
+        scale, zero = mse_kernel.mse_search(wg, bits, None, MSE_SHRINKS)
+        want_scale, want_zero = ref.mse_params(wg, bits)
+        assert np.array_equal(scale.view(np.uint16), want_scale.view(np.uint16))
+        assert np.array_equal(zero, want_zero)
