@@ -45,8 +45,8 @@ class CpuScheduleParams:
     nested_unroll_words : int
         Nibble words (8 codes each) per unrolled step of the nested GEMV's wider widths (the
         narrowest steps ``unroll_values`` codes as the fixed kernel). 4 makes every segment's
-        shift a constant (a 1-bit plane word holds 4 nibble words' parts); 2 and 8 measured
-        slower on x86 (8 spills registers).
+        shift a constant (a 1-bit plane word holds 4 nibble words' parts); 2 and 8 were no
+        faster on x86 (one noisy A/B at load 12; 8 spills registers).
     """
 
     #: Name of the family in error messages (``x86``, ``ARM``).
