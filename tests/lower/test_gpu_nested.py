@@ -4,6 +4,7 @@ derived weights (numpy), and CUDA code generation that reads a segment only unde
 from __future__ import annotations
 
 import re
+import shutil
 
 import numpy as np
 import pytest
@@ -12,6 +13,7 @@ from tvm import te
 
 from moec.core.formats import get_nested_format
 from moec.core.targets import load_target
+from moec.lower.cuda_kernels import find_nvcc
 from moec.lower.gpu_linear import expert_nested_gemv
 from moec.lower.schedules.gpu_rules import FusedGemv
 from moec.quant.nested import dequantize_nested, nest
@@ -144,3 +146,24 @@ def test_nested_decode_generates_cuda_for_jetson(nested_params):
     assert src is not None and count_kernels(src) > 10
     assert "expert_nested_gemv" in src and "experts_prec_ptr[" in src
     assert re.search(r"if \(8 <= layers_\d+_experts_prec_ptr\[", src)
+
+
+@pytest.mark.skipif(find_nvcc() is None or shutil.which("aarch64-linux-gnu-g++") is None,
+                    reason="needs nvcc and g++-aarch64-linux-gnu")
+def test_moec_compile_nested_for_jetson(tmp_path):
+    """``moec compile --target jetson-agx-orin --nested 8`` writes a CUDA bundle (nvcc fatbin for sm_87)."""
+    import json
+
+    from click.testing import CliRunner
+
+    from moec.cli.main import cli
+    from tests.conftest import make_tiny_checkpoint
+    make_tiny_checkpoint(tmp_path / "ckpt", seed=2)
+    out = tmp_path / "bundle"
+    res = CliRunner().invoke(cli, ["compile", str(tmp_path / "ckpt"), "--target", "jetson-agx-orin",
+                                   "--plan", "uniform:4", "--nested", "8", "--out", str(out)])
+    assert res.exit_code == 0, res.output
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["nested"] == {"storage_bits": 8} and manifest["cuda"]["arch"] == "sm_87"
+    src = (out / "kernels.cu").read_text()
+    assert "expert_nested_gemv" in src and re.search(r"if \(8 <= layers_\d+_experts_prec_ptr\[", src)
