@@ -35,11 +35,13 @@ Three parts, each printed as a markdown table:
 Usage::
 
     python benchmarks/dynamic.py [--parts kernel,decode,latency,accuracy,holdout,drift] [--layers 2] [--steps 48]
+    python benchmarks/dynamic.py --parts kernel --calls 100 [--cpu-time]
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import tempfile
 import time
@@ -83,12 +85,15 @@ def _random_packed(bits: int, n: int, k: int, gs: int, rng) -> PackedWeight:
     return PackedWeight((n, k), bits, gs, codes, scale, zeros)
 
 
-def kernel_part(gs: int, calls: int) -> None:
+def kernel_part(gs: int, calls: int, cpu_time: bool = False) -> None:
     n, k, experts, top_k = 1024, 2048, 64, 8
     target, rng, dev = host_target(), np.random.default_rng(0), tvm.cpu()
     tile = 16
+    clock = time.thread_time if cpu_time else time.perf_counter
+    how = "CPU time of the calling thread, 1 TVM thread" if cpu_time else "wall time"
     print(f"\n## Routed-expert GEMV: nested 8-bit storage at a run-time width vs the fixed-width kernel "
-          f"({experts} experts × [{n}, {k}], top-{top_k}, group {gs}, random routing per call)\n")
+          f"({experts} experts × [{n}, {k}], top-{top_k}, group {gs}, random routing per call; {how}; "
+          f"load average {os.getloadavg()[0]:.1f} at the start)\n")
     print("| width | fixed GB/s | nested GB/s | nested / fixed time | fixed µs/call | nested µs/call |")
     print("|---|---|---|---|---|---|")
     nws = [nest(_random_packed(8, n, k, gs, rng)) for _ in range(experts)]
@@ -109,17 +114,18 @@ def kernel_part(gs: int, calls: int) -> None:
         tf, tn = [], []  # fixed and nested calls interleaved, so both see the same machine load
         for c in range(calls):
             ids = id_sets[c % len(id_sets)]
-            t0 = time.perf_counter()
+            t0 = clock()
             fmod["gemv"](x, *fargs, ids, y)
-            t1 = time.perf_counter()
+            t1 = clock()
             nmod["gemv"](x, *nargs, prec, ids, y)
             tf.append(t1 - t0)
-            tn.append(time.perf_counter() - t1)
+            tn.append(clock() - t1)
         tf, tn = statistics.median(tf[3:]), statistics.median(tn[3:])
         fixed_bytes = top_k * sum(fixed[a][0].nbytes for a in ("weight", "scale", "zero"))
         nested_bytes = top_k * nws[0].nbytes(bits)  # planes of this width + scales + 8-bit zeros
         print(f"| {bits} | {fixed_bytes / tf / 1e9:.2f} | {nested_bytes / tn / 1e9:.2f} | {tn / tf:.2f}x | "
               f"{tf * 1e6:.0f} | {tn * 1e6:.0f} |")
+    print(f"\n(load average {os.getloadavg()[0]:.1f} at the end)")
 
 
 # -- 2. decode ----------------------------------------------------------------------------
@@ -456,6 +462,9 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=48)
     ap.add_argument("--group-size", type=int, default=64)
     ap.add_argument("--calls", type=int, default=200, help="GEMV calls timed per kernel.")
+    ap.add_argument("--cpu-time", action="store_true",
+                    help="Kernel part: time each call as the calling thread's CPU time with one TVM thread "
+                         "(sets TVM_NUM_THREADS=1 for the whole run): not inflated by preemption on a loaded machine.")
     ap.add_argument("--accuracy-rows", choices=("all", "widths", "searched"), default="all",
                     help="Accuracy part: the per-width table, the searched-plan rows, or both.")
     ap.add_argument("--rounds", type=int, default=3, help="Decode part: interleaved nested/fixed rounds per plan.")
@@ -471,9 +480,11 @@ def main() -> None:
     ap.add_argument("--drift-tokens", type=int, default=2048, help="Drift part: tokens to adapt on (and as many held out).")
     args = ap.parse_args()
     torch.set_num_threads(2)
+    if args.cpu_time:
+        os.environ["TVM_NUM_THREADS"] = "1"  # read when TVM's thread pool starts (the first kernel call)
     parts = args.parts.split(",")
     if "kernel" in parts:
-        kernel_part(args.group_size, args.calls)
+        kernel_part(args.group_size, args.calls, args.cpu_time)
     if "decode" in parts:
         decode_part(args.layers, args.group_size, args.steps, args.rounds)
     if "latency" in parts:

@@ -1,7 +1,8 @@
 """GPU check (issue 17): CUDA bundles of the reference model vs the CPU bundle, decode speed, bandwidth, NVML J/token.
 
 Run by ``tools/gpu_check.sh`` on a machine with an NVIDIA GPU. For each plan (uniform:8, uniform:4,
-a mixed 2/4/8-bit plan) it builds a ``host`` bundle and a ``cuda`` bundle (arch from nvidia-smi),
+a mixed 2/4/8-bit plan; ``nested``: that mixed plan served at run time from 8-bit nested storage,
+``moec compile --nested 8``, then switched to all-2-bit) it builds a ``host`` bundle and a ``cuda`` bundle (arch from nvidia-smi),
 checks that greedy tokens on the GPU equal the CPU bundle's, times GPU decode steps (tokens/s,
 effective weight bandwidth = modelled bytes per step x steps/s, against the GPU's measured
 device-to-device copy bandwidth) with NVML energy sampled during the timed loop, and times torch
@@ -57,18 +58,19 @@ def plans_for(cfg, names: list[str], group: int = 64) -> dict:
     from moec.core.plan import resolve_plan
     out = {}
     for name in names:
-        if name == "mixed":
+        if name in ("mixed", "nested"):  # nested: the mixed plan as the run-time plan of an 8-bit nested bundle
             out[name] = mixed_plan(cfg, group).validate(cfg)
         elif name.startswith("uniform:"):
             out[name] = resolve_plan(name, cfg, group)
         else:
-            raise MoecError(f"unknown plan '{name}'; expected uniform:B or mixed")
+            raise MoecError(f"unknown plan '{name}'; expected uniform:B, mixed or nested")
     return out
 
 
-def build(checkpoint: Path, plan, target: str, out: Path) -> Path:
+def build(checkpoint: Path, plan, target: str, out: Path, nested: int | None = None) -> Path:
     from moec.pipeline.compile import CompileConfig, compile_bundle
-    return compile_bundle(CompileConfig(checkpoint=checkpoint, out=out, target=target, plan=plan, force=True))
+    return compile_bundle(CompileConfig(checkpoint=checkpoint, out=out, target=target, plan=plan, force=True,
+                                        nested=nested))
 
 
 def copy_bandwidth_gbs(nbytes: int = 1 << 30) -> tuple[float, str]:
@@ -135,18 +137,30 @@ def check_plan(name: str, plan, args, row: dict) -> None:
     from moec.models.checkpoint import load_config
     from moec.runtime.session import BundleSession
     tag = name.replace(":", "")
+    nested = 8 if name == "nested" else None  # the nested GEMV: planes read per expert width
     t0 = time.time()
-    host = build(args.checkpoint, plan, "host", args.out / f"host-{tag}")
-    gpu = build(args.checkpoint, plan, args.gpu_target, args.out / f"cuda-{tag}")
+    host = build(args.checkpoint, plan, "host", args.out / f"host-{tag}", nested)
+    gpu = build(args.checkpoint, plan, args.gpu_target, args.out / f"cuda-{tag}", nested)
     row["build s"] = f"{time.time() - t0:.0f}"
     with BundleSession(host) as cpu:
         ids = cpu.tokenizer.encode(args.prompt).ids
         want, cpu_stats = cpu.generate(ids, args.tokens)
         row["CPU tok/s"] = f"{cpu_stats.decode_tokens_per_s:.1f}"
+        if nested:
+            cpu.set_plan("uniform:2")
+            want_2 = cpu.generate(ids, args.tokens)[0]
+            cpu.set_plan(plan)
     with BundleSession(gpu) as sess:
         got, _ = sess.generate(ids, args.tokens)
         same = sum(a == b for a, b in zip(got, want))
         row["tokens = CPU"] = "yes" if got == want else f"NO ({same}/{len(want)})"
+        if nested:  # switched at run time on the GPU: all experts 2-bit, then back
+            sess.set_plan("uniform:2")
+            got_2 = sess.generate(ids, args.tokens)[0]
+            row["switch = CPU"] = "yes" if got_2 == want_2 else \
+                f"NO ({sum(a == b for a, b in zip(got_2, want_2))}/{len(want_2)})"
+            row["note"] = "nested 8-bit storage; switch = CPU: after set_plan(uniform:2)"
+            sess.set_plan(plan)
         cfg = load_config(args.checkpoint)
         steps = min(64, cfg.max_position - len(ids) - 2)
         done, secs, energy = timed_decode(lambda: sess.step(7), lambda: (sess.reset(), sess.prefill(ids)), steps)
@@ -221,7 +235,7 @@ def kernel_rows(args, rows: list[dict], over_budget) -> None:
         print(f"[{row['plan']}] " + json.dumps(row), flush=True)
 
 
-COLUMNS = ["plan", "tokens = CPU", "GPU tok/s", "vs torch fp16", "CPU tok/s", "eff. GB/s", "J/token", "W", "build s", "note"]
+COLUMNS = ["plan", "tokens = CPU", "switch = CPU", "GPU tok/s", "vs torch fp16", "CPU tok/s", "eff. GB/s", "J/token", "W", "build s", "note"]
 
 
 def table(rows: list[dict]) -> str:
@@ -238,7 +252,7 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--checkpoint", type=Path, default=REPO / "reference" / "checkpoint")
     ap.add_argument("--out", type=Path, default=REPO / "out" / "gpu-check")
-    ap.add_argument("--plans", default="uniform:8,uniform:4,mixed")
+    ap.add_argument("--plans", default="uniform:8,uniform:4,mixed,nested")
     ap.add_argument("--arch", default=None, help="sm_XX (default: detected by nvidia-smi)")
     ap.add_argument("--tokens", type=int, default=24, help="greedy tokens compared with the CPU bundle")
     ap.add_argument("--prompt", default=PROMPT)
@@ -270,7 +284,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"gpu: {info.get('name', 'none')} (arch {args.arch} from {source})")
         for name in plans:
             print(f"plan {name}: build host + cuda:{args.arch} bundles under {args.out}, compare "
-                  f"{args.tokens} greedy tokens, time decode with NVML")
+                  f"{args.tokens} greedy tokens, time decode with NVML"
+                  + (" (nested 8-bit storage, then set_plan(uniform:2) compared too)" if name == "nested" else ""))
         print(f"routed-expert GEMV GB/s at bits {args.kernel_bits or 'none'}")
         print("torch eager fp16 decode: " + ("skipped" if args.no_torch else "yes"))
         return 0
@@ -320,7 +335,7 @@ def main(argv: list[str] | None = None) -> int:
     print(table(rows))
     if args.json:
         args.json.write_text(json.dumps({"date": date, "gpu": info, "arch": args.arch, "rows": rows}, indent=1))
-    bad = [r["plan"] for r in rows if r.get("note", "").startswith(("failed", "skipped")) or r.get("tokens = CPU", "yes") != "yes"]
+    bad = [r["plan"] for r in rows if r.get("note", "").startswith(("failed", "skipped")) or r.get("tokens = CPU", "yes") != "yes" or r.get("switch = CPU", "yes") != "yes"]
     return 1 if bad else 0
 
 

@@ -163,8 +163,8 @@ class NestedFormat:
 
 #: Nested storage formats, keyed by storage bits (``moec compile --nested B``).
 NESTED_FORMATS: dict[int, NestedFormat] = {f.storage_bits: f for f in (
-    NestedFormat("nested8", 8, (2, 1, 1, 4), frozenset({"x86", "arm"})),
-    NestedFormat("nested4", 4, (2, 1, 1), frozenset({"x86", "arm"})),
+    NestedFormat("nested8", 8, (2, 1, 1, 4), frozenset({"x86", "arm", "cuda"})),
+    NestedFormat("nested4", 4, (2, 1, 1), frozenset({"x86", "arm", "cuda"})),
 )}
 
 

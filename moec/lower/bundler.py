@@ -144,7 +144,8 @@ def build_bundle(model: MoEModel, plan: BitPlan, preset: TargetPreset, out: str 
         return build_bundle_from_params(weights.cfg, plan, params, preset, out, tokenizer_path, **kwargs)
     plan_widths(model.cfg, plan, nested)  # the plan at load must be servable: fail before packing
     if not preset_has_nested_kernels(preset):
-        raise MoecError(f"nested expert storage has kernels for the x86 and arm backends only, not target "
+        raise MoecError(f"nested expert storage has kernels for the "
+                        f"{', '.join(sorted(get_nested_format(nested).kernels))} backends only, not target "
                         f"'{preset.name}'")
     storage = storage_plan(plan, nested)
     weights = weights or ModelWeights.from_model(model, storage)

@@ -6,6 +6,10 @@ weight). Here dequantization is a block inside the GEMV's PrimFunc, reading the 
 only the routed experts (``expert_ids`` indexes the stack directly, no gathered copy), so the
 GPU schedule (dlight ``GEMV`` / ``Reduction``) inlines it and each weight byte is read once.
 Embedding lookups stay with the reference emitter (one row per step).
+
+Nested expert stacks (``moec compile --nested``) get the same fused form with the width read at run
+time (:func:`expert_nested_gemv`): each bit-plane segment's load sits under its own
+``prec[expert] >= width`` test, so a routed row reads only the planes its expert's width needs.
 """
 
 from __future__ import annotations
@@ -13,9 +17,11 @@ from __future__ import annotations
 import numpy as np
 from tvm import relax, te, tirx
 
+from moec.core.formats import get_nested_format
 from moec.lower import te_ops
 from moec.lower.linear import LinearEmitter
 from moec.lower.params import WeightEntry
+from moec.quant.nested import segment_positions
 
 
 def _dequant(packed, scale, zero, lead, row, i, bits: int, group: int):
@@ -62,6 +68,44 @@ def expert_float_gemv(x, weight, ids):
         x[j if per_expert else 0, r] * weight[ids[j], row, r].astype("float32"), axis=r), name="gemv")
 
 
+def expert_nested_gemv(x, *args, storage_bits: int, n: int, k: int, group: int):
+    """Nested stack: ``y [top_k, N]``, row ``j`` = ``x[j or 0] @ W_{prec[e]}[e].T``, ``e = ids[j]``.
+
+    ``args``: one uint8 ``[E, N, bytes]`` LSB-first stream per segment (most significant first),
+    ``scale`` float16 ``[E, N, G]``, ``zero`` uint8 ``[E, N, zero bytes]`` (storage-width codes),
+    ``prec`` int32 ``[E]``, ``ids`` int32 ``[top_k]`` (all valid). Segment ``s`` is loaded only
+    when ``prec[e]`` is at least the width it completes (``if_then_else``, a branch in the CUDA C:
+    the skipped planes' bytes are never read), so the or of the loaded segments is the truncated
+    code ``(q >> t) << t`` (``t = B − k``), dequantized at the centre of its bin as in
+    ``moec.quant.nested``: ``scale · (q_t − zero + (2**t − 1) / 2)``.
+    """
+    fmt = get_nested_format(storage_bits)
+    *segs, scale, zero, prec, ids = args
+    top_k = ids.shape[0]
+    per_expert = int(x.shape[0]) != 1
+    positions = segment_positions(fmt)
+
+    def weight(j, row, i):
+        e = ids[j]
+        width = prec[e]
+        q = None
+        for seg, bits, pos, need in zip(segs, fmt.segment_bits, positions, fmt.derived_bits):
+            code = te_ops._code(seg, (e,), row, i, bits, int(seg.shape[-1])) << tirx.const(pos, "uint32")
+            part = code if need == fmt.derived_bits[0] else tirx.if_then_else(
+                width >= need, code, tirx.const(0, "uint32"))
+            q = part if q is None else q | part
+        g = tirx.floordiv(i, group)
+        z = te_ops._code(zero, (e,), row, g, storage_bits, int(zero.shape[-1])).astype("float32")
+        drop = (tirx.const(1, "int32") << (tirx.const(storage_bits, "int32") - width)).astype("float32")
+        centre = (drop - tirx.const(1.0, "float32")) * tirx.const(0.5, "float32")
+        return (q.astype("float32") - z + centre) * scale[e, row, g].astype("float32")
+
+    w = te.compute((top_k, n, k), weight, name="dequant")
+    r = te.reduce_axis((0, k), name="k")
+    return te.compute((top_k, n), lambda j, row: te.sum(
+        x[j if per_expert else 0, r] * w[j, row, r], axis=r), name="gemv")
+
+
 class GpuLinearEmitter(LinearEmitter):
     """Fused dequantize-GEMV PrimFuncs (one per linear layer / routed expert call)."""
 
@@ -87,3 +131,11 @@ class GpuLinearEmitter(LinearEmitter):
                            primfunc_name_hint="expert_dequant_gemv")
         mask = bb.emit(relax.op.astype(relax.op.greater_equal(ids, relax.const(np.int32(0))), "float32"))
         return bb.emit(relax.op.multiply(y, relax.op.reshape(mask, (top_k, 1))))
+
+    def nested_experts(self, bb, x, entry: WeightEntry, vars_, name, ids, prec):
+        """One fused nested dequantize-GEMV for the routed ``ids`` (all valid) at the widths in ``prec``."""
+        n, k = entry.shape
+        segs = sorted((a for a in entry.arrays if a.startswith("seg")), key=lambda a: int(a[3:]))
+        args = [vars_[f"{name}.{a}"] for a in (*segs, "scale", "zero")]
+        return bb.emit_te(expert_nested_gemv, x, *args, prec, ids, storage_bits=entry.bits, n=n, k=k,
+                          group=entry.group_size, primfunc_name_hint="expert_nested_gemv")

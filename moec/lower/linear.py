@@ -65,7 +65,7 @@ class LinearEmitter:
 
     def nested_experts(self, bb, x, entry: WeightEntry, vars_, name, ids, prec):
         """Routed rows of a nested stack at the widths of run-time table ``prec``: needs kernels."""
-        raise MoecError("nested expert storage needs moec's CPU kernels (x86 or arm backend), not the reference "
+        raise MoecError("nested expert storage needs moec's kernels (x86, arm or cuda backend), not the reference "
                         "emitter")
 
     def decode_attention(self, bb, q, past_k, k, past_v, v, scale: float):

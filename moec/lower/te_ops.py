@@ -15,7 +15,7 @@ def _code(p: te.Tensor, lead: tuple, row, i, bits: int, row_bytes: int):
     byte = tirx.floordiv(bit, 8)
     shift = tirx.floormod(bit, 8)
     lo = p[lead + (row, byte)].astype("uint32")
-    if bits in (2, 4, 8):  # never straddles
+    if 8 % bits == 0:  # 1, 2, 4, 8 bits: never straddles
         return tirx.bitwise_and(tirx.shift_right(lo, shift.astype("uint32")), tirx.const((1 << bits) - 1, "uint32"))
     nxt = tirx.min(byte + 1, row_bytes - 1)
     hi = p[lead + (row, nxt)].astype("uint32")

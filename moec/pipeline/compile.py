@@ -130,7 +130,9 @@ def compile_bundle(cfg: CompileConfig, on_stage=None) -> Path:
     if cfg.nested is not None:
         get_nested_format(cfg.nested)
         if not preset_has_nested_kernels(preset):
-            raise MoecError(f"--nested needs the x86 or arm backend; target '{preset.name}' has no nested kernels")
+            raise MoecError(f"--nested needs a backend with nested kernels "
+                            f"({', '.join(sorted(get_nested_format(cfg.nested).kernels))}); target "
+                            f"'{preset.name}' has none")
         if cfg.onnx is not None:
             raise MoecError("--onnx cannot export a nested bundle's storage (ONNX has no run-time widths); "
                             "drop --onnx or --nested")

@@ -29,7 +29,7 @@ def test_script_parses_and_dry_runs(tmp_path):
     assert res.returncode == 0, res.stderr
     assert "(arch sm_86 from $MOEC_CUDA_ARCH)" in res.stdout
     assert [ln.split(":", 1)[0] for ln in res.stdout.splitlines() if ln.startswith("plan ")] == \
-        ["plan uniform", "plan uniform", "plan mixed"]
+        ["plan uniform", "plan uniform", "plan mixed", "plan nested"]
     assert "cuda:sm_86 bundles" in res.stdout and not (tmp_path / "o").exists()  # nothing built
 
 

@@ -18,17 +18,23 @@ nibble-lane word order (``layout.nibble_lane_words``: code ``i`` of a group belo
 - the narrowest width (one segment) multiplies each code where it sits in the segment's word,
   as the fixed kernel does: ``(word & mask << b) · (x[i] · 2**(B−k−b))`` (``xs_plane``);
 - a width of up to 4 bits rebuilds nibble word ``a`` (8 codes, each code's top bits in its 4-bit
-  lane) with one shift, one mask and one or per needed segment, then multiplies each lane in
-  place (``xs_nibble``);
-- 8 bits (8-bit storage) interleaves the top nibble word and the low segment's nibble word into
-  two byte words (4 codes each) and multiplies each byte in place (``xs_byte``).
+  lane; block ``word{d}``) with one constant shift per needed segment and one bit select
+  ``(A & M) | (B & ~M)`` (``vpternlogd``) per further segment, then multiplies each lane in place
+  (``xs_nibble``), the lane mask keeping only the width's bits;
+- 8 bits (8-bit storage) rebuilds the top nibble word (each segment's part shifted, masked and
+  or-ed) and interleaves it with the low segment's nibble word into two byte words (4 codes
+  each) and multiplies each byte in place (``xs_byte``).
 
-The planes a width skips are simply absent from the rebuilt word, which is the truncated code;
-per code the float work is the fixed kernel's (mask, convert, FMA), the rebuild a few integer
-ops per 8 codes. Each ``qdot{d}`` update loop sits
-under ``if prec[expert_ids[j]] == k_d`` (:func:`guard_segments`): exactly one specialised inner
-loop runs per routed row, the width branch is outside it, and the planes a width does not need
-are never loaded; the other accumulators keep their initial 0.
+The planes a width skips are simply absent from the rebuilt word, which is the truncated code.
+The rebuilt words are a block of their own, computed in registers at the unrolled word step, and
+each code is a reduction step of its own (``(word & mask) → float → FMA`` into the accumulator):
+per code the float work is exactly the fixed kernel's, and the rebuild costs a few integer ops per
+8 codes (a single expression summing the 8 products instead cost one extra multiply and add per
+word and spilled registers; LLVM, given the codes as separate steps without the block, folded
+each lane's mask into the rebuild and rebuilt the word once per code). Each ``qdot{d}`` loop
+(its rebuild included) sits under ``if prec[expert_ids[j]] == k_d`` (:func:`guard_segments`):
+exactly one specialised inner loop runs per routed row, the width branch is outside it, and the
+planes a width does not need are never loaded; the other accumulators keep their initial 0.
 """
 
 from __future__ import annotations
@@ -155,8 +161,11 @@ def nested_gemv_definition(spec: NestedGemvSpec) -> tirx.PrimFunc:
     def code_index(a, lane):
         return 32 * (a // 4) + 4 * lane + a % 4
 
-    def nibbles(j, b, g, lane, a, segments, offset):
-        """Segments' parts of nibble word ``a``, each at bit ``pos_s - offset`` of its 4-bit lane."""
+    def nibbles_or(j, b, g, lane, a, segments, offset):
+        """Nibble word ``a`` as :func:`nibbles`, each part masked to its bits and or-ed: no stale bits.
+
+        The 8-bit path's form: with bit selects there, LLVM re-associated the selects and the
+        even/odd byte masks into per-byte masks (759 instructions a step on x86 against 733)."""
         word = None
         for s in segments:
             width, per = fmt.segment_bits[s], 4 // fmt.segment_bits[s]
@@ -165,6 +174,48 @@ def nested_gemv_definition(spec: NestedGemvSpec) -> tirx.PrimFunc:
                 << _u32(positions[s] - offset)
             word = part if word is None else word | part
         return word
+
+    def nibbles(j, b, g, lane, a, segments, offset):
+        """Nibble word ``a``: each segment's part at bit ``pos_s - offset`` of its 4-bit lane.
+
+        Each segment word is shifted once (the part's bit in the stored word to its bit in the
+        lane) and the parts are merged by bit selects ``(A & M) | (B & ~M)`` (one ``vpternlogd``
+        each), most significant segment last: every lane bit at or above the lowest segment's
+        holds its part, bits below it may hold other nibble words' bits (the caller's lane mask
+        drops them)."""
+        word = None
+        for s in reversed(list(segments)):
+            width, per = fmt.segment_bits[s], 4 // fmt.segment_bits[s]
+            raw = segs[s][ids[j], b, g * (gs * width // 32) + a // per, lane]
+            shift = (positions[s] - offset) - width * (a % per)  # constant once the word loop is unrolled
+            part = (raw << tirx.max(shift, 0).astype("uint32")) >> tirx.max(-shift, 0).astype("uint32")
+            if word is None:
+                word = part
+            else:
+                keep = _u32((((1 << width) - 1) * 0x11111111 << (positions[s] - offset)) & 0xFFFFFFFF)
+                word = (part & keep) | (word & ~keep)
+        return word
+
+    def rebuilt(d):
+        """Block ``word{d}``: the words width ``derived_bits[d]`` multiplies in place, one per nibble
+        word ``a`` (``[.., a, 0, lane]``: up to 4 bits), or its even and odd byte words
+        (``[.., a, h, lane]``: 8 bits). A block of its own (computed at the unrolled word step,
+        in registers), so each word is rebuilt once and its 8 codes share it."""
+        if fmt.derived_bits[d] <= 4:
+            return te.compute((spec.top_k, nt, groups, words, 1, tile),
+                              lambda j, b, g, a, h, lane: nibbles(j, b, g, lane, a, range(d + 1), bits - 4),
+                              name=f"word{d}")
+        high = [s for s in range(d + 1) if positions[s] >= 4]
+        low_segs = [s for s in range(d + 1) if s not in high]
+
+        def fn(j, b, g, a, h, lane):  # byte c of the even (odd) word: code lane 2c (2c + 1)
+            top = nibbles_or(j, b, g, lane, a, high, 4)
+            low = nibbles_or(j, b, g, lane, a, low_segs, 0)
+            even = ((top & _u32(0x0F0F0F0F)) << _u32(4)) | (low & _u32(0x0F0F0F0F))
+            odd = (top & _u32(0xF0F0F0F0)) | ((low >> _u32(4)) & _u32(0x0F0F0F0F))
+            return tirx.Select(h == 0, even, odd)
+
+        return te.compute((spec.top_k, nt, groups, words, 2, tile), fn, name=f"word{d}")
 
     def qdot(d):
         """Width ``derived_bits[d]`` over the group's codes, one specialised form per kind of width.
@@ -178,36 +229,29 @@ def nested_gemv_definition(spec: NestedGemvSpec) -> tirx.PrimFunc:
         """
         k = fmt.derived_bits[d]
         unit = te.reduce_axis((0, gs if d == 0 else words), f"u{d}")  # codes, or nibble words
+        # Codes of a rebuilt word, a reduce axis of their own: 8 nibble lanes (up to 4 bits) or
+        # lane 2c + h = byte c of the even (h = 0) or odd byte word (8 bits). So every code is
+        # one (mask, convert, FMA) into the accumulator, as in the fixed kernel.
+        lanes = te.reduce_axis((0, 8), f"c{d}") if d else None
+        word = rebuilt(d) if d else None
 
         def body(j, bb, g, lane):
             row = xrow(j)
-            terms = []
             if d == 0:  # code i = 32*W + 4*l + r, r = rq*per + rp: word W*w0 + rq, bit 4*l + w0*rp
                 per = 4 // w0
                 r = unit % 4
                 raw = segs[0][ids[j], bb, g * (gs * w0 // 32) + (unit // 32) * w0 + r // per, lane]
                 bit = (4 * ((unit % 32) // 4) + w0 * (r % per)).astype("uint32")
                 code = (raw & (_u32((1 << w0) - 1) << bit)).astype("float32")
-                terms.append(code * xs_plane[row, g * gs + unit])
-            elif k <= 4:
-                top = nibbles(j, bb, g, lane, unit, range(d + 1), bits - 4)
-                for ln in range(8):
-                    code = (top & _u32(0xF << (4 * ln))).astype("float32")
-                    terms.append(code * xs_nibble[row, g * gs + code_index(unit, ln)])
-            else:
-                high = [s for s in range(d + 1) if positions[s] >= 4]
-                top = nibbles(j, bb, g, lane, unit, high, 4)
-                low = nibbles(j, bb, g, lane, unit, [s for s in range(d + 1) if s not in high], 0)
-                even = ((top & _u32(0x0F0F0F0F)) << _u32(4)) | (low & _u32(0x0F0F0F0F))
-                odd = (top & _u32(0xF0F0F0F0)) | ((low >> _u32(4)) & _u32(0x0F0F0F0F))
-                for c in range(4):
-                    for half, word in ((0, even), (1, odd)):
-                        code = (word & _u32(0xFF << (8 * c))).astype("float32")
-                        terms.append(code * xs_byte[row, g * gs + code_index(unit, 2 * c + half)])
-            total = terms[0]
-            for t in terms[1:]:
-                total = total + t
-            return te.sum(total, axis=unit)
+                return te.sum(code * xs_plane[row, g * gs + unit], axis=unit)
+            if k <= 4:
+                mask = ((1 << k) - 1) << (4 - k)  # the width's bits of the lane (the rest may be stale)
+                code = (word[j, bb, g, unit, 0, lane] & (_u32(mask) << (4 * lanes).astype("uint32")))
+                return te.sum(code.astype("float32") * xs_nibble[row, g * gs + code_index(unit, lanes)],
+                              axis=[unit, lanes])
+            code = word[j, bb, g, unit, lanes % 2, lane] & (_u32(0xFF) << (8 * (lanes // 2)).astype("uint32"))
+            return te.sum(code.astype("float32") * xs_byte[row, g * gs + code_index(unit, lanes)],
+                          axis=[unit, lanes])
 
         return te.compute((spec.top_k, nt, groups, tile), body, name=f"qdot{d}")
 
@@ -235,7 +279,8 @@ def guard_segments(func: tirx.PrimFunc, spec: NestedGemvSpec) -> tirx.PrimFunc:
 
     The routed-row loops are the top-level parallel loops named from ``j`` (``j`` major, as for
     :func:`moec.lower.kernels.row_guard.guard_routed_rows`); inside them, the first loop of a
-    sequence whose subtree holds only block ``qdot{d}_update`` (after ``decompose_reduction``) is
+    sequence whose subtree holds only block ``qdot{d}_update`` (after ``decompose_reduction``) and
+    its rebuilt words ``word{d}`` is
     wrapped, so one specialised inner loop runs per row (a width not served runs none: the
     session refuses such plans before they reach the kernel).
     """
@@ -292,7 +337,7 @@ def _wrap(stmt, conds: dict[int, tirx.PrimExpr]):
         for child in stmt.seq:
             names = _blocks(child)
             hit = [s for s in conds if f"qdot{s}_update" in names and f"qdot{s}_init" not in names]
-            if len(hit) == 1 and isinstance(child, ts.For) and len(names) == 1:
+            if len(hit) == 1 and isinstance(child, ts.For) and names <= {f"qdot{hit[0]}_update", f"word{hit[0]}"}:
                 out.append(ts.IfThenElse(conds[hit[0]], child, None))
                 count += 1
             else:

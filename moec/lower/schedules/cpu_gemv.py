@@ -43,11 +43,10 @@ class CpuScheduleParams:
     int8_tile_vectors : int
         ``tile_vectors`` of the family's int8-activation GEMV.
     nested_unroll_words : int
-        8-bit words (4 codes each) per unrolled step of the nested GEMV. A 1-bit plane's word
-        feeds 8 of them at 8 different shifts, so 8 makes every shift a constant, but its
-        unrolled body (4 planes x 8 words x ``tile_vectors``) spilled registers on x86; 4
-        (variable shift for 1-bit planes, a register shift costs the same) measured the same
-        or better at every width.
+        Nibble words (8 codes each) per unrolled step of the nested GEMV's wider widths (the
+        narrowest steps ``unroll_values`` codes as the fixed kernel). 4 makes every segment's
+        shift a constant (a 1-bit plane word holds 4 nibble words' parts); 2 and 8 were no
+        faster on x86 (one noisy A/B at load 12; 8 spills registers).
     """
 
     #: Name of the family in error messages (``x86``, ``ARM``).
@@ -205,10 +204,11 @@ def schedule_nested_gemv(func: tirx.PrimFunc, spec, params: CpuScheduleParams) -
     """Schedule a ``nested_gemv_definition`` (``moec.lower.kernels.nested_gemv``) with ``params``.
 
     The same recipe as the quantized GEMV, once per derived width: every ``qdot{d}`` is computed
-    per group inside the row task, a step of ``nested_unroll_words`` 8-bit words at a time
-    (unrolled), each word rebuilt from its planes once and its 4 codes multiplied in place into
-    ``tile_vectors`` vector accumulators; the group's scale and zero point are applied once to
-    the group sums.
+    per group inside the row task into ``tile_vectors`` vector accumulators. The narrowest width
+    steps ``unroll_values`` codes as the fixed kernel; the others step ``nested_unroll_words``
+    nibble words (unrolled), each word rebuilt once into registers (block ``word{d}`` computed at
+    the word) and its 8 codes then multiplied in place, one unrolled step each; the group's
+    scale and zero point are applied once to the group sums.
     """
     check_spec(spec, params)
     sch = s_tir.Schedule(func)
@@ -220,14 +220,32 @@ def schedule_nested_gemv(func: tirx.PrimFunc, spec, params: CpuScheduleParams) -
     steps = []
     for qdot in qdots:
         sch.compute_at(qdot, g, preserve_unit_loops=True)
-        sch.set_scope(qdot, 0, "local")
-        _, q_vec, _, q_lane, q_i = sch.get_loops(qdot)[-5:]
-        per_step = params.unroll_values if not steps else params.nested_unroll_words  # codes, or nibble words
+        # Left in global scope: a stack array inside the parallel task (<= 1 KB), which LLVM keeps
+        # in registers. "local" scope made each of the 4 accumulators and 3 word buffers a
+        # TVMBackendAllocWorkspace/FreeWorkspace pair per parallel task (14 calls per 64-row task,
+        # 1,792 a call at top-8 x 1024 rows): about 0.1x of the kernel's time.
+        if not steps:  # the narrowest width: one reduction over codes, as the fixed kernel
+            _, q_vec, _, q_lane, q_i = sch.get_loops(qdot)[-5:]
+            codes = []
+            per_step = params.unroll_values
+        else:  # over rebuilt words, then over the codes of each word
+            _, q_vec, _, q_lane, q_i, q_c = sch.get_loops(qdot)[-6:]
+            codes = [q_c]
+            per_step = params.nested_unroll_words
         step, value = sch.split(q_i, [None, gcd(per_step, sch.get(q_i).extent.value)])
-        sch.reorder(step, value, q_vec, q_lane)
+        sch.reorder(step, value, *codes, q_vec, q_lane)
         sch.vectorize(q_lane)
         sch.unroll(q_vec)
-        sch.unroll(value)
+        for loop in (value, *codes):
+            sch.unroll(loop)
+        if codes:  # the rebuilt words of this word step, in registers
+            word = sch.get_sblock(f"word{len(steps)}")
+            sch.compute_at(word, value, preserve_unit_loops=True)
+            w_loops = sch.get_loops(word)
+            w_loops = w_loops[1 + [sch.get(loop).same_as(sch.get(value)) for loop in w_loops].index(True):]
+            sch.vectorize(w_loops[-1])
+            for loop in w_loops[:-1]:
+                sch.unroll(loop)
         steps.append(step)
     sch.parallel(sch.fuse(j, tile))  # j major: the row and segment guards wrap this loop
     sch.vectorize(lane)

@@ -1,0 +1,169 @@
+"""The CUDA nested GEMV (``gpu_linear.expert_nested_gemv``): numerics of its TIR on the CPU against the
+derived weights (numpy), and CUDA code generation that reads a segment only under its width test."""
+
+from __future__ import annotations
+
+import re
+import shutil
+
+import numpy as np
+import pytest
+import tvm
+from tvm import te
+
+from moec.core.formats import get_nested_format
+from moec.core.targets import load_target
+from moec.lower.cuda_kernels import find_nvcc
+from moec.lower.gpu_linear import expert_nested_gemv
+from moec.lower.schedules.gpu_rules import FusedGemv
+from moec.quant.nested import dequantize_nested, nest
+from moec.quant.packed_model import pack_weight
+
+from kernel_helpers import assert_close, call
+
+pytestmark = pytest.mark.tvm
+
+N, K, GS, E, TOP_K = 64, 128, 32, 4, 3
+
+
+def _func(storage: int, per_expert: bool) -> tvm.tirx.PrimFunc:
+    nws = _experts(storage)
+    segs = [te.placeholder((E, *s.shape), "uint8", f"seg{i}") for i, s in enumerate(nws[0].segments)]
+    scale = te.placeholder((E, *nws[0].scale.shape), "float16", "scale")
+    zero = te.placeholder((E, *nws[0].zero.shape), "uint8", "zero")
+    prec, ids = te.placeholder((E,), "int32", "prec"), te.placeholder((TOP_K,), "int32", "ids")
+    x = te.placeholder((TOP_K if per_expert else 1, K), "float32", "x")
+    y = expert_nested_gemv(x, *segs, scale, zero, prec, ids, storage_bits=storage, n=N, k=K, group=GS)
+    return te.create_prim_func([x, *segs, scale, zero, prec, ids, y]).with_attr("global_symbol", "nested")
+
+
+def _experts(storage: int):
+    rng = np.random.default_rng(storage)
+    return [nest(pack_weight((rng.standard_normal((N, K)) * 0.1).astype(np.float32), storage, GS))
+            for _ in range(E)]
+
+
+@pytest.mark.parametrize("storage,per_expert", [(8, False), (4, True)])
+def test_nested_gemv_tir_matches_the_derived_weights(storage, per_expert):
+    """The same TIR the CUDA backend schedules, compiled for the CPU: every expert at its own width."""
+    nws = _experts(storage)
+    mod = tvm.compile(tvm.IRModule({"nested": _func(storage, per_expert)}), target="llvm")
+    x = np.random.default_rng(1).standard_normal((TOP_K if per_expert else 1, K)).astype(np.float32)
+    widths = get_nested_format(storage).derived_bits
+    stack = [np.stack([getattr(nw, a) for nw in nws]) for a in ("scale", "zero")]
+    segs = [np.stack([nw.segments[s] for nw in nws]) for s in range(len(widths))]
+    for prec in ([widths[e % len(widths)] for e in range(E)], [widths[-1 - e % 2] for e in range(E)]):
+        ids = [3, 0, 1]
+        y = call(mod, "nested", [x, *segs, *stack, np.asarray(prec, np.int32), np.asarray(ids, np.int32),
+                                 np.zeros((TOP_K, N), np.float32)])
+        for r, e in enumerate(ids):
+            assert_close(y[r], dequantize_nested(nws[e], prec[e]) @ x[r if per_expert else 0])
+
+
+def test_cuda_nested_gemv_loads_each_plane_only_under_its_width():
+    """Scheduled by moec's GPU rule for the Jetson preset and generated as CUDA C (no GPU, no nvcc):
+    the width table is read, the top segment unconditionally, every lower segment only inside
+    ``if (w <= prec[expert])`` for the width ``w`` that first needs it."""
+    target = load_target("jetson-agx-orin").tvm()
+    with target:
+        sch = FusedGemv().apply(_func(8, False), target, False)
+        assert sch is not None
+        ex = tvm.compile(tvm.IRModule({"nested": sch.mod["main"]}), target=target)
+    from moec.lower.cuda_kernels import cuda_source
+    src = cuda_source(ex.mod)
+    assert src is not None and "threadIdx.x" in src and "prec_ptr[ids_ptr[" in src
+    lines = [ln.strip() for ln in src.splitlines() if ln.strip()]
+    fmt = get_nested_format(8)
+    for s, need in enumerate(fmt.derived_bits):
+        loads = [i for i, ln in enumerate(lines) if f"seg{s}_ptr[" in ln and "__global__" not in ln]
+        assert loads, s
+        for i in loads:
+            guarded = re.match(rf"if \({need} <= prec_ptr\[ids_ptr\[", lines[i - 1]) is not None
+            assert guarded == (s > 0), (s, lines[i - 1])
+
+
+@pytest.fixture(scope="module")
+def nested_params(tmp_path_factory):
+    from moec.core.run_plan import storage_plan
+    from moec.lower.params import build_nested_params
+    from moec.models.checkpoint import load_checkpoint
+    from moec.quant.weights import ModelWeights
+    from tests.conftest import make_tiny_checkpoint
+    from tests.runtime.nested_fixtures import mixed_plan
+    root = tmp_path_factory.mktemp("gpu-nested")
+    make_tiny_checkpoint(root / "ckpt", seed=3)
+    model = load_checkpoint(root / "ckpt")
+    plan = mixed_plan(model.cfg)  # experts at 2/3/4/8 bits from 8-bit storage, other weights 8-bit
+    weights = ModelWeights.from_model(model, storage_plan(plan, 8))
+    return model.cfg, plan, build_nested_params(model.cfg, plan, weights.packed, weights.floats, 8), root
+
+
+def test_gpu_emitter_decodes_a_nested_plan_as_the_derived_torch_model(nested_params):
+    """The GPU emitter's nested decode graph (its TIR unscheduled, run on the CPU) under the plan at load
+    gives the logits of the torch model with each expert's derived weights."""
+    import torch
+
+    from moec.lower.backends.base import Backend
+    from moec.lower.gpu_linear import GpuLinearEmitter
+    from moec.lower.library import build_module
+    from moec.lower.pipeline import CPU_PHASES
+    from tests.runtime.nested_fixtures import derived_model
+    cfg, plan, params, root = nested_params
+    unscheduled = Backend("unscheduled", tuple(p for p in CPU_PHASES if p[0] != "schedule"))
+    build_module(cfg, params, tvm.target.Target({"kind": "llvm"}), unscheduled, root / "gpu.so",
+                 emitter=GpuLinearEmitter())
+    vm = tvm.runtime.vm.VirtualMachine(tvm.runtime.load_module(str(root / "gpu.so")), tvm.cpu())
+    args = [tvm.runtime.tensor(a, tvm.cpu()) for _, a in params.flat()]
+    past = [tvm.runtime.tensor(np.zeros((cfg.num_kv_heads, 0, cfg.head_dim), np.float32))
+            for _ in range(2 * cfg.num_layers)]
+    tokens = [5, 17, 42, 7]
+    for t in tokens:
+        res = vm["decode"](tvm.runtime.tensor(np.array([t], np.int32)), *past, *args)
+        past = [res[i] for i in range(1, 1 + 2 * cfg.num_layers)]
+    want = derived_model(root / "ckpt", plan)(torch.tensor([tokens]))[0, -1].detach().numpy()
+    np.testing.assert_allclose(res[0].numpy()[0], want, atol=2e-4 * float(np.abs(want).max()))
+
+
+def test_nested_decode_generates_cuda_for_jetson(nested_params):
+    """``moec compile --target jetson-agx-orin --nested`` no longer refused: the decode graph of a nested
+    stack generates CUDA C whose expert kernels read the width table (code generation only)."""
+    from tvm import relax
+
+    from moec.lower.backends import backend_for
+    from moec.lower.cuda_kernels import count_kernels, cuda_source
+    from moec.lower.bundler import preset_has_nested_kernels
+    from moec.lower.decode_graph import DecodeBuilder
+    from moec.lower.pipeline import make_pipeline
+    cfg, _, params, _ = nested_params
+    preset = load_target("jetson-agx-orin")
+    assert preset_has_nested_kernels(preset)
+    bb = relax.BlockBuilder()
+    DecodeBuilder(cfg, params, backend_for(preset).emitter(preset.tvm(), "float32")).build(bb)
+    target = preset.tvm()
+    with target:
+        ex = tvm.compile(bb.get(), target=target, relax_pipeline=make_pipeline(backend_for(preset).phases))
+    src = cuda_source(ex.mod)
+    assert src is not None and count_kernels(src) > 10
+    assert "expert_nested_gemv" in src and "experts_prec_ptr[" in src
+    assert re.search(r"if \(8 <= layers_\d+_experts_prec_ptr\[", src)
+
+
+@pytest.mark.skipif(find_nvcc() is None or shutil.which("aarch64-linux-gnu-g++") is None,
+                    reason="needs nvcc and g++-aarch64-linux-gnu")
+def test_moec_compile_nested_for_jetson(tmp_path):
+    """``moec compile --target jetson-agx-orin --nested 8`` writes a CUDA bundle (nvcc fatbin for sm_87)."""
+    import json
+
+    from click.testing import CliRunner
+
+    from moec.cli.main import cli
+    from tests.conftest import make_tiny_checkpoint
+    make_tiny_checkpoint(tmp_path / "ckpt", seed=2)
+    out = tmp_path / "bundle"
+    res = CliRunner().invoke(cli, ["compile", str(tmp_path / "ckpt"), "--target", "jetson-agx-orin",
+                                   "--plan", "uniform:4", "--nested", "8", "--out", str(out)])
+    assert res.exit_code == 0, res.output
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["nested"] == {"storage_bits": 8} and manifest["cuda"]["arch"] == "sm_87"
+    src = (out / "kernels.cu").read_text()
+    assert "expert_nested_gemv" in src and re.search(r"if \(8 <= layers_\d+_experts_prec_ptr\[", src)
