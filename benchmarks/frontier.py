@@ -36,6 +36,7 @@ import itertools
 import json
 import math
 import os
+import re
 import sys
 import tempfile
 import time
@@ -57,11 +58,10 @@ PART_BITS = {p: BITS for p in PARTS} | {"lm_head": (2, 3, 4, 6, 8), "experts": (
 
 def parse_group(spec: str) -> tuple[int, str]:
     """``"32"`` -> (32, "fp16"); ``"32u8"`` -> (32, "u8")."""
-    digits = "".join(ch for ch in spec if ch.isdigit())
-    rest = spec[len(digits):]
-    if not digits or not spec.startswith(digits):
+    m = re.fullmatch(r"([0-9]+)([a-z][a-z0-9]*)?", spec)
+    if not m:
         raise SystemExit(f"bad --groups entry {spec!r}; expected e.g. 64 or 32u8")
-    return int(digits), rest or "fp16"
+    return int(m.group(1)), m.group(2) or "fp16"
 
 
 def group_tag(group: tuple[int, str]) -> str:
