@@ -46,6 +46,12 @@ class PackedWeight:
     def nbytes(self) -> int:
         return sum(a.nbytes for a in (self.packed, self.scale, self.zero, self.super_scale) if a is not None)
 
+    def float_scales(self) -> np.ndarray:
+        """float32 ``[N, G]`` group scales as dequantization uses them (``code · super_scale`` for ``u8``)."""
+        n, k = self.shape
+        return QuantizedTensor(np.zeros((n, k), np.uint8), self.scale, np.zeros_like(self.scale, np.uint8),
+                               self.bits, self.group_size, self.scales, self.super_scale).float_scales()
+
     def dequantize(self) -> np.ndarray:
         if self.bits == FLOAT_BITS:
             return self.packed.astype(np.float32)
