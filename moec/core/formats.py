@@ -35,8 +35,9 @@ class WeightFormat:
     scheme : str
         ``affine`` (asymmetric integer with a zero point) or ``float``.
     scale_dtype, zero_dtype : str | None
-        Per-group scale type and zero-point storage (``packed``: ``bits``-wide codes, packed like
-        the weights); None for float formats.
+        Per-group scale type with the default (``fp16``) scale format — a plan's ``scales``
+        (:data:`SCALE_FORMATS`) says how the scales are stored — and zero-point storage
+        (``packed``: ``bits``-wide codes, packed like the weights); None for float formats.
     packing : str
         ``lsb-stream``: value *i* of a row occupies bits ``[i·b, (i+1)·b)`` (``moec.quant.pack``);
         ``none`` for float formats (stored as float16).
