@@ -37,8 +37,8 @@ class KernelEmitter(LinearEmitter):
 
     ``activations="int8"`` runs the decode GEMVs and prefill grouped GEMMs of quantized weights on
     int8-quantized activations (per group, like onnxruntime's accuracy_level 4; families with an
-    int8 kernel), each token's row quantized as its decode step quantizes it; float weights and
-    weights with double-quantized (``u8``) scales keep float32 activations.
+    int8 kernel), each token's row quantized as its decode step quantizes it; float weights keep
+    float32 activations. Double-quantized (``u8``) scales are read by every kernel.
     """
 
     def __init__(self, target: tvm.target.Target, activations: str = "float32") -> None:
@@ -72,9 +72,8 @@ class KernelEmitter(LinearEmitter):
 
     # -- graph ---------------------------------------------------------------------
     def _int8(self, entry: WeightEntry) -> bool:
-        """Whether this weight's kernels take int8 activations (fp16-scale quantized weights only)."""
-        return (self.activations == "int8" and entry.bits in INT8_ACTIVATION_BITS
-                and entry.scales == DEFAULT_SCALES)
+        """Whether this weight's kernels take int8 activations (quantized weights of an int8 width)."""
+        return self.activations == "int8" and entry.bits in INT8_ACTIVATION_BITS
 
     def _kernel(self, entry: WeightEntry, top_k: int, per_expert: bool):
         n, k = entry.shape

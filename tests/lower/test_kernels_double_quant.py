@@ -1,5 +1,6 @@
-"""Kernels reading double-quantized (``u8``) scales: decode GEMV (x86 and ARM schedules), SwiGLU GEMV and
-prefill grouped GEMM against numpy on the dequantized weights; the refusals (int8 activations, CUDA)."""
+"""Kernels reading double-quantized (``u8``) scales against numpy on the dequantized weights: decode GEMV
+(x86 and ARM schedules), SwiGLU GEMV and prefill grouped GEMM with float32 activations; the int8-activation
+GEMVs (x86 VNNI, ARM sdot run on the host through its portable dot) and the VNNI grouped GEMM."""
 
 from __future__ import annotations
 
@@ -92,11 +93,63 @@ def test_grouped_gemm_reads_u8_scales(bits):
     assert_close(out, ref)
 
 
-def test_u8_scales_refuse_int8_activations_and_unknown_formats():
+def _vnni():
+    from tvm.target import codegen
+    return codegen.target_has_features("avx512vnni", host_target())
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+@pytest.mark.parametrize("family", ["x86-vnni", "arm-dotprod"])
+def test_int8_activation_gemv_reads_u8_scales(bits, family):
+    """int8 activations: exact against the int8-rounded input times the dequantized weights."""
+    from moec.lower.kernels.activations import dequantized_activations
+    from moec.lower.schedules.arm_dotprod import dotprod_gemv, portable_dot
     target = host_target()
-    with pytest.raises(MoecError, match="float32-activation kernels only"):
-        make_gemv(4, 32, 256, 32, 1, 1, target, activations="int8", scales="u8")
-    with pytest.raises(MoecError, match="float32-activation kernels only"):
-        make_grouped_gemm(4, 32, 256, 32, 1, target, activations="int8", scales="u8")
+    n, k, gs, experts, top_k, per_expert = 48, 384, 32, 3, 2, bits == 4
+    if family == "x86-vnni":
+        if not _vnni():
+            pytest.skip("no AVX-512 VNNI on this host")
+        tile = kernel_tile(target)
+        func = make_gemv(bits, n, k, gs, experts, top_k, target, x_per_expert=per_expert, activations="int8",
+                         scales="u8")
+    else:
+        if bits == 3:
+            pytest.skip("the sdot GEMV has no 3-bit path")
+        tile = arm.PARAMS.tile_rows
+        spec = GemvSpec(bits, n, k, gs, experts, top_k, tile, per_expert, scales="u8")
+        func = dotprod_gemv(spec, arm.PARAMS, dot=portable_dot)  # sdot as plain TIR: runs on the host
+    mod = compile_kernel(func, target)
+    pws = _weights(bits, n, k, gs, experts, seed=bits + 20)
+    stack = stack_kernel_layouts([to_kernel_layout(p, tile) for p in pws])
+    rng = np.random.default_rng(4)
+    x = rng.standard_normal((top_k if per_expert else 1, k)).astype(np.float32)
+    ids = np.array([2, 0], np.int32)
+    out = call(mod, "gemv", [x] + _args(stack) + [ids, np.zeros((top_k, n), np.float32)])
+    xq = dequantized_activations(x, gs)
+    assert_close(out, np.stack([xq[j if per_expert else 0] @ pws[e].dequantize().T for j, e in enumerate(ids)]))
+
+
+@pytest.mark.parametrize("bits", [3, 4])
+def test_int8_activation_grouped_gemm_reads_u8_scales(bits):
+    from moec.lower.kernels.activations import dequantized_activations
+    if not _vnni():
+        pytest.skip("no AVX-512 VNNI on this host")
+    target = host_target()
+    n, k, gs, counts = 48, 384, 32, [3, 0, 6]
+    mod = compile_kernel(make_grouped_gemm(bits, n, k, gs, len(counts), target, activations="int8", scales="u8"),
+                         target)
+    pws = _weights(bits, n, k, gs, len(counts), seed=bits + 30)
+    stack = stack_kernel_layouts([to_kernel_layout(p, kernel_tile(target)) for p in pws])
+    offsets = np.concatenate([[0], np.cumsum(counts)]).astype(np.int32)
+    rng = np.random.default_rng(5)
+    x = rng.standard_normal((5, k)).astype(np.float32)
+    rows = rng.integers(0, 5, int(offsets[-1])).astype(np.int32)  # the pair -> token row gather
+    out = call(mod, "grouped_gemm", [x, rows] + _args(stack) + [offsets, np.zeros((len(rows), n), np.float32)])
+    xq = dequantized_activations(x, gs)[rows]
+    ref = np.concatenate([xq[offsets[e]:offsets[e + 1]] @ pws[e].dequantize().T for e in range(len(counts))])
+    assert_close(out, ref)
+
+
+def test_unknown_scale_formats_are_refused():
     with pytest.raises(MoecError, match="unknown scale format"):
-        make_gemv(4, 32, 256, 32, 1, 1, target, scales="u4")
+        make_gemv(4, 32, 256, 32, 1, 1, host_target(), scales="u4")
