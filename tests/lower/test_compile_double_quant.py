@@ -11,11 +11,10 @@ import pytest
 from click.testing import CliRunner
 
 from moec.cli.main import cli
-from moec.core.plan import resolve_plan
+from moec.core.plan import BitPlan, resolve_plan
 from moec.models.checkpoint import load_checkpoint
 from moec.quant.packed_model import fake_quantize_model
 from tests.export.export_fixtures import torch_logits
-from tests.lower.plan_fixtures import mixed_plan
 
 pytestmark = pytest.mark.tvm
 
@@ -28,7 +27,10 @@ def compiled(tmp_path_factory):
     # K = 128: 4 groups of 32 per row (a partial super-block of 8); 19 row vectors of LM head on the kernels
     cfg = make_tiny_checkpoint(ckpt, seed=4, vocab_size=304, hidden_size=128, expert_intermediate=128)
     plan_file = root / "mixed.json"
-    mixed_plan(cfg).save(plan_file)  # experts at 2/3/4/8/16, 8-bit attention, 4-bit head, 3-bit embeddings
+    # two expert bit classes (routed rows of the other class are -1), 8-bit attention, 3-bit head and embeddings
+    experts = {l: {e: (3, 4)[(l + e) % 2] for e in range(cfg.num_experts)} for l in cfg.moe_layers}
+    BitPlan(experts, {"attention": 8, "lm_head": 3, "embeddings": 3}, group_size=32, method="mse",
+            model_fingerprint=cfg.fingerprint()).save(plan_file)
     res = CliRunner().invoke(cli, ["compile", str(ckpt), "--plan", str(plan_file), "--scales", "u8",
                                    "--out", str(root / "bundle")])
     assert res.exit_code == 0, res.output
