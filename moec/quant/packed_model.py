@@ -77,7 +77,7 @@ def pack_weight(w: torch.Tensor | np.ndarray, bits: int, group_size: int, method
     back instead of quantized again. ``learned`` (the ``(scale, zero)`` that ``moec finetune``
     learned for this weight at ``bits``) replaces any method and bypasses the cache. ``scales``:
     the scale format (``u8``: double-quantized, :mod:`moec.quant.double_quant`; not with GPTQ or
-    learned scales, and not cached).
+    learned scales).
     """
     arr = w.detach().float().numpy() if isinstance(w, torch.Tensor) else np.asarray(w, np.float32)
     if bits == FLOAT_BITS:
@@ -88,10 +88,22 @@ def pack_weight(w: torch.Tensor | np.ndarray, bits: int, group_size: int, method
                             "quantize the fine-tuned checkpoint with fp16 scales")
         if method == GPTQ and hessian is not None:
             raise MoecError(f"scales '{scales}' are not supported with method 'gptq'; use rtn, mse or hqq")
-        qt = quantize(arr, bits, group_size, method=GPTQ_FALLBACK if method == GPTQ else method,
-                      importance=importance, scales=scales)
-        return PackedWeight(arr.shape, bits, group_size, pack(qt.q, bits), qt.scale, pack_zeros(qt.zero, bits),
-                            qt.scales, qt.super_scale)
+        method = GPTQ_FALLBACK if method == GPTQ else method
+        key = None
+        if cache is not None:
+            key = cache_key(arr, bits, group_size, method, importance if method in ("mse", "hqq") else None,
+                            scales=scales)
+            hit = cache.get(key, arr.shape, bits, group_size, scales)
+            if hit is not None:
+                return PackedWeight(arr.shape, bits, group_size, hit["packed"], hit["scale"], hit["zero"], scales,
+                                    hit["super_scale"])
+        qt = quantize(arr, bits, group_size, method=method, importance=importance, scales=scales)
+        pw = PackedWeight(arr.shape, bits, group_size, pack(qt.q, bits), qt.scale, pack_zeros(qt.zero, bits),
+                          qt.scales, qt.super_scale)
+        if key is not None:
+            cache.put(key, arr.shape, bits, group_size, {"packed": pw.packed, "scale": pw.scale, "zero": pw.zero,
+                                                         "super_scale": pw.super_scale}, scales)
+        return pw
     if learned is not None:
         qt = quantize_with(arr, bits, group_size, *learned)
         return PackedWeight(arr.shape, bits, group_size, pack(qt.q, bits), qt.scale, pack_zeros(qt.zero, bits))

@@ -118,3 +118,16 @@ def test_u8_scales_refuse_gptq_and_learned_scales():
         pack_weight(w, 4, 32, "gptq", hessian=np.eye(64), scales="u8")
     with pytest.raises(MoecError, match="learned"):
         pack_weight(w, 4, 32, learned=(np.ones((8, 2), np.float16), np.zeros((8, 2), np.uint8)), scales="u8")
+
+
+def test_quant_cache_keeps_u8_scales_apart_and_exact(tmp_path):
+    from moec.quant.cache import QuantCache
+    cache = QuantCache(tmp_path / "qc")
+    w = _weight(16, 256)
+    first = pack_weight(w, 4, 32, "mse", cache=cache, scales="u8")
+    fp16 = pack_weight(w, 4, 32, "mse", cache=cache)  # same weight and group, another key
+    again = pack_weight(w, 4, 32, "mse", cache=cache, scales="u8")
+    assert (cache.misses, cache.hits) == (2, 1)
+    assert fp16.super_scale is None and again.scales == "u8"
+    for a in ("packed", "scale", "zero", "super_scale"):
+        np.testing.assert_array_equal(getattr(again, a), getattr(first, a))
