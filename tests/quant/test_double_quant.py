@@ -131,3 +131,18 @@ def test_quant_cache_keeps_u8_scales_apart_and_exact(tmp_path):
     assert fp16.super_scale is None and again.scales == "u8"
     for a in ("packed", "scale", "zero", "super_scale"):
         np.testing.assert_array_equal(getattr(again, a), getattr(first, a))
+
+
+def test_eval_cli_counts_u8_bytes(tiny_checkpoint, text_file):
+    import json as _json
+    from click.testing import CliRunner
+    from moec.cli.main import cli
+    args = ["eval", str(tiny_checkpoint), "--data", str(text_file), "--plan", "uniform:4", "--group-size", "16",
+            "--json", "--max-tokens", "128", "--seq-len", "64"]
+    u8 = CliRunner().invoke(cli, args + ["--scales", "u8"])
+    assert u8.exit_code == 0, u8.output
+    model = load_checkpoint(tiny_checkpoint)
+    want = plan_memory(model, resolve_plan("uniform:4", model.cfg, 16, scales="u8")).total
+    assert _json.loads(u8.output)["weight_bytes"] == want < plan_memory(model, resolve_plan("uniform:4", model.cfg, 16)).total
+    bad = CliRunner().invoke(cli, args + ["--scales", "u4"])
+    assert bad.exit_code != 0
