@@ -153,3 +153,15 @@ def test_int8_activation_grouped_gemm_reads_u8_scales(bits):
 def test_unknown_scale_formats_are_refused():
     with pytest.raises(MoecError, match="unknown scale format"):
         make_gemv(4, 32, 256, 32, 1, 1, host_target(), scales="u4")
+
+
+def test_u8_scales_compile_for_aarch64_with_sdot():
+    """The ARM int8 GEMV with u8 scales compiles for the Raspberry Pi 5 and still uses sdot."""
+    import re
+
+    import tvm
+    from moec.core.targets import load_target
+    target = load_target("raspberry-pi-5").tvm()
+    func = make_gemv(4, 64, 256, 32, 3, 2, target, activations="int8", scales="u8")
+    asm = tvm.compile(tvm.IRModule({"gemv": func}), target=target).mod.inspect_source("asm")
+    assert len(re.findall(r"^\s+sdot\s+v\d+\.4s", asm, re.M)) >= 16
