@@ -7,8 +7,10 @@ positions (``peer_common.py``), and whether moec dominates (no more bytes, no hi
 moec plans are built from five parts — routed experts, attention q/k/o, attention v, token embeddings,
 LM head — each
 at 2/3/4/8 bits (formats every backend has kernels for; the LM head also at 6 bits and the
-experts also at 5, which have kernels on x86 and ARM), one group size per plan (``--groups``),
-router float, quantizer ``--method`` (the default: ``mse``, as ``uniform:B``). The search:
+experts also at 5, which have kernels on x86 and ARM), one group size and scale format per plan
+(``--groups``: ``32`` = group 32 with fp16 scales, ``32u8`` = group 32 with double-quantized
+scales, ``moec.core.formats.SCALE_FORMATS``), router float, quantizer ``--method`` (the default:
+``mse``, as ``uniform:B``). The search:
 
 1. sensitivity: each part alone at each width (the rest float) on the first ``--search-chunks``
    chunks: its perplexity increase over FP32 on those chunks;
@@ -34,6 +36,7 @@ import itertools
 import json
 import math
 import os
+import re
 import sys
 import tempfile
 import time
@@ -53,7 +56,20 @@ BITS = (2, 3, 4, 8)
 PART_BITS = {p: BITS for p in PARTS} | {"lm_head": (2, 3, 4, 6, 8), "experts": (2, 3, 4, 5, 8)}
 
 
-def part_plan(cfg, bits: dict[str, int], group: int, method: str):
+def parse_group(spec: str) -> tuple[int, str]:
+    """``"32"`` -> (32, "fp16"); ``"32u8"`` -> (32, "u8")."""
+    m = re.fullmatch(r"([0-9]+)([a-z][a-z0-9]*)?", spec)
+    if not m:
+        raise SystemExit(f"bad --groups entry {spec!r}; expected e.g. 64 or 32u8")
+    return int(m.group(1)), m.group(2) or "fp16"
+
+
+def group_tag(group: tuple[int, str]) -> str:
+    """``g32`` (fp16 scales: the key earlier runs cached under) or ``g32u8``."""
+    return f"g{group[0]}" + ("" if group[1] == "fp16" else group[1])
+
+
+def part_plan(cfg, bits: dict[str, int], group: tuple[int, str], method: str):
     """A plan with each part of ``PARTS`` at ``bits[part]`` (16 = float; missing parts float), router float."""
     from moec.core.plan import BitPlan
 
@@ -62,12 +78,13 @@ def part_plan(cfg, bits: dict[str, int], group: int, method: str):
     tensors = {"router": 16}
     tensors.update({KEYS[p]: bits.get(p, 16) for p in ("attn_v", "attn_qko", "embeddings", "lm_head")})
     name = " ".join(f"{p}:{bits.get(p, 16)}" for p in PARTS)
-    return BitPlan(experts, tensors, group, method, cfg.fingerprint(), {"policy": f"frontier {name}"}).validate(cfg)
+    return BitPlan(experts, tensors, group[0], method, cfg.fingerprint(), {"policy": f"frontier {name}"},
+                   scales=group[1]).validate(cfg)
 
 
-def describe(bits: dict[str, int], group: int) -> str:
+def describe(bits: dict[str, int], group: tuple[int, str]) -> str:
     return f"experts {bits['experts']}, attn q/k/o {bits['attn_qko']} v {bits['attn_v']}, " \
-           f"embed {bits['embeddings']}, head {bits['lm_head']}, g{group}"
+           f"embed {bits['embeddings']}, head {bits['lm_head']}, {group_tag(group)}"
 
 
 class Cache:
@@ -94,7 +111,8 @@ def main() -> None:
     ap.add_argument("--ctx", type=int, default=256)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--types", default=",".join(PAIRS))
-    ap.add_argument("--groups", default="32,64")
+    ap.add_argument("--groups", default="32,64,32u8,64u8",
+                    help="group sizes, each with fp16 scales (64) or double-quantized u8 scales (32u8)")
     ap.add_argument("--method", default="mse")
     ap.add_argument("--chunks", type=int, default=-1, help="score only the first N chunks (both engines; "
                     "llama-perplexity --chunks N); -1: all")
@@ -136,13 +154,13 @@ def main() -> None:
                                                                     chunks=args.chunks)[0])
         llama[t] = (gguf_tensor_bytes(root, g), ppl)
 
-    groups = [int(x) for x in args.groups.split(",")]
-    sens: dict[tuple[str, int, int], float] = {}
+    groups = [parse_group(x) for x in args.groups.split(",")]
+    sens: dict[tuple[str, int, tuple[int, str]], float] = {}
     for group in groups:
         for part in PARTS:
             for b in PART_BITS[part]:
                 plan = part_plan(cfg, {part: b}, group, args.method)
-                key = f"{tag}[:{len(search)}] {args.method} g{group} {part}:{b}"
+                key = f"{tag}[:{len(search)}] {args.method} {group_tag(group)} {part}:{b}"
                 ppl = cache.get(key, lambda plan=plan: moec_perplexity(model, plan, search, n_ctx))
                 sens[(part, b, group)] = math.log(ppl / sbase)
 
@@ -174,7 +192,7 @@ def main() -> None:
         for rank, (_, nbytes, bits, group) in enumerate(fits):
             plan = part_plan(cfg, bits, group, args.method)
             assert plan_memory(model, plan).total == nbytes
-            ppl = cache.get(f"{tag} {args.method} g{group} {describe(bits, group)}",
+            ppl = cache.get(f"{tag} {args.method} {group_tag(group)} {describe(bits, group)}",
                             lambda plan=plan: moec_perplexity(model, plan, chunks, n_ctx))
             if best is None or ppl < best[0]:
                 best = (ppl, nbytes, bits, group, rank)

@@ -7,6 +7,7 @@ import click
 from moec import api
 from moec.cli.common import max_memory_option, output_options
 from moec.cli.search_cmd import parse_tensor_bits, search_options
+from moec.core.formats import SCALE_FORMATS
 from moec.pipeline.recipe import compile_config, load_recipe, resolve
 
 
@@ -29,6 +30,10 @@ from moec.pipeline.recipe import compile_config, load_recipe, resolve
 @click.option("--activations", type=click.Choice(["float32", "int8"]), default="float32", show_default=True,
               help="Activations of the quantized decode GEMVs: float32 (exact) or int8 per group "
                    "(faster with int8 dot products, ~1e-2 relative error; like onnxruntime accuracy_level 4).")
+@click.option("--scales", type=click.Choice(sorted(SCALE_FORMATS)), default=None,
+              help="Scale format of the plan's quantized weights: fp16 (one float16 scale per group) or u8 "
+                   "(double-quantized: a uint8 code per group times a float16 super-scale per 8 groups; "
+                   "with --group-size 32, 4.44 bits per 4-bit weight). Overrides a plan file's. Needs --plan (the search budgets fp16 scales); x86 and arm targets, float32 activations for those weights. [fp16]")
 @click.option("--onnx", "onnx_dir", type=click.Path(file_okay=False), default=None,
               help="Also write the ONNX export of the same packed weights here (`moec build` on it gives this bundle).")
 @click.option("--quant-cache", type=click.Path(file_okay=False), default=None, envvar="MOEC_QUANT_CACHE",
@@ -42,7 +47,7 @@ from moec.pipeline.recipe import compile_config, load_recipe, resolve
 @max_memory_option
 def compile_cmd(checkpoint, recipe, target, plan, out, data, max_tokens, group_size, method, budget_mb, policy,
                 alpha, beta, gamma, weighting, profile_path, episodes, seed, tensor_bits, force, sign_key,
-                debug_dump, activations, onnx_dir, quant_cache, nested, max_memory_gb):
+                debug_dump, activations, scales, onnx_dir, quant_cache, nested, max_memory_gb):
     """Compile CHECKPOINT (or a recipe's model) into a bundle for a target (library + packed weights + manifest)."""
     overrides = {"model": checkpoint, "target": target, "calibration": data, "max_tokens": max_tokens,
                  "group_size": group_size, "budget_mb": budget_mb, "policy": policy, "alpha": alpha,
@@ -53,6 +58,7 @@ def compile_cmd(checkpoint, recipe, target, plan, out, data, max_tokens, group_s
     resolved = resolve(load_recipe(recipe) if recipe else None, overrides)
     cfg = compile_config(resolved, out, plan, debug_dump)
     cfg.activations = activations
+    cfg.scales = scales
     cfg.onnx = onnx_dir
     cfg.force, cfg.sign_key = force, sign_key
     cfg.max_memory_gb = max_memory_gb

@@ -7,6 +7,7 @@ import click
 from moec import api
 from moec.cli.common import data_config, data_options, echo_json, max_memory_option
 from moec.cli.table import format_table
+from moec.core.formats import SCALE_FORMATS
 from moec.core.plan import UNIFORM_METHOD
 
 
@@ -19,12 +20,16 @@ from moec.core.plan import UNIFORM_METHOD
               help="Group size for uniform:B plans.")
 @click.option("--method", type=click.Choice(["rtn", "mse", "hqq"]), default=UNIFORM_METHOD, show_default=True,
               help="Quantizer for uniform:B plans (the same default as compile and export).")
+@click.option("--scales", type=click.Choice(sorted(SCALE_FORMATS)), default=None,
+              help="Scale format of the plan's quantized weights: fp16 (one float16 scale per group) or u8 "
+                   "(double-quantized: a uint8 code per group times a float16 super-scale per 8 groups; "
+                   "with --group-size 32, 4.44 bits per 4-bit weight). Overrides a plan file's. [fp16]")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
 @max_memory_option
-def eval_cmd(checkpoint, data, seq_len, max_tokens, batch, plan, group_size, method, as_json, max_memory_gb):
+def eval_cmd(checkpoint, data, seq_len, max_tokens, batch, plan, group_size, method, scales, as_json, max_memory_gb):
     """Perplexity and next-token top-1 accuracy on a text file (moec's accuracy metric)."""
     ev = api.evaluate(checkpoint, data_config(data, seq_len, max_tokens, batch, max_memory_gb), plan=plan,
-                      progress=not as_json, group_size=group_size, method=method)
+                      progress=not as_json, group_size=group_size, method=method, scales=scales)
     res, mem = ev.result, ev.memory
     if as_json:
         d = res.to_dict()

@@ -6,6 +6,7 @@ import click
 
 from moec import api
 from moec.cli.common import echo_json, max_memory_option
+from moec.core.formats import SCALE_FORMATS
 from moec.core.plan import UNIFORM_METHOD
 
 
@@ -19,16 +20,20 @@ from moec.core.plan import UNIFORM_METHOD
               help="MatMulNBits accuracy_level: 0 = float32 compute (exact), 4 = int8 activations (faster on CPU).")
 @click.option("--verify", is_flag=True,
               help="Run a prompt in onnxruntime and compare with the fake-quantized torch model.")
+@click.option("--scales", type=click.Choice(sorted(SCALE_FORMATS)), default=None,
+              help="Scale format of the plan's quantized weights: fp16 (one float16 scale per group) or u8 "
+                   "(double-quantized: a uint8 code per group times a float16 super-scale per 8 groups; "
+                   "with --group-size 32, 4.44 bits per 4-bit weight). Overrides a plan file's. u8 is written as dequantized float32 scales (a larger file). [fp16]")
 @click.option("--json", "as_json", is_flag=True, help="Print the export summary as JSON.")
 @max_memory_option
-def export_cmd(checkpoint, plan, out, group_size, method, accuracy_level, verify, as_json, max_memory_gb):
+def export_cmd(checkpoint, plan, out, group_size, method, accuracy_level, verify, scales, as_json, max_memory_gb):
     """Export CHECKPOINT to ONNX (prefill.onnx + decode.onnx) that runs in stock onnxruntime.
 
     Experts use MatMulNBits (2/4/8 bits), packed bytes unpacked in-graph (3/5/6 bits) or
     float16 (16); a decode step runs only the routed experts.
     """
     res = api.export_onnx(checkpoint, plan, out, group_size=group_size, method=method, verify=verify,
-                          accuracy_level=accuracy_level, max_memory_gb=max_memory_gb)
+                          accuracy_level=accuracy_level, max_memory_gb=max_memory_gb, scales=scales)
     s = res.summary
     if as_json:
         echo_json({**{k: s[k] for k in ("average_expert_bits", "experts_per_bits", "forms", "bytes")},

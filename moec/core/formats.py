@@ -35,8 +35,9 @@ class WeightFormat:
     scheme : str
         ``affine`` (asymmetric integer with a zero point) or ``float``.
     scale_dtype, zero_dtype : str | None
-        Per-group scale type and zero-point storage (``packed``: ``bits``-wide codes, packed like
-        the weights); None for float formats.
+        Per-group scale type with the default (``fp16``) scale format — a plan's ``scales``
+        (:data:`SCALE_FORMATS`) says how the scales are stored — and zero-point storage
+        (``packed``: ``bits``-wide codes, packed like the weights); None for float formats.
     packing : str
         ``lsb-stream``: value *i* of a row occupies bits ``[i·b, (i+1)·b)`` (``moec.quant.pack``);
         ``none`` for float formats (stored as float16).
@@ -117,6 +118,64 @@ def get_format(spec: int | str) -> WeightFormat:
             return fmt
     raise MoecError(f"unknown weight format {spec!r}; choices: "
                     f"{', '.join(f'{f.name} ({b})' for b, f in FORMATS.items())}")
+
+
+@dataclass(frozen=True)
+class ScaleFormat:
+    """How a quantized weight stores its per-group scales (a plan's ``scales``; every quantized weight
+    of the plan uses it).
+
+    Attributes
+    ----------
+    name : str
+        ``fp16``: one float16 scale per group. ``u8``: *double-quantized* scales, one uint8 code
+        ``c`` (1…255) per group and one float16 *super-scale* ``S`` per ``super_groups`` consecutive
+        groups of a row (the last super-block of a row may be shorter); the group's scale is
+        ``c · S`` in float32 (exact: an 8-bit integer times a float16 fits float32's mantissa).
+    code_dtype : str
+        numpy dtype of the per-group scale array (``float16`` or ``uint8``).
+    super_groups : int
+        Groups per super-scale (0: no super-scales).
+    kernels : frozenset[str]
+        Backends whose kernels read the format (others refuse it in one line).
+    onnx_scales : str
+        How the ONNX export writes the scales: ``native`` (the stored fp16 scales) or
+        ``dequantized`` (``c · S`` as float32 per group: the ONNX file is larger than the bundle).
+    """
+
+    name: str
+    code_dtype: str
+    super_groups: int
+    kernels: frozenset[str]
+    onnx_scales: str
+
+    @property
+    def double_quantized(self) -> bool:
+        return self.super_groups > 0
+
+    def scale_bytes(self, rows: int, groups: int) -> int:
+        """Bytes of the scales of ``rows`` rows of ``groups`` groups (codes + super-scales)."""
+        if not self.double_quantized:
+            return rows * groups * 2
+        return rows * groups + rows * -(-groups // self.super_groups) * 2
+
+
+#: Scale storage formats by name (plan ``scales``, ``--scales``).
+SCALE_FORMATS: dict[str, ScaleFormat] = {f.name: f for f in (
+    ScaleFormat("fp16", "float16", 0, _ALL_BACKENDS, "native"),
+    # 8 groups per super-scale: 256 weights at group 32, llama.cpp's K-quant super-block
+    ScaleFormat("u8", "uint8", 8, _CPU_BACKENDS, "dequantized"),
+)}
+#: The scale format plans use unless they say otherwise.
+DEFAULT_SCALES = "fp16"
+
+
+def get_scale_format(name: str) -> ScaleFormat:
+    """The scale format ``name``; a one-line error lists the choices."""
+    fmt = SCALE_FORMATS.get(name) if isinstance(name, str) else None
+    if fmt is None:
+        raise MoecError(f"unknown scale format {str(name)[:20]!r}; choices: {', '.join(SCALE_FORMATS)}")
+    return fmt
 
 
 @dataclass(frozen=True)

@@ -7,7 +7,12 @@ Format (version 1)::
      "tensors": {"<group, canonical name or re:pattern>": bits, …},
      "provenance": {…},
      "router_temperature": 1.2, "dropped_experts": {"<layer>": [expert, …]},   # optional knobs
-     "merged_experts": {"<layer>": [[kept, absorbed, share], …]}}
+     "merged_experts": {"<layer>": [[kept, absorbed, share], …]},
+     "scales": "u8"}                                                            # optional scale format
+
+``scales`` (``moec.core.formats.SCALE_FORMATS``, default ``fp16``) is how every quantized weight of the
+plan stores its group scales: ``u8`` double-quantizes them (uint8 codes against a float16 super-scale
+per 8 groups of a row); it is written only when it is not ``fp16``, so older plans read unchanged.
 
 The two optional architecture knobs (``moec.models.knobs``): the router scores become those of
 ``logits / router_temperature``; dropped experts leave the router's choices and the stored bytes; a merged
@@ -36,7 +41,7 @@ from dataclasses import dataclass, field
 
 from moec.core.errors import MoecError
 from moec.core.config import MoEConfig
-from moec.core.formats import ALL_BITS
+from moec.core.formats import ALL_BITS, DEFAULT_SCALES, get_scale_format
 from moec.core.inventory import TENSOR_GROUPS, expert_shapes, non_expert_weights
 from functools import lru_cache
 
@@ -63,6 +68,8 @@ class BitPlan:
     #: Merged expert pairs ``{layer: [(kept, absorbed, share)]}``: ``kept`` stores the share-weighted
     #: average of both experts' weights, ``absorbed`` is not stored and routes to ``kept``.
     merged_experts: dict[int, list[tuple[int, int, float]]] = field(default_factory=dict)
+    #: Scale format of every quantized weight (``moec.core.formats.SCALE_FORMATS``).
+    scales: str = DEFAULT_SCALES
 
     @property
     def has_knobs(self) -> bool:
@@ -206,7 +213,8 @@ class BitPlan:
                    if any(self.dropped_experts.values()) else {}),
                 **({"merged_experts": {str(l): [[a, b, s] for a, b, s in pairs]
                                        for l, pairs in sorted(self.merged_experts.items()) if pairs}}
-                   if any(self.merged_experts.values()) else {})}
+                   if any(self.merged_experts.values()) else {}),
+                **({"scales": self.scales} if self.scales != DEFAULT_SCALES else {})}
 
     @classmethod
     def from_json(cls, d: dict, source: str = "plan") -> "BitPlan":
@@ -218,7 +226,7 @@ class BitPlan:
         if isinstance(version, bool) or version != PLAN_VERSION:
             raise MoecError(f"{source} has version {str(version)[:20]}; this moec reads version {PLAN_VERSION}")
         unknown = set(d) - {"version", "model_fingerprint", "group_size", "method", "experts", "tensors", "provenance",
-                         "router_temperature", "dropped_experts", "merged_experts"}
+                         "router_temperature", "dropped_experts", "merged_experts", "scales"}
         if unknown:
             raise MoecError(f"{source} has unknown field(s): {', '.join(sorted(str(u)[:40] for u in unknown))}")
         for key in ("experts", "model_fingerprint"):
@@ -267,8 +275,13 @@ class BitPlan:
             if not all(_is_int(e) for e in ex):
                 raise MoecError(f"{source}: dropped_experts of layer {layer} must be integers")
             dropped[layer] = sorted(set(ex))
+        scales = d.get("scales", DEFAULT_SCALES)
+        try:
+            get_scale_format(scales)
+        except MoecError as exc:
+            raise MoecError(f"{source}: {exc}") from None
         return cls(experts, tensors, group, method, fp, provenance, float(temperature), dropped,
-                   _merged(d.get("merged_experts", {}), source))
+                   _merged(d.get("merged_experts", {}), source), scales)
 
     def save(self, path: str | os.PathLike) -> None:
         atomic_write_json(path, self.to_json())
@@ -282,26 +295,33 @@ class BitPlan:
 
 
 def uniform_plan(cfg: MoEConfig, bits: int, group_size: int = 64, method: str = "rtn",
-                 router_bits: int = 16) -> BitPlan:
+                 router_bits: int = 16, scales: str = DEFAULT_SCALES) -> BitPlan:
     """Static baseline: every weight at ``bits`` (router float unless ``router_bits`` says otherwise)."""
     _check_bits(bits, ALL_BITS, "uniform plan")
+    get_scale_format(scales)
     experts = {l: {e: bits for e in range(cfg.num_experts)} for l in cfg.moe_layers}
     tensors = {"router": router_bits, "re:.*": bits}
-    return BitPlan(experts, tensors, group_size, method, cfg.fingerprint(), {"policy": f"uniform-{bits}"})
+    return BitPlan(experts, tensors, group_size, method, cfg.fingerprint(), {"policy": f"uniform-{bits}"},
+                   scales=scales)
 
 
 def resolve_plan(spec: str | os.PathLike, cfg: MoEConfig, group_size: int = 64,
-                 method: str = UNIFORM_METHOD, pad_ok: bool = False) -> BitPlan:
+                 method: str = UNIFORM_METHOD, pad_ok: bool = False, scales: str | None = None) -> BitPlan:
     """A plan file, or ``uniform:B`` (every weight at B bits with ``method``, default
-    :data:`UNIFORM_METHOD` everywhere); validated against ``cfg``."""
+    :data:`UNIFORM_METHOD` everywhere); validated against ``cfg``. ``scales`` (``--scales``) sets the
+    scale format of ``uniform:B`` and overrides a plan file's (None: the file's, or ``fp16``)."""
     s = str(spec)
     if s.startswith("uniform:"):
         m = re.fullmatch(r"uniform:([0-9]{1,2})", s, re.ASCII)
         if not m:
             raise MoecError(f"bad plan spec '{s[:40]}'; expected uniform:<bits>")
         bits = int(m.group(1))
-        return uniform_plan(cfg, bits, group_size, method).validate(cfg, pad_ok=pad_ok)
-    return BitPlan.load(s).validate(cfg, pad_ok=pad_ok)
+        return uniform_plan(cfg, bits, group_size, method, scales=scales or DEFAULT_SCALES).validate(cfg, pad_ok=pad_ok)
+    plan = BitPlan.load(s)
+    if scales is not None:
+        get_scale_format(scales)
+        plan.scales = scales
+    return plan.validate(cfg, pad_ok=pad_ok)
 
 
 def _is_int(v) -> bool:

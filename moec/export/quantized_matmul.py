@@ -27,6 +27,11 @@ and never as a float copy of a quantized weight:
     dequantized when it runs. A back end that keeps weights packed matches the one unpack
     chain per weight.
 
+Double-quantized scales (plan ``scales: u8``) have no ONNX operator: both forms then store each
+group's scale dequantized, ``code · super_scale`` as float32 ``[N, G]`` (exact, so the graph still
+equals ``PackedWeight.dequantize()``), and the ONNX file is larger than the bundle (4 bytes per group
+instead of 1 + 2 per 8 groups). ``moec build`` refuses such a file (the codes cannot be recovered).
+
 ``float16`` (16 bits)
     float16 initializer ``[N, K]``, ``Cast`` to float, ``Gemm(transB=1)``.
 
@@ -89,11 +94,12 @@ def store_weight(store: WeightStore, name: str, pw: PackedWeight, accuracy_level
     if form == "matmulnbits":
         blob = pw.group_size * pw.bits // 8
         data = store.add(f"{name}.qweight", pw.packed.reshape(n, g, blob))
-        scale = store.add(f"{name}.scales", pw.scale.astype(np.float32).reshape(-1))
+        scale = store.add(f"{name}.scales", pw.float_scales().reshape(-1))
         zero = store.add(f"{name}.qzeros", pw.zero.reshape(-1))
     else:
         data = store.add(f"{name}.qweight", pw.packed)
-        scale = store.add(f"{name}.scales", pw.scale)
+        # fp16 scales as stored; double-quantized ones dequantized to float32 (no ONNX form for the codes)
+        scale = store.add(f"{name}.scales", pw.scale if pw.super_scale is None else pw.float_scales())
         zero = store.add(f"{name}.qzeros", pw.zero)
     return StoredWeight(name, form, pw.bits, n, k, pw.group_size, data, scale, zero, accuracy_level)
 

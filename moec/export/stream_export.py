@@ -60,8 +60,8 @@ class StreamingStore(WeightStore):
 
 
 def _shape_only(pw: PackedWeight) -> PackedWeight:
-    ph = [None if a is None else placeholder(a.shape, a.dtype) for a in (pw.packed, pw.scale, pw.zero)]
-    return PackedWeight(pw.shape, pw.bits, pw.group_size, *ph)
+    ph = [None if a is None else placeholder(a.shape, a.dtype) for a in (pw.packed, pw.scale, pw.zero, pw.super_scale)]
+    return PackedWeight(pw.shape, pw.bits, pw.group_size, *ph[:3], pw.scales, ph[3])
 
 
 def export_streaming(ckpt: LazyCheckpoint, plan: BitPlan, out: str | os.PathLike,
@@ -84,7 +84,7 @@ def export_streaming(ckpt: LazyCheckpoint, plan: BitPlan, out: str | os.PathLike
         stored, packed, floats, float_arrays = {}, {}, {}, {}
 
         def put(name: str, w, bits: int) -> None:
-            pw = pack_weight(w, bits, plan.group_size, plan.method)
+            pw = pack_weight(w, bits, plan.group_size, plan.method, scales=plan.scales)
             stored[name] = store_weight(store, name, pw, accuracy_level)
             packed[name] = _shape_only(pw)
 

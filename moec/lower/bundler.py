@@ -18,7 +18,7 @@ from moec.artifact.weights_file import write_arrays
 from moec.core.outputs import work_dir
 from moec.core.targets import TargetPreset, load_target
 from moec.core.errors import MoecError
-from moec.core.formats import get_nested_format
+from moec.core.formats import get_nested_format, get_scale_format
 from moec.lower.library import build_module
 from moec.lower.backends import backend_for
 from moec.lower.gpu_linear import GpuLinearEmitter
@@ -67,6 +67,7 @@ def build_bundle_from_params(cfg: MoEConfig, plan: BitPlan, params: ModelParams,
             on_stage(name, time.time() - t0)
 
     backend = backend_for(preset, reference_kernels=not use_kernels)
+    require_scale_kernels(plan, preset)
     backend.require_toolchain(preset)
     target = preset.tvm()
     plan_bytes = params.nbytes if plan_bytes is None else plan_bytes  # moec's layout, before kernel re-layout
@@ -120,6 +121,15 @@ def build_bundle_from_params(cfg: MoEConfig, plan: BitPlan, params: ModelParams,
         path = write_bundle(out, files, manifest, force=force, sign_key=sign_key, move=tuple(weight_files))
         stage("bundle", t0)
     return path
+
+
+def require_scale_kernels(plan: BitPlan, preset: TargetPreset) -> None:
+    """One-line refusal of a plan whose scale format (``plan.scales``) no kernel of ``preset``'s backend reads."""
+    fmt = get_scale_format(plan.scales)
+    name = backend_for(preset).name
+    if name not in fmt.kernels:
+        raise MoecError(f"'{plan.scales}' scales have kernels for the {' and '.join(sorted(fmt.kernels))} backends "
+                        f"only, not '{name}' (target '{preset.name}'); compile with --scales fp16")
 
 
 def preset_has_nested_kernels(preset: TargetPreset) -> bool:

@@ -21,7 +21,7 @@ import tvm
 from tvm import relax, te, tirx
 
 from moec.core.errors import MoecError
-from moec.core.formats import INT8_ACTIVATION_BITS
+from moec.core.formats import DEFAULT_SCALES, INT8_ACTIVATION_BITS
 from moec.lower.kernels.decode_attention import decode_attention
 from moec.lower.kernels.factory import add_kernel, make_gemv, make_grouped_gemm, make_nested_gemv
 from moec.lower.kernels.row_guard import has_row_guard
@@ -38,7 +38,7 @@ class KernelEmitter(LinearEmitter):
     ``activations="int8"`` runs the decode GEMVs and prefill grouped GEMMs of quantized weights on
     int8-quantized activations (per group, like onnxruntime's accuracy_level 4; families with an
     int8 kernel), each token's row quantized as its decode step quantizes it; float weights keep
-    float32 activations.
+    float32 activations. Double-quantized (``u8``) scales are read by every kernel.
     """
 
     def __init__(self, target: tvm.target.Target, activations: str = "float32") -> None:
@@ -53,11 +53,11 @@ class KernelEmitter(LinearEmitter):
     # -- build-time layout ---------------------------------------------------------
     def supports(self, pw: PackedWeight) -> bool:
         """Whether the family's kernels take this weight (asks the kernel builder itself)."""
-        key = (pw.bits, pw.shape, pw.group_size)
+        key = (pw.bits, pw.shape, pw.group_size, pw.scales)
         if key not in self._supported:
             try:
                 check_kernel_shape(pw.bits, pw.shape[0], pw.shape[1], pw.group_size)
-                make_gemv(pw.bits, pw.shape[0], pw.shape[1], pw.group_size, 1, 1, self.target)
+                make_gemv(pw.bits, pw.shape[0], pw.shape[1], pw.group_size, 1, 1, self.target, scales=pw.scales)
                 self._supported[key] = True
             except MoecError:
                 self._supported[key] = False
@@ -71,17 +71,22 @@ class KernelEmitter(LinearEmitter):
         return {f"k{k}": v for k, v in stack_kernel_layouts(layouts).items()}
 
     # -- graph ---------------------------------------------------------------------
+    def _int8(self, entry: WeightEntry) -> bool:
+        """Whether this weight's kernels take int8 activations (quantized weights of an int8 width)."""
+        return self.activations == "int8" and entry.bits in INT8_ACTIVATION_BITS
+
     def _kernel(self, entry: WeightEntry, top_k: int, per_expert: bool):
         n, k = entry.shape
-        acts = self.activations if entry.bits in INT8_ACTIVATION_BITS else "float32"
-        key = (entry.bits, n, k, entry.group_size, entry.stacked or 1, top_k, per_expert, acts)
+        acts = "int8" if self._int8(entry) else "float32"
+        key = (entry.bits, n, k, entry.group_size, entry.stacked or 1, top_k, per_expert, acts, entry.scales)
         if key not in self._kernels:
-            self._kernels[key] = make_gemv(*key[:6], self.target, x_per_expert=per_expert, activations=acts)
+            self._kernels[key] = make_gemv(*key[:6], self.target, x_per_expert=per_expert, activations=acts,
+                                           scales=entry.scales)
         return self._kernels[key]
 
     def _call(self, bb, x, entry: WeightEntry, vars_, name, ids, top_k, per_expert):
         n = entry.shape[0]
-        int8 = self.activations == "int8" and entry.bits in INT8_ACTIVATION_BITS
+        int8 = self._int8(entry)
         gv = add_kernel(bb, self._kernel(entry, top_k, per_expert),
                          _symbol("gemv", entry, f"t{top_k}", "xe" if per_expert else "", "i8" if int8 else ""))
         args = [x] + self._weight_args(entry, vars_, name) + [ids]
@@ -90,7 +95,10 @@ class KernelEmitter(LinearEmitter):
     def _weight_args(self, entry: WeightEntry, vars_, name) -> list:
         args = [vars_[f"{name}.kweight"]]
         if entry.bits != 16:
-            args += [vars_[f"{name}.kscale"], vars_[f"{name}.kzero"]]
+            args += [vars_[f"{name}.kscale"]]
+            if entry.super_groups:
+                args += [vars_[f"{name}.ksuper_scale"]]
+            args += [vars_[f"{name}.kzero"]]
         return args
 
     def nested_experts(self, bb, x, entry: WeightEntry, vars_, name, ids, prec):
@@ -108,7 +116,7 @@ class KernelEmitter(LinearEmitter):
 
     def _grouped_int8(self, entry: WeightEntry) -> bool:
         """Whether this weight's grouped GEMM takes int8 activations (and gathers its own rows)."""
-        return entry.kernel and self.activations == "int8" and entry.bits in INT8_ACTIVATION_BITS
+        return entry.kernel and self._int8(entry)
 
     def gathers_rows(self, entry: WeightEntry) -> bool:
         return self._grouped_int8(entry)
@@ -122,9 +130,10 @@ class KernelEmitter(LinearEmitter):
             x, rows = bb.emit(relax.op.take(x, rows, axis=0, mode="clip")), None
         if int8 and rows is None:
             rows = bb.emit(relax.op.arange(0, x.ty.shape[0], 1, "int32"))
-        key = ("gemm", entry.bits, n, k, entry.group_size, entry.stacked or 1, "int8" if int8 else "float32")
+        key = ("gemm", entry.bits, n, k, entry.group_size, entry.stacked or 1, "int8" if int8 else "float32",
+               entry.scales)
         if key not in self._kernels:
-            self._kernels[key] = make_grouped_gemm(*key[1:6], self.target, activations=key[6])
+            self._kernels[key] = make_grouped_gemm(*key[1:6], self.target, activations=key[6], scales=entry.scales)
         gv = add_kernel(bb, self._kernels[key], _symbol("gemm", entry, "i8" if int8 else ""))
         out_rows = (rows if int8 else x).ty.shape[0]
         args = [x] + ([rows] if int8 else []) + self._weight_args(entry, vars_, name) + [offsets]
@@ -181,7 +190,8 @@ def _symbol(kind: str, entry: WeightEntry, *extra: str) -> str:
     that uses it: layers of one shape compile once, not once per layer."""
     n, k = entry.shape
     tail = "".join(f"_{e}" for e in extra if e)
-    return f"{kind}_b{entry.bits}_n{n}_k{k}_g{entry.group_size}_s{entry.stacked or 1}{tail}"
+    scales = "" if entry.scales == DEFAULT_SCALES or entry.bits == 16 else f"_{entry.scales}"
+    return f"{kind}_b{entry.bits}_n{n}_k{k}_g{entry.group_size}{scales}_s{entry.stacked or 1}{tail}"
 
 
 def apply_kernel_layout(params: ModelParams, emitter: KernelEmitter) -> int:

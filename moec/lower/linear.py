@@ -18,6 +18,15 @@ from moec.lower import te_ops
 from moec.lower.params import WeightEntry
 
 
+def _dequant_args(entry: WeightEntry, arrays: list) -> tuple:
+    """``(super_scale, super_groups)`` of double-quantized scales (``arrays`` ends with it), else ``()``."""
+    return (arrays[3], entry.super_groups) if entry.super_groups else ()
+
+
+def _quant_names(entry: WeightEntry) -> tuple[str, ...]:
+    return ("packed", "scale", "zero") + (("super_scale",) if entry.super_groups else ())
+
+
 class LinearEmitter:
     """Reference: dequantize with TE, then ``relax.op.matmul``."""
 
@@ -28,11 +37,11 @@ class LinearEmitter:
             if lead is not None:
                 w = bb.emit(relax.op.take(w, lead, axis=0, mode="clip"))
             return bb.emit(relax.op.astype(w, "float32"))
-        packed, scale, zero = (vars_[f"{name}.{a}"] for a in ("packed", "scale", "zero"))
+        arrays = [vars_[f"{name}.{a}"] for a in _quant_names(entry)]
         if lead is not None:
-            packed, scale, zero = (bb.emit(relax.op.take(t, lead, axis=0, mode="clip")) for t in (packed, scale, zero))
+            arrays = [bb.emit(relax.op.take(t, lead, axis=0, mode="clip")) for t in arrays]
         group = k // entry.arrays["scale"].shape[-1]
-        return bb.emit_te(te_ops.dequantize, packed, scale, zero, entry.bits, n, k, group)
+        return bb.emit_te(te_ops.dequantize, *arrays[:3], entry.bits, n, k, group, *_dequant_args(entry, arrays))
 
     def dense(self, bb, x, entry: WeightEntry, vars_, name):
         w = self._weight(bb, entry, vars_, name)
@@ -79,8 +88,8 @@ class LinearEmitter:
         if "weight" in entry.arrays:
             row = bb.emit(relax.op.take(vars_["embed.weight.weight"], token, axis=0, mode="clip"))
             return bb.emit(relax.op.astype(row, "float32"))
-        packed, scale, zero = (bb.emit(relax.op.take(vars_[f"embed.weight.{a}"], token, axis=0, mode="clip"))
-                               for a in ("packed", "scale", "zero"))
+        arrays = [bb.emit(relax.op.take(vars_[f"embed.weight.{a}"], token, axis=0, mode="clip"))
+                  for a in _quant_names(entry)]
         group = k // entry.arrays["scale"].shape[-1]
         rows = token.ty.shape[0]  # 1 in decode, T (symbolic) in prefill
-        return bb.emit_te(te_ops.dequantize, packed, scale, zero, entry.bits, rows, k, group)
+        return bb.emit_te(te_ops.dequantize, *arrays[:3], entry.bits, rows, k, group, *_dequant_args(entry, arrays))

@@ -73,6 +73,9 @@ def import_onnx(path: str | os.PathLike) -> tuple[MoEConfig, BitPlan, dict[str, 
     except (TypeError, json.JSONDecodeError) as exc:
         raise MoecError(f"'{file}' has malformed moec metadata: {exc}") from None
     plan.validate(cfg)
+    if plan.scales != "fp16":
+        raise MoecError(f"'{file.name}' holds a plan with '{plan.scales}' scales, exported as dequantized float32 "
+                        "scales: the codes cannot be rebuilt from it; compile the checkpoint with `moec compile`")
     packed: dict[str, PackedWeight] = {}
     for name, shape in non_expert_weights(cfg):
         packed[name] = _packed(name, plan.tensor_bits(name), shape, plan.group_size, inits)

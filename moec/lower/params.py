@@ -22,7 +22,7 @@ import numpy as np
 
 from moec.core.config import MoEConfig
 from moec.core.inventory import expert_key
-from moec.core.formats import FLOAT_BITS
+from moec.core.formats import DEFAULT_SCALES, FLOAT_BITS, get_scale_format
 from moec.quant.nested import NestedWeight, nest
 from moec.quant.packed_model import PackedWeight
 from moec.core.errors import MoecError
@@ -36,11 +36,17 @@ class WeightEntry:
 
     bits: int
     shape: tuple[int, int]          # [N, K] of one matrix (per expert for stacks)
-    arrays: dict[str, np.ndarray]   # "packed", "scale", "zero" (quantized) or "weight" (float)
+    arrays: dict[str, np.ndarray]   # "packed", "scale", "zero" (+ "super_scale") (quantized) or "weight" (float)
     stacked: int = 0                # number of experts stacked on axis 0 (0 = a plain weight)
     group_size: int = 0
     kernel: bool = False            # arrays are in the kernel layout ("kweight", "kscale", "kzero")
     nested: bool = False            # a nested stack: "seg0".., "scale", "zero" (moec.quant.nested)
+    scales: str = DEFAULT_SCALES    # scale format (moec.core.formats.SCALE_FORMATS)
+
+    @property
+    def super_groups(self) -> int:
+        """Groups per super-scale of double-quantized scales (0: fp16 scales or a float weight)."""
+        return get_scale_format(self.scales).super_groups if self.bits != FLOAT_BITS else 0
 
     def nested_weights(self) -> list[NestedWeight]:
         """The nested stack's experts as NestedWeights (moec's packed layout)."""
@@ -61,7 +67,7 @@ class WeightEntry:
         if "weight" in self.arrays:
             return [PackedWeight(self.shape, self.bits, self.group_size, part("weight", i)) for i in range(count)]
         return [PackedWeight(self.shape, self.bits, self.group_size, part("packed", i), part("scale", i),
-                             part("zero", i)) for i in range(count)]
+                             part("zero", i), self.scales, part("super_scale", i)) for i in range(count)]
 
 
 @dataclass
@@ -97,6 +103,8 @@ class ModelParams:
 def _arrays(pw: PackedWeight) -> dict[str, np.ndarray]:
     if pw.bits == FLOAT_BITS:
         return {"weight": pw.packed}
+    if pw.super_scale is not None:
+        return {"packed": pw.packed, "scale": pw.scale, "zero": pw.zero, "super_scale": pw.super_scale}
     return {"packed": pw.packed, "scale": pw.scale, "zero": pw.zero}
 
 
@@ -111,7 +119,8 @@ def build_params(cfg: MoEConfig, plan: BitPlan, packed: dict[str, PackedWeight],
     params = ModelParams()
     for name, pw in packed.items():
         if ".experts." not in name:
-            params.entries[name] = WeightEntry(pw.bits, pw.shape, _arrays(pw), group_size=pw.group_size)
+            params.entries[name] = WeightEntry(pw.bits, pw.shape, _arrays(pw), group_size=pw.group_size,
+                                               scales=pw.scales)
     for layer, experts in sorted(plan.experts.items()):
         # a dropped expert (masked out of the router's choices) has no stack: class 0, index -1
         # an expert merged into another has no stack either: it reads the kept expert's (below)
@@ -124,7 +133,8 @@ def build_params(cfg: MoEConfig, plan: BitPlan, packed: dict[str, PackedWeight],
             for proj in ("w1", "w3", "w2"):
                 pws = [packed[expert_key(layer, int(e), proj)] for e in members]
                 params.entries[f"layers.{layer}.experts.b{c}.{proj}"] = WeightEntry(
-                    c, pws[0].shape, _stack(pws), stacked=len(members), group_size=pws[0].group_size)
+                    c, pws[0].shape, _stack(pws), stacked=len(members), group_size=pws[0].group_size,
+                    scales=pws[0].scales)
         for absorbed, kept in plan.merged_into(layer).items():
             bits[absorbed], remap[absorbed] = bits[kept], remap[kept]
         params.class_of[layer], params.remap[layer] = bits, remap
@@ -137,6 +147,8 @@ def build_nested_params(cfg: MoEConfig, plan: BitPlan, packed: dict[str, PackedW
                         floats: dict[str, np.ndarray], storage_bits: int) -> ModelParams:
     """Parameters of a nested bundle: routed experts packed at ``storage_bits`` become one nested stack
     per layer and projection; ``plan``'s expert widths fill the run-time tables (the plan at load)."""
+    if plan.scales != DEFAULT_SCALES:
+        raise MoecError(f"nested expert storage takes fp16 scales, not '{plan.scales}' (plan scales)")
     params = ModelParams()
     for name, pw in packed.items():
         if ".experts." not in name:

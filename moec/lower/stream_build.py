@@ -84,11 +84,11 @@ def stream_params(ckpt: LazyCheckpoint, plan: BitPlan, writer: WeightsWriter, em
     floats: dict[str, np.ndarray] = {}
 
     def pack(name: str, w, bits: int, hessian=None):
-        return pack_weight(w, bits, plan.group_size, plan.method, hessian=hessian, cache=cache)
+        return pack_weight(w, bits, plan.group_size, plan.method, hessian=hessian, cache=cache, scales=plan.scales)
 
     def dense(name: str, w) -> None:
         pw = pack(name, w, plan.tensor_bits(name))
-        sp.add(name, WeightEntry(pw.bits, pw.shape, _arrays(pw), group_size=pw.group_size))
+        sp.add(name, WeightEntry(pw.bits, pw.shape, _arrays(pw), group_size=pw.group_size, scales=pw.scales))
 
     def pack_layer(i: int, state: dict, hessians: dict) -> None:
         for key in sorted(state):
@@ -111,7 +111,8 @@ def stream_params(ckpt: LazyCheckpoint, plan: BitPlan, writer: WeightsWriter, em
                                               hessians.get(expert_key(i, int(e), proj))))
                 for proj, ws in pws.items():
                     sp.add(f"layers.{i}.experts.b{c}.{proj}", WeightEntry(
-                        int(c), ws[0].shape, _stack(ws), stacked=len(members), group_size=ws[0].group_size))
+                        int(c), ws[0].shape, _stack(ws), stacked=len(members), group_size=ws[0].group_size,
+                        scales=ws[0].scales))
                 del pws
             sp.params.class_of[i], sp.params.remap[i] = bits, remap
 

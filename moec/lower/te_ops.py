@@ -24,8 +24,11 @@ def _code(p: te.Tensor, lead: tuple, row, i, bits: int, row_bytes: int):
 
 
 def dequantize(packed: te.Tensor, scale: te.Tensor, zero: te.Tensor, bits: int, n: int, k: int,
-               group: int) -> te.Tensor:
-    """Float32 ``[..., N, K]`` weights from packed codes ``[..., N, bytes]``, fp16 scales, packed zeros."""
+               group: int, super_scale: te.Tensor | None = None, super_groups: int = 0) -> te.Tensor:
+    """Float32 ``[..., N, K]`` weights from packed codes ``[..., N, bytes]``, fp16 scales, packed zeros.
+
+    With ``super_scale`` (double-quantized ``u8`` scales) ``scale`` holds uint8 codes and a group's
+    scale is ``code · super_scale[..., row, g // super_groups]`` (``moec.quant.double_quant``)."""
     lead_n = len(packed.shape) - 2
     row_bytes = int(packed.shape[-1])
     zero_bytes = int(zero.shape[-1])
@@ -35,7 +38,10 @@ def dequantize(packed: te.Tensor, scale: te.Tensor, zero: te.Tensor, bits: int, 
         g = tirx.floordiv(i, group)
         q = _code(packed, lead, row, i, bits, row_bytes).astype("float32")
         z = _code(zero, lead, row, g, bits, zero_bytes).astype("float32")
-        return (q - z) * scale[lead + (row, g)].astype("float32")
+        s = scale[lead + (row, g)].astype("float32")
+        if super_scale is not None:
+            s = s * super_scale[lead + (row, tirx.floordiv(g, super_groups))].astype("float32")
+        return (q - z) * s
 
     return te.compute(tuple(packed.shape[:-2]) + (n, k), f, name="dequant")
 

@@ -22,7 +22,7 @@ from moec.core.run_plan import plan_widths, storage_plan
 from moec.core.targets import load_target
 from moec.export.exporter import export_weights
 from moec.lower.backends import backend_for
-from moec.lower.bundler import build_bundle, build_bundle_from_params, preset_has_nested_kernels
+from moec.lower.bundler import build_bundle, build_bundle_from_params, preset_has_nested_kernels, require_scale_kernels
 from moec.lower.onnx_import import import_onnx
 from moec.lower.params import build_params
 from moec.lower.stream_build import compile_streaming
@@ -64,6 +64,7 @@ class CompileConfig:
     max_memory_gb: float | None = None   # above it the checkpoint streams layer by layer (or fails early)
     quant_cache: str | os.PathLike | None = None  # directory of quantized weights reused across compiles
     nested: int | None = None        # store routed experts once at this width; the plan's widths switch at run time
+    scales: str | None = None        # scale format of a given plan (moec.core.formats.SCALE_FORMATS); None: the plan's
 
 
 def _search_plan(cfg: CompileConfig, profile_path: Path | None, model) -> BitPlan:
@@ -107,13 +108,19 @@ def _choose_plan(cfg: CompileConfig, model_cfg, profile_path: Path | None, model
     path pads them; the layer-by-layer path does not).
     """
     if cfg.plan is None:
+        if cfg.scales is not None:
+            raise MoecError("--scales applies to a given plan (--plan FILE or uniform:B); the search budgets fp16 "
+                            "scales: search first, then compile its plan with --scales")
         plan = _search_plan(cfg, profile_path, model)
         return plan, f"search {plan.provenance.get('policy')}"
     if isinstance(cfg.plan, BitPlan):
         if model is None:  # the in-memory path honours the knobs (packed router, expert mask)
             require_no_knobs(cfg.plan, "streamed compile (model over the memory budget)")
-        return cfg.plan.copy().validate(model_cfg, pad_ok=pad_ok), str(cfg.plan.provenance.get("policy", "given"))
-    plan = resolve_plan(cfg.plan, model_cfg, cfg.group_size, cfg.method, pad_ok=pad_ok)
+        plan = cfg.plan.copy()
+        if cfg.scales is not None:
+            plan.scales = cfg.scales
+        return plan.validate(model_cfg, pad_ok=pad_ok), str(cfg.plan.provenance.get("policy", "given"))
+    plan = resolve_plan(cfg.plan, model_cfg, cfg.group_size, cfg.method, pad_ok=pad_ok, scales=cfg.scales)
     if model is None:
         require_no_knobs(plan, "streamed compile (model over the memory budget)")
     return plan, str(plan.provenance.get("policy", Path(str(cfg.plan)).name))
@@ -168,6 +175,9 @@ def compile_bundle(cfg: CompileConfig, on_stage=None) -> Path:
         plan, name = _choose_plan(cfg, model.cfg, profile_path, model, pad_ok=True)
         model, plan = pad_for_groups(model, plan)
         plan.validate(model.cfg, tuple(preset.allowed_bits))
+        require_scale_kernels(plan, preset)  # before packing
+        if cfg.nested is not None and plan.scales != "fp16":
+            raise MoecError(f"--nested stores fp16 scales; drop --scales {plan.scales} or --nested")
         if cfg.nested is not None:
             if any(plan.dropped_experts.values()) or any(plan.merged_experts.values()):
                 raise MoecError("--nested stores every expert; plans with dropped_experts or merged_experts are "

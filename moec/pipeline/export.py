@@ -20,14 +20,16 @@ from moec.quant.padding import pad_for_groups
 
 def export_onnx(checkpoint: str | os.PathLike, plan: str | os.PathLike, out: str | os.PathLike,
                 group_size: int = 64, method: str | None = None, verify: bool = False,
-                accuracy_level: int = 0, max_memory_gb: float | None = None) -> ExportResult:
+                accuracy_level: int = 0, max_memory_gb: float | None = None,
+                scales: str | None = None) -> ExportResult:
     """Export ``checkpoint`` under ``plan`` (file or ``uniform:B``) to ONNX in directory ``out``.
 
     Writes ``prefill.onnx``, ``decode.onnx``, ``weights.bin``, ``tokenizer.json`` and ``export.json``
     atomically. ``group_size``/``method`` apply to ``uniform:B`` plans. Returns an
     ``ExportResult`` (with ``max_abs_diff`` against the fake-quantized torch model when ``verify``).
     """
-    bit_plan = resolve_plan(plan, load_config(checkpoint), group_size, method or UNIFORM_METHOD, pad_ok=True)
+    bit_plan = resolve_plan(plan, load_config(checkpoint), group_size, method or UNIFORM_METHOD, pad_ok=True,
+                            scales=scales)
     check_export_target(out)  # fail before the (slow) load and quantization
     ckpt, mem = memory_plan_of(checkpoint, max_memory_gb, "export")
     if mem.sequential:

@@ -159,7 +159,8 @@ class PlanEval:
 
 
 def evaluate(checkpoint: str | os.PathLike, data: DataConfig, plan: str | os.PathLike | None = None,
-             progress: bool = True, group_size: int = 64, method: str | None = None) -> PlanEval:
+             progress: bool = True, group_size: int = 64, method: str | None = None,
+             scales: str | None = None) -> PlanEval:
     """Perplexity and top-1 accuracy, under a bit plan (file or ``uniform:B``) if one is given.
 
     The plan is applied as fake quantization with the same quantizers every back end uses.
@@ -168,7 +169,7 @@ def evaluate(checkpoint: str | os.PathLike, data: DataConfig, plan: str | os.Pat
     ckpt, mem = memory_plan_of(checkpoint, data.max_memory_gb, "eval")
     if mem.sequential:
         shapes = shape_model(ckpt.cfg)
-        bit_plan = (resolve_plan(plan, ckpt.cfg, group_size, method or UNIFORM_METHOD)
+        bit_plan = (resolve_plan(plan, ckpt.cfg, group_size, method or UNIFORM_METHOD, scales=scales)
                     if plan is not None else None)
         if bit_plan is not None:
             require_no_knobs(bit_plan, "layer-by-layer evaluation (model over the memory budget)")
@@ -176,7 +177,7 @@ def evaluate(checkpoint: str | os.PathLike, data: DataConfig, plan: str | os.Pat
         res = evaluate_sequential(ckpt, windows, bit_plan, data.batch, mem.hidden_budget, progress)
         return PlanEval(res, bit_plan, plan_memory(shapes, bit_plan) if bit_plan else None, float32_memory(shapes))
     model = load_checkpoint(checkpoint)
-    bit_plan = (resolve_plan(plan, model.cfg, group_size, method or UNIFORM_METHOD, pad_ok=True)
+    bit_plan = (resolve_plan(plan, model.cfg, group_size, method or UNIFORM_METHOD, pad_ok=True, scales=scales)
                 if plan is not None else None)
     windows = data.windows(checkpoint, model.cfg.max_position)
     fp32 = float32_memory(model)

@@ -60,14 +60,14 @@ def plan_memory(model: MoEModel, plan: BitPlan) -> MemoryReport:
     cfg = model.cfg
     rep = MemoryReport()
     for name, (n, k) in non_expert_weights(cfg):
-        rep.add(_part(name), _kind(name), packed_nbytes(n, k, plan.tensor_bits(name), plan.group_size)["total"])
+        rep.add(_part(name), _kind(name), packed_nbytes(n, k, plan.tensor_bits(name), plan.group_size, plan.scales)["total"])
     shapes = expert_shapes(cfg)
     for layer, experts in plan.experts.items():
         for e, bits in experts.items():
             if not plan.is_stored(layer, e):
                 continue  # a dropped or absorbed (merged) expert is not stored
             for n, k in shapes.values():
-                rep.add(f"layer {layer}", "experts", packed_nbytes(n, k, bits, plan.group_size)["total"])
+                rep.add(f"layer {layer}", "experts", packed_nbytes(n, k, bits, plan.group_size, plan.scales)["total"])
     for name, t in model.state_dict().items():
         if t.dim() == 1 or name.endswith(EXPERT_BIASES):  # gpt-oss's stacked expert biases stay float32 too
             rep.add(_part(name), "norms/bias", t.numel() * 4)

@@ -27,6 +27,7 @@ from pathlib import Path
 import numpy as np
 
 from moec.core.errors import MoecError
+from moec.core.formats import DEFAULT_SCALES, get_scale_format
 from moec.quant.pack import packed_row_bytes
 
 log = logging.getLogger("moec.quant")
@@ -46,11 +47,13 @@ def _update(h, arr: np.ndarray | None, dtype) -> None:
 
 
 def cache_key(w: np.ndarray, bits: int, group_size: int, method: str, importance: np.ndarray | None = None,
-              hessian: np.ndarray | None = None, gptq_options: dict | None = None) -> str:
+              hessian: np.ndarray | None = None, gptq_options: dict | None = None, scales: str = DEFAULT_SCALES) -> str:
     """The hex sha256 naming the packed result of quantizing float32 ``w`` this way."""
     meta = {"numerics": NUMERICS_VERSION, "shape": list(np.shape(w)), "bits": int(bits),
             "group_size": int(group_size), "method": str(method), "gptq": gptq_options or {},
             "importance": importance is not None, "hessian": None if hessian is None else list(np.shape(hessian))}
+    if scales != DEFAULT_SCALES:  # fp16 keys stay those of earlier entries
+        meta["scales"] = scales
     h = hashlib.sha256(json.dumps(meta, sort_keys=True, default=str).encode())
     _update(h, w, np.float32)
     _update(h, importance, np.float32)
@@ -58,11 +61,16 @@ def cache_key(w: np.ndarray, bits: int, group_size: int, method: str, importance
     return h.hexdigest()
 
 
-def _expected(shape: tuple[int, int], bits: int, group_size: int) -> dict[str, tuple[str, tuple[int, int]]]:
+def _expected(shape: tuple[int, int], bits: int, group_size: int,
+              scales: str = DEFAULT_SCALES) -> dict[str, tuple[str, tuple[int, int]]]:
     n, k = shape
     g = k // group_size
-    return {"packed": ("uint8", (n, packed_row_bytes(k, bits))), "scale": ("float16", (n, g)),
-            "zero": ("uint8", (n, packed_row_bytes(g, bits)))}
+    fmt = get_scale_format(scales)
+    out = {"packed": ("uint8", (n, packed_row_bytes(k, bits))), "scale": (fmt.code_dtype, (n, g)),
+           "zero": ("uint8", (n, packed_row_bytes(g, bits)))}
+    if fmt.double_quantized:
+        out["super_scale"] = ("float16", (n, -(-g // fmt.super_groups)))
+    return out
 
 
 class QuantCache:
@@ -86,15 +94,17 @@ class QuantCache:
     def _path(self, key: str) -> Path:
         return self.dir / key[:2] / f"{key}{SUFFIX}"
 
-    def get(self, key: str, shape: tuple[int, int], bits: int, group_size: int) -> dict[str, np.ndarray] | None:
-        """The cached arrays (``packed``, ``scale``, ``zero``) or None; a bad entry is removed and is a miss."""
+    def get(self, key: str, shape: tuple[int, int], bits: int, group_size: int,
+            scales: str = DEFAULT_SCALES) -> dict[str, np.ndarray] | None:
+        """The cached arrays (``packed``, ``scale``, ``zero``, ``super_scale`` with ``u8`` scales) or None;
+        a bad entry is removed and is a miss."""
         path = self._path(key)
         try:
             data = path.read_bytes()
         except OSError:
             self.misses += 1
             return None
-        arrays = _decode(data, key, tuple(shape), int(bits), int(group_size))
+        arrays = _decode(data, key, tuple(shape), int(bits), int(group_size), scales)
         if arrays is None:
             log.warning("quantization cache entry %s is corrupt or foreign; recomputing", path.name)
             self._remove(path)
@@ -107,9 +117,10 @@ class QuantCache:
         self.hits += 1
         return arrays
 
-    def put(self, key: str, shape: tuple[int, int], bits: int, group_size: int, arrays: dict[str, np.ndarray]) -> None:
+    def put(self, key: str, shape: tuple[int, int], bits: int, group_size: int, arrays: dict[str, np.ndarray],
+            scales: str = DEFAULT_SCALES) -> None:
         """Store ``arrays`` under ``key`` atomically, then evict to the bound. I/O errors only log."""
-        want = _expected(tuple(shape), int(bits), int(group_size))
+        want = _expected(tuple(shape), int(bits), int(group_size), scales)
         parts = [np.ascontiguousarray(arrays[name]) for name in want]
         payload = b"".join(memoryview(a).cast("B") for a in parts)
         header = json.dumps({"key": key, "shape": list(shape), "bits": int(bits), "group_size": int(group_size),
@@ -154,7 +165,8 @@ class QuantCache:
             self._remove(p)
 
 
-def _decode(data: bytes, key: str, shape: tuple[int, int], bits: int, group_size: int) -> dict[str, np.ndarray] | None:
+def _decode(data: bytes, key: str, shape: tuple[int, int], bits: int, group_size: int,
+            scales: str = DEFAULT_SCALES) -> dict[str, np.ndarray] | None:
     """The arrays of one entry's bytes, or None unless every check passes."""
     head = len(MAGIC) + 4
     if len(data) < head or not data.startswith(MAGIC):
@@ -166,7 +178,7 @@ def _decode(data: bytes, key: str, shape: tuple[int, int], bits: int, group_size
         header = json.loads(data[head:head + hlen])
     except (ValueError, UnicodeDecodeError):
         return None
-    want = _expected(shape, bits, group_size)
+    want = _expected(shape, bits, group_size, scales)
     if (not isinstance(header, dict) or header.get("key") != key or header.get("shape") != list(shape)
             or header.get("bits") != bits or header.get("group_size") != group_size
             or header.get("arrays") != {n: [d, list(s)] for n, (d, s) in want.items()}):

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from moec.core.formats import FORMATS
+from moec.core.formats import DEFAULT_SCALES, FORMATS, get_scale_format
 from moec.core.errors import MoecError
 from moec.quant.quantize import check_bits, check_group_size
 
@@ -131,7 +131,7 @@ def pack_zeros(zero: np.ndarray, bits: int) -> np.ndarray:
     return pack(zero, bits)
 
 
-def packed_nbytes(n: int, k: int, bits: int, group_size: int) -> dict[str, int]:
+def packed_nbytes(n: int, k: int, bits: int, group_size: int, scales: str = DEFAULT_SCALES) -> dict[str, int]:
     """Exact storage of one ``[n, k]`` weight at ``bits`` with ``group_size``: the accounting source.
 
     Parameters
@@ -142,11 +142,15 @@ def packed_nbytes(n: int, k: int, bits: int, group_size: int) -> dict[str, int]:
         One of ``SUPPORTED_BITS``, or 16 for a weight kept as float16 (no scales, no zeros).
     group_size : int
         Group size along K (must divide ``k``; ignored for 16 bits).
+    scales : str
+        Scale format (``moec.core.formats.SCALE_FORMATS``): ``fp16`` or ``u8`` (uint8 codes per
+        group plus a float16 super-scale per super-block of a row).
 
     Returns
     -------
     dict[str, int]
-        ``weight`` (packed values, ``n * ceil(k*bits/8)``), ``scales`` (fp16, 2 bytes per group),
+        ``weight`` (packed values, ``n * ceil(k*bits/8)``), ``scales`` (fp16: 2 bytes per group;
+        u8: 1 byte per group + 2 per super-block),
         ``zeros`` (packed, ``n * ceil(G*bits/8)``) and ``total``, all in bytes.
     """
     fmt = FORMATS.get(int(bits)) if isinstance(bits, (int, np.integer)) and not isinstance(bits, bool) else None
@@ -157,7 +161,7 @@ def packed_nbytes(n: int, k: int, bits: int, group_size: int) -> dict[str, int]:
         check_group_size(group_size, k)
         groups = k // group_size
         weight = n * packed_row_bytes(k, bits)
-        scales = n * groups * np.dtype(fmt.scale_dtype).itemsize
+        scales = get_scale_format(scales).scale_bytes(n, groups)
         zeros = n * packed_row_bytes(groups, bits)
     return {"weight": weight, "scales": scales, "zeros": zeros, "total": weight + scales + zeros}
 

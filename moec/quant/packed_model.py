@@ -8,7 +8,7 @@ import numpy as np
 import torch
 
 from moec.core.errors import MoecError
-from moec.core.formats import FLOAT_BITS
+from moec.core.formats import DEFAULT_SCALES, FLOAT_BITS
 from moec.models.knobs import apply_knobs, merged_weight
 from moec.models.model import MoEModel
 from moec.quant.cache import QuantCache, cache_key
@@ -21,22 +21,36 @@ from moec.core.plan import BitPlan
 
 #: Plan method quantizing with GPTQ where a calibration Hessian exists (RTN elsewhere).
 GPTQ = "gptq"
+GPTQ_FALLBACK = "rtn"
 
 
 @dataclass
 class PackedWeight:
-    """One [N, K] weight as stored: packed codes + fp16 scales + packed zeros, or fp16 when bits == 16."""
+    """One [N, K] weight as stored: packed codes + scales + packed zeros, or fp16 when bits == 16.
+
+    ``scales`` names the scale format (``moec.core.formats.SCALE_FORMATS``): ``fp16`` stores one
+    float16 scale per group; ``u8`` stores uint8 scale codes in ``scale`` and float16 super-scales
+    in ``super_scale`` (``moec.quant.double_quant``).
+    """
 
     shape: tuple[int, int]
     bits: int
     group_size: int
     packed: np.ndarray               # uint8 [N, ceil(K*bits/8)] (or float16 [N, K] when bits == 16)
-    scale: np.ndarray | None = None  # float16 [N, K/group]
+    scale: np.ndarray | None = None  # float16 [N, K/group] (uint8 codes with scales "u8")
     zero: np.ndarray | None = None   # uint8 [N, ceil(G*bits/8)]
+    scales: str = DEFAULT_SCALES
+    super_scale: np.ndarray | None = None  # float16 [N, ceil(G/super_groups)] with scales "u8"
 
     @property
     def nbytes(self) -> int:
-        return sum(a.nbytes for a in (self.packed, self.scale, self.zero) if a is not None)
+        return sum(a.nbytes for a in (self.packed, self.scale, self.zero, self.super_scale) if a is not None)
+
+    def float_scales(self) -> np.ndarray:
+        """float32 ``[N, G]`` group scales as dequantization uses them (``code · super_scale`` for ``u8``)."""
+        n, k = self.shape
+        return QuantizedTensor(np.zeros((n, k), np.uint8), self.scale, np.zeros_like(self.scale, np.uint8),
+                               self.bits, self.group_size, self.scales, self.super_scale).float_scales()
 
     def dequantize(self) -> np.ndarray:
         if self.bits == FLOAT_BITS:
@@ -44,13 +58,15 @@ class PackedWeight:
         n, k = self.shape
         q = unpack(self.packed, self.bits, k)
         zero = unpack(self.zero, self.bits, k // self.group_size)
-        return dequantize(QuantizedTensor(q, self.scale, zero, self.bits, self.group_size))
+        return dequantize(QuantizedTensor(q, self.scale, zero, self.bits, self.group_size, self.scales,
+                                          self.super_scale))
 
 
 def pack_weight(w: torch.Tensor | np.ndarray, bits: int, group_size: int, method: str = "rtn",
                 importance: np.ndarray | None = None, hessian: np.ndarray | None = None,
                 gptq_options: dict | None = None, cache: QuantCache | None = None,
-                learned: tuple[np.ndarray, np.ndarray] | None = None) -> PackedWeight:
+                learned: tuple[np.ndarray, np.ndarray] | None = None,
+                scales: str = DEFAULT_SCALES) -> PackedWeight:
     """Quantize and pack one ``[N, K]`` weight (fp16 when ``bits == 16``).
 
     With ``method == "gptq"`` the weight is quantized by
@@ -59,11 +75,35 @@ def pack_weight(w: torch.Tensor | np.ndarray, bits: int, group_size: int, method
     weight) it falls back to round-to-nearest. With a ``cache`` (:class:`~moec.quant.cache.QuantCache`)
     a weight quantized the same way before (same bytes, method, bits, group, calibration) is read
     back instead of quantized again. ``learned`` (the ``(scale, zero)`` that ``moec finetune``
-    learned for this weight at ``bits``) replaces any method and bypasses the cache.
+    learned for this weight at ``bits``) replaces any method and bypasses the cache. ``scales``:
+    the scale format (``u8``: double-quantized, :mod:`moec.quant.double_quant`; not with GPTQ or
+    learned scales).
     """
     arr = w.detach().float().numpy() if isinstance(w, torch.Tensor) else np.asarray(w, np.float32)
     if bits == FLOAT_BITS:
         return PackedWeight(arr.shape, bits, group_size, arr.astype(np.float16))
+    if scales != DEFAULT_SCALES:
+        if learned is not None:
+            raise MoecError(f"scales '{scales}' cannot be used with fine-tuned (learned) fp16 scales; "
+                            "quantize the fine-tuned checkpoint with fp16 scales")
+        if method == GPTQ and hessian is not None:
+            raise MoecError(f"scales '{scales}' are not supported with method 'gptq'; use rtn, mse or hqq")
+        method = GPTQ_FALLBACK if method == GPTQ else method
+        key = None
+        if cache is not None:
+            key = cache_key(arr, bits, group_size, method, importance if method in ("mse", "hqq") else None,
+                            scales=scales)
+            hit = cache.get(key, arr.shape, bits, group_size, scales)
+            if hit is not None:
+                return PackedWeight(arr.shape, bits, group_size, hit["packed"], hit["scale"], hit["zero"], scales,
+                                    hit["super_scale"])
+        qt = quantize(arr, bits, group_size, method=method, importance=importance, scales=scales)
+        pw = PackedWeight(arr.shape, bits, group_size, pack(qt.q, bits), qt.scale, pack_zeros(qt.zero, bits),
+                          qt.scales, qt.super_scale)
+        if key is not None:
+            cache.put(key, arr.shape, bits, group_size, {"packed": pw.packed, "scale": pw.scale, "zero": pw.zero,
+                                                         "super_scale": pw.super_scale}, scales)
+        return pw
     if learned is not None:
         qt = quantize_with(arr, bits, group_size, *learned)
         return PackedWeight(arr.shape, bits, group_size, pack(qt.q, bits), qt.scale, pack_zeros(qt.zero, bits))
@@ -131,7 +171,8 @@ def pack_model(model: MoEModel, plan: BitPlan, progress=None,
         if lq is not None and plan.router_temperature != 1.0 and name.endswith(".mlp.router.weight"):
             raise MoecError("a plan's router_temperature cannot be applied to a router quantized with learned "
                             "(fine-tuned) scales; keep the router float in the plan or drop the temperature")
-        out[name] = pack_weight(w, bits, plan.group_size, plan.method, imp, hess, gptq_options, cache, lq)
+        out[name] = pack_weight(w, bits, plan.group_size, plan.method, imp, hess, gptq_options, cache, lq,
+                                plan.scales)
         if progress is not None:
             progress.update(1)
     return out

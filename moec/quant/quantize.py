@@ -8,9 +8,10 @@ from dataclasses import dataclass
 import numpy as np
 
 from moec.core.errors import MoecError
-from moec.core.formats import QUANT_BITS
+from moec.core.formats import DEFAULT_SCALES, QUANT_BITS, get_scale_format
 from moec.quant.affine import affine_dequantize, affine_quantize, group_view, max_level
 from moec.quant.blocks import by_row_blocks
+from moec.quant.double_quant import double_quantize_params, group_scales, super_blocks
 from moec.quant.hqq import hqq_params
 from moec.quant.methods import mse_params, rtn_params
 
@@ -43,13 +44,18 @@ class QuantizedTensor:
     q : np.ndarray
         uint8 ``[N, K]``, values in ``[0, 2**bits - 1]`` (unpacked).
     scale : np.ndarray
-        float16 ``[N, K // group_size]``, always positive and finite.
+        float16 ``[N, K // group_size]``, always positive and finite; with double-quantized
+        scales (``scales`` ``u8``) the uint8 scale codes ``[N, K // group_size]`` instead.
     zero : np.ndarray
         uint8 ``[N, K // group_size]`` integer zero points in ``[0, 2**bits - 1]``.
     bits : int
         Bit width, one of :data:`SUPPORTED_BITS`.
     group_size : int
         Number of consecutive input channels sharing one scale and zero point.
+    scales : str
+        Scale format (``moec.core.formats.SCALE_FORMATS``): ``fp16`` or ``u8``.
+    super_scale : np.ndarray | None
+        float16 ``[N, ceil(G / super_groups)]`` super-scales of ``u8`` scales, else None.
     """
 
     q: np.ndarray
@@ -57,6 +63,8 @@ class QuantizedTensor:
     zero: np.ndarray
     bits: int
     group_size: int
+    scales: str = DEFAULT_SCALES
+    super_scale: np.ndarray | None = None
 
     def __post_init__(self) -> None:
         check_bits(self.bits)
@@ -65,10 +73,24 @@ class QuantizedTensor:
                             f"{self.q.shape}")
         check_group_size(self.group_size, self.q.shape[1])
         groups = (self.q.shape[0], self.q.shape[1] // self.group_size)
-        for name, arr, dtype in (("scale", self.scale, np.float16), ("zero", self.zero, np.uint8)):
-            if arr.shape != groups or arr.dtype != dtype:
-                raise MoecError(f"QuantizedTensor.{name} must be {np.dtype(dtype).name} {groups}, "
-                                f"got {arr.dtype} {arr.shape}")
+        fmt = get_scale_format(self.scales)
+        checks = [("scale", self.scale, np.dtype(fmt.code_dtype), groups), ("zero", self.zero, np.uint8, groups)]
+        if fmt.double_quantized:
+            sup = (groups[0], super_blocks(groups[1], fmt.super_groups))
+            checks.append(("super_scale", self.super_scale, np.float16, sup))
+        elif self.super_scale is not None:
+            raise MoecError("QuantizedTensor.super_scale is only for double-quantized scales")
+        for name, arr, dtype, shape in checks:
+            if arr is None or arr.shape != shape or arr.dtype != dtype:
+                raise MoecError(f"QuantizedTensor.{name} must be {np.dtype(dtype).name} {shape}, "
+                                f"got {getattr(arr, 'dtype', None)} {getattr(arr, 'shape', None)}")
+
+    def float_scales(self) -> np.ndarray:
+        """float32 ``[N, G]`` per-group scales as dequantization uses them (``c · S`` for ``u8``)."""
+        fmt = get_scale_format(self.scales)
+        if fmt.double_quantized:
+            return group_scales(self.scale, self.super_scale, fmt.super_groups)
+        return self.scale.astype(np.float32)
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -132,7 +154,7 @@ def _as_importance(importance: np.ndarray | None, k: int, group_size: int) -> np
 
 
 def quantize(w: np.ndarray, bits: int, group_size: int, method: str = "rtn",
-             importance: np.ndarray | None = None) -> QuantizedTensor:
+             importance: np.ndarray | None = None, scales: str = DEFAULT_SCALES) -> QuantizedTensor:
     """Quantize ``w [N, K]`` group-wise (groups along K) with asymmetric integer zero points.
 
     Per group: ``scale = (hi - lo) / (2**bits - 1)`` in float32 with ``[lo, hi]`` the group range
@@ -155,6 +177,9 @@ def quantize(w: np.ndarray, bits: int, group_size: int, method: str = "rtn",
         Optional non-negative ``[K]`` per-input-channel weights (e.g. mean ``x**2`` of the
         activations this weight sees); error-minimising methods then minimise
         ``sum(importance * (w - deq)**2)``. ``None`` means plain squared error.
+    scales : str
+        Scale format: ``fp16`` (the method's scales as they are) or ``u8`` (double-quantized:
+        :func:`moec.quant.double_quant.double_quantize_params` re-fits codes and zeros to them).
 
     Returns
     -------
@@ -168,16 +193,22 @@ def quantize(w: np.ndarray, bits: int, group_size: int, method: str = "rtn",
     """
     check_bits(bits)
     fn = _check_method(method)
+    fmt = get_scale_format(scales)
     w = _as_weight(w)
     check_group_size(group_size, w.shape[1])
     imp = _as_importance(importance, w.shape[1], group_size)
     bits, group_size = int(bits), int(group_size)
     wg = group_view(w, group_size)
     scale, zero = fn(wg, bits, imp) if fn is rtn_params else by_row_blocks(fn, wg, bits, imp)
-    q = affine_quantize(wg, scale, zero, bits).reshape(w.shape)
-    return QuantizedTensor(q=q, scale=np.ascontiguousarray(scale, dtype=np.float16),
+    sup = None
+    if fmt.double_quantized:
+        scale, sup, zero = double_quantize_params(wg, scale, zero, bits, imp, fmt.name)
+        q = affine_quantize(wg, group_scales(scale, sup, fmt.super_groups), zero, bits).reshape(w.shape)
+    else:
+        q = affine_quantize(wg, scale, zero, bits).reshape(w.shape)
+    return QuantizedTensor(q=q, scale=np.ascontiguousarray(scale, dtype=fmt.code_dtype),
                            zero=np.ascontiguousarray(zero, dtype=np.uint8), bits=bits,
-                           group_size=group_size)
+                           group_size=group_size, scales=fmt.name, super_scale=sup)
 
 
 def dequantize(qt: QuantizedTensor) -> np.ndarray:
@@ -196,7 +227,7 @@ def dequantize(qt: QuantizedTensor) -> np.ndarray:
     if int(qt.q.max(initial=0)) > max_level(qt.bits):
         raise MoecError(f"quantized values exceed the {qt.bits}-bit range")
     qg = qt.q.reshape(n, k // qt.group_size, qt.group_size)
-    return affine_dequantize(qg, qt.scale, qt.zero).reshape(n, k)
+    return affine_dequantize(qg, qt.float_scales(), qt.zero).reshape(n, k)
 
 
 def quantize_with(w: np.ndarray, bits: int, group_size: int, scale: np.ndarray,

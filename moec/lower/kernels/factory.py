@@ -6,7 +6,7 @@ import tvm
 from tvm.target import codegen
 
 from moec.core.errors import MoecError
-from moec.core.formats import INT8_ACTIVATION_BITS
+from moec.core.formats import DEFAULT_SCALES, INT8_ACTIVATION_BITS, get_scale_format
 from moec.lower.kernels.activations import ACTIVATIONS
 from moec.lower.kernels.gemv import GemvSpec, gemv_definition
 from moec.lower.kernels.grouped_gemm import GroupedGemmSpec, grouped_gemm_definition
@@ -22,7 +22,8 @@ def host_target() -> tvm.target.Target:
 
 def make_gemv(bits: int, n: int, k: int, group_size: int, num_stacked: int, top_k: int,
               target: tvm.target.Target, *, x_per_expert: bool = False,
-              activations: str = "float32", swiglu: bool = False) -> tvm.tirx.PrimFunc:
+              activations: str = "float32", swiglu: bool = False,
+              scales: str = DEFAULT_SCALES) -> tvm.tirx.PrimFunc:
     """Decode GEMV for one bit class, scheduled for ``target``'s family.
 
     Parameters
@@ -51,6 +52,9 @@ def make_gemv(bits: int, n: int, k: int, group_size: int, num_stacked: int, top_
         Fused gate/up projection: the stack holds ``[w1; w3]`` (``2n`` rows, from
         :func:`moec.lower.kernels.layout.swiglu_weight`) and the output is
         ``silu(w1 @ x) * (w3 @ x)`` ``[top_k, n]`` (float32 activations only).
+    scales : str
+        Scale format (``moec.core.formats.SCALE_FORMATS``); ``u8`` (double-quantized) takes
+        ``gemv(x, weight, scale, super_scale, zero, expert_ids, y)``, float32 activations only.
 
     Returns
     -------
@@ -64,8 +68,9 @@ def make_gemv(bits: int, n: int, k: int, group_size: int, num_stacked: int, top_
     """
     target = tvm.target.Target(target)
     spec = GemvSpec(bits, n, k, group_size, num_stacked, top_k, kernel_tile(target), x_per_expert,
-                    swiglu)
+                    swiglu, scales)
     family = family_module(target)
+    _check_scales(scales, target, activations)
     if activations == "int8":
         if swiglu:
             raise MoecError("the SwiGLU GEMV takes float32 activations only")
@@ -81,7 +86,8 @@ def make_gemv(bits: int, n: int, k: int, group_size: int, num_stacked: int, top_
 
 
 def make_grouped_gemm(bits: int, n: int, k: int, group_size: int, num_stacked: int,
-                      target: tvm.target.Target, activations: str = "float32") -> tvm.tirx.PrimFunc:
+                      target: tvm.target.Target, activations: str = "float32",
+                      scales: str = DEFAULT_SCALES) -> tvm.tirx.PrimFunc:
     """Prefill grouped GEMM for one bit class, scheduled for ``target``'s family.
 
     Parameters
@@ -104,7 +110,8 @@ def make_grouped_gemm(bits: int, n: int, k: int, group_size: int, num_stacked: i
         :mod:`moec.lower.schedules.x86_vnni_gemm`).
     """
     family = family_module(target)
-    spec = GroupedGemmSpec(bits, n, k, group_size, num_stacked, family.PARAMS.tile_rows)
+    spec = GroupedGemmSpec(bits, n, k, group_size, num_stacked, family.PARAMS.tile_rows, scales)
+    _check_scales(scales, tvm.target.Target(target), activations)
     if activations == "int8":
         if bits not in INT8_ACTIVATION_BITS:
             raise MoecError(f"int8 activations need quantized weights: bits "
@@ -115,6 +122,14 @@ def make_grouped_gemm(bits: int, n: int, k: int, group_size: int, num_stacked: i
     if activations != "float32":
         raise MoecError(f"unknown activations {activations!r}; choices: {', '.join(ACTIVATIONS)}")
     return grouped_gemm_definition(spec, family.grouped_gemm_params())
+
+
+def _check_scales(scales: str, target: tvm.target.Target, activations: str) -> None:
+    """One-line refusal of a scale format the target family has no kernel for."""
+    fmt = get_scale_format(scales)
+    if target_family(target) not in fmt.kernels:
+        raise MoecError(f"no kernel reads '{scales}' scales on target family {target_family(target)!r}; "
+                        f"choices: {', '.join(sorted(fmt.kernels))}")
 
 
 def compile_kernel(func: tvm.tirx.PrimFunc, target: tvm.target.Target) -> tvm.runtime.Module:

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from tvm import te, tirx, topi
 
 from moec.core.errors import MoecError
+from moec.core.formats import DEFAULT_SCALES, get_scale_format
 from moec.lower.kernels.decode import code_at, extract
 from moec.lower.kernels.layout import KERNEL_BITS, check_kernel_shape, num_tiles, zero_words
 
@@ -39,6 +40,10 @@ class GemvSpec:
         Each stacked expert is ``[w1; w3]`` (``2n`` rows, see ``layout.swiglu_weight``) and the
         output is ``silu(w1 @ x) * (w3 @ x)`` ``[top_k, n]``: the gate and up projections in one
         pass.
+    scales : str
+        Scale format (``moec.core.formats.SCALE_FORMATS``): ``fp16``, or ``u8`` (uint8 scale codes
+        ``[E, NT, G, T]`` and float16 super-scales ``[E, NT, ceil(G/8), T]``: one more multiply
+        per group).
     """
 
     bits: int
@@ -50,9 +55,11 @@ class GemvSpec:
     tile: int
     x_per_expert: bool = False
     swiglu: bool = False
+    scales: str = DEFAULT_SCALES
 
     def __post_init__(self) -> None:
         check_kernel_shape(self.bits, self.rows, self.k, self.group_size)
+        get_scale_format(self.scales)
         if self.tile < 1 or (self.swiglu and self.n % self.tile):
             raise MoecError(f"bad tile {self.tile} (the SwiGLU GEMV needs n ({self.n}) to be a "
                             f"multiple of it, so w3's rows start a tile)")
@@ -72,6 +79,11 @@ class GemvSpec:
         """Rows of each stacked expert weight (``2n`` for SwiGLU's ``[w1; w3]``)."""
         return 2 * self.n if self.swiglu else self.n
 
+    @property
+    def super_groups(self) -> int:
+        """Groups per super-scale (0: fp16 scales)."""
+        return get_scale_format(self.scales).super_groups if self.quantized else 0
+
 
 def _pow2(exponent: tirx.PrimExpr) -> tirx.PrimExpr:
     """float32 ``2**exponent`` for an integer exponent in [-126, 127], built from its bits."""
@@ -86,7 +98,8 @@ def gemv_definition(spec: GemvSpec) -> tirx.PrimFunc:
     """Unscheduled, target-neutral GEMV ``y[j, :] = W[expert_ids[j]] @ x[j or 0]``.
 
     Quantized parameters, in order: ``x`` float32 ``[XR, K]`` (``XR`` = top_k or 1), ``weight``
-    uint32 ``[E, NT, K*b/32, T]``, ``scale`` float16 ``[E, NT, G, T]``, ``zero`` uint32
+    uint32 ``[E, NT, K*b/32, T]``, ``scale`` float16 ``[E, NT, G, T]`` (``u8`` scales: uint8 codes,
+    then ``super_scale`` float16 ``[E, NT, ceil(G/8), T]``), ``zero`` uint32
     ``[E, NT, ZW, T]``, ``expert_ids`` int32 ``[top_k]``, ``y`` float32 ``[top_k, N]``.
     Float parameters: ``x``, ``weight`` ``[E, NT, K, T]`` (float16 or float32), ``expert_ids``,
     ``y``. (``T`` = ``spec.tile``, ``NT = ceil(N/T)``.) Only the experts named by
@@ -139,7 +152,12 @@ def _quantized(spec: GemvSpec) -> tirx.PrimFunc:
     words_per_group = gs * bits // 32
     x, ids = _common(spec)
     w = te.placeholder((spec.num_stacked, nt, spec.k * bits // 32, tile), "uint32", "weight")
-    scale = te.placeholder((spec.num_stacked, nt, groups, tile), "float16", "scale")
+    sg = spec.super_groups
+    scale = te.placeholder((spec.num_stacked, nt, groups, tile), "uint8" if sg else "float16", "scale")
+    scale_args = [scale]
+    if sg:
+        sup = te.placeholder((spec.num_stacked, nt, -(-groups // sg), tile), "float16", "super_scale")
+        scale_args.append(sup)
     zero = te.placeholder((spec.num_stacked, nt, zero_words(groups, bits), tile), "uint32", "zero")
 
     i = te.reduce_axis((0, gs), "i")
@@ -171,12 +189,14 @@ def _quantized(spec: GemvSpec) -> tirx.PrimFunc:
     def y_fn(j, n):
         b, lane = n // tile, n % tile
         zq = code_at(lambda word: zero[ids[j], b, word, lane], g, bits).astype("float32")
-        return te.sum(scale[ids[j], b, g, lane].astype("float32")
-                      * (qdot[j, b, g, lane] - zq * xsum[_x_row(spec, j), g]), axis=g)
+        s = scale[ids[j], b, g, lane].astype("float32")
+        if sg:  # double-quantized: code times the super-block's fp16 scale, once per group
+            s = s * sup[ids[j], b, g // sg, lane].astype("float32")
+        return te.sum(s * (qdot[j, b, g, lane] - zq * xsum[_x_row(spec, j), g]), axis=g)
 
     g = te.reduce_axis((0, groups), "g")
     y = te.compute((spec.top_k, spec.rows), y_fn, name="y")
-    return _finish(spec, [x, w, scale, zero, ids], y)
+    return _finish(spec, [x, w] + scale_args + [zero, ids], y)
 
 
 def _finish(spec: GemvSpec, inputs: list[te.Tensor], y: te.Tensor) -> tirx.PrimFunc:

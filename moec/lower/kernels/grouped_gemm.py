@@ -12,6 +12,7 @@ from tvm.script import tirx as T
 from moec.lower.kernels.decode import code_at, extract
 from moec.lower.kernels.layout import KERNEL_BITS, check_kernel_shape, num_tiles, zero_words
 from moec.core.errors import MoecError
+from moec.core.formats import DEFAULT_SCALES, get_scale_format
 
 
 @dataclass(frozen=True)
@@ -24,15 +25,22 @@ class GroupedGemmSpec:
     group_size: int
     num_stacked: int
     tile: int
+    scales: str = DEFAULT_SCALES
 
     def __post_init__(self) -> None:
         check_kernel_shape(self.bits, self.n, self.k, self.group_size)
+        get_scale_format(self.scales)
         if self.num_stacked < 1:
             raise MoecError(f"num_stacked must be >= 1, got {self.num_stacked}")
 
     @property
     def quantized(self) -> bool:
         return self.bits in KERNEL_BITS
+
+    @property
+    def super_groups(self) -> int:
+        """Groups per super-scale of ``u8`` scales (0: fp16 scales)."""
+        return get_scale_format(self.scales).super_groups if self.quantized else 0
 
 
 @dataclass(frozen=True)
@@ -63,7 +71,8 @@ def grouped_gemm_definition(spec: GroupedGemmSpec, params: GemmLoopParams) -> ti
     Parallel over (expert, vector of ``lanes`` rows); per K tile (a quantization group) the
     vector's weights are dequantized once into a local ``[k_tile, lanes]`` float buffer, reused
     by every token of the expert, ``params.tokens`` tokens at a time. Experts with no tokens
-    cost nothing. The parameters are those of :func:`moec.lower.kernels.factory.make_grouped_gemm`.
+    cost nothing. The parameters are those of :func:`moec.lower.kernels.factory.make_grouped_gemm`
+    (``u8`` scales: ``scale`` uint8 codes, then ``super_scale`` float16 ``[E, NT, ceil(G/8), T]``).
     """
     bits, lanes, n, k, tile = spec.bits, params.lanes, spec.n, spec.k, spec.tile
     if tile % lanes or n % lanes:
@@ -79,8 +88,10 @@ def grouped_gemm_definition(spec: GroupedGemmSpec, params: GemmLoopParams) -> ti
         kt = params.k_tile if k % params.k_tile == 0 else k
         groups, unroll, w_cols = k // kt, 1, k
     w_dtype = "uint32" if spec.quantized else ("float16" if bits == 16 else "float32")
+    sg = spec.super_groups
+    sgroups = -(-k // spec.group_size // sg) if sg else 0
 
-    def dequant(weight, scale, zero, e, b, g, i, lane):
+    def dequant(weight, scale, zero, e, b, g, i, lane, sup=None):
         """Weight of row ``b*lanes + lane``, column ``g*kt + i`` (tile and column in the tile)."""
         t, r = b // per_tile, b % per_tile * lanes + lane
         if not spec.quantized:
@@ -89,10 +100,13 @@ def grouped_gemm_definition(spec: GroupedGemmSpec, params: GemmLoopParams) -> ti
         code = extract(lambda word: weight[e, t, word, r], g * words_per_group + (i * bits) // 32,
                        shift, bits, straddle=shift > 32 - bits)
         zq = code_at(lambda word: zero[e, t, word, r], g, bits)
-        return (code.astype("float32") - zq.astype("float32")) * scale[e, t, g, r].astype("float32")
+        s = scale[e, t, g, r].astype("float32")
+        if sup is not None:
+            s = s * sup[e, t, g // sg, r].astype("float32")
+        return (code.astype("float32") - zq.astype("float32")) * s
 
     @T.macro
-    def body(x, y, weight, scale, zero, offsets):
+    def body(x, y, weight, scale, zero, offsets, sup):
         for task in T.parallel(experts * nb):
             wd = T.alloc_buffer((kt, lanes), "float32", scope="local")
             acc = T.alloc_buffer((tb, lanes), "float32", scope="local")
@@ -104,7 +118,7 @@ def grouped_gemm_definition(spec: GroupedGemmSpec, params: GemmLoopParams) -> ti
                         for i1 in T.unroll(unroll):
                             for lane in T.vectorized(lanes):
                                 wd[i0 * unroll + i1, lane] = dequant(
-                                    weight, scale, zero, task // nb, task % nb, g, i0 * unroll + i1, lane)
+                                    weight, scale, zero, task // nb, task % nb, g, i0 * unroll + i1, lane, sup)
                     for blk in range((count + tb - 1) // tb):
                         for r in T.unroll(tb):
                             for lane in T.vectorized(lanes):
@@ -122,7 +136,19 @@ def grouped_gemm_definition(spec: GroupedGemmSpec, params: GemmLoopParams) -> ti
                                         g == 0, T.float32(0),
                                         y[start + blk * tb + r, task % nb * lanes + lane]) + acc[r, lane]
 
-    if spec.quantized:
+    if spec.quantized and sg:
+        @T.prim_func
+        def grouped_gemm(x_h: T.handle, weight: T.Buffer((experts, nt, w_cols, tile), "uint32"),
+                         scale: T.Buffer((experts, nt, groups, tile), "uint8"),
+                         super_scale: T.Buffer((experts, nt, sgroups, tile), "float16"),
+                         zero: T.Buffer((experts, nt, zw, tile), "uint32"),
+                         offsets: T.Buffer((experts + 1,), "int32"), y_h: T.handle):
+            T.func_attr({"global_symbol": "grouped_gemm", "tirx.noalias": True})
+            tokens = T.int32()
+            x = T.match_buffer(x_h, (tokens, k), "float32")
+            y = T.match_buffer(y_h, (tokens, n), "float32")
+            body(x, y, weight, scale, zero, offsets, super_scale)
+    elif spec.quantized:
         @T.prim_func
         def grouped_gemm(x_h: T.handle, weight: T.Buffer((experts, nt, w_cols, tile), "uint32"),
                          scale: T.Buffer((experts, nt, groups, tile), "float16"),
@@ -132,7 +158,7 @@ def grouped_gemm_definition(spec: GroupedGemmSpec, params: GemmLoopParams) -> ti
             tokens = T.int32()
             x = T.match_buffer(x_h, (tokens, k), "float32")
             y = T.match_buffer(y_h, (tokens, n), "float32")
-            body(x, y, weight, scale, zero, offsets)
+            body(x, y, weight, scale, zero, offsets, None)
     else:
         @T.prim_func
         def grouped_gemm(x_h: T.handle, weight: T.Buffer((experts, nt, w_cols, tile), w_dtype),
@@ -141,5 +167,5 @@ def grouped_gemm_definition(spec: GroupedGemmSpec, params: GemmLoopParams) -> ti
             tokens = T.int32()
             x = T.match_buffer(x_h, (tokens, k), "float32")
             y = T.match_buffer(y_h, (tokens, n), "float32")
-            body(x, y, weight, None, None, offsets)
+            body(x, y, weight, None, None, offsets, None)
     return grouped_gemm

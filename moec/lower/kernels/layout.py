@@ -11,7 +11,9 @@ row tile of ``T`` rows (the target family's choice, ``kernel_tile(target)``: 16 
   ``w+1``). Word ``w`` of the tile's rows ``t*T .. t*T+T-1`` is stored contiguously: a vector
   load fetches the same word of consecutive rows (every lane computes one output row, no
   horizontal sums), and each tile is one sequential stream of ``K*b/32`` words.
-- ``scale`` float16 ``[NT, G, T]`` (``G = K/gs``): the fp16 scales, rows interleaved the same way.
+- ``scale`` float16 ``[NT, G, T]`` (``G = K/gs``): the fp16 scales, rows interleaved the same way;
+  with double-quantized scales (format ``u8``) the uint8 scale codes ``[NT, G, T]``, followed by
+  ``super_scale`` float16 ``[NT, ceil(G/8), T]`` (one per super-block of a row, same interleave).
 - ``zero`` uint32 ``[NT, ZW, T]``: each row's packed zero-point stream (``pack_zeros``) as
   uint32 words, ``ZW = ceil(G*b/32)`` plus one zero word when ``b`` does not divide 32, so the
   two-word read of a straddling zero point stays in bounds.
@@ -128,11 +130,14 @@ def to_kernel_layout(pw: PackedWeight | np.ndarray, tile: int = DEFAULT_TILE) ->
         return {"weight": _interleave(np.asarray(pw.packed, dtype=np.float16), tile)}
     check_kernel_shape(pw.bits, n, k, pw.group_size)
     groups = k // pw.group_size
-    return {
-        "weight": _interleave(_row_words(pw.packed, k * pw.bits // 32), tile),
-        "scale": _interleave(np.asarray(pw.scale, dtype=np.float16), tile),
-        "zero": _interleave(_row_words(pw.zero, zero_words(groups, pw.bits)), tile),
-    }
+    out = {"weight": _interleave(_row_words(pw.packed, k * pw.bits // 32), tile)}
+    if pw.super_scale is not None:
+        out["scale"] = _interleave(np.asarray(pw.scale, dtype=np.uint8), tile)
+        out["super_scale"] = _interleave(np.asarray(pw.super_scale, dtype=np.float16), tile)
+    else:
+        out["scale"] = _interleave(np.asarray(pw.scale, dtype=np.float16), tile)
+    out["zero"] = _interleave(_row_words(pw.zero, zero_words(groups, pw.bits)), tile)
+    return out
 
 
 def swiglu_weight(w1: PackedWeight | np.ndarray, w3: PackedWeight | np.ndarray) -> PackedWeight | np.ndarray:
@@ -142,15 +147,16 @@ def swiglu_weight(w1: PackedWeight | np.ndarray, w3: PackedWeight | np.ndarray) 
     """
     if isinstance(w1, np.ndarray):
         return np.concatenate([w1, w3]).astype(np.float32)
-    if (w1.shape, w1.bits, w1.group_size) != (w3.shape, w3.bits, w3.group_size):
-        raise MoecError("w1 and w3 must share shape, bits and group size")
+    if (w1.shape, w1.bits, w1.group_size, w1.scales) != (w3.shape, w3.bits, w3.group_size, w3.scales):
+        raise MoecError("w1 and w3 must share shape, bits, group size and scale format")
 
     def cat(a, b):
         return None if a is None else np.concatenate([a, b])
 
     n, k = w1.shape
     return PackedWeight((2 * n, k), w1.bits, w1.group_size, cat(w1.packed, w3.packed),
-                        cat(w1.scale, w3.scale), cat(w1.zero, w3.zero))
+                        cat(w1.scale, w3.scale), cat(w1.zero, w3.zero), w1.scales,
+                        cat(w1.super_scale, w3.super_scale))
 
 
 def stack_kernel_layouts(layouts: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
@@ -165,7 +171,7 @@ def stack_kernel_layouts(layouts: list[dict[str, np.ndarray]]) -> dict[str, np.n
 
 
 def from_kernel_layout(layout: dict[str, np.ndarray], bits: int, shape: tuple[int, int],
-                       group_size: int) -> PackedWeight:
+                       group_size: int, scales: str = "fp16") -> PackedWeight:
     """Inverse of :func:`to_kernel_layout` for one (unstacked) weight.
 
     Parameters
@@ -192,9 +198,11 @@ def from_kernel_layout(layout: dict[str, np.ndarray], bits: int, shape: tuple[in
     def rows(a: np.ndarray, nbytes: int) -> np.ndarray:
         return np.ascontiguousarray(_deinterleave(a, n).astype("<u4").view(np.uint8)[:, :nbytes])
 
+    sup = layout.get("super_scale")
     return PackedWeight(shape, bits, group_size, rows(layout["weight"], packed_row_bytes(k, bits)),
                         _deinterleave(layout["scale"], n),
-                        rows(layout["zero"], packed_row_bytes(groups, bits)))
+                        rows(layout["zero"], packed_row_bytes(groups, bits)), scales,
+                        None if sup is None else _deinterleave(sup, n))
 
 
 def kernel_codes(words: np.ndarray, bits: int, count: int, n: int) -> np.ndarray:

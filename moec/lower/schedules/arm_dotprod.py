@@ -90,18 +90,16 @@ def dotprod_gemv(spec: GemvSpec, params, dot: Callable = sdot) -> tirx.PrimFunc:
             total = dot(total, T.reinterpret("int8x16", codes), x4)
         return total
 
-    def group_term(dot_sum, scale, zero, sx, xsum, e, gv, g, lane, r):
+    sg = spec.super_groups
+
+    def group_term(dot_sum, scale, zero, sx, xsum, e, gv, g, lane, r, sup):
         """``scale * sx * (sum q*x8 - zero * sum x8)`` (codes and zero both recentred for 8 bits)."""
         t, col = gv * LANES // tile, gv * LANES % tile + lane
-        return scaled_group_sum(dot_sum, scale, zero, sx, xsum, e, t, col, g, r, bits, recentre)
+        return scaled_group_sum(dot_sum, scale, zero, sx, xsum, e, t, col, g, r, bits, recentre,
+                                super_scale=sup, super_groups=sg)
 
-    @T.prim_func
-    def gemv(x: T.Buffer((xr, k), "float32"),
-             weight: T.Buffer((experts, num_tiles(n, tile), k * bits // 32, tile), "uint32"),
-             scale: T.Buffer((experts, num_tiles(n, tile), groups, tile), "float16"),
-             zero: T.Buffer((experts, num_tiles(n, tile), zero_words(groups, bits), tile), "uint32"),
-             expert_ids: T.Buffer((top_k,), "int32"), y: T.Buffer((top_k, n), "float32")):
-        T.func_attr({"global_symbol": "gemv", "tirx.noalias": True})
+    @T.macro
+    def body(x, weight, scale, sup, zero, expert_ids, y):
         sx = T.alloc_buffer((xr, groups), "float32")
         xsum = T.alloc_buffer((xr, groups), "int32")
         xq = T.alloc_buffer((xr, k), "int8")
@@ -129,10 +127,28 @@ def dotprod_gemv(spec: GemvSpec, params, dot: Callable = sdot) -> tirx.PrimFunc:
                         for lane in T.vectorized(LANES):
                             yacc[v, lane] = yacc[v, lane] + group_term(
                                 acc[v, lane], scale, zero, sx, xsum, e, task % tiles * vecs + v, g, lane,
-                                task // tiles * xstride)
+                                task // tiles * xstride, sup)
             for v in T.unroll(vecs):
                 if task % tiles * vecs + v < nb:
                     for lane in T.vectorized(LANES):
                         y[task // tiles, (task % tiles * vecs + v) * LANES + lane] = yacc[v, lane]
 
+    nt, zw = num_tiles(n, tile), zero_words(groups, bits)
+    if sg:  # double-quantized scales: uint8 codes and fp16 super-scales
+        @T.prim_func
+        def gemv(x: T.Buffer((xr, k), "float32"), weight: T.Buffer((experts, nt, k * bits // 32, tile), "uint32"),
+                 scale: T.Buffer((experts, nt, groups, tile), "uint8"),
+                 super_scale: T.Buffer((experts, nt, (groups + sg - 1) // sg, tile), "float16"),
+                 zero: T.Buffer((experts, nt, zw, tile), "uint32"),
+                 expert_ids: T.Buffer((top_k,), "int32"), y: T.Buffer((top_k, n), "float32")):
+            T.func_attr({"global_symbol": "gemv", "tirx.noalias": True})
+            body(x, weight, scale, super_scale, zero, expert_ids, y)
+    else:
+        @T.prim_func
+        def gemv(x: T.Buffer((xr, k), "float32"), weight: T.Buffer((experts, nt, k * bits // 32, tile), "uint32"),
+                 scale: T.Buffer((experts, nt, groups, tile), "float16"),
+                 zero: T.Buffer((experts, nt, zw, tile), "uint32"),
+                 expert_ids: T.Buffer((top_k,), "int32"), y: T.Buffer((top_k, n), "float32")):
+            T.func_attr({"global_symbol": "gemv", "tirx.noalias": True})
+            body(x, weight, scale, None, zero, expert_ids, y)
     return gemv

@@ -81,17 +81,22 @@ def quantize_activations_prep(xr: int, k: int, gs: int, vl: int, step_codes: int
     return prep
 
 
-def scaled_group_sum(dot, scale, zero, sx, xsum, e, t, col, g, r, bits: int, recentre: int = 0):
+def scaled_group_sum(dot, scale, zero, sx, xsum, e, t, col, g, r, bits: int, recentre: int = 0,
+                     super_scale=None, super_groups: int = 0):
     """``scale * sx * (sum q*x8 - zero * sum x8)`` of group ``g`` for column ``col`` of tile ``t``.
 
     ``dot`` is the group's int32 sum of codes times int8 activations of row ``r``; ``recentre``
     is subtracted from the zero point when the kernel recentred its codes (signed-byte dots).
+    With ``super_scale`` (double-quantized ``u8`` scales) ``scale`` holds uint8 codes and the
+    group's scale is ``code * super_scale[e, t, g // super_groups, col]``.
     """
     zq = T.Cast("int32", code_at(lambda word: zero[e, t, word, col], g, bits))
     if recentre:
         zq = zq - recentre
-    return (T.Cast("float32", scale[e, t, g, col]) * sx[r, g]
-            * T.Cast("float32", dot - zq * xsum[r, g]))
+    s = T.Cast("float32", scale[e, t, g, col])
+    if super_scale is not None:
+        s = s * T.Cast("float32", super_scale[e, t, g // super_groups, col])
+    return s * sx[r, g] * T.Cast("float32", dot - zq * xsum[r, g])
 
 
 def quantize_rows_prep(k: int, gs: int, vl: int, step_codes: int, slot_source: Callable[[int], int]):

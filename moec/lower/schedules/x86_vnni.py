@@ -111,18 +111,15 @@ def vnni_gemv(spec: GemvSpec, params) -> tirx.PrimFunc:
             value = T.if_then_else(c == i, sums[i], value)
         return value
 
-    def group_term(dot, scale, zero, sx, xsum, e, gv, g, lane, r):
+    sg = spec.super_groups
+
+    def group_term(dot, scale, zero, sx, xsum, e, gv, g, lane, r, sup):
         """``scale * sx * (sum q*x8 - zero * sum x8)`` of group ``g``, row ``gv*lanes + lane``."""
         t, col = gv * lanes // tile, gv * lanes % tile + lane
-        return scaled_group_sum(dot, scale, zero, sx, xsum, e, t, col, g, r, bits)
+        return scaled_group_sum(dot, scale, zero, sx, xsum, e, t, col, g, r, bits, super_scale=sup, super_groups=sg)
 
-    @T.prim_func
-    def gemv(x: T.Buffer((xr, k), "float32"),
-             weight: T.Buffer((experts, num_tiles(n, tile), k * bits // 32, tile), "uint32"),
-             scale: T.Buffer((experts, num_tiles(n, tile), groups, tile), "float16"),
-             zero: T.Buffer((experts, num_tiles(n, tile), zero_words(groups, bits), tile), "uint32"),
-             expert_ids: T.Buffer((top_k,), "int32"), y: T.Buffer((top_k, n), "float32")):
-        T.func_attr({"global_symbol": "gemv", "tirx.noalias": True, "moec.row_guard": True})
+    @T.macro
+    def body(x, weight, scale, sup, zero, expert_ids, y):
         sx = T.alloc_buffer((xr, groups), "float32")
         xsum = T.alloc_buffer((xr, groups), "int32")
         xq = T.alloc_buffer((xr, k), "int8")  # natural order
@@ -163,10 +160,28 @@ def vnni_gemv(spec: GemvSpec, params) -> tirx.PrimFunc:
                             for lane in T.vectorized(lanes):
                                 yacc[v, lane] = yacc[v, lane] + group_term(
                                     acc[v * chains, lane], scale, zero, sx, xsum, e,
-                                    task % tiles * vecs + v, g, lane, task // tiles * xstride)
+                                    task % tiles * vecs + v, g, lane, task // tiles * xstride, sup)
                 for v in T.unroll(vecs):
                     if task % tiles * vecs + v < nb:
                         for lane in T.vectorized(lanes):
                             y[task // tiles, (task % tiles * vecs + v) * lanes + lane] = yacc[v, lane]
 
+    nt, zw = num_tiles(n, tile), zero_words(groups, bits)
+    if sg:  # double-quantized scales: uint8 codes and fp16 super-scales
+        @T.prim_func
+        def gemv(x: T.Buffer((xr, k), "float32"), weight: T.Buffer((experts, nt, k * bits // 32, tile), "uint32"),
+                 scale: T.Buffer((experts, nt, groups, tile), "uint8"),
+                 super_scale: T.Buffer((experts, nt, (groups + sg - 1) // sg, tile), "float16"),
+                 zero: T.Buffer((experts, nt, zw, tile), "uint32"),
+                 expert_ids: T.Buffer((top_k,), "int32"), y: T.Buffer((top_k, n), "float32")):
+            T.func_attr({"global_symbol": "gemv", "tirx.noalias": True, "moec.row_guard": True})
+            body(x, weight, scale, super_scale, zero, expert_ids, y)
+    else:
+        @T.prim_func
+        def gemv(x: T.Buffer((xr, k), "float32"), weight: T.Buffer((experts, nt, k * bits // 32, tile), "uint32"),
+                 scale: T.Buffer((experts, nt, groups, tile), "float16"),
+                 zero: T.Buffer((experts, nt, zw, tile), "uint32"),
+                 expert_ids: T.Buffer((top_k,), "int32"), y: T.Buffer((top_k, n), "float32")):
+            T.func_attr({"global_symbol": "gemv", "tirx.noalias": True, "moec.row_guard": True})
+            body(x, weight, scale, None, zero, expert_ids, y)
     return gemv

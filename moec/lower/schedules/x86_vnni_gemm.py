@@ -62,22 +62,15 @@ def vnni_grouped_gemm(spec: GroupedGemmSpec, params) -> tirx.PrimFunc:
             acc[v * tb + r, T.ramp(0, 1, lanes)] = step_dots(acc[v * tb + r, T.ramp(0, 1, lanes)],
                                                               weight, x8, tok[r], e, gv, step)
 
-    def group_term(dot, scale, zero, sx, xsum, e, gv, g, lane, row):
-        t, col = gv * lanes // tile, gv * lanes % tile + lane
-        return scaled_group_sum(dot, scale, zero, sx, xsum, e, t, col, g, row, bits)
+    sg = spec.super_groups
 
-    @T.prim_func
-    def grouped_gemm(x_h: T.handle, rows_h: T.handle,
-                     weight: T.Buffer((experts, nt, k * bits // 32, tile), "uint32"),
-                     scale: T.Buffer((experts, nt, groups, tile), "float16"),
-                     zero: T.Buffer((experts, nt, zero_words(groups, bits), tile), "uint32"),
-                     offsets: T.Buffer((experts + 1,), "int32"), y_h: T.handle):
-        T.func_attr({"global_symbol": "grouped_gemm", "tirx.noalias": True})
-        xrows = T.int32()
-        pairs = T.int32()
-        x = T.match_buffer(x_h, (xrows, k), "float32")
-        rows = T.match_buffer(rows_h, (pairs,), "int32")
-        y = T.match_buffer(y_h, (pairs, n), "float32")
+    def group_term(dot, scale, zero, sx, xsum, e, gv, g, lane, row, sup):
+        t, col = gv * lanes // tile, gv * lanes % tile + lane
+        return scaled_group_sum(dot, scale, zero, sx, xsum, e, t, col, g, row, bits, super_scale=sup,
+                                super_groups=sg)
+
+    @T.macro
+    def body(x, rows, xrows, weight, scale, sup, zero, offsets, y):
         sx = T.alloc_buffer((xrows, groups), "float32")
         xsum = T.alloc_buffer((xrows, groups), "int32")
         x8 = T.alloc_buffer((xrows, k), "int8")  # per step, in the order the dot products consume it
@@ -111,7 +104,7 @@ def vnni_grouped_gemm(spec: GroupedGemmSpec, params) -> tirx.PrimFunc:
                                 for lane in T.vectorized(lanes):
                                     yacc[v * tb + r, lane] = yacc[v * tb + r, lane] + group_term(
                                         acc[v * tb + r, lane], scale, zero, sx, xsum, e,
-                                        task % tiles * vecs + v, g, lane, tok[r])
+                                        task % tiles * vecs + v, g, lane, tok[r], sup)
                 for v in T.unroll(vecs):
                     if task % tiles * vecs + v < nb:
                         for r in T.unroll(tb):
@@ -120,4 +113,34 @@ def vnni_grouped_gemm(spec: GroupedGemmSpec, params) -> tirx.PrimFunc:
                                     y[start + blk * tb + r, (task % tiles * vecs + v) * lanes + lane] = \
                                         yacc[v * tb + r, lane]
 
+    zw = zero_words(groups, bits)
+    if sg:  # double-quantized scales: uint8 codes and fp16 super-scales
+        @T.prim_func
+        def grouped_gemm(x_h: T.handle, rows_h: T.handle,
+                         weight: T.Buffer((experts, nt, k * bits // 32, tile), "uint32"),
+                         scale: T.Buffer((experts, nt, groups, tile), "uint8"),
+                         super_scale: T.Buffer((experts, nt, (groups + sg - 1) // sg, tile), "float16"),
+                         zero: T.Buffer((experts, nt, zw, tile), "uint32"),
+                         offsets: T.Buffer((experts + 1,), "int32"), y_h: T.handle):
+            T.func_attr({"global_symbol": "grouped_gemm", "tirx.noalias": True})
+            xrows = T.int32()
+            pairs = T.int32()
+            x = T.match_buffer(x_h, (xrows, k), "float32")
+            rows = T.match_buffer(rows_h, (pairs,), "int32")
+            y = T.match_buffer(y_h, (pairs, n), "float32")
+            body(x, rows, xrows, weight, scale, super_scale, zero, offsets, y)
+    else:
+        @T.prim_func
+        def grouped_gemm(x_h: T.handle, rows_h: T.handle,
+                         weight: T.Buffer((experts, nt, k * bits // 32, tile), "uint32"),
+                         scale: T.Buffer((experts, nt, groups, tile), "float16"),
+                         zero: T.Buffer((experts, nt, zw, tile), "uint32"),
+                         offsets: T.Buffer((experts + 1,), "int32"), y_h: T.handle):
+            T.func_attr({"global_symbol": "grouped_gemm", "tirx.noalias": True})
+            xrows = T.int32()
+            pairs = T.int32()
+            x = T.match_buffer(x_h, (xrows, k), "float32")
+            rows = T.match_buffer(rows_h, (pairs,), "int32")
+            y = T.match_buffer(y_h, (pairs, n), "float32")
+            body(x, rows, xrows, weight, scale, None, zero, offsets, y)
     return grouped_gemm
