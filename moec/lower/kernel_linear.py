@@ -23,7 +23,8 @@ from tvm import relax, te, tirx
 from moec.core.errors import MoecError
 from moec.core.formats import INT8_ACTIVATION_BITS
 from moec.lower.kernels.decode_attention import decode_attention
-from moec.lower.kernels.factory import add_kernel, make_gemv, make_grouped_gemm, make_nested_gemv
+from moec.lower.kernels.factory import (add_kernel, make_gemv, make_grouped_gemm, make_nested_gemv,
+                                       make_nested_grouped_gemm)
 from moec.lower.kernels.row_guard import has_row_guard
 from moec.lower.kernels.layout import check_kernel_shape, nested_kernel_layout, stack_kernel_layouts, to_kernel_layout
 from moec.lower.linear import LinearEmitter
@@ -105,6 +106,23 @@ class KernelEmitter(LinearEmitter):
         segs = sorted((a for a in entry.arrays if a.startswith("kseg")), key=lambda a: int(a[4:]))
         args = [x] + [vars_[f"{name}.{a}"] for a in segs] + [vars_[f"{name}.kscale"], vars_[f"{name}.kzero"], prec, ids]
         return bb.emit(relax.call_tir(gv, args, relax.TensorType((top_k, n), "float32")))
+
+    def nested_grouped(self, bb, x, entry: WeightEntry, vars_, name, offsets, prec):
+        """One nested grouped-GEMM call on rows ``x`` sorted by expert (``offsets``) at the widths in ``prec``
+        (float32 activations, as the nested GEMV)."""
+        n, k = entry.shape
+        key = ("nested-gemm", entry.bits, n, k, entry.group_size, entry.stacked)
+        if key not in self._kernels:
+            self._kernels[key] = make_nested_grouped_gemm(*key[1:], self.target)
+        gv = add_kernel(bb, self._kernels[key], _symbol("nested_gemm", entry))
+        args = [x] + self._nested_args(entry, vars_, name) + [prec, offsets]
+        return bb.emit(relax.call_tir(gv, args, relax.TensorType((x.ty.shape[0], n), "float32")))
+
+    @staticmethod
+    def _nested_args(entry: WeightEntry, vars_, name) -> list:
+        """A nested stack's parameters in kernel order: ``kseg0``…, ``kscale``, ``kzero``."""
+        segs = sorted((a for a in entry.arrays if a.startswith("kseg")), key=lambda a: int(a[4:]))
+        return [vars_[f"{name}.{a}"] for a in segs] + [vars_[f"{name}.kscale"], vars_[f"{name}.kzero"]]
 
     def _grouped_int8(self, entry: WeightEntry) -> bool:
         """Whether this weight's grouped GEMM takes int8 activations (and gathers its own rows)."""
