@@ -66,6 +66,49 @@ def test_a_plan_served_nested_equals_the_bundle_compiled_for_its_derived_weights
         np.testing.assert_allclose(logits, want, atol=2e-4 * float(np.abs(want).max()))
 
 
+def _prefill_and_steps(sess, prompt):
+    """(prefill logits, its cache) and (the last decode step's logits, its cache) of ``prompt``."""
+    sess.reset()
+    got = sess.prefill(prompt)
+    cache = [t.numpy() for t in sess.past]
+    sess.reset()
+    for t in prompt:
+        want = sess.step(t)
+    return (got, cache), (want, [t.numpy() for t in sess.past])
+
+
+def test_nested_prefill_equals_decode_steps_under_the_plan_in_force(bundles):
+    """The nested bundle prefills in one call (nested grouped GEMMs reading the same width tables as
+    decode): the logits and cache of step-by-step decode, under a mixed plan and after ``set_plan``."""
+    from moec.runtime.session import BundleSession
+    _, plan_file, nested, _ = bundles
+    with BundleSession(nested) as sess:
+        assert sess.has_prefill
+        prompt = sess.tokenizer.encode("Experts in a mixture route every token").ids
+        last = None
+        for plan in (plan_file, "uniform:2", "uniform:8"):
+            sess.set_plan(plan)
+            (got, cache), (want, steps) = _prefill_and_steps(sess, prompt)
+            np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
+            for a, b in zip(cache, steps):
+                np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
+            assert last is None or not np.allclose(got, last, atol=1e-3)  # the new plan is the one served
+            last = got
+        sess.set_plan(plan_file)  # a switch between two prefill chunks: the second chunk under the new plan
+        sess.reset()
+        sess.prefill(prompt[:4])
+        sess.set_plan("uniform:3")
+        chunked = sess.prefill(prompt[4:])
+        sess.reset()
+        sess.set_plan(plan_file)
+        for t in prompt[:4]:
+            sess.step(t)
+        sess.set_plan("uniform:3")
+        for t in prompt[4:]:
+            want = sess.step(t)
+        np.testing.assert_allclose(chunked, want, rtol=1e-4, atol=1e-4)
+
+
 def test_switching_keeps_the_cache_and_bad_plans_keep_the_plan_in_force(bundles, tmp_path):
     from moec.runtime.session import BundleSession
     ckpt, plan_file, nested, _ = bundles
