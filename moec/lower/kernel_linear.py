@@ -30,6 +30,7 @@ from moec.lower.kernels.layout import check_kernel_shape, nested_kernel_layout, 
 from moec.lower.linear import LinearEmitter
 from moec.lower.params import ModelParams, WeightEntry
 from moec.lower.schedules import kernel_tile
+from moec.quant.nested import NestedWeight
 from moec.quant.packed_model import PackedWeight
 
 
@@ -69,6 +70,11 @@ class KernelEmitter(LinearEmitter):
         if not all(self.supports(p) for p in pws):
             return None
         layouts = [to_kernel_layout(p, self.tile) for p in pws]
+        return {f"k{k}": v for k, v in stack_kernel_layouts(layouts).items()}
+
+    def nested_layout(self, nws: list[NestedWeight]) -> dict[str, np.ndarray]:
+        """Kernel-layout arrays of a nested stack (``kseg0``…, ``kscale``, ``kzero``)."""
+        layouts = [nested_kernel_layout(nw, self.tile) for nw in nws]
         return {f"k{k}": v for k, v in stack_kernel_layouts(layouts).items()}
 
     # -- graph ---------------------------------------------------------------------
@@ -212,8 +218,7 @@ def apply_kernel_layout(params: ModelParams, emitter: KernelEmitter) -> int:
         if name == "embed.weight" or entry.kernel:
             continue
         if entry.nested:
-            layouts = [nested_kernel_layout(nw, emitter.tile) for nw in entry.nested_weights()]
-            entry.arrays, entry.kernel = {f"k{k}": v for k, v in stack_kernel_layouts(layouts).items()}, True
+            entry.arrays, entry.kernel = emitter.nested_layout(entry.nested_weights()), True
             count += 1
             continue
         arrays = emitter.layout(entry.packed_weights())
