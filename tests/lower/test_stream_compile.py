@@ -121,17 +121,19 @@ def test_layer_sequential_gptq(tiny_checkpoint, text_file, tmp_path, monkeypatch
     assert json.loads((bundle / "manifest.json").read_text())["plan"]["method"] == "gptq"
 
 
-def test_streamed_nested_bundle_equals_whole_model(tmp_path, text_file, monkeypatch):
+def test_streamed_nested_bundle_equals_whole_model(tmp_path, monkeypatch):
     """``--nested 8`` layer by layer: the same weights.bin tensors (bit for bit), plan at load, profile
     and plan front as the whole-model path, and the same tokens under the plan at load and after a switch."""
     from moec.artifact.weights_file import WeightsReader
     from moec.runtime.adapt import profile_frequencies
-    from tests.conftest import make_tiny_checkpoint
+    from tests.conftest import TEXT, make_tiny_checkpoint
     from tests.runtime.nested_fixtures import GS, mixed_plan
 
     ckpt = tmp_path / "ckpt"
     plan = mixed_plan(make_tiny_checkpoint(ckpt, seed=4))
-    data = api.DataConfig(text_file, seq_len=32, batch=4)
+    text = tmp_path / "calib.txt"  # a few windows: the profile's frequencies order the plan front
+    text.write_text(TEXT[:400])
+    data = api.DataConfig(text, seq_len=32, batch=4)
     bundles = {}
     for name, limit in (("streamed", 0), ("whole", 1 << 40)):
         monkeypatch.setattr(budget, "WHOLE_MODEL_LIMIT", limit)
