@@ -8,7 +8,7 @@ bundle) and the same run-time table ``prec`` (int32 ``[E]``) as
 group's weights are dequantized once into a local ``[group, lanes]`` buffer at the expert's width
 ``k = prec[e]`` and reused by every token routed to the expert. The dequantization has one code path
 per derived width, under ``if prec[e] == k`` outside its loop, reading only the segments ``k``
-needs (:func:`moec.lower.kernels.nested_layout.segment_part` says where each code's part is)::
+needs (:mod:`moec.lower.kernels.nested_layout` says where each code's part is)::
 
     w = scale · (t_k − (zero − (2**(B−k) − 1) / 2)),   t_k = (q >> (B−k)) << (B−k)
 
@@ -29,7 +29,7 @@ from moec.core.formats import NestedFormat, get_nested_format
 from moec.lower.kernels.decode import code_at
 from moec.lower.kernels.grouped_gemm import GemmLoopParams
 from moec.lower.kernels.layout import num_tiles, zero_words
-from moec.lower.kernels.nested_layout import segment_part
+from moec.lower.kernels.nested_layout import nibble_of, nibble_word
 from moec.quant.nested import segment_positions
 
 
@@ -50,8 +50,10 @@ class NestedGroupedSpec:
         if self.n < 1 or self.k < 1 or self.num_stacked < 1 or self.tile < 1:
             raise MoecError(f"bad nested kernel shape n={self.n} k={self.k} experts={self.num_stacked} "
                             f"tile={self.tile}")
-        if any(4 % w for w in fmt.segment_bits):
-            raise MoecError(f"{fmt.name}: nibble-lane segments must be 1, 2 or 4 bits wide")
+        positions = segment_positions(fmt)
+        if any(4 % w or p // 4 != (p + w - 1) // 4 for w, p in zip(fmt.segment_bits, positions)) or fmt.storage_bits % 4:
+            raise MoecError(f"{fmt.name}: nibble-lane segments must be 1, 2 or 4 bits wide, each within one "
+                            f"nibble of the stored code")
         if self.group_size < 1 or self.k % self.group_size or self.group_size % 32:
             raise MoecError(f"nested kernels need group_size ({self.group_size}) to divide K ({self.k}) and "
                             f"be a multiple of 32 (every 1-bit plane of a group fills whole uint32 words)")
@@ -86,16 +88,41 @@ def nested_grouped_definition(spec: NestedGroupedSpec, params: GemmLoopParams) -
     zw = zero_words(groups, bits)
     nd = len(widths)
 
-    def dequant(segs, scale, zero, e, b, g, i, lane, d):
-        """Weight of row ``b*lanes + lane``, column ``g*gs + i`` at width ``widths[d]`` (segments 0..d only)."""
-        t, r = b // per_tile, b % per_tile * lanes + lane
-        code = None
+    def nibbles(segs, e, t, r, g, a, d, nib):
+        """Nibble ``nib`` (0: bits 0-3 of the stored code) of nibble word ``a``'s 8 codes, one per 4-bit lane,
+        rebuilt from the needed segments (0..d) that lie in it; None if none does."""
+        word = None
         for s in range(d + 1):
             width = seg_bits[s]
-            word, bit = segment_part(i, width)
-            raw = segs[s][e, t, g * (gs * width // 32) + word, r]
-            part = ((raw >> bit.astype("uint32")) & _u32((1 << width) - 1)) << _u32(positions[s])
-            code = part if code is None else code | part
+            if positions[s] // 4 != nib:
+                continue
+            w_at, shift = nibble_word(a, width)
+            raw = segs[s][e, t, g * (gs * width // 32) + w_at, r]
+            part = ((raw >> shift.astype("uint32")) & _u32(((1 << width) - 1) * 0x11111111)) \
+                << _u32(positions[s] - 4 * nib)
+            word = part if word is None else word | part
+        return word
+
+    def dequant(segs, scale, zero, e, b, g, i, lane, d):
+        """Weight of row ``b*lanes + lane``, column ``g*gs + i`` at width ``widths[d]`` (segments 0..d only).
+
+        The code's nibble word is rebuilt from the needed segments (8 codes at once, one per lane: the
+        expression is the same for the 8 codes of a nibble word, so the compiler computes it once) and
+        the code's lane taken out of it: ``t_k``, the truncated code at its bit positions. With both
+        nibbles (8 bits), the two nibble words are interleaved into two byte words first (4 codes each).
+        """
+        t, r = b // per_tile, b % per_tile * lanes + lane
+        a, code_lane = nibble_of(i)
+        parts = [nibbles(segs, e, t, r, g, a, d, nib) for nib in range(bits // 4)]
+        if len(parts) == 2 and parts[0] is not None:
+            low, high = parts
+            even = ((high & _u32(0x0F0F0F0F)) << _u32(4)) | (low & _u32(0x0F0F0F0F))   # lanes 0, 2, 4, 6
+            odd = (high & _u32(0xF0F0F0F0)) | ((low >> _u32(4)) & _u32(0x0F0F0F0F))   # lanes 1, 3, 5, 7
+            byte = (tirx.Select(code_lane % 2 == 0, even, odd) >> (8 * (code_lane // 2)).astype("uint32"))
+            code = byte & _u32(0xFF)
+        else:
+            nib = len(parts) - 1  # the only nibble a width up to 4 bits reads: the top one
+            code = ((parts[nib] >> (4 * code_lane).astype("uint32")) & _u32(0xF)) << _u32(4 * nib)
         zq = code_at(lambda w: zero[e, t, w, r], g, bits).astype("float32")
         centre = tirx.const(((1 << (bits - widths[d])) - 1) / 2, "float32")
         return (code.astype("float32") - (zq - centre)) * scale[e, t, g, r].astype("float32")
