@@ -309,3 +309,28 @@ def test_drift_is_measured_from_the_decode_steps_and_replans_at_the_same_bytes(b
     assert res.exit_code == 0, res.output
     res = CliRunner().invoke(cli, ["run", str(nested), "--prompt", "Experts", "--adapt", "drift:1.5"])
     assert res.exit_code != 0 and "drift:TV" in res.output.strip().splitlines()[-1]
+
+
+def test_nested_bundle_applies_expert_biases_and_the_clamped_glu(tmp_path):
+    """A gpt-oss-like model (expert biases, clamped SwiGLU): the nested bundle at 8 bits (the stored weights
+    themselves) prefills and decodes as the torch model fake-quantized at 8 bits."""
+    from moec.core.config import MoEConfig
+    from moec.models.model import MoEModel
+    from moec.quant.packed_model import fake_quantize_model
+    from moec.runtime.session import BundleSession
+    cfg = MoEConfig(vocab_size=96, hidden_size=64, num_layers=2, num_heads=4, num_kv_heads=2, num_experts=4,
+                    top_k=2, expert_intermediate=32, expert_bias=True, swiglu_limit=0.3, attention_out_bias=True)
+    torch.manual_seed(0)
+    model = MoEModel(cfg).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0, 0.3 if p.dim() == 1 else 0.08)
+    plan = uniform_plan(cfg, 8, GS)
+    prompt = [5, 17, 3, 42, 8, 61, 2]
+    with BundleSession(build_bundle(model, plan, load_target("host"), tmp_path / "nested", None, nested=8)) as sess:
+        want = fake_quantize_model(model, plan)(torch.tensor([prompt]))[0].detach().numpy()
+        assert sess.has_prefill
+        np.testing.assert_allclose(sess.prefill(prompt), want[-1], rtol=1e-4, atol=1e-4)
+        sess.reset()
+        for i, t in enumerate(prompt):
+            np.testing.assert_allclose(sess.step(t), want[i], rtol=1e-4, atol=1e-4)
