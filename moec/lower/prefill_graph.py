@@ -12,6 +12,11 @@ and scatters the rows back to their pairs. Dense projections are grouped GEMMs w
 "expert" holding every row. Causal attention (scores, softmax, values) and SiLU are parallel, vectorised CPU kernels
 (:mod:`moec.lower.kernels.attention`, :mod:`moec.lower.kernels.rowwise`). Everything else is the decode builder's ops on ``[T, ...]`` rows.
 
+A nested layer (``moec compile --nested``: one stack of every expert) sorts the pairs by expert id and
+runs one nested grouped GEMM per projection (:mod:`moec.lower.kernels.nested_grouped`) at the widths
+of the run-time table ``layers.L.experts.prec`` that the decode function reads too, so a
+``set_plan`` applies to the next prefill as to the next decode step.
+
 The function is emitted only when every expert stack has a grouped-GEMM kernel
 (:meth:`PrefillBuilder.supported`); otherwise the runtime prefills with decode steps.
 """
