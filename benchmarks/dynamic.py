@@ -44,6 +44,7 @@ Usage::
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import tempfile
 import time
@@ -309,6 +310,7 @@ def prefill_part(layers: int, gs: int, tokens: list[int], rounds: int) -> None:
             del fparams
         for sess in [nested, *fixed.values()]:  # warm up (first calls allocate)
             _prefill_seconds(sess, 8)
+        load = [os.getloadavg()[0]]
         times = {(name, n, kind): [] for name in plans for n in tokens for kind in ("nested", "fixed", "steps")}
         for r in range(rounds):
             for n in tokens:
@@ -319,6 +321,8 @@ def prefill_part(layers: int, gs: int, tokens: list[int], rounds: int) -> None:
                         times[(name, n, kind)].append(_prefill_seconds(sess, n, steps))
         for sess in [nested, *fixed.values()]:
             sess.close()
+        load.append(os.getloadavg()[0])
+    print(f"load average {load[0]:.1f} at the start of the timed rounds, {load[1]:.1f} at the end\n")
     print("| plan | tokens | nested prefill tok/s | fixed prefill tok/s | nested / fixed speed | "
           "nested decode steps tok/s | prefill / steps speed |")
     print("|---|---|---|---|---|---|---|")

@@ -107,6 +107,10 @@ def test_nested_prefill_equals_decode_steps_under_the_plan_in_force(bundles):
         for t in prompt[4:]:
             want = sess.step(t)
         np.testing.assert_allclose(chunked, want, rtol=1e-4, atol=1e-4)
+        sess.reset()
+        want = sess.step(prompt[0])
+        sess.reset()
+        np.testing.assert_allclose(sess.prefill(prompt[:1]), want, rtol=1e-4, atol=1e-4)  # a one-token prompt
 
 
 def test_switching_keeps_the_cache_and_bad_plans_keep_the_plan_in_force(bundles, tmp_path):
