@@ -9,6 +9,10 @@ Three parts, each printed as a markdown table:
    layers; experts ≫ cache). One nested bundle (``--nested 8`` storage) serves every plan via
    ``BundleSession.set_plan``; each plan is also compiled as its own fixed bundle. Decode tok/s,
    the expert MB each plan reads, nested/fixed speed, and the plan-switch latency.
+2b. ``prefill``: the same model and plans, prompts of ``--prefill-tokens`` tokens: the nested bundle's
+   one-call prefill (nested grouped GEMMs at the plan's run-time widths) vs each plan's fixed bundle's
+   prefill vs the nested bundle fed one decode step a token (how it prefilled before it had a
+   prefill function).
 4. ``latency``: 200 decode steps of the nested OLMoE-shaped bundle under ``--adapt latency``:
    the target starts above the widest plan's step time and is lowered at step 100 to halfway
    between the narrowest and the widest plan's; the table and the plot (``--plot``) show the
@@ -34,7 +38,7 @@ Three parts, each printed as a markdown table:
 
 Usage::
 
-    python benchmarks/dynamic.py [--parts kernel,decode,latency,accuracy,holdout,drift] [--layers 2] [--steps 48]
+    python benchmarks/dynamic.py [--parts kernel,decode,prefill,latency,accuracy,holdout,drift] [--layers 2] [--steps 48]
     python benchmarks/dynamic.py --parts kernel --calls 100 [--cpu-time]
 """
 
@@ -272,6 +276,67 @@ def decode_part(layers: int, gs: int, steps: int, rounds: int) -> None:
               f"median decode step {step * 1e3:.1f} ms")
 
 
+# -- 2b. prefill --------------------------------------------------------------------------
+def _prefill_seconds(sess: BundleSession, n: int, steps: bool = False) -> float:
+    """Seconds to feed a prompt of ``n`` tokens from an empty cache: one ``prefill`` call, or (``steps``)
+    one decode step a token, as nested bundles prefilled before they had a prefill function."""
+    prompt = [3 + i % 97 for i in range(n)]
+    sess.reset()
+    t0 = time.perf_counter()
+    if steps:
+        for t in prompt:
+            sess.step(t)
+    else:
+        sess.prefill(prompt)
+    return time.perf_counter() - t0
+
+
+def prefill_part(layers: int, gs: int, tokens: list[int], rounds: int) -> None:
+    big = olmoe_shaped(layers)
+    plans = {"uniform 8": expert_plan(big, lambda l, e: 8, gs, "u8"),
+             "uniform 4": expert_plan(big, lambda l, e: 4, gs, "u4"),
+             "uniform 3": expert_plan(big, lambda l, e: 3, gs, "u3"),
+             "uniform 2": expert_plan(big, lambda l, e: 2, gs, "u2"),
+             "mixed 2/4/8": expert_plan(big, lambda l, e: (2, 4, 2, 8)[e % 4], gs, "mixed")}
+    preset = load_target("host")
+    print(f"\n## Prefill: one nested bundle (nested grouped GEMMs) vs a fixed bundle per plan vs the nested "
+          f"bundle's decode steps (OLMoE-shaped random model: hidden 2048, 64 experts × 1024, top-8, {layers} "
+          f"layers; group {gs}; tok/s = prompt tokens / seconds, median over {rounds} interleaved rounds)\n")
+    with tempfile.TemporaryDirectory(prefix="moec-dyn-") as d:
+        nested = BundleSession(nested_bundle(big, next(iter(plans.values())), Path(d) / "nested"))
+        assert nested.has_prefill
+        fixed = {}
+        for name, plan in plans.items():
+            w = random_weights(big, plan)
+            fparams = build_params(big, plan, w.packed, w.floats)
+            del w
+            fixed[name] = BundleSession(build_bundle_from_params(big, plan, fparams, preset,
+                                                                 Path(d) / f"fixed{len(fixed)}", None))
+            del fparams
+        for sess in [nested, *fixed.values()]:  # warm up (first calls allocate)
+            _prefill_seconds(sess, 8)
+        load = [os.getloadavg()[0]]
+        times = {(name, n, kind): [] for name in plans for n in tokens for kind in ("nested", "fixed", "steps")}
+        for r in range(rounds):
+            for n in tokens:
+                for name, plan in plans.items():
+                    nested.set_plan(plan)
+                    runs = [("nested", nested, False), ("fixed", fixed[name], False), ("steps", nested, True)]
+                    for kind, sess, steps in (runs if r % 2 == 0 else runs[::-1]):
+                        times[(name, n, kind)].append(_prefill_seconds(sess, n, steps))
+        for sess in [nested, *fixed.values()]:
+            sess.close()
+        load.append(os.getloadavg()[0])
+    print(f"load average {load[0]:.1f} at the start of the timed rounds, {load[1]:.1f} at the end\n")
+    print("| plan | tokens | nested prefill tok/s | fixed prefill tok/s | nested / fixed speed | "
+          "nested decode steps tok/s | prefill / steps speed |")
+    print("|---|---|---|---|---|---|---|")
+    for n in tokens:
+        for name in plans:
+            tn, tf, ts = (statistics.median(times[(name, n, k)]) for k in ("nested", "fixed", "steps"))
+            print(f"| {name} | {n} | {n / tn:.1f} | {n / tf:.1f} | {tf / tn:.2f} | {n / ts:.1f} | {ts / tn:.1f}x |")
+
+
 # -- 3. accuracy --------------------------------------------------------------------------
 def accuracy_part(checkpoint: str, data: str, gs: int, max_tokens: int, calib: str | None = None,
                   rows: str = "all") -> None:
@@ -468,6 +533,7 @@ def main() -> None:
     ap.add_argument("--accuracy-rows", choices=("all", "widths", "searched"), default="all",
                     help="Accuracy part: the per-width table, the searched-plan rows, or both.")
     ap.add_argument("--rounds", type=int, default=3, help="Decode part: interleaved nested/fixed rounds per plan.")
+    ap.add_argument("--prefill-tokens", default="64,512", help="Prefill part: prompt lengths.")
     ap.add_argument("--checkpoint", default="reference/checkpoint")
     ap.add_argument("--data", default="reference/data/heldout.txt")
     ap.add_argument("--max-tokens", type=int, default=16384)
@@ -487,6 +553,8 @@ def main() -> None:
         kernel_part(args.group_size, args.calls, args.cpu_time)
     if "decode" in parts:
         decode_part(args.layers, args.group_size, args.steps, args.rounds)
+    if "prefill" in parts:
+        prefill_part(args.layers, args.group_size, [int(t) for t in args.prefill_tokens.split(",")], args.rounds)
     if "latency" in parts:
         latency_part(args.layers, args.group_size, 200, args.plot)
     if "accuracy" in parts:

@@ -276,8 +276,8 @@ class DecodeBuilder:
                 name = f"{nested}.{proj}"
                 return self.emitter.nested_experts(bb, inp, self.params.entries[name], self.vars, name, ids, prec)
 
-            act = bb.emit(relax.op.multiply(relax.op.nn.silu(call(x, "w1")), call(x, "w3")))
-            out = call(act, "w2")
+            g1, g3 = (self._expert_bias(call(x, w), layer, w, ids) for w in ("w1", "w3"))
+            out = self._expert_bias(call(blocks.glu(self, cfg, g1, g3), "w2"), layer, "w2", ids)
             return bb.emit(relax.op.sum(relax.op.multiply(out, weights), axis=0, keepdims=True))
         cls_of, in_cls = self._classes(routing, layer)
         slots = bb.emit(relax.op.reshape(routing.ids, (cfg.top_k,))) if cfg.expert_bias else None

@@ -23,12 +23,14 @@ from tvm import relax, te, tirx
 from moec.core.errors import MoecError
 from moec.core.formats import DEFAULT_SCALES, INT8_ACTIVATION_BITS
 from moec.lower.kernels.decode_attention import decode_attention
-from moec.lower.kernels.factory import add_kernel, make_gemv, make_grouped_gemm, make_nested_gemv
+from moec.lower.kernels.factory import (add_kernel, make_gemv, make_grouped_gemm, make_nested_gemv,
+                                       make_nested_grouped_gemm)
 from moec.lower.kernels.row_guard import has_row_guard
 from moec.lower.kernels.layout import check_kernel_shape, nested_kernel_layout, stack_kernel_layouts, to_kernel_layout
 from moec.lower.linear import LinearEmitter
 from moec.lower.params import ModelParams, WeightEntry
 from moec.lower.schedules import kernel_tile
+from moec.quant.nested import NestedWeight
 from moec.quant.packed_model import PackedWeight
 
 
@@ -68,6 +70,11 @@ class KernelEmitter(LinearEmitter):
         if not all(self.supports(p) for p in pws):
             return None
         layouts = [to_kernel_layout(p, self.tile) for p in pws]
+        return {f"k{k}": v for k, v in stack_kernel_layouts(layouts).items()}
+
+    def nested_layout(self, nws: list[NestedWeight]) -> dict[str, np.ndarray]:
+        """Kernel-layout arrays of a nested stack (``kseg0``…, ``kscale``, ``kzero``)."""
+        layouts = [nested_kernel_layout(nw, self.tile) for nw in nws]
         return {f"k{k}": v for k, v in stack_kernel_layouts(layouts).items()}
 
     # -- graph ---------------------------------------------------------------------
@@ -113,6 +120,23 @@ class KernelEmitter(LinearEmitter):
         segs = sorted((a for a in entry.arrays if a.startswith("kseg")), key=lambda a: int(a[4:]))
         args = [x] + [vars_[f"{name}.{a}"] for a in segs] + [vars_[f"{name}.kscale"], vars_[f"{name}.kzero"], prec, ids]
         return bb.emit(relax.call_tir(gv, args, relax.TensorType((top_k, n), "float32")))
+
+    def nested_grouped(self, bb, x, entry: WeightEntry, vars_, name, offsets, prec):
+        """One nested grouped-GEMM call on rows ``x`` sorted by expert (``offsets``) at the widths in ``prec``
+        (float32 activations, as the nested GEMV)."""
+        n, k = entry.shape
+        key = ("nested-gemm", entry.bits, n, k, entry.group_size, entry.stacked)
+        if key not in self._kernels:
+            self._kernels[key] = make_nested_grouped_gemm(*key[1:], self.target)
+        gv = add_kernel(bb, self._kernels[key], _symbol("nested_gemm", entry))
+        args = [x] + self._nested_args(entry, vars_, name) + [prec, offsets]
+        return bb.emit(relax.call_tir(gv, args, relax.TensorType((x.ty.shape[0], n), "float32")))
+
+    @staticmethod
+    def _nested_args(entry: WeightEntry, vars_, name) -> list:
+        """A nested stack's parameters in kernel order: ``kseg0``…, ``kscale``, ``kzero``."""
+        segs = sorted((a for a in entry.arrays if a.startswith("kseg")), key=lambda a: int(a[4:]))
+        return [vars_[f"{name}.{a}"] for a in segs] + [vars_[f"{name}.kscale"], vars_[f"{name}.kzero"]]
 
     def _grouped_int8(self, entry: WeightEntry) -> bool:
         """Whether this weight's grouped GEMM takes int8 activations (and gathers its own rows)."""
@@ -204,8 +228,7 @@ def apply_kernel_layout(params: ModelParams, emitter: KernelEmitter) -> int:
         if name == "embed.weight" or entry.kernel:
             continue
         if entry.nested:
-            layouts = [nested_kernel_layout(nw, emitter.tile) for nw in entry.nested_weights()]
-            entry.arrays, entry.kernel = {f"k{k}": v for k, v in stack_kernel_layouts(layouts).items()}, True
+            entry.arrays, entry.kernel = emitter.nested_layout(entry.nested_weights()), True
             count += 1
             continue
         arrays = emitter.layout(entry.packed_weights())

@@ -77,6 +77,10 @@ class LinearEmitter:
         raise MoecError("nested expert storage needs moec's kernels (x86, arm or cuda backend), not the reference "
                         "emitter")
 
+    def nested_grouped(self, bb, x, entry: WeightEntry, vars_, name, offsets, prec):
+        """Prefill rows of a nested stack sorted by expert (``offsets``) at the widths of ``prec``: needs kernels."""
+        return self.nested_experts(bb, x, entry, vars_, name, None, prec)
+
     def decode_attention(self, bb, q, past_k, k, past_v, v, scale: float):
         """One token's ``(attention [heads, value_dim], keys, values)``: the cache with ``k``/``v``
         ``[kv_heads, 1, width]`` appended, and attention over it, as one kernel; or None: the graph

@@ -143,6 +143,22 @@ def build_params(cfg: MoEConfig, plan: BitPlan, packed: dict[str, PackedWeight],
     return params
 
 
+def nested_entry_name(layer: int, proj: str) -> str:
+    """Entry of layer ``layer``'s nested stack of projection ``proj`` (``w1``, ``w3``, ``w2``)."""
+    return f"layers.{layer}.experts.nested.{proj}"
+
+
+def nested_entry(pws: list[PackedWeight], storage_bits: int) -> WeightEntry:
+    """One nested stack (every expert of a layer, one projection) from the experts packed at ``storage_bits``."""
+    if any(p.bits != storage_bits for p in pws):
+        raise MoecError(f"nested storage needs every expert packed at {storage_bits} bits")
+    nws = [nest(p) for p in pws]
+    arrays = {f"seg{s}": np.stack([nw.segments[s] for nw in nws]) for s in range(len(nws[0].segments))}
+    arrays["scale"] = np.stack([nw.scale for nw in nws])
+    arrays["zero"] = np.stack([nw.zero for nw in nws])
+    return WeightEntry(storage_bits, pws[0].shape, arrays, stacked=len(nws), group_size=pws[0].group_size, nested=True)
+
+
 def build_nested_params(cfg: MoEConfig, plan: BitPlan, packed: dict[str, PackedWeight],
                         floats: dict[str, np.ndarray], storage_bits: int) -> ModelParams:
     """Parameters of a nested bundle: routed experts packed at ``storage_bits`` become one nested stack
@@ -156,14 +172,7 @@ def build_nested_params(cfg: MoEConfig, plan: BitPlan, packed: dict[str, PackedW
     for layer in cfg.moe_layers:
         for proj in ("w1", "w3", "w2"):
             pws = [packed[expert_key(layer, e, proj)] for e in range(cfg.num_experts)]
-            if any(p.bits != storage_bits for p in pws):
-                raise MoecError(f"nested storage needs every expert packed at {storage_bits} bits")
-            nws = [nest(p) for p in pws]
-            arrays = {f"seg{s}": np.stack([nw.segments[s] for nw in nws]) for s in range(len(nws[0].segments))}
-            arrays["scale"] = np.stack([nw.scale for nw in nws])
-            arrays["zero"] = np.stack([nw.zero for nw in nws])
-            params.entries[f"layers.{layer}.experts.nested.{proj}"] = WeightEntry(
-                storage_bits, pws[0].shape, arrays, stacked=len(nws), group_size=pws[0].group_size, nested=True)
+            params.entries[nested_entry_name(layer, proj)] = nested_entry(pws, storage_bits)
     params.floats = {k: np.ascontiguousarray(v, dtype=np.float32) for k, v in sorted(floats.items())}
     params.tables = plan_widths(cfg, plan, storage_bits)
     return params

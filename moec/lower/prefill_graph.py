@@ -12,6 +12,11 @@ and scatters the rows back to their pairs. Dense projections are grouped GEMMs w
 "expert" holding every row. Causal attention (scores, softmax, values) and SiLU are parallel, vectorised CPU kernels
 (:mod:`moec.lower.kernels.attention`, :mod:`moec.lower.kernels.rowwise`). Everything else is the decode builder's ops on ``[T, ...]`` rows.
 
+A nested layer (``moec compile --nested``: one stack of every expert) sorts the pairs by expert id and
+runs one nested grouped GEMM per projection (:mod:`moec.lower.kernels.nested_grouped`) at the widths
+of the run-time table ``layers.L.experts.prec`` that the decode function reads too, so a
+``set_plan`` applies to the next prefill as to the next decode step.
+
 The function is emitted only when every expert stack has a grouped-GEMM kernel
 (:meth:`PrefillBuilder.supported`); otherwise the runtime prefills with decode steps.
 """
@@ -22,6 +27,7 @@ import numpy as np
 from tvm import relax, tirx
 
 from moec.arch import blocks
+from moec.core.run_plan import prec_table_name
 from moec.lower import te_ops
 from moec.lower.decode_graph import DecodeBuilder
 from moec.lower.kernels.attention import causal_scores_kernel, causal_values_kernel
@@ -35,8 +41,8 @@ class PrefillBuilder(DecodeBuilder):
     function_name, tokens_name = "prefill", "tokens"
 
     def supported(self) -> bool:
-        """Whether the emitter has grouped-GEMM kernels for every expert stack (none for nested stacks yet)."""
-        return all(e.kernel and not e.nested for n, e in self.params.entries.items() if ".experts." in n)
+        """Whether the emitter has grouped-GEMM kernels for every expert stack (fixed-width or nested)."""
+        return all(e.kernel for n, e in self.params.entries.items() if ".experts." in n)
 
     def _token_count(self):
         return tirx.Var("T", "int64")
@@ -95,6 +101,8 @@ class PrefillBuilder(DecodeBuilder):
 
     def routed_experts(self, x, routing, layer):
         """Per bit class: sort the (token, slot) pairs by expert, grouped GEMMs, scatter back."""
+        if f"layers.{layer}.experts.nested.w1" in self.params.entries:
+            return self._nested_experts(x, routing, layer)
         bb, cfg = self.bb, self.cfg
         rows, top_k = x.ty.shape[0], cfg.top_k
         pairs = rows * top_k                                                             # pair = t*k + slot
@@ -130,4 +138,30 @@ class PrefillBuilder(DecodeBuilder):
             out = bb.emit(relax.op.take(out, back, axis=0, mode="clip"))
             y = out if y is None else bb.emit(relax.op.add(y, out))
         y = bb.emit(relax.op.reshape(self._expert_bias(y, layer, "w2", slots), (rows, top_k, cfg.hidden_size)))
+        return bb.emit(relax.op.sum(relax.op.multiply(y, relax.op.reshape(routing.weights, (rows, top_k, 1))), axis=1))
+
+    def _nested_experts(self, x, routing, layer):
+        """A nested stack (every expert, one stack): the pairs sorted by expert id, one nested grouped GEMM
+        per projection at the widths of the run-time table ``layers.L.experts.prec``, scattered back."""
+        bb, cfg = self.bb, self.cfg
+        rows, top_k = x.ty.shape[0], cfg.top_k
+        pairs = rows * top_k
+        ids = bb.emit(relax.op.reshape(routing.ids, (pairs,)))                            # pair -> expert
+        order = bb.emit(relax.op.argsort(ids, axis=0, dtype="int32"))                     # sorted -> pair
+        below = relax.op.less(relax.op.reshape(ids, (pairs, 1)),
+                              relax.const(np.arange(cfg.num_experts + 1, dtype=np.int32).reshape(1, -1)))
+        offsets = bb.emit(relax.op.sum(relax.op.astype(below, "int32"), axis=0))         # [E + 1]
+        token_of = relax.op.floor_divide(relax.op.arange(0, pairs, 1, "int32"), relax.const(np.int32(top_k)))
+        xs = bb.emit(relax.op.take(x, relax.op.take(token_of, order, axis=0, mode="clip"), axis=0, mode="clip"))
+        sorted_ids = bb.emit(relax.op.take(ids, order, axis=0, mode="clip")) if cfg.expert_bias else None
+        prec, name = self.vars[prec_table_name(layer)], f"layers.{layer}.experts.nested"
+
+        def call(inp, proj):
+            return self.emitter.nested_grouped(bb, inp, self.params.entries[f"{name}.{proj}"], self.vars,
+                                               f"{name}.{proj}", offsets, prec)
+
+        g1, g3 = (self._expert_bias(call(xs, w), layer, w, sorted_ids) for w in ("w1", "w3"))
+        out = call(blocks.glu(self, cfg, g1, g3), "w2")
+        out = bb.emit(relax.op.take(out, relax.op.argsort(order, axis=0, dtype="int32"), axis=0, mode="clip"))
+        y = bb.emit(relax.op.reshape(self._expert_bias(out, layer, "w2", ids), (rows, top_k, cfg.hidden_size)))
         return bb.emit(relax.op.sum(relax.op.multiply(y, relax.op.reshape(routing.weights, (rows, top_k, 1))), axis=1))

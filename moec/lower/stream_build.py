@@ -24,12 +24,13 @@ from moec.core.errors import MoecError
 from moec.core.targets import TargetPreset
 from moec.core.outputs import work_dir
 from moec.lower.backends import backend_for
-from moec.lower.bundler import build_bundle_from_params
+from moec.lower.bundler import build_bundle_from_params, preset_has_nested_kernels
 from moec.lower.kernel_linear import KernelEmitter
-from moec.lower.params import ModelParams, WeightEntry, _arrays, _stack
+from moec.lower.params import ModelParams, WeightEntry, _arrays, _stack, nested_entry, nested_entry_name
 from moec.models.lazy import LazyCheckpoint
 from moec.core.inventory import expert_key, non_expert_weights
 from moec.core.plan import BitPlan
+from moec.core.run_plan import plan_widths
 from moec.quant.cache import QuantCache
 from moec.quant.packed_model import GPTQ, pack_weight
 
@@ -46,7 +47,9 @@ class StreamingParams:
 
     def add(self, name: str, entry: WeightEntry) -> None:
         self.packed_bytes += sum(a.nbytes for a in entry.arrays.values())
-        if isinstance(self.emitter, KernelEmitter) and name != "embed.weight":
+        if entry.nested:  # nested stacks need the kernels (the compile checks the backend first)
+            entry.arrays, entry.kernel = self.emitter.nested_layout(entry.nested_weights()), True
+        elif isinstance(self.emitter, KernelEmitter) and name != "embed.weight":
             arrays = self.emitter.layout(entry.packed_weights())
             if arrays is not None:
                 entry.arrays, entry.kernel = arrays, True
@@ -67,8 +70,14 @@ class _Blocks:
 
 
 def stream_params(ckpt: LazyCheckpoint, plan: BitPlan, writer: WeightsWriter, emitter, progress: bool = True,
-                  calib: torch.Tensor | None = None, batch: int = 8, cache: QuantCache | None = None) -> StreamingParams:
+                  calib: torch.Tensor | None = None, batch: int = 8, cache: QuantCache | None = None,
+                  nested: int | None = None) -> StreamingParams:
     """Pack every weight of ``ckpt`` under ``plan`` layer by layer into ``writer``.
+
+    ``nested=B``: every routed expert is packed at ``B`` bits into one nested stack per layer and
+    projection (:func:`moec.lower.params.nested_entry`, the arrays the whole-model path builds) and
+    ``plan``'s expert widths become the run-time width tables (written last, as
+    :meth:`ModelParams.flat` orders them).
 
     With ``plan.method == "gptq"``, ``calib`` (token windows ``[n, T+1]``) runs through the float
     layers one at a time (hidden states carried between layers) and each expert is quantized by
@@ -97,7 +106,16 @@ def stream_params(ckpt: LazyCheckpoint, plan: BitPlan, writer: WeightsWriter, em
                 dense(name, state.pop(key))
             elif state[key].dim() == 1:
                 floats[name] = state.pop(key).numpy().copy()  # small; the mapped read is freed
-        if i in cfg.moe_layers:
+        if i in cfg.moe_layers and nested is not None:
+            pws = {proj: [] for proj in ("w1", "w3", "w2")}
+            for e in range(cfg.num_experts):  # expert by expert, so w1 and w3 (one Hessian) go back to back
+                for proj in pws:
+                    pws[proj].append(pack(expert_key(i, e, proj), state[f"mlp.{proj}"][e], nested,
+                                          hessians.get(expert_key(i, e, proj))))
+            for proj, ws in pws.items():
+                sp.add(nested_entry_name(i, proj), nested_entry(ws, nested))
+            del pws
+        elif i in cfg.moe_layers:
             bits = np.array([plan.experts[i][e] for e in range(cfg.num_experts)], dtype=np.int32)
             remap = np.zeros_like(bits)
             for c in sorted(set(bits.tolist())):
@@ -147,7 +165,9 @@ def stream_params(ckpt: LazyCheckpoint, plan: BitPlan, writer: WeightsWriter, em
         dense("lm_head.weight", ckpt.tensor("lm_head.weight"))
         ckpt.release()
     sp.params.floats = {k: np.ascontiguousarray(v, dtype=np.float32) for k, v in sorted(floats.items())}
-    for k, v in sp.params.floats.items():
+    if nested is not None:
+        sp.params.tables = plan_widths(cfg, plan, nested)
+    for k, v in [*sp.params.floats.items(), *sp.params.tables.items()]:
         writer.append(k, v)
         sp.packed_bytes += v.nbytes
     return sp
@@ -158,11 +178,21 @@ def compile_streaming(ckpt: LazyCheckpoint, plan: BitPlan, preset: TargetPreset,
                       debug_dump: str | os.PathLike | None = None, on_stage=None,
                       extra_files: dict | None = None, activations: str = "float32", progress: bool = True,
                       calib: torch.Tensor | None = None, batch: int = 8, force: bool = False,
-                      sign_key: str | os.PathLike | None = None, cache: QuantCache | None = None) -> Path:
+                      sign_key: str | os.PathLike | None = None, cache: QuantCache | None = None,
+                      nested: int | None = None) -> Path:
     """Pack ``ckpt`` under ``plan`` (validated by the caller) layer by layer and build the bundle ``out``.
 
-    ``calib`` (token windows) is used by GPTQ plans only (see :func:`stream_params`).
+    ``calib`` (token windows) is used by GPTQ plans only (see :func:`stream_params`). ``nested=B``: the
+    routed experts are stored once at ``B`` bits (nested storage, ``moec compile --nested``) and
+    ``plan``'s expert widths are the run-time plan at load, as :func:`moec.lower.bundler.build_bundle`
+    does on the whole-model path.
     """
+    if nested is not None:
+        plan_widths(ckpt.cfg, plan, nested)  # the plan at load must be servable: fail before packing
+        if not preset_has_nested_kernels(preset):
+            raise MoecError(f"nested expert storage has kernels for the x86 and arm backends only, not target "
+                            f"'{preset.name}'")
+        extra_manifest = {**(extra_manifest or {}), "nested": {"storage_bits": nested}}
     backend = backend_for(preset)
     backend.require_toolchain(preset)
     emitter = backend.emitter(preset.tvm(), activations)
@@ -174,7 +204,7 @@ def compile_streaming(ckpt: LazyCheckpoint, plan: BitPlan, preset: TargetPreset,
     with work_dir("moec-stream-", parent) as tmp:
         t0 = time.time()
         with WeightsWriter(tmp) as writer:
-            sp = stream_params(ckpt, plan, writer, emitter, progress, calib, batch, cache)
+            sp = stream_params(ckpt, plan, writer, emitter, progress, calib, batch, cache, nested)
             writer.close([n for n, _ in sp.params.flat()])
         if on_stage:
             note = f", cache {cache.hits} hit / {cache.misses} miss" if cache is not None else ""

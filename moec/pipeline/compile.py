@@ -32,6 +32,7 @@ from moec.models.tokenizer import load_tokenizer
 from moec.pipeline.profile import DataConfig, SensitivityConfig, memory_plan_of, profile
 from moec.pipeline.search import SearchConfig, search
 from moec.profile.routing import collect_stats
+from moec.quant.accounting import shape_model
 from moec.quant.cache import QuantCache
 from moec.quant.packed_model import GPTQ
 from moec.quant.padding import pad_for_groups
@@ -146,9 +147,6 @@ def compile_bundle(cfg: CompileConfig, on_stage=None) -> Path:
     cache = _quant_cache(cfg)  # an unusable cache directory fails before the slow stages
     ckpt, mem = memory_plan_of(cfg.checkpoint, cfg.max_memory_gb, "compile")
     if mem.sequential:
-        if cfg.nested is not None:
-            raise MoecError("--nested is not supported for checkpoints compiled layer by layer (over the memory "
-                            "budget) yet")
         return _compile_sequential(cfg, ckpt, preset, on_stage, cache)
     t0 = time.time()
     model = load_checkpoint(cfg.checkpoint)
@@ -179,10 +177,7 @@ def compile_bundle(cfg: CompileConfig, on_stage=None) -> Path:
         if cfg.nested is not None and plan.scales != "fp16":
             raise MoecError(f"--nested stores fp16 scales; drop --scales {plan.scales} or --nested")
         if cfg.nested is not None:
-            if any(plan.dropped_experts.values()) or any(plan.merged_experts.values()):
-                raise MoecError("--nested stores every expert; plans with dropped_experts or merged_experts are "
-                                "not supported there (compile without --nested)")
-            plan_widths(model.cfg, plan, cfg.nested)  # the plan at load must be servable from the storage
+            _check_nested_plan(plan, model.cfg, cfg.nested)
         if on_stage:
             on_stage(f"plan ({name})", time.time() - t0)
         t0 = time.time()
@@ -200,17 +195,31 @@ def compile_bundle(cfg: CompileConfig, on_stage=None) -> Path:
         if cfg.recipe is not None:
             manifest["recipe"] = cfg.recipe
         if cfg.nested is not None:  # the run-time plans and their modelled cost, for moec run --adapt
-            from moec.runtime.adapt import profile_frequencies
-            from moec.search.nested_front import nested_front
-            freqs = profile_frequencies(profile_path) if profile_path is not None else None
-            sens_profile = profile_path if profile_path is not None else (
-                cfg.search.profile if searching and cfg.search is not None else None)
-            manifest["plan_front"] = nested_front(model.cfg, plan, cfg.nested, preset, freqs,
-                                                  problem=_front_problem(model, plan, preset, sens_profile))
+            manifest["plan_front"] = _plan_front(cfg, model, plan, preset, profile_path)
         return build_bundle(model, plan, preset, cfg.out, tok_path if tok_path.is_file() else None, weights,
                             extra_manifest=manifest, debug_dump=cfg.debug_dump, on_stage=on_stage,
                             extra_files=extra_files, activations=cfg.activations, force=cfg.force,
                             sign_key=cfg.sign_key, nested=cfg.nested)
+
+
+def _check_nested_plan(plan: BitPlan, model_cfg, nested: int) -> None:
+    """One-line errors for a plan a nested bundle cannot serve at load (both compile paths)."""
+    if any(plan.dropped_experts.values()) or any(plan.merged_experts.values()):
+        raise MoecError("--nested stores every expert; plans with dropped_experts or merged_experts are "
+                        "not supported there (compile without --nested)")
+    plan_widths(model_cfg, plan, nested)  # the plan at load must be servable from the storage
+
+
+def _plan_front(cfg: CompileConfig, model, plan: BitPlan, preset, profile_path: Path | None) -> list[dict]:
+    """The manifest's ``plan_front`` of a nested bundle (``model``: the loaded model, or a shape-only one on
+    the layer-by-layer path: only its config and tensor shapes are read)."""
+    from moec.runtime.adapt import profile_frequencies
+    from moec.search.nested_front import nested_front
+    freqs = profile_frequencies(profile_path) if profile_path is not None else None
+    sens_profile = profile_path if profile_path is not None else (
+        cfg.search.profile if cfg.plan is None and cfg.search is not None else None)
+    return nested_front(model.cfg, plan, cfg.nested, preset, freqs,
+                        problem=_front_problem(model, plan, preset, sens_profile))
 
 
 def _compile_sequential(cfg: CompileConfig, ckpt: LazyCheckpoint, preset, on_stage=None,
@@ -237,6 +246,8 @@ def _compile_sequential(cfg: CompileConfig, ckpt: LazyCheckpoint, preset, on_sta
         t0 = time.time()
         plan, name = _choose_plan(replace(cfg, data=data, search=scfg), ckpt.cfg, profile_path, None, pad_ok=False)
         plan.validate(ckpt.cfg, tuple(preset.allowed_bits))
+        if cfg.nested is not None:
+            _check_nested_plan(plan, ckpt.cfg, cfg.nested)
         if on_stage:
             on_stage(f"plan ({name})", time.time() - t0)
         tok = Path(cfg.checkpoint) / "tokenizer.json"
@@ -245,10 +256,12 @@ def _compile_sequential(cfg: CompileConfig, ckpt: LazyCheckpoint, preset, on_sta
             calib = data.windows(cfg.checkpoint, ckpt.cfg.max_position)
         extra = {"source": str(cfg.checkpoint), "streamed": True,
                  **({"recipe": cfg.recipe} if cfg.recipe is not None else {})}
+        if cfg.nested is not None:  # the same front as the whole-model path, from the config's shapes alone
+            extra["plan_front"] = _plan_front(cfg, shape_model(ckpt.cfg), plan, preset, profile_path)
         return compile_streaming(ckpt, plan, preset, cfg.out, tok if tok.is_file() else None, extra,
                                  cfg.debug_dump, on_stage, extra_files, cfg.activations, calib=calib,
                                  batch=data.batch if data is not None else 8, force=cfg.force,
-                                 sign_key=cfg.sign_key, cache=cache)
+                                 sign_key=cfg.sign_key, cache=cache, nested=cfg.nested)
 
 
 def _quant_cache(cfg: CompileConfig) -> QuantCache | None:

@@ -131,7 +131,8 @@ def test_aarch64_bundle_on_this_host_is_a_clear_error(bundles):
 
 def test_nested_aarch64_bundle_switches_plans_on_the_device(device, bundles, tmp_path):
     """A nested raspberry-pi-5 bundle on the emulated device: a mixed 2/3/4/8 plan set over RPC gives the
-    greedy tokens of the torch model with the derived weights; a bad plan is refused and the plan stays."""
+    greedy tokens of the torch model with the derived weights (the prompt through the nested prefill: its
+    grouped GEMMs on NEON); a bad plan is refused and the plan stays."""
     from moec import api
     from moec.runtime.session import open_remote_bundle
     from tests.runtime.nested_fixtures import GS, derived_model, mixed_plan
@@ -142,6 +143,7 @@ def test_nested_aarch64_bundle_switches_plans_on_the_device(device, bundles, tmp
     plan = mixed_plan(load_checkpoint(ckpt).cfg)
     with open_remote_bundle(out, str(device.tracker_address), KEY, timeout=60) as remote:
         prompt = remote.tokenizer.encode(PROMPT).ids
+        assert remote.has_prefill
         remote.set_plan(plan)
         with pytest.raises(MoecError, match="cannot be served"):
             remote.set_plan("uniform:16")

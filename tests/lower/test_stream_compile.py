@@ -119,3 +119,43 @@ def test_layer_sequential_gptq(tiny_checkpoint, text_file, tmp_path, monkeypatch
     rtn_bundle = api.compile_bundle(api.CompileConfig(tiny_checkpoint, tmp_path / "r", plan=rtn_plan))
     assert not np.array_equal(r.array(name), WeightsReader(rtn_bundle).array(name))
     assert json.loads((bundle / "manifest.json").read_text())["plan"]["method"] == "gptq"
+
+
+def test_streamed_nested_bundle_equals_whole_model(tmp_path, monkeypatch):
+    """``--nested 8`` layer by layer: the same weights.bin tensors (bit for bit), plan at load, profile
+    and plan front as the whole-model path, and the same tokens under the plan at load and after a switch."""
+    from moec.artifact.weights_file import WeightsReader
+    from moec.runtime.adapt import profile_frequencies
+    from tests.conftest import TEXT, make_tiny_checkpoint
+    from tests.runtime.nested_fixtures import GS, mixed_plan
+
+    ckpt = tmp_path / "ckpt"
+    plan = mixed_plan(make_tiny_checkpoint(ckpt, seed=4))
+    text = tmp_path / "calib.txt"  # a few windows: the profile's frequencies order the plan front
+    text.write_text(TEXT[:400])
+    data = api.DataConfig(text, seq_len=32, batch=4)
+    bundles = {}
+    for name, limit in (("streamed", 0), ("whole", 1 << 40)):
+        monkeypatch.setattr(budget, "WHOLE_MODEL_LIMIT", limit)
+        bundles[name] = api.compile_bundle(api.CompileConfig(ckpt, tmp_path / name, plan=plan, data=data,
+                                                             group_size=GS, nested=8))
+    ms, mw = (json.loads((bundles[n] / "manifest.json").read_text()) for n in ("streamed", "whole"))
+    assert ms["streamed"] and "streamed" not in mw
+    for key in ("nested", "plan", "plan_front", "weight_bytes", "stored_weight_bytes", "entry"):
+        assert ms[key] == mw[key], key
+    assert ms["entry"] == {"decode": "decode", "prefill": "prefill"}
+    freqs = [profile_frequencies(bundles[n] / "profile.json") for n in ("streamed", "whole")]
+    assert freqs[0].keys() == freqs[1].keys() and all(np.allclose(freqs[0][l], freqs[1][l]) for l in freqs[0])
+    rs, rw = WeightsReader(bundles["streamed"]), WeightsReader(bundles["whole"])
+    assert sorted(rs.order) == sorted(rw.order) and any(".experts.nested.w1.kseg3" in n for n in rs.order)
+    for name in rs.order:
+        a, b = rs.array(name), rw.array(name)
+        assert a.dtype == b.dtype and np.array_equal(a, b), name
+    prompt = [3, 1, 4, 1, 5]
+    with BundleSession(bundles["streamed"]) as s, BundleSession(bundles["whole"]) as w:
+        for sess in (s, w):
+            sess.eos = None
+        assert s.generate(prompt, 8)[0] == w.generate(prompt, 8)[0]
+        for sess in (s, w):
+            sess.set_plan("uniform:2")
+        assert s.generate(prompt, 8)[0] == w.generate(prompt, 8)[0]

@@ -66,6 +66,53 @@ def test_a_plan_served_nested_equals_the_bundle_compiled_for_its_derived_weights
         np.testing.assert_allclose(logits, want, atol=2e-4 * float(np.abs(want).max()))
 
 
+def _prefill_and_steps(sess, prompt):
+    """(prefill logits, its cache) and (the last decode step's logits, its cache) of ``prompt``."""
+    sess.reset()
+    got = sess.prefill(prompt)
+    cache = [t.numpy() for t in sess.past]
+    sess.reset()
+    for t in prompt:
+        want = sess.step(t)
+    return (got, cache), (want, [t.numpy() for t in sess.past])
+
+
+def test_nested_prefill_equals_decode_steps_under_the_plan_in_force(bundles):
+    """The nested bundle prefills in one call (nested grouped GEMMs reading the same width tables as
+    decode): the logits and cache of step-by-step decode, under a mixed plan and after ``set_plan``."""
+    from moec.runtime.session import BundleSession
+    _, plan_file, nested, _ = bundles
+    with BundleSession(nested) as sess:
+        assert sess.has_prefill
+        prompt = sess.tokenizer.encode("Experts in a mixture route every token").ids
+        last = None
+        for plan in (plan_file, "uniform:2", "uniform:8"):
+            sess.set_plan(plan)
+            (got, cache), (want, steps) = _prefill_and_steps(sess, prompt)
+            np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
+            for a, b in zip(cache, steps):
+                np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
+            assert last is None or not np.allclose(got, last, atol=1e-3)  # the new plan is the one served
+            last = got
+        sess.set_plan(plan_file)  # a switch between two prefill chunks: the second chunk under the new plan
+        sess.reset()
+        sess.prefill(prompt[:4])
+        sess.set_plan("uniform:3")
+        chunked = sess.prefill(prompt[4:])
+        sess.reset()
+        sess.set_plan(plan_file)
+        for t in prompt[:4]:
+            sess.step(t)
+        sess.set_plan("uniform:3")
+        for t in prompt[4:]:
+            want = sess.step(t)
+        np.testing.assert_allclose(chunked, want, rtol=1e-4, atol=1e-4)
+        sess.reset()
+        want = sess.step(prompt[0])
+        sess.reset()
+        np.testing.assert_allclose(sess.prefill(prompt[:1]), want, rtol=1e-4, atol=1e-4)  # a one-token prompt
+
+
 def test_switching_keeps_the_cache_and_bad_plans_keep_the_plan_in_force(bundles, tmp_path):
     from moec.runtime.session import BundleSession
     ckpt, plan_file, nested, _ = bundles
@@ -266,3 +313,28 @@ def test_drift_is_measured_from_the_decode_steps_and_replans_at_the_same_bytes(b
     assert res.exit_code == 0, res.output
     res = CliRunner().invoke(cli, ["run", str(nested), "--prompt", "Experts", "--adapt", "drift:1.5"])
     assert res.exit_code != 0 and "drift:TV" in res.output.strip().splitlines()[-1]
+
+
+def test_nested_bundle_applies_expert_biases_and_the_clamped_glu(tmp_path):
+    """A gpt-oss-like model (expert biases, clamped SwiGLU): the nested bundle at 8 bits (the stored weights
+    themselves) prefills and decodes as the torch model fake-quantized at 8 bits."""
+    from moec.core.config import MoEConfig
+    from moec.models.model import MoEModel
+    from moec.quant.packed_model import fake_quantize_model
+    from moec.runtime.session import BundleSession
+    cfg = MoEConfig(vocab_size=96, hidden_size=64, num_layers=2, num_heads=4, num_kv_heads=2, num_experts=4,
+                    top_k=2, expert_intermediate=32, expert_bias=True, swiglu_limit=0.3, attention_out_bias=True)
+    torch.manual_seed(0)
+    model = MoEModel(cfg).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0, 0.3 if p.dim() == 1 else 0.08)
+    plan = uniform_plan(cfg, 8, GS)
+    prompt = [5, 17, 3, 42, 8, 61, 2]
+    with BundleSession(build_bundle(model, plan, load_target("host"), tmp_path / "nested", None, nested=8)) as sess:
+        want = fake_quantize_model(model, plan)(torch.tensor([prompt]))[0].detach().numpy()
+        assert sess.has_prefill
+        np.testing.assert_allclose(sess.prefill(prompt), want[-1], rtol=1e-4, atol=1e-4)
+        sess.reset()
+        for i, t in enumerate(prompt):
+            np.testing.assert_allclose(sess.step(t), want[i], rtol=1e-4, atol=1e-4)

@@ -11,6 +11,7 @@ from moec.lower.kernels.activations import ACTIVATIONS
 from moec.lower.kernels.gemv import GemvSpec, gemv_definition
 from moec.lower.kernels.grouped_gemm import GroupedGemmSpec, grouped_gemm_definition
 from moec.lower.kernels.nested_gemv import NestedGemvSpec, guard_segments, nested_gemv_definition
+from moec.lower.kernels.nested_grouped import NestedGroupedSpec, nested_grouped_definition
 from moec.lower.kernels.row_guard import guard_routed_rows
 from moec.lower.schedules import family_module, kernel_tile, target_family
 
@@ -161,3 +162,17 @@ def add_kernel(bb, func: tvm.tirx.PrimFunc, sym: str):
     if gv.name_hint != sym:
         raise MoecError(f"internal: kernel symbol {sym} is not unique ({gv.name_hint})")
     return gv
+
+
+def make_nested_grouped_gemm(storage_bits: int, n: int, k: int, group_size: int, num_stacked: int,
+                             target: tvm.target.Target) -> tvm.tirx.PrimFunc:
+    """Prefill grouped GEMM over a nested expert stack whose per-expert width is a run-time argument.
+
+    Returns ``grouped_gemm(x, seg0, …, scale, zero, prec, offsets, y)`` with the loops of ``target``'s
+    family (its ``grouped_gemm_params``, as for :func:`make_grouped_gemm`); arrays from
+    :func:`moec.lower.kernels.layout.nested_kernel_layout`, ``x``/``offsets``/``y`` as for
+    :func:`make_grouped_gemm` (see :mod:`moec.lower.kernels.nested_grouped`).
+    """
+    family = family_module(target)
+    spec = NestedGroupedSpec(storage_bits, n, k, group_size, num_stacked, family.PARAMS.tile_rows)
+    return nested_grouped_definition(spec, family.grouped_gemm_params())
