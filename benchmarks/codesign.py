@@ -44,7 +44,7 @@ from moec.finetune.bit_sampler import shifted_plan
 from moec.models.checkpoint import load_checkpoint
 from moec.models.tokenizer import load_tokenizer
 from moec.profile.data import file_windows
-from moec.profile.evaluate import evaluate_windows
+from moec.profile.evaluate import EvalResult, evaluate_windows
 from moec.profile.importance import expert_hessians
 from moec.quant.accounting import plan_memory
 from moec.quant.packed_model import fake_quantize_model
@@ -148,28 +148,49 @@ def knobs(args) -> None:
     print(f"\nknobs benchmark wall {time.perf_counter() - t0:.0f} s ({args.eval_tokens} tokens per domain)")
 
 
+def plan_finetune_args(args) -> tuple[str, list[str]]:
+    """Name and extra ``moec finetune`` options of the fine-tune around the searched plan."""
+    name = args.ft_name or ("plan-weighted" if args.weighted_shift else "plan")
+    extra = ["--shift-robust", "--shift-prob", str(args.shift_prob), "--plan-prob", str(args.plan_prob),
+             "--seed", str(args.ft_seed)]
+    if args.weighted_shift:
+        extra += ["--profile", str(args.work / "profile.json")]
+    return name, extra
+
+
 def shifted_only(args) -> None:
     """Only the fine-tune around the searched plan and the shifted plans: PTQ (``mse``) vs co-designed."""
     plan = searched_plan(args.work, args.calib_tokens)
-    pft = "plan-weighted" if args.weighted_shift else "plan"
-    ft = run_finetune(args.work, pft, str(args.work / "searched-plan.json"), args,
-                      ["--shift-robust"] + (["--profile", str(args.work / "profile.json")] if args.weighted_shift
-                                            else []))
+    pft, extra = plan_finetune_args(args)
+    ft = run_finetune(args.work, pft, str(args.work / "searched-plan.json"), args, extra)
     ref, tuned = load_checkpoint(CKPT), load_checkpoint(args.work / f"ft-{pft}")
     tok = load_tokenizer(CKPT)
     windows = {d: file_windows(tok, p, 256, args.eval_tokens)[0] for d, p in DOMAINS.items()}
     fp32 = {d: evaluate_windows(ref, w, batch=8) for d, w in windows.items()}
-    rng = random.Random(0)
+    groups = [("searched plan", [plan])]
+    for seed in args.shift_seeds:
+        rng = random.Random(seed)
+        groups.append((f"{args.shifted} shifted plans (mean, seed {seed})", [shifted_plan(plan, rng) for _ in range(args.shifted)]))
+    # PTQ figures depend only on the plan and the tokens: kept in --work across fine-tunes
+    ptq_file = args.work / f"ptq-mse-{args.eval_tokens}.json"
+    ptq_cache = json.loads(ptq_file.read_text()) if ptq_file.is_file() else {}
     rows = []
-    for p in [plan] + [shifted_plan(plan, rng) for _ in range(args.shifted)]:
-        pm = p.copy()
-        pm.method = "mse"
-        rows.append((evaluate(ref, pm, windows), evaluate(tuned, p, windows)))
-    print(f"\n{pft}: {ft['seconds']:.0f} s, peak {ft['peak_mb']:.0f} MB, KL {ft['kl']}")
+    for label, plans in groups:
+        rs = []
+        for p in plans:
+            key = json.dumps(p.experts, sort_keys=True)
+            if key not in ptq_cache:
+                pm = p.copy()
+                pm.method = "mse"
+                ptq_cache[key] = {d: r.to_dict() for d, r in evaluate(ref, pm, windows).items()}
+                ptq_file.write_text(json.dumps(ptq_cache))
+            rs.append(({d: EvalResult(**r) for d, r in ptq_cache[key].items()}, evaluate(tuned, p, windows)))
+        rows.append((label, rs))
+    print(f"\n{pft} ({' '.join(extra)}): {ft['seconds']:.0f} s, peak {ft['peak_mb']:.0f} MB, KL {ft['kl']}")
     print("| plans | domain | FP32 top-1 | PTQ (mse) ppl / top-1 | co-designed ppl / top-1 | drop recovered |")
     print("|---|---|---|---|---|---|")
     mean = lambda xs: sum(xs) / len(xs)
-    for label, rs in (("searched plan", rows[:1]), (f"{args.shifted} shifted plans (mean)", rows[1:])):
+    for label, rs in rows:
         for d in windows:
             pp, pt = mean([r[0][d].perplexity for r in rs]), mean([r[0][d].top1 for r in rs])
             cp, ct = mean([r[1][d].perplexity for r in rs]), mean([r[1][d].top1 for r in rs])
@@ -224,6 +245,14 @@ def main() -> None:
                          "fine-tune around the searched plan, on the searched and shifted plans")
     ap.add_argument("--weighted-shift", action="store_true",
                     help="shift-robust fine-tune with widths weighted by routing frequency (finetune --profile)")
+    ap.add_argument("--shift-prob", type=float, default=0.5,
+                    help="the searched-plan fine-tune's --shift-prob (1: every expert shifted in a shifted step)")
+    ap.add_argument("--plan-prob", type=float, default=0.0,
+                    help="the searched-plan fine-tune's --plan-prob (share of steps on the plan itself)")
+    ap.add_argument("--ft-seed", type=int, default=0, help="the searched-plan fine-tune's --seed")
+    ap.add_argument("--ft-name", default="", help="directory name (ft-NAME) of the searched-plan fine-tune")
+    ap.add_argument("--shift-seeds", type=int, nargs="+", default=[0],
+                    help="seeds of the shifted plans (--shifted plans per seed, each group reported)")
     ap.add_argument("--temperatures", type=float, nargs="*", default=[0.7, 0.85, 1.2, 1.5])
     ap.add_argument("--drop-frequencies", type=float, nargs="+", default=[0.0, 0.05, 0.1])
     args = ap.parse_args()
@@ -243,12 +272,10 @@ def main() -> None:
     print(f"searched plan (ilp, proxy sensitivity): {plan_memory(ref, plan).total / int8:.1%} of uniform INT8 bytes, "
           f"expert bits {sorted(b for ex in plan.experts.values() for b in ex.values())}", flush=True)
 
-    pft = "plan-weighted" if args.weighted_shift else "plan"  # fine-tuned around the searched plan
+    pft, extra = plan_finetune_args(args)  # fine-tuned around the searched plan
     fts = [run_finetune(args.work, "u2", "uniform:2", args, []),
            run_finetune(args.work, "u3", "uniform:3", args, []),
-           run_finetune(args.work, pft, str(plan_file), args,
-                        ["--shift-robust"] + (["--profile", str(args.work / "profile.json")] if args.weighted_shift
-                                              else []))]
+           run_finetune(args.work, pft, str(plan_file), args, extra)]
 
     tok = load_tokenizer(CKPT)
     windows = {d: file_windows(tok, p, 256, args.eval_tokens)[0] for d, p in DOMAINS.items()}
@@ -256,11 +283,12 @@ def main() -> None:
     hessians = expert_hessians(ref, calib)
     fp32 = {d: evaluate_windows(ref, w, batch=8) for d, w in windows.items()}
 
-    rng = random.Random(0)
-    shifted = [shifted_plan(plan, rng) for _ in range(args.shifted)]
     cases = [("uniform 2-bit", resolve_plan("uniform:2", ref.cfg), "u2"),
              ("uniform 3-bit", resolve_plan("uniform:3", ref.cfg), "u3"),
-             ("searched plan", plan, pft)] + [(f"shifted {i + 1}", p, pft) for i, p in enumerate(shifted)]
+             ("searched plan", plan, pft)]
+    for seed in args.shift_seeds:
+        rng = random.Random(seed)
+        cases += [(f"shifted {i + 1} (seed {seed})", shifted_plan(plan, rng), pft) for i in range(args.shifted)]
     tuned = {n: load_checkpoint(args.work / f"ft-{n}") for n in ("u2", "u3", pft)}
     rows, best_method = [], "mse"
     for label, p, ft in cases:
@@ -297,11 +325,11 @@ def main() -> None:
     for label, method, ptq, co in rows[:3]:
         for d in windows:
             line(label, d, method, ptq[d].perplexity, ptq[d].top1, co[d].perplexity, co[d].top1)
-    sh = rows[3:]
-    if sh:
+    for seed in args.shift_seeds:
+        sh = [r for r in rows[3:] if r[0].endswith(f"(seed {seed})")]
         for d in windows:
             mean = lambda xs: sum(xs) / len(xs)
-            line(f"{len(sh)} shifted plans (mean)", d, best_method, mean([r[2][d].perplexity for r in sh]),
+            line(f"{len(sh)} shifted plans (mean, seed {seed})", d, best_method, mean([r[2][d].perplexity for r in sh]),
                  mean([r[2][d].top1 for r in sh]), mean([r[3][d].perplexity for r in sh]),
                  mean([r[3][d].top1 for r in sh]))
             better = sum(r[3][d].top1 >= r[2][d].top1 for r in sh)

@@ -93,7 +93,7 @@ def finetune(cfg: FinetuneConfig) -> FinetuneResult:
     def record(step, result):
         return {"format": "moec-finetune", "mode": "blockwise" if cfg.blockwise else "whole",
                 "source": str(cfg.checkpoint), "step": step,
-                "plan": plan.to_json(), "shift": opts.shift, "shift_prob": opts.shift_prob,
+                "plan": plan.to_json(), "shift": opts.shift, "shift_prob": opts.shift_prob, "plan_prob": opts.plan_prob,
                 "shift_weights": "routing-frequency" if opts.frequency is not None else "uniform",
                 "data": str(cfg.data.path), "seq_len": cfg.data.seq_len, "batch": opts.batch,
                 "lr": opts.lr, "scale_lr": opts.scale_lr, "zero_lr": opts.zero_lr,

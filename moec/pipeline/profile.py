@@ -9,7 +9,7 @@ from pathlib import Path
 from moec.models.knobs import require_no_knobs
 from moec.artifact.bundle import sha256_file
 from moec.core.errors import MoecError
-from moec.core.formats import DEFAULT_ALLOWED, FLOAT_BITS
+from moec.core.formats import DEFAULT_ALLOWED, DROPPED_BITS, FLOAT_BITS
 from moec.core.plan import UNIFORM_METHOD, BitPlan, resolve_plan
 from moec.models.checkpoint import load_checkpoint
 from moec.models.lazy import LazyCheckpoint
@@ -101,10 +101,12 @@ def profile(checkpoint: str | os.PathLike, data: DataConfig, out: str | os.PathL
     if model is None:
         data.check()  # the cheap input first
         ckpt, mem = memory_plan_of(checkpoint, data.max_memory_gb, "profile")
+        _check_drop(ckpt.cfg, sens)
         if mem.sequential:
             stats = _profile_sequential(ckpt, checkpoint, data, sens, mem.hidden_budget, progress)
             return _save(stats, out, plot)
         model = load_checkpoint(checkpoint)
+    _check_drop(model.cfg, sens)
     windows, digest = data.windows_and_digest(checkpoint, model.cfg.max_position)
     stats = collect_stats(model, windows, batch=data.batch, progress=progress)
     stats.data_sha256 = digest
@@ -119,6 +121,13 @@ def profile(checkpoint: str | os.PathLike, data: DataConfig, out: str | os.PathL
                                              progress=progress)
         stats.sensitivity = result.to_json()
     return _save(stats, out, plot)
+
+
+def _check_drop(cfg, sens: SensitivityConfig) -> None:
+    """Width 0 (drop the expert) only where plans may drop experts (plain top-k routers)."""
+    if sens.kind != "none" and DROPPED_BITS in sens.bits and (cfg.router_bias or cfg.kept_groups < cfg.expert_groups):
+        raise MoecError("sensitivity width 0 measures dropping an expert, which is implemented only for plain top-k "
+                        "routers (no choice bias, no group-limited routing); remove 0 from --bits")
 
 
 def _save(stats: ExpertStats, out, plot) -> ExpertStats:
