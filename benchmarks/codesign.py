@@ -17,6 +17,10 @@ perplexity and top-1 on both domains and bytes against the plan and uniform INT8
 
     python benchmarks/codesign.py --parts knobs [--eval-tokens 4096] [--work out/codesign]
 
+``--parts knobs --search-only`` measures the search choosing the knobs: ``moec search --policy ilp`` with and
+without ``--knobs drop`` (profile with the width-0 "dropped" sensitivity) at each ``--knob-budgets`` fraction of
+uniform INT8 bytes, perplexity and top-1 on both domains.
+
 ``--parts blockwise`` fine-tunes for uniform 2-bit twice, whole-model and ``--blockwise`` (same steps per
 block as the whole model's, ``--train-tokens`` of calibration text for both), and prints time, peak RSS and
 perplexity / top-1 against PTQ (``mse``) on both domains.
@@ -104,8 +108,41 @@ def evaluate(model, plan: BitPlan, windows: dict, hessians=None) -> dict:
     return {d: evaluate_windows(m, w, batch=8) for d, w in windows.items()}
 
 
+def searched_knobs(args) -> None:
+    """The search choosing drops (``--knobs drop``) against the search without it, at the same budgets."""
+    t0 = time.perf_counter()
+    searched_plan(args.work, args.calib_tokens)  # the bits-only profile, cached
+    prof = args.work / "profile-drop.json"
+    if not prof.is_file():
+        api.profile(CKPT, api.DataConfig(CALIB, 256, args.calib_tokens, 8), out=prof, progress=False,
+                    sensitivity=api.SensitivityConfig("proxy", (0, 2, 3, 4, 8), 64, "rtn"))
+    ref = load_checkpoint(CKPT)
+    int8 = plan_memory(ref, resolve_plan("uniform:8", ref.cfg)).total
+    tok = load_tokenizer(CKPT)
+    windows = {d: file_windows(tok, p, 256, args.eval_tokens)[0] for d, p in DOMAINS.items()}
+    print("\n| budget (of INT8) | search | dropped | expert bits | " + " | ".join(f"{d} ppl | {d} top-1" for d in windows)
+          + " | bytes vs INT8 |")
+    print("|---|---|---|---|" + "---|---|" * len(windows) + "---|")
+    for frac in args.knob_budgets:
+        for knobs in ((), ("drop",)):
+            plan = api.search(api.SearchConfig(CKPT, "host", budget_mb=frac * int8 / 1e6, profile=prof, policy="ilp",
+                                               progress=False, knobs=knobs)).result.plan
+            plan.save(args.work / f"searched-{frac}-{'drop' if knobs else 'bits'}.json")
+            r = evaluate(ref, plan, windows)
+            drops = {l: ex for l, ex in plan.dropped_experts.items() if ex}
+            bits = sorted(b for l, ex in plan.experts.items() for e, b in ex.items() if not plan.is_dropped(l, e))
+            hist = ", ".join(f"{bits.count(b)}x{b}" for b in sorted(set(bits)))
+            print(f"| {frac:.0%} | {'bits + drop' if knobs else 'bits only'} | "
+                  f"{sum(map(len, drops.values()))} {json.dumps({str(k): v for k, v in drops.items()}) if drops else ''} | "
+                  f"{hist} | " + " | ".join(f"{r[d].perplexity:.2f} | {r[d].top1:.4f}" for d in windows)
+                  + f" | {plan_memory(ref, plan).total / int8:.1%} |", flush=True)
+    print(f"\nsearch-knobs benchmark wall {time.perf_counter() - t0:.0f} s ({args.eval_tokens} tokens per domain)")
+
+
 def knobs(args) -> None:
     """Router temperature and expert dropping on the searched plan: accuracy and bytes, no fine-tune."""
+    if args.search_only:
+        return searched_knobs(args)
     t0 = time.perf_counter()
     plan = searched_plan(args.work, args.calib_tokens)
     stats = ExpertStats.load(args.work / "profile.json")
@@ -253,6 +290,10 @@ def main() -> None:
     ap.add_argument("--ft-name", default="", help="directory name (ft-NAME) of the searched-plan fine-tune")
     ap.add_argument("--shift-seeds", type=int, nargs="+", default=[0],
                     help="seeds of the shifted plans (--shifted plans per seed, each group reported)")
+    ap.add_argument("--search-only", action="store_true",
+                    help="--parts knobs: only the search with --knobs drop against the search without it")
+    ap.add_argument("--knob-budgets", type=float, nargs="+", default=[0.5, 0.55, 0.6],
+                    help="--parts knobs --search-only: budgets as fractions of uniform INT8 bytes")
     ap.add_argument("--temperatures", type=float, nargs="*", default=[0.7, 0.85, 1.2, 1.5])
     ap.add_argument("--drop-frequencies", type=float, nargs="+", default=[0.0, 0.05, 0.1])
     args = ap.parse_args()

@@ -6,7 +6,6 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from moec.models.knobs import require_no_knobs
 from moec.artifact.bundle import sha256_file
 from moec.core.errors import MoecError
 from moec.core.formats import DEFAULT_ALLOWED, DROPPED_BITS, FLOAT_BITS
@@ -179,8 +178,6 @@ def evaluate(checkpoint: str | os.PathLike, data: DataConfig, plan: str | os.Pat
         shapes = shape_model(ckpt.cfg)
         bit_plan = (resolve_plan(plan, ckpt.cfg, group_size, method or UNIFORM_METHOD)
                     if plan is not None else None)
-        if bit_plan is not None:
-            require_no_knobs(bit_plan, "layer-by-layer evaluation (model over the memory budget)")
         windows = data.windows(checkpoint, ckpt.cfg.max_position)
         res = evaluate_sequential(ckpt, windows, bit_plan, data.batch, mem.hidden_budget, progress)
         return PlanEval(res, bit_plan, plan_memory(shapes, bit_plan) if bit_plan else None, float32_memory(shapes))
