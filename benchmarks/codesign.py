@@ -108,6 +108,20 @@ def evaluate(model, plan: BitPlan, windows: dict, hessians=None) -> dict:
     return {d: evaluate_windows(m, w, batch=8) for d, w in windows.items()}
 
 
+def ptq_mse(args, ref, plan: BitPlan, windows: dict) -> dict:
+    """PTQ (``mse``) of ``plan``: depends only on the plan's widths and the tokens, so kept in ``--work``
+    (``ptq-mse-<eval tokens>.json``) across runs and fine-tunes."""
+    path = args.work / f"ptq-mse-{args.eval_tokens}.json"
+    cache = json.loads(path.read_text()) if path.is_file() else {}
+    key = json.dumps({"experts": plan.experts, "tensors": plan.tensors, "group": plan.group_size}, sort_keys=True)
+    if key not in cache:
+        pm = plan.copy()
+        pm.method = "mse"
+        cache[key] = {d: r.to_dict() for d, r in evaluate(ref, pm, windows).items()}
+        path.write_text(json.dumps(cache))
+    return {d: EvalResult(**r) for d, r in cache[key].items()}
+
+
 def searched_knobs(args) -> None:
     """The search choosing drops (``--knobs drop``) against the search without it, at the same budgets."""
     t0 = time.perf_counter()
@@ -208,21 +222,9 @@ def shifted_only(args) -> None:
     for seed in args.shift_seeds:
         rng = random.Random(seed)
         groups.append((f"{args.shifted} shifted plans (mean, seed {seed})", [shifted_plan(plan, rng) for _ in range(args.shifted)]))
-    # PTQ figures depend only on the plan and the tokens: kept in --work across fine-tunes
-    ptq_file = args.work / f"ptq-mse-{args.eval_tokens}.json"
-    ptq_cache = json.loads(ptq_file.read_text()) if ptq_file.is_file() else {}
     rows = []
     for label, plans in groups:
-        rs = []
-        for p in plans:
-            key = json.dumps(p.experts, sort_keys=True)
-            if key not in ptq_cache:
-                pm = p.copy()
-                pm.method = "mse"
-                ptq_cache[key] = {d: r.to_dict() for d, r in evaluate(ref, pm, windows).items()}
-                ptq_file.write_text(json.dumps(ptq_cache))
-            rs.append(({d: EvalResult(**r) for d, r in ptq_cache[key].items()}, evaluate(tuned, p, windows)))
-        rows.append((label, rs))
+        rows.append((label, [(ptq_mse(args, ref, p, windows), evaluate(tuned, p, windows)) for p in plans]))
     print(f"\n{pft} ({' '.join(extra)}): {ft['seconds']:.0f} s, peak {ft['peak_mb']:.0f} MB, KL {ft['kl']}")
     print("| plans | domain | FP32 top-1 | PTQ (mse) ppl / top-1 | co-designed ppl / top-1 | drop recovered |")
     print("|---|---|---|---|---|---|")
@@ -338,7 +340,8 @@ def main() -> None:
             for method in ("mse", "gptq"):
                 pm = p.copy()
                 pm.method = method
-                ptq[method] = evaluate(ref, pm, windows, hessians if method == "gptq" else None)
+                ptq[method] = (ptq_mse(args, ref, p, windows) if method == "mse"
+                               else evaluate(ref, pm, windows, hessians))
             method = max(ptq, key=lambda k: sum(r.top1 for r in ptq[k].values()))
             if label == "searched plan":
                 best_method = method
@@ -346,7 +349,7 @@ def main() -> None:
         else:
             method, pm = best_method, p.copy()
             pm.method = method
-            ptq = evaluate(ref, pm, windows, hessians if method == "gptq" else None)
+            ptq = ptq_mse(args, ref, p, windows) if method == "mse" else evaluate(ref, pm, windows, hessians)
         co = evaluate(tuned[ft], p, windows)
         rows.append((label, method, ptq, co))
         print(f"  {label}: " + "; ".join(f"{d} PTQ {ptq[d].top1:.4f}/{ptq[d].perplexity:.2f} "
