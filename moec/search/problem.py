@@ -156,7 +156,8 @@ class SearchProblem:
                            "loss": self.loss.round(12).tolist(), "freq": self.frequency.round(12).tolist(),
                            "contrib": self.contribution.round(12).tolist(), "fixed": self.fixed_bytes,
                            "budget": self.budget_bytes, "tensors": self.tensors, "group": self.group_size,
-                           "method": self.method, "top_k": self.top_k}, sort_keys=True).encode()
+                           "method": self.method, **({"top_k": self.top_k} if self.drops else {})},
+                          sort_keys=True).encode()
         return hashlib.sha256(blob).hexdigest()[:16]
 
 
