@@ -81,7 +81,7 @@ def run_finetune(work: Path, name: str, plan: str, args, extra: list[str]) -> di
     if args.reuse and (out / "finetune.json").is_file():
         res = json.loads((out / "finetune.json").read_text())["result"]
         kl = f"{res['first_loss']:.4f} -> {res['last_loss']:.4f}"
-        print(f"finetune {name} (reused {out}): {res['steps']} steps, {res['seconds']:.0f} s training, "
+        print(f"finetune {name} (reused {out}, {' '.join(extra)}): {res['steps']} steps, {res['seconds']:.0f} s training, "
               f"peak RSS {res['peak_rss_mb']:.0f} MB, KL {kl}", flush=True)
         return {"name": name, "seconds": res["seconds"], "cpu": res.get("cpu_seconds", 0.0), "peak_mb": res["peak_rss_mb"],
                 "kl": kl}
@@ -98,7 +98,8 @@ def run_finetune(work: Path, name: str, plan: str, args, extra: list[str]) -> di
     secs, cpu = float(m.group(1)), float(m.group(2))
     peak = float(re.search(r"peak memory\s+([\d.]+) MB", txt).group(1))
     kl = re.search(r"(?:KL|rel\. error)\s+(.*)", txt).group(1)
-    print(f"finetune {name}: {args.steps} steps, {secs:.0f} s training ({wall:.0f} s with loading), "
+    steps = re.search(r"steps\s+(\d+)", txt).group(1)
+    print(f"finetune {name}: {steps} steps, {secs:.0f} s training ({wall:.0f} s with loading), "
           f"peak RSS {peak:.0f} MB, KL {kl}", flush=True)
     return {"name": name, "seconds": secs, "cpu": cpu, "peak_mb": peak, "kl": kl}
 
@@ -204,6 +205,8 @@ def plan_finetune_args(args) -> tuple[str, list[str]]:
     name = args.ft_name or ("plan-weighted" if args.weighted_shift else "plan")
     extra = ["--shift-robust", "--shift-prob", str(args.shift_prob), "--plan-prob", str(args.plan_prob),
              "--seed", str(args.ft_seed)]
+    if args.plan_steps:
+        extra += ["--steps", str(args.plan_steps)]  # after run_finetune's --steps: click keeps the last
     if args.weighted_shift:
         extra += ["--profile", str(args.work / "profile.json")]
     return name, extra
@@ -288,6 +291,8 @@ def main() -> None:
                     help="the searched-plan fine-tune's --shift-prob (1: every expert shifted in a shifted step)")
     ap.add_argument("--plan-prob", type=float, default=0.0,
                     help="the searched-plan fine-tune's --plan-prob (share of steps on the plan itself)")
+    ap.add_argument("--plan-steps", type=int, default=0,
+                    help="steps of the searched-plan fine-tune (0: --steps)")
     ap.add_argument("--ft-seed", type=int, default=0, help="the searched-plan fine-tune's --seed")
     ap.add_argument("--ft-name", default="", help="directory name (ft-NAME) of the searched-plan fine-tune")
     ap.add_argument("--shift-seeds", type=int, nargs="+", default=[0],
