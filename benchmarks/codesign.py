@@ -17,6 +17,10 @@ perplexity and top-1 on both domains and bytes against the plan and uniform INT8
 
     python benchmarks/codesign.py --parts knobs [--eval-tokens 4096] [--work out/codesign]
 
+``--parts knobs --search-only`` measures the search choosing the knobs: ``moec search --policy ilp`` with and
+without ``--knobs drop`` (profile with the width-0 "dropped" sensitivity) at each ``--knob-budgets`` fraction of
+uniform INT8 bytes, perplexity and top-1 on both domains.
+
 ``--parts blockwise`` fine-tunes for uniform 2-bit twice, whole-model and ``--blockwise`` (same steps per
 block as the whole model's, ``--train-tokens`` of calibration text for both), and prints time, peak RSS and
 perplexity / top-1 against PTQ (``mse``) on both domains.
@@ -44,7 +48,7 @@ from moec.finetune.bit_sampler import shifted_plan
 from moec.models.checkpoint import load_checkpoint
 from moec.models.tokenizer import load_tokenizer
 from moec.profile.data import file_windows
-from moec.profile.evaluate import evaluate_windows
+from moec.profile.evaluate import EvalResult, evaluate_windows
 from moec.profile.importance import expert_hessians
 from moec.quant.accounting import plan_memory
 from moec.quant.packed_model import fake_quantize_model
@@ -77,7 +81,7 @@ def run_finetune(work: Path, name: str, plan: str, args, extra: list[str]) -> di
     if args.reuse and (out / "finetune.json").is_file():
         res = json.loads((out / "finetune.json").read_text())["result"]
         kl = f"{res['first_loss']:.4f} -> {res['last_loss']:.4f}"
-        print(f"finetune {name} (reused {out}): {res['steps']} steps, {res['seconds']:.0f} s training, "
+        print(f"finetune {name} (reused {out}, {' '.join(extra)}): {res['steps']} steps, {res['seconds']:.0f} s training, "
               f"peak RSS {res['peak_rss_mb']:.0f} MB, KL {kl}", flush=True)
         return {"name": name, "seconds": res["seconds"], "cpu": res.get("cpu_seconds", 0.0), "peak_mb": res["peak_rss_mb"],
                 "kl": kl}
@@ -94,7 +98,8 @@ def run_finetune(work: Path, name: str, plan: str, args, extra: list[str]) -> di
     secs, cpu = float(m.group(1)), float(m.group(2))
     peak = float(re.search(r"peak memory\s+([\d.]+) MB", txt).group(1))
     kl = re.search(r"(?:KL|rel\. error)\s+(.*)", txt).group(1)
-    print(f"finetune {name}: {args.steps} steps, {secs:.0f} s training ({wall:.0f} s with loading), "
+    steps = re.search(r"steps\s+(\d+)", txt).group(1)
+    print(f"finetune {name}: {steps} steps, {secs:.0f} s training ({wall:.0f} s with loading), "
           f"peak RSS {peak:.0f} MB, KL {kl}", flush=True)
     return {"name": name, "seconds": secs, "cpu": cpu, "peak_mb": peak, "kl": kl}
 
@@ -104,8 +109,55 @@ def evaluate(model, plan: BitPlan, windows: dict, hessians=None) -> dict:
     return {d: evaluate_windows(m, w, batch=8) for d, w in windows.items()}
 
 
+def ptq_mse(args, ref, plan: BitPlan, windows: dict) -> dict:
+    """PTQ (``mse``) of ``plan``: depends only on the plan's widths and the tokens, so kept in ``--work``
+    (``ptq-mse-<eval tokens>.json``) across runs and fine-tunes."""
+    path = args.work / f"ptq-mse-{args.eval_tokens}.json"
+    cache = json.loads(path.read_text()) if path.is_file() else {}
+    key = json.dumps({"experts": plan.experts, "tensors": plan.tensors, "group": plan.group_size}, sort_keys=True)
+    if key not in cache:
+        pm = plan.copy()
+        pm.method = "mse"
+        cache[key] = {d: r.to_dict() for d, r in evaluate(ref, pm, windows).items()}
+        path.write_text(json.dumps(cache))
+    return {d: EvalResult(**r) for d, r in cache[key].items()}
+
+
+def searched_knobs(args) -> None:
+    """The search choosing drops (``--knobs drop``) against the search without it, at the same budgets."""
+    t0 = time.perf_counter()
+    searched_plan(args.work, args.calib_tokens)  # the bits-only profile, cached
+    prof = args.work / "profile-drop.json"
+    if not prof.is_file():
+        api.profile(CKPT, api.DataConfig(CALIB, 256, args.calib_tokens, 8), out=prof, progress=False,
+                    sensitivity=api.SensitivityConfig("proxy", (0, 2, 3, 4, 8), 64, "rtn"))
+    ref = load_checkpoint(CKPT)
+    int8 = plan_memory(ref, resolve_plan("uniform:8", ref.cfg)).total
+    tok = load_tokenizer(CKPT)
+    windows = {d: file_windows(tok, p, 256, args.eval_tokens)[0] for d, p in DOMAINS.items()}
+    print("\n| budget (of INT8) | search | dropped | expert bits | " + " | ".join(f"{d} ppl | {d} top-1" for d in windows)
+          + " | bytes vs INT8 |")
+    print("|---|---|---|---|" + "---|---|" * len(windows) + "---|")
+    for frac in args.knob_budgets:
+        for knobs in ((), ("drop",)):
+            plan = api.search(api.SearchConfig(CKPT, "host", budget_mb=frac * int8 / 1e6, profile=prof, policy="ilp",
+                                               progress=False, knobs=knobs)).result.plan
+            plan.save(args.work / f"searched-{frac}-{'drop' if knobs else 'bits'}.json")
+            r = evaluate(ref, plan, windows)
+            drops = {l: ex for l, ex in plan.dropped_experts.items() if ex}
+            bits = sorted(b for l, ex in plan.experts.items() for e, b in ex.items() if not plan.is_dropped(l, e))
+            hist = ", ".join(f"{bits.count(b)}x{b}" for b in sorted(set(bits)))
+            print(f"| {frac:.0%} | {'bits + drop' if knobs else 'bits only'} | "
+                  f"{sum(map(len, drops.values()))} {json.dumps({str(k): v for k, v in drops.items()}) if drops else ''} | "
+                  f"{hist} | " + " | ".join(f"{r[d].perplexity:.2f} | {r[d].top1:.4f}" for d in windows)
+                  + f" | {plan_memory(ref, plan).total / int8:.1%} |", flush=True)
+    print(f"\nsearch-knobs benchmark wall {time.perf_counter() - t0:.0f} s ({args.eval_tokens} tokens per domain)")
+
+
 def knobs(args) -> None:
     """Router temperature and expert dropping on the searched plan: accuracy and bytes, no fine-tune."""
+    if args.search_only:
+        return searched_knobs(args)
     t0 = time.perf_counter()
     plan = searched_plan(args.work, args.calib_tokens)
     stats = ExpertStats.load(args.work / "profile.json")
@@ -148,28 +200,39 @@ def knobs(args) -> None:
     print(f"\nknobs benchmark wall {time.perf_counter() - t0:.0f} s ({args.eval_tokens} tokens per domain)")
 
 
+def plan_finetune_args(args) -> tuple[str, list[str]]:
+    """Name and extra ``moec finetune`` options of the fine-tune around the searched plan."""
+    name = args.ft_name or ("plan-weighted" if args.weighted_shift else "plan")
+    extra = ["--shift-robust", "--shift-prob", str(args.shift_prob), "--plan-prob", str(args.plan_prob),
+             "--seed", str(args.ft_seed)]
+    if args.plan_steps:
+        extra += ["--steps", str(args.plan_steps)]  # after run_finetune's --steps: click keeps the last
+    if args.weighted_shift:
+        extra += ["--profile", str(args.work / "profile.json")]
+    return name, extra
+
+
 def shifted_only(args) -> None:
     """Only the fine-tune around the searched plan and the shifted plans: PTQ (``mse``) vs co-designed."""
     plan = searched_plan(args.work, args.calib_tokens)
-    pft = "plan-weighted" if args.weighted_shift else "plan"
-    ft = run_finetune(args.work, pft, str(args.work / "searched-plan.json"), args,
-                      ["--shift-robust"] + (["--profile", str(args.work / "profile.json")] if args.weighted_shift
-                                            else []))
+    pft, extra = plan_finetune_args(args)
+    ft = run_finetune(args.work, pft, str(args.work / "searched-plan.json"), args, extra)
     ref, tuned = load_checkpoint(CKPT), load_checkpoint(args.work / f"ft-{pft}")
     tok = load_tokenizer(CKPT)
     windows = {d: file_windows(tok, p, 256, args.eval_tokens)[0] for d, p in DOMAINS.items()}
     fp32 = {d: evaluate_windows(ref, w, batch=8) for d, w in windows.items()}
-    rng = random.Random(0)
+    groups = [("searched plan", [plan])]
+    for seed in args.shift_seeds:
+        rng = random.Random(seed)
+        groups.append((f"{args.shifted} shifted plans (mean, seed {seed})", [shifted_plan(plan, rng) for _ in range(args.shifted)]))
     rows = []
-    for p in [plan] + [shifted_plan(plan, rng) for _ in range(args.shifted)]:
-        pm = p.copy()
-        pm.method = "mse"
-        rows.append((evaluate(ref, pm, windows), evaluate(tuned, p, windows)))
-    print(f"\n{pft}: {ft['seconds']:.0f} s, peak {ft['peak_mb']:.0f} MB, KL {ft['kl']}")
+    for label, plans in groups:
+        rows.append((label, [(ptq_mse(args, ref, p, windows), evaluate(tuned, p, windows)) for p in plans]))
+    print(f"\n{pft} ({' '.join(extra)}): {ft['seconds']:.0f} s, peak {ft['peak_mb']:.0f} MB, KL {ft['kl']}")
     print("| plans | domain | FP32 top-1 | PTQ (mse) ppl / top-1 | co-designed ppl / top-1 | drop recovered |")
     print("|---|---|---|---|---|---|")
     mean = lambda xs: sum(xs) / len(xs)
-    for label, rs in (("searched plan", rows[:1]), (f"{args.shifted} shifted plans (mean)", rows[1:])):
+    for label, rs in rows:
         for d in windows:
             pp, pt = mean([r[0][d].perplexity for r in rs]), mean([r[0][d].top1 for r in rs])
             cp, ct = mean([r[1][d].perplexity for r in rs]), mean([r[1][d].top1 for r in rs])
@@ -224,6 +287,20 @@ def main() -> None:
                          "fine-tune around the searched plan, on the searched and shifted plans")
     ap.add_argument("--weighted-shift", action="store_true",
                     help="shift-robust fine-tune with widths weighted by routing frequency (finetune --profile)")
+    ap.add_argument("--shift-prob", type=float, default=0.5,
+                    help="the searched-plan fine-tune's --shift-prob (1: every expert shifted in a shifted step)")
+    ap.add_argument("--plan-prob", type=float, default=0.0,
+                    help="the searched-plan fine-tune's --plan-prob (share of steps on the plan itself)")
+    ap.add_argument("--plan-steps", type=int, default=0,
+                    help="steps of the searched-plan fine-tune (0: --steps)")
+    ap.add_argument("--ft-seed", type=int, default=0, help="the searched-plan fine-tune's --seed")
+    ap.add_argument("--ft-name", default="", help="directory name (ft-NAME) of the searched-plan fine-tune")
+    ap.add_argument("--shift-seeds", type=int, nargs="+", default=[0],
+                    help="seeds of the shifted plans (--shifted plans per seed, each group reported)")
+    ap.add_argument("--search-only", action="store_true",
+                    help="--parts knobs: only the search with --knobs drop against the search without it")
+    ap.add_argument("--knob-budgets", type=float, nargs="+", default=[0.5, 0.55, 0.6],
+                    help="--parts knobs --search-only: budgets as fractions of uniform INT8 bytes")
     ap.add_argument("--temperatures", type=float, nargs="*", default=[0.7, 0.85, 1.2, 1.5])
     ap.add_argument("--drop-frequencies", type=float, nargs="+", default=[0.0, 0.05, 0.1])
     args = ap.parse_args()
@@ -243,12 +320,10 @@ def main() -> None:
     print(f"searched plan (ilp, proxy sensitivity): {plan_memory(ref, plan).total / int8:.1%} of uniform INT8 bytes, "
           f"expert bits {sorted(b for ex in plan.experts.values() for b in ex.values())}", flush=True)
 
-    pft = "plan-weighted" if args.weighted_shift else "plan"  # fine-tuned around the searched plan
+    pft, extra = plan_finetune_args(args)  # fine-tuned around the searched plan
     fts = [run_finetune(args.work, "u2", "uniform:2", args, []),
            run_finetune(args.work, "u3", "uniform:3", args, []),
-           run_finetune(args.work, pft, str(plan_file), args,
-                        ["--shift-robust"] + (["--profile", str(args.work / "profile.json")] if args.weighted_shift
-                                              else []))]
+           run_finetune(args.work, pft, str(plan_file), args, extra)]
 
     tok = load_tokenizer(CKPT)
     windows = {d: file_windows(tok, p, 256, args.eval_tokens)[0] for d, p in DOMAINS.items()}
@@ -256,11 +331,12 @@ def main() -> None:
     hessians = expert_hessians(ref, calib)
     fp32 = {d: evaluate_windows(ref, w, batch=8) for d, w in windows.items()}
 
-    rng = random.Random(0)
-    shifted = [shifted_plan(plan, rng) for _ in range(args.shifted)]
     cases = [("uniform 2-bit", resolve_plan("uniform:2", ref.cfg), "u2"),
              ("uniform 3-bit", resolve_plan("uniform:3", ref.cfg), "u3"),
-             ("searched plan", plan, pft)] + [(f"shifted {i + 1}", p, pft) for i, p in enumerate(shifted)]
+             ("searched plan", plan, pft)]
+    for seed in args.shift_seeds:
+        rng = random.Random(seed)
+        cases += [(f"shifted {i + 1} (seed {seed})", shifted_plan(plan, rng), pft) for i in range(args.shifted)]
     tuned = {n: load_checkpoint(args.work / f"ft-{n}") for n in ("u2", "u3", pft)}
     rows, best_method = [], "mse"
     for label, p, ft in cases:
@@ -269,7 +345,8 @@ def main() -> None:
             for method in ("mse", "gptq"):
                 pm = p.copy()
                 pm.method = method
-                ptq[method] = evaluate(ref, pm, windows, hessians if method == "gptq" else None)
+                ptq[method] = (ptq_mse(args, ref, p, windows) if method == "mse"
+                               else evaluate(ref, pm, windows, hessians))
             method = max(ptq, key=lambda k: sum(r.top1 for r in ptq[k].values()))
             if label == "searched plan":
                 best_method = method
@@ -277,7 +354,7 @@ def main() -> None:
         else:
             method, pm = best_method, p.copy()
             pm.method = method
-            ptq = evaluate(ref, pm, windows, hessians if method == "gptq" else None)
+            ptq = ptq_mse(args, ref, p, windows) if method == "mse" else evaluate(ref, pm, windows, hessians)
         co = evaluate(tuned[ft], p, windows)
         rows.append((label, method, ptq, co))
         print(f"  {label}: " + "; ".join(f"{d} PTQ {ptq[d].top1:.4f}/{ptq[d].perplexity:.2f} "
@@ -297,11 +374,11 @@ def main() -> None:
     for label, method, ptq, co in rows[:3]:
         for d in windows:
             line(label, d, method, ptq[d].perplexity, ptq[d].top1, co[d].perplexity, co[d].top1)
-    sh = rows[3:]
-    if sh:
+    for seed in args.shift_seeds:
+        sh = [r for r in rows[3:] if r[0].endswith(f"(seed {seed})")]
         for d in windows:
             mean = lambda xs: sum(xs) / len(xs)
-            line(f"{len(sh)} shifted plans (mean)", d, best_method, mean([r[2][d].perplexity for r in sh]),
+            line(f"{len(sh)} shifted plans (mean, seed {seed})", d, best_method, mean([r[2][d].perplexity for r in sh]),
                  mean([r[2][d].top1 for r in sh]), mean([r[3][d].perplexity for r in sh]),
                  mean([r[3][d].top1 for r in sh]))
             better = sum(r[3][d].top1 >= r[2][d].top1 for r in sh)

@@ -20,7 +20,8 @@ from moec.cli.table import format_table
 @click.option("--heldout", type=click.Path(dir_okay=False), default=None,
               help="Text for the exact sensitivity (default: the calibration data).")
 @click.option("--heldout-tokens", type=int, default=8192, show_default=True, help="Tokens of --heldout to use.")
-@click.option("--bits", default="2,3,4,8", show_default=True, help="Bit-widths to measure sensitivity at.")
+@click.option("--bits", default="2,3,4,8", show_default=True, help="Bit-widths to measure sensitivity at; 0 measures dropping the expert (masked from the router), "
+              "which `moec search --knobs drop` needs.")
 @click.option("--group-size", default=64, show_default=True, help="Quantization group size.")
 @click.option("--method", default="rtn", show_default=True, help="Quantizer: rtn, mse or hqq.")
 @max_memory_option

@@ -10,7 +10,7 @@ from moec.core.errors import MoecError
 from moec.search.cost import DEFAULT_WEIGHTING, WEIGHTINGS
 from moec.pipeline.search import ESTIMATORS, MEASURES, SearchConfig, search
 from moec.search.policies import POLICIES
-from moec.search.problem import DEFAULT_TENSORS
+from moec.search.problem import DEFAULT_TENSORS, SEARCH_KNOBS
 
 
 def parse_tensor_bits(spec: str | None) -> dict[str, int] | None:
@@ -70,13 +70,16 @@ def search_options(f):
               help="Hardware in the loop: time the best plan every --measure-every episodes.")
 @click.option("--measure-every", type=int, default=50, show_default=True, help="Episodes between measurements.")
 @click.option("--tracker", default=None, help="Device-farm tracker HOST:PORT for --measure farm.")
+@click.option("--knobs", type=click.Choice(list(SEARCH_KNOBS)), multiple=True,
+              help="Architecture knobs the search also chooses: 'drop' lets it drop an expert (0 bytes, written to "
+                   "the plan's dropped_experts; the profile needs --bits 0,...; --policy ilp).")
 def search_cmd(checkpoint, target, budget_mb, policy, alpha, beta, gamma, weighting, profile_path, episodes, seed,
                tensor_bits, data, max_tokens, out, state, plot_dir, estimator, simulator, measure, measure_every,
-               tracker, group_size):
+               tracker, group_size, knobs):
     """Search a bit-width per expert of CHECKPOINT under a memory budget and write the plan."""
     cfg = SearchConfig(checkpoint, target, budget_mb, profile_path, data_config(data, 256, max_tokens, 8) if data
                        else None, state=state, plot_dir=plot_dir, estimator=estimator, simulator=simulator,
-                       measure=measure, measure_every=measure_every, tracker=tracker)
+                       measure=measure, measure_every=measure_every, tracker=tracker, knobs=tuple(knobs))
     for name, val in (("policy", policy), ("alpha", alpha), ("beta", beta), ("gamma", gamma),
                       ("weighting", weighting), ("episodes", episodes), ("seed", seed),
                       ("tensor_bits", parse_tensor_bits(tensor_bits)), ("group_size", group_size)):
@@ -86,7 +89,8 @@ def search_cmd(checkpoint, target, budget_mb, policy, alpha, beta, gamma, weight
     res, prob = outcome.result, outcome.problem
     res.plan.save(out)
     counts = {b: int((prob.bits_of(res.assign) == b).sum()) for b in prob.bits}
-    rows = [["policy", cfg.policy], ["experts by bits", ", ".join(f"{b}-bit: {c}" for b, c in counts.items() if c)],
+    by_bits = ", ".join(f"{b}-bit: {c}" if b else f"dropped: {c}" for b, c in counts.items() if c)
+    rows = [["policy", cfg.policy], ["experts by bits", by_bits],
             ["weight memory", f"{res.cost.memory_bytes / 1e6:.3f} MB (budget {prob.budget_bytes / 1e6:.3f} MB)"],
             [f"accuracy loss ({prob.loss_source})", f"{res.cost.accuracy:.5f}"],
             [f"latency ({res.cost.label})", f"{res.cost.latency_s * 1e3:.4f} ms/step"],

@@ -89,6 +89,9 @@ FORMATS: dict[int, WeightFormat] = {f.bits: f for f in (
 
 #: Bits of the weight kept in float (the ``fp16`` format).
 FLOAT_BITS = 16
+#: Pseudo-width of an expert the plan drops (``dropped_experts``: 0 bytes, masked from the router). It is no
+#: weight format: it appears only as a sensitivity column (``moec profile --bits 0,...``) and a search choice.
+DROPPED_BITS = 0
 #: Every width a plan or a target preset may name.
 ALL_BITS: tuple[int, ...] = tuple(sorted(FORMATS))
 #: Widths the quantizers produce (integer formats).

@@ -36,15 +36,23 @@ class BitSampler:
     ``(1 + w) / 2``; ``"all"`` draws width ``allowed[i]`` (of n) with probability proportional to
     ``exp(2 w i / (n - 1))``. Rarely-used experts are thus trained across widths; busy ones stay near
     or above their plan width, where their errors cost most.
+
+    ``plan_prob``: the share of steps that use the plan unchanged (drawn once per step, before any
+    expert is shifted). With ``"neighbours"``, ``shift_prob=1`` and no ``frequency``, the other steps draw
+    exactly the plans :func:`shifted_plan` makes (every expert one step down or up), so training samples
+    the mixture "the plan, or a shifted plan" that a search / run-time policy deploys.
     """
 
     def __init__(self, plan: BitPlan, mode: str = "plan", shift_prob: float = 0.5,
                  allowed: tuple[int, ...] = SHIFT_BITS, seed: int = 0,
-                 frequency: dict[int, list[float]] | None = None) -> None:
+                 frequency: dict[int, list[float]] | None = None, plan_prob: float = 0.0) -> None:
         if mode not in ("plan", "neighbours", "all"):
             raise MoecError(f"unknown shift mode '{mode}'; choices: plan, neighbours, all")
         if not 0.0 <= shift_prob <= 1.0:
             raise MoecError(f"shift probability must be in [0, 1], got {shift_prob}")
+        if not 0.0 <= plan_prob <= 1.0:
+            raise MoecError(f"plan probability must be in [0, 1], got {plan_prob}")
+        self.plan_prob = plan_prob
         self.plan, self.mode, self.shift_prob, self.allowed = plan, mode, shift_prob, tuple(allowed)
         self.rng = random.Random(seed)
         self.weight = _relative(plan, frequency) if frequency is not None else None
@@ -62,6 +70,8 @@ class BitSampler:
 
     def sample(self) -> dict[int, dict[int, int]]:
         """``{layer: {expert: bits}}`` for one step."""
+        if self.mode != "plan" and self.plan_prob > 0 and self.rng.random() < self.plan_prob:
+            return {layer: dict(experts) for layer, experts in self.plan.experts.items()}
         out: dict[int, dict[int, int]] = {}
         for layer, experts in self.plan.experts.items():
             row = {}

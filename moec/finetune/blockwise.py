@@ -137,7 +137,8 @@ def finetune_blockwise(ckpt: LazyCheckpoint, plan: BitPlan, windows: torch.Tenso
     inputs = windows[:, :-1]
     n, t = inputs.shape
     cos, sin = rope_tables(cfg.head_dim, cfg.rope_theta, torch.arange(t))
-    sampler = BitSampler(plan, opts.shift, opts.shift_prob, seed=opts.seed, frequency=opts.frequency)
+    sampler = BitSampler(plan, opts.shift, opts.shift_prob, seed=opts.seed, frequency=opts.frequency,
+                         plan_prob=opts.plan_prob)
     gen = torch.Generator().manual_seed(opts.seed)
     learned = LearnedQuant(plan.group_size, model_fingerprint=cfg.fingerprint())
     start, cpu_start = time.perf_counter(), cpu_seconds()

@@ -6,12 +6,14 @@ import torch
 from torch import nn
 from torch.func import functional_call
 
+from moec.core.errors import MoecError
 from moec.core.formats import FLOAT_BITS
 from moec.core.inventory import expert_key, non_expert_weights
 from moec.core.plan import BitPlan
 from moec.finetune.fake_quant import GroupQuant, to_fp16
+from moec.models.knobs import merged_weight, set_routing_knobs
 from moec.models.learned_quant import LearnedQuant
-from moec.models.model import MoEModel
+from moec.models.model import MoEBlock, MoEModel
 
 PROJECTIONS = ("w1", "w3", "w2")
 
@@ -36,12 +38,23 @@ class QATStudent(nn.Module):
         self.model, self.plan, self.prefix = model, plan, prefix
         self.quant = nn.ModuleDict()
         params = self._params()
+        # the plan's architecture knobs, as eval / export apply them: dropped experts masked from the router,
+        # merged pairs remapped (their average trained in the kept expert's place), router scores of logits / T
+        for block in model.modules():
+            if isinstance(block, MoEBlock):
+                set_routing_knobs(block, block.layer, plan)
+        router_bits = {plan.tensor_bits(n) for n, _ in non_expert_weights(model.cfg) if n.endswith(".mlp.router.weight")}
+        if plan.router_temperature != 1.0 and router_bits != {FLOAT_BITS}:
+            raise MoecError("finetune with a router_temperature needs a float router in the plan (the temperature "
+                            "is packed into the router weight, which learned scales cannot represent)")
         self.tensor_bits = {n: plan.tensor_bits(n) for n, _ in non_expert_weights(model.cfg) if n in params}
         for name, bits in self.tensor_bits.items():
             if bits != FLOAT_BITS:
                 self.quant[_qkey(name, bits)] = GroupQuant(params[name], bits, plan.group_size, init_method)
         for layer, experts in expert_choices.items():
             for e, choices in experts.items():
+                if not plan.is_stored(layer, e):  # dropped or merged into another: nothing stored, nothing learned
+                    continue
                 for p in PROJECTIONS:
                     w = params[f"layers.{layer}.mlp.{p}"][e]
                     for bits in choices:
@@ -62,13 +75,18 @@ class QATStudent(nn.Module):
         parameter names (canonical names less the prefix)."""
         params = self._params()
         out: dict[str, torch.Tensor] = {}
+        plan, t = self.plan, self.plan.router_temperature
         for name, bits in self.tensor_bits.items():
-            out[name] = to_fp16(params[name]) if bits == FLOAT_BITS else self.group_quant(name, bits)(params[name])
+            w = params[name] / t if t != 1.0 and name.endswith(".mlp.router.weight") else params[name]
+            out[name] = to_fp16(w) if bits == FLOAT_BITS else self.group_quant(name, bits)(w)
         for layer, experts in expert_bits.items():
             for p in PROJECTIONS:
                 stacked = params[f"layers.{layer}.mlp.{p}"]
-                rows = [to_fp16(stacked[e]) if bits == FLOAT_BITS else self.group_quant(expert_key(layer, e, p), bits)(stacked[e])
-                        for e, bits in sorted(experts.items())]
+                rows = []
+                for e, bits in sorted(experts.items()):
+                    w = merged_weight(stacked, plan, layer, e)
+                    rows.append(torch.zeros_like(w) if not plan.is_stored(layer, e) else
+                                to_fp16(w) if bits == FLOAT_BITS else self.group_quant(expert_key(layer, e, p), bits)(w))
                 out[f"layers.{layer}.mlp.{p}"] = torch.stack(rows)
         n = len(self.prefix)
         return {k[n:]: v for k, v in out.items()}

@@ -39,6 +39,7 @@ class FinetuneOptions:
     zero_lr: float = 1e-2       # zero points (in levels)
     shift: str = "plan"         # plan | neighbours | all (see BitSampler)
     shift_prob: float = 0.5
+    plan_prob: float = 0.0      # share of steps that train the plan itself (see BitSampler)
     init_method: str = "mse"
     save_every: int = 0         # 0: only at the end
     seed: int = 0
@@ -109,7 +110,8 @@ def finetune_model(model: MoEModel, plan: BitPlan, windows: torch.Tensor, opts: 
     teacher = copy.deepcopy(model).eval()
     for p in teacher.parameters():
         p.requires_grad_(False)
-    sampler = BitSampler(plan, opts.shift, opts.shift_prob, seed=opts.seed, frequency=opts.frequency)
+    sampler = BitSampler(plan, opts.shift, opts.shift_prob, seed=opts.seed, frequency=opts.frequency,
+                         plan_prob=opts.plan_prob)
     choices = {l: {e: sampler.choices(b) for e, b in ex.items()} for l, ex in plan.experts.items()}
     student = QATStudent(model, plan, choices, opts.init_method)
     model.train()

@@ -8,8 +8,9 @@ router, so ONNX export and TVM bundles built from packed weights honour it.
 :attr:`MoEBlock.expert_mask`, read by ``TorchOps.linear`` for the router) and zeroes their stored
 weights, so a dropped expert can never be chosen nor contribute. ONNX export and TVM compilation
 honour it the same way (the ``Ops.mask_experts`` op of their graph backends) and store no weights for
-a dropped expert (``pack_model`` leaves it out); the layer-by-layer (streamed) paths and ``finetune``
-refuse both knobs (:func:`require_no_knobs`).
+a dropped expert (``pack_model`` leaves it out); so do the layer-by-layer evaluation
+(:func:`apply_block_knobs`) and ``finetune`` (:func:`set_routing_knobs`); the streamed export / compile
+refuse the knobs (:func:`require_no_knobs`).
 """
 
 from __future__ import annotations
@@ -29,23 +30,36 @@ def apply_knobs(model: MoEModel, plan: BitPlan, scale_router: bool = True) -> Mo
     if not plan.has_knobs:
         return model
     for layer, block in model.moe_blocks().items():
-        if scale_router and plan.router_temperature != 1.0:
-            block.router.weight.div_(plan.router_temperature)
-        dropped = plan.dropped_experts.get(layer, [])
-        if dropped:
-            mask = torch.zeros(model.cfg.num_experts)
-            mask[dropped] = float("-inf")
-            block.expert_mask = mask
-            for w in (block.w1, block.w3, block.w2):
-                w[dropped] = 0.0
-        merged = plan.merged_into(layer)
-        if merged:
-            remap = torch.arange(model.cfg.num_experts)
-            remap[list(merged)] = torch.tensor(list(merged.values()))
-            block.expert_remap = remap
-            for w in (block.w1, block.w3, block.w2):
-                w[list(merged)] = 0.0
+        apply_block_knobs(block, layer, plan, scale_router)
     return model
+
+
+@torch.no_grad()
+def apply_block_knobs(block, layer: int, plan: BitPlan, scale_router: bool = True) -> None:
+    """:func:`apply_knobs` for one MoE block (``layer`` is its index; the layer-by-layer paths use this)."""
+    if scale_router and plan.router_temperature != 1.0:
+        block.router.weight.div_(plan.router_temperature)
+    set_routing_knobs(block, layer, plan)
+    gone = list(plan.dropped_experts.get(layer, [])) + list(plan.merged_into(layer))
+    if gone:
+        for w in (block.w1, block.w3, block.w2):
+            w[gone] = 0.0
+
+
+def set_routing_knobs(block, layer: int, plan: BitPlan) -> None:
+    """Only the routing part of the knobs: dropped experts' router mask and merged pairs' expert remap
+    (weights untouched: fine-tuning keeps both experts of a merged pair and trains their average)."""
+    n = block.cfg.num_experts
+    dropped = plan.dropped_experts.get(layer, [])
+    if dropped:
+        mask = torch.zeros(n)
+        mask[dropped] = float("-inf")
+        block.expert_mask = mask
+    merged = plan.merged_into(layer)
+    if merged:
+        remap = torch.arange(n)
+        remap[list(merged)] = torch.tensor(list(merged.values()))
+        block.expert_remap = remap
 
 
 def merged_weight(stacked: torch.Tensor, plan: BitPlan, layer: int, expert: int) -> torch.Tensor:
@@ -57,11 +71,15 @@ def merged_weight(stacked: torch.Tensor, plan: BitPlan, layer: int, expert: int)
     return stacked[expert]
 
 
-def require_no_knobs(plan: BitPlan, what: str) -> None:
-    """One-line refusal for the paths that do not implement the knobs (the layer-by-layer ones, finetune)."""
+#: Why the layer-streaming export / compile refuse the knobs (appended to :func:`require_no_knobs`'s line).
+STREAMED_WHY = ": its layer-by-layer packer stores every expert as read (no merged average, router scaling or expert mask)"
+
+
+def require_no_knobs(plan: BitPlan, what: str, why: str = "") -> None:
+    """One-line refusal for the paths that do not implement the knobs (streamed export and compile)."""
     for field, present in (("merged_experts", any(plan.merged_experts.values())),
                            ("dropped_experts", any(plan.dropped_experts.values())),
                            ("router_temperature", plan.router_temperature != 1.0)):
         if present:
-            raise MoecError(f"{what} does not support plans with {field} yet (torch evaluation, in-memory ONNX "
-                            "export and compile do); remove that field")
+            raise MoecError(f"{what} does not support plans with {field} yet{why} (evaluation, finetune, in-memory "
+                            "ONNX export and compile do); remove that field")

@@ -12,7 +12,7 @@ import time
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from moec.models.knobs import require_no_knobs
+from moec.models.knobs import STREAMED_WHY, require_no_knobs
 from moec.artifact.signing import load_private_key
 from moec.core.errors import MoecError
 from moec.core.outputs import check_output_dir, install_signal_cleanup, work_dir
@@ -116,14 +116,14 @@ def _choose_plan(cfg: CompileConfig, model_cfg, profile_path: Path | None, model
         return plan, f"search {plan.provenance.get('policy')}"
     if isinstance(cfg.plan, BitPlan):
         if model is None:  # the in-memory path honours the knobs (packed router, expert mask)
-            require_no_knobs(cfg.plan, "streamed compile (model over the memory budget)")
+            require_no_knobs(cfg.plan, "streamed compile (model over the memory budget)", STREAMED_WHY)
         plan = cfg.plan.copy()
         if cfg.scales is not None:
             plan.scales = cfg.scales
         return plan.validate(model_cfg, pad_ok=pad_ok), str(cfg.plan.provenance.get("policy", "given"))
     plan = resolve_plan(cfg.plan, model_cfg, cfg.group_size, cfg.method, pad_ok=pad_ok, scales=cfg.scales)
     if model is None:
-        require_no_knobs(plan, "streamed compile (model over the memory budget)")
+        require_no_knobs(plan, "streamed compile (model over the memory budget)", STREAMED_WHY)
     return plan, str(plan.provenance.get("policy", Path(str(cfg.plan)).name))
 
 

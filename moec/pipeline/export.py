@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from moec.models.knobs import require_no_knobs
+from moec.models.knobs import STREAMED_WHY, require_no_knobs
 from moec.artifact.inspect_bundle import inspect_bundle
 from moec.core.errors import MoecError
 from moec.core.plan import UNIFORM_METHOD, resolve_plan
@@ -33,7 +33,7 @@ def export_onnx(checkpoint: str | os.PathLike, plan: str | os.PathLike, out: str
     check_export_target(out)  # fail before the (slow) load and quantization
     ckpt, mem = memory_plan_of(checkpoint, max_memory_gb, "export")
     if mem.sequential:
-        require_no_knobs(bit_plan, "streamed ONNX export (model over the memory budget)")
+        require_no_knobs(bit_plan, "streamed ONNX export (model over the memory budget)", STREAMED_WHY)
         if verify:
             raise MoecError("--verify compares against the whole torch model, which exceeds the memory budget; "
                             "drop --verify (the streamed export is checked by onnx.checker)")

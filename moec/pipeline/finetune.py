@@ -6,7 +6,6 @@ import os
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-from moec.models.knobs import require_no_knobs
 from moec.core.errors import MoecError
 from moec.core.plan import UNIFORM_METHOD, resolve_plan
 from moec.finetune.trainer import FinetuneOptions, FinetuneResult, finetune_model
@@ -76,7 +75,6 @@ def finetune(cfg: FinetuneConfig) -> FinetuneResult:
     model_cfg = ckpt.cfg
     load_tokenizer(cfg.checkpoint)
     plan = resolve_plan(cfg.plan or SHIFT_ROBUST_CENTRE, model_cfg, cfg.group_size, UNIFORM_METHOD)
-    require_no_knobs(plan, "finetune")
     if padded_widths(model_cfg, plan):
         raise MoecError(f"group size {plan.group_size} does not divide an MLP width of this model; finetune "
                         "needs whole groups (choose a group size that divides every width)")
@@ -93,7 +91,7 @@ def finetune(cfg: FinetuneConfig) -> FinetuneResult:
     def record(step, result):
         return {"format": "moec-finetune", "mode": "blockwise" if cfg.blockwise else "whole",
                 "source": str(cfg.checkpoint), "step": step,
-                "plan": plan.to_json(), "shift": opts.shift, "shift_prob": opts.shift_prob,
+                "plan": plan.to_json(), "shift": opts.shift, "shift_prob": opts.shift_prob, "plan_prob": opts.plan_prob,
                 "shift_weights": "routing-frequency" if opts.frequency is not None else "uniform",
                 "data": str(cfg.data.path), "seq_len": cfg.data.seq_len, "batch": opts.batch,
                 "lr": opts.lr, "scale_lr": opts.scale_lr, "zero_lr": opts.zero_lr,

@@ -6,10 +6,9 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from moec.models.knobs import require_no_knobs
 from moec.artifact.bundle import sha256_file
 from moec.core.errors import MoecError
-from moec.core.formats import DEFAULT_ALLOWED, FLOAT_BITS
+from moec.core.formats import DEFAULT_ALLOWED, DROPPED_BITS, FLOAT_BITS
 from moec.core.plan import UNIFORM_METHOD, BitPlan, resolve_plan
 from moec.models.checkpoint import load_checkpoint
 from moec.models.lazy import LazyCheckpoint
@@ -101,10 +100,12 @@ def profile(checkpoint: str | os.PathLike, data: DataConfig, out: str | os.PathL
     if model is None:
         data.check()  # the cheap input first
         ckpt, mem = memory_plan_of(checkpoint, data.max_memory_gb, "profile")
+        _check_drop(ckpt.cfg, sens)
         if mem.sequential:
             stats = _profile_sequential(ckpt, checkpoint, data, sens, mem.hidden_budget, progress)
             return _save(stats, out, plot)
         model = load_checkpoint(checkpoint)
+    _check_drop(model.cfg, sens)
     windows, digest = data.windows_and_digest(checkpoint, model.cfg.max_position)
     stats = collect_stats(model, windows, batch=data.batch, progress=progress)
     stats.data_sha256 = digest
@@ -119,6 +120,13 @@ def profile(checkpoint: str | os.PathLike, data: DataConfig, out: str | os.PathL
                                              progress=progress)
         stats.sensitivity = result.to_json()
     return _save(stats, out, plot)
+
+
+def _check_drop(cfg, sens: SensitivityConfig) -> None:
+    """Width 0 (drop the expert) only where plans may drop experts (plain top-k routers)."""
+    if sens.kind != "none" and DROPPED_BITS in sens.bits and (cfg.router_bias or cfg.kept_groups < cfg.expert_groups):
+        raise MoecError("sensitivity width 0 measures dropping an expert, which is implemented only for plain top-k "
+                        "routers (no choice bias, no group-limited routing); remove 0 from --bits")
 
 
 def _save(stats: ExpertStats, out, plot) -> ExpertStats:
@@ -171,8 +179,6 @@ def evaluate(checkpoint: str | os.PathLike, data: DataConfig, plan: str | os.Pat
         shapes = shape_model(ckpt.cfg)
         bit_plan = (resolve_plan(plan, ckpt.cfg, group_size, method or UNIFORM_METHOD, scales=scales)
                     if plan is not None else None)
-        if bit_plan is not None:
-            require_no_knobs(bit_plan, "layer-by-layer evaluation (model over the memory budget)")
         windows = data.windows(checkpoint, ckpt.cfg.max_position)
         res = evaluate_sequential(ckpt, windows, bit_plan, data.batch, mem.hidden_budget, progress)
         return PlanEval(res, bit_plan, plan_memory(shapes, bit_plan) if bit_plan else None, float32_memory(shapes))

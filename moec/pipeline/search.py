@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from moec.core.errors import MoecError
+from moec.core.formats import DROPPED_BITS
 from moec.core.plan import BitPlan, uniform_plan
 from moec.core.targets import load_target
 from moec.models.lazy import LazyCheckpoint
@@ -60,6 +61,8 @@ class SearchConfig:
     measure_every: int = 50
     tracker: str | None = None
     progress: bool = True
+    #: Architecture knobs the search also chooses (``SEARCH_KNOBS``): ``("drop",)`` lets it drop experts.
+    knobs: tuple[str, ...] = ()
 
 
 @dataclass
@@ -76,6 +79,8 @@ def _stats(cfg: SearchConfig, allowed: list[int], model: MoEModel | None) -> Exp
         raise MoecError("search needs a profile with sensitivity (--profile) or calibration text (--data)")
     log.info("no profile given: profiling routing and proxy sensitivity on '%s'", cfg.data.path)
     bits = tuple(b for b in allowed if b != 16)
+    if "drop" in cfg.knobs:
+        bits = (DROPPED_BITS, *bits)
     return profile(cfg.checkpoint, cfg.data, progress=cfg.progress, model=model,
                    sensitivity=SensitivityConfig("proxy", bits, cfg.group_size, cfg.method))
 
@@ -127,7 +132,10 @@ def search(cfg: SearchConfig, model: MoEModel | None = None) -> SearchOutcome:
     budget = cfg.budget_mb if cfg.budget_mb is not None else \
         DEFAULT_BUDGET_FRACTION * uniform_memory_mb(model, 8, cfg.group_size)
     problem = build_problem(model.cfg, stats, budget, preset.allowed_bits, norms, cfg.tensor_bits, cfg.group_size,
-                            cfg.method, cfg.sensitivity)
+                            cfg.method, cfg.sensitivity, tuple(cfg.knobs))
+    if problem.drops and cfg.estimator != "analytic":
+        raise MoecError("--knobs drop works with the analytic estimator; the simulator has no latency for a "
+                        "dropped expert")
     estimator = _estimator(cfg, preset, model.cfg)
     workdir = Path(cfg.state).with_suffix(".d") if cfg.state else None  # measured bundles live beside the state
     opts = SearchOptions(cfg.policy, cfg.episodes, cfg.batch, cfg.seed, str(cfg.state) if cfg.state else None,

@@ -9,6 +9,13 @@
 
 Experts never activated in calibration get a proxy of 0 (no routed token carries an
 error); their exact value is still measured, since held-out text may reach them.
+
+The pseudo-width :data:`~moec.core.formats.DROPPED_BITS` (0) measures **dropping** the expert (a plan's
+``dropped_experts``): its router logit is masked to ``-inf``, so its tokens pick the next expert and the
+gates renormalise as the model's routing does. The proxy is then ``Σ_t ‖y'_t − y_t‖² / Σ_t ‖y_t‖²`` over the
+tokens routed to the expert, ``y'`` the routed output with the expert masked (the same units as the bit
+columns, whose ``g_t (E_b − E)`` is exactly ``y'_t − y_t`` when only that expert changes); the exact value is
+the held-out NLL increase with the expert masked.
 """
 
 from __future__ import annotations
@@ -21,6 +28,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from moec.core.config import rope_inv_freq
+from moec.core.formats import DROPPED_BITS
 from moec.models.model import MoEModel, rope_tables
 from moec.profile.routing import run_observed
 from moec.quant.fake import fake_quantize
@@ -76,6 +84,33 @@ def _run_expert(x, w1, w3, w2):
     return (F.silu(x @ w1.T) * (x @ w3.T)) @ w2.T
 
 
+def drop_mask(block, expert: int) -> torch.Tensor:
+    """``block``'s router-logit mask with ``expert`` also dropped (``-inf``)."""
+    mask = torch.zeros(block.cfg.num_experts) if block.expert_mask is None else block.expert_mask.clone()
+    mask[expert] = float("-inf")
+    return mask
+
+
+def routed_output(block, x: torch.Tensor) -> torch.Tensor:
+    """The routed experts' gated sum of ``block`` on rows ``x`` (no shared expert, no observer)."""
+    observer, block.observer = block.observer, None
+    try:
+        _, ids, weights = block.route(x)
+        return block.dispatch(x, ids, weights)[0]
+    finally:
+        block.observer = observer
+
+
+def drop_distortion(block, x: torch.Tensor, expert: int) -> float:
+    """``Σ ‖y' − y‖²`` over rows ``x``, ``y'`` the routed output with ``expert`` masked from the router."""
+    ref = routed_output(block, x)
+    saved, block.expert_mask = block.expert_mask, drop_mask(block, expert)
+    try:
+        return (routed_output(block, x) - ref).pow(2).sum().item()
+    finally:
+        block.expert_mask = saved
+
+
 @torch.no_grad()
 def layer_proxy(block, chunks: list, bits: list[int], group_size: int, method: str, bar=None) -> np.ndarray:
     """Proxy [E, len(bits)] of one MoE block from its tapped (x, topk_idx, topk_w, y_norm) chunks."""
@@ -90,6 +125,9 @@ def layer_proxy(block, chunks: list, bits: list[int], group_size: int, method: s
             xe, g = x[tok], gate[tok, slot]
             ref = _run_expert(xe, block.w1[e], block.w3[e], block.w2[e])
             for j, b in enumerate(bits):
+                if b == DROPPED_BITS:
+                    res[e, j] = drop_distortion(block, xe, e) / max(energy, 1e-30)
+                    continue
                 weights = (block.w1[e], block.w3[e], block.w2[e])
                 q = _run_expert(xe, *_quantized_expert(weights, b, group_size, method))
                 res[e, j] = ((g[:, None] * (q - ref)).pow(2).sum() / max(energy, 1e-30)).item()
@@ -141,6 +179,12 @@ def exact_sensitivity(model: MoEModel, windows: torch.Tensor, bits: list[int], g
             for e in range(cfg.num_experts):
                 saved = (block.w1[e].clone(), block.w3[e].clone(), block.w2[e].clone())
                 for j, b in enumerate(bits):
+                    if b == DROPPED_BITS:
+                        mask, block.expert_mask = block.expert_mask, drop_mask(block, e)
+                        res[e, j] = tail_nll(h, layer) - base
+                        block.expert_mask = mask
+                        bar.update(1)
+                        continue
                     for w, q in zip((block.w1, block.w3, block.w2), _quantized_expert(saved, b, group_size, method)):
                         w[e].copy_(q)
                     res[e, j] = tail_nll(h, layer) - base

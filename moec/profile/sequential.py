@@ -153,11 +153,16 @@ def _fake(w: torch.Tensor, bits: int, plan: BitPlan) -> torch.Tensor:
 
 @torch.no_grad()
 def fake_quantize_layer(i: int, layer, plan: BitPlan) -> None:
-    """Fake-quantize decoder layer ``i`` in place to ``plan`` (what ``fake_quantize_model`` does to that layer)."""
+    """Fake-quantize decoder layer ``i`` in place to ``plan`` (what ``fake_quantize_model`` does to that layer,
+    the plan's architecture knobs included: router temperature, dropped and merged experts)."""
     from moec.core.inventory import non_expert_weights
+    from moec.models.knobs import apply_block_knobs, merged_weight
 
     params = dict(layer.named_parameters())
     prefix = f"layers.{i}."
+    moe = getattr(layer, "is_moe", False)
+    if moe and plan.router_temperature != 1.0:  # packed into the router weight before it is stored
+        layer.mlp.router.weight.div_(plan.router_temperature)
     for name, _ in non_expert_weights(layer_cfg(layer)):
         if name.startswith(prefix):
             p = params[name[len(prefix):]]
@@ -166,7 +171,10 @@ def fake_quantize_layer(i: int, layer, plan: BitPlan) -> None:
         for proj in ("w1", "w3", "w2"):
             stack = params[f"mlp.{proj}"]
             for e, bits in plan.experts[i].items():
-                stack[e].copy_(_fake(stack[e], bits, plan))
+                if plan.is_stored(i, e):  # dropped and absorbed experts are not stored
+                    stack[e].copy_(_fake(merged_weight(stack, plan, i, e), bits, plan))
+    if moe:
+        apply_block_knobs(layer.mlp, i, plan, scale_router=False)
 
 
 def layer_cfg(layer):

@@ -104,7 +104,7 @@ class CostFunction:
 
     def _references(self) -> dict[str, float]:
         p = self.problem
-        low = self.w @ p.loss[:, 0]
+        low = self.w @ p.loss[:, p.lowest]
         top = self.estimator.estimate(p, np.full(p.n, p.m - 1))
         return {"loss": float(low) if low > 0 else 1.0, "latency_s": top.latency_s or 1.0,
                 "energy_j": top.energy_j or 1.0}

@@ -51,6 +51,9 @@ def run_search(problem: SearchProblem, config: CostConfig, estimator: Estimator,
     """Run ``options.policy`` on ``problem`` and return the best plan it finds (validated to fit the budget)."""
     problem.check_budget()
     policy = get_policy(options.policy)
+    if problem.drops and policy.name != "ilp":
+        raise MoecError(f"--knobs drop is searched by the ilp policy only (it keeps top-k experts per layer as a "
+                        f"constraint); the {policy.name} policy does not; use --policy ilp")
     if options.measurer is not None and not isinstance(estimator, CorrectedEstimator):
         estimator = CorrectedEstimator(estimator)
     cost = CostFunction(problem, config, estimator)

@@ -71,6 +71,8 @@ def class_presence(problem: SearchProblem, assign: np.ndarray) -> float:
     np.multiply.at(miss, (problem.layer_index, assign), 1.0 - np.clip(problem.frequency, 0.0, 1.0))
     present = np.zeros_like(miss, dtype=bool)
     present[problem.layer_index, assign] = True
+    if problem.drops:  # dropped experts launch nothing
+        present[:, 0] = False
     return float((1.0 - miss)[present].sum())
 
 
@@ -104,7 +106,7 @@ class AnalyticEstimator:
         return cls(**kw)
 
     def _bytes_and_ops(self, problem: SearchProblem, assign: np.ndarray) -> tuple[float, float]:
-        routed = problem.nbytes[np.arange(problem.n), assign]
+        routed = problem.read_bytes[np.arange(problem.n), assign]
         nbytes = problem.step_fixed_bytes + float(problem.frequency @ routed)
         ops = 2.0 * (problem.step_fixed_params + problem.params_per_expert * problem.frequency.sum())
         return nbytes, ops
@@ -119,7 +121,7 @@ class AnalyticEstimator:
                         {"bytes": t_bytes, "kernels": t_kern, "kernel_count": kernels, "step": self.step_overhead_s})
 
     def additive(self, problem: SearchProblem) -> Additive:
-        per = problem.frequency[:, None] * problem.nbytes
+        per = problem.frequency[:, None] * problem.read_bytes
         ops = 2.0 * (problem.step_fixed_params + problem.params_per_expert * problem.frequency.sum())
         lat = per / (self.bandwidth_gbps * 1e9)
         en = per * self.pj_per_byte * 1e-12

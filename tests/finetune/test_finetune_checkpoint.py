@@ -133,3 +133,32 @@ def test_learned_parameters_of_another_shape_are_refused(trained, tmp_path):
     LearnedQuant(GROUP, dict(student.learned().params), "0123456789abcdef").save(bad)
     with pytest.raises(MoecError, match="another model"):
         load_checkpoint(bad)
+
+
+def test_finetune_honours_the_plans_knobs(tmp_path):
+    """Dropped and merged experts and a router temperature: trained as eval applies them, so the written
+    checkpoint evaluates to the training forward; a dropped expert gets no learned parameters."""
+    from moec.quant.packed_model import fake_quantize_model
+
+    src = tmp_path / "src"
+    cfg = make_tiny_checkpoint(src, hidden_size=32, expert_intermediate=32)
+    plan = mixed_plan(cfg)
+    plan.router_temperature, plan.dropped_experts, plan.merged_experts = 1.25, {1: [3]}, {0: [(2, 1, 0.3)]}
+    plan.validate(cfg)
+    windows = token_windows(load_tokenizer(src), TEXT, 32)[:8]
+    opts = FinetuneOptions(steps=3, batch=2, lr=1e-3, scale_lr=1e-2, progress=False)
+    out = tmp_path / "out"
+    student, _ = finetune_model(load_checkpoint(src), plan, windows, opts,
+                                lambda st, step, res: write_checkpoint(out, st, src / "tokenizer.json", {"step": step}))
+    learned = student.learned().params
+    assert not any(name.startswith(("layers.1.mlp.experts.3.", "layers.0.mlp.experts.1.")) for name, _ in learned)
+    loaded = fake_quantize_model(load_checkpoint(out), plan)
+    ids = windows[:2, :-1]
+    with torch.no_grad():
+        a, b = loaded(ids), student(ids, plan.experts)
+        plain = fake_quantize_model(load_checkpoint(out), mixed_plan(cfg))(ids)
+    assert torch.allclose(a, b, atol=1e-5) and not torch.allclose(a, plain, atol=1e-3)
+    bad = mixed_plan(cfg)
+    bad.router_temperature, bad.tensors = 1.25, {"router": 4, "re:.*": 8}
+    with pytest.raises(Exception, match="needs a float router"):
+        finetune_model(load_checkpoint(src), bad, windows, opts)

@@ -74,3 +74,18 @@ def test_frequency_weighted_sampling_shifts_busy_experts_less_and_upwards():
     assert sum(r[1] for r in draws) / 3000 > sum(r[0] for r in draws) / 3000 + 0.5  # tilted to wider
     with pytest.raises(MoecError, match="do not cover layer 0's 3 experts"):
         BitSampler(plan, "neighbours", frequency={0: [1.0]})
+
+
+def test_plan_prob_mixes_the_plan_with_whole_shifted_plans():
+    from moec.core.errors import MoecError
+    from moec.core.plan import BitPlan
+    from moec.finetune.bit_sampler import BitSampler
+    plan = BitPlan({0: {0: 3, 1: 4, 2: 8}, 1: {0: 2, 1: 3, 2: 4}}, model_fingerprint="0" * 16)
+    s = BitSampler(plan, "neighbours", 1.0, seed=3, plan_prob=0.25)
+    draws = [s.sample() for _ in range(2000)]
+    unchanged = sum(d == plan.experts for d in draws) / 2000
+    assert abs(unchanged - 0.25) < 0.03  # the rest move every expert (2 -> 3, 8 -> 4, others down or up)
+    assert all(d == plan.experts or all(d[l][e] != b for l, ex in plan.experts.items() for e, b in ex.items())
+               for d in draws)
+    with pytest.raises(MoecError, match="plan probability"):
+        BitSampler(plan, "neighbours", plan_prob=1.5)

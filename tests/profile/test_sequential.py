@@ -52,6 +52,20 @@ def test_eval_under_plan_equals_whole_model(tiny_checkpoint, windows, budget_byt
     assert res.nll == pytest.approx(ref.nll, rel=1e-6)
 
 
+def test_eval_under_a_plan_with_knobs_equals_whole_model(tiny_checkpoint, windows):
+    """Router temperature, dropped and merged experts: the layer-by-layer eval applies them as the whole model does."""
+    model = load_checkpoint(tiny_checkpoint)
+    plan = resolve_plan("uniform:4", model.cfg, 32, "rtn")
+    plan.router_temperature, plan.dropped_experts, plan.merged_experts = 1.3, {1: [2]}, {0: [(3, 1, 0.25)]}
+    plan.validate(model.cfg)
+    res = evaluate_sequential(LazyCheckpoint(tiny_checkpoint), windows, plan, 4, None)
+    ref = evaluate_windows(fake_quantize_model(model, plan), windows, batch=4)
+    plain = evaluate_windows(fake_quantize_model(load_checkpoint(tiny_checkpoint), resolve_plan(
+        "uniform:4", model.cfg, 32, "rtn")), windows, batch=4)
+    assert res.tokens == ref.tokens and res.top1 == ref.top1
+    assert res.nll == pytest.approx(ref.nll, rel=1e-6) and abs(res.nll - plain.nll) > 1e-4
+
+
 def test_one_layer_resident(tiny_checkpoint, windows):
     """When layer i is read, no tensor of layer i-1 is alive (weakrefs to modules and mapped buffers)."""
     lazy = LazyCheckpoint(tiny_checkpoint)
