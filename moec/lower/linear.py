@@ -68,10 +68,10 @@ class LinearEmitter:
         raise MoecError("nested expert storage needs moec's CPU kernels (x86 or arm backend), not the reference "
                         "emitter")
 
-    def decode_attention(self, bb, q, past_k, k, past_v, v, scale: float):
-        """One token's ``(attention [heads, value_dim], keys, values)``: the cache with ``k``/``v``
-        ``[kv_heads, 1, width]`` appended, and attention over it, as one kernel; or None: the graph
-        then emits the concats, scores, softmax and values as ops."""
+    def decode_attention(self, bb, q, k, v, cache_k, cache_v, pos, scale: float):
+        """One token's attention ``[heads, value_dim]`` as one kernel that also writes ``k``/``v``
+        ``[kv_heads, 1, width]`` into row ``pos`` of the fixed-capacity caches in place; or None: the
+        graph then writes the caches and emits the scores, softmax and values as ops."""
         return None
 
     def embed(self, bb, token, entry: WeightEntry, vars_):
