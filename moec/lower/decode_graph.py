@@ -1,10 +1,12 @@
 """Relax decode-step function of a canonical MoE model under a bit plan: the Relax decode backend of ``Ops``.
 
-``decode(token [1] int32, pos [1] int64, cache_k_0, cache_v_0, …, *params) -> (logits [1, V], [routed ids])``
-where ``cache_*`` are fixed-capacity ``[kv_heads, C, head_dim]`` buffers (``C`` symbolic: the
-session's context) holding the keys/values of positions ``0..pos-1``; the call writes the token's
-key and value into row ``pos`` of each in place (``call_tir_inplace``: no cache is allocated or
-copied) and attends over rows ``0..pos``. ``pos`` becomes the symbolic ``P`` through
+``decode(token [1] int32, pos [1] int64, cache_k_0, cache_v_0, …, *params) -> (logits [1, V], cache_k_0, …,
+[routed ids])`` where ``cache_*`` are fixed-capacity ``[kv_heads, C, head_dim]`` buffers (``C``
+symbolic: the session's context) holding the keys/values of positions ``0..pos-1``; the call
+writes the token's key and value into row ``pos`` of each in place (``call_tir_inplace``: no cache
+is allocated or copied) and attends over rows ``0..pos``. The caches it returns are those
+arguments (aliases, no copy): a local caller ignores them; over RPC, where TVM's ``set_input``
+copies every tensor argument, they are the device copies the call wrote. ``pos`` becomes the symbolic ``P`` through
 ``tensor_to_shape``; a tensor rather than a shape argument because TVM RPC cannot pass shapes.
 The function's ``num_input`` attribute counts the arguments before the parameters. The layers are
 ``moec.arch.blocks`` emitted through this builder's ops (activations ``[1, H]``, heads
@@ -60,6 +62,7 @@ class DecodeBuilder:
                                                                       "float32"))
                       for i in range(cfg.num_layers) for kind in ("k", "v")]
         self.routed: list[relax.Var] = []  # decode of nested stacks: each MoE layer's routed ids, an output
+        self.written: list[relax.Var] = []  # each cache after its in-place write (the same tensor), in order
         self._views: dict[relax.Var, relax.Var] = {}  # reshape result -> the tensor it views
         inputs = [tokens, pos] + self.cache
         with bb.function(self.function_name, inputs + list(self.vars.values()), attrs={"num_input": len(inputs)}):
@@ -68,7 +71,7 @@ class DecodeBuilder:
                 bb.match_cast(shape, relax.ShapeType([self.p]))  # defines P
                 logits = blocks.causal_lm(self, cfg, tokens)
                 routed = [bb.emit(relax.op.concat(self.routed, axis=0))] if self.routed else []
-                out = bb.emit_output(relax.Tuple([logits] + routed))
+                out = bb.emit_output(relax.Tuple([logits] + self.written + routed))
             bb.emit_func_output(out)
         # head views superseded by a later reshape of the same tensor (see _reshape) are unused
         gv = bb.get().get_global_var(self.function_name)
@@ -136,8 +139,10 @@ class DecodeBuilder:
         kvh, hd, vd, heads = k.ty.shape[0], k.ty.shape[1], v.ty.shape[1], q.ty.shape[0]
         v, k = self._reshape(v, (kvh, 1, vd)), self._reshape(k, (kvh, 1, hd))
         if not window and sinks is None:  # cache write, scores, softmax and values in one kernel (CPU kernels)
-            attn = self.emitter.decode_attention(bb, q, k, v, cache_k, cache_v, self.p, scale)
-            if attn is not None:
+            fused = self.emitter.decode_attention(bb, q, k, v, cache_k, cache_v, self.p, scale)
+            if fused is not None:
+                attn, *written = fused
+                self.written += written
                 return bb.emit(relax.op.reshape(attn, (1, heads * vd)))
         keys, values = self._write_cache(cache_k, k, cache_v, v, self.p + 1)
         q = bb.emit(relax.op.multiply(q, relax.const(np.float32(scale))))
@@ -155,6 +160,7 @@ class DecodeBuilder:
             gv = add_kernel(self.bb, cache_write(heads, width), f"kv_cache_write_kv{heads}_w{width}")
             written = self.bb.emit(relax.call_tir_inplace(gv, [cache, self._rows_first(new), relax.prim_value(self.p)],
                                                           [0], cache.ty))
+            self.written.append(written)
             out.append(self.bb.emit_te(te_ops.cache_rows, written, length, primfunc_name_hint="cache_rows"))
         return out
 

@@ -149,7 +149,7 @@ class KernelEmitter(LinearEmitter):
         # outputs: the attention (new), the two caches (written in place: arguments 3 and 4)
         outs = bb.emit(relax.call_tir_inplace(gv, [q, k, v, cache_k, cache_v, relax.prim_value(pos)], [-1, 3, 4], [
             relax.TensorType((heads, value_dim), "float32"), cache_k.ty, cache_v.ty]))
-        return bb.emit(relax.TupleGetItem(outs, 0))
+        return tuple(bb.emit(relax.TupleGetItem(outs, i)) for i in range(3))
 
     def dense(self, bb, x, entry: WeightEntry, vars_, name):
         if not entry.kernel:

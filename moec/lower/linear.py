@@ -69,9 +69,10 @@ class LinearEmitter:
                         "emitter")
 
     def decode_attention(self, bb, q, k, v, cache_k, cache_v, pos, scale: float):
-        """One token's attention ``[heads, value_dim]`` as one kernel that also writes ``k``/``v``
-        ``[kv_heads, 1, width]`` into row ``pos`` of the fixed-capacity caches in place; or None: the
-        graph then writes the caches and emits the scores, softmax and values as ops."""
+        """One token's ``(attention [heads, value_dim], cache_k, cache_v)`` from one kernel that also writes
+        ``k``/``v`` ``[kv_heads, 1, width]`` into row ``pos`` of the fixed-capacity caches in place (the
+        caches returned are those arguments); or None: the graph then writes the caches and emits the
+        scores, softmax and values as ops."""
         return None
 
     def embed(self, bb, token, entry: WeightEntry, vars_):

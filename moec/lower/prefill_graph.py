@@ -1,6 +1,6 @@
 """Relax prefill function: a whole prompt chunk in one call, experts as grouped GEMMs (the prefill ``Ops``).
 
-``prefill(tokens [T] int32, pos [1] int64, cache_k_0, cache_v_0, …, *params) -> (logits [1, V],)``
+``prefill(tokens [T] int32, pos [1] int64, cache_k_0, cache_v_0, …, *params) -> (logits [1, V], cache_k_0, …)``
 with ``T`` and ``P`` (= ``pos``, the cached length) symbolic: row ``t`` sits at position ``P + t``,
 its key and value are written into the fixed-capacity caches in place (as in decode), and it
 attends causally over rows ``0..P+t``; the logits are those of the last row (the next token). Each MoE layer sorts

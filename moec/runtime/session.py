@@ -301,7 +301,7 @@ class BundleSession:
         return [t.numpy()[:, :self.pos] for t in self.cache]
 
     def _ensure_capacity(self, tokens: int) -> None:
-        """Enlarge the cache (only when its size was not given, and only between sequences) to ``tokens``."""
+        """Enlarge the cache to ``tokens`` (at the start of a sequence, when its size was not given)."""
         if tokens > self.capacity and not self._context_given and self.pos == 0:
             self.cache = None  # the old buffers go before the new ones are made
             self.capacity = tokens
@@ -352,21 +352,22 @@ class BundleSession:
             self._keep_outputs(entry, out)
             return np.from_dlpack(out[0])[0]  # a view: the logits tensor lives as long as the array
         tokens = np.asarray(tokens, np.int32)
-        where = tvm.runtime.tensor(np.array([pos], np.int64), self.dev)
+        where = np.array([pos], np.int64)
         if self.remote is None:
             inp = self._token.get(entry)
             if inp is None or inp.shape[0] != tokens.shape[0]:
                 inp = self._token[entry] = tvm.runtime.tensor(tokens, self.dev)
             else:
                 inp.copyfrom(tokens)  # no allocation per decode step
-            out = self.vm[entry](inp, where, *self.cache, *self.params)
+            out = self.vm[entry](inp, tvm.runtime.tensor(where, self.dev), *self.cache, *self.params)
             self.pos = pos + len(tokens)
             self._keep_outputs(entry, list(out))
             return out[0].numpy()[0]
         # over RPC calling a VM function directly does not work; the stateful interface does
         failure = None
         try:
-            self.vm.set_input(entry, tvm.runtime.tensor(tokens, self.dev), where, *self.cache, *self.params)
+            self.vm.set_input(entry, tvm.runtime.tensor(tokens, self.dev), tvm.runtime.tensor(where, self.dev),
+                              *self.cache, *self.params)
             self.vm.invoke_stateful(entry)
             out = self.vm.get_outputs(entry)
             logits = out[0].numpy()[0]
@@ -379,9 +380,13 @@ class BundleSession:
         return logits
 
     def _keep_outputs(self, entry: str, out: list) -> None:
-        """After a nested bundle's decode call: its routed ids (``last_routed``) and counts."""
-        if entry == "decode" and len(out) > 1:
-            self.last_routed = out[1].numpy()  # [MoE layers, top_k] int32
+        """Over RPC the caches the call wrote (``set_input`` had copied them); after a nested bundle's decode
+        call, its routed ids (``last_routed``) and counts."""
+        n = len(self.cache)
+        if self.remote is not None:
+            self.cache = [out[i] for i in range(1, 1 + n)]
+        if entry == "decode" and len(out) > 1 + n:
+            self.last_routed = out[1 + n].numpy()  # [MoE layers, top_k] int32
             if self.drift is not None:
                 self.drift.observe(self.last_routed)
 
@@ -393,6 +398,11 @@ class BundleSession:
         if prompt_tokens + max_new_tokens - 1 > limit:  # the last new token is never fed back
             raise MoecError(f"prompt ({prompt_tokens} tokens) + max_new_tokens ({max_new_tokens}) exceeds the "
                             f"model's max_position_embeddings ({limit}); shorten the prompt or generate fewer tokens")
+        need = prompt_tokens + max_new_tokens - 1
+        if need > self.capacity and self._context_given:
+            raise MoecError(f"prompt ({prompt_tokens} tokens) + max_new_tokens ({max_new_tokens}) needs a KV cache "
+                            f"of {need} tokens but the session's context is {self.capacity}; open it with a larger "
+                            "context (BundleSession(context=...), moec run --context)")
 
     def generate(self, prompt_ids: list[int], max_new_tokens: int,
                  on_token: Callable[[int], None] | None = None) -> tuple[list[int], GenerationStats]:
@@ -401,12 +411,7 @@ class BundleSession:
             raise MoecError("prompt is empty")
         self.check_positions(len(prompt_ids), max_new_tokens)
         self.reset()
-        need = len(prompt_ids) + max_new_tokens - 1  # the last new token is never fed back
-        self._ensure_capacity(need)
-        if need > self.capacity:
-            raise MoecError(f"prompt ({len(prompt_ids)} tokens) + max_new_tokens ({max_new_tokens}) needs a KV cache "
-                            f"of {need} tokens but the session's context is {self.capacity}; open it with a larger "
-                            "context (BundleSession(context=...), moec run --context)")
+        self._ensure_capacity(len(prompt_ids) + max_new_tokens - 1)  # the last new token is never fed back
         first_switch = len(self.switches)
         t0 = time.perf_counter()
         logits = _finite(self.prefill(list(prompt_ids)), len(prompt_ids))
@@ -519,7 +524,7 @@ def _last_line(exc: BaseException) -> str:
 
 
 def open_remote_bundle(bundle: str | Path, tracker: str, key: str | None = None, timeout: float = 60.0,
-                       session_timeout: float = 0.0, trust: str | Path | None = None):
+                       session_timeout: float = 0.0, trust: str | Path | None = None, context: int | None = None):
     """A ``BundleSession`` of ``bundle`` on a device requested from ``tracker`` (``HOST:PORT``).
 
     ``key`` defaults to the bundle's target preset ``rpc_key``.
@@ -533,7 +538,7 @@ def open_remote_bundle(bundle: str | Path, tracker: str, key: str | None = None,
     log.info("requesting a '%s' device from tracker %s", key, addr)
     remote = request_device(addr, key, timeout=timeout, session_timeout=session_timeout)
     try:
-        return BundleSession(bundle, remote=remote, trust=trust)
+        return BundleSession(bundle, remote=remote, trust=trust, context=context)
     except BaseException:
         remote = None  # end the RPC session now (the traceback keeps this frame), freeing the device
         gc.collect()
