@@ -69,7 +69,7 @@ def test_default_context_grows_between_sequences(bundle, monkeypatch):
 
 
 def test_step_checks_no_weights(bundle):
-    """Per step the VM checks the token, the position and the caches, not the weights (weight_checks.py)."""
+    """Per step the VM checks the token, the position and the caches, not the weights (step_builtins.py)."""
     from moec.runtime.session import BundleSession
     with BundleSession(bundle) as sess:
         sess.prefill([1, 2])
