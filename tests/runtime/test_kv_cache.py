@@ -69,7 +69,8 @@ def test_default_context_grows_between_sequences(bundle, monkeypatch):
 
 
 def test_step_checks_no_weights(bundle):
-    """Per step the VM checks the token, the position and the caches, not the weights (step_builtins.py)."""
+    """Per step the VM checks the token, the position and the caches, not the weights, and does not free
+    constant-size storage kernel by kernel (step_builtins.py)."""
     from moec.runtime.session import BundleSession
     with BundleSession(bundle) as sess:
         sess.prefill([1, 2])
@@ -84,6 +85,8 @@ def test_step_checks_no_weights(bundle):
         sess.step(3)
         inputs = 2 + 2 * sess.cfg["num_layers"]  # token, pos, key and value cache per layer
         assert counts["vm.builtin.check_tensor_info"] == inputs < len(sess.params)
+        kernels = sum(n for sym, n in counts.items() if not sym.startswith("vm.builtin."))
+        assert 4 * counts["vm.builtin.null_value"] < kernels  # constant-size storage is not killed (was > 1 per kernel)
 
 
 def test_format_2_bundle_is_refused(bundle, tmp_path):
