@@ -16,7 +16,7 @@ from moec.core.errors import MoecError
               help="Tokens to generate (greedy); prompt + these must fit max_position_embeddings.")
 @click.option("--context", type=int, default=None,
               help="KV cache capacity in tokens, allocated once (default: the model's max_position_embeddings up to "
-                   "4096, or prompt + new tokens when more); a generation that would pass a given context is refused.")
+                   "1024, or prompt + new tokens when more); a generation that would pass a given context is refused.")
 @click.option("--rpc", "tracker", default=None, metavar="HOST:PORT",
               help="Run on a device requested from this TVM RPC tracker instead of this machine.")
 @click.option("--key", default=None, help="Device key at the tracker (default: the bundle target's rpc_key).")

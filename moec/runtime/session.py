@@ -28,7 +28,7 @@ from moec.runtime.remote import TrackerAddress, elf_machine, request_device
 
 
 #: Context (KV cache capacity, tokens) a session allocates when not told: the model's position limit up to this.
-DEFAULT_CONTEXT = 4096
+DEFAULT_CONTEXT = 1024
 
 
 def cache_shapes(cfg: dict, capacity: int) -> list[tuple[int, int, int]]:
