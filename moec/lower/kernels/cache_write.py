@@ -24,9 +24,12 @@ def cache_write(kv_heads: int, width: int) -> tirx.PrimFunc:
         rows = T.int64()
         cache = T.match_buffer(cache_h, (kv_heads, capacity, width), "float32")
         new = T.match_buffer(new_h, (rows, kv_heads, width), "float32")
-        for t, g, d in T.grid(rows, kv_heads, width):
-            with T.sblock("write"):
-                vt, vg, vd = T.axis.remap("SSS", [t, g, d])
-                cache[vg, pos + vt, vd] = new[vt, vg, vd]
+        with T.sblock("root"):  # a root block and explicit regions: what the GPU rules schedule
+            for t, g, d in T.grid(rows, kv_heads, width):
+                with T.sblock("write"):
+                    vt, vg, vd = T.axis.remap("SSS", [t, g, d])
+                    T.reads(new[vt, vg, vd])
+                    T.writes(cache[vg, pos + vt, vd])
+                    cache[vg, pos + vt, vd] = new[vt, vg, vd]
 
     return write
