@@ -151,22 +151,25 @@ class DecodeBuilder:
         attn = bb.emit_te(te_ops.attention_values, probs, values)
         return bb.emit(relax.op.reshape(attn, (1, heads * vd)))
 
+    #: Layout of the new keys/values ``_write_cache`` gets: ``[kv_heads, 1, width]`` here, ``[T, kv_heads, width]``
+    #: in prefill.
+    rows_first = False
+
     def _write_cache(self, cache_k, k, cache_v, v, length):
-        """Write rows ``k``/``v`` (``[kv_heads, T, width]``, T=1, or ``[T, kv_heads, width]`` in prefill: see
-        ``_rows_first``) into the caches at ``P..P+T-1`` in place; returns rows ``0..length-1`` of each (a copy)."""
+        """Write the new rows ``k``/``v`` (see ``rows_first``) into the caches at ``P..`` in place; returns rows
+        ``0..length-1`` of each (a copy)."""
         out = []
+        order = "t" if self.rows_first else "h"
         for cache, new in ((cache_k, k), (cache_v, v)):
             heads, width = int(cache.ty.shape[0]), int(cache.ty.shape[2])
-            gv = add_kernel(self.bb, cache_write(heads, width), f"kv_cache_write_kv{heads}_w{width}")
-            written = self.bb.emit(relax.call_tir_inplace(gv, [cache, self._rows_first(new), relax.prim_value(self.p)],
-                                                          [0], cache.ty))
+            gv = add_kernel(self.bb, cache_write(heads, width, self.rows_first),
+                            f"kv_cache_write_{order}_kv{heads}_w{width}")
+            written = self.bb.emit(relax.call_tir_inplace(gv, [cache, new, relax.prim_value(self.p)], [0], cache.ty))
             self.written.append(written)
-            out.append(self.bb.emit_te(te_ops.cache_rows, written, length, primfunc_name_hint="cache_rows"))
+            # opaque: fused into its consumer, FuseTIR cannot match the consumer's ``P + 1`` and ``P + 2`` shapes
+            out.append(self.bb.emit_te(te_ops.cache_rows, written, length, primfunc_name_hint="cache_rows",
+                                       primfunc_attrs={"op_pattern": 8}))
         return out
-
-    def _rows_first(self, x):
-        """The token's ``[kv_heads, 1, width]`` as ``[1, kv_heads, width]`` (the same memory)."""
-        return self._reshape(x, (1, x.ty.shape[0], x.ty.shape[2]))
 
     def _softmax_input(self, scores, window, sinks):
         """Scores ``[H, (T,) S]`` with keys outside a sliding window masked and the per-head sink logit

@@ -34,6 +34,7 @@ class PrefillBuilder(DecodeBuilder):
     """Builds the ``prefill`` function; shares parameters and ops with the decode graph."""
 
     function_name, tokens_name = "prefill", "tokens"
+    rows_first = True  # the new keys and values are [T, kv_heads, width]
 
     def supported(self) -> bool:
         """Whether the emitter has grouped-GEMM kernels for every expert stack (none for nested stacks yet)."""
@@ -85,9 +86,6 @@ class PrefillBuilder(DecodeBuilder):
         attn = self._kernel_call(causal_values_kernel(int(heads), int(kv_heads), int(vd)),
                                  f"causal_values_h{int(heads)}_kv{int(kv_heads)}_v{int(vd)}", [probs, values], (rows, heads, vd))
         return bb.emit(relax.op.reshape(attn, (rows, heads * vd)))
-
-    def _rows_first(self, x):
-        return x  # prefill's keys and values are already [T, kv_heads, width]
 
     def _kernel_call(self, func, name, args, shape):
         """Call a prefill CPU kernel (opaque to fusion, one per distinct ``name``: layers of one shape share
