@@ -3,8 +3,10 @@
 Each round starts a fresh process per thread count (the TVM pool is process-wide), feeds a
 16-token prompt and times ``--steps`` decode steps (wall clock, and the calling thread's CPU
 time: with one TVM thread that is the step's own work, which a loaded machine does not inflate
-by preempting it). ``--threads 2`` reproduces the pool that
-small bundles used before they were given one thread.
+by preempting it, and the calling thread's minor page faults, ``getrusage(RUSAGE_THREAD)``).
+``--threads 2`` reproduces the pool that small bundles used before they were given one thread.
+The child uses only ``BundleSession(bundle, threads)``, ``prefill`` and ``step``, so running this
+script with another checkout on ``PYTHONPATH`` times that checkout's runtime.
 
 Usage::
 
@@ -22,15 +24,16 @@ import sys
 import numpy as np
 
 CHILD = r'''
-import json, sys, time
+import json, resource, sys, time
 from moec.runtime.session import BundleSession
 s = BundleSession(sys.argv[1], threads=int(sys.argv[2]))
 s.prefill(list(range(3, 19)))
-ts, cpu = [], []
+ts, cpu, faults = [], [], []
+usage = lambda: resource.getrusage(resource.RUSAGE_THREAD).ru_minflt
 for i in range(int(sys.argv[3])):
-    t0, c0 = time.perf_counter(), time.thread_time(); s.step(5 + i % 50)
-    ts.append(time.perf_counter() - t0); cpu.append(time.thread_time() - c0)
-print(json.dumps([ts, cpu]))
+    f0, t0, c0 = usage(), time.perf_counter(), time.thread_time(); s.step(5 + i % 50)
+    ts.append(time.perf_counter() - t0); cpu.append(time.thread_time() - c0); faults.append(usage() - f0)
+print(json.dumps([ts, cpu, faults]))
 '''
 
 
@@ -51,20 +54,27 @@ def main() -> None:
     print(f"load average before: {os.getloadavg()}", flush=True)
     res: dict[int, list[np.ndarray]] = {t: [] for t in counts}
     cpu: dict[int, list[np.ndarray]] = {t: [] for t in counts}
+    faults: dict[int, list[np.ndarray]] = {t: [] for t in counts}
     for r in range(args.rounds):
         for t in counts:
             out = subprocess.run([sys.executable, "-c", CHILD, args.bundle, str(t), str(args.steps)],
                                  check=True, capture_output=True, text=True).stdout
-            wall, used = (np.array(a) * 1e3 for a in json.loads(out.strip().splitlines()[-1]))
+            wall, used, flt = json.loads(out.strip().splitlines()[-1])
+            wall, used = np.array(wall) * 1e3, np.array(used) * 1e3
             res[t].append(wall)
             cpu[t].append(used)
-            print(f"round {r} threads={t}: {summary(wall)}", flush=True)
+            faults[t].append(np.array(flt, float))
+            print(f"round {r} threads={t}: {summary(wall)}; CPU p50 {np.median(used):.3f} p99 "
+                  f"{np.percentile(used, 99):.3f} ms; minor faults per step mean {np.mean(flt):.2f}", flush=True)
     print(f"load average after: {os.getloadavg()}")
     for t in counts:
         print(f"all rounds threads={t}: {summary(np.concatenate(res[t]))}")
     for t in counts:  # on one thread the step's CPU time is its work without the scheduler's preemptions
-        print(f"all rounds threads={t} CPU time of the calling thread: p50 "
-              f"{np.median(np.concatenate(cpu[t])):.3f} ms")
+        used, flt = np.concatenate(cpu[t]), np.concatenate(faults[t])
+        p50, p99 = np.percentile(used, [50, 99])
+        print(f"all rounds threads={t} CPU time of the calling thread: p50 {p50:.3f} p99 {p99:.3f} ms "
+              f"(p99/p50 {p99 / p50:.2f}); minor page faults per step: mean {flt.mean():.2f}, "
+              f"steps with any {np.mean(flt > 0) * 100:.1f} %")
 
 
 if __name__ == "__main__":

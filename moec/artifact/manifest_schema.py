@@ -8,7 +8,10 @@ from pathlib import PurePosixPath
 from moec.core.errors import MoecError
 
 FORMAT = "moec-bundle"
-FORMAT_VERSION = 2  # 2: weights.bin + weights.json replace weights.npz
+# 2: weights.bin + weights.json replace weights.npz; 3: decode/prefill take a position and fixed-capacity KV
+# caches written in place (2 returned a new, one-token-longer cache per call)
+FORMAT_VERSION = 3
+_OLD_VERSIONS = {1: " (weights.npz)", 2: " (a KV cache that grows by a copy per token)"}
 RESERVED = ("manifest.json", "manifest.sig")
 _SHA = re.compile(r"[0-9a-f]{64}")
 _NAME = re.compile(r"[A-Za-z0-9._\-]+")
@@ -53,7 +56,8 @@ def check_manifest(m, where: str) -> None:
     if m.get("format") != FORMAT:
         raise MoecError(f"{where} is not a moec bundle (format {str(m.get('format'))[:40]!r})")
     if m.get("format_version") != FORMAT_VERSION or isinstance(m.get("format_version"), bool):
-        old = " (weights.npz)" if m.get("format_version") == 1 else ""
+        version = m.get("format_version")
+        old = _OLD_VERSIONS.get(version, "") if type(version) is int else ""
         raise MoecError(f"{where}: bundle format version {str(m.get('format_version'))[:20]}{old} is not supported "
                         f"(this moec reads {FORMAT_VERSION}); rebuild it with moec compile or moec build")
     unknown = sorted(set(m) - set(_FIELDS))

@@ -14,6 +14,9 @@ from moec.core.errors import MoecError
 @click.option("--prompt", required=True, help="Text to continue.")
 @click.option("--max-new-tokens", type=click.IntRange(1, 1 << 20), default=32, show_default=True,
               help="Tokens to generate (greedy); prompt + these must fit max_position_embeddings.")
+@click.option("--context", type=int, default=None,
+              help="KV cache capacity in tokens, allocated once (default: the model's max_position_embeddings up to "
+                   "1024, or prompt + new tokens when more); a generation that would pass a given context is refused.")
 @click.option("--rpc", "tracker", default=None, metavar="HOST:PORT",
               help="Run on a device requested from this TVM RPC tracker instead of this machine.")
 @click.option("--key", default=None, help="Device key at the tracker (default: the bundle target's rpc_key).")
@@ -38,7 +41,7 @@ from moec.core.errors import MoecError
                    "widest front plan whose modelled J/token is at most J; drift:TV re-plans at the same bytes when "
                    "the routing of the last 16 tokens is more than TV (total variation) away from the profile's.")
 @click.option("--verbose", is_flag=True, help="Print the plan in force and every plan switch (stderr).")
-def run_cmd(bundle, prompt, max_new_tokens, tracker, key, trust, trust_verified, timeout, plan, switches, adapt, verbose):
+def run_cmd(bundle, prompt, max_new_tokens, context, tracker, key, trust, trust_verified, timeout, plan, switches, adapt, verbose):
     """Generate text from a compiled BUNDLE (hashes verified before loading), here or on a remote device."""
     from moec.runtime.session import BundleSession
 
@@ -53,10 +56,10 @@ def run_cmd(bundle, prompt, max_new_tokens, tracker, key, trust, trust_verified,
     if tracker is None:
         if key is not None:
             raise MoecError("--key needs --rpc HOST:PORT (the tracker to ask)")
-        sess = BundleSession(bundle, trust=trust, trust_verified=trust_verified)
+        sess = BundleSession(bundle, trust=trust, trust_verified=trust_verified, context=context)
     else:
         from moec.runtime.session import open_remote_bundle
-        sess = open_remote_bundle(bundle, tracker, key, timeout=timeout, trust=trust)
+        sess = open_remote_bundle(bundle, tracker, key, timeout=timeout, trust=trust, context=context)
     try:
         if plan is not None:
             sess.set_plan(plan)

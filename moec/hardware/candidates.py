@@ -96,7 +96,7 @@ class BundleCandidate:
 
         from moec.artifact.bundle import verified_copy, verify_bundle
         from moec.core.outputs import work_dir
-        from moec.runtime.session import empty_cache
+        from moec.runtime.session import new_cache
 
         self.manifest = verify_bundle(self.path)  # again: the bundle may have changed since it was queued
         with work_dir("moec-upload-") as private:
@@ -106,17 +106,19 @@ class BundleCandidate:
         vm = tvm.runtime.vm.VirtualMachine(lib, dev)
         from moec.artifact.weights_file import device_params
         params = device_params(self.path, self.manifest["params"], dev, zero_copy=False)
-        c = self.cfg
-        past = [tvm.runtime.tensor(e, dev) for _ in range(c["num_layers"]) for e in empty_cache(c)]
+        stream = list(self.token_stream(protocol))
+        # the timer runs each step's call number x repeat times more, each writing row pos again
+        cache = new_cache(self.cfg, max(1, len(stream)), dev)
         per_step = []
         with _DeviceEnergy(remote, energy_spec) as energy:
-            for tok in self.token_stream(protocol):
-                vm.set_input("decode", tvm.runtime.tensor(np.array([tok], np.int32), dev), *past, *params)
+            for pos, tok in enumerate(stream):
+                vm.set_input("decode", tvm.runtime.tensor(np.array([tok], np.int32), dev),
+                             tvm.runtime.tensor(np.array([pos], np.int64), dev), *cache, *params)
                 timer = vm.time_evaluator("invoke_stateful", dev, number=protocol.number, repeat=protocol.repeat)
                 per_step.append(list(timer("decode").results))
                 vm.invoke_stateful("decode")
-                out = vm.get_outputs("decode")
-                past = [out[i] for i in range(1, 1 + len(past))]  # a nested bundle's routed ids follow
+                out = vm.get_outputs("decode")  # set_input copied the caches: keep the ones the call wrote
+                cache = [out[i] for i in range(1, 1 + len(cache))]
         times = np.asarray(per_step)  # [steps, repeats]
         # each repeat: mean step time over the stream; best: every step at its fastest repeat (on a
         # shared machine other processes only ever add time)

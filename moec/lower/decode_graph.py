@@ -1,8 +1,14 @@
 """Relax decode-step function of a canonical MoE model under a bit plan: the Relax decode backend of ``Ops``.
 
-``decode(token [1] int32, past_k_0, past_v_0, …, *params) -> (logits [1, V], present_k_0, present_v_0, …)``
-where ``past_*`` are ``[kv_heads, P, head_dim]`` (P symbolic, the cached length = the new
-token's position) and ``present_*`` are ``[kv_heads, P + 1, head_dim]``. The layers are
+``decode(token [1] int32, pos [1] int64, cache_k_0, cache_v_0, …, *params) -> (logits [1, V], cache_k_0, …,
+[routed ids])`` where ``cache_*`` are fixed-capacity ``[kv_heads, C, head_dim]`` buffers (``C``
+symbolic: the session's context) holding the keys/values of positions ``0..pos-1``; the call
+writes the token's key and value into row ``pos`` of each in place (``call_tir_inplace``: no cache
+is allocated or copied) and attends over rows ``0..pos``. The caches it returns are those
+arguments (aliases, no copy): a local caller ignores them; over RPC, where TVM's ``set_input``
+copies every tensor argument, they are the device copies the call wrote. ``pos`` becomes the symbolic ``P`` through
+``tensor_to_shape``; a tensor rather than a shape argument because TVM RPC cannot pass shapes.
+The function's ``num_input`` attribute counts the arguments before the parameters. The layers are
 ``moec.arch.blocks`` emitted through this builder's ops (activations ``[1, H]``, heads
 ``[heads, head_dim]``). Experts are called per bit class with the routed ids remapped into that
 class' stack (see ``params.py``), so only routed experts' weights are read.
@@ -18,6 +24,8 @@ from tvm import relax, tirx
 from moec.arch import blocks
 from moec.arch.ops import Routing
 from moec.lower import te_ops
+from moec.lower.kernels.cache_write import cache_write
+from moec.lower.kernels.factory import add_kernel
 from moec.lower.linear import LinearEmitter
 from moec.lower.params import ModelParams
 from moec.core.config import MoEConfig, rope_inv_freq
@@ -46,19 +54,24 @@ class DecodeBuilder:
         cfg = self.cfg
         self.bb = bb = bb or relax.BlockBuilder()
         self.p = tirx.Var("P", "int64")
+        capacity = tirx.Var("C", "int64")
         shapes = dict(zip("kv", cfg.kv_cache_shapes()))  # MLA: one latent "head" (see MoEConfig)
         tokens = relax.Var(self.tokens_name, relax.TensorType((self._token_count(),), "int32"))
-        self.past = [relax.Var(f"past_{kind}_{i}", relax.TensorType((shapes[kind][0], self.p, shapes[kind][1]),
-                                                                     "float32"))
-                     for i in range(cfg.num_layers) for kind in ("k", "v")]
-        self.presents: list[relax.Var] = []
+        pos = relax.Var("pos", relax.TensorType((1,), "int64"))
+        self.cache = [relax.Var(f"cache_{kind}_{i}", relax.TensorType((shapes[kind][0], capacity, shapes[kind][1]),
+                                                                      "float32"))
+                      for i in range(cfg.num_layers) for kind in ("k", "v")]
         self.routed: list[relax.Var] = []  # decode of nested stacks: each MoE layer's routed ids, an output
+        self.written: list[relax.Var] = []  # each cache after its in-place write (the same tensor), in order
         self._views: dict[relax.Var, relax.Var] = {}  # reshape result -> the tensor it views
-        with bb.function(self.function_name, [tokens] + self.past + list(self.vars.values())):
+        inputs = [tokens, pos] + self.cache
+        with bb.function(self.function_name, inputs + list(self.vars.values()), attrs={"num_input": len(inputs)}):
             with bb.dataflow():
+                shape = bb.emit(relax.op.tensor_to_shape(pos))
+                bb.match_cast(shape, relax.ShapeType([self.p]))  # defines P
                 logits = blocks.causal_lm(self, cfg, tokens)
                 routed = [bb.emit(relax.op.concat(self.routed, axis=0))] if self.routed else []
-                out = bb.emit_output(relax.Tuple([logits] + self.presents + routed))
+                out = bb.emit_output(relax.Tuple([logits] + self.written + routed))
             bb.emit_func_output(out)
         # head views superseded by a later reshape of the same tensor (see _reshape) are unused
         gv = bb.get().get_global_var(self.function_name)
@@ -114,9 +127,7 @@ class DecodeBuilder:
         return self._reshape(x, (heads, head_dim))
 
     def rope(self, x):
-        # the position is the cached length, P of any past tensor
-        return self.bb.emit_te(lambda t, c, f: te_ops.rope(t, c.shape[1], f), x, self.past[0], self._inv_freq(),
-                               primfunc_name_hint="rope")
+        return self.bb.emit_te(te_ops.rope, x, self.p, self._inv_freq(), primfunc_name_hint="rope")
 
     def _inv_freq(self):
         return relax.const(np.array(rope_inv_freq(self.cfg), np.float32))
@@ -124,23 +135,41 @@ class DecodeBuilder:
     def attend(self, q, k, v, layer, scale, window=0, sinks=None):
         """One token's attention over the cache: ``[1, heads * v_head_dim]``."""
         bb = self.bb
-        past_k, past_v = self.past[2 * layer], self.past[2 * layer + 1]
+        cache_k, cache_v = self.cache[2 * layer], self.cache[2 * layer + 1]
         kvh, hd, vd, heads = k.ty.shape[0], k.ty.shape[1], v.ty.shape[1], q.ty.shape[0]
         v, k = self._reshape(v, (kvh, 1, vd)), self._reshape(k, (kvh, 1, hd))
-        fused = None if window or sinks is not None else self.emitter.decode_attention(bb, q, past_k, k, past_v,
-                                                                                         v, scale)
-        if fused is not None:  # cache append, scores, softmax and values in one kernel (CPU kernel emitters)
-            attn, keys, values = fused
-            self.presents += [keys, values]
-            return bb.emit(relax.op.reshape(attn, (1, heads * vd)))
-        keys = bb.emit(relax.op.concat([past_k, k], axis=1))
-        values = bb.emit(relax.op.concat([past_v, v], axis=1))
-        self.presents += [keys, values]
+        if not window and sinks is None:  # cache write, scores, softmax and values in one kernel (CPU kernels)
+            fused = self.emitter.decode_attention(bb, q, k, v, cache_k, cache_v, self.p, scale)
+            if fused is not None:
+                attn, *written = fused
+                self.written += written
+                return bb.emit(relax.op.reshape(attn, (1, heads * vd)))
+        keys, values = self._write_cache(cache_k, k, cache_v, v, self.p + 1)
         q = bb.emit(relax.op.multiply(q, relax.const(np.float32(scale))))
         scores = self._softmax_input(bb.emit_te(te_ops.attention_scores, q, keys), window, sinks)
         probs = bb.emit(relax.op.nn.softmax(scores, axis=-1))
         attn = bb.emit_te(te_ops.attention_values, probs, values)
         return bb.emit(relax.op.reshape(attn, (1, heads * vd)))
+
+    #: Layout of the new keys/values ``_write_cache`` gets: ``[kv_heads, 1, width]`` here, ``[T, kv_heads, width]``
+    #: in prefill.
+    rows_first = False
+
+    def _write_cache(self, cache_k, k, cache_v, v, length):
+        """Write the new rows ``k``/``v`` (see ``rows_first``) into the caches at ``P..`` in place; returns rows
+        ``0..length-1`` of each (a copy)."""
+        out = []
+        order = "t" if self.rows_first else "h"
+        for cache, new in ((cache_k, k), (cache_v, v)):
+            heads, width = int(cache.ty.shape[0]), int(cache.ty.shape[2])
+            gv = add_kernel(self.bb, cache_write(heads, width, self.rows_first),
+                            f"kv_cache_write_{order}_kv{heads}_w{width}")
+            written = self.bb.emit(relax.call_tir_inplace(gv, [cache, new, relax.prim_value(self.p)], [0], cache.ty))
+            self.written.append(written)
+            # opaque: fused into its consumer, FuseTIR cannot match the consumer's ``P + 1`` and ``P + 2`` shapes
+            out.append(self.bb.emit_te(te_ops.cache_rows, written, length, primfunc_name_hint="cache_rows",
+                                       primfunc_attrs={"op_pattern": 8}))
+        return out
 
     def _softmax_input(self, scores, window, sinks):
         """Scores ``[H, (T,) S]`` with keys outside a sliding window masked and the per-head sink logit

@@ -171,7 +171,7 @@ class KernelEmitter(LinearEmitter):
             (2,), lambda i: tirx.if_then_else(i == 0, 0, t.shape[0]).astype("int32"), name="offsets"), x)
         return self.grouped(bb, x, entry, vars_, name, offsets)
 
-    def decode_attention(self, bb, q, past_k, k, past_v, v, scale: float):
+    def decode_attention(self, bb, q, k, v, cache_k, cache_v, pos, scale: float):
         heads, kv_heads = int(q.ty.shape[0]), int(k.ty.shape[0])
         head_dim, value_dim = int(q.ty.shape[1]), int(v.ty.shape[2])
         key = ("attention", heads, kv_heads, head_dim, value_dim, float(scale))
@@ -179,10 +179,9 @@ class KernelEmitter(LinearEmitter):
             self._kernels[key] = decode_attention(heads, kv_heads, head_dim, value_dim, scale)
         # one softmax scale per model: a second one would be a different kernel, refused by add_kernel
         gv = add_kernel(bb, self._kernels[key], f"decode_attention_h{heads}_kv{kv_heads}_d{head_dim}_v{value_dim}")
-        length = past_k.ty.shape[1] + 1
-        outs = bb.emit(relax.call_tir(gv, [q, past_k, k, past_v, v], [
-            relax.TensorType((heads, value_dim), "float32"), relax.TensorType((kv_heads, length, head_dim), "float32"),
-            relax.TensorType((kv_heads, length, value_dim), "float32")]))
+        # outputs: the attention (new), the two caches (written in place: arguments 3 and 4)
+        outs = bb.emit(relax.call_tir_inplace(gv, [q, k, v, cache_k, cache_v, relax.prim_value(pos)], [-1, 3, 4], [
+            relax.TensorType((heads, value_dim), "float32"), cache_k.ty, cache_v.ty]))
         return tuple(bb.emit(relax.TupleGetItem(outs, i)) for i in range(3))
 
     def dense(self, bb, x, entry: WeightEntry, vars_, name):

@@ -81,10 +81,11 @@ class LinearEmitter:
         """Prefill rows of a nested stack sorted by expert (``offsets``) at the widths of ``prec``: needs kernels."""
         return self.nested_experts(bb, x, entry, vars_, name, None, prec)
 
-    def decode_attention(self, bb, q, past_k, k, past_v, v, scale: float):
-        """One token's ``(attention [heads, value_dim], keys, values)``: the cache with ``k``/``v``
-        ``[kv_heads, 1, width]`` appended, and attention over it, as one kernel; or None: the graph
-        then emits the concats, scores, softmax and values as ops."""
+    def decode_attention(self, bb, q, k, v, cache_k, cache_v, pos, scale: float):
+        """One token's ``(attention [heads, value_dim], cache_k, cache_v)`` from one kernel that also writes
+        ``k``/``v`` ``[kv_heads, 1, width]`` into row ``pos`` of the fixed-capacity caches in place (the
+        caches returned are those arguments); or None: the graph then writes the caches and emits the
+        scores, softmax and values as ops."""
         return None
 
     def embed(self, bb, token, entry: WeightEntry, vars_):

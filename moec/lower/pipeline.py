@@ -15,6 +15,7 @@ from tvm import relax
 
 from moec.lower.schedules.cpu_rules import cpu_rules
 from moec.lower.schedules.gpu_rules import check_gpu_bound, gpu_rules, reset_cpu_schedules
+from moec.lower.step_builtins import drop_weight_checks, keep_static_storage
 
 
 Phase = tuple[str, Callable[[tvm.target.Target], list]]
@@ -48,8 +49,8 @@ def _dataflow_lower(target) -> list:
 
 def _finalize(target) -> list:
     return [relax.transform.StaticPlanBlockMemory(), relax.transform.LowerAllocTensor(),
-            relax.transform.KillAfterLastUse(), relax.transform.LowerRuntimeBuiltin(),
-            relax.transform.ComputePrimValue(), relax.transform.VMShapeLower(),
+            relax.transform.KillAfterLastUse(), relax.transform.LowerRuntimeBuiltin(), keep_static_storage,
+            relax.transform.ComputePrimValue(), relax.transform.VMShapeLower(), drop_weight_checks,
             relax.transform.AttachGlobalSymbol()]
 
 

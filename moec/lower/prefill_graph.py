@@ -1,8 +1,9 @@
 """Relax prefill function: a whole prompt chunk in one call, experts as grouped GEMMs (the prefill ``Ops``).
 
-``prefill(tokens [T] int32, past_k_0, past_v_0, …, *params) -> (logits [1, V], present_k_0, …)``
-with ``T`` and the cached length ``P`` symbolic: row ``t`` sits at position ``P + t`` and
-attends causally; the logits are those of the last row (the next token). Each MoE layer sorts
+``prefill(tokens [T] int32, pos [1] int64, cache_k_0, cache_v_0, …, *params) -> (logits [1, V], cache_k_0, …)``
+with ``T`` and ``P`` (= ``pos``, the cached length) symbolic: row ``t`` sits at position ``P + t``,
+its key and value are written into the fixed-capacity caches in place (as in decode), and it
+attends causally over rows ``0..P+t``; the logits are those of the last row (the next token). Each MoE layer sorts
 its ``T * top_k`` (token, slot) pairs per bit class by expert id in that class' stack
 (``argsort`` of the remapped id, pairs of other classes last), computes
 ``offsets[e] = #pairs with id < e``, runs one grouped GEMM per projection over the sorted
@@ -39,6 +40,7 @@ class PrefillBuilder(DecodeBuilder):
     """Builds the ``prefill`` function; shares parameters and ops with the decode graph."""
 
     function_name, tokens_name = "prefill", "tokens"
+    rows_first = True  # the new keys and values are [T, kv_heads, width]
 
     def supported(self) -> bool:
         """Whether the emitter has grouped-GEMM kernels for every expert stack (fixed-width or nested)."""
@@ -77,9 +79,7 @@ class PrefillBuilder(DecodeBuilder):
         bb = self.bb
         rows, heads = q.ty.shape[0], q.ty.shape[1]
         vd = v.ty.shape[2]
-        keys = bb.emit(relax.op.concat([self.past[2 * layer], relax.op.permute_dims(k, [1, 0, 2])], axis=1))
-        values = bb.emit(relax.op.concat([self.past[2 * layer + 1], relax.op.permute_dims(v, [1, 0, 2])], axis=1))
-        self.presents += [keys, values]
+        keys, values = self._write_cache(self.cache[2 * layer], k, self.cache[2 * layer + 1], v, self.p + rows)
         q = bb.emit(relax.op.multiply(q, relax.const(np.float32(scale))))
         kv_heads, keys_len = keys.ty.shape[0], keys.ty.shape[1]
         keys_t = bb.emit(relax.op.permute_dims(keys, [0, 2, 1]))

@@ -139,3 +139,8 @@ def sliding_window(scores: te.Tensor, window: int) -> te.Tensor:
 def last_row(x: te.Tensor) -> te.Tensor:
     """``x [T, D]`` → ``[1, D]``, its last row."""
     return te.compute((1, x.shape[1]), lambda _, j: x[x.shape[0] - 1, j], name="last_row")
+
+
+def cache_rows(cache: te.Tensor, length) -> te.Tensor:
+    """``cache [heads, C, width]`` → its first ``length`` rows ``[heads, length, width]`` (a copy)."""
+    return te.compute((cache.shape[0], length, cache.shape[2]), lambda g, t, d: cache[g, t, d], name="cache_rows")

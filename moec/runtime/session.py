@@ -27,10 +27,20 @@ from moec.runtime.plan_switch import PlanSwitch, as_plan, expert_bytes
 from moec.runtime.remote import TrackerAddress, elf_machine, request_device
 
 
-def empty_cache(cfg: dict) -> tuple[np.ndarray, np.ndarray]:
-    """One layer's empty key and value cache (``[heads, 0, width]``; MLA: the latent, see ``MoEConfig``)."""
+#: Context (KV cache capacity, tokens) a session allocates when not told: the model's position limit up to this.
+DEFAULT_CONTEXT = 1024
+
+
+def cache_shapes(cfg: dict, capacity: int) -> list[tuple[int, int, int]]:
+    """Shapes of the KV cache buffers the decode and prefill functions take, in argument order: per layer
+    ``[heads, capacity, width]`` for the key, then the value (MLA: the latent, see ``MoEConfig``)."""
     (kh, kd), (vh, vd) = config_from_dict(cfg, "bundle model config").kv_cache_shapes()
-    return np.zeros((kh, 0, kd), np.float32), np.zeros((vh, 0, vd), np.float32)
+    return [shape for _ in range(cfg["num_layers"]) for shape in ((kh, capacity, kd), (vh, capacity, vd))]
+
+
+def new_cache(cfg: dict, capacity: int, dev) -> list:
+    """Zeroed KV cache tensors on ``dev`` (every page touched now, not during decode steps)."""
+    return [tvm.runtime.tensor(np.zeros(shape, np.float32), dev) for shape in cache_shapes(cfg, capacity)]
 
 
 @dataclass
@@ -59,10 +69,15 @@ class BundleSession:
     On a remote device the library is uploaded and loaded there, the weights are copied into its
     memory once, and each decode step runs the Relax VM there (only the token goes in and the
     logits come back; the KV cache stays on the device).
+
+    The KV cache is allocated once per layer at a fixed capacity, ``context`` tokens (default: the
+    model's ``max_position_embeddings`` up to ``DEFAULT_CONTEXT``), and every call writes its tokens'
+    keys and values into it in place. A call that would pass the capacity raises a one-line
+    :class:`MoecError`; :meth:`generate` enlarges a cache whose size was not given to what it needs.
     """
 
     def __init__(self, bundle: str | os.PathLike, remote=None, trust: str | os.PathLike | None = None,
-                 threads: int | None = None, trust_verified: bool = False) -> None:
+                 threads: int | None = None, trust_verified: bool = False, context: int | None = None) -> None:
         root = self._root = Path(bundle)
         # the whole bundle verifies (and, with ``trust``, its signature) before lib.so is touched;
         # ``trust_verified`` (opt-in) skips re-hashing files unchanged since their last full check
@@ -116,7 +131,15 @@ class BundleSession:
         self.eos = self.manifest.get("eos_token_id")
         self._token = {}  # decode/prefill input tensors, reused while the length matches
         self._local: dict[str, tuple] = {}  # local CPU: entry -> (VM function, token buffer, its tensor view)
-        self._empty = empty_cache(self.cfg)
+        self._pos = None  # local CPU: (position buffer, its tensor view)
+        limit = self.cfg["max_position"]
+        if context is not None and (isinstance(context, bool) or not isinstance(context, int)
+                                    or not 1 <= context <= limit):
+            raise MoecError(f"context must be a whole number of tokens from 1 to the model's "
+                            f"max_position_embeddings ({limit}), got {context!r}")
+        self._context_given = context is not None
+        self.capacity = context if context is not None else min(limit, DEFAULT_CONTEXT)
+        self.cache = new_cache(self.cfg, self.capacity, self.dev)
         self.calls = 0  # decode steps and prefills run since load
         self.switches: list[PlanSwitch] = []
         self.last_routed: np.ndarray | None = None  # nested bundles: routed ids of the last decode step
@@ -256,7 +279,7 @@ class BundleSession:
         reference cycles, so everything is dropped and collected here rather than left to the GC.
         """
         remote = self.remote
-        for name in ("past", "params", "_local", "vm", "dev", "remote"):
+        for name in ("cache", "_pos", "params", "_local", "vm", "dev", "remote"):
             if hasattr(self, name):
                 delattr(self, name)
         if remote is not None:
@@ -270,7 +293,19 @@ class BundleSession:
         self.close()
 
     def reset(self) -> None:
-        self.past = [tvm.runtime.tensor(e, self.dev) for _ in range(self.cfg["num_layers"]) for e in self._empty]
+        """Start a new sequence: the next token goes to position 0 (the cache buffers are reused)."""
+        self.pos = 0
+
+    def kv_cache(self) -> list[np.ndarray]:
+        """Copies of the filled part of each cache buffer (``[heads, pos, width]``, key then value per layer)."""
+        return [t.numpy()[:, :self.pos] for t in self.cache]
+
+    def _ensure_capacity(self, tokens: int) -> None:
+        """Enlarge the cache to ``tokens`` (at the start of a sequence, when its size was not given)."""
+        if tokens > self.capacity and not self._context_given and self.pos == 0:
+            self.cache = None  # the old buffers go before the new ones are made
+            self.capacity = tokens
+            self.cache = new_cache(self.cfg, tokens, self.dev)
 
     @property
     def has_prefill(self) -> bool:
@@ -291,34 +326,48 @@ class BundleSession:
         return self._run("decode", [token])
 
     def _run(self, entry: str, tokens: list[int]) -> np.ndarray:
-        """Call ``entry`` (decode or prefill) on ``tokens`` with the cache; keep the new cache."""
+        """Call ``entry`` (decode or prefill) on ``tokens`` at position ``self.pos``: the call writes their
+        keys and values into the cache in place; ``pos`` then moves past them."""
+        if self.pos + len(tokens) > self.capacity:
+            raise MoecError(f"the KV cache is full: {len(tokens)} more token(s) at position {self.pos} pass its "
+                            f"capacity of {self.capacity} tokens; open the session with a larger context "
+                            f"(BundleSession(context=...), moec run --context)")
         self.calls += 1
+        pos = self.pos
         if self.remote is None and self.device_kind == "cpu":
-            # the token buffer is a numpy array TVM reads in place (DLPack): writing it is the whole
-            # input transfer; the VM function handle is looked up once
+            # the token and position buffers are numpy arrays TVM reads in place (DLPack): writing them
+            # is the whole input transfer; the VM function handle is looked up once
             fn, buf, inp = self._local.get(entry, (None, None, None))
             if buf is None or buf.shape[0] != len(tokens):
-                buf = _aligned_int32(len(tokens))
+                buf = _aligned(len(tokens), np.int32)
                 fn, inp = self.vm[entry], tvm.runtime.from_dlpack(buf)
                 self._local[entry] = (fn, buf, inp)
+            if self._pos is None:
+                self._pos = (_aligned(1, np.int64),)
+                self._pos += (tvm.runtime.from_dlpack(self._pos[0]),)
             buf[:] = tokens
-            out = fn(inp, *self.past, *self.params)
+            self._pos[0][0] = pos
+            out = fn(inp, self._pos[1], *self.cache, *self.params)
+            self.pos = pos + len(tokens)
             self._keep_outputs(entry, out)
             return np.from_dlpack(out[0])[0]  # a view: the logits tensor lives as long as the array
         tokens = np.asarray(tokens, np.int32)
+        where = np.array([pos], np.int64)
         if self.remote is None:
             inp = self._token.get(entry)
             if inp is None or inp.shape[0] != tokens.shape[0]:
                 inp = self._token[entry] = tvm.runtime.tensor(tokens, self.dev)
             else:
                 inp.copyfrom(tokens)  # no allocation per decode step
-            out = self.vm[entry](inp, *self.past, *self.params)
+            out = self.vm[entry](inp, tvm.runtime.tensor(where, self.dev), *self.cache, *self.params)
+            self.pos = pos + len(tokens)
             self._keep_outputs(entry, list(out))
             return out[0].numpy()[0]
         # over RPC calling a VM function directly does not work; the stateful interface does
         failure = None
         try:
-            self.vm.set_input(entry, tvm.runtime.tensor(tokens, self.dev), *self.past, *self.params)
+            self.vm.set_input(entry, tvm.runtime.tensor(tokens, self.dev), tvm.runtime.tensor(where, self.dev),
+                              *self.cache, *self.params)
             self.vm.invoke_stateful(entry)
             out = self.vm.get_outputs(entry)
             logits = out[0].numpy()[0]
@@ -326,13 +375,16 @@ class BundleSession:
             failure = _last_line(exc)
         if failure is not None:  # raised outside the except block, which would keep the session alive
             raise MoecError(f"the remote device failed during a {entry} call: {failure}")
+        self.pos = pos + len(tokens)
         self._keep_outputs(entry, [out[i] for i in range(len(out))])
         return logits
 
     def _keep_outputs(self, entry: str, out: list) -> None:
-        """The new cache; after a nested bundle's decode call, its routed ids (``last_routed``) and counts."""
-        n = len(self.past)
-        self.past = [out[i] for i in range(1, 1 + n)]
+        """Over RPC the caches the call wrote (``set_input`` had copied them); after a nested bundle's decode
+        call, its routed ids (``last_routed``) and counts."""
+        n = len(self.cache)
+        if self.remote is not None:
+            self.cache = [out[i] for i in range(1, 1 + n)]
         if entry == "decode" and len(out) > 1 + n:
             self.last_routed = out[1 + n].numpy()  # [MoE layers, top_k] int32
             if self.drift is not None:
@@ -346,6 +398,11 @@ class BundleSession:
         if prompt_tokens + max_new_tokens - 1 > limit:  # the last new token is never fed back
             raise MoecError(f"prompt ({prompt_tokens} tokens) + max_new_tokens ({max_new_tokens}) exceeds the "
                             f"model's max_position_embeddings ({limit}); shorten the prompt or generate fewer tokens")
+        need = prompt_tokens + max_new_tokens - 1
+        if need > self.capacity and self._context_given:
+            raise MoecError(f"prompt ({prompt_tokens} tokens) + max_new_tokens ({max_new_tokens}) needs a KV cache "
+                            f"of {need} tokens but the session's context is {self.capacity}; open it with a larger "
+                            "context (BundleSession(context=...), moec run --context)")
 
     def generate(self, prompt_ids: list[int], max_new_tokens: int,
                  on_token: Callable[[int], None] | None = None) -> tuple[list[int], GenerationStats]:
@@ -354,6 +411,7 @@ class BundleSession:
             raise MoecError("prompt is empty")
         self.check_positions(len(prompt_ids), max_new_tokens)
         self.reset()
+        self._ensure_capacity(len(prompt_ids) + max_new_tokens - 1)  # the last new token is never fed back
         first_switch = len(self.switches)
         t0 = time.perf_counter()
         logits = _finite(self.prefill(list(prompt_ids)), len(prompt_ids))
@@ -441,10 +499,11 @@ def configure_threads(manifest: dict, threads: int | None = None) -> int:
     return threads
 
 
-def _aligned_int32(n: int) -> np.ndarray:
-    """A zeroed int32 array of ``n`` starting on a 64-byte boundary (what TVM's DLPack import requires)."""
-    raw = np.zeros(n + 16, np.int32)
-    start = (-raw.ctypes.data % 64) // 4
+def _aligned(n: int, dtype) -> np.ndarray:
+    """A zeroed array of ``n`` ``dtype`` starting on a 64-byte boundary (what TVM's DLPack import requires)."""
+    size = np.dtype(dtype).itemsize
+    raw = np.zeros(n + 64 // size, dtype)
+    start = (-raw.ctypes.data % 64) // size
     return raw[start:start + n]
 
 
@@ -465,7 +524,7 @@ def _last_line(exc: BaseException) -> str:
 
 
 def open_remote_bundle(bundle: str | Path, tracker: str, key: str | None = None, timeout: float = 60.0,
-                       session_timeout: float = 0.0, trust: str | Path | None = None):
+                       session_timeout: float = 0.0, trust: str | Path | None = None, context: int | None = None):
     """A ``BundleSession`` of ``bundle`` on a device requested from ``tracker`` (``HOST:PORT``).
 
     ``key`` defaults to the bundle's target preset ``rpc_key``.
@@ -479,7 +538,7 @@ def open_remote_bundle(bundle: str | Path, tracker: str, key: str | None = None,
     log.info("requesting a '%s' device from tracker %s", key, addr)
     remote = request_device(addr, key, timeout=timeout, session_timeout=session_timeout)
     try:
-        return BundleSession(bundle, remote=remote, trust=trust)
+        return BundleSession(bundle, remote=remote, trust=trust, context=context)
     except BaseException:
         remote = None  # end the RPC session now (the traceback keeps this frame), freeing the device
         gc.collect()

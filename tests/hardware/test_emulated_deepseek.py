@@ -54,7 +54,7 @@ def test_bundle_on_emulated_device_matches_host(emulated_boot, tmp_path_factory,
         got_ids, got_logits = _trace(remote, PROMPT, NEW_TOKENS)
         assert remote.generate(PROMPT, NEW_TOKENS)[0] == want_ids
         if family == "deepseek_v3":
-            assert remote.past[0].shape[0] == 1  # the latent cache: one "head"
+            assert remote.cache[0].shape[0] == 1  # the latent cache: one "head"
     assert got_ids == want_ids
     for got, want in zip(got_logits, want_logits):
         np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)

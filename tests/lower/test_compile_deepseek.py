@@ -61,11 +61,11 @@ def test_deepseek_bundle_tokens_match_torch_fake_quant(tmp_path, family):
         stepped = sess.step(t)
     np.testing.assert_allclose(prefilled, stepped, rtol=1e-4, atol=1e-4)
     if cfg.attention != "mla":
-        assert len(PROMPT) > cfg.sliding_window and sess.past[0].shape == (cfg.num_kv_heads, len(PROMPT), cfg.head_dim)
+        assert len(PROMPT) > cfg.sliding_window and sess.kv_cache()[0].shape == (cfg.num_kv_heads, len(PROMPT), cfg.head_dim)
         return
     sess.reset()
     sess.generate(PROMPT, 16)
-    key, value = (t.numpy() for t in sess.past[:2])
+    key, value = sess.kv_cache()[:2]
     assert key.shape == (1, len(PROMPT) + 15, cfg.kv_lora_rank + cfg.qk_rope_dim)
     assert value.shape == (1, len(PROMPT) + 15, cfg.kv_lora_rank)
     np.testing.assert_array_equal(key[:, :, :cfg.kv_lora_rank], value)  # the latent, stored in both

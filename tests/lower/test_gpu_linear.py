@@ -41,12 +41,12 @@ def _logits(cfg, params, emitter, lib, tokens) -> np.ndarray:
     build_module(cfg, copy.deepcopy(params), target, unscheduled, lib, emitter=emitter)
     vm = tvm.runtime.vm.VirtualMachine(tvm.runtime.load_module(str(lib)), tvm.cpu())
     dev_params = [tvm.runtime.tensor(a, tvm.cpu()) for _, a in params.flat()]
-    past = [tvm.runtime.tensor(np.zeros((cfg.num_kv_heads, 0, cfg.head_dim), np.float32))
-            for _ in range(2 * cfg.num_layers)]
+    cache = [tvm.runtime.tensor(np.zeros((cfg.num_kv_heads, len(tokens), cfg.head_dim), np.float32))
+             for _ in range(2 * cfg.num_layers)]
     out = []
-    for t in tokens:
-        res = vm["decode"](tvm.runtime.tensor(np.array([t], np.int32)), *past, *dev_params)
-        past = [res[i] for i in range(1, len(res))]
+    for pos, t in enumerate(tokens):  # each call writes row pos of the caches in place
+        res = vm["decode"](tvm.runtime.tensor(np.array([t], np.int32)), tvm.runtime.tensor(np.array([pos], np.int64)),
+                           *cache, *dev_params)
         out.append(res[0].numpy()[0])
     return np.stack(out)
 

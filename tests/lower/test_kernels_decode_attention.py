@@ -18,21 +18,28 @@ def reference(q, keys, values, scale):
 
 
 @pytest.mark.parametrize("heads,kv_heads,head_dim,value_dim", [(4, 2, 64, 64), (3, 1, 24, 40)])
-def test_decode_attention_appends_and_matches_softmax_attention(heads, kv_heads, head_dim, value_dim):
+def test_decode_attention_writes_in_place_and_matches_softmax_attention(heads, kv_heads, head_dim, value_dim):
     fn = tvm.compile(tvm.IRModule({"decode_attention": decode_attention(heads, kv_heads, head_dim, value_dim, 0.3)}),
                      target=host_target())["decode_attention"]
     rng = np.random.default_rng(0)
     q = rng.standard_normal((heads, head_dim)).astype(np.float32)
-    for past in (0, 14, 15, 36):  # one symbolic length: empty cache, below, at and past a vector of positions
-        keys = (rng.standard_normal((kv_heads, past + 1, head_dim)) * 2).astype(np.float32)
-        values = rng.standard_normal((kv_heads, past + 1, value_dim)).astype(np.float32)
-        ins = [q, keys[:, :past], keys[:, past:], values[:, :past], values[:, past:]]
-        outs = [tvm.runtime.empty(shape, "float32", tvm.cpu()) for shape in
-                ((heads, value_dim), keys.shape, values.shape)]
-        fn(*(tvm.runtime.tensor(np.ascontiguousarray(a)) for a in ins), *outs)
-        np.testing.assert_array_equal(outs[1].numpy(), keys)
-        np.testing.assert_array_equal(outs[2].numpy(), values)
-        np.testing.assert_allclose(outs[0].numpy(), reference(q, keys, values, 0.3), rtol=1e-5, atol=1e-5)
+    capacity = 40
+    for past in (0, 14, 15, 36):  # symbolic pos: empty cache, below, at and past a vector of positions
+        keys = (rng.standard_normal((kv_heads, capacity, head_dim)) * 2).astype(np.float32)
+        values = rng.standard_normal((kv_heads, capacity, value_dim)).astype(np.float32)
+        cache_k, cache_v = keys.copy(), values.copy()
+        cache_k[:, past], cache_v[:, past] = 7.0, -7.0  # stale rows at pos: overwritten by the token
+        cache_k[:, past + 1:], cache_v[:, past + 1:] = np.nan, np.nan  # rows past pos are never read
+        cache_t = [tvm.runtime.tensor(cache_k), tvm.runtime.tensor(cache_v)]
+        out = tvm.runtime.empty((heads, value_dim), "float32", tvm.cpu())
+        new = [np.ascontiguousarray(keys[:, past:past + 1]), np.ascontiguousarray(values[:, past:past + 1])]
+        fn(tvm.runtime.tensor(q), *(tvm.runtime.tensor(a) for a in new), *cache_t, past, out)
+        got_k, got_v = (t.numpy() for t in cache_t)
+        np.testing.assert_array_equal(got_k[:, :past + 1], keys[:, :past + 1])  # row pos written, rows before kept
+        np.testing.assert_array_equal(got_v[:, :past + 1], values[:, :past + 1])
+        assert np.isnan(got_k[:, past + 1:]).all() and np.isnan(got_v[:, past + 1:]).all()  # nothing past pos
+        np.testing.assert_allclose(out.numpy(), reference(q, keys[:, :past + 1], values[:, :past + 1], 0.3),
+                                   rtol=1e-5, atol=1e-5)
 
 
 def test_fast_exp_is_exp():

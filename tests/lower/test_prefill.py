@@ -41,12 +41,12 @@ def test_prefill_matches_decode_steps(name, tmp_path):
 def _assert_prefill_equals_steps(sess, prompt: list[int], cache_atol: float) -> np.ndarray:
     """One prefill of ``prompt`` gives the last logits and the cache of step-by-step decode; returns those logits."""
     got = sess.prefill(prompt)
-    cache = [t.numpy() for t in sess.past]
+    cache = sess.kv_cache()
     sess.reset()
     for t in prompt:
         want = sess.step(t)
     np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
-    for a, b in zip(cache, (t.numpy() for t in sess.past)):
+    for a, b in zip(cache, sess.kv_cache(), strict=True):
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=cache_atol)
     return want
 

@@ -1,16 +1,17 @@
-"""One decode token's cache append and attention as a single CPU kernel (explicit TIR, plain vector loops).
+"""One decode token's cache write and attention as a single CPU kernel (explicit TIR, plain vector loops).
 
-Replaces the two cache concats and the scores / softmax / values chain of the decode graph (five
-to seven kernels per layer, each re-reading the cache through a generic schedule) when the layer
-has no sliding window and no attention sinks. Per kv head it writes the new cache (the past plus
-the token's key and value), then per query head ``h`` of that kv head, over the new cache:
+Replaces the cache write and the scores / softmax / values chain of the decode graph (four to six
+kernels per layer, each re-reading the cache through a generic schedule) when the layer has no
+sliding window and no attention sinks. The cache has a fixed capacity and is written in place
+(``call_tir_inplace``): per kv head the token's key and value go to row ``pos``, then per query
+head ``h`` of that kv head, over rows ``0..pos``:
 
     s[t]   = scale * q[h] . keys[kv, t]          (a 16-lane vector dot per position)
     p[t]   = exp(s[t] - max s)                   (exp as TVM's ``fast_exp``: a degree-7 polynomial
                                                   and an exponent built from bits, within 3 ulp)
     out[h] = sum_t p[t] * values[kv, t] / sum p  (vectorised over the value width)
 
-Heads run in parallel; the length of the cache is symbolic, so one kernel serves every step.
+Heads run in parallel; the capacity and ``pos`` are symbolic, so one kernel serves every step.
 No target intrinsics: x86 and ARM compile the same TIR (LLVM picks the vector width).
 """
 
@@ -44,10 +45,10 @@ def fast_exp(x):
 
 
 def decode_attention(heads: int, kv_heads: int, head_dim: int, value_dim: int, scale: float) -> tirx.PrimFunc:
-    """``attention(q [heads, head_dim], past_k [kv_heads, P, head_dim], k [kv_heads, 1, head_dim],
-    past_v [kv_heads, P, value_dim], v [kv_heads, 1, value_dim], out [heads, value_dim],
-    keys [kv_heads, P + 1, head_dim], values [kv_heads, P + 1, value_dim])`` with ``P`` symbolic:
-    writes the new cache (``keys``/``values``: the past plus the token) and attends over it."""
+    """``attention(q [heads, head_dim], k [kv_heads, 1, head_dim], v [kv_heads, 1, value_dim],
+    keys [kv_heads, C, head_dim], values [kv_heads, C, value_dim], pos, out [heads, value_dim])`` with the
+    capacity ``C`` and ``pos`` symbolic: writes ``k``/``v`` into row ``pos`` of the caches ``keys``/``values``
+    in place and attends over rows ``0..pos``."""
     if heads < 1 or kv_heads < 1 or heads % kv_heads or head_dim < 1 or value_dim < 1:
         raise MoecError(f"decode attention needs heads ({heads}) a multiple of kv_heads ({kv_heads}) "
                         f"and positive widths (head {head_dim}, value {value_dim})")
@@ -62,26 +63,18 @@ def decode_attention(heads: int, kv_heads: int, head_dim: int, value_dim: int, s
             acc[lane] = acc[lane] + acc[lane + width]
 
     @T.prim_func
-    def attention(q_h: T.handle, pk_h: T.handle, k_h: T.handle, pv_h: T.handle, v_h: T.handle, o_h: T.handle,
-                  nk_h: T.handle, nv_h: T.handle):
+    def attention(q_h: T.handle, k_h: T.handle, v_h: T.handle, keys_h: T.handle, values_h: T.handle, p: T.int64,
+                  o_h: T.handle):
         T.func_attr({"global_symbol": "decode_attention", "tirx.noalias": True, "tirx.is_scheduled": True})
-        p = T.int64()
+        cap = T.int64()
         q = T.match_buffer(q_h, (heads, head_dim), "float32")
-        past_k = T.match_buffer(pk_h, (kv_heads, p, head_dim), "float32")
         new_k = T.match_buffer(k_h, (kv_heads, 1, head_dim), "float32")
-        past_v = T.match_buffer(pv_h, (kv_heads, p, value_dim), "float32")
         new_v = T.match_buffer(v_h, (kv_heads, 1, value_dim), "float32")
+        keys = T.match_buffer(keys_h, (kv_heads, cap, head_dim), "float32")
+        values = T.match_buffer(values_h, (kv_heads, cap, value_dim), "float32")
         out = T.match_buffer(o_h, (heads, value_dim), "float32")
-        keys = T.match_buffer(nk_h, (kv_heads, p + 1, head_dim), "float32")
-        values = T.match_buffer(nv_h, (kv_heads, p + 1, value_dim), "float32")
         for g in T.parallel(kv_heads):
-            for t, c in T.grid(p, qc):  # the cache with the new token appended (the layer's new cache)
-                for lane in T.vectorized(ql):
-                    keys[g, t, c * ql + lane] = past_k[g, t, c * ql + lane]
-            for t, c in T.grid(p, vc):
-                for lane in T.vectorized(vl):
-                    values[g, t, c * vl + lane] = past_v[g, t, c * vl + lane]
-            for c in range(qc):
+            for c in range(qc):  # the token's key and value, written in place at row p
                 for lane in T.vectorized(ql):
                     keys[g, p, c * ql + lane] = new_k[g, 0, c * ql + lane]
             for c in range(vc):
