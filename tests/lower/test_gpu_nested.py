@@ -114,12 +114,12 @@ def test_gpu_emitter_decodes_a_nested_plan_as_the_derived_torch_model(nested_par
                  emitter=GpuLinearEmitter())
     vm = tvm.runtime.vm.VirtualMachine(tvm.runtime.load_module(str(root / "gpu.so")), tvm.cpu())
     args = [tvm.runtime.tensor(a, tvm.cpu()) for _, a in params.flat()]
-    past = [tvm.runtime.tensor(np.zeros((cfg.num_kv_heads, 0, cfg.head_dim), np.float32))
-            for _ in range(2 * cfg.num_layers)]
     tokens = [5, 17, 42, 7]
-    for t in tokens:
-        res = vm["decode"](tvm.runtime.tensor(np.array([t], np.int32)), *past, *args)
-        past = [res[i] for i in range(1, 1 + 2 * cfg.num_layers)]
+    cache = [tvm.runtime.tensor(np.zeros((cfg.num_kv_heads, len(tokens), cfg.head_dim), np.float32))
+             for _ in range(2 * cfg.num_layers)]
+    for pos, t in enumerate(tokens):  # each call writes row pos of the caches in place
+        res = vm["decode"](tvm.runtime.tensor(np.array([t], np.int32)),
+                           tvm.runtime.tensor(np.array([pos], np.int64)), *cache, *args)
     want = derived_model(root / "ckpt", plan)(torch.tensor([tokens]))[0, -1].detach().numpy()
     np.testing.assert_allclose(res[0].numpy()[0], want, atol=2e-4 * float(np.abs(want).max()))
 

@@ -70,11 +70,11 @@ def _prefill_and_steps(sess, prompt):
     """(prefill logits, its cache) and (the last decode step's logits, its cache) of ``prompt``."""
     sess.reset()
     got = sess.prefill(prompt)
-    cache = [t.numpy() for t in sess.past]
+    cache = sess.kv_cache()
     sess.reset()
     for t in prompt:
         want = sess.step(t)
-    return (got, cache), (want, [t.numpy() for t in sess.past])
+    return (got, cache), (want, sess.kv_cache())
 
 
 def test_nested_prefill_equals_decode_steps_under_the_plan_in_force(bundles):
