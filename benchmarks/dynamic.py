@@ -216,13 +216,18 @@ def latency_part(layers: int, gs: int, steps: int, plot: str) -> None:
     print(f"\nplot written to {plot}")
 
 
+def _speed_plans(big, gs: int) -> dict:
+    """The five plans the decode and prefill parts time: uniform 8/4/3/2 and a mixed 2/4/8 plan."""
+    return {"uniform 8": expert_plan(big, lambda l, e: 8, gs, "u8"),
+            "uniform 4": expert_plan(big, lambda l, e: 4, gs, "u4"),
+            "uniform 3": expert_plan(big, lambda l, e: 3, gs, "u3"),
+            "uniform 2": expert_plan(big, lambda l, e: 2, gs, "u2"),
+            "mixed 2/4/8": expert_plan(big, lambda l, e: (2, 4, 2, 8)[e % 4], gs, "mixed")}
+
+
 def decode_part(layers: int, gs: int, steps: int, rounds: int) -> None:
     big = olmoe_shaped(layers)
-    plans = {"uniform 8": expert_plan(big, lambda l, e: 8, gs, "u8"),
-             "uniform 4": expert_plan(big, lambda l, e: 4, gs, "u4"),
-             "uniform 3": expert_plan(big, lambda l, e: 3, gs, "u3"),
-             "uniform 2": expert_plan(big, lambda l, e: 2, gs, "u2"),
-             "mixed 2/4/8": expert_plan(big, lambda l, e: (2, 4, 2, 8)[e % 4], gs, "mixed")}
+    plans = _speed_plans(big, gs)
     preset = load_target("host")
     print(f"\n## Decode: one nested bundle vs a fixed bundle per plan (OLMoE-shaped random model: hidden 2048, "
           f"64 experts × 1024, top-8, {layers} layers; group {gs}; median over {rounds} interleaved "
@@ -293,11 +298,7 @@ def _prefill_seconds(sess: BundleSession, n: int, steps: bool = False) -> float:
 
 def prefill_part(layers: int, gs: int, tokens: list[int], rounds: int) -> None:
     big = olmoe_shaped(layers)
-    plans = {"uniform 8": expert_plan(big, lambda l, e: 8, gs, "u8"),
-             "uniform 4": expert_plan(big, lambda l, e: 4, gs, "u4"),
-             "uniform 3": expert_plan(big, lambda l, e: 3, gs, "u3"),
-             "uniform 2": expert_plan(big, lambda l, e: 2, gs, "u2"),
-             "mixed 2/4/8": expert_plan(big, lambda l, e: (2, 4, 2, 8)[e % 4], gs, "mixed")}
+    plans = _speed_plans(big, gs)
     preset = load_target("host")
     print(f"\n## Prefill: one nested bundle (nested grouped GEMMs) vs a fixed bundle per plan vs the nested "
           f"bundle's decode steps (OLMoE-shaped random model: hidden 2048, 64 experts × 1024, top-8, {layers} "
