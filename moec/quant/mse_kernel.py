@@ -32,6 +32,7 @@ import tvm
 from tvm import tirx
 from tvm.script import tirx as T
 
+from moec.core.targets import load_target
 from moec.quant.affine import ceil_fp16, group_range, max_level
 
 _build_lock = threading.Lock()
@@ -45,7 +46,8 @@ _ROUND_MAGIC = 12582912.0
 def _rint(x, mg):
     """``np.rint`` for ``|x| < 2**22`` as vector-friendly arithmetic (TVM scalarises ``nearbyint``).
 
-    Here ``x = w / scale`` with ``scale >= p·(hi − lo) / maxq`` and ``p >= 0.5``, so ``|x| <= 2·maxq``.
+    Here ``x = w / scale`` with ``scale >= p·(hi − lo) / maxq`` and ``p >= 2**-10`` (the shrink
+    factors :func:`moec.quant.methods.kernel_searches` admits), so ``|x| <= 2**10 · maxq < 2**22``.
     TVM's simplifier treats floats as reals and cancels ``(x + c) − c`` for any expression ``c``, so
     the constant is added from ``mg[0]`` and subtracted from ``mg[1]``: two argument-buffer loads
     that hold the same value at run time but that the simplifier cannot equate.
@@ -150,8 +152,7 @@ def _kernel(bits: int, gs: int) -> tirx.PrimFunc:
 @functools.lru_cache(maxsize=None)
 def _compiled(bits: int, gs: int):
     with _build_lock:
-        target = tvm.target.Target({"kind": "llvm", "mcpu": tvm.target.codegen.llvm_get_system_cpu()})
-        return tvm.compile(_kernel(bits, gs), target=target)["mse_search"]
+        return tvm.compile(_kernel(bits, gs), target=load_target("host").tvm())["mse_search"]
 
 
 def mse_search(wg: np.ndarray, bits: int, importance: np.ndarray | None,

@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import tvm
-from tvm.target import codegen
 
 from moec.core.errors import MoecError
 from moec.core.formats import DEFAULT_SCALES, INT8_ACTIVATION_BITS, get_scale_format
+from moec.core.targets import load_target
 from moec.lower.kernels.activations import ACTIVATIONS
 from moec.lower.kernels.gemv import GemvSpec, gemv_definition
 from moec.lower.kernels.grouped_gemm import GroupedGemmSpec, grouped_gemm_definition
@@ -17,8 +17,8 @@ from moec.lower.schedules import family_module, kernel_tile, target_family
 
 
 def host_target() -> tvm.target.Target:
-    """An LLVM target for this machine's CPU (its ISA extensions enabled)."""
-    return tvm.target.Target({"kind": "llvm", "mcpu": codegen.llvm_get_system_cpu()})
+    """An LLVM target for this machine's CPU (its ISA extensions enabled): the ``host`` preset's."""
+    return load_target("host").tvm()
 
 
 def make_gemv(bits: int, n: int, k: int, group_size: int, num_stacked: int, top_k: int,
