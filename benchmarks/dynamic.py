@@ -461,6 +461,35 @@ def _bundle_nll(sess: BundleSession, ids: list[int], span: int) -> tuple[float, 
     return nll / count, count
 
 
+def _searched_like(checkpoint: str, text, tok, like: BitPlan, gs: int, tmp: Path) -> BitPlan:
+    """``like`` with the expert widths the greedy search picks at no more expert bytes (fixed-format
+    accounting over the nested widths 2/3/4/8) from a proxy-sensitivity profile of ``text`` (a path, or
+    token ids written out as text)."""
+    import dataclasses
+    from moec.pipeline.profile import DataConfig, SensitivityConfig, profile
+    from moec.search.cost import CostConfig
+    from moec.search.driver import SearchOptions, run_search
+    from moec.search.estimator import AnalyticEstimator
+    from moec.search.problem import build_problem
+    if not isinstance(text, Path):
+        (tmp / "adapt.txt").write_text(tok.decode(text), encoding="utf-8")
+        text = tmp / "adapt.txt"
+    widths = (2, 3, 4, 8)
+    stats = profile(checkpoint, DataConfig(str(text)), progress=False,
+                    sensitivity=SensitivityConfig("proxy", widths, gs, "rtn"))
+    cfg = load_checkpoint(checkpoint).cfg
+    prob = build_problem(cfg, stats, 1.0, widths + (16,), 0, group_size=gs, method="rtn")
+    cols = [prob.bits.index(b) for b in widths]
+    prob = dataclasses.replace(prob, bits=widths, nbytes=prob.nbytes[:, cols], loss=prob.loss[:, cols])
+    assign = np.array([widths.index(like.experts[l][e]) for l, e in prob.items])
+    prob.budget_bytes = prob.memory(assign)
+    result = run_search(prob, CostConfig(), AnalyticEstimator.for_target(load_target("host")),
+                        SearchOptions(policy="greedy"))
+    plan = like.copy()
+    plan.experts = {l: dict(result.plan.experts[l]) for l in like.experts}
+    return plan
+
+
 def drift_part(checkpoint: str, calib: str, shifted: str, gs: int, tokens: int, window: int, threshold: float) -> None:
     from click.testing import CliRunner
     from moec.cli.main import cli
@@ -508,6 +537,11 @@ def drift_part(checkpoint: str, calib: str, shifted: str, gs: int, tokens: int, 
             if new_plan is not None:
                 sess.set_plan(new_plan)
                 nll_new, _ = _bundle_nll(sess, held, 512)
+            searched = []  # (row name, expert bytes, nll): the search's plan at the calibration plan's bytes
+            for name, text in ((f"searched, sensitivity of {Path(calib).name}", Path(calib)),
+                               ("searched, sensitivity of the adapt half (oracle re-plan)", adapt_ids)):
+                sess.set_plan(_searched_like(checkpoint, text, tok, calib_plan, gs, Path(tmp)))
+                searched.append((name, sess.expert_bytes(), _bundle_nll(sess, held, 512)[0]))
     print(f"\n## Domain shift: calibrated on {calib} (Python docs), served on {shifted} "
           f"({len(adapt_ids)} tokens to adapt on, {n} held-out tokens scored)\n")
     print(f"Drift monitor (total variation of routing vs the reference, mean over {layers} MoE layers, "
@@ -519,6 +553,8 @@ def drift_part(checkpoint: str, calib: str, shifted: str, gs: int, tokens: int, 
     print(f"| calibration-time (profile of {Path(calib).name}) | {calib_bytes / 1e6:.3f} | {np.exp(nll_calib):.2f} |")
     if nll_new is not None:
         print(f"| re-planned on drift (online frequencies) | {replanned_bytes / 1e6:.3f} | {np.exp(nll_new):.2f} |")
+    for name, nbytes, nll in searched:
+        print(f"| {name} | {nbytes / 1e6:.3f} | {np.exp(nll):.2f} |")
 
 
 def main() -> None:
