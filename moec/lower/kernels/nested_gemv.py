@@ -31,10 +31,12 @@ each code is a reduction step of its own (``(word & mask) → float → FMA`` in
 per code the float work is exactly the fixed kernel's, and the rebuild costs a few integer ops per
 8 codes (a single expression summing the 8 products instead cost one extra multiply and add per
 word and spilled registers; LLVM, given the codes as separate steps without the block, folded
-each lane's mask into the rebuild and rebuilt the word once per code). Each ``qdot{d}`` loop
-(its rebuild included) sits under ``if prec[expert_ids[j]] == k_d`` (:func:`guard_segments`):
-exactly one specialised inner loop runs per routed row, the width branch is outside it, and the
-planes a width does not need are never loaded; the other accumulators keep their initial 0.
+each lane's mask into the rebuild and rebuilt the word once per code). Each width has a whole loop
+nest of its own per parallel task (block ``y{d}``: its group loop, its accumulators, its epilogue
+with the bin centre a constant), which :func:`guard_segments` puts under
+``if prec[expert_ids[j]] == k_d``: exactly one specialised nest runs per routed row, the width
+branch is outside every loop, and the planes a width does not need are never loaded; block ``y``
+takes the routed width's rows.
 """
 
 from __future__ import annotations
