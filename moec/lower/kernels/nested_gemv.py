@@ -128,7 +128,7 @@ def nested_gemv_definition(spec: NestedGemvSpec) -> tirx.PrimFunc:
     per segment, ``scale`` float16 ``[E, NT, G, T]``, ``zero`` uint32 ``[E, NT, ZW, T]`` (storage
     width codes), ``prec`` int32 ``[E]``, ``expert_ids`` int32 ``[top_k]``, ``y`` float32
     ``[top_k, N]``. Blocks: ``xsum``, ``xs_plane``/``xs_nibble``/``xs_byte`` (x pre-scaled per code
-    position), ``qdot{d}`` (one per derived width), ``y``.
+    position), ``qdot{d}`` and ``y{d}`` (one each per derived width), ``y`` (the routed width's ``y{d}``).
     """
     fmt = spec.format
     gs, tile, groups = spec.group_size, spec.tile, spec.groups
