@@ -40,6 +40,7 @@ Usage::
 
     python benchmarks/dynamic.py [--parts kernel,decode,prefill,latency,accuracy,holdout,drift] [--layers 2] [--steps 48]
     python benchmarks/dynamic.py --parts kernel --calls 100 [--cpu-time]
+    python benchmarks/dynamic.py --parts decode --steps 32 --rounds 5 [--cpu-time]
 """
 
 from __future__ import annotations
@@ -133,15 +134,15 @@ def kernel_part(gs: int, calls: int, cpu_time: bool = False) -> None:
 
 
 # -- 2. decode ----------------------------------------------------------------------------
-def _decode_times(sess: BundleSession, steps: int) -> float:
+def _decode_times(sess: BundleSession, steps: int, clock=time.perf_counter) -> float:
     sess.reset()
     for t in range(3, 11):
         sess.step(t)
     times = []
     for i in range(steps):
-        t0 = time.perf_counter()
+        t0 = clock()
         sess.step(11 + i % 50)
-        times.append(time.perf_counter() - t0)
+        times.append(clock() - t0)
     return statistics.median(times[2:])
 
 
@@ -225,13 +226,17 @@ def _speed_plans(big, gs: int) -> dict:
             "mixed 2/4/8": expert_plan(big, lambda l, e: (2, 4, 2, 8)[e % 4], gs, "mixed")}
 
 
-def decode_part(layers: int, gs: int, steps: int, rounds: int) -> None:
+def decode_part(layers: int, gs: int, steps: int, rounds: int, cpu_time: bool = False) -> None:
     big = olmoe_shaped(layers)
     plans = _speed_plans(big, gs)
     preset = load_target("host")
+    # --cpu-time: one TVM thread, so a step runs on the calling thread and its CPU time is the step's
+    threads, clock = (1, time.thread_time) if cpu_time else (None, time.perf_counter)
+    how = "CPU time of the calling thread, 1 TVM thread" if cpu_time else "wall time, the session's threads"
     print(f"\n## Decode: one nested bundle vs a fixed bundle per plan (OLMoE-shaped random model: hidden 2048, "
           f"64 experts × 1024, top-8, {layers} layers; group {gs}; median over {rounds} interleaved "
-          f"rounds of each round's median of {steps} steps)\n")
+          f"rounds of each round's median of {steps} steps; {how}; load average {os.getloadavg()[0]:.1f} "
+          f"at the start)\n")
     with tempfile.TemporaryDirectory(prefix="moec-dyn-") as d:
         first = next(iter(plans.values()))
         w8 = random_weights(big, storage_plan(first, 8))
@@ -251,15 +256,15 @@ def decode_part(layers: int, gs: int, steps: int, rounds: int) -> None:
             del w
             fpath = build_bundle_from_params(big, plan, fparams, preset, Path(d) / f"fixed{len(fixed)}", None)
             del fparams
-            fixed[name] = (expert, BundleSession(fpath))
-        nested = BundleSession(path)
+            fixed[name] = (expert, BundleSession(fpath, threads=threads))
+        nested = BundleSession(path, threads=threads)
         times = {name: ([], []) for name in plans}
         for r in range(rounds):  # nested and fixed interleaved plan by plan, so both see the same load
             for name, plan in plans.items():
                 nested.set_plan(plan)
                 pair = [("n", nested), ("f", fixed[name][1])]
                 for kind, sess in (pair if r % 2 == 0 else pair[::-1]):
-                    times[name][kind == "f"].append(_decode_times(sess, steps))
+                    times[name][kind == "f"].append(_decode_times(sess, steps, clock))
         rows = {}
         for name, plan in plans.items():
             nested.set_plan(plan)
@@ -278,7 +283,7 @@ def decode_part(layers: int, gs: int, steps: int, rounds: int) -> None:
         step = statistics.median(r[1] for r in rows.values())
         print(f"\nplan switch (set_plan: validate + replace {layers} width tables): median "
               f"{statistics.median(switch) * 1e3:.2f} ms, max {max(switch) * 1e3:.2f} ms over 20 switches; "
-              f"median decode step {step * 1e3:.1f} ms")
+              f"median decode step {step * 1e3:.1f} ms; load average {os.getloadavg()[0]:.1f} at the end")
 
 
 # -- 2b. prefill --------------------------------------------------------------------------
@@ -565,8 +570,9 @@ def main() -> None:
     ap.add_argument("--group-size", type=int, default=64)
     ap.add_argument("--calls", type=int, default=200, help="GEMV calls timed per kernel.")
     ap.add_argument("--cpu-time", action="store_true",
-                    help="Kernel part: time each call as the calling thread's CPU time with one TVM thread "
-                         "(sets TVM_NUM_THREADS=1 for the whole run): not inflated by preemption on a loaded machine.")
+                    help="Kernel and decode parts: time each call (decode step) as the calling thread's CPU time "
+                         "with one TVM thread (sets TVM_NUM_THREADS=1 for the whole run): not inflated by "
+                         "preemption on a loaded machine.")
     ap.add_argument("--accuracy-rows", choices=("all", "widths", "searched"), default="all",
                     help="Accuracy part: the per-width table, the searched-plan rows, or both.")
     ap.add_argument("--rounds", type=int, default=3, help="Decode part: interleaved nested/fixed rounds per plan.")
@@ -589,7 +595,7 @@ def main() -> None:
     if "kernel" in parts:
         kernel_part(args.group_size, args.calls, args.cpu_time)
     if "decode" in parts:
-        decode_part(args.layers, args.group_size, args.steps, args.rounds)
+        decode_part(args.layers, args.group_size, args.steps, args.rounds, args.cpu_time)
     if "prefill" in parts:
         prefill_part(args.layers, args.group_size, [int(t) for t in args.prefill_tokens.split(",")], args.rounds)
     if "latency" in parts:

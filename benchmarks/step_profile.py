@@ -15,7 +15,10 @@ Three measurements in one process (``--threads``, default the session's choice):
 
 Usage::
 
-    python benchmarks/step_profile.py BUNDLE [--steps 200] [--threads 1] [--top 25]
+    python benchmarks/step_profile.py BUNDLE [--steps 200] [--threads 1] [--top 25] [--plan uniform:3]
+
+``--plan`` (a nested bundle) serves that run-time plan (``BundleSession.set_plan``: a plan JSON or
+``uniform:B``) before anything is timed.
 """
 
 from __future__ import annotations
@@ -34,6 +37,7 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=200)
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--top", type=int, default=25)
+    ap.add_argument("--plan", default=None, help="a nested bundle's run-time plan (JSON or uniform:B)")
     args = ap.parse_args()
     import tvm
 
@@ -41,6 +45,8 @@ def main() -> None:
 
     print(f"load average before: {os.getloadavg()}")
     s = BundleSession(args.bundle, threads=args.threads)
+    if args.plan:
+        s.set_plan(args.plan)
     s.prefill(list(range(3, 19)))
 
     def timed(fn, n, clock=time.perf_counter):

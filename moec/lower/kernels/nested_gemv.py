@@ -31,10 +31,12 @@ each code is a reduction step of its own (``(word & mask) → float → FMA`` in
 per code the float work is exactly the fixed kernel's, and the rebuild costs a few integer ops per
 8 codes (a single expression summing the 8 products instead cost one extra multiply and add per
 word and spilled registers; LLVM, given the codes as separate steps without the block, folded
-each lane's mask into the rebuild and rebuilt the word once per code). Each ``qdot{d}`` loop
-(its rebuild included) sits under ``if prec[expert_ids[j]] == k_d`` (:func:`guard_segments`):
-exactly one specialised inner loop runs per routed row, the width branch is outside it, and the
-planes a width does not need are never loaded; the other accumulators keep their initial 0.
+each lane's mask into the rebuild and rebuilt the word once per code). Each width has a whole loop
+nest of its own per parallel task (block ``y{d}``: its group loop, its accumulators, its epilogue
+with the bin centre a constant), which :func:`guard_segments` puts under
+``if prec[expert_ids[j]] == k_d``: exactly one specialised nest runs per routed row, the width
+branch is outside every loop, and the planes a width does not need are never loaded; block ``y``
+takes the routed width's rows.
 """
 
 from __future__ import annotations
@@ -126,7 +128,7 @@ def nested_gemv_definition(spec: NestedGemvSpec) -> tirx.PrimFunc:
     per segment, ``scale`` float16 ``[E, NT, G, T]``, ``zero`` uint32 ``[E, NT, ZW, T]`` (storage
     width codes), ``prec`` int32 ``[E]``, ``expert_ids`` int32 ``[top_k]``, ``y`` float32
     ``[top_k, N]``. Blocks: ``xsum``, ``xs_plane``/``xs_nibble``/``xs_byte`` (x pre-scaled per code
-    position), ``qdot{d}`` (one per derived width), ``y``.
+    position), ``qdot{d}`` and ``y{d}`` (one each per derived width), ``y`` (the routed width's ``y{d}``).
     """
     fmt = spec.format
     gs, tile, groups = spec.group_size, spec.tile, spec.groups
@@ -255,34 +257,43 @@ def nested_gemv_definition(spec: NestedGemvSpec) -> tirx.PrimFunc:
 
         return te.compute((spec.top_k, nt, groups, tile), body, name=f"qdot{d}")
 
-    qdots = [qdot(d) for d in range(len(fmt.derived_bits))]
-    g = te.reduce_axis((0, groups), "g")
+    def out(d):
+        """Block ``y{d}``: the rows served at width ``derived_bits[d]``, from ``qdot{d}`` alone (the bin
+        centre a constant): ``sum_g scale · (qdot_k − (zero − (2**(B−k) − 1)/2) · xsum)``."""
+        q, g = qdot(d), te.reduce_axis((0, groups), "g")
+        centre = tirx.const((2 ** (spec.storage_bits - fmt.derived_bits[d]) - 1) / 2, "float32")
 
-    def y_fn(j, n):
-        b, lane = n // tile, n % tile
-        e = ids[j]
-        zq = code_at(lambda word: zero[e, b, word, lane], g, spec.storage_bits).astype("float32")
-        centre = (_pow2(tirx.const(spec.storage_bits, "int32") - prec[e]) - tirx.const(1.0, "float32")) \
-            * tirx.const(0.5, "float32")
-        planes = None  # only the routed width's accumulator is non-zero (guard_segments)
-        for q in qdots:
-            planes = q[j, b, g, lane] if planes is None else planes + q[j, b, g, lane]
-        return te.sum(scale[e, b, g, lane].astype("float32") * (planes - (zq - centre) * xsum[xrow(j), g]),
-                      axis=g)
+        def fn(j, n):
+            b, lane = n // tile, n % tile
+            e = ids[j]
+            zq = code_at(lambda word: zero[e, b, word, lane], g, spec.storage_bits).astype("float32")
+            return te.sum(scale[e, b, g, lane].astype("float32") * (q[j, b, g, lane] - (zq - centre) * xsum[xrow(j), g]),
+                          axis=g)
+
+        return te.compute((spec.top_k, spec.n), fn, name=f"y{d}")
+
+    outs = [out(d) for d in range(len(fmt.derived_bits))]
+
+    def y_fn(j, n):  # the routed row's width picks its block (only that one was computed: guard_segments)
+        width = prec[ids[j]]
+        value = outs[-1][j, n]
+        for d in reversed(range(len(outs) - 1)):
+            value = tirx.Select(width == fmt.derived_bits[d], outs[d][j, n], value)
+        return value
 
     y = te.compute((spec.top_k, spec.n), y_fn, name="y")
     return te.create_prim_func([x, *segs, scale, zero, prec, ids, y]).with_attr("global_symbol", "gemv")
 
 
 def guard_segments(func: tirx.PrimFunc, spec: NestedGemvSpec) -> tirx.PrimFunc:
-    """``func`` (scheduled) with each width's update loop under ``prec[expert_ids[j]] == width``.
+    """``func`` (scheduled) with each width's loop nest under ``prec[expert_ids[j]] == width``.
 
     The routed-row loops are the top-level parallel loops named from ``j`` (``j`` major, as for
-    :func:`moec.lower.kernels.row_guard.guard_routed_rows`); inside them, the first loop of a
-    sequence whose subtree holds only block ``qdot{d}_update`` (after ``decompose_reduction``) and
-    its rebuilt words ``word{d}`` is
-    wrapped, so one specialised inner loop runs per row (a width not served runs none: the
-    session refuses such plans before they reach the kernel).
+    :func:`moec.lower.kernels.row_guard.guard_routed_rows`); inside them, the outermost loop whose
+    subtree holds only width ``d``'s blocks (``y{d}``, ``qdot{d}``, ``word{d}``: inits and updates)
+    is wrapped, so one specialised loop nest runs per routed row and task, its branch outside every
+    loop (a width not served runs none: the session refuses such plans before they reach the
+    kernel; ``y`` then selects the routed width's rows).
     """
     fmt = spec.format
     need = dict(enumerate(fmt.derived_bits))
@@ -302,7 +313,7 @@ def guard_segments(func: tirx.PrimFunc, spec: NestedGemvSpec) -> tirx.PrimFunc:
                               stmt.annotations)
     if wrapped != len(need) * sum(
             1 for s in stmts if isinstance(s, ts.For) and s.loop_var.name.startswith("j_")):
-        raise MoecError(f"segment guard: found {wrapped} plane loops to guard, expected one per derived width")
+        raise MoecError(f"segment guard: found {wrapped} width loop nests to guard, expected one per derived width")
     body = ts.SeqStmt(stmts) if len(stmts) > 1 else stmts[0]
     new_block = s_tir.stmt.SBlock(block.iter_vars, block.reads, block.writes, block.name_hint, body,
                                   block.init, block.alloc_buffers, block.match_buffers, block.annotations)
@@ -330,14 +341,19 @@ def _blocks(stmt) -> set[str]:
     return set()
 
 
+def _width_blocks(d: int) -> set[str]:
+    """Names of the blocks of width ``d``'s loop nest (after ``decompose_reduction``)."""
+    return {f"y{d}_init", f"y{d}_update", f"qdot{d}_init", f"qdot{d}_update", f"word{d}"}
+
+
 def _wrap(stmt, conds: dict[int, tirx.PrimExpr]):
-    """Rebuild ``stmt`` with each ``qdot{d}`` update loop (d in ``conds``) under its condition."""
+    """Rebuild ``stmt`` with each width ``d``'s loop nest (d in ``conds``) under its condition."""
     if isinstance(stmt, ts.SeqStmt):
         out, count = [], 0
         for child in stmt.seq:
             names = _blocks(child)
-            hit = [s for s in conds if f"qdot{s}_update" in names and f"qdot{s}_init" not in names]
-            if len(hit) == 1 and isinstance(child, ts.For) and names <= {f"qdot{hit[0]}_update", f"word{hit[0]}"}:
+            hit = [d for d in conds if names and names <= _width_blocks(d)]
+            if hit and isinstance(child, ts.For) and f"qdot{hit[0]}_update" in names:
                 out.append(ts.IfThenElse(conds[hit[0]], child, None))
                 count += 1
             else:

@@ -203,28 +203,37 @@ def _schedule_float_gemv(sch: s_tir.Schedule, params: CpuScheduleParams) -> None
 def schedule_nested_gemv(func: tirx.PrimFunc, spec, params: CpuScheduleParams) -> tirx.PrimFunc:
     """Schedule a ``nested_gemv_definition`` (``moec.lower.kernels.nested_gemv``) with ``params``.
 
-    The same recipe as the quantized GEMV, once per derived width: every ``qdot{d}`` is computed
-    per group inside the row task into ``tile_vectors`` vector accumulators. The narrowest width
-    steps ``unroll_values`` codes as the fixed kernel; the others step ``nested_unroll_words``
-    nibble words (unrolled), each word rebuilt once into registers (block ``word{d}`` computed at
-    the word) and its 8 codes then multiplied in place, one unrolled step each; the group's
-    scale and zero point are applied once to the group sums.
+    Parallel over (routed row, task of ``lanes * tile_vectors`` rows) as the quantized GEMV; inside
+    a task, one whole loop nest per derived width ``d`` (block ``y{d}`` and its ``qdot{d}``, computed
+    at the task), which ``guard_segments`` puts under the row's width test, then ``y`` takes the
+    routed width's rows. Each nest is the quantized GEMV's recipe: per group, ``qdot{d}`` into
+    ``tile_vectors`` vector accumulators, and the group's scale and zero point applied once to the
+    group sums. The narrowest width steps ``unroll_values`` codes as the fixed kernel; the others
+    step ``nested_unroll_words`` nibble words (unrolled), each word rebuilt once into registers
+    (block ``word{d}`` computed at the word) and its 8 codes then multiplied in place, one
+    unrolled step each.
     """
     check_spec(spec, params)
     sch = s_tir.Schedule(func)
     y = sch.get_sblock("y")
-    qdots = [sch.get_sblock(f"qdot{d}") for d in range(len(spec.format.derived_bits))]
-    j, n, g = sch.get_loops(y)
+    j, n = sch.get_loops(y)
     tile, vec, lane = _tile_rows(sch, n, params)
-    sch.reorder(j, tile, g, vec, lane)
-    steps = []
-    for qdot in qdots:
+    task = sch.fuse(j, tile)
+    sch.parallel(task)  # j major: the row and segment guards wrap this loop
+    sch.vectorize(lane)
+    sch.unroll(vec)
+    widths = len(spec.format.derived_bits)
+    for d in range(widths):
+        out, qdot = sch.get_sblock(f"y{d}"), sch.get_sblock(f"qdot{d}")
+        sch.compute_at(out, task, preserve_unit_loops=True)
+        _, o_n, g = sch.get_loops(out)[-3:]
+        o_vec, o_lane = sch.split(o_n, [None, params.lanes])
+        sch.reorder(g, o_vec, o_lane)
         sch.compute_at(qdot, g, preserve_unit_loops=True)
         # Left in global scope: a stack array inside the parallel task (<= 1 KB), which LLVM keeps
-        # in registers. "local" scope made each of the 4 accumulators and 3 word buffers a
-        # TVMBackendAllocWorkspace/FreeWorkspace pair per parallel task (14 calls per 64-row task,
-        # 1,792 a call at top-8 x 1024 rows): about 0.1x of the kernel's time.
-        if not steps:  # the narrowest width: one reduction over codes, as the fixed kernel
+        # in registers. "local" scope made each accumulator and word buffer a
+        # TVMBackendAllocWorkspace/FreeWorkspace pair per parallel task.
+        if d == 0:  # the narrowest width: one reduction over codes, as the fixed kernel
             _, q_vec, _, q_lane, q_i = sch.get_loops(qdot)[-5:]
             codes = []
             per_step = params.unroll_values
@@ -239,20 +248,17 @@ def schedule_nested_gemv(func: tirx.PrimFunc, spec, params: CpuScheduleParams) -
         for loop in (value, *codes):
             sch.unroll(loop)
         if codes:  # the rebuilt words of this word step, in registers
-            word = sch.get_sblock(f"word{len(steps)}")
+            word = sch.get_sblock(f"word{d}")
             sch.compute_at(word, value, preserve_unit_loops=True)
             w_loops = sch.get_loops(word)
             w_loops = w_loops[1 + [sch.get(loop).same_as(sch.get(value)) for loop in w_loops].index(True):]
             sch.vectorize(w_loops[-1])
             for loop in w_loops[:-1]:
                 sch.unroll(loop)
-        steps.append(step)
-    sch.parallel(sch.fuse(j, tile))  # j major: the row and segment guards wrap this loop
-    sch.vectorize(lane)
-    sch.unroll(vec)
-    for qdot, step in zip(qdots, steps):
+        sch.vectorize(o_lane)
+        sch.unroll(o_vec)
         sch.decompose_reduction(qdot, step)
-    sch.decompose_reduction(y, g)
+        sch.decompose_reduction(out, g)
     for name in ("xs_plane", "xs_nibble", "xs_byte"):
         if _has_block(sch, name):
             r, c = sch.get_loops(sch.get_sblock(name))
