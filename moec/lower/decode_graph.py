@@ -44,6 +44,7 @@ class DecodeBuilder:
         for name, arr in params.flat():
             self.vars[name] = relax.Var(name, relax.TensorType(arr.shape, str(arr.dtype)))
         self.prefix = ""
+        self._once: dict[str, relax.Var] = {}  # values emitted once per function, shared by every layer
 
     def _token_count(self):
         """Tokens per call: 1 in decode (prefill: a symbolic ``T``)."""
@@ -64,6 +65,7 @@ class DecodeBuilder:
         self.routed: list[relax.Var] = []  # decode of nested stacks: each MoE layer's routed ids, an output
         self.written: list[relax.Var] = []  # each cache after its in-place write (the same tensor), in order
         self._views: dict[relax.Var, relax.Var] = {}  # reshape result -> the tensor it views
+        self._once.clear()
         inputs = [tokens, pos] + self.cache
         with bb.function(self.function_name, inputs + list(self.vars.values()), attrs={"num_input": len(inputs)}):
             with bb.dataflow():
@@ -127,7 +129,25 @@ class DecodeBuilder:
         return self._reshape(x, (heads, head_dim))
 
     def rope(self, x):
-        return self.bb.emit_te(te_ops.rope, x, self.p, self._inv_freq(), primfunc_name_hint="rope")
+        table = self._rope_table(x)
+        if table is None:
+            return self.bb.emit_te(te_ops.rope, x, self.p, self._inv_freq(), primfunc_name_hint="rope")
+        return self.bb.emit_te(te_ops.rope_apply, x, table, primfunc_name_hint="rope")
+
+    def _rope_table(self, x):
+        """The call's cos/sin table (``te_ops.rope_table``: rows ``P..P+T-1``), emitted at the first RoPE and
+        shared by every later one (8 RoPEs of the reference model's step computed 3,072 cos and sin, the
+        table 64); None when ``x``'s head width is not twice the frequencies."""
+        half = len(rope_inv_freq(self.cfg))
+        if int(x.ty.shape[-1]) != 2 * half:
+            return None
+        if "rope_table" not in self._once:
+            rows = 1 if x.ty.ndim == 2 else x.ty.shape[0]
+            # opaque: one kernel per call, never fused (recomputed) into each consumer
+            self._once["rope_table"] = self.bb.emit_te(te_ops.rope_table, self.p, rows, self._inv_freq(),
+                                                       primfunc_name_hint="rope_table",
+                                                       primfunc_attrs={"op_pattern": 8})
+        return self._once["rope_table"]
 
     def _inv_freq(self):
         return relax.const(np.array(rope_inv_freq(self.cfg), np.float32))
