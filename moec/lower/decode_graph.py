@@ -253,6 +253,9 @@ class DecodeBuilder:
         return self.bb.emit(relax.op.nn.softmax(x, axis=-1))
 
     def topk(self, x, k):
+        fused = self.emitter.row_topk(self.bb, x, k)  # one kernel for a router's short rows (CPU kernels)
+        if fused is not None:
+            return fused
         both = self.bb.emit(relax.op.topk(x, k, axis=-1, ret_type="both", dtype="int32"))
         return self.bb.emit(relax.TupleGetItem(both, 0)), self.bb.emit(relax.TupleGetItem(both, 1))
 
@@ -328,9 +331,23 @@ class DecodeBuilder:
             g1, g3 = (self._expert_bias(call(x, w), layer, w, ids) for w in ("w1", "w3"))
             out = self._expert_bias(call(blocks.glu(self, cfg, g1, g3), "w2"), layer, "w2", ids)
             return bb.emit(relax.op.sum(relax.op.multiply(out, weights), axis=0, keepdims=True))
-        cls_of, in_cls = self._classes(routing, layer)
         slots = bb.emit(relax.op.reshape(routing.ids, (cfg.top_k,))) if cfg.expert_bias else None
         weights = bb.emit(relax.op.reshape(routing.weights, (cfg.top_k, 1)))
+        classes = self.params.expert_classes(layer)
+        if len(classes) == 1 and bool((self.params.class_of[layer] != 0).all()):
+            # one stack holding every expert: each routed id is valid, no class masks
+            idx = bb.emit(relax.op.reshape(routing.ids, (cfg.top_k,)))
+            ids = bb.emit(relax.op.take(relax.const(self.params.remap[layer], "int32"), idx, axis=0, mode="clip"))
+            name = f"layers.{layer}.experts.b{classes[0][0]}"
+
+            def call(inp, w):
+                return self.emitter.routed_experts(bb, inp, self.params.entries[f"{name}.{w}"], self.vars,
+                                                   f"{name}.{w}", ids)
+
+            g1, g3 = (self._expert_bias(call(x, w), layer, w, slots) for w in ("w1", "w3"))
+            y = self._expert_bias(call(blocks.glu(self, cfg, g1, g3), "w2"), layer, "w2", slots)
+            return bb.emit(relax.op.sum(relax.op.multiply(y, weights), axis=0, keepdims=True))
+        cls_of, in_cls = self._classes(routing, layer)
         y = None
         for c, _ in self.params.expert_classes(layer):
             member = bb.emit(relax.op.equal(cls_of, relax.const(np.int32(c))))

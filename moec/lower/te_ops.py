@@ -59,6 +59,13 @@ def rope(x: te.Tensor, pos, inv_freq: te.Tensor) -> te.Tensor:
     return te.compute(x.shape, f, name="rope")
 
 
+def float_gemv(x: te.Tensor, weight: te.Tensor) -> te.Tensor:
+    """``x [1, K]`` float32 times the float ``weight [N, K]`` (any float dtype, read as float32): ``[1, N]``."""
+    k = te.reduce_axis((0, x.shape[1]), name="k")
+    return te.compute((x.shape[0], weight.shape[0]),
+                      lambda i, n: te.sum(x[i, k] * weight[n, k].astype("float32"), axis=k), name="float_gemv")
+
+
 def rope_table(start, rows, inv_freq: te.Tensor) -> te.Tensor:
     """``[2, rows, half]``: cos (``[0]``) and sin (``[1]``) of row ``t``'s angles ``(start + t) * inv_freq``
     (the ``ang`` of :func:`rope` / :func:`rope_rows`, computed once per call and shared by every layer)."""
