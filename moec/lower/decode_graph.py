@@ -244,7 +244,8 @@ class DecodeBuilder:
         return self.bb.emit(relax.op.divide(a, b))
 
     def silu(self, x):
-        return self.bb.emit(relax.op.nn.silu(x))
+        fused = self.emitter.row_silu(self.bb, x)  # vectorised exp (CPU kernels), as prefill's SiLU
+        return fused if fused is not None else self.bb.emit(relax.op.nn.silu(x))
 
     def sigmoid(self, x):
         return self.bb.emit(relax.op.sigmoid(x))

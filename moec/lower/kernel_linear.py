@@ -28,6 +28,7 @@ from moec.lower.kernels.factory import (add_kernel, make_gemv, make_grouped_gemm
                                        make_nested_grouped_gemm)
 from moec.lower.kernels.row_guard import has_row_guard
 from moec.lower.kernels.row_topk import MAX_EXPERTS, row_topk_kernel
+from moec.lower.kernels.rowwise import silu_kernel
 from moec.lower.kernels.layout import check_kernel_shape, nested_kernel_layout, stack_kernel_layouts, to_kernel_layout
 from moec.lower.linear import LinearEmitter
 from moec.lower.params import ModelParams, WeightEntry
@@ -195,6 +196,13 @@ class KernelEmitter(LinearEmitter):
         out = bb.emit(relax.call_tir(gv, [x], [relax.TensorType((rows, k), "float32"),
                                               relax.TensorType((rows, k), "int32")]))
         return bb.emit(relax.TupleGetItem(out, 0)), bb.emit(relax.TupleGetItem(out, 1))
+
+    def row_silu(self, bb, x):
+        width = x.ty.shape[-1]
+        if x.ty.ndim != 2 or not isinstance(width, tirx.IntImm):
+            return None
+        gv = add_kernel(bb, silu_kernel(int(width)), f"row_silu_{int(width)}")
+        return bb.emit(relax.call_tir(gv, [x], relax.TensorType(x.ty.shape, "float32")))
 
     def dense(self, bb, x, entry: WeightEntry, vars_, name):
         rows = x.ty.shape[0]

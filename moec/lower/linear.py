@@ -98,6 +98,11 @@ class LinearEmitter:
         to the lower index, as Relax's ``topk``), or None: the graph then emits Relax's ``topk``."""
         return None
 
+    def row_silu(self, bb, x):
+        """``silu(x)`` of ``x [R, width]`` from one vectorised kernel (the prefill's ``row_silu``), or None: the graph
+        then emits Relax's ``silu``."""
+        return None
+
     def embed(self, bb, token, entry: WeightEntry, vars_):
         n, k = entry.shape
         if "weight" in entry.arrays:
