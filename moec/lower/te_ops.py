@@ -89,7 +89,10 @@ def rope_apply(x: te.Tensor, table: te.Tensor) -> te.Tensor:
         *lead, d = idx
         t = lead[0] if len(lead) == 2 else 0
         j = tirx.floormod(d, half)
-        rot = tirx.if_then_else(d < half, -x(*lead, tirx.min(d + half, hd - 1)), x(*lead, tirx.max(d - half, 0)))
+        # the partner index is always in bounds: with rope's clamped indices TVM simplified the clamp away
+        # in one branch of a static-shape kernel, and the out-of-bounds read there gave garbage
+        sign = tirx.if_then_else(d < half, tirx.const(-1.0, "float32"), tirx.const(1.0, "float32"))
+        rot = x(*lead, tirx.floormod(d + half, hd)) * sign
         return x(*idx) * table[0, t, j] + rot * table[1, t, j]
 
     return te.compute(x.shape, f, name="rope")
