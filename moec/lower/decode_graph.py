@@ -44,6 +44,7 @@ class DecodeBuilder:
         for name, arr in params.flat():
             self.vars[name] = relax.Var(name, relax.TensorType(arr.shape, str(arr.dtype)))
         self.prefix = ""
+        self._once: dict[str, relax.Var] = {}  # values emitted once per function, shared by every layer
 
     def _token_count(self):
         """Tokens per call: 1 in decode (prefill: a symbolic ``T``)."""
@@ -64,6 +65,7 @@ class DecodeBuilder:
         self.routed: list[relax.Var] = []  # decode of nested stacks: each MoE layer's routed ids, an output
         self.written: list[relax.Var] = []  # each cache after its in-place write (the same tensor), in order
         self._views: dict[relax.Var, relax.Var] = {}  # reshape result -> the tensor it views
+        self._once.clear()
         inputs = [tokens, pos] + self.cache
         with bb.function(self.function_name, inputs + list(self.vars.values()), attrs={"num_input": len(inputs)}):
             with bb.dataflow():
@@ -127,7 +129,25 @@ class DecodeBuilder:
         return self._reshape(x, (heads, head_dim))
 
     def rope(self, x):
-        return self.bb.emit_te(te_ops.rope, x, self.p, self._inv_freq(), primfunc_name_hint="rope")
+        table = self._rope_table(x)
+        if table is None:
+            return self.bb.emit_te(te_ops.rope, x, self.p, self._inv_freq(), primfunc_name_hint="rope")
+        return self.bb.emit_te(te_ops.rope_apply, x, table, primfunc_name_hint="rope")
+
+    def _rope_table(self, x):
+        """The call's cos/sin table (``te_ops.rope_table``: rows ``P..P+T-1``), emitted at the first RoPE and
+        shared by every later one (8 RoPEs of the reference model's step computed 3,072 cos and sin, the
+        table 64); None when ``x``'s head width is not twice the frequencies."""
+        half = len(rope_inv_freq(self.cfg))
+        if int(x.ty.shape[-1]) != 2 * half:
+            return None
+        if "rope_table" not in self._once:
+            rows = 1 if x.ty.ndim == 2 else x.ty.shape[0]
+            # opaque: one kernel per call, never fused (recomputed) into each consumer
+            self._once["rope_table"] = self.bb.emit_te(te_ops.rope_table, self.p, rows, self._inv_freq(),
+                                                       primfunc_name_hint="rope_table",
+                                                       primfunc_attrs={"op_pattern": 8})
+        return self._once["rope_table"]
 
     def _inv_freq(self):
         return relax.const(np.array(rope_inv_freq(self.cfg), np.float32))
@@ -224,7 +244,8 @@ class DecodeBuilder:
         return self.bb.emit(relax.op.divide(a, b))
 
     def silu(self, x):
-        return self.bb.emit(relax.op.nn.silu(x))
+        fused = self.emitter.row_silu(self.bb, x)  # vectorised exp (CPU kernels), as prefill's SiLU
+        return fused if fused is not None else self.bb.emit(relax.op.nn.silu(x))
 
     def sigmoid(self, x):
         return self.bb.emit(relax.op.sigmoid(x))
@@ -233,6 +254,9 @@ class DecodeBuilder:
         return self.bb.emit(relax.op.nn.softmax(x, axis=-1))
 
     def topk(self, x, k):
+        fused = self.emitter.row_topk(self.bb, x, k)  # one kernel for a router's short rows (CPU kernels)
+        if fused is not None:
+            return fused
         both = self.bb.emit(relax.op.topk(x, k, axis=-1, ret_type="both", dtype="int32"))
         return self.bb.emit(relax.TupleGetItem(both, 0)), self.bb.emit(relax.TupleGetItem(both, 1))
 
@@ -308,9 +332,23 @@ class DecodeBuilder:
             g1, g3 = (self._expert_bias(call(x, w), layer, w, ids) for w in ("w1", "w3"))
             out = self._expert_bias(call(blocks.glu(self, cfg, g1, g3), "w2"), layer, "w2", ids)
             return bb.emit(relax.op.sum(relax.op.multiply(out, weights), axis=0, keepdims=True))
-        cls_of, in_cls = self._classes(routing, layer)
         slots = bb.emit(relax.op.reshape(routing.ids, (cfg.top_k,))) if cfg.expert_bias else None
         weights = bb.emit(relax.op.reshape(routing.weights, (cfg.top_k, 1)))
+        classes = self.params.expert_classes(layer)
+        if len(classes) == 1 and bool((self.params.class_of[layer] != 0).all()):
+            # one stack holding every expert: each routed id is valid, no class masks
+            idx = bb.emit(relax.op.reshape(routing.ids, (cfg.top_k,)))
+            ids = bb.emit(relax.op.take(relax.const(self.params.remap[layer], "int32"), idx, axis=0, mode="clip"))
+            name = f"layers.{layer}.experts.b{classes[0][0]}"
+
+            def call(inp, w):
+                return self.emitter.routed_experts(bb, inp, self.params.entries[f"{name}.{w}"], self.vars,
+                                                   f"{name}.{w}", ids)
+
+            g1, g3 = (self._expert_bias(call(x, w), layer, w, slots) for w in ("w1", "w3"))
+            y = self._expert_bias(call(blocks.glu(self, cfg, g1, g3), "w2"), layer, "w2", slots)
+            return bb.emit(relax.op.sum(relax.op.multiply(y, weights), axis=0, keepdims=True))
+        cls_of, in_cls = self._classes(routing, layer)
         y = None
         for c, _ in self.params.expert_classes(layer):
             member = bb.emit(relax.op.equal(cls_of, relax.const(np.int32(c))))

@@ -23,9 +23,12 @@ from tvm import relax, te, tirx
 from moec.core.errors import MoecError
 from moec.core.formats import DEFAULT_SCALES, INT8_ACTIVATION_BITS
 from moec.lower.kernels.decode_attention import decode_attention
+from moec.lower import te_ops
 from moec.lower.kernels.factory import (add_kernel, make_gemv, make_grouped_gemm, make_nested_gemv,
                                        make_nested_grouped_gemm)
 from moec.lower.kernels.row_guard import has_row_guard
+from moec.lower.kernels.row_topk import MAX_EXPERTS, row_topk_kernel
+from moec.lower.kernels.rowwise import silu_kernel
 from moec.lower.kernels.layout import check_kernel_shape, nested_kernel_layout, stack_kernel_layouts, to_kernel_layout
 from moec.lower.linear import LinearEmitter
 from moec.lower.params import ModelParams, WeightEntry
@@ -184,11 +187,38 @@ class KernelEmitter(LinearEmitter):
             relax.TensorType((heads, value_dim), "float32"), cache_k.ty, cache_v.ty]))
         return tuple(bb.emit(relax.TupleGetItem(outs, i)) for i in range(3))
 
+    def row_topk(self, bb, x, k: int):
+        n = x.ty.shape[-1]
+        if x.ty.ndim != 2 or not isinstance(n, tirx.IntImm) or int(n) > MAX_EXPERTS:
+            return None
+        gv = add_kernel(bb, row_topk_kernel(int(n), k), f"row_topk_n{int(n)}_k{k}")
+        rows = x.ty.shape[0]
+        out = bb.emit(relax.call_tir(gv, [x], [relax.TensorType((rows, k), "float32"),
+                                              relax.TensorType((rows, k), "int32")]))
+        return bb.emit(relax.TupleGetItem(out, 0)), bb.emit(relax.TupleGetItem(out, 1))
+
+    def row_silu(self, bb, x):
+        width = x.ty.shape[-1]
+        if x.ty.ndim != 2 or not isinstance(width, tirx.IntImm):
+            return None
+        gv = add_kernel(bb, silu_kernel(int(width)), f"row_silu_{int(width)}")
+        return bb.emit(relax.call_tir(gv, [x], relax.TensorType(x.ty.shape, "float32")))
+
     def dense(self, bb, x, entry: WeightEntry, vars_, name):
+        rows = x.ty.shape[0]
+        if not entry.kernel and "weight" in entry.arrays and isinstance(rows, tirx.IntImm) and int(rows) == 1:
+            # a float weight too small for the kernels (a router): one GEMV on the stored weight, not a
+            # per-call cast + transpose copy of it and a matmul (scheduled by cpu_rules' InnerReductionGemv)
+            return bb.emit_te(te_ops.float_gemv, x, vars_[f"{name}.weight"], primfunc_name_hint="float_gemv")
         if not entry.kernel:
             return super().dense(bb, x, entry, vars_, name)
         ids = relax.const(np.zeros(1, np.int32))
         return self._call(bb, x, entry, vars_, name, ids, 1, False)
+
+    def routed_experts(self, bb, x, entry: WeightEntry, vars_, name, ids):
+        if not entry.kernel:
+            return super().routed_experts(bb, x, entry, vars_, name, ids)
+        return self._call(bb, x, entry, vars_, name, ids, int(ids.ty.shape[0]), int(x.ty.shape[0]) != 1)
 
     def experts(self, bb, x, entry: WeightEntry, vars_, name, ids):
         if not entry.kernel:

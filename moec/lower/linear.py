@@ -72,6 +72,11 @@ class LinearEmitter:
         mask = bb.emit(relax.op.astype(relax.op.greater_equal(ids, relax.const(np.int32(0))), "float32"))
         return bb.emit(relax.op.multiply(y, relax.op.reshape(mask, (k_rows, 1))))
 
+    def routed_experts(self, bb, x, entry: WeightEntry, vars_, name, ids):
+        """``experts`` when every id is valid (a layer whose experts are all in this one stack): emitters whose
+        ``experts`` masks rows of id -1 may skip that."""
+        return self.experts(bb, x, entry, vars_, name, ids)
+
     def nested_experts(self, bb, x, entry: WeightEntry, vars_, name, ids, prec):
         """Routed rows of a nested stack at the widths of run-time table ``prec``: needs kernels."""
         raise MoecError("nested expert storage needs moec's kernels (x86, arm or cuda backend), not the reference "
@@ -86,6 +91,16 @@ class LinearEmitter:
         ``k``/``v`` ``[kv_heads, 1, width]`` into row ``pos`` of the fixed-capacity caches in place (the
         caches returned are those arguments); or None: the graph then writes the caches and emits the
         scores, softmax and values as ops."""
+        return None
+
+    def row_topk(self, bb, x, k: int):
+        """``(values, indices)`` of the ``k`` largest entries of each row of ``x [R, n]`` from one kernel (ties
+        to the lower index, as Relax's ``topk``), or None: the graph then emits Relax's ``topk``."""
+        return None
+
+    def row_silu(self, bb, x):
+        """``silu(x)`` of ``x [R, width]`` from one vectorised kernel (the prefill's ``row_silu``), or None: the graph
+        then emits Relax's ``silu``."""
         return None
 
     def embed(self, bb, token, entry: WeightEntry, vars_):

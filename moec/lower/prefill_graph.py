@@ -66,7 +66,10 @@ class PrefillBuilder(DecodeBuilder):
         return self._reshape(x, (rows, heads * width))
 
     def rope(self, x):
-        return self.bb.emit_te(te_ops.rope_rows, x, self.p, self._inv_freq())
+        table = self._rope_table(x)
+        if table is None:
+            return self.bb.emit_te(te_ops.rope_rows, x, self.p, self._inv_freq())
+        return self.bb.emit_te(te_ops.rope_apply, x, table, primfunc_name_hint="rope_rows")
 
     def silu(self, x):
         if x.ty.ndim != 2:

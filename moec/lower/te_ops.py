@@ -59,6 +59,45 @@ def rope(x: te.Tensor, pos, inv_freq: te.Tensor) -> te.Tensor:
     return te.compute(x.shape, f, name="rope")
 
 
+def float_gemv(x: te.Tensor, weight: te.Tensor) -> te.Tensor:
+    """``x [1, K]`` float32 times the float ``weight [N, K]`` (any float dtype, read as float32): ``[1, N]``."""
+    k = te.reduce_axis((0, x.shape[1]), name="k")
+    return te.compute((x.shape[0], weight.shape[0]),
+                      lambda i, n: te.sum(x[i, k] * weight[n, k].astype("float32"), axis=k), name="float_gemv")
+
+
+def rope_table(start, rows, inv_freq: te.Tensor) -> te.Tensor:
+    """``[2, rows, half]``: cos (``[0]``) and sin (``[1]``) of row ``t``'s angles ``(start + t) * inv_freq``
+    (the ``ang`` of :func:`rope` / :func:`rope_rows`, computed once per call and shared by every layer)."""
+    half = int(inv_freq.shape[0])
+
+    def f(c, t, d):
+        ang = (start + t).astype("float32") * inv_freq[d]
+        return tirx.if_then_else(c == 0, tirx.cos(ang), tirx.sin(ang))
+
+    return te.compute((2, rows, half), f, name="rope_table")
+
+
+def rope_apply(x: te.Tensor, table: te.Tensor) -> te.Tensor:
+    """Half-rotation RoPE of ``x [heads, head_dim]`` (``table [2, 1, head_dim / 2]``) or ``x [T, heads,
+    head_dim]`` (``table [2, T, head_dim / 2]``) with the angles' cos and sin from :func:`rope_table`: the
+    arithmetic of :func:`rope` and :func:`rope_rows`."""
+    hd = int(x.shape[-1])
+    half = hd // 2
+
+    def f(*idx):
+        *lead, d = idx
+        t = lead[0] if len(lead) == 2 else 0
+        j = tirx.floormod(d, half)
+        # the partner index is always in bounds: with rope's clamped indices TVM simplified the clamp away
+        # in one branch of a static-shape kernel, and the out-of-bounds read there gave garbage
+        sign = tirx.if_then_else(d < half, tirx.const(-1.0, "float32"), tirx.const(1.0, "float32"))
+        rot = x(*lead, tirx.floormod(d + half, hd)) * sign
+        return x(*idx) * table[0, t, j] + rot * table[1, t, j]
+
+    return te.compute(x.shape, f, name="rope")
+
+
 def attention_scores(q: te.Tensor, keys: te.Tensor) -> te.Tensor:
     """``q [H, hd]`` · ``keys [KVH, P, hd]`` → ``[H, P]`` (grouped KV heads; q pre-scaled)."""
     h_, hd = q.shape

@@ -74,10 +74,15 @@ class BundleSession:
     model's ``max_position_embeddings`` up to ``DEFAULT_CONTEXT``), and every call writes its tokens'
     keys and values into it in place. A call that would pass the capacity raises a one-line
     :class:`MoecError`; :meth:`generate` enlarges a cache whose size was not given to what it needs.
+
+    ``threads`` is the TVM thread count of decode steps and prefills, ``prefill_threads`` that of
+    prefills alone (defaults: :func:`choose_threads`: a small bundle decodes on one thread and
+    prefills on TVM's pool).
     """
 
     def __init__(self, bundle: str | os.PathLike, remote=None, trust: str | os.PathLike | None = None,
-                 threads: int | None = None, trust_verified: bool = False, context: int | None = None) -> None:
+                 threads: int | None = None, trust_verified: bool = False, context: int | None = None,
+                 prefill_threads: int | None = None) -> None:
         root = self._root = Path(bundle)
         # the whole bundle verifies (and, with ``trust``, its signature) before lib.so is touched;
         # ``trust_verified`` (opt-in) skips re-hashing files unchanged since their last full check
@@ -120,8 +125,9 @@ class BundleSession:
             hint = f" (is the device {lib_arch}?)" if remote is not None and lib_arch != "unknown" else ""
             self.remote = remote = None
             raise MoecError(f"cannot load {lib_path} (built for {built_for}) on {where}{hint}: {failure}")
-        if remote is None:
-            self.threads = configure_threads(self.manifest, threads)
+        if remote is None:  # decode and prefill thread counts (choose_threads); each call sets its own
+            self.threads = configure_threads(self.manifest, threads, prefill_threads)
+            self.prefill_threads = choose_threads(self.manifest, threads, prefill_threads).prefill
         self.vm = tvm.runtime.vm.VirtualMachine(lib, self.dev)
         # zero-copy views of the mapped weights.bin only for the local CPU; a GPU gets device copies
         self.params = device_params(root, self.manifest["params"], self.dev,
@@ -347,6 +353,7 @@ class BundleSession:
                 self._pos += (tvm.runtime.from_dlpack(self._pos[0]),)
             buf[:] = tokens
             self._pos[0][0] = pos
+            use_threads(self.prefill_threads if entry == "prefill" else self.threads)
             out = fn(inp, self._pos[1], *self.cache, *self.params)
             self.pos = pos + len(tokens)
             self._keep_outputs(entry, out)
@@ -359,6 +366,7 @@ class BundleSession:
                 inp = self._token[entry] = tvm.runtime.tensor(tokens, self.dev)
             else:
                 inp.copyfrom(tokens)  # no allocation per decode step
+            use_threads(self.prefill_threads if entry == "prefill" else self.threads)
             out = self.vm[entry](inp, tvm.runtime.tensor(where, self.dev), *self.cache, *self.params)
             self.pos = pos + len(tokens)
             self._keep_outputs(entry, list(out))
@@ -455,48 +463,89 @@ _POOL_SET: int | None = None  # the size configure_threads last gave the pool
 _DEFAULT_POOL: int | None = None  # TVM's own default, read before configure_threads first sets the env
 
 
-def configure_threads(manifest: dict, threads: int | None = None) -> int:
-    """Set TVM's CPU thread pool for this process and return its size.
+@dataclass(frozen=True)
+class ThreadChoice:
+    """TVM threads of a session's calls: ``decode`` steps and ``prefill`` calls (see :func:`choose_threads`)."""
 
-    ``threads`` (or ``MOEC_NUM_THREADS``) wins; otherwise a bundle whose weights are under
-    ``SMALL_BUNDLE_BYTES`` runs on one thread. Its kernels take microseconds, so a fork-join over
-    two threads per kernel gains little, and on a loaded machine every join waits for a worker that
-    the scheduler has preempted: on the reference model one decode step in six took 25-40 ms
-    instead of under 1 ms with two threads, and the stalls went away with one.
+    decode: int
+    prefill: int
 
-    ``TVM_NUM_THREADS`` is set to the same size: TVM's parallel launch reads it on every kernel
-    call and runs the tasks inline on the calling thread only when it is 1. Resizing the pool
-    alone left every parallel loop going through the pool's hand-off, 5-7 us per kernel call
-    (about 100 calls per decode step of the reference model).
-    The pool is process-wide: the last session opened sets it. The calling thread keeps the CPUs it
-    had (TVM pins it to core 0 when resizing the pool: two one-thread moec processes then shared one
-    core, and so did every subprocess started after the session opened).
-    """
-    global _POOL_SET, _DEFAULT_POOL
-    if _DEFAULT_POOL is None:  # TVM's own default, read without asking TVM (which would start its pool here)
+
+def _default_pool() -> int:
+    """TVM's own pool size, read once without asking TVM (which would start its pool)."""
+    global _DEFAULT_POOL
+    if _DEFAULT_POOL is None:
         _DEFAULT_POOL = int(os.environ.get("TVM_NUM_THREADS") or os.environ.get("OMP_NUM_THREADS")
                             or os.cpu_count() or 1)
-    pool = _DEFAULT_POOL
+    return _DEFAULT_POOL
+
+
+def choose_threads(manifest: dict, threads: int | None = None, prefill_threads: int | None = None) -> ThreadChoice:
+    """The thread counts of a session (nothing is configured here).
+
+    ``threads`` (or ``MOEC_NUM_THREADS``) wins for both kinds of call; otherwise a bundle whose
+    weights are under ``SMALL_BUNDLE_BYTES`` decodes on one thread and prefills on TVM's pool, and
+    a larger one does both on the pool. A decode step of a small model is ~100 kernels of a few
+    microseconds: a fork-join over two threads per kernel gains little, and on a loaded machine
+    every join waits for a worker that the scheduler has preempted (on the reference model one
+    decode step in six took 25-40 ms instead of under 1 ms with two threads; the stalls went away
+    with one). A prefill is a few calls of compute-bound GEMMs and attention over the whole prompt,
+    which the pool shares out. ``prefill_threads`` overrides the prefill count alone.
+    """
     if threads is None and os.environ.get("MOEC_NUM_THREADS"):
         try:
             threads = int(os.environ["MOEC_NUM_THREADS"])
         except ValueError:
             raise MoecError(f"MOEC_NUM_THREADS must be a whole number, got {os.environ['MOEC_NUM_THREADS']!r}") \
                 from None
+    pool = _default_pool()
     if threads is None:
-        threads = 1 if manifest.get("weight_bytes", SMALL_BUNDLE_BYTES) < SMALL_BUNDLE_BYTES else pool
-    if threads < 1:
-        raise MoecError(f"threads must be >= 1, got {threads}")
-    if threads != (_POOL_SET or pool):
+        small = manifest.get("weight_bytes", SMALL_BUNDLE_BYTES) < SMALL_BUNDLE_BYTES
+        choice = ThreadChoice(1 if small else pool, pool)
+    else:
+        choice = ThreadChoice(threads, threads)
+    if prefill_threads is not None:
+        choice = ThreadChoice(choice.decode, prefill_threads)
+    for n in (choice.decode, choice.prefill):
+        if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+            raise MoecError(f"threads must be a whole number >= 1, got {n!r}")
+    return choice
+
+
+def configure_threads(manifest: dict, threads: int | None = None, prefill_threads: int | None = None) -> int:
+    """Set TVM's CPU thread pool for this process from :func:`choose_threads`; return the decode count.
+
+    The pool gets the larger of the two counts (resized only when that changes), and
+    ``TVM_NUM_THREADS`` the decode count: TVM's parallel launch reads it on every kernel call
+    and runs the tasks inline on the calling thread only when it is 1 (resizing the pool alone
+    left every parallel loop going through the pool's hand-off, 5-7 us per kernel call, about 100
+    calls per decode step of the reference model). :func:`use_threads` switches it per call.
+    The pool is process-wide: the last session opened sets it. The calling thread keeps the CPUs it
+    had (TVM pins it to core 0 when resizing the pool: two one-thread moec processes then shared one
+    core, and so did every subprocess started after the session opened).
+    """
+    global _POOL_SET
+    choice = choose_threads(manifest, threads, prefill_threads)
+    size = max(choice.decode, choice.prefill)
+    if size != _POOL_SET:
         # TVM binds the calling thread to core 0 when it resizes the pool; every process (and every
         # child it starts, which inherits the mask) would then share one core. Keep the caller's cores.
         cores = os.sched_getaffinity(0) if hasattr(os, "sched_getaffinity") else None
-        tvm.get_global_func("runtime.config_threadpool")(1, threads)  # starts the pool at its default size
+        use_threads(size)  # a pool started now sizes itself from the env once
+        tvm.get_global_func("runtime.config_threadpool")(1, size)
         if cores is not None:
             os.sched_setaffinity(0, cores)
-        _POOL_SET = threads
-    os.environ["TVM_NUM_THREADS"] = str(threads)  # after the pool exists: it sizes itself from this once
-    return threads
+        _POOL_SET = size
+    use_threads(choice.decode)
+    return choice.decode
+
+
+def use_threads(n: int) -> None:
+    """Make TVM's next parallel launches use ``n`` threads (``TVM_NUM_THREADS``, read per launch; set only on a
+    change: a decode step does not pay for it)."""
+    value = str(n)
+    if os.environ.get("TVM_NUM_THREADS") != value:
+        os.environ["TVM_NUM_THREADS"] = value
 
 
 def _aligned(n: int, dtype) -> np.ndarray:

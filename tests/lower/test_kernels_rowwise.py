@@ -51,3 +51,53 @@ def test_rowwise_kernels_are_not_taken_for_reshapes():
     needs a block body (without one the Relax build stopped with an internal error)."""
     from tvm.relax.analysis import has_reshape_pattern
     assert not has_reshape_pattern(softmax_kernel(2)) and not has_reshape_pattern(silu_kernel(64))
+
+
+def test_row_topk_is_a_stable_descending_sort():
+    """The router's top-k kernel: the k largest, descending, ties to the lower index (numpy's stable argsort of
+    the negated row, which is Relax's topk order), -inf rows (dropped experts) included."""
+    from moec.lower.kernels.row_topk import row_topk_kernel
+
+    rng = np.random.default_rng(1)
+    x = rng.standard_normal((6, 8)).astype(np.float32)
+    x[1, [2, 5, 6]] = 3.0           # a three-way tie for the top
+    x[2] = -np.inf                  # every expert masked
+    x[3, :4] = x[3, 4:]             # pairs of equal values
+    mod = compile_kernel(row_topk_kernel(8, 3), host_target())
+    args = [tvm.runtime.tensor(a, tvm.cpu()) for a in (x, np.zeros((6, 3), np.float32), np.zeros((6, 3), np.int32))]
+    mod["row_topk"](*args)
+    want = np.argsort(-x, axis=1, kind="stable")[:, :3]
+    assert (args[2].numpy() == want).all()
+    assert (args[1].numpy() == np.take_along_axis(x, want, axis=1)).all()
+
+
+def test_rope_table_gives_the_same_bits_as_rope():
+    """RoPE from the shared cos/sin table (decode rows and prefill rows) equals the per-element RoPE exactly."""
+    from tvm import te, tirx
+
+    from moec.lower import te_ops
+
+    half, pos = 8, 37
+    inv = te.placeholder((half,), "float32", "inv_freq")
+    freqs = (10000.0 ** (-np.arange(half) / half)).astype(np.float32)
+    x2, x3 = te.placeholder((3, 2 * half), "float32", "x"), te.placeholder((4, 3, 2 * half), "float32", "x")
+    p = tirx.Var("p", "int64")
+    funcs = {"rope": te.create_prim_func([x2, inv, te_ops.rope(x2, p, inv), p]),
+             "rope_rows": te.create_prim_func([x3, inv, te_ops.rope_rows(x3, p, inv), p])}
+    for name, x, rows in (("table1", x2, 1), ("table4", x3, 4)):
+        table = te.placeholder((2, rows, half), "float32", "table")
+        funcs[name] = te.create_prim_func([inv, te_ops.rope_table(p, rows, inv), p])
+        funcs[f"apply_{name}"] = te.create_prim_func([x, table, te_ops.rope_apply(x, table)])
+    mods = {n: tvm.compile(tvm.IRModule({"main": f.with_attr("global_symbol", "main")}), target=host_target())
+            for n, f in funcs.items()}
+    rng = np.random.default_rng(2)
+    for shape, ref, table_name, rows in (((3, 2 * half), "rope", "table1", 1), ((4, 3, 2 * half), "rope_rows", "table4", 4)):
+        xv = tvm.runtime.tensor(rng.standard_normal(shape).astype(np.float32))
+        fv = tvm.runtime.tensor(freqs)
+        want = tvm.runtime.empty(shape, "float32")
+        mods[ref]["main"](xv, fv, want, pos)
+        table = tvm.runtime.empty((2, rows, half), "float32")
+        mods[table_name]["main"](fv, table, pos)
+        got = tvm.runtime.empty(shape, "float32")
+        mods[f"apply_{table_name}"]["main"](xv, table, got)
+        assert (got.numpy() == want.numpy()).all()

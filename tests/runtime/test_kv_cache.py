@@ -100,3 +100,27 @@ def test_format_2_bundle_is_refused(bundle, tmp_path):
         read_manifest(copy)
     assert "format version 2 (a KV cache that grows by a copy per token) is not supported" in str(err.value)
     assert "\n" not in str(err.value)
+
+
+def test_each_call_runs_at_its_thread_count(bundle):
+    """A small bundle's decode steps see TVM_NUM_THREADS 1 (kernels inline), its prefill calls the pool's count
+    (read by TVM on every parallel launch, so it is what the kernels of that call use)."""
+    import os
+
+    from moec.runtime.session import BundleSession
+    with BundleSession(bundle, prefill_threads=2) as sess:
+        assert (sess.threads, sess.prefill_threads) == (1, 2)
+        seen: dict[str, set] = collections.defaultdict(set)
+        entry = ["prefill"]
+
+        def hook(func, sym, before, ret, *args):
+            seen[entry[0]].add(os.environ["TVM_NUM_THREADS"])
+            return 0
+
+        sess.vm.set_instrument(hook)
+        sess.prefill([1, 2, 3])
+        entry[0] = "decode"
+        sess.step(4)
+        entry[0] = "prefill"
+        sess.prefill([5, 6])
+    assert seen == {"prefill": {"2"}, "decode": {"1"}}
