@@ -97,7 +97,7 @@ def sensitivities(model, chunks, n_ctx: int, group, method: str, cache, tag: str
     # (floored at 0: a negative measured increase is noise, and the ILP needs losses that fall with width)
     scale = np.array([max(part[("experts", b)], 0.0) for b in EXPERT_BITS]) / np.maximum(raw.sum(0), 1e-30)
     loss = raw * scale
-    loss = np.minimum.accumulate(loss[:, ::-1], axis=1)[:, ::-1]     # never more loss at a wider width
+    loss = np.maximum.accumulate(loss[:, ::-1], axis=1)[:, ::-1]     # never more loss at a wider width
     return part, items, loss
 
 
