@@ -123,12 +123,16 @@ def fixed_bytes(model, group, method: str) -> dict[tuple[int, ...], int]:
             for w in itertools.product(*(MIXED_PART_BITS[p] for p in NON_EXPERT))}
 
 
-def candidates(model, budget: int, part: dict, items, loss, group, fixed: dict, top: int):
-    """The ``top`` best-ranked (rank, bytes, non-expert bits, expert widths) that fit ``budget``."""
+def candidates(model, budget: int, part: dict, items, loss, group, fixed: dict, top: int,
+               allowed: tuple[int, ...] = EXPERT_BITS):
+    """The ``top`` best-ranked (rank, bytes, non-expert bits, expert widths) that fit ``budget``, each
+    expert at one of ``allowed`` (a subset of ``EXPERT_BITS``)."""
     from moec.search.policies.ilp import solve_additive
 
-    per = expert_bytes(model.cfg, group)
+    cols = [EXPERT_BITS.index(b) for b in allowed]
+    per = expert_bytes(model.cfg, group)[cols]
     nbytes = np.tile(per, (len(items), 1))
+    loss = loss[:, cols]
     out = []
     for widths, fixed_b in fixed.items():
         bits = dict(zip(NON_EXPERT, widths))
@@ -138,6 +142,6 @@ def candidates(model, budget: int, part: dict, items, loss, group, fixed: dict, 
         a = solve_additive(loss, nbytes, cap)
         rank = sum(part[(p, bits[p])] for p in NON_EXPERT) + float(loss[np.arange(len(items)), a].sum())
         out.append((rank, fixed_b + int(nbytes[np.arange(len(items)), a].sum()), bits,
-                    {it: EXPERT_BITS[j] for it, j in zip(items, a)}))
+                    {it: allowed[j] for it, j in zip(items, a)}))
     out.sort(key=lambda c: c[0])
     return out[:top]
