@@ -131,8 +131,9 @@ def main() -> None:
                     help="per-expert widths the mixed stage may use (of 3,4,5,6,8); 3 is left out by default: "
                          "experts rare on the calibration text went to 3 bits and cost more on the held-out text")
     ap.add_argument("--mixed-parts", default="",
-                    help="also score these non-expert widths 'attn_qko,attn_v,embeddings,lm_head' (';'-separated, "
-                         "e.g. 6,8,6,6;8,8,6,5) at every point they fit, experts by the same ILP")
+                    help="also score these non-expert widths 'attn_qko,attn_v,embeddings,lm_head', optionally "
+                         "'/' and the expert widths for this entry (';'-separated, e.g. 6,8,6,6;6,6,6,6/3,4,5,6,8) "
+                         "at every point they fit, experts by the same ILP")
     ap.add_argument("--mixed-group", default="64", help="group size and scale format of the mixed plans")
     args = ap.parse_args()
     work = args.work or Path(tempfile.mkdtemp(prefix="moec-frontier-"))
@@ -224,8 +225,10 @@ def main() -> None:
             allowed = tuple(int(b) for b in args.mixed_expert_bits.split(","))
             found = fm.candidates(model, lbytes, part, items, loss, mgroup, fixed, args.mixed_top, allowed)
             for spec in filter(None, args.mixed_parts.split(";")):
-                w = tuple(int(b) for b in spec.split(","))
-                found += fm.candidates(model, lbytes, part, items, loss, mgroup, {w: fixed[w]}, 1, allowed)
+                w, _, own = spec.partition("/")
+                w = tuple(int(b) for b in w.split(","))
+                found += fm.candidates(model, lbytes, part, items, loss, mgroup, {w: fixed[w]}, 1,
+                                       tuple(int(b) for b in own.split(",")) if own else allowed)
             for _, nbytes, bits, widths in found:
                 plan = fm.mixed_plan(cfg, widths, bits, mgroup, args.method)
                 assert plan_memory(model, plan).total == nbytes <= lbytes
