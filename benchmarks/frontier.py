@@ -19,7 +19,11 @@ scales, ``moec.core.formats.SCALE_FORMATS``), router float, quantizer ``--method
    scored on all chunks, with the fitting combination that spends the most bytes, the one with
    the widest experts (the best ranked of those) and the widest uniform one that fits (the additive
    model is noisy where a part's increase is within noise), and
-   the best measured one is reported.
+   the best measured one is reported;
+3. with ``--mixed``: per-expert widths (``frontier_mixed.py``): sensitivities on the calibration text,
+   the exact ILP over the experts' widths for every combination of non-expert widths (3/4/5/6/8 per
+   expert, 4/5/6/8 per non-expert part) at each llama.cpp budget, the ``--mixed-top`` best-ranked
+   plans scored on the held-out chunks like the rest; the best of both stages is reported.
 
 Bits per weight for both = tensor bytes × 8 / checkpoint parameters (GGUF: every tensor incl. norms
 and the f32 router; moec: packed weights, scales, zeros, float router and norms).
@@ -119,6 +123,18 @@ def main() -> None:
     ap.add_argument("--search-chunks", type=int, default=16)
     ap.add_argument("--top", type=int, default=3)
     ap.add_argument("--work", type=Path, default=None, help="GGUF files and the perplexity cache (reused)")
+    ap.add_argument("--mixed", action="store_true", help="also search per-expert widths (frontier_mixed.py)")
+    ap.add_argument("--calib", type=Path, default=Path(__file__).resolve().parents[1] / "reference/data/calib.txt")
+    ap.add_argument("--calib-tokens", type=int, default=8192)
+    ap.add_argument("--mixed-top", type=int, default=3)
+    ap.add_argument("--mixed-expert-bits", default="4,5,6,8",
+                    help="per-expert widths the mixed stage may use (of 3,4,5,6,8); 3 is left out by default: "
+                         "experts rare on the calibration text went to 3 bits and cost more on the held-out text")
+    ap.add_argument("--mixed-parts", default="",
+                    help="also score these non-expert widths 'attn_qko,attn_v,embeddings,lm_head', optionally "
+                         "'/' and the expert widths for this entry (';'-separated, e.g. 6,8,6,6;6,6,6,6/3,4,5,6,8) "
+                         "at every point they fit, experts by the same ILP")
+    ap.add_argument("--mixed-group", default="64", help="group size and scale format of the mixed plans")
     args = ap.parse_args()
     work = args.work or Path(tempfile.mkdtemp(prefix="moec-frontier-"))
     work.mkdir(parents=True, exist_ok=True)
@@ -177,6 +193,15 @@ def main() -> None:
             combos.append((sum(sens[(p, bits[p], group)] for p in PARTS), nbytes, bits, group))
     combos.sort(key=lambda c: c[0])
 
+    if args.mixed:
+        import frontier_mixed as fm
+
+        mgroup = parse_group(args.mixed_group)
+        calib = fm.calib_chunks(args.checkpoint, args.calib, n_ctx, args.calib_tokens)
+        part, items, loss = fm.sensitivities(model, calib, n_ctx, mgroup, args.method, cache,
+                                             f"{args.calib.name}:{n_ctx}:{len(calib)}")
+        fixed = fm.fixed_bytes(model, mgroup, args.method)
+
     rows = []
     for t, (lbytes, lppl) in sorted(llama.items(), key=lambda kv: kv[1][0]):
         fits = [c for c in combos if c[1] <= lbytes]
@@ -195,11 +220,28 @@ def main() -> None:
             ppl = cache.get(f"{tag} {args.method} {group_tag(group)} {describe(bits, group)}",
                             lambda plan=plan: moec_perplexity(model, plan, chunks, n_ctx))
             if best is None or ppl < best[0]:
-                best = (ppl, nbytes, bits, group, rank)
-        ppl, nbytes, bits, group, rank = best
+                best = (ppl, nbytes, describe(bits, group))
+        if args.mixed:
+            allowed = tuple(int(b) for b in args.mixed_expert_bits.split(","))
+            found = fm.candidates(model, lbytes, part, items, loss, mgroup, fixed, args.mixed_top, allowed)
+            for spec in filter(None, args.mixed_parts.split(";")):
+                w, _, own = spec.partition("/")
+                w = tuple(int(b) for b in w.split(","))
+                found += fm.candidates(model, lbytes, part, items, loss, mgroup, {w: fixed[w]}, 1,
+                                       tuple(int(b) for b in own.split(",")) if own else allowed)
+            for _, nbytes, bits, widths in found:
+                plan = fm.mixed_plan(cfg, widths, bits, mgroup, args.method)
+                assert plan_memory(model, plan).total == nbytes <= lbytes
+                text = fm.describe_mixed(widths, bits, mgroup)
+                ident = ",".join(str(widths[it]) for it in items)
+                ppl = cache.get(f"{tag} {args.method} mixed {text} [{ident}]",
+                                lambda plan=plan: moec_perplexity(model, plan, chunks, n_ctx))
+                if ppl < best[0]:
+                    best = (ppl, nbytes, text)
+        ppl, nbytes, text = best
         dom = nbytes <= lbytes and ppl <= lppl
         rows.append(f"| {t} | {lbytes / 1e6:.3f} ({lbytes * 8 / n_params:.2f}) | {lppl:.4f} "
-                    f"({(lppl / base - 1) * 100:+.2f} %) | {describe(bits, group)} | {nbytes / 1e6:.3f} "
+                    f"({(lppl / base - 1) * 100:+.2f} %) | {text} | {nbytes / 1e6:.3f} "
                     f"({nbytes * 8 / n_params:.2f}) | {ppl:.4f} ({(ppl / mbase - 1) * 100:+.2f} %) | "
                     f"{'**yes**' if dom else f'no ({(ppl / lppl - 1) * 100:+.2f} % perplexity)'} |")
     print(f"load average after: {os.getloadavg()}\n")
