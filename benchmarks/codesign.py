@@ -10,6 +10,12 @@ printed; three fine-tunes: ``--plan uniform:2``, ``--plan uniform:3``, ``--plan 
 
     python benchmarks/codesign.py [--steps 40] [--eval-tokens 4096] [--shifted 20] [--work out/codesign]
 
+Every comparison is paired, token by token (``moec.profile.paired``): co-designed minus PTQ top-1 and NLL with a
+95 % bootstrap interval over held-out windows, the counts of tokens only one of the two predicts, and the share
+of PTQ's top-1 drop below FP32 recovered with its interval. ``--eval-tokens 0`` scores the whole of both files;
+``--shift-stride k`` scores the shifted plans on every k-th window. Per-token scores are kept in ``--work/scores``
+(keyed by model, plan, method and tokens), so a re-run or another ``--parts`` run scores nothing twice.
+
 ``--parts knobs`` measures the architecture knobs instead (no fine-tune): the searched plan with
 router temperatures, with rarely-used experts dropped (by the profile's routing frequency) and with pairs
 of them merged (frequency-weighted average; next to dropping the same absorbed experts),
@@ -95,7 +101,7 @@ def run_finetune(work: Path, name: str, plan: str, args, extra: list[str]) -> di
            "--out", str(out), "--steps", str(args.steps), "--batch", str(args.batch), "--lr", str(args.lr),
            "--scale-lr", str(args.scale_lr), "--force", *extra]
     t0 = time.perf_counter()
-    env = {**os.environ, "OMP_NUM_THREADS": str(args.threads)}
+    env = {**os.environ, **({"OMP_NUM_THREADS": str(args.threads)} if args.threads else {})}
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
     wall = time.perf_counter() - t0
     if proc.returncode:
@@ -335,11 +341,12 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=4)
     ap.add_argument("--lr", type=float, default=1e-4)
     ap.add_argument("--scale-lr", type=float, default=2e-3)
-    ap.add_argument("--eval-tokens", type=int, default=0, help="held-out tokens per domain (0: the whole file)")
+    ap.add_argument("--eval-tokens", type=int, default=4096, help="held-out tokens per domain (0: the whole file)")
     ap.add_argument("--shift-stride", type=int, default=1,
                     help="the shifted plans are scored on every k-th held-out window (1: all)")
-    ap.add_argument("--threads", type=int, default=1,
-                    help="torch / OpenMP threads of the benchmark and its fine-tunes (on a shared machine 1 is fastest)")
+    ap.add_argument("--threads", type=int, default=0,
+                    help="torch / OpenMP threads of the benchmark and its fine-tunes (0: torch's default; on a loaded "
+                         "shared machine 1 is many times faster than 2)")
     ap.add_argument("--calib-tokens", type=int, default=8192, help="profile / GPTQ Hessian tokens")
     ap.add_argument("--shifted", type=int, default=20)
     ap.add_argument("--work", type=Path, default=REPO / "out" / "codesign")
@@ -370,7 +377,8 @@ def main() -> None:
     ap.add_argument("--temperatures", type=float, nargs="*", default=[0.7, 0.85, 1.2, 1.5])
     ap.add_argument("--drop-frequencies", type=float, nargs="+", default=[0.0, 0.05, 0.1])
     args = ap.parse_args()
-    torch.set_num_threads(args.threads)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     args.work.mkdir(parents=True, exist_ok=True)
     if args.parts == "knobs":
         return knobs(args)
