@@ -272,6 +272,8 @@ def plan_finetune_args(args) -> tuple[str, list[str]]:
              "--seed", str(args.ft_seed)]
     if args.plan_weight:
         extra += ["--plan-weight", str(args.plan_weight)]
+    if args.plan_lr is not None:
+        extra += ["--lr", str(args.plan_lr)]  # after run_finetune's --lr: click keeps the last
     if args.plan_steps:
         extra += ["--steps", str(args.plan_steps)]  # after run_finetune's --steps: click keeps the last
     if args.weighted_shift:
@@ -364,6 +366,9 @@ def main() -> None:
                     help="the searched-plan fine-tune's --plan-prob (share of steps on the plan itself)")
     ap.add_argument("--plan-weight", type=float, default=0.0,
                     help="the searched-plan fine-tune's --plan-weight (the plan's own KL added every step)")
+    ap.add_argument("--plan-lr", type=float, default=None,
+                    help="the searched-plan fine-tune's float-weight --lr (default: --lr; 0: float weights frozen, "
+                         "only the per-width scales and zeros learn)")
     ap.add_argument("--plan-steps", type=int, default=0,
                     help="steps of the searched-plan fine-tune (0: --steps)")
     ap.add_argument("--ft-seed", type=int, default=0, help="the searched-plan fine-tune's --seed")
