@@ -164,12 +164,11 @@ def stack(rs: list[dict[str, TokenScores]], d: str) -> tuple[torch.Tensor, torch
     return torch.stack([r[d].correct for r in rs]), torch.stack([r[d].nll for r in rs])
 
 
-def compare(ptq: list[dict], co: list[dict], fp32: dict, d: str) -> Paired:
+def compare(ptq: list[dict], co: list[dict], fp32: dict, d: str, stride: int = 1) -> Paired:
     """Co-designed against PTQ on domain ``d``: paired over the same windows (and plans), with the share of
-    PTQ's top-1 drop below FP32 recovered."""
+    PTQ's top-1 drop below FP32 recovered (FP32 is scored on every window, the plans on every ``stride``-th)."""
     (pc, pn), (cc, cn) = stack(ptq, d), stack(co, d)
-    fw = len(fp32[d].correct) // len(pc[0])  # FP32 may be scored on every window, the plans on every k-th
-    return paired(pc, cc, pn, cn, ref_correct=fp32[d].correct[::fw], samples=2000)
+    return paired(pc, cc, pn, cn, ref_correct=fp32[d].correct[::stride], samples=2000)
 
 
 def fmt_paired(c: Paired) -> str:
@@ -304,7 +303,7 @@ def shifted_only(args) -> None:
         ptq = [scores(args, ref, "ref", p, "mse", w, stride) for p in plans]
         co = [scores(args, tuned, tkey, p, "mse", w, stride) for p in plans]
         for d in w:
-            c, pr, cr = compare(ptq, co, fp32, d), r(ptq, d), r(co, d)
+            c, pr, cr = compare(ptq, co, fp32, d, stride), r(ptq, d), r(co, d)
             print(f"| {label} | {d} | {c.tokens} | {fp32[d].result().top1:.4f} | {pr.perplexity:.2f} / {pr.top1:.4f} | "
                   f"{cr.perplexity:.2f} / {cr.top1:.4f} | {fmt_paired(c)} |", flush=True)
 
@@ -421,7 +420,7 @@ def main() -> None:
         if label == "searched plan":
             best_method = method
         co = scores(args, tuned[ft], tkeys[ft], p, "mse", windows, 1)
-        rows.append((label, method, [ptq[method]], [co], windows))
+        rows.append((label, method, [ptq[method]], [co], windows, 1))
         print(f"  {label}: " + "; ".join(f"{d} PTQ {r(ptq[method], d).top1:.4f} co {r(co, d).top1:.4f}" for d in windows),
               flush=True)
     for seed in args.shift_seeds:
@@ -430,7 +429,7 @@ def main() -> None:
         h = hessians if best_method == "gptq" else None
         ptq = [scores(args, ref, "ref", p, best_method, sw, args.shift_stride, h) for p in plans]
         co = [scores(args, tuned[pft], tkeys[pft], p, "mse", sw, args.shift_stride) for p in plans]
-        rows.append((f"{args.shifted} shifted plans (mean, seed {seed})", best_method, ptq, co, sw))
+        rows.append((f"{args.shifted} shifted plans (mean, seed {seed})", best_method, ptq, co, sw, args.shift_stride))
         print(f"  shifted plans, seed {seed}: done", flush=True)
 
     print(f"\nFP32: " + "; ".join(f"{d} top-1 {x.result().top1:.4f} ppl {x.result().perplexity:.3f} "
@@ -438,9 +437,9 @@ def main() -> None:
     print("\n| plan | domain | scored tokens | PTQ method | PTQ ppl | PTQ top-1 | co-designed ppl | co-designed top-1 | "
           "Δtop-1 co − PTQ, pt [95 %] | tokens co-only / PTQ-only | ΔNLL co − PTQ [95 %] | drop recovered [95 %] |")
     print("|---|---|---|---|---|---|---|---|---|---|---|---|")
-    for label, method, ptq, co, w in rows:
+    for label, method, ptq, co, w, stride in rows:
         for d in w:
-            c, pr, cr = compare(ptq, co, fp32, d), r(ptq, d), r(co, d)
+            c, pr, cr = compare(ptq, co, fp32, d, stride), r(ptq, d), r(co, d)
             print(f"| {label} | {d} | {c.tokens} | {method} | {pr.perplexity:.2f} | {pr.top1:.4f} | {cr.perplexity:.2f} | "
                   f"{cr.top1:.4f} | {fmt_paired(c)} |")
         if len(ptq) > 1:
