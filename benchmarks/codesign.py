@@ -10,6 +10,12 @@ printed; three fine-tunes: ``--plan uniform:2``, ``--plan uniform:3``, ``--plan 
 
     python benchmarks/codesign.py [--steps 40] [--eval-tokens 4096] [--shifted 20] [--work out/codesign]
 
+Every comparison is paired, token by token (``moec.profile.paired``): co-designed minus PTQ top-1 and NLL with a
+95 % bootstrap interval over held-out windows, the counts of tokens only one of the two predicts, and the share
+of PTQ's top-1 drop below FP32 recovered with its interval. ``--eval-tokens 0`` scores the whole of both files;
+``--shift-stride k`` scores the shifted plans on every k-th window. Per-token scores are kept in ``--work/scores``
+(keyed by model, plan, method and tokens), so a re-run or another ``--parts`` run scores nothing twice.
+
 ``--parts knobs`` measures the architecture knobs instead (no fine-tune): the searched plan with
 router temperatures, with rarely-used experts dropped (by the profile's routing frequency) and with pairs
 of them merged (frequency-weighted average; next to dropping the same absorbed experts),
@@ -34,7 +40,10 @@ from __future__ import annotations
 
 import argparse
 import copy
+import hashlib
 import json
+import math
+import os
 import random
 import re
 import subprocess
@@ -42,13 +51,16 @@ import sys
 import time
 from pathlib import Path
 
+import torch
+
 from moec import api
 from moec.core.plan import BitPlan, resolve_plan
 from moec.finetune.bit_sampler import shifted_plan
 from moec.models.checkpoint import load_checkpoint
 from moec.models.tokenizer import load_tokenizer
 from moec.profile.data import file_windows
-from moec.profile.evaluate import EvalResult, evaluate_windows
+from moec.profile.evaluate import EvalResult, TokenScores, evaluate_windows, score_tokens
+from moec.profile.paired import Paired, paired
 from moec.profile.importance import expert_hessians
 from moec.quant.accounting import plan_memory
 from moec.quant.packed_model import fake_quantize_model
@@ -89,7 +101,8 @@ def run_finetune(work: Path, name: str, plan: str, args, extra: list[str]) -> di
            "--out", str(out), "--steps", str(args.steps), "--batch", str(args.batch), "--lr", str(args.lr),
            "--scale-lr", str(args.scale_lr), "--force", *extra]
     t0 = time.perf_counter()
-    proc = subprocess.run(cmd, capture_output=True, text=True)
+    env = {**os.environ, **({"OMP_NUM_THREADS": str(args.threads)} if args.threads else {})}
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
     wall = time.perf_counter() - t0
     if proc.returncode:
         raise SystemExit(f"finetune {name} failed: {proc.stderr.strip()[-400:]}")
@@ -109,18 +122,69 @@ def evaluate(model, plan: BitPlan, windows: dict, hessians=None) -> dict:
     return {d: evaluate_windows(m, w, batch=8) for d, w in windows.items()}
 
 
-def ptq_mse(args, ref, plan: BitPlan, windows: dict) -> dict:
-    """PTQ (``mse``) of ``plan``: depends only on the plan's widths and the tokens, so kept in ``--work``
-    (``ptq-mse-<eval tokens>.json``) across runs and fine-tunes."""
-    path = args.work / f"ptq-mse-{args.eval_tokens}.json"
-    cache = json.loads(path.read_text()) if path.is_file() else {}
-    key = json.dumps({"experts": plan.experts, "tensors": plan.tensors, "group": plan.group_size}, sort_keys=True)
-    if key not in cache:
+def eval_windows(tok, args, stride: int = 1) -> dict:
+    """Held-out windows per domain: the first ``--eval-tokens`` (0: the whole file), every ``stride``-th window."""
+    return {d: file_windows(tok, p, 256, args.eval_tokens or None)[0][::stride] for d, p in DOMAINS.items()}
+
+
+def plan_key(plan: BitPlan) -> dict:
+    return {"experts": plan.experts, "tensors": plan.tensors, "group": plan.group_size}
+
+
+def scores(args, model, model_key: str, plan: BitPlan | None, method: str, windows: dict, stride: int,
+           hessians=None) -> dict[str, TokenScores]:
+    """Per-token scores of ``model`` quantized by ``plan`` with ``method`` (``plan`` None: the float model) on
+    ``windows``; kept in ``--work/scores/`` under a hash of (model, plan, method, tokens), so a re-run or a
+    second part scores each (model, plan) once."""
+    key = json.dumps({"model": model_key, "plan": plan_key(plan) if plan else None, "method": method,
+                      "tokens": args.eval_tokens, "stride": stride, "domains": sorted(windows)}, sort_keys=True)
+    path = args.work / "scores" / f"{hashlib.sha256(key.encode()).hexdigest()[:20]}.pt"
+    if path.is_file():
+        return {d: TokenScores(*v) for d, v in torch.load(path).items()}
+    if plan is None:
+        m = model
+    else:
         pm = plan.copy()
-        pm.method = "mse"
-        cache[key] = {d: r.to_dict() for d, r in evaluate(ref, pm, windows).items()}
-        path.write_text(json.dumps(cache))
-    return {d: EvalResult(**r) for d, r in cache[key].items()}
+        pm.method = method
+        m = fake_quantize_model(copy.deepcopy(model), pm, hessians=hessians)
+    out = {d: score_tokens(m, w, batch=8) for d, w in windows.items()}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save({d: (r.nll, r.correct) for d, r in out.items()}, path.with_suffix(".tmp"))
+    path.with_suffix(".tmp").replace(path)
+    return out
+
+
+def tuned_key(work: Path, name: str) -> str:
+    """Identifies a fine-tuned checkpoint by its name and recorded settings / result (a re-run changes it)."""
+    return f"ft-{name}:" + hashlib.sha256((work / f"ft-{name}" / "finetune.json").read_bytes()).hexdigest()[:16]
+
+
+def stack(rs: list[dict[str, TokenScores]], d: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """Correctness and NLL of domain ``d`` over several plans, ``[plans, windows, tokens]``."""
+    return torch.stack([r[d].correct for r in rs]), torch.stack([r[d].nll for r in rs])
+
+
+def compare(ptq: list[dict], co: list[dict], fp32: dict, d: str, stride: int = 1) -> Paired:
+    """Co-designed against PTQ on domain ``d``: paired over the same windows (and plans), with the share of
+    PTQ's top-1 drop below FP32 recovered (FP32 is scored on every window, the plans on every ``stride``-th)."""
+    (pc, pn), (cc, cn) = stack(ptq, d), stack(co, d)
+    return paired(pc, cc, pn, cn, ref_correct=fp32[d].correct[::stride], samples=2000)
+
+
+def fmt_paired(c: Paired) -> str:
+    """``Δtop-1 [95 %] | tokens co-only / PTQ-only | ΔNLL [95 %] | recovered [95 %]`` cells."""
+    rec = (f"{c.recovered:.0%} [{c.recovered_lo:.0%}, {c.recovered_hi:.0%}]" if c.recovered == c.recovered
+           and c.recovered_lo == c.recovered_lo else (f"{c.recovered:.0%}" if c.recovered == c.recovered else "–"))
+    return (f"{100 * c.top1_diff:+.2f} [{100 * c.top1_lo:+.2f}, {100 * c.top1_hi:+.2f}] | "
+            f"{c.b_only:.0f} / {c.a_only:.0f} | {c.nll_diff:+.4f} [{c.nll_lo:+.4f}, {c.nll_hi:+.4f}] | {rec}")
+
+
+def r(s: dict[str, TokenScores] | list[dict[str, TokenScores]], d: str) -> EvalResult:
+    """Summary of one plan's scores, or the mean over several plans' (perplexity of the mean NLL)."""
+    rs = s if isinstance(s, list) else [s]
+    res = [x[d].result() for x in rs]
+    nll = sum(x.nll for x in res) / len(res)
+    return EvalResult(math.exp(nll), sum(x.top1 for x in res) / len(res), nll, res[0].tokens)
 
 
 def searched_knobs(args) -> None:
@@ -134,7 +198,7 @@ def searched_knobs(args) -> None:
     ref = load_checkpoint(CKPT)
     int8 = plan_memory(ref, resolve_plan("uniform:8", ref.cfg)).total
     tok = load_tokenizer(CKPT)
-    windows = {d: file_windows(tok, p, 256, args.eval_tokens)[0] for d, p in DOMAINS.items()}
+    windows = eval_windows(tok, args)
     print("\n| budget (of INT8) | search | dropped | expert bits | " + " | ".join(f"{d} ppl | {d} top-1" for d in windows)
           + " | bytes vs INT8 |")
     print("|---|---|---|---|" + "---|---|" * len(windows) + "---|")
@@ -164,7 +228,7 @@ def knobs(args) -> None:
     ref = load_checkpoint(CKPT)
     int8 = plan_memory(ref, resolve_plan("uniform:8", ref.cfg)).total
     tok = load_tokenizer(CKPT)
-    windows = {d: file_windows(tok, p, 256, args.eval_tokens)[0] for d, p in DOMAINS.items()}
+    windows = eval_windows(tok, args)
     for layer in sorted(stats.layers):
         f = stats.frequency(layer)
         print(f"layer {layer} routing frequency (share of {stats.tokens} calibration tokens): "
@@ -205,6 +269,10 @@ def plan_finetune_args(args) -> tuple[str, list[str]]:
     name = args.ft_name or ("plan-weighted" if args.weighted_shift else "plan")
     extra = ["--shift-robust", "--shift-prob", str(args.shift_prob), "--plan-prob", str(args.plan_prob),
              "--seed", str(args.ft_seed)]
+    if args.plan_weight:
+        extra += ["--plan-weight", str(args.plan_weight)]
+    if args.plan_lr is not None:
+        extra += ["--lr", str(args.plan_lr)]  # after run_finetune's --lr: click keeps the last
     if args.plan_steps:
         extra += ["--steps", str(args.plan_steps)]  # after run_finetune's --steps: click keeps the last
     if args.weighted_shift:
@@ -218,27 +286,26 @@ def shifted_only(args) -> None:
     pft, extra = plan_finetune_args(args)
     ft = run_finetune(args.work, pft, str(args.work / "searched-plan.json"), args, extra)
     ref, tuned = load_checkpoint(CKPT), load_checkpoint(args.work / f"ft-{pft}")
+    tkey = tuned_key(args.work, pft)
     tok = load_tokenizer(CKPT)
-    windows = {d: file_windows(tok, p, 256, args.eval_tokens)[0] for d, p in DOMAINS.items()}
-    fp32 = {d: evaluate_windows(ref, w, batch=8) for d, w in windows.items()}
-    groups = [("searched plan", [plan])]
+    windows, sw = eval_windows(tok, args), eval_windows(tok, args, args.shift_stride)
+    fp32 = scores(args, ref, "ref", None, "", windows, 1)
+    groups = [("searched plan", [plan], windows, 1)]
     for seed in args.shift_seeds:
         rng = random.Random(seed)
-        groups.append((f"{args.shifted} shifted plans (mean, seed {seed})", [shifted_plan(plan, rng) for _ in range(args.shifted)]))
-    rows = []
-    for label, plans in groups:
-        rows.append((label, [(ptq_mse(args, ref, p, windows), evaluate(tuned, p, windows)) for p in plans]))
+        groups.append((f"{args.shifted} shifted plans (mean, seed {seed})",
+                       [shifted_plan(plan, rng) for _ in range(args.shifted)], sw, args.shift_stride))
     print(f"\n{pft} ({' '.join(extra)}): {ft['seconds']:.0f} s, peak {ft['peak_mb']:.0f} MB, KL {ft['kl']}")
-    print("| plans | domain | FP32 top-1 | PTQ (mse) ppl / top-1 | co-designed ppl / top-1 | drop recovered |")
-    print("|---|---|---|---|---|---|")
-    mean = lambda xs: sum(xs) / len(xs)
-    for label, rs in rows:
-        for d in windows:
-            pp, pt = mean([r[0][d].perplexity for r in rs]), mean([r[0][d].top1 for r in rs])
-            cp, ct = mean([r[1][d].perplexity for r in rs]), mean([r[1][d].top1 for r in rs])
-            dp, dc = fp32[d].top1 - pt, fp32[d].top1 - ct
-            rec = f"{(dp - dc) / dp:.0%}" if dp > 5e-4 else "–"
-            print(f"| {label} | {d} | {fp32[d].top1:.4f} | {pp:.2f} / {pt:.4f} | {cp:.2f} / {ct:.4f} | {rec} |")
+    print("| plans | domain | scored tokens | FP32 top-1 | PTQ (mse) ppl / top-1 | co-designed ppl / top-1 | "
+          "Δtop-1 co − PTQ, pt [95 %] | tokens co-only / PTQ-only | ΔNLL [95 %] | drop recovered [95 %] |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    for label, plans, w, stride in groups:
+        ptq = [scores(args, ref, "ref", p, "mse", w, stride) for p in plans]
+        co = [scores(args, tuned, tkey, p, "mse", w, stride) for p in plans]
+        for d in w:
+            c, pr, cr = compare(ptq, co, fp32, d, stride), r(ptq, d), r(co, d)
+            print(f"| {label} | {d} | {c.tokens} | {fp32[d].result().top1:.4f} | {pr.perplexity:.2f} / {pr.top1:.4f} | "
+                  f"{cr.perplexity:.2f} / {cr.top1:.4f} | {fmt_paired(c)} |", flush=True)
 
 
 def blockwise(args) -> None:
@@ -248,7 +315,7 @@ def blockwise(args) -> None:
            run_finetune(args.work, "u2", "uniform:2", args, extra)][::-1]
     ref = load_checkpoint(CKPT)
     tok = load_tokenizer(CKPT)
-    windows = {d: file_windows(tok, p, 256, args.eval_tokens)[0] for d, p in DOMAINS.items()}
+    windows = eval_windows(tok, args)
     fp32 = {d: evaluate_windows(ref, w, batch=8) for d, w in windows.items()}
     plan = resolve_plan("uniform:2", ref.cfg)
     rows = [("PTQ (mse)", evaluate(ref, plan, windows), None)]
@@ -275,7 +342,12 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=4)
     ap.add_argument("--lr", type=float, default=1e-4)
     ap.add_argument("--scale-lr", type=float, default=2e-3)
-    ap.add_argument("--eval-tokens", type=int, default=4096, help="held-out tokens per domain")
+    ap.add_argument("--eval-tokens", type=int, default=4096, help="held-out tokens per domain (0: the whole file)")
+    ap.add_argument("--shift-stride", type=int, default=1,
+                    help="the shifted plans are scored on every k-th held-out window (1: all)")
+    ap.add_argument("--threads", type=int, default=0,
+                    help="torch / OpenMP threads of the benchmark and its fine-tunes (0: torch's default; on a loaded "
+                         "shared machine 1 is many times faster than 2)")
     ap.add_argument("--calib-tokens", type=int, default=8192, help="profile / GPTQ Hessian tokens")
     ap.add_argument("--shifted", type=int, default=20)
     ap.add_argument("--work", type=Path, default=REPO / "out" / "codesign")
@@ -291,6 +363,11 @@ def main() -> None:
                     help="the searched-plan fine-tune's --shift-prob (1: every expert shifted in a shifted step)")
     ap.add_argument("--plan-prob", type=float, default=0.0,
                     help="the searched-plan fine-tune's --plan-prob (share of steps on the plan itself)")
+    ap.add_argument("--plan-weight", type=float, default=0.0,
+                    help="the searched-plan fine-tune's --plan-weight (the plan's own KL added every step)")
+    ap.add_argument("--plan-lr", type=float, default=None,
+                    help="the searched-plan fine-tune's float-weight --lr (default: --lr; 0: float weights frozen, "
+                         "only the per-width scales and zeros learn)")
     ap.add_argument("--plan-steps", type=int, default=0,
                     help="steps of the searched-plan fine-tune (0: --steps)")
     ap.add_argument("--ft-seed", type=int, default=0, help="the searched-plan fine-tune's --seed")
@@ -304,6 +381,8 @@ def main() -> None:
     ap.add_argument("--temperatures", type=float, nargs="*", default=[0.7, 0.85, 1.2, 1.5])
     ap.add_argument("--drop-frequencies", type=float, nargs="+", default=[0.0, 0.05, 0.1])
     args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     args.work.mkdir(parents=True, exist_ok=True)
     if args.parts == "knobs":
         return knobs(args)
@@ -326,65 +405,51 @@ def main() -> None:
            run_finetune(args.work, pft, str(plan_file), args, extra)]
 
     tok = load_tokenizer(CKPT)
-    windows = {d: file_windows(tok, p, 256, args.eval_tokens)[0] for d, p in DOMAINS.items()}
+    windows, sw = eval_windows(tok, args), eval_windows(tok, args, args.shift_stride)
     calib = file_windows(tok, CALIB, 256, args.calib_tokens)[0]
     hessians = expert_hessians(ref, calib)
-    fp32 = {d: evaluate_windows(ref, w, batch=8) for d, w in windows.items()}
+    fp32 = scores(args, ref, "ref", None, "", windows, 1)
+    tuned = {n: load_checkpoint(args.work / f"ft-{n}") for n in ("u2", "u3", pft)}
+    tkeys = {n: tuned_key(args.work, n) for n in tuned}
 
-    cases = [("uniform 2-bit", resolve_plan("uniform:2", ref.cfg), "u2"),
-             ("uniform 3-bit", resolve_plan("uniform:3", ref.cfg), "u3"),
-             ("searched plan", plan, pft)]
+    rows, best_method = [], "mse"
+    for label, p, ft in [("uniform 2-bit", resolve_plan("uniform:2", ref.cfg), "u2"),
+                         ("uniform 3-bit", resolve_plan("uniform:3", ref.cfg), "u3"), ("searched plan", plan, pft)]:
+        ptq = {m: scores(args, ref, "ref", p, m, windows, 1, hessians if m == "gptq" else None) for m in ("mse", "gptq")}
+        method = max(ptq, key=lambda k: sum(x.result().top1 for x in ptq[k].values()))
+        if label == "searched plan":
+            best_method = method
+        co = scores(args, tuned[ft], tkeys[ft], p, "mse", windows, 1)
+        rows.append((label, method, [ptq[method]], [co], windows, 1))
+        print(f"  {label}: " + "; ".join(f"{d} PTQ {r(ptq[method], d).top1:.4f} co {r(co, d).top1:.4f}" for d in windows),
+              flush=True)
     for seed in args.shift_seeds:
         rng = random.Random(seed)
-        cases += [(f"shifted {i + 1} (seed {seed})", shifted_plan(plan, rng), pft) for i in range(args.shifted)]
-    tuned = {n: load_checkpoint(args.work / f"ft-{n}") for n in ("u2", "u3", pft)}
-    rows, best_method = [], "mse"
-    for label, p, ft in cases:
-        if not label.startswith("shifted"):
-            ptq = {}
-            for method in ("mse", "gptq"):
-                pm = p.copy()
-                pm.method = method
-                ptq[method] = (ptq_mse(args, ref, p, windows) if method == "mse"
-                               else evaluate(ref, pm, windows, hessians))
-            method = max(ptq, key=lambda k: sum(r.top1 for r in ptq[k].values()))
-            if label == "searched plan":
-                best_method = method
-            ptq = ptq[method]
-        else:
-            method, pm = best_method, p.copy()
-            pm.method = method
-            ptq = ptq_mse(args, ref, p, windows) if method == "mse" else evaluate(ref, pm, windows, hessians)
-        co = evaluate(tuned[ft], p, windows)
-        rows.append((label, method, ptq, co))
-        print(f"  {label}: " + "; ".join(f"{d} PTQ {ptq[d].top1:.4f}/{ptq[d].perplexity:.2f} "
-                                          f"co {co[d].top1:.4f}/{co[d].perplexity:.2f}" for d in windows), flush=True)
+        plans = [shifted_plan(plan, rng) for _ in range(args.shifted)]
+        h = hessians if best_method == "gptq" else None
+        ptq = [scores(args, ref, "ref", p, best_method, sw, args.shift_stride, h) for p in plans]
+        co = [scores(args, tuned[pft], tkeys[pft], p, "mse", sw, args.shift_stride) for p in plans]
+        rows.append((f"{args.shifted} shifted plans (mean, seed {seed})", best_method, ptq, co, sw, args.shift_stride))
+        print(f"  shifted plans, seed {seed}: done", flush=True)
 
-    print(f"\nFP32: " + "; ".join(f"{d} top-1 {r.top1:.4f} ppl {r.perplexity:.3f} ({r.tokens} tokens)"
-                                  for d, r in fp32.items()))
-    print("\n| plan | domain | PTQ method | PTQ ppl | PTQ top-1 | co-designed ppl | co-designed top-1 | "
-          "top-1 drop PTQ → co-designed (pt) | drop recovered |")
-    print("|---|---|---|---|---|---|---|---|---|")
-
-    def line(label, d, method, pp, pt, cp, ct):
-        dp, dc = (fp32[d].top1 - pt) * 100, (fp32[d].top1 - ct) * 100
-        rec = f"{(dp - dc) / dp:.0%}" if dp > 0.05 else "–"
-        print(f"| {label} | {d} | {method} | {pp:.2f} | {pt:.4f} | {cp:.2f} | {ct:.4f} | {dp:+.2f} → {dc:+.2f} | {rec} |")
-
-    for label, method, ptq, co in rows[:3]:
-        for d in windows:
-            line(label, d, method, ptq[d].perplexity, ptq[d].top1, co[d].perplexity, co[d].top1)
-    for seed in args.shift_seeds:
-        sh = [r for r in rows[3:] if r[0].endswith(f"(seed {seed})")]
-        for d in windows:
-            mean = lambda xs: sum(xs) / len(xs)
-            line(f"{len(sh)} shifted plans (mean, seed {seed})", d, best_method, mean([r[2][d].perplexity for r in sh]),
-                 mean([r[2][d].top1 for r in sh]), mean([r[3][d].perplexity for r in sh]),
-                 mean([r[3][d].top1 for r in sh]))
-            better = sum(r[3][d].top1 >= r[2][d].top1 for r in sh)
-            print(f"|  | {d} | co-designed top-1 ≥ PTQ on {better} of {len(sh)} shifted plans | | | | | | |")
+    print(f"\nFP32: " + "; ".join(f"{d} top-1 {x.result().top1:.4f} ppl {x.result().perplexity:.3f} "
+                                  f"({x.result().tokens} tokens)" for d, x in fp32.items()))
+    print("\n| plan | domain | scored tokens | PTQ method | PTQ ppl | PTQ top-1 | co-designed ppl | co-designed top-1 | "
+          "Δtop-1 co − PTQ, pt [95 %] | tokens co-only / PTQ-only | ΔNLL co − PTQ [95 %] | drop recovered [95 %] |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
+    for label, method, ptq, co, w, stride in rows:
+        for d in w:
+            c, pr, cr = compare(ptq, co, fp32, d, stride), r(ptq, d), r(co, d)
+            print(f"| {label} | {d} | {c.tokens} | {method} | {pr.perplexity:.2f} | {pr.top1:.4f} | {cr.perplexity:.2f} | "
+                  f"{cr.top1:.4f} | {fmt_paired(c)} |")
+        if len(ptq) > 1:
+            for d in w:
+                better = sum(float(x[d].correct.float().mean()) >= float(y[d].correct.float().mean())
+                             for x, y in zip(co, ptq))
+                print(f"|  | {d} | co-designed top-1 ≥ PTQ on {better} of {len(ptq)} shifted plans | | | | | | | | | |")
     total = sum(f["seconds"] for f in fts)
-    print(f"\nfine-tuning: " + ", ".join(f"{f['name']} {f['seconds']:.0f} s / peak {f['peak_mb']:.0f} MB" for f in fts)
+    print(f"\nfine-tuning: " + ", ".join(f"{f['name']} {f['seconds']:.0f} s (CPU {f['cpu']:.0f} s) / peak {f['peak_mb']:.0f} MB"
+                                      for f in fts)
           + f"; total {total:.0f} s ({total / 60:.1f} min); benchmark wall {time.perf_counter() - t_start:.0f} s")
 
 

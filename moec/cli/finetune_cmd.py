@@ -20,6 +20,9 @@ from moec.cli.common import data_config, max_memory_option
 @click.option("--plan-prob", type=click.FloatRange(0, 1), default=0.0, show_default=True,
               help="With --shift-robust: share of steps that train the plan itself, unshifted (with --shift-prob 1 "
                    "the other steps draw whole shifted plans: every expert one step down or up).")
+@click.option("--plan-weight", type=click.FloatRange(0), default=0.0, show_default=True,
+              help="With --shift-robust: also train the plan itself on every step, loss = (KL(shifted) + W * "
+                   "KL(plan)) / (1 + W) (0: only the shifted bits).")
 @click.option("--profile", "profile_path", default=None, type=click.Path(dir_okay=False),
               help="With --shift-robust: a moec profile JSON; experts that fire more often are shifted less "
                    "and towards wider widths.")
@@ -43,13 +46,13 @@ from moec.cli.common import data_config, max_memory_option
                    "layer's outputs (MSE), then the head (KL): memory bounded by one layer plus activations.")
 @click.option("--force", is_flag=True, help="Replace --out even if moec finetune did not write it.")
 @max_memory_option
-def finetune_cmd(checkpoint, data, plan, shift_robust, shift_prob, plan_prob, profile_path, out, steps, batch, seq_len, max_tokens, lr,
+def finetune_cmd(checkpoint, data, plan, shift_robust, shift_prob, plan_prob, plan_weight, profile_path, out, steps, batch, seq_len, max_tokens, lr,
                  scale_lr, zero_lr, group_size, init_method, save_every, seed, blockwise, force, max_memory_gb):
     """Quantization-aware fine-tuning of CHECKPOINT for a plan: fake quantization with straight-through
     gradients, learnable per-group scales and zeros, KL distillation from the float model. Writes an HF
     checkpoint plus the learned scales/zeros, which eval, export and compile then use exactly."""
     opts = api.FinetuneOptions(steps=steps, batch=batch, lr=lr, scale_lr=scale_lr, zero_lr=zero_lr,
-                               shift_prob=shift_prob, plan_prob=plan_prob, init_method=init_method, save_every=save_every, seed=seed)
+                               shift_prob=shift_prob, plan_prob=plan_prob, plan_weight=plan_weight, init_method=init_method, save_every=save_every, seed=seed)
     res = api.finetune(api.FinetuneConfig(checkpoint, data_config(data, seq_len, max_tokens, batch, max_memory_gb),
                                           out, plan, shift_robust, group_size, opts, force,
                                           profile_path, blockwise))

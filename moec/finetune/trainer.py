@@ -3,7 +3,9 @@
 Each step draws the experts' bit-widths (:class:`~moec.finetune.bit_sampler.BitSampler`),
 fake-quantizes every planned weight with its learnable scales and zeros
 (:class:`~moec.finetune.student.QATStudent`), and minimises ``KL(teacher || student)`` of the
-next-token distributions on calibration windows. The float teacher is a frozen copy of the
+next-token distributions on calibration windows (with ``plan_weight`` λ > 0, the weighted mean
+``(KL(sampled bits) + λ·KL(plan's bits)) / (1 + λ)``, so the deployed plan gets a gradient on every
+batch while the shifted widths are still trained). The float teacher is a frozen copy of the
 model as loaded. Checkpoints are written every ``save_every`` steps and at the end; a
 non-finite loss stops training with one line, leaving the last good checkpoint in place.
 """
@@ -40,6 +42,9 @@ class FinetuneOptions:
     shift: str = "plan"         # plan | neighbours | all (see BitSampler)
     shift_prob: float = 0.5
     plan_prob: float = 0.0      # share of steps that train the plan itself (see BitSampler)
+    #: weight λ of the plan's own KL, added every step to the sampled (shifted) bits' KL:
+    #: loss = (KL(sampled) + λ·KL(plan)) / (1 + λ); 0: only the sampled bits
+    plan_weight: float = 0.0
     init_method: str = "mse"
     save_every: int = 0         # 0: only at the end
     seed: int = 0
@@ -106,6 +111,8 @@ def finetune_model(model: MoEModel, plan: BitPlan, windows: torch.Tensor, opts: 
     check_windows(windows, opts.batch)
     if opts.steps < 1:
         raise MoecError(f"--steps must be >= 1, got {opts.steps}")
+    if not (math.isfinite(opts.plan_weight) and opts.plan_weight >= 0):
+        raise MoecError(f"--plan-weight must be a finite number >= 0, got {opts.plan_weight}")
     torch.manual_seed(opts.seed)
     teacher = copy.deepcopy(model).eval()
     for p in teacher.parameters():
@@ -135,6 +142,9 @@ def finetune_model(model: MoEModel, plan: BitPlan, windows: torch.Tensor, opts: 
         with torch.no_grad():
             target = teacher(w[:, :-1])
         loss = kl_loss(student(w[:, :-1], sampler.sample()), target)
+        if opts.plan_weight > 0:
+            own = kl_loss(student(w[:, :-1], plan.experts), target)
+            loss = (loss + opts.plan_weight * own) / (1 + opts.plan_weight)
         value = float(loss.detach())
         if not math.isfinite(value):
             kept = (f"the last good checkpoint (step {last_saved}) is kept" if last_saved is not None

@@ -69,6 +69,10 @@ def finetune(cfg: FinetuneConfig) -> FinetuneResult:
     if cfg.blockwise and not ckpt.reads_by_layer:
         raise MoecError(f"--blockwise reads the checkpoint layer by layer, which {ckpt.cfg.architecture} "
                         "checkpoints do not support yet; fine-tune it whole")
+    if cfg.options.plan_weight and not cfg.shift_robust:
+        raise MoecError("--plan-weight adds the plan's own KL to the shifted bits' KL; it needs --shift-robust")
+    if cfg.options.plan_weight and cfg.blockwise:
+        raise MoecError("--plan-weight applies to whole-model fine-tuning, not --blockwise")
     if cfg.blockwise and cfg.options.save_every:
         raise MoecError("--save-every applies to whole-model fine-tuning; the block-wise mode writes its "
                         "checkpoint once, after the last block")
@@ -92,6 +96,7 @@ def finetune(cfg: FinetuneConfig) -> FinetuneResult:
         return {"format": "moec-finetune", "mode": "blockwise" if cfg.blockwise else "whole",
                 "source": str(cfg.checkpoint), "step": step,
                 "plan": plan.to_json(), "shift": opts.shift, "shift_prob": opts.shift_prob, "plan_prob": opts.plan_prob,
+                "plan_weight": opts.plan_weight,
                 "shift_weights": "routing-frequency" if opts.frequency is not None else "uniform",
                 "data": str(cfg.data.path), "seq_len": cfg.data.seq_len, "batch": opts.batch,
                 "lr": opts.lr, "scale_lr": opts.scale_lr, "zero_lr": opts.zero_lr,

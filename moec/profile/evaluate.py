@@ -24,6 +24,21 @@ class EvalResult:
         return asdict(self)
 
 
+def _check_score_from(t: int, score_from) -> None:
+    if isinstance(score_from, bool) or not isinstance(score_from, int) or not 0 <= score_from < t - 1:
+        raise MoecError(f"score_from must be an integer in [0, {t - 2}] for windows of {t} tokens, "
+                        f"got {score_from!r}")
+
+
+def _scored_batches(model: MoEModel, windows: torch.Tensor, batch: int, progress: bool, score_from: int):
+    """(logits, targets) of each batch of ``windows``, positions ``>= score_from`` only."""
+    _check_score_from(windows.shape[-1], score_from)
+    model.eval()
+    for i in tqdm(range(0, len(windows), batch), desc="eval", unit="batch", disable=not progress, leave=False):
+        w = windows[i:i + batch]
+        yield model(w[:, :-1])[:, score_from:], w[:, score_from + 1:]
+
+
 @torch.no_grad()
 def evaluate_windows(model: MoEModel, windows: torch.Tensor, batch: int = 8,
                      progress: bool = False, score_from: int = 0) -> EvalResult:
@@ -34,18 +49,36 @@ def evaluate_windows(model: MoEModel, windows: torch.Tensor, batch: int = 8,
     ``llama-perplexity -c T`` scores (the second half of each context window, ``T - 1 - T // 2``
     targets per window, see :func:`moec.profile.data.context_chunks`).
     """
-    t = windows.shape[-1]
-    if isinstance(score_from, bool) or not isinstance(score_from, int) or not 0 <= score_from < t - 1:
-        raise MoecError(f"score_from must be an integer in [0, {t - 2}] for windows of {t} tokens, "
-                        f"got {score_from!r}")
-    model.eval()
     nll, correct, count = 0.0, 0, 0
-    for i in tqdm(range(0, len(windows), batch), desc="eval", unit="batch", disable=not progress, leave=False):
-        w = windows[i:i + batch]
-        logits = model(w[:, :-1])[:, score_from:]
-        target = w[:, score_from + 1:]
+    for logits, target in _scored_batches(model, windows, batch, progress, score_from):
         nll += F.cross_entropy(logits.flatten(0, 1), target.flatten(), reduction="sum").item()
         correct += (logits.argmax(-1) == target).sum().item()
         count += target.numel()
     mean = nll / count
     return EvalResult(perplexity=math.exp(mean), top1=correct / count, nll=mean, tokens=count)
+
+
+@dataclass
+class TokenScores:
+    """Per-token scores of :func:`score_tokens`: ``nll [n, S]`` (float32) and ``correct [n, S]`` (bool), one
+    row per window, so paired comparisons (:mod:`moec.profile.paired`) can resample whole windows."""
+
+    nll: torch.Tensor
+    correct: torch.Tensor
+
+    def result(self) -> EvalResult:
+        """The same summary as :func:`evaluate_windows` (up to float summation order)."""
+        mean = float(self.nll.double().mean())
+        return EvalResult(perplexity=math.exp(mean), top1=float(self.correct.double().mean()), nll=mean,
+                          tokens=self.correct.numel())
+
+
+@torch.no_grad()
+def score_tokens(model: MoEModel, windows: torch.Tensor, batch: int = 8, progress: bool = False,
+                 score_from: int = 0) -> TokenScores:
+    """:func:`evaluate_windows` token by token: each scored target's NLL and whether top-1 hit it."""
+    nll, correct = [], []
+    for logits, target in _scored_batches(model, windows, batch, progress, score_from):
+        nll.append(F.cross_entropy(logits.transpose(1, 2), target, reduction="none").float())
+        correct.append(logits.argmax(-1) == target)
+    return TokenScores(torch.cat(nll), torch.cat(correct))

@@ -162,3 +162,45 @@ def test_finetune_honours_the_plans_knobs(tmp_path):
     bad.router_temperature, bad.tensors = 1.25, {"router": 4, "re:.*": 8}
     with pytest.raises(Exception, match="needs a float router"):
         finetune_model(load_checkpoint(src), bad, windows, opts)
+
+
+def test_plan_weight_adds_the_plans_own_kl_every_step(monkeypatch, tmp_path):
+    """``plan_weight`` λ: each step's loss is (KL(sampled) + λ·KL(plan)) / (1 + λ), so with every expert shifted on
+    every step (shift_prob 1) the plan's own expert widths are trained only when λ > 0."""
+    from moec.finetune import trainer
+    src_dir = tmp_path
+    cfg = make_tiny_checkpoint(src_dir / "src", hidden_size=32, expert_intermediate=32)
+    windows = token_windows(load_tokenizer(src_dir / "src"), TEXT, 32)[:4]
+    plan = uniform_plan(cfg, 3, GROUP, "mse")
+    real, seen = trainer.kl_loss, []
+
+    def recording(s, t):
+        loss = real(s, t)
+        seen.append(float(loss.detach()))
+        return loss
+
+    monkeypatch.setattr(trainer, "kl_loss", recording)
+    moved = {}
+    for lam in (0.0, 3.0):
+        seen.clear()
+        opts = FinetuneOptions(steps=2, batch=2, shift="neighbours", shift_prob=1.0, lr=1e-3, scale_lr=1e-2,
+                               progress=False, plan_weight=lam)
+        student, result = finetune_model(load_checkpoint(src_dir / "src"), plan, windows, opts)
+        if lam:
+            assert len(seen) == 4 and result.losses[0] == pytest.approx((seen[0] + lam * seen[1]) / (1 + lam), rel=1e-6)
+        else:
+            assert len(seen) == 2 and result.losses[0] == pytest.approx(seen[0], rel=1e-6)
+        init = initial_log_scale(load_checkpoint(src_dir / "src"), expert_key(0, 0, "w1"), 3)
+        moved[lam] = not torch.equal(student.group_quant(expert_key(0, 0, "w1"), 3).log_scale.detach(), init)
+    assert moved == {0.0: False, 3.0: True}
+    with pytest.raises(Exception, match="plan-weight"):
+        finetune_model(load_checkpoint(src_dir / "src"), plan, windows,
+                       FinetuneOptions(steps=1, batch=2, progress=False, plan_weight=float("nan")))
+
+
+def initial_log_scale(model, key: str, bits: int) -> torch.Tensor:
+    """The initial (PTQ) log-scale of weight ``key`` at ``bits``."""
+    from moec.finetune.fake_quant import GroupQuant
+    layer, e, proj = int(key.split(".")[1]), int(key.split(".")[4]), key.split(".")[5]
+    w = dict(model.named_parameters())[f"layers.{layer}.mlp.{proj}"][e]
+    return GroupQuant(w, bits, GROUP, "mse").log_scale.detach()

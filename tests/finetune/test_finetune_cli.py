@@ -110,3 +110,19 @@ def test_profile_weights_the_shifted_widths(ckpt, tmp_path):
                      "--out", tmp_path / "o", "--profile", good, *FAST)
     assert code == 0, text
     assert json.loads((tmp_path / "o" / "finetune.json").read_text())["shift_weights"] == "routing-frequency"
+
+
+def test_plan_weight_needs_shift_robust_and_is_recorded(ckpt, tmp_path):
+    code, text = run("finetune", ckpt / "src", "--data", ckpt / "data.txt", "--plan", "uniform:3", "--out",
+                     tmp_path / "o", "--plan-weight", "1", *FAST)
+    assert_one_line_error(code, text, "--plan-weight adds the plan's own KL")
+    code, text = run("finetune", ckpt / "src", "--data", ckpt / "data.txt", "--plan", "uniform:3", "--shift-robust",
+                     "--blockwise", "--out", tmp_path / "o", "--plan-weight", "1", *FAST)
+    assert_one_line_error(code, text, "not --blockwise")
+    code, text = run("finetune", ckpt / "src", "--data", ckpt / "data.txt", "--plan", "uniform:3", "--shift-robust",
+                     "--out", tmp_path / "o", "--plan-weight", "-1", *FAST)
+    assert code != 0 and not (tmp_path / "o").exists()
+    code, text = run("finetune", ckpt / "src", "--data", ckpt / "data.txt", "--plan", "uniform:3", "--shift-robust",
+                     "--out", tmp_path / "o", "--plan-weight", "1", *FAST)
+    assert code == 0, text
+    assert json.loads((tmp_path / "o" / "finetune.json").read_text())["plan_weight"] == 1.0
