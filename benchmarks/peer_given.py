@@ -11,7 +11,7 @@ medians and medians of per-round ratios.
 
 Usage::
 
-    python benchmarks/peer_bundles.py --llamacpp /work/llamacpp --rounds 3 \\
+    python benchmarks/peer_given.py --llamacpp /work/llamacpp --rounds 3 \\
         --row Q4_0:uniform:4=/tmp/b/u4 --row Q4_0:uniform:4-int8=/tmp/b/u4i8 \\
         --row Q4_0:main-uniform:4=/tmp/b/main-u4@/work/main --gguf-dir /work/bench-data/peer
 
