@@ -23,9 +23,11 @@ that advantage.
 Each round times every moec bundle (``decode``: 64 steps after a 16-token prompt; ``ppN``: a
 prefill of N tokens, ``--prompts 64,512``; each the mean of ``--reps`` runs after a warm-up) at
 moec's own thread choice, and every GGUF with ``llama-bench -p 64,512 -n 64 -r REPS``. llama.cpp
-gets its best setting: in the first round every test runs at ``-t 1`` and at ``-t THREADS`` with
-``OMP_WAIT_POLICY`` passive and active, and the fastest counts; later rounds run each test at
-its first-round winner (``--llama-search every`` searches every round). Rounds are interleaved
+gets its best setting: before its first timing a short probe (``-r 1``, 16 generated tokens, the
+shortest prompt) runs each GGUF at ``-t 1`` and at ``-t THREADS`` with ``OMP_WAIT_POLICY`` passive
+and active, and every round times each test at the probe's winner (prefill: the shortest prompt's
+winner for every length); ``--llama-search every`` instead times every setting in every round and
+keeps the fastest (about 3x the llama.cpp time). Rounds are interleaved
 (bundle by bundle, each moec plan next to its llama.cpp types); tables give medians over rounds
 and medians of per-round ratios, with the load average at the start and end of each round.
 
@@ -60,7 +62,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from peer_bundles import bundle_file_bytes, moec_compile, write_mixed_plan  # noqa: E402
 from peer_common import (PAIRS, convert, f32_name, gguf_tensor_bytes, llama_perplexity,  # noqa: E402
                          moec_perplexity, param_count, quantize, quantized_name, same_tokens)
-from peer_speed import label, llama_times, moec_times, settings  # noqa: E402
+from peer_speed import label, llama_at, llama_probe, llama_times, moec_times, settings  # noqa: E402
 
 MIXED = "mixed"
 
@@ -172,15 +174,14 @@ def time_rounds(args, ggufs: dict[str, Path], bundles: dict[tuple[str, str], Pat
                 moec[key].append(moec_times(bundles[key], prompts, args.moec_threads, args.reps))
                 print(f"round {r} moec {plan} {key[1]}: " + fmt(moec[key][-1]), flush=True)
             for t in [t for t in ggufs if plan == f"uniform:{PAIRS[t]}"]:
-                if r == 0 or args.llama_search == "every":
+                if args.llama_search == "every":
                     best, won = llama_times(args.llamacpp, ggufs[t], tests, settings(args.threads), args.reps)
                     winners.setdefault(t, won)
                 else:
-                    best = {}
-                    for setting in set(winners[t].values()):
-                        mine = [x for x in tests if winners[t][x] == setting]
-                        best.update(llama_times(args.llamacpp, ggufs[t], mine, [setting], args.reps)[0])
+                    if t not in winners:
+                        winners[t] = llama_probe(args.llamacpp, ggufs[t], tests, args.threads)
                     won = winners[t]
+                    best = llama_at(args.llamacpp, ggufs[t], won, args.reps)
                 llama[t].append(best)
                 print(f"round {r} llama.cpp {t}: " + fmt(best, won), flush=True)
         loads.append(f"round {r}: load average (1/5/15 min) {start} at the start, {load()} at the end")
@@ -216,7 +217,7 @@ def speed_tables(name: str, ggufs: dict[str, Path], bundles: dict, moec: dict, l
             print(f"| {t} | {key[0]} | {act} | {gb / 1e6:.1f} ({gt * 8 / n_params:.2f}) | "
                   f"{bundle_file_bytes(bundles[key]) / 1e6:.1f} ({weight[key] * 8 / n_params:.2f}) | "
                   + " | ".join(cells) + " |")
-    print("\nllama.cpp settings (first-round winners): " + "; ".join(
+    print("\nllama.cpp settings (probe winners; with --llama-search every: the first round's): " + "; ".join(
         f"{t} " + ", ".join(f"{x} {label(s)}" for x, s in won.items()) for t, won in llama["settings"].items()))
     print("\n".join(loads))
     if not any(plan == MIXED for plan, _ in bundles):
@@ -247,8 +248,10 @@ def main() -> None:
                     "OpenMP wait policies, is reported); moec uses its default pool "
                     "choice unless --moec-threads is given")
     ap.add_argument("--moec-threads", type=int, default=None)
-    ap.add_argument("--llama-search", choices=["first", "every"], default="first",
-                    help="search llama.cpp's best setting in the first round only (later rounds reuse it) or in every one")
+    ap.add_argument("--llama-search", choices=["probe", "every"], default="probe",
+                    help="probe: llama.cpp's best setting per test from one short probe per type before its first "
+                    "timing (decode: 16 tokens; prefill: the shortest prompt's winner for every length); every: "
+                    "time every setting in every round and keep the best")
     ap.add_argument("--types", default=",".join(PAIRS))
     ap.add_argument("--activations", default="float32,int8", help="moec activation modes, one row each")
     ap.add_argument("--prompts", default="64,512", help="prefill prompt lengths")

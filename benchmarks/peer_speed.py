@@ -17,11 +17,11 @@ DECODE_TOKENS = 64
 
 
 def llama_bench(root: Path, gguf: Path, threads: list[int], policy: str, tests: list[str],
-                reps: int) -> dict[tuple[str, int], float]:
+                reps: int, gen_tokens: int = DECODE_TOKENS) -> dict[tuple[str, int], float]:
     """``{(test, threads): tok/s}`` from one ``llama-bench`` run (its mean over ``reps`` repetitions,
-    after its warm-up run) with ``OMP_WAIT_POLICY=policy``."""
+    after its warm-up run) with ``OMP_WAIT_POLICY=policy``; ``decode`` generates ``gen_tokens``."""
     prompts = [t[2:] for t in tests if t.startswith("pp")]
-    gen = DECODE_TOKENS if "decode" in tests else 0
+    gen = gen_tokens if "decode" in tests else 0
     out = subprocess.run([str(root / "build/bin/llama-bench"), "-m", str(gguf), "-t", ",".join(map(str, threads)),
                           "-p", ",".join(prompts) or "0", "-n", str(gen), "-r", str(reps), "-o", "jsonl"],
                          env=dict(LLAMA_ENV, OMP_WAIT_POLICY=policy), check=True, capture_output=True,
@@ -51,20 +51,37 @@ def label(setting: tuple[int, str]) -> str:
 
 
 def llama_times(root: Path, gguf: Path, tests: list[str], candidates: list[tuple[int, str]],
-                reps: int) -> tuple[dict[str, float], dict[str, tuple[int, str]]]:
+                reps: int, gen_tokens: int = DECODE_TOKENS) -> tuple[dict[str, float], dict[str, tuple[int, str]]]:
     """Each test's best tok/s over ``candidates`` and the setting that gave it.
 
-    Settings of one wait policy share a ``llama-bench`` run (``-t 1,2``); a test whose candidates
-    are one setting (later rounds reuse the first round's winner) runs at that setting only.
+    Settings of one wait policy share a ``llama-bench`` run (``-t 1,2``).
     """
     best: dict[str, float] = {}
     won: dict[str, tuple[int, str]] = {}
     for policy in sorted({p for _, p in candidates}):
         threads = sorted({t for t, p in candidates if p == policy})
-        for (test, t), tps in llama_bench(root, gguf, threads, policy, tests, reps).items():
+        for (test, t), tps in llama_bench(root, gguf, threads, policy, tests, reps, gen_tokens).items():
             if tps > best.get(test, 0.0):
                 best[test], won[test] = tps, (t, policy)
     return best, won
+
+
+def llama_probe(root: Path, gguf: Path, tests: list[str], max_threads: int) -> dict[str, tuple[int, str]]:
+    """llama.cpp's best setting per test from a short probe over :func:`settings`: ``decode`` generating
+    16 tokens, and the shortest prompt, whose winner every prompt length gets; one repetition."""
+    prompts = sorted((t for t in tests if t.startswith("pp")), key=lambda t: int(t[2:]))
+    probe = (["decode"] if "decode" in tests else []) + prompts[:1]
+    _, won = llama_times(root, gguf, probe, settings(max_threads), 1, gen_tokens=16)
+    return {t: won["decode" if t == "decode" else prompts[0]] for t in tests}
+
+
+def llama_at(root: Path, gguf: Path, winners: dict[str, tuple[int, str]], reps: int) -> dict[str, float]:
+    """tok/s of each test at its own setting (tests sharing a setting share a ``llama-bench`` run)."""
+    out: dict[str, float] = {}
+    for setting in set(winners.values()):
+        mine = [t for t, s in winners.items() if s == setting]
+        out.update(llama_times(root, gguf, mine, [setting], reps)[0])
+    return out
 
 
 def moec_times(bundle: Path, prompts: list[int], threads: int | None, reps: int) -> dict[str, float]:
