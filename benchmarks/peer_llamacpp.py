@@ -26,8 +26,10 @@ moec's own thread choice, and every GGUF with ``llama-bench -p 64,512 -n 64 -r R
 gets its best setting: before its first timing a short probe (``-r 1``, 16 generated tokens, the
 shortest prompt) runs each GGUF at ``-t 1`` and at ``-t THREADS`` with ``OMP_WAIT_POLICY`` passive
 and active, and every round times each test at the probe's winner (prefill: the shortest prompt's
-winner for every length); ``--llama-search every`` instead times every setting in every round and
-keeps the fastest (about 3x the llama.cpp time). Rounds are interleaved
+winner for every length; a test that then runs at under half its probe speed is timed at every
+setting again and keeps the best: on a loaded machine an actively waiting ``-t 2`` can win the
+probe and collapse 10x in the rounds); ``--llama-search every`` instead times every setting in
+every round and keeps the fastest (about 3x the llama.cpp time). Rounds are interleaved
 (bundle by bundle, each moec plan next to its llama.cpp types); tables give medians over rounds
 and medians of per-round ratios, with the load average at the start and end of each round.
 
@@ -165,6 +167,7 @@ def time_rounds(args, ggufs: dict[str, Path], bundles: dict[tuple[str, str], Pat
     moec: dict[tuple[str, str], list[dict]] = {k: [] for k in bundles}
     llama: dict[str, list[dict]] = {t: [] for t in ggufs}
     winners: dict[str, dict[str, tuple[int, str]]] = {}
+    probes: dict[str, dict[str, float]] = {}
     loads = []
     order = sorted({plan for plan, _ in bundles}, key=lambda p: (p == MIXED, -int(p.split(":")[-1]) if ":" in p else 0))
     for r in range(args.rounds):
@@ -179,9 +182,8 @@ def time_rounds(args, ggufs: dict[str, Path], bundles: dict[tuple[str, str], Pat
                     winners.setdefault(t, won)
                 else:
                     if t not in winners:
-                        winners[t] = llama_probe(args.llamacpp, ggufs[t], tests, args.threads)
-                    won = winners[t]
-                    best = llama_at(args.llamacpp, ggufs[t], won, args.reps)
+                        winners[t], probes[t] = llama_probe(args.llamacpp, ggufs[t], tests, args.threads)
+                    best, won = llama_at(args.llamacpp, ggufs[t], winners[t], probes[t], args.reps, args.threads)
                 llama[t].append(best)
                 print(f"round {r} llama.cpp {t}: " + fmt(best, won), flush=True)
         loads.append(f"round {r}: load average (1/5/15 min) {start} at the start, {load()} at the end")
