@@ -227,14 +227,17 @@ def speed_tables(name: str, ggufs: dict[str, Path], bundles: dict, moec: dict, l
     print(f"\n### {name}: mixed plan (experts 4/2 bits alternating, other weights 4 bits) vs uniform:8, moec "
           "decode\n")
     print("| moec act. | uniform:8 weight MB | mixed weight MB (share of uniform:8) | decode tok/s uniform:8 / mixed | "
-          "mixed / uniform:8 (median of per-round ratios) | per round |")
-    print("|---|---|---|---|---|---|")
+          "mixed / uniform:8 (median of per-round ratios) | per round | at the median step: tok/s uniform:8 / mixed "
+          "| mixed / uniform:8 |")
+    print("|---|---|---|---|---|---|---|---|")
     for act in acts:
         u8, mx = moec[("uniform:8", act)], moec[(MIXED, act)]
         ratios = [b["decode"] / a["decode"] for a, b in zip(u8, mx)]
+        p50 = [b["decode_p50"] / a["decode_p50"] for a, b in zip(u8, mx)]
         print(f"| {act} | {weight[('uniform:8', act)] / 1e6:.1f} | {weight[(MIXED, act)] / 1e6:.1f} "
               f"({share * 100:.0f} %) | {med(x['decode'] for x in u8):.1f} / {med(x['decode'] for x in mx):.1f} | "
-              f"{med(ratios):.2f}x | {', '.join(f'{x:.2f}x' for x in ratios)} |")
+              f"{med(ratios):.2f}x | {', '.join(f'{x:.2f}x' for x in ratios)} | "
+              f"{med(x['decode_p50'] for x in u8):.1f} / {med(x['decode_p50'] for x in mx):.1f} | {med(p50):.2f}x |")
 
 
 def main() -> None:
