@@ -53,6 +53,7 @@ Usage::
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import shutil
 import statistics
@@ -197,8 +198,6 @@ def fmt(times: dict[str, float], won: dict | None = None) -> str:
 
 def speed_tables(name: str, ggufs: dict[str, Path], bundles: dict, moec: dict, llama: dict, loads: list[str],
                  tests: list[str], acts: list[str], n_params: int, root: Path, share: float) -> None:
-    import json
-
     med = statistics.median
     heads = {"decode": "decode"} | {t: f"prefill {t[2:]}" for t in tests if t.startswith("pp")}
     print(f"\n### {name}: moec vs llama.cpp, tok/s llama.cpp / moec (median of rounds), moec/llama.cpp (median of "
