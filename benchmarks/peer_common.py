@@ -50,21 +50,35 @@ runpy.run_path(sys.argv[0], run_name="__main__")
 
 def convert(ckpt: Path, root: Path, out: Path) -> Path:
     """HF checkpoint -> f32 GGUF with llama.cpp's converter (cached in ``out``)."""
-    gguf = out / f"{ckpt.resolve().name}-f32.gguf"
+    gguf = f32_name(ckpt, out)
     if not gguf.exists():
         lc = root / "src/vendor/llama.cpp"
         env = dict(os.environ, PYTHONPATH=f"{root / 'pydeps'}")
+        part = gguf.with_name(gguf.name + ".part")
         subprocess.run([sys.executable, "-c", CONVERT, str(lc), str(ckpt), "--outtype", "f32",
-                        "--outfile", str(gguf)], env=env, check=True)
+                        "--outfile", str(part)], env=env, check=True)
+        part.rename(gguf)
     return gguf
 
 
+def f32_name(ckpt: Path, out: Path) -> Path:
+    """Where :func:`convert` keeps ``ckpt``'s f32 GGUF."""
+    return out / f"{ckpt.resolve().name}-f32.gguf"
+
+
 def quantize(root: Path, f32: Path, qtype: str) -> Path:
-    q = f32.with_name(f32.name.replace("-f32", f"-{qtype}"))
+    q = quantized_name(f32, qtype)
     if not q.exists():
-        subprocess.run([str(root / "build/bin/llama-quantize"), str(f32), str(q), qtype], check=True,
+        part = q.with_name(q.name + ".part")  # renamed when complete: an interrupted run leaves no GGUF
+        subprocess.run([str(root / "build/bin/llama-quantize"), str(f32), str(part), qtype], check=True,
                        capture_output=True)
+        part.rename(q)
     return q
+
+
+def quantized_name(f32: Path, qtype: str) -> Path:
+    """Where :func:`quantize` keeps ``f32``'s ``qtype`` GGUF."""
+    return f32.with_name(f32.name.replace("-f32", f"-{qtype}"))
 
 
 def gguf_tensor_bytes(root: Path, gguf: Path) -> int:

@@ -1,23 +1,52 @@
 """Side-by-side decode/prefill speed and size of moec and llama.cpp at matching bits, interleaved round by round.
 
 Needs a llama.cpp build made by ``tools/setup_llamacpp.sh`` (outside the repo; nothing in the test
-suite uses it). The checkpoint is converted with llama.cpp's own converter (to f32 GGUF; an
-unrecognised BPE pre-tokenizer hash falls back to ``gpt-2``, see notes/llama-cpp-peer.md), then
-quantized to each type; moec compiles the matching uniform plan for the host. Each round times
-every pair (moec decode 64 steps / prefill 64 tokens at moec's own thread choice; ``llama-bench -p 0 -n 64``
-and ``-p 64 -n 0`` at llama.cpp's best of ``-t 1`` and ``-t THREADS`` with ``OMP_WAIT_POLICY`` passive or
-active, see :func:`llama_best`); the table gives medians and medians of per-round ratios.
+suite uses it). Models: a checkpoint given on the command line (e.g. the reference model) and/or,
+with ``--olmoe LAYERS``, a random-weight OLMoE-1B-7B-shaped checkpoint (hidden 2048, 16 heads,
+64 experts × 1024, top-8, vocab 50304; ``scale_checkpoint.write_checkpoint``, written once into
+``--work``). Each checkpoint is converted with llama.cpp's own converter (to f32 GGUF; an
+unrecognised BPE pre-tokenizer hash falls back to ``gpt-2``, see notes/llama-cpp-peer.md) and
+quantized to each type (Q8_0, Q4_0, Q4_K_M, Q3_K_S, Q2_K); moec compiles the same checkpoint to
+the matching ``uniform:B`` plan (``mse``, group 64) for the host, once per ``--activations`` mode,
+plus the documented mixed plan of ``peer_bundles.mixed_plan`` (experts alternating 4/2 bits, other
+weights 4 bits) for the "mixed vs uniform:8" table. GGUF files and bundles are kept in ``--work``
+and reused; a bundle this moec refuses (an older bundle format) or built with other activations or
+another plan is rebuilt (``peer_bundles.bundle_is_current``).
 
-Perplexity (before the speed rounds; ``--skip ppl`` leaves it out): ``llama-perplexity -c CTX -b CTX``
-on ``--data`` for f32 and each type; moec scores its FP32 model and the matching ``uniform:B`` plan
-(the compile default quantizer, fake-quantized in torch: the numerics the bundle reproduces) on
-llama.cpp's own token ids, chunks and positions (see ``peer_common.py``), after checking that its
-tokenizer gives the same ids. Bits per weight for both = tensor bytes (GGUF tensors incl. norms and
-router; moec packed weights incl. norms) × 8 / checkpoint parameters.
+Activations: ``--activations float32,int8`` gives a moec row per mode. ``float32`` is moec's exact
+default; ``int8`` quantizes each activation row to 8 bits per group for VNNI dot products
+(decode GEMVs and prefill grouped GEMMs). llama.cpp's quantized types always do the latter: its
+CPU matmuls quantize the activations to 8 bits (Q8_0 / Q8_K blocks) for their integer dot
+products, so the int8 rows are the like-for-like numerics and the float32 rows give llama.cpp
+that advantage.
+
+Each round times every moec bundle (``decode``: 64 steps after a 16-token prompt; ``ppN``: a
+prefill of N tokens, ``--prompts 64,512``; each the mean of ``--reps`` runs after a warm-up) at
+moec's own thread choice, and every GGUF with ``llama-bench -p 64,512 -n 64 -r REPS``. llama.cpp
+gets its best setting: before its first timing a short probe (``-r 1``, 16 generated tokens, the
+shortest prompt) runs each GGUF at ``-t 1`` and at ``-t THREADS`` with ``OMP_WAIT_POLICY`` passive
+and active, and every round times each test at the probe's winner (prefill: the shortest prompt's
+winner for every length; a test that then runs at under half its probe speed is timed at every
+setting again and keeps the best: on a loaded machine an actively waiting ``-t 2`` can win the
+probe and collapse 10x in the rounds); ``--llama-search every`` instead times every setting in
+every round and keeps the fastest (about 3x the llama.cpp time). Rounds are interleaved
+(bundle by bundle, each moec plan next to its llama.cpp types); tables give medians over rounds
+and medians of per-round ratios, with the load average at the start and end of each round.
+
+Sizes: file MB = the whole GGUF file / all bundle files; bits per weight = tensor bytes × 8 /
+checkpoint parameters, for both (GGUF tensors incl. norms and router, with llama.cpp's own type
+choice for embedding and output; moec's packed weights incl. norms).
+
+Perplexity (``--skip ppl`` leaves it out; only for a real checkpoint: the OLMoE-shaped one has
+random weights, so its perplexity means nothing and is not printed): ``llama-perplexity -c CTX -b
+CTX`` on ``--data`` for f32 and each type; moec scores its FP32 model and the matching
+``uniform:B`` plan (fake-quantized in torch: the numerics the bundle reproduces) on llama.cpp's
+own token ids, chunks and positions (see ``peer_common.py``).
 
 Usage::
 
-    python benchmarks/peer_llamacpp.py reference/checkpoint --llamacpp /work/llamacpp [--rounds 3]
+    python benchmarks/peer_llamacpp.py reference/checkpoint --olmoe 4 --work /work/bench-data/peer7 \\
+        --activations float32,int8 --rounds 2 --skip ppl
     python benchmarks/peer_llamacpp.py reference/checkpoint --skip speed   # the perplexity table only
 """
 
@@ -26,72 +55,61 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import statistics
-import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from peer_common import (LLAMA_ENV, PAIRS, convert, gguf_tensor_bytes, llama_perplexity,  # noqa: E402
-                         moec_perplexity, param_count, quantize, same_tokens)
+from peer_bundles import bundle_file_bytes, moec_compile, write_mixed_plan  # noqa: E402
+from peer_common import (PAIRS, convert, f32_name, gguf_tensor_bytes, llama_perplexity,  # noqa: E402
+                         moec_perplexity, param_count, quantize, quantized_name, same_tokens)
+from peer_speed import label, llama_at, llama_probe, llama_times, moec_times, settings  # noqa: E402
 
-def llama_bench(root: Path, gguf: Path, threads: int, prompt: int, gen: int, env: dict | None = None) -> float:
-    """tok/s from one llama-bench run (its mean over its own repetitions)."""
-    out = subprocess.run([str(root / "build/bin/llama-bench"), "-m", str(gguf), "-t", str(threads),
-                          "-p", str(prompt), "-n", str(gen), "-r", "3", "-o", "jsonl"],
-                         env=env or LLAMA_ENV, check=True, capture_output=True, text=True).stdout
-    rows = [json.loads(ln) for ln in out.splitlines() if ln.startswith("{")]
-    return float(rows[-1]["avg_ts"])
+MIXED = "mixed"
 
 
-def llama_best(root: Path, gguf: Path, threads: list[int], prompt: int, gen: int) -> tuple[float, str]:
-    """llama.cpp's best tok/s over thread counts and OpenMP wait policies, and the setting that gave it.
+def olmoe_checkpoint(work: Path, layers: int) -> Path:
+    """The random OLMoE-shaped HF checkpoint in ``work/olmoe-lN/checkpoint``, written once (into a
+    temporary sibling, renamed when complete)."""
+    from scale_checkpoint import write_checkpoint
 
-    On a small model a 2-thread llama.cpp spends its step in thread barriers: with
-    ``OMP_WAIT_POLICY=PASSIVE`` (needed on a loaded machine) it fell to ~250 tok/s on a quiet one,
-    against ~5000 with one thread. moec picks its own thread count for small bundles, so llama.cpp
-    gets its best too.
-    """
-    best = (0.0, "")
-    for t in sorted({1, *threads}):
-        for policy in ("PASSIVE", "ACTIVE") if t > 1 else ("PASSIVE",):
-            tps = llama_bench(root, gguf, t, prompt, gen, dict(LLAMA_ENV, OMP_WAIT_POLICY=policy))
-            best = max(best, (tps, f"-t {t}" + (f" {policy.lower()}" if t > 1 else "")))
-    return best
-
-
-def moec_compile(ckpt: Path, bits: int, out: Path) -> Path:
-    bundle = out / f"moec-u{bits}"
-    if not (bundle / "manifest.json").exists():
-        subprocess.run([sys.executable, "-m", "moec", "compile", str(ckpt), "--plan", f"uniform:{bits}",
-                        "--target", "host", "--out", str(bundle)], check=True)
-    return bundle
+    ckpt = work / f"olmoe-l{layers}" / "checkpoint"
+    if not (ckpt / "config.json").exists():
+        tmp = ckpt.with_name("checkpoint.part")
+        shutil.rmtree(tmp, ignore_errors=True)
+        print(f"writing the OLMoE-shaped checkpoint ({layers} layers) to {ckpt}", flush=True)
+        write_checkpoint(tmp, layers)
+        tmp.rename(ckpt)
+    return ckpt
 
 
-def moec_times(bundle: Path, threads: int, n: int = 64) -> tuple[float, float]:
-    """(decode tok/s over ``n`` steps after a 16-token prompt, prefill tok/s of an ``n``-token prompt)."""
-    from moec.runtime.session import BundleSession
-    sess = BundleSession(bundle, threads=threads)
-    try:
-        prompt = [3 + i % 97 for i in range(n)]
-        sess.reset()
-        sess.prefill(prompt[:16])
-        t0 = time.perf_counter()
-        for i in range(n):
-            sess.step(5 + i % 50)
-        decode = n / (time.perf_counter() - t0)
-        sess.reset()
-        t0 = time.perf_counter()
-        sess.prefill(prompt)
-        prefill = n / (time.perf_counter() - t0)
-        return decode, prefill
-    finally:
-        sess.close()
+def gguf_files(ckpt: Path, root: Path, out: Path, types: list[str]) -> dict[str, Path]:
+    """Each type's GGUF (converting to f32 first only if some type is missing)."""
+    f32 = f32_name(ckpt, out)
+    if not all(quantized_name(f32, t).exists() for t in types):
+        f32 = convert(ckpt, root, out)
+    return {t: quantize(root, f32, t) for t in types}
 
 
-def perplexity_rows(args, f32: Path, ggufs: dict[str, Path], n_params: int) -> list[str]:
+def build_bundles(ckpt: Path, out: Path, bits: list[int], acts: list[str],
+                  mixed: bool) -> tuple[dict[tuple[str, str], Path], float]:
+    """``{(plan label, activations): bundle}`` and the mixed plan's share of uniform:8's bytes."""
+    cache = out / "quant-cache"
+    bundles = {}
+    for b in bits:
+        for act in acts:
+            bundles[(f"uniform:{b}", act)] = moec_compile(ckpt, f"uniform:{b}", out / f"moec-u{b}-{act}", act, cache)
+    share = float("nan")
+    if mixed:
+        path, plan_json, share = write_mixed_plan(ckpt, out / "mixed-plan.json")
+        for act in acts:
+            bundles[(MIXED, act)] = moec_compile(ckpt, str(path), out / f"moec-mixed-{act}", act, cache, plan_json)
+    return bundles, share
+
+
+def perplexity_rows(args, ckpt: Path, f32: Path, ggufs: dict[str, Path], n_params: int) -> list[str]:
     """Markdown rows: each llama.cpp type and its moec uniform plan scored on the same tokens and positions."""
     from moec.core.plan import resolve_plan
     from moec.models.checkpoint import load_checkpoint
@@ -101,9 +119,9 @@ def perplexity_rows(args, f32: Path, ggufs: dict[str, Path], n_params: int) -> l
     root, n_ctx = args.llamacpp, args.ctx
     base, llama_ids = llama_perplexity(root, f32, args.data, n_ctx, args.threads, want_tokens=True,
                                        chunks=args.chunks)
-    ids, bos = same_tokens(args.checkpoint, args.data, llama_ids)
+    ids, bos = same_tokens(ckpt, args.data, llama_ids)
     chunks = context_chunks(ids, n_ctx, bos)
-    model = load_checkpoint(args.checkpoint)
+    model = load_checkpoint(ckpt)
     mbase = moec_perplexity(model, None, chunks, n_ctx)
     print(f"token ids identical in both engines: {len(ids)} tokens, {len(chunks)} chunks of {n_ctx}, "
           f"{len(chunks) * (n_ctx - 1 - n_ctx // 2)} scored positions (second half of each chunk), "
@@ -127,17 +145,123 @@ def perplexity_rows(args, f32: Path, ggufs: dict[str, Path], n_params: int) -> l
     return rows
 
 
+def print_perplexity(args, ckpt: Path, ggufs: dict[str, Path], n_params: int, out: Path) -> None:
+    f32 = convert(ckpt, args.llamacpp, out)
+    rows = perplexity_rows(args, ckpt, f32, ggufs, n_params)
+    print(f"\nperplexity, {args.data.name}, llama-perplexity -c {args.ctx} -b {args.ctx} --chunks {args.chunks} "
+          f"positions; bpw = tensor bytes x 8 / {n_params} checkpoint parameters\n")
+    print("| llama.cpp type | tensor MB (bpw) | llama.cpp PPL (vs f32) | moec plan | weight MB (bpw) | "
+          "moec PPL (vs FP32) | moec no larger and no worse |")
+    print("|---|---|---|---|---|---|---|")
+    print("\n".join(rows) + "\n", flush=True)
+
+
+def load() -> str:
+    return "/".join(f"{x:.1f}" for x in os.getloadavg())
+
+
+def time_rounds(args, ggufs: dict[str, Path], bundles: dict[tuple[str, str], Path],
+                tests: list[str]) -> tuple[dict, dict, list[str]]:
+    """Interleaved rounds: ``(moec {(plan, act): [per-round tok/s dicts]}, llama.cpp {type: [...]},
+    winners {type: {test: setting}} in ``llama``'s ``"settings"`` key, per-round load lines)."""
+    prompts = [int(t[2:]) for t in tests if t.startswith("pp")]
+    moec: dict[tuple[str, str], list[dict]] = {k: [] for k in bundles}
+    llama: dict[str, list[dict]] = {t: [] for t in ggufs}
+    winners: dict[str, dict[str, tuple[int, str]]] = {}
+    probes: dict[str, dict[str, float]] = {}
+    loads = []
+    order = sorted({plan for plan, _ in bundles}, key=lambda p: (p == MIXED, -int(p.split(":")[-1]) if ":" in p else 0))
+    for r in range(args.rounds):
+        start = load()
+        for plan in order:
+            for key in [k for k in bundles if k[0] == plan]:
+                moec[key].append(moec_times(bundles[key], prompts, args.moec_threads, args.reps))
+                print(f"round {r} moec {plan} {key[1]}: " + fmt(moec[key][-1]), flush=True)
+            for t in [t for t in ggufs if plan == f"uniform:{PAIRS[t]}"]:
+                if args.llama_search == "every":
+                    best, won = llama_times(args.llamacpp, ggufs[t], tests, settings(args.threads), args.reps)
+                    winners.setdefault(t, won)
+                else:
+                    if t not in winners:
+                        winners[t], probes[t] = llama_probe(args.llamacpp, ggufs[t], tests, args.threads)
+                    best, won = llama_at(args.llamacpp, ggufs[t], winners[t], probes[t], args.reps, args.threads)
+                llama[t].append(best)
+                print(f"round {r} llama.cpp {t}: " + fmt(best, won), flush=True)
+        loads.append(f"round {r}: load average (1/5/15 min) {start} at the start, {load()} at the end")
+        print(loads[-1], flush=True)
+    return moec, {"times": llama, "settings": winners}, loads
+
+
+def fmt(times: dict[str, float], won: dict | None = None) -> str:
+    return ", ".join(f"{k} {v:.1f}" + (f" ({label(won[k])})" if won else "") for k, v in times.items()) + " tok/s"
+
+
+def speed_tables(name: str, ggufs: dict[str, Path], bundles: dict, moec: dict, llama: dict, loads: list[str],
+                 tests: list[str], acts: list[str], n_params: int, root: Path, share: float) -> None:
+    med = statistics.median
+    heads = {"decode": "decode"} | {t: f"prefill {t[2:]}" for t in tests if t.startswith("pp")}
+    print(f"\n### {name}: moec vs llama.cpp, tok/s llama.cpp / moec (median of rounds), moec/llama.cpp (median of "
+          f"per-round ratios)\n")
+    print("| llama.cpp type | moec plan | moec act. | llama.cpp file MB (bpw) | moec files MB (bpw) | "
+          + " | ".join(f"{heads[t]} llama.cpp / moec | moec/llama.cpp" for t in tests) + " |")
+    print("|" + "---|" * (5 + 2 * len(tests)))
+    weight = {k: json.loads((b / "manifest.json").read_text())["weight_bytes"] for k, b in bundles.items()}
+    for t, gguf in ggufs.items():
+        gb, gt = gguf.stat().st_size, gguf_tensor_bytes(root, gguf)
+        for act in acts:
+            key = (f"uniform:{PAIRS[t]}", act)
+            m, lt = moec[key], llama["times"][t]
+            cells = []
+            for test in tests:
+                ratios = [mr[test] / lr[test] for mr, lr in zip(m, lt)]
+                cells.append(f"{med(x[test] for x in lt):.1f} / {med(x[test] for x in m):.1f} | {med(ratios):.2f}x")
+            print(f"| {t} | {key[0]} | {act} | {gb / 1e6:.1f} ({gt * 8 / n_params:.2f}) | "
+                  f"{bundle_file_bytes(bundles[key]) / 1e6:.1f} ({weight[key] * 8 / n_params:.2f}) | "
+                  + " | ".join(cells) + " |")
+    print("\nllama.cpp settings (probe winners; with --llama-search every: the first round's): " + "; ".join(
+        f"{t} " + ", ".join(f"{x} {label(s)}" for x, s in won.items()) for t, won in llama["settings"].items()))
+    print("\n".join(loads))
+    if not any(plan == MIXED for plan, _ in bundles):
+        return
+    print(f"\n### {name}: mixed plan (experts 4/2 bits alternating, other weights 4 bits) vs uniform:8, moec "
+          "decode\n")
+    print("| moec act. | uniform:8 weight MB | mixed weight MB (share of uniform:8) | decode tok/s uniform:8 / mixed | "
+          "mixed / uniform:8 (median of per-round ratios) | per round | at the median step: tok/s uniform:8 / mixed "
+          "| mixed / uniform:8 |")
+    print("|---|---|---|---|---|---|---|---|")
+    for act in acts:
+        u8, mx = moec[("uniform:8", act)], moec[(MIXED, act)]
+        ratios = [b["decode"] / a["decode"] for a, b in zip(u8, mx)]
+        p50 = [b["decode_p50"] / a["decode_p50"] for a, b in zip(u8, mx)]
+        print(f"| {act} | {weight[('uniform:8', act)] / 1e6:.1f} | {weight[(MIXED, act)] / 1e6:.1f} "
+              f"({share * 100:.0f} %) | {med(x['decode'] for x in u8):.1f} / {med(x['decode'] for x in mx):.1f} | "
+              f"{med(ratios):.2f}x | {', '.join(f'{x:.2f}x' for x in ratios)} | "
+              f"{med(x['decode_p50'] for x in u8):.1f} / {med(x['decode_p50'] for x in mx):.1f} | {med(p50):.2f}x |")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("checkpoint", type=Path)
+    ap.add_argument("checkpoint", type=Path, nargs="?", help="a real checkpoint (e.g. reference/checkpoint); "
+                    "omit for the OLMoE-shaped model only")
+    ap.add_argument("--olmoe", type=int, default=0, metavar="LAYERS",
+                    help="also the random OLMoE-shaped model with this many layers (written into --work once)")
     ap.add_argument("--llamacpp", type=Path, default=Path("/work/llamacpp"))
-    ap.add_argument("--rounds", type=int, default=3)
-    ap.add_argument("--threads", type=int, default=2, help="llama.cpp's most threads (its best of 1..this, both "
+    ap.add_argument("--rounds", type=int, default=2)
+    ap.add_argument("--reps", type=int, default=2, help="timed runs per test per round (both engines)")
+    ap.add_argument("--threads", type=int, default=2, help="llama.cpp's most threads (its best of 1 and this, both "
                     "OpenMP wait policies, is reported); moec uses its default pool "
                     "choice unless --moec-threads is given")
     ap.add_argument("--moec-threads", type=int, default=None)
+    ap.add_argument("--llama-search", choices=["probe", "every"], default="probe",
+                    help="probe: llama.cpp's best setting per test from one short probe per type before its first "
+                    "timing (decode: 16 tokens; prefill: the shortest prompt's winner for every length); every: "
+                    "time every setting in every round and keep the best")
     ap.add_argument("--types", default=",".join(PAIRS))
-    ap.add_argument("--work", type=Path, default=None, help="where GGUF files and bundles are kept (reused)")
+    ap.add_argument("--activations", default="float32,int8", help="moec activation modes, one row each")
+    ap.add_argument("--prompts", default="64,512", help="prefill prompt lengths")
+    ap.add_argument("--no-mixed", action="store_true", help="skip the mixed plan vs uniform:8 table")
+    ap.add_argument("--work", type=Path, default=None, help="where checkpoints, GGUF files and bundles are kept "
+                    "(reused), one folder per model")
     ap.add_argument("--data", type=Path, default=Path(__file__).resolve().parents[1] / "reference/data/heldout.txt",
                     help="held-out text both engines are scored on")
     ap.add_argument("--ctx", type=int, default=256, help="llama-perplexity context (-c, -b); moec scores the "
@@ -150,47 +274,34 @@ def main() -> None:
     work = args.work or Path(tempfile.mkdtemp(prefix="moec-peer-"))
     work.mkdir(parents=True, exist_ok=True)
     types = args.types.split(",")
-    f32 = convert(args.checkpoint, args.llamacpp, work)
-    n_params = param_count(args.checkpoint)
-    ggufs = {t: quantize(args.llamacpp, f32, t) for t in types}
-    if "ppl" not in skip:
-        rows = perplexity_rows(args, f32, ggufs, n_params)
-        print(f"\nperplexity, {args.data.name}, llama-perplexity -c {args.ctx} -b {args.ctx} --chunks {args.chunks} "
-              f"positions; bpw = "
-              f"tensor bytes x 8 / {n_params} checkpoint parameters\n")
-        print("| llama.cpp type | tensor MB (bpw) | llama.cpp PPL (vs f32) | moec plan | weight MB (bpw) | "
-              "moec PPL (vs FP32) | moec no larger and no worse |")
-        print("|---|---|---|---|---|---|---|")
-        print("\n".join(rows) + "\n", flush=True)
-    if "speed" in skip:
-        return
-    bundles = {b: moec_compile(args.checkpoint, b, work) for b in sorted({PAIRS[t] for t in types})}
-    threads = [args.threads]
-    print(f"load average before: {os.getloadavg()}", flush=True)
-    res: dict[str, list[tuple[float, float, float, float]]] = {t: [] for t in types}
-    for r in range(args.rounds):
-        for t in types:
-            md, mp = moec_times(bundles[PAIRS[t]], args.moec_threads)
-            ld, ldw = llama_best(args.llamacpp, ggufs[t], threads, 0, 64)
-            lp, lpw = llama_best(args.llamacpp, ggufs[t], threads, 64, 0)
-            res[t].append((md, mp, ld, lp))
-            print(f"round {r} {t}: moec decode {md:.0f} prefill {mp:.0f} | llama.cpp decode {ld:.0f} ({ldw}) "
-                  f"prefill {lp:.0f} ({lpw}) tok/s", flush=True)
-    print(f"load average after: {os.getloadavg()}\n")
-    print("| llama.cpp type | moec plan | llama.cpp MB (bpw) | moec MB (bpw) | decode tok/s llama.cpp / moec | "
-          "moec/llama.cpp decode | prefill tok/s (64) llama.cpp / moec | moec/llama.cpp prefill |")
-    print("|---|---|---|---|---|---|---|---|")
-    med = statistics.median
-    for t in types:
-        bundle = bundles[PAIRS[t]]
-        mbytes = json.loads((bundle / "manifest.json").read_text())["weight_bytes"]
-        gbytes = ggufs[t].stat().st_size  # the whole file (tensors + tokenizer and other metadata)
-        rows = res[t]
-        print(f"| {t} | uniform:{PAIRS[t]} | {gbytes / 1e6:.2f} ({gbytes * 8 / n_params:.2f}) | "
-              f"{mbytes / 1e6:.2f} ({mbytes * 8 / n_params:.2f}) | {med(x[2] for x in rows):.0f} / "
-              f"{med(x[0] for x in rows):.0f} | {med(x[0] / x[2] for x in rows):.2f}x | "
-              f"{med(x[3] for x in rows):.0f} / {med(x[1] for x in rows):.0f} | "
-              f"{med(x[1] / x[3] for x in rows):.2f}x |")
+    acts = args.activations.split(",")
+    tests = ["decode"] + [f"pp{int(n)}" for n in args.prompts.split(",")]
+    models = []
+    if args.checkpoint is not None:
+        models.append((f"{args.checkpoint.resolve().parent.name} ({args.checkpoint})", args.checkpoint, True))
+    if args.olmoe:
+        models.append((f"OLMoE-shaped, {args.olmoe} layers (random weights)", olmoe_checkpoint(work, args.olmoe),
+                       False))
+    if not models:
+        ap.error("give a checkpoint and/or --olmoe LAYERS")
+    for name, ckpt, real in models:
+        out = work / ckpt.resolve().parent.name
+        out.mkdir(exist_ok=True)
+        ggufs = gguf_files(ckpt, args.llamacpp, out, types)
+        n_params = param_count(ckpt)
+        print(f"\n## {name}: {n_params} parameters, files in {out}\n", flush=True)
+        if "ppl" not in skip:
+            if real:
+                print_perplexity(args, ckpt, ggufs, n_params, out)
+            else:
+                print("perplexity: not measured (random weights: any perplexity of this model means nothing)\n")
+        if "speed" in skip:
+            continue
+        bits = sorted({PAIRS[t] for t in types}, reverse=True)
+        mixed = not args.no_mixed and 8 in bits
+        bundles, share = build_bundles(ckpt, out, bits, acts, mixed)
+        moec, llama, loads = time_rounds(args, ggufs, bundles, tests)
+        speed_tables(name, ggufs, bundles, moec, llama, loads, tests, acts, n_params, args.llamacpp, share)
 
 
 if __name__ == "__main__":
