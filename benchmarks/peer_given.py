@@ -3,10 +3,10 @@
 ``peer_llamacpp.py`` compiles one float32-activation bundle per type; this times bundles you built
 (``moec compile --activations int8``, another checkout's bundles) against the GGUF files it left in
 its ``--work`` folder, with the same timing: moec decodes 64 steps after a 16-token prompt and
-prefills a 64-token prompt at the session's default thread choice (:func:`peer_llamacpp.moec_times`,
+prefills a 64-token prompt at the session's default thread choice (:func:`peer_speed.moec_times`,
 each bundle in a fresh process whose ``PYTHONPATH`` is the checkout named with it, so an old
 runtime times its own bundle); llama.cpp at its best of ``-t 1`` and ``-t THREADS`` with either
-OpenMP wait policy (:func:`peer_llamacpp.llama_best`). Every round times every row; the table gives
+OpenMP wait policy (:func:`peer_speed.llama_times` over :func:`peer_speed.settings`). Every round times every row; the table gives
 medians and medians of per-round ratios.
 
 Usage::
@@ -30,11 +30,11 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from peer_llamacpp import llama_best  # noqa: E402
+from peer_speed import label, llama_times, settings  # noqa: E402
 
 HERE = Path(__file__).resolve().parents[1]
-CHILD = ("import json, sys; sys.path.insert(0, sys.argv[2]); from peer_llamacpp import moec_times; "
-         "print(json.dumps(moec_times(sys.argv[1], None)))")
+CHILD = ("import json, sys; sys.path.insert(0, sys.argv[2]); from peer_speed import moec_times; "
+         "t = moec_times(sys.argv[1], [64], None, 1); print(json.dumps([t['decode'], t['pp64']]))")
 
 
 def moec_row(bundle: str, checkout: str) -> tuple[float, float]:
@@ -73,10 +73,11 @@ def main() -> None:
     moec: dict[str, list[tuple[float, float]]] = {r[1]: [] for r in rows}
     for rnd in range(args.rounds):
         for t in types:
-            ld, ldw = llama_best(args.llamacpp, ggufs[t], [args.threads], 0, 64)
-            lp, lpw = llama_best(args.llamacpp, ggufs[t], [args.threads], 64, 0)
+            best, won = llama_times(args.llamacpp, ggufs[t], ["decode", "pp64"], settings(args.threads), 1)
+            ld, lp = best["decode"], best["pp64"]
             llama[t].append((ld, lp))
-            print(f"round {rnd} llama.cpp {t}: decode {ld:.0f} ({ldw}) prefill {lp:.0f} ({lpw}) tok/s", flush=True)
+            print(f"round {rnd} llama.cpp {t}: decode {ld:.0f} ({label(won['decode'])}) "
+                  f"prefill {lp:.0f} ({label(won['pp64'])}) tok/s", flush=True)
             for kind, label, bundle, checkout in rows:
                 if kind == t:
                     md, mp = moec_row(bundle, checkout)
