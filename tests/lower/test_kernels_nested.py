@@ -73,6 +73,21 @@ def test_unneeded_planes_are_skipped_not_masked():
     assert not np.array_equal(_run(mod, nws, dirty, x, [3, 3], [0], n), _run(mod, nws, stack, x, [3, 3], [0], n))
 
 
+def test_each_width_is_one_guarded_loop_nest():
+    """Per task, one width test per derived width outside every loop, around that width's whole nest
+    (its output init, group loop and updates): no other width's accumulator is touched per group."""
+    text = make_nested_gemv(8, 64, 128, 32, 2, 2, host_target()).script()
+    lines = text.splitlines()
+    tests = [i for i, line in enumerate(lines) if re.search(r"if prec\[expert_ids\[.*\]\] == \d+:", line)]
+    assert [int(lines[i].rsplit("==", 1)[1].strip(" :")) for i in tests] == [2, 3, 4, 8]
+    ends = tests[1:] + [len(lines)]
+    for d, (start, end) in enumerate(zip(tests, ends)):
+        inside = "\n".join(lines[start:end])
+        for block in (f"y{d}_init", f"qdot{d}_init", f"qdot{d}_update", f"y{d}_update"):
+            assert f'T.sblock("{block}")' in inside, (d, block)
+        assert not re.search(rf'T.sblock\("(y|qdot)(?!{d}_)\d', inside), d
+
+
 def test_arm_nested_schedule_on_host_and_neon_codegen():
     n, k, gs, experts, top_k = 64, 128, 32, 3, 2
     spec = NestedGemvSpec(8, n, k, gs, experts, top_k, arm.PARAMS.tile_rows)

@@ -267,8 +267,8 @@ def nested_gemv_definition(spec: NestedGemvSpec) -> tirx.PrimFunc:
             b, lane = n // tile, n % tile
             e = ids[j]
             zq = code_at(lambda word: zero[e, b, word, lane], g, spec.storage_bits).astype("float32")
-            return te.sum(scale[e, b, g, lane].astype("float32") * (q[j, b, g, lane] - (zq - centre) * xsum[xrow(j), g]),
-                          axis=g)
+            sums = q[j, b, g, lane] - (zq - centre) * xsum[xrow(j), g]
+            return te.sum(scale[e, b, g, lane].astype("float32") * sums, axis=g)
 
         return te.compute((spec.top_k, spec.n), fn, name=f"y{d}")
 
