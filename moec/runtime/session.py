@@ -459,7 +459,7 @@ def require_local_cuda(bundle: str | os.PathLike) -> None:
 
 
 SMALL_BUNDLE_BYTES = 32 << 20
-_POOL_SET: int | None = None  # the size configure_threads last gave the pool
+_POOL_SET: int | None = None  # the size use_threads last gave the pool
 _DEFAULT_POOL: int | None = None  # TVM's own default, read before configure_threads first sets the env
 
 
@@ -513,39 +513,42 @@ def choose_threads(manifest: dict, threads: int | None = None, prefill_threads: 
 
 
 def configure_threads(manifest: dict, threads: int | None = None, prefill_threads: int | None = None) -> int:
-    """Set TVM's CPU thread pool for this process from :func:`choose_threads`; return the decode count.
+    """Set TVM's CPU thread pool for this process to the decode count of :func:`choose_threads`; return it.
 
-    The pool gets the larger of the two counts (resized only when that changes), and
-    ``TVM_NUM_THREADS`` the decode count: TVM's parallel launch reads it on every kernel call
-    and runs the tasks inline on the calling thread only when it is 1 (resizing the pool alone
-    left every parallel loop going through the pool's hand-off, 5-7 us per kernel call, about 100
-    calls per decode step of the reference model). :func:`use_threads` switches it per call.
-    The pool is process-wide: the last session opened sets it. The calling thread keeps the CPUs it
+    TVM's parallel launch runs a kernel's tasks inline on the calling thread only when its
+    concurrency is 1: that is the pool size ``runtime.config_threadpool`` last set (it overrides
+    ``TVM_NUM_THREADS``, which is set to the same count for pools TVM starts later). With a 2-thread
+    pool and ``TVM_NUM_THREADS=1`` every parallel loop still went through the pool's hand-off (a
+    decode step of the reference model: 380 instead of 260 us of CPU). :func:`use_threads` switches
+    the pool between a session's decode and prefill counts (a few microseconds).
+    The pool is process-wide: the session of the last call sets it. The calling thread keeps the CPUs it
     had (TVM pins it to core 0 when resizing the pool: two one-thread moec processes then shared one
     core, and so did every subprocess started after the session opened).
     """
-    global _POOL_SET
     choice = choose_threads(manifest, threads, prefill_threads)
-    size = max(choice.decode, choice.prefill)
-    if size != _POOL_SET:
-        # TVM binds the calling thread to core 0 when it resizes the pool; every process (and every
-        # child it starts, which inherits the mask) would then share one core. Keep the caller's cores.
-        cores = os.sched_getaffinity(0) if hasattr(os, "sched_getaffinity") else None
-        use_threads(size)  # a pool started now sizes itself from the env once
-        tvm.get_global_func("runtime.config_threadpool")(1, size)
-        if cores is not None:
-            os.sched_setaffinity(0, cores)
-        _POOL_SET = size
     use_threads(choice.decode)
     return choice.decode
 
 
 def use_threads(n: int) -> None:
-    """Make TVM's next parallel launches use ``n`` threads (``TVM_NUM_THREADS``, read per launch; set only on a
-    change: a decode step does not pay for it)."""
-    value = str(n)
-    if os.environ.get("TVM_NUM_THREADS") != value:
-        os.environ["TVM_NUM_THREADS"] = value
+    """Make TVM's next kernel launches use ``n`` threads (resize the pool, set ``TVM_NUM_THREADS``); nothing
+    when the pool already has that size, so a decode step does not pay for it."""
+    global _POOL_SET
+    _default_pool()  # TVM's default, read before the env is first set
+    if n == _POOL_SET:
+        return
+    # TVM binds the calling thread to core 0 when it resizes the pool; every process (and every
+    # child it starts, which inherits the mask) would then share one core. Keep the caller's cores.
+    cores = os.sched_getaffinity(0) if hasattr(os, "sched_getaffinity") else None
+    config = tvm.get_global_func("runtime.config_threadpool")
+    if _POOL_SET is None:  # the pool's workers are made once, at its first use, from TVM_NUM_THREADS: make
+        os.environ["TVM_NUM_THREADS"] = str(max(n, _default_pool()))  # them at the default size, so a
+        config(1, max(n, _default_pool()))                            # prefill can use them all later
+    os.environ["TVM_NUM_THREADS"] = str(n)
+    config(1, n)
+    if cores is not None:
+        os.sched_setaffinity(0, cores)
+    _POOL_SET = n
 
 
 def _aligned(n: int, dtype) -> np.ndarray:
