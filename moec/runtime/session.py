@@ -76,8 +76,8 @@ class BundleSession:
     :class:`MoecError`; :meth:`generate` enlarges a cache whose size was not given to what it needs.
 
     ``threads`` is the TVM thread count of decode steps and prefills, ``prefill_threads`` that of
-    prefills alone (defaults: :func:`choose_threads`: a small bundle decodes on one thread and
-    prefills on TVM's pool).
+    prefills alone (defaults: :func:`choose_threads`: one thread for a small bundle, the pool for a
+    larger one).
     """
 
     def __init__(self, bundle: str | os.PathLike, remote=None, trust: str | os.PathLike | None = None,
@@ -480,32 +480,37 @@ def _default_pool() -> int:
     return _DEFAULT_POOL
 
 
+def _env_count(name: str) -> int | None:
+    if not os.environ.get(name):
+        return None
+    try:
+        return int(os.environ[name])
+    except ValueError:
+        raise MoecError(f"{name} must be a whole number, got {os.environ[name]!r}") from None
+
+
 def choose_threads(manifest: dict, threads: int | None = None, prefill_threads: int | None = None) -> ThreadChoice:
     """The thread counts of a session (nothing is configured here).
 
-    ``threads`` (or ``MOEC_NUM_THREADS``) wins for both kinds of call; otherwise a bundle whose
-    weights are under ``SMALL_BUNDLE_BYTES`` decodes on one thread and prefills on TVM's pool, and
-    a larger one does both on the pool. A decode step of a small model is ~100 kernels of a few
-    microseconds: a fork-join over two threads per kernel gains little, and on a loaded machine
-    every join waits for a worker that the scheduler has preempted (on the reference model one
-    decode step in six took 25-40 ms instead of under 1 ms with two threads; the stalls went away
-    with one). A prefill is a few calls of compute-bound GEMMs and attention over the whole prompt,
-    which the pool shares out. ``prefill_threads`` overrides the prefill count alone.
+    ``threads`` (or ``MOEC_NUM_THREADS``) sets both kinds of call; otherwise a bundle whose weights
+    are under ``SMALL_BUNDLE_BYTES`` runs on one thread and a larger one on TVM's pool. A decode
+    step of a small model is ~100 kernels of a few microseconds: a fork-join over two threads per
+    kernel gains little, and on a loaded machine every join waits for a worker that the scheduler
+    has preempted (on the reference model one decode step in six took 25-40 ms instead of under
+    1 ms with two threads; the stalls went away with one). ``prefill_threads`` (or
+    ``MOEC_PREFILL_THREADS``) sets the prefill count alone: a prefill is compute-bound GEMMs over
+    the whole prompt, which a pool can share out on an idle machine; at a load average of 7-9 on 2
+    cores the reference model's 64-token prefill on 2 threads ran at 0.3-0.6x its 1-thread rate, so
+    it is not the default.
     """
-    if threads is None and os.environ.get("MOEC_NUM_THREADS"):
-        try:
-            threads = int(os.environ["MOEC_NUM_THREADS"])
-        except ValueError:
-            raise MoecError(f"MOEC_NUM_THREADS must be a whole number, got {os.environ['MOEC_NUM_THREADS']!r}") \
-                from None
-    pool = _default_pool()
+    if threads is None:
+        threads = _env_count("MOEC_NUM_THREADS")
+    if prefill_threads is None:
+        prefill_threads = _env_count("MOEC_PREFILL_THREADS")
     if threads is None:
         small = manifest.get("weight_bytes", SMALL_BUNDLE_BYTES) < SMALL_BUNDLE_BYTES
-        choice = ThreadChoice(1 if small else pool, pool)
-    else:
-        choice = ThreadChoice(threads, threads)
-    if prefill_threads is not None:
-        choice = ThreadChoice(choice.decode, prefill_threads)
+        threads = 1 if small else _default_pool()
+    choice = ThreadChoice(threads, threads if prefill_threads is None else prefill_threads)
     for n in (choice.decode, choice.prefill):
         if isinstance(n, bool) or not isinstance(n, int) or n < 1:
             raise MoecError(f"threads must be a whole number >= 1, got {n!r}")
