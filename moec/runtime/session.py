@@ -545,12 +545,10 @@ def use_threads(n: int) -> None:
     # TVM binds the calling thread to core 0 when it resizes the pool; every process (and every
     # child it starts, which inherits the mask) would then share one core. Keep the caller's cores.
     cores = os.sched_getaffinity(0) if hasattr(os, "sched_getaffinity") else None
-    config = tvm.get_global_func("runtime.config_threadpool")
-    if _POOL_SET is None:  # the pool's workers are made once, at its first use, from TVM_NUM_THREADS: make
-        os.environ["TVM_NUM_THREADS"] = str(max(n, _default_pool()))  # them at the default size, so a
-        config(1, max(n, _default_pool()))                            # prefill can use them all later
+    # the pool's workers are made once, at its first use, from TVM_NUM_THREADS: the first resize runs
+    # with the variable as it was (TVM's default size), so a later prefill can use them all
+    tvm.get_global_func("runtime.config_threadpool")(1, n)
     os.environ["TVM_NUM_THREADS"] = str(n)
-    config(1, n)
     if cores is not None:
         os.sched_setaffinity(0, cores)
     _POOL_SET = n
