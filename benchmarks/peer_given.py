@@ -70,7 +70,7 @@ def main() -> None:
             raise SystemExit(f"no {g} (run peer_llamacpp.py --work {args.gguf_dir} first)")
     print(f"load average before: {os.getloadavg()}", flush=True)
     llama: dict[str, list[tuple[float, float]]] = {t: [] for t in types}
-    moec: dict[str, list[tuple[float, float]]] = {r[1]: [] for r in rows}
+    moec: dict[tuple[str, str], list[tuple[float, float]]] = {(r[0], r[1]): [] for r in rows}
     for rnd in range(args.rounds):
         for t in types:
             best, won = llama_times(args.llamacpp, ggufs[t], ["decode", "pp64"], settings(args.threads), 1)
@@ -81,7 +81,7 @@ def main() -> None:
             for kind, label, bundle, checkout in rows:
                 if kind == t:
                     md, mp = moec_row(bundle, checkout)
-                    moec[label].append((md, mp))
+                    moec[(kind, label)].append((md, mp))
                     print(f"round {rnd} moec {label}: decode {md:.0f} prefill {mp:.0f} tok/s", flush=True)
     print(f"load average after: {os.getloadavg()}\n")
     med = statistics.median
@@ -89,7 +89,7 @@ def main() -> None:
           "prefill tok/s (64) llama.cpp / moec | moec/llama.cpp prefill |")
     print("|---|---|---|---|---|---|")
     for kind, label, _, _ in rows:
-        ll, mm = llama[kind], moec[label]
+        ll, mm = llama[kind], moec[(kind, label)]
         print(f"| {kind} | {label} | {med(x[0] for x in ll):.0f} / {med(x[0] for x in mm):.0f} | "
               f"{med(m[0] / l[0] for l, m in zip(ll, mm)):.2f}x | {med(x[1] for x in ll):.0f} / "
               f"{med(x[1] for x in mm):.0f} | {med(m[1] / l[1] for l, m in zip(ll, mm)):.2f}x |")

@@ -76,8 +76,8 @@ class BundleSession:
     :class:`MoecError`; :meth:`generate` enlarges a cache whose size was not given to what it needs.
 
     ``threads`` is the TVM thread count of decode steps and prefills, ``prefill_threads`` that of
-    prefills alone (defaults: :func:`choose_threads`: a small bundle decodes on one thread and
-    prefills on TVM's pool).
+    prefills alone (defaults: :func:`choose_threads`: one thread for a small bundle, the pool for a
+    larger one).
     """
 
     def __init__(self, bundle: str | os.PathLike, remote=None, trust: str | os.PathLike | None = None,
@@ -459,7 +459,7 @@ def require_local_cuda(bundle: str | os.PathLike) -> None:
 
 
 SMALL_BUNDLE_BYTES = 32 << 20
-_POOL_SET: int | None = None  # the size configure_threads last gave the pool
+_POOL_SET: int | None = None  # the size use_threads last gave the pool
 _DEFAULT_POOL: int | None = None  # TVM's own default, read before configure_threads first sets the env
 
 
@@ -480,32 +480,37 @@ def _default_pool() -> int:
     return _DEFAULT_POOL
 
 
+def _env_count(name: str) -> int | None:
+    if not os.environ.get(name):
+        return None
+    try:
+        return int(os.environ[name])
+    except ValueError:
+        raise MoecError(f"{name} must be a whole number, got {os.environ[name]!r}") from None
+
+
 def choose_threads(manifest: dict, threads: int | None = None, prefill_threads: int | None = None) -> ThreadChoice:
     """The thread counts of a session (nothing is configured here).
 
-    ``threads`` (or ``MOEC_NUM_THREADS``) wins for both kinds of call; otherwise a bundle whose
-    weights are under ``SMALL_BUNDLE_BYTES`` decodes on one thread and prefills on TVM's pool, and
-    a larger one does both on the pool. A decode step of a small model is ~100 kernels of a few
-    microseconds: a fork-join over two threads per kernel gains little, and on a loaded machine
-    every join waits for a worker that the scheduler has preempted (on the reference model one
-    decode step in six took 25-40 ms instead of under 1 ms with two threads; the stalls went away
-    with one). A prefill is a few calls of compute-bound GEMMs and attention over the whole prompt,
-    which the pool shares out. ``prefill_threads`` overrides the prefill count alone.
+    ``threads`` (or ``MOEC_NUM_THREADS``) sets both kinds of call; otherwise a bundle whose weights
+    are under ``SMALL_BUNDLE_BYTES`` runs on one thread and a larger one on TVM's pool. A decode
+    step of a small model is ~100 kernels of a few microseconds: a fork-join over two threads per
+    kernel gains little, and on a loaded machine every join waits for a worker that the scheduler
+    has preempted (on the reference model one decode step in six took 25-40 ms instead of under
+    1 ms with two threads; the stalls went away with one). ``prefill_threads`` (or
+    ``MOEC_PREFILL_THREADS``) sets the prefill count alone: a prefill is compute-bound GEMMs over
+    the whole prompt, which a pool can share out on an idle machine; at a load average of 7-9 on 2
+    cores the reference model's 64-token prefill on 2 threads ran at 0.3-0.6x its 1-thread rate, so
+    it is not the default.
     """
-    if threads is None and os.environ.get("MOEC_NUM_THREADS"):
-        try:
-            threads = int(os.environ["MOEC_NUM_THREADS"])
-        except ValueError:
-            raise MoecError(f"MOEC_NUM_THREADS must be a whole number, got {os.environ['MOEC_NUM_THREADS']!r}") \
-                from None
-    pool = _default_pool()
+    if threads is None:
+        threads = _env_count("MOEC_NUM_THREADS")
+    if prefill_threads is None:
+        prefill_threads = _env_count("MOEC_PREFILL_THREADS")
     if threads is None:
         small = manifest.get("weight_bytes", SMALL_BUNDLE_BYTES) < SMALL_BUNDLE_BYTES
-        choice = ThreadChoice(1 if small else pool, pool)
-    else:
-        choice = ThreadChoice(threads, threads)
-    if prefill_threads is not None:
-        choice = ThreadChoice(choice.decode, prefill_threads)
+        threads = 1 if small else _default_pool()
+    choice = ThreadChoice(threads, threads if prefill_threads is None else prefill_threads)
     for n in (choice.decode, choice.prefill):
         if isinstance(n, bool) or not isinstance(n, int) or n < 1:
             raise MoecError(f"threads must be a whole number >= 1, got {n!r}")
@@ -513,39 +518,40 @@ def choose_threads(manifest: dict, threads: int | None = None, prefill_threads: 
 
 
 def configure_threads(manifest: dict, threads: int | None = None, prefill_threads: int | None = None) -> int:
-    """Set TVM's CPU thread pool for this process from :func:`choose_threads`; return the decode count.
+    """Set TVM's CPU thread pool for this process to the decode count of :func:`choose_threads`; return it.
 
-    The pool gets the larger of the two counts (resized only when that changes), and
-    ``TVM_NUM_THREADS`` the decode count: TVM's parallel launch reads it on every kernel call
-    and runs the tasks inline on the calling thread only when it is 1 (resizing the pool alone
-    left every parallel loop going through the pool's hand-off, 5-7 us per kernel call, about 100
-    calls per decode step of the reference model). :func:`use_threads` switches it per call.
-    The pool is process-wide: the last session opened sets it. The calling thread keeps the CPUs it
+    TVM's parallel launch runs a kernel's tasks inline on the calling thread only when its
+    concurrency is 1: that is the pool size ``runtime.config_threadpool`` last set (it overrides
+    ``TVM_NUM_THREADS``, which is set to the same count for pools TVM starts later). With a 2-thread
+    pool and ``TVM_NUM_THREADS=1`` every parallel loop still went through the pool's hand-off (a
+    decode step of the reference model: 380 instead of 260 us of CPU). :func:`use_threads` switches
+    the pool between a session's decode and prefill counts (a few microseconds).
+    The pool is process-wide: the session of the last call sets it. The calling thread keeps the CPUs it
     had (TVM pins it to core 0 when resizing the pool: two one-thread moec processes then shared one
     core, and so did every subprocess started after the session opened).
     """
-    global _POOL_SET
     choice = choose_threads(manifest, threads, prefill_threads)
-    size = max(choice.decode, choice.prefill)
-    if size != _POOL_SET:
-        # TVM binds the calling thread to core 0 when it resizes the pool; every process (and every
-        # child it starts, which inherits the mask) would then share one core. Keep the caller's cores.
-        cores = os.sched_getaffinity(0) if hasattr(os, "sched_getaffinity") else None
-        use_threads(size)  # a pool started now sizes itself from the env once
-        tvm.get_global_func("runtime.config_threadpool")(1, size)
-        if cores is not None:
-            os.sched_setaffinity(0, cores)
-        _POOL_SET = size
     use_threads(choice.decode)
     return choice.decode
 
 
 def use_threads(n: int) -> None:
-    """Make TVM's next parallel launches use ``n`` threads (``TVM_NUM_THREADS``, read per launch; set only on a
-    change: a decode step does not pay for it)."""
-    value = str(n)
-    if os.environ.get("TVM_NUM_THREADS") != value:
-        os.environ["TVM_NUM_THREADS"] = value
+    """Make TVM's next kernel launches use ``n`` threads (resize the pool, set ``TVM_NUM_THREADS``); nothing
+    when the pool already has that size, so a decode step does not pay for it."""
+    global _POOL_SET
+    _default_pool()  # TVM's default, read before the env is first set
+    if n == _POOL_SET:
+        return
+    # TVM binds the calling thread to core 0 when it resizes the pool; every process (and every
+    # child it starts, which inherits the mask) would then share one core. Keep the caller's cores.
+    cores = os.sched_getaffinity(0) if hasattr(os, "sched_getaffinity") else None
+    # the pool's workers are made once, at its first use, from TVM_NUM_THREADS: the first resize runs
+    # with the variable as it was (TVM's default size), so a later prefill can use them all
+    tvm.get_global_func("runtime.config_threadpool")(1, n)
+    os.environ["TVM_NUM_THREADS"] = str(n)
+    if cores is not None:
+        os.sched_setaffinity(0, cores)
+    _POOL_SET = n
 
 
 def _aligned(n: int, dtype) -> np.ndarray:

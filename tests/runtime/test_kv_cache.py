@@ -103,9 +103,11 @@ def test_format_2_bundle_is_refused(bundle, tmp_path):
 
 
 def test_each_call_runs_at_its_thread_count(bundle):
-    """A small bundle's decode steps see TVM_NUM_THREADS 1 (kernels inline), its prefill calls the pool's count
-    (read by TVM on every parallel launch, so it is what the kernels of that call use)."""
+    """A small bundle's decode steps run on a one-thread pool (kernels inline), its prefill calls on the prefill
+    count: the pool is resized between them."""
     import os
+
+    import tvm.runtime
 
     from moec.runtime.session import BundleSession
     with BundleSession(bundle, prefill_threads=2) as sess:
@@ -114,7 +116,7 @@ def test_each_call_runs_at_its_thread_count(bundle):
         entry = ["prefill"]
 
         def hook(func, sym, before, ret, *args):
-            seen[entry[0]].add(os.environ["TVM_NUM_THREADS"])
+            seen[entry[0]].add((os.environ["TVM_NUM_THREADS"], tvm.runtime.num_threads()))
             return 0
 
         sess.vm.set_instrument(hook)
@@ -123,4 +125,6 @@ def test_each_call_runs_at_its_thread_count(bundle):
         sess.step(4)
         entry[0] = "prefill"
         sess.prefill([5, 6])
-    assert seen == {"prefill": {"2"}, "decode": {"1"}}
+    assert seen["decode"] == {("1", 1)}  # a one-thread pool: kernels inline
+    # the pool grows back up to the workers TVM made at its first use (this process' earlier tests decide how many)
+    assert {env for env, _ in seen["prefill"]} == {"2"} and {n for _, n in seen["prefill"]} <= {1, 2}

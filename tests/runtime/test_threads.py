@@ -1,4 +1,4 @@
-"""configure_threads: small bundles decode on one TVM thread and prefill on the pool, explicit choices win."""
+"""configure_threads: small bundles run on one TVM thread, explicit choices win (prefill's count apart)."""
 
 import pytest
 import tvm.runtime
@@ -25,7 +25,7 @@ def test_small_bundle_one_thread_large_keeps_pool(monkeypatch):
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     small, a, big, b, env_small, env_big = map(int, out.stdout.split())
-    assert (small, a) == (1, 2)  # decode on one thread; the pool stays for prefill
+    assert (small, a) == (1, 1)  # decode on one thread (prefill resizes the pool for its call)
     assert (big, b) == (2, 2)
     # TVM's parallel launch runs inline only when TVM_NUM_THREADS says 1 (read on every launch)
     assert (env_small, env_big) == (1, 2)
@@ -62,19 +62,24 @@ def test_explicit_threads_win(monkeypatch):
 
 
 def test_choice_per_call_kind(monkeypatch):
-    """Small bundles: decode 1, prefill the pool; large: the pool for both; an explicit count is both, and
-    ``prefill_threads`` overrides the prefill count alone."""
+    """Small bundles: one thread for both calls; large: the pool; an explicit count is both, and
+    ``prefill_threads`` / ``MOEC_PREFILL_THREADS`` set the prefill count alone."""
     import moec.runtime.session as session
 
     monkeypatch.delenv("MOEC_NUM_THREADS", raising=False)
+    monkeypatch.delenv("MOEC_PREFILL_THREADS", raising=False)
     monkeypatch.setattr(session, "_DEFAULT_POOL", 4)
     small, large = {"weight_bytes": 1 << 20}, {"weight_bytes": SMALL_BUNDLE_BYTES}
-    assert choose_threads(small) == ThreadChoice(1, 4)
+    assert choose_threads(small) == ThreadChoice(1, 1)
     assert choose_threads(large) == ThreadChoice(4, 4)
     assert choose_threads(small, threads=2) == ThreadChoice(2, 2)
     assert choose_threads(small, prefill_threads=3) == ThreadChoice(1, 3)
+    monkeypatch.setenv("MOEC_PREFILL_THREADS", "2")
+    assert choose_threads(small) == ThreadChoice(1, 2)
     monkeypatch.setenv("MOEC_NUM_THREADS", "3")
-    assert choose_threads(large) == ThreadChoice(3, 3)
+    assert choose_threads(large) == ThreadChoice(3, 2)
     with pytest.raises(MoecError):
         choose_threads(small, prefill_threads=0)
-
+    monkeypatch.setenv("MOEC_PREFILL_THREADS", "two")
+    with pytest.raises(MoecError, match="MOEC_PREFILL_THREADS must be a whole number"):
+        choose_threads(small)
