@@ -28,6 +28,9 @@ scales, ``moec.core.formats.SCALE_FORMATS``), router float, quantizer ``--method
 Bits per weight for both = tensor bytes × 8 / checkpoint parameters (GGUF: every tensor incl. norms
 and the f32 router; moec: packed weights, scales, zeros, float router and norms).
 
+The best plan of each point is written to ``WORK/frontier-<type>.json`` (a plan file for ``moec compile
+--plan``; plans with 5/6-bit widths need a target preset whose ``allowed_bits`` include them).
+
 Usage::
 
     python benchmarks/frontier.py reference/checkpoint --llamacpp /work/llamacpp --work /tmp/frontier
@@ -220,7 +223,7 @@ def main() -> None:
             ppl = cache.get(f"{tag} {args.method} {group_tag(group)} {describe(bits, group)}",
                             lambda plan=plan: moec_perplexity(model, plan, chunks, n_ctx))
             if best is None or ppl < best[0]:
-                best = (ppl, nbytes, describe(bits, group))
+                best = (ppl, nbytes, describe(bits, group), plan)
         if args.mixed:
             allowed = tuple(int(b) for b in args.mixed_expert_bits.split(","))
             found = fm.candidates(model, lbytes, part, items, loss, mgroup, fixed, args.mixed_top, allowed)
@@ -237,8 +240,9 @@ def main() -> None:
                 ppl = cache.get(f"{tag} {args.method} mixed {text} [{ident}]",
                                 lambda plan=plan: moec_perplexity(model, plan, chunks, n_ctx))
                 if ppl < best[0]:
-                    best = (ppl, nbytes, text)
-        ppl, nbytes, text = best
+                    best = (ppl, nbytes, text, plan)
+        ppl, nbytes, text, plan = best
+        plan.save(work / f"frontier-{t}.json")  # compile it with a preset whose allowed_bits include its widths
         dom = nbytes <= lbytes and ppl <= lppl
         rows.append(f"| {t} | {lbytes / 1e6:.3f} ({lbytes * 8 / n_params:.2f}) | {lppl:.4f} "
                     f"({(lppl / base - 1) * 100:+.2f} %) | {text} | {nbytes / 1e6:.3f} "

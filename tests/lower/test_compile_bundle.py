@@ -28,8 +28,9 @@ def compiled(tmp_path_factory):
     cfg = make_tiny_checkpoint(ckpt, seed=3, vocab_size=304)  # 19 row vectors: the LM head on the kernels
     plan_file = root / "mixed.json"
     # 5-bit attention and a 6-bit LM head: codes straddling words, on the CPU kernels (prefill and
-    # decode). The built-in presets keep 5/6 out of their search space; a user preset allows them.
-    plan_file.write_text(json.dumps(mixed_plan(cfg, attention=5, lm_head=6).to_json()))
+    # decode); 6-bit embeddings (the lookup's dequantize; the frontier's mixed plans use them). The
+    # built-in presets keep 5/6 out of their search space; a user preset allows them.
+    plan_file.write_text(json.dumps(mixed_plan(cfg, attention=5, lm_head=6, embeddings=6).to_json()))
     preset = root / "host56.yaml"
     host = (Path(str(resources.files("moec") / "targets")) / "host.yaml").read_text()
     preset.write_text(host.replace("allowed_bits: [2, 3, 4, 8, 16]", "allowed_bits: [2, 3, 4, 5, 6, 8, 16]"))
