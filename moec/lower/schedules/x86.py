@@ -50,9 +50,14 @@ class X86Params(CpuScheduleParams):
         Independent int32 accumulators per vector in the VNNI GEMV, so consecutive ``vpdpbusd``
         do not wait on each other's latency.
     prefetch_words : int
-        Software prefetch distance of the VNNI GEMV in words of each row stream (0: none); 8
-        measured ~5-10% more cold bandwidth than none; farther, non-temporal, or also
-        prefetching the scale stream did not help.
+        Software prefetch distance of the VNNI GEMV in words of each row stream (0: none, the
+        default). A prefetch in the step loop may alias the accumulator buffer as far as LLVM
+        knows, so it kept every accumulator in memory (one 64-byte store per ``vpdpbusd``);
+        without it the accumulators stay in registers: on the 2-core x86 VM (quiet, 2 threads,
+        group 64) the 4-bit GEMV went from 27 to 84 GB/s out of cache and from 23.5 to 27.7 GB/s
+        cold (2 / 3 / 8 bits: 22.5 / 22.4 / 29.1 to 28.1 / 29.4 / 36.5 GB/s cold;
+        ``benchmarks/kernel_bandwidth.py``). Earlier, with the stores, 8 had measured 5-10 %
+        more cold bandwidth than none.
     prefetch_locality : int
         ``llvm.prefetch`` locality (3 = prefetcht0, 0 = prefetchnta).
 
@@ -69,7 +74,7 @@ class X86Params(CpuScheduleParams):
     gemm_vectors: int = 4
     int8_tile_vectors: int = 8
     int8_chains: int = 2
-    prefetch_words: int = 8
+    prefetch_words: int = 0
     prefetch_locality: int = 3
 
 
