@@ -537,20 +537,28 @@ def configure_threads(manifest: dict, threads: int | None = None, prefill_thread
 
 def use_threads(n: int) -> None:
     """Make TVM's next kernel launches use ``n`` threads (resize the pool, set ``TVM_NUM_THREADS``); nothing
-    when the pool already has that size, so a decode step does not pay for it."""
+    when the pool already has that size, so a decode step does not pay for it.
+
+    The pool is resized (``runtime.config_threadpool``) only when ``n`` differs from its size: TVM's
+    own pool at its default size is left as it is. Resizing it to the size it already had made every
+    parallel kernel slower: the 4-layer OLMoE-shaped uniform:8 bundle decoded at 50 tok/s after
+    ``config_threadpool(1, 2)`` on a 2-thread pool against 72-90 tok/s without (quiet 2-core x86 VM,
+    2026-12-03; every affinity mode the call takes did the same), so only a session that changes the
+    count (one thread for a small bundle, a prefill count of its own) pays for a resize.
+    """
     global _POOL_SET
-    _default_pool()  # TVM's default, read before the env is first set
     if n == _POOL_SET:
         return
-    # TVM binds the calling thread to core 0 when it resizes the pool; every process (and every
-    # child it starts, which inherits the mask) would then share one core. Keep the caller's cores.
-    cores = os.sched_getaffinity(0) if hasattr(os, "sched_getaffinity") else None
-    # the pool's workers are made once, at its first use, from TVM_NUM_THREADS: the first resize runs
-    # with the variable as it was (TVM's default size), so a later prefill can use them all
-    tvm.get_global_func("runtime.config_threadpool")(1, n)
+    if n != (_POOL_SET if _POOL_SET is not None else _default_pool()):
+        # TVM binds the calling thread to core 0 when it resizes the pool; every process (and every
+        # child it starts, which inherits the mask) would then share one core. Keep the caller's cores.
+        cores = os.sched_getaffinity(0) if hasattr(os, "sched_getaffinity") else None
+        # the pool's workers are made once, at its first use, from TVM_NUM_THREADS: the first resize runs
+        # with the variable as it was (TVM's default size), so a later prefill can use them all
+        tvm.get_global_func("runtime.config_threadpool")(1, n)
+        if cores is not None:
+            os.sched_setaffinity(0, cores)
     os.environ["TVM_NUM_THREADS"] = str(n)
-    if cores is not None:
-        os.sched_setaffinity(0, cores)
     _POOL_SET = n
 
 

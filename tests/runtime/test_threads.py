@@ -83,3 +83,27 @@ def test_choice_per_call_kind(monkeypatch):
     monkeypatch.setenv("MOEC_PREFILL_THREADS", "two")
     with pytest.raises(MoecError, match="MOEC_PREFILL_THREADS must be a whole number"):
         choose_threads(small)
+
+
+def test_default_pool_is_not_resized():
+    """A session at TVM's default pool size leaves the pool alone: resizing it to the size it had
+    made every parallel kernel slower (see ``use_threads``); a different count still resizes it."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    code = ("import tvm\n"
+            "calls = []\n"
+            "real = tvm.get_global_func\n"
+            "tvm.get_global_func = lambda name, *a, **k: (calls.append(name), real(name, *a, **k))[1]\n"
+            "from moec.runtime.session import SMALL_BUNDLE_BYTES, configure_threads\n"
+            "big = configure_threads({'weight_bytes': SMALL_BUNDLE_BYTES * 4})\n"
+            "first = calls.count('runtime.config_threadpool')\n"
+            "small = configure_threads({'weight_bytes': 1})\n"
+            "print(big, first, small, calls.count('runtime.config_threadpool'), tvm.runtime.num_threads())")
+    env = {k: v for k, v in os.environ.items() if k not in ("MOEC_NUM_THREADS", "OMP_NUM_THREADS")}
+    env.update(TVM_NUM_THREADS="2", PYTHONPATH=str(Path(__file__).resolve().parents[2]))
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == ["2", "0", "1", "1", "1"]
