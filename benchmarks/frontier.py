@@ -50,8 +50,8 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from peer_common import (PAIRS, convert, gguf_tensor_bytes, llama_perplexity, moec_perplexity,  # noqa: E402
-                         param_count, quantize, same_tokens)
+from peer_common import (PAIRS, add_scoring_args, convert, frontier_row, gguf_tensor_bytes,  # noqa: E402
+                         llama_perplexity, moec_perplexity, param_count, print_frontier, quantize, same_tokens)
 
 PARTS = ("experts", "attn_qko", "attn_v", "embeddings", "lm_head")
 #: Plan ``tensors`` keys of the non-expert parts (matched in order: v_proj before the attention group).
@@ -112,12 +112,7 @@ class Cache:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("checkpoint", type=Path)
-    ap.add_argument("--llamacpp", type=Path, default=Path("/work/llamacpp"))
-    ap.add_argument("--data", type=Path, default=Path(__file__).resolve().parents[1] / "reference/data/heldout.txt")
-    ap.add_argument("--ctx", type=int, default=256)
-    ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--types", default=",".join(PAIRS))
+    add_scoring_args(ap, ",".join(PAIRS))
     ap.add_argument("--groups", default="32,64,32u8,64u8",
                     help="group sizes, each with fp16 scales (64) or double-quantized u8 scales (32u8)")
     ap.add_argument("--method", default="mse")
@@ -243,19 +238,9 @@ def main() -> None:
                     best = (ppl, nbytes, text, plan)
         ppl, nbytes, text, plan = best
         plan.save(work / f"frontier-{t}.json")  # compile it with a preset whose allowed_bits include its widths
-        dom = nbytes <= lbytes and ppl <= lppl
-        rows.append(f"| {t} | {lbytes / 1e6:.3f} ({lbytes * 8 / n_params:.2f}) | {lppl:.4f} "
-                    f"({(lppl / base - 1) * 100:+.2f} %) | {text} | {nbytes / 1e6:.3f} "
-                    f"({nbytes * 8 / n_params:.2f}) | {ppl:.4f} ({(ppl / mbase - 1) * 100:+.2f} %) | "
-                    f"{'**yes**' if dom else f'no ({(ppl / lppl - 1) * 100:+.2f} % perplexity)'} |")
-    print(f"load average after: {os.getloadavg()}\n")
-    print(f"{len(chunks)} chunks of {n_ctx} ({len(chunks) * (n_ctx - 1 - n_ctx // 2)} scored positions); "
-          f"float baselines: llama.cpp f32 {base:.4f}, moec FP32 {mbase:.4f}; method {args.method}\n")
-    print("| llama.cpp type | tensor MB (bpw) | llama.cpp PPL (vs f32) | best moec plan with no more bytes | "
-          "moec MB (bpw) | moec PPL (vs FP32) | moec dominates |")
-    print("|---|---|---|---|---|---|---|")
-    print("\n".join(rows))
-
+        rows.append(frontier_row(t, lbytes, lppl, base, text, nbytes, ppl, mbase, n_params))
+    print_frontier(rows, len(chunks), n_ctx, base, mbase, "best moec plan with no more bytes",
+                   f"; method {args.method}")
 
 if __name__ == "__main__":
     main()

@@ -17,18 +17,13 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from peer_common import (convert, gguf_tensor_bytes, llama_perplexity, moec_perplexity, param_count,  # noqa: E402
-                         quantize, same_tokens)
+from peer_common import (add_scoring_args, convert, frontier_row, gguf_tensor_bytes,  # noqa: E402
+                         llama_perplexity, moec_perplexity, param_count, print_frontier, quantize, same_tokens)
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("checkpoint", type=Path)
-    ap.add_argument("--llamacpp", type=Path, default=Path("/work/llamacpp"))
-    ap.add_argument("--data", type=Path, default=Path(__file__).resolve().parents[1] / "reference/data/heldout.txt")
-    ap.add_argument("--ctx", type=int, default=256)
-    ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--types", default="Q4_0,Q4_K_M")
+    add_scoring_args(ap, "Q4_0,Q4_K_M")
     ap.add_argument("--work", type=Path, required=True, help="frontier.py's --work (GGUFs and frontier-<type>.json)")
     args = ap.parse_args()
     import torch
@@ -55,20 +50,10 @@ def main() -> None:
         plan = BitPlan.load(args.work / f"frontier-{t}.json").validate(model.cfg)
         nbytes = plan_memory(model, plan).total
         ppl = moec_perplexity(model, plan, chunks, n_ctx)
-        dom = nbytes <= lbytes and ppl <= lppl
         print(f"  {t}: llama.cpp {lppl:.4f}, moec {ppl:.4f}", flush=True)
-        rows.append(f"| {t} | {lbytes / 1e6:.3f} ({lbytes * 8 / n_params:.2f}) | {lppl:.4f} ({(lppl / base - 1) * 100:+.2f} %) "
-                    f"| {plan.provenance.get('policy', '')} | {nbytes / 1e6:.3f} ({nbytes * 8 / n_params:.2f}) | "
-                    f"{ppl:.4f} ({(ppl / mbase - 1) * 100:+.2f} %) | "
-                    f"{'**yes**' if dom else f'no ({(ppl / lppl - 1) * 100:+.2f} % perplexity)'} |")
-    print(f"load average after: {os.getloadavg()}\n")
-    print(f"{len(chunks)} chunks of {n_ctx} ({len(chunks) * (n_ctx - 1 - n_ctx // 2)} scored positions); "
-          f"float baselines: llama.cpp f32 {base:.4f}, moec FP32 {mbase:.4f}\n")
-    print("| llama.cpp type | tensor MB (bpw) | llama.cpp PPL (vs f32) | moec plan (frontier-<type>.json) | "
-          "moec MB (bpw) | moec PPL (vs FP32) | moec dominates |")
-    print("|---|---|---|---|---|---|---|")
-    print("\n".join(rows))
-
+        rows.append(frontier_row(t, lbytes, lppl, base, plan.provenance.get("policy", ""), nbytes, ppl, mbase,
+                                 n_params))
+    print_frontier(rows, len(chunks), n_ctx, base, mbase, "moec plan (frontier-<type>.json)")
 
 if __name__ == "__main__":
     main()

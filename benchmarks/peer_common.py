@@ -164,3 +164,36 @@ def param_count(ckpt: Path) -> int:
             for k in f.keys():
                 total += int(np.prod(f.get_slice(k).get_shape()))
     return total
+
+
+def frontier_row(t: str, lbytes: int, lppl: float, base: float, plan: str, nbytes: int, ppl: float,
+                 mbase: float, n_params: int) -> str:
+    """One markdown row of the size-perplexity frontier: llama.cpp type ``t`` against a moec plan
+    (bytes, bits per weight, perplexity against each engine's float baseline, and whether moec dominates)."""
+    dom = nbytes <= lbytes and ppl <= lppl
+    return (f"| {t} | {lbytes / 1e6:.3f} ({lbytes * 8 / n_params:.2f}) | "
+            f"{lppl:.4f} ({(lppl / base - 1) * 100:+.2f} %) | {plan} | "
+            f"{nbytes / 1e6:.3f} ({nbytes * 8 / n_params:.2f}) | {ppl:.4f} ({(ppl / mbase - 1) * 100:+.2f} %) | "
+            f"{'**yes**' if dom else f'no ({(ppl / lppl - 1) * 100:+.2f} % perplexity)'} |")
+
+
+def print_frontier(rows: list[str], n_chunks: int, n_ctx: int, base: float, mbase: float, plan_header: str,
+                   extra: str = "") -> None:
+    """The frontier table under its scoring line (chunks, scored positions, both float baselines)."""
+    print(f"load average after: {os.getloadavg()}\n")
+    print(f"{n_chunks} chunks of {n_ctx} ({n_chunks * (n_ctx - 1 - n_ctx // 2)} scored positions); "
+          f"float baselines: llama.cpp f32 {base:.4f}, moec FP32 {mbase:.4f}{extra}\n")
+    print(f"| llama.cpp type | tensor MB (bpw) | llama.cpp PPL (vs f32) | {plan_header} | "
+          "moec MB (bpw) | moec PPL (vs FP32) | moec dominates |")
+    print("|---|---|---|---|---|---|---|")
+    print("\n".join(rows))
+
+
+def add_scoring_args(ap, types: str) -> None:
+    """The options every frontier script shares: checkpoint, llama.cpp build, held-out text, context, threads, types."""
+    ap.add_argument("checkpoint", type=Path)
+    ap.add_argument("--llamacpp", type=Path, default=Path("/work/llamacpp"))
+    ap.add_argument("--data", type=Path, default=Path(__file__).resolve().parents[1] / "reference/data/heldout.txt")
+    ap.add_argument("--ctx", type=int, default=256)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--types", default=types)
