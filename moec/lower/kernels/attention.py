@@ -122,7 +122,7 @@ def causal_values_kernel(heads: int, kv_heads: int, value_dim: int, lanes: int =
 
 
 def causal_attention_kernel(heads: int, kv_heads: int, head_dim: int, value_dim: int, lanes: int = 16,
-                            block: int = 4) -> tirx.PrimFunc:
+                            block: int = 8, value_rows: int = 4) -> tirx.PrimFunc:
     """Scores, softmax and values of :func:`causal_scores_kernel`, :func:`moec.lower.kernels.rowwise.softmax_kernel`
     (``causal``) and :func:`causal_values_kernel` in one kernel, the same arithmetic bit for bit.
 
@@ -130,8 +130,11 @@ def causal_attention_kernel(heads: int, kv_heads: int, head_dim: int, value_dim:
     ``[kv_heads, S, value_dim]``, ``attn`` ``[T, heads, value_dim]``. A task (one head, ``block`` query
     rows) keeps its rows' scores and probabilities in a ``[block, S]`` workspace of its own instead of
     the three kernels' ``[heads, T, S]`` arrays (4 MiB per layer for a 512-token prompt of 4 heads,
-    written and read back through L3 twice).
+    written and read back through L3 twice). Scores: ``block`` accumulators per key vector (8 hide
+    the FMA latency; 4 left the scores at ~60 GFLOP/s); values: ``value_rows`` rows at a time
+    (``value_rows * value_dim / lanes`` accumulators).
     """
+    assert block % value_rows == 0
     rep, vl = heads // kv_heads, gcd(value_dim, lanes)
     chunks = value_dim // vl
     from moec.lower.kernels.rowwise import fast_exp
@@ -148,7 +151,7 @@ def causal_attention_kernel(heads: int, kv_heads: int, head_dim: int, value_dim:
         for task in T.parallel(heads * ((rows + block - 1) // block)):
             p = T.alloc_buffer((block, keys_len), "float32")
             acc = T.alloc_buffer((block, lanes), "float32", scope="local")
-            vacc = T.alloc_buffer((block, value_dim), "float32", scope="local")
+            vacc = T.alloc_buffer((value_rows, value_dim), "float32", scope="local")
             red = T.alloc_buffer((lanes,), "float32", scope="local")
             h: T.int32 = task % heads
             t0: T.int32 = task // heads * block
@@ -211,21 +214,24 @@ def causal_attention_kernel(heads: int, kv_heads: int, head_dim: int, value_dim:
                     # columns the block's later rows reach: probability exactly 0 for this row
                     for c in range(T.if_then_else(stop <= keys_len // lanes * lanes, vecs * lanes, stop), last + 1):
                         p[r, c] = T.float32(0)
-            # values (causal_values)
-            for r in T.unroll(block):
-                for c in T.unroll(chunks):
-                    for lane in T.vectorized(vl):
-                        vacc[r, c * vl + lane] = T.float32(0)
-            for s in range(last + 1):
-                for r in T.unroll(block):
-                    for c in T.unroll(chunks):
-                        for lane in T.vectorized(vl):
-                            vacc[r, c * vl + lane] = vacc[r, c * vl + lane] + p[
-                                T.min(r, rows - 1 - t0), s] * values[h // rep, s, c * vl + lane]
-            for r in T.unroll(block):
-                if t0 + r < rows:
-                    for c in T.unroll(chunks):
-                        for lane in T.vectorized(vl):
-                            out[t0 + r, h, c * vl + lane] = vacc[r, c * vl + lane]
+            # values (causal_values), value_rows rows at a time, each up to its sub-block's last position
+            for vb in range(block // value_rows):
+                if t0 + vb * value_rows < rows:
+                    for r in T.unroll(value_rows):
+                        for c in T.unroll(chunks):
+                            for lane in T.vectorized(vl):
+                                vacc[r, c * vl + lane] = T.float32(0)
+                    for s in range(keys_len - rows + T.min(t0 + vb * value_rows + value_rows, rows)):
+                        for r in T.unroll(value_rows):
+                            for c in T.unroll(chunks):
+                                for lane in T.vectorized(vl):
+                                    vacc[r, c * vl + lane] = vacc[r, c * vl + lane] + p[
+                                        T.min(vb * value_rows + r, rows - 1 - t0), s] * values[h // rep, s,
+                                                                                            c * vl + lane]
+                    for r in T.unroll(value_rows):
+                        if t0 + vb * value_rows + r < rows:
+                            for c in T.unroll(chunks):
+                                for lane in T.vectorized(vl):
+                                    out[t0 + vb * value_rows + r, h, c * vl + lane] = vacc[r, c * vl + lane]
 
     return causal_attention
