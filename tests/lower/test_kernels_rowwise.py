@@ -10,7 +10,7 @@ import tvm
 
 from moec.core.targets import load_target
 from moec.lower.kernels.factory import compile_kernel, host_target
-from moec.lower.kernels.rowwise import float_rows_kernel, silu_kernel, softmax_kernel
+from moec.lower.kernels.rowwise import float_rows_kernel, rms_norm_kernel, silu_kernel, softmax_kernel
 
 from kernel_helpers import call
 
@@ -55,6 +55,26 @@ def test_float_rows_kernel_matches_numpy(rows, n, block):
     np.testing.assert_allclose(out, x.astype(np.float64) @ wt, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("rows,width", [(19, 48), (1, 24), (8, 256)])
+def test_rms_norm_kernel_is_the_te_op_bit_for_bit(rows, width):
+    """The prefill's RMSNorm kernel against the decode graph's TE op (``te_ops.rms_norm``, compiled as the graph
+    compiles it: unscheduled): equal bits, a tail block of rows, 8- and 16-lane widths; and close to numpy."""
+    from tvm import te
+
+    from moec.lower import te_ops
+    rng = np.random.default_rng(rows + width)
+    x = (rng.standard_normal((rows, width)) * 3).astype(np.float32)
+    w = rng.standard_normal(width).astype(np.float32)
+    xp, wp = te.placeholder((rows, width), "float32", "x"), te.placeholder((width,), "float32", "w")
+    func = te.create_prim_func([xp, wp, te_ops.rms_norm(xp, wp, 1e-5)]).with_attr(
+        {"global_symbol": "ref", "tirx.is_scheduled": True})
+    ref = call(tvm.compile(tvm.IRModule({"ref": func}), target=host_target()), "ref", [x, w, np.zeros_like(x)])
+    out = call(compile_kernel(rms_norm_kernel(width, 1e-5), host_target()), "row_rms_norm", [x, w, np.zeros_like(x)])
+    np.testing.assert_array_equal(out, ref)
+    want = x / np.sqrt((x.astype(np.float64) ** 2).mean(-1, keepdims=True) + 1e-5) * w
+    np.testing.assert_allclose(out, want, rtol=1e-5, atol=1e-5)
+
+
 def test_silu_kernel_matches_numpy():
     x = np.concatenate([np.linspace(-100, 100, 64, dtype=np.float32).reshape(2, 32),
                         np.random.default_rng(0).standard_normal((3, 32)).astype(np.float32) * 4])
@@ -65,7 +85,8 @@ def test_silu_kernel_matches_numpy():
 
 def test_rowwise_kernels_compile_to_neon():
     target = load_target("aarch64-generic").tvm()
-    for func in (softmax_kernel(2), softmax_kernel(2, causal=True), silu_kernel(64), float_rows_kernel(8, 8)):
+    for func in (softmax_kernel(2), softmax_kernel(2, causal=True), silu_kernel(64), float_rows_kernel(8, 8),
+                 rms_norm_kernel(64, 1e-5)):
         name = func.attrs["global_symbol"]
         asm = tvm.compile(tvm.IRModule({name: func}), target=target).mod.inspect_source("asm")
         assert re.search(r"^\s+fmla\s+v\d+\.4s", asm, re.M), f"{name}: no 4-lane NEON fused multiply-add"

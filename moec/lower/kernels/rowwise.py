@@ -152,3 +152,43 @@ def float_rows_kernel(n: int, block: int = 4, lanes: int = 16) -> tirx.PrimFunc:
                                 out[task * block + r, c * vl + lane] = acc[r, c * vl + lane]
 
     return float_rows
+
+
+def rms_norm_kernel(width: int, eps: float, block: int = 8, lanes: int = 16) -> tirx.PrimFunc:
+    """RMSNorm of float32 ``x [R, width]`` rows (``R`` symbolic) by ``weight [width]``: the arithmetic of
+    :func:`moec.lower.te_ops.rms_norm` bit for bit (each row's sum of squares in order, then
+    ``x * w * rsqrt(sum / width + eps)``). The plain loop waits on one add chain per row (~1 ns an
+    element): here a task sums ``block`` rows at once, one vector lane per row, from a transposed
+    ``[lanes, block]`` tile of the rows (so the sums are vector FMAs, not gathers).
+    """
+    chunk = gcd(width, lanes)
+
+    @T.prim_func(check_well_formed=False)
+    def row_rms_norm(x_h: T.handle, w: T.Buffer((width,), "float32"), out_h: T.handle):
+        T.func_attr({"global_symbol": "row_rms_norm", "tirx.noalias": True})
+        rows = T.int32()
+        x = T.match_buffer(x_h, (rows, width), "float32")
+        out = T.match_buffer(out_h, (rows, width), "float32")
+        with T.sblock("root"):
+            for task in T.parallel((rows + block - 1) // block):
+                ss = T.alloc_buffer((block,), "float32", scope="local")
+                tile = T.alloc_buffer((chunk, block), "float32", scope="local")
+                for r in T.vectorized(block):
+                    ss[r] = T.float32(0)
+                for c in range(width // chunk):
+                    for r in T.unroll(block):
+                        for i in T.unroll(chunk):
+                            # tail rows of the last block recompute the last row (never stored)
+                            tile[i, r] = x[T.min(task * block + r, rows - 1), c * chunk + i]
+                    for i in range(chunk):
+                        for r in T.vectorized(block):
+                            ss[r] = ss[r] + tile[i, r] * tile[i, r]
+                for r in range(block):
+                    if task * block + r < rows:
+                        scale: T.float32 = T.rsqrt(ss[r] / T.float32(float(width)) + T.float32(eps))
+                        for c in range(width // chunk):
+                            for i in T.vectorized(chunk):
+                                out[task * block + r, c * chunk + i] = x[task * block + r, c * chunk + i] * w[
+                                    c * chunk + i] * scale
+
+    return row_rms_norm
