@@ -103,15 +103,16 @@ def moec_times(bundle: Path, prompts: list[int], threads: int | None, reps: int)
     """moec's tok/s: ``decode`` (64 steps after a 16-token prompt; ``decode_p50``: at the median step)
     and ``ppN`` for each prompt length
     (a prefill on an empty cache), each the mean over ``reps`` runs after an untimed warm-up
-    (a 64-token prefill and 8 steps: the mapped weights' pages are read in before timing, as
-    llama-bench's warm-up run does)."""
+    (a prefill of the longest prompt and 8 steps: the mapped weights' pages are read in and the
+    VM's buffers for that prompt length allocated before timing, as llama-bench's warm-up run does;
+    with a 64-token warm-up the first 512-token prefill paid ~2x for its first-touch page faults)."""
     from moec.runtime.session import BundleSession
 
     sess = BundleSession(bundle, threads=threads, trust_verified=True)
     try:
         longest = max([64, *prompts])
         prompt = [3 + i % 97 for i in range(longest)]
-        sess.prefill(prompt[:64])
+        sess.prefill(prompt)  # the longest prompt: its first prefill also allocates the VM's larger buffers
         for i in range(8):
             sess.step(5 + i)
         out = {}

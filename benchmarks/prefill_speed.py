@@ -9,6 +9,8 @@ Usage::
     python benchmarks/prefill_speed.py time BUNDLE [BUNDLE ...] --tokens 64,512 --rounds 3
     # where a prefill's time goes: the same call under TVM's VM profiler (per-kernel totals)
     python benchmarks/prefill_speed.py profile BUNDLE --tokens 64
+    # per kernel, free of the hook's cost: each kernel call re-run alone on its own arguments (warm, CPU time)
+    python benchmarks/prefill_speed.py kernels BUNDLE --tokens 64 --top 30
 
 Bundles built by one version of moec can be timed by another (a bundle carries its own library),
 so before/after comparisons time both in the same interleaved rounds.
@@ -132,6 +134,62 @@ def profile(bundle: str, n: int, top: int = 0) -> None:
             print(f"| {name} | {sec * 1e3:.1f} |")
 
 
+def kernel_times(bundle: str, n: int, top: int, repeats: int = 20) -> None:
+    """Each kernel call of one prefill re-run ``repeats`` times at the moment the VM calls it (its arguments
+    are then valid: later calls reuse the buffers), timed in this thread's CPU time on one thread."""
+    from moec.runtime.session import BundleSession
+    s = BundleSession(bundle, threads=1)
+    s.reset()
+    s.prefill(_prompt(n))
+    total: dict[str, float] = {}
+    count: dict[str, int] = {}
+    builtins = [0]
+
+    def hook(func, sym, before, ret, *args):
+        sym = str(sym)
+        if not before:
+            return 0
+        if sym.startswith("vm."):
+            builtins[0] += 1
+            return 0
+        for _ in range(3):
+            func(*args)
+        t0 = time.thread_time()
+        for _ in range(repeats):
+            func(*args)
+        total[sym] = total.get(sym, 0.0) + (time.thread_time() - t0) / repeats
+        count[sym] = count.get(sym, 0) + 1
+        return 0
+
+    s.reset()
+    s.vm.set_instrument(hook)
+    s.prefill(_prompt(n))
+    plain = BundleSession(bundle, threads=1)  # no hook: the whole prefill's own CPU time
+    plain.reset()
+    plain.prefill(_prompt(n))
+    walls = []
+    for _ in range(5):
+        plain.reset()
+        t0 = time.thread_time()
+        plain.prefill(_prompt(n))
+        walls.append(time.thread_time() - t0)
+    kinds: dict[str, float] = {}
+    for sym, sec in total.items():
+        kinds[_kind(sym)] = kinds.get(_kind(sym), 0.0) + sec
+    ksum = sum(total.values())
+    wall = min(walls)
+    print(f"prefill of {n} tokens, load average {os.getloadavg()[0]:.2f}, one thread: {wall * 1e3:.2f} ms CPU "
+          f"(best of 5, no hook); {sum(count.values())} kernel calls ({len(total)} distinct) sum "
+          f"{ksum * 1e3:.2f} ms each alone, warm; {builtins[0]} VM builtins")
+    print("| part | ms | share of prefill |\n|---|---|---|")
+    for kind, sec in sorted(kinds.items(), key=lambda kv: -kv[1]):
+        print(f"| {kind} | {sec * 1e3:.2f} | {100 * sec / wall:.0f} % |")
+    print(f"| VM builtins, dispatch, Python (the rest) | {(wall - ksum) * 1e3:.2f} | {100 * (wall - ksum) / wall:.0f} % |")
+    print("\n| kernel | calls | ms |\n|---|---|---|")
+    for sym, sec in sorted(total.items(), key=lambda kv: -kv[1])[:top]:
+        print(f"| {sym} | {count[sym]} | {sec * 1e3:.3f} |")
+
+
 def _kind(name: str) -> str:
     if "vm.builtin" in name or name.startswith("vm."):
         return "VM builtins (alloc, shape checks)"
@@ -166,11 +224,17 @@ def main() -> None:
     p.add_argument("bundle")
     p.add_argument("--tokens", type=int, default=64)
     p.add_argument("--top", type=int, default=0, help="Also list the N most expensive functions.")
+    k = sub.add_parser("kernels")
+    k.add_argument("bundle")
+    k.add_argument("--tokens", type=int, default=64)
+    k.add_argument("--top", type=int, default=30)
     args = ap.parse_args()
     if args.cmd == "build":
         build(args.out, args.model, args.bits, args.activations, args.group_size)
     elif args.cmd == "time":
         time_bundles(args.bundles, [int(x) for x in args.tokens.split(",")], args.rounds, args.repeats)
+    elif args.cmd == "kernels":
+        kernel_times(args.bundle, args.tokens, args.top)
     else:
         profile(args.bundle, args.tokens, args.top)
 

@@ -28,13 +28,17 @@ from moec.lower.kernels.factory import (add_kernel, make_gemv, make_grouped_gemm
                                        make_nested_grouped_gemm)
 from moec.lower.kernels.row_guard import has_row_guard
 from moec.lower.kernels.row_topk import MAX_EXPERTS, row_topk_kernel
-from moec.lower.kernels.rowwise import silu_kernel
+from moec.lower.kernels.rowwise import float_rows_kernel, silu_kernel
 from moec.lower.kernels.layout import check_kernel_shape, nested_kernel_layout, stack_kernel_layouts, to_kernel_layout
 from moec.lower.linear import LinearEmitter
 from moec.lower.params import ModelParams, WeightEntry
 from moec.lower.schedules import kernel_tile
 from moec.quant.nested import NestedWeight
 from moec.quant.packed_model import PackedWeight
+
+
+#: Widest float weight (rows) the prefill's rows kernel takes (routers); wider ones keep the reference matmul.
+ROWS_KERNEL_MAX_N = 256
 
 
 class KernelEmitter(LinearEmitter):
@@ -167,6 +171,14 @@ class KernelEmitter(LinearEmitter):
         return bb.emit(relax.call_tir(gv, args, relax.TensorType((out_rows, n), "float32")))
 
     def dense_rows(self, bb, x, entry: WeightEntry, vars_, name):
+        n = entry.shape[0]
+        if not entry.kernel and "weight" in entry.arrays and n <= ROWS_KERNEL_MAX_N:
+            # a small float weight (a router): its transpose as float32 (a few µs per call), then a vectorised
+            # kernel over blocks of rows instead of the legalized matmul
+            wt = bb.emit(relax.op.astype(relax.op.permute_dims(vars_[f"{name}.weight"]), "float32"))
+            block = max(1, min(8, 128 // n))
+            gv = add_kernel(bb, float_rows_kernel(n, block), f"float_rows_n{n}_b{block}")
+            return bb.emit(relax.call_tir(gv, [x, wt], relax.TensorType((x.ty.shape[0], n), "float32")))
         if not entry.kernel:
             return super().dense_rows(bb, x, entry, vars_, name)
         # one "expert" holding every row: offsets [0, T]

@@ -10,7 +10,8 @@ its ``T * top_k`` (token, slot) pairs per bit class by expert id in that class' 
 rows (each expert's weights read once for all its tokens, experts without tokens skipped;
 an int8-activation kernel quantizes each token's row once and gathers the sorted rows itself),
 and scatters the rows back to their pairs. Dense projections are grouped GEMMs with one
-"expert" holding every row. Causal attention (scores, softmax, values) and SiLU are parallel, vectorised CPU kernels
+"expert" holding every row. Causal attention (scores, softmax, values: one fused kernel without a sliding window or sinks, three
+kernels with them), RMSNorm, SiLU and small float projections (routers) are parallel, vectorised CPU kernels
 (:mod:`moec.lower.kernels.attention`, :mod:`moec.lower.kernels.rowwise`). Everything else is the decode builder's ops on ``[T, ...]`` rows.
 
 A nested layer (``moec compile --nested``: one stack of every expert) sorts the pairs by expert id and
@@ -31,9 +32,9 @@ from moec.arch import blocks
 from moec.core.run_plan import prec_table_name
 from moec.lower import te_ops
 from moec.lower.decode_graph import DecodeBuilder
-from moec.lower.kernels.attention import causal_scores_kernel, causal_values_kernel
+from moec.lower.kernels.attention import causal_attention_kernel, causal_scores_kernel, causal_values_kernel
 from moec.lower.kernels.factory import add_kernel
-from moec.lower.kernels.rowwise import silu_kernel, softmax_kernel
+from moec.lower.kernels.rowwise import rms_norm_kernel, silu_kernel, softmax_kernel
 
 
 class PrefillBuilder(DecodeBuilder):
@@ -71,6 +72,21 @@ class PrefillBuilder(DecodeBuilder):
             return self.bb.emit_te(te_ops.rope_rows, x, self.p, self._inv_freq())
         return self.bb.emit_te(te_ops.rope_apply, x, table, primfunc_name_hint="rope_rows")
 
+    def rms_norm(self, x, name):
+        """RMSNorm of ``[T, width]`` rows (or ``[T, heads, hd]``, per head) with the vectorised kernel: the decode
+        builder's arithmetic bit for bit."""
+        weight = self.vars[f"{self.prefix}{name}.weight"]
+        shape = x.ty.shape
+        width = shape[-1]
+        if x.ty.ndim not in (2, 3) or not isinstance(width, tirx.IntImm) or weight.ty.dtype != "float32":
+            return super().rms_norm(x, name)
+        rows = shape[0] * shape[1] if x.ty.ndim == 3 else shape[0]
+        flat = self._reshape(x, (rows, width)) if x.ty.ndim == 3 else x
+        gv = add_kernel(self.bb, rms_norm_kernel(int(width), self.cfg.rms_eps),
+                        f"row_rms_norm_{int(width)}_e{int(np.float32(self.cfg.rms_eps).view(np.uint32)):x}")
+        y = self.bb.emit(relax.call_tir(gv, [flat, weight], relax.TensorType((rows, width), "float32")))
+        return self._reshape(y, shape) if x.ty.ndim == 3 else y
+
     def silu(self, x):
         if x.ty.ndim != 2:
             return super().silu(x)
@@ -86,11 +102,19 @@ class PrefillBuilder(DecodeBuilder):
         q = bb.emit(relax.op.multiply(q, relax.const(np.float32(scale))))
         kv_heads, keys_len = keys.ty.shape[0], keys.ty.shape[1]
         keys_t = bb.emit(relax.op.permute_dims(keys, [0, 2, 1]))
+        if not window and sinks is None:  # scores, softmax and values in one kernel (same arithmetic)
+            hd = int(q.ty.shape[2])
+            attn = self._kernel_call(causal_attention_kernel(int(heads), int(kv_heads), hd, int(vd)),
+                                     f"causal_attention_h{int(heads)}_kv{int(kv_heads)}_d{hd}_v{int(vd)}",
+                                     [q, keys_t, values], (rows, heads, vd))
+            return bb.emit(relax.op.reshape(attn, (rows, heads * vd)))
         scores = self._kernel_call(causal_scores_kernel(int(heads), int(kv_heads), int(q.ty.shape[2])),
                                    f"causal_scores_h{int(heads)}_kv{int(kv_heads)}_d{int(q.ty.shape[2])}", [q, keys_t],
                                    (heads, rows, keys_len))
         logits = self._softmax_input(scores, window, sinks)
-        probs = self._kernel_call(softmax_kernel(int(heads)), f"attn_softmax_h{int(heads)}", [logits],
+        causal = sinks is None  # a sink column breaks the "masked past the row's position" layout
+        probs = self._kernel_call(softmax_kernel(int(heads), causal=causal),
+                                  f"attn_softmax_h{int(heads)}{'_causal' if causal else ''}", [logits],
                                   tuple(logits.ty.shape))
         attn = self._kernel_call(causal_values_kernel(int(heads), int(kv_heads), int(vd)),
                                  f"causal_values_h{int(heads)}_kv{int(kv_heads)}_v{int(vd)}", [probs, values], (rows, heads, vd))

@@ -10,7 +10,7 @@ import tvm
 
 from moec.core.targets import load_target
 from moec.lower.kernels.factory import compile_kernel, host_target
-from moec.lower.kernels.rowwise import silu_kernel, softmax_kernel
+from moec.lower.kernels.rowwise import float_rows_kernel, rms_norm_kernel, silu_kernel, softmax_kernel
 
 from kernel_helpers import call
 
@@ -30,6 +30,51 @@ def test_softmax_kernel_matches_numpy(cols):
     assert (out[:, :, cols // 2:] == 0).all()
 
 
+@pytest.mark.parametrize("rows,cols", [(5, 21), (7, 48), (1, 16)])
+def test_causal_softmax_is_the_plain_kernel_bit_for_bit(rows, cols):
+    """Causal scores (-1e30 past row t's position cols - rows + t): the causal kernel skips those columns and
+    returns exactly the plain kernel's values, including the zeros."""
+    rng = np.random.default_rng(rows * cols)
+    x = (rng.standard_normal((2, rows, cols)) * 5).astype(np.float32)
+    future = np.arange(cols)[None, :] > (cols - rows + np.arange(rows))[:, None]
+    x[:, future] = np.float32(-1e30)
+    plain = call(compile_kernel(softmax_kernel(2), host_target()), "row_softmax", [x, np.zeros_like(x)])
+    causal = call(compile_kernel(softmax_kernel(2, causal=True), host_target()), "row_softmax",
+                  [x, np.full_like(x, 7.0)])
+    np.testing.assert_array_equal(causal, plain)
+
+
+@pytest.mark.parametrize("rows,n,block", [(13, 8, 8), (3, 64, 2), (1, 24, 4)])
+def test_float_rows_kernel_matches_numpy(rows, n, block):
+    """The prefill's small float projection (a router): x [R, K] @ wt [K, N], a tail block of rows, 8/16-lane N."""
+    rng = np.random.default_rng(rows + n)
+    x = rng.standard_normal((rows, 96)).astype(np.float32)
+    wt = rng.standard_normal((96, n)).astype(np.float32)
+    out = call(compile_kernel(float_rows_kernel(n, block), host_target()), "float_rows",
+               [x, wt, np.zeros((rows, n), np.float32)])
+    np.testing.assert_allclose(out, x.astype(np.float64) @ wt, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("rows,width", [(19, 48), (1, 24), (8, 256)])
+def test_rms_norm_kernel_is_the_te_op_bit_for_bit(rows, width):
+    """The prefill's RMSNorm kernel against the decode graph's TE op (``te_ops.rms_norm``, compiled as the graph
+    compiles it: unscheduled): equal bits, a tail block of rows, 8- and 16-lane widths; and close to numpy."""
+    from tvm import te
+
+    from moec.lower import te_ops
+    rng = np.random.default_rng(rows + width)
+    x = (rng.standard_normal((rows, width)) * 3).astype(np.float32)
+    w = rng.standard_normal(width).astype(np.float32)
+    xp, wp = te.placeholder((rows, width), "float32", "x"), te.placeholder((width,), "float32", "w")
+    func = te.create_prim_func([xp, wp, te_ops.rms_norm(xp, wp, 1e-5)]).with_attr(
+        {"global_symbol": "ref", "tirx.is_scheduled": True})
+    ref = call(tvm.compile(tvm.IRModule({"ref": func}), target=host_target()), "ref", [x, w, np.zeros_like(x)])
+    out = call(compile_kernel(rms_norm_kernel(width, 1e-5), host_target()), "row_rms_norm", [x, w, np.zeros_like(x)])
+    np.testing.assert_array_equal(out, ref)
+    want = x / np.sqrt((x.astype(np.float64) ** 2).mean(-1, keepdims=True) + 1e-5) * w
+    np.testing.assert_allclose(out, want, rtol=1e-5, atol=1e-5)
+
+
 def test_silu_kernel_matches_numpy():
     x = np.concatenate([np.linspace(-100, 100, 64, dtype=np.float32).reshape(2, 32),
                         np.random.default_rng(0).standard_normal((3, 32)).astype(np.float32) * 4])
@@ -40,7 +85,8 @@ def test_silu_kernel_matches_numpy():
 
 def test_rowwise_kernels_compile_to_neon():
     target = load_target("aarch64-generic").tvm()
-    for func in (softmax_kernel(2), silu_kernel(64)):
+    for func in (softmax_kernel(2), softmax_kernel(2, causal=True), silu_kernel(64), float_rows_kernel(8, 8),
+                 rms_norm_kernel(64, 1e-5)):
         name = func.attrs["global_symbol"]
         asm = tvm.compile(tvm.IRModule({name: func}), target=target).mod.inspect_source("asm")
         assert re.search(r"^\s+fmla\s+v\d+\.4s", asm, re.M), f"{name}: no 4-lane NEON fused multiply-add"
@@ -51,6 +97,7 @@ def test_rowwise_kernels_are_not_taken_for_reshapes():
     needs a block body (without one the Relax build stopped with an internal error)."""
     from tvm.relax.analysis import has_reshape_pattern
     assert not has_reshape_pattern(softmax_kernel(2)) and not has_reshape_pattern(silu_kernel(64))
+    assert not has_reshape_pattern(softmax_kernel(2, causal=True))
 
 
 def test_row_topk_is_a_stable_descending_sort():
