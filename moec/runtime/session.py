@@ -472,7 +472,8 @@ class ThreadChoice:
 
 
 def _default_pool() -> int:
-    """TVM's own pool size, read once without asking TVM (which would start its pool)."""
+    """The pool size moec uses for large bundles: ``TVM_NUM_THREADS`` or ``OMP_NUM_THREADS`` as the
+    process started with, else every core (read once, without asking TVM, which would start its pool)."""
     global _DEFAULT_POOL
     if _DEFAULT_POOL is None:
         _DEFAULT_POOL = int(os.environ.get("TVM_NUM_THREADS") or os.environ.get("OMP_NUM_THREADS")
@@ -539,22 +540,24 @@ def use_threads(n: int) -> None:
     """Make TVM's next kernel launches use ``n`` threads (resize the pool, set ``TVM_NUM_THREADS``); nothing
     when the pool already has that size, so a decode step does not pay for it.
 
-    The pool is resized (``runtime.config_threadpool``) only when ``n`` differs from its size: TVM's
-    own pool at its default size is left as it is. Resizing it to the size it already had made every
-    parallel kernel slower: the 4-layer OLMoE-shaped uniform:8 bundle decoded at 50 tok/s after
-    ``config_threadpool(1, 2)`` on a 2-thread pool against 72-90 tok/s without (quiet 2-core x86 VM,
-    2026-12-03; every affinity mode the call takes did the same), so only a session that changes the
-    count (one thread for a small bundle, a prefill count of its own) pays for a resize.
+    TVM creates its pool's workers once, at its first use, from ``TVM_NUM_THREADS`` or, unset, half the
+    cores on x86 (it assumes SMT: one worker on a 2-core machine), and a later resize cannot add
+    workers. So before the first resize the variable is set to the larger of ``n`` and
+    :func:`_default_pool` (all the cores): a session that starts on one thread (a small bundle)
+    and later needs the pool (a large one, a prefill count of its own) gets all of it. Without that,
+    the OLMoE-shaped uniform:8 bundle decoded at 50 tok/s on one worker after a one-thread session,
+    against 68-74 tok/s on two (quiet 2-core x86 VM, 2026-12-03). A pool at the size asked for is
+    not resized.
     """
     global _POOL_SET
     if n == _POOL_SET:
         return
+    if _POOL_SET is None:  # the pool may not exist yet: it will be made from this, with every worker
+        os.environ["TVM_NUM_THREADS"] = str(max(n, _default_pool()))
     if n != (_POOL_SET if _POOL_SET is not None else _default_pool()):
         # TVM binds the calling thread to core 0 when it resizes the pool; every process (and every
         # child it starts, which inherits the mask) would then share one core. Keep the caller's cores.
         cores = os.sched_getaffinity(0) if hasattr(os, "sched_getaffinity") else None
-        # the pool's workers are made once, at its first use, from TVM_NUM_THREADS: the first resize runs
-        # with the variable as it was (TVM's default size), so a later prefill can use them all
         tvm.get_global_func("runtime.config_threadpool")(1, n)
         if cores is not None:
             os.sched_setaffinity(0, cores)

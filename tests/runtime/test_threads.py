@@ -86,8 +86,8 @@ def test_choice_per_call_kind(monkeypatch):
 
 
 def test_default_pool_is_not_resized():
-    """A session at TVM's default pool size leaves the pool alone: resizing it to the size it had
-    made every parallel kernel slower (see ``use_threads``); a different count still resizes it."""
+    """A session at the default pool size does not resize the pool (nothing to pay per call);
+    a different count still resizes it."""
     import os
     import subprocess
     import sys
@@ -107,3 +107,28 @@ def test_default_pool_is_not_resized():
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     assert out.stdout.split() == ["2", "0", "1", "1", "1"]
+
+
+def test_pool_has_every_core_after_a_one_thread_session():
+    """A process that opens a small (one-thread) session first and a large one later decodes the large
+    one on every core: TVM makes its workers once, at its first use (half the cores on x86 when
+    TVM_NUM_THREADS is unset), and a resize cannot add them."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    if len(os.sched_getaffinity(0) if hasattr(os, "sched_getaffinity") else range(os.cpu_count() or 1)) < 2:
+        pytest.skip("needs two or more CPUs")
+    code = ("import os, tvm.runtime\n"
+            "from moec.runtime.session import SMALL_BUNDLE_BYTES, configure_threads\n"
+            "small = configure_threads({'weight_bytes': 1}); a = tvm.runtime.num_threads()\n"
+            "big = configure_threads({'weight_bytes': SMALL_BUNDLE_BYTES * 4}); b = tvm.runtime.num_threads()\n"
+            "print(small, a, big, b)")
+    env = {k: v for k, v in os.environ.items() if k not in ("MOEC_NUM_THREADS", "TVM_NUM_THREADS", "OMP_NUM_THREADS")}
+    env["PYTHONPATH"] = str(Path(__file__).resolve().parents[2])
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    small, a, big, b = map(int, out.stdout.split())
+    assert (small, a) == (1, 1)
+    assert big == b == (os.cpu_count() or 1) and b >= 2
