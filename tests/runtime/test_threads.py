@@ -1,5 +1,10 @@
 """configure_threads: small bundles run on one TVM thread, explicit choices win (prefill's count apart)."""
 
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 import tvm.runtime
 
@@ -7,24 +12,26 @@ from moec.core.errors import MoecError
 from moec.runtime.session import SMALL_BUNDLE_BYTES, ThreadChoice, choose_threads, configure_threads
 
 
+def _fresh_process(code: str, drop=("MOEC_NUM_THREADS",), **env) -> str:
+    """stdout of ``code`` run in a new Python process (TVM's pool is process-wide and other tests
+    reconfigure it), without the ``drop`` variables and with ``env`` added."""
+    full = {k: v for k, v in os.environ.items() if k not in drop}
+    full.update(env, PYTHONPATH=str(Path(__file__).resolve().parents[2]))
+    out = subprocess.run([sys.executable, "-c", code], env=full, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    return out.stdout
+
+
 def test_small_bundle_one_thread_large_keeps_pool(monkeypatch):
     """In a fresh process (TVM's pool is process-wide and other tests reconfigure it)."""
-    import os
-    import subprocess
-    import sys
-    from pathlib import Path
-
     code = ("import os, tvm.runtime\n"
             "from moec.runtime.session import SMALL_BUNDLE_BYTES, configure_threads\n"
             "small = configure_threads({'weight_bytes': 1 << 20}); a = tvm.runtime.num_threads()\n"
             "env_small = os.environ['TVM_NUM_THREADS']\n"
             "big = configure_threads({'weight_bytes': SMALL_BUNDLE_BYTES * 4}); b = tvm.runtime.num_threads()\n"
             "print(small, a, big, b, env_small, os.environ['TVM_NUM_THREADS'])")
-    env = {k: v for k, v in os.environ.items() if k != "MOEC_NUM_THREADS"}
-    env.update(TVM_NUM_THREADS="2", PYTHONPATH=str(Path(__file__).resolve().parents[2]))
-    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
-    assert out.returncode == 0, out.stderr
-    small, a, big, b, env_small, env_big = map(int, out.stdout.split())
+    stdout = _fresh_process(code, TVM_NUM_THREADS="2")
+    small, a, big, b, env_small, env_big = map(int, stdout.split())
     assert (small, a) == (1, 1)  # decode on one thread (prefill resizes the pool for its call)
     assert (big, b) == (2, 2)
     # TVM's parallel launch runs inline only when TVM_NUM_THREADS says 1 (read on every launch)
@@ -34,11 +41,6 @@ def test_small_bundle_one_thread_large_keeps_pool(monkeypatch):
 def test_one_thread_session_keeps_the_callers_cpus():
     """TVM pins the calling thread to core 0 when it shrinks its default pool; the session undoes that, or
     two one-thread moec processes (and every subprocess started later) would share one core."""
-    import os
-    import subprocess
-    import sys
-    from pathlib import Path
-
     if not hasattr(os, "sched_getaffinity") or len(os.sched_getaffinity(0)) < 2:
         pytest.skip("needs a process allowed on two or more CPUs")
     code = ("import os\n"
@@ -46,11 +48,8 @@ def test_one_thread_session_keeps_the_callers_cpus():
             "cores = os.sched_getaffinity(0)\n"
             "assert configure_threads({'weight_bytes': 1 << 20}) == 1\n"
             "print(sorted(cores) == sorted(os.sched_getaffinity(0)))")
-    env = {k: v for k, v in os.environ.items() if k not in ("MOEC_NUM_THREADS", "TVM_NUM_THREADS", "OMP_NUM_THREADS")}
-    env["PYTHONPATH"] = str(Path(__file__).resolve().parents[2])
-    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
-    assert out.returncode == 0, out.stderr
-    assert out.stdout.strip() == "True"
+    stdout = _fresh_process(code, drop=("MOEC_NUM_THREADS", "TVM_NUM_THREADS", "OMP_NUM_THREADS"))
+    assert stdout.strip() == "True"
 
 
 def test_explicit_threads_win(monkeypatch):
@@ -88,11 +87,6 @@ def test_choice_per_call_kind(monkeypatch):
 def test_default_pool_is_not_resized():
     """A session at the default pool size does not resize the pool (nothing to pay per call);
     a different count still resizes it."""
-    import os
-    import subprocess
-    import sys
-    from pathlib import Path
-
     code = ("import tvm\n"
             "calls = []\n"
             "real = tvm.get_global_func\n"
@@ -102,22 +96,14 @@ def test_default_pool_is_not_resized():
             "first = calls.count('runtime.config_threadpool')\n"
             "small = configure_threads({'weight_bytes': 1})\n"
             "print(big, first, small, calls.count('runtime.config_threadpool'), tvm.runtime.num_threads())")
-    env = {k: v for k, v in os.environ.items() if k not in ("MOEC_NUM_THREADS", "OMP_NUM_THREADS")}
-    env.update(TVM_NUM_THREADS="2", PYTHONPATH=str(Path(__file__).resolve().parents[2]))
-    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
-    assert out.returncode == 0, out.stderr
-    assert out.stdout.split() == ["2", "0", "1", "1", "1"]
+    stdout = _fresh_process(code, drop=("MOEC_NUM_THREADS", "OMP_NUM_THREADS"), TVM_NUM_THREADS="2")
+    assert stdout.split() == ["2", "0", "1", "1", "1"]
 
 
 def test_pool_has_every_core_after_a_one_thread_session():
     """A process that opens a small (one-thread) session first and a large one later decodes the large
     one on every core: TVM makes its workers once, at its first use (half the cores on x86 when
     TVM_NUM_THREADS is unset), and a resize cannot add them."""
-    import os
-    import subprocess
-    import sys
-    from pathlib import Path
-
     if len(os.sched_getaffinity(0) if hasattr(os, "sched_getaffinity") else range(os.cpu_count() or 1)) < 2:
         pytest.skip("needs two or more CPUs")
     code = ("import os, tvm.runtime\n"
@@ -125,10 +111,7 @@ def test_pool_has_every_core_after_a_one_thread_session():
             "small = configure_threads({'weight_bytes': 1}); a = tvm.runtime.num_threads()\n"
             "big = configure_threads({'weight_bytes': SMALL_BUNDLE_BYTES * 4}); b = tvm.runtime.num_threads()\n"
             "print(small, a, big, b)")
-    env = {k: v for k, v in os.environ.items() if k not in ("MOEC_NUM_THREADS", "TVM_NUM_THREADS", "OMP_NUM_THREADS")}
-    env["PYTHONPATH"] = str(Path(__file__).resolve().parents[2])
-    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
-    assert out.returncode == 0, out.stderr
-    small, a, big, b = map(int, out.stdout.split())
+    stdout = _fresh_process(code, drop=("MOEC_NUM_THREADS", "TVM_NUM_THREADS", "OMP_NUM_THREADS"))
+    small, a, big, b = map(int, stdout.split())
     assert (small, a) == (1, 1)
     assert big == b == (os.cpu_count() or 1) and b >= 2

@@ -16,6 +16,25 @@ from tvm import tirx
 from tvm.script import tirx as T
 
 
+def _key_vector_scores(rep: int, head_dim: int, block: int, lanes: int):
+    """Macro: ``acc[r, :]`` = the scores of query rows ``t0 .. t0 + block`` (clamped to the last row) of
+    head ``h`` against key vector ``c`` (``lanes`` keys), one FMA chain per row (shared by the scores
+    and the fused attention kernels, so their scores are the same bits)."""
+
+    @T.macro
+    def key_vector_scores(acc, q, keys_t, h, t0, c, rows):
+        for r in T.unroll(block):
+            for lane in T.vectorized(lanes):
+                acc[r, lane] = T.float32(0)
+        for d in range(head_dim):
+            for r in T.unroll(block):
+                for lane in T.vectorized(lanes):
+                    acc[r, lane] = acc[r, lane] + q[T.min(t0 + r, rows - 1), h, d] * keys_t[
+                        h // rep, d, c * lanes + lane]
+
+    return key_vector_scores
+
+
 def causal_scores_kernel(heads: int, kv_heads: int, head_dim: int, lanes: int = 16,
                          block: int = 4) -> tirx.PrimFunc:
     """``scores[h, t, s] = q[t, h] · keys[h // rep, s]`` for ``s <= S - T + t``, else -1e30.
@@ -27,6 +46,7 @@ def causal_scores_kernel(heads: int, kv_heads: int, head_dim: int, lanes: int = 
     independent accumulators (no horizontal sums).
     """
     rep = heads // kv_heads
+    key_vector_scores = _key_vector_scores(rep, head_dim, block, lanes)
 
     @T.prim_func
     def causal_scores(q_h: T.handle, k_h: T.handle, out_h: T.handle):
@@ -44,14 +64,7 @@ def causal_scores_kernel(heads: int, kv_heads: int, head_dim: int, lanes: int = 
             last: T.int32 = keys_len - rows + T.min(t0 + block, rows) - 1
             for c in range(keys_len // lanes):
                 if c * lanes <= last:
-                    for r in T.unroll(block):
-                        for lane in T.vectorized(lanes):
-                            acc[r, lane] = T.float32(0)
-                    for d in range(head_dim):
-                        for r in T.unroll(block):
-                            for lane in T.vectorized(lanes):
-                                acc[r, lane] = acc[r, lane] + q[T.min(t0 + r, rows - 1), h, d] * keys_t[
-                                    h // rep, d, c * lanes + lane]
+                    key_vector_scores(acc, q, keys_t, h, t0, c, rows)
                     for r in T.unroll(block):
                         if t0 + r < rows:
                             for lane in T.vectorized(lanes):
@@ -138,6 +151,7 @@ def causal_attention_kernel(heads: int, kv_heads: int, head_dim: int, value_dim:
     rep, vl = heads // kv_heads, gcd(value_dim, lanes)
     chunks = value_dim // vl
     from moec.lower.kernels.rowwise import fast_exp
+    key_vector_scores = _key_vector_scores(rep, head_dim, block, lanes)
 
     @T.prim_func
     def causal_attention(q_h: T.handle, k_h: T.handle, v_h: T.handle, out_h: T.handle):
@@ -159,14 +173,7 @@ def causal_attention_kernel(heads: int, kv_heads: int, head_dim: int, value_dim:
             # scores (causal_scores): vectors of keys up to the block's last position
             for c in range(keys_len // lanes):
                 if c * lanes <= last:
-                    for r in T.unroll(block):
-                        for lane in T.vectorized(lanes):
-                            acc[r, lane] = T.float32(0)
-                    for d in range(head_dim):
-                        for r in T.unroll(block):
-                            for lane in T.vectorized(lanes):
-                                acc[r, lane] = acc[r, lane] + q[T.min(t0 + r, rows - 1), h, d] * keys_t[
-                                    h // rep, d, c * lanes + lane]
+                    key_vector_scores(acc, q, keys_t, h, t0, c, rows)
                     for r in T.unroll(block):
                         for lane in T.vectorized(lanes):
                             p[r, c * lanes + lane] = T.if_then_else(
