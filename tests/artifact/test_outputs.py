@@ -83,10 +83,12 @@ def test_sigint_during_build_is_clean(tiny_checkpoint, tmp_path):
     for line in proc.stdout:  # the TVM build runs after the kernel layout (the Relax graph is built first)
         if "kernel layout" in line:
             break
-    time.sleep(3)
+    time.sleep(1.0)  # inside the TVM build (a tiny model's build takes a few seconds: 3 s could miss it)
     proc.send_signal(signal.SIGINT)
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 130, err
     assert err.strip() == "interrupted", err
-    assert list(tmpdir.iterdir()) == [] and not (tmp_path / "b").exists()
+    # torch's own compile cache (torchinductor_<user>) may be made in TMPDIR; it is not moec's
+    assert [p for p in tmpdir.iterdir() if not p.name.startswith("torchinductor_")] == []
+    assert not (tmp_path / "b").exists()
     assert not [p for p in tmp_path.iterdir() if ".moec-tmp-" in p.name]
