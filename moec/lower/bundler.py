@@ -23,6 +23,7 @@ from moec.lower.library import build_module
 from moec.lower.backends import backend_for
 from moec.lower.gpu_linear import GpuLinearEmitter
 from moec.lower.kernel_linear import KernelEmitter, apply_kernel_layout
+from moec.lower.kernels.activations import AUTO
 from moec.lower.linear import LinearEmitter
 from moec.lower.params import ModelParams, build_nested_params, build_params
 from moec.core.run_plan import plan_widths, storage_plan
@@ -49,7 +50,7 @@ def build_bundle_from_params(cfg: MoEConfig, plan: BitPlan, params: ModelParams,
                              extra_manifest: dict | None = None, debug_dump: str | os.PathLike | None = None,
                              on_stage: StageCallback | None = None,
                              extra_files: dict[str, str | os.PathLike] | None = None,
-                             use_kernels: bool = True, activations: str = "float32", force: bool = False,
+                             use_kernels: bool = True, activations: str = AUTO, force: bool = False,
                              sign_key: str | os.PathLike | None = None,
                              weight_files: dict[str, Path] | None = None, plan_bytes: int | None = None) -> Path:
     """Compile already packed ``params`` for ``preset`` and write the bundle directory ``out``.
@@ -73,7 +74,7 @@ def build_bundle_from_params(cfg: MoEConfig, plan: BitPlan, params: ModelParams,
     plan_bytes = params.nbytes if plan_bytes is None else plan_bytes  # moec's layout, before kernel re-layout
     if use_kernels:
         emitter = backend.emitter(target, activations)
-    elif activations != "float32":
+    elif activations not in ("float32", AUTO):
         raise MoecError(f"activations={activations} needs moec's CPU kernels, not the reference emitter")
     else:
         emitter = LinearEmitter()
@@ -110,7 +111,7 @@ def build_bundle_from_params(cfg: MoEConfig, plan: BitPlan, params: ModelParams,
             "stored_weight_bytes": params.nbytes,
             "kernels": _kernels_kind(emitter),
             "backend": backend.manifest(),
-            "activations": activations,
+            "activations": resolved_activations(emitter),
             **({"cuda": res.cuda} if res.cuda else {}),
             **(extra_manifest or {}),
         }
@@ -130,6 +131,11 @@ def require_scale_kernels(plan: BitPlan, preset: TargetPreset) -> None:
     if name not in fmt.kernels:
         raise MoecError(f"'{plan.scales}' scales have kernels for the {' and '.join(sorted(fmt.kernels))} backends "
                         f"only, not '{name}' (target '{preset.name}'); compile with --scales fp16")
+
+
+def resolved_activations(emitter: LinearEmitter) -> str:
+    """The activations the bundle's quantized kernels take (``auto`` resolved by the kernel emitter)."""
+    return getattr(emitter, "activations", "float32")  # GPU and reference emitters: float32
 
 
 def preset_has_nested_kernels(preset: TargetPreset) -> bool:
