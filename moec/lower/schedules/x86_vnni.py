@@ -159,12 +159,12 @@ def vnni_gemv(spec: GemvSpec, params) -> tirx.PrimFunc:
                                 for c in T.unroll(chains):
                                     if c == 0:
                                         acc0[v, T.ramp(0, 1, lanes)] = accumulate(
-                                            acc0, acc1, v, c, weight, x8, expert_ids[task // tiles], task % tiles * vecs + v,
-                                            g * steps_per_group + st, task // tiles * xstride)
+                                            acc0, acc1, v, c, weight, x8, expert_ids[task // tiles],
+                                            task % tiles * vecs + v, g * steps_per_group + st, task // tiles * xstride)
                                     else:
                                         acc1[v * (chains - 1) + c - 1, T.ramp(0, 1, lanes)] = accumulate(
-                                            acc0, acc1, v, c, weight, x8, expert_ids[task // tiles], task % tiles * vecs + v,
-                                            g * steps_per_group + st, task // tiles * xstride)
+                                            acc0, acc1, v, c, weight, x8, expert_ids[task // tiles],
+                                            task % tiles * vecs + v, g * steps_per_group + st, task // tiles * xstride)
                     for v in T.unroll(vecs):
                         for c in T.unroll(1, chains):
                             for lane in T.vectorized(lanes):
