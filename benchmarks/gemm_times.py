@@ -29,16 +29,32 @@ def main() -> None:
     ap.add_argument("--experts", type=int, default=4)
     ap.add_argument("--tokens", type=int, default=64)
     ap.add_argument("--reps", type=int, default=20)
+    ap.add_argument("--unpack-tokens", default=None,
+                    help="override X86Params.gemm_unpack_tokens: BITS:TOKENS,... or 'none' (default: the schedule's)")
+    ap.add_argument("--tile", default=None, help="override gemm_vectors x gemm_tokens, e.g. 4x4")
     args = ap.parse_args()
     import tvm
 
     from kernel_helpers import expert_stack, weight_args
-    from moec.lower.kernels.factory import compile_kernel, host_target, make_grouped_gemm
+    import dataclasses
+
+    from moec.lower.kernels.factory import compile_kernel, host_target
+    from moec.lower.kernels.grouped_gemm import GroupedGemmSpec
+    from moec.lower.schedules import x86
 
     target = host_target()
     n, k, gs, ne, t = args.n, args.k, args.group, args.experts, args.tokens
     for bits in [int(b) for b in args.bits.split(",")]:
-        mod = compile_kernel(make_grouped_gemm(bits, n, k, gs, ne, target, activations="int8"), target)
+        params = x86.PARAMS
+        if args.unpack_tokens is not None:
+            pairs = [] if args.unpack_tokens == "none" else [tuple(map(int, p.split(":")))
+                                                             for p in args.unpack_tokens.split(",")]
+            params = dataclasses.replace(params, gemm_unpack_tokens=tuple(pairs))
+        if args.tile:
+            vecs, toks = map(int, args.tile.split("x"))
+            params = dataclasses.replace(params, gemm_vectors=vecs, gemm_tokens=toks)
+        spec = GroupedGemmSpec(bits, n, k, gs, ne, params.tile_rows)
+        mod = compile_kernel(x86.int8_grouped_gemm(spec, target, params), target)
         stack, _ = expert_stack(bits, n, k, gs, ne)
         offsets = np.arange(ne + 1, dtype=np.int32) * t
         x = np.random.default_rng(1).standard_normal((ne * t // 8 + 1, k)).astype(np.float32)
