@@ -24,8 +24,10 @@ def vnni_grouped_gemm(spec: GroupedGemmSpec, params) -> tirx.PrimFunc:
     Every row of ``x`` (float32 ``[R, K]``) is quantized once per call, in parallel over rows
     (per group: ``sx = max|x| / 127``, codes in the order the dots consume them, their sum);
     ``rows`` (int32 ``[P]``) gathers the quantized rows for the sorted pairs, so the caller
-    passes the layer's token rows, not ``top_k`` copies of them. Parallel over (expert, tile of
-    ``gemm_vectors`` 16-row vectors); per block of ``gemm_tokens`` tokens and step of codes,
+    passes the layer's token rows, not ``top_k`` copies of them. Parallel over (tile of
+    ``gemm_vectors`` 16-row vectors, expert), the expert varying fastest: TVM hands each thread a
+    contiguous range of tasks, so every thread gets its share of every expert's rows whatever the
+    routing (expert-major ranges gave one thread the busy experts). Per block of ``gemm_tokens`` tokens and step of codes,
     each vector's codes are extracted into bytes once and ``vpdpbusd``-ed against every token's
     four activations (broadcast), into ``vectors × tokens`` int32 accumulators that are scaled
     into float32 once per group. Experts without tokens cost nothing. ``params`` is an
@@ -133,20 +135,20 @@ def vnni_grouped_gemm(spec: GroupedGemmSpec, params) -> tirx.PrimFunc:
                     for a in T.unroll(vecs * tb):
                         for lane in T.vectorized(lanes):
                             acc[a, lane] = 0
-                    group_steps(acc, ws, weight, x8, tok, e, task % tiles * vecs, g)
+                    group_steps(acc, ws, weight, x8, tok, e, task // experts * vecs, g)
                     for v in T.unroll(vecs):
-                        if task % tiles * vecs + v < nb:
+                        if task // experts * vecs + v < nb:
                             for r in T.unroll(tb):
                                 for lane in T.vectorized(lanes):
                                     yacc[v * tb + r, lane] = yacc[v * tb + r, lane] + group_term(
                                         acc[v * tb + r, lane], scale, zero, sx, xsum, e,
-                                        task % tiles * vecs + v, g, lane, tok[r], sup)
+                                        task // experts * vecs + v, g, lane, tok[r], sup)
                 for v in T.unroll(vecs):
-                    if task % tiles * vecs + v < nb:
+                    if task // experts * vecs + v < nb:
                         for r in T.unroll(tb):
                             if blk * tb + r < count:
                                 for lane in T.vectorized(lanes):
-                                    y[start + blk * tb + r, (task % tiles * vecs + v) * lanes + lane] = \
+                                    y[start + blk * tb + r, (task // experts * vecs + v) * lanes + lane] = \
                                         yacc[v * tb + r, lane]
         return gemm_blocks
 
@@ -162,12 +164,12 @@ def vnni_grouped_gemm(spec: GroupedGemmSpec, params) -> tirx.PrimFunc:
             acc = T.alloc_buffer((vecs * tb, lanes), "int32", scope="local")
             yacc = T.alloc_buffer((vecs * tb, lanes), "float32", scope="local")
             tok = T.alloc_buffer((tb,), "int32", scope="local")
-            e: T.int32 = task // tiles
+            e: T.int32 = task % experts
             start: T.int32 = offsets[e]
             count: T.int32 = offsets[e + 1] - start
             if count >= unpack_tokens:
                 ws = T.alloc_buffer((vecs, k // 4, lanes), "uint32")
-                unpack_tile(ws, weight, e, task % tiles * vecs)
+                unpack_tile(ws, weight, e, task // experts * vecs)
                 unpacked_blocks(rows, weight, scale, sup, zero, y, sx, xsum, x8, acc, yacc, tok, ws, task, e,
                                 start, count)
             else:
