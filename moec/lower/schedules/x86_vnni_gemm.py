@@ -27,10 +27,12 @@ def vnni_grouped_gemm(spec: GroupedGemmSpec, params) -> tirx.PrimFunc:
     passes the layer's token rows, not ``top_k`` copies of them. Parallel over (tile of
     ``gemm_vectors`` 16-row vectors, expert), the expert varying fastest: TVM hands each thread a
     contiguous range of tasks, so every thread gets its share of every expert's rows whatever the
-    routing (expert-major ranges gave one thread the busy experts). Per block of ``gemm_tokens`` tokens and step of codes,
-    each vector's codes are extracted into bytes once and ``vpdpbusd``-ed against every token's
-    four activations (broadcast), into ``vectors × tokens`` int32 accumulators that are scaled
-    into float32 once per group. Experts without tokens cost nothing. ``params`` is an
+    routing (expert-major ranges gave one thread the busy experts). Per block of ``gemm_tokens``
+    tokens and step of codes, each vector's codes are extracted into bytes once and
+    ``vpdpbusd``-ed against every token's four activations (broadcast), into ``vectors × tokens``
+    int32 accumulators that are scaled into float32 once per group; an expert with at least
+    ``gemm_unpack_tokens[bits]`` tokens instead unpacks its rows' codes into a byte workspace once
+    (see the comment at ``unpack_tokens``). Experts without tokens cost nothing. ``params`` is an
     :class:`~moec.lower.schedules.x86.X86Params`.
     """
     bits, n, k, gs, lanes, tile = spec.bits, spec.n, spec.k, spec.group_size, params.lanes, spec.tile
