@@ -68,9 +68,7 @@ class GemmLoopParams:
 def grouped_gemm_definition(spec: GroupedGemmSpec, params: GemmLoopParams) -> tirx.PrimFunc:
     """``y[t] = x[t] @ W[e].T`` for ``offsets[e] <= t < offsets[e+1]``, in explicit TIR loops.
 
-    Parallel over (vector of ``lanes`` rows, expert), the expert varying fastest (TVM gives each
-    thread a contiguous range of tasks: so every thread gets its share of every expert's rows,
-    whatever the routing); per K tile (a quantization group) the
+    Parallel over (expert, vector of ``lanes`` rows); per K tile (a quantization group) the
     vector's weights are dequantized once into a local ``[k_tile, lanes]`` float buffer, reused
     by every token of the expert, ``params.tokens`` tokens at a time. Experts with no tokens
     cost nothing. The parameters are those of :func:`moec.lower.kernels.factory.make_grouped_gemm`
@@ -112,15 +110,15 @@ def grouped_gemm_definition(spec: GroupedGemmSpec, params: GemmLoopParams) -> ti
         for task in T.parallel(experts * nb):
             wd = T.alloc_buffer((kt, lanes), "float32", scope="local")
             acc = T.alloc_buffer((tb, lanes), "float32", scope="local")
-            start: T.int32 = offsets[task % experts]
-            count: T.int32 = offsets[task % experts + 1] - start
+            start: T.int32 = offsets[task // nb]
+            count: T.int32 = offsets[task // nb + 1] - start
             if count > 0:
                 for g in range(groups):
                     for i0 in range(kt // unroll):
                         for i1 in T.unroll(unroll):
                             for lane in T.vectorized(lanes):
-                                wd[i0 * unroll + i1, lane] = dequant(weight, scale, zero, task % experts,
-                                                                     task // experts, g, i0 * unroll + i1, lane, sup)
+                                wd[i0 * unroll + i1, lane] = dequant(
+                                    weight, scale, zero, task // nb, task % nb, g, i0 * unroll + i1, lane, sup)
                     for blk in range((count + tb - 1) // tb):
                         for r in T.unroll(tb):
                             for lane in T.vectorized(lanes):
@@ -134,9 +132,9 @@ def grouped_gemm_definition(spec: GroupedGemmSpec, params: GemmLoopParams) -> ti
                         for r in T.unroll(tb):
                             if blk * tb + r < count:
                                 for lane in T.vectorized(lanes):
-                                    y[start + blk * tb + r, task // experts * lanes + lane] = T.if_then_else(
+                                    y[start + blk * tb + r, task % nb * lanes + lane] = T.if_then_else(
                                         g == 0, T.float32(0),
-                                        y[start + blk * tb + r, task // experts * lanes + lane]) + acc[r, lane]
+                                        y[start + blk * tb + r, task % nb * lanes + lane]) + acc[r, lane]
 
     if spec.quantized and sg:
         @T.prim_func

@@ -24,10 +24,9 @@ def vnni_grouped_gemm(spec: GroupedGemmSpec, params) -> tirx.PrimFunc:
     Every row of ``x`` (float32 ``[R, K]``) is quantized once per call, in parallel over rows
     (per group: ``sx = max|x| / 127``, codes in the order the dots consume them, their sum);
     ``rows`` (int32 ``[P]``) gathers the quantized rows for the sorted pairs, so the caller
-    passes the layer's token rows, not ``top_k`` copies of them. Parallel over (tile of
-    ``gemm_vectors`` 16-row vectors, expert), the expert varying fastest: TVM hands each thread a
-    contiguous range of tasks, so every thread gets its share of every expert's rows whatever the
-    routing (expert-major ranges gave one thread the busy experts). Per block of ``gemm_tokens``
+    passes the layer's token rows, not ``top_k`` copies of them. Parallel over tiles of
+    ``gemm_vectors`` 16-row vectors of every expert, in ``gemm_split`` parts (see ``split``: the
+    threads share every expert's rows whatever the routing). Per block of ``gemm_tokens``
     tokens and step of codes, each vector's codes are extracted into bytes once and
     ``vpdpbusd``-ed against every token's four activations (broadcast), into ``vectors × tokens``
     int32 accumulators that are scaled into float32 once per group; an expert with at least
@@ -46,6 +45,13 @@ def vnni_grouped_gemm(spec: GroupedGemmSpec, params) -> tirx.PrimFunc:
     vecs, tb, experts = params.gemm_vectors, params.gemm_tokens, spec.num_stacked
     nb = n // lanes
     tiles = -(-nb // vecs)
+    # Tasks: ``split`` contiguous ranges, each with 1/split of every expert's tiles (expert-major
+    # inside a range). TVM gives each thread a contiguous range of tasks, so with a thread count
+    # dividing ``split`` every thread gets its share of every expert's rows whatever the routing
+    # (all expert-major, one thread got the busy experts), and consecutive tasks still share an
+    # expert's token rows (its x8 rows stay in cache).
+    split = max(1, min(params.gemm_split, tiles))
+    per_split = -(-tiles // split)
     nt = num_tiles(n, tile)
     prep = quantize_rows_prep(k, gs, 16 if gs % 16 == 0 else gs, step_codes,
                               (lambda c: c) if bits == 3 else plane_slot_source(bits))
@@ -124,7 +130,7 @@ def vnni_grouped_gemm(spec: GroupedGemmSpec, params) -> tirx.PrimFunc:
 
     def make_blocks(group_steps):
         @T.macro
-        def gemm_blocks(rows, weight, scale, sup, zero, y, sx, xsum, x8, acc, yacc, tok, ws, task, e, start, count):
+        def gemm_blocks(rows, weight, scale, sup, zero, y, sx, xsum, x8, acc, yacc, tok, ws, gv0, e, start, count):
             """The expert's tokens in blocks of ``tb``: int32 dots per group, scaled into float32 accumulators."""
             for blk in range((count + tb - 1) // tb):
                 for r in T.unroll(tb):
@@ -137,20 +143,20 @@ def vnni_grouped_gemm(spec: GroupedGemmSpec, params) -> tirx.PrimFunc:
                     for a in T.unroll(vecs * tb):
                         for lane in T.vectorized(lanes):
                             acc[a, lane] = 0
-                    group_steps(acc, ws, weight, x8, tok, e, task // experts * vecs, g)
+                    group_steps(acc, ws, weight, x8, tok, e, gv0, g)
                     for v in T.unroll(vecs):
-                        if task // experts * vecs + v < nb:
+                        if gv0 + v < nb:
                             for r in T.unroll(tb):
                                 for lane in T.vectorized(lanes):
                                     yacc[v * tb + r, lane] = yacc[v * tb + r, lane] + group_term(
                                         acc[v * tb + r, lane], scale, zero, sx, xsum, e,
-                                        task // experts * vecs + v, g, lane, tok[r], sup)
+                                        gv0 + v, g, lane, tok[r], sup)
                 for v in T.unroll(vecs):
-                    if task // experts * vecs + v < nb:
+                    if gv0 + v < nb:
                         for r in T.unroll(tb):
                             if blk * tb + r < count:
                                 for lane in T.vectorized(lanes):
-                                    y[start + blk * tb + r, (task // experts * vecs + v) * lanes + lane] = \
+                                    y[start + blk * tb + r, (gv0 + v) * lanes + lane] = \
                                         yacc[v * tb + r, lane]
         return gemm_blocks
 
@@ -162,21 +168,24 @@ def vnni_grouped_gemm(spec: GroupedGemmSpec, params) -> tirx.PrimFunc:
         xsum = T.alloc_buffer((xrows, groups), "int32")
         x8 = T.alloc_buffer((xrows, k), "int8")  # per step, in the order the dot products consume it
         prep(x, xrows, sx, xsum, x8)
-        for task in T.parallel(experts * tiles):
+        for task in T.parallel(split * experts * per_split):
             acc = T.alloc_buffer((vecs * tb, lanes), "int32", scope="local")
             yacc = T.alloc_buffer((vecs * tb, lanes), "float32", scope="local")
             tok = T.alloc_buffer((tb,), "int32", scope="local")
-            e: T.int32 = task % experts
+            tl: T.int32 = task // (experts * per_split) * per_split + task % per_split
+            gv0: T.int32 = tl * vecs
+            e: T.int32 = task // per_split % experts
             start: T.int32 = offsets[e]
             count: T.int32 = offsets[e + 1] - start
-            if count >= unpack_tokens:
-                ws = T.alloc_buffer((vecs, k // 4, lanes), "uint32")
-                unpack_tile(ws, weight, e, task // experts * vecs)
-                unpacked_blocks(rows, weight, scale, sup, zero, y, sx, xsum, x8, acc, yacc, tok, ws, task, e,
-                                start, count)
-            else:
-                packed_blocks(rows, weight, scale, sup, zero, y, sx, xsum, x8, acc, yacc, tok, acc, task, e,
-                              start, count)
+            if tl < tiles:  # (the last part may be padding)
+                if count >= unpack_tokens:
+                    ws = T.alloc_buffer((vecs, k // 4, lanes), "uint32")
+                    unpack_tile(ws, weight, e, gv0)
+                    unpacked_blocks(rows, weight, scale, sup, zero, y, sx, xsum, x8, acc, yacc, tok, ws, gv0, e,
+                                    start, count)
+                else:
+                    packed_blocks(rows, weight, scale, sup, zero, y, sx, xsum, x8, acc, yacc, tok, acc, gv0, e,
+                                  start, count)
 
     zw = zero_words(groups, bits)
     if sg:  # double-quantized scales: uint8 codes and fp16 super-scales
