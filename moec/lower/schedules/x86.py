@@ -43,6 +43,18 @@ class X86Params(CpuScheduleParams):
     gemm_vectors : int
         16-row vectors per parallel task of the int8 (VNNI) grouped GEMM: ``gemm_vectors *
         gemm_tokens`` int32 accumulators stay in registers and share each extracted code vector.
+    gemm_split : int
+        Parts of the int8 grouped GEMM's tasks, each with 1/``gemm_split`` of every expert's tiles
+        (expert-major inside a part). TVM runs a contiguous range of tasks per thread: expert-major
+        over all tasks gave one of 2 threads the busy experts (parallel efficiency 0.71-0.84 on
+        the OLMoE routing, ``benchmarks/gemm_balance.py``); 4 parts balance 1, 2 or 4 threads and
+        keep an expert's token rows in cache across a part's consecutive tiles.
+    gemm_unpack_tokens : tuple of (bits, tokens)
+        Per bit width, the fewest tokens of an expert for which the int8 grouped GEMM unpacks the
+        task's codes into a byte workspace once (``gemm_vectors * 16 * K`` bytes) instead of
+        extracting them per token block (absent: never). 3 bits: extraction with
+        ``vpmultishiftqb`` costs about a block's dot products; unpacked, 64 tokens per expert
+        ran ~1.6x faster on the OLMoE shapes (``benchmarks/gemm_times.py``), 8 tokens no faster.
     int8_tile_vectors : int
         ``tile_vectors`` of the int8 (VNNI) GEMV: 8 concurrent row streams per thread measured
         ~10% more cold bandwidth at 2-3 bits than 4 (its compute leaves more room).
@@ -72,6 +84,8 @@ class X86Params(CpuScheduleParams):
     float_unroll: int = 8
     gemm_tokens: int = 4
     gemm_vectors: int = 4
+    gemm_split: int = 4
+    gemm_unpack_tokens: tuple[tuple[int, int], ...] = ((3, 12),)
     int8_tile_vectors: int = 8
     int8_chains: int = 2
     prefetch_words: int = 0
