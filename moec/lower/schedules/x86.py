@@ -16,6 +16,7 @@ from moec.lower.schedules import cpu_gemv
 from moec.lower.schedules.cpu_gemv import CpuScheduleParams
 from moec.lower.schedules.x86_vnni import vnni_gemv
 from moec.lower.schedules.x86_vnni_gemm import vnni_grouped_gemm
+from moec.lower.schedules.x86_vnni_nested import vnni_nested_gemv
 
 
 @dataclass(frozen=True)
@@ -120,3 +121,9 @@ def int8_grouped_gemm(spec, target: tvm.target.Target, params: X86Params | None 
 def schedule_nested_gemv(func: tirx.PrimFunc, spec, params=None) -> tirx.PrimFunc:
     """Schedule a nested (run-time width) GEMV with this family's parameters (``cpu_gemv``)."""
     return cpu_gemv.schedule_nested_gemv(func, spec, params or PARAMS)
+
+
+def int8_nested_gemv(spec, target: tvm.target.Target, params: X86Params | None = None) -> tirx.PrimFunc:
+    """The int8-activation nested GEMV (AVX-512 VNNI, see ``x86_vnni_nested``)."""
+    _require_vnni(spec.storage_bits, target)
+    return vnni_nested_gemv(spec, params or PARAMS)
