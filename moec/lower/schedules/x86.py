@@ -47,6 +47,11 @@ class X86Params(CpuScheduleParams):
     int8_tile_vectors : int
         ``tile_vectors`` of the int8 (VNNI) GEMV: 8 concurrent row streams per thread measured
         ~10% more cold bandwidth at 2-3 bits than 4 (its compute leaves more room).
+    int8_nested_tile_vectors : int
+        16-row vectors per parallel task of the int8 nested GEMV (``x86_vnni_nested``): its rebuild
+        keeps each chunk's segment words and the 8 broadcast activations live, so 8 vectors (16
+        accumulators) spilled 74-78 vectors a chunk at 3 and 8 bits; 4 spill 4-14 (2026-12-03,
+        kernel alone, CPU time at load 6: 8-bit 2,013 → 1,145 µs a call cold).
     int8_chains : int
         Independent int32 accumulators per vector in the VNNI GEMV, so consecutive ``vpdpbusd``
         do not wait on each other's latency.
@@ -74,6 +79,7 @@ class X86Params(CpuScheduleParams):
     gemm_tokens: int = 4
     gemm_vectors: int = 4
     int8_tile_vectors: int = 8
+    int8_nested_tile_vectors: int = 4
     int8_chains: int = 2
     prefetch_words: int = 0
     prefetch_locality: int = 3

@@ -56,8 +56,13 @@ def _dpbusd(acc, codes, x4):
 
 
 def _select(a, b, mask: int):
-    """``(a & mask) | (b & ~mask)`` (one ``vpternlogd``)."""
-    return (a & _splat(mask)) | (b & _splat(~mask & 0xFFFFFFFF))
+    """``(a & mask) | (b & ~mask)``: one ``vpternlogd`` (``mask ? a : b`` bitwise, immediate 0xCA),
+    called as the intrinsic so LLVM cannot push the byte masks after it through the selects into
+    per-part masks (which doubled the 8-bit step's instructions)."""
+    out = T.call_llvm_pure_intrin("int32x16", "llvm.x86.avx512.pternlog.d.512",
+                                  T.reinterpret("int32x16", _splat(mask)), T.reinterpret("int32x16", a),
+                                  T.reinterpret("int32x16", b), T.int32(0xCA))
+    return T.reinterpret("uint32x16", out)
 
 
 def _shift(raw, shift: int):
@@ -125,9 +130,9 @@ def check_int8_nested(spec: NestedGemvSpec, tile_vectors: int) -> None:
 
 def vnni_nested_gemv(spec: NestedGemvSpec, params) -> tirx.PrimFunc:
     """The int8-activation nested GEMV for ``spec``; ``params`` an
-    :class:`~moec.lower.schedules.x86.X86Params` (``int8_tile_vectors``)."""
+    :class:`~moec.lower.schedules.x86.X86Params` (``int8_nested_tile_vectors``)."""
     fmt, bits = spec.format, spec.storage_bits
-    vecs = params.int8_tile_vectors
+    vecs = params.int8_nested_tile_vectors
     check_int8_nested(spec, vecs)
     n, k, gs, tile, top_k, experts = spec.n, spec.k, spec.group_size, spec.tile, spec.top_k, spec.num_stacked
     groups, nb = k // gs, n // LANES
@@ -154,20 +159,19 @@ def vnni_nested_gemv(spec: NestedGemvSpec, params) -> tirx.PrimFunc:
     def make_nest(d):
         seg_words = [gs * w // 32 for w in fmt.segment_bits]  # words per group, per segment
 
-        def chunk(segs, x8, acc, e, gv, g, ch, r, half: int):
-            """Chain ``half`` (0: even lanes, 1: odd) of the accumulator (int32x16) after the 4 nibble
-            words of chunk ``ch`` of group ``g`` (both chains rebuild the same words: the same
-            expressions, which LLVM computes once)."""
+        def step(segs, x8, acc, e, gv, g, ch, r, a: int, half: int):
+            """Chain ``half`` (0: even lanes, 1: odd) of the accumulator (int32x16) after nibble word
+            ``a`` of chunk ``ch`` of group ``g``. The two chains of a word are consecutive statements
+            (the same rebuild expression, which LLVM computes once): a chain per word, not per chunk,
+            keeps one word's temporaries live at a time (chunk-long chains spilled 260-590 vectors)."""
             def load(s, word):  # word of segment s within this chunk
                 per_chunk = seg_words[s] // chunks
                 return segs[s][e, gv * LANES // tile, g * seg_words[s] + ch * per_chunk + word,
                                T.ramp(gv * LANES % tile, 1, LANES)]
-            for a in range(4):
-                codes = _byte_words(fmt, d, load, a)[half]
-                x4 = T.reinterpret("int8x64", T.Broadcast(
-                    T.reinterpret("int32", x8[r, T.ramp(g * gs + ch * 32 + 8 * a + 4 * half, 1, 4)]), LANES))
-                acc = _dpbusd(acc, codes, x4)
-            return acc
+            codes = _byte_words(fmt, d, load, a)[half]
+            x4 = T.reinterpret("int8x64", T.Broadcast(
+                T.reinterpret("int32", x8[r, T.ramp(g * gs + ch * 32 + 8 * a + 4 * half, 1, 4)]), LANES))
+            return _dpbusd(acc, codes, x4)
 
         @T.macro
         def nest(segs, scale, zero, sx, xsum, x8, yacc, acc, e, task, r):
@@ -178,10 +182,22 @@ def vnni_nested_gemv(spec: NestedGemvSpec, params) -> tirx.PrimFunc:
                 for ch in range(chunks):
                     for v in T.unroll(vecs):
                         if task % tiles * vecs + v < nb:
-                            acc[2 * v, T.ramp(0, 1, LANES)] = chunk(
-                                segs, x8, acc[2 * v, T.ramp(0, 1, LANES)], e, task % tiles * vecs + v, g, ch, r, 0)
-                            acc[2 * v + 1, T.ramp(0, 1, LANES)] = chunk(
-                                segs, x8, acc[2 * v + 1, T.ramp(0, 1, LANES)], e, task % tiles * vecs + v, g, ch, r, 1)
+                            acc[2 * v + 0, T.ramp(0, 1, LANES)] = step(
+                                segs, x8, acc[2 * v + 0, T.ramp(0, 1, LANES)], e, task % tiles * vecs + v, g, ch, r, 0, 0)
+                            acc[2 * v + 1, T.ramp(0, 1, LANES)] = step(
+                                segs, x8, acc[2 * v + 1, T.ramp(0, 1, LANES)], e, task % tiles * vecs + v, g, ch, r, 0, 1)
+                            acc[2 * v + 0, T.ramp(0, 1, LANES)] = step(
+                                segs, x8, acc[2 * v + 0, T.ramp(0, 1, LANES)], e, task % tiles * vecs + v, g, ch, r, 1, 0)
+                            acc[2 * v + 1, T.ramp(0, 1, LANES)] = step(
+                                segs, x8, acc[2 * v + 1, T.ramp(0, 1, LANES)], e, task % tiles * vecs + v, g, ch, r, 1, 1)
+                            acc[2 * v + 0, T.ramp(0, 1, LANES)] = step(
+                                segs, x8, acc[2 * v + 0, T.ramp(0, 1, LANES)], e, task % tiles * vecs + v, g, ch, r, 2, 0)
+                            acc[2 * v + 1, T.ramp(0, 1, LANES)] = step(
+                                segs, x8, acc[2 * v + 1, T.ramp(0, 1, LANES)], e, task % tiles * vecs + v, g, ch, r, 2, 1)
+                            acc[2 * v + 0, T.ramp(0, 1, LANES)] = step(
+                                segs, x8, acc[2 * v + 0, T.ramp(0, 1, LANES)], e, task % tiles * vecs + v, g, ch, r, 3, 0)
+                            acc[2 * v + 1, T.ramp(0, 1, LANES)] = step(
+                                segs, x8, acc[2 * v + 1, T.ramp(0, 1, LANES)], e, task % tiles * vecs + v, g, ch, r, 3, 1)
                 for v in T.unroll(vecs):
                     if task % tiles * vecs + v < nb:
                         for lane in T.vectorized(LANES):
