@@ -8,6 +8,8 @@ import pytest
 from tvm.target import codegen
 
 from moec.core.errors import MoecError
+from moec.core.targets import load_target
+from moec.lower.bundler import require_nested_activations
 from moec.lower.kernels.activations import dequantized_activations, quantize_activations
 from moec.lower.kernels.factory import compile_kernel, host_target, make_gemv, make_nested_gemv
 from moec.lower.kernels.layout import nested_kernel_layout, stack_kernel_layouts, to_kernel_layout
@@ -106,3 +108,7 @@ def test_int8_nested_shape_errors():
         make_nested_gemv(8, 40, 128, 32, 2, 1, host_target(), activations="int8")
     with pytest.raises(MoecError, match="unknown activations"):
         make_nested_gemv(8, 64, 128, 32, 2, 1, host_target(), activations="int4")
+    # compile refuses it up front on a target without the kernel (ARM: float32 nested kernels only)
+    with pytest.raises(MoecError, match="no int8-activation nested GEMV for target family 'arm'"):
+        require_nested_activations(load_target("raspberry-pi-5"), 8, "int8")
+    require_nested_activations(load_target("raspberry-pi-5"), 8, "float32")

@@ -54,6 +54,8 @@ def test_int8_nested_bundle_runs_the_int8_kernel_and_equals_the_fixed_int8_bundl
         for g, w in zip(got, want):
             assert np.array_equal(g, w)  # the stored width: the same integer sums, the same float epilogue
         assert not all(np.array_equal(g, o) for g, o in zip(got, other))  # int8 activations, not float32
+        nested.reset()  # the prefill (nested grouped GEMMs, float32 activations for the experts) runs too
+        assert np.isfinite(nested.prefill(prompt)).all()
 
 
 def test_plan_switch_mid_generation_with_int8_activations(bundles):
