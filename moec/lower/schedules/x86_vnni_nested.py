@@ -104,7 +104,9 @@ def _byte_words(fmt, d: int, load, a: int):
     if k <= 4:
         word = _nibbles(fmt, load, a, range(d + 1), bits - 4)
         mask = (((1 << k) - 1) << (4 - k)) * 0x01010101
-        return word & _splat(mask), (word >> _splat(4)) & _splat(mask)
+        # odd lanes masked in place (the high nibble of each byte, at most 0xF0: still an unsigned byte),
+        # so their chain sums 16 × their products and needs no shift (:func:`_group_dot`)
+        return word & _splat(mask), word & _splat(mask << 4)
     positions = segment_positions(fmt)
     high = [s for s in range(d + 1) if positions[s] >= 4]
     low = [s for s in range(d + 1) if positions[s] < 4]
@@ -144,6 +146,11 @@ def vnni_nested_gemv(spec: NestedGemvSpec, params) -> tirx.PrimFunc:
     prep = quantize_activations_prep(xr, k, gs, gcd(gs, LANES), 32, slot_source)
     widths = fmt.derived_bits
     nseg = len(fmt.segment_bits)
+
+    def group_dot(even, odd, d):
+        """The group's ``D`` from the two chains: up to 4 bits the odd chain holds 16 × its products
+        (multiples of 16: the shift is exact)."""
+        return even + (odd >> 4) if widths[d] <= 4 else even + odd
 
     def group_term(dot, scale, zero, sx, xsum, e, gv, g, lane, r, d):
         t, col = gv * LANES // tile, gv * LANES % tile + lane
@@ -202,7 +209,7 @@ def vnni_nested_gemv(spec: NestedGemvSpec, params) -> tirx.PrimFunc:
                     if task % tiles * vecs + v < nb:
                         for lane in T.vectorized(LANES):
                             yacc[v, lane] = yacc[v, lane] + group_term(
-                                acc[2 * v, lane] + acc[2 * v + 1, lane], scale, zero, sx, xsum, e,
+                                group_dot(acc[2 * v, lane], acc[2 * v + 1, lane], d), scale, zero, sx, xsum, e,
                                 task % tiles * vecs + v, g, lane, r, d)
 
         return nest
