@@ -13,8 +13,10 @@ loaded. A step is one *nibble word* ``a`` of a group (8 codes per row, one per 4
 
 - ``k <= 4``: the needed segments are merged into the nibble word (a constant shift per segment,
   a bit select per further one: :func:`_nibbles`), each lane holding ``q_k << (4 − k)`` (bits below
-  may be stale); ``word & M`` and ``(word >> 4) & M`` (``M`` the width's bits in every byte) put
-  lanes 0,2,4,6 and 1,3,5,7 one per byte, and two ``vpdpbusd`` multiply them by 4 int8 activations each;
+  may be stale); ``word & M`` and ``word & (M << 4)`` (``M`` the width's bits in every byte) put
+  lanes 0,2,4,6 and 1,3,5,7 one per byte (the odd ones in place in the high nibble: their chain sums
+  16 × the products, shifted right by 4 once a group), and two ``vpdpbusd`` multiply them by 4 int8
+  activations each;
 - ``k = 8`` (8-bit storage): the top nibble word (segments 2+1+1) and the low segment's word are
   interleaved into two byte words of whole codes (two bit selects), then two ``vpdpbusd``.
 
@@ -22,7 +24,7 @@ So the integer sum ``D`` of a group is ``sum (q_k << (4 − k)) · x8`` (``k = 8
 exact; the group term is, with ``s = B − k`` (``B`` the storage width) and the bin centre
 ``(2**s − 1) / 2`` of :mod:`moec.quant.nested`::
 
-    scale · sx · (D·2**(B−4) − (zero − (2**s − 1)/2) · xsum)     (k = B: scale · sx · (D − zero · xsum))
+    scale · sx · (D·2**(B−4) − (zero − (2**s − 1)/2) · xsum)    (k = B: scale · sx · (D − zero · xsum))
 
 evaluated as ``scale · sx · 0.5 · float(2·D·2**(B−4) − (2·zero − 2**s + 1) · xsum)`` in int32 (exact),
 and for ``k = B`` exactly as the fixed VNNI kernel's group term, so the stored width is bit-identical
@@ -182,6 +184,8 @@ def vnni_nested_gemv(spec: NestedGemvSpec, params) -> tirx.PrimFunc:
 
         @T.macro
         def nest(segs, scale, zero, sx, xsum, x8, yacc, acc, e, task, r):
+            # (the vector index is spelled out in each statement: naming it with a let variable made
+            # LLVM spill 13-38 vectors a chunk instead of 4-13)
             for g in range(groups):
                 for a in T.unroll(2 * vecs):
                     for lane in T.vectorized(LANES):
