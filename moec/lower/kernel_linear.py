@@ -116,14 +116,18 @@ class KernelEmitter(LinearEmitter):
         return args
 
     def nested_experts(self, bb, x, entry: WeightEntry, vars_, name, ids, prec):
-        """One nested-GEMV call for the routed ``ids`` (all valid) at the widths in ``prec``."""
+        """One nested-GEMV call for the routed ``ids`` (all valid) at the widths in ``prec`` (int8 activations
+        when the emitter's are: the stored widths, 4 and 8, are int8 widths)."""
         n, k = entry.shape
         top_k = int(ids.ty.shape[0])
         per_expert = int(x.ty.shape[0]) != 1
-        key = ("nested", entry.bits, n, k, entry.group_size, entry.stacked, top_k, per_expert)
+        int8 = self._int8(entry)
+        key = ("nested", entry.bits, n, k, entry.group_size, entry.stacked, top_k, per_expert, int8)
         if key not in self._kernels:
-            self._kernels[key] = make_nested_gemv(*key[1:7], self.target, x_per_expert=per_expert)
-        gv = add_kernel(bb, self._kernels[key], _symbol("nested", entry, f"t{top_k}", "xe" if per_expert else ""))
+            self._kernels[key] = make_nested_gemv(*key[1:7], self.target, x_per_expert=per_expert,
+                                                  activations="int8" if int8 else "float32")
+        gv = add_kernel(bb, self._kernels[key], _symbol("nested", entry, f"t{top_k}", "xe" if per_expert else "",
+                                                        "i8" if int8 else ""))
         segs = sorted((a for a in entry.arrays if a.startswith("kseg")), key=lambda a: int(a[4:]))
         args = [x] + [vars_[f"{name}.{a}"] for a in segs] + [vars_[f"{name}.kscale"], vars_[f"{name}.kzero"], prec, ids]
         return bb.emit(relax.call_tir(gv, args, relax.TensorType((top_k, n), "float32")))

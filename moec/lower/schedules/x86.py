@@ -16,6 +16,7 @@ from moec.lower.schedules import cpu_gemv
 from moec.lower.schedules.cpu_gemv import CpuScheduleParams
 from moec.lower.schedules.x86_vnni import vnni_gemv
 from moec.lower.schedules.x86_vnni_gemm import vnni_grouped_gemm
+from moec.lower.schedules.x86_vnni_nested import vnni_nested_gemv
 
 
 @dataclass(frozen=True)
@@ -58,6 +59,11 @@ class X86Params(CpuScheduleParams):
     int8_tile_vectors : int
         ``tile_vectors`` of the int8 (VNNI) GEMV: 8 concurrent row streams per thread measured
         ~10% more cold bandwidth at 2-3 bits than 4 (its compute leaves more room).
+    int8_nested_tile_vectors : int
+        16-row vectors per parallel task of the int8 nested GEMV (``x86_vnni_nested``): its rebuild
+        keeps each chunk's segment words and the 8 broadcast activations live, so 8 vectors (16
+        accumulators) spilled 74-78 vectors a chunk at 3 and 8 bits; 4 spill 4-14 (2026-12-03,
+        kernel alone, CPU time at load 6: 8-bit 2,013 → 1,145 µs a call cold).
     int8_chains : int
         Independent int32 accumulators per vector in the VNNI GEMV, so consecutive ``vpdpbusd``
         do not wait on each other's latency.
@@ -87,6 +93,7 @@ class X86Params(CpuScheduleParams):
     gemm_split: int = 4
     gemm_unpack_tokens: tuple[tuple[int, int], ...] = ((3, 12),)
     int8_tile_vectors: int = 8
+    int8_nested_tile_vectors: int = 4
     int8_chains: int = 2
     prefetch_words: int = 0
     prefetch_locality: int = 3
@@ -134,3 +141,9 @@ def int8_grouped_gemm(spec, target: tvm.target.Target, params: X86Params | None 
 def schedule_nested_gemv(func: tirx.PrimFunc, spec, params=None) -> tirx.PrimFunc:
     """Schedule a nested (run-time width) GEMV with this family's parameters (``cpu_gemv``)."""
     return cpu_gemv.schedule_nested_gemv(func, spec, params or PARAMS)
+
+
+def int8_nested_gemv(spec, target: tvm.target.Target, params: X86Params | None = None) -> tirx.PrimFunc:
+    """The int8-activation nested GEMV (AVX-512 VNNI, see ``x86_vnni_nested``)."""
+    _require_vnni(spec.storage_bits, target)
+    return vnni_nested_gemv(spec, params or PARAMS)
