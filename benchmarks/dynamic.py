@@ -4,7 +4,11 @@ Three parts, each printed as a markdown table:
 
 1. ``kernel``: the routed-expert decode GEMV over a nested 8-bit stack at a run-time width of
    2/3/4/8 bits next to the fixed-width GEMV of that width (same shape: 64 experts × 2048 → 1024
-   rows, top-8, stacks far larger than the L2/L3), in effective GB/s of the bytes each reads.
+   rows, top-8, stacks far larger than the L2/L3), in effective GB/s of the bytes each reads, per
+   activation mode (``--modes float32,int8``: the int8 nested kernel against the fixed int8 one);
+   ``--hot``: the same experts every call (in cache).
+1b. ``modes``: nested vs fixed decode per activation mode, each timing in a fresh process
+   (``dynamic_modes.py``), wall and CPU time.
 2. ``decode``: an OLMoE-shaped random model (hidden 2048, 64 experts × 1024, top-8, ``--layers``
    layers; experts ≫ cache). One nested bundle (``--nested 8`` storage) serves every plan via
    ``BundleSession.set_plan``; each plan is also compiled as its own fixed bundle. Decode tok/s,
@@ -39,7 +43,8 @@ Three parts, each printed as a markdown table:
 Usage::
 
     python benchmarks/dynamic.py [--parts kernel,decode,prefill,latency,accuracy,holdout,drift] [--layers 2] [--steps 48]
-    python benchmarks/dynamic.py --parts kernel --calls 100 [--cpu-time]
+    python benchmarks/dynamic.py --parts kernel --calls 100 [--cpu-time] [--modes float32,int8] [--hot]
+    python benchmarks/dynamic.py --parts modes --rounds 3 [--modes float32,int8] [--plans "uniform 8,uniform 4"]
     python benchmarks/dynamic.py --parts decode --steps 32 --rounds 5 [--cpu-time]
 """
 
@@ -90,46 +95,53 @@ def _random_packed(bits: int, n: int, k: int, gs: int, rng) -> PackedWeight:
     return PackedWeight((n, k), bits, gs, codes, scale, zeros)
 
 
-def kernel_part(gs: int, calls: int, cpu_time: bool = False) -> None:
+def kernel_part(gs: int, calls: int, cpu_time: bool = False, modes: tuple[str, ...] = ("float32",),
+                hot: bool = False) -> None:
+    """Per activation mode in ``modes``: the nested GEMV at each width vs the fixed kernel of that width and
+    mode. ``hot``: the same 8 experts every call (in cache) instead of random routing over the stack."""
     n, k, experts, top_k = 1024, 2048, 64, 8
     target, rng, dev = host_target(), np.random.default_rng(0), tvm.cpu()
     tile = 16
     clock = time.thread_time if cpu_time else time.perf_counter
     how = "CPU time of the calling thread, 1 TVM thread" if cpu_time else "wall time"
+    routing = "the same 8 experts every call (hot)" if hot else "random routing per call"
     print(f"\n## Routed-expert GEMV: nested 8-bit storage at a run-time width vs the fixed-width kernel "
-          f"({experts} experts × [{n}, {k}], top-{top_k}, group {gs}, random routing per call; {how}; "
+          f"({experts} experts × [{n}, {k}], top-{top_k}, group {gs}, {routing}; {how}; "
           f"load average {os.getloadavg()[0]:.1f} at the start)\n")
-    print("| width | fixed GB/s | nested GB/s | nested / fixed time | fixed µs/call | nested µs/call |")
-    print("|---|---|---|---|---|---|")
+    print("| activations | width | fixed GB/s | nested GB/s | nested / fixed time | fixed µs/call | nested µs/call |")
+    print("|---|---|---|---|---|---|---|")
     nws = [nest(_random_packed(8, n, k, gs, rng)) for _ in range(experts)]
     nested = stack_kernel_layouts([nested_kernel_layout(nw, tile) for nw in nws])
-    nmod = compile_kernel(make_nested_gemv(8, n, k, gs, experts, top_k, target), target)
     x = tvm.runtime.tensor(rng.standard_normal((1, k)).astype(np.float32), dev)
     y = tvm.runtime.tensor(np.zeros((top_k, n), np.float32), dev)
     nargs = [tvm.runtime.tensor(nested[f"seg{s}"], dev) for s in range(4)] + [
         tvm.runtime.tensor(nested["scale"], dev), tvm.runtime.tensor(nested["zero"], dev)]
-    id_sets = [tvm.runtime.tensor(rng.choice(experts, top_k, replace=False).astype(np.int32), dev) for _ in range(16)]
-    for bits in WIDTHS:
-        fixed = stack_kernel_layouts([to_kernel_layout(_random_packed(bits, n, k, gs, rng), tile)
-                                      for _ in range(experts)])
-        fmod = compile_kernel(make_gemv(bits, n, k, gs, experts, top_k, target), target)
-        fargs = [tvm.runtime.tensor(fixed[a], dev) for a in ("weight", "scale", "zero")]
-        prec = tvm.runtime.tensor(np.full(experts, bits, np.int32), dev)
+    id_sets = [tvm.runtime.tensor(rng.choice(experts, top_k, replace=False).astype(np.int32), dev)
+               for _ in range(1 if hot else 16)]
+    fixed_stacks = {bits: stack_kernel_layouts([to_kernel_layout(_random_packed(bits, n, k, gs, rng), tile)
+                                                for _ in range(experts)]) for bits in WIDTHS}
+    for mode in modes:
+        nmod = compile_kernel(make_nested_gemv(8, n, k, gs, experts, top_k, target, activations=mode), target)
+        for bits in WIDTHS:
+            fixed = fixed_stacks[bits]
+            fmod = compile_kernel(make_gemv(bits, n, k, gs, experts, top_k, target, activations=mode), target)
+            fargs = [tvm.runtime.tensor(fixed[a], dev) for a in ("weight", "scale", "zero")]
+            prec = tvm.runtime.tensor(np.full(experts, bits, np.int32), dev)
 
-        tf, tn = [], []  # fixed and nested calls interleaved, so both see the same machine load
-        for c in range(calls):
-            ids = id_sets[c % len(id_sets)]
-            t0 = clock()
-            fmod["gemv"](x, *fargs, ids, y)
-            t1 = clock()
-            nmod["gemv"](x, *nargs, prec, ids, y)
-            tf.append(t1 - t0)
-            tn.append(clock() - t1)
-        tf, tn = statistics.median(tf[3:]), statistics.median(tn[3:])
-        fixed_bytes = top_k * sum(fixed[a][0].nbytes for a in ("weight", "scale", "zero"))
-        nested_bytes = top_k * nws[0].nbytes(bits)  # planes of this width + scales + 8-bit zeros
-        print(f"| {bits} | {fixed_bytes / tf / 1e9:.2f} | {nested_bytes / tn / 1e9:.2f} | {tn / tf:.2f}x | "
-              f"{tf * 1e6:.0f} | {tn * 1e6:.0f} |")
+            tf, tn = [], []  # fixed and nested calls interleaved, so both see the same machine load
+            for c in range(calls):
+                ids = id_sets[c % len(id_sets)]
+                t0 = clock()
+                fmod["gemv"](x, *fargs, ids, y)
+                t1 = clock()
+                nmod["gemv"](x, *nargs, prec, ids, y)
+                tf.append(t1 - t0)
+                tn.append(clock() - t1)
+            tf, tn = statistics.median(tf[3:]), statistics.median(tn[3:])
+            fixed_bytes = top_k * sum(fixed[a][0].nbytes for a in ("weight", "scale", "zero"))
+            nested_bytes = top_k * nws[0].nbytes(bits)  # planes of this width + scales + 8-bit zeros
+            print(f"| {mode} | {bits} | {fixed_bytes / tf / 1e9:.2f} | {nested_bytes / tn / 1e9:.2f} | {tn / tf:.2f}x | "
+                  f"{tf * 1e6:.0f} | {tn * 1e6:.0f} |", flush=True)
     print(f"\n(load average {os.getloadavg()[0]:.1f} at the end)")
 
 
@@ -576,6 +588,12 @@ def main() -> None:
     ap.add_argument("--accuracy-rows", choices=("all", "widths", "searched"), default="all",
                     help="Accuracy part: the per-width table, the searched-plan rows, or both.")
     ap.add_argument("--rounds", type=int, default=3, help="Decode part: interleaved nested/fixed rounds per plan.")
+    ap.add_argument("--modes", default="float32",
+                    help="Kernel and modes parts: activation modes, comma-separated (float32, int8).")
+    ap.add_argument("--hot", action="store_true", help="Kernel part: the same 8 experts every call (in cache).")
+    ap.add_argument("--plans", default=None,
+                    help='Modes part: plan names, comma-separated (e.g. "uniform 8,uniform 4"); default all five.')
+    ap.add_argument("--clocks", default="wall,cpu", help="Modes part: wall and/or cpu.")
     ap.add_argument("--prefill-tokens", default="64,512", help="Prefill part: prompt lengths.")
     ap.add_argument("--checkpoint", default="reference/checkpoint")
     ap.add_argument("--data", default="reference/data/heldout.txt")
@@ -592,8 +610,13 @@ def main() -> None:
     if args.cpu_time:
         os.environ["TVM_NUM_THREADS"] = "1"  # read when TVM's thread pool starts (the first kernel call)
     parts = args.parts.split(",")
+    modes = tuple(args.modes.split(","))
     if "kernel" in parts:
-        kernel_part(args.group_size, args.calls, args.cpu_time)
+        kernel_part(args.group_size, args.calls, args.cpu_time, modes, args.hot)
+    if "modes" in parts:
+        from dynamic_modes import modes_part
+        modes_part(args.layers, args.group_size, args.steps, args.rounds, list(modes),
+                   args.plans.split(",") if args.plans else None, args.clocks.split(","))
     if "decode" in parts:
         decode_part(args.layers, args.group_size, args.steps, args.rounds, args.cpu_time)
     if "prefill" in parts:

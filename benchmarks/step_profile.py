@@ -11,7 +11,10 @@ Three measurements in one process (``--threads``, default the session's choice):
 3. Per kernel, the median time between the hook's before and after callbacks over the steps
    less the hook's own cost per call (hooked minus plain step CPU time, over the calls; a rough
    estimate: the per-kernel figures are indicative, compare them with each other); the step
-   minus that sum is what the VM spends between kernels.
+   minus that sum is what the VM spends between kernels. On TVM's pool (``--threads`` > 1) the
+   hook's Python callback between kernels and the unstable estimate of its cost make that split
+   unreliable (it came out negative on the OLMoE-shaped bundles): ``step_perf.py`` samples the
+   step without a hook.
 
 Usage::
 

@@ -24,6 +24,7 @@ from moec.lower.backends import backend_for
 from moec.lower.gpu_linear import GpuLinearEmitter
 from moec.lower.kernel_linear import KernelEmitter, apply_kernel_layout
 from moec.lower.kernels.activations import AUTO
+from moec.lower.kernels.factory import make_nested_gemv
 from moec.lower.linear import LinearEmitter
 from moec.lower.params import ModelParams, build_nested_params, build_params
 from moec.core.run_plan import plan_widths, storage_plan
@@ -141,6 +142,14 @@ def resolved_activations(emitter: LinearEmitter) -> str:
 def preset_has_nested_kernels(preset: TargetPreset) -> bool:
     """Whether ``preset``'s backend has the nested (run-time width) expert kernels."""
     return backend_for(preset).name in get_nested_format(8).kernels
+
+
+def require_nested_activations(preset: TargetPreset, storage_bits: int, activations: str) -> None:
+    """One-line refusal, before the slow stages, of nested storage with ``activations`` the target's
+    nested kernels do not take (int8: x86 with AVX-512 VNNI only; ``auto`` gives the nested experts
+    float32 activations where the target has no int8 nested kernel)."""
+    if activations == "int8":
+        make_nested_gemv(storage_bits, 64, 128, 32, 1, 1, preset.tvm(), activations=activations)
 
 
 def build_bundle(model: MoEModel, plan: BitPlan, preset: TargetPreset, out: str | os.PathLike,

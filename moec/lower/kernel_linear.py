@@ -104,14 +104,14 @@ class KernelEmitter(LinearEmitter):
 
     def _auto_has_int8(self, builder, bits: int, *args) -> bool:
         """Under ``auto``, whether ``builder`` has an int8-activation kernel of this width on the target (e.g. 3
-        bits on x86 also needs AVX-512 VBMI; ARM has no int8 grouped GEMM): if not, that weight keeps float32
+        bits on x86 also needs AVX-512 VBMI; ARM has no int8 grouped GEMM or nested GEMV): if not, that weight keeps float32
         activations instead of failing the build. An explicit ``int8`` asks the builder and fails there."""
         if not self._auto:
             return True
         key = (builder.__name__, bits)
         if key not in self._int8_ok:
             try:
-                builder(bits, 16, 64, 32, 1, *args, self.target, activations="int8")
+                builder(bits, 64, 128, 32, 1, *args, self.target, activations="int8")
                 self._int8_ok[key] = True
             except MoecError:
                 self._int8_ok[key] = False
@@ -144,14 +144,18 @@ class KernelEmitter(LinearEmitter):
         return args
 
     def nested_experts(self, bb, x, entry: WeightEntry, vars_, name, ids, prec):
-        """One nested-GEMV call for the routed ``ids`` (all valid) at the widths in ``prec``."""
+        """One nested-GEMV call for the routed ``ids`` (all valid) at the widths in ``prec`` (int8 activations
+        when the emitter's are: the stored widths, 4 and 8, are int8 widths)."""
         n, k = entry.shape
         top_k = int(ids.ty.shape[0])
         per_expert = int(x.ty.shape[0]) != 1
-        key = ("nested", entry.bits, n, k, entry.group_size, entry.stacked, top_k, per_expert)
+        int8 = self._int8(entry) and self._auto_has_int8(make_nested_gemv, entry.bits, 1)
+        key = ("nested", entry.bits, n, k, entry.group_size, entry.stacked, top_k, per_expert, int8)
         if key not in self._kernels:
-            self._kernels[key] = make_nested_gemv(*key[1:7], self.target, x_per_expert=per_expert)
-        gv = add_kernel(bb, self._kernels[key], _symbol("nested", entry, f"t{top_k}", "xe" if per_expert else ""))
+            self._kernels[key] = make_nested_gemv(*key[1:7], self.target, x_per_expert=per_expert,
+                                                  activations="int8" if int8 else "float32")
+        gv = add_kernel(bb, self._kernels[key], _symbol("nested", entry, f"t{top_k}", "xe" if per_expert else "",
+                                                        "i8" if int8 else ""))
         segs = sorted((a for a in entry.arrays if a.startswith("kseg")), key=lambda a: int(a[4:]))
         args = [x] + [vars_[f"{name}.{a}"] for a in segs] + [vars_[f"{name}.kscale"], vars_[f"{name}.kzero"], prec, ids]
         return bb.emit(relax.call_tir(gv, args, relax.TensorType((top_k, n), "float32")))

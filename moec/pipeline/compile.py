@@ -23,7 +23,8 @@ from moec.core.targets import load_target
 from moec.export.exporter import export_weights
 from moec.lower.backends import backend_for
 from moec.lower.kernels.activations import AUTO
-from moec.lower.bundler import build_bundle, build_bundle_from_params, preset_has_nested_kernels, require_scale_kernels
+from moec.lower.bundler import (build_bundle, build_bundle_from_params, preset_has_nested_kernels,
+                                require_nested_activations, require_scale_kernels)
 from moec.lower.onnx_import import import_onnx
 from moec.lower.params import build_params
 from moec.lower.stream_build import compile_streaming
@@ -142,6 +143,7 @@ def compile_bundle(cfg: CompileConfig, on_stage=None) -> Path:
             raise MoecError(f"--nested needs a backend with nested kernels "
                             f"({', '.join(sorted(get_nested_format(cfg.nested).kernels))}); target "
                             f"'{preset.name}' has none")
+        require_nested_activations(preset, cfg.nested, cfg.activations)
         if cfg.onnx is not None:
             raise MoecError("--onnx cannot export a nested bundle's storage (ONNX has no run-time widths); "
                             "drop --onnx or --nested")

@@ -97,3 +97,37 @@ def test_int8_grouped_gemm_emits_vpdpbusd():
     ex = tvm.compile(tvm.IRModule({"grouped_gemm": make_grouped_gemm(4, 64, 128, 64, 2, target, activations="int8")}),
                      target=target)
     assert "vpdpbusd" in ex.mod.inspect_source("asm")
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+def test_int8_grouped_gemm_unpacked_codes_and_task_order(bits):
+    """Experts with at least ``gemm_unpack_tokens`` tokens unpack their codes to bytes once; the int32
+    dots are the same sums, so the output is bit-identical to extracting per block (and so is any
+    task order, ``gemm_split``), and matches numpy.
+
+    Threshold 5 here: the experts with 13 and 5 tokens unpack (a partial last block), 0/2/4 do not.
+    N = 208: 4 tiles of 4 vectors, the last one partial; 3 parts of 2 tiles leave a padding part."""
+    if not _vnni():
+        pytest.skip("needs AVX-512 VNNI")
+    import dataclasses
+
+    from moec.lower.kernels.factory import compile_kernel
+    from moec.lower.kernels.grouped_gemm import GroupedGemmSpec
+    from moec.lower.schedules import x86
+
+    n, k, gs, counts, target = 208, 256, 64, [0, 13, 2, 5, 4], host_target()
+    spec = GroupedGemmSpec(bits, n, k, gs, len(counts), x86.PARAMS.tile_rows)
+    outs = []
+    stack, deq = expert_stack(bits, n, k, gs, len(counts), seed=bits + 7)
+    offsets = np.concatenate([[0], np.cumsum(counts)]).astype(np.int32)
+    rng = np.random.default_rng(bits)
+    x = rng.standard_normal((9, k)).astype(np.float32)
+    rows = rng.integers(0, 9, int(offsets[-1])).astype(np.int32)
+    for unpack, split in [(((bits, 5),), 3), ((), 1)]:
+        params = dataclasses.replace(x86.PARAMS, gemm_unpack_tokens=unpack, gemm_split=split)
+        mod = compile_kernel(x86.int8_grouped_gemm(spec, target, params), target)
+        outs.append(call(mod, "grouped_gemm", [x, rows] + weight_args(stack)
+                         + [offsets, np.full((len(rows), n), np.nan, np.float32)]))
+    np.testing.assert_array_equal(outs[0], outs[1])
+    xr = dequantized_activations(x, gs)[rows]
+    assert_close(outs[0], np.concatenate([xr[offsets[e]:offsets[e + 1]] @ deq[e].T for e in range(len(counts))]))

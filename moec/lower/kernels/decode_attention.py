@@ -23,6 +23,7 @@ from tvm import tirx
 from tvm.script import tirx as T
 
 from moec.core.errors import MoecError
+from moec.lower.kernels.scopes import stack_scope
 
 _LANES = 16
 # TVM's fast_exp (topi/elemwise.h, fast_exp_float32): Cephes' expf polynomial
@@ -82,9 +83,10 @@ def decode_attention(heads: int, kv_heads: int, head_dim: int, value_dim: int, s
                     values[g, p, c * vl + lane] = new_v[g, 0, c * vl + lane]
             for r in range(rep):
                 score = T.alloc_buffer((p + 1,), "float32")
-                acc = T.alloc_buffer((_LANES,), "float32", scope="local")
-                vec = T.alloc_buffer((2, _LANES), "float32", scope="local")  # lane-wise max, then sum of exps
-                oacc = T.alloc_buffer((value_dim,), "float32", scope="local")
+                # register tiles on the stack when they fit (kernels/scopes.py), not a workspace per head
+                acc = T.alloc_buffer((_LANES,), "float32", scope=stack_scope(4 * _LANES))
+                vec = T.alloc_buffer((2, _LANES), "float32", scope=stack_scope(8 * _LANES))  # lane max, sum of exps
+                oacc = T.alloc_buffer((value_dim,), "float32", scope=stack_scope(4 * value_dim))
                 for t in range(p + 1):
                     for lane in T.vectorized(_LANES):
                         acc[lane] = T.float32(0)

@@ -139,16 +139,26 @@ def compile_kernel(func: tvm.tirx.PrimFunc, target: tvm.target.Target) -> tvm.ru
 
 
 def make_nested_gemv(storage_bits: int, n: int, k: int, group_size: int, num_stacked: int, top_k: int,
-                     target: tvm.target.Target, *, x_per_expert: bool = False) -> tvm.tirx.PrimFunc:
+                     target: tvm.target.Target, *, x_per_expert: bool = False,
+                     activations: str = "float32") -> tvm.tirx.PrimFunc:
     """Decode GEMV over a nested expert stack whose per-expert width is a run-time argument.
 
     Returns ``gemv(x, seg0, …, scale, zero, prec, expert_ids, y)`` scheduled for ``target``'s family
     (see :mod:`moec.lower.kernels.nested_gemv`; arrays from
     :func:`moec.lower.kernels.layout.nested_kernel_layout`), with the segment and row guards.
+    ``activations="int8"``: ``x`` quantized per group to int8 inside the kernel, as :func:`make_gemv`'s
+    int8 kernels do (families with an int8 nested GEMV: x86 with AVX-512 VNNI,
+    :mod:`moec.lower.schedules.x86_vnni_nested`); same arguments.
     """
     target = tvm.target.Target(target)
     spec = NestedGemvSpec(storage_bits, n, k, group_size, num_stacked, top_k, kernel_tile(target), x_per_expert)
     family = family_module(target)
+    if activations == "int8":
+        if not hasattr(family, "int8_nested_gemv"):
+            raise MoecError(f"no int8-activation nested GEMV for target family {target_family(target)!r}")
+        return family.int8_nested_gemv(spec, target)
+    if activations != "float32":
+        raise MoecError(f"unknown activations {activations!r}; choices: {', '.join(ACTIVATIONS)}")
     func = family.schedule_nested_gemv(nested_gemv_definition(spec), spec)
     return guard_routed_rows(guard_segments(func, spec), top_k)
 

@@ -20,6 +20,7 @@ from tvm.script import tirx as T
 from moec.core.errors import MoecError
 from moec.lower.kernels.gemv import GemvSpec
 from moec.lower.kernels.layout import num_tiles, zero_words
+from moec.lower.kernels.scopes import stack_scope
 from moec.lower.schedules.int8_common import (BYTE_MASK, plane_slot_source, quantize_activations_prep,
                                               scaled_group_sum)
 
@@ -106,9 +107,10 @@ def dotprod_gemv(spec: GemvSpec, params, dot: Callable = sdot) -> tirx.PrimFunc:
         x8 = T.alloc_buffer((xr, k), "int8")
         prep(x, sx, xsum, xq, x8)
         for task in T.parallel(top_k * tiles):
-            acc = T.alloc_buffer((vecs, LANES), "int32", scope="local")
-            yacc = T.alloc_buffer((vecs, LANES), "float32", scope="local")
-            e: T.int32 = expert_ids[task // tiles]
+            # register tiles on the stack where they fit, the expert id read in place: a "local"
+            # buffer or a bound scalar is a TVM workspace alloc/free per task (kernels/scopes.py)
+            acc = T.alloc_buffer((vecs, LANES), "int32", scope=stack_scope(vecs * LANES * 4))
+            yacc = T.alloc_buffer((vecs, LANES), "float32", scope=stack_scope(vecs * LANES * 4))
             for v in T.unroll(vecs):
                 for lane in T.vectorized(LANES):
                     yacc[v, lane] = T.float32(0)
@@ -120,14 +122,14 @@ def dotprod_gemv(spec: GemvSpec, params, dot: Callable = sdot) -> tirx.PrimFunc:
                     for v in T.unroll(vecs):
                         if task % tiles * vecs + v < nb:
                             acc[v, T.ramp(0, 1, LANES)] = accumulate(
-                                acc, v, weight, x8, e, task % tiles * vecs + v,
+                                acc, v, weight, x8, expert_ids[task // tiles], task % tiles * vecs + v,
                                 g * steps_per_group + st, task // tiles * xstride)
                 for v in T.unroll(vecs):
                     if task % tiles * vecs + v < nb:
                         for lane in T.vectorized(LANES):
                             yacc[v, lane] = yacc[v, lane] + group_term(
-                                acc[v, lane], scale, zero, sx, xsum, e, task % tiles * vecs + v, g, lane,
-                                task // tiles * xstride, sup)
+                                acc[v, lane], scale, zero, sx, xsum, expert_ids[task // tiles],
+                                task % tiles * vecs + v, g, lane, task // tiles * xstride, sup)
             for v in T.unroll(vecs):
                 if task % tiles * vecs + v < nb:
                     for lane in T.vectorized(LANES):

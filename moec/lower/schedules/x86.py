@@ -16,6 +16,7 @@ from moec.lower.schedules import cpu_gemv
 from moec.lower.schedules.cpu_gemv import CpuScheduleParams
 from moec.lower.schedules.x86_vnni import vnni_gemv
 from moec.lower.schedules.x86_vnni_gemm import vnni_grouped_gemm
+from moec.lower.schedules.x86_vnni_nested import vnni_nested_gemv
 
 
 @dataclass(frozen=True)
@@ -43,9 +44,26 @@ class X86Params(CpuScheduleParams):
     gemm_vectors : int
         16-row vectors per parallel task of the int8 (VNNI) grouped GEMM: ``gemm_vectors *
         gemm_tokens`` int32 accumulators stay in registers and share each extracted code vector.
+    gemm_split : int
+        Parts of the int8 grouped GEMM's tasks, each with 1/``gemm_split`` of every expert's tiles
+        (expert-major inside a part). TVM runs a contiguous range of tasks per thread: expert-major
+        over all tasks gave one of 2 threads the busy experts (parallel efficiency 0.71-0.84 on
+        the OLMoE routing, ``benchmarks/gemm_balance.py``); 4 parts balance 1, 2 or 4 threads and
+        keep an expert's token rows in cache across a part's consecutive tiles.
+    gemm_unpack_tokens : tuple of (bits, tokens)
+        Per bit width, the fewest tokens of an expert for which the int8 grouped GEMM unpacks the
+        task's codes into a byte workspace once (``gemm_vectors * 16 * K`` bytes) instead of
+        extracting them per token block (absent: never). 3 bits: extraction with
+        ``vpmultishiftqb`` costs about a block's dot products; unpacked, 64 tokens per expert
+        ran ~1.6x faster on the OLMoE shapes (``benchmarks/gemm_times.py``), 8 tokens no faster.
     int8_tile_vectors : int
         ``tile_vectors`` of the int8 (VNNI) GEMV: 8 concurrent row streams per thread measured
         ~10% more cold bandwidth at 2-3 bits than 4 (its compute leaves more room).
+    int8_nested_tile_vectors : int
+        16-row vectors per parallel task of the int8 nested GEMV (``x86_vnni_nested``): its rebuild
+        keeps each chunk's segment words and the 8 broadcast activations live, so 8 vectors (16
+        accumulators) spilled 74-78 vectors a chunk at 3 and 8 bits; 4 spill 4-14 (2026-12-03,
+        kernel alone, CPU time at load 6: 8-bit 2,013 → 1,145 µs a call cold).
     int8_chains : int
         Independent int32 accumulators per vector in the VNNI GEMV, so consecutive ``vpdpbusd``
         do not wait on each other's latency.
@@ -72,7 +90,10 @@ class X86Params(CpuScheduleParams):
     float_unroll: int = 8
     gemm_tokens: int = 4
     gemm_vectors: int = 4
+    gemm_split: int = 4
+    gemm_unpack_tokens: tuple[tuple[int, int], ...] = ((3, 12),)
     int8_tile_vectors: int = 8
+    int8_nested_tile_vectors: int = 4
     int8_chains: int = 2
     prefetch_words: int = 0
     prefetch_locality: int = 3
@@ -120,3 +141,9 @@ def int8_grouped_gemm(spec, target: tvm.target.Target, params: X86Params | None 
 def schedule_nested_gemv(func: tirx.PrimFunc, spec, params=None) -> tirx.PrimFunc:
     """Schedule a nested (run-time width) GEMV with this family's parameters (``cpu_gemv``)."""
     return cpu_gemv.schedule_nested_gemv(func, spec, params or PARAMS)
+
+
+def int8_nested_gemv(spec, target: tvm.target.Target, params: X86Params | None = None) -> tirx.PrimFunc:
+    """The int8-activation nested GEMV (AVX-512 VNNI, see ``x86_vnni_nested``)."""
+    _require_vnni(spec.storage_bits, target)
+    return vnni_nested_gemv(spec, params or PARAMS)

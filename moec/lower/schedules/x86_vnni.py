@@ -16,6 +16,7 @@ from tvm.script import tirx as T
 from moec.core.errors import MoecError
 from moec.lower.kernels.gemv import GemvSpec
 from moec.lower.kernels.layout import num_tiles, zero_words
+from moec.lower.kernels.scopes import stack_scope
 from moec.lower.schedules.int8_common import (BYTE_MASK, plane_slot_source, quantize_activations_prep,
                                               scaled_group_sum)
 
@@ -87,6 +88,8 @@ def vnni_gemv(spec: GemvSpec, params) -> tirx.PrimFunc:
     xstride = 1 if spec.x_per_expert else 0
     dots_per_step = 8 if bits == 3 else 8 // bits
     chains = max(1, min(params.int8_chains, dots_per_step))
+    acc_scope = stack_scope(vecs * lanes * 4)
+    acc1_scope = stack_scope(vecs * max(chains - 1, 1) * lanes * 4)
     if lanes != 16:
         raise MoecError(f"the VNNI kernel works on 16 int32 lanes, not {lanes}")
     if gs % step_codes:
@@ -96,12 +99,13 @@ def vnni_gemv(spec: GemvSpec, params) -> tirx.PrimFunc:
     prep = quantize_activations_prep(xr, k, gs, vl, step_codes,
                                      (lambda c: c) if bits == 3 else plane_slot_source(bits))
 
-    def accumulate(acc, v, c, weight, x8, e, gv, step, r):
+    def accumulate(acc0, acc1, v, c, weight, x8, e, gv, step, r):
         """New value of accumulator ``c`` of vector ``v`` (global vector ``gv``) after one step."""
         def words(i):
             return weight[e, gv * lanes // tile, step * step_words + i,
                           T.ramp(gv * lanes % tile, 1, lanes)]
-        sums = [acc[v * chains + c, T.ramp(0, 1, lanes)] for c in range(chains)]
+        sums = [acc0[v, T.ramp(0, 1, lanes)]] + [acc1[v * (chains - 1) + c - 1, T.ramp(0, 1, lanes)]
+                                                 for c in range(1, chains)]
         for d, (codes, slot) in enumerate(_step_dots(bits, words)):
             x4 = T.reinterpret("int8x64", T.Broadcast(
                 T.reinterpret("int32", x8[r, T.ramp(step * step_codes + slot, 1, 4)]), lanes))
@@ -126,40 +130,50 @@ def vnni_gemv(spec: GemvSpec, params) -> tirx.PrimFunc:
         x8 = T.alloc_buffer((xr, k), "int8")  # the order the dot products consume
         prep(x, sx, xsum, xq, x8)
         for task in T.parallel(top_k * tiles):
-            acc = T.alloc_buffer((vecs * chains, lanes), "int32", scope="local")
-            yacc = T.alloc_buffer((vecs, lanes), "float32", scope="local")
-            e: T.int32 = expert_ids[task // tiles]
-            if e >= 0:  # a row routed to another bit class (id -1) does no work
+            # per-task tiles on the stack where they fit (kernels/scopes.py): the accumulators split
+            # by chain so that two chains of 8 vectors stay under 1 KiB each
+            acc0 = T.alloc_buffer((vecs, lanes), "int32", scope=acc_scope)  # chain 0
+            acc1 = T.alloc_buffer((vecs * max(chains - 1, 1), lanes), "int32", scope=acc1_scope)  # chains 1..
+            yacc = T.alloc_buffer((vecs, lanes), "float32", scope=acc_scope)
+            if expert_ids[task // tiles] >= 0:  # a row routed to another bit class (id -1) does no work
                 for v in T.unroll(vecs):
                     for lane in T.vectorized(lanes):
                         yacc[v, lane] = T.float32(0)
                 for g in range(groups):
-                    for a in T.unroll(vecs * chains):
+                    for a in T.unroll(vecs):
                         for lane in T.vectorized(lanes):
-                            acc[a, lane] = 0
+                            acc0[a, lane] = 0
+                    for a in T.unroll(vecs * (chains - 1)):
+                        for lane in T.vectorized(lanes):
+                            acc1[a, lane] = 0
                     for st in range(steps_per_group):
                         for v in T.unroll(vecs):
                             if task % tiles * vecs + v < nb:
                                 for i in T.unroll(prefetch_lines):
                                     T.evaluate(T.call_llvm_intrin(
                                         "void", "llvm.prefetch", T.address_of(weight[
-                                            e, (task % tiles * vecs + v) * lanes // tile,
+                                            expert_ids[task // tiles], (task % tiles * vecs + v) * lanes // tile,
                                             (g * steps_per_group + st) * step_words + prefetch + i,
                                             (task % tiles * vecs + v) * lanes % tile]),
                                         T.int32(0), T.int32(locality), T.int32(1)))
                                 for c in T.unroll(chains):
-                                    acc[v * chains + c, T.ramp(0, 1, lanes)] = accumulate(
-                                        acc, v, c, weight, x8, e, task % tiles * vecs + v,
-                                        g * steps_per_group + st, task // tiles * xstride)
+                                    if c == 0:
+                                        acc0[v, T.ramp(0, 1, lanes)] = accumulate(
+                                            acc0, acc1, v, c, weight, x8, expert_ids[task // tiles],
+                                            task % tiles * vecs + v, g * steps_per_group + st, task // tiles * xstride)
+                                    else:
+                                        acc1[v * (chains - 1) + c - 1, T.ramp(0, 1, lanes)] = accumulate(
+                                            acc0, acc1, v, c, weight, x8, expert_ids[task // tiles],
+                                            task % tiles * vecs + v, g * steps_per_group + st, task // tiles * xstride)
                     for v in T.unroll(vecs):
                         for c in T.unroll(1, chains):
                             for lane in T.vectorized(lanes):
-                                acc[v * chains, lane] = acc[v * chains, lane] + acc[v * chains + c, lane]
+                                acc0[v, lane] = acc0[v, lane] + acc1[v * (chains - 1) + c - 1, lane]
                     for v in T.unroll(vecs):
                         if task % tiles * vecs + v < nb:
                             for lane in T.vectorized(lanes):
                                 yacc[v, lane] = yacc[v, lane] + group_term(
-                                    acc[v * chains, lane], scale, zero, sx, xsum, e,
+                                    acc0[v, lane], scale, zero, sx, xsum, expert_ids[task // tiles],
                                     task % tiles * vecs + v, g, lane, task // tiles * xstride, sup)
                 for v in T.unroll(vecs):
                     if task % tiles * vecs + v < nb:

@@ -24,11 +24,14 @@ def vnni_grouped_gemm(spec: GroupedGemmSpec, params) -> tirx.PrimFunc:
     Every row of ``x`` (float32 ``[R, K]``) is quantized once per call, in parallel over rows
     (per group: ``sx = max|x| / 127``, codes in the order the dots consume them, their sum);
     ``rows`` (int32 ``[P]``) gathers the quantized rows for the sorted pairs, so the caller
-    passes the layer's token rows, not ``top_k`` copies of them. Parallel over (expert, tile of
-    ``gemm_vectors`` 16-row vectors); per block of ``gemm_tokens`` tokens and step of codes,
-    each vector's codes are extracted into bytes once and ``vpdpbusd``-ed against every token's
-    four activations (broadcast), into ``vectors × tokens`` int32 accumulators that are scaled
-    into float32 once per group. Experts without tokens cost nothing. ``params`` is an
+    passes the layer's token rows, not ``top_k`` copies of them. Parallel over tiles of
+    ``gemm_vectors`` 16-row vectors of every expert, in ``gemm_split`` parts (see ``split``: the
+    threads share every expert's rows whatever the routing). Per block of ``gemm_tokens``
+    tokens and step of codes, each vector's codes are extracted into bytes once and
+    ``vpdpbusd``-ed against every token's four activations (broadcast), into ``vectors × tokens``
+    int32 accumulators that are scaled into float32 once per group; an expert with at least
+    ``gemm_unpack_tokens[bits]`` tokens instead unpacks its rows' codes into a byte workspace once
+    (see the comment at ``unpack_tokens``). Experts without tokens cost nothing. ``params`` is an
     :class:`~moec.lower.schedules.x86.X86Params`.
     """
     bits, n, k, gs, lanes, tile = spec.bits, spec.n, spec.k, spec.group_size, params.lanes, spec.tile
@@ -42,14 +45,24 @@ def vnni_grouped_gemm(spec: GroupedGemmSpec, params) -> tirx.PrimFunc:
     vecs, tb, experts = params.gemm_vectors, params.gemm_tokens, spec.num_stacked
     nb = n // lanes
     tiles = -(-nb // vecs)
+    # Tasks: ``split`` contiguous ranges, each with 1/split of every expert's tiles (expert-major
+    # inside a range). TVM gives each thread a contiguous range of tasks, so with a thread count
+    # dividing ``split`` every thread gets its share of every expert's rows whatever the routing
+    # (all expert-major, one thread got the busy experts), and consecutive tasks still share an
+    # expert's token rows (its x8 rows stay in cache).
+    split = max(1, min(params.gemm_split, tiles))
+    per_split = -(-tiles // split)
     nt = num_tiles(n, tile)
     prep = quantize_rows_prep(k, gs, 16 if gs % 16 == 0 else gs, step_codes,
                               (lambda c: c) if bits == 3 else plane_slot_source(bits))
 
-    def step_dots(value, weight, x8, row, e, gv, step):
+    def words_of(weight, e, gv, step):
         def words(i):
             return weight[e, gv * lanes // tile, step * step_words + i, T.ramp(gv * lanes % tile, 1, lanes)]
-        for codes, slot in _step_dots(bits, words):
+        return words
+
+    def step_dots(value, weight, x8, row, e, gv, step):
+        for codes, slot in _step_dots(bits, words_of(weight, e, gv, step)):
             x4 = T.reinterpret("int8x64", T.Broadcast(
                 T.reinterpret("int32", x8[row, T.ramp(step * step_codes + slot, 1, 4)]), lanes))
             value = _dpbusd(value, codes, x4)
@@ -62,6 +75,52 @@ def vnni_grouped_gemm(spec: GroupedGemmSpec, params) -> tirx.PrimFunc:
             acc[v * tb + r, T.ramp(0, 1, lanes)] = step_dots(acc[v * tb + r, T.ramp(0, 1, lanes)],
                                                               weight, x8, tok[r], e, gv, step)
 
+    def unpacked_word(weight, e, gv, step, d):
+        """Dot ``d`` (a constant once unrolled) of a 3-bit step's codes: one code per byte, as uint32x16."""
+        dots = [T.reinterpret("uint32x16", codes) for codes, _ in _step_dots(bits, words_of(weight, e, gv, step))]
+        value = dots[-1]
+        for i in range(len(dots) - 2, -1, -1):  # folds to one dot once d is a constant
+            value = T.if_then_else(d == i, dots[i], value)
+        return value
+
+    @T.macro
+    def unpack_tile(ws, weight, e, gv0):
+        """Every 3-bit code of the task's vectors into bytes of ``ws`` once (word ``w``: codes 4w..4w+3)."""
+        for v in T.unroll(vecs):
+            if gv0 + v < nb:
+                for step in range(k // step_codes):
+                    for d in T.unroll(step_codes // 4):
+                        ws[v, step * (step_codes // 4) + d, T.ramp(0, 1, lanes)] = unpacked_word(
+                            weight, e, gv0 + v, step, d)
+
+    @T.macro
+    def unpacked_step(acc, ws, x8, tok, v, word):
+        """One word of unpacked codes (4 per row) of vector ``v`` against the block's tokens."""
+        for r in T.unroll(tb):
+            acc[v * tb + r, T.ramp(0, 1, lanes)] = _dpbusd(
+                acc[v * tb + r, T.ramp(0, 1, lanes)], T.reinterpret("int8x64", ws[v, word, T.ramp(0, 1, lanes)]),
+                T.reinterpret("int8x64", T.Broadcast(T.reinterpret("int32", x8[tok[r], T.ramp(word * 4, 1, 4)]),
+                                                     lanes)))
+
+    @T.macro
+    def packed_group(acc, ws, weight, x8, tok, e, gv0, g):
+        for st in range(steps_per_group):
+            for v in T.unroll(vecs):
+                if gv0 + v < nb:
+                    gemm_step(acc, weight, x8, tok, e, gv0 + v, v, g * steps_per_group + st)
+
+    @T.macro
+    def unpacked_group(acc, ws, weight, x8, tok, e, gv0, g):
+        for st in range(gs // 4):
+            for v in T.unroll(vecs):
+                if gv0 + v < nb:
+                    unpacked_step(acc, ws, x8, tok, v, g * (gs // 4) + st)
+
+    # Experts with at least ``unpack_tokens`` tokens unpack their rows' codes to bytes once per call,
+    # and every token block then runs the 8-bit inner loop over them: at 3 bits the extraction
+    # costs about as much as a block's dot products, once per expert it amortizes over its tokens.
+    # Fewer tokens (and 2/4/8 bits, by default) extract per block.
+    unpack_tokens = dict(params.gemm_unpack_tokens).get(bits, 1 << 30)
     sg = spec.super_groups
 
     def group_term(dot, scale, zero, sx, xsum, e, gv, g, lane, row, sup):
@@ -69,19 +128,10 @@ def vnni_grouped_gemm(spec: GroupedGemmSpec, params) -> tirx.PrimFunc:
         return scaled_group_sum(dot, scale, zero, sx, xsum, e, t, col, g, row, bits, super_scale=sup,
                                 super_groups=sg)
 
-    @T.macro
-    def body(x, rows, xrows, weight, scale, sup, zero, offsets, y):
-        sx = T.alloc_buffer((xrows, groups), "float32")
-        xsum = T.alloc_buffer((xrows, groups), "int32")
-        x8 = T.alloc_buffer((xrows, k), "int8")  # per step, in the order the dot products consume it
-        prep(x, xrows, sx, xsum, x8)
-        for task in T.parallel(experts * tiles):
-            acc = T.alloc_buffer((vecs * tb, lanes), "int32", scope="local")
-            yacc = T.alloc_buffer((vecs * tb, lanes), "float32", scope="local")
-            tok = T.alloc_buffer((tb,), "int32", scope="local")
-            e: T.int32 = task // tiles
-            start: T.int32 = offsets[e]
-            count: T.int32 = offsets[e + 1] - start
+    def make_blocks(group_steps):
+        @T.macro
+        def gemm_blocks(rows, weight, scale, sup, zero, y, sx, xsum, x8, acc, yacc, tok, ws, gv0, e, start, count):
+            """The expert's tokens in blocks of ``tb``: int32 dots per group, scaled into float32 accumulators."""
             for blk in range((count + tb - 1) // tb):
                 for r in T.unroll(tb):
                     # tail slots of a block recompute the block's last token (never stored)
@@ -93,25 +143,49 @@ def vnni_grouped_gemm(spec: GroupedGemmSpec, params) -> tirx.PrimFunc:
                     for a in T.unroll(vecs * tb):
                         for lane in T.vectorized(lanes):
                             acc[a, lane] = 0
-                    for st in range(steps_per_group):
-                        for v in T.unroll(vecs):
-                            if task % tiles * vecs + v < nb:
-                                gemm_step(acc, weight, x8, tok, e, task % tiles * vecs + v, v,
-                                          g * steps_per_group + st)
+                    group_steps(acc, ws, weight, x8, tok, e, gv0, g)
                     for v in T.unroll(vecs):
-                        if task % tiles * vecs + v < nb:
+                        if gv0 + v < nb:
                             for r in T.unroll(tb):
                                 for lane in T.vectorized(lanes):
                                     yacc[v * tb + r, lane] = yacc[v * tb + r, lane] + group_term(
                                         acc[v * tb + r, lane], scale, zero, sx, xsum, e,
-                                        task % tiles * vecs + v, g, lane, tok[r], sup)
+                                        gv0 + v, g, lane, tok[r], sup)
                 for v in T.unroll(vecs):
-                    if task % tiles * vecs + v < nb:
+                    if gv0 + v < nb:
                         for r in T.unroll(tb):
                             if blk * tb + r < count:
                                 for lane in T.vectorized(lanes):
-                                    y[start + blk * tb + r, (task % tiles * vecs + v) * lanes + lane] = \
+                                    y[start + blk * tb + r, (gv0 + v) * lanes + lane] = \
                                         yacc[v * tb + r, lane]
+        return gemm_blocks
+
+    packed_blocks, unpacked_blocks = make_blocks(packed_group), make_blocks(unpacked_group)
+
+    @T.macro
+    def body(x, rows, xrows, weight, scale, sup, zero, offsets, y):
+        sx = T.alloc_buffer((xrows, groups), "float32")
+        xsum = T.alloc_buffer((xrows, groups), "int32")
+        x8 = T.alloc_buffer((xrows, k), "int8")  # per step, in the order the dot products consume it
+        prep(x, xrows, sx, xsum, x8)
+        for task in T.parallel(split * experts * per_split):
+            acc = T.alloc_buffer((vecs * tb, lanes), "int32", scope="local")
+            yacc = T.alloc_buffer((vecs * tb, lanes), "float32", scope="local")
+            tok = T.alloc_buffer((tb,), "int32", scope="local")
+            tl: T.int32 = task // (experts * per_split) * per_split + task % per_split
+            gv0: T.int32 = tl * vecs
+            e: T.int32 = task // per_split % experts
+            start: T.int32 = offsets[e]
+            count: T.int32 = offsets[e + 1] - start
+            if tl < tiles:  # (the last part may be padding)
+                if count >= unpack_tokens:
+                    ws = T.alloc_buffer((vecs, k // 4, lanes), "uint32")
+                    unpack_tile(ws, weight, e, gv0)
+                    unpacked_blocks(rows, weight, scale, sup, zero, y, sx, xsum, x8, acc, yacc, tok, ws, gv0, e,
+                                    start, count)
+                else:
+                    packed_blocks(rows, weight, scale, sup, zero, y, sx, xsum, x8, acc, yacc, tok, acc, gv0, e,
+                                  start, count)
 
     zw = zero_words(groups, bits)
     if sg:  # double-quantized scales: uint8 codes and fp16 super-scales

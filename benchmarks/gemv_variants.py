@@ -1,0 +1,81 @@
+"""Cold int8-activation (VNNI) decode GEMV under variants of the x86 schedule parameters, interleaved.
+
+Compiles :func:`moec.lower.schedules.x86_vnni.vnni_gemv` once per variant (``X86Params`` fields as
+a Python dict, e.g. ``"{'prefetch_words': 8}"``; ``"{}"`` is the default), checks that every variant
+gives the default's output bit for bit, and times calls that rotate over four random stacks of
+``--experts`` experts (more than the L3 cache, so every call reads its experts from DRAM), in rounds
+that alternate the variants. Time is this thread's CPU time (robust to preemption on a loaded
+machine; run with ``TVM_NUM_THREADS=1`` so the kernel runs on this thread). GB/s = the selected
+experts' canonical packed bytes per call / time per call.
+
+Usage::
+
+    TVM_NUM_THREADS=1 python benchmarks/gemv_variants.py --bits 4 "{}" "{'prefetch_words': 8}"
+"""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import dataclasses
+import os
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from kernel_bandwidth import expert_nbytes, random_stack  # noqa: E402
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("variants", nargs="+", help="X86Params overrides, a Python dict each")
+    ap.add_argument("--bits", type=int, default=4)
+    ap.add_argument("--n", type=int, default=1024)
+    ap.add_argument("--k", type=int, default=2048)
+    ap.add_argument("--group-size", type=int, default=64)
+    ap.add_argument("--experts", type=int, default=64)
+    ap.add_argument("--top-k", type=int, default=8)
+    ap.add_argument("--rounds", type=int, default=8)
+    args = ap.parse_args()
+    import tvm
+
+    from moec.lower.kernels.factory import compile_kernel, host_target
+    from moec.lower.kernels.gemv import GemvSpec
+    from moec.lower.schedules import x86
+    from moec.lower.schedules.x86_vnni import vnni_gemv
+
+    print(f"load average before: {os.getloadavg()}")
+    variants = [ast.literal_eval(v) for v in args.variants]
+    spec = GemvSpec(args.bits, args.n, args.k, args.group_size, args.experts, args.top_k, x86.PARAMS.layout_tile)
+    fns = [compile_kernel(vnni_gemv(spec, dataclasses.replace(x86.PARAMS, **v)), host_target())["gemv"]
+           for v in variants]
+    stacks = [[tvm.runtime.tensor(a) for a in random_stack(args.bits, args.n, args.k, args.group_size, args.experts,
+                                                           x86.PARAMS.layout_tile, seed=s)] for s in range(4)]
+    x = tvm.runtime.tensor(np.random.default_rng(1).standard_normal((1, args.k)).astype(np.float32))
+    ys = [tvm.runtime.empty((args.top_k, args.n), "float32", tvm.cpu()) for _ in fns]
+    calls = args.experts // args.top_k
+    ids = [tvm.runtime.tensor((np.arange(args.top_k) + c * args.top_k).astype(np.int32)) for c in range(calls)]
+    for f, y in zip(fns, ys):
+        f(x, *stacks[0], ids[0], y)
+        if not np.array_equal(ys[0].numpy(), y.numpy()):
+            raise SystemExit("a variant's output differs from the first variant's")
+    times: list[list[float]] = [[] for _ in fns]
+    for _ in range(args.rounds):
+        for i, f in enumerate(fns):
+            t0 = time.thread_time()
+            for st in stacks:
+                for idv in ids:
+                    f(x, *st, idv, ys[i])
+            times[i].append((time.thread_time() - t0) / (len(stacks) * calls))
+    nbytes = expert_nbytes(args.bits, args.n, args.k, args.group_size) * args.top_k
+    for v, ts in zip(args.variants, times):
+        print(f"{args.bits}-bit {v}: cold median {np.median(ts) * 1e6:.0f} us/call, "
+              f"{nbytes / np.median(ts) / 1e9:.1f} GB/s (best round {nbytes / min(ts) / 1e9:.1f})")
+    print(f"load average after: {os.getloadavg()}")
+
+
+if __name__ == "__main__":
+    main()

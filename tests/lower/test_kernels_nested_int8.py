@@ -1,0 +1,114 @@
+"""Int8-activation (VNNI) nested GEMV: every derived width against an integer reference of the int8
+activations, the stored width bit-identical to the fixed int8 kernel, and skipped planes never loaded."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from tvm.target import codegen
+
+from moec.core.errors import MoecError
+from moec.core.targets import load_target
+from moec.lower.bundler import require_nested_activations
+from moec.lower.kernels.activations import dequantized_activations, quantize_activations
+from moec.lower.kernels.factory import compile_kernel, host_target, make_gemv, make_nested_gemv
+from moec.lower.kernels.layout import nested_kernel_layout, stack_kernel_layouts, to_kernel_layout
+from moec.lower.schedules import kernel_tile
+from moec.quant.nested import dequantize_nested, derived_codes, nest
+from moec.quant.packed_model import pack_weight
+
+from kernel_helpers import assert_close, call
+
+pytestmark = [pytest.mark.tvm, pytest.mark.skipif(
+    not codegen.target_has_features("avx512vnni", host_target()), reason="needs AVX-512 VNNI")]
+
+
+def _experts(storage, n, k, gs, experts, seed=0):
+    rng = np.random.default_rng(seed)
+    pws = [pack_weight((rng.standard_normal((n, k)) * 0.1).astype(np.float32), storage, gs) for _ in range(experts)]
+    nws = [nest(p) for p in pws]
+    tile = kernel_tile(host_target())
+    return pws, nws, stack_kernel_layouts([nested_kernel_layout(nw, tile) for nw in nws])
+
+
+def _run(mod, nws, stack, x, prec, ids, n):
+    segs = [stack[f"seg{s}"] for s in range(len(nws[0].segments))]
+    y = np.full((len(ids), n), 7.0, np.float32)
+    return call(mod, "gemv", [x, *segs, stack["scale"], stack["zero"], np.asarray(prec, np.int32),
+                              np.asarray(ids, np.int32), y])
+
+
+def _reference(nw, bits, x, gs):
+    """``sum_g scale·sx·(sum (q_k << s)·x8 − (zero − (2**s − 1)/2)·xsum)`` in float64 (module docstring)."""
+    x8, sx = quantize_activations(x[None], gs)
+    n, k = nw.shape
+    s = nw.storage_bits - bits
+    q = derived_codes(nw, bits).astype(np.int64) << s
+    dots = (q.reshape(n, -1, gs) * x8.reshape(1, -1, gs).astype(np.int64)).sum(-1)
+    xsum = x8.reshape(-1, gs).astype(np.int64).sum(-1)
+    zero = nw.zeros().astype(np.float64) - ((1 << s) - 1) / 2
+    terms = nw.scale.astype(np.float64) * sx[0].astype(np.float64) * (dots - zero * xsum)
+    return terms.sum(-1)
+
+
+@pytest.mark.parametrize("storage,per_expert", [(8, False), (4, True)])
+def test_int8_nested_gemv_serves_each_width_at_run_time(storage, per_expert):
+    n, k, gs, experts, top_k = 64, 128, 32, 4, 3
+    _, nws, stack = _experts(storage, n, k, gs, experts)
+    mod = compile_kernel(make_nested_gemv(storage, n, k, gs, experts, top_k, host_target(),
+                                          x_per_expert=per_expert, activations="int8"), host_target())
+    x = np.random.default_rng(1).standard_normal((top_k if per_expert else 1, k)).astype(np.float32)
+    widths = nws[0].format.derived_bits
+    for prec in ([widths[e % len(widths)] for e in range(experts)], [widths[0]] * experts,
+                 [widths[-1 - (e % 2)] for e in range(experts)]):
+        ids = [3, -1, 1]
+        y = _run(mod, nws, stack, x, prec, ids, n)
+        for r, e in enumerate(ids):
+            if e < 0:
+                assert (y[r] == 7.0).all()  # row guard: nothing computed or read
+                continue
+            xr = x[r if per_expert else 0]
+            np.testing.assert_allclose(y[r], _reference(nws[e], prec[e], xr, gs), rtol=1e-5,
+                                       atol=1e-6 * float(np.abs(y[r]).max()))
+            # and the derived weight times the activations the int8 kernels see
+            assert_close(y[r], dequantize_nested(nws[e], prec[e]) @ dequantized_activations(xr[None], gs)[0])
+
+
+@pytest.mark.parametrize("storage", [8, 4])
+def test_stored_width_is_bit_identical_to_the_fixed_int8_kernel(storage):
+    n, k, gs, experts = 64, 256, 64, 3
+    pws, nws, stack = _experts(storage, n, k, gs, experts, seed=4)
+    target = host_target()
+    nested = compile_kernel(make_nested_gemv(storage, n, k, gs, experts, 2, target, activations="int8"), target)
+    fixed = compile_kernel(make_gemv(storage, n, k, gs, experts, 2, target, activations="int8"), target)
+    fstack = stack_kernel_layouts([to_kernel_layout(p, kernel_tile(target)) for p in pws])
+    x = np.random.default_rng(5).standard_normal((1, k)).astype(np.float32)
+    ids = np.asarray([2, 0], np.int32)
+    want = call(fixed, "gemv", [x, fstack["weight"], fstack["scale"], fstack["zero"], ids,
+                                np.zeros((2, n), np.float32)])
+    got = _run(nested, nws, stack, x, [storage] * experts, ids, n)
+    assert np.array_equal(got, want)
+
+
+def test_int8_unneeded_planes_are_never_loaded():
+    n, k, gs, experts = 32, 64, 32, 2
+    _, nws, stack = _experts(8, n, k, gs, experts)
+    mod = compile_kernel(make_nested_gemv(8, n, k, gs, experts, 1, host_target(), activations="int8"),
+                         host_target())
+    x = np.random.default_rng(2).standard_normal((1, k)).astype(np.float32)
+    for prec, dirty_from in (([2, 2], 1), ([3, 3], 2), ([4, 4], 3)):
+        dirty = dict(stack)
+        for s in range(dirty_from, 4):
+            dirty[f"seg{s}"] = np.full_like(stack[f"seg{s}"], 0xFFFFFFFF)
+        assert np.array_equal(_run(mod, nws, dirty, x, prec, [0], n), _run(mod, nws, stack, x, prec, [0], n))
+
+
+def test_int8_nested_shape_errors():
+    with pytest.raises(MoecError, match="multiples of 16"):
+        make_nested_gemv(8, 40, 128, 32, 2, 1, host_target(), activations="int8")
+    with pytest.raises(MoecError, match="unknown activations"):
+        make_nested_gemv(8, 64, 128, 32, 2, 1, host_target(), activations="int4")
+    # compile refuses it up front on a target without the kernel (ARM: float32 nested kernels only)
+    with pytest.raises(MoecError, match="no int8-activation nested GEMV for target family 'arm'"):
+        require_nested_activations(load_target("raspberry-pi-5"), 8, "int8")
+    require_nested_activations(load_target("raspberry-pi-5"), 8, "float32")

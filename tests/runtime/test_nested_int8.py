@@ -1,0 +1,93 @@
+"""Nested bundles with int8 activations (``moec compile --nested 8 --activations int8``): the routed
+experts run the VNNI nested GEMV; at the stored width the bundle equals the fixed int8 bundle of the
+same plan bit for bit, and a plan switch mid-generation follows the float32-activation nested bundle."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+from tvm.target import codegen
+
+from moec.cli.main import cli
+from moec.lower.kernels.factory import host_target
+from tests.runtime.nested_fixtures import GS, mixed_plan
+
+pytestmark = [pytest.mark.tvm, pytest.mark.skipif(
+    not codegen.target_has_features("avx512vnni", host_target()), reason="needs AVX-512 VNNI")]
+
+
+@pytest.fixture(scope="module")
+def bundles(tmp_path_factory):
+    """(root with nested_i8, fixed_i8 and nested_f32 bundles of one tiny checkpoint, the mixed plan file)."""
+    from tests.conftest import make_tiny_checkpoint
+    root = tmp_path_factory.mktemp("nested_int8")
+    ckpt = root / "ckpt"
+    cfg = make_tiny_checkpoint(ckpt, seed=5)
+    plan_file = root / "mixed.json"
+    plan_file.write_text(json.dumps(mixed_plan(cfg).to_json()))
+    common = [str(ckpt), "--plan", "uniform:8", "--group-size", str(GS), "--method", "rtn"]
+    for name, extra in (("nested_i8", ["--nested", "8", "--activations", "int8"]),
+                        ("nested_f32", ["--nested", "8"]),
+                        ("fixed_i8", ["--activations", "int8"])):
+        res = CliRunner().invoke(cli, ["compile", *common, *extra, "--out", str(root / name)])
+        assert res.exit_code == 0, res.output
+    return root, plan_file
+
+
+def _steps(sess, tokens):
+    """Logits of feeding ``tokens`` one decode step each."""
+    return [sess.step(t) for t in tokens]
+
+
+def test_int8_nested_bundle_runs_the_int8_kernel_and_equals_the_fixed_int8_bundle(bundles):
+    from moec.runtime.session import BundleSession
+    root, _ = bundles
+    manifest = json.loads((root / "nested_i8" / "manifest.json").read_text())
+    assert manifest["activations"] == "int8"
+    with BundleSession(root / "nested_i8") as nested, BundleSession(root / "fixed_i8") as fixed, \
+            BundleSession(root / "nested_f32") as f32:
+        prompt = nested.tokenizer.encode("Experts in a mixture").ids
+        got, want, other = _steps(nested, prompt), _steps(fixed, prompt), _steps(f32, prompt)
+        for g, w in zip(got, want):
+            assert np.array_equal(g, w)  # the stored width: the same integer sums, the same float epilogue
+        assert not all(np.array_equal(g, o) for g, o in zip(got, other))  # int8 activations, not float32
+        nested.reset()  # the prefill (nested grouped GEMMs, float32 activations for the experts) runs too
+        assert np.isfinite(nested.prefill(prompt)).all()
+
+
+def test_plan_switch_mid_generation_with_int8_activations(bundles):
+    """Greedy decode: 4 tokens at the stored width (= the fixed int8 bundle's), a switch to the mixed
+    2/3/4/8 plan for 4 tokens, back to uniform 8: the tokens equal the float32-activation nested
+    bundle's under the same switches, and the mixed steps differ from uniform 8's."""
+    from moec.runtime.session import BundleSession
+    root, plan_file = bundles
+    runs = {}
+    for name in ("nested_i8", "nested_f32"):
+        with BundleSession(root / name) as sess:
+            prompt = sess.tokenizer.encode("Experts in a mixture").ids
+            logits = _steps(sess, prompt)[-1]
+            tokens, per_step = [], []
+            for i in range(12):
+                if i == 4:
+                    sess.set_plan(plan_file)
+                if i == 8:
+                    sess.set_plan("uniform:8")
+                tokens.append(int(np.argmax(logits)))
+                logits = sess.step(tokens[-1])
+                per_step.append(logits)
+            runs[name] = tokens, per_step
+    assert runs["nested_i8"][0] == runs["nested_f32"][0]
+    with BundleSession(root / "fixed_i8") as fixed:
+        prompt = fixed.tokenizer.encode("Experts in a mixture").ids
+        logits = _steps(fixed, prompt)[-1]
+        for i in range(4):
+            assert int(np.argmax(logits)) == runs["nested_i8"][0][i]
+            logits = fixed.step(runs["nested_i8"][0][i])
+            assert np.array_equal(logits, runs["nested_i8"][1][i])
+        # the same tokens under uniform 8 all along: the mixed plan's steps (4..7) read other weights
+        for i in range(4, 8):
+            logits = fixed.step(runs["nested_i8"][0][i])
+            assert not np.array_equal(logits, runs["nested_i8"][1][i])
