@@ -17,6 +17,8 @@ from moec.core.errors import MoecError
 
 #: plan fields compared between a reused bundle's manifest and the plan it should hold
 PLAN_KEYS = ("experts", "tensors", "group_size", "method")
+#: the label of :func:`mixed_plan` in result tables
+MIXED = "mixed"
 
 
 def bundle_is_current(bundle: Path, activations: str, plan: dict | None = None) -> bool:
@@ -89,3 +91,19 @@ def write_mixed_plan(ckpt: Path, out: Path) -> tuple[Path, dict, float]:
 def bundle_file_bytes(bundle: Path) -> int:
     """Bytes of every file of the bundle (library, weights, index, tokenizer, manifest)."""
     return sum(p.stat().st_size for p in bundle.iterdir() if p.is_file())
+
+
+def build_bundles(ckpt: Path, out: Path, bits: list[int], acts: list[str],
+                  mixed: bool) -> tuple[dict[tuple[str, str], Path], float]:
+    """``{(plan label, activations): bundle}`` and the mixed plan's share of uniform:8's bytes."""
+    cache = out / "quant-cache"
+    bundles = {}
+    for b in bits:
+        for act in acts:
+            bundles[(f"uniform:{b}", act)] = moec_compile(ckpt, f"uniform:{b}", out / f"moec-u{b}-{act}", act, cache)
+    share = float("nan")
+    if mixed:
+        path, plan_json, share = write_mixed_plan(ckpt, out / "mixed-plan.json")
+        for act in acts:
+            bundles[(MIXED, act)] = moec_compile(ckpt, str(path), out / f"moec-mixed-{act}", act, cache, plan_json)
+    return bundles, share

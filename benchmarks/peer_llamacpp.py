@@ -62,12 +62,11 @@ import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from peer_bundles import bundle_file_bytes, moec_compile, write_mixed_plan  # noqa: E402
+from peer_bundles import MIXED, build_bundles, bundle_file_bytes  # noqa: E402
 from peer_common import (PAIRS, convert, f32_name, gguf_tensor_bytes, llama_perplexity,  # noqa: E402
                          moec_perplexity, param_count, quantize, quantized_name, same_tokens)
 from peer_speed import label, llama_at, llama_probe, llama_times, moec_times, settings  # noqa: E402
 
-MIXED = "mixed"
 
 
 def olmoe_checkpoint(work: Path, layers: int) -> Path:
@@ -91,22 +90,6 @@ def gguf_files(ckpt: Path, root: Path, out: Path, types: list[str]) -> dict[str,
     if not all(quantized_name(f32, t).exists() for t in types):
         f32 = convert(ckpt, root, out)
     return {t: quantize(root, f32, t) for t in types}
-
-
-def build_bundles(ckpt: Path, out: Path, bits: list[int], acts: list[str],
-                  mixed: bool) -> tuple[dict[tuple[str, str], Path], float]:
-    """``{(plan label, activations): bundle}`` and the mixed plan's share of uniform:8's bytes."""
-    cache = out / "quant-cache"
-    bundles = {}
-    for b in bits:
-        for act in acts:
-            bundles[(f"uniform:{b}", act)] = moec_compile(ckpt, f"uniform:{b}", out / f"moec-u{b}-{act}", act, cache)
-    share = float("nan")
-    if mixed:
-        path, plan_json, share = write_mixed_plan(ckpt, out / "mixed-plan.json")
-        for act in acts:
-            bundles[(MIXED, act)] = moec_compile(ckpt, str(path), out / f"moec-mixed-{act}", act, cache, plan_json)
-    return bundles, share
 
 
 def perplexity_rows(args, ckpt: Path, f32: Path, ggufs: dict[str, Path], n_params: int) -> list[str]:

@@ -4,6 +4,9 @@ Each round starts a fresh process per thread count (the TVM pool is process-wide
 16-token prompt and times ``--steps`` decode steps (wall clock, and the calling thread's CPU
 time: with one TVM thread that is the step's own work, which a loaded machine does not inflate
 by preempting it, and the calling thread's minor page faults, ``getrusage(RUSAGE_THREAD)``).
+Each round also times the machine's own floor: a fixed in-cache numpy computation (one thread)
+calibrated to the bundle's median step, the same number of times, in a fresh process; its p99/p50
+is the step-time spread this machine shows for work that does not vary at all.
 ``--threads 2`` reproduces the pool that small bundles used before they were given one thread.
 The child uses only ``BundleSession(bundle, threads)``, ``prefill`` and ``step``, so running this
 script with another checkout on ``PYTHONPATH`` times that checkout's runtime.
@@ -36,6 +39,25 @@ for i in range(int(sys.argv[3])):
 print(json.dumps([ts, cpu, faults]))
 '''
 
+FLOOR = r'''
+import json, sys, time
+import numpy as np
+a = np.random.default_rng(0).standard_normal((64, 64)).astype(np.float32) * 0.1
+def work(n):
+    x = a
+    for _ in range(n):
+        x = np.tanh(x @ a)
+    return x
+one = np.median([(lambda t0: (work(8), time.perf_counter() - t0)[1])(time.perf_counter()) for _ in range(300)]) / 8
+n = max(1, round(float(sys.argv[1]) / 1e3 / one))
+ts, cpu = [], []
+for _ in range(int(sys.argv[2])):
+    t0, c0 = time.perf_counter(), time.thread_time(); work(n)
+    ts.append(time.perf_counter() - t0); cpu.append(time.thread_time() - c0)
+print(json.dumps([ts, cpu]))
+'''
+FLOOR_ENV = {"OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+
 
 def summary(ms: np.ndarray) -> str:
     p50, p90, p99 = np.percentile(ms, [50, 90, 99])
@@ -55,6 +77,7 @@ def main() -> None:
     res: dict[int, list[np.ndarray]] = {t: [] for t in counts}
     cpu: dict[int, list[np.ndarray]] = {t: [] for t in counts}
     faults: dict[int, list[np.ndarray]] = {t: [] for t in counts}
+    floor: list[np.ndarray] = []
     for r in range(args.rounds):
         for t in counts:
             out = subprocess.run([sys.executable, "-c", CHILD, args.bundle, str(t), str(args.steps)],
@@ -66,9 +89,16 @@ def main() -> None:
             faults[t].append(np.array(flt, float))
             print(f"round {r} threads={t}: {summary(wall)}; CPU p50 {np.median(used):.3f} p99 "
                   f"{np.percentile(used, 99):.3f} ms; minor faults per step mean {np.mean(flt):.2f}", flush=True)
+        target = np.median(np.concatenate([res[t][-1] for t in counts]))
+        out = subprocess.run([sys.executable, "-c", FLOOR, str(target), str(args.steps)], check=True,
+                             capture_output=True, text=True, env={**os.environ, **FLOOR_ENV}).stdout
+        wall = np.array(json.loads(out.strip().splitlines()[-1])[0]) * 1e3
+        floor.append(wall)
+        print(f"round {r} machine floor (fixed numpy work of the median step): {summary(wall)}", flush=True)
     print(f"load average after: {os.getloadavg()}")
     for t in counts:
         print(f"all rounds threads={t}: {summary(np.concatenate(res[t]))}")
+    print(f"all rounds machine floor: {summary(np.concatenate(floor))}")
     for t in counts:  # on one thread the step's CPU time is its work without the scheduler's preemptions
         used, flt = np.concatenate(cpu[t]), np.concatenate(faults[t])
         p50, p99 = np.percentile(used, [50, 99])

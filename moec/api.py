@@ -8,13 +8,14 @@ from __future__ import annotations
 
 from moec.core.errors import MoecError
 from moec.core.plan import BitPlan, resolve_plan
+from moec.pipeline.bundle_eval import BundleEval, evaluate_bundle, is_bundle
 from moec.pipeline.compile import CompileConfig, build_from_onnx, compile_bundle
 from moec.pipeline.export import export_onnx, inspect_file
 from moec.pipeline.finetune import FinetuneConfig, FinetuneOptions, FinetuneResult, finetune
 from moec.pipeline.profile import DataConfig, PlanEval, SensitivityConfig, evaluate, profile
 from moec.pipeline.search import SearchConfig, SearchOutcome, search
 
-__all__ = ["BitPlan", "CompileConfig", "DataConfig", "FinetuneConfig", "FinetuneOptions", "FinetuneResult",
+__all__ = ["BitPlan", "BundleEval", "CompileConfig", "DataConfig", "FinetuneConfig", "FinetuneOptions", "FinetuneResult",
            "MoecError", "PlanEval", "SearchConfig", "SearchOutcome",
-           "SensitivityConfig", "build_from_onnx", "compile_bundle", "evaluate", "export_onnx", "finetune", "inspect_file",
-           "profile", "resolve_plan", "search"]
+           "SensitivityConfig", "build_from_onnx", "compile_bundle", "evaluate", "evaluate_bundle", "export_onnx", "finetune", "inspect_file",
+           "is_bundle", "profile", "resolve_plan", "search"]

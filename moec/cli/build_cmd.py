@@ -5,7 +5,7 @@ from __future__ import annotations
 import click
 
 from moec import api
-from moec.cli.common import output_options
+from moec.cli.common import activations_option, output_options
 
 
 @click.command("build")
@@ -15,9 +15,7 @@ from moec.cli.common import output_options
 @output_options
 @click.option("--debug-dump", type=click.Path(file_okay=False), default=None,
               help="Write the IR after each lowering phase into this directory.")
-@click.option("--activations", type=click.Choice(["float32", "int8"]), default="float32", show_default=True,
-              help="Activations of the quantized decode GEMVs: float32 (exact) or int8 per group "
-                   "(faster with int8 dot products, ~1e-2 relative error; like onnxruntime accuracy_level 4).")
+@activations_option
 def build_cmd(model, target, out, force, sign_key, debug_dump, activations):
     """Build MODEL (an export directory or its decode.onnx) into a bundle for a target."""
 

@@ -7,6 +7,7 @@ import json
 import click
 
 from moec.api import DataConfig
+from moec.lower.kernels.activations import ACTIVATION_CHOICES, AUTO
 
 
 def data_options(f):
@@ -42,3 +43,13 @@ def output_options(f):
     f = click.option("--force", is_flag=True,
                      help="Replace --out even if it is a directory moec did not write.")(f)
     return f
+
+
+def activations_option(f):
+    """--activations of compile and build: auto (int8 where the target has int8 kernels), float32 or int8."""
+    return click.option(
+        "--activations", type=click.Choice(ACTIVATION_CHOICES), default=AUTO, show_default=True,
+        help="Activations of the quantized GEMVs and prefill GEMMs: int8 per group (integer dot products, like "
+             "llama.cpp's quantized matmuls; ~1e-2 relative error per product, +0.02 % perplexity on the reference "
+             "model) or float32 (exact against `moec eval --plan`). auto: int8 where the target's kernels have "
+             "int8 dot products (x86 AVX-512 VNNI, ARM dotprod), float32 elsewhere. The manifest records which.")(f)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import click
 
 from moec import api
-from moec.cli.common import max_memory_option, output_options
+from moec.cli.common import activations_option, max_memory_option, output_options
 from moec.cli.search_cmd import parse_tensor_bits, search_options
 from moec.core.formats import SCALE_FORMATS
 from moec.pipeline.recipe import compile_config, load_recipe, resolve
@@ -27,9 +27,7 @@ from moec.pipeline.recipe import compile_config, load_recipe, resolve
 @output_options
 @click.option("--debug-dump", type=click.Path(file_okay=False), default=None,
               help="Write the IR after each lowering phase into this directory.")
-@click.option("--activations", type=click.Choice(["float32", "int8"]), default="float32", show_default=True,
-              help="Activations of the quantized decode GEMVs: float32 (exact) or int8 per group "
-                   "(faster with int8 dot products, ~1e-2 relative error; like onnxruntime accuracy_level 4).")
+@activations_option
 @click.option("--scales", type=click.Choice(sorted(SCALE_FORMATS)), default=None,
               help="Scale format of the plan's quantized weights: fp16 (one float16 scale per group) or u8 "
                    "(double-quantized: a uint8 code per group times a float16 super-scale per 8 groups; "

@@ -23,6 +23,7 @@ from moec.lower.library import build_module
 from moec.lower.backends import backend_for
 from moec.lower.gpu_linear import GpuLinearEmitter
 from moec.lower.kernel_linear import KernelEmitter, apply_kernel_layout
+from moec.lower.kernels.activations import AUTO
 from moec.lower.kernels.factory import make_nested_gemv
 from moec.lower.linear import LinearEmitter
 from moec.lower.params import ModelParams, build_nested_params, build_params
@@ -50,7 +51,7 @@ def build_bundle_from_params(cfg: MoEConfig, plan: BitPlan, params: ModelParams,
                              extra_manifest: dict | None = None, debug_dump: str | os.PathLike | None = None,
                              on_stage: StageCallback | None = None,
                              extra_files: dict[str, str | os.PathLike] | None = None,
-                             use_kernels: bool = True, activations: str = "float32", force: bool = False,
+                             use_kernels: bool = True, activations: str = AUTO, force: bool = False,
                              sign_key: str | os.PathLike | None = None,
                              weight_files: dict[str, Path] | None = None, plan_bytes: int | None = None) -> Path:
     """Compile already packed ``params`` for ``preset`` and write the bundle directory ``out``.
@@ -74,7 +75,7 @@ def build_bundle_from_params(cfg: MoEConfig, plan: BitPlan, params: ModelParams,
     plan_bytes = params.nbytes if plan_bytes is None else plan_bytes  # moec's layout, before kernel re-layout
     if use_kernels:
         emitter = backend.emitter(target, activations)
-    elif activations != "float32":
+    elif activations not in ("float32", AUTO):
         raise MoecError(f"activations={activations} needs moec's CPU kernels, not the reference emitter")
     else:
         emitter = LinearEmitter()
@@ -111,7 +112,7 @@ def build_bundle_from_params(cfg: MoEConfig, plan: BitPlan, params: ModelParams,
             "stored_weight_bytes": params.nbytes,
             "kernels": _kernels_kind(emitter),
             "backend": backend.manifest(),
-            "activations": activations,
+            "activations": resolved_activations(emitter),
             **({"cuda": res.cuda} if res.cuda else {}),
             **(extra_manifest or {}),
         }
@@ -133,6 +134,11 @@ def require_scale_kernels(plan: BitPlan, preset: TargetPreset) -> None:
                         f"only, not '{name}' (target '{preset.name}'); compile with --scales fp16")
 
 
+def resolved_activations(emitter: LinearEmitter) -> str:
+    """The activations the bundle's quantized kernels take (``auto`` resolved by the kernel emitter)."""
+    return getattr(emitter, "activations", "float32")  # GPU and reference emitters: float32
+
+
 def preset_has_nested_kernels(preset: TargetPreset) -> bool:
     """Whether ``preset``'s backend has the nested (run-time width) expert kernels."""
     return backend_for(preset).name in get_nested_format(8).kernels
@@ -140,8 +146,9 @@ def preset_has_nested_kernels(preset: TargetPreset) -> bool:
 
 def require_nested_activations(preset: TargetPreset, storage_bits: int, activations: str) -> None:
     """One-line refusal, before the slow stages, of nested storage with ``activations`` the target's
-    nested kernels do not take (int8: x86 with AVX-512 VNNI only)."""
-    if activations != "float32":
+    nested kernels do not take (int8: x86 with AVX-512 VNNI only; ``auto`` gives the nested experts
+    float32 activations where the target has no int8 nested kernel)."""
+    if activations == "int8":
         make_nested_gemv(storage_bits, 64, 128, 32, 1, 1, preset.tvm(), activations=activations)
 
 

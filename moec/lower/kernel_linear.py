@@ -22,6 +22,7 @@ from tvm import relax, te, tirx
 
 from moec.core.errors import MoecError
 from moec.core.formats import DEFAULT_SCALES, INT8_ACTIVATION_BITS
+from moec.lower.kernels.activations import AUTO
 from moec.lower.kernels.decode_attention import decode_attention
 from moec.lower import te_ops
 from moec.lower.kernels.factory import (add_kernel, make_gemv, make_grouped_gemm, make_nested_gemv,
@@ -47,15 +48,26 @@ class KernelEmitter(LinearEmitter):
     ``activations="int8"`` runs the decode GEMVs and prefill grouped GEMMs of quantized weights on
     int8-quantized activations (per group, like onnxruntime's accuracy_level 4; families with an
     int8 kernel), each token's row quantized as its decode step quantizes it; float weights keep
-    float32 activations. Double-quantized (``u8``) scales are read by every kernel.
+    float32 activations. Double-quantized (``u8``) scales are read by every kernel. ``auto``: int8
+    when the family has an int8 GEMV for ``target``, float32 otherwise (``self.activations`` holds the
+    resolved type).
     """
 
-    def __init__(self, target: tvm.target.Target, activations: str = "float32") -> None:
+    def __init__(self, target: tvm.target.Target, activations: str = AUTO) -> None:
         self.target = target
         self.tile = kernel_tile(target)
-        self.activations = activations
-        if activations != "float32":  # fail now, with the kernel builder's reason, not per layer
+        auto = activations == AUTO
+        if auto:
+            try:
+                make_gemv(4, 16, 64, 32, 1, 1, target, activations="int8")
+                activations = "int8"
+            except MoecError:  # no int8-activation GEMV for this target: the exact float32 kernels
+                activations = "float32"
+        elif activations != "float32":  # fail now, with the kernel builder's reason, not per layer
             make_gemv(4, 16, 64, 32, 1, 1, target, activations=activations)
+        self.activations = activations
+        self._auto = auto
+        self._int8_ok: dict[tuple, bool] = {}  # auto: (kernel builder, bits) -> has an int8 kernel here
         self._supported: dict[tuple, bool] = {}
         self._kernels: dict[tuple, tvm.tirx.PrimFunc] = {}
 
@@ -87,7 +99,23 @@ class KernelEmitter(LinearEmitter):
     # -- graph ---------------------------------------------------------------------
     def _int8(self, entry: WeightEntry) -> bool:
         """Whether this weight's kernels take int8 activations (quantized weights of an int8 width)."""
-        return self.activations == "int8" and entry.bits in INT8_ACTIVATION_BITS
+        return (self.activations == "int8" and entry.bits in INT8_ACTIVATION_BITS
+                and self._auto_has_int8(make_gemv, entry.bits, 1))
+
+    def _auto_has_int8(self, builder, bits: int, *args) -> bool:
+        """Under ``auto``, whether ``builder`` has an int8-activation kernel of this width on the target (e.g. 3
+        bits on x86 also needs AVX-512 VBMI; ARM has no int8 grouped GEMM or nested GEMV): if not, that weight keeps float32
+        activations instead of failing the build. An explicit ``int8`` asks the builder and fails there."""
+        if not self._auto:
+            return True
+        key = (builder.__name__, bits)
+        if key not in self._int8_ok:
+            try:
+                builder(bits, 64, 128, 32, 1, *args, self.target, activations="int8")
+                self._int8_ok[key] = True
+            except MoecError:
+                self._int8_ok[key] = False
+        return self._int8_ok[key]
 
     def _kernel(self, entry: WeightEntry, top_k: int, per_expert: bool):
         n, k = entry.shape
@@ -121,7 +149,7 @@ class KernelEmitter(LinearEmitter):
         n, k = entry.shape
         top_k = int(ids.ty.shape[0])
         per_expert = int(x.ty.shape[0]) != 1
-        int8 = self._int8(entry)
+        int8 = self._int8(entry) and self._auto_has_int8(make_nested_gemv, entry.bits, 1)
         key = ("nested", entry.bits, n, k, entry.group_size, entry.stacked, top_k, per_expert, int8)
         if key not in self._kernels:
             self._kernels[key] = make_nested_gemv(*key[1:7], self.target, x_per_expert=per_expert,
@@ -151,7 +179,7 @@ class KernelEmitter(LinearEmitter):
 
     def _grouped_int8(self, entry: WeightEntry) -> bool:
         """Whether this weight's grouped GEMM takes int8 activations (and gathers its own rows)."""
-        return entry.kernel and self._int8(entry)
+        return entry.kernel and self._int8(entry) and self._auto_has_int8(make_grouped_gemm, entry.bits)
 
     def gathers_rows(self, entry: WeightEntry) -> bool:
         return self._grouped_int8(entry)

@@ -24,7 +24,8 @@ from moec.core.errors import MoecError
 from moec.core.targets import TargetPreset
 from moec.core.outputs import work_dir
 from moec.lower.backends import backend_for
-from moec.lower.bundler import build_bundle_from_params, preset_has_nested_kernels
+from moec.lower.bundler import build_bundle_from_params, preset_has_nested_kernels, resolved_activations
+from moec.lower.kernels.activations import AUTO
 from moec.lower.kernel_linear import KernelEmitter
 from moec.lower.params import ModelParams, WeightEntry, _arrays, _stack, nested_entry, nested_entry_name
 from moec.models.lazy import LazyCheckpoint
@@ -176,7 +177,7 @@ def stream_params(ckpt: LazyCheckpoint, plan: BitPlan, writer: WeightsWriter, em
 def compile_streaming(ckpt: LazyCheckpoint, plan: BitPlan, preset: TargetPreset, out: str | os.PathLike,
                       tokenizer_path: str | os.PathLike | None, extra_manifest: dict | None = None,
                       debug_dump: str | os.PathLike | None = None, on_stage=None,
-                      extra_files: dict | None = None, activations: str = "float32", progress: bool = True,
+                      extra_files: dict | None = None, activations: str = AUTO, progress: bool = True,
                       calib: torch.Tensor | None = None, batch: int = 8, force: bool = False,
                       sign_key: str | os.PathLike | None = None, cache: QuantCache | None = None,
                       nested: int | None = None) -> Path:
@@ -212,5 +213,6 @@ def compile_streaming(ckpt: LazyCheckpoint, plan: BitPlan, preset: TargetPreset,
         files = {WEIGHTS_BIN: Path(tmp) / WEIGHTS_BIN, WEIGHTS_INDEX: Path(tmp) / WEIGHTS_INDEX}
         return build_bundle_from_params(ckpt.cfg, plan, sp.params, preset, out, tokenizer_path,
                                         extra_manifest=extra_manifest, debug_dump=debug_dump, on_stage=on_stage,
-                                        extra_files=extra_files, activations=activations, weight_files=files,
+                                        extra_files=extra_files, activations=resolved_activations(emitter),
+                                        weight_files=files,
                                         plan_bytes=sp.packed_bytes, force=force, sign_key=sign_key)

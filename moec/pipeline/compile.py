@@ -22,6 +22,7 @@ from moec.core.run_plan import plan_widths, storage_plan
 from moec.core.targets import load_target
 from moec.export.exporter import export_weights
 from moec.lower.backends import backend_for
+from moec.lower.kernels.activations import AUTO
 from moec.lower.bundler import (build_bundle, build_bundle_from_params, preset_has_nested_kernels,
                                 require_nested_activations, require_scale_kernels)
 from moec.lower.onnx_import import import_onnx
@@ -57,7 +58,7 @@ class CompileConfig:
     group_size: int = 64
     method: str = "mse"
     debug_dump: str | os.PathLike | None = None
-    activations: str = "float32"
+    activations: str = AUTO          # int8 where the target has int8 kernels (moec.lower.kernels.activations)
     search: SearchConfig | None = None
     recipe: dict | None = None
     onnx: str | os.PathLike | None = None
@@ -285,13 +286,13 @@ def _check_outputs(out, force: bool, sign_key) -> None:
 def build_from_onnx(onnx_path: str | os.PathLike, out: str | os.PathLike, target: str = "host",
                     debug_dump: str | os.PathLike | None = None, on_stage=None,
                     extra_files: dict | None = None, extra_manifest: dict | None = None,
-                    activations: str = "float32", force: bool = False,
+                    activations: str = AUTO, force: bool = False,
                     sign_key: str | os.PathLike | None = None) -> Path:
     """``moec build``: the last stage alone — a moec ONNX export (file or directory) → bundle.
 
-    ``activations="int8"`` quantizes the activations of quantized decode GEMVs per group to int8
-    (faster on CPUs with int8 dot products, ~1e-2 relative error, like onnxruntime's
-    accuracy_level 4); the default keeps them float32 (exact against the fake-quant model).
+    ``activations``: see :data:`moec.lower.kernels.activations.AUTO` (the default: int8 per group where the
+    target has int8 dot-product kernels, float32 elsewhere; ``float32`` is exact against the fake-quant
+    model).
     """
     preset = load_target(target)
     backend_for(preset).require_toolchain(preset)

@@ -79,6 +79,14 @@ def score_tokens(model: MoEModel, windows: torch.Tensor, batch: int = 8, progres
     """:func:`evaluate_windows` token by token: each scored target's NLL and whether top-1 hit it."""
     nll, correct = [], []
     for logits, target in _scored_batches(model, windows, batch, progress, score_from):
-        nll.append(F.cross_entropy(logits.transpose(1, 2), target, reduction="none").float())
-        correct.append(logits.argmax(-1) == target)
+        n, c = target_scores(logits, target)
+        nll.append(n)
+        correct.append(c)
     return TokenScores(torch.cat(nll), torch.cat(correct))
+
+
+def target_scores(logits: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(NLL, top-1 hit) of each target: ``logits [..., S, V]`` predict ``target [..., S]``; float32 and bool,
+    shaped like ``target``. The one scoring rule of the torch model and of a compiled bundle's logits."""
+    nll = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), target.reshape(-1), reduction="none")
+    return nll.view(target.shape), logits.argmax(-1) == target

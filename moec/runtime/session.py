@@ -306,8 +306,9 @@ class BundleSession:
         """Copies of the filled part of each cache buffer (``[heads, pos, width]``, key then value per layer)."""
         return [t.numpy()[:, :self.pos] for t in self.cache]
 
-    def _ensure_capacity(self, tokens: int) -> None:
-        """Enlarge the cache to ``tokens`` (at the start of a sequence, when its size was not given)."""
+    def reserve(self, tokens: int) -> None:
+        """Enlarge the cache to ``tokens`` (at the start of a sequence, when its size was not given: a session
+        opened with ``context`` keeps it, and a call past it is refused)."""
         if tokens > self.capacity and not self._context_given and self.pos == 0:
             self.cache = None  # the old buffers go before the new ones are made
             self.capacity = tokens
@@ -419,7 +420,7 @@ class BundleSession:
             raise MoecError("prompt is empty")
         self.check_positions(len(prompt_ids), max_new_tokens)
         self.reset()
-        self._ensure_capacity(len(prompt_ids) + max_new_tokens - 1)  # the last new token is never fed back
+        self.reserve(len(prompt_ids) + max_new_tokens - 1)  # the last new token is never fed back
         first_switch = len(self.switches)
         t0 = time.perf_counter()
         logits = _finite(self.prefill(list(prompt_ids)), len(prompt_ids))

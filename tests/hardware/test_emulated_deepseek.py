@@ -40,7 +40,8 @@ def _build(root, family: str) -> dict:
                    {"attention": 8, "lm_head": 4, "embeddings": 8}, group_size=32, method="mse",
                    model_fingerprint=cfg.fingerprint())
     (root / "plan.json").write_text(json.dumps(plan.to_json()))
-    return {t: api.compile_bundle(api.CompileConfig(root / "ckpt", root / t, t, root / "plan.json"))
+    return {t: api.compile_bundle(api.CompileConfig(root / "ckpt", root / t, t, root / "plan.json",
+                                                    activations="float32"))
             for t in ("host", "aarch64-generic")}
 
 

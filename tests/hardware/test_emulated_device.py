@@ -38,7 +38,8 @@ def _build_bundles(root) -> dict:
                    {"attention": 8, "lm_head": 4, "embeddings": 8}, group_size=32, method="mse",
                    model_fingerprint=cfg.fingerprint())
     (root / "plan.json").write_text(json.dumps(plan.to_json()))
-    return {target: api.compile_bundle(api.CompileConfig(root / "ckpt", root / target, target, root / "plan.json"))
+    return {target: api.compile_bundle(api.CompileConfig(root / "ckpt", root / target, target, root / "plan.json",
+                                                         activations="float32"))
             for target in ("host", *ARM_PRESETS)}
 
 

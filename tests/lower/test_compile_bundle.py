@@ -35,7 +35,8 @@ def compiled(tmp_path_factory):
     host = (Path(str(resources.files("moec") / "targets")) / "host.yaml").read_text()
     preset.write_text(host.replace("allowed_bits: [2, 3, 4, 8, 16]", "allowed_bits: [2, 3, 4, 5, 6, 8, 16]"))
     res = CliRunner().invoke(cli, ["compile", str(ckpt), "--plan", str(plan_file), "--out", str(root / "bundle"),
-                                   "--target", str(preset), "--debug-dump", str(root / "dump")])
+                                   "--target", str(preset), "--debug-dump", str(root / "dump"),
+                                   "--activations", "float32"])  # exact: its tests compare with torch
     assert res.exit_code == 0, res.output
     return ckpt, plan_file, root / "bundle", root / "dump"
 
@@ -145,7 +146,7 @@ def test_onnx_export_and_in_memory_compile_give_the_same_bundle(compiled, tmp_pa
                                    "--target", str(plan_file.parent / "host56.yaml"), "--onnx", str(tmp_path / "onnx")])
     assert res.exit_code == 0 and "export (ONNX)" in res.output, res.output
     res = CliRunner().invoke(cli, ["build", str(tmp_path / "onnx"), "--out", str(tmp_path / "b"),
-                                   "--target", str(plan_file.parent / "host56.yaml")])
+                                   "--target", str(plan_file.parent / "host56.yaml"), "--activations", "float32"])
     assert res.exit_code == 0, res.output
     mem, onnx = WeightsReader(bundle), WeightsReader(tmp_path / "b")
     assert sorted(mem.order) == sorted(onnx.order)

@@ -37,10 +37,11 @@ def test_deepseek_bundle_tokens_match_torch_fake_quant(tmp_path, family):
     via_onnx = family != "deepseek_v3"
     onnx_args = ["--onnx", str(tmp_path / "onnx")] if via_onnx else []
     res = CliRunner().invoke(cli, ["compile", str(tmp_path / "ckpt"), "--plan", str(plan_file),
-                                   "--out", str(tmp_path / "m"), *onnx_args])
+                                   "--out", str(tmp_path / "m"), "--activations", "float32", *onnx_args])
     assert res.exit_code == 0, res.output
     if via_onnx:
-        res = CliRunner().invoke(cli, ["build", str(tmp_path / "onnx"), "--out", str(tmp_path / "b")])
+        res = CliRunner().invoke(cli, ["build", str(tmp_path / "onnx"), "--out", str(tmp_path / "b"),
+                                       "--activations", "float32"])
         assert res.exit_code == 0, res.output
         mem, onnx = WeightsReader(tmp_path / "m"), WeightsReader(tmp_path / "b")
         assert sorted(mem.order) == sorted(onnx.order)
@@ -97,7 +98,7 @@ def test_family_bundle_tokens_and_prefill(tmp_path, family):
     plan_file = tmp_path / "plan.json"
     _two_class_plan(model.cfg).save(plan_file)
     res = CliRunner().invoke(cli, ["compile", str(tmp_path / "ckpt"), "--plan", str(plan_file),
-                                   "--out", str(tmp_path / "m")])
+                                   "--out", str(tmp_path / "m"), "--activations", "float32"])
     assert res.exit_code == 0, res.output
     fake_quantize_model(model, resolve_plan(plan_file, model.cfg))
     sess = BundleSession(tmp_path / "m")

@@ -33,7 +33,8 @@ def test_dropped_and_merged_experts_in_the_bundle(tmp_path):
     plan.merged_experts = {1: [(1, 0, 0.4)]}  # expert 0 served by the average of 1 and 0, at expert 1's 4 bits
     plan.save(tmp_path / "drop.json")
     res = CliRunner().invoke(cli, ["compile", str(ckpt), "--plan", str(tmp_path / "drop.json"), "--out",
-                                   str(tmp_path / "bundle"), "--target", "host", "--onnx", str(tmp_path / "onnx")])
+                                   str(tmp_path / "bundle"), "--target", "host", "--onnx", str(tmp_path / "onnx"),
+                                   "--activations", "float32"])
     assert res.exit_code == 0, res.output
 
     stacks = {}

@@ -29,7 +29,8 @@ def test_prefill_matches_decode_steps(name, tmp_path):
     cfg, plan = model.cfg, _plan(model.cfg)
     weights = ModelWeights.from_model(model, plan)
     params = build_params(cfg, plan, weights.packed, weights.floats)
-    sess = BundleSession(build_bundle_from_params(cfg, plan, params, load_target("host"), tmp_path / "b", None))
+    sess = BundleSession(build_bundle_from_params(cfg, plan, params, load_target("host"), tmp_path / "b", None,
+                                                  activations="float32"))
     assert sess.has_prefill
     prompt = [int(t) for t in np.random.default_rng(1).integers(0, cfg.vocab_size, 13)]
     want = _assert_prefill_equals_steps(sess, prompt, cache_atol=1e-5)

@@ -30,7 +30,7 @@ def bundles(tmp_path_factory):
     plan_file.write_text(json.dumps(mixed_plan(cfg).to_json()))
     common = [str(ckpt), "--plan", "uniform:8", "--group-size", str(GS), "--method", "rtn"]
     for name, extra in (("nested_i8", ["--nested", "8", "--activations", "int8"]),
-                        ("nested_f32", ["--nested", "8"]),
+                        ("nested_f32", ["--nested", "8", "--activations", "float32"]),
                         ("fixed_i8", ["--activations", "int8"])):
         res = CliRunner().invoke(cli, ["compile", *common, *extra, "--out", str(root / name)])
         assert res.exit_code == 0, res.output

@@ -32,7 +32,8 @@ def bundles(tmp_path_factory):
     plan_file = root / "mixed.json"
     plan_file.write_text(json.dumps(_mixed(cfg).to_json()))
     res = CliRunner().invoke(cli, ["compile", str(ckpt), "--plan", "uniform:8", "--group-size", str(GS),
-                                   "--method", "rtn", "--nested", "8", "--out", str(root / "nested")])
+                                   "--method", "rtn", "--nested", "8", "--out", str(root / "nested"),
+                                   "--activations", "float32"])
     assert res.exit_code == 0, res.output
     # the same plan compiled directly: the derived expert weights kept in float (fp16), the reference emitter
     direct = _derived_model(ckpt, _mixed(cfg))
@@ -331,7 +332,8 @@ def test_nested_bundle_applies_expert_biases_and_the_clamped_glu(tmp_path):
             p.normal_(0, 0.3 if p.dim() == 1 else 0.08)
     plan = uniform_plan(cfg, 8, GS)
     prompt = [5, 17, 3, 42, 8, 61, 2]
-    with BundleSession(build_bundle(model, plan, load_target("host"), tmp_path / "nested", None, nested=8)) as sess:
+    with BundleSession(build_bundle(model, plan, load_target("host"), tmp_path / "nested", None, nested=8,
+                                    activations="float32")) as sess:
         want = fake_quantize_model(model, plan)(torch.tensor([prompt]))[0].detach().numpy()
         assert sess.has_prefill
         np.testing.assert_allclose(sess.prefill(prompt), want[-1], rtol=1e-4, atol=1e-4)

@@ -18,6 +18,7 @@ import tvm
 from moec.core.errors import MoecError
 from moec.core.targets import TargetPreset, install_hint
 from moec.lower.kernel_linear import KernelEmitter
+from moec.lower.kernels.activations import AUTO
 from moec.lower.linear import LinearEmitter
 from moec.lower.pipeline import Phase
 
@@ -38,9 +39,10 @@ class Backend:
             raise MoecError(f"target '{preset.name}' needs the cross compiler '{preset.cross_compiler}', which is "
                             f"not on PATH; {install_hint(preset.cross_compiler)}")
 
-    def emitter(self, target: tvm.target.Target, activations: str = "float32") -> LinearEmitter:
-        """The linear emitter of this backend's kernels for ``target`` (``activations``: float32 or int8;
-        int8 needs an int8 GEMV in the schedules, which the kernel builder checks with a one-line error)."""
+    def emitter(self, target: tvm.target.Target, activations: str = AUTO) -> LinearEmitter:
+        """The linear emitter of this backend's kernels for ``target`` (``activations``: float32, int8, or auto;
+        int8 needs an int8 GEMV in the schedules, which the kernel builder checks with a one-line error;
+        the emitter's ``activations`` is the resolved type)."""
         return KernelEmitter(target, activations)
 
     def post_build(self, executable, target: tvm.target.Target, folder: str | os.PathLike

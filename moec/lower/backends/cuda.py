@@ -12,6 +12,7 @@ from moec.core.targets import TargetPreset
 from moec.lower.backends.base import Backend
 from moec.lower.cuda_kernels import compile_cuda, require_nvcc
 from moec.lower.gpu_linear import GpuLinearEmitter
+from moec.lower.kernels.activations import AUTO
 from moec.lower.linear import LinearEmitter
 from moec.lower.pipeline import CUDA_PHASES
 
@@ -26,8 +27,8 @@ class CudaBackend(Backend):
         except MoecError as exc:
             raise MoecError(f"target '{preset.name}': {exc}") from None
 
-    def emitter(self, target: tvm.target.Target, activations: str = "float32") -> LinearEmitter:
-        if activations != "float32":
+    def emitter(self, target: tvm.target.Target, activations: str = AUTO) -> LinearEmitter:
+        if activations not in ("float32", AUTO):  # auto: the GPU kernels take float32 activations
             raise MoecError(f"activations={activations} needs moec's CPU kernels (backend 'cuda')")
         return GpuLinearEmitter()
 

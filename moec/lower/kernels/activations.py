@@ -7,6 +7,11 @@ import numpy as np
 
 #: Activation types of the decode GEMV: float32 (exact) or int8 (onnxruntime accuracy_level 4).
 ACTIVATIONS: tuple[str, ...] = ("float32", "int8")
+#: What compile and build take: one of :data:`ACTIVATIONS`, or ``auto``: int8 where the target's kernels
+#: have an int8-activation GEMV (x86 with AVX-512 VNNI, ARM with dotprod), float32 elsewhere (the
+#: reference emitter, CUDA). The bundle's manifest records the resolved type.
+AUTO = "auto"
+ACTIVATION_CHOICES: tuple[str, ...] = (AUTO, *ACTIVATIONS)
 
 
 
