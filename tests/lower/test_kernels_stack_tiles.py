@@ -1,12 +1,12 @@
 """Per-task register tiles stay off TVM's workspace allocator (lower/kernels/scopes.py): the parallel
-task bodies of the VNNI and ARM dot-product decode GEMVs and of the decode attention make no
+task bodies of the VNNI (fixed and nested) and ARM dot-product decode GEMVs and of the decode attention make no
 ``TVMBackendAllocWorkspace`` call (compiled only, for explicit targets: nothing runs)."""
 
 import tvm
 
 from moec.core.targets import load_target
 from moec.lower.kernels.decode_attention import decode_attention
-from moec.lower.kernels.factory import compile_kernel, make_gemv
+from moec.lower.kernels.factory import compile_kernel, make_gemv, make_nested_gemv
 from moec.lower.kernels.scopes import MAX_STACK_BYTES, stack_scope
 
 VNNI = tvm.target.Target({"kind": "llvm", "mcpu": "cascadelake", "mtriple": "x86_64-linux-gnu"})
@@ -36,6 +36,12 @@ def _lambdas(counts: dict[str, int]) -> dict[str, int]:
 def test_vnni_gemv_tasks_allocate_nothing():
     for bits in (4, 8):  # two accumulator chains at 4 bits (2 x 512 B), one at 8
         counts = _task_allocations(make_gemv(bits, 256, 512, 64, 4, 2, VNNI, activations="int8"), VNNI)
+        assert set(_lambdas(counts).values()) == {0}, counts
+
+
+def test_vnni_nested_gemv_tasks_allocate_nothing():
+    for storage in (4, 8):
+        counts = _task_allocations(make_nested_gemv(storage, 256, 512, 64, 4, 2, VNNI, activations="int8"), VNNI)
         assert set(_lambdas(counts).values()) == {0}, counts
 
 

@@ -41,6 +41,7 @@ from tvm.script import tirx as T
 from moec.core.errors import MoecError
 from moec.lower.kernels.decode import code_at
 from moec.lower.kernels.layout import num_tiles, zero_words
+from moec.lower.kernels.scopes import stack_scope
 from moec.lower.kernels.nested_gemv import NestedGemvSpec
 from moec.lower.schedules.int8_common import quantize_activations_prep
 from moec.quant.nested import segment_positions
@@ -232,23 +233,26 @@ def vnni_nested_gemv(spec: NestedGemvSpec, params) -> tirx.PrimFunc:
         x8 = T.alloc_buffer((xr, k), "int8")
         prep(x, sx, xsum, xq, x8)
         for task in T.parallel(top_k * tiles):
-            acc = T.alloc_buffer((2 * vecs, LANES), "int32", scope="local")
-            yacc = T.alloc_buffer((vecs, LANES), "float32", scope="local")
-            e: T.int32 = expert_ids[task // tiles]
-            if e >= 0:
-                width: T.int32 = prec[e]
-                r: T.int32 = task // tiles * xstride
+            # register tiles on the stack, the expert id, width and activation row read in place: a "local"
+            # buffer or a bound scalar is a TVM workspace alloc/free per task (kernels/scopes.py)
+            acc = T.alloc_buffer((2 * vecs, LANES), "int32", scope=stack_scope(2 * vecs * LANES * 4))
+            yacc = T.alloc_buffer((vecs, LANES), "float32", scope=stack_scope(vecs * LANES * 4))
+            if expert_ids[task // tiles] >= 0:
                 for v in T.unroll(vecs):
                     for lane in T.vectorized(LANES):
                         yacc[v, lane] = T.float32(0)
-                if width == w[0]:
-                    nests[0](segs, scale, zero, sx, xsum, x8, yacc, acc, e, task, r)
-                elif width == w[1]:
-                    nests[1](segs, scale, zero, sx, xsum, x8, yacc, acc, e, task, r)
-                elif four and width == w[2]:
-                    nests[2](segs, scale, zero, sx, xsum, x8, yacc, acc, e, task, r)
+                if prec[expert_ids[task // tiles]] == w[0]:
+                    nests[0](segs, scale, zero, sx, xsum, x8, yacc, acc, expert_ids[task // tiles], task,
+                             task // tiles * xstride)
+                elif prec[expert_ids[task // tiles]] == w[1]:
+                    nests[1](segs, scale, zero, sx, xsum, x8, yacc, acc, expert_ids[task // tiles], task,
+                             task // tiles * xstride)
+                elif four and prec[expert_ids[task // tiles]] == w[2]:
+                    nests[2](segs, scale, zero, sx, xsum, x8, yacc, acc, expert_ids[task // tiles], task,
+                             task // tiles * xstride)
                 else:  # the widest (the session refuses widths the format does not serve)
-                    nests[-1](segs, scale, zero, sx, xsum, x8, yacc, acc, e, task, r)
+                    nests[-1](segs, scale, zero, sx, xsum, x8, yacc, acc, expert_ids[task // tiles], task,
+                              task // tiles * xstride)
                 for v in T.unroll(vecs):
                     if task % tiles * vecs + v < nb:
                         for lane in T.vectorized(LANES):
