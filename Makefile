@@ -24,6 +24,7 @@ demo: setup
 	$(BIN)/moec eval reference/checkpoint --data reference/data/heldout.txt --max-tokens 16384
 	$(BIN)/moec eval reference/checkpoint --data reference/data/heldout.txt --max-tokens 16384 --plan uniform:4
 	$(BIN)/moec compile reference/checkpoint --target host --plan uniform:4 --out $(OUT)/reference-host
+	$(BIN)/moec eval $(OUT)/reference-host --data reference/data/heldout.txt --max-tokens 16384
 	$(BIN)/moec run $(OUT)/reference-host --prompt "The list type is" --max-new-tokens 32
 
 test: setup
