@@ -47,7 +47,8 @@ def test_new_layer_kind_defined_once_runs_in_all_backends(tmp_path, monkeypatch)
         _use(m, parallel_layer)
         export_model(model, plan, tmp_path / "onnx_parallel")
         params = build_params(model.cfg, plan, weights.packed, weights.floats)
-        bundle = build_bundle_from_params(model.cfg, plan, params, load_target("host"), tmp_path / "b", None)
+        bundle = build_bundle_from_params(model.cfg, plan, params, load_target("host"), tmp_path / "b", None,
+                                          activations="float32")  # exact: compared with torch below
     fake_quantize_model(model, plan)
     standard = torch_logits(model, PROMPT)
     with monkeypatch.context() as m:
