@@ -57,7 +57,7 @@ def eval_cmd(checkpoint, data, seq_len, max_tokens, batch, plan, group_size, met
                    f"{mem.total:,} bytes ({mem.megabytes:.3f} MB) vs float32 {ev.float32_bytes / 1e6:.3f} MB\n")
     else:
         click.echo(f"weights     {ev.float32_bytes / 1e6:.3f} MB (float32)")
-    click.echo(f"tokens      {res.tokens}\nperplexity  {res.perplexity:.3f}\ntop-1       {res.top1:.4f}")
+    _echo_scores(res)
 
 
 def quantizer_options(ctx: click.Context) -> list[str]:
@@ -79,4 +79,8 @@ def _eval_bundle(bundle, data, plan, as_json, quantizer) -> None:
         return
     served = f"; run-time plan {ev.plan}" if ev.plan else ""
     click.echo(f"bundle      {ev.file_bytes / 1e6:.3f} MB (all files); {ev.activations} activations{served}")
+    _echo_scores(res)
+
+
+def _echo_scores(res) -> None:
     click.echo(f"tokens      {res.tokens}\nperplexity  {res.perplexity:.3f}\ntop-1       {res.top1:.4f}")

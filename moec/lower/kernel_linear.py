@@ -56,18 +56,13 @@ class KernelEmitter(LinearEmitter):
     def __init__(self, target: tvm.target.Target, activations: str = AUTO) -> None:
         self.target = target
         self.tile = kernel_tile(target)
-        auto = activations == AUTO
-        if auto:
-            try:
-                make_gemv(4, 16, 64, 32, 1, 1, target, activations="int8")
-                activations = "int8"
-            except MoecError:  # no int8-activation GEMV for this target: the exact float32 kernels
-                activations = "float32"
+        self._auto = activations == AUTO
+        self._int8_ok: dict[tuple, bool] = {}  # (kernel builder, bits) -> has an int8 kernel on this target
+        if self._auto:  # int8 where the target has an int8-activation GEMV, else the exact float32 kernels
+            activations = "int8" if self._builds_int8(make_gemv, 4, 1) else "float32"
         elif activations != "float32":  # fail now, with the kernel builder's reason, not per layer
             make_gemv(4, 16, 64, 32, 1, 1, target, activations=activations)
         self.activations = activations
-        self._auto = auto
-        self._int8_ok: dict[tuple, bool] = {}  # auto: (kernel builder, bits) -> has an int8 kernel here
         self._supported: dict[tuple, bool] = {}
         self._kernels: dict[tuple, tvm.tirx.PrimFunc] = {}
 
@@ -104,10 +99,13 @@ class KernelEmitter(LinearEmitter):
 
     def _auto_has_int8(self, builder, bits: int, *args) -> bool:
         """Under ``auto``, whether ``builder`` has an int8-activation kernel of this width on the target (e.g. 3
-        bits on x86 also needs AVX-512 VBMI; ARM has no int8 grouped GEMM or nested GEMV): if not, that weight keeps float32
-        activations instead of failing the build. An explicit ``int8`` asks the builder and fails there."""
-        if not self._auto:
-            return True
+        bits on x86 also needs AVX-512 VBMI; ARM has no int8 grouped GEMM or nested GEMV): if not, that weight
+        keeps float32 activations instead of failing the build. An explicit ``int8`` asks the builder and fails
+        there."""
+        return not self._auto or self._builds_int8(builder, bits, *args)
+
+    def _builds_int8(self, builder, bits: int, *args) -> bool:
+        """Whether ``builder`` makes an int8-activation kernel of this width for the target (cached)."""
         key = (builder.__name__, bits)
         if key not in self._int8_ok:
             try:

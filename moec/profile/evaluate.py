@@ -87,6 +87,8 @@ def score_tokens(model: MoEModel, windows: torch.Tensor, batch: int = 8, progres
 
 def target_scores(logits: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(NLL, top-1 hit) of each target: ``logits [..., S, V]`` predict ``target [..., S]``; float32 and bool,
-    shaped like ``target``. The one scoring rule of the torch model and of a compiled bundle's logits."""
+    shaped like ``target``. The per-token rule of :func:`score_tokens` and of a compiled bundle's logits
+    (``pipeline/bundle_eval.py``); :func:`evaluate_windows` and the layer-by-layer eval sum the same cross
+    entropy in one reduction."""
     nll = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), target.reshape(-1), reduction="none")
     return nll.view(target.shape), logits.argmax(-1) == target
