@@ -106,7 +106,7 @@ def dotprod_gemv(spec: GemvSpec, params, dot: Callable = sdot) -> tirx.PrimFunc:
         xq = T.alloc_buffer((xr, k), "int8")
         x8 = T.alloc_buffer((xr, k), "int8")
         prep(x, sx, xsum, xq, x8)
-        for task in T.parallel(top_k * tiles):
+        for task in T.parallel(top_k * tiles):  # tile-major (int8_common: routed task order)
             # register tiles on the stack where they fit, the expert id read in place: a "local"
             # buffer or a bound scalar is a TVM workspace alloc/free per task (kernels/scopes.py)
             acc = T.alloc_buffer((vecs, LANES), "int32", scope=stack_scope(vecs * LANES * 4))
@@ -120,20 +120,20 @@ def dotprod_gemv(spec: GemvSpec, params, dot: Callable = sdot) -> tirx.PrimFunc:
                         acc[v, lane] = 0
                 for st in range(steps_per_group):
                     for v in T.unroll(vecs):
-                        if task % tiles * vecs + v < nb:
+                        if task // top_k * vecs + v < nb:
                             acc[v, T.ramp(0, 1, LANES)] = accumulate(
-                                acc, v, weight, x8, expert_ids[task // tiles], task % tiles * vecs + v,
-                                g * steps_per_group + st, task // tiles * xstride)
+                                acc, v, weight, x8, expert_ids[task % top_k], task // top_k * vecs + v,
+                                g * steps_per_group + st, task % top_k * xstride)
                 for v in T.unroll(vecs):
-                    if task % tiles * vecs + v < nb:
+                    if task // top_k * vecs + v < nb:
                         for lane in T.vectorized(LANES):
                             yacc[v, lane] = yacc[v, lane] + group_term(
-                                acc[v, lane], scale, zero, sx, xsum, expert_ids[task // tiles],
-                                task % tiles * vecs + v, g, lane, task // tiles * xstride, sup)
+                                acc[v, lane], scale, zero, sx, xsum, expert_ids[task % top_k],
+                                task // top_k * vecs + v, g, lane, task % top_k * xstride, sup)
             for v in T.unroll(vecs):
-                if task % tiles * vecs + v < nb:
+                if task // top_k * vecs + v < nb:
                     for lane in T.vectorized(LANES):
-                        y[task // tiles, (task % tiles * vecs + v) * LANES + lane] = yacc[v, lane]
+                        y[task % top_k, (task // top_k * vecs + v) * LANES + lane] = yacc[v, lane]
 
     nt, zw = num_tiles(n, tile), zero_words(groups, bits)
     if sg:  # double-quantized scales: uint8 codes and fp16 super-scales

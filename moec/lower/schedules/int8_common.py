@@ -4,6 +4,14 @@ Both kernels quantize ``x`` per group to int8 (:func:`moec.lower.kernels.activat
 scale ``max|x| / 127``, round, per-group code sum), store the codes in the order their
 dot-product instruction consumes them, and scale each group's integer sum once; only that order,
 the vector width and the dot instruction differ per ISA (they stay in ``x86_vnni`` / ``arm_dotprod``).
+
+Routed task order (these GEMVs and ``x86_vnni_nested``): parallel task ``task`` is routed row
+``task % top_k`` and row tile ``task // top_k`` (tile-major). TVM hands each thread a contiguous
+range of a parallel loop's tasks; row-major (``task // tiles``) gave thread 0 rows 0..top_k/2-1 and
+the other thread the rest, so in a mixed plan, where a bit class' call has only the routed experts
+of that class (the other rows are -1 and do no work, :mod:`moec.lower.kernels.row_guard`), or in a
+nested bundle, where rows cost their run-time width, one thread could get all the work. Tile-major,
+each thread gets the same share of every routed row's tiles whichever rows are routed.
 """
 
 # No `from __future__ import annotations`: TVMScript needs the evaluated buffer annotations.

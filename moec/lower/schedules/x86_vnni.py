@@ -129,13 +129,13 @@ def vnni_gemv(spec: GemvSpec, params) -> tirx.PrimFunc:
         xq = T.alloc_buffer((xr, k), "int8")  # natural order
         x8 = T.alloc_buffer((xr, k), "int8")  # the order the dot products consume
         prep(x, sx, xsum, xq, x8)
-        for task in T.parallel(top_k * tiles):
+        for task in T.parallel(top_k * tiles):  # tile-major (int8_common: routed task order)
             # per-task tiles on the stack where they fit (kernels/scopes.py): the accumulators split
             # by chain so that two chains of 8 vectors stay under 1 KiB each
             acc0 = T.alloc_buffer((vecs, lanes), "int32", scope=acc_scope)  # chain 0
             acc1 = T.alloc_buffer((vecs * max(chains - 1, 1), lanes), "int32", scope=acc1_scope)  # chains 1..
             yacc = T.alloc_buffer((vecs, lanes), "float32", scope=acc_scope)
-            if expert_ids[task // tiles] >= 0:  # a row routed to another bit class (id -1) does no work
+            if expert_ids[task % top_k] >= 0:  # a row routed to another bit class (id -1) does no work
                 for v in T.unroll(vecs):
                     for lane in T.vectorized(lanes):
                         yacc[v, lane] = T.float32(0)
@@ -148,37 +148,37 @@ def vnni_gemv(spec: GemvSpec, params) -> tirx.PrimFunc:
                             acc1[a, lane] = 0
                     for st in range(steps_per_group):
                         for v in T.unroll(vecs):
-                            if task % tiles * vecs + v < nb:
+                            if task // top_k * vecs + v < nb:
                                 for i in T.unroll(prefetch_lines):
                                     T.evaluate(T.call_llvm_intrin(
                                         "void", "llvm.prefetch", T.address_of(weight[
-                                            expert_ids[task // tiles], (task % tiles * vecs + v) * lanes // tile,
+                                            expert_ids[task % top_k], (task // top_k * vecs + v) * lanes // tile,
                                             (g * steps_per_group + st) * step_words + prefetch + i,
-                                            (task % tiles * vecs + v) * lanes % tile]),
+                                            (task // top_k * vecs + v) * lanes % tile]),
                                         T.int32(0), T.int32(locality), T.int32(1)))
                                 for c in T.unroll(chains):
                                     if c == 0:
                                         acc0[v, T.ramp(0, 1, lanes)] = accumulate(
-                                            acc0, acc1, v, c, weight, x8, expert_ids[task // tiles],
-                                            task % tiles * vecs + v, g * steps_per_group + st, task // tiles * xstride)
+                                            acc0, acc1, v, c, weight, x8, expert_ids[task % top_k],
+                                            task // top_k * vecs + v, g * steps_per_group + st, task % top_k * xstride)
                                     else:
                                         acc1[v * (chains - 1) + c - 1, T.ramp(0, 1, lanes)] = accumulate(
-                                            acc0, acc1, v, c, weight, x8, expert_ids[task // tiles],
-                                            task % tiles * vecs + v, g * steps_per_group + st, task // tiles * xstride)
+                                            acc0, acc1, v, c, weight, x8, expert_ids[task % top_k],
+                                            task // top_k * vecs + v, g * steps_per_group + st, task % top_k * xstride)
                     for v in T.unroll(vecs):
                         for c in T.unroll(1, chains):
                             for lane in T.vectorized(lanes):
                                 acc0[v, lane] = acc0[v, lane] + acc1[v * (chains - 1) + c - 1, lane]
                     for v in T.unroll(vecs):
-                        if task % tiles * vecs + v < nb:
+                        if task // top_k * vecs + v < nb:
                             for lane in T.vectorized(lanes):
                                 yacc[v, lane] = yacc[v, lane] + group_term(
-                                    acc0[v, lane], scale, zero, sx, xsum, expert_ids[task // tiles],
-                                    task % tiles * vecs + v, g, lane, task // tiles * xstride, sup)
+                                    acc0[v, lane], scale, zero, sx, xsum, expert_ids[task % top_k],
+                                    task // top_k * vecs + v, g, lane, task % top_k * xstride, sup)
                 for v in T.unroll(vecs):
-                    if task % tiles * vecs + v < nb:
+                    if task // top_k * vecs + v < nb:
                         for lane in T.vectorized(lanes):
-                            y[task // tiles, (task % tiles * vecs + v) * lanes + lane] = yacc[v, lane]
+                            y[task % top_k, (task // top_k * vecs + v) * lanes + lane] = yacc[v, lane]
 
     nt, zw = num_tiles(n, tile), zero_words(groups, bits)
     if sg:  # double-quantized scales: uint8 codes and fp16 super-scales

@@ -193,29 +193,29 @@ def vnni_nested_gemv(spec: NestedGemvSpec, params) -> tirx.PrimFunc:
                         acc[a, lane] = 0
                 for ch in range(chunks):
                     for v in T.unroll(vecs):
-                        if task % tiles * vecs + v < nb:
+                        if task // top_k * vecs + v < nb:
                             acc[2 * v + 0, T.ramp(0, 1, LANES)] = step(
-                                segs, x8, acc[2 * v + 0, T.ramp(0, 1, LANES)], e, task % tiles * vecs + v, g, ch, r, 0, 0)
+                                segs, x8, acc[2 * v + 0, T.ramp(0, 1, LANES)], e, task // top_k * vecs + v, g, ch, r, 0, 0)
                             acc[2 * v + 1, T.ramp(0, 1, LANES)] = step(
-                                segs, x8, acc[2 * v + 1, T.ramp(0, 1, LANES)], e, task % tiles * vecs + v, g, ch, r, 0, 1)
+                                segs, x8, acc[2 * v + 1, T.ramp(0, 1, LANES)], e, task // top_k * vecs + v, g, ch, r, 0, 1)
                             acc[2 * v + 0, T.ramp(0, 1, LANES)] = step(
-                                segs, x8, acc[2 * v + 0, T.ramp(0, 1, LANES)], e, task % tiles * vecs + v, g, ch, r, 1, 0)
+                                segs, x8, acc[2 * v + 0, T.ramp(0, 1, LANES)], e, task // top_k * vecs + v, g, ch, r, 1, 0)
                             acc[2 * v + 1, T.ramp(0, 1, LANES)] = step(
-                                segs, x8, acc[2 * v + 1, T.ramp(0, 1, LANES)], e, task % tiles * vecs + v, g, ch, r, 1, 1)
+                                segs, x8, acc[2 * v + 1, T.ramp(0, 1, LANES)], e, task // top_k * vecs + v, g, ch, r, 1, 1)
                             acc[2 * v + 0, T.ramp(0, 1, LANES)] = step(
-                                segs, x8, acc[2 * v + 0, T.ramp(0, 1, LANES)], e, task % tiles * vecs + v, g, ch, r, 2, 0)
+                                segs, x8, acc[2 * v + 0, T.ramp(0, 1, LANES)], e, task // top_k * vecs + v, g, ch, r, 2, 0)
                             acc[2 * v + 1, T.ramp(0, 1, LANES)] = step(
-                                segs, x8, acc[2 * v + 1, T.ramp(0, 1, LANES)], e, task % tiles * vecs + v, g, ch, r, 2, 1)
+                                segs, x8, acc[2 * v + 1, T.ramp(0, 1, LANES)], e, task // top_k * vecs + v, g, ch, r, 2, 1)
                             acc[2 * v + 0, T.ramp(0, 1, LANES)] = step(
-                                segs, x8, acc[2 * v + 0, T.ramp(0, 1, LANES)], e, task % tiles * vecs + v, g, ch, r, 3, 0)
+                                segs, x8, acc[2 * v + 0, T.ramp(0, 1, LANES)], e, task // top_k * vecs + v, g, ch, r, 3, 0)
                             acc[2 * v + 1, T.ramp(0, 1, LANES)] = step(
-                                segs, x8, acc[2 * v + 1, T.ramp(0, 1, LANES)], e, task % tiles * vecs + v, g, ch, r, 3, 1)
+                                segs, x8, acc[2 * v + 1, T.ramp(0, 1, LANES)], e, task // top_k * vecs + v, g, ch, r, 3, 1)
                 for v in T.unroll(vecs):
-                    if task % tiles * vecs + v < nb:
+                    if task // top_k * vecs + v < nb:
                         for lane in T.vectorized(LANES):
                             yacc[v, lane] = yacc[v, lane] + group_term(
                                 group_dot(acc[2 * v, lane], acc[2 * v + 1, lane], d), scale, zero, sx, xsum, e,
-                                task % tiles * vecs + v, g, lane, r, d)
+                                task // top_k * vecs + v, g, lane, r, d)
 
         return nest
 
@@ -232,31 +232,31 @@ def vnni_nested_gemv(spec: NestedGemvSpec, params) -> tirx.PrimFunc:
         xq = T.alloc_buffer((xr, k), "int8")
         x8 = T.alloc_buffer((xr, k), "int8")
         prep(x, sx, xsum, xq, x8)
-        for task in T.parallel(top_k * tiles):
+        for task in T.parallel(top_k * tiles):  # tile-major (int8_common: routed task order)
             # register tiles on the stack, the expert id, width and activation row read in place: a "local"
             # buffer or a bound scalar is a TVM workspace alloc/free per task (kernels/scopes.py)
             acc = T.alloc_buffer((2 * vecs, LANES), "int32", scope=stack_scope(2 * vecs * LANES * 4))
             yacc = T.alloc_buffer((vecs, LANES), "float32", scope=stack_scope(vecs * LANES * 4))
-            if expert_ids[task // tiles] >= 0:
+            if expert_ids[task % top_k] >= 0:
                 for v in T.unroll(vecs):
                     for lane in T.vectorized(LANES):
                         yacc[v, lane] = T.float32(0)
-                if prec[expert_ids[task // tiles]] == w[0]:
-                    nests[0](segs, scale, zero, sx, xsum, x8, yacc, acc, expert_ids[task // tiles], task,
-                             task // tiles * xstride)
-                elif prec[expert_ids[task // tiles]] == w[1]:
-                    nests[1](segs, scale, zero, sx, xsum, x8, yacc, acc, expert_ids[task // tiles], task,
-                             task // tiles * xstride)
-                elif four and prec[expert_ids[task // tiles]] == w[2]:
-                    nests[2](segs, scale, zero, sx, xsum, x8, yacc, acc, expert_ids[task // tiles], task,
-                             task // tiles * xstride)
+                if prec[expert_ids[task % top_k]] == w[0]:
+                    nests[0](segs, scale, zero, sx, xsum, x8, yacc, acc, expert_ids[task % top_k], task,
+                             task % top_k * xstride)
+                elif prec[expert_ids[task % top_k]] == w[1]:
+                    nests[1](segs, scale, zero, sx, xsum, x8, yacc, acc, expert_ids[task % top_k], task,
+                             task % top_k * xstride)
+                elif four and prec[expert_ids[task % top_k]] == w[2]:
+                    nests[2](segs, scale, zero, sx, xsum, x8, yacc, acc, expert_ids[task % top_k], task,
+                             task % top_k * xstride)
                 else:  # the widest (the session refuses widths the format does not serve)
-                    nests[-1](segs, scale, zero, sx, xsum, x8, yacc, acc, expert_ids[task // tiles], task,
-                              task // tiles * xstride)
+                    nests[-1](segs, scale, zero, sx, xsum, x8, yacc, acc, expert_ids[task % top_k], task,
+                              task % top_k * xstride)
                 for v in T.unroll(vecs):
-                    if task % tiles * vecs + v < nb:
+                    if task // top_k * vecs + v < nb:
                         for lane in T.vectorized(LANES):
-                            y[task // tiles, (task % tiles * vecs + v) * LANES + lane] = yacc[v, lane]
+                            y[task % top_k, (task // top_k * vecs + v) * LANES + lane] = yacc[v, lane]
 
     def seg_shape(s):
         return (experts, nt, k * fmt.segment_bits[s] // 32, tile)
