@@ -94,9 +94,10 @@ def bundle_file_bytes(bundle: Path) -> int:
 
 
 def build_bundles(ckpt: Path, out: Path, bits: list[int], acts: list[str],
-                  mixed: bool) -> tuple[dict[tuple[str, str], Path], float]:
-    """``{(plan label, activations): bundle}`` and the mixed plan's share of uniform:8's bytes."""
-    cache = out / "quant-cache"
+                  mixed: bool, quant_cache: bool = True) -> tuple[dict[tuple[str, str], Path], float]:
+    """``{(plan label, activations): bundle}`` and the mixed plan's share of uniform:8's bytes (``quant_cache``:
+    share quantized weights between the bundles through ``out/quant-cache``)."""
+    cache = out / "quant-cache" if quant_cache else None
     bundles = {}
     for b in bits:
         for act in acts:

@@ -48,37 +48,52 @@ runpy.run_path(sys.argv[0], run_name="__main__")
 '''
 
 
-def convert(ckpt: Path, root: Path, out: Path) -> Path:
-    """HF checkpoint -> f32 GGUF with llama.cpp's converter (cached in ``out``)."""
-    gguf = f32_name(ckpt, out)
+#: GGUF types the converter can write as the base that llama-quantize reads (``--gguf-base``).
+GGUF_BASES = ("f32", "bf16", "q8_0")
+
+
+def convert(ckpt: Path, root: Path, out: Path, base: str = "f32") -> Path:
+    """HF checkpoint -> ``base`` GGUF with llama.cpp's converter (cached in ``out``).
+
+    ``f32`` is exact for any checkpoint (the perplexity baseline); ``bf16`` is exact for a bf16
+    checkpoint at half the disk; ``q8_0`` is the converter's own Q8_0, for a checkpoint whose float
+    copy does not fit on disk (the other types are then requantized from it: speed and size only).
+    """
+    gguf = f32_name(ckpt, out, base)
     if not gguf.exists():
         lc = root / "src/vendor/llama.cpp"
         env = dict(os.environ, PYTHONPATH=f"{root / 'pydeps'}")
         part = gguf.with_name(gguf.name + ".part")
-        subprocess.run([sys.executable, "-c", CONVERT, str(lc), str(ckpt), "--outtype", "f32",
+        subprocess.run([sys.executable, "-c", CONVERT, str(lc), str(ckpt), "--outtype", base,
                         "--outfile", str(part)], env=env, check=True)
         part.rename(gguf)
     return gguf
 
 
-def f32_name(ckpt: Path, out: Path) -> Path:
-    """Where :func:`convert` keeps ``ckpt``'s f32 GGUF."""
-    return out / f"{ckpt.resolve().name}-f32.gguf"
+def f32_name(ckpt: Path, out: Path, base: str = "f32") -> Path:
+    """Where :func:`convert` keeps ``ckpt``'s ``base`` (default f32) GGUF."""
+    return out / f"{ckpt.resolve().name}-{base}.gguf"
 
 
-def quantize(root: Path, f32: Path, qtype: str) -> Path:
-    q = quantized_name(f32, qtype)
+def quantize(root: Path, base: Path, qtype: str) -> Path:
+    """``base`` quantized to ``qtype`` by ``llama-quantize`` (cached next to it); a Q8_0 base is its own Q8_0,
+    and other types are requantized from it (``--allow-requantize``)."""
+    if base.name.endswith("-q8_0.gguf") and qtype == "Q8_0":
+        return base
+    q = quantized_name(base, qtype)
     if not q.exists():
         part = q.with_name(q.name + ".part")  # renamed when complete: an interrupted run leaves no GGUF
-        subprocess.run([str(root / "build/bin/llama-quantize"), str(f32), str(part), qtype], check=True,
+        requant = ["--allow-requantize"] if base.name.endswith("-q8_0.gguf") else []
+        subprocess.run([str(root / "build/bin/llama-quantize"), *requant, str(base), str(part), qtype], check=True,
                        capture_output=True)
         part.rename(q)
     return q
 
 
-def quantized_name(f32: Path, qtype: str) -> Path:
-    """Where :func:`quantize` keeps ``f32``'s ``qtype`` GGUF."""
-    return f32.with_name(f32.name.replace("-f32", f"-{qtype}"))
+def quantized_name(base: Path, qtype: str) -> Path:
+    """Where :func:`quantize` keeps ``base``'s ``qtype`` GGUF."""
+    stem = base.name.rsplit("-", 1)[0]
+    return base.with_name(f"{stem}-{qtype}.gguf")
 
 
 def gguf_tensor_bytes(root: Path, gguf: Path) -> int:

@@ -63,7 +63,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from peer_bundles import MIXED, build_bundles, bundle_file_bytes  # noqa: E402
-from peer_common import (PAIRS, convert, f32_name, gguf_tensor_bytes, llama_perplexity,  # noqa: E402
+from peer_common import (GGUF_BASES, PAIRS, convert, f32_name, gguf_tensor_bytes, llama_perplexity,  # noqa: E402
                          moec_perplexity, param_count, quantize, quantized_name, same_tokens)
 from peer_speed import label, llama_at, llama_probe, llama_times, moec_times, settings  # noqa: E402
 
@@ -84,12 +84,12 @@ def olmoe_checkpoint(work: Path, layers: int) -> Path:
     return ckpt
 
 
-def gguf_files(ckpt: Path, root: Path, out: Path, types: list[str]) -> dict[str, Path]:
-    """Each type's GGUF (converting to f32 first only if some type is missing)."""
-    f32 = f32_name(ckpt, out)
-    if not all(quantized_name(f32, t).exists() for t in types):
-        f32 = convert(ckpt, root, out)
-    return {t: quantize(root, f32, t) for t in types}
+def gguf_files(ckpt: Path, root: Path, out: Path, types: list[str], base: str = "f32") -> dict[str, Path]:
+    """Each type's GGUF (converting to the ``base`` GGUF first only if some type is missing)."""
+    b = f32_name(ckpt, out, base)
+    if not all(quantized_name(b, t).exists() or (base == "q8_0" and t == "Q8_0" and b.exists()) for t in types):
+        b = convert(ckpt, root, out, base)
+    return {t: quantize(root, b, t) for t in types}
 
 
 def perplexity_rows(args, ckpt: Path, f32: Path, ggufs: dict[str, Path], n_params: int) -> list[str]:
@@ -251,6 +251,13 @@ def main() -> None:
                     "same chunks and positions")
     ap.add_argument("--chunks", type=int, default=-1, help="score only the first N chunks in both engines "
                     "(llama-perplexity --chunks N); -1: all")
+    ap.add_argument("--gguf-base", choices=GGUF_BASES, default="bf16",
+                    help="the GGUF llama-quantize reads for --olmoe (a real checkpoint always converts to f32, the "
+                         "perplexity baseline): bf16 is exact for its bf16 weights; q8_0 (the converter's own Q8_0, the "
+                         "other types requantized from it) when even a bf16 copy does not fit on disk (16 layers: 13.8 GB)")
+    ap.add_argument("--no-quant-cache", action="store_true",
+                    help="compile each bundle without the shared quantized-weight cache (it holds every plan's "
+                         "quantized weights: ~10 GB for 16 OLMoE layers)")
     ap.add_argument("--skip", default="", help="comma-separated parts to skip: speed, ppl")
     args = ap.parse_args()
     skip = set(args.skip.split(",")) - {""}
@@ -270,7 +277,7 @@ def main() -> None:
     for name, ckpt, real in models:
         out = work / ckpt.resolve().parent.name
         out.mkdir(exist_ok=True)
-        ggufs = gguf_files(ckpt, args.llamacpp, out, types)
+        ggufs = gguf_files(ckpt, args.llamacpp, out, types, args.gguf_base if not real else "f32")
         n_params = param_count(ckpt)
         print(f"\n## {name}: {n_params} parameters, files in {out}\n", flush=True)
         if "ppl" not in skip:
@@ -282,7 +289,7 @@ def main() -> None:
             continue
         bits = sorted({PAIRS[t] for t in types}, reverse=True)
         mixed = not args.no_mixed and 8 in bits
-        bundles, share = build_bundles(ckpt, out, bits, acts, mixed)
+        bundles, share = build_bundles(ckpt, out, bits, acts, mixed, quant_cache=not args.no_quant_cache)
         moec, llama, loads = time_rounds(args, ggufs, bundles, tests)
         speed_tables(name, ggufs, bundles, moec, llama, loads, tests, acts, n_params, args.llamacpp, share)
 
