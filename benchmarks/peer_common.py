@@ -71,19 +71,19 @@ def convert(ckpt: Path, root: Path, out: Path, base: str = "f32") -> Path:
 
 
 def f32_name(ckpt: Path, out: Path, base: str = "f32") -> Path:
-    """Where :func:`convert` keeps ``ckpt``'s ``base`` (default f32) GGUF."""
-    return out / f"{ckpt.resolve().name}-{base}.gguf"
+    """Where :func:`convert` keeps ``ckpt``'s ``base`` (default f32) GGUF (a q8_0 base is the Q8_0 type's file)."""
+    return out / f"{ckpt.resolve().name}-{'Q8_0' if base == 'q8_0' else base}.gguf"
 
 
 def quantize(root: Path, base: Path, qtype: str) -> Path:
     """``base`` quantized to ``qtype`` by ``llama-quantize`` (cached next to it); a Q8_0 base is its own Q8_0,
     and other types are requantized from it (``--allow-requantize``)."""
-    if base.name.endswith("-q8_0.gguf") and qtype == "Q8_0":
-        return base
     q = quantized_name(base, qtype)
+    if q == base:
+        return base
     if not q.exists():
         part = q.with_name(q.name + ".part")  # renamed when complete: an interrupted run leaves no GGUF
-        requant = ["--allow-requantize"] if base.name.endswith("-q8_0.gguf") else []
+        requant = ["--allow-requantize"] if base.name.endswith("-Q8_0.gguf") else []
         subprocess.run([str(root / "build/bin/llama-quantize"), *requant, str(base), str(part), qtype], check=True,
                        capture_output=True)
         part.rename(q)

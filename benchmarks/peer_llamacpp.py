@@ -87,7 +87,7 @@ def olmoe_checkpoint(work: Path, layers: int) -> Path:
 def gguf_files(ckpt: Path, root: Path, out: Path, types: list[str], base: str = "f32") -> dict[str, Path]:
     """Each type's GGUF (converting to the ``base`` GGUF first only if some type is missing)."""
     b = f32_name(ckpt, out, base)
-    if not all(quantized_name(b, t).exists() or (base == "q8_0" and t == "Q8_0" and b.exists()) for t in types):
+    if not all(quantized_name(b, t).exists() for t in types):
         b = convert(ckpt, root, out, base)
     return {t: quantize(root, b, t) for t in types}
 
