@@ -279,6 +279,30 @@ class KernelEmitter(LinearEmitter):
         y = self._call(bb, x, entry, vars_, name, safe, top_k, per_expert)
         return bb.emit(relax.op.where(member, y, relax.const(np.float32(0.0))))
 
+    def swiglu_experts(self, bb, x, gate: WeightEntry, up: WeightEntry, vars_, gate_name, up_name, ids):
+        """One int8 SwiGLU GEMV (``make_gemv(swiglu=True, separate_up=True)``) reading the unfused ``w1`` and ``w3``
+        stacks as they are; None (two GEMVs instead) unless both are kernel-layout weights of one format with int8
+        activations and the family has the kernel. Its rows of id -1 are 0, so no ``where`` follows it."""
+        shape = (gate.bits, gate.shape, gate.group_size, gate.stacked or 1, gate.scales)
+        if not (gate.kernel and up.kernel and self._int8(gate)) \
+                or shape != (up.bits, up.shape, up.group_size, up.stacked or 1, up.scales):
+            return None
+        n, k = gate.shape
+        top_k, per_expert = int(ids.ty.shape[0]), int(x.ty.shape[0]) != 1
+        key = ("swiglu", gate.bits, n, k, gate.group_size, gate.stacked or 1, top_k, per_expert, gate.scales)
+        if key not in self._kernels:
+            try:
+                self._kernels[key] = make_gemv(*key[1:7], self.target, x_per_expert=per_expert, activations="int8",
+                                               swiglu=True, separate_up=True, scales=gate.scales)
+            except MoecError:  # no int8 SwiGLU kernel in this family (ARM): the unfused GEMVs
+                self._kernels[key] = None
+        if self._kernels[key] is None:
+            return None
+        gv = add_kernel(bb, self._kernels[key],
+                        _symbol("swiglu", gate, f"t{top_k}", "xe" if per_expert else "", "i8"))
+        args = [x] + self._weight_args(gate, vars_, gate_name) + self._weight_args(up, vars_, up_name) + [ids]
+        return bb.emit(relax.call_tir(gv, args, relax.TensorType((top_k, n), "float32")))
+
 
 def _symbol(kind: str, entry: WeightEntry, *extra: str) -> str:
     """One library symbol per distinct kernel (bits, shape, group, stack, call shape), shared by every weight
