@@ -69,7 +69,11 @@ def vnni_gemv(spec: GemvSpec, params) -> tirx.PrimFunc:
     ``vpdpbusd`` multiplies the rows' codes, four per row and instruction, by four int8
     activations broadcast to all rows (see :func:`_step_dots` for how codes reach bytes; ``x8``
     is stored in the order the dots consume it, permuted within each step once per call).
-    Group sums are scaled once per group. Same parameters as the float32-activation GEMV.
+    Group sums are scaled once per group. Same parameters as the float32-activation GEMV. A row
+    whose expert id is -1 reads no weight and is written 0 (attributes ``moec.row_guard`` and
+    ``moec.row_zero``). ``spec.swiglu``: a task computes its rows of the gate, then the same rows of
+    up (from ``[w1; w3]``, or ``w3``'s own arrays with ``spec.separate_up``), and writes
+    ``silu(gate) * up`` (SiLU with :func:`~moec.lower.kernels.rowwise.fast_exp`, as ``row_silu``).
     ``params`` is an :class:`~moec.lower.schedules.x86.X86Params` (lanes, int8_tile_vectors,
     int8_chains, prefetch_words, prefetch_locality).
     """
@@ -197,7 +201,7 @@ def vnni_gemv(spec: GemvSpec, params) -> tirx.PrimFunc:
                         if task // top_k * vecs + v < nb:
                             for lane in T.vectorized(lanes):
                                 y[task % top_k, (task // top_k * vecs + v) * lanes + lane] = yacc[v, lane]
-            elif swiglu:  # the fused kernel's -1 rows are 0 (its callers need no mask before the down GEMV)
+            else:  # a -1 row is written 0 (moec.row_zero): callers need no mask (where) after the call
                 for v in T.unroll(vecs):
                     if task // top_k * vecs + v < nb:
                         for lane in T.vectorized(lanes):
@@ -213,7 +217,7 @@ def vnni_gemv(spec: GemvSpec, params) -> tirx.PrimFunc:
                  super_scale: T.Buffer((experts, nt, (groups + sg - 1) // sg, tile), "float16"),
                  zero: T.Buffer((experts, nt, zw, tile), "uint32"),
                  expert_ids: T.Buffer((top_k,), "int32"), y: T.Buffer((top_k, n), "float32")):
-            T.func_attr({"global_symbol": "gemv", "tirx.noalias": True, "moec.row_guard": True})
+            T.func_attr({"global_symbol": "gemv", "tirx.noalias": True, "moec.row_guard": True, "moec.row_zero": True})
             body(x, weight, scale, super_scale, zero, weight, scale, super_scale, zero, expert_ids, y)
     else:
         @T.prim_func
@@ -221,7 +225,7 @@ def vnni_gemv(spec: GemvSpec, params) -> tirx.PrimFunc:
                  scale: T.Buffer((experts, nt, groups, tile), "float16"),
                  zero: T.Buffer((experts, nt, zw, tile), "uint32"),
                  expert_ids: T.Buffer((top_k,), "int32"), y: T.Buffer((top_k, n), "float32")):
-            T.func_attr({"global_symbol": "gemv", "tirx.noalias": True, "moec.row_guard": True})
+            T.func_attr({"global_symbol": "gemv", "tirx.noalias": True, "moec.row_guard": True, "moec.row_zero": True})
             body(x, weight, scale, None, zero, weight, scale, None, zero, expert_ids, y)
     return gemv
 
@@ -242,7 +246,7 @@ def _separate_up_gemv(spec: GemvSpec, body, xr: int, nt: int, zw: int) -> tirx.P
                  super_scale_up: T.Buffer((experts, nt, (groups + sg - 1) // sg, tile), "float16"),
                  zero_up: T.Buffer((experts, nt, zw, tile), "uint32"),
                  expert_ids: T.Buffer((top_k,), "int32"), y: T.Buffer((top_k, n), "float32")):
-            T.func_attr({"global_symbol": "gemv", "tirx.noalias": True, "moec.row_guard": True})
+            T.func_attr({"global_symbol": "gemv", "tirx.noalias": True, "moec.row_guard": True, "moec.row_zero": True})
             body(x, weight, scale, super_scale, zero, weight_up, scale_up, super_scale_up, zero_up, expert_ids, y)
     else:
         @T.prim_func
@@ -253,6 +257,6 @@ def _separate_up_gemv(spec: GemvSpec, body, xr: int, nt: int, zw: int) -> tirx.P
                  scale_up: T.Buffer((experts, nt, groups, tile), "float16"),
                  zero_up: T.Buffer((experts, nt, zw, tile), "uint32"),
                  expert_ids: T.Buffer((top_k,), "int32"), y: T.Buffer((top_k, n), "float32")):
-            T.func_attr({"global_symbol": "gemv", "tirx.noalias": True, "moec.row_guard": True})
+            T.func_attr({"global_symbol": "gemv", "tirx.noalias": True, "moec.row_guard": True, "moec.row_zero": True})
             body(x, weight, scale, None, zero, weight_up, scale_up, None, zero_up, expert_ids, y)
     return gemv
