@@ -314,6 +314,19 @@ class DecodeBuilder:
         bias = self.vars[f"layers.{layer}.mlp.{proj}_bias"]
         return self.bb.emit(relax.op.add(y, relax.op.take(bias, ids, axis=0, mode="clip")))
 
+    def _gated(self, x, layer, name, ids, slots, call):
+        """``blocks.glu(w1 x, w3 x)`` of stack ``name``'s routed ``ids``: one fused emitter call where the emitter has
+        one (the plain ``silu(gate) * up``: no expert biases, no ``swiglu_limit``), else ``call(x, "w1")`` and
+        ``call(x, "w3")`` (plus their biases) and :func:`blocks.glu`. Rows of id -1 are 0 either way."""
+        if not self.cfg.expert_bias and not self.cfg.swiglu_limit:
+            gate, up = f"{name}.w1", f"{name}.w3"
+            fused = self.emitter.swiglu_experts(self.bb, x, self.params.entries[gate], self.params.entries[up],
+                                                self.vars, gate, up, ids)
+            if fused is not None:
+                return fused
+        g1, g3 = (self._expert_bias(call(x, w), layer, w, slots) for w in ("w1", "w3"))
+        return blocks.glu(self, self.cfg, g1, g3)
+
     def routed_experts(self, x, routing, layer):
         """Per bit class, row-guarded expert GEMVs on the routed ids (others get id -1: no reads)."""
         bb, cfg = self.bb, self.cfg
@@ -345,8 +358,8 @@ class DecodeBuilder:
                 return self.emitter.routed_experts(bb, inp, self.params.entries[f"{name}.{w}"], self.vars,
                                                    f"{name}.{w}", ids)
 
-            g1, g3 = (self._expert_bias(call(x, w), layer, w, slots) for w in ("w1", "w3"))
-            y = self._expert_bias(call(blocks.glu(self, cfg, g1, g3), "w2"), layer, "w2", slots)
+            act = self._gated(x, layer, name, ids, slots, call)
+            y = self._expert_bias(call(act, "w2"), layer, "w2", slots)
             return bb.emit(relax.op.sum(relax.op.multiply(y, weights), axis=0, keepdims=True))
         cls_of, in_cls = self._classes(routing, layer)
         y = None
@@ -354,10 +367,11 @@ class DecodeBuilder:
             member = bb.emit(relax.op.equal(cls_of, relax.const(np.int32(c))))
             ids = bb.emit(relax.op.where(member, in_cls, relax.const(np.int32(-1))))
             name = f"layers.{layer}.experts.b{c}"
-            g1, g3 = (self._expert_bias(self.emitter.experts(bb, x, self.params.entries[f"{name}.{w}"], self.vars,
-                                                             f"{name}.{w}", ids), layer, w, slots)
-                      for w in ("w1", "w3"))
-            act = blocks.glu(self, cfg, g1, g3)  # rows of other classes: w2 below writes 0 for id -1
+
+            def call(inp, w):
+                return self.emitter.experts(bb, inp, self.params.entries[f"{name}.{w}"], self.vars, f"{name}.{w}", ids)
+
+            act = self._gated(x, layer, name, ids, slots, call)  # rows of other classes: w2 below writes 0 for id -1
             out = self.emitter.experts(bb, act, self.params.entries[f"{name}.w2"], self.vars, f"{name}.w2", ids)
             y = out if y is None else bb.emit(relax.op.add(y, out))
         y = self._expert_bias(y, layer, "w2", slots)

@@ -9,7 +9,8 @@ A routed-expert kernel has ``top_k`` rows; a row whose id is -1 (a routed expert
 another bit class) does no work when the kernel has a row guard
 (:mod:`moec.lower.kernels.row_guard`), so a decode step reads only its routed experts and a bit
 class with no routed expert costs one call's activation preparation; ``where`` zeroes those
-rows. For a schedule without a guard such rows are pointed at the first routed member of the
+rows, unless the kernel writes them 0 itself (``moec.row_zero``: the x86 int8 GEMVs, and the int8
+SwiGLU GEMV that computes a class' gate and up projections in one call, ``swiglu_experts``). For a schedule without a guard such rows are pointed at the first routed member of the
 class instead (re-reading weights the call reads anyway) and only a class with no routed
 member reads one unrouted expert.
 """
@@ -27,7 +28,7 @@ from moec.lower.kernels.decode_attention import decode_attention
 from moec.lower import te_ops
 from moec.lower.kernels.factory import (add_kernel, make_gemv, make_grouped_gemm, make_nested_gemv,
                                        make_nested_grouped_gemm)
-from moec.lower.kernels.row_guard import has_row_guard
+from moec.lower.kernels.row_guard import has_row_guard, zeroes_unrouted_rows
 from moec.lower.kernels.row_topk import MAX_EXPERTS, row_topk_kernel
 from moec.lower.kernels.rowwise import float_rows_kernel, silu_kernel
 from moec.lower.kernels.layout import check_kernel_shape, nested_kernel_layout, stack_kernel_layouts, to_kernel_layout
@@ -267,6 +268,8 @@ class KernelEmitter(LinearEmitter):
             return super().experts(bb, x, entry, vars_, name, ids)
         top_k = int(ids.ty.shape[0])
         per_expert = int(x.ty.shape[0]) != 1
+        if zeroes_unrouted_rows(self._kernel(entry, top_k, per_expert)):  # rows of id -1 come back 0: no mask
+            return self._call(bb, x, entry, vars_, name, ids, top_k, per_expert)
         is_member = bb.emit(relax.op.greater_equal(ids, relax.const(np.int32(0))))
         member = bb.emit(relax.op.reshape(is_member, (top_k, 1)))
         if has_row_guard(self._kernel(entry, top_k, per_expert)):
@@ -278,6 +281,30 @@ class KernelEmitter(LinearEmitter):
         safe = bb.emit(relax.op.where(is_member, ids, first))
         y = self._call(bb, x, entry, vars_, name, safe, top_k, per_expert)
         return bb.emit(relax.op.where(member, y, relax.const(np.float32(0.0))))
+
+    def swiglu_experts(self, bb, x, gate: WeightEntry, up: WeightEntry, vars_, gate_name, up_name, ids):
+        """One int8 SwiGLU GEMV (``make_gemv(swiglu=True, separate_up=True)``) reading the unfused ``w1`` and ``w3``
+        stacks as they are; None (two GEMVs instead) unless both are kernel-layout weights of one format with int8
+        activations and the family has the kernel. Its rows of id -1 are 0, so no ``where`` follows it."""
+        shape = (gate.bits, gate.shape, gate.group_size, gate.stacked or 1, gate.scales)
+        if not (gate.kernel and up.kernel and self._int8(gate)) \
+                or shape != (up.bits, up.shape, up.group_size, up.stacked or 1, up.scales):
+            return None
+        n, k = gate.shape
+        top_k, per_expert = int(ids.ty.shape[0]), int(x.ty.shape[0]) != 1
+        key = ("swiglu", gate.bits, n, k, gate.group_size, gate.stacked or 1, top_k, per_expert, gate.scales)
+        if key not in self._kernels:
+            try:
+                self._kernels[key] = make_gemv(*key[1:7], self.target, x_per_expert=per_expert, activations="int8",
+                                               swiglu=True, separate_up=True, scales=gate.scales)
+            except MoecError:  # no int8 SwiGLU kernel in this family (ARM): the unfused GEMVs
+                self._kernels[key] = None
+        if self._kernels[key] is None:
+            return None
+        gv = add_kernel(bb, self._kernels[key],
+                        _symbol("swiglu", gate, f"t{top_k}", "xe" if per_expert else "", "i8"))
+        args = [x] + self._weight_args(gate, vars_, gate_name) + self._weight_args(up, vars_, up_name) + [ids]
+        return bb.emit(relax.call_tir(gv, args, relax.TensorType((top_k, n), "float32")))
 
 
 def _symbol(kind: str, entry: WeightEntry, *extra: str) -> str:

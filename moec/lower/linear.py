@@ -77,6 +77,12 @@ class LinearEmitter:
         ``experts`` masks rows of id -1 may skip that."""
         return self.experts(bb, x, entry, vars_, name, ids)
 
+    def swiglu_experts(self, bb, x, gate: WeightEntry, up: WeightEntry, vars_, gate_name, up_name, ids):
+        """``silu(gate x) * (up x)`` ``[k, N]`` of the routed ``ids`` (-1: a row of another bit class, output 0) in
+        one fused call, or None when the emitter has no such kernel for these weights (the caller then calls
+        :meth:`experts` twice and applies the block's gated activation)."""
+        return None
+
     def nested_experts(self, bb, x, entry: WeightEntry, vars_, name, ids, prec):
         """Routed rows of a nested stack at the widths of run-time table ``prec``: needs kernels."""
         raise MoecError("nested expert storage needs moec's kernels (x86, arm or cuda backend), not the reference "

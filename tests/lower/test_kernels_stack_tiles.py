@@ -1,5 +1,5 @@
 """Per-task register tiles stay off TVM's workspace allocator (lower/kernels/scopes.py): the parallel
-task bodies of the VNNI (fixed and nested) and ARM dot-product decode GEMVs and of the decode attention make no
+task bodies of the VNNI (fixed, SwiGLU and nested) and ARM dot-product decode GEMVs and of the decode attention make no
 ``TVMBackendAllocWorkspace`` call (compiled only, for explicit targets: nothing runs)."""
 
 import tvm
@@ -36,6 +36,14 @@ def _lambdas(counts: dict[str, int]) -> dict[str, int]:
 def test_vnni_gemv_tasks_allocate_nothing():
     for bits in (4, 8):  # two accumulator chains at 4 bits (2 x 512 B), one at 8
         counts = _task_allocations(make_gemv(bits, 256, 512, 64, 4, 2, VNNI, activations="int8"), VNNI)
+        assert set(_lambdas(counts).values()) == {0}, counts
+
+
+def test_vnni_swiglu_gemv_tasks_allocate_nothing():
+    """The fused gate/up GEMV keeps a second 512 B result tile for up's rows, on the stack too."""
+    for bits in (4, 8):
+        func = make_gemv(bits, 256, 512, 64, 4, 2, VNNI, activations="int8", swiglu=True, separate_up=True)
+        counts = _task_allocations(func, VNNI)
         assert set(_lambdas(counts).values()) == {0}, counts
 
 

@@ -24,7 +24,7 @@ def host_target() -> tvm.target.Target:
 def make_gemv(bits: int, n: int, k: int, group_size: int, num_stacked: int, top_k: int,
               target: tvm.target.Target, *, x_per_expert: bool = False,
               activations: str = "float32", swiglu: bool = False,
-              scales: str = DEFAULT_SCALES) -> tvm.tirx.PrimFunc:
+              scales: str = DEFAULT_SCALES, separate_up: bool = False) -> tvm.tirx.PrimFunc:
     """Decode GEMV for one bit class, scheduled for ``target``'s family.
 
     Parameters
@@ -52,10 +52,16 @@ def make_gemv(bits: int, n: int, k: int, group_size: int, num_stacked: int, top_
     swiglu : bool
         Fused gate/up projection: the stack holds ``[w1; w3]`` (``2n`` rows, from
         :func:`moec.lower.kernels.layout.swiglu_weight`) and the output is
-        ``silu(w1 @ x) * (w3 @ x)`` ``[top_k, n]`` (float32 activations only).
+        ``silu(w1 @ x) * (w3 @ x)`` ``[top_k, n]`` (float32 activations, or int8 on families with
+        an int8 SwiGLU GEMV: x86 VNNI, whose rows with id -1 are written 0).
     scales : str
         Scale format (``moec.core.formats.SCALE_FORMATS``); ``u8`` (double-quantized) takes
         ``gemv(x, weight, scale, super_scale, zero, expert_ids, y)``, float32 activations only.
+
+    separate_up : bool
+        With ``swiglu`` and int8 activations: ``w1`` and ``w3`` as two stacks of ``n`` rows in the
+        unfused layout, ``gemv(x, weight, scale, zero, weight_up, scale_up, zero_up, expert_ids, y)``
+        (``u8``: each stack's ``super_scale`` after its ``scale``).
 
     Returns
     -------
@@ -69,12 +75,10 @@ def make_gemv(bits: int, n: int, k: int, group_size: int, num_stacked: int, top_
     """
     target = tvm.target.Target(target)
     spec = GemvSpec(bits, n, k, group_size, num_stacked, top_k, kernel_tile(target), x_per_expert,
-                    swiglu, scales)
+                    swiglu, scales, separate_up)
     family = family_module(target)
     _check_scales(scales, target, activations)
     if activations == "int8":
-        if swiglu:
-            raise MoecError("the SwiGLU GEMV takes float32 activations only")
         if bits not in INT8_ACTIVATION_BITS:
             raise MoecError(f"int8 activations need quantized weights: bits "
                             f"{', '.join(map(str, INT8_ACTIVATION_BITS))}, not {bits}")

@@ -40,6 +40,11 @@ class GemvSpec:
         Each stacked expert is ``[w1; w3]`` (``2n`` rows, see ``layout.swiglu_weight``) and the
         output is ``silu(w1 @ x) * (w3 @ x)`` ``[top_k, n]``: the gate and up projections in one
         pass.
+    separate_up : bool
+        With ``swiglu``: ``w1`` and ``w3`` are two stacks of ``n`` rows each, in the layout of the
+        unfused GEMV (the kernel takes ``w3``'s arrays after ``w1``'s), instead of one ``[w1; w3]``
+        stack, so a bundle's unfused weights serve the fused call as they are (int8-activation
+        kernels only).
     scales : str
         Scale format (``moec.core.formats.SCALE_FORMATS``): ``fp16``, or ``u8`` (uint8 scale codes
         ``[E, NT, G, T]`` and float16 super-scales ``[E, NT, ceil(G/8), T]``: one more multiply
@@ -56,13 +61,16 @@ class GemvSpec:
     x_per_expert: bool = False
     swiglu: bool = False
     scales: str = DEFAULT_SCALES
+    separate_up: bool = False
 
     def __post_init__(self) -> None:
         check_kernel_shape(self.bits, self.rows, self.k, self.group_size)
         get_scale_format(self.scales)
-        if self.tile < 1 or (self.swiglu and self.n % self.tile):
+        if self.tile < 1 or (self.swiglu and not self.separate_up and self.n % self.tile):
             raise MoecError(f"bad tile {self.tile} (the SwiGLU GEMV needs n ({self.n}) to be a "
                             f"multiple of it, so w3's rows start a tile)")
+        if self.separate_up and not self.swiglu:
+            raise MoecError("separate_up is a form of the SwiGLU GEMV (swiglu=True)")
         if self.num_stacked < 1 or self.top_k < 1:
             raise MoecError(f"num_stacked ({self.num_stacked}) and top_k ({self.top_k}) must be >= 1")
 
@@ -77,7 +85,7 @@ class GemvSpec:
     @property
     def rows(self) -> int:
         """Rows of each stacked expert weight (``2n`` for SwiGLU's ``[w1; w3]``)."""
-        return 2 * self.n if self.swiglu else self.n
+        return 2 * self.n if self.swiglu and not self.separate_up else self.n
 
     @property
     def super_groups(self) -> int:
@@ -122,6 +130,8 @@ def gemv_definition(spec: GemvSpec) -> tirx.PrimFunc:
     tvm.tirx.PrimFunc
         Named ``gemv``; schedule it with the target family's ``schedule_gemv``.
     """
+    if spec.separate_up:
+        raise MoecError("the SwiGLU GEMV with separate w1/w3 stacks takes int8 activations only")
     return _quantized(spec) if spec.quantized else _float(spec)
 
 

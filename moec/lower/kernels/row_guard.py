@@ -5,8 +5,9 @@ experts that belong to *another* bit class are -1. Without a guard those rows wo
 computed from some expert of this class, reading its weights from memory for nothing (the
 dominant cost of a mixed plan: with four bit classes a decode step would read up to four
 times the routed weights). With the guard a row with id -1 does no work at all: its output
-row is left unwritten and masked by the caller (``where``), and a call with no routed member
-only pays the per-call activation preparation.
+row is left unwritten and masked by the caller (``where``), or written 0 by kernels that say so
+(``moec.row_zero``: the x86 int8 GEMVs; the caller then needs no mask), and a call with no routed
+member only pays the per-call activation preparation.
 
 Schedules keep the routed-expert loop ``j`` outermost (fused with the output tiles into
 one parallel loop, ``j`` major), so the guard wraps the body of every top-level parallel
@@ -24,6 +25,15 @@ from moec.core.errors import MoecError
 
 #: PrimFunc attribute set on kernels that skip rows whose expert id is negative.
 GUARD_ATTR = "moec.row_guard"
+
+
+#: PrimFunc attribute set on guarded kernels that also write 0 to those rows (no mask needed after them).
+ZERO_ATTR = "moec.row_zero"
+
+
+def zeroes_unrouted_rows(func: tirx.PrimFunc) -> bool:
+    """Whether ``func`` writes 0 to rows whose expert id is -1 (so callers need no ``where`` after it)."""
+    return bool(func.attrs is not None and func.attrs.get(ZERO_ATTR, False))
 
 
 def has_row_guard(func: tirx.PrimFunc) -> bool:

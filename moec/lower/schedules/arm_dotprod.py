@@ -60,7 +60,7 @@ def dotprod_gemv(spec: GemvSpec, params, dot: Callable = sdot) -> tirx.PrimFunc:
     """
     bits, n, k, gs, tile = spec.bits, spec.n, spec.k, spec.group_size, spec.tile
     if spec.swiglu:
-        raise MoecError("the SwiGLU GEMV takes float32 activations only")
+        raise MoecError("no ARM int8-activation SwiGLU GEMV (use activations='float32')")
     if bits not in DOTPROD_BITS:
         raise MoecError(f"no ARM int8-activation GEMV for {bits}-bit weights; choices: "
                         f"{', '.join(map(str, DOTPROD_BITS))}")

@@ -16,6 +16,7 @@ from tvm.script import tirx as T
 from moec.core.errors import MoecError
 from moec.lower.kernels.gemv import GemvSpec
 from moec.lower.kernels.layout import num_tiles, zero_words
+from moec.lower.kernels.rowwise import fast_exp
 from moec.lower.kernels.scopes import stack_scope
 from moec.lower.schedules.int8_common import (BYTE_MASK, plane_slot_source, quantize_activations_prep,
                                               scaled_group_sum)
@@ -68,7 +69,11 @@ def vnni_gemv(spec: GemvSpec, params) -> tirx.PrimFunc:
     ``vpdpbusd`` multiplies the rows' codes, four per row and instruction, by four int8
     activations broadcast to all rows (see :func:`_step_dots` for how codes reach bytes; ``x8``
     is stored in the order the dots consume it, permuted within each step once per call).
-    Group sums are scaled once per group. Same parameters as the float32-activation GEMV.
+    Group sums are scaled once per group. Same parameters as the float32-activation GEMV. A row
+    whose expert id is -1 reads no weight and is written 0 (attributes ``moec.row_guard`` and
+    ``moec.row_zero``). ``spec.swiglu``: a task computes its rows of the gate, then the same rows of
+    up (from ``[w1; w3]``, or ``w3``'s own arrays with ``spec.separate_up``), and writes
+    ``silu(gate) * up`` (SiLU with :func:`~moec.lower.kernels.rowwise.fast_exp`, as ``row_silu``).
     ``params`` is an :class:`~moec.lower.schedules.x86.X86Params` (lanes, int8_tile_vectors,
     int8_chains, prefetch_words, prefetch_locality).
     """
@@ -122,8 +127,52 @@ def vnni_gemv(spec: GemvSpec, params) -> tirx.PrimFunc:
         t, col = gv * lanes // tile, gv * lanes % tile + lane
         return scaled_group_sum(dot, scale, zero, sx, xsum, e, t, col, g, r, bits, super_scale=sup, super_groups=sg)
 
+    swiglu = spec.swiglu
+    up_offset = 0 if spec.separate_up else nb  # w3's first vector in the weight it is read from
+
     @T.macro
-    def body(x, weight, scale, sup, zero, expert_ids, y):
+    def project(weight, scale, sup, zero, x8, sx, xsum, acc0, acc1, yacc, e, r, tt, off):
+        """``yacc[v]`` = rows of vector ``tt*vecs + v`` (``+ off`` in ``weight``) of expert ``e`` times
+        activation row ``r``."""
+        for v in T.unroll(vecs):
+            for lane in T.vectorized(lanes):
+                yacc[v, lane] = T.float32(0)
+        for g in range(groups):
+            for a in T.unroll(vecs):
+                for lane in T.vectorized(lanes):
+                    acc0[a, lane] = 0
+            for a in T.unroll(vecs * (chains - 1)):
+                for lane in T.vectorized(lanes):
+                    acc1[a, lane] = 0
+            for st in range(steps_per_group):
+                for v in T.unroll(vecs):
+                    if tt * vecs + v < nb:
+                        for i in T.unroll(prefetch_lines):
+                            T.evaluate(T.call_llvm_intrin(
+                                "void", "llvm.prefetch", T.address_of(weight[
+                                    e, (tt * vecs + v + off) * lanes // tile,
+                                    (g * steps_per_group + st) * step_words + prefetch + i,
+                                    (tt * vecs + v + off) * lanes % tile]),
+                                T.int32(0), T.int32(locality), T.int32(1)))
+                        for c in T.unroll(chains):
+                            if c == 0:
+                                acc0[v, T.ramp(0, 1, lanes)] = accumulate(
+                                    acc0, acc1, v, c, weight, x8, e, tt * vecs + v + off, g * steps_per_group + st, r)
+                            else:
+                                acc1[v * (chains - 1) + c - 1, T.ramp(0, 1, lanes)] = accumulate(
+                                    acc0, acc1, v, c, weight, x8, e, tt * vecs + v + off, g * steps_per_group + st, r)
+            for v in T.unroll(vecs):
+                for c in T.unroll(1, chains):
+                    for lane in T.vectorized(lanes):
+                        acc0[v, lane] = acc0[v, lane] + acc1[v * (chains - 1) + c - 1, lane]
+            for v in T.unroll(vecs):
+                if tt * vecs + v < nb:
+                    for lane in T.vectorized(lanes):
+                        yacc[v, lane] = yacc[v, lane] + group_term(
+                            acc0[v, lane], scale, zero, sx, xsum, e, tt * vecs + v + off, g, lane, r, sup)
+
+    @T.macro
+    def body(x, weight, scale, sup, zero, weight_up, scale_up, sup_up, zero_up, expert_ids, y):
         sx = T.alloc_buffer((xr, groups), "float32")
         xsum = T.alloc_buffer((xr, groups), "int32")
         xq = T.alloc_buffer((xr, k), "int8")  # natural order
@@ -135,52 +184,32 @@ def vnni_gemv(spec: GemvSpec, params) -> tirx.PrimFunc:
             acc0 = T.alloc_buffer((vecs, lanes), "int32", scope=acc_scope)  # chain 0
             acc1 = T.alloc_buffer((vecs * max(chains - 1, 1), lanes), "int32", scope=acc1_scope)  # chains 1..
             yacc = T.alloc_buffer((vecs, lanes), "float32", scope=acc_scope)
+            yup = T.alloc_buffer((vecs if swiglu else 1, lanes), "float32", scope=acc_scope)  # SwiGLU: up's rows
             if expert_ids[task % top_k] >= 0:  # a row routed to another bit class (id -1) does no work
-                for v in T.unroll(vecs):
-                    for lane in T.vectorized(lanes):
-                        yacc[v, lane] = T.float32(0)
-                for g in range(groups):
-                    for a in T.unroll(vecs):
-                        for lane in T.vectorized(lanes):
-                            acc0[a, lane] = 0
-                    for a in T.unroll(vecs * (chains - 1)):
-                        for lane in T.vectorized(lanes):
-                            acc1[a, lane] = 0
-                    for st in range(steps_per_group):
-                        for v in T.unroll(vecs):
-                            if task // top_k * vecs + v < nb:
-                                for i in T.unroll(prefetch_lines):
-                                    T.evaluate(T.call_llvm_intrin(
-                                        "void", "llvm.prefetch", T.address_of(weight[
-                                            expert_ids[task % top_k], (task // top_k * vecs + v) * lanes // tile,
-                                            (g * steps_per_group + st) * step_words + prefetch + i,
-                                            (task // top_k * vecs + v) * lanes % tile]),
-                                        T.int32(0), T.int32(locality), T.int32(1)))
-                                for c in T.unroll(chains):
-                                    if c == 0:
-                                        acc0[v, T.ramp(0, 1, lanes)] = accumulate(
-                                            acc0, acc1, v, c, weight, x8, expert_ids[task % top_k],
-                                            task // top_k * vecs + v, g * steps_per_group + st, task % top_k * xstride)
-                                    else:
-                                        acc1[v * (chains - 1) + c - 1, T.ramp(0, 1, lanes)] = accumulate(
-                                            acc0, acc1, v, c, weight, x8, expert_ids[task % top_k],
-                                            task // top_k * vecs + v, g * steps_per_group + st, task % top_k * xstride)
-                    for v in T.unroll(vecs):
-                        for c in T.unroll(1, chains):
-                            for lane in T.vectorized(lanes):
-                                acc0[v, lane] = acc0[v, lane] + acc1[v * (chains - 1) + c - 1, lane]
+                project(weight, scale, sup, zero, x8, sx, xsum, acc0, acc1, yacc, expert_ids[task % top_k],
+                        task % top_k * xstride, task // top_k, 0)
+                if swiglu:
+                    project(weight_up, scale_up, sup_up, zero_up, x8, sx, xsum, acc0, acc1, yup,
+                            expert_ids[task % top_k], task % top_k * xstride, task // top_k, up_offset)
                     for v in T.unroll(vecs):
                         if task // top_k * vecs + v < nb:
                             for lane in T.vectorized(lanes):
-                                yacc[v, lane] = yacc[v, lane] + group_term(
-                                    acc0[v, lane], scale, zero, sx, xsum, expert_ids[task % top_k],
-                                    task // top_k * vecs + v, g, lane, task % top_k * xstride, sup)
+                                y[task % top_k, (task // top_k * vecs + v) * lanes + lane] = yacc[v, lane] / (
+                                    T.float32(1) + fast_exp(T.float32(0) - yacc[v, lane])) * yup[v, lane]
+                else:
+                    for v in T.unroll(vecs):
+                        if task // top_k * vecs + v < nb:
+                            for lane in T.vectorized(lanes):
+                                y[task % top_k, (task // top_k * vecs + v) * lanes + lane] = yacc[v, lane]
+            else:  # a -1 row is written 0 (moec.row_zero): callers need no mask (where) after the call
                 for v in T.unroll(vecs):
                     if task // top_k * vecs + v < nb:
                         for lane in T.vectorized(lanes):
-                            y[task % top_k, (task // top_k * vecs + v) * lanes + lane] = yacc[v, lane]
+                            y[task % top_k, (task // top_k * vecs + v) * lanes + lane] = T.float32(0)
 
-    nt, zw = num_tiles(n, tile), zero_words(groups, bits)
+    nt, zw = num_tiles(spec.rows, tile), zero_words(groups, bits)
+    if spec.separate_up:
+        return _separate_up_gemv(spec, body, xr, nt, zw)
     if sg:  # double-quantized scales: uint8 codes and fp16 super-scales
         @T.prim_func
         def gemv(x: T.Buffer((xr, k), "float32"), weight: T.Buffer((experts, nt, k * bits // 32, tile), "uint32"),
@@ -188,14 +217,46 @@ def vnni_gemv(spec: GemvSpec, params) -> tirx.PrimFunc:
                  super_scale: T.Buffer((experts, nt, (groups + sg - 1) // sg, tile), "float16"),
                  zero: T.Buffer((experts, nt, zw, tile), "uint32"),
                  expert_ids: T.Buffer((top_k,), "int32"), y: T.Buffer((top_k, n), "float32")):
-            T.func_attr({"global_symbol": "gemv", "tirx.noalias": True, "moec.row_guard": True})
-            body(x, weight, scale, super_scale, zero, expert_ids, y)
+            T.func_attr({"global_symbol": "gemv", "tirx.noalias": True, "moec.row_guard": True, "moec.row_zero": True})
+            body(x, weight, scale, super_scale, zero, weight, scale, super_scale, zero, expert_ids, y)
     else:
         @T.prim_func
         def gemv(x: T.Buffer((xr, k), "float32"), weight: T.Buffer((experts, nt, k * bits // 32, tile), "uint32"),
                  scale: T.Buffer((experts, nt, groups, tile), "float16"),
                  zero: T.Buffer((experts, nt, zw, tile), "uint32"),
                  expert_ids: T.Buffer((top_k,), "int32"), y: T.Buffer((top_k, n), "float32")):
-            T.func_attr({"global_symbol": "gemv", "tirx.noalias": True, "moec.row_guard": True})
-            body(x, weight, scale, None, zero, expert_ids, y)
+            T.func_attr({"global_symbol": "gemv", "tirx.noalias": True, "moec.row_guard": True, "moec.row_zero": True})
+            body(x, weight, scale, None, zero, weight, scale, None, zero, expert_ids, y)
+    return gemv
+
+
+def _separate_up_gemv(spec: GemvSpec, body, xr: int, nt: int, zw: int) -> tirx.PrimFunc:
+    """The SwiGLU form taking ``w3``'s arrays after ``w1``'s: ``gemv(x, weight, scale, (super_scale,) zero,
+    weight_up, scale_up, (super_scale_up,) zero_up, expert_ids, y)``."""
+    bits, n, k, tile, experts, top_k = spec.bits, spec.n, spec.k, spec.tile, spec.num_stacked, spec.top_k
+    groups, sg = spec.groups, spec.super_groups
+    if sg:
+        @T.prim_func
+        def gemv(x: T.Buffer((xr, k), "float32"), weight: T.Buffer((experts, nt, k * bits // 32, tile), "uint32"),
+                 scale: T.Buffer((experts, nt, groups, tile), "uint8"),
+                 super_scale: T.Buffer((experts, nt, (groups + sg - 1) // sg, tile), "float16"),
+                 zero: T.Buffer((experts, nt, zw, tile), "uint32"),
+                 weight_up: T.Buffer((experts, nt, k * bits // 32, tile), "uint32"),
+                 scale_up: T.Buffer((experts, nt, groups, tile), "uint8"),
+                 super_scale_up: T.Buffer((experts, nt, (groups + sg - 1) // sg, tile), "float16"),
+                 zero_up: T.Buffer((experts, nt, zw, tile), "uint32"),
+                 expert_ids: T.Buffer((top_k,), "int32"), y: T.Buffer((top_k, n), "float32")):
+            T.func_attr({"global_symbol": "gemv", "tirx.noalias": True, "moec.row_guard": True, "moec.row_zero": True})
+            body(x, weight, scale, super_scale, zero, weight_up, scale_up, super_scale_up, zero_up, expert_ids, y)
+    else:
+        @T.prim_func
+        def gemv(x: T.Buffer((xr, k), "float32"), weight: T.Buffer((experts, nt, k * bits // 32, tile), "uint32"),
+                 scale: T.Buffer((experts, nt, groups, tile), "float16"),
+                 zero: T.Buffer((experts, nt, zw, tile), "uint32"),
+                 weight_up: T.Buffer((experts, nt, k * bits // 32, tile), "uint32"),
+                 scale_up: T.Buffer((experts, nt, groups, tile), "float16"),
+                 zero_up: T.Buffer((experts, nt, zw, tile), "uint32"),
+                 expert_ids: T.Buffer((top_k,), "int32"), y: T.Buffer((top_k, n), "float32")):
+            T.func_attr({"global_symbol": "gemv", "tirx.noalias": True, "moec.row_guard": True, "moec.row_zero": True})
+            body(x, weight, scale, None, zero, weight_up, scale_up, None, zero_up, expert_ids, y)
     return gemv
