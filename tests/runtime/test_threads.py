@@ -127,3 +127,17 @@ def test_pool_has_every_core_after_a_one_thread_session():
     small, a, big, b = map(int, stdout.split())
     assert (small, a) == (1, 1)
     assert big == b == (os.cpu_count() or 1) and b >= 2
+
+
+@pytest.mark.parametrize("given", [None, "12345"])
+def test_pool_spin_count_set_before_the_pool_unless_given(given):
+    """The pool's workers spin POOL_SPIN_COUNT yields before they sleep (not TVM's 300,000, which kept a
+    worker spinning through the decode steps after a pool prefill); a TVM_THREAD_POOL_SPIN_COUNT given wins."""
+    code = ("import os\n"
+            "from moec.runtime.session import POOL_SPIN_COUNT, configure_threads\n"
+            "configure_threads({'weight_bytes': 1 << 20})\n"
+            "print(os.environ['TVM_THREAD_POOL_SPIN_COUNT'], POOL_SPIN_COUNT)")
+    env = {} if given is None else {"TVM_THREAD_POOL_SPIN_COUNT": given}
+    stdout = _fresh_process(code, drop=("MOEC_NUM_THREADS", "TVM_THREAD_POOL_SPIN_COUNT"), **env)
+    seen, default = stdout.split()
+    assert seen == (given or default) and int(default) < 300000
