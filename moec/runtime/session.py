@@ -518,10 +518,10 @@ def choose_threads(manifest: dict, threads: int | None = None, prefill_threads: 
     a small bundle's prefill of at least ``PREFILL_POOL_TOKENS`` prompt tokens runs on the pool
     (every core), shorter ones on the decode count (on an idle 2-core x86 VM the reference model's
     prefill broke even on 2 threads at 8-16 tokens and gained 1.3x at 32, 1.4x at 64, 1.7x at
-    512; see the README's "Prefill threads: the crossover"). On a busy machine the pool loses (at a load average
-    of 7-9 on 2 cores a 64-token prefill ran at 0.3-0.6x its 1-thread rate): ``prefill_threads``
-    (or ``MOEC_PREFILL_THREADS``) sets the count of every prefill, whatever its length, and so does
-    ``threads`` when it is given alone.
+    512; see the README's "Prefill threads: the crossover"). On a busy machine the pool loses (at
+    a load average of 7-9 on 2 cores a 64-token prefill ran at 0.3-0.6x its 1-thread rate):
+    ``prefill_threads`` (or ``MOEC_PREFILL_THREADS``) sets the count of every prefill, whatever its
+    length, and so does ``threads`` when it is given alone.
     """
     if threads is None:
         threads = _env_count("MOEC_NUM_THREADS")
