@@ -579,7 +579,7 @@ def use_threads(n: int) -> None:
     The workers' spin before they sleep is set the same way (``TVM_THREAD_POOL_SPIN_COUNT``, unless
     given): ``POOL_SPIN_COUNT`` yields instead of TVM's 300,000, which kept a worker spinning through
     the one-thread decode steps after a pool prefill (at load ~2 on 2 cores, decode after a 2-thread
-    prefill averaged 2.5-3.2k tok/s against 4-5.8k with 2,000).
+    prefill averaged 2.4-2.7k tok/s against 4.0-5.8k with 2,000).
     """
     global _POOL_SET
     if n == _POOL_SET:
