@@ -461,7 +461,7 @@ def require_local_cuda(bundle: str | os.PathLike) -> None:
 
 
 SMALL_BUNDLE_BYTES = 32 << 20
-#: Yields a TVM pool worker spins for before it sleeps (TVM's default: 300,000; see :func:`use_threads`).
+#: Yields a pool worker spins for before it sleeps when the pool only prefills (see :func:`configure_threads`).
 POOL_SPIN_COUNT = 2000
 _POOL_SET: int | None = None  # the size use_threads last gave the pool
 _DEFAULT_POOL: int | None = None  # TVM's own default, read before configure_threads first sets the env
@@ -559,6 +559,14 @@ def configure_threads(manifest: dict, threads: int | None = None, prefill_thread
     core, and so did every subprocess started after the session opened).
     """
     choice = choose_threads(manifest, threads, prefill_threads)
+    if _POOL_SET is None and choice.decode == 1 < choice.prefill:
+        # the pool serves prefills only: its workers spin POOL_SPIN_COUNT yields before they sleep,
+        # not TVM's 300,000, which kept a worker spinning through the one-thread decode steps after a
+        # pool prefill (at load ~2 on 2 cores, decode after a 2-thread prefill averaged 2.4-2.7k tok/s
+        # against 4.0-5.8k with 2,000). A pool that decodes keeps TVM's spin: its kernels follow each
+        # other closely (the OLMoE-shaped uniform:4 bundle: 82-89 tok/s with 300,000, 73-86 with 2,000).
+        # Read once, when TVM makes its pool; a TVM_THREAD_POOL_SPIN_COUNT given wins.
+        os.environ.setdefault("TVM_THREAD_POOL_SPIN_COUNT", str(POOL_SPIN_COUNT))
     use_threads(choice.decode)
     return choice.decode
 
@@ -575,18 +583,12 @@ def use_threads(n: int) -> None:
     the OLMoE-shaped uniform:8 bundle decoded at 50 tok/s on one worker after a one-thread session,
     against 68-74 tok/s on two (quiet 2-core x86 VM, 2026-12-03). A pool at the size asked for is
     not resized.
-
-    The workers' spin before they sleep is set the same way (``TVM_THREAD_POOL_SPIN_COUNT``, unless
-    given): ``POOL_SPIN_COUNT`` yields instead of TVM's 300,000, which kept a worker spinning through
-    the one-thread decode steps after a pool prefill (at load ~2 on 2 cores, decode after a 2-thread
-    prefill averaged 2.4-2.7k tok/s against 4.0-5.8k with 2,000).
     """
     global _POOL_SET
     if n == _POOL_SET:
         return
     if _POOL_SET is None:  # the pool may not exist yet: it will be made from this, with every worker
         os.environ["TVM_NUM_THREADS"] = str(max(n, _default_pool()))
-        os.environ.setdefault("TVM_THREAD_POOL_SPIN_COUNT", str(POOL_SPIN_COUNT))
     if n != (_POOL_SET if _POOL_SET is not None else _default_pool()):
         # TVM binds the calling thread to core 0 when it resizes the pool; every process (and every
         # child it starts, which inherits the mask) would then share one core. Keep the caller's cores.

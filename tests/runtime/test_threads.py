@@ -131,13 +131,19 @@ def test_pool_has_every_core_after_a_one_thread_session():
 
 @pytest.mark.parametrize("given", [None, "12345"])
 def test_pool_spin_count_set_before_the_pool_unless_given(given):
-    """The pool's workers spin POOL_SPIN_COUNT yields before they sleep (not TVM's 300,000, which kept a
-    worker spinning through the decode steps after a pool prefill); a TVM_THREAD_POOL_SPIN_COUNT given wins."""
-    code = ("import os\n"
-            "from moec.runtime.session import POOL_SPIN_COUNT, configure_threads\n"
-            "configure_threads({'weight_bytes': 1 << 20})\n"
-            "print(os.environ['TVM_THREAD_POOL_SPIN_COUNT'], POOL_SPIN_COUNT)")
+    """A pool that only prefills (a small bundle's) spins POOL_SPIN_COUNT yields before its workers sleep (not
+    TVM's 300,000, which kept a worker spinning through the decode steps after a pool prefill); a pool that
+    decodes (a large bundle's) keeps TVM's; a TVM_THREAD_POOL_SPIN_COUNT given wins."""
+    if len(os.sched_getaffinity(0) if hasattr(os, "sched_getaffinity") else range(os.cpu_count() or 1)) < 2:
+        pytest.skip("needs two or more CPUs")
+    code = ("import os, sys\n"
+            "from moec.runtime.session import POOL_SPIN_COUNT, SMALL_BUNDLE_BYTES, configure_threads\n"
+            "configure_threads({'weight_bytes': SMALL_BUNDLE_BYTES * int(sys.argv[1])})\n"
+            "print(os.environ.get('TVM_THREAD_POOL_SPIN_COUNT', 'unset'), POOL_SPIN_COUNT)")
     env = {} if given is None else {"TVM_THREAD_POOL_SPIN_COUNT": given}
-    stdout = _fresh_process(code, drop=("MOEC_NUM_THREADS", "TVM_THREAD_POOL_SPIN_COUNT"), **env)
-    seen, default = stdout.split()
+    drop = ("MOEC_NUM_THREADS", "MOEC_PREFILL_THREADS", "TVM_THREAD_POOL_SPIN_COUNT", "TVM_NUM_THREADS",
+            "OMP_NUM_THREADS")
+    seen, default = _fresh_process(code.replace("sys.argv[1]", "0"), drop=drop, **env).split()
     assert seen == (given or default) and int(default) < 300000
+    large, _ = _fresh_process(code.replace("sys.argv[1]", "4"), drop=drop, **env).split()
+    assert large == (given or "unset")
