@@ -76,8 +76,8 @@ class BundleSession:
     :class:`MoecError`; :meth:`generate` enlarges a cache whose size was not given to what it needs.
 
     ``threads`` is the TVM thread count of decode steps and prefills, ``prefill_threads`` that of
-    prefills alone (defaults: :func:`choose_threads`: one thread for a small bundle, the pool for a
-    larger one).
+    prefills alone (defaults: :func:`choose_threads`: a small bundle decodes on one thread and
+    prefills prompts of ``PREFILL_POOL_TOKENS`` or more on the pool; a larger one runs on the pool).
     """
 
     def __init__(self, bundle: str | os.PathLike, remote=None, trust: str | os.PathLike | None = None,
@@ -127,7 +127,8 @@ class BundleSession:
             raise MoecError(f"cannot load {lib_path} (built for {built_for}) on {where}{hint}: {failure}")
         if remote is None:  # decode and prefill thread counts (choose_threads); each call sets its own
             self.threads = configure_threads(self.manifest, threads, prefill_threads)
-            self.prefill_threads = choose_threads(self.manifest, threads, prefill_threads).prefill
+            self.thread_choice = choose_threads(self.manifest, threads, prefill_threads)
+            self.prefill_threads = self.thread_choice.prefill  # of prompts of thread_choice.pool_from+ tokens
         self.vm = tvm.runtime.vm.VirtualMachine(lib, self.dev)
         # zero-copy views of the mapped weights.bin only for the local CPU; a GPU gets device copies
         self.params = device_params(root, self.manifest["params"], self.dev,
@@ -354,7 +355,7 @@ class BundleSession:
                 self._pos += (tvm.runtime.from_dlpack(self._pos[0]),)
             buf[:] = tokens
             self._pos[0][0] = pos
-            use_threads(self.prefill_threads if entry == "prefill" else self.threads)
+            use_threads(self.thread_choice.for_prefill(len(tokens)) if entry == "prefill" else self.threads)
             out = fn(inp, self._pos[1], *self.cache, *self.params)
             self.pos = pos + len(tokens)
             self._keep_outputs(entry, out)
@@ -367,7 +368,7 @@ class BundleSession:
                 inp = self._token[entry] = tvm.runtime.tensor(tokens, self.dev)
             else:
                 inp.copyfrom(tokens)  # no allocation per decode step
-            use_threads(self.prefill_threads if entry == "prefill" else self.threads)
+            use_threads(self.thread_choice.for_prefill(len(tokens)) if entry == "prefill" else self.threads)
             out = self.vm[entry](inp, tvm.runtime.tensor(where, self.dev), *self.cache, *self.params)
             self.pos = pos + len(tokens)
             self._keep_outputs(entry, list(out))
@@ -460,16 +461,28 @@ def require_local_cuda(bundle: str | os.PathLike) -> None:
 
 
 SMALL_BUNDLE_BYTES = 32 << 20
+#: Yields a pool worker spins for before it sleeps when the pool only prefills (see :func:`configure_threads`).
+POOL_SPIN_COUNT = 2000
 _POOL_SET: int | None = None  # the size use_threads last gave the pool
 _DEFAULT_POOL: int | None = None  # TVM's own default, read before configure_threads first sets the env
 
 
+#: Prompt tokens from which a small bundle's prefill runs on the pool by default (see :func:`choose_threads`).
+PREFILL_POOL_TOKENS = 32
+
+
 @dataclass(frozen=True)
 class ThreadChoice:
-    """TVM threads of a session's calls: ``decode`` steps and ``prefill`` calls (see :func:`choose_threads`)."""
+    """TVM threads of a session's calls: ``decode`` steps, and ``prefill`` calls of at least ``pool_from``
+    tokens (shorter prefills run on ``decode``'s count; see :func:`choose_threads`)."""
 
     decode: int
     prefill: int
+    pool_from: int = 0
+
+    def for_prefill(self, tokens: int) -> int:
+        """The thread count of a prefill of ``tokens`` tokens."""
+        return self.prefill if tokens >= self.pool_from else self.decode
 
 
 def _default_pool() -> int:
@@ -495,28 +508,41 @@ def choose_threads(manifest: dict, threads: int | None = None, prefill_threads: 
     """The thread counts of a session (nothing is configured here).
 
     ``threads`` (or ``MOEC_NUM_THREADS``) sets both kinds of call; otherwise a bundle whose weights
-    are under ``SMALL_BUNDLE_BYTES`` runs on one thread and a larger one on TVM's pool. A decode
+    are under ``SMALL_BUNDLE_BYTES`` decodes on one thread and a larger one on TVM's pool. A decode
     step of a small model is ~100 kernels of a few microseconds: a fork-join over two threads per
     kernel gains little, and on a loaded machine every join waits for a worker that the scheduler
     has preempted (on the reference model one decode step in six took 25-40 ms instead of under
-    1 ms with two threads; the stalls went away with one). ``prefill_threads`` (or
-    ``MOEC_PREFILL_THREADS``) sets the prefill count alone: a prefill is compute-bound GEMMs over
-    the whole prompt, which a pool can share out on an idle machine; at a load average of 7-9 on 2
-    cores the reference model's 64-token prefill on 2 threads ran at 0.3-0.6x its 1-thread rate, so
-    it is not the default.
+    1 ms with two threads; the stalls went away with one).
+
+    A prefill is compute-bound GEMMs and attention over the whole prompt, which the pool shares out:
+    a small bundle's prefill of at least ``PREFILL_POOL_TOKENS`` prompt tokens runs on the pool
+    (every core), shorter ones on the decode count (on an idle 2-core x86 VM the reference model's
+    prefill broke even on 2 threads at 8-16 tokens and gained 1.3x at 32, 1.4x at 64, 1.7x at
+    512; see the README's "Prefill threads: the crossover"). On a busy machine the pool loses (at
+    a load average of 7-9 on 2 cores a 64-token prefill ran at 0.3-0.6x its 1-thread rate):
+    ``prefill_threads`` (or ``MOEC_PREFILL_THREADS``) sets the count of every prefill, whatever its
+    length, and so does ``threads`` when it is given alone.
     """
     if threads is None:
         threads = _env_count("MOEC_NUM_THREADS")
     if prefill_threads is None:
         prefill_threads = _env_count("MOEC_PREFILL_THREADS")
-    if threads is None:
-        small = manifest.get("weight_bytes", SMALL_BUNDLE_BYTES) < SMALL_BUNDLE_BYTES
-        threads = 1 if small else _default_pool()
-    choice = ThreadChoice(threads, threads if prefill_threads is None else prefill_threads)
+    if threads is not None or prefill_threads is not None:  # explicit counts win, for every prompt length
+        decode = threads if threads is not None else _default_decode(manifest)
+        choice = ThreadChoice(decode, decode if prefill_threads is None else prefill_threads)
+    elif _default_decode(manifest) == 1:  # a small bundle: long prompts on the pool
+        choice = ThreadChoice(1, _default_pool(), PREFILL_POOL_TOKENS if _default_pool() > 1 else 0)
+    else:
+        choice = ThreadChoice(_default_pool(), _default_pool())
     for n in (choice.decode, choice.prefill):
         if isinstance(n, bool) or not isinstance(n, int) or n < 1:
             raise MoecError(f"threads must be a whole number >= 1, got {n!r}")
     return choice
+
+
+def _default_decode(manifest: dict) -> int:
+    """The decode count of a bundle without an explicit choice: one thread when small, else the pool."""
+    return 1 if manifest.get("weight_bytes", SMALL_BUNDLE_BYTES) < SMALL_BUNDLE_BYTES else _default_pool()
 
 
 def configure_threads(manifest: dict, threads: int | None = None, prefill_threads: int | None = None) -> int:
@@ -533,6 +559,14 @@ def configure_threads(manifest: dict, threads: int | None = None, prefill_thread
     core, and so did every subprocess started after the session opened).
     """
     choice = choose_threads(manifest, threads, prefill_threads)
+    if _POOL_SET is None and choice.decode == 1 < choice.prefill:
+        # the pool serves prefills only: its workers spin POOL_SPIN_COUNT yields before they sleep,
+        # not TVM's 300,000, which kept a worker spinning through the one-thread decode steps after a
+        # pool prefill (at load ~2 on 2 cores, decode after a 2-thread prefill averaged 2.4-2.7k tok/s
+        # against 4.0-5.8k with 2,000). A pool that decodes keeps TVM's spin: its kernels follow each
+        # other closely (the OLMoE-shaped uniform:4 bundle: 82-89 tok/s with 300,000, 73-86 with 2,000).
+        # Read once, when TVM makes its pool; a TVM_THREAD_POOL_SPIN_COUNT given wins.
+        os.environ.setdefault("TVM_THREAD_POOL_SPIN_COUNT", str(POOL_SPIN_COUNT))
     use_threads(choice.decode)
     return choice.decode
 

@@ -71,3 +71,33 @@ def test_head_linear_builds_fast_with_register_wide_vectors(tmp_path, shape):
     vm = relax.VirtualMachine(ex, tvm.cpu())
     got = vm["main"](tvm.runtime.tensor(x), tvm.runtime.tensor(w)).numpy()
     np.testing.assert_allclose(got, 2 * np.einsum("hk,hok->ho", x[:, :k], w), rtol=1e-5, atol=1e-4)
+
+
+def _rows_module(rows) -> tvm.IRModule:
+    """``(x + y) * 2`` over ``rows`` x 48 float32 rows (a symbolic ``rows``: a prefill's shape)."""
+    bb = relax.BlockBuilder()
+    x = relax.Var("x", relax.TensorType((rows, 48), "float32"))
+    y = relax.Var("y", relax.TensorType((rows, 48), "float32"))
+    with bb.function("main", [x, y]):
+        with bb.dataflow():
+            s = bb.emit(relax.op.add(x, y))
+            out = bb.emit_output(bb.emit(relax.op.multiply(s, relax.const(np.float32(2)))))
+        bb.emit_func_output(out)
+    return bb.get()
+
+
+@pytest.mark.parametrize("symbolic", [True, False], ids=["prompt-rows", "static"])
+def test_prompt_rows_elementwise_runs_on_the_pool(tmp_path, symbolic):
+    """A prompt's element-wise function (symbolic rows) is a parallel loop, exact; a static one (a decode
+    step's) is left as it was, serial."""
+    rows = tvm.tirx.Var("n", "int64") if symbolic else 5
+    target = load_target("host").tvm()
+    with target:
+        ex = tvm.compile(_rows_module(rows), target=target, relax_pipeline=make_pipeline(CPU_PHASES, tmp_path / "ir"))
+    scheduled = (tmp_path / "ir" / "03-schedule.py").read_text()
+    fused = scheduled[scheduled.index("def fused_add_multiply"):]
+    assert ("T.parallel(" in fused) == symbolic
+    rng = np.random.default_rng(1)
+    x, y = (rng.standard_normal((5000 if symbolic else 5, 48)).astype(np.float32) for _ in range(2))
+    got = relax.VirtualMachine(ex, tvm.cpu())["main"](tvm.runtime.tensor(x), tvm.runtime.tensor(y)).numpy()
+    np.testing.assert_array_equal(got, (x + y) * np.float32(2))

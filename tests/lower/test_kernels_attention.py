@@ -82,3 +82,15 @@ def test_causal_attention_kernels_compile_to_neon():
         name = func.attrs["global_symbol"]
         asm = tvm.compile(tvm.IRModule({name: func}), target=target).mod.inspect_source("asm")
         assert re.search(r"^\s+fmla\s+v\d+\.4s", asm, re.M), f"{name}: no 4-lane NEON fused multiply-add"
+
+
+def test_row_blocks_are_a_balanced_permutation():
+    """The task order visits every row block once, and the first half of an even count of blocks (TVM's
+    contiguous split over two threads) holds half the causal cost (block b costs b + 1)."""
+    from moec.lower.kernels.attention import _balanced_block
+
+    for blocks in range(1, 21):
+        order = [_balanced_block(j, blocks) for j in range(blocks)]  # the same arithmetic on Python ints
+        assert sorted(order) == list(range(blocks))
+        if blocks % 4 == 0:
+            assert sum(b + 1 for b in order[:blocks // 2]) == sum(b + 1 for b in order[blocks // 2:])

@@ -128,3 +128,24 @@ def test_each_call_runs_at_its_thread_count(bundle):
     assert seen["decode"] == {("1", 1)}  # a one-thread pool: kernels inline
     # the pool grows back up to the workers TVM made at its first use (this process' earlier tests decide how many)
     assert {env for env, _ in seen["prefill"]} == {"2"} and {n for _, n in seen["prefill"]} <= {1, 2}
+
+
+def test_default_prefill_uses_the_pool_from_a_prompt_length(bundle):
+    """Without an explicit count, a small bundle's short prefills stay on the decode thread and one of
+    PREFILL_POOL_TOKENS or more tokens runs on the pool; the decode step after it is back on one thread."""
+    import os
+
+    from moec.runtime.session import PREFILL_POOL_TOKENS, BundleSession, _default_pool
+    if _default_pool() < 2:
+        pytest.skip("needs a pool of two or more threads")
+    with BundleSession(bundle) as sess:
+        assert (sess.threads, sess.thread_choice.pool_from) == (1, PREFILL_POOL_TOKENS)
+        seen: list[str] = []
+        sess.vm.set_instrument(lambda *a: (seen.append(os.environ["TVM_NUM_THREADS"]), 0)[1])
+        sess.prefill([1, 2, 3])
+        short, seen[:] = set(seen), []
+        sess.reset()
+        sess.prefill([1 + i % 20 for i in range(PREFILL_POOL_TOKENS)])
+        long, seen[:] = set(seen), []
+        sess.step(4)
+        assert (short, long, set(seen)) == ({"1"}, {str(_default_pool())}, {"1"})

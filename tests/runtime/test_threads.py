@@ -1,4 +1,5 @@
-"""configure_threads: small bundles run on one TVM thread, explicit choices win (prefill's count apart)."""
+"""configure_threads: small bundles decode on one TVM thread and prefill long prompts on the pool, explicit
+choices win (prefill's count apart)."""
 
 import os
 import subprocess
@@ -9,7 +10,8 @@ import pytest
 import tvm.runtime
 
 from moec.core.errors import MoecError
-from moec.runtime.session import SMALL_BUNDLE_BYTES, ThreadChoice, choose_threads, configure_threads
+from moec.runtime.session import (PREFILL_POOL_TOKENS, SMALL_BUNDLE_BYTES, ThreadChoice, choose_threads,
+                                  configure_threads)
 
 
 def _fresh_process(code: str, drop=("MOEC_NUM_THREADS",), **env) -> str:
@@ -61,16 +63,26 @@ def test_explicit_threads_win(monkeypatch):
 
 
 def test_choice_per_call_kind(monkeypatch):
-    """Small bundles: one thread for both calls; large: the pool; an explicit count is both, and
-    ``prefill_threads`` / ``MOEC_PREFILL_THREADS`` set the prefill count alone."""
+    """Small bundles: decode on one thread, prefills of PREFILL_POOL_TOKENS or more on the pool; large: the
+    pool; an explicit count is both, and ``prefill_threads`` / ``MOEC_PREFILL_THREADS`` set every
+    prefill's count alone."""
     import moec.runtime.session as session
 
     monkeypatch.delenv("MOEC_NUM_THREADS", raising=False)
     monkeypatch.delenv("MOEC_PREFILL_THREADS", raising=False)
     monkeypatch.setattr(session, "_DEFAULT_POOL", 4)
     small, large = {"weight_bytes": 1 << 20}, {"weight_bytes": SMALL_BUNDLE_BYTES}
-    assert choose_threads(small) == ThreadChoice(1, 1)
+    auto = choose_threads(small)
+    assert auto == ThreadChoice(1, 4, PREFILL_POOL_TOKENS)
+    long, short = PREFILL_POOL_TOKENS, PREFILL_POOL_TOKENS - 1
+    assert (auto.for_prefill(long), auto.for_prefill(short), auto.for_prefill(512)) == (4, 1, 4)
     assert choose_threads(large) == ThreadChoice(4, 4)
+    assert choose_threads(small, threads=2).for_prefill(short) == 2
+    assert choose_threads(small, threads=1).for_prefill(long) == 1  # an explicit count wins at any length
+    assert choose_threads(small, prefill_threads=1).for_prefill(512) == 1
+    monkeypatch.setattr(session, "_DEFAULT_POOL", 1)  # a one-core machine: nothing to switch
+    assert choose_threads(small) == ThreadChoice(1, 1)
+    monkeypatch.setattr(session, "_DEFAULT_POOL", 4)
     assert choose_threads(small, threads=2) == ThreadChoice(2, 2)
     assert choose_threads(small, prefill_threads=3) == ThreadChoice(1, 3)
     monkeypatch.setenv("MOEC_PREFILL_THREADS", "2")
@@ -115,3 +127,23 @@ def test_pool_has_every_core_after_a_one_thread_session():
     small, a, big, b = map(int, stdout.split())
     assert (small, a) == (1, 1)
     assert big == b == (os.cpu_count() or 1) and b >= 2
+
+
+@pytest.mark.parametrize("given", [None, "12345"])
+def test_pool_spin_count_set_before_the_pool_unless_given(given):
+    """A pool that only prefills (a small bundle's) spins POOL_SPIN_COUNT yields before its workers sleep (not
+    TVM's 300,000, which kept a worker spinning through the decode steps after a pool prefill); a pool that
+    decodes (a large bundle's) keeps TVM's; a TVM_THREAD_POOL_SPIN_COUNT given wins."""
+    if len(os.sched_getaffinity(0) if hasattr(os, "sched_getaffinity") else range(os.cpu_count() or 1)) < 2:
+        pytest.skip("needs two or more CPUs")
+    code = ("import os, sys\n"
+            "from moec.runtime.session import POOL_SPIN_COUNT, SMALL_BUNDLE_BYTES, configure_threads\n"
+            "configure_threads({'weight_bytes': SMALL_BUNDLE_BYTES * int(sys.argv[1])})\n"
+            "print(os.environ.get('TVM_THREAD_POOL_SPIN_COUNT', 'unset'), POOL_SPIN_COUNT)")
+    env = {} if given is None else {"TVM_THREAD_POOL_SPIN_COUNT": given}
+    drop = ("MOEC_NUM_THREADS", "MOEC_PREFILL_THREADS", "TVM_THREAD_POOL_SPIN_COUNT", "TVM_NUM_THREADS",
+            "OMP_NUM_THREADS")
+    seen, default = _fresh_process(code.replace("sys.argv[1]", "0"), drop=drop, **env).split()
+    assert seen == (given or default) and int(default) < 300000
+    large, _ = _fresh_process(code.replace("sys.argv[1]", "4"), drop=drop, **env).split()
+    assert large == (given or "unset")
