@@ -30,6 +30,12 @@ def fast_exp(x):
     return T.if_then_else(x < tirx.const(-87.0, f32), tirx.const(0.0, f32), p * pow2)
 
 
+def fast_silu(x):
+    """float32 ``silu(x) = x / (1 + exp(-x))`` as a TIR expression (:func:`fast_exp`): ``row_silu`` and the
+    int8 SwiGLU GEMV's epilogue (``schedules/x86_vnni.py``) share it, so fused and unfused agree."""
+    return x / (T.float32(1) + fast_exp(T.float32(0) - x))
+
+
 def softmax_kernel(lead: int, lanes: int = 16, causal: bool = False) -> tirx.PrimFunc:
     """``out[a, t, :] = softmax(x[a, t, :])`` for float32 ``x [lead, T, C]`` (``T``, ``C`` symbolic).
 
@@ -106,8 +112,7 @@ def silu_kernel(width: int, lanes: int = 16) -> tirx.PrimFunc:
             for r in T.parallel(rows):
                 for c in range(width // vl):
                     for lane in T.vectorized(vl):
-                        out[r, c * vl + lane] = x[r, c * vl + lane] / (
-                            T.float32(1) + fast_exp(T.float32(0) - x[r, c * vl + lane]))
+                        out[r, c * vl + lane] = fast_silu(x[r, c * vl + lane])
 
     return row_silu
 

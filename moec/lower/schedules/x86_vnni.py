@@ -16,7 +16,7 @@ from tvm.script import tirx as T
 from moec.core.errors import MoecError
 from moec.lower.kernels.gemv import GemvSpec
 from moec.lower.kernels.layout import num_tiles, zero_words
-from moec.lower.kernels.rowwise import fast_exp
+from moec.lower.kernels.rowwise import fast_silu
 from moec.lower.kernels.scopes import stack_scope
 from moec.lower.schedules.int8_common import (BYTE_MASK, plane_slot_source, quantize_activations_prep,
                                               scaled_group_sum)
@@ -73,7 +73,7 @@ def vnni_gemv(spec: GemvSpec, params) -> tirx.PrimFunc:
     whose expert id is -1 reads no weight and is written 0 (attributes ``moec.row_guard`` and
     ``moec.row_zero``). ``spec.swiglu``: a task computes its rows of the gate, then the same rows of
     up (from ``[w1; w3]``, or ``w3``'s own arrays with ``spec.separate_up``), and writes
-    ``silu(gate) * up`` (SiLU with :func:`~moec.lower.kernels.rowwise.fast_exp`, as ``row_silu``).
+    ``silu(gate) * up`` (:func:`~moec.lower.kernels.rowwise.fast_silu`, as ``row_silu``).
     ``params`` is an :class:`~moec.lower.schedules.x86.X86Params` (lanes, int8_tile_vectors,
     int8_chains, prefetch_words, prefetch_locality).
     """
@@ -194,8 +194,8 @@ def vnni_gemv(spec: GemvSpec, params) -> tirx.PrimFunc:
                     for v in T.unroll(vecs):
                         if task // top_k * vecs + v < nb:
                             for lane in T.vectorized(lanes):
-                                y[task % top_k, (task // top_k * vecs + v) * lanes + lane] = yacc[v, lane] / (
-                                    T.float32(1) + fast_exp(T.float32(0) - yacc[v, lane])) * yup[v, lane]
+                                y[task % top_k, (task // top_k * vecs + v) * lanes + lane] = fast_silu(
+                                    yacc[v, lane]) * yup[v, lane]
                 else:
                     for v in T.unroll(vecs):
                         if task // top_k * vecs + v < nb:
