@@ -6,7 +6,9 @@ gives the default's output bit for bit, and times calls that rotate over four ra
 ``--experts`` experts (more than the L3 cache, so every call reads its experts from DRAM), in rounds
 that alternate the variants. Time is this thread's CPU time (robust to preemption on a loaded
 machine; run with ``TVM_NUM_THREADS=1`` so the kernel runs on this thread). GB/s = the selected
-experts' canonical packed bytes per call / time per call.
+experts' canonical packed bytes per call / time per call. ``--routed R`` leaves R of the ``top_k``
+rows routed (the others -1, at random), as a mixed plan's bit-class call sees them; ``--experts``
+sizes the stacks (four of them rotate: at 2 bits, 256 experts are 0.6 GB, well past the L3).
 
 Usage::
 
@@ -39,6 +41,8 @@ def main() -> None:
     ap.add_argument("--experts", type=int, default=64)
     ap.add_argument("--top-k", type=int, default=8)
     ap.add_argument("--rounds", type=int, default=8)
+    ap.add_argument("--routed", type=int, default=0,
+                    help="routed rows per call (the rest -1, as in a mixed plan's class call; 0: all top_k)")
     args = ap.parse_args()
     import tvm
 
@@ -57,7 +61,13 @@ def main() -> None:
     x = tvm.runtime.tensor(np.random.default_rng(1).standard_normal((1, args.k)).astype(np.float32))
     ys = [tvm.runtime.empty((args.top_k, args.n), "float32", tvm.cpu()) for _ in fns]
     calls = args.experts // args.top_k
-    ids = [tvm.runtime.tensor((np.arange(args.top_k) + c * args.top_k).astype(np.int32)) for c in range(calls)]
+    rng = np.random.default_rng(2)
+    routed = args.routed or args.top_k
+    ids = []
+    for c in range(calls):
+        row = (np.arange(args.top_k) + c * args.top_k).astype(np.int32)
+        row[rng.permutation(args.top_k)[routed:]] = -1
+        ids.append(tvm.runtime.tensor(row))
     for f, y in zip(fns, ys):
         f(x, *stacks[0], ids[0], y)
         if not np.array_equal(ys[0].numpy(), y.numpy()):
@@ -70,7 +80,7 @@ def main() -> None:
                 for idv in ids:
                     f(x, *st, idv, ys[i])
             times[i].append((time.thread_time() - t0) / (len(stacks) * calls))
-    nbytes = expert_nbytes(args.bits, args.n, args.k, args.group_size) * args.top_k
+    nbytes = expert_nbytes(args.bits, args.n, args.k, args.group_size) * routed
     for v, ts in zip(args.variants, times):
         print(f"{args.bits}-bit {v}: cold median {np.median(ts) * 1e6:.0f} us/call, "
               f"{nbytes / np.median(ts) / 1e9:.1f} GB/s (best round {nbytes / min(ts) / 1e9:.1f})")

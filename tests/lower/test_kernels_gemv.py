@@ -159,6 +159,26 @@ def test_gemv_with_a_64_row_layout_tile(monkeypatch, activations):
     assert_close(out, np.stack([x[0] @ pws[e].dequantize().T for e in ids]))
 
 
+@pytest.mark.parametrize("bits", [2, 4])
+def test_vnni_plane_masks_match_shifted_planes(monkeypatch, bits):
+    """Odd code planes masked in place (``int8_plane_masks``, their chain shifted once a group) give
+    the shifted-plane kernel's output bit for bit (negative activations, every zero point)."""
+    if not codegen.target_has_features("avx512vnni", host_target()):
+        pytest.skip("host CPU lacks AVX-512 VNNI")
+    n, k, gs, experts, top_k = 48, 256, 64, 3, 2
+    stack, _ = expert_stack(bits, n, k, gs, experts, seed=3)
+    x = np.random.default_rng(4).standard_normal((1, k)).astype(np.float32) * 5
+    outs = []
+    for masks in (False, True):
+        monkeypatch.setattr(x86, "PARAMS", dataclasses.replace(x86.PARAMS, int8_plane_masks=masks))
+        mod = compile_kernel(make_gemv(bits, n, k, gs, experts, top_k, host_target(), activations="int8"),
+                             host_target())
+        outs.append(call(mod, "gemv", [x] + weight_args(stack) + [np.array([2, 0], np.int32),
+                                                                    np.zeros((top_k, n), np.float32)]))
+    np.testing.assert_array_equal(outs[1], outs[0])
+    assert np.abs(outs[0]).max() > 0
+
+
 @pytest.mark.parametrize("n", [16, 256])
 def test_x86_schedule_keeps_register_tile(n):
     """The decode loop nest is (value: unrolled 32, vector: unrolled 4, lane: vectorised 16),

@@ -67,6 +67,10 @@ class X86Params(CpuScheduleParams):
     int8_chains : int
         Independent int32 accumulators per vector in the VNNI GEMV, so consecutive ``vpdpbusd``
         do not wait on each other's latency.
+    int8_plane_masks : bool
+        At 2 and 4 bits, the VNNI GEMV masks odd code planes in place (``code << bits`` per byte)
+        instead of shifting them down, summing them in the second accumulator chain and shifting
+        that sum once per group: a 2-bit step issues one shift instead of three, a 4-bit step none.
     prefetch_words : int
         Software prefetch distance of the VNNI GEMV in words of each row stream (0: none, the
         default). A prefetch in the step loop may alias the accumulator buffer as far as LLVM
@@ -95,6 +99,7 @@ class X86Params(CpuScheduleParams):
     int8_tile_vectors: int = 8
     int8_nested_tile_vectors: int = 4
     int8_chains: int = 2
+    int8_plane_masks: bool = True
     prefetch_words: int = 0
     prefetch_locality: int = 3
 

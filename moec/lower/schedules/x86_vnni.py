@@ -30,15 +30,38 @@ def _splat(value: int, dtype: str, lanes: int):
     return T.Broadcast(tirx.const(value, dtype), lanes)
 
 
-def _step_dots(bits: int, words):
+def _shifted(word, amount: int):
+    return word >> _splat(amount, "uint32", 16) if amount else word
+
+
+def _unshift(value, chain, chain_shift: list[int]):
+    """``value >> chain_shift[chain]`` (arithmetic; ``chain`` a loop variable of a fully unrolled loop)."""
+    if not any(chain_shift):
+        return value
+    amount = chain_shift[-1]
+    for c in range(len(chain_shift) - 2, 0, -1):  # folds to one constant once ``chain`` is
+        amount = T.if_then_else(chain == c, chain_shift[c], amount)
+    return T.shift_right(value, amount)
+
+
+def _step_dots(bits: int, words, masked: bool = False):
     """(int8x64 codes, activation slot) pairs covering one step of a row tile.
 
     A step is one word (2/4/8 bits: 32/b codes; plane ``t`` puts code ``m*P + t`` in byte ``m``)
-    or three words (3 bits: 32 codes). For 3 bits, four 32-bit windows at bits 0, 24, 48, 72 of
+    or three words (3 bits: 32 codes). ``masked`` (2 and 4 bits): an odd plane is masked in place,
+    not shifted down, so its bytes hold ``code << bits`` (``w & 0x0C..`` at 2 bits, ``w & 0xF0..``
+    at 4); the caller sums odd planes in their own accumulator and shifts it right by ``bits`` once
+    per group (exact: every term is a multiple of ``2**bits``). 2 bits: one shift a step, not 3;
+    4 bits: none, not 1. For 3 bits, four 32-bit windows at bits 0, 24, 48, 72 of
     the 96-bit chunk (funnel shifts) each hold 8 whole codes; ``vpmultishiftqb`` copies the bytes
     at bit offsets 0,3,6,9 (then 12..21) of each row's window into that row's four bytes, and a
     ``& 7`` leaves one code per byte, in code order.
     """
+    if masked:
+        planes = 8 // bits
+        return [(T.reinterpret("int8x64", _shifted(words(0), 2 * bits * (t // 2))
+                               & _splat(BYTE_MASK[bits] << (bits * (t % 2)), "uint32", 16)), 4 * t)
+                for t in range(planes)]
     if bits != 3:
         planes = 8 // bits
         return [(T.reinterpret("int8x64", (words(0) >> _splat(t * bits, "uint32", 16))
@@ -93,6 +116,10 @@ def vnni_gemv(spec: GemvSpec, params) -> tirx.PrimFunc:
     xstride = 1 if spec.x_per_expert else 0
     dots_per_step = 8 if bits == 3 else 8 // bits
     chains = max(1, min(params.int8_chains, dots_per_step))
+    # odd planes masked in place (_step_dots): chain c holds planes t = c mod chains, so with an even
+    # number of chains each chain's planes share one power of two, undone once per group
+    masked = params.int8_plane_masks and bits in (2, 4) and chains % 2 == 0
+    chain_shift = [bits * (c % 2) if masked else 0 for c in range(chains)]
     acc_scope = stack_scope(vecs * lanes * 4)
     acc1_scope = stack_scope(vecs * max(chains - 1, 1) * lanes * 4)
     if lanes != 16:
@@ -111,7 +138,7 @@ def vnni_gemv(spec: GemvSpec, params) -> tirx.PrimFunc:
                           T.ramp(gv * lanes % tile, 1, lanes)]
         sums = [acc0[v, T.ramp(0, 1, lanes)]] + [acc1[v * (chains - 1) + c - 1, T.ramp(0, 1, lanes)]
                                                  for c in range(1, chains)]
-        for d, (codes, slot) in enumerate(_step_dots(bits, words)):
+        for d, (codes, slot) in enumerate(_step_dots(bits, words, masked)):
             x4 = T.reinterpret("int8x64", T.Broadcast(
                 T.reinterpret("int32", x8[r, T.ramp(step * step_codes + slot, 1, 4)]), lanes))
             sums[d % chains] = _dpbusd(sums[d % chains], codes, x4)
@@ -164,7 +191,8 @@ def vnni_gemv(spec: GemvSpec, params) -> tirx.PrimFunc:
             for v in T.unroll(vecs):
                 for c in T.unroll(1, chains):
                     for lane in T.vectorized(lanes):
-                        acc0[v, lane] = acc0[v, lane] + acc1[v * (chains - 1) + c - 1, lane]
+                        acc0[v, lane] = acc0[v, lane] + _unshift(acc1[v * (chains - 1) + c - 1, lane], c,
+                                                                 chain_shift)
             for v in T.unroll(vecs):
                 if tt * vecs + v < nb:
                     for lane in T.vectorized(lanes):
