@@ -7,13 +7,17 @@ by preempting it, and the calling thread's minor page faults, ``getrusage(RUSAGE
 Each round also times the machine's own floor: a fixed in-cache numpy computation (one thread)
 calibrated to the bundle's median step, the same number of times, in a fresh process; its p99/p50
 is the step-time spread this machine shows for work that does not vary at all.
+A decode step's attention grows with the context, so over one run of ``--steps`` steps the step
+time rises by itself (on the reference model the attention is ~40 % of a step at 166 tokens);
+``--window W`` times every step within a context of 16..16+W tokens (the session is reset to the
+prompt every W steps, untimed), which leaves the spread of equal work: the jitter.
 ``--threads 2`` reproduces the pool that small bundles used before they were given one thread.
 The child uses only ``BundleSession(bundle, threads)``, ``prefill`` and ``step``, so running this
 script with another checkout on ``PYTHONPATH`` times that checkout's runtime.
 
 Usage::
 
-    python benchmarks/step_times.py BUNDLE [--threads 1,2] [--rounds 4] [--steps 300]
+    python benchmarks/step_times.py BUNDLE [--threads 1,2] [--rounds 4] [--steps 300] [--window 16]
 """
 
 from __future__ import annotations
@@ -33,7 +37,10 @@ s = BundleSession(sys.argv[1], threads=int(sys.argv[2]))
 s.prefill(list(range(3, 19)))
 ts, cpu, faults = [], [], []
 usage = lambda: resource.getrusage(resource.RUSAGE_THREAD).ru_minflt
+window = int(sys.argv[4])
 for i in range(int(sys.argv[3])):
+    if window and i and i % window == 0:  # back to the same 16-token context (not timed)
+        s.reset(); s.prefill(list(range(3, 19)))
     f0, t0, c0 = usage(), time.perf_counter(), time.thread_time(); s.step(5 + i % 50)
     ts.append(time.perf_counter() - t0); cpu.append(time.thread_time() - c0); faults.append(usage() - f0)
 print(json.dumps([ts, cpu, faults]))
@@ -71,6 +78,9 @@ def main() -> None:
     ap.add_argument("--threads", default="1,2")
     ap.add_argument("--rounds", type=int, default=4)
     ap.add_argument("--steps", type=int, default=300)
+    ap.add_argument("--window", type=int, default=0,
+                    help="reset to the 16-token prompt every WINDOW steps, so every timed step sees a context "
+                         "of 16..16+WINDOW tokens (0: one run, the context growing by a token a step)")
     args = ap.parse_args()
     counts = [int(t) for t in args.threads.split(",")]
     print(f"load average before: {os.getloadavg()}", flush=True)
@@ -80,7 +90,7 @@ def main() -> None:
     floor: list[np.ndarray] = []
     for r in range(args.rounds):
         for t in counts:
-            out = subprocess.run([sys.executable, "-c", CHILD, args.bundle, str(t), str(args.steps)],
+            out = subprocess.run([sys.executable, "-c", CHILD, args.bundle, str(t), str(args.steps), str(args.window)],
                                  check=True, capture_output=True, text=True).stdout
             wall, used, flt = json.loads(out.strip().splitlines()[-1])
             wall, used = np.array(wall) * 1e3, np.array(used) * 1e3
