@@ -7,7 +7,8 @@ gives the default's output bit for bit, and times calls that rotate over four ra
 that alternate the variants. Time is this thread's CPU time (robust to preemption on a loaded
 machine; run with ``TVM_NUM_THREADS=1`` so the kernel runs on this thread). GB/s = the selected
 experts' canonical packed bytes per call / time per call. ``--routed R`` leaves R of the ``top_k``
-rows routed (the others -1, at random), as a mixed plan's bit-class call sees them; ``--experts``
+rows routed (the others -1, at random), as a mixed plan's bit-class call sees them (``--routed 0``: the
+call's cost besides its weights); ``--experts``
 sizes the stacks (four of them rotate: at 2 bits, 256 experts are 0.6 GB, well past the L3).
 
 Usage::
@@ -41,8 +42,9 @@ def main() -> None:
     ap.add_argument("--experts", type=int, default=64)
     ap.add_argument("--top-k", type=int, default=8)
     ap.add_argument("--rounds", type=int, default=8)
-    ap.add_argument("--routed", type=int, default=0,
-                    help="routed rows per call (the rest -1, as in a mixed plan's class call; 0: all top_k)")
+    ap.add_argument("--routed", type=int, default=None,
+                    help="routed rows per call (the rest -1, as in a mixed plan's class call; default all top_k; "
+                         "0: none, what a call costs besides its weights: activation quantization, fork-join, zero rows)")
     args = ap.parse_args()
     import tvm
 
@@ -62,7 +64,7 @@ def main() -> None:
     ys = [tvm.runtime.empty((args.top_k, args.n), "float32", tvm.cpu()) for _ in fns]
     calls = args.experts // args.top_k
     rng = np.random.default_rng(2)
-    routed = args.routed or args.top_k
+    routed = args.top_k if args.routed is None else args.routed
     ids = []
     for c in range(calls):
         row = (np.arange(args.top_k) + c * args.top_k).astype(np.int32)
@@ -82,8 +84,9 @@ def main() -> None:
             times[i].append((time.thread_time() - t0) / (len(stacks) * calls))
     nbytes = expert_nbytes(args.bits, args.n, args.k, args.group_size) * routed
     for v, ts in zip(args.variants, times):
-        print(f"{args.bits}-bit {v}: cold median {np.median(ts) * 1e6:.0f} us/call, "
-              f"{nbytes / np.median(ts) / 1e9:.1f} GB/s (best round {nbytes / min(ts) / 1e9:.1f})")
+        rate = (f", {nbytes / np.median(ts) / 1e9:.1f} GB/s (best round {nbytes / min(ts) / 1e9:.1f})"
+                if nbytes else "")
+        print(f"{args.bits}-bit {v}: cold median {np.median(ts) * 1e6:.1f} us/call{rate}")
     print(f"load average after: {os.getloadavg()}")
 
 
