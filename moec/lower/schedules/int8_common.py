@@ -12,6 +12,16 @@ the other thread the rest, so in a mixed plan, where a bit class' call has only 
 of that class (the other rows are -1 and do no work, :mod:`moec.lower.kernels.row_guard`), or in a
 nested bundle, where rows cost their run-time width, one thread could get all the work. Tile-major,
 each thread gets the same share of every routed row's tiles whichever rows are routed.
+
+Claimed tasks (the x86 VNNI GEMV, ``X86Params.int8_claim_lanes``): an even share of tasks is not an
+even share of time. Two threads reading DRAM do not progress evenly, and with TVM's static split they
+finished a call 1-43 % of it apart (cycle stamps per task, 2026-12-03), the early one waiting at the
+join. So that GEMV's parallel loop runs ``int8_claim_lanes`` lanes (TVM splits the lanes over its
+threads); each lane scans every task from its own start, wrapping around, and runs the tasks whose bit
+it sets first in a per-call bitmap (``lock bts``, ``llvm.x86.atomic.bts.rm``; apache-tvm 0.27's CPU
+backend has no atomic add), so a thread that is ahead takes the tasks the other has not reached. A
+task's output does not depend on which thread runs it (bit-identical to the static split, tested).
+Calls with fewer tasks than lanes keep the static split.
 """
 
 # No `from __future__ import annotations`: TVMScript needs the evaluated buffer annotations.

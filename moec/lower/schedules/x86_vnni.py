@@ -34,6 +34,17 @@ def _shifted(word, amount: int):
     return word >> _splat(amount, "uint32", 16) if amount else word
 
 
+def _unclaimed(claims, task):
+    """True when ``task``'s bit in ``claims`` reads 0 (a plain load: it may be stale, :func:`_claim` decides)."""
+    return (claims[task // 32] >> T.Cast("uint32", task % 32)) & T.uint32(1) == T.uint32(0)
+
+
+def _claim(claims, task):
+    """Set ``task``'s bit with ``lock bts``; true when this call set it (the task is this thread's to run)."""
+    return T.call_llvm_intrin("int8", "llvm.x86.atomic.bts.rm.i32", T.address_of(claims[task // 32]),
+                              T.Cast("uint32", task % 32)) == T.int8(0)
+
+
 def _unshift(value, chain, chain_shift: list[int]):
     """``value >> chain_shift[chain]`` (arithmetic; ``chain`` a loop variable of a fully unrolled loop)."""
     if not any(chain_shift):
@@ -156,6 +167,14 @@ def vnni_gemv(spec: GemvSpec, params) -> tirx.PrimFunc:
 
     swiglu = spec.swiglu
     up_offset = 0 if spec.separate_up else nb  # w3's first vector in the weight it is read from
+    ntask = top_k * tiles
+    # a call with fewer tasks than lanes keeps TVM's static split (the small GEMVs of a small model)
+    claim_lanes = params.int8_claim_lanes if ntask >= params.int8_claim_lanes else 0
+    claim_words = -(-ntask // 32)
+
+    def _lane_task(cl, j):
+        """The ``j``-th task claim lane ``cl`` looks at: lanes start evenly spaced and wrap around."""
+        return (cl * ntask // max(claim_lanes, 1) + j) % ntask
 
     @T.macro
     def project(weight, scale, sup, zero, x8, sx, xsum, acc0, acc1, yacc, e, r, tt, off):
@@ -200,40 +219,62 @@ def vnni_gemv(spec: GemvSpec, params) -> tirx.PrimFunc:
                             acc0[v, lane], scale, zero, sx, xsum, e, tt * vecs + v + off, g, lane, r, sup)
 
     @T.macro
+    def run_task(x8, sx, xsum, weight, scale, sup, zero, weight_up, scale_up, sup_up, zero_up, expert_ids, y,
+                 acc0, acc1, yacc, yup, task):
+        """Parallel task ``task``: routed row ``task % top_k``, row tile ``task // top_k``."""
+        if expert_ids[task % top_k] >= 0:  # a row routed to another bit class (id -1) does no work
+            project(weight, scale, sup, zero, x8, sx, xsum, acc0, acc1, yacc, expert_ids[task % top_k],
+                    task % top_k * xstride, task // top_k, 0)
+            if swiglu:
+                project(weight_up, scale_up, sup_up, zero_up, x8, sx, xsum, acc0, acc1, yup,
+                        expert_ids[task % top_k], task % top_k * xstride, task // top_k, up_offset)
+                for v in T.unroll(vecs):
+                    if task // top_k * vecs + v < nb:
+                        for lane in T.vectorized(lanes):
+                            y[task % top_k, (task // top_k * vecs + v) * lanes + lane] = fast_silu(
+                                yacc[v, lane]) * yup[v, lane]
+            else:
+                for v in T.unroll(vecs):
+                    if task // top_k * vecs + v < nb:
+                        for lane in T.vectorized(lanes):
+                            y[task % top_k, (task // top_k * vecs + v) * lanes + lane] = yacc[v, lane]
+        else:  # a -1 row is written 0 (moec.row_zero): callers need no mask (where) after the call
+            for v in T.unroll(vecs):
+                if task // top_k * vecs + v < nb:
+                    for lane in T.vectorized(lanes):
+                        y[task % top_k, (task // top_k * vecs + v) * lanes + lane] = T.float32(0)
+
+    @T.macro
     def body(x, weight, scale, sup, zero, weight_up, scale_up, sup_up, zero_up, expert_ids, y):
         sx = T.alloc_buffer((xr, groups), "float32")
         xsum = T.alloc_buffer((xr, groups), "int32")
         xq = T.alloc_buffer((xr, k), "int8")  # natural order
         x8 = T.alloc_buffer((xr, k), "int8")  # the order the dot products consume
         prep(x, sx, xsum, xq, x8)
-        for task in T.parallel(top_k * tiles):  # tile-major (int8_common: routed task order)
-            # per-task tiles on the stack where they fit (kernels/scopes.py): the accumulators split
-            # by chain so that two chains of 8 vectors stay under 1 KiB each
-            acc0 = T.alloc_buffer((vecs, lanes), "int32", scope=acc_scope)  # chain 0
-            acc1 = T.alloc_buffer((vecs * max(chains - 1, 1), lanes), "int32", scope=acc1_scope)  # chains 1..
-            yacc = T.alloc_buffer((vecs, lanes), "float32", scope=acc_scope)
-            yup = T.alloc_buffer((vecs if swiglu else 1, lanes), "float32", scope=acc_scope)  # SwiGLU: up's rows
-            if expert_ids[task % top_k] >= 0:  # a row routed to another bit class (id -1) does no work
-                project(weight, scale, sup, zero, x8, sx, xsum, acc0, acc1, yacc, expert_ids[task % top_k],
-                        task % top_k * xstride, task // top_k, 0)
-                if swiglu:
-                    project(weight_up, scale_up, sup_up, zero_up, x8, sx, xsum, acc0, acc1, yup,
-                            expert_ids[task % top_k], task % top_k * xstride, task // top_k, up_offset)
-                    for v in T.unroll(vecs):
-                        if task // top_k * vecs + v < nb:
-                            for lane in T.vectorized(lanes):
-                                y[task % top_k, (task // top_k * vecs + v) * lanes + lane] = fast_silu(
-                                    yacc[v, lane]) * yup[v, lane]
-                else:
-                    for v in T.unroll(vecs):
-                        if task // top_k * vecs + v < nb:
-                            for lane in T.vectorized(lanes):
-                                y[task % top_k, (task // top_k * vecs + v) * lanes + lane] = yacc[v, lane]
-            else:  # a -1 row is written 0 (moec.row_zero): callers need no mask (where) after the call
-                for v in T.unroll(vecs):
-                    if task // top_k * vecs + v < nb:
-                        for lane in T.vectorized(lanes):
-                            y[task % top_k, (task // top_k * vecs + v) * lanes + lane] = T.float32(0)
+        if claim_lanes > 0:  # tasks taken dynamically (int8_common: claimed tasks)
+            claims = T.alloc_buffer((claim_words,), "uint32")  # one bit per task, on the stack
+            for w in range(claim_words):
+                claims[w] = T.uint32(0)
+            for cl in T.parallel(claim_lanes):
+                acc0 = T.alloc_buffer((vecs, lanes), "int32", scope=acc_scope)
+                acc1 = T.alloc_buffer((vecs * max(chains - 1, 1), lanes), "int32", scope=acc1_scope)
+                yacc = T.alloc_buffer((vecs, lanes), "float32", scope=acc_scope)
+                yup = T.alloc_buffer((vecs if swiglu else 1, lanes), "float32", scope=acc_scope)
+                for j in range(ntask):
+                    if _unclaimed(claims, _lane_task(cl, j)):  # a plain read first: skip the lock when taken
+                        if _claim(claims, _lane_task(cl, j)):
+                            run_task(x8, sx, xsum, weight, scale, sup, zero, weight_up, scale_up, sup_up, zero_up,
+                                     expert_ids, y, acc0, acc1, yacc, yup, _lane_task(cl, j))
+        else:
+            for task in T.parallel(ntask):  # tile-major (int8_common: routed task order)
+                # per-task tiles on the stack where they fit (kernels/scopes.py): the accumulators split
+                # by chain so that two chains of 8 vectors stay under 1 KiB each
+                acc0 = T.alloc_buffer((vecs, lanes), "int32", scope=acc_scope)  # chain 0
+                acc1 = T.alloc_buffer((vecs * max(chains - 1, 1), lanes), "int32", scope=acc1_scope)  # chains 1..
+                yacc = T.alloc_buffer((vecs, lanes), "float32", scope=acc_scope)
+                yup = T.alloc_buffer((vecs if swiglu else 1, lanes), "float32", scope=acc_scope)  # SwiGLU: up's rows
+                run_task(x8, sx, xsum, weight, scale, sup, zero, weight_up, scale_up, sup_up, zero_up,
+                         expert_ids, y, acc0, acc1, yacc, yup, task)
 
     nt, zw = num_tiles(spec.rows, tile), zero_words(groups, bits)
     if spec.separate_up:
