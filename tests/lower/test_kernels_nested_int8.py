@@ -112,3 +112,28 @@ def test_int8_nested_shape_errors():
     with pytest.raises(MoecError, match="no int8-activation nested GEMV for target family 'arm'"):
         require_nested_activations(load_target("raspberry-pi-5"), 8, "int8")
     require_nested_activations(load_target("raspberry-pi-5"), 8, "float32")
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_int8_nested_claimed_tasks_match_the_static_split(monkeypatch, threads):
+    """24 tasks (8 row tiles x 3 routed rows) are claimed with ``lock bts``: the output equals TVM's static
+    split's bit for bit at mixed run-time widths, an unrouted row left unwritten by both."""
+    import dataclasses
+
+    from moec.lower.schedules import x86
+    from moec.runtime.session import use_threads
+
+    n, k, gs, experts, top_k = 512, 64, 32, 4, 3
+    _, nws, stack = _experts(8, n, k, gs, experts, seed=7)
+    x = np.random.default_rng(8).standard_normal((1, k)).astype(np.float32)
+    prec, ids = [2, 8, 3, 4], [3, -1, 1]
+    outs, scripts = [], []
+    for lanes in (0, 16):
+        monkeypatch.setattr(x86, "PARAMS", dataclasses.replace(x86.PARAMS, int8_claim_lanes=lanes))
+        func = make_nested_gemv(8, n, k, gs, experts, top_k, host_target(), activations="int8")
+        scripts.append(func.script())
+        mod = compile_kernel(func, host_target())
+        use_threads(threads)
+        outs.append(_run(mod, nws, stack, x, prec, ids, n))
+    assert "atomic.bts" not in scripts[0] and "atomic.bts" in scripts[1]
+    assert np.array_equal(outs[1], outs[0]) and (outs[0][1] == 7.0).all()

@@ -21,7 +21,8 @@ threads); each lane scans every task from its own start, wrapping around, and ru
 it sets first in a per-call bitmap (``lock bts``, ``llvm.x86.atomic.bts.rm``; apache-tvm 0.27's CPU
 backend has no atomic add), so a thread that is ahead takes the tasks the other has not reached. A
 task's output does not depend on which thread runs it (bit-identical to the static split, tested).
-Calls with fewer tasks than lanes keep the static split.
+Calls with fewer tasks than lanes keep the static split. The nested VNNI GEMV (``x86_vnni_nested``) claims
+its tasks the same way (:func:`claim_lanes`, :func:`lane_task`, :func:`unclaimed`, :func:`claim`).
 """
 
 # No `from __future__ import annotations`: TVMScript needs the evaluated buffer annotations.
@@ -133,3 +134,25 @@ def quantize_rows_prep(k: int, gs: int, vl: int, step_codes: int, slot_source: C
                     x8[r, c * step_codes + slot] = xq[0, c * step_codes + slot_source(slot)]
 
     return prep
+
+
+def claim_lanes(ntask: int, lanes: int) -> int:
+    """Lanes of a claimed-task loop over ``ntask`` tasks: ``lanes``, or 0 (TVM's static split) when there are
+    fewer tasks than lanes (the small GEMVs of a small model, where claiming measured no gain)."""
+    return lanes if lanes > 0 and ntask >= lanes else 0
+
+
+def lane_task(cl, j, ntask: int, lanes: int):
+    """The ``j``-th task claim lane ``cl`` looks at: lanes start evenly spaced and wrap around."""
+    return (cl * ntask // max(lanes, 1) + j) % ntask
+
+
+def unclaimed(claims, task):
+    """True when ``task``'s bit in ``claims`` reads 0 (a plain load: it may be stale, :func:`claim` decides)."""
+    return (claims[task // 32] >> T.Cast("uint32", task % 32)) & T.uint32(1) == T.uint32(0)
+
+
+def claim(claims, task):
+    """Set ``task``'s bit with ``lock bts`` (x86); true when this call set it (the task is this lane's to run)."""
+    return T.call_llvm_intrin("int8", "llvm.x86.atomic.bts.rm.i32", T.address_of(claims[task // 32]),
+                              T.Cast("uint32", task % 32)) == T.int8(0)

@@ -18,8 +18,8 @@ from moec.lower.kernels.gemv import GemvSpec
 from moec.lower.kernels.layout import num_tiles, zero_words
 from moec.lower.kernels.rowwise import fast_silu
 from moec.lower.kernels.scopes import stack_scope
-from moec.lower.schedules.int8_common import (BYTE_MASK, plane_slot_source, quantize_activations_prep,
-                                              scaled_group_sum)
+from moec.lower.schedules.int8_common import (BYTE_MASK, claim, claim_lanes, lane_task, plane_slot_source,
+                                              quantize_activations_prep, scaled_group_sum, unclaimed)
 
 
 def _dpbusd(acc, codes, x4):
@@ -32,17 +32,6 @@ def _splat(value: int, dtype: str, lanes: int):
 
 def _shifted(word, amount: int):
     return word >> _splat(amount, "uint32", 16) if amount else word
-
-
-def _unclaimed(claims, task):
-    """True when ``task``'s bit in ``claims`` reads 0 (a plain load: it may be stale, :func:`_claim` decides)."""
-    return (claims[task // 32] >> T.Cast("uint32", task % 32)) & T.uint32(1) == T.uint32(0)
-
-
-def _claim(claims, task):
-    """Set ``task``'s bit with ``lock bts``; true when this call set it (the task is this thread's to run)."""
-    return T.call_llvm_intrin("int8", "llvm.x86.atomic.bts.rm.i32", T.address_of(claims[task // 32]),
-                              T.Cast("uint32", task % 32)) == T.int8(0)
 
 
 def _unshift(value, chain, chain_shift: list[int]):
@@ -168,13 +157,11 @@ def vnni_gemv(spec: GemvSpec, params) -> tirx.PrimFunc:
     swiglu = spec.swiglu
     up_offset = 0 if spec.separate_up else nb  # w3's first vector in the weight it is read from
     ntask = top_k * tiles
-    # a call with fewer tasks than lanes keeps TVM's static split (the small GEMVs of a small model)
-    claim_lanes = params.int8_claim_lanes if ntask >= params.int8_claim_lanes else 0
+    task_lanes = claim_lanes(ntask, params.int8_claim_lanes)  # 0: TVM's static split
     claim_words = -(-ntask // 32)
 
     def _lane_task(cl, j):
-        """The ``j``-th task claim lane ``cl`` looks at: lanes start evenly spaced and wrap around."""
-        return (cl * ntask // max(claim_lanes, 1) + j) % ntask
+        return lane_task(cl, j, ntask, task_lanes)
 
     @T.macro
     def project(weight, scale, sup, zero, x8, sx, xsum, acc0, acc1, yacc, e, r, tt, off):
@@ -251,18 +238,18 @@ def vnni_gemv(spec: GemvSpec, params) -> tirx.PrimFunc:
         xq = T.alloc_buffer((xr, k), "int8")  # natural order
         x8 = T.alloc_buffer((xr, k), "int8")  # the order the dot products consume
         prep(x, sx, xsum, xq, x8)
-        if claim_lanes > 0:  # tasks taken dynamically (int8_common: claimed tasks)
+        if task_lanes > 0:  # tasks taken dynamically (int8_common: claimed tasks)
             claims = T.alloc_buffer((claim_words,), "uint32")  # one bit per task, on the stack
             for w in range(claim_words):
                 claims[w] = T.uint32(0)
-            for cl in T.parallel(claim_lanes):
+            for cl in T.parallel(task_lanes):
                 acc0 = T.alloc_buffer((vecs, lanes), "int32", scope=acc_scope)
                 acc1 = T.alloc_buffer((vecs * max(chains - 1, 1), lanes), "int32", scope=acc1_scope)
                 yacc = T.alloc_buffer((vecs, lanes), "float32", scope=acc_scope)
                 yup = T.alloc_buffer((vecs if swiglu else 1, lanes), "float32", scope=acc_scope)
                 for j in range(ntask):
-                    if _unclaimed(claims, _lane_task(cl, j)):  # a plain read first: skip the lock when taken
-                        if _claim(claims, _lane_task(cl, j)):
+                    if unclaimed(claims, _lane_task(cl, j)):  # a plain read first: skip the lock when taken
+                        if claim(claims, _lane_task(cl, j)):
                             run_task(x8, sx, xsum, weight, scale, sup, zero, weight_up, scale_up, sup_up, zero_up,
                                      expert_ids, y, acc0, acc1, yacc, yup, _lane_task(cl, j))
         else:

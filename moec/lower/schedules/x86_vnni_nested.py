@@ -43,7 +43,7 @@ from moec.lower.kernels.decode import code_at
 from moec.lower.kernels.layout import num_tiles, zero_words
 from moec.lower.kernels.scopes import stack_scope
 from moec.lower.kernels.nested_gemv import NestedGemvSpec
-from moec.lower.schedules.int8_common import quantize_activations_prep
+from moec.lower.schedules.int8_common import claim, claim_lanes, lane_task, quantize_activations_prep, unclaimed
 from moec.quant.nested import segment_positions
 
 LANES = 16
@@ -148,6 +148,9 @@ def vnni_nested_gemv(spec: NestedGemvSpec, params) -> tirx.PrimFunc:
     nt, zw = num_tiles(n, tile), zero_words(groups, bits)
     prep = quantize_activations_prep(xr, k, gs, gcd(gs, LANES), 32, slot_source)
     widths = fmt.derived_bits
+    ntask = top_k * tiles
+    task_lanes = claim_lanes(ntask, params.int8_claim_lanes)  # 0: TVM's static split
+    claim_words = -(-ntask // 32)
     nseg = len(fmt.segment_bits)
 
     def group_dot(even, odd, d):
@@ -226,37 +229,55 @@ def vnni_nested_gemv(spec: NestedGemvSpec, params) -> tirx.PrimFunc:
     w = list(widths)
 
     @T.macro
+    def run_task(segs, scale, zero, prec, expert_ids, y, sx, xsum, x8, acc, yacc, task):
+        """Parallel task ``task``: routed row ``task % top_k`` at its run-time width, row tile ``task // top_k``."""
+        if expert_ids[task % top_k] >= 0:
+            for v in T.unroll(vecs):
+                for lane in T.vectorized(LANES):
+                    yacc[v, lane] = T.float32(0)
+            if prec[expert_ids[task % top_k]] == w[0]:
+                nests[0](segs, scale, zero, sx, xsum, x8, yacc, acc, expert_ids[task % top_k], task,
+                         task % top_k * xstride)
+            elif prec[expert_ids[task % top_k]] == w[1]:
+                nests[1](segs, scale, zero, sx, xsum, x8, yacc, acc, expert_ids[task % top_k], task,
+                         task % top_k * xstride)
+            elif four and prec[expert_ids[task % top_k]] == w[2]:
+                nests[2](segs, scale, zero, sx, xsum, x8, yacc, acc, expert_ids[task % top_k], task,
+                         task % top_k * xstride)
+            else:  # the widest (the session refuses widths the format does not serve)
+                nests[-1](segs, scale, zero, sx, xsum, x8, yacc, acc, expert_ids[task % top_k], task,
+                          task % top_k * xstride)
+            for v in T.unroll(vecs):
+                if task // top_k * vecs + v < nb:
+                    for lane in T.vectorized(LANES):
+                        y[task % top_k, (task // top_k * vecs + v) * LANES + lane] = yacc[v, lane]
+
+    @T.macro
     def body(x, segs, scale, zero, prec, expert_ids, y):
         sx = T.alloc_buffer((xr, groups), "float32")
         xsum = T.alloc_buffer((xr, groups), "int32")
         xq = T.alloc_buffer((xr, k), "int8")
         x8 = T.alloc_buffer((xr, k), "int8")
         prep(x, sx, xsum, xq, x8)
-        for task in T.parallel(top_k * tiles):  # tile-major (int8_common: routed task order)
-            # register tiles on the stack, the expert id, width and activation row read in place: a "local"
-            # buffer or a bound scalar is a TVM workspace alloc/free per task (kernels/scopes.py)
-            acc = T.alloc_buffer((2 * vecs, LANES), "int32", scope=stack_scope(2 * vecs * LANES * 4))
-            yacc = T.alloc_buffer((vecs, LANES), "float32", scope=stack_scope(vecs * LANES * 4))
-            if expert_ids[task % top_k] >= 0:
-                for v in T.unroll(vecs):
-                    for lane in T.vectorized(LANES):
-                        yacc[v, lane] = T.float32(0)
-                if prec[expert_ids[task % top_k]] == w[0]:
-                    nests[0](segs, scale, zero, sx, xsum, x8, yacc, acc, expert_ids[task % top_k], task,
-                             task % top_k * xstride)
-                elif prec[expert_ids[task % top_k]] == w[1]:
-                    nests[1](segs, scale, zero, sx, xsum, x8, yacc, acc, expert_ids[task % top_k], task,
-                             task % top_k * xstride)
-                elif four and prec[expert_ids[task % top_k]] == w[2]:
-                    nests[2](segs, scale, zero, sx, xsum, x8, yacc, acc, expert_ids[task % top_k], task,
-                             task % top_k * xstride)
-                else:  # the widest (the session refuses widths the format does not serve)
-                    nests[-1](segs, scale, zero, sx, xsum, x8, yacc, acc, expert_ids[task % top_k], task,
-                              task % top_k * xstride)
-                for v in T.unroll(vecs):
-                    if task // top_k * vecs + v < nb:
-                        for lane in T.vectorized(LANES):
-                            y[task % top_k, (task // top_k * vecs + v) * LANES + lane] = yacc[v, lane]
+        if task_lanes > 0:  # tasks taken dynamically (int8_common: claimed tasks)
+            claims = T.alloc_buffer((claim_words,), "uint32")  # one bit per task, on the stack
+            for c in range(claim_words):
+                claims[c] = T.uint32(0)
+            for cl in T.parallel(task_lanes):
+                acc = T.alloc_buffer((2 * vecs, LANES), "int32", scope=stack_scope(2 * vecs * LANES * 4))
+                yacc = T.alloc_buffer((vecs, LANES), "float32", scope=stack_scope(vecs * LANES * 4))
+                for j in range(ntask):
+                    if unclaimed(claims, lane_task(cl, j, ntask, task_lanes)):
+                        if claim(claims, lane_task(cl, j, ntask, task_lanes)):
+                            run_task(segs, scale, zero, prec, expert_ids, y, sx, xsum, x8, acc, yacc,
+                                     lane_task(cl, j, ntask, task_lanes))
+        else:
+            for task in T.parallel(ntask):  # tile-major (int8_common: routed task order)
+                # register tiles on the stack, the expert id, width and activation row read in place: a "local"
+                # buffer or a bound scalar is a TVM workspace alloc/free per task (kernels/scopes.py)
+                acc = T.alloc_buffer((2 * vecs, LANES), "int32", scope=stack_scope(2 * vecs * LANES * 4))
+                yacc = T.alloc_buffer((vecs, LANES), "float32", scope=stack_scope(vecs * LANES * 4))
+                run_task(segs, scale, zero, prec, expert_ids, y, sx, xsum, x8, acc, yacc, task)
 
     def seg_shape(s):
         return (experts, nt, k * fmt.segment_bits[s] // 32, tile)
