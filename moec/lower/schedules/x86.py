@@ -72,7 +72,7 @@ class X86Params(CpuScheduleParams):
         instead of shifting them down, summing them in the second accumulator chain and shifting
         that sum once per group: a 2-bit step issues one shift instead of three, a 4-bit step none.
     int8_claim_lanes : int
-        The VNNI GEMV's tasks are taken, not handed out: a parallel loop of this many lanes (TVM
+        The VNNI GEMVs' tasks (fixed and nested) are taken, not handed out: a parallel loop of this many lanes (TVM
         splits it over the pool's threads) where each lane scans every task from its own start and
         runs those it claims with an atomic bit test-and-set (``lock bts``), so a thread that
         finishes early takes the rest of the other's tasks. 0, and calls with fewer tasks than
