@@ -34,14 +34,10 @@ def _shifted(word, amount: int):
     return word >> _splat(amount, "uint32", 16) if amount else word
 
 
-def _unshift(value, chain, chain_shift: list[int]):
-    """``value >> chain_shift[chain]`` (arithmetic; ``chain`` a loop variable of a fully unrolled loop)."""
-    if not any(chain_shift):
-        return value
-    amount = chain_shift[-1]
-    for c in range(len(chain_shift) - 2, 0, -1):  # folds to one constant once ``chain`` is
-        amount = T.if_then_else(chain == c, chain_shift[c], amount)
-    return T.shift_right(value, amount)
+def _unshift(value, chain, odd_shift: int):
+    """``value >> odd_shift`` for an odd ``chain`` (arithmetic; ``chain`` a loop variable of a fully unrolled
+    loop, so the amount folds to a constant), ``value`` itself when nothing is masked in place."""
+    return T.shift_right(value, odd_shift * (chain % 2)) if odd_shift else value
 
 
 def _step_dots(bits: int, words, masked: bool = False):
@@ -119,7 +115,7 @@ def vnni_gemv(spec: GemvSpec, params) -> tirx.PrimFunc:
     # odd planes masked in place (_step_dots): chain c holds planes t = c mod chains, so with an even
     # number of chains each chain's planes share one power of two, undone once per group
     masked = params.int8_plane_masks and bits in (2, 4) and chains % 2 == 0
-    chain_shift = [bits * (c % 2) if masked else 0 for c in range(chains)]
+    odd_shift = bits if masked else 0  # what an odd chain's sum is shifted right by, once per group
     acc_scope = stack_scope(vecs * lanes * 4)
     acc1_scope = stack_scope(vecs * max(chains - 1, 1) * lanes * 4)
     if lanes != 16:
@@ -198,7 +194,7 @@ def vnni_gemv(spec: GemvSpec, params) -> tirx.PrimFunc:
                 for c in T.unroll(1, chains):
                     for lane in T.vectorized(lanes):
                         acc0[v, lane] = acc0[v, lane] + _unshift(acc1[v * (chains - 1) + c - 1, lane], c,
-                                                                 chain_shift)
+                                                                 odd_shift)
             for v in T.unroll(vecs):
                 if tt * vecs + v < nb:
                     for lane in T.vectorized(lanes):
