@@ -7,9 +7,9 @@ gives the default's output bit for bit, and times calls that rotate over four ra
 that alternate the variants. Time is this thread's CPU time (robust to preemption on a loaded
 machine; run with ``TVM_NUM_THREADS=1`` so the kernel runs on this thread). GB/s = the selected
 experts' canonical packed bytes per call / time per call. ``--routed R`` leaves R of the ``top_k``
-rows routed (the others -1, at random), as a mixed plan's bit-class call sees them (``--routed 0``: the
-call's cost besides its weights); ``--experts``
-sizes the stacks (four of them rotate: at 2 bits, 256 experts are 0.6 GB, well past the L3).
+rows routed (the others -1, at random), as a mixed plan's bit-class call sees them (``--routed 0``:
+the call's cost besides its weights); ``--experts`` sizes the stacks (four of them rotate: at 2 bits,
+256 experts are 0.6 GB, well past the L3).
 
 Usage::
 
@@ -46,6 +46,8 @@ def main() -> None:
                     help="routed rows per call (the rest -1, as in a mixed plan's class call; default all top_k; "
                          "0: none, what a call costs besides its weights: activation quantization, fork-join, zero rows)")
     args = ap.parse_args()
+    if args.routed is not None and not 0 <= args.routed <= args.top_k:
+        ap.error(f"--routed {args.routed} is not between 0 and --top-k {args.top_k}")
     import tvm
 
     from moec.lower.kernels.factory import compile_kernel, host_target

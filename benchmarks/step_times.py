@@ -34,13 +34,14 @@ CHILD = r'''
 import json, resource, sys, time
 from moec.runtime.session import BundleSession
 s = BundleSession(sys.argv[1], threads=int(sys.argv[2]))
-s.prefill(list(range(3, 19)))
+prompt = list(range(3, 19))
+s.prefill(prompt)
 ts, cpu, faults = [], [], []
 usage = lambda: resource.getrusage(resource.RUSAGE_THREAD).ru_minflt
 window = int(sys.argv[4])
 for i in range(int(sys.argv[3])):
     if window and i and i % window == 0:  # back to the same 16-token context (not timed)
-        s.reset(); s.prefill(list(range(3, 19)))
+        s.reset(); s.prefill(prompt)
     f0, t0, c0 = usage(), time.perf_counter(), time.thread_time(); s.step(5 + i % 50)
     ts.append(time.perf_counter() - t0); cpu.append(time.thread_time() - c0); faults.append(usage() - f0)
 print(json.dumps([ts, cpu, faults]))
@@ -82,6 +83,8 @@ def main() -> None:
                     help="reset to the 16-token prompt every WINDOW steps, so every timed step sees a context "
                          "of 16..16+WINDOW tokens (0: one run, the context growing by a token a step)")
     args = ap.parse_args()
+    if args.window < 0:
+        ap.error(f"--window {args.window} is negative")
     counts = [int(t) for t in args.threads.split(",")]
     print(f"load average before: {os.getloadavg()}", flush=True)
     res: dict[int, list[np.ndarray]] = {t: [] for t in counts}
