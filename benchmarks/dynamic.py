@@ -69,6 +69,7 @@ from moec.lower.bundler import build_bundle_from_params
 from moec.lower.kernels.factory import compile_kernel, host_target, make_gemv, make_nested_gemv
 from moec.lower.kernels.layout import nested_kernel_layout, stack_kernel_layouts, to_kernel_layout
 from moec.lower.params import build_nested_params, build_params
+from moec.lower.schedules import kernel_tile
 from moec.models.checkpoint import load_checkpoint
 from moec.models.tokenizer import load_tokenizer
 from moec.profile.data import file_windows
@@ -101,7 +102,7 @@ def kernel_part(gs: int, calls: int, cpu_time: bool = False, modes: tuple[str, .
     mode. ``hot``: the same 8 experts every call (in cache) instead of random routing over the stack."""
     n, k, experts, top_k = 1024, 2048, 64, 8
     target, rng, dev = host_target(), np.random.default_rng(0), tvm.cpu()
-    tile = 16
+    tile = kernel_tile(target, n)
     clock = time.thread_time if cpu_time else time.perf_counter
     how = "CPU time of the calling thread, 1 TVM thread" if cpu_time else "wall time"
     routing = "the same 8 experts every call (hot)" if hot else "random routing per call"

@@ -4,7 +4,9 @@ Compiles :func:`moec.lower.schedules.x86_vnni.vnni_gemv` once per variant (``X86
 a Python dict, e.g. ``"{'prefetch_words': 8}"``; ``"{}"`` is the default), checks that every variant
 gives the default's output bit for bit, and times calls that rotate over four random stacks of
 ``--experts`` experts (more than the L3 cache, so every call reads its experts from DRAM), in rounds
-that alternate the variants. Time is this thread's CPU time (robust to preemption on a loaded
+that alternate the variants. A ``layout_tile`` variant lays the same weights out in its tiles
+(``"{'layout_tile': 16}"``: 16-row tiles, x86's layout before 2026-12-03). Time is this thread's
+CPU time (robust to preemption on a loaded
 machine; run with ``TVM_NUM_THREADS=1`` so the kernel runs on this thread). GB/s = the selected
 experts' canonical packed bytes per call / time per call. ``--routed R`` leaves R of the ``top_k``
 rows routed (the others -1, at random), as a mixed plan's bit-class call sees them (``--routed 0``:
@@ -56,12 +58,13 @@ def main() -> None:
     from moec.lower.schedules.x86_vnni import vnni_gemv
 
     print(f"load average before: {os.getloadavg()}")
-    variants = [ast.literal_eval(v) for v in args.variants]
-    spec = GemvSpec(args.bits, args.n, args.k, args.group_size, args.experts, args.top_k, x86.PARAMS.layout_tile)
-    fns = [compile_kernel(vnni_gemv(spec, dataclasses.replace(x86.PARAMS, **v)), host_target())["gemv"]
-           for v in variants]
-    stacks = [[tvm.runtime.tensor(a) for a in random_stack(args.bits, args.n, args.k, args.group_size, args.experts,
-                                                           x86.PARAMS.layout_tile, seed=s)] for s in range(4)]
+    params = [dataclasses.replace(x86.PARAMS, **ast.literal_eval(v)) for v in args.variants]
+    tiles = [p.tile_for(args.n) for p in params]  # a layout_tile variant: the same weights re-tiled
+    fns = [compile_kernel(vnni_gemv(GemvSpec(args.bits, args.n, args.k, args.group_size, args.experts, args.top_k,
+                                             t), p), host_target())["gemv"] for p, t in zip(params, tiles)]
+    by_tile = {t: [[tvm.runtime.tensor(a) for a in random_stack(args.bits, args.n, args.k, args.group_size,
+                                                                args.experts, t, seed=s)] for s in range(4)]
+               for t in sorted(set(tiles))}
     x = tvm.runtime.tensor(np.random.default_rng(1).standard_normal((1, args.k)).astype(np.float32))
     ys = [tvm.runtime.empty((args.top_k, args.n), "float32", tvm.cpu()) for _ in fns]
     calls = args.experts // args.top_k
@@ -72,18 +75,18 @@ def main() -> None:
         row = (np.arange(args.top_k) + c * args.top_k).astype(np.int32)
         row[rng.permutation(args.top_k)[routed:]] = -1
         ids.append(tvm.runtime.tensor(row))
-    for f, y in zip(fns, ys):
-        f(x, *stacks[0], ids[0], y)
+    for f, y, t in zip(fns, ys, tiles):
+        f(x, *by_tile[t][0], ids[0], y)
         if not np.array_equal(ys[0].numpy(), y.numpy()):
             raise SystemExit("a variant's output differs from the first variant's")
     times: list[list[float]] = [[] for _ in fns]
     for _ in range(args.rounds):
         for i, f in enumerate(fns):
             t0 = time.thread_time()
-            for st in stacks:
+            for st in by_tile[tiles[i]]:
                 for idv in ids:
                     f(x, *st, idv, ys[i])
-            times[i].append((time.thread_time() - t0) / (len(stacks) * calls))
+            times[i].append((time.thread_time() - t0) / (len(by_tile[tiles[i]]) * calls))
     nbytes = expert_nbytes(args.bits, args.n, args.k, args.group_size) * routed
     for v, ts in zip(args.variants, times):
         rate = (f", {nbytes / np.median(ts) / 1e9:.1f} GB/s (best round {nbytes / min(ts) / 1e9:.1f})"

@@ -113,18 +113,27 @@ def expert_nbytes(bits: int, n: int, k: int, gs: int) -> int:
 
 
 def random_stack(bits: int, n: int, k: int, gs: int, experts: int, tile: int, seed: int = 0):
-    """Random kernel-layout arrays of ``experts`` experts (bandwidth does not depend on values)."""
-    from moec.lower.kernels.layout import num_tiles, zero_words
+    """Random kernel-layout arrays of ``experts`` experts (bandwidth does not depend on values).
+
+    Drawn per row, then cut into ``tile``-row tiles as ``to_kernel_layout`` does (``tile`` divides
+    ``n``, as ``kernel_tile`` picks it), so one seed gives the same weights at every tile and layouts
+    can be compared bit for bit (``gemv_variants.py`` with a ``layout_tile`` variant)."""
+    from moec.lower.kernels.layout import zero_words
+    if n % tile:
+        raise SystemExit(f"tile {tile} does not divide N = {n}")
     rng = np.random.default_rng(seed)
-    nb, lanes = num_tiles(n, tile), tile
+
+    def tiled(rows):  # [experts, n, c] -> [experts, n / tile, c, tile]
+        return np.ascontiguousarray(rows.reshape(experts, n // tile, tile, -1).transpose(0, 1, 3, 2))
+
     if bits in (16, 32):
         dtype = np.float16 if bits == 16 else np.float32
-        return [rng.standard_normal((experts, nb, k, lanes), dtype=np.float32).astype(dtype)]
+        return [tiled(rng.standard_normal((experts, n, k), dtype=np.float32).astype(dtype))]
     groups = k // gs
-    words = rng.integers(0, 2**32, (experts, nb, k * bits // 32, lanes), dtype=np.uint32)
-    scale = (rng.random((experts, nb, groups, lanes), dtype=np.float32) * 0.01 + 1e-3).astype(np.float16)
-    zero = rng.integers(0, 2**32, (experts, nb, zero_words(groups, bits), lanes), dtype=np.uint32)
-    return [words, scale, zero]
+    words = rng.integers(0, 2**32, (experts, n, k * bits // 32), dtype=np.uint32)
+    scale = (rng.random((experts, n, groups), dtype=np.float32) * 0.01 + 1e-3).astype(np.float16)
+    zero = rng.integers(0, 2**32, (experts, n, zero_words(groups, bits)), dtype=np.uint32)
+    return [tiled(words), tiled(scale), tiled(zero)]
 
 
 def time_gemv(bits: int, n: int, k: int, gs: int, experts: int, top_k: int, rotate: bool,
@@ -140,7 +149,7 @@ def time_gemv(bits: int, n: int, k: int, gs: int, experts: int, top_k: int, rota
                         target)["gemv"]
     dev = tvm.cpu()
     weights = [tvm.runtime.tensor(a, dev) for a in random_stack(bits, n, k, gs, experts,
-                                                                kernel_tile(target))]
+                                                                kernel_tile(target, n))]
     x = tvm.runtime.tensor(np.random.default_rng(1).standard_normal((1, k)).astype(np.float32), dev)
     y = tvm.runtime.empty((top_k, n), "float32", dev)
     calls = max(1, experts // top_k) if rotate else 1
@@ -237,7 +246,7 @@ def check_same_numerics(bits: int = 4, n: int = 64, k: int = 256, gs: int = 64) 
     sess = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
     (ref,) = sess.run(None, {"A": x})
     target = host_target()
-    lay = to_kernel_layout(pw, kernel_tile(target))
+    lay = to_kernel_layout(pw, kernel_tile(target, n))
     fn = compile_kernel(make_gemv(bits, n, k, gs, 1, 1, target), target)["gemv"]
     args = [tvm.runtime.tensor(a) for a in (x, lay["weight"][None], lay["scale"][None], lay["zero"][None],
                                             np.zeros(1, np.int32), np.zeros((1, n), np.float32))]

@@ -56,7 +56,6 @@ class KernelEmitter(LinearEmitter):
 
     def __init__(self, target: tvm.target.Target, activations: str = AUTO) -> None:
         self.target = target
-        self.tile = kernel_tile(target)
         self._auto = activations == AUTO
         self._int8_ok: dict[tuple, bool] = {}  # (kernel builder, bits) -> has an int8 kernel on this target
         if self._auto:  # int8 where the target has an int8-activation GEMV, else the exact float32 kernels
@@ -84,12 +83,12 @@ class KernelEmitter(LinearEmitter):
         """Kernel-layout arrays for one weight (or a stack), or None to keep moec's packed layout."""
         if not all(self.supports(p) for p in pws):
             return None
-        layouts = [to_kernel_layout(p, self.tile) for p in pws]
+        layouts = [to_kernel_layout(p, kernel_tile(self.target, p.shape[0])) for p in pws]
         return {f"k{k}": v for k, v in stack_kernel_layouts(layouts).items()}
 
     def nested_layout(self, nws: list[NestedWeight]) -> dict[str, np.ndarray]:
         """Kernel-layout arrays of a nested stack (``kseg0``…, ``kscale``, ``kzero``)."""
-        layouts = [nested_kernel_layout(nw, self.tile) for nw in nws]
+        layouts = [nested_kernel_layout(nw, kernel_tile(self.target, nw.shape[0])) for nw in nws]
         return {f"k{k}": v for k, v in stack_kernel_layouts(layouts).items()}
 
     # -- graph ---------------------------------------------------------------------

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import re
 
 import numpy as np
 import pytest
@@ -130,7 +131,7 @@ def test_swiglu_gemv(kernels, bits):
         p3 = [pack_weight(w, bits, gs) for w in w3s]
         fused = [swiglu_weight(a, b) for a, b in zip(p1, p3)]
         g_deq, u_deq = [p.dequantize() for p in p1], [p.dequantize() for p in p3]
-    stack = stack_kernel_layouts([to_kernel_layout(w, kernel_tile(host_target())) for w in fused])
+    stack = stack_kernel_layouts([to_kernel_layout(w, kernel_tile(host_target(), n)) for w in fused])
     x = rng.standard_normal((1, k)).astype(np.float32)
     ids = np.array([2, 0], np.int32)
     out = call(mod, "gemv", [x] + weight_args(stack) + [ids, np.zeros((top_k, n), np.float32)])
@@ -140,17 +141,19 @@ def test_swiglu_gemv(kernels, bits):
 
 
 @pytest.mark.parametrize("activations", ["float32", "int8"])
-def test_gemv_with_a_64_row_layout_tile(monkeypatch, activations):
-    """The kernels index any layout tile (x86 picks 16); 80 rows: a padded last 64-row tile."""
+@pytest.mark.parametrize("n", [80, 96, 192, 384])
+def test_gemv_at_each_layout_tile(n, activations):
+    """x86 lays a weight out in tiles of the largest power-of-two divisor of N up to 128 rows
+    (16, 32, 64, 128 here): the kernels index each, with tasks of 8 vectors spanning several tiles
+    (16-64) or one (128)."""
     if activations == "int8" and not codegen.target_has_features("avx512vnni", host_target()):
         pytest.skip("host CPU lacks AVX-512 VNNI")
-    monkeypatch.setattr(x86, "PARAMS", dataclasses.replace(x86.PARAMS, layout_tile=64))
     target = host_target()
-    n, k, gs, experts, top_k = 80, 128, 32, 3, 2
+    k, gs, experts, top_k = 128, 32, 3, 2
     mod = compile_kernel(make_gemv(4, n, k, gs, experts, top_k, target, activations=activations), target)
     weights = np.random.default_rng(7).standard_normal((experts, n, k), dtype=np.float32)
     pws = [pack_weight(w, 4, gs) for w in weights]
-    stack = stack_kernel_layouts([to_kernel_layout(p, tile=64) for p in pws])
+    stack = stack_kernel_layouts([to_kernel_layout(p, tile=kernel_tile(target, n)) for p in pws])
     x = np.random.default_rng(8).standard_normal((1, k)).astype(np.float32)
     if activations == "int8":
         x = dequantized_activations(x, gs)  # already on the int8 grid: the kernel reproduces it
@@ -208,14 +211,16 @@ def test_vnni_claimed_tasks_match_the_static_split(monkeypatch, threads):
 
 @pytest.mark.parametrize("n", [16, 256])
 def test_x86_schedule_keeps_register_tile(n):
-    """The decode loop nest is (value: unrolled 32, vector: unrolled 4, lane: vectorised 16),
-    so 4 independent accumulators share each broadcast of x (a regression once left 1)."""
+    """The decode loop nest is (value: unrolled 32, vector: unrolled, lane: vectorised) over 4 vectors
+    of 16 rows, so 4 independent accumulators share each broadcast of x (a regression once left 1).
+    Within a tile of 64 rows or more the vectors come as one vectorised loop of 64 lanes (LLVM
+    splits it into 4 registers)."""
     lines = make_gemv(2, n, 256, 64, 4, 2, host_target()).script().splitlines()
     at = next(i for i, line in enumerate(lines) if 'T.sblock("qdot_update")' in line)
     loops = [line.strip() for line in lines[:at] if line.strip().startswith("for ")][-3:]
-    vectors = min(4, n // 16)
-    assert "T.unroll(32)" in loops[0] and f"T.unroll({vectors})" in loops[1], loops
-    assert "T.vectorized(16)" in loops[2], loops
+    unrolled, lanes = (int(re.search(r"\((\d+)\)", loops[i]).group(1)) for i in (1, 2))
+    assert "T.unroll(32)" in loops[0] and "T.unroll" in loops[1] and "T.vectorized" in loops[2], loops
+    assert lanes % 16 == 0 and unrolled * lanes == 16 * min(4, n // 16), loops
 
 
 def test_unsupported_shapes_raise_clear_errors():
@@ -241,7 +246,9 @@ def test_unsupported_shapes_raise_clear_errors():
 
 def test_target_family_registry():
     assert target_family(host_target()) == "x86"
-    assert kernel_tile(tvm.target.Target({"kind": "llvm", "mtriple": "x86_64-linux-gnu"})) == 16
+    x86_64 = tvm.target.Target({"kind": "llvm", "mtriple": "x86_64-linux-gnu"})
+    # the largest power-of-two divisor of N up to 128 rows: no padded tiles (gpt-oss's 2880 rows: 64)
+    assert [kernel_tile(x86_64, n) for n in (1024, 2880, 304, 96)] == [128, 64, 16, 32]
     assert target_family(tvm.target.Target({"kind": "llvm", "mtriple": "aarch64-linux-gnu"})) == "arm"
     riscv = tvm.target.Target({"kind": "llvm", "mtriple": "riscv64-linux-gnu"})
     with pytest.raises(MoecError, match="family 'riscv'; choices: arm, x86"):

@@ -37,8 +37,9 @@ def _args(stack):
     return [stack[key] for key in keys]
 
 
-def _stack(pws):
-    return stack_kernel_layouts([to_kernel_layout(p, kernel_tile(host_target())) for p in pws])
+def _stack(pws, n):
+    """``n``: the kernel's output rows (a fused ``[w1; w3]`` has ``2n`` and ``w1``'s tile)."""
+    return stack_kernel_layouts([to_kernel_layout(p, kernel_tile(host_target(), n)) for p in pws])
 
 
 def _fused(kernels, bits, n, k, gs, w1, w3, x, ids, separate_up, scales="fp16"):
@@ -46,8 +47,8 @@ def _fused(kernels, bits, n, k, gs, w1, w3, x, ids, separate_up, scales="fp16"):
     top_k = len(ids)
     mod = kernels.get(make_gemv, bits, n, k, gs, len(w1), top_k, activations="int8", swiglu=True,
                       separate_up=separate_up, scales=scales, x_per_expert=len(x) > 1)
-    weights = (_args(_stack(w1)) + _args(_stack(w3)) if separate_up
-               else _args(_stack([swiglu_weight(a, b) for a, b in zip(w1, w3)])))
+    weights = (_args(_stack(w1, n)) + _args(_stack(w3, n)) if separate_up
+               else _args(_stack([swiglu_weight(a, b) for a, b in zip(w1, w3)], n)))
     return call(mod, "gemv", [x] + weights + [ids, np.full((top_k, n), 7, np.float32)])
 
 
@@ -81,7 +82,7 @@ def test_int8_swiglu_equals_the_unfused_kernels(kernels, bits):
     ids = np.array([3, -1, 0, 2], np.int32)
     out = _fused(kernels, bits, n, k, gs, w1, w3, x, ids, True)
     unfused = kernels.get(make_gemv, bits, n, k, gs, experts, top_k, activations="int8")
-    gate, up = (call(unfused, "gemv", [x] + _args(_stack(w)) + [ids, np.zeros((top_k, n), np.float32)])
+    gate, up = (call(unfused, "gemv", [x] + _args(_stack(w, n)) + [ids, np.zeros((top_k, n), np.float32)])
                 for w in (w1, w3))
     rows = ids >= 0
     gate, up = gate.astype(np.float64)[rows], up.astype(np.float64)[rows]

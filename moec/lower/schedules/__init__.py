@@ -10,7 +10,7 @@ from tvm.target import codegen
 from moec.core.errors import MoecError
 from moec.lower.schedules import arm, x86
 
-#: Family name -> schedule module: ``PARAMS`` (with ``tile_rows``), ``schedule_gemv``,
+#: Family name -> schedule module: ``PARAMS`` (with ``tile_for``), ``schedule_gemv``,
 #: ``grouped_gemm_params`` and optionally ``int8_gemv``.
 FAMILIES: dict[str, ModuleType] = {"x86": x86, "arm": arm}
 
@@ -40,6 +40,7 @@ def family_module(target: tvm.target.Target) -> ModuleType:
                         f"{', '.join(sorted(FAMILIES))}") from None
 
 
-def kernel_tile(target: tvm.target.Target) -> int:
-    """Rows per tile of the kernel layout that ``target``'s schedules expect (``to_kernel_layout``)."""
-    return family_module(target).PARAMS.tile_rows
+def kernel_tile(target: tvm.target.Target, n: int) -> int:
+    """Rows per tile of the kernel layout that ``target``'s schedules expect for a weight of ``n`` output
+    rows (``to_kernel_layout``; a fused SwiGLU ``[w1; w3]`` stack: ``n`` of ``w1``)."""
+    return family_module(target).PARAMS.tile_for(n)

@@ -61,17 +61,20 @@ class CpuScheduleParams:
     int8_tile_vectors: int
     nested_unroll_words: int = 4
 
-    @property
-    def tile_rows(self) -> int:
-        """Rows per tile of the kernel layout (``to_kernel_layout(..., tile=...)``)."""
-        return self.layout_tile
+    def tile_for(self, rows: int) -> int:
+        """Rows per tile of the kernel layout of a weight with ``rows`` output rows
+        (``to_kernel_layout(..., tile=...)``): the largest power-of-two divisor of ``rows`` up to
+        ``layout_tile``, so no tile is padded; ``layout_tile`` itself (the last tile padded) when
+        that divisor is below 16 rows."""
+        tile = gcd(rows, self.layout_tile)
+        return tile if tile >= 16 else self.layout_tile
 
 
 def check_spec(spec: GemvSpec, params: CpuScheduleParams) -> None:
     """Raise :class:`MoecError` unless ``spec`` fits the schedule's layout tile and vector."""
-    if spec.tile != params.tile_rows:
+    if spec.tile != params.tile_for(spec.n):
         raise MoecError(f"kernel layout tile {spec.tile} does not match the {params.family} schedule's "
-                        f"{params.tile_rows} rows (use kernel_tile(target))")
+                        f"{params.tile_for(spec.n)} rows for N = {spec.n} (use kernel_tile(target, n))")
     if params.layout_tile % params.lanes and params.lanes % params.layout_tile:
         raise MoecError(f"layout tile {params.layout_tile} and vector {params.lanes} do not nest")
     if spec.rows % params.lanes:
