@@ -102,7 +102,6 @@ def kernel_part(gs: int, calls: int, cpu_time: bool = False, modes: tuple[str, .
     mode. ``hot``: the same 8 experts every call (in cache) instead of random routing over the stack."""
     n, k, experts, top_k = 1024, 2048, 64, 8
     target, rng, dev = host_target(), np.random.default_rng(0), tvm.cpu()
-    tile = kernel_tile(target, n)
     clock = time.thread_time if cpu_time else time.perf_counter
     how = "CPU time of the calling thread, 1 TVM thread" if cpu_time else "wall time"
     routing = "the same 8 experts every call (hot)" if hot else "random routing per call"
@@ -112,14 +111,14 @@ def kernel_part(gs: int, calls: int, cpu_time: bool = False, modes: tuple[str, .
     print("| activations | width | fixed GB/s | nested GB/s | nested / fixed time | fixed µs/call | nested µs/call |")
     print("|---|---|---|---|---|---|---|")
     nws = [nest(_random_packed(8, n, k, gs, rng)) for _ in range(experts)]
-    nested = stack_kernel_layouts([nested_kernel_layout(nw, tile) for nw in nws])
+    nested = stack_kernel_layouts([nested_kernel_layout(nw, kernel_tile(target, n, None)) for nw in nws])
     x = tvm.runtime.tensor(rng.standard_normal((1, k)).astype(np.float32), dev)
     y = tvm.runtime.tensor(np.zeros((top_k, n), np.float32), dev)
     nargs = [tvm.runtime.tensor(nested[f"seg{s}"], dev) for s in range(4)] + [
         tvm.runtime.tensor(nested["scale"], dev), tvm.runtime.tensor(nested["zero"], dev)]
     id_sets = [tvm.runtime.tensor(rng.choice(experts, top_k, replace=False).astype(np.int32), dev)
                for _ in range(1 if hot else 16)]
-    fixed_stacks = {bits: stack_kernel_layouts([to_kernel_layout(_random_packed(bits, n, k, gs, rng), tile)
+    fixed_stacks = {bits: stack_kernel_layouts([to_kernel_layout(_random_packed(bits, n, k, gs, rng), kernel_tile(target, n, bits))
                                                 for _ in range(experts)]) for bits in WIDTHS}
     for mode in modes:
         nmod = compile_kernel(make_nested_gemv(8, n, k, gs, experts, top_k, target, activations=mode), target)

@@ -53,7 +53,7 @@ def main() -> None:
         if args.tile:
             vecs, toks = map(int, args.tile.split("x"))
             params = dataclasses.replace(params, gemm_vectors=vecs, gemm_tokens=toks)
-        spec = GroupedGemmSpec(bits, n, k, gs, ne, params.tile_for(n))
+        spec = GroupedGemmSpec(bits, n, k, gs, ne, params.tile_for(n, bits))
         mod = compile_kernel(x86.int8_grouped_gemm(spec, target, params), target)
         stack, _ = expert_stack(bits, n, k, gs, ne)
         offsets = np.arange(ne + 1, dtype=np.int32) * t

@@ -4,8 +4,8 @@ Compiles :func:`moec.lower.schedules.x86_vnni.vnni_gemv` once per variant (``X86
 a Python dict, e.g. ``"{'prefetch_words': 8}"``; ``"{}"`` is the default), checks that every variant
 gives the default's output bit for bit, and times calls that rotate over four random stacks of
 ``--experts`` experts (more than the L3 cache, so every call reads its experts from DRAM), in rounds
-that alternate the variants. A ``layout_tile`` variant lays the same weights out in its tiles
-(``"{'layout_tile': 16}"``: 16-row tiles, x86's layout before 2026-12-03). Time is this thread's
+that alternate the variants. A ``code_tile`` or ``layout_tile`` variant lays the same weights out in
+its tiles (``"{'code_tile': 16}"``: 16-row tiles at 2-4 bits, x86's layout before 2026-12-03). Time is this thread's
 CPU time (robust to preemption on a loaded
 machine; run with ``TVM_NUM_THREADS=1`` so the kernel runs on this thread). GB/s = the selected
 experts' canonical packed bytes per call / time per call. ``--routed R`` leaves R of the ``top_k``
@@ -59,7 +59,7 @@ def main() -> None:
 
     print(f"load average before: {os.getloadavg()}")
     params = [dataclasses.replace(x86.PARAMS, **ast.literal_eval(v)) for v in args.variants]
-    tiles = [p.tile_for(args.n) for p in params]  # a layout_tile variant: the same weights re-tiled
+    tiles = [p.tile_for(args.n, args.bits) for p in params]  # a tile variant: the same weights re-tiled
     fns = [compile_kernel(vnni_gemv(GemvSpec(args.bits, args.n, args.k, args.group_size, args.experts, args.top_k,
                                              t), p), host_target())["gemv"] for p, t in zip(params, tiles)]
     by_tile = {t: [[tvm.runtime.tensor(a) for a in random_stack(args.bits, args.n, args.k, args.group_size,

@@ -83,12 +83,12 @@ class KernelEmitter(LinearEmitter):
         """Kernel-layout arrays for one weight (or a stack), or None to keep moec's packed layout."""
         if not all(self.supports(p) for p in pws):
             return None
-        layouts = [to_kernel_layout(p, kernel_tile(self.target, p.shape[0])) for p in pws]
+        layouts = [to_kernel_layout(p, kernel_tile(self.target, p.shape[0], p.bits)) for p in pws]
         return {f"k{k}": v for k, v in stack_kernel_layouts(layouts).items()}
 
     def nested_layout(self, nws: list[NestedWeight]) -> dict[str, np.ndarray]:
         """Kernel-layout arrays of a nested stack (``kseg0``…, ``kscale``, ``kzero``)."""
-        layouts = [nested_kernel_layout(nw, kernel_tile(self.target, nw.shape[0])) for nw in nws]
+        layouts = [nested_kernel_layout(nw, kernel_tile(self.target, nw.shape[0], None)) for nw in nws]
         return {f"k{k}": v for k, v in stack_kernel_layouts(layouts).items()}
 
     # -- graph ---------------------------------------------------------------------

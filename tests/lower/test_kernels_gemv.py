@@ -131,7 +131,7 @@ def test_swiglu_gemv(kernels, bits):
         p3 = [pack_weight(w, bits, gs) for w in w3s]
         fused = [swiglu_weight(a, b) for a, b in zip(p1, p3)]
         g_deq, u_deq = [p.dequantize() for p in p1], [p.dequantize() for p in p3]
-    stack = stack_kernel_layouts([to_kernel_layout(w, kernel_tile(host_target(), n)) for w in fused])
+    stack = stack_kernel_layouts([to_kernel_layout(w, kernel_tile(host_target(), n, bits)) for w in fused])
     x = rng.standard_normal((1, k)).astype(np.float32)
     ids = np.array([2, 0], np.int32)
     out = call(mod, "gemv", [x] + weight_args(stack) + [ids, np.zeros((top_k, n), np.float32)])
@@ -143,7 +143,7 @@ def test_swiglu_gemv(kernels, bits):
 @pytest.mark.parametrize("activations", ["float32", "int8"])
 @pytest.mark.parametrize("n", [80, 96, 192, 384])
 def test_gemv_at_each_layout_tile(n, activations):
-    """x86 lays a weight out in tiles of the largest power-of-two divisor of N up to 128 rows
+    """x86 lays a 4-bit weight out in tiles of the largest power-of-two divisor of N up to 128 rows
     (16, 32, 64, 128 here): the kernels index each, with tasks of 8 vectors spanning several tiles
     (16-64) or one (128)."""
     if activations == "int8" and not codegen.target_has_features("avx512vnni", host_target()):
@@ -153,7 +153,7 @@ def test_gemv_at_each_layout_tile(n, activations):
     mod = compile_kernel(make_gemv(4, n, k, gs, experts, top_k, target, activations=activations), target)
     weights = np.random.default_rng(7).standard_normal((experts, n, k), dtype=np.float32)
     pws = [pack_weight(w, 4, gs) for w in weights]
-    stack = stack_kernel_layouts([to_kernel_layout(p, tile=kernel_tile(target, n)) for p in pws])
+    stack = stack_kernel_layouts([to_kernel_layout(p, tile=kernel_tile(target, n, 4)) for p in pws])
     x = np.random.default_rng(8).standard_normal((1, k)).astype(np.float32)
     if activations == "int8":
         x = dequantized_activations(x, gs)  # already on the int8 grid: the kernel reproduces it
@@ -247,8 +247,10 @@ def test_unsupported_shapes_raise_clear_errors():
 def test_target_family_registry():
     assert target_family(host_target()) == "x86"
     x86_64 = tvm.target.Target({"kind": "llvm", "mtriple": "x86_64-linux-gnu"})
-    # the largest power-of-two divisor of N up to 128 rows: no padded tiles (gpt-oss's 2880 rows: 64)
-    assert [kernel_tile(x86_64, n) for n in (1024, 2880, 304, 96)] == [128, 64, 16, 32]
+    # 2-4 bits: the largest power-of-two divisor of N up to 128 rows, no padded tiles (gpt-oss's 2880: 64)
+    assert [kernel_tile(x86_64, n, 4) for n in (1024, 2880, 304, 96)] == [128, 64, 16, 32]
+    # 8-bit, float and nested weights: 16-row tiles
+    assert [kernel_tile(x86_64, 1024, b) for b in (8, 16, None)] == [16, 16, 16]
     assert target_family(tvm.target.Target({"kind": "llvm", "mtriple": "aarch64-linux-gnu"})) == "arm"
     riscv = tvm.target.Target({"kind": "llvm", "mtriple": "riscv64-linux-gnu"})
     with pytest.raises(MoecError, match="family 'riscv'; choices: arm, x86"):

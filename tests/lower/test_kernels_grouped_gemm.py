@@ -116,7 +116,7 @@ def test_int8_grouped_gemm_unpacked_codes_and_task_order(bits):
     from moec.lower.schedules import x86
 
     n, k, gs, counts, target = 208, 256, 64, [0, 13, 2, 5, 4], host_target()
-    spec = GroupedGemmSpec(bits, n, k, gs, len(counts), x86.PARAMS.tile_for(n))
+    spec = GroupedGemmSpec(bits, n, k, gs, len(counts), x86.PARAMS.tile_for(n, bits))
     outs = []
     stack, deq = expert_stack(bits, n, k, gs, len(counts), seed=bits + 7)
     offsets = np.concatenate([[0], np.cumsum(counts)]).astype(np.int32)

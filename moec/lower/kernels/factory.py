@@ -68,13 +68,13 @@ def make_gemv(bits: int, n: int, k: int, group_size: int, num_stacked: int, top_
     tvm.tirx.PrimFunc
         ``gemv(x, weight, scale, zero, expert_ids, y)`` (quantized) or
         ``gemv(x, weight, expert_ids, y)`` (float); arrays in the kernel layout of
-        :func:`moec.lower.kernels.layout.to_kernel_layout` with ``tile=kernel_tile(target, n)``.
+        :func:`moec.lower.kernels.layout.to_kernel_layout` with ``tile=kernel_tile(target, n, bits)``.
         When the family's schedule allows it (attribute ``moec.row_guard``, see
         :mod:`moec.lower.kernels.row_guard`) a row whose expert id is -1 is skipped: no weight is
         read and its output row is left unwritten.
     """
     target = tvm.target.Target(target)
-    spec = GemvSpec(bits, n, k, group_size, num_stacked, top_k, kernel_tile(target, n), x_per_expert,
+    spec = GemvSpec(bits, n, k, group_size, num_stacked, top_k, kernel_tile(target, n, bits), x_per_expert,
                     swiglu, scales, separate_up)
     family = family_module(target)
     _check_scales(scales, target, activations)
@@ -115,7 +115,7 @@ def make_grouped_gemm(bits: int, n: int, k: int, group_size: int, num_stacked: i
         :mod:`moec.lower.schedules.x86_vnni_gemm`).
     """
     family = family_module(target)
-    spec = GroupedGemmSpec(bits, n, k, group_size, num_stacked, family.PARAMS.tile_for(n), scales)
+    spec = GroupedGemmSpec(bits, n, k, group_size, num_stacked, family.PARAMS.tile_for(n, bits), scales)
     _check_scales(scales, tvm.target.Target(target), activations)
     if activations == "int8":
         if bits not in INT8_ACTIVATION_BITS:
@@ -155,7 +155,7 @@ def make_nested_gemv(storage_bits: int, n: int, k: int, group_size: int, num_sta
     :mod:`moec.lower.schedules.x86_vnni_nested`); same arguments.
     """
     target = tvm.target.Target(target)
-    spec = NestedGemvSpec(storage_bits, n, k, group_size, num_stacked, top_k, kernel_tile(target, n), x_per_expert)
+    spec = NestedGemvSpec(storage_bits, n, k, group_size, num_stacked, top_k, kernel_tile(target, n, None), x_per_expert)
     family = family_module(target)
     if activations == "int8":
         if not hasattr(family, "int8_nested_gemv"):
@@ -188,5 +188,5 @@ def make_nested_grouped_gemm(storage_bits: int, n: int, k: int, group_size: int,
     :func:`make_grouped_gemm` (see :mod:`moec.lower.kernels.nested_grouped`).
     """
     family = family_module(target)
-    spec = NestedGroupedSpec(storage_bits, n, k, group_size, num_stacked, family.PARAMS.tile_for(n))
+    spec = NestedGroupedSpec(storage_bits, n, k, group_size, num_stacked, family.PARAMS.tile_for(n, None))
     return nested_grouped_definition(spec, family.grouped_gemm_params())

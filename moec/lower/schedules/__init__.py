@@ -40,7 +40,8 @@ def family_module(target: tvm.target.Target) -> ModuleType:
                         f"{', '.join(sorted(FAMILIES))}") from None
 
 
-def kernel_tile(target: tvm.target.Target, n: int) -> int:
+def kernel_tile(target: tvm.target.Target, n: int, bits: int | None) -> int:
     """Rows per tile of the kernel layout that ``target``'s schedules expect for a weight of ``n`` output
-    rows (``to_kernel_layout``; a fused SwiGLU ``[w1; w3]`` stack: ``n`` of ``w1``)."""
-    return family_module(target).PARAMS.tile_for(n)
+    rows and ``bits``-bit codes (``to_kernel_layout``; a fused SwiGLU ``[w1; w3]`` stack: ``n`` of ``w1``;
+    ``bits`` None: a nested stack, ``nested_kernel_layout``)."""
+    return family_module(target).PARAMS.tile_for(n, bits)

@@ -60,21 +60,26 @@ class CpuScheduleParams:
     gemm_tokens: int
     int8_tile_vectors: int
     nested_unroll_words: int = 4
+    code_tile: int = 0
+    code_tile_bits: tuple[int, ...] = ()
 
-    def tile_for(self, rows: int) -> int:
-        """Rows per tile of the kernel layout of a weight with ``rows`` output rows
-        (``to_kernel_layout(..., tile=...)``): the largest power-of-two divisor of ``rows`` up to
-        ``layout_tile``, so no tile is padded; ``layout_tile`` itself (the last tile padded) when
-        that divisor is below 16 rows."""
-        tile = gcd(rows, self.layout_tile)
-        return tile if tile >= 16 else self.layout_tile
+    def tile_for(self, rows: int, bits: int | None) -> int:
+        """Rows per tile of the kernel layout of a weight with ``rows`` output rows and ``bits``-bit codes
+        (``None``: a nested stack; 16/32: float) (``to_kernel_layout(..., tile=...)``): up to ``code_tile``
+        rows for the widths in ``code_tile_bits``, else up to ``layout_tile``; the largest power-of-two
+        divisor of ``rows`` up to that, so no tile is padded, or the limit itself (the last tile
+        padded) when that divisor is below 16 rows."""
+        limit = self.code_tile if self.code_tile and bits in self.code_tile_bits else self.layout_tile
+        tile = gcd(rows, limit)
+        return tile if tile >= 16 else limit
 
 
 def check_spec(spec: GemvSpec, params: CpuScheduleParams) -> None:
     """Raise :class:`MoecError` unless ``spec`` fits the schedule's layout tile and vector."""
-    if spec.tile != params.tile_for(spec.n):
+    want = params.tile_for(spec.n, None if hasattr(spec, "storage_bits") else spec.bits)  # nested: None
+    if spec.tile != want:
         raise MoecError(f"kernel layout tile {spec.tile} does not match the {params.family} schedule's "
-                        f"{params.tile_for(spec.n)} rows for N = {spec.n} (use kernel_tile(target, n))")
+                        f"{want} rows for N = {spec.n} at {spec.bits} bits (use kernel_tile(target, n, bits))")
     if params.layout_tile % params.lanes and params.lanes % params.layout_tile:
         raise MoecError(f"layout tile {params.layout_tile} and vector {params.lanes} do not nest")
     if spec.rows % params.lanes:

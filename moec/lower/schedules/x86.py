@@ -31,14 +31,18 @@ class X86Params(CpuScheduleParams):
         Vectors of rows per parallel task: a thread owns ``lanes * tile_vectors`` output rows
         (64), so ``tile_vectors`` accumulators stay in registers and share each broadcast of x.
     layout_tile : int
-        Largest row tile of the kernel layout (``kernel_tile``: per weight, the largest power-of-two
-        divisor of its rows up to this, so no tile is padded). 128 = the int8 GEMV's task
-        (``int8_tile_vectors`` vectors): a task then reads one contiguous block of its expert's
-        codes (64 KB at 2 bits for K = 2048) instead of 8 interleaved 8 KB streams, one per 16-row
-        tile. On the 2-core x86 VM (2 threads, DRAM, 4 of 8 rows routed over 256 experts) the int8
-        GEMV went 19–20 → 22–23 GB/s at 2 bits and 22 → 25.5 at 4 bits, 8 bits 24 → 22; whole
-        OLMoE-shaped decode steps 1.24x (mixed 2/4) and 1.29x (uniform:4) faster, uniform:8 1.02x,
-        the float32-activation and reference-model steps unchanged (2026-12-03, README).
+        Rows per tile of the kernel layout (``kernel_tile``) of 8-bit, float and nested weights. 16 =
+        one vector: a task then reads ``tile_vectors`` concurrent streams, which measured about 1.4x
+        the cold bandwidth of one 64-row stream at 2 bits on the 2-core x86 VM (more misses in
+        flight), and at 8 bits still 12 % more than 128-row tiles (27.7 vs 24.5 GB/s).
+    code_tile, code_tile_bits : int, tuple of int
+        Largest row tile of 2-, 3- and 4-bit weights (per weight, the largest power-of-two divisor
+        of its rows up to this, so no tile is padded): 128 = the int8 GEMV's task
+        (``int8_tile_vectors`` vectors), which then reads one contiguous block of its expert's codes
+        (64 KB at 2 bits for K = 2048) instead of 8 interleaved streams of 8-16 KB that end before
+        the hardware prefetcher is up to speed. On the 2-core x86 VM (2 threads, DRAM, 4 of 8
+        rows routed over 256 experts): 2 bits 20.4 → 25.3 GB/s, 4 bits 24.5 → 27.5; whole
+        OLMoE-shaped decode steps 1.21x (mixed 2/4) and 1.26x (uniform:4) faster (2026-12-03, README).
     unroll_values : int
         Codes decoded per fully unrolled step (32: a whole number of words at every bit width,
         so all shifts and word offsets are constants); a smaller group size uses gcd(32, gs).
@@ -49,9 +53,9 @@ class X86Params(CpuScheduleParams):
     gemm_vectors : int
         16-row vectors per parallel task of the int8 (VNNI) grouped GEMM: ``gemm_vectors *
         gemm_tokens`` int32 accumulators stay in registers and share each extracted code vector.
-        8 x 2: a task is one whole 128-row tile (4 x 4 read half of each tile's rows, strided:
-        OLMoE-shaped 64-token prefill 16 % slower on 128-row tiles; 8 x 2 as fast as 4 x 4 was on
-        16-row ones).
+        8 x 2: a task is one whole 128-row tile of ``code_tile`` (4 x 4 read half of each tile's
+        rows, strided: OLMoE-shaped 64-token prefill 16 % slower on 128-row tiles; 8 x 2 as fast
+        as 4 x 4 was on 16-row ones).
     gemm_split : int
         Parts of the int8 grouped GEMM's tasks, each with 1/``gemm_split`` of every expert's tiles
         (expert-major inside a part). TVM runs a contiguous range of tasks per thread: expert-major
@@ -104,7 +108,9 @@ class X86Params(CpuScheduleParams):
 
     lanes: int = 16
     tile_vectors: int = 4
-    layout_tile: int = 128
+    layout_tile: int = 16
+    code_tile: int = 128
+    code_tile_bits: tuple[int, ...] = (2, 3, 4)
     unroll_values: int = 32
     float_unroll: int = 8
     gemm_tokens: int = 2
