@@ -52,7 +52,7 @@ def main() -> None:
             params = dataclasses.replace(params, gemm_unpack_tokens=tuple(pairs))
         if args.tile:
             vecs, toks = map(int, args.tile.split("x"))
-            params = dataclasses.replace(params, gemm_vectors=vecs, gemm_tokens=toks)
+            params = dataclasses.replace(params, gemm_vectors=vecs, gemm_tokens=toks, gemm_tile_block=(vecs, toks))
         spec = GroupedGemmSpec(bits, n, k, gs, ne, params.tile_for(n, bits))
         mod = compile_kernel(x86.int8_grouped_gemm(spec, target, params), target)
         stack, _ = expert_stack(bits, n, k, gs, ne)

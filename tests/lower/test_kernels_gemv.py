@@ -247,10 +247,10 @@ def test_unsupported_shapes_raise_clear_errors():
 def test_target_family_registry():
     assert target_family(host_target()) == "x86"
     x86_64 = tvm.target.Target({"kind": "llvm", "mtriple": "x86_64-linux-gnu"})
-    # 2-4 bits: the largest power-of-two divisor of N up to 128 rows, no padded tiles (gpt-oss's 2880: 64)
+    # 2 and 4 bits: the largest power-of-two divisor of N up to 128 rows, no padded tiles (gpt-oss's 2880: 64)
     assert [kernel_tile(x86_64, n, 4) for n in (1024, 2880, 304, 96)] == [128, 64, 16, 32]
-    # 8-bit, float and nested weights: 16-row tiles
-    assert [kernel_tile(x86_64, 1024, b) for b in (8, 16, None)] == [16, 16, 16]
+    # 3-bit, 8-bit, float and nested weights: 16-row tiles
+    assert [kernel_tile(x86_64, 1024, b) for b in (2, 3, 8, 16, None)] == [128, 16, 16, 16, 16]
     assert target_family(tvm.target.Target({"kind": "llvm", "mtriple": "aarch64-linux-gnu"})) == "arm"
     riscv = tvm.target.Target({"kind": "llvm", "mtriple": "riscv64-linux-gnu"})
     with pytest.raises(MoecError, match="family 'riscv'; choices: arm, x86"):

@@ -36,13 +36,15 @@ class X86Params(CpuScheduleParams):
         the cold bandwidth of one 64-row stream at 2 bits on the 2-core x86 VM (more misses in
         flight), and at 8 bits still 12 % more than 128-row tiles (27.7 vs 24.5 GB/s).
     code_tile, code_tile_bits : int, tuple of int
-        Largest row tile of 2-, 3- and 4-bit weights (per weight, the largest power-of-two divisor
+        Largest row tile of 2- and 4-bit weights (per weight, the largest power-of-two divisor
         of its rows up to this, so no tile is padded): 128 = the int8 GEMV's task
         (``int8_tile_vectors`` vectors), which then reads one contiguous block of its expert's codes
         (64 KB at 2 bits for K = 2048) instead of 8 interleaved streams of 8-16 KB that end before
         the hardware prefetcher is up to speed. On the 2-core x86 VM (2 threads, DRAM, 4 of 8
-        rows routed over 256 experts): 2 bits 20.4 → 25.3 GB/s, 4 bits 24.5 → 27.5; whole
-        OLMoE-shaped decode steps 1.21x (mixed 2/4) and 1.26x (uniform:4) faster (2026-12-03, README).
+        rows routed over 256 experts): 2 bits 19.8-20.4 → 23.8-25.3 GB/s, 4 bits 22.4-24.5 → 27.2-27.5;
+        3 bits 20.0 → 12.9 (its steps read three words of a tile at once: kept at 16); whole
+        OLMoE-shaped decode steps 1.21-1.22x (mixed 2/4) and 1.17-1.26x (uniform:4) faster
+        (2026-12-03, README).
     unroll_values : int
         Codes decoded per fully unrolled step (32: a whole number of words at every bit width,
         so all shifts and word offsets are constants); a smaller group size uses gcd(32, gs).
@@ -53,9 +55,11 @@ class X86Params(CpuScheduleParams):
     gemm_vectors : int
         16-row vectors per parallel task of the int8 (VNNI) grouped GEMM: ``gemm_vectors *
         gemm_tokens`` int32 accumulators stay in registers and share each extracted code vector.
-        8 x 2: a task is one whole 128-row tile of ``code_tile`` (4 x 4 read half of each tile's
-        rows, strided: OLMoE-shaped 64-token prefill 16 % slower on 128-row tiles; 8 x 2 as fast
-        as 4 x 4 was on 16-row ones).
+    gemm_tile_block : tuple of (vectors, tokens)
+        ``gemm_vectors`` x ``gemm_tokens`` of the int8 grouped GEMM on 128-row tiles (``code_tile``):
+        8 x 2 makes a task one whole tile (4 x 4 read half of each tile's rows, strided:
+        OLMoE-shaped 64-token prefill 16 % slower; 8 x 2 as fast as 4 x 4 on 16-row tiles, where
+        8 x 2 was 11 % slower at 512 tokens and 8 bits).
     gemm_split : int
         Parts of the int8 grouped GEMM's tasks, each with 1/``gemm_split`` of every expert's tiles
         (expert-major inside a part). TVM runs a contiguous range of tasks per thread: expert-major
@@ -110,11 +114,12 @@ class X86Params(CpuScheduleParams):
     tile_vectors: int = 4
     layout_tile: int = 16
     code_tile: int = 128
-    code_tile_bits: tuple[int, ...] = (2, 3, 4)
+    code_tile_bits: tuple[int, ...] = (2, 4)
     unroll_values: int = 32
     float_unroll: int = 8
-    gemm_tokens: int = 2
-    gemm_vectors: int = 8
+    gemm_tokens: int = 4
+    gemm_vectors: int = 4
+    gemm_tile_block: tuple[int, int] = (8, 2)
     gemm_split: int = 4
     gemm_unpack_tokens: tuple[tuple[int, int], ...] = ((3, 12),)
     int8_tile_vectors: int = 8
@@ -124,6 +129,12 @@ class X86Params(CpuScheduleParams):
     int8_claim_lanes: int = 16
     prefetch_words: int = 0
     prefetch_locality: int = 3
+
+
+    def gemm_block(self, tile: int) -> tuple[int, int]:
+        """(vectors, tokens) of the int8 grouped GEMM's task for a layout of ``tile``-row tiles: a whole
+        tile when it is ``gemm_tile_block``'s size (``code_tile``), else (``gemm_vectors``, ``gemm_tokens``)."""
+        return self.gemm_tile_block if tile == 16 * self.gemm_tile_block[0] else (self.gemm_vectors, self.gemm_tokens)
 
 
 PARAMS = X86Params()

@@ -25,8 +25,9 @@ def vnni_grouped_gemm(spec: GroupedGemmSpec, params) -> tirx.PrimFunc:
     (per group: ``sx = max|x| / 127``, codes in the order the dots consume them, their sum);
     ``rows`` (int32 ``[P]``) gathers the quantized rows for the sorted pairs, so the caller
     passes the layer's token rows, not ``top_k`` copies of them. Parallel over tiles of
-    ``gemm_vectors`` 16-row vectors of every expert, in ``gemm_split`` parts (see ``split``: the
-    threads share every expert's rows whatever the routing). Per block of ``gemm_tokens``
+    ``gemm_vectors`` 16-row vectors (``X86Params.gemm_block``: 8, a whole tile, on 128-row tiles)
+    of every expert, in ``gemm_split`` parts (see ``split``: the threads share every expert's rows
+    whatever the routing). Per block of ``gemm_tokens``
     tokens and step of codes, each vector's codes are extracted into bytes once and
     ``vpdpbusd``-ed against every token's four activations (broadcast), into ``vectors × tokens``
     int32 accumulators that are scaled into float32 once per group; an expert with at least
@@ -42,7 +43,7 @@ def vnni_grouped_gemm(spec: GroupedGemmSpec, params) -> tirx.PrimFunc:
     if gs % step_codes:
         raise MoecError(f"{bits}-bit int8-activation GEMM needs group_size a multiple of {step_codes}")
     steps_per_group, groups = gs // step_codes, k // gs
-    vecs, tb, experts = params.gemm_vectors, params.gemm_tokens, spec.num_stacked
+    (vecs, tb), experts = params.gemm_block(spec.tile), spec.num_stacked
     nb = n // lanes
     tiles = -(-nb // vecs)
     # Tasks: ``split`` contiguous ranges, each with 1/split of every expert's tiles (expert-major
