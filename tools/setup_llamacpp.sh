@@ -13,7 +13,9 @@ VERSION=0.3.36
 mkdir -p "$DEST"
 cd "$DEST"
 if [ ! -d src ]; then
-  "$PY" -m pip download --no-deps --no-binary :all: "llama-cpp-python==$VERSION" -d dl
+  # --no-binary for this package only: with :all: pip also builds its build dependencies (cmake,
+  # scikit-build-core) from source just to read the sdist's metadata, which ran > 10 min here
+  "$PY" -m pip download --no-deps --no-binary llama-cpp-python "llama-cpp-python==$VERSION" -d dl
   mkdir -p src
   tar -xzf dl/llama_cpp_python-$VERSION.tar.gz -C src --strip-components=1
 fi
