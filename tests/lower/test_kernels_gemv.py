@@ -223,6 +223,17 @@ def test_x86_schedule_keeps_register_tile(n):
     assert lanes % 16 == 0 and unrolled * lanes == 16 * min(4, n // 16), loops
 
 
+def test_a_spec_with_another_tile_is_refused_in_one_line():
+    """A layout tile the schedule does not pick for that weight is a MoecError, fixed and nested alike."""
+    from moec.lower.kernels.gemv import GemvSpec
+    from moec.lower.kernels.nested_gemv import NestedGemvSpec
+    from moec.lower.schedules import cpu_gemv
+    with pytest.raises(MoecError, match="tile 16 does not match .* 128 rows for N = 1024 and 4-bit codes"):
+        cpu_gemv.check_spec(GemvSpec(4, 1024, 128, 32, 2, 1, 16), x86.PARAMS)
+    with pytest.raises(MoecError, match="tile 32 does not match .* 16 rows for N = 64 and a nested stack"):
+        cpu_gemv.check_spec(NestedGemvSpec(8, 64, 128, 32, 2, 1, 32), x86.PARAMS)
+
+
 def test_unsupported_shapes_raise_clear_errors():
     target = host_target()
     with pytest.raises(MoecError, match="multiple of 16 rows"):

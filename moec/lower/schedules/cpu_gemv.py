@@ -76,10 +76,12 @@ class CpuScheduleParams:
 
 def check_spec(spec: GemvSpec, params: CpuScheduleParams) -> None:
     """Raise :class:`MoecError` unless ``spec`` fits the schedule's layout tile and vector."""
-    want = params.tile_for(spec.n, None if hasattr(spec, "storage_bits") else spec.bits)  # nested: None
+    bits = None if hasattr(spec, "storage_bits") else spec.bits  # a nested spec: its tile is the nested one
+    want = params.tile_for(spec.n, bits)
     if spec.tile != want:
+        weight = "a nested stack" if bits is None else f"{bits}-bit codes"
         raise MoecError(f"kernel layout tile {spec.tile} does not match the {params.family} schedule's "
-                        f"{want} rows for N = {spec.n} at {spec.bits} bits (use kernel_tile(target, n, bits))")
+                        f"{want} rows for N = {spec.n} and {weight} (use kernel_tile(target, n, bits))")
     if params.layout_tile % params.lanes and params.lanes % params.layout_tile:
         raise MoecError(f"layout tile {params.layout_tile} and vector {params.lanes} do not nest")
     if spec.rows % params.lanes:
