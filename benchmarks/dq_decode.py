@@ -51,7 +51,7 @@ class Variant:
         self.spec, self.bits, self.gs, self.scales = spec, int(b), int(g), s
         self.nbytes = packed_nbytes(n, k, self.bits, self.gs, s)["total"]
         target = host_target()
-        tile = kernel_tile(target, n, self.bits)
+        tile = kernel_tile(target, n, self.bits, "float32")  # make_gemv's default activations below
         dev = tvm.cpu()
         self.cold_experts = max(top_k, int(cold_gb * 1e9 // self.nbytes) // top_k * top_k)
         self.fns, self.args = {}, {}

@@ -111,16 +111,17 @@ def kernel_part(gs: int, calls: int, cpu_time: bool = False, modes: tuple[str, .
     print("| activations | width | fixed GB/s | nested GB/s | nested / fixed time | fixed µs/call | nested µs/call |")
     print("|---|---|---|---|---|---|---|")
     nws = [nest(_random_packed(8, n, k, gs, rng)) for _ in range(experts)]
-    nested = stack_kernel_layouts([nested_kernel_layout(nw, kernel_tile(target, n, None)) for nw in nws])
     x = tvm.runtime.tensor(rng.standard_normal((1, k)).astype(np.float32), dev)
     y = tvm.runtime.tensor(np.zeros((top_k, n), np.float32), dev)
-    nargs = [tvm.runtime.tensor(nested[f"seg{s}"], dev) for s in range(4)] + [
-        tvm.runtime.tensor(nested["scale"], dev), tvm.runtime.tensor(nested["zero"], dev)]
     id_sets = [tvm.runtime.tensor(rng.choice(experts, top_k, replace=False).astype(np.int32), dev)
                for _ in range(1 if hot else 16)]
-    fixed_stacks = {bits: stack_kernel_layouts([to_kernel_layout(_random_packed(bits, n, k, gs, rng), kernel_tile(target, n, bits))
-                                                for _ in range(experts)]) for bits in WIDTHS}
-    for mode in modes:
+    fixed_pws = {bits: [_random_packed(bits, n, k, gs, rng) for _ in range(experts)] for bits in WIDTHS}
+    for mode in modes:  # each mode's kernels read the layout tiles chosen for them (kernel_tile)
+        nested = stack_kernel_layouts([nested_kernel_layout(nw, kernel_tile(target, n, None, mode)) for nw in nws])
+        nargs = [tvm.runtime.tensor(nested[f"seg{s}"], dev) for s in range(4)] + [
+            tvm.runtime.tensor(nested["scale"], dev), tvm.runtime.tensor(nested["zero"], dev)]
+        fixed_stacks = {bits: stack_kernel_layouts([to_kernel_layout(p, kernel_tile(target, n, bits, mode))
+                                                    for p in pws]) for bits, pws in fixed_pws.items()}
         nmod = compile_kernel(make_nested_gemv(8, n, k, gs, experts, top_k, target, activations=mode), target)
         for bits in WIDTHS:
             fixed = fixed_stacks[bits]

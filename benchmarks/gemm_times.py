@@ -53,9 +53,9 @@ def main() -> None:
         if args.tile:
             vecs, toks = map(int, args.tile.split("x"))
             params = dataclasses.replace(params, gemm_vectors=vecs, gemm_tokens=toks, gemm_tile_block=(vecs, toks))
-        spec = GroupedGemmSpec(bits, n, k, gs, ne, params.tile_for(n, bits))
+        spec = GroupedGemmSpec(bits, n, k, gs, ne, params.tile_for(n, bits, "int8"))
         mod = compile_kernel(x86.int8_grouped_gemm(spec, target, params), target)
-        stack, _ = expert_stack(bits, n, k, gs, ne)
+        stack, _ = expert_stack(bits, n, k, gs, ne, activations="int8")
         offsets = np.arange(ne + 1, dtype=np.int32) * t
         x = np.random.default_rng(1).standard_normal((ne * t // 8 + 1, k)).astype(np.float32)
         rows = np.random.default_rng(2).integers(0, len(x), ne * t).astype(np.int32)

@@ -59,7 +59,7 @@ def main() -> None:
 
     print(f"load average before: {os.getloadavg()}")
     params = [dataclasses.replace(x86.PARAMS, **ast.literal_eval(v)) for v in args.variants]
-    tiles = [p.tile_for(args.n, args.bits) for p in params]  # a tile variant: the same weights re-tiled
+    tiles = [p.tile_for(args.n, args.bits, "int8") for p in params]  # a tile variant: the same weights re-tiled
     fns = [compile_kernel(vnni_gemv(GemvSpec(args.bits, args.n, args.k, args.group_size, args.experts, args.top_k,
                                              t), p), host_target())["gemv"] for p, t in zip(params, tiles)]
     by_tile = {t: [[tvm.runtime.tensor(a) for a in random_stack(args.bits, args.n, args.k, args.group_size,

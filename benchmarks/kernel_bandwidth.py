@@ -149,7 +149,7 @@ def time_gemv(bits: int, n: int, k: int, gs: int, experts: int, top_k: int, rota
                         target)["gemv"]
     dev = tvm.cpu()
     weights = [tvm.runtime.tensor(a, dev) for a in random_stack(bits, n, k, gs, experts,
-                                                                kernel_tile(target, n, bits))]
+                                                                kernel_tile(target, n, bits, activations))]
     x = tvm.runtime.tensor(np.random.default_rng(1).standard_normal((1, k)).astype(np.float32), dev)
     y = tvm.runtime.empty((top_k, n), "float32", dev)
     calls = max(1, experts // top_k) if rotate else 1
@@ -246,7 +246,7 @@ def check_same_numerics(bits: int = 4, n: int = 64, k: int = 256, gs: int = 64) 
     sess = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
     (ref,) = sess.run(None, {"A": x})
     target = host_target()
-    lay = to_kernel_layout(pw, kernel_tile(target, n, bits))
+    lay = to_kernel_layout(pw, kernel_tile(target, n, bits, "float32"))
     fn = compile_kernel(make_gemv(bits, n, k, gs, 1, 1, target), target)["gemv"]
     args = [tvm.runtime.tensor(a) for a in (x, lay["weight"][None], lay["scale"][None], lay["zero"][None],
                                             np.zeros(1, np.int32), np.zeros((1, n), np.float32))]

@@ -187,7 +187,7 @@ class KernelCandidate:
 
     def arrays(self) -> list[np.ndarray]:
         """Random inputs in the kernel layout (timing does not depend on the values)."""
-        tile = kernel_tile(load_target(self.target).tvm(), self.n, self.bits)
+        tile = kernel_tile(load_target(self.target).tvm(), self.n, self.bits, "float32")  # make_gemv's default
         rng = np.random.default_rng(0)
         nb, e, k = num_tiles(self.n, tile), self.stacked, self.k
         rows = self.top_k if self.per_expert else 1

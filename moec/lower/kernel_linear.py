@@ -83,19 +83,31 @@ class KernelEmitter(LinearEmitter):
         """Kernel-layout arrays for one weight (or a stack), or None to keep moec's packed layout."""
         if not all(self.supports(p) for p in pws):
             return None
-        layouts = [to_kernel_layout(p, kernel_tile(self.target, p.shape[0], p.bits)) for p in pws]
+        layouts = [to_kernel_layout(p, kernel_tile(self.target, p.shape[0], p.bits, self._acts(p.bits)))
+                   for p in pws]
         return {f"k{k}": v for k, v in stack_kernel_layouts(layouts).items()}
 
     def nested_layout(self, nws: list[NestedWeight]) -> dict[str, np.ndarray]:
         """Kernel-layout arrays of a nested stack (``kseg0``…, ``kscale``, ``kzero``)."""
-        layouts = [nested_kernel_layout(nw, kernel_tile(self.target, nw.shape[0], None)) for nw in nws]
+        layouts = [nested_kernel_layout(nw, kernel_tile(self.target, nw.shape[0], None, self._nested_acts(nw.storage_bits)))
+                   for nw in nws]
         return {f"k{k}": v for k, v in stack_kernel_layouts(layouts).items()}
 
     # -- graph ---------------------------------------------------------------------
     def _int8(self, entry: WeightEntry) -> bool:
         """Whether this weight's kernels take int8 activations (quantized weights of an int8 width)."""
-        return (self.activations == "int8" and entry.bits in INT8_ACTIVATION_BITS
-                and self._auto_has_int8(make_gemv, entry.bits, 1))
+        return self._acts(entry.bits) == "int8"
+
+    def _acts(self, bits: int) -> str:
+        """The activations of the decode GEMV of a ``bits``-bit weight, which its layout tile is chosen for."""
+        int8 = (self.activations == "int8" and bits in INT8_ACTIVATION_BITS
+                and self._auto_has_int8(make_gemv, bits, 1))
+        return "int8" if int8 else "float32"
+
+    def _nested_acts(self, storage_bits: int) -> str:
+        """The activations of the nested GEMV of a stack stored at ``storage_bits``."""
+        int8 = self._acts(storage_bits) == "int8" and self._auto_has_int8(make_nested_gemv, storage_bits, 1)
+        return "int8" if int8 else "float32"
 
     def _auto_has_int8(self, builder, bits: int, *args) -> bool:
         """Under ``auto``, whether ``builder`` has an int8-activation kernel of this width on the target (e.g. 3
@@ -117,7 +129,7 @@ class KernelEmitter(LinearEmitter):
 
     def _kernel(self, entry: WeightEntry, top_k: int, per_expert: bool):
         n, k = entry.shape
-        acts = "int8" if self._int8(entry) else "float32"
+        acts = self._acts(entry.bits)
         key = (entry.bits, n, k, entry.group_size, entry.stacked or 1, top_k, per_expert, acts, entry.scales)
         if key not in self._kernels:
             self._kernels[key] = make_gemv(*key[:6], self.target, x_per_expert=per_expert, activations=acts,
@@ -147,7 +159,7 @@ class KernelEmitter(LinearEmitter):
         n, k = entry.shape
         top_k = int(ids.ty.shape[0])
         per_expert = int(x.ty.shape[0]) != 1
-        int8 = self._int8(entry) and self._auto_has_int8(make_nested_gemv, entry.bits, 1)
+        int8 = self._nested_acts(entry.bits) == "int8"
         key = ("nested", entry.bits, n, k, entry.group_size, entry.stacked, top_k, per_expert, int8)
         if key not in self._kernels:
             self._kernels[key] = make_nested_gemv(*key[1:7], self.target, x_per_expert=per_expert,

@@ -11,10 +11,11 @@ from moec.lower.schedules import kernel_tile
 from moec.quant.packed_model import pack_weight
 
 
-def expert_stack(bits: int, n: int, k: int, gs: int, experts: int, seed: int = 0):
-    """(kernel-layout stack, dequantized float32 reference weights) of ``experts`` random experts."""
+def expert_stack(bits: int, n: int, k: int, gs: int, experts: int, seed: int = 0, activations: str = "float32"):
+    """(kernel-layout stack, dequantized float32 reference weights) of ``experts`` random experts, in the
+    layout tile of kernels taking ``activations``."""
     rng = np.random.default_rng(seed)
-    tile = kernel_tile(host_target(), n, bits)
+    tile = kernel_tile(host_target(), n, bits, activations)
     ws = [(rng.standard_normal((n, k)) * 0.1).astype(np.float32) for _ in range(experts)]
     if bits == 32:
         return stack_kernel_layouts([to_kernel_layout(w, tile) for w in ws]), ws

@@ -102,7 +102,7 @@ def _asm(func, target) -> str:
 @pytest.mark.parametrize("preset", ["aarch64-generic", "raspberry-pi-5"])
 def test_arm_family_is_picked_and_emits_neon(preset):
     target = load_target(preset).tvm()
-    assert family_module(target) is arm and kernel_tile(target, 64, 4) == TILE
+    assert family_module(target) is arm and kernel_tile(target, 64, 4, "int8") == kernel_tile(target, 64, 4, "float32") == TILE
     asm = _asm(make_gemv(4, 64, 128, 32, 3, 2, target), target)
     assert re.search(r"^\s+fmla\s+v\d+\.4s", asm, re.M), "no 4-lane NEON fused multiply-add"
     assert re.search(r"^\s+ucvtf\s+v\d+\.4s", asm, re.M), "codes not converted 4 lanes at a time"

@@ -51,11 +51,11 @@ def test_gemv_reads_u8_scales(case, family):
     bits, n, k, gs, experts, top_k, per_expert = case
     target = host_target()
     if family == "arm":
-        tile = arm.PARAMS.tile_for(n, bits)
+        tile = arm.PARAMS.tile_for(n, bits, "float32")
         spec = GemvSpec(bits, n, k, gs, experts, top_k, tile, per_expert, scales="u8")
         mod = compile_kernel(arm.schedule_gemv(gemv_definition(spec), spec), target)
     else:
-        tile = kernel_tile(target, n, bits)
+        tile = kernel_tile(target, n, bits, "float32")
         mod = compile_kernel(make_gemv(bits, n, k, gs, experts, top_k, target, x_per_expert=per_expert,
                                        scales="u8"), target)
     pws = _weights(bits, n, k, gs, experts, seed=bits)
@@ -72,7 +72,7 @@ def test_swiglu_gemv_reads_u8_scales():
     n, k, gs = 32, 256, 32
     w1, w3 = _weights(4, n, k, gs, 2, seed=5)
     mod = compile_kernel(make_gemv(4, n, k, gs, 1, 1, target, swiglu=True, scales="u8"), target)
-    stack = stack_kernel_layouts([to_kernel_layout(swiglu_weight(w1, w3), kernel_tile(target, n, 4))])
+    stack = stack_kernel_layouts([to_kernel_layout(swiglu_weight(w1, w3), kernel_tile(target, n, 4, "float32"))])
     x = np.random.default_rng(1).standard_normal((1, k)).astype(np.float32)
     out = call(mod, "gemv", [x] + _args(stack) + [np.zeros(1, np.int32), np.zeros((1, n), np.float32)])
     g, u = x @ w1.dequantize().T, x @ w3.dequantize().T
@@ -85,7 +85,7 @@ def test_grouped_gemm_reads_u8_scales(bits):
     n, k, gs, counts = 48, 384, 32, [3, 0, 6]
     mod = compile_kernel(make_grouped_gemm(bits, n, k, gs, len(counts), target, scales="u8"), target)
     pws = _weights(bits, n, k, gs, len(counts), seed=9)
-    stack = stack_kernel_layouts([to_kernel_layout(p, kernel_tile(target, n, bits)) for p in pws])
+    stack = stack_kernel_layouts([to_kernel_layout(p, kernel_tile(target, n, bits, "float32")) for p in pws])
     offsets = np.concatenate([[0], np.cumsum(counts)]).astype(np.int32)
     x = np.random.default_rng(2).standard_normal((int(offsets[-1]), k)).astype(np.float32)
     out = call(mod, "grouped_gemm", [x] + _args(stack) + [offsets, np.zeros((len(x), n), np.float32)])
@@ -109,13 +109,13 @@ def test_int8_activation_gemv_reads_u8_scales(bits, family):
     if family == "x86-vnni":
         if not _vnni():
             pytest.skip("no AVX-512 VNNI on this host")
-        tile = kernel_tile(target, n, bits)
+        tile = kernel_tile(target, n, bits, "int8")
         func = make_gemv(bits, n, k, gs, experts, top_k, target, x_per_expert=per_expert, activations="int8",
                          scales="u8")
     else:
         if bits == 3:
             pytest.skip("the sdot GEMV has no 3-bit path")
-        tile = arm.PARAMS.tile_for(n, bits)
+        tile = arm.PARAMS.tile_for(n, bits, "int8")
         spec = GemvSpec(bits, n, k, gs, experts, top_k, tile, per_expert, scales="u8")
         func = dotprod_gemv(spec, arm.PARAMS, dot=portable_dot)  # sdot as plain TIR: runs on the host
     mod = compile_kernel(func, target)
@@ -139,7 +139,7 @@ def test_int8_activation_grouped_gemm_reads_u8_scales(bits):
     mod = compile_kernel(make_grouped_gemm(bits, n, k, gs, len(counts), target, activations="int8", scales="u8"),
                          target)
     pws = _weights(bits, n, k, gs, len(counts), seed=bits + 30)
-    stack = stack_kernel_layouts([to_kernel_layout(p, kernel_tile(target, n, bits)) for p in pws])
+    stack = stack_kernel_layouts([to_kernel_layout(p, kernel_tile(target, n, bits, "int8")) for p in pws])
     offsets = np.concatenate([[0], np.cumsum(counts)]).astype(np.int32)
     rng = np.random.default_rng(5)
     x = rng.standard_normal((5, k)).astype(np.float32)

@@ -49,7 +49,7 @@ def _check(kernels, bits, n, k, gs, experts, top_k, x_per_expert, ids=None, seed
            activations="float32"):
     mod = kernels.get(make_gemv, bits, n, k, gs, experts, top_k, x_per_expert=x_per_expert,
                       activations=activations)
-    stack, deq = expert_stack(bits, n, k, gs, experts, seed=seed)
+    stack, deq = expert_stack(bits, n, k, gs, experts, seed=seed, activations=activations)
     rng = np.random.default_rng(seed + 1)
     x = rng.standard_normal((top_k if x_per_expert else 1, k)).astype(np.float32)
     if ids is None:
@@ -131,7 +131,7 @@ def test_swiglu_gemv(kernels, bits):
         p3 = [pack_weight(w, bits, gs) for w in w3s]
         fused = [swiglu_weight(a, b) for a, b in zip(p1, p3)]
         g_deq, u_deq = [p.dequantize() for p in p1], [p.dequantize() for p in p3]
-    stack = stack_kernel_layouts([to_kernel_layout(w, kernel_tile(host_target(), n, bits)) for w in fused])
+    stack = stack_kernel_layouts([to_kernel_layout(w, kernel_tile(host_target(), n, bits, "float32")) for w in fused])
     x = rng.standard_normal((1, k)).astype(np.float32)
     ids = np.array([2, 0], np.int32)
     out = call(mod, "gemv", [x] + weight_args(stack) + [ids, np.zeros((top_k, n), np.float32)])
@@ -153,7 +153,7 @@ def test_gemv_at_each_layout_tile(n, activations):
     mod = compile_kernel(make_gemv(4, n, k, gs, experts, top_k, target, activations=activations), target)
     weights = np.random.default_rng(7).standard_normal((experts, n, k), dtype=np.float32)
     pws = [pack_weight(w, 4, gs) for w in weights]
-    stack = stack_kernel_layouts([to_kernel_layout(p, tile=kernel_tile(target, n, 4)) for p in pws])
+    stack = stack_kernel_layouts([to_kernel_layout(p, tile=kernel_tile(target, n, 4, activations)) for p in pws])
     x = np.random.default_rng(8).standard_normal((1, k)).astype(np.float32)
     if activations == "int8":
         x = dequantized_activations(x, gs)  # already on the int8 grid: the kernel reproduces it
@@ -169,7 +169,7 @@ def test_vnni_plane_masks_match_shifted_planes(monkeypatch, bits):
     if not codegen.target_has_features("avx512vnni", host_target()):
         pytest.skip("host CPU lacks AVX-512 VNNI")
     n, k, gs, experts, top_k = 48, 256, 64, 3, 2
-    stack, _ = expert_stack(bits, n, k, gs, experts, seed=3)
+    stack, _ = expert_stack(bits, n, k, gs, experts, seed=3, activations="int8")
     x = np.random.default_rng(4).standard_normal((1, k)).astype(np.float32) * 5
     outs = []
     for masks in (False, True):
@@ -191,7 +191,7 @@ def test_vnni_claimed_tasks_match_the_static_split(monkeypatch, threads):
     from moec.runtime.session import use_threads
 
     n, k, gs, experts, top_k = 1024, 64, 32, 6, 4  # 64 vectors: 8 tiles x 4 routed rows = 32 tasks
-    stack, _ = expert_stack(4, n, k, gs, experts, seed=5)
+    stack, _ = expert_stack(4, n, k, gs, experts, seed=5, activations="int8")
     x = np.random.default_rng(6).standard_normal((1, k)).astype(np.float32)
     ids = np.array([3, -1, 0, 5], np.int32)
     outs, scripts = [], []
@@ -228,10 +228,12 @@ def test_a_spec_with_another_tile_is_refused_in_one_line():
     from moec.lower.kernels.gemv import GemvSpec
     from moec.lower.kernels.nested_gemv import NestedGemvSpec
     from moec.lower.schedules import cpu_gemv
-    with pytest.raises(MoecError, match="tile 16 does not match .* 128 rows for N = 1024 and 4-bit codes"):
-        cpu_gemv.check_spec(GemvSpec(4, 1024, 128, 32, 2, 1, 16), x86.PARAMS)
+    with pytest.raises(MoecError, match="tile 16 does not match the x86 int8 .* 128 rows for N = 1024 and 4-bit codes"):
+        cpu_gemv.check_spec(GemvSpec(4, 1024, 128, 32, 2, 1, 16), x86.PARAMS, "int8")
+    with pytest.raises(MoecError, match="tile 128 does not match the x86 float32 .* 16 rows for N = 1024"):
+        cpu_gemv.check_spec(GemvSpec(4, 1024, 128, 32, 2, 1, 128), x86.PARAMS, "float32")
     with pytest.raises(MoecError, match="tile 32 does not match .* 16 rows for N = 64 and a nested stack"):
-        cpu_gemv.check_spec(NestedGemvSpec(8, 64, 128, 32, 2, 1, 32), x86.PARAMS)
+        cpu_gemv.check_spec(NestedGemvSpec(8, 64, 128, 32, 2, 1, 32), x86.PARAMS, "float32")
 
 
 def test_unsupported_shapes_raise_clear_errors():
@@ -258,10 +260,16 @@ def test_unsupported_shapes_raise_clear_errors():
 def test_target_family_registry():
     assert target_family(host_target()) == "x86"
     x86_64 = tvm.target.Target({"kind": "llvm", "mtriple": "x86_64-linux-gnu"})
-    # 2 and 4 bits: the largest power-of-two divisor of N up to 128 rows, no padded tiles (gpt-oss's 2880: 64)
-    assert [kernel_tile(x86_64, n, 4) for n in (1024, 2880, 304, 96)] == [128, 64, 16, 32]
+    # int8 activations at 2 and 4 bits: the largest power-of-two divisor of N up to 128 rows, no padded
+    # tiles (gpt-oss's 2880: 64)
+    assert [kernel_tile(x86_64, n, 4, "int8") for n in (1024, 2880, 304, 96)] == [128, 64, 16, 32]
     # 3-bit, 8-bit, float and nested weights: 16-row tiles
-    assert [kernel_tile(x86_64, 1024, b) for b in (2, 3, 8, 16, None)] == [128, 16, 16, 16, 16]
+    assert [kernel_tile(x86_64, 1024, b, "int8") for b in (2, 3, 8, 16, None)] == [128, 16, 16, 16, 16]
+    # float32 activations: 16-row tiles at every width (the float GEMV's 4-vector task on a 128-row
+    # tile read half of each tile's rows: 4 bits 34 % slower on an AVX2 host)
+    assert [kernel_tile(x86_64, 1024, b, "float32") for b in (2, 3, 4, 8, 16, None)] == [16] * 6
+    with pytest.raises(MoecError, match="internal: tile_for needs activations"):
+        kernel_tile(x86_64, 1024, 4, "fp8")
     assert target_family(tvm.target.Target({"kind": "llvm", "mtriple": "aarch64-linux-gnu"})) == "arm"
     riscv = tvm.target.Target({"kind": "llvm", "mtriple": "riscv64-linux-gnu"})
     with pytest.raises(MoecError, match="family 'riscv'; choices: arm, x86"):
@@ -281,7 +289,7 @@ def test_rows_with_negative_id_do_no_work(kernels, bits, activations):
     skipped = 0.0 if zeroes_unrouted_rows(func) else 1234.5
     assert zeroes_unrouted_rows(func) == (activations == "int8")
     mod = kernels.get(make_gemv, bits, n, k, gs, experts, top_k, activations=activations)
-    stack, deq = expert_stack(bits, n, k, gs, experts)
+    stack, deq = expert_stack(bits, n, k, gs, experts, activations=activations)
     x = np.random.default_rng(5).standard_normal((1, k)).astype(np.float32)
     ids = np.array([-1, 3, -1], np.int32)
     sentinel = np.full((top_k, n), 1234.5, np.float32)

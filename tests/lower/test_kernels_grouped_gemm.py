@@ -69,7 +69,7 @@ def test_int8_grouped_gemm_matches_reference(kernels, bits):
         pytest.skip("needs AVX-512 VNNI")
     n, k, gs, counts = 80, 256, 64, [3, 0, 9, 1]
     mod = kernels.get(make_grouped_gemm, bits, n, k, gs, len(counts), activations="int8")
-    stack, deq = expert_stack(bits, n, k, gs, len(counts), seed=bits)
+    stack, deq = expert_stack(bits, n, k, gs, len(counts), seed=bits, activations="int8")
     offsets = np.concatenate([[0], np.cumsum(counts)]).astype(np.int32)
     rng = np.random.default_rng(bits + 1)
     x = rng.standard_normal((5, k)).astype(np.float32)
@@ -116,9 +116,9 @@ def test_int8_grouped_gemm_unpacked_codes_and_task_order(bits):
     from moec.lower.schedules import x86
 
     n, k, gs, counts, target = 208, 256, 64, [0, 13, 2, 5, 4], host_target()
-    spec = GroupedGemmSpec(bits, n, k, gs, len(counts), x86.PARAMS.tile_for(n, bits))
+    spec = GroupedGemmSpec(bits, n, k, gs, len(counts), x86.PARAMS.tile_for(n, bits, "int8"))
     outs = []
-    stack, deq = expert_stack(bits, n, k, gs, len(counts), seed=bits + 7)
+    stack, deq = expert_stack(bits, n, k, gs, len(counts), seed=bits + 7, activations="int8")
     offsets = np.concatenate([[0], np.cumsum(counts)]).astype(np.int32)
     rng = np.random.default_rng(bits)
     x = rng.standard_normal((9, k)).astype(np.float32)

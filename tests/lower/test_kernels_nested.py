@@ -41,7 +41,7 @@ def _run(mod, nws, stack, x, prec, ids, n):
 @pytest.mark.parametrize("storage,per_expert", [(8, False), (4, True)])
 def test_nested_gemv_serves_each_experts_width_at_run_time(storage, per_expert):
     n, k, gs, experts, top_k = 64, 128, 32, 4, 3
-    nws, stack = _experts(storage, n, k, gs, experts, kernel_tile(host_target(), n, None))
+    nws, stack = _experts(storage, n, k, gs, experts, kernel_tile(host_target(), n, None, "float32"))
     mod = compile_kernel(make_nested_gemv(storage, n, k, gs, experts, top_k, host_target(),
                                           x_per_expert=per_expert), host_target())
     x = np.random.default_rng(1).standard_normal((top_k if per_expert else 1, k)).astype(np.float32)
@@ -62,7 +62,7 @@ def test_nested_gemv_serves_each_experts_width_at_run_time(storage, per_expert):
 def test_unneeded_planes_are_skipped_not_masked():
     """A width that does not need a plane never loads it: garbage planes leave the output unchanged."""
     n, k, gs, experts = 32, 64, 32, 2
-    nws, stack = _experts(8, n, k, gs, experts, kernel_tile(host_target(), n, None))
+    nws, stack = _experts(8, n, k, gs, experts, kernel_tile(host_target(), n, None, "float32"))
     mod = compile_kernel(make_nested_gemv(8, n, k, gs, experts, 1, host_target()), host_target())
     x = np.ones((1, k), np.float32)
     clean = _run(mod, nws, stack, x, [2, 3], [0], n)
@@ -90,9 +90,9 @@ def test_each_width_is_one_guarded_loop_nest():
 
 def test_arm_nested_schedule_on_host_and_neon_codegen():
     n, k, gs, experts, top_k = 64, 128, 32, 3, 2
-    spec = NestedGemvSpec(8, n, k, gs, experts, top_k, arm.PARAMS.tile_for(n, None))
+    spec = NestedGemvSpec(8, n, k, gs, experts, top_k, arm.PARAMS.tile_for(n, None, "float32"))
     func = guard_segments(arm.schedule_nested_gemv(nested_gemv_definition(spec), spec), spec)
-    nws, stack = _experts(8, n, k, gs, experts, arm.PARAMS.tile_for(n, None), seed=2)
+    nws, stack = _experts(8, n, k, gs, experts, arm.PARAMS.tile_for(n, None, "float32"), seed=2)
     x = np.random.default_rng(3).standard_normal((1, k)).astype(np.float32)
     y = _run(compile_kernel(func, host_target()), nws, stack, x, [8, 3, 2], [2, 0], n)
     for r, e in enumerate([2, 0]):

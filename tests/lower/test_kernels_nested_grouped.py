@@ -49,7 +49,7 @@ def _check(mod, nws, stack, prec, counts, seed):
 @pytest.mark.parametrize("storage", [8, 4])
 def test_nested_grouped_gemm_serves_each_experts_width_with_unneeded_planes_garbage(storage):
     n, k, gs, experts = 80, 128, 64, 4
-    nws, stack = _experts(storage, n, k, gs, experts, kernel_tile(host_target(), n, None))
+    nws, stack = _experts(storage, n, k, gs, experts, kernel_tile(host_target(), n, None, "float32"))
     mod = compile_kernel(make_nested_grouped_gemm(storage, n, k, gs, experts, host_target()), host_target())
     widths = nws[0].format.derived_bits
     # token counts: an empty expert, one token, blocks with tails (4 tokens a block)
@@ -62,9 +62,9 @@ def test_nested_grouped_gemm_serves_each_experts_width_with_unneeded_planes_garb
 
 def test_arm_nested_grouped_loops_on_host_and_neon_codegen():
     n, k, gs, experts = 32, 64, 32, 3
-    spec = NestedGroupedSpec(8, n, k, gs, experts, arm.PARAMS.tile_for(n, None))
+    spec = NestedGroupedSpec(8, n, k, gs, experts, arm.PARAMS.tile_for(n, None, "float32"))
     func = nested_grouped_definition(spec, arm.grouped_gemm_params())
-    nws, stack = _experts(8, n, k, gs, experts, arm.PARAMS.tile_for(n, None), seed=2)
+    nws, stack = _experts(8, n, k, gs, experts, arm.PARAMS.tile_for(n, None, "float32"), seed=2)
     _check(compile_kernel(func, host_target()), nws, stack, [8, 3, 2], [2, 5, 1], seed=3)
     target = load_target("raspberry-pi-5").tvm()
     asm = tvm.compile(tvm.IRModule({"grouped_gemm": make_nested_grouped_gemm(8, n, k, gs, experts, target)}),

@@ -27,7 +27,7 @@ def _experts(storage, n, k, gs, experts, seed=0):
     rng = np.random.default_rng(seed)
     pws = [pack_weight((rng.standard_normal((n, k)) * 0.1).astype(np.float32), storage, gs) for _ in range(experts)]
     nws = [nest(p) for p in pws]
-    tile = kernel_tile(host_target(), n, None)
+    tile = kernel_tile(host_target(), n, None, "int8")
     return pws, nws, stack_kernel_layouts([nested_kernel_layout(nw, tile) for nw in nws])
 
 
@@ -81,7 +81,7 @@ def test_stored_width_is_bit_identical_to_the_fixed_int8_kernel(storage):
     target = host_target()
     nested = compile_kernel(make_nested_gemv(storage, n, k, gs, experts, 2, target, activations="int8"), target)
     fixed = compile_kernel(make_gemv(storage, n, k, gs, experts, 2, target, activations="int8"), target)
-    fstack = stack_kernel_layouts([to_kernel_layout(p, kernel_tile(target, n, storage)) for p in pws])
+    fstack = stack_kernel_layouts([to_kernel_layout(p, kernel_tile(target, n, storage, "int8")) for p in pws])
     x = np.random.default_rng(5).standard_normal((1, k)).astype(np.float32)
     ids = np.asarray([2, 0], np.int32)
     want = call(fixed, "gemv", [x, fstack["weight"], fstack["scale"], fstack["zero"], ids,

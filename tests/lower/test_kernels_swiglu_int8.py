@@ -39,7 +39,7 @@ def _args(stack):
 
 def _stack(pws, n):
     """``n``: the kernel's output rows (a fused ``[w1; w3]`` has ``2n`` and ``w1``'s tile)."""
-    return stack_kernel_layouts([to_kernel_layout(p, kernel_tile(host_target(), n, p.bits)) for p in pws])
+    return stack_kernel_layouts([to_kernel_layout(p, kernel_tile(host_target(), n, p.bits, "int8")) for p in pws])
 
 
 def _fused(kernels, bits, n, k, gs, w1, w3, x, ids, separate_up, scales="fp16"):

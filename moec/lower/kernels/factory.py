@@ -21,6 +21,11 @@ def host_target() -> tvm.target.Target:
     return load_target("host").tvm()
 
 
+def _check_activations(activations: str) -> None:
+    if activations not in ACTIVATIONS:
+        raise MoecError(f"unknown activations {activations!r}; choices: {', '.join(ACTIVATIONS)}")
+
+
 def make_gemv(bits: int, n: int, k: int, group_size: int, num_stacked: int, top_k: int,
               target: tvm.target.Target, *, x_per_expert: bool = False,
               activations: str = "float32", swiglu: bool = False,
@@ -68,14 +73,15 @@ def make_gemv(bits: int, n: int, k: int, group_size: int, num_stacked: int, top_
     tvm.tirx.PrimFunc
         ``gemv(x, weight, scale, zero, expert_ids, y)`` (quantized) or
         ``gemv(x, weight, expert_ids, y)`` (float); arrays in the kernel layout of
-        :func:`moec.lower.kernels.layout.to_kernel_layout` with ``tile=kernel_tile(target, n, bits)``.
+        :func:`moec.lower.kernels.layout.to_kernel_layout` with ``tile=kernel_tile(target, n, bits, activations)``.
         When the family's schedule allows it (attribute ``moec.row_guard``, see
         :mod:`moec.lower.kernels.row_guard`) a row whose expert id is -1 is skipped: no weight is
         read and its output row is left unwritten.
     """
     target = tvm.target.Target(target)
-    spec = GemvSpec(bits, n, k, group_size, num_stacked, top_k, kernel_tile(target, n, bits), x_per_expert,
-                    swiglu, scales, separate_up)
+    _check_activations(activations)
+    spec = GemvSpec(bits, n, k, group_size, num_stacked, top_k, kernel_tile(target, n, bits, activations),
+                    x_per_expert, swiglu, scales, separate_up)
     family = family_module(target)
     _check_scales(scales, target, activations)
     if activations == "int8":
@@ -85,8 +91,6 @@ def make_gemv(bits: int, n: int, k: int, group_size: int, num_stacked: int, top_
         if not hasattr(family, "int8_gemv"):
             raise MoecError(f"no int8-activation GEMV for target family {target_family(target)!r}")
         return family.int8_gemv(spec, target)
-    if activations != "float32":
-        raise MoecError(f"unknown activations {activations!r}; choices: {', '.join(ACTIVATIONS)}")
     return guard_routed_rows(family.schedule_gemv(gemv_definition(spec), spec), top_k)
 
 
@@ -115,7 +119,8 @@ def make_grouped_gemm(bits: int, n: int, k: int, group_size: int, num_stacked: i
         :mod:`moec.lower.schedules.x86_vnni_gemm`).
     """
     family = family_module(target)
-    spec = GroupedGemmSpec(bits, n, k, group_size, num_stacked, family.PARAMS.tile_for(n, bits), scales)
+    _check_activations(activations)
+    spec = GroupedGemmSpec(bits, n, k, group_size, num_stacked, family.PARAMS.tile_for(n, bits, activations), scales)
     _check_scales(scales, tvm.target.Target(target), activations)
     if activations == "int8":
         if bits not in INT8_ACTIVATION_BITS:
@@ -124,8 +129,6 @@ def make_grouped_gemm(bits: int, n: int, k: int, group_size: int, num_stacked: i
         if not hasattr(family, "int8_grouped_gemm"):
             raise MoecError(f"no int8-activation grouped GEMM for target family {target_family(target)!r}")
         return family.int8_grouped_gemm(spec, tvm.target.Target(target))
-    if activations != "float32":
-        raise MoecError(f"unknown activations {activations!r}; choices: {', '.join(ACTIVATIONS)}")
     return grouped_gemm_definition(spec, family.grouped_gemm_params())
 
 
@@ -155,14 +158,14 @@ def make_nested_gemv(storage_bits: int, n: int, k: int, group_size: int, num_sta
     :mod:`moec.lower.schedules.x86_vnni_nested`); same arguments.
     """
     target = tvm.target.Target(target)
-    spec = NestedGemvSpec(storage_bits, n, k, group_size, num_stacked, top_k, kernel_tile(target, n, None), x_per_expert)
+    _check_activations(activations)
+    spec = NestedGemvSpec(storage_bits, n, k, group_size, num_stacked, top_k, kernel_tile(target, n, None, activations),
+                          x_per_expert)
     family = family_module(target)
     if activations == "int8":
         if not hasattr(family, "int8_nested_gemv"):
             raise MoecError(f"no int8-activation nested GEMV for target family {target_family(target)!r}")
         return family.int8_nested_gemv(spec, target)
-    if activations != "float32":
-        raise MoecError(f"unknown activations {activations!r}; choices: {', '.join(ACTIVATIONS)}")
     func = family.schedule_nested_gemv(nested_gemv_definition(spec), spec)
     return guard_routed_rows(guard_segments(func, spec), top_k)
 
@@ -188,5 +191,5 @@ def make_nested_grouped_gemm(storage_bits: int, n: int, k: int, group_size: int,
     :func:`make_grouped_gemm` (see :mod:`moec.lower.kernels.nested_grouped`).
     """
     family = family_module(target)
-    spec = NestedGroupedSpec(storage_bits, n, k, group_size, num_stacked, family.PARAMS.tile_for(n, None))
+    spec = NestedGroupedSpec(storage_bits, n, k, group_size, num_stacked, family.PARAMS.tile_for(n, None, "float32"))
     return nested_grouped_definition(spec, family.grouped_gemm_params())

@@ -2,8 +2,9 @@
 
 One function, :func:`to_kernel_layout`, derives it from a :class:`PackedWeight`; nothing else in
 the bits changes. For a quantized ``[N, K]`` weight at ``b`` bits with group size ``gs`` and a
-row tile of ``T`` rows (the target family's choice, ``kernel_tile(target, N, b)``: on x86 at 2-4 bits the
-largest power-of-two divisor of ``N`` up to 128, else 16; on ARM 16):
+row tile of ``T`` rows (the target family's choice for the kernels that read it,
+``kernel_tile(target, N, b, activations)``: on x86 with int8 activations at 2 and 4 bits the largest
+power-of-two divisor of ``N`` up to 128, else 16; on ARM 16):
 
 - ``weight`` uint32 ``[NT, K*b/32, T]`` (``NT = ceil(N/T)``): each row's packed byte stream
   (``pack``'s layout, value ``i`` at stream bits ``[i*b, (i+1)*b)``) read as little-endian
@@ -36,7 +37,7 @@ from moec.core.formats import FLOAT_BITS, kernel_bits
 from moec.quant.nested import NestedWeight
 from moec.quant.packed_model import PackedWeight
 
-#: Default row tile (one 16-lane vector); kernels want ``kernel_tile(target, n, bits)``.
+#: Default row tile (one 16-lane vector); kernels want ``kernel_tile(target, n, bits, activations)``.
 DEFAULT_TILE = 16
 
 #: Bit widths the quantized CPU kernels decode (x86 and arm share the layout and the formats).
@@ -106,7 +107,7 @@ def to_kernel_layout(pw: PackedWeight | np.ndarray, tile: int = DEFAULT_TILE) ->
         A packed weight (2, 3, 4, 5, 6, 8 bits or 16 = float16), or a float32 ``[N, K]`` array for the
         float32 kernel.
     tile : int
-        Rows per tile; the target family's schedules say which (``kernel_tile(target, n, bits)``).
+        Rows per tile; the target family's schedules say which (``kernel_tile(target, n, bits, activations)``).
 
     Returns
     -------

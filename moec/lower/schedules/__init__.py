@@ -40,8 +40,9 @@ def family_module(target: tvm.target.Target) -> ModuleType:
                         f"{', '.join(sorted(FAMILIES))}") from None
 
 
-def kernel_tile(target: tvm.target.Target, n: int, bits: int | None) -> int:
+def kernel_tile(target: tvm.target.Target, n: int, bits: int | None, activations: str) -> int:
     """Rows per tile of the kernel layout that ``target``'s schedules expect for a weight of ``n`` output
     rows and ``bits``-bit codes (``to_kernel_layout``; a fused SwiGLU ``[w1; w3]`` stack: ``n`` of ``w1``;
-    ``bits`` None: a nested stack, ``nested_kernel_layout``)."""
-    return family_module(target).PARAMS.tile_for(n, bits)
+    ``bits`` None: a nested stack, ``nested_kernel_layout``) read by kernels taking ``activations``
+    (``"int8"`` or ``"float32"``: the tile is chosen for the kernel that reads it)."""
+    return family_module(target).PARAMS.tile_for(n, bits, activations)

@@ -79,7 +79,7 @@ def grouped_gemm_params(params: ArmParams | None = None) -> GemmLoopParams:
 def int8_gemv(spec: GemvSpec, target: tvm.target.Target, params: ArmParams | None = None) -> tirx.PrimFunc:
     """The int8-activation GEMV (``sdot``, see ``arm_dotprod``); a clear error without dotprod."""
     params = params or PARAMS
-    cpu_gemv.check_spec(spec, params)
+    cpu_gemv.check_spec(spec, params, "int8")
     if not codegen.target_has_features("dotprod", target):
         cpu = target.attrs.get("mcpu") or target.attrs.get("mtriple") or target.kind.name
         raise MoecError(f"int8 activations on ARM need the dotprod extension (mattr +dotprod, ARMv8.2-A "

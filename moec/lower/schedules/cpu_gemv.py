@@ -63,25 +63,31 @@ class CpuScheduleParams:
     code_tile: int = 0
     code_tile_bits: tuple[int, ...] = ()
 
-    def tile_for(self, rows: int, bits: int | None) -> int:
+    def tile_for(self, rows: int, bits: int | None, activations: str) -> int:
         """Rows per tile of the kernel layout of a weight with ``rows`` output rows and ``bits``-bit codes
-        (``None``: a nested stack; 16/32: float) (``to_kernel_layout(..., tile=...)``): up to ``code_tile``
-        rows for the widths in ``code_tile_bits``, else up to ``layout_tile``; the largest power-of-two
-        divisor of ``rows`` up to that, so no tile is padded, or the limit itself (the last tile
-        padded) when that divisor is below 16 rows."""
-        limit = self.code_tile if self.code_tile and bits in self.code_tile_bits else self.layout_tile
+        (``None``: a nested stack; 16/32: float) whose kernels take ``activations`` (``"int8"`` or
+        ``"float32"``) (``to_kernel_layout(..., tile=...)``): up to ``code_tile`` rows for int8
+        activations at the widths in ``code_tile_bits``, else up to ``layout_tile``; the largest
+        power-of-two divisor of ``rows`` up to that, so no tile is padded, or the limit itself (the
+        last tile padded) when that divisor is below 16 rows."""
+        if activations not in ("int8", "float32"):
+            raise MoecError(f"internal: tile_for needs activations 'int8' or 'float32', not {activations!r}")
+        wide = self.code_tile and activations == "int8" and bits in self.code_tile_bits
+        limit = self.code_tile if wide else self.layout_tile
         tile = gcd(rows, limit)
         return tile if tile >= 16 else limit
 
 
-def check_spec(spec: GemvSpec, params: CpuScheduleParams) -> None:
-    """Raise :class:`MoecError` unless ``spec`` fits the schedule's layout tile and vector."""
+def check_spec(spec: GemvSpec, params: CpuScheduleParams, activations: str) -> None:
+    """Raise :class:`MoecError` unless ``spec`` fits the layout tile and vector of the schedule for
+    ``activations``."""
     bits = None if hasattr(spec, "storage_bits") else spec.bits  # a nested spec: its tile is the nested one
-    want = params.tile_for(spec.n, bits)
+    want = params.tile_for(spec.n, bits, activations)
     if spec.tile != want:
         weight = "a nested stack" if bits is None else f"{bits}-bit codes"
-        raise MoecError(f"kernel layout tile {spec.tile} does not match the {params.family} schedule's "
-                        f"{want} rows for N = {spec.n} and {weight} (use kernel_tile(target, n, bits))")
+        raise MoecError(f"kernel layout tile {spec.tile} does not match the {params.family} {activations} "
+                        f"schedule's {want} rows for N = {spec.n} and {weight} "
+                        f"(use kernel_tile(target, n, bits, activations))")
     if params.layout_tile % params.lanes and params.lanes % params.layout_tile:
         raise MoecError(f"layout tile {params.layout_tile} and vector {params.lanes} do not nest")
     if spec.rows % params.lanes:
@@ -105,7 +111,7 @@ def schedule_gemv(func: tirx.PrimFunc, spec: GemvSpec, params: CpuScheduleParams
     -------
     tvm.tirx.PrimFunc
     """
-    check_spec(spec, params)
+    check_spec(spec, params, "float32")
     sch = s_tir.Schedule(func)
     if _has_block(sch, "h"):
         _schedule_swiglu_epilogue(sch, params)
@@ -223,7 +229,7 @@ def schedule_nested_gemv(func: tirx.PrimFunc, spec, params: CpuScheduleParams) -
     (block ``word{d}`` computed at the word) and its 8 codes then multiplied in place, one
     unrolled step each.
     """
-    check_spec(spec, params)
+    check_spec(spec, params, "float32")
     sch = s_tir.Schedule(func)
     y = sch.get_sblock("y")
     j, n = sch.get_loops(y)
