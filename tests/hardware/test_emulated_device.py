@@ -130,19 +130,30 @@ def test_aarch64_bundle_on_this_host_is_a_clear_error(bundles):
         BundleSession(bundles["aarch64-generic"])
 
 
-def test_nested_aarch64_bundle_switches_plans_on_the_device(device, bundles, tmp_path):
-    """A nested raspberry-pi-5 bundle on the emulated device: a mixed 2/3/4/8 plan set over RPC gives the
-    greedy tokens of the torch model with the derived weights (the prompt through the nested prefill: its
-    grouped GEMMs on NEON); a bad plan is refused and the plan stays."""
+@pytest.fixture(scope="module")
+def pi5_nested(bundles, tmp_path_factory):
+    """Raspberry Pi 5 bundles of the tiny checkpoint: nested 8-bit with float32 and with int8 (``auto``:
+    the sdot nested GEMV) activations, and the fixed int8 ``uniform:8`` bundle."""
     from moec import api
+    from tests.runtime.nested_fixtures import GS
+    ckpt, root = bundles["host"].parent / "ckpt", tmp_path_factory.mktemp("pi5-nested")
+    out = {}
+    for name, nested, acts in (("nested_f32", 8, "float32"), ("nested_i8", 8, "auto"), ("fixed_i8", None, "auto")):
+        out[name] = api.compile_bundle(api.CompileConfig(ckpt, root / name, "raspberry-pi-5", "uniform:8", group_size=GS,
+                                                         method="rtn", nested=nested, activations=acts))
+    return ckpt, out
+
+
+def test_nested_aarch64_bundle_switches_plans_on_the_device(device, pi5_nested):
+    """A nested raspberry-pi-5 bundle (float32 activations) on the emulated device: a mixed 2/3/4/8 plan set
+    over RPC gives the greedy tokens of the torch model with the derived weights (the prompt through the
+    nested prefill: its grouped GEMMs on NEON); a bad plan is refused and the plan stays."""
     from moec.runtime.session import open_remote_bundle
-    from tests.runtime.nested_fixtures import GS, derived_model, mixed_plan
-    ckpt = bundles["host"].parent / "ckpt"
-    out = api.compile_bundle(api.CompileConfig(ckpt, tmp_path / "nested", "raspberry-pi-5", "uniform:8",
-                                               group_size=GS, method="rtn", nested=8))
+    from tests.runtime.nested_fixtures import derived_model, mixed_plan
+    ckpt, pi5 = pi5_nested
     from moec.models.checkpoint import load_checkpoint
     plan = mixed_plan(load_checkpoint(ckpt).cfg)
-    with open_remote_bundle(out, str(device.tracker_address), KEY, timeout=60) as remote:
+    with open_remote_bundle(pi5["nested_f32"], str(device.tracker_address), KEY, timeout=60) as remote:
         prompt = remote.tokenizer.encode(PROMPT).ids
         assert remote.has_prefill
         remote.set_plan(plan)
@@ -150,3 +161,35 @@ def test_nested_aarch64_bundle_switches_plans_on_the_device(device, bundles, tmp
             remote.set_plan("uniform:16")
         got, _ = remote.generate(prompt, 6)
     assert got == derived_model(ckpt, plan).generate_greedy(prompt, 6)
+
+
+def test_int8_nested_aarch64_bundle_on_the_device(device, pi5_nested):
+    """The nested raspberry-pi-5 bundle compiled with the default activations runs the sdot nested GEMV: at
+    the stored width its decode logits equal the fixed int8 bundle's bit for bit; switched to the mixed
+    2/3/4/8 plan mid-generation and back, its greedy tokens equal the float32-activation nested bundle's."""
+    from moec.runtime.session import open_remote_bundle
+    from moec.models.checkpoint import load_checkpoint
+    from tests.runtime.nested_fixtures import mixed_plan
+    ckpt, pi5 = pi5_nested
+    assert json.loads((pi5["nested_i8"] / "manifest.json").read_text())["activations"] == "int8"
+    plan = mixed_plan(load_checkpoint(ckpt).cfg)
+    addr = str(device.tracker_address)
+    runs = {}
+    for name in ("fixed_i8", "nested_i8", "nested_f32"):
+        with open_remote_bundle(pi5[name], addr, KEY, timeout=60) as remote:
+            prompt = remote.tokenizer.encode(PROMPT).ids
+            logits = [remote.step(t) for t in prompt]
+            tokens = []
+            for i in range(8 if name != "fixed_i8" else 2):
+                if i == 2 and name != "fixed_i8":
+                    remote.set_plan(plan)
+                if i == 6:
+                    remote.set_plan("uniform:8")
+                tokens.append(int(np.argmax(logits[-1])))
+                logits.append(remote.step(tokens[-1]))
+            runs[name] = tokens, logits
+    fixed, nested = runs["fixed_i8"], runs["nested_i8"]
+    for i in range(len(fixed[1])):  # the prompt and 2 tokens at uniform 8
+        assert np.array_equal(nested[1][i], fixed[1][i])
+    assert nested[0] == runs["nested_f32"][0]
+    assert not np.array_equal(nested[1][-1], runs["nested_f32"][1][-1])  # int8 activations, not float32

@@ -1,7 +1,14 @@
-"""Int8-activation (VNNI) nested GEMV: every derived width against an integer reference of the int8
-activations, the stored width bit-identical to the fixed int8 kernel, and skipped planes never loaded."""
+"""Int8-activation nested GEMVs (x86 VNNI, ARM dotprod): every derived width against an integer reference of
+the int8 activations, the stored width bit-identical to the fixed int8 kernel, skipped planes never loaded.
+
+Each test runs the x86 kernel with its VNNI instructions where the host has them ("x86"), and everywhere
+the same kernel with those instructions as plain TIR ("x86-portable") and the ARM kernel with ``sdot`` as
+plain TIR ("arm-portable"); the ARM kernel's real ``sdot`` runs on the emulated arm64 device
+(``tests/hardware``) and its codegen is checked below."""
 
 from __future__ import annotations
+
+import re
 
 import numpy as np
 import pytest
@@ -12,22 +19,47 @@ from moec.core.targets import load_target
 from moec.lower.bundler import require_nested_activations
 from moec.lower.kernels.activations import dequantized_activations, quantize_activations
 from moec.lower.kernels.factory import compile_kernel, host_target, make_gemv, make_nested_gemv
+from moec.lower.kernels.gemv import GemvSpec
 from moec.lower.kernels.layout import nested_kernel_layout, stack_kernel_layouts, to_kernel_layout
-from moec.lower.schedules import kernel_tile
+from moec.lower.kernels.nested_gemv import NestedGemvSpec
+from moec.lower.schedules import arm, kernel_tile, x86
+from moec.lower.schedules.arm_dotprod import dotprod_gemv, portable_dot
+from moec.lower.schedules.arm_dotprod_nested import dotprod_nested_gemv
+from moec.lower.schedules.x86_vnni_nested import vnni_nested_gemv
 from moec.quant.nested import dequantize_nested, derived_codes, nest
 from moec.quant.packed_model import pack_weight
 
 from kernel_helpers import assert_close, call
 
-pytestmark = [pytest.mark.tvm, pytest.mark.skipif(
-    not codegen.target_has_features("avx512vnni", host_target()), reason="needs AVX-512 VNNI")]
+pytestmark = pytest.mark.tvm
+
+VNNI = codegen.target_has_features("avx512vnni", host_target())
+ISAS = ["x86", "x86-portable", "arm-portable"]
 
 
-def _experts(storage, n, k, gs, experts, seed=0):
+def _tile(isa, n):
+    return arm.PARAMS.tile_for(n, None, "int8") if isa == "arm-portable" else kernel_tile(host_target(), n, None, "int8")
+
+
+def _nested_kernel(isa, storage, n, k, gs, experts, top_k, x_per_expert=False):
+    """The compiled int8 nested GEMV of ``isa`` for the host."""
+    if isa == "x86":
+        if not VNNI:
+            pytest.skip("needs AVX-512 VNNI")
+        func = make_nested_gemv(storage, n, k, gs, experts, top_k, host_target(), x_per_expert=x_per_expert,
+                                activations="int8")
+    else:
+        spec = NestedGemvSpec(storage, n, k, gs, experts, top_k, _tile(isa, n), x_per_expert)
+        func = (vnni_nested_gemv(spec, x86.PARAMS, portable=True) if isa == "x86-portable"
+                else dotprod_nested_gemv(spec, arm.PARAMS, dot=portable_dot))
+    return compile_kernel(func, host_target())
+
+
+def _experts(storage, n, k, gs, experts, seed=0, isa="x86"):
     rng = np.random.default_rng(seed)
     pws = [pack_weight((rng.standard_normal((n, k)) * 0.1).astype(np.float32), storage, gs) for _ in range(experts)]
     nws = [nest(p) for p in pws]
-    tile = kernel_tile(host_target(), n, None, "int8")
+    tile = _tile(isa, n)
     return pws, nws, stack_kernel_layouts([nested_kernel_layout(nw, tile) for nw in nws])
 
 
@@ -51,12 +83,12 @@ def _reference(nw, bits, x, gs):
     return terms.sum(-1)
 
 
+@pytest.mark.parametrize("isa", ISAS)
 @pytest.mark.parametrize("storage,per_expert", [(8, False), (4, True)])
-def test_int8_nested_gemv_serves_each_width_at_run_time(storage, per_expert):
+def test_int8_nested_gemv_serves_each_width_at_run_time(isa, storage, per_expert):
     n, k, gs, experts, top_k = 64, 128, 32, 4, 3
-    _, nws, stack = _experts(storage, n, k, gs, experts)
-    mod = compile_kernel(make_nested_gemv(storage, n, k, gs, experts, top_k, host_target(),
-                                          x_per_expert=per_expert, activations="int8"), host_target())
+    _, nws, stack = _experts(storage, n, k, gs, experts, isa=isa)
+    mod = _nested_kernel(isa, storage, n, k, gs, experts, top_k, per_expert)
     x = np.random.default_rng(1).standard_normal((top_k if per_expert else 1, k)).astype(np.float32)
     widths = nws[0].format.derived_bits
     for prec in ([widths[e % len(widths)] for e in range(experts)], [widths[0]] * experts,
@@ -74,14 +106,22 @@ def test_int8_nested_gemv_serves_each_width_at_run_time(storage, per_expert):
             assert_close(y[r], dequantize_nested(nws[e], prec[e]) @ dequantized_activations(xr[None], gs)[0])
 
 
+@pytest.mark.parametrize("isa", ["x86", "arm-portable"])
 @pytest.mark.parametrize("storage", [8, 4])
-def test_stored_width_is_bit_identical_to_the_fixed_int8_kernel(storage):
+def test_stored_width_is_bit_identical_to_the_fixed_int8_kernel(isa, storage):
+    """(ARM: 8-bit codes recentred to signed bytes in both kernels, the zero point shifted to match.)"""
     n, k, gs, experts = 64, 256, 64, 3
-    pws, nws, stack = _experts(storage, n, k, gs, experts, seed=4)
+    pws, nws, stack = _experts(storage, n, k, gs, experts, seed=4, isa=isa)
     target = host_target()
-    nested = compile_kernel(make_nested_gemv(storage, n, k, gs, experts, 2, target, activations="int8"), target)
-    fixed = compile_kernel(make_gemv(storage, n, k, gs, experts, 2, target, activations="int8"), target)
-    fstack = stack_kernel_layouts([to_kernel_layout(p, kernel_tile(target, n, storage, "int8")) for p in pws])
+    nested = _nested_kernel(isa, storage, n, k, gs, experts, 2)
+    if isa == "x86":
+        fixed = compile_kernel(make_gemv(storage, n, k, gs, experts, 2, target, activations="int8"), target)
+        ftile = kernel_tile(target, n, storage, "int8")
+    else:
+        ftile = arm.PARAMS.tile_for(n, storage, "int8")
+        spec = GemvSpec(storage, n, k, gs, experts, 2, ftile)
+        fixed = compile_kernel(dotprod_gemv(spec, arm.PARAMS, dot=portable_dot), target)
+    fstack = stack_kernel_layouts([to_kernel_layout(p, ftile) for p in pws])
     x = np.random.default_rng(5).standard_normal((1, k)).astype(np.float32)
     ids = np.asarray([2, 0], np.int32)
     want = call(fixed, "gemv", [x, fstack["weight"], fstack["scale"], fstack["zero"], ids,
@@ -90,11 +130,11 @@ def test_stored_width_is_bit_identical_to_the_fixed_int8_kernel(storage):
     assert np.array_equal(got, want)
 
 
-def test_int8_unneeded_planes_are_never_loaded():
+@pytest.mark.parametrize("isa", ISAS)
+def test_int8_unneeded_planes_are_never_loaded(isa):
     n, k, gs, experts = 32, 64, 32, 2
-    _, nws, stack = _experts(8, n, k, gs, experts)
-    mod = compile_kernel(make_nested_gemv(8, n, k, gs, experts, 1, host_target(), activations="int8"),
-                         host_target())
+    _, nws, stack = _experts(8, n, k, gs, experts, isa=isa)
+    mod = _nested_kernel(isa, 8, n, k, gs, experts, 1)
     x = np.random.default_rng(2).standard_normal((1, k)).astype(np.float32)
     for prec, dirty_from in (([2, 2], 1), ([3, 3], 2), ([4, 4], 3)):
         dirty = dict(stack)
@@ -104,33 +144,57 @@ def test_int8_unneeded_planes_are_never_loaded():
 
 
 def test_int8_nested_shape_errors():
+    if VNNI:
+        with pytest.raises(MoecError, match="multiples of 16"):
+            make_nested_gemv(8, 40, 128, 32, 2, 1, host_target(), activations="int8")
     with pytest.raises(MoecError, match="multiples of 16"):
-        make_nested_gemv(8, 40, 128, 32, 2, 1, host_target(), activations="int8")
+        vnni_nested_gemv(NestedGemvSpec(8, 40, 128, 32, 2, 1, 16), x86.PARAMS, portable=True)
+    with pytest.raises(MoecError, match="group_size .* a multiple of 32"):
+        dotprod_nested_gemv(NestedGemvSpec(8, 64, 128, 16, 2, 1, 16), arm.PARAMS)
     with pytest.raises(MoecError, match="unknown activations"):
         make_nested_gemv(8, 64, 128, 32, 2, 1, host_target(), activations="int4")
-    # compile refuses it up front on a target without the kernel (ARM: float32 nested kernels only)
-    with pytest.raises(MoecError, match="no int8-activation nested GEMV for target family 'arm'"):
-        require_nested_activations(load_target("raspberry-pi-5"), 8, "int8")
-    require_nested_activations(load_target("raspberry-pi-5"), 8, "float32")
+    # compile refuses it up front on a target without the kernel (an ARM core without dotprod)
+    with pytest.raises(MoecError, match="need the dotprod extension"):
+        require_nested_activations(load_target("aarch64-generic"), 8, "int8")
+    require_nested_activations(load_target("raspberry-pi-5"), 8, "int8")
+    require_nested_activations(load_target("aarch64-generic"), 8, "float32")
 
 
+def test_arm_int8_nested_gemv_emits_sdot_for_raspberry_pi_5():
+    """Built through the factory for the Pi 5 (dotprod): ``sdot`` on NEON, no x86 claim instruction."""
+    import tvm
+    target = load_target("raspberry-pi-5").tvm()
+    func = make_nested_gemv(8, 64, 128, 32, 3, 2, target, activations="int8")
+    assert "atomic.bts" not in func.script()
+    asm = tvm.compile(tvm.IRModule({"gemv": func}), target=target).mod.inspect_source("asm")
+    # 4 widths x 128 K values x 16 rows: 2 sdot per nibble word of 4 rows
+    assert len(re.findall(r"^\s+sdot\s+v\d+\.4s", asm, re.M)) >= 4 * 2 * 16
+
+
+@pytest.mark.parametrize("isa", ["x86", "x86-portable"])
 @pytest.mark.parametrize("threads", [1, 2])
-def test_int8_nested_claimed_tasks_match_the_static_split(monkeypatch, threads):
+def test_int8_nested_claimed_tasks_match_the_static_split(monkeypatch, isa, threads):
     """24 tasks (8 row tiles x 3 routed rows) are claimed with ``lock bts``: the output equals TVM's static
     split's bit for bit at mixed run-time widths, an unrouted row left unwritten by both."""
     import dataclasses
 
-    from moec.lower.schedules import x86
     from moec.runtime.session import use_threads
 
+    if isa == "x86" and not VNNI:
+        pytest.skip("needs AVX-512 VNNI")
     n, k, gs, experts, top_k = 512, 64, 32, 4, 3
     _, nws, stack = _experts(8, n, k, gs, experts, seed=7)
     x = np.random.default_rng(8).standard_normal((1, k)).astype(np.float32)
     prec, ids = [2, 8, 3, 4], [3, -1, 1]
     outs, scripts = [], []
     for lanes in (0, 16):
-        monkeypatch.setattr(x86, "PARAMS", dataclasses.replace(x86.PARAMS, int8_claim_lanes=lanes))
-        func = make_nested_gemv(8, n, k, gs, experts, top_k, host_target(), activations="int8")
+        params = dataclasses.replace(x86.PARAMS, int8_claim_lanes=lanes)
+        monkeypatch.setattr(x86, "PARAMS", params)
+        if isa == "x86":
+            func = make_nested_gemv(8, n, k, gs, experts, top_k, host_target(), activations="int8")
+        else:
+            spec = NestedGemvSpec(8, n, k, gs, experts, top_k, _tile(isa, n))
+            func = vnni_nested_gemv(spec, params, portable=True)
         scripts.append(func.script())
         mod = compile_kernel(func, host_target())
         use_threads(threads)

@@ -21,6 +21,7 @@ from moec.lower.kernels.gemv import GemvSpec
 from moec.lower.kernels.grouped_gemm import GemmLoopParams
 from moec.lower.schedules import cpu_gemv
 from moec.lower.schedules.arm_dotprod import DOTPROD_BITS, dotprod_gemv
+from moec.lower.schedules.arm_dotprod_nested import dotprod_nested_gemv
 from moec.lower.schedules.cpu_gemv import CpuScheduleParams
 
 
@@ -46,6 +47,10 @@ class ArmParams(CpuScheduleParams):
         Tokens per register block in the grouped GEMM.
     int8_tile_vectors : int
         Vectors of 4 int32 rows per task in the dotprod GEMV.
+    int8_nested_tile_vectors : int
+        Vectors of 4 int32 rows per task in the dotprod nested GEMV (``arm_dotprod_nested``): 4 (one
+        16-row layout tile) keeps its 8 accumulators, a chunk's segment words and broadcast
+        activations within the 32 registers.
     """
 
     family: ClassVar[str] = "ARM"
@@ -57,6 +62,7 @@ class ArmParams(CpuScheduleParams):
     float_unroll: int = 4
     gemm_tokens: int = 4
     int8_tile_vectors: int = 8
+    int8_nested_tile_vectors: int = 4
 
 
 PARAMS = ArmParams()
@@ -76,14 +82,18 @@ def grouped_gemm_params(params: ArmParams | None = None) -> GemmLoopParams:
     return cpu_gemv.grouped_gemm_params(params or PARAMS)
 
 
-def int8_gemv(spec: GemvSpec, target: tvm.target.Target, params: ArmParams | None = None) -> tirx.PrimFunc:
-    """The int8-activation GEMV (``sdot``, see ``arm_dotprod``); a clear error without dotprod."""
-    params = params or PARAMS
-    cpu_gemv.check_spec(spec, params, "int8")
+def _require_dotprod(target: tvm.target.Target) -> None:
     if not codegen.target_has_features("dotprod", target):
         cpu = target.attrs.get("mcpu") or target.attrs.get("mtriple") or target.kind.name
         raise MoecError(f"int8 activations on ARM need the dotprod extension (mattr +dotprod, ARMv8.2-A "
                         f"and later); target {cpu} lacks it (use activations='float32')")
+
+
+def int8_gemv(spec: GemvSpec, target: tvm.target.Target, params: ArmParams | None = None) -> tirx.PrimFunc:
+    """The int8-activation GEMV (``sdot``, see ``arm_dotprod``); a clear error without dotprod."""
+    params = params or PARAMS
+    cpu_gemv.check_spec(spec, params, "int8")
+    _require_dotprod(target)
     if spec.bits not in DOTPROD_BITS:
         raise MoecError(f"no ARM int8-activation GEMV for {spec.bits}-bit weights; choices: "
                         f"{', '.join(map(str, DOTPROD_BITS))} (use activations='float32')")
@@ -93,3 +103,11 @@ def int8_gemv(spec: GemvSpec, target: tvm.target.Target, params: ArmParams | Non
 def schedule_nested_gemv(func: tirx.PrimFunc, spec, params=None) -> tirx.PrimFunc:
     """Schedule a nested (run-time width) GEMV with this family's parameters (``cpu_gemv``)."""
     return cpu_gemv.schedule_nested_gemv(func, spec, params or PARAMS)
+
+
+def int8_nested_gemv(spec, target: tvm.target.Target, params: ArmParams | None = None) -> tirx.PrimFunc:
+    """The int8-activation nested GEMV (``sdot``, see ``arm_dotprod_nested``); a clear error without dotprod."""
+    params = params or PARAMS
+    cpu_gemv.check_spec(spec, params, "int8")
+    _require_dotprod(target)
+    return dotprod_nested_gemv(spec, params)

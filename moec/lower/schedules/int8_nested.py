@@ -1,0 +1,330 @@
+"""Decode GEMV over nested (any-precision) expert stacks with int8 activations, for any ISA with a 4-byte dot.
+
+The int8-activation counterpart of :mod:`moec.lower.kernels.nested_gemv`: same arguments (``x``
+float32, ``seg{s}``, ``scale``, ``zero``, ``prec``, ``expert_ids``, ``y``), same layout
+(:func:`moec.lower.kernels.layout.nested_kernel_layout`), ``x`` quantized per group as the fixed
+int8 GEMVs quantize it (:func:`moec.lower.kernels.activations.quantize_activations`). Explicit TIR
+(``tensorize`` crashes in this TVM); what differs per ISA is a :class:`DotIsa`: the vector width,
+the 4-byte dot instruction and whether it takes the codes as unsigned or signed bytes
+(``x86_vnni_nested``: ``vpdpbusd``, unsigned; ``arm_dotprod_nested``: ``sdot``, signed).
+
+Per parallel task (a routed row ``j`` and ``vecs`` vectors of ``lanes`` rows) the width ``k = prec[e]``
+picks one loop nest, specialised for ``k`` at compile time, so the planes ``k`` skips are never
+loaded. A step is one *nibble word* ``a`` of a group (8 codes per row, one per 4-bit lane,
+``moec.lower.kernels.nested_layout``), rebuilt in registers from the needed segment words:
+
+- ``k <= 4``: the needed segments are merged into the nibble word (a constant shift per segment,
+  a bit select per further one: :func:`nibbles`), each lane holding ``q_k << (4 − k)`` (bits below
+  may be stale); ``word & M`` puts lanes 0,2,4,6 one per byte, and lanes 1,3,5,7 either in place
+  (``word & (M << 4)``, unsigned dots: their chain sums 16 × the products and is shifted right by 4
+  once a group) or shifted down (``(word >> 4) & M``, signed dots, where a high nibble would read as
+  negative); two dots multiply them by 4 int8 activations each;
+- ``k = 8`` (8-bit storage): the top nibble word (segments 2+1+1) and the low segment's word are
+  interleaved into two byte words of whole codes (two bit selects), then two dots; signed dots take
+  the codes recentred to ``q − 128`` (``^ 0x80``) and the zero point shifted to match, as the fixed
+  ARM kernel does.
+
+So the integer sum ``D`` of a group is ``sum (q_k << (4 − k)) · x8`` (``k = 8``: ``sum q · x8``),
+exact; the group term is, with ``s = B − k`` (``B`` the storage width) and the bin centre
+``(2**s − 1) / 2`` of :mod:`moec.quant.nested`::
+
+    scale · sx · (D·2**(B−4) − (zero − (2**s − 1)/2) · xsum)    (k = B: scale · sx · (D − zero · xsum))
+
+evaluated as ``scale · sx · 0.5 · float(2·D·2**(B−4) − (2·zero − 2**s + 1) · xsum)`` in int32 (exact),
+and for ``k = B`` exactly as the fixed int8 kernel's group term, so the stored width is bit-identical
+to a fixed bundle of the same codes.
+"""
+
+# No `from __future__ import annotations`: TVMScript needs the evaluated buffer annotations.
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from math import gcd
+
+from tvm import tirx
+from tvm.script import tirx as T
+
+from moec.core.errors import MoecError
+from moec.lower.kernels.decode import code_at
+from moec.lower.kernels.layout import num_tiles, zero_words
+from moec.lower.kernels.nested_gemv import NestedGemvSpec
+from moec.lower.kernels.scopes import stack_scope
+from moec.lower.schedules.int8_common import claim, claim_lanes, lane_task, quantize_activations_prep, unclaimed
+from moec.quant.nested import segment_positions
+
+
+@dataclass(frozen=True)
+class DotIsa:
+    """What the nested int8 GEMV needs of an ISA.
+
+    Attributes
+    ----------
+    lanes : int
+        int32 rows per vector (16: AVX-512, 4: NEON).
+    dot : callable
+        ``dot(acc, codes, x4)``: ``acc`` int32 x lanes plus, per lane, the sum of the 4 byte
+        products of ``codes`` (uint32 x lanes, 4 code bytes a lane) and ``x4`` (int8 x 4·lanes).
+    select : callable
+        ``select(a, b, mask)``: ``(a & mask) | (b & ~mask)`` (uint32 x lanes, ``mask`` an int).
+    unsigned_codes : bool
+        The dot reads the code bytes as unsigned (``vpdpbusd``): odd nibble lanes are masked in
+        place and 8-bit codes taken as stored. False (``sdot``): odd lanes shifted down, 8-bit codes
+        recentred.
+    claim_lanes : int
+        Lanes of the claimed-task loop (``int8_common``, x86 ``lock bts``); 0: TVM's static split.
+    """
+
+    lanes: int
+    dot: Callable
+    select: Callable
+    unsigned_codes: bool
+    claim_lanes: int = 0
+
+
+def splat(value: int, lanes: int, dtype: str = "uint32"):
+    return T.Broadcast(tirx.const(value, dtype), lanes)
+
+
+def plain_select(lanes: int) -> Callable:
+    """``select`` as plain TIR (``(a & m) | (b & ~m)``), which any LLVM target compiles."""
+    return lambda a, b, mask: (a & splat(mask, lanes)) | (b & splat(~mask & 0xFFFFFFFF, lanes))
+
+
+def _shift(raw, shift: int, lanes: int):
+    return raw << splat(shift, lanes) if shift > 0 else (raw >> splat(-shift, lanes) if shift < 0 else raw)
+
+
+def slot_source(slot: int) -> int:
+    """Within 32 codes (4 nibble words), the code whose activation is at slot ``slot`` of ``x8``.
+
+    Slots ``8a' .. 8a'+3`` are nibble word ``a'``'s even lanes 0,2,4,6 (the first dot),
+    ``8a'+4 .. 8a'+7`` its odd lanes 1,3,5,7; lane ``l`` of nibble word ``a'`` is code ``4l + a'``.
+    """
+    a, c = slot // 8, slot % 8  # ints or TIR expressions (the prep's unrolled slot loop)
+    return 4 * (2 * (c % 4) + c // 4) + a
+
+
+def nibbles(isa: DotIsa, fmt, load, a: int, segments, offset: int):
+    """Nibble word ``a`` (constant within its 4-word chunk) from ``segments``: each part shifted to
+    bit ``pos_s − offset`` of its lane, merged by bit selects, most significant last (bits below
+    the lowest segment's may be stale). ``load(s, word)`` is the segment's word of the chunk."""
+    positions = segment_positions(fmt)
+    word = None
+    for s in reversed(list(segments)):
+        width = fmt.segment_bits[s]
+        per = 4 // width
+        raw = load(s, a // per)
+        part = _shift(raw, (positions[s] - offset) - width * (a % per), isa.lanes)
+        if word is None:
+            word = part
+        else:
+            keep = (((1 << width) - 1) * 0x11111111 << (positions[s] - offset)) & 0xFFFFFFFF
+            word = isa.select(part, word, keep)
+    return word
+
+
+def byte_words(isa: DotIsa, fmt, d: int, load, a: int):
+    """(even, odd) uint32 words of nibble word ``a`` at derived width ``d``: one code per byte, as the
+    ISA's dot reads them."""
+    k, bits, lanes = fmt.derived_bits[d], fmt.storage_bits, isa.lanes
+    if k <= 4:
+        word = nibbles(isa, fmt, load, a, range(d + 1), bits - 4)
+        mask = (((1 << k) - 1) << (4 - k)) * 0x01010101
+        if isa.unsigned_codes:  # odd lanes in place (at most 0xF0: still an unsigned byte), 16 × their products
+            return word & splat(mask, lanes), word & splat(mask << 4, lanes)
+        return word & splat(mask, lanes), (word >> splat(4, lanes)) & splat(mask, lanes)
+    positions = segment_positions(fmt)
+    high = [s for s in range(d + 1) if positions[s] >= 4]
+    low = [s for s in range(d + 1) if positions[s] < 4]
+    if len(low) != 1 or fmt.segment_bits[low[0]] != 4 or positions[low[0]] != 0:
+        raise MoecError(f"{fmt.name}: the int8 nested kernel needs one 4-bit low segment for 8 bits")
+    top = nibbles(isa, fmt, load, a, high, 4)
+    bottom = load(low[0], a)
+    even = isa.select(top << splat(4, lanes), bottom, 0xF0F0F0F0)
+    odd = isa.select(top, bottom >> splat(4, lanes), 0xF0F0F0F0)
+    if not isa.unsigned_codes:  # q - 128 as a signed byte
+        return even ^ splat(0x80808080, lanes), odd ^ splat(0x80808080, lanes)
+    return even, odd
+
+
+def check_int8_nested(spec: NestedGemvSpec, isa: DotIsa, tile_vectors: int) -> None:
+    """One-line refusal of a shape this kernel cannot take."""
+    if spec.tile % isa.lanes or spec.n % isa.lanes:
+        raise MoecError(f"the int8 nested GEMV needs N ({spec.n}) and the layout tile ({spec.tile}) to be "
+                        f"multiples of {isa.lanes}")
+    if spec.group_size % 32:
+        raise MoecError(f"the int8 nested GEMV needs group_size ({spec.group_size}) a multiple of 32")
+    if tile_vectors < 1:
+        raise MoecError(f"bad tile_vectors {tile_vectors}")
+
+
+def int8_nested_gemv(spec: NestedGemvSpec, isa: DotIsa, vecs: int) -> tirx.PrimFunc:
+    """The int8-activation nested GEMV for ``spec`` on ``isa``, ``vecs`` vectors of rows per task."""
+    fmt, bits, lanes = spec.format, spec.storage_bits, isa.lanes
+    check_int8_nested(spec, isa, vecs)
+    n, k, gs, tile, top_k, experts = spec.n, spec.k, spec.group_size, spec.tile, spec.top_k, spec.num_stacked
+    groups, nb = k // gs, n // lanes
+    tiles = -(-nb // vecs)
+    chunks = gs // 32  # 4 nibble words (32 codes) per chunk
+    xr = top_k if spec.x_per_expert else 1
+    xstride = 1 if spec.x_per_expert else 0
+    nt, zw = num_tiles(n, tile), zero_words(groups, bits)
+    prep = quantize_activations_prep(xr, k, gs, gcd(gs, lanes), 32, slot_source)
+    widths = fmt.derived_bits
+    ntask = top_k * tiles
+    task_lanes = claim_lanes(ntask, isa.claim_lanes)  # 0: TVM's static split
+    claim_words = -(-ntask // 32)
+    nseg = len(fmt.segment_bits)
+
+    def group_dot(even, odd, d):
+        """The group's ``D`` from the two chains: up to 4 bits an odd chain masked in place holds 16 × its
+        products (multiples of 16: the shift is exact)."""
+        return even + (odd >> 4) if widths[d] <= 4 and isa.unsigned_codes else even + odd
+
+    def group_term(dot, scale, zero, sx, xsum, e, gv, g, lane, r, d):
+        t, col = gv * lanes // tile, gv * lanes % tile + lane
+        zq = T.Cast("int32", code_at(lambda word: zero[e, t, word, col], g, bits))
+        s = T.Cast("float32", scale[e, t, g, col]) * sx[r, g]
+        shift = bits - widths[d]
+        if shift == 0:  # the stored width: the fixed int8 kernel's group term exactly
+            if widths[d] == 8 and not isa.unsigned_codes:
+                zq = zq - 128  # the codes were recentred
+            return s * T.Cast("float32", dot - zq * xsum[r, g])
+        full = dot * (1 << (bits - 4)) if widths[d] <= 4 else dot
+        twice = full * 2 - (zq * 2 - ((1 << shift) - 1)) * xsum[r, g]
+        return s * T.float32(0.5) * T.Cast("float32", twice)
+
+    def make_nest(d):
+        seg_words = [gs * w // 32 for w in fmt.segment_bits]  # words per group, per segment
+
+        def step(segs, x8, acc, e, gv, g, ch, r, a: int, half: int):
+            """Chain ``half`` (0: even lanes, 1: odd) of the accumulator after nibble word ``a`` of chunk
+            ``ch`` of group ``g``. The two chains of a word are consecutive statements (the same rebuild
+            expression, which LLVM computes once): a chain per word, not per chunk, keeps one word's
+            temporaries live at a time (chunk-long chains spilled 260-590 vectors on x86)."""
+            def load(s, word):  # word of segment s within this chunk
+                per_chunk = seg_words[s] // chunks
+                return segs[s][e, gv * lanes // tile, g * seg_words[s] + ch * per_chunk + word,
+                               T.ramp(gv * lanes % tile, 1, lanes)]
+            codes = byte_words(isa, fmt, d, load, a)[half]
+            x4 = T.reinterpret(f"int8x{4 * lanes}", T.Broadcast(
+                T.reinterpret("int32", x8[r, T.ramp(g * gs + ch * 32 + 8 * a + 4 * half, 1, 4)]), lanes))
+            return isa.dot(acc, codes, x4)
+
+        @T.macro
+        def nest(segs, scale, zero, sx, xsum, x8, yacc, acc, e, task, r):
+            # (the vector index is spelled out in each statement: naming it with a let variable made
+            # LLVM spill 13-38 vectors a chunk instead of 4-13 on x86)
+            for g in range(groups):
+                for a in T.unroll(2 * vecs):
+                    for lane in T.vectorized(lanes):
+                        acc[a, lane] = 0
+                for ch in range(chunks):
+                    for v in T.unroll(vecs):
+                        if task // top_k * vecs + v < nb:
+                            acc[2 * v + 0, T.ramp(0, 1, lanes)] = step(
+                                segs, x8, acc[2 * v + 0, T.ramp(0, 1, lanes)], e, task // top_k * vecs + v, g, ch, r, 0, 0)
+                            acc[2 * v + 1, T.ramp(0, 1, lanes)] = step(
+                                segs, x8, acc[2 * v + 1, T.ramp(0, 1, lanes)], e, task // top_k * vecs + v, g, ch, r, 0, 1)
+                            acc[2 * v + 0, T.ramp(0, 1, lanes)] = step(
+                                segs, x8, acc[2 * v + 0, T.ramp(0, 1, lanes)], e, task // top_k * vecs + v, g, ch, r, 1, 0)
+                            acc[2 * v + 1, T.ramp(0, 1, lanes)] = step(
+                                segs, x8, acc[2 * v + 1, T.ramp(0, 1, lanes)], e, task // top_k * vecs + v, g, ch, r, 1, 1)
+                            acc[2 * v + 0, T.ramp(0, 1, lanes)] = step(
+                                segs, x8, acc[2 * v + 0, T.ramp(0, 1, lanes)], e, task // top_k * vecs + v, g, ch, r, 2, 0)
+                            acc[2 * v + 1, T.ramp(0, 1, lanes)] = step(
+                                segs, x8, acc[2 * v + 1, T.ramp(0, 1, lanes)], e, task // top_k * vecs + v, g, ch, r, 2, 1)
+                            acc[2 * v + 0, T.ramp(0, 1, lanes)] = step(
+                                segs, x8, acc[2 * v + 0, T.ramp(0, 1, lanes)], e, task // top_k * vecs + v, g, ch, r, 3, 0)
+                            acc[2 * v + 1, T.ramp(0, 1, lanes)] = step(
+                                segs, x8, acc[2 * v + 1, T.ramp(0, 1, lanes)], e, task // top_k * vecs + v, g, ch, r, 3, 1)
+                for v in T.unroll(vecs):
+                    if task // top_k * vecs + v < nb:
+                        for lane in T.vectorized(lanes):
+                            yacc[v, lane] = yacc[v, lane] + group_term(
+                                group_dot(acc[2 * v, lane], acc[2 * v + 1, lane], d), scale, zero, sx, xsum, e,
+                                task // top_k * vecs + v, g, lane, r, d)
+
+        return nest
+
+    nests = [make_nest(d) for d in range(len(widths))]
+    four = len(widths) == 4  # else three widths: the third test is left out (a Python-level False)
+    if len(widths) not in (3, 4):
+        raise MoecError(f"{fmt.name}: the int8 nested GEMV serves 3 or 4 widths, not {len(widths)}")
+    w = list(widths)
+
+    @T.macro
+    def run_task(segs, scale, zero, prec, expert_ids, y, sx, xsum, x8, acc, yacc, task):
+        """Parallel task ``task``: routed row ``task % top_k`` at its run-time width, row tile ``task // top_k``."""
+        if expert_ids[task % top_k] >= 0:
+            for v in T.unroll(vecs):
+                for lane in T.vectorized(lanes):
+                    yacc[v, lane] = T.float32(0)
+            if prec[expert_ids[task % top_k]] == w[0]:
+                nests[0](segs, scale, zero, sx, xsum, x8, yacc, acc, expert_ids[task % top_k], task,
+                         task % top_k * xstride)
+            elif prec[expert_ids[task % top_k]] == w[1]:
+                nests[1](segs, scale, zero, sx, xsum, x8, yacc, acc, expert_ids[task % top_k], task,
+                         task % top_k * xstride)
+            elif four and prec[expert_ids[task % top_k]] == w[2]:
+                nests[2](segs, scale, zero, sx, xsum, x8, yacc, acc, expert_ids[task % top_k], task,
+                         task % top_k * xstride)
+            else:  # the widest (the session refuses widths the format does not serve)
+                nests[-1](segs, scale, zero, sx, xsum, x8, yacc, acc, expert_ids[task % top_k], task,
+                          task % top_k * xstride)
+            for v in T.unroll(vecs):
+                if task // top_k * vecs + v < nb:
+                    for lane in T.vectorized(lanes):
+                        y[task % top_k, (task // top_k * vecs + v) * lanes + lane] = yacc[v, lane]
+
+    @T.macro
+    def body(x, segs, scale, zero, prec, expert_ids, y):
+        sx = T.alloc_buffer((xr, groups), "float32")
+        xsum = T.alloc_buffer((xr, groups), "int32")
+        xq = T.alloc_buffer((xr, k), "int8")
+        x8 = T.alloc_buffer((xr, k), "int8")
+        prep(x, sx, xsum, xq, x8)
+        if task_lanes > 0:  # tasks taken dynamically (int8_common: claimed tasks)
+            claims = T.alloc_buffer((claim_words,), "uint32")  # one bit per task, on the stack
+            for c in range(claim_words):
+                claims[c] = T.uint32(0)
+            for cl in T.parallel(task_lanes):
+                acc = T.alloc_buffer((2 * vecs, lanes), "int32", scope=stack_scope(2 * vecs * lanes * 4))
+                yacc = T.alloc_buffer((vecs, lanes), "float32", scope=stack_scope(vecs * lanes * 4))
+                for j in range(ntask):
+                    if unclaimed(claims, lane_task(cl, j, ntask, task_lanes)):
+                        if claim(claims, lane_task(cl, j, ntask, task_lanes)):
+                            run_task(segs, scale, zero, prec, expert_ids, y, sx, xsum, x8, acc, yacc,
+                                     lane_task(cl, j, ntask, task_lanes))
+        else:
+            for task in T.parallel(ntask):  # tile-major (int8_common: routed task order)
+                # register tiles on the stack, the expert id, width and activation row read in place: a "local"
+                # buffer or a bound scalar is a TVM workspace alloc/free per task (kernels/scopes.py)
+                acc = T.alloc_buffer((2 * vecs, lanes), "int32", scope=stack_scope(2 * vecs * lanes * 4))
+                yacc = T.alloc_buffer((vecs, lanes), "float32", scope=stack_scope(vecs * lanes * 4))
+                run_task(segs, scale, zero, prec, expert_ids, y, sx, xsum, x8, acc, yacc, task)
+
+    def seg_shape(s):
+        return (experts, nt, k * fmt.segment_bits[s] // 32, tile)
+
+    if nseg == 4:
+        @T.prim_func
+        def gemv(x: T.Buffer((xr, k), "float32"), seg0: T.Buffer(seg_shape(0), "uint32"),
+                 seg1: T.Buffer(seg_shape(1), "uint32"), seg2: T.Buffer(seg_shape(2), "uint32"),
+                 seg3: T.Buffer(seg_shape(3), "uint32"), scale: T.Buffer((experts, nt, groups, tile), "float16"),
+                 zero: T.Buffer((experts, nt, zw, tile), "uint32"), prec: T.Buffer((experts,), "int32"),
+                 expert_ids: T.Buffer((top_k,), "int32"), y: T.Buffer((top_k, n), "float32")):
+            T.func_attr({"global_symbol": "gemv", "tirx.noalias": True, "moec.row_guard": True})
+            body(x, [seg0, seg1, seg2, seg3], scale, zero, prec, expert_ids, y)
+    elif nseg == 3:
+        @T.prim_func
+        def gemv(x: T.Buffer((xr, k), "float32"), seg0: T.Buffer(seg_shape(0), "uint32"),
+                 seg1: T.Buffer(seg_shape(1), "uint32"), seg2: T.Buffer(seg_shape(2), "uint32"),
+                 scale: T.Buffer((experts, nt, groups, tile), "float16"),
+                 zero: T.Buffer((experts, nt, zw, tile), "uint32"), prec: T.Buffer((experts,), "int32"),
+                 expert_ids: T.Buffer((top_k,), "int32"), y: T.Buffer((top_k, n), "float32")):
+            T.func_attr({"global_symbol": "gemv", "tirx.noalias": True, "moec.row_guard": True})
+            body(x, [seg0, seg1, seg2], scale, zero, prec, expert_ids, y)
+    else:
+        raise MoecError(f"{fmt.name}: the int8 nested GEMV takes 3 or 4 segments, not {nseg}")
+    return gemv
