@@ -99,7 +99,7 @@ def _vnni():
 
 
 @pytest.mark.parametrize("bits", [2, 3, 4, 8])
-@pytest.mark.parametrize("family", ["x86-vnni", "arm-dotprod"])
+@pytest.mark.parametrize("family", ["x86-vnni", "x86-portable", "arm-dotprod"])
 def test_int8_activation_gemv_reads_u8_scales(bits, family):
     """int8 activations: exact against the int8-rounded input times the dequantized weights."""
     from moec.lower.kernels.activations import dequantized_activations
@@ -112,6 +112,12 @@ def test_int8_activation_gemv_reads_u8_scales(bits, family):
         tile = kernel_tile(target, n, bits, "int8")
         func = make_gemv(bits, n, k, gs, experts, top_k, target, x_per_expert=per_expert, activations="int8",
                          scales="u8")
+    elif family == "x86-portable":  # vpdpbusd / vpmultishiftqb as plain TIR: runs on any x86 host
+        from moec.lower.schedules import x86
+        from moec.lower.schedules.x86_vnni import vnni_gemv
+        tile = kernel_tile(target, n, bits, "int8")
+        func = vnni_gemv(GemvSpec(bits, n, k, gs, experts, top_k, tile, per_expert, scales="u8"), x86.PARAMS,
+                         portable=True)
     else:
         if bits == 3:
             pytest.skip("the sdot GEMV has no 3-bit path")

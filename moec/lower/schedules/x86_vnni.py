@@ -26,6 +26,46 @@ def _dpbusd(acc, codes, x4):
     return T.call_llvm_pure_intrin("int32x16", "llvm.x86.avx512.vpdpbusd.512", acc, codes, x4)
 
 
+def portable_dpbusd(acc, codes, x4):
+    """What ``vpdpbusd`` computes (per int32 lane, ``acc`` plus the 4 products of unsigned ``codes`` bytes and
+    signed ``x4`` bytes), in plain vector TIR that any LLVM target compiles: the kernels' indexing and
+    numerics are then tested on x86 hosts without AVX-512 VNNI (``portable=True``)."""
+    cw = T.reinterpret("uint32x16", codes)
+    xi = T.reinterpret("int32x16", x4)
+    for j in range(4):
+        c = T.reinterpret("int32x16", (cw >> _splat(8 * j, "uint32", 16)) & _splat(0xFF, "uint32", 16))
+        acc = acc + c * ((xi << _splat(24 - 8 * j, "int32", 16)) >> _splat(24, "int32", 16))
+    return acc
+
+
+def _multishift(ctrl, data):
+    return T.call_llvm_pure_intrin("int8x64", "llvm.x86.avx512.pmultishift.qb.512", ctrl, data)
+
+
+def portable_multishift(ctrl_value: int):
+    """``vpmultishiftqb`` with a constant control (byte ``j`` of each 64-bit lane: the 8 bits of that lane
+    from bit ``ctrl_j``, none wrapping past bit 63 here) in plain vector TIR."""
+    offsets = [(ctrl_value >> (8 * j)) & 63 for j in range(8)]
+    if any(o > 56 for o in offsets):
+        raise ValueError("a wrapping vpmultishiftqb offset")
+
+    def shift(ctrl, data):
+        q = T.reinterpret("uint64x8", data)
+        out = None
+        for j, o in enumerate(offsets):
+            part = ((q >> _splat(o, "uint64", 8)) & _splat(0xFF, "uint64", 8)) << _splat(8 * j, "uint64", 8)
+            out = part if out is None else out | part
+        return T.reinterpret("int8x64", out)
+    return shift
+
+
+def dot_instructions(portable: bool):
+    """(dpbusd, multishift(ctrl_value) -> (ctrl, data) -> int8x64): the instructions, or plain TIR doing the same."""
+    if portable:
+        return portable_dpbusd, portable_multishift
+    return _dpbusd, lambda ctrl_value: _multishift
+
+
 def _splat(value: int, dtype: str, lanes: int):
     return T.Broadcast(tirx.const(value, dtype), lanes)
 
@@ -40,7 +80,7 @@ def _unshift(value, chain, odd_shift: int):
     return T.shift_right(value, odd_shift * (chain % 2)) if odd_shift else value
 
 
-def _step_dots(bits: int, words, masked: bool = False):
+def _step_dots(bits: int, words, masked: bool = False, portable: bool = False):
     """(int8x64 codes, activation slot) pairs covering one step of a row tile.
 
     A step is one word (2/4/8 bits: 32/b codes; plane ``t`` puts code ``m*P + t`` in byte ``m``)
@@ -72,8 +112,7 @@ def _step_dots(bits: int, words, masked: bool = False):
         for half in range(2):
             offsets = [3 * (4 * half + m) for m in range(4)]
             ctrl = sum(o << (8 * m) for m, o in enumerate(offsets + [32 + o for o in offsets]))
-            picked = T.call_llvm_pure_intrin(
-                "int8x64", "llvm.x86.avx512.pmultishift.qb.512",
+            picked = dot_instructions(portable)[1](ctrl)(
                 T.reinterpret("int8x64", _splat(ctrl, "uint64", 8)), T.reinterpret("int8x64", window))
             codes = T.reinterpret("int8x64", T.reinterpret("uint32x16", picked)
                                   & _splat(0x07070707, "uint32", 16))
@@ -81,7 +120,7 @@ def _step_dots(bits: int, words, masked: bool = False):
     return dots
 
 
-def vnni_gemv(spec: GemvSpec, params) -> tirx.PrimFunc:
+def vnni_gemv(spec: GemvSpec, params, portable: bool = False) -> tirx.PrimFunc:
     """The int8-activation GEMV for ``spec`` (a :class:`~moec.lower.kernels.gemv.GemvSpec`).
 
     Per step of 32/b codes (one word; 32 codes = 3 words at 3 bits) and vector of 16 rows,
@@ -94,8 +133,10 @@ def vnni_gemv(spec: GemvSpec, params) -> tirx.PrimFunc:
     up (from ``[w1; w3]``, or ``w3``'s own arrays with ``spec.separate_up``), and writes
     ``silu(gate) * up`` (:func:`~moec.lower.kernels.rowwise.fast_silu`, as ``row_silu``).
     ``params`` is an :class:`~moec.lower.schedules.x86.X86Params` (lanes, int8_tile_vectors,
-    int8_chains, prefetch_words, prefetch_locality).
+    int8_chains, prefetch_words, prefetch_locality). ``portable``: the VNNI and VBMI instructions as
+    plain TIR (:func:`portable_dpbusd`; tests on hosts without them).
     """
+    dpbusd = dot_instructions(portable)[0]
     bits, n, k, gs, lanes = spec.bits, spec.n, spec.k, spec.group_size, params.lanes
     step_words = 3 if bits == 3 else 1
     step_codes = 32 * step_words // bits
@@ -134,10 +175,10 @@ def vnni_gemv(spec: GemvSpec, params) -> tirx.PrimFunc:
                           T.ramp(gv * lanes % tile, 1, lanes)]
         sums = [acc0[v, T.ramp(0, 1, lanes)]] + [acc1[v * (chains - 1) + c - 1, T.ramp(0, 1, lanes)]
                                                  for c in range(1, chains)]
-        for d, (codes, slot) in enumerate(_step_dots(bits, words, masked)):
+        for d, (codes, slot) in enumerate(_step_dots(bits, words, masked, portable)):
             x4 = T.reinterpret("int8x64", T.Broadcast(
                 T.reinterpret("int32", x8[r, T.ramp(step * step_codes + slot, 1, 4)]), lanes))
-            sums[d % chains] = _dpbusd(sums[d % chains], codes, x4)
+            sums[d % chains] = dpbusd(sums[d % chains], codes, x4)
         value = sums[-1]
         for i in range(chains - 2, -1, -1):  # folds to one chain once c is a constant
             value = T.if_then_else(c == i, sums[i], value)

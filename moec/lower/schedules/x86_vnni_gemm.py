@@ -15,10 +15,10 @@ from moec.core.errors import MoecError
 from moec.lower.kernels.grouped_gemm import GroupedGemmSpec
 from moec.lower.kernels.layout import num_tiles, zero_words
 from moec.lower.schedules.int8_common import plane_slot_source, quantize_rows_prep, scaled_group_sum
-from moec.lower.schedules.x86_vnni import _dpbusd, _step_dots
+from moec.lower.schedules.x86_vnni import _step_dots, dot_instructions
 
 
-def vnni_grouped_gemm(spec: GroupedGemmSpec, params) -> tirx.PrimFunc:
+def vnni_grouped_gemm(spec: GroupedGemmSpec, params, portable: bool = False) -> tirx.PrimFunc:
     """``y[p] = x[rows[p]] @ W[e].T`` for ``offsets[e] <= p < offsets[e+1]``, int8 activations.
 
     Every row of ``x`` (float32 ``[R, K]``) is quantized once per call, in parallel over rows
@@ -33,8 +33,10 @@ def vnni_grouped_gemm(spec: GroupedGemmSpec, params) -> tirx.PrimFunc:
     int32 accumulators that are scaled into float32 once per group; an expert with at least
     ``gemm_unpack_tokens[bits]`` tokens instead unpacks its rows' codes into a byte workspace once
     (see the comment at ``unpack_tokens``). Experts without tokens cost nothing. ``params`` is an
-    :class:`~moec.lower.schedules.x86.X86Params`.
+    :class:`~moec.lower.schedules.x86.X86Params`; ``portable``: the VNNI and VBMI instructions as plain
+    TIR (``x86_vnni.portable_dpbusd``; tests on hosts without them).
     """
+    dpbusd = dot_instructions(portable)[0]
     bits, n, k, gs, lanes, tile = spec.bits, spec.n, spec.k, spec.group_size, params.lanes, spec.tile
     if lanes != 16 or tile % lanes or n % lanes:
         raise MoecError(f"the VNNI grouped GEMM needs 16-row vectors dividing N ({n}) and the tile ({tile})")
@@ -63,10 +65,10 @@ def vnni_grouped_gemm(spec: GroupedGemmSpec, params) -> tirx.PrimFunc:
         return words
 
     def step_dots(value, weight, x8, row, e, gv, step):
-        for codes, slot in _step_dots(bits, words_of(weight, e, gv, step)):
+        for codes, slot in _step_dots(bits, words_of(weight, e, gv, step), portable=portable):
             x4 = T.reinterpret("int8x64", T.Broadcast(
                 T.reinterpret("int32", x8[row, T.ramp(step * step_codes + slot, 1, 4)]), lanes))
-            value = _dpbusd(value, codes, x4)
+            value = dpbusd(value, codes, x4)
         return value
 
     @T.macro
@@ -78,7 +80,8 @@ def vnni_grouped_gemm(spec: GroupedGemmSpec, params) -> tirx.PrimFunc:
 
     def unpacked_word(weight, e, gv, step, d):
         """Dot ``d`` (a constant once unrolled) of a 3-bit step's codes: one code per byte, as uint32x16."""
-        dots = [T.reinterpret("uint32x16", codes) for codes, _ in _step_dots(bits, words_of(weight, e, gv, step))]
+        dots = [T.reinterpret("uint32x16", codes) for codes, _ in _step_dots(bits, words_of(weight, e, gv, step),
+                                                                                portable=portable)]
         value = dots[-1]
         for i in range(len(dots) - 2, -1, -1):  # folds to one dot once d is a constant
             value = T.if_then_else(d == i, dots[i], value)
@@ -98,7 +101,7 @@ def vnni_grouped_gemm(spec: GroupedGemmSpec, params) -> tirx.PrimFunc:
     def unpacked_step(acc, ws, x8, tok, v, word):
         """One word of unpacked codes (4 per row) of vector ``v`` against the block's tokens."""
         for r in T.unroll(tb):
-            acc[v * tb + r, T.ramp(0, 1, lanes)] = _dpbusd(
+            acc[v * tb + r, T.ramp(0, 1, lanes)] = dpbusd(
                 acc[v * tb + r, T.ramp(0, 1, lanes)], T.reinterpret("int8x64", ws[v, word, T.ramp(0, 1, lanes)]),
                 T.reinterpret("int8x64", T.Broadcast(T.reinterpret("int32", x8[tok[r], T.ramp(word * 4, 1, 4)]),
                                                      lanes)))
