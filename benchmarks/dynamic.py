@@ -592,6 +592,9 @@ def main() -> None:
     ap.add_argument("--modes", default="float32",
                     help="Kernel and modes parts: activation modes, comma-separated (float32, int8).")
     ap.add_argument("--hot", action="store_true", help="Kernel part: the same 8 experts every call (in cache).")
+    ap.add_argument("--nested-int8-tile", type=int, default=None,
+                    help="x86: X86Params.nested_int8_tile for this run (the int8 nested GEMV's layout tile; "
+                         "128: whole-tile tasks), to compare with a run at the default.")
     ap.add_argument("--plans", default=None,
                     help='Modes part: plan names, comma-separated (e.g. "uniform 8,uniform 4"); default all five.')
     ap.add_argument("--clocks", default="wall,cpu", help="Modes part: wall and/or cpu.")
@@ -607,6 +610,13 @@ def main() -> None:
     ap.add_argument("--drift-threshold", type=float, default=0.2, help="Drift part: total-variation threshold.")
     ap.add_argument("--drift-tokens", type=int, default=2048, help="Drift part: tokens to adapt on (and as many held out).")
     args = ap.parse_args()
+    if args.nested_int8_tile is not None:
+        if args.nested_int8_tile not in (0, 16, 32, 64, 128, 256):
+            ap.error(f"--nested-int8-tile {args.nested_int8_tile} is not 0 or a power of two from 16 to 256")
+        import dataclasses
+
+        from moec.lower.schedules import x86
+        x86.PARAMS = dataclasses.replace(x86.PARAMS, nested_int8_tile=args.nested_int8_tile)
     torch.set_num_threads(2)
     if args.cpu_time:
         os.environ["TVM_NUM_THREADS"] = "1"  # read when TVM's thread pool starts (the first kernel call)

@@ -172,11 +172,12 @@ class KernelEmitter(LinearEmitter):
 
     def nested_grouped(self, bb, x, entry: WeightEntry, vars_, name, offsets, prec):
         """One nested grouped-GEMM call on rows ``x`` sorted by expert (``offsets``) at the widths in ``prec``
-        (float32 activations, as the nested GEMV)."""
+        (float32 activations, on the layout tile of the stack's nested GEMV)."""
         n, k = entry.shape
         key = ("nested-gemm", entry.bits, n, k, entry.group_size, entry.stacked)
         if key not in self._kernels:
-            self._kernels[key] = make_nested_grouped_gemm(*key[1:], self.target)
+            self._kernels[key] = make_nested_grouped_gemm(*key[1:], self.target,
+                                                          layout_activations=self._nested_acts(entry.bits))
         gv = add_kernel(bb, self._kernels[key], _symbol("nested_gemm", entry))
         args = [x] + self._nested_args(entry, vars_, name) + [prec, offsets]
         return bb.emit(relax.call_tir(gv, args, relax.TensorType((x.ty.shape[0], n), "float32")))

@@ -201,3 +201,56 @@ def test_int8_nested_claimed_tasks_match_the_static_split(monkeypatch, isa, thre
         outs.append(_run(mod, nws, stack, x, prec, ids, n))
     assert "atomic.bts" not in scripts[0] and "atomic.bts" in scripts[1]
     assert np.array_equal(outs[1], outs[0]) and (outs[0][1] == 7.0).all()
+
+
+@pytest.mark.parametrize("n", [1024, 192, 80])
+def test_whole_tile_tasks_match_the_one_block_tasks(monkeypatch, n):
+    """``nested_int8_tile = 128``: N = 1024 is laid out in 128-row tiles and a task runs a tile's two register
+    blocks of 4 vectors (claimed tasks), N = 192 in 64-row tiles and N = 80 in 16-row ones (one block a task).
+    The output equals the 16-row layout's bit for bit at mixed widths, an unrouted row left unwritten."""
+    import dataclasses
+
+    from moec.lower.schedules.int8_nested import task_blocks
+
+    k, gs, experts, top_k = 64, 32, 4, 3
+    x = np.random.default_rng(9).standard_normal((1, k)).astype(np.float32)
+    prec, ids = [2, 8, 3, 4], [3, -1, 1]
+    outs = []
+    for limit in (0, 128):
+        params = dataclasses.replace(x86.PARAMS, nested_int8_tile=limit)
+        monkeypatch.setattr(x86, "PARAMS", params)
+        tile = kernel_tile(host_target(), n, None, "int8")
+        assert tile == (16 if limit == 0 else {1024: 128, 192: 64, 80: 16}[n])
+        assert kernel_tile(host_target(), n, None, "float32") == 16
+        assert task_blocks(tile, 16, params.int8_nested_tile_vectors) == (2 if tile == 128 else 1)
+        _, nws, stack = _experts(8, n, k, gs, experts, seed=10)
+        spec = NestedGemvSpec(8, n, k, gs, experts, top_k, tile)
+        mod = compile_kernel(vnni_nested_gemv(spec, params, portable=True), host_target())
+        outs.append(_run(mod, nws, stack, x, prec, ids, n))
+    assert np.array_equal(outs[0], outs[1]) and (outs[1][1] == 7.0).all()
+    for r, e in ((0, 3), (2, 1)):
+        np.testing.assert_allclose(outs[1][r], _reference(nws[e], prec[e], x[0], gs), rtol=1e-5,
+                                   atol=1e-6 * float(np.abs(outs[1][r]).max()))
+
+
+def test_nested_grouped_gemm_reads_the_int8_layout_tile(monkeypatch):
+    """The prefill's nested grouped GEMM (float32 activations) reads the tile the int8 nested GEMV's layout
+    has (``layout_activations="int8"``): 128-row tiles, numerics against the derived weights."""
+    import dataclasses
+
+    from moec.lower.kernels.factory import make_nested_grouped_gemm
+
+    monkeypatch.setattr(x86, "PARAMS", dataclasses.replace(x86.PARAMS, nested_int8_tile=128))
+    n, k, gs, experts = 256, 64, 32, 3
+    _, nws, stack = _experts(8, n, k, gs, experts, seed=12)
+    assert stack["seg0"].shape[-1] == 128
+    mod = compile_kernel(make_nested_grouped_gemm(8, n, k, gs, experts, host_target(), layout_activations="int8"),
+                         host_target())
+    counts, prec = [2, 0, 5], [3, 8, 2]
+    offsets = np.concatenate([[0], np.cumsum(counts)]).astype(np.int32)
+    x = np.random.default_rng(13).standard_normal((int(offsets[-1]), k)).astype(np.float32)
+    segs = [stack[f"seg{s}"] for s in range(4)]
+    y = call(mod, "grouped_gemm", [x, *segs, stack["scale"], stack["zero"], np.asarray(prec, np.int32), offsets,
+                                   np.zeros((len(x), n), np.float32)])
+    ref = np.concatenate([x[offsets[e]:offsets[e + 1]] @ dequantize_nested(nws[e], prec[e]).T for e in range(experts)])
+    assert_close(y, ref)

@@ -182,14 +182,15 @@ def add_kernel(bb, func: tvm.tirx.PrimFunc, sym: str):
 
 
 def make_nested_grouped_gemm(storage_bits: int, n: int, k: int, group_size: int, num_stacked: int,
-                             target: tvm.target.Target) -> tvm.tirx.PrimFunc:
+                             target: tvm.target.Target, layout_activations: str = "float32") -> tvm.tirx.PrimFunc:
     """Prefill grouped GEMM over a nested expert stack whose per-expert width is a run-time argument.
 
     Returns ``grouped_gemm(x, seg0, …, scale, zero, prec, offsets, y)`` with the loops of ``target``'s
     family (its ``grouped_gemm_params``, as for :func:`make_grouped_gemm`); arrays from
     :func:`moec.lower.kernels.layout.nested_kernel_layout`, ``x``/``offsets``/``y`` as for
-    :func:`make_grouped_gemm` (see :mod:`moec.lower.kernels.nested_grouped`).
+    :func:`make_grouped_gemm` (see :mod:`moec.lower.kernels.nested_grouped`). It takes float32 activations;
+    ``layout_activations`` are those of the stack's decode GEMV, whose layout tile it reads.
     """
     family = family_module(target)
-    spec = NestedGroupedSpec(storage_bits, n, k, group_size, num_stacked, family.PARAMS.tile_for(n, None, "float32"))
+    spec = NestedGroupedSpec(storage_bits, n, k, group_size, num_stacked, family.PARAMS.tile_for(n, None, layout_activations))
     return nested_grouped_definition(spec, family.grouped_gemm_params())

@@ -62,18 +62,23 @@ class CpuScheduleParams:
     nested_unroll_words: int = 4
     code_tile: int = 0
     code_tile_bits: tuple[int, ...] = ()
+    nested_int8_tile: int = 0
 
     def tile_for(self, rows: int, bits: int | None, activations: str) -> int:
         """Rows per tile of the kernel layout of a weight with ``rows`` output rows and ``bits``-bit codes
         (``None``: a nested stack; 16/32: float) whose kernels take ``activations`` (``"int8"`` or
         ``"float32"``) (``to_kernel_layout(..., tile=...)``): up to ``code_tile`` rows for int8
-        activations at the widths in ``code_tile_bits``, else up to ``layout_tile``; the largest
+        activations at the widths in ``code_tile_bits`` (a nested stack under int8 activations: up to
+        ``nested_int8_tile``, 0 for ``layout_tile``), else up to ``layout_tile``; the largest
         power-of-two divisor of ``rows`` up to that, so no tile is padded, or the limit itself (the
         last tile padded) when that divisor is below 16 rows."""
         if activations not in ("int8", "float32"):
             raise MoecError(f"internal: tile_for needs activations 'int8' or 'float32', not {activations!r}")
-        wide = self.code_tile and activations == "int8" and bits in self.code_tile_bits
-        limit = self.code_tile if wide else self.layout_tile
+        if bits is None:  # a nested stack: ``nested_int8_tile`` (0: ``layout_tile``) under int8 activations
+            limit = (self.nested_int8_tile or self.layout_tile) if activations == "int8" else self.layout_tile
+        else:
+            wide = self.code_tile and activations == "int8" and bits in self.code_tile_bits
+            limit = self.code_tile if wide else self.layout_tile
         tile = gcd(rows, limit)
         return tile if tile >= 16 else limit
 

@@ -158,13 +158,24 @@ def check_int8_nested(spec: NestedGemvSpec, isa: DotIsa, tile_vectors: int) -> N
         raise MoecError(f"bad tile_vectors {tile_vectors}")
 
 
+def task_blocks(tile: int, lanes: int, vecs: int) -> int:
+    """Register blocks of ``vecs`` vectors per task: as many as make one whole layout tile when the tile
+    holds more than one block (a task then reads its tile's rows of every segment contiguously, block
+    after block within each group), else 1."""
+    per_tile = tile // lanes
+    return per_tile // vecs if per_tile > vecs and per_tile % vecs == 0 else 1
+
+
 def int8_nested_gemv(spec: NestedGemvSpec, isa: DotIsa, vecs: int) -> tirx.PrimFunc:
-    """The int8-activation nested GEMV for ``spec`` on ``isa``, ``vecs`` vectors of rows per task."""
+    """The int8-activation nested GEMV for ``spec`` on ``isa``: register blocks of ``vecs`` vectors of rows,
+    a task one block or, on a layout tile of several blocks, the whole tile (:func:`task_blocks`)."""
     fmt, bits, lanes = spec.format, spec.storage_bits, isa.lanes
     check_int8_nested(spec, isa, vecs)
     n, k, gs, tile, top_k, experts = spec.n, spec.k, spec.group_size, spec.tile, spec.top_k, spec.num_stacked
     groups, nb = k // gs, n // lanes
-    tiles = -(-nb // vecs)
+    blocks = task_blocks(tile, lanes, vecs)
+    tvecs = blocks * vecs  # vectors per task
+    tiles = -(-nb // tvecs)
     chunks = gs // 32  # 4 nibble words (32 codes) per chunk
     xr = top_k if spec.x_per_expert else 1
     xstride = 1 if spec.x_per_expert else 0
@@ -216,34 +227,35 @@ def int8_nested_gemv(spec: NestedGemvSpec, isa: DotIsa, vecs: int) -> tirx.PrimF
             # (the vector index is spelled out in each statement: naming it with a let variable made
             # LLVM spill 13-38 vectors a chunk instead of 4-13 on x86)
             for g in range(groups):
-                for a in T.unroll(2 * vecs):
-                    for lane in T.vectorized(lanes):
-                        acc[a, lane] = 0
-                for ch in range(chunks):
-                    for v in T.unroll(vecs):
-                        if task // top_k * vecs + v < nb:
-                            acc[2 * v + 0, T.ramp(0, 1, lanes)] = step(
-                                segs, x8, acc[2 * v + 0, T.ramp(0, 1, lanes)], e, task // top_k * vecs + v, g, ch, r, 0, 0)
-                            acc[2 * v + 1, T.ramp(0, 1, lanes)] = step(
-                                segs, x8, acc[2 * v + 1, T.ramp(0, 1, lanes)], e, task // top_k * vecs + v, g, ch, r, 0, 1)
-                            acc[2 * v + 0, T.ramp(0, 1, lanes)] = step(
-                                segs, x8, acc[2 * v + 0, T.ramp(0, 1, lanes)], e, task // top_k * vecs + v, g, ch, r, 1, 0)
-                            acc[2 * v + 1, T.ramp(0, 1, lanes)] = step(
-                                segs, x8, acc[2 * v + 1, T.ramp(0, 1, lanes)], e, task // top_k * vecs + v, g, ch, r, 1, 1)
-                            acc[2 * v + 0, T.ramp(0, 1, lanes)] = step(
-                                segs, x8, acc[2 * v + 0, T.ramp(0, 1, lanes)], e, task // top_k * vecs + v, g, ch, r, 2, 0)
-                            acc[2 * v + 1, T.ramp(0, 1, lanes)] = step(
-                                segs, x8, acc[2 * v + 1, T.ramp(0, 1, lanes)], e, task // top_k * vecs + v, g, ch, r, 2, 1)
-                            acc[2 * v + 0, T.ramp(0, 1, lanes)] = step(
-                                segs, x8, acc[2 * v + 0, T.ramp(0, 1, lanes)], e, task // top_k * vecs + v, g, ch, r, 3, 0)
-                            acc[2 * v + 1, T.ramp(0, 1, lanes)] = step(
-                                segs, x8, acc[2 * v + 1, T.ramp(0, 1, lanes)], e, task // top_k * vecs + v, g, ch, r, 3, 1)
-                for v in T.unroll(vecs):
-                    if task // top_k * vecs + v < nb:
+                for b in range(blocks):  # a whole tile's register blocks, one after another
+                    for a in T.unroll(2 * vecs):
                         for lane in T.vectorized(lanes):
-                            yacc[v, lane] = yacc[v, lane] + group_term(
-                                group_dot(acc[2 * v, lane], acc[2 * v + 1, lane], d), scale, zero, sx, xsum, e,
-                                task // top_k * vecs + v, g, lane, r, d)
+                            acc[a, lane] = 0
+                    for ch in range(chunks):
+                        for v in T.unroll(vecs):
+                            if task // top_k * tvecs + b * vecs + v < nb:
+                                acc[2 * v + 0, T.ramp(0, 1, lanes)] = step(
+                                    segs, x8, acc[2 * v + 0, T.ramp(0, 1, lanes)], e, task // top_k * tvecs + b * vecs + v, g, ch, r, 0, 0)
+                                acc[2 * v + 1, T.ramp(0, 1, lanes)] = step(
+                                    segs, x8, acc[2 * v + 1, T.ramp(0, 1, lanes)], e, task // top_k * tvecs + b * vecs + v, g, ch, r, 0, 1)
+                                acc[2 * v + 0, T.ramp(0, 1, lanes)] = step(
+                                    segs, x8, acc[2 * v + 0, T.ramp(0, 1, lanes)], e, task // top_k * tvecs + b * vecs + v, g, ch, r, 1, 0)
+                                acc[2 * v + 1, T.ramp(0, 1, lanes)] = step(
+                                    segs, x8, acc[2 * v + 1, T.ramp(0, 1, lanes)], e, task // top_k * tvecs + b * vecs + v, g, ch, r, 1, 1)
+                                acc[2 * v + 0, T.ramp(0, 1, lanes)] = step(
+                                    segs, x8, acc[2 * v + 0, T.ramp(0, 1, lanes)], e, task // top_k * tvecs + b * vecs + v, g, ch, r, 2, 0)
+                                acc[2 * v + 1, T.ramp(0, 1, lanes)] = step(
+                                    segs, x8, acc[2 * v + 1, T.ramp(0, 1, lanes)], e, task // top_k * tvecs + b * vecs + v, g, ch, r, 2, 1)
+                                acc[2 * v + 0, T.ramp(0, 1, lanes)] = step(
+                                    segs, x8, acc[2 * v + 0, T.ramp(0, 1, lanes)], e, task // top_k * tvecs + b * vecs + v, g, ch, r, 3, 0)
+                                acc[2 * v + 1, T.ramp(0, 1, lanes)] = step(
+                                    segs, x8, acc[2 * v + 1, T.ramp(0, 1, lanes)], e, task // top_k * tvecs + b * vecs + v, g, ch, r, 3, 1)
+                    for v in T.unroll(vecs):
+                        if task // top_k * tvecs + b * vecs + v < nb:
+                            for lane in T.vectorized(lanes):
+                                yacc[b * vecs + v, lane] = yacc[b * vecs + v, lane] + group_term(
+                                    group_dot(acc[2 * v, lane], acc[2 * v + 1, lane], d), scale, zero, sx, xsum, e,
+                                    task // top_k * tvecs + b * vecs + v, g, lane, r, d)
 
         return nest
 
@@ -257,7 +269,7 @@ def int8_nested_gemv(spec: NestedGemvSpec, isa: DotIsa, vecs: int) -> tirx.PrimF
     def run_task(segs, scale, zero, prec, expert_ids, y, sx, xsum, x8, acc, yacc, task):
         """Parallel task ``task``: routed row ``task % top_k`` at its run-time width, row tile ``task // top_k``."""
         if expert_ids[task % top_k] >= 0:
-            for v in T.unroll(vecs):
+            for v in T.unroll(tvecs):
                 for lane in T.vectorized(lanes):
                     yacc[v, lane] = T.float32(0)
             if prec[expert_ids[task % top_k]] == w[0]:
@@ -272,10 +284,10 @@ def int8_nested_gemv(spec: NestedGemvSpec, isa: DotIsa, vecs: int) -> tirx.PrimF
             else:  # the widest (the session refuses widths the format does not serve)
                 nests[-1](segs, scale, zero, sx, xsum, x8, yacc, acc, expert_ids[task % top_k], task,
                           task % top_k * xstride)
-            for v in T.unroll(vecs):
-                if task // top_k * vecs + v < nb:
+            for v in T.unroll(tvecs):
+                if task // top_k * tvecs + v < nb:
                     for lane in T.vectorized(lanes):
-                        y[task % top_k, (task // top_k * vecs + v) * lanes + lane] = yacc[v, lane]
+                        y[task % top_k, (task // top_k * tvecs + v) * lanes + lane] = yacc[v, lane]
 
     @T.macro
     def body(x, segs, scale, zero, prec, expert_ids, y):
@@ -290,7 +302,7 @@ def int8_nested_gemv(spec: NestedGemvSpec, isa: DotIsa, vecs: int) -> tirx.PrimF
                 claims[c] = T.uint32(0)
             for cl in T.parallel(task_lanes):
                 acc = T.alloc_buffer((2 * vecs, lanes), "int32", scope=stack_scope(2 * vecs * lanes * 4))
-                yacc = T.alloc_buffer((vecs, lanes), "float32", scope=stack_scope(vecs * lanes * 4))
+                yacc = T.alloc_buffer((tvecs, lanes), "float32", scope=stack_scope(tvecs * lanes * 4))
                 for j in range(ntask):
                     if unclaimed(claims, lane_task(cl, j, ntask, task_lanes)):
                         if claim(claims, lane_task(cl, j, ntask, task_lanes)):
@@ -301,7 +313,7 @@ def int8_nested_gemv(spec: NestedGemvSpec, isa: DotIsa, vecs: int) -> tirx.PrimF
                 # register tiles on the stack, the expert id, width and activation row read in place: a "local"
                 # buffer or a bound scalar is a TVM workspace alloc/free per task (kernels/scopes.py)
                 acc = T.alloc_buffer((2 * vecs, lanes), "int32", scope=stack_scope(2 * vecs * lanes * 4))
-                yacc = T.alloc_buffer((vecs, lanes), "float32", scope=stack_scope(vecs * lanes * 4))
+                yacc = T.alloc_buffer((tvecs, lanes), "float32", scope=stack_scope(tvecs * lanes * 4))
                 run_task(segs, scale, zero, prec, expert_ids, y, sx, xsum, x8, acc, yacc, task)
 
     def seg_shape(s):

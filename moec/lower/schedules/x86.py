@@ -83,6 +83,14 @@ class X86Params(CpuScheduleParams):
         keeps each chunk's segment words and the 8 broadcast activations live, so 8 vectors (16
         accumulators) spilled 74-78 vectors a chunk at 3 and 8 bits; 4 spill 4-14 (2026-12-03,
         kernel alone, CPU time at load 6: 8-bit 2,013 → 1,145 µs a call cold).
+    nested_int8_tile : int
+        Largest row tile of nested stacks read by the int8 nested GEMV (0: ``layout_tile``, the
+        default). On a tile of several register blocks a task is the whole tile, its blocks run one
+        after another within each group (``int8_nested.task_blocks``), so it reads each segment of
+        the tile contiguously as the fixed kernel's 128-row tasks do. Not measured yet (the session
+        that wrote it had no AVX-512 VNNI host; its numerics are tested with the portable dots):
+        ``benchmarks/dynamic.py --parts kernel --modes int8 --nested-int8-tile 128`` against the
+        default. Session 12 measured 4-vector tasks on half of a 128-row tile 1.6–2.4x slower.
     int8_chains : int
         Independent int32 accumulators per vector in the VNNI GEMV, so consecutive ``vpdpbusd``
         do not wait on each other's latency.
@@ -127,6 +135,7 @@ class X86Params(CpuScheduleParams):
     gemm_unpack_tokens: tuple[tuple[int, int], ...] = ((3, 12),)
     int8_tile_vectors: int = 8
     int8_nested_tile_vectors: int = 4
+    nested_int8_tile: int = 0
     int8_chains: int = 2
     int8_plane_masks: bool = True
     int8_claim_lanes: int = 16
