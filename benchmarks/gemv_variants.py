@@ -1,6 +1,8 @@
-"""Cold int8-activation (VNNI) decode GEMV under variants of the x86 schedule parameters, interleaved.
+"""Cold decode GEMV under variants of the x86 schedule parameters, interleaved.
 
-Compiles :func:`moec.lower.schedules.x86_vnni.vnni_gemv` once per variant (``X86Params`` fields as
+Compiles :func:`moec.lower.schedules.x86_vnni.vnni_gemv` (``--activations int8``, the default; AVX-512
+VNNI) or the float32-activation GEMV (``--activations float32``: ``gemv_definition`` scheduled by
+``x86.schedule_gemv``, any x86 host) once per variant (``X86Params`` fields as
 a Python dict, e.g. ``"{'prefetch_words': 8}"``; ``"{}"`` is the default), checks that every variant
 gives the default's output bit for bit, and times calls that rotate over four random stacks of
 ``--experts`` experts (more than the L3 cache, so every call reads its experts from DRAM), in rounds
@@ -16,6 +18,7 @@ the call's cost besides its weights); ``--experts`` sizes the stacks (four of th
 Usage::
 
     TVM_NUM_THREADS=1 python benchmarks/gemv_variants.py --bits 4 "{}" "{'prefetch_words': 8}"
+    TVM_NUM_THREADS=1 python benchmarks/gemv_variants.py --activations float32 --bits 4 "{}" "{'layout_tile': 128}"
 """
 
 from __future__ import annotations
@@ -44,6 +47,7 @@ def main() -> None:
     ap.add_argument("--experts", type=int, default=64)
     ap.add_argument("--top-k", type=int, default=8)
     ap.add_argument("--rounds", type=int, default=8)
+    ap.add_argument("--activations", choices=("int8", "float32"), default="int8")
     ap.add_argument("--routed", type=int, default=None,
                     help="routed rows per call (the rest -1, as in a mixed plan's class call; default all top_k; "
                          "0: none, what a call costs besides its weights: activation quantization, fork-join, zero rows)")
@@ -53,15 +57,21 @@ def main() -> None:
     import tvm
 
     from moec.lower.kernels.factory import compile_kernel, host_target
-    from moec.lower.kernels.gemv import GemvSpec
+    from moec.lower.kernels.gemv import GemvSpec, gemv_definition
+    from moec.lower.kernels.row_guard import guard_routed_rows
     from moec.lower.schedules import x86
     from moec.lower.schedules.x86_vnni import vnni_gemv
 
+    def kernel(spec, params):
+        if args.activations == "int8":
+            return vnni_gemv(spec, params)
+        return guard_routed_rows(x86.schedule_gemv(gemv_definition(spec), spec, params), spec.top_k)
+
     print(f"load average before: {os.getloadavg()}")
     params = [dataclasses.replace(x86.PARAMS, **ast.literal_eval(v)) for v in args.variants]
-    tiles = [p.tile_for(args.n, args.bits, "int8") for p in params]  # a tile variant: the same weights re-tiled
-    fns = [compile_kernel(vnni_gemv(GemvSpec(args.bits, args.n, args.k, args.group_size, args.experts, args.top_k,
-                                             t), p), host_target())["gemv"] for p, t in zip(params, tiles)]
+    tiles = [p.tile_for(args.n, args.bits, args.activations) for p in params]  # a tile variant: the same weights re-tiled
+    fns = [compile_kernel(kernel(GemvSpec(args.bits, args.n, args.k, args.group_size, args.experts, args.top_k,
+                                          t), p), host_target())["gemv"] for p, t in zip(params, tiles)]
     by_tile = {t: [[tvm.runtime.tensor(a) for a in random_stack(args.bits, args.n, args.k, args.group_size,
                                                                 args.experts, t, seed=s)] for s in range(4)]
                for t in sorted(set(tiles))}
@@ -77,7 +87,9 @@ def main() -> None:
         ids.append(tvm.runtime.tensor(row))
     for f, y, t in zip(fns, ys, tiles):
         f(x, *by_tile[t][0], ids[0], y)
-        if not np.array_equal(ys[0].numpy(), y.numpy()):
+        same = (np.array_equal(ys[0].numpy(), y.numpy()) if args.activations == "int8"  # integer sums: exact
+                else np.allclose(ys[0].numpy(), y.numpy(), rtol=1e-4, atol=1e-4 * np.abs(ys[0].numpy()).max()))
+        if not same:
             raise SystemExit("a variant's output differs from the first variant's")
     times: list[list[float]] = [[] for _ in fns]
     for _ in range(args.rounds):
