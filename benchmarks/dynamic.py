@@ -586,6 +586,8 @@ def main() -> None:
                     help="Kernel and decode parts: time each call (decode step) as the calling thread's CPU time "
                          "with one TVM thread (sets TVM_NUM_THREADS=1 for the whole run): not inflated by "
                          "preemption on a loaded machine.")
+    ap.add_argument("--threads", type=int, default=os.cpu_count() or 1,
+                    help="TVM threads of the run without --cpu-time (default: every core).")
     ap.add_argument("--accuracy-rows", choices=("all", "widths", "searched"), default="all",
                     help="Accuracy part: the per-width table, the searched-plan rows, or both.")
     ap.add_argument("--rounds", type=int, default=3, help="Decode part: interleaved nested/fixed rounds per plan.")
@@ -618,8 +620,9 @@ def main() -> None:
         from moec.lower.schedules import x86
         x86.PARAMS = dataclasses.replace(x86.PARAMS, nested_int8_tile=args.nested_int8_tile)
     torch.set_num_threads(2)
-    if args.cpu_time:
-        os.environ["TVM_NUM_THREADS"] = "1"  # read when TVM's thread pool starts (the first kernel call)
+    # read when TVM's thread pool starts (the first kernel call); unset, TVM starts half the cores on x86
+    # (one worker on a 2-core machine), which the kernel part's wall times then measured
+    os.environ["TVM_NUM_THREADS"] = "1" if args.cpu_time else str(args.threads)
     parts = args.parts.split(",")
     modes = tuple(args.modes.split(","))
     if "kernel" in parts:
