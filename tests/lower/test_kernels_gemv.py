@@ -212,15 +212,48 @@ def test_vnni_claimed_tasks_match_the_static_split(monkeypatch, threads):
 @pytest.mark.parametrize("n", [16, 256])
 def test_x86_schedule_keeps_register_tile(n):
     """The decode loop nest is (value: unrolled 32, vector: unrolled, lane: vectorised) over 4 vectors
-    of 16 rows, so 4 independent accumulators share each broadcast of x (a regression once left 1).
-    Within a tile of 64 rows or more the vectors come as one vectorised loop of 64 lanes (LLVM
-    splits it into 4 registers)."""
+    of 16 rows (8 on a host without AVX-512: ``avx2_lanes``), so 4 independent accumulators share each
+    broadcast of x (a regression once left 1). Within a tile of a task's rows or more the vectors come
+    as one vectorised loop (LLVM splits it into 4 registers)."""
+    p = x86.gemv_params(host_target())
     lines = make_gemv(2, n, 256, 64, 4, 2, host_target()).script().splitlines()
     at = next(i for i, line in enumerate(lines) if 'T.sblock("qdot_update")' in line)
     loops = [line.strip() for line in lines[:at] if line.strip().startswith("for ")][-3:]
     unrolled, lanes = (int(re.search(r"\((\d+)\)", loops[i]).group(1)) for i in (1, 2))
     assert "T.unroll(32)" in loops[0] and "T.unroll" in loops[1] and "T.vectorized" in loops[2], loops
-    assert lanes % 16 == 0 and unrolled * lanes == 16 * min(4, n // 16), loops
+    assert lanes % p.lanes == 0 and unrolled * lanes == p.lanes * min(p.tile_vectors, n // p.lanes), loops
+
+
+@pytest.mark.parametrize("bits", [2, 3, 8, 32])
+def test_x86_float_gemv_on_8_lane_vectors(monkeypatch, bits):
+    """The float32-activation GEMV scheduled for 8-lane vectors (AVX2, ``avx2_lanes``) on whatever host runs
+    the tests: N = 40 (5 vectors, a padded 16-row tile) and 24 against numpy."""
+    import dataclasses
+
+    from moec.lower.kernels.gemv import GemvSpec, gemv_definition
+    from moec.lower.kernels.row_guard import guard_routed_rows
+    params = dataclasses.replace(x86.PARAMS, lanes=8)
+    for n in (40, 24):
+        k, gs, experts, top_k = 128, 32, 3, 2
+        spec = GemvSpec(bits, n, k, gs, experts, top_k, x86.PARAMS.tile_for(n, bits, "float32"))
+        mod = compile_kernel(guard_routed_rows(x86.schedule_gemv(gemv_definition(spec), spec, params), top_k),
+                             host_target())
+        stack, deq = expert_stack(bits, n, k, gs, experts, seed=n)
+        x = np.random.default_rng(2).standard_normal((1, k)).astype(np.float32)
+        ids = np.array([2, 0], np.int32)
+        out = call(mod, "gemv", [x] + weight_args(stack) + [ids, np.zeros((top_k, n), np.float32)])
+        assert_close(out, np.stack([x[0] @ deq[e].T for e in ids]))
+
+
+def test_x86_float_gemv_lanes_follow_the_target():
+    """16 lanes (AVX-512 registers) where the target has AVX-512, ``avx2_lanes`` (8) where it does not."""
+    import tvm
+    avx512 = tvm.target.Target({"kind": "llvm", "mcpu": "skylake-avx512", "mtriple": "x86_64-linux-gnu"})
+    avx2 = tvm.target.Target({"kind": "llvm", "mcpu": "haswell", "mtriple": "x86_64-linux-gnu"})
+    assert x86.gemv_params(avx512).lanes == 16 and x86.gemv_params(avx2).lanes == x86.PARAMS.avx2_lanes == 8
+    for target, lanes in ((avx512, 16), (avx2, 8)):
+        script = make_gemv(4, 64, 128, 32, 2, 1, target).script()
+        assert f"T.vectorized({lanes})" in script or f"T.vectorized({4 * lanes})" in script
 
 
 def test_a_spec_with_another_tile_is_refused_in_one_line():
@@ -238,8 +271,9 @@ def test_a_spec_with_another_tile_is_refused_in_one_line():
 
 def test_unsupported_shapes_raise_clear_errors():
     target = host_target()
-    with pytest.raises(MoecError, match="multiple of 16 rows"):
-        make_gemv(4, 40, 64, 32, 2, 1, target)
+    lanes = x86.gemv_params(target).lanes  # 16; 8 without AVX-512 (N = 40 is then 5 vectors, tested below)
+    with pytest.raises(MoecError, match=f"multiple of {lanes} rows"):
+        make_gemv(4, 40 if lanes == 16 else 36, 64, 32, 2, 1, target)
     with pytest.raises(MoecError, match="group_size"):
         make_gemv(3, 64, 64, 16, 2, 1, target)
     with pytest.raises(MoecError, match="no kernel for 7-bit"):

@@ -91,7 +91,7 @@ def make_gemv(bits: int, n: int, k: int, group_size: int, num_stacked: int, top_
         if not hasattr(family, "int8_gemv"):
             raise MoecError(f"no int8-activation GEMV for target family {target_family(target)!r}")
         return family.int8_gemv(spec, target)
-    return guard_routed_rows(family.schedule_gemv(gemv_definition(spec), spec), top_k)
+    return guard_routed_rows(family.schedule_gemv(gemv_definition(spec), spec, family.gemv_params(target)), top_k)
 
 
 def make_grouped_gemm(bits: int, n: int, k: int, group_size: int, num_stacked: int,
@@ -166,7 +166,7 @@ def make_nested_gemv(storage_bits: int, n: int, k: int, group_size: int, num_sta
         if not hasattr(family, "int8_nested_gemv"):
             raise MoecError(f"no int8-activation nested GEMV for target family {target_family(target)!r}")
         return family.int8_nested_gemv(spec, target)
-    func = family.schedule_nested_gemv(nested_gemv_definition(spec), spec)
+    func = family.schedule_nested_gemv(nested_gemv_definition(spec), spec, family.gemv_params(target))
     return guard_routed_rows(guard_segments(func, spec), top_k)
 
 

@@ -10,7 +10,7 @@ from tvm.target import codegen
 from moec.core.errors import MoecError
 from moec.lower.schedules import arm, x86
 
-#: Family name -> schedule module: ``PARAMS`` (with ``tile_for``), ``schedule_gemv``,
+#: Family name -> schedule module: ``PARAMS`` (with ``tile_for``), ``gemv_params``, ``schedule_gemv``,
 #: ``grouped_gemm_params`` and optionally ``int8_gemv``.
 FAMILIES: dict[str, ModuleType] = {"x86": x86, "arm": arm}
 

@@ -68,6 +68,11 @@ class ArmParams(CpuScheduleParams):
 PARAMS = ArmParams()
 
 
+def gemv_params(target: tvm.target.Target) -> ArmParams:
+    """The parameters of the float32-activation GEMVs for ``target`` (one set on ARM)."""
+    return PARAMS
+
+
 def schedule_gemv(func: tirx.PrimFunc, spec: GemvSpec, params: ArmParams | None = None) -> tirx.PrimFunc:
     """Schedule a ``gemv_definition`` for NEON (:func:`moec.lower.schedules.cpu_gemv.schedule_gemv`).
 
