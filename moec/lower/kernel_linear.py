@@ -112,8 +112,8 @@ class KernelEmitter(LinearEmitter):
     def _auto_has_int8(self, builder, bits: int, *args) -> bool:
         """Under ``auto``, whether ``builder`` has an int8-activation kernel of this width on the target (e.g. 3
         bits on x86 also needs AVX-512 VBMI; ARM has no int8 grouped GEMM, nor an int8 nested GEMV without
-        dotprod): if not, that weight keeps float32 activations instead of failing the build. An explicit ``int8`` asks the builder and fails
-        there."""
+        dotprod): if not, that weight keeps float32 activations instead of failing the build. An explicit
+        ``int8`` asks the builder and fails there."""
         return not self._auto or self._builds_int8(builder, bits, *args)
 
     def _builds_int8(self, builder, bits: int, *args) -> bool:
