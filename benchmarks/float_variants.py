@@ -40,7 +40,17 @@ def main() -> None:
     from moec.lower.schedules import kernel_tile, x86
     from moec.quant.nested import nest
 
-    variants = [ast.literal_eval(v) for v in args.variants]
+    variants = []
+    for v in args.variants:
+        try:
+            variants.append(dict(ast.literal_eval(v)))
+        except (ValueError, SyntaxError, TypeError):
+            ap.error(f"variant {v!r} is not a Python dict of X86Params fields")
+    from moec.lower.schedules.x86 import X86Params
+    fields = {f.name for f in dataclasses.fields(X86Params)}
+    for v in variants:
+        if set(v) - fields:
+            ap.error(f"unknown X86Params field(s) {', '.join(sorted(set(v) - fields))}")
     n, k, gs, experts, top_k = 1024, 2048, 64, 64, 8
     target, dev, rng = host_target(), tvm.cpu(), np.random.default_rng(0)
     x = tvm.runtime.tensor(rng.standard_normal((1, k)).astype(np.float32), dev)
