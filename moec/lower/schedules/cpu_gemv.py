@@ -42,6 +42,9 @@ class CpuScheduleParams:
         Tokens per register block in the grouped GEMM.
     int8_tile_vectors : int
         ``tile_vectors`` of the family's int8-activation GEMV.
+    row_multiple : int
+        Rows every weight's N must be a multiple of (0: ``lanes``): one rule for a family whose kernels
+        run on vectors of different widths, so a weight one kernel takes the others take too.
     nested_unroll_words : int
         Nibble words (8 codes each) per unrolled step of the nested GEMV's wider widths (the
         narrowest steps ``unroll_values`` codes as the fixed kernel). 4 makes every segment's
@@ -63,6 +66,7 @@ class CpuScheduleParams:
     code_tile: int = 0
     code_tile_bits: tuple[int, ...] = ()
     nested_int8_tile: int = 0
+    row_multiple: int = 0
 
     def tile_for(self, rows: int, bits: int | None, activations: str) -> int:
         """Rows per tile of the kernel layout of a weight with ``rows`` output rows and ``bits``-bit codes
@@ -95,9 +99,9 @@ def check_spec(spec: GemvSpec, params: CpuScheduleParams, activations: str) -> N
                         f"(use kernel_tile(target, n, bits, activations))")
     if params.layout_tile % params.lanes and params.lanes % params.layout_tile:
         raise MoecError(f"layout tile {params.layout_tile} and vector {params.lanes} do not nest")
-    if spec.rows % params.lanes:
-        raise MoecError(f"{params.family} kernels need N ({spec.rows}) to be a multiple of "
-                        f"{params.lanes} rows")
+    unit = params.row_multiple or params.lanes
+    if spec.rows % unit:
+        raise MoecError(f"{params.family} kernels need N ({spec.rows}) to be a multiple of {unit} rows")
 
 
 def schedule_gemv(func: tirx.PrimFunc, spec: GemvSpec, params: CpuScheduleParams) -> tirx.PrimFunc:

@@ -121,8 +121,9 @@ class X86Params(CpuScheduleParams):
         ``lanes`` of the float32-activation GEMVs (fixed and nested) on targets without AVX-512
         (:func:`gemv_params`): 8, one AVX2 register, so a task's accumulators, codes and
         activations fit AVX2's 16 registers (16 lanes are two registers each). On an AVX2 host (Zen 1,
-        2026-12-03), one thread: fixed GEMV 1 % / 4 % / 7 % / 10 % faster at 2 / 3 / 4 / 8 bits, nested
-        (8-bit storage) 4 % / 11 % / 15 % / 23 % (README, session 13).
+        2026-12-03), 2 threads: fixed GEMV 1 / 4 / 14 / 12 % faster at 2 / 3 / 4 / 8 bits, nested
+        (8-bit storage) 2 / 4 / 16 / 14 % (README, session 13). N stays a multiple of 16 rows
+        (``row_multiple``), as the grouped GEMM and the int8 kernels need.
 
     """
 
@@ -149,6 +150,7 @@ class X86Params(CpuScheduleParams):
     prefetch_words: int = 0
     prefetch_locality: int = 3
     avx2_lanes: int = 8
+    row_multiple: int = 16
 
 
     def gemm_block(self, tile: int) -> tuple[int, int]:
