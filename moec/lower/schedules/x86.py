@@ -152,7 +152,6 @@ class X86Params(CpuScheduleParams):
     avx2_lanes: int = 8
     row_multiple: int = 16
 
-
     def gemm_block(self, tile: int) -> tuple[int, int]:
         """(vectors, tokens) of the int8 grouped GEMM's task for a layout of ``tile``-row tiles: a whole
         tile when it is ``gemm_tile_block``'s size (``code_tile``), else (``gemm_vectors``, ``gemm_tokens``)."""

@@ -14,14 +14,9 @@ from tvm.script import tirx as T
 
 from moec.lower.kernels.nested_gemv import NestedGemvSpec
 from moec.lower.schedules.int8_nested import DotIsa, int8_nested_gemv, plain_select, splat
-from moec.lower.schedules.x86_vnni import portable_dpbusd
+from moec.lower.schedules.x86_vnni import dot_instructions
 
 LANES = 16
-
-
-def _dpbusd(acc, codes, x4):
-    return T.call_llvm_pure_intrin("int32x16", "llvm.x86.avx512.vpdpbusd.512", acc,
-                                   T.reinterpret("int8x64", codes), x4)
 
 
 def _select(a, b, mask: int):
@@ -38,7 +33,8 @@ def vnni_nested_gemv(spec: NestedGemvSpec, params, portable: bool = False) -> ti
     """The int8-activation nested GEMV for ``spec``; ``params`` an
     :class:`~moec.lower.schedules.x86.X86Params` (``int8_nested_tile_vectors``, ``int8_claim_lanes``).
     ``portable``: the VNNI and ternary-logic instructions as plain TIR (tests on hosts without them)."""
-    isa = DotIsa(LANES, (lambda acc, codes, x4: portable_dpbusd(acc, T.reinterpret("int8x64", codes), x4)) if portable
-                 else _dpbusd, plain_select(LANES) if portable else _select,
-                 unsigned_codes=True, claim_lanes=params.int8_claim_lanes)
+    dpbusd = dot_instructions(portable)[0]  # the fixed VNNI kernel's dot (or its plain-TIR twin)
+    isa = DotIsa(LANES, lambda acc, codes, x4: dpbusd(acc, T.reinterpret("int8x64", codes), x4),
+                 plain_select(LANES) if portable else _select, unsigned_codes=True,
+                 claim_lanes=params.int8_claim_lanes)
     return int8_nested_gemv(spec, isa, params.int8_nested_tile_vectors)
