@@ -66,6 +66,7 @@ from moec.core.plan import BitPlan
 from moec.core.run_plan import storage_plan
 from moec.core.targets import load_target
 from moec.lower.bundler import build_bundle_from_params
+from moec.core.errors import MoecError
 from moec.lower.kernels.factory import compile_kernel, host_target, make_gemv, make_nested_gemv
 from moec.lower.kernels.layout import nested_kernel_layout, stack_kernel_layouts, to_kernel_layout
 from moec.lower.params import build_nested_params, build_params
@@ -120,12 +121,16 @@ def kernel_part(gs: int, calls: int, cpu_time: bool = False, modes: tuple[str, .
         nested = stack_kernel_layouts([nested_kernel_layout(nw, kernel_tile(target, n, None, mode)) for nw in nws])
         nargs = [tvm.runtime.tensor(nested[f"seg{s}"], dev) for s in range(4)] + [
             tvm.runtime.tensor(nested["scale"], dev), tvm.runtime.tensor(nested["zero"], dev)]
-        fixed_stacks = {bits: stack_kernel_layouts([to_kernel_layout(p, kernel_tile(target, n, bits, mode))
-                                                    for p in pws]) for bits, pws in fixed_pws.items()}
         nmod = compile_kernel(make_nested_gemv(8, n, k, gs, experts, top_k, target, activations=mode), target)
         for bits in WIDTHS:
-            fixed = fixed_stacks[bits]
-            fmod = compile_kernel(make_gemv(bits, n, k, gs, experts, top_k, target, activations=mode), target)
+            try:
+                fmod = compile_kernel(make_gemv(bits, n, k, gs, experts, top_k, target, activations=mode), target)
+                fmode = mode
+            except MoecError:  # no fixed kernel of this width and mode here (AVX2 int8, 3 bits): what a bundle runs
+                fmode = "float32"
+                fmod = compile_kernel(make_gemv(bits, n, k, gs, experts, top_k, target, activations=fmode), target)
+            fixed = stack_kernel_layouts([to_kernel_layout(p, kernel_tile(target, n, bits, fmode))
+                                          for p in fixed_pws[bits]])
             fargs = [tvm.runtime.tensor(fixed[a], dev) for a in ("weight", "scale", "zero")]
             prec = tvm.runtime.tensor(np.full(experts, bits, np.int32), dev)
 
@@ -141,7 +146,8 @@ def kernel_part(gs: int, calls: int, cpu_time: bool = False, modes: tuple[str, .
             tf, tn = statistics.median(tf[3:]), statistics.median(tn[3:])
             fixed_bytes = top_k * sum(fixed[a][0].nbytes for a in ("weight", "scale", "zero"))
             nested_bytes = top_k * nws[0].nbytes(bits)  # planes of this width + scales + 8-bit zeros
-            print(f"| {mode} | {bits} | {fixed_bytes / tf / 1e9:.2f} | {nested_bytes / tn / 1e9:.2f} | {tn / tf:.2f}x | "
+            label = mode if fmode == mode else f"{mode} (fixed: {fmode}, no {mode} kernel)"
+            print(f"| {label} | {bits} | {fixed_bytes / tf / 1e9:.2f} | {nested_bytes / tn / 1e9:.2f} | {tn / tf:.2f}x | "
                   f"{tf * 1e6:.0f} | {tn * 1e6:.0f} |", flush=True)
     print(f"\n(load average {os.getloadavg()[0]:.1f} at the end)")
 

@@ -45,4 +45,4 @@ def kernel_tile(target: tvm.target.Target, n: int, bits: int | None, activations
     rows and ``bits``-bit codes (``to_kernel_layout``; a fused SwiGLU ``[w1; w3]`` stack: ``n`` of ``w1``;
     ``bits`` None: a nested stack, ``nested_kernel_layout``) read by kernels taking ``activations``
     (``"int8"`` or ``"float32"``: the tile is chosen for the kernel that reads it)."""
-    return family_module(target).PARAMS.tile_for(n, bits, activations)
+    return family_module(target).gemv_params(tvm.target.Target(target)).tile_for(n, bits, activations)

@@ -15,7 +15,8 @@ from tvm.script import tirx as T
 
 from moec.lower.kernels.nested_gemv import NestedGemvSpec
 from moec.lower.schedules.arm_dotprod import LANES, sdot
-from moec.lower.schedules.int8_nested import DotIsa, int8_nested_gemv, plain_select
+from moec.lower.schedules.int8_common import DotIsa, plain_select
+from moec.lower.schedules.int8_nested import int8_nested_gemv
 
 
 def dotprod_nested_gemv(spec: NestedGemvSpec, params, dot: Callable = sdot) -> tirx.PrimFunc:

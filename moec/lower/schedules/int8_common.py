@@ -28,7 +28,9 @@ its tasks the same way (:func:`claim_lanes`, :func:`lane_task`, :func:`unclaimed
 # No `from __future__ import annotations`: TVMScript needs the evaluated buffer annotations.
 
 from collections.abc import Callable
+from dataclasses import dataclass
 
+from tvm import tirx
 from tvm.script import tirx as T
 
 from moec.lower.kernels.decode import code_at
@@ -156,3 +158,44 @@ def claim(claims, task):
     """Set ``task``'s bit with ``lock bts`` (x86); true when this call set it (the task is this lane's to run)."""
     return T.call_llvm_intrin("int8", "llvm.x86.atomic.bts.rm.i32", T.address_of(claims[task // 32]),
                               T.Cast("uint32", task % 32)) == T.int8(0)
+
+
+@dataclass(frozen=True)
+class DotIsa:
+    """What the int8-activation GEMVs written on a 4-byte dot need of an ISA (``int8_nested``; x86: ``x86_vnni``).
+
+    Attributes
+    ----------
+    lanes : int
+        int32 rows per vector (16: AVX-512, 8: AVX2, 4: NEON).
+    dot : callable
+        ``dot(acc, codes, x4)``: ``acc`` int32 x lanes plus, per lane, the sum of the 4 byte
+        products of ``codes`` (uint32 x lanes, 4 code bytes a lane) and ``x4`` (int8 x 4·lanes).
+    select : callable
+        ``select(a, b, mask)``: ``(a & mask) | (b & ~mask)`` (uint32 x lanes, ``mask`` an int).
+    unsigned_codes : bool
+        The dot reads the code bytes as unsigned (``vpdpbusd``): odd nibble lanes are masked in
+        place and 8-bit codes taken as stored. False (``sdot``, AVX2): odd lanes shifted down, 8-bit
+        codes recentred.
+    claim_lanes : int
+        Lanes of the claimed-task loop (``int8_common``, x86 ``lock bts``); 0: TVM's static split.
+    small_dot : callable or None
+        ``dot`` for code bytes known to lie in 0..15 (widths up to 4 bits, shifted down), where an ISA has
+        a cheaper form (AVX2: no sign transfer); None: ``dot``.
+    """
+
+    lanes: int
+    dot: Callable
+    select: Callable
+    unsigned_codes: bool
+    claim_lanes: int = 0
+    small_dot: Callable | None = None
+
+
+def splat(value: int, lanes: int, dtype: str = "uint32"):
+    return T.Broadcast(tirx.const(value, dtype), lanes)
+
+
+def plain_select(lanes: int) -> Callable:
+    """``select`` as plain TIR (``(a & m) | (b & ~m)``), which any LLVM target compiles."""
+    return lambda a, b, mask: (a & splat(mask, lanes)) | (b & splat(~mask & 0xFFFFFFFF, lanes))

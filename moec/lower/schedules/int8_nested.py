@@ -38,7 +38,6 @@ to a fixed bundle of the same codes.
 # No `from __future__ import annotations`: TVMScript needs the evaluated buffer annotations.
 
 from collections.abc import Callable
-from dataclasses import dataclass
 from math import gcd
 
 from tvm import tirx
@@ -49,45 +48,9 @@ from moec.lower.kernels.decode import code_at
 from moec.lower.kernels.layout import num_tiles, zero_words
 from moec.lower.kernels.nested_gemv import NestedGemvSpec
 from moec.lower.kernels.scopes import stack_scope
-from moec.lower.schedules.int8_common import claim, claim_lanes, lane_task, quantize_activations_prep, unclaimed
+from moec.lower.schedules.int8_common import (DotIsa, claim, claim_lanes, lane_task, quantize_activations_prep, splat,
+                                              unclaimed)
 from moec.quant.nested import segment_positions
-
-
-@dataclass(frozen=True)
-class DotIsa:
-    """What the nested int8 GEMV needs of an ISA.
-
-    Attributes
-    ----------
-    lanes : int
-        int32 rows per vector (16: AVX-512, 4: NEON).
-    dot : callable
-        ``dot(acc, codes, x4)``: ``acc`` int32 x lanes plus, per lane, the sum of the 4 byte
-        products of ``codes`` (uint32 x lanes, 4 code bytes a lane) and ``x4`` (int8 x 4·lanes).
-    select : callable
-        ``select(a, b, mask)``: ``(a & mask) | (b & ~mask)`` (uint32 x lanes, ``mask`` an int).
-    unsigned_codes : bool
-        The dot reads the code bytes as unsigned (``vpdpbusd``): odd nibble lanes are masked in
-        place and 8-bit codes taken as stored. False (``sdot``): odd lanes shifted down, 8-bit codes
-        recentred.
-    claim_lanes : int
-        Lanes of the claimed-task loop (``int8_common``, x86 ``lock bts``); 0: TVM's static split.
-    """
-
-    lanes: int
-    dot: Callable
-    select: Callable
-    unsigned_codes: bool
-    claim_lanes: int = 0
-
-
-def splat(value: int, lanes: int, dtype: str = "uint32"):
-    return T.Broadcast(tirx.const(value, dtype), lanes)
-
-
-def plain_select(lanes: int) -> Callable:
-    """``select`` as plain TIR (``(a & m) | (b & ~m)``), which any LLVM target compiles."""
-    return lambda a, b, mask: (a & splat(mask, lanes)) | (b & splat(~mask & 0xFFFFFFFF, lanes))
 
 
 def _shift(raw, shift: int, lanes: int):
@@ -207,6 +170,9 @@ def int8_nested_gemv(spec: NestedGemvSpec, isa: DotIsa, vecs: int) -> tirx.PrimF
 
     def make_nest(d):
         seg_words = [gs * w // 32 for w in fmt.segment_bits]  # words per group, per segment
+        # up to 4 bits, shifted down, every code byte is 0..15: the ISA's cheaper dot where it has one
+        small = isa.small_dot is not None and widths[d] <= 4 and not isa.unsigned_codes
+        dot = isa.small_dot if small else isa.dot
 
         def step(segs, x8, acc, e, gv, g, ch, r, a: int, half: int):
             """Chain ``half`` (0: even lanes, 1: odd) of the accumulator after nibble word ``a`` of chunk
@@ -220,7 +186,7 @@ def int8_nested_gemv(spec: NestedGemvSpec, isa: DotIsa, vecs: int) -> tirx.PrimF
             codes = byte_words(isa, fmt, d, load, a)[half]
             x4 = T.reinterpret(f"int8x{4 * lanes}", T.Broadcast(
                 T.reinterpret("int32", x8[r, T.ramp(g * gs + ch * 32 + 8 * a + 4 * half, 1, 4)]), lanes))
-            return isa.dot(acc, codes, x4)
+            return dot(acc, codes, x4)
 
         @T.macro
         def nest(segs, scale, zero, sx, xsum, x8, yacc, acc, e, task, r):

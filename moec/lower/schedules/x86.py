@@ -15,6 +15,7 @@ from moec.lower.kernels.gemv import GemvSpec
 from moec.lower.kernels.grouped_gemm import GemmLoopParams
 from moec.lower.schedules import cpu_gemv
 from moec.lower.schedules.cpu_gemv import CpuScheduleParams
+from moec.lower.schedules.x86_avx2 import AVX2_BITS, avx2_gemv, avx2_nested_gemv
 from moec.lower.schedules.x86_vnni import vnni_gemv
 from moec.lower.schedules.x86_vnni_gemm import vnni_grouped_gemm
 from moec.lower.schedules.x86_vnni_nested import vnni_nested_gemv
@@ -124,6 +125,11 @@ class X86Params(CpuScheduleParams):
         2026-12-03), 2 threads: fixed GEMV 1 / 4 / 14 / 12 % faster at 2 / 3 / 4 / 8 bits, nested
         (8-bit storage) 2 / 4 / 16 / 14 % (README, session 13). N stays a multiple of 16 rows
         (``row_multiple``), as the grouped GEMM and the int8 kernels need.
+    avx2_int8_tile_vectors, avx2_int8_chains, avx2_nested_tile_vectors : int
+        ``int8_tile_vectors``, ``int8_chains`` and ``int8_nested_tile_vectors`` of the AVX2 int8-activation
+        GEMVs (``x86_avx2``, 8-lane vectors, 16 registers): a task of ``avx2_int8_tile_vectors`` vectors
+        is also that weight's 2- and 4-bit layout tile there (``code_tile``), so it reads one contiguous
+        block of codes.
 
     """
 
@@ -150,6 +156,9 @@ class X86Params(CpuScheduleParams):
     prefetch_words: int = 0
     prefetch_locality: int = 3
     avx2_lanes: int = 8
+    avx2_int8_tile_vectors: int = 4
+    avx2_int8_chains: int = 2
+    avx2_nested_tile_vectors: int = 2
     row_multiple: int = 16
 
     def gemm_block(self, tile: int) -> tuple[int, int]:
@@ -162,11 +171,15 @@ PARAMS = X86Params()
 
 
 def gemv_params(target: tvm.target.Target) -> X86Params:
-    """The parameters of the float32-activation GEMVs for ``target``: :data:`PARAMS`, with ``avx2_lanes``
-    lanes where the target lacks AVX-512."""
+    """The parameters of the x86 schedules for ``target``: :data:`PARAMS`, or where the target lacks AVX-512
+    ``avx2_lanes`` lanes and the ``avx2_*`` register blocks of the int8 GEMVs (whose task is then the
+    2- and 4-bit layout tile)."""
     if codegen.target_has_features("avx512f", target):
         return PARAMS
-    return dataclasses.replace(PARAMS, lanes=PARAMS.avx2_lanes)
+    p = PARAMS
+    return dataclasses.replace(p, lanes=p.avx2_lanes, int8_tile_vectors=p.avx2_int8_tile_vectors,
+                               int8_chains=p.avx2_int8_chains, int8_nested_tile_vectors=p.avx2_nested_tile_vectors,
+                               code_tile=p.avx2_lanes * p.avx2_int8_tile_vectors)
 
 
 def schedule_gemv(func: tirx.PrimFunc, spec: GemvSpec, params: X86Params | None = None) -> tirx.PrimFunc:
@@ -185,18 +198,42 @@ def grouped_gemm_params(params: X86Params | None = None) -> GemmLoopParams:
 
 def int8_gemv(spec: GemvSpec, target: tvm.target.Target,
               params: X86Params | None = None) -> tirx.PrimFunc:
-    """The int8-activation GEMV (AVX-512 VNNI, see ``x86_vnni``); a clear error without VNNI."""
-    cpu_gemv.check_spec(spec, params or PARAMS, "int8")
-    _require_vnni(spec.bits, target)
-    return vnni_gemv(spec, params or PARAMS)
+    """The int8-activation GEMV: AVX-512 VNNI (``x86_vnni``), else AVX2 at 2, 4 and 8 bits (``x86_avx2``);
+    a clear error elsewhere. ``params`` default: :func:`gemv_params` of ``target``."""
+    params = params or gemv_params(target)
+    if not _has_vnni(spec.bits, target):
+        _require_avx2(spec.bits, target)
+        cpu_gemv.check_spec(spec, params, "int8")
+        return avx2_gemv(spec, params)
+    cpu_gemv.check_spec(spec, params, "int8")
+    return vnni_gemv(spec, params)
+
+
+def _vnni_features(bits: int) -> list[str]:
+    return ["avx512vnni"] + (["avx512vbmi"] if bits == 3 else [])  # vpmultishiftqb
+
+
+def _has_vnni(bits: int, target: tvm.target.Target) -> bool:
+    return all(codegen.target_has_features(f, target) for f in _vnni_features(bits))
 
 
 def _require_vnni(bits: int, target: tvm.target.Target) -> None:
-    needed = ["avx512vnni"] + (["avx512vbmi"] if bits == 3 else [])  # vpmultishiftqb
+    needed = _vnni_features(bits)
     missing = [f for f in needed if not codegen.target_has_features(f, target)]
     if missing:
-        raise MoecError(f"{bits}-bit int8 activations need {', '.join(needed)}; target "
+        raise MoecError(f"{bits}-bit int8 activations here need {', '.join(needed)}; target "
                         f"{target} lacks {', '.join(missing)} (use activations='float32')")
+
+
+def _require_avx2(bits: int, target: tvm.target.Target, widths: tuple[int, ...] = AVX2_BITS) -> None:
+    """Without VNNI: the AVX2 kernels, at ``widths``; else one line naming what is missing."""
+    if not codegen.target_has_features("avx2", target):
+        raise MoecError(f"int8 activations need AVX2 (or AVX-512 VNNI); target {target} has neither "
+                        f"(use activations='float32')")
+    if bits not in widths:
+        raise MoecError(f"{bits}-bit int8 activations need {', '.join(_vnni_features(bits))}, which target "
+                        f"{target} lacks (its AVX2 kernels take {', '.join(map(str, widths))} bits; "
+                        f"use activations='float32')")
 
 
 def int8_grouped_gemm(spec, target: tvm.target.Target, params: X86Params | None = None) -> tirx.PrimFunc:
@@ -211,6 +248,10 @@ def schedule_nested_gemv(func: tirx.PrimFunc, spec, params=None) -> tirx.PrimFun
 
 
 def int8_nested_gemv(spec, target: tvm.target.Target, params: X86Params | None = None) -> tirx.PrimFunc:
-    """The int8-activation nested GEMV (AVX-512 VNNI, see ``x86_vnni_nested``)."""
-    _require_vnni(spec.storage_bits, target)
-    return vnni_nested_gemv(spec, params or PARAMS)
+    """The int8-activation nested GEMV: AVX-512 VNNI (``x86_vnni_nested``), else AVX2 (``x86_avx2``, every
+    width the nested formats serve)."""
+    params = params or gemv_params(target)
+    if not _has_vnni(spec.storage_bits, target):
+        _require_avx2(spec.storage_bits, target, widths=(spec.storage_bits,))
+        return avx2_nested_gemv(spec, params)
+    return vnni_nested_gemv(spec, params)

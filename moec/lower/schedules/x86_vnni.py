@@ -1,4 +1,5 @@
-"""x86 AVX-512 VNNI decode GEMV with int8 activations, written as explicit TIR (vpdpbusd dot products).
+"""x86 decode GEMV with int8 activations, written as explicit TIR: AVX-512 VNNI (``vpdpbusd`` dot products),
+or AVX2 with the dots of :mod:`moec.lower.schedules.x86_avx2` (same kernel, 8 lanes, signed code bytes).
 
 TVM's ``tensorize`` crashes in apache-tvm 0.27.0.post1 (a segfault in ``ToJSONGraph`` for any
 tensor intrinsic, including TVM's own ``dot_16x4_vnni``), so this kernel is written directly
@@ -18,8 +19,9 @@ from moec.lower.kernels.gemv import GemvSpec
 from moec.lower.kernels.layout import num_tiles, zero_words
 from moec.lower.kernels.rowwise import fast_silu
 from moec.lower.kernels.scopes import stack_scope
-from moec.lower.schedules.int8_common import (BYTE_MASK, claim, claim_lanes, lane_task, plane_slot_source,
-                                              quantize_activations_prep, scaled_group_sum, unclaimed)
+from moec.lower.schedules.int8_common import (BYTE_MASK, DotIsa, claim, claim_lanes, lane_task, plain_select,
+                                              plane_slot_source, quantize_activations_prep, scaled_group_sum,
+                                              unclaimed)
 
 
 def _dpbusd(acc, codes, x4):
@@ -70,39 +72,31 @@ def _splat(value: int, dtype: str, lanes: int):
     return T.Broadcast(tirx.const(value, dtype), lanes)
 
 
-def _shifted(word, amount: int):
-    return word >> _splat(amount, "uint32", 16) if amount else word
-
-
-def _unshift(value, chain, odd_shift: int):
-    """``value >> odd_shift`` for an odd ``chain`` (arithmetic; ``chain`` a loop variable of a fully unrolled
-    loop, so the amount folds to a constant), ``value`` itself when nothing is masked in place."""
-    return T.shift_right(value, odd_shift * (chain % 2)) if odd_shift else value
-
-
-def _step_dots(bits: int, words, masked: bool = False, portable: bool = False):
-    """(int8x64 codes, activation slot) pairs covering one step of a row tile.
+def _step_dots(bits: int, words, masked: bool = False, portable: bool = False, lanes: int = 16):
+    """(uint32 x ``lanes`` codes, activation slot) pairs covering one step of a row tile: four code
+    bytes per lane, one per byte.
 
     A step is one word (2/4/8 bits: 32/b codes; plane ``t`` puts code ``m*P + t`` in byte ``m``)
     or three words (3 bits: 32 codes). ``masked`` (2 and 4 bits): an odd plane is masked in place,
     not shifted down, so its bytes hold ``code << bits`` (``w & 0x0C..`` at 2 bits, ``w & 0xF0..``
     at 4); the caller sums odd planes in their own accumulator and shifts it right by ``bits`` once
     per group (exact: every term is a multiple of ``2**bits``). 2 bits: one shift a step, not 3;
-    4 bits: none, not 1. For 3 bits, four 32-bit windows at bits 0, 24, 48, 72 of
+    4 bits: none, not 1. For 3 bits (16 lanes, AVX-512 VBMI), four 32-bit windows at bits 0, 24, 48, 72 of
     the 96-bit chunk (funnel shifts) each hold 8 whole codes; ``vpmultishiftqb`` copies the bytes
     at bit offsets 0,3,6,9 (then 12..21) of each row's window into that row's four bytes, and a
     ``& 7`` leaves one code per byte, in code order.
     """
     if masked:
         planes = 8 // bits
-        return [(T.reinterpret("int8x64", _shifted(words(0), 2 * bits * (t // 2))
-                               & _splat(BYTE_MASK[bits] << (bits * (t % 2)), "uint32", 16)), 4 * t)
+        return [(_shifted(words(0), 2 * bits * (t // 2), lanes)
+                 & _splat(BYTE_MASK[bits] << (bits * (t % 2)), "uint32", lanes), 4 * t)
                 for t in range(planes)]
     if bits != 3:
         planes = 8 // bits
-        return [(T.reinterpret("int8x64", (words(0) >> _splat(t * bits, "uint32", 16))
-                               & _splat(BYTE_MASK[bits], "uint32", 16)), 4 * t)
+        return [(_shifted(words(0), t * bits, lanes) & _splat(BYTE_MASK[bits], "uint32", lanes), 4 * t)
                 for t in range(planes)]
+    if lanes != 16:
+        raise MoecError("3-bit int8-activation codes need 16 lanes (vpmultishiftqb)")
     w0, w1, w2 = words(0), words(1), words(2)
     windows = [w0, (w0 >> _splat(24, "uint32", 16)) | (w1 << _splat(8, "uint32", 16)),
                (w1 >> _splat(16, "uint32", 16)) | (w2 << _splat(16, "uint32", 16)),
@@ -114,18 +108,50 @@ def _step_dots(bits: int, words, masked: bool = False, portable: bool = False):
             ctrl = sum(o << (8 * m) for m, o in enumerate(offsets + [32 + o for o in offsets]))
             picked = dot_instructions(portable)[1](ctrl)(
                 T.reinterpret("int8x64", _splat(ctrl, "uint64", 8)), T.reinterpret("int8x64", window))
-            codes = T.reinterpret("int8x64", T.reinterpret("uint32x16", picked)
-                                  & _splat(0x07070707, "uint32", 16))
-            dots.append((codes, 8 * k + 4 * half))
+            dots.append((T.reinterpret("uint32x16", picked) & _splat(0x07070707, "uint32", 16), 8 * k + 4 * half))
     return dots
 
 
-def vnni_gemv(spec: GemvSpec, params, portable: bool = False) -> tirx.PrimFunc:
-    """The int8-activation GEMV for ``spec`` (a :class:`~moec.lower.kernels.gemv.GemvSpec`).
+def vnni_isa(portable: bool = False, claim_lanes: int = 0) -> DotIsa:
+    """The AVX-512 VNNI :class:`~moec.lower.schedules.int8_common.DotIsa`: 16 lanes, ``vpdpbusd`` (unsigned
+    code bytes), ``vpternlogd`` selects (``portable``: both as plain TIR)."""
+    dpbusd = dot_instructions(portable)[0]
+    return DotIsa(16, lambda acc, codes, x4: dpbusd(acc, T.reinterpret("int8x64", codes), x4),
+                  plain_select(16) if portable else _ternary_select, unsigned_codes=True, claim_lanes=claim_lanes)
 
-    Per step of 32/b codes (one word; 32 codes = 3 words at 3 bits) and vector of 16 rows,
-    ``vpdpbusd`` multiplies the rows' codes, four per row and instruction, by four int8
-    activations broadcast to all rows (see :func:`_step_dots` for how codes reach bytes; ``x8``
+
+def _ternary_select(a, b, mask: int):
+    """``(a & mask) | (b & ~mask)``: one ``vpternlogd`` (``mask ? a : b`` bitwise, immediate 0xCA),
+    called as the intrinsic so LLVM cannot push the byte masks after it through the selects into
+    per-part masks (which doubled the nested 8-bit step's instructions)."""
+    out = T.call_llvm_pure_intrin("int32x16", "llvm.x86.avx512.pternlog.d.512",
+                                  T.reinterpret("int32x16", _splat(mask & 0xFFFFFFFF, "uint32", 16)),
+                                  T.reinterpret("int32x16", a), T.reinterpret("int32x16", b), T.int32(0xCA))
+    return T.reinterpret("uint32x16", out)
+
+
+def vnni_gemv(spec: GemvSpec, params, portable: bool = False) -> tirx.PrimFunc:
+    """The AVX-512 VNNI int8-activation GEMV (:func:`int8_gemv`); ``portable``: the VNNI and VBMI instructions
+    as plain TIR (:func:`portable_dpbusd`; tests on hosts without them)."""
+    return int8_gemv(spec, params, vnni_isa(portable), portable=portable)
+
+
+def _shifted(word, amount: int, lanes: int):
+    return word >> _splat(amount, "uint32", lanes) if amount else word
+
+
+def _unshift(value, chain, odd_shift: int):
+    """``value >> odd_shift`` for an odd ``chain`` (arithmetic; ``chain`` a loop variable of a fully unrolled
+    loop, so the amount folds to a constant), ``value`` itself when nothing is masked in place."""
+    return T.shift_right(value, odd_shift * (chain % 2)) if odd_shift else value
+
+
+def int8_gemv(spec: GemvSpec, params, isa: DotIsa, portable: bool = False) -> tirx.PrimFunc:
+    """The int8-activation GEMV for ``spec`` (a :class:`~moec.lower.kernels.gemv.GemvSpec`) on ``isa``.
+
+    Per step of 32/b codes (one word; 32 codes = 3 words at 3 bits) and vector of ``isa.lanes`` rows,
+    the ISA's dot (``vpdpbusd`` on VNNI; ``x86_avx2`` on AVX2) multiplies the rows' codes, four per row
+    and dot, by four int8 activations broadcast to all rows (see :func:`_step_dots` for how codes reach bytes; ``x8``
     is stored in the order the dots consume it, permuted within each step once per call).
     Group sums are scaled once per group. Same parameters as the float32-activation GEMV. A row
     whose expert id is -1 reads no weight and is written 0 (attributes ``moec.row_guard`` and
@@ -133,10 +159,12 @@ def vnni_gemv(spec: GemvSpec, params, portable: bool = False) -> tirx.PrimFunc:
     up (from ``[w1; w3]``, or ``w3``'s own arrays with ``spec.separate_up``), and writes
     ``silu(gate) * up`` (:func:`~moec.lower.kernels.rowwise.fast_silu`, as ``row_silu``).
     ``params`` is an :class:`~moec.lower.schedules.x86.X86Params` (lanes, int8_tile_vectors,
-    int8_chains, prefetch_words, prefetch_locality). ``portable``: the VNNI and VBMI instructions as
-    plain TIR (:func:`portable_dpbusd`; tests on hosts without them).
+    int8_chains, int8_plane_masks, int8_claim_lanes, prefetch_words, prefetch_locality; ``lanes`` that of
+    ``isa``). ``isa`` a :class:`~moec.lower.schedules.int8_common.DotIsa`: with signed code bytes (AVX2)
+    8-bit codes are recentred to ``q − 128`` and the zero point shifted to match, and odd planes are
+    never masked in place (a masked byte can exceed 127). ``portable``: 3-bit codes extracted without
+    ``vpmultishiftqb`` (VBMI).
     """
-    dpbusd = dot_instructions(portable)[0]
     bits, n, k, gs, lanes = spec.bits, spec.n, spec.k, spec.group_size, params.lanes
     step_words = 3 if bits == 3 else 1
     step_codes = 32 * step_words // bits
@@ -155,12 +183,15 @@ def vnni_gemv(spec: GemvSpec, params, portable: bool = False) -> tirx.PrimFunc:
     chains = max(1, min(params.int8_chains, dots_per_step))
     # odd planes masked in place (_step_dots): chain c holds planes t = c mod chains, so with an even
     # number of chains each chain's planes share one power of two, undone once per group
-    masked = params.int8_plane_masks and bits in (2, 4) and chains % 2 == 0
+    masked = isa.unsigned_codes and params.int8_plane_masks and bits in (2, 4) and chains % 2 == 0
+    recentre = 128 if bits == 8 and not isa.unsigned_codes else 0  # signed bytes: q - 128
+    # codes known to be small (0..15) may take the ISA's cheaper dot
+    step_dot = isa.small_dot if isa.small_dot is not None and bits <= 4 and not masked else isa.dot
     odd_shift = bits if masked else 0  # what an odd chain's sum is shifted right by, once per group
     acc_scope = stack_scope(vecs * lanes * 4)
     acc1_scope = stack_scope(vecs * max(chains - 1, 1) * lanes * 4)
-    if lanes != 16:
-        raise MoecError(f"the VNNI kernel works on 16 int32 lanes, not {lanes}")
+    if lanes != isa.lanes:
+        raise MoecError(f"internal: {lanes}-lane parameters for an ISA of {isa.lanes} int32 lanes")
     if gs % step_codes:
         raise MoecError(f"{bits}-bit int8-activation GEMV needs group_size a multiple of {step_codes}")
 
@@ -175,10 +206,12 @@ def vnni_gemv(spec: GemvSpec, params, portable: bool = False) -> tirx.PrimFunc:
                           T.ramp(gv * lanes % tile, 1, lanes)]
         sums = [acc0[v, T.ramp(0, 1, lanes)]] + [acc1[v * (chains - 1) + c - 1, T.ramp(0, 1, lanes)]
                                                  for c in range(1, chains)]
-        for d, (codes, slot) in enumerate(_step_dots(bits, words, masked, portable)):
-            x4 = T.reinterpret("int8x64", T.Broadcast(
+        for d, (codes, slot) in enumerate(_step_dots(bits, words, masked, portable, lanes)):
+            if recentre:
+                codes = codes ^ _splat(0x80808080, "uint32", lanes)
+            x4 = T.reinterpret(f"int8x{4 * lanes}", T.Broadcast(
                 T.reinterpret("int32", x8[r, T.ramp(step * step_codes + slot, 1, 4)]), lanes))
-            sums[d % chains] = dpbusd(sums[d % chains], codes, x4)
+            sums[d % chains] = step_dot(sums[d % chains], codes, x4)
         value = sums[-1]
         for i in range(chains - 2, -1, -1):  # folds to one chain once c is a constant
             value = T.if_then_else(c == i, sums[i], value)
@@ -189,7 +222,8 @@ def vnni_gemv(spec: GemvSpec, params, portable: bool = False) -> tirx.PrimFunc:
     def group_term(dot, scale, zero, sx, xsum, e, gv, g, lane, r, sup):
         """``scale * sx * (sum q*x8 - zero * sum x8)`` of group ``g``, row ``gv*lanes + lane``."""
         t, col = gv * lanes // tile, gv * lanes % tile + lane
-        return scaled_group_sum(dot, scale, zero, sx, xsum, e, t, col, g, r, bits, super_scale=sup, super_groups=sg)
+        return scaled_group_sum(dot, scale, zero, sx, xsum, e, t, col, g, r, bits, recentre,
+                                super_scale=sup, super_groups=sg)
 
     swiglu = spec.swiglu
     up_offset = 0 if spec.separate_up else nb  # w3's first vector in the weight it is read from

@@ -68,7 +68,7 @@ def vnni_grouped_gemm(spec: GroupedGemmSpec, params, portable: bool = False) -> 
         for codes, slot in _step_dots(bits, words_of(weight, e, gv, step), portable=portable):
             x4 = T.reinterpret("int8x64", T.Broadcast(
                 T.reinterpret("int32", x8[row, T.ramp(step * step_codes + slot, 1, 4)]), lanes))
-            value = dpbusd(value, codes, x4)
+            value = dpbusd(value, T.reinterpret("int8x64", codes), x4)
         return value
 
     @T.macro
@@ -80,8 +80,7 @@ def vnni_grouped_gemm(spec: GroupedGemmSpec, params, portable: bool = False) -> 
 
     def unpacked_word(weight, e, gv, step, d):
         """Dot ``d`` (a constant once unrolled) of a 3-bit step's codes: one code per byte, as uint32x16."""
-        dots = [T.reinterpret("uint32x16", codes) for codes, _ in _step_dots(bits, words_of(weight, e, gv, step),
-                                                                                portable=portable)]
+        dots = [codes for codes, _ in _step_dots(bits, words_of(weight, e, gv, step), portable=portable)]
         value = dots[-1]
         for i in range(len(dots) - 2, -1, -1):  # folds to one dot once d is a constant
             value = T.if_then_else(d == i, dots[i], value)

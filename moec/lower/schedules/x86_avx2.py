@@ -1,0 +1,73 @@
+"""x86 AVX2 int8-activation decode GEMVs (fixed and nested): the VNNI kernels' definitions on AVX2 dots.
+
+AVX2 has no 4-byte dot instruction; ``vpmaddubsw`` (unsigned bytes times signed bytes, adjacent pairs
+summed to saturating int16) then ``vpmaddwd`` against ones (adjacent int16 pairs to int32) computes
+``vpdpbusd``'s per-lane sum of 4 products, exactly while no pair sum leaves int16:
+
+- codes up to 4 bits (0..15, odd planes shifted down, never masked in place): a pair is at most
+  ``2 · 15 · 127 = 3810``, so :func:`small_dot` multiplies them as they are (3 instructions a dot);
+- 8-bit codes are recentred to signed ``q − 128`` (the zero point shifted to match, as on ARM) and
+  :func:`dot` moves their sign onto the activation (``vpabsb``, ``vpsignb``): ``|c| · sign(c)·x``, a pair
+  at most ``2 · 128 · 127 = 32512`` (activations are ``−127..127``, codes ``−128..127``; 5 instructions).
+
+The fixed GEMV is :func:`moec.lower.schedules.x86_vnni.int8_gemv` and the nested one
+:func:`moec.lower.schedules.int8_nested.int8_nested_gemv`, both on :data:`AVX2` (8 int32 lanes, one ymm
+register; signed code bytes; plain bit selects). 3-bit fixed weights keep float32 activations (their
+code extraction needs AVX-512 VBMI); the nested kernel serves 3-bit widths (its nibble rebuild puts
+every width up to 4 bits one code to a byte). Prefill keeps float32 activations (no AVX2 grouped GEMM).
+"""
+
+# No `from __future__ import annotations`: TVMScript needs the evaluated buffer annotations.
+
+from tvm import tirx
+from tvm.script import tirx as T
+
+from moec.lower.kernels.gemv import GemvSpec
+from moec.lower.kernels.nested_gemv import NestedGemvSpec
+from moec.lower.schedules.int8_common import DotIsa, plain_select, splat
+from moec.lower.schedules.int8_nested import int8_nested_gemv
+from moec.lower.schedules.x86_vnni import int8_gemv
+
+LANES = 8  # int32 rows per ymm register
+
+#: Bit widths of fixed weights with an AVX2 int8-activation GEMV.
+AVX2_BITS: tuple[int, ...] = (2, 4, 8)
+
+
+def _pairs(u8, s8):
+    """``vpmaddubsw``: int16 lane ``j`` = ``u8[2j]·s8[2j] + u8[2j+1]·s8[2j+1]`` (saturating)."""
+    return T.call_llvm_pure_intrin("int16x16", "llvm.x86.avx2.pmadd.ub.sw", u8, s8)
+
+
+def _quads(pairs):
+    """``vpmaddwd`` against ones: int32 lane ``i`` = ``pairs[2i] + pairs[2i+1]``."""
+    return T.call_llvm_pure_intrin("int32x8", "llvm.x86.avx2.pmadd.wd", pairs, splat(1, 16, "int16"))
+
+
+def small_dot(acc, codes, x4):
+    """``acc`` plus, per lane, the 4 products of ``codes`` bytes (0..15) and ``x4`` bytes (int8)."""
+    return acc + _quads(_pairs(T.reinterpret("int8x32", codes), x4))
+
+
+def dot(acc, codes, x4):
+    """``acc`` plus, per lane, the 4 products of signed ``codes`` bytes and ``x4`` bytes (−127..127)."""
+    c = T.reinterpret("int8x32", codes)
+    signed_x = T.call_llvm_pure_intrin("int8x32", "llvm.x86.avx2.psign.b", x4, c)
+    return acc + _quads(_pairs(T.abs(c), signed_x))
+
+
+def avx2_isa(claim_lanes: int = 0) -> DotIsa:
+    """The AVX2 :class:`~moec.lower.schedules.int8_common.DotIsa`."""
+    return DotIsa(LANES, dot, plain_select(LANES), unsigned_codes=False, claim_lanes=claim_lanes,
+                  small_dot=small_dot)
+
+
+def avx2_gemv(spec: GemvSpec, params) -> tirx.PrimFunc:
+    """The AVX2 int8-activation GEMV; ``params`` an :class:`~moec.lower.schedules.x86.X86Params` on 8 lanes
+    (``x86.gemv_params`` of an AVX2 target)."""
+    return int8_gemv(spec, params, avx2_isa(params.int8_claim_lanes))
+
+
+def avx2_nested_gemv(spec: NestedGemvSpec, params) -> tirx.PrimFunc:
+    """The AVX2 int8-activation nested GEMV (``int8_nested_tile_vectors``, ``int8_claim_lanes``)."""
+    return int8_nested_gemv(spec, avx2_isa(params.int8_claim_lanes), params.int8_nested_tile_vectors)
