@@ -205,9 +205,10 @@ class KernelEmitter(LinearEmitter):
         if int8 and rows is None:
             rows = bb.emit(relax.op.arange(0, x.ty.shape[0], 1, "int32"))
         key = ("gemm", entry.bits, n, k, entry.group_size, entry.stacked or 1, "int8" if int8 else "float32",
-               entry.scales)
-        if key not in self._kernels:
-            self._kernels[key] = make_grouped_gemm(*key[1:6], self.target, activations=key[6], scales=entry.scales)
+               entry.scales, self._acts(entry.bits))
+        if key not in self._kernels:  # on the layout tile of the weight's decode GEMV (its activations: key[8])
+            self._kernels[key] = make_grouped_gemm(*key[1:6], self.target, activations=key[6], scales=entry.scales,
+                                                   layout_activations=key[8])
         gv = add_kernel(bb, self._kernels[key], _symbol("gemm", entry, "i8" if int8 else ""))
         out_rows = (rows if int8 else x).ty.shape[0]
         args = [x] + ([rows] if int8 else []) + self._weight_args(entry, vars_, name) + [offsets]

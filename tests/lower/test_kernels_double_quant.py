@@ -99,7 +99,7 @@ def _vnni():
 
 
 @pytest.mark.parametrize("bits", [2, 3, 4, 8])
-@pytest.mark.parametrize("family", ["x86-vnni", "x86-portable", "arm-dotprod"])
+@pytest.mark.parametrize("family", ["x86-vnni", "x86-avx2", "x86-portable", "arm-dotprod"])
 def test_int8_activation_gemv_reads_u8_scales(bits, family):
     """int8 activations: exact against the int8-rounded input times the dequantized weights."""
     from moec.lower.kernels.activations import dequantized_activations
@@ -109,6 +109,19 @@ def test_int8_activation_gemv_reads_u8_scales(bits, family):
     if family == "x86-vnni":
         if not _vnni():
             pytest.skip("no AVX-512 VNNI on this host")
+        tile = kernel_tile(target, n, bits, "int8")
+        func = make_gemv(bits, n, k, gs, experts, top_k, target, x_per_expert=per_expert, activations="int8",
+                         scales="u8")
+    elif family == "x86-avx2":  # built for Haswell (no AVX-512), run on this host
+        import platform
+
+        import tvm
+        from tvm.target import codegen
+        if platform.machine() != "x86_64" or not codegen.target_has_features("avx2", target):
+            pytest.skip("no AVX2 on this host")
+        if bits == 3:
+            pytest.skip("the AVX2 GEMV has no 3-bit path")
+        target = tvm.target.Target({"kind": "llvm", "mcpu": "haswell"})
         tile = kernel_tile(target, n, bits, "int8")
         func = make_gemv(bits, n, k, gs, experts, top_k, target, x_per_expert=per_expert, activations="int8",
                          scales="u8")

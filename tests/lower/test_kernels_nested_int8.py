@@ -1,17 +1,20 @@
 """Int8-activation nested GEMVs (x86 VNNI, ARM dotprod): every derived width against an integer reference of
 the int8 activations, the stored width bit-identical to the fixed int8 kernel, skipped planes never loaded.
 
-Each test runs the x86 kernel with its VNNI instructions where the host has them ("x86"), and everywhere
-the same kernel with those instructions as plain TIR ("x86-portable") and the ARM kernel with ``sdot`` as
+Each test runs the x86 kernel with its VNNI instructions where the host has them ("x86"), the x86 kernel
+built for an AVX2 target (Haswell, ``x86_avx2``) where the host has AVX2 ("x86-avx2"), and everywhere
+the same VNNI kernel with its instructions as plain TIR ("x86-portable") and the ARM kernel with ``sdot`` as
 plain TIR ("arm-portable"); the ARM kernel's real ``sdot`` runs on the emulated arm64 device
 (``tests/hardware``) and its codegen is checked below."""
 
 from __future__ import annotations
 
+import platform
 import re
 
 import numpy as np
 import pytest
+import tvm
 from tvm.target import codegen
 
 from moec.core.errors import MoecError
@@ -34,20 +37,33 @@ from kernel_helpers import assert_close, call
 pytestmark = pytest.mark.tvm
 
 VNNI = codegen.target_has_features("avx512vnni", host_target())
-ISAS = ["x86", "x86-portable", "arm-portable"]
+HAS_AVX2 = platform.machine() == "x86_64" and codegen.target_has_features("avx2", host_target())
+AVX2 = tvm.target.Target({"kind": "llvm", "mcpu": "haswell"})
+ISAS = ["x86", "x86-avx2", "x86-portable", "arm-portable"]
+
+
+def _target(isa):
+    """The target an x86 kernel is built for (``x86-avx2``: Haswell, needs an AVX2 host); skips if the host lacks it."""
+    if isa == "x86" and not VNNI:
+        pytest.skip("needs AVX-512 VNNI")
+    if isa == "x86-avx2" and not HAS_AVX2:
+        pytest.skip("needs an x86 host with AVX2")
+    return AVX2 if isa == "x86-avx2" else host_target()
 
 
 def _tile(isa, n):
-    return arm.PARAMS.tile_for(n, None, "int8") if isa == "arm-portable" else kernel_tile(host_target(), n, None, "int8")
+    if isa == "arm-portable":
+        return arm.PARAMS.tile_for(n, None, "int8")
+    return kernel_tile(AVX2 if isa == "x86-avx2" else host_target(), n, None, "int8")
 
 
 def _nested_kernel(isa, storage, n, k, gs, experts, top_k, x_per_expert=False):
     """The compiled int8 nested GEMV of ``isa`` for the host."""
-    if isa == "x86":
-        if not VNNI:
-            pytest.skip("needs AVX-512 VNNI")
-        func = make_nested_gemv(storage, n, k, gs, experts, top_k, host_target(), x_per_expert=x_per_expert,
+    if isa in ("x86", "x86-avx2"):
+        target = _target(isa)
+        func = make_nested_gemv(storage, n, k, gs, experts, top_k, target, x_per_expert=x_per_expert,
                                 activations="int8")
+        return compile_kernel(func, target)
     else:
         spec = NestedGemvSpec(storage, n, k, gs, experts, top_k, _tile(isa, n), x_per_expert)
         func = (vnni_nested_gemv(spec, x86.PARAMS, portable=True) if isa == "x86-portable"
@@ -106,15 +122,15 @@ def test_int8_nested_gemv_serves_each_width_at_run_time(isa, storage, per_expert
             assert_close(y[r], dequantize_nested(nws[e], prec[e]) @ dequantized_activations(xr[None], gs)[0])
 
 
-@pytest.mark.parametrize("isa", ["x86", "arm-portable"])
+@pytest.mark.parametrize("isa", ["x86", "x86-avx2", "arm-portable"])
 @pytest.mark.parametrize("storage", [8, 4])
 def test_stored_width_is_bit_identical_to_the_fixed_int8_kernel(isa, storage):
-    """(ARM: 8-bit codes recentred to signed bytes in both kernels, the zero point shifted to match.)"""
+    """(ARM and AVX2: 8-bit codes recentred to signed bytes in both kernels, the zero point shifted to match.)"""
     n, k, gs, experts = 64, 256, 64, 3
     pws, nws, stack = _experts(storage, n, k, gs, experts, seed=4, isa=isa)
-    target = host_target()
+    target = host_target() if isa == "arm-portable" else _target(isa)
     nested = _nested_kernel(isa, storage, n, k, gs, experts, 2)
-    if isa == "x86":
+    if isa != "arm-portable":
         fixed = compile_kernel(make_gemv(storage, n, k, gs, experts, 2, target, activations="int8"), target)
         ftile = kernel_tile(target, n, storage, "int8")
     else:
@@ -171,7 +187,7 @@ def test_arm_int8_nested_gemv_emits_sdot_for_raspberry_pi_5():
     assert len(re.findall(r"^\s+sdot\s+v\d+\.4s", asm, re.M)) >= 4 * 2 * 16
 
 
-@pytest.mark.parametrize("isa", ["x86", "x86-portable"])
+@pytest.mark.parametrize("isa", ["x86", "x86-avx2", "x86-portable"])
 @pytest.mark.parametrize("threads", [1, 2])
 def test_int8_nested_claimed_tasks_match_the_static_split(monkeypatch, isa, threads):
     """24 tasks (8 row tiles x 3 routed rows) are claimed with ``lock bts``: the output equals TVM's static
@@ -180,23 +196,22 @@ def test_int8_nested_claimed_tasks_match_the_static_split(monkeypatch, isa, thre
 
     from moec.runtime.session import use_threads
 
-    if isa == "x86" and not VNNI:
-        pytest.skip("needs AVX-512 VNNI")
+    target = host_target() if isa == "x86-portable" else _target(isa)
     n, k, gs, experts, top_k = 512, 64, 32, 4, 3
-    _, nws, stack = _experts(8, n, k, gs, experts, seed=7)
+    _, nws, stack = _experts(8, n, k, gs, experts, seed=7, isa=isa)
     x = np.random.default_rng(8).standard_normal((1, k)).astype(np.float32)
     prec, ids = [2, 8, 3, 4], [3, -1, 1]
     outs, scripts = [], []
     for lanes in (0, 16):
         params = dataclasses.replace(x86.PARAMS, int8_claim_lanes=lanes)
         monkeypatch.setattr(x86, "PARAMS", params)
-        if isa == "x86":
-            func = make_nested_gemv(8, n, k, gs, experts, top_k, host_target(), activations="int8")
-        else:
+        if isa == "x86-portable":
             spec = NestedGemvSpec(8, n, k, gs, experts, top_k, _tile(isa, n))
             func = vnni_nested_gemv(spec, params, portable=True)
+        else:
+            func = make_nested_gemv(8, n, k, gs, experts, top_k, target, activations="int8")
         scripts.append(func.script())
-        mod = compile_kernel(func, host_target())
+        mod = compile_kernel(func, target)
         use_threads(threads)
         outs.append(_run(mod, nws, stack, x, prec, ids, n))
     assert "atomic.bts" not in scripts[0] and "atomic.bts" in scripts[1]

@@ -96,7 +96,7 @@ def make_gemv(bits: int, n: int, k: int, group_size: int, num_stacked: int, top_
 
 def make_grouped_gemm(bits: int, n: int, k: int, group_size: int, num_stacked: int,
                       target: tvm.target.Target, activations: str = "float32",
-                      scales: str = DEFAULT_SCALES) -> tvm.tirx.PrimFunc:
+                      scales: str = DEFAULT_SCALES, layout_activations: str | None = None) -> tvm.tirx.PrimFunc:
     """Prefill grouped GEMM for one bit class, scheduled for ``target``'s family.
 
     Parameters
@@ -104,6 +104,10 @@ def make_grouped_gemm(bits: int, n: int, k: int, group_size: int, num_stacked: i
     bits, n, k, group_size, num_stacked, target, activations
         As for :func:`make_gemv` (``"int8"``: quantized weights, families with an int8 grouped
         GEMM: x86 with AVX-512 VNNI).
+    layout_activations : str, optional
+        The activations of the weight's decode GEMV, whose layout tile (``kernel_tile``) the GEMM reads
+        (default ``activations``): an AVX2 host's float32 prefill reads 2- and 4-bit weights laid out
+        for its int8 decode GEMV.
 
     Returns
     -------
@@ -120,7 +124,8 @@ def make_grouped_gemm(bits: int, n: int, k: int, group_size: int, num_stacked: i
     """
     family = family_module(target)
     _check_activations(activations)
-    spec = GroupedGemmSpec(bits, n, k, group_size, num_stacked, family.PARAMS.tile_for(n, bits, activations), scales)
+    tile = kernel_tile(target, n, bits, layout_activations or activations)
+    spec = GroupedGemmSpec(bits, n, k, group_size, num_stacked, tile, scales)
     _check_scales(scales, tvm.target.Target(target), activations)
     if activations == "int8":
         if bits not in INT8_ACTIVATION_BITS:
@@ -192,5 +197,5 @@ def make_nested_grouped_gemm(storage_bits: int, n: int, k: int, group_size: int,
     ``layout_activations`` are those of the stack's decode GEMV, whose layout tile it reads.
     """
     family = family_module(target)
-    spec = NestedGroupedSpec(storage_bits, n, k, group_size, num_stacked, family.PARAMS.tile_for(n, None, layout_activations))
+    spec = NestedGroupedSpec(storage_bits, n, k, group_size, num_stacked, kernel_tile(target, n, None, layout_activations))
     return nested_grouped_definition(spec, family.grouped_gemm_params())

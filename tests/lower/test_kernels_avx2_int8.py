@@ -1,0 +1,169 @@
+"""The x86 int8-activation GEMV on AVX2 (``x86_avx2``): its dots against numpy, the kernel against the int8
+reference at every width it takes, built for an AVX2 target (Haswell: no AVX-512) and run on this host.
+(The nested AVX2 kernel is tested with the other int8 nested kernels, ``test_kernels_nested_int8.py``.)"""
+
+from __future__ import annotations
+
+import dataclasses
+import platform
+import re
+
+import numpy as np
+import pytest
+import tvm
+from tvm.target import codegen
+
+from moec.core.errors import MoecError
+from moec.lower.kernel_linear import KernelEmitter
+from moec.lower.kernels.activations import dequantized_activations
+from moec.lower.kernels.factory import compile_kernel, host_target, make_gemv, make_grouped_gemm, make_nested_gemv
+from moec.lower.kernels.layout import stack_kernel_layouts, swiglu_weight, to_kernel_layout
+from moec.lower.schedules import kernel_tile, x86
+from moec.lower.schedules.x86_avx2 import dot, small_dot
+from moec.quant.packed_model import pack_weight
+
+from kernel_helpers import assert_close, call, weight_args
+
+pytestmark = pytest.mark.tvm
+
+if platform.machine() != "x86_64" or not codegen.target_has_features("avx2", host_target()):
+    pytest.skip("an x86 host with AVX2", allow_module_level=True)
+
+AVX2 = tvm.target.Target({"kind": "llvm", "mcpu": "haswell"})
+
+
+def _packed(bits, n, k, gs, experts, seed):
+    rng = np.random.default_rng(seed)
+    return [pack_weight((rng.standard_normal((n, k)) * 0.1).astype(np.float32), bits, gs) for _ in range(experts)]
+
+
+def _stack(pws, n, bits):
+    return stack_kernel_layouts([to_kernel_layout(p, kernel_tile(AVX2, n, bits, "int8")) for p in pws])
+
+
+@pytest.mark.parametrize("which", ["dot", "small_dot"])
+def test_avx2_dots_equal_four_byte_products(which):
+    """``dot``: signed codes -128..127 (the extremes included) times activations -127..127, pair sums up to
+    32512, no saturation; ``small_dot``: codes 0..15."""
+    from tvm.script import tirx as T
+    fn = dot if which == "dot" else small_dot
+    rng = np.random.default_rng(0)
+    if which == "dot":
+        codes = rng.integers(-128, 128, 32).astype(np.int8)
+        codes[:8] = -128
+        x4 = rng.integers(-127, 128, 32).astype(np.int8)
+        x4[:4], x4[4:8] = -127, 127
+    else:
+        codes = rng.integers(0, 16, 32).astype(np.int8)
+        codes[:4] = 15
+        x4 = rng.integers(-127, 128, 32).astype(np.int8)
+        x4[:4] = -127
+    acc = rng.integers(-1000, 1000, 8).astype(np.int32)
+
+    @T.prim_func
+    def kernel(c: T.Buffer((32,), "int8"), x: T.Buffer((32,), "int8"), a: T.Buffer((8,), "int32"),
+               out: T.Buffer((8,), "int32")):
+        out[T.ramp(0, 1, 8)] = fn(a[T.ramp(0, 1, 8)], T.reinterpret("uint32x8", c[T.ramp(0, 1, 32)]),
+                                  x[T.ramp(0, 1, 32)])
+
+    got = call(compile_kernel(kernel, AVX2), "main", [codes, x4, acc, np.zeros(8, np.int32)])
+    want = acc + (codes.astype(np.int64) * x4.astype(np.int64)).reshape(8, 4).sum(1)
+    np.testing.assert_array_equal(got, want)
+
+
+@pytest.mark.parametrize("bits", [2, 4, 8])
+@pytest.mark.parametrize("n,per_expert", [(48, True), (1024, False)], ids=["n48-partial-task", "n1024-claimed"])
+def test_avx2_gemv_matches_the_int8_reference(bits, n, per_expert):
+    """N = 48: one partial task; N = 1024: tiles of one task (32 rows at 2/4 bits), claimed tasks; an unrouted
+    row is written 0."""
+    k, gs, experts, top_k = 256, 64, 3, 2
+    func = make_gemv(bits, n, k, gs, experts, top_k, AVX2, x_per_expert=per_expert, activations="int8")
+    assert ("atomic.bts" in func.script()) == (n == 1024)
+    pws = _packed(bits, n, k, gs, experts, seed=bits)
+    x = np.random.default_rng(bits + 1).standard_normal((top_k if per_expert else 1, k)).astype(np.float32)
+    ids = np.array([2, 0] if per_expert else [-1, 1], np.int32)
+    out = call(compile_kernel(func, AVX2), "gemv",
+               [x] + weight_args(_stack(pws, n, bits)) + [ids, np.full((top_k, n), 7.0, np.float32)])
+    xq = dequantized_activations(x, gs)
+    for r, e in enumerate(ids):
+        if e < 0:
+            assert (out[r] == 0).all()
+        else:
+            assert_close(out[r], xq[r if per_expert else 0] @ pws[e].dequantize().T)
+
+
+def test_avx2_gemv_extreme_codes_do_not_saturate():
+    """8-bit codes at 0 and 255 (recentred to -128 and 127) against activations at ±127: every pair sum at
+    its bound; the kernel's output equals the exact integer sum."""
+    n, k, gs, experts = 16, 64, 64, 1
+    w = np.where(np.arange(k) % 2 == 0, 1.0, -1.0)[None].repeat(n, 0).astype(np.float32)
+    w[:, :4] = 1.0
+    pw = pack_weight(w, 8, gs)
+    assert pw.dequantize().min() < 0 < pw.dequantize().max()
+    x = np.where(np.arange(k) % 2 == 0, 1.0, -1.0)[None].astype(np.float32)
+    func = make_gemv(8, n, k, gs, experts, 1, AVX2, activations="int8")
+    out = call(compile_kernel(func, AVX2), "gemv",
+               [x] + weight_args(_stack([pw], n, 8)) + [np.array([0], np.int32), np.zeros((1, n), np.float32)])
+    np.testing.assert_allclose(out[0], dequantized_activations(x, gs)[0] @ pw.dequantize().T.astype(np.float64),
+                               rtol=1e-5)
+
+
+def test_avx2_swiglu_gemv():
+    """Gate and up from one ``[w1; w3]`` stack (u8 scales: ``test_kernels_double_quant.py``)."""
+    n, k, gs, experts, top_k, bits = 64, 128, 32, 2, 2, 4
+    w1, w3 = _packed(bits, n, k, gs, experts, 5), _packed(bits, n, k, gs, experts, 6)
+    mod = compile_kernel(make_gemv(bits, n, k, gs, experts, top_k, AVX2, swiglu=True, activations="int8"), AVX2)
+    tile = kernel_tile(AVX2, n, bits, "int8")
+    stack = stack_kernel_layouts([to_kernel_layout(swiglu_weight(a, b), tile) for a, b in zip(w1, w3)])
+    x = np.random.default_rng(7).standard_normal((1, k)).astype(np.float32)
+    ids = np.array([1, 0], np.int32)
+    out = call(mod, "gemv", [x] + weight_args(stack) + [ids, np.zeros((top_k, n), np.float32)])
+    xq = dequantized_activations(x, gs)[0]
+    gate = np.stack([xq @ w1[e].dequantize().T for e in ids])
+    up = np.stack([xq @ w3[e].dequantize().T for e in ids])
+    np.testing.assert_allclose(out, gate / (1 + np.exp(-gate)) * up, rtol=2e-3, atol=2e-3 * np.abs(up).max())
+
+def test_avx2_claimed_tasks_match_the_static_split(monkeypatch):
+    """The same call with claimed tasks (16 lanes) and TVM's static split: equal bit for bit."""
+    n, k, gs, experts, top_k, bits = 512, 128, 64, 3, 3, 4
+    pws = _packed(bits, n, k, gs, experts, 9)
+    x = np.random.default_rng(10).standard_normal((1, k)).astype(np.float32)
+    args = [x] + weight_args(_stack(pws, n, bits)) + [np.array([2, -1, 0], np.int32)]
+    outs = []
+    for lanes in (0, 16):
+        monkeypatch.setattr(x86, "PARAMS", dataclasses.replace(x86.PARAMS, int8_claim_lanes=lanes))
+        func = make_gemv(bits, n, k, gs, experts, top_k, AVX2, activations="int8")
+        assert ("atomic.bts" in func.script()) == (lanes > 0)
+        outs.append(call(compile_kernel(func, AVX2), "gemv", args + [np.zeros((top_k, n), np.float32)]))
+    assert np.array_equal(outs[0], outs[1])
+
+
+def test_avx2_build_emits_avx2_dots_and_no_avx512():
+    """The AVX2 build's dots are ``vpmaddubsw`` + ``vpmaddwd`` on ymm registers (8-bit: ``vpsignb`` too), no zmm."""
+    for bits, sign in ((4, False), (8, True)):
+        func = make_gemv(bits, 64, 256, 64, 2, 1, AVX2, activations="int8")
+        asm = tvm.compile(tvm.IRModule({"gemv": func}), target=AVX2).mod.inspect_source("asm")
+        assert len(re.findall(r"vpmaddubsw\s+%ymm", asm)) >= 4  # a step: 4 vectors x planes
+        assert re.search(r"vpmaddwd\s+", asm) and "zmm" not in asm and "vpdpbusd" not in asm
+        assert bool(re.search(r"vpsignb\s+", asm)) == sign
+
+
+def test_avx2_widths_and_targets():
+    """3-bit fixed weights have no AVX2 int8 GEMV (one-line error; ``auto`` keeps them on float32, as the
+    prefill's grouped GEMMs); the nested kernel serves 3-bit widths; 2/4-bit tiles are one task's rows;
+    no AVX2: no int8 kernel."""
+    with pytest.raises(MoecError, match="3-bit int8 activations need avx512vnni, avx512vbmi.*AVX2 kernels take 2, 4, 8"):
+        make_gemv(3, 64, 256, 64, 2, 1, AVX2, activations="int8")
+    with pytest.raises(MoecError, match="avx512vnni"):
+        make_grouped_gemm(4, 64, 256, 64, 2, AVX2, activations="int8")
+    make_nested_gemv(8, 64, 256, 64, 2, 1, AVX2, activations="int8")
+    p = x86.gemv_params(AVX2)
+    assert p.lanes == 8 and kernel_tile(AVX2, 1024, 4, "int8") == p.lanes * p.avx2_int8_tile_vectors
+    assert kernel_tile(AVX2, 1024, 4, "float32") == 16 and kernel_tile(AVX2, 1024, 8, "int8") == 16
+    emitter = KernelEmitter(AVX2)
+    assert emitter.activations == "int8"
+    assert [emitter._acts(b) for b in (2, 3, 4, 8)] == ["int8", "float32", "int8", "int8"]
+    sse = tvm.target.Target({"kind": "llvm", "mcpu": "nehalem"})
+    with pytest.raises(MoecError, match="need AVX2"):
+        make_gemv(4, 64, 256, 64, 2, 1, sse, activations="int8")
+    assert KernelEmitter(sse).activations == "float32"
