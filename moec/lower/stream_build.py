@@ -24,7 +24,7 @@ from moec.core.errors import MoecError
 from moec.core.targets import TargetPreset
 from moec.core.outputs import work_dir
 from moec.lower.backends import backend_for
-from moec.lower.bundler import build_bundle_from_params, preset_has_nested_kernels, resolved_activations
+from moec.lower.bundler import build_bundle_from_params, preset_has_nested_kernels
 from moec.lower.kernels.activations import AUTO
 from moec.lower.kernel_linear import KernelEmitter
 from moec.lower.params import ModelParams, WeightEntry, _arrays, _stack, nested_entry, nested_entry_name
@@ -213,6 +213,6 @@ def compile_streaming(ckpt: LazyCheckpoint, plan: BitPlan, preset: TargetPreset,
         files = {WEIGHTS_BIN: Path(tmp) / WEIGHTS_BIN, WEIGHTS_INDEX: Path(tmp) / WEIGHTS_INDEX}
         return build_bundle_from_params(ckpt.cfg, plan, sp.params, preset, out, tokenizer_path,
                                         extra_manifest=extra_manifest, debug_dump=debug_dump, on_stage=on_stage,
-                                        extra_files=extra_files, activations=resolved_activations(emitter),
+                                        extra_files=extra_files, activations=activations,  # auto resolves alike again
                                         weight_files=files,
                                         plan_bytes=sp.packed_bytes, force=force, sign_key=sign_key)

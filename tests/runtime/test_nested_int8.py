@@ -1,6 +1,9 @@
 """Nested bundles with int8 activations (``moec compile --nested 8 --activations int8``): the routed
-experts run the VNNI nested GEMV; at the stored width the bundle equals the fixed int8 bundle of the
-same plan bit for bit, and a plan switch mid-generation follows the float32-activation nested bundle."""
+experts run the int8 nested GEMV; at the stored width the bundle equals the fixed int8 bundle of the
+same plan bit for bit, and a plan switch mid-generation follows the float32-activation nested bundle.
+Each test runs for the host on AVX-512 VNNI ("vnni") and for the ``x86-64-v3`` preset (AVX2 kernels,
+"avx2"; built on any x86 host with AVX2, the CI machine included), whose streamed compile also takes
+a mixed 2/3/4/8 plan under ``auto`` (3-bit experts and the prefill GEMMs on float32 activations)."""
 
 from __future__ import annotations
 
@@ -15,20 +18,25 @@ from moec.cli.main import cli
 from moec.lower.kernels.factory import host_target
 from tests.runtime.nested_fixtures import GS, mixed_plan
 
-pytestmark = [pytest.mark.tvm, pytest.mark.skipif(
-    not codegen.target_has_features("avx512vnni", host_target()), reason="needs AVX-512 VNNI")]
+pytestmark = pytest.mark.tvm
+
+NEEDS = {"vnni": "avx512vnni", "avx2": "avx2"}  # the host feature each variant's bundles run on
+TARGETS = {"vnni": "host", "avx2": "x86-64-v3"}
 
 
-@pytest.fixture(scope="module")
-def bundles(tmp_path_factory):
+@pytest.fixture(scope="module", params=["vnni", "avx2"])
+def bundles(request, tmp_path_factory):
     """(root with nested_i8, fixed_i8 and nested_f32 bundles of one tiny checkpoint, the mixed plan file)."""
     from tests.conftest import make_tiny_checkpoint
-    root = tmp_path_factory.mktemp("nested_int8")
+    if not codegen.target_has_features(NEEDS[request.param], host_target()):
+        pytest.skip(f"needs {NEEDS[request.param]}")
+    root = tmp_path_factory.mktemp(f"nested_int8_{request.param}")
     ckpt = root / "ckpt"
     cfg = make_tiny_checkpoint(ckpt, seed=5)
     plan_file = root / "mixed.json"
     plan_file.write_text(json.dumps(mixed_plan(cfg).to_json()))
-    common = [str(ckpt), "--plan", "uniform:8", "--group-size", str(GS), "--method", "rtn"]
+    common = [str(ckpt), "--plan", "uniform:8", "--group-size", str(GS), "--method", "rtn",
+              "--target", TARGETS[request.param]]
     for name, extra in (("nested_i8", ["--nested", "8", "--activations", "int8"]),
                         ("nested_f32", ["--nested", "8", "--activations", "float32"]),
                         ("fixed_i8", ["--activations", "int8"])):
@@ -91,3 +99,32 @@ def test_plan_switch_mid_generation_with_int8_activations(bundles):
         for i in range(4, 8):
             logits = fixed.step(runs["nested_i8"][0][i])
             assert not np.array_equal(logits, runs["nested_i8"][1][i])
+
+
+def test_auto_mixed_plan_on_avx2_runs_int8_where_kernels_exist(bundles, tmp_path):
+    """``x86-64-v3`` under ``auto`` with a mixed 2/3/4/8 plan (streamed compile): the manifest says int8; 2/4/8-bit
+    experts run the AVX2 int8 GEMVs, 3-bit ones and the prefill the float32 kernels; greedy tokens equal the
+    float32 bundle's."""
+    from moec.runtime.session import BundleSession
+    root, plan_file = bundles
+    if "avx2" not in root.name:
+        pytest.skip("the x86-64-v3 variant")
+    ckpt = root / "ckpt"
+    common = [str(ckpt), "--plan", str(plan_file), "--group-size", str(GS), "--method", "rtn", "--target", "x86-64-v3"]
+    for name, acts in (("auto", "auto"), ("f32", "float32")):
+        res = CliRunner().invoke(cli, ["compile", *common, "--activations", acts, "--out", str(tmp_path / name)])
+        assert res.exit_code == 0, res.output
+    assert json.loads((tmp_path / "auto" / "manifest.json").read_text())["activations"] == "int8"
+    runs = []
+    for name in ("auto", "f32"):
+        with BundleSession(tmp_path / name) as sess:
+            prompt = sess.tokenizer.encode("Experts in a mixture").ids
+            logits = sess.prefill(prompt)
+            tokens, steps = [], []
+            for _ in range(8):
+                tokens.append(int(np.argmax(logits)))
+                logits = sess.step(tokens[-1])
+                steps.append(logits)
+            runs.append((tokens, steps))
+    assert runs[0][0] == runs[1][0]
+    assert not all(np.array_equal(a, b) for a, b in zip(runs[0][1], runs[1][1]))  # int8 activations ran
