@@ -167,3 +167,13 @@ def test_avx2_widths_and_targets():
     with pytest.raises(MoecError, match="need AVX2"):
         make_gemv(4, 64, 256, 64, 2, 1, sse, activations="int8")
     assert KernelEmitter(sse).activations == "float32"
+
+
+def test_avx512_without_vnni_is_refused_in_one_line():
+    """Skylake-SP (AVX-512F/BW, no VNNI): 16-lane parameters, no int8 kernel; ``auto`` keeps float32."""
+    skx = tvm.target.Target({"kind": "llvm", "mcpu": "skylake-avx512"})
+    with pytest.raises(MoecError, match="on an AVX-512 target need avx512vnni"):
+        make_gemv(4, 64, 256, 64, 2, 1, skx, activations="int8")
+    with pytest.raises(MoecError, match="on an AVX-512 target need avx512vnni"):
+        make_nested_gemv(8, 64, 256, 64, 2, 1, skx, activations="int8")
+    assert KernelEmitter(skx).activations == "float32"

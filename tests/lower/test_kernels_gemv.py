@@ -286,13 +286,13 @@ def test_unsupported_shapes_raise_clear_errors():
     with pytest.raises(MoecError, match="unknown activations 'fp8'"):
         make_gemv(4, 64, 64, 32, 2, 1, target, activations="fp8")
     no_vnni = tvm.target.Target({"kind": "llvm", "mcpu": "skylake-avx512", "mtriple": "x86_64-linux-gnu"})
-    with pytest.raises(MoecError, match="lacks avx512vnni"):
+    with pytest.raises(MoecError, match="AVX-512 target need avx512vnni, which .* lacks"):
         make_gemv(4, 64, 64, 32, 2, 1, no_vnni, activations="int8")
 
 
 def test_target_family_registry():
     assert target_family(host_target()) == "x86"
-    x86_64 = tvm.target.Target({"kind": "llvm", "mtriple": "x86_64-linux-gnu"})
+    x86_64 = tvm.target.Target({"kind": "llvm", "mtriple": "x86_64-linux-gnu", "mcpu": "icelake-server"})
     # int8 activations at 2 and 4 bits: the largest power-of-two divisor of N up to 128 rows, no padded
     # tiles (gpt-oss's 2880: 64)
     assert [kernel_tile(x86_64, n, 4, "int8") for n in (1024, 2880, 304, 96)] == [128, 64, 16, 32]
@@ -303,6 +303,10 @@ def test_target_family_registry():
     assert [kernel_tile(x86_64, 1024, b, "float32") for b in (2, 3, 4, 8, 16, None)] == [16] * 6
     with pytest.raises(MoecError, match="internal: tile_for needs activations"):
         kernel_tile(x86_64, 1024, 4, "fp8")
+    # AVX2 (no AVX-512): 2- and 4-bit int8 tiles are one task of the AVX2 GEMV (4 vectors of 8 rows)
+    avx2 = tvm.target.Target({"kind": "llvm", "mtriple": "x86_64-linux-gnu", "mcpu": "x86-64-v3"})
+    assert [kernel_tile(avx2, n, 4, "int8") for n in (1024, 2880, 304)] == [32, 32, 16]
+    assert [kernel_tile(avx2, 1024, b, "float32") for b in (2, 4, 8, None)] == [16] * 4
     assert target_family(tvm.target.Target({"kind": "llvm", "mtriple": "aarch64-linux-gnu"})) == "arm"
     riscv = tvm.target.Target({"kind": "llvm", "mtriple": "riscv64-linux-gnu"})
     with pytest.raises(MoecError, match="family 'riscv'; choices: arm, x86"):

@@ -234,6 +234,9 @@ def _require_avx2(bits: int, target: tvm.target.Target, widths: tuple[int, ...] 
         raise MoecError(f"{bits}-bit int8 activations need {', '.join(_vnni_features(bits))}, which target "
                         f"{target} lacks (its AVX2 kernels take {', '.join(map(str, widths))} bits; "
                         f"use activations='float32')")
+    if codegen.target_has_features("avx512f", target):  # 16-lane parameters: the AVX2 kernels take 8
+        raise MoecError(f"int8 activations on an AVX-512 target need avx512vnni, which target {target} lacks "
+                        f"(the AVX2 int8 kernels serve targets without AVX-512; use activations='float32')")
 
 
 def int8_grouped_gemm(spec, target: tvm.target.Target, params: X86Params | None = None) -> tirx.PrimFunc:
