@@ -127,9 +127,13 @@ class X86Params(CpuScheduleParams):
         (``row_multiple``), as the grouped GEMM and the int8 kernels need.
     avx2_int8_tile_vectors, avx2_int8_chains, avx2_nested_tile_vectors : int
         ``int8_tile_vectors``, ``int8_chains`` and ``int8_nested_tile_vectors`` of the AVX2 int8-activation
-        GEMVs (``x86_avx2``, 8-lane vectors, 16 registers): a task of ``avx2_int8_tile_vectors`` vectors
-        is also that weight's 2- and 4-bit layout tile there (``code_tile``), so it reads one contiguous
-        block of codes.
+        GEMVs (``x86_avx2``, 8-lane vectors, 16 registers). A task's rows are also the layout tile there
+        (fixed 2- and 4-bit weights: ``code_tile`` = 8 x ``avx2_int8_tile_vectors``; nested stacks:
+        ``nested_int8_tile`` = 8 x ``avx2_nested_tile_vectors``), so a task reads one contiguous block.
+        On an AVX2 host (Zen 1, 2 threads, 2026-12-03, ``benchmarks/kernel_variants.py --activations
+        int8``): fixed GEMV within 3 % for 4 or 8 vectors and 1 or 2 chains; nested 4 vectors on 32-row
+        tiles against 2 vectors on 16-row tiles 5 / 12 / 7 / 0 % faster at 2 / 3 / 4 / 8 bits (1 vector:
+        up to 30 % slower).
 
     """
 
@@ -158,7 +162,7 @@ class X86Params(CpuScheduleParams):
     avx2_lanes: int = 8
     avx2_int8_tile_vectors: int = 4
     avx2_int8_chains: int = 2
-    avx2_nested_tile_vectors: int = 2
+    avx2_nested_tile_vectors: int = 4
     row_multiple: int = 16
 
     def gemm_block(self, tile: int) -> tuple[int, int]:
@@ -179,7 +183,8 @@ def gemv_params(target: tvm.target.Target) -> X86Params:
     p = PARAMS
     return dataclasses.replace(p, lanes=p.avx2_lanes, int8_tile_vectors=p.avx2_int8_tile_vectors,
                                int8_chains=p.avx2_int8_chains, int8_nested_tile_vectors=p.avx2_nested_tile_vectors,
-                               code_tile=p.avx2_lanes * p.avx2_int8_tile_vectors)
+                               code_tile=p.avx2_lanes * p.avx2_int8_tile_vectors,
+                               nested_int8_tile=p.avx2_lanes * p.avx2_nested_tile_vectors)
 
 
 def schedule_gemv(func: tirx.PrimFunc, spec: GemvSpec, params: X86Params | None = None) -> tirx.PrimFunc:
