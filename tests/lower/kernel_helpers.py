@@ -52,3 +52,21 @@ class KernelCache:
         if key not in self._mods:
             self._mods[key] = compile_kernel(make(*args, self.target, **kwargs), self.target)
         return self._mods[key]
+
+
+def check_int8_gemv(mod, stack, pws, bits: int, gs: int, per_expert: bool) -> None:
+    """Call an int8-activation routed-expert GEMV (``top_k`` = 2) on random activations with ids ``[2, 0]``
+    (``per_expert``: one activation row each) or ``[-1, 1]`` (an unrouted row, which must be written 0)
+    and check each row against the int8-rounded activations times the dequantized expert."""
+    from moec.lower.kernels.activations import dequantized_activations
+    k = pws[0].shape[1]
+    n = pws[0].shape[0]
+    x = np.random.default_rng(bits + 1).standard_normal((2 if per_expert else 1, k)).astype(np.float32)
+    ids = np.array([2, 0] if per_expert else [-1, 1], np.int32)
+    out = call(mod, "gemv", [x] + weight_args(stack) + [ids, np.full((2, n), 7.0, np.float32)])
+    xq = dequantized_activations(x, gs)
+    for r, e in enumerate(ids):
+        if e < 0:
+            assert (out[r] == 0).all()
+        else:
+            assert_close(out[r], xq[r if per_expert else 0] @ pws[e].dequantize().T)

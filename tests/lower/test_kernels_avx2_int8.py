@@ -22,7 +22,7 @@ from moec.lower.schedules import kernel_tile, x86
 from moec.lower.schedules.x86_avx2 import dot, small_dot
 from moec.quant.packed_model import pack_weight
 
-from kernel_helpers import assert_close, call, weight_args
+from kernel_helpers import assert_close, call, check_int8_gemv, weight_args
 
 pytestmark = pytest.mark.tvm
 
@@ -80,16 +80,7 @@ def test_avx2_gemv_matches_the_int8_reference(bits, n, per_expert):
     func = make_gemv(bits, n, k, gs, experts, top_k, AVX2, x_per_expert=per_expert, activations="int8")
     assert ("atomic.bts" in func.script()) == (n == 1024)
     pws = _packed(bits, n, k, gs, experts, seed=bits)
-    x = np.random.default_rng(bits + 1).standard_normal((top_k if per_expert else 1, k)).astype(np.float32)
-    ids = np.array([2, 0] if per_expert else [-1, 1], np.int32)
-    out = call(compile_kernel(func, AVX2), "gemv",
-               [x] + weight_args(_stack(pws, n, bits)) + [ids, np.full((top_k, n), 7.0, np.float32)])
-    xq = dequantized_activations(x, gs)
-    for r, e in enumerate(ids):
-        if e < 0:
-            assert (out[r] == 0).all()
-        else:
-            assert_close(out[r], xq[r if per_expert else 0] @ pws[e].dequantize().T)
+    check_int8_gemv(compile_kernel(func, AVX2), _stack(pws, n, bits), pws, bits, gs, per_expert)
 
 
 def test_avx2_gemv_extreme_codes_do_not_saturate():

@@ -21,7 +21,7 @@ from moec.lower.schedules.x86_vnni import portable_dpbusd, portable_multishift, 
 from moec.lower.schedules.x86_vnni_gemm import vnni_grouped_gemm
 from moec.quant.packed_model import pack_weight
 
-from kernel_helpers import assert_close, call, weight_args
+from kernel_helpers import assert_close, call, check_int8_gemv, weight_args
 
 pytestmark = pytest.mark.tvm
 
@@ -83,16 +83,7 @@ def test_portable_vnni_gemv_matches_the_int8_reference(bits, n, per_expert):
     assert ("atomic.bts" in func.script()) == (n == 1024)
     pws = _packed(bits, n, k, gs, experts, seed=bits)
     stack = _stack(pws, n, bits)
-    x = np.random.default_rng(bits + 1).standard_normal((top_k if per_expert else 1, k)).astype(np.float32)
-    ids = np.array([2, 0] if per_expert else [-1, 1], np.int32)
-    out = call(compile_kernel(func, host_target()), "gemv",
-               [x] + weight_args(stack) + [ids, np.full((top_k, n), 7.0, np.float32)])
-    xq = dequantized_activations(x, gs)
-    for r, e in enumerate(ids):
-        if e < 0:
-            assert (out[r] == 0).all()
-        else:
-            assert_close(out[r], xq[r if per_expert else 0] @ pws[e].dequantize().T)
+    check_int8_gemv(compile_kernel(func, host_target()), stack, pws, bits, gs, per_expert)
 
 
 def test_portable_vnni_swiglu_gemv():
