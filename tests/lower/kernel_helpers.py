@@ -70,3 +70,36 @@ def check_int8_gemv(mod, stack, pws, bits: int, gs: int, per_expert: bool) -> No
             assert (out[r] == 0).all()
         else:
             assert_close(out[r], xq[r if per_expert else 0] @ pws[e].dequantize().T)
+
+
+def check_dot(dot, codes: np.ndarray, x4: np.ndarray, acc: np.ndarray, target, codes_as: str) -> None:
+    """A 4-byte dot ``dot(acc, codes, x4)`` (``codes`` passed as ``codes_as``, e.g. ``"int8x64"`` or
+    ``"uint32x8"``), compiled for ``target``, against numpy: ``acc`` plus each lane's 4 byte products."""
+    from tvm.script import tirx as T
+    lanes, nbytes = len(acc), len(codes)
+
+    @T.prim_func
+    def kernel(c: T.Buffer((nbytes,), str(codes.dtype)), x: T.Buffer((nbytes,), "int8"),
+               a: T.Buffer((lanes,), "int32"), out: T.Buffer((lanes,), "int32")):
+        out[T.ramp(0, 1, lanes)] = dot(a[T.ramp(0, 1, lanes)], T.reinterpret(codes_as, c[T.ramp(0, 1, nbytes)]),
+                                       x[T.ramp(0, 1, nbytes)])
+
+    got = call(compile_kernel(kernel, target), "main", [codes, x4, acc, np.zeros(lanes, np.int32)])
+    want = acc + (codes.astype(np.int64) * x4.astype(np.int64)).reshape(lanes, 4).sum(1)
+    np.testing.assert_array_equal(got, want)
+
+
+def check_int8_swiglu(mod, w1, w3, tile: int, gs: int) -> None:
+    """An int8 SwiGLU GEMV (``top_k`` = 2, one ``[w1; w3]`` stack in ``tile``-row tiles) against
+    ``silu(w1 x) * (w3 x)`` on the int8-rounded activations."""
+    from moec.lower.kernels.activations import dequantized_activations
+    from moec.lower.kernels.layout import swiglu_weight
+    n, k = w1[0].shape
+    stack = stack_kernel_layouts([to_kernel_layout(swiglu_weight(a, b), tile) for a, b in zip(w1, w3)])
+    x = np.random.default_rng(7).standard_normal((1, k)).astype(np.float32)
+    ids = np.array([1, 0], np.int32)
+    out = call(mod, "gemv", [x] + weight_args(stack) + [ids, np.zeros((2, n), np.float32)])
+    xq = dequantized_activations(x, gs)[0]
+    gate = np.stack([xq @ w1[e].dequantize().T for e in ids])
+    up = np.stack([xq @ w3[e].dequantize().T for e in ids])
+    np.testing.assert_allclose(out, gate / (1 + np.exp(-gate)) * up, rtol=2e-3, atol=2e-3 * np.abs(up).max())

@@ -17,12 +17,12 @@ from moec.core.errors import MoecError
 from moec.lower.kernel_linear import KernelEmitter
 from moec.lower.kernels.activations import dequantized_activations
 from moec.lower.kernels.factory import compile_kernel, host_target, make_gemv, make_grouped_gemm, make_nested_gemv
-from moec.lower.kernels.layout import stack_kernel_layouts, swiglu_weight, to_kernel_layout
+from moec.lower.kernels.layout import stack_kernel_layouts, to_kernel_layout
 from moec.lower.schedules import kernel_tile, x86
 from moec.lower.schedules.x86_avx2 import dot, small_dot
 from moec.quant.packed_model import pack_weight
 
-from kernel_helpers import assert_close, call, check_int8_gemv, weight_args
+from kernel_helpers import call, check_dot, check_int8_gemv, check_int8_swiglu, weight_args
 
 pytestmark = pytest.mark.tvm
 
@@ -45,7 +45,6 @@ def _stack(pws, n, bits):
 def test_avx2_dots_equal_four_byte_products(which):
     """``dot``: signed codes -128..127 (the extremes included) times activations -127..127, pair sums up to
     32512, no saturation; ``small_dot``: codes 0..15."""
-    from tvm.script import tirx as T
     fn = dot if which == "dot" else small_dot
     rng = np.random.default_rng(0)
     if which == "dot":
@@ -60,15 +59,7 @@ def test_avx2_dots_equal_four_byte_products(which):
         x4[:4] = -127
     acc = rng.integers(-1000, 1000, 8).astype(np.int32)
 
-    @T.prim_func
-    def kernel(c: T.Buffer((32,), "int8"), x: T.Buffer((32,), "int8"), a: T.Buffer((8,), "int32"),
-               out: T.Buffer((8,), "int32")):
-        out[T.ramp(0, 1, 8)] = fn(a[T.ramp(0, 1, 8)], T.reinterpret("uint32x8", c[T.ramp(0, 1, 32)]),
-                                  x[T.ramp(0, 1, 32)])
-
-    got = call(compile_kernel(kernel, AVX2), "main", [codes, x4, acc, np.zeros(8, np.int32)])
-    want = acc + (codes.astype(np.int64) * x4.astype(np.int64)).reshape(8, 4).sum(1)
-    np.testing.assert_array_equal(got, want)
+    check_dot(fn, codes, x4, acc, AVX2, "uint32x8")
 
 
 @pytest.mark.parametrize("bits", [2, 4, 8])
@@ -105,14 +96,7 @@ def test_avx2_swiglu_gemv():
     w1, w3 = _packed(bits, n, k, gs, experts, 5), _packed(bits, n, k, gs, experts, 6)
     mod = compile_kernel(make_gemv(bits, n, k, gs, experts, top_k, AVX2, swiglu=True, activations="int8"), AVX2)
     tile = kernel_tile(AVX2, n, bits, "int8")
-    stack = stack_kernel_layouts([to_kernel_layout(swiglu_weight(a, b), tile) for a, b in zip(w1, w3)])
-    x = np.random.default_rng(7).standard_normal((1, k)).astype(np.float32)
-    ids = np.array([1, 0], np.int32)
-    out = call(mod, "gemv", [x] + weight_args(stack) + [ids, np.zeros((top_k, n), np.float32)])
-    xq = dequantized_activations(x, gs)[0]
-    gate = np.stack([xq @ w1[e].dequantize().T for e in ids])
-    up = np.stack([xq @ w3[e].dequantize().T for e in ids])
-    np.testing.assert_allclose(out, gate / (1 + np.exp(-gate)) * up, rtol=2e-3, atol=2e-3 * np.abs(up).max())
+    check_int8_swiglu(mod, w1, w3, tile, gs)
 
 def test_avx2_claimed_tasks_match_the_static_split(monkeypatch):
     """The same call with claimed tasks (16 lanes) and TVM's static split: equal bit for bit."""

@@ -15,13 +15,13 @@ from moec.lower.kernels.activations import dequantized_activations
 from moec.lower.kernels.factory import compile_kernel, host_target
 from moec.lower.kernels.gemv import GemvSpec
 from moec.lower.kernels.grouped_gemm import GroupedGemmSpec
-from moec.lower.kernels.layout import stack_kernel_layouts, swiglu_weight, to_kernel_layout
+from moec.lower.kernels.layout import stack_kernel_layouts, to_kernel_layout
 from moec.lower.schedules import x86
 from moec.lower.schedules.x86_vnni import portable_dpbusd, portable_multishift, vnni_gemv
 from moec.lower.schedules.x86_vnni_gemm import vnni_grouped_gemm
 from moec.quant.packed_model import pack_weight
 
-from kernel_helpers import assert_close, call, check_int8_gemv, weight_args
+from kernel_helpers import assert_close, call, check_dot, check_int8_gemv, check_int8_swiglu, weight_args
 
 pytestmark = pytest.mark.tvm
 
@@ -47,15 +47,7 @@ def test_portable_dots_equal_the_instructions_semantics():
     x4 = rng.integers(-128, 128, 64).astype(np.int8)
     acc = rng.integers(-1000, 1000, 16).astype(np.int32)
 
-    @T.prim_func
-    def dot(c: T.Buffer((64,), "uint8"), x: T.Buffer((64,), "int8"), a: T.Buffer((16,), "int32"),
-            out: T.Buffer((16,), "int32")):
-        out[T.ramp(0, 1, 16)] = portable_dpbusd(a[T.ramp(0, 1, 16)], T.reinterpret("int8x64", c[T.ramp(0, 1, 64)]),
-                                                x[T.ramp(0, 1, 64)])
-
-    got = call(compile_kernel(dot, host_target()), "main", [codes, x4, acc, np.zeros(16, np.int32)])
-    want = acc + (codes.astype(np.int64) * x4.astype(np.int64)).reshape(16, 4).sum(1)
-    np.testing.assert_array_equal(got, want)
+    check_dot(portable_dpbusd, codes, x4, acc, host_target(), "int8x64")
 
     ctrl = sum(o << (8 * j) for j, o in enumerate([0, 3, 6, 9, 32, 35, 38, 41]))
     data = rng.integers(0, 2**63, 8, dtype=np.uint64)
@@ -92,14 +84,7 @@ def test_portable_vnni_swiglu_gemv():
     w1, w3 = _packed(bits, n, k, gs, experts, 5), _packed(bits, n, k, gs, experts, 6)
     spec = GemvSpec(bits, n, k, gs, experts, top_k, x86.PARAMS.tile_for(n, bits, "int8"), swiglu=True)
     mod = compile_kernel(vnni_gemv(spec, x86.PARAMS, portable=True), host_target())
-    stack = stack_kernel_layouts([to_kernel_layout(swiglu_weight(a, b), spec.tile) for a, b in zip(w1, w3)])
-    x = np.random.default_rng(7).standard_normal((1, k)).astype(np.float32)
-    ids = np.array([1, 0], np.int32)
-    out = call(mod, "gemv", [x] + weight_args(stack) + [ids, np.zeros((top_k, n), np.float32)])
-    xq = dequantized_activations(x, gs)[0]
-    gate = np.stack([xq @ w1[e].dequantize().T for e in ids])
-    up = np.stack([xq @ w3[e].dequantize().T for e in ids])
-    np.testing.assert_allclose(out, gate / (1 + np.exp(-gate)) * up, rtol=2e-3, atol=2e-3 * np.abs(up).max())
+    check_int8_swiglu(mod, w1, w3, spec.tile, gs)
 
 
 @pytest.mark.parametrize("bits", [2, 3, 4, 8])

@@ -37,7 +37,6 @@ to a fixed bundle of the same codes.
 
 # No `from __future__ import annotations`: TVMScript needs the evaluated buffer annotations.
 
-from collections.abc import Callable
 from math import gcd
 
 from tvm import tirx
