@@ -178,7 +178,8 @@ class DotIsa:
         place and 8-bit codes taken as stored. False (``sdot``, AVX2): odd lanes shifted down, 8-bit
         codes recentred.
     claim_lanes : int
-        Lanes of the claimed-task loop (``int8_common``, x86 ``lock bts``); 0: TVM's static split.
+        Lanes of the nested GEMV's claimed-task loop (``int8_common``, x86 ``lock bts``); 0: TVM's static
+        split. (The fixed x86 GEMV takes its own from ``X86Params.int8_claim_lanes``.)
     small_dot : callable or None
         ``dot`` for code bytes known to lie in 0..15 (widths up to 4 bits, shifted down), where an ISA has
         a cheaper form (AVX2: no sign transfer); None: ``dot``.

@@ -206,11 +206,10 @@ def int8_gemv(spec: GemvSpec, target: tvm.target.Target,
     """The int8-activation GEMV: AVX-512 VNNI (``x86_vnni``), else AVX2 at 2, 4 and 8 bits (``x86_avx2``);
     a clear error elsewhere. ``params`` default: :func:`gemv_params` of ``target``."""
     params = params or gemv_params(target)
+    cpu_gemv.check_spec(spec, params, "int8")
     if not _has_vnni(spec.bits, target):
         _require_avx2(spec.bits, target)
-        cpu_gemv.check_spec(spec, params, "int8")
         return avx2_gemv(spec, params)
-    cpu_gemv.check_spec(spec, params, "int8")
     return vnni_gemv(spec, params)
 
 

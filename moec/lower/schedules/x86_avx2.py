@@ -65,7 +65,7 @@ def avx2_isa(claim_lanes: int = 0) -> DotIsa:
 def avx2_gemv(spec: GemvSpec, params) -> tirx.PrimFunc:
     """The AVX2 int8-activation GEMV; ``params`` an :class:`~moec.lower.schedules.x86.X86Params` on 8 lanes
     (``x86.gemv_params`` of an AVX2 target)."""
-    return int8_gemv(spec, params, avx2_isa(params.int8_claim_lanes))
+    return int8_gemv(spec, params, avx2_isa())  # (claimed tasks: params.int8_claim_lanes, as on VNNI)
 
 
 def avx2_nested_gemv(spec: NestedGemvSpec, params) -> tirx.PrimFunc:

@@ -21,7 +21,7 @@ from moec.lower.kernels.rowwise import fast_silu
 from moec.lower.kernels.scopes import stack_scope
 from moec.lower.schedules.int8_common import (BYTE_MASK, DotIsa, claim, claim_lanes, lane_task, plain_select,
                                               plane_slot_source, quantize_activations_prep, scaled_group_sum,
-                                              unclaimed)
+                                              splat, unclaimed)
 
 
 def _dpbusd(acc, codes, x4):
@@ -35,8 +35,8 @@ def portable_dpbusd(acc, codes, x4):
     cw = T.reinterpret("uint32x16", codes)
     xi = T.reinterpret("int32x16", x4)
     for j in range(4):
-        c = T.reinterpret("int32x16", (cw >> _splat(8 * j, "uint32", 16)) & _splat(0xFF, "uint32", 16))
-        acc = acc + c * ((xi << _splat(24 - 8 * j, "int32", 16)) >> _splat(24, "int32", 16))
+        c = T.reinterpret("int32x16", (cw >> splat(8 * j, 16, "uint32")) & splat(0xFF, 16, "uint32"))
+        acc = acc + c * ((xi << splat(24 - 8 * j, 16, "int32")) >> splat(24, 16, "int32"))
     return acc
 
 
@@ -55,7 +55,7 @@ def portable_multishift(ctrl_value: int):
         q = T.reinterpret("uint64x8", data)
         out = None
         for j, o in enumerate(offsets):
-            part = ((q >> _splat(o, "uint64", 8)) & _splat(0xFF, "uint64", 8)) << _splat(8 * j, "uint64", 8)
+            part = ((q >> splat(o, 8, "uint64")) & splat(0xFF, 8, "uint64")) << splat(8 * j, 8, "uint64")
             out = part if out is None else out | part
         return T.reinterpret("int8x64", out)
     return shift
@@ -66,10 +66,6 @@ def dot_instructions(portable: bool):
     if portable:
         return portable_dpbusd, portable_multishift
     return _dpbusd, lambda ctrl_value: _multishift
-
-
-def _splat(value: int, dtype: str, lanes: int):
-    return T.Broadcast(tirx.const(value, dtype), lanes)
 
 
 def _step_dots(bits: int, words, masked: bool = False, portable: bool = False, lanes: int = 16):
@@ -89,26 +85,26 @@ def _step_dots(bits: int, words, masked: bool = False, portable: bool = False, l
     if masked:
         planes = 8 // bits
         return [(_shifted(words(0), 2 * bits * (t // 2), lanes)
-                 & _splat(BYTE_MASK[bits] << (bits * (t % 2)), "uint32", lanes), 4 * t)
+                 & splat(BYTE_MASK[bits] << (bits * (t % 2)), lanes, "uint32"), 4 * t)
                 for t in range(planes)]
     if bits != 3:
         planes = 8 // bits
-        return [(_shifted(words(0), t * bits, lanes) & _splat(BYTE_MASK[bits], "uint32", lanes), 4 * t)
+        return [(_shifted(words(0), t * bits, lanes) & splat(BYTE_MASK[bits], lanes, "uint32"), 4 * t)
                 for t in range(planes)]
     if lanes != 16:
         raise MoecError("3-bit int8-activation codes need 16 lanes (vpmultishiftqb)")
     w0, w1, w2 = words(0), words(1), words(2)
-    windows = [w0, (w0 >> _splat(24, "uint32", 16)) | (w1 << _splat(8, "uint32", 16)),
-               (w1 >> _splat(16, "uint32", 16)) | (w2 << _splat(16, "uint32", 16)),
-               w2 >> _splat(8, "uint32", 16)]
+    windows = [w0, (w0 >> splat(24, 16, "uint32")) | (w1 << splat(8, 16, "uint32")),
+               (w1 >> splat(16, 16, "uint32")) | (w2 << splat(16, 16, "uint32")),
+               w2 >> splat(8, 16, "uint32")]
     dots = []
     for k, window in enumerate(windows):
         for half in range(2):
             offsets = [3 * (4 * half + m) for m in range(4)]
             ctrl = sum(o << (8 * m) for m, o in enumerate(offsets + [32 + o for o in offsets]))
             picked = dot_instructions(portable)[1](ctrl)(
-                T.reinterpret("int8x64", _splat(ctrl, "uint64", 8)), T.reinterpret("int8x64", window))
-            dots.append((T.reinterpret("uint32x16", picked) & _splat(0x07070707, "uint32", 16), 8 * k + 4 * half))
+                T.reinterpret("int8x64", splat(ctrl, 8, "uint64")), T.reinterpret("int8x64", window))
+            dots.append((T.reinterpret("uint32x16", picked) & splat(0x07070707, 16, "uint32"), 8 * k + 4 * half))
     return dots
 
 
@@ -125,7 +121,7 @@ def _ternary_select(a, b, mask: int):
     called as the intrinsic so LLVM cannot push the byte masks after it through the selects into
     per-part masks (which doubled the nested 8-bit step's instructions)."""
     out = T.call_llvm_pure_intrin("int32x16", "llvm.x86.avx512.pternlog.d.512",
-                                  T.reinterpret("int32x16", _splat(mask & 0xFFFFFFFF, "uint32", 16)),
+                                  T.reinterpret("int32x16", splat(mask & 0xFFFFFFFF, 16, "uint32")),
                                   T.reinterpret("int32x16", a), T.reinterpret("int32x16", b), T.int32(0xCA))
     return T.reinterpret("uint32x16", out)
 
@@ -137,7 +133,7 @@ def vnni_gemv(spec: GemvSpec, params, portable: bool = False) -> tirx.PrimFunc:
 
 
 def _shifted(word, amount: int, lanes: int):
-    return word >> _splat(amount, "uint32", lanes) if amount else word
+    return word >> splat(amount, lanes, "uint32") if amount else word
 
 
 def _unshift(value, chain, odd_shift: int):
@@ -208,7 +204,7 @@ def int8_gemv(spec: GemvSpec, params, isa: DotIsa, portable: bool = False) -> ti
                                                  for c in range(1, chains)]
         for d, (codes, slot) in enumerate(_step_dots(bits, words, masked, portable, lanes)):
             if recentre:
-                codes = codes ^ _splat(0x80808080, "uint32", lanes)
+                codes = codes ^ splat(0x80808080, lanes, "uint32")
             x4 = T.reinterpret(f"int8x{4 * lanes}", T.Broadcast(
                 T.reinterpret("int32", x8[r, T.ramp(step * step_codes + slot, 1, 4)]), lanes))
             sums[d % chains] = step_dot(sums[d % chains], codes, x4)
