@@ -19,7 +19,7 @@ from moec.lower.kernels.activations import dequantized_activations
 from moec.lower.kernels.factory import compile_kernel, host_target, make_gemv, make_grouped_gemm, make_nested_gemv
 from moec.lower.kernels.layout import stack_kernel_layouts, to_kernel_layout
 from moec.lower.schedules import kernel_tile, x86
-from moec.lower.schedules.x86_avx2 import dot, small_dot
+from moec.lower.schedules.x86_avx2 import dot, pairs, quads
 from moec.quant.packed_model import pack_weight
 
 from kernel_helpers import call, check_dot, check_int8_gemv, check_int8_swiglu, weight_args
@@ -41,25 +41,39 @@ def _stack(pws, n, bits):
     return stack_kernel_layouts([to_kernel_layout(p, kernel_tile(AVX2, n, bits, "int8")) for p in pws])
 
 
-@pytest.mark.parametrize("which", ["dot", "small_dot"])
-def test_avx2_dots_equal_four_byte_products(which):
-    """``dot``: signed codes -128..127 (the extremes included) times activations -127..127, pair sums up to
-    32512, no saturation; ``small_dot``: codes 0..15."""
-    fn = dot if which == "dot" else small_dot
+def test_avx2_dot_equals_four_byte_products():
+    """Signed codes -128..127 (the extremes included) times activations -127..127: pair sums up to 32512,
+    no saturation."""
     rng = np.random.default_rng(0)
-    if which == "dot":
-        codes = rng.integers(-128, 128, 32).astype(np.int8)
-        codes[:8] = -128
-        x4 = rng.integers(-127, 128, 32).astype(np.int8)
-        x4[:4], x4[4:8] = -127, 127
-    else:
-        codes = rng.integers(0, 16, 32).astype(np.int8)
-        codes[:4] = 15
-        x4 = rng.integers(-127, 128, 32).astype(np.int8)
-        x4[:4] = -127
-    acc = rng.integers(-1000, 1000, 8).astype(np.int32)
+    codes = rng.integers(-128, 128, 32).astype(np.int8)
+    codes[:8] = -128
+    x4 = rng.integers(-127, 128, 32).astype(np.int8)
+    x4[:4], x4[4:8] = -127, 127
+    check_dot(dot, codes, x4, rng.integers(-1000, 1000, 8).astype(np.int32), AVX2, "uint32x8")
 
-    check_dot(fn, codes, x4, acc, AVX2, "uint32x8")
+
+@pytest.mark.parametrize("weight", [1, 16])
+def test_avx2_eight_int16_pair_sums_are_exact(weight):
+    """8 ``pairs`` of codes 0..15 added in int16 then ``quads`` times ``weight``: the exact int32 sum, the first
+    lanes at the int16 bound (8 · 2 · 15 · -127 = -30480)."""
+    from tvm.script import tirx as T
+    rng = np.random.default_rng(1)
+    codes = rng.integers(0, 16, (8, 32)).astype(np.int8)
+    x = rng.integers(-127, 128, (8, 32)).astype(np.int8)
+    codes[:, :8], x[:, :8] = 15, -127
+
+    def widened(c, xb):
+        p = [pairs(T.reinterpret("uint32x8", c[i, T.ramp(0, 1, 32)]), xb[i, T.ramp(0, 1, 32)]) for i in range(8)]
+        return quads(sum(p[1:], p[0]), weight)
+
+    @T.prim_func
+    def kernel(c: T.Buffer((8, 32), "int8"), xb: T.Buffer((8, 32), "int8"), out: T.Buffer((8,), "int32")):
+        out[T.ramp(0, 1, 8)] = widened(c, xb)
+
+    got = call(compile_kernel(kernel, AVX2), "main", [codes, x, np.zeros(8, np.int32)])
+    want = weight * (codes.astype(np.int64) * x).reshape(8, 8, 4).sum((0, 2))
+    assert (want[:2] == 2 * -30480 * weight).all()  # each of the lane's two int16 sums at -30480
+    np.testing.assert_array_equal(got, want)
 
 
 @pytest.mark.parametrize("bits", [2, 4, 8])

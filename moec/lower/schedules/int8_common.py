@@ -180,9 +180,12 @@ class DotIsa:
     claim_lanes : int
         Lanes of the nested GEMV's claimed-task loop (``int8_common``, x86 ``lock bts``); 0: TVM's static
         split. (The fixed x86 GEMV takes its own from ``X86Params.int8_claim_lanes``.)
-    small_dot : callable or None
-        ``dot`` for code bytes known to lie in 0..15 (widths up to 4 bits, shifted down), where an ISA has
-        a cheaper form (AVX2: no sign transfer); None: ``dot``.
+    pairs, quads : callable or None
+        An ISA whose dot is two steps (AVX2: ``vpmaddubsw`` then ``vpmaddwd``) exposes them, so a kernel
+        can add several first steps in int16 before one second step: ``pairs(codes, x4)`` the int16 x
+        2·lanes sums of adjacent byte products (code bytes 0..15: a pair is at most ``2·15·127 = 3810``,
+        so 8 of them add up exactly in int16), ``quads(p, weight)`` int32 x lanes, ``weight`` times the
+        sum of adjacent int16 lanes of ``p``. None where the dot is one instruction.
     """
 
     lanes: int
@@ -190,7 +193,8 @@ class DotIsa:
     select: Callable
     unsigned_codes: bool
     claim_lanes: int = 0
-    small_dot: Callable | None = None
+    pairs: Callable | None = None
+    quads: Callable | None = None
 
 
 def splat(value: int, lanes: int, dtype: str = "uint32"):

@@ -24,6 +24,11 @@ loaded. A step is one *nibble word* ``a`` of a group (8 codes per row, one per 4
   the codes recentred to ``q − 128`` (``^ 0x80``) and the zero point shifted to match, as the fixed
   ARM kernel does.
 
+An ISA whose dot is two instructions (:attr:`DotIsa.pairs`, AVX2: ``vpmaddubsw`` to int16 pairs, then
+``vpmaddwd``) takes every width as code bytes 0..15 and adds a chunk's first steps in int16 before one
+second step (8 pair sums of at most ``2·15·127`` a lane: exact); its 8-bit codes are two nibble sums,
+the rebuilt top nibbles and the low segment's, widened times 16 and 1, so they are never recentred.
+
 So the integer sum ``D`` of a group is ``sum (q_k << (4 − k)) · x8`` (``k = 8``: ``sum q · x8``),
 exact; the group term is, with ``s = B − k`` (``B`` the storage width) and the bin centre
 ``(2**s − 1) / 2`` of :mod:`moec.quant.nested`::
@@ -133,6 +138,8 @@ def int8_nested_gemv(spec: NestedGemvSpec, isa: DotIsa, vecs: int) -> tirx.PrimF
     a task one block or, on a layout tile of several blocks, the whole tile (:func:`task_blocks`)."""
     fmt, bits, lanes = spec.format, spec.storage_bits, isa.lanes
     check_int8_nested(spec, isa, vecs)
+    if isa.pairs is not None and isa.unsigned_codes:
+        raise MoecError("internal: int16 pair sums need code bytes shifted down (a signed-code DotIsa)")
     n, k, gs, tile, top_k, experts = spec.n, spec.k, spec.group_size, spec.tile, spec.top_k, spec.num_stacked
     groups, nb = k // gs, n // lanes
     blocks = task_blocks(tile, lanes, vecs)
@@ -160,32 +167,38 @@ def int8_nested_gemv(spec: NestedGemvSpec, isa: DotIsa, vecs: int) -> tirx.PrimF
         s = T.Cast("float32", scale[e, t, g, col]) * sx[r, g]
         shift = bits - widths[d]
         if shift == 0:  # the stored width: the fixed int8 kernel's group term exactly
-            if widths[d] == 8 and not isa.unsigned_codes:
-                zq = zq - 128  # the codes were recentred
+            if widths[d] == 8 and not isa.unsigned_codes and isa.pairs is None:
+                zq = zq - 128  # the codes were recentred (int16 sums: split into nibbles instead)
             return s * T.Cast("float32", dot - zq * xsum[r, g])
         full = dot * (1 << (bits - 4)) if widths[d] <= 4 else dot
         twice = full * 2 - (zq * 2 - ((1 << shift) - 1)) * xsum[r, g]
         return s * T.float32(0.5) * T.Cast("float32", twice)
 
+    seg_words = [gs * w // 32 for w in fmt.segment_bits]  # words per group, per segment
+
+    def chunk_loader(segs, e, gv, g, ch):
+        """``load(s, word)``: word ``word`` of segment ``s`` within chunk ``ch`` of group ``g``, vector ``gv``."""
+        def load(s, word):
+            return segs[s][e, gv * lanes // tile, g * seg_words[s] + ch * (seg_words[s] // chunks) + word,
+                           T.ramp(gv * lanes % tile, 1, lanes)]
+        return load
+
+    def x4_of(x8, r, g, ch, a: int, half: int):
+        """The 4 activations of nibble word ``a``'s even (``half`` 0) or odd lanes, broadcast to every row."""
+        return T.reinterpret(f"int8x{4 * lanes}", T.Broadcast(
+            T.reinterpret("int32", x8[r, T.ramp(g * gs + ch * 32 + 8 * a + 4 * half, 1, 4)]), lanes))
+
     def make_nest(d):
-        seg_words = [gs * w // 32 for w in fmt.segment_bits]  # words per group, per segment
-        # up to 4 bits, shifted down, every code byte is 0..15: the ISA's cheaper dot where it has one
-        small = isa.small_dot is not None and widths[d] <= 4 and not isa.unsigned_codes
-        dot = isa.small_dot if small else isa.dot
+        if isa.pairs is not None:
+            return make_pair_nest(d)
 
         def step(segs, x8, acc, e, gv, g, ch, r, a: int, half: int):
             """Chain ``half`` (0: even lanes, 1: odd) of the accumulator after nibble word ``a`` of chunk
             ``ch`` of group ``g``. The two chains of a word are consecutive statements (the same rebuild
             expression, which LLVM computes once): a chain per word, not per chunk, keeps one word's
             temporaries live at a time (chunk-long chains spilled 260-590 vectors on x86)."""
-            def load(s, word):  # word of segment s within this chunk
-                per_chunk = seg_words[s] // chunks
-                return segs[s][e, gv * lanes // tile, g * seg_words[s] + ch * per_chunk + word,
-                               T.ramp(gv * lanes % tile, 1, lanes)]
-            codes = byte_words(isa, fmt, d, load, a)[half]
-            x4 = T.reinterpret(f"int8x{4 * lanes}", T.Broadcast(
-                T.reinterpret("int32", x8[r, T.ramp(g * gs + ch * 32 + 8 * a + 4 * half, 1, 4)]), lanes))
-            return dot(acc, codes, x4)
+            codes = byte_words(isa, fmt, d, chunk_loader(segs, e, gv, g, ch), a)[half]
+            return isa.dot(acc, codes, x4_of(x8, r, g, ch, a, half))
 
         @T.macro
         def nest(segs, scale, zero, sx, xsum, x8, yacc, acc, e, task, r):
@@ -220,6 +233,75 @@ def int8_nested_gemv(spec: NestedGemvSpec, isa: DotIsa, vecs: int) -> tirx.PrimF
                             for lane in T.vectorized(lanes):
                                 yacc[b * vecs + v, lane] = yacc[b * vecs + v, lane] + group_term(
                                     group_dot(acc[2 * v, lane], acc[2 * v + 1, lane], d), scale, zero, sx, xsum, e,
+                                    task // top_k * tvecs + b * vecs + v, g, lane, r, d)
+
+        return nest
+
+    def make_pair_nest(d):
+        """The nest of width ``d`` on an ISA with two-step dots (:attr:`DotIsa.pairs`, AVX2): per chunk and
+        vector, the first steps of all its dots add up in int16 (every code byte 0..15, at most 8 pair
+        sums of ``2·15·127`` a lane: exact) and one second step widens them to int32. Up to 4 bits one
+        int16 sum holds both halves of the 4 nibble words; at 8 bits the top nibbles (the rebuilt
+        high segments) and the low segment's nibbles are two sums, widened times 16 and 1, so 8-bit
+        codes need no recentring (``16·high + low`` is the code)."""
+        eight = widths[d] == 8
+        positions = segment_positions(fmt)
+        high = [s for s in range(d + 1) if positions[s] >= 4]
+        low = [s for s in range(d + 1) if positions[s] < 4]
+        if eight and (len(low) != 1 or fmt.segment_bits[low[0]] != 4 or positions[low[0]] != 0):
+            raise MoecError(f"{fmt.name}: the int8 nested kernel needs one 4-bit low segment for 8 bits")
+        pairs, m = isa.pairs, splat(0x0F0F0F0F, lanes)
+
+        def word_pairs(segs, x8, e, gv, g, ch, r, a: int, part: int):
+            """int16 pair sums of nibble word ``a`` of chunk ``ch``: ``part`` 0 the codes (8 bits: their top
+            nibbles), 1 the low nibbles of 8-bit codes."""
+            load = chunk_loader(segs, e, gv, g, ch)
+            if not eight:
+                even, odd = byte_words(isa, fmt, d, load, a)
+            else:
+                word = nibbles(isa, fmt, load, a, high, 4) if part == 0 else load(low[0], a)
+                even, odd = word & m, (word >> splat(4, lanes)) & m
+            return pairs(even, x4_of(x8, r, g, ch, a, 0)) + pairs(odd, x4_of(x8, r, g, ch, a, 1))
+
+        @T.macro
+        def nest(segs, scale, zero, sx, xsum, x8, yacc, acc, e, task, r):
+            acc16 = T.alloc_buffer((2 * vecs, 2 * lanes), "int16", scope=stack_scope(2 * vecs * lanes * 4))
+            for g in range(groups):
+                for b in range(blocks):
+                    for a in T.unroll(2 * vecs):
+                        for lane in T.vectorized(lanes):
+                            acc[a, lane] = 0
+                    for ch in range(chunks):
+                        for v in T.unroll(vecs):
+                            if task // top_k * tvecs + b * vecs + v < nb:
+                                acc16[2 * v, T.ramp(0, 1, 2 * lanes)] = word_pairs(
+                                    segs, x8, e, task // top_k * tvecs + b * vecs + v, g, ch, r, 0, 0)
+                                acc16[2 * v, T.ramp(0, 1, 2 * lanes)] = acc16[2 * v, T.ramp(0, 1, 2 * lanes)] + word_pairs(
+                                    segs, x8, e, task // top_k * tvecs + b * vecs + v, g, ch, r, 1, 0)
+                                acc16[2 * v, T.ramp(0, 1, 2 * lanes)] = acc16[2 * v, T.ramp(0, 1, 2 * lanes)] + word_pairs(
+                                    segs, x8, e, task // top_k * tvecs + b * vecs + v, g, ch, r, 2, 0)
+                                acc16[2 * v, T.ramp(0, 1, 2 * lanes)] = acc16[2 * v, T.ramp(0, 1, 2 * lanes)] + word_pairs(
+                                    segs, x8, e, task // top_k * tvecs + b * vecs + v, g, ch, r, 3, 0)
+                                if eight:
+                                    acc16[2 * v + 1, T.ramp(0, 1, 2 * lanes)] = word_pairs(
+                                        segs, x8, e, task // top_k * tvecs + b * vecs + v, g, ch, r, 0, 1)
+                                    acc16[2 * v + 1, T.ramp(0, 1, 2 * lanes)] = acc16[2 * v + 1, T.ramp(0, 1, 2 * lanes)] + word_pairs(
+                                        segs, x8, e, task // top_k * tvecs + b * vecs + v, g, ch, r, 1, 1)
+                                    acc16[2 * v + 1, T.ramp(0, 1, 2 * lanes)] = acc16[2 * v + 1, T.ramp(0, 1, 2 * lanes)] + word_pairs(
+                                        segs, x8, e, task // top_k * tvecs + b * vecs + v, g, ch, r, 2, 1)
+                                    acc16[2 * v + 1, T.ramp(0, 1, 2 * lanes)] = acc16[2 * v + 1, T.ramp(0, 1, 2 * lanes)] + word_pairs(
+                                        segs, x8, e, task // top_k * tvecs + b * vecs + v, g, ch, r, 3, 1)
+                                    acc[2 * v, T.ramp(0, 1, lanes)] = acc[2 * v, T.ramp(0, 1, lanes)] + isa.quads(
+                                        acc16[2 * v, T.ramp(0, 1, 2 * lanes)], 16) + isa.quads(
+                                        acc16[2 * v + 1, T.ramp(0, 1, 2 * lanes)], 1)
+                                else:
+                                    acc[2 * v, T.ramp(0, 1, lanes)] = acc[2 * v, T.ramp(0, 1, lanes)] + isa.quads(
+                                        acc16[2 * v, T.ramp(0, 1, 2 * lanes)], 1)
+                    for v in T.unroll(vecs):
+                        if task // top_k * tvecs + b * vecs + v < nb:
+                            for lane in T.vectorized(lanes):
+                                yacc[b * vecs + v, lane] = yacc[b * vecs + v, lane] + group_term(
+                                    acc[2 * v, lane], scale, zero, sx, xsum, e,
                                     task // top_k * tvecs + b * vecs + v, g, lane, r, d)
 
         return nest

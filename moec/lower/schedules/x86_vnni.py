@@ -181,9 +181,10 @@ def int8_gemv(spec: GemvSpec, params, isa: DotIsa, portable: bool = False) -> ti
     # number of chains each chain's planes share one power of two, undone once per group
     masked = isa.unsigned_codes and params.int8_plane_masks and bits in (2, 4) and chains % 2 == 0
     recentre = 128 if bits == 8 and not isa.unsigned_codes else 0  # signed bytes: q - 128
-    # codes known to be small (0..15) may take the ISA's cheaper dot
-    step_dot = isa.small_dot if isa.small_dot is not None and bits <= 4 and not masked else isa.dot
     odd_shift = bits if masked else 0  # what an odd chain's sum is shifted right by, once per group
+    # two-step dots (AVX2) at 2 and 4 bits: a block's first steps add up in int16 (at most 8 pair sums of
+    # codes 0..15 per int16 lane: exact), one second step a block
+    pair_steps = gcd(steps_per_group, bits) if isa.pairs is not None and bits in (2, 4) else 0
     acc_scope = stack_scope(vecs * lanes * 4)
     acc1_scope = stack_scope(vecs * max(chains - 1, 1) * lanes * 4)
     if lanes != isa.lanes:
@@ -195,23 +196,32 @@ def int8_gemv(spec: GemvSpec, params, isa: DotIsa, portable: bool = False) -> ti
     prep = quantize_activations_prep(xr, k, gs, vl, step_codes,
                                      (lambda c: c) if bits == 3 else plane_slot_source(bits))
 
-    def accumulate(acc0, acc1, v, c, weight, x8, e, gv, step, r):
-        """New value of accumulator ``c`` of vector ``v`` (global vector ``gv``) after one step."""
+    def step_operands(weight, x8, e, gv, step, r):
+        """(codes, activations) of each dot of one step of global vector ``gv``."""
         def words(i):
             return weight[e, gv * lanes // tile, step * step_words + i,
                           T.ramp(gv * lanes % tile, 1, lanes)]
-        sums = [acc0[v, T.ramp(0, 1, lanes)]] + [acc1[v * (chains - 1) + c - 1, T.ramp(0, 1, lanes)]
-                                                 for c in range(1, chains)]
-        for d, (codes, slot) in enumerate(_step_dots(bits, words, masked, portable, lanes)):
+        for codes, slot in _step_dots(bits, words, masked, portable, lanes):
             if recentre:
                 codes = codes ^ splat(0x80808080, lanes, "uint32")
-            x4 = T.reinterpret(f"int8x{4 * lanes}", T.Broadcast(
+            yield codes, T.reinterpret(f"int8x{4 * lanes}", T.Broadcast(
                 T.reinterpret("int32", x8[r, T.ramp(step * step_codes + slot, 1, 4)]), lanes))
-            sums[d % chains] = step_dot(sums[d % chains], codes, x4)
+
+    def accumulate(acc0, acc1, v, c, weight, x8, e, gv, step, r):
+        """New value of accumulator ``c`` of vector ``v`` (global vector ``gv``) after one step."""
+        sums = [acc0[v, T.ramp(0, 1, lanes)]] + [acc1[v * (chains - 1) + c - 1, T.ramp(0, 1, lanes)]
+                                                 for c in range(1, chains)]
+        for d, (codes, x4) in enumerate(step_operands(weight, x8, e, gv, step, r)):
+            sums[d % chains] = isa.dot(sums[d % chains], codes, x4)
         value = sums[-1]
         for i in range(chains - 2, -1, -1):  # folds to one chain once c is a constant
             value = T.if_then_else(c == i, sums[i], value)
         return value
+
+    def step_pairs(weight, x8, e, gv, step, r):
+        """int16 pair sums of one step's code planes (0..15 a byte) times their activations."""
+        terms = [isa.pairs(codes, x4) for codes, x4 in step_operands(weight, x8, e, gv, step, r)]
+        return sum(terms[1:], terms[0])
 
     sg = spec.super_groups
 
@@ -229,6 +239,36 @@ def int8_gemv(spec: GemvSpec, params, isa: DotIsa, portable: bool = False) -> ti
 
     def _lane_task(cl, j):
         return lane_task(cl, j, ntask, task_lanes)
+
+    @T.macro
+    def project_pairs(weight, scale, sup, zero, x8, sx, xsum, acc0, acc1, yacc, e, r, tt, off):
+        """:func:`project` with int16 sums (``pair_steps``): ``acc16`` holds each vector's sum of a block."""
+        acc16 = T.alloc_buffer((vecs, 2 * lanes), "int16", scope=stack_scope(vecs * lanes * 4))
+        for v in T.unroll(vecs):
+            for lane in T.vectorized(lanes):
+                yacc[v, lane] = T.float32(0)
+        for g in range(groups):
+            for a in T.unroll(vecs):
+                for lane in T.vectorized(lanes):
+                    acc0[a, lane] = 0
+            for sb in range(steps_per_group // pair_steps):
+                for a in T.unroll(vecs):
+                    for lane in T.vectorized(2 * lanes):
+                        acc16[a, lane] = T.int16(0)
+                for st in T.unroll(pair_steps):
+                    for v in T.unroll(vecs):
+                        if tt * vecs + v < nb:
+                            acc16[v, T.ramp(0, 1, 2 * lanes)] = acc16[v, T.ramp(0, 1, 2 * lanes)] + step_pairs(
+                                weight, x8, e, tt * vecs + v + off, (g * steps_per_group + sb * pair_steps + st), r)
+                for v in T.unroll(vecs):
+                    if tt * vecs + v < nb:
+                        acc0[v, T.ramp(0, 1, lanes)] = acc0[v, T.ramp(0, 1, lanes)] + isa.quads(
+                            acc16[v, T.ramp(0, 1, 2 * lanes)], 1)
+            for v in T.unroll(vecs):
+                if tt * vecs + v < nb:
+                    for lane in T.vectorized(lanes):
+                        yacc[v, lane] = yacc[v, lane] + group_term(
+                            acc0[v, lane], scale, zero, sx, xsum, e, tt * vecs + v + off, g, lane, r, sup)
 
     @T.macro
     def project(weight, scale, sup, zero, x8, sx, xsum, acc0, acc1, yacc, e, r, tt, off):
@@ -272,16 +312,18 @@ def int8_gemv(spec: GemvSpec, params, isa: DotIsa, portable: bool = False) -> ti
                         yacc[v, lane] = yacc[v, lane] + group_term(
                             acc0[v, lane], scale, zero, sx, xsum, e, tt * vecs + v + off, g, lane, r, sup)
 
+    rows = project_pairs if pair_steps else project
+
     @T.macro
     def run_task(x8, sx, xsum, weight, scale, sup, zero, weight_up, scale_up, sup_up, zero_up, expert_ids, y,
                  acc0, acc1, yacc, yup, task):
         """Parallel task ``task``: routed row ``task % top_k``, row tile ``task // top_k``."""
         if expert_ids[task % top_k] >= 0:  # a row routed to another bit class (id -1) does no work
-            project(weight, scale, sup, zero, x8, sx, xsum, acc0, acc1, yacc, expert_ids[task % top_k],
-                    task % top_k * xstride, task // top_k, 0)
+            rows(weight, scale, sup, zero, x8, sx, xsum, acc0, acc1, yacc, expert_ids[task % top_k],
+                 task % top_k * xstride, task // top_k, 0)
             if swiglu:
-                project(weight_up, scale_up, sup_up, zero_up, x8, sx, xsum, acc0, acc1, yup,
-                        expert_ids[task % top_k], task % top_k * xstride, task // top_k, up_offset)
+                rows(weight_up, scale_up, sup_up, zero_up, x8, sx, xsum, acc0, acc1, yup,
+                     expert_ids[task % top_k], task % top_k * xstride, task // top_k, up_offset)
                 for v in T.unroll(vecs):
                     if task // top_k * vecs + v < nb:
                         for lane in T.vectorized(lanes):
