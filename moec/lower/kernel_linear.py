@@ -190,8 +190,8 @@ class KernelEmitter(LinearEmitter):
 
     def _grouped_int8(self, entry: WeightEntry) -> bool:
         """Whether this weight's grouped GEMM takes int8 activations (and gathers its own rows): where its decode
-        GEMV does and the family has an int8 grouped GEMM for the target (x86 VNNI), also under an explicit
-        ``int8``, which is about the decode GEMVs (ARM dotprod and x86 AVX2 prefill on float32 activations)."""
+        GEMV does and the family has an int8 grouped GEMM for the target (x86 VNNI; AVX2 at 2, 4, 8 bits), also
+        under an explicit ``int8``, which is about the decode GEMVs (ARM dotprod prefill on float32 activations)."""
         return entry.kernel and self._int8(entry) and self._builds_int8(make_grouped_gemm, entry.bits)
 
     def gathers_rows(self, entry: WeightEntry) -> bool:

@@ -138,13 +138,13 @@ def test_avx2_build_emits_avx2_dots_and_no_avx512():
 
 
 def test_avx2_widths_and_targets():
-    """3-bit fixed weights have no AVX2 int8 GEMV (one-line error; ``auto`` keeps them on float32, as the
-    prefill's grouped GEMMs); the nested kernel serves 3-bit widths; 2/4-bit tiles are one task's rows;
+    """3-bit fixed weights have no AVX2 int8 GEMV nor grouped GEMM (one-line error; ``auto`` keeps them on
+    float32); the nested kernel serves 3-bit widths; 2/4-bit tiles are one task's rows;
     no AVX2: no int8 kernel."""
     with pytest.raises(MoecError, match="3-bit int8 activations need avx512vnni, avx512vbmi.*AVX2 kernels take 2, 4, 8"):
         make_gemv(3, 64, 256, 64, 2, 1, AVX2, activations="int8")
-    with pytest.raises(MoecError, match="avx512vnni"):
-        make_grouped_gemm(4, 64, 256, 64, 2, AVX2, activations="int8")
+    with pytest.raises(MoecError, match="3-bit int8 activations need avx512vnni, avx512vbmi.*take 2, 4, 8"):
+        make_grouped_gemm(3, 64, 256, 64, 2, AVX2, activations="int8")
     make_nested_gemv(8, 64, 256, 64, 2, 1, AVX2, activations="int8")
     p = x86.gemv_params(AVX2)
     assert p.lanes == 8 and kernel_tile(AVX2, 1024, 4, "int8") == p.lanes * p.avx2_int8_tile_vectors
@@ -152,6 +152,7 @@ def test_avx2_widths_and_targets():
     emitter = KernelEmitter(AVX2)
     assert emitter.activations == "int8"
     assert [emitter._acts(b) for b in (2, 3, 4, 8)] == ["int8", "float32", "int8", "int8"]
+    assert [emitter._builds_int8(make_grouped_gemm, b) for b in (2, 3, 4, 8)] == [True, False, True, True]
     sse = tvm.target.Target({"kind": "llvm", "mcpu": "nehalem"})
     with pytest.raises(MoecError, match="need AVX2"):
         make_gemv(4, 64, 256, 64, 2, 1, sse, activations="int8")
@@ -166,3 +167,28 @@ def test_avx512_without_vnni_is_refused_in_one_line():
     with pytest.raises(MoecError, match="on an AVX-512 target need avx512vnni"):
         make_nested_gemv(8, 64, 256, 64, 2, 1, skx, activations="int8")
     assert KernelEmitter(skx).activations == "float32"
+
+
+@pytest.mark.parametrize("bits", [2, 4, 8])
+def test_avx2_grouped_gemm_equals_the_decode_gemv_per_token(bits):
+    """The AVX2 int8 prefill GEMM: 13 pairs over 4 experts (an empty one), 5 rows of x gathered by index, N = 48
+    (a partial tile at 2/4 bits) against the int8 reference, and each pair's row bit for bit the AVX2 decode
+    GEMV's for that token and expert (the same integer sums and group scaling)."""
+    n, k, gs, counts = 48, 256, 64, [3, 0, 9, 1]
+    gemm = compile_kernel(make_grouped_gemm(bits, n, k, gs, len(counts), AVX2, activations="int8"), AVX2)
+    gemv = compile_kernel(make_gemv(bits, n, k, gs, len(counts), 1, AVX2, activations="int8"), AVX2)
+    pws = _packed(bits, n, k, gs, len(counts), seed=bits + 11)
+    stack = _stack(pws, n, bits)
+    offsets = np.concatenate([[0], np.cumsum(counts)]).astype(np.int32)
+    rng = np.random.default_rng(bits)
+    x = rng.standard_normal((5, k)).astype(np.float32)
+    rows = rng.integers(0, 5, int(offsets[-1])).astype(np.int32)
+    out = call(gemm, "grouped_gemm", [x, rows] + weight_args(stack) + [offsets, np.zeros((len(rows), n), np.float32)])
+    xr = dequantized_activations(x, gs)[rows]
+    ref = np.concatenate([xr[offsets[e]:offsets[e + 1]] @ pws[e].dequantize().T for e in range(len(counts))])
+    np.testing.assert_allclose(out, ref, rtol=1e-4, atol=1e-4 * np.abs(ref).max())
+    for e in range(len(counts)):
+        for p in range(offsets[e], offsets[e + 1]):
+            y = call(gemv, "gemv", [x[rows[p]][None], stack["weight"], stack["scale"], stack["zero"],
+                                    np.asarray([e], np.int32), np.zeros((1, n), np.float32)])
+            assert np.array_equal(out[p], y[0])

@@ -1,6 +1,6 @@
 """Kernels reading double-quantized (``u8``) scales against numpy on the dequantized weights: decode GEMV
 (x86 and ARM schedules), SwiGLU GEMV and prefill grouped GEMM with float32 activations; the int8-activation
-GEMVs (x86 VNNI, ARM sdot run on the host through its portable dot) and the VNNI grouped GEMM."""
+GEMVs (x86 VNNI and AVX2, ARM sdot run on the host through its portable dot) and the VNNI and AVX2 grouped GEMMs."""
 
 from __future__ import annotations
 
@@ -148,12 +148,23 @@ def test_int8_activation_gemv_reads_u8_scales(bits, family):
     assert_close(out, np.stack([xq[j if per_expert else 0] @ pws[e].dequantize().T for j, e in enumerate(ids)]))
 
 
-@pytest.mark.parametrize("bits", [3, 4])
-def test_int8_activation_grouped_gemm_reads_u8_scales(bits):
+@pytest.mark.parametrize("bits", [3, 4, 8])
+@pytest.mark.parametrize("family", ["x86-vnni", "x86-avx2"])
+def test_int8_activation_grouped_gemm_reads_u8_scales(bits, family):
     from moec.lower.kernels.activations import dequantized_activations
-    if not _vnni():
-        pytest.skip("no AVX-512 VNNI on this host")
     target = host_target()
+    if family == "x86-vnni" and not _vnni():
+        pytest.skip("no AVX-512 VNNI on this host")
+    if family == "x86-avx2":  # built for Haswell (no AVX-512), run on this host
+        import platform
+
+        import tvm
+        from tvm.target import codegen
+        if platform.machine() != "x86_64" or not codegen.target_has_features("avx2", target):
+            pytest.skip("no AVX2 on this host")
+        if bits == 3:
+            pytest.skip("the AVX2 grouped GEMM has no 3-bit path")
+        target = tvm.target.Target({"kind": "llvm", "mcpu": "haswell"})
     n, k, gs, counts = 48, 384, 32, [3, 0, 6]
     mod = compile_kernel(make_grouped_gemm(bits, n, k, gs, len(counts), target, activations="int8", scales="u8"),
                          target)

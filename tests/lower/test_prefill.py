@@ -52,19 +52,24 @@ def _assert_prefill_equals_steps(sess, prompt: list[int], cache_atol: float) -> 
     return want
 
 
-def test_int8_prefill_matches_int8_decode_steps(tmp_path):
-    """With int8 activations the prefill grouped GEMMs (VNNI) quantize each token's row as its decode
-    GEMV does: the same logits and cache as step-by-step decode."""
+@pytest.mark.parametrize("preset", ["host", "x86-64-v3"])
+def test_int8_prefill_matches_int8_decode_steps(preset, tmp_path):
+    """With int8 activations the prefill grouped GEMMs (VNNI on ``host``, AVX2 on ``x86-64-v3``) quantize each
+    token's row as its decode GEMV does: the same logits and cache as step-by-step decode."""
+    import platform
+
     from tvm.target import codegen
     from moec.lower.kernels.factory import host_target
-    if not codegen.target_has_features("avx512vnni", host_target()):
+    if preset == "host" and not codegen.target_has_features("avx512vnni", host_target()):
         pytest.skip("int8 activations need AVX-512 VNNI on this host")
+    if preset == "x86-64-v3" and (platform.machine() != "x86_64" or not codegen.target_has_features("avx2", host_target())):
+        pytest.skip("an x86 host with AVX2")
     model = feature_model("headnorm_tied_mqa")
     cfg = model.cfg
     plan = BitPlan(_plan(cfg).experts, {"router": 16, "re:.*": 4}, 16, "rtn", cfg.fingerprint())
     weights = ModelWeights.from_model(model, plan)
     params = build_params(cfg, plan, weights.packed, weights.floats)
-    sess = BundleSession(build_bundle_from_params(cfg, plan, params, load_target("host"), tmp_path / "b", None,
+    sess = BundleSession(build_bundle_from_params(cfg, plan, params, load_target(preset), tmp_path / "b", None,
                                                   activations="int8"))
     prompt = [int(t) for t in np.random.default_rng(2).integers(0, cfg.vocab_size, 11)]
     _assert_prefill_equals_steps(sess, prompt, cache_atol=1e-4)

@@ -15,7 +15,7 @@ from moec.lower.kernels.gemv import GemvSpec
 from moec.lower.kernels.grouped_gemm import GemmLoopParams
 from moec.lower.schedules import cpu_gemv
 from moec.lower.schedules.cpu_gemv import CpuScheduleParams
-from moec.lower.schedules.x86_avx2 import AVX2_BITS, avx2_gemv, avx2_nested_gemv
+from moec.lower.schedules.x86_avx2 import AVX2_BITS, AVX2_GEMM_BITS, avx2_gemv, avx2_grouped_gemm, avx2_nested_gemv
 from moec.lower.schedules.x86_vnni import vnni_gemv
 from moec.lower.schedules.x86_vnni_gemm import vnni_grouped_gemm
 from moec.lower.schedules.x86_vnni_nested import vnni_nested_gemv
@@ -125,6 +125,9 @@ class X86Params(CpuScheduleParams):
         2026-12-03), 2 threads: fixed GEMV 1 / 4 / 14 / 12 % faster at 2 / 3 / 4 / 8 bits, nested
         (8-bit storage) 2 / 4 / 16 / 14 % (README, session 13). N stays a multiple of 16 rows
         (``row_multiple``), as the grouped GEMM and the int8 kernels need.
+    avx2_gemm_vectors, avx2_gemm_tokens : int
+        ``gemm_vectors`` and ``gemm_tokens`` of the AVX2 int8 grouped GEMM (8-row vectors; ``vectors x tokens``
+        int32 accumulators of AVX2's 16 registers).
     avx2_int8_tile_vectors, avx2_int8_chains, avx2_nested_tile_vectors : int
         ``int8_tile_vectors``, ``int8_chains`` and ``int8_nested_tile_vectors`` of the AVX2 int8-activation
         GEMVs (``x86_avx2``, 8-lane vectors, 16 registers). A task's rows are also the layout tile there
@@ -163,6 +166,8 @@ class X86Params(CpuScheduleParams):
     avx2_int8_tile_vectors: int = 4
     avx2_int8_chains: int = 2
     avx2_nested_tile_vectors: int = 4
+    avx2_gemm_vectors: int = 2
+    avx2_gemm_tokens: int = 4
     row_multiple: int = 16
 
     def gemm_block(self, tile: int) -> tuple[int, int]:
@@ -183,6 +188,7 @@ def gemv_params(target: tvm.target.Target) -> X86Params:
     p = PARAMS
     return dataclasses.replace(p, lanes=p.avx2_lanes, int8_tile_vectors=p.avx2_int8_tile_vectors,
                                int8_chains=p.avx2_int8_chains, int8_nested_tile_vectors=p.avx2_nested_tile_vectors,
+                               gemm_vectors=p.avx2_gemm_vectors, gemm_tokens=p.avx2_gemm_tokens,
                                code_tile=p.avx2_lanes * p.avx2_int8_tile_vectors,
                                nested_int8_tile=p.avx2_lanes * p.avx2_nested_tile_vectors)
 
@@ -221,14 +227,6 @@ def _has_vnni(bits: int, target: tvm.target.Target) -> bool:
     return all(codegen.target_has_features(f, target) for f in _vnni_features(bits))
 
 
-def _require_vnni(bits: int, target: tvm.target.Target) -> None:
-    needed = _vnni_features(bits)
-    missing = [f for f in needed if not codegen.target_has_features(f, target)]
-    if missing:
-        raise MoecError(f"{bits}-bit int8 activations here need {', '.join(needed)}; target "
-                        f"{target} lacks {', '.join(missing)} (use activations='float32')")
-
-
 def _require_avx2(bits: int, target: tvm.target.Target, widths: tuple[int, ...] = AVX2_BITS) -> None:
     """Without VNNI: the AVX2 kernels, at ``widths``; else one line naming what is missing."""
     if not codegen.target_has_features("avx2", target):
@@ -244,8 +242,10 @@ def _require_avx2(bits: int, target: tvm.target.Target, widths: tuple[int, ...] 
 
 
 def int8_grouped_gemm(spec, target: tvm.target.Target, params: X86Params | None = None) -> tirx.PrimFunc:
-    """The int8-activation prefill grouped GEMM (AVX-512 VNNI, see ``x86_vnni_gemm``)."""
-    _require_vnni(spec.bits, target)
+    """The int8-activation prefill grouped GEMM (``x86_vnni_gemm``): AVX-512 VNNI, else AVX2 at 2, 4 and 8 bits."""
+    if not _has_vnni(spec.bits, target):
+        _require_avx2(spec.bits, target, widths=AVX2_GEMM_BITS)
+        return avx2_grouped_gemm(spec, params or gemv_params(target))
     return vnni_grouped_gemm(spec, params or PARAMS)
 
 

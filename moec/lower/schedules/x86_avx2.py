@@ -19,7 +19,8 @@ The fixed GEMV is :func:`moec.lower.schedules.x86_vnni.int8_gemv` and the nested
 :func:`moec.lower.schedules.int8_nested.int8_nested_gemv`, both on :data:`AVX2` (8 int32 lanes, one ymm
 register; signed code bytes; plain bit selects). 3-bit fixed weights keep float32 activations (their
 code extraction needs AVX-512 VBMI); the nested kernel serves 3-bit widths (its nibble rebuild puts
-every width up to 4 bits one code to a byte). Prefill keeps float32 activations (no AVX2 grouped GEMM).
+every width up to 4 bits one code to a byte). The prefill grouped GEMM is
+:func:`moec.lower.schedules.x86_vnni_gemm.int8_grouped_gemm` on the same ISA, at 2, 4 and 8 bits.
 """
 
 # No `from __future__ import annotations`: TVMScript needs the evaluated buffer annotations.
@@ -32,11 +33,14 @@ from moec.lower.kernels.nested_gemv import NestedGemvSpec
 from moec.lower.schedules.int8_common import DotIsa, plain_select, splat
 from moec.lower.schedules.int8_nested import int8_nested_gemv
 from moec.lower.schedules.x86_vnni import int8_gemv
+from moec.lower.schedules.x86_vnni_gemm import int8_grouped_gemm
 
 LANES = 8  # int32 rows per ymm register
 
 #: Bit widths of fixed weights with an AVX2 int8-activation GEMV.
 AVX2_BITS: tuple[int, ...] = (2, 4, 8)
+#: Bit widths with an AVX2 int8-activation grouped GEMM (prefill).
+AVX2_GEMM_BITS: tuple[int, ...] = (2, 4, 8)
 
 
 def _pairs(u8, s8):
@@ -77,3 +81,9 @@ def avx2_gemv(spec: GemvSpec, params) -> tirx.PrimFunc:
 def avx2_nested_gemv(spec: NestedGemvSpec, params) -> tirx.PrimFunc:
     """The AVX2 int8-activation nested GEMV (``int8_nested_tile_vectors``, ``int8_claim_lanes``)."""
     return int8_nested_gemv(spec, avx2_isa(params.int8_claim_lanes), params.int8_nested_tile_vectors)
+
+
+def avx2_grouped_gemm(spec, params) -> tirx.PrimFunc:
+    """The AVX2 int8-activation prefill grouped GEMM (``gemm_vectors`` x ``gemm_tokens`` of ``params``, an AVX2
+    target's :func:`~moec.lower.schedules.x86.gemv_params`)."""
+    return int8_grouped_gemm(spec, params, avx2_isa())

@@ -1,9 +1,10 @@
-"""x86 AVX-512 VNNI prefill grouped GEMM with int8 activations (``vpdpbusd``), written as explicit TIR.
+"""x86 prefill grouped GEMM with int8 activations, written as explicit TIR: AVX-512 VNNI (``vpdpbusd``), or AVX2
+at 2, 4 and 8 bits on the dots of :mod:`moec.lower.schedules.x86_avx2` (same kernel on a ``DotIsa``).
 
 The prefill counterpart of :mod:`moec.lower.schedules.x86_vnni`: the same code extraction
 (:func:`~moec.lower.schedules.x86_vnni._step_dots`), activation quantization and group scaling,
-so a token's output row equals the int8-activation decode GEMV's for that token. Numerics:
-:func:`moec.lower.kernels.activations.quantize_activations`.
+so a token's output row equals the int8-activation decode GEMV's for that token (bit for bit: the
+integer sums are exact on both ISAs). Numerics: :func:`moec.lower.kernels.activations.quantize_activations`.
 """
 
 # No `from __future__ import annotations`: TVMScript needs the evaluated buffer annotations.
@@ -14,32 +15,43 @@ from tvm.script import tirx as T
 from moec.core.errors import MoecError
 from moec.lower.kernels.grouped_gemm import GroupedGemmSpec
 from moec.lower.kernels.layout import num_tiles, zero_words
-from moec.lower.schedules.int8_common import plane_slot_source, quantize_rows_prep, scaled_group_sum
-from moec.lower.schedules.x86_vnni import _step_dots, dot_instructions
+from moec.lower.schedules.int8_common import DotIsa, plane_slot_source, quantize_rows_prep, scaled_group_sum, splat
+from moec.lower.schedules.x86_vnni import _step_dots, vnni_isa
 
 
 def vnni_grouped_gemm(spec: GroupedGemmSpec, params, portable: bool = False) -> tirx.PrimFunc:
+    """The AVX-512 VNNI int8 grouped GEMM (:func:`int8_grouped_gemm`); ``portable``: the VNNI and VBMI instructions
+    as plain TIR (``x86_vnni.portable_dpbusd``; tests on hosts without them)."""
+    return int8_grouped_gemm(spec, params, vnni_isa(portable), portable=portable)
+
+
+def int8_grouped_gemm(spec: GroupedGemmSpec, params, isa: DotIsa, portable: bool = False) -> tirx.PrimFunc:
     """``y[p] = x[rows[p]] @ W[e].T`` for ``offsets[e] <= p < offsets[e+1]``, int8 activations.
 
     Every row of ``x`` (float32 ``[R, K]``) is quantized once per call, in parallel over rows
     (per group: ``sx = max|x| / 127``, codes in the order the dots consume them, their sum);
     ``rows`` (int32 ``[P]``) gathers the quantized rows for the sorted pairs, so the caller
     passes the layer's token rows, not ``top_k`` copies of them. Parallel over tiles of
-    ``gemm_vectors`` 16-row vectors (``X86Params.gemm_block``: 8, a whole tile, on 128-row tiles)
+    ``gemm_vectors`` vectors of rows (``X86Params.gemm_block``: 8, a whole tile, on 128-row tiles)
     of every expert, in ``gemm_split`` parts (see ``split``: the threads share every expert's rows
     whatever the routing). Per block of ``gemm_tokens``
-    tokens and step of codes, each vector's codes are extracted into bytes once and
-    ``vpdpbusd``-ed against every token's four activations (broadcast), into ``vectors × tokens``
+    tokens and step of codes, each vector's codes are extracted into bytes once and dotted
+    (``isa.dot``) against every token's four activations (broadcast), into ``vectors × tokens``
     int32 accumulators that are scaled into float32 once per group; an expert with at least
     ``gemm_unpack_tokens[bits]`` tokens instead unpacks its rows' codes into a byte workspace once
-    (see the comment at ``unpack_tokens``). Experts without tokens cost nothing. ``params`` is an
-    :class:`~moec.lower.schedules.x86.X86Params`; ``portable``: the VNNI and VBMI instructions as plain
-    TIR (``x86_vnni.portable_dpbusd``; tests on hosts without them).
+    (see the comment at ``unpack_tokens``). Experts without tokens cost nothing. On an ISA with two-step
+    dots (AVX2, codes up to 4 bits) a step's planes add up in int16 (at most 4 pairs of ``2·15·127``)
+    before one widening per token; 8-bit codes on signed-code ISAs are recentred (as the GEMV does).
+    ``params`` is an :class:`~moec.lower.schedules.x86.X86Params` whose ``lanes`` are ``isa``'s;
+    ``portable``: 3-bit codes extracted without VBMI.
     """
-    dpbusd = dot_instructions(portable)[0]
     bits, n, k, gs, lanes, tile = spec.bits, spec.n, spec.k, spec.group_size, params.lanes, spec.tile
-    if lanes != 16 or tile % lanes or n % lanes:
-        raise MoecError(f"the VNNI grouped GEMM needs 16-row vectors dividing N ({n}) and the tile ({tile})")
+    if lanes != isa.lanes or tile % lanes or n % lanes:
+        raise MoecError(f"the int8 grouped GEMM needs {isa.lanes}-row vectors dividing N ({n}) and the tile ({tile})")
+    if bits == 3 and lanes != 16:
+        raise MoecError("3-bit int8 grouped GEMM codes need 16 lanes (AVX-512 VBMI)")
+    recentre = 128 if bits == 8 and not isa.unsigned_codes else 0  # signed code bytes: q - 128
+    pair_sums = isa.pairs is not None and bits <= 4
     step_words = 3 if bits == 3 else 1
     step_codes = 32 * step_words // bits
     if gs % step_codes:
@@ -64,12 +76,20 @@ def vnni_grouped_gemm(spec: GroupedGemmSpec, params, portable: bool = False) -> 
             return weight[e, gv * lanes // tile, step * step_words + i, T.ramp(gv * lanes % tile, 1, lanes)]
         return words
 
+    def broadcast4(x8, row, at):
+        return T.reinterpret(f"int8x{4 * lanes}", T.Broadcast(T.reinterpret("int32", x8[row, T.ramp(at, 1, 4)]), lanes))
+
     def step_dots(value, weight, x8, row, e, gv, step):
-        for codes, slot in _step_dots(bits, words_of(weight, e, gv, step), portable=portable):
-            x4 = T.reinterpret("int8x64", T.Broadcast(
-                T.reinterpret("int32", x8[row, T.ramp(step * step_codes + slot, 1, 4)]), lanes))
-            value = dpbusd(value, T.reinterpret("int8x64", codes), x4)
-        return value
+        terms = []
+        for codes, slot in _step_dots(bits, words_of(weight, e, gv, step), portable=portable, lanes=lanes):
+            if recentre:
+                codes = codes ^ splat(0x80808080, lanes)
+            x4 = broadcast4(x8, row, step * step_codes + slot)
+            if pair_sums:
+                terms.append(isa.pairs(codes, x4))
+            else:
+                value = isa.dot(value, codes, x4)
+        return value + isa.quads(sum(terms[1:], terms[0])) if pair_sums else value
 
     @T.macro
     def gemm_step(acc, weight, x8, tok, e, gv, v, step):
@@ -80,7 +100,7 @@ def vnni_grouped_gemm(spec: GroupedGemmSpec, params, portable: bool = False) -> 
 
     def unpacked_word(weight, e, gv, step, d):
         """Dot ``d`` (a constant once unrolled) of a 3-bit step's codes: one code per byte, as uint32x16."""
-        dots = [codes for codes, _ in _step_dots(bits, words_of(weight, e, gv, step), portable=portable)]
+        dots = [codes for codes, _ in _step_dots(bits, words_of(weight, e, gv, step), portable=portable, lanes=lanes)]
         value = dots[-1]
         for i in range(len(dots) - 2, -1, -1):  # folds to one dot once d is a constant
             value = T.if_then_else(d == i, dots[i], value)
@@ -100,10 +120,8 @@ def vnni_grouped_gemm(spec: GroupedGemmSpec, params, portable: bool = False) -> 
     def unpacked_step(acc, ws, x8, tok, v, word):
         """One word of unpacked codes (4 per row) of vector ``v`` against the block's tokens."""
         for r in T.unroll(tb):
-            acc[v * tb + r, T.ramp(0, 1, lanes)] = dpbusd(
-                acc[v * tb + r, T.ramp(0, 1, lanes)], T.reinterpret("int8x64", ws[v, word, T.ramp(0, 1, lanes)]),
-                T.reinterpret("int8x64", T.Broadcast(T.reinterpret("int32", x8[tok[r], T.ramp(word * 4, 1, 4)]),
-                                                     lanes)))
+            acc[v * tb + r, T.ramp(0, 1, lanes)] = isa.dot(
+                acc[v * tb + r, T.ramp(0, 1, lanes)], ws[v, word, T.ramp(0, 1, lanes)], broadcast4(x8, tok[r], word * 4))
 
     @T.macro
     def packed_group(acc, ws, weight, x8, tok, e, gv0, g):
@@ -128,7 +146,7 @@ def vnni_grouped_gemm(spec: GroupedGemmSpec, params, portable: bool = False) -> 
 
     def group_term(dot, scale, zero, sx, xsum, e, gv, g, lane, row, sup):
         t, col = gv * lanes // tile, gv * lanes % tile + lane
-        return scaled_group_sum(dot, scale, zero, sx, xsum, e, t, col, g, row, bits, super_scale=sup,
+        return scaled_group_sum(dot, scale, zero, sx, xsum, e, t, col, g, row, bits, recentre, super_scale=sup,
                                 super_groups=sg)
 
     def make_blocks(group_steps):
