@@ -28,7 +28,7 @@ demo: setup
 	$(BIN)/moec run $(OUT)/reference-host --prompt "The list type is" --max-new-tokens 32
 
 test: setup
-	$(BIN)/pytest -q -n $(JOBS) --dist loadgroup
+	$(BIN)/pytest -q -n $(JOBS) --dist loadgroup --durations=30
 
 test-fast: setup
 	$(BIN)/pytest -q -m 'not slow'
