@@ -103,3 +103,19 @@ def check_int8_swiglu(mod, w1, w3, tile: int, gs: int) -> None:
     gate = np.stack([xq @ w1[e].dequantize().T for e in ids])
     up = np.stack([xq @ w3[e].dequantize().T for e in ids])
     np.testing.assert_allclose(out, gate / (1 + np.exp(-gate)) * up, rtol=2e-3, atol=2e-3 * np.abs(up).max())
+
+
+def run_int8_grouped_gemm(mod, stack, deq, counts: list[int], gs: int, seed: int):
+    """Call an int8-activation grouped GEMM on ``len(counts)`` experts (``counts`` pairs each) whose pairs gather
+    rows of a 5-row ``x`` by index (a token routed to several experts). Returns ``(out, ref, x, rows, offsets)``,
+    ``ref`` the int8-rounded rows times the dequantized weights ``deq``."""
+    from moec.lower.kernels.activations import dequantized_activations
+    n, k = deq[0].shape
+    offsets = np.concatenate([[0], np.cumsum(counts)]).astype(np.int32)
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal((5, k)).astype(np.float32)
+    rows = rng.integers(0, 5, int(offsets[-1])).astype(np.int32)
+    out = call(mod, "grouped_gemm", [x, rows] + weight_args(stack) + [offsets, np.zeros((len(rows), n), np.float32)])
+    xr = dequantized_activations(x, gs)[rows]
+    ref = np.concatenate([xr[offsets[e]:offsets[e + 1]] @ deq[e].T for e in range(len(counts))])
+    return out, ref, x, rows, offsets

@@ -22,7 +22,7 @@ from moec.lower.schedules import kernel_tile, x86
 from moec.lower.schedules.x86_avx2 import dot, pairs, quads
 from moec.quant.packed_model import pack_weight
 
-from kernel_helpers import call, check_dot, check_int8_gemv, check_int8_swiglu, weight_args
+from kernel_helpers import call, check_dot, check_int8_gemv, check_int8_swiglu, run_int8_grouped_gemm, weight_args
 
 pytestmark = pytest.mark.tvm
 
@@ -179,13 +179,7 @@ def test_avx2_grouped_gemm_equals_the_decode_gemv_per_token(bits):
     gemv = compile_kernel(make_gemv(bits, n, k, gs, len(counts), 1, AVX2, activations="int8"), AVX2)
     pws = _packed(bits, n, k, gs, len(counts), seed=bits + 11)
     stack = _stack(pws, n, bits)
-    offsets = np.concatenate([[0], np.cumsum(counts)]).astype(np.int32)
-    rng = np.random.default_rng(bits)
-    x = rng.standard_normal((5, k)).astype(np.float32)
-    rows = rng.integers(0, 5, int(offsets[-1])).astype(np.int32)
-    out = call(gemm, "grouped_gemm", [x, rows] + weight_args(stack) + [offsets, np.zeros((len(rows), n), np.float32)])
-    xr = dequantized_activations(x, gs)[rows]
-    ref = np.concatenate([xr[offsets[e]:offsets[e + 1]] @ pws[e].dequantize().T for e in range(len(counts))])
+    out, ref, x, rows, offsets = run_int8_grouped_gemm(gemm, stack, [p.dequantize() for p in pws], counts, gs, bits)
     np.testing.assert_allclose(out, ref, rtol=1e-4, atol=1e-4 * np.abs(ref).max())
     for e in range(len(counts)):
         for p in range(offsets[e], offsets[e + 1]):

@@ -93,6 +93,19 @@ def test_grouped_gemm_reads_u8_scales(bits):
     assert_close(out, ref)
 
 
+def _avx2_target(bits: int, kernel: str):
+    """Haswell (AVX2, no AVX-512), whose kernels run on this host; skips where the host lacks AVX2 or at 3 bits."""
+    import platform
+
+    import tvm
+    from tvm.target import codegen
+    if platform.machine() != "x86_64" or not codegen.target_has_features("avx2", host_target()):
+        pytest.skip("no AVX2 on this host")
+    if bits == 3:
+        pytest.skip(f"the AVX2 {kernel} has no 3-bit path")
+    return tvm.target.Target({"kind": "llvm", "mcpu": "haswell"})
+
+
 def _vnni():
     from tvm.target import codegen
     return codegen.target_has_features("avx512vnni", host_target())
@@ -112,16 +125,8 @@ def test_int8_activation_gemv_reads_u8_scales(bits, family):
         tile = kernel_tile(target, n, bits, "int8")
         func = make_gemv(bits, n, k, gs, experts, top_k, target, x_per_expert=per_expert, activations="int8",
                          scales="u8")
-    elif family == "x86-avx2":  # built for Haswell (no AVX-512), run on this host
-        import platform
-
-        import tvm
-        from tvm.target import codegen
-        if platform.machine() != "x86_64" or not codegen.target_has_features("avx2", target):
-            pytest.skip("no AVX2 on this host")
-        if bits == 3:
-            pytest.skip("the AVX2 GEMV has no 3-bit path")
-        target = tvm.target.Target({"kind": "llvm", "mcpu": "haswell"})
+    elif family == "x86-avx2":
+        target = _avx2_target(bits, "GEMV")
         tile = kernel_tile(target, n, bits, "int8")
         func = make_gemv(bits, n, k, gs, experts, top_k, target, x_per_expert=per_expert, activations="int8",
                          scales="u8")
@@ -155,16 +160,8 @@ def test_int8_activation_grouped_gemm_reads_u8_scales(bits, family):
     target = host_target()
     if family == "x86-vnni" and not _vnni():
         pytest.skip("no AVX-512 VNNI on this host")
-    if family == "x86-avx2":  # built for Haswell (no AVX-512), run on this host
-        import platform
-
-        import tvm
-        from tvm.target import codegen
-        if platform.machine() != "x86_64" or not codegen.target_has_features("avx2", target):
-            pytest.skip("no AVX2 on this host")
-        if bits == 3:
-            pytest.skip("the AVX2 grouped GEMM has no 3-bit path")
-        target = tvm.target.Target({"kind": "llvm", "mcpu": "haswell"})
+    if family == "x86-avx2":
+        target = _avx2_target(bits, "grouped GEMM")
     n, k, gs, counts = 48, 384, 32, [3, 0, 6]
     mod = compile_kernel(make_grouped_gemm(bits, n, k, gs, len(counts), target, activations="int8", scales="u8"),
                          target)

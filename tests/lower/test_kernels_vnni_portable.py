@@ -11,7 +11,6 @@ import numpy as np
 import pytest
 from tvm.target import codegen
 
-from moec.lower.kernels.activations import dequantized_activations
 from moec.lower.kernels.factory import compile_kernel, host_target
 from moec.lower.kernels.gemv import GemvSpec
 from moec.lower.kernels.grouped_gemm import GroupedGemmSpec
@@ -21,7 +20,8 @@ from moec.lower.schedules.x86_vnni import portable_dpbusd, portable_multishift, 
 from moec.lower.schedules.x86_vnni_gemm import vnni_grouped_gemm
 from moec.quant.packed_model import pack_weight
 
-from kernel_helpers import assert_close, call, check_dot, check_int8_gemv, check_int8_swiglu, weight_args
+from kernel_helpers import (assert_close, call, check_dot, check_int8_gemv, check_int8_swiglu, run_int8_grouped_gemm,
+                            weight_args)
 
 pytestmark = pytest.mark.tvm
 
@@ -95,14 +95,7 @@ def test_portable_vnni_grouped_gemm_matches_the_int8_reference(bits):
     spec = GroupedGemmSpec(bits, n, k, gs, len(counts), x86.PARAMS.tile_for(n, bits, "int8"))
     mod = compile_kernel(vnni_grouped_gemm(spec, x86.PARAMS, portable=True), host_target())
     pws = _packed(bits, n, k, gs, len(counts), seed=bits + 9)
-    stack = _stack(pws, n, bits)
-    offsets = np.concatenate([[0], np.cumsum(counts)]).astype(np.int32)
-    rng = np.random.default_rng(bits)
-    x = rng.standard_normal((5, k)).astype(np.float32)
-    rows = rng.integers(0, 5, int(offsets[-1])).astype(np.int32)
-    out = call(mod, "grouped_gemm", [x, rows] + weight_args(stack) + [offsets, np.zeros((len(rows), n), np.float32)])
-    xr = dequantized_activations(x, gs)[rows]
-    ref = np.concatenate([xr[offsets[e]:offsets[e + 1]] @ pws[e].dequantize().T for e in range(len(counts))])
+    out, ref, *_ = run_int8_grouped_gemm(mod, _stack(pws, n, bits), [p.dequantize() for p in pws], counts, gs, bits)
     assert_close(out, ref)
 
 

@@ -188,9 +188,28 @@ def int8_nested_gemv(spec: NestedGemvSpec, isa: DotIsa, vecs: int) -> tirx.PrimF
         return T.reinterpret(f"int8x{4 * lanes}", T.Broadcast(
             T.reinterpret("int32", x8[r, T.ramp(g * gs + ch * 32 + 8 * a + 4 * half, 1, 4)]), lanes))
 
+    @T.macro
+    def clear(acc):
+        for a in T.unroll(2 * vecs):
+            for lane in T.vectorized(lanes):
+                acc[a, lane] = 0
+
+    def make_add_terms(d):
+        @T.macro
+        def add_terms(scale, zero, sx, xsum, yacc, acc, e, task, r, g, b):
+            """Group ``g``'s scaled sums of block ``b``'s vectors into ``yacc`` (the two chains of a vector added)."""
+            for v in T.unroll(vecs):
+                if task // top_k * tvecs + b * vecs + v < nb:
+                    for lane in T.vectorized(lanes):
+                        yacc[b * vecs + v, lane] = yacc[b * vecs + v, lane] + group_term(
+                            group_dot(acc[2 * v, lane], acc[2 * v + 1, lane], d), scale, zero, sx, xsum, e,
+                            task // top_k * tvecs + b * vecs + v, g, lane, r, d)
+        return add_terms
+
     def make_nest(d):
         if isa.pairs is not None:
             return make_pair_nest(d)
+        add_terms = make_add_terms(d)
 
         def step(segs, x8, acc, e, gv, g, ch, r, a: int, half: int):
             """Chain ``half`` (0: even lanes, 1: odd) of the accumulator after nibble word ``a`` of chunk
@@ -206,9 +225,7 @@ def int8_nested_gemv(spec: NestedGemvSpec, isa: DotIsa, vecs: int) -> tirx.PrimF
             # LLVM spill 13-38 vectors a chunk instead of 4-13 on x86)
             for g in range(groups):
                 for b in range(blocks):  # a whole tile's register blocks, one after another
-                    for a in T.unroll(2 * vecs):
-                        for lane in T.vectorized(lanes):
-                            acc[a, lane] = 0
+                    clear(acc)
                     for ch in range(chunks):
                         for v in T.unroll(vecs):
                             if task // top_k * tvecs + b * vecs + v < nb:
@@ -228,12 +245,7 @@ def int8_nested_gemv(spec: NestedGemvSpec, isa: DotIsa, vecs: int) -> tirx.PrimF
                                     segs, x8, acc[2 * v + 0, T.ramp(0, 1, lanes)], e, task // top_k * tvecs + b * vecs + v, g, ch, r, 3, 0)
                                 acc[2 * v + 1, T.ramp(0, 1, lanes)] = step(
                                     segs, x8, acc[2 * v + 1, T.ramp(0, 1, lanes)], e, task // top_k * tvecs + b * vecs + v, g, ch, r, 3, 1)
-                    for v in T.unroll(vecs):
-                        if task // top_k * tvecs + b * vecs + v < nb:
-                            for lane in T.vectorized(lanes):
-                                yacc[b * vecs + v, lane] = yacc[b * vecs + v, lane] + group_term(
-                                    group_dot(acc[2 * v, lane], acc[2 * v + 1, lane], d), scale, zero, sx, xsum, e,
-                                    task // top_k * tvecs + b * vecs + v, g, lane, r, d)
+                    add_terms(scale, zero, sx, xsum, yacc, acc, e, task, r, g, b)
 
         return nest
 
@@ -251,6 +263,7 @@ def int8_nested_gemv(spec: NestedGemvSpec, isa: DotIsa, vecs: int) -> tirx.PrimF
         if eight and (len(low) != 1 or fmt.segment_bits[low[0]] != 4 or positions[low[0]] != 0):
             raise MoecError(f"{fmt.name}: the int8 nested kernel needs one 4-bit low segment for 8 bits")
         pairs, m = isa.pairs, splat(0x0F0F0F0F, lanes)
+        add_terms = make_add_terms(d)  # (the second chain, acc[2v + 1], stays 0 here)
 
         def word_pairs(segs, x8, e, gv, g, ch, r, a: int, part: int):
             """int16 pair sums of nibble word ``a`` of chunk ``ch``: ``part`` 0 the codes (8 bits: their top
@@ -268,9 +281,7 @@ def int8_nested_gemv(spec: NestedGemvSpec, isa: DotIsa, vecs: int) -> tirx.PrimF
             acc16 = T.alloc_buffer((2 * vecs, 2 * lanes), "int16", scope=stack_scope(2 * vecs * lanes * 4))
             for g in range(groups):
                 for b in range(blocks):
-                    for a in T.unroll(2 * vecs):
-                        for lane in T.vectorized(lanes):
-                            acc[a, lane] = 0
+                    clear(acc)
                     for ch in range(chunks):
                         for v in T.unroll(vecs):
                             if task // top_k * tvecs + b * vecs + v < nb:
@@ -297,12 +308,7 @@ def int8_nested_gemv(spec: NestedGemvSpec, isa: DotIsa, vecs: int) -> tirx.PrimF
                                 else:
                                     acc[2 * v, T.ramp(0, 1, lanes)] = acc[2 * v, T.ramp(0, 1, lanes)] + isa.quads(
                                         acc16[2 * v, T.ramp(0, 1, 2 * lanes)], 1)
-                    for v in T.unroll(vecs):
-                        if task // top_k * tvecs + b * vecs + v < nb:
-                            for lane in T.vectorized(lanes):
-                                yacc[b * vecs + v, lane] = yacc[b * vecs + v, lane] + group_term(
-                                    acc[2 * v, lane], scale, zero, sx, xsum, e,
-                                    task // top_k * tvecs + b * vecs + v, g, lane, r, d)
+                    add_terms(scale, zero, sx, xsum, yacc, acc, e, task, r, g, b)
 
         return nest
 

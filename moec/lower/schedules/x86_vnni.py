@@ -241,20 +241,29 @@ def int8_gemv(spec: GemvSpec, params, isa: DotIsa, portable: bool = False) -> ti
         return lane_task(cl, j, ntask, task_lanes)
 
     @T.macro
+    def fill(buf, rows, width, value):
+        for a in T.unroll(rows):
+            for lane in T.vectorized(width):
+                buf[a, lane] = value
+
+    @T.macro
+    def add_group_terms(yacc, acc0, scale, sup, zero, sx, xsum, e, r, tt, off, g):
+        """``yacc[v]`` += group ``g``'s scaled sum of every vector of the task."""
+        for v in T.unroll(vecs):
+            if tt * vecs + v < nb:
+                for lane in T.vectorized(lanes):
+                    yacc[v, lane] = yacc[v, lane] + group_term(
+                        acc0[v, lane], scale, zero, sx, xsum, e, tt * vecs + v + off, g, lane, r, sup)
+
+    @T.macro
     def project_pairs(weight, scale, sup, zero, x8, sx, xsum, acc0, acc1, yacc, e, r, tt, off):
         """:func:`project` with int16 sums (``pair_steps``): ``acc16`` holds each vector's sum of a block."""
         acc16 = T.alloc_buffer((vecs, 2 * lanes), "int16", scope=stack_scope(vecs * lanes * 4))
-        for v in T.unroll(vecs):
-            for lane in T.vectorized(lanes):
-                yacc[v, lane] = T.float32(0)
+        fill(yacc, vecs, lanes, T.float32(0))
         for g in range(groups):
-            for a in T.unroll(vecs):
-                for lane in T.vectorized(lanes):
-                    acc0[a, lane] = 0
+            fill(acc0, vecs, lanes, 0)
             for sb in range(steps_per_group // pair_steps):
-                for a in T.unroll(vecs):
-                    for lane in T.vectorized(2 * lanes):
-                        acc16[a, lane] = T.int16(0)
+                fill(acc16, vecs, 2 * lanes, T.int16(0))
                 for st in T.unroll(pair_steps):
                     for v in T.unroll(vecs):
                         if tt * vecs + v < nb:
@@ -264,26 +273,16 @@ def int8_gemv(spec: GemvSpec, params, isa: DotIsa, portable: bool = False) -> ti
                     if tt * vecs + v < nb:
                         acc0[v, T.ramp(0, 1, lanes)] = acc0[v, T.ramp(0, 1, lanes)] + isa.quads(
                             acc16[v, T.ramp(0, 1, 2 * lanes)], 1)
-            for v in T.unroll(vecs):
-                if tt * vecs + v < nb:
-                    for lane in T.vectorized(lanes):
-                        yacc[v, lane] = yacc[v, lane] + group_term(
-                            acc0[v, lane], scale, zero, sx, xsum, e, tt * vecs + v + off, g, lane, r, sup)
+            add_group_terms(yacc, acc0, scale, sup, zero, sx, xsum, e, r, tt, off, g)
 
     @T.macro
     def project(weight, scale, sup, zero, x8, sx, xsum, acc0, acc1, yacc, e, r, tt, off):
         """``yacc[v]`` = rows of vector ``tt*vecs + v`` (``+ off`` in ``weight``) of expert ``e`` times
         activation row ``r``."""
-        for v in T.unroll(vecs):
-            for lane in T.vectorized(lanes):
-                yacc[v, lane] = T.float32(0)
+        fill(yacc, vecs, lanes, T.float32(0))
         for g in range(groups):
-            for a in T.unroll(vecs):
-                for lane in T.vectorized(lanes):
-                    acc0[a, lane] = 0
-            for a in T.unroll(vecs * (chains - 1)):
-                for lane in T.vectorized(lanes):
-                    acc1[a, lane] = 0
+            fill(acc0, vecs, lanes, 0)
+            fill(acc1, vecs * (chains - 1), lanes, 0)
             for st in range(steps_per_group):
                 for v in T.unroll(vecs):
                     if tt * vecs + v < nb:
@@ -306,11 +305,7 @@ def int8_gemv(spec: GemvSpec, params, isa: DotIsa, portable: bool = False) -> ti
                     for lane in T.vectorized(lanes):
                         acc0[v, lane] = acc0[v, lane] + _unshift(acc1[v * (chains - 1) + c - 1, lane], c,
                                                                  odd_shift)
-            for v in T.unroll(vecs):
-                if tt * vecs + v < nb:
-                    for lane in T.vectorized(lanes):
-                        yacc[v, lane] = yacc[v, lane] + group_term(
-                            acc0[v, lane], scale, zero, sx, xsum, e, tt * vecs + v + off, g, lane, r, sup)
+            add_group_terms(yacc, acc0, scale, sup, zero, sx, xsum, e, r, tt, off, g)
 
     rows = project_pairs if pair_steps else project
 
