@@ -3,7 +3,7 @@ experts run the int8 nested GEMV; at the stored width the bundle equals the fixe
 same plan bit for bit, and a plan switch mid-generation follows the float32-activation nested bundle.
 Each test runs for the host on AVX-512 VNNI ("vnni") and for the ``x86-64-v3`` preset (AVX2 kernels,
 "avx2"; built on any x86 host with AVX2, the CI machine included), whose streamed compile also takes
-a mixed 2/3/4/8 plan under ``auto`` (3-bit experts and the prefill GEMMs on float32 activations)."""
+a mixed 2/3/4/8 plan under ``auto`` (3-bit experts and their prefill GEMMs on float32 activations)."""
 
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ from moec.cli.main import cli
 from moec.lower.kernels.factory import host_target
 from tests.runtime.nested_fixtures import GS, mixed_plan
 
-pytestmark = pytest.mark.tvm
+pytestmark = [pytest.mark.tvm, pytest.mark.xdist_group("nested-int8")]  # each variant's bundles built once
 
 NEEDS = {"vnni": "avx512vnni", "avx2": "avx2"}  # the host feature each variant's bundles run on
 TARGETS = {"vnni": "host", "avx2": "x86-64-v3"}
@@ -103,7 +103,7 @@ def test_plan_switch_mid_generation_with_int8_activations(bundles):
 
 def test_auto_mixed_plan_on_avx2_runs_int8_where_kernels_exist(bundles, tmp_path):
     """``x86-64-v3`` under ``auto`` with a mixed 2/3/4/8 plan (streamed compile): the manifest says int8; 2/4/8-bit
-    experts run the AVX2 int8 GEMVs, 3-bit ones and the prefill the float32 kernels; greedy tokens equal the
+    experts run the AVX2 int8 GEMVs and prefill GEMMs, 3-bit ones the float32 kernels; greedy tokens equal the
     float32 bundle's."""
     from moec.runtime.session import BundleSession
     root, plan_file = bundles
