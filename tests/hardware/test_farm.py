@@ -21,7 +21,7 @@ from moec.hardware.device_timing import DeviceTimer
 from moec.hardware.store import MeasurementStore
 from tests.hardware.sensor_fixtures import write_hwmon
 
-pytestmark = [pytest.mark.farm, pytest.mark.tvm, pytest.mark.xdist_group("farm")]  # module fixtures built once
+pytestmark = [pytest.mark.farm, pytest.mark.tvm]
 
 KEY = "moec-test"
 

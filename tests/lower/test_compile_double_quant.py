@@ -16,7 +16,7 @@ from moec.models.checkpoint import load_checkpoint
 from moec.quant.packed_model import fake_quantize_model
 from tests.export.export_fixtures import torch_logits
 
-pytestmark = [pytest.mark.tvm, pytest.mark.xdist_group("compile-double-quant")]  # the module fixture built once
+pytestmark = pytest.mark.tvm
 
 
 @pytest.fixture(scope="module")

@@ -18,7 +18,7 @@ from moec.cli.main import cli
 from moec.lower.kernels.factory import host_target
 from tests.runtime.nested_fixtures import GS, mixed_plan
 
-pytestmark = [pytest.mark.tvm, pytest.mark.xdist_group("nested-int8")]  # each variant's bundles built once
+pytestmark = pytest.mark.tvm
 
 NEEDS = {"vnni": "avx512vnni", "avx2": "avx2"}  # the host feature each variant's bundles run on
 TARGETS = {"vnni": "host", "avx2": "x86-64-v3"}
