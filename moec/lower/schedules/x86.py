@@ -15,7 +15,7 @@ from moec.lower.kernels.gemv import GemvSpec
 from moec.lower.kernels.grouped_gemm import GemmLoopParams
 from moec.lower.schedules import cpu_gemv
 from moec.lower.schedules.cpu_gemv import CpuScheduleParams
-from moec.lower.schedules.x86_avx2 import AVX2_BITS, AVX2_GEMM_BITS, avx2_gemv, avx2_grouped_gemm, avx2_nested_gemv
+from moec.lower.schedules.x86_avx2 import AVX2_BITS, avx2_gemv, avx2_grouped_gemm, avx2_nested_gemv
 from moec.lower.schedules.x86_vnni import vnni_gemv
 from moec.lower.schedules.x86_vnni_gemm import vnni_grouped_gemm
 from moec.lower.schedules.x86_vnni_nested import vnni_nested_gemv
@@ -244,7 +244,7 @@ def _require_avx2(bits: int, target: tvm.target.Target, widths: tuple[int, ...] 
 def int8_grouped_gemm(spec, target: tvm.target.Target, params: X86Params | None = None) -> tirx.PrimFunc:
     """The int8-activation prefill grouped GEMM (``x86_vnni_gemm``): AVX-512 VNNI, else AVX2 at 2, 4 and 8 bits."""
     if not _has_vnni(spec.bits, target):
-        _require_avx2(spec.bits, target, widths=AVX2_GEMM_BITS)
+        _require_avx2(spec.bits, target)
         return avx2_grouped_gemm(spec, params or gemv_params(target))
     return vnni_grouped_gemm(spec, params or PARAMS)
 

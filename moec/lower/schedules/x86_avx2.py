@@ -37,10 +37,8 @@ from moec.lower.schedules.x86_vnni_gemm import int8_grouped_gemm
 
 LANES = 8  # int32 rows per ymm register
 
-#: Bit widths of fixed weights with an AVX2 int8-activation GEMV.
+#: Bit widths of fixed weights with AVX2 int8-activation kernels (the decode GEMV and the prefill grouped GEMM).
 AVX2_BITS: tuple[int, ...] = (2, 4, 8)
-#: Bit widths with an AVX2 int8-activation grouped GEMM (prefill).
-AVX2_GEMM_BITS: tuple[int, ...] = (2, 4, 8)
 
 
 def _pairs(u8, s8):

@@ -108,6 +108,21 @@ def _step_dots(bits: int, words, masked: bool = False, portable: bool = False, l
     return dots
 
 
+def broadcast4(x8, row, at, lanes: int):
+    """Activations ``x8[row, at:at+4]`` as one int32 broadcast to every row of the vector (int8 x 4·lanes)."""
+    return T.reinterpret(f"int8x{4 * lanes}", T.Broadcast(T.reinterpret("int32", x8[row, T.ramp(at, 1, 4)]), lanes))
+
+
+def step_operands(bits: int, words, x8, row, first_code, lanes: int, masked: bool = False, portable: bool = False,
+                  recentre: int = 0):
+    """(codes, activations) of each dot of one step whose codes start at ``first_code`` (:func:`_step_dots`; codes
+    recentred to ``q − 128`` when ``recentre``, for signed-code dots)."""
+    for codes, slot in _step_dots(bits, words, masked, portable, lanes):
+        if recentre:
+            codes = codes ^ splat(0x80808080, lanes, "uint32")
+        yield codes, broadcast4(x8, row, first_code + slot, lanes)
+
+
 def vnni_isa(portable: bool = False, claim_lanes: int = 0) -> DotIsa:
     """The AVX-512 VNNI :class:`~moec.lower.schedules.int8_common.DotIsa`: 16 lanes, ``vpdpbusd`` (unsigned
     code bytes), ``vpternlogd`` selects (``portable``: both as plain TIR)."""
@@ -196,22 +211,18 @@ def int8_gemv(spec: GemvSpec, params, isa: DotIsa, portable: bool = False) -> ti
     prep = quantize_activations_prep(xr, k, gs, vl, step_codes,
                                      (lambda c: c) if bits == 3 else plane_slot_source(bits))
 
-    def step_operands(weight, x8, e, gv, step, r):
+    def operands(weight, x8, e, gv, step, r):
         """(codes, activations) of each dot of one step of global vector ``gv``."""
         def words(i):
             return weight[e, gv * lanes // tile, step * step_words + i,
                           T.ramp(gv * lanes % tile, 1, lanes)]
-        for codes, slot in _step_dots(bits, words, masked, portable, lanes):
-            if recentre:
-                codes = codes ^ splat(0x80808080, lanes, "uint32")
-            yield codes, T.reinterpret(f"int8x{4 * lanes}", T.Broadcast(
-                T.reinterpret("int32", x8[r, T.ramp(step * step_codes + slot, 1, 4)]), lanes))
+        return step_operands(bits, words, x8, r, step * step_codes, lanes, masked, portable, recentre)
 
     def accumulate(acc0, acc1, v, c, weight, x8, e, gv, step, r):
         """New value of accumulator ``c`` of vector ``v`` (global vector ``gv``) after one step."""
         sums = [acc0[v, T.ramp(0, 1, lanes)]] + [acc1[v * (chains - 1) + c - 1, T.ramp(0, 1, lanes)]
                                                  for c in range(1, chains)]
-        for d, (codes, x4) in enumerate(step_operands(weight, x8, e, gv, step, r)):
+        for d, (codes, x4) in enumerate(operands(weight, x8, e, gv, step, r)):
             sums[d % chains] = isa.dot(sums[d % chains], codes, x4)
         value = sums[-1]
         for i in range(chains - 2, -1, -1):  # folds to one chain once c is a constant
@@ -220,7 +231,7 @@ def int8_gemv(spec: GemvSpec, params, isa: DotIsa, portable: bool = False) -> ti
 
     def step_pairs(weight, x8, e, gv, step, r):
         """int16 pair sums of one step's code planes (0..15 a byte) times their activations."""
-        terms = [isa.pairs(codes, x4) for codes, x4 in step_operands(weight, x8, e, gv, step, r)]
+        terms = [isa.pairs(codes, x4) for codes, x4 in operands(weight, x8, e, gv, step, r)]
         return sum(terms[1:], terms[0])
 
     sg = spec.super_groups

@@ -15,8 +15,8 @@ from tvm.script import tirx as T
 from moec.core.errors import MoecError
 from moec.lower.kernels.grouped_gemm import GroupedGemmSpec
 from moec.lower.kernels.layout import num_tiles, zero_words
-from moec.lower.schedules.int8_common import DotIsa, plane_slot_source, quantize_rows_prep, scaled_group_sum, splat
-from moec.lower.schedules.x86_vnni import _step_dots, vnni_isa
+from moec.lower.schedules.int8_common import DotIsa, plane_slot_source, quantize_rows_prep, scaled_group_sum
+from moec.lower.schedules.x86_vnni import _step_dots, broadcast4, step_operands, vnni_isa
 
 
 def vnni_grouped_gemm(spec: GroupedGemmSpec, params, portable: bool = False) -> tirx.PrimFunc:
@@ -76,15 +76,10 @@ def int8_grouped_gemm(spec: GroupedGemmSpec, params, isa: DotIsa, portable: bool
             return weight[e, gv * lanes // tile, step * step_words + i, T.ramp(gv * lanes % tile, 1, lanes)]
         return words
 
-    def broadcast4(x8, row, at):
-        return T.reinterpret(f"int8x{4 * lanes}", T.Broadcast(T.reinterpret("int32", x8[row, T.ramp(at, 1, 4)]), lanes))
-
     def step_dots(value, weight, x8, row, e, gv, step):
         terms = []
-        for codes, slot in _step_dots(bits, words_of(weight, e, gv, step), portable=portable, lanes=lanes):
-            if recentre:
-                codes = codes ^ splat(0x80808080, lanes)
-            x4 = broadcast4(x8, row, step * step_codes + slot)
+        for codes, x4 in step_operands(bits, words_of(weight, e, gv, step), x8, row, step * step_codes, lanes,
+                                       portable=portable, recentre=recentre):
             if pair_sums:
                 terms.append(isa.pairs(codes, x4))
             else:
@@ -121,7 +116,7 @@ def int8_grouped_gemm(spec: GroupedGemmSpec, params, isa: DotIsa, portable: bool
         """One word of unpacked codes (4 per row) of vector ``v`` against the block's tokens."""
         for r in T.unroll(tb):
             acc[v * tb + r, T.ramp(0, 1, lanes)] = isa.dot(
-                acc[v * tb + r, T.ramp(0, 1, lanes)], ws[v, word, T.ramp(0, 1, lanes)], broadcast4(x8, tok[r], word * 4))
+                acc[v * tb + r, T.ramp(0, 1, lanes)], ws[v, word, T.ramp(0, 1, lanes)], broadcast4(x8, tok[r], word * 4, lanes))
 
     @T.macro
     def packed_group(acc, ws, weight, x8, tok, e, gv0, g):
