@@ -148,8 +148,11 @@ class LocalFarm:
         self.start()
         return self
 
-    def __exit__(self, *exc) -> None:
+    def __exit__(self, exc_type, exc, tb) -> None:
+        """Stop the farm; its own log folder is removed unless the block raised (the logs then say why)."""
         self.stop()
+        if exc_type is None:
+            self.remove_logs()
 
 
 def _is_ours(pid: int) -> bool:
