@@ -159,6 +159,21 @@ def test_int8_unneeded_planes_are_never_loaded(isa):
         assert np.array_equal(_run(mod, nws, dirty, x, prec, [0], n), _run(mod, nws, stack, x, prec, [0], n))
 
 
+def test_adjacent_one_bit_segments_are_read_as_one_pair():
+    """8-bit storage (segments 2+1+1+4): 4 bits read seg0 and the pair (seg1, seg2), 3 bits seg0 and seg1
+    alone, 8 bits the top three as at 4 bits then the low nibble segment; 4-bit storage (2+1+1) the same
+    pair. The numerics of every width through the pairs: the kernel tests above (vs integer references)."""
+    from moec.lower.schedules.int8_nested import nibble_parts
+    from moec.core.formats import get_nested_format
+
+    f8, f4 = get_nested_format(8), get_nested_format(4)
+    assert nibble_parts(f8, range(3)) == [(0,), (1, 2)]
+    assert nibble_parts(f8, range(2)) == [(0,), (1,)]
+    assert nibble_parts(f8, range(1)) == [(0,)]
+    assert nibble_parts(f8, [0, 1, 2]) == nibble_parts(f4, range(3)) == [(0,), (1, 2)]
+    assert nibble_parts(f8, [3]) == [(3,)]
+
+
 def test_int8_nested_shape_errors():
     if VNNI:
         with pytest.raises(MoecError, match="multiples of 16"):

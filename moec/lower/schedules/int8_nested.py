@@ -13,9 +13,10 @@ picks one loop nest, specialised for ``k`` at compile time, so the planes ``k`` 
 loaded. A step is one *nibble word* ``a`` of a group (8 codes per row, one per 4-bit lane,
 ``moec.lower.kernels.nested_layout``), rebuilt in registers from the needed segment words:
 
-- ``k <= 4``: the needed segments are merged into the nibble word (a constant shift per segment,
-  a bit select per further one: :func:`nibbles`), each lane holding ``q_k << (4 − k)`` (bits below
-  may be stale); ``word & M`` puts lanes 0,2,4,6 one per byte, and lanes 1,3,5,7 either in place
+- ``k <= 4``: the needed segments are merged into the nibble word (a constant shift per part,
+  a bit select per further one: :func:`nibbles`; two adjacent 1-bit segments are one 2-bit part,
+  built once a chunk: :func:`pair_word`), each lane holding ``q_k << (4 − k)`` (bits below may be
+  stale); ``word & M`` puts lanes 0,2,4,6 one per byte, and lanes 1,3,5,7 either in place
   (``word & (M << 4)``, unsigned dots: their chain sums 16 × the products and is shifted right by 4
   once a group) or shifted down (``(word >> 4) & M``, signed dots, where a high nibble would read as
   negative); two dots multiply them by 4 int8 activations each;
@@ -71,21 +72,54 @@ def slot_source(slot: int) -> int:
     return 4 * (2 * (c % 4) + c // 4) + a
 
 
+def nibble_parts(fmt, segments) -> list[tuple[int, ...]]:
+    """The parts :func:`nibbles` merges: each needed segment ``(s,)``, except that two adjacent 1-bit
+    segments both needed become one 2-bit *pair* part ``(s, s + 1)`` (:func:`pair_word`)."""
+    segments, parts, i = list(segments), [], 0
+    while i < len(segments):
+        s = segments[i]
+        if (i + 1 < len(segments) and segments[i + 1] == s + 1 and fmt.segment_bits[s] == 1
+                and fmt.segment_bits[s + 1] == 1):
+            parts.append((s, s + 1))
+            i += 2
+        else:
+            parts.append((s,))
+            i += 1
+    return parts
+
+
+def pair_word(isa: DotIsa, load, s: int, a: int):
+    """The 2-bit parts of nibble words ``a % 2`` (bits 1-0 of each lane) and ``a % 2 + 2`` (bits 3-2) from
+    the 1-bit segments ``s`` (the high bit of each pair) and ``s + 1``, whose chunk words hold nibble word
+    ``a``'s bit at bit ``a`` of each lane: one shift and one select a word, two words a chunk, shared
+    by its four nibble words (every bit exact). Three shifts and three selects fewer a chunk than
+    shifting each 1-bit part into place per nibble word."""
+    hi, lo = load(s, 0), load(s + 1, 0)
+    if a % 2 == 0:  # bit 2j+1 <- hi bit 2j, bit 2j <- lo bit 2j (j = 0, 1): words 0 and 2
+        return isa.select(hi << splat(1, isa.lanes), lo, 0xAAAAAAAA)
+    return isa.select(hi, lo >> splat(1, isa.lanes), 0xAAAAAAAA)  # words 1 and 3
+
+
 def nibbles(isa: DotIsa, fmt, load, a: int, segments, offset: int):
     """Nibble word ``a`` (constant within its 4-word chunk) from ``segments``: each part shifted to
-    bit ``pos_s − offset`` of its lane, merged by bit selects, most significant last (bits below
-    the lowest segment's may be stale). ``load(s, word)`` is the segment's word of the chunk."""
+    bit ``pos − offset`` of its lane, merged by bit selects, most significant last (bits below
+    the lowest part's may be stale). ``load(s, word)`` is the segment's word of the chunk; adjacent
+    1-bit segments are read as one 2-bit part (:func:`nibble_parts`, :func:`pair_word`)."""
     positions = segment_positions(fmt)
     word = None
-    for s in reversed(list(segments)):
-        width = fmt.segment_bits[s]
-        per = 4 // width
-        raw = load(s, a // per)
-        part = _shift(raw, (positions[s] - offset) - width * (a % per), isa.lanes)
+    for part_of in reversed(nibble_parts(fmt, segments)):
+        pos = positions[part_of[-1]]  # the part's lowest bit in the code
+        if len(part_of) == 2:
+            width, raw, inner = 2, pair_word(isa, load, part_of[0], a), 2 * (a // 2)
+        else:
+            width = fmt.segment_bits[part_of[0]]
+            per = 4 // width
+            raw, inner = load(part_of[0], a // per), width * (a % per)
+        part = _shift(raw, (pos - offset) - inner, isa.lanes)
         if word is None:
             word = part
         else:
-            keep = (((1 << width) - 1) * 0x11111111 << (positions[s] - offset)) & 0xFFFFFFFF
+            keep = (((1 << width) - 1) * 0x11111111 << (pos - offset)) & 0xFFFFFFFF
             word = isa.select(part, word, keep)
     return word
 

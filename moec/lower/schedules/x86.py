@@ -86,13 +86,16 @@ class X86Params(CpuScheduleParams):
         accumulators) spilled 74-78 vectors a chunk at 3 and 8 bits; 4 spill 4-14 (2026-12-03,
         kernel alone, CPU time at load 6: 8-bit 2,013 → 1,145 µs a call cold).
     nested_int8_tile : int
-        Largest row tile of nested stacks read by the int8 nested GEMV (0: ``layout_tile``, the
-        default). On a tile of several register blocks a task is the whole tile, its blocks run one
-        after another within each group (``int8_nested.task_blocks``), so it reads each segment of
-        the tile contiguously as the fixed kernel's 128-row tasks do. Not measured yet (the session
-        that wrote it had no AVX-512 VNNI host; its numerics are tested with the portable dots):
-        ``benchmarks/dynamic.py --parts kernel --modes int8 --nested-int8-tile 128`` against the
-        default. Session 12 measured 4-vector tasks on half of a 128-row tile 1.6–2.4x slower.
+        Largest row tile of nested stacks read by the int8 nested GEMV (0: ``layout_tile``). 64 = a
+        task's rows (``int8_nested_tile_vectors`` vectors), so a task reads each segment of its rows as
+        one contiguous block, as the fixed kernel's 128-row tasks do, not 4 streams of 16-row tiles.
+        Measured on an AVX-512 VNNI host (Zen 5, 2 threads, 2026-12-04; ``benchmarks/dynamic.py --parts
+        kernel --calls 200 --modes int8 --nested-int8-tile T``, three interleaved runs): nested µs a call
+        at 2/3/4/8 bits 152/196/253/469 (16-row tiles) against 129/192/231/411 (64), nested/fixed 1.26–1.34 /
+        1.00–1.05 / 1.21–1.24 / 1.22–1.25 against 1.12–1.25 / 1.02–1.13 / 1.15–1.19 / 1.13–1.14. 128-row
+        tiles, where a task runs the tile's two 4-vector blocks one after another (``int8_nested.task_blocks``:
+        each block reads half of every 512-byte row of the tile), were slower than 16-row ones (1.7–2.1x at 2
+        bits), and 8-vector tasks on them too (up to 1.7x at 8 bits: spills).
     int8_chains : int
         Independent int32 accumulators per vector in the VNNI GEMV, so consecutive ``vpdpbusd``
         do not wait on each other's latency.
@@ -156,7 +159,7 @@ class X86Params(CpuScheduleParams):
     gemm_unpack_tokens: tuple[tuple[int, int], ...] = ((3, 12),)
     int8_tile_vectors: int = 8
     int8_nested_tile_vectors: int = 4
-    nested_int8_tile: int = 0
+    nested_int8_tile: int = 64
     int8_chains: int = 2
     int8_plane_masks: bool = True
     int8_claim_lanes: int = 16
