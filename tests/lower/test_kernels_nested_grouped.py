@@ -60,6 +60,22 @@ def test_nested_grouped_gemm_serves_each_experts_width_with_unneeded_planes_garb
     _check(mod, nws, stack, [widths[-1 - e % len(widths)] for e in range(experts)], [1, 6, 0, 17], seed=12)
 
 
+@pytest.mark.parametrize("tile", [32, 64])
+def test_a_task_runs_every_vector_of_its_tile(tile):
+    """Tiles of several 16-row vectors (the int8 nested GEMV's layout: 64 rows on AVX-512, 32 on AVX2) are one
+    task each, their vectors one after another within each group; N = 80 leaves the last tile part padding
+    (rows 80.. of 96 or 128), which is neither read into an output nor written."""
+    from moec.lower.schedules import x86
+
+    n, k, gs, experts = 80, 128, 64, 3
+    spec = NestedGroupedSpec(8, n, k, gs, experts, tile)
+    mod = compile_kernel(nested_grouped_definition(spec, x86.grouped_gemm_params()), host_target())
+    nws, stack = _experts(8, n, k, gs, experts, tile, seed=4)
+    assert stack["seg0"].shape[1] == -(-n // tile)
+    _check(mod, nws, stack, [8, 2, 4], [5, 0, 9], seed=5)
+    _check(mod, nws, stack, [3, 8, 2], [1, 7, 2], seed=6)
+
+
 def test_arm_nested_grouped_loops_on_host_and_neon_codegen():
     n, k, gs, experts = 32, 64, 32, 3
     spec = NestedGroupedSpec(8, n, k, gs, experts, arm.PARAMS.tile_for(n, None, "float32"))
