@@ -65,6 +65,34 @@ class GemmLoopParams:
     unroll: int = 32
 
 
+def token_blocks(kt: int, tb: int, lanes: int):
+    """The macro adding one K tile's part of a vector's outputs for every token routed to its expert:
+    ``run(x, y, wd, acc, start, count, g, col)``, ``wd`` the tile's dequantized weights ``[kt, lanes]``,
+    the tokens ``start .. start + count`` taken ``tb`` at a time into ``acc`` (``[tb, lanes]``), added into
+    ``y[:, col .. col + lanes]`` (set at the first tile, ``g == 0``). Shared by the fixed and nested
+    grouped GEMMs."""
+
+    @T.macro
+    def run(x, y, wd, acc, start, count, g, col):
+        for blk in range((count + tb - 1) // tb):
+            for r in T.unroll(tb):
+                for lane in T.vectorized(lanes):
+                    acc[r, lane] = T.float32(0)
+            for i in range(kt):
+                for r in T.unroll(tb):
+                    for lane in T.vectorized(lanes):
+                        # Tail rows of a block recompute the last token (never stored).
+                        acc[r, lane] = acc[r, lane] + wd[i, lane] * x[
+                            start + T.min(blk * tb + r, count - 1), g * kt + i]
+            for r in T.unroll(tb):
+                if blk * tb + r < count:
+                    for lane in T.vectorized(lanes):
+                        y[start + blk * tb + r, col + lane] = T.if_then_else(
+                            g == 0, T.float32(0), y[start + blk * tb + r, col + lane]) + acc[r, lane]
+
+    return run
+
+
 def grouped_gemm_definition(spec: GroupedGemmSpec, params: GemmLoopParams) -> tirx.PrimFunc:
     """``y[t] = x[t] @ W[e].T`` for ``offsets[e] <= t < offsets[e+1]``, in explicit TIR loops.
 
@@ -105,6 +133,8 @@ def grouped_gemm_definition(spec: GroupedGemmSpec, params: GemmLoopParams) -> ti
             s = s * sup[e, t, g // sg, r].astype("float32")
         return (code.astype("float32") - zq.astype("float32")) * s
 
+    add_tokens = token_blocks(kt, tb, lanes)
+
     @T.macro
     def body(x, y, weight, scale, zero, offsets, sup):
         for task in T.parallel(experts * nb):
@@ -119,22 +149,7 @@ def grouped_gemm_definition(spec: GroupedGemmSpec, params: GemmLoopParams) -> ti
                             for lane in T.vectorized(lanes):
                                 wd[i0 * unroll + i1, lane] = dequant(
                                     weight, scale, zero, task // nb, task % nb, g, i0 * unroll + i1, lane, sup)
-                    for blk in range((count + tb - 1) // tb):
-                        for r in T.unroll(tb):
-                            for lane in T.vectorized(lanes):
-                                acc[r, lane] = T.float32(0)
-                        for i in range(kt):
-                            for r in T.unroll(tb):
-                                for lane in T.vectorized(lanes):
-                                    # Tail rows of a block recompute the last token (never stored).
-                                    acc[r, lane] = acc[r, lane] + wd[i, lane] * x[
-                                        start + T.min(blk * tb + r, count - 1), g * kt + i]
-                        for r in T.unroll(tb):
-                            if blk * tb + r < count:
-                                for lane in T.vectorized(lanes):
-                                    y[start + blk * tb + r, task % nb * lanes + lane] = T.if_then_else(
-                                        g == 0, T.float32(0),
-                                        y[start + blk * tb + r, task % nb * lanes + lane]) + acc[r, lane]
+                    add_tokens(x, y, wd, acc, start, count, g, task % nb * lanes)
 
     if spec.quantized and sg:
         @T.prim_func
