@@ -21,12 +21,12 @@ from moec.hardware.device_timing import DeviceTimer
 from moec.hardware.store import MeasurementStore
 from tests.hardware.sensor_fixtures import write_hwmon
 
-pytestmark = [pytest.mark.farm, pytest.mark.tvm]
+pytestmark = [pytest.mark.farm, pytest.mark.tvm, pytest.mark.xdist_group("farm")]  # one farm, on one worker
 
 KEY = "moec-test"
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def bundles(tmp_path_factory):
     """Two tiny MoE bundles (uniform 4-bit and 8-bit), built once."""
     from moec.api import CompileConfig, compile_bundle

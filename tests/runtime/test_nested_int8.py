@@ -18,25 +18,38 @@ from moec.cli.main import cli
 from moec.lower.kernels.factory import host_target
 from tests.runtime.nested_fixtures import GS, mixed_plan
 
-pytestmark = pytest.mark.tvm
+pytestmark = [pytest.mark.tvm, pytest.mark.xdist_group("nested-int8")]  # one worker builds the bundles
 
 NEEDS = {"vnni": "avx512vnni", "avx2": "avx2"}  # the host feature each variant's bundles run on
 TARGETS = {"vnni": "host", "avx2": "x86-64-v3"}
 
 
-@pytest.fixture(scope="module", params=["vnni", "avx2"])
-def bundles(request, tmp_path_factory):
+@pytest.fixture(scope="session")
+def _built() -> dict:
+    """Bundles built so far in this process, by variant: a parametrized module fixture was set up again
+    whenever pytest (or xdist) ran the variants' tests interleaved (4 builds of 3 bundles instead of 2)."""
+    return {}
+
+
+@pytest.fixture(params=["vnni", "avx2"])
+def bundles(request, _built, tmp_path_factory):
     """(root with nested_i8, fixed_i8 and nested_f32 bundles of one tiny checkpoint, the mixed plan file)."""
-    from tests.conftest import make_tiny_checkpoint
     if not codegen.target_has_features(NEEDS[request.param], host_target()):
         pytest.skip(f"needs {NEEDS[request.param]}")
-    root = tmp_path_factory.mktemp(f"nested_int8_{request.param}")
+    if request.param not in _built:
+        _built[request.param] = _build(request.param, tmp_path_factory)
+    return _built[request.param]
+
+
+def _build(variant: str, tmp_path_factory):
+    from tests.conftest import make_tiny_checkpoint
+    root = tmp_path_factory.mktemp(f"nested_int8_{variant}")
     ckpt = root / "ckpt"
     cfg = make_tiny_checkpoint(ckpt, seed=5)
     plan_file = root / "mixed.json"
     plan_file.write_text(json.dumps(mixed_plan(cfg).to_json()))
     common = [str(ckpt), "--plan", "uniform:8", "--group-size", str(GS), "--method", "rtn",
-              "--target", TARGETS[request.param]]
+              "--target", TARGETS[variant]]
     for name, extra in (("nested_i8", ["--nested", "8", "--activations", "int8"]),
                         ("nested_f32", ["--nested", "8", "--activations", "float32"]),
                         ("fixed_i8", ["--activations", "int8"])):
