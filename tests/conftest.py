@@ -11,6 +11,7 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from moec.models.checkpoint import save_checkpoint
 from moec.core.config import MoEConfig
 from moec.models.model import MoEModel
+from tests.xdist_groups import pytest_collection_modifyitems  # noqa: F401  (a hook: xdist groups under pytest 9)
 
 REPO = Path(__file__).resolve().parents[1]
 REFERENCE = REPO / "reference" / "checkpoint"
@@ -18,24 +19,6 @@ REFERENCE_DATA = REPO / "reference" / "data"
 
 TEXT = ("The quick brown fox jumps over the lazy dog. Python is a programming language. "
         "Experts in a mixture of experts model are selected by a router for every token. ") * 20
-
-
-@pytest.hookimpl(trylast=True)
-def pytest_collection_modifyitems(config, items):
-    """Make ``xdist_group`` marks work under ``--dist loadgroup`` with pytest 9.
-
-    pytest-xdist 3.8 groups tests by an ``@group`` suffix it writes into ``item._nodeid``; pytest 9 keeps
-    a node's id in ``item._id``, so the suffix was lost and every group was spread over both workers
-    (module fixtures built on each, the emulated arm64 device shared by two). Where the suffix is
-    missing, it is added here the way xdist means to (nothing to do on a pytest where xdist's works)."""
-    if not getattr(config.option, "loadgroup", False):  # set on xdist workers under --dist loadgroup
-        return
-    for item in items:
-        names = sorted({str(m.args[0] if m.args else m.kwargs.get("name", "default"))
-                        for m in item.iter_markers("xdist_group")})
-        if names and "@" not in item.nodeid and hasattr(item, "_id"):
-            from _pytest.nodeid import coerce_node_id
-            item._id = coerce_node_id(f"{item.nodeid}@{'_'.join(names)}")
 
 
 def tiny_tokenizer(vocab: int = 300) -> Tokenizer:
