@@ -101,10 +101,10 @@ def _measurer(cfg: SearchConfig, workdir: Path | None):
         return None
     if cfg.measure == "local":
         return LocalBundleMeasurer(cfg.checkpoint, cfg.target, workdir / "bundles" if workdir else None)
-    workdir = workdir or Path(tempfile.mkdtemp(prefix="moec-farm-"))
     if cfg.measure == "farm":
-        if not cfg.tracker:
+        if not cfg.tracker:  # before making the work folder: a refused run leaves nothing behind
             raise MoecError("--measure farm needs --tracker HOST:PORT")
+        workdir = workdir or Path(tempfile.mkdtemp(prefix="moec-farm-"))
         return FarmMeasurer(cfg.checkpoint, cfg.target, cfg.tracker, workdir / "measurements.db", workdir / "bundles")
     raise MoecError(f"unknown measure mode '{cfg.measure}'; choices: {', '.join(MEASURES)}")
 

@@ -55,8 +55,13 @@ def test_search_profiles_when_given_data(tiny_profiled, tmp_path):
     (("--profile", "PROFILE", "--tensor-bits", "re:.*=5"), "not allowed on the target"),
     (("--profile", "PROFILE", "--measure", "farm"), "needs --tracker"),
 ])
-def test_errors_are_one_line(tiny_profiled, tmp_path, extra, needle):
+def test_errors_are_one_line(tiny_profiled, tmp_path, monkeypatch, extra, needle):
+    import tempfile
+
     ckpt, _, prof = tiny_profiled
+    scratch = tmp_path / "tmp"  # where a refused search must leave nothing (it made /tmp/moec-farm-*)
+    scratch.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(scratch))
     nosens = tmp_path / "nosens.json"
     d = json.loads(prof.read_text())
     d["sensitivity"] = None
@@ -66,6 +71,7 @@ def test_errors_are_one_line(tiny_profiled, tmp_path, extra, needle):
     assert code == 2, text
     assert len(text.strip().splitlines()) == 1 and text.startswith("error:") and needle in text, text
     assert not (tmp_path / "o.json").exists()
+    assert not any(scratch.iterdir())
 
 
 def test_compile_searches_the_front_on_the_profile_it_has(tiny_profiled):
