@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -87,7 +88,11 @@ def test_sigint_during_build_is_clean(tiny_checkpoint, tmp_path):
     proc.send_signal(signal.SIGINT)
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 130, err
-    assert err.strip() == "interrupted", err
+    # moec prints one line; TVM's C++ side may log a warning of its own as the interrupt unwinds through a
+    # Relax pass ("[hh:mm:ss] .../block_builder.cc:67: Warning: BlockBuilder destroyed with remaining
+    # blocks!"), which moec cannot silence: such lines are allowed, nothing else (no traceback)
+    ours = [line for line in err.strip().splitlines() if not re.match(r"\[\d\d:\d\d:\d\d\] \S+\.cc:\d+: Warning: ", line)]
+    assert ours == ["interrupted"], err
     # torch's own compile cache (torchinductor_<user>) may be made in TMPDIR; it is not moec's
     assert [p for p in tmpdir.iterdir() if not p.name.startswith("torchinductor_")] == []
     assert not (tmp_path / "b").exists()
