@@ -5,8 +5,9 @@ stack to the first frame whose globals hold it. TVM walks with ``inspect.getoute
 also reads each frame's source line from disk (``getframeinfo`` → ``getmodule`` scans
 ``sys.modules`` for every frame): about half of a tiny model's ``moec compile`` (and more under deep
 stacks such as pytest's) went there. :func:`install` replaces it with a walk over ``frame.f_back``
-that visits the same frames (this one first, as TVM's does) in the same order and returns the same parser, without the source
-lines. Installed when :mod:`moec.lower` is imported; a TVM without the method is left alone.
+that visits the same frames (this one first, as TVM's does) in the same order and returns the same
+parser, without the source lines. Installed when :mod:`moec.lower` is imported; a TVM without the
+method is left alone.
 """
 
 from __future__ import annotations
@@ -27,9 +28,18 @@ def _find_parser_def(self):
     raise RuntimeError(f"{ScriptMacro.parser_object_name} not available")
 
 
+#: TVM's own lookup, as it was before :func:`install` (None until then, or where TVM has none)
+tvm_find_parser_def = None
+
+
 def install() -> bool:
-    """Use :func:`_find_parser_def` for every TVMScript macro; False where TVM has no such method."""
-    if not callable(getattr(ScriptMacro, "_find_parser_def", None)):
+    """Use :func:`_find_parser_def` for every TVMScript macro, keeping TVM's own as
+    :data:`tvm_find_parser_def`; False where TVM has no such method."""
+    global tvm_find_parser_def
+    current = getattr(ScriptMacro, "_find_parser_def", None)
+    if not callable(current):
         return False
+    if current is not _find_parser_def:
+        tvm_find_parser_def = current
     ScriptMacro._find_parser_def = _find_parser_def
     return True
