@@ -170,17 +170,31 @@ class KernelEmitter(LinearEmitter):
         args = [x] + [vars_[f"{name}.{a}"] for a in segs] + [vars_[f"{name}.kscale"], vars_[f"{name}.kzero"], prec, ids]
         return bb.emit(relax.call_tir(gv, args, relax.TensorType((top_k, n), "float32")))
 
-    def nested_grouped(self, bb, x, entry: WeightEntry, vars_, name, offsets, prec):
-        """One nested grouped-GEMM call on rows ``x`` sorted by expert (``offsets``) at the widths in ``prec``
-        (float32 activations, on the layout tile of the stack's nested GEMV)."""
+    def nested_grouped(self, bb, x, entry: WeightEntry, vars_, name, offsets, prec, rows=None):
+        """One nested grouped-GEMM call on the pairs sorted by expert (``offsets``) at the widths in ``prec``, on
+        the layout tile of the stack's nested GEMV: int8 activations where :meth:`nested_gathers_rows` (``x``
+        the rows ``rows`` gathers, every row quantized once; ``rows`` None: ``x`` is already sorted), else
+        float32 on rows ``x`` sorted (gathered here when ``rows`` is given)."""
         n, k = entry.shape
-        key = ("nested-gemm", entry.bits, n, k, entry.group_size, entry.stacked)
+        int8 = self.nested_gathers_rows(entry)
+        if rows is not None and not int8:
+            x, rows = bb.emit(relax.op.take(x, rows, axis=0, mode="clip")), None
+        if int8 and rows is None:
+            rows = bb.emit(relax.op.arange(0, x.ty.shape[0], 1, "int32"))
+        key = ("nested-gemm", entry.bits, n, k, entry.group_size, entry.stacked, int8)
         if key not in self._kernels:
-            self._kernels[key] = make_nested_grouped_gemm(*key[1:], self.target,
-                                                          layout_activations=self._nested_acts(entry.bits))
-        gv = add_kernel(bb, self._kernels[key], _symbol("nested_gemm", entry))
-        args = [x] + self._nested_args(entry, vars_, name) + [prec, offsets]
-        return bb.emit(relax.call_tir(gv, args, relax.TensorType((x.ty.shape[0], n), "float32")))
+            self._kernels[key] = make_nested_grouped_gemm(*key[1:6], self.target,
+                                                          layout_activations=self._nested_acts(entry.bits),
+                                                          activations="int8" if int8 else "float32")
+        gv = add_kernel(bb, self._kernels[key], _symbol("nested_gemm", entry, "i8" if int8 else ""))
+        args = [x] + ([rows] if int8 else []) + self._nested_args(entry, vars_, name) + [prec, offsets]
+        out_rows = (rows if int8 else x).ty.shape[0]
+        return bb.emit(relax.call_tir(gv, args, relax.TensorType((out_rows, n), "float32")))
+
+    def nested_gathers_rows(self, entry: WeightEntry) -> bool:
+        """Whether the nested stack's grouped GEMM takes int8 activations (and gathers its own rows): where its
+        nested GEMV does and the family has an int8 nested grouped GEMM for the target (x86 AVX-512 VNNI)."""
+        return self._nested_acts(entry.bits) == "int8" and self._builds_int8(make_nested_grouped_gemm, entry.bits)
 
     @staticmethod
     def _nested_args(entry: WeightEntry, vars_, name) -> list:

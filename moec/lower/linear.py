@@ -88,9 +88,15 @@ class LinearEmitter:
         raise MoecError("nested expert storage needs moec's kernels (x86, arm or cuda backend), not the reference "
                         "emitter")
 
-    def nested_grouped(self, bb, x, entry: WeightEntry, vars_, name, offsets, prec):
-        """Prefill rows of a nested stack sorted by expert (``offsets``) at the widths of ``prec``: needs kernels."""
+    def nested_grouped(self, bb, x, entry: WeightEntry, vars_, name, offsets, prec, rows=None):
+        """Prefill rows of a nested stack sorted by expert (``offsets``; ``x[rows]`` when ``rows`` is given) at the
+        widths of ``prec``: needs kernels."""
         return self.nested_experts(bb, x, entry, vars_, name, None, prec)
+
+    def nested_gathers_rows(self, entry: WeightEntry) -> bool:
+        """Whether :meth:`nested_grouped` gathers its rows itself (an int8-activation kernel quantizing each row of
+        ``x`` once), so the graph passes the token rows and their indices instead of gathering them."""
+        return False
 
     def decode_attention(self, bb, q, k, v, cache_k, cache_v, pos, scale: float):
         """One token's ``(attention [heads, value_dim], cache_k, cache_v)`` from one kernel that also writes

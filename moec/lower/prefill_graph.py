@@ -15,7 +15,8 @@ kernels with them), RMSNorm, SiLU and small float projections (routers) are para
 (:mod:`moec.lower.kernels.attention`, :mod:`moec.lower.kernels.rowwise`). Everything else is the decode builder's ops on ``[T, ...]`` rows.
 
 A nested layer (``moec compile --nested``: one stack of every expert) sorts the pairs by expert id and
-runs one nested grouped GEMM per projection (:mod:`moec.lower.kernels.nested_grouped`) at the widths
+runs one nested grouped GEMM per projection (:mod:`moec.lower.kernels.nested_grouped`; with int8 activations,
+x86 AVX-512 VNNI: :mod:`moec.lower.schedules.int8_nested_gemm`, which gathers the token rows itself) at the widths
 of the run-time table ``layers.L.experts.prec`` that the decode function reads too, so a
 ``set_plan`` applies to the next prefill as to the next decode step.
 
@@ -179,15 +180,19 @@ class PrefillBuilder(DecodeBuilder):
                               relax.const(np.arange(cfg.num_experts + 1, dtype=np.int32).reshape(1, -1)))
         offsets = bb.emit(relax.op.sum(relax.op.astype(below, "int32"), axis=0))         # [E + 1]
         token_of = relax.op.floor_divide(relax.op.arange(0, pairs, 1, "int32"), relax.const(np.int32(top_k)))
-        xs = bb.emit(relax.op.take(x, relax.op.take(token_of, order, axis=0, mode="clip"), axis=0, mode="clip"))
+        token_rows = bb.emit(relax.op.take(token_of, order, axis=0, mode="clip"))          # sorted -> token
         sorted_ids = bb.emit(relax.op.take(ids, order, axis=0, mode="clip")) if cfg.expert_bias else None
         prec, name = self.vars[prec_table_name(layer)], f"layers.{layer}.experts.nested"
 
-        def call(inp, proj):
+        def call(inp, proj, rows=None):
             return self.emitter.nested_grouped(bb, inp, self.params.entries[f"{name}.{proj}"], self.vars,
-                                               f"{name}.{proj}", offsets, prec)
+                                               f"{name}.{proj}", offsets, prec, rows)
 
-        g1, g3 = (self._expert_bias(call(xs, w), layer, w, sorted_ids) for w in ("w1", "w3"))
+        if self.emitter.nested_gathers_rows(self.params.entries[f"{name}.w1"]):
+            xs, xrows = x, token_rows            # the kernel reads x[token_rows[p]] itself
+        else:
+            xs, xrows = bb.emit(relax.op.take(x, token_rows, axis=0, mode="clip")), None
+        g1, g3 = (self._expert_bias(call(xs, w, xrows), layer, w, sorted_ids) for w in ("w1", "w3"))
         out = call(blocks.glu(self, cfg, g1, g3), "w2")
         out = bb.emit(relax.op.take(out, relax.op.argsort(order, axis=0, dtype="int32"), axis=0, mode="clip"))
         y = bb.emit(relax.op.reshape(self._expert_bias(out, layer, "w2", ids), (rows, top_k, cfg.hidden_size)))

@@ -33,11 +33,11 @@ def _built() -> dict:
 
 @pytest.fixture(params=["vnni", "avx2"])
 def bundles(request, _built, tmp_path_factory):
-    """(root with nested_i8, fixed_i8 and nested_f32 bundles of one tiny checkpoint, the mixed plan file)."""
+    """(root with nested_i8, fixed_i8 and nested_f32 bundles of one tiny checkpoint, the mixed plan file, variant)."""
     if not codegen.target_has_features(NEEDS[request.param], host_target()):
         pytest.skip(f"needs {NEEDS[request.param]}")
     if request.param not in _built:
-        _built[request.param] = _build(request.param, tmp_path_factory)
+        _built[request.param] = (*_build(request.param, tmp_path_factory), request.param)
     return _built[request.param]
 
 
@@ -65,7 +65,7 @@ def _steps(sess, tokens):
 
 def test_int8_nested_bundle_runs_the_int8_kernel_and_equals_the_fixed_int8_bundle(bundles):
     from moec.runtime.session import BundleSession
-    root, _ = bundles
+    root = bundles[0]
     manifest = json.loads((root / "nested_i8" / "manifest.json").read_text())
     assert manifest["activations"] == "int8"
     with BundleSession(root / "nested_i8") as nested, BundleSession(root / "fixed_i8") as fixed, \
@@ -75,8 +75,12 @@ def test_int8_nested_bundle_runs_the_int8_kernel_and_equals_the_fixed_int8_bundl
         for g, w in zip(got, want):
             assert np.array_equal(g, w)  # the stored width: the same integer sums, the same float epilogue
         assert not all(np.array_equal(g, o) for g, o in zip(got, other))  # int8 activations, not float32
-        nested.reset()  # the prefill (nested grouped GEMMs, float32 activations for the experts) runs too
-        assert np.isfinite(nested.prefill(prompt)).all()
+        nested.reset()
+        fixed.reset()
+        if bundles[2] == "vnni":  # the int8 nested grouped GEMM: the fixed int8 prefill's sums and terms
+            assert np.array_equal(nested.prefill(prompt), fixed.prefill(prompt))
+        else:  # AVX2: nested prefill GEMMs on float32 activations
+            assert np.isfinite(nested.prefill(prompt)).all()
 
 
 def test_plan_switch_mid_generation_with_int8_activations(bundles):
@@ -84,7 +88,7 @@ def test_plan_switch_mid_generation_with_int8_activations(bundles):
     2/3/4/8 plan for 4 tokens, back to uniform 8: the tokens equal the float32-activation nested
     bundle's under the same switches, and the mixed steps differ from uniform 8's."""
     from moec.runtime.session import BundleSession
-    root, plan_file = bundles
+    root, plan_file = bundles[:2]
     runs = {}
     for name in ("nested_i8", "nested_f32"):
         with BundleSession(root / name) as sess:
@@ -119,7 +123,7 @@ def test_auto_mixed_plan_on_avx2_runs_int8_where_kernels_exist(bundles, tmp_path
     experts run the AVX2 int8 GEMVs and prefill GEMMs, 3-bit ones the float32 kernels; greedy tokens equal the
     float32 bundle's."""
     from moec.runtime.session import BundleSession
-    root, plan_file = bundles
+    root, plan_file = bundles[:2]
     if "avx2" not in root.name:
         pytest.skip("the x86-64-v3 variant")
     ckpt = root / "ckpt"

@@ -187,15 +187,25 @@ def add_kernel(bb, func: tvm.tirx.PrimFunc, sym: str):
 
 
 def make_nested_grouped_gemm(storage_bits: int, n: int, k: int, group_size: int, num_stacked: int,
-                             target: tvm.target.Target, layout_activations: str = "float32") -> tvm.tirx.PrimFunc:
+                             target: tvm.target.Target, layout_activations: str = "float32", *,
+                             activations: str = "float32") -> tvm.tirx.PrimFunc:
     """Prefill grouped GEMM over a nested expert stack whose per-expert width is a run-time argument.
 
     Returns ``grouped_gemm(x, seg0, …, scale, zero, prec, offsets, y)`` with the loops of ``target``'s
     family (its ``grouped_gemm_params``, as for :func:`make_grouped_gemm`); arrays from
     :func:`moec.lower.kernels.layout.nested_kernel_layout`, ``x``/``offsets``/``y`` as for
-    :func:`make_grouped_gemm` (see :mod:`moec.lower.kernels.nested_grouped`). It takes float32 activations;
-    ``layout_activations`` are those of the stack's decode GEMV, whose layout tile it reads.
+    :func:`make_grouped_gemm` (see :mod:`moec.lower.kernels.nested_grouped`). ``layout_activations`` are
+    those of the stack's decode GEMV, whose layout tile it reads. ``activations="int8"``:
+    ``grouped_gemm(x, rows, seg0, …, scale, zero, prec, offsets, y)``, each row of ``x`` quantized once and
+    gathered by ``rows`` as :func:`make_grouped_gemm`'s int8 kernels do (families with one: x86 with
+    AVX-512 VNNI, :mod:`moec.lower.schedules.int8_nested_gemm`).
     """
+    target = tvm.target.Target(target)
+    _check_activations(activations)
     family = family_module(target)
     spec = NestedGroupedSpec(storage_bits, n, k, group_size, num_stacked, kernel_tile(target, n, None, layout_activations))
+    if activations == "int8":
+        if not hasattr(family, "int8_nested_grouped_gemm"):
+            raise MoecError(f"no int8-activation nested grouped GEMM for target family {target_family(target)!r}")
+        return family.int8_nested_grouped_gemm(spec, target)
     return nested_grouped_definition(spec, family.grouped_gemm_params())

@@ -124,14 +124,17 @@ def nibbles(isa: DotIsa, fmt, load, a: int, segments, offset: int):
     return word
 
 
-def byte_words(isa: DotIsa, fmt, d: int, load, a: int):
+def byte_words(isa: DotIsa, fmt, d: int, load, a: int, odd_in_place: bool | None = None):
     """(even, odd) uint32 words of nibble word ``a`` at derived width ``d``: one code per byte, as the
-    ISA's dot reads them."""
+    ISA's dot reads them. Up to 4 bits the odd lanes stay in place (16 × their value) when
+    ``odd_in_place`` (default: the ISA's dot reads unsigned codes), else they are shifted down."""
     k, bits, lanes = fmt.derived_bits[d], fmt.storage_bits, isa.lanes
+    if odd_in_place is None:
+        odd_in_place = isa.unsigned_codes
     if k <= 4:
         word = nibbles(isa, fmt, load, a, range(d + 1), bits - 4)
         mask = (((1 << k) - 1) << (4 - k)) * 0x01010101
-        if isa.unsigned_codes:  # odd lanes in place (at most 0xF0: still an unsigned byte), 16 × their products
+        if odd_in_place:  # (at most 0xF0: still an unsigned byte), 16 × their products
             return word & splat(mask, lanes), word & splat(mask << 4, lanes)
         return word & splat(mask, lanes), (word >> splat(4, lanes)) & splat(mask, lanes)
     positions = segment_positions(fmt)
@@ -146,6 +149,34 @@ def byte_words(isa: DotIsa, fmt, d: int, load, a: int):
     if not isa.unsigned_codes:  # q - 128 as a signed byte
         return even ^ splat(0x80808080, lanes), odd ^ splat(0x80808080, lanes)
     return even, odd
+
+
+def nested_group_term(isa: DotIsa, bits: int, width: int, dot, scale, zero, sx, xsum, e, t, col, g, r):
+    """Group ``g``'s term of column ``col`` of tile ``t`` at derived ``width`` of ``bits``-bit storage, from its
+    integer sum ``dot`` (``sum (q_k << (4 − k)) · x8`` up to 4 bits, ``sum q · x8`` at 8) over row ``r``'s
+    activations (the module docstring's formula; the stored width exactly the fixed int8 kernel's term)."""
+    zq = T.Cast("int32", code_at(lambda word: zero[e, t, word, col], g, bits))
+    s = T.Cast("float32", scale[e, t, g, col]) * sx[r, g]
+    shift = bits - width
+    if shift == 0:  # the stored width: the fixed int8 kernel's group term exactly
+        if width == 8 and not isa.unsigned_codes and isa.pairs is None:
+            zq = zq - 128  # the codes were recentred (int16 sums: split into nibbles instead)
+        return s * T.Cast("float32", dot - zq * xsum[r, g])
+    full = dot * (1 << (bits - 4)) if width <= 4 else dot
+    twice = full * 2 - (zq * 2 - ((1 << shift) - 1)) * xsum[r, g]
+    return s * T.float32(0.5) * T.Cast("float32", twice)
+
+
+def segment_chunk_loader(segs, fmt, gs: int, lanes: int, tile: int, e, gv, g, ch):
+    """``load(s, word)``: word ``word`` of segment ``s`` within chunk ``ch`` (32 codes) of group ``g`` of vector
+    ``gv`` (``lanes`` rows of ``tile``-row layout tiles) of expert ``e``, ``segs`` the stack's segment buffers."""
+    seg_words = [gs * w // 32 for w in fmt.segment_bits]  # words per group, per segment
+    chunks = gs // 32
+
+    def load(s, word):
+        return segs[s][e, gv * lanes // tile, g * seg_words[s] + ch * (seg_words[s] // chunks) + word,
+                       T.ramp(gv * lanes % tile, 1, lanes)]
+    return load
 
 
 def check_int8_nested(spec: NestedGemvSpec, isa: DotIsa, tile_vectors: int) -> None:
@@ -196,26 +227,11 @@ def int8_nested_gemv(spec: NestedGemvSpec, isa: DotIsa, vecs: int) -> tirx.PrimF
         return even + (odd >> 4) if widths[d] <= 4 and isa.unsigned_codes else even + odd
 
     def group_term(dot, scale, zero, sx, xsum, e, gv, g, lane, r, d):
-        t, col = gv * lanes // tile, gv * lanes % tile + lane
-        zq = T.Cast("int32", code_at(lambda word: zero[e, t, word, col], g, bits))
-        s = T.Cast("float32", scale[e, t, g, col]) * sx[r, g]
-        shift = bits - widths[d]
-        if shift == 0:  # the stored width: the fixed int8 kernel's group term exactly
-            if widths[d] == 8 and not isa.unsigned_codes and isa.pairs is None:
-                zq = zq - 128  # the codes were recentred (int16 sums: split into nibbles instead)
-            return s * T.Cast("float32", dot - zq * xsum[r, g])
-        full = dot * (1 << (bits - 4)) if widths[d] <= 4 else dot
-        twice = full * 2 - (zq * 2 - ((1 << shift) - 1)) * xsum[r, g]
-        return s * T.float32(0.5) * T.Cast("float32", twice)
-
-    seg_words = [gs * w // 32 for w in fmt.segment_bits]  # words per group, per segment
+        return nested_group_term(isa, bits, widths[d], dot, scale, zero, sx, xsum, e, gv * lanes // tile,
+                                 gv * lanes % tile + lane, g, r)
 
     def chunk_loader(segs, e, gv, g, ch):
-        """``load(s, word)``: word ``word`` of segment ``s`` within chunk ``ch`` of group ``g``, vector ``gv``."""
-        def load(s, word):
-            return segs[s][e, gv * lanes // tile, g * seg_words[s] + ch * (seg_words[s] // chunks) + word,
-                           T.ramp(gv * lanes % tile, 1, lanes)]
-        return load
+        return segment_chunk_loader(segs, fmt, gs, lanes, tile, e, gv, g, ch)
 
     def x4_of(x8, r, g, ch, a: int, half: int):
         """The 4 activations of nibble word ``a``'s even (``half`` 0) or odd lanes, broadcast to every row."""

@@ -112,25 +112,13 @@ def int8_grouped_gemm(spec: GroupedGemmSpec, params, isa: DotIsa, portable: bool
                             weight, e, gv0 + v, step, d)
 
     @T.macro
-    def unpacked_step(acc, ws, x8, tok, v, word):
-        """One word of unpacked codes (4 per row) of vector ``v`` against the block's tokens."""
-        for r in T.unroll(tb):
-            acc[v * tb + r, T.ramp(0, 1, lanes)] = isa.dot(
-                acc[v * tb + r, T.ramp(0, 1, lanes)], ws[v, word, T.ramp(0, 1, lanes)], broadcast4(x8, tok[r], word * 4, lanes))
-
-    @T.macro
     def packed_group(acc, ws, weight, x8, tok, e, gv0, g):
         for st in range(steps_per_group):
             for v in T.unroll(vecs):
                 if gv0 + v < nb:
                     gemm_step(acc, weight, x8, tok, e, gv0 + v, v, g * steps_per_group + st)
 
-    @T.macro
-    def unpacked_group(acc, ws, weight, x8, tok, e, gv0, g):
-        for st in range(gs // 4):
-            for v in T.unroll(vecs):
-                if gv0 + v < nb:
-                    unpacked_step(acc, ws, x8, tok, v, g * (gs // 4) + st)
+    unpacked_group = unpacked_group_dots(isa, vecs, tb, nb, gs)
 
     # Experts with at least ``unpack_tokens`` tokens unpack their rows' codes to bytes once per call,
     # and every token block then runs the 8-bit inner loop over them: at 3 bits the extraction
@@ -144,39 +132,8 @@ def int8_grouped_gemm(spec: GroupedGemmSpec, params, isa: DotIsa, portable: bool
         return scaled_group_sum(dot, scale, zero, sx, xsum, e, t, col, g, row, bits, recentre, super_scale=sup,
                                 super_groups=sg)
 
-    def make_blocks(group_steps):
-        @T.macro
-        def gemm_blocks(rows, weight, scale, sup, zero, y, sx, xsum, x8, acc, yacc, tok, ws, gv0, e, start, count):
-            """The expert's tokens in blocks of ``tb``: int32 dots per group, scaled into float32 accumulators."""
-            for blk in range((count + tb - 1) // tb):
-                for r in T.unroll(tb):
-                    # tail slots of a block recompute the block's last token (never stored)
-                    tok[r] = rows[start + T.min(blk * tb + r, count - 1)]
-                for a in T.unroll(vecs * tb):
-                    for lane in T.vectorized(lanes):
-                        yacc[a, lane] = T.float32(0)
-                for g in range(groups):
-                    for a in T.unroll(vecs * tb):
-                        for lane in T.vectorized(lanes):
-                            acc[a, lane] = 0
-                    group_steps(acc, ws, weight, x8, tok, e, gv0, g)
-                    for v in T.unroll(vecs):
-                        if gv0 + v < nb:
-                            for r in T.unroll(tb):
-                                for lane in T.vectorized(lanes):
-                                    yacc[v * tb + r, lane] = yacc[v * tb + r, lane] + group_term(
-                                        acc[v * tb + r, lane], scale, zero, sx, xsum, e,
-                                        gv0 + v, g, lane, tok[r], sup)
-                for v in T.unroll(vecs):
-                    if gv0 + v < nb:
-                        for r in T.unroll(tb):
-                            if blk * tb + r < count:
-                                for lane in T.vectorized(lanes):
-                                    y[start + blk * tb + r, (gv0 + v) * lanes + lane] = \
-                                        yacc[v * tb + r, lane]
-        return gemm_blocks
-
-    packed_blocks, unpacked_blocks = make_blocks(packed_group), make_blocks(unpacked_group)
+    packed_blocks, unpacked_blocks = (token_block_loop(vecs, tb, nb, lanes, groups, steps, group_term)
+                                      for steps in (packed_group, unpacked_group))
 
     @T.macro
     def body(x, rows, xrows, weight, scale, sup, zero, offsets, y):
@@ -234,3 +191,64 @@ def int8_grouped_gemm(spec: GroupedGemmSpec, params, isa: DotIsa, portable: bool
             y = T.match_buffer(y_h, (pairs, n), "float32")
             body(x, rows, xrows, weight, scale, None, zero, offsets, y)
     return grouped_gemm
+
+
+def unpacked_group_dots(isa: DotIsa, vecs: int, tb: int, nb: int, gs: int):
+    """The macro ``unpacked_group(acc, ws, weight, x8, tok, e, gv0, g)``: group ``g``'s dots of the task's unpacked
+    codes (``ws[v, word]``: 4 code bytes a row, word ``w`` dotted with activations ``4w .. 4w + 3``) against the
+    block's ``tb`` tokens, one dot per word, vector and token (``weight`` unused: the group-steps signature)."""
+    lanes = isa.lanes
+
+    @T.macro
+    def unpacked_step(acc, ws, x8, tok, v, word):
+        """One word of unpacked codes (4 per row) of vector ``v`` against the block's tokens."""
+        for r in T.unroll(tb):
+            acc[v * tb + r, T.ramp(0, 1, lanes)] = isa.dot(
+                acc[v * tb + r, T.ramp(0, 1, lanes)], ws[v, word, T.ramp(0, 1, lanes)], broadcast4(x8, tok[r], word * 4, lanes))
+
+    @T.macro
+    def unpacked_group(acc, ws, weight, x8, tok, e, gv0, g):
+        for st in range(gs // 4):
+            for v in T.unroll(vecs):
+                if gv0 + v < nb:
+                    unpacked_step(acc, ws, x8, tok, v, g * (gs // 4) + st)
+
+    return unpacked_group
+
+
+def token_block_loop(vecs: int, tb: int, nb: int, lanes: int, groups: int, group_steps, group_term):
+    """The grouped GEMM's macro ``gemm_blocks(rows, weight, scale, sup, zero, y, sx, xsum, x8, acc, yacc, tok, ws,
+    gv0, e, start, count)``: an expert's ``count`` tokens (sorted pairs from ``start``, activation rows
+    ``rows[p]``) in blocks of ``tb``, per group ``group_steps`` (a macro adding the group's int32 dots of the
+    task's ``vecs`` vectors into ``acc``) then ``group_term(dot, scale, zero, sx, xsum, e, gv, g, lane, row, sup)``
+    added into float32 accumulators, stored into ``y`` once a block (``nb`` vectors in all)."""
+    @T.macro
+    def gemm_blocks(rows, weight, scale, sup, zero, y, sx, xsum, x8, acc, yacc, tok, ws, gv0, e, start, count):
+        """The expert's tokens in blocks of ``tb``: int32 dots per group, scaled into float32 accumulators."""
+        for blk in range((count + tb - 1) // tb):
+            for r in T.unroll(tb):
+                # tail slots of a block recompute the block's last token (never stored)
+                tok[r] = rows[start + T.min(blk * tb + r, count - 1)]
+            for a in T.unroll(vecs * tb):
+                for lane in T.vectorized(lanes):
+                    yacc[a, lane] = T.float32(0)
+            for g in range(groups):
+                for a in T.unroll(vecs * tb):
+                    for lane in T.vectorized(lanes):
+                        acc[a, lane] = 0
+                group_steps(acc, ws, weight, x8, tok, e, gv0, g)
+                for v in T.unroll(vecs):
+                    if gv0 + v < nb:
+                        for r in T.unroll(tb):
+                            for lane in T.vectorized(lanes):
+                                yacc[v * tb + r, lane] = yacc[v * tb + r, lane] + group_term(
+                                    acc[v * tb + r, lane], scale, zero, sx, xsum, e,
+                                    gv0 + v, g, lane, tok[r], sup)
+            for v in T.unroll(vecs):
+                if gv0 + v < nb:
+                    for r in T.unroll(tb):
+                        if blk * tb + r < count:
+                            for lane in T.vectorized(lanes):
+                                y[start + blk * tb + r, (gv0 + v) * lanes + lane] = \
+                                    yacc[v * tb + r, lane]
+    return gemm_blocks

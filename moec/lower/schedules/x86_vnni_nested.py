@@ -5,12 +5,17 @@ int32 lanes, ``vpdpbusd`` (unsigned code bytes times signed activations: odd nib
 and ``vpternlogd`` bit selects; its tasks are claimed (``X86Params.int8_claim_lanes``). ``portable=True``
 computes the same dots and selects in plain vector TIR (``x86_vnni.portable_dpbusd``), so tests check the
 kernel's indexing and numerics on x86 hosts without AVX-512 VNNI. AVX2: ``x86_avx2.avx2_nested_gemv``.
+
+The prefill's nested grouped GEMM with int8 activations is :mod:`moec.lower.schedules.int8_nested_gemm` on the
+same ISA (AVX-512 VNNI only: AVX2's two-step dot cannot take its 8-bit code bytes).
 """
 
 from tvm import tirx
 
 from moec.lower.kernels.nested_gemv import NestedGemvSpec
+from moec.lower.kernels.nested_grouped import NestedGroupedSpec
 from moec.lower.schedules.int8_nested import int8_nested_gemv
+from moec.lower.schedules.int8_nested_gemm import int8_nested_grouped_gemm
 from moec.lower.schedules.x86_vnni import vnni_isa
 
 
@@ -19,3 +24,9 @@ def vnni_nested_gemv(spec: NestedGemvSpec, params, portable: bool = False) -> ti
     :class:`~moec.lower.schedules.x86.X86Params` (``int8_nested_tile_vectors``, ``int8_claim_lanes``).
     ``portable``: the VNNI and ternary-logic instructions as plain TIR (tests on hosts without them)."""
     return int8_nested_gemv(spec, vnni_isa(portable, params.int8_claim_lanes), params.int8_nested_tile_vectors)
+
+
+def vnni_nested_grouped_gemm(spec: NestedGroupedSpec, params, portable: bool = False) -> tirx.PrimFunc:
+    """The int8-activation nested grouped GEMM for ``spec`` (``params.gemm_block``, ``gemm_split``);
+    ``portable``: the VNNI and ternary-logic instructions as plain TIR."""
+    return int8_nested_grouped_gemm(spec, params, vnni_isa(portable))

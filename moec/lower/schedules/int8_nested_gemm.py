@@ -1,0 +1,168 @@
+"""Prefill grouped GEMM over nested (any-precision) expert stacks with int8 activations, on a one-step 4-byte dot.
+
+The int8-activation counterpart of :mod:`moec.lower.kernels.nested_grouped` (same stack, same run-time
+table ``prec``, same ``offsets``) and the nested counterpart of the fixed int8 grouped GEMM
+(:mod:`moec.lower.schedules.x86_vnni_gemm`), whose loops it shares: every row of ``x`` is quantized once
+per call in the nested GEMV's slot order (:func:`moec.lower.schedules.int8_nested.slot_source`), ``rows``
+gathers the quantized rows of the sorted pairs, tasks are split as the fixed kernel's (``gemm_split``).
+
+A task (``vecs`` vectors of rows of one expert, a whole 64-row layout tile on AVX-512) first rebuilds its
+codes at the expert's run-time width ``k = prec[e]`` into a byte workspace, once per call, reading only
+the segments ``k`` needs (:func:`~moec.lower.schedules.int8_nested.byte_words`, one loop nest per width):
+each byte ``q_k << (4 − k)`` up to 4 bits (odd nibble lanes shifted down, so every byte is a value
+0..15), the stored code at 8. Then its tokens run the fixed kernel's unpacked inner loop (one dot per
+4 code bytes, vector and token: :func:`~moec.lower.schedules.x86_vnni_gemm.unpacked_group_dots`), and
+each group's integer sum is scaled by the nested GEMV's group term
+(:func:`~moec.lower.schedules.int8_nested.nested_group_term`). So a token's output row equals the int8
+nested GEMV's for that token and width bit for bit (same codes, same integer sums, same term), and at
+the stored width the fixed int8 kernels'.
+
+The rebuild costs about one token's decode work per task and the workspace ``vecs · K`` bytes a row
+(128 KiB at K = 2048), written once and read once per block of ``tb`` tokens; the nested GEMV's rebuild
+per token is what made the float32-activation nested prefill (dequantizing per group, ``nested_grouped``)
+0.26–0.43x of the fixed int8 prefill. ISAs with a two-step dot (AVX2's int16 pair sums take code bytes
+0..15, not 8-bit codes) are refused: their nested prefill keeps float32 activations.
+"""
+
+# No `from __future__ import annotations`: TVMScript needs the evaluated buffer annotations.
+
+from tvm import tirx
+from tvm.script import tirx as T
+
+from moec.core.errors import MoecError
+from moec.lower.kernels.layout import num_tiles, zero_words
+from moec.lower.kernels.nested_grouped import NestedGroupedSpec
+from moec.lower.schedules.int8_common import DotIsa, quantize_rows_prep
+from moec.lower.schedules.int8_nested import byte_words, nested_group_term, segment_chunk_loader, slot_source
+from moec.lower.schedules.x86_vnni_gemm import token_block_loop, unpacked_group_dots
+
+
+def int8_nested_grouped_gemm(spec: NestedGroupedSpec, params, isa: DotIsa) -> tirx.PrimFunc:
+    """``y[p] = x[rows[p]] @ W_{prec[e]}[e].T`` for ``offsets[e] <= p < offsets[e+1]``, int8 activations.
+
+    Parameters, in order: ``x`` float32 ``[R, K]``, ``rows`` int32 ``[P]`` (the row of ``x`` of each sorted
+    pair), one ``seg{s}`` uint32 ``[E, NT, K*w_s/32, tile]`` per segment, ``scale`` float16 ``[E, NT, G, tile]``,
+    ``zero`` uint32 ``[E, NT, ZW, tile]``, ``prec`` int32 ``[E]``, ``offsets`` int32 ``[E + 1]``, ``y`` float32
+    ``[P, N]``. ``params``: the family's parameters (``gemm_block``, ``gemm_split``; their ``lanes`` are
+    ``isa``'s). A width ``prec`` does not serve computes the widest (the session refuses such plans).
+    """
+    fmt, bits, widths = spec.format, spec.storage_bits, spec.format.derived_bits
+    n, k, gs, tile, experts, lanes = spec.n, spec.k, spec.group_size, spec.tile, spec.num_stacked, isa.lanes
+    if isa.pairs is not None:
+        raise MoecError("the int8 nested grouped GEMM needs a one-instruction 4-byte dot (8-bit code bytes): "
+                        "two-step dots (AVX2) keep float32 activations in the nested prefill")
+    if params.lanes != lanes or tile % lanes or n % lanes:
+        raise MoecError(f"the int8 nested grouped GEMM needs {lanes}-row vectors dividing N ({n}) and the "
+                        f"tile ({tile})")
+    if len(widths) not in (3, 4):
+        raise MoecError(f"{fmt.name}: the int8 nested grouped GEMM serves 3 or 4 widths, not {len(widths)}")
+    groups, chunks, nb, nseg = k // gs, gs // 32, n // lanes, len(fmt.segment_bits)
+    vecs, tb = params.gemm_block(tile)
+    tiles = -(-nb // vecs)
+    split = max(1, min(params.gemm_split, tiles))  # as the fixed kernel: each part 1/split of every expert's tiles
+    per_split = -(-tiles // split)
+    nt, zw = num_tiles(n, tile), zero_words(groups, bits)
+    prep = quantize_rows_prep(k, gs, 16 if gs % 16 == 0 else gs, 32, slot_source)
+    group_dots = unpacked_group_dots(isa, vecs, tb, nb, gs)
+
+    def code_word(segs, e, gv, g, ch, d, a: int, half: int):
+        """Word ``2a + half`` of chunk ``ch``: nibble word ``a``'s even (``half`` 0) or odd lanes at width ``d``,
+        one value a byte (the activations of x8 slots ``8a + 4·half ..``, :func:`slot_source`)."""
+        load = segment_chunk_loader(segs, fmt, gs, lanes, tile, e, gv, g, ch)
+        return byte_words(isa, fmt, d, load, a, odd_in_place=False)[half]
+
+    def make_unpack(d):
+        @T.macro
+        def unpack(ws, segs, e, gv0):
+            """The task's codes at width ``d`` into ``ws`` (word ``w`` of a row: codes of activations 4w..4w+3)."""
+            for v in T.unroll(vecs):
+                if gv0 + v < nb:
+                    for g in range(groups):
+                        for ch in range(chunks):
+                            # the two halves of a nibble word are consecutive statements: one rebuild
+                            ws[v, (g * chunks + ch) * 8 + 0, T.ramp(0, 1, lanes)] = code_word(segs, e, gv0 + v, g, ch, d, 0, 0)
+                            ws[v, (g * chunks + ch) * 8 + 1, T.ramp(0, 1, lanes)] = code_word(segs, e, gv0 + v, g, ch, d, 0, 1)
+                            ws[v, (g * chunks + ch) * 8 + 2, T.ramp(0, 1, lanes)] = code_word(segs, e, gv0 + v, g, ch, d, 1, 0)
+                            ws[v, (g * chunks + ch) * 8 + 3, T.ramp(0, 1, lanes)] = code_word(segs, e, gv0 + v, g, ch, d, 1, 1)
+                            ws[v, (g * chunks + ch) * 8 + 4, T.ramp(0, 1, lanes)] = code_word(segs, e, gv0 + v, g, ch, d, 2, 0)
+                            ws[v, (g * chunks + ch) * 8 + 5, T.ramp(0, 1, lanes)] = code_word(segs, e, gv0 + v, g, ch, d, 2, 1)
+                            ws[v, (g * chunks + ch) * 8 + 6, T.ramp(0, 1, lanes)] = code_word(segs, e, gv0 + v, g, ch, d, 3, 0)
+                            ws[v, (g * chunks + ch) * 8 + 7, T.ramp(0, 1, lanes)] = code_word(segs, e, gv0 + v, g, ch, d, 3, 1)
+        return unpack
+
+    def make_term(d):
+        def term(dot, scale, zero, sx, xsum, e, gv, g, lane, row, _sup):
+            return nested_group_term(isa, bits, widths[d], dot, scale, zero, sx, xsum, e, gv * lanes // tile,
+                                     gv * lanes % tile + lane, g, row)
+        return term
+
+    unpacks = [make_unpack(d) for d in range(len(widths))]
+    runs = [token_block_loop(vecs, tb, nb, lanes, groups, group_dots, make_term(d)) for d in range(len(widths))]
+    four = len(widths) == 4
+    w = list(widths)
+
+    @T.macro
+    def body(x, rows, xrows, segs, scale, zero, prec, offsets, y):
+        sx = T.alloc_buffer((xrows, groups), "float32")
+        xsum = T.alloc_buffer((xrows, groups), "int32")
+        x8 = T.alloc_buffer((xrows, k), "int8")  # per 32 codes, in the nested slot order
+        prep(x, xrows, sx, xsum, x8)
+        for task in T.parallel(split * experts * per_split):
+            acc = T.alloc_buffer((vecs * tb, lanes), "int32", scope="local")
+            yacc = T.alloc_buffer((vecs * tb, lanes), "float32", scope="local")
+            tok = T.alloc_buffer((tb,), "int32", scope="local")
+            tl: T.int32 = task // (experts * per_split) * per_split + task % per_split
+            gv0: T.int32 = tl * vecs
+            e: T.int32 = task // per_split % experts
+            start: T.int32 = offsets[e]
+            count: T.int32 = offsets[e + 1] - start
+            if tl < tiles and count > 0:  # (the last part may be padding; experts without tokens cost nothing)
+                ws = T.alloc_buffer((vecs, k // 4, lanes), "uint32")
+                if prec[e] == w[0]:
+                    unpacks[0](ws, segs, e, gv0)
+                    runs[0](rows, None, scale, None, zero, y, sx, xsum, x8, acc, yacc, tok, ws, gv0, e, start, count)
+                elif prec[e] == w[1]:
+                    unpacks[1](ws, segs, e, gv0)
+                    runs[1](rows, None, scale, None, zero, y, sx, xsum, x8, acc, yacc, tok, ws, gv0, e, start, count)
+                elif four and prec[e] == w[2]:
+                    unpacks[2](ws, segs, e, gv0)
+                    runs[2](rows, None, scale, None, zero, y, sx, xsum, x8, acc, yacc, tok, ws, gv0, e, start, count)
+                else:  # the widest (the session refuses widths the format does not serve)
+                    unpacks[-1](ws, segs, e, gv0)
+                    runs[-1](rows, None, scale, None, zero, y, sx, xsum, x8, acc, yacc, tok, ws, gv0, e, start, count)
+
+    cols = [k * b // 32 for b in fmt.segment_bits]
+    if nseg == 4:
+        @T.prim_func
+        def grouped_gemm(x_h: T.handle, rows_h: T.handle, seg0: T.Buffer((experts, nt, cols[0], tile), "uint32"),
+                         seg1: T.Buffer((experts, nt, cols[1], tile), "uint32"),
+                         seg2: T.Buffer((experts, nt, cols[2], tile), "uint32"),
+                         seg3: T.Buffer((experts, nt, cols[3], tile), "uint32"),
+                         scale: T.Buffer((experts, nt, groups, tile), "float16"),
+                         zero: T.Buffer((experts, nt, zw, tile), "uint32"), prec: T.Buffer((experts,), "int32"),
+                         offsets: T.Buffer((experts + 1,), "int32"), y_h: T.handle):
+            T.func_attr({"global_symbol": "grouped_gemm", "tirx.noalias": True})
+            xrows = T.int32()
+            pairs = T.int32()
+            x = T.match_buffer(x_h, (xrows, k), "float32")
+            rows = T.match_buffer(rows_h, (pairs,), "int32")
+            y = T.match_buffer(y_h, (pairs, n), "float32")
+            body(x, rows, xrows, [seg0, seg1, seg2, seg3], scale, zero, prec, offsets, y)
+    elif nseg == 3:
+        @T.prim_func
+        def grouped_gemm(x_h: T.handle, rows_h: T.handle, seg0: T.Buffer((experts, nt, cols[0], tile), "uint32"),
+                         seg1: T.Buffer((experts, nt, cols[1], tile), "uint32"),
+                         seg2: T.Buffer((experts, nt, cols[2], tile), "uint32"),
+                         scale: T.Buffer((experts, nt, groups, tile), "float16"),
+                         zero: T.Buffer((experts, nt, zw, tile), "uint32"), prec: T.Buffer((experts,), "int32"),
+                         offsets: T.Buffer((experts + 1,), "int32"), y_h: T.handle):
+            T.func_attr({"global_symbol": "grouped_gemm", "tirx.noalias": True})
+            xrows = T.int32()
+            pairs = T.int32()
+            x = T.match_buffer(x_h, (xrows, k), "float32")
+            rows = T.match_buffer(rows_h, (pairs,), "int32")
+            y = T.match_buffer(y_h, (pairs, n), "float32")
+            body(x, rows, xrows, [seg0, seg1, seg2], scale, zero, prec, offsets, y)
+    else:
+        raise MoecError(f"{fmt.name}: the int8 nested grouped GEMM takes 3 or 4 segments, not {nseg}")
+    return grouped_gemm
