@@ -18,9 +18,14 @@ nested GEMV's for that token and width bit for bit (same codes, same integer sum
 the stored width the fixed int8 kernels'.
 
 The rebuild costs about one token's decode work per task and the workspace ``vecs · K`` bytes a row
-(128 KiB at K = 2048), written once and read once per block of ``tb`` tokens; the nested GEMV's rebuild
-per token is what made the float32-activation nested prefill (dequantizing per group, ``nested_grouped``)
-0.26–0.43x of the fixed int8 prefill. ISAs with a two-step dot (AVX2's int16 pair sums take code bytes
+(128 KiB at K = 2048), written once and read once per block of ``tb`` tokens. Every expert with tokens
+unpacks, however few: rebuilding the codes per block of tokens in registers instead (as the fixed kernel
+extracts its packed codes) was slower at every token count measured (OLMoE-shaped projection, 8-bit
+storage, ``benchmarks/nested_gemm.py``: at 8 bits 12.6 against 4.2 ms for a 16-token prompt, whose experts
+get 2 tokens each; at 2 bits 3.4–4.3 against 2.3 ms), the rebuild's temporaries and 16 accumulators
+not fitting the registers. The unpacked loop dots every vector of a task unguarded (a partial last
+task's padding vectors are zeros in the workspace, never stored): a guard per vector made LLVM store
+every accumulator after each dot (2-bit 256-token prompt 16.5 → 9.4 ms). ISAs with a two-step dot (AVX2's int16 pair sums take code bytes
 0..15, not 8-bit codes) are refused: their nested prefill keeps float32 activations.
 """
 
@@ -63,7 +68,7 @@ def int8_nested_grouped_gemm(spec: NestedGroupedSpec, params, isa: DotIsa) -> ti
     per_split = -(-tiles // split)
     nt, zw = num_tiles(n, tile), zero_words(groups, bits)
     prep = quantize_rows_prep(k, gs, 16 if gs % 16 == 0 else gs, 32, slot_source)
-    group_dots = unpacked_group_dots(isa, vecs, tb, nb, gs)
+    group_dots = unpacked_group_dots(isa, vecs, tb, nb, gs, guarded=False)
 
     def code_word(segs, e, gv, g, ch, d, a: int, half: int):
         """Word ``2a + half`` of chunk ``ch``: nibble word ``a``'s even (``half`` 0) or odd lanes at width ``d``,
@@ -88,6 +93,9 @@ def int8_nested_grouped_gemm(spec: NestedGroupedSpec, params, isa: DotIsa) -> ti
                             ws[v, (g * chunks + ch) * 8 + 5, T.ramp(0, 1, lanes)] = code_word(segs, e, gv0 + v, g, ch, d, 2, 1)
                             ws[v, (g * chunks + ch) * 8 + 6, T.ramp(0, 1, lanes)] = code_word(segs, e, gv0 + v, g, ch, d, 3, 0)
                             ws[v, (g * chunks + ch) * 8 + 7, T.ramp(0, 1, lanes)] = code_word(segs, e, gv0 + v, g, ch, d, 3, 1)
+                else:  # the padding vectors of a last, partial task: dotted (unguarded loop), never stored
+                    for word in range(k // 4):
+                        ws[v, word, T.ramp(0, 1, lanes)] = T.Broadcast(T.uint32(0), lanes)
         return unpack
 
     def make_term(d):

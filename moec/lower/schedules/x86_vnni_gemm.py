@@ -193,10 +193,13 @@ def int8_grouped_gemm(spec: GroupedGemmSpec, params, isa: DotIsa, portable: bool
     return grouped_gemm
 
 
-def unpacked_group_dots(isa: DotIsa, vecs: int, tb: int, nb: int, gs: int):
+def unpacked_group_dots(isa: DotIsa, vecs: int, tb: int, nb: int, gs: int, guarded: bool = True):
     """The macro ``unpacked_group(acc, ws, weight, x8, tok, e, gv0, g)``: group ``g``'s dots of the task's unpacked
     codes (``ws[v, word]``: 4 code bytes a row, word ``w`` dotted with activations ``4w .. 4w + 3``) against the
-    block's ``tb`` tokens, one dot per word, vector and token (``weight`` unused: the group-steps signature)."""
+    block's ``tb`` tokens, one dot per word, vector and token (``weight`` unused: the group-steps signature).
+    ``guarded``: vectors past the last (``gv0 + v >= nb``) are skipped; else every ``vecs`` vectors of ``ws``
+    are dotted (the caller fills them: a guard per vector in this loop made LLVM store every accumulator
+    to the stack after each dot)."""
     lanes = isa.lanes
 
     @T.macro
@@ -213,7 +216,13 @@ def unpacked_group_dots(isa: DotIsa, vecs: int, tb: int, nb: int, gs: int):
                 if gv0 + v < nb:
                     unpacked_step(acc, ws, x8, tok, v, g * (gs // 4) + st)
 
-    return unpacked_group
+    @T.macro
+    def unguarded_group(acc, ws, weight, x8, tok, e, gv0, g):
+        for st in range(gs // 4):
+            for v in T.unroll(vecs):
+                unpacked_step(acc, ws, x8, tok, v, g * (gs // 4) + st)
+
+    return unpacked_group if guarded else unguarded_group
 
 
 def token_block_loop(vecs: int, tb: int, nb: int, lanes: int, groups: int, group_steps, group_term):
