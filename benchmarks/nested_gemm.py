@@ -2,7 +2,8 @@
 
 One OLMoE-shaped projection (``--experts`` experts x [N, K], group ``--group``; 8-bit nested storage in the
 layout tile of the int8 nested GEMV), a prompt of ``--tokens`` tokens routed top-``--top-k`` at random over
-the experts. For each run-time width: the nested grouped GEMM with int8 activations
+the experts (``--target x86-64-v3``: the AVX2 kernels, built for that preset and run on this host). For each
+run-time width: the nested grouped GEMM with int8 activations
 (``int8_nested_gemm``, AVX-512 VNNI), the nested one with float32 activations (``nested_grouped``, what the
 nested prefill ran before) and the fixed int8 grouped GEMM of a stack quantized at that width; median wall
 time of ``--calls`` calls, the three interleaved call by call so they see the same machine load::
@@ -29,6 +30,8 @@ def main() -> None:
     ap.add_argument("--experts", type=int, default=64)
     ap.add_argument("--calls", type=int, default=11)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--target", default="host",
+                    help="A moec target preset the kernels are built for (x86-64-v3: the AVX2 kernels), run here.")
     args = ap.parse_args()
     os.environ["TVM_NUM_THREADS"] = str(args.threads)  # read when TVM's pool starts (the first call)
 
@@ -36,14 +39,16 @@ def main() -> None:
     import tvm
 
     from moec.core.errors import MoecError
+    from moec.core.targets import load_target
     from moec.lower.kernels.factory import compile_kernel, host_target, make_grouped_gemm, make_nested_grouped_gemm
     from moec.lower.kernels.layout import nested_kernel_layout, stack_kernel_layouts, to_kernel_layout
     from moec.lower.schedules import kernel_tile
     from moec.quant.nested import nest
     from moec.quant.packed_model import pack_weight
 
-    n, k, gs, experts, target = args.n, args.k, args.group, args.experts, host_target()
+    n, k, gs, experts = args.n, args.k, args.group, args.experts
     try:
+        target = host_target() if args.target == "host" else load_target(args.target).tvm()
         nested_i8 = compile_kernel(make_nested_grouped_gemm(8, n, k, gs, experts, target, "int8", activations="int8"),
                                    target)
     except MoecError as err:
@@ -58,7 +63,7 @@ def main() -> None:
     nested = {name: np.concatenate([a] * (experts // 4)) for name, a in nested.items()}
     segs = [nested[f"seg{s}"] for s in range(4)]
     print(f"\n## Nested prefill grouped GEMM ({experts} experts x [{n}, {k}], group {gs}, top-{args.top_k}, "
-          f"{args.threads} threads; median of {args.calls} interleaved calls; load average "
+          f"{args.threads} threads, target {args.target}; median of {args.calls} interleaved calls; load average "
           f"{os.getloadavg()[0]:.1f})\n")
     print("| width | tokens | nested int8 ms | nested float32 ms | fixed int8 ms | nested int8 / fixed speed | "
           "int8 / float32 nested speed |")

@@ -151,16 +151,21 @@ def byte_words(isa: DotIsa, fmt, d: int, load, a: int, odd_in_place: bool | None
     return even, odd
 
 
-def nested_group_term(isa: DotIsa, bits: int, width: int, dot, scale, zero, sx, xsum, e, t, col, g, r):
+def nested_group_term(isa: DotIsa, bits: int, width: int, dot, scale, zero, sx, xsum, e, t, col, g, r,
+                      recentred: bool | None = None):
     """Group ``g``'s term of column ``col`` of tile ``t`` at derived ``width`` of ``bits``-bit storage, from its
     integer sum ``dot`` (``sum (q_k << (4 − k)) · x8`` up to 4 bits, ``sum q · x8`` at 8) over row ``r``'s
-    activations (the module docstring's formula; the stored width exactly the fixed int8 kernel's term)."""
+    activations (the module docstring's formula; the stored width exactly the fixed int8 kernel's term).
+    ``recentred``: the 8-bit codes were dotted as ``q − 128`` (:func:`byte_words` on a signed-code ISA); default:
+    as the nested GEMV dots them (recentred on signed one-step dots; int16 sums split them into nibbles)."""
     zq = T.Cast("int32", code_at(lambda word: zero[e, t, word, col], g, bits))
     s = T.Cast("float32", scale[e, t, g, col]) * sx[r, g]
     shift = bits - width
+    if recentred is None:
+        recentred = not isa.unsigned_codes and isa.pairs is None
     if shift == 0:  # the stored width: the fixed int8 kernel's group term exactly
-        if width == 8 and not isa.unsigned_codes and isa.pairs is None:
-            zq = zq - 128  # the codes were recentred (int16 sums: split into nibbles instead)
+        if width == 8 and recentred:
+            zq = zq - 128  # the codes were recentred
         return s * T.Cast("float32", dot - zq * xsum[r, g])
     full = dot * (1 << (bits - 4)) if width <= 4 else dot
     twice = full * 2 - (zq * 2 - ((1 << shift) - 1)) * xsum[r, g]

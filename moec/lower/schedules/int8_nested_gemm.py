@@ -53,9 +53,6 @@ def int8_nested_grouped_gemm(spec: NestedGroupedSpec, params, isa: DotIsa) -> ti
     """
     fmt, bits, widths = spec.format, spec.storage_bits, spec.format.derived_bits
     n, k, gs, tile, experts, lanes = spec.n, spec.k, spec.group_size, spec.tile, spec.num_stacked, isa.lanes
-    if isa.pairs is not None:
-        raise MoecError("the int8 nested grouped GEMM needs a one-instruction 4-byte dot (8-bit code bytes): "
-                        "two-step dots (AVX2) keep float32 activations in the nested prefill")
     if params.lanes != lanes or tile % lanes or n % lanes:
         raise MoecError(f"the int8 nested grouped GEMM needs {lanes}-row vectors dividing N ({n}) and the "
                         f"tile ({tile})")
@@ -68,7 +65,11 @@ def int8_nested_grouped_gemm(spec: NestedGroupedSpec, params, isa: DotIsa) -> ti
     per_split = -(-tiles // split)
     nt, zw = num_tiles(n, tile), zero_words(groups, bits)
     prep = quantize_rows_prep(k, gs, 16 if gs % 16 == 0 else gs, 32, slot_source)
-    group_dots = unpacked_group_dots(isa, vecs, tb, nb, gs, guarded=False)
+    # per width: one dot per word; on two-step dots (AVX2) widths up to 4 bits (code bytes 0..15) add 4 words'
+    # first steps in int16 before one second step
+    pair_words = 4 if isa.pairs is not None and (gs // 4) % 4 == 0 else 0
+    group_dots = [unpacked_group_dots(isa, vecs, tb, nb, gs, guarded=False,
+                                      pair_words=pair_words if widths[d] <= 4 else 0) for d in range(len(widths))]
 
     def code_word(segs, e, gv, g, ch, d, a: int, half: int):
         """Word ``2a + half`` of chunk ``ch``: nibble word ``a``'s even (``half`` 0) or odd lanes at width ``d``,
@@ -101,11 +102,11 @@ def int8_nested_grouped_gemm(spec: NestedGroupedSpec, params, isa: DotIsa) -> ti
     def make_term(d):
         def term(dot, scale, zero, sx, xsum, e, gv, g, lane, row, _sup):
             return nested_group_term(isa, bits, widths[d], dot, scale, zero, sx, xsum, e, gv * lanes // tile,
-                                     gv * lanes % tile + lane, g, row)
+                                     gv * lanes % tile + lane, g, row, recentred=not isa.unsigned_codes)
         return term
 
     unpacks = [make_unpack(d) for d in range(len(widths))]
-    runs = [token_block_loop(vecs, tb, nb, lanes, groups, group_dots, make_term(d)) for d in range(len(widths))]
+    runs = [token_block_loop(vecs, tb, nb, lanes, groups, group_dots[d], make_term(d)) for d in range(len(widths))]
     four = len(widths) == 4
     w = list(widths)
 

@@ -15,7 +15,8 @@ from moec.lower.kernels.gemv import GemvSpec
 from moec.lower.kernels.grouped_gemm import GemmLoopParams
 from moec.lower.schedules import cpu_gemv
 from moec.lower.schedules.cpu_gemv import CpuScheduleParams
-from moec.lower.schedules.x86_avx2 import AVX2_BITS, avx2_gemv, avx2_grouped_gemm, avx2_nested_gemv
+from moec.lower.schedules.x86_avx2 import (AVX2_BITS, avx2_gemv, avx2_grouped_gemm, avx2_nested_gemv,
+                                           avx2_nested_grouped_gemm)
 from moec.lower.schedules.x86_vnni import vnni_gemv
 from moec.lower.schedules.x86_vnni_gemm import vnni_grouped_gemm
 from moec.lower.schedules.x86_vnni_nested import vnni_nested_gemv, vnni_nested_grouped_gemm
@@ -268,9 +269,10 @@ def int8_nested_gemv(spec, target: tvm.target.Target, params: X86Params | None =
 
 
 def int8_nested_grouped_gemm(spec, target: tvm.target.Target, params: X86Params | None = None) -> tirx.PrimFunc:
-    """The int8-activation nested prefill grouped GEMM (``x86_vnni_nested``): AVX-512 VNNI only; without it a clear
-    error (the nested prefill then keeps float32 activations)."""
+    """The int8-activation nested prefill grouped GEMM (``int8_nested_gemm``): AVX-512 VNNI (``x86_vnni_nested``),
+    else AVX2 (``x86_avx2``)."""
+    params = params or gemv_params(target)
     if not _has_vnni(spec.storage_bits, target):
-        raise MoecError(f"the int8 nested grouped GEMM needs avx512vnni, which target {target} lacks "
-                        f"(use activations='float32')")
-    return vnni_nested_grouped_gemm(spec, params or PARAMS)
+        _require_avx2(spec.storage_bits, target, widths=(spec.storage_bits,))
+        return avx2_nested_grouped_gemm(spec, params)
+    return vnni_nested_grouped_gemm(spec, params)

@@ -20,7 +20,9 @@ The fixed GEMV is :func:`moec.lower.schedules.x86_vnni.int8_gemv` and the nested
 register; signed code bytes; plain bit selects). 3-bit fixed weights keep float32 activations (their
 code extraction needs AVX-512 VBMI); the nested kernel serves 3-bit widths (its nibble rebuild puts
 every width up to 4 bits one code to a byte). The prefill grouped GEMM is
-:func:`moec.lower.schedules.x86_vnni_gemm.int8_grouped_gemm` on the same ISA, at 2, 4 and 8 bits.
+:func:`moec.lower.schedules.x86_vnni_gemm.int8_grouped_gemm` on the same ISA, at 2, 4 and 8 bits, and the
+nested one :func:`moec.lower.schedules.int8_nested_gemm.int8_nested_grouped_gemm` (:func:`dot` on its
+unpacked code bytes: 0..15 up to 4 bits, recentred at 8).
 """
 
 # No `from __future__ import annotations`: TVMScript needs the evaluated buffer annotations.
@@ -32,6 +34,7 @@ from moec.lower.kernels.gemv import GemvSpec
 from moec.lower.kernels.nested_gemv import NestedGemvSpec
 from moec.lower.schedules.int8_common import DotIsa, plain_select, splat
 from moec.lower.schedules.int8_nested import int8_nested_gemv
+from moec.lower.schedules.int8_nested_gemm import int8_nested_grouped_gemm
 from moec.lower.schedules.x86_vnni import int8_gemv
 from moec.lower.schedules.x86_vnni_gemm import int8_grouped_gemm
 
@@ -85,3 +88,9 @@ def avx2_grouped_gemm(spec, params) -> tirx.PrimFunc:
     """The AVX2 int8-activation prefill grouped GEMM (``gemm_vectors`` x ``gemm_tokens`` of ``params``, an AVX2
     target's :func:`~moec.lower.schedules.x86.gemv_params`)."""
     return int8_grouped_gemm(spec, params, avx2_isa())
+
+
+def avx2_nested_grouped_gemm(spec, params) -> tirx.PrimFunc:
+    """The AVX2 int8-activation nested prefill grouped GEMM (``gemm_block``, ``gemm_split`` of ``params``, an AVX2
+    target's :func:`~moec.lower.schedules.x86.gemv_params`)."""
+    return int8_nested_grouped_gemm(spec, params, avx2_isa())

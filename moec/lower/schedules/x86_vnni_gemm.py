@@ -193,14 +193,19 @@ def int8_grouped_gemm(spec: GroupedGemmSpec, params, isa: DotIsa, portable: bool
     return grouped_gemm
 
 
-def unpacked_group_dots(isa: DotIsa, vecs: int, tb: int, nb: int, gs: int, guarded: bool = True):
+def unpacked_group_dots(isa: DotIsa, vecs: int, tb: int, nb: int, gs: int, guarded: bool = True,
+                        pair_words: int = 0):
     """The macro ``unpacked_group(acc, ws, weight, x8, tok, e, gv0, g)``: group ``g``'s dots of the task's unpacked
     codes (``ws[v, word]``: 4 code bytes a row, word ``w`` dotted with activations ``4w .. 4w + 3``) against the
     block's ``tb`` tokens, one dot per word, vector and token (``weight`` unused: the group-steps signature).
     ``guarded``: vectors past the last (``gv0 + v >= nb``) are skipped; else every ``vecs`` vectors of ``ws``
     are dotted (the caller fills them: a guard per vector in this loop made LLVM store every accumulator
-    to the stack after each dot)."""
+    to the stack after each dot). ``pair_words`` (an ISA with two-step dots, code bytes 0..15 only): the
+    first steps (:attr:`DotIsa.pairs`) of that many words add up in int16 (at most ``pair_words · 2·15·127``,
+    exact up to 8) before one second step (:attr:`DotIsa.quads`), instead of a whole dot per word."""
     lanes = isa.lanes
+    if pair_words and (isa.pairs is None or pair_words > 8 or (gs // 4) % pair_words):
+        raise MoecError(f"internal: {pair_words} pair words need two-step dots and to divide {gs // 4} words")
 
     @T.macro
     def unpacked_step(acc, ws, x8, tok, v, word):
@@ -208,6 +213,18 @@ def unpacked_group_dots(isa: DotIsa, vecs: int, tb: int, nb: int, gs: int, guard
         for r in T.unroll(tb):
             acc[v * tb + r, T.ramp(0, 1, lanes)] = isa.dot(
                 acc[v * tb + r, T.ramp(0, 1, lanes)], ws[v, word, T.ramp(0, 1, lanes)], broadcast4(x8, tok[r], word * 4, lanes))
+
+    def word_pairs(ws, x8, row, v, word):
+        return sum((isa.pairs(ws[v, word + i, T.ramp(0, 1, lanes)], broadcast4(x8, row, (word + i) * 4, lanes))
+                    for i in range(1, pair_words)),
+                   isa.pairs(ws[v, word, T.ramp(0, 1, lanes)], broadcast4(x8, row, word * 4, lanes)))
+
+    @T.macro
+    def paired_step(acc, ws, x8, tok, v, word):
+        """``pair_words`` words of vector ``v`` from ``word`` on against the block's tokens, one second step each."""
+        for r in T.unroll(tb):
+            acc[v * tb + r, T.ramp(0, 1, lanes)] = acc[v * tb + r, T.ramp(0, 1, lanes)] + isa.quads(
+                word_pairs(ws, x8, tok[r], v, word))
 
     @T.macro
     def unpacked_group(acc, ws, weight, x8, tok, e, gv0, g):
@@ -222,6 +239,16 @@ def unpacked_group_dots(isa: DotIsa, vecs: int, tb: int, nb: int, gs: int, guard
             for v in T.unroll(vecs):
                 unpacked_step(acc, ws, x8, tok, v, g * (gs // 4) + st)
 
+    @T.macro
+    def paired_group(acc, ws, weight, x8, tok, e, gv0, g):
+        for st in range(gs // 4 // max(pair_words, 1)):
+            for v in T.unroll(vecs):
+                paired_step(acc, ws, x8, tok, v, g * (gs // 4) + st * pair_words)
+
+    if pair_words:
+        if guarded:
+            raise MoecError("internal: paired unpacked dots are unguarded")
+        return paired_group
     return unpacked_group if guarded else unguarded_group
 
 
