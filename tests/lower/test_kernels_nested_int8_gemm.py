@@ -130,19 +130,27 @@ def test_stored_width_is_bit_identical_to_the_fixed_int8_grouped_gemm(isa, stora
 
 
 def test_any_task_split_and_block_gives_the_same_output():
-    """``gemm_split`` 1 and 3 (a padding part), 2 vectors x 2 tokens and a whole 64-row tile x 4 tokens a task:
-    the same integer sums, so bit-identical outputs (portable kernel: any x86 host)."""
-    n, k, gs, counts = 208, 64, 32, [0, 13, 2, 5, 4]
+    """``gemm_split`` 1, 3 (a padding part) and 2; a task of a whole 64-row tile x 4 tokens, of a whole tile x 1
+    token (``gemm_block`` 2 x 2: the nested task keeps its accumulator count on the whole tile) and of two
+    tiles (8 vectors x 2 tokens, more than a tile holds: N = 192, three 64-row tiles, leaves the last such task
+    half padding): the same integer sums, so bit-identical outputs (portable kernel: any x86 host)."""
+    n, k, gs, counts = 192, 64, 32, [0, 13, 2, 5, 4]
     experts = len(counts)
-    _, nws, stack = _experts(8, n, k, gs, experts, x86.PARAMS.tile_for(n, None, "int8"), seed=30)
+    tile = x86.PARAMS.tile_for(n, None, "int8")
+    assert tile == 64
+    _, nws, stack = _experts(8, n, k, gs, experts, tile, seed=30)
     x, rows, offsets = _inputs(counts, k, 9, seed=31)
     prec = [8, 2, 3, 4, 8]
     outs = []
-    for split, block in ((1, (4, 4)), (3, (2, 2))):
+    for split, block, task in ((1, (4, 4), (4, 4)), (3, (2, 2), (4, 1)), (2, (8, 2), (8, 2))):
         params = dataclasses.replace(x86.PARAMS, gemm_split=split, gemm_vectors=block[0], gemm_tokens=block[1])
+        assert params.nested_gemm_block(tile) == task
         outs.append(_run(_kernel("x86-portable", 8, n, k, gs, experts, params), stack, 4, x, rows, prec, offsets, n))
     np.testing.assert_array_equal(outs[0], outs[1])
+    np.testing.assert_array_equal(outs[0], outs[2])
     assert not np.isnan(outs[0]).any()
+    avx2 = x86.gemv_params(AVX2)
+    assert avx2.nested_gemm_block(avx2.tile_for(256, None, "int8")) == (4, 2)  # AVX2: a whole 32-row tile
 
 
 def test_refusals():

@@ -6,7 +6,7 @@ table ``prec``, same ``offsets``) and the nested counterpart of the fixed int8 g
 per call in the nested GEMV's slot order (:func:`moec.lower.schedules.int8_nested.slot_source`), ``rows``
 gathers the quantized rows of the sorted pairs, tasks are split as the fixed kernel's (``gemm_split``).
 
-A task (``vecs`` vectors of rows of one expert, a whole 64-row layout tile on AVX-512) first rebuilds its
+A task (``vecs`` vectors of rows of one expert, a whole layout tile: 64 rows on AVX-512, 32 on AVX2) first rebuilds its
 codes at the expert's run-time width ``k = prec[e]`` into a byte workspace, once per call, reading only
 the segments ``k`` needs (:func:`~moec.lower.schedules.int8_nested.byte_words`, one loop nest per width):
 each byte ``q_k << (4 − k)`` up to 4 bits (odd nibble lanes shifted down, so every byte is a value
@@ -48,7 +48,7 @@ def int8_nested_grouped_gemm(spec: NestedGroupedSpec, params, isa: DotIsa) -> ti
     Parameters, in order: ``x`` float32 ``[R, K]``, ``rows`` int32 ``[P]`` (the row of ``x`` of each sorted
     pair), one ``seg{s}`` uint32 ``[E, NT, K*w_s/32, tile]`` per segment, ``scale`` float16 ``[E, NT, G, tile]``,
     ``zero`` uint32 ``[E, NT, ZW, tile]``, ``prec`` int32 ``[E]``, ``offsets`` int32 ``[E + 1]``, ``y`` float32
-    ``[P, N]``. ``params``: the family's parameters (``gemm_block``, ``gemm_split``; their ``lanes`` are
+    ``[P, N]``. ``params``: the family's parameters (``nested_gemm_block``, ``gemm_split``; their ``lanes`` are
     ``isa``'s). A width ``prec`` does not serve computes the widest (the session refuses such plans).
     """
     fmt, bits, widths = spec.format, spec.storage_bits, spec.format.derived_bits
@@ -59,7 +59,7 @@ def int8_nested_grouped_gemm(spec: NestedGroupedSpec, params, isa: DotIsa) -> ti
     if len(widths) not in (3, 4):
         raise MoecError(f"{fmt.name}: the int8 nested grouped GEMM serves 3 or 4 widths, not {len(widths)}")
     groups, chunks, nb, nseg = k // gs, gs // 32, n // lanes, len(fmt.segment_bits)
-    vecs, tb = params.gemm_block(tile)
+    vecs, tb = params.nested_gemm_block(tile)
     tiles = -(-nb // vecs)
     split = max(1, min(params.gemm_split, tiles))  # as the fixed kernel: each part 1/split of every expert's tiles
     per_split = -(-tiles // split)

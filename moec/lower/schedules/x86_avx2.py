@@ -91,6 +91,6 @@ def avx2_grouped_gemm(spec, params) -> tirx.PrimFunc:
 
 
 def avx2_nested_grouped_gemm(spec, params) -> tirx.PrimFunc:
-    """The AVX2 int8-activation nested prefill grouped GEMM (``gemm_block``, ``gemm_split`` of ``params``, an AVX2
+    """The AVX2 int8-activation nested prefill grouped GEMM (``nested_gemm_block``, ``gemm_split`` of ``params``, an AVX2
     target's :func:`~moec.lower.schedules.x86.gemv_params`)."""
     return int8_nested_grouped_gemm(spec, params, avx2_isa())

@@ -27,6 +27,6 @@ def vnni_nested_gemv(spec: NestedGemvSpec, params, portable: bool = False) -> ti
 
 
 def vnni_nested_grouped_gemm(spec: NestedGroupedSpec, params, portable: bool = False) -> tirx.PrimFunc:
-    """The int8-activation nested grouped GEMM for ``spec`` (``params.gemm_block``, ``gemm_split``);
+    """The int8-activation nested grouped GEMM for ``spec`` (``params.nested_gemm_block``, ``gemm_split``);
     ``portable``: the VNNI and ternary-logic instructions as plain TIR."""
     return int8_nested_grouped_gemm(spec, params, vnni_isa(portable))
