@@ -7,12 +7,10 @@ CI machine included); "x86-portable": the VNNI kernel with its instructions as p
 from __future__ import annotations
 
 import dataclasses
-import platform
 
 import numpy as np
 import pytest
 import tvm
-from tvm.target import codegen
 
 from moec.core.errors import MoecError
 from moec.lower.kernels.activations import dequantized_activations
@@ -25,22 +23,11 @@ from moec.quant.nested import dequantize_nested, nest, segments_for
 from moec.quant.packed_model import pack_weight
 
 from kernel_helpers import assert_close, call
-from test_kernels_nested_int8 import _reference
+from test_kernels_nested_int8 import AVX2, VNNI, _reference, _target
 
 pytestmark = [pytest.mark.tvm, pytest.mark.xdist_group("nested_int8_gemm")]
 
-VNNI = codegen.target_has_features("avx512vnni", host_target())
-HAS_AVX2 = platform.machine() == "x86_64" and codegen.target_has_features("avx2", host_target())
-AVX2 = tvm.target.Target({"kind": "llvm", "mcpu": "haswell"})
 ISAS = ["x86", "x86-avx2", "x86-portable"]
-
-
-def _target(isa):
-    if isa == "x86" and not VNNI:
-        pytest.skip("needs AVX-512 VNNI")
-    if isa == "x86-avx2" and not HAS_AVX2:
-        pytest.skip("needs an x86 host with AVX2")
-    return AVX2 if isa == "x86-avx2" else host_target()
 _BUILT: dict[tuple, tvm.runtime.Module] = {}  # one build per (isa, shape, params) a process
 
 

@@ -39,7 +39,7 @@ from moec.lower.kernels.layout import num_tiles, zero_words
 from moec.lower.kernels.nested_grouped import NestedGroupedSpec
 from moec.lower.schedules.int8_common import DotIsa, quantize_rows_prep
 from moec.lower.schedules.int8_nested import byte_words, nested_group_term, segment_chunk_loader, slot_source
-from moec.lower.schedules.x86_vnni_gemm import token_block_loop, unpacked_group_dots
+from moec.lower.schedules.x86_vnni_gemm import split_tasks, token_block_loop, unpacked_group_dots
 
 
 def int8_nested_grouped_gemm(spec: NestedGroupedSpec, params, isa: DotIsa) -> tirx.PrimFunc:
@@ -61,7 +61,7 @@ def int8_nested_grouped_gemm(spec: NestedGroupedSpec, params, isa: DotIsa) -> ti
     groups, chunks, nb, nseg = k // gs, gs // 32, n // lanes, len(fmt.segment_bits)
     vecs, tb = params.nested_gemm_block(tile)
     tiles = -(-nb // vecs)
-    split = max(1, min(params.gemm_split, tiles))  # as the fixed kernel: each part 1/split of every expert's tiles
+    split = max(1, min(params.gemm_split, tiles))  # as the fixed kernel (split_tasks)
     per_split = -(-tiles // split)
     nt, zw = num_tiles(n, tile), zero_words(groups, bits)
     prep = quantize_rows_prep(k, gs, 16 if gs % 16 == 0 else gs, 32, slot_source)
@@ -111,34 +111,23 @@ def int8_nested_grouped_gemm(spec: NestedGroupedSpec, params, isa: DotIsa) -> ti
     w = list(widths)
 
     @T.macro
-    def body(x, rows, xrows, segs, scale, zero, prec, offsets, y):
-        sx = T.alloc_buffer((xrows, groups), "float32")
-        xsum = T.alloc_buffer((xrows, groups), "int32")
-        x8 = T.alloc_buffer((xrows, k), "int8")  # per 32 codes, in the nested slot order
-        prep(x, xrows, sx, xsum, x8)
-        for task in T.parallel(split * experts * per_split):
-            acc = T.alloc_buffer((vecs * tb, lanes), "int32", scope="local")
-            yacc = T.alloc_buffer((vecs * tb, lanes), "float32", scope="local")
-            tok = T.alloc_buffer((tb,), "int32", scope="local")
-            tl: T.int32 = task // (experts * per_split) * per_split + task % per_split
-            gv0: T.int32 = tl * vecs
-            e: T.int32 = task // per_split % experts
-            start: T.int32 = offsets[e]
-            count: T.int32 = offsets[e + 1] - start
-            if tl < tiles and count > 0:  # (the last part may be padding; experts without tokens cost nothing)
-                ws = T.alloc_buffer((vecs, k // 4, lanes), "uint32")
-                if prec[e] == w[0]:
-                    unpacks[0](ws, segs, e, gv0)
-                    runs[0](rows, None, scale, None, zero, y, sx, xsum, x8, acc, yacc, tok, ws, gv0, e, start, count)
-                elif prec[e] == w[1]:
-                    unpacks[1](ws, segs, e, gv0)
-                    runs[1](rows, None, scale, None, zero, y, sx, xsum, x8, acc, yacc, tok, ws, gv0, e, start, count)
-                elif four and prec[e] == w[2]:
-                    unpacks[2](ws, segs, e, gv0)
-                    runs[2](rows, None, scale, None, zero, y, sx, xsum, x8, acc, yacc, tok, ws, gv0, e, start, count)
-                else:  # the widest (the session refuses widths the format does not serve)
-                    unpacks[-1](ws, segs, e, gv0)
-                    runs[-1](rows, None, scale, None, zero, y, sx, xsum, x8, acc, yacc, tok, ws, gv0, e, start, count)
+    def run_task(rows, segs, scale, _sup, zero, y, sx, xsum, x8, acc, yacc, tok, gv0, e, start, count, prec):
+        if count > 0:  # experts without tokens cost nothing
+            ws = T.alloc_buffer((vecs, k // 4, lanes), "uint32")
+            if prec[e] == w[0]:
+                unpacks[0](ws, segs, e, gv0)
+                runs[0](rows, None, scale, None, zero, y, sx, xsum, x8, acc, yacc, tok, ws, gv0, e, start, count)
+            elif prec[e] == w[1]:
+                unpacks[1](ws, segs, e, gv0)
+                runs[1](rows, None, scale, None, zero, y, sx, xsum, x8, acc, yacc, tok, ws, gv0, e, start, count)
+            elif four and prec[e] == w[2]:
+                unpacks[2](ws, segs, e, gv0)
+                runs[2](rows, None, scale, None, zero, y, sx, xsum, x8, acc, yacc, tok, ws, gv0, e, start, count)
+            else:  # the widest (the session refuses widths the format does not serve)
+                unpacks[-1](ws, segs, e, gv0)
+                runs[-1](rows, None, scale, None, zero, y, sx, xsum, x8, acc, yacc, tok, ws, gv0, e, start, count)
+
+    body = split_tasks(split, experts, per_split, tiles, (vecs, tb), lanes, k, groups, prep, run_task)
 
     cols = [k * b // 32 for b in fmt.segment_bits]
     if nseg == 4:
@@ -156,7 +145,7 @@ def int8_nested_grouped_gemm(spec: NestedGroupedSpec, params, isa: DotIsa) -> ti
             x = T.match_buffer(x_h, (xrows, k), "float32")
             rows = T.match_buffer(rows_h, (pairs,), "int32")
             y = T.match_buffer(y_h, (pairs, n), "float32")
-            body(x, rows, xrows, [seg0, seg1, seg2, seg3], scale, zero, prec, offsets, y)
+            body(x, rows, xrows, [seg0, seg1, seg2, seg3], scale, None, zero, offsets, y, prec)
     elif nseg == 3:
         @T.prim_func
         def grouped_gemm(x_h: T.handle, rows_h: T.handle, seg0: T.Buffer((experts, nt, cols[0], tile), "uint32"),
@@ -171,7 +160,7 @@ def int8_nested_grouped_gemm(spec: NestedGroupedSpec, params, isa: DotIsa) -> ti
             x = T.match_buffer(x_h, (xrows, k), "float32")
             rows = T.match_buffer(rows_h, (pairs,), "int32")
             y = T.match_buffer(y_h, (pairs, n), "float32")
-            body(x, rows, xrows, [seg0, seg1, seg2], scale, zero, prec, offsets, y)
+            body(x, rows, xrows, [seg0, seg1, seg2], scale, None, zero, offsets, y, prec)
     else:
         raise MoecError(f"{fmt.name}: the int8 nested grouped GEMM takes 3 or 4 segments, not {nseg}")
     return grouped_gemm

@@ -60,11 +60,7 @@ def int8_grouped_gemm(spec: GroupedGemmSpec, params, isa: DotIsa, portable: bool
     (vecs, tb), experts = params.gemm_block(spec.tile), spec.num_stacked
     nb = n // lanes
     tiles = -(-nb // vecs)
-    # Tasks: ``split`` contiguous ranges, each with 1/split of every expert's tiles (expert-major
-    # inside a range). TVM gives each thread a contiguous range of tasks, so with a thread count
-    # dividing ``split`` every thread gets its share of every expert's rows whatever the routing
-    # (all expert-major, one thread got the busy experts), and consecutive tasks still share an
-    # expert's token rows (its x8 rows stay in cache).
+    # tasks in ``split`` parts (:func:`split_tasks`)
     split = max(1, min(params.gemm_split, tiles))
     per_split = -(-tiles // split)
     nt = num_tiles(n, tile)
@@ -136,29 +132,17 @@ def int8_grouped_gemm(spec: GroupedGemmSpec, params, isa: DotIsa, portable: bool
                                       for steps in (packed_group, unpacked_group))
 
     @T.macro
-    def body(x, rows, xrows, weight, scale, sup, zero, offsets, y):
-        sx = T.alloc_buffer((xrows, groups), "float32")
-        xsum = T.alloc_buffer((xrows, groups), "int32")
-        x8 = T.alloc_buffer((xrows, k), "int8")  # per step, in the order the dot products consume it
-        prep(x, xrows, sx, xsum, x8)
-        for task in T.parallel(split * experts * per_split):
-            acc = T.alloc_buffer((vecs * tb, lanes), "int32", scope="local")
-            yacc = T.alloc_buffer((vecs * tb, lanes), "float32", scope="local")
-            tok = T.alloc_buffer((tb,), "int32", scope="local")
-            tl: T.int32 = task // (experts * per_split) * per_split + task % per_split
-            gv0: T.int32 = tl * vecs
-            e: T.int32 = task // per_split % experts
-            start: T.int32 = offsets[e]
-            count: T.int32 = offsets[e + 1] - start
-            if tl < tiles:  # (the last part may be padding)
-                if count >= unpack_tokens:
-                    ws = T.alloc_buffer((vecs, k // 4, lanes), "uint32")
-                    unpack_tile(ws, weight, e, gv0)
-                    unpacked_blocks(rows, weight, scale, sup, zero, y, sx, xsum, x8, acc, yacc, tok, ws, gv0, e,
-                                    start, count)
-                else:
-                    packed_blocks(rows, weight, scale, sup, zero, y, sx, xsum, x8, acc, yacc, tok, acc, gv0, e,
-                                  start, count)
+    def run_task(rows, weight, scale, sup, zero, y, sx, xsum, x8, acc, yacc, tok, gv0, e, start, count, _extra):
+        if count >= unpack_tokens:
+            ws = T.alloc_buffer((vecs, k // 4, lanes), "uint32")
+            unpack_tile(ws, weight, e, gv0)
+            unpacked_blocks(rows, weight, scale, sup, zero, y, sx, xsum, x8, acc, yacc, tok, ws, gv0, e,
+                            start, count)
+        else:
+            packed_blocks(rows, weight, scale, sup, zero, y, sx, xsum, x8, acc, yacc, tok, acc, gv0, e,
+                          start, count)
+
+    body = split_tasks(split, experts, per_split, tiles, (vecs, tb), lanes, k, groups, prep, run_task)
 
     zw = zero_words(groups, bits)
     if sg:  # double-quantized scales: uint8 codes and fp16 super-scales
@@ -175,7 +159,7 @@ def int8_grouped_gemm(spec: GroupedGemmSpec, params, isa: DotIsa, portable: bool
             x = T.match_buffer(x_h, (xrows, k), "float32")
             rows = T.match_buffer(rows_h, (pairs,), "int32")
             y = T.match_buffer(y_h, (pairs, n), "float32")
-            body(x, rows, xrows, weight, scale, super_scale, zero, offsets, y)
+            body(x, rows, xrows, weight, scale, super_scale, zero, offsets, y, None)
     else:
         @T.prim_func
         def grouped_gemm(x_h: T.handle, rows_h: T.handle,
@@ -189,7 +173,7 @@ def int8_grouped_gemm(spec: GroupedGemmSpec, params, isa: DotIsa, portable: bool
             x = T.match_buffer(x_h, (xrows, k), "float32")
             rows = T.match_buffer(rows_h, (pairs,), "int32")
             y = T.match_buffer(y_h, (pairs, n), "float32")
-            body(x, rows, xrows, weight, scale, None, zero, offsets, y)
+            body(x, rows, xrows, weight, scale, None, zero, offsets, y, None)
     return grouped_gemm
 
 
@@ -288,3 +272,39 @@ def token_block_loop(vecs: int, tb: int, nb: int, lanes: int, groups: int, group
                                 y[start + blk * tb + r, (gv0 + v) * lanes + lane] = \
                                     yacc[v * tb + r, lane]
     return gemm_blocks
+
+
+def split_tasks(split: int, experts: int, per_split: int, tiles: int, block: tuple[int, int], lanes: int, k: int,
+                groups: int, prep, run_task):
+    """The int8 grouped GEMMs' macro ``body(x, rows, xrows, weight, scale, sup, zero, offsets, y, extra)``: every row
+    of ``x`` quantized once (``prep``), then the tasks in parallel, each ``block[0]`` vectors (task-tile ``tl``,
+    first vector ``gv0``) of expert ``e``'s rows against its ``count`` sorted pairs from ``start``, run by the macro
+    ``run_task(rows, weight, scale, sup, zero, y, sx, xsum, x8, acc, yacc, tok, gv0, e, start, count, extra)``
+    with ``block[0] × block[1]`` accumulators.
+
+    Tasks come in ``split`` contiguous ranges, each with 1/split of every expert's ``tiles`` task-tiles
+    (expert-major inside a range). TVM gives each thread a contiguous range of tasks, so with a thread count
+    dividing ``split`` every thread gets its share of every expert's rows whatever the routing (all
+    expert-major, one thread got the busy experts), and consecutive tasks still share an expert's token
+    rows (its x8 rows stay in cache)."""
+    vecs, tb = block
+
+    @T.macro
+    def body(x, rows, xrows, weight, scale, sup, zero, offsets, y, extra):
+        sx = T.alloc_buffer((xrows, groups), "float32")
+        xsum = T.alloc_buffer((xrows, groups), "int32")
+        x8 = T.alloc_buffer((xrows, k), "int8")  # per step, in the order the dot products consume it
+        prep(x, xrows, sx, xsum, x8)
+        for task in T.parallel(split * experts * per_split):
+            acc = T.alloc_buffer((vecs * tb, lanes), "int32", scope="local")
+            yacc = T.alloc_buffer((vecs * tb, lanes), "float32", scope="local")
+            tok = T.alloc_buffer((tb,), "int32", scope="local")
+            tl: T.int32 = task // (experts * per_split) * per_split + task % per_split
+            gv0: T.int32 = tl * vecs
+            e: T.int32 = task // per_split % experts
+            start: T.int32 = offsets[e]
+            count: T.int32 = offsets[e + 1] - start
+            if tl < tiles:  # (the last part may be padding)
+                run_task(rows, weight, scale, sup, zero, y, sx, xsum, x8, acc, yacc, tok, gv0, e, start, count, extra)
+
+    return body
