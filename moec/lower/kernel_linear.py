@@ -193,7 +193,7 @@ class KernelEmitter(LinearEmitter):
 
     def nested_gathers_rows(self, entry: WeightEntry) -> bool:
         """Whether the nested stack's grouped GEMM takes int8 activations (and gathers its own rows): where its
-        nested GEMV does and the family has an int8 nested grouped GEMM for the target (x86 AVX-512 VNNI)."""
+        nested GEMV does and the family has an int8 nested grouped GEMM for the target (x86: AVX-512 VNNI or AVX2)."""
         return self._nested_acts(entry.bits) == "int8" and self._builds_int8(make_nested_grouped_gemm, entry.bits)
 
     @staticmethod

@@ -198,7 +198,7 @@ def make_nested_grouped_gemm(storage_bits: int, n: int, k: int, group_size: int,
     those of the stack's decode GEMV, whose layout tile it reads. ``activations="int8"``:
     ``grouped_gemm(x, rows, seg0, …, scale, zero, prec, offsets, y)``, each row of ``x`` quantized once and
     gathered by ``rows`` as :func:`make_grouped_gemm`'s int8 kernels do (families with one: x86 with
-    AVX-512 VNNI, :mod:`moec.lower.schedules.int8_nested_gemm`).
+    AVX-512 VNNI or AVX2, :mod:`moec.lower.schedules.int8_nested_gemm`).
     """
     target = tvm.target.Target(target)
     _check_activations(activations)

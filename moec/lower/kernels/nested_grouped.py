@@ -1,5 +1,8 @@
 """Prefill grouped GEMM over a nested expert stack: tokens sorted by expert, each expert at its run-time width.
 
+This is the float32-activation kernel (ARM, ``--activations float32``); with int8 activations x86 runs
+:mod:`moec.lower.schedules.int8_nested_gemm` on the same stack.
+
 The nested counterpart of :mod:`moec.lower.kernels.grouped_gemm` (same loops, same
 ``GemmLoopParams`` from the target family: x86 and ARM), reading the nested stack of
 :func:`moec.lower.kernels.layout.nested_kernel_layout` (the decode GEMV's arrays, shared in the
