@@ -1,4 +1,4 @@
-"""Prefill grouped GEMM over nested (any-precision) expert stacks with int8 activations, on a one-step 4-byte dot.
+"""Prefill grouped GEMM over nested (any-precision) expert stacks with int8 activations, on any 4-byte dot ISA.
 
 The int8-activation counterpart of :mod:`moec.lower.kernels.nested_grouped` (same stack, same run-time
 table ``prec``, same ``offsets``) and the nested counterpart of the fixed int8 grouped GEMM
@@ -6,12 +6,14 @@ table ``prec``, same ``offsets``) and the nested counterpart of the fixed int8 g
 per call in the nested GEMV's slot order (:func:`moec.lower.schedules.int8_nested.slot_source`), ``rows``
 gathers the quantized rows of the sorted pairs, tasks are split as the fixed kernel's (``gemm_split``).
 
-A task (``vecs`` vectors of rows of one expert, a whole layout tile: 64 rows on AVX-512, 32 on AVX2) first rebuilds its
-codes at the expert's run-time width ``k = prec[e]`` into a byte workspace, once per call, reading only
-the segments ``k`` needs (:func:`~moec.lower.schedules.int8_nested.byte_words`, one loop nest per width):
-each byte ``q_k << (4 − k)`` up to 4 bits (odd nibble lanes shifted down, so every byte is a value
-0..15), the stored code at 8. Then its tokens run the fixed kernel's unpacked inner loop (one dot per
-4 code bytes, vector and token: :func:`~moec.lower.schedules.x86_vnni_gemm.unpacked_group_dots`), and
+A task (``vecs`` vectors of rows of one expert, a whole layout tile: 64 rows on AVX-512, 32 on AVX2) first
+rebuilds its codes at the expert's run-time width ``k = prec[e]`` into a byte workspace, once per call,
+reading only the segments ``k`` needs (:func:`~moec.lower.schedules.int8_nested.byte_words`, one loop nest
+per width): each byte ``q_k << (4 − k)`` up to 4 bits (odd nibble lanes shifted down, so every byte is a
+value 0..15), the stored code at 8 (recentred to ``q − 128`` on signed-code ISAs: AVX2). Then its tokens
+run the fixed kernel's unpacked inner loop (one dot per 4 code bytes, vector and token:
+:func:`~moec.lower.schedules.x86_vnni_gemm.unpacked_group_dots`; on a two-step dot, AVX2, widths up to 4
+bits add four words' int16 pair sums before one widening), and
 each group's integer sum is scaled by the nested GEMV's group term
 (:func:`~moec.lower.schedules.int8_nested.nested_group_term`). So a token's output row equals the int8
 nested GEMV's for that token and width bit for bit (same codes, same integer sums, same term), and at
@@ -25,8 +27,7 @@ storage, ``benchmarks/nested_gemm.py``: at 8 bits 12.6 against 4.2 ms for a 16-t
 get 2 tokens each; at 2 bits 3.4–4.3 against 2.3 ms), the rebuild's temporaries and 16 accumulators
 not fitting the registers. The unpacked loop dots every vector of a task unguarded (a partial last
 task's padding vectors are zeros in the workspace, never stored): a guard per vector made LLVM store
-every accumulator after each dot (2-bit 256-token prompt 16.5 → 9.4 ms). ISAs with a two-step dot (AVX2's int16 pair sums take code bytes
-0..15, not 8-bit codes) are refused: their nested prefill keeps float32 activations.
+every accumulator after each dot (2-bit 256-token prompt 16.5 → 9.4 ms).
 """
 
 # No `from __future__ import annotations`: TVMScript needs the evaluated buffer annotations.
