@@ -39,6 +39,7 @@ def main() -> None:
     import tvm
 
     from moec.core.errors import MoecError
+    from moec.core.formats import get_nested_format
     from moec.core.targets import load_target
     from moec.lower.kernels.factory import compile_kernel, host_target, make_grouped_gemm, make_nested_grouped_gemm
     from moec.lower.kernels.layout import nested_kernel_layout, stack_kernel_layouts, to_kernel_layout
@@ -47,6 +48,13 @@ def main() -> None:
     from moec.quant.packed_model import pack_weight
 
     n, k, gs, experts = args.n, args.k, args.group, args.experts
+    widths = [int(b) for b in args.bits.split(",")]
+    if experts % 4 or experts < 4:
+        raise SystemExit(f"moec: --experts must be a positive multiple of 4 (4 distinct weights repeated), got {experts}")
+    served = get_nested_format(8).derived_bits
+    if any(b not in served for b in widths):
+        raise SystemExit(f"moec: --bits takes widths of 8-bit nested storage ({', '.join(map(str, served))}), "
+                         f"got {args.bits}")
     try:
         target = host_target() if args.target == "host" else load_target(args.target).tvm()
         nested_i8 = compile_kernel(make_nested_grouped_gemm(8, n, k, gs, experts, target, "int8", activations="int8"),
@@ -68,15 +76,16 @@ def main() -> None:
     print("| width | tokens | nested int8 ms | nested float32 ms | fixed int8 ms | nested int8 / fixed speed | "
           "int8 / float32 nested speed |")
     print("|---|---|---|---|---|---|---|")
-    for bits in (int(b) for b in args.bits.split(",")):
+    for bits in widths:
         try:
             fixed = compile_kernel(make_grouped_gemm(bits, n, k, gs, experts, target, activations="int8",
                                                      layout_activations="int8"), target)
         except MoecError:  # (no AVX2 3-bit int8 GEMM: such a fixed bundle prefills on float32 activations)
             fixed = None
-        fstack = stack_kernel_layouts([to_kernel_layout(pack_weight(w, bits, gs), kernel_tile(target, n, bits, "int8"))
-                                       for w in weights[:4]])
-        fstack = {name: np.concatenate([a] * (experts // 4)) for name, a in fstack.items()}
+        if fixed is not None:
+            fstack = stack_kernel_layouts([to_kernel_layout(pack_weight(w, bits, gs),
+                                                            kernel_tile(target, n, bits, "int8")) for w in weights[:4]])
+            fstack = {name: np.concatenate([a] * (experts // 4)) for name, a in fstack.items()}
         for tokens in (int(t) for t in args.tokens.split(",")):
             pairs = tokens * args.top_k
             ids = np.stack([rng.choice(experts, args.top_k, replace=False) for _ in range(tokens)]).reshape(-1)

@@ -172,15 +172,12 @@ class KernelEmitter(LinearEmitter):
 
     def nested_grouped(self, bb, x, entry: WeightEntry, vars_, name, offsets, prec, rows=None):
         """One nested grouped-GEMM call on the pairs sorted by expert (``offsets``) at the widths in ``prec``, on
-        the layout tile of the stack's nested GEMV: int8 activations where :meth:`nested_gathers_rows` (``x``
+        the layout tile of the stack's nested GEMV: int8 activations where :meth:`gathers_rows` (``x``
         the rows ``rows`` gathers, every row quantized once; ``rows`` None: ``x`` is already sorted), else
         float32 on rows ``x`` sorted (gathered here when ``rows`` is given)."""
         n, k = entry.shape
-        int8 = self.nested_gathers_rows(entry)
-        if rows is not None and not int8:
-            x, rows = bb.emit(relax.op.take(x, rows, axis=0, mode="clip")), None
-        if int8 and rows is None:
-            rows = bb.emit(relax.op.arange(0, x.ty.shape[0], 1, "int32"))
+        int8 = self._nested_grouped_int8(entry)
+        x, rows = _grouped_rows(bb, x, rows, int8)
         key = ("nested-gemm", entry.bits, n, k, entry.group_size, entry.stacked, int8)
         if key not in self._kernels:
             self._kernels[key] = make_nested_grouped_gemm(*key[1:6], self.target,
@@ -188,10 +185,9 @@ class KernelEmitter(LinearEmitter):
                                                           activations="int8" if int8 else "float32")
         gv = add_kernel(bb, self._kernels[key], _symbol("nested_gemm", entry, "i8" if int8 else ""))
         args = [x] + ([rows] if int8 else []) + self._nested_args(entry, vars_, name) + [prec, offsets]
-        out_rows = (rows if int8 else x).ty.shape[0]
-        return bb.emit(relax.call_tir(gv, args, relax.TensorType((out_rows, n), "float32")))
+        return bb.emit(relax.call_tir(gv, args, relax.TensorType(((rows if int8 else x).ty.shape[0], n), "float32")))
 
-    def nested_gathers_rows(self, entry: WeightEntry) -> bool:
+    def _nested_grouped_int8(self, entry: WeightEntry) -> bool:
         """Whether the nested stack's grouped GEMM takes int8 activations (and gathers its own rows): where its
         nested GEMV does and the family has an int8 nested grouped GEMM for the target (x86: AVX-512 VNNI or AVX2)."""
         return self._nested_acts(entry.bits) == "int8" and self._builds_int8(make_nested_grouped_gemm, entry.bits)
@@ -209,26 +205,22 @@ class KernelEmitter(LinearEmitter):
         return entry.kernel and self._int8(entry) and self._builds_int8(make_grouped_gemm, entry.bits)
 
     def gathers_rows(self, entry: WeightEntry) -> bool:
-        return self._grouped_int8(entry)
+        return self._nested_grouped_int8(entry) if entry.nested else self._grouped_int8(entry)
 
     def grouped(self, bb, x, entry: WeightEntry, vars_, name, offsets, rows=None):
         if not entry.kernel:
             return None
         n, k = entry.shape
         int8 = self._grouped_int8(entry)
-        if rows is not None and not int8:
-            x, rows = bb.emit(relax.op.take(x, rows, axis=0, mode="clip")), None
-        if int8 and rows is None:
-            rows = bb.emit(relax.op.arange(0, x.ty.shape[0], 1, "int32"))
+        x, rows = _grouped_rows(bb, x, rows, int8)
         key = ("gemm", entry.bits, n, k, entry.group_size, entry.stacked or 1, "int8" if int8 else "float32",
                entry.scales, self._acts(entry.bits))
         if key not in self._kernels:  # on the layout tile of the weight's decode GEMV (its activations: key[8])
             self._kernels[key] = make_grouped_gemm(*key[1:6], self.target, activations=key[6], scales=entry.scales,
                                                    layout_activations=key[8])
         gv = add_kernel(bb, self._kernels[key], _symbol("gemm", entry, "i8" if int8 else ""))
-        out_rows = (rows if int8 else x).ty.shape[0]
         args = [x] + ([rows] if int8 else []) + self._weight_args(entry, vars_, name) + [offsets]
-        return bb.emit(relax.call_tir(gv, args, relax.TensorType((out_rows, n), "float32")))
+        return bb.emit(relax.call_tir(gv, args, relax.TensorType(((rows if int8 else x).ty.shape[0], n), "float32")))
 
     def dense_rows(self, bb, x, entry: WeightEntry, vars_, name):
         n = entry.shape[0]
@@ -334,6 +326,16 @@ class KernelEmitter(LinearEmitter):
                         _symbol("swiglu", gate, f"t{top_k}", "xe" if per_expert else "", "i8"))
         args = [x] + self._weight_args(gate, vars_, gate_name) + self._weight_args(up, vars_, up_name) + [ids]
         return bb.emit(relax.call_tir(gv, args, relax.TensorType((top_k, n), "float32")))
+
+
+def _grouped_rows(bb, x, rows, int8: bool):
+    """``(x, rows)`` as a grouped GEMM takes them: an int8 kernel gathers ``x[rows]`` itself (``rows`` None: every
+    row of ``x`` in order), a float32 one takes the rows already gathered (``rows`` None after)."""
+    if rows is not None and not int8:
+        return bb.emit(relax.op.take(x, rows, axis=0, mode="clip")), None
+    if int8 and rows is None:
+        return x, bb.emit(relax.op.arange(0, x.ty.shape[0], 1, "int32"))
+    return x, rows
 
 
 def _symbol(kind: str, entry: WeightEntry, *extra: str) -> str:

@@ -59,7 +59,9 @@ class LinearEmitter:
         return None
 
     def gathers_rows(self, entry: WeightEntry) -> bool:
-        """Whether ``grouped`` on this weight gathers ``rows`` inside its kernel (no gathered copy)."""
+        """Whether ``grouped`` (``nested_grouped`` for a nested stack) on this weight gathers ``rows`` inside its
+        kernel (an int8-activation kernel quantizing each row of ``x`` once): the graph then passes the token rows
+        and their indices instead of a gathered copy."""
         return False
 
     def experts(self, bb, x, entry: WeightEntry, vars_, name, ids):
@@ -92,11 +94,6 @@ class LinearEmitter:
         """Prefill rows of a nested stack sorted by expert (``offsets``; ``x[rows]`` when ``rows`` is given) at the
         widths of ``prec``: needs kernels."""
         return self.nested_experts(bb, x, entry, vars_, name, None, prec)
-
-    def nested_gathers_rows(self, entry: WeightEntry) -> bool:
-        """Whether :meth:`nested_grouped` gathers its rows itself (an int8-activation kernel quantizing each row of
-        ``x`` once), so the graph passes the token rows and their indices instead of gathering them."""
-        return False
 
     def decode_attention(self, bb, q, k, v, cache_k, cache_v, pos, scale: float):
         """One token's ``(attention [heads, value_dim], cache_k, cache_v)`` from one kernel that also writes

@@ -16,7 +16,7 @@ kernels with them), RMSNorm, SiLU and small float projections (routers) are para
 
 A nested layer (``moec compile --nested``: one stack of every expert) sorts the pairs by expert id and
 runs one nested grouped GEMM per projection (:mod:`moec.lower.kernels.nested_grouped`; with int8 activations,
-x86 AVX-512 VNNI: :mod:`moec.lower.schedules.int8_nested_gemm`, which gathers the token rows itself) at the widths
+x86 AVX-512 VNNI or AVX2: :mod:`moec.lower.schedules.int8_nested_gemm`, which gathers the token rows itself) at the widths
 of the run-time table ``layers.L.experts.prec`` that the decode function reads too, so a
 ``set_plan`` applies to the next prefill as to the next decode step.
 
@@ -148,10 +148,7 @@ class PrefillBuilder(DecodeBuilder):
             offsets = bb.emit(relax.op.sum(relax.op.astype(below, "int32"), axis=0))    # [count + 1]
             token_rows = bb.emit(relax.op.take(token_of, order, axis=0, mode="clip"))    # sorted -> token
             name = f"layers.{layer}.experts.b{c}"
-            if self.emitter.gathers_rows(self.params.entries[f"{name}.w1"]):
-                xs, xrows = x, token_rows            # the kernel reads x[token_rows[p]] itself
-            else:
-                xs, xrows = bb.emit(relax.op.take(x, token_rows, axis=0, mode="clip")), None
+            xs, xrows = self._expert_rows(x, token_rows, self.params.entries[f"{name}.w1"])
             sorted_slots = bb.emit(relax.op.take(slots, order, axis=0, mode="clip")) if cfg.expert_bias else None
             g1, g3 = (self._expert_bias(self.emitter.grouped(bb, xs, self.params.entries[f"{name}.{w}"], self.vars,
                                                              f"{name}.{w}", offsets, xrows), layer, w, sorted_slots)
@@ -167,6 +164,13 @@ class PrefillBuilder(DecodeBuilder):
             y = out if y is None else bb.emit(relax.op.add(y, out))
         y = bb.emit(relax.op.reshape(self._expert_bias(y, layer, "w2", slots), (rows, top_k, cfg.hidden_size)))
         return bb.emit(relax.op.sum(relax.op.multiply(y, relax.op.reshape(routing.weights, (rows, top_k, 1))), axis=1))
+
+    def _expert_rows(self, x, token_rows, entry):
+        """``(rows, indices)`` the first grouped GEMMs of a layer take: ``x`` and ``token_rows`` where the kernel reads
+        ``x[token_rows[p]]`` itself (:meth:`LinearEmitter.gathers_rows`), else the gathered rows and None."""
+        if self.emitter.gathers_rows(entry):
+            return x, token_rows
+        return self.bb.emit(relax.op.take(x, token_rows, axis=0, mode="clip")), None
 
     def _nested_experts(self, x, routing, layer):
         """A nested stack (every expert, one stack): the pairs sorted by expert id, one nested grouped GEMM
@@ -188,10 +192,7 @@ class PrefillBuilder(DecodeBuilder):
             return self.emitter.nested_grouped(bb, inp, self.params.entries[f"{name}.{proj}"], self.vars,
                                                f"{name}.{proj}", offsets, prec, rows)
 
-        if self.emitter.nested_gathers_rows(self.params.entries[f"{name}.w1"]):
-            xs, xrows = x, token_rows            # the kernel reads x[token_rows[p]] itself
-        else:
-            xs, xrows = bb.emit(relax.op.take(x, token_rows, axis=0, mode="clip")), None
+        xs, xrows = self._expert_rows(x, token_rows, self.params.entries[f"{name}.w1"])
         g1, g3 = (self._expert_bias(call(xs, w, xrows), layer, w, sorted_ids) for w in ("w1", "w3"))
         out = call(blocks.glu(self, cfg, g1, g3), "w2")
         out = bb.emit(relax.op.take(out, relax.op.argsort(order, axis=0, dtype="int32"), axis=0, mode="clip"))

@@ -39,14 +39,15 @@ def _kernel(isa, storage, n, k, gs, experts, params=None):
             func = make_nested_grouped_gemm(storage, n, k, gs, experts, target, "int8", activations="int8")
         else:
             p = params or x86.PARAMS
-            spec = NestedGroupedSpec(storage, n, k, gs, experts, p.tile_for(n, None, "int8"))
+            spec = NestedGroupedSpec(storage, n, k, gs, experts, p.tile_for(n, None, "int8"))  # = _tile
             func = vnni_nested_grouped_gemm(spec, p, portable=isa == "x86-portable")
         _BUILT[key] = compile_kernel(func, target)
     return _BUILT[key]
 
 
 def _tile(isa, n):
-    return kernel_tile(_target(isa), n, None, "int8")
+    """The layout tile the kernel of ``isa`` reads (portable: the AVX-512 parameters it is built with, any host)."""
+    return x86.PARAMS.tile_for(n, None, "int8") if isa == "x86-portable" else kernel_tile(_target(isa), n, None, "int8")
 
 
 def _experts(storage, n, k, gs, experts, tile, seed):

@@ -65,7 +65,7 @@ def int8_nested_grouped_gemm(spec: NestedGroupedSpec, params, isa: DotIsa) -> ti
     split = max(1, min(params.gemm_split, tiles))  # as the fixed kernel (split_tasks)
     per_split = -(-tiles // split)
     nt, zw = num_tiles(n, tile), zero_words(groups, bits)
-    prep = quantize_rows_prep(k, gs, 16 if gs % 16 == 0 else gs, 32, slot_source)
+    prep = quantize_rows_prep(k, gs, 16, 32, slot_source)  # (group_size: a multiple of 32, NestedGroupedSpec)
     # per width: one dot per word; on two-step dots (AVX2) widths up to 4 bits (code bytes 0..15) add 4 words'
     # first steps in int16 before one second step
     pair_words = 4 if isa.pairs is not None and (gs // 4) % 4 == 0 else 0

@@ -7,7 +7,7 @@ computes the same dots and selects in plain vector TIR (``x86_vnni.portable_dpbu
 kernel's indexing and numerics on x86 hosts without AVX-512 VNNI. AVX2: ``x86_avx2.avx2_nested_gemv``.
 
 The prefill's nested grouped GEMM with int8 activations is :mod:`moec.lower.schedules.int8_nested_gemm` on the
-same ISA (AVX-512 VNNI only: AVX2's two-step dot cannot take its 8-bit code bytes).
+same ISA (:func:`vnni_nested_grouped_gemm`; AVX2: ``x86_avx2.avx2_nested_grouped_gemm``).
 """
 
 from tvm import tirx
