@@ -6,11 +6,16 @@ a mixed 2/4/8-bit plan; ``nested``: that mixed plan served at run time from 8-bi
 checks that greedy tokens on the GPU equal the CPU bundle's, times GPU decode steps (tokens/s,
 effective weight bandwidth = modelled bytes per step x steps/s, against the GPU's measured
 device-to-device copy bandwidth) with NVML energy sampled during the timed loop, and times torch
-eager fp16 decode of the same checkpoint on the GPU; before them, the backend's routed-expert GEMV
-on OLMoE-shaped experts gives GB/s per bit width (``tools/gpu_kernels.py``). Every stage fails soft: a failure becomes a
-row note and the table is printed with whatever was measured.
+eager fp16 decode of the same checkpoint on the GPU; before them, the backend's routed-expert GEMVs
+(fixed widths, and the nested 8-bit stack at each run-time width; ``tools/gpu_kernels.py``) give GB/s.
+Every stage fails soft: a failure becomes a row note and the table is printed with whatever was measured.
 
-Without a GPU it stops with a one-line error (exit 2); ``--dry-run`` prints what it would do.
+Two halves, as a device without TVM's compiler (a Jetson, a GPU server with the TVM runtime alone) needs:
+``--prepare DIR --arch sm_XX`` builds everything here (TVM compiler and nvcc, no GPU: the CUDA bundles,
+the CPU bundles' greedy tokens, the kernels), ``--from DIR`` runs the GPU half there. Without either, one
+process does both on a GPU machine.
+
+Without a GPU the GPU half stops with a one-line error (exit 2); ``--dry-run`` prints what it would do.
 """
 
 from __future__ import annotations
@@ -131,49 +136,68 @@ def timed_decode(step, reset, steps: int, min_seconds: float = 2.0) -> tuple[int
     return done, elapsed, reading
 
 
-def check_plan(name: str, plan, args, row: dict) -> None:
-    """Build, compare and time one plan; fills ``row`` as it goes (a failure leaves what was measured)."""
+def prepare_plan(name: str, plan, args, folder: Path) -> dict:
+    """Build ``name``'s host and CUDA bundles under ``folder``; what the GPU half needs (tokens to match)."""
     from moec.hardware.energy_model import decode_traffic
     from moec.models.checkpoint import load_config
     from moec.runtime.session import BundleSession
     tag = name.replace(":", "")
     nested = 8 if name == "nested" else None  # the nested GEMV: planes read per expert width
     t0 = time.time()
-    host = build(args.checkpoint, plan, "host", args.out / f"host-{tag}", nested)
-    gpu = build(args.checkpoint, plan, args.gpu_target, args.out / f"cuda-{tag}", nested)
-    row["build s"] = f"{time.time() - t0:.0f}"
+    host = build(args.checkpoint, plan, "host", folder / f"host-{tag}", nested)
+    build(args.checkpoint, plan, args.gpu_target, folder / f"cuda-{tag}", nested)
+    entry = {"name": name, "bundle": f"cuda-{tag}", "build s": round(time.time() - t0), "nested": bool(nested)}
     with BundleSession(host) as cpu:
         ids = cpu.tokenizer.encode(args.prompt).ids
-        want, cpu_stats = cpu.generate(ids, args.tokens)
-        row["CPU tok/s"] = f"{cpu_stats.decode_tokens_per_s:.1f}"
+        entry["prompt_ids"] = ids
+        entry["want"], cpu_stats = cpu.generate(ids, args.tokens)
+        entry["CPU tok/s"] = round(cpu_stats.decode_tokens_per_s, 1)
         if nested:
             cpu.set_plan("uniform:2")
-            want_2 = cpu.generate(ids, args.tokens)[0]
-            cpu.set_plan(plan)
-    with BundleSession(gpu) as sess:
-        got, _ = sess.generate(ids, args.tokens)
+            entry["want_2"] = cpu.generate(ids, args.tokens)[0]
+    cfg = load_config(args.checkpoint)
+    entry["steps"] = min(64, cfg.max_position - len(ids) - 2)
+    entry["step_bytes"] = decode_traffic(cfg, plan)[0]
+    return entry
+
+
+def run_plan(entry: dict, folder: Path, args, row: dict) -> None:
+    """The GPU half of one plan: tokens vs the CPU bundle's, a run-time switch (nested), timed decode."""
+    from moec.runtime.session import BundleSession
+    row["build s"] = str(entry["build s"])
+    row["CPU tok/s"] = f"{entry['CPU tok/s']:.1f}"
+    ids, want = entry["prompt_ids"], entry["want"]
+    with BundleSession(folder / entry["bundle"]) as sess:
+        got, _ = sess.generate(ids, len(want))
         same = sum(a == b for a, b in zip(got, want))
         row["tokens = CPU"] = "yes" if got == want else f"NO ({same}/{len(want)})"
-        if nested:  # switched at run time on the GPU: all experts 2-bit, then back
-            sess.set_plan("uniform:2")
-            got_2 = sess.generate(ids, args.tokens)[0]
+        if entry["nested"]:  # switched at run time on the GPU: all experts 2-bit, then back
+            plan = sess.plan
+            down = sess.set_plan("uniform:2")
+            got_2 = sess.generate(ids, len(want))[0]
+            want_2 = entry["want_2"]
             row["switch = CPU"] = "yes" if got_2 == want_2 else \
                 f"NO ({sum(a == b for a, b in zip(got_2, want_2))}/{len(want_2)})"
-            row["note"] = "nested 8-bit storage; switch = CPU: after set_plan(uniform:2)"
-            sess.set_plan(plan)
-        cfg = load_config(args.checkpoint)
-        steps = min(64, cfg.max_position - len(ids) - 2)
-        done, secs, energy = timed_decode(lambda: sess.step(7), lambda: (sess.reset(), sess.prefill(ids)), steps)
+            back = sess.set_plan(plan)
+            row["note"] = (f"nested 8-bit storage; switch = CPU: after set_plan(uniform:2); switches "
+                           f"{1e3 * down.seconds:.2f} / {1e3 * back.seconds:.2f} ms")
+        done, secs, energy = timed_decode(lambda: sess.step(7), lambda: (sess.reset(), sess.prefill(ids)),
+                                          entry["steps"])
     # prefill (in reset) runs inside the timed loop: its share is one call per ``steps`` decode steps
     row["GPU tok/s"] = f"{done / secs:.1f}"
-    nbytes, _ = decode_traffic(cfg, plan)
-    gbs = nbytes * done / secs / 1e9
+    gbs = entry["step_bytes"] * done / secs / 1e9
     row["eff. GB/s"] = f"{gbs:.1f}" + (f" ({100 * gbs / args.copy_gbs:.1f} %)" if args.copy_gbs else "")
     if energy and energy["joules"] > 0:
         row["J/token"] = f"{energy['joules'] / done:.4f}"
         row["W"] = f"{energy['joules'] / energy['seconds']:.0f}"
     else:
         row["J/token"] = "no NVML"
+
+
+def check_plan(name: str, plan, args, row: dict) -> None:
+    """Build, compare and time one plan in one process; fills ``row`` as it goes (a failure leaves what was measured)."""
+    folder = Path(args.out)
+    run_plan(prepare_plan(name, plan, args, folder), folder, args, row)
 
 
 def torch_fp16(args, row: dict, device: str = "cuda", dtype: str = "float16") -> None:
@@ -215,21 +239,24 @@ def torch_fp16(args, row: dict, device: str = "cuda", dtype: str = "float16") ->
         row["W"] = f"{energy['joules'] / energy['seconds']:.0f}"
 
 
-def kernel_rows(args, rows: list[dict], over_budget) -> None:
-    """One row per bit width: the routed-expert GEMV (OLMoE expert shape, top-8 of 64) GB/s vs the copy."""
+def kernel_rows(kernels: list[dict], folder: Path, args, rows: list[dict], over_budget) -> None:
+    """One row per prepared GEMV (fixed widths; nested 8-bit at each width): GB/s vs the copy, nested vs fixed."""
     import gpu_kernels
-    from moec.core.targets import load_target
-    sh = gpu_kernels.SHAPE
-    target = load_target(args.gpu_target).tvm()
-    for bits in args.kernel_bits:
-        row = {"plan": f"GEMV {bits}-bit {sh['top_k']}x{sh['n']}x{sh['k']}"}
+    fixed = {}
+    for entry in kernels:
+        row = {"plan": gpu_kernels.case_label(entry)}
         rows.append(row)
         if over_budget(row):
             continue
         try:
-            secs, gbs = gpu_kernels.measure(bits, target)
+            secs, gbs = gpu_kernels.measure_prepared(entry, folder)
             row["eff. GB/s"] = f"{gbs:.1f}" + (f" ({100 * gbs / args.copy_gbs:.1f} %)" if args.copy_gbs else "")
             row["note"] = f"{secs * 1e6:.1f} us/call"
+            key = (entry["shape"], entry["bits"] if entry["width"] is None else entry["width"])
+            if entry["width"] is None:
+                fixed[key] = secs
+            elif key in fixed:
+                row["note"] += f"; {fixed[key] / secs:.2f}x the fixed {key[1]}-bit speed"
         except Exception as exc:  # noqa: BLE001
             row["note"] = f"failed: {_line(exc)}"
         print(f"[{row['plan']}] " + json.dumps(row), flush=True)
@@ -248,54 +275,32 @@ def table(rows: list[dict]) -> str:
     return format_table(COLUMNS, [[r.get(c, "-") for c in COLUMNS] for r in rows])
 
 
-def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--checkpoint", type=Path, default=REPO / "reference" / "checkpoint")
-    ap.add_argument("--out", type=Path, default=REPO / "out" / "gpu-check")
-    ap.add_argument("--plans", default="uniform:8,uniform:4,mixed,nested")
-    ap.add_argument("--arch", default=None, help="sm_XX (default: detected by nvidia-smi)")
-    ap.add_argument("--tokens", type=int, default=24, help="greedy tokens compared with the CPU bundle")
-    ap.add_argument("--prompt", default=PROMPT)
-    ap.add_argument("--no-torch", action="store_true", help="skip the torch eager fp16 baseline")
-    ap.add_argument("--kernel-bits", default="2,3,4,8", help="bit widths of the GEMV bandwidth rows ('' for none)")
-    ap.add_argument("--budget-s", type=float, default=400.0,
-                    help="start no new stage after this many seconds (the table is printed either way)")
-    ap.add_argument("--json", type=Path, default=None, help="also write the rows as JSON here")
-    ap.add_argument("--dry-run", action="store_true", help="resolve everything, print the steps, run nothing")
-    args = ap.parse_args(argv)
-    from moec.core.errors import MoecError
-    from moec.core.targets import resolve_cuda_arch
-    from moec.models.checkpoint import load_config
-    try:
-        cfg = load_config(args.checkpoint)
-        names = [p.strip() for p in args.plans.split(",") if p.strip()]
-        plans = plans_for(cfg, names)
-        args.arch, source = resolve_cuda_arch(args.arch)
-        parts = [b.strip() for b in args.kernel_bits.split(",") if b.strip()]
-        bad = [b for b in parts if b not in ("2", "3", "4", "8")]
-        if bad:
-            raise MoecError(f"--kernel-bits: {', '.join(bad)} not in 2, 3, 4, 8")
-        args.kernel_bits = [int(b) for b in parts]
-    except (MoecError, OSError) as exc:
-        print(f"error: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}", file=sys.stderr)
-        return 2
-    info = gpu_info()
-    if args.dry_run:
-        print(f"gpu: {info.get('name', 'none')} (arch {args.arch} from {source})")
-        for name in plans:
-            print(f"plan {name}: build host + cuda:{args.arch} bundles under {args.out}, compare "
-                  f"{args.tokens} greedy tokens, time decode with NVML"
-                  + (" (nested 8-bit storage, then set_plan(uniform:2) compared too)" if name == "nested" else ""))
-        print(f"routed-expert GEMV GB/s at bits {args.kernel_bits or 'none'}")
-        print("torch eager fp16 decode: " + ("skipped" if args.no_torch else "yes"))
-        return 0
-    from moec.runtime.session import cuda_available
-    if not cuda_available():
-        print("error: no CUDA GPU visible to TVM here (no driver or device); run tools/gpu_check.sh on a GPU "
-              "machine, or --dry-run", file=sys.stderr)
-        return 2
-    args.out.mkdir(parents=True, exist_ok=True)
+def prepare(args, plans: dict, folder: Path) -> dict:
+    """The build half into ``folder`` (``prepared.json`` + bundles + kernels); a failed part is recorded, not raised."""
+    import gpu_kernels
+    from moec.core.targets import load_target
+    folder.mkdir(parents=True, exist_ok=True)
     args.gpu_target = f"cuda:{args.arch}"
+    spec: dict = {"arch": args.arch, "prompt": args.prompt, "plans": [], "kernels": []}
+    cases = gpu_kernels.kernel_cases(args.kernel_bits, args.shapes)
+    if cases:
+        try:
+            spec["kernels"] = gpu_kernels.prepare(cases, load_target(args.gpu_target).tvm(), folder / "kernels")
+        except Exception as exc:  # noqa: BLE001
+            spec["kernels"] = [{**c, "failed": _line(exc)} for c in cases]
+    for name, plan in plans.items():
+        log(f"building {name} (host + {args.gpu_target})")
+        try:
+            spec["plans"].append(prepare_plan(name, plan, args, folder))
+        except Exception as exc:  # noqa: BLE001
+            spec["plans"].append({"name": name, "failed": _line(exc)})
+    (folder / "prepared.json").write_text(json.dumps(spec, indent=1))
+    return spec
+
+
+def run_gpu(spec: dict, folder: Path, args, started: float) -> list[dict]:
+    """The GPU half from a prepared ``spec``: copy bandwidth, kernel rows, plan rows, torch fp16; the rows."""
+    import gpu_kernels
     rows: list[dict] = []
     try:
         args.copy_gbs, how = copy_bandwidth_gbs()
@@ -303,7 +308,6 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as exc:  # noqa: BLE001 - fail soft, report
         args.copy_gbs = None
         rows.append({"plan": "D2D copy", "note": f"failed: {_line(exc)}"})
-    started = time.monotonic()
 
     def over_budget(row: dict) -> bool:
         if time.monotonic() - started > args.budget_s:
@@ -311,17 +315,23 @@ def main(argv: list[str] | None = None) -> int:
             return True
         return False
 
-    kernel_rows(args, rows, over_budget)
-    for name, plan in plans.items():
-        row = {"plan": name}
+    built = [k for k in spec["kernels"] if "failed" not in k]
+    rows += [{"plan": gpu_kernels.case_label(k), "note": f"failed: {k['failed']}"}
+             for k in spec["kernels"] if "failed" in k]
+    kernel_rows(built, folder / "kernels", args, rows, over_budget)
+    for entry in spec["plans"]:
+        row = {"plan": entry["name"]}
         rows.append(row)
+        if "failed" in entry:
+            row["note"] = f"failed: {entry['failed']}"
+            continue
         if over_budget(row):
             continue
         try:
-            check_plan(name, plan, args, row)
+            run_plan(entry, folder, args, row)
         except Exception as exc:  # noqa: BLE001
             row["note"] = f"failed: {_line(exc)}"
-        print(f"[{name}] " + json.dumps(row), flush=True)
+        print(f"[{entry['name']}] " + json.dumps(row), flush=True)
     if not args.no_torch:
         row = {"plan": "torch eager fp16"}
         rows.append(row)
@@ -330,6 +340,95 @@ def main(argv: list[str] | None = None) -> int:
                 torch_fp16(args, row)
         except Exception as exc:  # noqa: BLE001
             row["note"] = f"failed: {_line(exc)}"
+    return rows
+
+
+def log(msg: str) -> None:
+    print(f"[gpu_check {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--checkpoint", type=Path, default=REPO / "reference" / "checkpoint")
+    ap.add_argument("--out", type=Path, default=REPO / "out" / "gpu-check")
+    ap.add_argument("--prepare", type=Path, metavar="DIR", default=None,
+                    help="build the GPU half's inputs into DIR here and stop (TVM compiler and nvcc; no GPU needed)")
+    ap.add_argument("--from", dest="prepared", type=Path, metavar="DIR", default=None,
+                    help="run the GPU half from a --prepare DIR (the TVM runtime alone is enough)")
+    ap.add_argument("--plans", default="uniform:8,uniform:4,mixed,nested")
+    ap.add_argument("--arch", default=None, help="sm_XX (default: detected by nvidia-smi)")
+    ap.add_argument("--tokens", type=int, default=24, help="greedy tokens compared with the CPU bundle")
+    ap.add_argument("--prompt", default=PROMPT)
+    ap.add_argument("--no-torch", action="store_true", help="skip the torch eager fp16 baseline")
+    ap.add_argument("--kernel-bits", default="2,3,4,8",
+                    help="bit widths of the GEMV bandwidth rows, fixed and nested ('' for none)")
+    ap.add_argument("--shapes", default="olmoe,dram", help="GEMV shapes (tools/gpu_kernels.py SHAPES)")
+    ap.add_argument("--budget-s", type=float, default=400.0,
+                    help="start no new stage after this many seconds (the table is printed either way)")
+    ap.add_argument("--json", type=Path, default=None, help="also write the rows as JSON here")
+    ap.add_argument("--dry-run", action="store_true", help="resolve everything, print the steps, run nothing")
+    args = ap.parse_args(argv)
+    started = time.monotonic()
+    import gpu_kernels
+    from moec.core.errors import MoecError
+    try:
+        if args.prepare is not None and args.prepared is not None:
+            raise MoecError("--prepare builds the inputs and --from runs them: give one")
+        if args.prepared is not None:
+            try:
+                spec = json.loads((args.prepared / "prepared.json").read_text())
+            except (OSError, ValueError) as exc:
+                raise MoecError(f"--from {args.prepared}: no readable prepared.json ({exc}); "
+                                "make one with --prepare DIR") from None
+            args.arch, source, plans = spec["arch"], "--prepare", {p["name"]: None for p in spec["plans"]}
+        else:
+            from moec.core.targets import resolve_cuda_arch
+            from moec.models.checkpoint import load_config
+            cfg = load_config(args.checkpoint)
+            names = [p.strip() for p in args.plans.split(",") if p.strip()]
+            plans = plans_for(cfg, names)
+            args.arch, source = resolve_cuda_arch(args.arch)
+        parts = [b.strip() for b in args.kernel_bits.split(",") if b.strip()]
+        bad = [b for b in parts if b not in ("2", "3", "4", "8")]
+        if bad:
+            raise MoecError(f"--kernel-bits: {', '.join(bad)} not in 2, 3, 4, 8")
+        args.kernel_bits = [int(b) for b in parts]
+        args.shapes = [s.strip() for s in args.shapes.split(",") if s.strip()]
+        unknown = [s for s in args.shapes if s not in gpu_kernels.SHAPES]
+        if unknown:
+            raise MoecError(f"--shapes: {', '.join(unknown)} not in {', '.join(gpu_kernels.SHAPES)}")
+    except (MoecError, OSError) as exc:
+        print(f"error: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}", file=sys.stderr)
+        return 2
+    info = gpu_info()
+    if args.dry_run:
+        print(f"gpu: {info.get('name', 'none')} (arch {args.arch} from {source})")
+        for name in plans:
+            print(f"plan {name}: build host + cuda:{args.arch} bundles under {args.prepare or args.out}, compare "
+                  f"{args.tokens} greedy tokens, time decode with NVML"
+                  + (" (nested 8-bit storage, then set_plan(uniform:2) compared too)" if name == "nested" else ""))
+        print(f"routed-expert GEMV GB/s at bits {args.kernel_bits or 'none'} (fixed and nested 8-bit), "
+              f"shapes {', '.join(args.shapes)}")
+        print("torch eager fp16 decode: " + ("skipped" if args.no_torch else "yes"))
+        return 0
+    if args.prepare is not None:
+        spec = prepare(args, plans, args.prepare)
+        failed = [p["name"] for p in spec["plans"] if "failed" in p] + \
+            [gpu_kernels.case_label(k) for k in spec["kernels"] if "failed" in k]
+        print(f"prepared {args.prepare} for {args.arch}: {len(spec['plans'])} plans, {len(spec['kernels'])} kernels"
+              + (f"; failed: {', '.join(failed)}" if failed else "") + f". On the GPU: {Path(__file__).name} "
+              f"--from {args.prepare}")
+        return 1 if failed else 0
+    from moec.runtime.session import cuda_available
+    if not cuda_available():
+        print("error: no CUDA GPU visible to TVM here (no driver or device); run tools/gpu_check.sh on a GPU "
+              "machine, or --dry-run", file=sys.stderr)
+        return 2
+    folder = args.prepared
+    if folder is None:
+        folder = args.out
+        spec = prepare(args, plans, folder)
+    rows = run_gpu(spec, folder, args, started)
     date = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     print(f"\n## moec GPU check, {date}: {info.get('name', '?')} ({args.arch}, driver {info.get('driver', '?')})\n")
     print(table(rows))

@@ -1,30 +1,65 @@
-"""Routed-expert fused dequantize-GEMV of moec's CUDA backend on OLMoE-shaped experts: GPU GB/s per bit width."""
+"""Routed-expert fused dequantize-GEMVs of moec's CUDA backend: GPU GB/s per bit width, fixed and nested.
+
+A kernel is a Relax ``main`` holding one GEMV as a decode step emits it: the fixed-width stack
+(``gpu_linear.expert_dequant_gemv``: ``x, packed, scale, zero, ids``) or the nested 8-bit stack served at
+a run-time width (``gpu_linear.expert_nested_gemv``: ``x, segments…, scale, zero, prec, ids``).
+:func:`prepare` builds them where TVM's compiler and nvcc are (the library plus its nvcc fatbin);
+:func:`measure` times one on ``tvm.cuda(0)`` with only the TVM runtime (the fatbin answers TVM's compile
+hook, ``moec.runtime.tvm_runtime``).
+
+Shapes: ``olmoe`` (OLMoE-1B-7B expert projection [1024, 2048], top-8 of 64; its 8 experts fit a large
+GPU's L2, so this is an L2-hot figure, as a decode step with repeated experts sees) and ``dram`` (32
+experts of [4096, 4096], all routed: 144 MB at 2 bits, 537 MB at 8, several times an H100/H200's L2).
+"""
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import numpy as np
 
-#: OLMoE-1B-7B expert projection (gate/up: [1024, 2048]), 64 experts, top-8, group 64.
-SHAPE = {"n": 1024, "k": 2048, "experts": 64, "top_k": 8, "group": 64}
+SHAPES = {"olmoe": {"n": 1024, "k": 2048, "experts": 64, "top_k": 8, "group": 64},
+          "dram": {"n": 4096, "k": 4096, "experts": 32, "top_k": 32, "group": 64}}
+#: The OLMoE shape (kept for callers of the one-shape API).
+SHAPE = SHAPES["olmoe"]
+NESTED_STORAGE = 8
+_DEVICE_INPUTS: dict = {}  # (shape, bits, fixed?) -> the last stack's device arguments
 
 
-def expert_gemv_module(bits: int, n: int, k: int, experts: int, top_k: int, group: int):
-    """Relax ``main(x, packed, scale, zero, ids)``: the backend's routed-expert GEMV (as a decode step emits it)."""
+def _zero_bytes(k: int, group: int, bits: int) -> int:
+    return -(-(k // group) * bits // 8)
+
+
+def expert_gemv_module(bits: int, n: int, k: int, experts: int, top_k: int, group: int, width: int | None = None):
+    """Relax ``main``: the fixed ``bits`` GEMV, or (``width`` given) the nested ``bits``-bit stack at run-time widths."""
     import tvm
     from tvm import relax
 
-    from moec.lower.gpu_linear import expert_dequant_gemv
+    from moec.core.formats import get_nested_format
+    from moec.lower.gpu_linear import expert_dequant_gemv, expert_nested_gemv
     groups = k // group
     bb = relax.BlockBuilder()
     x = relax.Var("x", relax.TensorType((1, k), "float32"))
-    packed = relax.Var("packed", relax.TensorType((experts, n, k * bits // 8), "uint8"))
     scale = relax.Var("scale", relax.TensorType((experts, n, groups), "float16"))
-    zero = relax.Var("zero", relax.TensorType((experts, n, -(-groups * bits // 8)), "uint8"))
+    zero = relax.Var("zero", relax.TensorType((experts, n, _zero_bytes(k, group, bits)), "uint8"))
     ids = relax.Var("ids", relax.TensorType((top_k,), "int32"))
-    with bb.function("main", [x, packed, scale, zero, ids]):
+    if width is None:
+        packed = [relax.Var("packed", relax.TensorType((experts, n, k * bits // 8), "uint8"))]
+        params = [x, *packed, scale, zero, ids]
+    else:
+        packed = [relax.Var(f"seg{i}", relax.TensorType((experts, n, k * b // 8), "uint8"))
+                  for i, b in enumerate(get_nested_format(bits).segment_bits)]
+        prec = relax.Var("prec", relax.TensorType((experts,), "int32"))
+        params = [x, *packed, scale, zero, prec, ids]
+    with bb.function("main", params):
         with bb.dataflow():
-            y = bb.emit_te(expert_dequant_gemv, x, packed, scale, zero, ids, bits, n, k, group,
-                           primfunc_name_hint="expert_dequant_gemv")
+            if width is None:
+                y = bb.emit_te(expert_dequant_gemv, x, *packed, scale, zero, ids, bits, n, k, group,
+                               primfunc_name_hint="expert_dequant_gemv")
+            else:
+                y = bb.emit_te(expert_nested_gemv, x, *packed, scale, zero, prec, ids, storage_bits=bits, n=n,
+                               k=k, group=group, primfunc_name_hint="expert_nested_gemv")
             out = bb.emit_output(y)
         bb.emit_func_output(out)
     mod = bb.get()
@@ -33,40 +68,101 @@ def expert_gemv_module(bits: int, n: int, k: int, experts: int, top_k: int, grou
 
 
 def routed_bytes(bits: int, n: int, k: int, top_k: int, group: int, **_) -> int:
-    """Bytes one call reads from the weights: ``top_k`` experts' packed codes, fp16 scales and zeros."""
+    """Bytes one fixed-width call reads from the weights: ``top_k`` experts' packed codes, fp16 scales and zeros."""
     from moec.quant.pack import packed_nbytes
     return top_k * packed_nbytes(n, k, bits, group)["total"]
 
 
-def build(bits: int, target, shape: dict = SHAPE):
+def nested_routed_bytes(width: int, n: int, k: int, top_k: int, group: int, storage: int = NESTED_STORAGE,
+                        **_) -> int:
+    """Bytes one nested call at ``width`` reads: the planes that width needs, fp16 scales, storage-width zeros."""
+    return top_k * (n * k * width // 8 + n * (k // group) * 2 + n * _zero_bytes(k, group, storage))
+
+
+def build(bits: int, target, shape: dict = SHAPE, width: int | None = None):
     """The compiled executable for ``target`` (a CUDA ``tvm.target.Target``)."""
     import tvm
 
     from moec.lower.pipeline import CUDA_PHASES, make_pipeline
-    mod = expert_gemv_module(bits, **shape)
+    mod = expert_gemv_module(bits, **shape, width=width)
     with target:
         return tvm.compile(mod, target=target, relax_pipeline=make_pipeline(CUDA_PHASES))
 
 
-def inputs(bits: int, n: int, k: int, experts: int, top_k: int, group: int) -> list[np.ndarray]:
+def inputs(bits: int, n: int, k: int, experts: int, top_k: int, group: int, width: int | None = None
+           ) -> list[np.ndarray]:
+    """Random arguments of ``main`` (the nested stack: every expert at ``width``)."""
+    from moec.core.formats import get_nested_format
     rng = np.random.default_rng(0)
     groups = k // group
-    return [rng.standard_normal((1, k)).astype(np.float32),
-            rng.integers(0, 256, (experts, n, k * bits // 8), dtype=np.uint8),
-            (rng.random((experts, n, groups), dtype=np.float32) * 0.01).astype(np.float16),
-            rng.integers(0, 256, (experts, n, -(-groups * bits // 8)), dtype=np.uint8),
-            rng.choice(experts, top_k, replace=False).astype(np.int32)]
+    seg_bits = [bits] if width is None else list(get_nested_format(bits).segment_bits)
+    out = [rng.standard_normal((1, k)).astype(np.float32)]
+    out += [rng.integers(0, 256, (experts, n, k * b // 8), dtype=np.uint8) for b in seg_bits]
+    out += [(rng.random((experts, n, groups), dtype=np.float32) * 0.01).astype(np.float16),
+            rng.integers(0, 256, (experts, n, _zero_bytes(k, group, bits)), dtype=np.uint8)]
+    if width is not None:
+        out.append(np.full(experts, width, np.int32))
+    out.append(rng.choice(experts, top_k, replace=False).astype(np.int32))
+    return out
 
 
-def measure(bits: int, target, shape: dict = SHAPE, repeat: int = 20) -> tuple[float, float]:
-    """(seconds per call, GB/s of routed weight bytes) on ``tvm.cuda(0)``.
+def kernel_cases(bits_list: list[int], shapes: list[str]) -> list[dict]:
+    """Fixed GEMVs at each width and the nested 8-bit stack served at each width, per shape."""
+    cases = []
+    for shape in shapes:
+        for bits in bits_list:
+            cases.append({"shape": shape, "bits": bits, "width": None})
+            cases.append({"shape": shape, "bits": NESTED_STORAGE, "width": bits})
+    return cases
 
-    The same ``top_k`` experts are read every call (a few MB): on GPUs whose L2 holds them this is
-    an L2-hot upper bound, not DRAM bandwidth.
-    """
+
+def case_label(case: dict) -> str:
+    sh = SHAPES[case["shape"]]
+    kind = f"{case['bits']}-bit" if case["width"] is None else f"nested8@{case['width']}"
+    return f"GEMV {kind} {case['shape']} {sh['top_k']}x{sh['n']}x{sh['k']}"
+
+
+def case_bytes(case: dict) -> int:
+    sh = SHAPES[case["shape"]]
+    if case["width"] is None:
+        return routed_bytes(case["bits"], **sh)
+    return nested_routed_bytes(case["width"], **sh, storage=case["bits"])
+
+
+def prepare(cases: list[dict], target, folder: Path) -> list[dict]:
+    """Build every case for ``target`` into ``folder``: ``<name>.so``, its CUDA source and nvcc fatbin."""
+    from moec.lower.cuda_kernels import compile_cuda
+    folder.mkdir(parents=True, exist_ok=True)
+    out = []
+    for case in cases:
+        name = f"{case['shape']}-{case['bits']}" + ("" if case["width"] is None else f"-w{case['width']}")
+        ex = build(case["bits"], target, SHAPES[case["shape"]], case["width"])
+        ex.export_library(str(folder / f"{name}.so"))
+        kernels = compile_cuda(ex.mod, target)
+        (folder / f"{name}.cu").write_text(kernels.source)
+        (folder / f"{name}.fatbin").write_bytes(kernels.fatbin)
+        out.append({**case, "name": name, "arch": kernels.arch})
+    (folder / "kernels.json").write_text(json.dumps(out, indent=1))
+    return out
+
+
+def measure_prepared(entry: dict, folder: Path, repeat: int = 20) -> tuple[float, float]:
+    """(seconds per call, GB/s of routed weight bytes) of a :func:`prepare` d kernel on ``tvm.cuda(0)``."""
     import tvm
+
+    from moec.runtime.tvm_runtime import use_bundle_kernels
     dev = tvm.runtime.cuda(0)
-    vm = tvm.runtime.vm.VirtualMachine(build(bits, target, shape), dev)
-    args = [tvm.runtime.tensor(a, dev) for a in inputs(bits, **shape)]
+    name = entry["name"]
+    use_bundle_kernels((folder / f"{name}.cu").read_bytes(), (folder / f"{name}.fatbin").read_bytes(),
+                       entry["arch"], dev)
+    vm = tvm.runtime.vm.VirtualMachine(tvm.runtime.load_module(str(folder / f"{name}.so")), dev)
+    key = (entry["shape"], entry["bits"], entry["width"] is None)
+    if key not in _DEVICE_INPUTS:  # one upload per stack; the nested widths differ only in ``prec``
+        _DEVICE_INPUTS.clear()
+        _DEVICE_INPUTS[key] = [tvm.runtime.tensor(a, dev) for a in inputs(
+            entry["bits"], **SHAPES[entry["shape"]], width=entry["width"])]
+    args = list(_DEVICE_INPUTS[key])
+    if entry["width"] is not None:
+        args[-2] = tvm.runtime.tensor(np.full(SHAPES[entry["shape"]]["experts"], entry["width"], np.int32), dev)
     secs = min(vm.time_evaluator("main", dev, number=50, repeat=repeat)(*args).results)
-    return secs, routed_bytes(bits, **shape) / secs / 1e9
+    return secs, case_bytes(entry) / secs / 1e9

@@ -220,15 +220,21 @@ def read_manifest(bundle: str | os.PathLike, verify: bool = True, trust: str | o
     return _load_manifest(Path(bundle))[0]
 
 
+def verified_bytes(bundle: str | os.PathLike, name: str, manifest: dict) -> bytes:
+    """Bundle file ``name``, read once and checked against its sha256 again (what is used is what was checked)."""
+    data = _read_nofollow(Path(bundle) / name)
+    if hashlib.sha256(data).hexdigest() != manifest["files"][name]["sha256"]:
+        raise MoecError(f"bundle file '{name}' changed after verification; refusing to load")
+    return data
+
+
 def verified_copy(bundle: str | os.PathLike, name: str, manifest: dict, dest_dir: str | os.PathLike) -> Path:
     """Copy bundle file ``name`` into ``dest_dir`` (private) and check the copy's sha256 again.
 
     The library is loaded from this copy, so swapping ``lib.so`` after verification cannot
     get foreign code loaded.
     """
-    data = _read_nofollow(Path(bundle) / name)
-    if hashlib.sha256(data).hexdigest() != manifest["files"][name]["sha256"]:
-        raise MoecError(f"bundle file '{name}' changed after verification; refusing to load")
+    data = verified_bytes(bundle, name, manifest)
     dst = Path(dest_dir) / Path(name).name
     fd = os.open(dst, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     with os.fdopen(fd, "wb") as f:

@@ -2,29 +2,58 @@
 
 from __future__ import annotations
 
+import importlib
 import logging
 import os
 import sys
 
 import click
 
-from moec.cli.build_cmd import build_cmd
-from moec.cli.compile_cmd import compile_cmd
-from moec.cli.eval_cmd import eval_cmd
-from moec.cli.export_cmd import export_cmd
-from moec.cli.farm_cmd import farm_cmd
-from moec.cli.finetune_cmd import finetune_cmd
-from moec.cli.inspect_cmd import inspect_cmd
-from moec.cli.keygen_cmd import keygen_cmd
-from moec.cli.profile_cmd import profile_cmd
-from moec.cli.run_cmd import run_cmd
-from moec.cli.search_cmd import search_cmd
-from moec.cli.targets_cmd import targets_cmd
 from moec.core.errors import MoecError
 from moec.core.outputs import install_signal_cleanup, interrupted
 
+#: Command name -> module of ``moec.cli`` defining it (``<name>_cmd``), in ``moec --help`` order. Commands are
+#: imported when used, so a device with only the TVM runtime (no compiler library) can still ``moec run``.
+COMMANDS = {"profile": "profile_cmd", "eval": "eval_cmd", "finetune": "finetune_cmd", "search": "search_cmd",
+            "compile": "compile_cmd", "build": "build_cmd", "run": "run_cmd", "targets": "targets_cmd",
+            "export": "export_cmd", "inspect": "inspect_cmd", "farm": "farm_cmd", "keygen": "keygen_cmd"}
+
+
+def _missing_compiler(name: str) -> click.Command:
+    """Stand-in for a command whose imports need TVM's compiler library where only its runtime is installed."""
+    why = (f"`moec {name}` needs Apache TVM's compiler library (libtvm_compiler), which this TVM install lacks; "
+           "with the TVM runtime alone, `moec run` runs bundles built elsewhere")
+
+    def refuse(**_):
+        raise MoecError(why)
+    return click.Command(name, callback=refuse, help=why, short_help="(needs the TVM compiler library)",
+                         context_settings={"ignore_unknown_options": True, "allow_extra_args": True},
+                         params=[click.Argument(["args"], nargs=-1, required=False)])
+
+
+def tvm_runtime_only() -> bool:
+    """Whether the imported TVM has its runtime library only (a device install; ``TVM_USE_RUNTIME_LIB=1``)."""
+    import tvm
+    return bool(getattr(tvm.base, "_RUNTIME_ONLY", False))
+
+
 class MoecGroup(click.Group):
-    """Group that prints user errors as one line and exits non-zero (no traceback)."""
+    """Group that prints user errors as one line and exits non-zero (no traceback); commands load lazily."""
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return list(COMMANDS) + [n for n in super().list_commands(ctx) if n not in COMMANDS]
+
+    def get_command(self, ctx: click.Context, name: str) -> click.Command | None:
+        if name not in COMMANDS:
+            return super().get_command(ctx, name)
+        module = COMMANDS[name]
+        try:
+            mod = importlib.import_module(f"moec.cli.{module}")
+        except (ImportError, AttributeError):  # TVM's Python compiler modules fail either way without its library
+            if not tvm_runtime_only():
+                raise
+            return _missing_compiler(name)
+        return getattr(mod, module)
 
     def invoke(self, ctx: click.Context):
         try:
@@ -70,19 +99,10 @@ def cli(verbose: bool) -> None:
     logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="%(levelname)s %(message)s")
 
 
-cli.add_command(profile_cmd)
-cli.add_command(eval_cmd)
-cli.add_command(finetune_cmd)
-cli.add_command(search_cmd)
-cli.add_command(compile_cmd)
-cli.add_command(build_cmd)
-cli.add_command(run_cmd)
-cli.add_command(targets_cmd)
-cli.add_command(export_cmd)
-cli.add_command(inspect_cmd)
-cli.add_command(farm_cmd)
-cli.add_command(keygen_cmd)
-
 
 def main() -> None:
     cli(prog_name="moec")
+
+
+if __name__ == "__main__":
+    main()

@@ -15,7 +15,7 @@ import numpy as np
 import tvm.runtime
 from tokenizers import Tokenizer
 
-from moec.artifact.bundle import verified_copy, verify_bundle
+from moec.artifact.bundle import verified_bytes, verified_copy, verify_bundle
 from moec.artifact.weights_file import device_params
 from moec.core.config import config_from_dict
 from moec.core.errors import MoecError
@@ -25,6 +25,7 @@ from moec.core.run_plan import plan_widths
 from moec.runtime.adapt import memory_plan, plan_ladder, profile_frequencies
 from moec.runtime.plan_switch import PlanSwitch, as_plan, expert_bytes
 from moec.runtime.remote import TrackerAddress, elf_machine, request_device
+from moec.runtime.tvm_runtime import use_bundle_kernels
 
 
 #: Context (KV cache capacity, tokens) a session allocates when not told: the model's position limit up to this.
@@ -110,14 +111,20 @@ class BundleSession:
             checked = verified_copy(root, "lib.so", self.manifest, private)  # never the path an attacker can swap
             try:
                 if remote is None:
-                    lib = tvm.runtime.load_module(str(checked))
                     self.dev = tvm.runtime.cuda(0) if device == "cuda" else tvm.runtime.cpu()
+                    cuda = self.manifest.get("cuda") or {}
+                    if device == "cuda" and cuda.get("fatbin"):  # the shipped fatbin, not a compile at load
+                        use_bundle_kernels(verified_bytes(root, "kernels.cu", self.manifest),
+                                           verified_bytes(root, cuda["fatbin"], self.manifest), cuda["arch"], self.dev)
+                    lib = tvm.runtime.load_module(str(checked))
                 else:
                     remote.upload(str(checked), "moec_lib.so")
                     lib = remote.load_module("moec_lib.so")
                     self.dev = remote.cuda(0) if device == "cuda" else remote.cpu()
                     if device == "cuda" and not self.dev.exist:
                         failure = "the remote device has no CUDA GPU (or TVM there is built without CUDA)"
+            except MoecError:
+                raise
             except Exception as exc:
                 failure = _last_line(exc)
         if failure is not None:  # raised outside the except block: the TVM error's frames hold the session
