@@ -114,9 +114,9 @@ class TorchOps:
         rep = q.shape[1] // k.shape[1]
         k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
         # causal mask offset by the cached length: query i sees keys <= past + i
-        mask = torch.ones(t, past + t, dtype=torch.bool).tril(diagonal=past)
+        mask = torch.ones(t, past + t, dtype=torch.bool, device=q.device).tril(diagonal=past)
         if window:  # ... and keys > past + i - window
-            mask &= ~torch.ones(t, past + t, dtype=torch.bool).tril(diagonal=past - window)
+            mask &= ~torch.ones(t, past + t, dtype=torch.bool, device=q.device).tril(diagonal=past - window)
         if sinks is None:
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
         else:  # the sink logit joins every row's softmax, then its column is dropped

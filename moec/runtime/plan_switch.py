@@ -67,7 +67,7 @@ def expert_bytes(storage_bits: int, per_expert: dict[str, dict[str, int]], table
     """Routed-expert bytes a plan reads (every expert used once): its planes, scales and zeros.
 
     ``per_expert`` maps each nested entry (``layers.L.experts.nested.w1``…) to the bytes of one
-    expert's ``kseg{s}`` / ``kscale`` / ``kzero`` arrays; ``tables`` are the plan's width tables.
+    expert's ``seg{s}`` / ``scale`` / ``zero`` arrays; ``tables`` are the plan's width tables.
     """
     fmt = get_nested_format(storage_bits)
     total = 0
@@ -75,5 +75,5 @@ def expert_bytes(storage_bits: int, per_expert: dict[str, dict[str, int]], table
         widths = tables[entry.rsplit(".nested.", 1)[0] + ".prec"]
         for bits in widths.tolist():
             used = fmt.derived_bits.index(int(bits)) + 1
-            total += sum(sizes[f"kseg{s}"] for s in range(used)) + sizes["kscale"] + sizes["kzero"]
+            total += sum(sizes[f"seg{s}"] for s in range(used)) + sizes["scale"] + sizes["zero"]
     return total

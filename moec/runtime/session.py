@@ -181,7 +181,9 @@ class BundleSession:
             if ".experts.nested." in n:
                 entry, array = n.rsplit(".", 1)
                 shape = self.params[i].shape
-                per_expert.setdefault(entry, {})[array] = int(np.prod(shape[1:])) * _itemsize(self.params[i].dtype)
+                # CPU bundles name the kernel-layout arrays kseg0…/kscale/kzero, CUDA bundles seg0…/scale/zero
+                per_expert.setdefault(entry, {})[array.removeprefix("k")] = \
+                    int(np.prod(shape[1:])) * _itemsize(self.params[i].dtype)
         self._per_expert = per_expert
 
     @property

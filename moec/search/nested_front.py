@@ -41,8 +41,8 @@ def nested_expert_sizes(cfg: MoEConfig, storage_bits: int, group_size: int) -> d
     for layer in cfg.moe_layers:
         for proj, (n, k) in expert_shapes(cfg).items():
             groups = k // group_size
-            row = {f"kseg{s}": n * k * w // 8 for s, w in enumerate(fmt.segment_bits)}
-            row.update(kscale=2 * n * groups, kzero=n * -(-groups * storage_bits // 8))
+            row = {f"seg{s}": n * k * w // 8 for s, w in enumerate(fmt.segment_bits)}
+            row.update(scale=2 * n * groups, zero=n * -(-groups * storage_bits // 8))
             out[f"layers.{layer}.experts.{proj}"] = row
     return out
 
@@ -98,7 +98,7 @@ def nested_front(cfg: MoEConfig, plan: BitPlan, storage_bits: int, preset,
             layer = int(entry.split(".")[1])
             for e in range(cfg.num_experts):
                 i = widths.index(p.experts[layer][e])
-                expert_bytes += sum(arrays[f"kseg{s}"] for s in range(i + 1)) + arrays["kscale"] + arrays["kzero"]
+                expert_bytes += sum(arrays[f"seg{s}"] for s in range(i + 1)) + arrays["scale"] + arrays["zero"]
         latency = nbytes / (est.bandwidth_gbps * 1e9) + len(cfg.moe_layers) * len(expert_shapes(cfg)) \
             * est.kernel_overhead_s + est.step_overhead_s
         front.append({"experts": {str(l): [int(p.experts[l][e]) for e in range(cfg.num_experts)]

@@ -70,15 +70,21 @@ def dynamic_local_buffers(sch: s_tir.Schedule) -> list[str]:
 class FusedGemv(dl.ScheduleRule):
     """moec's fused dequantize-GEMVs (``gpu_linear``: a ``gemv`` block over (row j, output n, k),
     optionally fed by a ``dequant`` block): one warp per output row, each thread a run of
-    ``vector`` consecutive k, ``rows`` rows per thread block.
+    ``vector`` consecutive k per step, ``rows`` rows per thread block.
+
+    With ``stage``, each step first copies the thread's run of the activations (float4 loads) and of the
+    weight codes that every call reads (a fixed stack's ``packed`` codes, a nested stack's top segment
+    ``seg0``; widths dividing 8, runs of 4, 8 or 16 bytes) into registers with one vector load each,
+    instead of one scalar load per element. A nested stack's lower segments stay scalar loads under
+    their width test, so a narrow width still skips their bytes.
 
     dlight's rules miss the routed-expert form (the expert index is read from ``expert_ids``,
     which makes it opaque to their pattern analysis) and would leave it to ``Fallback`` (one
-    thread per output, a serial loop over K). Nothing here was measured on a GPU.
+    thread per output, a serial loop over K).
     """
 
-    def __init__(self, threads: int = 32, vector: int = 4, rows: int = 4) -> None:
-        self.threads, self.vector, self.rows = threads, vector, rows
+    def __init__(self, threads: int = 32, vector: int = 4, rows: int = 4, stage: bool = False) -> None:
+        self.threads, self.vector, self.rows, self.stage = threads, vector, rows, stage
 
     def apply(self, func: tvm.tirx.PrimFunc, target: tvm.target.Target, tunable: bool):
         if not isinstance(func, tvm.tirx.PrimFunc):
@@ -96,14 +102,42 @@ class FusedGemv(dl.ScheduleRule):
         if len(loops) != 3 or sch.get_producers(gemv) or sch.get_consumers(gemv):
             return None  # e.g. a fused bias add: left to dlight's rules, which handle epilogues
         j, row, k = loops
-        ko, kt, kv = sch.split(k, [None, self.threads, self.vector])
+        depth = int(sch.get(k).extent)
+        vector = max(1, min(self.vector, depth // self.threads))
+        ko, kt, kv = sch.split(k, [None, self.threads, vector])
         ro, ri = sch.split(row, [None, self.rows])
         sch.reorder(j, ro, ri, ko, kt, kv)
         sch.bind(sch.fuse(j, ro), "blockIdx.x")
         sch.bind(ri, "threadIdx.y")
         sch.bind(kt, "threadIdx.x")
+        if self.stage and depth % (self.threads * vector) == 0:
+            for name, lanes in staged_reads(sch, gemv, depth, vector):
+                names = [r.source.name for r in sch.get(gemv).reads]
+                copy = sch.cache_read(gemv, names.index(name), "local")
+                sch.compute_at(copy, kt)
+                run = sch.get_loops(copy)[-1]
+                _, inner = sch.split(run, [None, lanes])
+                sch.vectorize(inner)
         sch.unroll(kv)
         return sch
+
+
+def staged_reads(sch: s_tir.Schedule, gemv, depth: int, vector: int) -> list[tuple[str, int]]:
+    """(buffer, vector lanes) of the GEMV's reads that ``FusedGemv`` stages: the float32 activations
+    (4 lanes) and unconditionally read codes (``…packed``, ``…seg0``) of a width dividing 8 whose run of
+    ``vector`` values is 4, 8 or 16 whole bytes at an aligned offset (rows of a multiple of that many bytes)."""
+    out = []
+    for region in sch.get(gemv).reads:
+        buf = region.source
+        if str(buf.dtype) == "float32" and vector % 4 == 0 and int(buf.shape[-1]) == depth:
+            out.append((buf.name, 4))
+        elif str(buf.dtype) == "uint8" and buf.name.endswith(("packed", "seg0")):
+            row_bytes = int(buf.shape[-1])
+            bits = row_bytes * 8 // depth
+            run = vector * bits // 8
+            if bits and 8 % bits == 0 and run in (4, 8, 16) and row_bytes % run == 0:
+                out.append((buf.name, run))
+    return out
 
 
 def gpu_rules() -> list[dl.ScheduleRule]:

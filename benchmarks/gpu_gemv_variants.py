@@ -1,0 +1,165 @@
+"""CUDA routed-expert GEMVs under variants of moec's GPU schedule (``gpu_rules.FusedGemv``), side by side.
+
+Each kernel (the fixed 2/3/4/8-bit stack, ``gpu_linear.expert_dequant_gemv``, and the nested 8-bit stack
+served at 2/3/4/8 bits, ``gpu_linear.expert_nested_gemv``) is scheduled once per variant — ``vector``
+consecutive k per thread per step, ``rows`` output rows (warps) per thread block — and timed on
+``tvm.cuda(0)``: µs per call, GB/s of the weight bytes the call reads, and that as a share of the GPU's
+device-to-device copy bandwidth. Every variant's output is checked against the first variant's.
+
+Two halves, like ``tools/gpu_check.py``: ``--prepare DIR --arch sm_XX`` compiles here (TVM compiler and
+nvcc, no GPU), ``--from DIR`` times there with the TVM runtime alone; without either, one process does both.
+
+Usage::
+
+    python benchmarks/gpu_gemv_variants.py --prepare /tmp/v --arch sm_90 --vectors 4,16,32 --rows 4,8
+    python benchmarks/gpu_gemv_variants.py --from /tmp/v
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "tools"))
+import gpu_kernels  # noqa: E402
+
+
+def prim_func(bits: int, nested: bool, n: int, k: int, experts: int, top_k: int, group: int):
+    """The kernel's unscheduled PrimFunc ``main(x, weights…, [prec,] ids, y)``."""
+    from tvm import te
+
+    from moec.core.formats import get_nested_format
+    from moec.lower.gpu_linear import expert_dequant_gemv, expert_nested_gemv
+    groups = k // group
+    x = te.placeholder((1, k), "float32", "x")
+    scale = te.placeholder((experts, n, groups), "float16", "scale")
+    zero = te.placeholder((experts, n, gpu_kernels._zero_bytes(k, group, bits)), "uint8", "zero")
+    ids = te.placeholder((top_k,), "int32", "ids")
+    if nested:
+        segs = [te.placeholder((experts, n, k * b // 8), "uint8", f"seg{i}")
+                for i, b in enumerate(get_nested_format(bits).segment_bits)]
+        prec = te.placeholder((experts,), "int32", "prec")
+        y = expert_nested_gemv(x, *segs, scale, zero, prec, ids, storage_bits=bits, n=n, k=k, group=group)
+        args = [x, *segs, scale, zero, prec, ids, y]
+    else:
+        packed = te.placeholder((experts, n, k * bits // 8), "uint8", "packed")
+        y = expert_dequant_gemv(x, packed, scale, zero, ids, bits, n, k, group)
+        args = [x, packed, scale, zero, ids, y]
+    return te.create_prim_func(args).with_attr("global_symbol", "main")
+
+
+def prepare(folder: Path, arch: str, shape: str, vectors: list[int], rows: list[int], stages: list[bool]) -> list[dict]:
+    import tvm
+
+    from moec.core.targets import load_target
+    from moec.lower.cuda_kernels import compile_cuda
+    from moec.lower.schedules.gpu_rules import FusedGemv
+    target = load_target(f"cuda:{arch}").tvm()
+    folder.mkdir(parents=True, exist_ok=True)
+    sh = gpu_kernels.SHAPES[shape]
+    out = []
+    for (bits, nested), vector, r, stage in itertools.product(
+            [(2, False), (3, False), (4, False), (8, False), (8, True)], vectors, rows, stages):
+        if sh["k"] % (32 * vector):
+            continue
+        name = f"{'n' if nested else 'f'}{bits}-v{vector}-r{r}" + ("-s" if stage else "")
+        t0 = time.time()
+        with target:
+            sch = FusedGemv(vector=vector, rows=r, stage=stage).apply(prim_func(bits, nested, **sh), target, False)
+            lib = tvm.compile(tvm.IRModule({"main": sch.mod["main"]}), target=target)
+        lib.export_library(str(folder / f"{name}.so"))
+        kernels = compile_cuda(lib.mod, target)
+        (folder / f"{name}.cu").write_text(kernels.source)
+        (folder / f"{name}.fatbin").write_bytes(kernels.fatbin)
+        out.append({"name": name, "bits": bits, "nested": nested, "vector": vector, "rows": r, "stage": stage,
+                    "shape": shape, "arch": kernels.arch})
+        print(f"built {name} ({time.time() - t0:.1f} s)", file=sys.stderr, flush=True)
+    (folder / "variants.json").write_text(json.dumps(out, indent=1))
+    return out
+
+
+def measure(folder: Path, variants: list[dict], widths: list[int]) -> list[list[str]]:
+    import tvm
+
+    from moec.runtime.tvm_runtime import use_bundle_kernels
+    dev = tvm.runtime.cuda(0)
+    copy = copy_gbs(dev)
+    rows, ref, inputs_for = [], {}, {}
+    for v in variants:
+        sh = gpu_kernels.SHAPES[v["shape"]]
+        use_bundle_kernels((folder / f"{v['name']}.cu").read_bytes(), (folder / f"{v['name']}.fatbin").read_bytes(),
+                           v["arch"], dev)
+        lib = tvm.runtime.load_module(str(folder / f"{v['name']}.so"))
+        f = lib["main"]
+        key = (v["bits"], v["nested"])
+        if key not in inputs_for:
+            inputs_for.clear()
+            arrays = gpu_kernels.inputs(v["bits"], **sh, width=8 if v["nested"] else None)
+            inputs_for[key] = [tvm.runtime.tensor(a, dev) for a in arrays]
+        for width in (widths if v["nested"] else [None]):
+            args = list(inputs_for[key])
+            if width is not None:
+                args[-2] = tvm.runtime.tensor(np.full(sh["experts"], width, np.int32), dev)
+            y = tvm.runtime.empty((sh["top_k"], sh["n"]), "float32", dev)
+            f(*args, y)
+            got = y.numpy()
+            label = f"{v['bits']}-bit" if width is None else f"nested8@{width}"
+            want = ref.setdefault(label, got)
+            ok = np.allclose(got, want, rtol=1e-3, atol=1e-3 * float(np.abs(want).max()))
+            secs = min(lib.time_evaluator("main", dev, number=20, repeat=10)(*args, y).results)
+            case = {"shape": v["shape"], "bits": v["bits"], "width": width}
+            gbs = gpu_kernels.case_bytes(case) / secs / 1e9
+            rows.append([label, f"v{v['vector']} r{v['rows']}" + (" staged" if v["stage"] else ""), f"{secs * 1e6:.1f}", f"{gbs:.0f}",
+                         f"{100 * gbs / copy:.1f} %", "yes" if ok else "NO"])
+            print(" | ".join(rows[-1]), flush=True)
+    return rows
+
+
+def copy_gbs(dev) -> float:
+    import tvm
+    n = 1 << 28
+    a, b = tvm.runtime.empty((n,), "float32", dev), tvm.runtime.empty((n,), "float32", dev)
+    best = float("inf")
+    for _ in range(5):
+        t0 = time.perf_counter()
+        a.copyto(b)
+        dev.sync()
+        best = min(best, time.perf_counter() - t0)
+    return 2 * 4 * n / best / 1e9
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--prepare", type=Path, metavar="DIR")
+    ap.add_argument("--from", dest="prepared", type=Path, metavar="DIR")
+    ap.add_argument("--arch", default="sm_90")
+    ap.add_argument("--shape", default="dram", choices=sorted(gpu_kernels.SHAPES))
+    ap.add_argument("--vectors", default="4,8,16,32,64")
+    ap.add_argument("--rows", default="2,4,8")
+    ap.add_argument("--stage", default="0,1", help="1: vector loads into registers (FusedGemv stage), 0: not")
+    ap.add_argument("--widths", default="2,3,4,8", help="run-time widths of the nested stack")
+    args = ap.parse_args()
+    folder = args.prepared or args.prepare or Path("/tmp/gpu-gemv-variants")
+    if args.prepared is None:
+        variants = prepare(folder, args.arch, args.shape, [int(v) for v in args.vectors.split(",")],
+                           [int(r) for r in args.rows.split(",")], [s == "1" for s in args.stage.split(",")])
+        if args.prepare is not None:
+            return 0
+    else:
+        variants = json.loads((folder / "variants.json").read_text())
+    from moec.cli.table import format_table
+    rows = measure(folder, variants, [int(w) for w in args.widths.split(",")])
+    print(format_table(["kernel", "variant", "us/call", "GB/s", "of copy", "= first"], rows))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
