@@ -83,7 +83,12 @@ class FusedGemv(dl.ScheduleRule):
     thread per output, a serial loop over K).
     """
 
-    def __init__(self, threads: int = 32, vector: int = 4, rows: int = 4, stage: bool = False) -> None:
+    #: k per thread per step by the stack's code width (nested: its storage width), measured on an H200
+    #: (``benchmarks/gpu_gemv_variants.py``, 32 experts of [4096, 4096]): 8 at 2 and 3 bits and for nested
+    #: stacks (an activation run of two float4 loads), 4 at 4 and 8 bits (8-bit: one 4-byte code load).
+    VECTORS = {2: 8, 3: 8, 4: 4, 8: 4, "nested": 8}
+
+    def __init__(self, threads: int = 32, vector: int | None = None, rows: int = 4, stage: bool = True) -> None:
         self.threads, self.vector, self.rows, self.stage = threads, vector, rows, stage
 
     def apply(self, func: tvm.tirx.PrimFunc, target: tvm.target.Target, tunable: bool):
@@ -103,7 +108,8 @@ class FusedGemv(dl.ScheduleRule):
             return None  # e.g. a fused bias add: left to dlight's rules, which handle epilogues
         j, row, k = loops
         depth = int(sch.get(k).extent)
-        vector = max(1, min(self.vector, depth // self.threads))
+        vector = self.vector or self.VECTORS.get(code_width(sch, gemv, depth), 4)
+        vector = max(1, min(vector, depth // self.threads))
         ko, kt, kv = sch.split(k, [None, self.threads, vector])
         ro, ri = sch.split(row, [None, self.rows])
         sch.reorder(j, ro, ri, ko, kt, kv)
@@ -120,6 +126,15 @@ class FusedGemv(dl.ScheduleRule):
                 sch.vectorize(inner)
         sch.unroll(kv)
         return sch
+
+
+def code_width(sch: s_tir.Schedule, gemv, depth: int) -> int | str | None:
+    """Bits per weight code of the GEMV's packed stack, ``"nested"`` for a nested stack, None for float weights."""
+    names = [region.source for region in sch.get(gemv).reads]
+    if any(buf.name.endswith("seg0") for buf in names):
+        return "nested"
+    packed = [buf for buf in names if buf.name.endswith("packed") and str(buf.dtype) == "uint8"]
+    return int(packed[0].shape[-1]) * 8 // depth if packed else None
 
 
 def staged_reads(sch: s_tir.Schedule, gemv, depth: int, vector: int) -> list[tuple[str, int]]:
