@@ -404,8 +404,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.dry_run:
         print(f"gpu: {info.get('name', 'none')} (arch {args.arch} from {source})")
         for name in plans:
-            print(f"plan {name}: build host + cuda:{args.arch} bundles under {args.prepare or args.out}, compare "
-                  f"{args.tokens} greedy tokens, time decode with NVML"
+            where = (f"run the cuda:{args.arch} bundle prepared in {args.prepared}" if args.prepared else
+                     f"build host + cuda:{args.arch} bundles under {args.prepare or args.out}")
+            print(f"plan {name}: {where}, compare {args.tokens} greedy tokens, time decode with NVML"
                   + (" (nested 8-bit storage, then set_plan(uniform:2) compared too)" if name == "nested" else ""))
         print(f"routed-expert GEMV GB/s at bits {args.kernel_bits or 'none'} (fixed and nested 8-bit), "
               f"shapes {', '.join(args.shapes)}")

@@ -63,6 +63,21 @@ def as_plan(spec: "BitPlan | dict | str | os.PathLike", cfg: MoEConfig) -> BitPl
     return BitPlan.load(text)
 
 
+def nested_array_bytes(names: list[str], shapes: list[tuple[tuple[int, ...], str]]) -> dict[str, dict[str, int]]:
+    """Bytes of one expert's arrays of each nested stack: ``{entry: {"seg0": …, "scale": …, "zero": …}}``.
+
+    ``names`` are a bundle's parameter names and ``shapes`` their (shape, dtype), expert axis first. CPU
+    bundles name the kernel-layout arrays ``kseg0``… / ``kscale`` / ``kzero``, CUDA bundles ``seg0``… /
+    ``scale`` / ``zero``; both give the same keys here."""
+    out: dict[str, dict[str, int]] = {}
+    for name, (shape, dtype) in zip(names, shapes):
+        if ".experts.nested." in name:
+            entry, array = name.rsplit(".", 1)
+            out.setdefault(entry, {})[array.removeprefix("k")] = \
+                int(np.prod(shape[1:])) * np.dtype(dtype).itemsize
+    return out
+
+
 def expert_bytes(storage_bits: int, per_expert: dict[str, dict[str, int]], tables: dict[str, np.ndarray]) -> int:
     """Routed-expert bytes a plan reads (every expert used once): its planes, scales and zeros.
 

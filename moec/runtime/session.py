@@ -23,7 +23,7 @@ from moec.core.outputs import work_dir
 from moec.core.plan import BitPlan
 from moec.core.run_plan import plan_widths
 from moec.runtime.adapt import memory_plan, plan_ladder, profile_frequencies
-from moec.runtime.plan_switch import PlanSwitch, as_plan, expert_bytes
+from moec.runtime.plan_switch import PlanSwitch, as_plan, expert_bytes, nested_array_bytes
 from moec.runtime.remote import TrackerAddress, elf_machine, request_device
 from moec.runtime.tvm_runtime import use_bundle_kernels
 
@@ -176,15 +176,7 @@ class BundleSession:
         names = self.manifest["params"]
         self._table_index = {n: i for i, n in enumerate(names) if n.endswith(".experts.prec")}
         self._tables = plan_widths(self._model_cfg, self._plan, self._storage)
-        per_expert: dict[str, dict[str, int]] = {}
-        for i, n in enumerate(names):
-            if ".experts.nested." in n:
-                entry, array = n.rsplit(".", 1)
-                shape = self.params[i].shape
-                # CPU bundles name the kernel-layout arrays kseg0…/kscale/kzero, CUDA bundles seg0…/scale/zero
-                per_expert.setdefault(entry, {})[array.removeprefix("k")] = \
-                    int(np.prod(shape[1:])) * _itemsize(self.params[i].dtype)
-        self._per_expert = per_expert
+        self._per_expert = nested_array_bytes(names, [(p.shape, str(p.dtype)) for p in self.params])
 
     @property
     def plan(self) -> BitPlan:
@@ -615,10 +607,6 @@ def _aligned(n: int, dtype) -> np.ndarray:
     raw = np.zeros(n + 64 // size, dtype)
     start = (-raw.ctypes.data % 64) // size
     return raw[start:start + n]
-
-
-def _itemsize(dtype) -> int:
-    return np.dtype(str(dtype)).itemsize
 
 
 def _finite(logits: np.ndarray, position: int) -> np.ndarray:

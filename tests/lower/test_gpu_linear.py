@@ -14,6 +14,7 @@ from moec.lower.gpu_linear import GpuLinearEmitter
 from moec.lower.linear import LinearEmitter
 from moec.lower.pipeline import CPU_PHASES, CUDA_PHASES
 from moec.lower.schedules.gpu_rules import FusedGemv, binds_threads
+from tests.conftest import REPO
 
 pytestmark = pytest.mark.tvm
 
@@ -77,3 +78,24 @@ def test_fused_gemv_rule_binds_the_routed_expert_gemv(tiny_params):
         assert sch is not None, name
         scheduled = sch.mod["main"]
         assert binds_threads(scheduled) and 'thread="threadIdx.x"' in scheduled.script()
+
+
+@pytest.mark.parametrize("bits, width, codes", [(8, None, "*(uint*)(packed_local_ptr"), (3, None, None),
+                                                (2, None, None), (8, 8, None)])
+def test_fused_gemv_stages_activations_and_codes_with_vector_loads(bits, width, codes):
+    """FusedGemv's staging, in the generated CUDA C: the activations' run in float4 loads; the codes of a
+    width dividing 8 whose run is 4, 8 or 16 bytes in one vector load (8-bit: 4 k a step); 3-bit streams,
+    2-bit runs of 2 bytes and nested stacks keep scalar code loads."""
+    import sys
+    sys.path.insert(0, str(REPO / "tools"))
+    import gpu_kernels
+    from moec.core.targets import load_target
+    from moec.lower.cuda_kernels import cuda_source
+    small = {"n": 64, "k": 512, "experts": 4, "top_k": 2, "group": 64}
+    src = cuda_source(gpu_kernels.build(bits, load_target("cuda:sm_80").tvm(), small, width=width).mod)
+    assert "*(float4*)(x_local_ptr" in src
+    staged = [ln for ln in src.splitlines() if "_local_ptr" in ln and ("packed" in ln or "seg" in ln) and "=" in ln]
+    if codes is None:
+        assert not [ln for ln in staged if "*(uint" in ln]
+    else:
+        assert any(codes in ln for ln in staged)

@@ -120,3 +120,46 @@ def test_script_without_dependencies_is_one_line(tmp_path):
     assert res.returncode == 2
     errors = [ln for ln in res.stderr.splitlines() if ln.startswith("error:")]
     assert len(errors) == 1 and "lacks moec's dependencies" in errors[0] and not res.stdout
+
+
+@pytest.mark.parametrize("opts, needle", [(["--from", "nowhere"], "no readable prepared.json"),
+                                          (["--prepare", "a", "--from", "b"], "give one"),
+                                          (["--shapes", "olmoe,huge"], "--shapes: huge not in")])
+def test_halves_bad_options_are_one_line(capsys, opts, needle):
+    assert gpu_check.main(opts) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error:") and needle in err and "\n" not in err
+
+
+def test_prepared_plan_runs_from_its_folder(tmp_path, nvml):
+    """--prepare then --from, with a CPU bundle standing in for the CUDA one: the GPU half needs only the
+    folder (tokens to match, steps, modelled bytes), not the checkpoint or TVM's compiler."""
+    import json
+    from tests.conftest import make_tiny_checkpoint
+    nvml(watts=200.0)
+    make_tiny_checkpoint(tmp_path / "ckpt", max_position=64)
+    from moec.models.checkpoint import load_config
+    cfg = load_config(tmp_path / "ckpt")
+    args = argparse.Namespace(checkpoint=tmp_path / "ckpt", tokens=5, prompt="The quick brown", gpu_target="host",
+                              copy_gbs=None)
+    entry = gpu_check.prepare_plan("uniform:4", gpu_check.plans_for(cfg, ["uniform:4"])["uniform:4"], args,
+                                   tmp_path / "prep")
+    entry = json.loads(json.dumps(entry))  # what prepared.json holds
+    assert len(entry["want"]) == 5 and entry["steps"] > 0 and entry["step_bytes"] > 0
+    row = {"plan": "uniform:4"}
+    gpu_check.run_plan(entry, tmp_path / "prep", argparse.Namespace(copy_gbs=None), row)
+    assert row["tokens = CPU"] == "yes" and float(row["GPU tok/s"]) > 0 and "%" not in row["eff. GB/s"]
+
+
+def test_nested_kernel_cases_read_only_their_planes():
+    import gpu_kernels
+    cases = gpu_kernels.kernel_cases([2, 8], ["olmoe"])
+    assert [gpu_kernels.case_label(c) for c in cases] == [
+        "GEMV 2-bit olmoe 8x1024x2048", "GEMV nested8@2 olmoe 8x1024x2048",
+        "GEMV 8-bit olmoe 8x1024x2048", "GEMV nested8@8 olmoe 8x1024x2048"]
+    fixed2, nested2, fixed8, nested8 = (gpu_kernels.case_bytes(c) for c in cases)
+    assert nested8 == fixed8  # all planes at the storage width: the fixed 8-bit stack's bytes
+    sh = gpu_kernels.SHAPES["olmoe"]
+    codes = sh["top_k"] * sh["n"] * sh["k"] // 4
+    assert nested2 - codes == nested8 - 4 * codes  # same scales and 8-bit zeros, a quarter of the code bytes
+    assert nested2 > fixed2  # the nested stack keeps its zeros at 8 bits
