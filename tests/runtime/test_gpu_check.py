@@ -77,6 +77,17 @@ def test_plan_check_with_a_cpu_bundle_standing_in(tmp_path, nvml):
     assert "uniform:8" in gpu_check.table([row]) and "tokens = CPU" in gpu_check.table([row])
 
 
+def test_transformers_baseline_decode_loop_on_the_cpu(tmp_path, nvml):
+    """The transformers baseline's loop (its own model class and KV cache) on the CPU."""
+    from tests.conftest import make_tiny_checkpoint
+    nvml(watts=50.0)
+    make_tiny_checkpoint(tmp_path / "ckpt", max_position=64)
+    row = {}
+    gpu_check.transformers_fp16(argparse.Namespace(checkpoint=tmp_path / "ckpt", prompt="The quick brown"), row,
+                                device="cpu", dtype="float32")
+    assert float(row["CPU tok/s"]) > 0 and float(row["J/token"]) * float(row["CPU tok/s"]) == pytest.approx(50, rel=0.1)
+
+
 def test_torch_baseline_decode_loop_on_the_cpu(tmp_path, nvml):
     """The torch eager baseline's loop (cache reset per pass, RoPE tables moved to the device) on the CPU."""
     from tests.conftest import make_tiny_checkpoint
@@ -93,9 +104,9 @@ def test_torch_baseline_decode_loop_on_the_cpu(tmp_path, nvml):
 
 def test_table_compares_with_torch():
     rows = [{"plan": "uniform:4", "GPU tok/s": "300.0"}, {"plan": "mixed", "note": "failed: x"},
-            {"plan": "torch eager fp16", "GPU tok/s": "200.0"}]
+            {"plan": "transformers fp16", "GPU tok/s": "200.0"}]
     text = gpu_check.table(rows)
-    assert rows[0]["vs torch fp16"] == "1.50x" and "vs torch fp16" not in rows[1] and "failed: x" in text
+    assert rows[0]["vs HF fp16"] == "1.50x" and "vs HF fp16" not in rows[1] and "failed: x" in text
 
 
 @pytest.mark.parametrize("bits", [2, 3, 4, 8])
