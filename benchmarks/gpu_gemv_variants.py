@@ -56,11 +56,13 @@ def prim_func(bits: int, nested: bool, n: int, k: int, experts: int, top_k: int,
     return te.create_prim_func(args).with_attr("global_symbol", "main")
 
 
-def prepare(folder: Path, arch: str, shape: str, vectors: list[int], rows: list[int], stages: list[bool]) -> list[dict]:
+def prepare(folder: Path, arch: str, shape: str, vectors: list[int], rows: list[int], stages: list[bool],
+            hand_vectors: list[int] = (8, 16, 32)) -> list[dict]:
     import tvm
 
     from moec.core.targets import load_target
     from moec.lower.cuda_kernels import compile_cuda
+    from moec.lower.schedules.cuda_nested import cuda_nested_gemv
     from moec.lower.schedules.gpu_rules import FusedGemv
     target = load_target(f"cuda:{arch}").tvm()
     folder.mkdir(parents=True, exist_ok=True)
@@ -82,6 +84,20 @@ def prepare(folder: Path, arch: str, shape: str, vectors: list[int], rows: list[
         out.append({"name": name, "bits": bits, "nested": nested, "vector": vector, "rows": r, "stage": stage,
                     "shape": shape, "arch": kernels.arch})
         print(f"built {name} ({time.time() - t0:.1f} s)", file=sys.stderr, flush=True)
+    for vector, r in itertools.product(hand_vectors, rows):  # the hand-written nested kernel
+        if sh["k"] % (32 * vector) or sh["group"] % vector:
+            continue
+        name = f"h8-v{vector}-r{r}"
+        with target:
+            lib = tvm.compile(tvm.IRModule({"main": cuda_nested_gemv(8, sh["n"], sh["k"], sh["experts"], sh["top_k"],
+                                                                     sh["group"], 1, vector=vector, rows=r)}),
+                              target=target)
+        lib.export_library(str(folder / f"{name}.so"))
+        kernels = compile_cuda(lib.mod, target)
+        (folder / f"{name}.cu").write_text(kernels.source)
+        (folder / f"{name}.fatbin").write_bytes(kernels.fatbin)
+        out.append({"name": name, "bits": 8, "nested": True, "vector": vector, "rows": r, "stage": "hand",
+                    "shape": shape, "arch": kernels.arch})
     (folder / "variants.json").write_text(json.dumps(out, indent=1))
     return out
 
@@ -117,7 +133,8 @@ def measure(folder: Path, variants: list[dict], widths: list[int]) -> list[list[
             secs = min(lib.time_evaluator("main", dev, number=20, repeat=10)(*args, y).results)
             case = {"shape": v["shape"], "bits": v["bits"], "width": width}
             gbs = gpu_kernels.case_bytes(case) / secs / 1e9
-            rows.append([label, f"v{v['vector']} r{v['rows']}" + (" staged" if v["stage"] else ""), f"{secs * 1e6:.1f}", f"{gbs:.0f}",
+            kind = " hand" if v["stage"] == "hand" else " staged" if v["stage"] else ""
+            rows.append([label, f"v{v['vector']} r{v['rows']}" + kind, f"{secs * 1e6:.1f}", f"{gbs:.0f}",
                          f"{100 * gbs / copy:.1f} %", "yes" if ok else "NO"])
             print(" | ".join(rows[-1]), flush=True)
     return rows
@@ -146,11 +163,13 @@ def main() -> int:
     ap.add_argument("--rows", default="2,4,8")
     ap.add_argument("--stage", default="0,1", help="1: vector loads into registers (FusedGemv stage), 0: not")
     ap.add_argument("--widths", default="2,3,4,8", help="run-time widths of the nested stack")
+    ap.add_argument("--hand-vectors", default="8,16,32", help="runs of the hand-written nested kernel ('' for none)")
     args = ap.parse_args()
     folder = args.prepared or args.prepare or Path("/tmp/gpu-gemv-variants")
     if args.prepared is None:
         variants = prepare(folder, args.arch, args.shape, [int(v) for v in args.vectors.split(",")],
-                           [int(r) for r in args.rows.split(",")], [s == "1" for s in args.stage.split(",")])
+                           [int(r) for r in args.rows.split(",")], [s == "1" for s in args.stage.split(",")],
+                           [int(v) for v in args.hand_vectors.split(",") if v])
         if args.prepare is not None:
             return 0
     else:

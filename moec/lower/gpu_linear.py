@@ -106,8 +106,41 @@ def expert_nested_gemv(x, *args, storage_bits: int, n: int, k: int, group: int):
         x[j if per_expert else 0, r] * w[j, row, r], axis=r), name="gemv")
 
 
+#: How a nested stack's GEMV is made: ``bound`` the hand-written kernel with one body per width
+#: (``schedules/cuda_nested.py``, threads bound), ``serial`` the same bodies with serial loops (CPU tests),
+#: ``te`` the fused TE form above (every weight decodes all segments; also the fallback for shapes the
+#: hand kernel does not take).
+NESTED_KERNELS = ("bound", "serial", "te")
+
+
+def emit_nested_gemv(bb, x, segs: list, scale, zero, prec, ids, storage_bits: int, n: int, k: int, group: int,
+                     kernel: str = "bound"):
+    """Emit the routed nested GEMV ``y [top_k, N]`` into ``bb`` (see :data:`NESTED_KERNELS`)."""
+    from moec.core.errors import MoecError
+    from moec.lower.schedules.cuda_nested import cuda_nested_gemv
+    top_k, xr = int(ids.ty.shape[0]), int(x.ty.shape[0])
+    experts = int(scale.ty.shape[0])
+    if kernel != "te":
+        try:
+            func = cuda_nested_gemv(storage_bits, n, k, experts, top_k, group, xr, bind=kernel == "bound")
+        except MoecError:  # a shape the hand kernel does not take (k under 256, odd groups)
+            func = None
+        if func is not None:
+            gv = bb.add_func(func.without_attr("global_symbol"), "expert_nested_gemv")
+            return bb.emit(relax.call_tir(gv, [x, *segs, scale, zero, prec, ids],
+                                          relax.TensorType((top_k, n), "float32")))
+    return bb.emit_te(expert_nested_gemv, x, *segs, scale, zero, prec, ids, storage_bits=storage_bits, n=n, k=k,
+                      group=group, primfunc_name_hint="expert_nested_gemv")
+
+
 class GpuLinearEmitter(LinearEmitter):
-    """Fused dequantize-GEMV PrimFuncs (one per linear layer / routed expert call)."""
+    """Fused dequantize-GEMV PrimFuncs (one per linear layer / routed expert call); ``nested_kernel`` picks
+    the nested stacks' GEMV (:data:`NESTED_KERNELS`)."""
+
+    def __init__(self, nested_kernel: str = "bound") -> None:
+        if nested_kernel not in NESTED_KERNELS:
+            raise ValueError(f"nested_kernel must be one of {NESTED_KERNELS}, not {nested_kernel!r}")
+        self.nested_kernel = nested_kernel
 
     def dense(self, bb, x, entry: WeightEntry, vars_, name):
         n, k = entry.shape
@@ -136,6 +169,6 @@ class GpuLinearEmitter(LinearEmitter):
         """One fused nested dequantize-GEMV for the routed ``ids`` (all valid) at the widths in ``prec``."""
         n, k = entry.shape
         segs = sorted((a for a in entry.arrays if a.startswith("seg")), key=lambda a: int(a[3:]))
-        args = [vars_[f"{name}.{a}"] for a in (*segs, "scale", "zero")]
-        return bb.emit_te(expert_nested_gemv, x, *args, prec, ids, storage_bits=entry.bits, n=n, k=k,
-                          group=entry.group_size, primfunc_name_hint="expert_nested_gemv")
+        return emit_nested_gemv(bb, x, [vars_[f"{name}.{a}"] for a in segs], vars_[f"{name}.scale"],
+                                vars_[f"{name}.zero"], prec, ids, entry.bits, n, k, entry.group_size,
+                                self.nested_kernel)

@@ -91,16 +91,18 @@ def nested_params(tmp_path_factory):
     from tests.conftest import make_tiny_checkpoint
     from tests.runtime.nested_fixtures import mixed_plan
     root = tmp_path_factory.mktemp("gpu-nested")
-    make_tiny_checkpoint(root / "ckpt", seed=3)
+    make_tiny_checkpoint(root / "ckpt", seed=3, hidden_size=256, expert_intermediate=256)  # the hand kernel's k
     model = load_checkpoint(root / "ckpt")
     plan = mixed_plan(model.cfg)  # experts at 2/3/4/8 bits from 8-bit storage, other weights 8-bit
     weights = ModelWeights.from_model(model, storage_plan(plan, 8))
     return model.cfg, plan, build_nested_params(model.cfg, plan, weights.packed, weights.floats, 8), root
 
 
-def test_gpu_emitter_decodes_a_nested_plan_as_the_derived_torch_model(nested_params):
-    """The GPU emitter's nested decode graph (its TIR unscheduled, run on the CPU) under the plan at load
-    gives the logits of the torch model with each expert's derived weights."""
+@pytest.mark.parametrize("kernel", ["serial", "te"])
+def test_gpu_emitter_decodes_a_nested_plan_as_the_derived_torch_model(nested_params, kernel):
+    """The GPU emitter's nested decode graph (its TIR unscheduled, run on the CPU; the hand-written kernel's
+    bodies with serial loops, or the TE form) under the plan at load gives the logits of the torch model
+    with each expert's derived weights."""
     import torch
 
     from moec.lower.backends.base import Backend
@@ -111,7 +113,7 @@ def test_gpu_emitter_decodes_a_nested_plan_as_the_derived_torch_model(nested_par
     cfg, plan, params, root = nested_params
     unscheduled = Backend("unscheduled", tuple(p for p in CPU_PHASES if p[0] != "schedule"))
     build_module(cfg, params, tvm.target.Target({"kind": "llvm"}), unscheduled, root / "gpu.so",
-                 emitter=GpuLinearEmitter())
+                 emitter=GpuLinearEmitter(nested_kernel=kernel))
     vm = tvm.runtime.vm.VirtualMachine(tvm.runtime.load_module(str(root / "gpu.so")), tvm.cpu())
     args = [tvm.runtime.tensor(a, tvm.cpu()) for _, a in params.flat()]
     tokens = [5, 17, 42, 7]
@@ -144,8 +146,8 @@ def test_nested_decode_generates_cuda_for_jetson(nested_params):
         ex = tvm.compile(bb.get(), target=target, relax_pipeline=make_pipeline(backend_for(preset).phases))
     src = cuda_source(ex.mod)
     assert src is not None and count_kernels(src) > 10
-    assert "expert_nested_gemv" in src and "experts_prec_ptr[" in src
-    assert re.search(r"if \(8 <= layers_\d+_experts_prec_ptr\[", src)
+    assert "expert_nested_gemv" in src and "__shfl_down_sync" in src
+    assert re.search(r"if \(prec_ptr\[ids_ptr\[[^\]]*\]\] == 2\)", src)  # the hand kernel's width branch
 
 
 @pytest.mark.skipif(find_nvcc() is None or shutil.which("aarch64-linux-gnu-g++") is None,
@@ -167,3 +169,49 @@ def test_moec_compile_nested_for_jetson(tmp_path):
     assert manifest["nested"] == {"storage_bits": 8} and manifest["cuda"]["arch"] == "sm_87"
     src = (out / "kernels.cu").read_text()
     assert "expert_nested_gemv" in src and re.search(r"if \(8 <= layers_\d+_experts_prec_ptr\[", src)
+
+
+@pytest.mark.parametrize("storage, xr", [(8, 1), (8, 3), (4, 1), (4, 3)])
+def test_hand_nested_gemv_matches_the_derived_weights(storage, xr):
+    """``schedules/cuda_nested.py`` with serial loops on the CPU: one body per width, codes in the width's
+    units and the group's affine terms once per run give the derived weights' GEMV at every width."""
+    from moec.lower.schedules.cuda_nested import cuda_nested_gemv
+    n, k, gs, e, top_k = 64, 512, 64, 4, 3
+    rng = np.random.default_rng(storage)
+    nws = [nest(pack_weight((rng.standard_normal((n, k)) * 0.1).astype(np.float32), storage, gs)) for _ in range(e)]
+    mod = tvm.compile(tvm.IRModule({"g": cuda_nested_gemv(storage, n, k, e, top_k, gs, xr, bind=False)}),
+                      target="llvm")
+    widths = get_nested_format(storage).derived_bits
+    x = rng.standard_normal((xr, k)).astype(np.float32)
+    segs = [np.stack([nw.segments[s] for nw in nws]) for s in range(len(widths))]
+    stack = [np.stack([getattr(nw, a) for nw in nws]) for a in ("scale", "zero")]
+    for prec in ([widths[i % len(widths)] for i in range(e)], [widths[-1 - i % 2] for i in range(e)]):
+        ids = [3, 0, 1]
+        y = call(mod, "expert_nested_gemv", [x, *segs, *stack, np.asarray(prec, np.int32), np.asarray(ids, np.int32),
+                                             np.zeros((top_k, n), np.float32)])
+        for r, ex in enumerate(ids):
+            assert_close(y[r], dequantize_nested(nws[ex], prec[ex]) @ x[r if xr > 1 else 0])
+
+
+def test_hand_nested_gemv_branch_reads_only_its_segments():
+    """In the generated CUDA C each width's branch loads exactly the segments that width needs (the
+    widest is the final else), each in one vector load where its run is 2+ bytes; lanes sum by shuffles."""
+    from moec.lower.cuda_kernels import cuda_source
+    from moec.lower.schedules.cuda_nested import cuda_nested_gemv
+    from moec.quant.nested import segments_for
+    target = load_target("cuda:sm_90").tvm()
+    with target:
+        ex = tvm.compile(tvm.IRModule({"expert_nested_gemv": cuda_nested_gemv(8, 64, 512, 4, 3, 64, 1)}),
+                         target=target)
+    src = cuda_source(ex.mod)
+    body = src[src.index('extern "C" __global__'):]
+    assert "__shfl_down_sync" in body and "*(float4*)(xl_ptr" in body
+    fmt = get_nested_format(8)
+    starts = [m.start() for m in re.finditer(r"if \(prec_ptr\[ids_ptr\[[^\]]*\]\] == \d+\)", body)]
+    assert len(starts) == len(fmt.derived_bits) - 1
+    widest = body.index("} else {", starts[-1])  # the widest width's body: the final else
+    bounds = [*starts, widest, body.index("__shfl_down_sync")]
+    for w, a, b in zip(fmt.derived_bits, bounds, bounds[1:]):
+        used = {s for s in range(4) if f"seg{s}_ptr[" in body[a:b] or f"seg{s}_ptr +" in body[a:b]}
+        assert used == set(range(segments_for(fmt, w))), (w, used)
+    assert "*(uchar4*)(sl_ptr" in body or "*(uint*)(sl_ptr" in body  # the 4-bit plane's 4-byte run
