@@ -61,7 +61,6 @@ def prepare(folder: Path, arch: str, shape: str, vectors: list[int], rows: list[
     import tvm
 
     from moec.core.targets import load_target
-    from moec.lower.cuda_kernels import compile_cuda
     from moec.lower.schedules.cuda_nested import cuda_nested_gemv
     from moec.lower.schedules.gpu_rules import FusedGemv
     target = load_target(f"cuda:{arch}").tvm()
@@ -77,12 +76,8 @@ def prepare(folder: Path, arch: str, shape: str, vectors: list[int], rows: list[
         with target:
             sch = FusedGemv(vector=vector, rows=r, stage=stage).apply(prim_func(bits, nested, **sh), target, False)
             lib = tvm.compile(tvm.IRModule({"main": sch.mod["main"]}), target=target)
-        lib.export_library(str(folder / f"{name}.so"))
-        kernels = compile_cuda(lib.mod, target)
-        (folder / f"{name}.cu").write_text(kernels.source)
-        (folder / f"{name}.fatbin").write_bytes(kernels.fatbin)
         out.append({"name": name, "bits": bits, "nested": nested, "vector": vector, "rows": r, "stage": stage,
-                    "shape": shape, "arch": kernels.arch})
+                    "shape": shape, "arch": gpu_kernels.export(lib, target, folder, name)})
         print(f"built {name} ({time.time() - t0:.1f} s)", file=sys.stderr, flush=True)
     for vector, r in itertools.product(hand_vectors, rows):  # the hand-written nested kernel
         if sh["k"] % (32 * vector) or sh["group"] % vector:
@@ -92,12 +87,8 @@ def prepare(folder: Path, arch: str, shape: str, vectors: list[int], rows: list[
             lib = tvm.compile(tvm.IRModule({"main": cuda_nested_gemv(8, sh["n"], sh["k"], sh["experts"], sh["top_k"],
                                                                      sh["group"], 1, vector=vector, rows=r)}),
                               target=target)
-        lib.export_library(str(folder / f"{name}.so"))
-        kernels = compile_cuda(lib.mod, target)
-        (folder / f"{name}.cu").write_text(kernels.source)
-        (folder / f"{name}.fatbin").write_bytes(kernels.fatbin)
         out.append({"name": name, "bits": 8, "nested": True, "vector": vector, "rows": r, "stage": "hand",
-                    "shape": shape, "arch": kernels.arch})
+                    "shape": shape, "arch": gpu_kernels.export(lib, target, folder, name)})
     (folder / "variants.json").write_text(json.dumps(out, indent=1))
     return out
 
@@ -106,8 +97,9 @@ def measure(folder: Path, variants: list[dict], widths: list[int]) -> list[list[
     import tvm
 
     from moec.runtime.tvm_runtime import use_bundle_kernels
+    from gpu_check import copy_bandwidth_gbs
     dev = tvm.runtime.cuda(0)
-    copy = copy_gbs(dev)
+    copy = copy_bandwidth_gbs()[0]
     rows, ref, inputs_for = [], {}, {}
     for v in variants:
         sh = gpu_kernels.SHAPES[v["shape"]]
@@ -138,19 +130,6 @@ def measure(folder: Path, variants: list[dict], widths: list[int]) -> list[list[
                          f"{100 * gbs / copy:.1f} %", "yes" if ok else "NO"])
             print(" | ".join(rows[-1]), flush=True)
     return rows
-
-
-def copy_gbs(dev) -> float:
-    import tvm
-    n = 1 << 28
-    a, b = tvm.runtime.empty((n,), "float32", dev), tvm.runtime.empty((n,), "float32", dev)
-    best = float("inf")
-    for _ in range(5):
-        t0 = time.perf_counter()
-        a.copyto(b)
-        dev.sync()
-        best = min(best, time.perf_counter() - t0)
-    return 2 * 4 * n / best / 1e9
 
 
 def main() -> int:

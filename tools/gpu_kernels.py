@@ -130,19 +130,24 @@ def case_bytes(case: dict) -> int:
     return nested_routed_bytes(case["width"], **sh, storage=case["bits"])
 
 
+def export(executable, target, folder: Path, name: str) -> str:
+    """Write ``<name>.so`` and its CUDA source and nvcc fatbin (what :func:`measure_prepared` loads); the arch."""
+    from moec.lower.cuda_kernels import compile_cuda
+    executable.export_library(str(folder / f"{name}.so"))
+    kernels = compile_cuda(executable.mod, target)
+    (folder / f"{name}.cu").write_text(kernels.source)
+    (folder / f"{name}.fatbin").write_bytes(kernels.fatbin)
+    return kernels.arch
+
+
 def prepare(cases: list[dict], target, folder: Path) -> list[dict]:
     """Build every case for ``target`` into ``folder``: ``<name>.so``, its CUDA source and nvcc fatbin."""
-    from moec.lower.cuda_kernels import compile_cuda
     folder.mkdir(parents=True, exist_ok=True)
     out = []
     for case in cases:
         name = f"{case['shape']}-{case['bits']}" + ("" if case["width"] is None else f"-w{case['width']}")
-        ex = build(case["bits"], target, SHAPES[case["shape"]], case["width"])
-        ex.export_library(str(folder / f"{name}.so"))
-        kernels = compile_cuda(ex.mod, target)
-        (folder / f"{name}.cu").write_text(kernels.source)
-        (folder / f"{name}.fatbin").write_bytes(kernels.fatbin)
-        out.append({**case, "name": name, "arch": kernels.arch})
+        arch = export(build(case["bits"], target, SHAPES[case["shape"]], case["width"]), target, folder, name)
+        out.append({**case, "name": name, "arch": arch})
     (folder / "kernels.json").write_text(json.dumps(out, indent=1))
     return out
 
