@@ -31,12 +31,6 @@ def _missing_compiler(name: str) -> click.Command:
                          params=[click.Argument(["args"], nargs=-1, required=False)])
 
 
-def tvm_runtime_only() -> bool:
-    """Whether the imported TVM has its runtime library only (a device install; ``TVM_USE_RUNTIME_LIB=1``)."""
-    import tvm
-    return bool(getattr(tvm.base, "_RUNTIME_ONLY", False))
-
-
 class MoecGroup(click.Group):
     """Group that prints user errors as one line and exits non-zero (no traceback); commands load lazily."""
 
@@ -50,7 +44,8 @@ class MoecGroup(click.Group):
         try:
             mod = importlib.import_module(f"moec.cli.{module}")
         except (ImportError, AttributeError):  # TVM's Python compiler modules fail either way without its library
-            if not tvm_runtime_only():
+            from moec.runtime.tvm_runtime import runtime_only
+            if not runtime_only():
                 raise
             return _missing_compiler(name)
         return getattr(mod, module)
@@ -97,7 +92,6 @@ def cli(verbose: bool) -> None:
     """
     install_signal_cleanup()
     logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="%(levelname)s %(message)s")
-
 
 
 def main() -> None:
