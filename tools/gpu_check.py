@@ -26,6 +26,7 @@ import json
 import shutil
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -137,24 +138,26 @@ def timed_decode(step, reset, steps: int, min_seconds: float = 2.0) -> tuple[int
 
 
 def prepare_plan(name: str, plan, args, folder: Path) -> dict:
-    """Build ``name``'s host and CUDA bundles under ``folder``; what the GPU half needs (tokens to match)."""
+    """Build ``name``'s CUDA bundle under ``folder`` and a host bundle (discarded) for the tokens it must match;
+    what the GPU half needs."""
     from moec.hardware.energy_model import decode_traffic
     from moec.models.checkpoint import load_config
     from moec.runtime.session import BundleSession
     tag = name.replace(":", "")
     nested = 8 if name == "nested" else None  # the nested GEMV: planes read per expert width
     t0 = time.time()
-    host = build(args.checkpoint, plan, "host", folder / f"host-{tag}", nested)
-    build(args.checkpoint, plan, args.gpu_target, folder / f"cuda-{tag}", nested)
-    entry = {"name": name, "bundle": f"cuda-{tag}", "build s": round(time.time() - t0), "nested": bool(nested)}
-    with BundleSession(host) as cpu:
-        ids = cpu.tokenizer.encode(args.prompt).ids
-        entry["prompt_ids"] = ids
-        entry["want"], cpu_stats = cpu.generate(ids, args.tokens)
-        entry["CPU tok/s"] = round(cpu_stats.decode_tokens_per_s, 1)
-        if nested:
-            cpu.set_plan("uniform:2")
-            entry["want_2"] = cpu.generate(ids, args.tokens)[0]
+    with tempfile.TemporaryDirectory(prefix="gpu-check-host-") as tmp:  # the folder keeps only the GPU half's
+        host = build(args.checkpoint, plan, "host", Path(tmp) / "bundle", nested)
+        build(args.checkpoint, plan, args.gpu_target, folder / f"cuda-{tag}", nested)
+        entry = {"name": name, "bundle": f"cuda-{tag}", "build s": round(time.time() - t0), "nested": bool(nested)}
+        with BundleSession(host) as cpu:
+            ids = cpu.tokenizer.encode(args.prompt).ids
+            entry["prompt_ids"] = ids
+            entry["want"], cpu_stats = cpu.generate(ids, args.tokens)
+            entry["CPU tok/s"] = round(cpu_stats.decode_tokens_per_s, 1)
+            if nested:
+                cpu.set_plan("uniform:2")
+                entry["want_2"] = cpu.generate(ids, args.tokens)[0]
     cfg = load_config(args.checkpoint)
     entry["steps"] = min(64, cfg.max_position - len(ids) - 2)
     entry["step_bytes"] = decode_traffic(cfg, plan)[0]
@@ -439,7 +442,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"gpu: {info.get('name', 'none')} (arch {args.arch} from {source})")
         for name in plans:
             where = (f"run the cuda:{args.arch} bundle prepared in {args.prepared}" if args.prepared else
-                     f"build host + cuda:{args.arch} bundles under {args.prepare or args.out}")
+                     f"build a cuda:{args.arch} bundle under {args.prepare or args.out} (and a host one for its tokens)")
             print(f"plan {name}: {where}, compare {args.tokens} greedy tokens, time decode with NVML"
                   + (" (nested 8-bit storage, then set_plan(uniform:2) compared too)" if name == "nested" else ""))
         print(f"routed-expert GEMV GB/s at bits {args.kernel_bits or 'none'} (fixed and nested 8-bit), "

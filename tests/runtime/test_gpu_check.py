@@ -30,7 +30,7 @@ def test_script_parses_and_dry_runs(tmp_path):
     assert "(arch sm_86 from $MOEC_CUDA_ARCH)" in res.stdout
     assert [ln.split(":", 1)[0] for ln in res.stdout.splitlines() if ln.startswith("plan ")] == \
         ["plan uniform", "plan uniform", "plan mixed", "plan nested"]
-    assert "cuda:sm_86 bundles" in res.stdout and not (tmp_path / "o").exists()  # nothing built
+    assert "cuda:sm_86 bundle" in res.stdout and not (tmp_path / "o").exists()  # nothing built
 
 
 @pytest.mark.skipif(cuda_available(), reason="this machine has a CUDA GPU")
@@ -157,6 +157,7 @@ def test_prepared_plan_runs_from_its_folder(tmp_path, nvml):
                                    tmp_path / "prep")
     entry = json.loads(json.dumps(entry))  # what prepared.json holds
     assert len(entry["want"]) == 5 and entry["steps"] > 0 and entry["step_bytes"] > 0
+    assert sorted(p.name for p in (tmp_path / "prep").iterdir()) == ["cuda-uniform4"]  # what the GPU needs
     row = {"plan": "uniform:4"}
     gpu_check.run_plan(entry, tmp_path / "prep", argparse.Namespace(copy_gbs=None), row)
     assert row["tokens = CPU"] == "yes" and float(row["GPU tok/s"]) > 0 and "%" not in row["eff. GB/s"]
