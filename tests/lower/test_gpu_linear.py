@@ -92,7 +92,8 @@ def test_fused_gemv_stages_activations_and_codes_with_vector_loads(bits, width, 
     from moec.core.targets import load_target
     from moec.lower.cuda_kernels import cuda_source
     small = {"n": 64, "k": 512, "experts": 4, "top_k": 2, "group": 64}
-    src = cuda_source(gpu_kernels.build(bits, load_target("cuda:sm_80").tvm(), small, width=width).mod)
+    src = cuda_source(gpu_kernels.build(bits, load_target("cuda:sm_80").tvm(), small, width=width,
+                                        nested_kernel="te").mod)  # the nested case: FusedGemv on the TE form
     assert "*(float4*)(x_local_ptr" in src
     staged = [ln for ln in src.splitlines() if "_local_ptr" in ln and ("packed" in ln or "seg" in ln) and "=" in ln]
     if codes is None:
