@@ -106,7 +106,9 @@ def staging_prefix(out: Path) -> str:
 
 
 def replace_dir(tmp: Path, out: Path) -> None:
-    """Move the finished ``tmp`` to ``out``; an existing ``out`` is moved aside first, then removed."""
+    """Move the finished ``tmp`` to ``out``; an existing ``out`` is moved aside first, then removed.
+    An interrupted run publishes nothing (:func:`raise_if_interrupted`)."""
+    raise_if_interrupted()
     if out.exists():
         old = Path(tempfile.mkdtemp(dir=out.parent, prefix=f"{staging_prefix(out)}{os.getpid()}-old-"))
         os.replace(out, old / "x")
@@ -124,6 +126,14 @@ def interrupted() -> bool:
     """Whether SIGINT/SIGTERM arrived (an exception raised after that is the interruption's echo,
     e.g. TVM turning KeyboardInterrupt into RuntimeError inside a build)."""
     return bool(_interrupted)
+
+
+def raise_if_interrupted() -> None:
+    """Raise KeyboardInterrupt if a signal arrived, even if its exception was swallowed on the way: a signal
+    handled while TVM runs a Python callback comes back as a TVM error, which a schedule rule's
+    ``except Exception`` takes for "no match", and the build would then finish as if nothing happened."""
+    if _interrupted:
+        raise KeyboardInterrupt(f"signal {_interrupted[-1]}")
 
 
 def install_signal_cleanup() -> None:

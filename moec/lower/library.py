@@ -12,6 +12,7 @@ from tvm import relax
 from tvm.support import cc
 
 from moec.core.errors import MoecError
+from moec.core.outputs import raise_if_interrupted
 from moec.lower.backends.base import Backend
 from moec.lower.decode_graph import DecodeBuilder
 from moec.lower.prefill_graph import PrefillBuilder
@@ -51,6 +52,7 @@ def build_module(cfg: MoEConfig, params: ModelParams, target: tvm.target.Target,
     mod = bb.get()
     with target:
         ex = tvm.compile(mod, target=target, relax_pipeline=make_pipeline(backend.phases, debug_dump))
+    raise_if_interrupted()  # a SIGINT inside the build may have been swallowed by a schedule rule
     extra, cuda = backend.post_build(ex, target, Path(lib_path).parent)
     try:
         if cross_compiler:

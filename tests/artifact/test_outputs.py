@@ -97,3 +97,20 @@ def test_sigint_during_build_is_clean(tiny_checkpoint, tmp_path):
     assert [p for p in tmpdir.iterdir() if not p.name.startswith("torchinductor_")] == []
     assert not (tmp_path / "b").exists()
     assert not [p for p in tmp_path.iterdir() if ".moec-tmp-" in p.name]
+
+
+def test_an_interrupted_run_publishes_nothing(tmp_path, monkeypatch):
+    """A signal whose KeyboardInterrupt native code swallowed (TVM turns it into an error that a schedule
+    rule reads as "no match") still stops the run before its output replaces anything."""
+    from moec.core import outputs
+    tmp, out = tmp_path / "staged", tmp_path / "out"
+    tmp.mkdir()
+    out.mkdir()
+    (out / "old").write_text("kept")
+    monkeypatch.setattr(outputs, "_interrupted", [signal.SIGINT])
+    with pytest.raises(KeyboardInterrupt):
+        outputs.replace_dir(tmp, out)
+    assert (out / "old").read_text() == "kept" and tmp.is_dir()
+    monkeypatch.setattr(outputs, "_interrupted", [])
+    outputs.replace_dir(tmp, out)
+    assert not (out / "old").exists() and not tmp.exists()
