@@ -10,7 +10,8 @@ from moec.core.errors import MoecError
 from moec.core.plan import BitPlan, resolve_plan
 from moec.pipeline.bundle_eval import BundleEval, evaluate_bundle, is_bundle
 from moec.pipeline.compile import CompileConfig, build_from_onnx, compile_bundle
-from moec.pipeline.export import export_onnx, inspect_file
+from moec.export.inspect import inspect_file
+from moec.pipeline.export import export_onnx
 from moec.pipeline.finetune import FinetuneConfig, FinetuneOptions, FinetuneResult, finetune
 from moec.pipeline.profile import DataConfig, PlanEval, SensitivityConfig, evaluate, profile
 from moec.pipeline.search import SearchConfig, SearchOutcome, search

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 
 import click
 
@@ -30,10 +29,6 @@ def max_memory_option(f):
     return click.option("--max-memory-gb", type=float, default=None,
                         help="Host memory budget in GB: larger checkpoints are processed one decoder layer at a "
                              "time; fails at once if one layer does not fit [auto: layer by layer above 2 GB].")(f)
-
-
-def echo_json(obj) -> None:
-    click.echo(json.dumps(obj, indent=2))
 
 
 def output_options(f):

@@ -6,7 +6,8 @@ from __future__ import annotations
 import click
 
 from moec import api
-from moec.cli.common import data_config, data_options, echo_json, max_memory_option
+from moec.cli.common import data_config, data_options, max_memory_option
+from moec.cli.table import echo_json
 from moec.cli.table import format_table
 from moec.core.errors import MoecError
 from moec.core.formats import SCALE_FORMATS

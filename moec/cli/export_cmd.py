@@ -5,7 +5,8 @@ from __future__ import annotations
 import click
 
 from moec import api
-from moec.cli.common import echo_json, max_memory_option
+from moec.cli.common import max_memory_option
+from moec.cli.table import echo_json
 from moec.core.formats import SCALE_FORMATS
 from moec.core.plan import UNIFORM_METHOD
 

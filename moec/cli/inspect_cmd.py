@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import click
 
-from moec import api
-from moec.cli.common import echo_json
+from moec.cli.table import echo_json
+from moec.export.inspect import inspect_file
 
 
 @click.command("inspect")
@@ -31,7 +31,7 @@ def inspect_cmd(path, as_json, verify, trust):
         if verify:
             click.echo(f"bundle '{path}' verified: {len(m['files'])} files match manifest.json; {sig}")
             return
-    ins = api.inspect_file(path)
+    ins = inspect_file(path)
     if isinstance(ins, OnnxInspection):
         if as_json:
             echo_json(ins.to_dict())

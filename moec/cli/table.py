@@ -1,6 +1,14 @@
-"""Plain-text tables for terminal output."""
+"""Plain-text tables (and JSON) for terminal output."""
 
 from __future__ import annotations
+
+import json
+
+import click
+
+
+def echo_json(obj) -> None:
+    click.echo(json.dumps(obj, indent=2))
 
 
 def format_table(headers: list[str], rows: list[list], align: str | None = None) -> str:

@@ -16,6 +16,6 @@
 * ``graph_builder.py`` (graph interfaces and model metadata ``moec.plan`` / ``moec.config``),
   ``writer.py`` (external data,
   atomic directory), ``exporter.py`` (orchestration, ``export.json``), ``inspect_onnx.py``
-  (``moec inspect``), ``ort_runner.py`` (prefill/decode/greedy in onnxruntime), ``weights.py``
+  and ``inspect.py`` (``moec inspect``: an export or a bundle, light imports), ``ort_runner.py`` (prefill/decode/greedy in onnxruntime), ``weights.py``
   (packed weights from a model, or random packed weights for benchmarks).
 """

@@ -1,4 +1,4 @@
-"""The export and inspect stages from files: checkpoint + plan → ONNX directory; an artifact → its summary."""
+"""The export stage from files: checkpoint + plan → ONNX directory."""
 
 from __future__ import annotations
 
@@ -6,11 +6,9 @@ import os
 from pathlib import Path
 
 from moec.models.knobs import STREAMED_WHY, require_no_knobs
-from moec.artifact.inspect_bundle import inspect_bundle
 from moec.core.errors import MoecError
 from moec.core.plan import UNIFORM_METHOD, resolve_plan
 from moec.export.exporter import ExportResult, export_model
-from moec.export.inspect_onnx import inspect_onnx
 from moec.export.stream_export import export_streaming
 from moec.export.writer import check_export_target
 from moec.models.checkpoint import load_checkpoint, load_config
@@ -44,10 +42,3 @@ def export_onnx(checkpoint: str | os.PathLike, plan: str | os.PathLike, out: str
                         source=str(checkpoint), verify=verify, accuracy_level=accuracy_level)
 
 
-def inspect_file(path: str | os.PathLike):
-    """Inspect an artifact by type: ``.onnx`` -> ``OnnxInspection``; a bundle directory -> its manifest."""
-    if Path(path).suffix.lower() == ".onnx":
-        return inspect_onnx(path)
-    if Path(path).is_dir() and (Path(path) / "manifest.json").is_file():
-        return inspect_bundle(path)
-    raise MoecError(f"unsupported file '{path}'; expected a .onnx model or a bundle directory")

@@ -56,7 +56,15 @@ def test_compiler_commands_refuse_in_one_line_without_the_compiler(tmp_path):
     listing = _runtime_only("-m", "moec.cli.main", "--help")
     assert listing.returncode == 0
     rows = {ln.split()[0]: ln for ln in listing.stdout.splitlines() if ln.startswith("  ") and ln.split()}
-    assert "needs the TVM compiler" in rows["compile"] and "needs the TVM compiler" not in rows["run"]
+    assert "needs the TVM compiler" in rows["compile"]
+    assert not any("needs the TVM compiler" in rows[c] for c in ("run", "inspect", "targets", "keygen", "farm"))
+
+
+def test_bundle_verifies_and_inspects_with_the_tvm_runtime_alone(bundle):
+    res = _runtime_only("-m", "moec.cli.main", "inspect", "--verify", str(bundle))
+    assert res.returncode == 0 and res.stdout.startswith(f"bundle '{bundle}' verified:"), res.stderr
+    res = _runtime_only("-m", "moec.cli.main", "inspect", str(bundle))
+    assert res.returncode == 0 and "layer" in res.stdout, res.stderr
 
 
 class _Gpu(SimpleNamespace):
