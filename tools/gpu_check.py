@@ -137,6 +137,25 @@ def timed_decode(step, reset, steps: int, min_seconds: float = 2.0) -> tuple[int
     return done, elapsed, reading
 
 
+def energy_cells(row: dict, energy: dict | None, steps: int, missing: str | None = None) -> None:
+    """J/token and mean W of a timed loop of ``steps`` decode steps from its NVML reading (``missing`` when none)."""
+    if energy and energy["joules"] > 0:
+        row["J/token"] = f"{energy['joules'] / steps:.4f}"
+        row["W"] = f"{energy['joules'] / energy['seconds']:.0f}"
+    elif missing is not None:
+        row["J/token"] = missing
+
+
+def gbs_cell(gbs: float, copy_gbs: float | None) -> str:
+    """GB/s, with its share of the device-to-device copy bandwidth where that was measured."""
+    return f"{gbs:.1f}" + (f" ({100 * gbs / copy_gbs:.1f} %)" if copy_gbs else "")
+
+
+def match_cell(got: list[int], want: list[int]) -> str:
+    """``yes``, or how many of the CPU bundle's tokens the GPU gave at the same positions."""
+    return "yes" if got == want else f"NO ({sum(a == b for a, b in zip(got, want))}/{len(want)})"
+
+
 def prepare_plan(name: str, plan, args, folder: Path) -> dict:
     """Build ``name``'s CUDA bundle under ``folder`` and a host bundle (discarded) for the tokens it must match;
     what the GPU half needs."""
@@ -171,16 +190,11 @@ def run_plan(entry: dict, folder: Path, args, row: dict) -> None:
     row["CPU tok/s"] = f"{entry['CPU tok/s']:.1f}"
     ids, want = entry["prompt_ids"], entry["want"]
     with BundleSession(folder / entry["bundle"]) as sess:
-        got, _ = sess.generate(ids, len(want))
-        same = sum(a == b for a, b in zip(got, want))
-        row["tokens = CPU"] = "yes" if got == want else f"NO ({same}/{len(want)})"
+        row["tokens = CPU"] = match_cell(sess.generate(ids, len(want))[0], want)
         if entry["nested"]:  # switched at run time on the GPU: all experts 2-bit, then back
             plan = sess.plan
             down = sess.set_plan("uniform:2")
-            got_2 = sess.generate(ids, len(want))[0]
-            want_2 = entry["want_2"]
-            row["switch = CPU"] = "yes" if got_2 == want_2 else \
-                f"NO ({sum(a == b for a, b in zip(got_2, want_2))}/{len(want_2)})"
+            row["switch = CPU"] = match_cell(sess.generate(ids, len(want))[0], entry["want_2"])
             back = sess.set_plan(plan)
             row["note"] = (f"nested 8-bit storage; switch = CPU: after set_plan(uniform:2); switches "
                            f"{1e3 * down.seconds:.2f} / {1e3 * back.seconds:.2f} ms")
@@ -189,12 +203,8 @@ def run_plan(entry: dict, folder: Path, args, row: dict) -> None:
     # prefill (in reset) runs inside the timed loop: its share is one call per ``steps`` decode steps
     row["GPU tok/s"] = f"{done / secs:.1f}"
     gbs = entry["step_bytes"] * done / secs / 1e9
-    row["eff. GB/s"] = f"{gbs:.1f}" + (f" ({100 * gbs / args.copy_gbs:.1f} %)" if args.copy_gbs else "")
-    if energy and energy["joules"] > 0:
-        row["J/token"] = f"{energy['joules'] / done:.4f}"
-        row["W"] = f"{energy['joules'] / energy['seconds']:.0f}"
-    else:
-        row["J/token"] = "no NVML"
+    row["eff. GB/s"] = gbs_cell(gbs, args.copy_gbs)
+    energy_cells(row, energy, done, missing="no NVML")
 
 
 def check_plan(name: str, plan, args, row: dict) -> None:
@@ -228,9 +238,7 @@ def transformers_fp16(args, row: dict, device: str = "cuda", dtype: str = "float
     with torch.no_grad():
         done, secs, energy = timed_decode(step, reset, steps)
     row["GPU tok/s" if device == "cuda" else "CPU tok/s"] = f"{done / secs:.1f}"
-    if energy and energy["joules"] > 0:
-        row["J/token"] = f"{energy['joules'] / done:.4f}"
-        row["W"] = f"{energy['joules'] / energy['seconds']:.0f}"
+    energy_cells(row, energy, done)
 
 
 def torch_fp16(args, row: dict, device: str = "cuda", dtype: str = "float16") -> None:
@@ -267,9 +275,7 @@ def torch_fp16(args, row: dict, device: str = "cuda", dtype: str = "float16") ->
     finally:
         model_mod.rope_tables = rope
     row["GPU tok/s" if device == "cuda" else "CPU tok/s"] = f"{done / secs:.1f}"
-    if energy and energy["joules"] > 0:
-        row["J/token"] = f"{energy['joules'] / done:.4f}"
-        row["W"] = f"{energy['joules'] / energy['seconds']:.0f}"
+    energy_cells(row, energy, done)
 
 
 def kernel_rows(kernels: list[dict], folder: Path, args, rows: list[dict], over_budget) -> None:
@@ -283,7 +289,7 @@ def kernel_rows(kernels: list[dict], folder: Path, args, rows: list[dict], over_
             continue
         try:
             secs, gbs = gpu_kernels.measure_prepared(entry, folder)
-            row["eff. GB/s"] = f"{gbs:.1f}" + (f" ({100 * gbs / args.copy_gbs:.1f} %)" if args.copy_gbs else "")
+            row["eff. GB/s"] = gbs_cell(gbs, args.copy_gbs)
             row["note"] = f"{secs * 1e6:.1f} us/call"
             key = (entry["shape"], entry["bits"] if entry["width"] is None else entry["width"])
             if entry["width"] is None:

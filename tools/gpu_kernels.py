@@ -21,8 +21,6 @@ import numpy as np
 
 SHAPES = {"olmoe": {"n": 1024, "k": 2048, "experts": 64, "top_k": 8, "group": 64},
           "dram": {"n": 4096, "k": 4096, "experts": 32, "top_k": 32, "group": 64}}
-#: The OLMoE shape (kept for callers of the one-shape API).
-SHAPE = SHAPES["olmoe"]
 NESTED_STORAGE = 8
 _DEVICE_INPUTS: dict = {}  # (shape, bits, fixed?) -> the last stack's device arguments
 
@@ -80,7 +78,7 @@ def nested_routed_bytes(width: int, n: int, k: int, top_k: int, group: int, stor
     return top_k * (n * k * width // 8 + n * (k // group) * 2 + n * _zero_bytes(k, group, storage))
 
 
-def build(bits: int, target, shape: dict = SHAPE, width: int | None = None, nested_kernel: str = "bound"):
+def build(bits: int, target, shape: dict, width: int | None = None, nested_kernel: str = "bound"):
     """The compiled executable for ``target`` (a CUDA ``tvm.target.Target``)."""
     import tvm
 

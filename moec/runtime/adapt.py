@@ -19,6 +19,7 @@ from moec.core.errors import MoecError
 from moec.core.formats import get_nested_format
 from moec.core.io import read_json
 from moec.core.plan import BitPlan
+from moec.runtime.plan_switch import width_bytes
 
 
 def memory_plan(cfg: MoEConfig, base: BitPlan, storage_bits: int, per_expert: dict[str, dict[str, int]],
@@ -35,7 +36,7 @@ def memory_plan(cfg: MoEConfig, base: BitPlan, storage_bits: int, per_expert: di
         layer = int(entry.split(".")[1])
         row = sizes.setdefault(layer, [0] * len(widths))
         for i in range(len(widths)):
-            row[i] += sum(arrays[f"seg{s}"] for s in range(i + 1)) + arrays["scale"] + arrays["zero"]
+            row[i] += width_bytes(arrays, i + 1)
     experts = [(layer, e) for layer in cfg.moe_layers for e in range(cfg.num_experts)]
     freq = {(l, e): float(frequencies[l][e]) if frequencies and l in frequencies else 0.0 for l, e in experts}
     level = {x: len(widths) - 1 for x in experts}
@@ -133,8 +134,7 @@ def plan_ladder(cfg: MoEConfig, base: BitPlan, storage_bits: int, per_expert: di
     for i in (0, len(widths) - 1):
         total = 0
         for entry, arrays in per_expert.items():
-            total += cfg.num_experts * (sum(arrays[f"seg{s}"] for s in range(i + 1)) + arrays["scale"]
-                                        + arrays["zero"])
+            total += cfg.num_experts * width_bytes(arrays, i + 1)
         per_width.append(total)
     low, high = per_width
     budgets = np.linspace(high, low, max(rungs, 2))

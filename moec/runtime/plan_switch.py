@@ -78,6 +78,12 @@ def nested_array_bytes(names: list[str], shapes: list[tuple[tuple[int, ...], str
     return out
 
 
+def width_bytes(arrays: dict[str, int], segments: int) -> int:
+    """Bytes one expert reads at a width that needs its ``segments`` leading bit-plane segments: those planes,
+    its scales and its zeros (``arrays``: one entry of :func:`nested_array_bytes`)."""
+    return sum(arrays[f"seg{s}"] for s in range(segments)) + arrays["scale"] + arrays["zero"]
+
+
 def expert_bytes(storage_bits: int, per_expert: dict[str, dict[str, int]], tables: dict[str, np.ndarray]) -> int:
     """Routed-expert bytes a plan reads (every expert used once): its planes, scales and zeros.
 
@@ -89,6 +95,5 @@ def expert_bytes(storage_bits: int, per_expert: dict[str, dict[str, int]], table
     for entry, sizes in per_expert.items():
         widths = tables[entry.rsplit(".nested.", 1)[0] + ".prec"]
         for bits in widths.tolist():
-            used = fmt.derived_bits.index(int(bits)) + 1
-            total += sum(sizes[f"seg{s}"] for s in range(used)) + sizes["scale"] + sizes["zero"]
+            total += width_bytes(sizes, fmt.derived_bits.index(int(bits)) + 1)
     return total

@@ -28,6 +28,7 @@ from moec.core.inventory import expert_shapes
 from moec.core.plan import BitPlan
 from moec.hardware.energy_model import decode_traffic
 from moec.runtime.adapt import plan_ladder
+from moec.runtime.plan_switch import width_bytes
 from moec.search.cost import CostConfig
 from moec.search.driver import SearchOptions, run_search
 from moec.search.estimator import AnalyticEstimator
@@ -98,7 +99,7 @@ def nested_front(cfg: MoEConfig, plan: BitPlan, storage_bits: int, preset,
             layer = int(entry.split(".")[1])
             for e in range(cfg.num_experts):
                 i = widths.index(p.experts[layer][e])
-                expert_bytes += sum(arrays[f"seg{s}"] for s in range(i + 1)) + arrays["scale"] + arrays["zero"]
+                expert_bytes += width_bytes(arrays, i + 1)
         latency = nbytes / (est.bandwidth_gbps * 1e9) + len(cfg.moe_layers) * len(expert_shapes(cfg)) \
             * est.kernel_overhead_s + est.step_overhead_s
         front.append({"experts": {str(l): [int(p.experts[l][e]) for e in range(cfg.num_experts)]

@@ -19,6 +19,8 @@ decodes only that width's segments:
 
 from __future__ import annotations
 
+import functools
+
 from tvm import tirx
 from tvm.script import tirx as T
 
@@ -29,6 +31,7 @@ from moec.quant.nested import segment_positions, segments_for
 LANES = 32
 
 
+@functools.lru_cache(maxsize=None)  # one parse per shape (about 0.1 s each): a model's layers share a few
 def cuda_nested_gemv(storage_bits: int, n: int, k: int, experts: int, top_k: int, group: int, xr: int,
                      vector: int = 8, rows: int = 4, bind: bool = True) -> tirx.PrimFunc:
     """``gemv(x [xr, k], seg0…, scale, zero, prec [E], ids [top_k], y [top_k, n])`` (ids all valid)."""
