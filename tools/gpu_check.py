@@ -315,6 +315,16 @@ def table(rows: list[dict]) -> str:
     return format_table(COLUMNS, [[r.get(c, "-") for c in COLUMNS] for r in rows])
 
 
+def check_prepare_folder(folder: Path) -> None:
+    """The build half replaces ``cuda-*`` bundles and ``kernels/`` in ``folder``: only an empty folder or an
+    earlier one of this script's (it has ``prepared.json``) is written into, never somebody's files."""
+    from moec.core.errors import MoecError
+    if folder.exists() and (not folder.is_dir() or (any(folder.iterdir())
+                                                    and not (folder / "prepared.json").is_file())):
+        raise MoecError(f"'{folder}' exists and is not an empty folder or an earlier --prepare folder "
+                        "(no prepared.json); refusing to write into it")
+
+
 def prepare(args, plans: dict, folder: Path) -> dict:
     """The build half into ``folder`` (``prepared.json`` + bundles + kernels); a failed part is recorded, not raised."""
     import gpu_kernels
@@ -440,6 +450,8 @@ def main(argv: list[str] | None = None) -> int:
         unknown = [s for s in args.shapes if s not in gpu_kernels.SHAPES]
         if unknown:
             raise MoecError(f"--shapes: {', '.join(unknown)} not in {', '.join(gpu_kernels.SHAPES)}")
+        if args.prepared is None and not args.dry_run:
+            check_prepare_folder(args.prepare or args.out)
     except (MoecError, OSError) as exc:
         print(f"error: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}", file=sys.stderr)
         return 2

@@ -133,6 +133,16 @@ def test_script_without_dependencies_is_one_line(tmp_path):
     assert len(errors) == 1 and "lacks moec's dependencies" in errors[0] and not res.stdout
 
 
+def test_prepare_refuses_a_folder_it_did_not_write(capsys, tmp_path):
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("keep")
+    assert gpu_check.main(["--prepare", str(mine), "--arch", "sm_90"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error:") and "refusing to write into it" in err and "\n" not in err
+    assert sorted(p.name for p in mine.iterdir()) == ["notes.txt"]
+
+
 @pytest.mark.parametrize("opts, needle", [(["--from", "nowhere"], "no readable prepared.json"),
                                           (["--prepare", "a", "--from", "b"], "give one"),
                                           (["--shapes", "olmoe,huge"], "--shapes: huge not in")])
