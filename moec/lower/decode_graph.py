@@ -342,8 +342,15 @@ class DecodeBuilder:
                 name = f"{nested}.{proj}"
                 return self.emitter.nested_experts(bb, inp, self.params.entries[name], self.vars, name, ids, prec)
 
-            g1, g3 = (self._expert_bias(call(x, w), layer, w, ids) for w in ("w1", "w3"))
-            out = self._expert_bias(call(blocks.glu(self, cfg, g1, g3), "w2"), layer, "w2", ids)
+            act = None
+            if not cfg.expert_bias and not cfg.swiglu_limit:  # gate and up in one call where the emitter has one
+                gate, up = f"{nested}.w1", f"{nested}.w3"
+                act = self.emitter.nested_swiglu_experts(bb, x, self.params.entries[gate], self.params.entries[up],
+                                                         self.vars, gate, up, ids, prec)
+            if act is None:
+                g1, g3 = (self._expert_bias(call(x, w), layer, w, ids) for w in ("w1", "w3"))
+                act = blocks.glu(self, cfg, g1, g3)
+            out = self._expert_bias(call(act, "w2"), layer, "w2", ids)
             return bb.emit(relax.op.sum(relax.op.multiply(out, weights), axis=0, keepdims=True))
         slots = bb.emit(relax.op.reshape(routing.ids, (cfg.top_k,))) if cfg.expert_bias else None
         weights = bb.emit(relax.op.reshape(routing.weights, (cfg.top_k, 1)))

@@ -156,19 +156,30 @@ class KernelEmitter(LinearEmitter):
     def nested_experts(self, bb, x, entry: WeightEntry, vars_, name, ids, prec):
         """One nested-GEMV call for the routed ``ids`` (all valid) at the widths in ``prec`` (int8 activations
         when the emitter's are: the stored widths, 4 and 8, are int8 widths)."""
+        int8 = self._nested_acts(entry.bits) == "int8"
+        return self._nested_call(bb, x, entry, None, vars_, name, None, ids, prec, "int8" if int8 else "float32")
+
+    def nested_swiglu_experts(self, bb, x, gate: WeightEntry, up: WeightEntry, vars_, gate_name, up_name, ids, prec):
+        """One int8 nested SwiGLU GEMV reading both stacks at the routed experts' widths (one table a layer), where
+        the stacks take int8 activations and share one shape; else None."""
+        same = (gate.bits, gate.shape, gate.group_size, gate.stacked) == (up.bits, up.shape, up.group_size, up.stacked)
+        if not same or self._nested_acts(gate.bits) != "int8":
+            return None
+        return self._nested_call(bb, x, gate, up, vars_, gate_name, up_name, ids, prec, "int8")
+
+    def _nested_call(self, bb, x, entry: WeightEntry, up: WeightEntry | None, vars_, name, up_name, ids, prec, acts):
         n, k = entry.shape
         top_k = int(ids.ty.shape[0])
         per_expert = int(x.ty.shape[0]) != 1
-        int8 = self._nested_acts(entry.bits) == "int8"
-        key = ("nested", entry.bits, n, k, entry.group_size, entry.stacked, top_k, per_expert, int8)
+        swiglu = up is not None
+        key = ("nested", entry.bits, n, k, entry.group_size, entry.stacked, top_k, per_expert, acts, swiglu)
         if key not in self._kernels:
-            self._kernels[key] = make_nested_gemv(*key[1:7], self.target, x_per_expert=per_expert,
-                                                  activations="int8" if int8 else "float32")
-        gv = add_kernel(bb, self._kernels[key], _symbol("nested", entry, f"t{top_k}", "xe" if per_expert else "",
-                                                        "i8" if int8 else ""))
-        segs = sorted((a for a in entry.arrays if a.startswith("kseg")), key=lambda a: int(a[4:]))
-        args = [x] + [vars_[f"{name}.{a}"] for a in segs] + [vars_[f"{name}.kscale"], vars_[f"{name}.kzero"], prec, ids]
-        return bb.emit(relax.call_tir(gv, args, relax.TensorType((top_k, n), "float32")))
+            self._kernels[key] = make_nested_gemv(*key[1:7], self.target, x_per_expert=per_expert, activations=acts,
+                                                  swiglu=swiglu)
+        gv = add_kernel(bb, self._kernels[key], _symbol("nested_swiglu" if swiglu else "nested", entry, f"t{top_k}",
+                                                        "xe" if per_expert else "", "i8" if acts == "int8" else ""))
+        args = [x] + self._nested_args(entry, vars_, name) + (self._nested_args(up, vars_, up_name) if swiglu else [])
+        return bb.emit(relax.call_tir(gv, args + [prec, ids], relax.TensorType((top_k, n), "float32")))
 
     def nested_grouped(self, bb, x, entry: WeightEntry, vars_, name, offsets, prec, rows=None):
         """One nested grouped-GEMM call on the pairs sorted by expert (``offsets``) at the widths in ``prec``, on

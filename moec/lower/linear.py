@@ -90,6 +90,11 @@ class LinearEmitter:
         raise MoecError("nested expert storage needs moec's kernels (x86, arm or cuda backend), not the reference "
                         "emitter")
 
+    def nested_swiglu_experts(self, bb, x, gate: WeightEntry, up: WeightEntry, vars_, gate_name, up_name, ids, prec):
+        """``silu(gate x) * (up x)`` of two nested stacks' routed rows at the widths of ``prec`` in one fused call, or
+        None when the emitter has no such kernel (the caller then calls :meth:`nested_experts` twice)."""
+        return None
+
     def nested_grouped(self, bb, x, entry: WeightEntry, vars_, name, offsets, prec, rows=None):
         """Prefill rows of a nested stack sorted by expert (``offsets``; ``x[rows]`` when ``rows`` is given) at the
         widths of ``prec``: needs kernels."""

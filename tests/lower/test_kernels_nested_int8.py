@@ -57,15 +57,15 @@ def _tile(isa, n):
     return kernel_tile(AVX2 if isa == "x86-avx2" else host_target(), n, None, "int8")
 
 
-def _nested_kernel(isa, storage, n, k, gs, experts, top_k, x_per_expert=False):
-    """The compiled int8 nested GEMV of ``isa`` for the host."""
+def _nested_kernel(isa, storage, n, k, gs, experts, top_k, x_per_expert=False, swiglu=False):
+    """The compiled int8 nested GEMV of ``isa`` for the host (``swiglu``: its SwiGLU form)."""
     if isa in ("x86", "x86-avx2"):
         target = _target(isa)
         func = make_nested_gemv(storage, n, k, gs, experts, top_k, target, x_per_expert=x_per_expert,
-                                activations="int8")
+                                activations="int8", swiglu=swiglu)
         return compile_kernel(func, target)
     else:
-        spec = NestedGemvSpec(storage, n, k, gs, experts, top_k, _tile(isa, n), x_per_expert)
+        spec = NestedGemvSpec(storage, n, k, gs, experts, top_k, _tile(isa, n), x_per_expert, swiglu)
         func = (vnni_nested_gemv(spec, x86.PARAMS, portable=True) if isa == "x86-portable"
                 else dotprod_nested_gemv(spec, arm.PARAMS, dot=portable_dot))
     return compile_kernel(func, host_target())
@@ -79,10 +79,15 @@ def _experts(storage, n, k, gs, experts, seed=0, isa="x86"):
     return pws, nws, stack_kernel_layouts([nested_kernel_layout(nw, tile) for nw in nws])
 
 
-def _run(mod, nws, stack, x, prec, ids, n):
-    segs = [stack[f"seg{s}"] for s in range(len(nws[0].segments))]
+def _stack_args(nws, stack):
+    return [stack[f"seg{s}"] for s in range(len(nws[0].segments))] + [stack["scale"], stack["zero"]]
+
+
+def _run(mod, nws, stack, x, prec, ids, n, up_stack=None):
+    """``mod`` on ``stack`` (and, for a SwiGLU kernel, ``up_stack`` after it)."""
+    ups = _stack_args(nws, up_stack) if up_stack is not None else []
     y = np.full((len(ids), n), 7.0, np.float32)
-    return call(mod, "gemv", [x, *segs, stack["scale"], stack["zero"], np.asarray(prec, np.int32),
+    return call(mod, "gemv", [x, *_stack_args(nws, stack), *ups, np.asarray(prec, np.int32),
                               np.asarray(ids, np.int32), y])
 
 
@@ -120,6 +125,34 @@ def test_int8_nested_gemv_serves_each_width_at_run_time(isa, storage, per_expert
                                        atol=1e-6 * float(np.abs(y[r]).max()))
             # and the derived weight times the activations the int8 kernels see
             assert_close(y[r], dequantize_nested(nws[e], prec[e]) @ dequantized_activations(xr[None], gs)[0])
+
+
+@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("storage,per_expert", [(8, False), (4, True)])
+def test_int8_nested_swiglu_is_silu_of_the_gate_times_the_up(isa, storage, per_expert):
+    """The SwiGLU form reads the gate's and the up's stacks at each routed expert's one run-time width:
+    ``silu(gate) * up`` of the plain kernel's two outputs (whose every width is checked above)."""
+    n, k, gs, experts, top_k = 64, 128, 32, 4, 3
+    _, nws, gate = _experts(storage, n, k, gs, experts, seed=6, isa=isa)
+    _, _, up = _experts(storage, n, k, gs, experts, seed=7, isa=isa)
+    plain = _nested_kernel(isa, storage, n, k, gs, experts, top_k, per_expert)
+    fused = _nested_kernel(isa, storage, n, k, gs, experts, top_k, per_expert, swiglu=True)
+    x = np.random.default_rng(8).standard_normal((top_k if per_expert else 1, k)).astype(np.float32) * 4
+    widths = nws[0].format.derived_bits
+    for prec in ([widths[e % len(widths)] for e in range(experts)], [widths[-1 - (e % 2)] for e in range(experts)]):
+        ids = [3, -1, 0]
+        y = _run(fused, nws, gate, x, prec, ids, n, up_stack=up)
+        g = _run(plain, nws, gate, x, prec, ids, n).astype(np.float64)
+        u = _run(plain, nws, up, x, prec, ids, n).astype(np.float64)
+        assert (y[1] == 7.0).all()  # row guard: an id of -1 computes and writes nothing
+        assert np.abs(g[[0, 2]]).max() > 1  # silu far from linear on some rows
+        want = (g / (1 + np.exp(-g)) * u)[[0, 2]]
+        np.testing.assert_allclose(y[[0, 2]], want, rtol=1e-5, atol=1e-6 * float(np.abs(want).max()))
+
+
+def test_nested_swiglu_needs_int8_activations():
+    with pytest.raises(MoecError, match="int8 activations"):
+        make_nested_gemv(8, 64, 128, 32, 4, 2, host_target(), swiglu=True)
 
 
 @pytest.mark.parametrize("isa", ["x86", "x86-avx2", "arm-portable"])

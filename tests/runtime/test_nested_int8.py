@@ -9,6 +9,7 @@ a mixed 2/3/4/8 plan under ``auto`` (3-bit experts and their prefill GEMMs on fl
 from __future__ import annotations
 
 import json
+import re
 
 import numpy as np
 import pytest
@@ -69,6 +70,11 @@ def test_int8_nested_bundle_runs_the_int8_kernel_and_equals_the_fixed_int8_bundl
     root, _ = bundles
     manifest = json.loads((root / "nested_i8" / "manifest.json").read_text())
     assert manifest["activations"] == "int8"
+    library = (root / "nested_i8" / "lib.so").read_bytes()
+    # the routed gate and up: one nested SwiGLU GEMV a layer (no GEMV of the shared token row is left; w2 reads
+    # one row per routed expert, "_xe")
+    assert re.search(rb"__tvm_ffi_nested_swiglu_b8_n\d+_k\d+_g\d+_s\d+_t\d+_i8\b", library)
+    assert not re.search(rb"__tvm_ffi_nested_b8_n\d+_k\d+_g\d+_s\d+_t\d+_i8\b", library)
     with BundleSession(root / "nested_i8") as nested, BundleSession(root / "fixed_i8") as fixed, \
             BundleSession(root / "nested_f32") as f32:
         prompt = nested.tokenizer.encode("Experts in a mixture").ids

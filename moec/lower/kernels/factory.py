@@ -152,7 +152,7 @@ def compile_kernel(func: tvm.tirx.PrimFunc, target: tvm.target.Target) -> tvm.ru
 
 def make_nested_gemv(storage_bits: int, n: int, k: int, group_size: int, num_stacked: int, top_k: int,
                      target: tvm.target.Target, *, x_per_expert: bool = False,
-                     activations: str = "float32") -> tvm.tirx.PrimFunc:
+                     activations: str = "float32", swiglu: bool = False) -> tvm.tirx.PrimFunc:
     """Decode GEMV over a nested expert stack whose per-expert width is a run-time argument.
 
     Returns ``gemv(x, seg0, …, scale, zero, prec, expert_ids, y)`` scheduled for ``target``'s family
@@ -160,12 +160,16 @@ def make_nested_gemv(storage_bits: int, n: int, k: int, group_size: int, num_sta
     :func:`moec.lower.kernels.layout.nested_kernel_layout`), with the segment and row guards.
     ``activations="int8"``: ``x`` quantized per group to int8 inside the kernel, as :func:`make_gemv`'s
     int8 kernels do (families with an int8 nested GEMV: x86 with AVX-512 VNNI,
-    :mod:`moec.lower.schedules.x86_vnni_nested`); same arguments.
+    :mod:`moec.lower.schedules.x86_vnni_nested`); same arguments. ``swiglu`` (int8 only): the gate's stack
+    arrays, then the up's, ``gemv(x, seg0, …, scale, zero, seg0_up, …, scale_up, zero_up, prec, expert_ids, y)``
+    with ``y = silu(gate x) * (up x)`` (:class:`~moec.lower.kernels.nested_gemv.NestedGemvSpec`).
     """
     target = tvm.target.Target(target)
     _check_activations(activations)
+    if swiglu and activations != "int8":
+        raise MoecError("the nested SwiGLU GEMV takes int8 activations")
     spec = NestedGemvSpec(storage_bits, n, k, group_size, num_stacked, top_k, kernel_tile(target, n, None, activations),
-                          x_per_expert)
+                          x_per_expert, swiglu)
     family = family_module(target)
     if activations == "int8":
         if not hasattr(family, "int8_nested_gemv"):

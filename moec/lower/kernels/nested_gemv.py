@@ -78,6 +78,10 @@ class NestedGemvSpec:
         A key of ``NESTED_FORMATS``.
     n, k, group_size, num_stacked, top_k, tile, x_per_expert
         As in :class:`moec.lower.kernels.gemv.GemvSpec`.
+    swiglu : bool
+        The SwiGLU form (int8 kernels only): a second stack of the same shape, ``up``, follows the first
+        (``gate``) in the arguments, both read at the routed expert's one width, and ``y`` is
+        ``silu(gate x) * (up x)``.
     """
 
     storage_bits: int
@@ -88,6 +92,7 @@ class NestedGemvSpec:
     top_k: int
     tile: int
     x_per_expert: bool = False
+    swiglu: bool = False
 
     def __post_init__(self) -> None:
         fmt = get_nested_format(self.storage_bits)

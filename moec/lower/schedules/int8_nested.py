@@ -25,6 +25,11 @@ loaded. A step is one *nibble word* ``a`` of a group (8 codes per row, one per 4
   the codes recentred to ``q − 128`` (``^ 0x80``) and the zero point shifted to match, as the fixed
   ARM kernel does.
 
+The SwiGLU form (``spec.swiglu``) takes a second stack, the up projection's, after the first (the gate's): a
+task computes its tile's rows of the gate, then the same rows of the up at the same width (one width table
+per layer), and writes ``silu(gate) * up`` (``rowwise.fast_silu``), as the fixed int8 SwiGLU GEMV does: one
+call and no intermediate rows instead of two GEMVs and an element-wise op.
+
 An ISA whose dot is two instructions (:attr:`DotIsa.pairs`, AVX2: ``vpmaddubsw`` to int16 pairs, then
 ``vpmaddwd``) takes every width as code bytes 0..15 and adds a chunk's first steps in int16 before one
 second step (8 pair sums of at most ``2·15·127`` a lane: exact); its 8-bit codes are two nibble sums,
@@ -52,6 +57,7 @@ from moec.core.errors import MoecError
 from moec.lower.kernels.decode import code_at
 from moec.lower.kernels.layout import num_tiles, zero_words
 from moec.lower.kernels.nested_gemv import NestedGemvSpec
+from moec.lower.kernels.rowwise import fast_silu
 from moec.lower.kernels.scopes import stack_scope
 from moec.lower.schedules.int8_common import (DotIsa, claim, claim_lanes, lane_task, quantize_activations_prep, splat,
                                               unclaimed)
@@ -372,33 +378,49 @@ def int8_nested_gemv(spec: NestedGemvSpec, isa: DotIsa, vecs: int) -> tirx.PrimF
     if len(widths) not in (3, 4):
         raise MoecError(f"{fmt.name}: the int8 nested GEMV serves 3 or 4 widths, not {len(widths)}")
     w = list(widths)
+    swiglu = spec.swiglu
 
     @T.macro
-    def run_task(segs, scale, zero, prec, expert_ids, y, sx, xsum, x8, acc, yacc, task):
-        """Parallel task ``task``: routed row ``task % top_k`` at its run-time width, row tile ``task // top_k``."""
+    def routed_rows(segs, scale, zero, prec, expert_ids, sx, xsum, x8, acc, yacc, task):
+        """``yacc`` = task ``task``'s rows of the stack (``segs``, ``scale``, ``zero``) at its routed row's run-time width."""
+        for v in T.unroll(tvecs):
+            for lane in T.vectorized(lanes):
+                yacc[v, lane] = T.float32(0)
+        if prec[expert_ids[task % top_k]] == w[0]:
+            nests[0](segs, scale, zero, sx, xsum, x8, yacc, acc, expert_ids[task % top_k], task,
+                     task % top_k * xstride)
+        elif prec[expert_ids[task % top_k]] == w[1]:
+            nests[1](segs, scale, zero, sx, xsum, x8, yacc, acc, expert_ids[task % top_k], task,
+                     task % top_k * xstride)
+        elif four and prec[expert_ids[task % top_k]] == w[2]:
+            nests[2](segs, scale, zero, sx, xsum, x8, yacc, acc, expert_ids[task % top_k], task,
+                     task % top_k * xstride)
+        else:  # the widest (the session refuses widths the format does not serve)
+            nests[-1](segs, scale, zero, sx, xsum, x8, yacc, acc, expert_ids[task % top_k], task,
+                      task % top_k * xstride)
+
+    @T.macro
+    def run_task(segs, scale, zero, ups, prec, expert_ids, y, sx, xsum, x8, acc, yacc, yup, task):
+        """Parallel task ``task``: routed row ``task % top_k`` at its run-time width, row tile ``task // top_k``;
+        with ``swiglu`` the same rows of the up stack ``ups`` (its segments, scale, zero) at the same width, and
+        ``silu(gate) * up`` written."""
         if expert_ids[task % top_k] >= 0:
-            for v in T.unroll(tvecs):
-                for lane in T.vectorized(lanes):
-                    yacc[v, lane] = T.float32(0)
-            if prec[expert_ids[task % top_k]] == w[0]:
-                nests[0](segs, scale, zero, sx, xsum, x8, yacc, acc, expert_ids[task % top_k], task,
-                         task % top_k * xstride)
-            elif prec[expert_ids[task % top_k]] == w[1]:
-                nests[1](segs, scale, zero, sx, xsum, x8, yacc, acc, expert_ids[task % top_k], task,
-                         task % top_k * xstride)
-            elif four and prec[expert_ids[task % top_k]] == w[2]:
-                nests[2](segs, scale, zero, sx, xsum, x8, yacc, acc, expert_ids[task % top_k], task,
-                         task % top_k * xstride)
-            else:  # the widest (the session refuses widths the format does not serve)
-                nests[-1](segs, scale, zero, sx, xsum, x8, yacc, acc, expert_ids[task % top_k], task,
-                          task % top_k * xstride)
-            for v in T.unroll(tvecs):
-                if task // top_k * tvecs + v < nb:
-                    for lane in T.vectorized(lanes):
-                        y[task % top_k, (task // top_k * tvecs + v) * lanes + lane] = yacc[v, lane]
+            routed_rows(segs, scale, zero, prec, expert_ids, sx, xsum, x8, acc, yacc, task)
+            if swiglu:
+                routed_rows(ups[0], ups[1], ups[2], prec, expert_ids, sx, xsum, x8, acc, yup, task)
+                for v in T.unroll(tvecs):
+                    if task // top_k * tvecs + v < nb:
+                        for lane in T.vectorized(lanes):
+                            y[task % top_k, (task // top_k * tvecs + v) * lanes + lane] = fast_silu(
+                                yacc[v, lane]) * yup[v, lane]
+            else:
+                for v in T.unroll(tvecs):
+                    if task // top_k * tvecs + v < nb:
+                        for lane in T.vectorized(lanes):
+                            y[task % top_k, (task // top_k * tvecs + v) * lanes + lane] = yacc[v, lane]
 
     @T.macro
-    def body(x, segs, scale, zero, prec, expert_ids, y):
+    def body(x, segs, scale, zero, ups, prec, expert_ids, y):
         sx = T.alloc_buffer((xr, groups), "float32")
         xsum = T.alloc_buffer((xr, groups), "int32")
         xq = T.alloc_buffer((xr, k), "int8")
@@ -411,10 +433,11 @@ def int8_nested_gemv(spec: NestedGemvSpec, isa: DotIsa, vecs: int) -> tirx.PrimF
             for cl in T.parallel(task_lanes):
                 acc = T.alloc_buffer((2 * vecs, lanes), "int32", scope=stack_scope(2 * vecs * lanes * 4))
                 yacc = T.alloc_buffer((tvecs, lanes), "float32", scope=stack_scope(tvecs * lanes * 4))
+                yup = T.alloc_buffer((tvecs if swiglu else 1, lanes), "float32", scope=stack_scope(tvecs * lanes * 4))
                 for j in range(ntask):
                     if unclaimed(claims, lane_task(cl, j, ntask, task_lanes)):
                         if claim(claims, lane_task(cl, j, ntask, task_lanes)):
-                            run_task(segs, scale, zero, prec, expert_ids, y, sx, xsum, x8, acc, yacc,
+                            run_task(segs, scale, zero, ups, prec, expert_ids, y, sx, xsum, x8, acc, yacc, yup,
                                      lane_task(cl, j, ntask, task_lanes))
         else:
             for task in T.parallel(ntask):  # tile-major (int8_common: routed task order)
@@ -422,29 +445,56 @@ def int8_nested_gemv(spec: NestedGemvSpec, isa: DotIsa, vecs: int) -> tirx.PrimF
                 # buffer or a bound scalar is a TVM workspace alloc/free per task (kernels/scopes.py)
                 acc = T.alloc_buffer((2 * vecs, lanes), "int32", scope=stack_scope(2 * vecs * lanes * 4))
                 yacc = T.alloc_buffer((tvecs, lanes), "float32", scope=stack_scope(tvecs * lanes * 4))
-                run_task(segs, scale, zero, prec, expert_ids, y, sx, xsum, x8, acc, yacc, task)
+                yup = T.alloc_buffer((tvecs if swiglu else 1, lanes), "float32", scope=stack_scope(tvecs * lanes * 4))
+                run_task(segs, scale, zero, ups, prec, expert_ids, y, sx, xsum, x8, acc, yacc, yup, task)
 
     def seg_shape(s):
         return (experts, nt, k * fmt.segment_bits[s] // 32, tile)
 
-    if nseg == 4:
-        @T.prim_func
-        def gemv(x: T.Buffer((xr, k), "float32"), seg0: T.Buffer(seg_shape(0), "uint32"),
-                 seg1: T.Buffer(seg_shape(1), "uint32"), seg2: T.Buffer(seg_shape(2), "uint32"),
-                 seg3: T.Buffer(seg_shape(3), "uint32"), scale: T.Buffer((experts, nt, groups, tile), "float16"),
-                 zero: T.Buffer((experts, nt, zw, tile), "uint32"), prec: T.Buffer((experts,), "int32"),
-                 expert_ids: T.Buffer((top_k,), "int32"), y: T.Buffer((top_k, n), "float32")):
-            T.func_attr({"global_symbol": "gemv", "tirx.noalias": True, "moec.row_guard": True})
-            body(x, [seg0, seg1, seg2, seg3], scale, zero, prec, expert_ids, y)
-    elif nseg == 3:
-        @T.prim_func
-        def gemv(x: T.Buffer((xr, k), "float32"), seg0: T.Buffer(seg_shape(0), "uint32"),
-                 seg1: T.Buffer(seg_shape(1), "uint32"), seg2: T.Buffer(seg_shape(2), "uint32"),
-                 scale: T.Buffer((experts, nt, groups, tile), "float16"),
-                 zero: T.Buffer((experts, nt, zw, tile), "uint32"), prec: T.Buffer((experts,), "int32"),
-                 expert_ids: T.Buffer((top_k,), "int32"), y: T.Buffer((top_k, n), "float32")):
-            T.func_attr({"global_symbol": "gemv", "tirx.noalias": True, "moec.row_guard": True})
-            body(x, [seg0, seg1, seg2], scale, zero, prec, expert_ids, y)
-    else:
+    scale_shape, zero_shape = (experts, nt, groups, tile), (experts, nt, zw, tile)
+    if nseg not in (3, 4):
         raise MoecError(f"{fmt.name}: the int8 nested GEMV takes 3 or 4 segments, not {nseg}")
+    if nseg == 4 and swiglu:
+        @T.prim_func
+        def gemv(x: T.Buffer((xr, k), "float32"), seg0: T.Buffer(seg_shape(0), "uint32"),
+                 seg1: T.Buffer(seg_shape(1), "uint32"), seg2: T.Buffer(seg_shape(2), "uint32"),
+                 seg3: T.Buffer(seg_shape(3), "uint32"), scale: T.Buffer(scale_shape, "float16"),
+                 zero: T.Buffer(zero_shape, "uint32"), seg0_up: T.Buffer(seg_shape(0), "uint32"),
+                 seg1_up: T.Buffer(seg_shape(1), "uint32"), seg2_up: T.Buffer(seg_shape(2), "uint32"),
+                 seg3_up: T.Buffer(seg_shape(3), "uint32"), scale_up: T.Buffer(scale_shape, "float16"),
+                 zero_up: T.Buffer(zero_shape, "uint32"), prec: T.Buffer((experts,), "int32"),
+                 expert_ids: T.Buffer((top_k,), "int32"), y: T.Buffer((top_k, n), "float32")):
+            T.func_attr({"global_symbol": "gemv", "tirx.noalias": True, "moec.row_guard": True})
+            body(x, [seg0, seg1, seg2, seg3], scale, zero, ([seg0_up, seg1_up, seg2_up, seg3_up], scale_up, zero_up),
+                 prec, expert_ids, y)
+    elif nseg == 3 and swiglu:
+        @T.prim_func
+        def gemv(x: T.Buffer((xr, k), "float32"), seg0: T.Buffer(seg_shape(0), "uint32"),
+                 seg1: T.Buffer(seg_shape(1), "uint32"), seg2: T.Buffer(seg_shape(2), "uint32"),
+                 scale: T.Buffer(scale_shape, "float16"), zero: T.Buffer(zero_shape, "uint32"),
+                 seg0_up: T.Buffer(seg_shape(0), "uint32"), seg1_up: T.Buffer(seg_shape(1), "uint32"),
+                 seg2_up: T.Buffer(seg_shape(2), "uint32"), scale_up: T.Buffer(scale_shape, "float16"),
+                 zero_up: T.Buffer(zero_shape, "uint32"), prec: T.Buffer((experts,), "int32"),
+                 expert_ids: T.Buffer((top_k,), "int32"), y: T.Buffer((top_k, n), "float32")):
+            T.func_attr({"global_symbol": "gemv", "tirx.noalias": True, "moec.row_guard": True})
+            body(x, [seg0, seg1, seg2], scale, zero, ([seg0_up, seg1_up, seg2_up], scale_up, zero_up),
+                 prec, expert_ids, y)
+    elif nseg == 4:
+        @T.prim_func
+        def gemv(x: T.Buffer((xr, k), "float32"), seg0: T.Buffer(seg_shape(0), "uint32"),
+                 seg1: T.Buffer(seg_shape(1), "uint32"), seg2: T.Buffer(seg_shape(2), "uint32"),
+                 seg3: T.Buffer(seg_shape(3), "uint32"), scale: T.Buffer(scale_shape, "float16"),
+                 zero: T.Buffer(zero_shape, "uint32"), prec: T.Buffer((experts,), "int32"),
+                 expert_ids: T.Buffer((top_k,), "int32"), y: T.Buffer((top_k, n), "float32")):
+            T.func_attr({"global_symbol": "gemv", "tirx.noalias": True, "moec.row_guard": True})
+            body(x, [seg0, seg1, seg2, seg3], scale, zero, None, prec, expert_ids, y)
+    else:
+        @T.prim_func
+        def gemv(x: T.Buffer((xr, k), "float32"), seg0: T.Buffer(seg_shape(0), "uint32"),
+                 seg1: T.Buffer(seg_shape(1), "uint32"), seg2: T.Buffer(seg_shape(2), "uint32"),
+                 scale: T.Buffer(scale_shape, "float16"), zero: T.Buffer(zero_shape, "uint32"),
+                 prec: T.Buffer((experts,), "int32"), expert_ids: T.Buffer((top_k,), "int32"),
+                 y: T.Buffer((top_k, n), "float32")):
+            T.func_attr({"global_symbol": "gemv", "tirx.noalias": True, "moec.row_guard": True})
+            body(x, [seg0, seg1, seg2], scale, zero, None, prec, expert_ids, y)
     return gemv
