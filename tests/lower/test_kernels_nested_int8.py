@@ -238,14 +238,15 @@ def test_arm_int8_nested_gemv_emits_sdot_for_raspberry_pi_5():
 @pytest.mark.parametrize("isa", ["x86", "x86-avx2", "x86-portable"])
 @pytest.mark.parametrize("threads", [1, 2])
 def test_int8_nested_claimed_tasks_match_the_static_split(monkeypatch, isa, threads):
-    """24 tasks (8 row tiles x 3 routed rows) are claimed with ``lock bts``: the output equals TVM's static
+    """24 tasks (8 tasks of rows x 3 routed rows) are claimed with ``lock bts``: the output equals TVM's static
     split's bit for bit at mixed run-time widths, an unrouted row left unwritten by both."""
     import dataclasses
 
     from moec.runtime.session import use_threads
 
     target = host_target() if isa == "x86-portable" else _target(isa)
-    n, k, gs, experts, top_k = 512, 64, 32, 4, 3
+    n = 8 * 16 * x86.PARAMS.int8_nested_task_vectors if isa != "x86-avx2" else 512  # (AVX2: 4 vectors of 8 rows)
+    k, gs, experts, top_k = 64, 32, 4, 3
     _, nws, stack = _experts(8, n, k, gs, experts, seed=7, isa=isa)
     x = np.random.default_rng(8).standard_normal((1, k)).astype(np.float32)
     prec, ids = [2, 8, 3, 4], [3, -1, 1]

@@ -209,17 +209,22 @@ def task_blocks(tile: int, lanes: int, vecs: int) -> int:
     return per_tile // vecs if per_tile > vecs and per_tile % vecs == 0 else 1
 
 
-def int8_nested_gemv(spec: NestedGemvSpec, isa: DotIsa, vecs: int) -> tirx.PrimFunc:
+def int8_nested_gemv(spec: NestedGemvSpec, isa: DotIsa, vecs: int, task_vectors: int = 0) -> tirx.PrimFunc:
     """The int8-activation nested GEMV for ``spec`` on ``isa``: register blocks of ``vecs`` vectors of rows,
-    a task one block or, on a layout tile of several blocks, the whole tile (:func:`task_blocks`)."""
+    a task one block or, on a layout tile of several blocks, the whole tile (:func:`task_blocks`).
+
+    ``task_vectors`` (a multiple of ``vecs``; 0: as above): vectors per task. The widths up to 4 bits then run
+    the task as one block of one chain a vector (odd lanes shifted down, so both halves of a nibble word
+    sum in one accumulator), the 8-bit width its ``vecs``-vector blocks of two chains one after another."""
     fmt, bits, lanes = spec.format, spec.storage_bits, isa.lanes
     check_int8_nested(spec, isa, vecs)
+    if task_vectors and (task_vectors % vecs or isa.pairs is not None):
+        raise MoecError(f"internal: task_vectors {task_vectors} is not a multiple of {vecs} or the ISA sums pairs")
     if isa.pairs is not None and isa.unsigned_codes:
         raise MoecError("internal: int16 pair sums need code bytes shifted down (a signed-code DotIsa)")
     n, k, gs, tile, top_k, experts = spec.n, spec.k, spec.group_size, spec.tile, spec.top_k, spec.num_stacked
     groups, nb = k // gs, n // lanes
-    blocks = task_blocks(tile, lanes, vecs)
-    tvecs = blocks * vecs  # vectors per task
+    tvecs = task_vectors or task_blocks(tile, lanes, vecs) * vecs  # vectors per task
     tiles = -(-nb // tvecs)
     chunks = gs // 32  # 4 nibble words (32 codes) per chunk
     xr = top_k if spec.x_per_expert else 1
@@ -249,22 +254,32 @@ def int8_nested_gemv(spec: NestedGemvSpec, isa: DotIsa, vecs: int) -> tirx.PrimF
         return T.reinterpret(f"int8x{4 * lanes}", T.Broadcast(
             T.reinterpret("int32", x8[r, T.ramp(g * gs + ch * 32 + 8 * a + 4 * half, 1, 4)]), lanes))
 
-    @T.macro
-    def clear(acc):
-        for a in T.unroll(2 * vecs):
-            for lane in T.vectorized(lanes):
-                acc[a, lane] = 0
+    def block_shape(d) -> tuple[int, int]:
+        """(vectors a register block, chains a vector) of width ``d``'s nest."""
+        return (tvecs, 1) if task_vectors and widths[d] <= 4 else (vecs, 2)
+
+    def make_clear(rows: int):
+        @T.macro
+        def clear(acc):
+            for a in T.unroll(rows):
+                for lane in T.vectorized(lanes):
+                    acc[a, lane] = 0
+        return clear
+
+    clear = make_clear(2 * vecs)
 
     def make_add_terms(d):
+        bv, chains = block_shape(d)
+
         @T.macro
         def add_terms(scale, zero, sx, xsum, yacc, acc, e, task, r, g, b):
             """Group ``g``'s scaled sums of block ``b``'s vectors into ``yacc`` (the two chains of a vector added)."""
-            for v in T.unroll(vecs):
-                if task // top_k * tvecs + b * vecs + v < nb:
+            for v in T.unroll(bv):
+                if task // top_k * tvecs + b * bv + v < nb:
                     for lane in T.vectorized(lanes):
-                        yacc[b * vecs + v, lane] = yacc[b * vecs + v, lane] + group_term(
-                            group_dot(acc[2 * v, lane], acc[2 * v + 1, lane], d), scale, zero, sx, xsum, e,
-                            task // top_k * tvecs + b * vecs + v, g, lane, r, d)
+                        yacc[b * bv + v, lane] = yacc[b * bv + v, lane] + group_term(
+                            acc[v, lane] if chains == 1 else group_dot(acc[2 * v, lane], acc[2 * v + 1, lane], d),
+                            scale, zero, sx, xsum, e, task // top_k * tvecs + b * bv + v, g, lane, r, d)
         return add_terms
 
     def make_nest(d):
@@ -280,33 +295,78 @@ def int8_nested_gemv(spec: NestedGemvSpec, isa: DotIsa, vecs: int) -> tirx.PrimF
             codes = byte_words(isa, fmt, d, chunk_loader(segs, e, gv, g, ch), a)[half]
             return isa.dot(acc, codes, x4_of(x8, r, g, ch, a, half))
 
+        if block_shape(d)[1] == 1:
+            return make_one_chain_nest(d, add_terms)
+        blocks = tvecs // vecs
+
         @T.macro
-        def nest(segs, scale, zero, sx, xsum, x8, yacc, acc, e, task, r):
+        def block_group(segs, scale, zero, sx, xsum, x8, yacc, acc, e, task, r, g, b):
+            """Group ``g`` of register block ``b``: its chains cleared, stepped over the group's chunks, added to ``yacc``."""
             # (the vector index is spelled out in each statement: naming it with a let variable made
             # LLVM spill 13-38 vectors a chunk instead of 4-13 on x86)
+            clear(acc)
+            for ch in range(chunks):
+                for v in T.unroll(vecs):
+                    if task // top_k * tvecs + b * vecs + v < nb:
+                        acc[2 * v + 0, T.ramp(0, 1, lanes)] = step(
+                            segs, x8, acc[2 * v + 0, T.ramp(0, 1, lanes)], e, task // top_k * tvecs + b * vecs + v, g, ch, r, 0, 0)
+                        acc[2 * v + 1, T.ramp(0, 1, lanes)] = step(
+                            segs, x8, acc[2 * v + 1, T.ramp(0, 1, lanes)], e, task // top_k * tvecs + b * vecs + v, g, ch, r, 0, 1)
+                        acc[2 * v + 0, T.ramp(0, 1, lanes)] = step(
+                            segs, x8, acc[2 * v + 0, T.ramp(0, 1, lanes)], e, task // top_k * tvecs + b * vecs + v, g, ch, r, 1, 0)
+                        acc[2 * v + 1, T.ramp(0, 1, lanes)] = step(
+                            segs, x8, acc[2 * v + 1, T.ramp(0, 1, lanes)], e, task // top_k * tvecs + b * vecs + v, g, ch, r, 1, 1)
+                        acc[2 * v + 0, T.ramp(0, 1, lanes)] = step(
+                            segs, x8, acc[2 * v + 0, T.ramp(0, 1, lanes)], e, task // top_k * tvecs + b * vecs + v, g, ch, r, 2, 0)
+                        acc[2 * v + 1, T.ramp(0, 1, lanes)] = step(
+                            segs, x8, acc[2 * v + 1, T.ramp(0, 1, lanes)], e, task // top_k * tvecs + b * vecs + v, g, ch, r, 2, 1)
+                        acc[2 * v + 0, T.ramp(0, 1, lanes)] = step(
+                            segs, x8, acc[2 * v + 0, T.ramp(0, 1, lanes)], e, task // top_k * tvecs + b * vecs + v, g, ch, r, 3, 0)
+                        acc[2 * v + 1, T.ramp(0, 1, lanes)] = step(
+                            segs, x8, acc[2 * v + 1, T.ramp(0, 1, lanes)], e, task // top_k * tvecs + b * vecs + v, g, ch, r, 3, 1)
+            add_terms(scale, zero, sx, xsum, yacc, acc, e, task, r, g, b)
+
+        if task_vectors:  # a task's blocks one after another, each over the whole K
+            @T.macro
+            def nest(segs, scale, zero, sx, xsum, x8, yacc, acc, e, task, r):
+                for b in range(blocks):
+                    for g in range(groups):
+                        block_group(segs, scale, zero, sx, xsum, x8, yacc, acc, e, task, r, g, b)
+            return nest
+
+        @T.macro
+        def nest(segs, scale, zero, sx, xsum, x8, yacc, acc, e, task, r):
             for g in range(groups):
                 for b in range(blocks):  # a whole tile's register blocks, one after another
-                    clear(acc)
-                    for ch in range(chunks):
-                        for v in T.unroll(vecs):
-                            if task // top_k * tvecs + b * vecs + v < nb:
-                                acc[2 * v + 0, T.ramp(0, 1, lanes)] = step(
-                                    segs, x8, acc[2 * v + 0, T.ramp(0, 1, lanes)], e, task // top_k * tvecs + b * vecs + v, g, ch, r, 0, 0)
-                                acc[2 * v + 1, T.ramp(0, 1, lanes)] = step(
-                                    segs, x8, acc[2 * v + 1, T.ramp(0, 1, lanes)], e, task // top_k * tvecs + b * vecs + v, g, ch, r, 0, 1)
-                                acc[2 * v + 0, T.ramp(0, 1, lanes)] = step(
-                                    segs, x8, acc[2 * v + 0, T.ramp(0, 1, lanes)], e, task // top_k * tvecs + b * vecs + v, g, ch, r, 1, 0)
-                                acc[2 * v + 1, T.ramp(0, 1, lanes)] = step(
-                                    segs, x8, acc[2 * v + 1, T.ramp(0, 1, lanes)], e, task // top_k * tvecs + b * vecs + v, g, ch, r, 1, 1)
-                                acc[2 * v + 0, T.ramp(0, 1, lanes)] = step(
-                                    segs, x8, acc[2 * v + 0, T.ramp(0, 1, lanes)], e, task // top_k * tvecs + b * vecs + v, g, ch, r, 2, 0)
-                                acc[2 * v + 1, T.ramp(0, 1, lanes)] = step(
-                                    segs, x8, acc[2 * v + 1, T.ramp(0, 1, lanes)], e, task // top_k * tvecs + b * vecs + v, g, ch, r, 2, 1)
-                                acc[2 * v + 0, T.ramp(0, 1, lanes)] = step(
-                                    segs, x8, acc[2 * v + 0, T.ramp(0, 1, lanes)], e, task // top_k * tvecs + b * vecs + v, g, ch, r, 3, 0)
-                                acc[2 * v + 1, T.ramp(0, 1, lanes)] = step(
-                                    segs, x8, acc[2 * v + 1, T.ramp(0, 1, lanes)], e, task // top_k * tvecs + b * vecs + v, g, ch, r, 3, 1)
-                    add_terms(scale, zero, sx, xsum, yacc, acc, e, task, r, g, b)
+                    block_group(segs, scale, zero, sx, xsum, x8, yacc, acc, e, task, r, g, b)
+
+        return nest
+
+    def make_one_chain_nest(d, add_terms):
+        """Width ``d``'s nest (up to 4 bits) as one block of the task's ``tvecs`` vectors: a nibble word's odd
+        lanes shifted down, so both halves are ``q_k << (4 − k)`` and sum in one chain a vector."""
+        clear_one = make_clear(tvecs)
+
+        def word(segs, x8, acc, e, gv, g, ch, r, a: int):
+            even, odd = byte_words(isa, fmt, d, chunk_loader(segs, e, gv, g, ch), a, odd_in_place=False)
+            return isa.dot(isa.dot(acc, even, x4_of(x8, r, g, ch, a, 0)), odd, x4_of(x8, r, g, ch, a, 1))
+
+        @T.macro
+        def nest(segs, scale, zero, sx, xsum, x8, yacc, acc, e, task, r):
+            for g in range(groups):
+                clear_one(acc)
+                for ch in range(chunks):
+                    for v in T.unroll(tvecs):
+                        if task // top_k * tvecs + v < nb:
+                            acc[v, T.ramp(0, 1, lanes)] = word(
+                                segs, x8, acc[v, T.ramp(0, 1, lanes)], e, task // top_k * tvecs + v, g, ch, r, 0)
+                            acc[v, T.ramp(0, 1, lanes)] = word(
+                                segs, x8, acc[v, T.ramp(0, 1, lanes)], e, task // top_k * tvecs + v, g, ch, r, 1)
+                            acc[v, T.ramp(0, 1, lanes)] = word(
+                                segs, x8, acc[v, T.ramp(0, 1, lanes)], e, task // top_k * tvecs + v, g, ch, r, 2)
+                            acc[v, T.ramp(0, 1, lanes)] = word(
+                                segs, x8, acc[v, T.ramp(0, 1, lanes)], e, task // top_k * tvecs + v, g, ch, r, 3)
+                add_terms(scale, zero, sx, xsum, yacc, acc, e, task, r, g, 0)
 
         return nest
 
@@ -341,7 +401,7 @@ def int8_nested_gemv(spec: NestedGemvSpec, isa: DotIsa, vecs: int) -> tirx.PrimF
         def nest(segs, scale, zero, sx, xsum, x8, yacc, acc, e, task, r):
             acc16 = T.alloc_buffer((2 * vecs, 2 * lanes), "int16", scope=stack_scope(2 * vecs * lanes * 4))
             for g in range(groups):
-                for b in range(blocks):
+                for b in range(tvecs // vecs):
                     clear(acc)
                     for ch in range(chunks):
                         for v in T.unroll(vecs):
@@ -374,6 +434,7 @@ def int8_nested_gemv(spec: NestedGemvSpec, isa: DotIsa, vecs: int) -> tirx.PrimF
         return nest
 
     nests = [make_nest(d) for d in range(len(widths))]
+    acc_rows = max(2 * vecs, tvecs if task_vectors else 0)
     four = len(widths) == 4  # else three widths: the third test is left out (a Python-level False)
     if len(widths) not in (3, 4):
         raise MoecError(f"{fmt.name}: the int8 nested GEMV serves 3 or 4 widths, not {len(widths)}")
@@ -431,7 +492,7 @@ def int8_nested_gemv(spec: NestedGemvSpec, isa: DotIsa, vecs: int) -> tirx.PrimF
             for c in range(claim_words):
                 claims[c] = T.uint32(0)
             for cl in T.parallel(task_lanes):
-                acc = T.alloc_buffer((2 * vecs, lanes), "int32", scope=stack_scope(2 * vecs * lanes * 4))
+                acc = T.alloc_buffer((acc_rows, lanes), "int32", scope=stack_scope(acc_rows * lanes * 4))
                 yacc = T.alloc_buffer((tvecs, lanes), "float32", scope=stack_scope(tvecs * lanes * 4))
                 yup = T.alloc_buffer((tvecs if swiglu else 1, lanes), "float32", scope=stack_scope(tvecs * lanes * 4))
                 for j in range(ntask):
@@ -443,7 +504,7 @@ def int8_nested_gemv(spec: NestedGemvSpec, isa: DotIsa, vecs: int) -> tirx.PrimF
             for task in T.parallel(ntask):  # tile-major (int8_common: routed task order)
                 # register tiles on the stack, the expert id, width and activation row read in place: a "local"
                 # buffer or a bound scalar is a TVM workspace alloc/free per task (kernels/scopes.py)
-                acc = T.alloc_buffer((2 * vecs, lanes), "int32", scope=stack_scope(2 * vecs * lanes * 4))
+                acc = T.alloc_buffer((acc_rows, lanes), "int32", scope=stack_scope(acc_rows * lanes * 4))
                 yacc = T.alloc_buffer((tvecs, lanes), "float32", scope=stack_scope(tvecs * lanes * 4))
                 yup = T.alloc_buffer((tvecs if swiglu else 1, lanes), "float32", scope=stack_scope(tvecs * lanes * 4))
                 run_task(segs, scale, zero, ups, prec, expert_ids, y, sx, xsum, x8, acc, yacc, yup, task)

@@ -86,6 +86,16 @@ class X86Params(CpuScheduleParams):
         keeps each chunk's segment words and the 8 broadcast activations live, so 8 vectors (16
         accumulators) spilled 74-78 vectors a chunk at 3 and 8 bits; 4 spill 4-14 (2026-12-03,
         kernel alone, CPU time at load 6: 8-bit 2,013 → 1,145 µs a call cold).
+    int8_nested_task_vectors : int
+        16-row vectors per parallel task of the int8 nested GEMV (0: ``int8_nested_tile_vectors``): 8 = two
+        64-row tiles, which widths up to 4 bits run as one block of one chain a vector (odd nibble lanes
+        shifted down, one more shift a word, so 8 accumulators as before) and 8 bits as two 4-vector
+        blocks one after another. Kernel alone (``benchmarks/dynamic.py --parts kernel --calls 300 --modes
+        int8``, 2026-12-04, Zen 5, two interleaved runs each), nested / fixed time at 2/3/4/8 bits, 4 → 8:
+        1 thread 1.28–1.33 / 1.03–1.08 / 1.42–1.47 / 1.16–1.17x → 1.19–1.23 / 0.94–0.97 / 1.29–1.30 /
+        1.06–1.08x; 2 threads 1.21–1.23 / 1.01 / 1.16–1.19 / 1.11–1.13x → 1.12–1.17 / 0.96–1.08 / 1.17–1.18 /
+        1.11–1.12x. Eight vectors of two chains (16 accumulators) spilled; one chain at 8 bits too (24
+        spill stores a 64-dot block: 1.45x).
     nested_int8_tile : int
         Largest row tile of nested stacks read by the int8 nested GEMV (0: ``layout_tile``). 64 = a
         task's rows (``int8_nested_tile_vectors`` vectors), so a task reads each segment of its rows as
@@ -160,6 +170,7 @@ class X86Params(CpuScheduleParams):
     gemm_unpack_tokens: tuple[tuple[int, int], ...] = ((3, 12),)
     int8_tile_vectors: int = 8
     int8_nested_tile_vectors: int = 4
+    int8_nested_task_vectors: int = 8
     nested_int8_tile: int = 64
     int8_chains: int = 2
     int8_plane_masks: bool = True

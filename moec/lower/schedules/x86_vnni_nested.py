@@ -23,7 +23,8 @@ def vnni_nested_gemv(spec: NestedGemvSpec, params, portable: bool = False) -> ti
     """The int8-activation nested GEMV for ``spec``; ``params`` an
     :class:`~moec.lower.schedules.x86.X86Params` (``int8_nested_tile_vectors``, ``int8_claim_lanes``).
     ``portable``: the VNNI and ternary-logic instructions as plain TIR (tests on hosts without them)."""
-    return int8_nested_gemv(spec, vnni_isa(portable, params.int8_claim_lanes), params.int8_nested_tile_vectors)
+    return int8_nested_gemv(spec, vnni_isa(portable, params.int8_claim_lanes), params.int8_nested_tile_vectors,
+                            params.int8_nested_task_vectors)
 
 
 def vnni_nested_grouped_gemm(spec: NestedGroupedSpec, params, portable: bool = False) -> tirx.PrimFunc:
