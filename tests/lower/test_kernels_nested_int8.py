@@ -267,6 +267,28 @@ def test_int8_nested_claimed_tasks_match_the_static_split(monkeypatch, isa, thre
     assert np.array_equal(outs[1], outs[0]) and (outs[0][1] == 7.0).all()
 
 
+@pytest.mark.parametrize("task_vectors", [4, 8, 16])
+def test_task_vectors_give_the_same_rows(task_vectors):
+    """``X86Params.int8_nested_task_vectors``: 4 (one two-chain block a task), 8 (the default: widths up to 4 bits
+    one one-chain block, 8 bits two two-chain blocks one after another) and 16 (two and four blocks): every
+    width's rows against the reference, a partial last task (N = 1088: 68 vectors) and an unrouted row."""
+    import dataclasses
+
+    n, k, gs, experts, top_k = 1088, 64, 32, 4, 3
+    params = dataclasses.replace(x86.PARAMS, int8_nested_task_vectors=task_vectors)
+    _, nws, stack = _experts(8, n, k, gs, experts, seed=14, isa="x86-portable")
+    spec = NestedGemvSpec(8, n, k, gs, experts, top_k, _tile("x86-portable", n))
+    mod = compile_kernel(vnni_nested_gemv(spec, params, portable=True), host_target())
+    x = np.random.default_rng(15).standard_normal((1, k)).astype(np.float32)
+    ids = [3, -1, 1]
+    for prec in ([2, 8, 3, 4], [8, 4, 2, 3]):
+        y = _run(mod, nws, stack, x, prec, ids, n)
+        assert (y[1] == 7.0).all()
+        for r, e in ((0, 3), (2, 1)):
+            np.testing.assert_allclose(y[r], _reference(nws[e], prec[e], x[0], gs), rtol=1e-5,
+                                       atol=1e-6 * float(np.abs(y[r]).max()))
+
+
 @pytest.mark.parametrize("n", [1024, 192, 80])
 def test_whole_tile_tasks_match_the_one_block_tasks(monkeypatch, n):
     """``nested_int8_tile = 128``: N = 1024 is laid out in 128-row tiles and a task runs a tile's two register

@@ -18,8 +18,9 @@ loaded. A step is one *nibble word* ``a`` of a group (8 codes per row, one per 4
   built once a chunk: :func:`pair_word`), each lane holding ``q_k << (4 − k)`` (bits below may be
   stale); ``word & M`` puts lanes 0,2,4,6 one per byte, and lanes 1,3,5,7 either in place
   (``word & (M << 4)``, unsigned dots: their chain sums 16 × the products and is shifted right by 4
-  once a group) or shifted down (``(word >> 4) & M``, signed dots, where a high nibble would read as
-  negative); two dots multiply them by 4 int8 activations each;
+  once a group) or shifted down (``(word >> 4) & M``: signed dots, where a high nibble would read as
+  negative, and the one-chain blocks of ``task_vectors``, where both halves share an accumulator); two
+  dots multiply them by 4 int8 activations each;
 - ``k = 8`` (8-bit storage): the top nibble word (segments 2+1+1) and the low segment's word are
   interleaved into two byte words of whole codes (two bit selects), then two dots; signed dots take
   the codes recentred to ``q − 128`` (``^ 0x80``) and the zero point shifted to match, as the fixed
@@ -213,12 +214,13 @@ def int8_nested_gemv(spec: NestedGemvSpec, isa: DotIsa, vecs: int, task_vectors:
     """The int8-activation nested GEMV for ``spec`` on ``isa``: register blocks of ``vecs`` vectors of rows,
     a task one block or, on a layout tile of several blocks, the whole tile (:func:`task_blocks`).
 
-    ``task_vectors`` (a multiple of ``vecs``; 0: as above): vectors per task. The widths up to 4 bits then run
-    the task as one block of one chain a vector (odd lanes shifted down, so both halves of a nibble word
-    sum in one accumulator), the 8-bit width its ``vecs``-vector blocks of two chains one after another."""
+    ``task_vectors`` (a multiple of ``2 * vecs``, or ``vecs`` itself; 0: as above): vectors per task, in register
+    blocks one after another, each over the whole K: up to 4 bits blocks of ``2 * vecs`` vectors of one chain
+    (odd lanes shifted down, so both halves of a nibble word sum in one accumulator), 8 bits blocks of
+    ``vecs`` vectors of two chains; either way ``2 * vecs`` accumulators."""
     fmt, bits, lanes = spec.format, spec.storage_bits, isa.lanes
     check_int8_nested(spec, isa, vecs)
-    if task_vectors and (task_vectors % vecs or isa.pairs is not None):
+    if task_vectors and (task_vectors % (2 * vecs) and task_vectors != vecs or isa.pairs is not None):
         raise MoecError(f"internal: task_vectors {task_vectors} is not a multiple of {vecs} or the ISA sums pairs")
     if isa.pairs is not None and isa.unsigned_codes:
         raise MoecError("internal: int16 pair sums need code bytes shifted down (a signed-code DotIsa)")
@@ -256,7 +258,7 @@ def int8_nested_gemv(spec: NestedGemvSpec, isa: DotIsa, vecs: int, task_vectors:
 
     def block_shape(d) -> tuple[int, int]:
         """(vectors a register block, chains a vector) of width ``d``'s nest."""
-        return (tvecs, 1) if task_vectors and widths[d] <= 4 else (vecs, 2)
+        return (min(tvecs, 2 * vecs), 1) if task_vectors and widths[d] <= 4 else (vecs, 2)
 
     def make_clear(rows: int):
         @T.macro
@@ -343,9 +345,11 @@ def int8_nested_gemv(spec: NestedGemvSpec, isa: DotIsa, vecs: int, task_vectors:
         return nest
 
     def make_one_chain_nest(d, add_terms):
-        """Width ``d``'s nest (up to 4 bits) as one block of the task's ``tvecs`` vectors: a nibble word's odd
-        lanes shifted down, so both halves are ``q_k << (4 − k)`` and sum in one chain a vector."""
-        clear_one = make_clear(tvecs)
+        """Width ``d``'s nest (up to 4 bits) in blocks of ``2 * vecs`` vectors (at most the task's), one after
+        another: a nibble word's odd lanes shifted down, so both halves are ``q_k << (4 − k)`` and sum in
+        one chain a vector."""
+        bv = block_shape(d)[0]
+        clear_one = make_clear(bv)
 
         def word(segs, x8, acc, e, gv, g, ch, r, a: int):
             even, odd = byte_words(isa, fmt, d, chunk_loader(segs, e, gv, g, ch), a, odd_in_place=False)
@@ -353,20 +357,21 @@ def int8_nested_gemv(spec: NestedGemvSpec, isa: DotIsa, vecs: int, task_vectors:
 
         @T.macro
         def nest(segs, scale, zero, sx, xsum, x8, yacc, acc, e, task, r):
-            for g in range(groups):
-                clear_one(acc)
-                for ch in range(chunks):
-                    for v in T.unroll(tvecs):
-                        if task // top_k * tvecs + v < nb:
-                            acc[v, T.ramp(0, 1, lanes)] = word(
-                                segs, x8, acc[v, T.ramp(0, 1, lanes)], e, task // top_k * tvecs + v, g, ch, r, 0)
-                            acc[v, T.ramp(0, 1, lanes)] = word(
-                                segs, x8, acc[v, T.ramp(0, 1, lanes)], e, task // top_k * tvecs + v, g, ch, r, 1)
-                            acc[v, T.ramp(0, 1, lanes)] = word(
-                                segs, x8, acc[v, T.ramp(0, 1, lanes)], e, task // top_k * tvecs + v, g, ch, r, 2)
-                            acc[v, T.ramp(0, 1, lanes)] = word(
-                                segs, x8, acc[v, T.ramp(0, 1, lanes)], e, task // top_k * tvecs + v, g, ch, r, 3)
-                add_terms(scale, zero, sx, xsum, yacc, acc, e, task, r, g, 0)
+            for b in range(tvecs // bv):
+                for g in range(groups):
+                    clear_one(acc)
+                    for ch in range(chunks):
+                        for v in T.unroll(bv):
+                            if task // top_k * tvecs + b * bv + v < nb:
+                                acc[v, T.ramp(0, 1, lanes)] = word(segs, x8, acc[v, T.ramp(0, 1, lanes)], e,
+                                                                   task // top_k * tvecs + b * bv + v, g, ch, r, 0)
+                                acc[v, T.ramp(0, 1, lanes)] = word(segs, x8, acc[v, T.ramp(0, 1, lanes)], e,
+                                                                   task // top_k * tvecs + b * bv + v, g, ch, r, 1)
+                                acc[v, T.ramp(0, 1, lanes)] = word(segs, x8, acc[v, T.ramp(0, 1, lanes)], e,
+                                                                   task // top_k * tvecs + b * bv + v, g, ch, r, 2)
+                                acc[v, T.ramp(0, 1, lanes)] = word(segs, x8, acc[v, T.ramp(0, 1, lanes)], e,
+                                                                   task // top_k * tvecs + b * bv + v, g, ch, r, 3)
+                    add_terms(scale, zero, sx, xsum, yacc, acc, e, task, r, g, b)
 
         return nest
 
@@ -434,7 +439,6 @@ def int8_nested_gemv(spec: NestedGemvSpec, isa: DotIsa, vecs: int, task_vectors:
         return nest
 
     nests = [make_nest(d) for d in range(len(widths))]
-    acc_rows = max(2 * vecs, tvecs if task_vectors else 0)
     four = len(widths) == 4  # else three widths: the third test is left out (a Python-level False)
     if len(widths) not in (3, 4):
         raise MoecError(f"{fmt.name}: the int8 nested GEMV serves 3 or 4 widths, not {len(widths)}")
@@ -492,7 +496,7 @@ def int8_nested_gemv(spec: NestedGemvSpec, isa: DotIsa, vecs: int, task_vectors:
             for c in range(claim_words):
                 claims[c] = T.uint32(0)
             for cl in T.parallel(task_lanes):
-                acc = T.alloc_buffer((acc_rows, lanes), "int32", scope=stack_scope(acc_rows * lanes * 4))
+                acc = T.alloc_buffer((2 * vecs, lanes), "int32", scope=stack_scope(2 * vecs * lanes * 4))
                 yacc = T.alloc_buffer((tvecs, lanes), "float32", scope=stack_scope(tvecs * lanes * 4))
                 yup = T.alloc_buffer((tvecs if swiglu else 1, lanes), "float32", scope=stack_scope(tvecs * lanes * 4))
                 for j in range(ntask):
@@ -504,7 +508,7 @@ def int8_nested_gemv(spec: NestedGemvSpec, isa: DotIsa, vecs: int, task_vectors:
             for task in T.parallel(ntask):  # tile-major (int8_common: routed task order)
                 # register tiles on the stack, the expert id, width and activation row read in place: a "local"
                 # buffer or a bound scalar is a TVM workspace alloc/free per task (kernels/scopes.py)
-                acc = T.alloc_buffer((acc_rows, lanes), "int32", scope=stack_scope(acc_rows * lanes * 4))
+                acc = T.alloc_buffer((2 * vecs, lanes), "int32", scope=stack_scope(2 * vecs * lanes * 4))
                 yacc = T.alloc_buffer((tvecs, lanes), "float32", scope=stack_scope(tvecs * lanes * 4))
                 yup = T.alloc_buffer((tvecs if swiglu else 1, lanes), "float32", scope=stack_scope(tvecs * lanes * 4))
                 run_task(segs, scale, zero, ups, prec, expert_ids, y, sx, xsum, x8, acc, yacc, yup, task)
