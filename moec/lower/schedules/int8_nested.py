@@ -302,6 +302,12 @@ def int8_nested_gemv(spec: NestedGemvSpec, isa: DotIsa, vecs: int, task_vectors:
         blocks = tvecs // vecs
 
         @T.macro
+        def chain_step(segs, x8, acc, e, gv, g, ch, r, v, a: int, half: int):
+            """Chain ``half`` of vector ``v`` (global vector ``gv``) after nibble word ``a`` of chunk ``ch``."""
+            acc[2 * v + half, T.ramp(0, 1, lanes)] = step(segs, x8, acc[2 * v + half, T.ramp(0, 1, lanes)], e, gv, g,
+                                                          ch, r, a, half)
+
+        @T.macro
         def block_group(segs, scale, zero, sx, xsum, x8, yacc, acc, e, task, r, g, b):
             """Group ``g`` of register block ``b``: its chains cleared, stepped over the group's chunks, added to ``yacc``."""
             # (the vector index is spelled out in each statement: naming it with a let variable made
@@ -309,23 +315,15 @@ def int8_nested_gemv(spec: NestedGemvSpec, isa: DotIsa, vecs: int, task_vectors:
             clear(acc)
             for ch in range(chunks):
                 for v in T.unroll(vecs):
-                    if task // top_k * tvecs + b * vecs + v < nb:
-                        acc[2 * v + 0, T.ramp(0, 1, lanes)] = step(
-                            segs, x8, acc[2 * v + 0, T.ramp(0, 1, lanes)], e, task // top_k * tvecs + b * vecs + v, g, ch, r, 0, 0)
-                        acc[2 * v + 1, T.ramp(0, 1, lanes)] = step(
-                            segs, x8, acc[2 * v + 1, T.ramp(0, 1, lanes)], e, task // top_k * tvecs + b * vecs + v, g, ch, r, 0, 1)
-                        acc[2 * v + 0, T.ramp(0, 1, lanes)] = step(
-                            segs, x8, acc[2 * v + 0, T.ramp(0, 1, lanes)], e, task // top_k * tvecs + b * vecs + v, g, ch, r, 1, 0)
-                        acc[2 * v + 1, T.ramp(0, 1, lanes)] = step(
-                            segs, x8, acc[2 * v + 1, T.ramp(0, 1, lanes)], e, task // top_k * tvecs + b * vecs + v, g, ch, r, 1, 1)
-                        acc[2 * v + 0, T.ramp(0, 1, lanes)] = step(
-                            segs, x8, acc[2 * v + 0, T.ramp(0, 1, lanes)], e, task // top_k * tvecs + b * vecs + v, g, ch, r, 2, 0)
-                        acc[2 * v + 1, T.ramp(0, 1, lanes)] = step(
-                            segs, x8, acc[2 * v + 1, T.ramp(0, 1, lanes)], e, task // top_k * tvecs + b * vecs + v, g, ch, r, 2, 1)
-                        acc[2 * v + 0, T.ramp(0, 1, lanes)] = step(
-                            segs, x8, acc[2 * v + 0, T.ramp(0, 1, lanes)], e, task // top_k * tvecs + b * vecs + v, g, ch, r, 3, 0)
-                        acc[2 * v + 1, T.ramp(0, 1, lanes)] = step(
-                            segs, x8, acc[2 * v + 1, T.ramp(0, 1, lanes)], e, task // top_k * tvecs + b * vecs + v, g, ch, r, 3, 1)
+                    if task // top_k * tvecs + b * vecs + v < nb:  # (a word index and a half are Python ints)
+                        chain_step(segs, x8, acc, e, task // top_k * tvecs + b * vecs + v, g, ch, r, v, 0, 0)
+                        chain_step(segs, x8, acc, e, task // top_k * tvecs + b * vecs + v, g, ch, r, v, 0, 1)
+                        chain_step(segs, x8, acc, e, task // top_k * tvecs + b * vecs + v, g, ch, r, v, 1, 0)
+                        chain_step(segs, x8, acc, e, task // top_k * tvecs + b * vecs + v, g, ch, r, v, 1, 1)
+                        chain_step(segs, x8, acc, e, task // top_k * tvecs + b * vecs + v, g, ch, r, v, 2, 0)
+                        chain_step(segs, x8, acc, e, task // top_k * tvecs + b * vecs + v, g, ch, r, v, 2, 1)
+                        chain_step(segs, x8, acc, e, task // top_k * tvecs + b * vecs + v, g, ch, r, v, 3, 0)
+                        chain_step(segs, x8, acc, e, task // top_k * tvecs + b * vecs + v, g, ch, r, v, 3, 1)
             add_terms(scale, zero, sx, xsum, yacc, acc, e, task, r, g, b)
 
         if task_vectors:  # a task's blocks one after another, each over the whole K
@@ -356,21 +354,22 @@ def int8_nested_gemv(spec: NestedGemvSpec, isa: DotIsa, vecs: int, task_vectors:
             return isa.dot(isa.dot(acc, even, x4_of(x8, r, g, ch, a, 0)), odd, x4_of(x8, r, g, ch, a, 1))
 
         @T.macro
+        def chain_word(segs, x8, acc, e, gv, g, ch, r, v, a: int):
+            """Vector ``v``'s chain (global vector ``gv``) after nibble word ``a`` of chunk ``ch``."""
+            acc[v, T.ramp(0, 1, lanes)] = word(segs, x8, acc[v, T.ramp(0, 1, lanes)], e, gv, g, ch, r, a)
+
+        @T.macro
         def nest(segs, scale, zero, sx, xsum, x8, yacc, acc, e, task, r):
             for b in range(tvecs // bv):
                 for g in range(groups):
                     clear_one(acc)
                     for ch in range(chunks):
                         for v in T.unroll(bv):
-                            if task // top_k * tvecs + b * bv + v < nb:
-                                acc[v, T.ramp(0, 1, lanes)] = word(segs, x8, acc[v, T.ramp(0, 1, lanes)], e,
-                                                                   task // top_k * tvecs + b * bv + v, g, ch, r, 0)
-                                acc[v, T.ramp(0, 1, lanes)] = word(segs, x8, acc[v, T.ramp(0, 1, lanes)], e,
-                                                                   task // top_k * tvecs + b * bv + v, g, ch, r, 1)
-                                acc[v, T.ramp(0, 1, lanes)] = word(segs, x8, acc[v, T.ramp(0, 1, lanes)], e,
-                                                                   task // top_k * tvecs + b * bv + v, g, ch, r, 2)
-                                acc[v, T.ramp(0, 1, lanes)] = word(segs, x8, acc[v, T.ramp(0, 1, lanes)], e,
-                                                                   task // top_k * tvecs + b * bv + v, g, ch, r, 3)
+                            if task // top_k * tvecs + b * bv + v < nb:  # (a word index is a Python int)
+                                chain_word(segs, x8, acc, e, task // top_k * tvecs + b * bv + v, g, ch, r, v, 0)
+                                chain_word(segs, x8, acc, e, task // top_k * tvecs + b * bv + v, g, ch, r, v, 1)
+                                chain_word(segs, x8, acc, e, task // top_k * tvecs + b * bv + v, g, ch, r, v, 2)
+                                chain_word(segs, x8, acc, e, task // top_k * tvecs + b * bv + v, g, ch, r, v, 3)
                     add_terms(scale, zero, sx, xsum, yacc, acc, e, task, r, g, b)
 
         return nest
@@ -445,6 +444,10 @@ def int8_nested_gemv(spec: NestedGemvSpec, isa: DotIsa, vecs: int, task_vectors:
     w = list(widths)
     swiglu = spec.swiglu
 
+    def output(yacc, yup, v, lane):
+        """A task's output value of row ``v``, ``lane``: the rows, or with ``swiglu`` ``silu(gate) * up``."""
+        return fast_silu(yacc[v, lane]) * yup[v, lane] if swiglu else yacc[v, lane]
+
     @T.macro
     def routed_rows(segs, scale, zero, prec, expert_ids, sx, xsum, x8, acc, yacc, task):
         """``yacc`` = task ``task``'s rows of the stack (``segs``, ``scale``, ``zero``) at its routed row's run-time width."""
@@ -473,16 +476,10 @@ def int8_nested_gemv(spec: NestedGemvSpec, isa: DotIsa, vecs: int, task_vectors:
             routed_rows(segs, scale, zero, prec, expert_ids, sx, xsum, x8, acc, yacc, task)
             if swiglu:
                 routed_rows(ups[0], ups[1], ups[2], prec, expert_ids, sx, xsum, x8, acc, yup, task)
-                for v in T.unroll(tvecs):
-                    if task // top_k * tvecs + v < nb:
-                        for lane in T.vectorized(lanes):
-                            y[task % top_k, (task // top_k * tvecs + v) * lanes + lane] = fast_silu(
-                                yacc[v, lane]) * yup[v, lane]
-            else:
-                for v in T.unroll(tvecs):
-                    if task // top_k * tvecs + v < nb:
-                        for lane in T.vectorized(lanes):
-                            y[task % top_k, (task // top_k * tvecs + v) * lanes + lane] = yacc[v, lane]
+            for v in T.unroll(tvecs):
+                if task // top_k * tvecs + v < nb:
+                    for lane in T.vectorized(lanes):
+                        y[task % top_k, (task // top_k * tvecs + v) * lanes + lane] = output(yacc, yup, v, lane)
 
     @T.macro
     def body(x, segs, scale, zero, ups, prec, expert_ids, y):
