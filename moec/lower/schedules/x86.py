@@ -82,7 +82,8 @@ class X86Params(CpuScheduleParams):
         ``tile_vectors`` of the int8 (VNNI) GEMV: 8 concurrent row streams per thread measured
         ~10% more cold bandwidth at 2-3 bits than 4 (its compute leaves more room).
     int8_nested_tile_vectors : int
-        16-row vectors per parallel task of the int8 nested GEMV (``x86_vnni_nested``): its rebuild
+        16-row vectors per two-chain register block of the int8 nested GEMV (``x86_vnni_nested``; a task's
+        ``int8_nested_task_vectors`` vectors run at 8 bits as such blocks one after another): its rebuild
         keeps each chunk's segment words and the 8 broadcast activations live, so 8 vectors (16
         accumulators) spilled 74-78 vectors a chunk at 3 and 8 bits; 4 spill 4-14 (2026-12-03,
         kernel alone, CPU time at load 6: 8-bit 2,013 → 1,145 µs a call cold).
