@@ -7,8 +7,7 @@ import click
 
 from moec import api
 from moec.cli.common import data_config, data_options, max_memory_option
-from moec.cli.table import echo_json
-from moec.cli.table import format_table
+from moec.cli.table import echo_json, format_table
 from moec.core.errors import MoecError
 from moec.core.formats import SCALE_FORMATS
 from moec.core.plan import UNIFORM_METHOD

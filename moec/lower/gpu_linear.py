@@ -17,10 +17,12 @@ from __future__ import annotations
 import numpy as np
 from tvm import relax, te, tirx
 
+from moec.core.errors import MoecError
 from moec.core.formats import get_nested_format
 from moec.lower import te_ops
 from moec.lower.linear import LinearEmitter
 from moec.lower.params import WeightEntry
+from moec.lower.schedules.cuda_nested import cuda_nested_gemv
 from moec.quant.nested import segment_positions
 
 
@@ -116,8 +118,6 @@ NESTED_KERNELS = ("bound", "serial", "te")
 def emit_nested_gemv(bb, x, segs: list, scale, zero, prec, ids, storage_bits: int, n: int, k: int, group: int,
                      kernel: str = "bound"):
     """Emit the routed nested GEMV ``y [top_k, N]`` into ``bb`` (see :data:`NESTED_KERNELS`)."""
-    from moec.core.errors import MoecError
-    from moec.lower.schedules.cuda_nested import cuda_nested_gemv
     top_k, xr = int(ids.ty.shape[0]), int(x.ty.shape[0])
     experts = int(scale.ty.shape[0])
     if kernel != "te":

@@ -221,7 +221,8 @@ def int8_nested_gemv(spec: NestedGemvSpec, isa: DotIsa, vecs: int, task_vectors:
     fmt, bits, lanes = spec.format, spec.storage_bits, isa.lanes
     check_int8_nested(spec, isa, vecs)
     if task_vectors and (task_vectors % (2 * vecs) and task_vectors != vecs or isa.pairs is not None):
-        raise MoecError(f"internal: task_vectors {task_vectors} is not a multiple of {vecs} or the ISA sums pairs")
+        raise MoecError(f"internal: task_vectors {task_vectors} is neither {vecs} nor a multiple of {2 * vecs}, "
+                        "or the ISA sums pairs")
     if isa.pairs is not None and isa.unsigned_codes:
         raise MoecError("internal: int16 pair sums need code bytes shifted down (a signed-code DotIsa)")
     n, k, gs, tile, top_k, experts = spec.n, spec.k, spec.group_size, spec.tile, spec.top_k, spec.num_stacked

@@ -95,8 +95,9 @@ class X86Params(CpuScheduleParams):
         int8``, 2026-12-04, Zen 5, two interleaved runs each), nested / fixed time at 2/3/4/8 bits, 4 → 8:
         1 thread 1.28–1.33 / 1.03–1.08 / 1.42–1.47 / 1.16–1.17x → 1.19–1.23 / 0.94–0.97 / 1.29–1.30 /
         1.06–1.08x; 2 threads 1.21–1.23 / 1.01 / 1.16–1.19 / 1.11–1.13x → 1.12–1.17 / 0.96–1.08 / 1.17–1.18 /
-        1.11–1.12x. Eight vectors of two chains (16 accumulators) spilled; one chain at 8 bits too (24
-        spill stores a 64-dot block: 1.45x).
+        1.11–1.12x. Eight vectors of two chains (16 accumulators) spilled; so did one chain at 8 bits (24
+        spill stores a 64-dot block: 1.25–1.26x at one thread), and the two 8-bit blocks run group by group
+        instead of one after another were 1.45–1.47x.
     nested_int8_tile : int
         Largest row tile of nested stacks read by the int8 nested GEMV (0: ``layout_tile``). 64 = a
         task's rows (``int8_nested_tile_vectors`` vectors), so a task reads each segment of its rows as
