@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
+import re
 import sys
 import time
 from pathlib import Path
@@ -30,6 +31,8 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "tools"))
 import gpu_kernels  # noqa: E402
+
+from moec.core.errors import MoecError  # noqa: E402
 
 
 def prim_func(bits: int, nested: bool, n: int, k: int, experts: int, top_k: int, group: int):
@@ -56,22 +59,45 @@ def prim_func(bits: int, nested: bool, n: int, k: int, experts: int, top_k: int,
     return te.create_prim_func(args).with_attr("global_symbol", "main")
 
 
-def prepare(folder: Path, arch: str, shape: str, vectors: list[int], rows: list[int], stages: list[bool],
-            hand_vectors: list[int] = (8, 16, 32)) -> list[dict]:
+def parse_hand(spec: str) -> dict:
+    """``v8r4p2m``: runs of 8, 4 warps a block, 2 rows a warp, magic conversion (``c``: convert instruction);
+    a trailing ``w``: nested widths of two or more segments assemble codes by words."""
+    m = re.fullmatch(r"v(\d+)r(\d+)p(\d+)([mc])(w?)", spec)
+    if m is None:
+        raise SystemExit(f"error: hand variant {spec!r} is not like v8r4p2m or v8r4p2cw")
+    return {"vector": int(m[1]), "rows": int(m[2]), "per_warp": int(m[3]), "magic": m[4] == "m", "words": m[5] == "w"}
+
+
+STACKS = [(2, False), (3, False), (4, False), (8, False), (8, True)]
+
+
+def prepare(folder: Path, arch: str, shapes: list[str], vectors: list[int], rows: list[int], stages: list[bool],
+            hand: list[str] = ("v8r4p1c",)) -> list[dict]:
+    folder.mkdir(parents=True, exist_ok=True)
+    out = []
+    for shape in shapes:
+        out += prepare_shape(folder, arch, shape, vectors, rows, stages, hand)
+    (folder / "variants.json").write_text(json.dumps(out, indent=1))
+    return out
+
+
+def prepare_shape(folder: Path, arch: str, shape: str, vectors: list[int], rows: list[int], stages: list[bool],
+                  hand: list[str]) -> list[dict]:
+    """Every variant of every stack at one shape, grouped by stack (one upload each when measured): the
+    FusedGemv grid first (the first is the reference of the equality column), then the hand-written kernel
+    (``schedules/cuda_nested.py``) per ``hand`` spec, for the nested stack and the fixed ones."""
     import tvm
 
     from moec.core.targets import load_target
-    from moec.lower.schedules.cuda_nested import cuda_nested_gemv
+    from moec.lower.schedules.cuda_nested import cuda_fixed_gemv, cuda_nested_gemv
     from moec.lower.schedules.gpu_rules import FusedGemv
     target = load_target(f"cuda:{arch}").tvm()
-    folder.mkdir(parents=True, exist_ok=True)
     sh = gpu_kernels.SHAPES[shape]
     out = []
-    for (bits, nested), vector, r, stage in itertools.product(
-            [(2, False), (3, False), (4, False), (8, False), (8, True)], vectors, rows, stages):
+    for (bits, nested), vector, r, stage in itertools.product(STACKS, vectors, rows, stages):
         if sh["k"] % (32 * vector):
             continue
-        name = f"{'n' if nested else 'f'}{bits}-v{vector}-r{r}" + ("-s" if stage else "")
+        name = f"{shape}-{'n' if nested else 'f'}{bits}-v{vector}-r{r}" + ("-s" if stage else "")
         t0 = time.time()
         with target:
             sch = FusedGemv(vector=vector, rows=r, stage=stage).apply(prim_func(bits, nested, **sh), target, False)
@@ -79,18 +105,25 @@ def prepare(folder: Path, arch: str, shape: str, vectors: list[int], rows: list[
         out.append({"name": name, "bits": bits, "nested": nested, "vector": vector, "rows": r, "stage": stage,
                     "shape": shape, "arch": gpu_kernels.export(lib, target, folder, name)})
         print(f"built {name} ({time.time() - t0:.1f} s)", file=sys.stderr, flush=True)
-    for vector, r in itertools.product(hand_vectors, rows):  # the hand-written nested kernel
-        if sh["k"] % (32 * vector) or sh["group"] % vector:
+    for (bits, nested), spec in itertools.product(STACKS, hand):  # the hand-written kernels
+        p = parse_hand(spec)
+        if not nested and p.pop("words"):  # fixed stacks have one segment: the same kernel
             continue
-        name = f"h8-v{vector}-r{r}"
+        make = cuda_nested_gemv if nested else cuda_fixed_gemv
+        try:
+            func = make(bits, sh["n"], sh["k"], sh["experts"], sh["top_k"], sh["group"], 1, **p)
+        except MoecError:
+            continue
+        name = f"{shape}-h{'n' if nested else 'f'}{bits}-{spec}"
+        t0 = time.time()
         with target:
-            lib = tvm.compile(tvm.IRModule({"main": cuda_nested_gemv(8, sh["n"], sh["k"], sh["experts"], sh["top_k"],
-                                                                     sh["group"], 1, vector=vector, rows=r)}),
-                              target=target)
-        out.append({"name": name, "bits": 8, "nested": True, "vector": vector, "rows": r, "stage": "hand",
-                    "shape": shape, "arch": gpu_kernels.export(lib, target, folder, name)})
-    (folder / "variants.json").write_text(json.dumps(out, indent=1))
-    return out
+            lib = tvm.compile(tvm.IRModule({"main": func.with_attr("global_symbol", "main")}), target=target)
+        out.append({"name": name, "bits": bits, "nested": nested, "vector": p["vector"], "rows": p["rows"],
+                    "stage": "hand", "spec": spec, "shape": shape,
+                    "arch": gpu_kernels.export(lib, target, folder, name)})
+        print(f"built {name} ({time.time() - t0:.1f} s)", file=sys.stderr, flush=True)
+    order = {stack: i for i, stack in enumerate(STACKS)}
+    return sorted(out, key=lambda v: order[(v["bits"], v["nested"])])  # stable: grid first within a stack
 
 
 def measure(folder: Path, variants: list[dict], widths: list[int]) -> list[list[str]]:
@@ -107,7 +140,7 @@ def measure(folder: Path, variants: list[dict], widths: list[int]) -> list[list[
                            v["arch"], dev)
         lib = tvm.runtime.load_module(str(folder / f"{v['name']}.so"))
         f = lib["main"]
-        key = (v["bits"], v["nested"])
+        key = (v["shape"], v["bits"], v["nested"])
         if key not in inputs_for:
             inputs_for.clear()
             arrays = gpu_kernels.inputs(v["bits"], **sh, width=8 if v["nested"] else None)
@@ -120,13 +153,15 @@ def measure(folder: Path, variants: list[dict], widths: list[int]) -> list[list[
             f(*args, y)
             got = y.numpy()
             label = f"{v['bits']}-bit" if width is None else f"nested8@{width}"
-            want = ref.setdefault(label, got)
+            key_ref = (v["shape"], label)
+            want = ref.setdefault(key_ref, got)
             ok = np.allclose(got, want, rtol=1e-3, atol=1e-3 * float(np.abs(want).max()))
             secs = min(lib.time_evaluator("main", dev, number=20, repeat=10)(*args, y).results)
             case = {"shape": v["shape"], "bits": v["bits"], "width": width}
             gbs = gpu_kernels.case_bytes(case) / secs / 1e9
-            kind = " hand" if v["stage"] == "hand" else " staged" if v["stage"] else ""
-            rows.append([label, f"v{v['vector']} r{v['rows']}" + kind, f"{secs * 1e6:.1f}", f"{gbs:.0f}",
+            kind = f"hand {v['spec']}" if v["stage"] == "hand" else (
+                f"v{v['vector']} r{v['rows']}" + (" staged" if v["stage"] else ""))
+            rows.append([f"{v['shape']} {label}", kind, f"{secs * 1e6:.1f}", f"{gbs:.0f}",
                          f"{100 * gbs / copy:.1f} %", "yes" if ok else "NO"])
             print(" | ".join(rows[-1]), flush=True)
     return rows
@@ -137,18 +172,24 @@ def main() -> int:
     ap.add_argument("--prepare", type=Path, metavar="DIR")
     ap.add_argument("--from", dest="prepared", type=Path, metavar="DIR")
     ap.add_argument("--arch", default="sm_90")
-    ap.add_argument("--shape", default="dram", choices=sorted(gpu_kernels.SHAPES))
+    ap.add_argument("--shape", default="dram", help=f"comma list of {', '.join(sorted(gpu_kernels.SHAPES))}")
     ap.add_argument("--vectors", default="4,8,16,32,64")
     ap.add_argument("--rows", default="2,4,8")
     ap.add_argument("--stage", default="0,1", help="1: vector loads into registers (FusedGemv stage), 0: not")
     ap.add_argument("--widths", default="2,3,4,8", help="run-time widths of the nested stack")
-    ap.add_argument("--hand-vectors", default="8,16,32", help="runs of the hand-written nested kernel ('' for none)")
+    ap.add_argument("--hand", default="v8r4p1c,v8r4p2c,v8r4p4c,v8r4p2cw,v8r4p4cw",
+                    help="hand-written kernel variants, nested and fixed: v<run>r<warps a block>p<rows a warp>"
+                         "<m: magic-number conversion, c: convert instruction>[w: nested codes by words] "
+                         "('' for none)")
     args = ap.parse_args()
     folder = args.prepared or args.prepare or Path("/tmp/gpu-gemv-variants")
     if args.prepared is None:
-        variants = prepare(folder, args.arch, args.shape, [int(v) for v in args.vectors.split(",")],
+        shapes = args.shape.split(",")
+        if any(s not in gpu_kernels.SHAPES for s in shapes):
+            ap.error(f"--shape: one of {', '.join(sorted(gpu_kernels.SHAPES))}")
+        variants = prepare(folder, args.arch, shapes, [int(v) for v in args.vectors.split(",") if v],
                            [int(r) for r in args.rows.split(",")], [s == "1" for s in args.stage.split(",")],
-                           [int(v) for v in args.hand_vectors.split(",") if v])
+                           [h for h in args.hand.split(",") if h])
         if args.prepare is not None:
             return 0
     else:

@@ -30,14 +30,14 @@ def _zero_bytes(k: int, group: int, bits: int) -> int:
 
 
 def expert_gemv_module(bits: int, n: int, k: int, experts: int, top_k: int, group: int, width: int | None = None,
-                       nested_kernel: str = "bound"):
+                       expert_kernel: str = "bound"):
     """Relax ``main``: the fixed ``bits`` GEMV, or (``width`` given) the nested ``bits``-bit stack at run-time
-    widths (``nested_kernel``: ``gpu_linear.NESTED_KERNELS``)."""
+    widths (``expert_kernel``: ``gpu_linear.EXPERT_KERNELS``)."""
     import tvm
     from tvm import relax
 
     from moec.core.formats import get_nested_format
-    from moec.lower.gpu_linear import emit_nested_gemv, expert_dequant_gemv
+    from moec.lower.gpu_linear import emit_fixed_gemv, emit_nested_gemv
     groups = k // group
     bb = relax.BlockBuilder()
     x = relax.Var("x", relax.TensorType((1, k), "float32"))
@@ -54,11 +54,10 @@ def expert_gemv_module(bits: int, n: int, k: int, experts: int, top_k: int, grou
         params = [x, *packed, scale, zero, prec, ids]
     with bb.function("main", params):
         with bb.dataflow():
-            if width is None:
-                y = bb.emit_te(expert_dequant_gemv, x, *packed, scale, zero, ids, bits, n, k, group,
-                               primfunc_name_hint="expert_dequant_gemv")
-            else:  # as the CUDA emitter makes it (the hand-written kernel where the shape fits)
-                y = emit_nested_gemv(bb, x, packed, scale, zero, prec, ids, bits, n, k, group, nested_kernel)
+            if width is None:  # as the CUDA emitter makes them (the hand-written kernels where the shape fits)
+                y = emit_fixed_gemv(bb, x, *packed, scale, zero, ids, bits, n, k, group, expert_kernel)
+            else:
+                y = emit_nested_gemv(bb, x, packed, scale, zero, prec, ids, bits, n, k, group, expert_kernel)
             out = bb.emit_output(y)
         bb.emit_func_output(out)
     mod = bb.get()
@@ -78,12 +77,12 @@ def nested_routed_bytes(width: int, n: int, k: int, top_k: int, group: int, stor
     return top_k * (n * k * width // 8 + n * (k // group) * 2 + n * _zero_bytes(k, group, storage))
 
 
-def build(bits: int, target, shape: dict, width: int | None = None, nested_kernel: str = "bound"):
+def build(bits: int, target, shape: dict, width: int | None = None, expert_kernel: str = "bound"):
     """The compiled executable for ``target`` (a CUDA ``tvm.target.Target``)."""
     import tvm
 
     from moec.lower.pipeline import CUDA_PHASES, make_pipeline
-    mod = expert_gemv_module(bits, **shape, width=width, nested_kernel=nested_kernel)
+    mod = expert_gemv_module(bits, **shape, width=width, expert_kernel=expert_kernel)
     with target:
         return tvm.compile(mod, target=target, relax_pipeline=make_pipeline(CUDA_PHASES))
 

@@ -22,7 +22,7 @@ from moec.core.formats import get_nested_format
 from moec.lower import te_ops
 from moec.lower.linear import LinearEmitter
 from moec.lower.params import WeightEntry
-from moec.lower.schedules.cuda_nested import cuda_nested_gemv
+from moec.lower.schedules.cuda_nested import cuda_fixed_gemv, cuda_nested_gemv
 from moec.quant.nested import segment_positions
 
 
@@ -108,39 +108,55 @@ def expert_nested_gemv(x, *args, storage_bits: int, n: int, k: int, group: int):
         x[j if per_expert else 0, r] * w[j, row, r], axis=r), name="gemv")
 
 
-#: How a nested stack's GEMV is made: ``bound`` the hand-written kernel with one body per width
-#: (``schedules/cuda_nested.py``, threads bound), ``serial`` the same bodies with serial loops (CPU tests),
-#: ``te`` the fused TE form above (every weight decodes all segments; also the fallback for shapes the
-#: hand kernel does not take).
-NESTED_KERNELS = ("bound", "serial", "te")
+#: How a routed expert stack's GEMV is made: ``bound`` the hand-written kernels (``schedules/cuda_nested.py``,
+#: threads bound: one body per run-time width for a nested stack, the same body for a fixed-width one),
+#: ``serial`` the same bodies with serial loops (CPU tests), ``te`` the fused TE forms above scheduled by
+#: ``FusedGemv`` (a nested stack's decodes every segment per weight; also the fallback for shapes the hand
+#: kernels do not take).
+EXPERT_KERNELS = ("bound", "serial", "te")
+
+
+def _emit_expert_call(bb, make, args: list, name: str, kernel: str, *shape):
+    """``call_tir`` of the hand kernel ``make(*shape)`` on ``args``; None for ``te`` or a shape it does not take
+    (k not a multiple of 256, groups not a multiple of 8)."""
+    if kernel == "te":
+        return None
+    try:
+        func = make(*shape, bind=kernel == "bound")
+    except MoecError:
+        return None
+    n, top_k = shape[1], shape[4]
+    gv = bb.add_func(func.without_attr("global_symbol"), name)
+    return bb.emit(relax.call_tir(gv, args, relax.TensorType((top_k, n), "float32")))
 
 
 def emit_nested_gemv(bb, x, segs: list, scale, zero, prec, ids, storage_bits: int, n: int, k: int, group: int,
                      kernel: str = "bound"):
-    """Emit the routed nested GEMV ``y [top_k, N]`` into ``bb`` (see :data:`NESTED_KERNELS`)."""
-    top_k, xr = int(ids.ty.shape[0]), int(x.ty.shape[0])
-    experts = int(scale.ty.shape[0])
-    if kernel != "te":
-        try:
-            func = cuda_nested_gemv(storage_bits, n, k, experts, top_k, group, xr, bind=kernel == "bound")
-        except MoecError:  # a shape the hand kernel does not take (k under 256, odd groups)
-            func = None
-        if func is not None:
-            gv = bb.add_func(func.without_attr("global_symbol"), "expert_nested_gemv")
-            return bb.emit(relax.call_tir(gv, [x, *segs, scale, zero, prec, ids],
-                                          relax.TensorType((top_k, n), "float32")))
-    return bb.emit_te(expert_nested_gemv, x, *segs, scale, zero, prec, ids, storage_bits=storage_bits, n=n, k=k,
-                      group=group, primfunc_name_hint="expert_nested_gemv")
+    """Emit the routed nested GEMV ``y [top_k, N]`` into ``bb`` (see :data:`EXPERT_KERNELS`)."""
+    shape = (storage_bits, n, k, int(scale.ty.shape[0]), int(ids.ty.shape[0]), group, int(x.ty.shape[0]))
+    y = _emit_expert_call(bb, cuda_nested_gemv, [x, *segs, scale, zero, prec, ids], "expert_nested_gemv",
+                          kernel, *shape)
+    return y if y is not None else bb.emit_te(
+        expert_nested_gemv, x, *segs, scale, zero, prec, ids, storage_bits=storage_bits, n=n, k=k, group=group,
+        primfunc_name_hint="expert_nested_gemv")
+
+
+def emit_fixed_gemv(bb, x, packed, scale, zero, ids, bits: int, n: int, k: int, group: int, kernel: str = "bound"):
+    """Emit the routed fixed-width GEMV ``y [top_k, N]`` (ids all valid) into ``bb`` (:data:`EXPERT_KERNELS`)."""
+    shape = (bits, n, k, int(scale.ty.shape[0]), int(ids.ty.shape[0]), group, int(x.ty.shape[0]))
+    y = _emit_expert_call(bb, cuda_fixed_gemv, [x, packed, scale, zero, ids], "expert_dequant_gemv", kernel, *shape)
+    return y if y is not None else bb.emit_te(expert_dequant_gemv, x, packed, scale, zero, ids, bits, n, k, group,
+                                              primfunc_name_hint="expert_dequant_gemv")
 
 
 class GpuLinearEmitter(LinearEmitter):
-    """Fused dequantize-GEMV PrimFuncs (one per linear layer / routed expert call); ``nested_kernel`` picks
-    the nested stacks' GEMV (:data:`NESTED_KERNELS`)."""
+    """Fused dequantize-GEMV PrimFuncs (one per linear layer / routed expert call); ``expert_kernel`` picks
+    the routed stacks' GEMV (:data:`EXPERT_KERNELS`)."""
 
-    def __init__(self, nested_kernel: str = "bound") -> None:
-        if nested_kernel not in NESTED_KERNELS:
-            raise ValueError(f"nested_kernel must be one of {NESTED_KERNELS}, not {nested_kernel!r}")
-        self.nested_kernel = nested_kernel
+    def __init__(self, expert_kernel: str = "bound") -> None:
+        if expert_kernel not in EXPERT_KERNELS:
+            raise ValueError(f"expert_kernel must be one of {EXPERT_KERNELS}, not {expert_kernel!r}")
+        self.expert_kernel = expert_kernel
 
     def dense(self, bb, x, entry: WeightEntry, vars_, name):
         n, k = entry.shape
@@ -160,8 +176,7 @@ class GpuLinearEmitter(LinearEmitter):
         else:
             packed, scale, zero = (vars_[f"{name}.{a}"] for a in ("packed", "scale", "zero"))
             group = k // entry.arrays["scale"].shape[-1]
-            y = bb.emit_te(expert_dequant_gemv, x, packed, scale, zero, safe, entry.bits, n, k, group,
-                           primfunc_name_hint="expert_dequant_gemv")
+            y = emit_fixed_gemv(bb, x, packed, scale, zero, safe, entry.bits, n, k, group, self.expert_kernel)
         mask = bb.emit(relax.op.astype(relax.op.greater_equal(ids, relax.const(np.int32(0))), "float32"))
         return bb.emit(relax.op.multiply(y, relax.op.reshape(mask, (top_k, 1))))
 
@@ -171,4 +186,4 @@ class GpuLinearEmitter(LinearEmitter):
         segs = sorted((a for a in entry.arrays if a.startswith("seg")), key=lambda a: int(a[3:]))
         return emit_nested_gemv(bb, x, [vars_[f"{name}.{a}"] for a in segs], vars_[f"{name}.scale"],
                                 vars_[f"{name}.zero"], prec, ids, entry.bits, n, k, entry.group_size,
-                                self.nested_kernel)
+                                self.expert_kernel)

@@ -113,7 +113,7 @@ def test_gpu_emitter_decodes_a_nested_plan_as_the_derived_torch_model(nested_par
     cfg, plan, params, root = nested_params
     unscheduled = Backend("unscheduled", tuple(p for p in CPU_PHASES if p[0] != "schedule"))
     build_module(cfg, params, tvm.target.Target({"kind": "llvm"}), unscheduled, root / "gpu.so",
-                 emitter=GpuLinearEmitter(nested_kernel=kernel))
+                 emitter=GpuLinearEmitter(expert_kernel=kernel))
     vm = tvm.runtime.vm.VirtualMachine(tvm.runtime.load_module(str(root / "gpu.so")), tvm.cpu())
     args = [tvm.runtime.tensor(a, tvm.cpu()) for _, a in params.flat()]
     tokens = [5, 17, 42, 7]
@@ -171,16 +171,24 @@ def test_moec_compile_nested_for_jetson(tmp_path):
     assert "expert_nested_gemv" in src and re.search(r"if \(8 <= layers_\d+_experts_prec_ptr\[", src)
 
 
+#: (run length, warps a block, rows a warp, magic-number conversion, codes by words) of the hand kernels
+VARIANTS = [(8, 4, None, False, True), (8, 4, 1, False, False), (16, 2, 2, True, True), (8, 1, 4, True, False)]
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
 @pytest.mark.parametrize("storage, xr", [(8, 1), (8, 3), (4, 1), (4, 3)])
-def test_hand_nested_gemv_matches_the_derived_weights(storage, xr):
+def test_hand_nested_gemv_matches_the_derived_weights(storage, xr, variant):
     """``schedules/cuda_nested.py`` with serial loops on the CPU: one body per width, codes in the width's
-    units and the group's affine terms once per run give the derived weights' GEMV at every width."""
+    units (per weight or eight at a time from words) and the group's affine terms once per run give the
+    derived weights' GEMV at every width, for each rows-a-warp, run length and conversion."""
     from moec.lower.schedules.cuda_nested import cuda_nested_gemv
     n, k, gs, e, top_k = 64, 512, 64, 4, 3
+    vector, rows, per_warp, magic, words = variant
     rng = np.random.default_rng(storage)
     nws = [nest(pack_weight((rng.standard_normal((n, k)) * 0.1).astype(np.float32), storage, gs)) for _ in range(e)]
-    mod = tvm.compile(tvm.IRModule({"g": cuda_nested_gemv(storage, n, k, e, top_k, gs, xr, bind=False)}),
-                      target="llvm")
+    func = cuda_nested_gemv(storage, n, k, e, top_k, gs, xr, vector=vector, rows=rows, per_warp=per_warp,
+                            magic=magic, words=words, bind=False)
+    mod = tvm.compile(tvm.IRModule({"g": func}), target="llvm")
     widths = get_nested_format(storage).derived_bits
     x = rng.standard_normal((xr, k)).astype(np.float32)
     segs = [np.stack([nw.segments[s] for nw in nws]) for s in range(len(widths))]
@@ -191,6 +199,52 @@ def test_hand_nested_gemv_matches_the_derived_weights(storage, xr):
                                              np.zeros((top_k, n), np.float32)])
         for r, ex in enumerate(ids):
             assert_close(y[r], dequantize_nested(nws[ex], prec[ex]) @ x[r if xr > 1 else 0])
+
+
+@pytest.mark.parametrize("variant", VARIANTS[:3])
+@pytest.mark.parametrize("bits, xr", [(2, 1), (3, 3), (4, 1), (8, 3)])
+def test_hand_fixed_gemv_matches_the_dequantized_weights(bits, xr, variant):
+    """The same bodies over a fixed-width stack (one segment; 3-bit codes straddle bytes) give
+    ``dequantize(W) @ x`` for each routed row."""
+    from moec.lower.schedules.cuda_nested import cuda_fixed_gemv
+    n, k, gs, e, top_k = 64, 512, 64, 4, 3
+    vector, rows, per_warp, magic, _ = variant
+    rng = np.random.default_rng(bits)
+    pws = [pack_weight((rng.standard_normal((n, k)) * 0.1).astype(np.float32), bits, gs) for _ in range(e)]
+    func = cuda_fixed_gemv(bits, n, k, e, top_k, gs, xr, vector=vector, rows=rows, per_warp=per_warp, magic=magic,
+                           bind=False)
+    mod = tvm.compile(tvm.IRModule({"g": func}), target="llvm")
+    x = rng.standard_normal((xr, k)).astype(np.float32)
+    ids = [3, 0, 1]
+    y = call(mod, "expert_dequant_gemv", [x, *[np.stack([getattr(p, a) for p in pws]) for a in ("packed", "scale", "zero")],
+                                          np.asarray(ids, np.int32), np.zeros((top_k, n), np.float32)])
+    for r, ex in enumerate(ids):
+        assert_close(y[r], pws[ex].dequantize() @ x[r if xr > 1 else 0])
+
+
+def test_hand_gemv_spreads_every_plane_value():
+    """The word assembly's spread (``_spread``) of every 1-bit byte and 2-bit half-word, and of 4-bit words,
+    puts value ``v`` in byte ``v // 2`` of the even or odd word, where the per-weight extraction reads it."""
+    from tvm.script import tirx as T
+
+    from moec.lower.schedules.cuda_nested import _spread
+    for bits, count in ((1, 256), (2, 65536), (4, 4096)):
+        vals = np.arange(count, dtype=np.uint32) * np.uint32(1 if bits < 4 else 1048573)  # 4-bit: all 32 bits
+
+        @T.prim_func
+        def spread(a: T.Buffer((count,), "uint32"), lo: T.Buffer((count,), "uint32"),
+                   hi: T.Buffer((count,), "uint32")):
+            for i in range(count):
+                lo[i] = _spread(a[i], bits, 0)[0]
+                hi[i] = _spread(a[i], bits, 0)[1]
+        mod = tvm.compile(tvm.IRModule({"spread": spread}), target="llvm")
+        args = [tvm.runtime.tensor(a) for a in (vals, np.zeros(count, np.uint32), np.zeros(count, np.uint32))]
+        mod["spread"](*args)
+        words = (args[1].numpy(), args[2].numpy())
+        for v in range(8):
+            got = (words[v % 2] >> np.uint32(8 * (v // 2))) & np.uint32(0xFF)
+            want = (vals >> np.uint32(v * bits)) & np.uint32((1 << bits) - 1)
+            np.testing.assert_array_equal(got, want, err_msg=f"{bits}-bit value {v}")
 
 
 def test_hand_nested_gemv_branch_reads_only_its_segments():

@@ -1,25 +1,32 @@
-"""CUDA nested GEMV with one body per run-time width (hand-written TIR, threads bound).
+"""CUDA routed-expert GEMVs, hand-written TIR with threads bound: one body per run-time width.
 
-The fused TE form (``gpu_linear.expert_nested_gemv``) assembles every weight's code from all bit-plane
-segments, each extraction under its width test: its arithmetic is the storage width's at every width,
-and on a GPU the GEMV is ALU-bound (H200: 0.44–0.64x the fixed GEMV). Here a thread block serves one
-routed row, whose width is uniform across the block, and branches once on it to a body that reads and
-decodes only that width's segments:
+Written for nested stacks; fixed-width stacks (one segment, one width) take the same bodies
+(:func:`cuda_fixed_gemv`). The fused TE form (``gpu_linear.expert_nested_gemv``) assembles every
+weight's code from all bit-plane segments, each extraction under its width test: its arithmetic is the
+storage width's at every width, and on a GPU the GEMV is ALU-bound (H200: 0.44–0.64x the fixed GEMV).
+Here a thread block serves routed rows of one expert, whose width is uniform across the block, and
+branches once on it to a body that reads and decodes only that width's segments:
 
-- one warp per output row, ``rows`` rows a block; each lane a run of ``vector`` consecutive k per step
-  (inside one quantization group), its activations copied into registers with float4 loads and each
-  needed segment's bytes with one vector load;
+- ``rows`` warps a block, each warp ``per_warp`` consecutive output rows sharing its activations; each
+  lane a run of ``vector`` consecutive k per step (inside one quantization group), its activations
+  copied into registers with float4 loads (and summed once for all its rows), each needed segment's
+  bytes with one vector load per row, every row's loads issued before the arithmetic;
 - the run's codes are assembled in the width's own units (segment ``s`` shifted to ``pos_s − t``,
-  ``t = storage − width``: a 2-bit width is one 2-bit extraction a weight), and the group's affine
-  terms are applied once per run: ``Σ w x = scale·2**t·(Σ q_t x − z' Σ x)`` with
-  ``z' = (zero − (2**t − 1)/2) / 2**t``, the bin-centre rule of ``moec.quant.nested``;
-- the lanes' partial sums are added with warp shuffles (``bind=False``: serial loops and a 32-entry
-  partial buffer instead, the same bodies, so the CPU can check the numerics).
+  ``t = storage − width``: a 2-bit width is one 2-bit extraction a weight) and made float32 either by a
+  conversion instruction or (``magic``) by or-ing the code into the mantissa of ``2**23`` and
+  subtracting ``2**23`` (exact for codes below ``2**23``: the same values, integer/logic and add
+  instructions instead of the conversion unit);
+- the group's affine terms are applied once per run: ``Σ w x = scale·2**t·(Σ q_t x − z' Σ x)`` with
+  ``z' = (zero − (2**t − 1)/2) / 2**t``, the bin-centre rule of ``moec.quant.nested`` (``t = 0`` and
+  ``z' = zero`` for a fixed stack);
+- the lanes' partial sums are added with warp shuffles (``bind=False``: serial loops and a partial
+  buffer instead, the same bodies, so the CPU can check the numerics).
 """
 
 from __future__ import annotations
 
 import functools
+from dataclasses import dataclass
 
 from tvm import tirx
 from tvm.script import tirx as T
@@ -29,129 +36,256 @@ from moec.core.formats import get_nested_format
 from moec.quant.nested import segment_positions, segments_for
 
 LANES = 32
+#: Output rows a warp computes (sharing its activations in registers), the most of these that divides the
+#: rows: 4 was fastest or within 3 % of it at every width, fixed and nested, in the H200 sweep
+#: (``benchmarks/gpu_gemv_variants.py``: 1, 2, 4 and 8 at DRAM size and on the OLMoE shape).
+PER_WARP = (4, 2, 1)
+MAGIC = 0x4B000000  # float32 2**23: a code below 2**23 or-ed into its mantissa reads as 2**23 + code
 
 
-@functools.lru_cache(maxsize=None)  # one parse per shape (about 0.1 s each): a model's layers share a few
-def cuda_nested_gemv(storage_bits: int, n: int, k: int, experts: int, top_k: int, group: int, xr: int,
-                     vector: int = 8, rows: int = 4, bind: bool = True) -> tirx.PrimFunc:
-    """``gemv(x [xr, k], seg0…, scale, zero, prec [E], ids [top_k], y [top_k, n])`` (ids all valid)."""
+@dataclass(frozen=True)
+class _Codes:
+    """How a stack stores its codes: segment widths (most significant first), each segment's bit position
+    in the stored code, the widths served (width ``i`` reads the first ``used[i]`` segments), storage bits."""
+
+    segb: tuple[int, ...]
+    positions: tuple[int, ...]
+    widths: tuple[int, ...]
+    used: tuple[int, ...]
+    storage: int
+
+
+def _nested_codes(storage_bits: int) -> _Codes:
     fmt = get_nested_format(storage_bits)
-    segb, widths, positions = fmt.segment_bits, fmt.derived_bits, segment_positions(fmt)
-    nseg = len(segb)
-    if k % (LANES * vector) or group % vector or vector % 8 or n % rows or xr not in (1, top_k):
-        raise MoecError(f"cuda nested GEMV: k={k}, group={group}, n={n} do not fit runs of {vector} "
-                        f"on {LANES} lanes and {rows} rows")
-    steps = k // (LANES * vector)
-    zbytes = -(-(k // group) * storage_bits // 8)
-    run = [vector * b // 8 for b in segb]  # bytes of each segment per lane step
-    blocks = top_k * (n // rows)
+    return _Codes(tuple(fmt.segment_bits), tuple(segment_positions(fmt)), tuple(fmt.derived_bits),
+                  tuple(segments_for(fmt, w) for w in fmt.derived_bits), storage_bits)
 
-    def code(sl, d: int, v: int):
-        """Code of run element ``v`` at width index ``d``, in the width's units (Python-level unrolled)."""
-        t = storage_bits - widths[d]
+
+def _fixed_codes(bits: int) -> _Codes:
+    if bits not in (2, 3, 4, 8):
+        raise MoecError(f"the CUDA expert GEMV takes 2, 3, 4 or 8-bit stacks, not {bits}")
+    return _Codes((bits,), (0,), (bits,), (1,), bits)
+
+
+def _code_bits(buf, byte0, bit: int | tirx.PrimExpr, bits: int, last: int):
+    """``bits`` bits at ``bit`` of the LSB-first byte stream ``buf[byte0 …]`` (a second byte where a code
+    may straddle one; ``last`` is the stream's last byte index)."""
+    lo = T.Cast("uint32", buf(byte0 + bit // 8))
+    if 8 % bits:
+        lo = lo | (T.Cast("uint32", buf(byte0 + T.min(bit // 8 + 1, last))) << T.uint32(8))
+    return (lo >> T.Cast("uint32", bit % 8)) & T.uint32((1 << bits) - 1)
+
+
+def _spread(word, bits: int, shift: int):
+    """(even, odd) words of a run chunk's eight ``bits``-bit values ``word`` (LSB first): value ``v`` in byte
+    ``v // 2`` of the even (``v`` even) or odd word, moved up by ``shift`` bits. A 1-bit plane's four even
+    bits go to their bytes by one multiply (``bit 2i → 8i``: partial products land two to a position at
+    most, on even positions, so their carries stop on the odd bit above)."""
+    if bits == 1:
+        lo = (((word & T.uint32(0x55)) * T.uint32(0x41041)) & T.uint32(0x01010101))
+        hi = ((((word >> T.uint32(1)) & T.uint32(0x55)) * T.uint32(0x41041)) & T.uint32(0x01010101))
+    elif bits == 2:  # nibbles to bytes, then the nibble's two values
+        x = (word | (word << T.uint32(8))) & T.uint32(0x00FF00FF)
+        x = (x | (x << T.uint32(4))) & T.uint32(0x0F0F0F0F)
+        lo, hi = x & T.uint32(0x03030303), (x >> T.uint32(2)) & T.uint32(0x03030303)
+    elif bits == 4:
+        lo, hi = word & T.uint32(0x0F0F0F0F), (word >> T.uint32(4)) & T.uint32(0x0F0F0F0F)
+    else:
+        raise MoecError(f"no word assembly for {bits}-bit segments")
+    if shift:
+        lo, hi = lo << T.uint32(shift), hi << T.uint32(shift)
+    return lo, hi
+
+
+def _per_warp(n: int, rows: int) -> int:
+    return next((p for p in PER_WARP if n % (rows * p) == 0), 1)
+
+
+def _check(codes: _Codes, n: int, k: int, group: int, xr: int, top_k: int, vector: int, rows: int,
+           per_warp: int) -> None:
+    if (k % (LANES * vector) or group % vector or vector % 8 or n % (rows * per_warp)
+            or xr not in (1, top_k)):
+        raise MoecError(f"cuda expert GEMV: k={k}, group={group}, n={n} do not fit runs of {vector} "
+                        f"on {LANES} lanes and {rows}x{per_warp} rows")
+
+
+def _kernel(codes: _Codes, n: int, k: int, experts: int, top_k: int, group: int, xr: int, vector: int,
+            rows: int, per_warp: int, magic: bool, words: bool, bind: bool):
+    """The macro ``bound``/``serial`` (``x, segs, scale, zero, prec or None, ids, y``) of the kernel."""
+    segb, widths, positions, nseg = codes.segb, codes.widths, codes.positions, len(codes.segb)
+    steps = k // (LANES * vector)
+    zbytes = -(-(k // group) * codes.storage // 8)
+    run = [vector * b // 8 for b in segb]  # bytes of each segment per lane step
+    span = rows * per_warp  # output rows a block
+    blocks = top_k * (n // span)
+    R = per_warp
+
+    def code(sl, r: int, d: int, v):
+        """Float32 code of run element ``v`` of warp row ``r`` at width index ``d``, in the width's units."""
+        t = codes.storage - widths[d]
         q = None
-        for s in range(segments_for(fmt, widths[d])):
-            bit = v * segb[s]
-            part = (T.Cast("uint32", sl[s, bit // 8]) >> T.uint32(bit % 8)) & T.uint32((1 << segb[s]) - 1)
+        for s in range(codes.used[d]):
+            part = _code_bits(lambda i, s=s: sl[r * nseg + s, i], 0, v * segb[s], segb[s], run[s] - 1)
             if positions[s] - t:
                 part = part << T.uint32(positions[s] - t)
             q = part if q is None else q | part
+        return to_float(q)
+
+    def to_float(q):
+        if magic:
+            return T.reinterpret("float32", q | T.uint32(MAGIC)) - T.float32(1 << 23)
         return T.Cast("float32", q)
+
+    def chunk_words(sl, r: int, d: int, c):
+        """(even, odd) words of chunk ``c`` (8 run elements) of warp row ``r`` at width index ``d``: each
+        segment's bytes of the chunk read as one word and spread to its bits of the 8 codes' bytes."""
+        t = codes.storage - widths[d]
+        lo = hi = None
+        for s in range(codes.used[d]):
+            nb = segb[s]  # bytes of 8 values
+            word = T.Cast("uint32", sl[r * nseg + s, c * nb])
+            for i in range(1, nb):
+                word = word | (T.Cast("uint32", sl[r * nseg + s, c * nb + i]) << T.uint32(8 * i))
+            a, b = _spread(word, segb[s], positions[s] - t)
+            lo, hi = (a, b) if lo is None else (lo | a, hi | b)
+        return lo, hi
+
+    def word_code(wd, v):
+        return to_float((wd[v % 2] >> T.Cast("uint32", 8 * (v // 2))) & T.uint32(0xFF))
 
     def xrow(j):
         return j if xr > 1 else 0
 
     def zero_code(zero, e, row, g):
-        bit = g * storage_bits
-        return T.Cast("float32", (T.Cast("uint32", zero[e, row, bit // 8]) >> T.Cast("uint32", bit % 8))
-                      & T.uint32((1 << storage_bits) - 1))
+        return T.Cast("float32", _code_bits(lambda i: zero[e, row, i], 0, g * codes.storage, codes.storage,
+                                            zbytes - 1))
 
     def make_body(d: int):
-        used = segments_for(fmt, widths[d])
-        t = storage_bits - widths[d]
+        used = codes.used[d]
+        by_words = words and used > 1 and codes.storage <= 8
+        t = codes.storage - widths[d]
         unit = float(1 << t)
         centre = (unit - 1.0) / 2.0
 
         @T.macro
-        def body(x, segs, scale, zero, acc, xl, sl, e, j, row, lane):
+        def load(segs, sl, e, row, r, s, base):
+            if run[s] in (1, 2, 4, 8, 16):  # one vector load (CUDA has no 3- or 6-byte vectors)
+                for i in T.vectorized(run[s]):
+                    sl[r * nseg + s, i] = segs[s][e, row, base * run[s] + i]
+            else:
+                for i in T.unroll(run[s]):
+                    sl[r * nseg + s, i] = segs[s][e, row, base * run[s] + i]
+
+        @T.macro
+        def body(x, segs, scale, zero, acc, xl, sl, wd, e, j, row0, lane):
             for ko in range(steps):
                 for h in range(vector // 4):
                     for i in T.vectorized(4):
                         xl[h * 4 + i] = x[xrow(j), (ko * LANES + lane) * vector + h * 4 + i]
-                for i in T.vectorized(run[0]):
-                    sl[0, i] = segs[0][e, row, (ko * LANES + lane) * run[0] + i]
-                if used > 1:
-                    for i in T.vectorized(run[1]):
-                        sl[1, i] = segs[1][e, row, (ko * LANES + lane) * run[1] + i]
-                if used > 2:
-                    for i in T.vectorized(run[2]):
-                        sl[2, i] = segs[2][e, row, (ko * LANES + lane) * run[2] + i]
-                if used > 3:
-                    for i in T.vectorized(run[3]):
-                        sl[3, i] = segs[3][e, row, (ko * LANES + lane) * run[3] + i]
-                acc[1] = T.float32(0)
-                acc[2] = T.float32(0)
+                for r in T.unroll(R):
+                    load(segs, sl, e, row0 + r, r, 0, ko * LANES + lane)
+                    if used > 1:
+                        load(segs, sl, e, row0 + r, r, 1, ko * LANES + lane)
+                    if used > 2:
+                        load(segs, sl, e, row0 + r, r, 2, ko * LANES + lane)
+                    if used > 3:
+                        load(segs, sl, e, row0 + r, r, 3, ko * LANES + lane)
+                acc[R] = T.float32(0)
                 for v in T.unroll(vector):
-                    acc[1] = acc[1] + xl[v] * code(sl, d, v)
-                    acc[2] = acc[2] + xl[v]
-                acc[0] = acc[0] + T.Cast("float32", scale[e, row, (ko * LANES + lane) * vector // group]) * T.float32(unit) * (
-                    acc[1] - (zero_code(zero, e, row, (ko * LANES + lane) * vector // group) - T.float32(centre))
-                    * T.float32(1.0 / unit) * acc[2])
+                    acc[R] = acc[R] + xl[v]
+                for r in T.unroll(R):
+                    acc[R + 1] = T.float32(0)
+                    if by_words:
+                        for c in T.unroll(vector // 8):
+                            wd[0] = chunk_words(sl, r, d, c)[0]
+                            wd[1] = chunk_words(sl, r, d, c)[1]
+                            for v in T.unroll(8):
+                                acc[R + 1] = acc[R + 1] + xl[c * 8 + v] * word_code(wd, v)
+                    else:
+                        for v in T.unroll(vector):
+                            acc[R + 1] = acc[R + 1] + xl[v] * code(sl, r, d, v)
+                    acc[r] = acc[r] + T.Cast("float32", scale[e, row0 + r, (ko * LANES + lane) * vector // group]) * T.float32(unit) * (
+                        acc[R + 1] - (zero_code(zero, e, row0 + r, (ko * LANES + lane) * vector // group)
+                                      - T.float32(centre)) * T.float32(1.0 / unit) * acc[R])
         return body
 
     bodies = [make_body(d) for d in range(len(widths))]
-    four = len(widths) == 4
+    nw = len(widths)
 
     @T.macro
-    def lane_sum(x, segs, scale, zero, prec, ids, acc, xl, sl, j, row, lane):
-        acc[0] = T.float32(0)
-        if prec[ids[j]] == widths[0]:
-            bodies[0](x, segs, scale, zero, acc, xl, sl, ids[j], j, row, lane)
+    def lane_sum(x, segs, scale, zero, prec, ids, acc, xl, sl, wd, j, row0, lane):
+        for r in T.unroll(R):
+            acc[r] = T.float32(0)
+        if nw == 1:
+            bodies[0](x, segs, scale, zero, acc, xl, sl, wd, ids[j], j, row0, lane)
+        elif prec[ids[j]] == widths[0]:
+            bodies[0](x, segs, scale, zero, acc, xl, sl, wd, ids[j], j, row0, lane)
         elif prec[ids[j]] == widths[1]:
-            bodies[1](x, segs, scale, zero, acc, xl, sl, ids[j], j, row, lane)
-        elif four and prec[ids[j]] == widths[2]:
-            bodies[2](x, segs, scale, zero, acc, xl, sl, ids[j], j, row, lane)
+            bodies[1](x, segs, scale, zero, acc, xl, sl, wd, ids[j], j, row0, lane)
+        elif nw == 4 and prec[ids[j]] == widths[2]:
+            bodies[2](x, segs, scale, zero, acc, xl, sl, wd, ids[j], j, row0, lane)
         else:  # the widest (the session refuses widths the format does not serve)
-            bodies[-1](x, segs, scale, zero, acc, xl, sl, ids[j], j, row, lane)
+            bodies[-1](x, segs, scale, zero, acc, xl, sl, wd, ids[j], j, row0, lane)
 
     @T.macro
     def bound(x, segs, scale, zero, prec, ids, y):
         for b in T.thread_binding(blocks, thread="blockIdx.x"):
-            for r in T.thread_binding(rows, thread="threadIdx.y"):
+            for w in T.thread_binding(rows, thread="threadIdx.y"):
                 for lane in T.thread_binding(LANES, thread="threadIdx.x"):
-                    acc = T.alloc_buffer((3,), "float32", scope="local")
+                    acc = T.alloc_buffer((R + 2,), "float32", scope="local")
                     xl = T.alloc_buffer((vector,), "float32", scope="local")
-                    sl = T.alloc_buffer((nseg, max(run)), "uint8", scope="local")
-                    lane_sum(x, segs, scale, zero, prec, ids, acc, xl, sl, b // (n // rows),
-                             b % (n // rows) * rows + r, lane)
-                    for o in T.unroll(5):
-                        acc[0] = acc[0] + T.tvm_warp_shuffle_down(
-                            T.tvm_warp_activemask(), acc[0], 16 >> o, LANES, LANES)
+                    sl = T.alloc_buffer((R * nseg, max(run)), "uint8", scope="local")
+                    wd = T.alloc_buffer((2,), "uint32", scope="local")
+                    lane_sum(x, segs, scale, zero, prec, ids, acc, xl, sl, wd, b // (n // span),
+                             b % (n // span) * span + w * R, lane)
+                    for r in T.unroll(R):
+                        for o in T.unroll(5):
+                            acc[r] = acc[r] + T.tvm_warp_shuffle_down(
+                                T.tvm_warp_activemask(), acc[r], 16 >> o, LANES, LANES)
                     if lane == 0:
-                        y[b // (n // rows), b % (n // rows) * rows + r] = acc[0]
+                        for r in T.unroll(R):
+                            y[b // (n // span), b % (n // span) * span + w * R + r] = acc[r]
 
     @T.macro
     def serial(x, segs, scale, zero, prec, ids, y):
         for b in range(blocks):
-            for r in range(rows):
-                part = T.alloc_buffer((LANES,), "float32")
+            for w in range(rows):
+                part = T.alloc_buffer((LANES, R), "float32")
                 for lane in range(LANES):
-                    acc = T.alloc_buffer((3,), "float32")
+                    acc = T.alloc_buffer((R + 2,), "float32")
                     xl = T.alloc_buffer((vector,), "float32")
-                    sl = T.alloc_buffer((nseg, max(run)), "uint8")
-                    lane_sum(x, segs, scale, zero, prec, ids, acc, xl, sl, b // (n // rows),
-                             b % (n // rows) * rows + r, lane)
-                    part[lane] = acc[0]
-                y[b // (n // rows), b % (n // rows) * rows + r] = T.float32(0)
-                for lane in range(LANES):
-                    y[b // (n // rows), b % (n // rows) * rows + r] = (
-                        y[b // (n // rows), b % (n // rows) * rows + r] + part[lane])
+                    sl = T.alloc_buffer((R * nseg, max(run)), "uint8")
+                    wd = T.alloc_buffer((2,), "uint32")
+                    lane_sum(x, segs, scale, zero, prec, ids, acc, xl, sl, wd, b // (n // span),
+                             b % (n // span) * span + w * R, lane)
+                    for r in range(R):
+                        part[lane, r] = acc[r]
+                for r in range(R):
+                    y[b // (n // span), b % (n // span) * span + w * R + r] = T.float32(0)
+                    for lane in range(LANES):
+                        y[b // (n // span), b % (n // span) * span + w * R + r] = (
+                            y[b // (n // span), b % (n // span) * span + w * R + r] + part[lane, r])
+
+    return bound if bind else serial
+
+
+@functools.lru_cache(maxsize=None)  # one parse per shape (about 0.1 s each): a model's layers share a few
+def cuda_nested_gemv(storage_bits: int, n: int, k: int, experts: int, top_k: int, group: int, xr: int,
+                     vector: int = 8, rows: int = 4, per_warp: int | None = None, magic: bool = False,
+                     words: bool = True, bind: bool = True) -> tirx.PrimFunc:
+    """``gemv(x [xr, k], seg0…, scale, zero, prec [E], ids [top_k], y [top_k, n])`` (ids all valid);
+    ``words``: widths of two or more segments assemble a run's codes eight at a time (:func:`_spread`)."""
+    codes = _nested_codes(storage_bits)
+    per_warp = per_warp or _per_warp(n, rows)
+    _check(codes, n, k, group, xr, top_k, vector, rows, per_warp)
+    kernel = _kernel(codes, n, k, experts, top_k, group, xr, vector, rows, per_warp, magic, words, bind)
+    zbytes = -(-(k // group) * storage_bits // 8)
+    groups = k // group
 
     def seg_shape(s):
-        return (experts, n, k * segb[s] // 8)
+        return (experts, n, k * codes.segb[s] // 8)
 
-    groups = k // group
-    if nseg == 4:
+    if len(codes.segb) == 4:
         @T.prim_func
         def gemv(x: T.Buffer((xr, k), "float32"), seg0: T.Buffer(seg_shape(0), "uint8"),
                  seg1: T.Buffer(seg_shape(1), "uint8"), seg2: T.Buffer(seg_shape(2), "uint8"),
@@ -159,11 +293,8 @@ def cuda_nested_gemv(storage_bits: int, n: int, k: int, experts: int, top_k: int
                  zero: T.Buffer((experts, n, zbytes), "uint8"), prec: T.Buffer((experts,), "int32"),
                  ids: T.Buffer((top_k,), "int32"), y: T.Buffer((top_k, n), "float32")):
             T.func_attr({"global_symbol": "expert_nested_gemv", "tirx.noalias": True, "tirx.is_scheduled": True})
-            if bind:
-                bound(x, [seg0, seg1, seg2, seg3], scale, zero, prec, ids, y)
-            else:
-                serial(x, [seg0, seg1, seg2, seg3], scale, zero, prec, ids, y)
-    elif nseg == 3:
+            kernel(x, [seg0, seg1, seg2, seg3], scale, zero, prec, ids, y)
+    elif len(codes.segb) == 3:
         @T.prim_func
         def gemv(x: T.Buffer((xr, k), "float32"), seg0: T.Buffer(seg_shape(0), "uint8"),
                  seg1: T.Buffer(seg_shape(1), "uint8"), seg2: T.Buffer(seg_shape(2), "uint8"),
@@ -171,10 +302,30 @@ def cuda_nested_gemv(storage_bits: int, n: int, k: int, experts: int, top_k: int
                  zero: T.Buffer((experts, n, zbytes), "uint8"), prec: T.Buffer((experts,), "int32"),
                  ids: T.Buffer((top_k,), "int32"), y: T.Buffer((top_k, n), "float32")):
             T.func_attr({"global_symbol": "expert_nested_gemv", "tirx.noalias": True, "tirx.is_scheduled": True})
-            if bind:
-                bound(x, [seg0, seg1, seg2], scale, zero, prec, ids, y)
-            else:
-                serial(x, [seg0, seg1, seg2], scale, zero, prec, ids, y)
+            kernel(x, [seg0, seg1, seg2], scale, zero, prec, ids, y)
     else:
-        raise MoecError(f"{fmt.name}: the CUDA nested GEMV takes 3 or 4 segments, not {nseg}")
+        raise MoecError(f"{storage_bits}-bit nested storage: the CUDA nested GEMV takes 3 or 4 segments, "
+                        f"not {len(codes.segb)}")
+    return gemv
+
+
+@functools.lru_cache(maxsize=None)
+def cuda_fixed_gemv(bits: int, n: int, k: int, experts: int, top_k: int, group: int, xr: int,
+                    vector: int = 8, rows: int = 4, per_warp: int | None = None, magic: bool = False,
+                    bind: bool = True) -> tirx.PrimFunc:
+    """``gemv(x [xr, k], packed [E, n, k·bits/8], scale, zero, ids [top_k], y [top_k, n])`` over a fixed-width
+    stack (ids all valid): the nested kernel's body for a single segment of ``bits``."""
+    codes = _fixed_codes(bits)
+    per_warp = per_warp or _per_warp(n, rows)
+    _check(codes, n, k, group, xr, top_k, vector, rows, per_warp)
+    kernel = _kernel(codes, n, k, experts, top_k, group, xr, vector, rows, per_warp, magic, False, bind)
+    zbytes = -(-(k // group) * bits // 8)
+    groups = k // group
+
+    @T.prim_func
+    def gemv(x: T.Buffer((xr, k), "float32"), packed: T.Buffer((experts, n, k * bits // 8), "uint8"),
+             scale: T.Buffer((experts, n, groups), "float16"), zero: T.Buffer((experts, n, zbytes), "uint8"),
+             ids: T.Buffer((top_k,), "int32"), y: T.Buffer((top_k, n), "float32")):
+        T.func_attr({"global_symbol": "expert_dequant_gemv", "tirx.noalias": True, "tirx.is_scheduled": True})
+        kernel(x, [packed], scale, zero, None, ids, y)
     return gemv
