@@ -164,6 +164,14 @@ class GpuLinearEmitter(LinearEmitter):
             return bb.emit_te(float_gemv, x, vars_[f"{name}.weight"], primfunc_name_hint="gemv")
         packed, scale, zero = (vars_[f"{name}.{a}"] for a in ("packed", "scale", "zero"))
         group = k // entry.arrays["scale"].shape[-1]
+        if int(x.ty.shape[0]) == 1 and self.expert_kernel != "te":
+            # a decode step's one row: the hand-written kernel as a stack of one expert, routed to it
+            one = [bb.emit(relax.op.reshape(a, (1, *(int(d) for d in a.ty.shape))))
+                   for a in (packed, scale, zero)]
+            y = _emit_expert_call(bb, cuda_fixed_gemv, [x, *one, relax.const(np.zeros(1, np.int32))],
+                                  "dequant_gemv", self.expert_kernel, entry.bits, n, k, 1, 1, group, 1)
+            if y is not None:
+                return y
         return bb.emit_te(dequant_gemv, x, packed, scale, zero, entry.bits, n, k, group,
                           primfunc_name_hint="dequant_gemv")
 

@@ -40,6 +40,10 @@ LANES = 32
 #: rows: 4 was fastest or within 3 % of it at every width, fixed and nested, in the H200 sweep
 #: (``benchmarks/gpu_gemv_variants.py``: 1, 2, 4 and 8 at DRAM size and on the OLMoE shape).
 PER_WARP = (4, 2, 1)
+#: k per lane step of a fixed stack by its width (where k and the groups divide into such runs, else 8): 16
+#: was 8–13 % faster than 8 at 2, 3 and 4 bits at DRAM size on the H200, equal at 8 bits (memory-bound
+#: there, 98 % of the copy bandwidth); nested stacks keep 8 (16 was 0–9 % slower at 3, 4 and 8 bits).
+FIXED_VECTOR = {2: 16, 3: 16, 4: 16, 8: 8}
 MAGIC = 0x4B000000  # float32 2**23: a code below 2**23 or-ed into its mantissa reads as 2**23 + code
 
 
@@ -311,11 +315,13 @@ def cuda_nested_gemv(storage_bits: int, n: int, k: int, experts: int, top_k: int
 
 @functools.lru_cache(maxsize=None)
 def cuda_fixed_gemv(bits: int, n: int, k: int, experts: int, top_k: int, group: int, xr: int,
-                    vector: int = 8, rows: int = 4, per_warp: int | None = None, magic: bool = False,
+                    vector: int | None = None, rows: int = 4, per_warp: int | None = None, magic: bool = False,
                     bind: bool = True) -> tirx.PrimFunc:
     """``gemv(x [xr, k], packed [E, n, k·bits/8], scale, zero, ids [top_k], y [top_k, n])`` over a fixed-width
     stack (ids all valid): the nested kernel's body for a single segment of ``bits``."""
     codes = _fixed_codes(bits)
+    if vector is None:
+        vector = FIXED_VECTOR[bits] if k % (LANES * FIXED_VECTOR[bits]) == 0 and group % FIXED_VECTOR[bits] == 0 else 8
     per_warp = per_warp or _per_warp(n, rows)
     _check(codes, n, k, group, xr, top_k, vector, rows, per_warp)
     kernel = _kernel(codes, n, k, experts, top_k, group, xr, vector, rows, per_warp, magic, False, bind)
