@@ -1,17 +1,20 @@
-"""CUDA routed-expert GEMVs under variants of moec's GPU schedule (``gpu_rules.FusedGemv``), side by side.
+"""CUDA routed-expert GEMVs under variants of moec's GPU kernels, side by side.
 
-Each kernel (the fixed 2/3/4/8-bit stack, ``gpu_linear.expert_dequant_gemv``, and the nested 8-bit stack
-served at 2/3/4/8 bits, ``gpu_linear.expert_nested_gemv``) is scheduled once per variant — ``vector``
-consecutive k per thread per step, ``rows`` output rows (warps) per thread block — and timed on
-``tvm.cuda(0)``: µs per call, GB/s of the weight bytes the call reads, and that as a share of the GPU's
-device-to-device copy bandwidth. Every variant's output is checked against the first variant's.
+Each stack (fixed 2/3/4/8-bit, and the nested 8-bit stack served at 2/3/4/8 bits) is built once per
+variant of the TE form scheduled by ``gpu_rules.FusedGemv`` (``--vectors``: consecutive k per thread per
+step, ``--rows``: output rows (warps) per thread block, ``--stage``) and of the hand-written kernel of
+``schedules/cuda_nested.py`` (``--hand``: run length, warps a block, rows a warp, conversion, word
+assembly), and timed on ``tvm.cuda(0)``: µs per call, GB/s of the weight bytes the call reads, and that as
+a share of the GPU's device-to-device copy bandwidth. Every variant's output is checked against the
+stack's first variant's.
 
 Two halves, like ``tools/gpu_check.py``: ``--prepare DIR --arch sm_XX`` compiles here (TVM compiler and
 nvcc, no GPU), ``--from DIR`` times there with the TVM runtime alone; without either, one process does both.
 
 Usage::
 
-    python benchmarks/gpu_gemv_variants.py --prepare /tmp/v --arch sm_90 --vectors 4,16,32 --rows 4,8
+    python benchmarks/gpu_gemv_variants.py --prepare /tmp/v --arch sm_90 --shape dram,olmoe --vectors 4,8 \
+        --rows 4 --stage 1 --hand v8r4p1c,v16r4p4c,v8r4p4c,v8r4p4cw
     python benchmarks/gpu_gemv_variants.py --from /tmp/v
 """
 
