@@ -116,13 +116,13 @@ def expert_nested_gemv(x, *args, storage_bits: int, n: int, k: int, group: int):
 EXPERT_KERNELS = ("bound", "serial", "te")
 
 
-def _emit_expert_call(bb, make, args: list, name: str, kernel: str, *shape):
+def _emit_expert_call(bb, make, args: list, name: str, kernel: str, *shape, swiglu: bool = False):
     """``call_tir`` of the hand kernel ``make(*shape)`` on ``args``; None for ``te`` or a shape it does not take
     (k not a multiple of 256, groups not a multiple of 8)."""
     if kernel == "te":
         return None
     try:
-        func = make(*shape, bind=kernel == "bound")
+        func = make(*shape, swiglu=swiglu, bind=kernel == "bound")
     except MoecError:
         return None
     n, top_k = shape[1], shape[4]
@@ -187,6 +187,40 @@ class GpuLinearEmitter(LinearEmitter):
             y = emit_fixed_gemv(bb, x, packed, scale, zero, safe, entry.bits, n, k, group, self.expert_kernel)
         mask = bb.emit(relax.op.astype(relax.op.greater_equal(ids, relax.const(np.int32(0))), "float32"))
         return bb.emit(relax.op.multiply(y, relax.op.reshape(mask, (top_k, 1))))
+
+    def swiglu_experts(self, bb, x, gate: WeightEntry, up: WeightEntry, vars_, gate_name, up_name, ids):
+        """``silu(gate x) · (up x)`` of the routed ``ids`` (-1: another bit class, row 0) in one hand-kernel call
+        where both stacks are packed in one format and the kernel takes the shape; else None."""
+        if self.expert_kernel == "te" or "weight" in gate.arrays or "weight" in up.arrays or (
+                gate.bits, gate.shape, gate.arrays["scale"].shape) != (up.bits, up.shape, up.arrays["scale"].shape):
+            return None
+        n, k = gate.shape
+        top_k = int(ids.ty.shape[0])
+        safe = bb.emit(relax.op.maximum(ids, relax.const(np.int32(0))))
+        args = [x] + [vars_[f"{nm}.{a}"] for nm in (gate_name, up_name) for a in ("packed", "scale", "zero")] + [safe]
+        shape = (gate.bits, n, k, int(args[2].ty.shape[0]), top_k, k // gate.arrays["scale"].shape[-1],
+                 int(x.ty.shape[0]))
+        y = _emit_expert_call(bb, cuda_fixed_gemv, args, "expert_dequant_swiglu", self.expert_kernel, *shape,
+                              swiglu=True)
+        if y is None:
+            return None
+        mask = bb.emit(relax.op.astype(relax.op.greater_equal(ids, relax.const(np.int32(0))), "float32"))
+        return bb.emit(relax.op.multiply(y, relax.op.reshape(mask, (top_k, 1))))
+
+    def nested_swiglu_experts(self, bb, x, gate: WeightEntry, up: WeightEntry, vars_, gate_name, up_name, ids, prec):
+        """``silu(gate x) · (up x)`` of two nested stacks' routed rows (all valid) at the widths of ``prec`` in one
+        hand-kernel call; None where the stacks differ in format or the kernel does not take the shape."""
+        if self.expert_kernel == "te" or (gate.bits, gate.shape, gate.group_size) != (up.bits, up.shape, up.group_size):
+            return None
+        n, k = gate.shape
+
+        def arrays(entry, name):
+            segs = sorted((a for a in entry.arrays if a.startswith("seg")), key=lambda a: int(a[3:]))
+            return [vars_[f"{name}.{a}"] for a in (*segs, "scale", "zero")]
+        scale = vars_[f"{gate_name}.scale"]
+        shape = (gate.bits, n, k, int(scale.ty.shape[0]), int(ids.ty.shape[0]), gate.group_size, int(x.ty.shape[0]))
+        return _emit_expert_call(bb, cuda_nested_gemv, [x, *arrays(gate, gate_name), *arrays(up, up_name), prec, ids],
+                                 "expert_nested_swiglu", self.expert_kernel, *shape, swiglu=True)
 
     def nested_experts(self, bb, x, entry: WeightEntry, vars_, name, ids, prec):
         """One fused nested dequantize-GEMV for the routed ``ids`` (all valid) at the widths in ``prec``."""

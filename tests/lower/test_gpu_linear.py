@@ -70,14 +70,14 @@ def test_fused_gemvs_match_the_reference_emitter(tiny_params):
 
 
 def test_hand_expert_gemvs_match_the_reference_emitter(wide_params):
-    """Routed stacks at 2, 3, 4 and 8 bits, and the dense layers as stacks of one, through the hand-written
-    kernel's bodies (serial loops on the CPU)."""
+    """Routed stacks at 2, 3, 4 and 8 bits (gate and up in one SwiGLU call), and the dense layers as stacks of
+    one, through the hand-written kernel's bodies (serial loops on the CPU)."""
     from moec.lower.decode_graph import DecodeBuilder
     cfg, params, root = wide_params
     mod = DecodeBuilder(cfg, copy.deepcopy(params), GpuLinearEmitter("serial")).build()
     hand = {gv.name_hint.rstrip("0123456789") for gv, f in mod.functions.items()
             if isinstance(f, tvm.tirx.PrimFunc) and f.attrs is not None and f.attrs.get("tirx.is_scheduled")}
-    assert {"expert_dequant_gemv", "dequant_gemv"} <= hand, hand  # the hand kernel, not the TE forms
+    assert {"expert_dequant_gemv", "expert_dequant_swiglu", "dequant_gemv"} <= hand, hand  # not the TE forms
     tokens = [5, 17, 42, 7]
     ref = _logits(cfg, params, LinearEmitter(), root / "ref.so", tokens)
     got = _logits(cfg, params, GpuLinearEmitter("serial"), root / "gpu.so", tokens)

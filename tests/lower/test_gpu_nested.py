@@ -111,6 +111,12 @@ def test_gpu_emitter_decodes_a_nested_plan_as_the_derived_torch_model(nested_par
     from moec.lower.pipeline import CPU_PHASES
     from tests.runtime.nested_fixtures import derived_model
     cfg, plan, params, root = nested_params
+    if kernel == "serial":  # gate and up in one SwiGLU call of the hand kernel
+        import copy
+
+        from moec.lower.decode_graph import DecodeBuilder
+        mod = DecodeBuilder(cfg, copy.deepcopy(params), GpuLinearEmitter(expert_kernel=kernel)).build()
+        assert any(gv.name_hint.startswith("expert_nested_swiglu") for gv in mod.functions), list(mod.functions)
     unscheduled = Backend("unscheduled", tuple(p for p in CPU_PHASES if p[0] != "schedule"))
     build_module(cfg, params, tvm.target.Target({"kind": "llvm"}), unscheduled, root / "gpu.so",
                  emitter=GpuLinearEmitter(expert_kernel=kernel))
@@ -220,6 +226,52 @@ def test_hand_fixed_gemv_matches_the_dequantized_weights(bits, xr, variant):
                                           np.asarray(ids, np.int32), np.zeros((top_k, n), np.float32)])
     for r, ex in enumerate(ids):
         assert_close(y[r], pws[ex].dequantize() @ x[r if xr > 1 else 0])
+
+
+def _silu(v):
+    return v / (1 + np.exp(-v))
+
+
+@pytest.mark.parametrize("storage", [8, 4])
+def test_hand_nested_swiglu_matches_the_derived_weights(storage):
+    """The SwiGLU form (gate and up stacks in one kernel, sharing the routed expert's width) gives
+    ``silu(W_gate x) · (W_up x)`` of the derived weights at every width."""
+    from moec.lower.schedules.cuda_nested import cuda_nested_gemv
+    n, k, gs, e, top_k = 64, 512, 64, 4, 3
+    rng = np.random.default_rng(storage + 10)
+    gate, up = ([nest(pack_weight((rng.standard_normal((n, k)) * 0.1).astype(np.float32), storage, gs))
+                 for _ in range(e)] for _ in range(2))
+    mod = tvm.compile(tvm.IRModule({"g": cuda_nested_gemv(storage, n, k, e, top_k, gs, 1, swiglu=True,
+                                                          bind=False)}), target="llvm")
+    widths = get_nested_format(storage).derived_bits
+
+    def stack(nws):
+        return [np.stack([nw.segments[s] for nw in nws]) for s in range(len(widths))] + [
+            np.stack([getattr(nw, a) for nw in nws]) for a in ("scale", "zero")]
+    x = rng.standard_normal((1, k)).astype(np.float32)
+    prec, ids = [widths[i % len(widths)] for i in range(e)], [3, 0, 1]
+    y = call(mod, "expert_nested_swiglu", [x, *stack(gate), *stack(up), np.asarray(prec, np.int32),
+                                           np.asarray(ids, np.int32), np.zeros((top_k, n), np.float32)])
+    for r, ex in enumerate(ids):
+        want = _silu(dequantize_nested(gate[ex], prec[ex]) @ x[0]) * (dequantize_nested(up[ex], prec[ex]) @ x[0])
+        assert_close(y[r], want)
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+def test_hand_fixed_swiglu_matches_the_dequantized_weights(bits):
+    from moec.lower.schedules.cuda_nested import cuda_fixed_gemv
+    n, k, gs, e, top_k = 64, 512, 64, 4, 3
+    rng = np.random.default_rng(bits + 20)
+    gate, up = ([pack_weight((rng.standard_normal((n, k)) * 0.1).astype(np.float32), bits, gs) for _ in range(e)]
+                for _ in range(2))
+    mod = tvm.compile(tvm.IRModule({"g": cuda_fixed_gemv(bits, n, k, e, top_k, gs, 1, swiglu=True, bind=False)}),
+                      target="llvm")
+    x = rng.standard_normal((1, k)).astype(np.float32)
+    ids = [3, 0, 1]
+    arrays = [np.stack([getattr(p, a) for p in pws]) for pws in (gate, up) for a in ("packed", "scale", "zero")]
+    y = call(mod, "expert_dequant_swiglu", [x, *arrays, np.asarray(ids, np.int32), np.zeros((top_k, n), np.float32)])
+    for r, ex in enumerate(ids):
+        assert_close(y[r], _silu(gate[ex].dequantize() @ x[0]) * (up[ex].dequantize() @ x[0]))
 
 
 def test_hand_gemv_spreads_every_plane_value():

@@ -114,8 +114,9 @@ def _check(codes: _Codes, n: int, k: int, group: int, xr: int, top_k: int, vecto
 
 
 def _kernel(codes: _Codes, n: int, k: int, experts: int, top_k: int, group: int, xr: int, vector: int,
-            rows: int, per_warp: int, magic: bool, words: bool, bind: bool):
-    """The macro ``bound``/``serial`` (``x, segs, scale, zero, prec or None, ids, y``) of the kernel."""
+            rows: int, per_warp: int, magic: bool, words: bool, bind: bool, swiglu: bool = False):
+    """The macro ``bound``/``serial`` (``x, segs, scales, zeros, prec or None, ids, y``) of the kernel: ``segs``
+    the stack's segments (with ``swiglu``, the gate's then the up stack's), ``scales``/``zeros`` one per stack."""
     segb, widths, positions, nseg = codes.segb, codes.widths, codes.positions, len(codes.segb)
     steps = k // (LANES * vector)
     zbytes = -(-(k // group) * codes.storage // 8)
@@ -123,13 +124,15 @@ def _kernel(codes: _Codes, n: int, k: int, experts: int, top_k: int, group: int,
     span = rows * per_warp  # output rows a block
     blocks = top_k * (n // span)
     R = per_warp
+    H = 2 if swiglu else 1  # stacks a row reads: SwiGLU computes the gate's and the up's rows together
+    HR = H * R  # acc: one sum per (stack, row); then Σx of the run, then a run's dot
 
-    def code(sl, r: int, d: int, v):
-        """Float32 code of run element ``v`` of warp row ``r`` at width index ``d``, in the width's units."""
+    def code(sl, slot, d: int, v):
+        """Float32 code of run element ``v`` of row slot ``slot`` at width index ``d``, in the width's units."""
         t = codes.storage - widths[d]
         q = None
         for s in range(codes.used[d]):
-            part = _code_bits(lambda i, s=s: sl[r * nseg + s, i], 0, v * segb[s], segb[s], run[s] - 1)
+            part = _code_bits(lambda i, s=s: sl[slot * nseg + s, i], 0, v * segb[s], segb[s], run[s] - 1)
             if positions[s] - t:
                 part = part << T.uint32(positions[s] - t)
             q = part if q is None else q | part
@@ -140,16 +143,16 @@ def _kernel(codes: _Codes, n: int, k: int, experts: int, top_k: int, group: int,
             return T.reinterpret("float32", q | T.uint32(MAGIC)) - T.float32(1 << 23)
         return T.Cast("float32", q)
 
-    def chunk_words(sl, r: int, d: int, c):
-        """(even, odd) words of chunk ``c`` (8 run elements) of warp row ``r`` at width index ``d``: each
+    def chunk_words(sl, slot, d: int, c):
+        """(even, odd) words of chunk ``c`` (8 run elements) of row slot ``slot`` at width index ``d``: each
         segment's bytes of the chunk read as one word and spread to its bits of the 8 codes' bytes."""
         t = codes.storage - widths[d]
         lo = hi = None
         for s in range(codes.used[d]):
             nb = segb[s]  # bytes of 8 values
-            word = T.Cast("uint32", sl[r * nseg + s, c * nb])
+            word = T.Cast("uint32", sl[slot * nseg + s, c * nb])
             for i in range(1, nb):
-                word = word | (T.Cast("uint32", sl[r * nseg + s, c * nb + i]) << T.uint32(8 * i))
+                word = word | (T.Cast("uint32", sl[slot * nseg + s, c * nb + i]) << T.uint32(8 * i))
             a, b = _spread(word, segb[s], positions[s] - t)
             lo, hi = (a, b) if lo is None else (lo | a, hi | b)
         return lo, hi
@@ -172,103 +175,120 @@ def _kernel(codes: _Codes, n: int, k: int, experts: int, top_k: int, group: int,
         centre = (unit - 1.0) / 2.0
 
         @T.macro
-        def load(segs, sl, e, row, r, s, base):
+        def load(segs, sl, e, row, slot, s, src, base):
             if run[s] in (1, 2, 4, 8, 16):  # one vector load (CUDA has no 3- or 6-byte vectors)
                 for i in T.vectorized(run[s]):
-                    sl[r * nseg + s, i] = segs[s][e, row, base * run[s] + i]
+                    sl[slot * nseg + s, i] = segs[src][e, row, base * run[s] + i]
             else:
                 for i in T.unroll(run[s]):
-                    sl[r * nseg + s, i] = segs[s][e, row, base * run[s] + i]
+                    sl[slot * nseg + s, i] = segs[src][e, row, base * run[s] + i]
 
         @T.macro
-        def body(x, segs, scale, zero, acc, xl, sl, wd, e, j, row0, lane):
+        def load_stack(segs, sl, e, row0, h, base):
+            for r in T.unroll(R):
+                load(segs, sl, e, row0 + r, h * R + r, 0, h * nseg, base)
+                if used > 1:
+                    load(segs, sl, e, row0 + r, h * R + r, 1, h * nseg + 1, base)
+                if used > 2:
+                    load(segs, sl, e, row0 + r, h * R + r, 2, h * nseg + 2, base)
+                if used > 3:
+                    load(segs, sl, e, row0 + r, h * R + r, 3, h * nseg + 3, base)
+
+        @T.macro
+        def dot_stack(scales, zeros, acc, xl, sl, wd, e, row0, h, g):
+            for r in T.unroll(R):
+                acc[HR + 1] = T.float32(0)
+                if by_words:
+                    for c in T.unroll(vector // 8):
+                        wd[0] = chunk_words(sl, h * R + r, d, c)[0]
+                        wd[1] = chunk_words(sl, h * R + r, d, c)[1]
+                        for v in T.unroll(8):
+                            acc[HR + 1] = acc[HR + 1] + xl[c * 8 + v] * word_code(wd, v)
+                else:
+                    for v in T.unroll(vector):
+                        acc[HR + 1] = acc[HR + 1] + xl[v] * code(sl, h * R + r, d, v)
+                acc[h * R + r] = acc[h * R + r] + T.Cast("float32", scales[h][e, row0 + r, g]) * T.float32(unit) * (
+                    acc[HR + 1] - (zero_code(zeros[h], e, row0 + r, g) - T.float32(centre))
+                    * T.float32(1.0 / unit) * acc[HR])
+
+        @T.macro
+        def body(x, segs, scales, zeros, acc, xl, sl, wd, e, j, row0, lane):
             for ko in range(steps):
-                for h in range(vector // 4):
+                for q in range(vector // 4):
                     for i in T.vectorized(4):
-                        xl[h * 4 + i] = x[xrow(j), (ko * LANES + lane) * vector + h * 4 + i]
-                for r in T.unroll(R):
-                    load(segs, sl, e, row0 + r, r, 0, ko * LANES + lane)
-                    if used > 1:
-                        load(segs, sl, e, row0 + r, r, 1, ko * LANES + lane)
-                    if used > 2:
-                        load(segs, sl, e, row0 + r, r, 2, ko * LANES + lane)
-                    if used > 3:
-                        load(segs, sl, e, row0 + r, r, 3, ko * LANES + lane)
-                acc[R] = T.float32(0)
+                        xl[q * 4 + i] = x[xrow(j), (ko * LANES + lane) * vector + q * 4 + i]
+                load_stack(segs, sl, e, row0, 0, ko * LANES + lane)
+                if H == 2:
+                    load_stack(segs, sl, e, row0, 1, ko * LANES + lane)
+                acc[HR] = T.float32(0)
                 for v in T.unroll(vector):
-                    acc[R] = acc[R] + xl[v]
-                for r in T.unroll(R):
-                    acc[R + 1] = T.float32(0)
-                    if by_words:
-                        for c in T.unroll(vector // 8):
-                            wd[0] = chunk_words(sl, r, d, c)[0]
-                            wd[1] = chunk_words(sl, r, d, c)[1]
-                            for v in T.unroll(8):
-                                acc[R + 1] = acc[R + 1] + xl[c * 8 + v] * word_code(wd, v)
-                    else:
-                        for v in T.unroll(vector):
-                            acc[R + 1] = acc[R + 1] + xl[v] * code(sl, r, d, v)
-                    acc[r] = acc[r] + T.Cast("float32", scale[e, row0 + r, (ko * LANES + lane) * vector // group]) * T.float32(unit) * (
-                        acc[R + 1] - (zero_code(zero, e, row0 + r, (ko * LANES + lane) * vector // group)
-                                      - T.float32(centre)) * T.float32(1.0 / unit) * acc[R])
+                    acc[HR] = acc[HR] + xl[v]
+                dot_stack(scales, zeros, acc, xl, sl, wd, e, row0, 0, (ko * LANES + lane) * vector // group)
+                if H == 2:
+                    dot_stack(scales, zeros, acc, xl, sl, wd, e, row0, 1, (ko * LANES + lane) * vector // group)
         return body
 
     bodies = [make_body(d) for d in range(len(widths))]
     nw = len(widths)
 
     @T.macro
-    def lane_sum(x, segs, scale, zero, prec, ids, acc, xl, sl, wd, j, row0, lane):
-        for r in T.unroll(R):
+    def lane_sum(x, segs, scales, zeros, prec, ids, acc, xl, sl, wd, j, row0, lane):
+        for r in T.unroll(HR):
             acc[r] = T.float32(0)
         if nw == 1:
-            bodies[0](x, segs, scale, zero, acc, xl, sl, wd, ids[j], j, row0, lane)
+            bodies[0](x, segs, scales, zeros, acc, xl, sl, wd, ids[j], j, row0, lane)
         elif prec[ids[j]] == widths[0]:
-            bodies[0](x, segs, scale, zero, acc, xl, sl, wd, ids[j], j, row0, lane)
+            bodies[0](x, segs, scales, zeros, acc, xl, sl, wd, ids[j], j, row0, lane)
         elif prec[ids[j]] == widths[1]:
-            bodies[1](x, segs, scale, zero, acc, xl, sl, wd, ids[j], j, row0, lane)
+            bodies[1](x, segs, scales, zeros, acc, xl, sl, wd, ids[j], j, row0, lane)
         elif nw == 4 and prec[ids[j]] == widths[2]:
-            bodies[2](x, segs, scale, zero, acc, xl, sl, wd, ids[j], j, row0, lane)
+            bodies[2](x, segs, scales, zeros, acc, xl, sl, wd, ids[j], j, row0, lane)
         else:  # the widest (the session refuses widths the format does not serve)
-            bodies[-1](x, segs, scale, zero, acc, xl, sl, wd, ids[j], j, row0, lane)
+            bodies[-1](x, segs, scales, zeros, acc, xl, sl, wd, ids[j], j, row0, lane)
+
+    def result(acc, r):
+        """Output of warp row ``r`` from its lane-summed accumulators: the row's sum, or ``silu(gate) · up``."""
+        if H == 1:
+            return acc[r]
+        return acc[r] / (T.float32(1) + T.exp(-acc[r])) * acc[R + r]
 
     @T.macro
-    def bound(x, segs, scale, zero, prec, ids, y):
+    def bound(x, segs, scales, zeros, prec, ids, y):
         for b in T.thread_binding(blocks, thread="blockIdx.x"):
             for w in T.thread_binding(rows, thread="threadIdx.y"):
                 for lane in T.thread_binding(LANES, thread="threadIdx.x"):
-                    acc = T.alloc_buffer((R + 2,), "float32", scope="local")
+                    acc = T.alloc_buffer((HR + 2,), "float32", scope="local")
                     xl = T.alloc_buffer((vector,), "float32", scope="local")
-                    sl = T.alloc_buffer((R * nseg, max(run)), "uint8", scope="local")
+                    sl = T.alloc_buffer((HR * nseg, max(run)), "uint8", scope="local")
                     wd = T.alloc_buffer((2,), "uint32", scope="local")
-                    lane_sum(x, segs, scale, zero, prec, ids, acc, xl, sl, wd, b // (n // span),
+                    lane_sum(x, segs, scales, zeros, prec, ids, acc, xl, sl, wd, b // (n // span),
                              b % (n // span) * span + w * R, lane)
-                    for r in T.unroll(R):
+                    for r in T.unroll(HR):
                         for o in T.unroll(5):
                             acc[r] = acc[r] + T.tvm_warp_shuffle_down(
                                 T.tvm_warp_activemask(), acc[r], 16 >> o, LANES, LANES)
                     if lane == 0:
                         for r in T.unroll(R):
-                            y[b // (n // span), b % (n // span) * span + w * R + r] = acc[r]
+                            y[b // (n // span), b % (n // span) * span + w * R + r] = result(acc, r)
 
     @T.macro
-    def serial(x, segs, scale, zero, prec, ids, y):
+    def serial(x, segs, scales, zeros, prec, ids, y):
         for b in range(blocks):
             for w in range(rows):
-                part = T.alloc_buffer((LANES, R), "float32")
+                part = T.alloc_buffer((HR,), "float32")
+                for r in range(HR):
+                    part[r] = T.float32(0)
                 for lane in range(LANES):
-                    acc = T.alloc_buffer((R + 2,), "float32")
+                    acc = T.alloc_buffer((HR + 2,), "float32")
                     xl = T.alloc_buffer((vector,), "float32")
-                    sl = T.alloc_buffer((R * nseg, max(run)), "uint8")
+                    sl = T.alloc_buffer((HR * nseg, max(run)), "uint8")
                     wd = T.alloc_buffer((2,), "uint32")
-                    lane_sum(x, segs, scale, zero, prec, ids, acc, xl, sl, wd, b // (n // span),
+                    lane_sum(x, segs, scales, zeros, prec, ids, acc, xl, sl, wd, b // (n // span),
                              b % (n // span) * span + w * R, lane)
-                    for r in range(R):
-                        part[lane, r] = acc[r]
+                    for r in range(HR):
+                        part[r] = part[r] + acc[r]
                 for r in range(R):
-                    y[b // (n // span), b % (n // span) * span + w * R + r] = T.float32(0)
-                    for lane in range(LANES):
-                        y[b // (n // span), b % (n // span) * span + w * R + r] = (
-                            y[b // (n // span), b % (n // span) * span + w * R + r] + part[lane, r])
+                    y[b // (n // span), b % (n // span) * span + w * R + r] = result(part, r)
 
     return bound if bind else serial
 
@@ -276,62 +296,97 @@ def _kernel(codes: _Codes, n: int, k: int, experts: int, top_k: int, group: int,
 @functools.lru_cache(maxsize=None)  # one parse per shape (about 0.1 s each): a model's layers share a few
 def cuda_nested_gemv(storage_bits: int, n: int, k: int, experts: int, top_k: int, group: int, xr: int,
                      vector: int = 8, rows: int = 4, per_warp: int | None = None, magic: bool = False,
-                     words: bool = True, bind: bool = True) -> tirx.PrimFunc:
+                     words: bool = True, swiglu: bool = False, bind: bool = True) -> tirx.PrimFunc:
     """``gemv(x [xr, k], seg0…, scale, zero, prec [E], ids [top_k], y [top_k, n])`` (ids all valid);
-    ``words``: widths of two or more segments assemble a run's codes eight at a time (:func:`_spread`)."""
+    ``words``: widths of two or more segments assemble a run's codes eight at a time (:func:`_spread`).
+    ``swiglu``: ``gemv(x, seg0…, scale, zero, up_seg0…, up_scale, up_zero, prec, ids, y)``, ``y`` the routed
+    rows' ``silu(gate x) · (up x)`` (the gate and up stacks share ``prec``)."""
     codes = _nested_codes(storage_bits)
     per_warp = per_warp or _per_warp(n, rows)
     _check(codes, n, k, group, xr, top_k, vector, rows, per_warp)
-    kernel = _kernel(codes, n, k, experts, top_k, group, xr, vector, rows, per_warp, magic, words, bind)
+    kernel = _kernel(codes, n, k, experts, top_k, group, xr, vector, rows, per_warp, magic, words, bind, swiglu)
     zbytes = -(-(k // group) * storage_bits // 8)
     groups = k // group
+    name = "expert_nested_swiglu" if swiglu else "expert_nested_gemv"
 
     def seg_shape(s):
         return (experts, n, k * codes.segb[s] // 8)
 
-    if len(codes.segb) == 4:
+    nseg = len(codes.segb)
+    if nseg not in (3, 4):
+        raise MoecError(f"{storage_bits}-bit nested storage: the CUDA nested GEMV takes 3 or 4 segments, not {nseg}")
+    S4, Sc, Sz = seg_shape(nseg - 1), (experts, n, groups), (experts, n, zbytes)  # seg3's shape (4 segments)
+    if nseg == 4 and not swiglu:
         @T.prim_func
         def gemv(x: T.Buffer((xr, k), "float32"), seg0: T.Buffer(seg_shape(0), "uint8"),
                  seg1: T.Buffer(seg_shape(1), "uint8"), seg2: T.Buffer(seg_shape(2), "uint8"),
-                 seg3: T.Buffer(seg_shape(3), "uint8"), scale: T.Buffer((experts, n, groups), "float16"),
-                 zero: T.Buffer((experts, n, zbytes), "uint8"), prec: T.Buffer((experts,), "int32"),
-                 ids: T.Buffer((top_k,), "int32"), y: T.Buffer((top_k, n), "float32")):
-            T.func_attr({"global_symbol": "expert_nested_gemv", "tirx.noalias": True, "tirx.is_scheduled": True})
-            kernel(x, [seg0, seg1, seg2, seg3], scale, zero, prec, ids, y)
-    elif len(codes.segb) == 3:
+                 seg3: T.Buffer(S4, "uint8"), scale: T.Buffer(Sc, "float16"), zero: T.Buffer(Sz, "uint8"),
+                 prec: T.Buffer((experts,), "int32"), ids: T.Buffer((top_k,), "int32"),
+                 y: T.Buffer((top_k, n), "float32")):
+            T.func_attr({"global_symbol": name, "tirx.noalias": True, "tirx.is_scheduled": True})
+            kernel(x, [seg0, seg1, seg2, seg3], [scale], [zero], prec, ids, y)
+    elif nseg == 3 and not swiglu:
         @T.prim_func
         def gemv(x: T.Buffer((xr, k), "float32"), seg0: T.Buffer(seg_shape(0), "uint8"),
                  seg1: T.Buffer(seg_shape(1), "uint8"), seg2: T.Buffer(seg_shape(2), "uint8"),
-                 scale: T.Buffer((experts, n, groups), "float16"),
-                 zero: T.Buffer((experts, n, zbytes), "uint8"), prec: T.Buffer((experts,), "int32"),
+                 scale: T.Buffer(Sc, "float16"), zero: T.Buffer(Sz, "uint8"), prec: T.Buffer((experts,), "int32"),
                  ids: T.Buffer((top_k,), "int32"), y: T.Buffer((top_k, n), "float32")):
-            T.func_attr({"global_symbol": "expert_nested_gemv", "tirx.noalias": True, "tirx.is_scheduled": True})
-            kernel(x, [seg0, seg1, seg2], scale, zero, prec, ids, y)
+            T.func_attr({"global_symbol": name, "tirx.noalias": True, "tirx.is_scheduled": True})
+            kernel(x, [seg0, seg1, seg2], [scale], [zero], prec, ids, y)
+    elif nseg == 4:
+        @T.prim_func
+        def gemv(x: T.Buffer((xr, k), "float32"), seg0: T.Buffer(seg_shape(0), "uint8"),
+                 seg1: T.Buffer(seg_shape(1), "uint8"), seg2: T.Buffer(seg_shape(2), "uint8"),
+                 seg3: T.Buffer(S4, "uint8"), scale: T.Buffer(Sc, "float16"), zero: T.Buffer(Sz, "uint8"),
+                 useg0: T.Buffer(seg_shape(0), "uint8"), useg1: T.Buffer(seg_shape(1), "uint8"),
+                 useg2: T.Buffer(seg_shape(2), "uint8"), useg3: T.Buffer(S4, "uint8"),
+                 uscale: T.Buffer(Sc, "float16"), uzero: T.Buffer(Sz, "uint8"), prec: T.Buffer((experts,), "int32"),
+                 ids: T.Buffer((top_k,), "int32"), y: T.Buffer((top_k, n), "float32")):
+            T.func_attr({"global_symbol": name, "tirx.noalias": True, "tirx.is_scheduled": True})
+            kernel(x, [seg0, seg1, seg2, seg3, useg0, useg1, useg2, useg3], [scale, uscale], [zero, uzero], prec,
+                   ids, y)
     else:
-        raise MoecError(f"{storage_bits}-bit nested storage: the CUDA nested GEMV takes 3 or 4 segments, "
-                        f"not {len(codes.segb)}")
+        @T.prim_func
+        def gemv(x: T.Buffer((xr, k), "float32"), seg0: T.Buffer(seg_shape(0), "uint8"),
+                 seg1: T.Buffer(seg_shape(1), "uint8"), seg2: T.Buffer(seg_shape(2), "uint8"),
+                 scale: T.Buffer(Sc, "float16"), zero: T.Buffer(Sz, "uint8"),
+                 useg0: T.Buffer(seg_shape(0), "uint8"), useg1: T.Buffer(seg_shape(1), "uint8"),
+                 useg2: T.Buffer(seg_shape(2), "uint8"), uscale: T.Buffer(Sc, "float16"),
+                 uzero: T.Buffer(Sz, "uint8"), prec: T.Buffer((experts,), "int32"),
+                 ids: T.Buffer((top_k,), "int32"), y: T.Buffer((top_k, n), "float32")):
+            T.func_attr({"global_symbol": name, "tirx.noalias": True, "tirx.is_scheduled": True})
+            kernel(x, [seg0, seg1, seg2, useg0, useg1, useg2], [scale, uscale], [zero, uzero], prec, ids, y)
     return gemv
 
 
 @functools.lru_cache(maxsize=None)
 def cuda_fixed_gemv(bits: int, n: int, k: int, experts: int, top_k: int, group: int, xr: int,
                     vector: int | None = None, rows: int = 4, per_warp: int | None = None, magic: bool = False,
-                    bind: bool = True) -> tirx.PrimFunc:
+                    swiglu: bool = False, bind: bool = True) -> tirx.PrimFunc:
     """``gemv(x [xr, k], packed [E, n, k·bits/8], scale, zero, ids [top_k], y [top_k, n])`` over a fixed-width
-    stack (ids all valid): the nested kernel's body for a single segment of ``bits``."""
+    stack (ids all valid): the nested kernel's body for a single segment of ``bits``. ``swiglu``:
+    ``gemv(x, packed, scale, zero, up_packed, up_scale, up_zero, ids, y)``, ``y = silu(gate x) · (up x)``."""
     codes = _fixed_codes(bits)
     if vector is None:
         vector = FIXED_VECTOR[bits] if k % (LANES * FIXED_VECTOR[bits]) == 0 and group % FIXED_VECTOR[bits] == 0 else 8
     per_warp = per_warp or _per_warp(n, rows)
     _check(codes, n, k, group, xr, top_k, vector, rows, per_warp)
-    kernel = _kernel(codes, n, k, experts, top_k, group, xr, vector, rows, per_warp, magic, False, bind)
+    kernel = _kernel(codes, n, k, experts, top_k, group, xr, vector, rows, per_warp, magic, False, bind, swiglu)
     zbytes = -(-(k // group) * bits // 8)
-    groups = k // group
+    Sp, Sc, Sz = (experts, n, k * bits // 8), (experts, n, k // group), (experts, n, zbytes)
+    name = "expert_dequant_swiglu" if swiglu else "expert_dequant_gemv"
 
-    @T.prim_func
-    def gemv(x: T.Buffer((xr, k), "float32"), packed: T.Buffer((experts, n, k * bits // 8), "uint8"),
-             scale: T.Buffer((experts, n, groups), "float16"), zero: T.Buffer((experts, n, zbytes), "uint8"),
-             ids: T.Buffer((top_k,), "int32"), y: T.Buffer((top_k, n), "float32")):
-        T.func_attr({"global_symbol": "expert_dequant_gemv", "tirx.noalias": True, "tirx.is_scheduled": True})
-        kernel(x, [packed], scale, zero, None, ids, y)
+    if swiglu:
+        @T.prim_func
+        def gemv(x: T.Buffer((xr, k), "float32"), packed: T.Buffer(Sp, "uint8"), scale: T.Buffer(Sc, "float16"),
+                 zero: T.Buffer(Sz, "uint8"), upacked: T.Buffer(Sp, "uint8"), uscale: T.Buffer(Sc, "float16"),
+                 uzero: T.Buffer(Sz, "uint8"), ids: T.Buffer((top_k,), "int32"), y: T.Buffer((top_k, n), "float32")):
+            T.func_attr({"global_symbol": name, "tirx.noalias": True, "tirx.is_scheduled": True})
+            kernel(x, [packed, upacked], [scale, uscale], [zero, uzero], None, ids, y)
+    else:
+        @T.prim_func
+        def gemv(x: T.Buffer((xr, k), "float32"), packed: T.Buffer(Sp, "uint8"), scale: T.Buffer(Sc, "float16"),
+                 zero: T.Buffer(Sz, "uint8"), ids: T.Buffer((top_k,), "int32"), y: T.Buffer((top_k, n), "float32")):
+            T.func_attr({"global_symbol": name, "tirx.noalias": True, "tirx.is_scheduled": True})
+            kernel(x, [packed], [scale], [zero], None, ids, y)
     return gemv
