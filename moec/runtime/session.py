@@ -255,7 +255,7 @@ class BundleSession:
     def set_plan(self, plan: "BitPlan | dict | str | os.PathLike") -> PlanSwitch:
         """Serve the routed experts at ``plan``'s widths from the next call on (nested bundles).
 
-        No rebuild and no reload: the width tables among the parameters are replaced; the KV cache
+        No rebuild and no reload: the width tables among the parameters are overwritten in place; the KV cache
         is kept. ``plan`` is a BitPlan, plan JSON, a plan file or ``uniform:B``; only its routed-expert
         widths are used. A plan asking for a width the storage does not serve, naming an unknown
         layer or expert, or made for another model raises a one-line :class:`MoecError` and the
@@ -267,9 +267,8 @@ class BundleSession:
                             "expert widths at run time")
         new = as_plan(plan, self._model_cfg)
         tables = plan_widths(self._model_cfg, new, self._storage)  # raises before anything changes
-        placed = {self._table_index[n]: tvm.runtime.tensor(a, self.dev) for n, a in tables.items()}
-        for i, tensor in placed.items():  # swapped in only once every table is on the device
-            self.params[i] = tensor
+        for n, a in tables.items():  # written into the tensors in place: a CUDA bundle's captured graphs hold
+            self.params[self._table_index[n]].copyfrom(a)  # their addresses (all validated above)
         changed = int(sum((tables[n] != self._tables[n]).sum() for n in tables))
         self._tables, self._plan = tables, new
         widths = np.concatenate(list(tables.values()))
