@@ -3,7 +3,7 @@
 Each stack (fixed 2/3/4/8-bit, and the nested 8-bit stack served at 2/3/4/8 bits) is built once per
 variant of the TE form scheduled by ``gpu_rules.FusedGemv`` (``--vectors``: consecutive k per thread per
 step, ``--rows``: output rows (warps) per thread block, ``--stage``) and of the hand-written kernel of
-``schedules/cuda_nested.py`` (``--hand``: run length, warps a block, rows a warp, conversion, word
+``schedules/cuda_gemv.py`` (``--hand``: run length, warps a block, rows a warp, conversion, word
 assembly), and timed on ``tvm.cuda(0)``: µs per call, GB/s of the weight bytes the call reads, and that as
 a share of the GPU's device-to-device copy bandwidth. Every variant's output is checked against the
 stack's first variant's.
@@ -88,11 +88,11 @@ def prepare_shape(folder: Path, arch: str, shape: str, vectors: list[int], rows:
                   hand: list[str]) -> list[dict]:
     """Every variant of every stack at one shape, grouped by stack (one upload each when measured): the
     FusedGemv grid first (the first is the reference of the equality column), then the hand-written kernel
-    (``schedules/cuda_nested.py``) per ``hand`` spec, for the nested stack and the fixed ones."""
+    (``schedules/cuda_gemv.py``) per ``hand`` spec, for the nested stack and the fixed ones."""
     import tvm
 
     from moec.core.targets import load_target
-    from moec.lower.schedules.cuda_nested import cuda_fixed_gemv, cuda_nested_gemv
+    from moec.lower.schedules.cuda_gemv import cuda_fixed_gemv, cuda_nested_gemv
     from moec.lower.schedules.gpu_rules import FusedGemv
     target = load_target(f"cuda:{arch}").tvm()
     sh = gpu_kernels.SHAPES[shape]

@@ -22,7 +22,7 @@ from moec.core.formats import get_nested_format
 from moec.lower import te_ops
 from moec.lower.linear import LinearEmitter
 from moec.lower.params import WeightEntry
-from moec.lower.schedules.cuda_nested import cuda_fixed_gemv, cuda_nested_gemv
+from moec.lower.schedules.cuda_gemv import cuda_fixed_gemv, cuda_nested_gemv
 from moec.quant.nested import segment_positions
 
 
@@ -108,7 +108,7 @@ def expert_nested_gemv(x, *args, storage_bits: int, n: int, k: int, group: int):
         x[j if per_expert else 0, r] * w[j, row, r], axis=r), name="gemv")
 
 
-#: How a routed expert stack's GEMV is made: ``bound`` the hand-written kernels (``schedules/cuda_nested.py``,
+#: How a routed expert stack's GEMV is made: ``bound`` the hand-written kernels (``schedules/cuda_gemv.py``,
 #: threads bound: one body per run-time width for a nested stack, the same body for a fixed-width one),
 #: ``serial`` the same bodies with serial loops (CPU tests), ``te`` the fused TE forms above scheduled by
 #: ``FusedGemv`` (a nested stack's decodes every segment per weight; also the fallback for shapes the hand

@@ -187,10 +187,10 @@ VARIANTS = [(8, 4, None, False, True), (8, 4, 1, False, False), (16, 2, 2, True,
 @pytest.mark.parametrize("variant", VARIANTS)
 @pytest.mark.parametrize("storage, xr", [(8, 1), (8, 3), (4, 1), (4, 3)])
 def test_hand_nested_gemv_matches_the_derived_weights(storage, xr, variant):
-    """``schedules/cuda_nested.py`` with serial loops on the CPU: one body per width, codes in the width's
+    """``schedules/cuda_gemv.py`` with serial loops on the CPU: one body per width, codes in the width's
     units (per weight or eight at a time from words) and the group's affine terms once per run give the
     derived weights' GEMV at every width, for each rows-a-warp, run length and conversion."""
-    from moec.lower.schedules.cuda_nested import cuda_nested_gemv
+    from moec.lower.schedules.cuda_gemv import cuda_nested_gemv
     n, k, gs, e, top_k = 64, 512, 64, 4, 3
     vector, rows, per_warp, magic, words = variant
     rng = np.random.default_rng(storage)
@@ -215,7 +215,7 @@ def test_hand_nested_gemv_matches_the_derived_weights(storage, xr, variant):
 def test_hand_fixed_gemv_matches_the_dequantized_weights(bits, xr, variant):
     """The same bodies over a fixed-width stack (one segment; 3-bit codes straddle bytes) give
     ``dequantize(W) @ x`` for each routed row."""
-    from moec.lower.schedules.cuda_nested import cuda_fixed_gemv
+    from moec.lower.schedules.cuda_gemv import cuda_fixed_gemv
     n, k, gs, e, top_k = 64, 512, 64, 4, 3
     vector, rows, per_warp, magic, _ = variant
     rng = np.random.default_rng(bits)
@@ -239,7 +239,7 @@ def _silu(v):
 def test_hand_nested_swiglu_matches_the_derived_weights(storage):
     """The SwiGLU form (gate and up stacks in one kernel, sharing the routed expert's width) gives
     ``silu(W_gate x) · (W_up x)`` of the derived weights at every width."""
-    from moec.lower.schedules.cuda_nested import cuda_nested_gemv
+    from moec.lower.schedules.cuda_gemv import cuda_nested_gemv
     n, k, gs, e, top_k = 64, 512, 64, 4, 3
     rng = np.random.default_rng(storage + 10)
     gate, up = ([nest(pack_weight((rng.standard_normal((n, k)) * 0.1).astype(np.float32), storage, gs))
@@ -262,7 +262,7 @@ def test_hand_nested_swiglu_matches_the_derived_weights(storage):
 
 @pytest.mark.parametrize("bits", [2, 3, 4, 8])
 def test_hand_fixed_swiglu_matches_the_dequantized_weights(bits):
-    from moec.lower.schedules.cuda_nested import cuda_fixed_gemv
+    from moec.lower.schedules.cuda_gemv import cuda_fixed_gemv
     n, k, gs, e, top_k = 64, 512, 64, 4, 3
     rng = np.random.default_rng(bits + 20)
     gate, up = ([pack_weight((rng.standard_normal((n, k)) * 0.1).astype(np.float32), bits, gs) for _ in range(e)]
@@ -282,7 +282,7 @@ def test_hand_gemv_spreads_every_plane_value():
     puts value ``v`` in byte ``v // 2`` of the even or odd word, where the per-weight extraction reads it."""
     from tvm.script import tirx as T
 
-    from moec.lower.schedules.cuda_nested import _spread
+    from moec.lower.schedules.cuda_gemv import _spread
     for bits, count in ((1, 256), (2, 65536), (4, 4096)):
         vals = np.arange(count, dtype=np.uint32) * np.uint32(1 if bits < 4 else 1048573)  # 4-bit: all 32 bits
 
@@ -306,7 +306,7 @@ def test_hand_nested_gemv_branch_reads_only_its_segments():
     """In the generated CUDA C each width's branch loads exactly the segments that width needs (the
     widest is the final else), each in one vector load where its run is 2+ bytes; lanes sum by shuffles."""
     from moec.lower.cuda_kernels import cuda_source
-    from moec.lower.schedules.cuda_nested import cuda_nested_gemv
+    from moec.lower.schedules.cuda_gemv import cuda_nested_gemv
     from moec.quant.nested import segments_for
     target = load_target("cuda:sm_90").tvm()
     with target:

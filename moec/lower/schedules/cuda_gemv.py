@@ -1,7 +1,8 @@
-"""CUDA routed-expert GEMVs, hand-written TIR with threads bound: one body per run-time width.
+"""CUDA decode GEMVs, hand-written TIR with threads bound: one body per run-time width.
 
-Written for nested stacks; fixed-width stacks (one segment, one width) take the same bodies
-(:func:`cuda_fixed_gemv`). The fused TE form (``gpu_linear.expert_nested_gemv``) assembles every
+Written for nested stacks (:func:`cuda_nested_gemv`); fixed-width stacks (one segment, one width) take
+the same bodies (:func:`cuda_fixed_gemv`; dense layers as a stack of one expert), and both have a SwiGLU
+form computing a layer's routed gate and up rows together (``silu(gate x) · (up x)``). The fused TE form (``gpu_linear.expert_nested_gemv``) assembles every
 weight's code from all bit-plane segments, each extraction under its width test: its arithmetic is the
 storage width's at every width, and on a GPU the GEMV is ALU-bound (H200: 0.44–0.64x the fixed GEMV).
 Here a thread block serves routed rows of one expert, whose width is uniform across the block, and
