@@ -116,37 +116,49 @@ def expert_nested_gemv(x, *args, storage_bits: int, n: int, k: int, group: int):
 EXPERT_KERNELS = ("bound", "serial", "te")
 
 
-def _emit_expert_call(bb, make, args: list, name: str, kernel: str, *shape, swiglu: bool = False):
-    """``call_tir`` of the hand kernel ``make(*shape)`` on ``args``; None for ``te`` or a shape it does not take
-    (k not a multiple of 256, groups not a multiple of 8)."""
+def _hand_kernel(make, kernel: str, *shape, swiglu: bool = False):
+    """The hand kernel ``make(*shape)``; None for ``te`` or a shape it does not take (k not a multiple of 256,
+    groups not a multiple of 8)."""
     if kernel == "te":
         return None
     try:
-        func = make(*shape, swiglu=swiglu, bind=kernel == "bound")
+        return make(*shape, swiglu=swiglu, bind=kernel == "bound")
     except MoecError:
         return None
-    n, top_k = shape[1], shape[4]
+
+
+def _call(bb, func, args: list, name: str, top_k: int, n: int):
     gv = bb.add_func(func.without_attr("global_symbol"), name)
     return bb.emit(relax.call_tir(gv, args, relax.TensorType((top_k, n), "float32")))
+
+
+def _nested_arrays(entry: WeightEntry, vars_, name: str) -> list:
+    """A nested stack's parameters in kernel order: ``seg0…``, ``scale``, ``zero``."""
+    segs = sorted((a for a in entry.arrays if a.startswith("seg")), key=lambda a: int(a[3:]))
+    return [vars_[f"{name}.{a}"] for a in (*segs, "scale", "zero")]
 
 
 def emit_nested_gemv(bb, x, segs: list, scale, zero, prec, ids, storage_bits: int, n: int, k: int, group: int,
                      kernel: str = "bound"):
     """Emit the routed nested GEMV ``y [top_k, N]`` into ``bb`` (see :data:`EXPERT_KERNELS`)."""
-    shape = (storage_bits, n, k, int(scale.ty.shape[0]), int(ids.ty.shape[0]), group, int(x.ty.shape[0]))
-    y = _emit_expert_call(bb, cuda_nested_gemv, [x, *segs, scale, zero, prec, ids], "expert_nested_gemv",
-                          kernel, *shape)
-    return y if y is not None else bb.emit_te(
+    top_k = int(ids.ty.shape[0])
+    func = _hand_kernel(cuda_nested_gemv, kernel, storage_bits, n, k, int(scale.ty.shape[0]), top_k, group,
+                        int(x.ty.shape[0]))
+    if func is not None:
+        return _call(bb, func, [x, *segs, scale, zero, prec, ids], "expert_nested_gemv", top_k, n)
+    return bb.emit_te(
         expert_nested_gemv, x, *segs, scale, zero, prec, ids, storage_bits=storage_bits, n=n, k=k, group=group,
         primfunc_name_hint="expert_nested_gemv")
 
 
 def emit_fixed_gemv(bb, x, packed, scale, zero, ids, bits: int, n: int, k: int, group: int, kernel: str = "bound"):
     """Emit the routed fixed-width GEMV ``y [top_k, N]`` (ids all valid) into ``bb`` (:data:`EXPERT_KERNELS`)."""
-    shape = (bits, n, k, int(scale.ty.shape[0]), int(ids.ty.shape[0]), group, int(x.ty.shape[0]))
-    y = _emit_expert_call(bb, cuda_fixed_gemv, [x, packed, scale, zero, ids], "expert_dequant_gemv", kernel, *shape)
-    return y if y is not None else bb.emit_te(expert_dequant_gemv, x, packed, scale, zero, ids, bits, n, k, group,
-                                              primfunc_name_hint="expert_dequant_gemv")
+    top_k = int(ids.ty.shape[0])
+    func = _hand_kernel(cuda_fixed_gemv, kernel, bits, n, k, int(scale.ty.shape[0]), top_k, group, int(x.ty.shape[0]))
+    if func is not None:
+        return _call(bb, func, [x, packed, scale, zero, ids], "expert_dequant_gemv", top_k, n)
+    return bb.emit_te(expert_dequant_gemv, x, packed, scale, zero, ids, bits, n, k, group,
+                      primfunc_name_hint="expert_dequant_gemv")
 
 
 class GpuLinearEmitter(LinearEmitter):
@@ -164,14 +176,13 @@ class GpuLinearEmitter(LinearEmitter):
             return bb.emit_te(float_gemv, x, vars_[f"{name}.weight"], primfunc_name_hint="gemv")
         packed, scale, zero = (vars_[f"{name}.{a}"] for a in ("packed", "scale", "zero"))
         group = k // entry.arrays["scale"].shape[-1]
-        if int(x.ty.shape[0]) == 1 and self.expert_kernel != "te":
-            # a decode step's one row: the hand-written kernel as a stack of one expert, routed to it
-            one = [bb.emit(relax.op.reshape(a, (1, *(int(d) for d in a.ty.shape))))
-                   for a in (packed, scale, zero)]
-            y = _emit_expert_call(bb, cuda_fixed_gemv, [x, *one, relax.const(np.zeros(1, np.int32))],
-                                  "dequant_gemv", self.expert_kernel, entry.bits, n, k, 1, 1, group, 1)
-            if y is not None:
-                return y
+        rows = x.ty.shape[0]
+        one_row = isinstance(rows, tirx.IntImm) and rows.value == 1
+        func = _hand_kernel(cuda_fixed_gemv, self.expert_kernel, entry.bits, n, k, 1, 1, group, 1) if one_row else None
+        if func is not None:
+            # a decode step's one row: the hand-written kernel as a stack of one expert, routed to it (views)
+            one = [bb.emit(relax.op.reshape(a, (1, *(int(d) for d in a.ty.shape)))) for a in (packed, scale, zero)]
+            return _call(bb, func, [x, *one, relax.const(np.zeros(1, np.int32))], "dequant_gemv", 1, n)
         return bb.emit_te(dequant_gemv, x, packed, scale, zero, entry.bits, n, k, group,
                           primfunc_name_hint="dequant_gemv")
 
@@ -196,14 +207,13 @@ class GpuLinearEmitter(LinearEmitter):
             return None
         n, k = gate.shape
         top_k = int(ids.ty.shape[0])
-        safe = bb.emit(relax.op.maximum(ids, relax.const(np.int32(0))))
-        args = [x] + [vars_[f"{nm}.{a}"] for nm in (gate_name, up_name) for a in ("packed", "scale", "zero")] + [safe]
-        shape = (gate.bits, n, k, int(args[2].ty.shape[0]), top_k, k // gate.arrays["scale"].shape[-1],
-                 int(x.ty.shape[0]))
-        y = _emit_expert_call(bb, cuda_fixed_gemv, args, "expert_dequant_swiglu", self.expert_kernel, *shape,
-                              swiglu=True)
-        if y is None:
+        arrays = [vars_[f"{nm}.{a}"] for nm in (gate_name, up_name) for a in ("packed", "scale", "zero")]
+        func = _hand_kernel(cuda_fixed_gemv, self.expert_kernel, gate.bits, n, k, int(arrays[1].ty.shape[0]), top_k,
+                            k // gate.arrays["scale"].shape[-1], int(x.ty.shape[0]), swiglu=True)
+        if func is None:
             return None
+        safe = bb.emit(relax.op.maximum(ids, relax.const(np.int32(0))))
+        y = _call(bb, func, [x, *arrays, safe], "expert_dequant_swiglu", top_k, n)
         mask = bb.emit(relax.op.astype(relax.op.greater_equal(ids, relax.const(np.int32(0))), "float32"))
         return bb.emit(relax.op.multiply(y, relax.op.reshape(mask, (top_k, 1))))
 
@@ -213,19 +223,18 @@ class GpuLinearEmitter(LinearEmitter):
         if self.expert_kernel == "te" or (gate.bits, gate.shape, gate.group_size) != (up.bits, up.shape, up.group_size):
             return None
         n, k = gate.shape
-
-        def arrays(entry, name):
-            segs = sorted((a for a in entry.arrays if a.startswith("seg")), key=lambda a: int(a[3:]))
-            return [vars_[f"{name}.{a}"] for a in (*segs, "scale", "zero")]
-        scale = vars_[f"{gate_name}.scale"]
-        shape = (gate.bits, n, k, int(scale.ty.shape[0]), int(ids.ty.shape[0]), gate.group_size, int(x.ty.shape[0]))
-        return _emit_expert_call(bb, cuda_nested_gemv, [x, *arrays(gate, gate_name), *arrays(up, up_name), prec, ids],
-                                 "expert_nested_swiglu", self.expert_kernel, *shape, swiglu=True)
+        top_k = int(ids.ty.shape[0])
+        func = _hand_kernel(cuda_nested_gemv, self.expert_kernel, gate.bits, n, k,
+                            int(vars_[f"{gate_name}.scale"].ty.shape[0]), top_k, gate.group_size, int(x.ty.shape[0]),
+                            swiglu=True)
+        if func is None:
+            return None
+        args = [x, *_nested_arrays(gate, vars_, gate_name), *_nested_arrays(up, vars_, up_name), prec, ids]
+        return _call(bb, func, args, "expert_nested_swiglu", top_k, n)
 
     def nested_experts(self, bb, x, entry: WeightEntry, vars_, name, ids, prec):
         """One fused nested dequantize-GEMV for the routed ``ids`` (all valid) at the widths in ``prec``."""
         n, k = entry.shape
-        segs = sorted((a for a in entry.arrays if a.startswith("seg")), key=lambda a: int(a[3:]))
-        return emit_nested_gemv(bb, x, [vars_[f"{name}.{a}"] for a in segs], vars_[f"{name}.scale"],
-                                vars_[f"{name}.zero"], prec, ids, entry.bits, n, k, entry.group_size,
+        *segs, scale, zero = _nested_arrays(entry, vars_, name)
+        return emit_nested_gemv(bb, x, segs, scale, zero, prec, ids, entry.bits, n, k, entry.group_size,
                                 self.expert_kernel)
