@@ -56,9 +56,14 @@ FEATURE_CONFIGS = {
 
 def feature_model(name: str, seed: int = 0) -> MoEModel:
     """A random in-memory model (vocab 300, hidden 64, 4 experts) with the features of ``name``."""
+    return random_model(seed, **FEATURE_CONFIGS[name])
+
+
+def random_model(seed: int = 0, **overrides) -> MoEModel:
+    """A random in-memory model (vocab 300, hidden 64, 4 experts, Qwen2-MoE unless ``overrides`` say)."""
     fields = dict(vocab_size=300, hidden_size=64, num_layers=2, num_heads=4, num_kv_heads=2, num_experts=4,
                   top_k=2, expert_intermediate=32, rms_eps=1e-5, architecture="Qwen2MoeForCausalLM")
-    fields.update(FEATURE_CONFIGS[name])
+    fields.update(overrides)
     torch.manual_seed(seed)
     model = MoEModel(MoEConfig(**fields)).eval()
     with torch.no_grad():

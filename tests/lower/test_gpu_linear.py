@@ -20,14 +20,20 @@ pytestmark = pytest.mark.tvm
 
 
 def _params(root, **dims):
+    """Decode parameters of a random model (Mixtral-shaped unless ``dims`` name another architecture, built in
+    memory then) under a mixed plan, through ONNX as ``moec compile`` makes them."""
     from moec.export.exporter import export_model
     from moec.lower.onnx_import import import_onnx
     from moec.lower.params import build_params
     from moec.models.checkpoint import load_checkpoint
     from tests.conftest import make_tiny_checkpoint
     from tests.lower.plan_fixtures import mixed_plan
-    make_tiny_checkpoint(root / "ckpt", seed=4, **dims)
-    model = load_checkpoint(root / "ckpt")
+    if "architecture" in dims:
+        from tests.export.export_fixtures import random_model
+        model = random_model(4, **dims)
+    else:
+        make_tiny_checkpoint(root / "ckpt", seed=4, **dims)
+        model = load_checkpoint(root / "ckpt")
     export_model(model, mixed_plan(model.cfg), root / "onnx")  # experts at 2, 3, 4, 8 and 16 bits
     cfg, plan, packed, floats = import_onnx(root / "onnx")
     return cfg, build_params(cfg, plan, packed, floats), root
@@ -79,6 +85,22 @@ def test_hand_expert_gemvs_match_the_reference_emitter(wide_params):
             if isinstance(f, tvm.tirx.PrimFunc) and f.attrs is not None and f.attrs.get("tirx.is_scheduled")}
     assert {"expert_dequant_gemv", "expert_dequant_swiglu", "dequant_gemv"} <= hand, hand  # not the TE forms
     tokens = [5, 17, 42, 7]
+    ref = _logits(cfg, params, LinearEmitter(), root / "ref.so", tokens)
+    got = _logits(cfg, params, GpuLinearEmitter("serial"), root / "gpu.so", tokens)
+    np.testing.assert_allclose(got, ref, rtol=1e-4, atol=1e-4 * float(np.abs(ref).max()))
+
+
+@pytest.mark.parametrize("family", [
+    {"shared_intermediate": 256, "shared_gate": True, "attention_bias": True, "dense_layers": [0],
+     "dense_intermediate": 256, "num_layers": 3, "architecture": "Qwen2MoeForCausalLM"},  # Qwen2-MoE-like: shared expert, a dense layer, biased q/k/v
+    {"expert_bias": True, "swiglu_limit": 7.0, "swiglu_alpha": 1.702, "attention_sinks": True,
+     "attention_out_bias": True, "router_logit_bias": True, "architecture": "GptOssForCausalLM"},  # gpt-oss-like: expert biases and the clamped GLU (two GEMVs, no fused call)
+])
+def test_hand_gemvs_match_the_reference_emitter_across_families(tmp_path, family):
+    """Other families' decode graphs through the hand kernels' serial bodies: dense layers, shared experts and
+    biases around them give the reference emitter's logits."""
+    cfg, params, root = _params(tmp_path, hidden_size=256, expert_intermediate=256, **family)
+    tokens = [5, 17, 42]
     ref = _logits(cfg, params, LinearEmitter(), root / "ref.so", tokens)
     got = _logits(cfg, params, GpuLinearEmitter("serial"), root / "gpu.so", tokens)
     np.testing.assert_allclose(got, ref, rtol=1e-4, atol=1e-4 * float(np.abs(ref).max()))
