@@ -1,19 +1,21 @@
 """CUDA decode GEMVs, hand-written TIR with threads bound: one body per run-time width.
 
 Written for nested stacks (:func:`cuda_nested_gemv`); fixed-width stacks (one segment, one width) take
-the same bodies (:func:`cuda_fixed_gemv`; dense layers as a stack of one expert), and both have a SwiGLU
-form computing a layer's routed gate and up rows together (``silu(gate x) · (up x)``). The fused TE form (``gpu_linear.expert_nested_gemv``) assembles every
-weight's code from all bit-plane segments, each extraction under its width test: its arithmetic is the
-storage width's at every width, and on a GPU the GEMV is ALU-bound (H200: 0.44–0.64x the fixed GEMV).
-Here a thread block serves routed rows of one expert, whose width is uniform across the block, and
-branches once on it to a body that reads and decodes only that width's segments:
+the same bodies (:func:`cuda_fixed_gemv`; dense layers as a stack of one expert), and both have a
+SwiGLU form computing a layer's routed gate and up rows together (``silu(gate x) · (up x)``). The fused
+TE form (``gpu_linear.expert_nested_gemv``) assembles every weight's code from all bit-plane segments,
+each extraction under its width test: its arithmetic is the storage width's at every width, and on a
+GPU the GEMV is ALU-bound (H200: 0.44–0.64x the fixed GEMV). Here a thread block serves routed rows of
+one expert, whose width is uniform across the block, and branches once on it to a body that reads and
+decodes only that width's segments:
 
 - ``rows`` warps a block, each warp ``per_warp`` consecutive output rows sharing its activations; each
   lane a run of ``vector`` consecutive k per step (inside one quantization group), its activations
   copied into registers with float4 loads (and summed once for all its rows), each needed segment's
   bytes with one vector load per row, every row's loads issued before the arithmetic;
 - the run's codes are assembled in the width's own units (segment ``s`` shifted to ``pos_s − t``,
-  ``t = storage − width``: a 2-bit width is one 2-bit extraction a weight) and made float32 either by a
+  ``t = storage − width``: a 2-bit width is one 2-bit extraction a weight; with ``words``, a width of two
+  or more segments assembles eight codes at a time, :func:`_spread`) and made float32 either by a
   conversion instruction or (``magic``) by or-ing the code into the mantissa of ``2**23`` and
   subtracting ``2**23`` (exact for codes below ``2**23``: the same values, integer/logic and add
   instructions instead of the conversion unit);
@@ -43,7 +45,7 @@ LANES = 32
 PER_WARP = (4, 2, 1)
 #: k per lane step of a fixed stack by its width (where k and the groups divide into such runs, else 8): 16
 #: was 8–13 % faster than 8 at 2, 3 and 4 bits at DRAM size on the H200, equal at 8 bits (memory-bound
-#: there, 98 % of the copy bandwidth); nested stacks keep 8 (16 was 0–9 % slower at 3, 4 and 8 bits).
+#: there, 96–100 % of the copy bandwidth); nested stacks keep 8 (16 was 0–9 % slower at 3, 4 and 8 bits).
 FIXED_VECTOR = {2: 16, 3: 16, 4: 16, 8: 8}
 MAGIC = 0x4B000000  # float32 2**23: a code below 2**23 or-ed into its mantissa reads as 2**23 + code
 
