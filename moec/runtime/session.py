@@ -267,8 +267,8 @@ class BundleSession:
                             "expert widths at run time")
         new = as_plan(plan, self._model_cfg)
         tables = plan_widths(self._model_cfg, new, self._storage)  # raises before anything changes
-        for n, a in tables.items():  # written into the tensors in place: a CUDA bundle's captured graphs hold
-            self.params[self._table_index[n]].copyfrom(a)  # their addresses (all validated above)
+        for n, a in tables.items():  # written into the same device buffers (all validated above): kernels
+            self.params[self._table_index[n]].copyfrom(a)  # replayed from a captured CUDA graph keep addresses
         changed = int(sum((tables[n] != self._tables[n]).sum() for n in tables))
         self._tables, self._plan = tables, new
         widths = np.concatenate(list(tables.values()))

@@ -152,9 +152,6 @@ def test_nested_decode_generates_cuda_for_jetson(nested_params):
         ex = tvm.compile(bb.get(), target=target, relax_pipeline=make_pipeline(backend_for(preset).phases))
     src = cuda_source(ex.mod)
     assert src is not None and count_kernels(src) > 10
-    with target:  # runs of kernels with static arguments are lifted for CUDA-graph capture
-        lowered = make_pipeline(backend_for(preset).phases)(bb.get())
-    assert any(gv.name_hint.startswith("decode_cuda_graph_capture") for gv in lowered.functions)
     assert "expert_nested_gemv" in src and "__shfl_down_sync" in src
     assert re.search(r"if \(prec_ptr\[ids_ptr\[[^\]]*\]\] == 2\)", src)  # the hand kernel's width branch
 
