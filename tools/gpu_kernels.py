@@ -26,7 +26,8 @@ _DEVICE_INPUTS: dict = {}  # (shape, bits, fixed?) -> the last stack's device ar
 
 
 def _zero_bytes(k: int, group: int, bits: int) -> int:
-    return -(-(k // group) * bits // 8)
+    from moec.quant.pack import packed_row_bytes
+    return packed_row_bytes(k // group, bits)
 
 
 def expert_gemv_module(bits: int, n: int, k: int, experts: int, top_k: int, group: int, width: int | None = None,

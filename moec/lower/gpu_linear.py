@@ -20,7 +20,7 @@ from tvm import relax, te, tirx
 from moec.core.errors import MoecError
 from moec.core.formats import get_nested_format
 from moec.lower import te_ops
-from moec.lower.linear import LinearEmitter
+from moec.lower.linear import LinearEmitter, clamped_ids, zero_other_rows
 from moec.lower.params import WeightEntry
 from moec.lower.schedules.cuda_gemv import cuda_fixed_gemv, cuda_nested_gemv
 from moec.quant.nested import segment_positions
@@ -188,16 +188,14 @@ class GpuLinearEmitter(LinearEmitter):
 
     def experts(self, bb, x, entry: WeightEntry, vars_, name, ids):
         n, k = entry.shape
-        top_k = int(ids.ty.shape[0])
-        safe = bb.emit(relax.op.maximum(ids, relax.const(np.int32(0))))
+        safe = clamped_ids(bb, ids)
         if "weight" in entry.arrays:
             y = bb.emit_te(expert_float_gemv, x, vars_[f"{name}.weight"], safe, primfunc_name_hint="expert_gemv")
         else:
             packed, scale, zero = (vars_[f"{name}.{a}"] for a in ("packed", "scale", "zero"))
             group = k // entry.arrays["scale"].shape[-1]
             y = emit_fixed_gemv(bb, x, packed, scale, zero, safe, entry.bits, n, k, group, self.expert_kernel)
-        mask = bb.emit(relax.op.astype(relax.op.greater_equal(ids, relax.const(np.int32(0))), "float32"))
-        return bb.emit(relax.op.multiply(y, relax.op.reshape(mask, (top_k, 1))))
+        return zero_other_rows(bb, y, ids)
 
     def swiglu_experts(self, bb, x, gate: WeightEntry, up: WeightEntry, vars_, gate_name, up_name, ids):
         """``silu(gate x) · (up x)`` of the routed ``ids`` (-1: another bit class, row 0) in one hand-kernel call
@@ -212,10 +210,8 @@ class GpuLinearEmitter(LinearEmitter):
                             k // gate.arrays["scale"].shape[-1], int(x.ty.shape[0]), swiglu=True)
         if func is None:
             return None
-        safe = bb.emit(relax.op.maximum(ids, relax.const(np.int32(0))))
-        y = _call(bb, func, [x, *arrays, safe], "expert_dequant_swiglu", top_k, n)
-        mask = bb.emit(relax.op.astype(relax.op.greater_equal(ids, relax.const(np.int32(0))), "float32"))
-        return bb.emit(relax.op.multiply(y, relax.op.reshape(mask, (top_k, 1))))
+        y = _call(bb, func, [x, *arrays, clamped_ids(bb, ids)], "expert_dequant_swiglu", top_k, n)
+        return zero_other_rows(bb, y, ids)
 
     def nested_swiglu_experts(self, bb, x, gate: WeightEntry, up: WeightEntry, vars_, gate_name, up_name, ids, prec):
         """``silu(gate x) · (up x)`` of two nested stacks' routed rows (all valid) at the widths of ``prec`` in one

@@ -18,6 +18,17 @@ from moec.lower import te_ops
 from moec.lower.params import WeightEntry
 
 
+def clamped_ids(bb, ids):
+    """Routed ids with -1 (a row of another bit class) read as expert 0, so a kernel may index the stack."""
+    return bb.emit(relax.op.maximum(ids, relax.const(np.int32(0))))
+
+
+def zero_other_rows(bb, y, ids):
+    """``y [k, N]`` with the rows of id -1 set to 0."""
+    mask = bb.emit(relax.op.astype(relax.op.greater_equal(ids, relax.const(np.int32(0))), "float32"))
+    return bb.emit(relax.op.multiply(y, relax.op.reshape(mask, (int(ids.ty.shape[0]), 1))))
+
+
 def _dequant_args(entry: WeightEntry, arrays: list) -> tuple:
     """``(super_scale, super_groups)`` of double-quantized scales (``arrays`` ends with it), else ``()``."""
     return (arrays[3], entry.super_groups) if entry.super_groups else ()
@@ -65,14 +76,12 @@ class LinearEmitter:
         return False
 
     def experts(self, bb, x, entry: WeightEntry, vars_, name, ids):
-        safe = bb.emit(relax.op.maximum(ids, relax.const(np.int32(0))))
-        w = self._weight(bb, entry, vars_, name, lead=safe)              # [k, N, K]
+        w = self._weight(bb, entry, vars_, name, lead=clamped_ids(bb, ids))  # [k, N, K]
         k_rows = int(ids.ty.shape[0])
         x3 = bb.emit(relax.op.reshape(x, (-1, 1, entry.shape[1])))       # [1 or k, 1, K]
         y = bb.emit(relax.op.matmul(x3, relax.op.permute_dims(w, [0, 2, 1])))
         y = bb.emit(relax.op.reshape(y, (k_rows, entry.shape[0])))
-        mask = bb.emit(relax.op.astype(relax.op.greater_equal(ids, relax.const(np.int32(0))), "float32"))
-        return bb.emit(relax.op.multiply(y, relax.op.reshape(mask, (k_rows, 1))))
+        return zero_other_rows(bb, y, ids)
 
     def routed_experts(self, bb, x, entry: WeightEntry, vars_, name, ids):
         """``experts`` when every id is valid (a layer whose experts are all in this one stack): emitters whose

@@ -37,6 +37,7 @@ from tvm.script import tirx as T
 from moec.core.errors import MoecError
 from moec.core.formats import get_nested_format
 from moec.quant.nested import segment_positions, segments_for
+from moec.quant.pack import packed_row_bytes
 
 LANES = 32
 #: Output rows a warp computes (sharing its activations in registers), the most of these that divides the
@@ -74,12 +75,12 @@ def _fixed_codes(bits: int) -> _Codes:
     return _Codes((bits,), (0,), (bits,), (1,), bits)
 
 
-def _code_bits(buf, byte0, bit: int | tirx.PrimExpr, bits: int, last: int):
-    """``bits`` bits at ``bit`` of the LSB-first byte stream ``buf[byte0 …]`` (a second byte where a code
-    may straddle one; ``last`` is the stream's last byte index)."""
-    lo = T.Cast("uint32", buf(byte0 + bit // 8))
+def _code_bits(buf, bit: int | tirx.PrimExpr, bits: int, last: int):
+    """``bits`` bits at ``bit`` of the LSB-first byte stream ``buf(0 …)`` (a second byte where a code may
+    straddle one; ``last`` is the stream's last byte index)."""
+    lo = T.Cast("uint32", buf(bit // 8))
     if 8 % bits:
-        lo = lo | (T.Cast("uint32", buf(byte0 + T.min(bit // 8 + 1, last))) << T.uint32(8))
+        lo = lo | (T.Cast("uint32", buf(T.min(bit // 8 + 1, last))) << T.uint32(8))
     return (lo >> T.Cast("uint32", bit % 8)) & T.uint32((1 << bits) - 1)
 
 
@@ -122,7 +123,6 @@ def _kernel(codes: _Codes, n: int, k: int, experts: int, top_k: int, group: int,
     the stack's segments (with ``swiglu``, the gate's then the up stack's), ``scales``/``zeros`` one per stack."""
     segb, widths, positions, nseg = codes.segb, codes.widths, codes.positions, len(codes.segb)
     steps = k // (LANES * vector)
-    zbytes = -(-(k // group) * codes.storage // 8)
     run = [vector * b // 8 for b in segb]  # bytes of each segment per lane step
     span = rows * per_warp  # output rows a block
     blocks = top_k * (n // span)
@@ -135,7 +135,7 @@ def _kernel(codes: _Codes, n: int, k: int, experts: int, top_k: int, group: int,
         t = codes.storage - widths[d]
         q = None
         for s in range(codes.used[d]):
-            part = _code_bits(lambda i, s=s: sl[slot * nseg + s, i], 0, v * segb[s], segb[s], run[s] - 1)
+            part = _code_bits(lambda i, s=s: sl[slot * nseg + s, i], v * segb[s], segb[s], run[s] - 1)
             if positions[s] - t:
                 part = part << T.uint32(positions[s] - t)
             q = part if q is None else q | part
@@ -167,8 +167,8 @@ def _kernel(codes: _Codes, n: int, k: int, experts: int, top_k: int, group: int,
         return j if xr > 1 else 0
 
     def zero_code(zero, e, row, g):
-        return T.Cast("float32", _code_bits(lambda i: zero[e, row, i], 0, g * codes.storage, codes.storage,
-                                            zbytes - 1))
+        return T.Cast("float32", _code_bits(lambda i: zero[e, row, i], g * codes.storage, codes.storage,
+                                            int(zero.shape[-1]) - 1))
 
     def make_body(d: int):
         used = codes.used[d]
@@ -308,7 +308,7 @@ def cuda_nested_gemv(storage_bits: int, n: int, k: int, experts: int, top_k: int
     per_warp = per_warp or _per_warp(n, rows)
     _check(codes, n, k, group, xr, top_k, vector, rows, per_warp)
     kernel = _kernel(codes, n, k, experts, top_k, group, xr, vector, rows, per_warp, magic, words, bind, swiglu)
-    zbytes = -(-(k // group) * storage_bits // 8)
+    zbytes = packed_row_bytes(k // group, storage_bits)
     groups = k // group
     name = "expert_nested_swiglu" if swiglu else "expert_nested_gemv"
 
@@ -375,7 +375,7 @@ def cuda_fixed_gemv(bits: int, n: int, k: int, experts: int, top_k: int, group: 
     per_warp = per_warp or _per_warp(n, rows)
     _check(codes, n, k, group, xr, top_k, vector, rows, per_warp)
     kernel = _kernel(codes, n, k, experts, top_k, group, xr, vector, rows, per_warp, magic, False, bind, swiglu)
-    zbytes = -(-(k // group) * bits // 8)
+    zbytes = packed_row_bytes(k // group, bits)
     Sp, Sc, Sz = (experts, n, k * bits // 8), (experts, n, k // group), (experts, n, zbytes)
     name = "expert_dequant_swiglu" if swiglu else "expert_dequant_gemv"
 
