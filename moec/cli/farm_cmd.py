@@ -117,7 +117,7 @@ def _profile_kernels(bundles, tracker, key, store, repeats, timeout_s) -> list:
     from moec.artifact.bundle import read_manifest
     from moec.hardware.kernel_classes import plan_kernel_candidates
     from moec.hardware.device_timing import measure_kernels
-    from moec.core.config import MoEConfig, config_from_dict
+    from moec.core.config import config_from_dict
     from moec.core.plan import BitPlan
 
     failed = []

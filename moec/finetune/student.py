@@ -13,7 +13,7 @@ from moec.core.plan import BitPlan
 from moec.finetune.fake_quant import GroupQuant, to_fp16
 from moec.models.knobs import merged_weight, set_routing_knobs
 from moec.models.learned_quant import LearnedQuant
-from moec.models.model import MoEBlock, MoEModel
+from moec.models.model import MoEBlock
 
 PROJECTIONS = ("w1", "w3", "w2")
 

@@ -34,6 +34,7 @@ from moec.lower.kernels.decode import code_at
 from moec.lower.kernels.grouped_gemm import GemmLoopParams, token_blocks
 from moec.lower.kernels.layout import num_tiles, zero_words
 from moec.lower.kernels.nested_layout import nibble_of, nibble_word
+from moec.lower.kernels.signature import UNUSED, drop_params, segment_names
 from moec.quant.nested import segment_positions
 
 
@@ -172,33 +173,21 @@ def nested_grouped_definition(spec: NestedGroupedSpec, params: GemmLoopParams) -
     cols = [k * w // 32 for w in seg_bits]
     if nd > 4 or nd < 3:
         raise MoecError(f"{fmt.name}: the nested grouped GEMM serves 3 or 4 derived widths, not {nd}")
-    if nd == 4:
-        @T.prim_func
-        def nested_grouped(x_h: T.handle, seg0: T.Buffer((experts, nt, cols[0], tile), "uint32"),
-                           seg1: T.Buffer((experts, nt, cols[1], tile), "uint32"),
-                           seg2: T.Buffer((experts, nt, cols[2], tile), "uint32"),
-                           seg3: T.Buffer((experts, nt, cols[3], tile), "uint32"),
-                           scale: T.Buffer((experts, nt, groups, tile), "float16"),
-                           zero: T.Buffer((experts, nt, zw, tile), "uint32"),
-                           prec: T.Buffer((experts,), "int32"),
-                           offsets: T.Buffer((experts + 1,), "int32"), y_h: T.handle):
-            T.func_attr({"global_symbol": "grouped_gemm", "tirx.noalias": True})
-            tokens = T.int32()
-            x = T.match_buffer(x_h, (tokens, k), "float32")
-            y = T.match_buffer(y_h, (tokens, n), "float32")
-            body(x, y, [seg0, seg1, seg2, seg3], scale, zero, prec, offsets)
-    else:
-        @T.prim_func
-        def nested_grouped(x_h: T.handle, seg0: T.Buffer((experts, nt, cols[0], tile), "uint32"),
-                           seg1: T.Buffer((experts, nt, cols[1], tile), "uint32"),
-                           seg2: T.Buffer((experts, nt, cols[2], tile), "uint32"),
-                           scale: T.Buffer((experts, nt, groups, tile), "float16"),
-                           zero: T.Buffer((experts, nt, zw, tile), "uint32"),
-                           prec: T.Buffer((experts,), "int32"),
-                           offsets: T.Buffer((experts + 1,), "int32"), y_h: T.handle):
-            T.func_attr({"global_symbol": "grouped_gemm", "tirx.noalias": True})
-            tokens = T.int32()
-            x = T.match_buffer(x_h, (tokens, k), "float32")
-            y = T.match_buffer(y_h, (tokens, n), "float32")
-            body(x, y, [seg0, seg1, seg2], scale, zero, prec, offsets)
-    return nested_grouped
+
+    def seg_shape(s):
+        return (experts, nt, cols[s], tile) if s < nd else UNUSED
+
+    # the widest signature (4 segments), less a segment this format does not have (kernels/signature.py)
+    @T.prim_func
+    def nested_grouped(x_h: T.handle, seg0: T.Buffer(seg_shape(0), "uint32"), seg1: T.Buffer(seg_shape(1), "uint32"),
+                       seg2: T.Buffer(seg_shape(2), "uint32"), seg3: T.Buffer(seg_shape(3), "uint32"),
+                       scale: T.Buffer((experts, nt, groups, tile), "float16"),
+                       zero: T.Buffer((experts, nt, zw, tile), "uint32"), prec: T.Buffer((experts,), "int32"),
+                       offsets: T.Buffer((experts + 1,), "int32"), y_h: T.handle):
+        T.func_attr({"global_symbol": "grouped_gemm", "tirx.noalias": True})
+        tokens = T.int32()
+        x = T.match_buffer(x_h, (tokens, k), "float32")
+        y = T.match_buffer(y_h, (tokens, n), "float32")
+        body(x, y, [seg0, seg1, seg2, seg3][:nd], scale, zero, prec, offsets)
+
+    return drop_params(nested_grouped, segment_names(nd))

@@ -21,6 +21,7 @@ from moec.core.errors import MoecError
 from moec.lower.kernels.gemv import GemvSpec
 from moec.lower.kernels.layout import num_tiles, zero_words
 from moec.lower.kernels.scopes import stack_scope
+from moec.lower.kernels.signature import UNUSED, drop_params
 from moec.lower.schedules.int8_common import (BYTE_MASK, plane_slot_source, quantize_activations_prep,
                                               scaled_group_sum)
 
@@ -136,21 +137,15 @@ def dotprod_gemv(spec: GemvSpec, params, dot: Callable = sdot) -> tirx.PrimFunc:
                         y[task % top_k, (task // top_k * vecs + v) * LANES + lane] = yacc[v, lane]
 
     nt, zw = num_tiles(n, tile), zero_words(groups, bits)
-    if sg:  # double-quantized scales: uint8 codes and fp16 super-scales
-        @T.prim_func
-        def gemv(x: T.Buffer((xr, k), "float32"), weight: T.Buffer((experts, nt, k * bits // 32, tile), "uint32"),
-                 scale: T.Buffer((experts, nt, groups, tile), "uint8"),
-                 super_scale: T.Buffer((experts, nt, (groups + sg - 1) // sg, tile), "float16"),
-                 zero: T.Buffer((experts, nt, zw, tile), "uint32"),
-                 expert_ids: T.Buffer((top_k,), "int32"), y: T.Buffer((top_k, n), "float32")):
-            T.func_attr({"global_symbol": "gemv", "tirx.noalias": True})
-            body(x, weight, scale, super_scale, zero, expert_ids, y)
-    else:
-        @T.prim_func
-        def gemv(x: T.Buffer((xr, k), "float32"), weight: T.Buffer((experts, nt, k * bits // 32, tile), "uint32"),
-                 scale: T.Buffer((experts, nt, groups, tile), "float16"),
-                 zero: T.Buffer((experts, nt, zw, tile), "uint32"),
-                 expert_ids: T.Buffer((top_k,), "int32"), y: T.Buffer((top_k, n), "float32")):
-            T.func_attr({"global_symbol": "gemv", "tirx.noalias": True})
-            body(x, weight, scale, None, zero, expert_ids, y)
-    return gemv
+    dq = sg > 0  # double-quantized scales: uint8 codes and fp16 super-scales
+    sdt, sup_shape = ("uint8", (experts, nt, (groups + sg - 1) // sg, tile)) if dq else ("float16", UNUSED)
+
+    @T.prim_func  # (without super-scales, kernels/signature.py drops the parameter)
+    def gemv(x: T.Buffer((xr, k), "float32"), weight: T.Buffer((experts, nt, k * bits // 32, tile), "uint32"),
+             scale: T.Buffer((experts, nt, groups, tile), sdt), super_scale: T.Buffer(sup_shape, "float16"),
+             zero: T.Buffer((experts, nt, zw, tile), "uint32"),
+             expert_ids: T.Buffer((top_k,), "int32"), y: T.Buffer((top_k, n), "float32")):
+        T.func_attr({"global_symbol": "gemv", "tirx.noalias": True})
+        body(x, weight, scale, super_scale if dq else None, zero, expert_ids, y)
+
+    return gemv if dq else drop_params(gemv, ["super_scale"])

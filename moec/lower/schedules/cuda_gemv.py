@@ -36,6 +36,7 @@ from tvm.script import tirx as T
 
 from moec.core.errors import MoecError
 from moec.core.formats import get_nested_format
+from moec.lower.kernels.signature import UNUSED, drop_params, segment_names
 from moec.quant.nested import segment_positions, segments_for
 from moec.quant.pack import packed_row_bytes
 
@@ -313,53 +314,28 @@ def cuda_nested_gemv(storage_bits: int, n: int, k: int, experts: int, top_k: int
     name = "expert_nested_swiglu" if swiglu else "expert_nested_gemv"
 
     def seg_shape(s):
-        return (experts, n, k * codes.segb[s] // 8)
+        return (experts, n, k * codes.segb[s] // 8) if s < nseg else UNUSED
 
     nseg = len(codes.segb)
     if nseg not in (3, 4):
         raise MoecError(f"{storage_bits}-bit nested storage: the CUDA nested GEMV takes 3 or 4 segments, not {nseg}")
-    S4, Sc, Sz = seg_shape(nseg - 1), (experts, n, groups), (experts, n, zbytes)  # seg3's shape (4 segments)
-    if nseg == 4 and not swiglu:
-        @T.prim_func
-        def gemv(x: T.Buffer((xr, k), "float32"), seg0: T.Buffer(seg_shape(0), "uint8"),
-                 seg1: T.Buffer(seg_shape(1), "uint8"), seg2: T.Buffer(seg_shape(2), "uint8"),
-                 seg3: T.Buffer(S4, "uint8"), scale: T.Buffer(Sc, "float16"), zero: T.Buffer(Sz, "uint8"),
-                 prec: T.Buffer((experts,), "int32"), ids: T.Buffer((top_k,), "int32"),
-                 y: T.Buffer((top_k, n), "float32")):
-            T.func_attr({"global_symbol": name, "tirx.noalias": True, "tirx.is_scheduled": True})
-            kernel(x, [seg0, seg1, seg2, seg3], [scale], [zero], prec, ids, y)
-    elif nseg == 3 and not swiglu:
-        @T.prim_func
-        def gemv(x: T.Buffer((xr, k), "float32"), seg0: T.Buffer(seg_shape(0), "uint8"),
-                 seg1: T.Buffer(seg_shape(1), "uint8"), seg2: T.Buffer(seg_shape(2), "uint8"),
-                 scale: T.Buffer(Sc, "float16"), zero: T.Buffer(Sz, "uint8"), prec: T.Buffer((experts,), "int32"),
-                 ids: T.Buffer((top_k,), "int32"), y: T.Buffer((top_k, n), "float32")):
-            T.func_attr({"global_symbol": name, "tirx.noalias": True, "tirx.is_scheduled": True})
-            kernel(x, [seg0, seg1, seg2], [scale], [zero], prec, ids, y)
-    elif nseg == 4:
-        @T.prim_func
-        def gemv(x: T.Buffer((xr, k), "float32"), seg0: T.Buffer(seg_shape(0), "uint8"),
-                 seg1: T.Buffer(seg_shape(1), "uint8"), seg2: T.Buffer(seg_shape(2), "uint8"),
-                 seg3: T.Buffer(S4, "uint8"), scale: T.Buffer(Sc, "float16"), zero: T.Buffer(Sz, "uint8"),
-                 useg0: T.Buffer(seg_shape(0), "uint8"), useg1: T.Buffer(seg_shape(1), "uint8"),
-                 useg2: T.Buffer(seg_shape(2), "uint8"), useg3: T.Buffer(S4, "uint8"),
-                 uscale: T.Buffer(Sc, "float16"), uzero: T.Buffer(Sz, "uint8"), prec: T.Buffer((experts,), "int32"),
-                 ids: T.Buffer((top_k,), "int32"), y: T.Buffer((top_k, n), "float32")):
-            T.func_attr({"global_symbol": name, "tirx.noalias": True, "tirx.is_scheduled": True})
-            kernel(x, [seg0, seg1, seg2, seg3, useg0, useg1, useg2, useg3], [scale, uscale], [zero, uzero], prec,
-                   ids, y)
-    else:
-        @T.prim_func
-        def gemv(x: T.Buffer((xr, k), "float32"), seg0: T.Buffer(seg_shape(0), "uint8"),
-                 seg1: T.Buffer(seg_shape(1), "uint8"), seg2: T.Buffer(seg_shape(2), "uint8"),
-                 scale: T.Buffer(Sc, "float16"), zero: T.Buffer(Sz, "uint8"),
-                 useg0: T.Buffer(seg_shape(0), "uint8"), useg1: T.Buffer(seg_shape(1), "uint8"),
-                 useg2: T.Buffer(seg_shape(2), "uint8"), uscale: T.Buffer(Sc, "float16"),
-                 uzero: T.Buffer(Sz, "uint8"), prec: T.Buffer((experts,), "int32"),
-                 ids: T.Buffer((top_k,), "int32"), y: T.Buffer((top_k, n), "float32")):
-            T.func_attr({"global_symbol": name, "tirx.noalias": True, "tirx.is_scheduled": True})
-            kernel(x, [seg0, seg1, seg2, useg0, useg1, useg2], [scale, uscale], [zero, uzero], prec, ids, y)
-    return gemv
+    Sc, Sz = (experts, n, groups), (experts, n, zbytes)
+
+    # the widest signature (4 segments, the up stack), less what this variant does not take (kernels/signature.py)
+    @T.prim_func
+    def gemv(x: T.Buffer((xr, k), "float32"), seg0: T.Buffer(seg_shape(0), "uint8"),
+             seg1: T.Buffer(seg_shape(1), "uint8"), seg2: T.Buffer(seg_shape(2), "uint8"),
+             seg3: T.Buffer(seg_shape(3), "uint8"), scale: T.Buffer(Sc, "float16"), zero: T.Buffer(Sz, "uint8"),
+             useg0: T.Buffer(seg_shape(0), "uint8"), useg1: T.Buffer(seg_shape(1), "uint8"),
+             useg2: T.Buffer(seg_shape(2), "uint8"), useg3: T.Buffer(seg_shape(3), "uint8"),
+             uscale: T.Buffer(Sc, "float16"), uzero: T.Buffer(Sz, "uint8"), prec: T.Buffer((experts,), "int32"),
+             ids: T.Buffer((top_k,), "int32"), y: T.Buffer((top_k, n), "float32")):
+        T.func_attr({"global_symbol": name, "tirx.noalias": True, "tirx.is_scheduled": True})
+        kernel(x, [seg0, seg1, seg2, seg3][:nseg] + ([useg0, useg1, useg2, useg3][:nseg] if swiglu else []),
+               [scale, uscale] if swiglu else [scale], [zero, uzero] if swiglu else [zero], prec, ids, y)
+
+    up = segment_names(nseg, prefix="useg") if swiglu else segment_names(0, prefix="useg") + ["uscale", "uzero"]
+    return drop_params(gemv, segment_names(nseg) + up)
 
 
 @functools.lru_cache(maxsize=None)
@@ -379,17 +355,12 @@ def cuda_fixed_gemv(bits: int, n: int, k: int, experts: int, top_k: int, group: 
     Sp, Sc, Sz = (experts, n, k * bits // 8), (experts, n, k // group), (experts, n, zbytes)
     name = "expert_dequant_swiglu" if swiglu else "expert_dequant_gemv"
 
-    if swiglu:
-        @T.prim_func
-        def gemv(x: T.Buffer((xr, k), "float32"), packed: T.Buffer(Sp, "uint8"), scale: T.Buffer(Sc, "float16"),
-                 zero: T.Buffer(Sz, "uint8"), upacked: T.Buffer(Sp, "uint8"), uscale: T.Buffer(Sc, "float16"),
-                 uzero: T.Buffer(Sz, "uint8"), ids: T.Buffer((top_k,), "int32"), y: T.Buffer((top_k, n), "float32")):
-            T.func_attr({"global_symbol": name, "tirx.noalias": True, "tirx.is_scheduled": True})
-            kernel(x, [packed, upacked], [scale, uscale], [zero, uzero], None, ids, y)
-    else:
-        @T.prim_func
-        def gemv(x: T.Buffer((xr, k), "float32"), packed: T.Buffer(Sp, "uint8"), scale: T.Buffer(Sc, "float16"),
-                 zero: T.Buffer(Sz, "uint8"), ids: T.Buffer((top_k,), "int32"), y: T.Buffer((top_k, n), "float32")):
-            T.func_attr({"global_symbol": name, "tirx.noalias": True, "tirx.is_scheduled": True})
-            kernel(x, [packed], [scale], [zero], None, ids, y)
-    return gemv
+    @T.prim_func
+    def gemv(x: T.Buffer((xr, k), "float32"), packed: T.Buffer(Sp, "uint8"), scale: T.Buffer(Sc, "float16"),
+             zero: T.Buffer(Sz, "uint8"), upacked: T.Buffer(Sp, "uint8"), uscale: T.Buffer(Sc, "float16"),
+             uzero: T.Buffer(Sz, "uint8"), ids: T.Buffer((top_k,), "int32"), y: T.Buffer((top_k, n), "float32")):
+        T.func_attr({"global_symbol": name, "tirx.noalias": True, "tirx.is_scheduled": True})
+        kernel(x, [packed, upacked] if swiglu else [packed], [scale, uscale] if swiglu else [scale],
+               [zero, uzero] if swiglu else [zero], None, ids, y)
+
+    return gemv if swiglu else drop_params(gemv, ["upacked", "uscale", "uzero"])

@@ -60,6 +60,7 @@ from moec.lower.kernels.layout import num_tiles, zero_words
 from moec.lower.kernels.nested_gemv import NestedGemvSpec
 from moec.lower.kernels.rowwise import fast_silu
 from moec.lower.kernels.scopes import stack_scope
+from moec.lower.kernels.signature import UNUSED, drop_params, segment_names
 from moec.lower.schedules.int8_common import (DotIsa, claim, claim_lanes, lane_task, quantize_activations_prep, splat,
                                               unclaimed)
 from moec.quant.nested import segment_positions
@@ -512,52 +513,25 @@ def int8_nested_gemv(spec: NestedGemvSpec, isa: DotIsa, vecs: int, task_vectors:
                 run_task(segs, scale, zero, ups, prec, expert_ids, y, sx, xsum, x8, acc, yacc, yup, task)
 
     def seg_shape(s):
-        return (experts, nt, k * fmt.segment_bits[s] // 32, tile)
+        return (experts, nt, k * fmt.segment_bits[s] // 32, tile) if s < nseg else UNUSED
 
     scale_shape, zero_shape = (experts, nt, groups, tile), (experts, nt, zw, tile)
     if nseg not in (3, 4):
         raise MoecError(f"{fmt.name}: the int8 nested GEMV takes 3 or 4 segments, not {nseg}")
-    if nseg == 4 and swiglu:
-        @T.prim_func
-        def gemv(x: T.Buffer((xr, k), "float32"), seg0: T.Buffer(seg_shape(0), "uint32"),
-                 seg1: T.Buffer(seg_shape(1), "uint32"), seg2: T.Buffer(seg_shape(2), "uint32"),
-                 seg3: T.Buffer(seg_shape(3), "uint32"), scale: T.Buffer(scale_shape, "float16"),
-                 zero: T.Buffer(zero_shape, "uint32"), seg0_up: T.Buffer(seg_shape(0), "uint32"),
-                 seg1_up: T.Buffer(seg_shape(1), "uint32"), seg2_up: T.Buffer(seg_shape(2), "uint32"),
-                 seg3_up: T.Buffer(seg_shape(3), "uint32"), scale_up: T.Buffer(scale_shape, "float16"),
-                 zero_up: T.Buffer(zero_shape, "uint32"), prec: T.Buffer((experts,), "int32"),
-                 expert_ids: T.Buffer((top_k,), "int32"), y: T.Buffer((top_k, n), "float32")):
-            T.func_attr({"global_symbol": "gemv", "tirx.noalias": True, "moec.row_guard": True})
-            body(x, [seg0, seg1, seg2, seg3], scale, zero, ([seg0_up, seg1_up, seg2_up, seg3_up], scale_up, zero_up),
-                 prec, expert_ids, y)
-    elif nseg == 3 and swiglu:
-        @T.prim_func
-        def gemv(x: T.Buffer((xr, k), "float32"), seg0: T.Buffer(seg_shape(0), "uint32"),
-                 seg1: T.Buffer(seg_shape(1), "uint32"), seg2: T.Buffer(seg_shape(2), "uint32"),
-                 scale: T.Buffer(scale_shape, "float16"), zero: T.Buffer(zero_shape, "uint32"),
-                 seg0_up: T.Buffer(seg_shape(0), "uint32"), seg1_up: T.Buffer(seg_shape(1), "uint32"),
-                 seg2_up: T.Buffer(seg_shape(2), "uint32"), scale_up: T.Buffer(scale_shape, "float16"),
-                 zero_up: T.Buffer(zero_shape, "uint32"), prec: T.Buffer((experts,), "int32"),
-                 expert_ids: T.Buffer((top_k,), "int32"), y: T.Buffer((top_k, n), "float32")):
-            T.func_attr({"global_symbol": "gemv", "tirx.noalias": True, "moec.row_guard": True})
-            body(x, [seg0, seg1, seg2], scale, zero, ([seg0_up, seg1_up, seg2_up], scale_up, zero_up),
-                 prec, expert_ids, y)
-    elif nseg == 4:
-        @T.prim_func
-        def gemv(x: T.Buffer((xr, k), "float32"), seg0: T.Buffer(seg_shape(0), "uint32"),
-                 seg1: T.Buffer(seg_shape(1), "uint32"), seg2: T.Buffer(seg_shape(2), "uint32"),
-                 seg3: T.Buffer(seg_shape(3), "uint32"), scale: T.Buffer(scale_shape, "float16"),
-                 zero: T.Buffer(zero_shape, "uint32"), prec: T.Buffer((experts,), "int32"),
-                 expert_ids: T.Buffer((top_k,), "int32"), y: T.Buffer((top_k, n), "float32")):
-            T.func_attr({"global_symbol": "gemv", "tirx.noalias": True, "moec.row_guard": True})
-            body(x, [seg0, seg1, seg2, seg3], scale, zero, None, prec, expert_ids, y)
-    else:
-        @T.prim_func
-        def gemv(x: T.Buffer((xr, k), "float32"), seg0: T.Buffer(seg_shape(0), "uint32"),
-                 seg1: T.Buffer(seg_shape(1), "uint32"), seg2: T.Buffer(seg_shape(2), "uint32"),
-                 scale: T.Buffer(scale_shape, "float16"), zero: T.Buffer(zero_shape, "uint32"),
-                 prec: T.Buffer((experts,), "int32"), expert_ids: T.Buffer((top_k,), "int32"),
-                 y: T.Buffer((top_k, n), "float32")):
-            T.func_attr({"global_symbol": "gemv", "tirx.noalias": True, "moec.row_guard": True})
-            body(x, [seg0, seg1, seg2], scale, zero, None, prec, expert_ids, y)
-    return gemv
+
+    # the widest signature (4 segments, the up stack), less what this variant does not take (kernels/signature.py)
+    @T.prim_func
+    def gemv(x: T.Buffer((xr, k), "float32"), seg0: T.Buffer(seg_shape(0), "uint32"),
+             seg1: T.Buffer(seg_shape(1), "uint32"), seg2: T.Buffer(seg_shape(2), "uint32"),
+             seg3: T.Buffer(seg_shape(3), "uint32"), scale: T.Buffer(scale_shape, "float16"),
+             zero: T.Buffer(zero_shape, "uint32"), seg0_up: T.Buffer(seg_shape(0), "uint32"),
+             seg1_up: T.Buffer(seg_shape(1), "uint32"), seg2_up: T.Buffer(seg_shape(2), "uint32"),
+             seg3_up: T.Buffer(seg_shape(3), "uint32"), scale_up: T.Buffer(scale_shape, "float16"),
+             zero_up: T.Buffer(zero_shape, "uint32"), prec: T.Buffer((experts,), "int32"),
+             expert_ids: T.Buffer((top_k,), "int32"), y: T.Buffer((top_k, n), "float32")):
+        T.func_attr({"global_symbol": "gemv", "tirx.noalias": True, "moec.row_guard": True})
+        body(x, [seg0, seg1, seg2, seg3][:nseg], scale, zero,
+             ([seg0_up, seg1_up, seg2_up, seg3_up][:nseg], scale_up, zero_up) if swiglu else None, prec, expert_ids, y)
+
+    up = segment_names(nseg, suffix="_up") if swiglu else segment_names(0, suffix="_up") + ["scale_up", "zero_up"]
+    return drop_params(gemv, segment_names(nseg) + up)

@@ -38,6 +38,7 @@ from tvm.script import tirx as T
 from moec.core.errors import MoecError
 from moec.lower.kernels.layout import num_tiles, zero_words
 from moec.lower.kernels.nested_grouped import NestedGroupedSpec
+from moec.lower.kernels.signature import UNUSED, drop_params, segment_names
 from moec.lower.schedules.int8_common import DotIsa, quantize_rows_prep
 from moec.lower.schedules.int8_nested import byte_words, nested_group_term, segment_chunk_loader, slot_source
 from moec.lower.schedules.x86_vnni_gemm import split_tasks, token_block_loop, unpacked_group_dots
@@ -131,37 +132,25 @@ def int8_nested_grouped_gemm(spec: NestedGroupedSpec, params, isa: DotIsa) -> ti
     body = split_tasks(split, experts, per_split, tiles, (vecs, tb), lanes, k, groups, prep, run_task)
 
     cols = [k * b // 32 for b in fmt.segment_bits]
-    if nseg == 4:
-        @T.prim_func
-        def grouped_gemm(x_h: T.handle, rows_h: T.handle, seg0: T.Buffer((experts, nt, cols[0], tile), "uint32"),
-                         seg1: T.Buffer((experts, nt, cols[1], tile), "uint32"),
-                         seg2: T.Buffer((experts, nt, cols[2], tile), "uint32"),
-                         seg3: T.Buffer((experts, nt, cols[3], tile), "uint32"),
-                         scale: T.Buffer((experts, nt, groups, tile), "float16"),
-                         zero: T.Buffer((experts, nt, zw, tile), "uint32"), prec: T.Buffer((experts,), "int32"),
-                         offsets: T.Buffer((experts + 1,), "int32"), y_h: T.handle):
-            T.func_attr({"global_symbol": "grouped_gemm", "tirx.noalias": True})
-            xrows = T.int32()
-            pairs = T.int32()
-            x = T.match_buffer(x_h, (xrows, k), "float32")
-            rows = T.match_buffer(rows_h, (pairs,), "int32")
-            y = T.match_buffer(y_h, (pairs, n), "float32")
-            body(x, rows, xrows, [seg0, seg1, seg2, seg3], scale, None, zero, offsets, y, prec)
-    elif nseg == 3:
-        @T.prim_func
-        def grouped_gemm(x_h: T.handle, rows_h: T.handle, seg0: T.Buffer((experts, nt, cols[0], tile), "uint32"),
-                         seg1: T.Buffer((experts, nt, cols[1], tile), "uint32"),
-                         seg2: T.Buffer((experts, nt, cols[2], tile), "uint32"),
-                         scale: T.Buffer((experts, nt, groups, tile), "float16"),
-                         zero: T.Buffer((experts, nt, zw, tile), "uint32"), prec: T.Buffer((experts,), "int32"),
-                         offsets: T.Buffer((experts + 1,), "int32"), y_h: T.handle):
-            T.func_attr({"global_symbol": "grouped_gemm", "tirx.noalias": True})
-            xrows = T.int32()
-            pairs = T.int32()
-            x = T.match_buffer(x_h, (xrows, k), "float32")
-            rows = T.match_buffer(rows_h, (pairs,), "int32")
-            y = T.match_buffer(y_h, (pairs, n), "float32")
-            body(x, rows, xrows, [seg0, seg1, seg2], scale, None, zero, offsets, y, prec)
-    else:
+    if nseg not in (3, 4):
         raise MoecError(f"{fmt.name}: the int8 nested grouped GEMM takes 3 or 4 segments, not {nseg}")
-    return grouped_gemm
+
+    def seg_shape(s):
+        return (experts, nt, cols[s], tile) if s < nseg else UNUSED
+
+    # the widest signature (4 segments), less a segment this format does not have (kernels/signature.py)
+    @T.prim_func
+    def grouped_gemm(x_h: T.handle, rows_h: T.handle, seg0: T.Buffer(seg_shape(0), "uint32"),
+                     seg1: T.Buffer(seg_shape(1), "uint32"), seg2: T.Buffer(seg_shape(2), "uint32"),
+                     seg3: T.Buffer(seg_shape(3), "uint32"), scale: T.Buffer((experts, nt, groups, tile), "float16"),
+                     zero: T.Buffer((experts, nt, zw, tile), "uint32"), prec: T.Buffer((experts,), "int32"),
+                     offsets: T.Buffer((experts + 1,), "int32"), y_h: T.handle):
+        T.func_attr({"global_symbol": "grouped_gemm", "tirx.noalias": True})
+        xrows = T.int32()
+        pairs = T.int32()
+        x = T.match_buffer(x_h, (xrows, k), "float32")
+        rows = T.match_buffer(rows_h, (pairs,), "int32")
+        y = T.match_buffer(y_h, (pairs, n), "float32")
+        body(x, rows, xrows, [seg0, seg1, seg2, seg3][:nseg], scale, None, zero, offsets, y, prec)
+
+    return drop_params(grouped_gemm, segment_names(nseg))

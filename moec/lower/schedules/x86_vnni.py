@@ -19,6 +19,7 @@ from moec.lower.kernels.gemv import GemvSpec
 from moec.lower.kernels.layout import num_tiles, zero_words
 from moec.lower.kernels.rowwise import fast_silu
 from moec.lower.kernels.scopes import stack_scope
+from moec.lower.kernels.signature import UNUSED, drop_params
 from moec.lower.schedules.int8_common import (BYTE_MASK, DotIsa, claim, claim_lanes, lane_task, plain_select,
                                               plane_slot_source, quantize_activations_prep, scaled_group_sum,
                                               splat, unclaimed)
@@ -379,55 +380,24 @@ def int8_gemv(spec: GemvSpec, params, isa: DotIsa, portable: bool = False) -> ti
                          expert_ids, y, acc0, acc1, yacc, yup, task)
 
     nt, zw = num_tiles(spec.rows, tile), zero_words(groups, bits)
-    if spec.separate_up:
-        return _separate_up_gemv(spec, body, xr, nt, zw)
-    if sg:  # double-quantized scales: uint8 codes and fp16 super-scales
-        @T.prim_func
-        def gemv(x: T.Buffer((xr, k), "float32"), weight: T.Buffer((experts, nt, k * bits // 32, tile), "uint32"),
-                 scale: T.Buffer((experts, nt, groups, tile), "uint8"),
-                 super_scale: T.Buffer((experts, nt, (groups + sg - 1) // sg, tile), "float16"),
-                 zero: T.Buffer((experts, nt, zw, tile), "uint32"),
-                 expert_ids: T.Buffer((top_k,), "int32"), y: T.Buffer((top_k, n), "float32")):
-            T.func_attr({"global_symbol": "gemv", "tirx.noalias": True, "moec.row_guard": True, "moec.row_zero": True})
-            body(x, weight, scale, super_scale, zero, weight, scale, super_scale, zero, expert_ids, y)
-    else:
-        @T.prim_func
-        def gemv(x: T.Buffer((xr, k), "float32"), weight: T.Buffer((experts, nt, k * bits // 32, tile), "uint32"),
-                 scale: T.Buffer((experts, nt, groups, tile), "float16"),
-                 zero: T.Buffer((experts, nt, zw, tile), "uint32"),
-                 expert_ids: T.Buffer((top_k,), "int32"), y: T.Buffer((top_k, n), "float32")):
-            T.func_attr({"global_symbol": "gemv", "tirx.noalias": True, "moec.row_guard": True, "moec.row_zero": True})
-            body(x, weight, scale, None, zero, weight, scale, None, zero, expert_ids, y)
-    return gemv
+    up, dq = spec.separate_up, sg > 0  # the SwiGLU form taking w3's arrays after w1's; double-quantized scales
+    sdt, sup_shape = ("uint8", (experts, nt, (groups + sg - 1) // sg, tile)) if sg else ("float16", UNUSED)
 
+    # the widest signature (double-quantized scales, w3's arrays), less what this variant does not take
+    # (kernels/signature.py): gemv(x, weight, scale, (super_scale,) zero, (weight_up, scale_up, (super_scale_up,)
+    # zero_up,) expert_ids, y); u8 scales are uint8 codes with fp16 super-scales
+    @T.prim_func
+    def gemv(x: T.Buffer((xr, k), "float32"), weight: T.Buffer((experts, nt, k * bits // 32, tile), "uint32"),
+             scale: T.Buffer((experts, nt, groups, tile), sdt), super_scale: T.Buffer(sup_shape, "float16"),
+             zero: T.Buffer((experts, nt, zw, tile), "uint32"),
+             weight_up: T.Buffer((experts, nt, k * bits // 32, tile), "uint32"),
+             scale_up: T.Buffer((experts, nt, groups, tile), sdt), super_scale_up: T.Buffer(sup_shape, "float16"),
+             zero_up: T.Buffer((experts, nt, zw, tile), "uint32"),
+             expert_ids: T.Buffer((top_k,), "int32"), y: T.Buffer((top_k, n), "float32")):
+        T.func_attr({"global_symbol": "gemv", "tirx.noalias": True, "moec.row_guard": True, "moec.row_zero": True})
+        body(x, weight, scale, super_scale if dq else None, zero, weight_up if up else weight,
+             scale_up if up else scale, (super_scale_up if up else super_scale) if dq else None,
+             zero_up if up else zero, expert_ids, y)
 
-def _separate_up_gemv(spec: GemvSpec, body, xr: int, nt: int, zw: int) -> tirx.PrimFunc:
-    """The SwiGLU form taking ``w3``'s arrays after ``w1``'s: ``gemv(x, weight, scale, (super_scale,) zero,
-    weight_up, scale_up, (super_scale_up,) zero_up, expert_ids, y)``."""
-    bits, n, k, tile, experts, top_k = spec.bits, spec.n, spec.k, spec.tile, spec.num_stacked, spec.top_k
-    groups, sg = spec.groups, spec.super_groups
-    if sg:
-        @T.prim_func
-        def gemv(x: T.Buffer((xr, k), "float32"), weight: T.Buffer((experts, nt, k * bits // 32, tile), "uint32"),
-                 scale: T.Buffer((experts, nt, groups, tile), "uint8"),
-                 super_scale: T.Buffer((experts, nt, (groups + sg - 1) // sg, tile), "float16"),
-                 zero: T.Buffer((experts, nt, zw, tile), "uint32"),
-                 weight_up: T.Buffer((experts, nt, k * bits // 32, tile), "uint32"),
-                 scale_up: T.Buffer((experts, nt, groups, tile), "uint8"),
-                 super_scale_up: T.Buffer((experts, nt, (groups + sg - 1) // sg, tile), "float16"),
-                 zero_up: T.Buffer((experts, nt, zw, tile), "uint32"),
-                 expert_ids: T.Buffer((top_k,), "int32"), y: T.Buffer((top_k, n), "float32")):
-            T.func_attr({"global_symbol": "gemv", "tirx.noalias": True, "moec.row_guard": True, "moec.row_zero": True})
-            body(x, weight, scale, super_scale, zero, weight_up, scale_up, super_scale_up, zero_up, expert_ids, y)
-    else:
-        @T.prim_func
-        def gemv(x: T.Buffer((xr, k), "float32"), weight: T.Buffer((experts, nt, k * bits // 32, tile), "uint32"),
-                 scale: T.Buffer((experts, nt, groups, tile), "float16"),
-                 zero: T.Buffer((experts, nt, zw, tile), "uint32"),
-                 weight_up: T.Buffer((experts, nt, k * bits // 32, tile), "uint32"),
-                 scale_up: T.Buffer((experts, nt, groups, tile), "float16"),
-                 zero_up: T.Buffer((experts, nt, zw, tile), "uint32"),
-                 expert_ids: T.Buffer((top_k,), "int32"), y: T.Buffer((top_k, n), "float32")):
-            T.func_attr({"global_symbol": "gemv", "tirx.noalias": True, "moec.row_guard": True, "moec.row_zero": True})
-            body(x, weight, scale, None, zero, weight_up, scale_up, None, zero_up, expert_ids, y)
-    return gemv
+    return drop_params(gemv, ([] if dq else ["super_scale", "super_scale_up"]) +
+                       ([] if up else ["weight_up", "scale_up", "super_scale_up", "zero_up"]))

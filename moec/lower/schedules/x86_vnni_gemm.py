@@ -15,6 +15,7 @@ from tvm.script import tirx as T
 from moec.core.errors import MoecError
 from moec.lower.kernels.grouped_gemm import GroupedGemmSpec
 from moec.lower.kernels.layout import num_tiles, zero_words
+from moec.lower.kernels.signature import UNUSED, drop_params
 from moec.lower.schedules.int8_common import DotIsa, plane_slot_source, quantize_rows_prep, scaled_group_sum
 from moec.lower.schedules.x86_vnni import _step_dots, broadcast4, step_operands, vnni_isa
 
@@ -145,36 +146,23 @@ def int8_grouped_gemm(spec: GroupedGemmSpec, params, isa: DotIsa, portable: bool
     body = split_tasks(split, experts, per_split, tiles, (vecs, tb), lanes, k, groups, prep, run_task)
 
     zw = zero_words(groups, bits)
-    if sg:  # double-quantized scales: uint8 codes and fp16 super-scales
-        @T.prim_func
-        def grouped_gemm(x_h: T.handle, rows_h: T.handle,
-                         weight: T.Buffer((experts, nt, k * bits // 32, tile), "uint32"),
-                         scale: T.Buffer((experts, nt, groups, tile), "uint8"),
-                         super_scale: T.Buffer((experts, nt, (groups + sg - 1) // sg, tile), "float16"),
-                         zero: T.Buffer((experts, nt, zw, tile), "uint32"),
-                         offsets: T.Buffer((experts + 1,), "int32"), y_h: T.handle):
-            T.func_attr({"global_symbol": "grouped_gemm", "tirx.noalias": True})
-            xrows = T.int32()
-            pairs = T.int32()
-            x = T.match_buffer(x_h, (xrows, k), "float32")
-            rows = T.match_buffer(rows_h, (pairs,), "int32")
-            y = T.match_buffer(y_h, (pairs, n), "float32")
-            body(x, rows, xrows, weight, scale, super_scale, zero, offsets, y, None)
-    else:
-        @T.prim_func
-        def grouped_gemm(x_h: T.handle, rows_h: T.handle,
-                         weight: T.Buffer((experts, nt, k * bits // 32, tile), "uint32"),
-                         scale: T.Buffer((experts, nt, groups, tile), "float16"),
-                         zero: T.Buffer((experts, nt, zw, tile), "uint32"),
-                         offsets: T.Buffer((experts + 1,), "int32"), y_h: T.handle):
-            T.func_attr({"global_symbol": "grouped_gemm", "tirx.noalias": True})
-            xrows = T.int32()
-            pairs = T.int32()
-            x = T.match_buffer(x_h, (xrows, k), "float32")
-            rows = T.match_buffer(rows_h, (pairs,), "int32")
-            y = T.match_buffer(y_h, (pairs, n), "float32")
-            body(x, rows, xrows, weight, scale, None, zero, offsets, y, None)
-    return grouped_gemm
+    dq = sg > 0  # double-quantized scales: uint8 codes and fp16 super-scales
+    sdt, sup_shape = ("uint8", (experts, nt, (groups + sg - 1) // sg, tile)) if dq else ("float16", UNUSED)
+
+    @T.prim_func  # (without super-scales, kernels/signature.py drops the parameter)
+    def grouped_gemm(x_h: T.handle, rows_h: T.handle, weight: T.Buffer((experts, nt, k * bits // 32, tile), "uint32"),
+                     scale: T.Buffer((experts, nt, groups, tile), sdt), super_scale: T.Buffer(sup_shape, "float16"),
+                     zero: T.Buffer((experts, nt, zw, tile), "uint32"),
+                     offsets: T.Buffer((experts + 1,), "int32"), y_h: T.handle):
+        T.func_attr({"global_symbol": "grouped_gemm", "tirx.noalias": True})
+        xrows = T.int32()
+        pairs = T.int32()
+        x = T.match_buffer(x_h, (xrows, k), "float32")
+        rows = T.match_buffer(rows_h, (pairs,), "int32")
+        y = T.match_buffer(y_h, (pairs, n), "float32")
+        body(x, rows, xrows, weight, scale, super_scale if dq else None, zero, offsets, y, None)
+
+    return grouped_gemm if dq else drop_params(grouped_gemm, ["super_scale"])
 
 
 def unpacked_group_dots(isa: DotIsa, vecs: int, tb: int, nb: int, gs: int, guarded: bool = True,
