@@ -11,6 +11,7 @@ from tvm.script import tirx as T
 
 from moec.lower.kernels.decode import code_at, extract
 from moec.lower.kernels.layout import KERNEL_BITS, check_kernel_shape, num_tiles, zero_words
+from moec.lower.kernels.signature import UNUSED, drop_params
 from moec.core.errors import MoecError
 from moec.core.formats import DEFAULT_SCALES, get_scale_format
 
@@ -151,36 +152,20 @@ def grouped_gemm_definition(spec: GroupedGemmSpec, params: GemmLoopParams) -> ti
                                     weight, scale, zero, task // nb, task % nb, g, i0 * unroll + i1, lane, sup)
                     add_tokens(x, y, wd, acc, start, count, g, task % nb * lanes)
 
-    if spec.quantized and sg:
-        @T.prim_func
-        def grouped_gemm(x_h: T.handle, weight: T.Buffer((experts, nt, w_cols, tile), "uint32"),
-                         scale: T.Buffer((experts, nt, groups, tile), "uint8"),
-                         super_scale: T.Buffer((experts, nt, sgroups, tile), "float16"),
-                         zero: T.Buffer((experts, nt, zw, tile), "uint32"),
-                         offsets: T.Buffer((experts + 1,), "int32"), y_h: T.handle):
-            T.func_attr({"global_symbol": "grouped_gemm", "tirx.noalias": True})
-            tokens = T.int32()
-            x = T.match_buffer(x_h, (tokens, k), "float32")
-            y = T.match_buffer(y_h, (tokens, n), "float32")
-            body(x, y, weight, scale, zero, offsets, super_scale)
-    elif spec.quantized:
-        @T.prim_func
-        def grouped_gemm(x_h: T.handle, weight: T.Buffer((experts, nt, w_cols, tile), "uint32"),
-                         scale: T.Buffer((experts, nt, groups, tile), "float16"),
-                         zero: T.Buffer((experts, nt, zw, tile), "uint32"),
-                         offsets: T.Buffer((experts + 1,), "int32"), y_h: T.handle):
-            T.func_attr({"global_symbol": "grouped_gemm", "tirx.noalias": True})
-            tokens = T.int32()
-            x = T.match_buffer(x_h, (tokens, k), "float32")
-            y = T.match_buffer(y_h, (tokens, n), "float32")
-            body(x, y, weight, scale, zero, offsets, None)
-    else:
-        @T.prim_func
-        def grouped_gemm(x_h: T.handle, weight: T.Buffer((experts, nt, w_cols, tile), w_dtype),
-                         offsets: T.Buffer((experts + 1,), "int32"), y_h: T.handle):
-            T.func_attr({"global_symbol": "grouped_gemm", "tirx.noalias": True})
-            tokens = T.int32()
-            x = T.match_buffer(x_h, (tokens, k), "float32")
-            y = T.match_buffer(y_h, (tokens, n), "float32")
-            body(x, y, weight, None, None, offsets, None)
-    return grouped_gemm
+    q, dq = spec.quantized, spec.quantized and sg > 0  # codes with scales and zeros; double-quantized scales
+    scale_shape, zero_shape = ((experts, nt, groups, tile), (experts, nt, zw, tile)) if q else (UNUSED, UNUSED)
+    sdt, sup_shape = ("uint8", (experts, nt, sgroups, tile)) if dq else ("float16", UNUSED)
+
+    # the widest signature, less what this variant does not take (kernels/signature.py): float weights have
+    # no scales or zeros, fp16 scales no super-scales
+    @T.prim_func
+    def grouped_gemm(x_h: T.handle, weight: T.Buffer((experts, nt, w_cols, tile), w_dtype),
+                     scale: T.Buffer(scale_shape, sdt), super_scale: T.Buffer(sup_shape, "float16"),
+                     zero: T.Buffer(zero_shape, "uint32"), offsets: T.Buffer((experts + 1,), "int32"), y_h: T.handle):
+        T.func_attr({"global_symbol": "grouped_gemm", "tirx.noalias": True})
+        tokens = T.int32()
+        x = T.match_buffer(x_h, (tokens, k), "float32")
+        y = T.match_buffer(y_h, (tokens, n), "float32")
+        body(x, y, weight, scale if q else None, zero if q else None, offsets, super_scale if dq else None)
+
+    return drop_params(grouped_gemm, ([] if dq else ["super_scale"]) + ([] if q else ["scale", "zero"]))
