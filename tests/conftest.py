@@ -49,6 +49,22 @@ def make_tiny_checkpoint(path: Path, seed: int = 0, **overrides) -> MoEConfig:
     return cfg
 
 
+def compile_tiny_bundle(tmp_path: Path, *options: str, seed: int = 0) -> tuple[Path, dict]:
+    """A tiny checkpoint (:func:`make_tiny_checkpoint`, ``seed``) compiled by ``moec compile`` with ``options``
+    (e.g. ``"--target", "jetson-agx-orin", "--plan", "uniform:4"``) into ``tmp_path / "bundle"``, which must
+    succeed: ``(bundle directory, manifest)``."""
+    import json
+
+    from click.testing import CliRunner
+
+    from moec.cli.main import cli
+    make_tiny_checkpoint(tmp_path / "ckpt", seed=seed)
+    out = tmp_path / "bundle"
+    res = CliRunner().invoke(cli, ["compile", str(tmp_path / "ckpt"), *options, "--out", str(out)])
+    assert res.exit_code == 0, res.output
+    return out, json.loads((out / "manifest.json").read_text())
+
+
 @pytest.fixture
 def tiny_checkpoint(tmp_path) -> Path:
     path = tmp_path / "tiny"

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import re
 
 import pytest
@@ -71,12 +70,8 @@ def test_compile_for_a_cpu_without_schedules_fails_before_loading(tmp_path):
 
 
 def test_bundle_manifest_names_its_backend(tmp_path):
-    from tests.conftest import make_tiny_checkpoint
-    make_tiny_checkpoint(tmp_path / "ckpt", seed=1)
-    res = CliRunner().invoke(cli, ["compile", str(tmp_path / "ckpt"), "--plan", "uniform:4",
-                                   "--out", str(tmp_path / "b")])
-    assert res.exit_code == 0, res.output
-    manifest = json.loads((tmp_path / "b" / "manifest.json").read_text())
+    from tests.conftest import compile_tiny_bundle
+    _, manifest = compile_tiny_bundle(tmp_path, "--plan", "uniform:4", seed=1)
     assert manifest["backend"] == backend_for(load_target("host")).manifest()
     assert manifest["kernels"] == "scheduled"
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import shutil
 
 import pytest
@@ -19,14 +18,9 @@ needs_cross = pytest.mark.skipif(shutil.which("aarch64-linux-gnu-g++") is None,
 
 @needs_cross
 def test_raspberry_pi_5_bundle_is_aarch64(tmp_path):
-    from tests.conftest import make_tiny_checkpoint
-    make_tiny_checkpoint(tmp_path / "ckpt", seed=1)
-    out = tmp_path / "bundle"
-    res = CliRunner().invoke(cli, ["compile", str(tmp_path / "ckpt"), "--target", "raspberry-pi-5",
-                                   "--plan", "uniform:4", "--out", str(out)])
-    assert res.exit_code == 0, res.output
+    from tests.conftest import compile_tiny_bundle
+    out, manifest = compile_tiny_bundle(tmp_path, "--target", "raspberry-pi-5", "--plan", "uniform:4", seed=1)
     assert elf_machine(out / "lib.so") == "aarch64"  # ELF e_machine 183
-    manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["target"]["name"] == "raspberry-pi-5" and "cortex-a76" in manifest["tvm_target"]
     assert manifest["kernels"] == "scheduled"  # the ARM family's GEMV schedules, not reference TE
 

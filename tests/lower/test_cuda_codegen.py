@@ -2,16 +2,13 @@
 
 from __future__ import annotations
 
-import json
 import shutil
 import struct
 
 import pytest
 import tvm
-from click.testing import CliRunner
 from tvm import relax
 
-from moec.cli.main import cli
 from moec.core.errors import MoecError
 from moec.core.targets import load_target
 from moec.lower.backends import backend_for
@@ -76,15 +73,10 @@ def test_nvcc_compiles_the_kernels_for_sm_87():
 @needs_nvcc
 @needs_cross
 def test_jetson_agx_orin_bundle(tmp_path):
-    from tests.conftest import make_tiny_checkpoint
+    from tests.conftest import compile_tiny_bundle
     from moec.runtime.remote import elf_machine
-    make_tiny_checkpoint(tmp_path / "ckpt", seed=2)
-    out = tmp_path / "bundle"
-    res = CliRunner().invoke(cli, ["compile", str(tmp_path / "ckpt"), "--target", "jetson-agx-orin",
-                                   "--plan", "uniform:3", "--out", str(out)])
-    assert res.exit_code == 0, res.output
+    out, manifest = compile_tiny_bundle(tmp_path, "--target", "jetson-agx-orin", "--plan", "uniform:3", seed=2)
     assert elf_machine(out / "lib.so") == "aarch64"
-    manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["cuda"]["arch"] == "sm_87" and manifest["cuda"]["kernels"] > 10
     assert manifest["kernels"] == "gpu-fused"  # fused dequantize-GEMVs, not dequantize-then-matmul
     src = (out / "kernels.cu").read_text()
@@ -137,15 +129,10 @@ def test_nvcc_compiles_the_cuda_preset_for_the_given_arch():
 
 @needs_nvcc
 def test_cuda_preset_bundle(tmp_path):
-    from tests.conftest import make_tiny_checkpoint
+    from tests.conftest import compile_tiny_bundle
     from moec.runtime.remote import elf_machine
-    make_tiny_checkpoint(tmp_path / "ckpt", seed=3)
-    out = tmp_path / "bundle"
-    res = CliRunner().invoke(cli, ["compile", str(tmp_path / "ckpt"), "--target", "cuda:sm_86",
-                                   "--plan", "uniform:4", "--out", str(out)])
-    assert res.exit_code == 0, res.output
+    out, manifest = compile_tiny_bundle(tmp_path, "--target", "cuda:sm_86", "--plan", "uniform:4", seed=3)
     assert elf_machine(out / "lib.so") == "x86_64"
-    manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["target"]["tvm_target"]["arch"] == "sm_86" and manifest["cuda"]["arch"] == "sm_86"
     assert manifest["backend"]["runtime_device"] == "cuda" and manifest["kernels"] == "gpu-fused"
     assert elf_cuda_sm((out / manifest["cuda"]["fatbin"]).read_bytes()) == [86]

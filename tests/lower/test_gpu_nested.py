@@ -160,18 +160,9 @@ def test_nested_decode_generates_cuda_for_jetson(nested_params):
                     reason="needs nvcc and g++-aarch64-linux-gnu")
 def test_moec_compile_nested_for_jetson(tmp_path):
     """``moec compile --target jetson-agx-orin --nested 8`` writes a CUDA bundle (nvcc fatbin for sm_87)."""
-    import json
-
-    from click.testing import CliRunner
-
-    from moec.cli.main import cli
-    from tests.conftest import make_tiny_checkpoint
-    make_tiny_checkpoint(tmp_path / "ckpt", seed=2)
-    out = tmp_path / "bundle"
-    res = CliRunner().invoke(cli, ["compile", str(tmp_path / "ckpt"), "--target", "jetson-agx-orin",
-                                   "--plan", "uniform:4", "--nested", "8", "--out", str(out)])
-    assert res.exit_code == 0, res.output
-    manifest = json.loads((out / "manifest.json").read_text())
+    from tests.conftest import compile_tiny_bundle
+    out, manifest = compile_tiny_bundle(tmp_path, "--target", "jetson-agx-orin", "--plan", "uniform:4", "--nested", "8",
+                                        seed=2)
     assert manifest["nested"] == {"storage_bits": 8} and manifest["cuda"]["arch"] == "sm_87"
     src = (out / "kernels.cu").read_text()
     assert "expert_nested_gemv" in src and re.search(r"if \(8 <= layers_\d+_experts_prec_ptr\[", src)
