@@ -267,15 +267,17 @@ def test_int8_nested_claimed_tasks_match_the_static_split(monkeypatch, isa, thre
     assert np.array_equal(outs[1], outs[0]) and (outs[0][1] == 7.0).all()
 
 
-@pytest.mark.parametrize("task_vectors", [4, 8, 16])
-def test_task_vectors_give_the_same_rows(task_vectors):
-    """``X86Params.int8_nested_task_vectors``: 4 (one two-chain block a task), 8 (the default: widths up to 4 bits
-    one one-chain block, 8 bits two two-chain blocks one after another) and 16 (two and four blocks): every
-    width's rows against the reference, a partial last task (N = 1088: 68 vectors) and an unrouted row."""
+@pytest.mark.parametrize("task_vectors, block_vectors", [(4, 0), (8, 0), (8, 4), (16, 4), (16, 8)])
+def test_task_vectors_give_the_same_rows(task_vectors, block_vectors):
+    """``X86Params.int8_nested_task_vectors``: 4 (one two-chain block a task), 8 (the default: 8 bits two two-chain
+    blocks one after another) and 16 (four), widths up to 4 bits in one-chain blocks of
+    ``int8_nested_block_vectors`` (4: one layout tile; 8 or 0, the default: two) one after another: every width's rows
+    against the reference, a partial last task (N = 1088: 68 vectors) and an unrouted row."""
     import dataclasses
 
     n, k, gs, experts, top_k = 1088, 64, 32, 4, 3
-    params = dataclasses.replace(x86.PARAMS, int8_nested_task_vectors=task_vectors)
+    params = dataclasses.replace(x86.PARAMS, int8_nested_task_vectors=task_vectors,
+                                 int8_nested_block_vectors=block_vectors)
     _, nws, stack = _experts(8, n, k, gs, experts, seed=14, isa="x86-portable")
     spec = NestedGemvSpec(8, n, k, gs, experts, top_k, _tile("x86-portable", n))
     mod = compile_kernel(vnni_nested_gemv(spec, params, portable=True), host_target())
@@ -287,6 +289,17 @@ def test_task_vectors_give_the_same_rows(task_vectors):
         for r, e in ((0, 3), (2, 1)):
             np.testing.assert_allclose(y[r], _reference(nws[e], prec[e], x[0], gs), rtol=1e-5,
                                        atol=1e-6 * float(np.abs(y[r]).max()))
+
+
+@pytest.mark.parametrize("block_vectors", [3, 16])
+def test_block_vectors_that_do_not_fit_the_task_are_refused(block_vectors):
+    """One-chain blocks must divide the task's vectors and fit the 2 × ``int8_nested_tile_vectors`` accumulators."""
+    import dataclasses
+
+    params = dataclasses.replace(x86.PARAMS, int8_nested_task_vectors=16, int8_nested_block_vectors=block_vectors)
+    spec = NestedGemvSpec(8, 1024, 64, 32, 4, 3, _tile("x86-portable", 1024))
+    with pytest.raises(MoecError, match="block_vectors"):
+        vnni_nested_gemv(spec, params, portable=True)
 
 
 @pytest.mark.parametrize("n", [1024, 192, 80])

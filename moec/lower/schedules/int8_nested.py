@@ -211,14 +211,15 @@ def task_blocks(tile: int, lanes: int, vecs: int) -> int:
     return per_tile // vecs if per_tile > vecs and per_tile % vecs == 0 else 1
 
 
-def int8_nested_gemv(spec: NestedGemvSpec, isa: DotIsa, vecs: int, task_vectors: int = 0) -> tirx.PrimFunc:
+def int8_nested_gemv(spec: NestedGemvSpec, isa: DotIsa, vecs: int, task_vectors: int = 0,
+                     block_vectors: int = 0) -> tirx.PrimFunc:
     """The int8-activation nested GEMV for ``spec`` on ``isa``: register blocks of ``vecs`` vectors of rows,
     a task one block or, on a layout tile of several blocks, the whole tile (:func:`task_blocks`).
 
     ``task_vectors`` (a multiple of ``2 * vecs``, or ``vecs`` itself; 0: as above): vectors per task, in register
-    blocks one after another, each over the whole K: up to 4 bits blocks of ``2 * vecs`` vectors of one chain
-    (odd lanes shifted down, so both halves of a nibble word sum in one accumulator), 8 bits blocks of
-    ``vecs`` vectors of two chains; either way ``2 * vecs`` accumulators."""
+    blocks one after another, each over the whole K: up to 4 bits blocks of ``block_vectors`` vectors of one
+    chain (odd lanes shifted down, so both halves of a nibble word sum in one accumulator; 0: ``2 * vecs``, at
+    most the task's), 8 bits blocks of ``vecs`` vectors of two chains."""
     fmt, bits, lanes = spec.format, spec.storage_bits, isa.lanes
     check_int8_nested(spec, isa, vecs)
     if task_vectors and (task_vectors % (2 * vecs) and task_vectors != vecs or isa.pairs is not None):
@@ -229,6 +230,10 @@ def int8_nested_gemv(spec: NestedGemvSpec, isa: DotIsa, vecs: int, task_vectors:
     n, k, gs, tile, top_k, experts = spec.n, spec.k, spec.group_size, spec.tile, spec.top_k, spec.num_stacked
     groups, nb = k // gs, n // lanes
     tvecs = task_vectors or task_blocks(tile, lanes, vecs) * vecs  # vectors per task
+    one_chain = min(tvecs, block_vectors or 2 * vecs)  # vectors a one-chain block (task_vectors, up to 4 bits)
+    if task_vectors and (tvecs % one_chain or one_chain > 2 * vecs):
+        raise MoecError(f"internal: block_vectors {block_vectors} does not divide task_vectors {task_vectors} "
+                        f"or exceeds the {2 * vecs} accumulators")
     tiles = -(-nb // tvecs)
     chunks = gs // 32  # 4 nibble words (32 codes) per chunk
     xr = top_k if spec.x_per_expert else 1
@@ -260,7 +265,7 @@ def int8_nested_gemv(spec: NestedGemvSpec, isa: DotIsa, vecs: int, task_vectors:
 
     def block_shape(d) -> tuple[int, int]:
         """(vectors a register block, chains a vector) of width ``d``'s nest."""
-        return (min(tvecs, 2 * vecs), 1) if task_vectors and widths[d] <= 4 else (vecs, 2)
+        return (one_chain, 1) if task_vectors and widths[d] <= 4 else (vecs, 2)
 
     def make_clear(rows: int):
         @T.macro
@@ -345,8 +350,8 @@ def int8_nested_gemv(spec: NestedGemvSpec, isa: DotIsa, vecs: int, task_vectors:
         return nest
 
     def make_one_chain_nest(d, add_terms):
-        """Width ``d``'s nest (up to 4 bits) in blocks of ``2 * vecs`` vectors (at most the task's), one after
-        another: a nibble word's odd lanes shifted down, so both halves are ``q_k << (4 − k)`` and sum in
+        """Width ``d``'s nest (up to 4 bits) in blocks of ``one_chain`` vectors, one after another, each over
+        the whole K: a nibble word's odd lanes shifted down, so both halves are ``q_k << (4 − k)`` and sum in
         one chain a vector."""
         bv = block_shape(d)[0]
         clear_one = make_clear(bv)

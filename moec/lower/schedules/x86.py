@@ -98,6 +98,16 @@ class X86Params(CpuScheduleParams):
         1.11–1.12x. Eight vectors of two chains (16 accumulators) spilled; so did one chain at 8 bits (24
         spill stores a 64-dot block: 1.25–1.26x at one thread), and the two 8-bit blocks run group by group
         instead of one after another were 1.45–1.47x.
+    int8_nested_block_vectors : int
+        Vectors of each one-chain register block (widths up to 4 bits) of an ``int8_nested_task_vectors`` task,
+        the blocks one after another, each over the whole K (0, the default: twice
+        ``int8_nested_tile_vectors``, i.e. the whole 8-vector task, two 64-row layout tiles read at once). 4
+        (one tile a block: at 4 bits 3 segment streams at a time instead of 6) traded one shape for another
+        (2026-12-04, Zen 5, kernel alone, two interleaved runs each, nested / fixed time, 0 → 4): the down
+        projection's shape (2048 × 1024, an input row per expert) 1.18–1.31 / 1.08–1.11 / 1.18–1.26x →
+        1.09–1.10 / 0.91–0.98 / 1.09–1.11x at 4 / 3 / 2 bits on two threads, but the SwiGLU gate/up call (1024 ×
+        2048, two stacks) 1.09–1.13x → 1.18–1.31x at 2 bits (4 bits 1.06–1.14x → 1.06–1.09x, 3 bits equal);
+        whole OLMoE-shaped bundles moved within the VM's noise (README "Session 21"). Kept at 0.
     nested_int8_tile : int
         Largest row tile of nested stacks read by the int8 nested GEMV (0: ``layout_tile``). 64 = a
         task's rows (``int8_nested_tile_vectors`` vectors), so a task reads each segment of its rows as
@@ -173,6 +183,7 @@ class X86Params(CpuScheduleParams):
     int8_tile_vectors: int = 8
     int8_nested_tile_vectors: int = 4
     int8_nested_task_vectors: int = 8
+    int8_nested_block_vectors: int = 0
     nested_int8_tile: int = 64
     int8_chains: int = 2
     int8_plane_masks: bool = True
