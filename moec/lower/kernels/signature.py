@@ -19,8 +19,11 @@ UNUSED = (1,)
 
 
 def drop_params(func: tirx.PrimFunc, names) -> tirx.PrimFunc:
-    """``func`` without its parameters named in ``names`` (none of which its body may use)."""
+    """``func`` without its parameters named in ``names`` (none of which its body may use); ``func`` itself when
+    ``names`` is empty."""
     names = set(names)
+    if not names:
+        return func
     keep = [p for p in func.params if p.name not in names]
     missing = names - {p.name for p in func.params}
     if missing:

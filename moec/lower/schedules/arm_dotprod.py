@@ -148,4 +148,4 @@ def dotprod_gemv(spec: GemvSpec, params, dot: Callable = sdot) -> tirx.PrimFunc:
         T.func_attr({"global_symbol": "gemv", "tirx.noalias": True})
         body(x, weight, scale, super_scale if dq else None, zero, expert_ids, y)
 
-    return gemv if dq else drop_params(gemv, ["super_scale"])
+    return drop_params(gemv, [] if dq else ["super_scale"])

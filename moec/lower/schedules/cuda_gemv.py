@@ -363,4 +363,4 @@ def cuda_fixed_gemv(bits: int, n: int, k: int, experts: int, top_k: int, group: 
         kernel(x, [packed, upacked] if swiglu else [packed], [scale, uscale] if swiglu else [scale],
                [zero, uzero] if swiglu else [zero], None, ids, y)
 
-    return gemv if swiglu else drop_params(gemv, ["upacked", "uscale", "uzero"])
+    return drop_params(gemv, [] if swiglu else ["upacked", "uscale", "uzero"])

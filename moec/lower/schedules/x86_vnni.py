@@ -399,5 +399,5 @@ def int8_gemv(spec: GemvSpec, params, isa: DotIsa, portable: bool = False) -> ti
              scale_up if up else scale, (super_scale_up if up else super_scale) if dq else None,
              zero_up if up else zero, expert_ids, y)
 
-    return drop_params(gemv, ([] if dq else ["super_scale", "super_scale_up"]) +
-                       ([] if up else ["weight_up", "scale_up", "super_scale_up", "zero_up"]))
+    return drop_params(gemv, ([] if dq else ["super_scale"]) + ([] if up else ["weight_up", "scale_up", "zero_up"]) +
+                       ([] if dq and up else ["super_scale_up"]))

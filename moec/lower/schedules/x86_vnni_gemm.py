@@ -162,7 +162,7 @@ def int8_grouped_gemm(spec: GroupedGemmSpec, params, isa: DotIsa, portable: bool
         y = T.match_buffer(y_h, (pairs, n), "float32")
         body(x, rows, xrows, weight, scale, super_scale if dq else None, zero, offsets, y, None)
 
-    return grouped_gemm if dq else drop_params(grouped_gemm, ["super_scale"])
+    return drop_params(grouped_gemm, [] if dq else ["super_scale"])
 
 
 def unpacked_group_dots(isa: DotIsa, vecs: int, tb: int, nb: int, gs: int, guarded: bool = True,
