@@ -184,8 +184,9 @@ def test_vnni_plane_masks_match_shifted_planes(monkeypatch, bits):
 
 @pytest.mark.parametrize("threads", [1, 2])
 def test_vnni_claimed_tasks_match_the_static_split(monkeypatch, threads):
-    """Tasks taken with ``lock bts`` (``int8_claim_lanes``) give TVM's static split's output bit for bit,
-    on one thread and on two (unrouted rows included); a call with fewer tasks than lanes keeps the split."""
+    """Tasks taken with ``lock bts`` (``int8_claim_lanes``), in tile-major or expert-major claim order
+    (``int8_expert_major_claims``), give TVM's static split's output bit for bit, on one thread and on two
+    (unrouted rows included); a call with fewer tasks than lanes keeps the split."""
     if not codegen.target_has_features("avx512vnni", host_target()):
         pytest.skip("host CPU lacks AVX-512 VNNI")
     from moec.runtime.session import use_threads
@@ -195,15 +196,17 @@ def test_vnni_claimed_tasks_match_the_static_split(monkeypatch, threads):
     x = np.random.default_rng(6).standard_normal((1, k)).astype(np.float32)
     ids = np.array([3, -1, 0, 5], np.int32)
     outs, scripts = [], []
-    for lanes in (0, 16):
-        monkeypatch.setattr(x86, "PARAMS", dataclasses.replace(x86.PARAMS, int8_claim_lanes=lanes))
+    for lanes, expert_major in ((0, True), (16, True), (16, False)):
+        monkeypatch.setattr(x86, "PARAMS", dataclasses.replace(x86.PARAMS, int8_claim_lanes=lanes,
+                                                                int8_expert_major_claims=expert_major))
         func = make_gemv(4, n, k, gs, experts, top_k, host_target(), activations="int8")
         scripts.append(func.script())
         mod = compile_kernel(func, host_target())
         use_threads(threads)
         outs.append(call(mod, "gemv", [x] + weight_args(stack) + [ids, np.zeros((top_k, n), np.float32)]))
-    assert "atomic.bts" not in scripts[0] and "atomic.bts" in scripts[1]
+    assert "atomic.bts" not in scripts[0] and "atomic.bts" in scripts[1] and scripts[1] != scripts[2]
     np.testing.assert_array_equal(outs[1], outs[0])
+    np.testing.assert_array_equal(outs[2], outs[0])
     assert not outs[0][1].any() and np.abs(outs[0][0]).max() > 0
     small = make_gemv(4, 64, k, gs, experts, 1, host_target(), activations="int8")  # 1 task < 16 lanes
     assert "atomic.bts" not in small.script()

@@ -238,8 +238,8 @@ def test_arm_int8_nested_gemv_emits_sdot_for_raspberry_pi_5():
 @pytest.mark.parametrize("isa", ["x86", "x86-avx2", "x86-portable"])
 @pytest.mark.parametrize("threads", [1, 2])
 def test_int8_nested_claimed_tasks_match_the_static_split(monkeypatch, isa, threads):
-    """24 tasks (8 tasks of rows x 3 routed rows) are claimed with ``lock bts``: the output equals TVM's static
-    split's bit for bit at mixed run-time widths, an unrouted row left unwritten by both."""
+    """24 tasks (8 tasks of rows x 3 routed rows) are claimed with ``lock bts``, expert-major or tile-major: the
+    output equals TVM's static split's bit for bit at mixed run-time widths, an unrouted row left unwritten."""
     import dataclasses
 
     from moec.runtime.session import use_threads
@@ -251,8 +251,8 @@ def test_int8_nested_claimed_tasks_match_the_static_split(monkeypatch, isa, thre
     x = np.random.default_rng(8).standard_normal((1, k)).astype(np.float32)
     prec, ids = [2, 8, 3, 4], [3, -1, 1]
     outs, scripts = [], []
-    for lanes in (0, 16):
-        params = dataclasses.replace(x86.PARAMS, int8_claim_lanes=lanes)
+    for lanes, expert_major in ((0, True), (16, True), (16, False)):
+        params = dataclasses.replace(x86.PARAMS, int8_claim_lanes=lanes, int8_expert_major_claims=expert_major)
         monkeypatch.setattr(x86, "PARAMS", params)
         if isa == "x86-portable":
             spec = NestedGemvSpec(8, n, k, gs, experts, top_k, _tile(isa, n))
@@ -263,8 +263,8 @@ def test_int8_nested_claimed_tasks_match_the_static_split(monkeypatch, isa, thre
         mod = compile_kernel(func, target)
         use_threads(threads)
         outs.append(_run(mod, nws, stack, x, prec, ids, n))
-    assert "atomic.bts" not in scripts[0] and "atomic.bts" in scripts[1]
-    assert np.array_equal(outs[1], outs[0]) and (outs[0][1] == 7.0).all()
+    assert "atomic.bts" not in scripts[0] and "atomic.bts" in scripts[1] and scripts[1] != scripts[2]
+    assert np.array_equal(outs[1], outs[0]) and np.array_equal(outs[2], outs[0]) and (outs[0][1] == 7.0).all()
 
 
 @pytest.mark.parametrize("task_vectors, block_vectors", [(4, 0), (8, 0), (8, 4), (16, 4), (16, 8)])

@@ -23,6 +23,13 @@ backend has no atomic add), so a thread that is ahead takes the tasks the other 
 task's output does not depend on which thread runs it (bit-identical to the static split, tested).
 Calls with fewer tasks than lanes keep the static split. The nested VNNI GEMV (``x86_vnni_nested``) claims
 its tasks the same way (:func:`claim_lanes`, :func:`lane_task`, :func:`unclaimed`, :func:`claim`).
+
+Claim order (``X86Params.int8_expert_major_claims``): a lane claims in expert-major order (claim ``c`` is
+routed row ``c // tiles``, row tile ``c % tiles``), so the tasks one thread runs back to back are the
+consecutive row tiles of one expert, and each of the task's code streams (one per layout tile, or per
+nested segment) continues where the previous task's ended instead of starting cold in another expert's
+block. Tile-major claims made every task a new stream per segment; the hardware prefetcher lost them
+most on short rows (K = 1024) and on the nested kernel's 3-4 streams a tile.
 """
 
 # No `from __future__ import annotations`: TVMScript needs the evaluated buffer annotations.
@@ -144,9 +151,13 @@ def claim_lanes(ntask: int, lanes: int) -> int:
     return lanes if lanes > 0 and ntask >= lanes else 0
 
 
-def lane_task(cl, j, ntask: int, lanes: int):
-    """The ``j``-th task claim lane ``cl`` looks at: lanes start evenly spaced and wrap around."""
-    return (cl * ntask // max(lanes, 1) + j) % ntask
+def lane_task(cl, j, ntask: int, lanes: int, tiles: int = 0):
+    """The ``j``-th task claim lane ``cl`` looks at: lanes start evenly spaced and wrap around. With ``tiles``
+    (row tiles per routed row) the claims run expert-major: claim ``c`` is task ``c % tiles * top_k + c // tiles``
+    of the tile-major numbering (routed row ``c // tiles``, tile ``c % tiles``; a bijection, so every task is
+    still claimed once)."""
+    c = (cl * ntask // max(lanes, 1) + j) % ntask
+    return c % tiles * (ntask // tiles) + c // tiles if tiles else c
 
 
 def unclaimed(claims, task):
@@ -180,6 +191,9 @@ class DotIsa:
     claim_lanes : int
         Lanes of the nested GEMV's claimed-task loop (``int8_common``, x86 ``lock bts``); 0: TVM's static
         split. (The fixed x86 GEMV takes its own from ``X86Params.int8_claim_lanes``.)
+    expert_major_claims : bool
+        The nested GEMV's claims in expert-major order (:func:`lane_task`; the fixed x86 GEMV: from
+        ``X86Params.int8_expert_major_claims``).
     pairs, quads : callable or None
         An ISA whose dot is two steps (AVX2: ``vpmaddubsw`` then ``vpmaddwd``) exposes them, so a kernel
         can add several first steps in int16 before one second step: ``pairs(codes, x4)`` the int16 x
@@ -193,6 +207,7 @@ class DotIsa:
     select: Callable
     unsigned_codes: bool
     claim_lanes: int = 0
+    expert_major_claims: bool = False
     pairs: Callable | None = None
     quads: Callable | None = None
 

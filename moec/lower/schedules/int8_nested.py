@@ -243,6 +243,7 @@ def int8_nested_gemv(spec: NestedGemvSpec, isa: DotIsa, vecs: int, task_vectors:
     widths = fmt.derived_bits
     ntask = top_k * tiles
     task_lanes = claim_lanes(ntask, isa.claim_lanes)  # 0: TVM's static split
+    claim_tiles = tiles if isa.expert_major_claims else 0  # claims expert-major (int8_common: claim order)
     claim_words = -(-ntask // 32)
     nseg = len(fmt.segment_bits)
 
@@ -504,10 +505,10 @@ def int8_nested_gemv(spec: NestedGemvSpec, isa: DotIsa, vecs: int, task_vectors:
                 yacc = T.alloc_buffer((tvecs, lanes), "float32", scope=stack_scope(tvecs * lanes * 4))
                 yup = T.alloc_buffer((tvecs if swiglu else 1, lanes), "float32", scope=stack_scope(tvecs * lanes * 4))
                 for j in range(ntask):
-                    if unclaimed(claims, lane_task(cl, j, ntask, task_lanes)):
-                        if claim(claims, lane_task(cl, j, ntask, task_lanes)):
+                    if unclaimed(claims, lane_task(cl, j, ntask, task_lanes, claim_tiles)):
+                        if claim(claims, lane_task(cl, j, ntask, task_lanes, claim_tiles)):
                             run_task(segs, scale, zero, ups, prec, expert_ids, y, sx, xsum, x8, acc, yacc, yup,
-                                     lane_task(cl, j, ntask, task_lanes))
+                                     lane_task(cl, j, ntask, task_lanes, claim_tiles))
         else:
             for task in T.parallel(ntask):  # tile-major (int8_common: routed task order)
                 # register tiles on the stack, the expert id, width and activation row read in place: a "local"

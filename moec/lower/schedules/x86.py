@@ -183,11 +183,12 @@ class X86Params(CpuScheduleParams):
     int8_tile_vectors: int = 8
     int8_nested_tile_vectors: int = 4
     int8_nested_task_vectors: int = 8
-    int8_nested_block_vectors: int = 0
+    int8_nested_block_vectors: int = 4
     nested_int8_tile: int = 64
     int8_chains: int = 2
     int8_plane_masks: bool = True
     int8_claim_lanes: int = 16
+    int8_expert_major_claims: bool = True
     prefetch_words: int = 0
     prefetch_locality: int = 3
     avx2_lanes: int = 8

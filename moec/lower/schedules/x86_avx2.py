@@ -66,11 +66,11 @@ def dot(acc, codes, x4):
     return acc + quads(_pairs(T.abs(c), signed_x))
 
 
-def avx2_isa(claim_lanes: int = 0) -> DotIsa:
+def avx2_isa(claim_lanes: int = 0, expert_major_claims: bool = False) -> DotIsa:
     """The AVX2 :class:`~moec.lower.schedules.int8_common.DotIsa`: 8 lanes, signed code bytes, plain selects,
     the two dot steps exposed (``pairs``, ``quads``) for int16 sums."""
     return DotIsa(LANES, dot, plain_select(LANES), unsigned_codes=False, claim_lanes=claim_lanes,
-                  pairs=pairs, quads=quads)
+                  expert_major_claims=expert_major_claims, pairs=pairs, quads=quads)
 
 
 def avx2_gemv(spec: GemvSpec, params) -> tirx.PrimFunc:
@@ -80,8 +80,10 @@ def avx2_gemv(spec: GemvSpec, params) -> tirx.PrimFunc:
 
 
 def avx2_nested_gemv(spec: NestedGemvSpec, params) -> tirx.PrimFunc:
-    """The AVX2 int8-activation nested GEMV (``int8_nested_tile_vectors``, ``int8_claim_lanes``)."""
-    return int8_nested_gemv(spec, avx2_isa(params.int8_claim_lanes), params.int8_nested_tile_vectors)
+    """The AVX2 int8-activation nested GEMV (``int8_nested_tile_vectors``, ``int8_claim_lanes``,
+    ``int8_expert_major_claims``)."""
+    return int8_nested_gemv(spec, avx2_isa(params.int8_claim_lanes, params.int8_expert_major_claims),
+                            params.int8_nested_tile_vectors)
 
 
 def avx2_grouped_gemm(spec, params) -> tirx.PrimFunc:

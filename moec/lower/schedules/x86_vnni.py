@@ -124,12 +124,13 @@ def step_operands(bits: int, words, x8, row, first_code, lanes: int, masked: boo
         yield codes, broadcast4(x8, row, first_code + slot, lanes)
 
 
-def vnni_isa(portable: bool = False, claim_lanes: int = 0) -> DotIsa:
+def vnni_isa(portable: bool = False, claim_lanes: int = 0, expert_major_claims: bool = False) -> DotIsa:
     """The AVX-512 VNNI :class:`~moec.lower.schedules.int8_common.DotIsa`: 16 lanes, ``vpdpbusd`` (unsigned
     code bytes), ``vpternlogd`` selects (``portable``: both as plain TIR)."""
     dpbusd = dot_instructions(portable)[0]
     return DotIsa(16, lambda acc, codes, x4: dpbusd(acc, T.reinterpret("int8x64", codes), x4),
-                  plain_select(16) if portable else _ternary_select, unsigned_codes=True, claim_lanes=claim_lanes)
+                  plain_select(16) if portable else _ternary_select, unsigned_codes=True, claim_lanes=claim_lanes,
+                  expert_major_claims=expert_major_claims)
 
 
 def _ternary_select(a, b, mask: int):
@@ -249,8 +250,8 @@ def int8_gemv(spec: GemvSpec, params, isa: DotIsa, portable: bool = False) -> ti
     task_lanes = claim_lanes(ntask, params.int8_claim_lanes)  # 0: TVM's static split
     claim_words = -(-ntask // 32)
 
-    def _lane_task(cl, j):
-        return lane_task(cl, j, ntask, task_lanes)
+    def _lane_task(cl, j):  # expert-major claims (int8_common: claim order) unless turned off
+        return lane_task(cl, j, ntask, task_lanes, tiles if params.int8_expert_major_claims else 0)
 
     @T.macro
     def fill(buf, rows, width, value):

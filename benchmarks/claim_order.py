@@ -1,0 +1,140 @@
+"""Claim order of the x86 int8 decode GEMVs: tile-major against expert-major, fixed and nested, per expert shape.
+
+The VNNI/AVX2 int8 GEMVs claim their parallel tasks (``X86Params.int8_claim_lanes``); this compares the
+order a lane claims them in (``X86Params.int8_expert_major_claims``, ``int8_common.lane_task``) on the
+OLMoE routed shapes, and for the nested GEMV also its one-chain blocks (``int8_nested_block_vectors``: 0,
+the task's two 64-row tiles at once; 4, one tile after the other):
+
+- ``gate``: 64 experts × [1024, 2048], one input row (the plain GEMV of the gate or up shape);
+- ``down``: 64 experts × [2048, 1024], an input row per routed expert (the down projection);
+- ``swiglu``: the SwiGLU call, gate and up stacks of 64 experts × [1024, 2048] (the fixed kernel's fused
+  stack of 2048 rows, the nested kernel's two stacks).
+
+Random codes in the kernel layouts (stacks far larger than the L2/L3), 8 routed experts a call drawn in
+turn from 16 random sets; every variant reads its own copy of the stack with its own routing (a variant
+right after another on the same stack would find that call's experts in cache), all variants interleaved
+call by call, wall time, medians. Nested at a run-time width ``w`` of 8-bit storage against the fixed
+kernel of width ``w``.
+
+Usage::
+
+    python benchmarks/claim_order.py [--shapes gate,down,swiglu] [--widths 2,4,8] [--threads 1,2] [--calls 100]
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import statistics
+import time
+
+import numpy as np
+import tvm
+
+from moec.lower.kernels.factory import compile_kernel, host_target, kernel_tile, make_gemv, make_nested_gemv
+from moec.lower.kernels.layout import nested_kernel_layout, stack_kernel_layouts, to_kernel_layout
+from moec.lower.schedules import x86
+from moec.quant.nested import nest
+from moec.quant.packed_model import PackedWeight
+from moec.runtime.session import use_threads
+
+GROUP, EXPERTS, TOP_K = 64, 64, 8
+SHAPES = {"gate": (1024, 2048, False, False), "down": (2048, 1024, True, False), "swiglu": (1024, 2048, False, True)}
+FIXED = {"fixed tile-major": dict(int8_expert_major_claims=False),
+         "fixed expert-major": dict(int8_expert_major_claims=True)}
+NESTED = {"nested tile-major, 2 tiles": dict(int8_expert_major_claims=False, int8_nested_block_vectors=0),
+          "nested expert-major, 2 tiles": dict(int8_expert_major_claims=True, int8_nested_block_vectors=0),
+          "nested expert-major, 1 tile": dict(int8_expert_major_claims=True, int8_nested_block_vectors=4)}
+
+
+def random_packed(bits: int, n: int, k: int, rng) -> PackedWeight:
+    codes = rng.integers(0, 256, (n, k * bits // 8), dtype=np.uint8)
+    zeros = rng.integers(0, 256, (n, -(-(k // GROUP) * bits // 8)), dtype=np.uint8)
+    scale = (rng.random((n, k // GROUP), dtype=np.float32) * 0.01 + 0.001).astype(np.float16)
+    return PackedWeight((n, k), bits, GROUP, codes, scale, zeros)
+
+
+def with_params(changes: dict, build):
+    """``build()`` with ``x86.PARAMS`` changed by ``changes`` (the kernel factories read it)."""
+    saved = x86.PARAMS
+    x86.PARAMS = dataclasses.replace(saved, **changes)
+    try:
+        return build()
+    finally:
+        x86.PARAMS = saved
+
+
+def time_shape(shape: str, widths: list[int], threads: list[int], calls: int, rng) -> list[str]:
+    n, k, per_expert, swiglu = SHAPES[shape]
+    target, dev = host_target(), tvm.cpu()
+    tile = kernel_tile(target, n, None, "int8")
+    stacks = [stack_kernel_layouts([nested_kernel_layout(nest(random_packed(8, n, k, rng)), tile)
+                                    for _ in range(EXPERTS)]) for _ in range(2 if swiglu else 1)]
+
+    def nested_args():  # a fresh device copy per variant
+        return [tvm.runtime.tensor(st[name], dev) for st in stacks
+                for name in [f"seg{s}" for s in range(4)] + ["scale", "zero"]]
+
+    nested = {label: (with_params(p, lambda: compile_kernel(make_nested_gemv(
+        8, n, k, GROUP, EXPERTS, TOP_K, target, x_per_expert=per_expert, activations="int8", swiglu=swiglu),
+        target)), nested_args()) for label, p in NESTED.items()}
+    x = tvm.runtime.tensor(rng.standard_normal((TOP_K if per_expert else 1, k)).astype(np.float32), dev)
+    y = tvm.runtime.tensor(np.zeros((TOP_K, n), np.float32), dev)
+    ids = [tvm.runtime.tensor(rng.choice(EXPERTS, TOP_K, replace=False).astype(np.int32), dev) for _ in range(16)]
+    rows = []
+    for bits in widths:
+        rows_n = 2 * n if swiglu else n  # the fixed SwiGLU GEMV's stack holds gate and up rows
+        fixed_stack = stack_kernel_layouts([to_kernel_layout(random_packed(bits, rows_n, k, rng),
+                                                             kernel_tile(target, rows_n, bits, "int8"))
+                                            for _ in range(EXPERTS)])
+        fixed = {label: (with_params(p, lambda: compile_kernel(make_gemv(
+            bits, n, k, GROUP, EXPERTS, TOP_K, target, x_per_expert=per_expert, activations="int8", swiglu=swiglu),
+            target)), [tvm.runtime.tensor(fixed_stack[a], dev) for a in ("weight", "scale", "zero")])
+            for label, p in FIXED.items()}
+        prec = tvm.runtime.tensor(np.full(EXPERTS, bits, np.int32), dev)
+        variants = {**fixed, **{label: (mod, args + [prec]) for label, (mod, args) in nested.items()}}
+        for th in threads:
+            use_threads(th)
+            times = {label: [] for label in variants}
+            for c in range(calls):
+                for v, (label, (mod, args)) in enumerate(variants.items()):
+                    routed = ids[(c + 3 * v) % len(ids)]
+                    t0 = time.perf_counter()
+                    mod["gemv"](x, *args, routed, y)
+                    times[label].append(time.perf_counter() - t0)
+            us = {label: statistics.median(t[3:]) * 1e6 for label, t in times.items()}
+            f_tm, f_em = us["fixed tile-major"], us["fixed expert-major"]
+            old, new = us["nested tile-major, 2 tiles"], us["nested expert-major, 1 tile"]
+            rows.append(f"| {shape} | {th} | {bits} | " + " | ".join(f"{us[label]:.0f}" for label in variants)
+                        + f" | {f_em / f_tm:.2f} | {new / old:.2f} | {old / f_tm:.2f}x | {new / f_em:.2f}x |")
+            print(rows[-1], flush=True)
+    return rows
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--shapes", default="gate,down,swiglu")
+    ap.add_argument("--widths", default="2,4,8")
+    ap.add_argument("--threads", default="1,2")
+    ap.add_argument("--calls", type=int, default=100)
+    args = ap.parse_args()
+    shapes = args.shapes.split(",")
+    unknown = [s for s in shapes if s not in SHAPES]
+    if unknown:
+        raise SystemExit(f"claim_order.py: unknown shape {unknown[0]!r} (known: {', '.join(SHAPES)})")
+    print(f"\n## x86 int8 decode GEMVs: claim order and nested blocks (64 experts, top-8, group {GROUP}, "
+          f"wall µs a call, median of {args.calls}; load average {os.getloadavg()[0]:.1f} at the start)\n")
+    print("| shape | threads | width | " + " | ".join([*FIXED, *NESTED]) + " | fixed expert-/tile-major | "
+          "nested new/old | nested/fixed, old | nested/fixed, new |")
+    print("|---" * (3 + len(FIXED) + len(NESTED) + 4) + "|")
+    rng = np.random.default_rng(0)
+    for shape in shapes:
+        time_shape(shape, [int(w) for w in args.widths.split(",")], [int(t) for t in args.threads.split(",")],
+                   args.calls, rng)
+    print(f"\n(old: tile-major claims, nested blocks of two tiles; new: expert-major claims, nested blocks of one "
+          f"tile. Load average {os.getloadavg()[0]:.1f} at the end)")
+
+
+if __name__ == "__main__":
+    main()
