@@ -100,14 +100,13 @@ class X86Params(CpuScheduleParams):
         instead of one after another were 1.45–1.47x.
     int8_nested_block_vectors : int
         Vectors of each one-chain register block (widths up to 4 bits) of an ``int8_nested_task_vectors`` task,
-        the blocks one after another, each over the whole K (0, the default: twice
-        ``int8_nested_tile_vectors``, i.e. the whole 8-vector task, two 64-row layout tiles read at once). 4
-        (one tile a block: at 4 bits 3 segment streams at a time instead of 6) traded one shape for another
-        (2026-12-04, Zen 5, kernel alone, two interleaved runs each, nested / fixed time, 0 → 4): the down
-        projection's shape (2048 × 1024, an input row per expert) 1.18–1.31 / 1.08–1.11 / 1.18–1.26x →
-        1.09–1.10 / 0.91–0.98 / 1.09–1.11x at 4 / 3 / 2 bits on two threads, but the SwiGLU gate/up call (1024 ×
-        2048, two stacks) 1.09–1.13x → 1.18–1.31x at 2 bits (4 bits 1.06–1.14x → 1.06–1.09x, 3 bits equal);
-        whole OLMoE-shaped bundles moved within the VM's noise (README "Session 21"). Kept at 0.
+        the blocks one after another, each over the whole K (0: twice ``int8_nested_tile_vectors``, i.e. the
+        whole 8-vector task, two 64-row layout tiles read at once). 4, the default since 2026-12-04: one tile a
+        block, so at 4 bits 3 segment streams at a time instead of 6, and with expert-major claims
+        (``int8_expert_major_claims``) each block's streams continue the previous block's, tile after tile of
+        one expert. With tile-major claims it traded one shape for another (README "Session 21"); with
+        expert-major claims it is as fast or faster on every shape (``benchmarks/claim_order.py``, Zen 5,
+        nested time 2 → 1 tile at 2 and 4 bits: 0.59–0.88 one thread, 0.75–1.01 two; README "Session 22").
     nested_int8_tile : int
         Largest row tile of nested stacks read by the int8 nested GEMV (0: ``layout_tile``). 64 = a
         task's rows (``int8_nested_tile_vectors`` vectors), so a task reads each segment of its rows as
@@ -133,6 +132,16 @@ class X86Params(CpuScheduleParams):
         finishes early takes the rest of the other's tasks. 0, and calls with fewer tasks than
         lanes: TVM's static split (each thread a contiguous share of the tasks), whose two threads
         finished a call 1-43 % of it apart (measured with cycle stamps per task).
+    int8_expert_major_claims : bool
+        Claimed tasks (``int8_claim_lanes``; fixed and nested GEMVs, VNNI and AVX2) are taken in expert-major
+        order (``int8_common.lane_task``): a lane's consecutive tasks are consecutive row tiles of one routed
+        expert, so the code stream of each tile (fixed 2/4-bit: one 128-row block; nested: one per segment)
+        continues where the previous task's ended instead of starting cold in another expert. False:
+        tile-major (task ``t`` = routed row ``t % top_k``, tile ``t // top_k``, as the static split). Kernel
+        alone, OLMoE shapes, Zen 5 (``benchmarks/claim_order.py``, 2026-12-04): fixed VNNI time 0.66–0.93 of
+        tile-major at 2 and 4 bits one thread, 0.86–0.95 two (3 and 8 bits: 16-row tiles, unchanged); the AVX2
+        kernels on the same host 0.36–0.98; whole OLMoE-shaped nested bundles' speed from 0.87–0.90 to
+        0.93–0.94 of the fixed bundles' at uniform 8 bits (README "Session 22").
     prefetch_words : int
         Software prefetch distance of the VNNI GEMV in words of each row stream (0: none, the
         default). A prefetch in the step loop may alias the accumulator buffer as far as LLVM
