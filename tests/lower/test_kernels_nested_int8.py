@@ -271,8 +271,8 @@ def test_int8_nested_claimed_tasks_match_the_static_split(monkeypatch, isa, thre
 def test_task_vectors_give_the_same_rows(task_vectors, block_vectors):
     """``X86Params.int8_nested_task_vectors``: 4 (one two-chain block a task), 8 (the default: 8 bits two two-chain
     blocks one after another) and 16 (four), widths up to 4 bits in one-chain blocks of
-    ``int8_nested_block_vectors`` (4: one layout tile; 8 or 0, the default: two) one after another: every width's rows
-    against the reference, a partial last task (N = 1088: 68 vectors) and an unrouted row."""
+    ``int8_nested_block_vectors`` (4, the default: one layout tile; 8 or 0: two) one after another: every width's
+    rows against the reference, a partial last task (N = 1088: 68 vectors) and an unrouted row."""
     import dataclasses
 
     n, k, gs, experts, top_k = 1088, 64, 32, 4, 3
