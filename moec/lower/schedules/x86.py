@@ -141,7 +141,7 @@ class X86Params(CpuScheduleParams):
         alone, OLMoE shapes, Zen 5 (``benchmarks/claim_order.py``, 2026-12-04): fixed VNNI time 0.66–0.93 of
         tile-major at 2 and 4 bits one thread, 0.86–0.95 two (3 and 8 bits: 16-row tiles, unchanged); the AVX2
         kernels on the same host 0.36–0.98; whole OLMoE-shaped nested bundles' speed from 0.87–0.90 to
-        0.93–0.94 of the fixed bundles' at uniform 8 bits (README "Session 22").
+        0.93–0.96 of the fixed bundles' at uniform 8 bits (README "Session 22").
     prefetch_words : int
         Software prefetch distance of the VNNI GEMV in words of each row stream (0: none, the
         default). A prefetch in the step loop may alias the accumulator buffer as far as LLVM
