@@ -21,8 +21,8 @@ Usage::
     python benchmarks/claim_order.py [--shapes gate,down,swiglu] [--widths 2,4,8] [--threads 1,2] [--calls 100]
     python benchmarks/claim_order.py --mcpu haswell    # the AVX2 kernels (8-row vectors) on this host
 
-The AVX2 kernels have no fused SwiGLU GEMV for nested stacks of 8 bits' width 3 and no 3-bit fixed int8
-GEMV; what a shape and width lacks is left out with a note.
+AVX2 has no 3-bit fixed int8 GEMV (that width is left out with a note), and its nested GEMV takes no block
+setting (the two nested expert-major columns are then one kernel).
 """
 
 from __future__ import annotations
@@ -31,17 +31,20 @@ import argparse
 import dataclasses
 import os
 import statistics
+import sys
 import time
+from pathlib import Path
 
 import numpy as np
 import tvm
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from dynamic import _random_packed  # noqa: E402
 from moec.core.errors import MoecError
 from moec.lower.kernels.factory import compile_kernel, host_target, kernel_tile, make_gemv, make_nested_gemv
 from moec.lower.kernels.layout import nested_kernel_layout, stack_kernel_layouts, to_kernel_layout
 from moec.lower.schedules import x86
 from moec.quant.nested import nest
-from moec.quant.packed_model import PackedWeight
 from moec.runtime.session import use_threads
 
 GROUP, EXPERTS, TOP_K = 64, 64, 8
@@ -51,13 +54,6 @@ FIXED = {"fixed tile-major": dict(int8_expert_major_claims=False),
 NESTED = {"nested tile-major, 2 tiles": dict(int8_expert_major_claims=False, int8_nested_block_vectors=0),
           "nested expert-major, 2 tiles": dict(int8_expert_major_claims=True, int8_nested_block_vectors=0),
           "nested expert-major, 1 tile": dict(int8_expert_major_claims=True, int8_nested_block_vectors=4)}
-
-
-def random_packed(bits: int, n: int, k: int, rng) -> PackedWeight:
-    codes = rng.integers(0, 256, (n, k * bits // 8), dtype=np.uint8)
-    zeros = rng.integers(0, 256, (n, -(-(k // GROUP) * bits // 8)), dtype=np.uint8)
-    scale = (rng.random((n, k // GROUP), dtype=np.float32) * 0.01 + 0.001).astype(np.float16)
-    return PackedWeight((n, k), bits, GROUP, codes, scale, zeros)
 
 
 def with_params(changes: dict, build):
@@ -70,11 +66,12 @@ def with_params(changes: dict, build):
         x86.PARAMS = saved
 
 
-def time_shape(shape: str, widths: list[int], threads: list[int], calls: int, rng, target) -> list[str]:
+def time_shape(shape: str, widths: list[int], threads: list[int], calls: int, rng, target) -> None:
+    """Print a table row per width and thread count of ``shape``."""
     n, k, per_expert, swiglu = SHAPES[shape]
     dev = tvm.cpu()
     tile = kernel_tile(target, n, None, "int8")
-    stacks = [stack_kernel_layouts([nested_kernel_layout(nest(random_packed(8, n, k, rng)), tile)
+    stacks = [stack_kernel_layouts([nested_kernel_layout(nest(_random_packed(8, n, k, GROUP, rng)), tile)
                                     for _ in range(EXPERTS)]) for _ in range(2 if swiglu else 1)]
 
     def nested_args():  # a fresh device copy per variant
@@ -87,10 +84,9 @@ def time_shape(shape: str, widths: list[int], threads: list[int], calls: int, rn
     x = tvm.runtime.tensor(rng.standard_normal((TOP_K if per_expert else 1, k)).astype(np.float32), dev)
     y = tvm.runtime.tensor(np.zeros((TOP_K, n), np.float32), dev)
     ids = [tvm.runtime.tensor(rng.choice(EXPERTS, TOP_K, replace=False).astype(np.int32), dev) for _ in range(16)]
-    rows = []
     for bits in widths:
         rows_n = 2 * n if swiglu else n  # the fixed SwiGLU GEMV's stack holds gate and up rows
-        fixed_stack = stack_kernel_layouts([to_kernel_layout(random_packed(bits, rows_n, k, rng),
+        fixed_stack = stack_kernel_layouts([to_kernel_layout(_random_packed(bits, rows_n, k, GROUP, rng),
                                                              kernel_tile(target, rows_n, bits, "int8"))
                                             for _ in range(EXPERTS)])
         try:
@@ -115,10 +111,8 @@ def time_shape(shape: str, widths: list[int], threads: list[int], calls: int, rn
             us = {label: statistics.median(t[3:]) * 1e6 for label, t in times.items()}
             f_tm, f_em = us["fixed tile-major"], us["fixed expert-major"]
             old, new = us["nested tile-major, 2 tiles"], us["nested expert-major, 1 tile"]
-            rows.append(f"| {shape} | {th} | {bits} | " + " | ".join(f"{us[label]:.0f}" for label in variants)
-                        + f" | {f_em / f_tm:.2f} | {new / old:.2f} | {old / f_tm:.2f}x | {new / f_em:.2f}x |")
-            print(rows[-1], flush=True)
-    return rows
+            print(f"| {shape} | {th} | {bits} | " + " | ".join(f"{us[label]:.0f}" for label in variants)
+                  + f" | {f_em / f_tm:.2f} | {new / old:.2f} | {old / f_tm:.2f}x | {new / f_em:.2f}x |", flush=True)
 
 
 def main() -> None:
@@ -133,7 +127,13 @@ def main() -> None:
     shapes = args.shapes.split(",")
     unknown = [s for s in shapes if s not in SHAPES]
     if unknown:
-        raise SystemExit(f"claim_order.py: unknown shape {unknown[0]!r} (known: {', '.join(SHAPES)})")
+        ap.error(f"unknown shape {unknown[0]!r} (known: {', '.join(SHAPES)})")
+    try:
+        widths, threads = [int(w) for w in args.widths.split(",")], [int(t) for t in args.threads.split(",")]
+    except ValueError:
+        ap.error("--widths and --threads take comma-separated integers")
+    if not set(widths) <= {2, 3, 4, 8} or min(threads) < 1:
+        ap.error("--widths are nested 8-bit storage's widths (2, 3, 4, 8); --threads at least 1")
     print(f"\n## x86 int8 decode GEMVs ({target.attrs.get('mcpu', 'host')}): claim order and nested blocks (64 "
           f"experts, top-8, group {GROUP}, "
           f"wall µs a call, median of {args.calls}; load average {os.getloadavg()[0]:.1f} at the start)\n")
@@ -142,8 +142,7 @@ def main() -> None:
     print("|---" * (3 + len(FIXED) + len(NESTED) + 4) + "|")
     rng = np.random.default_rng(0)
     for shape in shapes:
-        time_shape(shape, [int(w) for w in args.widths.split(",")], [int(t) for t in args.threads.split(",")],
-                   args.calls, rng, target)
+        time_shape(shape, widths, threads, args.calls, rng, target)
     print(f"\n(old: tile-major claims, nested blocks of two tiles; new: expert-major claims, nested blocks of one "
           f"tile. Load average {os.getloadavg()[0]:.1f} at the end)")
 
