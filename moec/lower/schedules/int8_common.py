@@ -194,6 +194,9 @@ class DotIsa:
     expert_major_claims : bool
         The nested GEMV's claims in expert-major order (:func:`lane_task`; the fixed x86 GEMV: from
         ``X86Params.int8_expert_major_claims``).
+    nibble_down : callable or None
+        ``nibble_down(word, mask)``: ``(word >> 4) & mask`` byte by byte (``mask`` a 32-bit pattern within the low
+        nibble of each byte) in one instruction (x86 GFNI: :func:`gfni_nibble_down`); None: a shift and an and.
     pairs, quads : callable or None
         An ISA whose dot is two steps (AVX2: ``vpmaddubsw`` then ``vpmaddwd``) exposes them, so a kernel
         can add several first steps in int16 before one second step: ``pairs(codes, x4)`` the int16 x
@@ -208,8 +211,15 @@ class DotIsa:
     unsigned_codes: bool
     claim_lanes: int = 0
     expert_major_claims: bool = False
+    nibble_down: Callable | None = None
     pairs: Callable | None = None
     quads: Callable | None = None
+
+    def high_nibbles(self, word, mask: int):
+        """``(word >> 4) & mask`` per byte: each byte's high nibble moved down (``mask`` picks its bits)."""
+        if self.nibble_down is not None:
+            return self.nibble_down(word, mask)
+        return (word >> splat(4, self.lanes)) & splat(mask, self.lanes)
 
 
 def splat(value: int, lanes: int, dtype: str = "uint32"):
@@ -219,3 +229,25 @@ def splat(value: int, lanes: int, dtype: str = "uint32"):
 def plain_select(lanes: int) -> Callable:
     """``select`` as plain TIR (``(a & m) | (b & ~m)``), which any LLVM target compiles."""
     return lambda a, b, mask: (a & splat(mask, lanes)) | (b & splat(~mask & 0xFFFFFFFF, lanes))
+
+
+def nibble_down_matrix(mask: int) -> int:
+    """The 8x8 bit matrix (a uint64, row ``7 − i`` in byte ``7 − i``) for which ``gf2p8affineqb`` computes
+    ``(byte >> 4) & (mask & 0xF)`` in every byte: output bit ``i`` (``i < 4``, set in ``mask``) is input bit ``i + 4``,
+    the other output bits have empty rows (0)."""
+    return sum((1 << (i + 4)) << (8 * (7 - i)) for i in range(4) if mask >> i & 1)
+
+
+def gfni_nibble_down(lanes: int) -> Callable:
+    """:attr:`DotIsa.nibble_down` on x86 GFNI: one ``vgf2p8affineqb`` (512-bit for 16 lanes, VEX 256-bit for 8)
+    with :func:`nibble_down_matrix`; ``mask`` must repeat one low-nibble byte pattern (every byte the same)."""
+    def nibble_down(word, mask: int):
+        byte = mask & 0xFF
+        if mask != byte * 0x01010101 or byte > 0xF:
+            raise ValueError(f"internal: nibble_down mask {mask:#x} is not one low-nibble byte repeated")
+        size = 4 * lanes
+        matrix = T.reinterpret(f"int8x{size}", T.Broadcast(tirx.const(nibble_down_matrix(byte), "uint64"), lanes // 2))
+        out = T.call_llvm_pure_intrin(f"int8x{size}", f"llvm.x86.vgf2p8affineqb.{8 * size}",
+                                      T.reinterpret(f"int8x{size}", word), matrix, T.int8(0))
+        return T.reinterpret(f"uint32x{lanes}", out)
+    return nibble_down

@@ -32,7 +32,7 @@ from tvm.script import tirx as T
 
 from moec.lower.kernels.gemv import GemvSpec
 from moec.lower.kernels.nested_gemv import NestedGemvSpec
-from moec.lower.schedules.int8_common import DotIsa, plain_select, splat
+from moec.lower.schedules.int8_common import DotIsa, gfni_nibble_down, plain_select, splat
 from moec.lower.schedules.int8_nested import int8_nested_gemv
 from moec.lower.schedules.int8_nested_gemm import int8_nested_grouped_gemm
 from moec.lower.schedules.x86_vnni import int8_gemv
@@ -66,11 +66,13 @@ def dot(acc, codes, x4):
     return acc + quads(_pairs(T.abs(c), signed_x))
 
 
-def avx2_isa(claim_lanes: int = 0, expert_major_claims: bool = False) -> DotIsa:
+def avx2_isa(claim_lanes: int = 0, expert_major_claims: bool = False, gfni: bool = False) -> DotIsa:
     """The AVX2 :class:`~moec.lower.schedules.int8_common.DotIsa`: 8 lanes, signed code bytes, plain selects,
-    the two dot steps exposed (``pairs``, ``quads``) for int16 sums."""
+    the two dot steps exposed (``pairs``, ``quads``) for int16 sums; ``gfni`` (Intel since Ice Lake and the
+    Gracemont cores of N100-class chips, AMD since Zen 4): high nibbles moved down by one ``vgf2p8affineqb``."""
     return DotIsa(LANES, dot, plain_select(LANES), unsigned_codes=False, claim_lanes=claim_lanes,
-                  expert_major_claims=expert_major_claims, pairs=pairs, quads=quads)
+                  expert_major_claims=expert_major_claims, nibble_down=gfni_nibble_down(LANES) if gfni else None,
+                  pairs=pairs, quads=quads)
 
 
 def avx2_gemv(spec: GemvSpec, params) -> tirx.PrimFunc:
@@ -79,10 +81,10 @@ def avx2_gemv(spec: GemvSpec, params) -> tirx.PrimFunc:
     return int8_gemv(spec, params, avx2_isa())  # (claimed tasks: params.int8_claim_lanes, as on VNNI)
 
 
-def avx2_nested_gemv(spec: NestedGemvSpec, params) -> tirx.PrimFunc:
+def avx2_nested_gemv(spec: NestedGemvSpec, params, gfni: bool = False) -> tirx.PrimFunc:
     """The AVX2 int8-activation nested GEMV (``int8_nested_tile_vectors``, ``int8_claim_lanes``,
-    ``int8_expert_major_claims``)."""
-    return int8_nested_gemv(spec, avx2_isa(params.int8_claim_lanes, params.int8_expert_major_claims),
+    ``int8_expert_major_claims``; ``gfni``: :func:`avx2_isa`)."""
+    return int8_nested_gemv(spec, avx2_isa(params.int8_claim_lanes, params.int8_expert_major_claims, gfni),
                             params.int8_nested_tile_vectors)
 
 
@@ -92,7 +94,7 @@ def avx2_grouped_gemm(spec, params) -> tirx.PrimFunc:
     return int8_grouped_gemm(spec, params, avx2_isa())
 
 
-def avx2_nested_grouped_gemm(spec, params) -> tirx.PrimFunc:
+def avx2_nested_grouped_gemm(spec, params, gfni: bool = False) -> tirx.PrimFunc:
     """The AVX2 int8-activation nested prefill grouped GEMM (``nested_gemm_block``, ``gemm_split`` of ``params``, an AVX2
-    target's :func:`~moec.lower.schedules.x86.gemv_params`)."""
-    return int8_nested_grouped_gemm(spec, params, avx2_isa())
+    target's :func:`~moec.lower.schedules.x86.gemv_params`; ``gfni``: :func:`avx2_isa`)."""
+    return int8_nested_grouped_gemm(spec, params, avx2_isa(gfni=gfni))

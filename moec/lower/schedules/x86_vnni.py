@@ -20,8 +20,8 @@ from moec.lower.kernels.layout import num_tiles, zero_words
 from moec.lower.kernels.rowwise import fast_silu
 from moec.lower.kernels.scopes import stack_scope
 from moec.lower.kernels.signature import UNUSED, drop_params
-from moec.lower.schedules.int8_common import (BYTE_MASK, DotIsa, claim, claim_lanes, lane_task, plain_select,
-                                              plane_slot_source, quantize_activations_prep, scaled_group_sum,
+from moec.lower.schedules.int8_common import (BYTE_MASK, DotIsa, claim, claim_lanes, gfni_nibble_down, lane_task,
+                                              plain_select, plane_slot_source, quantize_activations_prep, scaled_group_sum,
                                               splat, unclaimed)
 
 
@@ -124,13 +124,16 @@ def step_operands(bits: int, words, x8, row, first_code, lanes: int, masked: boo
         yield codes, broadcast4(x8, row, first_code + slot, lanes)
 
 
-def vnni_isa(portable: bool = False, claim_lanes: int = 0, expert_major_claims: bool = False) -> DotIsa:
+def vnni_isa(portable: bool = False, claim_lanes: int = 0, expert_major_claims: bool = False,
+             gfni: bool = False) -> DotIsa:
     """The AVX-512 VNNI :class:`~moec.lower.schedules.int8_common.DotIsa`: 16 lanes, ``vpdpbusd`` (unsigned
-    code bytes), ``vpternlogd`` selects (``portable``: both as plain TIR)."""
+    code bytes), ``vpternlogd`` selects (``portable``: both as plain TIR); ``gfni`` (the target has it, not
+    ``portable``): high nibbles moved down by one ``vgf2p8affineqb``."""
     dpbusd = dot_instructions(portable)[0]
     return DotIsa(16, lambda acc, codes, x4: dpbusd(acc, T.reinterpret("int8x64", codes), x4),
                   plain_select(16) if portable else _ternary_select, unsigned_codes=True, claim_lanes=claim_lanes,
-                  expert_major_claims=expert_major_claims)
+                  expert_major_claims=expert_major_claims,
+                  nibble_down=gfni_nibble_down(16) if gfni and not portable else None)
 
 
 def _ternary_select(a, b, mask: int):
