@@ -279,8 +279,8 @@ def _has_vnni(bits: int, target: tvm.target.Target) -> bool:
 
 
 def _has_gfni(target: tvm.target.Target) -> bool:
-    """GFNI (``vgf2p8affineqb``): the nested int8 kernels move high nibbles down in one instruction
-    (``int8_common.gfni_nibble_down``; hot 4-bit GEMV 12 % faster, README "Session 23")."""
+    """GFNI (``vgf2p8affineqb``): the nested int8 kernels move high nibbles down in one instruction at 3 and 4 bits
+    (``int8_common.gfni_nibble_down``; cache-resident GEMV calls 7–20 % faster there, README "Session 23")."""
     return codegen.target_has_features("gfni", target)
 
 
