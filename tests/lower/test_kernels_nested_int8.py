@@ -269,9 +269,9 @@ def test_int8_nested_claimed_tasks_match_the_static_split(monkeypatch, isa, thre
 
 @pytest.mark.parametrize("task_vectors, block_vectors", [(4, 0), (8, 0), (8, 4), (16, 4), (16, 8)])
 def test_task_vectors_give_the_same_rows(task_vectors, block_vectors):
-    """``X86Params.int8_nested_task_vectors``: 4 (one two-chain block a task), 8 (the default: 8 bits two two-chain
-    blocks one after another) and 16 (four), widths up to 4 bits in one-chain blocks of
-    ``int8_nested_block_vectors`` (4, the default: one layout tile; 8 or 0: two) one after another: every width's
+    """``X86Params.int8_nested_task_vectors``: 4 (one two-chain block a task), 8 (the default) and 16, in one-chain
+    blocks of ``int8_nested_block_vectors`` (8, the default: the whole 128-row task; 4: two blocks; 0: twice
+    ``int8_nested_tile_vectors``) one after another, at 8 bits too (``int8_nested_eight_one_chain``): every width's
     rows against the reference, a partial last task (N = 1088: 68 vectors) and an unrouted row."""
     import dataclasses
 
@@ -291,6 +291,29 @@ def test_task_vectors_give_the_same_rows(task_vectors, block_vectors):
                                        atol=1e-6 * float(np.abs(y[r]).max()))
 
 
+@pytest.mark.parametrize("eight_one_chain, word_order", [(False, ()), (True, ()), (True, (2, 3, 4, 8)), (False, (2, 4))])
+def test_block_chains_and_word_order_give_the_same_bits(eight_one_chain, word_order):
+    """``int8_nested_eight_one_chain`` (8 bits in one-chain blocks like the narrower widths, or two-chain blocks of
+    ``int8_nested_tile_vectors``) and ``int8_nested_word_order`` (a chunk word by word across the block's vectors,
+    or vector by vector) change the order of the integer sums only: bit-identical to the defaults at every width,
+    a partial last task (N = 1088) and an unrouted row included."""
+    import dataclasses
+
+    n, k, gs, experts, top_k = 1088, 128, 64, 4, 3
+    _, nws, stack = _experts(8, n, k, gs, experts, seed=16, isa="x86-portable")
+    spec = NestedGemvSpec(8, n, k, gs, experts, top_k, _tile("x86-portable", n))
+    x = np.random.default_rng(17).standard_normal((1, k)).astype(np.float32)
+    outs = []
+    for params in (x86.PARAMS, dataclasses.replace(x86.PARAMS, int8_nested_eight_one_chain=eight_one_chain,
+                                                   int8_nested_word_order=word_order)):
+        mod = compile_kernel(vnni_nested_gemv(spec, params, portable=True), host_target())
+        outs.append([_run(mod, nws, stack, x, prec, [3, -1, 1], n) for prec in ([2, 8, 3, 4], [8, 4, 2, 3])])
+    for default, changed in zip(*outs):
+        assert np.array_equal(default, changed) and (changed[1] == 7.0).all()
+    np.testing.assert_allclose(outs[1][0][0], _reference(nws[3], 4, x[0], gs), rtol=1e-5,
+                               atol=1e-6 * float(np.abs(outs[1][0][0]).max()))
+
+
 @pytest.mark.parametrize("block_vectors", [3, 16])
 def test_block_vectors_that_do_not_fit_the_task_are_refused(block_vectors):
     """One-chain blocks must divide the task's vectors and fit the 2 × ``int8_nested_tile_vectors`` accumulators."""
@@ -304,8 +327,8 @@ def test_block_vectors_that_do_not_fit_the_task_are_refused(block_vectors):
 
 @pytest.mark.parametrize("n", [1024, 192, 80])
 def test_whole_tile_tasks_match_the_one_block_tasks(monkeypatch, n):
-    """``nested_int8_tile = 128``: N = 1024 is laid out in 128-row tiles and a task runs a tile's two register
-    blocks of 4 vectors (claimed tasks), N = 192 in 64-row tiles and N = 80 in 16-row ones (one block a task).
+    """``nested_int8_tile = 128`` (the default): N = 1024 is laid out in 128-row tiles, a task one tile (claimed
+    tasks), N = 192 in 64-row tiles and N = 80 in 16-row ones; against ``nested_int8_tile = 0`` (16-row tiles).
     The output equals the 16-row layout's bit for bit at mixed widths, an unrouted row left unwritten."""
     import dataclasses
 

@@ -215,14 +215,17 @@ def task_blocks(tile: int, lanes: int, vecs: int) -> int:
 
 
 def int8_nested_gemv(spec: NestedGemvSpec, isa: DotIsa, vecs: int, task_vectors: int = 0,
-                     block_vectors: int = 0) -> tirx.PrimFunc:
+                     block_vectors: int = 0, eight_one_chain: bool = False,
+                     word_order: tuple[int, ...] = ()) -> tirx.PrimFunc:
     """The int8-activation nested GEMV for ``spec`` on ``isa``: register blocks of ``vecs`` vectors of rows,
     a task one block or, on a layout tile of several blocks, the whole tile (:func:`task_blocks`).
 
     ``task_vectors`` (a multiple of ``2 * vecs``, or ``vecs`` itself; 0: as above): vectors per task, in register
-    blocks one after another, each over the whole K: up to 4 bits blocks of ``block_vectors`` vectors of one
-    chain (odd lanes shifted down, so both halves of a nibble word sum in one accumulator; 0: ``2 * vecs``, at
-    most the task's), 8 bits blocks of ``vecs`` vectors of two chains."""
+    blocks one after another, each over the whole K: up to 4 bits (and at 8 with ``eight_one_chain``) blocks of
+    ``block_vectors`` vectors of one chain (odd lanes shifted down, so both halves of a nibble word sum in one
+    accumulator; 8-bit byte words are whole codes; 0: ``2 * vecs``, at most the task's), else 8 bits blocks of
+    ``vecs`` vectors of two chains. ``word_order``: widths whose one-chain blocks step nibble word by nibble
+    word across the block's vectors (else vector by vector, each vector's four words of a chunk together)."""
     fmt, bits, lanes = spec.format, spec.storage_bits, isa.lanes
     check_int8_nested(spec, isa, vecs)
     if task_vectors and (task_vectors % (2 * vecs) and task_vectors != vecs or isa.pairs is not None):
@@ -269,7 +272,7 @@ def int8_nested_gemv(spec: NestedGemvSpec, isa: DotIsa, vecs: int, task_vectors:
 
     def block_shape(d) -> tuple[int, int]:
         """(vectors a register block, chains a vector) of width ``d``'s nest."""
-        return (one_chain, 1) if task_vectors and widths[d] <= 4 else (vecs, 2)
+        return (one_chain, 1) if task_vectors and (widths[d] <= 4 or eight_one_chain) else (vecs, 2)
 
     def make_clear(rows: int):
         @T.macro
@@ -354,11 +357,15 @@ def int8_nested_gemv(spec: NestedGemvSpec, isa: DotIsa, vecs: int, task_vectors:
         return nest
 
     def make_one_chain_nest(d, add_terms):
-        """Width ``d``'s nest (up to 4 bits) in blocks of ``one_chain`` vectors, one after another, each over
-        the whole K: a nibble word's odd lanes shifted down, so both halves are ``q_k << (4 − k)`` and sum in
-        one chain a vector."""
+        """Width ``d``'s nest in blocks of ``one_chain`` vectors, one after another, each over the whole K, one
+        chain a vector: up to 4 bits a nibble word's odd lanes shifted down, so both halves are ``q_k << (4 − k)``;
+        at 8 bits both byte words hold whole codes. A chunk steps vector by vector (each vector's four words
+        together: the 4-bit rebuild's pair words are then live for one vector at a time) or, for widths in
+        ``word_order``, word by word across the block's vectors (each segment word row read across its vectors
+        before the next)."""
         bv = block_shape(d)[0]
         clear_one = make_clear(bv)
+        by_word = widths[d] in word_order
 
         def word(segs, x8, acc, e, gv, g, ch, r, a: int):
             even, odd = byte_words(isa, fmt, d, chunk_loader(segs, e, gv, g, ch), a, odd_in_place=False)
@@ -369,18 +376,42 @@ def int8_nested_gemv(spec: NestedGemvSpec, isa: DotIsa, vecs: int, task_vectors:
             """Vector ``v``'s chain (global vector ``gv``) after nibble word ``a`` of chunk ``ch``."""
             acc[v, T.ramp(0, 1, lanes)] = word(segs, x8, acc[v, T.ramp(0, 1, lanes)], e, gv, g, ch, r, a)
 
+
+        @T.macro
+        def chunk_words(segs, x8, acc, e, task, g, ch, r, b):
+            """The block's chain words of chunk ``ch``, nibble word by nibble word across its vectors."""
+            for v in T.unroll(bv):
+                if task // top_k * tvecs + b * bv + v < nb:
+                    chain_word(segs, x8, acc, e, task // top_k * tvecs + b * bv + v, g, ch, r, v, 0)
+            for v in T.unroll(bv):
+                if task // top_k * tvecs + b * bv + v < nb:
+                    chain_word(segs, x8, acc, e, task // top_k * tvecs + b * bv + v, g, ch, r, v, 1)
+            for v in T.unroll(bv):
+                if task // top_k * tvecs + b * bv + v < nb:
+                    chain_word(segs, x8, acc, e, task // top_k * tvecs + b * bv + v, g, ch, r, v, 2)
+            for v in T.unroll(bv):
+                if task // top_k * tvecs + b * bv + v < nb:
+                    chain_word(segs, x8, acc, e, task // top_k * tvecs + b * bv + v, g, ch, r, v, 3)
+
+        @T.macro
+        def chunk_vectors(segs, x8, acc, e, task, g, ch, r, b):
+            """The block's chain words of chunk ``ch``, vector by vector."""
+            for v in T.unroll(bv):
+                if task // top_k * tvecs + b * bv + v < nb:  # (a word index is a Python int)
+                    chain_word(segs, x8, acc, e, task // top_k * tvecs + b * bv + v, g, ch, r, v, 0)
+                    chain_word(segs, x8, acc, e, task // top_k * tvecs + b * bv + v, g, ch, r, v, 1)
+                    chain_word(segs, x8, acc, e, task // top_k * tvecs + b * bv + v, g, ch, r, v, 2)
+                    chain_word(segs, x8, acc, e, task // top_k * tvecs + b * bv + v, g, ch, r, v, 3)
+
+        chunk = chunk_words if by_word else chunk_vectors
+
         @T.macro
         def nest(segs, scale, zero, sx, xsum, x8, yacc, acc, e, task, r):
             for b in range(tvecs // bv):
                 for g in range(groups):
                     clear_one(acc)
                     for ch in range(chunks):
-                        for v in T.unroll(bv):
-                            if task // top_k * tvecs + b * bv + v < nb:  # (a word index is a Python int)
-                                chain_word(segs, x8, acc, e, task // top_k * tvecs + b * bv + v, g, ch, r, v, 0)
-                                chain_word(segs, x8, acc, e, task // top_k * tvecs + b * bv + v, g, ch, r, v, 1)
-                                chain_word(segs, x8, acc, e, task // top_k * tvecs + b * bv + v, g, ch, r, v, 2)
-                                chain_word(segs, x8, acc, e, task // top_k * tvecs + b * bv + v, g, ch, r, v, 3)
+                        chunk(segs, x8, acc, e, task, g, ch, r, b)
                     add_terms(scale, zero, sx, xsum, yacc, acc, e, task, r, g, b)
 
         return nest

@@ -192,8 +192,10 @@ class X86Params(CpuScheduleParams):
     int8_tile_vectors: int = 8
     int8_nested_tile_vectors: int = 4
     int8_nested_task_vectors: int = 8
-    int8_nested_block_vectors: int = 4
-    nested_int8_tile: int = 64
+    int8_nested_block_vectors: int = 8
+    int8_nested_eight_one_chain: bool = True
+    int8_nested_word_order: tuple[int, ...] = (2, 3, 8)
+    nested_int8_tile: int = 128
     int8_chains: int = 2
     int8_plane_masks: bool = True
     int8_claim_lanes: int = 16
