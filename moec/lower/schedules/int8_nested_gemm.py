@@ -6,7 +6,7 @@ table ``prec``, same ``offsets``) and the nested counterpart of the fixed int8 g
 per call in the nested GEMV's slot order (:func:`moec.lower.schedules.int8_nested.slot_source`), ``rows``
 gathers the quantized rows of the sorted pairs, tasks are split as the fixed kernel's (``gemm_split``).
 
-A task (``vecs`` vectors of rows of one expert, a whole layout tile: 64 rows on AVX-512, 32 on AVX2) first
+A task (``vecs`` vectors of rows of one expert, a whole layout tile: 128 rows on AVX-512, 32 on AVX2) first
 rebuilds its codes at the expert's run-time width ``k = prec[e]`` into a byte workspace, once per call,
 reading only the segments ``k`` needs (:func:`~moec.lower.schedules.int8_nested.byte_words`, one loop nest
 per width): each byte ``q_k << (4 − k)`` up to 4 bits (odd nibble lanes shifted down, so every byte is a
@@ -20,7 +20,7 @@ nested GEMV's for that token and width bit for bit (same codes, same integer sum
 the stored width the fixed int8 kernels'.
 
 The rebuild costs about one token's decode work per task and the workspace ``vecs · K`` bytes a row
-(128 KiB at K = 2048), written once and read once per block of ``tb`` tokens. Every expert with tokens
+(256 KiB at K = 2048 on AVX-512), written once and read once per block of ``tb`` tokens. Every expert with tokens
 unpacks, however few: rebuilding the codes per block of tokens in registers instead (as the fixed kernel
 extracts its packed codes) was slower at every token count measured (OLMoE-shaped projection, 8-bit
 storage, ``benchmarks/nested_gemm.py``: at 8 bits 12.6 against 4.2 ms for a 16-token prompt, whose experts

@@ -91,7 +91,8 @@ class X86Params(CpuScheduleParams):
         16-row vectors per parallel task of the int8 nested GEMV (0: ``int8_nested_tile_vectors``): 8 = two
         64-row tiles, which widths up to 4 bits run as one block of one chain a vector (odd nibble lanes
         shifted down, one more shift a word, so 8 accumulators as before) and 8 bits as two 4-vector
-        blocks one after another. Kernel alone (``benchmarks/dynamic.py --parts kernel --calls 300 --modes
+        blocks one after another (since 2026-12-05 one 8-vector one-chain block at every width on a 128-row tile:
+        ``int8_nested_block_vectors``). Kernel alone (``benchmarks/dynamic.py --parts kernel --calls 300 --modes
         int8``, 2026-12-04, Zen 5, two interleaved runs each), nested / fixed time at 2/3/4/8 bits, 4 → 8:
         1 thread 1.28–1.33 / 1.03–1.08 / 1.42–1.47 / 1.16–1.17x → 1.19–1.23 / 0.94–0.97 / 1.29–1.30 /
         1.06–1.08x; 2 threads 1.21–1.23 / 1.01 / 1.16–1.19 / 1.11–1.13x → 1.12–1.17 / 0.96–1.08 / 1.17–1.18 /
@@ -99,25 +100,34 @@ class X86Params(CpuScheduleParams):
         spill stores a 64-dot block: 1.25–1.26x at one thread), and the two 8-bit blocks run group by group
         instead of one after another were 1.45–1.47x.
     int8_nested_block_vectors : int
-        Vectors of each one-chain register block (widths up to 4 bits) of an ``int8_nested_task_vectors`` task,
-        the blocks one after another, each over the whole K (0: twice ``int8_nested_tile_vectors``, i.e. the
-        whole 8-vector task, two 64-row layout tiles read at once). 4, the default since 2026-12-04: one tile a
-        block, so at 4 bits 3 segment streams at a time instead of 6, and with expert-major claims
-        (``int8_expert_major_claims``) each block's streams continue the previous block's, tile after tile of
-        one expert. With tile-major claims it traded one shape for another (README "Session 21"); with
-        expert-major claims it is as fast or faster on every shape (``benchmarks/claim_order.py``, Zen 5,
-        nested time 2 → 1 tile at 2 and 4 bits: 0.59–0.88 one thread, 0.75–1.01 two; README "Session 22").
+        Vectors of each one-chain register block of an ``int8_nested_task_vectors`` task, the blocks one after
+        another, each over the whole K (0: twice ``int8_nested_tile_vectors``). 8, the default since 2026-12-05:
+        the whole task, one 128-row layout tile (``nested_int8_tile``), so each segment is one contiguous stream
+        read 512 bytes a word row, as the fixed 2/4-bit kernels read theirs. It was 4 (one 64-row tile a block,
+        README "Session 22"): with 64-row tiles two-tile blocks had read two streams a segment and lost.
+    int8_nested_eight_one_chain : bool
+        8 bits also runs one-chain blocks of ``int8_nested_block_vectors`` (both byte words of a nibble word hold
+        whole codes, so they share an accumulator) instead of two-chain blocks of ``int8_nested_tile_vectors``.
+        With the vector-by-vector chunk order one chain at 8 bits spilled (1.25–1.26x at one thread, 2026-12-04);
+        with ``int8_nested_word_order`` it does not lose.
+    int8_nested_word_order : tuple of int
+        Widths whose one-chain blocks step a chunk nibble word by nibble word across the block's vectors (each
+        segment word row read across all the vectors before the next), the others vector by vector (each
+        vector's four words together). At 4 bits the rebuild's 1-bit pair words, shared by a vector's four
+        words, would be live for all 8 vectors: vector by vector was faster there. Measured with the defaults
+        above against 64-row tiles, 4-vector blocks, two-chain 8-bit blocks and no word order (README "Session
+        23"; Zen 5, kernel alone, gate shape, nested / fixed time at 2/3/4/8 bits, two runs): one thread
+        1.11–1.14 / 0.65–0.67 / 1.20–1.21 / 0.98–1.02x against 1.56–1.99 / 0.70–0.76 / 1.19–1.45 / 0.96–0.99x, two
+        threads 1.03–1.07 / 0.79–0.82 / 1.02–1.03 / 0.98–1.00x against 1.29–1.37 / 0.82–0.83 / 1.03–1.07 /
+        0.99x; whole OLMoE-shaped nested bundles 1.02–1.14x faster (2 threads) and 1.01–1.15x (one thread).
     nested_int8_tile : int
-        Largest row tile of nested stacks read by the int8 nested GEMV (0: ``layout_tile``). 64 = a
-        task's rows (``int8_nested_tile_vectors`` vectors), so a task reads each segment of its rows as
-        one contiguous block, as the fixed kernel's 128-row tasks do, not 4 streams of 16-row tiles.
-        Measured on an AVX-512 VNNI host (Zen 5, 2 threads, 2026-12-04; ``benchmarks/dynamic.py --parts
-        kernel --calls 200 --modes int8 --nested-int8-tile T``, three interleaved runs): nested µs a call
-        at 2/3/4/8 bits 152/196/253/469 (16-row tiles) against 129/192/231/411 (64), nested/fixed 1.26–1.34 /
-        1.00–1.05 / 1.21–1.24 / 1.22–1.25 against 1.12–1.25 / 1.02–1.13 / 1.15–1.19 / 1.13–1.14. 128-row
-        tiles, where a task runs the tile's two 4-vector blocks one after another (``int8_nested.task_blocks``:
-        each block reads half of every 512-byte row of the tile), were slower than 16-row ones (1.7–2.1x at 2
-        bits), and 8-vector tasks on them too (up to 1.7x at 8 bits: spills).
+        Largest row tile of nested stacks read by the int8 nested GEMV and grouped GEMM (0: ``layout_tile``).
+        128 since 2026-12-05 (the task's rows, as the fixed 2/4-bit ``code_tile``); 64 before, when the 8-bit
+        nest's two-chain 4-vector blocks read half of every 512-byte row of a 128-row tile (1.5–2.0x slower at 8
+        bits, and 1.7–2.1x at 2 bits with tile-major claims, 2026-12-04). 64 against 16-row tiles, 2 threads,
+        2026-12-04: nested µs a call at 2/3/4/8 bits 129/192/231/411 against 152/196/253/469. The nested prefill
+        GEMM's task is then 8 vectors × 2 tokens (``nested_gemm_block``): 16-token prompts 6–21 % faster, 256-token
+        ones 0–13 % slower (``benchmarks/nested_gemm.py``, README "Session 23").
     int8_chains : int
         Independent int32 accumulators per vector in the VNNI GEMV, so consecutive ``vpdpbusd``
         do not wait on each other's latency.
@@ -218,8 +228,8 @@ class X86Params(CpuScheduleParams):
     def nested_gemm_block(self, tile: int) -> tuple[int, int]:
         """(vectors, tokens) of the int8 nested grouped GEMM's task on ``tile``-row nested layout tiles: the whole
         tile (``tile // lanes`` vectors) and as many tokens as keep :meth:`gemm_block`'s accumulator count, when
-        the tile holds at least ``gemm_vectors`` vectors; else :meth:`gemm_block`. AVX-512 64-row tiles: 4 x 4
-        (as before); AVX2 32-row tiles: 4 x 2 instead of 2 x 4 (each task read half of every tile row),
+        the tile holds at least ``gemm_vectors`` vectors; else :meth:`gemm_block`. AVX-512 128-row tiles (since
+        2026-12-05): 8 x 2, the fixed GEMM's block (64-row tiles were 4 x 4); AVX2 32-row tiles: 4 x 2 instead of 2 x 4 (each task read half of every tile row),
         measured 1.1–1.25x faster at 2 and 4 bits, 8 bits within noise (AVX2 code on a Zen 5 host,
         ``benchmarks/nested_gemm.py --target x86-64-v3``; no AVX2-only host this session)."""
         vectors, tokens = self.gemm_block(tile)
