@@ -378,20 +378,19 @@ def int8_nested_gemv(spec: NestedGemvSpec, isa: DotIsa, vecs: int, task_vectors:
 
 
         @T.macro
+        def word_across(segs, x8, acc, e, task, g, ch, r, b, a: int):
+            """Nibble word ``a`` of chunk ``ch`` into the chain of each of the block's vectors."""
+            for v in T.unroll(bv):
+                if task // top_k * tvecs + b * bv + v < nb:
+                    chain_word(segs, x8, acc, e, task // top_k * tvecs + b * bv + v, g, ch, r, v, a)
+
+        @T.macro
         def chunk_words(segs, x8, acc, e, task, g, ch, r, b):
             """The block's chain words of chunk ``ch``, nibble word by nibble word across its vectors."""
-            for v in T.unroll(bv):
-                if task // top_k * tvecs + b * bv + v < nb:
-                    chain_word(segs, x8, acc, e, task // top_k * tvecs + b * bv + v, g, ch, r, v, 0)
-            for v in T.unroll(bv):
-                if task // top_k * tvecs + b * bv + v < nb:
-                    chain_word(segs, x8, acc, e, task // top_k * tvecs + b * bv + v, g, ch, r, v, 1)
-            for v in T.unroll(bv):
-                if task // top_k * tvecs + b * bv + v < nb:
-                    chain_word(segs, x8, acc, e, task // top_k * tvecs + b * bv + v, g, ch, r, v, 2)
-            for v in T.unroll(bv):
-                if task // top_k * tvecs + b * bv + v < nb:
-                    chain_word(segs, x8, acc, e, task // top_k * tvecs + b * bv + v, g, ch, r, v, 3)
+            word_across(segs, x8, acc, e, task, g, ch, r, b, 0)
+            word_across(segs, x8, acc, e, task, g, ch, r, b, 1)
+            word_across(segs, x8, acc, e, task, g, ch, r, b, 2)
+            word_across(segs, x8, acc, e, task, g, ch, r, b, 3)
 
         @T.macro
         def chunk_vectors(segs, x8, acc, e, task, g, ch, r, b):
