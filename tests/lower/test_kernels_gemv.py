@@ -299,9 +299,9 @@ def test_target_family_registry():
     # int8 activations at 2 and 4 bits: the largest power-of-two divisor of N up to 128 rows, no padded
     # tiles (gpt-oss's 2880: 64)
     assert [kernel_tile(x86_64, n, 4, "int8") for n in (1024, 2880, 304, 96)] == [128, 64, 16, 32]
-    # 3-bit, 8-bit and float weights: 16-row tiles; nested stacks: a 4-vector task of the int8 nested GEMV
-    # (64 rows; the largest power-of-two divisor of N up to that: 2880 -> 64, 304 -> 16, 96 -> 32)
-    assert [kernel_tile(x86_64, 1024, b, "int8") for b in (2, 3, 8, 16, None)] == [128, 16, 16, 16, 64]
+    # 3-bit, 8-bit and float weights: 16-row tiles; nested stacks: an 8-vector task of the int8 nested GEMV
+    # (128 rows; the largest power-of-two divisor of N up to that: 2880 -> 64, 304 -> 16, 96 -> 32)
+    assert [kernel_tile(x86_64, 1024, b, "int8") for b in (2, 3, 8, 16, None)] == [128, 16, 16, 16, 128]
     assert [kernel_tile(x86_64, n, None, "int8") for n in (2880, 304, 96)] == [64, 16, 32]
     # float32 activations: 16-row tiles at every width (the float GEMV's 4-vector task on a 128-row
     # tile read half of each tile's rows: 4 bits 34 % slower on an AVX2 host)
