@@ -2,8 +2,9 @@
 
 The VNNI/AVX2 int8 GEMVs claim their parallel tasks (``X86Params.int8_claim_lanes``); this compares the
 order a lane claims them in (``X86Params.int8_expert_major_claims``, ``int8_common.lane_task``) on the
-OLMoE routed shapes, and for the nested GEMV also its one-chain blocks (``int8_nested_block_vectors``: 0,
-the task's two 64-row tiles at once; 4, one tile after the other):
+OLMoE routed shapes, fixed and nested, each under the current ``X86Params`` otherwise (session 22 also
+compared the nested GEMV's 64-row one- and two-tile blocks here, README "Session 22"; since session 23 a
+nested task is one 128-row block, ``int8_nested_block_vectors``):
 
 - ``gate``: 64 experts × [1024, 2048], one input row (the plain GEMV of the gate or up shape);
 - ``down``: 64 experts × [2048, 1024], an input row per routed expert (the down projection);
@@ -21,8 +22,7 @@ Usage::
     python benchmarks/claim_order.py [--shapes gate,down,swiglu] [--widths 2,4,8] [--threads 1,2] [--calls 100]
     python benchmarks/claim_order.py --mcpu haswell    # the AVX2 kernels (8-row vectors) on this host
 
-AVX2 has no 3-bit fixed int8 GEMV (that width is left out with a note), and its nested GEMV takes no block
-setting (the two nested expert-major columns are then one kernel).
+AVX2 has no 3-bit fixed int8 GEMV (that width is left out with a note).
 """
 
 from __future__ import annotations
@@ -51,9 +51,8 @@ GROUP, EXPERTS, TOP_K = 64, 64, 8
 SHAPES = {"gate": (1024, 2048, False, False), "down": (2048, 1024, True, False), "swiglu": (1024, 2048, False, True)}
 FIXED = {"fixed tile-major": dict(int8_expert_major_claims=False),
          "fixed expert-major": dict(int8_expert_major_claims=True)}
-NESTED = {"nested tile-major, 2 tiles": dict(int8_expert_major_claims=False, int8_nested_block_vectors=0),
-          "nested expert-major, 2 tiles": dict(int8_expert_major_claims=True, int8_nested_block_vectors=0),
-          "nested expert-major, 1 tile": dict(int8_expert_major_claims=True, int8_nested_block_vectors=4)}
+NESTED = {"nested tile-major": dict(int8_expert_major_claims=False),
+          "nested expert-major": dict(int8_expert_major_claims=True)}
 
 
 def with_params(changes: dict, build):
@@ -110,7 +109,7 @@ def time_shape(shape: str, widths: list[int], threads: list[int], calls: int, rn
                     times[label].append(time.perf_counter() - t0)
             us = {label: statistics.median(t[3:]) * 1e6 for label, t in times.items()}
             f_tm, f_em = us["fixed tile-major"], us["fixed expert-major"]
-            old, new = us["nested tile-major, 2 tiles"], us["nested expert-major, 1 tile"]
+            old, new = us["nested tile-major"], us["nested expert-major"]
             print(f"| {shape} | {th} | {bits} | " + " | ".join(f"{us[label]:.0f}" for label in variants)
                   + f" | {f_em / f_tm:.2f} | {new / old:.2f} | {old / f_tm:.2f}x | {new / f_em:.2f}x |", flush=True)
 
@@ -143,8 +142,7 @@ def main() -> None:
     rng = np.random.default_rng(0)
     for shape in shapes:
         time_shape(shape, widths, threads, args.calls, rng, target)
-    print(f"\n(old: tile-major claims, nested blocks of two tiles; new: expert-major claims, nested blocks of one "
-          f"tile. Load average {os.getloadavg()[0]:.1f} at the end)")
+    print(f"\n(old: tile-major claims; new: expert-major claims. Load average {os.getloadavg()[0]:.1f} at the end)")
 
 
 if __name__ == "__main__":
