@@ -37,6 +37,7 @@ from pathlib import Path
 
 import numpy as np
 import tvm
+from tvm.target import codegen
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from dynamic import _random_packed  # noqa: E402
@@ -123,6 +124,8 @@ def main() -> None:
     ap.add_argument("--mcpu", default=None, help="Build for this LLVM CPU instead of the host's (haswell: AVX2).")
     args = ap.parse_args()
     target = host_target() if args.mcpu is None else tvm.target.Target({"kind": "llvm", "mcpu": args.mcpu})
+    if not codegen.target_has_features("avx2", target):
+        ap.error(f"--mcpu {args.mcpu}: not an x86 CPU with AVX2 that LLVM knows (the int8 GEMVs need one)")
     shapes = args.shapes.split(",")
     unknown = [s for s in shapes if s not in SHAPES]
     if unknown:

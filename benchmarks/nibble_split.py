@@ -22,6 +22,7 @@ from pathlib import Path
 
 import numpy as np
 import tvm
+from tvm.target import codegen
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from dynamic import _random_packed  # noqa: E402
@@ -51,9 +52,11 @@ def main() -> None:
         ap.error("--widths takes comma-separated integers")
     if not set(widths) <= {2, 3, 4, 8} or args.threads < 1 or args.calls < 4:
         ap.error("--widths are 8-bit nested storage's (2, 3, 4, 8); --threads at least 1, --calls at least 4")
+    targets = {"with GFNI": _target(args.mcpu, True), "without": _target(args.mcpu, False)}
+    if not codegen.target_has_features("avx2", targets["without"]):
+        ap.error(f"--mcpu {args.mcpu}: not an x86 CPU with AVX2 that LLVM knows (the int8 nested GEMV needs one)")
     dev, rng = tvm.cpu(), np.random.default_rng(0)
     use_threads(args.threads)
-    targets = {"with GFNI": _target(args.mcpu, True), "without": _target(args.mcpu, False)}
     tile = kernel_tile(targets["without"], N, None, "int8")
     layouts = [nested_kernel_layout(nest(_random_packed(8, N, K, GROUP, rng)), tile) for _ in range(EXPERTS)]
     stack = stack_kernel_layouts(layouts)

@@ -215,9 +215,10 @@ class DotIsa:
     pairs: Callable | None = None
     quads: Callable | None = None
 
-    def high_nibbles(self, word, mask: int):
-        """``(word >> 4) & mask`` per byte: each byte's high nibble moved down (``mask`` picks its bits)."""
-        if self.nibble_down is not None:
+    def high_nibbles(self, word, mask: int, plain: bool = False):
+        """``(word >> 4) & mask`` per byte: each byte's high nibble moved down (``mask`` picks its bits);
+        ``plain``: as a shift and an and even where :attr:`nibble_down` exists."""
+        if self.nibble_down is not None and not plain:
             return self.nibble_down(word, mask)
         return (word >> splat(4, self.lanes)) & splat(mask, self.lanes)
 

@@ -22,9 +22,10 @@ from moec.lower.schedules.x86_vnni import vnni_isa
 def vnni_nested_gemv(spec: NestedGemvSpec, params, portable: bool = False, gfni: bool = False) -> tirx.PrimFunc:
     """The int8-activation nested GEMV for ``spec``; ``params`` an
     :class:`~moec.lower.schedules.x86.X86Params` (``int8_nested_tile_vectors``, ``int8_nested_task_vectors``,
-    ``int8_nested_block_vectors``, ``int8_nested_eight_one_chain``, ``int8_nested_word_order``, ``int8_claim_lanes``,
-    ``int8_expert_major_claims``). ``portable``: the VNNI and ternary-logic instructions as plain TIR (tests on hosts without them);
-    ``gfni``: the target has GFNI (:func:`~moec.lower.schedules.x86_vnni.vnni_isa`)."""
+    ``int8_nested_block_vectors``, ``int8_nested_eight_one_chain``, ``int8_nested_word_order``,
+    ``int8_claim_lanes``, ``int8_expert_major_claims``). ``portable``: the VNNI and ternary-logic instructions as
+    plain TIR (tests on hosts without them); ``gfni``: the target has GFNI
+    (:func:`~moec.lower.schedules.x86_vnni.vnni_isa`)."""
     isa = vnni_isa(portable, params.int8_claim_lanes, params.int8_expert_major_claims, gfni)
     return int8_nested_gemv(spec, isa, params.int8_nested_tile_vectors, params.int8_nested_task_vectors,
                             params.int8_nested_block_vectors, params.int8_nested_eight_one_chain,
