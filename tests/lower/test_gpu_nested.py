@@ -266,11 +266,11 @@ def test_hand_fixed_swiglu_matches_the_dequantized_weights(bits):
 
 
 def test_hand_gemv_spreads_every_plane_value():
-    """The word assembly's spread (``_spread``) of every 1-bit byte and 2-bit half-word, and of 4-bit words,
+    """The word assembly's spread (``cuda_codes.spread``) of every 1-bit byte and 2-bit half-word, and of 4-bit words,
     puts value ``v`` in byte ``v // 2`` of the even or odd word, where the per-weight extraction reads it."""
     from tvm.script import tirx as T
 
-    from moec.lower.schedules.cuda_gemv import _spread
+    from moec.lower.schedules.cuda_codes import spread as spread_codes
     for bits, count in ((1, 256), (2, 65536), (4, 4096)):
         vals = np.arange(count, dtype=np.uint32) * np.uint32(1 if bits < 4 else 1048573)  # 4-bit: all 32 bits
 
@@ -278,8 +278,8 @@ def test_hand_gemv_spreads_every_plane_value():
         def spread(a: T.Buffer((count,), "uint32"), lo: T.Buffer((count,), "uint32"),
                    hi: T.Buffer((count,), "uint32")):
             for i in range(count):
-                lo[i] = _spread(a[i], bits, 0)[0]
-                hi[i] = _spread(a[i], bits, 0)[1]
+                lo[i] = spread_codes(a[i], bits, 0)[0]
+                hi[i] = spread_codes(a[i], bits, 0)[1]
         mod = tvm.compile(tvm.IRModule({"spread": spread}), target="llvm")
         args = [tvm.runtime.tensor(a) for a in (vals, np.zeros(count, np.uint32), np.zeros(count, np.uint32))]
         mod["spread"](*args)

@@ -15,7 +15,7 @@ decodes only that width's segments:
   bytes with one vector load per row, every row's loads issued before the arithmetic;
 - the run's codes are assembled in the width's own units (segment ``s`` shifted to ``pos_s − t``,
   ``t = storage − width``: a 2-bit width is one 2-bit extraction a weight; with ``words``, a width of two
-  or more segments assembles eight codes at a time, :func:`_spread`) and made float32 either by a
+  or more segments assembles eight codes at a time, :func:`spread`) and made float32 either by a
   conversion instruction or (``magic``) by or-ing the code into the mantissa of ``2**23`` and
   subtracting ``2**23`` (exact for codes below ``2**23``: the same values, integer/logic and add
   instructions instead of the conversion unit);
@@ -29,18 +29,16 @@ decodes only that width's segments:
 from __future__ import annotations
 
 import functools
-from dataclasses import dataclass
 
 from tvm import tirx
 from tvm.script import tirx as T
 
 from moec.core.errors import MoecError
-from moec.core.formats import get_nested_format
 from moec.lower.kernels.signature import UNUSED, drop_params, segment_names
-from moec.quant.nested import segment_positions, segments_for
+from moec.lower.schedules import cuda_gemv_int8
+from moec.lower.schedules.cuda_codes import LANES, Codes, code_bits, fixed_codes, nested_codes, spread
 from moec.quant.pack import packed_row_bytes
 
-LANES = 32
 #: Output rows a warp computes (sharing its activations in registers), the most of these that divides the
 #: rows: 4 was fastest or within 3 % of it at every width, fixed and nested, in the H200 sweep
 #: (``benchmarks/gpu_gemv_variants.py``: 1, 2, 4 and 8 at DRAM size and on the OLMoE shape).
@@ -52,65 +50,11 @@ FIXED_VECTOR = {2: 16, 3: 16, 4: 16, 8: 8}
 MAGIC = 0x4B000000  # float32 2**23: a code below 2**23 or-ed into its mantissa reads as 2**23 + code
 
 
-@dataclass(frozen=True)
-class _Codes:
-    """How a stack stores its codes: segment widths (most significant first), each segment's bit position
-    in the stored code, the widths served (width ``i`` reads the first ``used[i]`` segments), storage bits."""
-
-    segb: tuple[int, ...]
-    positions: tuple[int, ...]
-    widths: tuple[int, ...]
-    used: tuple[int, ...]
-    storage: int
-
-
-def _nested_codes(storage_bits: int) -> _Codes:
-    fmt = get_nested_format(storage_bits)
-    return _Codes(tuple(fmt.segment_bits), tuple(segment_positions(fmt)), tuple(fmt.derived_bits),
-                  tuple(segments_for(fmt, w) for w in fmt.derived_bits), storage_bits)
-
-
-def _fixed_codes(bits: int) -> _Codes:
-    if bits not in (2, 3, 4, 8):
-        raise MoecError(f"the CUDA expert GEMV takes 2, 3, 4 or 8-bit stacks, not {bits}")
-    return _Codes((bits,), (0,), (bits,), (1,), bits)
-
-
-def _code_bits(buf, bit: int | tirx.PrimExpr, bits: int, last: int):
-    """``bits`` bits at ``bit`` of the LSB-first byte stream ``buf(0 …)`` (a second byte where a code may
-    straddle one; ``last`` is the stream's last byte index)."""
-    lo = T.Cast("uint32", buf(bit // 8))
-    if 8 % bits:
-        lo = lo | (T.Cast("uint32", buf(T.min(bit // 8 + 1, last))) << T.uint32(8))
-    return (lo >> T.Cast("uint32", bit % 8)) & T.uint32((1 << bits) - 1)
-
-
-def _spread(word, bits: int, shift: int):
-    """(even, odd) words of a run chunk's eight ``bits``-bit values ``word`` (LSB first): value ``v`` in byte
-    ``v // 2`` of the even (``v`` even) or odd word, moved up by ``shift`` bits. A 1-bit plane's four even
-    bits go to their bytes by one multiply (``bit 2i → 8i``: partial products land two to a position at
-    most, on even positions, so their carries stop on the odd bit above)."""
-    if bits == 1:
-        lo = (((word & T.uint32(0x55)) * T.uint32(0x41041)) & T.uint32(0x01010101))
-        hi = ((((word >> T.uint32(1)) & T.uint32(0x55)) * T.uint32(0x41041)) & T.uint32(0x01010101))
-    elif bits == 2:  # nibbles to bytes, then the nibble's two values
-        x = (word | (word << T.uint32(8))) & T.uint32(0x00FF00FF)
-        x = (x | (x << T.uint32(4))) & T.uint32(0x0F0F0F0F)
-        lo, hi = x & T.uint32(0x03030303), (x >> T.uint32(2)) & T.uint32(0x03030303)
-    elif bits == 4:
-        lo, hi = word & T.uint32(0x0F0F0F0F), (word >> T.uint32(4)) & T.uint32(0x0F0F0F0F)
-    else:
-        raise MoecError(f"no word assembly for {bits}-bit segments")
-    if shift:
-        lo, hi = lo << T.uint32(shift), hi << T.uint32(shift)
-    return lo, hi
-
-
 def _per_warp(n: int, rows: int) -> int:
     return next((p for p in PER_WARP if n % (rows * p) == 0), 1)
 
 
-def _check(codes: _Codes, n: int, k: int, group: int, xr: int, top_k: int, vector: int, rows: int,
+def _check(codes: Codes, n: int, k: int, group: int, xr: int, top_k: int, vector: int, rows: int,
            per_warp: int) -> None:
     if (k % (LANES * vector) or group % vector or vector % 8 or n % (rows * per_warp)
             or xr not in (1, top_k)):
@@ -118,7 +62,7 @@ def _check(codes: _Codes, n: int, k: int, group: int, xr: int, top_k: int, vecto
                         f"on {LANES} lanes and {rows}x{per_warp} rows")
 
 
-def _kernel(codes: _Codes, n: int, k: int, experts: int, top_k: int, group: int, xr: int, vector: int,
+def _kernel(codes: Codes, n: int, k: int, experts: int, top_k: int, group: int, xr: int, vector: int,
             rows: int, per_warp: int, magic: bool, words: bool, bind: bool, swiglu: bool = False):
     """The macro ``bound``/``serial`` (``x, segs, scales, zeros, prec or None, ids, y``) of the kernel: ``segs``
     the stack's segments (with ``swiglu``, the gate's then the up stack's), ``scales``/``zeros`` one per stack."""
@@ -136,7 +80,7 @@ def _kernel(codes: _Codes, n: int, k: int, experts: int, top_k: int, group: int,
         t = codes.storage - widths[d]
         q = None
         for s in range(codes.used[d]):
-            part = _code_bits(lambda i, s=s: sl[slot * nseg + s, i], v * segb[s], segb[s], run[s] - 1)
+            part = code_bits(lambda i, s=s: sl[slot * nseg + s, i], v * segb[s], segb[s], run[s] - 1)
             if positions[s] - t:
                 part = part << T.uint32(positions[s] - t)
             q = part if q is None else q | part
@@ -157,7 +101,7 @@ def _kernel(codes: _Codes, n: int, k: int, experts: int, top_k: int, group: int,
             word = T.Cast("uint32", sl[slot * nseg + s, c * nb])
             for i in range(1, nb):
                 word = word | (T.Cast("uint32", sl[slot * nseg + s, c * nb + i]) << T.uint32(8 * i))
-            a, b = _spread(word, segb[s], positions[s] - t)
+            a, b = spread(word, segb[s], positions[s] - t)
             lo, hi = (a, b) if lo is None else (lo | a, hi | b)
         return lo, hi
 
@@ -168,7 +112,7 @@ def _kernel(codes: _Codes, n: int, k: int, experts: int, top_k: int, group: int,
         return j if xr > 1 else 0
 
     def zero_code(zero, e, row, g):
-        return T.Cast("float32", _code_bits(lambda i: zero[e, row, i], g * codes.storage, codes.storage,
+        return T.Cast("float32", code_bits(lambda i: zero[e, row, i], g * codes.storage, codes.storage,
                                             int(zero.shape[-1]) - 1))
 
     def make_body(d: int):
@@ -297,18 +241,54 @@ def _kernel(codes: _Codes, n: int, k: int, experts: int, top_k: int, group: int,
     return bound if bind else serial
 
 
-@functools.lru_cache(maxsize=None)  # one parse per shape (about 0.1 s each): a model's layers share a few
-def cuda_nested_gemv(storage_bits: int, n: int, k: int, experts: int, top_k: int, group: int, xr: int,
-                     vector: int = 8, rows: int = 4, per_warp: int | None = None, magic: bool = False,
-                     words: bool = True, swiglu: bool = False, bind: bool = True) -> tirx.PrimFunc:
-    """``gemv(x [xr, k], seg0…, scale, zero, prec [E], ids [top_k], y [top_k, n])`` (ids all valid);
-    ``words``: widths of two or more segments assemble a run's codes eight at a time (:func:`_spread`).
-    ``swiglu``: ``gemv(x, seg0…, scale, zero, up_seg0…, up_scale, up_zero, prec, ids, y)``, ``y`` the routed
-    rows' ``silu(gate x) · (up x)`` (the gate and up stacks share ``prec``)."""
-    codes = _nested_codes(storage_bits)
+def _vector(codes: Codes, k: int, group: int, activations: str, choices: tuple[int, ...], default: int) -> int:
+    """The first run length of ``choices`` the shape takes (``default`` where none does: the check says why)."""
+    for v in choices:
+        try:
+            if activations == "int8":
+                cuda_gemv_int8.check_int8(codes, k, group, v)
+            elif k % (LANES * v) or group % v:
+                continue
+            return v
+        except MoecError:
+            continue
+    return default
+
+
+def _make_kernel(codes: Codes, n: int, k: int, top_k: int, group: int, xr: int, vector: int, rows: int,
+                 per_warp: int | None, magic: bool, words: bool, bind: bool, swiglu: bool, activations: str,
+                 run_layout: bool = False, tiles: int | None = None):
+    """The kernel macro of ``activations`` (float32: :func:`_kernel`; int8: ``cuda_gemv_int8.kernel_int8``)."""
     per_warp = per_warp or _per_warp(n, rows)
     _check(codes, n, k, group, xr, top_k, vector, rows, per_warp)
-    kernel = _kernel(codes, n, k, experts, top_k, group, xr, vector, rows, per_warp, magic, words, bind, swiglu)
+    if activations == "int8":
+        cuda_gemv_int8.check_int8(codes, k, group, vector)
+        return cuda_gemv_int8.kernel_int8(codes, n, k, top_k, group, xr, vector, rows, per_warp, bind, swiglu,
+                                          run_layout, tiles)
+    if activations != "float32" or run_layout or tiles:
+        raise MoecError(f"the CUDA expert GEMV takes float32 or int8 activations (run layout and tiles: int8), "
+                        f"not {activations!r}")
+    return _kernel(codes, n, k, 0, top_k, group, xr, vector, rows, per_warp, magic, words, bind, swiglu)
+
+
+@functools.lru_cache(maxsize=None)  # one parse per shape (about 0.1 s each): a model's layers share a few
+def cuda_nested_gemv(storage_bits: int, n: int, k: int, experts: int, top_k: int, group: int, xr: int,
+                     vector: int | None = None, rows: int = 4, per_warp: int | None = None, magic: bool = False,
+                     words: bool = True, swiglu: bool = False, bind: bool = True,
+                     activations: str = "float32", run_layout: bool = False, tiles: int | None = None
+                     ) -> tirx.PrimFunc:
+    """``gemv(x [xr, k], seg0…, scale, zero, prec [E], ids [top_k], y [top_k, n])`` (ids all valid);
+    ``words``: widths of two or more segments assemble a run's codes eight at a time (:func:`spread`).
+    ``swiglu``: ``gemv(x, seg0…, scale, zero, up_seg0…, up_scale, up_zero, prec, ids, y)``, ``y`` the routed
+    rows' ``silu(gate x) · (up x)`` (the gate and up stacks share ``prec``). ``activations="int8"``: the bodies of
+    :mod:`cuda_gemv_int8` (``x`` still float32, quantized in the kernel; ``vector`` by default the longest run of
+    32, 16 or 8 the shape takes; ``run_layout``: the segments in ``kernels/cuda_layout.py``'s layout, runs of 32;
+    ``tiles``: row tiles a block, ``cuda_gemv_int8.block_tiles`` by default)."""
+    codes = nested_codes(storage_bits)
+    choices = (cuda_gemv_int8.NESTED_VECTOR, 16, 8) if activations == "int8" else (8,)
+    vector = vector or _vector(codes, k, group, activations, choices, 8)
+    kernel = _make_kernel(codes, n, k, top_k, group, xr, vector, rows, per_warp, magic, words, bind, swiglu,
+                          activations, run_layout, tiles)
     zbytes = packed_row_bytes(k // group, storage_bits)
     groups = k // group
     name = "expert_nested_swiglu" if swiglu else "expert_nested_gemv"
@@ -341,16 +321,18 @@ def cuda_nested_gemv(storage_bits: int, n: int, k: int, experts: int, top_k: int
 @functools.lru_cache(maxsize=None)
 def cuda_fixed_gemv(bits: int, n: int, k: int, experts: int, top_k: int, group: int, xr: int,
                     vector: int | None = None, rows: int = 4, per_warp: int | None = None, magic: bool = False,
-                    swiglu: bool = False, bind: bool = True) -> tirx.PrimFunc:
+                    swiglu: bool = False, bind: bool = True, activations: str = "float32",
+                    tiles: int | None = None) -> tirx.PrimFunc:
     """``gemv(x [xr, k], packed [E, n, k·bits/8], scale, zero, ids [top_k], y [top_k, n])`` over a fixed-width
-    stack (ids all valid): the nested kernel's body for a single segment of ``bits``. ``swiglu``:
+    stack (ids all valid): the nested kernel's body for a single segment of ``bits`` (``activations``: as
+    :func:`cuda_nested_gemv`). ``swiglu``:
     ``gemv(x, packed, scale, zero, up_packed, up_scale, up_zero, ids, y)``, ``y = silu(gate x) · (up x)``."""
-    codes = _fixed_codes(bits)
+    codes = fixed_codes(bits)
     if vector is None:
-        vector = FIXED_VECTOR[bits] if k % (LANES * FIXED_VECTOR[bits]) == 0 and group % FIXED_VECTOR[bits] == 0 else 8
-    per_warp = per_warp or _per_warp(n, rows)
-    _check(codes, n, k, group, xr, top_k, vector, rows, per_warp)
-    kernel = _kernel(codes, n, k, experts, top_k, group, xr, vector, rows, per_warp, magic, False, bind, swiglu)
+        table = cuda_gemv_int8.FIXED_VECTOR if activations == "int8" else FIXED_VECTOR
+        vector = _vector(codes, k, group, activations, (table[bits], 16, 8), table[bits])
+    kernel = _make_kernel(codes, n, k, top_k, group, xr, vector, rows, per_warp, magic, False, bind, swiglu,
+                          activations, False, tiles)
     zbytes = packed_row_bytes(k // group, bits)
     Sp, Sc, Sz = (experts, n, k * bits // 8), (experts, n, k // group), (experts, n, zbytes)
     name = "expert_dequant_swiglu" if swiglu else "expert_dequant_gemv"
