@@ -78,7 +78,7 @@ def build_bundle_from_params(cfg: MoEConfig, plan: BitPlan, params: ModelParams,
         raise MoecError(f"activations={activations} needs moec's CPU kernels, not the reference emitter")
     else:
         emitter = LinearEmitter()
-    if isinstance(emitter, KernelEmitter) and weight_files is None:
+    if weight_files is None:
         t0 = time.time()
         n = apply_kernel_layout(params, emitter)
         stage(f"kernel layout ({n} weights)", t0)
@@ -135,7 +135,7 @@ def require_scale_kernels(plan: BitPlan, preset: TargetPreset) -> None:
 
 def resolved_activations(emitter: LinearEmitter) -> str:
     """The activations the bundle's quantized kernels take (``auto`` resolved by the kernel emitter)."""
-    return getattr(emitter, "activations", "float32")  # GPU and reference emitters: float32
+    return getattr(emitter, "activations", "float32")  # the reference emitter: float32
 
 
 def preset_has_nested_kernels(preset: TargetPreset) -> bool:
@@ -147,7 +147,7 @@ def require_nested_activations(preset: TargetPreset, storage_bits: int, activati
     """One-line refusal, before the slow stages, of nested storage with ``activations`` the target's
     nested kernels do not take (int8: x86 with AVX-512 VNNI only; ``auto`` gives the nested experts
     float32 activations where the target has no int8 nested kernel)."""
-    if activations == "int8":
+    if activations == "int8" and backend_for(preset).name != "cuda":  # CUDA: int8 where the bodies take the shape
         make_nested_gemv(storage_bits, 64, 128, 32, 1, 1, preset.tvm(), activations=activations)
 
 

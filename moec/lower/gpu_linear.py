@@ -10,6 +10,12 @@ Embedding lookups stay with the reference emitter (one row per step).
 Nested expert stacks (``moec compile --nested``) get the same fused form with the width read at run
 time (:func:`expert_nested_gemv`): each bit-plane segment's load sits under its own
 ``prec[expert] >= width`` test, so a routed row reads only the planes its expert's width needs.
+
+Decode-step GEMVs whose shape the hand-written kernels take (``schedules/cuda_gemv.py``) use those
+instead; with ``activations="int8"`` their int8 bodies (``schedules/cuda_gemv_int8.py``: ``dp4a`` over
+activations quantized in the kernel), and nested stacks those bodies read in runs of 32 are stored in
+``kernels/cuda_layout.py``'s layout (:meth:`GpuLinearEmitter.relayout`). A shape the int8 bodies do not
+take keeps the float32 ones.
 """
 
 from __future__ import annotations
@@ -20,9 +26,12 @@ from tvm import relax, te, tirx
 from moec.core.errors import MoecError
 from moec.core.formats import get_nested_format
 from moec.lower import te_ops
+from moec.lower.kernels.activations import ACTIVATIONS
+from moec.lower.kernels.cuda_layout import to_run_layout
 from moec.lower.linear import LinearEmitter, clamped_ids, zero_other_rows
-from moec.lower.params import WeightEntry
+from moec.lower.params import CUDA_RUNS, WeightEntry
 from moec.lower.schedules.cuda_gemv import cuda_fixed_gemv, cuda_nested_gemv
+from moec.lower.schedules.cuda_gemv_int8 import run_layout_fits
 from moec.quant.nested import segment_positions
 
 
@@ -116,15 +125,22 @@ def expert_nested_gemv(x, *args, storage_bits: int, n: int, k: int, group: int):
 EXPERT_KERNELS = ("bound", "serial", "te")
 
 
-def _hand_kernel(make, kernel: str, *shape, swiglu: bool = False):
-    """The hand kernel ``make(*shape)``; None for ``te`` or a shape it does not take (k not a multiple of 256,
-    groups not a multiple of 8)."""
+def _hand_kernel(make, kernel: str, *shape, swiglu: bool = False, activations: str = "float32",
+                 run_layout: bool = False):
+    """The hand kernel ``make(*shape)`` with ``activations`` (int8 falling back to float32 for a shape its bodies
+    do not take, except over the run layout, which only the int8 bodies read); None for ``te`` or a shape no
+    body takes (k not a multiple of 256, groups not a multiple of 8)."""
     if kernel == "te":
         return None
-    try:
-        return make(*shape, swiglu=swiglu, bind=kernel == "bound")
-    except MoecError:
-        return None
+    extra = {"run_layout": True} if run_layout else {}
+    for acts in (activations,) if run_layout else dict.fromkeys((activations, "float32")):
+        try:
+            return make(*shape, swiglu=swiglu, bind=kernel == "bound", activations=acts, **extra)
+        except MoecError:
+            continue
+    if run_layout:
+        raise MoecError(f"the CUDA int8 GEMV does not take a run-layout stack of shape {shape}")
+    return None
 
 
 def _call(bb, func, args: list, name: str, top_k: int, n: int):
@@ -139,11 +155,12 @@ def _nested_arrays(entry: WeightEntry, vars_, name: str) -> list:
 
 
 def emit_nested_gemv(bb, x, segs: list, scale, zero, prec, ids, storage_bits: int, n: int, k: int, group: int,
-                     kernel: str = "bound"):
-    """Emit the routed nested GEMV ``y [top_k, N]`` into ``bb`` (see :data:`EXPERT_KERNELS`)."""
+                     kernel: str = "bound", activations: str = "float32", run_layout: bool = False):
+    """Emit the routed nested GEMV ``y [top_k, N]`` into ``bb`` (see :data:`EXPERT_KERNELS`; ``run_layout``:
+    the segments are in ``kernels/cuda_layout.py``'s layout)."""
     top_k = int(ids.ty.shape[0])
     func = _hand_kernel(cuda_nested_gemv, kernel, storage_bits, n, k, int(scale.ty.shape[0]), top_k, group,
-                        int(x.ty.shape[0]))
+                        int(x.ty.shape[0]), activations=activations, run_layout=run_layout)
     if func is not None:
         return _call(bb, func, [x, *segs, scale, zero, prec, ids], "expert_nested_gemv", top_k, n)
     return bb.emit_te(
@@ -151,10 +168,12 @@ def emit_nested_gemv(bb, x, segs: list, scale, zero, prec, ids, storage_bits: in
         primfunc_name_hint="expert_nested_gemv")
 
 
-def emit_fixed_gemv(bb, x, packed, scale, zero, ids, bits: int, n: int, k: int, group: int, kernel: str = "bound"):
+def emit_fixed_gemv(bb, x, packed, scale, zero, ids, bits: int, n: int, k: int, group: int, kernel: str = "bound",
+                    activations: str = "float32"):
     """Emit the routed fixed-width GEMV ``y [top_k, N]`` (ids all valid) into ``bb`` (:data:`EXPERT_KERNELS`)."""
     top_k = int(ids.ty.shape[0])
-    func = _hand_kernel(cuda_fixed_gemv, kernel, bits, n, k, int(scale.ty.shape[0]), top_k, group, int(x.ty.shape[0]))
+    func = _hand_kernel(cuda_fixed_gemv, kernel, bits, n, k, int(scale.ty.shape[0]), top_k, group, int(x.ty.shape[0]),
+                        activations=activations)
     if func is not None:
         return _call(bb, func, [x, packed, scale, zero, ids], "expert_dequant_gemv", top_k, n)
     return bb.emit_te(expert_dequant_gemv, x, packed, scale, zero, ids, bits, n, k, group,
@@ -163,12 +182,28 @@ def emit_fixed_gemv(bb, x, packed, scale, zero, ids, bits: int, n: int, k: int, 
 
 class GpuLinearEmitter(LinearEmitter):
     """Fused dequantize-GEMV PrimFuncs (one per linear layer / routed expert call); ``expert_kernel`` picks
-    the routed stacks' GEMV (:data:`EXPERT_KERNELS`)."""
+    the routed stacks' GEMV (:data:`EXPERT_KERNELS`), ``activations`` the hand kernels' bodies (float32, or
+    int8 where they take the shape)."""
 
-    def __init__(self, expert_kernel: str = "bound") -> None:
+    def __init__(self, expert_kernel: str = "bound", activations: str = "float32") -> None:
         if expert_kernel not in EXPERT_KERNELS:
             raise ValueError(f"expert_kernel must be one of {EXPERT_KERNELS}, not {expert_kernel!r}")
-        self.expert_kernel = expert_kernel
+        if activations not in ACTIVATIONS:
+            raise ValueError(f"activations must be one of {ACTIVATIONS}, not {activations!r}")
+        self.expert_kernel, self.activations = expert_kernel, activations
+
+    def relayout(self, name: str, entry: WeightEntry) -> bool:
+        """With int8 activations, a nested stack the int8 bodies read in runs of 32 gets its segments in
+        ``kernels/cuda_layout.py``'s layout (``entry.layout`` = ``cuda-runs``); everything else keeps moec's."""
+        n, k = entry.shape
+        if (self.activations != "int8" or self.expert_kernel == "te" or not entry.nested or entry.layout
+                or not run_layout_fits(entry.bits, n, k, entry.group_size)):
+            return False
+        bits = get_nested_format(entry.bits).segment_bits
+        entry.arrays = {a: to_run_layout(v, bits[int(a[3:])], k) if a.startswith("seg") else v
+                        for a, v in entry.arrays.items()}
+        entry.layout = CUDA_RUNS
+        return True
 
     def dense(self, bb, x, entry: WeightEntry, vars_, name):
         n, k = entry.shape
@@ -178,7 +213,8 @@ class GpuLinearEmitter(LinearEmitter):
         group = k // entry.arrays["scale"].shape[-1]
         rows = x.ty.shape[0]
         one_row = isinstance(rows, tirx.IntImm) and rows.value == 1
-        func = _hand_kernel(cuda_fixed_gemv, self.expert_kernel, entry.bits, n, k, 1, 1, group, 1) if one_row else None
+        func = _hand_kernel(cuda_fixed_gemv, self.expert_kernel, entry.bits, n, k, 1, 1, group, 1,
+                            activations=self.activations) if one_row else None
         if func is not None:
             # a decode step's one row: the hand-written kernel as a stack of one expert, routed to it (views)
             one = [bb.emit(relax.op.reshape(a, (1, *(int(d) for d in a.ty.shape)))) for a in (packed, scale, zero)]
@@ -194,7 +230,8 @@ class GpuLinearEmitter(LinearEmitter):
         else:
             packed, scale, zero = (vars_[f"{name}.{a}"] for a in ("packed", "scale", "zero"))
             group = k // entry.arrays["scale"].shape[-1]
-            y = emit_fixed_gemv(bb, x, packed, scale, zero, safe, entry.bits, n, k, group, self.expert_kernel)
+            y = emit_fixed_gemv(bb, x, packed, scale, zero, safe, entry.bits, n, k, group, self.expert_kernel,
+                                self.activations)
         return zero_other_rows(bb, y, ids)
 
     def swiglu_experts(self, bb, x, gate: WeightEntry, up: WeightEntry, vars_, gate_name, up_name, ids):
@@ -207,7 +244,8 @@ class GpuLinearEmitter(LinearEmitter):
         top_k = int(ids.ty.shape[0])
         arrays = [vars_[f"{nm}.{a}"] for nm in (gate_name, up_name) for a in ("packed", "scale", "zero")]
         func = _hand_kernel(cuda_fixed_gemv, self.expert_kernel, gate.bits, n, k, int(arrays[1].ty.shape[0]), top_k,
-                            k // gate.arrays["scale"].shape[-1], int(x.ty.shape[0]), swiglu=True)
+                            k // gate.arrays["scale"].shape[-1], int(x.ty.shape[0]), swiglu=True,
+                            activations=self.activations)
         if func is None:
             return None
         y = _call(bb, func, [x, *arrays, clamped_ids(bb, ids)], "expert_dequant_swiglu", top_k, n)
@@ -216,13 +254,14 @@ class GpuLinearEmitter(LinearEmitter):
     def nested_swiglu_experts(self, bb, x, gate: WeightEntry, up: WeightEntry, vars_, gate_name, up_name, ids, prec):
         """``silu(gate x) · (up x)`` of two nested stacks' routed rows (all valid) at the widths of ``prec`` in one
         hand-kernel call; None where the stacks differ in format or the kernel does not take the shape."""
-        if self.expert_kernel == "te" or (gate.bits, gate.shape, gate.group_size) != (up.bits, up.shape, up.group_size):
+        if self.expert_kernel == "te" or (gate.bits, gate.shape, gate.group_size, gate.layout) != (
+                up.bits, up.shape, up.group_size, up.layout):
             return None
         n, k = gate.shape
         top_k = int(ids.ty.shape[0])
         func = _hand_kernel(cuda_nested_gemv, self.expert_kernel, gate.bits, n, k,
                             int(vars_[f"{gate_name}.scale"].ty.shape[0]), top_k, gate.group_size, int(x.ty.shape[0]),
-                            swiglu=True)
+                            swiglu=True, activations=self.activations, run_layout=gate.layout == CUDA_RUNS)
         if func is None:
             return None
         args = [x, *_nested_arrays(gate, vars_, gate_name), *_nested_arrays(up, vars_, up_name), prec, ids]
@@ -233,4 +272,4 @@ class GpuLinearEmitter(LinearEmitter):
         n, k = entry.shape
         *segs, scale, zero = _nested_arrays(entry, vars_, name)
         return emit_nested_gemv(bb, x, segs, scale, zero, prec, ids, entry.bits, n, k, entry.group_size,
-                                self.expert_kernel)
+                                self.expert_kernel, self.activations, entry.layout == CUDA_RUNS)

@@ -93,6 +93,17 @@ class KernelEmitter(LinearEmitter):
                    for nw in nws]
         return {f"k{k}": v for k, v in stack_kernel_layouts(layouts).items()}
 
+    def relayout(self, name: str, entry: WeightEntry) -> bool:
+        """Every nested stack and every weight the family's kernels take, in the kernel layout; the embedding
+        stays in moec's packed layout (read by row lookups, not GEMVs)."""
+        if name == "embed.weight" or entry.kernel:
+            return False
+        arrays = self.nested_layout(entry.nested_weights()) if entry.nested else self.layout(entry.packed_weights())
+        if arrays is None:
+            return False
+        entry.arrays, entry.kernel = arrays, True
+        return True
+
     # -- graph ---------------------------------------------------------------------
     def _int8(self, entry: WeightEntry) -> bool:
         """Whether this weight's kernels take int8 activations (quantized weights of an int8 width)."""
@@ -358,21 +369,7 @@ def _symbol(kind: str, entry: WeightEntry, *extra: str) -> str:
     return f"{kind}_b{entry.bits}_n{n}_k{k}_g{entry.group_size}{scales}_s{entry.stacked or 1}{tail}"
 
 
-def apply_kernel_layout(params: ModelParams, emitter: KernelEmitter) -> int:
-    """Re-lay out every supported weight of ``params`` for the kernels (in place); returns how many.
-
-    The embedding stays in moec's packed layout: it is read by row lookups, not GEMVs.
-    """
-    count = 0
-    for name, entry in params.entries.items():
-        if name == "embed.weight" or entry.kernel:
-            continue
-        if entry.nested:
-            entry.arrays, entry.kernel = emitter.nested_layout(entry.nested_weights()), True
-            count += 1
-            continue
-        arrays = emitter.layout(entry.packed_weights())
-        if arrays is not None:
-            entry.arrays, entry.kernel = arrays, True
-            count += 1
-    return count
+def apply_kernel_layout(params: ModelParams, emitter: LinearEmitter) -> int:
+    """Re-lay out every weight of ``params`` the emitter's kernels want in their own layout (in place,
+    ``LinearEmitter.relayout``); returns how many."""
+    return sum(emitter.relayout(name, entry) for name, entry in params.entries.items())

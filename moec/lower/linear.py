@@ -41,6 +41,11 @@ def _quant_names(entry: WeightEntry) -> tuple[str, ...]:
 class LinearEmitter:
     """Reference: dequantize with TE, then ``relax.op.matmul``."""
 
+    def relayout(self, name: str, entry: WeightEntry) -> bool:
+        """Put ``entry``'s arrays (in place) in the layout this emitter's kernels read, before the build; True if
+        it did. The reference reads moec's packed layout."""
+        return False
+
     def _weight(self, bb, entry: WeightEntry, vars_, name, lead=None):
         n, k = entry.shape
         if "weight" in entry.arrays:

@@ -22,12 +22,16 @@ import numpy as np
 
 from moec.core.config import MoEConfig
 from moec.core.inventory import expert_key
-from moec.core.formats import DEFAULT_SCALES, FLOAT_BITS, get_scale_format
+from moec.core.formats import DEFAULT_SCALES, FLOAT_BITS, get_nested_format, get_scale_format
+from moec.lower.kernels.cuda_layout import from_run_layout
 from moec.quant.nested import NestedWeight, nest
 from moec.quant.packed_model import PackedWeight
 from moec.core.errors import MoecError
 from moec.core.run_plan import plan_widths
 from moec.core.plan import BitPlan
+
+
+CUDA_RUNS = "cuda-runs"  # WeightEntry.layout of a nested stack laid out for the CUDA int8 GEMV
 
 
 @dataclass
@@ -42,6 +46,7 @@ class WeightEntry:
     kernel: bool = False            # arrays are in the kernel layout ("kweight", "kscale", "kzero")
     nested: bool = False            # a nested stack: "seg0".., "scale", "zero" (moec.quant.nested)
     scales: str = DEFAULT_SCALES    # scale format (moec.core.formats.SCALE_FORMATS)
+    layout: str = ""                # "cuda-runs": a nested stack's segments in moec.lower.kernels.cuda_layout's layout
 
     @property
     def super_groups(self) -> int:
@@ -50,8 +55,12 @@ class WeightEntry:
 
     def nested_weights(self) -> list[NestedWeight]:
         """The nested stack's experts as NestedWeights (moec's packed layout)."""
-        segs = sorted(k for k in self.arrays if k.startswith("seg"))
-        return [NestedWeight(self.shape, self.bits, self.group_size, [self.arrays[s][i] for s in segs],
+        segs = sorted((k for k in self.arrays if k.startswith("seg")), key=lambda k: int(k[3:]))
+        stacks = [self.arrays[s] for s in segs]
+        if self.layout == CUDA_RUNS:
+            bits = get_nested_format(self.bits).segment_bits
+            stacks = [from_run_layout(a, b, self.shape[1]) for a, b in zip(stacks, bits)]
+        return [NestedWeight(self.shape, self.bits, self.group_size, [a[i] for a in stacks],
                              self.arrays["scale"][i], self.arrays["zero"][i]) for i in range(self.stacked)]
 
     def packed_weights(self) -> list[PackedWeight]:

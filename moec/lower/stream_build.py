@@ -25,7 +25,6 @@ from moec.core.outputs import work_dir
 from moec.lower.backends import backend_for
 from moec.lower.bundler import build_bundle_from_params, preset_has_nested_kernels
 from moec.lower.kernels.activations import AUTO
-from moec.lower.kernel_linear import KernelEmitter
 from moec.lower.params import ModelParams, WeightEntry, _arrays, _stack, nested_entry, nested_entry_name
 from moec.models.lazy import LazyCheckpoint
 from moec.core.inventory import expert_key, non_expert_weights
@@ -47,12 +46,7 @@ class StreamingParams:
 
     def add(self, name: str, entry: WeightEntry) -> None:
         self.packed_bytes += sum(a.nbytes for a in entry.arrays.values())
-        if entry.nested:  # nested stacks need the kernels (the compile checks the backend first)
-            entry.arrays, entry.kernel = self.emitter.nested_layout(entry.nested_weights()), True
-        elif isinstance(self.emitter, KernelEmitter) and name != "embed.weight":
-            arrays = self.emitter.layout(entry.packed_weights())
-            if arrays is not None:
-                entry.arrays, entry.kernel = arrays, True
+        self.emitter.relayout(name, entry)
         for key, arr in entry.arrays.items():
             self.writer.append(f"{name}.{key}", arr)
         entry.arrays = {k: placeholder(a.shape, a.dtype) for k, a in entry.arrays.items()}

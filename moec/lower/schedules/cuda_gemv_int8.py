@@ -29,7 +29,7 @@ from tvm.script import tirx as T
 
 from moec.core.errors import MoecError
 from moec.lower.kernels.cuda_layout import RUN
-from moec.lower.schedules.cuda_codes import LANES, Codes, code_bits, spread
+from moec.lower.schedules.cuda_codes import LANES, Codes, code_bits, nested_codes, spread
 
 #: k per lane step by fixed width (where the shape takes it, else 16 or 8): runs of 32 issued 30–58 % fewer
 #: instructions a weight than runs of 16 and 8 (sm_90 SASS, ``benchmarks/cuda_sass.py``), 3 bits needs 32.
@@ -80,7 +80,7 @@ def _layout(codes: Codes, vector: int, run_layout: bool = False):
         return (lambda slot: slot), runs
     if codes.used == (1,) and segb == (8,):
         return (lambda slot: slot), lambda bits_at, d: [bits_at(0, 32 * i, 32) for i in range(vector // 4)]
-    if codes.used == (1,) and segb == (2,):  # every fourth code of a 16-code word
+    if codes.used == (1,) and segb == (2,) and vector % 16 == 0:  # every fourth code of a 16-code word
 
         def stride4(bits_at, d):
             out = []
@@ -110,6 +110,16 @@ def _layout(codes: Codes, vector: int, run_layout: bool = False):
             out += [lo, hi]
         return out
     return (lambda slot: slot // 8 * 8 + slot // 4 % 2 + slot % 4 * 2), pairs
+
+
+def run_layout_fits(storage_bits: int, n: int, k: int, group: int, rows: int = 4) -> bool:
+    """Whether the int8 bodies read a nested stack of this shape in runs of :data:`RUN` (``kernels/cuda_layout.py``),
+    ``rows`` warps a block."""
+    try:
+        check_int8(nested_codes(storage_bits), k, group, RUN)
+    except MoecError:
+        return False
+    return n % rows == 0
 
 
 def check_int8(codes: Codes, k: int, group: int, vector: int) -> None:
@@ -168,9 +178,9 @@ def kernel_int8(codes: Codes, n: int, k: int, top_k: int, group: int, xr: int, v
         else:
             for i in T.unroll(nwr[s]):
                 sw[slot * nseg + s, i] = T.uint32(0)
-                for m in T.unroll(min(4, run[s] - 4 * i)):
-                    sw[slot * nseg + s, i] = sw[slot * nseg + s, i] | (
-                        T.Cast("uint32", seg[e, row, base * run[s] + 4 * i + m]) << T.uint32(8 * m))
+            for j in T.unroll(run[s]):  # byte by byte (runs of 1, 2, 3 or 6 bytes)
+                sw[slot * nseg + s, j // 4] = sw[slot * nseg + s, j // 4] | (
+                    T.Cast("uint32", seg[e, row, base * run[s] + j]) << T.Cast("uint32", 8 * (j % 4)))
 
     def make_body(d: int):
         used = codes.used[d]
