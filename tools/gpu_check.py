@@ -35,6 +35,7 @@ sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "tools"))
 
 PROMPT = "The list type is"
+INT8 = "@int8"  # a plan name suffix: bundles with int8 activations
 
 
 def gpu_info() -> dict:
@@ -64,19 +65,21 @@ def plans_for(cfg, names: list[str], group: int = 64) -> dict:
     from moec.core.plan import resolve_plan
     out = {}
     for name in names:
-        if name in ("mixed", "nested"):  # nested: the mixed plan as the run-time plan of an 8-bit nested bundle
+        base = name.removesuffix(INT8)  # NAME@int8: both bundles with int8 activations (the GPU's dp4a bodies)
+        if base in ("mixed", "nested"):  # nested: the mixed plan as the run-time plan of an 8-bit nested bundle
             out[name] = mixed_plan(cfg, group).validate(cfg)
-        elif name.startswith("uniform:"):
-            out[name] = resolve_plan(name, cfg, group)
+        elif base.startswith("uniform:"):
+            out[name] = resolve_plan(base, cfg, group)
         else:
-            raise MoecError(f"unknown plan '{name}'; expected uniform:B, mixed or nested")
+            raise MoecError(f"unknown plan '{name}'; expected uniform:B, mixed or nested, each optionally {INT8}")
     return out
 
 
-def build(checkpoint: Path, plan, target: str, out: Path, nested: int | None = None) -> Path:
+def build(checkpoint: Path, plan, target: str, out: Path, nested: int | None = None,
+          activations: str = "auto") -> Path:
     from moec.pipeline.compile import CompileConfig, compile_bundle
     return compile_bundle(CompileConfig(checkpoint=checkpoint, out=out, target=target, plan=plan, force=True,
-                                        nested=nested))
+                                        nested=nested, activations=activations))
 
 
 def copy_bandwidth_gbs(nbytes: int = 1 << 30) -> tuple[float, str]:
@@ -162,12 +165,13 @@ def prepare_plan(name: str, plan, args, folder: Path) -> dict:
     from moec.hardware.energy_model import decode_traffic
     from moec.models.checkpoint import load_config
     from moec.runtime.session import BundleSession
-    tag = name.replace(":", "")
-    nested = 8 if name == "nested" else None  # the nested GEMV: planes read per expert width
+    tag = name.replace(":", "").replace("@", "-")
+    nested = 8 if name.removesuffix(INT8) == "nested" else None  # the nested GEMV: planes read per expert width
+    acts = "int8" if name.endswith(INT8) else "auto"  # auto: float32 on CUDA, the host's int8 on a VNNI CPU
     t0 = time.time()
     with tempfile.TemporaryDirectory(prefix="gpu-check-host-") as tmp:  # the folder keeps only the GPU half's
-        host = build(args.checkpoint, plan, "host", Path(tmp) / "bundle", nested)
-        build(args.checkpoint, plan, args.gpu_target, folder / f"cuda-{tag}", nested)
+        host = build(args.checkpoint, plan, "host", Path(tmp) / "bundle", nested, acts)
+        build(args.checkpoint, plan, args.gpu_target, folder / f"cuda-{tag}", nested, acts)
         entry = {"name": name, "bundle": f"cuda-{tag}", "build s": round(time.time() - t0), "nested": bool(nested)}
         with BundleSession(host) as cpu:
             ids = cpu.tokenizer.encode(args.prompt).ids
@@ -291,7 +295,8 @@ def kernel_rows(kernels: list[dict], folder: Path, args, rows: list[dict], over_
             secs, gbs = gpu_kernels.measure_prepared(entry, folder)
             row["eff. GB/s"] = gbs_cell(gbs, args.copy_gbs)
             row["note"] = f"{secs * 1e6:.1f} us/call"
-            key = (entry["shape"], entry["bits"] if entry["width"] is None else entry["width"])
+            key = (entry["shape"], entry["bits"] if entry["width"] is None else entry["width"],
+                   entry.get("activations", "float32"))
             if entry["width"] is None:
                 fixed[key] = secs
             elif key in fixed:
@@ -332,7 +337,7 @@ def prepare(args, plans: dict, folder: Path) -> dict:
     folder.mkdir(parents=True, exist_ok=True)
     args.gpu_target = f"cuda:{args.arch}"
     spec: dict = {"arch": args.arch, "prompt": args.prompt, "plans": [], "kernels": []}
-    cases = gpu_kernels.kernel_cases(args.kernel_bits, args.shapes)
+    cases = gpu_kernels.kernel_cases(args.kernel_bits, args.shapes, args.kernel_acts)
     if cases:
         try:
             spec["kernels"] = gpu_kernels.prepare(cases, load_target(args.gpu_target).tvm(), folder / "kernels")
@@ -408,7 +413,9 @@ def main(argv: list[str] | None = None) -> int:
                     help="build the GPU half's inputs into DIR here and stop (TVM compiler and nvcc; no GPU needed)")
     ap.add_argument("--from", dest="prepared", type=Path, metavar="DIR", default=None,
                     help="run the GPU half from a --prepare DIR (the TVM runtime alone is enough)")
-    ap.add_argument("--plans", default="uniform:8,uniform:4,mixed,nested")
+    ap.add_argument("--plans", default="uniform:8,uniform:4,mixed,nested",
+                    help="comma list of uniform:B, mixed and nested; NAME@int8: both bundles with int8 activations "
+                         "(the GPU's dp4a GEMVs, the host's int8 kernels)")
     ap.add_argument("--arch", default=None, help="sm_XX (default: detected by nvidia-smi)")
     ap.add_argument("--tokens", type=int, default=24, help="greedy tokens compared with the CPU bundle")
     ap.add_argument("--prompt", default=PROMPT)
@@ -416,6 +423,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--kernel-bits", default="2,3,4,8",
                     help="bit widths of the GEMV bandwidth rows, fixed and nested ('' for none)")
     ap.add_argument("--shapes", default="olmoe,dram", help="GEMV shapes (tools/gpu_kernels.py SHAPES)")
+    ap.add_argument("--kernel-acts", default="float32,int8",
+                    help="activations of the GEMV rows: float32 and/or int8 (the dp4a bodies)")
     ap.add_argument("--budget-s", type=float, default=400.0,
                     help="start no new stage after this many seconds (the table is printed either way)")
     ap.add_argument("--json", type=Path, default=None, help="also write the rows as JSON here")
@@ -446,6 +455,9 @@ def main(argv: list[str] | None = None) -> int:
         if bad:
             raise MoecError(f"--kernel-bits: {', '.join(bad)} not in 2, 3, 4, 8")
         args.kernel_bits = [int(b) for b in parts]
+        args.kernel_acts = tuple(a.strip() for a in args.kernel_acts.split(",") if a.strip())
+        if not args.kernel_acts or any(a not in ("float32", "int8") for a in args.kernel_acts):
+            raise MoecError(f"--kernel-acts: a comma list of float32 and int8, not {','.join(args.kernel_acts)!r}")
         args.shapes = [s.strip() for s in args.shapes.split(",") if s.strip()]
         unknown = [s for s in args.shapes if s not in gpu_kernels.SHAPES]
         if unknown:
@@ -462,7 +474,8 @@ def main(argv: list[str] | None = None) -> int:
             where = (f"run the cuda:{args.arch} bundle prepared in {args.prepared}" if args.prepared else
                      f"build a cuda:{args.arch} bundle under {args.prepare or args.out} (and a host one for its tokens)")
             print(f"plan {name}: {where}, compare {args.tokens} greedy tokens, time decode with NVML"
-                  + (" (nested 8-bit storage, then set_plan(uniform:2) compared too)" if name == "nested" else ""))
+                  + (" (nested 8-bit storage, then set_plan(uniform:2) compared too)"
+                     if name.removesuffix(INT8) == "nested" else ""))
         print(f"routed-expert GEMV GB/s at bits {args.kernel_bits or 'none'} (fixed and nested 8-bit), "
               f"shapes {', '.join(args.shapes)}")
         print("transformers and torch eager fp16 decode: " + ("skipped" if args.no_torch else "yes"))

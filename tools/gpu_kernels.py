@@ -31,9 +31,10 @@ def _zero_bytes(k: int, group: int, bits: int) -> int:
 
 
 def expert_gemv_module(bits: int, n: int, k: int, experts: int, top_k: int, group: int, width: int | None = None,
-                       expert_kernel: str = "bound"):
+                       expert_kernel: str = "bound", activations: str = "float32"):
     """Relax ``main``: the fixed ``bits`` GEMV, or (``width`` given) the nested ``bits``-bit stack at run-time
-    widths (``expert_kernel``: ``gpu_linear.EXPERT_KERNELS``)."""
+    widths (``expert_kernel``: ``gpu_linear.EXPERT_KERNELS``; ``activations``: the hand kernels' bodies, a nested
+    stack with int8 in the run layout where :func:`run_layout` says so, as the emitter lays it out)."""
     import tvm
     from tvm import relax
 
@@ -56,14 +57,21 @@ def expert_gemv_module(bits: int, n: int, k: int, experts: int, top_k: int, grou
     with bb.function("main", params):
         with bb.dataflow():
             if width is None:  # as the CUDA emitter makes them (the hand-written kernels where the shape fits)
-                y = emit_fixed_gemv(bb, x, *packed, scale, zero, ids, bits, n, k, group, expert_kernel)
+                y = emit_fixed_gemv(bb, x, *packed, scale, zero, ids, bits, n, k, group, expert_kernel, activations)
             else:
-                y = emit_nested_gemv(bb, x, packed, scale, zero, prec, ids, bits, n, k, group, expert_kernel)
+                y = emit_nested_gemv(bb, x, packed, scale, zero, prec, ids, bits, n, k, group, expert_kernel,
+                                     activations, run_layout(bits, n, k, group, activations))
             out = bb.emit_output(y)
         bb.emit_func_output(out)
     mod = bb.get()
     assert isinstance(mod, tvm.IRModule)
     return mod
+
+
+def run_layout(bits: int, n: int, k: int, group: int, activations: str) -> bool:
+    """Whether the GPU emitter lays a nested stack of this shape out in runs (``kernels/cuda_layout.py``)."""
+    from moec.lower.schedules.cuda_gemv_int8 import run_layout_fits
+    return activations == "int8" and run_layout_fits(bits, n, k, group)
 
 
 def routed_bytes(bits: int, n: int, k: int, top_k: int, group: int, **_) -> int:
@@ -78,25 +86,31 @@ def nested_routed_bytes(width: int, n: int, k: int, top_k: int, group: int, stor
     return top_k * (n * k * width // 8 + n * (k // group) * 2 + n * _zero_bytes(k, group, storage))
 
 
-def build(bits: int, target, shape: dict, width: int | None = None, expert_kernel: str = "bound"):
+def build(bits: int, target, shape: dict, width: int | None = None, expert_kernel: str = "bound",
+          activations: str = "float32"):
     """The compiled executable for ``target`` (a CUDA ``tvm.target.Target``)."""
     import tvm
 
     from moec.lower.pipeline import CUDA_PHASES, make_pipeline
-    mod = expert_gemv_module(bits, **shape, width=width, expert_kernel=expert_kernel)
+    mod = expert_gemv_module(bits, **shape, width=width, expert_kernel=expert_kernel, activations=activations)
     with target:
         return tvm.compile(mod, target=target, relax_pipeline=make_pipeline(CUDA_PHASES))
 
 
-def inputs(bits: int, n: int, k: int, experts: int, top_k: int, group: int, width: int | None = None
-           ) -> list[np.ndarray]:
-    """Random arguments of ``main`` (the nested stack: every expert at ``width``)."""
+def inputs(bits: int, n: int, k: int, experts: int, top_k: int, group: int, width: int | None = None,
+           activations: str = "float32") -> list[np.ndarray]:
+    """Random arguments of ``main`` (the nested stack: every expert at ``width``, its segments in the layout the
+    emitter gives them for ``activations``)."""
     from moec.core.formats import get_nested_format
     rng = np.random.default_rng(0)
     groups = k // group
     seg_bits = [bits] if width is None else list(get_nested_format(bits).segment_bits)
     out = [rng.standard_normal((1, k)).astype(np.float32)]
-    out += [rng.integers(0, 256, (experts, n, k * b // 8), dtype=np.uint8) for b in seg_bits]
+    segs = [rng.integers(0, 256, (experts, n, k * b // 8), dtype=np.uint8) for b in seg_bits]
+    if width is not None and run_layout(bits, n, k, group, activations):
+        from moec.lower.kernels.cuda_layout import to_run_layout
+        segs = [to_run_layout(s, b, k) for s, b in zip(segs, seg_bits)]
+    out += segs
     out += [(rng.random((experts, n, groups), dtype=np.float32) * 0.01).astype(np.float16),
             rng.integers(0, 256, (experts, n, _zero_bytes(k, group, bits)), dtype=np.uint8)]
     if width is not None:
@@ -105,20 +119,22 @@ def inputs(bits: int, n: int, k: int, experts: int, top_k: int, group: int, widt
     return out
 
 
-def kernel_cases(bits_list: list[int], shapes: list[str]) -> list[dict]:
-    """Fixed GEMVs at each width and the nested 8-bit stack served at each width, per shape."""
+def kernel_cases(bits_list: list[int], shapes: list[str], activations: tuple[str, ...] = ("float32",)) -> list[dict]:
+    """Fixed GEMVs at each width and the nested 8-bit stack served at each width, per shape and activations."""
     cases = []
     for shape in shapes:
-        for bits in bits_list:
-            cases.append({"shape": shape, "bits": bits, "width": None})
-            cases.append({"shape": shape, "bits": NESTED_STORAGE, "width": bits})
+        for acts in activations:
+            for bits in bits_list:
+                cases.append({"shape": shape, "bits": bits, "width": None, "activations": acts})
+                cases.append({"shape": shape, "bits": NESTED_STORAGE, "width": bits, "activations": acts})
     return cases
 
 
 def case_label(case: dict) -> str:
     sh = SHAPES[case["shape"]]
     kind = f"{case['bits']}-bit" if case["width"] is None else f"nested8@{case['width']}"
-    return f"GEMV {kind} {case['shape']} {sh['top_k']}x{sh['n']}x{sh['k']}"
+    acts = " int8" if case.get("activations", "float32") == "int8" else ""
+    return f"GEMV {kind}{acts} {case['shape']} {sh['top_k']}x{sh['n']}x{sh['k']}"
 
 
 def case_bytes(case: dict) -> int:
@@ -143,8 +159,11 @@ def prepare(cases: list[dict], target, folder: Path) -> list[dict]:
     folder.mkdir(parents=True, exist_ok=True)
     out = []
     for case in cases:
-        name = f"{case['shape']}-{case['bits']}" + ("" if case["width"] is None else f"-w{case['width']}")
-        arch = export(build(case["bits"], target, SHAPES[case["shape"]], case["width"]), target, folder, name)
+        acts = case.get("activations", "float32")
+        name = f"{case['shape']}-{case['bits']}" + ("" if case["width"] is None else f"-w{case['width']}") + (
+            "-int8" if acts == "int8" else "")
+        arch = export(build(case["bits"], target, SHAPES[case["shape"]], case["width"], activations=acts), target,
+                      folder, name)
         out.append({**case, "name": name, "arch": arch})
     (folder / "kernels.json").write_text(json.dumps(out, indent=1))
     return out
@@ -160,11 +179,12 @@ def measure_prepared(entry: dict, folder: Path, repeat: int = 20) -> tuple[float
     use_bundle_kernels((folder / f"{name}.cu").read_bytes(), (folder / f"{name}.fatbin").read_bytes(),
                        entry["arch"], dev)
     vm = tvm.runtime.vm.VirtualMachine(tvm.runtime.load_module(str(folder / f"{name}.so")), dev)
-    key = (entry["shape"], entry["bits"], entry["width"] is None)
+    acts = entry.get("activations", "float32")
+    key = (entry["shape"], entry["bits"], entry["width"] is None, acts)
     if key not in _DEVICE_INPUTS:  # one upload per stack; the nested widths differ only in ``prec``
         _DEVICE_INPUTS.clear()
         _DEVICE_INPUTS[key] = [tvm.runtime.tensor(a, dev) for a in inputs(
-            entry["bits"], **SHAPES[entry["shape"]], width=entry["width"])]
+            entry["bits"], **SHAPES[entry["shape"]], width=entry["width"], activations=acts)]
     args = list(_DEVICE_INPUTS[key])
     if entry["width"] is not None:
         args[-2] = tvm.runtime.tensor(np.full(SHAPES[entry["shape"]]["experts"], entry["width"], np.int32), dev)

@@ -284,3 +284,26 @@ def test_moec_compile_int8_nested_for_jetson(tmp_path):
     manifest = json.loads((tmp_path / "b" / "manifest.json").read_text())
     assert manifest["activations"] == "int8" and manifest["nested"]["storage_bits"] == 8
     assert "__dp4a" in (tmp_path / "b" / "kernels.cu").read_text()
+
+
+@pytest.mark.skipif(find_nvcc() is None or shutil.which("aarch64-linux-gnu-g++") is None,
+                    reason="needs nvcc and g++-aarch64-linux-gnu")
+def test_streamed_int8_nested_cuda_bundle_has_the_whole_models_weights(tmp_path, monkeypatch):
+    """A model over the memory budget streams layer by layer: its CUDA nested int8 bundle stores the same
+    (run-layout) weights as the whole-model compile (the streaming packer asks the emitter's ``relayout`` too)."""
+    import json
+
+    import moec.models.memory_budget as budget
+    from moec import api
+    from tests.conftest import make_tiny_checkpoint
+    make_tiny_checkpoint(tmp_path / "ckpt", hidden_size=1024, expert_intermediate=1024, num_layers=1, num_heads=8,
+                         num_kv_heads=4)
+    out = {}
+    for limit, name in ((0, "streamed"), (1 << 40, "whole")):
+        monkeypatch.setattr(budget, "WHOLE_MODEL_LIMIT", limit)
+        out[name] = api.compile_bundle(api.CompileConfig(tmp_path / "ckpt", tmp_path / name, plan="uniform:4",
+                                                         target="jetson-agx-orin", nested=8, activations="int8"))
+    tensors = {n: {t: (v["dtype"], v["shape"], v["sha256"]) for t, v in json.loads(
+        (p / "weights.json").read_text())["tensors"].items()} for n, p in out.items()}  # offsets differ: order
+    assert json.loads((out["streamed"] / "manifest.json").read_text())["streamed"]
+    assert tensors["streamed"] == tensors["whole"] and "layers.0.experts.nested.w1.seg3" in tensors["whole"]
