@@ -67,3 +67,25 @@ def spread(word, bits: int, shift: int):
     if shift:
         lo, hi = lo << T.uint32(shift), hi << T.uint32(shift)
     return lo, hi
+
+
+def row_outputs(R: int, H: int):
+    """``(result, store)`` of a warp's ``R`` output rows: ``result(acc, r)`` row ``r``'s output from its summed
+    accumulators (``acc[r]``; with ``H = 2`` stacks ``silu(acc[r]) · acc[R + r]``, gate times up);
+    ``store(acc, y, j, row0, lane)`` sums the ``H · R`` accumulators over the warp's lanes by shuffles and
+    lane 0 writes rows ``row0 …`` of ``y[j]``."""
+    def result(acc, r):
+        if H == 1:
+            return acc[r]
+        return acc[r] / (T.float32(1) + T.exp(-acc[r])) * acc[R + r]
+
+    @T.macro
+    def store(acc, y, j, row0, lane):
+        for r in T.unroll(H * R):
+            for o in T.unroll(5):
+                acc[r] = acc[r] + T.tvm_warp_shuffle_down(T.tvm_warp_activemask(), acc[r], 16 >> o, LANES, LANES)
+        if lane == 0:
+            for r in T.unroll(R):
+                y[j, row0 + r] = result(acc, r)
+
+    return result, store

@@ -36,7 +36,7 @@ from tvm.script import tirx as T
 from moec.core.errors import MoecError
 from moec.lower.kernels.signature import UNUSED, drop_params, segment_names
 from moec.lower.schedules import cuda_gemv_int8
-from moec.lower.schedules.cuda_codes import LANES, Codes, code_bits, fixed_codes, nested_codes, spread
+from moec.lower.schedules.cuda_codes import LANES, Codes, code_bits, fixed_codes, nested_codes, row_outputs, spread
 from moec.quant.pack import packed_row_bytes
 
 #: Output rows a warp computes (sharing its activations in registers), the most of these that divides the
@@ -194,11 +194,7 @@ def _kernel(codes: Codes, n: int, k: int, experts: int, top_k: int, group: int, 
         else:  # the widest (the session refuses widths the format does not serve)
             bodies[-1](x, segs, scales, zeros, acc, xl, sl, wd, ids[j], j, row0, lane)
 
-    def result(acc, r):
-        """Output of warp row ``r`` from its lane-summed accumulators: the row's sum, or ``silu(gate) · up``."""
-        if H == 1:
-            return acc[r]
-        return acc[r] / (T.float32(1) + T.exp(-acc[r])) * acc[R + r]
+    result, store = row_outputs(R, H)
 
     @T.macro
     def bound(x, segs, scales, zeros, prec, ids, y):
@@ -211,13 +207,7 @@ def _kernel(codes: Codes, n: int, k: int, experts: int, top_k: int, group: int, 
                     wd = T.alloc_buffer((2,), "uint32", scope="local")
                     lane_sum(x, segs, scales, zeros, prec, ids, acc, xl, sl, wd, b // (n // span),
                              b % (n // span) * span + w * R, lane)
-                    for r in T.unroll(HR):
-                        for o in T.unroll(5):
-                            acc[r] = acc[r] + T.tvm_warp_shuffle_down(
-                                T.tvm_warp_activemask(), acc[r], 16 >> o, LANES, LANES)
-                    if lane == 0:
-                        for r in T.unroll(R):
-                            y[b // (n // span), b % (n // span) * span + w * R + r] = result(acc, r)
+                    store(acc, y, b // (n // span), b % (n // span) * span + w * R, lane)
 
     @T.macro
     def serial(x, segs, scales, zeros, prec, ids, y):

@@ -29,7 +29,7 @@ from tvm.script import tirx as T
 
 from moec.core.errors import MoecError
 from moec.lower.kernels.cuda_layout import RUN
-from moec.lower.schedules.cuda_codes import LANES, Codes, code_bits, nested_codes, spread
+from moec.lower.schedules.cuda_codes import LANES, Codes, code_bits, nested_codes, row_outputs, spread
 
 #: k per lane step by fixed width (where the shape takes it, else 16 or 8): runs of 32 issued 30–58 % fewer
 #: instructions a weight than runs of 16 and 8 (sm_90 SASS, ``benchmarks/cuda_sass.py``), 3 bits needs 32.
@@ -296,10 +296,7 @@ def kernel_int8(codes: Codes, n: int, k: int, top_k: int, group: int, xr: int, v
         else:  # the widest (the session refuses widths the format does not serve)
             bodies[-1](segs, scales, zeros, acc, xq, xf, xw, sw, dots, ids[j], row0, lane)
 
-    def result(acc, r):
-        if H == 1:
-            return acc[r]
-        return acc[r] / (T.float32(1) + T.exp(-acc[r])) * acc[R + r]
+    result, store = row_outputs(R, H)
 
     threads = rows * LANES
     passes = (runs + threads - 1) // threads
@@ -326,13 +323,7 @@ def kernel_int8(codes: Codes, n: int, k: int, top_k: int, group: int, xr: int, v
                     for tt in range(tiles):  # the block's row tiles, one quantized activation row
                         lane_sum(segs, scales, zeros, prec, ids, acc, xq, xf, xw, sw, dots, b // per,
                                  (b % per * tiles + tt) * span + w * R, lane)
-                        for r in T.unroll(HR):
-                            for o in T.unroll(5):
-                                acc[r] = acc[r] + T.tvm_warp_shuffle_down(
-                                    T.tvm_warp_activemask(), acc[r], 16 >> o, LANES, LANES)
-                        if lane == 0:
-                            for r in T.unroll(R):
-                                y[b // per, (b % per * tiles + tt) * span + w * R + r] = result(acc, r)
+                        store(acc, y, b // per, (b % per * tiles + tt) * span + w * R, lane)
 
     @T.macro
     def serial(x, segs, scales, zeros, prec, ids, y):
