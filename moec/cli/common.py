@@ -47,4 +47,5 @@ def activations_option(f):
              "llama.cpp's quantized matmuls; ~1e-2 relative error per product, +0.02 % perplexity on the reference "
              "model) or float32 (exact against `moec eval --plan`). auto: int8 where the target's kernels have "
              "int8 dot products (x86 AVX-512 VNNI or AVX2, ARM dotprod; per width: x86 3-bit needs VNNI), float32 "
-             "elsewhere. The manifest records which.")(f)
+             "elsewhere. CUDA targets take int8 on request (dp4a GEMVs, activations quantized in the kernel; auto "
+             "stays float32 there until timed on a GPU). The manifest records which.")(f)

@@ -90,12 +90,8 @@ def _layout(codes: Codes, vector: int, run_layout: bool = False):
             return out
         return (lambda slot: slot // 16 * 16 + slot // 4 % 4 + slot % 4 * 4), stride4
     if codes.used == (1,) and segb == (3,):
-        def threes(bits_at, d):
-            out = []
-            for c in range(vector // 8):
-                w = bits_at(0, 24 * c, 24)
-                out += [_spread3(w & T.uint32(0xFFF)), _spread3(w >> T.uint32(12))]
-            return out
+        def threes(bits_at, d):  # four codes a word: 12 bits, in one word or two
+            return [_spread3(bits_at(0, 12 * i, 12)) for i in range(vector // 4)]
         return (lambda slot: slot), threes
     # 4-bit fixed stacks and every nested width: even / odd words of each chunk of 8 (cuda_gemv.spread)
 
