@@ -131,7 +131,8 @@ def rows_for(shape: dict, arch: str, nvcc: str, cuobjdump: str, widths: list[int
             for acts in ("float32", "int8"):
                 r = res[acts]
                 ipb = r["per_weight"] / read
-                line += [f"{r['loop']}", f"{r['per_weight']:.2f}", f"{ipb:.1f}", f"{100 * min(0.96, BALANCE / ipb):.0f} %"]
+                line += [f"{r['loop']}", f"{r['per_weight']:.2f}", f"{ipb:.1f}",
+                         f"{100 * min(0.96, BALANCE / ipb):.0f} %"]
             line.append(f"{MEASURED_H200[(kind, width)]:.0f} %" if shape.get("name") == "dram" else "")
             line.append(f"{res['float32']['per_weight'] / res['int8']['per_weight']:.2f}x")
             out.append(line)
@@ -169,7 +170,8 @@ def main() -> int:
     args = ap.parse_args()
     nvcc, cuobjdump = find_nvcc(), find_cuobjdump()
     if nvcc is None or cuobjdump is None:
-        print("error: needs nvcc and cuobjdump (pip install nvidia-cuda-cuobjdump nvidia-cuda-nvdisasm)", file=sys.stderr)
+        print("error: needs nvcc and cuobjdump (pip install nvidia-cuda-cuobjdump nvidia-cuda-nvdisasm)",
+              file=sys.stderr)
         return 2
     try:
         widths = [int(w) for w in args.widths.split(",")]

@@ -98,8 +98,8 @@ def test_int8_fixed_gemv_matches_the_dequantized_weights(bits, xr, vector, tiles
     mod = _llvm(cuda_fixed_gemv(bits, N, k, E, TOP_K, GS, xr, vector=vector, tiles=tiles, bind=False,
                                 activations="int8"))
     x = rng.standard_normal((xr, k)).astype(np.float32)
-    y = call(mod, "expert_dequant_gemv", [x, *[np.stack([getattr(p, a) for p in pws]) for a in ("packed", "scale", "zero")],
-                                          np.asarray(IDS, np.int32), np.zeros((TOP_K, N), np.float32)])
+    stack = [np.stack([getattr(p, a) for p in pws]) for a in ("packed", "scale", "zero")]
+    y = call(mod, "expert_dequant_gemv", [x, *stack, np.asarray(IDS, np.int32), np.zeros((TOP_K, N), np.float32)])
     xd = dequantized_activations(x, GS)
     for r, e in enumerate(IDS):
         _close(y[r], pws[e].dequantize() @ xd[r if xr > 1 else 0])
@@ -158,10 +158,12 @@ def test_int8_swiglu_bodies_match_gate_times_up():
                                  run_layout=True))
     stacks = []
     for nws in (gn, un):
-        stacks += [to_run_layout(np.stack([nw.segments[s] for nw in nws]), b, k) for s, b in enumerate(fmt.segment_bits)]
+        stacks += [to_run_layout(np.stack([nw.segments[s] for nw in nws]), b, k)
+                   for s, b in enumerate(fmt.segment_bits)]
         stacks += [np.stack([getattr(nw, a) for nw in nws]) for a in ("scale", "zero")]
     prec = np.asarray([2, 3, 4, 8], np.int32)
-    y = call(mod, "expert_nested_swiglu", [x, *stacks, prec, np.asarray(IDS, np.int32), np.zeros((TOP_K, N), np.float32)])
+    y = call(mod, "expert_nested_swiglu", [x, *stacks, prec, np.asarray(IDS, np.int32),
+                                           np.zeros((TOP_K, N), np.float32)])
     for r, e in enumerate(IDS):
         _close(y[r], _silu(dequantize_nested(gn[e], prec[e]) @ xd) * (dequantize_nested(un[e], prec[e]) @ xd))
 
@@ -170,7 +172,8 @@ def test_int8_bodies_generate_cuda_with_dp4a_and_shared_activations():
     """Bound to threads, the int8 bodies are CUDA C with ``__dp4a`` and the activation row in shared memory (and,
     where nvcc is installed, compile for a Jetson Orin's sm_87)."""
     func = cuda_nested_gemv(8, 256, 1024, E, TOP_K, GS, 1, activations="int8", run_layout=True)
-    lib = tvm.compile(tvm.IRModule({"g": func}), target=tvm.target.Target({"kind": "cuda", "arch": "sm_87"}, host="llvm"))
+    target = tvm.target.Target({"kind": "cuda", "arch": "sm_87"}, host="llvm")
+    lib = tvm.compile(tvm.IRModule({"g": func}), target=target)
     src = lib.mod.imports[0].inspect_source()
     assert "__dp4a" in src and "__shared__" in src and "__syncthreads" in src
     nvcc = find_nvcc()
@@ -277,8 +280,8 @@ def test_moec_compile_int8_nested_for_jetson(tmp_path):
     from moec.cli.main import cli
     from tests.conftest import make_tiny_checkpoint
     make_tiny_checkpoint(tmp_path / "ckpt", hidden_size=256, expert_intermediate=256)
-    res = CliRunner().invoke(cli, ["compile", str(tmp_path / "ckpt"), "--target", "jetson-agx-orin", "--plan", "uniform:4",
-                                   "--nested", "8",
+    res = CliRunner().invoke(cli, ["compile", str(tmp_path / "ckpt"), "--target", "jetson-agx-orin",
+                                   "--plan", "uniform:4", "--nested", "8",
                                    "--activations", "int8", "--out", str(tmp_path / "b")])
     assert res.exit_code == 0, res.output
     manifest = json.loads((tmp_path / "b" / "manifest.json").read_text())

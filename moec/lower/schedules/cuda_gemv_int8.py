@@ -8,12 +8,16 @@ weights:
 
 - **the block quantizes its activation row once**, into shared memory, as moec's CPU int8 kernels do
   (``kernels/activations.py``: per quantization group ``sx = max|x| / 127``, ``x8 = round(x / sx)``; a
-  run's lanes of one group agree on its maximum by warp shuffles), four codes a 32-bit word in the order
-  the code words below come out of their segments, with each run's ``sx`` and ``Σ x8``;
+  run's lanes of one group agree on its maximum by warp shuffles; the rounding is one fused multiply-add
+  with 1.5·2**23, whose low byte is the code), four codes a 32-bit word in the order the code words below
+  come out of their segments, with each run's ``sx`` and ``Σ x8``; up to 4 row tiles of the block share it
+  (:func:`block_tiles`);
 - **a row's run is a few 32-bit words of codes, one byte a code** (:func:`_layout`): natural order at 8
   bits; 2-bit codes by ``(w >> 2j) & 0x03030303`` (every fourth code of a word); 3-bit codes by two
-  shift-or-mask steps per four; 4-bit codes and every nested width as even/odd words (``cuda_gemv.spread``:
-  a nested code's segments each spread to their bits of the same bytes, shifted to the width's units);
+  shift-or-mask steps per four; 4-bit codes as even/odd words; a nested stack in the run layout
+  (``kernels/cuda_layout.py``, where the GPU emitter stores the stacks read in runs of 32) by one shift and
+  one mask-or per segment a word, in moec's layout as even/odd words (``cuda_codes.spread``: each segment
+  spread to its bits of the same bytes, shifted to the width's units);
 - **one** ``dp4a`` **per word** (signed bytes: 8-bit codes less 128, by one xor a word; int32 sums), and the
   group's affine terms once per run: ``Σ w x = scale · 2**t · sx · (Σ q x8 − z' Σ x8)``, ``z'`` the bin-centred
   zero of the width (``cuda_gemv``'s rule; ``t = 0`` for a fixed stack; less 128 with the codes at 8 bits).
@@ -207,6 +211,11 @@ def kernel_int8(codes: Codes, n: int, k: int, top_k: int, group: int, xr: int, v
                 total = dp4a(T.reinterpret("int32", word), xw[i], total, bind)
             return total
 
+        def run_sum(scale, zero, dot, e, row, g, sx, xs):
+            """A run's share of a row: ``scale · 2**t · sx · (dot − z' Σ x8)``."""
+            zq = (zero_code(zero, e, row, g) - T.float32(centre)) * T.float32(1.0 / unit)
+            return T.Cast("float32", scale[e, row, g]) * T.float32(unit) * sx * (T.Cast("float32", dot) - zq * xs)
+
         @T.macro
         def load_stack(segs, sw, e, row0, h, base):
             for r in T.unroll(R):
@@ -222,9 +231,7 @@ def kernel_int8(codes: Codes, n: int, k: int, top_k: int, group: int, xr: int, v
         def dot_stack(scales, zeros, acc, xw, sw, dots, e, row0, h, g, sx, xs):
             for r in T.unroll(R):
                 dots[0] = row_dot(sw, xw, h * R + r)
-                acc[h * R + r] = acc[h * R + r] + T.Cast("float32", scales[h][e, row0 + r, g]) * T.float32(unit) * sx * (
-                    T.Cast("float32", dots[0]) - (zero_code(zeros[h], e, row0 + r, g) - T.float32(centre))
-                    * T.float32(1.0 / unit) * xs)
+                acc[h * R + r] = acc[h * R + r] + run_sum(scales[h], zeros[h], dots[0], e, row0 + r, g, sx, xs)
 
         @T.macro
         def body(segs, scales, zeros, acc, xq, xf, xw, sw, dots, e, row0, lane):
