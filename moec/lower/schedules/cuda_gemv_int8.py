@@ -48,8 +48,11 @@ def dp4a(a, b, c, bind: bool):
     """``c + Σ_m sbyte_m(a) · sbyte_m(b)`` of int32 words of four signed bytes (CUDA's ``__dp4a``)."""
     if bind:
         return T.call_pure_extern("int32", "__dp4a", a, b, c)
+    def sbyte(w, m):  # byte m of w as a signed value
+        return (((w >> (8 * m)) & 0xFF) ^ 0x80) - 0x80
+
     for m in range(4):
-        c = c + ((a << (24 - 8 * m)) >> 24) * ((b << (24 - 8 * m)) >> 24)
+        c = c + sbyte(a, m) * sbyte(b, m)
     return c
 
 
@@ -276,12 +279,12 @@ def kernel_int8(codes: Codes, n: int, k: int, top_k: int, group: int, xr: int, v
         amax[1] = T.float32(127) / T.max(amax[0], T.float32(1e-30))
         for v in T.unroll(vector):  # round(x / sx) as the bits of x · 127/max + 1.5 · 2**23: its low byte is the code
             q[v] = T.reinterpret("int32", xl[v] * amax[1] + T.float32(ROUND))
-        for i in T.unroll(nw):
-            xq[r * nw + i] = pack(q, i)
-        xf[2 * r] = T.max(amax[0], T.float32(1e-30)) / T.float32(127)
         q[vector] = 0
-        for v in T.unroll(vector):
-            q[vector] = q[vector] + (q[v] - ROUND_BITS)
+        for i in T.unroll(nw):  # each word stored, and its codes summed by one dp4a with ones
+            q[vector + 1] = pack(q, i)
+            xq[r * nw + i] = q[vector + 1]
+            q[vector] = dp4a(q[vector + 1], T.int32(0x01010101), q[vector], bind)
+        xf[2 * r] = T.max(amax[0], T.float32(1e-30)) / T.float32(127)
         xf[2 * r + 1] = T.Cast("float32", q[vector])
 
     @T.macro
@@ -312,7 +315,7 @@ def kernel_int8(codes: Codes, n: int, k: int, top_k: int, group: int, xr: int, v
                     xq = T.alloc_buffer((runs * nw,), "int32", scope="shared")
                     xf = T.alloc_buffer((2 * runs,), "float32", scope="shared")
                     xl = T.alloc_buffer((vector,), "float32", scope="local")
-                    q = T.alloc_buffer((vector + 1,), "int32", scope="local")
+                    q = T.alloc_buffer((vector + 2,), "int32", scope="local")
                     amax = T.alloc_buffer((2,), "float32", scope="local")
                     for p in range(passes):  # runs % 32 == 0: a warp's lanes all take a run or none
                         if p * threads + w * LANES + lane < runs:
@@ -334,7 +337,7 @@ def kernel_int8(codes: Codes, n: int, k: int, top_k: int, group: int, xr: int, v
             xq = T.alloc_buffer((runs * nw,), "int32")
             xf = T.alloc_buffer((2 * runs,), "float32")
             xl = T.alloc_buffer((vector,), "float32")
-            q = T.alloc_buffer((vector + 1,), "int32")
+            q = T.alloc_buffer((vector + 2,), "int32")
             amax = T.alloc_buffer((2,), "float32")
             for r in range(runs):
                 quantize_run(x, xrow(b // per), r, xq, xf, xl, q, amax, 0)
