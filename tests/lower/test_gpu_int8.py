@@ -202,7 +202,7 @@ def test_int8_bodies_refuse_what_they_do_not_take():
 def wide_nested(tmp_path_factory):
     """A tiny model whose hidden size and expert width (1024) the int8 bodies read in runs of 32."""
     from moec.core.run_plan import storage_plan
-    from moec.lower.params import build_nested_params
+    from moec.lower.params import build_nested_params, build_params
     from moec.models.checkpoint import load_checkpoint
     from moec.quant.weights import ModelWeights
     from tests.conftest import make_tiny_checkpoint
@@ -213,7 +213,9 @@ def wide_nested(tmp_path_factory):
     model = load_checkpoint(root / "ckpt")
     plan = mixed_plan(model.cfg)
     weights = ModelWeights.from_model(model, storage_plan(plan, 8))
-    return model.cfg, build_nested_params(model.cfg, plan, weights.packed, weights.floats, 8), root
+    fixed = ModelWeights.from_model(model, plan)  # the same plan, compiled fixed-width (stacks per bit class)
+    return (model.cfg, build_nested_params(model.cfg, plan, weights.packed, weights.floats, 8), root,
+            build_params(model.cfg, plan, fixed.packed, fixed.floats))
 
 
 def _decode(cfg, params, emitter, path):
@@ -242,7 +244,7 @@ def test_gpu_emitter_int8_decodes_a_nested_plan_close_to_float32(wide_nested):
     int8-activation error of the float32 graph's logits, and differs from them."""
     from moec.lower.gpu_linear import GpuLinearEmitter
     from moec.lower.params import CUDA_RUNS
-    cfg, params, root = wide_nested
+    cfg, params, root, _ = wide_nested
     laid, int8_params, fast = _decode(cfg, params, GpuLinearEmitter("serial", activations="int8"), root / "i8.so")
     stacks = [n for n, e in params.entries.items() if e.nested]
     assert laid == len(stacks) > 0
@@ -256,6 +258,17 @@ def test_gpu_emitter_int8_decodes_a_nested_plan_close_to_float32(wide_nested):
     assert all(not e.layout for n, e in int8_params.entries.items() if not e.nested)
     laid, _, exact = _decode(cfg, params, GpuLinearEmitter("serial"), root / "f32.so")
     assert laid == 0
+    assert 0 < np.abs(fast - exact).max() <= 0.05 * np.abs(exact).max()
+
+
+def test_gpu_emitter_int8_decodes_a_fixed_plan_close_to_float32(wide_nested):
+    """The same plan compiled fixed-width (2/3/4/8-bit stacks, gate and up in one SwiGLU call each): no weight
+    is laid out again, and the int8 graph stays within the int8-activation error of the float32 one."""
+    from moec.lower.gpu_linear import GpuLinearEmitter
+    cfg, _, root, params = wide_nested
+    laid, _, fast = _decode(cfg, params, GpuLinearEmitter("serial", activations="int8"), root / "fi8.so")
+    assert laid == 0
+    _, _, exact = _decode(cfg, params, GpuLinearEmitter("serial"), root / "ff32.so")
     assert 0 < np.abs(fast - exact).max() <= 0.05 * np.abs(exact).max()
 
 
