@@ -14,7 +14,7 @@ weights:
   (:func:`block_tiles`);
 - **a row's run is a few 32-bit words of codes, one byte a code** (:func:`_layout`): natural order at 8
   bits; 2-bit codes by ``(w >> 2j) & 0x03030303`` (every fourth code of a word); 3-bit codes by two
-  shift-or-mask steps per four; 4-bit codes as even/odd words; a nested stack in the run layout
+  multiplies per four (:func:`_spread3`); 4-bit codes as even/odd words; a nested stack in the run layout
   (``kernels/cuda_layout.py``, where the GPU emitter stores the stacks read in runs of 32) by one shift and
   one mask-or per segment a word, in moec's layout as even/odd words (``cuda_codes.spread``: each segment
   spread to its bits of the same bytes, shifted to the width's units);
@@ -57,9 +57,11 @@ def dp4a(a, b, c, bind: bool):
 
 
 def _spread3(w):
-    """Four 3-bit values (bits 0–11 of ``w``) to the low bits of four bytes, in order."""
-    x = (w | (w << T.uint32(10))) & T.uint32(0x003F003F)
-    return (x | (x << T.uint32(5))) & T.uint32(0x07070707)
+    """Four 3-bit values (bits 0–11 of ``w``; bits above are ignored) to the low bits of four bytes, in order:
+    values 0 and 2 by one multiply (bit 0 stays, bit 6 moves to 16), 1 and 3 by another (3 to 8, 9 to 24); each
+    product's four terms lie in disjoint bits, so no carry reaches a kept one."""
+    even = ((w & T.uint32(0x1C7)) * T.uint32(0x401)) & T.uint32(0x00070007)
+    return even | (((w & T.uint32(0xE38)) * T.uint32(0x8020)) & T.uint32(0x07000700))
 
 
 def _layout(codes: Codes, vector: int, run_layout: bool = False):
@@ -98,7 +100,7 @@ def _layout(codes: Codes, vector: int, run_layout: bool = False):
         return (lambda slot: slot // 16 * 16 + slot // 4 % 4 + slot % 4 * 4), stride4
     if codes.used == (1,) and segb == (3,):
         def threes(bits_at, d):  # four codes a word: 12 bits, in one word or two
-            return [_spread3(bits_at(0, 12 * i, 12)) for i in range(vector // 4)]
+            return [_spread3(bits_at(0, 12 * i, 12, mask=False)) for i in range(vector // 4)]
         return (lambda slot: slot), threes
     # 4-bit fixed stacks and every nested width: even / odd words of each chunk of 8 (cuda_gemv.spread)
 
@@ -193,14 +195,14 @@ def kernel_int8(codes: Codes, n: int, k: int, top_k: int, group: int, xr: int, v
         centre = (unit - 1.0) / 2.0 + recentre
 
         def bits_at(sw, slot):
-            def at(s, off, nbits):
+            def at(s, off, nbits, mask=True):
                 i, o = off // 32, off % 32
                 w = sw[slot * nseg + s, i]
                 if o:
                     w = w >> T.uint32(o)
                 if o + nbits > 32:
                     w = w | (sw[slot * nseg + s, i + 1] << T.uint32(32 - o))
-                if nbits < 32 and o + nbits != 32:  # bits above the value (this word's, or the next's)
+                if mask and nbits < 32 and o + nbits != 32:  # bits above the value (this word's, or the next's)
                     w = w & T.uint32((1 << nbits) - 1)
                 return w
             return at
