@@ -111,7 +111,8 @@ def rows_for(shape: dict, arch: str, nvcc: str, cuobjdump: str, widths: list[int
             res = {}
             for acts in ("float32", "int8"):
                 if kind == "fixed":
-                    func = cg.cuda_fixed_gemv(width, n, k, experts, top_k, group, 1, activations=acts)
+                    laid = acts == "int8" and ci.run_layout_fits(width, n, k, group, nested=False)  # as the emitter
+                    func = cg.cuda_fixed_gemv(width, n, k, experts, top_k, group, 1, activations=acts, run_layout=laid)
                     vector = (ci.FIXED_VECTOR if acts == "int8" else cg.FIXED_VECTOR)[width]
                     tiles = 1
                 else:  # the nested stack with one width, so the loop counted is that width's

@@ -117,9 +117,9 @@ def prepare_shape(folder: Path, arch: str, shape: str, vectors: list[int], rows:
             continue
         make = cuda_nested_gemv if nested else cuda_fixed_gemv
         acts = p.get("activations", "float32")
-        laid = nested and gpu_kernels.run_layout(bits, sh["n"], sh["k"], sh["group"], acts) and p["vector"] == 32
-        if nested:
-            p["run_layout"] = laid
+        laid = gpu_kernels.run_layout(bits, sh["n"], sh["k"], sh["group"], acts, nested) and p["vector"] == 32
+        if laid:
+            p["run_layout"] = True
         try:
             func = make(bits, sh["n"], sh["k"], sh["experts"], sh["top_k"], sh["group"], 1, **p)
         except MoecError:
@@ -155,7 +155,7 @@ def measure(folder: Path, variants: list[dict], widths: list[int]) -> list[list[
         if key not in inputs_for:
             inputs_for.clear()
             arrays = gpu_kernels.inputs(v["bits"], **sh, width=8 if v["nested"] else None,
-                                        activations="int8" if key[3] else "float32")
+                                        activations="int8" if key[3] else "float32")  # laid out in runs or not
             inputs_for[key] = [tvm.runtime.tensor(a, dev) for a in arrays]
         for width in (widths if v["nested"] else [None]):
             args = list(inputs_for[key])

@@ -475,9 +475,10 @@ def main(argv: list[str] | None = None) -> int:
                      f"build a cuda:{args.arch} bundle under {args.prepare or args.out} (and a host one for its tokens)")
             print(f"plan {name}: {where}, compare {args.tokens} greedy tokens, time decode with NVML"
                   + (" (nested 8-bit storage, then set_plan(uniform:2) compared too)"
-                     if name.removesuffix(INT8) == "nested" else ""))
+                     if name.removesuffix(INT8) == "nested" else "")
+                  + (" (int8 activations, both bundles)" if name.endswith(INT8) else ""))
         print(f"routed-expert GEMV GB/s at bits {args.kernel_bits or 'none'} (fixed and nested 8-bit), "
-              f"shapes {', '.join(args.shapes)}")
+              f"shapes {', '.join(args.shapes)}, activations {', '.join(args.kernel_acts)}")
         print("transformers and torch eager fp16 decode: " + ("skipped" if args.no_torch else "yes"))
         return 0
     if args.prepare is not None:

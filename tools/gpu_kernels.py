@@ -57,7 +57,8 @@ def expert_gemv_module(bits: int, n: int, k: int, experts: int, top_k: int, grou
     with bb.function("main", params):
         with bb.dataflow():
             if width is None:  # as the CUDA emitter makes them (the hand-written kernels where the shape fits)
-                y = emit_fixed_gemv(bb, x, *packed, scale, zero, ids, bits, n, k, group, expert_kernel, activations)
+                y = emit_fixed_gemv(bb, x, *packed, scale, zero, ids, bits, n, k, group, expert_kernel, activations,
+                                    run_layout(bits, n, k, group, activations, nested=False))
             else:
                 y = emit_nested_gemv(bb, x, packed, scale, zero, prec, ids, bits, n, k, group, expert_kernel,
                                      activations, run_layout(bits, n, k, group, activations))
@@ -68,10 +69,10 @@ def expert_gemv_module(bits: int, n: int, k: int, experts: int, top_k: int, grou
     return mod
 
 
-def run_layout(bits: int, n: int, k: int, group: int, activations: str) -> bool:
-    """Whether the GPU emitter lays a nested stack of this shape out in runs (``kernels/cuda_layout.py``)."""
+def run_layout(bits: int, n: int, k: int, group: int, activations: str, nested: bool = True) -> bool:
+    """Whether the GPU emitter lays a routed stack of this shape out in runs (``kernels/cuda_layout.py``)."""
     from moec.lower.schedules.cuda_gemv_int8 import run_layout_fits
-    return activations == "int8" and run_layout_fits(bits, n, k, group)
+    return activations == "int8" and run_layout_fits(bits, n, k, group, nested=nested)
 
 
 def routed_bytes(bits: int, n: int, k: int, top_k: int, group: int, **_) -> int:
@@ -107,7 +108,7 @@ def inputs(bits: int, n: int, k: int, experts: int, top_k: int, group: int, widt
     seg_bits = [bits] if width is None else list(get_nested_format(bits).segment_bits)
     out = [rng.standard_normal((1, k)).astype(np.float32)]
     segs = [rng.integers(0, 256, (experts, n, k * b // 8), dtype=np.uint8) for b in seg_bits]
-    if width is not None and run_layout(bits, n, k, group, activations):
+    if run_layout(bits, n, k, group, activations, nested=width is not None):
         from moec.lower.kernels.cuda_layout import to_run_layout
         segs = [to_run_layout(s, b, k) for s, b in zip(segs, seg_bits)]
     out += segs

@@ -169,11 +169,12 @@ def emit_nested_gemv(bb, x, segs: list, scale, zero, prec, ids, storage_bits: in
 
 
 def emit_fixed_gemv(bb, x, packed, scale, zero, ids, bits: int, n: int, k: int, group: int, kernel: str = "bound",
-                    activations: str = "float32"):
-    """Emit the routed fixed-width GEMV ``y [top_k, N]`` (ids all valid) into ``bb`` (:data:`EXPERT_KERNELS`)."""
+                    activations: str = "float32", run_layout: bool = False):
+    """Emit the routed fixed-width GEMV ``y [top_k, N]`` (ids all valid) into ``bb`` (:data:`EXPERT_KERNELS`;
+    ``run_layout``: 3-bit codes in ``kernels/cuda_layout.py``'s layout)."""
     top_k = int(ids.ty.shape[0])
     func = _hand_kernel(cuda_fixed_gemv, kernel, bits, n, k, int(scale.ty.shape[0]), top_k, group, int(x.ty.shape[0]),
-                        activations=activations)
+                        activations=activations, run_layout=run_layout)
     if func is not None:
         return _call(bb, func, [x, packed, scale, zero, ids], "expert_dequant_gemv", top_k, n)
     return bb.emit_te(expert_dequant_gemv, x, packed, scale, zero, ids, bits, n, k, group,
@@ -193,15 +194,20 @@ class GpuLinearEmitter(LinearEmitter):
         self.expert_kernel, self.activations = expert_kernel, activations
 
     def relayout(self, name: str, entry: WeightEntry) -> bool:
-        """With int8 activations, a nested stack the int8 bodies read in runs of 32 gets its segments in
-        ``kernels/cuda_layout.py``'s layout (``entry.layout`` = ``cuda-runs``); everything else keeps moec's."""
+        """With int8 activations, a nested stack, or a routed stack of fixed 3-bit codes, that the int8 bodies read
+        in runs of 32 gets its segments (codes) in ``kernels/cuda_layout.py``'s layout (``entry.layout`` =
+        ``cuda-runs``); everything else keeps moec's."""
         n, k = entry.shape
-        if (self.activations != "int8" or self.expert_kernel == "te" or not entry.nested or entry.layout
-                or not run_layout_fits(entry.bits, n, k, entry.group_size)):
+        if (self.activations != "int8" or self.expert_kernel == "te" or entry.layout or entry.kernel
+                or "weight" in entry.arrays or not entry.stacked or ".experts." not in name
+                or not run_layout_fits(entry.bits, n, k, entry.group_size, nested=entry.nested)):
             return False
-        bits = get_nested_format(entry.bits).segment_bits
-        entry.arrays = {a: to_run_layout(v, bits[int(a[3:])], k) if a.startswith("seg") else v
-                        for a, v in entry.arrays.items()}
+        if entry.nested:
+            bits = get_nested_format(entry.bits).segment_bits
+            entry.arrays = {a: to_run_layout(v, bits[int(a[3:])], k) if a.startswith("seg") else v
+                            for a, v in entry.arrays.items()}
+        else:
+            entry.arrays = {**entry.arrays, "packed": to_run_layout(entry.arrays["packed"], entry.bits, k)}
         entry.layout = CUDA_RUNS
         return True
 
@@ -231,21 +237,22 @@ class GpuLinearEmitter(LinearEmitter):
             packed, scale, zero = (vars_[f"{name}.{a}"] for a in ("packed", "scale", "zero"))
             group = k // entry.arrays["scale"].shape[-1]
             y = emit_fixed_gemv(bb, x, packed, scale, zero, safe, entry.bits, n, k, group, self.expert_kernel,
-                                self.activations)
+                                self.activations, entry.layout == CUDA_RUNS)
         return zero_other_rows(bb, y, ids)
 
     def swiglu_experts(self, bb, x, gate: WeightEntry, up: WeightEntry, vars_, gate_name, up_name, ids):
         """``silu(gate x) · (up x)`` of the routed ``ids`` (-1: another bit class, row 0) in one hand-kernel call
         where both stacks are packed in one format and the kernel takes the shape; else None."""
         if self.expert_kernel == "te" or "weight" in gate.arrays or "weight" in up.arrays or (
-                gate.bits, gate.shape, gate.arrays["scale"].shape) != (up.bits, up.shape, up.arrays["scale"].shape):
+                gate.bits, gate.shape, gate.arrays["scale"].shape, gate.layout) != (
+                up.bits, up.shape, up.arrays["scale"].shape, up.layout):
             return None
         n, k = gate.shape
         top_k = int(ids.ty.shape[0])
         arrays = [vars_[f"{nm}.{a}"] for nm in (gate_name, up_name) for a in ("packed", "scale", "zero")]
         func = _hand_kernel(cuda_fixed_gemv, self.expert_kernel, gate.bits, n, k, int(arrays[1].ty.shape[0]), top_k,
                             k // gate.arrays["scale"].shape[-1], int(x.ty.shape[0]), swiglu=True,
-                            activations=self.activations)
+                            activations=self.activations, run_layout=gate.layout == CUDA_RUNS)
         if func is None:
             return None
         y = _call(bb, func, [x, *arrays, clamped_ids(bb, ids)], "expert_dequant_swiglu", top_k, n)

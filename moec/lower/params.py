@@ -46,7 +46,8 @@ class WeightEntry:
     kernel: bool = False            # arrays are in the kernel layout ("kweight", "kscale", "kzero")
     nested: bool = False            # a nested stack: "seg0".., "scale", "zero" (moec.quant.nested)
     scales: str = DEFAULT_SCALES    # scale format (moec.core.formats.SCALE_FORMATS)
-    layout: str = ""                # "cuda-runs": a nested stack's segments in moec.lower.kernels.cuda_layout's layout
+    layout: str = ""                # "cuda-runs": a nested stack's segments (a fixed one's 3-bit codes) in
+    #                                 moec.lower.kernels.cuda_layout's layout
 
     @property
     def super_groups(self) -> int:
@@ -68,9 +69,12 @@ class WeightEntry:
         if self.kernel:
             raise ValueError("entry is already in the kernel layout")
         count = self.stacked or 1
+        arrays = self.arrays
+        if self.layout == CUDA_RUNS:
+            arrays = {**arrays, "packed": from_run_layout(arrays["packed"], self.bits, self.shape[1])}
 
         def part(key, i):
-            a = self.arrays.get(key)
+            a = arrays.get(key)
             return None if a is None else (a[i] if self.stacked else a)
 
         if "weight" in self.arrays:

@@ -55,8 +55,20 @@ def test_run_layout_puts_each_code_part_at_its_byte():
             for m in range(4):
                 got = (words[..., i // per] >> np.uint32(8 * m + b * (i % per))) & np.uint32((1 << b) - 1)
                 np.testing.assert_array_equal(got, codes[..., 4 * i + m])
+    seg = rng.integers(0, 256, (3, 5, k * 3 // 8), dtype=np.uint8)  # fixed 3-bit codes: high parts, then low bits
+    laid = to_run_layout(seg, 3, k)
+    np.testing.assert_array_equal(from_run_layout(laid, 3, k), seg)
+    codes = unpack(seg.reshape(-1, seg.shape[-1]), 3, k).reshape(3, 5, k // RUN, RUN)
+    words = laid.reshape(3, 5, k // RUN, 12).view("<u4")
+    for i in range(RUN // 4):
+        for m in range(4):
+            high = (words[..., i // 4] >> np.uint32(8 * m + 2 * (i % 4))) & np.uint32(3)
+            low = (words[..., 2] >> np.uint32(8 * m + i)) & np.uint32(1)
+            np.testing.assert_array_equal(2 * high + low, codes[..., 4 * i + m])
     with pytest.raises(MoecError, match="run layout"):
         to_run_layout(np.zeros((2, 6), np.uint8), 3, 16)
+    with pytest.raises(MoecError, match="run layout"):
+        to_run_layout(np.zeros((2, 64), np.uint8), 8, 64)
 
 
 def test_serial_dp4a_multiplies_signed_bytes():
@@ -89,16 +101,20 @@ def test_round_constant_rounds_to_even_in_the_low_byte():
 @pytest.mark.parametrize("xr, vector, tiles", [(1, None, None), (3, None, 2), (1, 16, 4), (3, 8, 1)])
 def test_int8_fixed_gemv_matches_the_dequantized_weights(bits, xr, vector, tiles):
     """Every fixed width, runs of 32 (default), 16 and 8 where the width takes them, one to four row tiles a
-    block, shared and per-expert activations: the int8 CPU kernels' numerics."""
+    block, shared and per-expert activations (3 bits in runs of 32 also from the run layout): the int8 CPU
+    kernels' numerics."""
     if bits == 3 and vector == 8:  # 3 bytes a run: the 3-bit codes' words need whole 24-bit chunks of 8
         vector = 16
     k = 1024
     rng = np.random.default_rng(bits)
     pws = [pack_weight((rng.standard_normal((N, k)) * 0.1).astype(np.float32), bits, GS) for _ in range(E)]
+    laid = bits == 3 and vector is None
     mod = _llvm(cuda_fixed_gemv(bits, N, k, E, TOP_K, GS, xr, vector=vector, tiles=tiles, bind=False,
-                                activations="int8"))
+                                activations="int8", run_layout=laid))
     x = rng.standard_normal((xr, k)).astype(np.float32)
     stack = [np.stack([getattr(p, a) for p in pws]) for a in ("packed", "scale", "zero")]
+    if laid:
+        stack[0] = to_run_layout(stack[0], 3, k)
     y = call(mod, "expert_dequant_gemv", [x, *stack, np.asarray(IDS, np.int32), np.zeros((TOP_K, N), np.float32)])
     xd = dequantized_activations(x, GS)
     for r, e in enumerate(IDS):
@@ -192,6 +208,8 @@ def test_int8_bodies_refuse_what_they_do_not_take():
     """A run layout is read in runs of 32 by the nested int8 bodies only; float32 takes neither it nor tiles."""
     with pytest.raises(MoecError, match="run layout"):
         cuda_nested_gemv(8, N, 512, E, TOP_K, GS, 1, activations="int8", run_layout=True, bind=False)
+    with pytest.raises(MoecError, match="run layout"):
+        cuda_fixed_gemv(4, N, 1024, E, TOP_K, GS, 1, activations="int8", run_layout=True, bind=False)
     with pytest.raises(MoecError, match="float32 or int8"):
         cuda_nested_gemv(8, N, 1024, E, TOP_K, GS, 1, run_layout=True, bind=False)
     with pytest.raises(MoecError, match="float32 or int8"):
@@ -262,12 +280,20 @@ def test_gpu_emitter_int8_decodes_a_nested_plan_close_to_float32(wide_nested):
 
 
 def test_gpu_emitter_int8_decodes_a_fixed_plan_close_to_float32(wide_nested):
-    """The same plan compiled fixed-width (2/3/4/8-bit stacks, gate and up in one SwiGLU call each): no weight
-    is laid out again, and the int8 graph stays within the int8-activation error of the float32 one."""
+    """The same plan compiled fixed-width (2/3/4/8-bit stacks, gate and up in one SwiGLU call each): only the
+    3-bit stacks are laid out in runs (and still give back their PackedWeights), and the int8 graph stays within
+    the int8-activation error of the float32 one."""
     from moec.lower.gpu_linear import GpuLinearEmitter
+    from moec.lower.params import CUDA_RUNS
     cfg, _, root, params = wide_nested
-    laid, _, fast = _decode(cfg, params, GpuLinearEmitter("serial", activations="int8"), root / "fi8.so")
-    assert laid == 0
+    laid, int8_params, fast = _decode(cfg, params, GpuLinearEmitter("serial", activations="int8"), root / "fi8.so")
+    threes = [n for n, e in params.entries.items() if ".experts." in n and e.bits == 3]
+    assert laid == len(threes) > 0
+    for name, entry in int8_params.entries.items():
+        assert (entry.layout == CUDA_RUNS) == (name in threes)
+        if name in threes:
+            for a, b in zip(entry.packed_weights(), params.entries[name].packed_weights()):
+                np.testing.assert_array_equal(a.packed, b.packed)
     _, _, exact = _decode(cfg, params, GpuLinearEmitter("serial"), root / "ff32.so")
     assert 0 < np.abs(fast - exact).max() <= 0.05 * np.abs(exact).max()
 

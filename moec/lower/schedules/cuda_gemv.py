@@ -312,17 +312,17 @@ def cuda_nested_gemv(storage_bits: int, n: int, k: int, experts: int, top_k: int
 def cuda_fixed_gemv(bits: int, n: int, k: int, experts: int, top_k: int, group: int, xr: int,
                     vector: int | None = None, rows: int = 4, per_warp: int | None = None, magic: bool = False,
                     swiglu: bool = False, bind: bool = True, activations: str = "float32",
-                    tiles: int | None = None) -> tirx.PrimFunc:
+                    tiles: int | None = None, run_layout: bool = False) -> tirx.PrimFunc:
     """``gemv(x [xr, k], packed [E, n, k·bits/8], scale, zero, ids [top_k], y [top_k, n])`` over a fixed-width
     stack (ids all valid): the nested kernel's body for a single segment of ``bits`` (``activations``: as
-    :func:`cuda_nested_gemv`). ``swiglu``:
+    :func:`cuda_nested_gemv`; ``run_layout``: 3-bit codes in ``kernels/cuda_layout.py``'s layout, int8 only). ``swiglu``:
     ``gemv(x, packed, scale, zero, up_packed, up_scale, up_zero, ids, y)``, ``y = silu(gate x) · (up x)``."""
     codes = fixed_codes(bits)
     if vector is None:
         table = cuda_gemv_int8.FIXED_VECTOR if activations == "int8" else FIXED_VECTOR
         vector = _vector(codes, k, group, activations, (table[bits], 16, 8), table[bits])
     kernel = _make_kernel(codes, n, k, top_k, group, xr, vector, rows, per_warp, magic, False, bind, swiglu,
-                          activations, False, tiles)
+                          activations, run_layout, tiles)
     zbytes = packed_row_bytes(k // group, bits)
     Sp, Sc, Sz = (experts, n, k * bits // 8), (experts, n, k // group), (experts, n, zbytes)
     name = "expert_dequant_swiglu" if swiglu else "expert_dequant_gemv"

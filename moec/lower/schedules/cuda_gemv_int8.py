@@ -13,8 +13,9 @@ weights:
   come out of their segments, with each run's ``sx`` and ``Σ x8``; up to 4 row tiles of the block share it
   (:func:`block_tiles`);
 - **a row's run is a few 32-bit words of codes, one byte a code** (:func:`_layout`): natural order at 8
-  bits; 2-bit codes by ``(w >> 2j) & 0x03030303`` (every fourth code of a word); 3-bit codes by two
-  multiplies per four (:func:`_spread3`); 4-bit codes as even/odd words; a nested stack in the run layout
+  bits; 2-bit codes by ``(w >> 2j) & 0x03030303`` (every fourth code of a word); 3-bit codes from the
+  run layout (a 2-bit and a 1-bit part) where read in runs of 32, else by two multiplies per four
+  (:func:`_spread3`); 4-bit codes as even/odd words; a nested stack in the run layout
   (``kernels/cuda_layout.py``, where the GPU emitter stores the stacks read in runs of 32) by one shift and
   one mask-or per segment a word, in moec's layout as even/odd words (``cuda_codes.spread``: each segment
   spread to its bits of the same bytes, shifted to the width's units);
@@ -33,7 +34,7 @@ from tvm.script import tirx as T
 
 from moec.core.errors import MoecError
 from moec.lower.kernels.cuda_layout import RUN
-from moec.lower.schedules.cuda_codes import LANES, Codes, code_bits, nested_codes, row_outputs, spread
+from moec.lower.schedules.cuda_codes import LANES, Codes, code_bits, fixed_codes, nested_codes, row_outputs, spread
 
 #: k per lane step by fixed width (where the shape takes it, else 16 or 8): runs of 32 issued 30–58 % fewer
 #: instructions a weight than runs of 16 and 8 (sm_90 SASS, ``benchmarks/cuda_sass.py``), 3 bits needs 32.
@@ -64,12 +65,27 @@ def _spread3(w):
     return even | (((w & T.uint32(0xE38)) * T.uint32(0x8020)) & T.uint32(0x07000700))
 
 
+def _shifted(word, at: int, to: int):
+    """``word`` with its bit ``at`` moved to bit ``to``."""
+    if at == to:
+        return word
+    return word >> T.uint32(at - to) if at > to else word << T.uint32(to - at)
+
+
 def _layout(codes: Codes, vector: int, run_layout: bool = False):
     """``(order, words)``: ``order(4 i + m)`` is the run element whose code is byte ``m`` of code word ``i`` (an
     int or a TIR index); ``words(bits_at, d)`` the ``vector // 4`` code words of a row's run at width index ``d``, from
     ``bits_at(s, offset, nbits)`` (``nbits`` bits of segment ``s``'s run at bit ``offset``). ``run_layout``: the
-    nested segments are in ``kernels/cuda_layout.py``'s layout (runs of 32)."""
+    nested segments, or a fixed stack's 3-bit codes, are in ``kernels/cuda_layout.py``'s layout (runs of 32)."""
     segb = codes.segb
+    if run_layout and segb == (3,):  # a fixed 3-bit stack: two words of high parts, one of low bits
+        def threes_runs(bits_at, d):
+            out = []
+            for i in range(vector // 4):
+                high = _shifted(bits_at(0, 32 * (i // 4), 32), 2 * (i % 4), 1) & T.uint32(0x06060606)
+                out.append(high | (_shifted(bits_at(0, 64, 32), i, 0) & T.uint32(0x01010101)))
+            return out
+        return (lambda slot: slot), threes_runs
     if run_layout:
         def runs(bits_at, d):
             t = codes.storage - codes.widths[d]
@@ -78,10 +94,7 @@ def _layout(codes: Codes, vector: int, run_layout: bool = False):
                 word = None
                 for s in range(codes.used[d]):
                     per, p = 8 // segb[s], codes.positions[s] - t  # parts a byte; the part's place in the code
-                    part = bits_at(s, 32 * (i // per), 32)
-                    f = segb[s] * (i % per)
-                    if f != p:
-                        part = part >> T.uint32(f - p) if f > p else part << T.uint32(p - f)
+                    part = _shifted(bits_at(s, 32 * (i // per), 32), segb[s] * (i % per), p)
                     part = part & T.uint32((((1 << segb[s]) - 1) * 0x01010101) << p)
                     word = part if word is None else word | part
                 out.append(word)
@@ -117,11 +130,14 @@ def _layout(codes: Codes, vector: int, run_layout: bool = False):
     return (lambda slot: slot // 8 * 8 + slot // 4 % 2 + slot % 4 * 2), pairs
 
 
-def run_layout_fits(storage_bits: int, n: int, k: int, group: int, rows: int = 4) -> bool:
-    """Whether the int8 bodies read a nested stack of this shape in runs of :data:`RUN` (``kernels/cuda_layout.py``),
+def run_layout_fits(bits: int, n: int, k: int, group: int, rows: int = 4, nested: bool = True) -> bool:
+    """Whether the int8 bodies read a stack of this shape in runs of :data:`RUN` from ``kernels/cuda_layout.py``'s
+    layout (``nested``: a ``bits``-bit nested stack; else a fixed one, which only at 3 bits has that layout),
     ``rows`` warps a block."""
+    if not nested and bits != 3:
+        return False
     try:
-        check_int8(nested_codes(storage_bits), k, group, RUN)
+        check_int8(nested_codes(bits) if nested else fixed_codes(bits), k, group, RUN)
     except MoecError:
         return False
     return n % rows == 0
@@ -160,8 +176,9 @@ def kernel_int8(codes: Codes, n: int, k: int, top_k: int, group: int, xr: int, v
     H = 2 if swiglu else 1
     HR = H * R
     lanes_group = group // vector  # lanes (runs) of one quantization group
-    if run_layout and (vector != RUN or len(codes.segb) == 1):
-        raise MoecError(f"the CUDA run layout is for nested stacks read in runs of {RUN}, not {vector}")
+    if run_layout and (vector != RUN or codes.segb in ((2,), (4,), (8,))):
+        raise MoecError(f"the CUDA run layout is for nested stacks and fixed 3-bit ones read in runs of {RUN}, "
+                        f"not {codes.segb[0] if len(codes.segb) == 1 else 'nested'}-bit ones in runs of {vector}")
     order, make_words = _layout(codes, vector, run_layout)
 
     def xrow(j):
