@@ -13,9 +13,9 @@ time (:func:`expert_nested_gemv`): each bit-plane segment's load sits under its 
 
 Decode-step GEMVs whose shape the hand-written kernels take (``schedules/cuda_gemv.py``) use those
 instead; with ``activations="int8"`` their int8 bodies (``schedules/cuda_gemv_int8.py``: ``dp4a`` over
-activations quantized in the kernel), and nested stacks those bodies read in runs of 32 are stored in
-``kernels/cuda_layout.py``'s layout (:meth:`GpuLinearEmitter.relayout`). A shape the int8 bodies do not
-take keeps the float32 ones.
+activations quantized in the kernel), and the nested stacks (and fixed 3-bit ones) those bodies read in runs
+of 32 are stored in ``kernels/cuda_layout.py``'s layout (:meth:`GpuLinearEmitter.relayout`). A shape the int8
+bodies do not take keeps the float32 ones.
 """
 
 from __future__ import annotations
