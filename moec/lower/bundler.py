@@ -134,7 +134,10 @@ def require_scale_kernels(plan: BitPlan, preset: TargetPreset) -> None:
 
 
 def resolved_activations(emitter: LinearEmitter) -> str:
-    """The activations the bundle's quantized kernels take (``auto`` resolved by the kernel emitter)."""
+    """The activations the bundle's quantized kernels take (``auto`` resolved by the kernel emitter; on CUDA int8
+    only if some GEMV's shape took the int8 bodies)."""
+    if isinstance(emitter, GpuLinearEmitter):
+        return emitter.resolved_activations
     return getattr(emitter, "activations", "float32")  # the reference emitter: float32
 
 

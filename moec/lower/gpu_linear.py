@@ -126,18 +126,21 @@ EXPERT_KERNELS = ("bound", "serial", "te")
 
 
 def _hand_kernel(make, kernel: str, *shape, swiglu: bool = False, activations: str = "float32",
-                 run_layout: bool = False):
+                 run_layout: bool = False, seen: set | None = None):
     """The hand kernel ``make(*shape)`` with ``activations`` (int8 falling back to float32 for a shape its bodies
-    do not take, except over the run layout, which only the int8 bodies read); None for ``te`` or a shape no
-    body takes (k not a multiple of 256, groups not a multiple of 8)."""
+    do not take, except over the run layout, which only the int8 bodies read; ``seen`` collects the activations
+    taken); None for ``te`` or a shape no body takes (k not a multiple of 256, groups not a multiple of 8)."""
     if kernel == "te":
         return None
     extra = {"run_layout": True} if run_layout else {}
     for acts in (activations,) if run_layout else dict.fromkeys((activations, "float32")):
         try:
-            return make(*shape, swiglu=swiglu, bind=kernel == "bound", activations=acts, **extra)
+            func = make(*shape, swiglu=swiglu, bind=kernel == "bound", activations=acts, **extra)
         except MoecError:
             continue
+        if seen is not None:
+            seen.add(acts)
+        return func
     if run_layout:
         raise MoecError(f"the CUDA int8 GEMV does not take a run-layout stack of shape {shape}")
     return None
@@ -155,12 +158,13 @@ def _nested_arrays(entry: WeightEntry, vars_, name: str) -> list:
 
 
 def emit_nested_gemv(bb, x, segs: list, scale, zero, prec, ids, storage_bits: int, n: int, k: int, group: int,
-                     kernel: str = "bound", activations: str = "float32", run_layout: bool = False):
+                     kernel: str = "bound", activations: str = "float32", run_layout: bool = False,
+                     seen: set | None = None):
     """Emit the routed nested GEMV ``y [top_k, N]`` into ``bb`` (see :data:`EXPERT_KERNELS`; ``run_layout``:
-    the segments are in ``kernels/cuda_layout.py``'s layout)."""
+    the segments are in ``kernels/cuda_layout.py``'s layout; ``seen``: as :func:`_hand_kernel`)."""
     top_k = int(ids.ty.shape[0])
     func = _hand_kernel(cuda_nested_gemv, kernel, storage_bits, n, k, int(scale.ty.shape[0]), top_k, group,
-                        int(x.ty.shape[0]), activations=activations, run_layout=run_layout)
+                        int(x.ty.shape[0]), activations=activations, run_layout=run_layout, seen=seen)
     if func is not None:
         return _call(bb, func, [x, *segs, scale, zero, prec, ids], "expert_nested_gemv", top_k, n)
     return bb.emit_te(
@@ -169,12 +173,12 @@ def emit_nested_gemv(bb, x, segs: list, scale, zero, prec, ids, storage_bits: in
 
 
 def emit_fixed_gemv(bb, x, packed, scale, zero, ids, bits: int, n: int, k: int, group: int, kernel: str = "bound",
-                    activations: str = "float32", run_layout: bool = False):
+                    activations: str = "float32", run_layout: bool = False, seen: set | None = None):
     """Emit the routed fixed-width GEMV ``y [top_k, N]`` (ids all valid) into ``bb`` (:data:`EXPERT_KERNELS`;
-    ``run_layout``: 3-bit codes in ``kernels/cuda_layout.py``'s layout)."""
+    ``run_layout``: 3-bit codes in ``kernels/cuda_layout.py``'s layout; ``seen``: as :func:`_hand_kernel`)."""
     top_k = int(ids.ty.shape[0])
     func = _hand_kernel(cuda_fixed_gemv, kernel, bits, n, k, int(scale.ty.shape[0]), top_k, group, int(x.ty.shape[0]),
-                        activations=activations, run_layout=run_layout)
+                        activations=activations, run_layout=run_layout, seen=seen)
     if func is not None:
         return _call(bb, func, [x, packed, scale, zero, ids], "expert_dequant_gemv", top_k, n)
     return bb.emit_te(expert_dequant_gemv, x, packed, scale, zero, ids, bits, n, k, group,
@@ -192,6 +196,12 @@ class GpuLinearEmitter(LinearEmitter):
         if activations not in ACTIVATIONS:
             raise ValueError(f"activations must be one of {ACTIVATIONS}, not {activations!r}")
         self.expert_kernel, self.activations = expert_kernel, activations
+        self.seen: set[str] = set()  # the activations of the hand kernels emitted so far
+
+    @property
+    def resolved_activations(self) -> str:
+        """What the bundle's hand kernels take: int8 if any GEMV took the int8 bodies, else float32."""
+        return "int8" if "int8" in self.seen else "float32"
 
     def relayout(self, name: str, entry: WeightEntry) -> bool:
         """With int8 activations, a nested stack, or a routed stack of fixed 3-bit codes, that the int8 bodies read
@@ -220,7 +230,7 @@ class GpuLinearEmitter(LinearEmitter):
         rows = x.ty.shape[0]
         one_row = isinstance(rows, tirx.IntImm) and rows.value == 1
         func = _hand_kernel(cuda_fixed_gemv, self.expert_kernel, entry.bits, n, k, 1, 1, group, 1,
-                            activations=self.activations) if one_row else None
+                            activations=self.activations, seen=self.seen) if one_row else None
         if func is not None:
             # a decode step's one row: the hand-written kernel as a stack of one expert, routed to it (views)
             one = [bb.emit(relax.op.reshape(a, (1, *(int(d) for d in a.ty.shape)))) for a in (packed, scale, zero)]
@@ -237,7 +247,7 @@ class GpuLinearEmitter(LinearEmitter):
             packed, scale, zero = (vars_[f"{name}.{a}"] for a in ("packed", "scale", "zero"))
             group = k // entry.arrays["scale"].shape[-1]
             y = emit_fixed_gemv(bb, x, packed, scale, zero, safe, entry.bits, n, k, group, self.expert_kernel,
-                                self.activations, entry.layout == CUDA_RUNS)
+                                self.activations, entry.layout == CUDA_RUNS, self.seen)
         return zero_other_rows(bb, y, ids)
 
     def swiglu_experts(self, bb, x, gate: WeightEntry, up: WeightEntry, vars_, gate_name, up_name, ids):
@@ -252,7 +262,7 @@ class GpuLinearEmitter(LinearEmitter):
         arrays = [vars_[f"{nm}.{a}"] for nm in (gate_name, up_name) for a in ("packed", "scale", "zero")]
         func = _hand_kernel(cuda_fixed_gemv, self.expert_kernel, gate.bits, n, k, int(arrays[1].ty.shape[0]), top_k,
                             k // gate.arrays["scale"].shape[-1], int(x.ty.shape[0]), swiglu=True,
-                            activations=self.activations, run_layout=gate.layout == CUDA_RUNS)
+                            activations=self.activations, run_layout=gate.layout == CUDA_RUNS, seen=self.seen)
         if func is None:
             return None
         y = _call(bb, func, [x, *arrays, clamped_ids(bb, ids)], "expert_dequant_swiglu", top_k, n)
@@ -268,7 +278,8 @@ class GpuLinearEmitter(LinearEmitter):
         top_k = int(ids.ty.shape[0])
         func = _hand_kernel(cuda_nested_gemv, self.expert_kernel, gate.bits, n, k,
                             int(vars_[f"{gate_name}.scale"].ty.shape[0]), top_k, gate.group_size, int(x.ty.shape[0]),
-                            swiglu=True, activations=self.activations, run_layout=gate.layout == CUDA_RUNS)
+                            swiglu=True, activations=self.activations, run_layout=gate.layout == CUDA_RUNS,
+                            seen=self.seen)
         if func is None:
             return None
         args = [x, *_nested_arrays(gate, vars_, gate_name), *_nested_arrays(up, vars_, up_name), prec, ids]
@@ -279,4 +290,4 @@ class GpuLinearEmitter(LinearEmitter):
         n, k = entry.shape
         *segs, scale, zero = _nested_arrays(entry, vars_, name)
         return emit_nested_gemv(bb, x, segs, scale, zero, prec, ids, entry.bits, n, k, entry.group_size,
-                                self.expert_kernel, self.activations, entry.layout == CUDA_RUNS)
+                                self.expert_kernel, self.activations, entry.layout == CUDA_RUNS, self.seen)

@@ -263,7 +263,9 @@ def test_gpu_emitter_int8_decodes_a_nested_plan_close_to_float32(wide_nested):
     from moec.lower.gpu_linear import GpuLinearEmitter
     from moec.lower.params import CUDA_RUNS
     cfg, params, root, _ = wide_nested
-    laid, int8_params, fast = _decode(cfg, params, GpuLinearEmitter("serial", activations="int8"), root / "i8.so")
+    emitter = GpuLinearEmitter("serial", activations="int8")
+    laid, int8_params, fast = _decode(cfg, params, emitter, root / "i8.so")
+    assert emitter.resolved_activations == "int8"  # what the manifest records
     stacks = [n for n, e in params.entries.items() if e.nested]
     assert laid == len(stacks) > 0
     for name in stacks:
@@ -296,6 +298,25 @@ def test_gpu_emitter_int8_decodes_a_fixed_plan_close_to_float32(wide_nested):
                 np.testing.assert_array_equal(a.packed, b.packed)
     _, _, exact = _decode(cfg, params, GpuLinearEmitter("serial"), root / "ff32.so")
     assert 0 < np.abs(fast - exact).max() <= 0.05 * np.abs(exact).max()
+
+
+def test_int8_request_the_shapes_do_not_take_resolves_to_float32(tmp_path):
+    """A model too small for the int8 bodies (k = 64: no run of 8 on 32 lanes) decodes with the float32 forms,
+    and the emitter (the manifest) says float32, not the int8 that was asked for."""
+    from moec.lower.decode_graph import DecodeBuilder
+    from moec.lower.gpu_linear import GpuLinearEmitter
+    from moec.lower.params import build_params
+    from moec.models.checkpoint import load_checkpoint
+    from moec.quant.weights import ModelWeights
+    from moec.core.plan import resolve_plan
+    from tests.conftest import make_tiny_checkpoint
+    make_tiny_checkpoint(tmp_path / "ckpt")
+    model = load_checkpoint(tmp_path / "ckpt")
+    plan = resolve_plan("uniform:4", model.cfg, 32)
+    weights = ModelWeights.from_model(model, plan)
+    emitter = GpuLinearEmitter("serial", activations="int8")
+    DecodeBuilder(model.cfg, build_params(model.cfg, plan, weights.packed, weights.floats), emitter).build()
+    assert emitter.seen <= {"float32"} and emitter.resolved_activations == "float32"
 
 
 def test_cuda_backend_takes_int8_activations():
