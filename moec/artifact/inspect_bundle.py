@@ -21,7 +21,8 @@ def format_bundle(manifest: dict) -> str:
     lines = [f"bundle for {manifest['model']['architecture']} (fingerprint {manifest['model']['fingerprint']}): "
              f"{cfg['num_layers']} layers, {cfg['num_experts']} experts, top-{cfg['top_k']}",
              f"target {manifest['target']['name']} ({manifest['tvm_target']}), TVM {manifest['tvm_version']}, "
-             f"moec {manifest['moec_version']}, kernels: {manifest.get('kernels', '?')}",
+             f"moec {manifest['moec_version']}, kernels: {manifest.get('kernels', '?')}, "
+             f"{manifest.get('activations', 'float32')} activations",
              f"created {manifest['created_at']} by: {manifest['created_by']}",
              f"weights: {manifest['weight_bytes'] / 1e6:.3f} MB under the plan "
              f"({manifest.get('stored_weight_bytes', manifest['weight_bytes']) / 1e6:.3f} MB stored)", ""]

@@ -347,6 +347,8 @@ def test_moec_compile_int8_nested_for_jetson(tmp_path):
     manifest = json.loads((tmp_path / "b" / "manifest.json").read_text())
     assert manifest["activations"] == "int8" and manifest["nested"]["storage_bits"] == 8
     assert "__dp4a" in (tmp_path / "b" / "kernels.cu").read_text()
+    res = CliRunner().invoke(cli, ["inspect", str(tmp_path / "b")])
+    assert res.exit_code == 0 and "kernels: gpu-fused, int8 activations" in res.output, res.output
 
 
 @pytest.mark.skipif(find_nvcc() is None or shutil.which("aarch64-linux-gnu-g++") is None,
