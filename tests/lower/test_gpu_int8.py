@@ -18,7 +18,7 @@ from moec.lower.cuda_kernels import find_nvcc
 from moec.lower.kernels.activations import dequantized_activations
 from moec.lower.kernels.cuda_layout import RUN, from_run_layout, to_run_layout
 from moec.lower.schedules.cuda_gemv import cuda_fixed_gemv, cuda_nested_gemv
-from moec.lower.schedules.cuda_gemv_int8 import ROUND, ROUND_BITS, dp4a
+from moec.lower.schedules.cuda_gemv_int8 import ROUND, dp4a
 from moec.quant.nested import dequantize_nested, nest
 from moec.quant.pack import unpack
 from moec.quant.packed_model import pack_weight
@@ -90,10 +90,10 @@ def test_serial_dp4a_multiplies_signed_bytes():
 
 
 def test_round_constant_rounds_to_even_in_the_low_byte():
-    """``x + 1.5·2**23`` (float32) rounds ``x`` to an integer, ties to even, and its bits less ``ROUND_BITS`` are
+    """``x + 1.5·2**23`` (float32) rounds ``x`` to an integer, ties to even, and its bits less ``ROUND``'s are
     that integer (the low byte the int8 code) for every |x| <= 127."""
     x = np.concatenate([np.arange(-127, 127.01, 0.25), [-0.5, 0.5, 1.5, 2.5, -2.5]]).astype(np.float32)
-    bits = (x + np.float32(ROUND)).view(np.int32) - ROUND_BITS
+    bits = (x + np.float32(ROUND)).view(np.int32) - np.float32(ROUND).view(np.int32)
     np.testing.assert_array_equal(bits, np.round(x).astype(np.int32))
 
 

@@ -62,7 +62,7 @@ def _check(codes: Codes, n: int, k: int, group: int, xr: int, top_k: int, vector
                         f"on {LANES} lanes and {rows}x{per_warp} rows")
 
 
-def _kernel(codes: Codes, n: int, k: int, experts: int, top_k: int, group: int, xr: int, vector: int,
+def _kernel(codes: Codes, n: int, k: int, top_k: int, group: int, xr: int, vector: int,
             rows: int, per_warp: int, magic: bool, words: bool, bind: bool, swiglu: bool = False):
     """The macro ``bound``/``serial`` (``x, segs, scales, zeros, prec or None, ids, y``) of the kernel: ``segs``
     the stack's segments (with ``swiglu``, the gate's then the up stack's), ``scales``/``zeros`` one per stack."""
@@ -233,16 +233,15 @@ def _kernel(codes: Codes, n: int, k: int, experts: int, top_k: int, group: int, 
 
 def _vector(codes: Codes, k: int, group: int, activations: str, choices: tuple[int, ...], default: int) -> int:
     """The first run length of ``choices`` the shape takes (``default`` where none does: the check says why)."""
-    for v in choices:
+    def fits(v: int) -> bool:
+        if activations != "int8":
+            return k % (LANES * v) == 0 and group % v == 0
         try:
-            if activations == "int8":
-                cuda_gemv_int8.check_int8(codes, k, group, v)
-            elif k % (LANES * v) or group % v:
-                continue
-            return v
+            cuda_gemv_int8.check_int8(codes, k, group, v)
         except MoecError:
-            continue
-    return default
+            return False
+        return True
+    return next((v for v in choices if fits(v)), default)
 
 
 def _make_kernel(codes: Codes, n: int, k: int, top_k: int, group: int, xr: int, vector: int, rows: int,
@@ -258,7 +257,7 @@ def _make_kernel(codes: Codes, n: int, k: int, top_k: int, group: int, xr: int, 
     if activations != "float32" or run_layout or tiles:
         raise MoecError(f"the CUDA expert GEMV takes float32 or int8 activations (run layout and tiles: int8), "
                         f"not {activations!r}")
-    return _kernel(codes, n, k, 0, top_k, group, xr, vector, rows, per_warp, magic, words, bind, swiglu)
+    return _kernel(codes, n, k, top_k, group, xr, vector, rows, per_warp, magic, words, bind, swiglu)
 
 
 @functools.lru_cache(maxsize=None)  # one parse per shape (about 0.1 s each): a model's layers share a few

@@ -41,14 +41,15 @@ from moec.lower.schedules.cuda_codes import LANES, Codes, code_bits, fixed_codes
 FIXED_VECTOR = {2: 32, 3: 32, 4: 32, 8: 32}
 #: k per lane step of a nested stack: its 1-bit planes a 32-bit word a run (``kernels/cuda_layout.RUN``).
 NESTED_VECTOR = RUN
-ROUND = 12582912.0  # 1.5 · 2**23: a float32 below 2**22 in magnitude plus this rounds to an integer (to even)
-ROUND_BITS = 0x4B400000  # its bits: those of ``v + ROUND`` less these are ``round(v)``, low byte included
+ROUND = 12582912.0  # 1.5 · 2**23: a float32 below 2**22 in magnitude plus this rounds to an integer (to even),
+#                    whose bits less ROUND's are that integer, its low byte included
 
 
 def dp4a(a, b, c, bind: bool):
     """``c + Σ_m sbyte_m(a) · sbyte_m(b)`` of int32 words of four signed bytes (CUDA's ``__dp4a``)."""
     if bind:
         return T.call_pure_extern("int32", "__dp4a", a, b, c)
+
     def sbyte(w, m):  # byte m of w as a signed value
         return (((w >> (8 * m)) & 0xFF) ^ 0x80) - 0x80
 
@@ -130,17 +131,20 @@ def _layout(codes: Codes, vector: int, run_layout: bool = False):
     return (lambda slot: slot // 8 * 8 + slot // 4 % 2 + slot % 4 * 2), pairs
 
 
+def _has_run_layout(codes: Codes) -> bool:
+    """Whether ``kernels/cuda_layout.py`` lays out such a stack: nested ones, and fixed ones of 3-bit codes."""
+    return len(codes.segb) > 1 or codes.segb == (3,)
+
+
 def run_layout_fits(bits: int, n: int, k: int, group: int, rows: int = 4, nested: bool = True) -> bool:
     """Whether the int8 bodies read a stack of this shape in runs of :data:`RUN` from ``kernels/cuda_layout.py``'s
-    layout (``nested``: a ``bits``-bit nested stack; else a fixed one, which only at 3 bits has that layout),
-    ``rows`` warps a block."""
-    if not nested and bits != 3:
-        return False
+    layout (``nested``: a ``bits``-bit nested stack, else a fixed one), ``rows`` warps a block."""
     try:
-        check_int8(nested_codes(bits) if nested else fixed_codes(bits), k, group, RUN)
+        codes = nested_codes(bits) if nested else fixed_codes(bits)
+        check_int8(codes, k, group, RUN)
     except MoecError:
         return False
-    return n % rows == 0
+    return _has_run_layout(codes) and n % rows == 0
 
 
 def check_int8(codes: Codes, k: int, group: int, vector: int) -> None:
@@ -176,7 +180,7 @@ def kernel_int8(codes: Codes, n: int, k: int, top_k: int, group: int, xr: int, v
     H = 2 if swiglu else 1
     HR = H * R
     lanes_group = group // vector  # lanes (runs) of one quantization group
-    if run_layout and (vector != RUN or codes.segb in ((2,), (4,), (8,))):
+    if run_layout and (vector != RUN or not _has_run_layout(codes)):
         raise MoecError(f"the CUDA run layout is for nested stacks and fixed 3-bit ones read in runs of {RUN}, "
                         f"not {codes.segb[0] if len(codes.segb) == 1 else 'nested'}-bit ones in runs of {vector}")
     order, make_words = _layout(codes, vector, run_layout)
@@ -295,7 +299,8 @@ def kernel_int8(codes: Codes, n: int, k: int, top_k: int, group: int, xr: int, v
         else:
             for v in range(group):
                 amax[0] = T.max(amax[0], T.abs(x[row, r * vector // group * group + v]))
-        amax[1] = T.float32(127) / T.max(amax[0], T.float32(1e-30))
+        amax[0] = T.max(amax[0], T.float32(1e-30))
+        amax[1] = T.float32(127) / amax[0]
         for v in T.unroll(vector):  # round(x / sx) as the bits of x · 127/max + 1.5 · 2**23: its low byte is the code
             q[v] = T.reinterpret("int32", xl[v] * amax[1] + T.float32(ROUND))
         q[vector] = 0
@@ -303,7 +308,7 @@ def kernel_int8(codes: Codes, n: int, k: int, top_k: int, group: int, xr: int, v
             q[vector + 1] = pack(q, i)
             xq[r * nw + i] = q[vector + 1]
             q[vector] = dp4a(q[vector + 1], T.int32(0x01010101), q[vector], bind)
-        xf[2 * r] = T.max(amax[0], T.float32(1e-30)) / T.float32(127)
+        xf[2 * r] = amax[0] / T.float32(127)
         xf[2 * r + 1] = T.Cast("float32", q[vector])
 
     @T.macro
