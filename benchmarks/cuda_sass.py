@@ -182,7 +182,13 @@ def main() -> int:
         print("error: --widths takes a comma list of 2, 3, 4 and 8", file=sys.stderr)
         return 2
     shape = {**gpu_kernels.SHAPES[args.shape], "name": args.shape}
-    rows = rows_for(shape, args.arch, nvcc, cuobjdump, widths)
+    try:
+        rows = rows_for(shape, args.arch, nvcc, cuobjdump, widths)
+    except subprocess.CalledProcessError as exc:  # nvcc refused the arch, or cuobjdump the cubin
+        said = (exc.stderr or b"").decode(errors="replace").strip().splitlines()
+        print(f"error: {Path(exc.cmd[0]).name} failed for --arch {args.arch}: {said[-1] if said else exc}",
+              file=sys.stderr)
+        return 2
     print(f"CUDA GEMV SASS ({args.arch}, shape {args.shape}: {shape['experts']} experts of [{shape['n']}, "
           f"{shape['k']}], top {shape['top_k']}); per weight: main loop plus the int8 prologue's share; modelled: "
           f"min(0.96, {BALANCE} / instructions a byte) of the copy bandwidth")
