@@ -16,6 +16,7 @@ from moec.core.outputs import raise_if_interrupted
 from moec.lower.backends.base import Backend
 from moec.lower.decode_graph import DecodeBuilder
 from moec.lower.prefill_graph import PrefillBuilder
+from moec.lower.resident import add_resident_entries
 from moec.lower.linear import LinearEmitter
 from moec.lower.params import ModelParams
 from moec.lower.pipeline import make_pipeline
@@ -49,6 +50,7 @@ def build_module(cfg: MoEConfig, params: ModelParams, target: tvm.target.Target,
     prefill = PrefillBuilder(cfg, params, linear)
     if prefill.supported():
         prefill.build(bb)
+    add_resident_entries(bb)  # the entries a session on a remote device calls (weights held there)
     mod = bb.get()
     with target:
         ex = tvm.compile(mod, target=target, relax_pipeline=make_pipeline(backend.phases, debug_dump))

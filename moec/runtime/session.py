@@ -16,6 +16,7 @@ import tvm.runtime
 from tokenizers import Tokenizer
 
 from moec.artifact.bundle import verified_bytes, verified_copy, verify_bundle
+from moec.artifact.resident_keys import SUFFIX, cache_key, param_key
 from moec.artifact.weights_file import device_params
 from moec.core.config import config_from_dict
 from moec.core.errors import MoecError
@@ -140,6 +141,10 @@ class BundleSession:
         # zero-copy views of the mapped weights.bin only for the local CPU; a GPU gets device copies
         self.params = device_params(root, self.manifest["params"], self.dev,
                                     zero_copy=remote is None and device == "cpu")
+        # on a remote device the weights and caches are held in its tensor cache, for the resident entries
+        self._holder = _TensorHolder.on(remote) if "decode" + SUFFIX in self.manifest.get("entry", {}) else None
+        if self._holder is not None:
+            self._holder.hold(self.params, param_key)
         tok = root / "tokenizer.json"
         self.tokenizer = Tokenizer.from_file(str(tok)) if "tokenizer.json" in self.manifest["files"] else None
         self.eos = self.manifest.get("eos_token_id")
@@ -153,7 +158,7 @@ class BundleSession:
                             f"max_position_embeddings ({limit}), got {context!r}")
         self._context_given = context is not None
         self.capacity = context if context is not None else min(limit, DEFAULT_CONTEXT)
-        self.cache = new_cache(self.cfg, self.capacity, self.dev)
+        self.cache = self._new_cache(self.capacity)
         self.calls = 0  # decode steps and prefills run since load
         self.switches: list[PlanSwitch] = []
         self.last_routed: np.ndarray | None = None  # nested bundles: routed ids of the last decode step
@@ -286,7 +291,9 @@ class BundleSession:
         reference cycles, so everything is dropped and collected here rather than left to the GC.
         """
         remote = self.remote
-        for name in ("cache", "_pos", "params", "_local", "vm", "dev", "remote"):
+        if getattr(self, "_holder", None) is not None:
+            self._holder.release()  # the device's copies of the weights and caches, with the RPC session kept
+        for name in ("cache", "_pos", "params", "_local", "vm", "dev", "_holder", "remote"):
             if hasattr(self, name):
                 delattr(self, name)
         if remote is not None:
@@ -313,7 +320,13 @@ class BundleSession:
         if tokens > self.capacity and not self._context_given and self.pos == 0:
             self.cache = None  # the old buffers go before the new ones are made
             self.capacity = tokens
-            self.cache = new_cache(self.cfg, tokens, self.dev)
+            self.cache = self._new_cache(tokens)
+
+    def _new_cache(self, capacity: int) -> list:
+        cache = new_cache(self.cfg, capacity, self.dev)
+        if self._holder is not None:
+            self._holder.hold(cache, cache_key)  # replaces the old caches there (freed)
+        return cache
 
     @property
     def has_prefill(self) -> bool:
@@ -373,13 +386,14 @@ class BundleSession:
             self.pos = pos + len(tokens)
             self._keep_outputs(entry, list(out))
             return out[0].numpy()[0]
-        # over RPC calling a VM function directly does not work; the stateful interface does
+        # over RPC the stateful interface; set_input copies its tensor arguments, so with the weights and caches
+        # held on the device (resident entries) it is given the token and position only
         failure = None
+        name, held = (entry + SUFFIX, []) if self._holder is not None else (entry, [*self.cache, *self.params])
         try:
-            self.vm.set_input(entry, tvm.runtime.tensor(tokens, self.dev), tvm.runtime.tensor(where, self.dev),
-                              *self.cache, *self.params)
-            self.vm.invoke_stateful(entry)
-            out = self.vm.get_outputs(entry)
+            self.vm.set_input(name, tvm.runtime.tensor(tokens, self.dev), tvm.runtime.tensor(where, self.dev), *held)
+            self.vm.invoke_stateful(name)
+            out = self.vm.get_outputs(name)
             logits = out[0].numpy()[0]
         except Exception as exc:  # TVM RPC errors: the server died or the session expired
             failure = _last_line(exc)
@@ -393,7 +407,7 @@ class BundleSession:
         """Over RPC the caches the call wrote (``set_input`` had copied them); after a nested bundle's decode
         call, its routed ids (``last_routed``) and counts."""
         n = len(self.cache)
-        if self.remote is not None:
+        if self.remote is not None and self._holder is None:  # resident entries write the held caches in place
             self.cache = [out[i] for i in range(1, 1 + n)]
         if entry == "decode" and len(out) > 1 + n:
             self.last_routed = out[1 + n].numpy()  # [MoE layers, top_k] int32
@@ -598,6 +612,41 @@ def use_threads(n: int) -> None:
             os.sched_setaffinity(0, cores)
     os.environ["TVM_NUM_THREADS"] = str(n)
     _POOL_SET = n
+
+
+class _TensorHolder:
+    """A remote device's TVM tensor cache (``vm.builtin.tensor_cache``) holding a session's weights and KV caches
+    for the bundle's resident entries (``lower/resident.py``)."""
+
+    def __init__(self, update, get, clear) -> None:
+        self._update, self._get, self._clear = update, get, clear
+
+    @classmethod
+    def on(cls, remote) -> "_TensorHolder | None":
+        """The holder of ``remote`` (None for a local session, or a device whose TVM runtime lacks the cache:
+        its calls then pass the tensors, copied each call)."""
+        if remote is None:
+            return None
+        try:
+            return cls(*(remote.get_function(f"vm.builtin.tensor_cache.{f}") for f in ("update", "get", "clear")))
+        except Exception:  # an older runtime on the device
+            log.warning("the remote TVM runtime has no tensor cache: each call copies the weights there")
+            return None
+
+    def release(self) -> None:
+        try:
+            self._clear()
+        except Exception:  # the server is gone, and its memory with it
+            pass
+
+    def hold(self, tensors: list, key: Callable[[int], str]) -> None:
+        """Place ``tensors[i]`` under ``key(i)`` (the device copies it once) and replace the list's handle with
+        the held tensor's, so later writes (``set_plan``'s width tables) reach what the entries read; each
+        uploaded copy is dropped as soon as it is held."""
+        for i, t in enumerate(tensors):
+            self._update(key(i), t, True)
+            tensors[i] = None
+            tensors[i] = self._get(key(i))
 
 
 def _aligned(n: int, dtype) -> np.ndarray:

@@ -155,7 +155,7 @@ def test_nested_aarch64_bundle_switches_plans_on_the_device(device, pi5_nested):
     plan = mixed_plan(load_checkpoint(ckpt).cfg)
     with open_remote_bundle(pi5["nested_f32"], str(device.tracker_address), KEY, timeout=60) as remote:
         prompt = remote.tokenizer.encode(PROMPT).ids
-        assert remote.has_prefill
+        assert remote.has_prefill and remote._holder is not None  # weights and caches held on the device
         remote.set_plan(plan)
         with pytest.raises(MoecError, match="cannot be served"):
             remote.set_plan("uniform:16")

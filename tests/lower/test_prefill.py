@@ -83,6 +83,6 @@ def test_no_prefill_without_kernels(tmp_path):
     params = build_params(cfg, plan, weights.packed, weights.floats)
     sess = BundleSession(build_bundle_from_params(cfg, plan, params, load_target("host"), tmp_path / "b", None,
                                                   use_kernels=False))
-    assert not sess.has_prefill and list(sess.manifest["entry"]) == ["decode"]
+    assert not sess.has_prefill and list(sess.manifest["entry"]) == ["decode", "decode_resident"]
     ids, _ = sess.generate([5, 7, 11], 4)
     assert len(ids) == 4

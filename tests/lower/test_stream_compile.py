@@ -143,7 +143,7 @@ def test_streamed_nested_bundle_equals_whole_model(tmp_path, monkeypatch):
     assert ms["streamed"] and "streamed" not in mw
     for key in ("nested", "plan", "plan_front", "weight_bytes", "stored_weight_bytes", "entry"):
         assert ms[key] == mw[key], key
-    assert ms["entry"] == {"decode": "decode", "prefill": "prefill"}
+    assert ms["entry"] == {n: n for n in ("decode", "prefill", "decode_resident", "prefill_resident")}
     freqs = [profile_frequencies(bundles[n] / "profile.json") for n in ("streamed", "whole")]
     assert freqs[0].keys() == freqs[1].keys() and all(np.allclose(freqs[0][l], freqs[1][l]) for l in freqs[0])
     rs, rw = WeightsReader(bundles["streamed"]), WeightsReader(bundles["whole"])

@@ -171,23 +171,37 @@ def test_cuda_bundle_on_a_remote_without_a_gpu_is_one_line(bundle, tmp_path):
 
 
 @pytest.mark.farm
-def test_host_rpc_server_run_and_server_death(bundle, tmp_path):
-    """The remote path on a native RPC server (no emulation): same tokens as local; a dead server is one line."""
+def test_host_rpc_server_run_and_server_death(bundle, tmp_path, monkeypatch):
+    """The remote path on a native RPC server (no emulation): same tokens as local, the weights and KV caches
+    held in the device's tensor cache and the caches written there in place (resident entries); the path
+    of bundles without them (every tensor passed each call) gives the same tokens; a dead server is one line."""
     import numpy as np
 
+    from moec.artifact.resident_keys import cache_key, param_key
     from moec.hardware.loopback import start_rpc_server, start_tracker
+    from moec.runtime import session as session_mod
     from moec.runtime.session import open_remote_bundle
     from moec.runtime.session import BundleSession
     local = BundleSession(bundle)
     prompt = local.tokenizer.encode("The quick brown").ids
     want, _ = local.generate(prompt, 6)
+    assert {"decode_resident", "prefill_resident"} <= set(local.manifest["entry"])
     tracker, addr = start_tracker(log_dir=tmp_path)
     with tracker:
         server = start_rpc_server(addr, "host-test", timeout=120, log_dir=tmp_path)
         with server:
+            with monkeypatch.context() as m:  # as for a bundle compiled without resident entries
+                m.setattr(session_mod._TensorHolder, "on", staticmethod(lambda remote: None))
+                with open_remote_bundle(bundle, str(addr), "host-test", timeout=30) as sess:
+                    assert sess._holder is None and sess.generate(prompt, 6)[0] == want
             with open_remote_bundle(bundle, str(addr), "host-test", timeout=30) as sess:
+                assert sess._holder is not None
                 got, _ = sess.generate(prompt, 6)
                 assert got == want
+                held = sess.remote.get_function("vm.builtin.tensor_cache.get")
+                for i, kv in enumerate(local.kv_cache()):  # the held caches, written in place by the calls
+                    np.testing.assert_allclose(held(cache_key(i)).numpy()[:, :sess.pos], kv, rtol=1e-5, atol=1e-6)
+                np.testing.assert_array_equal(held(param_key(0)).numpy(), local.params[0].numpy())
                 np.testing.assert_allclose(sess.step(prompt[0]), local.step(prompt[0]), rtol=1e-5, atol=1e-5)
                 server.stop()
                 with pytest.raises(MoecError, match="remote device failed during a decode call"):
