@@ -25,7 +25,7 @@ import numpy as np
 import psutil
 
 from moec.hardware.loopback import start_rpc_server, start_tracker
-from moec.runtime import session as session_mod
+from moec.runtime.tensor_holder import TensorHolder
 from moec.runtime.session import BundleSession, open_remote_bundle
 
 
@@ -66,7 +66,7 @@ def main() -> None:
         prompt = local.tokenizer.encode(args.prompt).ids if local.tokenizer else [1, 2, 3]
         ids, times = _steps(local, prompt, args.steps)
         rows.append(("local (no RPC)", ids, times, None))
-    holder_on = session_mod._TensorHolder.on
+    holder_on = TensorHolder.on
     with tempfile.TemporaryDirectory(prefix="moec-rpc-step-") as logs:
         tracker, addr = start_tracker(log_dir=Path(logs))
         with tracker:
@@ -74,13 +74,13 @@ def main() -> None:
                 server = start_rpc_server(addr, "rpc-step", timeout=120, log_dir=Path(logs))
                 with server:
                     # without the holder a session takes the path of bundles without resident entries
-                    session_mod._TensorHolder.on = holder_on if resident else staticmethod(lambda remote: None)
+                    TensorHolder.on = holder_on if resident else staticmethod(lambda remote: None)
                     try:
                         with open_remote_bundle(args.bundle, str(addr), "rpc-step", timeout=60) as sess:
                             ids, times = _steps(sess, prompt, args.steps)
                             rows.append((label, ids, times, _served_peak_mb(server)))
                     finally:
-                        session_mod._TensorHolder.on = holder_on
+                        TensorHolder.on = holder_on
     base = statistics.median(rows[1][2])
     print(f"bundle {args.bundle}, {args.steps} decode steps after a {len(prompt)}-token prompt")
     print("| session | ms/step (median) | vs resident | served peak RSS MB | tokens = local |")

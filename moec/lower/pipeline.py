@@ -54,12 +54,30 @@ def _finalize(target) -> list:
             relax.transform.AttachGlobalSymbol()]
 
 
+@tvm.transform.module_pass(opt_level=0, name="CaptureCudaGraphs")
+def capture_cuda_graphs(mod: tvm.IRModule, _ctx) -> tvm.IRModule:
+    """Relax's ``RewriteCUDAGraph`` (which acts only under ``relax.backend.use_cuda_graph``): the runs of kernels
+    whose arguments are all static (weights after a function's ``num_input``, statically planned buffers) are
+    lifted into functions the VM captures as a CUDA graph on the first call and replays after, one launch for
+    the run; kernels that read the step's inputs (token, position, caches) stay launched one by one. A replay
+    uses its first call's device addresses, so every call must pass the same weight tensors: a local session
+    does, and over RPC the resident entries (``resident.py``) read the ones held on the device (``set_input``
+    would copy them each call)."""
+    with tvm.transform.PassContext(config={"relax.backend.use_cuda_graph": True}):
+        return relax.transform.RewriteCUDAGraph()(mod)
+
+
+def _cuda_finalize(target) -> list:
+    first, *rest = _finalize(target)
+    return [first, capture_cuda_graphs, *rest]
+
+
 CPU_PHASES: tuple[Phase, ...] = (
     ("dispatch", _dispatch), ("legalize", _legalize), ("schedule", _cpu_schedule),
     ("dataflow_lower", _dataflow_lower), ("finalize", _finalize))
 CUDA_PHASES: tuple[Phase, ...] = (
     ("dispatch", _dispatch), ("legalize", _legalize), ("schedule", _gpu_schedule),
-    ("dataflow_lower", _dataflow_lower), ("finalize", _finalize))
+    ("dataflow_lower", _dataflow_lower), ("finalize", _cuda_finalize))
 
 
 def make_pipeline(phases: Sequence[Phase], debug_dump: str | os.PathLike | None = None):

@@ -26,6 +26,7 @@ from moec.core.run_plan import plan_widths
 from moec.runtime.adapt import memory_plan, plan_ladder, profile_frequencies
 from moec.runtime.plan_switch import PlanSwitch, as_plan, expert_bytes, nested_array_bytes
 from moec.runtime.remote import TrackerAddress, elf_machine, request_device
+from moec.runtime.tensor_holder import TensorHolder
 from moec.runtime.tvm_runtime import use_bundle_kernels
 
 
@@ -142,7 +143,7 @@ class BundleSession:
         self.params = device_params(root, self.manifest["params"], self.dev,
                                     zero_copy=remote is None and device == "cpu")
         # on a remote device the weights and caches are held in its tensor cache, for the resident entries
-        self._holder = _TensorHolder.on(remote) if "decode" + SUFFIX in self.manifest.get("entry", {}) else None
+        self._holder = TensorHolder.for_bundle(remote, self.manifest)
         if self._holder is not None:
             self._holder.hold(self.params, param_key)
         tok = root / "tokenizer.json"
@@ -612,41 +613,6 @@ def use_threads(n: int) -> None:
             os.sched_setaffinity(0, cores)
     os.environ["TVM_NUM_THREADS"] = str(n)
     _POOL_SET = n
-
-
-class _TensorHolder:
-    """A remote device's TVM tensor cache (``vm.builtin.tensor_cache``) holding a session's weights and KV caches
-    for the bundle's resident entries (``lower/resident.py``)."""
-
-    def __init__(self, update, get, clear) -> None:
-        self._update, self._get, self._clear = update, get, clear
-
-    @classmethod
-    def on(cls, remote) -> "_TensorHolder | None":
-        """The holder of ``remote`` (None for a local session, or a device whose TVM runtime lacks the cache:
-        its calls then pass the tensors, copied each call)."""
-        if remote is None:
-            return None
-        try:
-            return cls(*(remote.get_function(f"vm.builtin.tensor_cache.{f}") for f in ("update", "get", "clear")))
-        except Exception:  # an older runtime on the device
-            log.warning("the remote TVM runtime has no tensor cache: each call copies the weights there")
-            return None
-
-    def release(self) -> None:
-        try:
-            self._clear()
-        except Exception:  # the server is gone, and its memory with it
-            pass
-
-    def hold(self, tensors: list, key: Callable[[int], str]) -> None:
-        """Place ``tensors[i]`` under ``key(i)`` (the device copies it once) and replace the list's handle with
-        the held tensor's, so later writes (``set_plan``'s width tables) reach what the entries read; each
-        uploaded copy is dropped as soon as it is held."""
-        for i, t in enumerate(tensors):
-            self._update(key(i), t, True)
-            tensors[i] = None
-            tensors[i] = self._get(key(i))
 
 
 def _aligned(n: int, dtype) -> np.ndarray:

@@ -142,16 +142,22 @@ def test_nested_decode_generates_cuda_for_jetson(nested_params):
     from moec.lower.bundler import preset_has_nested_kernels
     from moec.lower.decode_graph import DecodeBuilder
     from moec.lower.pipeline import make_pipeline
+    from moec.lower.resident import add_resident_entries
     cfg, _, params, _ = nested_params
     preset = load_target("jetson-agx-orin")
     assert preset_has_nested_kernels(preset)
     bb = relax.BlockBuilder()
     DecodeBuilder(cfg, params, backend_for(preset).emitter(preset.tvm(), "float32")).build(bb)
+    add_resident_entries(bb)
     target = preset.tvm()
     with target:
         ex = tvm.compile(bb.get(), target=target, relax_pipeline=make_pipeline(backend_for(preset).phases))
     src = cuda_source(ex.mod)
     assert src is not None and count_kernels(src) > 10
+    with target:  # runs of kernels with static arguments are lifted for CUDA-graph capture
+        lowered = make_pipeline(backend_for(preset).phases)(bb.get())
+    names = [gv.name_hint for gv in lowered.functions]  # the resident entry calls decode, whose runs replay
+    assert "decode_resident" in names and any(n.startswith("decode_cuda_graph_capture") for n in names)
     assert "expert_nested_gemv" in src and "__shfl_down_sync" in src
     assert re.search(r"if \(prec_ptr\[ids_ptr\[[^\]]*\]\] == 2\)", src)  # the hand kernel's width branch
 

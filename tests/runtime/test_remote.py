@@ -179,7 +179,7 @@ def test_host_rpc_server_run_and_server_death(bundle, tmp_path, monkeypatch):
 
     from moec.artifact.resident_keys import cache_key, param_key
     from moec.hardware.loopback import start_rpc_server, start_tracker
-    from moec.runtime import session as session_mod
+    from moec.runtime.tensor_holder import TensorHolder
     from moec.runtime.session import open_remote_bundle
     from moec.runtime.session import BundleSession
     local = BundleSession(bundle)
@@ -191,7 +191,7 @@ def test_host_rpc_server_run_and_server_death(bundle, tmp_path, monkeypatch):
         server = start_rpc_server(addr, "host-test", timeout=120, log_dir=tmp_path)
         with server:
             with monkeypatch.context() as m:  # as for a bundle compiled without resident entries
-                m.setattr(session_mod._TensorHolder, "on", staticmethod(lambda remote: None))
+                m.setattr(TensorHolder, "on", staticmethod(lambda remote: None))
                 with open_remote_bundle(bundle, str(addr), "host-test", timeout=30) as sess:
                     assert sess._holder is None and sess.generate(prompt, 6)[0] == want
             with open_remote_bundle(bundle, str(addr), "host-test", timeout=30) as sess:
@@ -230,3 +230,23 @@ def test_cuda_bundle_tokens_equal_the_cpu_bundle(bundle, tmp_path):
         assert gpu.dev.dlpack_device_type() == 2 == gpu.params[0].device.dlpack_device_type()  # kDLCUDA: weights on GPU
         prompt = cpu.tokenizer.encode("The quick brown").ids
         assert gpu.generate(prompt, 8)[0] == cpu.generate(prompt, 8)[0]
+
+
+class _NoCacheRemote:
+    """An RPC session whose TVM runtime has no tensor cache (an older runtime)."""
+
+    def get_function(self, name):
+        raise AttributeError(f"no function {name}")
+
+
+def test_tensor_holder_needs_the_remote_tensor_cache_for_cuda_graphs():
+    """Locally and for bundles without resident entries no holder; a device without the tensor cache falls
+    back to passing the tensors, except for a CUDA bundle that replays CUDA graphs: a one-line error."""
+    from moec.runtime.tensor_holder import TensorHolder
+    resident = {"entry": {"decode": "decode", "decode_resident": "decode_resident"}, "backend": {"name": "x86"}}
+    graphs = {**resident, "backend": {"name": "cuda", "cuda_graphs": True}}
+    assert TensorHolder.for_bundle(None, graphs) is None
+    assert TensorHolder.for_bundle(_NoCacheRemote(), resident) is None
+    for manifest in (graphs, {**graphs, "entry": {"decode": "decode"}}):
+        with pytest.raises(MoecError, match="replays CUDA graphs.*no tensor cache"):
+            TensorHolder.for_bundle(_NoCacheRemote(), manifest)

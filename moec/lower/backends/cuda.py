@@ -37,4 +37,10 @@ class CudaBackend(Backend):
         return kernels.write(folder), kernels.manifest()
 
 
+    def manifest(self) -> dict:
+        # runs of static-argument kernels replay as CUDA graphs (pipeline.capture_cuda_graphs): every call must
+        # pass the same weight tensors, which the runtime checks before it drives the bundle over RPC
+        return {**super().manifest(), "cuda_graphs": True}
+
+
 BACKEND = CudaBackend("cuda", CUDA_PHASES, runtime_device="cuda")
