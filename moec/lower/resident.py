@@ -8,7 +8,8 @@ remote device instead places each weight and cache once, when it opens, into ``v
 under ``artifact/resident_keys.py``'s keys (one RPC session is one server process, so one cache), and
 calls these entries, which look the tensors up (``vm.builtin.param_array_from_cache_by_name_unpacked``:
 one call, the tensors themselves, no copy) and call ``decode`` / ``prefill`` on them: a step sends a token and
-a position. The caches are written in place as in a local call. A local session passes the tensors as
+a position, and gets the logits back (and a nested decode's routed ids). The caches are written in place as in
+a local call. A local session passes the tensors as
 arguments (no copy there) and never calls these.
 """
 
@@ -53,6 +54,9 @@ def add_resident_entries(bb: relax.BlockBuilder, names: tuple[str, ...] = ("deco
                       for i, c in enumerate(caches)]
             held = [bb.emit(relax.TupleGetItem(found, len(caches) + i)) for i in range(len(weights))]
             out = bb.emit(relax.Call(gv, args + cached + held))
-            bb.emit_func_output(out)
+            # the logits (and a nested decode's routed ids), not the caches: they stay where they are held,
+            # and every tensor returned is one more handle to ship over RPC
+            rest = range(1 + len(caches), len(out.ty.fields))
+            bb.emit_func_output(relax.Tuple([bb.emit(relax.TupleGetItem(out, i)) for i in (0, *rest)]))
         added.append(name + SUFFIX)
     return added

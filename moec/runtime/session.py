@@ -294,7 +294,7 @@ class BundleSession:
         remote = self.remote
         if getattr(self, "_holder", None) is not None:
             self._holder.release()  # the device's copies of the weights and caches, with the RPC session kept
-        for name in ("cache", "_pos", "params", "_local", "vm", "dev", "_holder", "remote"):
+        for name in ("cache", "_pos", "_token", "params", "_local", "vm", "dev", "_holder", "remote"):
             if hasattr(self, name):
                 delattr(self, name)
         if remote is not None:
@@ -376,6 +376,8 @@ class BundleSession:
             return np.from_dlpack(out[0])[0]  # a view: the logits tensor lives as long as the array
         tokens = np.asarray(tokens, np.int32)
         where = np.array([pos], np.int64)
+        if self.remote is not None and self._holder is not None:
+            return self._run_resident(entry, tokens, where)
         if self.remote is None:
             inp = self._token.get(entry)
             if inp is None or inp.shape[0] != tokens.shape[0]:
@@ -387,12 +389,34 @@ class BundleSession:
             self.pos = pos + len(tokens)
             self._keep_outputs(entry, list(out))
             return out[0].numpy()[0]
-        # over RPC the stateful interface; set_input copies its tensor arguments, so with the weights and caches
-        # held on the device (resident entries) it is given the token and position only
+        # over RPC (a bundle without resident entries): the stateful interface, every tensor copied each call
+        return self._call_remote(entry, entry, [tvm.runtime.tensor(tokens, self.dev),
+                                                tvm.runtime.tensor(where, self.dev), *self.cache, *self.params],
+                                 len(tokens))
+
+    def _run_resident(self, entry: str, tokens: np.ndarray, where: np.ndarray) -> np.ndarray:
+        """Over RPC, the resident entry: weights and caches held on the device, the token and position sent into
+        tensors kept there (one copy each, no allocation per call)."""
+        key = (entry, len(tokens))
+        if key not in self._token:
+            self._token[key] = (tvm.runtime.tensor(tokens, self.dev), tvm.runtime.tensor(where, self.dev))
+        inputs = self._token[key]
         failure = None
-        name, held = (entry + SUFFIX, []) if self._holder is not None else (entry, [*self.cache, *self.params])
         try:
-            self.vm.set_input(name, tvm.runtime.tensor(tokens, self.dev), tvm.runtime.tensor(where, self.dev), *held)
+            inputs[0].copyfrom(tokens)
+            inputs[1].copyfrom(where)
+        except Exception as exc:
+            failure = _last_line(exc)
+        if failure is not None:
+            raise MoecError(f"the remote device failed during a {entry} call: {failure}")
+        return self._call_remote(entry, entry + SUFFIX, list(inputs), len(tokens))
+
+    def _call_remote(self, entry: str, name: str, args: list, count: int) -> np.ndarray:
+        """``name`` on ``count`` tokens through the stateful interface (a VM function cannot be called directly
+        over RPC)."""
+        failure = None
+        try:
+            self.vm.set_input(name, *args)
             self.vm.invoke_stateful(name)
             out = self.vm.get_outputs(name)
             logits = out[0].numpy()[0]
@@ -400,18 +424,19 @@ class BundleSession:
             failure = _last_line(exc)
         if failure is not None:  # raised outside the except block, which would keep the session alive
             raise MoecError(f"the remote device failed during a {entry} call: {failure}")
-        self.pos = pos + len(tokens)
+        self.pos += count
         self._keep_outputs(entry, [out[i] for i in range(len(out))])
         return logits
 
     def _keep_outputs(self, entry: str, out: list) -> None:
-        """Over RPC the caches the call wrote (``set_input`` had copied them); after a nested bundle's decode
-        call, its routed ids (``last_routed``) and counts."""
+        """Over RPC without resident entries, the caches the call wrote (``set_input`` had copied them); after a
+        nested bundle's decode call, its routed ids (``last_routed``, the last output) and counts."""
         n = len(self.cache)
-        if self.remote is not None and self._holder is None:  # resident entries write the held caches in place
+        held = self.remote is not None and self._holder is not None  # resident: (logits, [routed]) returned
+        if self.remote is not None and not held:
             self.cache = [out[i] for i in range(1, 1 + n)]
-        if entry == "decode" and len(out) > 1 + n:
-            self.last_routed = out[1 + n].numpy()  # [MoE layers, top_k] int32
+        if entry == "decode" and len(out) > (1 if held else 1 + n):
+            self.last_routed = out[-1].numpy()  # [MoE layers, top_k] int32
             if self.drift is not None:
                 self.drift.observe(self.last_routed)
 

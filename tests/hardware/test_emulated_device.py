@@ -160,6 +160,8 @@ def test_nested_aarch64_bundle_switches_plans_on_the_device(device, pi5_nested):
         with pytest.raises(MoecError, match="cannot be served"):
             remote.set_plan("uniform:16")
         got, _ = remote.generate(prompt, 6)
+        cfg = load_checkpoint(ckpt).cfg  # the resident decode returns the routed ids beside the logits
+        assert remote.last_routed.shape == (len(cfg.moe_layers), cfg.top_k)
     assert got == derived_model(ckpt, plan).generate_greedy(prompt, 6)
 
 
