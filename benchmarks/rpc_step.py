@@ -6,7 +6,8 @@ calling the bundle's ``decode_resident`` (weights and KV caches held in the devi
 a token and a position), and a remote session passing every weight and cache to ``decode`` through
 ``set_input``, as sessions did before the resident entries (and still do for bundles compiled without them),
 which the device copies on every call. Prints ms a step (median), the ratio, the served process's peak
-RSS (``VmHWM``: the copies are resident memory too) and whether the greedy tokens agree.
+RSS (``VmHWM``: the copies are resident memory too) and whether the greedy tokens agree; then what each RPC
+call of a resident step costs, and what the resident entry's tensor-cache lookup costs in a local call.
 
 Usage::
 
@@ -23,6 +24,9 @@ from pathlib import Path
 
 import numpy as np
 import psutil
+import tvm
+
+from moec.artifact.resident_keys import SUFFIX, cache_key, param_key
 
 from moec.hardware.loopback import start_rpc_server, start_tracker
 from moec.runtime.tensor_holder import TensorHolder
@@ -39,6 +43,47 @@ def _steps(sess: BundleSession, prompt: list[int], n: int) -> tuple[list[int], l
         logits = sess.step(ids[-1])
         times.append(time.perf_counter() - t0)
     return ids, times
+
+
+def _median_ms(fn, n: int = 50) -> float:
+    times = []
+    for _ in range(n):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times) * 1e3
+
+
+def _rpc_calls(sess: BundleSession) -> dict[str, float]:
+    """ms of each RPC call a resident decode step makes (the session's own input tensors)."""
+    sess.step(1)
+    tok, pos = sess._token[("decode", 1)]
+    vm, name = sess.vm, "decode" + SUFFIX
+    out = vm.get_outputs(name)
+    logits = out[0]
+    return {"token copy": _median_ms(lambda: tok.copyfrom(np.array([1], np.int32))),
+            "position copy": _median_ms(lambda: pos.copyfrom(np.array([0], np.int64))),
+            "set_input": _median_ms(lambda: vm.set_input(name, tok, pos)),
+            "invoke_stateful": _median_ms(lambda: vm.invoke_stateful(name)),
+            "get_outputs": _median_ms(lambda: vm.get_outputs(name)),
+            "logits to host": _median_ms(lambda: logits.numpy())}
+
+
+def _lookup_cost(bundle: str) -> tuple[float, float, int]:
+    """Local ms of ``decode`` with the tensors as arguments and of ``decode_resident`` (one thread)."""
+    with BundleSession(bundle, threads=1) as s:
+        update = tvm.get_global_func("vm.builtin.tensor_cache.update")
+        for key, tensors in ((param_key, s.params), (cache_key, s.cache)):
+            for i, t in enumerate(tensors):
+                update(key(i), t, True)
+        tok, pos = tvm.runtime.tensor(np.array([1], np.int32)), tvm.runtime.tensor(np.array([0], np.int64))
+        f, g = s.vm["decode"], s.vm["decode" + SUFFIX]
+        for _ in range(20):
+            f(tok, pos, *s.cache, *s.params), g(tok, pos)
+        out = (_median_ms(lambda: f(tok, pos, *s.cache, *s.params), 400), _median_ms(lambda: g(tok, pos), 400),
+               len(s.params) + len(s.cache))
+        tvm.get_global_func("vm.builtin.tensor_cache.clear")()
+        return out
 
 
 def _served_peak_mb(server) -> float:
@@ -79,6 +124,8 @@ def main() -> None:
                         with open_remote_bundle(args.bundle, str(addr), "rpc-step", timeout=60) as sess:
                             ids, times = _steps(sess, prompt, args.steps)
                             rows.append((label, ids, times, _served_peak_mb(server)))
+                            if resident:
+                                calls = _rpc_calls(sess)
                     finally:
                         TensorHolder.on = holder_on
     base = statistics.median(rows[1][2])
@@ -89,6 +136,11 @@ def main() -> None:
         med = statistics.median(times)
         print(f"| {label} | {med * 1e3:.2f} | {med / base:.2f}x | {'' if rss is None else f'{rss:.0f}'} "
               f"| {'yes' if ids == rows[0][1] else 'NO'} |")
+    print("\nRPC calls of a resident decode step (ms, median of 50):")
+    print(" | ".join(f"{k} {v:.3f}" for k, v in calls.items()))
+    plain, resident, tensors = _lookup_cost(args.bundle)
+    print(f"local decode {plain * 1e3:.1f} us, decode{SUFFIX} {resident * 1e3:.1f} us (one thread): the "
+          f"tensor-cache lookup of {tensors} tensors costs {(resident - plain) * 1e3 / tensors:.2f} us a tensor")
 
 
 if __name__ == "__main__":
