@@ -5,7 +5,8 @@ steps (after the prompt) three ways, each in its own RPC session: a local sessio
 calling the bundle's ``decode_resident`` (weights and KV caches held in the device's tensor cache, a step sends
 a token and a position), and a remote session passing every weight and cache to ``decode`` through
 ``set_input``, as sessions did before the resident entries (and still do for bundles compiled without them),
-which the device copies on every call. Prints ms a step (median), the ratio, the served process's peak
+which the device copies on every call. Prints ms a step (median; ``step`` returns the logits), ms a decode
+step of a greedy ``generate`` (over RPC with resident entries the device returns only the next token), the ratio, the served process's peak
 RSS (``VmHWM``: the copies are resident memory too) and whether the greedy tokens agree; then what each RPC
 call of a resident step costs, and what the resident entry's tensor-cache lookup costs in a local call.
 
@@ -33,6 +34,12 @@ from moec.runtime.tensor_holder import TensorHolder
 from moec.runtime.session import BundleSession, open_remote_bundle
 
 
+def _generate_ms(sess: BundleSession, prompt: list[int], n: int) -> float:
+    """ms a decode step of ``generate`` (greedy: over RPC with resident entries, only the token comes back)."""
+    _, stats = sess.generate(prompt, n)
+    return 1e3 / stats.decode_tokens_per_s
+
+
 def _steps(sess: BundleSession, prompt: list[int], n: int) -> tuple[list[int], list[float]]:
     sess.reset()
     logits = sess.prefill(prompt) if sess.has_prefill else [sess.step(t) for t in prompt][-1]
@@ -57,7 +64,7 @@ def _median_ms(fn, n: int = 50) -> float:
 def _rpc_calls(sess: BundleSession) -> dict[str, float]:
     """ms of each RPC call a resident decode step makes (the session's own input tensors)."""
     sess.step(1)
-    tok, pos = sess._token[("decode", 1)]
+    tok, pos = sess._sent[("decode", 1)]
     vm, name = sess.vm, "decode" + SUFFIX
     out = vm.get_outputs(name)
     logits = out[0]
@@ -110,7 +117,7 @@ def main() -> None:
     with BundleSession(args.bundle) as local:
         prompt = local.tokenizer.encode(args.prompt).ids if local.tokenizer else [1, 2, 3]
         ids, times = _steps(local, prompt, args.steps)
-        rows.append(("local (no RPC)", ids, times, None))
+        rows.append(("local (no RPC)", ids, times, None, _generate_ms(local, prompt, args.steps)))
     holder_on = TensorHolder.on
     with tempfile.TemporaryDirectory(prefix="moec-rpc-step-") as logs:
         tracker, addr = start_tracker(log_dir=Path(logs))
@@ -123,18 +130,19 @@ def main() -> None:
                     try:
                         with open_remote_bundle(args.bundle, str(addr), "rpc-step", timeout=60) as sess:
                             ids, times = _steps(sess, prompt, args.steps)
-                            rows.append((label, ids, times, _served_peak_mb(server)))
+                            rows.append((label, ids, times, _served_peak_mb(server),
+                                         _generate_ms(sess, prompt, args.steps)))
                             if resident:
                                 calls = _rpc_calls(sess)
                     finally:
                         TensorHolder.on = holder_on
     base = statistics.median(rows[1][2])
     print(f"bundle {args.bundle}, {args.steps} decode steps after a {len(prompt)}-token prompt")
-    print("| session | ms/step (median) | vs resident | served peak RSS MB | tokens = local |")
-    print("|---|---|---|---|---|")
-    for label, ids, times, rss in rows:
+    print("| session | ms/step (median) | vs resident | generate ms/token | served peak RSS MB | tokens = local |")
+    print("|---|---|---|---|---|---|")
+    for label, ids, times, rss, gen in rows:
         med = statistics.median(times)
-        print(f"| {label} | {med * 1e3:.2f} | {med / base:.2f}x | {'' if rss is None else f'{rss:.0f}'} "
+        print(f"| {label} | {med * 1e3:.2f} | {med / base:.2f}x | {gen:.2f} | {'' if rss is None else f'{rss:.0f}'} "
               f"| {'yes' if ids == rows[0][1] else 'NO'} |")
     print("\nRPC calls of a resident decode step (ms, median of 50):")
     print(" | ".join(f"{k} {v:.3f}" for k, v in calls.items()))

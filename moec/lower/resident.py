@@ -8,8 +8,9 @@ remote device instead places each weight and cache once, when it opens, into ``v
 under ``artifact/resident_keys.py``'s keys (one RPC session is one server process, so one cache), and
 calls these entries, which look the tensors up (``vm.builtin.param_array_from_cache_by_name_unpacked``:
 one call, the tensors themselves, no copy) and call ``decode`` / ``prefill`` on them: a step sends a token and
-a position, and gets the logits back (and a nested decode's routed ids). The caches are written in place as in
-a local call. A local session passes the tensors as
+a position, and gets back the logits, the greedy token with a finiteness flag (``generate`` over RPC reads
+those two integers and leaves the logits on the device) and a nested decode's routed ids. The caches are
+written in place as in a local call. A local session passes the tensors as
 arguments (no copy there) and never calls these.
 """
 
@@ -28,6 +29,15 @@ def _fresh(ty: relax.TensorType, sizes: dict[str, tirx.Var]) -> relax.TensorType
     dims = [d if isinstance(d, tirx.IntImm) else sizes.setdefault(d.name, tirx.Var(d.name, "int64"))
             for d in ty.shape.values]
     return relax.TensorType(dims, ty.dtype)
+
+
+def _greedy(bb: relax.BlockBuilder, logits: relax.Var) -> relax.Var:
+    """``[argmax, all finite]`` (int32 [2]) of the logits row ``[1, V]``: what a greedy generation needs, two
+    integers instead of the row (200 KB at OLMoE's vocabulary) across the network."""
+    op = relax.op
+    best = bb.emit(op.astype(op.argmax(logits, axis=1), "int32"))
+    finite = bb.emit(op.min(op.astype(op.isfinite(logits), "int32"), axis=1))
+    return bb.emit(op.concat([best, finite], axis=0))
 
 
 def add_resident_entries(bb: relax.BlockBuilder, names: tuple[str, ...] = ("decode", "prefill")) -> list[str]:
@@ -54,9 +64,10 @@ def add_resident_entries(bb: relax.BlockBuilder, names: tuple[str, ...] = ("deco
                       for i, c in enumerate(caches)]
             held = [bb.emit(relax.TupleGetItem(found, len(caches) + i)) for i in range(len(weights))]
             out = bb.emit(relax.Call(gv, args + cached + held))
-            # the logits (and a nested decode's routed ids), not the caches: they stay where they are held,
-            # and every tensor returned is one more handle to ship over RPC
-            rest = range(1 + len(caches), len(out.ty.fields))
-            bb.emit_func_output(relax.Tuple([bb.emit(relax.TupleGetItem(out, i)) for i in (0, *rest)]))
+            # the logits, the greedy token and (a nested decode) the routed ids; not the caches: they stay where
+            # they are held, and every tensor returned is one more handle to ship over RPC
+            logits = bb.emit(relax.TupleGetItem(out, 0))
+            rest = [bb.emit(relax.TupleGetItem(out, i)) for i in range(1 + len(caches), len(out.ty.fields))]
+            bb.emit_func_output(relax.Tuple([logits, _greedy(bb, logits), *rest]))
         added.append(name + SUFFIX)
     return added

@@ -150,6 +150,8 @@ class BundleSession:
         self.tokenizer = Tokenizer.from_file(str(tok)) if "tokenizer.json" in self.manifest["files"] else None
         self.eos = self.manifest.get("eos_token_id")
         self._token = {}  # decode/prefill input tensors, reused while the length matches
+        self._sent: dict[tuple[str, int], tuple] = {}  # remote resident calls: (entry, tokens) -> token, pos tensors
+        self._greedy = None  # remote resident calls: the last call's [greedy token, logits all finite] (device)
         self._local: dict[str, tuple] = {}  # local CPU: entry -> (VM function, token buffer, its tensor view)
         self._pos = None  # local CPU: (position buffer, its tensor view)
         limit = self.cfg["max_position"]
@@ -294,7 +296,8 @@ class BundleSession:
         remote = self.remote
         if getattr(self, "_holder", None) is not None:
             self._holder.release()  # the device's copies of the weights and caches, with the RPC session kept
-        for name in ("cache", "_pos", "_token", "params", "_local", "vm", "dev", "_holder", "remote"):
+        for name in ("cache", "_pos", "_token", "_sent", "_greedy", "params", "_local", "vm", "dev", "_holder",
+                     "remote"):
             if hasattr(self, name):
                 delattr(self, name)
         if remote is not None:
@@ -347,7 +350,23 @@ class BundleSession:
         """Run one decode step for ``token`` at the next position; returns logits [V]."""
         return self._run("decode", [token])
 
-    def _run(self, entry: str, tokens: list[int]) -> np.ndarray:
+    def _advance(self, tokens: list[int], prompt: bool) -> int:
+        """Feed the ``prompt`` (as :meth:`prefill`) or one token (a decode step) and return the greedy next token;
+        on a remote device holding the bundle only that token and a finiteness flag come back, the logits stay
+        there."""
+        if self._holder is None:
+            return int(np.argmax(_finite(self.prefill(tokens) if prompt else self.step(tokens[0]), self.pos)))
+        if prompt and not self.has_prefill:
+            for t in tokens:
+                self._run("decode", [t], fetch=False)
+        else:
+            self._run("prefill" if prompt else "decode", tokens, fetch=False)
+        best, finite = self._greedy.numpy()
+        if not finite:
+            raise _non_finite(self.pos)
+        return int(best)
+
+    def _run(self, entry: str, tokens: list[int], fetch: bool = True) -> np.ndarray | None:
         """Call ``entry`` (decode or prefill) on ``tokens`` at position ``self.pos``: the call writes their
         keys and values into the cache in place; ``pos`` then moves past them."""
         if self.pos + len(tokens) > self.capacity:
@@ -376,8 +395,8 @@ class BundleSession:
             return np.from_dlpack(out[0])[0]  # a view: the logits tensor lives as long as the array
         tokens = np.asarray(tokens, np.int32)
         where = np.array([pos], np.int64)
-        if self.remote is not None and self._holder is not None:
-            return self._run_resident(entry, tokens, where)
+        if self._holder is not None:  # a remote device holding the weights and caches
+            return self._run_resident(entry, tokens, where, fetch)
         if self.remote is None:
             inp = self._token.get(entry)
             if inp is None or inp.shape[0] != tokens.shape[0]:
@@ -394,13 +413,13 @@ class BundleSession:
                                                 tvm.runtime.tensor(where, self.dev), *self.cache, *self.params],
                                  len(tokens))
 
-    def _run_resident(self, entry: str, tokens: np.ndarray, where: np.ndarray) -> np.ndarray:
+    def _run_resident(self, entry: str, tokens: np.ndarray, where: np.ndarray, fetch: bool) -> np.ndarray | None:
         """Over RPC, the resident entry: weights and caches held on the device, the token and position sent into
-        tensors kept there (one copy each, no allocation per call)."""
+        tensors kept there (one copy each, no allocation per call); the logits fetched only if ``fetch``."""
         key = (entry, len(tokens))
-        if key not in self._token:
-            self._token[key] = (tvm.runtime.tensor(tokens, self.dev), tvm.runtime.tensor(where, self.dev))
-        inputs = self._token[key]
+        if key not in self._sent:
+            self._sent[key] = (tvm.runtime.tensor(tokens, self.dev), tvm.runtime.tensor(where, self.dev))
+        inputs = self._sent[key]
         failure = None
         try:
             inputs[0].copyfrom(tokens)
@@ -409,9 +428,9 @@ class BundleSession:
             failure = _last_line(exc)
         if failure is not None:
             raise MoecError(f"the remote device failed during a {entry} call: {failure}")
-        return self._call_remote(entry, entry + SUFFIX, list(inputs), len(tokens))
+        return self._call_remote(entry, entry + SUFFIX, list(inputs), len(tokens), fetch)
 
-    def _call_remote(self, entry: str, name: str, args: list, count: int) -> np.ndarray:
+    def _call_remote(self, entry: str, name: str, args: list, count: int, fetch: bool = True) -> np.ndarray | None:
         """``name`` on ``count`` tokens through the stateful interface (a VM function cannot be called directly
         over RPC)."""
         failure = None
@@ -419,7 +438,7 @@ class BundleSession:
             self.vm.set_input(name, *args)
             self.vm.invoke_stateful(name)
             out = self.vm.get_outputs(name)
-            logits = out[0].numpy()[0]
+            logits = out[0].numpy()[0] if fetch else None
         except Exception as exc:  # TVM RPC errors: the server died or the session expired
             failure = _last_line(exc)
         if failure is not None:  # raised outside the except block, which would keep the session alive
@@ -432,10 +451,12 @@ class BundleSession:
         """Over RPC without resident entries, the caches the call wrote (``set_input`` had copied them); after a
         nested bundle's decode call, its routed ids (``last_routed``, the last output) and counts."""
         n = len(self.cache)
-        held = self.remote is not None and self._holder is not None  # resident: (logits, [routed]) returned
-        if self.remote is not None and not held:
+        held = self._holder is not None  # resident entries return (logits, greedy token and flag, [routed])
+        if held:
+            self._greedy = out[1]
+        elif self.remote is not None:
             self.cache = [out[i] for i in range(1, 1 + n)]
-        if entry == "decode" and len(out) > (1 if held else 1 + n):
+        if entry == "decode" and len(out) > (2 if held else 1 + n):
             self.last_routed = out[-1].numpy()  # [MoE layers, top_k] int32
             if self.drift is not None:
                 self.drift.observe(self.last_routed)
@@ -464,18 +485,17 @@ class BundleSession:
         self.reserve(len(prompt_ids) + max_new_tokens - 1)  # the last new token is never fed back
         first_switch = len(self.switches)
         t0 = time.perf_counter()
-        logits = _finite(self.prefill(list(prompt_ids)), len(prompt_ids))
+        nxt = self._advance(list(prompt_ids), prompt=True)
         t1 = time.perf_counter()
         out: list[int] = []
         for _ in range(max_new_tokens):
-            nxt = int(np.argmax(logits))
             out.append(nxt)
             if on_token is not None:
                 on_token(nxt)
             if self.eos is not None and nxt == self.eos:
                 break
             if len(out) < max_new_tokens:
-                logits = _finite(self.step(nxt), len(prompt_ids) + len(out))
+                nxt = self._advance([nxt], prompt=False)
         t2 = time.perf_counter()
         bits = float(np.concatenate(list(self._tables.values())).mean()) if self.nested else None
         return out, GenerationStats(len(prompt_ids), len(out), t1 - t0, t2 - t1, self.switches[first_switch:], bits)
@@ -648,10 +668,14 @@ def _aligned(n: int, dtype) -> np.ndarray:
     return raw[start:start + n]
 
 
+def _non_finite(position: int) -> MoecError:
+    return MoecError(f"the bundle produced non-finite logits (NaN/Inf) at position {position}; "
+                     "its weights are corrupt or overflow")
+
+
 def _finite(logits: np.ndarray, position: int) -> np.ndarray:
     if not np.isfinite(logits).all():
-        raise MoecError(f"the bundle produced non-finite logits (NaN/Inf) at position {position}; "
-                        "its weights are corrupt or overflow")
+        raise _non_finite(position)
     return logits
 
 

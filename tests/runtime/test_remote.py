@@ -203,6 +203,12 @@ def test_host_rpc_server_run_and_server_death(bundle, tmp_path, monkeypatch):
                     np.testing.assert_allclose(held(cache_key(i)).numpy()[:, :sess.pos], kv, rtol=1e-5, atol=1e-6)
                 np.testing.assert_array_equal(held(param_key(0)).numpy(), local.params[0].numpy())
                 np.testing.assert_allclose(sess.step(prompt[0]), local.step(prompt[0]), rtol=1e-5, atol=1e-5)
+                # generate reads the greedy token and a finiteness flag the device computes, not the logits
+                scale = next(i for i, n in enumerate(sess.manifest["params"]) if n.startswith("lm_head")
+                             and n.endswith("scale"))
+                sess.params[scale].copyfrom(np.full(sess.params[scale].shape, np.nan, sess.params[scale].dtype))
+                with pytest.raises(MoecError, match="non-finite logits"):
+                    sess.generate(prompt, 2)
                 server.stop()
                 with pytest.raises(MoecError, match="remote device failed during a decode call"):
                     sess.step(prompt[0])
