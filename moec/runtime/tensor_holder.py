@@ -53,7 +53,14 @@ class TensorHolder:
         """Place ``tensors[i]`` under ``key(i)`` (the device copies it once) and replace the list's handle with
         the held tensor's, so later writes (``set_plan``'s width tables) reach what the entries read; each
         uploaded copy is dropped as soon as it is held."""
-        for i, t in enumerate(tensors):
-            self._update(key(i), t, True)
-            tensors[i] = None
-            tensors[i] = self._get(key(i))
+        failure = None
+        try:
+            for i in range(len(tensors)):
+                self._update(key(i), tensors[i], True)
+                tensors[i] = None
+                tensors[i] = self._get(key(i))
+        except Exception as exc:  # the device ran out of memory, or the session ended
+            lines = [ln.strip() for ln in str(exc).strip().splitlines() if ln.strip()]
+            failure = lines[-1] if lines else type(exc).__name__
+        if failure is not None:  # raised outside the except block, whose frames would keep the RPC session
+            raise MoecError(f"cannot hold the bundle's tensors on the remote device: {failure}")

@@ -256,3 +256,14 @@ def test_tensor_holder_needs_the_remote_tensor_cache_for_cuda_graphs():
     for manifest in (graphs, {**graphs, "entry": {"decode": "decode"}}):
         with pytest.raises(MoecError, match="replays CUDA graphs.*no tensor cache"):
             TensorHolder.for_bundle(_NoCacheRemote(), manifest)
+
+
+def test_tensor_holder_failure_is_one_line():
+    """A device that cannot hold a tensor (out of memory, session gone) is one line, not a TVM traceback."""
+    from moec.runtime.tensor_holder import TensorHolder
+
+    def update(key, tensor, override):
+        raise RuntimeError("TVMError: Check failed: out of memory\n  device allocation of 64 MB failed")
+
+    with pytest.raises(MoecError, match="cannot hold the bundle's tensors on the remote device: device allocation"):
+        TensorHolder(update, None, None).hold([object()], str)
