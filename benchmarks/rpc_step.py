@@ -5,10 +5,11 @@ steps (after the prompt) three ways, each in its own RPC session: a local sessio
 calling the bundle's ``decode_resident`` (weights and KV caches held in the device's tensor cache, a step sends
 a token and a position), and a remote session passing every weight and cache to ``decode`` through
 ``set_input``, as sessions did before the resident entries (and still do for bundles compiled without them),
-which the device copies on every call. Prints ms a step (median; ``step`` returns the logits), ms a decode
-step of a greedy ``generate`` (over RPC with resident entries the device returns only the next token), the ratio, the served process's peak
-RSS (``VmHWM``: the copies are resident memory too) and whether the greedy tokens agree; then what each RPC
-call of a resident step costs, and what the resident entry's tensor-cache lookup costs in a local call.
+which the device copies on every call. Prints ms a step (median; ``step`` returns the logits), ms a
+decode step of a greedy ``generate`` (over RPC with resident entries the device returns only the next
+token), the ratio, the served process's peak RSS (``VmHWM``: the copies are resident memory too) and whether
+the greedy tokens agree; then what each RPC call of a resident step costs, and what the resident entry's
+tensor-cache lookup and greedy token cost in a local call.
 
 Usage::
 

@@ -7,12 +7,23 @@ from collections import Counter
 from pathlib import Path
 
 from moec.artifact.bundle import read_manifest
+from moec.artifact.resident_keys import SUFFIX
 from moec.core.formats import get_nested_format
 
 
 def inspect_bundle(path: str | os.PathLike) -> dict:
     """The manifest of a bundle after verifying every file's sha256 (raises on mismatch)."""
     return read_manifest(Path(path), verify=True)
+
+
+def _entries(manifest: dict) -> str:
+    """The functions a device can call, and how an RPC session drives them."""
+    entries = sorted(manifest.get("entry", {}))
+    plain = [e for e in entries if not e.endswith(SUFFIX)]
+    rpc = ("over RPC the weights are held on the device (resident entries)" if any(e.endswith(SUFFIX) for e in entries)
+           else "over RPC every call copies the weights (compiled before the resident entries)")
+    graphs = "; CUDA graphs" if manifest.get("backend", {}).get("cuda_graphs") else ""
+    return f"entries: {', '.join(plain)}; {rpc}{graphs}"
 
 
 def format_bundle(manifest: dict) -> str:
@@ -24,6 +35,7 @@ def format_bundle(manifest: dict) -> str:
              f"moec {manifest['moec_version']}, kernels: {manifest.get('kernels', '?')}, "
              f"{manifest.get('activations', 'float32')} activations",
              f"created {manifest['created_at']} by: {manifest['created_by']}",
+             _entries(manifest),
              f"weights: {manifest['weight_bytes'] / 1e6:.3f} MB under the plan "
              f"({manifest.get('stored_weight_bytes', manifest['weight_bytes']) / 1e6:.3f} MB stored)", ""]
     experts = plan["experts"]

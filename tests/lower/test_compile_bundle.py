@@ -101,8 +101,19 @@ def test_inspect_bundle(compiled):
     res = CliRunner().invoke(cli, ["inspect", str(bundle)])
     assert res.exit_code == 0, res.output
     assert "sha256 verified" in res.output and "expert bits:" in res.output
+    assert "entries: decode, prefill; over RPC the weights are held on the device" in res.output
     res = CliRunner().invoke(cli, ["inspect", str(bundle), "--json"])
     assert json.loads(res.output)["format"] == "moec-bundle"
+
+
+def test_inspect_names_how_rpc_drives_a_bundle():
+    """Bundles compiled before the resident entries copy the weights each RPC call; CUDA bundles name their graphs."""
+    from moec.artifact.inspect_bundle import _entries
+    assert _entries({"entry": {"decode": "decode"}}) == ("entries: decode; over RPC every call copies the weights "
+                                                         "(compiled before the resident entries)")
+    cuda = {"entry": {n: n for n in ("decode", "decode_resident")}, "backend": {"name": "cuda", "cuda_graphs": True}}
+    assert _entries(cuda) == ("entries: decode; over RPC the weights are held on the device (resident entries); "
+                              "CUDA graphs")
 
 
 def test_int8_activations_bundle(compiled, tmp_path):
