@@ -36,6 +36,17 @@ sys.path.insert(0, str(REPO / "tools"))
 
 PROMPT = "The list type is"
 INT8 = "@int8"  # a plan name suffix: bundles with int8 activations
+NO_GRAPHS = "@nographs"  # a plan name suffix: the CUDA bundle launches every kernel (the CUDA graphs' A/B baseline)
+
+
+def plan_flags(name: str) -> tuple[str, set[str]]:
+    """(base plan name, suffixes) of ``NAME[@int8][@nographs]`` (suffixes in any order)."""
+    flags = set()
+    while True:
+        suffix = next((f for f in (INT8, NO_GRAPHS) if name.endswith(f)), None)
+        if suffix is None:
+            return name, flags
+        name, flags = name.removesuffix(suffix), flags | {suffix}
 
 
 def gpu_info() -> dict:
@@ -65,14 +76,26 @@ def plans_for(cfg, names: list[str], group: int = 64) -> dict:
     from moec.core.plan import resolve_plan
     out = {}
     for name in names:
-        base = name.removesuffix(INT8)  # NAME@int8: both bundles with int8 activations (the GPU's dp4a bodies)
+        base, _ = plan_flags(name)  # NAME@int8: both bundles with int8 activations (the GPU's dp4a bodies)
         if base in ("mixed", "nested"):  # nested: the mixed plan as the run-time plan of an 8-bit nested bundle
             out[name] = mixed_plan(cfg, group).validate(cfg)
         elif base.startswith("uniform:"):
             out[name] = resolve_plan(base, cfg, group)
         else:
-            raise MoecError(f"unknown plan '{name}'; expected uniform:B, mixed or nested, each optionally {INT8}")
+            raise MoecError(f"unknown plan '{name}'; expected uniform:B, mixed or nested, each optionally {INT8} "
+                            f"and/or {NO_GRAPHS}")
     return out
+
+
+def graphless_target(target: str, folder: Path) -> str:
+    """A preset file in ``folder``: ``target`` (its arch resolved) with ``cuda_graphs: false``."""
+    import yaml
+
+    from moec.core.targets import load_target
+    preset = load_target(target)
+    path = folder / f"{preset.name}-nographs.yaml"
+    path.write_text(yaml.safe_dump(preset.model_copy(update={"cuda_graphs": False}).model_dump(mode="json")))
+    return str(path)
 
 
 def build(checkpoint: Path, plan, target: str, out: Path, nested: int | None = None,
@@ -166,12 +189,14 @@ def prepare_plan(name: str, plan, args, folder: Path) -> dict:
     from moec.models.checkpoint import load_config
     from moec.runtime.session import BundleSession
     tag = name.replace(":", "").replace("@", "-")
-    nested = 8 if name.removesuffix(INT8) == "nested" else None  # the nested GEMV: planes read per expert width
-    acts = "int8" if name.endswith(INT8) else "auto"  # auto: float32 on CUDA, the host's int8 on a VNNI CPU
+    base, flags = plan_flags(name)
+    nested = 8 if base == "nested" else None  # the nested GEMV: planes read per expert width
+    acts = "int8" if INT8 in flags else "auto"  # auto: float32 on CUDA, the host's int8 on a VNNI CPU
+    gpu_target = graphless_target(args.gpu_target, folder) if NO_GRAPHS in flags else args.gpu_target
     t0 = time.time()
     with tempfile.TemporaryDirectory(prefix="gpu-check-host-") as tmp:  # the folder keeps only the GPU half's
         host = build(args.checkpoint, plan, "host", Path(tmp) / "bundle", nested, acts)
-        build(args.checkpoint, plan, args.gpu_target, folder / f"cuda-{tag}", nested, acts)
+        build(args.checkpoint, plan, gpu_target, folder / f"cuda-{tag}", nested, acts)
         entry = {"name": name, "bundle": f"cuda-{tag}", "build s": round(time.time() - t0), "nested": bool(nested)}
         with BundleSession(host) as cpu:
             ids = cpu.tokenizer.encode(args.prompt).ids
@@ -415,7 +440,8 @@ def main(argv: list[str] | None = None) -> int:
                     help="run the GPU half from a --prepare DIR (the TVM runtime alone is enough)")
     ap.add_argument("--plans", default="uniform:8,uniform:4,mixed,nested",
                     help="comma list of uniform:B, mixed and nested; NAME@int8: both bundles with int8 activations "
-                         "(the GPU's dp4a GEMVs, the host's int8 kernels)")
+                         "(the GPU's dp4a GEMVs, the host's int8 kernels); NAME@nographs: the CUDA bundle without "
+                         "CUDA graphs (the A/B baseline of NAME)")
     ap.add_argument("--arch", default=None, help="sm_XX (default: detected by nvidia-smi)")
     ap.add_argument("--tokens", type=int, default=24, help="greedy tokens compared with the CPU bundle")
     ap.add_argument("--prompt", default=PROMPT)
@@ -475,8 +501,9 @@ def main(argv: list[str] | None = None) -> int:
                      f"build a cuda:{args.arch} bundle under {args.prepare or args.out} (and a host one for its tokens)")
             print(f"plan {name}: {where}, compare {args.tokens} greedy tokens, time decode with NVML"
                   + (" (nested 8-bit storage, then set_plan(uniform:2) compared too)"
-                     if name.removesuffix(INT8) == "nested" else "")
-                  + (" (int8 activations, both bundles)" if name.endswith(INT8) else ""))
+                     if plan_flags(name)[0] == "nested" else "")
+                  + (" (int8 activations, both bundles)" if INT8 in plan_flags(name)[1] else "")
+                  + (" (no CUDA graphs)" if NO_GRAPHS in plan_flags(name)[1] else ""))
         print(f"routed-expert GEMV GB/s at bits {args.kernel_bits or 'none'} (fixed and nested 8-bit), "
               f"shapes {', '.join(args.shapes)}, activations {', '.join(args.kernel_acts)}")
         print("transformers and torch eager fp16 decode: " + ("skipped" if args.no_torch else "yes"))

@@ -45,6 +45,9 @@ class TargetPreset(BaseModel):
     memory_budget_mb: float = Field(gt=0)
     power_sensors: list[PowerSensor] = []
     energy_model: EnergyModel
+    #: CUDA targets: replay runs of static-argument kernels as CUDA graphs (``lower/pipeline.py``); false in a
+    #: preset file builds bundles that launch every kernel (an off switch, and the baseline of an A/B).
+    cuda_graphs: bool = True
 
     @field_validator("allowed_bits")
     @classmethod

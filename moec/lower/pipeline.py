@@ -78,6 +78,8 @@ CPU_PHASES: tuple[Phase, ...] = (
 CUDA_PHASES: tuple[Phase, ...] = (
     ("dispatch", _dispatch), ("legalize", _legalize), ("schedule", _gpu_schedule),
     ("dataflow_lower", _dataflow_lower), ("finalize", _cuda_finalize))
+#: CUDA without CUDA graphs (a preset's ``cuda_graphs: false``): every kernel launched on every call.
+CUDA_PHASES_NO_GRAPHS: tuple[Phase, ...] = CUDA_PHASES[:-1] + (("finalize", _finalize),)
 
 
 def make_pipeline(phases: Sequence[Phase], debug_dump: str | os.PathLike | None = None):

@@ -158,6 +158,11 @@ def test_nested_decode_generates_cuda_for_jetson(nested_params):
         lowered = make_pipeline(backend_for(preset).phases)(bb.get())
     names = [gv.name_hint for gv in lowered.functions]  # the resident entry calls decode, whose runs replay
     assert "decode_resident" in names and any(n.startswith("decode_cuda_graph_capture") for n in names)
+    plain = preset.model_copy(update={"cuda_graphs": False})  # a preset file's off switch: every kernel launched
+    assert not backend_for(plain).cuda_graphs and backend_for(plain).manifest()["cuda_graphs"] is False
+    with target:
+        lowered = make_pipeline(backend_for(plain).phases)(bb.get())
+    assert not any(gv.name_hint.startswith("decode_cuda_graph_capture") for gv in lowered.functions)
     assert "expert_nested_gemv" in src and "__shfl_down_sync" in src
     assert re.search(r"if \(prec_ptr\[ids_ptr\[[^\]]*\]\] == 2\)", src)  # the hand kernel's width branch
 

@@ -185,3 +185,16 @@ def test_nested_kernel_cases_read_only_their_planes():
     codes = sh["top_k"] * sh["n"] * sh["k"] // 4
     assert nested2 - codes == nested8 - 4 * codes  # same scales and 8-bit zeros, a quarter of the code bytes
     assert nested2 > fixed2  # the nested stack keeps its zeros at 8 bits
+
+
+def test_nographs_plans_build_on_a_preset_without_cuda_graphs(tmp_path):
+    """``NAME@nographs`` (any order with ``@int8``): the CUDA bundle is built on a preset file of the GPU target, its
+    arch resolved, with ``cuda_graphs: false`` (the A/B baseline of CUDA graphs)."""
+    from moec.core.targets import load_target
+    from moec.lower.backends import backend_for
+    assert gpu_check.plan_flags("nested@int8@nographs") == ("nested", {gpu_check.INT8, gpu_check.NO_GRAPHS})
+    assert gpu_check.plan_flags("uniform:4@nographs@int8") == ("uniform:4", {gpu_check.INT8, gpu_check.NO_GRAPHS})
+    assert gpu_check.plan_flags("uniform:4") == ("uniform:4", set())
+    preset = load_target(gpu_check.graphless_target("cuda:sm_90", tmp_path))
+    assert not preset.cuda_graphs and preset.tvm_target["arch"] == "sm_90" and load_target("cuda:sm_90").cuda_graphs
+    assert backend_for(preset).manifest()["cuda_graphs"] is False

@@ -32,6 +32,8 @@ def backend_name(target: tvm.target.Target) -> str:
 def backend_for(preset: TargetPreset, reference_kernels: bool = False) -> Backend:
     """The backend of ``preset``; a one-line error when none exists (never a silent slow fallback)."""
     name = backend_name(preset.tvm())
+    if name == "cuda" and not preset.cuda_graphs:
+        return cuda.BACKEND_NO_GRAPHS
     if name in BACKENDS:
         return BACKENDS[name]
     if reference_kernels and preset.tvm_target.get("kind") == "llvm":

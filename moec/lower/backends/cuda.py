@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 from pathlib import Path
 
 import tvm
@@ -14,11 +15,15 @@ from moec.lower.cuda_kernels import compile_cuda, require_nvcc
 from moec.lower.gpu_linear import GpuLinearEmitter
 from moec.lower.kernels.activations import AUTO
 from moec.lower.linear import LinearEmitter
-from moec.lower.pipeline import CUDA_PHASES
+from moec.lower.pipeline import CUDA_PHASES, CUDA_PHASES_NO_GRAPHS
 
 
+@dataclass(frozen=True)
 class CudaBackend(Backend):
     """Host code for the preset's CPU (cross-compiled), device code as CUDA C plus an sm_XX fatbin."""
+
+    #: Runs of static-argument kernels replay as CUDA graphs (``CUDA_PHASES``; else ``CUDA_PHASES_NO_GRAPHS``).
+    cuda_graphs: bool = True
 
     def require_toolchain(self, preset: TargetPreset) -> None:
         super().require_toolchain(preset)
@@ -40,7 +45,9 @@ class CudaBackend(Backend):
     def manifest(self) -> dict:
         # runs of static-argument kernels replay as CUDA graphs (pipeline.capture_cuda_graphs): every call must
         # pass the same weight tensors, which the runtime checks before it drives the bundle over RPC
-        return {**super().manifest(), "cuda_graphs": True}
+        return {**super().manifest(), "cuda_graphs": self.cuda_graphs}
 
 
 BACKEND = CudaBackend("cuda", CUDA_PHASES, runtime_device="cuda")
+#: A preset with ``cuda_graphs: false``.
+BACKEND_NO_GRAPHS = CudaBackend("cuda", CUDA_PHASES_NO_GRAPHS, runtime_device="cuda", cuda_graphs=False)
