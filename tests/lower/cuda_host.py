@@ -27,7 +27,7 @@ _TAGS = ("blockIdx.x", "blockIdx.y", "blockIdx.z", "threadIdx.x", "threadIdx.y",
 def launch_dims(func: tirx.PrimFunc) -> tuple[tuple[int, int, int], tuple[int, int, int]]:
     """(grid, block) of the PrimFunc's thread-bound loops (static extents, read from its TVMScript)."""
     extents = dict.fromkeys(_TAGS, 1)
-    for extent, tag in re.findall(r'T\.thread_binding\((\d+), thread="([\w.]+)"\)', func.script()):
+    for extent, tag in re.findall(r'T\.thread_binding\((?:T\.int\d+\()?(\d+)\)?, thread="([\w.]+)"\)', func.script()):
         extents[tag] = int(extent)
     return tuple(extents[t] for t in _TAGS[:3]), tuple(extents[t] for t in _TAGS[3:])
 

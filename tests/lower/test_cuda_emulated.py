@@ -28,10 +28,10 @@ def _silu(v):
     return v / (1 + np.exp(-v))
 
 
-def _run(kern: HostKernel, **arrays) -> np.ndarray:
-    """``y`` of a launch in thread order and in reverse, which must agree bit for bit (no race)."""
-    y = np.full(tuple(int(s) for s in kern.buffers["y"].shape), np.nan, np.float32)
-    got = [kern(reverse=r, y=y, **arrays)["y"] for r in (False, True)]
+def _run(kern: HostKernel, output: str = "y", **arrays) -> np.ndarray:
+    """The ``output`` of a launch in thread order and in reverse, which must agree bit for bit (no race)."""
+    y = np.full(tuple(int(s) for s in kern.buffers[output].shape), np.nan, np.float32)
+    got = [kern(reverse=r, **{output: y}, **arrays)[output] for r in (False, True)]
     np.testing.assert_array_equal(got[0], got[1])
     return got[0]
 
@@ -128,6 +128,36 @@ def test_bound_swiglu_gemvs_run_as_cuda_c(acts):
     y = _run(kern, x=x, ids=IDS, prec=prec, **_nested_arrays(gn, 8, laid), **_nested_arrays(un, 8, laid, "u"))
     for r, e in enumerate(IDS):
         _close(y[r], _silu(dequantize_nested(gn[e], prec[e]) @ xd[0]) * (dequantize_nested(un[e], prec[e]) @ xd[0]))
+
+
+@pytest.mark.parametrize("bits, width", [(2, None), (3, None), (8, None), (8, 4), (4, 2)])
+def test_fused_gemv_schedule_runs_as_cuda_c(bits, width):
+    """The TE GEMV forms (shapes the hand kernels do not take) under the GPU schedule rules (``FusedGemv``: a warp a
+    row, staged activations and codes): the scheduled kernel's CUDA C against the same module on the CPU."""
+    import sys
+
+    import tvm
+    from tvm import relax
+
+    from moec.core.targets import load_target
+    from moec.lower.pipeline import CUDA_PHASES
+    from tests.conftest import REPO
+    sys.path.insert(0, str(REPO / "tools"))
+    import gpu_kernels
+    shape = {"n": 64, "k": 512, "experts": 4, "top_k": 2, "group": 64}
+    target = load_target("cuda:sm_87").tvm()
+    mod = gpu_kernels.expert_gemv_module(bits, **shape, width=width, expert_kernel="te")
+    with target:
+        for _, passes in CUDA_PHASES[:3]:  # dispatch, legalize, schedule
+            mod = tvm.transform.Sequential(passes(target))(mod)
+    (name,) = [gv.name_hint for gv, f in mod.functions.items() if isinstance(f, tvm.tirx.PrimFunc)]
+    kern = HostKernel.of(mod[name].with_attr("global_symbol", name))
+    args = gpu_kernels.inputs(bits, **shape, width=width)
+    cpu = tvm.compile(gpu_kernels.expert_gemv_module(bits, **shape, width=width, expert_kernel="te"), target="llvm")
+    want = relax.VirtualMachine(cpu, tvm.cpu())["main"](*[tvm.runtime.tensor(a) for a in args]).numpy()
+    names = [p.name for p in mod[name].params]
+    got = _run(kern, **dict(zip(names[:-1], args)), output=names[-1])
+    _close(got, want)
 
 
 _SHUFFLES = r'''extern "C" __global__ void __launch_bounds__(64) shuffles(int* __restrict__ y_ptr) {
