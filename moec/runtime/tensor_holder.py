@@ -6,7 +6,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable
 
-from moec.artifact.resident_keys import SUFFIX
+from moec.artifact.resident_keys import SUFFIX, param_key
 from moec.core.errors import MoecError
 
 log = logging.getLogger("moec")
@@ -37,6 +37,9 @@ class TensorHolder:
         compiled without resident entries; a CUDA bundle that replays CUDA graphs cannot run over RPC without one
         (each call's copies would have new addresses), which is a one-line error."""
         holder = cls.on(remote) if remote is not None and "decode" + SUFFIX in manifest.get("entry", {}) else None
+        if holder is not None and holder._get(param_key(0)) is not None:  # the cache is the server process's
+            raise MoecError("this RPC session already holds another bundle session's tensors; open one "
+                            "BundleSession per RPC session (or close the other first)")
         if remote is not None and holder is None and manifest.get("backend", {}).get("cuda_graphs"):
             raise MoecError("this CUDA bundle replays CUDA graphs, which need its weights held on the device, and "
                             "the remote TVM runtime has no tensor cache (vm.builtin.tensor_cache): install "

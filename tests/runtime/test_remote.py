@@ -258,6 +258,26 @@ def test_tensor_holder_needs_the_remote_tensor_cache_for_cuda_graphs():
             TensorHolder.for_bundle(_NoCacheRemote(), manifest)
 
 
+class _CacheRemote:
+    """An RPC session whose tensor cache already holds a weight (another session's)."""
+
+    def __init__(self, held: dict) -> None:
+        self.held = held
+
+    def get_function(self, name):
+        return {"vm.builtin.tensor_cache.get": self.held.get}.get(name, lambda *a: None)
+
+
+def test_one_bundle_session_per_rpc_session():
+    """The tensor cache belongs to the server process: a second session on the same RPC session is refused
+    (it would replace the first one's weights), one that follows a closed (cleared) one is not."""
+    from moec.runtime.tensor_holder import TensorHolder
+    manifest = {"entry": {"decode": "decode", "decode_resident": "decode_resident"}}
+    with pytest.raises(MoecError, match="already holds another bundle session's tensors"):
+        TensorHolder.for_bundle(_CacheRemote({"moec.param.0": object()}), manifest)
+    assert TensorHolder.for_bundle(_CacheRemote({}), manifest) is not None
+
+
 def test_tensor_holder_failure_is_one_line():
     """A device that cannot hold a tensor (out of memory, session gone) is one line, not a TVM traceback."""
     from moec.runtime.tensor_holder import TensorHolder
