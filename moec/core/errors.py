@@ -19,3 +19,9 @@ class MoecError(Exception):
 
     def __init__(self, message: object = "", *args) -> None:
         super().__init__(_one_line(str(message)), *args)
+
+
+def last_line(exc: BaseException) -> str:
+    """The last non-blank line of ``exc``'s message (a TVM error's summary after its backtrace), else its type."""
+    lines = [ln.strip() for ln in str(exc).strip().splitlines() if ln.strip()]
+    return lines[-1] if lines else type(exc).__name__

@@ -12,7 +12,7 @@ from pathlib import Path
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from moec.core.errors import MoecError
+from moec.core.errors import MoecError, last_line
 from moec.core.formats import ALL_BITS
 
 
@@ -66,13 +66,13 @@ class TargetPreset(BaseModel):
         try:
             target = tvm.target.Target(spec)
         except Exception as exc:  # noqa: BLE001 - TVM raises TVMError/ValueError for bad target dicts
-            raise MoecError(f"target preset '{self.name}': field 'tvm_target': {_first_line(exc)}") from None
+            raise MoecError(f"target preset '{self.name}': field 'tvm_target': {last_line(exc)}") from None
         if not self.tvm_host:
             return target
         try:
             return tvm.target.Target(spec, host=dict(self.tvm_host))
         except Exception as exc:  # noqa: BLE001
-            raise MoecError(f"target preset '{self.name}': field 'tvm_host': {_first_line(exc)}") from None
+            raise MoecError(f"target preset '{self.name}': field 'tvm_host': {last_line(exc)}") from None
 
 
 def install_hint(compiler: str) -> str:
@@ -81,11 +81,6 @@ def install_hint(compiler: str) -> str:
         if compiler.endswith(f"-{tool}"):
             return f"install it with: apt-get install {tool}-{compiler[:-len(tool) - 1]}"
     return "install it or set cross_compiler in the preset"
-
-
-def _first_line(exc: Exception) -> str:
-    lines = [ln.strip() for ln in str(exc).strip().splitlines() if ln.strip()]
-    return lines[-1] if lines else type(exc).__name__
 
 
 def _builtin_dir() -> Path:

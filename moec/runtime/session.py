@@ -19,7 +19,7 @@ from moec.artifact.bundle import verified_bytes, verified_copy, verify_bundle
 from moec.artifact.resident_keys import SUFFIX, cache_key, param_key
 from moec.artifact.weights_file import device_params
 from moec.core.config import config_from_dict
-from moec.core.errors import MoecError
+from moec.core.errors import MoecError, last_line
 from moec.core.outputs import work_dir
 from moec.core.plan import BitPlan
 from moec.core.run_plan import plan_widths
@@ -128,7 +128,7 @@ class BundleSession:
             except MoecError:
                 raise
             except Exception as exc:
-                failure = _last_line(exc)
+                failure = last_line(exc)
         if failure is not None:  # raised outside the except block: the TVM error's frames hold the session
             where = "this machine" if remote is None else "the remote device"
             hint = f" (is the device {lib_arch}?)" if remote is not None and lib_arch != "unknown" else ""
@@ -425,7 +425,7 @@ class BundleSession:
             inputs[0].copyfrom(tokens)
             inputs[1].copyfrom(where)
         except Exception as exc:
-            failure = _last_line(exc)
+            failure = last_line(exc)
         if failure is not None:
             raise MoecError(f"the remote device failed during a {entry} call: {failure}")
         return self._call_remote(entry, entry + SUFFIX, list(inputs), len(tokens), fetch)
@@ -440,7 +440,7 @@ class BundleSession:
             out = self.vm.get_outputs(name)
             logits = out[0].numpy()[0] if fetch else None
         except Exception as exc:  # TVM RPC errors: the server died or the session expired
-            failure = _last_line(exc)
+            failure = last_line(exc)
         if failure is not None:  # raised outside the except block, which would keep the session alive
             raise MoecError(f"the remote device failed during a {entry} call: {failure}")
         self.pos += count
@@ -677,11 +677,6 @@ def _finite(logits: np.ndarray, position: int) -> np.ndarray:
     if not np.isfinite(logits).all():
         raise _non_finite(position)
     return logits
-
-
-def _last_line(exc: BaseException) -> str:
-    lines = [ln.strip() for ln in str(exc).strip().splitlines() if ln.strip()]
-    return lines[-1] if lines else type(exc).__name__
 
 
 def open_remote_bundle(bundle: str | Path, tracker: str, key: str | None = None, timeout: float = 60.0,

@@ -7,7 +7,7 @@ import logging
 from collections.abc import Callable
 
 from moec.artifact.resident_keys import SUFFIX, param_key
-from moec.core.errors import MoecError
+from moec.core.errors import MoecError, last_line
 
 log = logging.getLogger("moec")
 
@@ -63,7 +63,6 @@ class TensorHolder:
                 tensors[i] = None
                 tensors[i] = self._get(key(i))
         except Exception as exc:  # the device ran out of memory, or the session ended
-            lines = [ln.strip() for ln in str(exc).strip().splitlines() if ln.strip()]
-            failure = lines[-1] if lines else type(exc).__name__
+            failure = last_line(exc)
         if failure is not None:  # raised outside the except block, whose frames would keep the RPC session
             raise MoecError(f"cannot hold the bundle's tensors on the remote device: {failure}")
