@@ -340,11 +340,15 @@ class BundleSession:
     def prefill(self, tokens: list[int]) -> np.ndarray:
         """Feed ``tokens`` at the next positions in one call (decode steps if the bundle has no
         ``prefill``); returns the logits [V] after the last one."""
+        return self._feed(tokens, fetch=True)
+
+    def _feed(self, tokens: list[int], fetch: bool) -> np.ndarray | None:
+        """:meth:`prefill`; the logits only if ``fetch`` (see :meth:`_run`)."""
         if not self.has_prefill:
             for t in tokens:
-                logits = self.step(t)
+                logits = self._run("decode", [t], fetch)
             return logits
-        return self._run("prefill", tokens)
+        return self._run("prefill", tokens, fetch)
 
     def step(self, token: int) -> np.ndarray:
         """Run one decode step for ``token`` at the next position; returns logits [V]."""
@@ -356,11 +360,10 @@ class BundleSession:
         there."""
         if self._holder is None:
             return int(np.argmax(_finite(self.prefill(tokens) if prompt else self.step(tokens[0]), self.pos)))
-        if prompt and not self.has_prefill:
-            for t in tokens:
-                self._run("decode", [t], fetch=False)
+        if prompt:
+            self._feed(tokens, fetch=False)
         else:
-            self._run("prefill" if prompt else "decode", tokens, fetch=False)
+            self._run("decode", tokens, fetch=False)
         best, finite = self._greedy.numpy()
         if not finite:
             raise _non_finite(self.pos)
@@ -368,7 +371,8 @@ class BundleSession:
 
     def _run(self, entry: str, tokens: list[int], fetch: bool = True) -> np.ndarray | None:
         """Call ``entry`` (decode or prefill) on ``tokens`` at position ``self.pos``: the call writes their
-        keys and values into the cache in place; ``pos`` then moves past them."""
+        keys and values into the cache in place; ``pos`` then moves past them. Returns the logits; on a remote
+        device holding the bundle, only if ``fetch`` (else the greedy token waits in ``_greedy``)."""
         if self.pos + len(tokens) > self.capacity:
             raise MoecError(f"the KV cache is full: {len(tokens)} more token(s) at position {self.pos} pass its "
                             f"capacity of {self.capacity} tokens; open the session with a larger context "
@@ -420,21 +424,17 @@ class BundleSession:
         if key not in self._sent:
             self._sent[key] = (tvm.runtime.tensor(tokens, self.dev), tvm.runtime.tensor(where, self.dev))
         inputs = self._sent[key]
-        failure = None
-        try:
-            inputs[0].copyfrom(tokens)
-            inputs[1].copyfrom(where)
-        except Exception as exc:
-            failure = last_line(exc)
-        if failure is not None:
-            raise MoecError(f"the remote device failed during a {entry} call: {failure}")
-        return self._call_remote(entry, entry + SUFFIX, list(inputs), len(tokens), fetch)
+        return self._call_remote(entry, entry + SUFFIX, list(inputs), len(tokens), fetch,
+                                 sends=zip(inputs, (tokens, where)))
 
-    def _call_remote(self, entry: str, name: str, args: list, count: int, fetch: bool = True) -> np.ndarray | None:
+    def _call_remote(self, entry: str, name: str, args: list, count: int, fetch: bool = True,
+                     sends=()) -> np.ndarray | None:
         """``name`` on ``count`` tokens through the stateful interface (a VM function cannot be called directly
-        over RPC)."""
+        over RPC), after copying each ``(device tensor, array)`` of ``sends``."""
         failure = None
         try:
+            for tensor, array in sends:
+                tensor.copyfrom(array)
             self.vm.set_input(name, *args)
             self.vm.invoke_stateful(name)
             out = self.vm.get_outputs(name)
