@@ -3,7 +3,8 @@
 Run by ``tools/gpu_check.sh`` on a machine with an NVIDIA GPU. For each plan (uniform:8, uniform:4,
 a mixed 2/4/8-bit plan; ``nested``: that mixed plan served at run time from 8-bit nested storage,
 ``moec compile --nested 8``, then switched to all-2-bit) it builds a ``host`` bundle and a ``cuda`` bundle (arch from nvidia-smi),
-checks that greedy tokens on the GPU equal the CPU bundle's, times GPU decode steps (tokens/s,
+checks that greedy tokens on the GPU equal the CPU bundle's (the prompt through the CUDA prefill), times a
+256-token prefill against the same tokens fed as decode steps (and compares their logits), times GPU decode steps (tokens/s,
 effective weight bandwidth = modelled bytes per step x steps/s, against the GPU's measured
 device-to-device copy bandwidth) with NVML energy sampled during the timed loop, and times torch
 eager fp16 decode of the same checkpoint on the GPU; before them, the backend's routed-expert GEMVs
@@ -35,6 +36,7 @@ sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "tools"))
 
 PROMPT = "The list type is"
+PREFILL_TOKENS = 256  # the prompt the CUDA prefill is timed on (the prompt's ids repeated)
 INT8 = "@int8"  # a plan name suffix: bundles with int8 activations
 NO_GRAPHS = "@nographs"  # a plan name suffix: the CUDA bundle launches every kernel (the CUDA graphs' A/B baseline)
 
@@ -227,6 +229,8 @@ def run_plan(entry: dict, folder: Path, args, row: dict) -> None:
             back = sess.set_plan(plan)
             row["note"] = (f"nested 8-bit storage; switch = CPU: after set_plan(uniform:2); switches "
                            f"{1e3 * down.seconds:.2f} / {1e3 * back.seconds:.2f} ms")
+        if sess.has_prefill:  # the CUDA prefill (grouped GEMMs) against the same prompt fed as decode steps
+            prefill_cells(sess, ids, row)
         done, secs, energy = timed_decode(lambda: sess.step(7), lambda: (sess.reset(), sess.prefill(ids)),
                                           entry["steps"])
     # prefill (in reset) runs inside the timed loop: its share is one call per ``steps`` decode steps
@@ -234,6 +238,26 @@ def run_plan(entry: dict, folder: Path, args, row: dict) -> None:
     gbs = entry["step_bytes"] * done / secs / 1e9
     row["eff. GB/s"] = gbs_cell(gbs, args.copy_gbs)
     energy_cells(row, energy, done, missing="no NVML")
+
+
+def prefill_cells(sess, ids: list[int], row: dict, tokens: int = PREFILL_TOKENS, runs: int = 5) -> None:
+    """Prefill of ``tokens`` prompt tokens (``ids`` repeated) in one call against the same tokens fed as decode steps:
+    the best of ``runs`` each (ms), and whether their last logits agree (max difference / max |logit|)."""
+    import numpy as np
+    prompt = (ids * (tokens // len(ids) + 1))[:min(tokens, sess.cfg["max_position"] - 2)]
+    sess.reset()
+    sess.reserve(len(prompt))
+    best, logits = {}, {}
+    for _ in range(runs):
+        for how, feed in (("prefill", lambda: sess.prefill(prompt)), ("steps", lambda: [sess.step(t) for t in prompt][-1])):
+            sess.reset()
+            t0 = time.perf_counter()
+            logits[how] = feed()  # logits come back to the host: the device has finished
+            best[how] = min(best.get(how, float("inf")), time.perf_counter() - t0)
+    diff = float(np.abs(logits["prefill"] - logits["steps"]).max() / np.abs(logits["steps"]).max())
+    row["prefill ms"] = f"{1e3 * best['prefill']:.2f} ({len(prompt)} tok)"
+    row["by steps ms"] = f"{1e3 * best['steps']:.2f} ({best['steps'] / best['prefill']:.1f}x)"
+    row["prefill = steps"] = "yes" if diff < 1e-3 else f"NO (diff {diff:.1e})"
 
 
 def check_plan(name: str, plan, args, row: dict) -> None:
@@ -332,7 +356,8 @@ def kernel_rows(kernels: list[dict], folder: Path, args, rows: list[dict], over_
 
 
 BASELINE = "transformers fp16"
-COLUMNS = ["plan", "tokens = CPU", "switch = CPU", "GPU tok/s", "vs HF fp16", "CPU tok/s", "eff. GB/s", "J/token", "W", "build s", "note"]
+COLUMNS = ["plan", "tokens = CPU", "switch = CPU", "GPU tok/s", "vs HF fp16", "CPU tok/s", "eff. GB/s", "J/token", "W",
+           "prefill ms", "by steps ms", "prefill = steps", "build s", "note"]
 
 
 def table(rows: list[dict]) -> str:

@@ -11,6 +11,10 @@ Nested expert stacks (``moec compile --nested``) get the same fused form with th
 time (:func:`expert_nested_gemv`): each bit-plane segment's load sits under its own
 ``prec[expert] >= width`` test, so a routed row reads only the planes its expert's width needs.
 
+A prefill's routed stacks and dense projections are the grouped GEMM of ``schedules/cuda_gemm.py`` (rows sorted by
+expert, each expert's weights read once per tile of its rows); a stack it does not take (its shape, the run layout
+of int8 activations, double-quantized scales) leaves the bundle without a prefill function (decode steps).
+
 Decode-step GEMVs whose shape the hand-written kernels take (``schedules/cuda_gemv.py``) use those
 instead; with ``activations="int8"`` their int8 bodies (``schedules/cuda_gemv_int8.py``: ``dp4a`` over
 activations quantized in the kernel), and the nested stacks (and fixed 3-bit ones) those bodies read in runs
@@ -30,6 +34,7 @@ from moec.lower.kernels.activations import ACTIVATIONS
 from moec.lower.kernels.cuda_layout import to_run_layout
 from moec.lower.linear import LinearEmitter, clamped_ids, zero_other_rows
 from moec.lower.params import CUDA_RUNS, WeightEntry
+from moec.lower.schedules.cuda_gemm import cuda_grouped_gemm
 from moec.lower.schedules.cuda_gemv import cuda_fixed_gemv, cuda_nested_gemv
 from moec.lower.schedules.cuda_gemv_int8 import run_layout_fits
 from moec.quant.nested import segment_positions
@@ -291,3 +296,59 @@ class GpuLinearEmitter(LinearEmitter):
         *segs, scale, zero = _nested_arrays(entry, vars_, name)
         return emit_nested_gemv(bb, x, segs, scale, zero, prec, ids, entry.bits, n, k, entry.group_size,
                                 self.expert_kernel, self.activations, entry.layout == CUDA_RUNS, self.seen)
+
+    # -- prefill: the grouped GEMM of schedules/cuda_gemm.py ---------------------------------------------------
+    cpu_rows = False  # prefill's row kernels (norms, SiLU, attention) are the TE forms the GPU rules schedule
+
+    def _gemm(self, entry: WeightEntry, dense: bool = False):
+        """The grouped GEMM over ``entry`` (``dense``: a plain weight, every row), or None where it does not take the
+        stack (shape, layout, scales)."""
+        n, k = entry.shape
+        if entry.layout or entry.super_groups or self.expert_kernel == "te":
+            return None
+        if "weight" in entry.arrays:
+            kind, bits, group = "float", 16 if entry.arrays["weight"].dtype == np.float16 else 32, None
+        else:
+            kind, bits, group = "nested" if entry.nested else "fixed", entry.bits, entry.group_size or (
+                k // entry.arrays["scale"].shape[-1])
+        try:
+            return cuda_grouped_gemm(kind, bits, n, k, 1 if dense else entry.stacked, group, dense=dense,
+                                     bind=self.expert_kernel == "bound")
+        except MoecError:
+            return None
+
+    def _stack_args(self, entry: WeightEntry, vars_, name) -> list:
+        if "weight" in entry.arrays:
+            return [vars_[f"{name}.weight"]]
+        if entry.nested:
+            return _nested_arrays(entry, vars_, name)
+        return [vars_[f"{name}.{a}"] for a in ("packed", "scale", "zero")]
+
+    def has_grouped(self, entry: WeightEntry) -> bool:
+        return self._gemm(entry) is not None
+
+    def grouped(self, bb, x, entry: WeightEntry, vars_, name, offsets, rows=None):
+        func = self._gemm(entry)
+        if func is None or entry.nested:
+            return None
+        return self._grouped_call(bb, func, x, self._stack_args(entry, vars_, name) + [offsets], entry, rows)
+
+    def nested_grouped(self, bb, x, entry: WeightEntry, vars_, name, offsets, prec, rows=None):
+        func = self._gemm(entry)
+        if func is None:
+            raise MoecError(f"internal: no CUDA grouped GEMM for the nested stack {name}")
+        return self._grouped_call(bb, func, x, self._stack_args(entry, vars_, name) + [prec, offsets], entry, rows)
+
+    def _grouped_call(self, bb, func, x, args: list, entry: WeightEntry, rows):
+        if rows is not None:  # this emitter's kernels read sorted rows: gather them
+            x = bb.emit(relax.op.take(x, rows, axis=0, mode="clip"))
+        gv = bb.add_func(func.without_attr("global_symbol"), str(func.attrs["global_symbol"]))
+        return bb.emit(relax.call_tir(gv, [x, *args], relax.TensorType((x.ty.shape[0], entry.shape[0]), "float32")))
+
+    def dense_rows(self, bb, x, entry: WeightEntry, vars_, name):
+        func = None if "weight" in entry.arrays else self._gemm(entry, dense=True)
+        if func is None:  # float weights (routers) and shapes the GEMM does not take: the TE form, GPU rules
+            return self.dense(bb, x, entry, vars_, name)
+        one = [bb.emit(relax.op.reshape(a, (1, *(int(d) for d in a.ty.shape)))) for a in self._stack_args(
+            entry, vars_, name)]  # a stack of one matrix (views)
+        return self._grouped_call(bb, func, x, one, entry, None)

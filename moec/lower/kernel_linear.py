@@ -226,6 +226,9 @@ class KernelEmitter(LinearEmitter):
         under an explicit ``int8``, which is about the decode GEMVs (ARM dotprod prefill on float32 activations)."""
         return entry.kernel and self._int8(entry) and self._builds_int8(make_grouped_gemm, entry.bits)
 
+    def has_grouped(self, entry: WeightEntry) -> bool:
+        return entry.kernel  # every stack in the kernel layout has a grouped GEMM (fixed or nested)
+
     def gathers_rows(self, entry: WeightEntry) -> bool:
         return self._nested_grouped_int8(entry) if entry.nested else self._grouped_int8(entry)
 

@@ -74,6 +74,15 @@ class LinearEmitter:
         per token for ``top_k`` pairs each), gathered by the emitter or inside its kernel."""
         return None
 
+    #: Whether a prefill's row-wise work (norms, SiLU, causal attention) runs on the CPU row kernels
+    #: (``kernels/rowwise.py``, ``kernels/attention.py``); else the decode builder's TE forms.
+    cpu_rows = True
+
+    def has_grouped(self, entry: WeightEntry) -> bool:
+        """Whether :meth:`grouped` (:meth:`nested_grouped` for a nested stack) takes this expert stack: the prefill
+        function is emitted only where every stack has one."""
+        return False
+
     def gathers_rows(self, entry: WeightEntry) -> bool:
         """Whether ``grouped`` (``nested_grouped`` for a nested stack) on this weight gathers ``rows`` inside its
         kernel (an int8-activation kernel quantizing each row of ``x`` once): the graph then passes the token rows

@@ -12,7 +12,8 @@ an int8-activation kernel quantizes each token's row once and gathers the sorted
 and scatters the rows back to their pairs. Dense projections are grouped GEMMs with one
 "expert" holding every row. Causal attention (scores, softmax, values: one fused kernel without a sliding window or sinks, three
 kernels with them), RMSNorm, SiLU and small float projections (routers) are parallel, vectorised CPU kernels
-(:mod:`moec.lower.kernels.attention`, :mod:`moec.lower.kernels.rowwise`). Everything else is the decode builder's ops on ``[T, ...]`` rows.
+(:mod:`moec.lower.kernels.attention`, :mod:`moec.lower.kernels.rowwise`); on a GPU (an emitter without
+``cpu_rows``) they are the TE forms its rules schedule, and the grouped GEMMs ``schedules/cuda_gemm.py``'s. Everything else is the decode builder's ops on ``[T, ...]`` rows.
 
 A nested layer (``moec compile --nested``: one stack of every expert) sorts the pairs by expert id and
 runs one nested grouped GEMM per projection (:mod:`moec.lower.kernels.nested_grouped`; with int8 activations,
@@ -46,7 +47,7 @@ class PrefillBuilder(DecodeBuilder):
 
     def supported(self) -> bool:
         """Whether the emitter has grouped-GEMM kernels for every expert stack (fixed-width or nested)."""
-        return all(e.kernel for n, e in self.params.entries.items() if ".experts." in n)
+        return all(self.emitter.has_grouped(e) for n, e in self.params.entries.items() if ".experts." in n)
 
     def _token_count(self):
         return tirx.Var("T", "int64")
@@ -79,7 +80,7 @@ class PrefillBuilder(DecodeBuilder):
         weight = self.vars[f"{self.prefix}{name}.weight"]
         shape = x.ty.shape
         width = shape[-1]
-        if x.ty.ndim not in (2, 3) or not isinstance(width, tirx.IntImm) or weight.ty.dtype != "float32":
+        if not self.emitter.cpu_rows or x.ty.ndim not in (2, 3) or not isinstance(width, tirx.IntImm) or weight.ty.dtype != "float32":
             return super().rms_norm(x, name)
         rows = shape[0] * shape[1] if x.ty.ndim == 3 else shape[0]
         flat = self._reshape(x, (rows, width)) if x.ty.ndim == 3 else x
@@ -89,7 +90,7 @@ class PrefillBuilder(DecodeBuilder):
         return self._reshape(y, shape) if x.ty.ndim == 3 else y
 
     def silu(self, x):
-        if x.ty.ndim != 2:
+        if x.ty.ndim != 2 or not self.emitter.cpu_rows:
             return super().silu(x)
         rows, width = x.ty.shape
         return self._kernel_call(silu_kernel(int(width)), f"row_silu_{int(width)}", [x], (rows, width))
@@ -101,6 +102,11 @@ class PrefillBuilder(DecodeBuilder):
         vd = v.ty.shape[2]
         keys, values = self._write_cache(self.cache[2 * layer], k, self.cache[2 * layer + 1], v, self.p + rows)
         q = bb.emit(relax.op.multiply(q, relax.const(np.float32(scale))))
+        if not self.emitter.cpu_rows:  # a GPU: the TE forms, scheduled by its rules
+            scores = self._softmax_input(bb.emit_te(te_ops.causal_row_scores, q, keys), window, sinks)
+            probs = bb.emit(relax.op.nn.softmax(scores, axis=-1))
+            attn = bb.emit_te(te_ops.causal_row_values, probs, values)
+            return bb.emit(relax.op.reshape(attn, (rows, heads * vd)))
         kv_heads, keys_len = keys.ty.shape[0], keys.ty.shape[1]
         keys_t = bb.emit(relax.op.permute_dims(keys, [0, 2, 1]))
         if not window and sinks is None:  # scores, softmax and values in one kernel (same arithmetic)

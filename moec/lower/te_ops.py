@@ -117,6 +117,28 @@ def attention_values(probs: te.Tensor, values: te.Tensor) -> te.Tensor:
     return te.compute((h_, hd), lambda h, d: te.sum(probs[h, r] * values[h // rep, r, d], axis=r), name="attn")
 
 
+def causal_row_scores(q: te.Tensor, keys: te.Tensor) -> te.Tensor:
+    """``q [T, H, hd]`` (pre-scaled) · ``keys [KVH, S, hd]`` → ``[H, T, S]``; row ``t`` sits at position
+    ``S - T + t`` and its scores of later keys are -1e30 (grouped KV heads)."""
+    t_, h_, hd = q.shape
+    kvh, s_, _ = keys.shape
+    rep = int(h_) // int(kvh)
+    r = te.reduce_axis((0, hd), name="d")
+    raw = te.compute((h_, t_, s_), lambda h, t, s: te.sum(q[t, h, r] * keys[h // rep, s, r], axis=r), name="scores")
+    return te.compute((h_, t_, s_), lambda h, t, s: tirx.if_then_else(
+        s > s_ - t_ + t, tirx.const(-1e30, "float32"), raw[h, t, s]), name="causal_scores")
+
+
+def causal_row_values(probs: te.Tensor, values: te.Tensor) -> te.Tensor:
+    """``probs [H, T, S(+1)]`` · ``values [KVH, S, vd]`` → ``[T, H, vd]`` (a sink column past ``S`` is not read)."""
+    h_, t_ = probs.shape[0], probs.shape[1]
+    kvh, s_, vd = values.shape
+    rep = int(h_) // int(kvh)
+    r = te.reduce_axis((0, s_), name="s")
+    return te.compute((t_, h_, vd), lambda t, h, d: te.sum(probs[h, t, r] * values[h // rep, r, d], axis=r),
+                      name="attn_rows")
+
+
 def head_linear(x: te.Tensor, weight: te.Tensor) -> te.Tensor:
     """Per-head projection: ``x [(T,) heads, in]`` · ``weight [heads, out, in]`` → ``[(T,) heads, out]``."""
     heads, out, k = weight.shape

@@ -54,7 +54,9 @@ class HostKernel:
         params = [p.replace("__restrict__", "").split() for p in decl.group(2).split(",")]
         self.params = [(" ".join(p[:-1]), p[-1]) for p in params]  # (C type, name)
         self.grid, self.block, self.buffers = grid, block, buffers or {}
-        args = ", ".join(f"({t})moec_args[{i}]" for i, (t, _) in enumerate(self.params))
+        # pointers as they are; a scalar (a symbolic extent such as a row count) travels as an integer
+        args = ", ".join(f"({t})moec_args[{i}]" if t.endswith("*") else f"({t})(intptr_t)moec_args[{i}]"
+                         for i, (t, _) in enumerate(self.params))
         launcher = (f"\nstatic void* moec_args[{len(self.params)}];\n"
                     f"static void moec_body() {{ {self.name}({args}); }}\n"
                     f'extern "C" int moec_launch(void** args, unsigned gx, unsigned gy, unsigned gz, unsigned bx, '
@@ -70,18 +72,22 @@ class HostKernel:
         return cls(kernel_source(func, arch), *launch_dims(func), {p.name: p for p in func.params})
 
     def __call__(self, reverse: bool = False, **arrays: np.ndarray) -> dict[str, np.ndarray]:
-        """Launch once on ``arrays`` (outputs included), the threads of a block run in order or ``reverse``;
+        """Launch once on ``arrays`` (outputs included; scalar parameters as ints), the threads of a block run in order or ``reverse``;
         returns the arrays as the kernel left them (copies, 64-byte aligned like device allocations)."""
         held, ptrs = {}, []
-        for _, pname in self.params:
+        for ctype, pname in self.params:
             name = pname[:-4] if pname.endswith("_ptr") else pname
             if name not in arrays:
                 raise KeyError(f"kernel {self.name} needs buffer {name!r}")
+            if not ctype.endswith("*"):  # a scalar parameter
+                ptrs.append(int(arrays[name]))
+                continue
             a = np.asarray(arrays[name])
             if name in self.buffers:
                 buf = self.buffers[name]
                 a = a.astype(str(buf.dtype), copy=False)
-                if tuple(a.shape) != tuple(int(s) for s in buf.shape):
+                want = [int(d) if isinstance(d, tirx.IntImm) else None for d in buf.shape]  # None: symbolic
+                if len(want) != a.ndim or any(w is not None and w != d for w, d in zip(want, a.shape)):
                     raise ValueError(f"{name}: shape {a.shape}, the kernel's {tuple(buf.shape)}")
             held[name] = _aligned(a)
             ptrs.append(held[name].ctypes.data)

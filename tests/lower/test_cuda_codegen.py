@@ -141,7 +141,7 @@ def test_cuda_preset_bundle(tmp_path):
 @pytest.mark.parametrize("name", ["headnorm_tied_mqa", "mla_softmax_scaled"])
 def test_model_compiles_for_jetson(name):
     """A Qwen3-like model (per-head q/k norm, MQA) and a DeepSeek-V2-like one (latent attention) compile
-    to CUDA (the functions the bundler builds). The decode attention scores over the symbolic cache
+    to CUDA (the functions the bundler builds: decode, and prefill with the grouped GEMMs). The decode attention scores over the symbolic cache
     length used to get a dlight schedule with thread-local buffers of cache-dependent size ("Can only
     handle constant size stack allocation"); ``Checked`` now refuses such a schedule. Code generation
     only: no GPU, no nvcc."""
@@ -160,7 +160,7 @@ def test_model_compiles_for_jetson(name):
     bb = relax.BlockBuilder()
     DecodeBuilder(model.cfg, params, emitter).build(bb)
     prefill = PrefillBuilder(model.cfg, params, emitter)
-    if prefill.supported():  # the GPU emitter has no grouped GEMM yet: decode only, as the bundler does
-        prefill.build(bb)
+    assert prefill.supported()  # the grouped GEMM takes these stacks (32-row, 16-k tiles)
+    prefill.build(bb)
     src = cuda_source(_compile(bb.get()).mod)
-    assert src is not None and count_kernels(src) > 10
+    assert src is not None and count_kernels(src) > 10 and "cuda_grouped_gemm" in src

@@ -102,7 +102,7 @@ def nested_params(tmp_path_factory):
 def test_gpu_emitter_decodes_a_nested_plan_as_the_derived_torch_model(nested_params, kernel):
     """The GPU emitter's nested decode graph (its TIR unscheduled, run on the CPU; the hand-written kernel's
     bodies with serial loops, or the TE form) under the plan at load gives the logits of the torch model
-    with each expert's derived weights."""
+    with each expert's derived weights; with the hand kernels, so does its prefill of the whole prompt."""
     import torch
 
     from moec.lower.backends.base import Backend
@@ -130,6 +130,12 @@ def test_gpu_emitter_decodes_a_nested_plan_as_the_derived_torch_model(nested_par
                            tvm.runtime.tensor(np.array([pos], np.int64)), *cache, *args)
     want = derived_model(root / "ckpt", plan)(torch.tensor([tokens]))[0, -1].detach().numpy()
     np.testing.assert_allclose(res[0].numpy()[0], want, atol=2e-4 * float(np.abs(want).max()))
+    if kernel == "serial":  # the prompt in one prefill call (the nested grouped GEMM at each expert's width)
+        cache = [tvm.runtime.tensor(np.zeros((cfg.num_kv_heads, len(tokens), cfg.head_dim), np.float32))
+                 for _ in range(2 * cfg.num_layers)]
+        res = vm["prefill"](tvm.runtime.tensor(np.array(tokens, np.int32)), tvm.runtime.tensor(np.array([0], np.int64)),
+                            *cache, *args)
+        np.testing.assert_allclose(res[0].numpy()[0], want, atol=2e-4 * float(np.abs(want).max()))
 
 
 def test_nested_decode_generates_cuda_for_jetson(nested_params):

@@ -74,6 +74,9 @@ def test_plan_check_with_a_cpu_bundle_standing_in(tmp_path, nvml):
     tok_s, j_tok = float(row["GPU tok/s"]), float(row["J/token"])
     assert j_tok * tok_s == pytest.approx(300.0, rel=0.1) and row["W"] in {"297", "298", "299", "300", "301", "302"}
     assert row["eff. GB/s"].endswith("%)")
+    # the prefill of a long prompt (the prompt's ids repeated up to the model's 64 positions) and its decode steps
+    assert row["prefill = steps"] == "yes" and row["prefill ms"].endswith("(62 tok)"), row
+    assert row["by steps ms"].endswith("x)")
     assert "uniform:8" in gpu_check.table([row]) and "tokens = CPU" in gpu_check.table([row])
 
 

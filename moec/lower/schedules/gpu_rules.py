@@ -162,11 +162,13 @@ def gpu_rules() -> list[dl.ScheduleRule]:
 
 
 def binds_threads(func: tvm.tirx.PrimFunc) -> bool:
-    """Whether ``func`` has a loop bound to a GPU thread or block index.
+    """Whether ``func`` has a loop bound to a GPU thread or block index, or launches threads itself (the
+    ``thread_extent`` scopes of TOPI's GPU sort, which the dispatch of ``argsort`` emits).
 
     (apache-tvm 0.27 exposes no TIR statement visitor to Python, so this reads the printed script.)
     """
-    return "T.thread_binding(" in func.script()
+    script = func.script()
+    return "T.thread_binding(" in script or "T.launch_thread(" in script
 
 
 @tvm.transform.module_pass(opt_level=0, name="moec.ResetCpuSchedules")
