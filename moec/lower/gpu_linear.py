@@ -13,7 +13,8 @@ time (:func:`expert_nested_gemv`): each bit-plane segment's load sits under its 
 
 A prefill's routed stacks and dense projections are the grouped GEMM of ``schedules/cuda_gemm.py`` (rows sorted by
 expert, each expert's weights read once per tile of its rows); a stack it does not take (its shape, the run layout
-of int8 activations, double-quantized scales) leaves the bundle without a prefill function (decode steps).
+of int8 activations, double-quantized scales) leaves the bundle without a prefill function (decode steps), as do
+int8 activations (the GEMM's float32 rows would not equal the int8 decode GEMVs' numbers).
 
 Decode-step GEMVs whose shape the hand-written kernels take (``schedules/cuda_gemv.py``) use those
 instead; with ``activations="int8"`` their int8 bodies (``schedules/cuda_gemv_int8.py``: ``dp4a`` over
@@ -304,7 +305,9 @@ class GpuLinearEmitter(LinearEmitter):
         """The grouped GEMM over ``entry`` (``dense``: a plain weight, every row), or None where it does not take the
         stack (shape, layout, scales)."""
         n, k = entry.shape
-        if entry.layout or entry.super_groups or self.expert_kernel == "te":
+        # int8 activations (decode GEMVs emitted before took the int8 bodies): they round each row to int8, which
+        # this float32 GEMM would not (a prefill must give its decode steps' numbers): decode steps prefill then
+        if entry.layout or entry.super_groups or self.expert_kernel == "te" or self.resolved_activations == "int8":
             return None
         if "weight" in entry.arrays:
             kind, bits, group = "float", 16 if entry.arrays["weight"].dtype == np.float16 else 32, None
@@ -325,6 +328,7 @@ class GpuLinearEmitter(LinearEmitter):
         return [vars_[f"{name}.{a}"] for a in ("packed", "scale", "zero")]
 
     def has_grouped(self, entry: WeightEntry) -> bool:
+        """Whether the grouped GEMM takes ``entry`` (asked after the decode graph is emitted: see :meth:`_gemm`)."""
         return self._gemm(entry) is not None
 
     def grouped(self, bb, x, entry: WeightEntry, vars_, name, offsets, rows=None):

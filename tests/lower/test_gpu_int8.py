@@ -372,3 +372,19 @@ def test_streamed_int8_nested_cuda_bundle_has_the_whole_models_weights(tmp_path,
         (p / "weights.json").read_text())["tensors"].items()} for n, p in out.items()}  # offsets differ: order
     assert json.loads((out["streamed"] / "manifest.json").read_text())["streamed"]
     assert tensors["streamed"] == tensors["whole"] and "layers.0.experts.nested.w1.seg3" in tensors["whole"]
+
+
+def test_int8_cuda_bundles_prefill_with_decode_steps(wide_nested):
+    """With int8 activations the decode GEMVs round each row to int8; the float32 grouped GEMM would not, so the
+    CUDA emitter leaves the prefill out (the runtime feeds a prompt as decode steps) once a decode GEMV took int8."""
+    import copy
+
+    from moec.lower.decode_graph import DecodeBuilder
+    from moec.lower.gpu_linear import GpuLinearEmitter
+    from moec.lower.prefill_graph import PrefillBuilder
+    cfg, params = wide_nested[0], wide_nested[3]  # the fixed-width stacks
+    for acts, supported in (("float32", True), ("int8", False)):
+        emitter = GpuLinearEmitter("serial", activations=acts)
+        DecodeBuilder(cfg, copy.deepcopy(params), emitter).build()
+        assert emitter.resolved_activations == acts
+        assert PrefillBuilder(cfg, copy.deepcopy(params), emitter).supported() == supported

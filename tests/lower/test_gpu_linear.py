@@ -71,7 +71,9 @@ def test_fused_gemvs_match_the_reference_emitter(tiny_params):
     cfg, params, root = tiny_params
     tokens = [5, 17, 42, 7]
     ref = _logits(cfg, params, LinearEmitter(), root / "ref.so", tokens)
-    got = _logits(cfg, params, GpuLinearEmitter(), root / "gpu.so", tokens)
+    # the TE forms (the hand kernels do not take these shapes); "te" also leaves out the prefill, whose grouped
+    # GEMM's bound form cannot run on the CPU
+    got = _logits(cfg, params, GpuLinearEmitter("te"), root / "gpu.so", tokens)
     np.testing.assert_allclose(got, ref, rtol=1e-4, atol=1e-4 * float(np.abs(ref).max()))
 
 
