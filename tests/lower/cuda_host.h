@@ -47,6 +47,7 @@ static inline long long max(long long a, long long b) { return a > b ? a : b; }
 static inline long long min(long long a, long long b) { return a < b ? a : b; }
 #define __expf(a) expf(a)
 static inline float __fdividef(float a, float b) { return a / b; }
+static inline float rsqrtf(float a) { return 1.0f / sqrtf(a); }
 static inline float __int_as_float(int a) { float f; memcpy(&f, &a, 4); return f; }
 static inline int __float_as_int(float a) { int i; memcpy(&i, &a, 4); return i; }
 

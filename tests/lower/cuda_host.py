@@ -24,17 +24,22 @@ _CACHE = Path(tempfile.gettempdir()) / "moec-cuda-host"
 _TAGS = ("blockIdx.x", "blockIdx.y", "blockIdx.z", "threadIdx.x", "threadIdx.y", "threadIdx.z")
 
 
-def launch_dims(func: tirx.PrimFunc) -> tuple[tuple[int, int, int], tuple[int, int, int]]:
-    """(grid, block) of the PrimFunc's thread-bound loops (static extents, read from its TVMScript)."""
+def launch_dims(func: tirx.PrimFunc, values: dict[str, int] | None = None
+                ) -> tuple[tuple[int, int, int], tuple[int, int, int]]:
+    """(grid, block) of the PrimFunc's thread-bound loops, read from its TVMScript; an extent over symbolic
+    variables (a prefill's row count ``T_1``, its position ``P``) is evaluated at ``values``."""
     extents = dict.fromkeys(_TAGS, 1)
-    for extent, tag in re.findall(r'T\.thread_binding\((?:T\.int\d+\()?(\d+)\)?, thread="([\w.]+)"\)', func.script()):
-        extents[tag] = int(extent)
+    for extent, tag in re.findall(r'T\.thread_binding\((.*?), thread="([\w.]+)"\)', func.script()):
+        extents[tag] = int(eval(re.sub(r"T\.u?int\d+\(", "(", extent), {"__builtins__": {}}, dict(values or {})))
     return tuple(extents[t] for t in _TAGS[:3]), tuple(extents[t] for t in _TAGS[3:])
 
 
 def kernel_source(func: tirx.PrimFunc, arch: str = "sm_87") -> str:
     target = tvm.target.Target({"kind": "cuda", "arch": arch}, host="llvm")
-    lib = tvm.compile(tvm.IRModule({"main": func}), target=target)
+    # without common-subexpression elimination, which would pass host-computed values (``cse_v1 = T * 256``) to the
+    # kernel as parameters a launch here cannot know
+    with tvm.transform.PassContext(config={"tirx.disable_cse_tir": True}):
+        lib = tvm.compile(tvm.IRModule({"main": func}), target=target)
     return lib.mod.imports[0].inspect_source()
 
 
@@ -67,9 +72,10 @@ class HostKernel:
         self.lib.moec_launch.restype = ctypes.c_int
 
     @classmethod
-    def of(cls, func: tirx.PrimFunc, arch: str = "sm_87") -> "HostKernel":
-        """The kernel TVM generates for ``func`` (one thread-bound kernel), launched as its bindings say."""
-        return cls(kernel_source(func, arch), *launch_dims(func), {p.name: p for p in func.params})
+    def of(cls, func: tirx.PrimFunc, arch: str = "sm_87", values: dict[str, int] | None = None) -> "HostKernel":
+        """The kernel TVM generates for ``func`` (one thread-bound kernel), launched as its bindings say (symbolic
+        extents at ``values``, which the launch must then pass as the scalar parameters of those names)."""
+        return cls(kernel_source(func, arch), *launch_dims(func, values), {p.name: p for p in func.params})
 
     def __call__(self, reverse: bool = False, **arrays: np.ndarray) -> dict[str, np.ndarray]:
         """Launch once on ``arrays`` (outputs included; scalar parameters as ints), the threads of a block run in order or ``reverse``;
