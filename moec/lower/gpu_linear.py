@@ -12,7 +12,7 @@ time (:func:`expert_nested_gemv`): each bit-plane segment's load sits under its 
 ``prec[expert] >= width`` test, so a routed row reads only the planes its expert's width needs.
 
 A prefill's routed stacks and dense projections are the grouped GEMM of ``schedules/cuda_gemm.py`` (rows sorted by
-expert, each expert's weights read once per tile of its rows); a stack it does not take (its shape, the run layout
+expert, each expert's weights read once per tile of its rows), its causal attention ``schedules/cuda_attention.py``; a stack it does not take (its shape, the run layout
 of int8 activations, double-quantized scales) leaves the bundle without a prefill function (decode steps), as do
 int8 activations (the GEMM's float32 rows would not equal the int8 decode GEMVs' numbers).
 
@@ -35,6 +35,7 @@ from moec.lower.kernels.activations import ACTIVATIONS
 from moec.lower.kernels.cuda_layout import to_run_layout
 from moec.lower.linear import LinearEmitter, clamped_ids, zero_other_rows
 from moec.lower.params import CUDA_RUNS, WeightEntry
+from moec.lower.schedules.cuda_attention import cuda_causal_attention
 from moec.lower.schedules.cuda_gemm import cuda_grouped_gemm
 from moec.lower.schedules.cuda_gemv import cuda_fixed_gemv, cuda_nested_gemv
 from moec.lower.schedules.cuda_gemv_int8 import run_layout_fits
@@ -326,6 +327,18 @@ class GpuLinearEmitter(LinearEmitter):
         if entry.nested:
             return _nested_arrays(entry, vars_, name)
         return [vars_[f"{name}.{a}"] for a in ("packed", "scale", "zero")]
+
+    def prefill_attention(self, bb, q, keys, values):
+        rows, heads, hd = q.ty.shape
+        kv_heads, vd = keys.ty.shape[0], values.ty.shape[2]
+        if self.expert_kernel == "te":
+            return None
+        try:
+            func = cuda_causal_attention(int(heads), int(kv_heads), int(hd), int(vd), bind=self.expert_kernel == "bound")
+        except MoecError:
+            return None
+        gv = bb.add_func(func.without_attr("global_symbol"), "cuda_causal_attention")
+        return bb.emit(relax.call_tir(gv, [q, keys, values], relax.TensorType((rows, heads, vd), "float32")))
 
     def has_grouped(self, entry: WeightEntry) -> bool:
         """Whether the grouped GEMM takes ``entry`` (asked after the decode graph is emitted: see :meth:`_gemm`)."""

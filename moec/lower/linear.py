@@ -78,6 +78,12 @@ class LinearEmitter:
     #: (``kernels/rowwise.py``, ``kernels/attention.py``); else the decode builder's TE forms.
     cpu_rows = True
 
+    def prefill_attention(self, bb, q, keys, values):
+        """Causal attention of a prefill chunk's rows ``q [T, heads, hd]`` (pre-scaled) over ``keys`` / ``values``
+        ``[kv_heads, P + T, d]`` → ``[T, heads, vd]`` in one kernel, or None (the graph's own forms); asked only
+        of emitters without ``cpu_rows``, for attention without a sliding window or sinks."""
+        return None
+
     def has_grouped(self, entry: WeightEntry) -> bool:
         """Whether :meth:`grouped` (:meth:`nested_grouped` for a nested stack) takes this expert stack: the prefill
         function is emitted only where every stack has one."""

@@ -13,7 +13,8 @@ and scatters the rows back to their pairs. Dense projections are grouped GEMMs w
 "expert" holding every row. Causal attention (scores, softmax, values: one fused kernel without a sliding window or sinks, three
 kernels with them), RMSNorm, SiLU and small float projections (routers) are parallel, vectorised CPU kernels
 (:mod:`moec.lower.kernels.attention`, :mod:`moec.lower.kernels.rowwise`); on a GPU (an emitter without
-``cpu_rows``) they are the TE forms its rules schedule, and the grouped GEMMs ``schedules/cuda_gemm.py``'s. Everything else is the decode builder's ops on ``[T, ...]`` rows.
+``cpu_rows``) the grouped GEMMs are ``schedules/cuda_gemm.py``'s, causal attention ``schedules/cuda_attention.py``'s
+(the TE forms its rules schedule with a sliding window or sinks), norms and SiLU the TE forms. Everything else is the decode builder's ops on ``[T, ...]`` rows.
 
 A nested layer (``moec compile --nested``: one stack of every expert) sorts the pairs by expert id and
 runs one nested grouped GEMM per projection (:mod:`moec.lower.kernels.nested_grouped`; with int8 activations,
@@ -102,7 +103,10 @@ class PrefillBuilder(DecodeBuilder):
         vd = v.ty.shape[2]
         keys, values = self._write_cache(self.cache[2 * layer], k, self.cache[2 * layer + 1], v, self.p + rows)
         q = bb.emit(relax.op.multiply(q, relax.const(np.float32(scale))))
-        if not self.emitter.cpu_rows:  # a GPU: the TE forms, scheduled by its rules
+        if not self.emitter.cpu_rows:  # a GPU: the emitter's kernel, else the TE forms scheduled by its rules
+            attn = None if window or sinks is not None else self.emitter.prefill_attention(bb, q, keys, values)
+            if attn is not None:
+                return bb.emit(relax.op.reshape(attn, (rows, heads * vd)))
             scores = self._softmax_input(bb.emit_te(te_ops.causal_row_scores, q, keys), window, sinks)
             probs = bb.emit(relax.op.nn.softmax(scores, axis=-1))
             attn = bb.emit_te(te_ops.causal_row_values, probs, values)

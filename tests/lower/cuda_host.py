@@ -34,11 +34,12 @@ def launch_dims(func: tirx.PrimFunc, values: dict[str, int] | None = None
     return tuple(extents[t] for t in _TAGS[:3]), tuple(extents[t] for t in _TAGS[3:])
 
 
-def kernel_source(func: tirx.PrimFunc, arch: str = "sm_87") -> str:
+def kernel_source(func: tirx.PrimFunc, arch: str = "sm_87", cse: bool = True) -> str:
+    """The CUDA C TVM generates for ``func`` (``cse=False``: without common-subexpression elimination, which can
+    hand a kernel host-computed values, ``cse_v1 = T * 256``, as parameters a launch here cannot know; the
+    bundle's build keeps it)."""
     target = tvm.target.Target({"kind": "cuda", "arch": arch}, host="llvm")
-    # without common-subexpression elimination, which would pass host-computed values (``cse_v1 = T * 256``) to the
-    # kernel as parameters a launch here cannot know
-    with tvm.transform.PassContext(config={"tirx.disable_cse_tir": True}):
+    with tvm.transform.PassContext(config={"tirx.disable_cse_tir": not cse}):
         lib = tvm.compile(tvm.IRModule({"main": func}), target=target)
     return lib.mod.imports[0].inspect_source()
 
@@ -72,10 +73,12 @@ class HostKernel:
         self.lib.moec_launch.restype = ctypes.c_int
 
     @classmethod
-    def of(cls, func: tirx.PrimFunc, arch: str = "sm_87", values: dict[str, int] | None = None) -> "HostKernel":
+    def of(cls, func: tirx.PrimFunc, arch: str = "sm_87", values: dict[str, int] | None = None,
+           cse: bool = True) -> "HostKernel":
         """The kernel TVM generates for ``func`` (one thread-bound kernel), launched as its bindings say (symbolic
-        extents at ``values``, which the launch must then pass as the scalar parameters of those names)."""
-        return cls(kernel_source(func, arch), *launch_dims(func, values), {p.name: p for p in func.params})
+        extents at ``values``, which the launch must then pass as the scalar parameters of those names; ``cse``: as
+        :func:`kernel_source`)."""
+        return cls(kernel_source(func, arch, cse), *launch_dims(func, values), {p.name: p for p in func.params})
 
     def __call__(self, reverse: bool = False, **arrays: np.ndarray) -> dict[str, np.ndarray]:
         """Launch once on ``arrays`` (outputs included; scalar parameters as ints), the threads of a block run in order or ``reverse``;

@@ -164,3 +164,4 @@ def test_model_compiles_for_jetson(name):
     prefill.build(bb)
     src = cuda_source(_compile(bb.get()).mod)
     assert src is not None and count_kernels(src) > 10 and "cuda_grouped_gemm" in src
+    assert "cuda_causal_attention" in src  # built with the bundle's passes (common-subexpression elimination too)
