@@ -4,8 +4,8 @@ Run by ``tools/gpu_check.sh`` on a machine with an NVIDIA GPU. For each plan (un
 a mixed 2/4/8-bit plan; ``nested``: that mixed plan served at run time from 8-bit nested storage,
 ``moec compile --nested 8``, then switched to all-2-bit) it builds a ``host`` bundle and a ``cuda`` bundle (arch from nvidia-smi),
 checks that greedy tokens on the GPU equal the CPU bundle's (the prompt through the CUDA prefill), times a
-256-token prefill against the same tokens fed as decode steps (and compares their logits), times GPU decode steps (tokens/s,
-effective weight bandwidth = modelled bytes per step x steps/s, against the GPU's measured
+256-token prefill against the same tokens fed as decode steps (and compares their logits), times GPU decode
+steps (tokens/s, effective weight bandwidth = modelled bytes per step x steps/s, against the GPU's measured
 device-to-device copy bandwidth) with NVML energy sampled during the timed loop, and times torch
 eager fp16 decode of the same checkpoint on the GPU; before them, the backend's routed-expert GEMVs
 (fixed widths, and the nested 8-bit stack at each run-time width; ``tools/gpu_kernels.py``) give GB/s.
@@ -249,7 +249,8 @@ def prefill_cells(sess, ids: list[int], row: dict, tokens: int = PREFILL_TOKENS,
     sess.reserve(len(prompt))
     best, logits = {}, {}
     for _ in range(runs):
-        for how, feed in (("prefill", lambda: sess.prefill(prompt)), ("steps", lambda: [sess.step(t) for t in prompt][-1])):
+        feeds = (("prefill", lambda: sess.prefill(prompt)), ("steps", lambda: [sess.step(t) for t in prompt][-1]))
+        for how, feed in feeds:
             sess.reset()
             t0 = time.perf_counter()
             logits[how] = feed()  # logits come back to the host: the device has finished

@@ -12,9 +12,10 @@ time (:func:`expert_nested_gemv`): each bit-plane segment's load sits under its 
 ``prec[expert] >= width`` test, so a routed row reads only the planes its expert's width needs.
 
 A prefill's routed stacks and dense projections are the grouped GEMM of ``schedules/cuda_gemm.py`` (rows sorted by
-expert, each expert's weights read once per tile of its rows), its causal attention ``schedules/cuda_attention.py``; a stack it does not take (its shape, the run layout
-of int8 activations, double-quantized scales) leaves the bundle without a prefill function (decode steps), as do
-int8 activations (the GEMM's float32 rows would not equal the int8 decode GEMVs' numbers).
+expert, each expert's weights read once per tile of its rows), its causal attention ``schedules/cuda_attention.py``.
+A stack the GEMM does not take (its shape, the run layout of int8 activations, double-quantized scales) leaves the
+bundle without a prefill function (decode steps), as do int8 activations (the GEMM's float32 rows would not equal
+the int8 decode GEMVs' numbers).
 
 Decode-step GEMVs whose shape the hand-written kernels take (``schedules/cuda_gemv.py``) use those
 instead; with ``activations="int8"`` their int8 bodies (``schedules/cuda_gemv_int8.py``: ``dp4a`` over
@@ -300,7 +301,7 @@ class GpuLinearEmitter(LinearEmitter):
                                 self.expert_kernel, self.activations, entry.layout == CUDA_RUNS, self.seen)
 
     # -- prefill: the grouped GEMM of schedules/cuda_gemm.py ---------------------------------------------------
-    cpu_rows = False  # prefill's row kernels (norms, SiLU, attention) are the TE forms the GPU rules schedule
+    cpu_rows = False  # a prefill's norms and SiLU are the TE forms the GPU rules schedule; attention: below
 
     def _gemm(self, entry: WeightEntry, dense: bool = False):
         """The grouped GEMM over ``entry`` (``dense``: a plain weight, every row), or None where it does not take the
@@ -334,7 +335,8 @@ class GpuLinearEmitter(LinearEmitter):
         if self.expert_kernel == "te":
             return None
         try:
-            func = cuda_causal_attention(int(heads), int(kv_heads), int(hd), int(vd), bind=self.expert_kernel == "bound")
+            func = cuda_causal_attention(int(heads), int(kv_heads), int(hd), int(vd),
+                                         bind=self.expert_kernel == "bound")
         except MoecError:
             return None
         gv = bb.add_func(func.without_attr("global_symbol"), "cuda_causal_attention")

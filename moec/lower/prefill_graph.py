@@ -13,8 +13,9 @@ and scatters the rows back to their pairs. Dense projections are grouped GEMMs w
 "expert" holding every row. Causal attention (scores, softmax, values: one fused kernel without a sliding window or sinks, three
 kernels with them), RMSNorm, SiLU and small float projections (routers) are parallel, vectorised CPU kernels
 (:mod:`moec.lower.kernels.attention`, :mod:`moec.lower.kernels.rowwise`); on a GPU (an emitter without
-``cpu_rows``) the grouped GEMMs are ``schedules/cuda_gemm.py``'s, causal attention ``schedules/cuda_attention.py``'s
-(the TE forms its rules schedule with a sliding window or sinks), norms and SiLU the TE forms. Everything else is the decode builder's ops on ``[T, ...]`` rows.
+``cpu_rows``) the grouped GEMMs are ``schedules/cuda_gemm.py``'s, causal attention
+``schedules/cuda_attention.py``'s (the TE forms its rules schedule with a sliding window or sinks), norms and
+SiLU the TE forms. Everything else is the decode builder's ops on ``[T, ...]`` rows.
 
 A nested layer (``moec compile --nested``: one stack of every expert) sorts the pairs by expert id and
 runs one nested grouped GEMM per projection (:mod:`moec.lower.kernels.nested_grouped`; with int8 activations,
@@ -81,7 +82,8 @@ class PrefillBuilder(DecodeBuilder):
         weight = self.vars[f"{self.prefix}{name}.weight"]
         shape = x.ty.shape
         width = shape[-1]
-        if not self.emitter.cpu_rows or x.ty.ndim not in (2, 3) or not isinstance(width, tirx.IntImm) or weight.ty.dtype != "float32":
+        if (not self.emitter.cpu_rows or x.ty.ndim not in (2, 3) or not isinstance(width, tirx.IntImm)
+                or weight.ty.dtype != "float32"):
             return super().rms_norm(x, name)
         rows = shape[0] * shape[1] if x.ty.ndim == 3 else shape[0]
         flat = self._reshape(x, (rows, width)) if x.ty.ndim == 3 else x

@@ -81,8 +81,8 @@ class HostKernel:
         return cls(kernel_source(func, arch, cse), *launch_dims(func, values), {p.name: p for p in func.params})
 
     def __call__(self, reverse: bool = False, **arrays: np.ndarray) -> dict[str, np.ndarray]:
-        """Launch once on ``arrays`` (outputs included; scalar parameters as ints), the threads of a block run in order or ``reverse``;
-        returns the arrays as the kernel left them (copies, 64-byte aligned like device allocations)."""
+        """Launch once on ``arrays`` (outputs included; scalar parameters as ints), the threads of a block run in
+        order or ``reverse``; returns the arrays as the kernel left them (copies, 64-byte aligned like device allocations)."""
         held, ptrs = {}, []
         for ctype, pname in self.params:
             name = pname[:-4] if pname.endswith("_ptr") else pname

@@ -141,10 +141,10 @@ def test_cuda_preset_bundle(tmp_path):
 @pytest.mark.parametrize("name", ["headnorm_tied_mqa", "mla_softmax_scaled"])
 def test_model_compiles_for_jetson(name):
     """A Qwen3-like model (per-head q/k norm, MQA) and a DeepSeek-V2-like one (latent attention) compile
-    to CUDA (the functions the bundler builds: decode, and prefill with the grouped GEMMs). The decode attention scores over the symbolic cache
-    length used to get a dlight schedule with thread-local buffers of cache-dependent size ("Can only
-    handle constant size stack allocation"); ``Checked`` now refuses such a schedule. Code generation
-    only: no GPU, no nvcc."""
+    to CUDA (the functions the bundler builds: decode, and prefill with the grouped GEMMs and the attention
+    kernel). The decode attention scores over the symbolic cache length used to get a dlight schedule with
+    thread-local buffers of cache-dependent size ("Can only handle constant size stack allocation"); ``Checked``
+    now refuses such a schedule. Code generation only: no GPU, no nvcc."""
     from moec.core.plan import resolve_plan
     from moec.lower.decode_graph import DecodeBuilder
     from moec.lower.params import build_params

@@ -2,9 +2,9 @@
 the keys taken a tile at a time with a running (online) softmax, so no ``[heads, T, S]`` score array exists.
 
 ``attention(q [T, H, hd], keys [KVH, S, hd], values [KVH, S, vd], out [T, H, vd])``: ``q`` pre-scaled, row ``t``
-at position ``P + t`` (``P = S − T``, the cached positions) attends to keys ``0 .. P + t``; query head ``h`` reads KV head
-``h // (H / KVH)``. A block of ``THREADS`` threads holds ``BQ`` query rows in shared memory and, per tile of
-``BKV`` keys up to its last row's position, in phases separated by barriers:
+at position ``P + t`` (``P = S − T``, the cached positions) attends to keys ``0 .. P + t``; query head ``h``
+reads KV head ``h // (H / KVH)``. A block of ``THREADS`` threads holds ``BQ`` query rows in shared memory and,
+per tile of ``BKV`` keys up to its last row's position, in phases separated by barriers:
 
 1. copies the tile's keys and values into shared memory;
 2. each thread computes ``BKV / ROW_THREADS`` scores of its row (keys past the row's position: −1e30);

@@ -44,8 +44,9 @@ def tile_shape(n: int, k: int, group: int | None) -> tuple[int, int]:
     bn = next((b for b in TILE_ROWS if n % b == 0), None)
     bk = next((b for b in TILE_K if k % b == 0 and (group is None or group % b == 0)), None)
     if bn is None or bk is None:
-        raise MoecError(f"cuda grouped GEMM: n={n}, k={k}, group={group} do not fit tiles of {'/'.join(map(str, TILE_ROWS))} "
-                        f"rows and {'/'.join(map(str, TILE_K))} k (groups a multiple of the k)")
+        rows, ks = "/".join(map(str, TILE_ROWS)), "/".join(map(str, TILE_K))
+        raise MoecError(f"cuda grouped GEMM: n={n}, k={k}, group={group} do not fit tiles of {rows} rows and {ks} k "
+                        "(groups a multiple of the k)")
     return bn, bk
 
 
