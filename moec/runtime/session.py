@@ -81,12 +81,15 @@ class BundleSession:
     ``threads`` is the TVM thread count of decode steps and prefills, ``prefill_threads`` that of
     prefills alone (defaults: :func:`choose_threads`: a small bundle decodes on one thread and
     prefills prompts of ``PREFILL_POOL_TOKENS`` or more on the pool; a larger one runs on the pool).
+    ``prefill`` (or ``MOEC_PREFILL``): ``call`` feeds a prompt through the bundle's ``prefill`` function where it
+    has one, ``steps`` as decode steps (:data:`PREFILL_MODES`).
     """
 
     def __init__(self, bundle: str | os.PathLike, remote=None, trust: str | os.PathLike | None = None,
                  threads: int | None = None, trust_verified: bool = False, context: int | None = None,
-                 prefill_threads: int | None = None) -> None:
+                 prefill_threads: int | None = None, prefill: str | None = None) -> None:
         root = self._root = Path(bundle)
+        self.prefill_mode = prefill_mode(prefill)  # before anything is loaded: a bad value is one line
         # the whole bundle verifies (and, with ``trust``, its signature) before lib.so is touched;
         # ``trust_verified`` (opt-in) skips re-hashing files unchanged since their last full check
         self.manifest = verify_bundle(root, trust, trust_verified=trust_verified)
@@ -334,8 +337,9 @@ class BundleSession:
 
     @property
     def has_prefill(self) -> bool:
-        """Whether the bundle has a ``prefill`` function (a whole prompt in one call)."""
-        return "prefill" in self.manifest.get("entry", {})
+        """Whether prompts go through the bundle's ``prefill`` function (a whole prompt in one call): it has one,
+        and the session was not asked to feed prompts as decode steps (``prefill="steps"``)."""
+        return "prefill" in self.manifest.get("entry", {}) and self.prefill_mode == "call"
 
     def prefill(self, tokens: list[int]) -> np.ndarray:
         """Feed ``tokens`` at the next positions in one call (decode steps if the bundle has no
@@ -553,6 +557,20 @@ def _default_pool() -> int:
         _DEFAULT_POOL = int(os.environ.get("TVM_NUM_THREADS") or os.environ.get("OMP_NUM_THREADS")
                             or os.cpu_count() or 1)
     return _DEFAULT_POOL
+
+
+#: How a session feeds a prompt: ``call`` (the bundle's ``prefill`` function where it has one) or ``steps``
+#: (decode steps: the fallback if a device's prefill misbehaves, e.g. a GPU driver; ``MOEC_PREFILL=steps``).
+PREFILL_MODES = ("call", "steps")
+
+
+def prefill_mode(mode: str | None = None) -> str:
+    """``mode``, else ``MOEC_PREFILL``, else ``call``; a one-line error for anything but :data:`PREFILL_MODES`."""
+    given = mode if mode is not None else os.environ.get("MOEC_PREFILL") or "call"
+    if given not in PREFILL_MODES:
+        source = "prefill" if mode is not None else "MOEC_PREFILL"
+        raise MoecError(f"{source} must be one of {', '.join(PREFILL_MODES)}, got {given!r}")
+    return given
 
 
 def _env_count(name: str) -> int | None:
