@@ -333,7 +333,8 @@ def torch_fp16(args, row: dict, device: str = "cuda", dtype: str = "float16") ->
 
 
 def kernel_rows(kernels: list[dict], folder: Path, args, rows: list[dict], over_budget) -> None:
-    """One row per prepared GEMV (fixed widths; nested 8-bit at each width): GB/s vs the copy, nested vs fixed."""
+    """One row per prepared GEMV (fixed widths; nested 8-bit at each width): GB/s vs the copy, nested vs fixed; per
+    prefill grouped GEMM: GFLOP/s."""
     import gpu_kernels
     fixed = {}
     for entry in kernels:
@@ -347,7 +348,9 @@ def kernel_rows(kernels: list[dict], folder: Path, args, rows: list[dict], over_
             row["note"] = f"{secs * 1e6:.1f} us/call"
             key = (entry["shape"], entry["bits"] if entry["width"] is None else entry["width"],
                    entry.get("activations", "float32"))
-            if entry["width"] is None:
+            if entry.get("kind") == "gemm":  # compute-bound: its rate (GB/s: the weights once, re-reads not counted)
+                row["note"] += f"; {gpu_kernels.gemm_flops(entry) / secs / 1e9:.0f} GFLOP/s"
+            elif entry["width"] is None:
                 fixed[key] = secs
             elif key in fixed:
                 row["note"] += f"; {fixed[key] / secs:.2f}x the fixed {key[1]}-bit speed"
@@ -388,7 +391,8 @@ def prepare(args, plans: dict, folder: Path) -> dict:
     folder.mkdir(parents=True, exist_ok=True)
     args.gpu_target = f"cuda:{args.arch}"
     spec: dict = {"arch": args.arch, "prompt": args.prompt, "plans": [], "kernels": []}
-    cases = gpu_kernels.kernel_cases(args.kernel_bits, args.shapes, args.kernel_acts)
+    cases = gpu_kernels.kernel_cases(args.kernel_bits, args.shapes, args.kernel_acts) + gpu_kernels.gemm_cases(
+        args.kernel_bits, args.shapes)
     if cases:
         try:
             spec["kernels"] = gpu_kernels.prepare(cases, load_target(args.gpu_target).tvm(), folder / "kernels")
@@ -531,7 +535,8 @@ def main(argv: list[str] | None = None) -> int:
                   + (" (int8 activations, both bundles)" if INT8 in plan_flags(name)[1] else "")
                   + (" (no CUDA graphs)" if NO_GRAPHS in plan_flags(name)[1] else ""))
         print(f"routed-expert GEMV GB/s at bits {args.kernel_bits or 'none'} (fixed and nested 8-bit), "
-              f"shapes {', '.join(args.shapes)}, activations {', '.join(args.kernel_acts)}")
+              f"shapes {', '.join(args.shapes)}, activations {', '.join(args.kernel_acts)}; prefill grouped GEMM "
+              f"GFLOP/s at those bits" + (" (olmoe shape)" if "olmoe" in args.shapes else ": none (no olmoe shape)"))
         print("transformers and torch eager fp16 decode: " + ("skipped" if args.no_torch else "yes"))
         return 0
     if args.prepare is not None:

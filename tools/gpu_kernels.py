@@ -1,4 +1,5 @@
-"""Routed-expert fused dequantize-GEMVs of moec's CUDA backend: GPU GB/s per bit width, fixed and nested.
+"""Routed-expert fused dequantize-GEMVs of moec's CUDA backend: GPU GB/s per bit width, fixed and nested; and
+the prefill grouped GEMM (``schedules/cuda_gemm.py``) at each fixed width: GFLOP/s.
 
 A kernel is a Relax ``main`` holding one GEMV as a decode step emits it: the fixed-width stack
 (``gpu_linear.expert_dequant_gemv``: ``x, packed, scale, zero, ids``) or the nested 8-bit stack served at
@@ -69,6 +70,57 @@ def expert_gemv_module(bits: int, n: int, k: int, experts: int, top_k: int, grou
     return mod
 
 
+#: Rows per expert of the prefill grouped GEMM cases: a 512-token prompt over OLMoE's 64 experts, top-8.
+GEMM_ROWS = 64
+
+
+def grouped_gemm_module(bits: int, n: int, k: int, experts: int, group: int, rows: int = GEMM_ROWS, **_):
+    """Relax ``main``: the CUDA prefill's grouped GEMM (``schedules/cuda_gemm.py``) over a fixed ``bits`` stack,
+    ``rows`` sorted rows per expert (``x, packed, scale, zero, offsets``)."""
+    import tvm
+    from tvm import relax
+
+    from moec.lower.schedules.cuda_gemm import cuda_grouped_gemm
+    bb = relax.BlockBuilder()
+    x = relax.Var("x", relax.TensorType((experts * rows, k), "float32"))
+    packed = relax.Var("packed", relax.TensorType((experts, n, k * bits // 8), "uint8"))
+    scale = relax.Var("scale", relax.TensorType((experts, n, k // group), "float16"))
+    zero = relax.Var("zero", relax.TensorType((experts, n, _zero_bytes(k, group, bits)), "uint8"))
+    offsets = relax.Var("offsets", relax.TensorType((experts + 1,), "int32"))
+    with bb.function("main", [x, packed, scale, zero, offsets]):
+        with bb.dataflow():
+            gv = bb.add_func(cuda_grouped_gemm("fixed", bits, n, k, experts, group).without_attr("global_symbol"),
+                             "cuda_grouped_gemm")
+            out = bb.emit_output(bb.emit(relax.call_tir(gv, [x, packed, scale, zero, offsets],
+                                                        relax.TensorType((experts * rows, n), "float32"))))
+        bb.emit_func_output(out)
+    mod = bb.get()
+    assert isinstance(mod, tvm.IRModule)
+    return mod
+
+
+def gemm_inputs(bits: int, n: int, k: int, experts: int, group: int, rows: int = GEMM_ROWS, **_) -> list[np.ndarray]:
+    """Random arguments of :func:`grouped_gemm_module`'s ``main`` (every expert ``rows`` rows)."""
+    rng = np.random.default_rng(0)
+    return [rng.standard_normal((experts * rows, k)).astype(np.float32),
+            rng.integers(0, 256, (experts, n, k * bits // 8), dtype=np.uint8),
+            (rng.random((experts, n, k // group), dtype=np.float32) * 0.01).astype(np.float16),
+            rng.integers(0, 256, (experts, n, _zero_bytes(k, group, bits)), dtype=np.uint8),
+            (np.arange(experts + 1) * rows).astype(np.int32)]
+
+
+def gemm_cases(bits_list: list[int], shapes: list[str]) -> list[dict]:
+    """The prefill grouped GEMM at each fixed width, on the OLMoE shape (if asked for): ``GEMM_ROWS`` rows an
+    expert, every expert."""
+    return [{"kind": "gemm", "shape": "olmoe", "bits": bits, "width": None, "activations": "float32"}
+            for bits in bits_list if "olmoe" in shapes]
+
+
+def gemm_flops(case: dict) -> int:
+    sh = SHAPES[case["shape"]]
+    return 2 * sh["experts"] * GEMM_ROWS * sh["n"] * sh["k"]
+
+
 def run_layout(bits: int, n: int, k: int, group: int, activations: str, nested: bool = True) -> bool:
     """Whether the GPU emitter lays a routed stack of this shape out in runs (``kernels/cuda_layout.py``)."""
     from moec.lower.schedules.cuda_gemv_int8 import run_layout_fits
@@ -96,6 +148,15 @@ def build(bits: int, target, shape: dict, width: int | None = None, expert_kerne
     mod = expert_gemv_module(bits, **shape, width=width, expert_kernel=expert_kernel, activations=activations)
     with target:
         return tvm.compile(mod, target=target, relax_pipeline=make_pipeline(CUDA_PHASES))
+
+
+def build_gemm(bits: int, target, shape: dict):
+    """The compiled :func:`grouped_gemm_module` for ``target``."""
+    import tvm
+
+    from moec.lower.pipeline import CUDA_PHASES, make_pipeline
+    with target:
+        return tvm.compile(grouped_gemm_module(bits, **shape), target=target, relax_pipeline=make_pipeline(CUDA_PHASES))
 
 
 def inputs(bits: int, n: int, k: int, experts: int, top_k: int, group: int, width: int | None = None,
@@ -133,13 +194,18 @@ def kernel_cases(bits_list: list[int], shapes: list[str], activations: tuple[str
 
 def case_label(case: dict) -> str:
     sh = SHAPES[case["shape"]]
+    if case.get("kind") == "gemm":
+        return f"prefill GEMM {case['bits']}-bit {case['shape']} {sh['experts']}x{GEMM_ROWS} rows x{sh['n']}x{sh['k']}"
     kind = f"{case['bits']}-bit" if case["width"] is None else f"nested8@{case['width']}"
     acts = " int8" if case.get("activations", "float32") == "int8" else ""
     return f"GEMV {kind}{acts} {case['shape']} {sh['top_k']}x{sh['n']}x{sh['k']}"
 
 
 def case_bytes(case: dict) -> int:
+    """Weight bytes a call reads (a GEMM: every expert's stack once, its re-reads per tile of rows not counted)."""
     sh = SHAPES[case["shape"]]
+    if case.get("kind") == "gemm":
+        return routed_bytes(case["bits"], **{**sh, "top_k": sh["experts"]})
     if case["width"] is None:
         return routed_bytes(case["bits"], **sh)
     return nested_routed_bytes(case["width"], **sh, storage=case["bits"])
@@ -162,9 +228,12 @@ def prepare(cases: list[dict], target, folder: Path) -> list[dict]:
     for case in cases:
         acts = case.get("activations", "float32")
         name = f"{case['shape']}-{case['bits']}" + ("" if case["width"] is None else f"-w{case['width']}") + (
-            "-int8" if acts == "int8" else "")
-        arch = export(build(case["bits"], target, SHAPES[case["shape"]], case["width"], activations=acts), target,
-                      folder, name)
+            "-int8" if acts == "int8" else "") + ("-gemm" if case.get("kind") == "gemm" else "")
+        if case.get("kind") == "gemm":
+            executable = build_gemm(case["bits"], target, SHAPES[case["shape"]])
+        else:
+            executable = build(case["bits"], target, SHAPES[case["shape"]], case["width"], activations=acts)
+        arch = export(executable, target, folder, name)
         out.append({**case, "name": name, "arch": arch})
     (folder / "kernels.json").write_text(json.dumps(out, indent=1))
     return out
@@ -181,13 +250,16 @@ def measure_prepared(entry: dict, folder: Path, repeat: int = 20) -> tuple[float
                        entry["arch"], dev)
     vm = tvm.runtime.vm.VirtualMachine(tvm.runtime.load_module(str(folder / f"{name}.so")), dev)
     acts = entry.get("activations", "float32")
-    key = (entry["shape"], entry["bits"], entry["width"] is None, acts)
+    gemm = entry.get("kind") == "gemm"
+    key = (entry["shape"], entry["bits"], entry["width"] is None, acts, gemm)
     if key not in _DEVICE_INPUTS:  # one upload per stack; the nested widths differ only in ``prec``
         _DEVICE_INPUTS.clear()
-        _DEVICE_INPUTS[key] = [tvm.runtime.tensor(a, dev) for a in inputs(
-            entry["bits"], **SHAPES[entry["shape"]], width=entry["width"], activations=acts)]
+        arrays = gemm_inputs(entry["bits"], **SHAPES[entry["shape"]]) if gemm else inputs(
+            entry["bits"], **SHAPES[entry["shape"]], width=entry["width"], activations=acts)
+        _DEVICE_INPUTS[key] = [tvm.runtime.tensor(a, dev) for a in arrays]
     args = list(_DEVICE_INPUTS[key])
     if entry["width"] is not None:
         args[-2] = tvm.runtime.tensor(np.full(SHAPES[entry["shape"]]["experts"], entry["width"], np.int32), dev)
-    secs = min(vm.time_evaluator("main", dev, number=50, repeat=repeat)(*args).results)
+    number = 5 if gemm else 50  # a GEMM call is milliseconds, a GEMV's microseconds
+    secs = min(vm.time_evaluator("main", dev, number=number, repeat=repeat)(*args).results)
     return secs, case_bytes(entry) / secs / 1e9

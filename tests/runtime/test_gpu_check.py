@@ -201,3 +201,35 @@ def test_nographs_plans_build_on_a_preset_without_cuda_graphs(tmp_path):
     preset = load_target(gpu_check.graphless_target("cuda:sm_90", tmp_path))
     assert not preset.cuda_graphs and preset.tvm_target["arch"] == "sm_90" and load_target("cuda:sm_90").cuda_graphs
     assert backend_for(preset).manifest()["cuda_graphs"] is False
+
+
+def test_prefill_gemm_cases_compile_for_cuda_and_run_on_the_cpu():
+    """The kit's prefill grouped GEMM case: the CUDA build holds the hand kernel, and the same module with the
+    kernel's serial form gives ``x @ dequantize(W).T`` per expert on the CPU (so the figures time a correct kernel)."""
+    import gpu_kernels
+    import numpy as np
+    import tvm
+    from tvm import relax
+
+    from moec.core.targets import load_target
+    from moec.lower.cuda_kernels import cuda_source
+    from moec.lower.schedules import cuda_gemm
+    from moec.quant.packed_model import PackedWeight
+    cases = gpu_kernels.gemm_cases([4], ["olmoe", "dram"])
+    assert [gpu_kernels.case_label(c) for c in cases] == ["prefill GEMM 4-bit olmoe 64x64 rows x1024x2048"]
+    assert gpu_kernels.gemm_cases([4], ["dram"]) == []
+    small = {"n": 64, "k": 128, "experts": 3, "group": 64, "rows": 5}
+    src = cuda_source(gpu_kernels.build_gemm(4, load_target("cuda:sm_80").tvm(), small).mod)
+    assert "cuda_grouped_gemm" in src and "threadIdx.x" in src
+    serial = cuda_gemm.cuda_grouped_gemm("fixed", 4, 64, 128, 3, 64, bind=False)
+    mod = gpu_kernels.grouped_gemm_module(4, **small)
+    gv = mod.get_global_var("cuda_grouped_gemm")
+    mod[gv] = serial.without_attr("global_symbol")
+    lib = relax.build(mod, target="llvm")
+    args = gpu_kernels.gemm_inputs(4, **small)
+    out = tvm.runtime.vm.VirtualMachine(lib, tvm.cpu())["main"](*[tvm.runtime.tensor(a) for a in args]).numpy()
+    x, packed, scale, zero, offsets = args
+    for e in range(3):
+        w = PackedWeight((64, 128), 4, 64, packed[e], scale[e], zero[e]).dequantize()
+        np.testing.assert_allclose(out[offsets[e]:offsets[e + 1]], x[offsets[e]:offsets[e + 1]] @ w.T,
+                                   rtol=1e-4, atol=1e-4 * float(np.abs(out).max()))
