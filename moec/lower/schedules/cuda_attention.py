@@ -31,7 +31,7 @@ THREADS = 128
 BQ, BKV = 16, 16  # query rows and keys of a tile
 ROW_THREADS = THREADS // BQ  # threads sharing a query row
 NEG = -1e30
-SHARED_BYTES = 48 * 1024  # a block's rsic shared memory
+SHARED_BYTES = 48 * 1024  # a block's static shared memory
 
 
 def check_shape(heads: int, kv_heads: int, hd: int, vd: int) -> None:
