@@ -13,9 +13,10 @@ time (:func:`expert_nested_gemv`): each bit-plane segment's load sits under its 
 
 A prefill's routed stacks and dense projections are the grouped GEMM of ``schedules/cuda_gemm.py`` (rows sorted by
 expert, each expert's weights read once per tile of its rows), its causal attention ``schedules/cuda_attention.py``.
-A stack the GEMM does not take (its shape, the run layout of int8 activations, double-quantized scales) leaves the
-bundle without a prefill function (decode steps), as do int8 activations (the GEMM's float32 rows would not equal
-the int8 decode GEMVs' numbers).
+It reads the CUDA run layout too; with int8 activations the rows of a weight whose decode GEMV took the int8 bodies
+are first rounded per group exactly as that GEMV rounds them (``te_ops.int8_rows``), so the prefill's float sums
+equal the decode steps' integer ones up to rounding. A stack the GEMM does not take (its shape, double-quantized
+scales) leaves the bundle without a prefill function (decode steps).
 
 Decode-step GEMVs whose shape the hand-written kernels take (``schedules/cuda_gemv.py``) use those
 instead; with ``activations="int8"`` their int8 bodies (``schedules/cuda_gemv_int8.py``: ``dp4a`` over
@@ -193,6 +194,19 @@ def emit_fixed_gemv(bb, x, packed, scale, zero, ids, bits: int, n: int, k: int, 
                       primfunc_name_hint="expert_dequant_gemv")
 
 
+class _Seen:
+    """What :func:`_hand_kernel` reports (``add``) for one call: the activations its kernel took, recorded for the
+    emitter and, int8, for the call's weights (their prefill GEMMs must then see the same rounded rows)."""
+
+    def __init__(self, emitter: "GpuLinearEmitter", names: tuple[str, ...]) -> None:
+        self.emitter, self.names = emitter, names
+
+    def add(self, activations: str) -> None:
+        self.emitter.seen.add(activations)
+        if activations == "int8":
+            self.emitter.int8_names.update(self.names)
+
+
 class GpuLinearEmitter(LinearEmitter):
     """Fused dequantize-GEMV PrimFuncs (one per linear layer / routed expert call); ``expert_kernel`` picks
     the routed stacks' GEMV (:data:`EXPERT_KERNELS`), ``activations`` the hand kernels' bodies (float32, or
@@ -205,6 +219,10 @@ class GpuLinearEmitter(LinearEmitter):
             raise ValueError(f"activations must be one of {ACTIVATIONS}, not {activations!r}")
         self.expert_kernel, self.activations = expert_kernel, activations
         self.seen: set[str] = set()  # the activations of the hand kernels emitted so far
+        self.int8_names: set[str] = set()  # the weights whose decode GEMVs took the int8 bodies
+
+    def _seen(self, *names: str) -> "_Seen":
+        return _Seen(self, names)
 
     @property
     def resolved_activations(self) -> str:
@@ -238,7 +256,7 @@ class GpuLinearEmitter(LinearEmitter):
         rows = x.ty.shape[0]
         one_row = isinstance(rows, tirx.IntImm) and rows.value == 1
         func = _hand_kernel(cuda_fixed_gemv, self.expert_kernel, entry.bits, n, k, 1, 1, group, 1,
-                            activations=self.activations, seen=self.seen) if one_row else None
+                            activations=self.activations, seen=self._seen(name)) if one_row else None
         if func is not None:
             # a decode step's one row: the hand-written kernel as a stack of one expert, routed to it (views)
             one = [bb.emit(relax.op.reshape(a, (1, *(int(d) for d in a.ty.shape)))) for a in (packed, scale, zero)]
@@ -255,7 +273,7 @@ class GpuLinearEmitter(LinearEmitter):
             packed, scale, zero = (vars_[f"{name}.{a}"] for a in ("packed", "scale", "zero"))
             group = k // entry.arrays["scale"].shape[-1]
             y = emit_fixed_gemv(bb, x, packed, scale, zero, safe, entry.bits, n, k, group, self.expert_kernel,
-                                self.activations, entry.layout == CUDA_RUNS, self.seen)
+                                self.activations, entry.layout == CUDA_RUNS, self._seen(name))
         return zero_other_rows(bb, y, ids)
 
     def swiglu_experts(self, bb, x, gate: WeightEntry, up: WeightEntry, vars_, gate_name, up_name, ids):
@@ -270,7 +288,8 @@ class GpuLinearEmitter(LinearEmitter):
         arrays = [vars_[f"{nm}.{a}"] for nm in (gate_name, up_name) for a in ("packed", "scale", "zero")]
         func = _hand_kernel(cuda_fixed_gemv, self.expert_kernel, gate.bits, n, k, int(arrays[1].ty.shape[0]), top_k,
                             k // gate.arrays["scale"].shape[-1], int(x.ty.shape[0]), swiglu=True,
-                            activations=self.activations, run_layout=gate.layout == CUDA_RUNS, seen=self.seen)
+                            activations=self.activations, run_layout=gate.layout == CUDA_RUNS,
+                            seen=self._seen(gate_name, up_name))
         if func is None:
             return None
         y = _call(bb, func, [x, *arrays, clamped_ids(bb, ids)], "expert_dequant_swiglu", top_k, n)
@@ -287,7 +306,7 @@ class GpuLinearEmitter(LinearEmitter):
         func = _hand_kernel(cuda_nested_gemv, self.expert_kernel, gate.bits, n, k,
                             int(vars_[f"{gate_name}.scale"].ty.shape[0]), top_k, gate.group_size, int(x.ty.shape[0]),
                             swiglu=True, activations=self.activations, run_layout=gate.layout == CUDA_RUNS,
-                            seen=self.seen)
+                            seen=self._seen(gate_name, up_name))
         if func is None:
             return None
         args = [x, *_nested_arrays(gate, vars_, gate_name), *_nested_arrays(up, vars_, up_name), prec, ids]
@@ -298,18 +317,16 @@ class GpuLinearEmitter(LinearEmitter):
         n, k = entry.shape
         *segs, scale, zero = _nested_arrays(entry, vars_, name)
         return emit_nested_gemv(bb, x, segs, scale, zero, prec, ids, entry.bits, n, k, entry.group_size,
-                                self.expert_kernel, self.activations, entry.layout == CUDA_RUNS, self.seen)
+                                self.expert_kernel, self.activations, entry.layout == CUDA_RUNS, self._seen(name))
 
     # -- prefill: the grouped GEMM of schedules/cuda_gemm.py ---------------------------------------------------
     cpu_rows = False  # a prefill's norms and SiLU are the TE forms the GPU rules schedule; attention: below
 
     def _gemm(self, entry: WeightEntry, dense: bool = False):
         """The grouped GEMM over ``entry`` (``dense``: a plain weight, every row), or None where it does not take the
-        stack (shape, layout, scales)."""
+        stack (shape, scales)."""
         n, k = entry.shape
-        # int8 activations (decode GEMVs emitted before took the int8 bodies): they round each row to int8, which
-        # this float32 GEMM would not (a prefill must give its decode steps' numbers): decode steps prefill then
-        if entry.layout or entry.super_groups or self.expert_kernel == "te" or self.resolved_activations == "int8":
+        if entry.super_groups or self.expert_kernel == "te":
             return None
         if "weight" in entry.arrays:
             kind, bits, group = "float", 16 if entry.arrays["weight"].dtype == np.float16 else 32, None
@@ -318,9 +335,17 @@ class GpuLinearEmitter(LinearEmitter):
                 k // entry.arrays["scale"].shape[-1])
         try:
             return cuda_grouped_gemm(kind, bits, n, k, 1 if dense else entry.stacked, group, dense=dense,
-                                     bind=self.expert_kernel == "bound")
+                                     bind=self.expert_kernel == "bound", run_layout=entry.layout == CUDA_RUNS)
         except MoecError:
             return None
+
+    def _rows_as_decoded(self, bb, x, entry: WeightEntry, name):
+        """``x``'s rows as ``name``'s decode GEMV saw them: rounded to int8 per quantization group where it took the
+        int8 bodies (so the prefill GEMM's float sums equal its int8 ones up to rounding), else ``x``."""
+        if name not in self.int8_names:
+            return x
+        group = entry.group_size or entry.shape[1] // entry.arrays["scale"].shape[-1]
+        return bb.emit_te(te_ops.int8_rows, x, group, primfunc_name_hint="int8_rows")
 
     def _stack_args(self, entry: WeightEntry, vars_, name) -> list:
         if "weight" in entry.arrays:
@@ -343,31 +368,34 @@ class GpuLinearEmitter(LinearEmitter):
         return bb.emit(relax.call_tir(gv, [q, keys, values], relax.TensorType((rows, heads, vd), "float32")))
 
     def has_grouped(self, entry: WeightEntry) -> bool:
-        """Whether the grouped GEMM takes ``entry`` (asked after the decode graph is emitted: see :meth:`_gemm`)."""
+        """Whether the grouped GEMM takes ``entry``. The prefill graph is built after the decode graph, whose GEMVs
+        record the weights that took int8 bodies (:meth:`_rows_as_decoded`)."""
         return self._gemm(entry) is not None
 
     def grouped(self, bb, x, entry: WeightEntry, vars_, name, offsets, rows=None):
         func = self._gemm(entry)
         if func is None or entry.nested:
             return None
-        return self._grouped_call(bb, func, x, self._stack_args(entry, vars_, name) + [offsets], entry, rows)
+        return self._grouped_call(bb, func, x, self._stack_args(entry, vars_, name) + [offsets], entry, name, rows)
 
     def nested_grouped(self, bb, x, entry: WeightEntry, vars_, name, offsets, prec, rows=None):
         func = self._gemm(entry)
         if func is None:
             raise MoecError(f"internal: no CUDA grouped GEMM for the nested stack {name}")
-        return self._grouped_call(bb, func, x, self._stack_args(entry, vars_, name) + [prec, offsets], entry, rows)
+        return self._grouped_call(bb, func, x, self._stack_args(entry, vars_, name) + [prec, offsets], entry, name,
+                                  rows)
 
-    def _grouped_call(self, bb, func, x, args: list, entry: WeightEntry, rows):
+    def _grouped_call(self, bb, func, x, args: list, entry: WeightEntry, name, rows):
         if rows is not None:  # this emitter's kernels read sorted rows: gather them
             x = bb.emit(relax.op.take(x, rows, axis=0, mode="clip"))
+        x = self._rows_as_decoded(bb, x, entry, name)
         gv = bb.add_func(func.without_attr("global_symbol"), str(func.attrs["global_symbol"]))
         return bb.emit(relax.call_tir(gv, [x, *args], relax.TensorType((x.ty.shape[0], entry.shape[0]), "float32")))
 
     def dense_rows(self, bb, x, entry: WeightEntry, vars_, name):
         func = None if "weight" in entry.arrays else self._gemm(entry, dense=True)
         if func is None:  # float weights (routers) and shapes the GEMM does not take: the TE form, GPU rules
-            return self.dense(bb, x, entry, vars_, name)
+            return self.dense(bb, self._rows_as_decoded(bb, x, entry, name), entry, vars_, name)
         one = [bb.emit(relax.op.reshape(a, (1, *(int(d) for d in a.ty.shape)))) for a in self._stack_args(
             entry, vars_, name)]  # a stack of one matrix (views)
-        return self._grouped_call(bb, func, x, one, entry, None)
+        return self._grouped_call(bb, func, x, one, entry, name, None)

@@ -117,6 +117,21 @@ def attention_values(probs: te.Tensor, values: te.Tensor) -> te.Tensor:
     return te.compute((h_, hd), lambda h, d: te.sum(probs[h, r] * values[h // rep, r, d], axis=r), name="attn")
 
 
+def int8_rows(x: te.Tensor, group: int) -> te.Tensor:
+    """``x [T, K]`` as the int8-activation GEMVs see each row: per group of ``group`` columns
+    ``sx = max(max|x|, 1e-30) / 127`` and ``x8 = round(x · 127 / max)`` (half to even), back as ``x8 · sx``; a
+    float32 GEMM on these rows gives an int8 GEMV's sums up to float rounding."""
+    t_, k = x.shape
+    r = te.reduce_axis((0, group), name="i")
+    amax = te.compute((t_, int(k) // group), lambda t, g: te.max(tirx.abs(x[t, g * group + r]), axis=r),
+                      name="amax")
+
+    def top(t, i):
+        return tirx.max(amax[t, i // group], tirx.const(1e-30, "float32"))
+    return te.compute((t_, k), lambda t, i: tirx.nearbyint(x[t, i] * (tirx.const(127.0, "float32") / top(t, i)))
+                      * (top(t, i) / tirx.const(127.0, "float32")), name="int8_rows")
+
+
 def causal_row_scores(q: te.Tensor, keys: te.Tensor) -> te.Tensor:
     """``q [T, H, hd]`` (pre-scaled) · ``keys [KVH, S, hd]`` → ``[H, T, S]``; row ``t`` sits at position
     ``S - T + t`` and its scores of later keys are -1e30 (grouped KV heads)."""

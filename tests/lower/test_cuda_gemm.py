@@ -142,3 +142,33 @@ def test_shapes_it_does_not_take_are_one_line_errors(args):
     with pytest.raises(MoecError) as err:
         cuda_grouped_gemm(*args)
     assert "\n" not in str(err.value)
+
+
+@pytest.mark.parametrize("form", ["serial", "bound"])
+@pytest.mark.parametrize("kind, bits", [("nested", 8), ("nested", 4), ("fixed", 3)])
+def test_run_layout_stacks(form, kind, bits):
+    """Stacks in the CUDA run layout (nested segments, fixed 3-bit codes: how int8-activation bundles store them)
+    give the same products as in moec's layout."""
+    from moec.lower.kernels.cuda_layout import to_run_layout
+    if form == "bound" and shutil.which("g++") is None:
+        pytest.skip("needs g++")
+    arrays, weights = _stack(kind, bits)
+    if kind == "nested":
+        fmt = get_nested_format(bits)
+        arrays = {a: to_run_layout(v, fmt.segment_bits[int(a[3:])], K) if a.startswith("seg") else v
+                  for a, v in arrays.items()}
+        prec = [fmt.derived_bits[e % len(fmt.derived_bits)] for e in range(E)]
+        arrays["prec"] = np.asarray(prec, np.int32)
+        weights = [dequantize_nested(nw, p) for nw, p in zip(weights, prec)]
+    else:
+        arrays["packed"] = to_run_layout(arrays["packed"], bits, K)
+    x, offsets = _rows()
+    func = cuda_grouped_gemm(kind, bits, N, K, E, GS, bind=form == "bound", run_layout=True)
+    run = _serial if form == "serial" else _emulated
+    assert_close(run(func, {**arrays, "x": x, "offsets": offsets}, len(x)), _reference(x, offsets, weights))
+
+
+def test_run_layout_it_does_not_take_is_one_line():
+    with pytest.raises(MoecError) as err:
+        cuda_grouped_gemm("fixed", 4, N, K, E, GS, run_layout=True)
+    assert "\n" not in str(err.value)

@@ -27,14 +27,16 @@ SINKS = {"hidden_size": 256, "expert_intermediate": 256, "attention_sinks": True
          "architecture": "GptOssForCausalLM"}
 
 
-@pytest.fixture(scope="module", params=["reference", "sinks"])
+@pytest.fixture(scope="module", params=["reference", "sinks", "int8"])
 def prefill_kernels(request):
     """(model, {name: (unscheduled, scheduled) PrimFunc}) of a model's CUDA prefill functions whose buffers are all
-    float32 and that launch one kernel: the reference model, and a gpt-oss-like one whose attention keeps the TE
-    forms."""
+    float32 and that launch one kernel: the reference model, a gpt-oss-like one whose attention keeps the TE forms,
+    and the reference model with int8 activations (its GEMMs' rows rounded as the int8 decode GEMVs round them)."""
     from moec.core.plan import resolve_plan
     from moec.core.targets import load_target
+    from moec.lower.decode_graph import DecodeBuilder
     from moec.lower.gpu_linear import GpuLinearEmitter
+    from moec.lower.kernel_linear import apply_kernel_layout
     from moec.lower.params import build_params
     from moec.lower.pipeline import CUDA_PHASES
     from moec.lower.prefill_graph import PrefillBuilder
@@ -42,7 +44,7 @@ def prefill_kernels(request):
     from moec.quant.weights import ModelWeights
     from tests.conftest import REPO
     from tests.export.export_fixtures import random_model
-    if request.param == "reference":
+    if request.param in ("reference", "int8"):
         model = load_checkpoint(REPO / "reference" / "checkpoint")
     else:
         model = random_model(4, **SINKS)
@@ -50,7 +52,10 @@ def prefill_kernels(request):
     weights = ModelWeights.from_model(model, plan)
     params = build_params(model.cfg, plan, weights.packed, weights.floats)
     bb = relax.BlockBuilder()
-    builder = PrefillBuilder(model.cfg, params, GpuLinearEmitter())
+    emitter = GpuLinearEmitter(activations="int8" if request.param == "int8" else "float32")
+    apply_kernel_layout(params, emitter)
+    DecodeBuilder(model.cfg, params, emitter).build(bb)  # first, as the bundler does: it records the int8 weights
+    builder = PrefillBuilder(model.cfg, params, emitter)
     assert builder.supported()
     mod = builder.build(bb)
     phases = dict(CUDA_PHASES)
@@ -130,10 +135,13 @@ def test_scheduled_row_kernels_run_as_cuda_c(prefill_kernels, values):
         np.testing.assert_array_equal(got[0], got[1])
         np.testing.assert_allclose(got[0], want, rtol=1e-5, atol=1e-5 * max(1.0, float(np.abs(want).max())))
         checked.append(name)
-    # at the time of writing 18 (reference) and 23 (sinks): softmax, norms, SiLU, RoPE, the cache rows, adds and
-    # copies; the attention's TE forms where sinks keep them (the reference model's is cuda_causal_attention)
+    # at the time of writing 18 (reference), 23 (sinks) and 20 (int8): softmax, norms, SiLU, RoPE, the cache rows,
+    # adds and copies; the attention's TE forms where sinks keep them (the reference model's is cuda_causal_attention);
+    # the int8 rounding of the GEMMs' rows
     names = {n.rstrip("0123456789") for n in checked}
     assert {"softmax", "rms_norm"} <= names, checked
+    if model == "int8":
+        assert "int8_rows" in names, checked
     if model == "sinks":
         assert {"causal_row_scores", "causal_row_values"} <= names, checked
     assert len(checked) >= 15, checked

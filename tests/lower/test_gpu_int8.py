@@ -374,17 +374,44 @@ def test_streamed_int8_nested_cuda_bundle_has_the_whole_models_weights(tmp_path,
     assert tensors["streamed"] == tensors["whole"] and "layers.0.experts.nested.w1.seg3" in tensors["whole"]
 
 
-def test_int8_cuda_bundles_prefill_with_decode_steps(wide_nested):
-    """With int8 activations the decode GEMVs round each row to int8; the float32 grouped GEMM would not, so the
-    CUDA emitter leaves the prefill out (the runtime feeds a prompt as decode steps) once a decode GEMV took int8."""
-    import copy
-
-    from moec.lower.decode_graph import DecodeBuilder
+@pytest.mark.parametrize("stacks", ["nested", "fixed"])
+def test_int8_prefill_matches_int8_decode_steps(wide_nested, stacks):
+    """With int8 activations the prefill's GEMMs see each row rounded as the int8 decode GEMVs round it (and read the
+    run layout the nested and 3-bit stacks are stored in): a prompt prefilled in two chunks gives its int8 decode
+    steps' logits, which differ from the float32 ones."""
     from moec.lower.gpu_linear import GpuLinearEmitter
-    from moec.lower.prefill_graph import PrefillBuilder
-    cfg, params = wide_nested[0], wide_nested[3]  # the fixed-width stacks
-    for acts, supported in (("float32", True), ("int8", False)):
-        emitter = GpuLinearEmitter("serial", activations=acts)
-        DecodeBuilder(cfg, copy.deepcopy(params), emitter).build()
-        assert emitter.resolved_activations == acts
-        assert PrefillBuilder(cfg, copy.deepcopy(params), emitter).supported() == supported
+    cfg, nested, root, fixed = wide_nested
+    params = nested if stacks == "nested" else fixed
+    tokens = [5, 17, 42, 7, 99, 3]
+    emitter = GpuLinearEmitter("serial", activations="int8")
+    prefill, steps = _prefill_and_steps(cfg, params, emitter, root / f"p-{stacks}.so", tokens, split=4)
+    assert emitter.int8_names and any(".experts." in n for n in emitter.int8_names)
+    np.testing.assert_allclose(prefill, steps, rtol=1e-4, atol=1e-4 * float(np.abs(steps).max()))
+    _, exact = _prefill_and_steps(cfg, params, GpuLinearEmitter("serial"), root / f"f-{stacks}.so", tokens, split=4)
+    assert np.abs(steps - exact).max() > 1e-3 * np.abs(exact).max()  # int8 rounding is there to be matched
+
+
+def _prefill_and_steps(cfg, params, emitter, path, tokens, split: int):
+    """(logits after ``tokens`` prefilled in two chunks, after decode steps) of the emitter's unscheduled graph."""
+    from moec.lower.backends.base import Backend
+    from moec.lower.kernel_linear import apply_kernel_layout
+    from moec.lower.library import build_module
+    from moec.lower.pipeline import CPU_PHASES
+    params = copy.deepcopy(params)
+    apply_kernel_layout(params, emitter)
+    unscheduled = Backend("unscheduled", tuple(p for p in CPU_PHASES if p[0] != "schedule"))
+    build_module(cfg, params, tvm.target.Target({"kind": "llvm"}), unscheduled, path, emitter=emitter)
+    vm = tvm.runtime.vm.VirtualMachine(tvm.runtime.load_module(str(path)), tvm.cpu())
+    args = [tvm.runtime.tensor(a, tvm.cpu()) for _, a in params.flat()]
+    out = []
+    for chunks in ([tokens[:split], tokens[split:]], [[t] for t in tokens]):
+        cache = [tvm.runtime.tensor(np.zeros((cfg.num_kv_heads, len(tokens), cfg.head_dim), np.float32))
+                 for _ in range(2 * cfg.num_layers)]
+        pos = 0
+        for chunk in chunks:
+            res = vm["prefill" if len(chunk) > 1 else "decode"](
+                tvm.runtime.tensor(np.array(chunk, np.int32)), tvm.runtime.tensor(np.array([pos], np.int64)),
+                *cache, *args)
+            pos += len(chunk)
+        out.append(res[0].numpy()[-1])
+    return out

@@ -29,6 +29,7 @@ from tvm import tirx
 from tvm.script import tirx as T
 
 from moec.core.errors import MoecError
+from moec.lower.kernels.cuda_layout import RUN
 from moec.lower.kernels.signature import UNUSED, drop_params, segment_names
 from moec.lower.schedules.cuda_codes import Codes, code_bits, fixed_codes, nested_codes
 from moec.quant.pack import packed_row_bytes
@@ -50,9 +51,31 @@ def tile_shape(n: int, k: int, group: int | None) -> tuple[int, int]:
     return bn, bk
 
 
-def _gemm(codes: Codes | None, n: int, k: int, group: int, experts: int, nested: bool, dense: bool, bind: bool):
+def run_part(seg, e, row, kk, bits: int, run_bytes: int, offset: int = 0):
+    """The ``bits``-bit part (1, 2 or 4) of code ``kk`` of a row stored in ``kernels/cuda_layout.py``'s run layout:
+    code ``4 i + m`` of a run of 32 at byte ``4 (i // (8 / bits)) + m`` of the run's words (which start ``offset``
+    bytes into the run's ``run_bytes``), bit ``bits · (i mod 8 / bits)``."""
+    per = 8 // bits
+    c = kk % RUN
+    byte = kk // RUN * run_bytes + offset + 4 * (c // 4 // per) + c % 4
+    return (T.Cast("uint32", seg[e, row, byte]) >> T.Cast("uint32", bits * (c // 4 % per))) & T.uint32(
+        (1 << bits) - 1)
+
+
+def _code(seg, e, row, kk, bits: int, run_layout: bool):
+    """A segment's ``bits``-bit part of code ``kk``: moec's LSB-first layout, or the run layout (3 bits: the high two
+    bits' words, then the low bit's word, 12 bytes a run)."""
+    if not run_layout:
+        return code_bits(lambda i: seg[e, row, i], kk * bits, bits, int(seg.shape[-1]) - 1)
+    if bits == 3:
+        return (run_part(seg, e, row, kk, 2, 12) << T.uint32(1)) | run_part(seg, e, row, kk, 1, 12, 8)
+    return run_part(seg, e, row, kk, bits, RUN * bits // 8)
+
+
+def _gemm(codes: Codes | None, n: int, k: int, group: int, experts: int, nested: bool, dense: bool, bind: bool,
+          run_layout: bool = False):
     """The macro ``(x, segs, weight, scale, zero, prec, offsets, tokens, y)`` of the kernel (``codes`` None: float
-    weights in ``weight``)."""
+    weights in ``weight``; ``run_layout``: the codes in ``kernels/cuda_layout.py``'s layout)."""
     BN, BK = tile_shape(n, k, group if codes else None)
     TT = BN * BT // (TN * THREADS)  # tokens a thread: BN / TN × BT / TT = THREADS
     W_RUN, X_RUN = BN * BK // THREADS, BT * BK // THREADS  # weights, activations a thread loads per step
@@ -68,7 +91,7 @@ def _gemm(codes: Codes | None, n: int, k: int, group: int, experts: int, nested:
             return T.Cast("float32", weight[e, row, kk])
         q = None
         for s, (b, pos) in enumerate(zip(codes.segb, codes.positions)):
-            part = code_bits(lambda i, s=s: segs[s][e, row, i], kk * b, b, int(segs[s].shape[-1]) - 1)
+            part = _code(segs[s], e, row, kk, b, run_layout)
             if pos:
                 part = part << T.uint32(pos)
             if nested and s:
@@ -168,11 +191,12 @@ def _gemm(codes: Codes | None, n: int, k: int, group: int, experts: int, nested:
 
 @functools.lru_cache(maxsize=None)  # one parse per shape: a model's layers share a few
 def cuda_grouped_gemm(kind: str, bits: int, n: int, k: int, experts: int, group: int | None = None,
-                      dense: bool = False, bind: bool = True) -> tirx.PrimFunc:
+                      dense: bool = False, bind: bool = True, run_layout: bool = False) -> tirx.PrimFunc:
     """The grouped GEMM over one stack: ``kind`` ``fixed`` (``bits`` 2, 3, 4 or 8: ``packed, scale, zero``),
     ``nested`` (storage ``bits``: ``seg0…, scale, zero, prec``) or ``float`` (``bits`` 16 or 32: ``weight``):
-    ``gemm(x, <stack>, offsets, y)``; ``dense``: ``gemm(x, <stack of one>, y)`` over every row. A one-line
-    :class:`MoecError` for a shape or width it does not take."""
+    ``gemm(x, <stack>, offsets, y)``; ``dense``: ``gemm(x, <stack of one>, y)`` over every row. ``run_layout``:
+    the segments (a nested stack) or 3-bit codes (a fixed one) in ``kernels/cuda_layout.py``'s layout, as the CUDA
+    emitter stores them for int8 activations. A one-line :class:`MoecError` for a shape or width it does not take."""
     if kind not in ("fixed", "nested", "float"):
         raise MoecError(f"internal: grouped GEMM kind {kind!r}")
     quantized = kind != "float"
@@ -183,7 +207,10 @@ def cuda_grouped_gemm(kind: str, bits: int, n: int, k: int, experts: int, group:
     nseg = len(codes.segb) if kind == "nested" else 0
     if nseg > 4:
         raise MoecError(f"{bits}-bit nested storage: the CUDA grouped GEMM takes at most 4 segments, not {nseg}")
-    macro = _gemm(codes, n, k, group if quantized else k, experts, kind == "nested", dense, bind)
+    if run_layout and (kind == "float" or (kind == "fixed" and bits != 3) or k % RUN):
+        raise MoecError(f"the CUDA grouped GEMM reads the run layout for nested stacks and 3-bit codes of rows of a "
+                        f"multiple of {RUN}, not {kind} {bits}-bit of {k}")
+    macro = _gemm(codes, n, k, group if quantized else k, experts, kind == "nested", dense, bind, run_layout)
     groups = k // group if quantized else 1
     zbytes = packed_row_bytes(groups, bits) if quantized else 1
 
