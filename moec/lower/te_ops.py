@@ -8,6 +8,10 @@ from __future__ import annotations
 
 from tvm import te, tirx
 
+#: The score of a key a query may not see (a finite stand-in for -inf: its softmax weight is exactly 0, and a
+#: row's maximum minus it never overflows to nan).
+MASKED = -1e30
+
 
 def _code(p: te.Tensor, lead: tuple, row, i, bits: int, row_bytes: int):
     """Value ``i`` of ``row`` in the LSB-first bit stream (may straddle two bytes)."""
@@ -134,14 +138,14 @@ def int8_rows(x: te.Tensor, group: int) -> te.Tensor:
 
 def causal_row_scores(q: te.Tensor, keys: te.Tensor) -> te.Tensor:
     """``q [T, H, hd]`` (pre-scaled) · ``keys [KVH, S, hd]`` → ``[H, T, S]``; row ``t`` sits at position
-    ``S - T + t`` and its scores of later keys are -1e30 (grouped KV heads)."""
+    ``S - T + t`` and its scores of later keys are :data:`MASKED` (grouped KV heads)."""
     t_, h_, hd = q.shape
     kvh, s_, _ = keys.shape
     rep = int(h_) // int(kvh)
     r = te.reduce_axis((0, hd), name="d")
     raw = te.compute((h_, t_, s_), lambda h, t, s: te.sum(q[t, h, r] * keys[h // rep, s, r], axis=r), name="scores")
     return te.compute((h_, t_, s_), lambda h, t, s: tirx.if_then_else(
-        s > s_ - t_ + t, tirx.const(-1e30, "float32"), raw[h, t, s]), name="causal_scores")
+        s > s_ - t_ + t, tirx.const(MASKED, "float32"), raw[h, t, s]), name="causal_scores")
 
 
 def causal_row_values(probs: te.Tensor, values: te.Tensor) -> te.Tensor:
@@ -201,8 +205,8 @@ def rope_rows(x: te.Tensor, start, inv_freq: te.Tensor) -> te.Tensor:
 
 def sliding_window(scores: te.Tensor, window: int) -> te.Tensor:
     """Scores ``[H, S]`` (one query at position ``S - 1``) or ``[H, T, S]`` (row ``t`` at ``S - T + t``)
-    with every key more than ``window - 1`` positions before its query set to -1e30."""
-    masked = tirx.const(-1e30, "float32")
+    with every key more than ``window - 1`` positions before its query set to :data:`MASKED`."""
+    masked = tirx.const(MASKED, "float32")
     if len(scores.shape) == 2:
         h_, s_ = scores.shape
         return te.compute((h_, s_), lambda h, s: tirx.if_then_else(s + window > s_ - 1, scores[h, s], masked),

@@ -3,7 +3,7 @@
 The same arithmetic as :func:`moec.lower.te_ops.causal_scores` / :func:`~moec.lower.te_ops.causal_values`
 (whose plain TE reductions ran single-threaded and unvectorised: 54 % of a 512-token prefill of
 the OLMoE-shaped model), written as explicit TIR: one parallel task per (head, query row), keys
-past the row's position never read (their score is -1e30; their probability is exactly 0, so the
+past the row's position never read (their score is ``MASKED``, -1e30; their probability is exactly 0, so the
 values kernel stops at the row's position); the tasks go in pairs of the cheapest and costliest
 row blocks left, so TVM's contiguous split gives each thread the same work (:func:`_balanced_block`).
 The scores kernel reads the keys transposed (``[kv_heads, head_dim, S]``) so a vector holds 16 keys'
@@ -16,6 +16,8 @@ from math import gcd
 
 from tvm import tirx
 from tvm.script import tirx as T
+
+from moec.lower.te_ops import MASKED
 
 
 def _balanced_block(j, blocks):
@@ -50,7 +52,7 @@ def _key_vector_scores(rep: int, head_dim: int, block: int, lanes: int):
 
 def causal_scores_kernel(heads: int, kv_heads: int, head_dim: int, lanes: int = 16,
                          block: int = 4) -> tirx.PrimFunc:
-    """``scores[h, t, s] = q[t, h] · keys[h // rep, s]`` for ``s <= S - T + t``, else -1e30.
+    """``scores[h, t, s] = q[t, h] · keys[h // rep, s]`` for ``s <= S - T + t``, else ``MASKED``.
 
     ``q`` float32 ``[T, heads, head_dim]`` (pre-scaled), ``keys_t`` the keys transposed,
     ``[kv_heads, head_dim, S]`` (``S`` = cached + ``T``), ``scores`` ``[heads, T, S]``; ``T`` and
@@ -82,12 +84,12 @@ def causal_scores_kernel(heads: int, kv_heads: int, head_dim: int, lanes: int = 
                         if t0 + r < rows:
                             for lane in T.vectorized(lanes):
                                 out[h, t0 + r, c * lanes + lane] = T.if_then_else(
-                                    c * lanes + lane <= keys_len - rows + t0 + r, acc[r, lane], T.float32(-1e30))
+                                    c * lanes + lane <= keys_len - rows + t0 + r, acc[r, lane], T.float32(MASKED))
                 else:
                     for r in T.unroll(block):
                         if t0 + r < rows:
                             for lane in T.vectorized(lanes):
-                                out[h, t0 + r, c * lanes + lane] = T.float32(-1e30)
+                                out[h, t0 + r, c * lanes + lane] = T.float32(MASKED)
             for r in T.unroll(block):
                 if t0 + r < rows:
                     for s in range(keys_len // lanes * lanes, keys_len):  # the last partial vector of keys
@@ -95,7 +97,7 @@ def causal_scores_kernel(heads: int, kv_heads: int, head_dim: int, lanes: int = 
                         for d in range(head_dim):
                             acc[0, 0] = acc[0, 0] + q[t0 + r, h, d] * keys_t[h // rep, d, s]
                         out[h, t0 + r, s] = T.if_then_else(s <= keys_len - rows + t0 + r, acc[0, 0],
-                                                           T.float32(-1e30))
+                                                           T.float32(MASKED))
 
     return causal_scores
 
@@ -190,14 +192,14 @@ def causal_attention_kernel(heads: int, kv_heads: int, head_dim: int, value_dim:
                     for r in T.unroll(block):
                         for lane in T.vectorized(lanes):
                             p[r, c * lanes + lane] = T.if_then_else(
-                                c * lanes + lane <= keys_len - rows + t0 + r, acc[r, lane], T.float32(-1e30))
+                                c * lanes + lane <= keys_len - rows + t0 + r, acc[r, lane], T.float32(MASKED))
             for r in T.unroll(block):
                 if t0 + r < rows:
                     for s in range(keys_len // lanes * lanes, keys_len):  # the last partial vector of keys
                         acc[0, 0] = T.float32(0)
                         for d in range(head_dim):
                             acc[0, 0] = acc[0, 0] + q[t0 + r, h, d] * keys_t[h // rep, d, s]
-                        p[r, s] = T.if_then_else(s <= keys_len - rows + t0 + r, acc[0, 0], T.float32(-1e30))
+                        p[r, s] = T.if_then_else(s <= keys_len - rows + t0 + r, acc[0, 0], T.float32(MASKED))
             # softmax (softmax_kernel, causal) of each row over its columns up to its position
             for r in range(block):
                 if t0 + r < rows:

@@ -7,7 +7,7 @@ reads KV head ``h // (H / KVH)``. A block of ``THREADS`` threads holds ``BQ`` qu
 per tile of ``BKV`` keys up to its last row's position, in phases separated by barriers:
 
 1. copies the tile's keys and values into shared memory;
-2. each thread computes ``BKV / ROW_THREADS`` scores of its row (keys past the row's position: −1e30);
+2. each thread computes ``BKV / ROW_THREADS`` scores of its row (keys past the row's position: ``MASKED``);
 3. each thread takes its row's maximum and probabilities ``exp(s − m_new)`` (0 where masked) itself, in
    registers (the ``ROW_THREADS`` threads of a row repeat that work instead of waiting on one another), rescales
    its running sum and its ``vd / ROW_THREADS`` output columns by ``exp(m_old − m_new)`` and adds the tile's
@@ -26,11 +26,11 @@ from tvm import tirx
 from tvm.script import tirx as T
 
 from moec.core.errors import MoecError
+from moec.lower.te_ops import MASKED
 
 THREADS = 128
 BQ, BKV = 16, 16  # query rows and keys of a tile
 ROW_THREADS = THREADS // BQ  # threads sharing a query row
-NEG = -1e30
 SHARED_BYTES = 48 * 1024  # a block's static shared memory
 
 
@@ -75,7 +75,7 @@ def _macro(heads: int, kv_heads: int, hd: int, vd: int, bind: bool):
             for d in range(hd):
                 dot[slot] = dot[slot] + qs[tid // ROW_THREADS, d] * ks[tid % ROW_THREADS * per_s + j, d]
             sc[tid // ROW_THREADS, tid % ROW_THREADS * per_s + j] = T.if_then_else(
-                s0 + tid % ROW_THREADS * per_s + j > p + t0 + tid // ROW_THREADS, T.float32(NEG), dot[slot])
+                s0 + tid % ROW_THREADS * per_s + j > p + t0 + tid // ROW_THREADS, T.float32(MASKED), dot[slot])
 
     @T.macro
     def softmax_accumulate(sc, vs, st, pl, acc, slot, p, t0, s0, tid):
@@ -106,7 +106,7 @@ def _macro(heads: int, kv_heads: int, hd: int, vd: int, bind: bool):
 
     @T.macro
     def init(st, acc, slot):
-        st[slot, 0] = T.float32(NEG)
+        st[slot, 0] = T.float32(MASKED)
         st[slot, 1] = T.float32(0)
         for c in range(per_o):
             acc[slot, c] = T.float32(0)

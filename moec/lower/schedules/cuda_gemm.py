@@ -203,7 +203,6 @@ def cuda_grouped_gemm(kind: str, bits: int, n: int, k: int, experts: int, group:
     if not quantized and bits not in (16, 32):
         raise MoecError(f"the CUDA grouped GEMM takes float16 or float32 weights, not {bits}-bit")
     codes = (nested_codes(bits) if kind == "nested" else fixed_codes(bits)) if quantized else None
-    tile_shape(n, k, group if quantized else None)
     nseg = len(codes.segb) if kind == "nested" else 0
     if nseg > 4:
         raise MoecError(f"{bits}-bit nested storage: the CUDA grouped GEMM takes at most 4 segments, not {nseg}")
