@@ -220,6 +220,7 @@ class GpuLinearEmitter(LinearEmitter):
         self.expert_kernel, self.activations = expert_kernel, activations
         self.seen: set[str] = set()  # the activations of the hand kernels emitted so far
         self.int8_names: set[str] = set()  # the weights whose decode GEMVs took the int8 bodies
+        self._rounded: dict[tuple, relax.Var] = {}  # (prefill input, group) -> its int8-rounded rows
 
     def _seen(self, *names: str) -> "_Seen":
         return _Seen(self, names)
@@ -252,7 +253,7 @@ class GpuLinearEmitter(LinearEmitter):
         if "weight" in entry.arrays:
             return bb.emit_te(float_gemv, x, vars_[f"{name}.weight"], primfunc_name_hint="gemv")
         packed, scale, zero = (vars_[f"{name}.{a}"] for a in ("packed", "scale", "zero"))
-        group = k // entry.arrays["scale"].shape[-1]
+        group = entry.group
         rows = x.ty.shape[0]
         one_row = isinstance(rows, tirx.IntImm) and rows.value == 1
         func = _hand_kernel(cuda_fixed_gemv, self.expert_kernel, entry.bits, n, k, 1, 1, group, 1,
@@ -271,7 +272,7 @@ class GpuLinearEmitter(LinearEmitter):
             y = bb.emit_te(expert_float_gemv, x, vars_[f"{name}.weight"], safe, primfunc_name_hint="expert_gemv")
         else:
             packed, scale, zero = (vars_[f"{name}.{a}"] for a in ("packed", "scale", "zero"))
-            group = k // entry.arrays["scale"].shape[-1]
+            group = entry.group
             y = emit_fixed_gemv(bb, x, packed, scale, zero, safe, entry.bits, n, k, group, self.expert_kernel,
                                 self.activations, entry.layout == CUDA_RUNS, self._seen(name))
         return zero_other_rows(bb, y, ids)
@@ -287,7 +288,7 @@ class GpuLinearEmitter(LinearEmitter):
         top_k = int(ids.ty.shape[0])
         arrays = [vars_[f"{nm}.{a}"] for nm in (gate_name, up_name) for a in ("packed", "scale", "zero")]
         func = _hand_kernel(cuda_fixed_gemv, self.expert_kernel, gate.bits, n, k, int(arrays[1].ty.shape[0]), top_k,
-                            k // gate.arrays["scale"].shape[-1], int(x.ty.shape[0]), swiglu=True,
+                            gate.group, int(x.ty.shape[0]), swiglu=True,
                             activations=self.activations, run_layout=gate.layout == CUDA_RUNS,
                             seen=self._seen(gate_name, up_name))
         if func is None:
@@ -331,8 +332,7 @@ class GpuLinearEmitter(LinearEmitter):
         if "weight" in entry.arrays:
             kind, bits, group = "float", 16 if entry.arrays["weight"].dtype == np.float16 else 32, None
         else:
-            kind, bits, group = "nested" if entry.nested else "fixed", entry.bits, entry.group_size or (
-                k // entry.arrays["scale"].shape[-1])
+            kind, bits, group = "nested" if entry.nested else "fixed", entry.bits, entry.group
         try:
             return cuda_grouped_gemm(kind, bits, n, k, 1 if dense else entry.stacked, group, dense=dense,
                                      bind=self.expert_kernel == "bound", run_layout=entry.layout == CUDA_RUNS)
@@ -341,11 +341,14 @@ class GpuLinearEmitter(LinearEmitter):
 
     def _rows_as_decoded(self, bb, x, entry: WeightEntry, name):
         """``x``'s rows as ``name``'s decode GEMV saw them: rounded to int8 per quantization group where it took the
-        int8 bodies (so the prefill GEMM's float sums equal its int8 ones up to rounding), else ``x``."""
+        int8 bodies (so the prefill GEMM's float sums equal its int8 ones up to rounding), else ``x``. Rounded once
+        per input and group: the projections that share an input (gate and up, q, k and v) share its rounding."""
         if name not in self.int8_names:
             return x
-        group = entry.group_size or entry.shape[1] // entry.arrays["scale"].shape[-1]
-        return bb.emit_te(te_ops.int8_rows, x, group, primfunc_name_hint="int8_rows")
+        key = (x, entry.group)
+        if key not in self._rounded:
+            self._rounded[key] = bb.emit_te(te_ops.int8_rows, x, entry.group, primfunc_name_hint="int8_rows")
+        return self._rounded[key]
 
     def _stack_args(self, entry: WeightEntry, vars_, name) -> list:
         if "weight" in entry.arrays:

@@ -56,7 +56,7 @@ class LinearEmitter:
         arrays = [vars_[f"{name}.{a}"] for a in _quant_names(entry)]
         if lead is not None:
             arrays = [bb.emit(relax.op.take(t, lead, axis=0, mode="clip")) for t in arrays]
-        group = k // entry.arrays["scale"].shape[-1]
+        group = entry.group
         return bb.emit_te(te_ops.dequantize, *arrays[:3], entry.bits, n, k, group, *_dequant_args(entry, arrays))
 
     def dense(self, bb, x, entry: WeightEntry, vars_, name):
@@ -153,6 +153,6 @@ class LinearEmitter:
             return bb.emit(relax.op.astype(row, "float32"))
         arrays = [bb.emit(relax.op.take(vars_[f"embed.weight.{a}"], token, axis=0, mode="clip"))
                   for a in _quant_names(entry)]
-        group = k // entry.arrays["scale"].shape[-1]
+        group = entry.group
         rows = token.ty.shape[0]  # 1 in decode, T (symbolic) in prefill
         return bb.emit_te(te_ops.dequantize, *arrays[:3], entry.bits, rows, k, group, *_dequant_args(entry, arrays))

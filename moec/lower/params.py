@@ -50,6 +50,11 @@ class WeightEntry:
     #                                 moec.lower.kernels.cuda_layout's layout
 
     @property
+    def group(self) -> int:
+        """The quantization group of a quantized weight: ``group_size``, else what its scales say (``K / groups``)."""
+        return self.group_size or self.shape[1] // self.arrays["scale"].shape[-1]
+
+    @property
     def super_groups(self) -> int:
         """Groups per super-scale of double-quantized scales (0: fp16 scales or a float weight)."""
         return get_scale_format(self.scales).super_groups if self.bits != FLOAT_BITS else 0
