@@ -142,21 +142,22 @@ def nested_routed_bytes(width: int, n: int, k: int, top_k: int, group: int, stor
 def build(bits: int, target, shape: dict, width: int | None = None, expert_kernel: str = "bound",
           activations: str = "float32"):
     """The compiled executable for ``target`` (a CUDA ``tvm.target.Target``)."""
+    return _compile(expert_gemv_module(bits, **shape, width=width, expert_kernel=expert_kernel,
+                                       activations=activations), target)
+
+
+def _compile(mod, target):
+    """``mod`` through the CUDA backend's phases for ``target``."""
     import tvm
 
     from moec.lower.pipeline import CUDA_PHASES, make_pipeline
-    mod = expert_gemv_module(bits, **shape, width=width, expert_kernel=expert_kernel, activations=activations)
     with target:
         return tvm.compile(mod, target=target, relax_pipeline=make_pipeline(CUDA_PHASES))
 
 
 def build_gemm(bits: int, target, shape: dict):
     """The compiled :func:`grouped_gemm_module` for ``target``."""
-    import tvm
-
-    from moec.lower.pipeline import CUDA_PHASES, make_pipeline
-    with target:
-        return tvm.compile(grouped_gemm_module(bits, **shape), target=target, relax_pipeline=make_pipeline(CUDA_PHASES))
+    return _compile(grouped_gemm_module(bits, **shape), target)
 
 
 def inputs(bits: int, n: int, k: int, experts: int, top_k: int, group: int, width: int | None = None,

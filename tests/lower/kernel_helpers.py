@@ -119,3 +119,34 @@ def run_int8_grouped_gemm(mod, stack, deq, counts: list[int], gs: int, seed: int
     xr = dequantized_activations(x, gs)[rows]
     ref = np.concatenate([xr[offsets[e]:offsets[e + 1]] @ deq[e].T for e in range(len(counts))])
     return out, ref, x, rows, offsets
+
+
+def prefill_and_steps(cfg, params, emitter, path, tokens: list[int], split: int) -> list[np.ndarray]:
+    """[logits after ``tokens`` prefilled in two chunks (``tokens[:split]`` from position 0, then the rest over the
+    cache the first wrote), logits after the same tokens as decode steps] of ``emitter``'s graph with the plain CPU
+    phases (no scheduling: the TIR alone is under test; ``params`` put in the emitter's layout on a copy)."""
+    import copy
+
+    from moec.lower.backends.base import Backend
+    from moec.lower.kernel_linear import apply_kernel_layout
+    from moec.lower.library import build_module
+    from moec.lower.pipeline import CPU_PHASES
+    params = copy.deepcopy(params)
+    apply_kernel_layout(params, emitter)
+    unscheduled = Backend("unscheduled", tuple(p for p in CPU_PHASES if p[0] != "schedule"))
+    build_module(cfg, params, tvm.target.Target({"kind": "llvm"}), unscheduled, path, emitter=emitter)
+    vm = tvm.runtime.vm.VirtualMachine(tvm.runtime.load_module(str(path)), tvm.cpu())
+    args = [tvm.runtime.tensor(a, tvm.cpu()) for _, a in params.flat()]
+    out = []
+    for chunks in ([tokens[:split], tokens[split:]], [[t] for t in tokens]):
+        (kh, kw), (vh, vw) = cfg.kv_cache_shapes()  # MLA: one latent "head"
+        cache = [tvm.runtime.tensor(np.zeros((h, len(tokens), w), np.float32))
+                 for _ in range(cfg.num_layers) for h, w in ((kh, kw), (vh, vw))]
+        pos = 0
+        for chunk in chunks:
+            res = vm["prefill" if len(chunk) > 1 else "decode"](
+                tvm.runtime.tensor(np.array(chunk, np.int32)), tvm.runtime.tensor(np.array([pos], np.int64)),
+                *cache, *args)
+            pos += len(chunk)
+        out.append(res[0].numpy()[-1])
+    return out

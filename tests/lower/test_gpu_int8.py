@@ -23,7 +23,7 @@ from moec.quant.nested import dequantize_nested, nest
 from moec.quant.pack import unpack
 from moec.quant.packed_model import pack_weight
 
-from kernel_helpers import call
+from kernel_helpers import call, prefill_and_steps
 
 pytestmark = pytest.mark.tvm
 
@@ -384,34 +384,8 @@ def test_int8_prefill_matches_int8_decode_steps(wide_nested, stacks):
     params = nested if stacks == "nested" else fixed
     tokens = [5, 17, 42, 7, 99, 3]
     emitter = GpuLinearEmitter("serial", activations="int8")
-    prefill, steps = _prefill_and_steps(cfg, params, emitter, root / f"p-{stacks}.so", tokens, split=4)
+    prefill, steps = prefill_and_steps(cfg, params, emitter, root / f"p-{stacks}.so", tokens, split=4)
     assert emitter.int8_names and any(".experts." in n for n in emitter.int8_names)
     np.testing.assert_allclose(prefill, steps, rtol=1e-4, atol=1e-4 * float(np.abs(steps).max()))
-    _, exact = _prefill_and_steps(cfg, params, GpuLinearEmitter("serial"), root / f"f-{stacks}.so", tokens, split=4)
+    _, exact = prefill_and_steps(cfg, params, GpuLinearEmitter("serial"), root / f"f-{stacks}.so", tokens, split=4)
     assert np.abs(steps - exact).max() > 1e-3 * np.abs(exact).max()  # int8 rounding is there to be matched
-
-
-def _prefill_and_steps(cfg, params, emitter, path, tokens, split: int):
-    """(logits after ``tokens`` prefilled in two chunks, after decode steps) of the emitter's unscheduled graph."""
-    from moec.lower.backends.base import Backend
-    from moec.lower.kernel_linear import apply_kernel_layout
-    from moec.lower.library import build_module
-    from moec.lower.pipeline import CPU_PHASES
-    params = copy.deepcopy(params)
-    apply_kernel_layout(params, emitter)
-    unscheduled = Backend("unscheduled", tuple(p for p in CPU_PHASES if p[0] != "schedule"))
-    build_module(cfg, params, tvm.target.Target({"kind": "llvm"}), unscheduled, path, emitter=emitter)
-    vm = tvm.runtime.vm.VirtualMachine(tvm.runtime.load_module(str(path)), tvm.cpu())
-    args = [tvm.runtime.tensor(a, tvm.cpu()) for _, a in params.flat()]
-    out = []
-    for chunks in ([tokens[:split], tokens[split:]], [[t] for t in tokens]):
-        cache = [tvm.runtime.tensor(np.zeros((cfg.num_kv_heads, len(tokens), cfg.head_dim), np.float32))
-                 for _ in range(2 * cfg.num_layers)]
-        pos = 0
-        for chunk in chunks:
-            res = vm["prefill" if len(chunk) > 1 else "decode"](
-                tvm.runtime.tensor(np.array(chunk, np.int32)), tvm.runtime.tensor(np.array([pos], np.int64)),
-                *cache, *args)
-            pos += len(chunk)
-        out.append(res[0].numpy()[-1])
-    return out

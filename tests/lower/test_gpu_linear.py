@@ -16,6 +16,8 @@ from moec.lower.pipeline import CPU_PHASES, CUDA_PHASES
 from moec.lower.schedules.gpu_rules import FusedGemv, binds_threads
 from tests.conftest import REPO
 
+from kernel_helpers import prefill_and_steps
+
 pytestmark = pytest.mark.tvm
 
 
@@ -150,29 +152,6 @@ def test_fused_gemv_stages_activations_and_codes_with_vector_loads(bits, width, 
         assert any(codes in ln for ln in staged)
 
 
-def _prefill_vs_steps(cfg, params, emitter, lib, tokens, split: int):
-    """(prefill's logits, decode steps' logits) after ``tokens``: the prefill in two chunks (``tokens[:split]``
-    from position 0, then the rest over the cache the first wrote), the steps one token at a time."""
-    target = tvm.target.Target({"kind": "llvm"})
-    unscheduled = Backend("unscheduled", tuple(p for p in CPU_PHASES if p[0] != "schedule"))
-    build_module(cfg, copy.deepcopy(params), target, unscheduled, lib, emitter=emitter)
-    vm = tvm.runtime.vm.VirtualMachine(tvm.runtime.load_module(str(lib)), tvm.cpu())
-    dev_params = [tvm.runtime.tensor(a, tvm.cpu()) for _, a in params.flat()]
-    out = []
-    for chunks in ([tokens[:split], tokens[split:]], [[t] for t in tokens]):
-        (kh, kw), (vh, vw) = cfg.kv_cache_shapes()  # MLA: one latent "head"
-        cache = [tvm.runtime.tensor(np.zeros((h, len(tokens), w), np.float32))
-                 for _ in range(cfg.num_layers) for h, w in ((kh, kw), (vh, vw))]
-        pos = 0
-        for chunk in chunks:
-            entry = "prefill" if len(chunk) > 1 else "decode"
-            res = vm[entry](tvm.runtime.tensor(np.array(chunk, np.int32)),
-                            tvm.runtime.tensor(np.array([pos], np.int64)), *cache, *dev_params)
-            pos += len(chunk)
-        out.append(res[0].numpy()[-1])
-    return out
-
-
 @pytest.mark.parametrize("family", [
     {},  # Mixtral-like, experts at 2, 3, 4, 8 and 16 bits
     {"shared_intermediate": 256, "shared_gate": True, "attention_bias": True, "dense_layers": [0],
@@ -192,7 +171,7 @@ def test_gpu_prefill_matches_its_decode_steps(tmp_path, family):
     kernels |= set() if "sliding_window" in family else {"cuda_causal_attention"}
     assert kernels <= {gv.name_hint.rstrip("0123456789") for gv in mod.functions}
     tokens = [5, 17, 42, 7, 99, 3, 64, 11, 250, 8]
-    prefill, steps = _prefill_vs_steps(cfg, params, emitter, root / "gpu.so", tokens, split=6)
+    prefill, steps = prefill_and_steps(cfg, params, emitter, root / "gpu.so", tokens, split=6)
     np.testing.assert_allclose(prefill, steps, rtol=1e-4, atol=1e-4 * float(np.abs(steps).max()))
 
 
@@ -209,5 +188,6 @@ def test_gpu_prefill_of_other_attention_forms(tmp_path, name):
     weights = ModelWeights.from_model(model, plan)
     params = build_params(model.cfg, plan, weights.packed, weights.floats)
     tokens = [5, 17, 42, 7, 9, 3, 11]
-    prefill, steps = _prefill_vs_steps(model.cfg, params, GpuLinearEmitter("serial"), tmp_path / "gpu.so", tokens, 4)
+    emitter = GpuLinearEmitter("serial")
+    prefill, steps = prefill_and_steps(model.cfg, params, emitter, tmp_path / "gpu.so", tokens, split=4)
     np.testing.assert_allclose(prefill, steps, rtol=1e-4, atol=1e-4 * float(np.abs(steps).max()))
